@@ -1,0 +1,234 @@
+//! Models, aliases and prices: resolves a requested name into the ranked chain a key may use.
+
+use std::collections::HashMap;
+
+use crate::config::{Config, Model, Provider};
+use crate::error::GateError;
+use crate::keys::KeyEntry;
+
+enum Target {
+    Model(usize),
+    Alias(Vec<usize>),
+}
+
+/// Immutable view of the configured models, built once at start-up.
+pub struct Catalog {
+    models: Vec<Model>,
+    providers: Vec<Provider>,
+    by_name: HashMap<String, Target>,
+    /// Alias names in config order, for listings.
+    alias_names: Vec<String>,
+}
+
+/// Up to this many models in one chain are tried; longer chains are cut at validation time.
+pub const MAX_CHAIN: usize = 8;
+
+/// The models a request may be served by, best first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Chain {
+    models: [u16; MAX_CHAIN],
+    len: u8,
+}
+
+impl Chain {
+    fn push(&mut self, m: usize) {
+        if (self.len as usize) < MAX_CHAIN {
+            self.models[self.len as usize] = m as u16;
+            self.len += 1;
+        }
+    }
+
+    pub fn get(&self, i: usize) -> Option<usize> {
+        (i < self.len as usize).then(|| self.models[i] as usize)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Catalog {
+    pub fn new(config: &Config) -> Catalog {
+        let mut by_name = HashMap::new();
+        for (i, m) in config.models.iter().enumerate() {
+            by_name.insert(m.id.clone(), Target::Model(i));
+        }
+        let mut alias_names = Vec::new();
+        for (name, chain) in &config.aliases {
+            by_name.insert(name.clone(), Target::Alias(chain.clone()));
+            alias_names.push(name.clone());
+        }
+        Catalog {
+            models: config.models.clone(),
+            providers: config.providers.clone(),
+            by_name,
+            alias_names,
+        }
+    }
+
+    pub fn models(&self) -> &[Model] {
+        &self.models
+    }
+
+    pub fn providers(&self) -> &[Provider] {
+        &self.providers
+    }
+
+    pub fn provider_of(&self, m: usize) -> &Provider {
+        &self.providers[self.models[m].provider]
+    }
+
+    pub fn model_index(&self, name: &str) -> Option<usize> {
+        match self.by_name.get(name) {
+            Some(Target::Model(m)) => Some(*m),
+            _ => None,
+        }
+    }
+
+    pub fn alias_chain(&self, name: &str) -> Option<&[usize]> {
+        match self.by_name.get(name) {
+            Some(Target::Alias(chain)) => Some(chain),
+            _ => None,
+        }
+    }
+
+    pub fn alias_names(&self) -> &[String] {
+        &self.alias_names
+    }
+
+    /// Resolves `name` for `key`: 404 if unknown, 403 if nothing in it is allowed. For an
+    /// alias, models the key may not use are dropped from the chain.
+    pub fn resolve(&self, name: &str, key: &KeyEntry) -> Result<Chain, GateError> {
+        let mut chain = Chain::default();
+        match self.by_name.get(name) {
+            None => return Err(GateError::ModelNotFound(name.to_string())),
+            Some(Target::Model(m)) => {
+                if key.may_use_model(*m, self) {
+                    chain.push(*m);
+                }
+            }
+            Some(Target::Alias(models)) => {
+                if key.may_use_alias(name, models, self) {
+                    for &m in models {
+                        if key.may_use_model(m, self) {
+                            chain.push(m);
+                        }
+                    }
+                }
+            }
+        }
+        if chain.is_empty() {
+            return Err(GateError::ModelNotAllowed(name.to_string()));
+        }
+        Ok(chain)
+    }
+
+    /// Prompt + completion cost in nano-dollars.
+    pub fn cost_nanos(&self, m: usize, prompt_tokens: u64, completion_tokens: u64) -> i64 {
+        let model = &self.models[m];
+        (prompt_tokens as i64).saturating_mul(model.input_nanos_per_token)
+            + (completion_tokens as i64).saturating_mul(model.output_nanos_per_token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{BudgetMode, KeyRecord};
+    use crate::limits::KeyCounters;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    fn catalog() -> Catalog {
+        let yaml = r#"
+listen: "127.0.0.1:8080"
+database: "x.db"
+providers: [{name: p, kind: openai, base_url: "http://127.0.0.1:1/v1"}]
+models:
+  - {id: paid, provider: p, input_usd_per_mtok: 1, output_usd_per_mtok: 2}
+  - {id: free, provider: p, input_usd_per_mtok: 0, output_usd_per_mtok: 0, free: true}
+  - {id: other, provider: p, input_usd_per_mtok: 1, output_usd_per_mtok: 2}
+aliases:
+  fast: [free, paid]
+"#;
+        Catalog::new(&Config::parse(yaml, Path::new("t.yaml")).unwrap())
+    }
+
+    fn key(c: &Catalog, allowed: &[&str], free_only: bool) -> KeyEntry {
+        let record = KeyRecord {
+            id: "key_1".into(),
+            name: "n".into(),
+            prefix: "0a1b".into(),
+            token_hash: [0; 32],
+            scopes: vec![],
+            rpm: None,
+            rpd: None,
+            budget_nanos: None,
+            budget_mode: BudgetMode::Soft,
+            allowed_models: allowed.iter().map(|s| s.to_string()).collect(),
+            free_only,
+            client_id: None,
+            created_at: 0,
+            expires_at: i64::MAX,
+            revoked_at: None,
+            last_used_at: None,
+        };
+        KeyEntry::new(record, c, Arc::new(KeyCounters::default()))
+    }
+
+    fn codes(c: &Catalog, k: &KeyEntry, name: &str) -> Result<usize, &'static str> {
+        c.resolve(name, k).map(|ch| ch.len()).map_err(|e| e.code())
+    }
+
+    #[test]
+    fn empty_allow_list_allows_everything_known() {
+        let c = catalog();
+        let k = key(&c, &[], false);
+        assert_eq!(codes(&c, &k, "fast"), Ok(2));
+        assert_eq!(codes(&c, &k, "paid"), Ok(1));
+        assert_eq!(codes(&c, &k, "nope"), Err("model_not_found"));
+    }
+
+    #[test]
+    fn allow_list_works_through_aliases() {
+        let c = catalog();
+        let k = key(&c, &["fast"], false);
+        assert_eq!(codes(&c, &k, "fast"), Ok(2));
+        assert_eq!(
+            codes(&c, &k, "paid"),
+            Ok(1),
+            "reached through the allowed alias"
+        );
+        assert_eq!(codes(&c, &k, "other"), Err("model_not_allowed"));
+
+        let k = key(&c, &["paid"], false);
+        let chain = c.resolve("fast", &k).unwrap();
+        assert_eq!(
+            (chain.len(), chain.get(0)),
+            (1, Some(0)),
+            "chain keeps only allowed models"
+        );
+        assert_eq!(codes(&c, &k, "free"), Err("model_not_allowed"));
+    }
+
+    #[test]
+    fn free_only_admits_only_free_models() {
+        let c = catalog();
+        let k = key(&c, &[], true);
+        assert_eq!(codes(&c, &k, "paid"), Err("model_not_allowed"));
+        assert_eq!(codes(&c, &k, "free"), Ok(1));
+        let chain = c.resolve("fast", &k).unwrap();
+        assert_eq!((chain.len(), chain.get(0)), (1, Some(1)));
+    }
+
+    #[test]
+    fn cost_is_integer_nanos() {
+        let c = catalog();
+        // 1 USD/Mtok = 1000 nano-USD per token.
+        assert_eq!(c.cost_nanos(0, 1_000, 500), 1_000 * 1_000 + 500 * 2_000);
+    }
+}

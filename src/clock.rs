@@ -1,0 +1,131 @@
+//! UTC calendar arithmetic on unix milliseconds: days, months, RFC 3339. No time zones, no deps.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub const MS_PER_DAY: i64 = 86_400_000;
+
+/// Wall-clock now in unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Days since 1970-01-01 for a civil date (Howard Hinnant's algorithm).
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let m = m as i64;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Civil date (year, month 1-12, day 1-31) for days since 1970-01-01.
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    (y, m, d)
+}
+
+/// UTC day number of a timestamp.
+pub fn day_index(ms: i64) -> i64 {
+    ms.div_euclid(MS_PER_DAY)
+}
+
+/// A calendar month as `year * 12 + (month - 1)`: consecutive months are consecutive numbers.
+pub fn month_index(ms: i64) -> i64 {
+    let (y, m, _) = civil_from_days(day_index(ms));
+    y * 12 + (m as i64 - 1)
+}
+
+/// Unix ms of 00:00 UTC on the first day of a month index.
+pub fn month_start_ms(month: i64) -> i64 {
+    let y = month.div_euclid(12);
+    let m = month.rem_euclid(12) as u32 + 1;
+    days_from_civil(y, m, 1) * MS_PER_DAY
+}
+
+/// `YYYY-MM` for a month index.
+pub fn month_label(month: i64) -> String {
+    format!(
+        "{:04}-{:02}",
+        month.div_euclid(12),
+        month.rem_euclid(12) + 1
+    )
+}
+
+/// Parses `YYYY-MM` into a month index.
+pub fn parse_month(s: &str) -> Option<i64> {
+    let (y, m) = s.split_once('-')?;
+    if y.len() != 4 || m.len() != 2 {
+        return None;
+    }
+    let y: i64 = y.parse().ok()?;
+    let m: i64 = m.parse().ok()?;
+    (1..=12).contains(&m).then_some(y * 12 + m - 1)
+}
+
+/// `YYYY-MM-DD` for a UTC day number.
+pub fn day_label(day: i64) -> String {
+    let (y, m, d) = civil_from_days(day);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// RFC 3339 in UTC with second precision, e.g. `2026-11-26T15:52:27Z`.
+pub fn rfc3339(ms: i64) -> String {
+    let (y, m, d) = civil_from_days(day_index(ms));
+    let secs = ms.div_euclid(1000).rem_euclid(86_400);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_round_trip() {
+        for day in [-1000, 0, 1, 59, 365, 10_957, 20_000, 20_818, 30_000] {
+            let (y, m, d) = civil_from_days(day);
+            assert_eq!(days_from_civil(y, m, d), day);
+        }
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+    }
+
+    #[test]
+    fn months_roll_over_at_utc_midnight_on_the_first() {
+        let end_of_nov = days_from_civil(2026, 11, 30) * MS_PER_DAY + MS_PER_DAY - 1;
+        let first_of_dec = end_of_nov + 1;
+        assert_eq!(month_index(first_of_dec), month_index(end_of_nov) + 1);
+        assert_eq!(month_label(month_index(first_of_dec)), "2026-12");
+        assert_eq!(month_start_ms(month_index(end_of_nov) + 1), first_of_dec);
+        assert_eq!(
+            month_label(month_index(days_from_civil(2026, 12, 31) * MS_PER_DAY) + 1),
+            "2027-01"
+        );
+        assert_eq!(parse_month("2027-01"), Some(2027 * 12));
+        assert_eq!(parse_month("2027-13"), None);
+    }
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        let ms = days_from_civil(2026, 11, 26) * MS_PER_DAY + (15 * 3600 + 52 * 60 + 27) * 1000;
+        assert_eq!(rfc3339(ms), "2026-11-26T15:52:27Z");
+        assert_eq!(day_label(day_index(ms)), "2026-11-26");
+    }
+}

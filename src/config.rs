@@ -1,0 +1,529 @@
+//! YAML configuration: raw serde structs (unknown keys rejected) validated into [`Config`],
+//! with errors that name the field path, e.g. `models[3].provider: no provider named "opnai"`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG_PATH: &str = "conf/spidergate.yaml";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    database: Option<String>,
+    #[serde(default = "default_max_body")]
+    max_body_bytes: u64,
+    #[serde(default)]
+    public_catalog: bool,
+    #[serde(default)]
+    admin: Option<RawAdmin>,
+    providers: Option<Vec<RawProvider>>,
+    models: Option<Vec<RawModel>>,
+    #[serde(default)]
+    aliases: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    server: RawServer,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default = "default_admin_listen")]
+    listen: String,
+    #[serde(default = "default_token_env")]
+    token_env: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    name: String,
+    kind: String,
+    base_url: String,
+    api_key_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    id: String,
+    provider: String,
+    upstream_id: Option<String>,
+    input_usd_per_mtok: f64,
+    output_usd_per_mtok: f64,
+    max_output_tokens: Option<u32>,
+    #[serde(default)]
+    free: bool,
+}
+
+/// Settings beyond the fixed contract, all optional.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    threads: usize,
+    connect_timeout_ms: u64,
+    read_timeout_ms: u64,
+    flush_interval_ms: u64,
+    reload_interval_ms: u64,
+    trace_retention_days: u32,
+    shutdown_timeout_secs: u64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            threads: 2,
+            connect_timeout_ms: 5_000,
+            read_timeout_ms: 300_000,
+            flush_interval_ms: 500,
+            reload_interval_ms: 250,
+            trace_retention_days: 30,
+            shutdown_timeout_secs: 30,
+        }
+    }
+}
+
+fn default_max_body() -> u64 {
+    32 * 1024 * 1024
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:8081".into()
+}
+fn default_token_env() -> String {
+    "SPIDERGATE_ADMIN_TOKEN".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    OpenAi,
+}
+
+#[derive(Debug, Clone)]
+pub struct Provider {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub base_url: String,
+    pub tls: bool,
+    /// Host name for `Host` and SNI.
+    pub host: String,
+    /// `Host` header value (with the port when it is not the scheme's default).
+    pub host_header: String,
+    pub port: u16,
+    /// Path prefix from `base_url`, without a trailing slash (e.g. `/v1`).
+    pub base_path: String,
+    /// `Bearer <key>`, read from `api_key_env` at start-up.
+    pub authorization: Option<String>,
+    pub api_key_env: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub id: String,
+    pub provider: usize,
+    pub upstream_id: String,
+    /// Prices in nano-dollars per token (USD per million tokens x 1000).
+    pub input_nanos_per_token: i64,
+    pub output_nanos_per_token: i64,
+    pub max_output_tokens: Option<u32>,
+    pub free: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: String,
+    pub token_env: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    pub threads: usize,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub flush_interval: Duration,
+    pub reload_interval: Duration,
+    pub trace_retention_days: u32,
+    pub shutdown_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub listen: String,
+    pub database: PathBuf,
+    pub max_body_bytes: u64,
+    pub public_catalog: bool,
+    pub admin: Option<AdminConfig>,
+    pub providers: Vec<Provider>,
+    pub models: Vec<Model>,
+    /// Alias name -> ranked model indexes.
+    pub aliases: BTreeMap<String, Vec<usize>>,
+    pub tuning: Tuning,
+}
+
+/// A validation failure naming the field path.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(path: impl std::fmt::Display, msg: impl std::fmt::Display) -> Result<T, ConfigError> {
+    Err(ConfigError(format!("{path}: {msg}")))
+}
+
+/// Resolves the config path: `--config`, else `$SPIDERGATE_CONFIG`, else the default.
+pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_path_buf();
+    }
+    match std::env::var_os("SPIDERGATE_CONFIG") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_CONFIG_PATH),
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| {
+            // serde_yaml names the path of unknown or mistyped fields in its message.
+            ConfigError(format!("{}: {e}", path.display()))
+        })?;
+        Config::validate(raw, path)
+    }
+
+    fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
+        let Some(listen) = raw.listen else {
+            return err("listen", "required");
+        };
+        check_socket_addr("listen", &listen)?;
+        let Some(database) = raw.database else {
+            return err("database", "required");
+        };
+        if raw.max_body_bytes == 0 {
+            return err("max_body_bytes", "must be greater than 0");
+        }
+        let admin = match raw.admin {
+            Some(a) => {
+                check_socket_addr("admin.listen", &a.listen)?;
+                if a.token_env.is_empty() {
+                    return err("admin.token_env", "must name an environment variable");
+                }
+                Some(AdminConfig {
+                    listen: a.listen,
+                    token_env: a.token_env,
+                })
+            }
+            None => None,
+        };
+
+        let Some(raw_providers) = raw.providers else {
+            return err("providers", "required");
+        };
+        if raw_providers.is_empty() {
+            return err("providers", "at least one provider is required");
+        }
+        let mut providers = Vec::with_capacity(raw_providers.len());
+        let mut provider_index = HashMap::new();
+        for (i, p) in raw_providers.into_iter().enumerate() {
+            let at = format!("providers[{i}]");
+            if provider_index.insert(p.name.clone(), i).is_some() {
+                return err(
+                    format!("{at}.name"),
+                    format!("duplicate provider \"{}\"", p.name),
+                );
+            }
+            providers.push(parse_provider(&at, p)?);
+        }
+
+        let Some(raw_models) = raw.models else {
+            return err("models", "required");
+        };
+        if raw_models.is_empty() {
+            return err("models", "at least one model is required");
+        }
+        let mut models = Vec::with_capacity(raw_models.len());
+        let mut model_index = HashMap::new();
+        for (i, m) in raw_models.into_iter().enumerate() {
+            let at = format!("models[{i}]");
+            if m.id.is_empty() {
+                return err(format!("{at}.id"), "must not be empty");
+            }
+            if model_index.insert(m.id.clone(), i).is_some() {
+                return err(format!("{at}.id"), format!("duplicate model \"{}\"", m.id));
+            }
+            let Some(&provider) = provider_index.get(&m.provider) else {
+                return err(
+                    format!("{at}.provider"),
+                    format!("no provider named \"{}\"", m.provider),
+                );
+            };
+            let input = price_nanos(&format!("{at}.input_usd_per_mtok"), m.input_usd_per_mtok)?;
+            let output = price_nanos(&format!("{at}.output_usd_per_mtok"), m.output_usd_per_mtok)?;
+            if m.max_output_tokens == Some(0) {
+                return err(format!("{at}.max_output_tokens"), "must be greater than 0");
+            }
+            models.push(Model {
+                upstream_id: m.upstream_id.unwrap_or_else(|| m.id.clone()),
+                id: m.id,
+                provider,
+                input_nanos_per_token: input,
+                output_nanos_per_token: output,
+                max_output_tokens: m.max_output_tokens,
+                free: m.free,
+            });
+        }
+
+        let mut aliases = BTreeMap::new();
+        for (name, chain) in raw.aliases {
+            let at = format!("aliases.{name}");
+            if model_index.contains_key(&name) {
+                return err(&at, "an alias may not share its name with a model");
+            }
+            if chain.is_empty() {
+                return err(&at, "must list at least one model");
+            }
+            let mut resolved = Vec::with_capacity(chain.len());
+            for (j, id) in chain.iter().enumerate() {
+                match model_index.get(id) {
+                    Some(&m) => resolved.push(m),
+                    None => return err(format!("{at}[{j}]"), format!("no model named \"{id}\"")),
+                }
+            }
+            aliases.insert(name, resolved);
+        }
+
+        let s = raw.server;
+        if s.threads == 0 {
+            return err("server.threads", "must be at least 1");
+        }
+        if s.flush_interval_ms == 0 || s.flush_interval_ms > 1_000 {
+            return err("server.flush_interval_ms", "must be between 1 and 1000");
+        }
+        if s.reload_interval_ms == 0 || s.reload_interval_ms > 1_000 {
+            return err("server.reload_interval_ms", "must be between 1 and 1000");
+        }
+        if s.trace_retention_days == 0 {
+            return err("server.trace_retention_days", "must be at least 1");
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            listen,
+            database: PathBuf::from(database),
+            max_body_bytes: raw.max_body_bytes,
+            public_catalog: raw.public_catalog,
+            admin,
+            providers,
+            models,
+            aliases,
+            tuning: Tuning {
+                threads: s.threads,
+                connect_timeout: Duration::from_millis(s.connect_timeout_ms),
+                read_timeout: Duration::from_millis(s.read_timeout_ms),
+                flush_interval: Duration::from_millis(s.flush_interval_ms),
+                reload_interval: Duration::from_millis(s.reload_interval_ms),
+                trace_retention_days: s.trace_retention_days,
+                shutdown_timeout_secs: s.shutdown_timeout_secs,
+            },
+        })
+    }
+
+    /// Reads every provider key from its environment variable (at `serve` start-up).
+    pub fn load_provider_keys(&mut self) {
+        for p in &mut self.providers {
+            p.authorization = p
+                .api_key_env
+                .as_ref()
+                .and_then(|env| std::env::var(env).ok())
+                .filter(|k| !k.is_empty())
+                .map(|k| format!("Bearer {k}"));
+        }
+    }
+
+    pub fn model_index(&self, id: &str) -> Option<usize> {
+        self.models.iter().position(|m| m.id == id)
+    }
+}
+
+fn check_socket_addr(at: &str, value: &str) -> Result<(), ConfigError> {
+    match value.parse::<SocketAddr>() {
+        Ok(_) => Ok(()),
+        Err(_) => err(at, format!("\"{value}\" is not an IP:port address")),
+    }
+}
+
+/// USD per million tokens -> nano-dollars per token, rounded to the nearest nano-dollar.
+fn price_nanos(at: &str, usd_per_mtok: f64) -> Result<i64, ConfigError> {
+    if !usd_per_mtok.is_finite() || !(0.0..=1.0e6).contains(&usd_per_mtok) {
+        return err(
+            at,
+            "must be a price between 0 and 1000000 USD per million tokens",
+        );
+    }
+    Ok((usd_per_mtok * 1000.0).round() as i64)
+}
+
+fn parse_provider(at: &str, p: RawProvider) -> Result<Provider, ConfigError> {
+    let kind = match p.kind.as_str() {
+        "openai" => ProviderKind::OpenAi,
+        "anthropic" => return err(
+            format!("{at}.kind"),
+            "anthropic is not supported by this version yet (use an OpenAI-compatible endpoint)",
+        ),
+        other => {
+            return err(
+                format!("{at}.kind"),
+                format!("unknown kind \"{other}\" (openai | anthropic)"),
+            )
+        }
+    };
+    let (tls, rest) = if let Some(r) = p.base_url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = p.base_url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return err(
+            format!("{at}.base_url"),
+            "must start with http:// or https://",
+        );
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || authority.contains('@') {
+        return err(format!("{at}.base_url"), "must name a host");
+    }
+    let default_port = if tls { 443 } else { 80 };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, port)) if !h.ends_with(']') || authority.starts_with('[') => match port.parse() {
+            Ok(port) => (h.trim_start_matches('[').trim_end_matches(']'), port),
+            Err(_) => return err(format!("{at}.base_url"), format!("bad port \"{port}\"")),
+        },
+        _ => (authority, default_port),
+    };
+    let host_header = if port == default_port {
+        host.to_string()
+    } else {
+        authority.to_string()
+    };
+    Ok(Provider {
+        name: p.name,
+        kind,
+        base_url: p.base_url.clone(),
+        tls,
+        host: host.to_string(),
+        host_header,
+        port,
+        base_path: path.trim_end_matches('/').to_string(),
+        authorization: None,
+        api_key_env: p.api_key_env,
+    })
+}
+
+impl Provider {
+    /// Resolves the provider's address (at start-up; re-resolution needs a restart).
+    pub fn resolve(&self) -> std::io::Result<SocketAddr> {
+        (self.host.as_str(), self.port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| std::io::Error::other(format!("{} resolves to no address", self.host)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+listen: "127.0.0.1:8080"
+database: "data/x.db"
+providers:
+  - name: openai
+    kind: openai
+    base_url: "http://127.0.0.1:9000/v1"
+    api_key_env: OPENAI_API_KEY
+models:
+  - id: gpt-4o-mini
+    provider: openai
+    input_usd_per_mtok: 0.15
+    output_usd_per_mtok: 0.60
+  - id: llama
+    provider: openai
+    upstream_id: meta/llama
+    input_usd_per_mtok: 0
+    output_usd_per_mtok: 0
+    free: true
+aliases:
+  spideriq/fast: [llama, gpt-4o-mini]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.yaml"))
+    }
+
+    #[test]
+    fn valid_config_resolves_everything() {
+        let c = parse(BASE).unwrap();
+        assert_eq!(c.max_body_bytes, 32 * 1024 * 1024);
+        assert_eq!(c.models[0].input_nanos_per_token, 150);
+        assert_eq!(c.models[0].output_nanos_per_token, 600);
+        assert_eq!(c.models[1].upstream_id, "meta/llama");
+        assert_eq!(c.aliases["spideriq/fast"], vec![1, 0]);
+        let p = &c.providers[0];
+        assert_eq!((p.host.as_str(), p.port, p.tls), ("127.0.0.1", 9000, false));
+        assert_eq!(p.base_path, "/v1");
+        assert_eq!(p.host_header, "127.0.0.1:9000");
+    }
+
+    #[test]
+    fn errors_name_the_field_path() {
+        let bad = BASE.replace(
+            "provider: openai\n    upstream_id",
+            "provider: opnai\n    upstream_id",
+        );
+        let e = parse(&bad).unwrap_err().to_string();
+        assert_eq!(e, "models[1].provider: no provider named \"opnai\"");
+
+        let bad = BASE.replace("[llama, gpt-4o-mini]", "[llama, gpt-5]");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert_eq!(e, "aliases.spideriq/fast[1]: no model named \"gpt-5\"");
+
+        let bad = BASE.replace("listen: \"127.0.0.1:8080\"\n", "");
+        assert_eq!(parse(&bad).unwrap_err().to_string(), "listen: required");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let bad = format!("{BASE}\nlisten_port: 3\n");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("unknown field `listen_port`"), "{e}");
+        let bad = BASE.replace("free: true", "free: true\n    fre: 1");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("models[1]") && e.contains("unknown field `fre`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn base_url_must_be_http() {
+        let bad = BASE.replace("http://127.0.0.1:9000/v1", "ftp://x");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(e.starts_with("providers[0].base_url:"), "{e}");
+    }
+}

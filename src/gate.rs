@@ -1,0 +1,122 @@
+//! Shared gateway state: config, catalog, the hot-swapped key snapshot, ledger and metrics.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use crate::catalog::Catalog;
+use crate::clock::{day_index, day_label, month_index, month_label, now_ms};
+use crate::config::Config;
+use crate::keys::KeySet;
+use crate::ledger::SpendLedger;
+use crate::limits::KeyCounters;
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+
+pub struct Gate {
+    pub config: Config,
+    pub catalog: Catalog,
+    /// Resolved address of each provider, by provider index.
+    pub provider_addrs: Vec<SocketAddr>,
+    pub keys: ArcSwap<KeySet>,
+    /// `keys_version` of the store the current snapshot was built from.
+    loaded_version: AtomicI64,
+    pub ledger: SpendLedger,
+    pub metrics: Metrics,
+    /// Connection for reads off the request path (usage, admin); used from blocking threads.
+    reader: Mutex<Option<Store>>,
+}
+
+impl Gate {
+    /// Builds the state and loads every key. Fails if the store or a provider address is bad.
+    pub fn new(config: Config) -> Result<Gate, String> {
+        let mut provider_addrs = Vec::with_capacity(config.providers.len());
+        for (i, p) in config.providers.iter().enumerate() {
+            let addr = p
+                .resolve()
+                .map_err(|e| format!("providers[{i}].base_url: cannot resolve {}: {e}", p.host))?;
+            provider_addrs.push(addr);
+        }
+        let catalog = Catalog::new(&config);
+        let ledger = SpendLedger::new(
+            config.database.clone(),
+            config.tuning.flush_interval,
+            config.tuning.trace_retention_days,
+        );
+        let gate = Gate {
+            catalog,
+            provider_addrs,
+            keys: ArcSwap::from_pointee(KeySet::default()),
+            loaded_version: AtomicI64::new(-1),
+            ledger,
+            metrics: Metrics::default(),
+            reader: Mutex::new(None),
+            config,
+        };
+        let store = gate.open_store().map_err(|e| format!("database: {e}"))?;
+        gate.reload_from(&store)
+            .map_err(|e| format!("database: {e}"))?;
+        Ok(gate)
+    }
+
+    pub fn open_store(&self) -> Result<Store, StoreError> {
+        Store::open(&self.config.database)
+    }
+
+    /// Runs `f` with the shared read connection (blocking: call from a blocking thread).
+    pub fn with_reader<T>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            *guard = Some(self.open_store()?);
+        }
+        match guard.as_mut() {
+            Some(store) => f(store),
+            None => Err(StoreError::InvalidQuery),
+        }
+    }
+
+    /// Rebuilds the key snapshot if the store's keys changed since the last load.
+    /// Returns whether a reload happened.
+    pub fn reload_if_changed(&self, store: &Store) -> Result<bool, StoreError> {
+        let version = store.keys_version()?;
+        if version == self.loaded_version.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        self.reload_from(store)?;
+        Ok(true)
+    }
+
+    /// Rebuilds the snapshot from the store. Live counters carry over; keys new to this
+    /// process get their month-to-date spend and today's count from the ledger.
+    pub fn reload_from(&self, store: &Store) -> Result<(), StoreError> {
+        let version = store.keys_version()?;
+        let records = store.all_keys()?;
+        let previous = self.keys.load_full();
+        let now = now_ms();
+        let needs_restore = records.iter().any(|r| previous.by_id(&r.id).is_none());
+        let (spend, today) = if needs_restore {
+            (
+                store.spend_by_key(&month_label(month_index(now)))?,
+                store.requests_by_key(&day_label(day_index(now)))?,
+            )
+        } else {
+            Default::default()
+        };
+        let set = KeySet::build(records, &self.catalog, Some(&previous), |r| {
+            KeyCounters::restored(
+                now,
+                today.get(&r.id).copied().unwrap_or(0),
+                spend.get(&r.id).copied().unwrap_or(0),
+            )
+        });
+        self.metrics.set_keys_loaded(set.len());
+        self.keys.store(Arc::new(set));
+        self.loaded_version.store(version, Ordering::Release);
+        Ok(())
+    }
+}

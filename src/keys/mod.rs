@@ -1,0 +1,310 @@
+//! Agent keys: the stored record, scopes, and the in-memory [`KeySet`] snapshot the proxy reads.
+
+pub mod token;
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use crate::catalog::Catalog;
+use crate::error::GateError;
+use crate::limits::{KeyCounters, Limits};
+use token::TokenHash;
+
+pub const SCOPE_CHAT: &str = "gate:chat";
+pub const SCOPE_MODELS: &str = "gate:models";
+pub const SCOPE_USAGE: &str = "gate:usage";
+pub const DEFAULT_SCOPES: [&str; 3] = [SCOPE_CHAT, SCOPE_MODELS, SCOPE_USAGE];
+
+pub const MIN_TTL_SECS: i64 = 3_600;
+pub const MAX_TTL_SECS: i64 = 90 * 86_400;
+pub const DEFAULT_TTL_SECS: i64 = 30 * 86_400;
+
+/// The gate scopes as bits; other scopes are stored but grant nothing here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScopeSet(u8);
+
+impl ScopeSet {
+    pub const CHAT: ScopeSet = ScopeSet(1);
+    pub const MODELS: ScopeSet = ScopeSet(2);
+    pub const USAGE: ScopeSet = ScopeSet(4);
+
+    pub fn from_names<S: AsRef<str>>(names: &[S]) -> ScopeSet {
+        ScopeSet(names.iter().fold(0, |bits, n| {
+            bits | match n.as_ref() {
+                SCOPE_CHAT => 1,
+                SCOPE_MODELS => 2,
+                SCOPE_USAGE => 4,
+                _ => 0,
+            }
+        }))
+    }
+
+    pub fn contains(self, other: ScopeSet) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetMode {
+    Soft,
+    Hard,
+}
+
+impl BudgetMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetMode::Soft => "soft",
+            BudgetMode::Hard => "hard",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<BudgetMode> {
+        match s {
+            "soft" => Some(BudgetMode::Soft),
+            "hard" => Some(BudgetMode::Hard),
+            _ => None,
+        }
+    }
+}
+
+/// One key as stored. Times are unix milliseconds.
+#[derive(Debug, Clone)]
+pub struct KeyRecord {
+    pub id: String,
+    pub name: String,
+    pub prefix: String,
+    pub token_hash: TokenHash,
+    pub scopes: Vec<String>,
+    pub rpm: Option<u32>,
+    pub rpd: Option<u32>,
+    pub budget_nanos: Option<i64>,
+    pub budget_mode: BudgetMode,
+    pub allowed_models: Vec<String>,
+    pub free_only: bool,
+    pub client_id: Option<String>,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+    pub last_used_at: Option<i64>,
+}
+
+impl KeyRecord {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            rpm: self.rpm,
+            rpd: self.rpd,
+            budget_nanos: self.budget_nanos,
+            hard_budget: self.budget_mode == BudgetMode::Hard,
+        }
+    }
+
+    /// `active`, `expired` or `revoked` at `now`.
+    pub fn status(&self, now: i64) -> &'static str {
+        if self.revoked_at.is_some() {
+            "revoked"
+        } else if now >= self.expires_at {
+            "expired"
+        } else {
+            "active"
+        }
+    }
+}
+
+/// A key as the request path sees it: record, precomputed permissions, live counters.
+#[derive(Debug)]
+pub struct KeyEntry {
+    pub record: KeyRecord,
+    pub scopes: ScopeSet,
+    /// Model indexes this key may be served by; `None` = every model (before `free_only`).
+    allowed: Option<Vec<bool>>,
+    /// Aliases named in the allow-list (their whole chain is allowed).
+    allowed_aliases: HashSet<String>,
+    pub counters: Arc<KeyCounters>,
+}
+
+impl KeyEntry {
+    pub fn new(record: KeyRecord, catalog: &Catalog, counters: Arc<KeyCounters>) -> KeyEntry {
+        let mut allowed_aliases = HashSet::new();
+        let allowed = if record.allowed_models.is_empty() {
+            None
+        } else {
+            let mut bits = vec![false; catalog.models().len()];
+            for name in &record.allowed_models {
+                if let Some(m) = catalog.model_index(name) {
+                    bits[m] = true;
+                } else if let Some(chain) = catalog.alias_chain(name) {
+                    allowed_aliases.insert(name.clone());
+                    for &m in chain {
+                        bits[m] = true;
+                    }
+                }
+            }
+            Some(bits)
+        };
+        KeyEntry {
+            scopes: ScopeSet::from_names(&record.scopes),
+            record,
+            allowed,
+            allowed_aliases,
+            counters,
+        }
+    }
+
+    /// Whether this key may be served by model `m` (allow-list and free-only).
+    pub fn may_use_model(&self, m: usize, catalog: &Catalog) -> bool {
+        let listed = self.allowed.as_ref().is_none_or(|bits| bits[m]);
+        listed && (!self.record.free_only || catalog.models()[m].free)
+    }
+
+    /// Whether the alias itself is visible to this key.
+    pub fn may_use_alias(&self, alias: &str, chain: &[usize], catalog: &Catalog) -> bool {
+        let listed = self.allowed.is_none() || self.allowed_aliases.contains(alias);
+        if listed && !self.record.free_only {
+            return true;
+        }
+        chain.iter().any(|&m| self.may_use_model(m, catalog))
+    }
+
+    /// Checks expiry and revocation (SPEC §2: 401 with the exact code).
+    pub fn check_alive(&self, now: i64) -> Result<(), GateError> {
+        if self.record.revoked_at.is_some() {
+            Err(GateError::TokenRevoked)
+        } else if now >= self.record.expires_at {
+            Err(GateError::TokenExpired)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The token hash is already a uniform SHA-256: its first 8 bytes are a perfect hash.
+#[derive(Default)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for (i, b) in bytes.iter().take(8).enumerate() {
+            self.0 |= (*b as u64) << (i * 8);
+        }
+    }
+}
+
+type DigestMap<V> = HashMap<TokenHash, V, BuildHasherDefault<DigestHasher>>;
+
+/// Immutable snapshot of every key, swapped whole on reload. The request path does one
+/// `ArcSwap::load` and a hash lookup; no lock, no syscall.
+#[derive(Default)]
+pub struct KeySet {
+    by_hash: DigestMap<Arc<KeyEntry>>,
+    by_id: HashMap<String, Arc<KeyEntry>>,
+}
+
+impl KeySet {
+    /// Builds a snapshot, carrying over the live counters of keys the previous one had, so a
+    /// reload never resets a key's windows or in-flight reservations.
+    pub fn build(
+        records: Vec<KeyRecord>,
+        catalog: &Catalog,
+        previous: Option<&KeySet>,
+        mut restore: impl FnMut(&KeyRecord) -> KeyCounters,
+    ) -> KeySet {
+        let mut by_hash = DigestMap::with_capacity_and_hasher(records.len(), Default::default());
+        let mut by_id = HashMap::with_capacity(records.len());
+        for record in records {
+            let counters = previous
+                .and_then(|p| p.by_id.get(&record.id))
+                .map(|e| e.counters.clone())
+                .unwrap_or_else(|| Arc::new(restore(&record)));
+            let entry = Arc::new(KeyEntry::new(record, catalog, counters));
+            by_hash.insert(entry.record.token_hash, entry.clone());
+            by_id.insert(entry.record.id.clone(), entry);
+        }
+        KeySet { by_hash, by_id }
+    }
+
+    pub fn by_hash(&self, hash: &TokenHash) -> Option<&Arc<KeyEntry>> {
+        self.by_hash.get(hash)
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<&Arc<KeyEntry>> {
+        self.by_id.get(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<KeyEntry>> {
+        self.by_id.values()
+    }
+}
+
+/// Parses a TTL like `90m`, `1h`, `36h`, `7d`, `2w` into seconds and checks 1 h ..= 90 d.
+pub fn parse_ttl(s: &str) -> Result<i64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
+        format!("invalid TTL \"{s}\": use a number with a unit, e.g. 1h, 7d, 90d")
+    })?;
+    let (num, unit) = s.split_at(split);
+    let n: i64 = num
+        .parse()
+        .map_err(|_| format!("invalid TTL \"{s}\": use a number with a unit, e.g. 1h, 7d, 90d"))?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(format!("invalid TTL unit in \"{s}\": use s, m, h, d or w")),
+    };
+    let secs = n.saturating_mul(unit_secs);
+    if !(MIN_TTL_SECS..=MAX_TTL_SECS).contains(&secs) {
+        return Err(format!(
+            "TTL \"{s}\" is outside the allowed range of 1h to 90d"
+        ));
+    }
+    Ok(secs)
+}
+
+/// Splits a comma list, dropping blanks.
+pub fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_range_is_one_hour_to_ninety_days() {
+        assert_eq!(parse_ttl("1h"), Ok(3_600));
+        assert_eq!(parse_ttl("90d"), Ok(90 * 86_400));
+        assert_eq!(parse_ttl("60m"), Ok(3_600));
+        assert!(parse_ttl("59m").is_err());
+        assert!(parse_ttl("91d").is_err());
+        assert!(parse_ttl("0h").is_err());
+        assert!(parse_ttl("h").is_err());
+        assert!(parse_ttl("10y").is_err());
+        assert!(parse_ttl("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn scopes_grant_only_gate_scopes() {
+        let s = ScopeSet::from_names(&["gate:chat", "job:run", "system:*"]);
+        assert!(s.contains(ScopeSet::CHAT));
+        assert!(!s.contains(ScopeSet::MODELS));
+        assert!(!ScopeSet::from_names(&["job:*"]).contains(ScopeSet::USAGE));
+    }
+}

@@ -1,0 +1,21 @@
+//! SpiderGate: an OpenAI-compatible LLM gateway for fleets of AI agents, on Pingora.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod admission;
+pub mod catalog;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod gate;
+pub mod keys;
+pub mod ledger;
+pub mod limits;
+pub mod manage;
+pub mod metrics;
+pub mod mock;
+pub mod providers;
+pub mod proxy;
+pub mod report;
+pub mod serve;
+pub mod store;
+pub mod usage;

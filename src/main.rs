@@ -1,0 +1,469 @@
+//! The `spidergate` binary: serve, check-config, keys, usage, traces, mock-provider.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use spidergate::catalog::Catalog;
+use spidergate::clock::{month_index, now_ms, parse_month, rfc3339};
+use spidergate::config::{resolve_path, Config};
+use spidergate::error::usd;
+use spidergate::keys::{parse_ttl, split_list, BudgetMode, KeyRecord};
+use spidergate::manage::{self, NewKey};
+use spidergate::report;
+use spidergate::store::{KeyPatch, Store};
+
+#[derive(Parser)]
+#[command(
+    name = "spidergate",
+    version,
+    about = "OpenAI-compatible LLM gateway for fleets of AI agents"
+)]
+struct Cli {
+    /// Config file [default: $SPIDERGATE_CONFIG, else conf/spidergate.yaml]
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (Pingora's -d/--daemon, -u/--upgrade and -t/--test flags apply)
+    Serve(ServeArgs),
+    /// Validate the config file; errors name the field path
+    CheckConfig,
+    /// Manage agent keys
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Month-to-date spend per key and model
+    Usage {
+        /// One key; all keys when omitted
+        id: Option<String>,
+        /// Month as YYYY-MM [default: the current UTC month]
+        #[arg(long)]
+        month: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent request traces, newest first
+    Traces {
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the mock OpenAI-compatible provider (quickstart, tests, benchmarks)
+    MockProvider {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: String,
+        /// Worker threads (0 = one per core)
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    pingora: pingora_core::server::configuration::Opt,
+}
+
+#[derive(Args, Default)]
+struct LimitArgs {
+    /// Requests per rolling minute ("none" = unlimited)
+    #[arg(long)]
+    rpm: Option<String>,
+    /// Requests per UTC day ("none" = unlimited)
+    #[arg(long)]
+    rpd: Option<String>,
+    /// Monthly budget in USD ("none" = unlimited)
+    #[arg(long)]
+    budget: Option<String>,
+    #[arg(long, value_parser = ["soft", "hard"])]
+    budget_mode: Option<String>,
+    /// Allow-list of models and aliases, comma-separated (empty = all)
+    #[arg(long)]
+    models: Option<String>,
+    /// Scopes, comma-separated [default: gate:chat,gate:models,gate:usage]
+    #[arg(long)]
+    scopes: Option<String>,
+    /// Lifetime from now, 1h..90d [default on create: 30d]
+    #[arg(long)]
+    ttl: Option<String>,
+    #[arg(long)]
+    client_id: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Mint a key; the secret is printed once
+    Create {
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// Only models marked free in the config
+        #[arg(long)]
+        free_only: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List keys (active only unless --all)
+    List {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change limits; takes effect in the running gateway within 1 s
+    Update {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// true or false
+        #[arg(long)]
+        free_only: Option<bool>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key immediately
+    Revoke {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+type CliResult = Result<(), String>;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let config_path = resolve_path(cli.config.as_deref());
+    let result = match cli.command {
+        Command::MockProvider { listen, threads } => {
+            spidergate::mock::run_blocking_with_threads(&listen, threads).map_err(|e| e.to_string())
+        }
+        Command::CheckConfig => Config::load(&config_path)
+            .map(|c| {
+                println!(
+                    "{}: ok ({} providers, {} models, {} aliases)",
+                    config_path.display(),
+                    c.providers.len(),
+                    c.models.len(),
+                    c.aliases.len()
+                );
+            })
+            .map_err(|e| e.to_string()),
+        Command::Serve(args) => Config::load(&config_path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| spidergate::serve::run(c, args.pingora)),
+        command => Config::load(&config_path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| manage_command(c, command)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn open(config: &Config) -> Result<Store, String> {
+    Store::open(&config.database)
+        .map_err(|e| format!("database {}: {e}", config.database.display()))
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// `Some(None)` for "none"/"unlimited", `Some(Some(n))` for a number.
+fn parse_limit(flag: &str, v: Option<&str>) -> Result<Option<Option<u32>>, String> {
+    match v {
+        None => Ok(None),
+        Some("none" | "unlimited") => Ok(Some(None)),
+        Some(s) => match s.parse::<u32>() {
+            Ok(0) | Err(_) => Err(format!(
+                "--{flag} must be a positive integer or \"none\", got \"{s}\""
+            )),
+            Ok(n) => Ok(Some(Some(n))),
+        },
+    }
+}
+
+fn parse_budget(v: Option<&str>) -> Result<Option<Option<i64>>, String> {
+    match v {
+        None => Ok(None),
+        Some("none" | "unlimited") => Ok(Some(None)),
+        Some(s) => {
+            let usd: f64 = s
+                .trim_start_matches('$')
+                .parse()
+                .map_err(|_| format!("--budget must be a USD amount, got \"{s}\""))?;
+            manage::budget_nanos(usd).map(|n| Some(Some(n)))
+        }
+    }
+}
+
+fn manage_command(config: Config, command: Command) -> CliResult {
+    let catalog = Catalog::new(&config);
+    let mut store = open(&config)?;
+    let now = now_ms();
+    match command {
+        Command::Keys(KeysCommand::Create {
+            name,
+            limits,
+            free_only,
+            json,
+        }) => {
+            let ttl_secs = limits.ttl.as_deref().map(parse_ttl).transpose()?;
+            let req = NewKey {
+                name,
+                rpm: parse_limit("rpm", limits.rpm.as_deref())?.flatten(),
+                rpd: parse_limit("rpd", limits.rpd.as_deref())?.flatten(),
+                budget_nanos: parse_budget(limits.budget.as_deref())?.flatten(),
+                budget_mode: limits.budget_mode.as_deref().and_then(BudgetMode::parse),
+                allowed_models: limits.models.as_deref().map(split_list).unwrap_or_default(),
+                free_only,
+                scopes: limits.scopes.as_deref().map(split_list),
+                ttl_secs,
+                client_id: limits.client_id,
+            };
+            let (record, secret) = manage::create_key(&mut store, &catalog, req, now)?;
+            if json {
+                let mut v = report::key_json(&record, now);
+                v["secret"] = json!(secret);
+                print_json(&v);
+            } else {
+                println!("Created key {} ({})", record.id, record.name);
+                println!("Secret (shown once, store it now): {secret}");
+                println!("Expires: {}", rfc3339(record.expires_at));
+            }
+            Ok(())
+        }
+        Command::Keys(KeysCommand::List { all, json }) => {
+            let keys: Vec<KeyRecord> = store
+                .all_keys()
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .filter(|k| all || k.status(now) == "active")
+                .collect();
+            if json {
+                print_json(&json!(keys
+                    .iter()
+                    .map(|k| report::key_json(k, now))
+                    .collect::<Vec<_>>()));
+            } else {
+                println!(
+                    "{:<22} {:<20} {:<8} {:<8} {:>6} {:>8} {:>12}  EXPIRES",
+                    "ID", "NAME", "PREFIX", "STATUS", "RPM", "RPD", "BUDGET"
+                );
+                for k in &keys {
+                    let limit = |v: Option<u32>| v.map_or("-".to_string(), |n| n.to_string());
+                    let budget = k.budget_nanos.map_or("-".to_string(), |n| {
+                        format!("${} {}", usd(n), k.budget_mode.as_str())
+                    });
+                    println!(
+                        "{:<22} {:<20} {:<8} {:<8} {:>6} {:>8} {:>12}  {}",
+                        k.id,
+                        k.name,
+                        k.prefix,
+                        k.status(now),
+                        limit(k.rpm),
+                        limit(k.rpd),
+                        budget,
+                        rfc3339(k.expires_at)
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Keys(KeysCommand::Show { id, json }) => {
+            let k = store
+                .get_key(&id)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("no key with id \"{id}\""))?;
+            let v = report::key_json(&k, now);
+            if json {
+                print_json(&v);
+            } else {
+                print_human(&v);
+            }
+            Ok(())
+        }
+        Command::Keys(KeysCommand::Update {
+            id,
+            name,
+            limits,
+            free_only,
+            json,
+        }) => {
+            let allowed = limits.models.as_deref().map(split_list);
+            if let Some(list) = &allowed {
+                manage::check_models(&catalog, list)?;
+            }
+            let expires_at = limits
+                .ttl
+                .as_deref()
+                .map(parse_ttl)
+                .transpose()?
+                .map(|s| now + s * 1000);
+            let patch = KeyPatch {
+                name,
+                scopes: limits.scopes.as_deref().map(split_list),
+                rpm: parse_limit("rpm", limits.rpm.as_deref())?,
+                rpd: parse_limit("rpd", limits.rpd.as_deref())?,
+                budget_nanos: parse_budget(limits.budget.as_deref())?,
+                budget_mode: limits.budget_mode.as_deref().and_then(BudgetMode::parse),
+                allowed_models: allowed,
+                free_only,
+                client_id: limits.client_id.map(|c| Some(c).filter(|c| !c.is_empty())),
+                expires_at,
+            };
+            let k = store
+                .update_key(&id, &patch)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("no key with id \"{id}\""))?;
+            let v = report::key_json(&k, now);
+            if json {
+                print_json(&v);
+            } else {
+                println!("Updated key {}", k.id);
+                print_human(&v);
+            }
+            Ok(())
+        }
+        Command::Keys(KeysCommand::Revoke { id, json }) => {
+            let k = store
+                .revoke_key(&id, now)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("no key with id \"{id}\""))?;
+            if json {
+                print_json(&report::key_json(&k, now));
+            } else {
+                println!(
+                    "Revoked key {} ({}) at {}",
+                    k.id,
+                    k.name,
+                    rfc3339(k.revoked_at.unwrap_or(now))
+                );
+            }
+            Ok(())
+        }
+        Command::Usage { id, month, json } => {
+            let month = match month.as_deref() {
+                Some(m) => {
+                    parse_month(m).ok_or_else(|| format!("--month must be YYYY-MM, got \"{m}\""))?
+                }
+                None => month_index(now),
+            };
+            let keys = match &id {
+                Some(id) => vec![store
+                    .get_key(id)
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("no key with id \"{id}\""))?],
+                None => store.all_keys().map_err(|e| e.to_string())?,
+            };
+            let mut reports = Vec::with_capacity(keys.len());
+            for k in &keys {
+                reports
+                    .push(report::stored_usage(&store, k, month, now).map_err(|e| e.to_string())?);
+            }
+            if json {
+                print_json(&if id.is_some() {
+                    reports.remove(0)
+                } else {
+                    json!(reports)
+                });
+            } else {
+                for r in &reports {
+                    println!(
+                        "{} ({}) {}: {} spent, budget {} {}",
+                        r["key_id"].as_str().unwrap_or(""),
+                        r["name"].as_str().unwrap_or(""),
+                        r["month"].as_str().unwrap_or(""),
+                        r["spend_display"].as_str().unwrap_or(""),
+                        r["budget_usd"],
+                        r["budget_mode"].as_str().unwrap_or("")
+                    );
+                    if let Some(models) = r["by_model"].as_object() {
+                        for (m, v) in models {
+                            println!(
+                                "  {m:<30} {:>8} req {:>10} in {:>10} out  ${}",
+                                v["requests"],
+                                v["prompt_tokens"],
+                                v["completion_tokens"],
+                                usd(v["spend_nanodollars"].as_i64().unwrap_or(0))
+                            );
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Traces { key, limit, json } => {
+            let rows = store
+                .traces(key.as_deref(), limit)
+                .map_err(|e| e.to_string())?;
+            if json {
+                print_json(&json!(rows
+                    .iter()
+                    .map(report::trace_json)
+                    .collect::<Vec<_>>()));
+            } else {
+                println!(
+                    "{:<20} {:<22} {:<17} {:<20} {:>6} {:<26} {:>7} {:>7} {:>7}  COST",
+                    "TIME", "KEY", "ENDPOINT", "MODEL", "STATUS", "ERROR", "MS", "IN", "OUT"
+                );
+                for t in &rows {
+                    println!(
+                        "{:<20} {:<22} {:<17} {:<20} {:>6} {:<26} {:>7} {:>7} {:>7}  ${}",
+                        rfc3339(t.ts),
+                        t.key_id.as_deref().unwrap_or("-"),
+                        t.endpoint,
+                        t.served_model
+                            .as_deref()
+                            .or(t.requested_model.as_deref())
+                            .unwrap_or("-"),
+                        t.status,
+                        t.error_code.as_deref().unwrap_or("-"),
+                        t.latency_ms,
+                        t.prompt_tokens,
+                        t.completion_tokens,
+                        usd(t.cost_nanos)
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Serve(_) | Command::CheckConfig | Command::MockProvider { .. } => Ok(()),
+    }
+}
+
+fn print_human(v: &serde_json::Value) {
+    if let Some(obj) = v.as_object() {
+        for (k, val) in obj {
+            let shown = match val {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => "-".into(),
+                other => other.to_string(),
+            };
+            println!("{k:>20}: {shown}");
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Prometheus counters: plain atomics, labelled by endpoint and the low-cardinality error code.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Every `error.code` the gateway emits, plus `ok` and `upstream_status` (an upstream's own
+/// error response passed through).
+pub const OUTCOMES: [&str; 16] = [
+    "ok",
+    "upstream_status",
+    "invalid_api_key",
+    "token_expired",
+    "token_revoked",
+    "insufficient_scope",
+    "invalid_request",
+    "request_too_large",
+    "model_not_found",
+    "model_not_allowed",
+    "budget_exceeded",
+    "rate_limit_exceeded",
+    "daily_rate_limit_exceeded",
+    "upstream_error",
+    "upstream_timeout",
+    "not_found",
+];
+
+const LATENCY_BUCKETS_MS: [u64; 10] = [5, 10, 25, 50, 100, 250, 500, 1_000, 5_000, 30_000];
+
+#[derive(Default)]
+pub struct Metrics {
+    outcomes: [AtomicU64; OUTCOMES.len()],
+    other: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+    cost_nanos: AtomicU64,
+    estimated_usage: AtomicU64,
+    fallbacks: AtomicU64,
+    keys_loaded: AtomicU64,
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS_MS.len()],
+    latency_count: AtomicU64,
+    latency_sum_ms: AtomicU64,
+}
+
+impl Metrics {
+    pub fn outcome(&self, code: &str) {
+        match OUTCOMES.iter().position(|c| *c == code) {
+            Some(i) => self.outcomes[i].fetch_add(1, Relaxed),
+            None => self.other.fetch_add(1, Relaxed),
+        };
+    }
+
+    pub fn usage(&self, prompt: u64, completion: u64, cost_nanos: i64, estimated: bool) {
+        self.prompt_tokens.fetch_add(prompt, Relaxed);
+        self.completion_tokens.fetch_add(completion, Relaxed);
+        self.cost_nanos.fetch_add(cost_nanos.max(0) as u64, Relaxed);
+        if estimated {
+            self.estimated_usage.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn fallback(&self) {
+        self.fallbacks.fetch_add(1, Relaxed);
+    }
+
+    pub fn latency(&self, ms: u64) {
+        for (i, b) in LATENCY_BUCKETS_MS.iter().enumerate() {
+            if ms <= *b {
+                self.latency_buckets[i].fetch_add(1, Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Relaxed);
+        self.latency_sum_ms.fetch_add(ms, Relaxed);
+    }
+
+    pub fn set_keys_loaded(&self, n: usize) {
+        self.keys_loaded.store(n as u64, Relaxed);
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut s = String::with_capacity(2048);
+        s.push_str("# HELP spidergate_requests_total Requests by outcome (error.code, or ok).\n");
+        s.push_str("# TYPE spidergate_requests_total counter\n");
+        for (i, code) in OUTCOMES.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "spidergate_requests_total{{outcome=\"{code}\"}} {}",
+                self.outcomes[i].load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "spidergate_requests_total{{outcome=\"other\"}} {}",
+            self.other.load(Relaxed)
+        );
+        let counters = [
+            (
+                "spidergate_prompt_tokens_total",
+                "Prompt tokens charged.",
+                &self.prompt_tokens,
+            ),
+            (
+                "spidergate_completion_tokens_total",
+                "Completion tokens charged.",
+                &self.completion_tokens,
+            ),
+            (
+                "spidergate_spend_nanodollars_total",
+                "Spend charged, in nano-dollars.",
+                &self.cost_nanos,
+            ),
+            (
+                "spidergate_estimated_usage_total",
+                "Requests charged an estimate (usage never arrived).",
+                &self.estimated_usage,
+            ),
+            (
+                "spidergate_fallbacks_total",
+                "Requests served by a fallback model.",
+                &self.fallbacks,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP spidergate_keys_loaded Keys in the live snapshot.\n# TYPE spidergate_keys_loaded gauge\nspidergate_keys_loaded {}",
+            self.keys_loaded.load(Relaxed)
+        );
+        s.push_str("# HELP spidergate_request_duration_ms Latency of admitted requests.\n");
+        s.push_str("# TYPE spidergate_request_duration_ms histogram\n");
+        for (i, b) in LATENCY_BUCKETS_MS.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "spidergate_request_duration_ms_bucket{{le=\"{b}\"}} {}",
+                self.latency_buckets[i].load(Relaxed)
+            );
+        }
+        let count = self.latency_count.load(Relaxed);
+        let _ = writeln!(
+            s,
+            "spidergate_request_duration_ms_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            s,
+            "spidergate_request_duration_ms_sum {}",
+            self.latency_sum_ms.load(Relaxed)
+        );
+        let _ = writeln!(s, "spidergate_request_duration_ms_count {count}");
+        s
+    }
+}

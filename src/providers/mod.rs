@@ -1,0 +1,3 @@
+//! Upstream wire formats, one module per provider kind.
+
+pub mod openai;

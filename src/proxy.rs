@@ -1,0 +1,766 @@
+//! The Pingora `ProxyHttp` implementation: glue between Pingora's phases and the plain
+//! functions in `admission`, `providers`, `usage` and `ledger`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::admission::{self, Admission, Endpoint};
+use crate::clock::{day_index, day_label, month_index, month_label, now_ms};
+use crate::error::GateError;
+use crate::gate::Gate;
+use crate::keys::KeyEntry;
+use crate::limits::Standing;
+use crate::providers::openai::rewrite_body;
+use crate::report;
+use crate::store::{LedgerEntry, TraceRow};
+use crate::usage::{usage_from_json, Forward, SseUsageParser, Usage};
+
+/// Non-streamed responses larger than this are not buffered for usage parsing (charged an
+/// estimate instead), so a huge response cannot balloon memory.
+const MAX_JSON_RESPONSE: usize = 8 * 1024 * 1024;
+
+/// Error codes recorded in traces for outcomes that are not gateway rejections.
+const CLIENT_CLOSED: &str = "client_closed";
+const STREAM_BROKEN: &str = "upstream_stream_broken";
+
+pub struct GateProxy {
+    gate: Arc<Gate>,
+}
+
+impl GateProxy {
+    pub fn new(gate: Arc<Gate>) -> Self {
+        GateProxy { gate }
+    }
+}
+
+/// Per-request state shared across the phases.
+pub struct RequestCtx {
+    started: Instant,
+    started_ms: i64,
+    endpoint: Endpoint,
+    key: Option<Arc<KeyEntry>>,
+    /// Rate-limit standing for the headers of any authenticated response.
+    standing: Option<Standing>,
+    admission: Option<Admission>,
+    /// The request body as received.
+    body: Bytes,
+    /// The body for the current attempt (model rewritten).
+    upstream_body: Option<Bytes>,
+    /// Index into the admission's chain of the model being tried.
+    attempt: usize,
+    /// First model of the chain, once a fallback happened.
+    fallback_from: Option<usize>,
+    /// An upstream status that triggers a fallback was seen; the error carries it to retry.
+    fallback_status: Option<u16>,
+    /// Final status sent (or being sent) to the client.
+    status: u16,
+    /// Upstream's own status, when it answered.
+    upstream_status: Option<u16>,
+    error_code: Option<&'static str>,
+    response_started: bool,
+    response_complete: bool,
+    ttfb_ms: Option<i64>,
+    sse: Option<SseUsageParser>,
+    json_buf: Option<Vec<u8>>,
+    response_bytes: u64,
+}
+
+fn header_bytes<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a [u8]> {
+    req.headers.get(name).map(|v| v.as_bytes())
+}
+
+fn add_standing_headers(resp: &mut ResponseHeader, s: &Standing) -> Result<()> {
+    match (s.rpm, s.remaining) {
+        (Some(limit), Some(remaining)) => {
+            resp.insert_header("x-ratelimit-limit-requests", limit.to_string())?;
+            resp.insert_header("x-ratelimit-remaining-requests", remaining.to_string())?;
+        }
+        _ => {
+            resp.insert_header("x-ratelimit-limit-requests", "unlimited")?;
+            resp.insert_header("x-ratelimit-remaining-requests", "unlimited")?;
+        }
+    }
+    resp.insert_header("x-ratelimit-reset", s.reset_secs.to_string())?;
+    if s.budget_warning {
+        resp.insert_header(
+            "x-spidergate-budget-warning",
+            "monthly budget reached (soft limit)",
+        )?;
+    }
+    Ok(())
+}
+
+/// Writes a complete JSON response (local answers and gateway errors).
+async fn send_json(
+    session: &mut Session,
+    status: u16,
+    body: Vec<u8>,
+    standing: Option<&Standing>,
+    retry_after: Option<u64>,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(6))?;
+    resp.insert_header("content-type", "application/json")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    if let Some(s) = standing {
+        add_standing_headers(&mut resp, s)?;
+    }
+    if let Some(secs) = retry_after {
+        resp.insert_header("retry-after", secs.to_string())?;
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
+}
+
+/// Reads the whole request body, enforcing `max_body_bytes` before and while reading.
+/// A body that arrives in one piece is kept without a copy.
+async fn read_body(
+    session: &mut Session,
+    max: u64,
+) -> Result<std::result::Result<Bytes, GateError>> {
+    let declared = header_bytes(session.req_header(), "content-length")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Ok(Err(GateError::RequestTooLarge(max)));
+    }
+    let mut first: Option<Bytes> = None;
+    let mut buf: Option<BytesMut> = None;
+    let mut total: u64 = 0;
+    while let Some(chunk) = session.read_request_body().await? {
+        total += chunk.len() as u64;
+        if total > max {
+            return Ok(Err(GateError::RequestTooLarge(max)));
+        }
+        match (&mut buf, first.take()) {
+            (Some(b), _) => b.extend_from_slice(&chunk),
+            (None, None) => first = Some(chunk),
+            (None, Some(prev)) => {
+                let cap = declared.unwrap_or(0).max(total) as usize;
+                let mut b = BytesMut::with_capacity(cap);
+                b.extend_from_slice(&prev);
+                b.extend_from_slice(&chunk);
+                buf = Some(b);
+            }
+        }
+    }
+    Ok(Ok(match (buf, first) {
+        (Some(b), _) => b.freeze(),
+        (None, Some(f)) => f,
+        (None, None) => Bytes::new(),
+    }))
+}
+
+impl GateProxy {
+    /// Sends a gateway error, with rate-limit headers if the caller is authenticated.
+    async fn reject(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        err: GateError,
+    ) -> Result<bool> {
+        ctx.status = err.status();
+        ctx.error_code = Some(err.code());
+        let standing = match (&ctx.standing, &ctx.key) {
+            (Some(s), _) => Some(*s),
+            (None, Some(k)) => Some(k.counters.standing(now_ms(), &k.record.limits())),
+            (None, None) => None,
+        };
+        send_json(
+            session,
+            err.status(),
+            err.body(),
+            standing.as_ref(),
+            err.retry_after(),
+        )
+        .await?;
+        Ok(true)
+    }
+
+    async fn answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        body: Vec<u8>,
+    ) -> Result<bool> {
+        ctx.status = 200;
+        let standing = ctx
+            .key
+            .as_ref()
+            .map(|k| k.counters.standing(now_ms(), &k.record.limits()));
+        send_json(session, 200, body, standing.as_ref(), None).await?;
+        Ok(true)
+    }
+
+    /// Catalog, usage and health: answered by the gateway itself.
+    async fn serve_local(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        model_id: &str,
+    ) -> Result<bool> {
+        let catalog = &self.gate.catalog;
+        let key = ctx.key.as_deref();
+        let body = match ctx.endpoint {
+            Endpoint::Models => report::models_list(catalog, key),
+            Endpoint::Aliases => report::aliases_list(catalog, key),
+            Endpoint::Model => match report::model_object(catalog, key, model_id) {
+                Some(b) => b,
+                None => {
+                    let err = GateError::ModelNotFound(model_id.to_string());
+                    return self.reject(session, ctx, err).await;
+                }
+            },
+            Endpoint::Usage => {
+                let Some(key) = ctx.key.clone() else {
+                    return self.reject(session, ctx, GateError::InvalidApiKey).await;
+                };
+                let gate = self.gate.clone();
+                let result =
+                    tokio::task::spawn_blocking(move || report::live_usage(&gate, &key)).await;
+                match result {
+                    Ok(Ok(v)) => v.to_string().into_bytes(),
+                    _ => {
+                        let err = GateError::UpstreamError("usage store unavailable".into());
+                        return self.reject(session, ctx, err).await;
+                    }
+                }
+            }
+            _ => return self.reject(session, ctx, GateError::NotFound).await,
+        };
+        self.answer(session, ctx, body).await
+    }
+
+    fn current_model(&self, ctx: &RequestCtx) -> Option<usize> {
+        ctx.admission.as_ref()?.chain.get(ctx.attempt)
+    }
+
+    /// Moves to the next model of the chain if one is left and nothing reached the client.
+    fn try_fallback(&self, ctx: &mut RequestCtx) -> bool {
+        let Some(adm) = &ctx.admission else {
+            return false;
+        };
+        if ctx.response_started || ctx.attempt + 1 >= adm.chain.len() {
+            return false;
+        }
+        if ctx.fallback_from.is_none() {
+            ctx.fallback_from = adm.chain.get(0);
+        }
+        ctx.attempt += 1;
+        ctx.upstream_body = None;
+        ctx.upstream_status = None;
+        self.gate.metrics.fallback();
+        true
+    }
+
+    /// Final usage of an admitted request: reported, else estimated (never zero once the
+    /// upstream began a successful response), else zero.
+    fn final_usage(&self, ctx: &RequestCtx) -> (Usage, bool) {
+        let reported = match (&ctx.sse, &ctx.json_buf) {
+            (Some(p), _) => p.usage(),
+            (None, Some(buf)) if ctx.response_complete => usage_from_json(buf),
+            _ => None,
+        };
+        if let Some(u) = reported {
+            return (u, false);
+        }
+        let upstream_ok = ctx.upstream_status.is_some_and(|s| (200..300).contains(&s));
+        if !upstream_ok {
+            return (Usage::default(), false);
+        }
+        let prompt = (ctx.body.len() as u64).div_ceil(4).max(1);
+        let completion = match (&ctx.sse, ctx.endpoint) {
+            (_, Endpoint::Embeddings) => 0,
+            (Some(p), _) => p.content_bytes().div_ceil(4).max(1),
+            (None, _) => ctx.response_bytes.div_ceil(4).max(1),
+        };
+        (
+            Usage {
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+            },
+            true,
+        )
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for GateProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            started_ms: now_ms(),
+            endpoint: Endpoint::Unknown,
+            key: None,
+            standing: None,
+            admission: None,
+            body: Bytes::new(),
+            upstream_body: None,
+            attempt: 0,
+            fallback_from: None,
+            fallback_status: None,
+            status: 0,
+            upstream_status: None,
+            error_code: None,
+            response_started: false,
+            response_complete: false,
+            ttfb_ms: None,
+            sse: None,
+            json_buf: None,
+            response_bytes: 0,
+        }
+    }
+
+    /// Request phase: route, authenticate, authorize, read + parse the body, admit.
+    /// `Ok(true)`: the response (an answer or a rejection) is already written.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let now = ctx.started_ms;
+        let path = session.req_header().uri.path().to_string();
+        let (endpoint, model_id) = admission::route(&path);
+        ctx.endpoint = endpoint;
+        if endpoint == Endpoint::Health {
+            return self
+                .answer(session, ctx, br#"{"status":"ok"}"#.to_vec())
+                .await;
+        }
+        let authorization = header_bytes(session.req_header(), "authorization");
+        let anonymous_catalog = self.gate.config.public_catalog
+            && authorization.is_none()
+            && matches!(
+                endpoint,
+                Endpoint::Models | Endpoint::Model | Endpoint::Aliases
+            );
+        if anonymous_catalog {
+            return self.serve_local(session, ctx, model_id).await;
+        }
+        let keys = self.gate.keys.load();
+        let key = match admission::authenticate(&keys, authorization, now) {
+            Ok(k) => k,
+            Err(e) => return self.reject(session, ctx, e).await,
+        };
+        ctx.key = Some(key.clone());
+        if endpoint == Endpoint::Unknown {
+            return self.reject(session, ctx, GateError::NotFound).await;
+        }
+        if let Err(e) = admission::check_scope(&key, endpoint) {
+            return self.reject(session, ctx, e).await;
+        }
+        if !matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Embeddings) {
+            return self.serve_local(session, ctx, model_id).await;
+        }
+        if session.req_header().method != http::Method::POST {
+            return self.reject(session, ctx, GateError::MethodNotAllowed).await;
+        }
+        let body = match read_body(session, self.gate.config.max_body_bytes).await? {
+            Ok(b) => b,
+            Err(e) => {
+                // The rest of the body is unread: this connection cannot be reused.
+                session.set_keepalive(None);
+                return self.reject(session, ctx, e).await;
+            }
+        };
+        match admission::admit(&self.gate.catalog, &key, endpoint, &body, now) {
+            Ok(adm) => {
+                ctx.standing = Some(adm.standing);
+                ctx.admission = Some(adm);
+                ctx.body = body;
+                Ok(false)
+            }
+            Err(e) => {
+                ctx.body = body;
+                self.reject(session, ctx, e).await
+            }
+        }
+    }
+
+    /// The provider of the model at the current position of the chain.
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let m = self
+            .current_model(ctx)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no admitted model"))?;
+        let pidx = self.gate.catalog.models()[m].provider;
+        let provider = &self.gate.catalog.providers()[pidx];
+        let mut peer = HttpPeer::new(
+            self.gate.provider_addrs[pidx],
+            provider.tls,
+            provider.host.clone(),
+        );
+        let t = &self.gate.config.tuning;
+        peer.options.connection_timeout = Some(t.connect_timeout);
+        peer.options.total_connection_timeout = Some(t.connect_timeout);
+        peer.options.read_timeout = Some(t.read_timeout);
+        peer.options.write_timeout = Some(t.read_timeout);
+        Ok(Box::new(peer))
+    }
+
+    /// Rewrites the request for the provider: its path, `Host`, its own key (the agent's token
+    /// never leaves the gateway) and the new body length.
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let (Some(m), Some(adm)) = (self.current_model(ctx), ctx.admission.as_ref()) else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "no admitted model",
+            ));
+        };
+        let model = &self.gate.catalog.models()[m];
+        let provider = self.gate.catalog.provider_of(m);
+        let body = rewrite_body(&ctx.body, &adm.fields, &model.upstream_id);
+        let path = format!("{}{}", provider.base_path, ctx.endpoint.upstream_suffix());
+        let uri = http::Uri::try_from(path)
+            .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?;
+        req.set_uri(uri);
+        for h in [
+            "authorization",
+            "x-api-key",
+            "api-key",
+            "openai-organization",
+            "openai-project",
+            "proxy-authorization",
+            "cookie",
+            "transfer-encoding",
+        ] {
+            req.remove_header(h);
+        }
+        if let Some(auth) = &provider.authorization {
+            req.insert_header("authorization", auth.as_str())?;
+        }
+        req.insert_header("host", provider.host_header.as_str())?;
+        req.insert_header("content-length", body.len().to_string())?;
+        // Usage is parsed from the response bytes: they must not be compressed.
+        req.insert_header("accept-encoding", "identity")?;
+        ctx.upstream_body = Some(body);
+        Ok(())
+    }
+
+    /// Emits the rewritten body. The body was read whole in `request_filter`; the Pingora fork
+    /// then calls this once with `end_of_stream` so the buffered body can be sent, whatever its
+    /// size (upstream Pingora 0.9 would replay only 64 KiB: cloudflare/pingora#349, #575).
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if ctx.admission.is_none() {
+            return Ok(());
+        }
+        *body = if end_of_stream {
+            ctx.upstream_body.clone()
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    /// Upstream response head: a 429/5xx with models left in the chain triggers a fallback.
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let status = resp.status.as_u16();
+        if status < 200 {
+            return Ok(());
+        }
+        ctx.upstream_status = Some(status);
+        let retryable = status == 429 || status >= 500;
+        let has_next = ctx
+            .admission
+            .as_ref()
+            .is_some_and(|a| ctx.attempt + 1 < a.chain.len());
+        if retryable && has_next && !ctx.response_started {
+            ctx.fallback_status = Some(status);
+            let mut e = Error::explain(
+                ErrorType::HTTPStatus(status),
+                "upstream failed; falling back",
+            );
+            e.set_retry(true);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Response head to the client: rate-limit, budget and fallback headers; stream detection.
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.response_started = true;
+        ctx.status = resp.status.as_u16();
+        ctx.ttfb_ms = Some(ctx.started.elapsed().as_millis() as i64);
+        let Some(adm) = &ctx.admission else {
+            return Ok(());
+        };
+        add_standing_headers(resp, &adm.standing)?;
+        if let (Some(from), Some(m)) = (ctx.fallback_from, self.current_model(ctx)) {
+            if from != m {
+                let id = &self.gate.catalog.models()[from].id;
+                resp.insert_header("x-spidergate-fallback-from", id.as_str())?;
+            }
+        }
+        if let Some(m) = self.current_model(ctx) {
+            resp.insert_header(
+                "x-spidergate-model",
+                self.gate.catalog.models()[m].id.as_str(),
+            )?;
+        }
+        let is_sse = resp
+            .headers
+            .get("content-type")
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        if is_sse {
+            // The gateway asked for the usage chunk on the client's behalf: hide it unless the
+            // client asked too. Stripping changes the length, so the response goes chunked.
+            let strip = adm.fields.stream && !adm.fields.client_wants_usage;
+            if strip {
+                resp.remove_header("content-length");
+            }
+            ctx.sse = Some(SseUsageParser::new(strip));
+        } else if (200..300).contains(&ctx.status) {
+            ctx.json_buf = Some(Vec::new());
+        }
+        Ok(())
+    }
+
+    /// Response body to the client: usage parsing, synchronous and non-blocking.
+    async fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        if ctx.admission.is_none() {
+            return Ok(None);
+        }
+        if let Some(chunk) = body.as_ref() {
+            ctx.response_bytes += chunk.len() as u64;
+        }
+        if let Some(parser) = ctx.sse.as_mut() {
+            if let Some(chunk) = body.take() {
+                *body = match parser.feed(&chunk) {
+                    Forward::Unchanged => Some(chunk),
+                    Forward::Range(r) => Some(chunk.slice(r)),
+                    Forward::Owned(v) => Some(Bytes::from(v)),
+                    Forward::Nothing => None,
+                };
+            }
+            if end_of_stream {
+                let tail = match parser.finish() {
+                    Forward::Owned(v) => Some(Bytes::from(v)),
+                    _ => None,
+                };
+                if let Some(tail) = tail {
+                    *body = Some(match body.take() {
+                        Some(b) => {
+                            let mut joined = BytesMut::with_capacity(b.len() + tail.len());
+                            joined.extend_from_slice(&b);
+                            joined.extend_from_slice(&tail);
+                            joined.freeze()
+                        }
+                        None => tail,
+                    });
+                }
+            }
+        } else if let (Some(buf), Some(chunk)) = (ctx.json_buf.as_mut(), body.as_ref()) {
+            if buf.len() + chunk.len() <= MAX_JSON_RESPONSE {
+                buf.extend_from_slice(chunk);
+            } else {
+                ctx.json_buf = None;
+            }
+        }
+        if end_of_stream {
+            ctx.response_complete = true;
+        }
+        Ok(None)
+    }
+
+    /// Connection to the provider failed: fall back to the next model if one is left.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let retry = self.try_fallback(ctx);
+        e.set_retry(retry);
+        e
+    }
+
+    /// Error after connecting: a fallback status from `upstream_response_filter`, a stale
+    /// pooled connection (retried on the same model), or a real failure.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        _session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if ctx.response_started {
+            e.set_retry(false);
+        } else if ctx.fallback_status.take().is_some() {
+            let retry = self.try_fallback(ctx);
+            e.set_retry(retry);
+        } else if client_reused
+            && *e.esource() == ErrorSource::Upstream
+            && ctx.upstream_status.is_none()
+        {
+            // The pooled connection died before this request was answered: same model again.
+            e.retry.decide_reuse(client_reused);
+        } else {
+            let retry = *e.esource() == ErrorSource::Upstream && self.try_fallback(ctx);
+            e.set_retry(retry);
+        }
+        e
+    }
+
+    /// Final error: map to 502/504 with an OpenAI-shaped body, unless the response already
+    /// began (then the connection is just closed) or the client is gone.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let timed_out = matches!(
+            e.etype(),
+            ErrorType::ConnectTimedout
+                | ErrorType::ReadTimedout
+                | ErrorType::WriteTimedout
+                | ErrorType::TLSHandshakeTimedout
+        );
+        let gate_err = match e.esource() {
+            ErrorSource::Downstream => None,
+            _ if timed_out => Some(GateError::UpstreamTimeout),
+            _ => Some(GateError::UpstreamError(match e.etype() {
+                ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError => {
+                    "connection failed".to_string()
+                }
+                ErrorType::HTTPStatus(s) => format!("status {s}"),
+                _ => "connection broke before the response".to_string(),
+            })),
+        };
+        if ctx.response_started {
+            ctx.error_code = Some(match e.esource() {
+                ErrorSource::Downstream => CLIENT_CLOSED,
+                _ => STREAM_BROKEN,
+            });
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
+        let Some(err) = gate_err else {
+            ctx.error_code = Some(CLIENT_CLOSED);
+            ctx.status = 499;
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        ctx.status = err.status();
+        ctx.error_code = Some(err.code());
+        let standing = ctx.standing;
+        let _ = send_json(session, err.status(), err.body(), standing.as_ref(), None).await;
+        FailToProxy {
+            error_code: err.status(),
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Last phase, on every outcome: settle the reservation, record spend and the trace.
+    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if e.is_some() && ctx.error_code.is_none() && ctx.response_started {
+            ctx.error_code = Some(STREAM_BROKEN);
+        }
+        if ctx.response_started && !ctx.response_complete && ctx.error_code.is_none() {
+            ctx.error_code = Some(CLIENT_CLOSED);
+        }
+        let latency_ms = ctx.started.elapsed().as_millis() as i64;
+        let gate = &self.gate;
+        let served = self.current_model(ctx);
+        let (usage, estimated) = match &ctx.admission {
+            Some(_) => self.final_usage(ctx),
+            None => (Usage::default(), false),
+        };
+        let cost = served.map_or(0, |m| {
+            gate.catalog
+                .cost_nanos(m, usage.prompt_tokens, usage.completion_tokens)
+        });
+        let admitted = ctx.admission.is_some();
+        let requested_model = ctx.admission.as_ref().map(|a| a.fields.model.clone());
+        if let (Some(adm), Some(key)) = (ctx.admission.take(), &ctx.key) {
+            key.counters.settle(adm.reservation, cost);
+        }
+        let outcome = match ctx.error_code {
+            Some(code) => code,
+            None if ctx.status >= 400 => "upstream_status",
+            None => "ok",
+        };
+        gate.metrics.outcome(outcome);
+        if admitted {
+            gate.metrics.latency(latency_ms.max(0) as u64);
+            gate.metrics.usage(
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                cost,
+                estimated,
+            );
+        }
+        if ctx.endpoint == Endpoint::Health {
+            return;
+        }
+        let model = |m: usize| gate.catalog.models()[m].id.clone();
+        let trace = TraceRow {
+            ts: ctx.started_ms,
+            key_id: ctx.key.as_ref().map(|k| k.record.id.clone()),
+            endpoint: ctx.endpoint.label().to_string(),
+            requested_model,
+            served_model: served.filter(|_| admitted).map(model),
+            provider: served
+                .filter(|_| admitted)
+                .map(|m| gate.catalog.provider_of(m).name.clone()),
+            status: ctx.status,
+            error_code: ctx.error_code.map(str::to_string),
+            latency_ms,
+            ttfb_ms: ctx.ttfb_ms,
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cost_nanos: cost,
+            usage_estimated: estimated,
+            fallback_from: ctx.fallback_from.map(model),
+        };
+        gate.ledger.record(LedgerEntry {
+            trace,
+            admitted,
+            month: month_label(month_index(ctx.started_ms)),
+            day: day_label(day_index(ctx.started_ms)),
+        });
+    }
+}

@@ -1,0 +1,100 @@
+//! `spidergate serve`: builds the Pingora server, its proxy service and the maintenance
+//! service (hot reload of keys, the ledger writer), runs it, and flushes the ledger on exit.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::{RunArgs, Server, ShutdownWatch};
+use pingora_core::services::background::{background_service, BackgroundService};
+
+use crate::catalog::MAX_CHAIN;
+use crate::config::Config;
+use crate::gate::Gate;
+use crate::proxy::GateProxy;
+
+/// Polls the store's `keys_version` and swaps in a new key snapshot when it changes, so keys
+/// created, updated or revoked by any door take effect within one poll interval.
+struct Maintenance {
+    gate: Arc<Gate>,
+}
+
+#[async_trait]
+impl BackgroundService for Maintenance {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        // Started here, after Pingora may have daemonized (a fork keeps no threads).
+        if let Err(e) = self.gate.ledger.start() {
+            log::error!("cannot start the ledger writer: {e}");
+        }
+        let mut store = None;
+        let interval = self.gate.config.tuning.reload_interval;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let gate = self.gate.clone();
+            let s = store.take();
+            // SQLite calls stay off the async threads.
+            let joined = tokio::task::spawn_blocking(move || {
+                let s = match s {
+                    Some(s) => s,
+                    None => match gate.open_store() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            log::warn!("key reload: cannot open the store: {e}");
+                            return None;
+                        }
+                    },
+                };
+                match gate.reload_if_changed(&s) {
+                    Ok(true) => log::info!("keys reloaded: {} keys", gate.keys.load().len()),
+                    Ok(false) => {}
+                    Err(e) => log::warn!("key reload failed, keeping the last snapshot: {e}"),
+                }
+                Some(s)
+            })
+            .await;
+            store = joined.ok().flatten();
+        }
+    }
+}
+
+/// Runs the gateway until SIGTERM/SIGINT; returns once every recorded request is committed.
+pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
+    config.load_provider_keys();
+    // The fork's rustls has no crypto provider enabled by default; Pingora needs one for TLS.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let listen = config.listen.clone();
+    let tuning = config.tuning.clone();
+    let gate = Arc::new(Gate::new(config)?);
+
+    let conf = ServerConf {
+        threads: tuning.threads,
+        // Fallbacks are retries in Pingora's terms: allow one per model plus stale connections.
+        max_retries: MAX_CHAIN + 2,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(tuning.shutdown_timeout_secs),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        GateProxy::new(gate.clone()),
+        "spidergate",
+    );
+    proxy.add_tcp(&listen);
+    server.add_service(proxy);
+    server.add_service(background_service(
+        "spidergate maintenance",
+        Maintenance { gate: gate.clone() },
+    ));
+    log::info!("spidergate listening on {listen}");
+    server.run(RunArgs::default());
+    if !gate.ledger.close() {
+        return Err("the ledger could not commit every entry before exit".into());
+    }
+    log::info!("spidergate stopped; ledger flushed");
+    Ok(())
+}

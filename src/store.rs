@@ -1,0 +1,586 @@
+//! Every SQLite call: schema, keys, the spend ledger, daily counts and traces.
+//!
+//! One file shared by the server, the CLI and the admin API: WAL so readers never block the
+//! writer, a busy timeout so concurrent writers queue, `BEGIN IMMEDIATE` for every write, and
+//! only parameterised SQL.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
+
+use crate::keys::{BudgetMode, KeyRecord};
+
+pub use rusqlite::Error as StoreError;
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', 1), ('keys_version', 0);
+
+CREATE TABLE IF NOT EXISTS keys (
+    id             TEXT PRIMARY KEY,
+    token_hash     BLOB NOT NULL UNIQUE,
+    prefix         TEXT NOT NULL,
+    name           TEXT NOT NULL,
+    scopes         TEXT NOT NULL,
+    rpm            INTEGER,
+    rpd            INTEGER,
+    budget_nanos   INTEGER,
+    budget_mode    TEXT NOT NULL,
+    allowed_models TEXT NOT NULL,
+    free_only      INTEGER NOT NULL,
+    client_id      TEXT,
+    created_at     INTEGER NOT NULL,
+    expires_at     INTEGER NOT NULL,
+    revoked_at     INTEGER
+);
+-- Any change to a key bumps keys_version; the server polls it to hot-reload.
+CREATE TRIGGER IF NOT EXISTS keys_ai AFTER INSERT ON keys
+    BEGIN UPDATE meta SET v = v + 1 WHERE k = 'keys_version'; END;
+CREATE TRIGGER IF NOT EXISTS keys_au AFTER UPDATE ON keys
+    BEGIN UPDATE meta SET v = v + 1 WHERE k = 'keys_version'; END;
+CREATE TRIGGER IF NOT EXISTS keys_ad AFTER DELETE ON keys
+    BEGIN UPDATE meta SET v = v + 1 WHERE k = 'keys_version'; END;
+
+-- Kept apart from keys so recording use never triggers a reload.
+CREATE TABLE IF NOT EXISTS key_last_used (key_id TEXT PRIMARY KEY, at INTEGER NOT NULL);
+
+CREATE TABLE IF NOT EXISTS spend (
+    key_id            TEXT NOT NULL,
+    month             TEXT NOT NULL,
+    model             TEXT NOT NULL,
+    requests          INTEGER NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost_nanos        INTEGER NOT NULL,
+    PRIMARY KEY (key_id, month, model)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS daily_requests (
+    key_id   TEXT NOT NULL,
+    day      TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    PRIMARY KEY (key_id, day)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS traces (
+    id                INTEGER PRIMARY KEY,
+    ts                INTEGER NOT NULL,
+    key_id            TEXT,
+    endpoint          TEXT NOT NULL,
+    requested_model   TEXT,
+    served_model      TEXT,
+    provider          TEXT,
+    status            INTEGER NOT NULL,
+    error_code        TEXT,
+    latency_ms        INTEGER NOT NULL,
+    ttfb_ms           INTEGER,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost_nanos        INTEGER NOT NULL,
+    usage_estimated   INTEGER NOT NULL,
+    fallback_from     TEXT
+);
+CREATE INDEX IF NOT EXISTS traces_key_ts ON traces (key_id, ts);
+CREATE INDEX IF NOT EXISTS traces_ts ON traces (ts);
+"#;
+
+/// One finished request, as the ledger writer commits it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceRow {
+    pub ts: i64,
+    pub key_id: Option<String>,
+    pub endpoint: String,
+    pub requested_model: Option<String>,
+    pub served_model: Option<String>,
+    pub provider: Option<String>,
+    pub status: u16,
+    pub error_code: Option<String>,
+    pub latency_ms: i64,
+    pub ttfb_ms: Option<i64>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_nanos: i64,
+    pub usage_estimated: bool,
+    pub fallback_from: Option<String>,
+}
+
+/// A ledger entry: the trace plus whether it was admitted (counts toward spend and the day).
+#[derive(Debug, Clone)]
+pub struct LedgerEntry {
+    pub trace: TraceRow,
+    pub admitted: bool,
+    /// `YYYY-MM` and `YYYY-MM-DD` of admission, so a request that ends after midnight is
+    /// booked to the period it was admitted in.
+    pub month: String,
+    pub day: String,
+}
+
+/// Spend of one key on one model in one month.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelSpend {
+    pub model: String,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_nanos: i64,
+}
+
+/// Fields `keys update` may change; `None` leaves a field alone.
+#[derive(Debug, Clone, Default)]
+pub struct KeyPatch {
+    pub name: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    pub rpm: Option<Option<u32>>,
+    pub rpd: Option<Option<u32>>,
+    pub budget_nanos: Option<Option<i64>>,
+    pub budget_mode: Option<BudgetMode>,
+    pub allowed_models: Option<Vec<String>>,
+    pub free_only: Option<bool>,
+    pub client_id: Option<Option<String>>,
+    pub expires_at: Option<i64>,
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+fn join(list: &[String]) -> String {
+    list.join(",")
+}
+
+fn split(s: &str) -> Vec<String> {
+    crate::keys::split_list(s)
+}
+
+const KEY_COLUMNS: &str = "k.id, k.token_hash, k.prefix, k.name, k.scopes, k.rpm, k.rpd, \
+     k.budget_nanos, k.budget_mode, k.allowed_models, k.free_only, k.client_id, k.created_at, \
+     k.expires_at, k.revoked_at, u.at";
+
+fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
+    let hash: Vec<u8> = row.get(1)?;
+    let mut token_hash = [0u8; 32];
+    if hash.len() == 32 {
+        token_hash.copy_from_slice(&hash);
+    }
+    let mode: String = row.get(8)?;
+    Ok(KeyRecord {
+        id: row.get(0)?,
+        token_hash,
+        prefix: row.get(2)?,
+        name: row.get(3)?,
+        scopes: split(&row.get::<_, String>(4)?),
+        rpm: row.get(5)?,
+        rpd: row.get(6)?,
+        budget_nanos: row.get(7)?,
+        budget_mode: BudgetMode::parse(&mode).unwrap_or(BudgetMode::Soft),
+        allowed_models: split(&row.get::<_, String>(9)?),
+        free_only: row.get(10)?,
+        client_id: row.get(11)?,
+        created_at: row.get(12)?,
+        expires_at: row.get(13)?,
+        revoked_at: row.get(14)?,
+        last_used_at: row.get(15)?,
+    })
+}
+
+fn trace_from_row(row: &Row<'_>) -> rusqlite::Result<TraceRow> {
+    Ok(TraceRow {
+        ts: row.get(0)?,
+        key_id: row.get(1)?,
+        endpoint: row.get(2)?,
+        requested_model: row.get(3)?,
+        served_model: row.get(4)?,
+        provider: row.get(5)?,
+        status: row.get(6)?,
+        error_code: row.get(7)?,
+        latency_ms: row.get(8)?,
+        ttfb_ms: row.get(9)?,
+        prompt_tokens: row.get::<_, i64>(10)? as u64,
+        completion_tokens: row.get::<_, i64>(11)? as u64,
+        cost_nanos: row.get(12)?,
+        usage_estimated: row.get(13)?,
+        fallback_from: row.get(14)?,
+    })
+}
+
+impl Store {
+    /// Opens (creating if needed) the database and applies the schema.
+    pub fn open(path: &Path) -> Result<Store> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: every batch commit is durable; batches are few, so this costs little.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut store = Store { conn };
+        store.write(|tx| tx.execute_batch(SCHEMA))?;
+        Ok(store)
+    }
+
+    /// Runs `f` in a `BEGIN IMMEDIATE` transaction (takes the write lock up front, so the
+    /// busy timeout applies instead of a mid-transaction SQLITE_BUSY).
+    fn write<T>(&mut self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    pub fn keys_version(&self) -> Result<i64> {
+        self.conn
+            .query_row("SELECT v FROM meta WHERE k = 'keys_version'", [], |r| {
+                r.get(0)
+            })
+    }
+
+    pub fn insert_key(&mut self, k: &KeyRecord) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO keys (id, token_hash, prefix, name, scopes, rpm, rpd, budget_nanos,
+                    budget_mode, allowed_models, free_only, client_id, created_at, expires_at,
+                    revoked_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                params![
+                    k.id,
+                    &k.token_hash[..],
+                    k.prefix,
+                    k.name,
+                    join(&k.scopes),
+                    k.rpm,
+                    k.rpd,
+                    k.budget_nanos,
+                    k.budget_mode.as_str(),
+                    join(&k.allowed_models),
+                    k.free_only,
+                    k.client_id,
+                    k.created_at,
+                    k.expires_at,
+                    k.revoked_at,
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn all_keys(&self) -> Result<Vec<KeyRecord>> {
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM keys k LEFT JOIN key_last_used u ON u.key_id = k.id
+             ORDER BY k.created_at, k.id"
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map([], key_from_row)?;
+        rows.collect()
+    }
+
+    pub fn get_key(&self, id: &str) -> Result<Option<KeyRecord>> {
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM keys k LEFT JOIN key_last_used u ON u.key_id = k.id
+             WHERE k.id = ?1"
+        );
+        self.conn.query_row(&sql, [id], key_from_row).optional()
+    }
+
+    /// Applies a patch; returns the updated key, or `None` if no such key.
+    pub fn update_key(&mut self, id: &str, p: &KeyPatch) -> Result<Option<KeyRecord>> {
+        let Some(mut k) = self.get_key(id)? else {
+            return Ok(None);
+        };
+        if let Some(v) = &p.name {
+            k.name = v.clone();
+        }
+        if let Some(v) = &p.scopes {
+            k.scopes = v.clone();
+        }
+        if let Some(v) = p.rpm {
+            k.rpm = v;
+        }
+        if let Some(v) = p.rpd {
+            k.rpd = v;
+        }
+        if let Some(v) = p.budget_nanos {
+            k.budget_nanos = v;
+        }
+        if let Some(v) = p.budget_mode {
+            k.budget_mode = v;
+        }
+        if let Some(v) = &p.allowed_models {
+            k.allowed_models = v.clone();
+        }
+        if let Some(v) = p.free_only {
+            k.free_only = v;
+        }
+        if let Some(v) = &p.client_id {
+            k.client_id = v.clone();
+        }
+        if let Some(v) = p.expires_at {
+            k.expires_at = v;
+        }
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE keys SET name = ?2, scopes = ?3, rpm = ?4, rpd = ?5, budget_nanos = ?6,
+                    budget_mode = ?7, allowed_models = ?8, free_only = ?9, client_id = ?10,
+                    expires_at = ?11
+                 WHERE id = ?1",
+                params![
+                    id,
+                    k.name,
+                    join(&k.scopes),
+                    k.rpm,
+                    k.rpd,
+                    k.budget_nanos,
+                    k.budget_mode.as_str(),
+                    join(&k.allowed_models),
+                    k.free_only,
+                    k.client_id,
+                    k.expires_at,
+                ],
+            )?;
+            Ok(())
+        })?;
+        Ok(Some(k))
+    }
+
+    /// Revokes a key (idempotent: the first revocation time is kept).
+    pub fn revoke_key(&mut self, id: &str, now: i64) -> Result<Option<KeyRecord>> {
+        let changed = self.write(|tx| {
+            tx.execute(
+                "UPDATE keys SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
+                params![id, now],
+            )
+        })?;
+        if changed == 0 {
+            return Ok(None);
+        }
+        self.get_key(id)
+    }
+
+    /// Month-to-date spend per key, in nano-dollars.
+    pub fn spend_by_key(&self, month: &str) -> Result<HashMap<String, i64>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT key_id, SUM(cost_nanos) FROM spend WHERE month = ?1 GROUP BY key_id",
+        )?;
+        let rows = stmt.query_map([month], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
+    }
+
+    /// Admitted requests per key on one UTC day.
+    pub fn requests_by_key(&self, day: &str) -> Result<HashMap<String, u32>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT key_id, requests FROM daily_requests WHERE day = ?1")?;
+        let rows = stmt.query_map([day], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
+    }
+
+    pub fn spend_for_key(&self, key_id: &str, month: &str) -> Result<Vec<ModelSpend>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT model, requests, prompt_tokens, completion_tokens, cost_nanos FROM spend
+             WHERE key_id = ?1 AND month = ?2 ORDER BY model",
+        )?;
+        let rows = stmt.query_map(params![key_id, month], |r| {
+            Ok(ModelSpend {
+                model: r.get(0)?,
+                requests: r.get::<_, i64>(1)? as u64,
+                prompt_tokens: r.get::<_, i64>(2)? as u64,
+                completion_tokens: r.get::<_, i64>(3)? as u64,
+                cost_nanos: r.get(4)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    pub fn requests_on(&self, key_id: &str, day: &str) -> Result<u32> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT requests FROM daily_requests WHERE key_id = ?1 AND day = ?2",
+                params![key_id, day],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0))
+    }
+
+    pub fn traces(&self, key_id: Option<&str>, limit: u32) -> Result<Vec<TraceRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT ts, key_id, endpoint, requested_model, served_model, provider, status,
+                    error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, cost_nanos,
+                    usage_estimated, fallback_from
+             FROM traces WHERE (?1 IS NULL OR key_id = ?1) ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![key_id, limit], trace_from_row)?;
+        rows.collect()
+    }
+
+    /// Commits one batch of ledger entries atomically: traces, spend, daily counts, last use.
+    /// On error nothing is written and the caller keeps the batch to retry.
+    pub fn write_batch(&mut self, batch: &[LedgerEntry]) -> Result<()> {
+        self.write(|tx| {
+            let mut trace = tx.prepare_cached(
+                "INSERT INTO traces (ts, key_id, endpoint, requested_model, served_model, provider,
+                    status, error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens,
+                    cost_nanos, usage_estimated, fallback_from)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            )?;
+            let mut spend = tx.prepare_cached(
+                "INSERT INTO spend (key_id, month, model, requests, prompt_tokens,
+                    completion_tokens, cost_nanos) VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6)
+                 ON CONFLICT (key_id, month, model) DO UPDATE SET
+                    requests = requests + 1,
+                    prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+                    completion_tokens = completion_tokens + excluded.completion_tokens,
+                    cost_nanos = cost_nanos + excluded.cost_nanos",
+            )?;
+            let mut daily = tx.prepare_cached(
+                "INSERT INTO daily_requests (key_id, day, requests) VALUES (?1, ?2, 1)
+                 ON CONFLICT (key_id, day) DO UPDATE SET requests = requests + 1",
+            )?;
+            let mut used = tx.prepare_cached(
+                "INSERT INTO key_last_used (key_id, at) VALUES (?1, ?2)
+                 ON CONFLICT (key_id) DO UPDATE SET at = MAX(at, excluded.at)",
+            )?;
+            for e in batch {
+                let t = &e.trace;
+                trace.execute(params![
+                    t.ts,
+                    t.key_id,
+                    t.endpoint,
+                    t.requested_model,
+                    t.served_model,
+                    t.provider,
+                    t.status,
+                    t.error_code,
+                    t.latency_ms,
+                    t.ttfb_ms,
+                    t.prompt_tokens as i64,
+                    t.completion_tokens as i64,
+                    t.cost_nanos,
+                    t.usage_estimated,
+                    t.fallback_from,
+                ])?;
+                let Some(key_id) = &t.key_id else { continue };
+                if !e.admitted {
+                    continue;
+                }
+                let model = t
+                    .served_model
+                    .as_deref()
+                    .or(t.requested_model.as_deref())
+                    .unwrap_or("");
+                spend.execute(params![
+                    key_id,
+                    e.month,
+                    model,
+                    t.prompt_tokens as i64,
+                    t.completion_tokens as i64,
+                    t.cost_nanos,
+                ])?;
+                daily.execute(params![key_id, e.day])?;
+                used.execute(params![key_id, t.ts])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Deletes traces older than `before_ms`; returns how many.
+    pub fn prune_traces(&mut self, before_ms: i64) -> Result<usize> {
+        self.write(|tx| tx.execute("DELETE FROM traces WHERE ts < ?1", [before_ms]))
+    }
+
+    pub fn integrity_check(&self) -> Result<String> {
+        self.conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::token;
+
+    fn record(id: &str) -> KeyRecord {
+        let t = token::mint().unwrap();
+        KeyRecord {
+            id: id.into(),
+            name: "agent".into(),
+            prefix: t.prefix,
+            token_hash: t.hash,
+            scopes: vec!["gate:chat".into(), "job:*".into()],
+            rpm: Some(3),
+            rpd: None,
+            budget_nanos: Some(5_000_000_000),
+            budget_mode: BudgetMode::Hard,
+            allowed_models: vec!["a".into(), "b".into()],
+            free_only: false,
+            client_id: None,
+            created_at: 1,
+            expires_at: 2,
+            revoked_at: None,
+            last_used_at: None,
+        }
+    }
+
+    #[test]
+    fn keys_round_trip_and_bump_the_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("db/x.db")).unwrap();
+        let v0 = s.keys_version().unwrap();
+        s.insert_key(&record("key_a")).unwrap();
+        assert!(s.keys_version().unwrap() > v0);
+        let k = s.get_key("key_a").unwrap().unwrap();
+        assert_eq!(k.scopes, vec!["gate:chat", "job:*"]);
+        assert_eq!(k.budget_mode, BudgetMode::Hard);
+        let patch = KeyPatch {
+            rpm: Some(None),
+            free_only: Some(true),
+            ..KeyPatch::default()
+        };
+        let k = s.update_key("key_a", &patch).unwrap().unwrap();
+        assert_eq!((k.rpm, k.free_only), (None, true));
+        let v1 = s.keys_version().unwrap();
+        let k = s.revoke_key("key_a", 77).unwrap().unwrap();
+        assert_eq!(k.revoked_at, Some(77));
+        assert!(s.keys_version().unwrap() > v1);
+        assert!(s.revoke_key("key_nope", 1).unwrap().is_none());
+    }
+
+    #[test]
+    fn batches_aggregate_spend_and_daily_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let entry = |cost, admitted| LedgerEntry {
+            trace: TraceRow {
+                ts: 5,
+                key_id: Some("key_a".into()),
+                endpoint: "chat".into(),
+                served_model: Some("m".into()),
+                status: 200,
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                cost_nanos: cost,
+                ..TraceRow::default()
+            },
+            admitted,
+            month: "2026-11".into(),
+            day: "2026-11-26".into(),
+        };
+        s.write_batch(&[entry(100, true), entry(250, true), entry(0, false)])
+            .unwrap();
+        assert_eq!(s.spend_by_key("2026-11").unwrap()["key_a"], 350);
+        assert_eq!(s.requests_by_key("2026-11-26").unwrap()["key_a"], 2);
+        let rows = s.spend_for_key("key_a", "2026-11").unwrap();
+        assert_eq!(rows[0].requests, 2);
+        assert_eq!(rows[0].prompt_tokens, 20);
+        assert_eq!(s.traces(Some("key_a"), 10).unwrap().len(), 3);
+        assert_eq!(s.traces(None, 1).unwrap().len(), 1);
+        assert_eq!(s.integrity_check().unwrap(), "ok");
+    }
+}
