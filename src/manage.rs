@@ -57,6 +57,13 @@ pub fn create_key(
     req: NewKey,
     now: i64,
 ) -> Result<(KeyRecord, String), String> {
+    let (record, secret) = mint_key(catalog, req, now)?;
+    store.insert_key(&record).map_err(|e| format!("database: {e}"))?;
+    Ok((record, secret))
+}
+
+/// Validates a request and mints the key without storing it (bulk provisioning).
+pub fn mint_key(catalog: &Catalog, req: NewKey, now: i64) -> Result<(KeyRecord, String), String> {
     let name = req.name.trim();
     if name.is_empty() {
         return Err("name must not be empty".into());
@@ -91,8 +98,5 @@ pub fn create_key(
         revoked_at: None,
         last_used_at: None,
     };
-    store
-        .insert_key(&record)
-        .map_err(|e| format!("database: {e}"))?;
     Ok((record, minted.secret))
 }

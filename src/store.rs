@@ -242,13 +242,20 @@ impl Store {
     }
 
     pub fn insert_key(&mut self, k: &KeyRecord) -> Result<()> {
+        self.insert_keys(std::slice::from_ref(k))
+    }
+
+    /// Inserts many keys in one transaction (bulk provisioning, benchmarks).
+    pub fn insert_keys(&mut self, keys: &[KeyRecord]) -> Result<()> {
         self.write(|tx| {
-            tx.execute(
+            let mut stmt = tx.prepare_cached(
                 "INSERT INTO keys (id, token_hash, prefix, name, scopes, rpm, rpd, budget_nanos,
                     budget_mode, allowed_models, free_only, client_id, created_at, expires_at,
                     revoked_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-                params![
+            )?;
+            for k in keys {
+                stmt.execute(params![
                     k.id,
                     &k.token_hash[..],
                     k.prefix,
@@ -264,8 +271,8 @@ impl Store {
                     k.created_at,
                     k.expires_at,
                     k.revoked_at,
-                ],
-            )?;
+                ])?;
+            }
             Ok(())
         })
     }

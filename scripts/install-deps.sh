@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs what the build and the tests need on a fresh Debian machine (idempotent).
+set -euo pipefail
+need=()
+command -v cmake >/dev/null || need+=(cmake)          # libz-ng-sys under pingora-core
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq || true
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
+fi

@@ -1,0 +1,411 @@
+//! Test harness: the real `spidergate` binary on a free loopback port, a temp config and
+//! SQLite file, and the in-process mock provider. Each test states a scenario from SPEC.md.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use spidergate::mock::MockProvider;
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_spidergate");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body))
+        })
+    }
+
+    /// `error.code` of an error body.
+    pub fn code(&self) -> String {
+        self.json()["error"]["code"].as_str().unwrap_or("").to_string()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Reads a response head; returns status and headers.
+fn read_head(r: &mut impl BufRead) -> std::io::Result<(u16, Vec<(String, String)>)> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    Ok((status, headers))
+}
+
+fn read_body(r: &mut impl BufRead, headers: &[(String, String)]) -> std::io::Result<Vec<u8>> {
+    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let mut body = Vec::new();
+    if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size)?;
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(|_| std::io::Error::other(format!("bad chunk size {size:?}")))?;
+            if n == 0 {
+                let mut crlf = String::new();
+                r.read_line(&mut crlf)?;
+                break;
+            }
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk)?;
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else if let Some(len) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        body.resize(len, 0);
+        r.read_exact(&mut body)?;
+    } else {
+        r.read_to_end(&mut body)?;
+    }
+    Ok(body)
+}
+
+/// Sends one HTTP/1.1 request on a fresh connection and reads the whole response.
+pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<Response> {
+    let stream = send_request(addr, method, path, headers, body)?;
+    let mut r = BufReader::new(stream);
+    let (status, headers) = read_head(&mut r)?;
+    let body = read_body(&mut r, &headers)?;
+    Ok(Response { status, headers, body })
+}
+
+/// Sends a request and returns the open connection (for streaming and hang-up tests).
+pub fn send_request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<TcpStream> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        head.push_str(&format!("Host: {addr}\r\n"));
+    }
+    let mut has_len = false;
+    for (k, v) in headers {
+        has_len |= k.eq_ignore_ascii_case("content-length") || k.eq_ignore_ascii_case("transfer-encoding");
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !has_len && (method == "POST" || !body.is_empty()) {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    Ok(stream)
+}
+
+/// Reads the response head of an open streamed response, leaving the body unread.
+pub fn read_stream_head(stream: TcpStream) -> std::io::Result<(u16, Vec<(String, String)>, BufReader<TcpStream>)> {
+    let mut r = BufReader::new(stream);
+    let (status, headers) = read_head(&mut r)?;
+    Ok((status, headers, r))
+}
+
+pub struct Key {
+    pub id: String,
+    pub secret: String,
+}
+
+impl Key {
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", self.secret)
+    }
+}
+
+/// Builder for a gateway with a temp config and database.
+pub struct GatewayBuilder {
+    upstream: String,
+    top: Vec<String>,
+    server: Vec<String>,
+    models: Option<String>,
+}
+
+pub const MODELS: &str = r#"
+models:
+  - id: gpt-4o-mini
+    provider: mock
+    input_usd_per_mtok: 0.15
+    output_usd_per_mtok: 0.60
+    max_output_tokens: 1000
+  - id: gpt-4o
+    provider: mock
+    upstream_id: gpt-4o-2024-08-06
+    input_usd_per_mtok: 2.5
+    output_usd_per_mtok: 10
+  - id: llama-3.1-8b-instant
+    provider: mock
+    upstream_id: meta-llama/llama-3.1-8b-instant
+    input_usd_per_mtok: 0
+    output_usd_per_mtok: 0
+    free: true
+  - id: dead-model
+    provider: dead
+    input_usd_per_mtok: 1
+    output_usd_per_mtok: 1
+aliases:
+  spideriq/fast: [llama-3.1-8b-instant, gpt-4o-mini]
+  spideriq/failover: [dead-model, gpt-4o-mini]
+"#;
+
+impl GatewayBuilder {
+    pub fn new(mock: &MockProvider) -> Self {
+        GatewayBuilder {
+            upstream: mock.base_url(),
+            top: Vec::new(),
+            server: Vec::new(),
+            models: None,
+        }
+    }
+
+    /// A top-level YAML line, e.g. `max_body_bytes: 1024`.
+    pub fn top(mut self, line: &str) -> Self {
+        self.top.push(line.to_string());
+        self
+    }
+
+    /// A `server:` setting, e.g. `read_timeout_ms: 300`.
+    pub fn server(mut self, line: &str) -> Self {
+        self.server.push(line.to_string());
+        self
+    }
+
+    pub fn models(mut self, yaml: &str) -> Self {
+        self.models = Some(yaml.to_string());
+        self
+    }
+
+    pub fn start(self) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let db = dir.path().join("data/spidergate.db");
+        let mut yaml = format!(
+            "listen: \"127.0.0.1:{port}\"\ndatabase: \"{}\"\n",
+            db.display()
+        );
+        for l in &self.top {
+            yaml.push_str(l);
+            yaml.push('\n');
+        }
+        yaml.push_str(&format!(
+            "providers:\n  - name: mock\n    kind: openai\n    base_url: \"{}\"\n    api_key_env: MOCK_PROVIDER_KEY\n  - name: dead\n    kind: openai\n    base_url: \"http://127.0.0.1:1/v1\"\n",
+            self.upstream
+        ));
+        yaml.push_str(self.models.as_deref().unwrap_or(MODELS));
+        yaml.push_str("server:\n  flush_interval_ms: 100\n  reload_interval_ms: 100\n  shutdown_timeout_secs: 5\n");
+        for l in &self.server {
+            yaml.push_str(&format!("  {l}\n"));
+        }
+        let config = dir.path().join("spidergate.yaml");
+        std::fs::write(&config, yaml).expect("write config");
+        let mut gw = Gateway {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            log: dir.path().join("gateway.log"),
+            dir,
+            config,
+            db,
+            child: None,
+        };
+        gw.spawn();
+        gw
+    }
+}
+
+pub const PROVIDER_KEY: &str = "sk-provider-secret-123";
+
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub db: PathBuf,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Gateway {
+    /// Starts `spidergate serve` and waits for `/health`.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("serve")
+            .env("MOCK_PROVIDER_KEY", PROVIDER_KEY)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn gateway");
+        self.child = Some(child);
+        let addr = self.addr;
+        wait_for(Duration::from_secs(30), "gateway /health", || {
+            http(addr, "GET", "/health", &[], b"").ok().filter(|r| r.status == 200)
+        });
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.pid();
+        Command::new("kill").arg("-TERM").arg(pid.to_string()).status().expect("kill");
+        let mut child = self.child.take().expect("running");
+        wait_for(Duration::from_secs(30), "gateway exit", || child.try_wait().ok().flatten())
+    }
+
+    /// SIGKILL: no chance to flush.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("kill -9");
+        let _ = child.wait();
+    }
+
+    pub fn restart(&mut self) {
+        self.terminate();
+        self.spawn();
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .expect("run cli")
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let out = self.cli(args);
+        assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("cli json")
+    }
+
+    /// `keys create --name NAME <args> --json`, then waits until the gateway knows the key.
+    pub fn create_key(&self, args: &[&str]) -> Key {
+        let mut all = vec!["keys", "create", "--name", "test-agent", "--json"];
+        all.extend_from_slice(args);
+        let v = self.cli_json(&all);
+        let key = Key {
+            id: v["id"].as_str().expect("id").to_string(),
+            secret: v["secret"].as_str().expect("secret").to_string(),
+        };
+        self.wait_key_live(&key);
+        key
+    }
+
+    /// Waits until the gateway stops answering 401 invalid_api_key for this key.
+    pub fn wait_key_live(&self, key: &Key) {
+        let bearer = key.bearer();
+        wait_for(Duration::from_secs(5), "key hot reload", || {
+            let r = self.get("/v1/usage", &bearer);
+            (r.status != 401 || r.code() != "invalid_api_key").then_some(())
+        });
+    }
+
+    pub fn get(&self, path: &str, bearer: &str) -> Response {
+        let headers: Vec<(&str, &str)> = if bearer.is_empty() { vec![] } else { vec![("Authorization", bearer)] };
+        http(self.addr, "GET", path, &headers, b"").expect("GET")
+    }
+
+    pub fn post(&self, path: &str, bearer: &str, body: &[u8], extra: &[(&str, &str)]) -> Response {
+        let mut headers: Vec<(&str, &str)> = vec![("Content-Type", "application/json")];
+        if !bearer.is_empty() {
+            headers.push(("Authorization", bearer));
+        }
+        headers.extend_from_slice(extra);
+        http(self.addr, "POST", path, &headers, body).expect("POST")
+    }
+
+    pub fn chat(&self, key: &Key, model: &str) -> Response {
+        self.chat_with(key, model, &[])
+    }
+
+    pub fn chat_with(&self, key: &Key, model: &str, extra: &[(&str, &str)]) -> Response {
+        let body = serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hello"}]});
+        self.post("/v1/chat/completions", &key.bearer(), body.to_string().as_bytes(), extra)
+    }
+
+    pub fn store(&self) -> spidergate::store::Store {
+        spidergate::store::Store::open(&self.db).expect("open store")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `/v1/usage` for a key (flushes the ledger first).
+    pub fn usage(&self, key: &Key) -> Value {
+        let r = self.get("/v1/usage", &key.bearer());
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn mock() -> MockProvider {
+    MockProvider::start_background("127.0.0.1:0").expect("mock provider")
+}
