@@ -58,7 +58,9 @@ pub fn create_key(
     now: i64,
 ) -> Result<(KeyRecord, String), String> {
     let (record, secret) = mint_key(catalog, req, now)?;
-    store.insert_key(&record).map_err(|e| format!("database: {e}"))?;
+    store
+        .insert_key(&record)
+        .map_err(|e| format!("database: {e}"))?;
     Ok((record, secret))
 }
 

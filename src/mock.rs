@@ -9,6 +9,7 @@
 //! |---|---|
 //! | `x-mock-prompt-tokens: N` / `x-mock-completion-tokens: M` | usage reported (default 10 / 5) |
 //! | `x-mock-status: S` | reply S with an OpenAI error body (`code` is `rate_limit_exceeded` for 429, else `mock_error`) |
+//! | `x-mock-status-model: M` | apply `x-mock-status` only to requests whose body names model `M` |
 //! | `x-mock-delay-ms: N` | wait N ms before the response head |
 //! | `x-mock-chunks: N` | content chunks in a stream (default 3) |
 //! | `x-mock-chunk-delay-ms: N` | wait N ms before every stream chunk after the first content chunk |
@@ -310,6 +311,8 @@ struct Knobs {
     chunk_delay_ms: u64,
     break_after: Option<u64>,
     no_usage: bool,
+    /// `x-mock-status` applies only to requests for this model (fallback tests).
+    status_model: Option<Vec<u8>>,
 }
 
 impl Default for Knobs {
@@ -323,6 +326,7 @@ impl Default for Knobs {
             chunk_delay_ms: 0,
             break_after: None,
             no_usage: false,
+            status_model: None,
         }
     }
 }
@@ -585,6 +589,12 @@ fn apply_knob(knobs: &mut Knobs, knob: &str, value: &[u8]) {
         knobs.chunk_delay_ms = number.unwrap_or(0);
     } else if knob.eq_ignore_ascii_case(b"break-after") {
         knobs.break_after = number;
+    } else if knob.eq_ignore_ascii_case(b"status-model") {
+        let mut quoted = Vec::with_capacity(value.len() + 2);
+        quoted.push(b'"');
+        quoted.extend_from_slice(value);
+        quoted.push(b'"');
+        knobs.status_model = Some(quoted);
     } else if knob.eq_ignore_ascii_case(b"no-usage") {
         knobs.no_usage =
             !(value.is_empty() || value == b"0" || value.eq_ignore_ascii_case(b"false"));
@@ -770,7 +780,11 @@ impl Reply<'_> {
         if knobs.delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(knobs.delay_ms)).await;
         }
-        if let Some(status) = knobs.status.filter(|&s| s != 200) {
+        let status_applies = knobs
+            .status_model
+            .as_deref()
+            .is_none_or(|m| memchr::memmem::find(body, m).is_some());
+        if let Some(status) = knobs.status.filter(|&s| s != 200 && status_applies) {
             let code = if status == 429 {
                 "rate_limit_exceeded"
             } else {

@@ -15,7 +15,12 @@ fn upstream_gets_the_rewritten_model_and_the_provider_key_never_the_agent_token(
     let key = gw.create_key(&[]);
     mock.clear();
     let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi spideriq_pat_"}], "temperature": 0.5});
-    let r = gw.post("/v1/chat/completions", &key.bearer(), body.to_string().as_bytes(), &[("X-Api-Key", &key.secret)]);
+    let r = gw.post(
+        "/v1/chat/completions",
+        &key.bearer(),
+        body.to_string().as_bytes(),
+        &[("X-Api-Key", &key.secret)],
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["choices"][0]["message"]["role"], "assistant");
 
@@ -23,13 +28,22 @@ fn upstream_gets_the_rewritten_model_and_the_provider_key_never_the_agent_token(
     assert_eq!(reqs.len(), 1);
     let up = &reqs[0];
     assert_eq!(up.path, "/v1/chat/completions");
-    assert_eq!(up.header("authorization"), Some(format!("Bearer {PROVIDER_KEY}").as_str()));
+    assert_eq!(
+        up.header("authorization"),
+        Some(format!("Bearer {PROVIDER_KEY}").as_str())
+    );
     let sent = up.json().expect("json body");
-    assert_eq!(sent["model"], "gpt-4o-2024-08-06", "upstream_id written into the body");
+    assert_eq!(
+        sent["model"], "gpt-4o-2024-08-06",
+        "upstream_id written into the body"
+    );
     assert_eq!(sent["temperature"], 0.5);
     assert_eq!(sent["messages"], body["messages"]);
     for (name, value) in &up.headers {
-        assert!(!value.contains(&key.secret), "agent token leaked in upstream header {name}");
+        assert!(
+            !value.contains(&key.secret),
+            "agent token leaked in upstream header {name}"
+        );
     }
     assert!(!String::from_utf8_lossy(&up.body).contains(&key.secret));
     assert_eq!(up.header("x-api-key"), None);
@@ -46,14 +60,20 @@ fn streams_pass_through_chunk_by_chunk() {
         gw.addr,
         "POST",
         "/v1/chat/completions",
-        &[("Authorization", &key.bearer()), ("x-mock-chunks", "5"), ("x-mock-chunk-delay-ms", "300")],
+        &[
+            ("Authorization", &key.bearer()),
+            ("x-mock-chunks", "5"),
+            ("x-mock-chunk-delay-ms", "300"),
+        ],
         body.to_string().as_bytes(),
     )
     .unwrap();
     let started = Instant::now();
     let (status, headers, mut reader) = read_stream_head(stream).unwrap();
     assert_eq!(status, 200);
-    assert!(headers.iter().any(|(k, v)| k == "content-type" && v.starts_with("text/event-stream")));
+    assert!(headers
+        .iter()
+        .any(|(k, v)| k == "content-type" && v.starts_with("text/event-stream")));
     let mut line = String::new();
     loop {
         line.clear();
@@ -62,7 +82,11 @@ fn streams_pass_through_chunk_by_chunk() {
             break;
         }
     }
-    assert!(started.elapsed() < Duration::from_millis(1000), "first chunk took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "first chunk took {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -71,14 +95,27 @@ fn embeddings_and_the_api_gate_prefix_are_proxied() {
     let gw = GatewayBuilder::new(&mock).start();
     let key = gw.create_key(&[]);
     mock.clear();
-    let r = gw.post("/api/gate/v1/embeddings", &key.bearer(), br#"{"model":"gpt-4o","input":"hello"}"#, &[]);
+    let r = gw.post(
+        "/api/gate/v1/embeddings",
+        &key.bearer(),
+        br#"{"model":"gpt-4o","input":"hello"}"#,
+        &[],
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["data"][0]["object"], "embedding");
-    let r = gw.post("/api/gate/v1/chat/completions", &key.bearer(), br#"{"model":"gpt-4o-mini","messages":[]}"#, &[]);
+    let r = gw.post(
+        "/api/gate/v1/chat/completions",
+        &key.bearer(),
+        br#"{"model":"gpt-4o-mini","messages":[]}"#,
+        &[],
+    );
     assert_eq!(r.status, 200);
     let paths: Vec<String> = mock.requests().iter().map(|r| r.path.clone()).collect();
     assert_eq!(paths, vec!["/v1/embeddings", "/v1/chat/completions"]);
-    assert_eq!(mock.requests()[0].json().unwrap()["model"], "gpt-4o-2024-08-06");
+    assert_eq!(
+        mock.requests()[0].json().unwrap()["model"],
+        "gpt-4o-2024-08-06"
+    );
 }
 
 #[test]
@@ -92,12 +129,24 @@ fn bad_tokens_get_401_invalid_api_key_and_never_reach_the_upstream() {
         vec![],
         vec![("Authorization", "Bearer")],
         vec![("Authorization", "Bearer sk-not-ours")],
-        vec![("Authorization", "Bearer spideriq_pat_0A1B2C3D4E5F6A7B8C9D0E1F2A3B4C5D")],
-        vec![("Authorization", "Bearer spideriq_pat_0a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5")],
-        vec![("Authorization", "Bearer spideriq_pat_' OR '1'='1' --aaaaaaaaaaaaaaa")],
+        vec![(
+            "Authorization",
+            "Bearer spideriq_pat_0A1B2C3D4E5F6A7B8C9D0E1F2A3B4C5D",
+        )],
+        vec![(
+            "Authorization",
+            "Bearer spideriq_pat_0a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5",
+        )],
+        vec![(
+            "Authorization",
+            "Bearer spideriq_pat_' OR '1'='1' --aaaaaaaaaaaaaaa",
+        )],
         vec![("Authorization", "Basic dXNlcjpwYXNz")],
         // Well-formed but never issued.
-        vec![("Authorization", "Bearer spideriq_pat_0a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d")],
+        vec![(
+            "Authorization",
+            "Bearer spideriq_pat_0a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d",
+        )],
     ];
     for headers in cases {
         let r = http(gw.addr, "POST", "/v1/chat/completions", &headers, body).unwrap();
@@ -106,7 +155,11 @@ fn bad_tokens_get_401_invalid_api_key_and_never_reach_the_upstream() {
         assert_eq!(r.json()["error"]["type"], "authentication_error");
         assert!(r.json()["error"]["param"].is_null());
         assert!(!r.text().contains("OR '1'"), "the token is never echoed");
-        assert_eq!(r.header("x-ratelimit-limit-requests"), None, "unauthenticated: no limit headers");
+        assert_eq!(
+            r.header("x-ratelimit-limit-requests"),
+            None,
+            "unauthenticated: no limit headers"
+        );
     }
     assert!(mock.requests().is_empty());
 }
@@ -120,17 +173,28 @@ fn expired_and_revoked_keys_get_their_own_401_codes() {
 
     // Move the key's clock: expires_at in the past, as if an hour went by.
     let mut store = gw.store();
-    let patch = spidergate::store::KeyPatch { expires_at: Some(spidergate::clock::now_ms() - 1), ..Default::default() };
+    let patch = spidergate::store::KeyPatch {
+        expires_at: Some(spidergate::clock::now_ms() - 1),
+        ..Default::default()
+    };
     store.update_key(&key.id, &patch).unwrap();
-    let r = wait_for(Duration::from_secs(2), "expiry", || Some(gw.chat(&key, "gpt-4o-mini")).filter(|r| r.status == 401));
+    let r = wait_for(Duration::from_secs(2), "expiry", || {
+        Some(gw.chat(&key, "gpt-4o-mini")).filter(|r| r.status == 401)
+    });
     assert_eq!(r.code(), "token_expired");
 
     let key2 = gw.create_key(&[]);
     let out = gw.cli(&["keys", "revoke", &key2.id]);
     assert!(out.status.success());
     let started = Instant::now();
-    let r = wait_for(Duration::from_secs(2), "revocation", || Some(gw.chat(&key2, "gpt-4o-mini")).filter(|r| r.status == 401));
-    assert!(started.elapsed() < Duration::from_secs(1), "revocation took {:?}", started.elapsed());
+    let r = wait_for(Duration::from_secs(2), "revocation", || {
+        Some(gw.chat(&key2, "gpt-4o-mini")).filter(|r| r.status == 401)
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "revocation took {:?}",
+        started.elapsed()
+    );
     assert_eq!(r.code(), "token_revoked");
 }
 
@@ -140,16 +204,27 @@ fn hot_reload_applies_cli_changes_within_one_second() {
     let gw = GatewayBuilder::new(&mock).start();
     // Creation: the new key works within 1 s of the CLI returning.
     let v = gw.cli_json(&["keys", "create", "--name", "hot", "--json"]);
-    let key = Key { id: v["id"].as_str().unwrap().into(), secret: v["secret"].as_str().unwrap().into() };
+    let key = Key {
+        id: v["id"].as_str().unwrap().into(),
+        secret: v["secret"].as_str().unwrap().into(),
+    };
     let created = Instant::now();
-    wait_for(Duration::from_secs(1), "new key live within 1 s", || Some(()).filter(|_| gw.chat(&key, "gpt-4o-mini").status == 200));
+    wait_for(Duration::from_secs(1), "new key live within 1 s", || {
+        Some(()).filter(|_| gw.chat(&key, "gpt-4o-mini").status == 200)
+    });
     assert!(created.elapsed() < Duration::from_secs(1));
 
     // Update: an allow-list added by the CLI applies within 1 s.
     let out = gw.cli(&["keys", "update", &key.id, "--models", "gpt-4o"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let updated = Instant::now();
-    wait_for(Duration::from_secs(1), "update live within 1 s", || Some(()).filter(|_| gw.chat(&key, "gpt-4o-mini").status == 403));
+    wait_for(Duration::from_secs(1), "update live within 1 s", || {
+        Some(()).filter(|_| gw.chat(&key, "gpt-4o-mini").status == 403)
+    });
     assert!(updated.elapsed() < Duration::from_secs(1));
     assert_eq!(gw.chat(&key, "gpt-4o").status, 200);
 }
@@ -171,7 +246,12 @@ fn missing_scope_is_403_insufficient_scope() {
     assert_eq!((r.status, r.code().as_str()), (403, "insufficient_scope"));
     let r = gw.get("/v1/aliases", &chat_only.bearer());
     assert_eq!(r.status, 403);
-    let r = gw.post("/v1/embeddings", &models_only.bearer(), br#"{"model":"gpt-4o","input":"x"}"#, &[]);
+    let r = gw.post(
+        "/v1/embeddings",
+        &models_only.bearer(),
+        br#"{"model":"gpt-4o","input":"x"}"#,
+        &[],
+    );
     assert_eq!((r.status, r.code().as_str()), (403, "insufficient_scope"));
 }
 
@@ -181,7 +261,16 @@ fn bad_bodies_are_400_invalid_request_and_unknown_models_404() {
     let gw = GatewayBuilder::new(&mock).start();
     let key = gw.create_key(&[]);
     mock.clear();
-    for body in [&b"not json"[..], b"", b"{}", br#"{"model": 42}"#, br#"{"model": null}"#, b"[]", br#"{"model":"gpt-4o-mini""#, b"\xff\xfe"] {
+    for body in [
+        &b"not json"[..],
+        b"",
+        b"{}",
+        br#"{"model": 42}"#,
+        br#"{"model": null}"#,
+        b"[]",
+        br#"{"model":"gpt-4o-mini""#,
+        b"\xff\xfe",
+    ] {
         let r = gw.post("/v1/chat/completions", &key.bearer(), body, &[]);
         assert_eq!(r.status, 400, "{:?}", String::from_utf8_lossy(body));
         assert_eq!(r.code(), "invalid_request");
@@ -189,7 +278,10 @@ fn bad_bodies_are_400_invalid_request_and_unknown_models_404() {
     }
     let r = gw.chat(&key, "gpt-9");
     assert_eq!((r.status, r.code().as_str()), (404, "model_not_found"));
-    assert!(mock.requests().is_empty(), "nothing rejected reaches the upstream");
+    assert!(
+        mock.requests().is_empty(),
+        "nothing rejected reaches the upstream"
+    );
     // Rejections consume no quota.
     assert_eq!(gw.usage(&key)["requests_today"], 0);
 }
@@ -197,10 +289,15 @@ fn bad_bodies_are_400_invalid_request_and_unknown_models_404() {
 #[test]
 fn bodies_over_max_body_bytes_are_413_declared_or_chunked() {
     let mock = mock();
-    let gw = GatewayBuilder::new(&mock).top("max_body_bytes: 4096").start();
+    let gw = GatewayBuilder::new(&mock)
+        .top("max_body_bytes: 4096")
+        .start();
     let key = gw.create_key(&[]);
     mock.clear();
-    let big = format!(r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(5000));
+    let big = format!(
+        r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(5000)
+    );
     let r = gw.post("/v1/chat/completions", &key.bearer(), big.as_bytes(), &[]);
     assert_eq!((r.status, r.code().as_str()), (413, "request_too_large"));
 
@@ -212,13 +309,30 @@ fn bodies_over_max_body_bytes_are_413_declared_or_chunked() {
         chunked.extend_from_slice(b"\r\n");
     }
     chunked.extend_from_slice(b"0\r\n\r\n");
-    let r = http(gw.addr, "POST", "/v1/chat/completions", &[("Authorization", &key.bearer()), ("Transfer-Encoding", "chunked")], &chunked).unwrap();
+    let r = http(
+        gw.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("Authorization", &key.bearer()),
+            ("Transfer-Encoding", "chunked"),
+        ],
+        &chunked,
+    )
+    .unwrap();
     assert_eq!((r.status, r.code().as_str()), (413, "request_too_large"));
     assert!(mock.requests().is_empty());
 
     // Just under the limit passes.
-    let ok = format!(r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(3000));
-    assert_eq!(gw.post("/v1/chat/completions", &key.bearer(), ok.as_bytes(), &[]).status, 200);
+    let ok = format!(
+        r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(3000)
+    );
+    assert_eq!(
+        gw.post("/v1/chat/completions", &key.bearer(), ok.as_bytes(), &[])
+            .status,
+        200
+    );
 }
 
 fn large_body(size: usize) -> Vec<u8> {
@@ -226,7 +340,9 @@ fn large_body(size: usize) -> Vec<u8> {
     let mut content = String::with_capacity(size);
     let mut i: u64 = 0;
     while content.len() < size {
-        i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        i = i
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         content.push(char::from(b'a' + (i >> 59) as u8 % 26));
     }
     format!(r#"{{"model":"spideriq/fast","messages":[{{"role":"user","content":"{content}"}}],"max_tokens":5}}"#).into_bytes()
@@ -244,26 +360,43 @@ fn one_and_sixteen_mib_bodies_arrive_byte_exact_with_the_rewritten_model() {
         assert_eq!(r.status, 200, "{size}: {}", r.text());
         let reqs = mock.requests();
         assert_eq!(reqs.len(), 1);
-        let expected = String::from_utf8(body.clone())
-            .unwrap()
-            .replacen(r#""model":"spideriq/fast""#, r#""model":"meta-llama/llama-3.1-8b-instant""#, 1);
+        let expected = String::from_utf8(body.clone()).unwrap().replacen(
+            r#""model":"spideriq/fast""#,
+            r#""model":"meta-llama/llama-3.1-8b-instant""#,
+            1,
+        );
         assert_eq!(reqs[0].body.len(), expected.len(), "{size}: length");
         assert!(reqs[0].body == expected.as_bytes(), "{size}: body differs");
-        assert_eq!(reqs[0].header("content-length"), Some(expected.len().to_string().as_str()));
+        assert_eq!(
+            reqs[0].header("content-length"),
+            Some(expected.len().to_string().as_str())
+        );
     }
 }
 
 #[test]
 fn unreachable_upstream_is_502_and_slow_upstream_504() {
     let mock = mock();
-    let gw = GatewayBuilder::new(&mock).server("read_timeout_ms: 500").start();
+    let gw = GatewayBuilder::new(&mock)
+        .server("read_timeout_ms: 500")
+        .start();
     let key = gw.create_key(&[]);
     let r = gw.chat(&key, "dead-model");
-    assert_eq!((r.status, r.code().as_str()), (502, "upstream_error"), "{}", r.text());
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (502, "upstream_error"),
+        "{}",
+        r.text()
+    );
     assert!(r.header("x-ratelimit-limit-requests").is_some());
 
     let r = gw.chat_with(&key, "gpt-4o-mini", &[("x-mock-delay-ms", "3000")]);
-    assert_eq!((r.status, r.code().as_str()), (504, "upstream_timeout"), "{}", r.text());
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (504, "upstream_timeout"),
+        "{}",
+        r.text()
+    );
 
     // An upstream's own error response passes through with its status and body.
     let r = gw.chat_with(&key, "gpt-4o-mini", &[("x-mock-status", "400")]);
@@ -280,21 +413,49 @@ fn catalog_shows_a_key_only_what_it_may_call() {
         assert_eq!(r.status, 200, "{}", r.text());
         let v = r.json();
         assert_eq!(v["object"], "list");
-        v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect()
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
     };
-    assert_eq!(ids(gw.get("/v1/models", &all.bearer())), vec!["gpt-4o-mini", "gpt-4o", "llama-3.1-8b-instant", "dead-model"]);
-    assert_eq!(ids(gw.get("/v1/aliases", &all.bearer())), vec!["spideriq/failover", "spideriq/fast"]);
+    assert_eq!(
+        ids(gw.get("/v1/models", &all.bearer())),
+        vec![
+            "gpt-4o-mini",
+            "gpt-4o",
+            "llama-3.1-8b-instant",
+            "dead-model"
+        ]
+    );
+    assert_eq!(
+        ids(gw.get("/v1/aliases", &all.bearer())),
+        vec!["spideriq/failover", "spideriq/fast"]
+    );
 
     let free = gw.create_key(&["--free-only"]);
-    assert_eq!(ids(gw.get("/v1/models", &free.bearer())), vec!["llama-3.1-8b-instant"]);
-    assert_eq!(ids(gw.get("/v1/aliases", &free.bearer())), vec!["spideriq/fast"]);
+    assert_eq!(
+        ids(gw.get("/v1/models", &free.bearer())),
+        vec!["llama-3.1-8b-instant"]
+    );
+    assert_eq!(
+        ids(gw.get("/v1/aliases", &free.bearer())),
+        vec!["spideriq/fast"]
+    );
 
     let listed = gw.create_key(&["--models", "spideriq/fast"]);
-    assert_eq!(ids(gw.get("/v1/models", &listed.bearer())), vec!["gpt-4o-mini", "llama-3.1-8b-instant"]);
+    assert_eq!(
+        ids(gw.get("/v1/models", &listed.bearer())),
+        vec!["gpt-4o-mini", "llama-3.1-8b-instant"]
+    );
     let r = gw.get("/v1/models/gpt-4o-mini", &listed.bearer());
     assert_eq!(r.json()["id"], "gpt-4o-mini");
     let r = gw.get("/v1/models/spideriq/fast", &listed.bearer());
-    assert_eq!(r.json()["models"], json!(["llama-3.1-8b-instant", "gpt-4o-mini"]));
+    assert_eq!(
+        r.json()["models"],
+        json!(["llama-3.1-8b-instant", "gpt-4o-mini"])
+    );
     let r = gw.get("/v1/models/gpt-4o", &listed.bearer());
     assert_eq!((r.status, r.code().as_str()), (404, "model_not_found"));
 
@@ -305,12 +466,19 @@ fn catalog_shows_a_key_only_what_it_may_call() {
 #[test]
 fn public_catalog_allows_anonymous_listing_only() {
     let mock = mock();
-    let gw = GatewayBuilder::new(&mock).top("public_catalog: true").start();
+    let gw = GatewayBuilder::new(&mock)
+        .top("public_catalog: true")
+        .start();
     let r = gw.get("/v1/models", "");
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["data"].as_array().unwrap().len(), 4);
     assert_eq!(gw.get("/v1/aliases", "").status, 200);
-    let r = gw.post("/v1/chat/completions", "", br#"{"model":"gpt-4o-mini"}"#, &[]);
+    let r = gw.post(
+        "/v1/chat/completions",
+        "",
+        br#"{"model":"gpt-4o-mini"}"#,
+        &[],
+    );
     assert_eq!((r.status, r.code().as_str()), (401, "invalid_api_key"));
     assert_eq!(gw.get("/v1/usage", "").status, 401);
 }
@@ -328,22 +496,55 @@ fn health_is_public() {
 fn keys_cli_mints_once_stores_only_the_hash_and_validates_ttl() {
     let mock = mock();
     let gw = GatewayBuilder::new(&mock).start();
-    let v = gw.cli_json(&["keys", "create", "--name", "agent-7", "--rpm", "60", "--rpd", "1000", "--budget", "12.5", "--budget-mode", "soft", "--models", "gpt-4o,spideriq/fast", "--scopes", "gate:chat,job:run", "--ttl", "7d", "--client-id", "ws-1", "--json"]);
+    let v = gw.cli_json(&[
+        "keys",
+        "create",
+        "--name",
+        "agent-7",
+        "--rpm",
+        "60",
+        "--rpd",
+        "1000",
+        "--budget",
+        "12.5",
+        "--budget-mode",
+        "soft",
+        "--models",
+        "gpt-4o,spideriq/fast",
+        "--scopes",
+        "gate:chat,job:run",
+        "--ttl",
+        "7d",
+        "--client-id",
+        "ws-1",
+        "--json",
+    ]);
     let secret = v["secret"].as_str().unwrap();
     let id = v["id"].as_str().unwrap();
     assert!(secret.starts_with("spideriq_pat_") && secret.len() == 45);
-    assert!(secret[13..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
-    assert!(!id.contains(&secret[13..21]), "id is not derived from the secret");
+    assert!(secret[13..]
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    assert!(
+        !id.contains(&secret[13..21]),
+        "id is not derived from the secret"
+    );
     assert_eq!(v["name"], "agent-7");
     assert_eq!(v["prefix"], &secret[13..17]);
-    assert_eq!((v["rpm"].as_u64(), v["rpd"].as_u64()), (Some(60), Some(1000)));
+    assert_eq!(
+        (v["rpm"].as_u64(), v["rpd"].as_u64()),
+        (Some(60), Some(1000))
+    );
     assert_eq!(v["monthly_budget_usd"], 12.5);
     assert_eq!(v["budget_mode"], "soft");
     assert_eq!(v["allowed_models"], json!(["gpt-4o", "spideriq/fast"]));
     assert_eq!(v["scopes"], json!(["gate:chat", "job:run"]));
     assert_eq!(v["client_id"], "ws-1");
     let expires = v["expires_at"].as_str().unwrap();
-    assert!(expires.len() == 20 && expires.ends_with('Z'), "RFC 3339: {expires}");
+    assert!(
+        expires.len() == 20 && expires.ends_with('Z'),
+        "RFC 3339: {expires}"
+    );
 
     // Shown once: no later view has it.
     let shown = gw.cli(&["keys", "show", id, "--json"]);
@@ -358,7 +559,10 @@ fn keys_cli_mints_once_stores_only_the_hash_and_validates_ttl() {
     let db = std::fs::read(&gw.db).unwrap_or_default();
     let wal = std::fs::read(gw.db.with_extension("db-wal")).unwrap_or_default();
     for bytes in [db, wal] {
-        assert!(!bytes.windows(32).any(|w| w == &secret.as_bytes()[13..]), "secret found in the database");
+        assert!(
+            !bytes.windows(32).any(|w| w == &secret.as_bytes()[13..]),
+            "secret found in the database"
+        );
     }
     let rec = gw.store().get_key(id).unwrap().unwrap();
     assert_eq!(rec.token_hash, spidergate::keys::token::hash_token(secret));
@@ -367,11 +571,22 @@ fn keys_cli_mints_once_stores_only_the_hash_and_validates_ttl() {
         let before = gw.store().all_keys().unwrap().len();
         let out = gw.cli(&["keys", "create", "--name", "x", "--ttl", bad, "--json"]);
         assert!(!out.status.success(), "--ttl {bad} accepted");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("ttl") || String::from_utf8_lossy(&out.stderr).contains("TTL"));
-        assert_eq!(gw.store().all_keys().unwrap().len(), before, "no key for --ttl {bad}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("ttl")
+                || String::from_utf8_lossy(&out.stderr).contains("TTL")
+        );
+        assert_eq!(
+            gw.store().all_keys().unwrap().len(),
+            before,
+            "no key for --ttl {bad}"
+        );
     }
     let v = gw.cli_json(&["keys", "create", "--name", "default-ttl", "--json"]);
-    let rec = gw.store().get_key(v["id"].as_str().unwrap()).unwrap().unwrap();
+    let rec = gw
+        .store()
+        .get_key(v["id"].as_str().unwrap())
+        .unwrap()
+        .unwrap();
     assert_eq!(rec.expires_at - rec.created_at, 30 * 86_400_000);
     assert_eq!(rec.scopes, vec!["gate:chat", "gate:models", "gate:usage"]);
 
@@ -380,7 +595,12 @@ fn keys_cli_mints_once_stores_only_the_hash_and_validates_ttl() {
     let active = gw.cli_json(&["keys", "list", "--json"]);
     assert!(active.as_array().unwrap().iter().all(|k| k["id"] != id));
     let all = gw.cli_json(&["keys", "list", "--all", "--json"]);
-    let revoked = all.as_array().unwrap().iter().find(|k| k["id"] == id).unwrap();
+    let revoked = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == id)
+        .unwrap();
     assert_eq!(revoked["status"], "revoked");
 
     let out = gw.cli(&["keys", "update", "key_nope", "--rpm", "3"]);
@@ -396,7 +616,12 @@ fn secrets_never_appear_in_logs() {
     gw.chat(&key, "dead-model");
     gw.chat_with(&key, "gpt-4o-mini", &[("x-mock-delay-ms", "10")]);
     let bogus = "spideriq_pat_ffffffffffffffffffffffffffffffff";
-    gw.post("/v1/chat/completions", &format!("Bearer {bogus}"), b"{}", &[]);
+    gw.post(
+        "/v1/chat/completions",
+        &format!("Bearer {bogus}"),
+        b"{}",
+        &[],
+    );
     let log = gw.log_text();
     assert!(!log.is_empty());
     assert!(!log.contains(&key.secret[13..]), "secret in the log");
@@ -407,22 +632,38 @@ fn secrets_never_appear_in_logs() {
 #[test]
 fn check_config_names_the_field_path() {
     let dir = tempfile::tempdir().unwrap();
-    let good = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/spidergate.yaml")).unwrap();
+    let good =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/spidergate.yaml"))
+            .unwrap();
     let run = |text: &str| {
         let p = dir.path().join("c.yaml");
         std::fs::write(&p, text).unwrap();
-        std::process::Command::new(BIN).arg("--config").arg(&p).arg("check-config").output().unwrap()
+        std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&p)
+            .arg("check-config")
+            .output()
+            .unwrap()
     };
     let out = run(&good);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = run(&good.replacen("provider: mock", "provider: opnai", 1));
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("models[0].provider: no provider named \"opnai\""));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("models[0].provider: no provider named \"opnai\""));
     let out = run(&format!("{good}\nlisten_port: 1\n"));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `listen_port`"));
     // $SPIDERGATE_CONFIG is honoured when --config is absent.
-    let out = std::process::Command::new(BIN).arg("check-config").env("SPIDERGATE_CONFIG", dir.path().join("c.yaml")).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("check-config")
+        .env("SPIDERGATE_CONFIG", dir.path().join("c.yaml"))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
 }
 
@@ -433,10 +674,20 @@ fn clients_cannot_steer_the_upstream() {
     let key = gw.create_key(&[]);
     mock.clear();
     let body = br#"{"model":"gpt-4o-mini","api_base":"http://169.254.169.254/","messages":[]}"#;
-    let r = http(gw.addr, "POST", "/v1/chat/completions?api_base=http://evil", &[("Authorization", &key.bearer()), ("Host", "evil.example")], body).unwrap();
+    let r = http(
+        gw.addr,
+        "POST",
+        "/v1/chat/completions?api_base=http://evil",
+        &[("Authorization", &key.bearer()), ("Host", "evil.example")],
+        body,
+    )
+    .unwrap();
     assert_eq!(r.status, 200);
     let reqs = mock.requests();
     assert_eq!(reqs.len(), 1, "went to the configured provider");
     assert_eq!(reqs[0].path, "/v1/chat/completions");
-    assert_eq!(reqs[0].header("host"), Some(mock.addr().to_string().as_str()));
+    assert_eq!(
+        reqs[0].header("host"),
+        Some(mock.addr().to_string().as_str())
+    );
 }

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub use spidergate::mock::MockProvider;
 use serde_json::Value;
+pub use spidergate::mock::MockProvider;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_spidergate");
 
@@ -49,13 +49,19 @@ impl Response {
 
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body))
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
         })
     }
 
     /// `error.code` of an error body.
     pub fn code(&self) -> String {
-        self.json()["error"]["code"].as_str().unwrap_or("").to_string()
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
     }
 
     pub fn text(&self) -> String {
@@ -115,16 +121,32 @@ fn read_body(r: &mut impl BufRead, headers: &[(String, String)]) -> std::io::Res
 }
 
 /// Sends one HTTP/1.1 request on a fresh connection and reads the whole response.
-pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<Response> {
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Response> {
     let stream = send_request(addr, method, path, headers, body)?;
     let mut r = BufReader::new(stream);
     let (status, headers) = read_head(&mut r)?;
     let body = read_body(&mut r, &headers)?;
-    Ok(Response { status, headers, body })
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
 }
 
 /// Sends a request and returns the open connection (for streaming and hang-up tests).
-pub fn send_request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<TcpStream> {
+pub fn send_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<TcpStream> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut head = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
@@ -133,7 +155,8 @@ pub fn send_request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str
     }
     let mut has_len = false;
     for (k, v) in headers {
-        has_len |= k.eq_ignore_ascii_case("content-length") || k.eq_ignore_ascii_case("transfer-encoding");
+        has_len |=
+            k.eq_ignore_ascii_case("content-length") || k.eq_ignore_ascii_case("transfer-encoding");
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     if !has_len && (method == "POST" || !body.is_empty()) {
@@ -146,7 +169,9 @@ pub fn send_request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str
 }
 
 /// Reads the response head of an open streamed response, leaving the body unread.
-pub fn read_stream_head(stream: TcpStream) -> std::io::Result<(u16, Vec<(String, String)>, BufReader<TcpStream>)> {
+pub fn read_stream_head(
+    stream: TcpStream,
+) -> std::io::Result<(u16, Vec<(String, String)>, BufReader<TcpStream>)> {
     let mut r = BufReader::new(stream);
     let (status, headers) = read_head(&mut r)?;
     Ok((status, headers, r))
@@ -293,7 +318,9 @@ impl Gateway {
         self.child = Some(child);
         let addr = self.addr;
         wait_for(Duration::from_secs(30), "gateway /health", || {
-            http(addr, "GET", "/health", &[], b"").ok().filter(|r| r.status == 200)
+            http(addr, "GET", "/health", &[], b"")
+                .ok()
+                .filter(|r| r.status == 200)
         });
     }
 
@@ -304,9 +331,15 @@ impl Gateway {
     /// SIGTERM, then wait for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.pid();
-        Command::new("kill").arg("-TERM").arg(pid.to_string()).status().expect("kill");
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .expect("kill");
         let mut child = self.child.take().expect("running");
-        wait_for(Duration::from_secs(30), "gateway exit", || child.try_wait().ok().flatten())
+        wait_for(Duration::from_secs(30), "gateway exit", || {
+            child.try_wait().ok().flatten()
+        })
     }
 
     /// SIGKILL: no chance to flush.
@@ -332,7 +365,11 @@ impl Gateway {
 
     pub fn cli_json(&self, args: &[&str]) -> Value {
         let out = self.cli(args);
-        assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("cli json")
     }
 
@@ -359,7 +396,11 @@ impl Gateway {
     }
 
     pub fn get(&self, path: &str, bearer: &str) -> Response {
-        let headers: Vec<(&str, &str)> = if bearer.is_empty() { vec![] } else { vec![("Authorization", bearer)] };
+        let headers: Vec<(&str, &str)> = if bearer.is_empty() {
+            vec![]
+        } else {
+            vec![("Authorization", bearer)]
+        };
         http(self.addr, "GET", path, &headers, b"").expect("GET")
     }
 
@@ -377,8 +418,14 @@ impl Gateway {
     }
 
     pub fn chat_with(&self, key: &Key, model: &str, extra: &[(&str, &str)]) -> Response {
-        let body = serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hello"}]});
-        self.post("/v1/chat/completions", &key.bearer(), body.to_string().as_bytes(), extra)
+        let body =
+            serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hello"}]});
+        self.post(
+            "/v1/chat/completions",
+            &key.bearer(),
+            body.to_string().as_bytes(),
+            extra,
+        )
     }
 
     pub fn store(&self) -> spidergate::store::Store {

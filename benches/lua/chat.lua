@@ -1,0 +1,23 @@
+-- wrk script: POST a small chat completion with the bench key.
+-- Env: SG_SECRET (bearer secret), SG_STREAM=1 for "stream":true.
+local secret = os.getenv("SG_SECRET") or ""
+local stream = os.getenv("SG_STREAM") == "1"
+
+wrk.method = "POST"
+wrk.path = "/v1/chat/completions"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. secret
+if stream then
+  wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"stream":true}'
+else
+  wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+end
+
+-- One machine-readable line for benches/wrk_compare.sh.
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRK_RESULT requests=%d duration_us=%d non2xx=%d connect=%d read=%d write=%d timeout=%d p50_us=%d p99_us=%d\n",
+    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end

@@ -1,0 +1,267 @@
+#!/usr/bin/env bash
+# Throughput and CPU-per-request of the full gateway against a bare Pingora pass-through
+# proxy (examples/bare_proxy.rs) and nginx, all in front of the same mock provider, measured
+# in one run with alternating rounds so machine noise hits every proxy alike.
+#
+#   benches/wrk_compare.sh [--duration 10] [--connections 32] [--rounds 3]
+#                          [--no-nginx] [--no-stream] [--no-build]
+#
+# Bar: gateway rps >= 0.80 x bare rps, and gateway CPU/request <= 1.25 x bare CPU/request.
+# It reports PASS/FAIL; it always exits 0 unless the set-up itself fails.
+# Writes the median gateway rps (plain chat) to target/bench/gateway_rps.txt, which
+# `cargo bench --bench ledger_throughput` compares the ledger writer against.
+set -euo pipefail
+
+DURATION=10
+CONNECTIONS=32
+ROUNDS=3
+WITH_NGINX=1
+WITH_STREAM=1
+BUILD=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --duration) DURATION="$2"; shift 2 ;;
+    --connections) CONNECTIONS="$2"; shift 2 ;;
+    --rounds) ROUNDS="$2"; shift 2 ;;
+    --no-nginx) WITH_NGINX=0; shift ;;
+    --no-stream) WITH_STREAM=0; shift ;;
+    --no-build) BUILD=0; shift ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+LUA="$ROOT/benches/lua/chat.lua"
+BIN="$ROOT/target/release/spidergate"
+BARE="$ROOT/target/release/examples/bare_proxy"
+CLK_TCK="$(getconf CLK_TCK)"
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need wrk || { [ "$WITH_NGINX" = 1 ] && ! need nginx; }; then
+  if [ "$(id -u)" = 0 ] && need apt-get; then
+    pkgs="wrk"; [ "$WITH_NGINX" = 1 ] && pkgs="$pkgs nginx-light"
+    apt-get install -y $pkgs >/dev/null || { apt-get update >/dev/null && apt-get install -y $pkgs >/dev/null; }
+  fi
+fi
+need wrk || { echo "wrk is required (apt-get install wrk)" >&2; exit 1; }
+if [ "$WITH_NGINX" = 1 ] && ! need nginx; then
+  echo "nginx not found: skipping the nginx column" >&2; WITH_NGINX=0
+fi
+NGINX_BIN="$(command -v nginx || true)"
+
+if [ "$BUILD" = 1 ]; then
+  cargo build --release --examples
+fi
+[ -x "$BIN" ] && [ -x "$BARE" ] || { echo "missing $BIN or $BARE (build first)" >&2; exit 1; }
+
+TMP="$(mktemp -d -t spidergate-bench.XXXXXX)"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT INT TERM
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+free_port() {
+  local p
+  while :; do
+    p=$(( 20000 + RANDOM % 30000 ))
+    port_busy "$p" || { echo "$p"; return; }
+  done
+}
+wait_port() {
+  local i
+  for i in $(seq 1 100); do port_busy "$1" && return 0; sleep 0.1; done
+  echo "nothing listens on 127.0.0.1:$1 ($2); log:" >&2; tail -20 "$TMP/$2.log" >&2 || true; exit 1
+}
+
+MOCK_PORT=$(free_port); BARE_PORT=$(free_port); GW_PORT=$(free_port); NGINX_PORT=$(free_port)
+
+# 1. Mock provider (1 thread).
+"$BIN" mock-provider --listen "127.0.0.1:$MOCK_PORT" --threads 1 >"$TMP/mock.log" 2>&1 &
+PIDS+=($!); MOCK_PID=$!
+wait_port "$MOCK_PORT" mock
+
+# 2. Bare Pingora pass-through (1 thread).
+"$BARE" --listen "127.0.0.1:$BARE_PORT" --upstream "127.0.0.1:$MOCK_PORT" --threads 1 \
+  >"$TMP/bare.log" 2>&1 &
+PIDS+=($!); BARE_PID=$!
+
+# 3. The gateway (1 thread) on a temp config and database, with one key.
+cat >"$TMP/gw.yaml" <<YAML
+listen: "127.0.0.1:$GW_PORT"
+database: "$TMP/gw.db"
+providers:
+  - name: mock
+    kind: openai
+    base_url: "http://127.0.0.1:$MOCK_PORT/v1"
+    api_key_env: SPIDERGATE_BENCH_MOCK_KEY
+models:
+  - id: gpt-4o-mini
+    provider: mock
+    input_usd_per_mtok: 0.15
+    output_usd_per_mtok: 0.60
+    max_output_tokens: 16384
+server:
+  threads: 1
+YAML
+export SPIDERGATE_BENCH_MOCK_KEY="sk-bench"
+"$BIN" --config "$TMP/gw.yaml" check-config >/dev/null
+SECRET="$("$BIN" --config "$TMP/gw.yaml" keys create --name bench --json \
+  | tr -d '\n' | sed -n 's/.*"secret"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p')"
+[ -n "$SECRET" ] || { echo "could not read the key's secret from keys create --json" >&2; exit 1; }
+RUST_LOG=warn "$BIN" --config "$TMP/gw.yaml" serve >"$TMP/gateway.log" 2>&1 &
+PIDS+=($!); GW_PID=$!
+
+# 4. Optional nginx (1 process, keep-alive upstream pool), for context.
+if [ "$WITH_NGINX" = 1 ]; then
+  mkdir -p "$TMP/nginx"
+  cat >"$TMP/nginx/nginx.conf" <<NGX
+worker_processes 1;
+master_process off;
+daemon off;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $TMP/nginx/body;
+  proxy_temp_path $TMP/nginx/proxy;
+  fastcgi_temp_path $TMP/nginx/fastcgi;
+  uwsgi_temp_path $TMP/nginx/uwsgi;
+  scgi_temp_path $TMP/nginx/scgi;
+  upstream mock { server 127.0.0.1:$MOCK_PORT; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+NGX
+  "$NGINX_BIN" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" >"$TMP/nginx.log" 2>&1 &
+  PIDS+=($!); NGINX_PID=$!
+fi
+
+wait_port "$BARE_PORT" bare
+wait_port "$GW_PORT" gateway
+[ "$WITH_NGINX" = 1 ] && wait_port "$NGINX_PORT" nginx
+
+PROXIES=(bare gateway)
+[ "$WITH_NGINX" = 1 ] && PROXIES+=(nginx)
+port_of() { case "$1" in bare) echo "$BARE_PORT";; gateway) echo "$GW_PORT";; nginx) echo "$NGINX_PORT";; esac; }
+pid_of() { case "$1" in bare) echo "$BARE_PID";; gateway) echo "$GW_PID";; nginx) echo "$NGINX_PID";; esac; }
+
+# Smoke test: every proxy must answer 200 with a completion before we time anything.
+BODY='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+for p in "${PROXIES[@]}"; do
+  code=$(curl -s -o "$TMP/smoke.$p" -w '%{http_code}' -X POST "http://127.0.0.1:$(port_of "$p")/v1/chat/completions" \
+    -H "Authorization: Bearer $SECRET" -H 'Content-Type: application/json' -d "$BODY" || true)
+  if [ "$code" != 200 ]; then
+    echo "smoke test: $p answered $code: $(head -c 300 "$TMP/smoke.$p")" >&2; exit 1
+  fi
+done
+
+# utime + stime of the whole process (all threads), in clock ticks.
+cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+
+RESULTS="$TMP/results.tsv"
+: >"$RESULTS"
+NON2XX_TOTAL=0
+
+# run_round VARIANT PROXY ROUND DURATION
+run_round() {
+  local variant="$1" p="$2" round="$3" dur="$4" stream=0 pid port before after out line
+  [ "$variant" = stream ] && stream=1
+  pid=$(pid_of "$p"); port=$(port_of "$p")
+  before=$(cpu_ticks "$pid")
+  out=$(SG_SECRET="$SECRET" SG_STREAM="$stream" wrk -t1 -c"$CONNECTIONS" -d"${dur}s" -s "$LUA" \
+        "http://127.0.0.1:$port" 2>&1)
+  after=$(cpu_ticks "$pid")
+  [ "$round" = warmup ] && return 0
+  line=$(printf '%s\n' "$out" | grep '^WRK_RESULT' || true)
+  if [ -z "$line" ]; then echo "wrk produced no result for $p:" >&2; printf '%s\n' "$out" >&2; exit 1; fi
+  if printf '%s\n' "$out" | grep -q 'Non-2xx'; then
+    echo "!!!!!!!! WARNING: $p ($variant, round $round) had non-2xx responses: $(printf '%s\n' "$out" | grep 'Non-2xx') !!!!!!!!" >&2
+  fi
+  if printf '%s\n' "$out" | grep -q 'Socket errors'; then
+    echo "!!! warning: $p ($variant, round $round): $(printf '%s\n' "$out" | grep 'Socket errors')" >&2
+  fi
+  # variant proxy round rps cpu_us_per_req p50_us p99_us non2xx requests
+  printf '%s\n' "$line" | awk -v v="$variant" -v p="$p" -v r="$round" -v d="$((after - before))" -v hz="$CLK_TCK" '{
+      for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
+      rps = f["requests"] / (f["duration_us"] / 1e6)
+      cpu = f["requests"] > 0 ? d * 1e6 / hz / f["requests"] : 0
+      printf "%s\t%s\t%s\t%.0f\t%.2f\t%d\t%d\t%d\t%d\n", v, p, r, rps, cpu, f["p50_us"], f["p99_us"], f["non2xx"], f["requests"]
+    }' >>"$RESULTS"
+}
+
+VARIANTS=(plain)
+[ "$WITH_STREAM" = 1 ] && VARIANTS+=(stream)
+
+echo "mock :$MOCK_PORT  bare :$BARE_PORT  gateway :$GW_PORT$([ "$WITH_NGINX" = 1 ] && echo "  nginx :$NGINX_PORT")"
+echo "wrk -t1 -c$CONNECTIONS -d${DURATION}s, $ROUNDS alternating rounds per variant, $(nproc) cores, CLK_TCK $CLK_TCK"
+for variant in "${VARIANTS[@]}"; do
+  for p in "${PROXIES[@]}"; do run_round "$variant" "$p" warmup 2; done
+  for r in $(seq 1 "$ROUNDS"); do
+    # Rotate the order each round so no proxy always runs first/last.
+    n=${#PROXIES[@]}
+    for k in $(seq 0 $((n - 1))); do
+      p=${PROXIES[$(( (k + r - 1) % n ))]}
+      run_round "$variant" "$p" "$r" "$DURATION"
+      printf '  %-6s round %s %-8s done\n' "$variant" "$r" "$p" >&2
+    done
+  done
+done
+
+# Report.
+median() { sort -g | awk '{ a[NR] = $1 } END { if (NR == 0) print 0; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+col() { awk -F'\t' -v v="$1" -v p="$2" -v c="$3" '$1 == v && $2 == p { print $c }' "$RESULTS"; }
+
+mkdir -p "$ROOT/target/bench"
+for variant in "${VARIANTS[@]}"; do
+  echo
+  echo "== $variant chat$([ "$variant" = stream ] && echo ' ("stream":true)') =="
+  printf '%-8s %-7s %10s %12s %9s %9s %7s\n' proxy round rps "cpu_us/req" p50_ms p99_ms non2xx
+  for p in "${PROXIES[@]}"; do
+    awk -F'\t' -v v="$variant" -v p="$p" '$1 == v && $2 == p {
+        printf "%-8s %-7s %10d %12.2f %9.2f %9.2f %7d\n", $2, $3, $4, $5, $6 / 1000, $7 / 1000, $8 }' "$RESULTS"
+    printf '%-8s %-7s %10.0f %12.2f\n' "$p" median "$(col "$variant" "$p" 4 | median)" "$(col "$variant" "$p" 5 | median)"
+  done
+  bare_rps=$(col "$variant" bare 4 | median); gw_rps=$(col "$variant" gateway 4 | median)
+  bare_cpu=$(col "$variant" bare 5 | median); gw_cpu=$(col "$variant" gateway 5 | median)
+  # Paired per-round ratios too (each gateway round against the bare round next to it).
+  paired_rps=$(paste <(col "$variant" gateway 4) <(col "$variant" bare 4) | awk '{ print $1 / $2 }' | median)
+  paired_cpu=$(paste <(col "$variant" gateway 5) <(col "$variant" bare 5) | awk '{ print $1 / $2 }' | median)
+  awk -v v="$variant" -v gr="$gw_rps" -v br="$bare_rps" -v gc="$gw_cpu" -v bc="$bare_cpu" \
+      -v pr="$paired_rps" -v pc="$paired_cpu" 'BEGIN {
+    rr = gr / br; cr = gc / bc
+    printf "%s: gateway/bare rps        = %.3f  (bar >= 0.80) %s   [median of paired rounds %.3f]\n", v, rr, rr >= 0.80 ? "PASS" : "FAIL", pr
+    printf "%s: gateway/bare cpu/req    = %.3f  (bar <= 1.25) %s   [median of paired rounds %.3f]\n", v, cr, cr <= 1.25 ? "PASS" : "FAIL", pc
+  }'
+  if [ "$WITH_NGINX" = 1 ]; then
+    ng_rps=$(col "$variant" nginx 4 | median); ng_cpu=$(col "$variant" nginx 5 | median)
+    awk -v v="$variant" -v nr="$ng_rps" -v br="$bare_rps" -v gr="$gw_rps" -v nc="$ng_cpu" -v bc="$bare_cpu" -v gc="$gw_cpu" 'BEGIN {
+      printf "%s: (context) nginx/bare rps = %.3f, cpu/req = %.3f; gateway/nginx rps = %.3f, cpu/req = %.3f\n", v, nr / br, nc / bc, gr / nr, gc / nc }'
+  fi
+  if [ "$variant" = plain ]; then
+    printf '%.0f\n' "$gw_rps" >"$ROOT/target/bench/gateway_rps.txt"
+  fi
+done
+
+bad=$(awk -F'\t' '{ s += $8 } END { print s + 0 }' "$RESULTS")
+if [ "$bad" != 0 ]; then
+  echo
+  echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
+  echo "!!! WARNING: $bad non-2xx responses during timed rounds: numbers invalid"
+  echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
+fi
+echo
+echo "median gateway rps (plain) written to target/bench/gateway_rps.txt"
+cp "$RESULTS" "$ROOT/target/bench/wrk_compare.tsv"

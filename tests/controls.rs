@@ -1,0 +1,507 @@
+//! Per-key controls (SPEC §2): exact rate limits, budgets never overshot, allow-lists through
+//! aliases, free-only, expiry and month rollover, fallback, and the headers.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use spidergate::clock::{day_index, day_label, month_index, month_label, now_ms};
+use spidergate::store::{LedgerEntry, TraceRow};
+
+/// gpt-4o-mini costs 150 nano-dollars per prompt token and 600 per completion token.
+const PROMPT_NANOS: i64 = 150;
+const COMPLETION_NANOS: i64 = 600;
+/// The mock reports 10 prompt + 5 completion tokens by default.
+const DEFAULT_COST: i64 = 10 * PROMPT_NANOS + 5 * COMPLETION_NANOS;
+
+fn assert_limit_headers(r: &Response, what: &str) {
+    for h in [
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset",
+    ] {
+        assert!(r.header(h).is_some(), "{what}: missing {h}");
+    }
+}
+
+#[test]
+fn rpm_admits_exactly_n_per_rolling_minute_and_retry_after_is_accurate() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    let key = gw.create_key(&["--rpm", "3"]);
+    for expected_remaining in ["2", "1", "0"] {
+        let r = gw.chat(&key, "gpt-4o-mini");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-ratelimit-limit-requests"), Some("3"));
+        assert_eq!(
+            r.header("x-ratelimit-remaining-requests"),
+            Some(expected_remaining)
+        );
+    }
+    // A request rejected for another reason consumes nothing and reports the full window.
+    let r = gw.chat(&key, "no-such-model");
+    assert_eq!(r.status, 404);
+    assert_limit_headers(&r, "404");
+
+    let r = gw.chat(&key, "gpt-4o-mini");
+    assert_eq!((r.status, r.code().as_str()), (429, "rate_limit_exceeded"));
+    assert_eq!(r.json()["error"]["type"], "requests");
+    let retry: u64 = r
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
+    assert_eq!(
+        r.header("x-ratelimit-reset")
+            .unwrap()
+            .parse::<u64>()
+            .unwrap(),
+        retry
+    );
+    // Rejected 429s do not extend the window.
+    assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 429);
+
+    // Retrying after exactly Retry-After seconds succeeds.
+    std::thread::sleep(Duration::from_secs(retry));
+    let r = gw.chat(&key, "gpt-4o-mini");
+    assert_eq!(r.status, 200, "retry after {retry}s: {}", r.text());
+    assert_eq!(gw.usage(&key)["requests_today"], 4);
+}
+
+#[test]
+fn rpd_is_enforced_per_utc_day_and_survives_a_restart() {
+    let mock = mock();
+    let mut gw = GatewayBuilder::new(&mock).start();
+    let key = gw.create_key(&["--rpd", "2"]);
+    assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
+    assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
+    let r = gw.chat(&key, "gpt-4o-mini");
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (429, "daily_rate_limit_exceeded")
+    );
+    let retry: i64 = r.header("retry-after").unwrap().parse().unwrap();
+    let secs_to_midnight = ((day_index(now_ms()) + 1) * 86_400_000 - now_ms()) / 1000;
+    assert!(
+        (retry - secs_to_midnight).abs() <= 2,
+        "Retry-After {retry} vs {secs_to_midnight}"
+    );
+
+    gw.restart();
+    let r = gw.chat(&key, "gpt-4o-mini");
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (429, "daily_rate_limit_exceeded"),
+        "count survived the restart"
+    );
+    assert_eq!(gw.usage(&key)["requests_today"], 2);
+}
+
+#[test]
+fn allow_list_is_checked_through_aliases() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    let via_alias = gw.create_key(&["--models", "spideriq/fast"]);
+    assert_eq!(gw.chat(&via_alias, "spideriq/fast").status, 200);
+    assert_eq!(
+        gw.chat(&via_alias, "gpt-4o-mini").status,
+        200,
+        "reached through the allowed alias"
+    );
+    let r = gw.chat(&via_alias, "gpt-4o");
+    assert_eq!((r.status, r.code().as_str()), (403, "model_not_allowed"));
+    assert_eq!(r.json()["error"]["type"], "permission_error");
+    assert_limit_headers(&r, "403");
+    // Another alias is served only by the models this key may use (dead-model is skipped).
+    mock.clear();
+    let r = gw.chat(&via_alias, "spideriq/failover");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-spidergate-fallback-from"), None);
+    assert_eq!(mock.requests().len(), 1);
+    let only_paid = gw.create_key(&["--models", "gpt-4o"]);
+    let r = gw.chat(&only_paid, "spideriq/fast");
+    assert_eq!((r.status, r.code().as_str()), (403, "model_not_allowed"));
+
+    // A model list that names only part of an alias's chain: served by the listed model only.
+    let model_only = gw.create_key(&["--models", "gpt-4o-mini"]);
+    mock.clear();
+    let r = gw.chat(&model_only, "spideriq/fast");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-spidergate-model"), Some("gpt-4o-mini"));
+    assert_eq!(mock.requests()[0].json().unwrap()["model"], "gpt-4o-mini");
+    // Unknown still wins over not-allowed.
+    assert_eq!(gw.chat(&model_only, "nope").code(), "model_not_found");
+}
+
+#[test]
+fn free_only_keys_get_free_models_only() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    let key = gw.create_key(&["--free-only"]);
+    let r = gw.chat(&key, "gpt-4o-mini");
+    assert_eq!((r.status, r.code().as_str()), (403, "model_not_allowed"));
+    assert_eq!(gw.chat(&key, "llama-3.1-8b-instant").status, 200);
+    mock.clear();
+    let r = gw.chat_with(&key, "spideriq/fast", &[("x-mock-status", "503")]);
+    // The alias's only free model failed: no paid fallback for a free-only key.
+    assert_eq!(r.status, 503);
+    assert_eq!(mock.requests().len(), 1);
+    assert_eq!(
+        mock.requests()[0].json().unwrap()["model"],
+        "meta-llama/llama-3.1-8b-instant"
+    );
+}
+
+#[test]
+fn soft_budget_warns_once_reached_and_keeps_serving() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    // Cap of 10,000 nano-dollars: reached after three default requests (4,500 each).
+    let key = gw.create_key(&["--budget", "0.00001", "--budget-mode", "soft"]);
+    for _ in 0..3 {
+        let r = gw.chat(&key, "gpt-4o-mini");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-spidergate-budget-warning"), None);
+    }
+    for _ in 0..2 {
+        let r = gw.chat(&key, "gpt-4o-mini");
+        assert_eq!(r.status, 200, "soft budgets never block");
+        assert!(r.header("x-spidergate-budget-warning").is_some());
+    }
+    assert_eq!(gw.usage(&key)["spend_nanodollars"], 5 * DEFAULT_COST);
+}
+
+#[test]
+fn hard_budget_blocks_with_402_stating_spend_and_cap() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    // Reservation per request: body bytes x 150 + max_tokens (5) x 600 = about 15,000 nanos.
+    let key = gw.create_key(&["--budget", "0.00005", "--budget-mode", "hard"]);
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let mut ok = 0;
+    let last = loop {
+        let r = gw.post("/v1/chat/completions", &key.bearer(), body.as_bytes(), &[]);
+        if r.status != 200 {
+            break r;
+        }
+        ok += 1;
+        assert!(ok < 50, "hard budget never blocked");
+    };
+    assert_eq!(
+        (last.status, last.code().as_str()),
+        (402, "budget_exceeded")
+    );
+    assert_eq!(last.json()["error"]["type"], "insufficient_quota");
+    assert_limit_headers(&last, "402");
+    let spent = ok * DEFAULT_COST;
+    let msg = last.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains(&spidergate::error::usd(spent)), "{msg}");
+    assert!(msg.contains("0.000050"), "{msg}");
+    let usage = gw.usage(&key);
+    assert_eq!(usage["spend_nanodollars"], spent);
+    assert!(spent <= 50_000);
+    // The 402 consumed no quota.
+    assert_eq!(usage["requests_today"], ok);
+}
+
+#[test]
+fn forty_concurrent_requests_never_overshoot_a_nearly_spent_hard_budget() {
+    let mock = mock();
+    let gw = Arc::new(GatewayBuilder::new(&mock).start());
+    let cap: i64 = 200_000;
+    let key = Arc::new(gw.create_key(&["--budget", "0.0002", "--budget-mode", "hard"]));
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    // Spend most of it first.
+    for _ in 0..30 {
+        assert_eq!(
+            gw.post("/v1/chat/completions", &key.bearer(), body.as_bytes(), &[])
+                .status,
+            200
+        );
+    }
+    let before = mock.served_usage();
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..40)
+        .map(|_| {
+            let (gw, key, body, admitted, refused) = (
+                gw.clone(),
+                key.clone(),
+                body.clone(),
+                admitted.clone(),
+                refused.clone(),
+            );
+            std::thread::spawn(move || {
+                let r = gw.post(
+                    "/v1/chat/completions",
+                    &key.bearer(),
+                    body.as_bytes(),
+                    &[("x-mock-delay-ms", "150")],
+                );
+                match (r.status, r.code().as_str()) {
+                    (200, _) => admitted.fetch_add(1, Ordering::SeqCst),
+                    (402, "budget_exceeded") => refused.fetch_add(1, Ordering::SeqCst),
+                    other => panic!("unexpected {other:?}"),
+                };
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let (prompt, completion) = mock.served_usage();
+    let upstream_cost = prompt as i64 * PROMPT_NANOS + completion as i64 * COMPLETION_NANOS;
+    assert!(
+        upstream_cost <= cap,
+        "upstream reported {upstream_cost} nanos > cap {cap}"
+    );
+    let burst = (prompt - before.0) as i64 * PROMPT_NANOS
+        + (completion - before.1) as i64 * COMPLETION_NANOS;
+    assert_eq!(burst, admitted.load(Ordering::SeqCst) as i64 * DEFAULT_COST);
+    assert!(
+        refused.load(Ordering::SeqCst) > 0,
+        "the burst must hit the cap"
+    );
+    assert!(admitted.load(Ordering::SeqCst) > 0);
+    let usage = gw.usage(&key);
+    assert_eq!(usage["spend_nanodollars"], upstream_cost);
+    assert_eq!(usage["reserved_usd"], 0.0, "every reservation released");
+}
+
+#[test]
+fn reservations_are_released_on_upstream_errors() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    let key = gw.create_key(&["--budget", "0.0001", "--budget-mode", "hard"]);
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 5, "messages": []}).to_string();
+    for _ in 0..5 {
+        let r = gw.post(
+            "/v1/chat/completions",
+            &key.bearer(),
+            body.as_bytes(),
+            &[("x-mock-status", "500")],
+        );
+        assert_eq!(r.status, 500, "{}", r.text());
+    }
+    let dead = json!({"model": "dead-model", "max_tokens": 5, "messages": []}).to_string();
+    assert_eq!(
+        gw.post("/v1/chat/completions", &key.bearer(), dead.as_bytes(), &[])
+            .status,
+        502
+    );
+    let usage = gw.usage(&key);
+    assert_eq!(
+        usage["spend_nanodollars"], 0,
+        "failed upstream calls cost nothing"
+    );
+    assert_eq!(usage["reserved_usd"], 0.0);
+    assert_eq!(
+        gw.post("/v1/chat/completions", &key.bearer(), body.as_bytes(), &[])
+            .status,
+        200
+    );
+}
+
+#[test]
+fn budgets_reset_on_the_first_of_the_month() {
+    let mock = mock();
+    let mut gw = GatewayBuilder::new(&mock).start();
+    let key = gw.create_key(&["--budget", "0.0001", "--budget-mode", "hard"]);
+    // Move the clock back: last month's ledger holds the whole cap.
+    let last_month = month_label(month_index(now_ms()) - 1);
+    let entry = |month: String, cost: i64| LedgerEntry {
+        trace: TraceRow {
+            ts: now_ms(),
+            key_id: Some(key.id.clone()),
+            endpoint: "chat.completions".into(),
+            served_model: Some("gpt-4o-mini".into()),
+            status: 200,
+            cost_nanos: cost,
+            ..TraceRow::default()
+        },
+        admitted: true,
+        month,
+        day: day_label(day_index(now_ms()) - 40),
+    };
+    gw.store()
+        .write_batch(&[entry(last_month.clone(), 100_000)])
+        .unwrap();
+    gw.restart();
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 5, "messages": []}).to_string();
+    let r = gw.post("/v1/chat/completions", &key.bearer(), body.as_bytes(), &[]);
+    assert_eq!(
+        r.status,
+        200,
+        "last month's spend does not count: {}",
+        r.text()
+    );
+    let usage = gw.usage(&key);
+    assert_eq!(usage["spend_nanodollars"], DEFAULT_COST);
+    let resets = usage["budget_resets_at"].as_str().unwrap();
+    assert!(resets.ends_with("-01T00:00:00Z"), "{resets}");
+    // This month's ledger at the cap blocks after a restart.
+    gw.store()
+        .write_batch(&[entry(month_label(month_index(now_ms())), 100_000)])
+        .unwrap();
+    gw.restart();
+    let r = gw.post("/v1/chat/completions", &key.bearer(), body.as_bytes(), &[]);
+    assert_eq!(r.code(), "budget_exceeded");
+    let out = gw.cli_json(&["usage", &key.id, "--month", &last_month, "--json"]);
+    assert_eq!(out["spend_nanodollars"], 100_000);
+}
+
+#[test]
+fn every_authenticated_response_carries_the_limit_headers() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    let key = gw.create_key(&["--rpm", "100", "--models", "gpt-4o-mini"]);
+    let responses = [
+        ("200", gw.chat(&key, "gpt-4o-mini")),
+        ("403", gw.chat(&key, "gpt-4o")),
+        ("404", gw.chat(&key, "nope")),
+        (
+            "400",
+            gw.post("/v1/chat/completions", &key.bearer(), b"{", &[]),
+        ),
+        ("models", gw.get("/v1/models", &key.bearer())),
+        ("usage", gw.get("/v1/usage", &key.bearer())),
+        (
+            "upstream 500",
+            gw.chat_with(&key, "gpt-4o-mini", &[("x-mock-status", "500")]),
+        ),
+    ];
+    for (what, r) in &responses {
+        assert_limit_headers(r, what);
+        assert_eq!(
+            r.header("x-ratelimit-limit-requests"),
+            Some("100"),
+            "{what}"
+        );
+    }
+    assert_eq!(
+        responses[0].1.header("x-ratelimit-remaining-requests"),
+        Some("99")
+    );
+    let unlimited = gw.create_key(&[]);
+    let r = gw.chat(&unlimited, "gpt-4o-mini");
+    assert_eq!(r.header("x-ratelimit-limit-requests"), Some("unlimited"));
+}
+
+#[test]
+fn fallback_moves_down_the_alias_chain_before_any_byte_reaches_the_client() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    let key = gw.create_key(&[]);
+    // Connect error on the first model.
+    mock.clear();
+    let r = gw.chat(&key, "spideriq/failover");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-spidergate-fallback-from"), Some("dead-model"));
+    assert_eq!(r.header("x-spidergate-model"), Some("gpt-4o-mini"));
+    assert_eq!(mock.requests().len(), 1);
+
+    // 503 from the first model, success from the second.
+    for status in ["503", "429"] {
+        mock.clear();
+        let r = gw.chat_with(
+            &key,
+            "spideriq/fast",
+            &[
+                ("x-mock-status", status),
+                ("x-mock-status-model", "meta-llama/llama-3.1-8b-instant"),
+            ],
+        );
+        assert_eq!(r.status, 200, "{status}: {}", r.text());
+        assert_eq!(
+            r.header("x-spidergate-fallback-from"),
+            Some("llama-3.1-8b-instant")
+        );
+        let models: Vec<String> = mock
+            .requests()
+            .iter()
+            .map(|r| r.json().unwrap()["model"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            models,
+            vec!["meta-llama/llama-3.1-8b-instant", "gpt-4o-mini"]
+        );
+    }
+    // Both fail: the last upstream error passes through.
+    let r = gw.chat_with(&key, "spideriq/fast", &[("x-mock-status", "503")]);
+    assert_eq!(r.status, 503);
+    assert_eq!(r.code(), "mock_error");
+    // Spend is booked to the last model tried; failed attempts cost nothing.
+    let usage = gw.usage(&key);
+    assert_eq!(usage["by_model"]["gpt-4o-mini"]["requests"], 4);
+    assert_eq!(
+        usage["by_model"]["gpt-4o-mini"]["spend_nanodollars"],
+        3 * DEFAULT_COST
+    );
+    assert!(usage["by_model"].get("llama-3.1-8b-instant").is_none());
+}
+
+#[test]
+fn ten_thousand_keys_each_under_its_limit_see_no_429() {
+    let mock = mock();
+    mock.set_recording(false);
+    let gw = Arc::new(GatewayBuilder::new(&mock).start());
+    let config = spidergate::config::Config::load(&gw.config).unwrap();
+    let catalog = spidergate::catalog::Catalog::new(&config);
+    let now = now_ms();
+    let mut records = Vec::new();
+    let mut secrets = Vec::new();
+    for i in 0..10_000 {
+        let req = spidergate::manage::NewKey {
+            name: format!("agent-{i}"),
+            rpm: Some(1),
+            rpd: Some(1),
+            ..Default::default()
+        };
+        let (rec, secret) = spidergate::manage::mint_key(&catalog, req, now).unwrap();
+        records.push(rec);
+        secrets.push(secret);
+    }
+    gw.store().insert_keys(&records).unwrap();
+    let last = Key {
+        id: records[9_999].id.clone(),
+        secret: secrets[9_999].clone(),
+    };
+    gw.wait_key_live(&last);
+    let secrets = Arc::new(secrets);
+    let non_200 = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (gw, secrets, non_200) = (gw.clone(), secrets.clone(), non_200.clone());
+            std::thread::spawn(move || {
+                let body = br#"{"model":"gpt-4o-mini","messages":[]}"#;
+                for s in secrets.iter().skip(t).step_by(4) {
+                    let r = gw.post("/v1/chat/completions", &format!("Bearer {s}"), body, &[]);
+                    if r.status != 200 {
+                        non_200.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(non_200.load(Ordering::SeqCst), 0);
+    // And each key's own limit still holds exactly.
+    let r = gw.post(
+        "/v1/chat/completions",
+        &last.bearer(),
+        br#"{"model":"gpt-4o-mini","messages":[]}"#,
+        &[],
+    );
+    assert_eq!(r.status, 429);
+}
