@@ -52,7 +52,7 @@ fi
 NGINX_BIN="$(command -v nginx || true)"
 
 if [ "$BUILD" = 1 ]; then
-  cargo build --release --examples
+  cargo build --release --bins --examples
 fi
 [ -x "$BIN" ] && [ -x "$BARE" ] || { echo "missing $BIN or $BARE (build first)" >&2; exit 1; }
 

@@ -30,6 +30,8 @@ pub enum GateError {
     UpstreamTimeout,
     NotFound,
     MethodNotAllowed,
+    /// SIGTERM received: in-flight requests finish, new ones are refused.
+    ShuttingDown,
 }
 
 impl GateError {
@@ -45,6 +47,7 @@ impl GateError {
             GateError::UpstreamError(_) => 502,
             GateError::UpstreamTimeout => 504,
             GateError::MethodNotAllowed => 405,
+            GateError::ShuttingDown => 503,
         }
     }
 
@@ -66,6 +69,7 @@ impl GateError {
             GateError::UpstreamTimeout => "upstream_timeout",
             GateError::NotFound => "not_found",
             GateError::MethodNotAllowed => "method_not_allowed",
+            GateError::ShuttingDown => "shutting_down",
         }
     }
 
@@ -83,7 +87,9 @@ impl GateError {
             | GateError::MethodNotAllowed => "invalid_request_error",
             GateError::BudgetExceeded { .. } => "insufficient_quota",
             GateError::RateLimited { .. } | GateError::DailyRateLimited { .. } => "requests",
-            GateError::UpstreamError(_) | GateError::UpstreamTimeout => "api_error",
+            GateError::UpstreamError(_) | GateError::UpstreamTimeout | GateError::ShuttingDown => {
+                "api_error"
+            }
         }
     }
 
@@ -144,6 +150,7 @@ impl fmt::Display for GateError {
             GateError::UpstreamTimeout => f.write_str("Upstream provider timed out."),
             GateError::NotFound => f.write_str("Unknown endpoint."),
             GateError::MethodNotAllowed => f.write_str("Method not allowed for this endpoint."),
+            GateError::ShuttingDown => f.write_str("The gateway is shutting down; retry on another instance."),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Shared gateway state: config, catalog, the hot-swapped key snapshot, ledger and metrics.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -25,6 +25,10 @@ pub struct Gate {
     loaded_version: AtomicI64,
     pub ledger: SpendLedger,
     pub metrics: Metrics,
+    /// Requests between `new_ctx` and the end of `logging`.
+    inflight: Arc<AtomicUsize>,
+    /// Set on SIGTERM: new requests are refused while in-flight ones finish.
+    pub draining: AtomicBool,
     /// Connection for reads off the request path (usage, admin); used from blocking threads.
     reader: Mutex<Option<Store>>,
 }
@@ -53,6 +57,8 @@ impl Gate {
             ledger,
             metrics: Metrics::default(),
             reader: Mutex::new(None),
+            inflight: Arc::new(AtomicUsize::new(0)),
+            draining: AtomicBool::new(false),
             config,
         };
         let store = gate.open_store().map_err(|e| format!("database: {e}"))?;
@@ -63,6 +69,16 @@ impl Gate {
 
     pub fn open_store(&self) -> Result<Store, StoreError> {
         Store::open(&self.config.database)
+    }
+
+    /// Counts a request as in flight until the guard drops.
+    pub fn track_request(&self) -> InflightGuard {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        InflightGuard(self.inflight.clone())
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
     }
 
     /// Runs `f` with the shared read connection (blocking: call from a blocking thread).
@@ -118,5 +134,14 @@ impl Gate {
         self.keys.store(Arc::new(set));
         self.loaded_version.store(version, Ordering::Release);
         Ok(())
+    }
+}
+
+/// Decrements the in-flight count when a request's context is dropped, on every path.
+pub struct InflightGuard(Arc<AtomicUsize>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -39,6 +39,10 @@ struct CounterState {
     spent_nanos: i64,
     /// Open reservations of requests in flight, nano-dollars.
     reserved_nanos: i64,
+    /// Admissions in the current calendar minute, for reporting keys without an `rpm`
+    /// (their rolling window is not kept, so it costs no memory).
+    report_minute: i64,
+    report_count: u32,
 }
 
 /// What an admitted request reports back in its rate-limit headers.
@@ -130,6 +134,8 @@ impl KeyCounters {
                 month: month_index(now),
                 spent_nanos: spent_this_month_nanos,
                 reserved_nanos: 0,
+                report_minute: 0,
+                report_count: 0,
             }),
         }
     }
@@ -194,6 +200,12 @@ impl KeyCounters {
         }
         s.day_count += 1;
         s.reserved_nanos += reserve;
+        let minute = now.div_euclid(WINDOW_MS);
+        if s.report_minute != minute {
+            s.report_minute = minute;
+            s.report_count = 0;
+        }
+        s.report_count += 1;
         let standing = s.standing(now, limits);
         Ok((
             standing,
@@ -224,11 +236,18 @@ impl KeyCounters {
         }
     }
 
-    pub fn view(&self, now: i64) -> CounterView {
+    /// Current counts. `requests_this_minute` is the rolling-minute count for keys with an
+    /// `rpm`, and the count in the current calendar minute for keys without one.
+    pub fn view(&self, now: i64, limits: &Limits) -> CounterView {
         let mut s = self.lock();
         s.roll(now);
+        let this_minute = match limits.rpm {
+            Some(_) => s.minute.len() as u32,
+            None if s.report_minute == now.div_euclid(WINDOW_MS) => s.report_count,
+            None => 0,
+        };
         CounterView {
-            requests_this_minute: s.minute.len() as u32,
+            requests_this_minute: this_minute,
             requests_today: s.day_count,
             spent_nanos: s.spent_nanos,
             reserved_nanos: s.reserved_nanos,
@@ -292,7 +311,7 @@ mod tests {
             assert_eq!(err.code(), "daily_rate_limit_exceeded");
             assert_eq!(err.retry_after(), Some(12 * 3600));
         }
-        assert_eq!(c.view(t0()).requests_today, 2);
+        assert_eq!(c.view(t0(), &Limits::default()).requests_today, 2);
         let tomorrow = (day_index(t0()) + 1) * MS_PER_DAY;
         assert!(c.admit(tomorrow, &l, 0).is_ok());
     }
@@ -328,8 +347,8 @@ mod tests {
             }
         );
         c.settle(r1, 100);
-        assert_eq!(c.view(t0()).spent_nanos, 700);
-        assert_eq!(c.view(t0()).reserved_nanos, 0);
+        assert_eq!(c.view(t0(), &Limits::default()).spent_nanos, 700);
+        assert_eq!(c.view(t0(), &Limits::default()).reserved_nanos, 0);
         let (_, r2) = c.admit(t0(), &l, 300).unwrap();
         c.settle(r2, 0);
     }
@@ -347,7 +366,7 @@ mod tests {
             c.admit(t0(), &l, 1).unwrap_err().0.code(),
             "budget_exceeded"
         );
-        let v = c.view(t0());
+        let v = c.view(t0(), &Limits::default());
         assert_eq!((v.requests_this_minute, v.requests_today), (0, 0));
     }
 
@@ -379,7 +398,7 @@ mod tests {
         assert!(c.admit(end_nov, &l, 1).is_err());
         let (_, r) = c.admit(end_nov + 1, &l, 1).unwrap();
         c.settle(r, 1);
-        assert_eq!(c.view(end_nov + 1).spent_nanos, 1);
+        assert_eq!(c.view(end_nov + 1, &Limits::default()).spent_nanos, 1);
     }
 
     #[test]
@@ -392,9 +411,9 @@ mod tests {
             ..Limits::default()
         };
         let (_, r) = c.admit(end_nov, &l, 500).unwrap();
-        assert_eq!(c.view(end_nov + 20).reserved_nanos, 500);
+        assert_eq!(c.view(end_nov + 20, &Limits::default()).reserved_nanos, 500);
         c.settle(r, 400);
-        let v = c.view(end_nov + 20);
+        let v = c.view(end_nov + 20, &Limits::default());
         assert_eq!((v.spent_nanos, v.reserved_nanos), (0, 0));
     }
 }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Every `error.code` the gateway emits, plus `ok` and `upstream_status` (an upstream's own
 /// error response passed through).
-pub const OUTCOMES: [&str; 16] = [
+pub const OUTCOMES: [&str; 17] = [
     "ok",
     "upstream_status",
     "invalid_api_key",
@@ -22,6 +22,7 @@ pub const OUTCOMES: [&str; 16] = [
     "upstream_error",
     "upstream_timeout",
     "not_found",
+    "shutting_down",
 ];
 
 const LATENCY_BUCKETS_MS: [u64; 10] = [5, 10, 25, 50, 100, 250, 500, 1_000, 5_000, 30_000];

@@ -14,7 +14,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::admission::{self, Admission, Endpoint};
 use crate::clock::{day_index, day_label, month_index, month_label, now_ms};
 use crate::error::GateError;
-use crate::gate::Gate;
+use crate::gate::{Gate, InflightGuard};
 use crate::keys::KeyEntry;
 use crate::limits::Standing;
 use crate::providers::openai::rewrite_body;
@@ -70,6 +70,7 @@ pub struct RequestCtx {
     sse: Option<SseUsageParser>,
     json_buf: Option<Vec<u8>>,
     response_bytes: u64,
+    _inflight: InflightGuard,
 }
 
 fn header_bytes<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a [u8]> {
@@ -318,6 +319,7 @@ impl ProxyHttp for GateProxy {
             sse: None,
             json_buf: None,
             response_bytes: 0,
+            _inflight: self.gate.track_request(),
         }
     }
 

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora_core::server::configuration::{Opt, ServerConf};
-use pingora_core::server::{RunArgs, Server, ShutdownWatch};
+use pingora_core::server::{
+    RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch, UnixShutdownSignalWatch,
+};
 use pingora_core::services::background::{background_service, BackgroundService};
 
 use crate::catalog::MAX_CHAIN;
@@ -60,6 +62,35 @@ impl BackgroundService for Maintenance {
     }
 }
 
+/// SIGTERM drains before Pingora stops: Pingora's runtime shutdown cancels unfinished
+/// requests, so the signal is handed on only once in-flight requests are done (or the
+/// timeout passes). Meanwhile new requests get 503 `shutting_down`.
+struct DrainOnTerm {
+    gate: Arc<Gate>,
+    timeout: std::time::Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for DrainOnTerm {
+    async fn recv(&self) -> ShutdownSignal {
+        let signal = UnixShutdownSignalWatch.recv().await;
+        if matches!(signal, ShutdownSignal::GracefulTerminate) {
+            self.gate
+                .draining
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            log::info!(
+                "SIGTERM: draining {} in-flight requests",
+                self.gate.inflight()
+            );
+            while self.gate.inflight() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        signal
+    }
+}
+
 /// Runs the gateway until SIGTERM/SIGINT; returns once every recorded request is committed.
 pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
     config.load_provider_keys();
@@ -73,8 +104,9 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
         threads: tuning.threads,
         // Fallbacks are retries in Pingora's terms: allow one per model plus stale connections.
         max_retries: MAX_CHAIN + 2,
+        // Draining happens in `DrainOnTerm`, before Pingora's own shutdown starts.
         grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(tuning.shutdown_timeout_secs),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
@@ -91,7 +123,12 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
         Maintenance { gate: gate.clone() },
     ));
     log::info!("spidergate listening on {listen}");
-    server.run(RunArgs::default());
+    server.run(RunArgs {
+        shutdown_signal: Box::new(DrainOnTerm {
+            gate: gate.clone(),
+            timeout: std::time::Duration::from_secs(tuning.shutdown_timeout_secs),
+        }),
+    });
     if !gate.ledger.close() {
         return Err("the ledger could not commit every entry before exit".into());
     }

@@ -2,7 +2,7 @@
 //! SQLite file, and the in-process mock provider. Each test states a scenario from SPEC.md.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -168,10 +168,11 @@ pub fn send_request(
     Ok(stream)
 }
 
+/// Status, headers and the reader positioned at the body.
+pub type StreamHead = (u16, Vec<(String, String)>, BufReader<TcpStream>);
+
 /// Reads the response head of an open streamed response, leaving the body unread.
-pub fn read_stream_head(
-    stream: TcpStream,
-) -> std::io::Result<(u16, Vec<(String, String)>, BufReader<TcpStream>)> {
+pub fn read_stream_head(stream: TcpStream) -> std::io::Result<StreamHead> {
     let mut r = BufReader::new(stream);
     let (status, headers) = read_head(&mut r)?;
     Ok((status, headers, r))
@@ -267,7 +268,18 @@ impl GatewayBuilder {
             self.upstream
         ));
         yaml.push_str(self.models.as_deref().unwrap_or(MODELS));
-        yaml.push_str("server:\n  flush_interval_ms: 100\n  reload_interval_ms: 100\n  shutdown_timeout_secs: 5\n");
+        yaml.push_str("server:\n");
+        let defaults = [
+            "flush_interval_ms: 100",
+            "reload_interval_ms: 100",
+            "shutdown_timeout_secs: 5",
+        ];
+        let key_of = |l: &str| l.split(':').next().unwrap_or("").trim().to_string();
+        for d in defaults {
+            if !self.server.iter().any(|l| key_of(l) == key_of(d)) {
+                yaml.push_str(&format!("  {d}\n"));
+            }
+        }
         for l in &self.server {
             yaml.push_str(&format!("  {l}\n"));
         }
@@ -317,7 +329,15 @@ impl Gateway {
             .expect("spawn gateway");
         self.child = Some(child);
         let addr = self.addr;
+        let log = self.log.clone();
+        let child = self.child.as_mut().expect("child");
         wait_for(Duration::from_secs(30), "gateway /health", || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "gateway exited with {status}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
             http(addr, "GET", "/health", &[], b"")
                 .ok()
                 .filter(|r| r.status == 200)
@@ -446,6 +466,14 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- gateway log (last 40 lines) ---");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
