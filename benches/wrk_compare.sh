@@ -215,7 +215,7 @@ for variant in "${VARIANTS[@]}"; do
     for k in $(seq 0 $((n - 1))); do
       p=${PROXIES[$(( (k + r - 1) % n ))]}
       run_round "$variant" "$p" "$r" "$DURATION"
-      printf '  %-6s round %s %-8s done\n' "$variant" "$r" "$p" >&2
+      printf '  %s %-6s round %s %-8s done\n' "$(date +%T)" "$variant" "$r" "$p" >&2
     done
   done
 done
@@ -242,8 +242,8 @@ for variant in "${VARIANTS[@]}"; do
   awk -v v="$variant" -v gr="$gw_rps" -v br="$bare_rps" -v gc="$gw_cpu" -v bc="$bare_cpu" \
       -v pr="$paired_rps" -v pc="$paired_cpu" 'BEGIN {
     rr = gr / br; cr = gc / bc
-    printf "%s: gateway/bare rps        = %.3f  (bar >= 0.80) %s   [median of paired rounds %.3f]\n", v, rr, rr >= 0.80 ? "PASS" : "FAIL", pr
-    printf "%s: gateway/bare cpu/req    = %.3f  (bar <= 1.25) %s   [median of paired rounds %.3f]\n", v, cr, cr <= 1.25 ? "PASS" : "FAIL", pc
+    printf "%s: gateway/bare rps        = %.3f  (bar >= 0.80) %s   [median of paired rounds %.3f]\n", v, rr, (rr >= 0.80 ? "PASS" : "FAIL"), pr
+    printf "%s: gateway/bare cpu/req    = %.3f  (bar <= 1.25) %s   [median of paired rounds %.3f]\n", v, cr, (cr <= 1.25 ? "PASS" : "FAIL"), pc
   }'
   if [ "$WITH_NGINX" = 1 ]; then
     ng_rps=$(col "$variant" nginx 4 | median); ng_cpu=$(col "$variant" nginx 5 | median)

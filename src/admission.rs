@@ -174,7 +174,7 @@ pub fn admit(
     );
     let (standing, reservation) = key
         .counters
-        .admit(now, &key.record.limits(), estimate)
+        .admit(now, &key.limits, estimate)
         .map_err(|(e, _)| e)?;
     Ok(Admission {
         fields,

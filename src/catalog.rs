@@ -8,7 +8,8 @@ use crate::keys::KeyEntry;
 
 enum Target {
     Model(usize),
-    Alias(Vec<usize>),
+    /// Index into `Catalog::aliases`.
+    Alias(usize),
 }
 
 /// Immutable view of the configured models, built once at start-up.
@@ -16,8 +17,10 @@ pub struct Catalog {
     models: Vec<Model>,
     providers: Vec<Provider>,
     by_name: HashMap<String, Target>,
-    /// Alias names in config order, for listings.
+    /// Alias names, sorted, for listings.
     alias_names: Vec<String>,
+    /// Chains by alias index.
+    alias_chains: Vec<Vec<usize>>,
 }
 
 /// Up to this many models in one chain are tried; longer chains are cut at validation time.
@@ -58,15 +61,18 @@ impl Catalog {
             by_name.insert(m.id.clone(), Target::Model(i));
         }
         let mut alias_names = Vec::new();
+        let mut alias_chains = Vec::new();
         for (name, chain) in &config.aliases {
-            by_name.insert(name.clone(), Target::Alias(chain.clone()));
+            by_name.insert(name.clone(), Target::Alias(alias_chains.len()));
             alias_names.push(name.clone());
+            alias_chains.push(chain.clone());
         }
         Catalog {
             models: config.models.clone(),
             providers: config.providers.clone(),
             by_name,
             alias_names,
+            alias_chains,
         }
     }
 
@@ -89,11 +95,16 @@ impl Catalog {
         }
     }
 
-    pub fn alias_chain(&self, name: &str) -> Option<&[usize]> {
+    pub fn alias_index(&self, name: &str) -> Option<usize> {
         match self.by_name.get(name) {
-            Some(Target::Alias(chain)) => Some(chain),
+            Some(Target::Alias(a)) => Some(*a),
             _ => None,
         }
+    }
+
+    pub fn alias_chain(&self, name: &str) -> Option<&[usize]> {
+        self.alias_index(name)
+            .map(|a| self.alias_chains[a].as_slice())
     }
 
     pub fn alias_names(&self) -> &[String] {
@@ -111,8 +122,9 @@ impl Catalog {
                     chain.push(*m);
                 }
             }
-            Some(Target::Alias(models)) => {
-                if key.may_use_alias(name, models, self) {
+            Some(Target::Alias(a)) => {
+                let models = &self.alias_chains[*a];
+                if key.may_use_alias(*a, models, self) {
                     for &m in models {
                         if key.may_use_model(m, self) {
                             chain.push(m);

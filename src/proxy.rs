@@ -172,7 +172,7 @@ impl GateProxy {
         ctx.error_code = Some(err.code());
         let standing = match (&ctx.standing, &ctx.key) {
             (Some(s), _) => Some(*s),
-            (None, Some(k)) => Some(k.counters.standing(now_ms(), &k.record.limits())),
+            (None, Some(k)) => Some(k.counters.standing(now_ms(), &k.limits)),
             (None, None) => None,
         };
         send_json(
@@ -196,7 +196,7 @@ impl GateProxy {
         let standing = ctx
             .key
             .as_ref()
-            .map(|k| k.counters.standing(now_ms(), &k.record.limits()));
+            .map(|k| k.counters.standing(now_ms(), &k.limits));
         send_json(session, 200, body, standing.as_ref(), None).await?;
         Ok(true)
     }

@@ -170,7 +170,7 @@ pub fn live_usage(gate: &Gate, key: &KeyEntry) -> Result<Value, StoreError> {
         &key.record,
         month,
         &rows,
-        key.counters.view(now, &key.record.limits()),
+        key.counters.view(now, &key.limits),
         now,
     ))
 }

@@ -2,7 +2,7 @@
 
 pub mod token;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
@@ -111,32 +111,39 @@ impl KeyRecord {
     }
 }
 
-/// A key as the request path sees it: record, precomputed permissions, live counters.
+/// A key as the request path sees it: the fields every request reads first and together
+/// (`repr(C)` keeps them in declaration order, so they share cache lines), then the live
+/// counters, then the full record for management views.
 #[derive(Debug)]
+#[repr(C)]
 pub struct KeyEntry {
-    pub record: KeyRecord,
     pub scopes: ScopeSet,
+    free_only: bool,
+    revoked: bool,
+    expires_at: i64,
+    pub limits: Limits,
     /// Model indexes this key may be served by; `None` = every model (before `free_only`).
-    allowed: Option<Vec<bool>>,
-    /// Aliases named in the allow-list (their whole chain is allowed).
-    allowed_aliases: HashSet<String>,
+    allowed: Option<IndexBits>,
+    /// Alias indexes named in the allow-list (their whole chain is allowed).
+    allowed_aliases: IndexBits,
     pub counters: Arc<KeyCounters>,
+    pub record: KeyRecord,
 }
 
 impl KeyEntry {
     pub fn new(record: KeyRecord, catalog: &Catalog, counters: Arc<KeyCounters>) -> KeyEntry {
-        let mut allowed_aliases = HashSet::new();
+        let mut allowed_aliases = IndexBits::new(catalog.alias_names().len());
         let allowed = if record.allowed_models.is_empty() {
             None
         } else {
-            let mut bits = vec![false; catalog.models().len()];
+            let mut bits = IndexBits::new(catalog.models().len());
             for name in &record.allowed_models {
                 if let Some(m) = catalog.model_index(name) {
-                    bits[m] = true;
-                } else if let Some(chain) = catalog.alias_chain(name) {
-                    allowed_aliases.insert(name.clone());
-                    for &m in chain {
-                        bits[m] = true;
+                    bits.set(m);
+                } else if let Some(a) = catalog.alias_index(name) {
+                    allowed_aliases.set(a);
+                    for &m in catalog.alias_chain(name).unwrap_or(&[]) {
+                        bits.set(m);
                     }
                 }
             }
@@ -144,23 +151,27 @@ impl KeyEntry {
         };
         KeyEntry {
             scopes: ScopeSet::from_names(&record.scopes),
-            record,
+            free_only: record.free_only,
+            revoked: record.revoked_at.is_some(),
+            expires_at: record.expires_at,
+            limits: record.limits(),
             allowed,
             allowed_aliases,
             counters,
+            record,
         }
     }
 
     /// Whether this key may be served by model `m` (allow-list and free-only).
     pub fn may_use_model(&self, m: usize, catalog: &Catalog) -> bool {
-        let listed = self.allowed.as_ref().is_none_or(|bits| bits[m]);
-        listed && (!self.record.free_only || catalog.models()[m].free)
+        let listed = self.allowed.as_ref().is_none_or(|bits| bits.get(m));
+        listed && (!self.free_only || catalog.models()[m].free)
     }
 
     /// Whether the alias itself is visible to this key.
-    pub fn may_use_alias(&self, alias: &str, chain: &[usize], catalog: &Catalog) -> bool {
-        let listed = self.allowed.is_none() || self.allowed_aliases.contains(alias);
-        if listed && !self.record.free_only {
+    pub fn may_use_alias(&self, alias: usize, chain: &[usize], catalog: &Catalog) -> bool {
+        let listed = self.allowed.is_none() || self.allowed_aliases.get(alias);
+        if listed && !self.free_only {
             return true;
         }
         chain.iter().any(|&m| self.may_use_model(m, catalog))
@@ -168,12 +179,44 @@ impl KeyEntry {
 
     /// Checks expiry and revocation (SPEC §2: 401 with the exact code).
     pub fn check_alive(&self, now: i64) -> Result<(), GateError> {
-        if self.record.revoked_at.is_some() {
+        if self.revoked {
             Err(GateError::TokenRevoked)
-        } else if now >= self.record.expires_at {
+        } else if now >= self.expires_at {
             Err(GateError::TokenExpired)
         } else {
             Ok(())
+        }
+    }
+}
+
+/// A set of small indexes, inline (no pointer to chase) for catalogs of up to 128 entries.
+#[derive(Debug, Clone)]
+enum IndexBits {
+    Inline(u128),
+    Heap(Vec<u64>),
+}
+
+impl IndexBits {
+    fn new(len: usize) -> IndexBits {
+        if len <= 128 {
+            IndexBits::Inline(0)
+        } else {
+            IndexBits::Heap(vec![0; len.div_ceil(64)])
+        }
+    }
+
+    fn set(&mut self, i: usize) {
+        match self {
+            IndexBits::Inline(bits) if i < 128 => *bits |= 1 << i,
+            IndexBits::Heap(words) if i / 64 < words.len() => words[i / 64] |= 1 << (i % 64),
+            _ => {}
+        }
+    }
+
+    fn get(&self, i: usize) -> bool {
+        match self {
+            IndexBits::Inline(bits) => i < 128 && bits & (1 << i) != 0,
+            IndexBits::Heap(words) => words.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0),
         }
     }
 }
