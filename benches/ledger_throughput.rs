@@ -47,8 +47,6 @@ struct Expected {
 
 fn make_entries(n: usize, now: i64) -> (Vec<LedgerEntry>, Expected) {
     let key_ids: Vec<String> = (0..KEYS).map(|i| format!("key_{i:016x}")).collect();
-    let month = month_label(month_index(now));
-    let day = day_label(day_index(now));
     let mut rng = Rng(0x5eed_1234_abcd_ef01);
     let mut exp = Expected {
         traces: 0,
@@ -99,12 +97,7 @@ fn make_entries(n: usize, now: i64) -> (Vec<LedgerEntry>, Expected) {
             exp.admitted += 1;
             exp.cost_nanos += cost;
         }
-        out.push(LedgerEntry {
-            trace,
-            admitted,
-            month: month.clone(),
-            day: day.clone(),
-        });
+        out.push(LedgerEntry { trace, admitted });
     }
     (out, exp)
 }

@@ -59,8 +59,17 @@ fi
 TMP="$(mktemp -d -t spidergate-bench.XXXXXX)"
 PIDS=()
 cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  # SIGINT is Pingora's fast shutdown (SIGTERM waits out the graceful period); nginx with
+  # master_process off also exits on it. Anything still alive after 5 s gets SIGKILL.
+  local p i
+  for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+  for i in $(seq 1 50); do
+    alive=0
+    for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   rm -rf "$TMP"
 }
 trap cleanup EXIT INT TERM

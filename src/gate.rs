@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
+use crate::admission::Endpoint;
 use crate::catalog::Catalog;
 use crate::clock::{day_index, day_label, month_index, month_label, now_ms};
 use crate::config::Config;
@@ -20,6 +21,8 @@ pub struct Gate {
     pub catalog: Catalog,
     /// Resolved address of each provider, by provider index.
     pub provider_addrs: Vec<SocketAddr>,
+    /// Upstream request URIs by provider: `[chat completions, embeddings]`.
+    upstream_uris: Vec<[http::Uri; 2]>,
     pub keys: ArcSwap<KeySet>,
     /// `keys_version` of the store the current snapshot was built from.
     loaded_version: AtomicI64,
@@ -43,6 +46,17 @@ impl Gate {
                 .map_err(|e| format!("providers[{i}].base_url: cannot resolve {}: {e}", p.host))?;
             provider_addrs.push(addr);
         }
+        let mut upstream_uris = Vec::with_capacity(config.providers.len());
+        for (i, p) in config.providers.iter().enumerate() {
+            let uri = |suffix: &str| {
+                http::Uri::try_from(format!("{}{suffix}", p.base_path))
+                    .map_err(|e| format!("providers[{i}].base_url: bad path: {e}"))
+            };
+            upstream_uris.push([
+                uri(Endpoint::ChatCompletions.upstream_suffix())?,
+                uri(Endpoint::Embeddings.upstream_suffix())?,
+            ]);
+        }
         let catalog = Catalog::new(&config);
         let ledger = SpendLedger::new(
             config.database.clone(),
@@ -52,6 +66,7 @@ impl Gate {
         let gate = Gate {
             catalog,
             provider_addrs,
+            upstream_uris,
             keys: ArcSwap::from_pointee(KeySet::default()),
             loaded_version: AtomicI64::new(-1),
             ledger,
@@ -69,6 +84,15 @@ impl Gate {
 
     pub fn open_store(&self) -> Result<Store, StoreError> {
         Store::open(&self.config.database)
+    }
+
+    /// The request URI for `endpoint` on provider `p` (precomputed: no formatting per request).
+    pub fn upstream_uri(&self, p: usize, endpoint: Endpoint) -> &http::Uri {
+        let i = match endpoint {
+            Endpoint::Embeddings => 1,
+            _ => 0,
+        };
+        &self.upstream_uris[p][i]
     }
 
     /// Counts a request as in flight until the guard drops.

@@ -12,7 +12,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::admission::{self, Admission, Endpoint};
-use crate::clock::{day_index, day_label, month_index, month_label, now_ms};
+use crate::clock::now_ms;
 use crate::error::GateError;
 use crate::gate::{Gate, InflightGuard};
 use crate::keys::KeyEntry;
@@ -327,8 +327,15 @@ impl ProxyHttp for GateProxy {
     /// `Ok(true)`: the response (an answer or a rejection) is already written.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let now = ctx.started_ms;
-        let path = session.req_header().uri.path().to_string();
-        let (endpoint, model_id) = admission::route(&path);
+        let (endpoint, model_id) = {
+            let (endpoint, id) = admission::route(session.req_header().uri.path());
+            // Only `GET /v1/models/{id}` needs the rest of the path: no copy otherwise.
+            (
+                endpoint,
+                (endpoint == Endpoint::Model).then(|| id.to_string()),
+            )
+        };
+        let model_id = model_id.as_deref().unwrap_or("");
         ctx.endpoint = endpoint;
         if endpoint == Endpoint::Health {
             return self
@@ -426,10 +433,8 @@ impl ProxyHttp for GateProxy {
         let model = &self.gate.catalog.models()[m];
         let provider = self.gate.catalog.provider_of(m);
         let body = rewrite_body(&ctx.body, &adm.fields, &model.upstream_id);
-        let path = format!("{}{}", provider.base_path, ctx.endpoint.upstream_suffix());
-        let uri = http::Uri::try_from(path)
-            .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?;
-        req.set_uri(uri);
+        let pidx = self.gate.catalog.models()[m].provider;
+        req.set_uri(self.gate.upstream_uri(pidx, ctx.endpoint).clone());
         for h in [
             "authorization",
             "x-api-key",
@@ -758,11 +763,6 @@ impl ProxyHttp for GateProxy {
             usage_estimated: estimated,
             fallback_from: ctx.fallback_from.map(model),
         };
-        gate.ledger.record(LedgerEntry {
-            trace,
-            admitted,
-            month: month_label(month_index(ctx.started_ms)),
-            day: day_label(day_index(ctx.started_ms)),
-        });
+        gate.ledger.record(LedgerEntry { trace, admitted });
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
+use crate::clock::{day_index, day_label, month_index, month_label};
 use crate::keys::{BudgetMode, KeyRecord};
 
 pub use rusqlite::Error as StoreError;
@@ -108,14 +109,12 @@ pub struct TraceRow {
 }
 
 /// A ledger entry: the trace plus whether it was admitted (counts toward spend and the day).
+/// Spend and the daily count are booked to the month and day of `trace.ts`, the admission
+/// time, so a request that ends after midnight counts where it was admitted.
 #[derive(Debug, Clone)]
 pub struct LedgerEntry {
     pub trace: TraceRow,
     pub admitted: bool,
-    /// `YYYY-MM` and `YYYY-MM-DD` of admission, so a request that ends after midnight is
-    /// booked to the period it was admitted in.
-    pub month: String,
-    pub day: String,
 }
 
 /// Spend of one key on one model in one month.
@@ -454,6 +453,8 @@ impl Store {
                 "INSERT INTO key_last_used (key_id, at) VALUES (?1, ?2)
                  ON CONFLICT (key_id) DO UPDATE SET at = MAX(at, excluded.at)",
             )?;
+            // Labels are formatted here, on the writer thread, not on the request path.
+            let mut labels: Option<(i64, String, String)> = None;
             for e in batch {
                 let t = &e.trace;
                 trace.execute(params![
@@ -482,15 +483,22 @@ impl Store {
                     .as_deref()
                     .or(t.requested_model.as_deref())
                     .unwrap_or("");
+                let day = day_index(t.ts);
+                if labels.as_ref().is_none_or(|(d, _, _)| *d != day) {
+                    labels = Some((day, month_label(month_index(t.ts)), day_label(day)));
+                }
+                let Some((_, month, today)) = &labels else {
+                    continue;
+                };
                 spend.execute(params![
                     key_id,
-                    e.month,
+                    month,
                     model,
                     t.prompt_tokens as i64,
                     t.completion_tokens as i64,
                     t.cost_nanos,
                 ])?;
-                daily.execute(params![key_id, e.day])?;
+                daily.execute(params![key_id, today])?;
                 used.execute(params![key_id, t.ts])?;
             }
             Ok(())
@@ -565,7 +573,7 @@ mod tests {
         let mut s = Store::open(&dir.path().join("x.db")).unwrap();
         let entry = |cost, admitted| LedgerEntry {
             trace: TraceRow {
-                ts: 5,
+                ts: crate::clock::days_from_civil(2026, 11, 26) * crate::clock::MS_PER_DAY + 5,
                 key_id: Some("key_a".into()),
                 endpoint: "chat".into(),
                 served_model: Some("m".into()),
@@ -576,8 +584,6 @@ mod tests {
                 ..TraceRow::default()
             },
             admitted,
-            month: "2026-11".into(),
-            day: "2026-11-26".into(),
         };
         s.write_batch(&[entry(100, true), entry(250, true), entry(0, false)])
             .unwrap();

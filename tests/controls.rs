@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use spidergate::clock::{day_index, day_label, month_index, month_label, now_ms};
+use spidergate::clock::{day_index, month_index, month_label, month_start_ms, now_ms};
 use spidergate::store::{LedgerEntry, TraceRow};
 
 /// gpt-4o-mini costs 150 nano-dollars per prompt token and 600 per completion token.
@@ -318,9 +318,9 @@ fn budgets_reset_on_the_first_of_the_month() {
     let key = gw.create_key(&["--budget", "0.0001", "--budget-mode", "hard"]);
     // Move the clock back: last month's ledger holds the whole cap.
     let last_month = month_label(month_index(now_ms()) - 1);
-    let entry = |month: String, cost: i64| LedgerEntry {
+    let entry = |ts: i64, cost: i64| LedgerEntry {
         trace: TraceRow {
-            ts: now_ms(),
+            ts,
             key_id: Some(key.id.clone()),
             endpoint: "chat.completions".into(),
             served_model: Some("gpt-4o-mini".into()),
@@ -329,11 +329,11 @@ fn budgets_reset_on_the_first_of_the_month() {
             ..TraceRow::default()
         },
         admitted: true,
-        month,
-        day: day_label(day_index(now_ms()) - 40),
     };
+    // The last millisecond of last month.
+    let end_of_last_month = month_start_ms(month_index(now_ms())) - 1;
     gw.store()
-        .write_batch(&[entry(last_month.clone(), 100_000)])
+        .write_batch(&[entry(end_of_last_month, 100_000)])
         .unwrap();
     gw.restart();
     let body = json!({"model": "gpt-4o-mini", "max_tokens": 5, "messages": []}).to_string();
@@ -349,9 +349,7 @@ fn budgets_reset_on_the_first_of_the_month() {
     let resets = usage["budget_resets_at"].as_str().unwrap();
     assert!(resets.ends_with("-01T00:00:00Z"), "{resets}");
     // This month's ledger at the cap blocks after a restart.
-    gw.store()
-        .write_batch(&[entry(month_label(month_index(now_ms())), 100_000)])
-        .unwrap();
+    gw.store().write_batch(&[entry(now_ms(), 100_000)]).unwrap();
     gw.restart();
     let r = gw.post("/v1/chat/completions", &key.bearer(), body.as_bytes(), &[]);
     assert_eq!(r.code(), "budget_exceeded");
