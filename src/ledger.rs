@@ -1,18 +1,20 @@
 //! Spend and trace writer: request path -> channel -> one writer thread -> SQLite, batched.
 //!
-//! Sending is a lock-free channel push; only the writer thread touches SQLite. A batch is
-//! committed at least once per flush interval, and a failed commit keeps the batch and retries
-//! (nothing is dropped before it is durable). Closing the ledger drains and commits everything.
+//! Recording is a lock-free channel push with no syscall: the writer never blocks on the
+//! channel (a blocked receiver would make every send wake it with a futex call); it parks
+//! for one flush interval, then drains whatever arrived and commits it in one transaction.
+//! A failed commit keeps the batch and retries, so nothing is dropped before it is durable.
+//! `flush_blocking` unparks the writer for an immediate commit.
 
 use std::path::PathBuf;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Mutex;
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Mutex, OnceLock};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use crate::clock::{now_ms, MS_PER_DAY};
 use crate::store::{LedgerEntry, Store};
 
-const MAX_BATCH: usize = 4096;
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 enum Msg {
@@ -21,10 +23,11 @@ enum Msg {
     Flush(mpsc::SyncSender<()>),
 }
 
-/// Handle to the writer. Cheap to share; `record` never blocks.
+/// Handle to the writer. Cheap to share; `record` never blocks and makes no syscall.
 pub struct SpendLedger {
     sender: Sender<Msg>,
     rx: Mutex<Option<Receiver<Msg>>>,
+    writer: OnceLock<Thread>,
     db: PathBuf,
     flush_interval: Duration,
     retention_days: u32,
@@ -38,6 +41,7 @@ impl SpendLedger {
         SpendLedger {
             sender: tx,
             rx: Mutex::new(Some(rx)),
+            writer: OnceLock::new(),
             db,
             flush_interval,
             retention_days,
@@ -58,9 +62,10 @@ impl SpendLedger {
             pending: Vec::new(),
             waiters: Vec::new(),
         };
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("spidergate-ledger".into())
             .spawn(move || writer.run())?;
+        let _ = self.writer.set(handle.thread().clone());
         Ok(())
     }
 
@@ -72,12 +77,16 @@ impl SpendLedger {
     }
 
     /// Waits until everything queued before this call is committed (blocking: call it from a
-    /// blocking thread). Returns false if the writer is not running.
+    /// blocking thread). Returns false if the writer is not running or does not answer.
     pub fn flush_blocking(&self) -> bool {
+        let Some(writer) = self.writer.get() else {
+            return false;
+        };
         let (done_tx, done_rx) = mpsc::sync_channel(1);
         if self.sender.send(Msg::Flush(done_tx)).is_err() {
             return false;
         }
+        writer.unpark();
         done_rx.recv_timeout(Duration::from_secs(30)).is_ok()
     }
 
@@ -98,41 +107,25 @@ struct Writer {
 
 impl Writer {
     fn run(mut self) {
-        let mut last_prune = Instant::now() - PRUNE_EVERY;
+        let mut last_prune = Instant::now();
         loop {
-            // Wait for the first message of a batch.
-            match self.rx.recv_timeout(PRUNE_EVERY) {
-                Ok(msg) => self.take(msg),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.commit_until_done();
-                    return;
-                }
-            }
-            // Gather for at most one flush interval, then commit.
             let deadline = Instant::now() + self.flush_interval;
-            while self.waiters.is_empty() && self.pending.len() < MAX_BATCH {
+            // Park until the interval ends; an unpark (flush request) ends it early.
+            loop {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     break;
                 }
-                match self.rx.recv_timeout(left) {
-                    Ok(msg) => self.take(msg),
-                    Err(RecvTimeoutError::Timeout) => break,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        self.commit_until_done();
-                        return;
-                    }
-                }
-            }
-            // A flush request also takes whatever is already queued behind it.
-            while let Ok(msg) = self.rx.try_recv() {
-                self.take(msg);
-                if self.pending.len() >= MAX_BATCH {
+                std::thread::park_timeout(left);
+                if self.drain() || !self.waiters.is_empty() {
                     break;
                 }
             }
-            self.commit();
+            let disconnected = self.drain();
+            let committed = self.commit();
+            if disconnected && committed {
+                return;
+            }
             if last_prune.elapsed() >= PRUNE_EVERY {
                 last_prune = Instant::now();
                 if let Err(e) = self.store.prune_traces(now_ms() - self.retention_ms) {
@@ -142,14 +135,20 @@ impl Writer {
         }
     }
 
-    fn take(&mut self, msg: Msg) {
-        match msg {
-            Msg::Entry(e) => self.pending.push(*e),
-            Msg::Flush(done) => self.waiters.push(done),
+    /// Moves everything queued into the batch; true once every sender is gone.
+    fn drain(&mut self) -> bool {
+        loop {
+            match self.rx.try_recv() {
+                Ok(Msg::Entry(e)) => self.pending.push(*e),
+                Ok(Msg::Flush(done)) => self.waiters.push(done),
+                Err(TryRecvError::Empty) => return false,
+                Err(TryRecvError::Disconnected) => return true,
+            }
         }
     }
 
-    /// Commits the pending batch; on failure keeps it for the next round.
+    /// Commits the pending batch, then answers flush requests; on failure keeps the batch
+    /// for the next round.
     fn commit(&mut self) -> bool {
         if !self.pending.is_empty() {
             if let Err(e) = self.store.write_batch(&self.pending) {
@@ -165,18 +164,5 @@ impl Writer {
             let _ = w.try_send(());
         }
         true
-    }
-
-    fn commit_until_done(&mut self) {
-        for attempt in 0..50 {
-            if self.commit() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100 * (attempt + 1).min(10)));
-        }
-        log::error!(
-            "ledger gave up on {} entries at shutdown",
-            self.pending.len()
-        );
     }
 }

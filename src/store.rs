@@ -84,9 +84,68 @@ CREATE TABLE IF NOT EXISTS traces (
     usage_estimated   INTEGER NOT NULL,
     fallback_from     TEXT
 );
-CREATE INDEX IF NOT EXISTS traces_key_ts ON traces (key_id, ts);
-CREATE INDEX IF NOT EXISTS traces_ts ON traces (ts);
+CREATE INDEX IF NOT EXISTS traces_key ON traces (key_id, id);
 "#;
+
+/// Rows per multi-row trace insert (15 parameters each; SQLite allows 32,766).
+const TRACE_ROWS_PER_INSERT: usize = 64;
+const TRACE_COLUMNS: &str = "ts, key_id, endpoint, requested_model, served_model, provider, \
+     status, error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, cost_nanos, \
+     usage_estimated, fallback_from";
+
+fn trace_insert_sql(rows: usize) -> String {
+    let mut sql = format!("INSERT INTO traces ({TRACE_COLUMNS}) VALUES ");
+    for r in 0..rows {
+        if r > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for c in 0..15 {
+            if c > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!("?{}", r * 15 + c + 1));
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// Inserts every trace of a batch, `TRACE_ROWS_PER_INSERT` rows per statement.
+fn insert_traces(tx: &rusqlite::Transaction<'_>, batch: &[LedgerEntry]) -> Result<()> {
+    static FULL: once_cell::sync::Lazy<String> =
+        once_cell::sync::Lazy::new(|| trace_insert_sql(TRACE_ROWS_PER_INSERT));
+    for chunk in batch.chunks(TRACE_ROWS_PER_INSERT) {
+        let mut stmt = if chunk.len() == TRACE_ROWS_PER_INSERT {
+            tx.prepare_cached(&FULL)?
+        } else {
+            tx.prepare_cached(&trace_insert_sql(chunk.len()))?
+        };
+        let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 15);
+        for e in chunk {
+            let t = &e.trace;
+            values.extend_from_slice(&[
+                &t.ts,
+                &t.key_id,
+                &t.endpoint,
+                &t.requested_model,
+                &t.served_model,
+                &t.provider,
+                &t.status,
+                &t.error_code,
+                &t.latency_ms,
+                &t.ttfb_ms,
+                &t.prompt_tokens,
+                &t.completion_tokens,
+                &t.cost_nanos,
+                &t.usage_estimated,
+                &t.fallback_from,
+            ]);
+        }
+        stmt.execute(values.as_slice())?;
+    }
+    Ok(())
+}
 
 /// One finished request, as the ledger writer commits it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -429,85 +488,73 @@ impl Store {
     /// Commits one batch of ledger entries atomically: traces, spend, daily counts, last use.
     /// On error nothing is written and the caller keeps the batch to retry.
     pub fn write_batch(&mut self, batch: &[LedgerEntry]) -> Result<()> {
+        // Spend, daily counts and last use are summed per key first, so a batch costs one
+        // upsert per key and model, not one per request; traces go in multi-row inserts.
+        let mut spend: HashMap<(&str, i64, &str), [i64; 4]> = HashMap::new();
+        let mut daily: HashMap<(&str, i64), i64> = HashMap::new();
+        let mut used: HashMap<&str, i64> = HashMap::new();
+        for e in batch {
+            let t = &e.trace;
+            let (Some(key_id), true) = (t.key_id.as_deref(), e.admitted) else {
+                continue;
+            };
+            let model = t
+                .served_model
+                .as_deref()
+                .or(t.requested_model.as_deref())
+                .unwrap_or("");
+            let row = spend.entry((key_id, month_index(t.ts), model)).or_default();
+            row[0] += 1;
+            row[1] += t.prompt_tokens as i64;
+            row[2] += t.completion_tokens as i64;
+            row[3] += t.cost_nanos;
+            *daily.entry((key_id, day_index(t.ts))).or_default() += 1;
+            let at = used.entry(key_id).or_insert(t.ts);
+            *at = (*at).max(t.ts);
+        }
         self.write(|tx| {
-            let mut trace = tx.prepare_cached(
-                "INSERT INTO traces (ts, key_id, endpoint, requested_model, served_model, provider,
-                    status, error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens,
-                    cost_nanos, usage_estimated, fallback_from)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-            )?;
-            let mut spend = tx.prepare_cached(
+            insert_traces(tx, batch)?;
+            let mut stmt = tx.prepare_cached(
                 "INSERT INTO spend (key_id, month, model, requests, prompt_tokens,
-                    completion_tokens, cost_nanos) VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6)
+                    completion_tokens, cost_nanos) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT (key_id, month, model) DO UPDATE SET
-                    requests = requests + 1,
+                    requests = requests + excluded.requests,
                     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
                     completion_tokens = completion_tokens + excluded.completion_tokens,
                     cost_nanos = cost_nanos + excluded.cost_nanos",
             )?;
-            let mut daily = tx.prepare_cached(
-                "INSERT INTO daily_requests (key_id, day, requests) VALUES (?1, ?2, 1)
-                 ON CONFLICT (key_id, day) DO UPDATE SET requests = requests + 1",
+            for ((key_id, month, model), [n, p, c, cost]) in &spend {
+                stmt.execute(params![key_id, month_label(*month), model, n, p, c, cost])?;
+            }
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO daily_requests (key_id, day, requests) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (key_id, day) DO UPDATE SET requests = requests + excluded.requests",
             )?;
-            let mut used = tx.prepare_cached(
+            for ((key_id, day), n) in &daily {
+                stmt.execute(params![key_id, day_label(*day), n])?;
+            }
+            let mut stmt = tx.prepare_cached(
                 "INSERT INTO key_last_used (key_id, at) VALUES (?1, ?2)
                  ON CONFLICT (key_id) DO UPDATE SET at = MAX(at, excluded.at)",
             )?;
-            // Labels are formatted here, on the writer thread, not on the request path.
-            let mut labels: Option<(i64, String, String)> = None;
-            for e in batch {
-                let t = &e.trace;
-                trace.execute(params![
-                    t.ts,
-                    t.key_id,
-                    t.endpoint,
-                    t.requested_model,
-                    t.served_model,
-                    t.provider,
-                    t.status,
-                    t.error_code,
-                    t.latency_ms,
-                    t.ttfb_ms,
-                    t.prompt_tokens as i64,
-                    t.completion_tokens as i64,
-                    t.cost_nanos,
-                    t.usage_estimated,
-                    t.fallback_from,
-                ])?;
-                let Some(key_id) = &t.key_id else { continue };
-                if !e.admitted {
-                    continue;
-                }
-                let model = t
-                    .served_model
-                    .as_deref()
-                    .or(t.requested_model.as_deref())
-                    .unwrap_or("");
-                let day = day_index(t.ts);
-                if labels.as_ref().is_none_or(|(d, _, _)| *d != day) {
-                    labels = Some((day, month_label(month_index(t.ts)), day_label(day)));
-                }
-                let Some((_, month, today)) = &labels else {
-                    continue;
-                };
-                spend.execute(params![
-                    key_id,
-                    month,
-                    model,
-                    t.prompt_tokens as i64,
-                    t.completion_tokens as i64,
-                    t.cost_nanos,
-                ])?;
-                daily.execute(params![key_id, today])?;
-                used.execute(params![key_id, t.ts])?;
+            for (key_id, at) in &used {
+                stmt.execute(params![key_id, at])?;
             }
             Ok(())
         })
     }
 
-    /// Deletes traces older than `before_ms`; returns how many.
+    /// Deletes traces older than `before_ms`; returns how many. Trace ids grow with time, so
+    /// the cut is found by walking ids from the oldest (no index on `ts` to maintain).
     pub fn prune_traces(&mut self, before_ms: i64) -> Result<usize> {
-        self.write(|tx| tx.execute("DELETE FROM traces WHERE ts < ?1", [before_ms]))
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM traces WHERE id < COALESCE(
+                    (SELECT id FROM traces WHERE ts >= ?1 ORDER BY id LIMIT 1),
+                    (SELECT MAX(id) + 1 FROM traces))",
+                [before_ms],
+            )
+        })
     }
 
     pub fn integrity_check(&self) -> Result<String> {
@@ -595,5 +642,35 @@ mod tests {
         assert_eq!(s.traces(Some("key_a"), 10).unwrap().len(), 3);
         assert_eq!(s.traces(None, 1).unwrap().len(), 1);
         assert_eq!(s.integrity_check().unwrap(), "ok");
+    }
+
+    #[test]
+    fn large_batches_are_chunked_and_old_traces_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let batch: Vec<LedgerEntry> = (0..150)
+            .map(|i| LedgerEntry {
+                trace: TraceRow {
+                    ts: 1_000 + i,
+                    key_id: Some(format!("key_{}", i % 7)),
+                    endpoint: "chat".into(),
+                    served_model: Some("m".into()),
+                    status: 200,
+                    cost_nanos: 10,
+                    ..TraceRow::default()
+                },
+                admitted: true,
+            })
+            .collect();
+        s.write_batch(&batch).unwrap();
+        assert_eq!(s.traces(None, 1_000).unwrap().len(), 150);
+        let month = crate::clock::month_label(crate::clock::month_index(1_000));
+        assert_eq!(s.spend_by_key(&month).unwrap().values().sum::<i64>(), 1_500);
+        assert_eq!(s.prune_traces(1_100).unwrap(), 100);
+        let left = s.traces(None, 1_000).unwrap();
+        assert_eq!(left.len(), 50);
+        assert!(left.iter().all(|t| t.ts >= 1_100));
+        assert_eq!(s.prune_traces(5_000).unwrap(), 50);
+        assert_eq!(s.prune_traces(5_000).unwrap(), 0);
     }
 }
