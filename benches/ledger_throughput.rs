@@ -77,13 +77,13 @@ fn make_entries(n: usize, now: i64) -> (Vec<LedgerEntry>, Expected) {
         };
         let trace = TraceRow {
             ts: now + i as i64 / 50,
-            key_id: Some(key.clone()),
-            endpoint: "chat.completions".to_string(),
+            key_id: Some(key.as_str().into()),
+            endpoint: "chat.completions".into(),
             requested_model: Some(model.to_string()),
-            served_model: admitted.then(|| model.to_string()),
-            provider: admitted.then(|| provider.to_string()),
+            served_model: admitted.then(|| model.into()),
+            provider: admitted.then(|| provider.into()),
             status,
-            error_code,
+            error_code: error_code.map(Into::into),
             latency_ms: 20 + rng.below(3000) as i64,
             ttfb_ms: admitted.then(|| 5 + rng.below(500) as i64),
             prompt_tokens: prompt,

@@ -23,6 +23,13 @@ pub struct Gate {
     pub provider_addrs: Vec<SocketAddr>,
     /// Upstream request URIs by provider: `[chat completions, embeddings]`.
     upstream_uris: Vec<[http::Uri; 2]>,
+    /// Per provider, built once: `Authorization` (the provider's own key) and `Host`.
+    pub provider_headers: Vec<ProviderHeaders>,
+    /// Per model, its id as a header value (`X-SpiderGate-Model`, fallback header).
+    pub model_headers: Vec<http::HeaderValue>,
+    /// Model ids and provider names, shared into every trace without copying.
+    pub model_names: Vec<Arc<str>>,
+    pub provider_names: Vec<Arc<str>>,
     pub keys: ArcSwap<KeySet>,
     /// `keys_version` of the store the current snapshot was built from.
     loaded_version: AtomicI64,
@@ -57,6 +64,31 @@ impl Gate {
                 uri(Endpoint::Embeddings.upstream_suffix())?,
             ]);
         }
+        let mut provider_headers = Vec::with_capacity(config.providers.len());
+        for (i, p) in config.providers.iter().enumerate() {
+            let value = |v: &str, what: &str| {
+                http::HeaderValue::from_str(v)
+                    .map_err(|_| format!("providers[{i}]: {what} is not a valid header value"))
+            };
+            let mut authorization = match &p.authorization {
+                Some(a) => Some(value(a, "the API key")?),
+                None => None,
+            };
+            if let Some(a) = authorization.as_mut() {
+                a.set_sensitive(true);
+            }
+            provider_headers.push(ProviderHeaders {
+                authorization,
+                host: value(&p.host_header, "the host")?,
+            });
+        }
+        let mut model_headers = Vec::with_capacity(config.models.len());
+        for (i, m) in config.models.iter().enumerate() {
+            model_headers.push(
+                http::HeaderValue::from_str(&m.id)
+                    .map_err(|_| format!("models[{i}].id: not usable in a header"))?,
+            );
+        }
         let catalog = Catalog::new(&config);
         let ledger = SpendLedger::new(
             config.database.clone(),
@@ -67,6 +99,18 @@ impl Gate {
             catalog,
             provider_addrs,
             upstream_uris,
+            provider_headers,
+            model_headers,
+            model_names: config
+                .models
+                .iter()
+                .map(|m| Arc::from(m.id.as_str()))
+                .collect(),
+            provider_names: config
+                .providers
+                .iter()
+                .map(|p| Arc::from(p.name.as_str()))
+                .collect(),
             keys: ArcSwap::from_pointee(KeySet::default()),
             loaded_version: AtomicI64::new(-1),
             ledger,
@@ -168,4 +212,10 @@ impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Request headers for one provider, built once at start-up.
+pub struct ProviderHeaders {
+    pub authorization: Option<http::HeaderValue>,
+    pub host: http::HeaderValue,
 }

@@ -18,7 +18,7 @@ use crate::store::{LedgerEntry, Store};
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 enum Msg {
-    Entry(Box<LedgerEntry>),
+    Entry(LedgerEntry),
     /// Commit everything queued so far, then answer.
     Flush(mpsc::SyncSender<()>),
 }
@@ -71,7 +71,7 @@ impl SpendLedger {
 
     /// Queues one finished request. Never blocks, never touches SQLite.
     pub fn record(&self, entry: LedgerEntry) {
-        if self.sender.send(Msg::Entry(Box::new(entry))).is_err() {
+        if self.sender.send(Msg::Entry(entry)).is_err() {
             log::error!("ledger writer is gone; a ledger entry was not recorded");
         }
     }
@@ -139,7 +139,7 @@ impl Writer {
     fn drain(&mut self) -> bool {
         loop {
             match self.rx.try_recv() {
-                Ok(Msg::Entry(e)) => self.pending.push(*e),
+                Ok(Msg::Entry(e)) => self.pending.push(e),
                 Ok(Msg::Flush(done)) => self.waiters.push(done),
                 Err(TryRecvError::Empty) => return false,
                 Err(TryRecvError::Disconnected) => return true,

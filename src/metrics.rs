@@ -63,11 +63,10 @@ impl Metrics {
         self.fallbacks.fetch_add(1, Relaxed);
     }
 
+    /// One atomic add per bucket hit (buckets are made cumulative when rendered).
     pub fn latency(&self, ms: u64) {
-        for (i, b) in LATENCY_BUCKETS_MS.iter().enumerate() {
-            if ms <= *b {
-                self.latency_buckets[i].fetch_add(1, Relaxed);
-            }
+        if let Some(i) = LATENCY_BUCKETS_MS.iter().position(|b| ms <= *b) {
+            self.latency_buckets[i].fetch_add(1, Relaxed);
         }
         self.latency_count.fetch_add(1, Relaxed);
         self.latency_sum_ms.fetch_add(ms, Relaxed);
@@ -135,11 +134,12 @@ impl Metrics {
         );
         s.push_str("# HELP spidergate_request_duration_ms Latency of admitted requests.\n");
         s.push_str("# TYPE spidergate_request_duration_ms histogram\n");
+        let mut cumulative = 0;
         for (i, b) in LATENCY_BUCKETS_MS.iter().enumerate() {
+            cumulative += self.latency_buckets[i].load(Relaxed);
             let _ = writeln!(
                 s,
-                "spidergate_request_duration_ms_bucket{{le=\"{b}\"}} {}",
-                self.latency_buckets[i].load(Relaxed)
+                "spidergate_request_duration_ms_bucket{{le=\"{b}\"}} {cumulative}"
             );
         }
         let count = self.latency_count.load(Relaxed);

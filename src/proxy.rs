@@ -1,11 +1,13 @@
 //! The Pingora `ProxyHttp` implementation: glue between Pingora's phases and the plain
 //! functions in `admission`, `providers`, `usage` and `ledger`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use http::{HeaderName, HeaderValue};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -68,31 +70,83 @@ pub struct RequestCtx {
     response_complete: bool,
     ttfb_ms: Option<i64>,
     sse: Option<SseUsageParser>,
-    json_buf: Option<Vec<u8>>,
+    json_buf: Option<ResponseBody>,
     response_bytes: u64,
     _inflight: InflightGuard,
+}
+
+/// A non-streamed response body kept for usage parsing. The usual one-chunk body is held by
+/// reference count (no copy); only a body split across chunks is joined.
+#[derive(Default)]
+struct ResponseBody {
+    first: Bytes,
+    joined: Option<Vec<u8>>,
+}
+
+impl ResponseBody {
+    /// Adds a chunk; false once the body exceeds `MAX_JSON_RESPONSE` (then it is dropped).
+    fn push(&mut self, chunk: &Bytes) -> bool {
+        match &mut self.joined {
+            Some(v) => v.extend_from_slice(chunk),
+            None if self.first.is_empty() => self.first = chunk.clone(),
+            None => {
+                let mut v = Vec::with_capacity(self.first.len() + chunk.len());
+                v.extend_from_slice(&self.first);
+                v.extend_from_slice(chunk);
+                self.joined = Some(v);
+            }
+        }
+        self.len() <= MAX_JSON_RESPONSE
+    }
+
+    fn len(&self) -> usize {
+        self.joined.as_ref().map_or(self.first.len(), Vec::len)
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.joined.as_deref().unwrap_or(&self.first)
+    }
 }
 
 fn header_bytes<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a [u8]> {
     req.headers.get(name).map(|v| v.as_bytes())
 }
 
+static LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+static REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+static RATE_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+static BUDGET_WARNING: HeaderName = HeaderName::from_static("x-spidergate-budget-warning");
+/// Client headers that never go upstream: credentials of any kind (the provider's own key
+/// replaces the agent's token) and framing the gateway sets itself.
+static STRIPPED_HEADERS: [HeaderName; 7] = [
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("api-key"),
+    HeaderName::from_static("openai-organization"),
+    HeaderName::from_static("openai-project"),
+    http::header::PROXY_AUTHORIZATION,
+    http::header::COOKIE,
+    http::header::TRANSFER_ENCODING,
+];
+static SERVED_MODEL: HeaderName = HeaderName::from_static("x-spidergate-model");
+static FALLBACK_FROM: HeaderName = HeaderName::from_static("x-spidergate-fallback-from");
+static UNLIMITED: HeaderValue = HeaderValue::from_static("unlimited");
+
 fn add_standing_headers(resp: &mut ResponseHeader, s: &Standing) -> Result<()> {
     match (s.rpm, s.remaining) {
         (Some(limit), Some(remaining)) => {
-            resp.insert_header("x-ratelimit-limit-requests", limit.to_string())?;
-            resp.insert_header("x-ratelimit-remaining-requests", remaining.to_string())?;
+            resp.insert_header(LIMIT_REQUESTS.clone(), HeaderValue::from(limit))?;
+            resp.insert_header(REMAINING_REQUESTS.clone(), HeaderValue::from(remaining))?;
         }
         _ => {
-            resp.insert_header("x-ratelimit-limit-requests", "unlimited")?;
-            resp.insert_header("x-ratelimit-remaining-requests", "unlimited")?;
+            resp.insert_header(LIMIT_REQUESTS.clone(), UNLIMITED.clone())?;
+            resp.insert_header(REMAINING_REQUESTS.clone(), UNLIMITED.clone())?;
         }
     }
-    resp.insert_header("x-ratelimit-reset", s.reset_secs.to_string())?;
+    resp.insert_header(RATE_RESET.clone(), HeaderValue::from(s.reset_secs))?;
     if s.budget_warning {
         resp.insert_header(
-            "x-spidergate-budget-warning",
-            "monthly budget reached (soft limit)",
+            BUDGET_WARNING.clone(),
+            HeaderValue::from_static("monthly budget reached (soft limit)"),
         )?;
     }
     Ok(())
@@ -267,7 +321,7 @@ impl GateProxy {
     fn final_usage(&self, ctx: &RequestCtx) -> (Usage, bool) {
         let reported = match (&ctx.sse, &ctx.json_buf) {
             (Some(p), _) => p.usage(),
-            (None, Some(buf)) if ctx.response_complete => usage_from_json(buf),
+            (None, Some(buf)) if ctx.response_complete => usage_from_json(buf.bytes()),
             _ => None,
         };
         if let Some(u) = reported {
@@ -403,16 +457,16 @@ impl ProxyHttp for GateProxy {
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no admitted model"))?;
         let pidx = self.gate.catalog.models()[m].provider;
         let provider = &self.gate.catalog.providers()[pidx];
-        let mut peer = HttpPeer::new(
-            self.gate.provider_addrs[pidx],
-            provider.tls,
-            provider.host.clone(),
-        );
+        // SNI only matters for TLS; plain HTTP peers skip the allocation.
+        let sni = if provider.tls {
+            provider.host.clone()
+        } else {
+            String::new()
+        };
+        let mut peer = HttpPeer::new(self.gate.provider_addrs[pidx], provider.tls, sni);
         let t = &self.gate.config.tuning;
         peer.options.connection_timeout = Some(t.connect_timeout);
-        peer.options.total_connection_timeout = Some(t.connect_timeout);
         peer.options.read_timeout = Some(t.read_timeout);
-        peer.options.write_timeout = Some(t.read_timeout);
         Ok(Box::new(peer))
     }
 
@@ -431,29 +485,29 @@ impl ProxyHttp for GateProxy {
             ));
         };
         let model = &self.gate.catalog.models()[m];
-        let provider = self.gate.catalog.provider_of(m);
         let body = rewrite_body(&ctx.body, &adm.fields, &model.upstream_id);
-        let pidx = self.gate.catalog.models()[m].provider;
+        let pidx = model.provider;
+        let headers = &self.gate.provider_headers[pidx];
         req.set_uri(self.gate.upstream_uri(pidx, ctx.endpoint).clone());
-        for h in [
-            "authorization",
-            "x-api-key",
-            "api-key",
-            "openai-organization",
-            "openai-project",
-            "proxy-authorization",
-            "cookie",
-            "transfer-encoding",
-        ] {
-            req.remove_header(h);
+        // One pass over the client's headers; removal (two maps in Pingora) only if needed.
+        if req.headers.keys().any(|k| STRIPPED_HEADERS.contains(k)) {
+            for h in &STRIPPED_HEADERS {
+                req.remove_header(h);
+            }
         }
-        if let Some(auth) = &provider.authorization {
-            req.insert_header("authorization", auth.as_str())?;
+        match &headers.authorization {
+            Some(auth) => req.insert_header(http::header::AUTHORIZATION, auth.clone())?,
+            None => {
+                req.remove_header(&http::header::AUTHORIZATION);
+            }
         }
-        req.insert_header("host", provider.host_header.as_str())?;
-        req.insert_header("content-length", body.len().to_string())?;
+        req.insert_header(http::header::HOST, headers.host.clone())?;
+        req.insert_header(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()))?;
         // Usage is parsed from the response bytes: they must not be compressed.
-        req.insert_header("accept-encoding", "identity")?;
+        req.insert_header(
+            http::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        )?;
         ctx.upstream_body = Some(body);
         Ok(())
     }
@@ -524,15 +578,12 @@ impl ProxyHttp for GateProxy {
         add_standing_headers(resp, &adm.standing)?;
         if let (Some(from), Some(m)) = (ctx.fallback_from, self.current_model(ctx)) {
             if from != m {
-                let id = &self.gate.catalog.models()[from].id;
-                resp.insert_header("x-spidergate-fallback-from", id.as_str())?;
+                let id = self.gate.model_headers[from].clone();
+                resp.insert_header(FALLBACK_FROM.clone(), id)?;
             }
         }
         if let Some(m) = self.current_model(ctx) {
-            resp.insert_header(
-                "x-spidergate-model",
-                self.gate.catalog.models()[m].id.as_str(),
-            )?;
+            resp.insert_header(SERVED_MODEL.clone(), self.gate.model_headers[m].clone())?;
         }
         let is_sse = resp
             .headers
@@ -547,7 +598,7 @@ impl ProxyHttp for GateProxy {
             }
             ctx.sse = Some(SseUsageParser::new(strip));
         } else if (200..300).contains(&ctx.status) {
-            ctx.json_buf = Some(Vec::new());
+            ctx.json_buf = Some(ResponseBody::default());
         }
         Ok(())
     }
@@ -593,9 +644,7 @@ impl ProxyHttp for GateProxy {
                 }
             }
         } else if let (Some(buf), Some(chunk)) = (ctx.json_buf.as_mut(), body.as_ref()) {
-            if buf.len() + chunk.len() <= MAX_JSON_RESPONSE {
-                buf.extend_from_slice(chunk);
-            } else {
+            if !buf.push(chunk) {
                 ctx.json_buf = None;
             }
         }
@@ -721,9 +770,12 @@ impl ProxyHttp for GateProxy {
                 .cost_nanos(m, usage.prompt_tokens, usage.completion_tokens)
         });
         let admitted = ctx.admission.is_some();
-        let requested_model = ctx.admission.as_ref().map(|a| a.fields.model.clone());
-        if let (Some(adm), Some(key)) = (ctx.admission.take(), &ctx.key) {
-            key.counters.settle(adm.reservation, cost);
+        let mut requested_model = None;
+        if let Some(adm) = ctx.admission.take() {
+            if let Some(key) = &ctx.key {
+                key.counters.settle(adm.reservation, cost);
+            }
+            requested_model = Some(adm.fields.model);
         }
         let outcome = match ctx.error_code {
             Some(code) => code,
@@ -743,18 +795,18 @@ impl ProxyHttp for GateProxy {
         if ctx.endpoint == Endpoint::Health {
             return;
         }
-        let model = |m: usize| gate.catalog.models()[m].id.clone();
+        let model = |m: usize| gate.model_names[m].clone();
         let trace = TraceRow {
             ts: ctx.started_ms,
-            key_id: ctx.key.as_ref().map(|k| k.record.id.clone()),
-            endpoint: ctx.endpoint.label().to_string(),
+            key_id: ctx.key.as_ref().map(|k| k.id.clone()),
+            endpoint: ctx.endpoint.label().into(),
             requested_model,
             served_model: served.filter(|_| admitted).map(model),
             provider: served
                 .filter(|_| admitted)
-                .map(|m| gate.catalog.provider_of(m).name.clone()),
+                .map(|m| gate.provider_names[gate.catalog.models()[m].provider].clone()),
             status: ctx.status,
-            error_code: ctx.error_code.map(str::to_string),
+            error_code: ctx.error_code.map(Cow::Borrowed),
             latency_ms,
             ttfb_ms: ctx.ttfb_ms,
             prompt_tokens: usage.prompt_tokens,

@@ -179,11 +179,11 @@ pub fn trace_json(t: &TraceRow) -> Value {
     json!({
         "time": rfc3339(t.ts),
         "ts_ms": t.ts,
-        "key_id": t.key_id,
+        "key_id": t.key_id.as_deref(),
         "endpoint": t.endpoint,
         "requested_model": t.requested_model,
-        "served_model": t.served_model,
-        "provider": t.provider,
+        "served_model": t.served_model.as_deref(),
+        "provider": t.provider.as_deref(),
         "status": t.status,
         "error_code": t.error_code,
         "latency_ms": t.latency_ms,
@@ -193,7 +193,7 @@ pub fn trace_json(t: &TraceRow) -> Value {
         "cost_usd": t.cost_nanos as f64 / 1e9,
         "cost_nanodollars": t.cost_nanos,
         "usage_estimated": t.usage_estimated,
-        "fallback_from": t.fallback_from,
+        "fallback_from": t.fallback_from.as_deref(),
     })
 }
 

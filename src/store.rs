@@ -4,8 +4,10 @@
 //! writer, a busy timeout so concurrent writers queue, `BEGIN IMMEDIATE` for every write, and
 //! only parameterised SQL.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
@@ -121,28 +123,26 @@ fn insert_traces(tx: &rusqlite::Transaction<'_>, batch: &[LedgerEntry]) -> Resul
         } else {
             tx.prepare_cached(&trace_insert_sql(chunk.len()))?
         };
-        let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 15);
-        for e in chunk {
+        for (r, e) in chunk.iter().enumerate() {
             let t = &e.trace;
-            values.extend_from_slice(&[
-                &t.ts,
-                &t.key_id,
-                &t.endpoint,
-                &t.requested_model,
-                &t.served_model,
-                &t.provider,
-                &t.status,
-                &t.error_code,
-                &t.latency_ms,
-                &t.ttfb_ms,
-                &t.prompt_tokens,
-                &t.completion_tokens,
-                &t.cost_nanos,
-                &t.usage_estimated,
-                &t.fallback_from,
-            ]);
+            let at = r * 15;
+            stmt.raw_bind_parameter(at + 1, t.ts)?;
+            stmt.raw_bind_parameter(at + 2, t.key_id.as_deref())?;
+            stmt.raw_bind_parameter(at + 3, t.endpoint.as_ref())?;
+            stmt.raw_bind_parameter(at + 4, t.requested_model.as_deref())?;
+            stmt.raw_bind_parameter(at + 5, t.served_model.as_deref())?;
+            stmt.raw_bind_parameter(at + 6, t.provider.as_deref())?;
+            stmt.raw_bind_parameter(at + 7, t.status)?;
+            stmt.raw_bind_parameter(at + 8, t.error_code.as_deref())?;
+            stmt.raw_bind_parameter(at + 9, t.latency_ms)?;
+            stmt.raw_bind_parameter(at + 10, t.ttfb_ms)?;
+            stmt.raw_bind_parameter(at + 11, t.prompt_tokens as i64)?;
+            stmt.raw_bind_parameter(at + 12, t.completion_tokens as i64)?;
+            stmt.raw_bind_parameter(at + 13, t.cost_nanos)?;
+            stmt.raw_bind_parameter(at + 14, t.usage_estimated)?;
+            stmt.raw_bind_parameter(at + 15, t.fallback_from.as_deref())?;
         }
-        stmt.execute(values.as_slice())?;
+        stmt.raw_execute()?;
     }
     Ok(())
 }
@@ -151,20 +151,21 @@ fn insert_traces(tx: &rusqlite::Transaction<'_>, batch: &[LedgerEntry]) -> Resul
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TraceRow {
     pub ts: i64,
-    pub key_id: Option<String>,
-    pub endpoint: String,
+    // Shared and static strings: recording a trace on the request path copies no text.
+    pub key_id: Option<Arc<str>>,
+    pub endpoint: Cow<'static, str>,
     pub requested_model: Option<String>,
-    pub served_model: Option<String>,
-    pub provider: Option<String>,
+    pub served_model: Option<Arc<str>>,
+    pub provider: Option<Arc<str>>,
     pub status: u16,
-    pub error_code: Option<String>,
+    pub error_code: Option<Cow<'static, str>>,
     pub latency_ms: i64,
     pub ttfb_ms: Option<i64>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cost_nanos: i64,
     pub usage_estimated: bool,
-    pub fallback_from: Option<String>,
+    pub fallback_from: Option<Arc<str>>,
 }
 
 /// A ledger entry: the trace plus whether it was admitted (counts toward spend and the day).
@@ -244,23 +245,27 @@ fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
     })
 }
 
+fn shared(v: Option<String>) -> Option<Arc<str>> {
+    v.map(Arc::from)
+}
+
 fn trace_from_row(row: &Row<'_>) -> rusqlite::Result<TraceRow> {
     Ok(TraceRow {
         ts: row.get(0)?,
-        key_id: row.get(1)?,
-        endpoint: row.get(2)?,
+        key_id: shared(row.get(1)?),
+        endpoint: Cow::Owned(row.get(2)?),
         requested_model: row.get(3)?,
-        served_model: row.get(4)?,
-        provider: row.get(5)?,
+        served_model: shared(row.get(4)?),
+        provider: shared(row.get(5)?),
         status: row.get(6)?,
-        error_code: row.get(7)?,
+        error_code: row.get::<_, Option<String>>(7)?.map(Cow::Owned),
         latency_ms: row.get(8)?,
         ttfb_ms: row.get(9)?,
         prompt_tokens: row.get::<_, i64>(10)? as u64,
         completion_tokens: row.get::<_, i64>(11)? as u64,
         cost_nanos: row.get(12)?,
         usage_estimated: row.get(13)?,
-        fallback_from: row.get(14)?,
+        fallback_from: shared(row.get(14)?),
     })
 }
 
@@ -276,6 +281,10 @@ impl Store {
         // FULL: every batch commit is durable; batches are few, so this costs little.
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // The ledger appends to large B-trees: keep their hot pages in memory instead of
+        // re-reading them with a syscall per page (64 MiB cache, 256 MiB memory map).
+        conn.pragma_update(None, "cache_size", -65_536)?;
+        conn.pragma_update(None, "mmap_size", 268_435_456)?;
         let mut store = Store { conn };
         store.write(|tx| tx.execute_batch(SCHEMA))?;
         Ok(store)
@@ -652,7 +661,7 @@ mod tests {
             .map(|i| LedgerEntry {
                 trace: TraceRow {
                     ts: 1_000 + i,
-                    key_id: Some(format!("key_{}", i % 7)),
+                    key_id: Some(format!("key_{}", i % 7).into()),
                     endpoint: "chat".into(),
                     served_model: Some("m".into()),
                     status: 200,

@@ -3,7 +3,7 @@
 use std::ops::Range;
 use std::sync::LazyLock;
 
-use memchr::memmem::Finder;
+use memchr::memmem::{Finder, FinderRev};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
@@ -79,10 +79,40 @@ struct ChunkProbe {
 /// one without `completion_tokens` but with a larger `total_tokens` takes the difference.
 #[must_use]
 pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
-    serde_json::from_slice::<UsageBody>(body)
-        .ok()?
-        .usage?
-        .into_usage()
+    match trailing_usage(body) {
+        Some(usage) => usage,
+        None => serde_json::from_slice::<UsageBody>(body)
+            .ok()?
+            .usage?
+            .into_usage(),
+    }
+}
+
+/// Fast path: OpenAI puts `usage` last in the top-level object, so parse just that member,
+/// found from the end. `None` means "not in that shape" (the caller parses the whole body);
+/// it is only trusted when the key is structural (preceded by `{` or `,`, which a quote inside
+/// a string never is) and the usage value is followed by nothing but the closing `}`.
+fn trailing_usage(body: &[u8]) -> Option<Option<Usage>> {
+    let at = USAGE_KEY_REV.rfind(body)?;
+    let before = body[..at].iter().rev().find(|b| !b.is_ascii_whitespace())?;
+    if !matches!(before, b'{' | b',') {
+        return None;
+    }
+    let rest = &body[at + b"\"usage\"".len()..];
+    let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    if rest[colon] != b':' {
+        return None;
+    }
+    let value = &rest[colon + 1..];
+    let mut stream = serde_json::Deserializer::from_slice(value).into_iter::<Option<RawUsage>>();
+    let usage = stream.next()?.ok()?;
+    let mut tail = value[stream.byte_offset()..]
+        .iter()
+        .filter(|b| !b.is_ascii_whitespace());
+    match (tail.next(), tail.next()) {
+        (Some(b'}'), None) => Some(usage.and_then(RawUsage::into_usage)),
+        _ => None,
+    }
 }
 
 /// Events (and lines) longer than this are passed through but not analysed, and are never
@@ -91,6 +121,7 @@ pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
 pub const MAX_EVENT_BYTES: usize = 1 << 20;
 
 static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+static USAGE_KEY_REV: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(b"\"usage\""));
 /// Matches the keys `content` and `reasoning_content` (checked by `is_text_key`).
 static CONTENT_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"content\""));
 static ARGUMENTS_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"arguments\""));
@@ -822,5 +853,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn trailing_usage_fast_path_agrees_with_the_full_parse() {
+        let cases: [&[u8]; 7] = [
+            br#"{"id":"x","choices":[{"message":{"content":"a \"usage\": {\"prompt_tokens\": 99}"}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#,
+            br#"{"usage":{"prompt_tokens":3,"completion_tokens":4},"id":"x"}"#,
+            br#"{"id":"x","meta":{"usage":{"prompt_tokens":9}}}"#,
+            br#"{"id":"x","usage":null}"#,
+            b"{\"id\":\"x\",\n  \"usage\" : {\"prompt_tokens\":1,\"total_tokens\":1}\n}\n",
+            br#"{"data":[{"embedding":[0.1]}],"usage":{"prompt_tokens":5,"total_tokens":5}}"#,
+            br#"{"id":"x","usage":{"prompt_tokens":3,"#,
+        ];
+        for body in cases {
+            let full = serde_json::from_slice::<UsageBody>(body)
+                .ok()
+                .and_then(|b| b.usage)
+                .and_then(RawUsage::into_usage);
+            assert_eq!(
+                usage_from_json(body),
+                full,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert_eq!(
+            usage_from_json(cases[0]),
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4
+            })
+        );
+        assert!(trailing_usage(cases[0]).is_some(), "fast path taken");
+        assert!(
+            trailing_usage(cases[2]).is_none(),
+            "nested usage falls back"
+        );
+        assert_eq!(usage_from_json(cases[2]), None);
     }
 }

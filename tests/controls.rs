@@ -321,7 +321,7 @@ fn budgets_reset_on_the_first_of_the_month() {
     let entry = |ts: i64, cost: i64| LedgerEntry {
         trace: TraceRow {
             ts,
-            key_id: Some(key.id.clone()),
+            key_id: Some(key.id.as_str().into()),
             endpoint: "chat.completions".into(),
             served_model: Some("gpt-4o-mini".into()),
             status: 200,

@@ -127,6 +127,8 @@ pub struct KeyEntry {
     /// Alias indexes named in the allow-list (their whole chain is allowed).
     allowed_aliases: IndexBits,
     pub counters: Arc<KeyCounters>,
+    /// The public id, shared into traces without copying.
+    pub id: Arc<str>,
     pub record: KeyRecord,
 }
 
@@ -158,6 +160,7 @@ impl KeyEntry {
             allowed,
             allowed_aliases,
             counters,
+            id: Arc::from(record.id.as_str()),
             record,
         }
     }
