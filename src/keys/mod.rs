@@ -353,4 +353,53 @@ mod tests {
         assert!(!s.contains(ScopeSet::MODELS));
         assert!(!ScopeSet::from_names(&["job:*"]).contains(ScopeSet::USAGE));
     }
+
+    fn entry(expires_at: i64, revoked_at: Option<i64>) -> KeyEntry {
+        let yaml = r#"
+listen: "127.0.0.1:8080"
+database: "x.db"
+providers: [{name: p, kind: openai, base_url: "http://127.0.0.1:1/v1"}]
+models: [{id: m, provider: p, input_usd_per_mtok: 1, output_usd_per_mtok: 1}]
+"#;
+        let config = crate::config::Config::parse(yaml, std::path::Path::new("t.yaml")).unwrap();
+        let catalog = Catalog::new(&config);
+        let record = KeyRecord {
+            id: "key_1".into(),
+            name: "n".into(),
+            prefix: "0000".into(),
+            token_hash: [0; 32],
+            scopes: vec![],
+            rpm: None,
+            rpd: None,
+            budget_nanos: None,
+            budget_mode: BudgetMode::Hard,
+            allowed_models: vec![],
+            free_only: false,
+            client_id: None,
+            created_at: 0,
+            expires_at,
+            revoked_at,
+            last_used_at: None,
+        };
+        KeyEntry::new(record, &catalog, Arc::new(KeyCounters::default()))
+    }
+
+    #[test]
+    fn keys_stop_at_expires_at_with_a_moved_clock() {
+        let expires = 1_000_000;
+        let key = entry(expires, None);
+        assert_eq!(key.check_alive(expires - 1), Ok(()));
+        assert_eq!(key.check_alive(expires), Err(GateError::TokenExpired));
+        assert_eq!(
+            key.check_alive(expires + 86_400_000),
+            Err(GateError::TokenExpired)
+        );
+        // Revocation wins over expiry and applies at once.
+        let revoked = entry(expires, Some(5));
+        assert_eq!(revoked.check_alive(0), Err(GateError::TokenRevoked));
+        assert_eq!(
+            revoked.check_alive(expires + 1),
+            Err(GateError::TokenRevoked)
+        );
+    }
 }
