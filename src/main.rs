@@ -188,6 +188,16 @@ fn open(config: &Config) -> Result<Store, String> {
         .map_err(|e| format!("database {}: {e}", config.database.display()))
 }
 
+/// A key looked up by id, or the CLI's "no key" error.
+fn found(
+    id: &str,
+    looked_up: Result<Option<KeyRecord>, spidergate::store::StoreError>,
+) -> Result<KeyRecord, String> {
+    looked_up
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no key with id \"{id}\""))
+}
+
 fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
@@ -294,10 +304,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             Ok(())
         }
         Command::Keys(KeysCommand::Show { id, json }) => {
-            let k = store
-                .get_key(&id)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("no key with id \"{id}\""))?;
+            let k = found(&id, store.get_key(&id))?;
             let v = report::key_json(&k, now);
             if json {
                 print_json(&v);
@@ -335,10 +342,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
                 client_id: limits.client_id.map(|c| Some(c).filter(|c| !c.is_empty())),
                 expires_at,
             };
-            let k = store
-                .update_key(&id, &patch)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("no key with id \"{id}\""))?;
+            let k = found(&id, store.update_key(&id, &patch))?;
             let v = report::key_json(&k, now);
             if json {
                 print_json(&v);
@@ -349,10 +353,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             Ok(())
         }
         Command::Keys(KeysCommand::Revoke { id, json }) => {
-            let k = store
-                .revoke_key(&id, now)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("no key with id \"{id}\""))?;
+            let k = found(&id, store.revoke_key(&id, now))?;
             if json {
                 print_json(&report::key_json(&k, now));
             } else {
@@ -373,10 +374,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
                 None => month_index(now),
             };
             let keys = match &id {
-                Some(id) => vec![store
-                    .get_key(id)
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("no key with id \"{id}\""))?],
+                Some(id) => vec![found(id, store.get_key(id))?],
                 None => store.all_keys().map_err(|e| e.to_string())?,
             };
             let mut reports = Vec::with_capacity(keys.len());
