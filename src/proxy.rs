@@ -391,6 +391,16 @@ impl ProxyHttp for GateProxy {
         };
         let model_id = model_id.as_deref().unwrap_or("");
         ctx.endpoint = endpoint;
+        if self
+            .gate
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // SIGTERM: finish what is in flight, refuse the rest (health too, so load
+            // balancers stop sending).
+            session.set_keepalive(None);
+            return self.reject(session, ctx, GateError::ShuttingDown).await;
+        }
         if endpoint == Endpoint::Health {
             return self
                 .answer(session, ctx, br#"{"status":"ok"}"#.to_vec())

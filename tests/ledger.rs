@@ -372,7 +372,12 @@ fn sigterm_flushes_everything_before_exit() {
     mock.clear();
     let handles = burst(gw.addr, &key, 20, 300);
     std::thread::sleep(Duration::from_millis(100));
-    let status = gw.terminate(); // in flight: the burst
+    gw.signal_term(); // in flight: the burst
+    std::thread::sleep(Duration::from_millis(50));
+    // While draining, new requests are refused (and cost nothing).
+    let late = gw.chat(&key, "gpt-4o-mini");
+    assert_eq!((late.status, late.code().as_str()), (503, "shutting_down"));
+    let status = gw.terminate();
     assert!(status.success(), "clean exit: {status:?}");
     let ok = handles
         .into_iter()

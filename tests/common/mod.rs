@@ -348,14 +348,19 @@ impl Gateway {
         self.child.as_ref().expect("running").id()
     }
 
-    /// SIGTERM, then wait for a clean exit.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
+    /// Sends SIGTERM without waiting.
+    pub fn signal_term(&self) {
         let pid = self.pid();
         Command::new("kill")
             .arg("-TERM")
             .arg(pid.to_string())
             .status()
             .expect("kill");
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal_term();
         let mut child = self.child.take().expect("running");
         wait_for(Duration::from_secs(30), "gateway exit", || {
             child.try_wait().ok().flatten()
