@@ -18,4 +18,4 @@ $BIN keys create --name quickstart-agent --ttl 1d
 echo
 echo "Gateway on http://127.0.0.1:8080/v1 — try:"
 echo '  curl http://127.0.0.1:8080/v1/chat/completions -H "Authorization: Bearer <secret>" -d '"'"'{"model":"spideriq/fast","messages":[{"role":"user","content":"hi"}]}'"'"
-exec $BIN serve
+$BIN serve
