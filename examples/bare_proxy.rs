@@ -14,6 +14,10 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::Result;
 use pingora_proxy::{ProxyHttp, Session};
 
+/// Same allocator as the gateway, so the benchmark compares proxy work, not allocators.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(about = "Bare Pingora pass-through proxy (benchmark baseline)")]
 struct Args {
