@@ -187,6 +187,16 @@ async fn read_body(
     if declared.is_some_and(|n| n > max) {
         return Ok(Err(GateError::RequestTooLarge(max)));
     }
+    // A client that waits for `100 Continue` (curl does above 1 MiB) would otherwise stall
+    // until its own timeout before sending the body.
+    let expects_continue = header_bytes(session.req_header(), "expect")
+        .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        session
+            .as_downstream_mut()
+            .write_continue_response()
+            .await?;
+    }
     let mut first: Option<Bytes> = None;
     let mut buf: Option<BytesMut> = None;
     let mut total: u64 = 0;

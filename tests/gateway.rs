@@ -691,3 +691,41 @@ fn clients_cannot_steer_the_upstream() {
         Some(mock.addr().to_string().as_str())
     );
 }
+
+#[test]
+fn expect_100_continue_is_answered_before_the_body() {
+    use std::io::{BufRead, BufReader, Write};
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    let key = gw.create_key(&[]);
+    let body = br#"{"model":"gpt-4o-mini","messages":[]}"#;
+    let mut stream = std::net::TcpStream::connect(gw.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        key.bearer(),
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(
+        line.starts_with("HTTP/1.1 100"),
+        "expected 100 Continue, got {line:?}"
+    );
+    // Skip the blank line that ends the interim response, then send the body.
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        if line.trim().is_empty() {
+            break;
+        }
+    }
+    stream.write_all(body).unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line:?}");
+}
