@@ -729,3 +729,66 @@ fn expect_100_continue_is_answered_before_the_body() {
     reader.read_line(&mut line).unwrap();
     assert!(line.starts_with("HTTP/1.1 200"), "{line:?}");
 }
+
+#[test]
+fn hostile_input_never_takes_the_gateway_down() {
+    use std::io::Write;
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    let key = gw.create_key(&[]);
+    let bearer = key.bearer();
+    // Raw garbage and broken HTTP.
+    let raw: Vec<Vec<u8>> = vec![
+        b"\x00\x01\x02\xff\xfe garbage\r\n\r\n".to_vec(),
+        b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: -5\r\n\r\n".to_vec(),
+        b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n"
+            .to_vec(),
+        format!(
+            "GET /v1/models HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(200_000)
+        )
+        .into_bytes(),
+        b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_vec(),
+    ];
+    for bytes in raw {
+        if let Ok(mut s) = std::net::TcpStream::connect(gw.addr) {
+            let _ = s.write_all(&bytes);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let mut sink = Vec::new();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let _ = std::io::Read::read_to_end(&mut s, &mut sink);
+        }
+    }
+    // Hostile but well-framed bodies on an authenticated route.
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let bodies: Vec<Vec<u8>> = vec![
+        deep.into_bytes(),
+        format!(r#"{{"model":"{}"}}"#, "m".repeat(100_000)).into_bytes(),
+        br#"{"model":"gpt-4o-mini","model":"gpt-4o"}"#.to_vec(),
+        br#"{"model":"gpt-4o-mini","stream":"yes"}"#.to_vec(),
+        br#"{"model":"gpt-4o-mini","stream":true,"stream_options":7}"#.to_vec(),
+        br#"{"model":"gpt-4o-mini","max_tokens":-1}"#.to_vec(),
+        br#"{"model":"\ud800"}"#.to_vec(),
+        b"{\"model\":\"gpt-4o-mini\"}\x00".to_vec(),
+    ];
+    for body in bodies {
+        let r = gw.post("/v1/chat/completions", &bearer, &body, &[]);
+        assert!(
+            matches!(r.status, 400 | 404),
+            "{} for {:?}",
+            r.status,
+            String::from_utf8_lossy(&body[..body.len().min(60)])
+        );
+    }
+    let r = http(
+        gw.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Authorization", "Bearer \u{7f}\u{1}")],
+        b"{}",
+    );
+    assert!(r.map(|r| r.status).unwrap_or(400) >= 400);
+    assert_eq!(gw.get("/health", "").status, 200, "still serving");
+    assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
+    assert!(!gw.log_text().contains("panicked"), "a request panicked");
+}
