@@ -1,6 +1,7 @@
 //! SpiderGate: an OpenAI-compatible LLM gateway for fleets of AI agents, on Pingora.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod admin;
 pub mod admission;
 pub mod catalog;
 pub mod clock;

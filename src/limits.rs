@@ -5,6 +5,7 @@
 //! held for a few comparisons; only requests of the same key ever contend on it.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use crate::clock::{day_index, month_index, MS_PER_DAY};
@@ -26,6 +27,8 @@ pub struct Limits {
 #[derive(Debug, Default)]
 pub struct KeyCounters {
     state: Mutex<CounterState>,
+    /// Admitted requests whose ledger entry is not queued yet (see [`KeyCounters::recorded`]).
+    unrecorded: AtomicU32,
 }
 
 #[derive(Debug, Default)]
@@ -137,6 +140,7 @@ impl KeyCounters {
                 report_minute: 0,
                 report_count: 0,
             }),
+            unrecorded: AtomicU32::new(0),
         }
     }
 
@@ -200,6 +204,7 @@ impl KeyCounters {
         }
         s.day_count += 1;
         s.reserved_nanos += reserve;
+        self.unrecorded.fetch_add(1, Ordering::Relaxed);
         let minute = now.div_euclid(WINDOW_MS);
         if s.report_minute != minute {
             s.report_minute = minute;
@@ -214,6 +219,16 @@ impl KeyCounters {
                 month: s.month,
             },
         ))
+    }
+
+    /// Called once an admitted request's ledger entry is queued.
+    pub fn recorded(&self) {
+        self.unrecorded.fetch_sub(1, Ordering::Release);
+    }
+
+    /// Admitted requests still finishing (their spend is not in the ledger queue yet).
+    pub fn unrecorded(&self) -> u32 {
+        self.unrecorded.load(Ordering::Acquire)
     }
 
     /// Headers for a request that was rejected before admission (nothing consumed).

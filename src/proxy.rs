@@ -772,6 +772,10 @@ impl ProxyHttp for GateProxy {
 
     /// Last phase, on every outcome: settle the reservation, record spend and the trace.
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        // Health checks are monitoring noise: no trace, no metrics (nothing to settle).
+        if ctx.endpoint == Endpoint::Health {
+            return;
+        }
         if e.is_some() && ctx.error_code.is_none() && ctx.response_started {
             ctx.error_code = Some(STREAM_BROKEN);
         }
@@ -812,9 +816,6 @@ impl ProxyHttp for GateProxy {
                 estimated,
             );
         }
-        if ctx.endpoint == Endpoint::Health {
-            return;
-        }
         let model = |m: usize| gate.model_names[m].clone();
         let trace = TraceRow {
             ts: ctx.started_ms,
@@ -836,5 +837,10 @@ impl ProxyHttp for GateProxy {
             fallback_from: ctx.fallback_from.map(model),
         };
         gate.ledger.record(LedgerEntry { trace, admitted });
+        if admitted {
+            if let Some(key) = &ctx.key {
+                key.counters.recorded();
+            }
+        }
     }
 }

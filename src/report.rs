@@ -162,6 +162,12 @@ pub fn stored_usage(
 /// Usage as the running gateway sees it: everything recorded is flushed first, so the
 /// answer includes the caller's previous request.
 pub fn live_usage(gate: &Gate, key: &KeyEntry) -> Result<Value, StoreError> {
+    // A client may ask right after its previous response arrived, while that request's
+    // logging phase is still queueing its ledger entry: give it a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
+    while key.counters.unrecorded() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     gate.ledger.flush_blocking();
     let now = now_ms();
     let month = month_index(now);

@@ -10,6 +10,7 @@ use pingora_core::server::{
 };
 use pingora_core::services::background::{background_service, BackgroundService};
 
+use crate::admin::AdminApp;
 use crate::catalog::MAX_CHAIN;
 use crate::config::Config;
 use crate::gate::Gate;
@@ -118,6 +119,15 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
     );
     proxy.add_tcp(&listen);
     server.add_service(proxy);
+    if let Some(admin) = &gate.config.admin {
+        let mut service = pingora_core::services::listening::Service::new(
+            "spidergate admin".to_string(),
+            AdminApp::new(gate.clone(), &admin.token_env),
+        );
+        service.add_tcp(&admin.listen);
+        server.add_service(service);
+        log::info!("admin API listening on {}", admin.listen);
+    }
     server.add_service(background_service(
         "spidergate maintenance",
         Maintenance { gate: gate.clone() },

@@ -191,6 +191,7 @@ impl Key {
 
 /// Builder for a gateway with a temp config and database.
 pub struct GatewayBuilder {
+    env: Vec<(String, String)>,
     upstream: String,
     top: Vec<String>,
     server: Vec<String>,
@@ -227,6 +228,7 @@ aliases:
 impl GatewayBuilder {
     pub fn new(mock: &MockProvider) -> Self {
         GatewayBuilder {
+            env: Vec::new(),
             upstream: mock.base_url(),
             top: Vec::new(),
             server: Vec::new(),
@@ -237,6 +239,12 @@ impl GatewayBuilder {
     /// A top-level YAML line, e.g. `max_body_bytes: 1024`.
     pub fn top(mut self, line: &str) -> Self {
         self.top.push(line.to_string());
+        self
+    }
+
+    /// An environment variable for the gateway process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -286,6 +294,7 @@ impl GatewayBuilder {
         let config = dir.path().join("spidergate.yaml");
         std::fs::write(&config, yaml).expect("write config");
         let mut gw = Gateway {
+            env: self.env.clone(),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             log: dir.path().join("gateway.log"),
             dir,
@@ -301,6 +310,7 @@ impl GatewayBuilder {
 pub const PROVIDER_KEY: &str = "sk-provider-secret-123";
 
 pub struct Gateway {
+    env: Vec<(String, String)>,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub db: PathBuf,
@@ -322,6 +332,7 @@ impl Gateway {
             .arg(&self.config)
             .arg("serve")
             .env("MOCK_PROVIDER_KEY", PROVIDER_KEY)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
