@@ -117,8 +117,9 @@ static REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-rem
 static RATE_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 static BUDGET_WARNING: HeaderName = HeaderName::from_static("x-spidergate-budget-warning");
 /// Client headers that never go upstream: credentials of any kind (the provider's own key
-/// replaces the agent's token) and framing the gateway sets itself.
-static STRIPPED_HEADERS: [HeaderName; 7] = [
+/// replaces the agent's token) and framing the gateway handles itself (the body is already
+/// read, so an upstream `100 Continue` would only reach the client a second time).
+static STRIPPED_HEADERS: [HeaderName; 8] = [
     HeaderName::from_static("x-api-key"),
     HeaderName::from_static("api-key"),
     HeaderName::from_static("openai-organization"),
@@ -126,6 +127,7 @@ static STRIPPED_HEADERS: [HeaderName; 7] = [
     http::header::PROXY_AUTHORIZATION,
     http::header::COOKIE,
     http::header::TRANSFER_ENCODING,
+    http::header::EXPECT,
 ];
 static SERVED_MODEL: HeaderName = HeaderName::from_static("x-spidergate-model");
 static FALLBACK_FROM: HeaderName = HeaderName::from_static("x-spidergate-fallback-from");

@@ -202,8 +202,3 @@ pub fn trace_json(t: &TraceRow) -> Value {
         "fallback_from": t.fallback_from.as_deref(),
     })
 }
-
-/// Current time, for callers that have none at hand.
-pub fn now() -> i64 {
-    now_ms()
-}

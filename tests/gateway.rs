@@ -727,7 +727,16 @@ fn expect_100_continue_is_answered_before_the_body() {
     stream.write_all(body).unwrap();
     line.clear();
     reader.read_line(&mut line).unwrap();
-    assert!(line.starts_with("HTTP/1.1 200"), "{line:?}");
+    assert!(
+        line.starts_with("HTTP/1.1 200"),
+        "exactly one 100, then the answer: {line:?}"
+    );
+    let received = mock.requests();
+    assert_eq!(
+        received.last().unwrap().header("expect"),
+        None,
+        "not forwarded upstream"
+    );
 }
 
 #[test]
