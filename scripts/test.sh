@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-python3 -m pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt
+pip_install() { python3 -m pip install -q --disable-pip-version-check "$@"; }
+# A Debian-managed Python refuses plain pip installs (PEP 668); pyenv's does not.
+pip_install -r tests/e2e/requirements.txt || pip_install --break-system-packages -r tests/e2e/requirements.txt
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast
   cargo test --doc
