@@ -277,6 +277,9 @@ impl Store {
         }
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
+        // Only takes effect when the file is created: fewer, larger pages for the append-heavy
+        // trace table (set before WAL, which fixes the page size).
+        conn.pragma_update(None, "page_size", 16_384)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: every batch commit is durable; batches are few, so this costs little.
         conn.pragma_update(None, "synchronous", "FULL")?;
