@@ -56,32 +56,17 @@ fn streams_pass_through_chunk_by_chunk() {
     let key = gw.create_key(&[]);
     let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
     // 5 chunks, 300 ms apart: the first must reach the client long before the last is sent.
-    let stream = send_request(
-        gw.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[
-            ("Authorization", &key.bearer()),
-            ("x-mock-chunks", "5"),
-            ("x-mock-chunk-delay-ms", "300"),
-        ],
-        body.to_string().as_bytes(),
-    )
-    .unwrap();
     let started = Instant::now();
-    let (status, headers, mut reader) = read_stream_head(stream).unwrap();
+    let (status, headers, mut reader) = gw.open_stream(
+        &key,
+        &body,
+        &[("x-mock-chunks", "5"), ("x-mock-chunk-delay-ms", "300")],
+    );
     assert_eq!(status, 200);
     assert!(headers
         .iter()
         .any(|(k, v)| k == "content-type" && v.starts_with("text/event-stream")));
-    let mut line = String::new();
-    loop {
-        line.clear();
-        std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
-        if line.starts_with("data:") {
-            break;
-        }
-    }
+    read_first_event(&mut reader);
     assert!(
         started.elapsed() < Duration::from_millis(1000),
         "first chunk took {:?}",

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, Read};
+use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -187,25 +187,13 @@ fn a_client_that_hangs_up_mid_stream_leaves_one_trace_and_a_charge() {
     let gw = GatewayBuilder::new(&mock).start();
     let key = gw.create_key(&[]);
     let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "tell me a long story"}]});
-    let stream = send_request(
-        gw.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[
-            ("Authorization", &key.bearer()),
-            ("x-mock-chunks", "40"),
-            ("x-mock-chunk-delay-ms", "50"),
-        ],
-        body.to_string().as_bytes(),
-    )
-    .unwrap();
-    let (status, _, mut reader) = read_stream_head(stream).unwrap();
+    let (status, _, mut reader) = gw.open_stream(
+        &key,
+        &body,
+        &[("x-mock-chunks", "40"), ("x-mock-chunk-delay-ms", "50")],
+    );
     assert_eq!(status, 200);
-    let mut line = String::new();
-    while !line.starts_with("data:") {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-    }
+    read_first_event(&mut reader);
     drop(reader); // hang up after the first chunk
 
     let t = wait_for(

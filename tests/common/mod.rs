@@ -178,6 +178,17 @@ pub fn read_stream_head(stream: TcpStream) -> std::io::Result<StreamHead> {
     Ok((status, headers, r))
 }
 
+/// Reads lines until the first SSE `data:` line; returns it.
+pub fn read_first_event(reader: &mut BufReader<TcpStream>) -> String {
+    let mut line = String::new();
+    while !line.starts_with("data:") {
+        line.clear();
+        let n = reader.read_line(&mut line).expect("read stream");
+        assert!(n > 0, "stream ended before its first event");
+    }
+    line
+}
+
 pub struct Key {
     pub id: String,
     pub secret: String,
@@ -462,6 +473,22 @@ impl Gateway {
             body.to_string().as_bytes(),
             extra,
         )
+    }
+
+    /// Starts a streamed chat request and reads its response head; the body stays unread.
+    pub fn open_stream(&self, key: &Key, body: &Value, extra: &[(&str, &str)]) -> StreamHead {
+        let bearer = key.bearer();
+        let mut headers = vec![("Authorization", bearer.as_str())];
+        headers.extend_from_slice(extra);
+        let stream = send_request(
+            self.addr,
+            "POST",
+            "/v1/chat/completions",
+            &headers,
+            body.to_string().as_bytes(),
+        )
+        .expect("send");
+        read_stream_head(stream).expect("response head")
     }
 
     pub fn store(&self) -> spidergate::store::Store {
