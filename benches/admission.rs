@@ -11,13 +11,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion};
-use spidergate::admission::{admit, authenticate, check_scope, Endpoint};
+use spidergate::admission::{admit, check_scope, lookup, token_hash, Endpoint};
 use spidergate::catalog::Catalog;
 use spidergate::clock::now_ms;
+use spidergate::clock::Now;
 use spidergate::config::Config;
 use spidergate::keys::KeySet;
 use spidergate::limits::KeyCounters;
 use spidergate::manage::{mint_key, NewKey};
+use spidergate::money::Nanos;
 
 const SIZES: [usize; 3] = [1, 10_000, 1_000_000];
 
@@ -41,7 +43,7 @@ fn keyset(catalog: &Catalog, n: usize) -> (KeySet, Vec<u8>) {
             name: format!("agent-{i}"),
             rpm: Some(1_000),
             rpd: Some(1_000_000_000),
-            budget_nanos: Some(i64::MAX / 4),
+            budget: Some(Nanos::new(i64::MAX / 4)),
             allowed_models: vec!["spideriq/fast".into(), "gpt-4o".into()],
             ..NewKey::default()
         };
@@ -49,7 +51,9 @@ fn keyset(catalog: &Catalog, n: usize) -> (KeySet, Vec<u8>) {
         records.push(record);
         headers.extend_from_slice(format!("Bearer {secret}").as_bytes());
     }
-    let set = KeySet::build(records, catalog, None, |_| KeyCounters::restored(now, 0, 0));
+    let set = KeySet::build(records, catalog, None, |_| {
+        KeyCounters::restored(now, 0, Vec::new())
+    });
     (set, headers)
 }
 
@@ -74,11 +78,19 @@ fn bench(c: &mut Criterion, catalog: &Catalog) {
                 i = (i + 1) % n;
                 now += 61;
                 let header = &headers[i * HEADER_LEN..(i + 1) * HEADER_LEN];
-                let key = authenticate(&keys, Some(header), now).expect("auth");
+                let hash = token_hash(Some(header)).expect("token");
+                let key = lookup(&keys, &hash, now).expect("auth");
                 check_scope(&key, Endpoint::ChatCompletions).expect("scope");
-                let adm =
-                    admit(catalog, &key, Endpoint::ChatCompletions, &body, now).expect("admit");
-                key.counters.settle(adm.reservation, 0);
+                let adm = admit(
+                    catalog,
+                    &key,
+                    Endpoint::ChatCompletions,
+                    &body,
+                    Now::at(now),
+                    25_000,
+                )
+                .expect("admit");
+                key.counters.settle(adm.reservation, None);
                 black_box(adm.chain)
             })
         });

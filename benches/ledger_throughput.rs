@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use spidergate::clock::{day_index, day_label, month_index, month_label, now_ms};
 use spidergate::ledger::SpendLedger;
+use spidergate::money::Nanos;
 use spidergate::store::{LedgerEntry, Store, TraceRow};
 
 const KEYS: usize = 1000;
@@ -88,7 +89,7 @@ fn make_entries(n: usize, now: i64) -> (Vec<LedgerEntry>, Expected) {
             ttfb_ms: admitted.then(|| 5 + rng.below(500) as i64),
             prompt_tokens: prompt,
             completion_tokens: completion,
-            cost_nanos: cost,
+            cost: Nanos::new(cost),
             usage_estimated: admitted && rng.below(50) == 0,
             fallback_from: None,
         };
@@ -97,7 +98,13 @@ fn make_entries(n: usize, now: i64) -> (Vec<LedgerEntry>, Expected) {
             exp.admitted += 1;
             exp.cost_nanos += cost;
         }
-        out.push(LedgerEntry { trace, admitted });
+        out.push(LedgerEntry {
+            trace,
+            admitted,
+            counted: admitted,
+            journal_id: None,
+            keep_trace: true,
+        });
     }
     (out, exp)
 }
@@ -110,6 +117,8 @@ fn verify(db: &Path, now: i64, exp: &Expected) -> Result<(), String> {
         .spend_by_key(&month)
         .map_err(|e| e.to_string())?
         .values()
+        .flatten()
+        .map(|t| t.spent.get())
         .sum();
     let requests: u64 = store
         .requests_by_key(&day)
@@ -150,7 +159,7 @@ fn main() {
     let now = now_ms();
     let (entries, exp) = make_entries(n, now);
 
-    let ledger = SpendLedger::new(db.clone(), Duration::from_millis(500), 30);
+    let ledger = SpendLedger::new(db.clone(), Duration::from_millis(500), 30, usize::MAX);
     ledger.start().expect("start the ledger writer");
     let t0 = Instant::now();
     for e in entries {

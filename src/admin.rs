@@ -11,10 +11,11 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
-use crate::clock::{month_index, now_ms, parse_month};
+use crate::clock::{month_index, now_ms, parse_month, Now};
 use crate::gate::Gate;
 use crate::keys::{parse_ttl, BudgetMode};
 use crate::manage::{self, NewKey};
+use crate::money::Nanos;
 use crate::report;
 use crate::store::{KeyPatch, Store};
 
@@ -83,14 +84,25 @@ fn limit_field(v: &Value, field: &str) -> Result<Option<Option<u32>>, String> {
     }
 }
 
-fn budget_field(v: &Value) -> Result<Option<Option<i64>>, String> {
+fn budget_field(v: &Value) -> Result<Option<Option<Nanos>>, String> {
     match v.get("monthly_budget_usd") {
         None => Ok(None),
         Some(Value::Null) => Ok(Some(None)),
         Some(n) => match n.as_f64() {
-            Some(usd) => manage::budget_nanos(usd).map(|n| Some(Some(n))),
+            Some(usd) => manage::budget(usd).map(|n| Some(Some(n))),
             None => Err("monthly_budget_usd must be a number or null".into()),
         },
+    }
+}
+
+/// `client_id`: a string, or null to clear it; anything else is refused (a number must not
+/// silently clear the field).
+fn client_id_field(v: &Value) -> Result<Option<Option<String>>, String> {
+    match v.get("client_id") {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(None)),
+        Some(Value::String(s)) => Ok(Some(Some(s.clone()))),
+        Some(_) => Err("client_id must be a string or null".into()),
     }
 }
 
@@ -146,16 +158,14 @@ fn new_key(v: &Value) -> Result<NewKey, String> {
             .to_string(),
         rpm: limit_field(v, "rpm")?.flatten(),
         rpd: limit_field(v, "rpd")?.flatten(),
-        budget_nanos: budget_field(v)?.flatten(),
+        budget: budget_field(v)?.flatten(),
         budget_mode: budget_mode_field(v)?,
+        max_inflight: limit_field(v, "max_inflight")?.flatten(),
         allowed_models: string_list(v, "allowed_models")?.unwrap_or_default(),
         free_only: bool_field(v, "free_only")?.unwrap_or(false),
         scopes: string_list(v, "scopes")?,
         ttl_secs: ttl_field(v)?,
-        client_id: v
-            .get("client_id")
-            .and_then(Value::as_str)
-            .map(str::to_string),
+        client_id: client_id_field(v)?.flatten(),
     })
 }
 
@@ -165,15 +175,12 @@ fn key_patch(v: &Value, now: i64) -> Result<KeyPatch, String> {
         scopes: string_list(v, "scopes")?,
         rpm: limit_field(v, "rpm")?,
         rpd: limit_field(v, "rpd")?,
-        budget_nanos: budget_field(v)?,
+        budget: budget_field(v)?,
         budget_mode: budget_mode_field(v)?,
+        max_inflight: limit_field(v, "max_inflight")?,
         allowed_models: string_list(v, "allowed_models")?,
         free_only: bool_field(v, "free_only")?,
-        client_id: match v.get("client_id") {
-            None => None,
-            Some(Value::Null) => Some(None),
-            Some(c) => Some(c.as_str().map(str::to_string)),
-        },
+        client_id: client_id_field(v)?,
         expires_at: ttl_field(v)?.map(|secs| now + secs * 1000),
     })
 }
@@ -214,7 +221,11 @@ impl AdminApp {
             return Reply {
                 status: 200,
                 content_type: "text/plain; version=0.0.4",
-                body: self.gate.metrics.render().into_bytes(),
+                body: self
+                    .gate
+                    .metrics
+                    .render(self.gate.ledger.health())
+                    .into_bytes(),
             };
         }
         let body = match read_body(session).await {
@@ -374,7 +385,9 @@ fn handle(
             };
             let live = gate.keys.load().by_id(id).cloned();
             let result = match live {
-                Some(entry) if month == month_index(now) => report::live_usage(gate, &entry),
+                Some(entry) if month == month_index(now) => {
+                    Ok(report::live_usage(&entry, Now::read()))
+                }
                 _ => match store.get_key(id) {
                     Ok(Some(k)) => report::stored_usage(&store, &k, month, now),
                     Ok(None) => return not_found(id),

@@ -9,14 +9,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::catalog::{Catalog, Chain};
+use crate::clock::Now;
 use crate::error::GateError;
-use crate::keys::token::{from_authorization, hash_token};
+use crate::keys::token::{from_authorization, hash_token, TokenHash};
 use crate::keys::{KeyEntry, KeySet, ScopeSet};
 use crate::limits::{Reservation, Standing};
+use crate::money::Nanos;
 use crate::providers::openai::{parse_request, RequestFields};
-
-/// Output bound assumed for a hard budget when neither the request nor the model sets one.
-pub const DEFAULT_OUTPUT_BOUND: u64 = 16_384;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -93,18 +92,18 @@ pub fn route(path: &str) -> (Endpoint, &str) {
     }
 }
 
-/// Bearer token -> live key. 401 for anything else; the token is never echoed.
-pub fn authenticate(
-    keys: &KeySet,
-    authorization: Option<&[u8]>,
-    now: i64,
-) -> Result<Arc<KeyEntry>, GateError> {
-    let token = authorization
+/// Bearer token -> its hash. 401 for a missing or malformed token; never echoed.
+pub fn token_hash(authorization: Option<&[u8]>) -> Result<TokenHash, GateError> {
+    authorization
         .and_then(from_authorization)
-        .ok_or(GateError::InvalidApiKey)?;
-    let key = keys
-        .by_hash(&hash_token(token))
-        .ok_or(GateError::InvalidApiKey)?;
+        .map(hash_token)
+        .ok_or(GateError::InvalidApiKey)
+}
+
+/// Token hash -> live key at `now`: 401 if unknown, expired or revoked. Called when the
+/// request arrives and again at the moment of admission, after the body was read.
+pub fn lookup(keys: &KeySet, hash: &TokenHash, now: i64) -> Result<Arc<KeyEntry>, GateError> {
+    let key = keys.by_hash(hash).ok_or(GateError::InvalidApiKey)?;
     key.check_alive(now)?;
     Ok(key.clone())
 }
@@ -125,63 +124,96 @@ pub struct Admission {
     pub chain: Chain,
     pub standing: Standing,
     pub reservation: Reservation,
-    /// Prompt-token upper bound used for the reservation (the body's byte length).
-    pub prompt_bound: u64,
+    /// The upper bound the reservation was computed from (journaled for crash recovery).
+    pub bound: Bound,
+    /// When the decision was taken: the request's spend belongs to this month and day.
+    pub admitted_at: i64,
 }
 
-/// Upper bound of a request's cost on any model of its chain, in nano-dollars.
-pub fn cost_bound(
+/// The most a request can cost on any model of its chain, and the token counts behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost: Nanos,
+    /// The chain position whose price gives `cost`.
+    pub model: usize,
+}
+
+/// Upper bound of a request's cost on any model of its chain (SPEC §2: a true upper bound
+/// for every request shape). Prompt: every token is at least one byte of the body, plus
+/// `media_part_tokens` for each image, audio or file part, whose bytes say nothing about
+/// their tokens. Output: `n` choices of the larger max-token field, capped at the model's
+/// maximum (a provider never produces more), or that maximum when the request sets none.
+/// Saturating throughout: a bound that cannot be represented is `Nanos::MAX`, which no
+/// budget admits.
+pub fn reservation_bound(
     catalog: &Catalog,
     chain: &Chain,
     endpoint: Endpoint,
-    prompt_bound: u64,
-    requested_output: Option<u64>,
-) -> i64 {
-    (0..chain.len())
-        .filter_map(|i| chain.get(i))
-        .map(|m| {
-            let output = match endpoint {
-                Endpoint::Embeddings => 0,
-                _ => requested_output
-                    .or(catalog.models()[m].max_output_tokens.map(u64::from))
-                    .unwrap_or(DEFAULT_OUTPUT_BOUND),
+    fields: &RequestFields,
+    body_len: usize,
+    media_part_tokens: u64,
+) -> Bound {
+    let prompt =
+        (body_len as u64).saturating_add(fields.media_parts.saturating_mul(media_part_tokens));
+    let mut best = Bound {
+        prompt_tokens: prompt,
+        completion_tokens: 0,
+        cost: Nanos::ZERO,
+        model: 0,
+    };
+    for (i, m) in (0..chain.len()).filter_map(|i| chain.get(i).map(|m| (i, m))) {
+        let model_max = u64::from(catalog.models()[m].max_output_tokens);
+        let completion = match endpoint {
+            Endpoint::Embeddings => 0,
+            _ => fields
+                .max_output_tokens
+                .map_or(model_max, |t| t.min(model_max))
+                .saturating_mul(fields.choices),
+        };
+        let cost = catalog.cost(m, prompt, completion);
+        if i == 0 || cost > best.cost {
+            best = Bound {
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                cost,
+                model: i,
             };
-            catalog.cost_nanos(m, prompt_bound, output)
-        })
-        .max()
-        .unwrap_or(0)
+        }
+    }
+    best
 }
 
-/// Body, model and per-key controls for an authenticated, in-scope model request.
-/// On rejection returns the error and the key's standing (for the rate-limit headers).
+/// Body, model and per-key controls for an authenticated, in-scope model request. `now` and
+/// `key` must be read at the moment of decision (after the body arrived), so a body trickled
+/// across midnight or a key revoked during the upload is judged as things stand now.
 pub fn admit(
     catalog: &Catalog,
     key: &KeyEntry,
     endpoint: Endpoint,
     body: &Bytes,
-    now: i64,
+    now: Now,
+    media_part_tokens: u64,
 ) -> Result<Admission, GateError> {
     let fields = parse_request(body)?;
     let chain = catalog.resolve(&fields.model, key)?;
-    // Every token is at least one byte of the body, so its length bounds the prompt.
-    let prompt_bound = body.len() as u64;
-    let estimate = cost_bound(
+    let bound = reservation_bound(
         catalog,
         &chain,
         endpoint,
-        prompt_bound,
-        fields.max_output_tokens,
+        &fields,
+        body.len(),
+        media_part_tokens,
     );
-    let (standing, reservation) = key
-        .counters
-        .admit(now, &key.limits, estimate)
-        .map_err(|(e, _)| e)?;
+    let (standing, reservation) = key.counters.admit(now, &key.limits, bound.cost)?;
     Ok(Admission {
         fields,
         chain,
         standing,
         reservation,
-        prompt_bound,
+        bound,
+        admitted_at: now.wall,
     })
 }
 

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use crate::config::{Config, Model, Provider};
 use crate::error::GateError;
 use crate::keys::KeyEntry;
+use crate::money::Nanos;
 
 enum Target {
     Model(usize),
@@ -139,11 +140,10 @@ impl Catalog {
         Ok(chain)
     }
 
-    /// Prompt + completion cost in nano-dollars.
-    pub fn cost_nanos(&self, m: usize, prompt_tokens: u64, completion_tokens: u64) -> i64 {
+    /// Prompt + completion cost (saturating: never wraps).
+    pub fn cost(&self, m: usize, prompt_tokens: u64, completion_tokens: u64) -> Nanos {
         let model = &self.models[m];
-        (prompt_tokens as i64).saturating_mul(model.input_nanos_per_token)
-            + (completion_tokens as i64).saturating_mul(model.output_nanos_per_token)
+        model.input_price.cost(prompt_tokens) + model.output_price.cost(completion_tokens)
     }
 }
 
@@ -179,7 +179,8 @@ aliases:
             scopes: vec![],
             rpm: None,
             rpd: None,
-            budget_nanos: None,
+            budget: None,
+            max_inflight: None,
             budget_mode: BudgetMode::Soft,
             allowed_models: allowed.iter().map(|s| s.to_string()).collect(),
             free_only,
@@ -241,6 +242,10 @@ aliases:
     fn cost_is_integer_nanos() {
         let c = catalog();
         // 1 USD/Mtok = 1000 nano-USD per token.
-        assert_eq!(c.cost_nanos(0, 1_000, 500), 1_000 * 1_000 + 500 * 2_000);
+        assert_eq!(
+            c.cost(0, 1_000, 500),
+            Nanos::new(1_000 * 1_000 + 500 * 2_000)
+        );
+        assert_eq!(c.cost(0, u64::MAX, u64::MAX), Nanos::MAX);
     }
 }

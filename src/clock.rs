@@ -1,15 +1,60 @@
 //! UTC calendar arithmetic on unix milliseconds: days, months, RFC 3339. No time zones, no deps.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 pub const MS_PER_DAY: i64 = 86_400_000;
 
-/// Wall-clock now in unix milliseconds.
+/// Environment variable adding a signed offset (ms) to the wall clock, so tests and drills
+/// can put the gateway just before a month or day boundary. Read once per process.
+pub const CLOCK_OFFSET_ENV: &str = "SPIDERGATE_CLOCK_OFFSET_MS";
+
+fn offset_ms() -> i64 {
+    static OFFSET: OnceLock<i64> = OnceLock::new();
+    *OFFSET.get_or_init(|| {
+        std::env::var(CLOCK_OFFSET_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    })
+}
+
+/// Wall-clock now in unix milliseconds (plus the configured test offset, if any).
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+        .saturating_add(offset_ms())
+}
+
+/// Milliseconds on a monotonic clock (since the first call in this process): immune to
+/// wall-clock steps, so rolling windows measure real elapsed time.
+pub fn mono_ms() -> i64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as i64
+}
+
+/// The two clocks an admission decision reads, taken together at the moment of decision:
+/// `wall` for calendar days and months, `mono` for the rolling minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub wall: i64,
+    pub mono: i64,
+}
+
+impl Now {
+    pub fn read() -> Now {
+        Now {
+            wall: now_ms(),
+            mono: mono_ms(),
+        }
+    }
+
+    /// For tests and tools: both clocks at the same reading.
+    pub const fn at(ms: i64) -> Now {
+        Now { wall: ms, mono: ms }
+    }
 }
 
 /// Days since 1970-01-01 for a civil date (Howard Hinnant's algorithm).

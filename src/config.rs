@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::money::Price;
+
 pub const DEFAULT_CONFIG_PATH: &str = "conf/spidergate.yaml";
 
 #[derive(Debug, Deserialize)]
@@ -70,7 +72,14 @@ struct RawServer {
     flush_interval_ms: u64,
     reload_interval_ms: u64,
     trace_retention_days: u32,
-    shutdown_timeout_secs: u64,
+    /// SIGTERM waits this long for in-flight requests, then charges the rest and exits.
+    shutdown_grace_s: Option<u64>,
+    /// The older name of `shutdown_grace_s`, still accepted.
+    shutdown_timeout_secs: Option<u64>,
+    default_max_output_tokens: u32,
+    media_part_tokens: u32,
+    auth_failures_per_minute: u32,
+    ledger_max_backlog: usize,
 }
 
 impl Default for RawServer {
@@ -82,10 +91,23 @@ impl Default for RawServer {
             flush_interval_ms: 500,
             reload_interval_ms: 250,
             trace_retention_days: 30,
-            shutdown_timeout_secs: 30,
+            shutdown_grace_s: None,
+            shutdown_timeout_secs: None,
+            default_max_output_tokens: DEFAULT_MAX_OUTPUT_TOKENS,
+            media_part_tokens: DEFAULT_MEDIA_PART_TOKENS,
+            auth_failures_per_minute: 60,
+            ledger_max_backlog: 100_000,
         }
     }
 }
+
+/// Output bound for models without `max_output_tokens`: at least what the largest current
+/// models allow (o-series 100k, Claude with extended output 128k).
+pub const DEFAULT_MAX_OUTPUT_TOKENS: u32 = 131_072;
+/// Prompt tokens reserved per image, audio or file part, whose bytes in the body (often a
+/// URL or file id) say nothing about their token count. OpenAI's high-detail image formula
+/// tops out below 2k tokens and Anthropic's at about 1.6k per image; a PDF page costs 1.5k-3k.
+pub const DEFAULT_MEDIA_PART_TOKENS: u32 = 25_000;
 
 fn default_max_body() -> u64 {
     32 * 1024 * 1024
@@ -125,10 +147,11 @@ pub struct Model {
     pub id: String,
     pub provider: usize,
     pub upstream_id: String,
-    /// Prices in nano-dollars per token (USD per million tokens x 1000).
-    pub input_nanos_per_token: i64,
-    pub output_nanos_per_token: i64,
-    pub max_output_tokens: Option<u32>,
+    pub input_price: Price,
+    pub output_price: Price,
+    /// The most output one request can produce: the model's `max_output_tokens`, else
+    /// `server.default_max_output_tokens`.
+    pub max_output_tokens: u32,
     pub free: bool,
 }
 
@@ -146,7 +169,10 @@ pub struct Tuning {
     pub flush_interval: Duration,
     pub reload_interval: Duration,
     pub trace_retention_days: u32,
-    pub shutdown_timeout_secs: u64,
+    pub shutdown_grace: Duration,
+    pub media_part_tokens: u32,
+    pub auth_failures_per_minute: u32,
+    pub ledger_max_backlog: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -272,8 +298,8 @@ impl Config {
                     format!("no provider named \"{}\"", m.provider),
                 );
             };
-            let input = price_nanos(&format!("{at}.input_usd_per_mtok"), m.input_usd_per_mtok)?;
-            let output = price_nanos(&format!("{at}.output_usd_per_mtok"), m.output_usd_per_mtok)?;
+            let input = price(&format!("{at}.input_usd_per_mtok"), m.input_usd_per_mtok)?;
+            let output = price(&format!("{at}.output_usd_per_mtok"), m.output_usd_per_mtok)?;
             if m.max_output_tokens == Some(0) {
                 return err(format!("{at}.max_output_tokens"), "must be greater than 0");
             }
@@ -281,9 +307,11 @@ impl Config {
                 upstream_id: m.upstream_id.unwrap_or_else(|| m.id.clone()),
                 id: m.id,
                 provider,
-                input_nanos_per_token: input,
-                output_nanos_per_token: output,
-                max_output_tokens: m.max_output_tokens,
+                input_price: input,
+                output_price: output,
+                max_output_tokens: m
+                    .max_output_tokens
+                    .unwrap_or(raw.server.default_max_output_tokens),
                 free: m.free,
             });
         }
@@ -320,6 +348,15 @@ impl Config {
         if s.trace_retention_days == 0 {
             return err("server.trace_retention_days", "must be at least 1");
         }
+        if s.default_max_output_tokens == 0 {
+            return err("server.default_max_output_tokens", "must be at least 1");
+        }
+        if s.auth_failures_per_minute == 0 {
+            return err("server.auth_failures_per_minute", "must be at least 1");
+        }
+        if s.ledger_max_backlog < 1_000 {
+            return err("server.ledger_max_backlog", "must be at least 1000");
+        }
         Ok(Config {
             path: path.to_path_buf(),
             listen,
@@ -337,7 +374,12 @@ impl Config {
                 flush_interval: Duration::from_millis(s.flush_interval_ms),
                 reload_interval: Duration::from_millis(s.reload_interval_ms),
                 trace_retention_days: s.trace_retention_days,
-                shutdown_timeout_secs: s.shutdown_timeout_secs,
+                shutdown_grace: Duration::from_secs(
+                    s.shutdown_grace_s.or(s.shutdown_timeout_secs).unwrap_or(30),
+                ),
+                media_part_tokens: s.media_part_tokens,
+                auth_failures_per_minute: s.auth_failures_per_minute,
+                ledger_max_backlog: s.ledger_max_backlog,
             },
         })
     }
@@ -366,15 +408,14 @@ fn check_socket_addr(at: &str, value: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// USD per million tokens -> nano-dollars per token, rounded to the nearest nano-dollar.
-fn price_nanos(at: &str, usd_per_mtok: f64) -> Result<i64, ConfigError> {
-    if !usd_per_mtok.is_finite() || !(0.0..=1.0e6).contains(&usd_per_mtok) {
-        return err(
+fn price(at: &str, usd_per_mtok: f64) -> Result<Price, ConfigError> {
+    match Price::per_mtok(usd_per_mtok) {
+        Some(p) => Ok(p),
+        None => err(
             at,
             "must be a price between 0 and 1000000 USD per million tokens",
-        );
+        ),
     }
-    Ok((usd_per_mtok * 1000.0).round() as i64)
 }
 
 fn parse_provider(at: &str, p: RawProvider) -> Result<Provider, ConfigError> {
@@ -480,8 +521,8 @@ aliases:
     fn valid_config_resolves_everything() {
         let c = parse(BASE).unwrap();
         assert_eq!(c.max_body_bytes, 32 * 1024 * 1024);
-        assert_eq!(c.models[0].input_nanos_per_token, 150);
-        assert_eq!(c.models[0].output_nanos_per_token, 600);
+        assert_eq!(c.models[0].input_price.pico_per_token(), 150_000);
+        assert_eq!(c.models[0].output_price.pico_per_token(), 600_000);
         assert_eq!(c.models[1].upstream_id, "meta/llama");
         assert_eq!(c.aliases["spideriq/fast"], vec![1, 0]);
         let p = &c.providers[0];

@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::money::Nanos;
+
 /// Every way the gateway itself can refuse or fail a request (SPEC §2).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GateError {
@@ -13,10 +15,10 @@ pub enum GateError {
     RequestTooLarge(u64),
     ModelNotFound(String),
     ModelNotAllowed(String),
-    /// Spend and cap in nano-dollars.
+    /// Month-to-date spend (with open reservations) and the cap.
     BudgetExceeded {
-        spend_nanos: i64,
-        cap_nanos: i64,
+        spend: Nanos,
+        cap: Nanos,
     },
     RateLimited {
         limit: u32,
@@ -26,6 +28,16 @@ pub enum GateError {
         limit: u32,
         retry_after_secs: u64,
     },
+    /// The key already has `max_inflight` requests open.
+    ConcurrencyLimited {
+        limit: u32,
+    },
+    /// Too many failed authentications from one client address.
+    AuthFlood {
+        retry_after_secs: u64,
+    },
+    /// A hard-budget key while the spend ledger cannot write.
+    LedgerUnavailable,
     UpstreamError(String),
     UpstreamTimeout,
     NotFound,
@@ -43,7 +55,11 @@ impl GateError {
             GateError::RequestTooLarge(_) => 413,
             GateError::ModelNotFound(_) | GateError::NotFound => 404,
             GateError::BudgetExceeded { .. } => 402,
-            GateError::RateLimited { .. } | GateError::DailyRateLimited { .. } => 429,
+            GateError::RateLimited { .. }
+            | GateError::DailyRateLimited { .. }
+            | GateError::ConcurrencyLimited { .. }
+            | GateError::AuthFlood { .. } => 429,
+            GateError::LedgerUnavailable => 503,
             GateError::UpstreamError(_) => 502,
             GateError::UpstreamTimeout => 504,
             GateError::MethodNotAllowed => 405,
@@ -63,8 +79,10 @@ impl GateError {
             GateError::ModelNotFound(_) => "model_not_found",
             GateError::ModelNotAllowed(_) => "model_not_allowed",
             GateError::BudgetExceeded { .. } => "budget_exceeded",
-            GateError::RateLimited { .. } => "rate_limit_exceeded",
+            GateError::RateLimited { .. } | GateError::AuthFlood { .. } => "rate_limit_exceeded",
             GateError::DailyRateLimited { .. } => "daily_rate_limit_exceeded",
+            GateError::ConcurrencyLimited { .. } => "concurrency_limit_exceeded",
+            GateError::LedgerUnavailable => "ledger_unavailable",
             GateError::UpstreamError(_) => "upstream_error",
             GateError::UpstreamTimeout => "upstream_timeout",
             GateError::NotFound => "not_found",
@@ -86,10 +104,14 @@ impl GateError {
             | GateError::NotFound
             | GateError::MethodNotAllowed => "invalid_request_error",
             GateError::BudgetExceeded { .. } => "insufficient_quota",
-            GateError::RateLimited { .. } | GateError::DailyRateLimited { .. } => "requests",
-            GateError::UpstreamError(_) | GateError::UpstreamTimeout | GateError::ShuttingDown => {
-                "api_error"
-            }
+            GateError::RateLimited { .. }
+            | GateError::DailyRateLimited { .. }
+            | GateError::ConcurrencyLimited { .. }
+            | GateError::AuthFlood { .. } => "requests",
+            GateError::UpstreamError(_)
+            | GateError::UpstreamTimeout
+            | GateError::ShuttingDown
+            | GateError::LedgerUnavailable => "api_error",
         }
     }
 
@@ -101,7 +123,9 @@ impl GateError {
             }
             | GateError::DailyRateLimited {
                 retry_after_secs, ..
-            } => Some(*retry_after_secs),
+            }
+            | GateError::AuthFlood { retry_after_secs } => Some(*retry_after_secs),
+            GateError::ConcurrencyLimited { .. } => Some(1),
             _ => None,
         }
     }
@@ -120,13 +144,6 @@ impl GateError {
     }
 }
 
-/// Nano-dollars rendered as USD with 6 decimals.
-pub fn usd(nanos: i64) -> String {
-    let sign = if nanos < 0 { "-" } else { "" };
-    let micros = (nanos.unsigned_abs() + 500) / 1000;
-    format!("{sign}{}.{:06}", micros / 1_000_000, micros % 1_000_000)
-}
-
 impl fmt::Display for GateError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -138,14 +155,15 @@ impl fmt::Display for GateError {
             GateError::RequestTooLarge(max) => write!(f, "Request body exceeds the limit of {max} bytes."),
             GateError::ModelNotFound(model) => write!(f, "The model '{model}' does not exist."),
             GateError::ModelNotAllowed(model) => write!(f, "This agent key may not use the model '{model}'."),
-            GateError::BudgetExceeded { spend_nanos, cap_nanos } => write!(
+            GateError::BudgetExceeded { spend, cap } => write!(
                 f,
-                "Monthly budget exceeded: spend ${} of ${} cap (including requests in flight).",
-                usd(*spend_nanos),
-                usd(*cap_nanos)
+                "Monthly budget exceeded: spend ${spend} of ${cap} cap (including requests in flight and this request's upper-bound cost)."
             ),
             GateError::RateLimited { limit, retry_after_secs } => write!(f, "Rate limit of {limit} requests per minute reached. Retry after {retry_after_secs} s."),
             GateError::DailyRateLimited { limit, retry_after_secs } => write!(f, "Daily limit of {limit} requests per UTC day reached. Retry after {retry_after_secs} s."),
+            GateError::ConcurrencyLimited { limit } => write!(f, "This agent key already has {limit} requests in flight (max_inflight). Retry when one finishes."),
+            GateError::AuthFlood { retry_after_secs } => write!(f, "Too many failed authentications from this address. Retry after {retry_after_secs} s."),
+            GateError::LedgerUnavailable => f.write_str("Spend cannot be recorded right now, so hard-budget keys are paused; retry shortly or on another instance."),
             GateError::UpstreamError(why) => write!(f, "Upstream provider error: {why}"),
             GateError::UpstreamTimeout => f.write_str("Upstream provider timed out."),
             GateError::NotFound => f.write_str("Unknown endpoint."),
@@ -162,17 +180,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn usd_renders_six_decimals() {
-        assert_eq!(usd(1_500_000_000), "1.500000");
-        assert_eq!(usd(1_234), "0.000001");
-        assert_eq!(usd(0), "0.000000");
-    }
-
-    #[test]
     fn body_is_openai_shaped() {
         let e = GateError::BudgetExceeded {
-            spend_nanos: 2_000_000_000,
-            cap_nanos: 1_000_000_000,
+            spend: Nanos::new(2_000_000_000),
+            cap: Nanos::new(1_000_000_000),
         };
         let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
         assert_eq!(v["error"]["code"], "budget_exceeded");

@@ -14,7 +14,12 @@ use crate::keys::KeySet;
 use crate::ledger::SpendLedger;
 use crate::limits::KeyCounters;
 use crate::metrics::Metrics;
+use crate::shield::{AuthShield, Sampler};
 use crate::store::{Store, StoreError};
+
+/// Unauthenticated requests traced per second, across the gateway (a flood of bad tokens
+/// is counted in metrics, and cannot grow the database faster than this).
+pub const UNAUTHENTICATED_TRACES_PER_SEC: u64 = 10;
 
 pub struct Gate {
     pub config: Config,
@@ -39,6 +44,10 @@ pub struct Gate {
     inflight: Arc<AtomicUsize>,
     /// Set on SIGTERM: new requests are refused while in-flight ones finish.
     pub draining: AtomicBool,
+    /// Failed authentications per client address (pre-auth flood shield).
+    pub auth_shield: AuthShield,
+    /// Traces of unauthenticated requests kept per second; the rest are only counted.
+    pub unauthenticated_traces: Sampler,
     /// Connection for reads off the request path (usage, admin); used from blocking threads.
     reader: Mutex<Option<Store>>,
 }
@@ -94,6 +103,7 @@ impl Gate {
             config.database.clone(),
             config.tuning.flush_interval,
             config.tuning.trace_retention_days,
+            config.tuning.ledger_max_backlog,
         );
         let gate = Gate {
             catalog,
@@ -118,9 +128,20 @@ impl Gate {
             reader: Mutex::new(None),
             inflight: Arc::new(AtomicUsize::new(0)),
             draining: AtomicBool::new(false),
+            auth_shield: AuthShield::new(config.tuning.auth_failures_per_minute),
+            unauthenticated_traces: Sampler::new(UNAUTHENTICATED_TRACES_PER_SEC),
             config,
         };
-        let store = gate.open_store().map_err(|e| format!("database: {e}"))?;
+        let mut store = gate.open_store().map_err(|e| format!("database: {e}"))?;
+        // Before keys (and their month's spend) are loaded: a crash never makes a request free.
+        let orphans = store
+            .charge_orphans()
+            .map_err(|e| format!("database: charging orphaned admissions: {e}"))?;
+        if orphans > 0 {
+            log::warn!(
+                "charged {orphans} requests left open by an unclean stop at their upper-bound cost"
+            );
+        }
         gate.reload_from(&store)
             .map_err(|e| format!("database: {e}"))?;
         Ok(gate)
@@ -191,11 +212,12 @@ impl Gate {
         } else {
             Default::default()
         };
+        let mut spend = spend;
         let set = KeySet::build(records, &self.catalog, Some(&previous), |r| {
             KeyCounters::restored(
                 now,
                 today.get(&r.id).copied().unwrap_or(0),
-                spend.get(&r.id).copied().unwrap_or(0),
+                spend.remove(&r.id).unwrap_or_default(),
             )
         });
         self.metrics.set_keys_loaded(set.len());

@@ -3,24 +3,63 @@
 //! Recording is a lock-free channel push with no syscall: the writer never blocks on the
 //! channel (a blocked receiver would make every send wake it with a futex call); it parks
 //! for one flush interval, then drains whatever arrived and commits it in one transaction.
-//! A failed commit keeps the batch and retries, so nothing is dropped before it is durable.
-//! `flush_blocking` unparks the writer for an immediate commit.
+//! A failed commit keeps the batch and retries, so nothing is dropped before it is durable;
+//! meanwhile the batch stays bounded (spend is aggregated per key and model, traces are
+//! capped) and the ledger reports itself unhealthy, so hard-budget keys pause instead of
+//! running unaccounted. `flush_blocking` unparks the writer for an immediate commit.
+//!
+//! Every admission is also journaled here (one more channel push): an admission still open
+//! at a commit is written to the `inflight` table and deleted when its spend is booked, so
+//! after a crash the next start charges what was left open.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use crate::clock::{now_ms, MS_PER_DAY};
-use crate::store::{LedgerEntry, Store};
+use crate::store::{Batch, JournalRow, LedgerEntry, Store};
 
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 enum Msg {
     Entry(LedgerEntry),
+    Admit(JournalRow),
     /// Commit everything queued so far, then answer.
     Flush(mpsc::SyncSender<()>),
+}
+
+/// What the writer reports to the request path and `/health`, as plain atomics.
+#[derive(Debug, Default)]
+pub struct LedgerHealth {
+    failing: AtomicBool,
+    /// Trace rows waiting for a commit.
+    backlog: AtomicU64,
+    dropped_traces: AtomicU64,
+    failed_commits: AtomicU64,
+    /// Set by [`SpendLedger::nudge`]: commit now instead of at the end of the interval.
+    nudged: AtomicBool,
+}
+
+impl LedgerHealth {
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+
+    pub fn backlog(&self) -> u64 {
+        self.backlog.load(Ordering::Relaxed)
+    }
+
+    pub fn dropped_traces(&self) -> u64 {
+        self.dropped_traces.load(Ordering::Relaxed)
+    }
+
+    pub fn failed_commits(&self) -> u64 {
+        self.failed_commits.load(Ordering::Relaxed)
+    }
 }
 
 /// Handle to the writer. Cheap to share; `record` never blocks and makes no syscall.
@@ -31,12 +70,20 @@ pub struct SpendLedger {
     db: PathBuf,
     flush_interval: Duration,
     retention_days: u32,
+    max_backlog: usize,
+    health: Arc<LedgerHealth>,
+    next_journal_id: AtomicI64,
 }
 
 impl SpendLedger {
     /// Creates the ledger; entries queue until [`SpendLedger::start`] spawns the writer (which
     /// must happen after Pingora daemonizes, since a fork keeps no threads).
-    pub fn new(db: PathBuf, flush_interval: Duration, retention_days: u32) -> SpendLedger {
+    pub fn new(
+        db: PathBuf,
+        flush_interval: Duration,
+        retention_days: u32,
+        max_backlog: usize,
+    ) -> SpendLedger {
         let (tx, rx) = mpsc::channel();
         SpendLedger {
             sender: tx,
@@ -45,6 +92,35 @@ impl SpendLedger {
             db,
             flush_interval,
             retention_days,
+            max_backlog,
+            health: Arc::default(),
+            // Unique across restarts: the start time in ms, shifted, plus a counter.
+            next_journal_id: AtomicI64::new(now_ms().max(0) << 20),
+        }
+    }
+
+    pub fn health(&self) -> &LedgerHealth {
+        &self.health
+    }
+
+    /// A fresh journal id for one admission.
+    pub fn journal_id(&self) -> i64 {
+        self.next_journal_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Asks the writer to commit what it has now, without waiting for it (a `/v1/usage`
+    /// call, so the CLI and admin API see the caller's spend at once). Never blocks.
+    pub fn nudge(&self) {
+        if let Some(writer) = self.writer.get() {
+            self.health.nudged.store(true, Ordering::Relaxed);
+            writer.unpark();
+        }
+    }
+
+    /// Journals one admission. Never blocks, never touches SQLite.
+    pub fn journal(&self, row: JournalRow) {
+        if self.sender.send(Msg::Admit(row)).is_err() {
+            log::error!("ledger writer is gone; an admission was not journaled");
         }
     }
 
@@ -59,7 +135,10 @@ impl SpendLedger {
             rx,
             flush_interval: self.flush_interval,
             retention_ms: self.retention_days as i64 * MS_PER_DAY,
-            pending: Vec::new(),
+            max_backlog: self.max_backlog,
+            health: self.health.clone(),
+            open: HashMap::new(),
+            batch: Batch::default(),
             waiters: Vec::new(),
         };
         let handle = std::thread::Builder::new()
@@ -101,7 +180,11 @@ struct Writer {
     rx: Receiver<Msg>,
     flush_interval: Duration,
     retention_ms: i64,
-    pending: Vec<LedgerEntry>,
+    max_backlog: usize,
+    health: Arc<LedgerHealth>,
+    /// Admissions not yet written to the journal table (most finish before they need to be).
+    open: HashMap<i64, JournalRow>,
+    batch: Batch,
     waiters: Vec<mpsc::SyncSender<()>>,
 }
 
@@ -117,7 +200,10 @@ impl Writer {
                     break;
                 }
                 std::thread::park_timeout(left);
-                if self.drain() || !self.waiters.is_empty() {
+                if self.drain()
+                    || !self.waiters.is_empty()
+                    || self.health.nudged.swap(false, Ordering::Relaxed)
+                {
                     break;
                 }
             }
@@ -139,7 +225,22 @@ impl Writer {
     fn drain(&mut self) -> bool {
         loop {
             match self.rx.try_recv() {
-                Ok(Msg::Entry(e)) => self.pending.push(e),
+                Ok(Msg::Entry(mut e)) => {
+                    // Finished before its admission was journaled: nothing to delete.
+                    if e.journal_id
+                        .is_some_and(|id| self.open.remove(&id).is_some())
+                    {
+                        e.journal_id = None;
+                    }
+                    let dropped = self.batch.dropped_traces;
+                    self.batch.add(e, self.max_backlog);
+                    if self.batch.dropped_traces > dropped {
+                        self.health.dropped_traces.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(Msg::Admit(row)) => {
+                    self.open.insert(row.id, row);
+                }
                 Ok(Msg::Flush(done)) => self.waiters.push(done),
                 Err(TryRecvError::Empty) => return false,
                 Err(TryRecvError::Disconnected) => return true,
@@ -150,15 +251,28 @@ impl Writer {
     /// Commits the pending batch, then answers flush requests; on failure keeps the batch
     /// for the next round.
     fn commit(&mut self) -> bool {
-        if !self.pending.is_empty() {
-            if let Err(e) = self.store.write_batch(&self.pending) {
-                log::error!(
-                    "ledger commit of {} entries failed, will retry: {e}",
-                    self.pending.len()
-                );
+        // Admissions still open now are journaled with this commit.
+        for (_, row) in self.open.drain() {
+            self.batch.open(row);
+        }
+        if !self.batch.is_empty() {
+            let traces = self.batch.trace_count();
+            self.health.backlog.store(traces as u64, Ordering::Relaxed);
+            if let Err(e) = self.store.write_batch(&self.batch) {
+                if !self.health.failing.swap(true, Ordering::Relaxed) {
+                    log::error!(
+                        "ledger commit failed ({traces} traces waiting), will retry; \
+                         hard-budget keys are paused until it succeeds: {e}"
+                    );
+                }
+                self.health.failed_commits.fetch_add(1, Ordering::Relaxed);
                 return false;
             }
-            self.pending.clear();
+            self.batch = Batch::default();
+            self.health.backlog.store(0, Ordering::Relaxed);
+        }
+        if self.health.failing.swap(false, Ordering::Relaxed) {
+            log::warn!("ledger commits succeed again; hard-budget keys are served");
         }
         for w in self.waiters.drain(..) {
             let _ = w.try_send(());

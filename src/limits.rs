@@ -1,15 +1,21 @@
-//! Per-key request windows (rolling minute, UTC day) and the hard-budget reserve/settle ledger.
+//! Per-key request windows (rolling minute, UTC day), in-flight slots, and the hard-budget
+//! reserve/settle ledger with this month's spend per model.
 //!
 //! State lives on the key's own entry, so one key's limits never depend on how many other
 //! keys exist (no shared sketch, no hashing, no collisions). Each key has one small mutex,
 //! held for a few comparisons; only requests of the same key ever contend on it.
+//!
+//! Time only moves forward here: the rolling minute runs on the monotonic clock, and the
+//! day and month counters roll only to a later day or month, never back. A request whose
+//! clock reading is older than the key's state cannot reset this month's spend.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use crate::clock::{day_index, month_index, MS_PER_DAY};
+use crate::clock::{day_index, month_index, Now, MS_PER_DAY};
 use crate::error::GateError;
+use crate::money::Nanos;
 
 const WINDOW_MS: i64 = 60_000;
 
@@ -18,34 +24,59 @@ const WINDOW_MS: i64 = 60_000;
 pub struct Limits {
     pub rpm: Option<u32>,
     pub rpd: Option<u32>,
-    /// Monthly cap in nano-dollars.
-    pub budget_nanos: Option<i64>,
+    pub budget: Option<Nanos>,
     pub hard_budget: bool,
+    pub max_inflight: Option<u32>,
 }
 
 /// Live counters of one key.
 #[derive(Debug, Default)]
 pub struct KeyCounters {
     state: Mutex<CounterState>,
-    /// Admitted requests whose ledger entry is not queued yet (see [`KeyCounters::recorded`]).
-    unrecorded: AtomicU32,
+    /// Requests whose response has ended but whose settlement is still running, so a
+    /// `/v1/usage` asked right after a response can wait for it (see `proxy`).
+    finishing: AtomicU32,
+}
+
+/// Spend of one model in the key's current month.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelTally {
+    pub model: Arc<str>,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub spent: Nanos,
 }
 
 #[derive(Debug, Default)]
 struct CounterState {
-    /// Admission times (ms) inside the rolling minute, oldest first; never longer than `rpm`.
+    /// Admission times (monotonic ms) inside the rolling minute, oldest first; never longer
+    /// than `rpm`.
     minute: VecDeque<i64>,
     day: i64,
     day_count: u32,
     month: i64,
-    /// Settled spend of `month`, nano-dollars.
-    spent_nanos: i64,
-    /// Open reservations of requests in flight, nano-dollars.
-    reserved_nanos: i64,
-    /// Admissions in the current calendar minute, for reporting keys without an `rpm`
+    /// Settled spend of `month`.
+    spent: Nanos,
+    /// Open reservations of requests in flight.
+    reserved: Nanos,
+    /// Admitted model requests not settled yet.
+    inflight: u32,
+    by_model: Vec<ModelTally>,
+    /// `/v1/usage` calls, limited by the same rpm and rpd but counted apart, so the
+    /// figures they report are model requests only.
+    usage_calls: UsageCalls,
+    /// Admissions in the current monotonic minute, for reporting keys without an `rpm`
     /// (their rolling window is not kept, so it costs no memory).
     report_minute: i64,
     report_count: u32,
+}
+
+#[derive(Debug, Default)]
+struct UsageCalls {
+    minute: VecDeque<i64>,
+    day: i64,
+    day_count: u32,
 }
 
 /// What an admitted request reports back in its rate-limit headers.
@@ -60,41 +91,71 @@ pub struct Standing {
     pub budget_warning: bool,
 }
 
-/// A hard-budget hold. Must go back to [`KeyCounters::settle`] on every outcome.
-#[must_use = "a reservation must be settled, or the budget stays held"]
+/// A hard-budget hold and an in-flight slot. Must go back to [`KeyCounters::settle`] on every
+/// outcome.
+#[must_use = "a reservation must be settled, or the budget and the in-flight slot stay held"]
 #[derive(Debug, PartialEq, Eq)]
 pub struct Reservation {
-    nanos: i64,
+    held: Nanos,
     month: i64,
 }
 
+impl Reservation {
+    /// The amount held against the budget (zero for keys without a hard budget).
+    pub fn held(&self) -> Nanos {
+        self.held
+    }
+
+    /// The calendar month (index) the request was admitted in; its cost belongs there.
+    pub fn month(&self) -> i64 {
+        self.month
+    }
+}
+
+/// What a finished request costs, booked by [`KeyCounters::settle`].
+#[derive(Debug, Clone, Copy)]
+pub struct Charge<'a> {
+    pub model: &'a Arc<str>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost: Nanos,
+}
+
 /// Snapshot for `GET /v1/usage`.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct CounterView {
+    pub month: i64,
     pub requests_this_minute: u32,
     pub requests_today: u32,
-    pub spent_nanos: i64,
-    pub reserved_nanos: i64,
+    pub spent: Nanos,
+    pub reserved: Nanos,
+    pub inflight: u32,
+    pub by_model: Vec<ModelTally>,
 }
 
 impl CounterState {
-    fn roll(&mut self, now: i64) {
-        while self.minute.front().is_some_and(|&t| t <= now - WINDOW_MS) {
+    fn roll(&mut self, now: Now) {
+        while self
+            .minute
+            .front()
+            .is_some_and(|&t| t <= now.mono - WINDOW_MS)
+        {
             self.minute.pop_front();
         }
-        let day = day_index(now);
-        if day != self.day {
+        let day = day_index(now.wall);
+        if day > self.day {
             self.day = day;
             self.day_count = 0;
         }
-        let month = month_index(now);
-        if month != self.month {
+        let month = month_index(now.wall);
+        if month > self.month {
             self.month = month;
-            self.spent_nanos = 0;
+            self.spent = Nanos::ZERO;
+            self.by_model.clear();
         }
     }
 
-    fn standing(&self, now: i64, limits: &Limits) -> Standing {
+    fn standing(&self, now: Now, limits: &Limits) -> Standing {
         let used = self.minute.len() as u32;
         let (remaining, reset_secs) = match limits.rpm {
             Some(rpm) => {
@@ -104,7 +165,7 @@ impl CounterState {
                 } else {
                     self.minute
                         .front()
-                        .map_or(0, |&t| secs_until(now, t + WINDOW_MS))
+                        .map_or(0, |&t| secs_until(now.mono, t + WINDOW_MS))
                 };
                 (Some(remaining), reset)
             }
@@ -115,32 +176,74 @@ impl CounterState {
             remaining,
             reset_secs,
             budget_warning: limits
-                .budget_nanos
-                .is_some_and(|cap| !limits.hard_budget && self.spent_nanos >= cap),
+                .budget
+                .is_some_and(|cap| !limits.hard_budget && self.spent >= cap),
         }
+    }
+
+    /// Per-minute then per-day; nothing is consumed here.
+    fn check_rates(&self, now: Now, limits: &Limits) -> Result<(), GateError> {
+        if let Some(rpm) = limits.rpm {
+            if self.minute.len() as u32 >= rpm {
+                let retry = self
+                    .minute
+                    .front()
+                    .map_or(1, |&t| secs_until(now.mono, t + WINDOW_MS));
+                return Err(GateError::RateLimited {
+                    limit: rpm,
+                    retry_after_secs: retry,
+                });
+            }
+        }
+        if let Some(rpd) = limits.rpd {
+            if self.day_count >= rpd {
+                let next_day = (day_index(now.wall) + 1) * MS_PER_DAY;
+                return Err(GateError::DailyRateLimited {
+                    limit: rpd,
+                    retry_after_secs: secs_until(now.wall, next_day),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Consumes one request of the minute and the day.
+    fn count_request(&mut self, now: Now, limits: &Limits) {
+        if let Some(rpm) = limits.rpm {
+            if self.minute.len() as u32 >= rpm {
+                self.minute.pop_front();
+            }
+            self.minute.push_back(now.mono);
+        }
+        self.day_count = self.day_count.saturating_add(1);
+        let minute = now.mono.div_euclid(WINDOW_MS);
+        if self.report_minute != minute {
+            self.report_minute = minute;
+            self.report_count = 0;
+        }
+        self.report_count = self.report_count.saturating_add(1);
     }
 }
 
 /// Whole seconds from `now` until `at`, rounded up, at least 1.
 fn secs_until(now: i64, at: i64) -> u64 {
-    ((at - now + 999) / 1000).max(1) as u64
+    (at.saturating_sub(now).saturating_add(999) / 1000).max(1) as u64
 }
 
 impl KeyCounters {
-    /// Counters restored from the store at start-up.
-    pub fn restored(now: i64, requests_today: u32, spent_this_month_nanos: i64) -> Self {
+    /// Counters restored from the store at start-up: today's request count and this month's
+    /// spend per model.
+    pub fn restored(now_wall: i64, requests_today: u32, this_month: Vec<ModelTally>) -> Self {
         KeyCounters {
             state: Mutex::new(CounterState {
-                minute: VecDeque::new(),
-                day: day_index(now),
+                day: day_index(now_wall),
                 day_count: requests_today,
-                month: month_index(now),
-                spent_nanos: spent_this_month_nanos,
-                reserved_nanos: 0,
-                report_minute: 0,
-                report_count: 0,
+                month: month_index(now_wall),
+                spent: this_month.iter().map(|t| t.spent).sum(),
+                by_model: this_month,
+                ..CounterState::default()
             }),
-            unrecorded: AtomicU32::new(0),
+            finishing: AtomicU32::new(0),
         }
     }
 
@@ -149,123 +252,167 @@ impl KeyCounters {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Checks budget, then per-minute, then per-day, and commits all three only if all pass:
-    /// a rejected request consumes neither quota nor budget.
+    /// Admits a model request: checks budget, per-minute, per-day and in-flight limits, and
+    /// commits all of them only if all pass, so a rejected request consumes nothing.
+    /// `bound` is the request's upper-bound cost; hard-budget keys hold it until settled.
     pub fn admit(
         &self,
-        now: i64,
+        now: Now,
         limits: &Limits,
-        estimate_nanos: i64,
-    ) -> Result<(Standing, Reservation), (GateError, Standing)> {
+        bound: Nanos,
+    ) -> Result<(Standing, Reservation), GateError> {
         let mut s = self.lock();
         s.roll(now);
-        let reserve = if limits.hard_budget && limits.budget_nanos.is_some() {
-            estimate_nanos.max(0)
-        } else {
-            0
+        let held = match (limits.budget, limits.hard_budget) {
+            (Some(cap), true) => {
+                let committed = s.spent + s.reserved;
+                if committed + bound.max(Nanos::ZERO) > cap {
+                    return Err(GateError::BudgetExceeded {
+                        spend: committed,
+                        cap,
+                    });
+                }
+                bound.max(Nanos::ZERO)
+            }
+            _ => Nanos::ZERO,
         };
-        if let (Some(cap), true) = (limits.budget_nanos, limits.hard_budget) {
-            if s.spent_nanos + s.reserved_nanos + reserve > cap {
-                let err = GateError::BudgetExceeded {
-                    spend_nanos: s.spent_nanos + s.reserved_nanos,
-                    cap_nanos: cap,
-                };
-                return Err((err, s.standing(now, limits)));
+        s.check_rates(now, limits)?;
+        if let Some(max) = limits.max_inflight {
+            if s.inflight >= max {
+                return Err(GateError::ConcurrencyLimited { limit: max });
             }
         }
-        if let Some(rpm) = limits.rpm {
-            if s.minute.len() as u32 >= rpm {
-                let retry = s
-                    .minute
-                    .front()
-                    .map_or(1, |&t| secs_until(now, t + WINDOW_MS));
-                let err = GateError::RateLimited {
-                    limit: rpm,
-                    retry_after_secs: retry,
-                };
-                return Err((err, s.standing(now, limits)));
-            }
-        }
-        if let Some(rpd) = limits.rpd {
-            if s.day_count >= rpd {
-                let next_day = (day_index(now) + 1) * MS_PER_DAY;
-                let err = GateError::DailyRateLimited {
-                    limit: rpd,
-                    retry_after_secs: secs_until(now, next_day),
-                };
-                return Err((err, s.standing(now, limits)));
-            }
-        }
-        if let Some(rpm) = limits.rpm {
-            if s.minute.len() as u32 >= rpm {
-                s.minute.pop_front();
-            }
-            s.minute.push_back(now);
-        }
-        s.day_count += 1;
-        s.reserved_nanos += reserve;
-        self.unrecorded.fetch_add(1, Ordering::Relaxed);
-        let minute = now.div_euclid(WINDOW_MS);
-        if s.report_minute != minute {
-            s.report_minute = minute;
-            s.report_count = 0;
-        }
-        s.report_count += 1;
+        s.count_request(now, limits);
+        s.reserved += held;
+        s.inflight += 1;
         let standing = s.standing(now, limits);
         Ok((
             standing,
             Reservation {
-                nanos: reserve,
+                held,
                 month: s.month,
             },
         ))
     }
 
-    /// Called once an admitted request's ledger entry is queued.
-    pub fn recorded(&self) {
-        self.unrecorded.fetch_sub(1, Ordering::Release);
-    }
-
-    /// Admitted requests still finishing (their spend is not in the ledger queue yet).
-    pub fn unrecorded(&self) -> u32 {
-        self.unrecorded.load(Ordering::Acquire)
+    /// Admits a `/v1/usage` call: limited by the key's rpm and rpd like a model request,
+    /// but counted apart (the usage figures count model requests only).
+    pub fn admit_usage_call(&self, now: Now, limits: &Limits) -> Result<Standing, GateError> {
+        let mut s = self.lock();
+        s.roll(now);
+        let calls = &mut s.usage_calls;
+        while calls
+            .minute
+            .front()
+            .is_some_and(|&t| t <= now.mono - WINDOW_MS)
+        {
+            calls.minute.pop_front();
+        }
+        let day = day_index(now.wall);
+        if day > calls.day {
+            calls.day = day;
+            calls.day_count = 0;
+        }
+        if let Some(rpm) = limits.rpm {
+            if calls.minute.len() as u32 >= rpm {
+                let retry = calls
+                    .minute
+                    .front()
+                    .map_or(1, |&t| secs_until(now.mono, t + WINDOW_MS));
+                return Err(GateError::RateLimited {
+                    limit: rpm,
+                    retry_after_secs: retry,
+                });
+            }
+        }
+        if let Some(rpd) = limits.rpd {
+            if calls.day_count >= rpd {
+                return Err(GateError::DailyRateLimited {
+                    limit: rpd,
+                    retry_after_secs: secs_until(now.wall, (day + 1) * MS_PER_DAY),
+                });
+            }
+        }
+        if limits.rpm.is_some() {
+            calls.minute.push_back(now.mono);
+        }
+        calls.day_count += 1;
+        Ok(s.standing(now, limits))
     }
 
     /// Headers for a request that was rejected before admission (nothing consumed).
-    pub fn standing(&self, now: i64, limits: &Limits) -> Standing {
+    pub fn standing(&self, now: Now, limits: &Limits) -> Standing {
         let mut s = self.lock();
         s.roll(now);
         s.standing(now, limits)
     }
 
-    /// Releases a reservation and books the real cost to the month the request started in.
-    pub fn settle(&self, reservation: Reservation, cost_nanos: i64) {
+    /// Releases a reservation and its in-flight slot, and books the real cost to the month
+    /// the request was admitted in. A cost of an earlier month than the key's current one is
+    /// only in the ledger (this month's figures are not touched).
+    pub fn settle(&self, reservation: Reservation, charge: Option<Charge<'_>>) {
         let mut s = self.lock();
-        s.reserved_nanos -= reservation.nanos;
-        if s.month == reservation.month {
-            s.spent_nanos += cost_nanos;
-        } else if s.month < reservation.month {
-            // The key's state has not rolled into the request's month yet: roll it now.
-            s.month = reservation.month;
-            s.spent_nanos = cost_nanos;
+        s.reserved -= reservation.held;
+        s.inflight = s.inflight.saturating_sub(1);
+        let Some(c) = charge else {
+            return;
+        };
+        if s.month != reservation.month {
+            return;
         }
+        s.spent += c.cost;
+        let tally = match s.by_model.iter().position(|t| t.model == *c.model) {
+            Some(i) => &mut s.by_model[i],
+            None => {
+                s.by_model.push(ModelTally {
+                    model: c.model.clone(),
+                    requests: 0,
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                    spent: Nanos::ZERO,
+                });
+                let last = s.by_model.len() - 1;
+                &mut s.by_model[last]
+            }
+        };
+        tally.requests += 1;
+        tally.prompt_tokens = tally.prompt_tokens.saturating_add(c.prompt_tokens);
+        tally.completion_tokens = tally.completion_tokens.saturating_add(c.completion_tokens);
+        tally.spent += c.cost;
+    }
+
+    /// A response ended; its settlement follows shortly (see [`KeyCounters::finishing`]).
+    pub fn finishing_started(&self) {
+        self.finishing.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn finishing_ended(&self) {
+        self.finishing.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Requests whose response ended but whose cost is not booked yet.
+    pub fn finishing(&self) -> u32 {
+        self.finishing.load(Ordering::Acquire)
     }
 
     /// Current counts. `requests_this_minute` is the rolling-minute count for keys with an
-    /// `rpm`, and the count in the current calendar minute for keys without one.
-    pub fn view(&self, now: i64, limits: &Limits) -> CounterView {
+    /// `rpm`, and the count in the current minute for keys without one.
+    pub fn view(&self, now: Now, limits: &Limits) -> CounterView {
         let mut s = self.lock();
         s.roll(now);
         let this_minute = match limits.rpm {
             Some(_) => s.minute.len() as u32,
-            None if s.report_minute == now.div_euclid(WINDOW_MS) => s.report_count,
+            None if s.report_minute == now.mono.div_euclid(WINDOW_MS) => s.report_count,
             None => 0,
         };
         CounterView {
+            month: s.month,
             requests_this_minute: this_minute,
             requests_today: s.day_count,
-            spent_nanos: s.spent_nanos,
-            reserved_nanos: s.reserved_nanos,
+            spent: s.spent,
+            reserved: s.reserved,
+            inflight: s.inflight,
+            by_model: s.by_model.clone(),
         }
     }
 }
@@ -279,6 +426,25 @@ mod tests {
         days_from_civil(2026, 11, 26) * MS_PER_DAY + 12 * 3_600_000
     }
 
+    fn at(ms: i64) -> Now {
+        Now::at(ms)
+    }
+
+    fn fresh(now: i64) -> KeyCounters {
+        KeyCounters::restored(now, 0, Vec::new())
+    }
+
+    fn spent_before(now: i64, nanos: i64) -> KeyCounters {
+        let tally = ModelTally {
+            model: Arc::from("m"),
+            requests: 1,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            spent: Nanos::new(nanos),
+        };
+        KeyCounters::restored(now, 0, vec![tally])
+    }
+
     fn rpm(n: u32) -> Limits {
         Limits {
             rpm: Some(n),
@@ -286,149 +452,305 @@ mod tests {
         }
     }
 
-    fn admit_ok(c: &KeyCounters, now: i64, l: &Limits, est: i64) -> Standing {
-        let (standing, r) = c.admit(now, l, est).unwrap();
-        c.settle(r, 0);
+    fn hard(cap: i64) -> Limits {
+        Limits {
+            budget: Some(Nanos::new(cap)),
+            hard_budget: true,
+            ..Limits::default()
+        }
+    }
+
+    fn charge(model: &Arc<str>, cost: i64) -> Option<Charge<'_>> {
+        Some(Charge {
+            model,
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            cost: Nanos::new(cost),
+        })
+    }
+
+    fn admit_ok(c: &KeyCounters, now: Now, l: &Limits, est: i64) -> Standing {
+        let (standing, r) = c.admit(now, l, Nanos::new(est)).unwrap();
+        c.settle(r, None);
         standing
     }
 
     #[test]
     fn rolling_minute_admits_exactly_rpm_and_retry_after_is_accurate() {
-        let c = KeyCounters::restored(t0(), 0, 0);
+        let c = fresh(t0());
         let l = rpm(3);
         for i in 0..3 {
-            let s = admit_ok(&c, t0() + i * 1000, &l, 0);
+            let s = admit_ok(&c, at(t0() + i * 1000), &l, 0);
             assert_eq!(s.remaining, Some(2 - i as u32));
         }
-        let (err, standing) = c.admit(t0() + 2500, &l, 0).unwrap_err();
+        let err = c.admit(at(t0() + 2500), &l, Nanos::ZERO).unwrap_err();
         assert_eq!(err.code(), "rate_limit_exceeded");
         // The first admission (t0) leaves the window at t0 + 60 s: 57.5 s from now, rounded up.
         assert_eq!(err.retry_after(), Some(58));
-        assert_eq!(standing.reset_secs, 58);
+        assert_eq!(c.standing(at(t0() + 2500), &l).reset_secs, 58);
         // Still full one millisecond before the slot frees, admitted right after.
-        assert!(c.admit(t0() + 59_999, &l, 0).is_err());
+        assert!(c.admit(at(t0() + 59_999), &l, Nanos::ZERO).is_err());
         let retry_at = t0() + 2500 + 58_000;
-        assert!(c.admit(retry_at, &l, 0).is_ok());
-        assert!(c.admit(retry_at, &l, 0).is_err());
+        let (_, r) = c.admit(at(retry_at), &l, Nanos::ZERO).unwrap();
+        c.settle(r, None);
+        assert!(c.admit(at(retry_at), &l, Nanos::ZERO).is_err());
+    }
+
+    #[test]
+    fn the_minute_runs_on_the_monotonic_clock_whatever_the_wall_clock_does() {
+        let c = fresh(t0());
+        let l = rpm(2);
+        // The wall clock jumps an hour forward between the admissions: the window does not.
+        admit_ok(
+            &c,
+            Now {
+                wall: t0(),
+                mono: 0,
+            },
+            &l,
+            0,
+        );
+        admit_ok(
+            &c,
+            Now {
+                wall: t0() + 3_600_000,
+                mono: 10,
+            },
+            &l,
+            0,
+        );
+        let now = Now {
+            wall: t0() + 7_200_000,
+            mono: 20,
+        };
+        assert_eq!(
+            c.admit(now, &l, Nanos::ZERO).unwrap_err().code(),
+            "rate_limit_exceeded"
+        );
+        // And a wall clock stepped back does not reopen it either.
+        let back = Now {
+            wall: t0() - 3_600_000,
+            mono: 30,
+        };
+        assert!(c.admit(back, &l, Nanos::ZERO).is_err());
+        assert!(c
+            .admit(
+                Now {
+                    wall: t0(),
+                    mono: 60_001
+                },
+                &l,
+                Nanos::ZERO
+            )
+            .is_ok());
     }
 
     #[test]
     fn daily_limit_resets_at_utc_midnight_and_rejections_consume_nothing() {
-        let c = KeyCounters::restored(t0(), 0, 0);
+        let c = fresh(t0());
         let l = Limits {
             rpd: Some(2),
             ..Limits::default()
         };
-        admit_ok(&c, t0(), &l, 0);
-        admit_ok(&c, t0(), &l, 0);
+        admit_ok(&c, at(t0()), &l, 0);
+        admit_ok(&c, at(t0()), &l, 0);
         for _ in 0..5 {
-            let (err, _) = c.admit(t0(), &l, 0).unwrap_err();
+            let err = c.admit(at(t0()), &l, Nanos::ZERO).unwrap_err();
             assert_eq!(err.code(), "daily_rate_limit_exceeded");
             assert_eq!(err.retry_after(), Some(12 * 3600));
         }
-        assert_eq!(c.view(t0(), &Limits::default()).requests_today, 2);
+        assert_eq!(c.view(at(t0()), &Limits::default()).requests_today, 2);
         let tomorrow = (day_index(t0()) + 1) * MS_PER_DAY;
-        assert!(c.admit(tomorrow, &l, 0).is_ok());
+        assert!(c.admit(at(tomorrow), &l, Nanos::ZERO).is_ok());
+    }
+
+    #[test]
+    fn counters_never_roll_backwards() {
+        let end_nov = days_from_civil(2026, 12, 1) * MS_PER_DAY - 1_000;
+        let dec = end_nov + 2_000;
+        let c = fresh(dec);
+        let l = Limits {
+            rpd: Some(5),
+            ..hard(1_000)
+        };
+        let m: Arc<str> = Arc::from("m");
+        let (_, r) = c.admit(at(dec), &l, Nanos::new(400)).unwrap();
+        c.settle(r, charge(&m, 400));
+        // A reading from last month (a body trickled across midnight) neither resets
+        // December's spend nor today's count.
+        let (_, r) = c.admit(at(end_nov), &l, Nanos::new(400)).unwrap();
+        let v = c.view(at(end_nov), &Limits::default());
+        assert_eq!((v.spent, v.requests_today), (Nanos::new(400), 2));
+        assert_eq!(
+            c.admit(at(end_nov), &l, Nanos::new(400))
+                .unwrap_err()
+                .code(),
+            "budget_exceeded"
+        );
+        c.settle(r, charge(&m, 400));
+        assert_eq!(c.view(at(dec), &Limits::default()).spent, Nanos::new(800));
     }
 
     #[test]
     fn restored_daily_count_is_enforced() {
-        let c = KeyCounters::restored(t0(), 2, 0);
+        let c = KeyCounters::restored(t0(), 2, Vec::new());
         let l = Limits {
             rpd: Some(2),
             ..Limits::default()
         };
         assert_eq!(
-            c.admit(t0(), &l, 0).unwrap_err().0.code(),
+            c.admit(at(t0()), &l, Nanos::ZERO).unwrap_err().code(),
             "daily_rate_limit_exceeded"
         );
     }
 
     #[test]
     fn hard_budget_counts_open_reservations_and_settles_to_real_cost() {
-        let c = KeyCounters::restored(t0(), 0, 600);
-        let l = Limits {
-            budget_nanos: Some(1_000),
-            hard_budget: true,
-            ..Limits::default()
-        };
-        let (_, r1) = c.admit(t0(), &l, 300).unwrap();
-        let (err, _) = c.admit(t0(), &l, 300).unwrap_err();
+        let c = spent_before(t0(), 600);
+        let l = hard(1_000);
+        let m: Arc<str> = Arc::from("m");
+        let (_, r1) = c.admit(at(t0()), &l, Nanos::new(300)).unwrap();
+        let err = c.admit(at(t0()), &l, Nanos::new(300)).unwrap_err();
         assert_eq!(
             err,
             GateError::BudgetExceeded {
-                spend_nanos: 900,
-                cap_nanos: 1_000
+                spend: Nanos::new(900),
+                cap: Nanos::new(1_000)
             }
         );
-        c.settle(r1, 100);
-        assert_eq!(c.view(t0(), &Limits::default()).spent_nanos, 700);
-        assert_eq!(c.view(t0(), &Limits::default()).reserved_nanos, 0);
-        let (_, r2) = c.admit(t0(), &l, 300).unwrap();
-        c.settle(r2, 0);
+        c.settle(r1, charge(&m, 100));
+        let v = c.view(at(t0()), &Limits::default());
+        assert_eq!((v.spent, v.reserved), (Nanos::new(700), Nanos::ZERO));
+        assert_eq!(v.by_model[0].spent, Nanos::new(700));
+        assert_eq!(v.by_model[0].requests, 2);
+        let (_, r2) = c.admit(at(t0()), &l, Nanos::new(300)).unwrap();
+        c.settle(r2, None);
+    }
+
+    #[test]
+    fn a_saturated_bound_is_refused_not_wrapped() {
+        let c = fresh(t0());
+        let err = c.admit(at(t0()), &hard(1_000), Nanos::MAX).unwrap_err();
+        assert_eq!(err.code(), "budget_exceeded");
+        assert_eq!(c.view(at(t0()), &Limits::default()).reserved, Nanos::ZERO);
     }
 
     #[test]
     fn rejected_budget_does_not_consume_rate_quota() {
-        let c = KeyCounters::restored(t0(), 0, 1_000);
+        let c = spent_before(t0(), 1_000);
         let l = Limits {
             rpm: Some(1),
             rpd: Some(1),
-            budget_nanos: Some(1_000),
-            hard_budget: true,
+            max_inflight: Some(1),
+            ..hard(1_000)
         };
         assert_eq!(
-            c.admit(t0(), &l, 1).unwrap_err().0.code(),
+            c.admit(at(t0()), &l, Nanos::new(1)).unwrap_err().code(),
             "budget_exceeded"
         );
-        let v = c.view(t0(), &Limits::default());
+        let v = c.view(at(t0()), &Limits::default());
+        assert_eq!(
+            (v.requests_this_minute, v.requests_today, v.inflight),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn max_inflight_caps_open_requests_and_settle_releases_the_slot() {
+        let c = fresh(t0());
+        let l = Limits {
+            max_inflight: Some(2),
+            rpd: Some(10),
+            ..Limits::default()
+        };
+        let (_, a) = c.admit(at(t0()), &l, Nanos::ZERO).unwrap();
+        let (_, b) = c.admit(at(t0()), &l, Nanos::ZERO).unwrap();
+        let err = c.admit(at(t0()), &l, Nanos::ZERO).unwrap_err();
+        assert_eq!(err.code(), "concurrency_limit_exceeded");
+        assert_eq!(err.retry_after(), Some(1));
+        assert_eq!(
+            c.view(at(t0()), &l).requests_today,
+            2,
+            "refusal consumed nothing"
+        );
+        c.settle(a, None);
+        let (_, d) = c.admit(at(t0()), &l, Nanos::ZERO).unwrap();
+        c.settle(b, None);
+        c.settle(d, None);
+        assert_eq!(c.view(at(t0()), &l).inflight, 0);
+    }
+
+    #[test]
+    fn usage_calls_are_limited_by_rpm_and_rpd_but_counted_apart() {
+        let c = fresh(t0());
+        let l = Limits {
+            rpm: Some(2),
+            rpd: Some(3),
+            ..Limits::default()
+        };
+        c.admit_usage_call(at(t0()), &l).unwrap();
+        c.admit_usage_call(at(t0()), &l).unwrap();
+        assert_eq!(
+            c.admit_usage_call(at(t0()), &l).unwrap_err().code(),
+            "rate_limit_exceeded"
+        );
+        let v = c.view(at(t0()), &l);
         assert_eq!((v.requests_this_minute, v.requests_today), (0, 0));
+        admit_ok(&c, at(t0()), &l, 0);
+        c.admit_usage_call(at(t0() + 61_000), &l).unwrap();
+        assert_eq!(
+            c.admit_usage_call(at(t0() + 122_000), &l)
+                .unwrap_err()
+                .code(),
+            "daily_rate_limit_exceeded"
+        );
     }
 
     #[test]
     fn soft_budget_warns_once_reached_and_never_blocks() {
-        let c = KeyCounters::restored(t0(), 0, 999);
+        let c = spent_before(t0(), 999);
         let l = Limits {
-            budget_nanos: Some(1_000),
+            budget: Some(Nanos::new(1_000)),
             hard_budget: false,
             ..Limits::default()
         };
-        let (s, r) = c.admit(t0(), &l, 1_000_000).unwrap();
+        let m: Arc<str> = Arc::from("m");
+        let (s, r) = c.admit(at(t0()), &l, Nanos::new(1_000_000)).unwrap();
         assert!(!s.budget_warning);
-        c.settle(r, 5);
-        let (s, r) = c.admit(t0(), &l, 1_000_000).unwrap();
+        c.settle(r, charge(&m, 5));
+        let (s, r) = c.admit(at(t0()), &l, Nanos::new(1_000_000)).unwrap();
         assert!(s.budget_warning);
-        c.settle(r, 0);
+        c.settle(r, None);
     }
 
     #[test]
     fn budget_resets_on_the_first_of_the_month() {
         let end_nov = days_from_civil(2026, 12, 1) * MS_PER_DAY - 1;
-        let c = KeyCounters::restored(end_nov, 0, 1_000);
-        let l = Limits {
-            budget_nanos: Some(1_000),
-            hard_budget: true,
-            ..Limits::default()
-        };
-        assert!(c.admit(end_nov, &l, 1).is_err());
-        let (_, r) = c.admit(end_nov + 1, &l, 1).unwrap();
-        c.settle(r, 1);
-        assert_eq!(c.view(end_nov + 1, &Limits::default()).spent_nanos, 1);
+        let c = spent_before(end_nov, 1_000);
+        let l = hard(1_000);
+        let m: Arc<str> = Arc::from("m");
+        assert!(c.admit(at(end_nov), &l, Nanos::new(1)).is_err());
+        let (_, r) = c.admit(at(end_nov + 1), &l, Nanos::new(1)).unwrap();
+        c.settle(r, charge(&m, 1));
+        assert_eq!(
+            c.view(at(end_nov + 1), &Limits::default()).spent,
+            Nanos::new(1)
+        );
     }
 
     #[test]
     fn a_request_settled_after_rollover_is_booked_to_its_own_month() {
         let end_nov = days_from_civil(2026, 12, 1) * MS_PER_DAY - 10;
-        let c = KeyCounters::restored(end_nov, 0, 0);
-        let l = Limits {
-            budget_nanos: Some(1_000),
-            hard_budget: true,
-            ..Limits::default()
-        };
-        let (_, r) = c.admit(end_nov, &l, 500).unwrap();
-        assert_eq!(c.view(end_nov + 20, &Limits::default()).reserved_nanos, 500);
-        c.settle(r, 400);
-        let v = c.view(end_nov + 20, &Limits::default());
-        assert_eq!((v.spent_nanos, v.reserved_nanos), (0, 0));
+        let c = fresh(end_nov);
+        let l = hard(1_000);
+        let m: Arc<str> = Arc::from("m");
+        let (_, r) = c.admit(at(end_nov), &l, Nanos::new(500)).unwrap();
+        assert_eq!(r.month(), month_index(end_nov));
+        // December's first request rolls the key over while November's is still open.
+        let (_, dec) = c.admit(at(end_nov + 20), &l, Nanos::new(100)).unwrap();
+        c.settle(dec, charge(&m, 100));
+        c.settle(r, charge(&m, 400));
+        let v = c.view(at(end_nov + 20), &Limits::default());
+        assert_eq!((v.spent, v.reserved), (Nanos::new(100), Nanos::ZERO));
     }
 }

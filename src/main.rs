@@ -14,9 +14,9 @@ use serde_json::json;
 use spidergate::catalog::Catalog;
 use spidergate::clock::{month_index, now_ms, parse_month, rfc3339};
 use spidergate::config::{resolve_path, Config};
-use spidergate::error::usd;
 use spidergate::keys::{parse_ttl, split_list, BudgetMode, KeyRecord};
 use spidergate::manage::{self, NewKey};
+use spidergate::money::Nanos;
 use spidergate::report;
 use spidergate::store::{KeyPatch, Store};
 
@@ -34,6 +34,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway (Pingora's -d/--daemon, -u/--upgrade and -t/--test flags apply)
@@ -102,6 +104,9 @@ struct LimitArgs {
     ttl: Option<String>,
     #[arg(long)]
     client_id: Option<String>,
+    /// Requests in flight at once ("none" = unlimited); one over gets 429
+    #[arg(long)]
+    max_inflight: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -221,7 +226,7 @@ fn parse_limit(flag: &str, v: Option<&str>) -> Result<Option<Option<u32>>, Strin
     }
 }
 
-fn parse_budget(v: Option<&str>) -> Result<Option<Option<i64>>, String> {
+fn parse_budget(v: Option<&str>) -> Result<Option<Option<Nanos>>, String> {
     match v {
         None => Ok(None),
         Some("none" | "unlimited") => Ok(Some(None)),
@@ -230,7 +235,7 @@ fn parse_budget(v: Option<&str>) -> Result<Option<Option<i64>>, String> {
                 .trim_start_matches('$')
                 .parse()
                 .map_err(|_| format!("--budget must be a USD amount, got \"{s}\""))?;
-            manage::budget_nanos(usd).map(|n| Some(Some(n)))
+            manage::budget(usd).map(|n| Some(Some(n)))
         }
     }
 }
@@ -251,8 +256,10 @@ fn manage_command(config: Config, command: Command) -> CliResult {
                 name,
                 rpm: parse_limit("rpm", limits.rpm.as_deref())?.flatten(),
                 rpd: parse_limit("rpd", limits.rpd.as_deref())?.flatten(),
-                budget_nanos: parse_budget(limits.budget.as_deref())?.flatten(),
+                budget: parse_budget(limits.budget.as_deref())?.flatten(),
                 budget_mode: limits.budget_mode.as_deref().and_then(BudgetMode::parse),
+                max_inflight: parse_limit("max-inflight", limits.max_inflight.as_deref())?
+                    .flatten(),
                 allowed_models: limits.models.as_deref().map(split_list).unwrap_or_default(),
                 free_only,
                 scopes: limits.scopes.as_deref().map(split_list),
@@ -290,8 +297,8 @@ fn manage_command(config: Config, command: Command) -> CliResult {
                 );
                 for k in &keys {
                     let limit = |v: Option<u32>| v.map_or("-".to_string(), |n| n.to_string());
-                    let budget = k.budget_nanos.map_or("-".to_string(), |n| {
-                        format!("${} {}", usd(n), k.budget_mode.as_str())
+                    let budget = k.budget.map_or("-".to_string(), |n| {
+                        format!("${n} {}", k.budget_mode.as_str())
                     });
                     println!(
                         "{:<22} {:<20} {:<8} {:<8} {:>6} {:>8} {:>12}  {}",
@@ -340,8 +347,9 @@ fn manage_command(config: Config, command: Command) -> CliResult {
                 scopes: limits.scopes.as_deref().map(split_list),
                 rpm: parse_limit("rpm", limits.rpm.as_deref())?,
                 rpd: parse_limit("rpd", limits.rpd.as_deref())?,
-                budget_nanos: parse_budget(limits.budget.as_deref())?,
+                budget: parse_budget(limits.budget.as_deref())?,
                 budget_mode: limits.budget_mode.as_deref().and_then(BudgetMode::parse),
+                max_inflight: parse_limit("max-inflight", limits.max_inflight.as_deref())?,
                 allowed_models: allowed,
                 free_only,
                 client_id: limits.client_id.map(|c| Some(c).filter(|c| !c.is_empty())),
@@ -411,7 +419,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
                                 v["requests"],
                                 v["prompt_tokens"],
                                 v["completion_tokens"],
-                                usd(v["spend_nanodollars"].as_i64().unwrap_or(0))
+                                Nanos::new(v["spend_nanodollars"].as_i64().unwrap_or(0))
                             );
                         }
                     }
@@ -448,7 +456,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
                         t.latency_ms,
                         t.prompt_tokens,
                         t.completion_tokens,
-                        usd(t.cost_nanos)
+                        t.cost
                     );
                 }
             }

@@ -5,6 +5,7 @@ use crate::keys::token;
 use crate::keys::{
     BudgetMode, KeyRecord, DEFAULT_SCOPES, DEFAULT_TTL_SECS, MAX_TTL_SECS, MIN_TTL_SECS,
 };
+use crate::money::Nanos;
 use crate::store::Store;
 
 /// A request to mint a key; `None` limits mean unlimited.
@@ -13,8 +14,9 @@ pub struct NewKey {
     pub name: String,
     pub rpm: Option<u32>,
     pub rpd: Option<u32>,
-    pub budget_nanos: Option<i64>,
+    pub budget: Option<Nanos>,
     pub budget_mode: Option<BudgetMode>,
+    pub max_inflight: Option<u32>,
     pub allowed_models: Vec<String>,
     pub free_only: bool,
     pub scopes: Option<Vec<String>>,
@@ -22,14 +24,10 @@ pub struct NewKey {
     pub client_id: Option<String>,
 }
 
-/// USD amount -> nano-dollars; rejects negative and non-finite amounts.
-pub fn budget_nanos(usd: f64) -> Result<i64, String> {
-    if !usd.is_finite() || !(0.0..=1.0e9).contains(&usd) {
-        return Err(format!(
-            "invalid budget {usd}: use a USD amount between 0 and 1000000000"
-        ));
-    }
-    Ok((usd * 1e9).round() as i64)
+/// A budget in USD; rejects negative and non-finite amounts.
+pub fn budget(usd: f64) -> Result<Nanos, String> {
+    Nanos::from_usd(usd)
+        .ok_or_else(|| format!("invalid budget {usd}: use a USD amount between 0 and 1000000000"))
 }
 
 /// Every allow-list entry must name a model or alias of the config.
@@ -72,6 +70,7 @@ pub fn mint_key(catalog: &Catalog, req: NewKey, now: i64) -> Result<(KeyRecord, 
     }
     check_limit("rpm", req.rpm)?;
     check_limit("rpd", req.rpd)?;
+    check_limit("max_inflight", req.max_inflight)?;
     check_models(catalog, &req.allowed_models)?;
     let ttl = req.ttl_secs.unwrap_or(DEFAULT_TTL_SECS);
     if !(MIN_TTL_SECS..=MAX_TTL_SECS).contains(&ttl) {
@@ -90,8 +89,9 @@ pub fn mint_key(catalog: &Catalog, req: NewKey, now: i64) -> Result<(KeyRecord, 
         scopes,
         rpm: req.rpm,
         rpd: req.rpd,
-        budget_nanos: req.budget_nanos,
+        budget: req.budget,
         budget_mode: req.budget_mode.unwrap_or(BudgetMode::Hard),
+        max_inflight: req.max_inflight,
         allowed_models: req.allowed_models,
         free_only: req.free_only,
         client_id: req.client_id.filter(|c| !c.is_empty()),

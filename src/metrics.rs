@@ -3,9 +3,12 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use crate::ledger::LedgerHealth;
+use crate::money::Nanos;
+
 /// Every `error.code` the gateway emits, plus `ok` and `upstream_status` (an upstream's own
 /// error response passed through).
-pub const OUTCOMES: [&str; 17] = [
+pub const OUTCOMES: [&str; 23] = [
     "ok",
     "upstream_status",
     "invalid_api_key",
@@ -23,6 +26,12 @@ pub const OUTCOMES: [&str; 17] = [
     "upstream_timeout",
     "not_found",
     "shutting_down",
+    "concurrency_limit_exceeded",
+    "ledger_unavailable",
+    "method_not_allowed",
+    "client_closed",
+    "upstream_stream_broken",
+    "interrupted",
 ];
 
 const LATENCY_BUCKETS_MS: [u64; 10] = [5, 10, 25, 50, 100, 250, 500, 1_000, 5_000, 30_000];
@@ -36,6 +45,7 @@ pub struct Metrics {
     cost_nanos: AtomicU64,
     estimated_usage: AtomicU64,
     fallbacks: AtomicU64,
+    auth_failures: AtomicU64,
     keys_loaded: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS_MS.len()],
     latency_count: AtomicU64,
@@ -50,13 +60,19 @@ impl Metrics {
         };
     }
 
-    pub fn usage(&self, prompt: u64, completion: u64, cost_nanos: i64, estimated: bool) {
+    pub fn usage(&self, prompt: u64, completion: u64, cost: Nanos, estimated: bool) {
         self.prompt_tokens.fetch_add(prompt, Relaxed);
         self.completion_tokens.fetch_add(completion, Relaxed);
-        self.cost_nanos.fetch_add(cost_nanos.max(0) as u64, Relaxed);
+        self.cost_nanos.fetch_add(cost.get().max(0) as u64, Relaxed);
         if estimated {
             self.estimated_usage.fetch_add(1, Relaxed);
         }
+    }
+
+    /// A missing, malformed, unknown, expired or revoked token (401, or 429 past the flood
+    /// shield).
+    pub fn auth_failure(&self) {
+        self.auth_failures.fetch_add(1, Relaxed);
     }
 
     pub fn fallback(&self) {
@@ -76,8 +92,8 @@ impl Metrics {
         self.keys_loaded.store(n as u64, Relaxed);
     }
 
-    /// Prometheus text exposition format.
-    pub fn render(&self) -> String {
+    /// Prometheus text exposition format, with the ledger writer's health.
+    pub fn render(&self, ledger: &LedgerHealth) -> String {
         let mut s = String::with_capacity(2048);
         s.push_str("# HELP spidergate_requests_total Requests by outcome (error.code, or ok).\n");
         s.push_str("# TYPE spidergate_requests_total counter\n");
@@ -119,6 +135,11 @@ impl Metrics {
                 "Requests served by a fallback model.",
                 &self.fallbacks,
             ),
+            (
+                "spidergate_auth_failures_total",
+                "Failed authentications (401, or 429 past the per-address shield).",
+                &self.auth_failures,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(
@@ -126,6 +147,35 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
                 v.load(Relaxed)
             );
+        }
+        let ledger_rows = [
+            (
+                "spidergate_ledger_failing",
+                "gauge",
+                "1 while ledger commits fail (hard-budget keys get 503 ledger_unavailable).",
+                u64::from(ledger.failing()),
+            ),
+            (
+                "spidergate_ledger_backlog_traces",
+                "gauge",
+                "Trace rows waiting for a commit.",
+                ledger.backlog(),
+            ),
+            (
+                "spidergate_ledger_failed_commits_total",
+                "counter",
+                "Ledger commits that failed and were retried.",
+                ledger.failed_commits(),
+            ),
+            (
+                "spidergate_ledger_dropped_traces_total",
+                "counter",
+                "Trace rows dropped while the backlog was full (spend is never dropped).",
+                ledger.dropped_traces(),
+            ),
+        ];
+        for (name, kind, help, v) in ledger_rows {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         }
         let _ = writeln!(
             s,

@@ -14,14 +14,17 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::admission::{self, Admission, Endpoint};
-use crate::clock::now_ms;
+use crate::clock::{now_ms, Now};
 use crate::error::GateError;
 use crate::gate::{Gate, InflightGuard};
+use crate::keys::token::TokenHash;
 use crate::keys::KeyEntry;
-use crate::limits::Standing;
+use crate::limits::{Charge, Standing};
+use crate::money::Nanos;
 use crate::providers::openai::rewrite_body;
 use crate::report;
-use crate::store::{LedgerEntry, TraceRow};
+use crate::shield::SHIELD_WINDOW;
+use crate::store::{JournalRow, LedgerEntry, TraceRow};
 use crate::usage::{usage_from_json, Forward, SseUsageParser, Usage};
 
 /// Non-streamed responses larger than this are not buffered for usage parsing (charged an
@@ -31,6 +34,10 @@ const MAX_JSON_RESPONSE: usize = 8 * 1024 * 1024;
 /// Error codes recorded in traces for outcomes that are not gateway rejections.
 const CLIENT_CLOSED: &str = "client_closed";
 const STREAM_BROKEN: &str = "upstream_stream_broken";
+/// The request's task was dropped before it finished (shutdown past its grace, a panic).
+const INTERRUPTED: &str = "interrupted";
+/// `X-SpiderGate-Error-Code` of an upstream's own error response passed through.
+const UPSTREAM_STATUS: &str = "upstream_status";
 
 pub struct GateProxy {
     gate: Arc<Gate>,
@@ -42,8 +49,10 @@ impl GateProxy {
     }
 }
 
-/// Per-request state shared across the phases.
+/// Per-request state shared across the phases. Dropping it unfinished (a shutdown past its
+/// grace cancels the task, or a panic) still settles and records the request.
 pub struct RequestCtx {
+    gate: Arc<Gate>,
     started: Instant,
     started_ms: i64,
     endpoint: Endpoint,
@@ -51,6 +60,8 @@ pub struct RequestCtx {
     /// Rate-limit standing for the headers of any authenticated response.
     standing: Option<Standing>,
     admission: Option<Admission>,
+    /// The admission's journal row, closed by this request's ledger entry.
+    journal_id: Option<i64>,
     /// The request body as received.
     body: Bytes,
     /// The body for the current attempt (model rewritten).
@@ -61,6 +72,9 @@ pub struct RequestCtx {
     fallback_from: Option<usize>,
     /// An upstream status that triggers a fallback was seen; the error carries it to retry.
     fallback_status: Option<u16>,
+    /// The current attempt's request went to the upstream, which may be working on it from
+    /// now on: it is charged even if no response comes back.
+    sent_upstream: bool,
     /// Final status sent (or being sent) to the client.
     status: u16,
     /// Upstream's own status, when it answered.
@@ -68,6 +82,9 @@ pub struct RequestCtx {
     error_code: Option<&'static str>,
     response_started: bool,
     response_complete: bool,
+    /// `finishing_started` was called on the key's counters (see `KeyCounters::finishing`).
+    finishing: bool,
+    finished: bool,
     ttfb_ms: Option<i64>,
     sse: Option<SseUsageParser>,
     json_buf: Option<ResponseBody>,
@@ -130,6 +147,36 @@ static STRIPPED_HEADERS: [HeaderName; 8] = [
     http::header::EXPECT,
 ];
 static SERVED_MODEL: HeaderName = HeaderName::from_static("x-spidergate-model");
+static ERROR_CODE: HeaderName = HeaderName::from_static("x-spidergate-error-code");
+
+/// Whether an upstream response header reveals the operator's provider account or its
+/// limits (SPEC §2): the gateway's own `X-RateLimit-*` are the only ones a client sees.
+fn is_account_header(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    n.starts_with("x-ratelimit-")
+        || n.starts_with("anthropic-ratelimit-")
+        || n.starts_with("openai-organization")
+        || n.starts_with("openai-project")
+        || n == "anthropic-organization-id"
+        || n == "set-cookie"
+        || n == "set-cookie2"
+}
+
+/// Drops the upstream's account headers (one pass; removal only when one is present).
+fn strip_account_headers(resp: &mut ResponseHeader) {
+    if !resp.headers.keys().any(is_account_header) {
+        return;
+    }
+    let names: Vec<HeaderName> = resp
+        .headers
+        .keys()
+        .filter(|n| is_account_header(n))
+        .cloned()
+        .collect();
+    for n in &names {
+        resp.remove_header(n);
+    }
+}
 static FALLBACK_FROM: HeaderName = HeaderName::from_static("x-spidergate-fallback-from");
 static UNLIMITED: HeaderValue = HeaderValue::from_static("unlimited");
 
@@ -160,11 +207,15 @@ async fn send_json(
     status: u16,
     body: Vec<u8>,
     standing: Option<&Standing>,
-    retry_after: Option<u64>,
+    error: Option<&GateError>,
 ) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(6))?;
+    let mut resp = ResponseHeader::build(status, Some(7))?;
     resp.insert_header("content-type", "application/json")?;
     resp.insert_header("content-length", body.len().to_string())?;
+    if let Some(e) = error {
+        resp.insert_header(ERROR_CODE.clone(), HeaderValue::from_static(e.code()))?;
+    }
+    let retry_after = error.and_then(GateError::retry_after);
     if let Some(s) = standing {
         add_standing_headers(&mut resp, s)?;
     }
@@ -238,7 +289,7 @@ impl GateProxy {
         ctx.error_code = Some(err.code());
         let standing = match (&ctx.standing, &ctx.key) {
             (Some(s), _) => Some(*s),
-            (None, Some(k)) => Some(k.counters.standing(now_ms(), &k.limits)),
+            (None, Some(k)) => Some(k.counters.standing(Now::read(), &k.limits)),
             (None, None) => None,
         };
         send_json(
@@ -246,7 +297,7 @@ impl GateProxy {
             err.status(),
             err.body(),
             standing.as_ref(),
-            err.retry_after(),
+            Some(&err),
         )
         .await?;
         Ok(true)
@@ -259,12 +310,94 @@ impl GateProxy {
         body: Vec<u8>,
     ) -> Result<bool> {
         ctx.status = 200;
-        let standing = ctx
-            .key
-            .as_ref()
-            .map(|k| k.counters.standing(now_ms(), &k.limits));
+        let standing = match (&ctx.standing, &ctx.key) {
+            (Some(s), _) => Some(*s),
+            (None, Some(k)) => Some(k.counters.standing(Now::read(), &k.limits)),
+            (None, None) => None,
+        };
         send_json(session, 200, body, standing.as_ref(), None).await?;
         Ok(true)
+    }
+
+    /// The decision on a model request, taken once its body has arrived: the clock and the
+    /// key are read again now (a slow upload must not carry an old month, or a key revoked
+    /// meanwhile), then body, model, budget and limits are checked and the admission is
+    /// journaled.
+    fn admit(&self, ctx: &mut RequestCtx, hash: &TokenHash) -> std::result::Result<(), GateError> {
+        let now = Now::read();
+        let key = admission::lookup(&self.gate.keys.load(), hash, now.wall)?;
+        ctx.key = Some(key.clone());
+        if key.limits.hard_budget
+            && key.limits.budget.is_some()
+            && self.gate.ledger.health().failing()
+        {
+            return Err(GateError::LedgerUnavailable);
+        }
+        let media = u64::from(self.gate.config.tuning.media_part_tokens);
+        let adm = admission::admit(
+            &self.gate.catalog,
+            &key,
+            ctx.endpoint,
+            &ctx.body,
+            now,
+            media,
+        )?;
+        let journal_id = self.gate.ledger.journal_id();
+        let served = adm.chain.get(adm.bound.model).unwrap_or(0);
+        self.gate.ledger.journal(JournalRow {
+            id: journal_id,
+            ts: adm.admitted_at,
+            key_id: key.id.clone(),
+            endpoint: ctx.endpoint.label(),
+            requested_model: Arc::from(adm.fields.model.as_str()),
+            served_model: self.gate.model_names[served].clone(),
+            prompt_tokens: adm.bound.prompt_tokens,
+            completion_tokens: adm.bound.completion_tokens,
+            cost: adm.bound.cost,
+        });
+        ctx.journal_id = Some(journal_id);
+        ctx.standing = Some(adm.standing);
+        ctx.admission = Some(adm);
+        Ok(())
+    }
+
+    /// A failed authentication: counted per client address, and past the address's limit
+    /// answered 429 instead of 401 (valid keys never get here).
+    fn shield(&self, session: &Session, err: GateError) -> GateError {
+        self.gate.metrics.auth_failure();
+        let addr = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        match addr {
+            Some(ip) if self.gate.auth_shield.failed(&ip) => GateError::AuthFlood {
+                retry_after_secs: SHIELD_WINDOW.as_secs(),
+            },
+            _ => err,
+        }
+    }
+
+    /// `/health`: 200 while the gateway can serve and record spend; 503 when the ledger
+    /// cannot write (hard-budget keys are paused then), so a balancer can move traffic.
+    async fn health(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let ledger = self.gate.ledger.health();
+        if ledger.failing() {
+            ctx.status = 503;
+            let body = serde_json::json!({
+                "status": "degraded",
+                "ledger": "failing",
+                "ledger_backlog": ledger.backlog(),
+            });
+            let mut resp = ResponseHeader::build(503, Some(2))?;
+            resp.insert_header("content-type", "application/json")?;
+            let body = Bytes::from(body.to_string());
+            resp.insert_header("content-length", body.len().to_string())?;
+            session.write_response_header(Box::new(resp), false).await?;
+            session.write_response_body(Some(body), true).await?;
+            return Ok(true);
+        }
+        self.answer(session, ctx, br#"{"status":"ok","ledger":"ok"}"#.to_vec())
+            .await
     }
 
     /// Catalog, usage and health: answered by the gateway itself.
@@ -290,24 +423,25 @@ impl GateProxy {
                 let Some(key) = ctx.key.clone() else {
                     return self.reject(session, ctx, GateError::InvalidApiKey).await;
                 };
-                let gate = self.gate.clone();
-                let result =
-                    tokio::task::spawn_blocking(move || report::live_usage(&gate, &key)).await;
-                match result {
-                    Ok(Ok(v)) => v.to_string().into_bytes(),
-                    _ => {
-                        let err = GateError::UpstreamError("usage store unavailable".into());
-                        return self.reject(session, ctx, err).await;
-                    }
+                match key.counters.admit_usage_call(Now::read(), &key.limits) {
+                    Ok(standing) => ctx.standing = Some(standing),
+                    Err(e) => return self.reject(session, ctx, e).await,
                 }
+                // A caller may ask right after its previous response ended, while that
+                // request's settlement is still running: wait for it (microseconds, at most
+                // 200 ms), without blocking a thread or touching the database.
+                let deadline = Instant::now() + std::time::Duration::from_millis(200);
+                while key.counters.finishing() > 0 && Instant::now() < deadline {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                self.gate.ledger.nudge();
+                report::live_usage(&key, Now::read())
+                    .to_string()
+                    .into_bytes()
             }
             _ => return self.reject(session, ctx, GateError::NotFound).await,
         };
         self.answer(session, ctx, body).await
-    }
-
-    fn current_model(&self, ctx: &RequestCtx) -> Option<usize> {
-        ctx.admission.as_ref()?.chain.get(ctx.attempt)
     }
 
     /// Moves to the next model of the chain if one is left and nothing reached the client.
@@ -324,30 +458,56 @@ impl GateProxy {
         ctx.attempt += 1;
         ctx.upstream_body = None;
         ctx.upstream_status = None;
+        ctx.sent_upstream = false;
         self.gate.metrics.fallback();
         true
     }
+}
 
-    /// Final usage of an admitted request: reported, else estimated (never zero once the
-    /// upstream began a successful response), else zero.
-    fn final_usage(&self, ctx: &RequestCtx) -> (Usage, bool) {
-        let reported = match (&ctx.sse, &ctx.json_buf) {
+impl RequestCtx {
+    fn current_model(&self) -> Option<usize> {
+        self.admission.as_ref()?.chain.get(self.attempt)
+    }
+
+    /// Marks the response as complete, once: a `/v1/usage` asked from now on waits for this
+    /// request's settlement.
+    fn response_ended(&mut self) {
+        self.response_complete = true;
+        if !self.finishing {
+            if let (Some(key), true) = (&self.key, self.admission.is_some()) {
+                key.counters.finishing_started();
+                self.finishing = true;
+            }
+        }
+    }
+
+    /// Final usage of an admitted request and whether it is an estimate: reported usage
+    /// where it arrived; else, whenever the upstream may have worked (a successful response
+    /// that lost its usage, or a request sent upstream with no response head back: a client
+    /// hang-up, a timeout, a break), an estimate of at least the prompt; else zero (the
+    /// upstream refused it with an error status, or was never reached).
+    fn final_usage(&self) -> (Usage, bool) {
+        let reported = match (&self.sse, &self.json_buf) {
             (Some(p), _) => p.usage(),
-            (None, Some(buf)) if ctx.response_complete => usage_from_json(buf.bytes()),
+            (None, Some(buf)) if self.response_complete => usage_from_json(buf.bytes()),
             _ => None,
         };
         if let Some(u) = reported {
             return (u, false);
         }
-        let upstream_ok = ctx.upstream_status.is_some_and(|s| (200..300).contains(&s));
-        if !upstream_ok {
+        let upstream_ok = self
+            .upstream_status
+            .is_some_and(|s| (200..300).contains(&s));
+        let unanswered = self.sent_upstream && self.upstream_status.is_none();
+        if !upstream_ok && !unanswered {
             return (Usage::default(), false);
         }
-        let prompt = (ctx.body.len() as u64).div_ceil(4).max(1);
-        let completion = match (&ctx.sse, ctx.endpoint) {
+        let prompt = (self.body.len() as u64).div_ceil(4).max(1);
+        let completion = match (&self.sse, self.endpoint) {
             (_, Endpoint::Embeddings) => 0,
+            _ if unanswered => 0,
             (Some(p), _) => p.content_bytes().div_ceil(4).max(1),
-            (None, _) => ctx.response_bytes.div_ceil(4).max(1),
+            (None, _) => self.response_bytes.div_ceil(4).max(1),
         };
         (
             Usage {
@@ -357,6 +517,102 @@ impl GateProxy {
             true,
         )
     }
+
+    /// Settles the reservation, books the cost and records the trace, exactly once, on
+    /// every outcome: called by `logging`, or by `Drop` if the request never got there.
+    fn finish(&mut self) {
+        if std::mem::replace(&mut self.finished, true) || self.endpoint == Endpoint::Health {
+            return;
+        }
+        if self.response_started && !self.response_complete && self.error_code.is_none() {
+            self.error_code = Some(CLIENT_CLOSED);
+        }
+        let gate = self.gate.clone();
+        let latency_ms = self.started.elapsed().as_millis() as i64;
+        let served = self.current_model();
+        let (usage, estimated) = match &self.admission {
+            Some(_) => self.final_usage(),
+            None => (Usage::default(), false),
+        };
+        let cost = served.map_or(Nanos::ZERO, |m| {
+            gate.catalog
+                .cost(m, usage.prompt_tokens, usage.completion_tokens)
+        });
+        let admitted = self.admission.is_some();
+        let mut requested_model = None;
+        let mut ts = self.started_ms;
+        if let Some(adm) = self.admission.take() {
+            if let Some(key) = &self.key {
+                let charge = served.map(|m| Charge {
+                    model: &gate.model_names[m],
+                    prompt_tokens: usage.prompt_tokens,
+                    completion_tokens: usage.completion_tokens,
+                    cost,
+                });
+                key.counters.settle(adm.reservation, charge);
+            }
+            ts = adm.admitted_at;
+            requested_model = Some(adm.fields.model);
+        }
+        let outcome = match self.error_code {
+            Some(code) => code,
+            None if self.status >= 400 => UPSTREAM_STATUS,
+            None => "ok",
+        };
+        gate.metrics.outcome(outcome);
+        if admitted {
+            gate.metrics.latency(latency_ms.max(0) as u64);
+            gate.metrics.usage(
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                cost,
+                estimated,
+            );
+        }
+        let keep_trace = self.key.is_some() || gate.unauthenticated_traces.allow(self.started_ms);
+        let model = |m: usize| gate.model_names[m].clone();
+        let trace = TraceRow {
+            ts,
+            key_id: self.key.as_ref().map(|k| k.id.clone()),
+            endpoint: self.endpoint.label().into(),
+            requested_model,
+            served_model: served.filter(|_| admitted).map(model),
+            provider: served
+                .filter(|_| admitted)
+                .map(|m| gate.provider_names[gate.catalog.models()[m].provider].clone()),
+            status: self.status,
+            error_code: self.error_code.map(Cow::Borrowed),
+            latency_ms,
+            ttfb_ms: self.ttfb_ms,
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cost,
+            usage_estimated: estimated,
+            fallback_from: self.fallback_from.map(model),
+        };
+        gate.ledger.record(LedgerEntry {
+            trace,
+            admitted,
+            counted: admitted,
+            journal_id: self.journal_id,
+            keep_trace,
+        });
+        // Only now, with the entry queued: a `/v1/usage` waiting on it may nudge the writer.
+        if let (true, Some(key)) = (self.finishing, &self.key) {
+            key.counters.finishing_ended();
+        }
+    }
+}
+
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        if !self.finished {
+            if self.error_code.is_none() {
+                self.error_code = Some(INTERRUPTED);
+            }
+            self.finish();
+        }
+    }
 }
 
 #[async_trait]
@@ -365,22 +621,27 @@ impl ProxyHttp for GateProxy {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
+            gate: self.gate.clone(),
             started: Instant::now(),
             started_ms: now_ms(),
             endpoint: Endpoint::Unknown,
             key: None,
             standing: None,
             admission: None,
+            journal_id: None,
             body: Bytes::new(),
             upstream_body: None,
             attempt: 0,
             fallback_from: None,
             fallback_status: None,
+            sent_upstream: false,
             status: 0,
             upstream_status: None,
             error_code: None,
             response_started: false,
             response_complete: false,
+            finishing: false,
+            finished: false,
             ttfb_ms: None,
             sse: None,
             json_buf: None,
@@ -392,7 +653,6 @@ impl ProxyHttp for GateProxy {
     /// Request phase: route, authenticate, authorize, read + parse the body, admit.
     /// `Ok(true)`: the response (an answer or a rejection) is already written.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let now = ctx.started_ms;
         let (endpoint, model_id) = {
             let (endpoint, id) = admission::route(session.req_header().uri.path());
             // Only `GET /v1/models/{id}` needs the rest of the path: no copy otherwise.
@@ -414,9 +674,7 @@ impl ProxyHttp for GateProxy {
             return self.reject(session, ctx, GateError::ShuttingDown).await;
         }
         if endpoint == Endpoint::Health {
-            return self
-                .answer(session, ctx, br#"{"status":"ok"}"#.to_vec())
-                .await;
+            return self.health(session, ctx).await;
         }
         let authorization = header_bytes(session.req_header(), "authorization");
         let anonymous_catalog = self.gate.config.public_catalog
@@ -428,12 +686,22 @@ impl ProxyHttp for GateProxy {
         if anonymous_catalog {
             return self.serve_local(session, ctx, model_id).await;
         }
-        let keys = self.gate.keys.load();
-        let key = match admission::authenticate(&keys, authorization, now) {
-            Ok(k) => k,
-            Err(e) => return self.reject(session, ctx, e).await,
+        let hash = match admission::token_hash(authorization)
+            .and_then(|h| admission::lookup(&self.gate.keys.load(), &h, now_ms()).map(|k| (h, k)))
+        {
+            Ok((hash, key)) => {
+                ctx.key = Some(key);
+                hash
+            }
+            Err(e) => {
+                let e = self.shield(session, e);
+                return self.reject(session, ctx, e).await;
+            }
         };
-        ctx.key = Some(key.clone());
+        let key = ctx
+            .key
+            .clone()
+            .ok_or_else(|| Error::new(ErrorType::InternalError))?;
         if endpoint == Endpoint::Unknown {
             return self.reject(session, ctx, GateError::NotFound).await;
         }
@@ -454,17 +722,10 @@ impl ProxyHttp for GateProxy {
                 return self.reject(session, ctx, e).await;
             }
         };
-        match admission::admit(&self.gate.catalog, &key, endpoint, &body, now) {
-            Ok(adm) => {
-                ctx.standing = Some(adm.standing);
-                ctx.admission = Some(adm);
-                ctx.body = body;
-                Ok(false)
-            }
-            Err(e) => {
-                ctx.body = body;
-                self.reject(session, ctx, e).await
-            }
+        ctx.body = body;
+        match self.admit(ctx, &hash) {
+            Ok(()) => Ok(false),
+            Err(e) => self.reject(session, ctx, e).await,
         }
     }
 
@@ -474,8 +735,8 @@ impl ProxyHttp for GateProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let m = self
-            .current_model(ctx)
+        let m = ctx
+            .current_model()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no admitted model"))?;
         let pidx = self.gate.catalog.models()[m].provider;
         let provider = &self.gate.catalog.providers()[pidx];
@@ -500,7 +761,7 @@ impl ProxyHttp for GateProxy {
         req: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let (Some(m), Some(adm)) = (self.current_model(ctx), ctx.admission.as_ref()) else {
+        let (Some(m), Some(adm)) = (ctx.current_model(), ctx.admission.as_ref()) else {
             return Err(Error::explain(
                 ErrorType::InternalError,
                 "no admitted model",
@@ -531,6 +792,8 @@ impl ProxyHttp for GateProxy {
             HeaderValue::from_static("identity"),
         )?;
         ctx.upstream_body = Some(body);
+        // From here the request may reach the provider, which may then work on it.
+        ctx.sent_upstream = true;
         Ok(())
     }
 
@@ -597,14 +860,21 @@ impl ProxyHttp for GateProxy {
         let Some(adm) = &ctx.admission else {
             return Ok(());
         };
+        strip_account_headers(resp);
         add_standing_headers(resp, &adm.standing)?;
-        if let (Some(from), Some(m)) = (ctx.fallback_from, self.current_model(ctx)) {
+        if ctx.status >= 400 {
+            resp.insert_header(
+                ERROR_CODE.clone(),
+                HeaderValue::from_static(UPSTREAM_STATUS),
+            )?;
+        }
+        if let (Some(from), Some(m)) = (ctx.fallback_from, ctx.current_model()) {
             if from != m {
                 let id = self.gate.model_headers[from].clone();
                 resp.insert_header(FALLBACK_FROM.clone(), id)?;
             }
         }
-        if let Some(m) = self.current_model(ctx) {
+        if let Some(m) = ctx.current_model() {
             resp.insert_header(SERVED_MODEL.clone(), self.gate.model_headers[m].clone())?;
         }
         let is_sse = resp
@@ -671,7 +941,7 @@ impl ProxyHttp for GateProxy {
             }
         }
         if end_of_stream {
-            ctx.response_complete = true;
+            ctx.response_ended();
         }
         Ok(None)
     }
@@ -689,8 +959,10 @@ impl ProxyHttp for GateProxy {
         e
     }
 
-    /// Error after connecting: a fallback status from `upstream_response_filter`, a stale
-    /// pooled connection (retried on the same model), or a real failure.
+    /// Error after connecting: a fallback status from `upstream_response_filter` moves to the
+    /// next model. Anything else is final: once a POST was written upstream it is never sent
+    /// again to the same model (the provider may be generating it), and a timeout or a
+    /// broken connection is not a fallback condition (SPEC §2); the attempt is charged.
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
@@ -699,22 +971,10 @@ impl ProxyHttp for GateProxy {
         ctx: &mut RequestCtx,
         client_reused: bool,
     ) -> Box<Error> {
-        let mut e = e.more_context(format!("Peer: {peer}"));
-        if ctx.response_started {
-            e.set_retry(false);
-        } else if ctx.fallback_status.take().is_some() {
-            let retry = self.try_fallback(ctx);
-            e.set_retry(retry);
-        } else if client_reused
-            && *e.esource() == ErrorSource::Upstream
-            && ctx.upstream_status.is_none()
-        {
-            // The pooled connection died before this request was answered: same model again.
-            e.retry.decide_reuse(client_reused);
-        } else {
-            let retry = *e.esource() == ErrorSource::Upstream && self.try_fallback(ctx);
-            e.set_retry(retry);
-        }
+        let mut e = e.more_context(format!("Peer: {peer} (reused: {client_reused})"));
+        let retry =
+            !ctx.response_started && ctx.fallback_status.take().is_some() && self.try_fallback(ctx);
+        e.set_retry(retry);
         e
     }
 
@@ -765,7 +1025,14 @@ impl ProxyHttp for GateProxy {
         ctx.status = err.status();
         ctx.error_code = Some(err.code());
         let standing = ctx.standing;
-        let _ = send_json(session, err.status(), err.body(), standing.as_ref(), None).await;
+        let _ = send_json(
+            session,
+            err.status(),
+            err.body(),
+            standing.as_ref(),
+            Some(&err),
+        )
+        .await;
         FailToProxy {
             error_code: err.status(),
             can_reuse_downstream: false,
@@ -774,75 +1041,9 @@ impl ProxyHttp for GateProxy {
 
     /// Last phase, on every outcome: settle the reservation, record spend and the trace.
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        // Health checks are monitoring noise: no trace, no metrics (nothing to settle).
-        if ctx.endpoint == Endpoint::Health {
-            return;
-        }
         if e.is_some() && ctx.error_code.is_none() && ctx.response_started {
             ctx.error_code = Some(STREAM_BROKEN);
         }
-        if ctx.response_started && !ctx.response_complete && ctx.error_code.is_none() {
-            ctx.error_code = Some(CLIENT_CLOSED);
-        }
-        let latency_ms = ctx.started.elapsed().as_millis() as i64;
-        let gate = &self.gate;
-        let served = self.current_model(ctx);
-        let (usage, estimated) = match &ctx.admission {
-            Some(_) => self.final_usage(ctx),
-            None => (Usage::default(), false),
-        };
-        let cost = served.map_or(0, |m| {
-            gate.catalog
-                .cost_nanos(m, usage.prompt_tokens, usage.completion_tokens)
-        });
-        let admitted = ctx.admission.is_some();
-        let mut requested_model = None;
-        if let Some(adm) = ctx.admission.take() {
-            if let Some(key) = &ctx.key {
-                key.counters.settle(adm.reservation, cost);
-            }
-            requested_model = Some(adm.fields.model);
-        }
-        let outcome = match ctx.error_code {
-            Some(code) => code,
-            None if ctx.status >= 400 => "upstream_status",
-            None => "ok",
-        };
-        gate.metrics.outcome(outcome);
-        if admitted {
-            gate.metrics.latency(latency_ms.max(0) as u64);
-            gate.metrics.usage(
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                cost,
-                estimated,
-            );
-        }
-        let model = |m: usize| gate.model_names[m].clone();
-        let trace = TraceRow {
-            ts: ctx.started_ms,
-            key_id: ctx.key.as_ref().map(|k| k.id.clone()),
-            endpoint: ctx.endpoint.label().into(),
-            requested_model,
-            served_model: served.filter(|_| admitted).map(model),
-            provider: served
-                .filter(|_| admitted)
-                .map(|m| gate.provider_names[gate.catalog.models()[m].provider].clone()),
-            status: ctx.status,
-            error_code: ctx.error_code.map(Cow::Borrowed),
-            latency_ms,
-            ttfb_ms: ctx.ttfb_ms,
-            prompt_tokens: usage.prompt_tokens,
-            completion_tokens: usage.completion_tokens,
-            cost_nanos: cost,
-            usage_estimated: estimated,
-            fallback_from: ctx.fallback_from.map(model),
-        };
-        gate.ledger.record(LedgerEntry { trace, admitted });
-        if admitted {
-            if let Some(key) = &ctx.key {
-                key.counters.recorded();
-            }
-        }
+        ctx.finish();
     }
 }

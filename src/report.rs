@@ -4,14 +4,13 @@
 use serde_json::{json, Value};
 
 use crate::catalog::Catalog;
-use crate::clock::{
-    day_index, day_label, month_index, month_label, month_start_ms, now_ms, rfc3339,
-};
-use crate::error::usd;
-use crate::gate::Gate;
+use std::sync::Arc;
+
+use crate::clock::{day_index, day_label, month_label, month_start_ms, rfc3339, Now};
 use crate::keys::{KeyEntry, KeyRecord};
-use crate::limits::CounterView;
-use crate::store::{ModelSpend, Store, StoreError, TraceRow};
+use crate::limits::{CounterView, ModelTally};
+use crate::money::Nanos;
+use crate::store::{Store, StoreError, TraceRow};
 
 fn model_json(catalog: &Catalog, m: usize) -> Value {
     let model = &catalog.models()[m];
@@ -87,8 +86,9 @@ pub fn key_json(k: &KeyRecord, now: i64) -> Value {
         "scopes": k.scopes,
         "rpm": k.rpm,
         "rpd": k.rpd,
-        "monthly_budget_usd": k.budget_nanos.map(|n| n as f64 / 1e9),
+        "monthly_budget_usd": k.budget.map(Nanos::as_usd),
         "budget_mode": k.budget_mode.as_str(),
+        "max_inflight": k.max_inflight,
         "allowed_models": k.allowed_models,
         "free_only": k.free_only,
         "client_id": k.client_id,
@@ -99,24 +99,24 @@ pub fn key_json(k: &KeyRecord, now: i64) -> Value {
     })
 }
 
-/// A key's standing for one month. `live` carries the gateway's in-memory counters when the
-/// gateway itself answers; the CLI reads today's count from the store instead.
+/// A key's standing for one month, from per-model rows and the live counters (the
+/// gateway's own, or for the CLI today's count from the store).
 pub fn usage_json(
     k: &KeyRecord,
     month: i64,
-    rows: &[ModelSpend],
-    live: CounterView,
+    rows: &[ModelTally],
+    live: &CounterView,
     now: i64,
 ) -> Value {
     let mut by_model = serde_json::Map::new();
-    let mut total: i64 = 0;
+    let mut total = Nanos::ZERO;
     for r in rows {
-        total += r.cost_nanos;
+        total += r.spent;
         by_model.insert(
-            r.model.clone(),
+            r.model.to_string(),
             json!({
-                "spend_usd": r.cost_nanos as f64 / 1e9,
-                "spend_nanodollars": r.cost_nanos,
+                "spend_usd": r.spent.as_usd(),
+                "spend_nanodollars": r.spent.get(),
                 "requests": r.requests,
                 "prompt_tokens": r.prompt_tokens,
                 "completion_tokens": r.completion_tokens,
@@ -127,18 +127,20 @@ pub fn usage_json(
         "key_id": k.id,
         "name": k.name,
         "month": month_label(month),
-        "spend_usd": total as f64 / 1e9,
-        "spend_nanodollars": total,
-        "spend_display": format!("${}", usd(total)),
-        "reserved_usd": live.reserved_nanos as f64 / 1e9,
+        "spend_usd": total.as_usd(),
+        "spend_nanodollars": total.get(),
+        "spend_display": format!("${total}"),
+        "reserved_usd": live.reserved.as_usd(),
         "by_model": by_model,
-        "budget_usd": k.budget_nanos.map(|n| n as f64 / 1e9),
+        "budget_usd": k.budget.map(Nanos::as_usd),
         "budget_mode": k.budget_mode.as_str(),
         "requests_this_minute": live.requests_this_minute,
         "requests_today": live.requests_today,
+        "requests_in_flight": live.inflight,
         "rpm": k.rpm,
         "rpd": k.rpd,
-        "budget_resets_at": rfc3339(month_start_ms(month_index(now) + 1)),
+        "max_inflight": k.max_inflight,
+        "budget_resets_at": rfc3339(month_start_ms(month + 1)),
         "expires_at": rfc3339(k.expires_at),
         "status": k.status(now),
     })
@@ -151,34 +153,29 @@ pub fn stored_usage(
     month: i64,
     now: i64,
 ) -> Result<Value, StoreError> {
-    let rows = store.spend_for_key(&k.id, &month_label(month))?;
+    let rows: Vec<ModelTally> = store
+        .spend_for_key(&k.id, &month_label(month))?
+        .into_iter()
+        .map(|r| ModelTally {
+            model: Arc::from(r.model),
+            requests: r.requests,
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            spent: r.cost,
+        })
+        .collect();
     let live = CounterView {
         requests_today: store.requests_on(&k.id, &day_label(day_index(now)))?,
         ..CounterView::default()
     };
-    Ok(usage_json(k, month, &rows, live, now))
+    Ok(usage_json(k, month, &rows, &live, now))
 }
 
-/// Usage as the running gateway sees it: everything recorded is flushed first, so the
-/// answer includes the caller's previous request.
-pub fn live_usage(gate: &Gate, key: &KeyEntry) -> Result<Value, StoreError> {
-    // A client may ask right after its previous response arrived, while that request's
-    // logging phase is still queueing its ledger entry: give it a moment.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
-    while key.counters.unrecorded() > 0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    gate.ledger.flush_blocking();
-    let now = now_ms();
-    let month = month_index(now);
-    let rows = gate.with_reader(|s| s.spend_for_key(&key.record.id, &month_label(month)))?;
-    Ok(usage_json(
-        &key.record,
-        month,
-        &rows,
-        key.counters.view(now, &key.limits),
-        now,
-    ))
+/// Usage as the running gateway sees it, from the key's live counters alone: exact (every
+/// settled request is in them), and no database read or commit.
+pub fn live_usage(key: &KeyEntry, now: Now) -> Value {
+    let live = key.counters.view(now, &key.limits);
+    usage_json(&key.record, live.month, &live.by_model, &live, now.wall)
 }
 
 pub fn trace_json(t: &TraceRow) -> Value {
@@ -196,8 +193,8 @@ pub fn trace_json(t: &TraceRow) -> Value {
         "ttfb_ms": t.ttfb_ms,
         "prompt_tokens": t.prompt_tokens,
         "completion_tokens": t.completion_tokens,
-        "cost_usd": t.cost_nanos as f64 / 1e9,
-        "cost_nanodollars": t.cost_nanos,
+        "cost_usd": t.cost.as_usd(),
+        "cost_nanodollars": t.cost.get(),
         "usage_estimated": t.usage_estimated,
         "fallback_from": t.fallback_from.as_deref(),
     })

@@ -136,7 +136,7 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
     server.run(RunArgs {
         shutdown_signal: Box::new(DrainOnTerm {
             gate: gate.clone(),
-            timeout: std::time::Duration::from_secs(tuning.shutdown_timeout_secs),
+            timeout: tuning.shutdown_grace,
         }),
     });
     if !gate.ledger.close() {

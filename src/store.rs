@@ -14,6 +14,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use crate::clock::{day_index, day_label, month_index, month_label};
 use crate::keys::{BudgetMode, KeyRecord};
+use crate::limits::ModelTally;
+use crate::money::Nanos;
 
 pub use rusqlite::Error as StoreError;
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -87,7 +89,25 @@ CREATE TABLE IF NOT EXISTS traces (
     fallback_from     TEXT
 );
 CREATE INDEX IF NOT EXISTS traces_key ON traces (key_id, id);
+
+-- Admissions still open at a commit (the admission journal): a request that outlives one
+-- flush interval is written here, and deleted when its spend is booked. Rows left after a
+-- crash are orphans, charged at their upper-bound cost when the gateway starts again.
+CREATE TABLE IF NOT EXISTS inflight (
+    id                INTEGER PRIMARY KEY,
+    ts                INTEGER NOT NULL,
+    key_id            TEXT NOT NULL,
+    endpoint          TEXT NOT NULL,
+    requested_model   TEXT NOT NULL,
+    served_model      TEXT NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost_nanos        INTEGER NOT NULL
+);
 "#;
+
+/// Columns added after the first release, applied to older databases at open.
+const MIGRATIONS: [(&str, &str, &str); 1] = [("keys", "max_inflight", "INTEGER")];
 
 /// Rows per multi-row trace insert (15 parameters each; SQLite allows 32,766).
 const TRACE_ROWS_PER_INSERT: usize = 64;
@@ -113,8 +133,37 @@ fn trace_insert_sql(rows: usize) -> String {
     sql
 }
 
+fn add_spend(
+    tx: &rusqlite::Transaction<'_>,
+    key_id: &str,
+    month: i64,
+    model: &str,
+    [n, p, c, cost]: [i64; 4],
+) -> Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO spend (key_id, month, model, requests, prompt_tokens,
+            completion_tokens, cost_nanos) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (key_id, month, model) DO UPDATE SET
+            requests = requests + excluded.requests,
+            prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+            completion_tokens = completion_tokens + excluded.completion_tokens,
+            cost_nanos = cost_nanos + excluded.cost_nanos",
+    )?;
+    stmt.execute(params![key_id, month_label(month), model, n, p, c, cost])?;
+    Ok(())
+}
+
+fn add_daily(tx: &rusqlite::Transaction<'_>, key_id: &str, day: i64, n: i64) -> Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO daily_requests (key_id, day, requests) VALUES (?1, ?2, ?3)
+         ON CONFLICT (key_id, day) DO UPDATE SET requests = requests + excluded.requests",
+    )?;
+    stmt.execute(params![key_id, day_label(day), n])?;
+    Ok(())
+}
+
 /// Inserts every trace of a batch, `TRACE_ROWS_PER_INSERT` rows per statement.
-fn insert_traces(tx: &rusqlite::Transaction<'_>, batch: &[&LedgerEntry]) -> Result<()> {
+fn insert_traces(tx: &rusqlite::Transaction<'_>, batch: &[&TraceRow]) -> Result<()> {
     static FULL: once_cell::sync::Lazy<String> =
         once_cell::sync::Lazy::new(|| trace_insert_sql(TRACE_ROWS_PER_INSERT));
     for chunk in batch.chunks(TRACE_ROWS_PER_INSERT) {
@@ -123,8 +172,7 @@ fn insert_traces(tx: &rusqlite::Transaction<'_>, batch: &[&LedgerEntry]) -> Resu
         } else {
             tx.prepare_cached(&trace_insert_sql(chunk.len()))?
         };
-        for (r, e) in chunk.iter().enumerate() {
-            let t = &e.trace;
+        for (r, t) in chunk.iter().enumerate() {
             let at = r * 15;
             stmt.raw_bind_parameter(at + 1, t.ts)?;
             stmt.raw_bind_parameter(at + 2, t.key_id.as_deref())?;
@@ -138,7 +186,7 @@ fn insert_traces(tx: &rusqlite::Transaction<'_>, batch: &[&LedgerEntry]) -> Resu
             stmt.raw_bind_parameter(at + 10, t.ttfb_ms)?;
             stmt.raw_bind_parameter(at + 11, t.prompt_tokens as i64)?;
             stmt.raw_bind_parameter(at + 12, t.completion_tokens as i64)?;
-            stmt.raw_bind_parameter(at + 13, t.cost_nanos)?;
+            stmt.raw_bind_parameter(at + 13, t.cost.get())?;
             stmt.raw_bind_parameter(at + 14, t.usage_estimated)?;
             stmt.raw_bind_parameter(at + 15, t.fallback_from.as_deref())?;
         }
@@ -163,18 +211,132 @@ pub struct TraceRow {
     pub ttfb_ms: Option<i64>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
-    pub cost_nanos: i64,
+    pub cost: Nanos,
     pub usage_estimated: bool,
     pub fallback_from: Option<Arc<str>>,
 }
 
-/// A ledger entry: the trace plus whether it was admitted (counts toward spend and the day).
-/// Spend and the daily count are booked to the month and day of `trace.ts`, the admission
-/// time, so a request that ends after midnight counts where it was admitted.
-#[derive(Debug, Clone)]
+/// A ledger entry: the trace plus what it counts toward. Spend and the daily count are
+/// booked to the month and day of `trace.ts`, the admission time, so a request that ends
+/// after midnight counts where it was admitted.
+#[derive(Debug, Clone, Default)]
 pub struct LedgerEntry {
     pub trace: TraceRow,
+    /// Admitted model request: books spend.
     pub admitted: bool,
+    /// Counts toward the key's requests per day (model requests and usage calls).
+    pub counted: bool,
+    /// The admission journal row this entry closes.
+    pub journal_id: Option<i64>,
+    /// Whether the trace row itself is kept (unauthenticated floods are sampled).
+    pub keep_trace: bool,
+}
+
+/// An admitted request as journaled at admission: what it would cost at most.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalRow {
+    pub id: i64,
+    pub ts: i64,
+    pub key_id: Arc<str>,
+    pub endpoint: &'static str,
+    pub requested_model: Arc<str>,
+    pub served_model: Arc<str>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost: Nanos,
+}
+
+/// Trace error code of a request charged from the journal after a crash.
+pub const ORPHANED: &str = "orphaned";
+
+/// One commit's worth of ledger work, aggregated as it arrives: spend, daily counts and last
+/// use are summed per key (bounded by keys x models, not by requests), traces are kept up
+/// to a cap. A batch that fails to commit is kept whole and retried.
+#[derive(Debug, Default)]
+pub struct Batch {
+    traces: Vec<TraceRow>,
+    spend: HashMap<(Arc<str>, i64, Arc<str>), [i64; 4]>,
+    daily: HashMap<(Arc<str>, i64), i64>,
+    last_used: HashMap<Arc<str>, i64>,
+    journal_open: HashMap<i64, JournalRow>,
+    journal_closed: Vec<i64>,
+    /// Trace rows dropped because the batch was at its cap (spend is never dropped).
+    pub dropped_traces: u64,
+}
+
+impl Batch {
+    /// Adds one finished request; its trace is dropped (and counted) past `max_traces`.
+    pub fn add(&mut self, e: LedgerEntry, max_traces: usize) {
+        let t = &e.trace;
+        if let Some(key_id) = t.key_id.as_ref() {
+            if e.admitted {
+                let model: Arc<str> = match (&t.served_model, &t.requested_model) {
+                    (Some(m), _) => m.clone(),
+                    (None, Some(m)) => Arc::from(m.as_str()),
+                    (None, None) => Arc::from(""),
+                };
+                let row = self
+                    .spend
+                    .entry((key_id.clone(), month_index(t.ts), model))
+                    .or_default();
+                row[0] += 1;
+                row[1] = row[1].saturating_add(t.prompt_tokens as i64);
+                row[2] = row[2].saturating_add(t.completion_tokens as i64);
+                row[3] = row[3].saturating_add(t.cost.get());
+            }
+            if e.counted {
+                *self
+                    .daily
+                    .entry((key_id.clone(), day_index(t.ts)))
+                    .or_default() += 1;
+                let at = self.last_used.entry(key_id.clone()).or_insert(t.ts);
+                *at = (*at).max(t.ts);
+            }
+        }
+        if let Some(id) = e.journal_id {
+            if self.journal_open.remove(&id).is_none() {
+                self.journal_closed.push(id);
+            }
+        }
+        if e.keep_trace {
+            if self.traces.len() < max_traces {
+                self.traces.push(e.trace);
+            } else {
+                self.dropped_traces += 1;
+            }
+        }
+    }
+
+    /// Journals an admission still open at commit time.
+    pub fn open(&mut self, row: JournalRow) {
+        self.journal_open.insert(row.id, row);
+    }
+
+    /// Whether an entry closing journal row `id` would find it still in this batch.
+    pub fn close_if_open(&mut self, id: i64) -> bool {
+        self.journal_open.remove(&id).is_some()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.traces.is_empty()
+            && self.spend.is_empty()
+            && self.daily.is_empty()
+            && self.journal_open.is_empty()
+            && self.journal_closed.is_empty()
+    }
+
+    pub fn trace_count(&self) -> usize {
+        self.traces.len()
+    }
+
+    /// Builds a batch from entries (tests and benchmarks).
+    pub fn of(entries: impl IntoIterator<Item = LedgerEntry>) -> Batch {
+        let mut b = Batch::default();
+        for e in entries {
+            b.add(e, usize::MAX);
+        }
+        b
+    }
 }
 
 /// Spend of one key on one model in one month.
@@ -184,7 +346,7 @@ pub struct ModelSpend {
     pub requests: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
-    pub cost_nanos: i64,
+    pub cost: Nanos,
 }
 
 /// Fields `keys update` may change; `None` leaves a field alone.
@@ -194,29 +356,78 @@ pub struct KeyPatch {
     pub scopes: Option<Vec<String>>,
     pub rpm: Option<Option<u32>>,
     pub rpd: Option<Option<u32>>,
-    pub budget_nanos: Option<Option<i64>>,
+    pub budget: Option<Option<Nanos>>,
     pub budget_mode: Option<BudgetMode>,
+    pub max_inflight: Option<Option<u32>>,
     pub allowed_models: Option<Vec<String>>,
     pub free_only: Option<bool>,
     pub client_id: Option<Option<String>>,
     pub expires_at: Option<i64>,
 }
 
+impl KeyPatch {
+    /// Sets every field the patch names.
+    pub fn apply(&self, k: &mut KeyRecord) {
+        if let Some(v) = &self.name {
+            k.name = v.clone();
+        }
+        if let Some(v) = &self.scopes {
+            k.scopes = v.clone();
+        }
+        if let Some(v) = self.rpm {
+            k.rpm = v;
+        }
+        if let Some(v) = self.rpd {
+            k.rpd = v;
+        }
+        if let Some(v) = self.budget {
+            k.budget = v;
+        }
+        if let Some(v) = self.budget_mode {
+            k.budget_mode = v;
+        }
+        if let Some(v) = self.max_inflight {
+            k.max_inflight = v;
+        }
+        if let Some(v) = &self.allowed_models {
+            k.allowed_models = v.clone();
+        }
+        if let Some(v) = self.free_only {
+            k.free_only = v;
+        }
+        if let Some(v) = &self.client_id {
+            k.client_id = v.clone();
+        }
+        if let Some(v) = self.expires_at {
+            k.expires_at = v;
+        }
+    }
+}
+
 pub struct Store {
     conn: Connection,
 }
 
+/// Lists are stored as JSON arrays, so an entry may hold any character (a scope with a
+/// comma stays one scope).
 fn join(list: &[String]) -> String {
-    list.join(",")
+    serde_json::to_string(list).unwrap_or_else(|_| "[]".into())
 }
 
+/// Reads a stored list: a JSON array, or the comma-joined form of databases written before
+/// lists were stored as JSON.
 fn split(s: &str) -> Vec<String> {
+    if s.starts_with('[') {
+        if let Ok(list) = serde_json::from_str(s) {
+            return list;
+        }
+    }
     crate::keys::split_list(s)
 }
 
 const KEY_COLUMNS: &str = "k.id, k.token_hash, k.prefix, k.name, k.scopes, k.rpm, k.rpd, \
      k.budget_nanos, k.budget_mode, k.allowed_models, k.free_only, k.client_id, k.created_at, \
-     k.expires_at, k.revoked_at, u.at";
+     k.expires_at, k.revoked_at, u.at, k.max_inflight";
 
 fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
     let hash: Vec<u8> = row.get(1)?;
@@ -233,8 +444,9 @@ fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
         scopes: split(&row.get::<_, String>(4)?),
         rpm: row.get(5)?,
         rpd: row.get(6)?,
-        budget_nanos: row.get(7)?,
+        budget: row.get::<_, Option<i64>>(7)?.map(Nanos::new),
         budget_mode: BudgetMode::parse(&mode).unwrap_or(BudgetMode::Soft),
+        max_inflight: row.get(16)?,
         allowed_models: split(&row.get::<_, String>(9)?),
         free_only: row.get(10)?,
         client_id: row.get(11)?,
@@ -263,7 +475,7 @@ fn trace_from_row(row: &Row<'_>) -> rusqlite::Result<TraceRow> {
         ttfb_ms: row.get(9)?,
         prompt_tokens: row.get::<_, i64>(10)? as u64,
         completion_tokens: row.get::<_, i64>(11)? as u64,
-        cost_nanos: row.get(12)?,
+        cost: Nanos::new(row.get(12)?),
         usage_estimated: row.get(13)?,
         fallback_from: shared(row.get(14)?),
     })
@@ -289,7 +501,20 @@ impl Store {
         conn.pragma_update(None, "cache_size", -65_536)?;
         conn.pragma_update(None, "mmap_size", 268_435_456)?;
         let mut store = Store { conn };
-        store.write(|tx| tx.execute_batch(SCHEMA))?;
+        store.write(|tx| {
+            tx.execute_batch(SCHEMA)?;
+            for (table, column, kind) in MIGRATIONS {
+                let exists: bool = tx.query_row(
+                    "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+                    params![table, column],
+                    |r| r.get(0),
+                )?;
+                if !exists {
+                    tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
+                }
+            }
+            Ok(())
+        })?;
         Ok(store)
     }
 
@@ -321,8 +546,8 @@ impl Store {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO keys (id, token_hash, prefix, name, scopes, rpm, rpd, budget_nanos,
                     budget_mode, allowed_models, free_only, client_id, created_at, expires_at,
-                    revoked_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                    revoked_at, max_inflight)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )?;
             for k in keys {
                 stmt.execute(params![
@@ -333,7 +558,7 @@ impl Store {
                     join(&k.scopes),
                     k.rpm,
                     k.rpd,
-                    k.budget_nanos,
+                    k.budget.map(Nanos::get),
                     k.budget_mode.as_str(),
                     join(&k.allowed_models),
                     k.free_only,
@@ -341,6 +566,7 @@ impl Store {
                     k.created_at,
                     k.expires_at,
                     k.revoked_at,
+                    k.max_inflight,
                 ])?;
             }
             Ok(())
@@ -365,46 +591,23 @@ impl Store {
         self.conn.query_row(&sql, [id], key_from_row).optional()
     }
 
-    /// Applies a patch; returns the updated key, or `None` if no such key.
+    /// Applies a patch; returns the updated key, or `None` if no such key. The read and the
+    /// write share one `BEGIN IMMEDIATE` transaction, so concurrent patches of different
+    /// fields (CLI and admin API at once) never overwrite each other.
     pub fn update_key(&mut self, id: &str, p: &KeyPatch) -> Result<Option<KeyRecord>> {
-        let Some(mut k) = self.get_key(id)? else {
-            return Ok(None);
-        };
-        if let Some(v) = &p.name {
-            k.name = v.clone();
-        }
-        if let Some(v) = &p.scopes {
-            k.scopes = v.clone();
-        }
-        if let Some(v) = p.rpm {
-            k.rpm = v;
-        }
-        if let Some(v) = p.rpd {
-            k.rpd = v;
-        }
-        if let Some(v) = p.budget_nanos {
-            k.budget_nanos = v;
-        }
-        if let Some(v) = p.budget_mode {
-            k.budget_mode = v;
-        }
-        if let Some(v) = &p.allowed_models {
-            k.allowed_models = v.clone();
-        }
-        if let Some(v) = p.free_only {
-            k.free_only = v;
-        }
-        if let Some(v) = &p.client_id {
-            k.client_id = v.clone();
-        }
-        if let Some(v) = p.expires_at {
-            k.expires_at = v;
-        }
         self.write(|tx| {
+            let sql = format!(
+                "SELECT {KEY_COLUMNS} FROM keys k LEFT JOIN key_last_used u ON u.key_id = k.id
+                 WHERE k.id = ?1"
+            );
+            let Some(mut k) = tx.query_row(&sql, [id], key_from_row).optional()? else {
+                return Ok(None);
+            };
+            p.apply(&mut k);
             tx.execute(
                 "UPDATE keys SET name = ?2, scopes = ?3, rpm = ?4, rpd = ?5, budget_nanos = ?6,
                     budget_mode = ?7, allowed_models = ?8, free_only = ?9, client_id = ?10,
-                    expires_at = ?11
+                    expires_at = ?11, max_inflight = ?12
                  WHERE id = ?1",
                 params![
                     id,
@@ -412,17 +615,17 @@ impl Store {
                     join(&k.scopes),
                     k.rpm,
                     k.rpd,
-                    k.budget_nanos,
+                    k.budget.map(Nanos::get),
                     k.budget_mode.as_str(),
                     join(&k.allowed_models),
                     k.free_only,
                     k.client_id,
                     k.expires_at,
+                    k.max_inflight,
                 ],
             )?;
-            Ok(())
-        })?;
-        Ok(Some(k))
+            Ok(Some(k))
+        })
     }
 
     /// Revokes a key (idempotent: the first revocation time is kept).
@@ -440,12 +643,23 @@ impl Store {
     }
 
     /// Month-to-date spend per key, in nano-dollars.
-    pub fn spend_by_key(&self, month: &str) -> Result<HashMap<String, i64>> {
+    pub fn spend_by_key(&self, month: &str) -> Result<HashMap<String, Vec<ModelTally>>> {
         let mut stmt = self.conn.prepare(
-            "SELECT key_id, SUM(cost_nanos) FROM spend WHERE month = ?1 GROUP BY key_id",
+            "SELECT key_id, model, requests, prompt_tokens, completion_tokens, cost_nanos
+             FROM spend WHERE month = ?1",
         )?;
-        let rows = stmt.query_map([month], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        rows.collect()
+        let mut out: HashMap<String, Vec<ModelTally>> = HashMap::new();
+        let mut rows = stmt.query([month])?;
+        while let Some(r) = rows.next()? {
+            out.entry(r.get(0)?).or_default().push(ModelTally {
+                model: Arc::from(r.get::<_, String>(1)?),
+                requests: r.get::<_, i64>(2)? as u64,
+                prompt_tokens: r.get::<_, i64>(3)? as u64,
+                completion_tokens: r.get::<_, i64>(4)? as u64,
+                spent: Nanos::new(r.get(5)?),
+            });
+        }
+        Ok(out)
     }
 
     /// Admitted requests per key on one UTC day.
@@ -468,7 +682,7 @@ impl Store {
                 requests: r.get::<_, i64>(1)? as u64,
                 prompt_tokens: r.get::<_, i64>(2)? as u64,
                 completion_tokens: r.get::<_, i64>(3)? as u64,
-                cost_nanos: r.get(4)?,
+                cost: Nanos::new(r.get(4)?),
             })
         })?;
         rows.collect()
@@ -516,67 +730,102 @@ impl Store {
         rows
     }
 
-    /// Commits one batch of ledger entries atomically: traces, spend, daily counts, last use.
-    /// On error nothing is written and the caller keeps the batch to retry.
-    pub fn write_batch(&mut self, batch: &[LedgerEntry]) -> Result<()> {
-        // Spend, daily counts and last use are summed per key first, so a batch costs one
-        // upsert per key and model, not one per request; traces go in multi-row inserts.
-        let mut spend: HashMap<(&str, i64, &str), [i64; 4]> = HashMap::new();
-        let mut daily: HashMap<(&str, i64), i64> = HashMap::new();
-        let mut used: HashMap<&str, i64> = HashMap::new();
-        for e in batch {
-            let t = &e.trace;
-            let (Some(key_id), true) = (t.key_id.as_deref(), e.admitted) else {
-                continue;
-            };
-            let model = t
-                .served_model
-                .as_deref()
-                .or(t.requested_model.as_deref())
-                .unwrap_or("");
-            let row = spend.entry((key_id, month_index(t.ts), model)).or_default();
-            row[0] += 1;
-            row[1] += t.prompt_tokens as i64;
-            row[2] += t.completion_tokens as i64;
-            row[3] += t.cost_nanos;
-            *daily.entry((key_id, day_index(t.ts))).or_default() += 1;
-            let at = used.entry(key_id).or_insert(t.ts);
-            *at = (*at).max(t.ts);
-        }
+    /// Commits one batch atomically: traces, spend, daily counts, last use and the
+    /// admission journal. On error nothing is written and the caller keeps the batch.
+    pub fn write_batch(&mut self, batch: &Batch) -> Result<()> {
         self.write(|tx| {
             // Grouped by key (stable, so each key's traces keep their order): the per-key
             // index then takes one run of appends per key instead of a random insert per row,
             // which makes the batch about 3x cheaper with many active keys.
-            let mut by_key: Vec<&LedgerEntry> = batch.iter().collect();
-            by_key.sort_by(|a, b| a.trace.key_id.cmp(&b.trace.key_id));
+            let mut by_key: Vec<&TraceRow> = batch.traces.iter().collect();
+            by_key.sort_by(|a, b| a.key_id.cmp(&b.key_id));
             insert_traces(tx, &by_key)?;
-            let mut stmt = tx.prepare_cached(
-                "INSERT INTO spend (key_id, month, model, requests, prompt_tokens,
-                    completion_tokens, cost_nanos) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (key_id, month, model) DO UPDATE SET
-                    requests = requests + excluded.requests,
-                    prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-                    completion_tokens = completion_tokens + excluded.completion_tokens,
-                    cost_nanos = cost_nanos + excluded.cost_nanos",
-            )?;
-            for ((key_id, month, model), [n, p, c, cost]) in &spend {
-                stmt.execute(params![key_id, month_label(*month), model, n, p, c, cost])?;
+            for ((key_id, month, model), [n, p, c, cost]) in &batch.spend {
+                add_spend(tx, key_id, *month, model, [*n, *p, *c, *cost])?;
             }
-            let mut stmt = tx.prepare_cached(
-                "INSERT INTO daily_requests (key_id, day, requests) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (key_id, day) DO UPDATE SET requests = requests + excluded.requests",
-            )?;
-            for ((key_id, day), n) in &daily {
-                stmt.execute(params![key_id, day_label(*day), n])?;
+            for ((key_id, day), n) in &batch.daily {
+                add_daily(tx, key_id, *day, *n)?;
             }
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO key_last_used (key_id, at) VALUES (?1, ?2)
                  ON CONFLICT (key_id) DO UPDATE SET at = MAX(at, excluded.at)",
             )?;
-            for (key_id, at) in &used {
-                stmt.execute(params![key_id, at])?;
+            for (key_id, at) in &batch.last_used {
+                stmt.execute(params![key_id.as_ref(), at])?;
+            }
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR REPLACE INTO inflight (id, ts, key_id, endpoint, requested_model,
+                    served_model, prompt_tokens, completion_tokens, cost_nanos)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?;
+            for j in batch.journal_open.values() {
+                stmt.execute(params![
+                    j.id,
+                    j.ts,
+                    j.key_id.as_ref(),
+                    j.endpoint,
+                    j.requested_model.as_ref(),
+                    j.served_model.as_ref(),
+                    j.prompt_tokens as i64,
+                    j.completion_tokens as i64,
+                    j.cost.get(),
+                ])?;
+            }
+            let mut stmt = tx.prepare_cached("DELETE FROM inflight WHERE id = ?1")?;
+            for id in &batch.journal_closed {
+                stmt.execute([id])?;
             }
             Ok(())
+        })
+    }
+
+    /// Charges every admission a crash left open (journal rows with no booked spend) at its
+    /// journaled upper-bound cost: a trace marked estimated with code `orphaned`, the spend
+    /// and the day's count. Returns how many. Run once at start-up, before keys are loaded.
+    pub fn charge_orphans(&mut self) -> Result<usize> {
+        self.write(|tx| {
+            let orphans: Vec<(TraceRow, i64)> = {
+                let mut stmt = tx.prepare(
+                    "SELECT ts, key_id, endpoint, requested_model, served_model, prompt_tokens,
+                        completion_tokens, cost_nanos, id FROM inflight ORDER BY id",
+                )?;
+                let rows = stmt.query_map([], |r| {
+                    Ok((
+                        TraceRow {
+                            ts: r.get(0)?,
+                            key_id: Some(Arc::from(r.get::<_, String>(1)?)),
+                            endpoint: Cow::Owned(r.get(2)?),
+                            requested_model: Some(r.get(3)?),
+                            served_model: Some(Arc::from(r.get::<_, String>(4)?)),
+                            status: 0,
+                            error_code: Some(Cow::Borrowed(ORPHANED)),
+                            prompt_tokens: r.get::<_, i64>(5)? as u64,
+                            completion_tokens: r.get::<_, i64>(6)? as u64,
+                            cost: Nanos::new(r.get(7)?),
+                            usage_estimated: true,
+                            ..TraceRow::default()
+                        },
+                        r.get::<_, i64>(8)?,
+                    ))
+                })?;
+                rows.collect::<Result<_>>()?
+            };
+            let traces: Vec<&TraceRow> = orphans.iter().map(|(t, _)| t).collect();
+            insert_traces(tx, &traces)?;
+            for t in &traces {
+                let key_id = t.key_id.as_deref().unwrap_or("");
+                let model = t.served_model.as_deref().unwrap_or("");
+                let sums = [
+                    1,
+                    t.prompt_tokens as i64,
+                    t.completion_tokens as i64,
+                    t.cost.get(),
+                ];
+                add_spend(tx, key_id, month_index(t.ts), model, sums)?;
+                add_daily(tx, key_id, day_index(t.ts), 1)?;
+            }
+            tx.execute("DELETE FROM inflight", [])?;
+            Ok(orphans.len())
         })
     }
 
@@ -617,8 +866,9 @@ mod tests {
             scopes: vec!["gate:chat".into(), "job:*".into()],
             rpm: Some(3),
             rpd: None,
-            budget_nanos: Some(5_000_000_000),
+            budget: Some(Nanos::new(5_000_000_000)),
             budget_mode: BudgetMode::Hard,
+            max_inflight: Some(4),
             allowed_models: vec!["a".into(), "b".into()],
             free_only: false,
             client_id: None,
@@ -666,14 +916,18 @@ mod tests {
                 status: 200,
                 prompt_tokens: 10,
                 completion_tokens: 5,
-                cost_nanos: cost,
+                cost: Nanos::new(cost),
                 ..TraceRow::default()
             },
             admitted,
+            counted: admitted,
+            keep_trace: true,
+            journal_id: None,
         };
-        s.write_batch(&[entry(100, true), entry(250, true), entry(0, false)])
-            .unwrap();
-        assert_eq!(s.spend_by_key("2026-11").unwrap()["key_a"], 350);
+        let batch = Batch::of([entry(100, true), entry(250, true), entry(0, false)]);
+        s.write_batch(&batch).unwrap();
+        let spend = &s.spend_by_key("2026-11").unwrap()["key_a"];
+        assert_eq!(spend[0].spent, Nanos::new(350));
         assert_eq!(s.requests_by_key("2026-11-26").unwrap()["key_a"], 2);
         let rows = s.spend_for_key("key_a", "2026-11").unwrap();
         assert_eq!(rows[0].requests, 2);
@@ -694,17 +948,23 @@ mod tests {
                 endpoint: "chat".into(),
                 served_model: Some("m".into()),
                 status: 200,
-                cost_nanos: 10,
+                cost: Nanos::new(10),
                 ..TraceRow::default()
             },
             admitted: true,
+            counted: true,
+            keep_trace: true,
+            journal_id: None,
         };
         // One key: ids follow time exactly.
-        let batch: Vec<LedgerEntry> = (0..150).map(|i| entry(i, "key_a".into())).collect();
+        let batch = Batch::of((0..150).map(|i| entry(i, "key_a".into())));
         s.write_batch(&batch).unwrap();
         assert_eq!(s.traces(None, 1_000).unwrap().len(), 150);
         let month = crate::clock::month_label(crate::clock::month_index(1_000));
-        assert_eq!(s.spend_by_key(&month).unwrap()["key_a"], 1_500);
+        assert_eq!(
+            s.spend_by_key(&month).unwrap()["key_a"][0].spent,
+            Nanos::new(1_500)
+        );
         assert_eq!(s.prune_traces(1_100).unwrap(), 100);
         let left = s.traces(Some("key_a"), 1_000).unwrap();
         assert_eq!(left.len(), 50);
@@ -714,9 +974,7 @@ mod tests {
 
         // Many keys interleaved: never deletes anything recent, and everything old goes
         // once a later batch exists.
-        let batch: Vec<LedgerEntry> = (0..140)
-            .map(|i| entry(i, format!("key_{}", i % 7)))
-            .collect();
+        let batch = Batch::of((0..140).map(|i| entry(i, format!("key_{}", i % 7))));
         s.write_batch(&batch).unwrap();
         s.prune_traces(1_070).unwrap();
         let left = s.traces(None, 1_000).unwrap();
@@ -731,10 +989,109 @@ mod tests {
                 .filter(|t| t.key_id.as_deref() == Some("key_3"))
                 .count()
         );
-        s.write_batch(&[entry(500, "key_z".into())]).unwrap();
+        s.write_batch(&Batch::of([entry(500, "key_z".into())]))
+            .unwrap();
         s.prune_traces(1_200).unwrap();
         let left = s.traces(None, 1_000).unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].key_id.as_deref(), Some("key_z"));
+    }
+
+    #[test]
+    fn lists_are_stored_as_json_so_a_comma_stays_inside_one_scope() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let mut k = record("key_c");
+        k.scopes = vec!["x,gate:chat".into()];
+        s.insert_key(&k).unwrap();
+        assert_eq!(
+            s.get_key("key_c").unwrap().unwrap().scopes,
+            vec!["x,gate:chat"]
+        );
+        assert_eq!(
+            split("gate:chat,job:*"),
+            vec!["gate:chat", "job:*"],
+            "legacy rows"
+        );
+    }
+
+    #[test]
+    fn concurrent_patches_of_different_fields_are_both_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        Store::open(&path)
+            .unwrap()
+            .insert_key(&record("key_p"))
+            .unwrap();
+        let workers: Vec<_> = (0..2)
+            .map(|w| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let mut s = Store::open(&path).unwrap();
+                    for i in 1..=25u32 {
+                        let patch = if w == 0 {
+                            KeyPatch {
+                                rpm: Some(Some(i)),
+                                ..KeyPatch::default()
+                            }
+                        } else {
+                            KeyPatch {
+                                rpd: Some(Some(1000 + i)),
+                                ..KeyPatch::default()
+                            }
+                        };
+                        s.update_key("key_p", &patch).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        let k = Store::open(&path)
+            .unwrap()
+            .get_key("key_p")
+            .unwrap()
+            .unwrap();
+        assert_eq!((k.rpm, k.rpd), (Some(25), Some(1025)));
+    }
+
+    #[test]
+    fn orphaned_admissions_are_charged_once_at_their_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let ts = crate::clock::days_from_civil(2026, 11, 26) * crate::clock::MS_PER_DAY;
+        let row = |id| JournalRow {
+            id,
+            ts,
+            key_id: Arc::from("key_o"),
+            endpoint: "chat.completions",
+            requested_model: Arc::from("fast"),
+            served_model: Arc::from("m"),
+            prompt_tokens: 100,
+            completion_tokens: 50,
+            cost: Nanos::new(7_000),
+        };
+        let mut batch = Batch::default();
+        batch.open(row(1));
+        batch.open(row(2));
+        batch.open(row(3));
+        s.write_batch(&batch).unwrap();
+        // Request 3 finished and was booked; 1 and 2 were cut by a crash.
+        let done = LedgerEntry {
+            journal_id: Some(3),
+            ..LedgerEntry::default()
+        };
+        s.write_batch(&Batch::of([done])).unwrap();
+        assert_eq!(s.charge_orphans().unwrap(), 2);
+        assert_eq!(s.charge_orphans().unwrap(), 0, "charged exactly once");
+        let spend = &s.spend_by_key("2026-11").unwrap()["key_o"];
+        assert_eq!((spend[0].spent, spend[0].requests), (Nanos::new(14_000), 2));
+        assert_eq!(s.requests_by_key("2026-11-26").unwrap()["key_o"], 2);
+        let traces = s.traces(Some("key_o"), 10).unwrap();
+        assert_eq!(traces.len(), 2);
+        assert!(traces
+            .iter()
+            .all(|t| t.usage_estimated && t.error_code.as_deref() == Some(ORPHANED)));
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 use spidergate::clock::{day_index, month_index, month_label, month_start_ms, now_ms};
-use spidergate::store::{LedgerEntry, TraceRow};
+use spidergate::store::{Batch, LedgerEntry, TraceRow};
 
 /// gpt-4o-mini costs 150 nano-dollars per prompt token and 600 per completion token.
 const PROMPT_NANOS: i64 = 150;
@@ -204,7 +204,10 @@ fn hard_budget_blocks_with_402_stating_spend_and_cap() {
         .as_str()
         .unwrap()
         .to_string();
-    assert!(msg.contains(&spidergate::error::usd(spent)), "{msg}");
+    assert!(
+        msg.contains(&spidergate::money::Nanos::new(spent).to_string()),
+        "{msg}"
+    );
     assert!(msg.contains("0.000050"), "{msg}");
     let usage = gw.usage(&key);
     assert_eq!(usage["spend_nanodollars"], spent);
@@ -325,15 +328,18 @@ fn budgets_reset_on_the_first_of_the_month() {
             endpoint: "chat.completions".into(),
             served_model: Some("gpt-4o-mini".into()),
             status: 200,
-            cost_nanos: cost,
+            cost: spidergate::money::Nanos::new(cost),
             ..TraceRow::default()
         },
         admitted: true,
+        counted: true,
+        keep_trace: true,
+        journal_id: None,
     };
     // The last millisecond of last month.
     let end_of_last_month = month_start_ms(month_index(now_ms())) - 1;
     gw.store()
-        .write_batch(&[entry(end_of_last_month, 100_000)])
+        .write_batch(&Batch::of([entry(end_of_last_month, 100_000)]))
         .unwrap();
     gw.restart();
     let body = json!({"model": "gpt-4o-mini", "max_tokens": 5, "messages": []}).to_string();
@@ -349,7 +355,9 @@ fn budgets_reset_on_the_first_of_the_month() {
     let resets = usage["budget_resets_at"].as_str().unwrap();
     assert!(resets.ends_with("-01T00:00:00Z"), "{resets}");
     // This month's ledger at the cap blocks after a restart.
-    gw.store().write_batch(&[entry(now_ms(), 100_000)]).unwrap();
+    gw.store()
+        .write_batch(&Batch::of([entry(now_ms(), 100_000)]))
+        .unwrap();
     gw.restart();
     let r = gw.post("/v1/chat/completions", &key.bearer(), body.as_bytes(), &[]);
     assert_eq!(r.code(), "budget_exceeded");

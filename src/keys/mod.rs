@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::catalog::Catalog;
 use crate::error::GateError;
 use crate::limits::{KeyCounters, Limits};
+use crate::money::Nanos;
 use token::TokenHash;
 
 pub const SCOPE_CHAT: &str = "gate:chat";
@@ -78,8 +79,9 @@ pub struct KeyRecord {
     pub scopes: Vec<String>,
     pub rpm: Option<u32>,
     pub rpd: Option<u32>,
-    pub budget_nanos: Option<i64>,
+    pub budget: Option<Nanos>,
     pub budget_mode: BudgetMode,
+    pub max_inflight: Option<u32>,
     pub allowed_models: Vec<String>,
     pub free_only: bool,
     pub client_id: Option<String>,
@@ -94,8 +96,9 @@ impl KeyRecord {
         Limits {
             rpm: self.rpm,
             rpd: self.rpd,
-            budget_nanos: self.budget_nanos,
+            budget: self.budget,
             hard_budget: self.budget_mode == BudgetMode::Hard,
+            max_inflight: self.max_inflight,
         }
     }
 
@@ -371,7 +374,8 @@ models: [{id: m, provider: p, input_usd_per_mtok: 1, output_usd_per_mtok: 1}]
             scopes: vec![],
             rpm: None,
             rpd: None,
-            budget_nanos: None,
+            budget: None,
+            max_inflight: None,
             budget_mode: BudgetMode::Hard,
             allowed_models: vec![],
             free_only: false,

@@ -1,8 +1,9 @@
 //! OpenAI wire format: the request fields the gateway reads, and the body rewrite it forwards.
 //!
-//! Only `model`, `stream`, `stream_options`, `max_tokens` and `max_completion_tokens` are
-//! parsed; everything else is skipped by serde without building values. The rewrite splices
-//! byte ranges of the original body, so messages are copied once and never re-serialized.
+//! Only `model`, `stream`, `stream_options`, `n`, `max_tokens` and `max_completion_tokens`
+//! are parsed; everything else is skipped by serde without building values (media parts are
+//! counted by a byte scan). The rewrite splices byte ranges of the original body, so
+//! messages are copied once and never re-serialized.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -21,10 +22,56 @@ struct Fields<'a> {
     stream: Option<bool>,
     #[serde(borrow, default)]
     stream_options: Option<&'a RawValue>,
-    #[serde(default)]
-    max_tokens: Option<u64>,
-    #[serde(default)]
-    max_completion_tokens: Option<u64>,
+    #[serde(borrow, default)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    n: Option<&'a RawValue>,
+}
+
+/// OpenAI's own ceiling for `n`.
+pub const MAX_CHOICES: u64 = 128;
+
+/// Reads an optional non-negative integer field; 400 for anything else (a float, a negative,
+/// a string, a number beyond u64), so no value can slip past the reservation unpriced.
+fn count_field(raw: Option<&RawValue>, name: &str) -> Result<Option<u64>, GateError> {
+    match raw.map(RawValue::get) {
+        None | Some("null") => Ok(None),
+        Some(v) => v.parse::<u64>().map(Some).map_err(|_| {
+            GateError::InvalidRequest(format!("'{name}' must be a non-negative integer"))
+        }),
+    }
+}
+
+/// JSON keys or type names that mark an image, audio or file part in OpenAI's and
+/// Anthropic's request shapes. A quoted name followed by its closing quote cannot occur
+/// inside a JSON string (there the quotes are escaped), so each hit is a key or a whole
+/// string value; a part has at least one, so the count bounds the number of parts.
+const MEDIA_MARKERS: [&[u8]; 7] = [
+    b"\"image_url\"",
+    b"\"input_image\"",
+    b"\"input_audio\"",
+    b"\"input_file\"",
+    b"\"file\"",
+    b"\"image\"",
+    b"\"document\"",
+];
+
+/// An upper bound of the media parts in a body (see [`MEDIA_MARKERS`]).
+pub fn count_media_parts(body: &[u8]) -> u64 {
+    // Most bodies have no media at all: one fast scan for a marker's first letters.
+    if memchr::memmem::find(body, b"image").is_none()
+        && memchr::memmem::find(body, b"audio").is_none()
+        && memchr::memmem::find(body, b"file").is_none()
+        && memchr::memmem::find(body, b"document").is_none()
+    {
+        return 0;
+    }
+    MEDIA_MARKERS
+        .iter()
+        .map(|m| memchr::memmem::find_iter(body, m).count() as u64)
+        .sum()
 }
 
 #[derive(Deserialize)]
@@ -40,8 +87,12 @@ pub struct RequestFields {
     pub stream: bool,
     /// The client asked for the usage chunk itself.
     pub client_wants_usage: bool,
-    /// `max_completion_tokens`, else `max_tokens`.
+    /// The larger of `max_completion_tokens` and `max_tokens` (a provider may honour either).
     pub max_output_tokens: Option<u64>,
+    /// Choices requested (`n`), 1 when absent.
+    pub choices: u64,
+    /// Upper bound of image, audio and file parts.
+    pub media_parts: u64,
     /// Byte range of the `model` value (with its quotes) in the body.
     model_span: Range<usize>,
     /// Byte range of the `stream_options` value, if present.
@@ -73,13 +124,23 @@ pub fn parse_request(body: &[u8]) -> Result<RequestFields, GateError> {
         }
         _ => false,
     };
+    let max_tokens = count_field(fields.max_tokens, "max_tokens")?;
+    let max_completion = count_field(fields.max_completion_tokens, "max_completion_tokens")?;
+    let choices = count_field(fields.n, "n")?.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&choices) {
+        return Err(GateError::InvalidRequest(format!(
+            "'n' must be between 1 and {MAX_CHOICES}"
+        )));
+    }
     Ok(RequestFields {
         model_span: span_of(body, raw_model),
         stream_options_span: fields.stream_options.map(|r| span_of(body, r)),
         model: model.into_owned(),
         stream,
         client_wants_usage,
-        max_output_tokens: fields.max_completion_tokens.or(fields.max_tokens),
+        max_output_tokens: max_tokens.max(max_completion),
+        choices,
+        media_parts: count_media_parts(body),
     })
 }
 
@@ -140,6 +201,53 @@ mod tests {
         assert_eq!(f.model, "gpt-4o-mini");
         assert!(!f.stream);
         assert_eq!(f.max_output_tokens, Some(7));
+    }
+
+    #[test]
+    fn output_bound_is_the_larger_token_field_and_counts_choices() {
+        let f =
+            parse_request(br#"{"model":"m","max_completion_tokens":1,"max_tokens":16000,"n":8}"#)
+                .unwrap();
+        assert_eq!((f.max_output_tokens, f.choices), (Some(16000), 8));
+        let f = parse_request(br#"{"model":"m","max_tokens":18446744073709551615}"#).unwrap();
+        assert_eq!(f.max_output_tokens, Some(u64::MAX));
+        let f = parse_request(br#"{"model":"m","max_tokens":null}"#).unwrap();
+        assert_eq!((f.max_output_tokens, f.choices), (None, 1));
+    }
+
+    #[test]
+    fn unpriceable_token_counts_are_refused() {
+        for body in [
+            &br#"{"model":"m","max_tokens":1.5}"#[..],
+            br#"{"model":"m","max_tokens":-1}"#,
+            br#"{"model":"m","max_tokens":1e30}"#,
+            br#"{"model":"m","max_tokens":18446744073709551616}"#,
+            br#"{"model":"m","max_completion_tokens":"10"}"#,
+            br#"{"model":"m","n":0}"#,
+            br#"{"model":"m","n":129}"#,
+            br#"{"model":"m","n":2.0}"#,
+        ] {
+            let err = parse_request(body).unwrap_err();
+            assert_eq!(
+                err.code(),
+                "invalid_request",
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn media_parts_are_counted_from_keys_and_type_names_never_from_text() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":[
+            {"type":"text","text":"describe \"image_url\" and a file"},
+            {"type":"image_url","image_url":{"url":"https://x/a.png"}},
+            {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]}"#;
+        let f = parse_request(body).unwrap();
+        // Two parts, each named twice (type and key): an over-count is still a bound.
+        assert_eq!(f.media_parts, 4);
+        assert_eq!(count_media_parts(br#"{"model":"m","messages":[]}"#), 0);
+        assert_eq!(count_media_parts(br#"{"content":"an image of a file"}"#), 0);
     }
 
     #[test]
