@@ -238,4 +238,107 @@ mod tests {
         assert_eq!(route("/v2/chat/completions").0, Endpoint::Unknown);
         assert_eq!(route("http://evil/v1/chat").0, Endpoint::Unknown);
     }
+
+    use proptest::prelude::*;
+    use std::path::Path;
+
+    /// Three models with random prices and output ceilings, and an alias over all of them.
+    fn catalog(prices: &[(f64, f64, u32)]) -> Catalog {
+        let mut yaml = String::from(
+            "listen: \"127.0.0.1:1\"\ndatabase: \"x.db\"\nproviders: [{name: p, kind: openai, base_url: \"http://127.0.0.1:1/v1\"}]\nmodels:\n",
+        );
+        for (i, (input, output, max)) in prices.iter().enumerate() {
+            yaml.push_str(&format!(
+                "  - {{id: m{i}, provider: p, input_usd_per_mtok: {input}, output_usd_per_mtok: {output}, max_output_tokens: {max}}}\n"
+            ));
+        }
+        yaml.push_str("aliases:\n  all: [m0, m1, m2]\n");
+        Catalog::new(&crate::config::Config::parse(&yaml, Path::new("t.yaml")).unwrap())
+    }
+
+    fn any_key(c: &Catalog) -> KeyEntry {
+        let record = crate::keys::KeyRecord {
+            id: "key_p".into(),
+            name: "p".into(),
+            prefix: "0000".into(),
+            token_hash: [0; 32],
+            scopes: vec![],
+            rpm: None,
+            rpd: None,
+            budget: None,
+            budget_mode: crate::keys::BudgetMode::Hard,
+            max_inflight: None,
+            allowed_models: vec![],
+            free_only: false,
+            client_id: None,
+            created_at: 0,
+            expires_at: i64::MAX,
+            revoked_at: None,
+            last_used_at: None,
+        };
+        KeyEntry::new(record, c, std::sync::Arc::default())
+    }
+
+    fn token_field() -> impl Strategy<Value = Option<u64>> {
+        prop_oneof![
+            Just(None),
+            (0u64..100_000).prop_map(Some),
+            any::<u64>().prop_map(Some),
+            Just(Some(u64::MAX)),
+            Just(Some((1 << 63) + 7)),
+        ]
+    }
+
+    proptest! {
+        /// SPEC §2: the reservation is a true upper bound. For any request shape the parser
+        /// accepts and any usage a provider could bill for it (prompt within the body and
+        /// its media parts, output within n choices of the honoured max-token field, capped
+        /// at the model's maximum), on any model of the chain: billed <= reserved.
+        #[test]
+        fn billed_never_exceeds_the_reservation(
+            prices in proptest::collection::vec((0.0f64..100.0, 0.0f64..200.0, 1u32..200_000), 3),
+            max_tokens in token_field(),
+            max_completion in token_field(),
+            n in 1u64..=128,
+            images in 0usize..4,
+            padding in 0usize..2_000,
+            served in 0usize..3,
+            prompt_share in 0.0f64..=1.0,
+            output_share in 0.0f64..=1.0,
+            media_part_tokens in 0u64..30_000,
+        ) {
+            let c = catalog(&prices);
+            let mut body = serde_json::json!({
+                "model": "all",
+                "n": n,
+                "messages": [{"role": "user", "content": "x".repeat(padding)}],
+            });
+            if let Some(t) = max_tokens {
+                body["max_tokens"] = t.into();
+            }
+            if let Some(t) = max_completion {
+                body["max_completion_tokens"] = t.into();
+            }
+            for _ in 0..images {
+                body["messages"].as_array_mut().unwrap().push(serde_json::json!(
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/i.png"}}]}
+                ));
+            }
+            let body = Bytes::from(body.to_string());
+            let fields = parse_request(&body).unwrap();
+            let key = any_key(&c);
+            let chain = c.resolve("all", &key).unwrap();
+            let bound = reservation_bound(&c, &chain, Endpoint::ChatCompletions, &fields, body.len(), media_part_tokens);
+
+            // What the provider may bill on the model that served.
+            let m = chain.get(served).unwrap();
+            let model_max = u64::from(c.models()[m].max_output_tokens);
+            let honoured = max_tokens.max(max_completion).map_or(model_max, |t| t.min(model_max));
+            let prompt_ceiling = body.len() as u64 + images as u64 * media_part_tokens;
+            let prompt = (prompt_ceiling as f64 * prompt_share) as u64;
+            let completion = (honoured as f64 * output_share) as u64 * n;
+            let billed = c.cost(m, prompt.min(prompt_ceiling), completion.min(honoured * n));
+            prop_assert!(billed <= bound.cost, "billed {billed} > reserved {}", bound.cost);
+        }
+    }
 }

@@ -31,6 +31,9 @@ use crate::usage::{usage_from_json, Forward, SseUsageParser, Usage};
 /// estimate instead), so a huge response cannot balloon memory.
 const MAX_JSON_RESPONSE: usize = 8 * 1024 * 1024;
 
+/// How long an idle upstream connection stays in the pool.
+const UPSTREAM_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Error codes recorded in traces for outcomes that are not gateway rejections.
 const CLIENT_CLOSED: &str = "client_closed";
 const STREAM_BROKEN: &str = "upstream_stream_broken";
@@ -750,6 +753,10 @@ impl ProxyHttp for GateProxy {
         let t = &self.gate.config.tuning;
         peer.options.connection_timeout = Some(t.connect_timeout);
         peer.options.read_timeout = Some(t.read_timeout);
+        // A request is never re-sent on a pooled connection that turns out dead (it may
+        // have reached the provider), so do not keep connections long enough for most
+        // providers' keep-alive to expire under us.
+        peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
         Ok(Box::new(peer))
     }
 
@@ -954,6 +961,8 @@ impl ProxyHttp for GateProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        // Nothing reached the provider: this attempt costs nothing.
+        ctx.sent_upstream = false;
         let retry = self.try_fallback(ctx);
         e.set_retry(retry);
         e

@@ -27,7 +27,10 @@ impl BackgroundService for Maintenance {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         // Started here, after Pingora may have daemonized (a fork keeps no threads).
         if let Err(e) = self.gate.ledger.start() {
-            log::error!("cannot start the ledger writer: {e}");
+            // Serving on without durable spend would break every hard budget: stop, so the
+            // supervisor (systemd) restarts us or an operator looks.
+            log::error!("cannot start the ledger writer, exiting: {e}");
+            std::process::exit(1);
         }
         let mut store = None;
         let interval = self.gate.config.tuning.reload_interval;
