@@ -80,7 +80,7 @@ fn make_entries(n: usize, now: i64) -> (Vec<LedgerEntry>, Expected) {
             ts: now + i as i64 / 50,
             key_id: Some(key.as_str().into()),
             endpoint: "chat.completions".into(),
-            requested_model: Some(model.to_string()),
+            requested_model: Some(model.into()),
             served_model: admitted.then(|| model.into()),
             provider: admitted.then(|| provider.into()),
             status,

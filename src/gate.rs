@@ -41,7 +41,7 @@ pub struct Gate {
     pub ledger: SpendLedger,
     pub metrics: Metrics,
     /// Requests between `new_ctx` and the end of `logging`.
-    inflight: Arc<AtomicUsize>,
+    inflight: AtomicUsize,
     /// Set on SIGTERM: new requests are refused while in-flight ones finish.
     pub draining: AtomicBool,
     /// Failed authentications per client address (pre-auth flood shield).
@@ -126,7 +126,7 @@ impl Gate {
             ledger,
             metrics: Metrics::default(),
             reader: Mutex::new(None),
-            inflight: Arc::new(AtomicUsize::new(0)),
+            inflight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             auth_shield: AuthShield::new(config.tuning.auth_failures_per_minute),
             unauthenticated_traces: Sampler::new(UNAUTHENTICATED_TRACES_PER_SEC),
@@ -160,10 +160,13 @@ impl Gate {
         &self.upstream_uris[p][i]
     }
 
-    /// Counts a request as in flight until the guard drops.
-    pub fn track_request(&self) -> InflightGuard {
+    /// Counts a request as in flight, until [`Gate::request_ended`] (its context's drop).
+    pub fn request_started(&self) {
         self.inflight.fetch_add(1, Ordering::Relaxed);
-        InflightGuard(self.inflight.clone())
+    }
+
+    pub fn request_ended(&self) {
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub fn inflight(&self) -> usize {
@@ -224,15 +227,6 @@ impl Gate {
         self.keys.store(Arc::new(set));
         self.loaded_version.store(version, Ordering::Release);
         Ok(())
-    }
-}
-
-/// Decrements the in-flight count when a request's context is dropped, on every path.
-pub struct InflightGuard(Arc<AtomicUsize>);
-
-impl Drop for InflightGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

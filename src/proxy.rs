@@ -16,7 +16,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::admission::{self, Admission, Endpoint};
 use crate::clock::{now_ms, Now};
 use crate::error::GateError;
-use crate::gate::{Gate, InflightGuard};
+use crate::gate::Gate;
 use crate::keys::token::TokenHash;
 use crate::keys::KeyEntry;
 use crate::limits::{Charge, Standing};
@@ -92,7 +92,6 @@ pub struct RequestCtx {
     sse: Option<SseUsageParser>,
     json_buf: Option<ResponseBody>,
     response_bytes: u64,
-    _inflight: InflightGuard,
 }
 
 /// A non-streamed response body kept for usage parsing. The usual one-chunk body is held by
@@ -352,7 +351,7 @@ impl GateProxy {
             ts: adm.admitted_at,
             key_id: key.id.clone(),
             endpoint: ctx.endpoint.label(),
-            requested_model: Arc::from(adm.fields.model.as_str()),
+            requested_model: adm.fields.model.clone(),
             served_model: self.gate.model_names[served].clone(),
             prompt_tokens: adm.bound.prompt_tokens,
             completion_tokens: adm.bound.completion_tokens,
@@ -615,6 +614,8 @@ impl Drop for RequestCtx {
             }
             self.finish();
         }
+        // Last: a SIGTERM drain that sees zero in flight finds every entry queued.
+        self.gate.request_ended();
     }
 }
 
@@ -623,6 +624,7 @@ impl ProxyHttp for GateProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
+        self.gate.request_started();
         RequestCtx {
             gate: self.gate.clone(),
             started: Instant::now(),
@@ -649,7 +651,6 @@ impl ProxyHttp for GateProxy {
             sse: None,
             json_buf: None,
             response_bytes: 0,
-            _inflight: self.gate.track_request(),
         }
     }
 

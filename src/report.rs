@@ -184,7 +184,7 @@ pub fn trace_json(t: &TraceRow) -> Value {
         "ts_ms": t.ts,
         "key_id": t.key_id.as_deref(),
         "endpoint": t.endpoint,
-        "requested_model": t.requested_model,
+        "requested_model": t.requested_model.as_deref(),
         "served_model": t.served_model.as_deref(),
         "provider": t.provider.as_deref(),
         "status": t.status,

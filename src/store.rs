@@ -202,7 +202,7 @@ pub struct TraceRow {
     // Shared and static strings: recording a trace on the request path copies no text.
     pub key_id: Option<Arc<str>>,
     pub endpoint: Cow<'static, str>,
-    pub requested_model: Option<String>,
+    pub requested_model: Option<Arc<str>>,
     pub served_model: Option<Arc<str>>,
     pub provider: Option<Arc<str>>,
     pub status: u16,
@@ -272,7 +272,7 @@ impl Batch {
             if e.admitted {
                 let model: Arc<str> = match (&t.served_model, &t.requested_model) {
                     (Some(m), _) => m.clone(),
-                    (None, Some(m)) => Arc::from(m.as_str()),
+                    (None, Some(m)) => m.clone(),
                     (None, None) => Arc::from(""),
                 };
                 let row = self
@@ -466,7 +466,7 @@ fn trace_from_row(row: &Row<'_>) -> rusqlite::Result<TraceRow> {
         ts: row.get(0)?,
         key_id: shared(row.get(1)?),
         endpoint: Cow::Owned(row.get(2)?),
-        requested_model: row.get(3)?,
+        requested_model: shared(row.get(3)?),
         served_model: shared(row.get(4)?),
         provider: shared(row.get(5)?),
         status: row.get(6)?,
@@ -795,7 +795,7 @@ impl Store {
                             ts: r.get(0)?,
                             key_id: Some(Arc::from(r.get::<_, String>(1)?)),
                             endpoint: Cow::Owned(r.get(2)?),
-                            requested_model: Some(r.get(3)?),
+                            requested_model: Some(Arc::from(r.get::<_, String>(3)?)),
                             served_model: Some(Arc::from(r.get::<_, String>(4)?)),
                             status: 0,
                             error_code: Some(Cow::Borrowed(ORPHANED)),

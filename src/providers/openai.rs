@@ -83,7 +83,8 @@ struct StreamOptions {
 /// What the gateway needs from a request body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestFields {
-    pub model: String,
+    /// Shared: the trace and the admission journal take it without copying.
+    pub model: std::sync::Arc<str>,
     pub stream: bool,
     /// The client asked for the usage chunk itself.
     pub client_wants_usage: bool,
@@ -135,7 +136,7 @@ pub fn parse_request(body: &[u8]) -> Result<RequestFields, GateError> {
     Ok(RequestFields {
         model_span: span_of(body, raw_model),
         stream_options_span: fields.stream_options.map(|r| span_of(body, r)),
-        model: model.into_owned(),
+        model: std::sync::Arc::from(model.as_ref()),
         stream,
         client_wants_usage,
         max_output_tokens: max_tokens.max(max_completion),
@@ -148,7 +149,7 @@ pub fn parse_request(body: &[u8]) -> Result<RequestFields, GateError> {
 /// `stream_options.include_usage` forced on so the usage chunk always arrives.
 /// Returns the original bytes (no copy) when nothing changes.
 pub fn rewrite_body(body: &Bytes, fields: &RequestFields, upstream_id: &str) -> Bytes {
-    let model_same = upstream_id == fields.model;
+    let model_same = upstream_id == &*fields.model;
     let need_usage = fields.stream && !fields.client_wants_usage;
     if model_same && !need_usage {
         return body.clone();
@@ -198,7 +199,7 @@ mod tests {
     fn parses_only_what_it_needs() {
         let body = br#"{"messages":[{"role":"user","content":"hi \"model\": x"}],"model":"gpt-4o-mini","max_tokens":7}"#;
         let f = parse_request(body).unwrap();
-        assert_eq!(f.model, "gpt-4o-mini");
+        assert_eq!(&*f.model, "gpt-4o-mini");
         assert!(!f.stream);
         assert_eq!(f.max_output_tokens, Some(7));
     }
