@@ -8,6 +8,8 @@
 //! | header | effect |
 //! |---|---|
 //! | `x-mock-prompt-tokens: N` / `x-mock-completion-tokens: M` | usage reported (default 10 / 5) |
+//! | `x-mock-prompt-tokens: bytes` | prompt tokens reported = the request body's length in bytes (a worst case: every token at least one byte) |
+//! | `x-mock-completion-tokens: max` | completion tokens reported = `n` x the larger of `max_tokens` / `max_completion_tokens` in the body (neither: 16; no `n`: 1), capped at 1,000,000,000: everything the request allows |
 //! | `x-mock-status: S` | reply S with an OpenAI error body (`code` is `rate_limit_exceeded` for 429, else `mock_error`) |
 //! | `x-mock-status-model: M` | apply `x-mock-status` only to requests whose body names model `M` |
 //! | `x-mock-delay-ms: N` | wait N ms before the response head |
@@ -15,6 +17,8 @@
 //! | `x-mock-chunk-delay-ms: N` | wait N ms before every stream chunk after the first content chunk |
 //! | `x-mock-break-after: N` | stream: close the connection after N content chunks; plain: close after the head and half the body |
 //! | `x-mock-no-usage: 1` | never report usage |
+//! | `x-mock-drop: 1` | read the whole request (after `x-mock-delay-ms`), then close the connection without any response |
+//! | `x-mock-leak-headers: 1` | add provider-account headers to the response (plain, SSE and errors): `openai-organization: org-leak`, `openai-project: proj_leak`, `anthropic-organization-id: leak`, `set-cookie: a=b`, `x-ratelimit-limit-requests: 5000`, `x-ratelimit-remaining-tokens: 99` |
 //!
 //! The hot path (a plain chat request with default knobs) reuses per-connection buffers,
 //! parses the body without copying and formats the reply without `format!`. The only shared
@@ -28,6 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -49,6 +54,12 @@ const READ_RESERVE: usize = 16 << 10;
 const DEFAULT_PROMPT_TOKENS: u64 = 10;
 const DEFAULT_COMPLETION_TOKENS: u64 = 5;
 const DEFAULT_CHUNKS: u64 = 3;
+/// `x-mock-completion-tokens: max` for a request that sets no output bound.
+const MAX_MODE_DEFAULT_OUTPUT: u64 = 16;
+/// `x-mock-completion-tokens: max` never reports more than this.
+const MAX_MODE_CAP: u64 = 1_000_000_000;
+/// Headers `x-mock-leak-headers` adds: what a real provider says about the operator's account.
+const LEAK_HEADERS: &[u8] = b"\r\nopenai-organization: org-leak\r\nopenai-project: proj_leak\r\nanthropic-organization-id: leak\r\nset-cookie: a=b\r\nx-ratelimit-limit-requests: 5000\r\nx-ratelimit-remaining-tokens: 99";
 /// Caps `x-mock-chunks` so a typo cannot stream forever.
 const MAX_CHUNKS: u64 = 1_000_000;
 const DEFAULT_MODEL: &str = "mock-model";
@@ -313,6 +324,14 @@ struct Knobs {
     no_usage: bool,
     /// `x-mock-status` applies only to requests for this model (fallback tests).
     status_model: Option<Vec<u8>>,
+    /// `x-mock-prompt-tokens: bytes`: report the body length as prompt tokens.
+    prompt_from_body: bool,
+    /// `x-mock-completion-tokens: max`: report everything the request allows.
+    completion_from_max: bool,
+    /// `x-mock-drop: 1`: close without answering.
+    drop: bool,
+    /// `x-mock-leak-headers: 1`: add provider-account headers to the response.
+    leak_headers: bool,
 }
 
 impl Default for Knobs {
@@ -327,6 +346,10 @@ impl Default for Knobs {
             break_after: None,
             no_usage: false,
             status_model: None,
+            prompt_from_body: false,
+            completion_from_max: false,
+            drop: false,
+            leak_headers: false,
         }
     }
 }
@@ -381,6 +404,12 @@ impl Conn {
                 headers,
                 body: body.to_vec(),
             });
+        }
+        if head.knobs.drop {
+            if head.knobs.delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(head.knobs.delay_ms)).await;
+            }
+            return false;
         }
         self.served += 1;
         let mut reply = Reply {
@@ -574,8 +603,10 @@ fn apply_knob(knobs: &mut Knobs, knob: &str, value: &[u8]) {
     let number = parse_decimal(value).map(|n| n as u64);
     let knob = knob.as_bytes();
     if knob.eq_ignore_ascii_case(b"prompt-tokens") {
+        knobs.prompt_from_body = value.eq_ignore_ascii_case(b"bytes");
         knobs.prompt_tokens = number.unwrap_or(knobs.prompt_tokens);
     } else if knob.eq_ignore_ascii_case(b"completion-tokens") {
+        knobs.completion_from_max = value.eq_ignore_ascii_case(b"max");
         knobs.completion_tokens = number.unwrap_or(knobs.completion_tokens);
     } else if knob.eq_ignore_ascii_case(b"status") {
         knobs.status = number
@@ -596,8 +627,55 @@ fn apply_knob(knobs: &mut Knobs, knob: &str, value: &[u8]) {
         quoted.push(b'"');
         knobs.status_model = Some(quoted);
     } else if knob.eq_ignore_ascii_case(b"no-usage") {
-        knobs.no_usage =
-            !(value.is_empty() || value == b"0" || value.eq_ignore_ascii_case(b"false"));
+        knobs.no_usage = truthy(value);
+    } else if knob.eq_ignore_ascii_case(b"drop") {
+        knobs.drop = truthy(value);
+    } else if knob.eq_ignore_ascii_case(b"leak-headers") {
+        knobs.leak_headers = truthy(value);
+    }
+}
+
+fn truthy(value: &[u8]) -> bool {
+    !(value.is_empty() || value == b"0" || value.eq_ignore_ascii_case(b"false"))
+}
+
+/// A token count from a JSON number of any shape: integers as they are (saturating at
+/// `u64::MAX`), other finite non-negative numbers truncated; anything else is `None`.
+fn lenient_count(raw: Option<&RawValue>) -> Option<u64> {
+    let text = raw?.get();
+    if let Ok(n) = text.parse::<u64>() {
+        return Some(n);
+    }
+    match serde_json::from_str::<f64>(text) {
+        // `as` saturates: 1e30 becomes u64::MAX.
+        Ok(f) if f.is_finite() && f >= 0.0 => Some(f as u64),
+        _ => None,
+    }
+}
+
+impl Knobs {
+    /// (prompt, completion) tokens this request is billed, after the `bytes` / `max` modes.
+    fn usage(&self, body: &[u8], output: Option<&OutputFields<'_>>) -> (u64, u64) {
+        let prompt = if self.prompt_from_body {
+            body.len() as u64
+        } else {
+            self.prompt_tokens
+        };
+        let completion = match output {
+            Some(o) if self.completion_from_max => {
+                let per_choice = match (
+                    lenient_count(o.max_tokens),
+                    lenient_count(o.max_completion_tokens),
+                ) {
+                    (None, None) => MAX_MODE_DEFAULT_OUTPUT,
+                    (a, b) => a.unwrap_or(0).max(b.unwrap_or(0)),
+                };
+                let n = lenient_count(o.n).unwrap_or(1);
+                n.saturating_mul(per_choice).min(MAX_MODE_CAP)
+            }
+            _ => self.completion_tokens,
+        };
+        (prompt, completion)
     }
 }
 
@@ -731,7 +809,14 @@ async fn reject(stream: &mut TcpStream, out: &mut Vec<u8>, status: u16) {
     let mut json = Vec::with_capacity(160);
     push_error(&mut json, message, "invalid_request_error", code);
     out.clear();
-    push_head(out, status, b"application/json", Some(json.len()), true);
+    push_head(
+        out,
+        status,
+        b"application/json",
+        Some(json.len()),
+        true,
+        false,
+    );
     out.extend_from_slice(&json);
     let _ = stream.write_all(out).await;
     let _ = stream.shutdown().await;
@@ -745,6 +830,21 @@ struct ChatRequest<'a> {
     stream: Option<bool>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    // The fields `x-mock-completion-tokens: max` reads, kept raw (no allocation) so any
+    // JSON value parses; they are only interpreted when that knob is on.
+    #[serde(borrow, default)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    n: Option<&'a RawValue>,
+}
+
+/// The output-bounding fields of a chat request.
+struct OutputFields<'a> {
+    max_tokens: Option<&'a RawValue>,
+    max_completion_tokens: Option<&'a RawValue>,
+    n: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -848,12 +948,20 @@ impl Reply<'_> {
         } else {
             &request.model
         };
+        let output = OutputFields {
+            max_tokens: request.max_tokens,
+            max_completion_tokens: request.max_completion_tokens,
+            n: request.n,
+        };
+        let (prompt, completion) = knobs.usage(body, Some(&output));
         if request.stream == Some(true) {
             let include_usage = request
                 .stream_options
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false);
-            return self.chat_stream(knobs, model, include_usage).await;
+            return self
+                .chat_stream(knobs, model, include_usage, (prompt, completion))
+                .await;
         }
         let json = &mut *self.json;
         json.clear();
@@ -870,16 +978,29 @@ impl Reply<'_> {
         json.extend_from_slice(br#"},"logprobs":null,"finish_reason":"stop"}]"#);
         if !knobs.no_usage {
             json.extend_from_slice(b",");
-            push_usage(json, knobs.prompt_tokens, knobs.completion_tokens);
+            push_usage(json, prompt, completion);
         }
         json.push(b'}');
-        let usage = (!knobs.no_usage).then_some((knobs.prompt_tokens, knobs.completion_tokens));
+        let usage = (!knobs.no_usage).then_some((prompt, completion));
         self.send_json(200, knobs, usage).await
     }
 
-    async fn chat_stream(&mut self, knobs: &Knobs, model: &str, include_usage: bool) -> Sent {
+    async fn chat_stream(
+        &mut self,
+        knobs: &Knobs,
+        model: &str,
+        include_usage: bool,
+        (prompt, completion): (u64, u64),
+    ) -> Sent {
         self.out.clear();
-        push_head(self.out, 200, b"text/event-stream", None, self.close);
+        push_head(
+            self.out,
+            200,
+            b"text/event-stream",
+            None,
+            self.close,
+            knobs.leak_headers,
+        );
         self.write_out().await?;
         for i in 0..knobs.chunks {
             if knobs.break_after.is_some_and(|n| i >= n) {
@@ -910,10 +1031,9 @@ impl Reply<'_> {
         if include_usage && !knobs.no_usage {
             self.chunk_prefix(model);
             self.json.extend_from_slice(br#","choices":[],"#);
-            push_usage(self.json, knobs.prompt_tokens, knobs.completion_tokens);
+            push_usage(self.json, prompt, completion);
             self.json.push(b'}');
-            self.shared
-                .add_usage(knobs.prompt_tokens, knobs.completion_tokens);
+            self.shared.add_usage(prompt, completion);
             self.send_event().await?;
         }
         self.json.clear();
@@ -953,6 +1073,7 @@ impl Reply<'_> {
             }
             single => std::slice::from_ref(single),
         };
+        let (prompt, _) = knobs.usage(body, None);
         let json = &mut *self.json;
         json.clear();
         json.extend_from_slice(br#"{"object":"list","data":["#);
@@ -988,13 +1109,13 @@ impl Reply<'_> {
         push_json_str(json, model);
         if !knobs.no_usage {
             json.extend_from_slice(br#","usage":{"prompt_tokens":"#);
-            push_u64(json, knobs.prompt_tokens);
+            push_u64(json, prompt);
             json.extend_from_slice(br#","total_tokens":"#);
-            push_u64(json, knobs.prompt_tokens);
+            push_u64(json, prompt);
             json.push(b'}');
         }
         json.push(b'}');
-        let usage = (!knobs.no_usage).then_some((knobs.prompt_tokens, 0));
+        let usage = (!knobs.no_usage).then_some((prompt, 0));
         self.send_json(200, knobs, usage).await
     }
 
@@ -1019,6 +1140,7 @@ impl Reply<'_> {
             b"application/json",
             Some(self.json.len()),
             self.close,
+            knobs.leak_headers,
         );
         if knobs.break_after.is_some() {
             self.out
@@ -1086,6 +1208,7 @@ fn push_head(
     content_type: &[u8],
     content_length: Option<usize>,
     close: bool,
+    leak: bool,
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
     push_u64(out, u64::from(status));
@@ -1102,6 +1225,9 @@ fn push_head(
     }
     if close {
         out.extend_from_slice(b"\r\nconnection: close");
+    }
+    if leak {
+        out.extend_from_slice(LEAK_HEADERS);
     }
     out.extend_from_slice(b"\r\n\r\n");
 }
@@ -1436,6 +1562,81 @@ mod tests {
         assert_eq!(resp.status, 200);
         assert!(resp.json().get("usage").is_none());
         assert_eq!(mock.served_usage(), (123, 45));
+    }
+
+    #[tokio::test]
+    async fn bytes_and_max_billing_modes() {
+        let mock = mock().await;
+        let mut client = Client::connect(&mock).await;
+        let knobs = [
+            ("x-mock-prompt-tokens", "bytes"),
+            ("x-mock-completion-tokens", "max"),
+        ];
+        let cases = [
+            (json!({"model": "m"}), 16),
+            (json!({"model": "m", "max_tokens": 7}), 7),
+            (
+                json!({"model": "m", "max_tokens": 3, "max_completion_tokens": 9, "n": 2}),
+                18,
+            ),
+            (
+                json!({"model": "m", "max_completion_tokens": 40, "max_tokens": 1}),
+                40,
+            ),
+            (json!({"model": "m", "max_tokens": 10, "n": 8}), 80),
+            (json!({"model": "m", "max_tokens": u64::MAX}), MAX_MODE_CAP),
+            (
+                json!({"model": "m", "max_tokens": 1e30, "n": 3}),
+                MAX_MODE_CAP,
+            ),
+            (json!({"model": "m", "max_tokens": 2.5}), 2),
+        ];
+        let mut expected = (0, 0);
+        for (body, completion) in cases {
+            let len = body.to_string().len() as u64;
+            let resp = client.chat(&knobs, body.clone()).await;
+            assert_eq!(resp.json()["usage"]["prompt_tokens"], len, "{body}");
+            assert_eq!(
+                resp.json()["usage"]["completion_tokens"],
+                completion,
+                "{body}"
+            );
+            expected.0 += len;
+            expected.1 += completion;
+        }
+        let body = json!({"model": "m", "stream": true, "stream_options": {"include_usage": true}, "max_tokens": 5, "n": 3});
+        let len = body.to_string().len() as u64;
+        let resp = client.chat(&knobs, body).await;
+        let usage: Value = serde_json::from_str(&resp.events()[4]).unwrap();
+        assert_eq!(usage["usage"]["prompt_tokens"], len);
+        assert_eq!(usage["usage"]["completion_tokens"], 15);
+        assert_eq!(mock.served_usage(), (expected.0 + len, expected.1 + 15));
+    }
+
+    #[tokio::test]
+    async fn drop_closes_without_a_response_and_leak_adds_account_headers() {
+        let mock = mock().await;
+        let mut client = Client::connect(&mock).await;
+        let resp = client
+            .chat(&[("x-mock-leak-headers", "1")], json!({"model": "m"}))
+            .await;
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.header("openai-organization"), Some("org-leak"));
+        assert_eq!(resp.header("x-ratelimit-limit-requests"), Some("5000"));
+        assert_eq!(resp.header("set-cookie"), Some("a=b"));
+        let resp = client
+            .chat(
+                &[("x-mock-leak-headers", "1")],
+                json!({"model": "m", "stream": true}),
+            )
+            .await;
+        assert!(resp.complete);
+        assert_eq!(resp.header("openai-project"), Some("proj_leak"));
+        client
+            .send(b"POST /v1/chat/completions HTTP/1.1\r\nx-mock-drop: 1\r\ncontent-length: 2\r\n\r\n{}")
+            .await;
+        assert!(client.closed().await, "dropped without a response");
+        assert_eq!(mock.requests().len(), 3, "the dropped request was read");
     }
 
     #[tokio::test]

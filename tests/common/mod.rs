@@ -178,6 +178,44 @@ pub fn read_stream_head(stream: TcpStream) -> std::io::Result<StreamHead> {
     Ok((status, headers, r))
 }
 
+/// Reads the whole response of a request sent with `send_request` (for trickled bodies).
+pub fn read_response(stream: TcpStream) -> std::io::Result<Response> {
+    let mut r = BufReader::new(stream);
+    let (status, headers) = read_head(&mut r)?;
+    let body = read_body(&mut r, &headers)?;
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// One row of the `traces` table.
+#[derive(Debug, Clone)]
+pub struct TraceRec {
+    pub ts: i64,
+    pub endpoint: String,
+    pub status: i64,
+    pub error_code: Option<String>,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_nanos: i64,
+    pub usage_estimated: bool,
+    pub fallback_from: Option<String>,
+    pub served_model: Option<String>,
+}
+
+/// Takes SQLite's write lock on `db` and holds it until the returned connection is dropped
+/// (or `ROLLBACK` is run on it): every other writer then waits for its busy timeout and fails.
+pub fn hold_write_lock(db: &std::path::Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(db).expect("open db for locking");
+    conn.busy_timeout(Duration::from_secs(30))
+        .expect("busy timeout");
+    conn.execute_batch("BEGIN EXCLUSIVE")
+        .expect("BEGIN EXCLUSIVE");
+    conn
+}
+
 /// Reads lines until the first SSE `data:` line; returns it.
 pub fn read_first_event(reader: &mut BufReader<TcpStream>) -> String {
     let mut line = String::new();
@@ -207,6 +245,7 @@ pub struct GatewayBuilder {
     top: Vec<String>,
     server: Vec<String>,
     models: Option<String>,
+    admin: Option<(u16, String)>,
 }
 
 pub const MODELS: &str = r#"
@@ -244,7 +283,21 @@ impl GatewayBuilder {
             top: Vec::new(),
             server: Vec::new(),
             models: None,
+            admin: None,
         }
+    }
+
+    /// Enables the admin listener on a free port, with `token` as the admin bearer token.
+    /// `Gateway::admin_addr` is then set, and `start` waits until it answers.
+    pub fn admin(mut self, token: &str) -> Self {
+        let port = free_port();
+        self.top.push(format!(
+            "admin:\n  listen: \"127.0.0.1:{port}\"\n  token_env: SG_TEST_ADMIN_TOKEN"
+        ));
+        self.env
+            .push(("SG_TEST_ADMIN_TOKEN".to_string(), token.to_string()));
+        self.admin = Some((port, token.to_string()));
+        self
     }
 
     /// A top-level YAML line, e.g. `max_body_bytes: 1024`.
@@ -291,11 +344,20 @@ impl GatewayBuilder {
         let defaults = [
             "flush_interval_ms: 100",
             "reload_interval_ms: 100",
-            "shutdown_timeout_secs: 5",
+            "shutdown_grace_s: 5",
         ];
         let key_of = |l: &str| l.split(':').next().unwrap_or("").trim().to_string();
+        // The old name of the shutdown grace still works; a test that sets either wins.
+        let same_setting = |a: &str, b: &str| {
+            let grace = ["shutdown_grace_s", "shutdown_timeout_secs"];
+            a == b || (grace.contains(&a) && grace.contains(&b))
+        };
         for d in defaults {
-            if !self.server.iter().any(|l| key_of(l) == key_of(d)) {
+            if !self
+                .server
+                .iter()
+                .any(|l| same_setting(&key_of(l), &key_of(d)))
+            {
                 yaml.push_str(&format!("  {d}\n"));
             }
         }
@@ -305,6 +367,11 @@ impl GatewayBuilder {
         let config = dir.path().join("spidergate.yaml");
         std::fs::write(&config, yaml).expect("write config");
         let mut gw = Gateway {
+            admin_addr: self
+                .admin
+                .as_ref()
+                .map(|(port, _)| SocketAddr::from(([127, 0, 0, 1], *port))),
+            admin_token: self.admin.as_ref().map(|(_, t)| t.clone()),
             env: self.env.clone(),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             log: dir.path().join("gateway.log"),
@@ -322,6 +389,9 @@ pub const PROVIDER_KEY: &str = "sk-provider-secret-123";
 
 pub struct Gateway {
     env: Vec<(String, String)>,
+    /// The admin listener, when the builder enabled it with `admin(token)`.
+    pub admin_addr: Option<SocketAddr>,
+    admin_token: Option<String>,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub db: PathBuf,
@@ -364,6 +434,104 @@ impl Gateway {
                 .ok()
                 .filter(|r| r.status == 200)
         });
+        if let Some(admin) = self.admin_addr {
+            wait_for(Duration::from_secs(10), "admin listener", || {
+                http(admin, "GET", "/metrics", &[], b"").ok()
+            });
+        }
+    }
+
+    /// True while the gateway process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// A call to the admin API with the admin token (the builder must have enabled it).
+    pub fn admin_call(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
+        let addr = self.admin_addr.expect("admin listener enabled");
+        let bearer = format!("Bearer {}", self.admin_token.as_deref().unwrap_or(""));
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        http(
+            addr,
+            method,
+            path,
+            &[
+                ("Authorization", &bearer),
+                ("Content-Type", "application/json"),
+            ],
+            body.as_bytes(),
+        )
+        .expect("admin call")
+    }
+
+    /// A read connection to the gateway's SQLite file (WAL: it never blocks the gateway).
+    pub fn db(&self) -> rusqlite::Connection {
+        let conn = rusqlite::Connection::open(&self.db).expect("open gateway db");
+        conn.busy_timeout(Duration::from_secs(10))
+            .expect("busy timeout");
+        conn
+    }
+
+    /// `SELECT` returning one integer (NULL reads as 0).
+    pub fn query_i64(&self, sql: &str, params: impl rusqlite::Params) -> i64 {
+        self.db()
+            .query_row(sql, params, |r| r.get::<_, Option<i64>>(0))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .unwrap_or(0)
+    }
+
+    /// Rows of the `traces` table for one key, oldest first.
+    pub fn trace_rows(&self, key_id: &str) -> Vec<TraceRec> {
+        let conn = self.db();
+        let mut stmt = conn
+            .prepare(
+                "SELECT ts, endpoint, status, error_code, prompt_tokens, completion_tokens,
+                        cost_nanos, usage_estimated, fallback_from, served_model
+                 FROM traces WHERE key_id = ?1 ORDER BY id",
+            )
+            .expect("prepare traces");
+        let rows = stmt
+            .query_map([key_id], |r| {
+                Ok(TraceRec {
+                    ts: r.get(0)?,
+                    endpoint: r.get(1)?,
+                    status: r.get(2)?,
+                    error_code: r.get(3)?,
+                    prompt_tokens: r.get(4)?,
+                    completion_tokens: r.get(5)?,
+                    cost_nanos: r.get(6)?,
+                    usage_estimated: r.get(7)?,
+                    fallback_from: r.get(8)?,
+                    served_model: r.get(9)?,
+                })
+            })
+            .expect("query traces");
+        rows.map(|r| r.expect("trace row")).collect()
+    }
+
+    /// The key's model-request traces (not usage or catalog calls), oldest first.
+    pub fn model_traces(&self, key_id: &str) -> Vec<TraceRec> {
+        self.trace_rows(key_id)
+            .into_iter()
+            .filter(|t| t.endpoint == "chat.completions" || t.endpoint == "embeddings")
+            .collect()
+    }
+
+    /// `(month, requests, cost_nanos)` of the key's `spend` rows, summed over models.
+    pub fn spend_rows(&self, key_id: &str) -> Vec<(String, i64, i64)> {
+        let conn = self.db();
+        let mut stmt = conn
+            .prepare(
+                "SELECT month, SUM(requests), SUM(cost_nanos) FROM spend
+                 WHERE key_id = ?1 GROUP BY month ORDER BY month",
+            )
+            .expect("prepare spend");
+        let rows = stmt
+            .query_map([key_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .expect("query spend");
+        rows.map(|r| r.expect("spend row")).collect()
     }
 
     fn pid(&self) -> u32 {
@@ -401,11 +569,14 @@ impl Gateway {
         self.spawn();
     }
 
+    /// Runs the CLI on this gateway's config, with the gateway's extra environment (so a
+    /// faked clock such as `SPIDERGATE_CLOCK_OFFSET_MS` applies to both).
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(BIN)
             .arg("--config")
             .arg(&self.config)
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .output()
             .expect("run cli")
     }

@@ -1,0 +1,1605 @@
+//! Hostile and unlucky clients (SPEC §2, §4; issue 7): no request shape, timing or fault lets
+//! spend past a hard cap, and every request the upstream may have worked on is charged.
+//!
+//! "Billed" is what the mock provider reported as usage (`MockProvider::served_usage`, or the
+//! usage a response carried) priced at 0.15 / 0.60 USD per Mtok: 150 nano-dollars per prompt
+//! token and 600 per completion token. With `x-mock-prompt-tokens: bytes` and
+//! `x-mock-completion-tokens: max` the mock bills the worst case a request allows.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use spidergate::clock::{month_index, month_label, month_start_ms, now_ms};
+
+const PROMPT_NANOS: i64 = 150;
+const COMPLETION_NANOS: i64 = 600;
+
+fn cost(prompt: u64, completion: u64) -> i64 {
+    (prompt as i64)
+        .saturating_mul(PROMPT_NANOS)
+        .saturating_add((completion as i64).saturating_mul(COMPLETION_NANOS))
+}
+
+/// What the mock billed so far, in nano-dollars.
+fn billed(mock: &MockProvider) -> i64 {
+    let (p, c) = mock.served_usage();
+    cost(p, c)
+}
+
+/// Every paid model costs the same per token, so the mock's total prices with one pair.
+const MODELS: &str = r#"
+models:
+  - id: gpt-4o-mini
+    provider: mock
+    input_usd_per_mtok: 0.15
+    output_usd_per_mtok: 0.60
+    max_output_tokens: 1000
+  - id: tiny-out
+    provider: mock
+    input_usd_per_mtok: 0.15
+    output_usd_per_mtok: 0.60
+    max_output_tokens: 64
+  - id: big-out
+    provider: mock
+    input_usd_per_mtok: 0.15
+    output_usd_per_mtok: 0.60
+    max_output_tokens: 32000
+  - id: no-max
+    provider: mock
+    input_usd_per_mtok: 0.15
+    output_usd_per_mtok: 0.60
+  - id: also-paid
+    provider: mock
+    input_usd_per_mtok: 0.15
+    output_usd_per_mtok: 0.60
+  - id: dead-model
+    provider: dead
+    input_usd_per_mtok: 1
+    output_usd_per_mtok: 1
+aliases:
+  hostile/paid-chain: [gpt-4o-mini, also-paid]
+  hostile/failover: [dead-model, gpt-4o-mini]
+"#;
+
+/// The mock bills everything the request allows.
+const WORST_CASE_BILLING: [(&str, &str); 2] = [
+    ("x-mock-prompt-tokens", "bytes"),
+    ("x-mock-completion-tokens", "max"),
+];
+
+fn gateway(mock: &MockProvider) -> GatewayBuilder {
+    GatewayBuilder::new(mock).models(MODELS)
+}
+
+/// One chat request on a fresh connection; transport errors become `Err` (a gateway that
+/// panics or drops the connection must fail the test with a clear message, not hang it).
+fn send_chat(
+    addr: SocketAddr,
+    bearer: &str,
+    body: &str,
+    extra: &[(&str, &str)],
+) -> Result<Response, String> {
+    let mut headers = vec![
+        ("Authorization", bearer),
+        ("Content-Type", "application/json"),
+    ];
+    headers.extend_from_slice(extra);
+    http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &headers,
+        body.as_bytes(),
+    )
+    .map_err(|e| format!("transport error: {e}"))
+}
+
+fn user_body(model: &str, extra: Value) -> String {
+    let mut body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    body.to_string()
+}
+
+/// `error.code` of a JSON error body, or "" for anything else.
+fn code_of(r: &Response) -> String {
+    serde_json::from_slice::<Value>(&r.body)
+        .ok()
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Every error response names its code in `X-SpiderGate-Error-Code`; for the gateway's own
+/// errors it is the body's `error.code`.
+fn assert_error_code_header(r: &Response, what: &str) {
+    assert!(
+        r.status >= 400,
+        "{what}: expected an error, got {}",
+        r.status
+    );
+    let header = r.header("x-spidergate-error-code").unwrap_or_else(|| {
+        panic!(
+            "{what}: {} without X-SpiderGate-Error-Code; headers {:?}",
+            r.status, r.headers
+        )
+    });
+    let code = code_of(r);
+    assert!(!header.is_empty(), "{what}: empty X-SpiderGate-Error-Code");
+    if !code.is_empty() {
+        assert_eq!(header, code, "{what}: header vs body error.code");
+    }
+}
+
+/// Usage `(prompt, completion)` of a 200 response: the JSON body's, or a stream's final
+/// usage chunk.
+fn response_usage(r: &Response) -> Option<(u64, u64)> {
+    let usage_of = |v: &Value| {
+        let u = &v["usage"];
+        Some((
+            u["prompt_tokens"].as_u64()?,
+            u["completion_tokens"].as_u64()?,
+        ))
+    };
+    if r.header("content-type")
+        .is_some_and(|c| c.starts_with("text/event-stream"))
+    {
+        r.text()
+            .lines()
+            .rev()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+            .find(|v| v["usage"].is_object())
+            .and_then(|v| usage_of(&v))
+    } else {
+        serde_json::from_slice::<Value>(&r.body)
+            .ok()
+            .and_then(|v| usage_of(&v))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1-4. The reservation is a true upper bound.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn huge_max_tokens_under_concurrency_never_overshoot_a_hard_cap() {
+    let mock = mock();
+    let gw = gateway(&mock).start();
+    let cap: i64 = 500_000;
+    let key = Arc::new(gw.create_key(&["--budget", "0.0005", "--budget-mode", "hard"]));
+    // 2^63+7, 10^17, 2^64-1, 4*10^18, as the exact JSON integers a client can send.
+    let huge = [
+        "9223372036854775815",
+        "100000000000000000",
+        "18446744073709551615",
+        "4000000000000000000",
+    ];
+    mock.clear();
+    let addr = gw.addr;
+    let threads: Vec<_> = (0..20)
+        .map(|i| {
+            let key = key.clone();
+            let body = format!(
+                r#"{{"model":"gpt-4o-mini","max_tokens":{},"messages":[{{"role":"user","content":"hi"}}]}}"#,
+                huge[i % huge.len()]
+            );
+            std::thread::spawn(move || {
+                let mut extra = WORST_CASE_BILLING.to_vec();
+                extra.push(("x-mock-delay-ms", "3000"));
+                send_chat(addr, &key.bearer(), &body, &extra).map(|r| (r.status, code_of(&r)))
+            })
+        })
+        .collect();
+    let outcomes: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match outcome {
+            Ok((200, _)) => {}
+            Ok((402, code)) => assert_eq!(code, "budget_exceeded", "request {i}"),
+            Ok((400, code)) => assert_eq!(code, "invalid_request", "request {i}"),
+            other => panic!("request {i} (max_tokens {}): {other:?}", huge[i % 4]),
+        }
+    }
+    let billed = billed(&mock);
+    assert!(
+        billed <= cap,
+        "the mock billed {billed} nanos against a {cap} cap; outcomes {outcomes:?}"
+    );
+
+    // Any u64 is capped at the model's maximum, so it is priced (never wraps): a key that can
+    // afford the model's maximum output is served.
+    let roomy = gw.create_key(&["--budget", "10", "--budget-mode", "hard"]);
+    for v in huge {
+        let body = format!(
+            r#"{{"model":"gpt-4o-mini","max_tokens":{v},"max_completion_tokens":{v},"messages":[]}}"#
+        );
+        let r = send_chat(gw.addr, &roomy.bearer(), &body, &[]).expect("roomy");
+        assert_eq!(r.status, 200, "max_tokens {v} on a roomy key: {}", r.text());
+    }
+    // ...and one that cannot afford 1000 output tokens (600,000 nanos) is refused.
+    let tight = gw.create_key(&["--budget", "0.0005", "--budget-mode", "hard"]);
+    let r = send_chat(
+        gw.addr,
+        &tight.bearer(),
+        &user_body("gpt-4o-mini", json!({"max_tokens": u64::MAX})),
+        &[],
+    )
+    .expect("tight");
+    assert_eq!((r.status, code_of(&r).as_str()), (402, "budget_exceeded"));
+}
+
+#[test]
+fn token_fields_that_cannot_be_priced_are_400() {
+    let mock = mock();
+    let gw = gateway(&mock).start();
+    let key = gw.create_key(&["--budget", "100", "--budget-mode", "hard"]);
+    mock.clear();
+    let bad = [
+        r#""max_tokens":1.5"#,
+        r#""max_tokens":-1"#,
+        r#""max_tokens":1e30"#,
+        r#""max_tokens":"10""#,
+        r#""max_completion_tokens":2.5"#,
+        r#""max_completion_tokens":-7"#,
+        r#""max_completion_tokens":"10""#,
+        r#""n":0"#,
+        r#""n":129"#,
+        r#""n":1.5"#,
+        r#""n":-1"#,
+        r#""n":"2""#,
+        r#""n":100000000000000000000"#,
+    ];
+    for field in bad {
+        let body = format!(r#"{{"model":"gpt-4o-mini",{field},"messages":[]}}"#);
+        let r = send_chat(gw.addr, &key.bearer(), &body, &[]).expect("send");
+        assert_eq!(
+            (r.status, code_of(&r).as_str()),
+            (400, "invalid_request"),
+            "{field}: {}",
+            r.text()
+        );
+    }
+    assert!(
+        mock.requests().is_empty(),
+        "nothing unpriceable was forwarded"
+    );
+    for field in [
+        r#""n":1"#,
+        r#""n":128"#,
+        r#""max_tokens":0"#,
+        r#""max_tokens":5,"n":3"#,
+    ] {
+        let body = format!(r#"{{"model":"gpt-4o-mini",{field},"messages":[]}}"#);
+        let r = send_chat(gw.addr, &key.bearer(), &body, &[]).expect("send");
+        assert_eq!(r.status, 200, "{field}: {}", r.text());
+    }
+    assert_eq!(mock.requests().len(), 4, "only the priceable ones went out");
+}
+
+#[test]
+fn n_choices_are_reserved_for_every_choice() {
+    let mock = mock();
+    let gw = gateway(&mock).start();
+    let cap: i64 = 500_000;
+    let key = Arc::new(gw.create_key(&["--budget", "0.0005", "--budget-mode", "hard"]));
+    let body = user_body("gpt-4o-mini", json!({"n": 8, "max_tokens": 10}));
+    mock.clear();
+    let addr = gw.addr;
+    let threads: Vec<_> = (0..24)
+        .map(|_| {
+            let (key, body) = (key.clone(), body.clone());
+            std::thread::spawn(move || {
+                let mut extra = WORST_CASE_BILLING.to_vec();
+                extra.push(("x-mock-delay-ms", "1000"));
+                send_chat(addr, &key.bearer(), &body, &extra).map(|r| r.status)
+            })
+        })
+        .collect();
+    let mut statuses: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    // Then one at a time until refused.
+    for _ in 0..30 {
+        let r = send_chat(addr, &key.bearer(), &body, &WORST_CASE_BILLING).map(|r| r.status);
+        let done = r == Ok(402);
+        statuses.push(r);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        statuses.iter().all(|s| matches!(s, Ok(200) | Ok(402))),
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&Ok(402)), "the cap was never reached");
+    assert!(statuses.contains(&Ok(200)));
+    let billed = billed(&mock);
+    assert!(
+        billed <= cap,
+        "n=8 x max_tokens=10: the mock billed {billed} nanos against a {cap} cap"
+    );
+}
+
+#[test]
+fn the_larger_of_the_two_max_token_fields_is_reserved_and_the_default_bound_is_large() {
+    let mock = mock();
+    let gw = gateway(&mock).start();
+    // 100,000 nanos: a short prompt and one output token (about 15,000) fit, 16,000 output
+    // tokens (9,600,000) do not.
+    let key = gw.create_key(&["--budget", "0.0001", "--budget-mode", "hard"]);
+    mock.clear();
+    for fields in [
+        json!({"max_completion_tokens": 1, "max_tokens": 16000}),
+        json!({"max_tokens": 1, "max_completion_tokens": 16000}),
+    ] {
+        let r = send_chat(
+            gw.addr,
+            &key.bearer(),
+            &user_body("big-out", fields.clone()),
+            &WORST_CASE_BILLING,
+        )
+        .unwrap();
+        assert_eq!(
+            (r.status, code_of(&r).as_str()),
+            (402, "budget_exceeded"),
+            "{fields} must be reserved for 16000 output tokens: {}",
+            r.text()
+        );
+    }
+    let r = send_chat(
+        gw.addr,
+        &key.bearer(),
+        &user_body("big-out", json!({"max_completion_tokens": 1})),
+        &WORST_CASE_BILLING,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "one output token fits: {}", r.text());
+    assert!(billed(&mock) <= 100_000);
+
+    // A model without max_output_tokens is bounded by default_max_output_tokens (131072):
+    // 78,643,200 nanos of output, above this 50,000,000 cap (16,384 would fit under it).
+    let key = gw.create_key(&["--budget", "0.05", "--budget-mode", "hard"]);
+    let r = send_chat(gw.addr, &key.bearer(), &user_body("no-max", json!({})), &[]).unwrap();
+    assert_eq!(
+        (r.status, code_of(&r).as_str()),
+        (402, "budget_exceeded"),
+        "no max_tokens on a model without max_output_tokens: {}",
+        r.text()
+    );
+    let r = send_chat(
+        gw.addr,
+        &key.bearer(),
+        &user_body("gpt-4o-mini", json!({})),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "the model's own max (1000) fits: {}",
+        r.text()
+    );
+}
+
+#[test]
+fn media_parts_are_reserved_at_the_per_part_bound() {
+    let mock = mock();
+    let gw = gateway(&mock).server("media_part_tokens: 2000").start();
+    // 500,000 nanos. One part: 2000 x 150 = 300,000 + the body bytes + 64 output tokens
+    // (38,400) fits; three or four parts do not.
+    let key = gw.create_key(&["--budget", "0.0005", "--budget-mode", "hard"]);
+    let image =
+        json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}});
+    let audio =
+        json!({"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}});
+    let file = json!({"type": "file", "file": {"file_id": "file-abc"}});
+    let text = json!({"type": "text", "text": "what is this?"});
+    let body = |parts: Vec<Value>| {
+        json!({"model": "tiny-out", "messages": [{"role": "user", "content": parts}]}).to_string()
+    };
+    mock.clear();
+    let r = send_chat(
+        gw.addr,
+        &key.bearer(),
+        &body(vec![text.clone(), image.clone()]),
+        &WORST_CASE_BILLING,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "one image fits: {}", r.text());
+    for (what, parts) in [
+        (
+            "four images",
+            vec![
+                text.clone(),
+                image.clone(),
+                image.clone(),
+                image.clone(),
+                image.clone(),
+            ],
+        ),
+        (
+            "image + audio + file",
+            vec![text.clone(), image.clone(), audio.clone(), file.clone()],
+        ),
+        ("two images", vec![image.clone(), image.clone()]),
+    ] {
+        let r = send_chat(gw.addr, &key.bearer(), &body(parts), &WORST_CASE_BILLING).unwrap();
+        assert_eq!(
+            (r.status, code_of(&r).as_str()),
+            (402, "budget_exceeded"),
+            "{what}: each part is bounded by media_part_tokens: {}",
+            r.text()
+        );
+    }
+    assert_eq!(mock.requests().len(), 1, "only the affordable one went out");
+    assert!(billed(&mock) <= 500_000);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Trickled bodies: admission happens when the body is complete.
+// ---------------------------------------------------------------------------------------------
+
+/// Sleeps until the wall clock reaches `ms` (unix ms).
+fn sleep_until(ms: i64) {
+    let left = ms - now_ms();
+    if left > 0 {
+        std::thread::sleep(Duration::from_millis(left as u64));
+    }
+}
+
+#[test]
+fn a_body_trickled_across_a_month_boundary_is_admitted_when_it_completes() {
+    // Fake the clock so the gateway's next month starts 15 s (real) from now.
+    let real_start = now_ms();
+    let next = month_index(real_start) + 1;
+    let boundary = real_start + 15_000;
+    let offset = month_start_ms(next) - boundary;
+    let (old_month, new_month) = (month_label(next - 1), month_label(next));
+    let mock = mock();
+    let gw = gateway(&mock)
+        .env("SPIDERGATE_CLOCK_OFFSET_MS", &offset.to_string())
+        .start();
+    let key = gw.create_key(&["--budget", "1", "--budget-mode", "hard", "--ttl", "90d"]);
+    assert!(
+        now_ms() < boundary - 3_500,
+        "setup took too long to fake the boundary ({} ms left)",
+        boundary - now_ms()
+    );
+
+    // 3 s before the new month: A sends its head and the first bytes of its body.
+    sleep_until(boundary - 3_000);
+    let body_a = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"trickled across the month boundary"}]}"#;
+    let len_a = body_a.len().to_string();
+    let bearer = key.bearer();
+    let head_a = [
+        ("Authorization", bearer.as_str()),
+        ("Content-Type", "application/json"),
+        ("Content-Length", len_a.as_str()),
+        ("x-mock-prompt-tokens", "100"),
+        ("x-mock-completion-tokens", "10"),
+    ];
+    let mut a = send_request(
+        gw.addr,
+        "POST",
+        "/v1/chat/completions",
+        &head_a,
+        &body_a[..10],
+    )
+    .expect("open A");
+    sleep_until(boundary - 2_000);
+    a.write_all(&body_a[10..30]).unwrap();
+    sleep_until(boundary - 1_000);
+    a.write_all(&body_a[30..50]).unwrap();
+
+    // B: a whole request in the new month, finished before A.
+    sleep_until(boundary + 500);
+    let b = send_chat(
+        gw.addr,
+        &bearer,
+        &user_body("gpt-4o-mini", json!({})),
+        &[
+            ("x-mock-prompt-tokens", "1"),
+            ("x-mock-completion-tokens", "1"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(b.status, 200, "{}", b.text());
+
+    sleep_until(boundary + 1_500);
+    a.write_all(&body_a[50..70]).unwrap();
+    sleep_until(boundary + 2_000);
+    a.write_all(&body_a[70..]).unwrap();
+    let a = read_response(a).expect("A's response");
+    assert_eq!(a.status, 200, "{}", a.text());
+
+    let (cost_a, cost_b) = (cost(100, 10), cost(1, 1));
+    let rows = wait_for(Duration::from_secs(10), "spend rows of A and B", || {
+        let rows = gw.spend_rows(&key.id);
+        (rows.iter().map(|r| r.1).sum::<i64>() >= 2).then_some(rows)
+    });
+    assert_eq!(
+        rows,
+        vec![(new_month.clone(), 2, cost_a + cost_b)],
+        "A completed in {new_month} (it started in {old_month}): both belong to the new month"
+    );
+    let usage = gw.usage(&key);
+    assert_eq!(usage["month"], new_month.as_str());
+    assert_eq!(
+        usage["spend_nanodollars"],
+        cost_a + cost_b,
+        "B's spend in the new month survived A's settlement"
+    );
+}
+
+#[test]
+fn a_key_revoked_while_its_body_uploads_is_refused_when_the_body_completes() {
+    let mock = mock();
+    let gw = gateway(&mock).start();
+    let doomed = gw.create_key(&[]);
+    let body = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"revoked-during-upload"}]}"#;
+    let len = body.len().to_string();
+    let bearer = doomed.bearer();
+    let head = [
+        ("Authorization", bearer.as_str()),
+        ("Content-Type", "application/json"),
+        ("Content-Length", len.as_str()),
+    ];
+    let mut upload = send_request(gw.addr, "POST", "/v1/chat/completions", &head, &body[..10])
+        .expect("open the upload");
+    std::thread::sleep(Duration::from_millis(300));
+    upload.write_all(&body[10..40]).unwrap();
+    // Revoked while the body is still uploading.
+    gw.cli_json(&["keys", "revoke", &doomed.id, "--json"]);
+    wait_for(Duration::from_secs(5), "the revocation to go live", || {
+        let u = gw.get("/v1/usage", &bearer);
+        (u.status == 401).then_some(())
+    });
+    upload.write_all(&body[40..]).unwrap();
+    let r = read_response(upload).expect("response");
+    assert_eq!(
+        (r.status, code_of(&r).as_str()),
+        (401, "token_revoked"),
+        "a key revoked during the upload: {}",
+        r.text()
+    );
+    assert!(
+        mock.requests().is_empty(),
+        "the revoked key's request reached the upstream"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. The upstream may have worked: charged, estimated, never re-sent.
+// ---------------------------------------------------------------------------------------------
+
+/// Waits for the key's model traces to number `n`; returns them.
+fn wait_traces(gw: &Gateway, key: &Key, n: usize, what: &str) -> Vec<TraceRec> {
+    wait_for(Duration::from_secs(20), what, || {
+        let t = gw.model_traces(&key.id);
+        (t.len() >= n).then_some(t)
+    })
+}
+
+/// The key's month spend in the `spend` table, once it is positive.
+fn wait_spend(gw: &Gateway, key: &Key) -> i64 {
+    wait_for(Duration::from_secs(10), "a spend row", || {
+        let s: i64 = gw.spend_rows(&key.id).iter().map(|r| r.2).sum();
+        (s > 0).then_some(s)
+    })
+}
+
+fn assert_charged_estimate(t: &TraceRec, what: &str) {
+    assert!(
+        t.usage_estimated,
+        "{what}: trace not marked as estimated: {t:?}"
+    );
+    assert!(t.cost_nanos > 0, "{what}: charged nothing: {t:?}");
+    assert!(t.prompt_tokens >= 1, "{what}: no prompt estimate: {t:?}");
+}
+
+#[test]
+fn a_client_that_hangs_up_before_the_response_head_is_charged() {
+    let mock = mock();
+    let gw = gateway(&mock).start();
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let body = user_body("gpt-4o-mini", json!({}));
+    let stream = send_request(
+        gw.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("Authorization", &key.bearer()),
+            ("x-mock-delay-ms", "3000"),
+        ],
+        body.as_bytes(),
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(10), "the upstream to get it", || {
+        (mock.requests().len() == 1).then_some(())
+    });
+    drop(stream); // hang up while the upstream works
+
+    let t = wait_traces(&gw, &key, 1, "the trace of the abandoned request");
+    assert_eq!(t.len(), 1, "{t:?}");
+    assert_eq!(t[0].status, 499, "{:?}", t[0]);
+    assert_eq!(t[0].error_code.as_deref(), Some("client_closed"));
+    assert_charged_estimate(&t[0], "hang-up before the head");
+    assert_eq!(wait_spend(&gw, &key), t[0].cost_nanos);
+}
+
+#[test]
+fn an_upstream_read_timeout_is_charged_and_not_retried_on_the_next_model() {
+    let mock = mock();
+    let gw = gateway(&mock).server("read_timeout_ms: 500").start();
+    let key = gw.create_key(&[]);
+    // Fallback still happens where the upstream cannot have worked: a connect error...
+    let r = send_chat(
+        gw.addr,
+        &key.bearer(),
+        &user_body("hostile/failover", json!({})),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-spidergate-fallback-from"), Some("dead-model"));
+    // ...or a 5xx status.
+    let r = send_chat(
+        gw.addr,
+        &key.bearer(),
+        &user_body("hostile/paid-chain", json!({})),
+        &[
+            ("x-mock-status", "503"),
+            ("x-mock-status-model", "gpt-4o-mini"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-spidergate-fallback-from"), Some("gpt-4o-mini"));
+
+    mock.clear();
+    let r = send_chat(
+        gw.addr,
+        &key.bearer(),
+        &user_body("hostile/paid-chain", json!({})),
+        &[("x-mock-delay-ms", "2000")],
+    )
+    .unwrap();
+    assert_eq!(
+        (r.status, code_of(&r).as_str()),
+        (504, "upstream_timeout"),
+        "{}",
+        r.text()
+    );
+    let models: Vec<Value> = mock
+        .requests()
+        .iter()
+        .map(|q| q.json().unwrap()["model"].clone())
+        .collect();
+    assert_eq!(
+        models,
+        vec![json!("gpt-4o-mini")],
+        "the request was sent upstream exactly once, with no fallback after the timeout"
+    );
+    let t = wait_for(
+        Duration::from_secs(20),
+        "the timed-out request's trace",
+        || {
+            gw.model_traces(&key.id)
+                .into_iter()
+                .find(|t| t.status == 504)
+        },
+    );
+    let timed_out = &t;
+    assert_eq!(timed_out.status, 504, "{timed_out:?}");
+    assert_eq!(timed_out.error_code.as_deref(), Some("upstream_timeout"));
+    assert_eq!(timed_out.fallback_from, None);
+    assert_charged_estimate(timed_out, "read timeout after sending");
+    assert!(wait_spend(&gw, &key) >= timed_out.cost_nanos);
+    assert_error_code_header(&r, "504");
+}
+
+#[test]
+fn a_pooled_connection_that_breaks_after_sending_is_charged_and_not_resent() {
+    let mock = mock();
+    let gw = gateway(&mock).start();
+    let key = gw.create_key(&[]);
+    // Warm-up: leaves a pooled keep-alive connection to the mock.
+    let r = send_chat(
+        gw.addr,
+        &key.bearer(),
+        &user_body("gpt-4o-mini", json!({})),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let before: i64 = wait_for(Duration::from_secs(10), "warm-up spend", || {
+        let t = gw.model_traces(&key.id);
+        (t.len() == 1).then(|| t[0].cost_nanos)
+    });
+    mock.clear();
+    let r = send_chat(
+        gw.addr,
+        &key.bearer(),
+        &user_body("gpt-4o-mini", json!({"max_tokens": 5})),
+        &[("x-mock-drop", "1")],
+    )
+    .unwrap();
+    assert_eq!(
+        (r.status, code_of(&r).as_str()),
+        (502, "upstream_error"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        mock.requests().len(),
+        1,
+        "the same POST was sent to the same model again"
+    );
+    let t = wait_traces(&gw, &key, 2, "the broken request's trace");
+    assert_eq!(t.len(), 2, "{t:?}");
+    assert_eq!(t[1].status, 502);
+    assert_charged_estimate(&t[1], "connection broke after the request was sent");
+    let spend = wait_for(Duration::from_secs(10), "spend of both", || {
+        let s: i64 = gw.spend_rows(&key.id).iter().map(|r| r.2).sum();
+        (s > before).then_some(s)
+    });
+    assert_eq!(spend, before + t[1].cost_nanos);
+    assert_error_code_header(&r, "502");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. SIGTERM and SIGKILL.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn sigterm_cuts_a_long_stream_after_the_grace_and_charges_it() {
+    let mock = mock();
+    let mut gw = gateway(&mock).server("shutdown_grace_s: 2").start();
+    let key = gw.create_key(&[]);
+    let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "a 60 s story"}]});
+    let (status, _, mut reader) = gw.open_stream(
+        &key,
+        &body,
+        &[("x-mock-chunks", "60"), ("x-mock-chunk-delay-ms", "1000")],
+    );
+    assert_eq!(status, 200);
+    read_first_event(&mut reader);
+    let started = Instant::now();
+    let exit = gw.terminate();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(20),
+        "SIGTERM waited {took:?} for a 60 s stream; the grace is 2 s"
+    );
+    assert!(exit.success(), "clean exit: {exit:?}");
+    let mut rest = Vec::new();
+    let _ = reader.read_to_end(&mut rest);
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("[DONE]"),
+        "the stream was cut"
+    );
+    // The process is gone: the database holds what it flushed.
+    let t = gw.model_traces(&key.id);
+    assert_eq!(t.len(), 1, "one trace for the cut stream: {t:?}");
+    assert_charged_estimate(&t[0], "stream cut by shutdown");
+    let spend: i64 = gw.spend_rows(&key.id).iter().map(|r| r.2).sum();
+    assert_eq!(spend, t[0].cost_nanos);
+}
+
+#[test]
+fn sigkill_with_requests_in_flight_charges_every_orphan_on_restart() {
+    let mock = mock();
+    let mut gw = gateway(&mock).start();
+    let hard = Arc::new(gw.create_key(&["--budget", "10", "--budget-mode", "hard"]));
+    let open = Arc::new(gw.create_key(&[]));
+    let body = user_body("gpt-4o-mini", json!({}));
+    mock.clear();
+    let addr = gw.addr;
+    let threads: Vec<_> = (0..5)
+        .map(|i| {
+            let key = if i < 3 { hard.clone() } else { open.clone() };
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let _ = send_chat(addr, &key.bearer(), &body, &[("x-mock-delay-ms", "10000")]);
+            })
+        })
+        .collect();
+    wait_for(
+        Duration::from_secs(10),
+        "5 requests at the upstream",
+        || (mock.requests().len() == 5).then_some(()),
+    );
+    // Admissions are journaled by the batched writer: give it a flush interval (100 ms).
+    std::thread::sleep(Duration::from_millis(1000));
+    gw.kill9();
+    for t in threads {
+        t.join().unwrap();
+    }
+    gw.spawn();
+
+    let prompt_bound = body.len() as i64 * PROMPT_NANOS;
+    let reservation_bound = prompt_bound + 1000 * COMPLETION_NANOS;
+    for (key, n) in [(&hard, 3), (&open, 2)] {
+        let t = wait_for(Duration::from_secs(20), "orphans charged", || {
+            let t = gw.model_traces(&key.id);
+            (t.len() >= n).then_some(t)
+        });
+        assert_eq!(t.len(), n, "one trace per orphan: {t:?}");
+        for trace in &t {
+            assert_eq!(trace.error_code.as_deref(), Some("orphaned"), "{trace:?}");
+            assert_charged_estimate(trace, "orphan");
+            assert!(
+                trace.cost_nanos <= reservation_bound,
+                "charged above the reservation bound {reservation_bound}: {trace:?}"
+            );
+        }
+        let sum: i64 = t.iter().map(|t| t.cost_nanos).sum();
+        let usage = gw.usage(key);
+        assert_eq!(usage["spend_nanodollars"], sum, "month spend = the orphans");
+        assert!(sum > 0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. A flood of bad tokens.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn ten_thousand_bad_tokens_from_one_address_are_shed_and_valid_keys_still_work() {
+    let mock = mock();
+    mock.set_recording(false);
+    let gw = Arc::new(
+        gateway(&mock)
+            .server("auth_failures_per_minute: 60")
+            .admin("hostile-admin-token")
+            .start(),
+    );
+    let valid = Arc::new(gw.create_key(&[]));
+    const TOTAL: usize = 10_000;
+    const THREADS: usize = 4;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let flooders: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (gw, sent) = (gw.clone(), sent.clone());
+            std::thread::spawn(move || {
+                let mut counts = (0usize, 0usize, Vec::<String>::new());
+                for i in (t..TOTAL).step_by(THREADS) {
+                    let bearer = format!("Bearer spideriq_pat_{i:032x}");
+                    let r = http(
+                        gw.addr,
+                        "POST",
+                        "/v1/chat/completions",
+                        &[("Authorization", &bearer)],
+                        br#"{"model":"gpt-4o-mini","messages":[]}"#,
+                    );
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    match r {
+                        Ok(r) if r.status == 401 && code_of(&r) == "invalid_api_key" => {
+                            counts.0 += 1
+                        }
+                        Ok(r) if r.status == 429 && code_of(&r) == "rate_limit_exceeded" => {
+                            let retry = r.header("retry-after").and_then(|v| v.parse::<u64>().ok());
+                            let tagged =
+                                r.header("x-spidergate-error-code") == Some("rate_limit_exceeded");
+                            if (retry.unwrap_or(0) < 1 || !tagged) && counts.2.len() < 5 {
+                                counts.2.push(format!(
+                                    "429 without Retry-After or X-SpiderGate-Error-Code: {:?}",
+                                    r.headers
+                                ));
+                            }
+                            counts.1 += 1
+                        }
+                        Ok(r) if counts.2.len() < 5 => {
+                            counts.2.push(format!("{} {}", r.status, r.text()))
+                        }
+                        Err(e) if counts.2.len() < 5 => counts.2.push(format!("transport: {e}")),
+                        _ => {}
+                    }
+                }
+                counts
+            })
+        })
+        .collect();
+    // A valid key from the same address, in the middle of the flood.
+    let middle = {
+        let (gw, valid, sent) = (gw.clone(), valid.clone(), sent.clone());
+        std::thread::spawn(move || {
+            wait_for(
+                Duration::from_secs(120),
+                "the flood to be under way",
+                || (sent.load(Ordering::Relaxed) >= TOTAL / 3).then_some(()),
+            );
+            gw.chat(&valid, "gpt-4o-mini").status
+        })
+    };
+    let (mut n401, mut n429, mut odd) = (0, 0, Vec::new());
+    for f in flooders {
+        let (a, b, c) = f.join().unwrap();
+        n401 += a;
+        n429 += b;
+        odd.extend(c);
+    }
+    let flood_secs = started.elapsed().as_secs();
+    let minutes = flood_secs / 60 + 1;
+    assert!(odd.is_empty(), "unexpected answers: {odd:?}");
+    assert_eq!(n401 + n429, TOTAL);
+    assert!(
+        n401 >= 1 && n401 as u64 <= 60 * (minutes + 1),
+        "{n401} bad tokens got 401 in {minutes} minute(s) at 60 per minute; {n429} got 429"
+    );
+    assert_eq!(middle.join().unwrap(), 200, "valid key during the flood");
+    let after = gw.chat(&valid, "gpt-4o-mini");
+    assert_eq!(after.status, 200, "valid key right after: {}", after.text());
+
+    // The valid key's traces were written after the flood's: the flood's are all in.
+    wait_for(Duration::from_secs(20), "the ledger to catch up", || {
+        (gw.model_traces(&valid.id).len() >= 2).then_some(())
+    });
+    let anonymous = gw.query_i64("SELECT COUNT(*) FROM traces WHERE key_id IS NULL", []);
+    // Sampled at about 10 per second: generous slack, still far below one per bad token.
+    let bound = 500 + 20 * flood_secs as i64;
+    assert!(
+        anonymous < bound.min(TOTAL as i64 / 5),
+        "{anonymous} anonymous traces for {TOTAL} bad tokens in {flood_secs} s: the flood grows the database"
+    );
+    let failures = wait_for(Duration::from_secs(10), "auth failures in /metrics", || {
+        let text = gw.admin_call("GET", "/metrics", None).text();
+        let n: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("spidergate_auth_failures_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        (n >= TOTAL as f64).then_some(n)
+    });
+    assert!(failures >= TOTAL as f64);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Concurrency limit, header hygiene, error codes, an unwritable ledger, key fields.
+// ---------------------------------------------------------------------------------------------
+
+/// Starts a request held `delay_ms` at the upstream; returns its thread.
+fn slow_request(
+    gw: &Arc<Gateway>,
+    key: &Arc<Key>,
+    delay_ms: u64,
+) -> std::thread::JoinHandle<Result<u16, String>> {
+    let (gw, key) = (gw.clone(), key.clone());
+    std::thread::spawn(move || {
+        send_chat(
+            gw.addr,
+            &key.bearer(),
+            &user_body("gpt-4o-mini", json!({})),
+            &[("x-mock-delay-ms", &delay_ms.to_string())],
+        )
+        .map(|r| r.status)
+    })
+}
+
+/// Two requests in flight take both slots; a third is refused; both finish with 200.
+fn assert_exactly_two_slots(gw: &Arc<Gateway>, mock: &MockProvider, key: &Arc<Key>) {
+    mock.clear();
+    let held = [slow_request(gw, key, 1500), slow_request(gw, key, 1500)];
+    wait_for(Duration::from_secs(10), "two requests in flight", || {
+        (mock.requests().len() == 2).then_some(())
+    });
+    let r = gw.chat(key, "gpt-4o-mini");
+    assert_eq!(
+        (r.status, code_of(&r).as_str()),
+        (429, "concurrency_limit_exceeded"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_error_code_header(&r, "concurrency 429");
+    for h in held {
+        assert_eq!(h.join().unwrap(), Ok(200));
+    }
+}
+
+#[test]
+fn max_inflight_refuses_one_over_and_releases_slots_on_every_outcome() {
+    let mock = mock();
+    let gw = Arc::new(gateway(&mock).admin("hostile-admin-token").start());
+    let key = Arc::new(gw.create_key(&["--max-inflight", "2"]));
+    assert_exactly_two_slots(&gw, &mock, &key);
+    assert_eq!(gw.usage(&key)["max_inflight"], 2);
+
+    // Errors release their slot...
+    for _ in 0..3 {
+        let r = gw.chat_with(&key, "gpt-4o-mini", &[("x-mock-status", "500")]);
+        assert_eq!(r.status, 500);
+    }
+    assert_eq!(gw.chat(&key, "no-such-model").status, 404);
+    // ...and so do clients that hang up, before the head and mid-stream.
+    for _ in 0..2 {
+        mock.clear();
+        let s = send_request(
+            gw.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("Authorization", &key.bearer()), ("x-mock-delay-ms", "500")],
+            user_body("gpt-4o-mini", json!({})).as_bytes(),
+        )
+        .unwrap();
+        wait_for(Duration::from_secs(10), "upstream got it", || {
+            (mock.requests().len() == 1).then_some(())
+        });
+        drop(s);
+    }
+    let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": []});
+    let (status, _, mut reader) = gw.open_stream(
+        &key,
+        &body,
+        &[("x-mock-chunks", "30"), ("x-mock-chunk-delay-ms", "100")],
+    );
+    assert_eq!(status, 200);
+    read_first_event(&mut reader);
+    drop(reader);
+    wait_for(Duration::from_secs(20), "the hang-ups to finish", || {
+        let closed = gw
+            .model_traces(&key.id)
+            .iter()
+            .filter(|t| t.error_code.as_deref() == Some("client_closed"))
+            .count();
+        (closed >= 3).then_some(())
+    });
+    // Nothing leaked: exactly two slots again.
+    assert_exactly_two_slots(&gw, &mock, &key);
+    assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
+
+    // The admin API reads and writes the field.
+    let r = gw.admin_call(
+        "POST",
+        "/admin/keys",
+        Some(&json!({"name": "one-at-a-time", "max_inflight": 1})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let got = gw
+        .admin_call("GET", &format!("/admin/keys/{id}"), None)
+        .json();
+    assert_eq!(got["max_inflight"], 1);
+    let r = gw.admin_call(
+        "PATCH",
+        &format!("/admin/keys/{id}"),
+        Some(&json!({"max_inflight": 3})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = gw
+        .admin_call("GET", &format!("/admin/keys/{id}"), None)
+        .json();
+    assert_eq!(got["max_inflight"], 3);
+    let shown = gw.cli_json(&["keys", "show", &id, "--json"]);
+    assert_eq!(shown["max_inflight"], 3);
+}
+
+const LEAKED: [&str; 5] = [
+    "openai-organization",
+    "openai-project",
+    "anthropic-organization-id",
+    "set-cookie",
+    "x-ratelimit-remaining-tokens",
+];
+
+fn assert_no_account_headers(headers: &[(String, String)], what: &str) {
+    for h in LEAKED {
+        assert!(
+            !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(h)),
+            "{what}: upstream header {h} reached the client: {headers:?}"
+        );
+    }
+    let limits: Vec<&str> = headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("x-ratelimit-limit-requests"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(
+        limits,
+        vec!["50"],
+        "{what}: only the gateway's X-RateLimit-Limit-Requests (the key's rpm)"
+    );
+}
+
+#[test]
+fn upstream_account_headers_never_reach_the_agent() {
+    let mock = mock();
+    let gw = gateway(&mock).start();
+    let key = gw.create_key(&["--rpm", "50"]);
+    let leak = [("x-mock-leak-headers", "1")];
+    let r = gw.chat_with(&key, "gpt-4o-mini", &leak);
+    assert_eq!(r.status, 200);
+    assert_no_account_headers(&r.headers, "plain");
+
+    let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": []}).to_string();
+    let r = send_chat(gw.addr, &key.bearer(), &body, &leak).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("[DONE]"));
+    assert_no_account_headers(&r.headers, "stream");
+
+    let r = gw.chat_with(
+        &key,
+        "gpt-4o-mini",
+        &[("x-mock-leak-headers", "1"), ("x-mock-status", "500")],
+    );
+    assert_eq!(r.status, 500, "passed through");
+    assert_no_account_headers(&r.headers, "upstream error");
+}
+
+#[test]
+fn every_error_response_carries_its_code_in_a_header() {
+    let mock = mock();
+    let gw = gateway(&mock)
+        .top("max_body_bytes: 2048")
+        .server("read_timeout_ms: 500")
+        .start();
+    let plain = gw.create_key(&[]);
+    let body = user_body("gpt-4o-mini", json!({}));
+    let mut cases: Vec<(&str, Response)> = vec![
+        (
+            "no token",
+            gw.post("/v1/chat/completions", "", body.as_bytes(), &[]),
+        ),
+        (
+            "unknown token",
+            gw.post(
+                "/v1/chat/completions",
+                "Bearer spideriq_pat_0123456789abcdef0123456789abcdef",
+                body.as_bytes(),
+                &[],
+            ),
+        ),
+        (
+            "not JSON",
+            gw.post("/v1/chat/completions", &plain.bearer(), b"{", &[]),
+        ),
+        (
+            "too large",
+            gw.post(
+                "/v1/chat/completions",
+                &plain.bearer(),
+                &vec![b' '; 4096],
+                &[],
+            ),
+        ),
+        ("unknown model", gw.chat(&plain, "gpt-9")),
+        ("upstream unreachable", gw.chat(&plain, "dead-model")),
+        (
+            "upstream timeout",
+            gw.chat_with(&plain, "gpt-4o-mini", &[("x-mock-delay-ms", "2000")]),
+        ),
+        (
+            "wrong method",
+            gw.get("/v1/chat/completions", &plain.bearer()),
+        ),
+        ("unknown path", gw.get("/v1/nope", &plain.bearer())),
+    ];
+    let scoped = gw.create_key(&["--scopes", "gate:models,gate:usage"]);
+    cases.push(("insufficient scope", gw.chat(&scoped, "gpt-4o-mini")));
+    let allow = gw.create_key(&["--models", "also-paid"]);
+    cases.push(("model not allowed", gw.chat(&allow, "gpt-4o-mini")));
+    let broke = gw.create_key(&["--budget", "0.000001", "--budget-mode", "hard"]);
+    cases.push(("budget", gw.chat(&broke, "gpt-4o-mini")));
+    let rpm = gw.create_key(&["--rpm", "1"]);
+    let limited = (0..3)
+        .map(|_| gw.chat(&rpm, "gpt-4o-mini"))
+        .find(|r| r.status == 429)
+        .expect("rpm 1 reached");
+    cases.push(("rpm", limited));
+    let rpd = gw.create_key(&["--rpd", "1"]);
+    let limited = (0..3)
+        .map(|_| gw.chat(&rpd, "gpt-4o-mini"))
+        .find(|r| r.status == 429)
+        .expect("rpd 1 reached");
+    cases.push(("rpd", limited));
+    let revoked = gw.create_key(&[]);
+    gw.cli_json(&["keys", "revoke", &revoked.id, "--json"]);
+    let r = wait_for(Duration::from_secs(5), "revocation live", || {
+        let r = gw.chat(&revoked, "gpt-4o-mini");
+        (r.status == 401).then_some(r)
+    });
+    cases.push(("revoked", r));
+    for (what, r) in &cases {
+        assert_error_code_header(r, what);
+    }
+    let expected = [
+        ("no token", 401, "invalid_api_key"),
+        ("not JSON", 400, "invalid_request"),
+        ("too large", 413, "request_too_large"),
+        ("unknown model", 404, "model_not_found"),
+        ("upstream unreachable", 502, "upstream_error"),
+        ("upstream timeout", 504, "upstream_timeout"),
+        ("insufficient scope", 403, "insufficient_scope"),
+        ("model not allowed", 403, "model_not_allowed"),
+        ("budget", 402, "budget_exceeded"),
+        ("revoked", 401, "token_revoked"),
+    ];
+    for (what, status, code) in expected {
+        let r = &cases.iter().find(|c| c.0 == what).unwrap().1;
+        assert_eq!((r.status, code_of(r).as_str()), (status, code), "{what}");
+    }
+    // An upstream's own error status, passed through, carries the header too.
+    let r = gw.chat_with(&plain, "gpt-4o-mini", &[("x-mock-status", "503")]);
+    assert_eq!(r.status, 503);
+    assert!(
+        r.header("x-spidergate-error-code")
+            .is_some_and(|v| !v.is_empty()),
+        "passed-through 503 without X-SpiderGate-Error-Code: {:?}",
+        r.headers
+    );
+}
+
+#[test]
+fn a_ledger_that_cannot_write_stops_hard_keys_only_and_loses_nothing() {
+    let mock = mock();
+    mock.set_recording(false);
+    let gw = gateway(&mock).start();
+    let hard = gw.create_key(&["--budget", "1", "--budget-mode", "hard"]);
+    let soft = gw.create_key(&["--budget", "1", "--budget-mode", "soft"]);
+    let open = gw.create_key(&[]);
+    let mut served = [0i64; 3]; // hard, soft, open
+    for (i, key) in [&hard, &soft, &open].into_iter().enumerate() {
+        assert_eq!(gw.chat(key, "gpt-4o-mini").status, 200);
+        served[i] += 1;
+    }
+    let health = gw.get("/health", "");
+    assert_eq!(health.status, 200);
+
+    let lock = hold_write_lock(&gw.db);
+    // Keep the ledger writing until its commits fail (busy timeout 10 s).
+    let down = wait_for(
+        Duration::from_secs(60),
+        "/health to report the ledger",
+        || {
+            for (i, key) in [&soft, &open].into_iter().enumerate() {
+                let r = gw.chat(key, "gpt-4o-mini");
+                assert_eq!(r.status, 200, "soft/no-budget keys keep working");
+                served[i + 1] += 1;
+            }
+            let h = gw.get("/health", "");
+            if h.status == 503 {
+                return Some(h);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            None
+        },
+    );
+    let ledger = down.json()["ledger"].clone();
+    assert!(
+        !ledger.is_null() && ledger != "ok",
+        "/health 503 names the ledger: {}",
+        down.text()
+    );
+    let r = gw.chat(&hard, "gpt-4o-mini");
+    assert_eq!(
+        (r.status, code_of(&r).as_str()),
+        (503, "ledger_unavailable"),
+        "{}",
+        r.text()
+    );
+    assert_error_code_header(&r, "ledger 503");
+    for (i, key) in [&soft, &open].into_iter().enumerate() {
+        let r = gw.chat(key, "gpt-4o-mini");
+        assert_eq!(r.status, 200, "served while the ledger is down");
+        served[i + 1] += 1;
+    }
+
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    wait_for(Duration::from_secs(30), "/health 200 again", || {
+        (gw.get("/health", "").status == 200).then_some(())
+    });
+    wait_for(Duration::from_secs(10), "hard keys served again", || {
+        (gw.chat(&hard, "gpt-4o-mini").status == 200).then_some(())
+    });
+    served[0] += 1;
+    for (i, key) in [&hard, &soft, &open].into_iter().enumerate() {
+        let booked = wait_for(Duration::from_secs(30), "every request booked", || {
+            let n: i64 = gw.spend_rows(&key.id).iter().map(|r| r.1).sum();
+            (n >= served[i]).then_some(n)
+        });
+        assert_eq!(booked, served[i], "key {i}: spend rows vs requests served");
+    }
+}
+
+#[test]
+fn scopes_are_stored_as_a_list() {
+    let mock = mock();
+    let gw = gateway(&mock).admin("hostile-admin-token").start();
+    let r = gw.admin_call(
+        "POST",
+        "/admin/keys",
+        Some(&json!({"name": "comma", "scopes": ["x,gate:chat"]})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let key = Key {
+        id: r.json()["id"].as_str().unwrap().into(),
+        secret: r.json()["secret"].as_str().unwrap().into(),
+    };
+    let got = gw
+        .admin_call("GET", &format!("/admin/keys/{}", key.id), None)
+        .json();
+    assert_eq!(got["scopes"], json!(["x,gate:chat"]));
+    let shown = gw.cli_json(&["keys", "show", &key.id, "--json"]);
+    assert_eq!(shown["scopes"], json!(["x,gate:chat"]));
+    let r = gw.chat(&key, "gpt-4o-mini");
+    assert_eq!(
+        (r.status, code_of(&r).as_str()),
+        (403, "insufficient_scope"),
+        "\"x,gate:chat\" is one unknown scope, not gate:chat"
+    );
+}
+
+#[test]
+fn a_non_string_client_id_is_refused_and_changes_nothing() {
+    let mock = mock();
+    let gw = gateway(&mock).admin("hostile-admin-token").start();
+    let count = |gw: &Gateway| {
+        gw.admin_call("GET", "/admin/keys?all=true", None).json()["data"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let r = gw.admin_call(
+        "POST",
+        "/admin/keys",
+        Some(&json!({"name": "numeric", "client_id": 5})),
+    );
+    assert_eq!(
+        (r.status, code_of(&r).as_str()),
+        (400, "invalid_request"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(count(&gw), 0, "no key was made");
+    let r = gw.admin_call(
+        "POST",
+        "/admin/keys",
+        Some(&json!({"name": "ws", "client_id": "ws-1"})),
+    );
+    assert_eq!(r.status, 201);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    for bad in [
+        json!(5),
+        json!(["ws-2"]),
+        json!({"id": "ws-2"}),
+        json!(true),
+    ] {
+        let r = gw.admin_call(
+            "PATCH",
+            &format!("/admin/keys/{id}"),
+            Some(&json!({"client_id": bad, "rpm": 7})),
+        );
+        assert_eq!(r.status, 400, "client_id {bad}: {}", r.text());
+    }
+    let got = gw
+        .admin_call("GET", &format!("/admin/keys/{id}"), None)
+        .json();
+    assert_eq!(got["client_id"], "ws-1");
+    assert!(got["rpm"].is_null(), "a refused PATCH changes nothing");
+}
+
+#[test]
+fn concurrent_cli_and_admin_patches_of_different_fields_are_never_lost() {
+    let mock = mock();
+    let gw = Arc::new(gateway(&mock).admin("hostile-admin-token").start());
+    let key = gw.create_key(&["--rpm", "1", "--rpd", "1"]);
+    // The CLI raises rpm step by step while the admin API raises rpd step by step. Each field
+    // only ever grows, unless a patch of the other field wrote back a stale copy of it.
+    const CLI_STEPS: u32 = 20;
+    const ADMIN_STEPS: u32 = 40;
+    let done = Arc::new(AtomicUsize::new(0));
+    let cli = {
+        let (gw, id, done) = (gw.clone(), key.id.clone(), done.clone());
+        std::thread::spawn(move || {
+            for i in 1..=CLI_STEPS {
+                let out = gw.cli(&["keys", "update", &id, "--rpm", &(100 + i).to_string()]);
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            done.fetch_add(1, Ordering::SeqCst);
+        })
+    };
+    let admin = {
+        let (gw, id, done) = (gw.clone(), key.id.clone(), done.clone());
+        std::thread::spawn(move || {
+            for i in 1..=ADMIN_STEPS {
+                let r = gw.admin_call(
+                    "PATCH",
+                    &format!("/admin/keys/{id}"),
+                    Some(&json!({ "rpd": 200 + i })),
+                );
+                assert_eq!(r.status, 200, "{}", r.text());
+            }
+            done.fetch_add(1, Ordering::SeqCst);
+        })
+    };
+    // Watch the stored row while both doors write.
+    let db = gw.db();
+    let read = || -> (i64, i64) {
+        db.query_row(
+            "SELECT COALESCE(rpm, 0), COALESCE(rpd, 0) FROM keys WHERE id = ?1",
+            [&key.id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("read key row")
+    };
+    let mut last = read();
+    let mut went_back = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while done.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+        let now = read();
+        if now.0 < last.0 || now.1 < last.1 {
+            went_back.push((last, now));
+        }
+        last = now;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    cli.join().unwrap();
+    admin.join().unwrap();
+    assert!(
+        went_back.is_empty(),
+        "(rpm, rpd) went back: a patch of one field rewrote the other from a stale read: {went_back:?}"
+    );
+    let got = gw
+        .admin_call("GET", &format!("/admin/keys/{}", key.id), None)
+        .json();
+    assert_eq!(
+        (got["rpm"].clone(), got["rpd"].clone()),
+        (json!(100 + CLI_STEPS), json!(200 + ADMIN_STEPS)),
+        "both doors' last values are present"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. Property: for random request shapes, billed <= cap on every hard-budget key.
+// ---------------------------------------------------------------------------------------------
+
+/// SplitMix64: a fixed seed gives the same requests on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
+
+/// A random request body within what the model allows: the mock (billing `max`) then
+/// reports at most what the request allows, as a real provider would.
+fn random_body(rng: &mut Rng) -> String {
+    let (model, model_max) = if rng.chance(50) {
+        ("tiny-out", 64)
+    } else {
+        ("gpt-4o-mini", 1000)
+    };
+    let mut parts = vec![json!({"type": "text", "text": "describe"})];
+    for _ in 0..rng.range(0, 3) {
+        parts.push(match rng.range(0, 2) {
+            0 => json!({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}),
+            1 => {
+                json!({"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}})
+            }
+            _ => json!({"type": "file", "file": {"file_id": "file-1"}}),
+        });
+    }
+    let mut body = json!({"model": model, "messages": [{"role": "user", "content": parts}]});
+    if rng.chance(60) {
+        body["max_tokens"] = json!(rng.range(0, model_max));
+    }
+    if rng.chance(40) {
+        body["max_completion_tokens"] = json!(rng.range(0, model_max));
+    }
+    if rng.chance(50) {
+        body["n"] = json!(rng.range(1, 4));
+    }
+    if rng.chance(40) {
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    body.to_string()
+}
+
+#[test]
+fn property_random_request_shapes_never_bill_past_a_hard_cap() {
+    let mock = mock();
+    mock.set_recording(false);
+    let gw = Arc::new(gateway(&mock).server("media_part_tokens: 500").start());
+    let caps = [
+        ("0.0002", 200_000i64),
+        ("0.0003", 300_000),
+        ("0.0005", 500_000),
+        ("0.0008", 800_000),
+    ];
+    let keys: Arc<Vec<Key>> = Arc::new(
+        caps.iter()
+            .map(|(usd, _)| gw.create_key(&["--budget", usd, "--budget-mode", "hard"]))
+            .collect(),
+    );
+    let mut rng = Rng(0x5EED_0007);
+    let requests: Vec<(usize, String, u64)> = (0..200)
+        .map(|_| {
+            let key = rng.range(0, caps.len() as u64 - 1) as usize;
+            let body = random_body(&mut rng);
+            (key, body, rng.range(0, 150))
+        })
+        .collect();
+    let requests = Arc::new(requests);
+    const WORKERS: usize = 8;
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let (gw, keys, requests) = (gw.clone(), keys.clone(), requests.clone());
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                for (key, body, delay) in requests.iter().skip(w).step_by(WORKERS) {
+                    let mut extra = WORST_CASE_BILLING.to_vec();
+                    let delay = delay.to_string();
+                    extra.push(("x-mock-delay-ms", &delay));
+                    let r = send_chat(gw.addr, &keys[*key].bearer(), body, &extra);
+                    seen.push((*key, body.clone(), r));
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut billed_by_key = [0i64; 4];
+    let (mut ok, mut refused) = (0, 0);
+    for w in workers {
+        for (key, body, r) in w.join().unwrap() {
+            let r = r.unwrap_or_else(|e| panic!("{body}: {e}"));
+            match r.status {
+                200 => {
+                    let (p, c) = response_usage(&r)
+                        .unwrap_or_else(|| panic!("200 without usage for {body}: {}", r.text()));
+                    billed_by_key[key] += cost(p, c);
+                    ok += 1;
+                }
+                402 => {
+                    assert_eq!(code_of(&r), "budget_exceeded", "{body}");
+                    refused += 1;
+                }
+                s => panic!("{body}: unexpected {s} {}", r.text()),
+            }
+        }
+    }
+    assert_eq!(
+        billed_by_key.iter().sum::<i64>(),
+        billed(&mock),
+        "the responses carried everything the mock billed"
+    );
+    for (i, (usd, cap)) in caps.iter().enumerate() {
+        assert!(
+            billed_by_key[i] <= *cap,
+            "key {i} (cap ${usd}): billed {} nanos > cap {cap}",
+            billed_by_key[i]
+        );
+    }
+    assert!(
+        ok > 0 && refused > 0,
+        "{ok} served, {refused} refused: both must happen"
+    );
+}
