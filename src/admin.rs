@@ -238,6 +238,18 @@ impl AdminApp {
             .map(str::to_string)
             .collect();
         let gate = self.gate.clone();
+        if let ["admin", "keys", id, "usage"] = segments
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            // As `/v1/usage`: include a request whose response just ended.
+            let live = gate.keys.load().by_id(id).cloned();
+            if let Some(key) = live {
+                key.counters.settled(crate::proxy::SETTLE_WAIT).await;
+            }
+        }
         let joined = tokio::task::spawn_blocking(move || {
             let seg: Vec<&str> = segments.iter().map(String::as_str).collect();
             handle(&gate, &method, &seg, &query, &body)

@@ -395,6 +395,16 @@ impl KeyCounters {
         self.finishing.load(Ordering::Acquire)
     }
 
+    /// Waits (without blocking a thread) until every request whose response already ended
+    /// is booked, for at most `max`: a client asking for its usage right after a response
+    /// sees that request. Usually returns at once, else within microseconds.
+    pub async fn settled(&self, max: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + max;
+        while self.finishing() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
     /// Current counts. `requests_this_minute` is the rolling-minute count for keys with an
     /// `rpm`, and the count in the current minute for keys without one.
     pub fn view(&self, now: Now, limits: &Limits) -> CounterView {

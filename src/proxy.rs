@@ -31,6 +31,9 @@ use crate::usage::{usage_from_json, Forward, SseUsageParser, Usage};
 /// estimate instead), so a huge response cannot balloon memory.
 const MAX_JSON_RESPONSE: usize = 8 * 1024 * 1024;
 
+/// Longest wait of `/v1/usage` for the caller's just-finished request to be booked.
+pub const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// How long an idle upstream connection stays in the pool.
 const UPSTREAM_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
@@ -429,13 +432,7 @@ impl GateProxy {
                     Ok(standing) => ctx.standing = Some(standing),
                     Err(e) => return self.reject(session, ctx, e).await,
                 }
-                // A caller may ask right after its previous response ended, while that
-                // request's settlement is still running: wait for it (microseconds, at most
-                // 200 ms), without blocking a thread or touching the database.
-                let deadline = Instant::now() + std::time::Duration::from_millis(200);
-                while key.counters.finishing() > 0 && Instant::now() < deadline {
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                }
+                key.counters.settled(SETTLE_WAIT).await;
                 self.gate.ledger.nudge();
                 report::live_usage(&key, Now::read())
                     .to_string()

@@ -44,34 +44,117 @@ fn count_field(raw: Option<&RawValue>, name: &str) -> Result<Option<u64>, GateEr
     }
 }
 
-/// JSON keys or type names that mark an image, audio or file part in OpenAI's and
-/// Anthropic's request shapes. A quoted name followed by its closing quote cannot occur
-/// inside a JSON string (there the quotes are escaped), so each hit is a key or a whole
-/// string value; a part has at least one, so the count bounds the number of parts.
-const MEDIA_MARKERS: [&[u8]; 7] = [
-    b"\"image_url\"",
-    b"\"input_image\"",
-    b"\"input_audio\"",
-    b"\"input_file\"",
-    b"\"file\"",
-    b"\"image\"",
-    b"\"document\"",
+/// The `type` of an image, audio or file part in OpenAI's chat and Responses shapes and in
+/// Anthropic's. Every such part carries its `type` (the APIs require it).
+const MEDIA_TYPES: [&str; 7] = [
+    "image_url",
+    "input_image",
+    "input_audio",
+    "input_file",
+    "file",
+    "image",
+    "document",
 ];
 
-/// An upper bound of the media parts in a body (see [`MEDIA_MARKERS`]).
+/// The number of image, audio and file parts anywhere in a body: objects whose `type` is
+/// one of [`MEDIA_TYPES`], at any depth (tool results may hold images too). Most bodies
+/// mention no media word and use no `\u` escape, and are answered by a byte scan; the rest
+/// are walked with serde, which decodes escapes, so `"\u0074ype"` cannot hide a part. The
+/// walk builds no values.
 pub fn count_media_parts(body: &[u8]) -> u64 {
-    // Most bodies have no media at all: one fast scan for a marker's first letters.
-    if memchr::memmem::find(body, b"image").is_none()
-        && memchr::memmem::find(body, b"audio").is_none()
-        && memchr::memmem::find(body, b"file").is_none()
-        && memchr::memmem::find(body, b"document").is_none()
-    {
+    let maybe_media = [&b"image"[..], b"audio", b"file", b"document", b"\\u"]
+        .iter()
+        .any(|m| memchr::memmem::find(body, m).is_some());
+    if !maybe_media {
         return 0;
     }
-    MEDIA_MARKERS
-        .iter()
-        .map(|m| memchr::memmem::find_iter(body, m).count() as u64)
-        .sum()
+    let mut count = 0;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    // A body serde cannot walk was already refused by `parse_request`'s own parse.
+    let _ = serde::de::DeserializeSeed::deserialize(MediaWalk(&mut count), &mut de);
+    count
+}
+
+/// Walks one JSON value, counting media parts; yields whether the value is a string naming
+/// a media type (so the enclosing object can tell whether its `type` is one).
+struct MediaWalk<'c>(&'c mut u64);
+
+impl<'de> serde::de::DeserializeSeed<'de> for MediaWalk<'_> {
+    type Value = bool;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for MediaWalk<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<bool, E> {
+        Ok(MEDIA_TYPES.contains(&v))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_unit<E>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        while seq.next_element_seed(MediaWalk(&mut *self.0))?.is_some() {}
+        Ok(false)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        let mut is_part = false;
+        while let Some(is_type) = map.next_key_seed(TypeKey)? {
+            let names_media = map.next_value_seed(MediaWalk(&mut *self.0))?;
+            is_part |= is_type && names_media;
+        }
+        if is_part {
+            *self.0 += 1;
+        }
+        Ok(false)
+    }
+}
+
+/// An object key: whether it is `type` (escapes decoded).
+struct TypeKey;
+
+impl<'de> serde::de::DeserializeSeed<'de> for TypeKey {
+    type Value = bool;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TypeKey {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<bool, E> {
+        Ok(v == "type")
+    }
 }
 
 #[derive(Deserialize)]
@@ -239,16 +322,30 @@ mod tests {
     }
 
     #[test]
-    fn media_parts_are_counted_from_keys_and_type_names_never_from_text() {
+    fn media_parts_are_counted_once_each_at_any_depth_never_from_text() {
         let body = br#"{"model":"m","messages":[{"role":"user","content":[
             {"type":"text","text":"describe \"image_url\" and a file"},
             {"type":"image_url","image_url":{"url":"https://x/a.png"}},
-            {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]}"#;
+            {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]},
+            {"role":"user","content":[{"type":"tool_result","content":[
+                {"type":"image","source":{"type":"base64","data":""}}]}]}]}"#;
         let f = parse_request(body).unwrap();
-        // Two parts, each named twice (type and key): an over-count is still a bound.
-        assert_eq!(f.media_parts, 4);
+        assert_eq!(f.media_parts, 3);
         assert_eq!(count_media_parts(br#"{"model":"m","messages":[]}"#), 0);
         assert_eq!(count_media_parts(br#"{"content":"an image of a file"}"#), 0);
+        assert_eq!(
+            count_media_parts(br#"{"type":"text","text":"image"}"#),
+            0,
+            "a media word in a text part is not a part"
+        );
+    }
+
+    #[test]
+    fn escapes_cannot_hide_a_media_part() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":[
+            {"\u0074ype":"image\u005furl","image\u005furl":{"url":"https://x/a.png"}},
+            {"type":"\u0069nput_file","file_id":"f"}]}]}"#;
+        assert_eq!(parse_request(body).unwrap().media_parts, 2);
     }
 
     #[test]
