@@ -40,6 +40,9 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 LUA="$ROOT/benches/lua/chat.lua"
 BIN="$ROOT/target/release/spidergate"
+# The gateway binary under test (default: this tree's release build); the mock, the CLI and
+# the bare proxy always come from this tree.
+GW_BIN="${GW_BIN:-$BIN}"
 BARE="$ROOT/target/release/examples/bare_proxy"
 CLK_TCK="$(getconf CLK_TCK)"
 
@@ -98,15 +101,20 @@ MOCK_PORT=$(free_port); BARE_PORT=$(free_port); GW_PORT=$(free_port); NGINX_PORT
 # CPU placement: proxies on the last CPU, load generator and mock on the first.
 PROXY_CPU=$(( $(nproc) - 1 ))
 LOAD_CPU=0
-on_cpu() { local cpu="$1"; shift; if [ "$PIN" = 1 ] && command -v taskset >/dev/null; then taskset -c "$cpu" "$@"; else "$@"; fi; }
+# Prefixes, not functions: `taskset` execs the program, so `$!` is the program's own pid
+# (whose CPU time is read from /proc).
+PROXY_PIN=(); LOAD_PIN=()
+if [ "$PIN" = 1 ] && command -v taskset >/dev/null; then
+  PROXY_PIN=(taskset -c "$PROXY_CPU"); LOAD_PIN=(taskset -c "$LOAD_CPU")
+fi
 
 # 1. Mock provider (1 thread).
-on_cpu "$LOAD_CPU" "$BIN" mock-provider --listen "127.0.0.1:$MOCK_PORT" --threads 1 >"$TMP/mock.log" 2>&1 &
+"${LOAD_PIN[@]}" "$BIN" mock-provider --listen "127.0.0.1:$MOCK_PORT" --threads 1 >"$TMP/mock.log" 2>&1 &
 PIDS+=($!); MOCK_PID=$!
 wait_port "$MOCK_PORT" mock
 
 # 2. Bare Pingora pass-through (1 thread).
-on_cpu "$PROXY_CPU" "$BARE" --listen "127.0.0.1:$BARE_PORT" --upstream "127.0.0.1:$MOCK_PORT" --threads 1 \
+"${PROXY_PIN[@]}" "$BARE" --listen "127.0.0.1:$BARE_PORT" --upstream "127.0.0.1:$MOCK_PORT" --threads 1 \
   >"$TMP/bare.log" 2>&1 &
 PIDS+=($!); BARE_PID=$!
 
@@ -129,13 +137,14 @@ server:
   threads: 1
 YAML
 export SPIDERGATE_BENCH_MOCK_KEY="sk-bench"
-"$BIN" --config "$TMP/gw.yaml" check-config >/dev/null
+"$GW_BIN" --config "$TMP/gw.yaml" check-config >/dev/null
 # A key with every per-request control on (limits far above what the run can reach).
-SECRET="$("$BIN" --config "$TMP/gw.yaml" keys create --name bench --json \
-  --rpm 100000000 --rpd 1000000000 --budget 1000000 --budget-mode hard --max-inflight 100000 \
+INFLIGHT=(); "$GW_BIN" keys create --help | grep -q -- --max-inflight && INFLIGHT=(--max-inflight 100000)
+SECRET="$("$GW_BIN" --config "$TMP/gw.yaml" keys create --name bench --json \
+  --rpm 100000000 --rpd 1000000000 --budget 1000000 --budget-mode hard "${INFLIGHT[@]}" \
   | tr -d '\n' | sed -n 's/.*"secret"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p')"
 [ -n "$SECRET" ] || { echo "could not read the key's secret from keys create --json" >&2; exit 1; }
-RUST_LOG=warn on_cpu "$PROXY_CPU" "$BIN" --config "$TMP/gw.yaml" serve >"$TMP/gateway.log" 2>&1 &
+RUST_LOG=warn "${PROXY_PIN[@]}" "$GW_BIN" --config "$TMP/gw.yaml" serve >"$TMP/gateway.log" 2>&1 &
 PIDS+=($!); GW_PID=$!
 
 # 4. Optional nginx (1 process, keep-alive upstream pool), for context.
@@ -166,7 +175,7 @@ http {
   }
 }
 NGX
-  on_cpu "$PROXY_CPU" "$NGINX_BIN" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" >"$TMP/nginx.log" 2>&1 &
+  "${PROXY_PIN[@]}" "$NGINX_BIN" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" >"$TMP/nginx.log" 2>&1 &
   PIDS+=($!); NGINX_PID=$!
 fi
 
@@ -202,7 +211,7 @@ run_round() {
   [ "$variant" = stream ] && stream=1
   pid=$(pid_of "$p"); port=$(port_of "$p")
   before=$(cpu_ticks "$pid")
-  out=$(SG_SECRET="$SECRET" SG_STREAM="$stream" on_cpu "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${dur}s" -s "$LUA" \
+  out=$(SG_SECRET="$SECRET" SG_STREAM="$stream" "${LOAD_PIN[@]}" wrk -t1 -c"$CONNECTIONS" -d"${dur}s" -s "$LUA" \
         "http://127.0.0.1:$port" 2>&1)
   after=$(cpu_ticks "$pid")
   [ "$round" = warmup ] && return 0
