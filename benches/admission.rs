@@ -18,8 +18,7 @@ use spidergate::clock::Now;
 use spidergate::config::Config;
 use spidergate::keys::KeySet;
 use spidergate::limits::KeyCounters;
-use spidergate::manage::{mint_key, NewKey};
-use spidergate::money::Nanos;
+use spidergate::manage::{mint, KeySpec};
 
 const SIZES: [usize; 3] = [1, 10_000, 1_000_000];
 
@@ -39,15 +38,15 @@ fn keyset(catalog: &Catalog, n: usize) -> (KeySet, Vec<u8>) {
     let mut records = Vec::with_capacity(n);
     let mut headers = Vec::with_capacity(n * HEADER_LEN);
     for i in 0..n {
-        let req = NewKey {
+        let req = KeySpec {
             name: format!("agent-{i}"),
             rpm: Some(1_000),
             rpd: Some(1_000_000_000),
-            budget: Some(Nanos::new(i64::MAX / 4)),
+            budget_usd: Some(1e9),
             allowed_models: vec!["spideriq/fast".into(), "gpt-4o".into()],
-            ..NewKey::default()
+            ..KeySpec::default()
         };
-        let (record, secret) = mint_key(catalog, req, now).expect("mint");
+        let (record, secret) = mint(catalog, req, now).expect("mint");
         records.push(record);
         headers.extend_from_slice(format!("Bearer {secret}").as_bytes());
     }

@@ -77,6 +77,7 @@ fn make_entries(n: usize, now: i64) -> (Vec<LedgerEntry>, Expected) {
             0
         };
         let trace = TraceRow {
+            id: 0,
             ts: now + i as i64 / 50,
             key_id: Some(key.as_str().into()),
             endpoint: "chat.completions".into(),

@@ -379,7 +379,18 @@ fn main() {
     if exhausted < KEYS {
         println!("warning: only {exhausted} of {KEYS} keys were driven to 402 within {MAX_REQUESTS} requests");
     }
+    let max_billed = billed
+        .iter()
+        .map(|b| b.load(Ordering::Relaxed))
+        .max()
+        .unwrap_or(0);
     println!(
-        "overshoot under concurrency: max billed/cap over {KEYS} keys = {max_ratio:.3} (must be <= 1.000)"
+        "overshoot under concurrency: max billed/cap over {KEYS} keys = {max_ratio:.6} \
+         (max billed {max_billed} of {CAP_NANOS} nano-USD; must be <= 1.000000): {}",
+        if max_billed <= CAP_NANOS {
+            "PASS"
+        } else {
+            "FAIL"
+        }
     );
 }

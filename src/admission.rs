@@ -103,8 +103,12 @@ pub fn token_hash(authorization: Option<&[u8]>) -> Result<TokenHash, GateError> 
 /// Token hash -> live key at `now`: 401 if unknown, expired or revoked. Called when the
 /// request arrives and again at the moment of admission, after the body was read.
 pub fn lookup(keys: &KeySet, hash: &TokenHash, now: i64) -> Result<Arc<KeyEntry>, GateError> {
-    let key = keys.by_hash(hash).ok_or(GateError::InvalidApiKey)?;
+    let (key, valid_until) = keys.by_hash(hash).ok_or(GateError::InvalidApiKey)?;
     key.check_alive(now)?;
+    // A secret replaced by a rotation works until its grace period ends, then is revoked.
+    if now >= valid_until {
+        return Err(GateError::TokenRevoked);
+    }
     Ok(key.clone())
 }
 
@@ -275,6 +279,9 @@ mod tests {
             expires_at: i64::MAX,
             revoked_at: None,
             last_used_at: None,
+            previous_hash: None,
+            previous_valid_until: None,
+            rotated_at: None,
         };
         KeyEntry::new(record, c, std::sync::Arc::default())
     }

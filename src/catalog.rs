@@ -189,6 +189,9 @@ aliases:
             expires_at: i64::MAX,
             revoked_at: None,
             last_used_at: None,
+            previous_hash: None,
+            previous_valid_until: None,
+            rotated_at: None,
         };
         KeyEntry::new(record, c, Arc::new(KeyCounters::default()))
     }

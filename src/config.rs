@@ -21,6 +21,8 @@ struct RawConfig {
     max_body_bytes: u64,
     #[serde(default)]
     public_catalog: bool,
+    /// The URL agents use to reach this gateway (shown in the dashboard's snippets).
+    public_url: Option<String>,
     #[serde(default)]
     admin: Option<RawAdmin>,
     providers: Option<Vec<RawProvider>>,
@@ -182,6 +184,8 @@ pub struct Config {
     pub database: PathBuf,
     pub max_body_bytes: u64,
     pub public_catalog: bool,
+    /// The URL agents use (`public_url`, else `http://` + `listen`), without a trailing `/`.
+    pub public_url: String,
     pub admin: Option<AdminConfig>,
     pub providers: Vec<Provider>,
     pub models: Vec<Model>,
@@ -357,12 +361,25 @@ impl Config {
         if s.ledger_max_backlog < 1_000 {
             return err("server.ledger_max_backlog", "must be at least 1000");
         }
+        let public_url = match raw.public_url {
+            Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
+                u.trim_end_matches('/').to_string()
+            }
+            Some(u) => {
+                return err(
+                    "public_url",
+                    format!("\"{u}\" must start with http:// or https://"),
+                )
+            }
+            None => format!("http://{listen}"),
+        };
         Ok(Config {
             path: path.to_path_buf(),
             listen,
             database: PathBuf::from(database),
             max_body_bytes: raw.max_body_bytes,
             public_catalog: raw.public_catalog,
+            public_url,
             admin,
             providers,
             models,

@@ -14,11 +14,11 @@ use serde_json::json;
 use spidergate::catalog::Catalog;
 use spidergate::clock::{month_index, now_ms, parse_month, rfc3339};
 use spidergate::config::{resolve_path, Config};
-use spidergate::keys::{parse_ttl, split_list, BudgetMode, KeyRecord};
-use spidergate::manage::{self, NewKey};
+use spidergate::keys::{split_list, KeyRecord};
+use spidergate::manage::{self, KeyChanges, KeyError, KeyService, KeySpec};
 use spidergate::money::Nanos;
 use spidergate::report;
-use spidergate::store::{KeyPatch, Store};
+use spidergate::store::Store;
 
 #[derive(Parser)]
 #[command(
@@ -154,6 +154,15 @@ enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Issue a new secret for the same key; the old one works until the grace ends
+    Rotate {
+        id: String,
+        /// How long the old secret keeps working, 0s..7d
+        #[arg(long, default_value = manage::DEFAULT_GRACE)]
+        grace: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 type CliResult = Result<(), String>;
@@ -212,31 +221,50 @@ fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-/// `Some(None)` for "none"/"unlimited", `Some(Some(n))` for a number.
-fn parse_limit(flag: &str, v: Option<&str>) -> Result<Option<Option<u32>>, String> {
+/// `Some(None)` for "none"/"unlimited", `Some(Some(n))` for a number; the key service
+/// judges the number.
+fn parse_limit(field: &'static str, v: Option<&str>) -> Result<Option<Option<i64>>, KeyError> {
     match v {
         None => Ok(None),
         Some("none" | "unlimited") => Ok(Some(None)),
-        Some(s) => match s.parse::<u32>() {
-            Ok(0) | Err(_) => Err(format!(
-                "--{flag} must be a positive integer or \"none\", got \"{s}\""
-            )),
-            Ok(n) => Ok(Some(Some(n))),
-        },
+        Some(s) => s.trim().parse::<i64>().map(|n| Some(Some(n))).map_err(|_| {
+            KeyError::invalid(
+                field,
+                format!("{field} must be a whole number or \"none\", got \"{s}\""),
+            )
+        }),
     }
 }
 
-fn parse_budget(v: Option<&str>) -> Result<Option<Option<Nanos>>, String> {
+fn parse_budget(v: Option<&str>) -> Result<Option<Option<f64>>, KeyError> {
     match v {
         None => Ok(None),
         Some("none" | "unlimited") => Ok(Some(None)),
-        Some(s) => {
-            let usd: f64 = s
-                .trim_start_matches('$')
-                .parse()
-                .map_err(|_| format!("--budget must be a USD amount, got \"{s}\""))?;
-            manage::budget(usd).map(|n| Some(Some(n)))
+        Some(s) => s
+            .trim_start_matches('$')
+            .parse()
+            .map(|usd| Some(Some(usd)))
+            .map_err(|_| {
+                KeyError::invalid(
+                    "monthly_budget_usd",
+                    format!("--budget must be a USD amount, got \"{s}\""),
+                )
+            }),
+    }
+}
+
+/// A key-service refusal as a CLI error, naming the flag.
+fn cli_err(e: KeyError) -> String {
+    match e.field() {
+        Some(field) => {
+            let flag = match field {
+                "monthly_budget_usd" => "budget",
+                "allowed_models" => "models",
+                other => other,
+            };
+            format!("--{}: {e}", flag.replace('_', "-"))
         }
+        None => e.to_string(),
     }
 }
 
@@ -251,22 +279,30 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             free_only,
             json,
         }) => {
-            let ttl_secs = limits.ttl.as_deref().map(parse_ttl).transpose()?;
-            let req = NewKey {
+            let spec = KeySpec {
                 name,
-                rpm: parse_limit("rpm", limits.rpm.as_deref())?.flatten(),
-                rpd: parse_limit("rpd", limits.rpd.as_deref())?.flatten(),
-                budget: parse_budget(limits.budget.as_deref())?.flatten(),
-                budget_mode: limits.budget_mode.as_deref().and_then(BudgetMode::parse),
-                max_inflight: parse_limit("max-inflight", limits.max_inflight.as_deref())?
+                rpm: parse_limit("rpm", limits.rpm.as_deref())
+                    .map_err(cli_err)?
                     .flatten(),
+                rpd: parse_limit("rpd", limits.rpd.as_deref())
+                    .map_err(cli_err)?
+                    .flatten(),
+                max_inflight: parse_limit("max_inflight", limits.max_inflight.as_deref())
+                    .map_err(cli_err)?
+                    .flatten(),
+                budget_usd: parse_budget(limits.budget.as_deref())
+                    .map_err(cli_err)?
+                    .flatten(),
+                budget_mode: limits.budget_mode,
                 allowed_models: limits.models.as_deref().map(split_list).unwrap_or_default(),
                 free_only,
                 scopes: limits.scopes.as_deref().map(split_list),
-                ttl_secs,
+                ttl: limits.ttl,
                 client_id: limits.client_id,
             };
-            let (record, secret) = manage::create_key(&mut store, &catalog, req, now)?;
+            let (record, secret) = KeyService::new(&mut store, &catalog)
+                .create(spec, now)
+                .map_err(cli_err)?;
             if json {
                 let mut v = report::key_json(&record, now);
                 v["secret"] = json!(secret);
@@ -279,12 +315,9 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             Ok(())
         }
         Command::Keys(KeysCommand::List { all, json }) => {
-            let keys: Vec<KeyRecord> = store
-                .all_keys()
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .filter(|k| all || k.status(now) == "active")
-                .collect();
+            let keys: Vec<KeyRecord> = KeyService::new(&mut store, &catalog)
+                .list(all, now)
+                .map_err(cli_err)?;
             if json {
                 print_json(&json!(keys
                     .iter()
@@ -332,30 +365,23 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             free_only,
             json,
         }) => {
-            let allowed = limits.models.as_deref().map(split_list);
-            if let Some(list) = &allowed {
-                manage::check_models(&catalog, list)?;
-            }
-            let expires_at = limits
-                .ttl
-                .as_deref()
-                .map(parse_ttl)
-                .transpose()?
-                .map(|s| now + s * 1000);
-            let patch = KeyPatch {
+            let changes = KeyChanges {
                 name,
                 scopes: limits.scopes.as_deref().map(split_list),
-                rpm: parse_limit("rpm", limits.rpm.as_deref())?,
-                rpd: parse_limit("rpd", limits.rpd.as_deref())?,
-                budget: parse_budget(limits.budget.as_deref())?,
-                budget_mode: limits.budget_mode.as_deref().and_then(BudgetMode::parse),
-                max_inflight: parse_limit("max-inflight", limits.max_inflight.as_deref())?,
-                allowed_models: allowed,
+                rpm: parse_limit("rpm", limits.rpm.as_deref()).map_err(cli_err)?,
+                rpd: parse_limit("rpd", limits.rpd.as_deref()).map_err(cli_err)?,
+                max_inflight: parse_limit("max_inflight", limits.max_inflight.as_deref())
+                    .map_err(cli_err)?,
+                budget_usd: parse_budget(limits.budget.as_deref()).map_err(cli_err)?,
+                budget_mode: limits.budget_mode,
+                allowed_models: limits.models.as_deref().map(split_list),
                 free_only,
-                client_id: limits.client_id.map(|c| Some(c).filter(|c| !c.is_empty())),
-                expires_at,
+                ttl: limits.ttl,
+                client_id: limits.client_id.map(Some),
             };
-            let k = found(&id, store.update_key(&id, &patch))?;
+            let k = KeyService::new(&mut store, &catalog)
+                .update(&id, changes, now)
+                .map_err(cli_err)?;
             let v = report::key_json(&k, now);
             if json {
                 print_json(&v);
@@ -365,8 +391,27 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             }
             Ok(())
         }
+        Command::Keys(KeysCommand::Rotate { id, grace, json }) => {
+            let (k, secret) = KeyService::new(&mut store, &catalog)
+                .rotate(&id, Some(&grace), now)
+                .map_err(cli_err)?;
+            if json {
+                let mut v = report::key_json(&k, now);
+                v["secret"] = json!(secret);
+                print_json(&v);
+            } else {
+                println!("Rotated key {} ({})", k.id, k.name);
+                println!("New secret (shown once, store it now): {secret}");
+                if let Some(until) = k.previous_valid_until {
+                    println!("The previous secret works until {}", rfc3339(until));
+                }
+            }
+            Ok(())
+        }
         Command::Keys(KeysCommand::Revoke { id, json }) => {
-            let k = found(&id, store.revoke_key(&id, now))?;
+            let k = KeyService::new(&mut store, &catalog)
+                .revoke(&id, now)
+                .map_err(cli_err)?;
             if json {
                 print_json(&report::key_json(&k, now));
             } else {
@@ -429,7 +474,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
         }
         Command::Traces { key, limit, json } => {
             let rows = store
-                .traces(key.as_deref(), limit)
+                .traces(key.as_deref(), limit, None)
                 .map_err(|e| e.to_string())?;
             if json {
                 print_json(&json!(rows

@@ -1,104 +1,646 @@
-//! Key management shared by every door (CLI today, admin API later): validation and creation.
+//! Key management: the one typed door behind the CLI, the admin API and the dashboard.
+//! Every validation rule lives here, with one error type, so no door can accept what
+//! another refuses. Doors only turn their input (flags, JSON) into [`KeySpec`] or
+//! [`KeyChanges`], keeping numbers signed so that `-5` reaches the rule that explains it.
+
+use std::fmt;
 
 use crate::catalog::Catalog;
 use crate::keys::token;
 use crate::keys::{
-    BudgetMode, KeyRecord, DEFAULT_SCOPES, DEFAULT_TTL_SECS, MAX_TTL_SECS, MIN_TTL_SECS,
+    parse_duration, BudgetMode, KeyRecord, DEFAULT_SCOPES, DEFAULT_TTL_SECS, MAX_TTL_SECS,
+    MIN_TTL_SECS,
 };
 use crate::money::Nanos;
-use crate::store::Store;
+use crate::store::{KeyPatch, Store, StoreError, TraceRow};
 
-/// A request to mint a key; `None` limits mean unlimited.
+/// Longest grace period of a rotated secret.
+pub const MAX_GRACE_SECS: i64 = 7 * 86_400;
+/// Grace period of a rotated secret when none is given.
+pub const DEFAULT_GRACE: &str = "1h";
+const MAX_NAME_CHARS: usize = 100;
+const MAX_SCOPE_CHARS: usize = 64;
+const MAX_CLIENT_ID_CHARS: usize = 200;
+
+/// A key to create, as a door received it. `None` limits mean unlimited.
 #[derive(Debug, Clone, Default)]
-pub struct NewKey {
+pub struct KeySpec {
     pub name: String,
-    pub rpm: Option<u32>,
-    pub rpd: Option<u32>,
-    pub budget: Option<Nanos>,
-    pub budget_mode: Option<BudgetMode>,
-    pub max_inflight: Option<u32>,
+    pub rpm: Option<i64>,
+    pub rpd: Option<i64>,
+    pub max_inflight: Option<i64>,
+    pub budget_usd: Option<f64>,
+    pub budget_mode: Option<String>,
     pub allowed_models: Vec<String>,
     pub free_only: bool,
+    /// `None` or empty: the default scopes.
     pub scopes: Option<Vec<String>>,
-    pub ttl_secs: Option<i64>,
+    /// `1h`..`90d`; `None`: 30 days.
+    pub ttl: Option<String>,
     pub client_id: Option<String>,
 }
 
-/// A budget in USD; rejects negative and non-finite amounts.
-pub fn budget(usd: f64) -> Result<Nanos, String> {
-    Nanos::from_usd(usd)
-        .ok_or_else(|| format!("invalid budget {usd}: use a USD amount between 0 and 1000000000"))
+/// Changes to a key: `None` leaves a field alone, `Some(None)` clears a limit.
+#[derive(Debug, Clone, Default)]
+pub struct KeyChanges {
+    pub name: Option<String>,
+    pub rpm: Option<Option<i64>>,
+    pub rpd: Option<Option<i64>>,
+    pub max_inflight: Option<Option<i64>>,
+    pub budget_usd: Option<Option<f64>>,
+    pub budget_mode: Option<String>,
+    pub allowed_models: Option<Vec<String>>,
+    pub free_only: Option<bool>,
+    pub scopes: Option<Vec<String>>,
+    /// A new lifetime, counted from now.
+    pub ttl: Option<String>,
+    pub client_id: Option<Option<String>>,
 }
 
-/// Every allow-list entry must name a model or alias of the config.
-pub fn check_models(catalog: &Catalog, names: &[String]) -> Result<(), String> {
-    for n in names {
-        if catalog.model_index(n).is_none() && catalog.alias_chain(n).is_none() {
-            return Err(format!("unknown model or alias \"{n}\" in the allow-list"));
+/// Why a key operation was refused.
+#[derive(Debug)]
+pub enum KeyError {
+    /// A field's value breaks a rule; `field` is the API name of the field.
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    NotFound(String),
+    /// The operation does not apply to the key as it is (rotating a revoked key).
+    Conflict(String),
+    Store(StoreError),
+}
+
+impl KeyError {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> KeyError {
+        KeyError::Invalid {
+            field,
+            message: message.into(),
         }
     }
-    Ok(())
-}
 
-pub fn check_limit(name: &str, v: Option<u32>) -> Result<(), String> {
-    match v {
-        Some(0) => Err(format!("{name} must be at least 1 (omit it for unlimited)")),
-        _ => Ok(()),
+    pub fn status(&self) -> u16 {
+        match self {
+            KeyError::Invalid { .. } => 400,
+            KeyError::NotFound(_) => 404,
+            KeyError::Conflict(_) => 409,
+            KeyError::Store(_) => 500,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            KeyError::Invalid { .. } => "invalid_request",
+            KeyError::NotFound(_) => "not_found",
+            KeyError::Conflict(_) => "conflict",
+            KeyError::Store(_) => "store_error",
+        }
+    }
+
+    /// The field a refusal is about, for the dashboard to show the message beside it.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            KeyError::Invalid { field, .. } => Some(field),
+            KeyError::NotFound(_) | KeyError::Conflict(_) | KeyError::Store(_) => None,
+        }
     }
 }
 
-/// Validates and stores a new key. Returns the record and the secret, which exists only in
-/// this return value: the store keeps its SHA-256.
-pub fn create_key(
-    store: &mut Store,
-    catalog: &Catalog,
-    req: NewKey,
-    now: i64,
-) -> Result<(KeyRecord, String), String> {
-    let (record, secret) = mint_key(catalog, req, now)?;
-    store
-        .insert_key(&record)
-        .map_err(|e| format!("database: {e}"))?;
-    Ok((record, secret))
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyError::Invalid { message, .. } => f.write_str(message),
+            KeyError::NotFound(id) => write!(f, "no key with id \"{id}\""),
+            KeyError::Conflict(why) => f.write_str(why),
+            KeyError::Store(e) => write!(f, "database: {e}"),
+        }
+    }
 }
 
-/// Validates a request and mints the key without storing it (bulk provisioning).
-pub fn mint_key(catalog: &Catalog, req: NewKey, now: i64) -> Result<(KeyRecord, String), String> {
-    let name = req.name.trim();
-    if name.is_empty() {
-        return Err("name must not be empty".into());
+impl std::error::Error for KeyError {}
+
+impl From<StoreError> for KeyError {
+    fn from(e: StoreError) -> KeyError {
+        KeyError::Store(e)
     }
-    check_limit("rpm", req.rpm)?;
-    check_limit("rpd", req.rpd)?;
-    check_limit("max_inflight", req.max_inflight)?;
-    check_models(catalog, &req.allowed_models)?;
-    let ttl = req.ttl_secs.unwrap_or(DEFAULT_TTL_SECS);
-    if !(MIN_TTL_SECS..=MAX_TTL_SECS).contains(&ttl) {
-        return Err("ttl must be between 1h and 90d".into());
+}
+
+/// Key operations over one store and the config's catalog.
+pub struct KeyService<'a> {
+    store: &'a mut Store,
+    catalog: &'a Catalog,
+}
+
+impl<'a> KeyService<'a> {
+    pub fn new(store: &'a mut Store, catalog: &'a Catalog) -> KeyService<'a> {
+        KeyService { store, catalog }
     }
-    let scopes = req
-        .scopes
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect());
-    let minted = token::mint().map_err(|e| format!("cannot read the OS random source: {e}"))?;
+
+    /// Validates and stores a new key. Returns the record and the secret, which exists only
+    /// in this return value: the store keeps its SHA-256.
+    pub fn create(&mut self, spec: KeySpec, now: i64) -> Result<(KeyRecord, String), KeyError> {
+        let (record, secret) = mint(self.catalog, spec, now)?;
+        self.store.insert_key(&record)?;
+        Ok((record, secret))
+    }
+
+    /// Validates and applies changes in one transaction.
+    pub fn update(
+        &mut self,
+        id: &str,
+        changes: KeyChanges,
+        now: i64,
+    ) -> Result<KeyRecord, KeyError> {
+        let patch = KeyPatch {
+            name: changes.name.as_deref().map(check_name).transpose()?,
+            scopes: changes.scopes.map(|s| check_scopes(s, false)).transpose()?,
+            rpm: changes.rpm.map(|v| check_limit("rpm", v)).transpose()?,
+            rpd: changes.rpd.map(|v| check_limit("rpd", v)).transpose()?,
+            max_inflight: changes
+                .max_inflight
+                .map(|v| check_limit("max_inflight", v))
+                .transpose()?,
+            budget: changes.budget_usd.map(check_budget).transpose()?,
+            budget_mode: changes
+                .budget_mode
+                .as_deref()
+                .map(check_budget_mode)
+                .transpose()?,
+            allowed_models: changes
+                .allowed_models
+                .map(|m| check_models(self.catalog, m))
+                .transpose()?,
+            free_only: changes.free_only,
+            client_id: changes.client_id.map(check_client_id).transpose()?,
+            expires_at: changes
+                .ttl
+                .as_deref()
+                .map(|t| check_ttl(t).map(|secs| now + secs * 1000))
+                .transpose()?,
+        };
+        self.store
+            .update_key(id, &patch)?
+            .ok_or_else(|| KeyError::NotFound(id.to_string()))
+    }
+
+    /// Issues a new secret for the same key. The old secret keeps working for `grace`
+    /// (`0s`..`7d`, default 1 h), then gets 401 `token_revoked`.
+    pub fn rotate(
+        &mut self,
+        id: &str,
+        grace: Option<&str>,
+        now: i64,
+    ) -> Result<(KeyRecord, String), KeyError> {
+        let grace_secs = check_grace(grace.unwrap_or(DEFAULT_GRACE))?;
+        let key = self.get(id)?;
+        if key.revoked_at.is_some() {
+            return Err(KeyError::Conflict(format!(
+                "key \"{id}\" is revoked; create a new key instead"
+            )));
+        }
+        let minted = token::mint().map_err(random_source)?;
+        let record = self
+            .store
+            .rotate_key(
+                id,
+                &minted.hash,
+                &minted.prefix,
+                now + grace_secs * 1000,
+                now,
+            )?
+            .ok_or_else(|| KeyError::NotFound(id.to_string()))?;
+        Ok((record, minted.secret))
+    }
+
+    /// Revokes a key now (idempotent: the first revocation time is kept).
+    pub fn revoke(&mut self, id: &str, now: i64) -> Result<KeyRecord, KeyError> {
+        self.store
+            .revoke_key(id, now)?
+            .ok_or_else(|| KeyError::NotFound(id.to_string()))
+    }
+
+    pub fn get(&self, id: &str) -> Result<KeyRecord, KeyError> {
+        self.store
+            .get_key(id)?
+            .ok_or_else(|| KeyError::NotFound(id.to_string()))
+    }
+
+    /// Active keys, or every key with `all`.
+    pub fn list(&self, all: bool, now: i64) -> Result<Vec<KeyRecord>, KeyError> {
+        Ok(self
+            .store
+            .all_keys()?
+            .into_iter()
+            .filter(|k| all || k.status(now) == "active")
+            .collect())
+    }
+
+    /// Newest traces first, for one key or all, `before` a trace id for paging.
+    pub fn traces(
+        &self,
+        key: Option<&str>,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<TraceRow>, KeyError> {
+        if let Some(id) = key {
+            self.get(id)?;
+        }
+        Ok(self.store.traces(key, limit.min(10_000), before)?)
+    }
+}
+
+/// Validates a spec and mints the key without storing it (bulk provisioning, benchmarks).
+pub fn mint(catalog: &Catalog, spec: KeySpec, now: i64) -> Result<(KeyRecord, String), KeyError> {
+    let name = check_name(&spec.name)?;
+    let rpm = check_limit("rpm", spec.rpm)?;
+    let rpd = check_limit("rpd", spec.rpd)?;
+    let max_inflight = check_limit("max_inflight", spec.max_inflight)?;
+    let budget = check_budget(spec.budget_usd)?;
+    let budget_mode = match spec.budget_mode.as_deref() {
+        Some(m) => check_budget_mode(m)?,
+        None => BudgetMode::Hard,
+    };
+    let allowed_models = check_models(catalog, spec.allowed_models)?;
+    let ttl = match spec.ttl.as_deref() {
+        Some(t) => check_ttl(t)?,
+        None => DEFAULT_TTL_SECS,
+    };
+    let scopes = match spec.scopes.filter(|s| !s.is_empty()) {
+        Some(s) => check_scopes(s, true)?,
+        None => DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect(),
+    };
+    let client_id = check_client_id(spec.client_id)?;
+    let minted = token::mint().map_err(random_source)?;
     let record = KeyRecord {
-        id: token::new_key_id().map_err(|e| format!("cannot read the OS random source: {e}"))?,
-        name: name.to_string(),
+        id: token::new_key_id().map_err(random_source)?,
+        name,
         prefix: minted.prefix,
         token_hash: minted.hash,
         scopes,
-        rpm: req.rpm,
-        rpd: req.rpd,
-        budget: req.budget,
-        budget_mode: req.budget_mode.unwrap_or(BudgetMode::Hard),
-        max_inflight: req.max_inflight,
-        allowed_models: req.allowed_models,
-        free_only: req.free_only,
-        client_id: req.client_id.filter(|c| !c.is_empty()),
+        rpm,
+        rpd,
+        budget,
+        budget_mode,
+        max_inflight,
+        allowed_models,
+        free_only: spec.free_only,
+        client_id,
         created_at: now,
         expires_at: now + ttl * 1000,
         revoked_at: None,
         last_used_at: None,
+        previous_hash: None,
+        previous_valid_until: None,
+        rotated_at: None,
     };
     Ok((record, minted.secret))
+}
+
+/// Every allow-list entry must name a model or alias of the config.
+fn check_models(catalog: &Catalog, names: Vec<String>) -> Result<Vec<String>, KeyError> {
+    for n in &names {
+        if catalog.model_index(n).is_none() && catalog.alias_chain(n).is_none() {
+            return Err(KeyError::invalid(
+                "allowed_models",
+                format!("unknown model or alias \"{n}\" in the allow-list"),
+            ));
+        }
+    }
+    Ok(names)
+}
+
+fn random_source(e: std::io::Error) -> KeyError {
+    KeyError::Store(StoreError::ToSqlConversionFailure(Box::new(
+        std::io::Error::other(format!("cannot read the OS random source: {e}")),
+    )))
+}
+
+fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
+fn check_name(name: &str) -> Result<String, KeyError> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(KeyError::invalid("name", "name must not be empty"));
+    }
+    if name.chars().count() > MAX_NAME_CHARS || has_control(name) {
+        return Err(KeyError::invalid(
+            "name",
+            format!("name must be at most {MAX_NAME_CHARS} printable characters"),
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// A limit is a whole number from 1 up, or absent (unlimited).
+fn check_limit(field: &'static str, v: Option<i64>) -> Result<Option<u32>, KeyError> {
+    match v {
+        None => Ok(None),
+        Some(n) if n >= 1 && n <= u32::MAX as i64 => Ok(Some(n as u32)),
+        Some(n) => Err(KeyError::invalid(
+            field,
+            format!(
+                "{field} must be a whole number from 1 to {} (omit it for unlimited), got {n}",
+                u32::MAX
+            ),
+        )),
+    }
+}
+
+fn check_budget(usd: Option<f64>) -> Result<Option<Nanos>, KeyError> {
+    match usd {
+        None => Ok(None),
+        Some(usd) => Nanos::from_usd(usd).map(Some).ok_or_else(|| {
+            KeyError::invalid(
+                "monthly_budget_usd",
+                format!("invalid budget {usd}: use a USD amount between 0 and 1000000000"),
+            )
+        }),
+    }
+}
+
+fn check_budget_mode(mode: &str) -> Result<BudgetMode, KeyError> {
+    BudgetMode::parse(mode).ok_or_else(|| {
+        KeyError::invalid(
+            "budget_mode",
+            format!("budget_mode must be \"soft\" or \"hard\", got \"{mode}\""),
+        )
+    })
+}
+
+/// Scopes are stored as given (unknown ones grant nothing); each is a short printable word.
+fn check_scopes(scopes: Vec<String>, creating: bool) -> Result<Vec<String>, KeyError> {
+    if scopes.is_empty() && !creating {
+        return Err(KeyError::invalid(
+            "scopes",
+            "a key needs at least one scope",
+        ));
+    }
+    for s in &scopes {
+        if s.is_empty()
+            || s.chars().count() > MAX_SCOPE_CHARS
+            || s.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(KeyError::invalid(
+                "scopes",
+                format!("invalid scope \"{s}\": up to {MAX_SCOPE_CHARS} characters, no spaces"),
+            ));
+        }
+    }
+    Ok(scopes)
+}
+
+fn check_ttl(ttl: &str) -> Result<i64, KeyError> {
+    let secs = parse_duration(ttl).map_err(|e| KeyError::invalid("ttl", e))?;
+    if !(MIN_TTL_SECS..=MAX_TTL_SECS).contains(&secs) {
+        return Err(KeyError::invalid(
+            "ttl",
+            format!("TTL \"{ttl}\" is outside the allowed range of 1h to 90d"),
+        ));
+    }
+    Ok(secs)
+}
+
+fn check_grace(grace: &str) -> Result<i64, KeyError> {
+    let secs = parse_duration(grace).map_err(|e| KeyError::invalid("grace", e))?;
+    if !(0..=MAX_GRACE_SECS).contains(&secs) {
+        return Err(KeyError::invalid(
+            "grace",
+            format!("grace \"{grace}\" is outside the allowed range of 0s to 7d"),
+        ));
+    }
+    Ok(secs)
+}
+
+/// An empty client id clears the field.
+fn check_client_id(id: Option<String>) -> Result<Option<String>, KeyError> {
+    match id {
+        Some(c) if c.chars().count() > MAX_CLIENT_ID_CHARS || has_control(&c) => {
+            Err(KeyError::invalid(
+                "client_id",
+                format!("client_id must be at most {MAX_CLIENT_ID_CHARS} printable characters"),
+            ))
+        }
+        Some(c) if c.is_empty() => Ok(None),
+        other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn catalog() -> Catalog {
+        let yaml = r#"
+listen: "127.0.0.1:8080"
+database: "x.db"
+providers: [{name: p, kind: openai, base_url: "http://127.0.0.1:1/v1"}]
+models: [{id: m, provider: p, input_usd_per_mtok: 1, output_usd_per_mtok: 1}]
+aliases: {fast: [m]}
+"#;
+        Catalog::new(&crate::config::Config::parse(yaml, Path::new("t.yaml")).unwrap())
+    }
+
+    fn service_test(f: impl FnOnce(&mut KeyService<'_>)) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("k.db")).unwrap();
+        let catalog = catalog();
+        let mut svc = KeyService::new(&mut store, &catalog);
+        f(&mut svc);
+    }
+
+    fn spec() -> KeySpec {
+        KeySpec {
+            name: "agent".into(),
+            ..KeySpec::default()
+        }
+    }
+
+    fn refused_field(r: Result<(KeyRecord, String), KeyError>) -> &'static str {
+        match r {
+            Err(KeyError::Invalid { field, .. }) => field,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_thirty_days_all_gate_scopes_and_a_hard_budget() {
+        service_test(|svc| {
+            let (k, secret) = svc.create(spec(), 1_000).unwrap();
+            assert_eq!(k.expires_at, 1_000 + DEFAULT_TTL_SECS * 1000);
+            assert_eq!(k.scopes, DEFAULT_SCOPES);
+            assert_eq!(k.budget_mode, BudgetMode::Hard);
+            assert!(secret.starts_with("spideriq_pat_"));
+            assert_eq!(svc.list(false, 1_000).unwrap().len(), 1);
+        });
+    }
+
+    #[test]
+    fn a_name_is_required_and_printable() {
+        let c = catalog();
+        for name in ["", "   ", "a\u{7}b"] {
+            let s = KeySpec {
+                name: name.into(),
+                ..KeySpec::default()
+            };
+            assert_eq!(refused_field(mint(&c, s, 0)), "name");
+        }
+        let long = KeySpec {
+            name: "x".repeat(101),
+            ..KeySpec::default()
+        };
+        assert_eq!(refused_field(mint(&c, long, 0)), "name");
+    }
+
+    #[test]
+    fn limits_are_whole_numbers_from_one() {
+        let c = catalog();
+        for v in [0, -5, u32::MAX as i64 + 1] {
+            let s = KeySpec {
+                rpm: Some(v),
+                ..spec()
+            };
+            assert_eq!(refused_field(mint(&c, s, 0)), "rpm");
+            let s = KeySpec {
+                rpd: Some(v),
+                ..spec()
+            };
+            assert_eq!(refused_field(mint(&c, s, 0)), "rpd");
+            let s = KeySpec {
+                max_inflight: Some(v),
+                ..spec()
+            };
+            assert_eq!(refused_field(mint(&c, s, 0)), "max_inflight");
+        }
+    }
+
+    #[test]
+    fn budgets_are_finite_and_not_negative() {
+        let c = catalog();
+        for usd in [-0.01, f64::NAN, f64::INFINITY, 2e9] {
+            let s = KeySpec {
+                budget_usd: Some(usd),
+                ..spec()
+            };
+            assert_eq!(refused_field(mint(&c, s, 0)), "monthly_budget_usd");
+        }
+        let s = KeySpec {
+            budget_mode: Some("firm".into()),
+            ..spec()
+        };
+        assert_eq!(refused_field(mint(&c, s, 0)), "budget_mode");
+    }
+
+    #[test]
+    fn the_allow_list_names_known_models_or_aliases() {
+        let c = catalog();
+        let s = KeySpec {
+            allowed_models: vec!["m".into(), "fast".into()],
+            ..spec()
+        };
+        assert!(mint(&c, s, 0).is_ok());
+        let s = KeySpec {
+            allowed_models: vec!["gpt-nope".into()],
+            ..spec()
+        };
+        assert_eq!(refused_field(mint(&c, s, 0)), "allowed_models");
+    }
+
+    #[test]
+    fn ttl_is_one_hour_to_ninety_days() {
+        let c = catalog();
+        for ttl in ["59m", "91d", "0h", "soon"] {
+            let s = KeySpec {
+                ttl: Some(ttl.into()),
+                ..spec()
+            };
+            assert_eq!(refused_field(mint(&c, s, 0)), "ttl");
+        }
+    }
+
+    #[test]
+    fn scopes_are_printable_words_and_a_comma_stays_inside_one() {
+        let c = catalog();
+        let s = KeySpec {
+            scopes: Some(vec!["gate chat".into()]),
+            ..spec()
+        };
+        assert_eq!(refused_field(mint(&c, s, 0)), "scopes");
+        let s = KeySpec {
+            scopes: Some(vec!["x,gate:chat".into()]),
+            ..spec()
+        };
+        assert_eq!(mint(&c, s, 0).unwrap().0.scopes, vec!["x,gate:chat"]);
+    }
+
+    #[test]
+    fn client_ids_are_printable_and_empty_clears() {
+        let c = catalog();
+        let s = KeySpec {
+            client_id: Some("x".repeat(201)),
+            ..spec()
+        };
+        assert_eq!(refused_field(mint(&c, s, 0)), "client_id");
+        let s = KeySpec {
+            client_id: Some(String::new()),
+            ..spec()
+        };
+        assert_eq!(mint(&c, s, 0).unwrap().0.client_id, None);
+    }
+
+    #[test]
+    fn updates_follow_the_same_rules_and_change_nothing_when_refused() {
+        service_test(|svc| {
+            let (k, _) = svc.create(spec(), 0).unwrap();
+            let bad = KeyChanges {
+                rpm: Some(Some(0)),
+                rpd: Some(Some(10)),
+                ..KeyChanges::default()
+            };
+            assert_eq!(svc.update(&k.id, bad, 0).unwrap_err().field(), Some("rpm"));
+            assert_eq!(svc.get(&k.id).unwrap().rpd, None, "nothing applied");
+            let bad = KeyChanges {
+                scopes: Some(vec![]),
+                ..KeyChanges::default()
+            };
+            assert_eq!(
+                svc.update(&k.id, bad, 0).unwrap_err().field(),
+                Some("scopes")
+            );
+            let ok = KeyChanges {
+                rpm: Some(None),
+                rpd: Some(Some(10)),
+                ttl: Some("2h".into()),
+                ..KeyChanges::default()
+            };
+            let k = svc.update(&k.id, ok, 5).unwrap();
+            assert_eq!(
+                (k.rpm, k.rpd, k.expires_at),
+                (None, Some(10), 5 + 7_200_000)
+            );
+            let missing = svc.update("key_nope", KeyChanges::default(), 0);
+            assert_eq!(missing.unwrap_err().status(), 404);
+        });
+    }
+
+    #[test]
+    fn rotation_keeps_the_id_and_bounds_the_grace() {
+        service_test(|svc| {
+            let (k, old) = svc.create(spec(), 0).unwrap();
+            assert_eq!(
+                svc.rotate(&k.id, Some("8d"), 0).unwrap_err().field(),
+                Some("grace")
+            );
+            let (r, new) = svc.rotate(&k.id, Some("30s"), 1_000).unwrap();
+            assert_eq!(r.id, k.id);
+            assert_ne!(new, old);
+            assert_eq!(r.token_hash, token::hash_token(&new));
+            assert_eq!(r.previous_hash, Some(k.token_hash));
+            assert_eq!(r.previous_valid_until, Some(31_000));
+            svc.revoke(&k.id, 2_000).unwrap();
+            assert_eq!(svc.rotate(&k.id, None, 3_000).unwrap_err().status(), 409);
+        });
+    }
 }

@@ -571,6 +571,7 @@ impl RequestCtx {
         let keep_trace = self.key.is_some() || gate.unauthenticated_traces.allow(self.started_ms);
         let model = |m: usize| gate.model_names[m].clone();
         let trace = TraceRow {
+            id: 0,
             ts,
             key_id: self.key.as_ref().map(|k| k.id.clone()),
             endpoint: self.endpoint.label().into(),

@@ -13,6 +13,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use crate::clock::{day_index, day_label, month_index, month_label};
+use crate::keys::token::TokenHash;
 use crate::keys::{BudgetMode, KeyRecord};
 use crate::limits::ModelTally;
 use crate::money::Nanos;
@@ -90,6 +91,16 @@ CREATE TABLE IF NOT EXISTS traces (
 );
 CREATE INDEX IF NOT EXISTS traces_key ON traces (key_id, id);
 
+-- Spend per key, model and UTC day, for the dashboard's daily chart.
+CREATE TABLE IF NOT EXISTS daily_spend (
+    key_id     TEXT NOT NULL,
+    day        TEXT NOT NULL,
+    model      TEXT NOT NULL,
+    requests   INTEGER NOT NULL,
+    cost_nanos INTEGER NOT NULL,
+    PRIMARY KEY (key_id, day, model)
+) WITHOUT ROWID;
+
 -- Admissions still open at a commit (the admission journal): a request that outlives one
 -- flush interval is written here, and deleted when its spend is booked. Rows left after a
 -- crash are orphans, charged at their upper-bound cost when the gateway starts again.
@@ -107,7 +118,13 @@ CREATE TABLE IF NOT EXISTS inflight (
 "#;
 
 /// Columns added after the first release, applied to older databases at open.
-const MIGRATIONS: [(&str, &str, &str); 1] = [("keys", "max_inflight", "INTEGER")];
+const MIGRATIONS: [(&str, &str, &str); 4] = [
+    ("keys", "max_inflight", "INTEGER"),
+    // Rotation: the secret before the last rotation keeps working until `prev_valid_until`.
+    ("keys", "prev_token_hash", "BLOB"),
+    ("keys", "prev_valid_until", "INTEGER"),
+    ("keys", "rotated_at", "INTEGER"),
+];
 
 /// Rows per multi-row trace insert (15 parameters each; SQLite allows 32,766).
 const TRACE_ROWS_PER_INSERT: usize = 64;
@@ -150,6 +167,25 @@ fn add_spend(
             cost_nanos = cost_nanos + excluded.cost_nanos",
     )?;
     stmt.execute(params![key_id, month_label(month), model, n, p, c, cost])?;
+    Ok(())
+}
+
+fn add_daily_spend(
+    tx: &rusqlite::Transaction<'_>,
+    key_id: &str,
+    day: i64,
+    model: &str,
+    n: i64,
+    cost: i64,
+) -> Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO daily_spend (key_id, day, model, requests, cost_nanos)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (key_id, day, model) DO UPDATE SET
+            requests = requests + excluded.requests,
+            cost_nanos = cost_nanos + excluded.cost_nanos",
+    )?;
+    stmt.execute(params![key_id, day_label(day), model, n, cost])?;
     Ok(())
 }
 
@@ -198,6 +234,8 @@ fn insert_traces(tx: &rusqlite::Transaction<'_>, batch: &[&TraceRow]) -> Result<
 /// One finished request, as the ledger writer commits it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TraceRow {
+    /// Row id once stored (0 before); newer traces have larger ids, per key.
+    pub id: i64,
     pub ts: i64,
     // Shared and static strings: recording a trace on the request path copies no text.
     pub key_id: Option<Arc<str>>,
@@ -257,6 +295,7 @@ pub struct Batch {
     traces: Vec<TraceRow>,
     spend: HashMap<(Arc<str>, i64, Arc<str>), [i64; 4]>,
     daily: HashMap<(Arc<str>, i64), i64>,
+    daily_spend: HashMap<(Arc<str>, i64, Arc<str>), [i64; 2]>,
     last_used: HashMap<Arc<str>, i64>,
     journal_open: HashMap<i64, JournalRow>,
     journal_closed: Vec<i64>,
@@ -275,6 +314,12 @@ impl Batch {
                     (None, Some(m)) => m.clone(),
                     (None, None) => Arc::from(""),
                 };
+                let day = self
+                    .daily_spend
+                    .entry((key_id.clone(), day_index(t.ts), model.clone()))
+                    .or_default();
+                day[0] += 1;
+                day[1] = day[1].saturating_add(t.cost.get());
                 let row = self
                     .spend
                     .entry((key_id.clone(), month_index(t.ts), model))
@@ -427,7 +472,8 @@ fn split(s: &str) -> Vec<String> {
 
 const KEY_COLUMNS: &str = "k.id, k.token_hash, k.prefix, k.name, k.scopes, k.rpm, k.rpd, \
      k.budget_nanos, k.budget_mode, k.allowed_models, k.free_only, k.client_id, k.created_at, \
-     k.expires_at, k.revoked_at, u.at, k.max_inflight";
+     k.expires_at, k.revoked_at, u.at, k.max_inflight, k.prev_token_hash, k.prev_valid_until, \
+     k.rotated_at";
 
 fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
     let hash: Vec<u8> = row.get(1)?;
@@ -447,6 +493,11 @@ fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
         budget: row.get::<_, Option<i64>>(7)?.map(Nanos::new),
         budget_mode: BudgetMode::parse(&mode).unwrap_or(BudgetMode::Soft),
         max_inflight: row.get(16)?,
+        previous_hash: row
+            .get::<_, Option<Vec<u8>>>(17)?
+            .and_then(|h| h.try_into().ok()),
+        previous_valid_until: row.get(18)?,
+        rotated_at: row.get(19)?,
         allowed_models: split(&row.get::<_, String>(9)?),
         free_only: row.get(10)?,
         client_id: row.get(11)?,
@@ -463,6 +514,7 @@ fn shared(v: Option<String>) -> Option<Arc<str>> {
 
 fn trace_from_row(row: &Row<'_>) -> rusqlite::Result<TraceRow> {
     Ok(TraceRow {
+        id: row.get(15)?,
         ts: row.get(0)?,
         key_id: shared(row.get(1)?),
         endpoint: Cow::Owned(row.get(2)?),
@@ -628,6 +680,32 @@ impl Store {
         })
     }
 
+    /// Gives a key a new secret (its hash and display prefix); the previous secret keeps
+    /// working until `previous_valid_until`. Returns the updated key, or `None` if no such
+    /// key. A revoked key cannot be rotated back to life (`Ok(None)` is not returned for it;
+    /// the caller checks the status first).
+    pub fn rotate_key(
+        &mut self,
+        id: &str,
+        new_hash: &TokenHash,
+        new_prefix: &str,
+        previous_valid_until: i64,
+        now: i64,
+    ) -> Result<Option<KeyRecord>> {
+        let changed = self.write(|tx| {
+            tx.execute(
+                "UPDATE keys SET prev_token_hash = token_hash, prev_valid_until = ?4,
+                    token_hash = ?2, prefix = ?3, rotated_at = ?5
+                 WHERE id = ?1",
+                params![id, &new_hash[..], new_prefix, previous_valid_until, now],
+            )
+        })?;
+        if changed == 0 {
+            return Ok(None);
+        }
+        self.get_key(id)
+    }
+
     /// Revokes a key (idempotent: the first revocation time is kept).
     pub fn revoke_key(&mut self, id: &str, now: i64) -> Result<Option<KeyRecord>> {
         let changed = self.write(|tx| {
@@ -700,19 +778,26 @@ impl Store {
             .unwrap_or(0))
     }
 
-    /// Newest traces first, for one key or all. Within a committed batch rows are grouped by
-    /// key (see `write_batch`), so the all-keys view sorts a recent window by time; one key's
-    /// rows are always in order.
-    pub fn traces(&self, key_id: Option<&str>, limit: u32) -> Result<Vec<TraceRow>> {
+    /// Newest traces first, for one key or all; `before` pages back (traces with a smaller
+    /// id). Within a committed batch rows are grouped by key (see `write_batch`), so the
+    /// all-keys view sorts a recent window by time; one key's rows are always in order.
+    pub fn traces(
+        &self,
+        key_id: Option<&str>,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<TraceRow>> {
         const COLUMNS: &str = "ts, key_id, endpoint, requested_model, served_model, provider, \
              status, error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, \
-             cost_nanos, usage_estimated, fallback_from";
+             cost_nanos, usage_estimated, fallback_from, id";
+        let before = before.unwrap_or(i64::MAX);
         let rows = match key_id {
             Some(key) => {
                 let mut stmt = self.conn.prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM traces WHERE key_id = ?1 ORDER BY id DESC LIMIT ?2"
+                    "SELECT {COLUMNS} FROM traces WHERE key_id = ?1 AND id < ?3
+                     ORDER BY id DESC LIMIT ?2"
                 ))?;
-                let rows = stmt.query_map(params![key, limit], trace_from_row)?;
+                let rows = stmt.query_map(params![key, limit, before], trace_from_row)?;
                 rows.collect()
             }
             None => {
@@ -720,14 +805,34 @@ impl Store {
                 let window = limit as i64 + 200_000;
                 let mut stmt = self.conn.prepare_cached(&format!(
                     "SELECT {COLUMNS} FROM traces
-                     WHERE id > (SELECT COALESCE(MAX(id), 0) FROM traces) - ?1
+                     WHERE id < ?3 AND id > (SELECT COALESCE(MAX(id), 0) FROM traces
+                                             WHERE id < ?3) - ?1
                      ORDER BY ts DESC, id DESC LIMIT ?2"
                 ))?;
-                let rows = stmt.query_map(params![window, limit], trace_from_row)?;
+                let rows = stmt.query_map(params![window, limit, before], trace_from_row)?;
                 rows.collect()
             }
         };
         rows
+    }
+
+    /// Spend per UTC day and model in one month (`YYYY-MM`), for one key or summed over all:
+    /// `(day "YYYY-MM-DD", model, cost)`.
+    pub fn daily_spend(
+        &self,
+        month: &str,
+        key_id: Option<&str>,
+    ) -> Result<Vec<(String, String, Nanos)>> {
+        let like = format!("{month}-%");
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT day, model, SUM(cost_nanos) FROM daily_spend
+             WHERE day LIKE ?1 AND (?2 IS NULL OR key_id = ?2)
+             GROUP BY day, model ORDER BY day, model",
+        )?;
+        let rows = stmt.query_map(params![like, key_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, Nanos::new(r.get(2)?)))
+        })?;
+        rows.collect()
     }
 
     /// Commits one batch atomically: traces, spend, daily counts, last use and the
@@ -745,6 +850,9 @@ impl Store {
             }
             for ((key_id, day), n) in &batch.daily {
                 add_daily(tx, key_id, *day, *n)?;
+            }
+            for ((key_id, day, model), [n, cost]) in &batch.daily_spend {
+                add_daily_spend(tx, key_id, *day, model, *n, *cost)?;
             }
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO key_last_used (key_id, at) VALUES (?1, ?2)
@@ -823,6 +931,7 @@ impl Store {
                 ];
                 add_spend(tx, key_id, month_index(t.ts), model, sums)?;
                 add_daily(tx, key_id, day_index(t.ts), 1)?;
+                add_daily_spend(tx, key_id, day_index(t.ts), model, 1, t.cost.get())?;
             }
             tx.execute("DELETE FROM inflight", [])?;
             Ok(orphans.len())
@@ -869,6 +978,9 @@ mod tests {
             budget: Some(Nanos::new(5_000_000_000)),
             budget_mode: BudgetMode::Hard,
             max_inflight: Some(4),
+            previous_hash: None,
+            previous_valid_until: None,
+            rotated_at: None,
             allowed_models: vec!["a".into(), "b".into()],
             free_only: false,
             client_id: None,
@@ -932,8 +1044,8 @@ mod tests {
         let rows = s.spend_for_key("key_a", "2026-11").unwrap();
         assert_eq!(rows[0].requests, 2);
         assert_eq!(rows[0].prompt_tokens, 20);
-        assert_eq!(s.traces(Some("key_a"), 10).unwrap().len(), 3);
-        assert_eq!(s.traces(None, 1).unwrap().len(), 1);
+        assert_eq!(s.traces(Some("key_a"), 10, None).unwrap().len(), 3);
+        assert_eq!(s.traces(None, 1, None).unwrap().len(), 1);
         assert_eq!(s.integrity_check().unwrap(), "ok");
     }
 
@@ -959,14 +1071,14 @@ mod tests {
         // One key: ids follow time exactly.
         let batch = Batch::of((0..150).map(|i| entry(i, "key_a".into())));
         s.write_batch(&batch).unwrap();
-        assert_eq!(s.traces(None, 1_000).unwrap().len(), 150);
+        assert_eq!(s.traces(None, 1_000, None).unwrap().len(), 150);
         let month = crate::clock::month_label(crate::clock::month_index(1_000));
         assert_eq!(
             s.spend_by_key(&month).unwrap()["key_a"][0].spent,
             Nanos::new(1_500)
         );
         assert_eq!(s.prune_traces(1_100).unwrap(), 100);
-        let left = s.traces(Some("key_a"), 1_000).unwrap();
+        let left = s.traces(Some("key_a"), 1_000, None).unwrap();
         assert_eq!(left.len(), 50);
         assert!(left.iter().all(|t| t.ts >= 1_100));
         assert!(left.windows(2).all(|w| w[0].ts > w[1].ts), "newest first");
@@ -977,14 +1089,14 @@ mod tests {
         let batch = Batch::of((0..140).map(|i| entry(i, format!("key_{}", i % 7))));
         s.write_batch(&batch).unwrap();
         s.prune_traces(1_070).unwrap();
-        let left = s.traces(None, 1_000).unwrap();
+        let left = s.traces(None, 1_000, None).unwrap();
         assert_eq!(left.iter().filter(|t| t.ts >= 1_070).count(), 70);
         assert!(
             left.windows(2).all(|w| w[0].ts >= w[1].ts),
             "all-keys view sorted by time"
         );
         assert_eq!(
-            s.traces(Some("key_3"), 1_000).unwrap().len(),
+            s.traces(Some("key_3"), 1_000, None).unwrap().len(),
             left.iter()
                 .filter(|t| t.key_id.as_deref() == Some("key_3"))
                 .count()
@@ -992,7 +1104,7 @@ mod tests {
         s.write_batch(&Batch::of([entry(500, "key_z".into())]))
             .unwrap();
         s.prune_traces(1_200).unwrap();
-        let left = s.traces(None, 1_000).unwrap();
+        let left = s.traces(None, 1_000, None).unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].key_id.as_deref(), Some("key_z"));
     }
@@ -1088,7 +1200,7 @@ mod tests {
         let spend = &s.spend_by_key("2026-11").unwrap()["key_o"];
         assert_eq!((spend[0].spent, spend[0].requests), (Nanos::new(14_000), 2));
         assert_eq!(s.requests_by_key("2026-11-26").unwrap()["key_o"], 2);
-        let traces = s.traces(Some("key_o"), 10).unwrap();
+        let traces = s.traces(Some("key_o"), 10, None).unwrap();
         assert_eq!(traces.len(), 2);
         assert!(traces
             .iter()

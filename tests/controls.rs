@@ -466,13 +466,13 @@ fn ten_thousand_keys_each_under_its_limit_see_no_429() {
     let mut records = Vec::new();
     let mut secrets = Vec::new();
     for i in 0..10_000 {
-        let req = spidergate::manage::NewKey {
+        let req = spidergate::manage::KeySpec {
             name: format!("agent-{i}"),
             rpm: Some(1),
             rpd: Some(1),
             ..Default::default()
         };
-        let (rec, secret) = spidergate::manage::mint_key(&catalog, req, now).unwrap();
+        let (rec, secret) = spidergate::manage::mint(&catalog, req, now).unwrap();
         records.push(rec);
         secrets.push(secret);
     }

@@ -89,6 +89,10 @@ pub struct KeyRecord {
     pub expires_at: i64,
     pub revoked_at: Option<i64>,
     pub last_used_at: Option<i64>,
+    /// The secret before the last rotation, valid until `previous_valid_until`.
+    pub previous_hash: Option<TokenHash>,
+    pub previous_valid_until: Option<i64>,
+    pub rotated_at: Option<i64>,
 }
 
 impl KeyRecord {
@@ -248,7 +252,9 @@ type DigestMap<V> = HashMap<TokenHash, V, BuildHasherDefault<DigestHasher>>;
 /// `ArcSwap::load` and a hash lookup; no lock, no syscall.
 #[derive(Default)]
 pub struct KeySet {
-    by_hash: DigestMap<Arc<KeyEntry>>,
+    /// Each secret's key, and the time the secret stops working (`i64::MAX` for the current
+    /// one; the end of the grace period for the secret a rotation replaced).
+    by_hash: DigestMap<(Arc<KeyEntry>, i64)>,
     by_id: HashMap<String, Arc<KeyEntry>>,
 }
 
@@ -269,14 +275,21 @@ impl KeySet {
                 .map(|e| e.counters.clone())
                 .unwrap_or_else(|| Arc::new(restore(&record)));
             let entry = Arc::new(KeyEntry::new(record, catalog, counters));
-            by_hash.insert(entry.record.token_hash, entry.clone());
+            if let (Some(old), Some(until)) = (
+                entry.record.previous_hash,
+                entry.record.previous_valid_until,
+            ) {
+                by_hash.insert(old, (entry.clone(), until));
+            }
+            by_hash.insert(entry.record.token_hash, (entry.clone(), i64::MAX));
             by_id.insert(entry.record.id.clone(), entry);
         }
         KeySet { by_hash, by_id }
     }
 
-    pub fn by_hash(&self, hash: &TokenHash) -> Option<&Arc<KeyEntry>> {
-        self.by_hash.get(hash)
+    /// The key a secret belongs to, and when that secret stops working.
+    pub fn by_hash(&self, hash: &TokenHash) -> Option<(&Arc<KeyEntry>, i64)> {
+        self.by_hash.get(hash).map(|(k, until)| (k, *until))
     }
 
     pub fn by_id(&self, id: &str) -> Option<&Arc<KeyEntry>> {
@@ -296,28 +309,31 @@ impl KeySet {
     }
 }
 
-/// Parses a TTL like `90m`, `1h`, `36h`, `7d`, `2w` into seconds and checks 1 h ..= 90 d.
-pub fn parse_ttl(s: &str) -> Result<i64, String> {
+/// Parses a duration like `30s`, `90m`, `1h`, `7d`, `2w` into seconds.
+pub fn parse_duration(s: &str) -> Result<i64, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
-        format!("invalid TTL \"{s}\": use a number with a unit, e.g. 1h, 7d, 90d")
-    })?;
+    let bad = || format!("invalid duration \"{s}\": use a number with a unit, e.g. 1h, 7d, 90d");
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
     let (num, unit) = s.split_at(split);
-    let n: i64 = num
-        .parse()
-        .map_err(|_| format!("invalid TTL \"{s}\": use a number with a unit, e.g. 1h, 7d, 90d"))?;
+    let n: i64 = num.parse().map_err(|_| bad())?;
     let unit_secs = match unit {
         "s" => 1,
         "m" => 60,
         "h" => 3_600,
         "d" => 86_400,
         "w" => 7 * 86_400,
-        _ => return Err(format!("invalid TTL unit in \"{s}\": use s, m, h, d or w")),
+        _ => return Err(format!("invalid unit in \"{s}\": use s, m, h, d or w")),
     };
-    let secs = n.saturating_mul(unit_secs);
+    Ok(n.saturating_mul(unit_secs))
+}
+
+/// Parses a key lifetime and checks 1 h ..= 90 d.
+pub fn parse_ttl(s: &str) -> Result<i64, String> {
+    let secs = parse_duration(s)?;
     if !(MIN_TTL_SECS..=MAX_TTL_SECS).contains(&secs) {
         return Err(format!(
-            "TTL \"{s}\" is outside the allowed range of 1h to 90d"
+            "TTL \"{}\" is outside the allowed range of 1h to 90d",
+            s.trim()
         ));
     }
     Ok(secs)
@@ -384,6 +400,9 @@ models: [{id: m, provider: p, input_usd_per_mtok: 1, output_usd_per_mtok: 1}]
             expires_at,
             revoked_at,
             last_used_at: None,
+            previous_hash: None,
+            previous_valid_until: None,
+            rotated_at: None,
         };
         KeyEntry::new(record, &catalog, Arc::new(KeyCounters::default()))
     }

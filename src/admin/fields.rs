@@ -1,0 +1,148 @@
+//! Admin API request bodies -> the key service's input types. Only JSON types are checked
+//! here (a number where a number belongs); every rule is the key service's.
+
+use serde_json::Value;
+
+use crate::manage::{KeyChanges, KeyError, KeySpec};
+
+/// An optional limit: absent -> `None`, `null` -> `Some(None)` (unlimited), a whole number
+/// -> `Some(Some(n))`, signed so that the service explains a negative one.
+fn limit(v: &Value, field: &'static str) -> Result<Option<Option<i64>>, KeyError> {
+    match v.get(field) {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(None)),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(Some(None)),
+        Some(n) => n
+            .as_i64()
+            .or_else(|| n.as_str().and_then(|s| s.trim().parse().ok()))
+            .map(|n| Some(Some(n)))
+            .ok_or_else(|| {
+                KeyError::invalid(field, format!("{field} must be a whole number or null"))
+            }),
+    }
+}
+
+fn budget(v: &Value) -> Result<Option<Option<f64>>, KeyError> {
+    const FIELD: &str = "monthly_budget_usd";
+    match v.get(FIELD) {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(None)),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(Some(None)),
+        Some(n) => n
+            .as_f64()
+            .or_else(|| {
+                n.as_str()
+                    .and_then(|s| s.trim().trim_start_matches('$').parse().ok())
+            })
+            .map(|usd| Some(Some(usd)))
+            .ok_or_else(|| KeyError::invalid(FIELD, format!("{FIELD} must be a number or null"))),
+    }
+}
+
+fn string(v: &Value, field: &'static str) -> Result<Option<String>, KeyError> {
+    match v.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(KeyError::invalid(
+            field,
+            format!("{field} must be a string"),
+        )),
+    }
+}
+
+/// `client_id`: a string, or null to clear it; any other type is refused (a number must
+/// not silently clear the field).
+fn client_id(v: &Value) -> Result<Option<Option<String>>, KeyError> {
+    match v.get("client_id") {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(None)),
+        Some(Value::String(s)) => Ok(Some(Some(s.clone()))),
+        Some(_) => Err(KeyError::invalid(
+            "client_id",
+            "client_id must be a string or null",
+        )),
+    }
+}
+
+/// A list of strings; a single comma-separated string is accepted too (form input).
+fn list(v: &Value, field: &'static str) -> Result<Option<Vec<String>>, KeyError> {
+    let bad = || KeyError::invalid(field, format!("{field} must be a list of strings"));
+    match v.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_string).ok_or_else(bad))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+        Some(Value::String(s)) => Ok(Some(crate::keys::split_list(s))),
+        Some(_) => Err(bad()),
+    }
+}
+
+fn boolean(v: &Value, field: &'static str) -> Result<Option<bool>, KeyError> {
+    match v.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(KeyError::invalid(
+            field,
+            format!("{field} must be true or false"),
+        )),
+    }
+}
+
+/// `POST /admin/keys`.
+pub fn key_spec(v: &Value) -> Result<KeySpec, KeyError> {
+    Ok(KeySpec {
+        name: string(v, "name")?.unwrap_or_default(),
+        rpm: limit(v, "rpm")?.flatten(),
+        rpd: limit(v, "rpd")?.flatten(),
+        max_inflight: limit(v, "max_inflight")?.flatten(),
+        budget_usd: budget(v)?.flatten(),
+        budget_mode: string(v, "budget_mode")?,
+        allowed_models: list(v, "allowed_models")?.unwrap_or_default(),
+        free_only: boolean(v, "free_only")?.unwrap_or(false),
+        scopes: list(v, "scopes")?,
+        ttl: string(v, "ttl")?.filter(|t| !t.trim().is_empty()),
+        client_id: client_id(v)?.flatten(),
+    })
+}
+
+/// `PATCH /admin/keys/{id}`.
+pub fn key_changes(v: &Value) -> Result<KeyChanges, KeyError> {
+    Ok(KeyChanges {
+        name: string(v, "name")?,
+        rpm: limit(v, "rpm")?,
+        rpd: limit(v, "rpd")?,
+        max_inflight: limit(v, "max_inflight")?,
+        budget_usd: budget(v)?,
+        budget_mode: string(v, "budget_mode")?,
+        allowed_models: list(v, "allowed_models")?,
+        free_only: boolean(v, "free_only")?,
+        scopes: list(v, "scopes")?,
+        ttl: string(v, "ttl")?.filter(|t| !t.trim().is_empty()),
+        client_id: client_id(v)?,
+    })
+}
+
+/// `POST /admin/keys/{id}/rotate`: `{"grace": "1h"}`, all optional.
+pub fn grace(v: &Value) -> Result<Option<String>, KeyError> {
+    string(v, "grace")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_types_are_checked_and_named() {
+        let e = key_spec(&json!({"name": "a", "rpm": "ten"})).unwrap_err();
+        assert_eq!(e.field(), Some("rpm"));
+        let e = key_spec(&json!({"name": "a", "client_id": 5})).unwrap_err();
+        assert_eq!(e.field(), Some("client_id"));
+        let e = key_changes(&json!({"scopes": "a"})).map(|c| c.scopes);
+        assert_eq!(e.unwrap(), Some(vec!["a".to_string()]));
+        let c = key_changes(&json!({"rpm": null, "rpd": -5})).unwrap();
+        assert_eq!((c.rpm, c.rpd), (Some(None), Some(Some(-5))));
+    }
+}

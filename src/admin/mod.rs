@@ -1,0 +1,437 @@
+//! Admin HTTP API on its own listener (`admin.listen`), bearer = the admin token: the same key
+//! operations as the CLI, usage, traces and Prometheus metrics, over the same SQLite store.
+
+mod dashboard;
+mod fields;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::Response;
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+use serde_json::{json, Value};
+
+use crate::clock::{
+    day_label, days_from_civil, month_index, month_label, now_ms, parse_month, Now,
+};
+use crate::gate::Gate;
+use crate::keys::KeyRecord;
+use crate::manage::{KeyError, KeyService};
+use crate::report;
+use crate::store::Store;
+
+/// Largest admin request body (key specs are tiny).
+const MAX_ADMIN_BODY: usize = 64 * 1024;
+
+pub struct AdminApp {
+    gate: Arc<Gate>,
+    /// `Bearer <token>`; `None` when the token variable is unset (every call is refused).
+    expected: Option<String>,
+}
+
+/// An admin API answer: status and JSON (or text) body.
+struct Reply {
+    status: u16,
+    content_type: &'static str,
+    body: Vec<u8>,
+    /// A dashboard page or asset (served with the dashboard's security headers).
+    page: bool,
+    location: Option<&'static str>,
+}
+
+impl Reply {
+    fn json(status: u16, v: Value) -> Reply {
+        Reply {
+            status,
+            content_type: "application/json",
+            body: v.to_string().into_bytes(),
+            page: false,
+            location: None,
+        }
+    }
+
+    fn error(status: u16, code: &str, message: impl Into<String>) -> Reply {
+        Reply::error_on(status, code, message, None)
+    }
+
+    /// An error in the gateway's shape; `param` names the field it is about.
+    fn error_on(status: u16, code: &str, message: impl Into<String>, param: Option<&str>) -> Reply {
+        let kind = match status {
+            401 => "authentication_error",
+            404 | 400 | 405 | 409 | 413 => "invalid_request_error",
+            _ => "api_error",
+        };
+        Reply::json(
+            status,
+            json!({"error": {"message": message.into(), "type": kind, "code": code, "param": param}}),
+        )
+    }
+
+    /// A key service refusal.
+    fn key_error(e: KeyError) -> Reply {
+        if let KeyError::Store(inner) = &e {
+            log::error!("admin: key store error: {inner}");
+        }
+        Reply::error_on(e.status(), e.code(), e.to_string(), e.field())
+    }
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn query_map(query: Option<&str>) -> HashMap<String, String> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), v.replace("%3A", ":").replace("%2F", "/")))
+        .collect()
+}
+
+impl AdminApp {
+    pub fn new(gate: Arc<Gate>, token_env: &str) -> AdminApp {
+        let expected = std::env::var(token_env)
+            .ok()
+            .filter(|t| !t.is_empty())
+            .map(|t| format!("Bearer {t}"));
+        if expected.is_none() {
+            log::warn!("${token_env} is not set: the admin API refuses every call");
+        }
+        AdminApp { gate, expected }
+    }
+
+    fn authorized(&self, session: &ServerSession) -> bool {
+        let given = session
+            .req_header()
+            .headers
+            .get("authorization")
+            .map(|v| v.as_bytes());
+        match (&self.expected, given) {
+            (Some(expected), Some(given)) => same(expected.as_bytes(), given),
+            _ => false,
+        }
+    }
+
+    /// Routes one request. Store work runs on a blocking thread.
+    async fn route(&self, session: &mut ServerSession) -> Reply {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        let query = query_map(session.req_header().uri.query());
+        // The dashboard's pages are public (they hold no data); the API calls they make
+        // carry the admin token the user signs in with.
+        if method == http::Method::GET {
+            if let Some(a) = dashboard::asset(&path) {
+                return Reply {
+                    status: a.status,
+                    content_type: a.content_type,
+                    body: a.body.to_vec(),
+                    page: true,
+                    location: a.location,
+                };
+            }
+        }
+        if !self.authorized(session) {
+            return Reply::error(401, "unauthorized", "Missing or wrong admin token.");
+        }
+        if path == "/metrics" && method == http::Method::GET {
+            return Reply {
+                status: 200,
+                content_type: "text/plain; version=0.0.4",
+                body: self
+                    .gate
+                    .metrics
+                    .render(self.gate.ledger.health())
+                    .into_bytes(),
+                page: false,
+                location: None,
+            };
+        }
+        let body = match read_body(session).await {
+            Ok(b) => b,
+            Err(reply) => return reply,
+        };
+        let segments: Vec<String> = path
+            .trim_matches('/')
+            .split('/')
+            .map(str::to_string)
+            .collect();
+        let gate = self.gate.clone();
+        if let ["admin", "keys", id, "usage"] = segments
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            // As `/v1/usage`: include a request whose response just ended.
+            let live = gate.keys.load().by_id(id).cloned();
+            if let Some(key) = live {
+                key.counters.settled(crate::proxy::SETTLE_WAIT).await;
+            }
+        }
+        let joined = tokio::task::spawn_blocking(move || {
+            let seg: Vec<&str> = segments.iter().map(String::as_str).collect();
+            handle(&gate, &method, &seg, &query, &body)
+        })
+        .await;
+        joined.unwrap_or_else(|_| Reply::error(500, "internal_error", "admin handler failed"))
+    }
+}
+
+async fn read_body(session: &mut ServerSession) -> Result<Bytes, Reply> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_ADMIN_BODY {
+                    return Err(Reply::error(413, "request_too_large", "Body too large."));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(Bytes::from(body)),
+            Err(_) => {
+                return Err(Reply::error(
+                    400,
+                    "invalid_request",
+                    "Could not read the body.",
+                ))
+            }
+        }
+    }
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, Reply> {
+    let v: Value = serde_json::from_slice(if body.is_empty() { b"{}" } else { body })
+        .map_err(|e| Reply::error(400, "invalid_request", format!("body is not JSON: {e}")))?;
+    if v.is_object() {
+        Ok(v)
+    } else {
+        Err(Reply::error(
+            400,
+            "invalid_request",
+            "body must be a JSON object",
+        ))
+    }
+}
+
+/// The blocking half: every store call, then an immediate snapshot reload after a change.
+fn handle(
+    gate: &Gate,
+    method: &http::Method,
+    seg: &[&str],
+    query: &HashMap<String, String>,
+    body: &[u8],
+) -> Reply {
+    let now = now_ms();
+    let mut store = match gate.open_store() {
+        Ok(s) => s,
+        Err(e) => return Reply::error(500, "store_error", format!("database: {e}")),
+    };
+    let reload = |store: &Store| {
+        if let Err(e) = gate.reload_from(store) {
+            log::warn!("admin: reload after a change failed: {e}");
+        }
+    };
+    let body_json = || parse_json(body);
+    use http::Method;
+    let result: Result<Reply, Reply> = (|| {
+        let mut keys = KeyService::new(&mut store, &gate.catalog);
+        match (method, seg) {
+            (&Method::GET, ["admin", "info"]) => Ok(Reply::json(200, info_json(gate))),
+            (&Method::GET, ["admin", "keys"]) => {
+                let all = query.get("all").is_some_and(|v| v != "false");
+                let with_usage = query.get("usage").is_some_and(|v| v != "false");
+                let list = keys.list(all, now).map_err(Reply::key_error)?;
+                let data: Vec<Value> = list
+                    .iter()
+                    .map(|k| {
+                        let mut v = report::key_json(k, now);
+                        if with_usage {
+                            v["usage"] = live_usage_json(gate, k);
+                        }
+                        v
+                    })
+                    .collect();
+                Ok(Reply::json(200, json!({"object": "list", "data": data})))
+            }
+            (&Method::POST, ["admin", "keys"]) => {
+                let spec = fields::key_spec(&body_json()?).map_err(Reply::key_error)?;
+                let (record, secret) = keys.create(spec, now).map_err(Reply::key_error)?;
+                let mut out = report::key_json(&record, now);
+                out["secret"] = json!(secret);
+                Ok(Reply::json(201, out))
+            }
+            (&Method::GET, ["admin", "keys", id]) => {
+                let k = keys.get(id).map_err(Reply::key_error)?;
+                Ok(Reply::json(200, report::key_json(&k, now)))
+            }
+            (&Method::PATCH, ["admin", "keys", id]) => {
+                let changes = fields::key_changes(&body_json()?).map_err(Reply::key_error)?;
+                let k = keys.update(id, changes, now).map_err(Reply::key_error)?;
+                Ok(Reply::json(200, report::key_json(&k, now)))
+            }
+            (&Method::POST, ["admin", "keys", id, "rotate"]) => {
+                let grace = fields::grace(&body_json()?).map_err(Reply::key_error)?;
+                let (k, secret) = keys
+                    .rotate(id, grace.as_deref(), now)
+                    .map_err(Reply::key_error)?;
+                let mut out = report::key_json(&k, now);
+                out["secret"] = json!(secret);
+                Ok(Reply::json(200, out))
+            }
+            (&Method::POST, ["admin", "keys", id, "revoke"]) => {
+                let k = keys.revoke(id, now).map_err(Reply::key_error)?;
+                Ok(Reply::json(200, report::key_json(&k, now)))
+            }
+            (&Method::GET, ["admin", "keys", id, "usage"]) => {
+                let month = month_param(query, now)?;
+                let live = gate.keys.load().by_id(id).cloned();
+                match live {
+                    Some(entry) if month == month_index(now) => {
+                        Ok(Reply::json(200, report::live_usage(&entry, Now::read())))
+                    }
+                    _ => {
+                        let k = keys.get(id).map_err(Reply::key_error)?;
+                        report::stored_usage(&store, &k, month, now)
+                            .map(|v| Reply::json(200, v))
+                            .map_err(|e| Reply::key_error(KeyError::Store(e)))
+                    }
+                }
+            }
+            (&Method::GET, ["admin", "traces"]) => {
+                gate.ledger.flush_blocking();
+                let limit = query
+                    .get("limit")
+                    .and_then(|l| l.parse::<u32>().ok())
+                    .unwrap_or(50)
+                    .clamp(1, 10_000);
+                let before = query.get("before").and_then(|b| b.parse::<i64>().ok());
+                let rows = keys
+                    .traces(query.get("key").map(String::as_str), limit, before)
+                    .map_err(Reply::key_error)?;
+                // A full page may have older rows behind it.
+                let next_before = (rows.len() == limit as usize)
+                    .then(|| rows.last().map(|t| t.id))
+                    .flatten();
+                let data: Vec<Value> = rows.iter().map(report::trace_json).collect();
+                Ok(Reply::json(
+                    200,
+                    json!({"object": "list", "data": data, "next_before": next_before}),
+                ))
+            }
+            (&Method::GET, ["admin", "usage", "daily"]) => {
+                let month = month_param(query, now)?;
+                let key = query
+                    .get("key")
+                    .map(String::as_str)
+                    .filter(|k| !k.is_empty());
+                if let Some(id) = key {
+                    keys.get(id).map_err(Reply::key_error)?;
+                }
+                gate.ledger.flush_blocking();
+                let rows = store
+                    .daily_spend(&month_label(month), key)
+                    .map_err(|e| Reply::key_error(KeyError::Store(e)))?;
+                Ok(Reply::json(200, daily_json(month, &rows)))
+            }
+            (_, ["admin", ..]) => Err(Reply::error(404, "not_found", "Unknown admin endpoint.")),
+            _ => Err(Reply::error(404, "not_found", "Unknown endpoint.")),
+        }
+    })();
+    let reply = result.unwrap_or_else(|r| r);
+    // Any successful change is live at once: rebuild the snapshot now.
+    if *method != Method::GET && reply.status < 300 {
+        reload(&store);
+    }
+    reply
+}
+
+fn month_param(query: &HashMap<String, String>, now: i64) -> Result<i64, Reply> {
+    match query.get("month").filter(|m| !m.is_empty()) {
+        Some(m) => parse_month(m).ok_or_else(|| {
+            Reply::error_on(
+                400,
+                "invalid_request",
+                format!("month must be YYYY-MM, got \"{m}\""),
+                Some("month"),
+            )
+        }),
+        None => Ok(month_index(now)),
+    }
+}
+
+/// What the dashboard needs from the config: where agents connect, and the model names.
+fn info_json(gate: &Gate) -> Value {
+    let models: Vec<Value> = gate
+        .catalog
+        .models()
+        .iter()
+        .map(|m| json!({"id": m.id, "free": m.free}))
+        .collect();
+    json!({
+        "public_url": gate.config.public_url,
+        "models": models,
+        "aliases": gate.catalog.alias_names(),
+        "version": env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// A key's month-to-date standing from the gateway's live counters (zero for a key the
+/// snapshot does not hold yet).
+fn live_usage_json(gate: &Gate, k: &KeyRecord) -> Value {
+    match gate.keys.load().by_id(&k.id) {
+        Some(entry) => report::live_usage(entry, Now::read()),
+        None => json!({"month": month_label(month_index(now_ms())), "spend_usd": 0.0,
+                       "by_model": {}, "requests_today": 0, "requests_this_minute": 0}),
+    }
+}
+
+/// Spend per day of the month by model: every day of the month, one USD figure per model.
+fn daily_json(month: i64, rows: &[(String, String, crate::money::Nanos)]) -> Value {
+    let first = days_from_civil(month.div_euclid(12), month.rem_euclid(12) as u32 + 1, 1);
+    let next = month + 1;
+    let last = days_from_civil(next.div_euclid(12), next.rem_euclid(12) as u32 + 1, 1);
+    let days: Vec<String> = (first..last).map(day_label).collect();
+    let mut series: serde_json::Map<String, Value> = serde_json::Map::new();
+    for (day, model, cost) in rows {
+        let Some(i) = days.iter().position(|d| d == day) else {
+            continue;
+        };
+        let entry = series
+            .entry(model.clone())
+            .or_insert_with(|| json!(vec![0.0; days.len()]));
+        if let Some(slot) = entry.get_mut(i) {
+            *slot = json!(slot.as_f64().unwrap_or(0.0) + cost.as_usd());
+        }
+    }
+    json!({"month": month_label(month), "days": days, "series": series})
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let reply = self.route(session).await;
+        let mut builder = Response::builder()
+            .status(reply.status)
+            .header("content-type", reply.content_type)
+            .header("content-length", reply.body.len())
+            .header("cache-control", "no-store")
+            .header("x-content-type-options", "nosniff")
+            .header("x-frame-options", "DENY")
+            .header("referrer-policy", "no-referrer");
+        if reply.page {
+            builder = builder.header("content-security-policy", dashboard::CSP);
+        }
+        if let Some(location) = reply.location {
+            builder = builder.header("location", location);
+        }
+        builder
+            .body(reply.body)
+            .unwrap_or_else(|_| Response::new(Vec::new()))
+    }
+}
