@@ -174,3 +174,130 @@ fn admin_api_manages_keys_over_the_same_store() {
     assert!(text.contains("spidergate_requests_total{outcome=\"rate_limit_exceeded\"} 1"));
     assert!(text.contains("spidergate_keys_loaded 1"));
 }
+
+#[test]
+fn rotation_keeps_the_id_and_the_old_secret_works_until_the_grace_ends() {
+    let mock = mock();
+    let (gw, admin) = admin_gateway(&mock);
+    let created = call(
+        admin,
+        "POST",
+        "/admin/keys",
+        Some(json!({"name": "rotating"})),
+    )
+    .json();
+    let id = created["id"].as_str().unwrap().to_string();
+    let old = Key {
+        id: id.clone(),
+        secret: created["secret"].as_str().unwrap().to_string(),
+    };
+    let r = call(
+        admin,
+        "POST",
+        &format!("/admin/keys/{id}/rotate"),
+        Some(json!({"grace": "8d"})),
+    );
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("grace"))
+    );
+    let r = call(
+        admin,
+        "POST",
+        &format!("/admin/keys/{id}/rotate"),
+        Some(json!({"grace": "2s"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let rotated = r.json();
+    assert_eq!(rotated["id"], id.as_str(), "same id");
+    let new = Key {
+        id: id.clone(),
+        secret: rotated["secret"].as_str().unwrap().to_string(),
+    };
+    assert_ne!(new.secret, old.secret);
+    assert_eq!(gw.chat(&new, "gpt-4o-mini").status, 200);
+    assert_eq!(gw.chat(&old, "gpt-4o-mini").status, 200, "inside the grace");
+    let after = wait_for(Duration::from_secs(10), "the grace to end", || {
+        let r = gw.chat(&old, "gpt-4o-mini");
+        (r.status == 401).then_some(r)
+    });
+    assert_eq!(after.code(), "token_revoked");
+    assert_eq!(gw.chat(&new, "gpt-4o-mini").status, 200);
+    // The CLI door: same rules, same outcome.
+    let out = gw.cli_json(&["keys", "rotate", &id, "--grace", "0s", "--json"]);
+    let newest = Key {
+        id: id.clone(),
+        secret: out["secret"].as_str().unwrap().to_string(),
+    };
+    wait_for(Duration::from_secs(5), "the CLI rotation to reload", || {
+        (gw.chat(&new, "gpt-4o-mini").status == 401).then_some(())
+    });
+    assert_eq!(gw.chat(&newest, "gpt-4o-mini").status, 200);
+    // A revoked key is not brought back by a rotation.
+    call(admin, "POST", &format!("/admin/keys/{id}/revoke"), None);
+    let r = call(admin, "POST", &format!("/admin/keys/{id}/rotate"), None);
+    assert_eq!(r.status, 409);
+}
+
+#[test]
+fn the_dashboard_is_served_with_strict_security_headers_and_no_data() {
+    let mock = mock();
+    let (_gw, admin) = admin_gateway(&mock);
+    for path in [
+        "/dashboard/gate/keys",
+        "/dashboard/gate/traces",
+        "/dashboard/settings/members/agents",
+    ] {
+        let r = http(admin, "GET", path, &[], b"").unwrap();
+        assert_eq!(r.status, 200, "{path}");
+        let csp = r.header("content-security-policy").unwrap_or("");
+        assert!(
+            csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+            "{csp}"
+        );
+        assert_eq!(r.header("x-frame-options"), Some("DENY"));
+        assert_eq!(r.header("referrer-policy"), Some("no-referrer"));
+        assert!(r.text().contains("/dashboard/assets/app.js"));
+    }
+    let r = http(admin, "GET", "/dashboard", &[], b"").unwrap();
+    assert_eq!(
+        (r.status, r.header("location")),
+        (302, Some("/dashboard/gate/keys"))
+    );
+    // The API behind it still needs the token.
+    assert_eq!(
+        http(admin, "GET", "/admin/info", &[], b"").unwrap().status,
+        401
+    );
+    let info = call(admin, "GET", "/admin/info", None).json();
+    assert!(info["public_url"]
+        .as_str()
+        .unwrap()
+        .starts_with("http://127.0.0.1:"));
+}
+
+#[test]
+fn invalid_fields_are_refused_with_the_field_named_and_no_key_made() {
+    let mock = mock();
+    let (_gw, admin) = admin_gateway(&mock);
+    for (body, field) in [
+        (json!({"name": "a", "rpm": -5}), "rpm"),
+        (json!({"name": "a", "ttl": "100d"}), "ttl"),
+        (json!({"name": ""}), "name"),
+        (
+            json!({"name": "a", "allowed_models": ["nope"]}),
+            "allowed_models",
+        ),
+        (
+            json!({"name": "a", "monthly_budget_usd": -1}),
+            "monthly_budget_usd",
+        ),
+        (json!({"name": "a", "max_inflight": 0}), "max_inflight"),
+    ] {
+        let r = call(admin, "POST", "/admin/keys", Some(body));
+        assert_eq!(r.status, 400);
+        assert_eq!(r.json()["error"]["param"], field);
+    }
+    let all = call(admin, "GET", "/admin/keys?all=true", None).json();
+    assert_eq!(all["data"].as_array().unwrap().len(), 0);
+}
