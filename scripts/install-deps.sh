@@ -4,6 +4,9 @@ set -euo pipefail
 need=()
 command -v cmake >/dev/null || need+=(cmake)          # libz-ng-sys under pingora-core
 command -v curl >/dev/null || need+=(curl)
+# The dashboard's browser tests drive a real headless Chromium.
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq || true
