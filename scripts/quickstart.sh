@@ -13,9 +13,16 @@ if ! curl -fsS http://127.0.0.1:9000/health >/dev/null 2>&1; then
   MOCK_PID=$!
   trap 'kill $MOCK_PID 2>/dev/null || true' EXIT
 fi
+# The admin API and dashboard need a token; generate one unless the caller set it.
+if [ -z "${SPIDERGATE_ADMIN_TOKEN:-}" ]; then
+  SPIDERGATE_ADMIN_TOKEN="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  export SPIDERGATE_ADMIN_TOKEN
+  echo "Admin token for this session (sign in to the dashboard with it): $SPIDERGATE_ADMIN_TOKEN"
+fi
 echo "Minting a demo key (the secret is shown once):"
 $BIN keys create --name quickstart-agent --ttl 1d
 echo
 echo "Gateway on http://127.0.0.1:8080/v1 — try:"
+echo "Dashboard on http://127.0.0.1:8081/dashboard (sign in with the admin token above)."
 echo '  curl http://127.0.0.1:8080/v1/chat/completions -H "Authorization: Bearer <secret>" -d '"'"'{"model":"spideriq/fast","messages":[{"role":"user","content":"hi"}]}'"'"
 $BIN serve
