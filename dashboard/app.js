@@ -137,7 +137,7 @@
     if (usd === 0) return '$0';
     if (usd >= 1000) return '$' + new Intl.NumberFormat('en-US', { maximumFractionDigits: 1, notation: 'compact' }).format(usd);
     if (usd >= 1) return '$' + trimZeros(usd.toFixed(2));
-    return money(usd);
+    return '$' + String(Number(usd.toPrecision(3)));
   }
 
   function trimZeros(x) {
@@ -435,6 +435,7 @@
     container.dataset.page = page.id;
     const params = new URLSearchParams(location.search);
     const ctx = { alive: true };
+    state.ctx = ctx;
     const cleanup = page.render(container, params, ctx);
     state.cleanup = () => {
       ctx.alive = false;
@@ -516,10 +517,11 @@
       h('div', { class: 'spend-line' },
         h('span', { class: 'spend-amount', 'data-testid': 'spend', text: money(spend) }),
         budget
-          ? h('span', { class: 'muted', 'data-testid': 'budget' }, ' of ', money(budget),
+          ? h('span', { class: 'muted', 'data-testid': 'budget' }, 'of ', money(budget),
             h('span', { class: 'mode mode-' + mode, text: mode, title: mode === 'hard' ? 'Requests are refused once the budget is spent' : 'Over-budget requests are allowed and flagged' }))
-          : h('span', { class: 'muted', 'data-testid': 'budget', text: ' · no budget' })),
-      bar(budget ? frac : 0, 'spend-bar level-' + level,
+          : h('span', { class: 'muted', 'data-testid': 'budget', text: 'no budget' })),
+      // Any spend at all shows a sliver, so a tiny amount is not mistaken for none.
+      bar(budget ? Math.max(frac, spend > 0 ? 0.012 : 0) : 0, 'spend-bar level-' + level,
         budget ? `${Math.round(frac * 100)}% of the monthly budget` : 'No budget'));
   }
 
@@ -595,11 +597,9 @@
     return (state.keys || []).find((k) => k.id === id) || null;
   }
 
-  /** Delegated handler for key actions in any container (cards, rows). */
-  function onKeyAction(container, ctx) {
-    container.addEventListener('click', async (e) => {
-      const btn = e.target.closest('button[data-action][data-key-id]');
-      if (!btn || !container.contains(btn)) return;
+  /** Key actions on cards and rows (one delegated listener on the document, installed once). */
+  async function onKeyAction(btn) {
+    {
       const id = btn.dataset.keyId;
       const action = btn.dataset.action;
       if (action === 'traces') {
@@ -610,10 +610,10 @@
       if (!k) {
         try { k = await api('GET', '/admin/keys/' + encodeURIComponent(id)); } catch (err) { toast(err.message, 'error'); return; }
       }
-      if (action === 'edit') openEditDialog(k, ctx);
-      else if (action === 'rotate') openRotateDialog(k, ctx);
-      else if (action === 'revoke') openRevokeDialog(k, ctx);
-    });
+      if (action === 'edit') openEditDialog(k);
+      else if (action === 'rotate') openRotateDialog(k);
+      else if (action === 'revoke') openRevokeDialog(k);
+    }
   }
 
   function sortKeys(keys) {
@@ -754,7 +754,6 @@
       }
     }
 
-    onKeyAction(container, ctx);
     ctx.refresh = async () => { await fetchKeys(); if (ctx.alive) draw(); };
     if (state.keys) draw();
     else fill(status, h('p', { class: 'muted center', text: 'Loading keys…' }));
@@ -844,7 +843,6 @@
       }
     }
 
-    onKeyAction(container, ctx);
     ctx.refresh = async () => { await fetchKeys(); if (ctx.alive) draw(); };
     if (state.keys) draw();
     return poller(async () => {
@@ -929,7 +927,10 @@
       const served = t.served_model && t.served_model !== t.requested_model ? t.served_model : null;
       const st = Number(t.status) || 0;
       const tokens = (t.prompt_tokens || 0) + (t.completion_tokens || 0);
-      return h('tr', { 'data-testid': 'trace-row', 'data-trace-id': t.id, class: st >= 400 ? 'is-error' : null },
+      return h('tr', {
+        'data-testid': 'trace-row', 'data-trace-id': t.id ?? null, 'data-ts': t.ts_ms ?? null,
+        class: st >= 400 ? 'is-error' : null,
+      },
         h('td', { class: 'nowrap' }, timeEl(t.time || (t.ts_ms ? new Date(t.ts_ms).toISOString() : null), 'trace')),
         keyId ? null : h('td', { class: 'small nowrap key-cell' }, t.key_id
           ? h('a', { href: '/dashboard/gate/traces?key=' + encodeURIComponent(t.key_id), 'data-nav': true, text: keyName(t.key_id) })
@@ -949,6 +950,7 @@
     }
 
     async function load() {
+      if (!state.keys && !keyId) await fetchKeys().catch(() => {}); // names for the Key column
       const q = new URLSearchParams({ limit: String(TRACE_PAGE) });
       if (keyId) q.set('key', keyId);
       if (before) q.set('before', before);
@@ -974,11 +976,11 @@
       }
       wrap.hidden = false;
       fill(status);
-      const existing = new Map([...tbody.children].map((tr) => [tr.dataset.traceId, tr]));
+      // Rows that did not change keep their nodes (no flicker while the page follows new traces).
+      const existing = [...tbody.children];
       const fresh = list.map((t) => {
         const r = row(t);
-        const old = existing.get(String(t.id));
-        return old && old.isEqualNode(r) ? old : r;
+        return existing.find((old) => old.isEqualNode(r)) || r;
       });
       fill(tbody, ...fresh);
     }
@@ -1356,11 +1358,11 @@
     if (label) btn.querySelector('span') ? (btn.querySelector('span').textContent = label) : (btn.textContent = label);
   }
 
+  /** After a change made here, redraw at once instead of waiting for the next poll. */
   async function refreshKeysSoon() {
     try {
-      await fetchKeys();
-      const page = document.getElementById('page');
-      if (page && state.cleanup && (page.dataset.page === 'keys' || page.dataset.page === 'members')) route();
+      if (state.ctx && state.ctx.alive && state.ctx.refresh) await state.ctx.refresh();
+      else await fetchKeys();
     } catch (e) { /* the poller retries */ }
   }
 
@@ -1507,7 +1509,7 @@
     done.focus({ preventScroll: true });
   }
 
-  function openEditDialog(k, ctx) {
+  function openEditDialog(k) {
     const m = modal(`Edit ${k.name}`, { wide: true, testid: 'edit-dialog' });
     const form = keyForm(k, 'edit');
     const save = h('button', { type: 'submit', class: 'btn primary', text: 'Save' });
@@ -1547,7 +1549,7 @@
     });
   }
 
-  function openRotateDialog(k, ctx) {
+  function openRotateDialog(k) {
     const m = modal(`Rotate ${k.name}`, { testid: 'rotate-dialog' });
     const form = h('form', { class: 'key-form', novalidate: true },
       h('p', { class: 'banner error', 'data-testid': 'form-error', role: 'alert', hidden: true }),
@@ -1576,7 +1578,7 @@
     });
   }
 
-  function openRevokeDialog(k, ctx) {
+  function openRevokeDialog(k) {
     const m = modal(`Revoke ${k.name}?`, { testid: 'revoke-dialog' });
     const err = h('p', { class: 'banner error', 'data-testid': 'form-error', role: 'alert', hidden: true });
     const go = button('Revoke', { class: 'btn danger', 'data-testid': 'confirm-revoke' }, 'revoke');
@@ -1611,8 +1613,11 @@
       if (href !== location.pathname + location.search) navigate(href);
       return;
     }
+    if (document.querySelector('dialog[open]') && !e.target.closest('dialog')) return;
     const c = e.target.closest('button[data-action="connect"]');
-    if (c) openConnectDialog();
+    if (c) { openConnectDialog(); return; }
+    const k = e.target.closest('#page button[data-action][data-key-id]');
+    if (k) onKeyAction(k);
   });
   window.addEventListener('popstate', () => { if (token()) route(); });
 

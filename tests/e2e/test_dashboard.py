@@ -1,0 +1,686 @@
+"""Browser tests of the dashboard (SPEC section 5 "Dashboard"), in real headless Chromium.
+
+Hermetic like test_openai_sdk.py: starts `spidergate mock-provider` and `spidergate serve` with
+an `admin:` section on free loopback ports, a temporary config and database, then drives the
+dashboard on the admin listener with Selenium (Debian's `chromium` and `chromium-driver`).
+The tests run in file order and share one gateway and one browser tab, like an operator would.
+
+    pip install -r tests/e2e/requirements.txt
+    SPIDERGATE_BIN=target/debug/spidergate python3 -m pytest -q tests/e2e/test_dashboard.py
+
+They write the screenshots under docs/ (window 1280x800). They skip, loudly, only when Chromium
+or chromedriver is missing and cannot be installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets as pysecrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DOCS = REPO_ROOT / "docs"
+MOCK_API_KEY = "sk-mock"
+HEALTH_DEADLINE_S = 30.0
+UI_DEADLINE_S = 10.0  # the page polls every 2 s; SPEC: changes show within 5 s
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+# ------------------------------------------------------------------------------------------
+# Gateway (same style as test_openai_sdk.py)
+
+def _bin_path() -> Path:
+    raw = os.environ.get("SPIDERGATE_BIN", "target/debug/spidergate")
+    p = Path(raw)
+    if not p.is_absolute():
+        p = REPO_ROOT / p
+    if not p.is_file():
+        pytest.exit(f"spidergate binary not found at {p} (set SPIDERGATE_BIN)", returncode=2)
+    return p
+
+
+def _free_port(taken: set) -> int:
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in taken:
+            taken.add(port)
+            return port
+
+
+def _wait_tcp(port: int, proc: subprocess.Popen, deadline_s: float, what: str) -> None:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited early with code {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not accept connections on port {port} within {deadline_s}s")
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+CONFIG_TEMPLATE = """\
+listen: "127.0.0.1:{gw_port}"
+database: "{db}"
+public_catalog: false
+admin:
+  listen: "127.0.0.1:{admin_port}"
+  token_env: SPIDERGATE_DASHBOARD_TEST_TOKEN
+providers:
+  - name: mock
+    kind: openai
+    base_url: "http://127.0.0.1:{mock_port}/v1"
+    api_key_env: MOCK_API_KEY
+models:
+  - id: gpt-4o-mini
+    provider: mock
+    input_usd_per_mtok: 0.15
+    output_usd_per_mtok: 0.60
+    max_output_tokens: 16384
+  - id: gpt-4o
+    provider: mock
+    input_usd_per_mtok: 2.50
+    output_usd_per_mtok: 10.00
+    max_output_tokens: 16384
+  - id: llama-3.1-8b-instant
+    provider: mock
+    upstream_id: meta-llama/llama-3.1-8b-instant
+    input_usd_per_mtok: 0
+    output_usd_per_mtok: 0
+    max_output_tokens: 8192
+    free: true
+aliases:
+  spideriq/fast: [llama-3.1-8b-instant, gpt-4o-mini]
+"""
+
+
+@dataclass
+class Gateway:
+    bin: Path
+    config: Path
+    port: int
+    admin_port: int
+    token: str
+    env: dict
+    log_path: Path
+    secrets: list = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def cli(self, *args: str) -> str:
+        proc = subprocess.run(
+            [str(self.bin), "--config", str(self.config), *args],
+            env=self.env, capture_output=True, text=True, timeout=30,
+        )
+        assert proc.returncode == 0, (
+            f"spidergate {' '.join(args)} failed ({proc.returncode}):\n"
+            f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
+        )
+        return proc.stdout
+
+    def admin(self, method: str, path: str, **kw) -> httpx.Response:
+        return httpx.request(
+            method, self.admin_url + path,
+            headers={"Authorization": f"Bearer {self.token}"}, timeout=10, **kw,
+        )
+
+    def all_keys(self) -> list[dict]:
+        r = self.admin("GET", "/admin/keys?all=true")
+        assert r.status_code == 200, r.text
+        return r.json()["data"]
+
+    def client(self, secret: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=secret, max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory) -> Gateway:
+    binary = _bin_path()
+    tmp = tmp_path_factory.mktemp("dashboard")
+    taken: set = set()
+    mock_port, gw_port, admin_port = _free_port(taken), _free_port(taken), _free_port(taken)
+    cfg = tmp / "spidergate.yaml"
+    cfg.write_text(CONFIG_TEMPLATE.format(
+        gw_port=gw_port, admin_port=admin_port, mock_port=mock_port, db=tmp / "spidergate.db"))
+    token = pysecrets.token_hex(16)
+    env = dict(os.environ)
+    env["MOCK_API_KEY"] = MOCK_API_KEY
+    env["SPIDERGATE_DASHBOARD_TEST_TOKEN"] = token
+    env.pop("SPIDERGATE_CONFIG", None)
+
+    mock_log = open(tmp / "mock.log", "wb")
+    gw_log_path = tmp / "gateway.log"
+    gw_log = open(gw_log_path, "wb")
+    mock = gateway = None
+    g = Gateway(bin=binary, config=cfg, port=gw_port, admin_port=admin_port, token=token,
+                env=env, log_path=gw_log_path)
+    try:
+        mock = subprocess.Popen(
+            [str(binary), "mock-provider", "--listen", f"127.0.0.1:{mock_port}"],
+            cwd=tmp, env=env, stdout=mock_log, stderr=subprocess.STDOUT,
+        )
+        _wait_tcp(mock_port, mock, HEALTH_DEADLINE_S, "mock provider")
+        gateway = subprocess.Popen(
+            [str(binary), "--config", str(cfg), "serve"],
+            cwd=tmp, env=env, stdout=gw_log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + HEALTH_DEADLINE_S
+        while True:
+            if gateway.poll() is not None:
+                raise RuntimeError(
+                    f"gateway exited with {gateway.returncode}:\n{gw_log_path.read_text(errors='replace')}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{gw_port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gateway /health not 200 within {HEALTH_DEADLINE_S}s")
+            time.sleep(0.1)
+        _wait_tcp(admin_port, gateway, HEALTH_DEADLINE_S, "admin listener")
+        yield g
+    finally:
+        _stop(gateway)
+        _stop(mock)
+        gw_log.close()
+        mock_log.close()
+    log = gw_log_path.read_text(errors="replace")
+    leaked = [s for s in g.secrets if s in log]
+    assert not leaked, f"gateway log {gw_log_path} contains {len(leaked)} agent secret(s)"
+    assert token not in log, "gateway log contains the admin token"
+
+
+# ------------------------------------------------------------------------------------------
+# Browser
+
+def _loud_skip(reason: str):
+    msg = f"DASHBOARD BROWSER TESTS SKIPPED: {reason}"
+    bar = "!" * len(msg)
+    print(f"\n{bar}\n{msg}\n{bar}", file=sys.stderr, flush=True)
+    warnings.warn(msg)
+    pytest.skip(msg)
+
+
+def _ensure_chromium() -> None:
+    """Chromium and chromedriver come from Debian (scripts/install-deps.sh installs them);
+    if they are missing, try apt-get once before giving up."""
+    if os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER):
+        return
+    apt = shutil.which("apt-get")
+    if apt:
+        cmd = [apt, "install", "-y", "-qq", "chromium", "chromium-driver"]
+        if os.geteuid() != 0:
+            cmd = ["sudo", "-n", *cmd]
+        subprocess.run(cmd, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                       capture_output=True, timeout=600)
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        _loud_skip(f"{CHROMIUM} or {CHROMEDRIVER} is missing and could not be installed "
+                   "(apt-get install chromium chromium-driver)")
+
+
+@pytest.fixture(scope="module")
+def driver(gw):
+    _ensure_chromium()
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        _loud_skip("the selenium package is not installed (pip install -r tests/e2e/requirements.txt)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              "--window-size=1280,800", "--lang=en-US", "--force-device-scale-factor=1"):
+        opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    d = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    d.set_page_load_timeout(20)
+    # Collect script errors and CSP violations from the page itself.
+    d.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+        window.__problems = [];
+        addEventListener('error', e => __problems.push('error: ' + (e.error && e.error.stack || e.message)));
+        addEventListener('unhandledrejection', e => __problems.push('rejection: ' + (e.reason && e.reason.stack || e.reason)));
+        document.addEventListener('securitypolicyviolation', e => __problems.push('csp: ' + e.violatedDirective + ' ' + e.blockedURI));
+    """})
+    # A 1280x800 viewport for the screenshots, whatever the headless window frame is.
+    d.set_window_size(1280, 800)
+    inner = d.execute_script("return [window.innerWidth, window.innerHeight]")
+    d.set_window_size(1280 + (1280 - inner[0]), 800 + (800 - inner[1]))
+    try:
+        yield d
+    finally:
+        d.quit()
+
+
+@pytest.fixture(scope="module")
+def ui(gw, driver):
+    return UI(gw, driver)
+
+
+class UI:
+    def __init__(self, gw: Gateway, d):
+        from selenium.webdriver.common.by import By
+        self.gw, self.d, self.By = gw, d, By
+        self.state: dict = {}
+
+    # --- waiting and finding
+    def wait(self, pred, what: str, timeout: float = UI_DEADLINE_S):
+        deadline = time.monotonic() + timeout
+        last_exc = None
+        while time.monotonic() < deadline:
+            try:
+                v = pred()
+                if v:
+                    return v
+            except Exception as e:  # noqa: BLE001 - stale nodes while the page re-renders
+                last_exc = e
+            time.sleep(0.1)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                             + (f" (last error: {last_exc!r})" if last_exc else "")
+                             + f"\npage problems: {self.problems()}")
+
+    def css(self, sel, root=None):
+        return (root or self.d).find_elements(self.By.CSS_SELECTOR, sel)
+
+    def one(self, sel, what=None, root=None):
+        return self.wait(lambda: next(iter([e for e in self.css(sel, root) if e.is_displayed()]), None),
+                         what or sel)
+
+    def button(self, text, root=None):
+        xp = f".//button[normalize-space(.)='{text}']"
+        return self.wait(lambda: next(iter([e for e in (root or self.d).find_elements(self.By.XPATH, xp)
+                                            if e.is_displayed() and e.is_enabled()]), None),
+                         f"button {text!r}")
+
+    def dialog(self, testid):
+        return self.one(f"dialog[open][data-testid={testid}]", f"dialog {testid}")
+
+    def fill(self, root, name, value):
+        el = root.find_element(self.By.NAME, name)
+        el.clear()
+        if value:
+            el.send_keys(value)
+
+    def card(self, key_id):
+        return self.one(f'article[data-key-id="{key_id}"]', f"card {key_id}")
+
+    def problems(self):
+        try:
+            return self.d.execute_script("return window.__problems || []")
+        except Exception:  # noqa: BLE001
+            return "?"
+
+    def go(self, path):
+        self.d.get(self.gw.admin_url + path)
+
+    def nav(self, label):
+        self.d.find_element(self.By.XPATH, f"//nav//a[normalize-space(.)='{label}']").click()
+
+    def shot(self, name):
+        DOCS.mkdir(exist_ok=True)
+        time.sleep(0.3)  # let transitions settle
+        self.d.save_screenshot(str(DOCS / name))
+
+
+def _no_secret_in_dom(ui: UI, secret: str):
+    html = ui.d.execute_script("return document.documentElement.outerHTML")
+    storage = ui.d.execute_script(
+        "return JSON.stringify([Object.entries(sessionStorage), Object.entries(localStorage), document.cookie, location.href])")
+    assert secret not in html, "the secret is still in the DOM after its dialog closed"
+    assert secret not in storage, "the secret was stored somewhere"
+
+
+def _sdk_error_code(e: openai.APIStatusError):
+    return e.code if e.code is not None else (e.body or {}).get("code") if isinstance(e.body, dict) else None
+
+
+def _first_call(gw: Gateway, secret: str, model: str) -> None:
+    """A key made by the CLI is live in the gateway within a reload interval: retry until then."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        try:
+            gw.client(secret).chat.completions.create(model=model, messages=MESSAGES, max_tokens=8)
+            return
+        except openai.AuthenticationError as e:
+            if _sdk_error_code(e) != "invalid_api_key" or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _wait_sdk_fails(gw: Gateway, secret: str, code: str, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            gw.client(secret).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=8)
+        except openai.AuthenticationError as e:
+            assert _sdk_error_code(e) == code, e
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the secret still works {timeout}s later (expected 401 {code})")
+        time.sleep(0.2)
+
+
+# ------------------------------------------------------------------------------------------
+# The tests (in file order: they share the gateway and the tab)
+
+def test_pages_carry_strict_csp(gw: Gateway):
+    for path in ("/dashboard/gate/keys", "/dashboard/gate/traces", "/dashboard/gate/usage",
+                 "/dashboard/settings/members/agents"):
+        r = httpx.get(gw.admin_url + path, timeout=10)
+        assert r.status_code == 200, (path, r.status_code)
+        csp = r.headers.get("content-security-policy", "")
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp, csp
+        assert r.headers.get("x-frame-options", "").upper() == "DENY"
+        assert '<link rel="stylesheet" href="/dashboard/assets/app.css">' in r.text
+        assert '<script src="/dashboard/assets/app.js" defer></script>' in r.text
+        assert "style=" not in r.text and "onclick" not in r.text.lower()
+    for asset in ("app.js", "app.css"):
+        assert httpx.get(f"{gw.admin_url}/dashboard/assets/{asset}", timeout=10).status_code == 200
+
+
+def test_wrong_token_is_refused(ui: UI):
+    ui.go("/dashboard/gate/keys")
+    form_input = ui.one("input[type=password][name=token]")
+    form_input.send_keys("not-the-admin-token")
+    ui.button("Sign in").click()
+    msg = ui.wait(lambda: (e := ui.css("[data-testid=signin-error]")) and e[0].text.strip() and e[0],
+                  "a sign-in error message")
+    assert "refused" in msg.text.lower(), msg.text
+    # The form is shown again, empty; nothing was kept.
+    assert ui.one("input[type=password][name=token]").get_attribute("value") == ""
+    assert ui.d.execute_script("return sessionStorage.length + localStorage.length") == 0
+    assert not ui.css("[data-testid=key-cards]")
+
+
+def test_sign_in_keeps_the_token_in_session_storage_only(ui: UI, gw: Gateway):
+    ui.one("input[name=token]").send_keys(gw.token)
+    ui.button("Sign in").click()
+    ui.one("[data-testid=empty-state]", "the empty state (no keys yet)")
+    empty = ui.one("[data-testid=empty-state]")
+    assert "Connect an agent" in empty.text  # says what to do next
+    assert ui.d.execute_script("return Object.values(sessionStorage)") == [gw.token]
+    assert ui.d.execute_script("return localStorage.length") == 0
+    assert ui.d.execute_script("return document.cookie") == ""
+    assert gw.token not in ui.d.current_url
+    assert ui.problems() == [], ui.problems()
+    # A reload keeps the session (sessionStorage), still on the same page.
+    ui.d.refresh()
+    ui.one("[data-testid=empty-state]")
+    assert ui.d.current_url.endswith("/dashboard/gate/keys")
+
+
+def test_connect_an_agent_then_spend_shows_without_reload(ui: UI, gw: Gateway):
+    ui.button("Connect an agent").click()
+    dlg = ui.dialog("connect-dialog")
+    ui.fill(dlg, "name", "research-agent")
+    ui.fill(dlg, "rpm", "120")
+    ui.fill(dlg, "budget", "5")
+    ui.fill(dlg, "ttl", "30d")
+    ui.button("Create", dlg).click()
+    secret_el = ui.one("dialog[open] [data-testid=secret]", "the new secret")
+    secret = secret_el.text.strip()
+    assert re.fullmatch(r"spideriq_pat_[0-9a-f]{32}", secret), secret
+    gw.secrets.append(secret)
+    dlg = ui.dialog("connect-dialog")
+    assert "only" in ui.one("[data-testid=secret-warning]").text.lower()
+    assert ui.button("Copy", dlg)
+    snippet = ui.css("[data-testid=snippet-openai]")[0].get_attribute("textContent")
+    assert f'base_url="http://127.0.0.1:{gw.port}/v1"' in snippet, snippet
+    assert f'api_key="{secret}"' in snippet
+    env = ui.css("[data-testid=snippet-claude-code]")[0].get_attribute("textContent")
+    assert f'ANTHROPIC_BASE_URL="http://127.0.0.1:{gw.port}"' in env and secret in env, env
+    curl = ui.css("[data-testid=snippet-curl]")[0].get_attribute("textContent")
+    assert f"http://127.0.0.1:{gw.port}/v1/chat/completions" in curl and secret in curl, curl
+    ui.shot("dashboard-connect.png")
+    ui.button("Copy", dlg).click()  # clipboard or the selection fallback; must not throw
+    ui.button("Done", dlg).click()
+    ui.wait(lambda: not ui.css("dialog"), "the dialog to close")
+    _no_secret_in_dom(ui, secret)
+
+    key = next(k for k in gw.all_keys() if k["name"] == "research-agent")
+    ui.state["agent"] = {"id": key["id"], "secret": secret}
+    card = ui.card(key["id"])
+    assert "research-agent" in card.text and f"spideriq_pat_{key['prefix']}" in card.text
+    assert "active" in ui.css("[data-testid=key-status]", card)[0].text.lower()
+    assert "$0.00" in ui.css("[data-testid=spend]", card)[0].text
+    assert "$5.00" in ui.css("[data-testid=budget]", card)[0].text
+
+    # The agent works, through the official SDK, with the secret read from the page.
+    client = gw.client(secret)
+    for model in ("gpt-4o-mini", "gpt-4o-mini", "gpt-4o"):
+        resp = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=64)
+        assert resp.choices
+    # ...and the open page shows the spend and a bar per model without a reload.
+    marker = ui.d.execute_script("return window.__noReload = 'still-here'")
+    assert marker == "still-here"
+
+    def spend_shown():
+        c = ui.card(key["id"])
+        bars = {e.get_attribute("data-model") for e in ui.css("[data-testid=model-bar]", c)}
+        spend = ui.css("[data-testid=spend]", c)[0].text
+        return {"gpt-4o-mini", "gpt-4o"} <= bars and spend not in ("$0.00", "") and spend
+    spend = ui.wait(spend_shown, "the card's spend and per-model bars")
+    assert spend.startswith("$")
+    assert ui.d.execute_script("return window.__noReload") == "still-here", "the page reloaded"
+    mini = ui.css('[data-testid=model-bar][data-model="gpt-4o-mini"]', ui.card(key["id"]))[0]
+    assert "2 reqs" in mini.text, mini.text
+
+
+def test_key_made_by_the_cli_appears_within_5s(ui: UI, gw: Gateway):
+    out = gw.cli("keys", "create", "--name", "cli-made", "--rpm", "60", "--budget", "2",
+                 "--models", "gpt-4o-mini,gpt-4o", "--json")
+    key = json.loads(out)
+    gw.secrets.append(key["secret"])
+    ui.state["cli"] = key
+    t0 = time.monotonic()
+    card = ui.wait(lambda: next(iter(ui.css(f'article[data-key-id="{key["id"]}"]')), None),
+                   "the CLI-made key's card", timeout=5.0)
+    assert "cli-made" in card.text
+    assert time.monotonic() - t0 <= 5.0
+    # Spend on it through the SDK, so the screenshot shows bars on two cards.
+    _first_call(gw, key["secret"], "gpt-4o")
+    ui.wait(lambda: ui.css('[data-testid=model-bar][data-model="gpt-4o"]', ui.card(key["id"])),
+            "the CLI key's spend")
+    ui.shot("dashboard-keys.png")
+
+
+def test_members_table_is_the_same_keys(ui: UI, gw: Gateway):
+    ui.nav("Members")
+    ui.wait(lambda: ui.d.current_url.endswith("/dashboard/settings/members/agents"), "the members URL")
+    for k in (ui.state["agent"]["id"], ui.state["cli"]["id"]):
+        row = ui.one(f'tr[data-key-id="{k}"]', f"row {k}")
+        for action in ("View Traces", "Edit", "Rotate", "Revoke"):
+            assert ui.button(action, row)
+    ui.d.back()
+    ui.wait(lambda: ui.d.current_url.endswith("/dashboard/gate/keys"), "back to keys")
+    ui.card(ui.state["agent"]["id"])
+
+
+def test_view_traces_shows_the_request(ui: UI, gw: Gateway):
+    key_id = ui.state["agent"]["id"]
+    ui.button("View Traces", ui.card(key_id)).click()
+    ui.wait(lambda: ui.d.current_url.endswith(f"/dashboard/gate/traces?key={key_id}"), "the traces URL")
+    rows = ui.wait(lambda: len(r := ui.css("[data-testid=trace-row]")) >= 3 and r, "3 trace rows")
+    texts = [r.text for r in rows]
+    assert "gpt-4o" in texts[0] and "gpt-4o-mini" not in texts[0], texts  # newest first
+    assert any("gpt-4o-mini" in t and "200" in t and "chat" in t for t in texts), texts
+    assert all("$" in t for t in texts)
+    # Times are local with the UTC ISO time on hover.
+    title = ui.css("[data-testid=trace-row] time")[0].get_attribute("title")
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", title), title
+    ui.shot("dashboard-traces.png")
+
+
+def test_traces_paging(ui: UI, gw: Gateway):
+    key = json.loads(gw.cli("keys", "create", "--name", "pager", "--json"))
+    gw.secrets.append(key["secret"])
+    client = gw.client(key["secret"])
+    _first_call(gw, key["secret"], "llama-3.1-8b-instant")
+    for _ in range(26):  # one page is 25 rows
+        client.chat.completions.create(model="llama-3.1-8b-instant", messages=MESSAGES, max_tokens=8)
+    ui.go(f"/dashboard/gate/traces?key={key['id']}")  # a deep link works (token in sessionStorage)
+    ui.wait(lambda: len(ui.css("[data-testid=trace-row]")) == 25, "a full first page")
+    first_page = [int(r.get_attribute("data-ts")) for r in ui.css("[data-testid=trace-row]")]
+    assert first_page == sorted(first_page, reverse=True), "newest first"
+    ui.button("Older").click()
+    ui.wait(lambda: "before=" in ui.d.current_url and len(ui.css("[data-testid=trace-row]")) == 2, "the older page")
+    older = [int(r.get_attribute("data-ts")) for r in ui.css("[data-testid=trace-row]")]
+    assert max(older) <= min(first_page), (older, first_page)
+    assert not ui.button("Newer").get_attribute("disabled")
+    ui.wait(lambda: ui.css("button[data-action=older]")[0].get_attribute("disabled") is not None,
+            "Older disabled on the last page")
+    ui.button("Newer").click()
+    ui.wait(lambda: "before=" not in ui.d.current_url and
+            [int(r.get_attribute("data-ts")) for r in ui.css("[data-testid=trace-row]")] == first_page,
+            "back on the newest page")
+    gw.cli("keys", "revoke", key["id"])
+
+
+def test_usage_chart(ui: UI, gw: Gateway):
+    ui.nav("Usage")
+    ui.wait(lambda: ui.d.current_url.split("?")[0].endswith("/dashboard/gate/usage"), "the usage URL")
+    bars = ui.wait(lambda: ui.css("[data-testid=usage-chart] svg [data-testid=chart-bar]"), "chart bars")
+    assert {b.get_attribute("data-model") for b in bars} >= {"gpt-4o-mini", "gpt-4o"}
+    legend = ui.one(".legend").text
+    assert "gpt-4o-mini" in legend and "$" in legend
+    ui.shot("dashboard-usage.png")
+    # One key only: the CLI key spent on gpt-4o alone.
+    from selenium.webdriver.support.ui import Select
+    Select(ui.one("select[name=key]")).select_by_value(ui.state["cli"]["id"])
+    ui.wait(lambda: {b.get_attribute("data-model")
+                     for b in ui.css("[data-testid=usage-chart] [data-testid=chart-bar]")} == {"gpt-4o"},
+            "the chart for one key")
+
+
+def test_invalid_input_is_refused_next_to_the_field(ui: UI, gw: Gateway):
+    ui.nav("Keys")
+    before = len(gw.all_keys())
+    ui.button("Connect an agent").click()
+    dlg = ui.dialog("connect-dialog")
+    ui.fill(dlg, "name", "bad-agent")
+    ui.fill(dlg, "rpm", "-5")
+    ui.button("Create", dlg).click()
+    err = ui.wait(lambda: (e := ui.css('dialog[open] [data-error-for="rpm"]')) and e[0].text.strip() and e[0],
+                  "an error next to rpm")
+    assert "rpm" in err.text.lower(), err.text
+    assert dlg.find_element(ui.By.NAME, "rpm").get_attribute("aria-invalid") == "true"
+    ui.fill(dlg, "rpm", "")
+    ui.fill(dlg, "ttl", "100d")
+    ui.button("Create", dlg).click()
+    err = ui.wait(lambda: (e := ui.css('dialog[open] [data-error-for="ttl"]')) and e[0].text.strip() and e[0],
+                  "an error next to ttl")
+    assert "ttl" in err.text.lower() or "90d" in err.text, err.text
+    assert not ui.css('dialog[open] [data-error-for="rpm"]')[0].is_displayed()
+    assert not ui.css("dialog[open] [data-testid=secret]")
+    assert len(gw.all_keys()) == before, "a key was made from invalid input"
+    ui.button("Cancel", dlg).click()
+    ui.wait(lambda: not ui.css("dialog"), "the dialog to close")
+
+
+def test_edit_limits(ui: UI, gw: Gateway):
+    key_id = ui.state["agent"]["id"]
+    ui.button("Edit", ui.card(key_id)).click()
+    dlg = ui.dialog("edit-dialog")
+    assert len(ui.css("dialog")) == 1, "one click, one dialog (pages visited before add no listeners)"
+    assert dlg.find_element(ui.By.NAME, "rpm").get_attribute("value") == "120"
+    ui.fill(dlg, "rpm", "90")
+    ui.fill(dlg, "max_inflight", "4")
+    ui.button("Save", dlg).click()
+    ui.wait(lambda: not ui.css("dialog"), "the edit dialog to close")
+    key = next(k for k in gw.all_keys() if k["id"] == key_id)
+    assert key["rpm"] == 90 and key["max_inflight"] == 4 and key["monthly_budget_usd"] == 5, key
+    ui.wait(lambda: "90" in ui.card(key_id).text and "4" in ui.card(key_id).text, "the new limits on the card")
+
+
+def test_rotation_grace_window(ui: UI, gw: Gateway):
+    cli_key = ui.state["cli"]
+    old = cli_key["secret"]
+    ui.button("Rotate", ui.card(cli_key["id"])).click()
+    dlg = ui.dialog("rotate-dialog")
+    assert dlg.find_element(ui.By.NAME, "grace").get_attribute("value") == "1h"  # the default
+    ui.fill(dlg, "grace", "3s")
+    ui.button("Rotate", dlg).click()
+    new = ui.one("dialog[open] [data-testid=secret]", "the rotated secret").text.strip()
+    t_rotated = time.monotonic()
+    gw.secrets.append(new)
+    assert new != old and re.fullmatch(r"spideriq_pat_[0-9a-f]{32}", new)
+    # Inside the grace window both secrets work.
+    gw.client(old).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=8)
+    assert time.monotonic() - t_rotated < 3.0, "the old secret was tried too late to prove the grace"
+    gw.client(new).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=8)
+    ui.button("Done", ui.dialog("rotate-dialog")).click()
+    ui.wait(lambda: not ui.css("dialog"), "the dialog to close")
+    _no_secret_in_dom(ui, new)
+    # After it, the old one is refused and the new one still works.
+    time.sleep(max(0.0, 3.2 - (time.monotonic() - t_rotated)))
+    _wait_sdk_fails(gw, old, "token_revoked")
+    gw.client(new).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=8)
+    assert next(k for k in gw.all_keys() if k["id"] == cli_key["id"])["status"] == "active"
+
+
+def test_revoke_with_confirmation(ui: UI, gw: Gateway):
+    agent = ui.state["agent"]
+    ui.button("Revoke", ui.card(agent["id"])).click()
+    dlg = ui.dialog("revoke-dialog")
+    ui.button("Cancel", dlg).click()  # cancelling changes nothing
+    ui.wait(lambda: not ui.css("dialog"), "the dialog to close")
+    assert next(k for k in gw.all_keys() if k["id"] == agent["id"])["status"] == "active"
+    ui.button("Revoke", ui.card(agent["id"])).click()
+    dlg = ui.dialog("revoke-dialog")
+    ui.button("Revoke", dlg).click()
+    ui.wait(lambda: "revoked" in ui.css("[data-testid=key-status]", ui.card(agent["id"]))[0].text.lower(),
+            "the card to show revoked")
+    with pytest.raises(openai.AuthenticationError) as exc:
+        gw.client(agent["secret"]).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=8)
+    assert _sdk_error_code(exc.value) == "token_revoked", exc.value
+    # Revoked keys keep View Traces only.
+    card = ui.card(agent["id"])
+    assert not [b for b in ui.css("button[data-action=revoke]", card) if b.is_displayed()]
+    assert ui.button("View Traces", card)
+
+
+def test_revoked_elsewhere_shows_up_and_a_lost_token_signs_out(ui: UI, gw: Gateway):
+    cli_key = ui.state["cli"]
+    gw.cli("keys", "revoke", cli_key["id"])
+    ui.wait(lambda: "revoked" in ui.css("[data-testid=key-status]", ui.card(cli_key["id"]))[0].text.lower(),
+            "the CLI revocation on the open page", timeout=5.0)
+    assert ui.problems() == [], ui.problems()
+    # A token that stops working (here: replaced in storage) brings back the sign-in form.
+    ui.d.execute_script("sessionStorage.setItem(Object.keys(sessionStorage)[0], 'stale-token')")
+    ui.one("input[type=password][name=token]", "the sign-in form after a 401")
+    assert "refused" in ui.one("[data-testid=signin-error]").text.lower()
+    assert ui.d.execute_script("return sessionStorage.length") == 0
