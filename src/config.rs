@@ -82,6 +82,8 @@ struct RawServer {
     media_part_tokens: u32,
     auth_failures_per_minute: u32,
     ledger_max_backlog: usize,
+    /// Where `serve --upgrade` receives the listening sockets of the running gateway.
+    upgrade_sock: String,
 }
 
 impl Default for RawServer {
@@ -99,6 +101,7 @@ impl Default for RawServer {
             media_part_tokens: DEFAULT_MEDIA_PART_TOKENS,
             auth_failures_per_minute: 60,
             ledger_max_backlog: 100_000,
+            upgrade_sock: "data/spidergate-upgrade.sock".into(),
         }
     }
 }
@@ -175,6 +178,7 @@ pub struct Tuning {
     pub media_part_tokens: u32,
     pub auth_failures_per_minute: u32,
     pub ledger_max_backlog: usize,
+    pub upgrade_sock: String,
 }
 
 #[derive(Debug, Clone)]
@@ -397,6 +401,7 @@ impl Config {
                 media_part_tokens: s.media_part_tokens,
                 auth_failures_per_minute: s.auth_failures_per_minute,
                 ledger_max_backlog: s.ledger_max_backlog,
+                upgrade_sock: s.upgrade_sock,
             },
         })
     }

@@ -135,7 +135,7 @@ impl Gate {
         let mut store = gate.open_store().map_err(|e| format!("database: {e}"))?;
         // Before keys (and their month's spend) are loaded: a crash never makes a request free.
         let orphans = store
-            .charge_orphans()
+            .charge_orphans(process_is_live)
             .map_err(|e| format!("database: charging orphaned admissions: {e}"))?;
         if orphans > 0 {
             log::warn!(
@@ -234,4 +234,13 @@ impl Gate {
 pub struct ProviderHeaders {
     pub authorization: Option<http::HeaderValue>,
     pub host: http::HeaderValue,
+}
+
+/// Whether the process that journaled an admission still runs (another gateway that handed
+/// its sockets to this one with `--upgrade`, still finishing its requests). This process's
+/// own pid, left by an earlier process that crashed, counts as gone.
+pub fn process_is_live(pid: i64) -> bool {
+    pid > 0
+        && pid != i64::from(std::process::id())
+        && std::path::Path::new(&format!("/proc/{pid}")).exists()
 }

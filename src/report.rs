@@ -180,6 +180,7 @@ pub fn live_usage(key: &KeyEntry, now: Now) -> Value {
 
 pub fn trace_json(t: &TraceRow) -> Value {
     json!({
+        "id": t.id,
         "time": rfc3339(t.ts),
         "ts_ms": t.ts,
         "key_id": t.key_id.as_deref(),

@@ -68,7 +68,12 @@ impl BackgroundService for Maintenance {
 
 /// SIGTERM drains before Pingora stops: Pingora's runtime shutdown cancels unfinished
 /// requests, so the signal is handed on only once in-flight requests are done (or the
-/// timeout passes). Meanwhile new requests get 503 `shutting_down`.
+/// grace passes), as a fast shutdown: what is still open is cut, and each cut request is
+/// charged when its context drops. Meanwhile new requests get 503 `shutting_down`.
+///
+/// SIGQUIT (a `serve --upgrade` process is waiting for the sockets) is handed on at once, so
+/// the sockets move without delay; Pingora then keeps this process serving what it has in
+/// flight for its grace period (the same `shutdown_grace_s`) before it stops.
 struct DrainOnTerm {
     gate: Arc<Gate>,
     timeout: std::time::Duration,
@@ -90,6 +95,20 @@ impl ShutdownSignalWatch for DrainOnTerm {
             while self.gate.inflight() > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
+            if self.gate.inflight() > 0 {
+                log::warn!(
+                    "SIGTERM: {} requests still open after the grace; cutting and charging them",
+                    self.gate.inflight()
+                );
+            }
+            // Drained already: skip Pingora's own grace period.
+            return ShutdownSignal::FastShutdown;
+        }
+        if matches!(signal, ShutdownSignal::GracefulUpgrade) {
+            log::info!(
+                "SIGQUIT: handing the sockets over; finishing {} in-flight requests",
+                self.gate.inflight()
+            );
         }
         signal
     }
@@ -108,9 +127,11 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
         threads: tuning.threads,
         // Fallbacks are retries in Pingora's terms: allow one per model plus stale connections.
         max_retries: MAX_CHAIN + 2,
-        // Draining happens in `DrainOnTerm`, before Pingora's own shutdown starts.
-        grace_period_seconds: Some(0),
+        // SIGTERM drains in `DrainOnTerm` and then shuts down fast; this grace applies to an
+        // upgrade (SIGQUIT), after the sockets were handed over.
+        grace_period_seconds: Some(tuning.shutdown_grace.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: tuning.upgrade_sock.clone(),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);

@@ -118,7 +118,9 @@ CREATE TABLE IF NOT EXISTS inflight (
 "#;
 
 /// Columns added after the first release, applied to older databases at open.
-const MIGRATIONS: [(&str, &str, &str); 4] = [
+const MIGRATIONS: [(&str, &str, &str); 5] = [
+    // The process (pid) that journaled an admission: a live one still owns it.
+    ("inflight", "owner", "INTEGER NOT NULL DEFAULT 0"),
     ("keys", "max_inflight", "INTEGER"),
     // Rotation: the secret before the last rotation keeps working until `prev_valid_until`.
     ("keys", "prev_token_hash", "BLOB"),
@@ -863,8 +865,8 @@ impl Store {
             }
             let mut stmt = tx.prepare_cached(
                 "INSERT OR REPLACE INTO inflight (id, ts, key_id, endpoint, requested_model,
-                    served_model, prompt_tokens, completion_tokens, cost_nanos)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    served_model, prompt_tokens, completion_tokens, cost_nanos, owner)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?;
             for j in batch.journal_open.values() {
                 stmt.execute(params![
@@ -877,6 +879,7 @@ impl Store {
                     j.prompt_tokens as i64,
                     j.completion_tokens as i64,
                     j.cost.get(),
+                    std::process::id(),
                 ])?;
             }
             let mut stmt = tx.prepare_cached("DELETE FROM inflight WHERE id = ?1")?;
@@ -887,15 +890,17 @@ impl Store {
         })
     }
 
-    /// Charges every admission a crash left open (journal rows with no booked spend) at its
-    /// journaled upper-bound cost: a trace marked estimated with code `orphaned`, the spend
-    /// and the day's count. Returns how many. Run once at start-up, before keys are loaded.
-    pub fn charge_orphans(&mut self) -> Result<usize> {
+    /// Charges every admission a crashed process left open (journal rows with no booked
+    /// spend, whose owner `is_live` says is gone) at its journaled upper-bound cost: a trace
+    /// marked estimated with code `orphaned`, the spend and the day's count. Returns how
+    /// many. Run at start-up, before keys are loaded, and periodically: a process handed
+    /// over to by `--upgrade` keeps its own rows until it exits.
+    pub fn charge_orphans(&mut self, is_live: impl Fn(i64) -> bool) -> Result<usize> {
         self.write(|tx| {
             let orphans: Vec<(TraceRow, i64)> = {
                 let mut stmt = tx.prepare(
                     "SELECT ts, key_id, endpoint, requested_model, served_model, prompt_tokens,
-                        completion_tokens, cost_nanos, id FROM inflight ORDER BY id",
+                        completion_tokens, cost_nanos, id, owner FROM inflight ORDER BY id",
                 )?;
                 let rows = stmt.query_map([], |r| {
                     Ok((
@@ -914,9 +919,14 @@ impl Store {
                             ..TraceRow::default()
                         },
                         r.get::<_, i64>(8)?,
+                        r.get::<_, i64>(9)?,
                     ))
                 })?;
-                rows.collect::<Result<_>>()?
+                rows.collect::<Result<Vec<_>>>()?
+                    .into_iter()
+                    .filter(|(_, _, owner)| !is_live(*owner))
+                    .map(|(t, id, _)| (t, id))
+                    .collect()
             };
             let traces: Vec<&TraceRow> = orphans.iter().map(|(t, _)| t).collect();
             insert_traces(tx, &traces)?;
@@ -933,7 +943,10 @@ impl Store {
                 add_daily(tx, key_id, day_index(t.ts), 1)?;
                 add_daily_spend(tx, key_id, day_index(t.ts), model, 1, t.cost.get())?;
             }
-            tx.execute("DELETE FROM inflight", [])?;
+            let mut delete = tx.prepare_cached("DELETE FROM inflight WHERE id = ?1")?;
+            for (_, id) in &orphans {
+                delete.execute([id])?;
+            }
             Ok(orphans.len())
         })
     }
@@ -1195,8 +1208,17 @@ mod tests {
             ..LedgerEntry::default()
         };
         s.write_batch(&Batch::of([done])).unwrap();
-        assert_eq!(s.charge_orphans().unwrap(), 2);
-        assert_eq!(s.charge_orphans().unwrap(), 0, "charged exactly once");
+        assert_eq!(
+            s.charge_orphans(|_| true).unwrap(),
+            0,
+            "a live owner keeps its rows"
+        );
+        assert_eq!(s.charge_orphans(|_| false).unwrap(), 2);
+        assert_eq!(
+            s.charge_orphans(|_| false).unwrap(),
+            0,
+            "charged exactly once"
+        );
         let spend = &s.spend_by_key("2026-11").unwrap()["key_o"];
         assert_eq!((spend[0].spent, spend[0].requests), (Nanos::new(14_000), 2));
         assert_eq!(s.requests_by_key("2026-11-26").unwrap()["key_o"], 2);
