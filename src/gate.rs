@@ -1,13 +1,12 @@
-//! Shared gateway state: config, catalog, the hot-swapped key snapshot, ledger and metrics.
+//! Shared gateway state: the hot-swapped snapshot (routes and keys), ledger, metrics, and
+//! the reloads that rebuild the snapshot.
 
-use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use crate::admission::Endpoint;
-use crate::catalog::Catalog;
 use crate::clock::{day_index, day_label, month_index, month_label, now_ms};
 use crate::config::Config;
 use crate::keys::KeySet;
@@ -15,6 +14,7 @@ use crate::ledger::SpendLedger;
 use crate::limits::KeyCounters;
 use crate::metrics::Metrics;
 use crate::shield::{AuthShield, Sampler};
+use crate::snapshot::{Routes, Snapshot};
 use crate::store::{Store, StoreError};
 
 /// Unauthenticated requests traced per second, across the gateway (a flood of bad tokens
@@ -22,20 +22,13 @@ use crate::store::{Store, StoreError};
 pub const UNAUTHENTICATED_TRACES_PER_SEC: u64 = 10;
 
 pub struct Gate {
-    pub config: Config,
-    pub catalog: Catalog,
-    /// Resolved address of each provider, by provider index.
-    pub provider_addrs: Vec<SocketAddr>,
-    /// Upstream request URIs by provider: `[chat completions, embeddings]`.
-    upstream_uris: Vec<[http::Uri; 2]>,
-    /// Per provider, built once: `Authorization` (the provider's own key) and `Host`.
-    pub provider_headers: Vec<ProviderHeaders>,
-    /// Per model, its id as a header value (`X-SpiderGate-Model`, fallback header).
-    pub model_headers: Vec<http::HeaderValue>,
-    /// Model ids and provider names, shared into every trace without copying.
-    pub model_names: Vec<Arc<str>>,
-    pub provider_names: Vec<Arc<str>>,
-    pub keys: ArcSwap<KeySet>,
+    /// Routes and keys, swapped whole (see `snapshot`).
+    snapshot: ArcSwap<Snapshot>,
+    /// Serializes reloads (key changes, admin changes, SIGHUP), so one never swaps back what
+    /// another just built. Never taken on the request path.
+    reload_lock: Mutex<()>,
+    /// The config file, re-read on SIGHUP.
+    config_path: PathBuf,
     /// `keys_version` of the store the current snapshot was built from.
     loaded_version: AtomicI64,
     pub ledger: SpendLedger,
@@ -55,50 +48,9 @@ pub struct Gate {
 impl Gate {
     /// Builds the state and loads every key. Fails if the store or a provider address is bad.
     pub fn new(config: Config) -> Result<Gate, String> {
-        let mut provider_addrs = Vec::with_capacity(config.providers.len());
-        for (i, p) in config.providers.iter().enumerate() {
-            let addr = p
-                .resolve()
-                .map_err(|e| format!("providers[{i}].base_url: cannot resolve {}: {e}", p.host))?;
-            provider_addrs.push(addr);
-        }
-        let mut upstream_uris = Vec::with_capacity(config.providers.len());
-        for (i, p) in config.providers.iter().enumerate() {
-            let uri = |suffix: &str| {
-                http::Uri::try_from(format!("{}{suffix}", p.base_path))
-                    .map_err(|e| format!("providers[{i}].base_url: bad path: {e}"))
-            };
-            upstream_uris.push([
-                uri(Endpoint::ChatCompletions.upstream_suffix())?,
-                uri(Endpoint::Embeddings.upstream_suffix())?,
-            ]);
-        }
-        let mut provider_headers = Vec::with_capacity(config.providers.len());
-        for (i, p) in config.providers.iter().enumerate() {
-            let value = |v: &str, what: &str| {
-                http::HeaderValue::from_str(v)
-                    .map_err(|_| format!("providers[{i}]: {what} is not a valid header value"))
-            };
-            let mut authorization = match &p.authorization {
-                Some(a) => Some(value(a, "the API key")?),
-                None => None,
-            };
-            if let Some(a) = authorization.as_mut() {
-                a.set_sensitive(true);
-            }
-            provider_headers.push(ProviderHeaders {
-                authorization,
-                host: value(&p.host_header, "the host")?,
-            });
-        }
-        let mut model_headers = Vec::with_capacity(config.models.len());
-        for (i, m) in config.models.iter().enumerate() {
-            model_headers.push(
-                http::HeaderValue::from_str(&m.id)
-                    .map_err(|_| format!("models[{i}].id: not usable in a header"))?,
-            );
-        }
-        let catalog = Catalog::new(&config);
+        let config_path = config.path.clone();
+        let routes = Routes::build(config)?;
+        let config = &routes.config;
         let ledger = SpendLedger::new(
             config.database.clone(),
             config.tuning.flush_interval,
@@ -106,31 +58,20 @@ impl Gate {
             config.tuning.ledger_max_backlog,
         );
         let gate = Gate {
-            catalog,
-            provider_addrs,
-            upstream_uris,
-            provider_headers,
-            model_headers,
-            model_names: config
-                .models
-                .iter()
-                .map(|m| Arc::from(m.id.as_str()))
-                .collect(),
-            provider_names: config
-                .providers
-                .iter()
-                .map(|p| Arc::from(p.name.as_str()))
-                .collect(),
-            keys: ArcSwap::from_pointee(KeySet::default()),
+            auth_shield: AuthShield::new(config.tuning.auth_failures_per_minute),
+            unauthenticated_traces: Sampler::new(UNAUTHENTICATED_TRACES_PER_SEC),
+            snapshot: ArcSwap::from_pointee(Snapshot {
+                routes: Arc::new(routes),
+                keys: Arc::new(KeySet::default()),
+            }),
+            reload_lock: Mutex::new(()),
+            config_path,
             loaded_version: AtomicI64::new(-1),
             ledger,
             metrics: Metrics::default(),
             reader: Mutex::new(None),
             inflight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
-            auth_shield: AuthShield::new(config.tuning.auth_failures_per_minute),
-            unauthenticated_traces: Sampler::new(UNAUTHENTICATED_TRACES_PER_SEC),
-            config,
         };
         let mut store = gate.open_store().map_err(|e| format!("database: {e}"))?;
         // Before keys (and their month's spend) are loaded: a crash never makes a request free.
@@ -147,17 +88,23 @@ impl Gate {
         Ok(gate)
     }
 
-    pub fn open_store(&self) -> Result<Store, StoreError> {
-        Store::open(&self.config.database)
+    /// The current routes and keys. The request path takes one per request.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
     }
 
-    /// The request URI for `endpoint` on provider `p` (precomputed: no formatting per request).
-    pub fn upstream_uri(&self, p: usize, endpoint: Endpoint) -> &http::Uri {
-        let i = match endpoint {
-            Endpoint::Embeddings => 1,
-            _ => 0,
-        };
-        &self.upstream_uris[p][i]
+    /// The current config's routes (catalog, providers, settings).
+    pub fn routes(&self) -> Arc<Routes> {
+        self.snapshot.load().routes.clone()
+    }
+
+    /// The current key set.
+    pub fn keys(&self) -> Arc<KeySet> {
+        self.snapshot.load().keys.clone()
+    }
+
+    pub fn open_store(&self) -> Result<Store, StoreError> {
+        Store::open(&self.routes().config.database)
     }
 
     /// Counts a request as in flight, until [`Gate::request_ended`] (its context's drop).
@@ -199,15 +146,60 @@ impl Gate {
         Ok(true)
     }
 
-    /// Rebuilds the snapshot from the store. Live counters carry over; keys new to this
-    /// process get their month-to-date spend and today's count from the ledger.
+    /// Rebuilds the key set from the store against the current routes.
     pub fn reload_from(&self, store: &Store) -> Result<(), StoreError> {
+        let _guard = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let routes = self.routes();
+        self.swap_in(store, routes)
+    }
+
+    /// Re-reads the config file (SIGHUP), validates it exactly as `check-config` does, and
+    /// swaps it in with the keys rebuilt against it; keys' live counters carry over, and
+    /// requests in flight finish on the snapshot they started with. Settings that only apply
+    /// at start (listeners, database, threads) keep their running values, with a warning.
+    /// On any error the running config stays and the error (with its field path) is returned.
+    pub fn reload_config(&self) -> Result<(), String> {
+        let mut config = Config::load(&self.config_path).map_err(|e| e.to_string())?;
+        config.load_provider_keys();
+        let running = self.routes();
+        for (what, changed) in [
+            ("listen", config.listen != running.config.listen),
+            ("database", config.database != running.config.database),
+            (
+                "admin.listen",
+                config.admin.as_ref().map(|a| &a.listen)
+                    != running.config.admin.as_ref().map(|a| &a.listen),
+            ),
+            (
+                "server.threads",
+                config.tuning.threads != running.config.tuning.threads,
+            ),
+        ] {
+            if changed {
+                log::warn!("config reload: {what} changed; it takes effect at the next restart");
+            }
+        }
+        config.listen = running.config.listen.clone();
+        config.database = running.config.database.clone();
+        config.admin = running.config.admin.clone();
+        config.tuning.threads = running.config.tuning.threads;
+        let routes = Arc::new(Routes::build(config)?);
+        let _guard = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let store = self.open_store().map_err(|e| format!("database: {e}"))?;
+        self.swap_in(&store, routes)
+            .map_err(|e| format!("database: {e}"))
+    }
+
+    /// Builds the key set against `routes` and swaps both in as one snapshot. Live counters
+    /// carry over; keys new to this process get their month-to-date spend and today's count
+    /// from the ledger. Call with `reload_lock` held.
+    fn swap_in(&self, store: &Store, routes: Arc<Routes>) -> Result<(), StoreError> {
         let version = store.keys_version()?;
         let records = store.all_keys()?;
-        let previous = self.keys.load_full();
+        let previous = self.keys();
         let now = now_ms();
         let needs_restore = records.iter().any(|r| previous.by_id(&r.id).is_none());
-        let (spend, today) = if needs_restore {
+        let (mut spend, today) = if needs_restore {
             (
                 store.spend_by_key(&month_label(month_index(now)))?,
                 store.requests_by_key(&day_label(day_index(now)))?,
@@ -215,8 +207,7 @@ impl Gate {
         } else {
             Default::default()
         };
-        let mut spend = spend;
-        let set = KeySet::build(records, &self.catalog, Some(&previous), |r| {
+        let set = KeySet::build(records, &routes.catalog, Some(&previous), |r| {
             KeyCounters::restored(
                 now,
                 today.get(&r.id).copied().unwrap_or(0),
@@ -224,16 +215,13 @@ impl Gate {
             )
         });
         self.metrics.set_keys_loaded(set.len());
-        self.keys.store(Arc::new(set));
+        self.snapshot.store(Arc::new(Snapshot {
+            routes,
+            keys: Arc::new(set),
+        }));
         self.loaded_version.store(version, Ordering::Release);
         Ok(())
     }
-}
-
-/// Request headers for one provider, built once at start-up.
-pub struct ProviderHeaders {
-    pub authorization: Option<http::HeaderValue>,
-    pub host: http::HeaderValue,
 }
 
 /// Whether the process that journaled an admission still runs (another gateway that handed

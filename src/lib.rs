@@ -20,5 +20,6 @@ pub mod proxy;
 pub mod report;
 pub mod serve;
 pub mod shield;
+pub mod snapshot;
 pub mod store;
 pub mod usage;

@@ -167,15 +167,57 @@ enum KeysCommand {
 
 type CliResult = Result<(), String>;
 
+/// Logs go to stderr, filtered by `RUST_LOG` (default `info`): the human format, or with
+/// `SPIDERGATE_LOG_FORMAT=json` one JSON object per line for journald and log shippers:
+/// `{"ts":"2026-11-27T06:07:15.123Z","level":"INFO","target":"spidergate::serve","msg":"..."}`
+/// (RFC 3339 UTC, serialized by serde_json, so any message is escaped properly).
+fn init_logger() {
+    #[derive(serde::Serialize)]
+    struct JsonLine<'a> {
+        ts: String,
+        level: &'a str,
+        target: &'a str,
+        msg: String,
+    }
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    let format = std::env::var("SPIDERGATE_LOG_FORMAT").unwrap_or_default();
+    let json = format.eq_ignore_ascii_case("json");
+    if json {
+        builder.format(|buf, record| {
+            use std::io::Write;
+            let line = JsonLine {
+                ts: buf.timestamp_millis().to_string(),
+                level: record.level().as_str(),
+                target: record.target(),
+                msg: record.args().to_string(),
+            };
+            // env_logger buffers the record and writes it to stderr in one go.
+            serde_json::to_writer(&mut *buf, &line)?;
+            writeln!(buf)
+        });
+    }
+    builder.init();
+    if !json && !format.is_empty() && !format.eq_ignore_ascii_case("text") {
+        log::warn!("SPIDERGATE_LOG_FORMAT={format:?} is neither \"json\" nor \"text\"; using text");
+    }
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    init_logger();
     let cli = Cli::parse();
     let config_path = resolve_path(cli.config.as_deref());
     let result = match cli.command {
         Command::MockProvider { listen, threads } => {
             spidergate::mock::run_blocking_with_threads(&listen, threads).map_err(|e| e.to_string())
         }
+        // Exactly what `serve` and SIGHUP check: the config, then the routes built from it.
         Command::CheckConfig => Config::load(&config_path)
+            .map_err(|e| e.to_string())
+            .and_then(|mut c| {
+                c.load_provider_keys();
+                spidergate::snapshot::Routes::build(c).map(|r| r.config)
+            })
             .map(|c| {
                 println!(
                     "{}: ok ({} providers, {} models, {} aliases)",

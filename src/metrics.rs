@@ -46,6 +46,8 @@ pub struct Metrics {
     estimated_usage: AtomicU64,
     fallbacks: AtomicU64,
     auth_failures: AtomicU64,
+    config_reloads: AtomicU64,
+    config_reload_failures: AtomicU64,
     keys_loaded: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS_MS.len()],
     latency_count: AtomicU64,
@@ -73,6 +75,16 @@ impl Metrics {
     /// shield).
     pub fn auth_failure(&self) {
         self.auth_failures.fetch_add(1, Relaxed);
+    }
+
+    /// A SIGHUP config reload that was applied (`true`) or refused (`false`).
+    pub fn config_reload(&self, applied: bool) {
+        let counter = if applied {
+            &self.config_reloads
+        } else {
+            &self.config_reload_failures
+        };
+        counter.fetch_add(1, Relaxed);
     }
 
     pub fn fallback(&self) {
@@ -139,6 +151,16 @@ impl Metrics {
                 "spidergate_auth_failures_total",
                 "Failed authentications (401, or 429 past the per-address shield).",
                 &self.auth_failures,
+            ),
+            (
+                "spidergate_config_reloads_total",
+                "SIGHUP config reloads applied.",
+                &self.config_reloads,
+            ),
+            (
+                "spidergate_config_reload_failures_total",
+                "SIGHUP config reloads refused (the running config stayed).",
+                &self.config_reload_failures,
             ),
         ];
         for (name, help, v) in counters {

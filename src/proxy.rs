@@ -24,6 +24,7 @@ use crate::money::Nanos;
 use crate::providers::openai::rewrite_body;
 use crate::report;
 use crate::shield::SHIELD_WINDOW;
+use crate::snapshot::Snapshot;
 use crate::store::{JournalRow, LedgerEntry, TraceRow};
 use crate::usage::{usage_from_json, Forward, SseUsageParser, Usage};
 
@@ -59,6 +60,9 @@ impl GateProxy {
 /// grace cancels the task, or a panic) still settles and records the request.
 pub struct RequestCtx {
     gate: Arc<Gate>,
+    /// Routes and keys as of this request's start (replaced once, at admission): indexes
+    /// into its catalog stay valid whatever reloads happen meanwhile.
+    snap: Arc<Snapshot>,
     started: Instant,
     started_ms: i64,
     endpoint: Endpoint,
@@ -330,7 +334,10 @@ impl GateProxy {
     /// journaled.
     fn admit(&self, ctx: &mut RequestCtx, hash: &TokenHash) -> std::result::Result<(), GateError> {
         let now = Now::read();
-        let key = admission::lookup(&self.gate.keys.load(), hash, now.wall)?;
+        // The decision uses the snapshot of now; the rest of the request keeps it.
+        ctx.snap = self.gate.snapshot();
+        let routes = ctx.snap.routes.clone();
+        let key = admission::lookup(&ctx.snap.keys, hash, now.wall)?;
         ctx.key = Some(key.clone());
         if key.limits.hard_budget
             && key.limits.budget.is_some()
@@ -338,15 +345,8 @@ impl GateProxy {
         {
             return Err(GateError::LedgerUnavailable);
         }
-        let media = u64::from(self.gate.config.tuning.media_part_tokens);
-        let adm = admission::admit(
-            &self.gate.catalog,
-            &key,
-            ctx.endpoint,
-            &ctx.body,
-            now,
-            media,
-        )?;
+        let media = u64::from(routes.config.tuning.media_part_tokens);
+        let adm = admission::admit(&routes.catalog, &key, ctx.endpoint, &ctx.body, now, media)?;
         let journal_id = self.gate.ledger.journal_id();
         let served = adm.chain.get(adm.bound.model).unwrap_or(0);
         self.gate.ledger.journal(JournalRow {
@@ -355,7 +355,7 @@ impl GateProxy {
             key_id: key.id.clone(),
             endpoint: ctx.endpoint.label(),
             requested_model: adm.fields.model.clone(),
-            served_model: self.gate.model_names[served].clone(),
+            served_model: routes.model_names[served].clone(),
             prompt_tokens: adm.bound.prompt_tokens,
             completion_tokens: adm.bound.completion_tokens,
             cost: adm.bound.cost,
@@ -412,7 +412,8 @@ impl GateProxy {
         ctx: &mut RequestCtx,
         model_id: &str,
     ) -> Result<bool> {
-        let catalog = &self.gate.catalog;
+        let routes = ctx.snap.routes.clone();
+        let catalog = &routes.catalog;
         let key = ctx.key.as_deref();
         let body = match ctx.endpoint {
             Endpoint::Models => report::models_list(catalog, key),
@@ -527,6 +528,7 @@ impl RequestCtx {
             self.error_code = Some(CLIENT_CLOSED);
         }
         let gate = self.gate.clone();
+        let routes = self.snap.routes.clone();
         let latency_ms = self.started.elapsed().as_millis() as i64;
         let served = self.current_model();
         let (usage, estimated) = match &self.admission {
@@ -534,7 +536,8 @@ impl RequestCtx {
             None => (Usage::default(), false),
         };
         let cost = served.map_or(Nanos::ZERO, |m| {
-            gate.catalog
+            routes
+                .catalog
                 .cost(m, usage.prompt_tokens, usage.completion_tokens)
         });
         let admitted = self.admission.is_some();
@@ -543,7 +546,7 @@ impl RequestCtx {
         if let Some(adm) = self.admission.take() {
             if let Some(key) = &self.key {
                 let charge = served.map(|m| Charge {
-                    model: &gate.model_names[m],
+                    model: &routes.model_names[m],
                     prompt_tokens: usage.prompt_tokens,
                     completion_tokens: usage.completion_tokens,
                     cost,
@@ -569,7 +572,7 @@ impl RequestCtx {
             );
         }
         let keep_trace = self.key.is_some() || gate.unauthenticated_traces.allow(self.started_ms);
-        let model = |m: usize| gate.model_names[m].clone();
+        let model = |m: usize| routes.model_names[m].clone();
         let trace = TraceRow {
             id: 0,
             ts,
@@ -579,7 +582,7 @@ impl RequestCtx {
             served_model: served.filter(|_| admitted).map(model),
             provider: served
                 .filter(|_| admitted)
-                .map(|m| gate.provider_names[gate.catalog.models()[m].provider].clone()),
+                .map(|m| routes.provider_names[routes.catalog.models()[m].provider].clone()),
             status: self.status,
             error_code: self.error_code.map(Cow::Borrowed),
             latency_ms,
@@ -625,6 +628,7 @@ impl ProxyHttp for GateProxy {
         self.gate.request_started();
         RequestCtx {
             gate: self.gate.clone(),
+            snap: self.gate.snapshot(),
             started: Instant::now(),
             started_ms: now_ms(),
             endpoint: Endpoint::Unknown,
@@ -679,7 +683,7 @@ impl ProxyHttp for GateProxy {
             return self.health(session, ctx).await;
         }
         let authorization = header_bytes(session.req_header(), "authorization");
-        let anonymous_catalog = self.gate.config.public_catalog
+        let anonymous_catalog = ctx.snap.routes.config.public_catalog
             && authorization.is_none()
             && matches!(
                 endpoint,
@@ -689,7 +693,7 @@ impl ProxyHttp for GateProxy {
             return self.serve_local(session, ctx, model_id).await;
         }
         let hash = match admission::token_hash(authorization)
-            .and_then(|h| admission::lookup(&self.gate.keys.load(), &h, now_ms()).map(|k| (h, k)))
+            .and_then(|h| admission::lookup(&ctx.snap.keys, &h, now_ms()).map(|k| (h, k)))
         {
             Ok((hash, key)) => {
                 ctx.key = Some(key);
@@ -716,7 +720,8 @@ impl ProxyHttp for GateProxy {
         if session.req_header().method != http::Method::POST {
             return self.reject(session, ctx, GateError::MethodNotAllowed).await;
         }
-        let body = match read_body(session, self.gate.config.max_body_bytes).await? {
+        let max_body = ctx.snap.routes.config.max_body_bytes;
+        let body = match read_body(session, max_body).await? {
             Ok(b) => b,
             Err(e) => {
                 // The rest of the body is unread: this connection cannot be reused.
@@ -740,16 +745,17 @@ impl ProxyHttp for GateProxy {
         let m = ctx
             .current_model()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no admitted model"))?;
-        let pidx = self.gate.catalog.models()[m].provider;
-        let provider = &self.gate.catalog.providers()[pidx];
+        let routes = &ctx.snap.routes;
+        let pidx = routes.catalog.models()[m].provider;
+        let provider = &routes.catalog.providers()[pidx];
         // SNI only matters for TLS; plain HTTP peers skip the allocation.
         let sni = if provider.tls {
             provider.host.clone()
         } else {
             String::new()
         };
-        let mut peer = HttpPeer::new(self.gate.provider_addrs[pidx], provider.tls, sni);
-        let t = &self.gate.config.tuning;
+        let mut peer = HttpPeer::new(routes.provider_addrs[pidx], provider.tls, sni);
+        let t = &routes.config.tuning;
         peer.options.connection_timeout = Some(t.connect_timeout);
         peer.options.read_timeout = Some(t.read_timeout);
         // A request is never re-sent on a pooled connection that turns out dead (it may
@@ -773,11 +779,12 @@ impl ProxyHttp for GateProxy {
                 "no admitted model",
             ));
         };
-        let model = &self.gate.catalog.models()[m];
+        let routes = &ctx.snap.routes;
+        let model = &routes.catalog.models()[m];
         let body = rewrite_body(&ctx.body, &adm.fields, &model.upstream_id);
         let pidx = model.provider;
-        let headers = &self.gate.provider_headers[pidx];
-        req.set_uri(self.gate.upstream_uri(pidx, ctx.endpoint).clone());
+        let headers = &routes.provider_headers[pidx];
+        req.set_uri(routes.upstream_uri(pidx, ctx.endpoint).clone());
         // One pass over the client's headers; removal (two maps in Pingora) only if needed.
         if req.headers.keys().any(|k| STRIPPED_HEADERS.contains(k)) {
             for h in &STRIPPED_HEADERS {
@@ -876,12 +883,15 @@ impl ProxyHttp for GateProxy {
         }
         if let (Some(from), Some(m)) = (ctx.fallback_from, ctx.current_model()) {
             if from != m {
-                let id = self.gate.model_headers[from].clone();
+                let id = ctx.snap.routes.model_headers[from].clone();
                 resp.insert_header(FALLBACK_FROM.clone(), id)?;
             }
         }
         if let Some(m) = ctx.current_model() {
-            resp.insert_header(SERVED_MODEL.clone(), self.gate.model_headers[m].clone())?;
+            resp.insert_header(
+                SERVED_MODEL.clone(),
+                ctx.snap.routes.model_headers[m].clone(),
+            )?;
         }
         let is_sse = resp
             .headers

@@ -33,10 +33,27 @@ impl BackgroundService for Maintenance {
             std::process::exit(1);
         }
         let mut store = None;
-        let interval = self.gate.config.tuning.reload_interval;
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                log::error!("cannot listen for SIGHUP; config reload is off: {e}");
+                None
+            }
+        };
         loop {
+            let interval = self.gate.routes().config.tuning.reload_interval;
             tokio::select! {
                 _ = shutdown.changed() => return,
+                Some(()) = async {
+                    match hangup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.reload_config().await;
+                    continue;
+                }
                 _ = tokio::time::sleep(interval) => {}
             }
             let gate = self.gate.clone();
@@ -54,7 +71,7 @@ impl BackgroundService for Maintenance {
                     },
                 };
                 match gate.reload_if_changed(&s) {
-                    Ok(true) => log::info!("keys reloaded: {} keys", gate.keys.load().len()),
+                    Ok(true) => log::info!("keys reloaded: {} keys", gate.keys().len()),
                     Ok(false) => {}
                     Err(e) => log::warn!("key reload failed, keeping the last snapshot: {e}"),
                 }
@@ -62,6 +79,28 @@ impl BackgroundService for Maintenance {
             })
             .await;
             store = joined.ok().flatten();
+        }
+    }
+}
+
+impl Maintenance {
+    /// SIGHUP: re-read and validate the config file, swap it in, or keep the running one.
+    async fn reload_config(&self) {
+        let gate = self.gate.clone();
+        let result = tokio::task::spawn_blocking(move || gate.reload_config()).await;
+        match result {
+            Ok(Ok(())) => {
+                self.gate.metrics.config_reload(true);
+                log::info!("SIGHUP: configuration reloaded");
+            }
+            Ok(Err(e)) => {
+                self.gate.metrics.config_reload(false);
+                log::error!("SIGHUP: configuration rejected, the running one stays: {e}");
+            }
+            Err(e) => {
+                self.gate.metrics.config_reload(false);
+                log::error!("SIGHUP: configuration reload failed: {e}");
+            }
         }
     }
 }
@@ -143,7 +182,7 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
     );
     proxy.add_tcp(&listen);
     server.add_service(proxy);
-    if let Some(admin) = &gate.config.admin {
+    if let Some(admin) = &gate.routes().config.admin {
         let mut service = pingora_core::services::listening::Service::new(
             "spidergate admin".to_string(),
             AdminApp::new(gate.clone(), &admin.token_env),

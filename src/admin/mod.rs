@@ -169,7 +169,7 @@ impl AdminApp {
             .as_slice()
         {
             // As `/v1/usage`: include a request whose response just ended.
-            let live = gate.keys.load().by_id(id).cloned();
+            let live = gate.keys().by_id(id).cloned();
             if let Some(key) = live {
                 key.counters.settled(crate::proxy::SETTLE_WAIT).await;
             }
@@ -240,7 +240,8 @@ fn handle(
     let body_json = || parse_json(body);
     use http::Method;
     let result: Result<Reply, Reply> = (|| {
-        let mut keys = KeyService::new(&mut store, &gate.catalog);
+        let routes = gate.routes();
+        let mut keys = KeyService::new(&mut store, &routes.catalog);
         match (method, seg) {
             (&Method::GET, ["admin", "info"]) => Ok(Reply::json(200, info_json(gate))),
             (&Method::GET, ["admin", "keys"]) => {
@@ -290,7 +291,7 @@ fn handle(
             }
             (&Method::GET, ["admin", "keys", id, "usage"]) => {
                 let month = month_param(query, now)?;
-                let live = gate.keys.load().by_id(id).cloned();
+                let live = gate.keys().by_id(id).cloned();
                 match live {
                     Some(entry) if month == month_index(now) => {
                         Ok(Reply::json(200, report::live_usage(&entry, Now::read())))
@@ -367,16 +368,17 @@ fn month_param(query: &HashMap<String, String>, now: i64) -> Result<i64, Reply> 
 
 /// What the dashboard needs from the config: where agents connect, and the model names.
 fn info_json(gate: &Gate) -> Value {
-    let models: Vec<Value> = gate
+    let routes = gate.routes();
+    let models: Vec<Value> = routes
         .catalog
         .models()
         .iter()
         .map(|m| json!({"id": m.id, "free": m.free}))
         .collect();
     json!({
-        "public_url": gate.config.public_url,
+        "public_url": routes.config.public_url,
         "models": models,
-        "aliases": gate.catalog.alias_names(),
+        "aliases": routes.catalog.alias_names(),
         "version": env!("CARGO_PKG_VERSION"),
     })
 }
@@ -384,7 +386,7 @@ fn info_json(gate: &Gate) -> Value {
 /// A key's month-to-date standing from the gateway's live counters (zero for a key the
 /// snapshot does not hold yet).
 fn live_usage_json(gate: &Gate, k: &KeyRecord) -> Value {
-    match gate.keys.load().by_id(&k.id) {
+    match gate.keys().by_id(&k.id) {
         Some(entry) => report::live_usage(entry, Now::read()),
         None => json!({"month": month_label(month_index(now_ms())), "spend_usd": 0.0,
                        "by_model": {}, "requests_today": 0, "requests_this_minute": 0}),

@@ -538,6 +538,16 @@ impl Gateway {
         self.child.as_ref().expect("running").id()
     }
 
+    /// Sends SIGHUP (re-read the config) without waiting.
+    pub fn signal_hup(&self) {
+        let pid = self.pid();
+        Command::new("kill")
+            .arg("-HUP")
+            .arg(pid.to_string())
+            .status()
+            .expect("kill");
+    }
+
     /// Sends SIGTERM without waiting.
     pub fn signal_term(&self) {
         let pid = self.pid();

@@ -1,0 +1,85 @@
+//! Running it like infrastructure (SPEC §5 signals, §6 config): SIGHUP re-reads the config,
+//! validates it as `check-config` does, swaps it in or keeps the running one.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const TOKEN: &str = "ops-admin-token";
+
+fn metric(gw: &Gateway, name: &str) -> u64 {
+    let text = gw.admin_call("GET", "/metrics", None).text();
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn sighup_swaps_in_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).admin(TOKEN).start();
+    let key = gw.create_key(&[]);
+    assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
+    assert_eq!(gw.chat(&key, "gpt-4.1-nano").code(), "model_not_found");
+
+    // A new model and a new alias: live after SIGHUP, with the key's counters kept.
+    let original = std::fs::read_to_string(&gw.config).unwrap();
+    let added = original.replace(
+        "aliases:\n",
+        "  - id: gpt-4.1-nano\n    provider: mock\n    input_usd_per_mtok: 0.1\n    output_usd_per_mtok: 0.4\naliases:\n  spideriq/nano: [gpt-4.1-nano]\n",
+    );
+    assert_ne!(added, original, "the test config has an aliases section");
+    std::fs::write(&gw.config, &added).unwrap();
+    assert!(gw.cli(&["check-config"]).status.success());
+    gw.signal_hup();
+    let r = wait_for(Duration::from_secs(10), "the new model", || {
+        let r = gw.chat(&key, "gpt-4.1-nano");
+        (r.status == 200).then_some(r)
+    });
+    assert_eq!(r.header("x-spidergate-model"), Some("gpt-4.1-nano"));
+    assert_eq!(gw.chat(&key, "spideriq/nano").status, 200);
+    assert_eq!(gw.usage(&key)["by_model"]["gpt-4o-mini"]["requests"], 1);
+    assert_eq!(metric(&gw, "spidergate_config_reloads_total"), 1);
+
+    // A bad config: check-config refuses it with the field path, and so does SIGHUP; the
+    // running config keeps serving.
+    let bad = added.replace("output_usd_per_mtok: 0.4", "output_usd_per_mtok: -3");
+    std::fs::write(&gw.config, &bad).unwrap();
+    let out = gw.cli(&["check-config"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("output_usd_per_mtok"), "{err}");
+    gw.signal_hup();
+    wait_for(Duration::from_secs(10), "the refusal to be counted", || {
+        (metric(&gw, "spidergate_config_reload_failures_total") == 1).then_some(())
+    });
+    assert!(
+        gw.log_text().contains("output_usd_per_mtok"),
+        "the log names the field"
+    );
+    assert_eq!(
+        gw.chat(&key, "gpt-4.1-nano").status,
+        200,
+        "old config still serves"
+    );
+    assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
+}
+
+#[test]
+fn check_config_refuses_what_serve_would_refuse() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    let original = std::fs::read_to_string(&gw.config).unwrap();
+    // A model id that cannot be sent as a header value.
+    let bad = original.replacen("  - id: gpt-4o\n", "  - id: \"gpt\\n4o\"\n", 1);
+    assert_ne!(bad, original);
+    std::fs::write(&gw.config, &bad).unwrap();
+    let out = gw.cli(&["check-config"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("models[1].id"), "{err}");
+}
