@@ -115,6 +115,26 @@ impl GateError {
         }
     }
 
+    /// The gateway's answer to a proxying failure Pingora reports: `None` when the client is
+    /// gone (nothing to answer), 504 for any timeout, else 502 saying what broke.
+    pub fn from_proxy(e: &pingora_error::Error) -> Option<GateError> {
+        use pingora_error::{ErrorSource, ErrorType};
+        if *e.esource() == ErrorSource::Downstream {
+            return None;
+        }
+        Some(match e.etype() {
+            ErrorType::ConnectTimedout
+            | ErrorType::ReadTimedout
+            | ErrorType::WriteTimedout
+            | ErrorType::TLSHandshakeTimedout => GateError::UpstreamTimeout,
+            ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError => {
+                GateError::UpstreamError("connection failed".into())
+            }
+            ErrorType::HTTPStatus(s) => GateError::UpstreamError(format!("status {s}")),
+            _ => GateError::UpstreamError("connection broke before the response".into()),
+        })
+    }
+
     /// Seconds for `Retry-After`, only on 429s.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
@@ -178,6 +198,25 @@ impl std::error::Error for GateError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proxy_failures_map_to_502_504_or_nothing() {
+        use pingora_error::{Error, ErrorType};
+        let code = |e: &Error| GateError::from_proxy(e).map(|g| (g.status(), g.code()));
+        assert_eq!(
+            code(&Error::new_up(ErrorType::ReadTimedout)),
+            Some((504, "upstream_timeout"))
+        );
+        assert_eq!(
+            code(&Error::new_up(ErrorType::ConnectRefused)),
+            Some((502, "upstream_error"))
+        );
+        assert_eq!(
+            code(&Error::new_up(ErrorType::ConnectionClosed)),
+            Some((502, "upstream_error"))
+        );
+        assert_eq!(code(&Error::new_down(ErrorType::ReadError)), None);
+    }
 
     #[test]
     fn body_is_openai_shaped() {

@@ -1,0 +1,234 @@
+//! Header work, built once: the gateway's own headers, what never goes upstream, and what
+//! never comes back from it.
+
+use http::{HeaderName, HeaderValue};
+use pingora_error::Result;
+use pingora_http::{RequestHeader, ResponseHeader};
+
+use crate::limits::Standing;
+use crate::snapshot::ProviderHeaders;
+
+/// `X-SpiderGate-Error-Code` of an upstream's own error response passed through.
+pub(super) const UPSTREAM_STATUS: &str = "upstream_status";
+
+pub(super) fn header_bytes<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a [u8]> {
+    req.headers.get(name).map(|v| v.as_bytes())
+}
+
+pub(super) static LIMIT_REQUESTS: HeaderName =
+    HeaderName::from_static("x-ratelimit-limit-requests");
+pub(super) static REMAINING_REQUESTS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-requests");
+pub(super) static RATE_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+pub(super) static BUDGET_WARNING: HeaderName =
+    HeaderName::from_static("x-spidergate-budget-warning");
+/// Client headers that never go upstream: credentials of any kind (the provider's own key
+/// replaces the agent's token) and framing the gateway handles itself (the body is already
+/// read, so an upstream `100 Continue` would only reach the client a second time).
+pub(super) static STRIPPED_HEADERS: [HeaderName; 8] = [
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("api-key"),
+    HeaderName::from_static("openai-organization"),
+    HeaderName::from_static("openai-project"),
+    http::header::PROXY_AUTHORIZATION,
+    http::header::COOKIE,
+    http::header::TRANSFER_ENCODING,
+    http::header::EXPECT,
+];
+pub(super) static SERVED_MODEL: HeaderName = HeaderName::from_static("x-spidergate-model");
+pub(super) static ERROR_CODE: HeaderName = HeaderName::from_static("x-spidergate-error-code");
+
+/// Whether an upstream response header reveals the operator's provider account or its
+/// limits (SPEC §2): the gateway's own `X-RateLimit-*` are the only ones a client sees.
+pub(super) fn is_account_header(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    n.starts_with("x-ratelimit-")
+        || n.starts_with("anthropic-ratelimit-")
+        || n.starts_with("openai-organization")
+        || n.starts_with("openai-project")
+        || n == "anthropic-organization-id"
+        || n == "set-cookie"
+        || n == "set-cookie2"
+}
+
+/// Drops the upstream's account headers (one pass; removal only when one is present).
+pub(super) fn strip_account_headers(resp: &mut ResponseHeader) {
+    if !resp.headers.keys().any(is_account_header) {
+        return;
+    }
+    let names: Vec<HeaderName> = resp
+        .headers
+        .keys()
+        .filter(|n| is_account_header(n))
+        .cloned()
+        .collect();
+    for n in &names {
+        resp.remove_header(n);
+    }
+}
+pub(super) static FALLBACK_FROM: HeaderName = HeaderName::from_static("x-spidergate-fallback-from");
+pub(super) static UNLIMITED: HeaderValue = HeaderValue::from_static("unlimited");
+
+pub(super) fn add_standing_headers(resp: &mut ResponseHeader, s: &Standing) -> Result<()> {
+    match (s.rpm, s.remaining) {
+        (Some(limit), Some(remaining)) => {
+            resp.insert_header(LIMIT_REQUESTS.clone(), HeaderValue::from(limit))?;
+            resp.insert_header(REMAINING_REQUESTS.clone(), HeaderValue::from(remaining))?;
+        }
+        _ => {
+            resp.insert_header(LIMIT_REQUESTS.clone(), UNLIMITED.clone())?;
+            resp.insert_header(REMAINING_REQUESTS.clone(), UNLIMITED.clone())?;
+        }
+    }
+    resp.insert_header(RATE_RESET.clone(), HeaderValue::from(s.reset_secs))?;
+    if s.budget_warning {
+        resp.insert_header(
+            BUDGET_WARNING.clone(),
+            HeaderValue::from_static("monthly budget reached (soft limit)"),
+        )?;
+    }
+    Ok(())
+}
+
+/// The request as the provider gets it: its path, its own key (the agent's token and every
+/// other credential are removed), its `Host`, the rewritten body's length, and no
+/// compression (usage is parsed from the response bytes).
+pub(super) fn rewrite_upstream_request(
+    req: &mut RequestHeader,
+    provider: &ProviderHeaders,
+    uri: &http::Uri,
+    body_len: usize,
+) -> Result<()> {
+    req.set_uri(uri.clone());
+    // One pass over the client's headers; removal (two maps in Pingora) only if needed.
+    if req.headers.keys().any(|k| STRIPPED_HEADERS.contains(k)) {
+        for h in &STRIPPED_HEADERS {
+            req.remove_header(h);
+        }
+    }
+    match &provider.authorization {
+        Some(auth) => req.insert_header(http::header::AUTHORIZATION, auth.clone())?,
+        None => {
+            req.remove_header(&http::header::AUTHORIZATION);
+        }
+    }
+    req.insert_header(http::header::HOST, provider.host.clone())?;
+    req.insert_header(http::header::CONTENT_LENGTH, HeaderValue::from(body_len))?;
+    req.insert_header(
+        http::header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    )?;
+    Ok(())
+}
+
+/// The response head as the agent gets it: the upstream's account headers dropped, the
+/// gateway's rate-limit headers, the error code of an upstream error, and which model
+/// served (and which one failed first).
+pub(super) fn decorate_response(
+    resp: &mut ResponseHeader,
+    standing: &Standing,
+    fallback_from: Option<&HeaderValue>,
+    served: Option<&HeaderValue>,
+) -> Result<()> {
+    strip_account_headers(resp);
+    add_standing_headers(resp, standing)?;
+    if resp.status.as_u16() >= 400 {
+        resp.insert_header(
+            ERROR_CODE.clone(),
+            HeaderValue::from_static(UPSTREAM_STATUS),
+        )?;
+    }
+    if let Some(from) = fallback_from {
+        resp.insert_header(FALLBACK_FROM.clone(), from.clone())?;
+    }
+    if let Some(model) = served {
+        resp.insert_header(SERVED_MODEL.clone(), model.clone())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn standing() -> Standing {
+        Standing {
+            rpm: Some(7),
+            remaining: Some(6),
+            reset_secs: 0,
+            budget_warning: false,
+        }
+    }
+
+    #[test]
+    fn the_upstream_account_headers_never_reach_the_agent() {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        for (k, v) in [
+            ("openai-organization", "org-1"),
+            ("openai-project", "proj_1"),
+            ("anthropic-organization-id", "a"),
+            ("set-cookie", "a=b"),
+            ("x-ratelimit-limit-requests", "5000"),
+            ("x-ratelimit-remaining-tokens", "9"),
+            ("anthropic-ratelimit-requests-limit", "50"),
+            ("x-request-id", "req_1"),
+        ] {
+            resp.append_header(k, v).unwrap();
+        }
+        let served = HeaderValue::from_static("gpt-4o-mini");
+        decorate_response(&mut resp, &standing(), None, Some(&served)).unwrap();
+        let h = &resp.headers;
+        for gone in [
+            "openai-organization",
+            "openai-project",
+            "anthropic-organization-id",
+            "set-cookie",
+            "x-ratelimit-remaining-tokens",
+            "anthropic-ratelimit-requests-limit",
+        ] {
+            assert!(h.get(gone).is_none(), "{gone} leaked");
+        }
+        let limits: Vec<_> = h.get_all("x-ratelimit-limit-requests").iter().collect();
+        assert_eq!(limits, vec!["7"], "only the gateway's own");
+        assert_eq!(h.get("x-request-id").unwrap(), "req_1");
+        assert_eq!(h.get("x-spidergate-model").unwrap(), "gpt-4o-mini");
+        assert!(h.get("x-spidergate-error-code").is_none());
+    }
+
+    #[test]
+    fn an_upstream_error_carries_the_error_code_header() {
+        let mut resp = ResponseHeader::build(500, None).unwrap();
+        decorate_response(&mut resp, &standing(), None, None).unwrap();
+        assert_eq!(
+            resp.headers.get("x-spidergate-error-code").unwrap(),
+            UPSTREAM_STATUS
+        );
+    }
+
+    #[test]
+    fn the_agent_credentials_are_replaced_by_the_providers() {
+        let mut req = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+        for (k, v) in [
+            ("authorization", "Bearer spideriq_pat_x"),
+            ("x-api-key", "k"),
+            ("cookie", "c"),
+            ("host", "evil"),
+            ("expect", "100-continue"),
+        ] {
+            req.append_header(k, v).unwrap();
+        }
+        let provider = ProviderHeaders {
+            authorization: Some(HeaderValue::from_static("Bearer sk-up")),
+            host: HeaderValue::from_static("api.example.com"),
+        };
+        let uri = http::Uri::from_static("/v1/chat/completions");
+        rewrite_upstream_request(&mut req, &provider, &uri, 42).unwrap();
+        let h = &req.headers;
+        assert_eq!(h.get("authorization").unwrap(), "Bearer sk-up");
+        assert_eq!(h.get("host").unwrap(), "api.example.com");
+        assert_eq!(h.get("content-length").unwrap(), "42");
+        for gone in ["x-api-key", "cookie", "expect"] {
+            assert!(h.get(gone).is_none(), "{gone} went upstream");
+        }
+    }
+}

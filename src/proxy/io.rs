@@ -1,0 +1,126 @@
+//! Bodies: reading the client's request body whole (with its limit), keeping a response
+//! body for usage parsing, and writing the gateway's own JSON answers.
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderValue;
+use pingora_error::Result;
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
+
+use crate::error::GateError;
+use crate::limits::Standing;
+
+use super::headers::{add_standing_headers, header_bytes, ERROR_CODE};
+
+/// Non-streamed responses larger than this are not buffered for usage parsing (charged an
+/// estimate instead), so a huge response cannot balloon memory.
+pub(super) const MAX_JSON_RESPONSE: usize = 8 * 1024 * 1024;
+
+/// A non-streamed response body kept for usage parsing. The usual one-chunk body is held by
+/// reference count (no copy); only a body split across chunks is joined.
+#[derive(Default)]
+pub(super) struct ResponseBody {
+    first: Bytes,
+    joined: Option<Vec<u8>>,
+}
+
+impl ResponseBody {
+    /// Adds a chunk; false once the body exceeds `MAX_JSON_RESPONSE` (then it is dropped).
+    pub(super) fn push(&mut self, chunk: &Bytes) -> bool {
+        match &mut self.joined {
+            Some(v) => v.extend_from_slice(chunk),
+            None if self.first.is_empty() => self.first = chunk.clone(),
+            None => {
+                let mut v = Vec::with_capacity(self.first.len() + chunk.len());
+                v.extend_from_slice(&self.first);
+                v.extend_from_slice(chunk);
+                self.joined = Some(v);
+            }
+        }
+        self.len() <= MAX_JSON_RESPONSE
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.joined.as_ref().map_or(self.first.len(), Vec::len)
+    }
+
+    pub(super) fn bytes(&self) -> &[u8] {
+        self.joined.as_deref().unwrap_or(&self.first)
+    }
+}
+
+/// Writes a complete JSON response (local answers and gateway errors).
+pub(super) async fn send_json(
+    session: &mut Session,
+    status: u16,
+    body: Vec<u8>,
+    standing: Option<&Standing>,
+    error: Option<&GateError>,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(7))?;
+    resp.insert_header("content-type", "application/json")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    if let Some(e) = error {
+        resp.insert_header(ERROR_CODE.clone(), HeaderValue::from_static(e.code()))?;
+    }
+    let retry_after = error.and_then(GateError::retry_after);
+    if let Some(s) = standing {
+        add_standing_headers(&mut resp, s)?;
+    }
+    if let Some(secs) = retry_after {
+        resp.insert_header("retry-after", secs.to_string())?;
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
+}
+
+/// Reads the whole request body, enforcing `max_body_bytes` before and while reading.
+/// A body that arrives in one piece is kept without a copy.
+pub(super) async fn read_body(
+    session: &mut Session,
+    max: u64,
+) -> Result<std::result::Result<Bytes, GateError>> {
+    let declared = header_bytes(session.req_header(), "content-length")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Ok(Err(GateError::RequestTooLarge(max)));
+    }
+    // A client that waits for `100 Continue` (curl does above 1 MiB) would otherwise stall
+    // until its own timeout before sending the body.
+    let expects_continue = header_bytes(session.req_header(), "expect")
+        .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        session
+            .as_downstream_mut()
+            .write_continue_response()
+            .await?;
+    }
+    let mut first: Option<Bytes> = None;
+    let mut buf: Option<BytesMut> = None;
+    let mut total: u64 = 0;
+    while let Some(chunk) = session.read_request_body().await? {
+        total += chunk.len() as u64;
+        if total > max {
+            return Ok(Err(GateError::RequestTooLarge(max)));
+        }
+        match (&mut buf, first.take()) {
+            (Some(b), _) => b.extend_from_slice(&chunk),
+            (None, None) => first = Some(chunk),
+            (None, Some(prev)) => {
+                let cap = declared.unwrap_or(0).max(total) as usize;
+                let mut b = BytesMut::with_capacity(cap);
+                b.extend_from_slice(&prev);
+                b.extend_from_slice(&chunk);
+                buf = Some(b);
+            }
+        }
+    }
+    Ok(Ok(match (buf, first) {
+        (Some(b), _) => b.freeze(),
+        (None, Some(f)) => f,
+        (None, None) => Bytes::new(),
+    }))
+}

@@ -1,0 +1,581 @@
+//! The Pingora `ProxyHttp` implementation: thin hooks over the plain functions in
+//! `admission`, `providers`, `usage` and `ledger`, and over the request context (`ctx`).
+
+mod ctx;
+mod headers;
+mod io;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::admission::{self, Endpoint};
+use crate::clock::{now_ms, Now};
+use crate::error::GateError;
+use crate::gate::Gate;
+use crate::keys::token::TokenHash;
+use crate::providers::openai::rewrite_body;
+use crate::report;
+use crate::shield::SHIELD_WINDOW;
+use crate::store::JournalRow;
+
+pub use ctx::RequestCtx;
+use ctx::{CLIENT_CLOSED, STREAM_BROKEN};
+use headers::*;
+use io::{read_body, send_json};
+
+/// Longest wait of `/v1/usage` for the caller's just-finished request to be booked.
+pub const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// How long an idle upstream connection stays in the pool.
+const UPSTREAM_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+pub struct GateProxy {
+    gate: Arc<Gate>,
+}
+
+impl GateProxy {
+    pub fn new(gate: Arc<Gate>) -> Self {
+        GateProxy { gate }
+    }
+}
+
+impl GateProxy {
+    /// Sends a gateway error, with rate-limit headers if the caller is authenticated.
+    async fn reject(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        err: GateError,
+    ) -> Result<bool> {
+        ctx.status = err.status();
+        ctx.error_code = Some(err.code());
+        let standing = match (&ctx.standing, &ctx.key) {
+            (Some(s), _) => Some(*s),
+            (None, Some(k)) => Some(k.counters.standing(Now::read(), &k.limits)),
+            (None, None) => None,
+        };
+        send_json(
+            session,
+            err.status(),
+            err.body(),
+            standing.as_ref(),
+            Some(&err),
+        )
+        .await?;
+        Ok(true)
+    }
+
+    async fn answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        body: Vec<u8>,
+    ) -> Result<bool> {
+        ctx.status = 200;
+        let standing = match (&ctx.standing, &ctx.key) {
+            (Some(s), _) => Some(*s),
+            (None, Some(k)) => Some(k.counters.standing(Now::read(), &k.limits)),
+            (None, None) => None,
+        };
+        send_json(session, 200, body, standing.as_ref(), None).await?;
+        Ok(true)
+    }
+
+    /// The decision on a model request, taken once its body has arrived: the clock and the
+    /// key are read again now (a slow upload must not carry an old month, or a key revoked
+    /// meanwhile), then body, model, budget and limits are checked and the admission is
+    /// journaled.
+    fn admit(&self, ctx: &mut RequestCtx, hash: &TokenHash) -> std::result::Result<(), GateError> {
+        let now = Now::read();
+        // The decision uses the snapshot of now; the rest of the request keeps it.
+        ctx.snap = self.gate.snapshot();
+        let routes = ctx.snap.routes.clone();
+        let key = admission::lookup(&ctx.snap.keys, hash, now.wall)?;
+        ctx.key = Some(key.clone());
+        if key.limits.hard_budget
+            && key.limits.budget.is_some()
+            && self.gate.ledger.health().failing()
+        {
+            return Err(GateError::LedgerUnavailable);
+        }
+        let media = u64::from(routes.config.tuning.media_part_tokens);
+        let adm = admission::admit(&routes.catalog, &key, ctx.endpoint, &ctx.body, now, media)?;
+        let journal_id = self.gate.ledger.journal_id();
+        let served = adm.chain.get(adm.bound.model).unwrap_or(0);
+        self.gate.ledger.journal(JournalRow {
+            id: journal_id,
+            ts: adm.admitted_at,
+            key_id: key.id.clone(),
+            endpoint: ctx.endpoint.label(),
+            requested_model: adm.fields.model.clone(),
+            served_model: routes.model_names[served].clone(),
+            prompt_tokens: adm.bound.prompt_tokens,
+            completion_tokens: adm.bound.completion_tokens,
+            cost: adm.bound.cost,
+        });
+        ctx.journal_id = Some(journal_id);
+        ctx.standing = Some(adm.standing);
+        ctx.admission = Some(adm);
+        Ok(())
+    }
+
+    /// A failed authentication: counted per client address, and past the address's limit
+    /// answered 429 instead of 401 (valid keys never get here).
+    fn shield(&self, session: &Session, err: GateError) -> GateError {
+        self.gate.metrics.auth_failure();
+        let addr = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        match addr {
+            Some(ip) if self.gate.auth_shield.failed(&ip) => GateError::AuthFlood {
+                retry_after_secs: SHIELD_WINDOW.as_secs(),
+            },
+            _ => err,
+        }
+    }
+
+    /// `/health`: 200 while the gateway can serve and record spend; 503 when the ledger
+    /// cannot write (hard-budget keys are paused then), so a balancer can move traffic.
+    async fn health(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let ledger = self.gate.ledger.health();
+        if ledger.failing() {
+            ctx.status = 503;
+            let body = serde_json::json!({
+                "status": "degraded",
+                "ledger": "failing",
+                "ledger_backlog": ledger.backlog(),
+            });
+            let mut resp = ResponseHeader::build(503, Some(2))?;
+            resp.insert_header("content-type", "application/json")?;
+            let body = Bytes::from(body.to_string());
+            resp.insert_header("content-length", body.len().to_string())?;
+            session.write_response_header(Box::new(resp), false).await?;
+            session.write_response_body(Some(body), true).await?;
+            return Ok(true);
+        }
+        self.answer(session, ctx, br#"{"status":"ok","ledger":"ok"}"#.to_vec())
+            .await
+    }
+
+    /// Catalog, usage and health: answered by the gateway itself.
+    async fn serve_local(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        model_id: &str,
+    ) -> Result<bool> {
+        let routes = ctx.snap.routes.clone();
+        let catalog = &routes.catalog;
+        let key = ctx.key.as_deref();
+        let body = match ctx.endpoint {
+            Endpoint::Models => report::models_list(catalog, key),
+            Endpoint::Aliases => report::aliases_list(catalog, key),
+            Endpoint::Model => match report::model_object(catalog, key, model_id) {
+                Some(b) => b,
+                None => {
+                    let err = GateError::ModelNotFound(model_id.to_string());
+                    return self.reject(session, ctx, err).await;
+                }
+            },
+            Endpoint::Usage => {
+                let Some(key) = ctx.key.clone() else {
+                    return self.reject(session, ctx, GateError::InvalidApiKey).await;
+                };
+                match key.counters.admit_usage_call(Now::read(), &key.limits) {
+                    Ok(standing) => ctx.standing = Some(standing),
+                    Err(e) => return self.reject(session, ctx, e).await,
+                }
+                key.counters.settled(SETTLE_WAIT).await;
+                self.gate.ledger.nudge();
+                report::live_usage(&key, Now::read())
+                    .to_string()
+                    .into_bytes()
+            }
+            _ => return self.reject(session, ctx, GateError::NotFound).await,
+        };
+        self.answer(session, ctx, body).await
+    }
+
+    /// Moves to the next model of the chain if one is left and nothing reached the client.
+    fn try_fallback(&self, ctx: &mut RequestCtx) -> bool {
+        let Some(adm) = &ctx.admission else {
+            return false;
+        };
+        if ctx.response_started || ctx.attempt + 1 >= adm.chain.len() {
+            return false;
+        }
+        if ctx.fallback_from.is_none() {
+            ctx.fallback_from = adm.chain.get(0);
+        }
+        ctx.attempt += 1;
+        ctx.upstream_body = None;
+        ctx.upstream_status = None;
+        ctx.sent_upstream = false;
+        self.gate.metrics.fallback();
+        true
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for GateProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        self.gate.request_started();
+        RequestCtx {
+            gate: self.gate.clone(),
+            snap: self.gate.snapshot(),
+            started: Instant::now(),
+            started_ms: now_ms(),
+            endpoint: Endpoint::Unknown,
+            key: None,
+            standing: None,
+            admission: None,
+            journal_id: None,
+            body: Bytes::new(),
+            upstream_body: None,
+            attempt: 0,
+            fallback_from: None,
+            fallback_status: None,
+            sent_upstream: false,
+            status: 0,
+            upstream_status: None,
+            error_code: None,
+            response_started: false,
+            response_complete: false,
+            finishing: false,
+            finished: false,
+            ttfb_ms: None,
+            sse: None,
+            json_buf: None,
+            response_bytes: 0,
+        }
+    }
+
+    /// Request phase: route, authenticate, authorize, read + parse the body, admit.
+    /// `Ok(true)`: the response (an answer or a rejection) is already written.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let (endpoint, model_id) = {
+            let (endpoint, id) = admission::route(session.req_header().uri.path());
+            // Only `GET /v1/models/{id}` needs the rest of the path: no copy otherwise.
+            (
+                endpoint,
+                (endpoint == Endpoint::Model).then(|| id.to_string()),
+            )
+        };
+        let model_id = model_id.as_deref().unwrap_or("");
+        ctx.endpoint = endpoint;
+        if self
+            .gate
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // SIGTERM: finish what is in flight, refuse the rest (health too, so load
+            // balancers stop sending).
+            session.set_keepalive(None);
+            return self.reject(session, ctx, GateError::ShuttingDown).await;
+        }
+        if endpoint == Endpoint::Health {
+            return self.health(session, ctx).await;
+        }
+        let authorization = header_bytes(session.req_header(), "authorization");
+        let anonymous_catalog = ctx.snap.routes.config.public_catalog
+            && authorization.is_none()
+            && matches!(
+                endpoint,
+                Endpoint::Models | Endpoint::Model | Endpoint::Aliases
+            );
+        if anonymous_catalog {
+            return self.serve_local(session, ctx, model_id).await;
+        }
+        let hash = match admission::token_hash(authorization)
+            .and_then(|h| admission::lookup(&ctx.snap.keys, &h, now_ms()).map(|k| (h, k)))
+        {
+            Ok((hash, key)) => {
+                ctx.key = Some(key);
+                hash
+            }
+            Err(e) => {
+                let e = self.shield(session, e);
+                return self.reject(session, ctx, e).await;
+            }
+        };
+        let key = ctx
+            .key
+            .clone()
+            .ok_or_else(|| Error::new(ErrorType::InternalError))?;
+        if endpoint == Endpoint::Unknown {
+            return self.reject(session, ctx, GateError::NotFound).await;
+        }
+        if let Err(e) = admission::check_scope(&key, endpoint) {
+            return self.reject(session, ctx, e).await;
+        }
+        if !matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Embeddings) {
+            return self.serve_local(session, ctx, model_id).await;
+        }
+        if session.req_header().method != http::Method::POST {
+            return self.reject(session, ctx, GateError::MethodNotAllowed).await;
+        }
+        let max_body = ctx.snap.routes.config.max_body_bytes;
+        let body = match read_body(session, max_body).await? {
+            Ok(b) => b,
+            Err(e) => {
+                // The rest of the body is unread: this connection cannot be reused.
+                session.set_keepalive(None);
+                return self.reject(session, ctx, e).await;
+            }
+        };
+        ctx.body = body;
+        match self.admit(ctx, &hash) {
+            Ok(()) => Ok(false),
+            Err(e) => self.reject(session, ctx, e).await,
+        }
+    }
+
+    /// The provider of the model at the current position of the chain.
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let m = ctx
+            .current_model()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no admitted model"))?;
+        let routes = &ctx.snap.routes;
+        let pidx = routes.catalog.models()[m].provider;
+        let provider = &routes.catalog.providers()[pidx];
+        // SNI only matters for TLS; plain HTTP peers skip the allocation.
+        let sni = if provider.tls {
+            provider.host.clone()
+        } else {
+            String::new()
+        };
+        let mut peer = HttpPeer::new(routes.provider_addrs[pidx], provider.tls, sni);
+        let t = &routes.config.tuning;
+        peer.options.connection_timeout = Some(t.connect_timeout);
+        peer.options.read_timeout = Some(t.read_timeout);
+        // A request is never re-sent on a pooled connection that turns out dead (it may
+        // have reached the provider), so do not keep connections long enough for most
+        // providers' keep-alive to expire under us.
+        peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
+        Ok(Box::new(peer))
+    }
+
+    /// Rewrites the request for the provider: its path, `Host`, its own key (the agent's token
+    /// never leaves the gateway) and the new body length.
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let (Some(m), Some(adm)) = (ctx.current_model(), ctx.admission.as_ref()) else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "no admitted model",
+            ));
+        };
+        let routes = &ctx.snap.routes;
+        let model = &routes.catalog.models()[m];
+        let body = rewrite_body(&ctx.body, &adm.fields, &model.upstream_id);
+        let uri = routes.upstream_uri(model.provider, ctx.endpoint);
+        rewrite_upstream_request(
+            req,
+            &routes.provider_headers[model.provider],
+            uri,
+            body.len(),
+        )?;
+        ctx.upstream_body = Some(body);
+        // From here the request may reach the provider, which may then work on it.
+        ctx.sent_upstream = true;
+        Ok(())
+    }
+
+    /// Emits the rewritten body. The body was read whole in `request_filter`; the Pingora fork
+    /// then calls this once with `end_of_stream` so the buffered body can be sent, whatever its
+    /// size (upstream Pingora 0.9 would replay only 64 KiB: cloudflare/pingora#349, #575).
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if ctx.admission.is_none() {
+            return Ok(());
+        }
+        *body = if end_of_stream {
+            ctx.upstream_body.clone()
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    /// Upstream response head: a 429/5xx with models left in the chain triggers a fallback.
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let status = resp.status.as_u16();
+        if status < 200 {
+            return Ok(());
+        }
+        ctx.upstream_status = Some(status);
+        let retryable = status == 429 || status >= 500;
+        let has_next = ctx
+            .admission
+            .as_ref()
+            .is_some_and(|a| ctx.attempt + 1 < a.chain.len());
+        if retryable && has_next && !ctx.response_started {
+            ctx.fallback_status = Some(status);
+            let mut e = Error::explain(
+                ErrorType::HTTPStatus(status),
+                "upstream failed; falling back",
+            );
+            e.set_retry(true);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Response head to the client: rate-limit, budget and fallback headers; stream detection.
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.response_started = true;
+        ctx.status = resp.status.as_u16();
+        ctx.ttfb_ms = Some(ctx.started.elapsed().as_millis() as i64);
+        let Some(adm) = &ctx.admission else {
+            return Ok(());
+        };
+        let names = &ctx.snap.routes.model_headers;
+        let served = ctx.current_model();
+        let fallback_from = ctx.fallback_from.filter(|&f| Some(f) != served);
+        decorate_response(
+            resp,
+            &adm.standing,
+            fallback_from.map(|m| &names[m]),
+            served.map(|m| &names[m]),
+        )?;
+        ctx.observe_response_head(resp);
+        Ok(())
+    }
+
+    /// Response body to the client: usage parsing, synchronous and non-blocking.
+    async fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        if ctx.admission.is_none() {
+            return Ok(None);
+        }
+        ctx.filter_response_body(body, end_of_stream);
+        if end_of_stream {
+            ctx.response_ended();
+        }
+        Ok(None)
+    }
+
+    /// Connection to the provider failed: fall back to the next model if one is left.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing reached the provider: this attempt costs nothing.
+        ctx.sent_upstream = false;
+        let retry = self.try_fallback(ctx);
+        e.set_retry(retry);
+        e
+    }
+
+    /// Error after connecting: a fallback status from `upstream_response_filter` moves to the
+    /// next model. Anything else is final: once a POST was written upstream it is never sent
+    /// again to the same model (the provider may be generating it), and a timeout or a
+    /// broken connection is not a fallback condition (SPEC §2); the attempt is charged.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        _session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer} (reused: {client_reused})"));
+        let retry =
+            !ctx.response_started && ctx.fallback_status.take().is_some() && self.try_fallback(ctx);
+        e.set_retry(retry);
+        e
+    }
+
+    /// Final error: map to 502/504 with an OpenAI-shaped body, unless the response already
+    /// began (then the connection is just closed) or the client is gone.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let gate_err = GateError::from_proxy(e);
+        if ctx.response_started {
+            ctx.error_code = Some(match e.esource() {
+                ErrorSource::Downstream => CLIENT_CLOSED,
+                _ => STREAM_BROKEN,
+            });
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
+        let Some(err) = gate_err else {
+            ctx.error_code = Some(CLIENT_CLOSED);
+            ctx.status = 499;
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        ctx.status = err.status();
+        ctx.error_code = Some(err.code());
+        let standing = ctx.standing;
+        let _ = send_json(
+            session,
+            err.status(),
+            err.body(),
+            standing.as_ref(),
+            Some(&err),
+        )
+        .await;
+        FailToProxy {
+            error_code: err.status(),
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Last phase, on every outcome: settle the reservation, record spend and the trace.
+    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if e.is_some() && ctx.error_code.is_none() && ctx.response_started {
+            ctx.error_code = Some(STREAM_BROKEN);
+        }
+        ctx.finish();
+    }
+}
