@@ -84,6 +84,12 @@ struct RawServer {
     ledger_max_backlog: usize,
     /// Where `serve --upgrade` receives the listening sockets of the running gateway.
     upgrade_sock: String,
+    /// Idle time allowed on a kept-alive connection before its next request head.
+    header_timeout_ms: u64,
+    /// Larger request heads (request line and headers) get 431.
+    max_header_bytes: usize,
+    /// A request body must arrive whole within this (408 after).
+    body_timeout_ms: u64,
 }
 
 impl Default for RawServer {
@@ -102,6 +108,9 @@ impl Default for RawServer {
             auth_failures_per_minute: 60,
             ledger_max_backlog: 100_000,
             upgrade_sock: "data/spidergate-upgrade.sock".into(),
+            header_timeout_ms: 10_000,
+            max_header_bytes: 65_536,
+            body_timeout_ms: 60_000,
         }
     }
 }
@@ -179,6 +188,9 @@ pub struct Tuning {
     pub auth_failures_per_minute: u32,
     pub ledger_max_backlog: usize,
     pub upgrade_sock: String,
+    pub header_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub body_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -362,6 +374,15 @@ impl Config {
         if s.auth_failures_per_minute == 0 {
             return err("server.auth_failures_per_minute", "must be at least 1");
         }
+        if s.header_timeout_ms < 1_000 {
+            return err("server.header_timeout_ms", "must be at least 1000");
+        }
+        if s.body_timeout_ms < 1_000 {
+            return err("server.body_timeout_ms", "must be at least 1000");
+        }
+        if s.max_header_bytes < 1_024 {
+            return err("server.max_header_bytes", "must be at least 1024");
+        }
         if s.ledger_max_backlog < 1_000 {
             return err("server.ledger_max_backlog", "must be at least 1000");
         }
@@ -402,6 +423,9 @@ impl Config {
                 auth_failures_per_minute: s.auth_failures_per_minute,
                 ledger_max_backlog: s.ledger_max_backlog,
                 upgrade_sock: s.upgrade_sock,
+                header_timeout: Duration::from_millis(s.header_timeout_ms),
+                max_header_bytes: s.max_header_bytes,
+                body_timeout: Duration::from_millis(s.body_timeout_ms),
             },
         })
     }

@@ -13,6 +13,10 @@ pub enum GateError {
     InsufficientScope(&'static str),
     InvalidRequest(String),
     RequestTooLarge(u64),
+    /// The request head exceeds `server.max_header_bytes`.
+    HeaderTooLarge(usize),
+    /// The request body did not arrive within `server.body_timeout_ms`.
+    RequestTimeout,
     ModelNotFound(String),
     ModelNotAllowed(String),
     /// Month-to-date spend (with open reservations) and the cap.
@@ -53,6 +57,8 @@ impl GateError {
             GateError::InsufficientScope(_) | GateError::ModelNotAllowed(_) => 403,
             GateError::InvalidRequest(_) => 400,
             GateError::RequestTooLarge(_) => 413,
+            GateError::HeaderTooLarge(_) => 431,
+            GateError::RequestTimeout => 408,
             GateError::ModelNotFound(_) | GateError::NotFound => 404,
             GateError::BudgetExceeded { .. } => 402,
             GateError::RateLimited { .. }
@@ -76,6 +82,8 @@ impl GateError {
             GateError::InsufficientScope(_) => "insufficient_scope",
             GateError::InvalidRequest(_) => "invalid_request",
             GateError::RequestTooLarge(_) => "request_too_large",
+            GateError::HeaderTooLarge(_) => "request_header_too_large",
+            GateError::RequestTimeout => "request_timeout",
             GateError::ModelNotFound(_) => "model_not_found",
             GateError::ModelNotAllowed(_) => "model_not_allowed",
             GateError::BudgetExceeded { .. } => "budget_exceeded",
@@ -100,6 +108,8 @@ impl GateError {
             GateError::InsufficientScope(_) | GateError::ModelNotAllowed(_) => "permission_error",
             GateError::InvalidRequest(_)
             | GateError::RequestTooLarge(_)
+            | GateError::HeaderTooLarge(_)
+            | GateError::RequestTimeout
             | GateError::ModelNotFound(_)
             | GateError::NotFound
             | GateError::MethodNotAllowed => "invalid_request_error",
@@ -173,6 +183,8 @@ impl fmt::Display for GateError {
             GateError::InsufficientScope(scope) => write!(f, "This agent key lacks the '{scope}' scope required for this endpoint."),
             GateError::InvalidRequest(why) => write!(f, "Invalid request: {why}"),
             GateError::RequestTooLarge(max) => write!(f, "Request body exceeds the limit of {max} bytes."),
+            GateError::HeaderTooLarge(max) => write!(f, "Request headers exceed the limit of {max} bytes."),
+            GateError::RequestTimeout => f.write_str("The request body did not arrive in time."),
             GateError::ModelNotFound(model) => write!(f, "The model '{model}' does not exist."),
             GateError::ModelNotAllowed(model) => write!(f, "This agent key may not use the model '{model}'."),
             GateError::BudgetExceeded { spend, cap } => write!(

@@ -83,3 +83,59 @@ fn check_config_refuses_what_serve_would_refuse() {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(err.contains("models[1].id"), "{err}");
 }
+
+#[test]
+fn oversized_heads_get_431_and_a_trickled_body_is_cut_at_its_deadline() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock)
+        .server("max_header_bytes: 4096")
+        .server("body_timeout_ms: 1500")
+        .start();
+    let key = gw.create_key(&[]);
+    let big = "x".repeat(5_000);
+    let r = http(
+        gw.addr,
+        "GET",
+        "/v1/models",
+        &[("Authorization", &key.bearer()), ("X-Padding", &big)],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 431);
+    assert_eq!(r.code(), "request_header_too_large");
+    assert_eq!(
+        r.header("x-spidergate-error-code"),
+        Some("request_header_too_large")
+    );
+    // A normal head still passes.
+    let r = http(
+        gw.addr,
+        "GET",
+        "/v1/models",
+        &[("Authorization", &key.bearer())],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200);
+
+    // A body promised at 100 bytes that stalls after 10: cut at the deadline with 408, and
+    // nothing reaches the upstream.
+    mock.set_recording(true);
+    mock.clear();
+    let started = std::time::Instant::now();
+    let mut stream = send_request(
+        gw.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Authorization", &key.bearer()), ("Content-Length", "100")],
+        b"{\"model\":",
+    )
+    .unwrap();
+    let mut reply = String::new();
+    use std::io::Read;
+    let _ = stream.read_to_string(&mut reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("request_timeout"), "{reply}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(mock.requests().is_empty());
+}

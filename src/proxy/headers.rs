@@ -90,6 +90,15 @@ pub(super) fn add_standing_headers(resp: &mut ResponseHeader, s: &Standing) -> R
     Ok(())
 }
 
+/// The size of a request head as sent: request line and every header line.
+pub(super) fn head_size(req: &RequestHeader) -> usize {
+    let target = req.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = req.method.as_str().len() + target + 12;
+    req.headers
+        .iter()
+        .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+}
+
 /// The request as the provider gets it: its path, its own key (the agent's token and every
 /// other credential are removed), its `Host`, the rewritten body's length, and no
 /// compression (usage is parsed from the response bytes).

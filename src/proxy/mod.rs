@@ -283,6 +283,14 @@ impl ProxyHttp for GateProxy {
             session.set_keepalive(None);
             return self.reject(session, ctx, GateError::ShuttingDown).await;
         }
+        let tuning = &ctx.snap.routes.config.tuning;
+        if head_size(session.req_header()) > tuning.max_header_bytes {
+            session.set_keepalive(None);
+            let err = GateError::HeaderTooLarge(tuning.max_header_bytes);
+            return self.reject(session, ctx, err).await;
+        }
+        // How long a kept-alive connection may idle before its next request head.
+        session.set_keepalive(Some(tuning.header_timeout.as_secs().max(1)));
         if endpoint == Endpoint::Health {
             return self.health(session, ctx).await;
         }
@@ -325,7 +333,9 @@ impl ProxyHttp for GateProxy {
             return self.reject(session, ctx, GateError::MethodNotAllowed).await;
         }
         let max_body = ctx.snap.routes.config.max_body_bytes;
-        let body = match read_body(session, max_body).await? {
+        let deadline = ctx.snap.routes.config.tuning.body_timeout;
+        let read = tokio::time::timeout(deadline, read_body(session, max_body)).await;
+        let body = match read.unwrap_or(Ok(Err(GateError::RequestTimeout)))? {
             Ok(b) => b,
             Err(e) => {
                 // The rest of the body is unread: this connection cannot be reused.
