@@ -7,6 +7,8 @@ command -v curl >/dev/null || need+=(curl)
 # The dashboard's browser tests drive a real headless Chromium.
 command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
+# .ci/run checks conf/spidergate.service with systemd-analyze (verify, security --offline).
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq || true
