@@ -21,6 +21,9 @@ use crate::store::{Store, StoreError};
 /// is counted in metrics, and cannot grow the database faster than this).
 pub const UNAUTHENTICATED_TRACES_PER_SEC: u64 = 10;
 
+/// Above this many changed keys, one full read of the keys is cheaper than a lookup each.
+const BULK_CHANGE: usize = 1_000;
+
 pub struct Gate {
     /// Routes and keys, swapped whole (see `snapshot`).
     snapshot: ArcSwap<Snapshot>,
@@ -29,14 +32,17 @@ pub struct Gate {
     reload_lock: Mutex<()>,
     /// The config file, re-read on SIGHUP.
     config_path: PathBuf,
-    /// `keys_version` of the store the current snapshot was built from.
-    loaded_version: AtomicI64,
+    /// The change-log position the current key set includes.
+    loaded_change: AtomicI64,
     pub ledger: SpendLedger,
     pub metrics: Metrics,
     /// Requests between `new_ctx` and the end of `logging`.
     inflight: AtomicUsize,
     /// Set on SIGTERM: new requests are refused while in-flight ones finish.
     pub draining: AtomicBool,
+    /// Set on SIGQUIT (a `serve --upgrade` took the sockets): every answer closes its
+    /// connection, so clients reconnect to the new process while this one finishes.
+    pub handing_over: AtomicBool,
     /// Failed authentications per client address (pre-auth flood shield).
     pub auth_shield: AuthShield,
     /// Traces of unauthenticated requests kept per second; the rest are only counted.
@@ -66,12 +72,13 @@ impl Gate {
             }),
             reload_lock: Mutex::new(()),
             config_path,
-            loaded_version: AtomicI64::new(-1),
+            loaded_change: AtomicI64::new(-1),
             ledger,
             metrics: Metrics::default(),
             reader: Mutex::new(None),
             inflight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            handing_over: AtomicBool::new(false),
         };
         let mut store = gate.open_store().map_err(|e| format!("database: {e}"))?;
         // Before keys (and their month's spend) are loaded: a crash never makes a request free.
@@ -135,15 +142,47 @@ impl Gate {
         }
     }
 
-    /// Rebuilds the key snapshot if the store's keys changed since the last load.
-    /// Returns whether a reload happened.
-    pub fn reload_if_changed(&self, store: &Store) -> Result<bool, StoreError> {
-        let version = store.keys_version()?;
-        if version == self.loaded_version.load(Ordering::Acquire) {
-            return Ok(false);
+    /// Applies the keys changed in the store since the last load: N changes cost O(N) (the
+    /// change log names them; see `keys::set`). Falls back to a full reload when the log
+    /// was pruned past what this process has. Returns how many keys changed.
+    pub fn reload_if_changed(&self, store: &Store) -> Result<usize, StoreError> {
+        let _guard = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let loaded = self.loaded_change.load(Ordering::Acquire);
+        let changes = store.key_changes_since(loaded)?;
+        // A pruned log, or a bulk change (one read of every key beats that many lookups):
+        // reload in full.
+        let Some((newest, ids)) = changes.filter(|(_, ids)| ids.len() <= BULK_CHANGE) else {
+            let routes = self.routes();
+            self.swap_in(store, routes)?;
+            return Ok(self.keys().len());
+        };
+        if ids.is_empty() {
+            return Ok(0);
         }
-        self.reload_from(store)?;
-        Ok(true)
+        let mut changed = Vec::with_capacity(ids.len());
+        let mut removed = Vec::new();
+        for id in ids {
+            match store.get_key(&id)? {
+                Some(k) => changed.push(k),
+                None => removed.push(id),
+            }
+        }
+        let count = changed.len() + removed.len();
+        let current = self.snapshot();
+        let now = now_ms();
+        let keys = current
+            .keys
+            .apply(changed, &removed, &current.routes.catalog, |r| {
+                restored_counters(store, r, now)
+            });
+        self.metrics.key_changes_applied(count);
+        self.metrics.set_keys_loaded(keys.len());
+        self.snapshot.store(Arc::new(Snapshot {
+            routes: current.routes.clone(),
+            keys: Arc::new(keys),
+        }));
+        self.loaded_change.store(newest, Ordering::Release);
+        Ok(count)
     }
 
     /// Rebuilds the key set from the store against the current routes.
@@ -194,7 +233,7 @@ impl Gate {
     /// carry over; keys new to this process get their month-to-date spend and today's count
     /// from the ledger. Call with `reload_lock` held.
     fn swap_in(&self, store: &Store, routes: Arc<Routes>) -> Result<(), StoreError> {
-        let version = store.keys_version()?;
+        let version = store.last_key_change()?;
         let records = store.all_keys()?;
         let previous = self.keys();
         let now = now_ms();
@@ -219,7 +258,7 @@ impl Gate {
             routes,
             keys: Arc::new(set),
         }));
-        self.loaded_version.store(version, Ordering::Release);
+        self.loaded_change.store(version, Ordering::Release);
         Ok(())
     }
 }
@@ -231,4 +270,34 @@ pub fn process_is_live(pid: i64) -> bool {
     pid > 0
         && pid != i64::from(std::process::id())
         && std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Counters for a key new to this process: this month's spend per model and today's count
+/// from the ledger (a missing row or a read error starts from zero, logged).
+fn restored_counters(store: &Store, r: &crate::keys::KeyRecord, now: i64) -> KeyCounters {
+    let month = month_label(month_index(now));
+    let spend = store
+        .spend_for_key(&r.id, &month)
+        .map(|rows| {
+            rows.into_iter()
+                .map(|m| crate::limits::ModelTally {
+                    model: Arc::from(m.model),
+                    requests: m.requests,
+                    prompt_tokens: m.prompt_tokens,
+                    completion_tokens: m.completion_tokens,
+                    spent: m.cost,
+                })
+                .collect()
+        })
+        .unwrap_or_else(|e| {
+            log::warn!(
+                "key {}: cannot read its spend, starting from zero: {e}",
+                r.id
+            );
+            Vec::new()
+        });
+    let today = store
+        .requests_on(&r.id, &day_label(day_index(now)))
+        .unwrap_or(0);
+    KeyCounters::restored(now, today, spend)
 }

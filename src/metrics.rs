@@ -47,6 +47,7 @@ pub struct Metrics {
     fallbacks: AtomicU64,
     auth_failures: AtomicU64,
     config_reloads: AtomicU64,
+    key_changes_applied: AtomicU64,
     config_reload_failures: AtomicU64,
     keys_loaded: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS_MS.len()],
@@ -75,6 +76,11 @@ impl Metrics {
     /// shield).
     pub fn auth_failure(&self) {
         self.auth_failures.fetch_add(1, Relaxed);
+    }
+
+    /// Keys changed in the store and applied to the live snapshot incrementally.
+    pub fn key_changes_applied(&self, n: usize) {
+        self.key_changes_applied.fetch_add(n as u64, Relaxed);
     }
 
     /// A SIGHUP config reload that was applied (`true`) or refused (`false`).
@@ -151,6 +157,11 @@ impl Metrics {
                 "spidergate_auth_failures_total",
                 "Failed authentications (401, or 429 past the per-address shield).",
                 &self.auth_failures,
+            ),
+            (
+                "spidergate_key_changes_applied_total",
+                "Key changes applied to the live snapshot (each costs O(1), not a full reload).",
+                &self.key_changes_applied,
             ),
             (
                 "spidergate_config_reloads_total",

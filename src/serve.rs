@@ -71,9 +71,20 @@ impl BackgroundService for Maintenance {
                     },
                 };
                 match gate.reload_if_changed(&s) {
-                    Ok(true) => log::info!("keys reloaded: {} keys", gate.keys().len()),
-                    Ok(false) => {}
+                    Ok(0) => {}
+                    Ok(n) => {
+                        log::info!("keys: {n} changes applied, {} keys live", gate.keys().len())
+                    }
                     Err(e) => log::warn!("key reload failed, keeping the last snapshot: {e}"),
+                }
+                // Keep the change log short; a gateway that falls this far behind (or
+                // starts later) reloads in full.
+                if prune_due() {
+                    let mut w = s;
+                    if let Err(e) = w.prune_key_changes(KEY_CHANGES_KEPT) {
+                        log::warn!("key change log prune failed: {e}");
+                    }
+                    return Some(w);
                 }
                 Some(s)
             })
@@ -81,6 +92,15 @@ impl BackgroundService for Maintenance {
             store = joined.ok().flatten();
         }
     }
+}
+
+/// Change-log entries kept for gateways that poll (minutes of changes at any realistic rate).
+const KEY_CHANGES_KEPT: i64 = 100_000;
+
+/// About one poll in a thousand prunes the change log.
+fn prune_due() -> bool {
+    static TICKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    TICKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 1_000 == 999
 }
 
 impl Maintenance {
@@ -144,6 +164,9 @@ impl ShutdownSignalWatch for DrainOnTerm {
             return ShutdownSignal::FastShutdown;
         }
         if matches!(signal, ShutdownSignal::GracefulUpgrade) {
+            self.gate
+                .handing_over
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             log::info!(
                 "SIGQUIT: handing the sockets over; finishing {} in-flight requests",
                 self.gate.inflight()

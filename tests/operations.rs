@@ -139,3 +139,37 @@ fn oversized_heads_get_431_and_a_trickled_body_is_cut_at_its_deadline() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(mock.requests().is_empty());
 }
+
+#[test]
+fn a_change_to_one_key_of_a_hundred_thousand_applies_one_change() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).admin(TOKEN).start();
+    let config = spidergate::config::Config::load(&gw.config).unwrap();
+    let catalog = spidergate::catalog::Catalog::new(&config);
+    let now = spidergate::clock::now_ms();
+    let records: Vec<_> = (0..100_000)
+        .map(|i| {
+            let spec = spidergate::manage::KeySpec {
+                name: format!("bulk-{i}"),
+                ..Default::default()
+            };
+            spidergate::manage::mint(&catalog, spec, now).unwrap().0
+        })
+        .collect();
+    let one = records[4_242].id.clone();
+    gw.store().insert_keys(&records).unwrap();
+    wait_for(Duration::from_secs(30), "100,000 keys live", || {
+        (metric(&gw, "spidergate_keys_loaded") == 100_000).then_some(())
+    });
+    let before = metric(&gw, "spidergate_key_changes_applied_total");
+    let out = gw.cli(&["keys", "update", &one, "--rpm", "7"]);
+    assert!(out.status.success());
+    wait_for(Duration::from_secs(5), "the change applied", || {
+        (metric(&gw, "spidergate_key_changes_applied_total") > before).then_some(())
+    });
+    assert_eq!(
+        metric(&gw, "spidergate_key_changes_applied_total") - before,
+        1
+    );
+    assert_eq!(metric(&gw, "spidergate_keys_loaded"), 100_000);
+}

@@ -232,8 +232,9 @@ fn handle(
         Ok(s) => s,
         Err(e) => return Reply::error(500, "store_error", format!("database: {e}")),
     };
+    // The change is live at once: apply it (incrementally) before answering.
     let reload = |store: &Store| {
-        if let Err(e) = gate.reload_from(store) {
+        if let Err(e) = gate.reload_if_changed(store) {
             log::warn!("admin: reload after a change failed: {e}");
         }
     };

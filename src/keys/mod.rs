@@ -1,9 +1,10 @@
 //! Agent keys: the stored record, scopes, and the in-memory [`KeySet`] snapshot the proxy reads.
 
+mod set;
 pub mod token;
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+pub use set::KeySet;
+
 use std::sync::Arc;
 
 use crate::catalog::Catalog;
@@ -228,84 +229,6 @@ impl IndexBits {
             IndexBits::Inline(bits) => i < 128 && bits & (1 << i) != 0,
             IndexBits::Heap(words) => words.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0),
         }
-    }
-}
-
-/// The token hash is already a uniform SHA-256: its first 8 bytes are a perfect hash.
-#[derive(Default)]
-pub struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for (i, b) in bytes.iter().take(8).enumerate() {
-            self.0 |= (*b as u64) << (i * 8);
-        }
-    }
-}
-
-type DigestMap<V> = HashMap<TokenHash, V, BuildHasherDefault<DigestHasher>>;
-
-/// Immutable snapshot of every key, swapped whole on reload. The request path does one
-/// `ArcSwap::load` and a hash lookup; no lock, no syscall.
-#[derive(Default)]
-pub struct KeySet {
-    /// Each secret's key, and the time the secret stops working (`i64::MAX` for the current
-    /// one; the end of the grace period for the secret a rotation replaced).
-    by_hash: DigestMap<(Arc<KeyEntry>, i64)>,
-    by_id: HashMap<String, Arc<KeyEntry>>,
-}
-
-impl KeySet {
-    /// Builds a snapshot, carrying over the live counters of keys the previous one had, so a
-    /// reload never resets a key's windows or in-flight reservations.
-    pub fn build(
-        records: Vec<KeyRecord>,
-        catalog: &Catalog,
-        previous: Option<&KeySet>,
-        mut restore: impl FnMut(&KeyRecord) -> KeyCounters,
-    ) -> KeySet {
-        let mut by_hash = DigestMap::with_capacity_and_hasher(records.len(), Default::default());
-        let mut by_id = HashMap::with_capacity(records.len());
-        for record in records {
-            let counters = previous
-                .and_then(|p| p.by_id.get(&record.id))
-                .map(|e| e.counters.clone())
-                .unwrap_or_else(|| Arc::new(restore(&record)));
-            let entry = Arc::new(KeyEntry::new(record, catalog, counters));
-            if let (Some(old), Some(until)) = (
-                entry.record.previous_hash,
-                entry.record.previous_valid_until,
-            ) {
-                by_hash.insert(old, (entry.clone(), until));
-            }
-            by_hash.insert(entry.record.token_hash, (entry.clone(), i64::MAX));
-            by_id.insert(entry.record.id.clone(), entry);
-        }
-        KeySet { by_hash, by_id }
-    }
-
-    /// The key a secret belongs to, and when that secret stops working.
-    pub fn by_hash(&self, hash: &TokenHash) -> Option<(&Arc<KeyEntry>, i64)> {
-        self.by_hash.get(hash).map(|(k, until)| (k, *until))
-    }
-
-    pub fn by_id(&self, id: &str) -> Option<&Arc<KeyEntry>> {
-        self.by_id.get(id)
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_id.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<KeyEntry>> {
-        self.by_id.values()
     }
 }
 

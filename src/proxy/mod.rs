@@ -289,8 +289,18 @@ impl ProxyHttp for GateProxy {
             let err = GateError::HeaderTooLarge(tuning.max_header_bytes);
             return self.reject(session, ctx, err).await;
         }
-        // How long a kept-alive connection may idle before its next request head.
-        session.set_keepalive(Some(tuning.header_timeout.as_secs().max(1)));
+        // How long a kept-alive connection may idle before its next request head; none once
+        // the sockets were handed to a new process (the client reconnects there).
+        if self
+            .gate
+            .handing_over
+            .load(std::sync::atomic::Ordering::Relaxed)
+            || session.is_process_shutting_down()
+        {
+            session.set_keepalive(None);
+        } else {
+            session.set_keepalive(Some(tuning.header_timeout.as_secs().max(1)));
+        }
         if endpoint == Endpoint::Health {
             return self.health(session, ctx).await;
         }

@@ -47,6 +47,19 @@ CREATE TRIGGER IF NOT EXISTS keys_au AFTER UPDATE ON keys
 CREATE TRIGGER IF NOT EXISTS keys_ad AFTER DELETE ON keys
     BEGIN UPDATE meta SET v = v + 1 WHERE k = 'keys_version'; END;
 
+-- The change log: every insert, update or delete of a key appends its id, so a running
+-- gateway applies N changes in O(N) instead of reloading every key.
+CREATE TABLE IF NOT EXISTS key_changes (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    key_id TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS keys_log_ai AFTER INSERT ON keys
+    BEGIN INSERT INTO key_changes (key_id) VALUES (NEW.id); END;
+CREATE TRIGGER IF NOT EXISTS keys_log_au AFTER UPDATE ON keys
+    BEGIN INSERT INTO key_changes (key_id) VALUES (NEW.id); END;
+CREATE TRIGGER IF NOT EXISTS keys_log_ad AFTER DELETE ON keys
+    BEGIN INSERT INTO key_changes (key_id) VALUES (OLD.id); END;
+
 -- Kept apart from keys so recording use never triggers a reload.
 CREATE TABLE IF NOT EXISTS key_last_used (key_id TEXT PRIMARY KEY, at INTEGER NOT NULL);
 
@@ -182,6 +195,48 @@ impl Store {
             .query_row("SELECT v FROM meta WHERE k = 'keys_version'", [], |r| {
                 r.get(0)
             })
+    }
+
+    /// The newest change-log position (0 when nothing changed yet).
+    pub fn last_key_change(&self) -> Result<i64> {
+        self.conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM key_changes", [], |r| {
+                r.get(0)
+            })
+    }
+
+    /// Key ids changed after `seq` (each once) and the newest position, or `None` when the
+    /// log no longer reaches back to `seq` (pruned): then only a full reload is exact.
+    pub fn key_changes_since(&self, seq: i64) -> Result<Option<(i64, Vec<String>)>> {
+        let oldest: Option<i64> =
+            self.conn
+                .query_row("SELECT MIN(seq) FROM key_changes", [], |r| r.get(0))?;
+        if oldest.is_some_and(|o| o > seq + 1) {
+            return Ok(None);
+        }
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT MAX(seq), key_id FROM key_changes WHERE seq > ?1 GROUP BY key_id",
+        )?;
+        let rows = stmt.query_map([seq], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        let mut newest = seq;
+        let mut ids = Vec::new();
+        for row in rows {
+            let (s, id) = row?;
+            newest = newest.max(s);
+            ids.push(id);
+        }
+        Ok(Some((newest, ids)))
+    }
+
+    /// Drops change-log entries older than the newest `keep` (a gateway that fell behind
+    /// them reloads in full).
+    pub fn prune_key_changes(&mut self, keep: i64) -> Result<usize> {
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM key_changes WHERE seq <= (SELECT MAX(seq) FROM key_changes) - ?1",
+                [keep],
+            )
+        })
     }
 
     pub fn integrity_check(&self) -> Result<String> {

@@ -345,6 +345,9 @@ impl GatewayBuilder {
             "flush_interval_ms: 100",
             "reload_interval_ms: 100",
             "shutdown_grace_s: 5",
+            // Tests poll for keys to go live with their secrets before a reload lands; the
+            // flood shield has its own test (which sets this back to the default).
+            "auth_failures_per_minute: 1000000",
         ];
         let key_of = |l: &str| l.split(':').next().unwrap_or("").trim().to_string();
         // The old name of the shutdown grace still works; a test that sets either wins.
