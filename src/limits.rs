@@ -48,13 +48,78 @@ pub struct ModelTally {
     pub spent: Nanos,
 }
 
+/// Requests in the rolling minute and the UTC day, checked against `rpm` and `rpd`.
 #[derive(Debug, Default)]
-struct CounterState {
+struct RateWindow {
     /// Admission times (monotonic ms) inside the rolling minute, oldest first; never longer
-    /// than `rpm`.
+    /// than `rpm` (and empty for a key without one).
     minute: VecDeque<i64>,
     day: i64,
     day_count: u32,
+}
+
+impl RateWindow {
+    /// Drops what left the minute; starts a later day (never an earlier one).
+    fn roll(&mut self, now: Now) {
+        while self
+            .minute
+            .front()
+            .is_some_and(|&t| t <= now.mono - WINDOW_MS)
+        {
+            self.minute.pop_front();
+        }
+        let day = day_index(now.wall);
+        if day > self.day {
+            self.day = day;
+            self.day_count = 0;
+        }
+    }
+
+    /// Seconds until the oldest admission leaves the minute.
+    fn reset_secs(&self, now: Now) -> Option<u64> {
+        self.minute
+            .front()
+            .map(|&t| secs_until(now.mono, t + WINDOW_MS))
+    }
+
+    /// Per-minute then per-day; nothing is consumed here.
+    fn check(&self, now: Now, limits: &Limits) -> Result<(), GateError> {
+        if let Some(rpm) = limits.rpm {
+            if self.minute.len() as u32 >= rpm {
+                return Err(GateError::RateLimited {
+                    limit: rpm,
+                    retry_after_secs: self.reset_secs(now).unwrap_or(1),
+                });
+            }
+        }
+        if let Some(rpd) = limits.rpd {
+            if self.day_count >= rpd {
+                let next_day = (day_index(now.wall) + 1) * MS_PER_DAY;
+                return Err(GateError::DailyRateLimited {
+                    limit: rpd,
+                    retry_after_secs: secs_until(now.wall, next_day),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Consumes one request of the minute and the day.
+    fn count(&mut self, now: Now, limits: &Limits) {
+        if let Some(rpm) = limits.rpm {
+            if self.minute.len() as u32 >= rpm {
+                self.minute.pop_front();
+            }
+            self.minute.push_back(now.mono);
+        }
+        self.day_count = self.day_count.saturating_add(1);
+    }
+}
+
+#[derive(Debug, Default)]
+struct CounterState {
+    /// Model requests.
+    requests: RateWindow,
     month: i64,
     /// Settled spend of `month`.
     spent: Nanos,
@@ -65,18 +130,11 @@ struct CounterState {
     by_model: Vec<ModelTally>,
     /// `/v1/usage` calls, limited by the same rpm and rpd but counted apart, so the
     /// figures they report are model requests only.
-    usage_calls: UsageCalls,
+    usage_calls: RateWindow,
     /// Admissions in the current monotonic minute, for reporting keys without an `rpm`
     /// (their rolling window is not kept, so it costs no memory).
     report_minute: i64,
     report_count: u32,
-}
-
-#[derive(Debug, Default)]
-struct UsageCalls {
-    minute: VecDeque<i64>,
-    day: i64,
-    day_count: u32,
 }
 
 /// What an admitted request reports back in its rate-limit headers.
@@ -135,18 +193,7 @@ pub struct CounterView {
 
 impl CounterState {
     fn roll(&mut self, now: Now) {
-        while self
-            .minute
-            .front()
-            .is_some_and(|&t| t <= now.mono - WINDOW_MS)
-        {
-            self.minute.pop_front();
-        }
-        let day = day_index(now.wall);
-        if day > self.day {
-            self.day = day;
-            self.day_count = 0;
-        }
+        self.requests.roll(now);
         let month = month_index(now.wall);
         if month > self.month {
             self.month = month;
@@ -156,16 +203,14 @@ impl CounterState {
     }
 
     fn standing(&self, now: Now, limits: &Limits) -> Standing {
-        let used = self.minute.len() as u32;
+        let used = self.requests.minute.len() as u32;
         let (remaining, reset_secs) = match limits.rpm {
             Some(rpm) => {
                 let remaining = rpm.saturating_sub(used);
                 let reset = if remaining > 0 {
                     0
                 } else {
-                    self.minute
-                        .front()
-                        .map_or(0, |&t| secs_until(now.mono, t + WINDOW_MS))
+                    self.requests.reset_secs(now).unwrap_or(0)
                 };
                 (Some(remaining), reset)
             }
@@ -181,41 +226,9 @@ impl CounterState {
         }
     }
 
-    /// Per-minute then per-day; nothing is consumed here.
-    fn check_rates(&self, now: Now, limits: &Limits) -> Result<(), GateError> {
-        if let Some(rpm) = limits.rpm {
-            if self.minute.len() as u32 >= rpm {
-                let retry = self
-                    .minute
-                    .front()
-                    .map_or(1, |&t| secs_until(now.mono, t + WINDOW_MS));
-                return Err(GateError::RateLimited {
-                    limit: rpm,
-                    retry_after_secs: retry,
-                });
-            }
-        }
-        if let Some(rpd) = limits.rpd {
-            if self.day_count >= rpd {
-                let next_day = (day_index(now.wall) + 1) * MS_PER_DAY;
-                return Err(GateError::DailyRateLimited {
-                    limit: rpd,
-                    retry_after_secs: secs_until(now.wall, next_day),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Consumes one request of the minute and the day.
+    /// Consumes one model request of the minute and the day.
     fn count_request(&mut self, now: Now, limits: &Limits) {
-        if let Some(rpm) = limits.rpm {
-            if self.minute.len() as u32 >= rpm {
-                self.minute.pop_front();
-            }
-            self.minute.push_back(now.mono);
-        }
-        self.day_count = self.day_count.saturating_add(1);
+        self.requests.count(now, limits);
         let minute = now.mono.div_euclid(WINDOW_MS);
         if self.report_minute != minute {
             self.report_minute = minute;
@@ -236,8 +249,11 @@ impl KeyCounters {
     pub fn restored(now_wall: i64, requests_today: u32, this_month: Vec<ModelTally>) -> Self {
         KeyCounters {
             state: Mutex::new(CounterState {
-                day: day_index(now_wall),
-                day_count: requests_today,
+                requests: RateWindow {
+                    day: day_index(now_wall),
+                    day_count: requests_today,
+                    ..RateWindow::default()
+                },
                 month: month_index(now_wall),
                 spent: this_month.iter().map(|t| t.spent).sum(),
                 by_model: this_month,
@@ -276,7 +292,7 @@ impl KeyCounters {
             }
             _ => Nanos::ZERO,
         };
-        s.check_rates(now, limits)?;
+        s.requests.check(now, limits)?;
         if let Some(max) = limits.max_inflight {
             if s.inflight >= max {
                 return Err(GateError::ConcurrencyLimited { limit: max });
@@ -300,43 +316,9 @@ impl KeyCounters {
     pub fn admit_usage_call(&self, now: Now, limits: &Limits) -> Result<Standing, GateError> {
         let mut s = self.lock();
         s.roll(now);
-        let calls = &mut s.usage_calls;
-        while calls
-            .minute
-            .front()
-            .is_some_and(|&t| t <= now.mono - WINDOW_MS)
-        {
-            calls.minute.pop_front();
-        }
-        let day = day_index(now.wall);
-        if day > calls.day {
-            calls.day = day;
-            calls.day_count = 0;
-        }
-        if let Some(rpm) = limits.rpm {
-            if calls.minute.len() as u32 >= rpm {
-                let retry = calls
-                    .minute
-                    .front()
-                    .map_or(1, |&t| secs_until(now.mono, t + WINDOW_MS));
-                return Err(GateError::RateLimited {
-                    limit: rpm,
-                    retry_after_secs: retry,
-                });
-            }
-        }
-        if let Some(rpd) = limits.rpd {
-            if calls.day_count >= rpd {
-                return Err(GateError::DailyRateLimited {
-                    limit: rpd,
-                    retry_after_secs: secs_until(now.wall, (day + 1) * MS_PER_DAY),
-                });
-            }
-        }
-        if limits.rpm.is_some() {
-            calls.minute.push_back(now.mono);
-        }
-        calls.day_count += 1;
+        s.usage_calls.roll(now);
+        s.usage_calls.check(now, limits)?;
+        s.usage_calls.count(now, limits);
         Ok(s.standing(now, limits))
     }
 
@@ -411,14 +393,14 @@ impl KeyCounters {
         let mut s = self.lock();
         s.roll(now);
         let this_minute = match limits.rpm {
-            Some(_) => s.minute.len() as u32,
+            Some(_) => s.requests.minute.len() as u32,
             None if s.report_minute == now.mono.div_euclid(WINDOW_MS) => s.report_count,
             None => 0,
         };
         CounterView {
             month: s.month,
             requests_this_minute: this_minute,
-            requests_today: s.day_count,
+            requests_today: s.requests.day_count,
             spent: s.spent,
             reserved: s.reserved,
             inflight: s.inflight,
