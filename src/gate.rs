@@ -47,8 +47,6 @@ pub struct Gate {
     pub auth_shield: AuthShield,
     /// Traces of unauthenticated requests kept per second; the rest are only counted.
     pub unauthenticated_traces: Sampler,
-    /// Connection for reads off the request path (usage, admin); used from blocking threads.
-    reader: Mutex<Option<Store>>,
 }
 
 impl Gate {
@@ -75,7 +73,6 @@ impl Gate {
             loaded_change: AtomicI64::new(-1),
             ledger,
             metrics: Metrics::default(),
-            reader: Mutex::new(None),
             inflight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             handing_over: AtomicBool::new(false),
@@ -125,21 +122,6 @@ impl Gate {
 
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Relaxed)
-    }
-
-    /// Runs `f` with the shared read connection (blocking: call from a blocking thread).
-    pub fn with_reader<T>(
-        &self,
-        f: impl FnOnce(&mut Store) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let mut guard = self.reader.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.is_none() {
-            *guard = Some(self.open_store()?);
-        }
-        match guard.as_mut() {
-            Some(store) => f(store),
-            None => Err(StoreError::InvalidQuery),
-        }
     }
 
     /// Applies the keys changed in the store since the last load: N changes cost O(N) (the

@@ -32,11 +32,6 @@ impl Nanos {
         self.0 as f64 / 1e9
     }
 
-    /// Six decimals, e.g. `1.500000` (the nano-dollars are rounded to micro-dollars).
-    pub fn usd_string(self) -> String {
-        self.to_string()
-    }
-
     pub fn max(self, other: Nanos) -> Nanos {
         Nanos(self.0.max(other.0))
     }

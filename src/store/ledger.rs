@@ -243,11 +243,6 @@ impl Batch {
         self.journal_open.insert(row.id, row);
     }
 
-    /// Whether an entry closing journal row `id` would find it still in this batch.
-    pub fn close_if_open(&mut self, id: i64) -> bool {
-        self.journal_open.remove(&id).is_some()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.traces.is_empty()
             && self.spend.is_empty()
