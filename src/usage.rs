@@ -7,13 +7,38 @@ use memchr::memmem::{Finder, FinderRev};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
-/// Tokens reported by (or estimated for) one upstream response.
+/// Tokens reported by (or estimated for) one upstream response, in one normal form for
+/// every wire format: `prompt_tokens` counts every input token once, and the cache fields
+/// say how many of those were cache reads or cache writes (priced apart when configured).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
-    /// Input tokens (`usage.prompt_tokens`).
+    /// All input tokens, cached ones included: OpenAI's `prompt_tokens` / `input_tokens`;
+    /// Anthropic's `input_tokens + cache_read_input_tokens + cache_creation_input_tokens`.
     pub prompt_tokens: u64,
-    /// Output tokens (`usage.completion_tokens`), 0 for embeddings.
+    /// Output tokens (`completion_tokens` / `output_tokens`), 0 for embeddings.
     pub completion_tokens: u64,
+    /// Of `prompt_tokens`, read from the provider's prompt cache (OpenAI
+    /// `prompt_tokens_details.cached_tokens`, Anthropic `cache_read_input_tokens`).
+    pub cache_read_tokens: u64,
+    /// Of `prompt_tokens`, written to the cache (Anthropic `cache_creation_input_tokens`).
+    pub cache_write_tokens: u64,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Usage {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            ..Usage::default()
+        }
+    }
+
+    /// Input tokens that are neither cache reads nor cache writes.
+    pub fn uncached_prompt_tokens(&self) -> u64 {
+        self.prompt_tokens
+            .saturating_sub(self.cache_read_tokens)
+            .saturating_sub(self.cache_write_tokens)
+    }
 }
 
 /// The `usage` object as providers spell it. `input_tokens`/`output_tokens` are accepted for
@@ -26,12 +51,36 @@ struct RawUsage {
     completion_tokens: Option<u64>,
     #[serde(default)]
     total_tokens: Option<u64>,
+    /// Chat completions: `prompt_tokens_details.cached_tokens`.
+    #[serde(default)]
+    prompt_tokens_details: Option<CachedDetails>,
+    /// Responses API: `input_tokens_details.cached_tokens`.
+    #[serde(default)]
+    input_tokens_details: Option<CachedDetails>,
+}
+
+#[derive(Deserialize)]
+struct CachedDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
 }
 
 impl RawUsage {
     /// None when the object carries no counts at all, so the caller estimates instead of
     /// charging zero (SPEC §4: never zero).
     fn into_usage(self) -> Option<Usage> {
+        let mut usage = self.counts()?;
+        let cached = self
+            .prompt_tokens_details
+            .or(self.input_tokens_details)
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0);
+        // Cached tokens are part of the prompt; a report claiming more is clamped.
+        usage.cache_read_tokens = cached.min(usage.prompt_tokens);
+        Some(usage)
+    }
+
+    fn counts(&self) -> Option<Usage> {
         match (
             self.prompt_tokens,
             self.completion_tokens,
@@ -39,18 +88,12 @@ impl RawUsage {
         ) {
             (None, None, None) => None,
             // Embeddings-style providers that only report a total.
-            (None, None, Some(total)) => Some(Usage {
-                prompt_tokens: total,
-                completion_tokens: 0,
-            }),
+            (None, None, Some(total)) => Some(Usage::new(total, 0)),
             (prompt, completion, total) => {
                 let prompt_tokens = prompt.unwrap_or(0);
                 let completion_tokens = completion
                     .unwrap_or_else(|| total.map_or(0, |t| t.saturating_sub(prompt_tokens)));
-                Some(Usage {
-                    prompt_tokens,
-                    completion_tokens,
-                })
+                Some(Usage::new(prompt_tokens, completion_tokens))
             }
         }
     }
@@ -569,10 +612,7 @@ mod tests {
     }
 
     fn usage(prompt_tokens: u64, completion_tokens: u64) -> Option<Usage> {
-        Some(Usage {
-            prompt_tokens,
-            completion_tokens,
-        })
+        Some(Usage::new(prompt_tokens, completion_tokens))
     }
 
     const USAGE_EVENT: &str = "data: {\"id\":\"chatcmpl-9\",\"object\":\"chat.completion.chunk\",\"created\":1718000000,\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":7,\"total_tokens\":19,\"prompt_tokens_details\":{\"cached_tokens\":0}}}";
@@ -880,10 +920,7 @@ mod tests {
         }
         assert_eq!(
             usage_from_json(cases[0]),
-            Some(Usage {
-                prompt_tokens: 3,
-                completion_tokens: 4
-            })
+            Some(Usage::new(3, 4))
         );
         assert!(trailing_usage(cases[0]).is_some(), "fast path taken");
         assert!(

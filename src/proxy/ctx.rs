@@ -176,10 +176,7 @@ impl RequestCtx {
             (None, _) => self.response_bytes.div_ceil(4).max(1),
         };
         (
-            Usage {
-                prompt_tokens: prompt,
-                completion_tokens: completion,
-            },
+            Usage::new(prompt, completion),
             true,
         )
     }
