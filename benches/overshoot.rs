@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use spidergate::mock::MockProvider;
+use spidergate_mock::MockProvider;
 
 const BIN: &str = env!("CARGO_BIN_EXE_spidergate");
 const KEYS: usize = 50;

@@ -58,15 +58,16 @@ done
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 BIN="$ROOT/target/release/spidergate"
+MOCK="$ROOT/target/release/spidergate-mock"
 GW_BIN="${GW_BIN:-$BIN}"
 BARE="$ROOT/target/release/examples/bare_proxy"
 PY="${PYTHON:-python3}"
 command -v "$PY" >/dev/null || { echo "python3 is required" >&2; exit 1; }
 
 if [ "$BUILD" = 1 ]; then
-  cargo build --release --bins --examples
+  cargo build --release --workspace --bins --examples
 fi
-[ -x "$BIN" ] && [ -x "$BARE" ] || { echo "missing $BIN or $BARE (build first)" >&2; exit 1; }
+[ -x "$BIN" ] && [ -x "$BARE" ] && [ -x "$MOCK" ] || { echo "missing $BIN, $BARE or $MOCK (build first)" >&2; exit 1; }
 
 # Sockets: the client's connections, the proxy's downstream and upstream ones, plus slack.
 need_fd=$(( (INFLIGHT > CONCURRENT ? INFLIGHT : CONCURRENT) * 2 + 512 ))
@@ -78,9 +79,9 @@ fi
 TMP="$(mktemp -d -t spidergate-streammem.XXXXXX)"
 # Private copies, so a rebuild of the shared target directory cannot change them mid-run.
 mkdir -p "$TMP/bin"
-cp "$BIN" "$TMP/bin/spidergate"; cp "$BARE" "$TMP/bin/bare_proxy"
+cp "$BIN" "$TMP/bin/spidergate"; cp "$BARE" "$TMP/bin/bare_proxy"; cp "$MOCK" "$TMP/bin/spidergate-mock"
 [ "$GW_BIN" = "$BIN" ] && GW_BIN="$TMP/bin/spidergate"
-BIN="$TMP/bin/spidergate"; BARE="$TMP/bin/bare_proxy"
+BIN="$TMP/bin/spidergate"; BARE="$TMP/bin/bare_proxy"; MOCK="$TMP/bin/spidergate-mock"
 PIDS=()
 PROBES=""
 stop_all() {
@@ -456,7 +457,7 @@ start_all() {
   mkdir -p "$dir"
   START_DIR="$dir"
   MOCK_PORT=$(free_port); BARE_PORT=$(free_port); GW_PORT=$(free_port)
-  "${LOAD_PIN[@]}" "$BIN" mock-provider --listen "127.0.0.1:$MOCK_PORT" --threads 1 >"$dir/mock.log" 2>&1 &
+  "${LOAD_PIN[@]}" "$MOCK" --listen "127.0.0.1:$MOCK_PORT" --threads 1 >"$dir/mock.log" 2>&1 &
   PIDS+=($!); MOCK_PID=$!
   "${PROXY_PIN[@]}" "${PROXY_ENV[@]}" "$BARE" --listen "127.0.0.1:$BARE_PORT" --upstream "127.0.0.1:$MOCK_PORT" --threads 1 \
     >"$dir/bare.log" 2>&1 &

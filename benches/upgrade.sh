@@ -51,6 +51,7 @@ done
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 BIN="$ROOT/target/release/spidergate"
+MOCK="$ROOT/target/release/spidergate-mock"
 LUA="$ROOT/benches/lua/chat.lua"
 OLD_BIN="${OLD_BIN:-$BIN}"
 NEW_BIN="${NEW_BIN:-$BIN}"
@@ -67,9 +68,9 @@ fi
 
 if [ "$BUILD" = 1 ]; then
   # The same set as benches/wrk_compare.sh, so the two do not rebuild each other's deps.
-  cargo build --release --bins --examples
+  cargo build --release --workspace --bins --examples
 fi
-for b in "$BIN" "$OLD_BIN" "$NEW_BIN"; do [ -x "$b" ] || setup_fail "missing $b (build first)"; done
+for b in "$BIN" "$MOCK" "$OLD_BIN" "$NEW_BIN"; do [ -x "$b" ] || setup_fail "missing $b (build first)"; done
 
 TMP="$(mktemp -d -t spidergate-upgrade.XXXXXX)"
 DB="$TMP/gw.db"
@@ -124,7 +125,7 @@ MOCK_PORT=$(free_port)
 GW_PORT=$(free_port)
 while [ "$GW_PORT" = "$MOCK_PORT" ]; do GW_PORT=$(free_port); done
 
-"$BIN" mock-provider --listen "127.0.0.1:$MOCK_PORT" --threads 1 >"$TMP/mock.log" 2>&1 &
+"$MOCK" --listen "127.0.0.1:$MOCK_PORT" --threads 1 >"$TMP/mock.log" 2>&1 &
 PIDS+=($!)
 wait_port "$MOCK_PORT" mock
 

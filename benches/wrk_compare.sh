@@ -40,6 +40,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 LUA="$ROOT/benches/lua/chat.lua"
 BIN="$ROOT/target/release/spidergate"
+MOCK="$ROOT/target/release/spidergate-mock"
 # The gateway binary under test (default: this tree's release build); the mock, the CLI and
 # the bare proxy always come from this tree.
 GW_BIN="${GW_BIN:-$BIN}"
@@ -60,9 +61,9 @@ fi
 NGINX_BIN="$(command -v nginx || true)"
 
 if [ "$BUILD" = 1 ]; then
-  cargo build --release --bins --examples
+  cargo build --release --workspace --bins --examples
 fi
-[ -x "$BIN" ] && [ -x "$BARE" ] || { echo "missing $BIN or $BARE (build first)" >&2; exit 1; }
+[ -x "$BIN" ] && [ -x "$BARE" ] && [ -x "$MOCK" ] || { echo "missing $BIN, $BARE or $MOCK (build first)" >&2; exit 1; }
 
 TMP="$(mktemp -d -t spidergate-bench.XXXXXX)"
 PIDS=()
@@ -109,7 +110,7 @@ if [ "$PIN" = 1 ] && command -v taskset >/dev/null; then
 fi
 
 # 1. Mock provider (1 thread).
-"${LOAD_PIN[@]}" "$BIN" mock-provider --listen "127.0.0.1:$MOCK_PORT" --threads 1 >"$TMP/mock.log" 2>&1 &
+"${LOAD_PIN[@]}" "$MOCK" --listen "127.0.0.1:$MOCK_PORT" --threads 1 >"$TMP/mock.log" 2>&1 &
 PIDS+=($!); MOCK_PID=$!
 wait_port "$MOCK_PORT" mock
 

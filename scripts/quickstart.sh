@@ -4,12 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-cargo build --release
+cargo build --release --workspace --bins
 BIN=target/release/spidergate
 export SPIDERGATE_CONFIG="${SPIDERGATE_CONFIG:-conf/spidergate.yaml}"
 $BIN check-config
 if ! curl -fsS http://127.0.0.1:9000/health >/dev/null 2>&1; then
-  $BIN mock-provider --listen 127.0.0.1:9000 >/tmp/spidergate-mock.log 2>&1 &
+  target/release/spidergate-mock --listen 127.0.0.1:9000 >/tmp/spidergate-mock.log 2>&1 &
   MOCK_PID=$!
   trap 'kill $MOCK_PID 2>/dev/null || true' EXIT
 fi

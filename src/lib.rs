@@ -13,7 +13,6 @@ pub mod ledger;
 pub mod limits;
 pub mod manage;
 pub mod metrics;
-pub mod mock;
 pub mod money;
 pub mod providers;
 pub mod proxy;

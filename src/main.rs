@@ -1,4 +1,4 @@
-//! The `spidergate` binary: serve, check-config, keys, usage, traces, mock-provider.
+//! The `spidergate` binary: serve, check-config, keys, usage, traces.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,14 +63,6 @@ enum Command {
         limit: u32,
         #[arg(long)]
         json: bool,
-    },
-    /// Run the mock OpenAI-compatible provider (quickstart, tests, benchmarks)
-    MockProvider {
-        #[arg(long, default_value = "127.0.0.1:9000")]
-        listen: String,
-        /// Worker threads (0 = one per core)
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
     },
 }
 
@@ -208,9 +200,6 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let config_path = resolve_path(cli.config.as_deref());
     let result = match cli.command {
-        Command::MockProvider { listen, threads } => {
-            spidergate::mock::run_blocking_with_threads(&listen, threads).map_err(|e| e.to_string())
-        }
         // Exactly what `serve` and SIGHUP check: the config, then the routes built from it.
         Command::CheckConfig => Config::load(&config_path)
             .map_err(|e| e.to_string())
@@ -549,7 +538,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             }
             Ok(())
         }
-        Command::Serve(_) | Command::CheckConfig | Command::MockProvider { .. } => Ok(()),
+        Command::Serve(_) | Command::CheckConfig => Ok(()),
     }
 }
 

@@ -236,7 +236,6 @@ pub fn run_blocking_with_threads(listen: &str, threads: usize) -> std::io::Resul
     let runtime = builder.build()?;
     runtime.block_on(async {
         let provider = MockProvider::bind(listen, false).await?;
-        log::info!("mock provider listening on {}", provider.base_url());
         let _ = writeln!(
             std::io::stderr(),
             "mock OpenAI-compatible provider listening; base_url: {}",

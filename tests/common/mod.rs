@@ -9,7 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-pub use spidergate::mock::MockProvider;
+pub use spidergate_mock::MockProvider;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_spidergate");
 

@@ -1,6 +1,6 @@
 """Browser tests of the dashboard (SPEC section 5 "Dashboard"), in real headless Chromium.
 
-Hermetic like test_openai_sdk.py: starts `spidergate mock-provider` and `spidergate serve` with
+Hermetic like test_openai_sdk.py: starts `spidergate-mock` and `spidergate serve` with
 an `admin:` section on free loopback ports, a temporary config and database, then drives the
 dashboard on the admin listener with Selenium (Debian's `chromium` and `chromium-driver`).
 The tests run in file order and share one gateway and one browser tab, like an operator would.
@@ -51,6 +51,17 @@ def _bin_path() -> Path:
         p = REPO_ROOT / p
     if not p.is_file():
         pytest.exit(f"spidergate binary not found at {p} (set SPIDERGATE_BIN)", returncode=2)
+    return p
+
+
+def _mock_bin_path(gateway_bin: Path) -> Path:
+    """The `spidergate-mock` binary: SPIDERGATE_MOCK_BIN, else next to the gateway binary."""
+    raw = os.environ.get("SPIDERGATE_MOCK_BIN")
+    p = Path(raw) if raw else gateway_bin.with_name("spidergate-mock")
+    if not p.is_absolute():
+        p = REPO_ROOT / p
+    if not p.is_file():
+        pytest.exit(f"spidergate-mock binary not found at {p} (set SPIDERGATE_MOCK_BIN)", returncode=2)
     return p
 
 
@@ -191,7 +202,7 @@ def gw(tmp_path_factory) -> Gateway:
                 env=env, log_path=gw_log_path)
     try:
         mock = subprocess.Popen(
-            [str(binary), "mock-provider", "--listen", f"127.0.0.1:{mock_port}"],
+            [str(_mock_bin_path(binary)), "--listen", f"127.0.0.1:{mock_port}"],
             cwd=tmp, env=env, stdout=mock_log, stderr=subprocess.STDOUT,
         )
         _wait_tcp(mock_port, mock, HEALTH_DEADLINE_S, "mock provider")

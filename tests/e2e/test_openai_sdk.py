@@ -1,6 +1,6 @@
 """End-to-end test: drive a real SpiderGate with the official `openai` Python SDK.
 
-Hermetic: starts `spidergate mock-provider` and `spidergate serve` on free loopback ports
+Hermetic: starts `spidergate-mock` and `spidergate serve` on free loopback ports
 with a temporary config and database, mints keys with the CLI, and tears everything down.
 
     pip install -r tests/e2e/requirements.txt
@@ -39,6 +39,17 @@ def _bin_path() -> Path:
         p = REPO_ROOT / p
     if not p.is_file():
         pytest.exit(f"spidergate binary not found at {p} (set SPIDERGATE_BIN)", returncode=2)
+    return p
+
+
+def _mock_bin_path(gateway_bin: Path) -> Path:
+    """The `spidergate-mock` binary: SPIDERGATE_MOCK_BIN, else next to the gateway binary."""
+    raw = os.environ.get("SPIDERGATE_MOCK_BIN")
+    p = Path(raw) if raw else gateway_bin.with_name("spidergate-mock")
+    if not p.is_absolute():
+        p = REPO_ROOT / p
+    if not p.is_file():
+        pytest.exit(f"spidergate-mock binary not found at {p} (set SPIDERGATE_MOCK_BIN)", returncode=2)
     return p
 
 
@@ -198,7 +209,7 @@ def gw(tmp_path_factory) -> Gateway:
     g = Gateway(bin=binary, config=cfg, port=gw_port, log_path=gw_log_path, env=env)
     try:
         mock = subprocess.Popen(
-            [str(binary), "mock-provider", "--listen", f"127.0.0.1:{mock_port}"],
+            [str(_mock_bin_path(binary)), "--listen", f"127.0.0.1:{mock_port}"],
             cwd=tmp, env=env, stdout=mock_log, stderr=subprocess.STDOUT,
         )
         _wait_tcp(mock_port, mock, HEALTH_DEADLINE_S, "mock provider")
