@@ -11,16 +11,42 @@ use bytes::Bytes;
 use crate::catalog::{Catalog, Chain};
 use crate::clock::Now;
 use crate::error::GateError;
-use crate::keys::token::{from_authorization, hash_token, TokenHash};
+use crate::keys::token::{from_authorization, hash_token, is_well_formed, TokenHash};
 use crate::keys::{KeyEntry, KeySet, ScopeSet};
 use crate::limits::{Reservation, Standing};
 use crate::money::Nanos;
 use crate::providers::openai::{parse_request, RequestFields};
+use crate::providers::Plan;
+
+/// The body model `m` gets for this request: the client's with its model replaced, or its
+/// translation (400 for what cannot be translated).
+pub fn upstream_body(
+    catalog: &Catalog,
+    endpoint: Endpoint,
+    m: usize,
+    body: &Bytes,
+    fields: &RequestFields,
+) -> Result<Bytes, GateError> {
+    let model = &catalog.models()[m];
+    let plan = Plan::new(endpoint, catalog.provider_of(m).kind).ok_or_else(|| {
+        GateError::InvalidRequest(format!("model '{}' cannot serve this endpoint", model.id))
+    })?;
+    plan.upstream_body(
+        body,
+        fields,
+        &model.upstream_id,
+        u64::from(model.max_output_tokens),
+    )
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     ChatCompletions,
     Embeddings,
+    /// OpenAI's Responses API.
+    Responses,
+    /// Anthropic's Messages API.
+    Messages,
     Models,
     Model,
     Aliases,
@@ -35,6 +61,8 @@ impl Endpoint {
         match self {
             Endpoint::ChatCompletions => "chat.completions",
             Endpoint::Embeddings => "embeddings",
+            Endpoint::Responses => "responses",
+            Endpoint::Messages => "messages",
             Endpoint::Models => "models",
             Endpoint::Model => "models.get",
             Endpoint::Aliases => "aliases",
@@ -46,9 +74,10 @@ impl Endpoint {
 
     pub fn required_scope(self) -> Option<(ScopeSet, &'static str)> {
         match self {
-            Endpoint::ChatCompletions | Endpoint::Embeddings => {
-                Some((ScopeSet::CHAT, crate::keys::SCOPE_CHAT))
-            }
+            Endpoint::ChatCompletions
+            | Endpoint::Embeddings
+            | Endpoint::Responses
+            | Endpoint::Messages => Some((ScopeSet::CHAT, crate::keys::SCOPE_CHAT)),
             Endpoint::Models | Endpoint::Model | Endpoint::Aliases => {
                 Some((ScopeSet::MODELS, crate::keys::SCOPE_MODELS))
             }
@@ -57,12 +86,15 @@ impl Endpoint {
         }
     }
 
-    /// Path suffix appended to the provider's `base_url`.
-    pub fn upstream_suffix(self) -> &'static str {
-        match self {
-            Endpoint::Embeddings => "/embeddings",
-            _ => "/chat/completions",
-        }
+    /// Whether requests here go to a model (admitted, proxied, charged).
+    pub fn is_model_call(self) -> bool {
+        matches!(
+            self,
+            Endpoint::ChatCompletions
+                | Endpoint::Embeddings
+                | Endpoint::Responses
+                | Endpoint::Messages
+        )
     }
 }
 
@@ -82,6 +114,8 @@ pub fn route(path: &str) -> (Endpoint, &str) {
     match rest {
         "/chat/completions" => (Endpoint::ChatCompletions, ""),
         "/embeddings" => (Endpoint::Embeddings, ""),
+        "/responses" => (Endpoint::Responses, ""),
+        "/messages" => (Endpoint::Messages, ""),
         "/models" => (Endpoint::Models, ""),
         "/aliases" => (Endpoint::Aliases, ""),
         "/usage" => (Endpoint::Usage, ""),
@@ -92,12 +126,21 @@ pub fn route(path: &str) -> (Endpoint, &str) {
     }
 }
 
-/// Bearer token -> its hash. 401 for a missing or malformed token; never echoed.
-pub fn token_hash(authorization: Option<&[u8]>) -> Result<TokenHash, GateError> {
-    authorization
-        .and_then(from_authorization)
-        .map(hash_token)
-        .ok_or(GateError::InvalidApiKey)
+/// The agent's token -> its hash: a bearer token, or else (as the Anthropic SDKs and Claude
+/// Code send it) the bare token in `x-api-key`. 401 for a missing or malformed token; never
+/// echoed.
+pub fn token_hash(
+    authorization: Option<&[u8]>,
+    x_api_key: Option<&[u8]>,
+) -> Result<TokenHash, GateError> {
+    let token = match authorization {
+        Some(a) => from_authorization(a),
+        None => x_api_key
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::trim)
+            .filter(|t| is_well_formed(t)),
+    };
+    token.map(hash_token).ok_or(GateError::InvalidApiKey)
 }
 
 /// Token hash -> live key at `now`: 401 if unknown, expired or revoked. Called when the
@@ -125,7 +168,12 @@ pub fn check_scope(key: &KeyEntry, endpoint: Endpoint) -> Result<(), GateError> 
 #[derive(Debug)]
 pub struct Admission {
     pub fields: RequestFields,
+    /// The models that may serve it, best first: those the key may use and whose provider
+    /// can serve this endpoint.
     pub chain: Chain,
+    /// The first attempt's body, as its provider gets it (built before anything is
+    /// reserved, so a request that cannot be translated costs nothing).
+    pub upstream_body: Bytes,
     pub standing: Standing,
     pub reservation: Reservation,
     /// The upper bound the reservation was computed from (journaled for crash recovery).
@@ -176,7 +224,7 @@ pub fn reservation_bound(
                 .map_or(model_max, |t| t.min(model_max))
                 .saturating_mul(fields.choices),
         };
-        let cost = catalog.cost(m, prompt, completion);
+        let cost = catalog.bound_cost(m, prompt, completion);
         if i == 0 || cost > best.cost {
             best = Bound {
                 prompt_tokens: prompt,
@@ -202,6 +250,15 @@ pub fn admit(
 ) -> Result<Admission, GateError> {
     let fields = parse_request(body)?;
     let chain = catalog.resolve(&fields.model, key)?;
+    let chain = chain.filtered(|m| Plan::new(endpoint, catalog.provider_of(m).kind).is_some());
+    let first = chain.get(0).ok_or_else(|| {
+        GateError::InvalidRequest(format!(
+            "'{}' is not served through /v1/{}: embeddings and the Responses API need an openai-kind model",
+            fields.model,
+            endpoint.label()
+        ))
+    })?;
+    let upstream_body = upstream_body(catalog, endpoint, first, body, &fields)?;
     let bound = reservation_bound(
         catalog,
         &chain,
@@ -214,6 +271,7 @@ pub fn admit(
     Ok(Admission {
         fields,
         chain,
+        upstream_body,
         standing,
         reservation,
         bound,
@@ -344,7 +402,7 @@ mod tests {
             let prompt_ceiling = body.len() as u64 + images as u64 * media_part_tokens;
             let prompt = (prompt_ceiling as f64 * prompt_share) as u64;
             let completion = (honoured as f64 * output_share) as u64 * n;
-            let billed = c.cost(m, prompt.min(prompt_ceiling), completion.min(honoured * n));
+            let billed = c.cost(m, &crate::usage::Usage::new(prompt.min(prompt_ceiling), completion.min(honoured * n)));
             prop_assert!(billed <= bound.cost, "billed {billed} > reserved {}", bound.cost);
         }
     }

@@ -6,6 +6,7 @@ use crate::config::{Config, Model, Provider};
 use crate::error::GateError;
 use crate::keys::KeyEntry;
 use crate::money::Nanos;
+use crate::usage::Usage;
 
 enum Target {
     Model(usize),
@@ -52,6 +53,18 @@ impl Chain {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The chain without the models `keep` refuses, in the same order.
+    pub fn filtered(&self, mut keep: impl FnMut(usize) -> bool) -> Chain {
+        let mut out = Chain::default();
+        for i in 0..self.len() {
+            let m = self.models[i] as usize;
+            if keep(m) {
+                out.push(m);
+            }
+        }
+        out
     }
 }
 
@@ -140,10 +153,33 @@ impl Catalog {
         Ok(chain)
     }
 
-    /// Prompt + completion cost (saturating: never wraps).
-    pub fn cost(&self, m: usize, prompt_tokens: u64, completion_tokens: u64) -> Nanos {
+    /// The cost of `usage` on model `m` (saturating: never wraps). Each input token is
+    /// priced once: cache reads and writes at their own prices when configured, the rest at
+    /// the input price.
+    pub fn cost(&self, m: usize, usage: &Usage) -> Nanos {
         let model = &self.models[m];
-        model.input_price.cost(prompt_tokens) + model.output_price.cost(completion_tokens)
+        let read = model.cache_read_price.unwrap_or(model.input_price);
+        let write = model.cache_write_price.unwrap_or(model.input_price);
+        model.input_price.cost(usage.uncached_prompt_tokens())
+            + read.cost(usage.cache_read_tokens.min(usage.prompt_tokens))
+            + write.cost(
+                usage
+                    .cache_write_tokens
+                    .min(usage.prompt_tokens.saturating_sub(usage.cache_read_tokens)),
+            )
+            + model.output_price.cost(usage.completion_tokens)
+    }
+
+    /// The most `prompt_tokens` and `completion_tokens` can cost on model `m`, however the
+    /// provider splits the prompt into cache reads and writes: every input token at the
+    /// highest input-side price.
+    pub fn bound_cost(&self, m: usize, prompt_tokens: u64, completion_tokens: u64) -> Nanos {
+        let model = &self.models[m];
+        let input = [model.cache_read_price, model.cache_write_price]
+            .into_iter()
+            .flatten()
+            .fold(model.input_price, |a, b| a.max(b));
+        input.cost(prompt_tokens) + model.output_price.cost(completion_tokens)
     }
 }
 
@@ -246,9 +282,10 @@ aliases:
         let c = catalog();
         // 1 USD/Mtok = 1000 nano-USD per token.
         assert_eq!(
-            c.cost(0, 1_000, 500),
+            c.cost(0, &Usage::new(1_000, 500)),
             Nanos::new(1_000 * 1_000 + 500 * 2_000)
         );
-        assert_eq!(c.cost(0, u64::MAX, u64::MAX), Nanos::MAX);
+        assert_eq!(c.cost(0, &Usage::new(u64::MAX, u64::MAX)), Nanos::MAX);
+        assert_eq!(c.bound_cost(0, u64::MAX, u64::MAX), Nanos::MAX);
     }
 }

@@ -49,6 +49,10 @@ struct RawProvider {
     kind: String,
     base_url: String,
     api_key_env: Option<String>,
+    /// A pool of provider keys, used round-robin (instead of `api_key_env`).
+    api_key_envs: Option<Vec<String>>,
+    /// Anthropic only: the `anthropic-version` sent when the client sends none.
+    anthropic_version: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,6 +66,8 @@ struct RawModel {
     max_output_tokens: Option<u32>,
     #[serde(default)]
     free: bool,
+    cache_read_usd_per_mtok: Option<f64>,
+    cache_write_usd_per_mtok: Option<f64>,
 }
 
 /// Settings beyond the fixed contract, all optional.
@@ -133,10 +139,11 @@ fn default_token_env() -> String {
     "SPIDERGATE_ADMIN_TOKEN".into()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProviderKind {
-    OpenAi,
-}
+pub use crate::providers::ProviderKind;
+
+/// The `anthropic-version` header sent upstream when neither the client nor the provider's
+/// config names one.
+pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 
 #[derive(Debug, Clone)]
 pub struct Provider {
@@ -151,9 +158,14 @@ pub struct Provider {
     pub port: u16,
     /// Path prefix from `base_url`, without a trailing slash (e.g. `/v1`).
     pub base_path: String,
-    /// `Bearer <key>`, read from `api_key_env` at start-up.
-    pub authorization: Option<String>,
-    pub api_key_env: Option<String>,
+    /// The provider keys, read from their environment variables at start-up (or reload):
+    /// `(env var name, key)`, one per entry of `api_key_envs` (or `api_key_env`). A
+    /// variable that is unset or empty is skipped.
+    pub keys: Vec<(String, String)>,
+    /// The environment variables named by `api_key_env` / `api_key_envs`.
+    pub key_envs: Vec<String>,
+    /// Anthropic: `anthropic-version` when the client sends none.
+    pub anthropic_version: String,
 }
 
 #[derive(Debug, Clone)]
@@ -163,6 +175,9 @@ pub struct Model {
     pub upstream_id: String,
     pub input_price: Price,
     pub output_price: Price,
+    /// Cache reads and writes, when configured; else the input price.
+    pub cache_read_price: Option<Price>,
+    pub cache_write_price: Option<Price>,
     /// The most output one request can produce: the model's `max_output_tokens`, else
     /// `server.default_max_output_tokens`.
     pub max_output_tokens: u32,
@@ -320,6 +335,13 @@ impl Config {
             };
             let input = price(&format!("{at}.input_usd_per_mtok"), m.input_usd_per_mtok)?;
             let output = price(&format!("{at}.output_usd_per_mtok"), m.output_usd_per_mtok)?;
+            let cache_price = |field: &str, v: Option<f64>| match v {
+                Some(v) => price(&format!("{at}.{field}"), v).map(Some),
+                None => Ok(None),
+            };
+            let cache_read_price = cache_price("cache_read_usd_per_mtok", m.cache_read_usd_per_mtok)?;
+            let cache_write_price =
+                cache_price("cache_write_usd_per_mtok", m.cache_write_usd_per_mtok)?;
             if m.max_output_tokens == Some(0) {
                 return err(format!("{at}.max_output_tokens"), "must be greater than 0");
             }
@@ -329,6 +351,8 @@ impl Config {
                 provider,
                 input_price: input,
                 output_price: output,
+                cache_read_price,
+                cache_write_price,
                 max_output_tokens: m
                     .max_output_tokens
                     .unwrap_or(raw.server.default_max_output_tokens),
@@ -433,12 +457,14 @@ impl Config {
     /// Reads every provider key from its environment variable (at `serve` start-up).
     pub fn load_provider_keys(&mut self) {
         for p in &mut self.providers {
-            p.authorization = p
-                .api_key_env
-                .as_ref()
-                .and_then(|env| std::env::var(env).ok())
-                .filter(|k| !k.is_empty())
-                .map(|k| format!("Bearer {k}"));
+            p.keys = p
+                .key_envs
+                .iter()
+                .filter_map(|env| {
+                    let key = std::env::var(env).ok().filter(|k| !k.is_empty())?;
+                    Some((env.clone(), key))
+                })
+                .collect();
         }
     }
 
@@ -467,10 +493,7 @@ fn price(at: &str, usd_per_mtok: f64) -> Result<Price, ConfigError> {
 fn parse_provider(at: &str, p: RawProvider) -> Result<Provider, ConfigError> {
     let kind = match p.kind.as_str() {
         "openai" => ProviderKind::OpenAi,
-        "anthropic" => return err(
-            format!("{at}.kind"),
-            "anthropic is not supported by this version yet (use an OpenAI-compatible endpoint)",
-        ),
+        "anthropic" => ProviderKind::Anthropic,
         other => {
             return err(
                 format!("{at}.kind"),
@@ -508,6 +531,34 @@ fn parse_provider(at: &str, p: RawProvider) -> Result<Provider, ConfigError> {
     } else {
         authority.to_string()
     };
+    let key_envs = match (p.api_key_env, p.api_key_envs) {
+        (Some(_), Some(_)) => {
+            return err(
+                format!("{at}.api_key_envs"),
+                "give either api_key_env or api_key_envs, not both",
+            )
+        }
+        (Some(env), None) => vec![env],
+        (None, Some(envs)) if envs.is_empty() => {
+            return err(format!("{at}.api_key_envs"), "must name at least one variable")
+        }
+        (None, Some(envs)) => envs,
+        (None, None) => Vec::new(),
+    };
+    for (i, env) in key_envs.iter().enumerate() {
+        if env.is_empty() || key_envs[..i].contains(env) {
+            return err(
+                format!("{at}.api_key_envs[{i}]"),
+                "must be a distinct, non-empty variable name",
+            );
+        }
+    }
+    if p.anthropic_version.is_some() && kind != ProviderKind::Anthropic {
+        return err(
+            format!("{at}.anthropic_version"),
+            "only for kind: anthropic",
+        );
+    }
     Ok(Provider {
         name: p.name,
         kind,
@@ -517,8 +568,11 @@ fn parse_provider(at: &str, p: RawProvider) -> Result<Provider, ConfigError> {
         host_header,
         port,
         base_path: path.trim_end_matches('/').to_string(),
-        authorization: None,
-        api_key_env: p.api_key_env,
+        keys: Vec::new(),
+        key_envs,
+        anthropic_version: p
+            .anthropic_version
+            .unwrap_or_else(|| DEFAULT_ANTHROPIC_VERSION.to_string()),
     })
 }
 

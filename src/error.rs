@@ -42,6 +42,10 @@ pub enum GateError {
     },
     /// A hard-budget key while the spend ledger cannot write.
     LedgerUnavailable,
+    /// The provider refused every key of its pool (401/429) and none has rested enough.
+    ProviderKeysResting {
+        retry_after_secs: u64,
+    },
     UpstreamError(String),
     UpstreamTimeout,
     NotFound,
@@ -64,7 +68,8 @@ impl GateError {
             GateError::RateLimited { .. }
             | GateError::DailyRateLimited { .. }
             | GateError::ConcurrencyLimited { .. }
-            | GateError::AuthFlood { .. } => 429,
+            | GateError::AuthFlood { .. }
+            | GateError::ProviderKeysResting { .. } => 429,
             GateError::LedgerUnavailable => 503,
             GateError::UpstreamError(_) => 502,
             GateError::UpstreamTimeout => 504,
@@ -90,6 +95,7 @@ impl GateError {
             GateError::RateLimited { .. } | GateError::AuthFlood { .. } => "rate_limit_exceeded",
             GateError::DailyRateLimited { .. } => "daily_rate_limit_exceeded",
             GateError::ConcurrencyLimited { .. } => "concurrency_limit_exceeded",
+            GateError::ProviderKeysResting { .. } => "upstream_rate_limited",
             GateError::LedgerUnavailable => "ledger_unavailable",
             GateError::UpstreamError(_) => "upstream_error",
             GateError::UpstreamTimeout => "upstream_timeout",
@@ -117,7 +123,8 @@ impl GateError {
             GateError::RateLimited { .. }
             | GateError::DailyRateLimited { .. }
             | GateError::ConcurrencyLimited { .. }
-            | GateError::AuthFlood { .. } => "requests",
+            | GateError::AuthFlood { .. }
+            | GateError::ProviderKeysResting { .. } => "requests",
             GateError::UpstreamError(_)
             | GateError::UpstreamTimeout
             | GateError::ShuttingDown
@@ -154,7 +161,8 @@ impl GateError {
             | GateError::DailyRateLimited {
                 retry_after_secs, ..
             }
-            | GateError::AuthFlood { retry_after_secs } => Some(*retry_after_secs),
+            | GateError::AuthFlood { retry_after_secs }
+            | GateError::ProviderKeysResting { retry_after_secs } => Some(*retry_after_secs),
             GateError::ConcurrencyLimited { .. } => Some(1),
             _ => None,
         }
@@ -177,7 +185,7 @@ impl GateError {
 impl fmt::Display for GateError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            GateError::InvalidApiKey => f.write_str("Invalid or missing API key. Pass an agent key as 'Authorization: Bearer spideriq_pat_...'."),
+            GateError::InvalidApiKey => f.write_str("Invalid or missing API key. Pass an agent key as 'Authorization: Bearer spideriq_pat_...' (or 'x-api-key: spideriq_pat_...')."),
             GateError::TokenExpired => f.write_str("This agent key has expired. Mint a new one."),
             GateError::TokenRevoked => f.write_str("This agent key has been revoked."),
             GateError::InsufficientScope(scope) => write!(f, "This agent key lacks the '{scope}' scope required for this endpoint."),
@@ -195,6 +203,7 @@ impl fmt::Display for GateError {
             GateError::DailyRateLimited { limit, retry_after_secs } => write!(f, "Daily limit of {limit} requests per UTC day reached. Retry after {retry_after_secs} s."),
             GateError::ConcurrencyLimited { limit } => write!(f, "This agent key already has {limit} requests in flight (max_inflight). Retry when one finishes."),
             GateError::AuthFlood { retry_after_secs } => write!(f, "Too many failed authentications from this address. Retry after {retry_after_secs} s."),
+            GateError::ProviderKeysResting { retry_after_secs } => write!(f, "The provider is rate-limiting every key the gateway holds for it. Retry after {retry_after_secs} s."),
             GateError::LedgerUnavailable => f.write_str("Spend cannot be recorded right now, so hard-budget keys are paused; retry shortly or on another instance."),
             GateError::UpstreamError(why) => write!(f, "Upstream provider error: {why}"),
             GateError::UpstreamTimeout => f.write_str("Upstream provider timed out."),

@@ -8,7 +8,7 @@ use crate::money::Nanos;
 
 /// Every `error.code` the gateway emits, plus `ok` and `upstream_status` (an upstream's own
 /// error response passed through).
-pub const OUTCOMES: [&str; 23] = [
+pub const OUTCOMES: [&str; 24] = [
     "ok",
     "upstream_status",
     "invalid_api_key",
@@ -32,6 +32,7 @@ pub const OUTCOMES: [&str; 23] = [
     "client_closed",
     "upstream_stream_broken",
     "interrupted",
+    "upstream_rate_limited",
 ];
 
 const LATENCY_BUCKETS_MS: [u64; 10] = [5, 10, 25, 50, 100, 250, 500, 1_000, 5_000, 30_000];
@@ -45,6 +46,8 @@ pub struct Metrics {
     cost_nanos: AtomicU64,
     estimated_usage: AtomicU64,
     fallbacks: AtomicU64,
+    provider_key_refusals: AtomicU64,
+    provider_keys_exhausted: AtomicU64,
     auth_failures: AtomicU64,
     config_reloads: AtomicU64,
     key_changes_applied: AtomicU64,
@@ -95,6 +98,16 @@ impl Metrics {
 
     pub fn fallback(&self) {
         self.fallbacks.fetch_add(1, Relaxed);
+    }
+
+    /// A provider answered 401 or 429 to one of its pool's keys (the key rests).
+    pub fn provider_key_refused(&self) {
+        self.provider_key_refusals.fetch_add(1, Relaxed);
+    }
+
+    /// An attempt found every key of its provider resting.
+    pub fn provider_keys_exhausted(&self) {
+        self.provider_keys_exhausted.fetch_add(1, Relaxed);
     }
 
     /// One atomic add per bucket hit (buckets are made cumulative when rendered).
@@ -152,6 +165,16 @@ impl Metrics {
                 "spidergate_fallbacks_total",
                 "Requests served by a fallback model.",
                 &self.fallbacks,
+            ),
+            (
+                "spidergate_provider_key_refusals_total",
+                "Provider answers 401 or 429 that put a pool key to rest.",
+                &self.provider_key_refusals,
+            ),
+            (
+                "spidergate_provider_keys_exhausted_total",
+                "Attempts that found every key of their provider resting.",
+                &self.provider_keys_exhausted,
             ),
             (
                 "spidergate_auth_failures_total",
@@ -238,4 +261,30 @@ impl Metrics {
         let _ = writeln!(s, "spidergate_request_duration_ms_count {count}");
         s
     }
+}
+
+/// Per provider key: whether it is usable now and its consecutive refusals, labelled by the
+/// provider and the environment variable's name (never the key).
+pub fn render_provider_keys(s: &mut String, routes: &crate::snapshot::Routes, now_ms: i64) {
+    s.push_str("# HELP spidergate_provider_key_up 1 when the provider key is usable, 0 while it rests after a 401 or 429.\n# TYPE spidergate_provider_key_up gauge\n");
+    let mut strikes = String::new();
+    for (p, pool) in routes.provider_keys.iter().enumerate() {
+        let provider = &routes.provider_names[p];
+        for (i, key) in pool.keys().iter().enumerate() {
+            let (up, failures) = pool.health(i, now_ms);
+            let _ = writeln!(
+                s,
+                "spidergate_provider_key_up{{provider=\"{provider}\",key_env=\"{}\"}} {}",
+                key.env,
+                u8::from(up)
+            );
+            let _ = writeln!(
+                strikes,
+                "spidergate_provider_key_consecutive_failures{{provider=\"{provider}\",key_env=\"{}\"}} {failures}",
+                key.env
+            );
+        }
+    }
+    s.push_str("# HELP spidergate_provider_key_consecutive_failures Refusals (401/429) of the key since its last success.\n# TYPE spidergate_provider_key_consecutive_failures gauge\n");
+    s.push_str(&strikes);
 }

@@ -6,10 +6,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::admission::Endpoint;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::keys::KeySet;
+use crate::providers::pool::KeyPool;
+use crate::providers::{ProviderKind, UpstreamRoute};
 
 pub struct Snapshot {
     pub routes: Arc<Routes>,
@@ -23,10 +24,13 @@ pub struct Routes {
     pub catalog: Catalog,
     /// Resolved address of each provider, by provider index.
     pub provider_addrs: Vec<SocketAddr>,
-    /// Upstream request URIs by provider: `[chat completions, embeddings]`.
-    upstream_uris: Vec<[http::Uri; 2]>,
-    /// Per provider: `Authorization` (the provider's own key) and `Host`.
+    /// Upstream request URIs by provider, indexed by `UpstreamRoute`.
+    upstream_uris: Vec<[http::Uri; 4]>,
+    /// Per provider: its kind, `Host` and version header.
     pub provider_headers: Vec<ProviderHeaders>,
+    /// Per provider: its API keys, used round-robin; a refused key rests. Rebuilt on a
+    /// config reload (rests start over).
+    pub provider_keys: Vec<KeyPool>,
     /// Per model, its id as a header value (`X-SpiderGate-Model`, fallback header).
     pub model_headers: Vec<http::HeaderValue>,
     /// Model ids and provider names, shared into every trace without copying.
@@ -36,8 +40,10 @@ pub struct Routes {
 
 /// Request headers for one provider, built once per (re)load.
 pub struct ProviderHeaders {
-    pub authorization: Option<http::HeaderValue>,
+    pub kind: ProviderKind,
     pub host: http::HeaderValue,
+    /// Anthropic: `anthropic-version` when the client sends none.
+    pub anthropic_version: http::HeaderValue,
 }
 
 impl Routes {
@@ -48,6 +54,7 @@ impl Routes {
         let mut provider_addrs = Vec::with_capacity(config.providers.len());
         let mut upstream_uris = Vec::with_capacity(config.providers.len());
         let mut provider_headers = Vec::with_capacity(config.providers.len());
+        let mut provider_keys = Vec::with_capacity(config.providers.len());
         for (i, p) in config.providers.iter().enumerate() {
             provider_addrs.push(
                 p.resolve().map_err(|e| {
@@ -59,23 +66,29 @@ impl Routes {
                     .map_err(|e| format!("providers[{i}].base_url: bad path: {e}"))
             };
             upstream_uris.push([
-                uri(Endpoint::ChatCompletions.upstream_suffix())?,
-                uri(Endpoint::Embeddings.upstream_suffix())?,
+                uri(UpstreamRoute::ALL[0].suffix())?,
+                uri(UpstreamRoute::ALL[1].suffix())?,
+                uri(UpstreamRoute::ALL[2].suffix())?,
+                uri(UpstreamRoute::ALL[3].suffix())?,
             ]);
             let value = |v: &str, what: &str| {
                 http::HeaderValue::from_str(v)
                     .map_err(|_| format!("providers[{i}]: {what} is not a valid header value"))
             };
-            let mut authorization = match &p.authorization {
-                Some(a) => Some(value(a, "the API key")?),
-                None => None,
-            };
-            if let Some(a) = authorization.as_mut() {
-                a.set_sensitive(true);
+            let mut keys = Vec::with_capacity(p.keys.len());
+            for (env, key) in &p.keys {
+                let mut header = match p.kind {
+                    ProviderKind::OpenAi => value(&format!("Bearer {key}"), "an API key")?,
+                    ProviderKind::Anthropic => value(key, "an API key")?,
+                };
+                header.set_sensitive(true);
+                keys.push((env.clone(), header));
             }
+            provider_keys.push(KeyPool::new(keys));
             provider_headers.push(ProviderHeaders {
-                authorization,
+                kind: p.kind,
                 host: value(&p.host_header, "the host")?,
+                anthropic_version: value(&p.anthropic_version, "anthropic_version")?,
             });
         }
         let mut model_headers = Vec::with_capacity(config.models.len());
@@ -90,6 +103,7 @@ impl Routes {
             provider_addrs,
             upstream_uris,
             provider_headers,
+            provider_keys,
             model_headers,
             model_names: config
                 .models
@@ -105,12 +119,8 @@ impl Routes {
         })
     }
 
-    /// The request URI for `endpoint` on provider `p` (prebuilt: no formatting per request).
-    pub fn upstream_uri(&self, p: usize, endpoint: Endpoint) -> &http::Uri {
-        let i = match endpoint {
-            Endpoint::Embeddings => 1,
-            _ => 0,
-        };
-        &self.upstream_uris[p][i]
+    /// The request URI for `route` on provider `p` (prebuilt: no formatting per request).
+    pub fn upstream_uri(&self, p: usize, route: UpstreamRoute) -> &http::Uri {
+        &self.upstream_uris[p][route as usize]
     }
 }

@@ -143,11 +143,12 @@ impl AdminApp {
             return Reply {
                 status: 200,
                 content_type: "text/plain; version=0.0.4",
-                body: self
-                    .gate
-                    .metrics
-                    .render(self.gate.ledger.health())
-                    .into_bytes(),
+                body: {
+                    let mut text = self.gate.metrics.render(self.gate.ledger.health());
+                    let routes = &self.gate.snapshot().routes;
+                    crate::metrics::render_provider_keys(&mut text, routes, crate::clock::now_ms());
+                    text.into_bytes()
+                },
                 page: false,
                 location: None,
             };

@@ -1,8 +1,158 @@
 //! Provider wire formats. Nothing outside this module knows one: each format's request
 //! fields, usage parsing, error shape and translation live here, beside each other.
+//!
+//! The seam is [`Plan`]: for one attempt (a model of the chain), the endpoint the client
+//! called and the kind of the model's provider decide how the body goes out (pass-through
+//! with its model replaced, or translated), where it goes, which headers carry the provider
+//! key, and which [`codec::ResponseCodec`] reads the answer back.
 
 pub mod anthropic;
+pub mod codec;
 pub mod openai;
+pub mod pool;
 pub mod responses;
 pub mod sse;
 pub mod translate;
+
+use bytes::Bytes;
+
+use crate::admission::Endpoint;
+use crate::error::GateError;
+use openai::RequestFields;
+
+/// The wire format a provider speaks (`kind` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// OpenAI and every OpenAI-compatible API: chat completions, embeddings, responses.
+    OpenAi,
+    /// Anthropic's Messages API.
+    Anthropic,
+}
+
+impl ProviderKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::Anthropic => "anthropic",
+        }
+    }
+}
+
+/// How one attempt reaches its provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Same shape on both sides: the body goes out with its model replaced.
+    Chat,
+    Embeddings,
+    Responses,
+    Messages,
+    /// A chat completion served by an Anthropic model.
+    ChatViaMessages,
+    /// A Messages request served by an OpenAI-kind model.
+    MessagesViaChat,
+}
+
+/// The upstream routes a provider may be sent to, indexing `Routes::upstream_uri`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamRoute {
+    ChatCompletions = 0,
+    Embeddings = 1,
+    Responses = 2,
+    Messages = 3,
+}
+
+impl UpstreamRoute {
+    pub const ALL: [UpstreamRoute; 4] = [
+        UpstreamRoute::ChatCompletions,
+        UpstreamRoute::Embeddings,
+        UpstreamRoute::Responses,
+        UpstreamRoute::Messages,
+    ];
+
+    /// Path after the provider's `base_url` (SPEC §6).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            UpstreamRoute::ChatCompletions => "/chat/completions",
+            UpstreamRoute::Embeddings => "/embeddings",
+            UpstreamRoute::Responses => "/responses",
+            UpstreamRoute::Messages => "/v1/messages",
+        }
+    }
+}
+
+impl Plan {
+    /// The plan for `endpoint` on a provider of `kind`; None when that kind cannot serve it
+    /// (embeddings and the Responses API on an Anthropic model).
+    pub fn new(endpoint: Endpoint, kind: ProviderKind) -> Option<Plan> {
+        use ProviderKind::*;
+        Some(match (endpoint, kind) {
+            (Endpoint::ChatCompletions, OpenAi) => Plan::Chat,
+            (Endpoint::ChatCompletions, Anthropic) => Plan::ChatViaMessages,
+            (Endpoint::Embeddings, OpenAi) => Plan::Embeddings,
+            (Endpoint::Responses, OpenAi) => Plan::Responses,
+            (Endpoint::Messages, Anthropic) => Plan::Messages,
+            (Endpoint::Messages, OpenAi) => Plan::MessagesViaChat,
+            _ => return None,
+        })
+    }
+
+    pub fn route(self) -> UpstreamRoute {
+        match self {
+            Plan::Chat | Plan::MessagesViaChat => UpstreamRoute::ChatCompletions,
+            Plan::Embeddings => UpstreamRoute::Embeddings,
+            Plan::Responses => UpstreamRoute::Responses,
+            Plan::Messages | Plan::ChatViaMessages => UpstreamRoute::Messages,
+        }
+    }
+
+    /// The provider's kind on the wire.
+    pub fn upstream_kind(self) -> ProviderKind {
+        match self.route() {
+            UpstreamRoute::Messages => ProviderKind::Anthropic,
+            _ => ProviderKind::OpenAi,
+        }
+    }
+
+    /// Whether the body and the answer are rewritten between two formats.
+    pub fn translates(self) -> bool {
+        matches!(self, Plan::ChatViaMessages | Plan::MessagesViaChat)
+    }
+
+    /// The body for the provider: the client's bytes with `model` replaced (a chat stream
+    /// also asks for usage), or the translation. `max_output` fills Anthropic's required
+    /// `max_tokens` when a chat request sets none. 400 for what cannot be translated.
+    pub fn upstream_body(
+        self,
+        body: &Bytes,
+        fields: &RequestFields,
+        upstream_id: &str,
+        max_output: u64,
+    ) -> Result<Bytes, GateError> {
+        Ok(match self {
+            Plan::Chat => openai::rewrite_body(body, fields, upstream_id, true),
+            Plan::Embeddings | Plan::Responses | Plan::Messages => {
+                openai::rewrite_body(body, fields, upstream_id, false)
+            }
+            Plan::ChatViaMessages => {
+                translate::chat_to_messages::request(body, upstream_id, max_output)?.into()
+            }
+            Plan::MessagesViaChat => translate::messages_to_chat::request(body, upstream_id)?.into(),
+        })
+    }
+}
+
+/// The wire format the client speaks on `endpoint`, for the gateway's own error bodies.
+pub fn client_kind(endpoint: Endpoint) -> ProviderKind {
+    match endpoint {
+        Endpoint::Messages => ProviderKind::Anthropic,
+        _ => ProviderKind::OpenAi,
+    }
+}
+
+/// A gateway error in the client's shape: Anthropic's on `/v1/messages`, else OpenAI's.
+pub fn error_body(endpoint: Endpoint, err: &GateError) -> Vec<u8> {
+    match client_kind(endpoint) {
+        ProviderKind::Anthropic => anthropic::error_body(err),
+        ProviderKind::OpenAi => err.body(),
+    }
+}

@@ -28,6 +28,9 @@ struct Fields<'a> {
     max_completion_tokens: Option<&'a RawValue>,
     #[serde(borrow, default)]
     n: Option<&'a RawValue>,
+    /// The Responses API's output bound.
+    #[serde(borrow, default)]
+    max_output_tokens: Option<&'a RawValue>,
 }
 
 /// OpenAI's own ceiling for `n`.
@@ -171,7 +174,8 @@ pub struct RequestFields {
     pub stream: bool,
     /// The client asked for the usage chunk itself.
     pub client_wants_usage: bool,
-    /// The larger of `max_completion_tokens` and `max_tokens` (a provider may honour either).
+    /// The largest of `max_completion_tokens`, `max_tokens` (chat, Messages) and
+    /// `max_output_tokens` (Responses): a provider may honour any of them.
     pub max_output_tokens: Option<u64>,
     /// Choices requested (`n`), 1 when absent.
     pub choices: u64,
@@ -210,6 +214,7 @@ pub fn parse_request(body: &[u8]) -> Result<RequestFields, GateError> {
     };
     let max_tokens = count_field(fields.max_tokens, "max_tokens")?;
     let max_completion = count_field(fields.max_completion_tokens, "max_completion_tokens")?;
+    let max_output = count_field(fields.max_output_tokens, "max_output_tokens")?;
     let choices = count_field(fields.n, "n")?.unwrap_or(1);
     if !(1..=MAX_CHOICES).contains(&choices) {
         return Err(GateError::InvalidRequest(format!(
@@ -222,18 +227,23 @@ pub fn parse_request(body: &[u8]) -> Result<RequestFields, GateError> {
         model: std::sync::Arc::from(model.as_ref()),
         stream,
         client_wants_usage,
-        max_output_tokens: max_tokens.max(max_completion),
+        max_output_tokens: max_tokens.max(max_completion).max(max_output),
         choices,
         media_parts: count_media_parts(body),
     })
 }
 
-/// The body to send upstream: `model` replaced by `upstream_id`, and for streams
-/// `stream_options.include_usage` forced on so the usage chunk always arrives.
-/// Returns the original bytes (no copy) when nothing changes.
-pub fn rewrite_body(body: &Bytes, fields: &RequestFields, upstream_id: &str) -> Bytes {
+/// The body to send upstream: `model` replaced by `upstream_id`, and for chat streams
+/// (`chat_stream_usage`) `stream_options.include_usage` forced on so the usage chunk always
+/// arrives. Returns the original bytes (no copy) when nothing changes.
+pub fn rewrite_body(
+    body: &Bytes,
+    fields: &RequestFields,
+    upstream_id: &str,
+    chat_stream_usage: bool,
+) -> Bytes {
     let model_same = upstream_id == &*fields.model;
-    let need_usage = fields.stream && !fields.client_wants_usage;
+    let need_usage = chat_stream_usage && fields.stream && !fields.client_wants_usage;
     if model_same && !need_usage {
         return body.clone();
     }
@@ -367,12 +377,12 @@ mod tests {
             br#"{"model":"fast","messages":[{"role":"user","content":"model"}]}"#,
         );
         let f = parse_request(&body).unwrap();
-        let out = rewrite_body(&body, &f, "meta/llama-3.1");
+        let out = rewrite_body(&body, &f, "meta/llama-3.1", true);
         let v = json(&out);
         assert_eq!(v["model"], "meta/llama-3.1");
         assert_eq!(v["messages"][0]["content"], "model");
         assert_eq!(
-            rewrite_body(&body, &f, "fast"),
+            rewrite_body(&body, &f, "fast", true),
             body,
             "unchanged body is not copied"
         );
@@ -383,14 +393,14 @@ mod tests {
         let body = Bytes::from_static(b"{\"model\":\"m\",\"stream\":true}\n");
         let f = parse_request(&body).unwrap();
         assert!(!f.client_wants_usage);
-        let v = json(&rewrite_body(&body, &f, "m"));
+        let v = json(&rewrite_body(&body, &f, "m", true));
         assert_eq!(v["stream_options"]["include_usage"], true);
 
         let body = Bytes::from_static(
             br#"{"stream_options":{"include_usage":false},"model":"m","stream":true}"#,
         );
         let f = parse_request(&body).unwrap();
-        let v = json(&rewrite_body(&body, &f, "up"));
+        let v = json(&rewrite_body(&body, &f, "up", true));
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["model"], "up");
 
@@ -399,6 +409,6 @@ mod tests {
         );
         let f = parse_request(&body).unwrap();
         assert!(f.client_wants_usage);
-        assert_eq!(rewrite_body(&body, &f, "m"), body);
+        assert_eq!(rewrite_body(&body, &f, "m", true), body);
     }
 }

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use pingora_http::ResponseHeader;
 
 use crate::admission::{Admission, Endpoint};
@@ -16,11 +16,12 @@ use crate::limits::{Charge, Standing};
 use crate::money::Nanos;
 use crate::snapshot::Snapshot;
 use crate::store::{LedgerEntry, TraceRow};
-use crate::usage::{usage_from_json, Forward, SseUsageParser, Usage};
+use crate::error::GateError;
+use crate::providers::codec::ResponseCodec;
+use crate::providers::Plan;
+use crate::usage::Usage;
 
 use super::headers::UPSTREAM_STATUS;
-
-use super::io::ResponseBody;
 
 /// Error codes recorded in traces for outcomes that are not gateway rejections.
 pub(super) const CLIENT_CLOSED: &str = "client_closed";
@@ -54,6 +55,16 @@ pub struct RequestCtx {
     pub(super) fallback_from: Option<usize>,
     /// An upstream status that triggers a fallback was seen; the error carries it to retry.
     pub(super) fallback_status: Option<u16>,
+    /// The provider refused the attempt's pool key (401/429) and another key is ready:
+    /// the same model is tried again.
+    pub(super) retry_same_model: bool,
+    /// How the current attempt reaches its provider.
+    pub(super) plan: Option<Plan>,
+    /// The provider key (index into its pool) the current attempt carries.
+    pub(super) pool_key: Option<usize>,
+    /// A gateway error decided during proxying (every provider key resting), answered by
+    /// `fail_to_proxy` instead of the generic mapping.
+    pub(super) pending_error: Option<GateError>,
     /// The current attempt's request went to the upstream, which may be working on it from
     /// now on: it is charged even if no response comes back.
     pub(super) sent_upstream: bool,
@@ -68,8 +79,8 @@ pub struct RequestCtx {
     pub(super) finishing: bool,
     pub(super) finished: bool,
     pub(super) ttfb_ms: Option<i64>,
-    pub(super) sse: Option<SseUsageParser>,
-    pub(super) json_buf: Option<ResponseBody>,
+    /// Reads (and where it translates, rewrites) the answer of the attempt that responded.
+    pub(super) codec: Option<ResponseCodec>,
     pub(super) response_bytes: u64,
 }
 
@@ -78,60 +89,41 @@ impl RequestCtx {
         self.admission.as_ref()?.chain.get(self.attempt)
     }
 
-    /// The response head: a stream gets the SSE usage parser (hiding the usage chunk the
-    /// gateway asked for on the client's behalf), a successful JSON body is kept for its
-    /// usage. Stripping changes the length, so a stripped stream goes chunked.
+    /// The response head: picks the codec for the answer. A codec that changes the
+    /// body's length (a stripped usage event, a translation) makes the answer chunked.
     pub(super) fn observe_response_head(&mut self, resp: &mut ResponseHeader) {
-        let Some(adm) = &self.admission else {
+        let (Some(adm), Some(plan)) = (&self.admission, self.plan) else {
             return;
         };
         let is_sse = resp
             .headers
             .get("content-type")
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        if is_sse {
-            let strip = adm.fields.stream && !adm.fields.client_wants_usage;
-            if strip {
-                resp.remove_header("content-length");
-            }
-            self.sse = Some(SseUsageParser::new(strip));
-        } else if (200..300).contains(&self.status) {
-            self.json_buf = Some(ResponseBody::default());
+        let (codec, resized) = ResponseCodec::for_head(
+            plan,
+            self.status,
+            is_sse,
+            adm.fields.stream,
+            adm.fields.client_wants_usage,
+        );
+        if resized {
+            resp.remove_header("content-length");
         }
+        if plan.translates() && !is_sse {
+            // Errors come back in the client's shape too, always as JSON.
+            let _ = resp.insert_header("content-type", "application/json");
+        }
+        self.codec = Some(codec);
     }
 
-    /// One chunk of the response on its way to the client: usage is parsed as it passes
-    /// (synchronously, never blocking), and a stream's injected usage event is cut out.
+    /// One chunk of the response on its way to the client: usage is read as it passes
+    /// (synchronously, never blocking); the codec may rewrite the chunk.
     pub(super) fn filter_response_body(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) {
         if let Some(chunk) = body.as_ref() {
             self.response_bytes += chunk.len() as u64;
         }
-        if let Some(parser) = self.sse.as_mut() {
-            if let Some(chunk) = body.take() {
-                *body = match parser.feed(&chunk) {
-                    Forward::Unchanged => Some(chunk),
-                    Forward::Range(r) => Some(chunk.slice(r)),
-                    Forward::Owned(v) => Some(Bytes::from(v)),
-                    Forward::Nothing => None,
-                };
-            }
-            if end_of_stream {
-                if let Forward::Owned(tail) = parser.finish() {
-                    *body = Some(match body.take() {
-                        Some(b) => {
-                            let mut joined = BytesMut::with_capacity(b.len() + tail.len());
-                            joined.extend_from_slice(&b);
-                            joined.extend_from_slice(&tail);
-                            joined.freeze()
-                        }
-                        None => Bytes::from(tail),
-                    });
-                }
-            }
-        } else if let (Some(buf), Some(chunk)) = (self.json_buf.as_mut(), body.as_ref()) {
-            if !buf.push(chunk) {
-                self.json_buf = None;
-            }
+        if let Some(codec) = self.codec.as_mut() {
+            codec.filter(body, end_of_stream);
         }
     }
 
@@ -153,11 +145,10 @@ impl RequestCtx {
     /// hang-up, a timeout, a break), an estimate of at least the prompt; else zero (the
     /// upstream refused it with an error status, or was never reached).
     pub(super) fn final_usage(&self) -> (Usage, bool) {
-        let reported = match (&self.sse, &self.json_buf) {
-            (Some(p), _) => p.usage(),
-            (None, Some(buf)) if self.response_complete => usage_from_json(buf.bytes()),
-            _ => None,
-        };
+        let reported = self
+            .codec
+            .as_ref()
+            .and_then(|c| c.usage(self.response_complete));
         if let Some(u) = reported {
             return (u, false);
         }
@@ -169,10 +160,11 @@ impl RequestCtx {
             return (Usage::default(), false);
         }
         let prompt = (self.body.len() as u64).div_ceil(4).max(1);
-        let completion = match (&self.sse, self.endpoint) {
+        let streamed = self.codec.as_ref().and_then(ResponseCodec::stream_text_bytes);
+        let completion = match (streamed, self.endpoint) {
             (_, Endpoint::Embeddings) => 0,
             _ if unanswered => 0,
-            (Some(p), _) => p.content_bytes().div_ceil(4).max(1),
+            (Some(text), _) => text.div_ceil(4).max(1),
             (None, _) => self.response_bytes.div_ceil(4).max(1),
         };
         (
@@ -201,7 +193,7 @@ impl RequestCtx {
         let cost = served.map_or(Nanos::ZERO, |m| {
             routes
                 .catalog
-                .cost(m, usage.prompt_tokens, usage.completion_tokens)
+                .cost(m, &usage)
         });
         let admitted = self.admission.is_some();
         let mut requested_model = None;

@@ -6,6 +6,7 @@ use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 
 use crate::limits::Standing;
+use crate::providers::ProviderKind;
 use crate::snapshot::ProviderHeaders;
 
 /// `X-SpiderGate-Error-Code` of an upstream's own error response passed through.
@@ -99,12 +100,19 @@ pub(super) fn head_size(req: &RequestHeader) -> usize {
         .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
 }
 
+static ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+static ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
 /// The request as the provider gets it: its path, its own key (the agent's token and every
 /// other credential are removed), its `Host`, the rewritten body's length, and no
-/// compression (usage is parsed from the response bytes).
+/// compression (usage is parsed from the response bytes). An OpenAI-kind provider gets the
+/// key as a bearer token; Anthropic as `x-api-key`, with `anthropic-version` (the client's,
+/// else the configured one) and the client's `anthropic-beta`.
 pub(super) fn rewrite_upstream_request(
     req: &mut RequestHeader,
     provider: &ProviderHeaders,
+    key: Option<&HeaderValue>,
     uri: &http::Uri,
     body_len: usize,
 ) -> Result<()> {
@@ -115,10 +123,28 @@ pub(super) fn rewrite_upstream_request(
             req.remove_header(h);
         }
     }
-    match &provider.authorization {
-        Some(auth) => req.insert_header(http::header::AUTHORIZATION, auth.clone())?,
-        None => {
+    match provider.kind {
+        ProviderKind::OpenAi => {
+            match key {
+                Some(k) => req.insert_header(http::header::AUTHORIZATION, k.clone())?,
+                None => {
+                    req.remove_header(&http::header::AUTHORIZATION);
+                }
+            }
+            if req.headers.contains_key(&ANTHROPIC_VERSION) || req.headers.contains_key(&ANTHROPIC_BETA)
+            {
+                req.remove_header(&ANTHROPIC_VERSION);
+                req.remove_header(&ANTHROPIC_BETA);
+            }
+        }
+        ProviderKind::Anthropic => {
             req.remove_header(&http::header::AUTHORIZATION);
+            if let Some(k) = key {
+                req.insert_header(X_API_KEY.clone(), k.clone())?;
+            }
+            if !req.headers.contains_key(&ANTHROPIC_VERSION) {
+                req.insert_header(ANTHROPIC_VERSION.clone(), provider.anthropic_version.clone())?;
+            }
         }
     }
     req.insert_header(http::header::HOST, provider.host.clone())?;
@@ -227,11 +253,13 @@ mod tests {
             req.append_header(k, v).unwrap();
         }
         let provider = ProviderHeaders {
-            authorization: Some(HeaderValue::from_static("Bearer sk-up")),
+            kind: ProviderKind::OpenAi,
             host: HeaderValue::from_static("api.example.com"),
+            anthropic_version: HeaderValue::from_static("2023-06-01"),
         };
+        let key = HeaderValue::from_static("Bearer sk-up");
         let uri = http::Uri::from_static("/v1/chat/completions");
-        rewrite_upstream_request(&mut req, &provider, &uri, 42).unwrap();
+        rewrite_upstream_request(&mut req, &provider, Some(&key), &uri, 42).unwrap();
         let h = &req.headers;
         assert_eq!(h.get("authorization").unwrap(), "Bearer sk-up");
         assert_eq!(h.get("host").unwrap(), "api.example.com");
@@ -239,5 +267,30 @@ mod tests {
         for gone in ["x-api-key", "cookie", "expect"] {
             assert!(h.get(gone).is_none(), "{gone} went upstream");
         }
+    }
+
+    #[test]
+    fn anthropic_gets_its_key_as_x_api_key_with_a_version() {
+        let mut req = RequestHeader::build("POST", b"/v1/messages", None).unwrap();
+        for (k, v) in [
+            ("authorization", "Bearer spideriq_pat_x"),
+            ("x-api-key", "spideriq_pat_y"),
+            ("anthropic-beta", "tools-2024-04-04"),
+        ] {
+            req.append_header(k, v).unwrap();
+        }
+        let provider = ProviderHeaders {
+            kind: ProviderKind::Anthropic,
+            host: HeaderValue::from_static("api.anthropic.com"),
+            anthropic_version: HeaderValue::from_static("2023-06-01"),
+        };
+        let key = HeaderValue::from_static("sk-ant-up");
+        let uri = http::Uri::from_static("/v1/messages");
+        rewrite_upstream_request(&mut req, &provider, Some(&key), &uri, 7).unwrap();
+        let h = &req.headers;
+        assert_eq!(h.get_all("x-api-key").iter().collect::<Vec<_>>(), vec!["sk-ant-up"]);
+        assert!(h.get("authorization").is_none());
+        assert_eq!(h.get("anthropic-version").unwrap(), "2023-06-01");
+        assert_eq!(h.get("anthropic-beta").unwrap(), "tools-2024-04-04");
     }
 }

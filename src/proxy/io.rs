@@ -1,5 +1,5 @@
-//! Bodies: reading the client's request body whole (with its limit), keeping a response
-//! body for usage parsing, and writing the gateway's own JSON answers.
+//! Bodies: reading the client's request body whole (with its limit), and writing the
+//! gateway's own JSON answers.
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
@@ -11,43 +11,6 @@ use crate::error::GateError;
 use crate::limits::Standing;
 
 use super::headers::{add_standing_headers, header_bytes, ERROR_CODE};
-
-/// Non-streamed responses larger than this are not buffered for usage parsing (charged an
-/// estimate instead), so a huge response cannot balloon memory.
-pub(super) const MAX_JSON_RESPONSE: usize = 8 * 1024 * 1024;
-
-/// A non-streamed response body kept for usage parsing. The usual one-chunk body is held by
-/// reference count (no copy); only a body split across chunks is joined.
-#[derive(Default)]
-pub(super) struct ResponseBody {
-    first: Bytes,
-    joined: Option<Vec<u8>>,
-}
-
-impl ResponseBody {
-    /// Adds a chunk; false once the body exceeds `MAX_JSON_RESPONSE` (then it is dropped).
-    pub(super) fn push(&mut self, chunk: &Bytes) -> bool {
-        match &mut self.joined {
-            Some(v) => v.extend_from_slice(chunk),
-            None if self.first.is_empty() => self.first = chunk.clone(),
-            None => {
-                let mut v = Vec::with_capacity(self.first.len() + chunk.len());
-                v.extend_from_slice(&self.first);
-                v.extend_from_slice(chunk);
-                self.joined = Some(v);
-            }
-        }
-        self.len() <= MAX_JSON_RESPONSE
-    }
-
-    pub(super) fn len(&self) -> usize {
-        self.joined.as_ref().map_or(self.first.len(), Vec::len)
-    }
-
-    pub(super) fn bytes(&self) -> &[u8] {
-        self.joined.as_deref().unwrap_or(&self.first)
-    }
-}
 
 /// Writes a complete JSON response (local answers and gateway errors).
 pub(super) async fn send_json(

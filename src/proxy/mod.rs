@@ -20,7 +20,8 @@ use crate::clock::{now_ms, Now};
 use crate::error::GateError;
 use crate::gate::Gate;
 use crate::keys::token::TokenHash;
-use crate::providers::openai::rewrite_body;
+use crate::providers::pool::{retry_after_ms, AllResting};
+use crate::providers::{self, Plan};
 use crate::report;
 use crate::shield::SHIELD_WINDOW;
 use crate::store::JournalRow;
@@ -61,14 +62,8 @@ impl GateProxy {
             (None, Some(k)) => Some(k.counters.standing(Now::read(), &k.limits)),
             (None, None) => None,
         };
-        send_json(
-            session,
-            err.status(),
-            err.body(),
-            standing.as_ref(),
-            Some(&err),
-        )
-        .await?;
+        let body = providers::error_body(ctx.endpoint, &err);
+        send_json(session, err.status(), body, standing.as_ref(), Some(&err)).await?;
         Ok(true)
     }
 
@@ -122,6 +117,8 @@ impl GateProxy {
         });
         ctx.journal_id = Some(journal_id);
         ctx.standing = Some(adm.standing);
+        ctx.plan = Plan::new(ctx.endpoint, routes.catalog.provider_of(adm.chain.get(0).unwrap_or(0)).kind);
+        ctx.upstream_body = Some(adm.upstream_body.clone());
         ctx.admission = Some(adm);
         Ok(())
     }
@@ -204,22 +201,89 @@ impl GateProxy {
         self.answer(session, ctx, body).await
     }
 
-    /// Moves to the next model of the chain if one is left and nothing reached the client.
+    /// Moves to the next model of the chain that can take this request, if one is left and
+    /// nothing reached the client. A model whose format the request cannot be translated
+    /// into is skipped.
     fn try_fallback(&self, ctx: &mut RequestCtx) -> bool {
         let Some(adm) = &ctx.admission else {
             return false;
         };
-        if ctx.response_started || ctx.attempt + 1 >= adm.chain.len() {
+        if ctx.response_started {
             return false;
         }
+        let catalog = &ctx.snap.routes.catalog;
+        let next = (ctx.attempt + 1..adm.chain.len()).find_map(|i| {
+            let m = adm.chain.get(i)?;
+            let body =
+                admission::upstream_body(catalog, ctx.endpoint, m, &ctx.body, &adm.fields).ok()?;
+            let plan = Plan::new(ctx.endpoint, catalog.provider_of(m).kind)?;
+            Some((i, plan, body))
+        });
+        let Some((i, plan, body)) = next else {
+            return false;
+        };
         if ctx.fallback_from.is_none() {
             ctx.fallback_from = adm.chain.get(0);
         }
-        ctx.attempt += 1;
-        ctx.upstream_body = None;
+        ctx.attempt = i;
+        ctx.plan = Some(plan);
+        ctx.upstream_body = Some(body);
         ctx.upstream_status = None;
         ctx.sent_upstream = false;
+        ctx.pool_key = None;
         self.gate.metrics.fallback();
+        true
+    }
+}
+
+impl GateProxy {
+    /// Every key of the attempt's provider rests: the next model of the chain if one can
+    /// take the request, else 429 with the time until the first key wakes.
+    fn all_keys_resting(&self, ctx: &mut RequestCtx, resting: AllResting) -> Box<Error> {
+        self.gate.metrics.provider_keys_exhausted();
+        let mut e = Error::explain(ErrorType::ConnectError, "every provider key is resting");
+        if self.try_fallback(ctx) {
+            e.set_retry(true);
+        } else {
+            ctx.sent_upstream = false;
+            ctx.pending_error = Some(GateError::ProviderKeysResting {
+                retry_after_secs: (resting.wake_in_ms as u64).div_ceil(1000).max(1),
+            });
+        }
+        e
+    }
+
+    /// A 401 or 429 from the provider rests the key the attempt carried; true when another
+    /// key of the same provider is ready, so the same model is tried again with it (the
+    /// provider did no work on a refused request). A success clears the key's back-off.
+    fn rest_refused_key(&self, resp: &ResponseHeader, ctx: &mut RequestCtx, status: u16) -> bool {
+        let (Some(m), Some(k)) = (ctx.current_model(), ctx.pool_key) else {
+            return false;
+        };
+        let routes = &ctx.snap.routes;
+        let pool = &routes.provider_keys[routes.catalog.models()[m].provider];
+        // A lone key never rests: with nothing to rotate to, resting would only turn the
+        // provider's answer for one model into a refusal for all of them.
+        if pool.keys().len() < 2 {
+            return false;
+        }
+        if status != 401 && status != 429 {
+            if (200..300).contains(&status) {
+                pool.succeeded(k);
+            }
+            return false;
+        }
+        let now = now_ms();
+        let retry_after = retry_after_ms(resp.headers.get("retry-after").map(|v| v.as_bytes()));
+        pool.rest(k, now, retry_after);
+        self.gate.metrics.provider_key_refused();
+        if ctx.response_started || !pool.other_ready(k, now) {
+            return false;
+        }
+        ctx.retry_same_model = true;
+        ctx.upstream_status = None;
+        ctx.sent_upstream = false;
+        ctx.pool_key = None;
         true
     }
 }
@@ -245,6 +309,10 @@ impl ProxyHttp for GateProxy {
             attempt: 0,
             fallback_from: None,
             fallback_status: None,
+            retry_same_model: false,
+            plan: None,
+            pool_key: None,
+            pending_error: None,
             sent_upstream: false,
             status: 0,
             upstream_status: None,
@@ -254,8 +322,7 @@ impl ProxyHttp for GateProxy {
             finishing: false,
             finished: false,
             ttfb_ms: None,
-            sse: None,
-            json_buf: None,
+            codec: None,
             response_bytes: 0,
         }
     }
@@ -305,8 +372,10 @@ impl ProxyHttp for GateProxy {
             return self.health(session, ctx).await;
         }
         let authorization = header_bytes(session.req_header(), "authorization");
+        let x_api_key = header_bytes(session.req_header(), "x-api-key");
         let anonymous_catalog = ctx.snap.routes.config.public_catalog
             && authorization.is_none()
+            && x_api_key.is_none()
             && matches!(
                 endpoint,
                 Endpoint::Models | Endpoint::Model | Endpoint::Aliases
@@ -314,7 +383,7 @@ impl ProxyHttp for GateProxy {
         if anonymous_catalog {
             return self.serve_local(session, ctx, model_id).await;
         }
-        let hash = match admission::token_hash(authorization)
+        let hash = match admission::token_hash(authorization, x_api_key)
             .and_then(|h| admission::lookup(&ctx.snap.keys, &h, now_ms()).map(|k| (h, k)))
         {
             Ok((hash, key)) => {
@@ -336,7 +405,7 @@ impl ProxyHttp for GateProxy {
         if let Err(e) = admission::check_scope(&key, endpoint) {
             return self.reject(session, ctx, e).await;
         }
-        if !matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Embeddings) {
+        if !endpoint.is_model_call() {
             return self.serve_local(session, ctx, model_id).await;
         }
         if session.req_header().method != http::Method::POST {
@@ -369,9 +438,13 @@ impl ProxyHttp for GateProxy {
         let m = ctx
             .current_model()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no admitted model"))?;
-        let routes = &ctx.snap.routes;
+        let routes = ctx.snap.routes.clone();
         let pidx = routes.catalog.models()[m].provider;
         let provider = &routes.catalog.providers()[pidx];
+        match routes.provider_keys[pidx].pick(now_ms()) {
+            Ok(key) => ctx.pool_key = key,
+            Err(resting) => return Err(self.all_keys_resting(ctx, resting)),
+        }
         // SNI only matters for TLS; plain HTTP peers skip the allocation.
         let sni = if provider.tls {
             provider.host.clone()
@@ -397,23 +470,18 @@ impl ProxyHttp for GateProxy {
         req: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let (Some(m), Some(adm)) = (ctx.current_model(), ctx.admission.as_ref()) else {
+        let (Some(m), Some(plan), Some(body)) = (ctx.current_model(), ctx.plan, &ctx.upstream_body)
+        else {
             return Err(Error::explain(
                 ErrorType::InternalError,
                 "no admitted model",
             ));
         };
         let routes = &ctx.snap.routes;
-        let model = &routes.catalog.models()[m];
-        let body = rewrite_body(&ctx.body, &adm.fields, &model.upstream_id);
-        let uri = routes.upstream_uri(model.provider, ctx.endpoint);
-        rewrite_upstream_request(
-            req,
-            &routes.provider_headers[model.provider],
-            uri,
-            body.len(),
-        )?;
-        ctx.upstream_body = Some(body);
+        let p = routes.catalog.models()[m].provider;
+        let key = ctx.pool_key.map(|k| &routes.provider_keys[p].get(k).header);
+        let uri = routes.upstream_uri(p, plan.route());
+        rewrite_upstream_request(req, &routes.provider_headers[p], key, uri, body.len())?;
         // From here the request may reach the provider, which may then work on it.
         ctx.sent_upstream = true;
         Ok(())
@@ -452,6 +520,14 @@ impl ProxyHttp for GateProxy {
             return Ok(());
         }
         ctx.upstream_status = Some(status);
+        if self.rest_refused_key(resp, ctx, status) {
+            let mut e = Error::explain(
+                ErrorType::HTTPStatus(status),
+                "provider key refused; retrying with another key",
+            );
+            e.set_retry(true);
+            return Err(e);
+        }
         let retryable = status == 429 || status >= 500;
         let has_next = ctx
             .admission
@@ -541,8 +617,9 @@ impl ProxyHttp for GateProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer} (reused: {client_reused})"));
-        let retry =
-            !ctx.response_started && ctx.fallback_status.take().is_some() && self.try_fallback(ctx);
+        let retry = !ctx.response_started
+            && (std::mem::take(&mut ctx.retry_same_model)
+                || (ctx.fallback_status.take().is_some() && self.try_fallback(ctx)));
         e.set_retry(retry);
         e
     }
@@ -555,7 +632,7 @@ impl ProxyHttp for GateProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let gate_err = GateError::from_proxy(e);
+        let gate_err = ctx.pending_error.take().or_else(|| GateError::from_proxy(e));
         if ctx.response_started {
             ctx.error_code = Some(match e.esource() {
                 ErrorSource::Downstream => CLIENT_CLOSED,
@@ -577,14 +654,8 @@ impl ProxyHttp for GateProxy {
         ctx.status = err.status();
         ctx.error_code = Some(err.code());
         let standing = ctx.standing;
-        let _ = send_json(
-            session,
-            err.status(),
-            err.body(),
-            standing.as_ref(),
-            Some(&err),
-        )
-        .await;
+        let body = providers::error_body(ctx.endpoint, &err);
+        let _ = send_json(session, err.status(), body, standing.as_ref(), Some(&err)).await;
         FailToProxy {
             error_code: err.status(),
             can_reuse_downstream: false,

@@ -1,0 +1,342 @@
+//! The response side of an attempt: one codec per answer, chosen from the attempt's
+//! [`Plan`], the status and whether the answer is a stream. A codec either observes (the
+//! bytes pass unchanged, usage is read as they go) or translates (the bytes are rewritten
+//! into the client's format). Either way it yields the usage the provider reported.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::usage::{usage_from_json, Forward, SseUsageParser, Usage};
+
+use super::translate::{chat_to_messages, messages_to_chat};
+use super::{anthropic, responses, Plan};
+
+/// Non-streamed answers larger than this are not kept for usage (charged an estimate
+/// instead), so a huge response cannot balloon memory.
+pub const MAX_JSON_RESPONSE: usize = 8 * 1024 * 1024;
+/// A translated JSON answer is held whole; past this it is passed on untranslated.
+pub const MAX_TRANSLATED_RESPONSE: usize = 64 * 1024 * 1024;
+
+/// A non-streamed body kept whole. The usual one-chunk body is held by reference count (no
+/// copy); only a body split across chunks is joined.
+#[derive(Default)]
+pub struct ResponseBody {
+    first: Bytes,
+    joined: Option<Vec<u8>>,
+}
+
+impl ResponseBody {
+    /// Adds a chunk; false once the body exceeds `max` (the caller then drops it).
+    pub fn push(&mut self, chunk: &Bytes, max: usize) -> bool {
+        match &mut self.joined {
+            Some(v) => v.extend_from_slice(chunk),
+            None if self.first.is_empty() => self.first = chunk.clone(),
+            None => {
+                let mut v = Vec::with_capacity(self.first.len() + chunk.len());
+                v.extend_from_slice(&self.first);
+                v.extend_from_slice(chunk);
+                self.joined = Some(v);
+            }
+        }
+        self.len() <= max
+    }
+
+    pub fn len(&self) -> usize {
+        self.joined.as_ref().map_or(self.first.len(), Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.joined.as_deref().unwrap_or(&self.first)
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self.joined {
+            Some(v) => Bytes::from(v),
+            None => self.first,
+        }
+    }
+}
+
+/// Which usage a whole JSON answer carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JsonFormat {
+    /// Chat completions, embeddings, responses: `usage.prompt_tokens` or `input_tokens`.
+    OpenAi,
+    Anthropic,
+}
+
+impl JsonFormat {
+    fn usage(self, body: &[u8]) -> Option<Usage> {
+        match self {
+            JsonFormat::OpenAi => usage_from_json(body),
+            JsonFormat::Anthropic => anthropic::usage_from_json(body),
+        }
+    }
+}
+
+pub enum ResponseCodec {
+    /// Nothing to read: an upstream error passed through as it is.
+    Pass,
+    /// A whole JSON answer, kept for its usage (dropped past `MAX_JSON_RESPONSE`).
+    Json(Option<ResponseBody>, JsonFormat),
+    /// An OpenAI chat stream: usage read as it passes; the usage event the gateway asked
+    /// for on the client's behalf is cut out.
+    ChatSse(SseUsageParser),
+    AnthropicSse(anthropic::SseUsage),
+    ResponsesSse(responses::SseUsage),
+    /// A whole answer held until its end, then translated (a success or an error body).
+    Translate {
+        body: Option<ResponseBody>,
+        plan: Plan,
+        status: u16,
+    },
+    ChatFromMessagesSse(Box<chat_to_messages::StreamTranslator>, Vec<u8>),
+    MessagesFromChatSse(Box<messages_to_chat::StreamTranslator>, Vec<u8>),
+}
+
+impl ResponseCodec {
+    /// The codec for an answer's head. `client_wants_usage`: a chat client asked for the
+    /// usage chunk itself. Returns whether the body's length changes (the caller then drops
+    /// `content-length`, and the answer goes chunked).
+    pub fn for_head(
+        plan: Plan,
+        status: u16,
+        is_sse: bool,
+        stream: bool,
+        client_wants_usage: bool,
+    ) -> (ResponseCodec, bool) {
+        let ok = (200..300).contains(&status);
+        if plan.translates() {
+            return match (is_sse && ok, plan) {
+                (true, Plan::ChatViaMessages) => (
+                    ResponseCodec::ChatFromMessagesSse(
+                        Box::new(chat_to_messages::StreamTranslator::new(client_wants_usage)),
+                        Vec::new(),
+                    ),
+                    true,
+                ),
+                (true, _) => (
+                    ResponseCodec::MessagesFromChatSse(
+                        Box::new(messages_to_chat::StreamTranslator::new()),
+                        Vec::new(),
+                    ),
+                    true,
+                ),
+                (false, _) => (
+                    ResponseCodec::Translate {
+                        body: Some(ResponseBody::default()),
+                        plan,
+                        status,
+                    },
+                    true,
+                ),
+            };
+        }
+        if is_sse {
+            return match plan {
+                Plan::Messages => (ResponseCodec::AnthropicSse(anthropic::SseUsage::new()), false),
+                Plan::Responses => (ResponseCodec::ResponsesSse(responses::SseUsage::new()), false),
+                _ => {
+                    let strip = stream && !client_wants_usage;
+                    (ResponseCodec::ChatSse(SseUsageParser::new(strip)), strip)
+                }
+            };
+        }
+        if !ok {
+            return (ResponseCodec::Pass, false);
+        }
+        let format = match plan {
+            Plan::Messages => JsonFormat::Anthropic,
+            _ => JsonFormat::OpenAi,
+        };
+        (
+            ResponseCodec::Json(Some(ResponseBody::default()), format),
+            false,
+        )
+    }
+
+    /// One chunk on its way to the client, rewritten in place where the codec translates.
+    pub fn filter(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) {
+        match self {
+            ResponseCodec::Pass => {}
+            ResponseCodec::Json(kept, _) => {
+                if let (Some(buf), Some(chunk)) = (kept.as_mut(), body.as_ref()) {
+                    if !buf.push(chunk, MAX_JSON_RESPONSE) {
+                        *kept = None;
+                    }
+                }
+            }
+            ResponseCodec::ChatSse(parser) => filter_chat_sse(parser, body, end_of_stream),
+            ResponseCodec::AnthropicSse(p) => {
+                if let Some(chunk) = body.as_ref() {
+                    p.feed(chunk);
+                }
+                if end_of_stream {
+                    p.finish();
+                }
+            }
+            ResponseCodec::ResponsesSse(p) => {
+                if let Some(chunk) = body.as_ref() {
+                    p.feed(chunk);
+                }
+                if end_of_stream {
+                    p.finish();
+                }
+            }
+            ResponseCodec::Translate {
+                body: held,
+                plan,
+                status,
+            } => {
+                let Some(buf) = held.as_mut() else {
+                    return; // too large to translate: passed on as it came
+                };
+                if let Some(chunk) = body.take() {
+                    if !buf.push(&chunk, MAX_TRANSLATED_RESPONSE) {
+                        *body = held.take().map(ResponseBody::into_bytes);
+                        return;
+                    }
+                }
+                if end_of_stream {
+                    *body = Some(translate_whole(*plan, *status, buf.bytes()).into());
+                }
+            }
+            ResponseCodec::ChatFromMessagesSse(t, out) => {
+                if let Some(chunk) = body.as_ref() {
+                    t.feed(chunk, out);
+                }
+                if end_of_stream {
+                    t.finish(out);
+                }
+                *body = (!out.is_empty()).then(|| Bytes::copy_from_slice(out));
+                out.clear();
+            }
+            ResponseCodec::MessagesFromChatSse(t, out) => {
+                if let Some(chunk) = body.as_ref() {
+                    t.feed(chunk, out);
+                }
+                if end_of_stream {
+                    t.finish(out);
+                }
+                *body = (!out.is_empty()).then(|| Bytes::copy_from_slice(out));
+                out.clear();
+            }
+        }
+    }
+
+    /// The usage the provider reported. A whole body counts only once it is `complete`.
+    pub fn usage(&self, complete: bool) -> Option<Usage> {
+        match self {
+            ResponseCodec::Pass => None,
+            ResponseCodec::Json(kept, format) => {
+                kept.as_ref().filter(|_| complete)?;
+                format.usage(kept.as_ref()?.bytes())
+            }
+            ResponseCodec::ChatSse(p) => p.usage(),
+            ResponseCodec::AnthropicSse(p) => p.usage(),
+            ResponseCodec::ResponsesSse(p) => p.usage(),
+            ResponseCodec::Translate { body, plan, status } => {
+                if !complete || !(200..300).contains(status) {
+                    return None;
+                }
+                let bytes = body.as_ref()?.bytes();
+                match plan {
+                    Plan::ChatViaMessages => anthropic::usage_from_json(bytes),
+                    _ => usage_from_json(bytes),
+                }
+            }
+            ResponseCodec::ChatFromMessagesSse(t, _) => t.usage(),
+            ResponseCodec::MessagesFromChatSse(t, _) => t.usage(),
+        }
+    }
+
+    /// For a stream, the bytes of generated text seen so far (an estimate's basis when it
+    /// breaks before its usage); None for whole bodies.
+    pub fn stream_text_bytes(&self) -> Option<u64> {
+        match self {
+            ResponseCodec::ChatSse(p) => Some(p.content_bytes()),
+            ResponseCodec::AnthropicSse(p) => Some(p.content_bytes()),
+            ResponseCodec::ResponsesSse(p) => Some(p.content_bytes()),
+            ResponseCodec::ChatFromMessagesSse(t, _) => Some(t.content_bytes()),
+            ResponseCodec::MessagesFromChatSse(t, _) => Some(t.content_bytes()),
+            _ => None,
+        }
+    }
+}
+
+/// A held answer in the client's format: a success translated, an error put in the client's
+/// error shape. A success that is not what the provider documents is passed on as it came.
+fn translate_whole(plan: Plan, status: u16, bytes: &[u8]) -> Vec<u8> {
+    let ok = (200..300).contains(&status);
+    let translated = match (plan, ok) {
+        (Plan::ChatViaMessages, true) => chat_to_messages::response_json(bytes),
+        (Plan::ChatViaMessages, false) => Some(chat_to_messages::error_json(status, bytes)),
+        (_, true) => messages_to_chat::response_json(bytes),
+        (_, false) => Some(messages_to_chat::error_json(status, bytes)),
+    };
+    translated.unwrap_or_else(|| bytes.to_vec())
+}
+
+/// The chat stream observer: forwards the chunk, or the parts of it that are not the usage
+/// event the gateway injected.
+fn filter_chat_sse(parser: &mut SseUsageParser, body: &mut Option<Bytes>, end_of_stream: bool) {
+    if let Some(chunk) = body.take() {
+        *body = match parser.feed(&chunk) {
+            Forward::Unchanged => Some(chunk),
+            Forward::Range(r) => Some(chunk.slice(r)),
+            Forward::Owned(v) => Some(Bytes::from(v)),
+            Forward::Nothing => None,
+        };
+    }
+    if end_of_stream {
+        if let Forward::Owned(tail) = parser.finish() {
+            *body = Some(match body.take() {
+                Some(b) => {
+                    let mut joined = BytesMut::with_capacity(b.len() + tail.len());
+                    joined.extend_from_slice(&b);
+                    joined.extend_from_slice(&tail);
+                    joined.freeze()
+                }
+                None => Bytes::from(tail),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_through_chat_stream_keeps_its_length_unless_usage_is_stripped() {
+        assert!(!ResponseCodec::for_head(Plan::Chat, 200, true, true, true).1);
+        assert!(ResponseCodec::for_head(Plan::Chat, 200, true, true, false).1);
+        assert!(!ResponseCodec::for_head(Plan::Messages, 200, true, true, false).1);
+        assert!(ResponseCodec::for_head(Plan::ChatViaMessages, 400, false, false, false).1);
+    }
+
+    #[test]
+    fn a_whole_body_counts_once_complete_and_errors_pass() {
+        let (mut c, _) = ResponseCodec::for_head(Plan::Messages, 200, false, false, false);
+        let body = br#"{"type":"message","usage":{"input_tokens":3,"cache_read_input_tokens":4,"output_tokens":5}}"#;
+        let mut chunk = Some(Bytes::from_static(body));
+        c.filter(&mut chunk, true);
+        assert_eq!(chunk.as_deref(), Some(&body[..]), "observed, not changed");
+        assert_eq!(c.usage(false), None);
+        let u = c.usage(true).unwrap();
+        assert_eq!((u.prompt_tokens, u.cache_read_tokens, u.completion_tokens), (7, 4, 5));
+        let (c, _) = ResponseCodec::for_head(Plan::Chat, 500, false, false, false);
+        assert!(matches!(c, ResponseCodec::Pass));
+    }
+
+    #[test]
+    fn a_translated_body_is_held_to_its_end() {
+        let (mut c, _) = ResponseCodec::for_head(Plan::ChatViaMessages, 200, false, false, false);
+        let mut first = Some(Bytes::from_static(b"{\"type\":\"mess"));
+        c.filter(&mut first, false);
+        assert_eq!(first, None, "nothing forwarded before the end");
+    }
+}
