@@ -211,7 +211,10 @@ enum Open {
         block: u32,
     },
     /// `tool`: position in `tools`.
-    Tool { tool: usize, block: u32 },
+    Tool {
+        tool: usize,
+        block: u32,
+    },
 }
 
 /// A tool call seen in the stream, by OpenAI's `index`.
@@ -331,7 +334,10 @@ impl StreamTranslator {
     }
 
     fn delta(&mut self, delta: &ChunkDelta<'_>, out: &mut Vec<u8>) {
-        for reasoning in [delta.reasoning_content, delta.reasoning].into_iter().flatten() {
+        for reasoning in [delta.reasoning_content, delta.reasoning]
+            .into_iter()
+            .flatten()
+        {
             self.count(reasoning.get().len());
         }
         if self.phase != Phase::Streaming {
@@ -418,7 +424,16 @@ impl StreamTranslator {
         out: &mut Vec<u8>,
     ) {
         self.count(arguments.len());
-        let tool = match self.tools.iter().position(|t| t.index == index) {
+        // Some OpenAI-compatible servers give every call index 0; a new id is a new call.
+        let known = self
+            .tools
+            .iter()
+            .rposition(|t| t.index == index)
+            .filter(|&k| {
+                let seen = &self.tools[k].id;
+                id.is_none_or(|id| id.is_empty() || seen.is_empty() || seen == id)
+            });
+        let tool = match known {
             Some(tool) => {
                 // A held call may learn its id and name late; a live one already sent them.
                 let t = &mut self.tools[tool];

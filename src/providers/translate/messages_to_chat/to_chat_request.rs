@@ -218,7 +218,9 @@ fn system_text(system: Value) -> Result<Option<String>, GateError> {
             }
             Ok((!texts.is_empty()).then(|| texts.join("\n\n")))
         }
-        _ => Err(refuse("system: must be a string or an array of text blocks")),
+        _ => Err(refuse(
+            "system: must be a string or an array of text blocks",
+        )),
     }
 }
 
@@ -319,7 +321,13 @@ fn image_part(b: Value, path: &str) -> Result<Value, GateError> {
 fn tool_message(b: Value, path: &str) -> Result<Value, GateError> {
     let mut obj = block(
         b,
-        &["type", "tool_use_id", "content", "is_error", "cache_control"],
+        &[
+            "type",
+            "tool_use_id",
+            "content",
+            "is_error",
+            "cache_control",
+        ],
         path,
     )?;
     let id = string(&mut obj, "tool_use_id", path)?;
