@@ -303,3 +303,34 @@ fn byte_by_byte_gives_the_same_bytes() {
         );
     }
 }
+
+proptest! {
+    /// The fuzz target's properties, on a budget: no panic on any bytes, and a damaged
+    /// recorded stream still translates the same for any split.
+    #[test]
+    fn damaged_input_never_panics_and_splits_alike(
+        which in 0..STREAMS.len(),
+        damage in proptest::collection::vec((0usize..4000, any::<u8>()), 0..6),
+        cut in 0usize..4000,
+    ) {
+        let name = STREAMS[which];
+        let mut input = read(&format!("{name}.in.sse"));
+        for (at, byte) in damage {
+            let at = at % input.len();
+            input[at] = byte;
+        }
+        let _ = request(&input, UPSTREAM, 1);
+        let _ = response_json(&input);
+        let _ = error_json(500, &input);
+        let cut = cut.min(input.len());
+        let (a, b) = input.split_at(cut);
+        prop_assert_eq!(translate(name, &[&input]).0, translate(name, &[a, b]).0);
+    }
+
+    #[test]
+    fn any_json_ish_body_never_panics(body in "[\\[\\]{}\":,a-z0-9 .-]{0,200}") {
+        let _ = request(body.as_bytes(), UPSTREAM, 1);
+        let _ = response_json(body.as_bytes());
+        let _ = error_json(400, body.as_bytes());
+    }
+}
