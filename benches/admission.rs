@@ -77,7 +77,7 @@ fn bench(c: &mut Criterion, catalog: &Catalog) {
                 i = (i + 1) % n;
                 now += 61;
                 let header = &headers[i * HEADER_LEN..(i + 1) * HEADER_LEN];
-                let hash = token_hash(Some(header)).expect("token");
+                let hash = token_hash(Some(header), None).expect("token");
                 let key = lookup(&keys, &hash, now).expect("auth");
                 check_scope(&key, Endpoint::ChatCompletions).expect("scope");
                 let adm = admit(
