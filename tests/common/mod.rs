@@ -245,6 +245,7 @@ pub struct GatewayBuilder {
     top: Vec<String>,
     server: Vec<String>,
     models: Option<String>,
+    providers: Vec<String>,
     admin: Option<(u16, String)>,
 }
 
@@ -283,8 +284,17 @@ impl GatewayBuilder {
             top: Vec::new(),
             server: Vec::new(),
             models: None,
+            providers: Vec::new(),
             admin: None,
         }
+    }
+
+    /// One more provider, as YAML lines under `providers:` (starting with `- name: ...`,
+    /// indented by the builder). `{mock}` is replaced by the mock's root URL (no `/v1`).
+    pub fn provider(mut self, yaml: &str) -> Self {
+        let root = self.upstream.trim_end_matches("/v1").to_string();
+        self.providers.push(yaml.replace("{mock}", &root));
+        self
     }
 
     /// Enables the admin listener on a free port, with `token` as the admin bearer token.
@@ -336,9 +346,16 @@ impl GatewayBuilder {
             yaml.push('\n');
         }
         yaml.push_str(&format!(
-            "providers:\n  - name: mock\n    kind: openai\n    base_url: \"{}\"\n    api_key_env: MOCK_PROVIDER_KEY\n  - name: dead\n    kind: openai\n    base_url: \"http://127.0.0.1:1/v1\"\n",
-            self.upstream
+            "providers:\n  - name: mock\n    kind: openai\n    base_url: \"{}\"\n    api_key_env: MOCK_PROVIDER_KEY\n  - name: dead\n    kind: openai\n    base_url: \"http://127.0.0.1:1/v1\"\n  - name: mock-anthropic\n    kind: anthropic\n    base_url: \"{}\"\n    api_key_env: MOCK_ANTHROPIC_KEY\n",
+            self.upstream,
+            self.upstream.trim_end_matches("/v1"),
         ));
+        for p in &self.providers {
+            for (i, line) in p.trim().lines().enumerate() {
+                let indent = if i == 0 { "  " } else { "    " };
+                yaml.push_str(&format!("{indent}{}\n", line.trim()));
+            }
+        }
         yaml.push_str(self.models.as_deref().unwrap_or(MODELS));
         yaml.push_str("server:\n");
         let defaults = [
@@ -389,6 +406,8 @@ impl GatewayBuilder {
 }
 
 pub const PROVIDER_KEY: &str = "sk-provider-secret-123";
+/// The key of the default `mock-anthropic` provider (`kind: anthropic`, the mock's root URL).
+pub const ANTHROPIC_PROVIDER_KEY: &str = "sk-ant-provider-secret-456";
 
 pub struct Gateway {
     env: Vec<(String, String)>,
@@ -416,6 +435,7 @@ impl Gateway {
             .arg(&self.config)
             .arg("serve")
             .env("MOCK_PROVIDER_KEY", PROVIDER_KEY)
+            .env("MOCK_ANTHROPIC_KEY", ANTHROPIC_PROVIDER_KEY)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")
             .stdout(Stdio::from(log.try_clone().expect("log")))
