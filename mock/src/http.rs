@@ -96,9 +96,7 @@ enum BodyAt {
 impl Conn {
     /// Serve one request; `true` when the connection stays open for the next.
     async fn serve_one(&mut self, stream: &mut TcpStream, shared: &Shared) -> bool {
-        let record = shared.recording();
-        let want_key = shared.rejecting();
-        let head = match self.read_head(stream, record, want_key).await {
+        let head = match self.read_head(stream, shared).await {
             Ok(Some(head)) => head,
             Ok(None) | Err(Abort::Closed) => return false,
             Err(Abort::Reject(status)) => {
@@ -161,14 +159,16 @@ impl Conn {
     }
 
     /// `Ok(None)`: the peer closed the connection between requests.
+    /// Reads one request head. Recording and key rejection are read as each parse is
+    /// tried, so a switch made while the connection idled applies to its next request.
     async fn read_head(
         &mut self,
         stream: &mut TcpStream,
-        record: bool,
-        want_key: bool,
+        shared: &Shared,
     ) -> Result<Option<Head>, Abort> {
         loop {
             if !self.buf.is_empty() {
+                let (record, want_key) = (shared.recording(), shared.rejecting());
                 if let Some(head) = parse_head(&self.buf, &mut self.path, record, want_key)? {
                     return Ok(Some(head));
                 }
