@@ -90,8 +90,13 @@ struct RawServer {
     ledger_max_backlog: usize,
     /// Where `serve --upgrade` receives the listening sockets of the running gateway.
     upgrade_sock: String,
-    /// Idle time allowed on a kept-alive connection before its next request head.
+    /// A new connection's first request head must be complete within this (counted from
+    /// accept, not per read); also the idle time allowed on a kept-alive connection before
+    /// its next request head.
     header_timeout_ms: u64,
+    /// Client connections open at once on the proxy listener; more get 503
+    /// `too_many_connections`. 0: no cap.
+    max_connections: usize,
     /// Larger request heads (request line and headers) get 431.
     max_header_bytes: usize,
     /// A request body must arrive whole within this (408 after).
@@ -115,6 +120,7 @@ impl Default for RawServer {
             ledger_max_backlog: 100_000,
             upgrade_sock: "data/spidergate-upgrade.sock".into(),
             header_timeout_ms: 10_000,
+            max_connections: 10_000,
             max_header_bytes: 65_536,
             body_timeout_ms: 60_000,
         }
@@ -204,6 +210,8 @@ pub struct Tuning {
     pub ledger_max_backlog: usize,
     pub upgrade_sock: String,
     pub header_timeout: Duration,
+    /// 0: no cap.
+    pub max_connections: usize,
     pub max_header_bytes: usize,
     pub body_timeout: Duration,
 }
@@ -448,6 +456,7 @@ impl Config {
                 ledger_max_backlog: s.ledger_max_backlog,
                 upgrade_sock: s.upgrade_sock,
                 header_timeout: Duration::from_millis(s.header_timeout_ms),
+                max_connections: s.max_connections,
                 max_header_bytes: s.max_header_bytes,
                 body_timeout: Duration::from_millis(s.body_timeout_ms),
             },

@@ -6,6 +6,7 @@ pub mod admission;
 pub mod catalog;
 pub mod clock;
 pub mod config;
+pub mod edge;
 pub mod error;
 pub mod gate;
 pub mod keys;

@@ -56,6 +56,8 @@ pub struct Metrics {
     latency_buckets: [AtomicU64; LATENCY_BUCKETS_MS.len()],
     latency_count: AtomicU64,
     latency_sum_ms: AtomicU64,
+    connections_open: AtomicU64,
+    connections_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -117,6 +119,20 @@ impl Metrics {
         }
         self.latency_count.fetch_add(1, Relaxed);
         self.latency_sum_ms.fetch_add(ms, Relaxed);
+    }
+
+    /// A connection was accepted on the proxy listener; returns how many are open with it.
+    pub fn connection_opened(&self) -> u64 {
+        self.connections_open.fetch_add(1, Relaxed) + 1
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections_open.fetch_sub(1, Relaxed);
+    }
+
+    /// A connection over `server.max_connections` got 503 `too_many_connections`.
+    pub fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Relaxed);
     }
 
     pub fn set_keys_loaded(&self, n: usize) {
@@ -196,6 +212,11 @@ impl Metrics {
                 "SIGHUP config reloads refused (the running config stayed).",
                 &self.config_reload_failures,
             ),
+            (
+                "spidergate_connections_refused_total",
+                "Connections over server.max_connections, answered 503 too_many_connections.",
+                &self.connections_refused,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(
@@ -237,6 +258,11 @@ impl Metrics {
             s,
             "# HELP spidergate_keys_loaded Keys in the live snapshot.\n# TYPE spidergate_keys_loaded gauge\nspidergate_keys_loaded {}",
             self.keys_loaded.load(Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP spidergate_connections_open Client connections open on the proxy listener.\n# TYPE spidergate_connections_open gauge\nspidergate_connections_open {}",
+            self.connections_open.load(Relaxed)
         );
         s.push_str("# HELP spidergate_request_duration_ms Latency of admitted requests.\n");
         s.push_str("# TYPE spidergate_request_duration_ms histogram\n");

@@ -13,6 +13,7 @@ use pingora_core::services::background::{background_service, BackgroundService};
 use crate::admin::AdminApp;
 use crate::catalog::MAX_CHAIN;
 use crate::config::Config;
+use crate::edge::EdgeApp;
 use crate::gate::Gate;
 use crate::proxy::GateProxy;
 
@@ -198,10 +199,11 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        GateProxy::new(gate.clone()),
-        "spidergate",
+    // The proxy behind the edge: connection cap and first-head deadline (`edge.rs`).
+    let proxy = pingora_proxy::http_proxy(&server.configuration, GateProxy::new(gate.clone()));
+    let mut proxy = pingora_core::services::listening::Service::new(
+        "spidergate".to_string(),
+        EdgeApp::new(proxy, gate.clone()),
     );
     proxy.add_tcp(&listen);
     server.add_service(proxy);
