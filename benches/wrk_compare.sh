@@ -6,6 +6,9 @@
 #   benches/wrk_compare.sh [--duration 10] [--connections 32] [--rounds 3]
 #                          [--no-nginx] [--no-stream] [--no-build] [--no-pin]
 #
+# Variants: plain chat, streamed chat, and (unless --no-stream) a streamed /v1/messages
+# pass-through to an anthropic-kind provider (the mock speaks both formats).
+#
 # Measured the way ops run it: each proxy process (all its threads) pinned to CPU 1, wrk and
 # the mock on CPU 0 (--no-pin to let the scheduler place them), and the gateway's key has an
 # rpm, an rpd and a hard budget, so every request takes the full admission path.
@@ -31,7 +34,7 @@ while [ $# -gt 0 ]; do
     --no-stream) WITH_STREAM=0; shift ;;
     --no-build) BUILD=0; shift ;;
     --no-pin) PIN=0; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -128,11 +131,21 @@ providers:
     kind: openai
     base_url: "http://127.0.0.1:$MOCK_PORT/v1"
     api_key_env: SPIDERGATE_BENCH_MOCK_KEY
+  - name: mock-anthropic
+    kind: anthropic
+    base_url: "http://127.0.0.1:$MOCK_PORT"
+    api_key_env: SPIDERGATE_BENCH_MOCK_KEY
 models:
   - id: gpt-4o-mini
     provider: mock
     input_usd_per_mtok: 0.15
     output_usd_per_mtok: 0.60
+    max_output_tokens: 16384
+  - id: claude-bench
+    provider: mock-anthropic
+    input_usd_per_mtok: 3
+    output_usd_per_mtok: 15
+    cache_read_usd_per_mtok: 0.3
     max_output_tokens: 16384
 server:
   threads: 1
@@ -208,11 +221,12 @@ NON2XX_TOTAL=0
 
 # run_round VARIANT PROXY ROUND DURATION
 run_round() {
-  local variant="$1" p="$2" round="$3" dur="$4" stream=0 pid port before after out line
+  local variant="$1" p="$2" round="$3" dur="$4" stream=0 api=chat pid port before after out line
   [ "$variant" = stream ] && stream=1
+  [ "$variant" = messages ] && api=messages
   pid=$(pid_of "$p"); port=$(port_of "$p")
   before=$(cpu_ticks "$pid")
-  out=$(SG_SECRET="$SECRET" SG_STREAM="$stream" "${LOAD_PIN[@]}" wrk -t1 -c"$CONNECTIONS" -d"${dur}s" -s "$LUA" \
+  out=$(SG_SECRET="$SECRET" SG_STREAM="$stream" SG_API="$api" "${LOAD_PIN[@]}" wrk -t1 -c"$CONNECTIONS" -d"${dur}s" -s "$LUA" \
         "http://127.0.0.1:$port" 2>&1)
   after=$(cpu_ticks "$pid")
   [ "$round" = warmup ] && return 0
@@ -234,7 +248,7 @@ run_round() {
 }
 
 VARIANTS=(plain)
-[ "$WITH_STREAM" = 1 ] && VARIANTS+=(stream)
+[ "$WITH_STREAM" = 1 ] && VARIANTS+=(stream messages)
 
 echo "mock :$MOCK_PORT  bare :$BARE_PORT  gateway :$GW_PORT$([ "$WITH_NGINX" = 1 ] && echo "  nginx :$NGINX_PORT")"
 echo "wrk -t1 -c$CONNECTIONS -d${DURATION}s, $ROUNDS alternating rounds per variant, $(nproc) cores, CLK_TCK $CLK_TCK"
@@ -258,7 +272,11 @@ col() { awk -F'\t' -v v="$1" -v p="$2" -v c="$3" '$1 == v && $2 == p { print $c 
 mkdir -p "$ROOT/target/bench"
 for variant in "${VARIANTS[@]}"; do
   echo
-  echo "== $variant chat$([ "$variant" = stream ] && echo ' ("stream":true)') =="
+  case "$variant" in
+    stream) echo "== stream chat (\"stream\":true) ==" ;;
+    messages) echo "== messages stream (/v1/messages pass-through to an anthropic provider, \"stream\":true) ==" ;;
+    *) echo "== $variant chat ==" ;;
+  esac
   printf '%-8s %-7s %10s %12s %9s %9s %7s\n' proxy round rps "cpu_us/req" p50_ms p99_ms non2xx
   for p in "${PROXIES[@]}"; do
     awk -F'\t' -v v="$variant" -v p="$p" '$1 == v && $2 == p {

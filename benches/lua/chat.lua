@@ -1,13 +1,21 @@
 -- wrk script: POST a small chat completion with the bench key.
--- Env: SG_SECRET (bearer secret), SG_STREAM=1 for "stream":true.
+-- Env: SG_SECRET (bearer secret), SG_STREAM=1 for "stream":true,
+-- SG_API=messages for a streamed Anthropic Messages request (key in x-api-key).
 local secret = os.getenv("SG_SECRET") or ""
 local stream = os.getenv("SG_STREAM") == "1"
+local messages = os.getenv("SG_API") == "messages"
 
 wrk.method = "POST"
 wrk.path = "/v1/chat/completions"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer " .. secret
-if stream then
+if messages then
+  wrk.path = "/v1/messages"
+  wrk.headers["Authorization"] = nil
+  wrk.headers["x-api-key"] = secret
+  wrk.headers["anthropic-version"] = "2023-06-01"
+  wrk.body = '{"model":"claude-bench","max_tokens":256,"messages":[{"role":"user","content":"hi"}],"stream":true}'
+elseif stream then
   wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"stream":true}'
 else
   wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
