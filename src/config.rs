@@ -76,7 +76,12 @@ struct RawModel {
 struct RawServer {
     threads: usize,
     connect_timeout_ms: u64,
+    /// The older single upstream read timeout: the default of both of the two below.
     read_timeout_ms: u64,
+    /// Longest wait from the request going upstream to the response head.
+    first_byte_timeout_ms: Option<u64>,
+    /// Longest gap between upstream body chunks.
+    idle_timeout_ms: Option<u64>,
     flush_interval_ms: u64,
     reload_interval_ms: u64,
     trace_retention_days: u32,
@@ -109,6 +114,8 @@ impl Default for RawServer {
             threads: 2,
             connect_timeout_ms: 5_000,
             read_timeout_ms: 300_000,
+            first_byte_timeout_ms: None,
+            idle_timeout_ms: None,
             flush_interval_ms: 500,
             reload_interval_ms: 250,
             trace_retention_days: 30,
@@ -200,7 +207,11 @@ pub struct AdminConfig {
 pub struct Tuning {
     pub threads: usize,
     pub connect_timeout: Duration,
-    pub read_timeout: Duration,
+    /// Longest wait from the request going upstream to the response head.
+    pub first_byte_timeout: Duration,
+    /// Longest gap between upstream body chunks. When it differs from `first_byte_timeout`,
+    /// a watchdog enforces the shorter one (`proxy::watchdog`).
+    pub idle_timeout: Duration,
     pub flush_interval: Duration,
     pub reload_interval: Duration,
     pub trace_retention_days: u32,
@@ -406,6 +417,15 @@ impl Config {
         if s.auth_failures_per_minute == 0 {
             return err("server.auth_failures_per_minute", "must be at least 1");
         }
+        if s.read_timeout_ms == 0 {
+            return err("server.read_timeout_ms", "must be at least 1");
+        }
+        if s.first_byte_timeout_ms == Some(0) {
+            return err("server.first_byte_timeout_ms", "must be at least 1");
+        }
+        if s.idle_timeout_ms == Some(0) {
+            return err("server.idle_timeout_ms", "must be at least 1");
+        }
         if s.header_timeout_ms < 1_000 {
             return err("server.header_timeout_ms", "must be at least 1000");
         }
@@ -444,7 +464,10 @@ impl Config {
             tuning: Tuning {
                 threads: s.threads,
                 connect_timeout: Duration::from_millis(s.connect_timeout_ms),
-                read_timeout: Duration::from_millis(s.read_timeout_ms),
+                first_byte_timeout: Duration::from_millis(
+                    s.first_byte_timeout_ms.unwrap_or(s.read_timeout_ms),
+                ),
+                idle_timeout: Duration::from_millis(s.idle_timeout_ms.unwrap_or(s.read_timeout_ms)),
                 flush_interval: Duration::from_millis(s.flush_interval_ms),
                 reload_interval: Duration::from_millis(s.reload_interval_ms),
                 trace_retention_days: s.trace_retention_days,
@@ -675,5 +698,28 @@ aliases:
         let bad = BASE.replace("http://127.0.0.1:9000/v1", "ftp://x");
         let e = parse(&bad).unwrap_err().to_string();
         assert!(e.starts_with("providers[0].base_url:"), "{e}");
+    }
+
+    #[test]
+    fn read_timeout_ms_is_the_default_of_first_byte_and_idle() {
+        let t = |server: &str| parse(&format!("{BASE}server:\n{server}")).map(|c| c.tuning);
+        let ms = Duration::from_millis;
+        let c = t("  read_timeout_ms: 700\n").unwrap();
+        assert_eq!((c.first_byte_timeout, c.idle_timeout), (ms(700), ms(700)));
+        let c = t("  read_timeout_ms: 700\n  idle_timeout_ms: 200\n").unwrap();
+        assert_eq!((c.first_byte_timeout, c.idle_timeout), (ms(700), ms(200)));
+        let c = t("  first_byte_timeout_ms: 100\n").unwrap();
+        assert_eq!(
+            (c.first_byte_timeout, c.idle_timeout),
+            (ms(100), ms(300_000))
+        );
+        for field in [
+            "read_timeout_ms",
+            "first_byte_timeout_ms",
+            "idle_timeout_ms",
+        ] {
+            let e = t(&format!("  {field}: 0\n")).unwrap_err().to_string();
+            assert_eq!(e, format!("server.{field}: must be at least 1"));
+        }
     }
 }

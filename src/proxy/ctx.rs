@@ -22,6 +22,7 @@ use crate::providers::Plan;
 use crate::usage::Usage;
 
 use super::headers::UPSTREAM_STATUS;
+use super::watchdog::UpstreamWatch;
 
 /// Error codes recorded in traces for outcomes that are not gateway rejections.
 pub(super) const CLIENT_CLOSED: &str = "client_closed";
@@ -82,6 +83,8 @@ pub struct RequestCtx {
     /// Reads (and where it translates, rewrites) the answer of the attempt that responded.
     pub(super) codec: Option<ResponseCodec>,
     pub(super) response_bytes: u64,
+    /// The current attempt's upstream socket and its first-byte or idle watchdog, if any.
+    pub(super) upstream_watch: UpstreamWatch,
 }
 
 impl RequestCtx {
@@ -124,6 +127,14 @@ impl RequestCtx {
         }
         if let Some(codec) = self.codec.as_mut() {
             codec.filter(body, end_of_stream);
+        }
+    }
+
+    /// The current attempt is over: disarms its watchdog. If the watchdog fired before any
+    /// answer began, the failure is answered as a timeout (504), whatever broke the read.
+    pub(super) fn end_upstream_attempt(&mut self) {
+        if self.upstream_watch.end_attempt() && !self.response_started {
+            self.pending_error.get_or_insert(GateError::UpstreamTimeout);
         }
     }
 

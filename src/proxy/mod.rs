@@ -4,12 +4,14 @@
 mod ctx;
 mod headers;
 mod io;
+mod watchdog;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use pingora_core::protocols::Digest;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -30,6 +32,7 @@ pub use ctx::RequestCtx;
 use ctx::{CLIENT_CLOSED, STREAM_BROKEN};
 use headers::*;
 use io::{read_body, send_json};
+use watchdog::{ReadTimeouts, UpstreamWatch};
 
 /// Longest wait of `/v1/usage` for the caller's just-finished request to be booked.
 pub const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
@@ -324,6 +327,7 @@ impl ProxyHttp for GateProxy {
             ttfb_ms: None,
             codec: None,
             response_bytes: 0,
+            upstream_watch: UpstreamWatch::default(),
         }
     }
 
@@ -454,12 +458,29 @@ impl ProxyHttp for GateProxy {
         let mut peer = HttpPeer::new(routes.provider_addrs[pidx], provider.tls, sni);
         let t = &routes.config.tuning;
         peer.options.connection_timeout = Some(t.connect_timeout);
-        peer.options.read_timeout = Some(t.read_timeout);
+        // Per read, head and body alike: the longer of the two; a watchdog enforces the other.
+        peer.options.read_timeout = Some(ReadTimeouts::of(t).per_read());
         // A request is never re-sent on a pooled connection that turns out dead (it may
         // have reached the provider), so do not keep connections long enough for most
         // providers' keep-alive to expire under us.
         peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
         Ok(Box::new(peer))
+    }
+
+    /// Connected (or reused) upstream: the watchdog, if the timeouts need one, watches this
+    /// socket. An HTTP/2 connection (shared with other requests) is never watched.
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        peer: &HttpPeer,
+        fd: std::os::unix::io::RawFd,
+        _digest: Option<&Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let http1 = peer.options.alpn.get_max_http_version() == 1;
+        ctx.upstream_watch.connected(fd, http1);
+        Ok(())
     }
 
     /// Rewrites the request for the provider: its path, `Host`, its own key (the agent's token
@@ -501,6 +522,8 @@ impl ProxyHttp for GateProxy {
             return Ok(());
         }
         *body = if end_of_stream {
+            let timeouts = ReadTimeouts::of(&ctx.snap.routes.config.tuning);
+            ctx.upstream_watch.request_sent(timeouts);
             ctx.upstream_body.clone()
         } else {
             None
@@ -519,6 +542,7 @@ impl ProxyHttp for GateProxy {
         if status < 200 {
             return Ok(());
         }
+        ctx.upstream_watch.head_arrived().map_err(watchdog_fired)?;
         ctx.upstream_status = Some(status);
         if self.rest_refused_key(resp, ctx, status) {
             let mut e = Error::explain(
@@ -543,6 +567,22 @@ impl ProxyHttp for GateProxy {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Upstream body chunk: feeds the idle watchdog. `Err` when it fired before the stream
+    /// ended (the connection must not be pooled).
+    async fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        let timeouts = ReadTimeouts::of(&ctx.snap.routes.config.tuning);
+        ctx.upstream_watch
+            .chunk_arrived(timeouts, end_of_stream)
+            .map_err(watchdog_fired)?;
+        Ok(None)
     }
 
     /// Response head to the client: rate-limit, budget and fallback headers; stream detection.
@@ -599,6 +639,7 @@ impl ProxyHttp for GateProxy {
     ) -> Box<Error> {
         // Nothing reached the provider: this attempt costs nothing.
         ctx.sent_upstream = false;
+        ctx.end_upstream_attempt();
         let retry = self.try_fallback(ctx);
         e.set_retry(retry);
         e
@@ -617,6 +658,7 @@ impl ProxyHttp for GateProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer} (reused: {client_reused})"));
+        ctx.end_upstream_attempt();
         let retry = !ctx.response_started
             && (std::mem::take(&mut ctx.retry_same_model)
                 || (ctx.fallback_status.take().is_some() && self.try_fallback(ctx)));
@@ -632,6 +674,7 @@ impl ProxyHttp for GateProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        ctx.end_upstream_attempt();
         let gate_err = ctx.pending_error.take().or_else(|| GateError::from_proxy(e));
         if ctx.response_started {
             ctx.error_code = Some(match e.esource() {
@@ -664,9 +707,15 @@ impl ProxyHttp for GateProxy {
 
     /// Last phase, on every outcome: settle the reservation, record spend and the trace.
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        ctx.upstream_watch.end_attempt();
         if e.is_some() && ctx.error_code.is_none() && ctx.response_started {
             ctx.error_code = Some(STREAM_BROKEN);
         }
         ctx.finish();
     }
+}
+
+/// The error a hook returns when the attempt's watchdog fired first: a read timeout.
+fn watchdog_fired(_: watchdog::Fired) -> Box<Error> {
+    Error::explain(ErrorType::ReadTimedout, "upstream watchdog fired").into_up()
 }
