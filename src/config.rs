@@ -358,7 +358,8 @@ impl Config {
                 Some(v) => price(&format!("{at}.{field}"), v).map(Some),
                 None => Ok(None),
             };
-            let cache_read_price = cache_price("cache_read_usd_per_mtok", m.cache_read_usd_per_mtok)?;
+            let cache_read_price =
+                cache_price("cache_read_usd_per_mtok", m.cache_read_usd_per_mtok)?;
             let cache_write_price =
                 cache_price("cache_write_usd_per_mtok", m.cache_write_usd_per_mtok)?;
             if m.max_output_tokens == Some(0) {
@@ -572,7 +573,10 @@ fn parse_provider(at: &str, p: RawProvider) -> Result<Provider, ConfigError> {
         }
         (Some(env), None) => vec![env],
         (None, Some(envs)) if envs.is_empty() => {
-            return err(format!("{at}.api_key_envs"), "must name at least one variable")
+            return err(
+                format!("{at}.api_key_envs"),
+                "must name at least one variable",
+            )
         }
         (None, Some(envs)) => envs,
         (None, None) => Vec::new(),

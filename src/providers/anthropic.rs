@@ -194,7 +194,11 @@ impl SseUsage {
 /// Only events that can matter are parsed: pings and block starts and stops are skipped by
 /// a byte check first.
 fn parse_event(data: &[u8]) -> Option<StreamEvent<'_>> {
-    let interesting = [&b"message_start"[..], b"message_delta", b"content_block_delta"];
+    let interesting = [
+        &b"message_start"[..],
+        b"message_delta",
+        b"content_block_delta",
+    ];
     if !interesting
         .iter()
         .any(|k| memchr::memmem::find(data, k).is_some())

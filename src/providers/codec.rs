@@ -137,8 +137,14 @@ impl ResponseCodec {
         }
         if is_sse {
             return match plan {
-                Plan::Messages => (ResponseCodec::AnthropicSse(anthropic::SseUsage::new()), false),
-                Plan::Responses => (ResponseCodec::ResponsesSse(responses::SseUsage::new()), false),
+                Plan::Messages => (
+                    ResponseCodec::AnthropicSse(anthropic::SseUsage::new()),
+                    false,
+                ),
+                Plan::Responses => (
+                    ResponseCodec::ResponsesSse(responses::SseUsage::new()),
+                    false,
+                ),
                 _ => {
                     let strip = stream && !client_wants_usage;
                     (ResponseCodec::ChatSse(SseUsageParser::new(strip)), strip)
@@ -327,7 +333,10 @@ mod tests {
         assert_eq!(chunk.as_deref(), Some(&body[..]), "observed, not changed");
         assert_eq!(c.usage(false), None);
         let u = c.usage(true).unwrap();
-        assert_eq!((u.prompt_tokens, u.cache_read_tokens, u.completion_tokens), (7, 4, 5));
+        assert_eq!(
+            (u.prompt_tokens, u.cache_read_tokens, u.completion_tokens),
+            (7, 4, 5)
+        );
         let (c, _) = ResponseCodec::for_head(Plan::Chat, 500, false, false, false);
         assert!(matches!(c, ResponseCodec::Pass));
     }

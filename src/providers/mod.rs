@@ -136,7 +136,9 @@ impl Plan {
             Plan::ChatViaMessages => {
                 translate::chat_to_messages::request(body, upstream_id, max_output)?.into()
             }
-            Plan::MessagesViaChat => translate::messages_to_chat::request(body, upstream_id)?.into(),
+            Plan::MessagesViaChat => {
+                translate::messages_to_chat::request(body, upstream_id)?.into()
+            }
         })
     }
 }

@@ -179,7 +179,10 @@ mod tests {
                 Ok(_) => panic!("must rest"),
             }
         }
-        assert_eq!(rests, vec![1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 60_000, 60_000]);
+        assert_eq!(
+            rests,
+            vec![1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 60_000, 60_000]
+        );
         p.succeeded(0);
         assert_eq!(p.health(0, 0), (false, 0));
         assert_eq!(p.health(0, 60_000), (true, 0));

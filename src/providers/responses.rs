@@ -144,7 +144,10 @@ mod tests {
     fn whole_bodies_read_input_and_output_tokens() {
         let body = br#"{"id":"resp_1","object":"response","output":[],"usage":{"input_tokens":5,"input_tokens_details":{"cached_tokens":2},"output_tokens":7,"total_tokens":12},"user":null}"#;
         let u = usage_from_json(body).unwrap();
-        assert_eq!((u.prompt_tokens, u.completion_tokens, u.cache_read_tokens), (5, 7, 2));
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.cache_read_tokens),
+            (5, 7, 2)
+        );
     }
 
     proptest! {

@@ -10,15 +10,15 @@ use bytes::Bytes;
 use pingora_http::ResponseHeader;
 
 use crate::admission::{Admission, Endpoint};
+use crate::error::GateError;
 use crate::gate::Gate;
 use crate::keys::KeyEntry;
 use crate::limits::{Charge, Standing};
 use crate::money::Nanos;
-use crate::snapshot::Snapshot;
-use crate::store::{LedgerEntry, TraceRow};
-use crate::error::GateError;
 use crate::providers::codec::ResponseCodec;
 use crate::providers::Plan;
+use crate::snapshot::Snapshot;
+use crate::store::{LedgerEntry, TraceRow};
 use crate::usage::Usage;
 
 use super::headers::UPSTREAM_STATUS;
@@ -171,17 +171,17 @@ impl RequestCtx {
             return (Usage::default(), false);
         }
         let prompt = (self.body.len() as u64).div_ceil(4).max(1);
-        let streamed = self.codec.as_ref().and_then(ResponseCodec::stream_text_bytes);
+        let streamed = self
+            .codec
+            .as_ref()
+            .and_then(ResponseCodec::stream_text_bytes);
         let completion = match (streamed, self.endpoint) {
             (_, Endpoint::Embeddings) => 0,
             _ if unanswered => 0,
             (Some(text), _) => text.div_ceil(4).max(1),
             (None, _) => self.response_bytes.div_ceil(4).max(1),
         };
-        (
-            Usage::new(prompt, completion),
-            true,
-        )
+        (Usage::new(prompt, completion), true)
     }
 
     /// Settles the reservation, books the cost and records the trace, exactly once, on
@@ -201,11 +201,7 @@ impl RequestCtx {
             Some(_) => self.final_usage(),
             None => (Usage::default(), false),
         };
-        let cost = served.map_or(Nanos::ZERO, |m| {
-            routes
-                .catalog
-                .cost(m, &usage)
-        });
+        let cost = served.map_or(Nanos::ZERO, |m| routes.catalog.cost(m, &usage));
         let admitted = self.admission.is_some();
         let mut requested_model = None;
         let mut ts = self.started_ms;

@@ -131,7 +131,8 @@ pub(super) fn rewrite_upstream_request(
                     req.remove_header(&http::header::AUTHORIZATION);
                 }
             }
-            if req.headers.contains_key(&ANTHROPIC_VERSION) || req.headers.contains_key(&ANTHROPIC_BETA)
+            if req.headers.contains_key(&ANTHROPIC_VERSION)
+                || req.headers.contains_key(&ANTHROPIC_BETA)
             {
                 req.remove_header(&ANTHROPIC_VERSION);
                 req.remove_header(&ANTHROPIC_BETA);
@@ -143,7 +144,10 @@ pub(super) fn rewrite_upstream_request(
                 req.insert_header(X_API_KEY.clone(), k.clone())?;
             }
             if !req.headers.contains_key(&ANTHROPIC_VERSION) {
-                req.insert_header(ANTHROPIC_VERSION.clone(), provider.anthropic_version.clone())?;
+                req.insert_header(
+                    ANTHROPIC_VERSION.clone(),
+                    provider.anthropic_version.clone(),
+                )?;
             }
         }
     }
@@ -288,7 +292,10 @@ mod tests {
         let uri = http::Uri::from_static("/v1/messages");
         rewrite_upstream_request(&mut req, &provider, Some(&key), &uri, 7).unwrap();
         let h = &req.headers;
-        assert_eq!(h.get_all("x-api-key").iter().collect::<Vec<_>>(), vec!["sk-ant-up"]);
+        assert_eq!(
+            h.get_all("x-api-key").iter().collect::<Vec<_>>(),
+            vec!["sk-ant-up"]
+        );
         assert!(h.get("authorization").is_none());
         assert_eq!(h.get("anthropic-version").unwrap(), "2023-06-01");
         assert_eq!(h.get("anthropic-beta").unwrap(), "tools-2024-04-04");

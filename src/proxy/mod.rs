@@ -120,7 +120,13 @@ impl GateProxy {
         });
         ctx.journal_id = Some(journal_id);
         ctx.standing = Some(adm.standing);
-        ctx.plan = Plan::new(ctx.endpoint, routes.catalog.provider_of(adm.chain.get(0).unwrap_or(0)).kind);
+        ctx.plan = Plan::new(
+            ctx.endpoint,
+            routes
+                .catalog
+                .provider_of(adm.chain.get(0).unwrap_or(0))
+                .kind,
+        );
         ctx.upstream_body = Some(adm.upstream_body.clone());
         ctx.admission = Some(adm);
         Ok(())
@@ -675,7 +681,10 @@ impl ProxyHttp for GateProxy {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         ctx.end_upstream_attempt();
-        let gate_err = ctx.pending_error.take().or_else(|| GateError::from_proxy(e));
+        let gate_err = ctx
+            .pending_error
+            .take()
+            .or_else(|| GateError::from_proxy(e));
         if ctx.response_started {
             ctx.error_code = Some(match e.esource() {
                 ErrorSource::Downstream => CLIENT_CLOSED,
