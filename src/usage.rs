@@ -918,10 +918,7 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
-        assert_eq!(
-            usage_from_json(cases[0]),
-            Some(Usage::new(3, 4))
-        );
+        assert_eq!(usage_from_json(cases[0]), Some(Usage::new(3, 4)));
         assert!(trailing_usage(cases[0]).is_some(), "fast path taken");
         assert!(
             trailing_usage(cases[2]).is_none(),
