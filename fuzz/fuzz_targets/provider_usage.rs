@@ -45,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
     if let Some(u) = anthropic::usage_from_json(stream) {
         assert!(u.cache_read_tokens + u.cache_write_tokens <= u.prompt_tokens);
     }
-    if let Some(u) = spidergate::usage::usage_from_json(stream) {
+    if let Some(u) = spidergate::providers::openai_usage::usage_from_json(stream) {
         assert!(u.cache_read_tokens <= u.prompt_tokens);
     }
 });

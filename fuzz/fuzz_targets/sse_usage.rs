@@ -1,10 +1,10 @@
-//! Fuzzes `usage::SseUsageParser` split invariance and `usage::usage_from_json`.
+//! Fuzzes `providers::openai_usage::SseUsageParser` split invariance and `usage_from_json`.
 //!
 //! Input: the first byte picks a split point (scaled over the rest), the rest is the stream.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use spidergate::usage::{usage_from_json, Forward, SseUsageParser};
+use spidergate::providers::openai_usage::{usage_from_json, Forward, SseUsageParser};
 
 /// Feeds `chunks` and returns the concatenated forwarded bytes and the parser.
 fn run(strip: bool, chunks: &[&[u8]]) -> (Vec<u8>, SseUsageParser) {

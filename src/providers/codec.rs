@@ -5,7 +5,8 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::usage::{usage_from_json, Forward, SseUsageParser, Usage};
+use crate::providers::openai_usage::{usage_from_json, Forward, SseUsageParser};
+use crate::usage::Usage;
 
 use super::translate::{chat_to_messages, messages_to_chat};
 use super::{anthropic, responses, Plan};

@@ -9,6 +9,7 @@
 pub mod anthropic;
 pub mod codec;
 pub mod openai;
+pub mod openai_usage;
 pub mod pool;
 pub mod responses;
 pub mod sse;

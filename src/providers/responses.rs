@@ -7,7 +7,8 @@
 
 use serde::Deserialize;
 
-use crate::usage::{usage_from_json, Usage};
+use crate::providers::openai_usage::usage_from_json;
+use crate::usage::Usage;
 
 use super::sse::{SseEvent, SseFramer};
 

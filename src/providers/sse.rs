@@ -8,7 +8,7 @@
 //! event with no data is not dispatched. An event over [`MAX_EVENT_BYTES`] is skipped whole,
 //! so a hostile upstream cannot make the gateway buffer without bound.
 
-use crate::usage::MAX_EVENT_BYTES;
+use crate::providers::openai_usage::MAX_EVENT_BYTES;
 
 /// One dispatched event: its `event:` name (empty when absent) and its joined data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

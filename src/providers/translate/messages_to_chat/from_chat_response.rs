@@ -14,7 +14,8 @@ use serde_json::{Map, Value};
 
 use super::{stop_reason, UsageOut};
 use crate::providers::anthropic;
-use crate::usage::{usage_from_json, Usage};
+use crate::providers::openai_usage::usage_from_json;
+use crate::usage::Usage;
 
 #[derive(Deserialize)]
 struct Completion {

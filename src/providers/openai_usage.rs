@@ -1,0 +1,898 @@
+//! OpenAI-format usage: whole JSON bodies (chat completions, embeddings, the Responses API)
+//! and the chat completions SSE stream, parsed incrementally as it passes.
+
+use std::ops::Range;
+use std::sync::LazyLock;
+
+use memchr::memmem::{Finder, FinderRev};
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+
+use crate::usage::Usage;
+
+/// The `usage` object as providers spell it. `input_tokens`/`output_tokens` are accepted for
+/// OpenAI-compatible providers that use the Responses-API names.
+#[derive(Deserialize)]
+struct RawUsage {
+    #[serde(default, alias = "input_tokens")]
+    prompt_tokens: Option<u64>,
+    #[serde(default, alias = "output_tokens")]
+    completion_tokens: Option<u64>,
+    #[serde(default)]
+    total_tokens: Option<u64>,
+    /// Chat completions: `prompt_tokens_details.cached_tokens`.
+    #[serde(default)]
+    prompt_tokens_details: Option<CachedDetails>,
+    /// Responses API: `input_tokens_details.cached_tokens`.
+    #[serde(default)]
+    input_tokens_details: Option<CachedDetails>,
+}
+
+#[derive(Deserialize)]
+struct CachedDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+impl RawUsage {
+    /// None when the object carries no counts at all, so the caller estimates instead of
+    /// charging zero (SPEC §4: never zero).
+    fn into_usage(self) -> Option<Usage> {
+        let mut usage = self.counts()?;
+        let cached = self
+            .prompt_tokens_details
+            .or(self.input_tokens_details)
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0);
+        // Cached tokens are part of the prompt; a report claiming more is clamped.
+        usage.cache_read_tokens = cached.min(usage.prompt_tokens);
+        Some(usage)
+    }
+
+    fn counts(&self) -> Option<Usage> {
+        match (
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.total_tokens,
+        ) {
+            (None, None, None) => None,
+            // Embeddings-style providers that only report a total.
+            (None, None, Some(total)) => Some(Usage::new(total, 0)),
+            (prompt, completion, total) => {
+                let prompt_tokens = prompt.unwrap_or(0);
+                let completion_tokens = completion
+                    .unwrap_or_else(|| total.map_or(0, |t| t.saturating_sub(prompt_tokens)));
+                Some(Usage::new(prompt_tokens, completion_tokens))
+            }
+        }
+    }
+}
+
+/// A whole response body: only `usage` is materialised, serde skips everything else.
+#[derive(Deserialize)]
+struct UsageBody {
+    #[serde(default)]
+    usage: Option<RawUsage>,
+}
+
+/// One stream chunk that mentions a usage object. `Vec<IgnoredAny>` never allocates.
+#[derive(Deserialize)]
+struct ChunkProbe {
+    #[serde(default)]
+    usage: Option<RawUsage>,
+    #[serde(default)]
+    choices: Option<Vec<IgnoredAny>>,
+}
+
+/// Usage from a complete (non-streamed) OpenAI JSON response body: chat completions
+/// (`usage.prompt_tokens`, `usage.completion_tokens`) and embeddings (`usage.prompt_tokens`,
+/// completion 0; `total_tokens` may be present). Returns None if absent/malformed, or if the
+/// `usage` object has no counts. A body with only `total_tokens` counts it as prompt tokens;
+/// one without `completion_tokens` but with a larger `total_tokens` takes the difference.
+#[must_use]
+pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
+    match trailing_usage(body) {
+        Some(usage) => usage,
+        None => serde_json::from_slice::<UsageBody>(body)
+            .ok()?
+            .usage?
+            .into_usage(),
+    }
+}
+
+/// Fast path: OpenAI puts `usage` last in the top-level object, so parse just that member,
+/// found from the end. `None` means "not in that shape" (the caller parses the whole body);
+/// it is only trusted when the key is structural (preceded by `{` or `,`, which a quote inside
+/// a string never is) and the usage value is followed by nothing but the closing `}`.
+fn trailing_usage(body: &[u8]) -> Option<Option<Usage>> {
+    let at = USAGE_KEY_REV.rfind(body)?;
+    let before = body[..at].iter().rev().find(|b| !b.is_ascii_whitespace())?;
+    if !matches!(before, b'{' | b',') {
+        return None;
+    }
+    let rest = &body[at + b"\"usage\"".len()..];
+    let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    if rest[colon] != b':' {
+        return None;
+    }
+    let value = &rest[colon + 1..];
+    let mut stream = serde_json::Deserializer::from_slice(value).into_iter::<Option<RawUsage>>();
+    let usage = stream.next()?.ok()?;
+    let mut tail = value[stream.byte_offset()..]
+        .iter()
+        .filter(|b| !b.is_ascii_whitespace());
+    match (tail.next(), tail.next()) {
+        (Some(b'}'), None) => Some(usage.and_then(RawUsage::into_usage)),
+        _ => None,
+    }
+}
+
+/// Events (and lines) longer than this are passed through but not analysed, and are never
+/// stripped, so a hostile upstream cannot make the parser buffer without bound. A realistic
+/// OpenAI event is well under 100 KiB.
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+
+static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+static USAGE_KEY_REV: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(b"\"usage\""));
+/// Matches the keys `content` and `reasoning_content` (checked by `is_text_key`).
+static CONTENT_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"content\""));
+static ARGUMENTS_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"arguments\""));
+
+/// What to forward for one fed chunk.
+#[must_use = "the bytes it names must be forwarded to the client"]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forward {
+    /// Forward the fed chunk exactly as it was given (zero copy for the caller).
+    Unchanged,
+    /// Forward only `chunk[range]` of the fed chunk (caller slices, zero copy). Never empty.
+    Range(Range<usize>),
+    /// Forward these bytes instead (held-back bytes from earlier chunks joined with this one,
+    /// or this chunk with a usage event cut out of its middle). Never empty.
+    Owned(Vec<u8>),
+    /// Forward nothing for now.
+    Nothing,
+}
+
+impl Forward {
+    /// The bytes to forward, given the chunk that was fed (`&[]` for `finish`).
+    #[must_use]
+    pub fn bytes<'a>(&'a self, chunk: &'a [u8]) -> &'a [u8] {
+        match self {
+            Forward::Unchanged => chunk,
+            Forward::Range(r) => chunk.get(r.clone()).unwrap_or(&[]),
+            Forward::Owned(v) => v,
+            Forward::Nothing => &[],
+        }
+    }
+}
+
+/// Builds the `Forward` for one chunk while stripping.
+enum Out {
+    Empty,
+    Run(usize, usize),
+    Owned(Vec<u8>),
+}
+
+impl Out {
+    /// Bytes held from earlier chunks; only ever the first thing emitted for a chunk.
+    fn emit_held(&mut self, held: &mut Vec<u8>) {
+        if !held.is_empty() {
+            *self = Out::Owned(std::mem::take(held));
+        }
+    }
+
+    fn emit_range(&mut self, chunk: &[u8], r: Range<usize>) {
+        if r.is_empty() {
+            return;
+        }
+        match self {
+            Out::Empty => *self = Out::Run(r.start, r.end),
+            Out::Run(_, end) if *end == r.start => *end = r.end,
+            Out::Run(start, end) => {
+                let mut v = Vec::with_capacity(*end - *start + r.len());
+                v.extend_from_slice(&chunk[*start..*end]);
+                v.extend_from_slice(&chunk[r]);
+                *self = Out::Owned(v);
+            }
+            Out::Owned(v) => v.extend_from_slice(&chunk[r]),
+        }
+    }
+
+    fn into_forward(self, chunk_len: usize) -> Forward {
+        match self {
+            Out::Empty => Forward::Nothing,
+            Out::Run(0, end) if end == chunk_len => Forward::Unchanged,
+            Out::Run(start, end) => Forward::Range(start..end),
+            Out::Owned(v) if v.is_empty() => Forward::Nothing,
+            Out::Owned(v) => Forward::Owned(v),
+        }
+    }
+}
+
+/// Incremental parser for an OpenAI-format SSE response stream (`data: {...}\n\n` events,
+/// `data: [DONE]`). Fed chunk by chunk from a synchronous hook; never blocks, reuses its
+/// buffers, and gives the same result for any split of the input into chunks.
+///
+/// Framing follows the WHATWG SSE spec (CRLF, LF or CR line ends; `:` comments; only `data:`
+/// fields matter). An unterminated final line or event is still analysed by `finish`.
+///
+/// When stripping, the stream is cut into blocks, each ending at (and including) a blank
+/// line; a block whose event is a usage-only event is dropped whole (with any `event:`, `id:`
+/// or comment lines inside it). The forwarded bytes equal the input minus those blocks.
+pub struct SseUsageParser {
+    strip: bool,
+    usage: Option<Usage>,
+    content_bytes: u64,
+    done: bool,
+
+    /// Start of a line carried over from earlier chunks; capped at `MAX_EVENT_BYTES + 1`.
+    line: Vec<u8>,
+    /// The previous chunk ended in CR, so a leading LF in this chunk belongs to it.
+    after_cr: bool,
+
+    /// Data fields of the current event, joined with `\n`.
+    data: Vec<u8>,
+    has_data: bool,
+    event_overflow: bool,
+
+    /// Stripping only: bytes of the current block from earlier chunks, not yet forwarded.
+    held: Vec<u8>,
+    /// Stripping only: length of the current block so far, including bytes in `held`.
+    block_len: usize,
+    /// Stripping only: the current block grew too long to hold; it is forwarded as it comes.
+    block_committed: bool,
+    /// Stripping only: the previous chunk ended with the CR of a blank line; `Some(true)` if
+    /// that block was dropped (so a leading LF is dropped too).
+    cr_ended_block: Option<bool>,
+}
+
+impl SseUsageParser {
+    /// `strip_usage_event`: when true, the usage-only event (a data event whose JSON has a
+    /// non-null `usage` object and `"choices": []`) is removed from the bytes passed on to the
+    /// client, because the gateway asked the upstream for usage on the client's behalf
+    /// (`stream_options.include_usage`) and the client did not ask for it.
+    #[must_use]
+    pub fn new(strip_usage_event: bool) -> Self {
+        SseUsageParser {
+            strip: strip_usage_event,
+            usage: None,
+            content_bytes: 0,
+            done: false,
+            line: Vec::new(),
+            after_cr: false,
+            data: Vec::new(),
+            has_data: false,
+            event_overflow: false,
+            held: Vec::new(),
+            block_len: 0,
+            block_committed: false,
+            cr_ended_block: None,
+        }
+    }
+
+    /// Feed one chunk. Returns what to forward to the client for this chunk; always
+    /// `Forward::Unchanged` when not stripping.
+    pub fn feed(&mut self, chunk: &[u8]) -> Forward {
+        if chunk.is_empty() {
+            return if self.strip {
+                Forward::Nothing
+            } else {
+                Forward::Unchanged
+            };
+        }
+        let mut out = Out::Empty;
+        let mut pos = 0;
+        // In-chunk start of the current block's bytes (stripping only).
+        let mut block_start = 0;
+        let cr_ended_block = self.cr_ended_block.take();
+        if std::mem::take(&mut self.after_cr) && chunk[0] == b'\n' {
+            pos = 1;
+            if let Some(dropped) = cr_ended_block {
+                if !dropped {
+                    out.emit_range(chunk, 0..1);
+                }
+                block_start = 1;
+            }
+        }
+        while let Some(i) = memchr::memchr2(b'\n', b'\r', &chunk[pos..]) {
+            let eol = pos + i;
+            let mut next = eol + 1;
+            if chunk[eol] == b'\r' {
+                match chunk.get(next) {
+                    Some(b'\n') => next += 1,
+                    Some(_) => {}
+                    None => self.after_cr = true,
+                }
+            }
+            let ended = if self.line.is_empty() {
+                self.process_line(&chunk[pos..eol])
+            } else {
+                push_capped(&mut self.line, &chunk[pos..eol]);
+                let line = std::mem::take(&mut self.line);
+                let ended = self.process_line(&line);
+                self.line = line;
+                self.line.clear();
+                ended
+            };
+            if let Some(is_usage_event) = ended {
+                if self.strip {
+                    let dropped =
+                        self.end_block(chunk, block_start..next, is_usage_event, &mut out);
+                    if self.after_cr {
+                        self.cr_ended_block = Some(dropped);
+                    }
+                }
+                block_start = next;
+            }
+            pos = next;
+        }
+        if pos < chunk.len() {
+            push_capped(&mut self.line, &chunk[pos..]);
+        }
+        if !self.strip {
+            return Forward::Unchanged;
+        }
+        if block_start < chunk.len() {
+            self.block_len = self.block_len.saturating_add(chunk.len() - block_start);
+            if !self.block_committed && self.block_len > MAX_EVENT_BYTES {
+                self.block_committed = true;
+                out.emit_held(&mut self.held);
+            }
+            if self.block_committed {
+                out.emit_range(chunk, block_start..chunk.len());
+            } else {
+                self.held.extend_from_slice(&chunk[block_start..]);
+            }
+        }
+        out.into_forward(chunk.len())
+    }
+
+    /// Call at end of stream: returns any held-back bytes that must still be forwarded
+    /// (e.g. an incomplete final event that is not a usage event). An unterminated final
+    /// line and event are analysed as if they had been terminated.
+    pub fn finish(&mut self) -> Forward {
+        if !self.line.is_empty() {
+            let line = std::mem::take(&mut self.line);
+            // A line cannot end a block here: it is non-empty.
+            self.process_line(&line);
+            self.line = line;
+            self.line.clear();
+        }
+        self.after_cr = false;
+        self.cr_ended_block = None;
+        let is_usage_event = self.dispatch();
+        let held = std::mem::take(&mut self.held);
+        let dropped = is_usage_event && !self.block_committed && self.block_len <= MAX_EVENT_BYTES;
+        self.block_len = 0;
+        self.block_committed = false;
+        if !self.strip || dropped || held.is_empty() {
+            self.held = held;
+            self.held.clear();
+            Forward::Nothing
+        } else {
+            Forward::Owned(held)
+        }
+    }
+
+    /// Last usage seen in any event (OpenAI puts it in the final chunk; some providers put a
+    /// `usage` on a content chunk: any non-null usage object counts, the last one wins).
+    #[must_use]
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// Raw JSON-string bytes of generated text seen so far: `content` and
+    /// `reasoning_content` values and tool-call `arguments` (escapes counted as written).
+    /// For estimating completion tokens when the stream breaks before usage arrives.
+    #[must_use]
+    pub fn content_bytes(&self) -> u64 {
+        self.content_bytes
+    }
+
+    /// Whether a `data: [DONE]` event was seen.
+    #[must_use]
+    pub fn done(&self) -> bool {
+        self.done
+    }
+
+    /// Closes the current block (stripping only); returns whether it was dropped.
+    fn end_block(
+        &mut self,
+        chunk: &[u8],
+        in_chunk: Range<usize>,
+        is_usage_event: bool,
+        out: &mut Out,
+    ) -> bool {
+        let total = self.block_len.saturating_add(in_chunk.len());
+        let drop = is_usage_event && !self.block_committed && total <= MAX_EVENT_BYTES;
+        if drop {
+            self.held.clear();
+        } else {
+            out.emit_held(&mut self.held);
+            out.emit_range(chunk, in_chunk);
+        }
+        self.block_len = 0;
+        self.block_committed = false;
+        drop
+    }
+
+    /// One complete line (without its terminator). Returns `Some(is_usage_event)` when the
+    /// line is blank, i.e. it ends an event.
+    fn process_line(&mut self, line: &[u8]) -> Option<bool> {
+        if line.is_empty() {
+            return Some(self.dispatch());
+        }
+        if line.len() > MAX_EVENT_BYTES {
+            self.event_overflow = true;
+            return None;
+        }
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(0) => return None, // comment
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &[][..]),
+        };
+        if field != b"data" || self.event_overflow {
+            return None;
+        }
+        let sep = usize::from(self.has_data);
+        if self.data.len() + sep + value.len() > MAX_EVENT_BYTES {
+            self.event_overflow = true;
+            return None;
+        }
+        if self.has_data {
+            self.data.push(b'\n');
+        }
+        self.data.extend_from_slice(value);
+        self.has_data = true;
+        None
+    }
+
+    /// Ends the current event: analyses its data and resets it. Returns whether it was a
+    /// usage-only event.
+    fn dispatch(&mut self) -> bool {
+        let is_usage_event = self.has_data && !self.event_overflow && self.analyze();
+        self.data.clear();
+        self.has_data = false;
+        self.event_overflow = false;
+        is_usage_event
+    }
+
+    fn analyze(&mut self) -> bool {
+        let data = self.data.trim_ascii();
+        if data == b"[DONE]" {
+            self.done = true;
+            return false;
+        }
+        self.content_bytes = self.content_bytes.saturating_add(text_bytes(data));
+        if !has_usage_object(data) {
+            return false;
+        }
+        let Ok(probe) = serde_json::from_slice::<ChunkProbe>(data) else {
+            return false;
+        };
+        let Some(raw) = probe.usage else {
+            return false;
+        };
+        if let Some(usage) = raw.into_usage() {
+            self.usage = Some(usage);
+        }
+        probe.choices.is_some_and(|c| c.is_empty())
+    }
+}
+
+/// Appends to a carried-over line, keeping at most `MAX_EVENT_BYTES + 1` bytes so that
+/// "longer than the cap" is decided the same way however the line was split.
+fn push_capped(line: &mut Vec<u8>, bytes: &[u8]) {
+    let room = (MAX_EVENT_BYTES + 1).saturating_sub(line.len());
+    line.extend_from_slice(&bytes[..bytes.len().min(room)]);
+}
+
+fn skip_ws(data: &[u8], mut i: usize) -> usize {
+    while matches!(data.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// Index just after `"key"` `:` and whitespace, if a colon follows `key_end`.
+fn after_colon(data: &[u8], key_end: usize) -> Option<usize> {
+    let i = skip_ws(data, key_end);
+    (data.get(i) == Some(&b':')).then(|| skip_ws(data, i + 1))
+}
+
+/// Whether some `"usage"` key has an object value (OpenAI sends `"usage":null` on every
+/// chunk once `include_usage` is set, so the key alone is not enough to parse).
+fn has_usage_object(data: &[u8]) -> bool {
+    USAGE_KEY
+        .find_iter(data)
+        .any(|at| after_colon(data, at + 7).is_some_and(|i| data.get(i) == Some(&b'{')))
+}
+
+/// Sum of raw string lengths of `content`, `reasoning_content` and `arguments` values.
+fn text_bytes(data: &[u8]) -> u64 {
+    let mut total = 0u64;
+    let mut from = 0;
+    while let Some(at) = CONTENT_KEY.find(&data[from..]).map(|i| from + i) {
+        from = at + 8;
+        let key = &data[..at];
+        if key.ends_with(b"\"") || key.ends_with(b"\"reasoning_") {
+            if let Some((len, end)) = string_value(data, from) {
+                total += len as u64;
+                from = end;
+            }
+        }
+    }
+    for at in ARGUMENTS_KEY.find_iter(data) {
+        if let Some((len, _)) = string_value(data, at + 11) {
+            total += len as u64;
+        }
+    }
+    total
+}
+
+/// For a key ending at `key_end`, the raw length of its string value and the index after it.
+fn string_value(data: &[u8], key_end: usize) -> Option<(usize, usize)> {
+    let start = after_colon(data, key_end)?;
+    if data.get(start) != Some(&b'"') {
+        return None;
+    }
+    let mut i = start + 1;
+    loop {
+        let j = i + memchr::memchr2(b'"', b'\\', data.get(i..)?)?;
+        if data[j] == b'"' {
+            return Some((j - start - 1, j + 1));
+        }
+        i = j + 2;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Feeds `chunks` and returns the concatenated forwarded bytes.
+    fn run(parser: &mut SseUsageParser, chunks: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for chunk in chunks {
+            out.extend_from_slice(parser.feed(chunk).bytes(chunk));
+        }
+        out.extend_from_slice(parser.finish().bytes(&[]));
+        out
+    }
+
+    fn run_split(input: &[u8], cuts: &[usize], strip: bool) -> (SseUsageParser, Vec<u8>) {
+        let mut parser = SseUsageParser::new(strip);
+        let mut chunks = Vec::new();
+        let mut prev = 0;
+        for &c in cuts.iter().chain(std::iter::once(&input.len())) {
+            chunks.push(&input[prev..c]);
+            prev = c;
+        }
+        let out = run(&mut parser, &chunks);
+        (parser, out)
+    }
+
+    fn summary(p: &SseUsageParser) -> (Option<Usage>, u64, bool) {
+        (p.usage(), p.content_bytes(), p.done())
+    }
+
+    fn usage(prompt_tokens: u64, completion_tokens: u64) -> Option<Usage> {
+        Some(Usage::new(prompt_tokens, completion_tokens))
+    }
+
+    const USAGE_EVENT: &str = "data: {\"id\":\"chatcmpl-9\",\"object\":\"chat.completion.chunk\",\"created\":1718000000,\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":7,\"total_tokens\":19,\"prompt_tokens_details\":{\"cached_tokens\":0}}}";
+
+    fn chunk_event(delta: &str, finish: &str) -> String {
+        format!(
+            "data: {{\"id\":\"chatcmpl-9\",\"object\":\"chat.completion.chunk\",\"created\":1718000000,\"model\":\"gpt-4o-mini\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"logprobs\":null,\"finish_reason\":{finish}}}],\"usage\":null}}"
+        )
+    }
+
+    /// A recorded-style OpenAI stream; returns (stream, stream without the usage block).
+    fn recorded_stream(eol: &str) -> (String, String) {
+        let lines: Vec<String> = vec![
+            ": OPENROUTER PROCESSING".into(),
+            String::new(),
+            chunk_event(r#"{"role":"assistant","content":""}"#, "null"),
+            String::new(),
+            chunk_event(r#"{"content":"Hello"}"#, "null"),
+            String::new(),
+            ": keep-alive".into(),
+            String::new(),
+            chunk_event(r#"{"content":", \"wor"}"#, "null"),
+            String::new(),
+            "event: message".into(),
+            "id: 4".into(),
+            chunk_event(r#"{"content":"ld\"!\n"}"#, "null"),
+            String::new(),
+            chunk_event(r#"{"content":"Bye"}"#, "null"),
+            String::new(),
+            chunk_event("{}", "\"stop\""),
+            String::new(),
+        ];
+        let mut before = String::new();
+        for l in &lines {
+            before.push_str(l);
+            before.push_str(eol);
+        }
+        let usage_block = format!("{USAGE_EVENT}{eol}{eol}");
+        let after = format!("data: [DONE]{eol}{eol}");
+        (
+            format!("{before}{usage_block}{after}"),
+            format!("{before}{after}"),
+        )
+    }
+
+    /// "" + "Hello" + ", \"wor" + "ld\"!\n" + "Bye", escapes counted raw.
+    const RECORDED_CONTENT: u64 = 5 + 7 + 7 + 3;
+
+    #[test]
+    fn usage_from_chat_json() {
+        let body = br#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi","usage":5}}],"usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21,"completion_tokens_details":{"reasoning_tokens":0}}}"#;
+        assert_eq!(usage_from_json(body), usage(9, 12));
+    }
+
+    #[test]
+    fn usage_from_embeddings_json() {
+        let body = br#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1,-0.2]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#;
+        assert_eq!(usage_from_json(body), usage(8, 0));
+        assert_eq!(
+            usage_from_json(br#"{"usage":{"total_tokens":5}}"#),
+            usage(5, 0)
+        );
+        assert_eq!(
+            usage_from_json(br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#),
+            usage(3, 4)
+        );
+    }
+
+    #[test]
+    fn usage_from_json_absent_or_malformed() {
+        assert_eq!(usage_from_json(b""), None);
+        assert_eq!(usage_from_json(b"not json"), None);
+        assert_eq!(usage_from_json(br#"{"usage":{"prompt_tokens":1"#), None);
+        assert_eq!(usage_from_json(br#"{"id":"x"}"#), None);
+        assert_eq!(usage_from_json(br#"{"usage":null}"#), None);
+        assert_eq!(usage_from_json(br#"{"usage":{}}"#), None);
+        assert_eq!(usage_from_json(br#"{"usage":{"prompt_tokens":-1}}"#), None);
+        assert_eq!(usage_from_json(br#"[1,2]"#), None);
+    }
+
+    #[test]
+    fn sse_with_each_line_ending() {
+        for eol in ["\n", "\r\n", "\r"] {
+            let (input, _) = recorded_stream(eol);
+            let (p, out) = run_split(input.as_bytes(), &[], false);
+            assert_eq!(
+                summary(&p),
+                (usage(12, 7), RECORDED_CONTENT, true),
+                "{eol:?}"
+            );
+            assert_eq!(out, input.as_bytes());
+        }
+    }
+
+    #[test]
+    fn comments_and_other_fields_are_ignored() {
+        let input = b":hi\nevent: x\nid: 1\nretry: 10\ndata:{\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n";
+        let (p, _) = run_split(input, &[], false);
+        assert_eq!(p.usage(), usage(1, 2));
+        let (p, _) = run_split(b": data: {\"usage\":{\"prompt_tokens\":1}}\n\n", &[], false);
+        assert_eq!(p.usage(), None);
+    }
+
+    #[test]
+    fn missing_done_and_trailing_blank_line() {
+        let input = USAGE_EVENT.to_string();
+        let (p, out) = run_split(input.as_bytes(), &[10], false);
+        assert_eq!(summary(&p), (usage(12, 7), 0, false));
+        assert_eq!(out, input.as_bytes());
+        let (p, out) = run_split(input.as_bytes(), &[10], true);
+        assert_eq!(p.usage(), usage(12, 7));
+        assert!(out.is_empty());
+        let (p, out) = run_split(b"data: [DONE]", &[], true);
+        assert!(p.done());
+        assert_eq!(out, b"data: [DONE]");
+    }
+
+    #[test]
+    fn usage_on_a_content_chunk_is_kept_and_last_wins() {
+        let input = b"data: {\"choices\":[{\"delta\":{\"content\":\"ab\"}}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"c\"}}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n";
+        let (p, out) = run_split(input, &[], true);
+        assert_eq!(summary(&p), (usage(3, 2), 3, true));
+        assert_eq!(out, input);
+    }
+
+    #[test]
+    fn usage_null_is_not_usage() {
+        let input = format!("{}\n\n", chunk_event(r#"{"content":"x"}"#, "null"));
+        let (p, out) = run_split(input.as_bytes(), &[], true);
+        assert_eq!(summary(&p), (None, 1, false));
+        assert_eq!(out, input.as_bytes());
+    }
+
+    #[test]
+    fn reasoning_and_tool_arguments_count_as_text() {
+        let input = br#"data: {"choices":[{"delta":{"reasoning_content":"abcd","tool_calls":[{"index":0,"function":{"name":"f","arguments":"{\"a\":1}"}}]}}]}
+
+"#;
+        let (p, _) = run_split(input, &[], false);
+        assert_eq!(p.content_bytes(), 4 + 9);
+    }
+
+    #[test]
+    fn multi_line_data_is_joined() {
+        let input = b"data: {\"choices\":[],\ndata: \"usage\":{\"prompt_tokens\":4,\"completion_tokens\":5}}\n\n";
+        let (p, out) = run_split(input, &[], true);
+        assert_eq!(p.usage(), usage(4, 5));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn forward_shapes_when_stripping() {
+        let mut p = SseUsageParser::new(true);
+        assert_eq!(p.feed(b"data: 1\n\n"), Forward::Unchanged);
+        assert_eq!(p.feed(b"data: 2\n\ndata: 3"), Forward::Range(0..9));
+        assert_eq!(p.feed(b"\n"), Forward::Nothing);
+        assert_eq!(p.feed(b"\n"), Forward::Owned(b"data: 3\n\n".to_vec()));
+        let usage_block = format!("{USAGE_EVENT}\n\n");
+        let chunk = format!("data: 4\n\n{usage_block}data: [DONE]\n\n");
+        assert_eq!(
+            p.feed(chunk.as_bytes()),
+            Forward::Owned(b"data: 4\n\ndata: [DONE]\n\n".to_vec())
+        );
+        assert_eq!(p.finish(), Forward::Nothing);
+        assert_eq!(p.usage(), usage(12, 7));
+
+        let mut p = SseUsageParser::new(true);
+        let chunk = format!("data: 4\n\n{usage_block}");
+        assert_eq!(p.feed(chunk.as_bytes()), Forward::Range(0..9));
+        assert_eq!(p.feed(usage_block.as_bytes()), Forward::Nothing);
+        assert_eq!(p.finish(), Forward::Nothing);
+    }
+
+    #[test]
+    fn split_crlf_after_stripped_event_drops_the_lf() {
+        let input = format!("{USAGE_EVENT}\r\n\r\ndata: [DONE]\r\n\r\n");
+        let cut = USAGE_EVENT.len() + 3;
+        let (p, out) = run_split(input.as_bytes(), &[cut], true);
+        assert_eq!(out, b"data: [DONE]\r\n\r\n");
+        assert!(p.done());
+    }
+
+    #[test]
+    fn not_stripping_is_always_unchanged() {
+        let (input, _) = recorded_stream("\r\n");
+        let mut p = SseUsageParser::new(false);
+        for chunk in input.as_bytes().chunks(7) {
+            assert_eq!(p.feed(chunk), Forward::Unchanged);
+        }
+        assert_eq!(p.feed(b""), Forward::Unchanged);
+        assert_eq!(p.finish(), Forward::Nothing);
+    }
+
+    #[test]
+    fn overlong_event_is_forwarded_not_analysed() {
+        let big = "x".repeat(MAX_EVENT_BYTES);
+        let input = format!(
+            "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":1}},\"pad\":\"{big}\"}}\n\ndata: [DONE]\n\n"
+        );
+        for cuts in [&[][..], &[100, 600_000][..]] {
+            let (p, out) = run_split(input.as_bytes(), cuts, true);
+            assert_eq!(summary(&p), (None, 0, true));
+            assert!(out == input.as_bytes());
+        }
+    }
+
+    #[test]
+    fn every_single_split_point_agrees() {
+        for eol in ["\n", "\r\n", "\r"] {
+            let (input, stripped) = recorded_stream(eol);
+            let input = input.as_bytes();
+            let expected = (usage(12, 7), RECORDED_CONTENT, true);
+            for cut in 0..=input.len() {
+                let (p, out) = run_split(input, &[cut], false);
+                assert_eq!(summary(&p), expected, "eol {eol:?} cut {cut}");
+                assert_eq!(out, input, "eol {eol:?} cut {cut}");
+                let (p, out) = run_split(input, &[cut], true);
+                assert_eq!(summary(&p), expected, "eol {eol:?} cut {cut}");
+                assert_eq!(out, stripped.as_bytes(), "eol {eol:?} cut {cut}");
+            }
+            let cuts: Vec<usize> = (1..input.len()).collect();
+            let (p, out) = run_split(input, &cuts, true);
+            assert_eq!(summary(&p), expected, "eol {eol:?} 1-byte chunks");
+            assert_eq!(out, stripped.as_bytes(), "eol {eol:?} 1-byte chunks");
+        }
+    }
+
+    fn cuts_for(len: usize, raw: Vec<usize>) -> Vec<usize> {
+        let mut cuts: Vec<usize> = raw.into_iter().map(|c| c % (len + 1)).collect();
+        cuts.sort_unstable();
+        cuts
+    }
+
+    proptest! {
+        #[test]
+        fn recorded_stream_any_split(
+            eol in prop::sample::select(vec!["\n", "\r\n", "\r"]),
+            raw in prop::collection::vec(any::<usize>(), 0..40),
+            one_byte_run in 0usize..2,
+        ) {
+            let (input, stripped) = recorded_stream(eol);
+            let input = input.as_bytes();
+            let mut cuts = cuts_for(input.len(), raw);
+            // Some runs also cut a stretch into 1-byte chunks.
+            if one_byte_run == 1 && !cuts.is_empty() {
+                let from = cuts[0];
+                cuts.extend(from..(from + 64).min(input.len()));
+                cuts.sort_unstable();
+            }
+            let expected = (usage(12, 7), RECORDED_CONTENT, true);
+            let (p, out) = run_split(input, &cuts, false);
+            prop_assert_eq!(summary(&p), expected);
+            prop_assert_eq!(&out[..], input);
+            let (p, out) = run_split(input, &cuts, true);
+            prop_assert_eq!(summary(&p), expected);
+            prop_assert_eq!(&out[..], stripped.as_bytes());
+        }
+
+        #[test]
+        fn arbitrary_input_any_split(
+            parts in prop::collection::vec(prop::sample::select(vec![
+                "data: ", "data:", "\n", "\r", "\r\n", ":c", "id: 1", "{\"choices\":[]",
+                ",\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":3}}", "\"usage\":null",
+                "[DONE]", "{\"content\":\"ab\\\"c\"}", "x",
+            ]), 0..40),
+            raw in prop::collection::vec(any::<usize>(), 0..20),
+        ) {
+            let input = parts.concat();
+            let input = input.as_bytes();
+            let cuts = cuts_for(input.len(), raw);
+            for strip in [false, true] {
+                let (whole, whole_out) = run_split(input, &[], strip);
+                let (split, split_out) = run_split(input, &cuts, strip);
+                prop_assert_eq!(summary(&whole), summary(&split));
+                prop_assert_eq!(&whole_out, &split_out);
+                if !strip {
+                    prop_assert_eq!(&whole_out[..], input);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_usage_fast_path_agrees_with_the_full_parse() {
+        let cases: [&[u8]; 7] = [
+            br#"{"id":"x","choices":[{"message":{"content":"a \"usage\": {\"prompt_tokens\": 99}"}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#,
+            br#"{"usage":{"prompt_tokens":3,"completion_tokens":4},"id":"x"}"#,
+            br#"{"id":"x","meta":{"usage":{"prompt_tokens":9}}}"#,
+            br#"{"id":"x","usage":null}"#,
+            b"{\"id\":\"x\",\n  \"usage\" : {\"prompt_tokens\":1,\"total_tokens\":1}\n}\n",
+            br#"{"data":[{"embedding":[0.1]}],"usage":{"prompt_tokens":5,"total_tokens":5}}"#,
+            br#"{"id":"x","usage":{"prompt_tokens":3,"#,
+        ];
+        for body in cases {
+            let full = serde_json::from_slice::<UsageBody>(body)
+                .ok()
+                .and_then(|b| b.usage)
+                .and_then(RawUsage::into_usage);
+            assert_eq!(
+                usage_from_json(body),
+                full,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert_eq!(usage_from_json(cases[0]), Some(Usage::new(3, 4)));
+        assert!(trailing_usage(cases[0]).is_some(), "fast path taken");
+        assert!(
+            trailing_usage(cases[2]).is_none(),
+            "nested usage falls back"
+        );
+        assert_eq!(usage_from_json(cases[2]), None);
+    }
+}
