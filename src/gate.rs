@@ -155,7 +155,7 @@ impl Gate {
         let keys = current
             .keys
             .apply(changed, &removed, &current.routes.catalog, |r| {
-                restored_counters(store, r, now)
+                restored_counters(store, &r.id, now)
             });
         self.metrics.key_changes_applied(count);
         self.metrics.set_keys_loaded(keys.len());
@@ -216,25 +216,44 @@ impl Gate {
     /// from the ledger. Call with `reload_lock` held.
     fn swap_in(&self, store: &Store, routes: Arc<Routes>) -> Result<(), StoreError> {
         let version = store.last_key_change()?;
-        let records = store.all_keys()?;
+        let count = store.key_count()?;
         let previous = self.keys();
         let now = now_ms();
-        let needs_restore = records.iter().any(|r| previous.by_id(&r.id).is_none());
-        let (mut spend, today) = if needs_restore {
-            (
-                store.spend_by_key(&month_label(month_index(now)))?,
-                store.requests_by_key(&day_label(day_index(now)))?,
-            )
-        } else {
-            Default::default()
+        // Keys new to this process start from the ledger: read whole when many keys are new
+        // (start-up), else one key at a time for the few the snapshot lacks.
+        let month = month_label(month_index(now));
+        let day = day_label(day_index(now));
+        let read_ledger = || -> Result<_, StoreError> {
+            Ok((store.spend_by_key(&month)?, store.requests_by_key(&day)?))
         };
-        let set = KeySet::build(records, &routes.catalog, Some(&previous), |r| {
-            KeyCounters::restored(
-                now,
-                today.get(&r.id).copied().unwrap_or(0),
-                spend.remove(&r.id).unwrap_or_default(),
-            )
-        });
+        let mut ledger = if count.saturating_sub(previous.len()) > BULK_CHANGE {
+            Some(read_ledger()?)
+        } else {
+            None
+        };
+        let mut singles = 0;
+        let mut builder = KeySet::builder(count, &routes.catalog, Some(&previous));
+        store.for_each_key_row(|row| {
+            builder.add(row, |id| {
+                if ledger.is_none() && singles >= BULK_CHANGE {
+                    match read_ledger() {
+                        Ok(whole) => ledger = Some(whole),
+                        Err(e) => log::warn!("reading the ledger for new keys: {e}"),
+                    }
+                }
+                let Some((spend, today)) = ledger.as_mut() else {
+                    singles += 1;
+                    return Some(restored_counters(store, id, now));
+                };
+                let today = today.get(id).copied();
+                let spend = spend.remove(id);
+                // Nothing in the ledger: the counters are made on first use.
+                (today.is_some() || spend.is_some()).then(|| {
+                    KeyCounters::restored(now, today.unwrap_or(0), spend.unwrap_or_default())
+                })
+            })
+        })?;
+        let set = builder.finish();
         self.metrics.set_keys_loaded(set.len());
         self.snapshot.store(Arc::new(Snapshot {
             routes,
@@ -256,10 +275,10 @@ pub fn process_is_live(pid: i64) -> bool {
 
 /// Counters for a key new to this process: this month's spend per model and today's count
 /// from the ledger (a missing row or a read error starts from zero, logged).
-fn restored_counters(store: &Store, r: &crate::keys::KeyRecord, now: i64) -> KeyCounters {
+fn restored_counters(store: &Store, id: &str, now: i64) -> KeyCounters {
     let month = month_label(month_index(now));
     let spend = store
-        .spend_for_key(&r.id, &month)
+        .spend_for_key(id, &month)
         .map(|rows| {
             rows.into_iter()
                 .map(|m| crate::limits::ModelTally {
@@ -272,14 +291,11 @@ fn restored_counters(store: &Store, r: &crate::keys::KeyRecord, now: i64) -> Key
                 .collect()
         })
         .unwrap_or_else(|e| {
-            log::warn!(
-                "key {}: cannot read its spend, starting from zero: {e}",
-                r.id
-            );
+            log::warn!("key {id}: cannot read its spend, starting from zero: {e}");
             Vec::new()
         });
     let today = store
-        .requests_on(&r.id, &day_label(day_index(now)))
+        .requests_on(id, &day_label(day_index(now)))
         .unwrap_or(0);
     KeyCounters::restored(now, today, spend)
 }

@@ -7,7 +7,7 @@ use crate::catalog::Catalog;
 use std::sync::Arc;
 
 use crate::clock::{day_index, day_label, month_label, month_start_ms, rfc3339, Now};
-use crate::keys::{KeyEntry, KeyRecord};
+use crate::keys::{KeyEntry, KeyRecord, KeyTerms};
 use crate::limits::{CounterView, ModelTally};
 use crate::money::Nanos;
 use crate::store::{Store, StoreError, TraceRow};
@@ -102,7 +102,7 @@ pub fn key_json(k: &KeyRecord, now: i64) -> Value {
 /// A key's standing for one month, from per-model rows and the live counters (the
 /// gateway's own, or for the CLI today's count from the store).
 pub fn usage_json(
-    k: &KeyRecord,
+    k: &KeyTerms<'_>,
     month: i64,
     rows: &[ModelTally],
     live: &CounterView,
@@ -132,14 +132,14 @@ pub fn usage_json(
         "spend_display": format!("${total}"),
         "reserved_usd": live.reserved.as_usd(),
         "by_model": by_model,
-        "budget_usd": k.budget.map(Nanos::as_usd),
-        "budget_mode": k.budget_mode.as_str(),
+        "budget_usd": k.limits.budget.map(Nanos::as_usd),
+        "budget_mode": k.budget_mode().as_str(),
         "requests_this_minute": live.requests_this_minute,
         "requests_today": live.requests_today,
         "requests_in_flight": live.inflight,
-        "rpm": k.rpm,
-        "rpd": k.rpd,
-        "max_inflight": k.max_inflight,
+        "rpm": k.limits.rpm,
+        "rpd": k.limits.rpd,
+        "max_inflight": k.limits.max_inflight,
         "budget_resets_at": rfc3339(month_start_ms(month + 1)),
         "expires_at": rfc3339(k.expires_at),
         "status": k.status(now),
@@ -168,14 +168,14 @@ pub fn stored_usage(
         requests_today: store.requests_on(&k.id, &day_label(day_index(now)))?,
         ..CounterView::default()
     };
-    Ok(usage_json(k, month, &rows, &live, now))
+    Ok(usage_json(&k.terms(), month, &rows, &live, now))
 }
 
 /// Usage as the running gateway sees it, from the key's live counters alone: exact (every
 /// settled request is in them), and no database read or commit.
 pub fn live_usage(key: &KeyEntry, now: Now) -> Value {
     let live = key.counters.view(now, &key.limits);
-    usage_json(&key.record, live.month, &live.by_model, &live, now.wall)
+    usage_json(&key.terms(), live.month, &live.by_model, &live, now.wall)
 }
 
 pub fn trace_json(t: &TraceRow) -> Value {

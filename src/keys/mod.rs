@@ -3,11 +3,13 @@
 mod set;
 pub mod token;
 
-pub use set::KeySet;
+pub use set::{KeySet, KeySetBuilder};
 
-use std::sync::Arc;
+use std::ops::Deref;
+use std::sync::{Arc, OnceLock};
 
 use crate::catalog::Catalog;
+use crate::clock::now_ms;
 use crate::error::GateError;
 use crate::limits::{KeyCounters, Limits};
 use crate::money::Nanos;
@@ -109,7 +111,53 @@ impl KeyRecord {
 
     /// `active`, `expired` or `revoked` at `now`.
     pub fn status(&self, now: i64) -> &'static str {
-        if self.revoked_at.is_some() {
+        self.terms().status(now)
+    }
+
+    /// What a usage report says about the key.
+    pub fn terms(&self) -> KeyTerms<'_> {
+        KeyTerms {
+            id: &self.id,
+            name: &self.name,
+            limits: self.limits(),
+            expires_at: self.expires_at,
+            revoked: self.revoked_at.is_some(),
+        }
+    }
+
+    /// The record as a stored row (lists in their stored JSON form), for [`KeySet`].
+    fn with_row<T>(&self, f: impl FnOnce(&KeyRow<'_>) -> T) -> T {
+        let list = |l: &[String]| serde_json::to_string(l).unwrap_or_else(|_| "[]".into());
+        let (scopes, allowed_models) = (list(&self.scopes), list(&self.allowed_models));
+        f(&KeyRow {
+            id: &self.id,
+            name: &self.name,
+            token_hash: self.token_hash,
+            previous: self.previous_hash.zip(self.previous_valid_until),
+            scopes: &scopes,
+            allowed_models: &allowed_models,
+            limits: self.limits(),
+            free_only: self.free_only,
+            expires_at: self.expires_at,
+            revoked: self.revoked_at.is_some(),
+        })
+    }
+}
+
+/// A key's terms as a usage report shows them, from a stored record or a live entry.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyTerms<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    pub limits: Limits,
+    pub expires_at: i64,
+    pub revoked: bool,
+}
+
+impl KeyTerms<'_> {
+    /// `active`, `expired` or `revoked` at `now`.
+    pub fn status(&self, now: i64) -> &'static str {
+        if self.revoked {
             "revoked"
         } else if now >= self.expires_at {
             "expired"
@@ -117,11 +165,70 @@ impl KeyRecord {
             "active"
         }
     }
+
+    pub fn budget_mode(&self) -> BudgetMode {
+        if self.limits.hard_budget {
+            BudgetMode::Hard
+        } else {
+            BudgetMode::Soft
+        }
+    }
+}
+
+/// One stored key as the snapshot needs it, borrowed from the database row: nothing is
+/// allocated to read it. Lists are in their stored form (see [`parse_list`]).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRow<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    pub token_hash: TokenHash,
+    /// The secret a rotation replaced, and the end of its grace period.
+    pub previous: Option<(TokenHash, i64)>,
+    pub scopes: &'a str,
+    pub allowed_models: &'a str,
+    pub limits: Limits,
+    pub free_only: bool,
+    pub expires_at: i64,
+    pub revoked: bool,
+}
+
+/// A key's live counters, made on its first use: a key not used since start-up costs no
+/// counters (at 1,000,000 keys that is most of them). Every snapshot's entry for the same
+/// key holds the same counters (see `KeySet`), so reloads never reset them. Reading them is
+/// one load of an initialised `OnceLock`, as cheap as the `Arc` it holds.
+#[derive(Debug, Default)]
+pub struct CounterSlot(OnceLock<Arc<KeyCounters>>);
+
+impl CounterSlot {
+    pub fn new(counters: Arc<KeyCounters>) -> CounterSlot {
+        CounterSlot(OnceLock::from(counters))
+    }
+
+    /// The counters, to share with another entry of the same key (made now if unused).
+    pub fn shared(&self) -> Arc<KeyCounters> {
+        self.get_or_make().clone()
+    }
+
+    fn get_or_make(&self) -> &Arc<KeyCounters> {
+        // A key without ledger rows at load has spent nothing this month and made no
+        // request today; any request since went through this very slot.
+        self.0
+            .get_or_init(|| Arc::new(KeyCounters::restored(now_ms(), 0, Vec::new())))
+    }
+}
+
+impl Deref for CounterSlot {
+    type Target = KeyCounters;
+
+    fn deref(&self) -> &KeyCounters {
+        self.get_or_make()
+    }
 }
 
 /// A key as the request path sees it: the fields every request reads first and together
 /// (`repr(C)` keeps them in declaration order, so they share cache lines), then the live
-/// counters, then the full record for management views.
+/// counters, then what usage reports and reloads need. Nothing else of the stored record is
+/// kept (management views read the store), so a million keys stay small and quick to load.
 #[derive(Debug)]
 #[repr(C)]
 pub struct KeyEntry {
@@ -134,24 +241,35 @@ pub struct KeyEntry {
     allowed: Option<IndexBits>,
     /// Alias indexes named in the allow-list (their whole chain is allowed).
     allowed_aliases: IndexBits,
-    pub counters: Arc<KeyCounters>,
+    pub counters: CounterSlot,
     /// The public id, shared into traces without copying.
     pub id: Arc<str>,
-    pub record: KeyRecord,
+    name: Box<str>,
+    token_hash: TokenHash,
+    /// The secret a rotation replaced and the end of its grace (rare, so boxed).
+    previous: Option<Box<(TokenHash, i64)>>,
 }
 
-impl KeyEntry {
-    pub fn new(record: KeyRecord, catalog: &Catalog, counters: Arc<KeyCounters>) -> KeyEntry {
-        let mut allowed_aliases = IndexBits::new(catalog.alias_names().len());
-        let allowed = if record.allowed_models.is_empty() {
+/// A key's allow-list as model and alias bits (see [`KeyEntry::may_use_model`]).
+#[derive(Debug, Clone)]
+pub(crate) struct AllowBits {
+    models: Option<IndexBits>,
+    aliases: IndexBits,
+}
+
+impl AllowBits {
+    pub(crate) fn new<S: AsRef<str>>(allowed_models: &[S], catalog: &Catalog) -> AllowBits {
+        let mut aliases = IndexBits::new(catalog.alias_names().len());
+        let models = if allowed_models.is_empty() {
             None
         } else {
             let mut bits = IndexBits::new(catalog.models().len());
-            for name in &record.allowed_models {
+            for name in allowed_models {
+                let name = name.as_ref();
                 if let Some(m) = catalog.model_index(name) {
                     bits.set(m);
                 } else if let Some(a) = catalog.alias_index(name) {
-                    allowed_aliases.set(a);
+                    aliases.set(a);
                     for &m in catalog.alias_chain(name).unwrap_or(&[]) {
                         bits.set(m);
                     }
@@ -159,18 +277,60 @@ impl KeyEntry {
             }
             Some(bits)
         };
+        AllowBits { models, aliases }
+    }
+}
+
+impl KeyEntry {
+    pub fn new(record: KeyRecord, catalog: &Catalog, counters: Arc<KeyCounters>) -> KeyEntry {
+        record.with_row(|row| {
+            KeyEntry::from_row(
+                row,
+                ScopeSet::from_names(&record.scopes),
+                AllowBits::new(&record.allowed_models, catalog),
+                CounterSlot::new(counters),
+            )
+        })
+    }
+
+    /// An entry from a stored row whose lists are already decoded.
+    pub(crate) fn from_row(
+        row: &KeyRow<'_>,
+        scopes: ScopeSet,
+        allow: AllowBits,
+        counters: CounterSlot,
+    ) -> KeyEntry {
         KeyEntry {
-            scopes: ScopeSet::from_names(&record.scopes),
-            free_only: record.free_only,
-            revoked: record.revoked_at.is_some(),
-            expires_at: record.expires_at,
-            limits: record.limits(),
-            allowed,
-            allowed_aliases,
+            scopes,
+            free_only: row.free_only,
+            revoked: row.revoked,
+            expires_at: row.expires_at,
+            limits: row.limits,
+            allowed: allow.models,
+            allowed_aliases: allow.aliases,
             counters,
-            id: Arc::from(record.id.as_str()),
-            record,
+            id: Arc::from(row.id),
+            name: Box::from(row.name),
+            token_hash: row.token_hash,
+            previous: row.previous.map(Box::new),
         }
+    }
+
+    /// What a usage report says about the key.
+    pub fn terms(&self) -> KeyTerms<'_> {
+        KeyTerms {
+            id: &self.id,
+            name: &self.name,
+            limits: self.limits,
+            expires_at: self.expires_at,
+            revoked: self.revoked,
+        }
+    }
+
+    /// The secrets that open this key: its current one (until `i64::MAX`), and the one a
+    /// rotation replaced while its grace lasts.
+    pub fn secrets(&self) -> impl Iterator<Item = (TokenHash, i64)> + '_ {
+        std::iter::once((self.token_hash, i64::MAX)).chain(self.previous.as_deref().copied())
     }
 
     /// Whether this key may be served by model `m` (allow-list and free-only).
@@ -260,6 +420,20 @@ pub fn parse_ttl(s: &str) -> Result<i64, String> {
         ));
     }
     Ok(secs)
+}
+
+/// Reads a stored list: a JSON array, or the comma-joined form of databases written before
+/// lists were stored as JSON. The empty list allocates nothing.
+pub fn parse_list(s: &str) -> Vec<String> {
+    if s == "[]" || s.is_empty() {
+        return Vec::new();
+    }
+    if s.starts_with('[') {
+        if let Ok(list) = serde_json::from_str(s) {
+            return list;
+        }
+    }
+    split_list(s)
 }
 
 /// Splits a comma list, dropping blanks.

@@ -8,7 +8,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use super::token::TokenHash;
-use super::{KeyEntry, KeyRecord};
+use super::{parse_list, AllowBits, CounterSlot, KeyEntry, KeyRecord, KeyRow, ScopeSet};
 use crate::catalog::Catalog;
 use crate::limits::KeyCounters;
 
@@ -72,22 +72,20 @@ impl KeySet {
         previous: Option<&KeySet>,
         mut restore: impl FnMut(&KeyRecord) -> KeyCounters,
     ) -> KeySet {
-        let mut base = Maps::<HashEntry> {
-            by_hash: DigestMap::with_capacity_and_hasher(records.len(), Default::default()),
-            by_id: HashMap::with_capacity(records.len()),
-        };
-        for record in records {
-            let entry = entry_for(record, catalog, previous, &mut restore);
-            for (hash, until) in secrets(&entry) {
-                base.by_hash.insert(hash, (entry.clone(), until));
-            }
-            base.by_id.insert(entry.id.clone(), Some(entry));
+        let mut builder = KeySetBuilder::new(records.len(), catalog, previous);
+        for record in &records {
+            record.with_row(|row| builder.add(row, |_| Some(restore(record))));
         }
-        KeySet {
-            len: base.by_id.len(),
-            base: Arc::new(base),
-            overlay: Maps::default(),
-        }
+        builder.finish()
+    }
+
+    /// A builder that takes stored rows one at a time (see [`KeySetBuilder`]).
+    pub fn builder<'a>(
+        capacity: usize,
+        catalog: &'a Catalog,
+        previous: Option<&'a KeySet>,
+    ) -> KeySetBuilder<'a> {
+        KeySetBuilder::new(capacity, catalog, previous)
     }
 
     /// A new snapshot with `changed` keys replaced (or added) and `removed` ids gone; every
@@ -103,7 +101,7 @@ impl KeySet {
         let mut len = self.len;
         let drop_old = |overlay: &mut Maps<Option<HashEntry>>, id: &str| {
             if let Some(old) = self.by_id(id) {
-                for (hash, _) in secrets(old) {
+                for (hash, _) in old.secrets() {
                     overlay.by_hash.insert(hash, None);
                 }
                 true
@@ -121,8 +119,12 @@ impl KeySet {
             if !drop_old(&mut overlay, &record.id) {
                 len += 1;
             }
-            let entry = entry_for(record, catalog, Some(self), &mut restore);
-            for (hash, until) in secrets(&entry) {
+            let counters = match self.by_id(&record.id) {
+                Some(old) => old.counters.shared(),
+                None => Arc::new(restore(&record)),
+            };
+            let entry = Arc::new(KeyEntry::new(record, catalog, counters));
+            for (hash, until) in entry.secrets() {
                 overlay.by_hash.insert(hash, Some((entry.clone(), until)));
             }
             overlay.by_id.insert(entry.id.clone(), Some(entry));
@@ -197,31 +199,73 @@ impl KeySet {
     }
 }
 
-/// A key's entry, with the counters of the same key in `previous` if it has them.
-fn entry_for(
-    record: KeyRecord,
-    catalog: &Catalog,
-    previous: Option<&KeySet>,
-    restore: &mut impl FnMut(&KeyRecord) -> KeyCounters,
-) -> Arc<KeyEntry> {
-    let counters = previous
-        .and_then(|p| p.by_id(&record.id))
-        .map(|e| e.counters.clone())
-        .unwrap_or_else(|| Arc::new(restore(&record)));
-    Arc::new(KeyEntry::new(record, catalog, counters))
+/// Builds a [`KeySet`] from stored rows in one pass, without a record per key: each row's
+/// lists are decoded once per distinct stored text (keys share a few scope and allow-list
+/// sets), the maps are sized up front, and a key's counters are made only if the ledger has
+/// something for it (or on first use).
+pub struct KeySetBuilder<'a> {
+    catalog: &'a Catalog,
+    previous: Option<&'a KeySet>,
+    base: Maps<HashEntry>,
+    scopes: HashMap<Box<str>, ScopeSet>,
+    allowed: HashMap<Box<str>, AllowBits>,
 }
 
-/// The secrets that open a key: its current one, and the one a rotation replaced while its
-/// grace lasts.
-fn secrets(entry: &KeyEntry) -> impl Iterator<Item = (TokenHash, i64)> {
-    let previous = match (
-        entry.record.previous_hash,
-        entry.record.previous_valid_until,
-    ) {
-        (Some(h), Some(until)) => Some((h, until)),
-        _ => None,
-    };
-    std::iter::once((entry.record.token_hash, i64::MAX)).chain(previous)
+impl<'a> KeySetBuilder<'a> {
+    /// `capacity`: the number of keys expected (the maps are sized for it).
+    pub fn new(capacity: usize, catalog: &'a Catalog, previous: Option<&'a KeySet>) -> Self {
+        KeySetBuilder {
+            catalog,
+            previous,
+            base: Maps {
+                by_hash: DigestMap::with_capacity_and_hasher(capacity, Default::default()),
+                by_id: HashMap::with_capacity(capacity),
+            },
+            scopes: HashMap::new(),
+            allowed: HashMap::new(),
+        }
+    }
+
+    /// Adds one key. Counters: the previous snapshot's for a key it has (the same ones, so
+    /// requests still running on it count there too); else `restore(id)`, where `None`
+    /// means "nothing in the ledger", and the counters are made on first use.
+    pub fn add(&mut self, row: &KeyRow<'_>, restore: impl FnOnce(&str) -> Option<KeyCounters>) {
+        let counters = match self.previous.and_then(|p| p.by_id(row.id)) {
+            Some(old) => CounterSlot::new(old.counters.shared()),
+            None => {
+                restore(row.id).map_or_else(CounterSlot::default, |c| CounterSlot::new(Arc::new(c)))
+            }
+        };
+        let scopes = match self.scopes.get(row.scopes) {
+            Some(s) => *s,
+            None => {
+                let s = ScopeSet::from_names(&parse_list(row.scopes));
+                self.scopes.insert(row.scopes.into(), s);
+                s
+            }
+        };
+        let allow = match self.allowed.get(row.allowed_models) {
+            Some(a) => a.clone(),
+            None => {
+                let a = AllowBits::new(&parse_list(row.allowed_models), self.catalog);
+                self.allowed.insert(row.allowed_models.into(), a.clone());
+                a
+            }
+        };
+        let entry = Arc::new(KeyEntry::from_row(row, scopes, allow, counters));
+        for (hash, until) in entry.secrets() {
+            self.base.by_hash.insert(hash, (entry.clone(), until));
+        }
+        self.base.by_id.insert(entry.id.clone(), Some(entry));
+    }
+
+    pub fn finish(self) -> KeySet {
+        KeySet {
+            len: self.base.by_id.len(),
+            base: Arc::new(self.base),
+            overlay: Maps::default(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -284,7 +328,7 @@ mod tests {
         let set = KeySet::build(vec![record(1, 1), record(2, 2)], &c, None, |_| {
             KeyCounters::default()
         });
-        let counters = set.by_id("key_1").unwrap().counters.clone();
+        let counters = set.by_id("key_1").unwrap().counters.shared();
         // key_1 rotated (new secret, old one in grace), key_2 removed, key_3 added.
         let mut rotated = record(1, 11);
         rotated.previous_hash = Some([1; 32]);
@@ -303,7 +347,7 @@ mod tests {
             Some(i64::MAX)
         );
         assert!(Arc::ptr_eq(
-            &next.by_id("key_1").unwrap().counters,
+            &next.by_id("key_1").unwrap().counters.shared(),
             &counters
         ));
         assert_eq!(next.iter().count(), 2);

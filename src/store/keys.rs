@@ -5,7 +5,8 @@ use rusqlite::{params, OptionalExtension, Row};
 
 use super::{Result, Store};
 use crate::keys::token::TokenHash;
-use crate::keys::{BudgetMode, KeyRecord};
+use crate::keys::{BudgetMode, KeyRecord, KeyRow};
+use crate::limits::Limits;
 use crate::money::Nanos;
 
 /// Fields `keys update` may change; `None` leaves a field alone.
@@ -72,18 +73,28 @@ fn join(list: &[String]) -> String {
 /// Reads a stored list: a JSON array, or the comma-joined form of databases written before
 /// lists were stored as JSON.
 pub(super) fn split(s: &str) -> Vec<String> {
-    if s.starts_with('[') {
-        if let Ok(list) = serde_json::from_str(s) {
-            return list;
-        }
-    }
-    crate::keys::split_list(s)
+    crate::keys::parse_list(s)
 }
 
 const KEY_COLUMNS: &str = "k.id, k.token_hash, k.prefix, k.name, k.scopes, k.rpm, k.rpd, \
      k.budget_nanos, k.budget_mode, k.allowed_models, k.free_only, k.client_id, k.created_at, \
      k.expires_at, k.revoked_at, u.at, k.max_inflight, k.prev_token_hash, k.prev_valid_until, \
      k.rotated_at";
+
+/// A text column, borrowed from the row.
+fn text<'r>(row: &'r Row<'_>, i: usize) -> rusqlite::Result<&'r str> {
+    let v = row.get_ref(i)?;
+    v.as_str()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, v.data_type(), Box::new(e)))
+}
+
+/// A 32-byte digest column (`None` for NULL or any other length).
+fn blob32(row: &Row<'_>, i: usize) -> rusqlite::Result<Option<TokenHash>> {
+    Ok(match row.get_ref(i)? {
+        rusqlite::types::ValueRef::Blob(b) => b.try_into().ok(),
+        _ => None,
+    })
+}
 
 fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
     let hash: Vec<u8> = row.get(1)?;
@@ -154,6 +165,51 @@ impl Store {
             }
             Ok(())
         })
+    }
+
+    /// How many keys the store holds.
+    pub fn key_count(&self) -> Result<usize> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM keys", [], |r| r.get(0))?;
+        Ok(n as usize)
+    }
+
+    /// Calls `f` with every key as a borrowed row, in storage order: one scan of `keys`, no
+    /// sort, no join and no allocation per key (start-up and full reloads of the snapshot).
+    pub fn for_each_key_row(&self, mut f: impl FnMut(&KeyRow<'_>)) -> Result<()> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, token_hash, name, scopes, allowed_models, rpm, rpd, budget_nanos,
+                budget_mode, max_inflight, free_only, expires_at, revoked_at, prev_token_hash,
+                prev_valid_until
+             FROM keys",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let previous = match (blob32(r, 13)?, r.get::<_, Option<i64>>(14)?) {
+                (Some(h), Some(until)) => Some((h, until)),
+                _ => None,
+            };
+            f(&KeyRow {
+                id: text(r, 0)?,
+                token_hash: blob32(r, 1)?.unwrap_or([0; 32]),
+                name: text(r, 2)?,
+                scopes: text(r, 3)?,
+                allowed_models: text(r, 4)?,
+                limits: Limits {
+                    rpm: r.get(5)?,
+                    rpd: r.get(6)?,
+                    budget: r.get::<_, Option<i64>>(7)?.map(Nanos::new),
+                    hard_budget: text(r, 8)? == BudgetMode::Hard.as_str(),
+                    max_inflight: r.get(9)?,
+                },
+                free_only: r.get(10)?,
+                expires_at: r.get(11)?,
+                revoked: r.get_ref(12)? != rusqlite::types::ValueRef::Null,
+                previous,
+            });
+        }
+        Ok(())
     }
 
     pub fn all_keys(&self) -> Result<Vec<KeyRecord>> {
