@@ -59,15 +59,20 @@ const MEDIA_TYPES: [&str; 7] = [
     "document",
 ];
 
+/// Words without which a body holds no media part (a `\u` escape could spell one), built
+/// once: a `memmem::find` per call would build its searcher on every request.
+static MEDIA_WORDS: std::sync::LazyLock<[memchr::memmem::Finder<'static>; 5]> =
+    std::sync::LazyLock::new(|| {
+        [&b"image"[..], b"audio", b"file", b"document", b"\\u"].map(memchr::memmem::Finder::new)
+    });
+
 /// The number of image, audio and file parts anywhere in a body: objects whose `type` is
 /// one of [`MEDIA_TYPES`], at any depth (tool results may hold images too). Most bodies
 /// mention no media word and use no `\u` escape, and are answered by a byte scan; the rest
 /// are walked with serde, which decodes escapes, so `"\u0074ype"` cannot hide a part. The
 /// walk builds no values.
 pub fn count_media_parts(body: &[u8]) -> u64 {
-    let maybe_media = [&b"image"[..], b"audio", b"file", b"document", b"\\u"]
-        .iter()
-        .any(|m| memchr::memmem::find(body, m).is_some());
+    let maybe_media = MEDIA_WORDS.iter().any(|f| f.find(body).is_some());
     if !maybe_media {
         return 0;
     }
