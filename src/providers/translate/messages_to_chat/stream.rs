@@ -19,8 +19,8 @@ use serde_json::value::RawValue;
 
 use super::from_chat_response::error_message;
 use super::{stop_reason, UsageOut};
-use crate::providers::sse::{SseEvent, SseFramer};
 use crate::providers::openai_usage::usage_from_json;
+use crate::providers::sse::{SseEvent, SseFramer};
 use crate::usage::Usage;
 
 #[derive(Deserialize)]
