@@ -123,6 +123,21 @@ wait_port "$MOCK_PORT" mock
 PIDS+=($!); BARE_PID=$!
 
 # 3. The gateway (1 thread) on a temp config and database, with one key.
+# The anthropic provider and model only for the /v1/messages row (with --no-stream the config
+# stays one an older build accepts, for GW_BIN comparisons).
+ANTHROPIC_PROVIDER=""; ANTHROPIC_MODEL=""
+if [ "$WITH_STREAM" = 1 ]; then
+  ANTHROPIC_PROVIDER="  - name: mock-anthropic
+    kind: anthropic
+    base_url: \"http://127.0.0.1:$MOCK_PORT\"
+    api_key_env: SPIDERGATE_BENCH_MOCK_KEY"
+  ANTHROPIC_MODEL="  - id: claude-bench
+    provider: mock-anthropic
+    input_usd_per_mtok: 3
+    output_usd_per_mtok: 15
+    cache_read_usd_per_mtok: 0.3
+    max_output_tokens: 16384"
+fi
 cat >"$TMP/gw.yaml" <<YAML
 listen: "127.0.0.1:$GW_PORT"
 database: "$TMP/gw.db"
@@ -131,22 +146,14 @@ providers:
     kind: openai
     base_url: "http://127.0.0.1:$MOCK_PORT/v1"
     api_key_env: SPIDERGATE_BENCH_MOCK_KEY
-  - name: mock-anthropic
-    kind: anthropic
-    base_url: "http://127.0.0.1:$MOCK_PORT"
-    api_key_env: SPIDERGATE_BENCH_MOCK_KEY
+$ANTHROPIC_PROVIDER
 models:
   - id: gpt-4o-mini
     provider: mock
     input_usd_per_mtok: 0.15
     output_usd_per_mtok: 0.60
     max_output_tokens: 16384
-  - id: claude-bench
-    provider: mock-anthropic
-    input_usd_per_mtok: 3
-    output_usd_per_mtok: 15
-    cache_read_usd_per_mtok: 0.3
-    max_output_tokens: 16384
+$ANTHROPIC_MODEL
 server:
   threads: 1
 YAML
