@@ -18,25 +18,26 @@ use crate::money::Nanos;
 use crate::providers::openai::{parse_request, RequestFields};
 use crate::providers::Plan;
 
-/// The body model `m` gets for this request: the client's with its model replaced, or its
-/// translation (400 for what cannot be translated).
+/// How model `m` is reached for this request, and the body it gets: the client's with its
+/// model replaced, or its translation (400 for what cannot be translated).
 pub fn upstream_body(
     catalog: &Catalog,
     endpoint: Endpoint,
     m: usize,
     body: &Bytes,
     fields: &RequestFields,
-) -> Result<Bytes, GateError> {
+) -> Result<(Plan, Bytes), GateError> {
     let model = &catalog.models()[m];
     let plan = Plan::new(endpoint, catalog.provider_of(m).kind).ok_or_else(|| {
         GateError::InvalidRequest(format!("model '{}' cannot serve this endpoint", model.id))
     })?;
-    plan.upstream_body(
+    let upstream = plan.upstream_body(
         body,
         fields,
         &model.upstream_id,
         u64::from(model.max_output_tokens),
-    )
+    )?;
+    Ok((plan, upstream))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,6 +172,8 @@ pub struct Admission {
     /// The models that may serve it, best first: those the key may use and whose provider
     /// can serve this endpoint.
     pub chain: Chain,
+    /// How the first attempt reaches its provider.
+    pub plan: Plan,
     /// The first attempt's body, as its provider gets it (built before anything is
     /// reserved, so a request that cannot be translated costs nothing).
     pub upstream_body: Bytes,
@@ -258,7 +261,7 @@ pub fn admit(
             endpoint.label()
         ))
     })?;
-    let upstream_body = upstream_body(catalog, endpoint, first, body, &fields)?;
+    let (plan, upstream_body) = upstream_body(catalog, endpoint, first, body, &fields)?;
     let bound = reservation_bound(
         catalog,
         &chain,
@@ -271,6 +274,7 @@ pub fn admit(
     Ok(Admission {
         fields,
         chain,
+        plan,
         upstream_body,
         standing,
         reservation,

@@ -6,6 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use spidergate::providers::sse::SseObserver;
 use spidergate::providers::{anthropic, responses};
 use spidergate::usage::Usage;
 

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use crate::error::GateError;
 use crate::usage::Usage;
 
-use super::sse::{SseEvent, SseFramer};
+use super::sse::{SseEvent, SseFramer, SseObserver};
 
 /// `usage` as Anthropic spells it. Every field is optional: a `message_delta` may carry
 /// only `output_tokens`.
@@ -133,19 +133,7 @@ impl SseUsage {
         SseUsage::default()
     }
 
-    pub fn feed(&mut self, chunk: &[u8]) {
-        let mut framer = std::mem::take(&mut self.framer);
-        framer.feed(chunk, &mut |e| self.event(e));
-        self.framer = framer;
-    }
-
-    pub fn finish(&mut self) {
-        let mut framer = std::mem::take(&mut self.framer);
-        framer.finish(&mut |e| self.event(e));
-        self.framer = framer;
-    }
-
-    fn event(&mut self, e: SseEvent<'_>) {
+    fn on_event(&mut self, e: SseEvent<'_>) {
         if let Some(ev) = parse_event(e.data) {
             self.observe(&ev);
         }
@@ -240,6 +228,16 @@ pub fn error_body_with(status: u16, message: &str) -> Vec<u8> {
     })
     .to_string()
     .into_bytes()
+}
+
+impl SseObserver for SseUsage {
+    fn framer(&mut self) -> &mut SseFramer {
+        &mut self.framer
+    }
+
+    fn event(&mut self, e: SseEvent<'_>) {
+        self.on_event(e);
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use bytes::{Bytes, BytesMut};
 use crate::providers::openai_usage::{usage_from_json, Forward, SseUsageParser};
 use crate::usage::Usage;
 
+use super::sse::SseObserver;
 use super::translate::{chat_to_messages, messages_to_chat};
 use super::{anthropic, responses, Plan};
 
@@ -177,22 +178,8 @@ impl ResponseCodec {
                 }
             }
             ResponseCodec::ChatSse(parser) => filter_chat_sse(parser, body, end_of_stream),
-            ResponseCodec::AnthropicSse(p) => {
-                if let Some(chunk) = body.as_ref() {
-                    p.feed(chunk);
-                }
-                if end_of_stream {
-                    p.finish();
-                }
-            }
-            ResponseCodec::ResponsesSse(p) => {
-                if let Some(chunk) = body.as_ref() {
-                    p.feed(chunk);
-                }
-                if end_of_stream {
-                    p.finish();
-                }
-            }
+            ResponseCodec::AnthropicSse(p) => observe(p, body, end_of_stream),
+            ResponseCodec::ResponsesSse(p) => observe(p, body, end_of_stream),
             ResponseCodec::Translate {
                 body: held,
                 plan,
@@ -212,24 +199,10 @@ impl ResponseCodec {
                 }
             }
             ResponseCodec::ChatFromMessagesSse(t, out) => {
-                if let Some(chunk) = body.as_ref() {
-                    t.feed(chunk, out);
-                }
-                if end_of_stream {
-                    t.finish(out);
-                }
-                *body = (!out.is_empty()).then(|| Bytes::copy_from_slice(out));
-                out.clear();
+                translate_stream(&mut **t, out, body, end_of_stream)
             }
             ResponseCodec::MessagesFromChatSse(t, out) => {
-                if let Some(chunk) = body.as_ref() {
-                    t.feed(chunk, out);
-                }
-                if end_of_stream {
-                    t.finish(out);
-                }
-                *body = (!out.is_empty()).then(|| Bytes::copy_from_slice(out));
-                out.clear();
+                translate_stream(&mut **t, out, body, end_of_stream)
             }
         }
     }
@@ -272,6 +245,57 @@ impl ResponseCodec {
             _ => None,
         }
     }
+}
+
+/// A stream passed on unchanged while an observer reads its usage.
+fn observe(p: &mut impl SseObserver, body: &Option<Bytes>, end_of_stream: bool) {
+    if let Some(chunk) = body.as_ref() {
+        p.feed(chunk);
+    }
+    if end_of_stream {
+        p.finish();
+    }
+}
+
+/// The two stream translators, one way of driving them.
+trait StreamTranslate {
+    fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>);
+    fn finish(&mut self, out: &mut Vec<u8>);
+}
+
+impl StreamTranslate for chat_to_messages::StreamTranslator {
+    fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        chat_to_messages::StreamTranslator::feed(self, chunk, out);
+    }
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        chat_to_messages::StreamTranslator::finish(self, out);
+    }
+}
+
+impl StreamTranslate for messages_to_chat::StreamTranslator {
+    fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        messages_to_chat::StreamTranslator::feed(self, chunk, out);
+    }
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        messages_to_chat::StreamTranslator::finish(self, out);
+    }
+}
+
+/// One upstream chunk replaced by its translation (`out` is reused across chunks).
+fn translate_stream(
+    t: &mut impl StreamTranslate,
+    out: &mut Vec<u8>,
+    body: &mut Option<Bytes>,
+    end_of_stream: bool,
+) {
+    if let Some(chunk) = body.as_ref() {
+        t.feed(chunk, out);
+    }
+    if end_of_stream {
+        t.finish(out);
+    }
+    *body = (!out.is_empty()).then(|| Bytes::copy_from_slice(out));
+    out.clear();
 }
 
 /// A held answer in the client's format: a success translated, an error put in the client's

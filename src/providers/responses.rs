@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::providers::openai_usage::usage_from_json;
 use crate::usage::Usage;
 
-use super::sse::{SseEvent, SseFramer};
+use super::sse::{SseEvent, SseFramer, SseObserver};
 
 #[derive(Deserialize)]
 struct Terminal<'a> {
@@ -43,19 +43,7 @@ impl SseUsage {
         SseUsage::default()
     }
 
-    pub fn feed(&mut self, chunk: &[u8]) {
-        let mut framer = std::mem::take(&mut self.framer);
-        framer.feed(chunk, &mut |e| self.event(e));
-        self.framer = framer;
-    }
-
-    pub fn finish(&mut self) {
-        let mut framer = std::mem::take(&mut self.framer);
-        framer.finish(&mut |e| self.event(e));
-        self.framer = framer;
-    }
-
-    fn event(&mut self, e: SseEvent<'_>) {
+    fn on_event(&mut self, e: SseEvent<'_>) {
         let name_or_data = if e.event.is_empty() { e.data } else { e.event };
         if e.event.ends_with(b".delta") || (e.event.is_empty() && has(e.data, b".delta\"")) {
             if let Ok(d) = serde_json::from_slice::<DeltaEvent<'_>>(e.data) {
@@ -95,6 +83,16 @@ impl SseUsage {
 
 fn has(hay: &[u8], needle: &[u8]) -> bool {
     memchr::memmem::find(hay, needle).is_some()
+}
+
+impl SseObserver for SseUsage {
+    fn framer(&mut self) -> &mut SseFramer {
+        &mut self.framer
+    }
+
+    fn event(&mut self, e: SseEvent<'_>) {
+        self.on_event(e);
+    }
 }
 
 #[cfg(test)]

@@ -133,6 +133,28 @@ impl SseFramer {
     }
 }
 
+/// A reader of an SSE stream that passes through unchanged (usage observers): it owns a
+/// framer and handles each event; `feed` and `finish` are the same for all of them.
+pub trait SseObserver {
+    fn framer(&mut self) -> &mut SseFramer;
+
+    fn event(&mut self, e: SseEvent<'_>);
+
+    fn feed(&mut self, chunk: &[u8]) {
+        // The framer is moved out for the call, so events can borrow `self` mutably.
+        let mut framer = std::mem::take(self.framer());
+        framer.feed(chunk, &mut |e| self.event(e));
+        *self.framer() = framer;
+    }
+
+    /// End of stream: an unterminated last event is handled as if terminated.
+    fn finish(&mut self) {
+        let mut framer = std::mem::take(self.framer());
+        framer.finish(&mut |e| self.event(e));
+        *self.framer() = framer;
+    }
+}
+
 /// Appends to a carried-over line, keeping at most `MAX_EVENT_BYTES + 1` bytes so that
 /// "longer than the cap" is decided the same way however the line was split.
 fn push_capped(line: &mut Vec<u8>, bytes: &[u8]) {

@@ -22,8 +22,8 @@ use crate::clock::{now_ms, Now};
 use crate::error::GateError;
 use crate::gate::Gate;
 use crate::keys::token::TokenHash;
+use crate::providers;
 use crate::providers::pool::{retry_after_ms, AllResting};
-use crate::providers::{self, Plan};
 use crate::report;
 use crate::shield::SHIELD_WINDOW;
 use crate::store::JournalRow;
@@ -120,13 +120,7 @@ impl GateProxy {
         });
         ctx.journal_id = Some(journal_id);
         ctx.standing = Some(adm.standing);
-        ctx.plan = Plan::new(
-            ctx.endpoint,
-            routes
-                .catalog
-                .provider_of(adm.chain.get(0).unwrap_or(0))
-                .kind,
-        );
+        ctx.plan = Some(adm.plan);
         ctx.upstream_body = Some(adm.upstream_body.clone());
         ctx.admission = Some(adm);
         Ok(())
@@ -223,9 +217,8 @@ impl GateProxy {
         let catalog = &ctx.snap.routes.catalog;
         let next = (ctx.attempt + 1..adm.chain.len()).find_map(|i| {
             let m = adm.chain.get(i)?;
-            let body =
+            let (plan, body) =
                 admission::upstream_body(catalog, ctx.endpoint, m, &ctx.body, &adm.fields).ok()?;
-            let plan = Plan::new(ctx.endpoint, catalog.provider_of(m).kind)?;
             Some((i, plan, body))
         });
         let Some((i, plan, body)) = next else {
@@ -448,13 +441,13 @@ impl ProxyHttp for GateProxy {
         let m = ctx
             .current_model()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no admitted model"))?;
-        let routes = ctx.snap.routes.clone();
-        let pidx = routes.catalog.models()[m].provider;
-        let provider = &routes.catalog.providers()[pidx];
-        match routes.provider_keys[pidx].pick(now_ms()) {
+        let pidx = ctx.snap.routes.catalog.models()[m].provider;
+        match ctx.snap.routes.provider_keys[pidx].pick(now_ms()) {
             Ok(key) => ctx.pool_key = key,
             Err(resting) => return Err(self.all_keys_resting(ctx, resting)),
         }
+        let routes = &ctx.snap.routes;
+        let provider = &routes.catalog.providers()[pidx];
         // SNI only matters for TLS; plain HTTP peers skip the allocation.
         let sni = if provider.tls {
             provider.host.clone()
