@@ -17,6 +17,7 @@ use spidergate::clock::now_ms;
 use spidergate::clock::Now;
 use spidergate::config::Config;
 use spidergate::keys::KeySet;
+use spidergate::limits::store::InProcess;
 use spidergate::limits::KeyCounters;
 use spidergate::manage::{mint, KeySpec};
 
@@ -70,6 +71,9 @@ fn bench(c: &mut Criterion, catalog: &Catalog) {
         // A synthetic clock 61 ms per request: no key ever exceeds 1,000 per minute, so every
         // iteration takes the admitting path (the 1-key case keeps a full rolling window).
         let mut now = now_ms();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
             b.iter(|| {
                 // Keys are found by hash, so walking the headers in order still visits the
@@ -80,15 +84,19 @@ fn bench(c: &mut Criterion, catalog: &Catalog) {
                 let hash = token_hash(Some(header), None).expect("token");
                 let key = lookup(&keys, &hash, now).expect("auth");
                 check_scope(&key, Endpoint::ChatCompletions).expect("scope");
-                let adm = admit(
-                    catalog,
-                    &key,
-                    Endpoint::ChatCompletions,
-                    &body,
-                    Now::at(now),
-                    25_000,
-                )
-                .expect("admit");
+                // The in-process store is ready at once: block_on never parks.
+                let adm = rt
+                    .block_on(admit(
+                        &InProcess,
+                        catalog,
+                        &key,
+                        Endpoint::ChatCompletions,
+                        &body,
+                        Now::at(now),
+                        25_000,
+                        0,
+                    ))
+                    .expect("admit");
                 key.counters.settle(adm.reservation, None);
                 black_box(adm.chain)
             })

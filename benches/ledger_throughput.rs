@@ -160,7 +160,13 @@ fn main() {
     let now = now_ms();
     let (entries, exp) = make_entries(n, now);
 
-    let ledger = SpendLedger::new(db.clone(), Duration::from_millis(500), 30, usize::MAX);
+    let ledger = SpendLedger::new(
+        spidergate::store::StoreLocation::Sqlite(db.clone()),
+        None,
+        Duration::from_millis(500),
+        30,
+        usize::MAX,
+    );
     ledger.start().expect("start the ledger writer");
     let t0 = Instant::now();
     for e in entries {

@@ -13,6 +13,7 @@ use crate::clock::Now;
 use crate::error::GateError;
 use crate::keys::token::{from_authorization, hash_token, is_well_formed, TokenHash};
 use crate::keys::{KeyEntry, KeySet, ScopeSet};
+use crate::limits::store::LimitStore;
 use crate::limits::{Reservation, Standing};
 use crate::money::Nanos;
 use crate::providers::openai::{parse_request, RequestFields};
@@ -243,13 +244,18 @@ pub fn reservation_bound(
 /// Body, model and per-key controls for an authenticated, in-scope model request. `now` and
 /// `key` must be read at the moment of decision (after the body arrived), so a body trickled
 /// across midnight or a key revoked during the upload is judged as things stand now.
-pub fn admit(
+/// `limits` takes the key's quota and budget hold last, in one step, once everything that
+/// can refuse the request for free has passed; `res_id` names the hold.
+#[allow(clippy::too_many_arguments)] // each is one fact of the decision; a struct would only rename them
+pub async fn admit<L: LimitStore>(
+    limits: &L,
     catalog: &Catalog,
-    key: &KeyEntry,
+    key: &Arc<KeyEntry>,
     endpoint: Endpoint,
     body: &Bytes,
     now: Now,
     media_part_tokens: u64,
+    res_id: u64,
 ) -> Result<Admission, GateError> {
     let fields = parse_request(body)?;
     let chain = catalog.resolve(&fields.model, key)?;
@@ -270,7 +276,7 @@ pub fn admit(
         body.len(),
         media_part_tokens,
     );
-    let (standing, reservation) = key.counters.admit(now, &key.limits, bound.cost)?;
+    let (standing, reservation) = limits.admit(key, now, bound.cost, res_id).await?;
     Ok(Admission {
         fields,
         chain,

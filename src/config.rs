@@ -31,6 +31,35 @@ struct RawConfig {
     aliases: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     server: RawServer,
+    shared_state: Option<RawSharedState>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSharedState {
+    postgres_url_env: Option<String>,
+    redis_url_env: Option<String>,
+    #[serde(default = "default_on_error")]
+    on_error: String,
+    /// How long a reservation outlives a node that stopped renewing it (a crashed node's
+    /// holds are charged at their estimate after this).
+    #[serde(default = "default_reservation_ttl_ms")]
+    reservation_ttl_ms: u64,
+    /// Longest wait for one Redis command before `on_error` applies.
+    #[serde(default = "default_shared_timeout_ms")]
+    timeout_ms: u64,
+}
+
+fn default_on_error() -> String {
+    "closed".into()
+}
+
+fn default_reservation_ttl_ms() -> u64 {
+    30_000
+}
+
+fn default_shared_timeout_ms() -> u64 {
+    250
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,6 +232,86 @@ pub struct AdminConfig {
     pub token_env: String,
 }
 
+/// What happens to a request when Redis (or PostgreSQL) cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// Hard-budget keys get 503 `limits_unavailable`; other keys use this node's limits.
+    Closed,
+    /// Every key falls back to this node's limits (counted in a warning metric).
+    Local,
+}
+
+/// `shared_state`: several gateway nodes sharing keys, ledger and traces (PostgreSQL) and
+/// live limits (Redis). URLs are read from the named environment variables at load.
+#[derive(Clone)]
+pub struct SharedState {
+    pub postgres_url: Option<String>,
+    pub redis_url: Option<String>,
+    pub on_error: OnError,
+    pub reservation_ttl: Duration,
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for SharedState {
+    // URLs may carry passwords: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedState")
+            .field("postgres", &self.postgres_url.is_some())
+            .field("redis", &self.redis_url.is_some())
+            .field("on_error", &self.on_error)
+            .field("reservation_ttl", &self.reservation_ttl)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+fn parse_shared_state(raw: RawSharedState) -> Result<SharedState, ConfigError> {
+    let url = |field: &str, env: Option<String>| -> Result<Option<String>, ConfigError> {
+        let Some(env) = env else { return Ok(None) };
+        match std::env::var(&env) {
+            Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
+            _ => err(
+                format!("shared_state.{field}"),
+                format!("environment variable {env} is not set"),
+            ),
+        }
+    };
+    let postgres_url = url("postgres_url_env", raw.postgres_url_env)?;
+    let redis_url = url("redis_url_env", raw.redis_url_env)?;
+    if postgres_url.is_none() && redis_url.is_none() {
+        return err(
+            "shared_state",
+            "names neither postgres_url_env nor redis_url_env",
+        );
+    }
+    let on_error = match raw.on_error.as_str() {
+        "closed" => OnError::Closed,
+        "local" => OnError::Local,
+        other => {
+            return err(
+                "shared_state.on_error",
+                format!("\"{other}\" is not closed or local"),
+            )
+        }
+    };
+    if !(1_000..=3_600_000).contains(&raw.reservation_ttl_ms) {
+        return err(
+            "shared_state.reservation_ttl_ms",
+            "must be between 1000 and 3600000",
+        );
+    }
+    if !(10..=10_000).contains(&raw.timeout_ms) {
+        return err("shared_state.timeout_ms", "must be between 10 and 10000");
+    }
+    Ok(SharedState {
+        postgres_url,
+        redis_url,
+        on_error,
+        reservation_ttl: Duration::from_millis(raw.reservation_ttl_ms),
+        timeout: Duration::from_millis(raw.timeout_ms),
+    })
+}
+
 #[derive(Debug, Clone)]
 pub struct Tuning {
     pub threads: usize,
@@ -242,6 +351,7 @@ pub struct Config {
     /// Alias name -> ranked model indexes.
     pub aliases: BTreeMap<String, Vec<usize>>,
     pub tuning: Tuning,
+    pub shared_state: Option<SharedState>,
 }
 
 /// A validation failure naming the field path.
@@ -272,6 +382,15 @@ pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
 }
 
 impl Config {
+    /// Where keys, ledger and traces live: PostgreSQL when `shared_state` names it, else the
+    /// SQLite file `database`.
+    pub fn store_location(&self) -> crate::store::StoreLocation {
+        match self.shared_state.as_ref().and_then(|s| s.postgres_url.clone()) {
+            Some(url) => crate::store::StoreLocation::Postgres(url),
+            None => crate::store::StoreLocation::Sqlite(self.database.clone()),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
@@ -291,8 +410,15 @@ impl Config {
             return err("listen", "required");
         };
         check_socket_addr("listen", &listen)?;
-        let Some(database) = raw.database else {
-            return err("database", "required");
+        let shared_state = raw.shared_state.map(parse_shared_state).transpose()?;
+        let on_postgres = shared_state
+            .as_ref()
+            .is_some_and(|s| s.postgres_url.is_some());
+        let database = match raw.database {
+            Some(d) => d,
+            // Unused: keys, ledger and traces are in PostgreSQL.
+            None if on_postgres => String::new(),
+            None => return err("database", "required"),
         };
         if raw.max_body_bytes == 0 {
             return err("max_body_bytes", "must be greater than 0");
@@ -455,6 +581,7 @@ impl Config {
             path: path.to_path_buf(),
             listen,
             database: PathBuf::from(database),
+            shared_state,
             max_body_bytes: raw.max_body_bytes,
             public_catalog: raw.public_catalog,
             public_url,

@@ -42,6 +42,8 @@ pub enum GateError {
     },
     /// A hard-budget key while the spend ledger cannot write.
     LedgerUnavailable,
+    /// Shared limits (Redis) unreachable, `on_error: closed`: hard-budget keys pause.
+    LimitsUnavailable,
     /// The provider refused every key of its pool (401/429) and none has rested enough.
     ProviderKeysResting {
         retry_after_secs: u64,
@@ -70,7 +72,7 @@ impl GateError {
             | GateError::ConcurrencyLimited { .. }
             | GateError::AuthFlood { .. }
             | GateError::ProviderKeysResting { .. } => 429,
-            GateError::LedgerUnavailable => 503,
+            GateError::LedgerUnavailable | GateError::LimitsUnavailable => 503,
             GateError::UpstreamError(_) => 502,
             GateError::UpstreamTimeout => 504,
             GateError::MethodNotAllowed => 405,
@@ -97,6 +99,7 @@ impl GateError {
             GateError::ConcurrencyLimited { .. } => "concurrency_limit_exceeded",
             GateError::ProviderKeysResting { .. } => "upstream_rate_limited",
             GateError::LedgerUnavailable => "ledger_unavailable",
+            GateError::LimitsUnavailable => "limits_unavailable",
             GateError::UpstreamError(_) => "upstream_error",
             GateError::UpstreamTimeout => "upstream_timeout",
             GateError::NotFound => "not_found",
@@ -128,7 +131,8 @@ impl GateError {
             GateError::UpstreamError(_)
             | GateError::UpstreamTimeout
             | GateError::ShuttingDown
-            | GateError::LedgerUnavailable => "api_error",
+            | GateError::LedgerUnavailable
+            | GateError::LimitsUnavailable => "api_error",
         }
     }
 
@@ -205,6 +209,7 @@ impl fmt::Display for GateError {
             GateError::AuthFlood { retry_after_secs } => write!(f, "Too many failed authentications from this address. Retry after {retry_after_secs} s."),
             GateError::ProviderKeysResting { retry_after_secs } => write!(f, "The provider is rate-limiting every key the gateway holds for it. Retry after {retry_after_secs} s."),
             GateError::LedgerUnavailable => f.write_str("Spend cannot be recorded right now, so hard-budget keys are paused; retry shortly or on another instance."),
+            GateError::LimitsUnavailable => f.write_str("The shared limits store cannot be reached, so hard-budget keys are paused; retry shortly."),
             GateError::UpstreamError(why) => write!(f, "Upstream provider error: {why}"),
             GateError::UpstreamTimeout => f.write_str("Upstream provider timed out."),
             GateError::NotFound => f.write_str("Unknown endpoint."),

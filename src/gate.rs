@@ -9,10 +9,14 @@ use arc_swap::ArcSwap;
 
 use crate::clock::{day_index, day_label, month_index, month_label, now_ms};
 use crate::config::Config;
-use crate::keys::KeySet;
-use crate::ledger::SpendLedger;
+use crate::clock::Now;
+use crate::keys::{KeyEntry, KeySet};
+use crate::limits::store::LimitStore;
+use crate::ledger::{ClusterNode, SpendLedger};
 use crate::limits::KeyCounters;
 use crate::metrics::Metrics;
+use crate::limits::store::InProcess;
+use crate::shared::{Limiter, SharedLimits};
 use crate::shield::{AuthShield, Sampler};
 use crate::snapshot::{Routes, Snapshot};
 use crate::store::{Store, StoreError};
@@ -35,6 +39,10 @@ pub struct Gate {
     /// The change-log position the current key set includes.
     loaded_change: AtomicI64,
     pub ledger: SpendLedger,
+    /// Live per-key limits: this node's counters, or Redis shared by the cluster.
+    pub limits: Limiter,
+    /// This gateway as a node of a cluster (`shared_state`), `None` on its own.
+    pub node: Option<ClusterNode>,
     pub metrics: Metrics,
     /// Requests between `new_ctx` and the end of `logging`.
     inflight: AtomicUsize,
@@ -55,8 +63,19 @@ impl Gate {
         let config_path = config.path.clone();
         let routes = Routes::build(config)?;
         let config = &routes.config;
+        let node = config.shared_state.as_ref().map(|s| ClusterNode {
+            owner: random_owner(),
+            ttl: s.reservation_ttl,
+        });
+        let limits = match (&config.shared_state, node) {
+            (Some(s), Some(n)) if s.redis_url.is_some() => Limiter::Shared(Arc::new(
+                SharedLimits::new(s, n.owner as u64, config.store_location())?,
+            )),
+            _ => Limiter::InProcess(InProcess),
+        };
         let ledger = SpendLedger::new(
-            config.database.clone(),
+            config.store_location(),
+            node,
             config.tuning.flush_interval,
             config.tuning.trace_retention_days,
             config.tuning.ledger_max_backlog,
@@ -72,6 +91,8 @@ impl Gate {
             config_path,
             loaded_change: AtomicI64::new(-1),
             ledger,
+            limits,
+            node,
             metrics: Metrics::default(),
             inflight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
@@ -79,9 +100,14 @@ impl Gate {
         };
         let mut store = gate.open_store().map_err(|e| format!("database: {e}"))?;
         // Before keys (and their month's spend) are loaded: a crash never makes a request free.
-        let orphans = store
-            .charge_orphans(process_is_live)
-            .map_err(|e| format!("database: charging orphaned admissions: {e}"))?;
+        let orphans = match node {
+            None => store.charge_orphans(process_is_live),
+            // Other nodes' admissions are theirs while their heartbeat is fresh.
+            Some(n) => store
+                .live_owners(now_ms() - n.ttl.as_millis() as i64)
+                .and_then(|live| store.charge_orphans(|o| live.contains(&o))),
+        }
+        .map_err(|e| format!("database: charging orphaned admissions: {e}"))?;
         if orphans > 0 {
             log::warn!(
                 "charged {orphans} requests left open by an unclean stop at their upper-bound cost"
@@ -108,7 +134,18 @@ impl Gate {
     }
 
     pub fn open_store(&self) -> Result<Store, StoreError> {
-        Store::open(&self.routes().config.database)
+        Store::open_at(&self.routes().config.store_location())
+    }
+
+    /// A key's live usage report, from a blocking thread (the admin API): this node's
+    /// counters, or one Redis read for a cluster.
+    pub fn live_usage_blocking(&self, key: &Arc<KeyEntry>) -> serde_json::Value {
+        let now = Now::read();
+        let view = match (&self.limits, tokio::runtime::Handle::try_current()) {
+            (Limiter::Shared(_), Ok(rt)) => rt.block_on(self.limits.view(key, now)),
+            _ => key.counters.view(now, &key.limits),
+        };
+        crate::report::live_usage(key, &view, now.wall)
     }
 
     /// Counts a request as in flight, until [`Gate::request_ended`] (its context's drop).
@@ -187,6 +224,10 @@ impl Gate {
             ("listen", config.listen != running.config.listen),
             ("database", config.database != running.config.database),
             (
+                "shared_state",
+                format!("{:?}", config.shared_state) != format!("{:?}", running.config.shared_state),
+            ),
+            (
                 "admin.listen",
                 config.admin.as_ref().map(|a| &a.listen)
                     != running.config.admin.as_ref().map(|a| &a.listen),
@@ -202,6 +243,7 @@ impl Gate {
         }
         config.listen = running.config.listen.clone();
         config.database = running.config.database.clone();
+        config.shared_state = running.config.shared_state.clone();
         config.admin = running.config.admin.clone();
         config.tuning.threads = running.config.tuning.threads;
         let routes = Arc::new(Routes::build(config)?);
@@ -262,6 +304,16 @@ impl Gate {
         self.loaded_change.store(version, Ordering::Release);
         Ok(())
     }
+}
+
+/// A random positive id for this process as a cluster node (journal owner, Redis holds).
+fn random_owner() -> i64 {
+    let mut b = [0u8; 8];
+    // No entropy is a broken machine; the clock still tells two starts apart.
+    if getrandom::getrandom(&mut b).is_err() {
+        b = now_ms().to_le_bytes();
+    }
+    (i64::from_le_bytes(b) & i64::MAX).max(1)
 }
 
 /// Whether the process that journaled an admission still runs (another gateway that handed

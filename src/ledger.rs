@@ -13,7 +13,6 @@
 //! after a crash the next start charges what was left open.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -21,9 +20,22 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use crate::clock::{now_ms, MS_PER_DAY};
-use crate::store::{Batch, JournalRow, LedgerEntry, Store};
+use crate::store::{Batch, JournalRow, LedgerEntry, Store, StoreLocation};
 
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// How often a cluster node writes its heartbeat and sweeps stopped nodes' journals.
+const CLUSTER_EVERY: Duration = Duration::from_secs(1);
+
+/// This gateway among the nodes sharing one PostgreSQL ledger.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterNode {
+    /// The `owner` of this process's journal rows (random per process).
+    pub owner: i64,
+    /// A node whose heartbeat is older than this has stopped: its open admissions are
+    /// charged at their upper-bound cost by whichever node sweeps first.
+    pub ttl: Duration,
+}
 
 enum Msg {
     Entry(LedgerEntry),
@@ -67,7 +79,8 @@ pub struct SpendLedger {
     sender: Sender<Msg>,
     rx: Mutex<Option<Receiver<Msg>>>,
     writer: OnceLock<Thread>,
-    db: PathBuf,
+    db: StoreLocation,
+    cluster: Option<ClusterNode>,
     flush_interval: Duration,
     retention_days: u32,
     max_backlog: usize,
@@ -79,23 +92,31 @@ impl SpendLedger {
     /// Creates the ledger; entries queue until [`SpendLedger::start`] spawns the writer (which
     /// must happen after Pingora daemonizes, since a fork keeps no threads).
     pub fn new(
-        db: PathBuf,
+        db: StoreLocation,
+        cluster: Option<ClusterNode>,
         flush_interval: Duration,
         retention_days: u32,
         max_backlog: usize,
     ) -> SpendLedger {
         let (tx, rx) = mpsc::channel();
+        // Unique across restarts: the start time in ms, shifted, plus a counter. In a
+        // cluster the ids also name holds in Redis, so they are unique across nodes too:
+        // the node's random owner id above 40 bits of counter.
+        let first_id = match cluster {
+            None => now_ms().max(0) << 20,
+            Some(n) => (n.owner & 0x7F_FFFF) << 40,
+        };
         SpendLedger {
             sender: tx,
             rx: Mutex::new(Some(rx)),
             writer: OnceLock::new(),
             db,
+            cluster,
             flush_interval,
             retention_days,
             max_backlog,
             health: Arc::default(),
-            // Unique across restarts: the start time in ms, shifted, plus a counter.
-            next_journal_id: AtomicI64::new(now_ms().max(0) << 20),
+            next_journal_id: AtomicI64::new(first_id),
         }
     }
 
@@ -129,9 +150,13 @@ impl SpendLedger {
         let Some(rx) = self.rx.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return Ok(());
         };
-        let store = Store::open(&self.db).map_err(std::io::Error::other)?;
+        let mut store = Store::open_at(&self.db).map_err(std::io::Error::other)?;
+        if let Some(node) = self.cluster {
+            store.set_owner(node.owner);
+        }
         let writer = Writer {
             store,
+            cluster: self.cluster,
             rx,
             flush_interval: self.flush_interval,
             retention_ms: self.retention_days as i64 * MS_PER_DAY,
@@ -177,6 +202,7 @@ impl SpendLedger {
 
 struct Writer {
     store: Store,
+    cluster: Option<ClusterNode>,
     rx: Receiver<Msg>,
     flush_interval: Duration,
     retention_ms: i64,
@@ -191,7 +217,14 @@ struct Writer {
 impl Writer {
     fn run(mut self) {
         let mut last_prune = Instant::now();
+        let mut last_cluster = None::<Instant>;
         loop {
+            if let Some(node) = self.cluster {
+                if last_cluster.is_none_or(|t| t.elapsed() >= CLUSTER_EVERY) {
+                    last_cluster = Some(Instant::now());
+                    self.cluster_upkeep(node);
+                }
+            }
             let deadline = Instant::now() + self.flush_interval;
             // Park until the interval ends; an unpark (flush request) ends it early.
             loop {
@@ -218,6 +251,33 @@ impl Writer {
                     log::warn!("trace retention prune failed: {e}");
                 }
             }
+        }
+    }
+
+    /// Writes this node's heartbeat, then charges the open admissions of nodes whose
+    /// heartbeat stopped (crashed, or killed) at their upper-bound cost.
+    fn cluster_upkeep(&mut self, node: ClusterNode) {
+        let now = now_ms();
+        if let Err(e) = self.store.heartbeat(node.owner, now) {
+            log::warn!("ledger: cannot write this node's heartbeat: {e}");
+            return;
+        }
+        let live = match self.store.live_owners(now - node.ttl.as_millis() as i64) {
+            Ok(live) => live,
+            Err(e) => {
+                log::warn!("ledger: cannot read the nodes' heartbeats: {e}");
+                return;
+            }
+        };
+        match self
+            .store
+            .charge_orphans(|owner| owner == node.owner || live.contains(&owner))
+        {
+            Ok(0) => {}
+            Ok(n) => log::warn!(
+                "ledger: charged {n} requests left open by a stopped node at their upper-bound cost"
+            ),
+            Err(e) => log::warn!("ledger: charging a stopped node's open requests failed: {e}"),
         }
     }
 

@@ -13,6 +13,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+pub mod store;
+
 use crate::clock::{day_index, month_index, Now, MS_PER_DAY};
 use crate::error::GateError;
 use crate::money::Nanos;
@@ -135,6 +137,9 @@ struct CounterState {
     /// (their rolling window is not kept, so it costs no memory).
     report_minute: i64,
     report_count: u32,
+    /// The last standing a shared store (Redis) answered for this key, for the rate-limit
+    /// headers of answers that admit nothing (asking the store again would cost a round trip).
+    shared_standing: Option<Standing>,
 }
 
 /// What an admitted request reports back in its rate-limit headers.
@@ -156,9 +161,26 @@ pub struct Standing {
 pub struct Reservation {
     held: Nanos,
     month: i64,
+    /// The hold's id in a shared store (Redis), if it was taken there; `None` for this
+    /// node's own counters (single node, or a fallback while the shared store is down).
+    shared: Option<u64>,
 }
 
 impl Reservation {
+    /// A hold taken in a shared store, which alone can release it.
+    pub fn in_shared_store(held: Nanos, month: i64, id: u64) -> Reservation {
+        Reservation {
+            held,
+            month,
+            shared: Some(id),
+        }
+    }
+
+    /// The shared store's id of this hold; `None` if this node's counters hold it.
+    pub fn shared_id(&self) -> Option<u64> {
+        self.shared
+    }
+
     /// The amount held against the budget (zero for keys without a hard budget).
     pub fn held(&self) -> Nanos {
         self.held
@@ -307,6 +329,7 @@ impl KeyCounters {
             Reservation {
                 held,
                 month: s.month,
+                shared: None,
             },
         ))
     }
@@ -320,6 +343,21 @@ impl KeyCounters {
         s.usage_calls.check(now, limits)?;
         s.usage_calls.count(now, limits);
         Ok(s.standing(now, limits))
+    }
+
+    /// Remembers what the shared store answered at this key's last admission.
+    pub fn note_shared_standing(&self, standing: Standing) {
+        self.lock().shared_standing = Some(standing);
+    }
+
+    /// The last standing the shared store answered; a fresh one (nothing used) if none.
+    pub fn shared_standing(&self, limits: &Limits) -> Standing {
+        self.lock().shared_standing.unwrap_or(Standing {
+            rpm: limits.rpm,
+            remaining: limits.rpm,
+            reset_secs: 0,
+            budget_warning: false,
+        })
     }
 
     /// Headers for a request that was rejected before admission (nothing consumed).

@@ -234,8 +234,12 @@ fn main() -> ExitCode {
 }
 
 fn open(config: &Config) -> Result<Store, String> {
-    Store::open(&config.database)
-        .map_err(|e| format!("database {}: {e}", config.database.display()))
+    let at = config.store_location();
+    Store::open_at(&at).map_err(|e| match at {
+        spidergate::store::StoreLocation::Sqlite(p) => format!("database {}: {e}", p.display()),
+        // The URL may carry a password: not printed.
+        spidergate::store::StoreLocation::Postgres(_) => format!("database (PostgreSQL): {e}"),
+    })
 }
 
 /// A key looked up by id, or the CLI's "no key" error.

@@ -314,3 +314,56 @@ pub fn render_provider_keys(s: &mut String, routes: &crate::snapshot::Routes, no
     s.push_str("# HELP spidergate_provider_key_consecutive_failures Refusals (401/429) of the key since its last success.\n# TYPE spidergate_provider_key_consecutive_failures gauge\n");
     s.push_str(&strikes);
 }
+
+/// The shared limits store (Redis) of a cluster node: reachability, fallbacks, and the
+/// holds and settlements it is looking after.
+pub fn render_shared(s: &mut String, shared: &crate::shared::SharedLimits) {
+    let h = &shared.health;
+    let rows = [
+        (
+            "spidergate_shared_limits_up",
+            "gauge",
+            "1 while Redis answers; 0 while on_error applies.",
+            u64::from(h.redis_up.load(Relaxed)),
+        ),
+        (
+            "spidergate_limits_fallback_total",
+            "counter",
+            "Admissions decided by this node's own counters because Redis was unreachable (warning: limits are per node meanwhile).",
+            h.fallbacks.load(Relaxed),
+        ),
+        (
+            "spidergate_limits_unavailable_total",
+            "counter",
+            "Hard-budget requests refused with 503 limits_unavailable (on_error: closed).",
+            h.refused.load(Relaxed),
+        ),
+        (
+            "spidergate_reservations_reaped_total",
+            "counter",
+            "Holds of stopped nodes that this node charged at their estimate.",
+            h.reaped.load(Relaxed),
+        ),
+        (
+            "spidergate_settlements_pending",
+            "gauge",
+            "Settlements waiting for Redis to answer again.",
+            h.unsettled.load(Relaxed),
+        ),
+        (
+            "spidergate_late_settlements_total",
+            "counter",
+            "Requests that finished after their hold had expired (charged at the estimate).",
+            h.late_settles.load(Relaxed),
+        ),
+        (
+            "spidergate_redis_commands_total",
+            "counter",
+            "Commands sent to Redis (about two per admitted request).",
+            shared.redis().round_trips(),
+        ),
+    ];
+    for (name, kind, help, v) in rows {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+}

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use crate::catalog::Catalog;
 use std::sync::Arc;
 
-use crate::clock::{day_index, day_label, month_label, month_start_ms, rfc3339, Now};
+use crate::clock::{day_index, day_label, month_label, month_start_ms, rfc3339};
 use crate::keys::{KeyEntry, KeyRecord, KeyTerms};
 use crate::limits::{CounterView, ModelTally};
 use crate::money::Nanos;
@@ -171,11 +171,11 @@ pub fn stored_usage(
     Ok(usage_json(&k.terms(), month, &rows, &live, now))
 }
 
-/// Usage as the running gateway sees it, from the key's live counters alone: exact (every
-/// settled request is in them), and no database read or commit.
-pub fn live_usage(key: &KeyEntry, now: Now) -> Value {
-    let live = key.counters.view(now, &key.limits);
-    usage_json(&key.terms(), live.month, &live.by_model, &live, now.wall)
+/// Usage as the running gateway sees it, from the key's live counters alone (this node's,
+/// or the cluster's in Redis): exact (every settled request is in them), and no database
+/// read or commit.
+pub fn live_usage(key: &KeyEntry, live: &CounterView, now_wall: i64) -> Value {
+    usage_json(&key.terms(), live.month, &live.by_model, live, now_wall)
 }
 
 pub fn trace_json(t: &TraceRow) -> Value {

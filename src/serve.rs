@@ -33,6 +33,9 @@ impl BackgroundService for Maintenance {
             log::error!("cannot start the ledger writer, exiting: {e}");
             std::process::exit(1);
         }
+        if let Some(shared) = self.gate.limits.shared() {
+            tokio::spawn(shared.clone().run(shutdown.clone()));
+        }
         let mut store = None;
         let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         {

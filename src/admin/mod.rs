@@ -15,7 +15,7 @@ use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
 use crate::clock::{
-    day_label, days_from_civil, month_index, month_label, now_ms, parse_month, Now,
+    day_label, days_from_civil, month_index, month_label, now_ms, parse_month,
 };
 use crate::gate::Gate;
 use crate::keys::KeyRecord;
@@ -147,6 +147,9 @@ impl AdminApp {
                     let mut text = self.gate.metrics.render(self.gate.ledger.health());
                     let routes = &self.gate.snapshot().routes;
                     crate::metrics::render_provider_keys(&mut text, routes, crate::clock::now_ms());
+                    if let Some(shared) = self.gate.limits.shared() {
+                        crate::metrics::render_shared(&mut text, shared);
+                    }
                     text.into_bytes()
                 },
                 page: false,
@@ -296,7 +299,7 @@ fn handle(
                 let live = gate.keys().by_id(id).cloned();
                 match live {
                     Some(entry) if month == month_index(now) => {
-                        Ok(Reply::json(200, report::live_usage(&entry, Now::read())))
+                        Ok(Reply::json(200, gate.live_usage_blocking(&entry)))
                     }
                     _ => {
                         let k = keys.get(id).map_err(Reply::key_error)?;
@@ -389,7 +392,7 @@ fn info_json(gate: &Gate) -> Value {
 /// snapshot does not hold yet).
 fn live_usage_json(gate: &Gate, k: &KeyRecord) -> Value {
     match gate.keys().by_id(&k.id) {
-        Some(entry) => report::live_usage(entry, Now::read()),
+        Some(entry) => gate.live_usage_blocking(entry),
         None => json!({"month": month_label(month_index(now_ms())), "spend_usd": 0.0,
                        "by_model": {}, "requests_today": 0, "requests_this_minute": 0}),
     }

@@ -9,6 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use pingora_http::ResponseHeader;
 
+use crate::limits::store::LimitStore;
 use crate::admission::{Admission, Endpoint};
 use crate::error::GateError;
 use crate::gate::Gate;
@@ -205,18 +206,11 @@ impl RequestCtx {
         let admitted = self.admission.is_some();
         let mut requested_model = None;
         let mut ts = self.started_ms;
+        let mut reservation = None;
         if let Some(adm) = self.admission.take() {
-            if let Some(key) = &self.key {
-                let charge = served.map(|m| Charge {
-                    model: &routes.model_names[m],
-                    prompt_tokens: usage.prompt_tokens,
-                    completion_tokens: usage.completion_tokens,
-                    cost,
-                });
-                key.counters.settle(adm.reservation, charge);
-            }
             ts = adm.admitted_at;
             requested_model = Some(adm.fields.model);
+            reservation = Some(adm.reservation);
         }
         let outcome = match self.error_code {
             Some(code) => code,
@@ -262,9 +256,21 @@ impl RequestCtx {
             journal_id: self.journal_id,
             keep_trace,
         });
-        // Only now, with the entry queued: a `/v1/usage` waiting on it may nudge the writer.
-        if let (true, Some(key)) = (self.finishing, &self.key) {
-            key.counters.finishing_ended();
+        // Settled only now, with the entry queued: a `/v1/usage` waiting on the settlement
+        // may nudge the writer. The limiter ends the key's `finishing` once the cost is booked
+        // (at once here, or after the round trip to a shared store).
+        match (reservation, &self.key) {
+            (Some(r), Some(key)) => {
+                let charge = served.map(|m| Charge {
+                    model: &routes.model_names[m],
+                    prompt_tokens: usage.prompt_tokens,
+                    completion_tokens: usage.completion_tokens,
+                    cost,
+                });
+                gate.limits.settle(key, r, charge, self.finishing);
+            }
+            (None, Some(key)) if self.finishing => key.counters.finishing_ended(),
+            _ => {}
         }
     }
 }

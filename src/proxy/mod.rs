@@ -17,6 +17,7 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::limits::store::LimitStore;
 use crate::admission::{self, Endpoint};
 use crate::clock::{now_ms, Now};
 use crate::error::GateError;
@@ -62,7 +63,7 @@ impl GateProxy {
         ctx.error_code = Some(err.code());
         let standing = match (&ctx.standing, &ctx.key) {
             (Some(s), _) => Some(*s),
-            (None, Some(k)) => Some(k.counters.standing(Now::read(), &k.limits)),
+            (None, Some(k)) => Some(self.gate.limits.standing(k, Now::read())),
             (None, None) => None,
         };
         let body = providers::error_body(ctx.endpoint, &err);
@@ -79,7 +80,7 @@ impl GateProxy {
         ctx.status = 200;
         let standing = match (&ctx.standing, &ctx.key) {
             (Some(s), _) => Some(*s),
-            (None, Some(k)) => Some(k.counters.standing(Now::read(), &k.limits)),
+            (None, Some(k)) => Some(self.gate.limits.standing(k, Now::read())),
             (None, None) => None,
         };
         send_json(session, 200, body, standing.as_ref(), None).await?;
@@ -90,7 +91,11 @@ impl GateProxy {
     /// key are read again now (a slow upload must not carry an old month, or a key revoked
     /// meanwhile), then body, model, budget and limits are checked and the admission is
     /// journaled.
-    fn admit(&self, ctx: &mut RequestCtx, hash: &TokenHash) -> std::result::Result<(), GateError> {
+    async fn admit(
+        &self,
+        ctx: &mut RequestCtx,
+        hash: &TokenHash,
+    ) -> std::result::Result<(), GateError> {
         let now = Now::read();
         // The decision uses the snapshot of now; the rest of the request keeps it.
         ctx.snap = self.gate.snapshot();
@@ -104,8 +109,18 @@ impl GateProxy {
             return Err(GateError::LedgerUnavailable);
         }
         let media = u64::from(routes.config.tuning.media_part_tokens);
-        let adm = admission::admit(&routes.catalog, &key, ctx.endpoint, &ctx.body, now, media)?;
         let journal_id = self.gate.ledger.journal_id();
+        let adm = admission::admit(
+            &self.gate.limits,
+            &routes.catalog,
+            &key,
+            ctx.endpoint,
+            &ctx.body,
+            now,
+            media,
+            journal_id as u64,
+        )
+        .await?;
         let served = adm.chain.get(adm.bound.model).unwrap_or(0);
         self.gate.ledger.journal(JournalRow {
             id: journal_id,
@@ -146,23 +161,38 @@ impl GateProxy {
     /// cannot write (hard-budget keys are paused then), so a balancer can move traffic.
     async fn health(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let ledger = self.gate.ledger.health();
+        let redis_up = self.gate.limits.shared().map(|s| s.redis_up());
+        let mut body = serde_json::json!({
+            "status": if ledger.failing() || redis_up == Some(false) { "degraded" } else { "ok" },
+            "ledger": if ledger.failing() { "failing" } else { "ok" },
+        });
         if ledger.failing() {
-            ctx.status = 503;
-            let body = serde_json::json!({
-                "status": "degraded",
-                "ledger": "failing",
-                "ledger_backlog": ledger.backlog(),
-            });
-            let mut resp = ResponseHeader::build(503, Some(2))?;
-            resp.insert_header("content-type", "application/json")?;
-            let body = Bytes::from(body.to_string());
-            resp.insert_header("content-length", body.len().to_string())?;
-            session.write_response_header(Box::new(resp), false).await?;
-            session.write_response_body(Some(body), true).await?;
-            return Ok(true);
+            body["ledger_backlog"] = ledger.backlog().into();
         }
-        self.answer(session, ctx, br#"{"status":"ok","ledger":"ok"}"#.to_vec())
-            .await
+        // Each shared dependency of a cluster node, by name.
+        if self.gate.node.is_some() {
+            let on_pg = matches!(
+                ctx.snap.routes.config.store_location(),
+                crate::store::StoreLocation::Postgres(_)
+            );
+            if on_pg {
+                body["postgres"] = if ledger.failing() { "failing" } else { "ok" }.into();
+            }
+        }
+        if let Some(up) = redis_up {
+            body["redis"] = if up { "ok" } else { "unreachable" }.into();
+        }
+        // Only a ledger that cannot write stops this node serving (every node shares Redis,
+        // so moving traffic would not help; `on_error` decides what Redis' absence means).
+        let status = if ledger.failing() { 503 } else { 200 };
+        ctx.status = status;
+        let mut resp = ResponseHeader::build(status, Some(2))?;
+        resp.insert_header("content-type", "application/json")?;
+        let body = Bytes::from(body.to_string());
+        resp.insert_header("content-length", body.len().to_string())?;
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await?;
+        Ok(true)
     }
 
     /// Catalog, usage and health: answered by the gateway itself.
@@ -189,13 +219,15 @@ impl GateProxy {
                 let Some(key) = ctx.key.clone() else {
                     return self.reject(session, ctx, GateError::InvalidApiKey).await;
                 };
-                match key.counters.admit_usage_call(Now::read(), &key.limits) {
+                match self.gate.limits.admit_usage_call(&key, Now::read()).await {
                     Ok(standing) => ctx.standing = Some(standing),
                     Err(e) => return self.reject(session, ctx, e).await,
                 }
                 key.counters.settled(SETTLE_WAIT).await;
                 self.gate.ledger.nudge();
-                report::live_usage(&key, Now::read())
+                let now = Now::read();
+                let live = self.gate.limits.view(&key, now).await;
+                report::live_usage(&key, &live, now.wall)
                     .to_string()
                     .into_bytes()
             }
@@ -426,7 +458,7 @@ impl ProxyHttp for GateProxy {
             }
         };
         ctx.body = body;
-        match self.admit(ctx, &hash) {
+        match self.admit(ctx, &hash).await {
             Ok(()) => Ok(false),
             Err(e) => self.reject(session, ctx, e).await,
         }

@@ -1,0 +1,438 @@
+//! State the nodes of a cluster share (`shared_state`): live limits in Redis, with this
+//! node's own counters as the fallback `on_error` allows, and the [`Limiter`] the request
+//! path uses, which is either this or the in-process store.
+//!
+//! What is shared, what stays local, and why a hard budget cannot be overshot:
+//! `docs/cluster.md`.
+
+pub mod redis;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::clock::{day_label, month_label, Now};
+use crate::config::{OnError, SharedState};
+use crate::error::GateError;
+use crate::keys::KeyEntry;
+use crate::limits::store::{InProcess, LimitStore};
+use crate::limits::{Charge, CounterView, ModelTally, Reservation, Standing};
+use crate::money::Nanos;
+use crate::store::{Store, StoreLocation};
+
+use self::redis::{Admit, RedisLimits, SharedError};
+
+/// The live limits the request path uses: this node's, or the cluster's.
+pub enum Limiter {
+    InProcess(InProcess),
+    Shared(Arc<SharedLimits>),
+}
+
+impl Limiter {
+    pub fn shared(&self) -> Option<&Arc<SharedLimits>> {
+        match self {
+            Limiter::Shared(s) => Some(s),
+            Limiter::InProcess(_) => None,
+        }
+    }
+}
+
+impl LimitStore for Limiter {
+    fn admit(
+        &self,
+        key: &Arc<KeyEntry>,
+        now: Now,
+        bound: Nanos,
+        res_id: u64,
+    ) -> impl Future<Output = Result<(Standing, Reservation), GateError>> + Send {
+        let shared = self.shared().cloned();
+        let key = key.clone();
+        async move {
+            match shared {
+                None => InProcess::admit_now(&key, now, bound),
+                Some(s) => s.admit(&key, now, bound, res_id).await,
+            }
+        }
+    }
+
+    fn admit_usage_call(
+        &self,
+        key: &Arc<KeyEntry>,
+        now: Now,
+    ) -> impl Future<Output = Result<Standing, GateError>> + Send {
+        let shared = self.shared().cloned();
+        let key = key.clone();
+        async move {
+            match shared {
+                None => key.counters.admit_usage_call(now, &key.limits),
+                Some(s) => s.admit_usage_call(&key, now).await,
+            }
+        }
+    }
+
+    fn standing(&self, key: &KeyEntry, now: Now) -> Standing {
+        match self {
+            Limiter::InProcess(l) => l.standing(key, now),
+            Limiter::Shared(_) => key.counters.shared_standing(&key.limits),
+        }
+    }
+
+    fn settle(
+        &self,
+        key: &Arc<KeyEntry>,
+        reservation: Reservation,
+        charge: Option<Charge<'_>>,
+        finishing: bool,
+    ) {
+        match (self, reservation.shared_id()) {
+            (Limiter::Shared(s), Some(id)) => s.settle(key, id, charge, finishing),
+            // Taken by this node's counters (one node, or a fallback): released there.
+            _ => InProcess::settle_now(key, reservation, charge, finishing),
+        }
+    }
+
+    fn view(&self, key: &Arc<KeyEntry>, now: Now) -> impl Future<Output = CounterView> + Send {
+        let shared = self.shared().cloned();
+        let key = key.clone();
+        async move {
+            match shared {
+                None => key.counters.view(now, &key.limits),
+                Some(s) => s.view(&key, now).await,
+            }
+        }
+    }
+}
+
+/// A settlement Redis did not take (it was down): retried by [`SharedLimits::run`] until
+/// it is, so the node's heartbeat never keeps a finished request's hold alive.
+struct Unsettled {
+    key_id: Arc<str>,
+    res_id: u64,
+    charge: Option<OwnedCharge>,
+}
+
+#[derive(Clone)]
+struct OwnedCharge {
+    model: Arc<str>,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    cost: Nanos,
+}
+
+impl OwnedCharge {
+    fn of(c: &Charge<'_>) -> OwnedCharge {
+        OwnedCharge {
+            model: c.model.clone(),
+            prompt_tokens: c.prompt_tokens,
+            completion_tokens: c.completion_tokens,
+            cost: c.cost,
+        }
+    }
+
+    fn as_charge(&self) -> Charge<'_> {
+        Charge {
+            model: &self.model,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cost: self.cost,
+        }
+    }
+}
+
+/// Counters of the shared store's health, for `/metrics` and `/health`.
+#[derive(Debug, Default)]
+pub struct SharedHealth {
+    /// Redis answered the last call.
+    pub redis_up: AtomicBool,
+    /// Admissions decided by this node's counters because Redis was unreachable.
+    pub fallbacks: AtomicU64,
+    /// Hard-budget requests refused with `limits_unavailable`.
+    pub refused: AtomicU64,
+    /// Holds of crashed nodes charged at their estimate by this node's sweeps.
+    pub reaped: AtomicU64,
+    /// Settlements waiting for Redis to come back.
+    pub unsettled: AtomicU64,
+    /// Settlements whose hold had already expired and been charged at its estimate.
+    pub late_settles: AtomicU64,
+}
+
+/// Live limits in Redis, shared by every node; this node's counters stand in while Redis is
+/// unreachable, as `on_error` says.
+pub struct SharedLimits {
+    redis: RedisLimits,
+    on_error: OnError,
+    ttl: Duration,
+    /// Where this month's spend is read from when Redis has no state for a key yet.
+    store: StoreLocation,
+    pub health: SharedHealth,
+    unsettled: Mutex<Vec<Unsettled>>,
+}
+
+impl SharedLimits {
+    pub fn new(cfg: &SharedState, node: u64, store: StoreLocation) -> Result<SharedLimits, String> {
+        let url = cfg
+            .redis_url
+            .as_deref()
+            .ok_or("shared_state: live limits need redis_url_env")?;
+        let redis = RedisLimits::new(url, node, cfg.reservation_ttl, cfg.timeout)
+            .map_err(|e| format!("shared_state.redis_url_env: {e}"))?;
+        let health = SharedHealth::default();
+        health.redis_up.store(true, Ordering::Relaxed);
+        Ok(SharedLimits {
+            redis,
+            on_error: cfg.on_error,
+            ttl: cfg.reservation_ttl,
+            store,
+            health,
+            unsettled: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn redis(&self) -> &RedisLimits {
+        &self.redis
+    }
+
+    pub fn redis_up(&self) -> bool {
+        self.health.redis_up.load(Ordering::Relaxed)
+    }
+
+    fn mark(&self, up: bool, what: &str, err: Option<&SharedError>) {
+        let was = self.health.redis_up.swap(up, Ordering::Relaxed);
+        match (was, up, err) {
+            (true, false, Some(e)) => log::error!(
+                "shared limits: Redis unreachable during {what}, on_error={:?} applies until it answers: {e}",
+                self.on_error
+            ),
+            (false, true, _) => log::warn!("shared limits: Redis answers again"),
+            _ => {}
+        }
+    }
+
+    /// The decision when Redis cannot be asked: hard-budget keys pause under `closed` (no
+    /// node may spend a budget the others cannot see); otherwise this node's counters.
+    fn fallback(&self, key: &KeyEntry, now: Now, bound: Nanos) -> Result<(Standing, Reservation), GateError> {
+        let hard = key.limits.hard_budget && key.limits.budget.is_some();
+        if self.on_error == OnError::Closed && hard {
+            self.health.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(GateError::LimitsUnavailable);
+        }
+        self.health.fallbacks.fetch_add(1, Ordering::Relaxed);
+        InProcess::admit_now(key, now, bound)
+    }
+
+    async fn admit(
+        &self,
+        key: &Arc<KeyEntry>,
+        now: Now,
+        bound: Nanos,
+        res_id: u64,
+    ) -> Result<(Standing, Reservation), GateError> {
+        // Known down: no round trip (and no timeout) per request; the upkeep loop notices
+        // within a second when Redis answers again.
+        if !self.redis_up() {
+            return self.fallback(key, now, bound);
+        }
+        match self.admit_in_redis(key, bound, res_id).await {
+            Ok(decision) => {
+                self.mark(true, "admission", None);
+                decision
+            }
+            Err(e) => {
+                self.mark(false, "admission", Some(&e));
+                self.fallback(key, now, bound)
+            }
+        }
+    }
+
+    async fn admit_in_redis(
+        &self,
+        key: &Arc<KeyEntry>,
+        bound: Nanos,
+        res_id: u64,
+    ) -> Result<Result<(Standing, Reservation), GateError>, SharedError> {
+        // At most one seed per call: a second NeedSeed means the seed did not stick.
+        for attempt in 0..2 {
+            match self.redis.admit(&key.id, &key.limits, bound, res_id).await? {
+                Admit::Admitted { standing, month } => {
+                    key.counters.note_shared_standing(standing);
+                    let held = match (key.limits.budget, key.limits.hard_budget) {
+                        (Some(_), true) => bound.max(Nanos::ZERO),
+                        _ => Nanos::ZERO,
+                    };
+                    return Ok(Ok((standing, Reservation::in_shared_store(held, month, res_id))));
+                }
+                Admit::Rejected(e) => return Ok(Err(e)),
+                Admit::NeedSeed { month, day } if attempt == 0 => {
+                    self.seed(&key.id, month, day).await?;
+                }
+                Admit::NeedSeed { .. } => break,
+            }
+        }
+        Err(SharedError::Unavailable(
+            "this month's state could not be seeded".into(),
+        ))
+    }
+
+    /// Writes a key's month (spend per model) and today's count from the ledger into Redis,
+    /// once: Redis keeps the first seed and ignores later ones, so a seed is never added twice.
+    async fn seed(&self, key_id: &Arc<str>, month: i64, day: i64) -> Result<(), SharedError> {
+        let store = self.store.clone();
+        let id = key_id.clone();
+        let read = tokio::task::spawn_blocking(move || -> Result<(Vec<ModelTally>, u32), String> {
+            let store = Store::open_at(&store).map_err(|e| e.to_string())?;
+            let rows = store
+                .spend_for_key(&id, &month_label(month))
+                .map_err(|e| e.to_string())?;
+            let today = store
+                .requests_on(&id, &day_label(day))
+                .map_err(|e| e.to_string())?;
+            let tallies = rows
+                .into_iter()
+                .map(|r| ModelTally {
+                    model: Arc::from(r.model),
+                    requests: r.requests,
+                    prompt_tokens: r.prompt_tokens,
+                    completion_tokens: r.completion_tokens,
+                    spent: r.cost,
+                })
+                .collect();
+            Ok((tallies, today))
+        })
+        .await
+        .map_err(|e| SharedError::Unavailable(format!("seed task: {e}")))?
+        .map_err(|e| SharedError::Unavailable(format!("reading the ledger to seed Redis: {e}")))?;
+        self.redis.seed(key_id, month, day, &read.0, read.1).await
+    }
+
+    async fn admit_usage_call(&self, key: &Arc<KeyEntry>, now: Now) -> Result<Standing, GateError> {
+        if !self.redis_up() {
+            return key.counters.admit_usage_call(now, &key.limits);
+        }
+        match self.redis.admit_usage_call(&key.id, &key.limits).await {
+            Ok(decision) => {
+                self.mark(true, "usage call", None);
+                decision
+            }
+            Err(e) => {
+                self.mark(false, "usage call", Some(&e));
+                key.counters.admit_usage_call(now, &key.limits)
+            }
+        }
+    }
+
+    fn settle(self: &Arc<Self>, key: &Arc<KeyEntry>, res_id: u64, charge: Option<Charge<'_>>, finishing: bool) {
+        let job = Unsettled {
+            key_id: key.id.clone(),
+            res_id,
+            charge: charge.as_ref().map(OwnedCharge::of),
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            // Outside the runtime (shutdown): the heartbeat stops with the process, so the
+            // hold expires and is charged at its estimate by another node.
+            self.queue_unsettled(job);
+            if finishing {
+                key.counters.finishing_ended();
+            }
+            return;
+        };
+        let this = self.clone();
+        let key = key.clone();
+        rt.spawn(async move {
+            this.settle_job(job).await;
+            if finishing {
+                key.counters.finishing_ended();
+            }
+        });
+    }
+
+    async fn settle_job(&self, job: Unsettled) {
+        if !self.redis_up() {
+            self.queue_unsettled(job);
+            return;
+        }
+        let charge = job.charge.as_ref().map(OwnedCharge::as_charge);
+        match self.redis.settle(&job.key_id, job.res_id, charge).await {
+            Ok(true) => self.mark(true, "settlement", None),
+            Ok(false) => {
+                self.mark(true, "settlement", None);
+                self.health.late_settles.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "key {}: a hold expired before its request finished; it was charged at its estimate",
+                    job.key_id
+                );
+            }
+            Err(e) => {
+                self.mark(false, "settlement", Some(&e));
+                self.queue_unsettled(job);
+            }
+        }
+    }
+
+    fn queue_unsettled(&self, job: Unsettled) {
+        let mut q = self.unsettled.lock().unwrap_or_else(|e| e.into_inner());
+        q.push(job);
+        self.health.unsettled.store(q.len() as u64, Ordering::Relaxed);
+    }
+
+    async fn view(&self, key: &Arc<KeyEntry>, now: Now) -> CounterView {
+        for attempt in 0..2 {
+            if !self.redis_up() {
+                break;
+            }
+            match self.redis.view(&key.id, &key.limits).await {
+                Ok(Some(v)) => return v,
+                Ok(None) if attempt == 0 => {
+                    // Nothing in Redis for this month yet: seed, then read.
+                    let (month, day) = (crate::clock::month_index(now.wall), crate::clock::day_index(now.wall));
+                    if self.seed(&key.id, month, day).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.mark(false, "usage view", Some(&e));
+                    break;
+                }
+            }
+        }
+        // Redis unreachable: this node's view, the best it has.
+        key.counters.view(now, &key.limits)
+    }
+
+    /// Background upkeep, every second (or third of the reservation TTL, if shorter): renews
+    /// this node's holds, charges stopped nodes' expired ones at their estimate, retries
+    /// queued settlements, and notices when Redis answers again (with no traffic to tell).
+    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let tick = (self.ttl / 3).min(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            self.upkeep().await;
+        }
+    }
+
+    async fn upkeep(&self) {
+        // The heartbeat is the probe: it is what must succeed for this node's holds to live.
+        if let Err(e) = self.redis.heartbeat().await {
+            self.mark(false, "heartbeat", Some(&e));
+            return;
+        }
+        self.mark(true, "heartbeat", None);
+        match self.redis.reap().await {
+            Ok(n) if n > 0 => {
+                self.health.reaped.fetch_add(n, Ordering::Relaxed);
+                log::warn!("shared limits: charged {n} holds of stopped nodes at their estimate");
+            }
+            Ok(_) => {}
+            Err(e) => self.mark(false, "reap", Some(&e)),
+        }
+        let queued = std::mem::take(&mut *self.unsettled.lock().unwrap_or_else(|e| e.into_inner()));
+        self.health.unsettled.store(0, Ordering::Relaxed);
+        for job in queued {
+            self.settle_job(job).await;
+        }
+    }
+}

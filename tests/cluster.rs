@@ -1,0 +1,415 @@
+//! Three gateway processes sharing a real PostgreSQL (keys, ledger, traces) and a real Redis
+//! (live limits), with requests spread round-robin: SPEC's limits hold across nodes.
+//!
+//! Skipped, loudly, only when Redis or PostgreSQL is not installed (`scripts/install-deps.sh`
+//! installs both).
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::pg::PgServer;
+use common::redis::RedisServer;
+use common::*;
+use serde_json::{json, Value};
+
+const ADMIN: &str = "cluster-admin-token";
+
+struct Cluster {
+    nodes: Vec<Gateway>,
+    mock: MockProvider,
+    redis: RedisServer,
+    pg_url: String,
+    next: AtomicUsize,
+}
+
+impl Cluster {
+    /// Redis, a fresh PostgreSQL database and three nodes; `None` (after a loud message)
+    /// only when Redis or PostgreSQL is not installed.
+    fn start(on_error: &str, reservation_ttl_ms: u64) -> Option<Cluster> {
+        let redis = RedisServer::start()?;
+        let pg = pg_server()?;
+        let pg_url = pg.create_db(&format!("sg_{}", free_port()));
+        let mock = mock();
+        let shared = format!(
+            "shared_state:\n  postgres_url_env: SG_TEST_PG\n  redis_url_env: SG_TEST_REDIS\n  on_error: {on_error}\n  reservation_ttl_ms: {reservation_ttl_ms}"
+        );
+        let nodes = (0..3)
+            .map(|_| {
+                GatewayBuilder::new(&mock)
+                    .admin(ADMIN)
+                    .top(&shared)
+                    .env("SG_TEST_PG", &pg_url)
+                    .env("SG_TEST_REDIS", &redis.url())
+                    .start()
+            })
+            .collect();
+        Some(Cluster {
+            nodes,
+            mock,
+            redis,
+            pg_url,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// The next node, round-robin (as the balancer in front of them does).
+    fn any(&self) -> &Gateway {
+        &self.nodes[self.next.fetch_add(1, Ordering::Relaxed) % self.nodes.len()]
+    }
+
+    fn create_key(&self, args: &[&str]) -> Key {
+        let key = self.nodes[0].create_key(args);
+        for n in &self.nodes[1..] {
+            n.wait_key_live(&key);
+        }
+        key
+    }
+
+    fn pg(&self) -> postgres::Client {
+        postgres::Client::connect(&self.pg_url, postgres::NoTls).expect("connect to PostgreSQL")
+    }
+
+    /// Spend booked in the PostgreSQL ledger for a key (all months), in nano-USD.
+    fn ledger_spend(&self, key: &Key) -> i64 {
+        let row = self
+            .pg()
+            .query_one(
+                "SELECT COALESCE(SUM(cost_nanos), 0)::BIGINT FROM spend WHERE key_id = $1",
+                &[&key.id],
+            )
+            .expect("spend");
+        row.get(0)
+    }
+
+    fn usage_on(&self, node: usize, key: &Key) -> Value {
+        self.nodes[node].usage(key)
+    }
+}
+
+fn pg_server() -> Option<&'static PgServer> {
+    // One server for the whole test binary; each test gets its own database.
+    static PG: std::sync::OnceLock<Option<PgServer>> = std::sync::OnceLock::new();
+    PG.get_or_init(PgServer::start).as_ref()
+}
+
+fn chat_body(max_tokens: u32) -> Vec<u8> {
+    json!({"model": "gpt-4o-mini", "max_tokens": max_tokens,
+           "messages": [{"role": "user", "content": "hello"}]})
+    .to_string()
+    .into_bytes()
+}
+
+fn nanos(v: &Value) -> i64 {
+    v["spend_nanodollars"].as_i64().expect("spend_nanodollars")
+}
+
+#[test]
+fn rpm_admits_exactly_ten_across_three_nodes() {
+    let Some(c) = Cluster::start("closed", 30_000) else {
+        return;
+    };
+    let key = c.create_key(&["--rpm", "10"]);
+    c.mock.clear();
+    let mut ok = 0;
+    let mut limited = 0;
+    for _ in 0..30 {
+        let r = c.any().chat(&key, "gpt-4o-mini");
+        match r.status {
+            200 => ok += 1,
+            429 => {
+                assert_eq!(r.code(), "rate_limit_exceeded", "{}", r.text());
+                let retry: u64 = r.header("retry-after").expect("Retry-After").parse().unwrap();
+                assert!((1..=60).contains(&retry), "Retry-After {retry}");
+                limited += 1;
+            }
+            s => panic!("unexpected {s}: {}", r.text()),
+        }
+    }
+    assert_eq!((ok, limited), (10, 20), "rpm=10 over three nodes");
+    let upstream = c
+        .mock
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/chat/completions"))
+        .count();
+    assert_eq!(upstream, 10, "only admitted requests reach the provider");
+}
+
+#[test]
+fn rpd_survives_a_restart_of_every_node() {
+    let Some(mut c) = Cluster::start("closed", 30_000) else {
+        return;
+    };
+    let key = c.create_key(&["--rpd", "5"]);
+    for _ in 0..3 {
+        assert_eq!(c.any().chat(&key, "gpt-4o-mini").status, 200);
+    }
+    for n in &mut c.nodes {
+        n.restart();
+    }
+    for _ in 0..2 {
+        let r = c.any().chat(&key, "gpt-4o-mini");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    for _ in 0..3 {
+        let r = c.any().chat(&key, "gpt-4o-mini");
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert_eq!(r.code(), "daily_rate_limit_exceeded");
+    }
+}
+
+#[test]
+fn a_hard_budget_is_never_overshot_by_sixty_concurrent_requests_across_nodes() {
+    let Some(c) = Cluster::start("closed", 30_000) else {
+        return;
+    };
+    // Each request is billed exactly its upper bound (prompt = its bytes, completion = its
+    // max_tokens), and held long enough that all sixty overlap: the budget fits 20.
+    let body = chat_body(200);
+    let per_request = body.len() as i64 * 150 + 200 * 600;
+    let cap_nanos = per_request * 20 + per_request / 2;
+    let cap_usd = format!("{:.9}", cap_nanos as f64 / 1e9);
+    let key = c.create_key(&["--budget", &cap_usd, "--budget-mode", "hard"]);
+    let statuses: Vec<(u16, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..60)
+            .map(|i| {
+                let c = &c;
+                let key = &key;
+                let body = &body;
+                s.spawn(move || {
+                    let r = c.nodes[i % 3].post(
+                        "/v1/chat/completions",
+                        &key.bearer(),
+                        body,
+                        &[
+                            ("x-mock-prompt-tokens", "bytes"),
+                            ("x-mock-completion-tokens", "max"),
+                            ("x-mock-delay-ms", "300"),
+                        ],
+                    );
+                    let code = if r.status == 200 { String::new() } else { r.code() };
+                    (r.status, code)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = statuses.iter().filter(|(s, _)| *s == 200).count() as i64;
+    let refused = statuses
+        .iter()
+        .filter(|(s, code)| *s == 402 && code == "budget_exceeded")
+        .count() as i64;
+    assert_eq!(ok + refused, 60, "{statuses:?}");
+    assert!(ok >= 1 && refused >= 1, "{statuses:?}");
+    let usage = wait_for(Duration::from_secs(5), "settled spend", || {
+        let u = c.usage_on(1, &key);
+        (u["requests_in_flight"] == 0).then_some(u)
+    });
+    let billed = nanos(&usage);
+    assert!(billed <= cap_nanos, "billed {billed} > cap {cap_nanos}");
+    assert_eq!(billed, ok * per_request, "every admitted request billed its bound");
+    assert_eq!(ok, 20, "the budget fits exactly 20: {statuses:?}");
+    let ledger = wait_for(Duration::from_secs(5), "ledger commit", || {
+        let l = c.ledger_spend(&key);
+        (l == billed).then_some(l)
+    });
+    assert!(ledger <= cap_nanos);
+}
+
+#[test]
+fn key_changes_through_one_node_reach_every_node_within_a_second() {
+    let Some(c) = Cluster::start("closed", 30_000) else {
+        return;
+    };
+    let within_a_second = |what: &str, check: &dyn Fn(&Gateway) -> bool| {
+        let t0 = Instant::now();
+        for n in &c.nodes {
+            wait_for(Duration::from_secs(1), what, || check(n).then_some(()));
+        }
+        assert!(t0.elapsed() <= Duration::from_millis(1_500), "{what}: {:?}", t0.elapsed());
+    };
+
+    // Created through node 3's admin API: usable on all three.
+    let created = c.nodes[2].admin_call(
+        "POST",
+        "/admin/keys",
+        Some(&json!({"name": "made-on-3", "rpm": 100})),
+    );
+    assert!(created.status == 200 || created.status == 201, "{}", created.text());
+    let v = created.json();
+    let key = Key {
+        id: v["id"].as_str().unwrap().to_string(),
+        secret: v["secret"].as_str().unwrap().to_string(),
+    };
+    within_a_second("created key live", &|n| n.chat(&key, "gpt-4o-mini").status == 200);
+
+    // Updated through node 1's CLI: its allow-list applies on all three.
+    let out = c.nodes[0].cli(&["keys", "update", &key.id, "--models", "gpt-4o"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    within_a_second("allow-list applied", &|n| {
+        let r = n.chat(&key, "gpt-4o-mini");
+        r.status == 403 && r.code() == "model_not_allowed"
+    });
+
+    // Revoked through node 2's admin API: refused on all three.
+    let r = c.nodes[1].admin_call("POST", &format!("/admin/keys/{}/revoke", key.id), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    within_a_second("revocation", &|n| {
+        let r = n.chat(&key, "gpt-4o");
+        r.status == 401 && r.code() == "token_revoked"
+    });
+}
+
+#[test]
+fn a_node_killed_mid_request_has_its_hold_charged_at_the_estimate() {
+    let Some(mut c) = Cluster::start("closed", 1_000) else {
+        return;
+    };
+    let key = c.create_key(&["--budget", "5", "--budget-mode", "hard", "--max-inflight", "1"]);
+    let body = chat_body(300);
+    // A slow request on node 1, which dies while the provider works on it.
+    let addr = c.nodes[0].addr;
+    let bearer = key.bearer();
+    let slow = send_request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Authorization", bearer.as_str()), ("x-mock-delay-ms", "20000")],
+        &body,
+    )
+    .expect("send");
+    wait_for(Duration::from_secs(5), "request at the provider", || {
+        (!c.mock.requests().is_empty()).then_some(())
+    });
+    // The admission journal reaches PostgreSQL within a flush interval.
+    let estimate: i64 = wait_for(Duration::from_secs(5), "journaled admission", || {
+        c.pg()
+            .query_opt(
+                "SELECT cost_nanos FROM inflight WHERE key_id = $1",
+                &[&key.id],
+            )
+            .ok()
+            .flatten()
+            .map(|r| r.get(0))
+    });
+    assert!(estimate > 0);
+    // Meanwhile its in-flight slot is taken on every node.
+    let r = c.nodes[1].chat(&key, "gpt-4o-mini");
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.code(), "concurrency_limit_exceeded");
+
+    c.nodes[0].kill9();
+    drop(slow);
+    // Redis: the hold expires and is charged at its estimate; the slot is free again.
+    let usage = wait_for(Duration::from_secs(10), "hold reaped", || {
+        let u = c.usage_on(1, &key);
+        (nanos(&u) == estimate && u["requests_in_flight"] == 0).then_some(u)
+    });
+    assert_eq!(nanos(&usage), estimate);
+    // PostgreSQL: another node charges the dead node's journal at the same estimate.
+    wait_for(Duration::from_secs(10), "journal charged", || {
+        (c.ledger_spend(&key) == estimate).then_some(())
+    });
+    let left: i64 = c
+        .pg()
+        .query_one("SELECT COUNT(*) FROM inflight WHERE key_id = $1", &[&key.id])
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the orphan is charged once and removed");
+    // And the key is served again, by the surviving nodes.
+    let r = c.nodes[2].chat(&key, "gpt-4o-mini");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[test]
+fn redis_down_pauses_hard_budgets_when_closed_and_recovers_without_a_restart() {
+    let Some(mut c) = Cluster::start("closed", 30_000) else {
+        return;
+    };
+    let hard = c.create_key(&["--budget", "5", "--budget-mode", "hard"]);
+    let open = c.create_key(&["--rpm", "1000"]);
+    assert_eq!(c.any().chat(&hard, "gpt-4o-mini").status, 200);
+    let before = nanos(&c.usage_on(0, &hard));
+    assert!(before > 0);
+
+    c.redis.stop();
+    for i in 0..3 {
+        let r = c.nodes[i].chat(&hard, "gpt-4o-mini");
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.code(), "limits_unavailable");
+        assert_eq!(r.header("x-spidergate-error-code"), Some("limits_unavailable"));
+        // Keys without a hard budget are served on this node's own limits.
+        assert_eq!(c.nodes[i].chat(&open, "gpt-4o-mini").status, 200);
+    }
+    let health = c.nodes[0].get("/health", "");
+    assert_eq!(health.status, 200);
+    let h = health.json();
+    assert_eq!(h["redis"], "unreachable", "{h}");
+    assert_eq!(h["postgres"], "ok", "{h}");
+    let metrics = c.nodes[0]
+        .admin_call("GET", "/metrics", None)
+        .text();
+    assert!(metrics.contains("spidergate_shared_limits_up 0"), "{metrics}");
+
+    // Back, empty (no persistence): served again without a restart, and this month's
+    // spend is seeded from the ledger, not lost.
+    c.redis.restart();
+    let r = wait_for(Duration::from_secs(5), "recovery", || {
+        let r = c.nodes[1].chat(&hard, "gpt-4o-mini");
+        (r.status == 200).then_some(r)
+    });
+    assert_eq!(r.status, 200);
+    let after = wait_for(Duration::from_secs(5), "seeded spend", || {
+        let u = c.usage_on(2, &hard);
+        (nanos(&u) > before).then_some(nanos(&u))
+    });
+    assert!(after > before, "spend before the outage is kept: {before} -> {after}");
+    assert_eq!(c.nodes[0].get("/health", "").json()["redis"], "ok");
+}
+
+#[test]
+fn local_fallback_serves_every_key_and_counts_the_fallbacks() {
+    let Some(mut c) = Cluster::start("local", 30_000) else {
+        return;
+    };
+    let hard = c.create_key(&["--budget", "5", "--budget-mode", "hard"]);
+    c.redis.stop();
+    let r = c.nodes[0].chat(&hard, "gpt-4o-mini");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let metrics = c.nodes[0].admin_call("GET", "/metrics", None).text();
+    let fallbacks: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("spidergate_limits_fallback_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("fallback counter");
+    assert!(fallbacks >= 1, "{metrics}");
+}
+
+#[test]
+fn usage_is_the_same_on_every_node() {
+    let Some(c) = Cluster::start("closed", 30_000) else {
+        return;
+    };
+    let key = c.create_key(&["--budget", "5", "--budget-mode", "hard"]);
+    for i in 0..6 {
+        let r = c.nodes[i % 3].chat_with(
+            &key,
+            "gpt-4o-mini",
+            &[("x-mock-prompt-tokens", "100"), ("x-mock-completion-tokens", "50")],
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // 6 × (100 × 150 + 50 × 600) nano-USD.
+    let expected = 6 * (100 * 150 + 50 * 600);
+    for n in 0..3 {
+        let u = c.usage_on(n, &key);
+        assert_eq!(nanos(&u), expected, "node {n}: {u}");
+        assert_eq!(u["by_model"]["gpt-4o-mini"]["requests"], 6, "node {n}: {u}");
+        assert_eq!(u["requests_today"], 6, "node {n}: {u}");
+    }
+    wait_for(Duration::from_secs(5), "ledger commit", || {
+        (c.ledger_spend(&key) == expected).then_some(())
+    });
+}
