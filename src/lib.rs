@@ -19,6 +19,7 @@ pub mod providers;
 pub mod proxy;
 pub mod report;
 pub mod serve;
+pub mod shared;
 pub mod shield;
 pub mod snapshot;
 pub mod store;
