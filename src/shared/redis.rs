@@ -42,7 +42,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -158,6 +158,48 @@ pub struct RedisLimits {
     timeouts: AtomicU32,
     /// Makes each `/v1/usage` call's window member unique across the cluster.
     usage_seq: AtomicU64,
+    /// Calls whose reply was lost, so whether Redis ran them is unknown; the next heartbeat
+    /// settles them. Touched only on failures and by the heartbeat.
+    unsure: std::sync::Mutex<Unsure>,
+}
+
+/// A failed call, and whether Redis may have run it anyway (it was sent, the answer lost).
+struct Failed {
+    error: SharedError,
+    maybe_ran: bool,
+}
+
+impl From<Failed> for SharedError {
+    fn from(f: Failed) -> Self {
+        f.error
+    }
+}
+
+/// Ids in doubt kept for the next heartbeat at most; beyond, Redis has been unreachable
+/// for long and the ids are dropped rather than grow without bound.
+const MAX_UNSURE: usize = 100_000;
+
+/// Reservations of this node in doubt after a failed call (see `heartbeat.lua`).
+#[derive(Debug, Default)]
+struct Unsure {
+    /// Admissions that failed: the caller did not forward them, so they are released free.
+    admits: Vec<u64>,
+    /// Settlements that failed: left to expire and be charged at their estimate.
+    settles: Vec<u64>,
+}
+
+impl Unsure {
+    fn push_admit(&mut self, res_id: u64) {
+        if self.admits.len() < MAX_UNSURE {
+            self.admits.push(res_id);
+        }
+    }
+
+    fn push_settle(&mut self, res_id: u64) {
+        if self.settles.len() < MAX_UNSURE {
+            self.settles.push(res_id);
+        }
+    }
 }
 
 impl fmt::Debug for RedisLimits {
@@ -272,6 +314,7 @@ impl RedisLimits {
             round_trips: AtomicU64::new(0),
             timeouts: AtomicU32::new(0),
             usage_seq: AtomicU64::new(0),
+            unsure: std::sync::Mutex::new(Unsure::default()),
         })
     }
 
@@ -285,6 +328,11 @@ impl RedisLimits {
         self.node
     }
 
+    fn unsure(&self) -> std::sync::MutexGuard<'_, Unsure> {
+        // Poisoned only if a push panicked; the ids are plain integers.
+        self.unsure.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The shared connection, made on first use. The manager reconnects by itself after
     /// errors; cloning it is a few reference counts.
     async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
@@ -295,31 +343,39 @@ impl RedisLimits {
         if let Some(c) = self.conn.load().as_deref() {
             return Ok(c.clone());
         }
-        let c = ConnectionManager::new_with_config(self.client.clone(), self.config.clone()).await?;
+        let c =
+            ConnectionManager::new_with_config(self.client.clone(), self.config.clone()).await?;
         self.conn.store(Some(Arc::new(c.clone())));
         Ok(c)
     }
 
     /// Runs one script call within `cmd_timeout`: EVALSHA, and only if Redis lost its
     /// script cache (a restart, a failover), SCRIPT LOAD and EVALSHA again.
-    async fn eval(&self, lua: &Lua, cmd: &Cmd) -> Result<Value, SharedError> {
-        self.bounded(async {
-            let mut con = self.connection().await?;
-            self.round_trips.fetch_add(1, Ordering::Relaxed);
-            match cmd.query_async::<Value>(&mut con).await {
-                Err(e) if e.kind() == ErrorKind::NoScriptError => {
-                    self.round_trips.fetch_add(2, Ordering::Relaxed);
-                    redis::cmd("SCRIPT")
-                        .arg("LOAD")
-                        .arg(lua.code)
-                        .exec_async(&mut con)
-                        .await?;
-                    cmd.query_async::<Value>(&mut con).await
+    async fn eval(&self, lua: &Lua, cmd: &Cmd) -> Result<Value, Failed> {
+        let sent = AtomicBool::new(false);
+        let result = self
+            .bounded(async {
+                let mut con = self.connection().await?;
+                self.round_trips.fetch_add(1, Ordering::Relaxed);
+                sent.store(true, Ordering::Relaxed);
+                match cmd.query_async::<Value>(&mut con).await {
+                    Err(e) if e.kind() == ErrorKind::NoScriptError => {
+                        self.round_trips.fetch_add(2, Ordering::Relaxed);
+                        redis::cmd("SCRIPT")
+                            .arg("LOAD")
+                            .arg(lua.code)
+                            .exec_async(&mut con)
+                            .await?;
+                        cmd.query_async::<Value>(&mut con).await
+                    }
+                    other => other,
                 }
-                other => other,
-            }
+            })
+            .await;
+        result.map_err(|error| Failed {
+            error,
+            maybe_ran: sent.load(Ordering::Relaxed),
         })
-        .await
     }
 
     /// Bounds a call by `cmd_timeout`, so a dead or hung Redis fails fast.
@@ -350,7 +406,9 @@ impl RedisLimits {
     /// the UTC day and the in-flight cap, and commits all of them only if all pass. Admitted
     /// requests hold `estimate` (hard-budget keys) and an in-flight slot under reservation
     /// `res_id` (unique among this node's open reservations) until [`RedisLimits::settle`],
-    /// or until the reservation expires without a heartbeat and is reaped.
+    /// or until the reservation expires without a heartbeat and is reaped. On `Err` the
+    /// request must not be forwarded under this admission; if Redis ran it anyway (only the
+    /// reply was lost), the next [`RedisLimits::heartbeat`] releases it.
     pub async fn admit(
         &self,
         key_id: &str,
@@ -380,7 +438,17 @@ impl RedisLimits {
             .arg(opt(limits.max_inflight))
             .arg(held)
             .arg(self.ttl_ms);
-        let reply = self.eval(&self.scripts.admit, &cmd).await?;
+        let reply = match self.eval(&self.scripts.admit, &cmd).await {
+            Ok(reply) => reply,
+            Err(f) => {
+                // The script may still have run (only the reply was lost): the heartbeat
+                // releases the reservation if it exists.
+                if f.maybe_ran {
+                    self.unsure().push_admit(res_id);
+                }
+                return Err(f.error);
+            }
+        };
         let a = items(&reply, "admit")?;
         let what = "admit";
         Ok(match at(a, 0, what)? {
@@ -470,7 +538,17 @@ impl RedisLimits {
                 .arg(c.cost.get()),
             None => cmd.arg(0),
         };
-        let reply = self.eval(&self.scripts.settle, &cmd).await?;
+        let reply = match self.eval(&self.scripts.settle, &cmd).await {
+            Ok(reply) => reply,
+            Err(f) => {
+                // If it did not run, the reservation must not stay open forever on this
+                // node's heartbeat: it expires and is charged at its estimate instead.
+                if f.maybe_ran {
+                    self.unsure().push_settle(res_id);
+                }
+                return Err(f.error);
+            }
+        };
         Ok(int(&reply).ok_or_else(|| unavailable("settle"))? == 1)
     }
 
@@ -568,11 +646,27 @@ impl RedisLimits {
     }
 
     /// Pushes the expiry of every open reservation of this node to now + the reservation
-    /// TTL (one round trip). Run it every TTL/3, so a live node never loses one.
+    /// TTL (one round trip). Run it every TTL/3, so a live node never loses one. It first
+    /// settles the calls whose reply was lost: a failed admission is released (if it ran),
+    /// a failed settlement is left to expire and be reaped at its estimate.
     pub async fn heartbeat(&self) -> Result<(), SharedError> {
+        let unsure = std::mem::take(&mut *self.unsure());
         let mut cmd = self.scripts.heartbeat.call(1);
-        cmd.arg(&self.node_key).arg(self.ttl_ms);
-        self.eval(&self.scripts.heartbeat, &cmd).await?;
+        cmd.arg(&self.node_key)
+            .arg(self.ttl_ms)
+            .arg(self.node)
+            .arg(unsure.admits.len())
+            .arg(&unsure.admits)
+            .arg(&unsure.settles);
+        if let Err(f) = self.eval(&self.scripts.heartbeat, &cmd).await {
+            let mut now = self.unsure();
+            unsure.admits.into_iter().for_each(|id| now.push_admit(id));
+            unsure
+                .settles
+                .into_iter()
+                .for_each(|id| now.push_settle(id));
+            return Err(f.error);
+        }
         Ok(())
     }
 
