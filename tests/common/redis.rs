@@ -49,9 +49,11 @@ impl RedisServer {
             .spawn()
             .expect("spawn redis-server");
         self.child = Some(child);
-        super::wait_for(Duration::from_secs(10), "redis-server to answer PING", || {
-            self.ping().then_some(())
-        });
+        super::wait_for(
+            Duration::from_secs(10),
+            "redis-server to answer PING",
+            || self.ping().then_some(()),
+        );
     }
 
     /// Kills it and waits for it to exit.
@@ -87,9 +89,7 @@ impl RedisServer {
         };
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
         let mut buf = [0u8; 7];
-        s.write_all(b"PING\r\n").is_ok()
-            && s.read_exact(&mut buf).is_ok()
-            && &buf == b"+PONG\r\n"
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }
 }
 
