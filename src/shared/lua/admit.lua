@@ -1,0 +1,89 @@
+-- Admits one model request: budget, rpm, rpd, in-flight, all or nothing.
+-- KEYS[1] key prefix `{sg}:k:<key_id>`.
+-- ARGV key_id, node, res_id, rpm, rpd, cap, hard (1/0), max_inflight, held, ttl_ms.
+-- Returns {0, month, day} need seed | {1, month, remaining, reset, warning} admitted |
+-- {2, spent, reserved} budget | {3, retry} rpm | {4, retry} rpd | {5} in-flight.
+local p = KEYS[1]
+local key_id, node, res_id = ARGV[1], ARGV[2], ARGV[3]
+local rpm, rpd, cap = opt(ARGV[4]), opt(ARGV[5]), opt(ARGV[6])
+local hard = ARGV[7] == '1'
+local max_inflight = opt(ARGV[8])
+local held = ARGV[9]
+
+local now = now_ms()
+local day = math.floor(now / MS_DAY)
+local month = month_of_day(day)
+local mon = p .. ':mon:' .. month
+if redis.call('EXISTS', mon) == 0 then return {0, month, day} end
+
+-- This key's reservations whose node stopped heart-beating free their slots first.
+local rx = p .. ':rx'
+for _, f in ipairs(redis.call('ZRANGEBYSCORE', rx, '-inf', now, 'LIMIT', 0, 64)) do
+  reap_one(f)
+end
+
+local live = p .. ':live'
+local warning = 0
+if cap then
+  local spent = redis.call('HGET', mon, 'spent') or '0'
+  if hard then
+    local reserved = redis.call('HGET', live, 'reserved') or '0'
+    if tonumber(spent) + tonumber(reserved) + tonumber(held) > cap then
+      return {2, spent, reserved}
+    end
+  elseif tonumber(spent) >= cap then
+    warning = 1
+  end
+end
+
+local minute = p .. ':min'
+local n = 0
+if rpm then
+  redis.call('ZREMRANGEBYSCORE', minute, '-inf', now - MS_MIN)
+  n = redis.call('ZCARD', minute)
+  if n >= rpm then return {3, reset_secs(minute, n, rpm, now, 1)} end
+end
+
+local daykey = p .. ':day:' .. day
+if rpd then
+  if tonumber(redis.call('GET', daykey) or '0') >= rpd then
+    return {4, math.max(1, math.ceil(((day + 1) * MS_DAY - now) / 1000))}
+  end
+end
+
+if max_inflight then
+  if tonumber(redis.call('HGET', live, 'inflight') or '0') >= max_inflight then
+    return {5}
+  end
+end
+
+-- Every check passed: consume the minute, the day, the hold and the slot.
+local f = node .. ':' .. res_id
+if rpm then
+  redis.call('ZADD', minute, now, f)
+  redis.call('PEXPIRE', minute, MS_MIN)
+else
+  -- Keys without an rpm keep no window, only this minute's count for the usage report.
+  local rmin = p .. ':rmin:' .. math.floor(now / MS_MIN)
+  redis.call('INCR', rmin)
+  redis.call('PEXPIRE', rmin, 2 * MS_MIN)
+end
+if redis.call('INCR', daykey) == 1 then redis.call('PEXPIRE', daykey, 2 * MS_DAY) end
+if held ~= '0' then redis.call('HINCRBY', live, 'reserved', held) end
+redis.call('HINCRBY', live, 'inflight', 1)
+
+local exp = now + tonumber(ARGV[10])
+redis.call('HSET', RES, f, held .. '|' .. month .. '|' .. key_id)
+redis.call('ZADD', RESX, exp, f)
+redis.call('ZADD', rx, exp, f)
+redis.call('SADD', '{sg}:node:' .. node, f)
+
+local remaining, reset = -1, 0
+if rpm then
+  remaining = rpm - n - 1
+  if remaining <= 0 then
+    remaining = 0
+    reset = reset_secs(minute, n + 1, rpm, now, 0)
+  end
+end
+return {1, month, remaining, reset, warning}

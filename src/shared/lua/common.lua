@@ -1,0 +1,100 @@
+-- Helpers prepended to every SpiderGate script (see src/shared/redis.rs for the data model).
+-- One clock for the whole cluster: Redis' own TIME, so nodes with skewed clocks agree on the
+-- rolling minute, the UTC day and the calendar month.
+local MS_MIN = 60000
+local MS_DAY = 86400000
+local RES = '{sg}:res'
+local RESX = '{sg}:resx'
+local ORPHANED = '(orphaned)'
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- clock::civil_from_days reduced to clock::month_index (year * 12 + month - 1). Floor
+-- division throughout; Rust's truncating `/` agrees for every day since year 0.
+local function month_of_day(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+  return y * 12 + m - 1
+end
+
+-- Limits travel as integers with -1 for "none".
+local function opt(s)
+  local n = tonumber(s)
+  if n < 0 then return nil end
+  return n
+end
+
+-- HINCRBY that saturates at i64::MAX like `Nanos`, instead of raising an error half-way
+-- through a script (Redis does not roll back the writes made before an error).
+local function hincr(key, field, by)
+  local r = redis.pcall('HINCRBY', key, field, by)
+  if type(r) == 'table' and r.err then
+    redis.call('HSET', key, field, '9223372036854775807')
+  end
+end
+
+-- Seconds until the window `zkey` (n admissions after `now - MS_MIN`) frees a slot under
+-- `limit`: when its (n - limit + 1)-th oldest entry leaves. At least 1, like Retry-After.
+local function reset_secs(zkey, n, limit, now, none)
+  local idx = n - limit
+  if idx < 0 then idx = 0 end
+  local e = redis.call('ZRANGEBYSCORE', zkey, '(' .. (now - MS_MIN), '+inf', 'WITHSCORES',
+    'LIMIT', idx, 1)
+  if #e == 0 then return none end
+  return math.max(1, math.ceil((tonumber(e[2]) + MS_MIN - now) / 1000))
+end
+
+-- Remaining model requests in the rolling minute and seconds until one frees (`Standing`).
+local function standing(p, rpm, now)
+  if not rpm then return -1, 0 end
+  local minute = p .. ':min'
+  local n = redis.call('ZCOUNT', minute, '(' .. (now - MS_MIN), '+inf')
+  if n < rpm then return rpm - n, 0 end
+  return 0, reset_secs(minute, n, rpm, now, 0)
+end
+
+-- Removes reservation `f` ("<node>:<res_id>") from every index and gives back its hold and
+-- in-flight slot. Returns held, month and the key prefix, or nil if it was already gone.
+local function unlink(f)
+  local rec = redis.call('HGET', RES, f)
+  redis.call('HDEL', RES, f)
+  redis.call('ZREM', RESX, f)
+  local node = string.match(f, '^(%d+):')
+  if node then redis.call('SREM', '{sg}:node:' .. node, f) end
+  if not rec then return nil end
+  local held, month, key_id = string.match(rec, '^(%d+)|(%-?%d+)|(.*)$')
+  local p = '{sg}:k:' .. key_id
+  redis.call('ZREM', p .. ':rx', f)
+  local live = p .. ':live'
+  if held ~= '0' then redis.call('HINCRBY', live, 'reserved', '-' .. held) end
+  -- No request of the key is open any more, so nothing is held either: drop the hash
+  -- (this also heals any drift instead of carrying it forever).
+  if redis.call('HINCRBY', live, 'inflight', -1) <= 0 then redis.call('DEL', live) end
+  return held, month, p
+end
+
+-- An expired reservation (its node stopped heart-beating): released and charged at its
+-- estimate, an upper bound of what the upstream may have done, to the month it was admitted
+-- in, under the model ORPHANED. Never creates a month that was not seeded.
+local function reap_one(f)
+  local held, month, p = unlink(f)
+  if held and held ~= '0' then
+    local mon = p .. ':mon:' .. month
+    if redis.call('EXISTS', mon) == 1 then
+      hincr(mon, 'spent', held)
+      hincr(mon, 'n:' .. ORPHANED, 1)
+      hincr(mon, 's:' .. ORPHANED, held)
+    end
+  end
+end
+

@@ -1,0 +1,699 @@
+//! Live per-key limits shared by a cluster of gateway nodes, in Redis (or Valkey).
+//!
+//! The same semantics as [`crate::limits::KeyCounters`], with the state in one Redis so every
+//! node sees it: each admission is ONE Lua script call (EVALSHA, one round trip) that checks
+//! budget, rpm, rpd and in-flight and commits all of them or nothing; each settlement is one
+//! more. The scripts read Redis' own `TIME` for the minute, the day and the month, so nodes
+//! with skewed clocks agree.
+//!
+//! # Data model
+//!
+//! Every key carries the hash tag `{sg}`, so all of it lives in one slot and the multi-key
+//! scripts are valid on Redis Cluster too (the scripts build the day and month key names
+//! from `TIME`, which Redis allows for keys of the script's own slot). `P` is
+//! `{sg}:k:<key_id>`:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P:min` | ZSET | model admissions in the rolling minute (member = reservation, score = ms); keys with an `rpm` only |
+//! | `P:rmin:<minute>` | string | model admissions in this clock minute, for keys without an `rpm` (usage report only) |
+//! | `P:day:<day>` | string | model requests of the UTC day; expires after 2 days |
+//! | `P:mon:<month>` | HASH | `seeded`, `spent`, and per model `n:`/`p:`/`c:`/`s:<model>` (requests, prompt and completion tokens, spend); expires 40 days after the month |
+//! | `P:live` | HASH | `reserved` (open holds), `inflight` (open requests) |
+//! | `P:umin`, `P:uday:<day>` | ZSET, string | `/v1/usage` calls, counted apart |
+//! | `P:rx` | ZSET | this key's open reservations by expiry (ms), for the sweep inside `admit` |
+//! | `{sg}:res` | HASH | reservation `<node>:<res_id>` → `held|month|key_id` |
+//! | `{sg}:resx` | ZSET | reservation → expiry (ms), for [`RedisLimits::reap`] |
+//! | `{sg}:node:<node>` | SET | the node's open reservations, for [`RedisLimits::heartbeat`] |
+//!
+//! Day = `floor(ms / 86_400_000)`, month = `year * 12 + month - 1` ([`crate::clock`]).
+//!
+//! A month hash exists once seeded, even with zero spend: `admit` answers
+//! [`Admit::NeedSeed`] until [`RedisLimits::seed`] wrote the ledger's figures, and nothing
+//! else ever creates it (a settlement after Redis lost its data only releases the hold).
+//!
+//! A reservation whose node stops heart-beating expires, and the next `reap` (any node) or
+//! `admit` of the same key charges its estimate, an upper bound, to its month under the
+//! model `(orphaned)` (fields `n:(orphaned)`, `s:(orphaned)`) and frees its slot. Keys
+//! without a hard budget hold 0, so their orphans only free the slot.
+//!
+//! Lua numbers are doubles: money comparisons are exact below 2^53 nano-USD (9 million USD);
+//! stored sums use `HINCRBY` on the exact decimal strings and saturate at `i64::MAX`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, ErrorKind, Script, Value};
+
+use crate::clock::{month_start_ms, MS_PER_DAY};
+use crate::error::GateError;
+use crate::limits::{Charge, CounterView, Limits, ModelTally, Standing};
+use crate::money::Nanos;
+
+/// A month hash outlives its month by this much, so late settlements still find it.
+const MONTH_GRACE_MS: i64 = 40 * MS_PER_DAY;
+/// Expired reservations reaped per script call, so one call never blocks Redis for long.
+const REAP_BATCH: i64 = 256;
+/// Consecutive timeouts after which the connection is presumed hung (a paused Redis, a
+/// silent partition, a failover to another address) and replaced: the connection manager
+/// only reconnects on errors it sees, and a timeout is none.
+const TIMEOUTS_BEFORE_RECONNECT: u32 = 3;
+
+macro_rules! lua {
+    ($file:literal) => {
+        concat!(
+            include_str!("lua/common.lua"),
+            include_str!(concat!("lua/", $file))
+        )
+    };
+}
+
+/// Shared limits are unreachable or broken: connection refused, timeout, script error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedError {
+    Unavailable(String),
+}
+
+impl fmt::Display for SharedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SharedError::Unavailable(why) => write!(f, "shared limits unavailable: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for SharedError {}
+
+impl From<redis::RedisError> for SharedError {
+    fn from(e: redis::RedisError) -> Self {
+        SharedError::Unavailable(e.to_string())
+    }
+}
+
+/// The outcome of [`RedisLimits::admit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admit {
+    /// Admitted and counted; `month` (Redis' clock) is the month its cost belongs to.
+    Admitted { standing: Standing, month: i64 },
+    /// Refused; nothing was consumed.
+    Rejected(GateError),
+    /// This key's month is not in Redis yet: read it from the ledger, [`RedisLimits::seed`]
+    /// it, and admit again.
+    NeedSeed { month: i64, day: i64 },
+}
+
+/// A Lua script: its SHA1 (computed once) and its source for the NOSCRIPT fallback.
+struct Lua {
+    script: Script,
+    code: &'static str,
+}
+
+impl Lua {
+    fn new(code: &'static str) -> Self {
+        Lua {
+            script: Script::new(code),
+            code,
+        }
+    }
+
+    /// `EVALSHA <sha> <numkeys>`; the caller appends keys and arguments. One `Cmd` buffer,
+    /// no per-argument allocations (unlike `ScriptInvocation`).
+    fn call(&self, keys: usize) -> Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash()).arg(keys);
+        cmd
+    }
+}
+
+struct Scripts {
+    admit: Lua,
+    usage: Lua,
+    settle: Lua,
+    seed: Lua,
+    view: Lua,
+    heartbeat: Lua,
+    reap: Lua,
+}
+
+/// Live per-key limits of a cluster, in Redis. One per node; cheap to share behind an `Arc`.
+pub struct RedisLimits {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// Set on first use, so the gateway starts while Redis is down; cleared when the
+    /// connection looks hung.
+    conn: ArcSwapOption<ConnectionManager>,
+    /// One connection attempt at a time; the others wait for it (within their timeout).
+    connecting: tokio::sync::Mutex<()>,
+    node: u64,
+    node_key: String,
+    ttl_ms: i64,
+    cmd_timeout: Duration,
+    scripts: Scripts,
+    round_trips: AtomicU64,
+    timeouts: AtomicU32,
+    /// Makes each `/v1/usage` call's window member unique across the cluster.
+    usage_seq: AtomicU64,
+    /// Calls whose reply was lost, so whether Redis ran them is unknown; the next heartbeat
+    /// settles them. Touched only on failures and by the heartbeat.
+    unsure: std::sync::Mutex<Unsure>,
+}
+
+/// A failed call, and whether Redis may have run it anyway (it was sent, the answer lost).
+struct Failed {
+    error: SharedError,
+    maybe_ran: bool,
+}
+
+impl From<Failed> for SharedError {
+    fn from(f: Failed) -> Self {
+        f.error
+    }
+}
+
+/// Ids in doubt kept for the next heartbeat at most; beyond, Redis has been unreachable
+/// for long and the ids are dropped rather than grow without bound.
+const MAX_UNSURE: usize = 100_000;
+
+/// Reservations of this node in doubt after a failed call (see `heartbeat.lua`).
+#[derive(Debug, Default)]
+struct Unsure {
+    /// Admissions that failed: the caller did not forward them, so they are released free.
+    admits: Vec<u64>,
+    /// Settlements that failed: left to expire and be charged at their estimate.
+    settles: Vec<u64>,
+}
+
+impl Unsure {
+    fn push_admit(&mut self, res_id: u64) {
+        if self.admits.len() < MAX_UNSURE {
+            self.admits.push(res_id);
+        }
+    }
+
+    fn push_settle(&mut self, res_id: u64) {
+        if self.settles.len() < MAX_UNSURE {
+            self.settles.push(res_id);
+        }
+    }
+}
+
+impl fmt::Debug for RedisLimits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisLimits")
+            .field("node", &self.node)
+            .field("ttl_ms", &self.ttl_ms)
+            .field("cmd_timeout", &self.cmd_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `-1` for an absent limit (the scripts' "none").
+fn opt(v: Option<u32>) -> i64 {
+    v.map_or(-1, i64::from)
+}
+
+/// `{sg}:k:<key_id>`: the one key name an admission formats.
+fn key_prefix(key_id: &str) -> String {
+    let mut p = String::with_capacity(7 + key_id.len());
+    p.push_str("{sg}:k:");
+    p.push_str(key_id);
+    p
+}
+
+fn unavailable(what: &str) -> SharedError {
+    SharedError::Unavailable(format!("unexpected reply to {what}"))
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(n) => Some(*n),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn text(v: &Value) -> Option<&str> {
+    match v {
+        Value::BulkString(b) => std::str::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn items<'a>(v: &'a Value, what: &str) -> Result<&'a [Value], SharedError> {
+    match v {
+        Value::Array(a) if !a.is_empty() => Ok(a),
+        _ => Err(unavailable(what)),
+    }
+}
+
+/// The `i`-th integer of a script's reply.
+fn at(a: &[Value], i: usize, what: &str) -> Result<i64, SharedError> {
+    a.get(i).and_then(int).ok_or_else(|| unavailable(what))
+}
+
+fn standing(limits: &Limits, remaining: i64, reset: i64, warning: i64) -> Standing {
+    Standing {
+        rpm: limits.rpm,
+        remaining: limits
+            .rpm
+            .map(|_| u32::try_from(remaining.max(0)).unwrap_or(u32::MAX)),
+        reset_secs: reset.max(0) as u64,
+        budget_warning: warning == 1,
+    }
+}
+
+/// Token counts travel as i64 (what `HINCRBY` takes); nobody reaches the clamp.
+fn tokens(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl RedisLimits {
+    /// Parses the URL only: no connection is made until the first command, so a gateway
+    /// starts (and later recovers) while Redis is down. `node` must be unique in the cluster;
+    /// `reservation_ttl` is how long a reservation outlives its node's last heartbeat;
+    /// `cmd_timeout` bounds every call, connecting included.
+    pub fn new(
+        url: &str,
+        node: u64,
+        reservation_ttl: Duration,
+        cmd_timeout: Duration,
+    ) -> Result<Self, SharedError> {
+        let client = redis::Client::open(url)?;
+        // Fail fast and let the next command retry, rather than queue every request behind
+        // a long reconnect back-off while Redis is down.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(cmd_timeout)
+            .set_number_of_retries(1)
+            .set_factor(10)
+            .set_max_delay(100);
+        Ok(RedisLimits {
+            client,
+            config,
+            conn: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
+            node,
+            node_key: format!("{{sg}}:node:{node}"),
+            ttl_ms: i64::try_from(reservation_ttl.as_millis()).unwrap_or(i64::MAX),
+            cmd_timeout,
+            scripts: Scripts {
+                admit: Lua::new(lua!("admit.lua")),
+                usage: Lua::new(lua!("usage.lua")),
+                settle: Lua::new(lua!("settle.lua")),
+                seed: Lua::new(lua!("seed.lua")),
+                view: Lua::new(lua!("view.lua")),
+                heartbeat: Lua::new(lua!("heartbeat.lua")),
+                reap: Lua::new(lua!("reap.lua")),
+            },
+            round_trips: AtomicU64::new(0),
+            timeouts: AtomicU32::new(0),
+            usage_seq: AtomicU64::new(0),
+            unsure: std::sync::Mutex::new(Unsure::default()),
+        })
+    }
+
+    /// Commands sent to Redis so far (each one round trip), for the benchmark.
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> u64 {
+        self.node
+    }
+
+    fn unsure(&self) -> std::sync::MutexGuard<'_, Unsure> {
+        // Poisoned only if a push panicked; the ids are plain integers.
+        self.unsure.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The shared connection, made on first use. The manager reconnects by itself after
+    /// errors; cloning it is a few reference counts.
+    async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
+        if let Some(c) = self.conn.load().as_deref() {
+            return Ok(c.clone());
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(c) = self.conn.load().as_deref() {
+            return Ok(c.clone());
+        }
+        let c =
+            ConnectionManager::new_with_config(self.client.clone(), self.config.clone()).await?;
+        self.conn.store(Some(Arc::new(c.clone())));
+        Ok(c)
+    }
+
+    /// Runs one script call within `cmd_timeout`: EVALSHA, and only if Redis lost its
+    /// script cache (a restart, a failover), SCRIPT LOAD and EVALSHA again.
+    async fn eval(&self, lua: &Lua, cmd: &Cmd) -> Result<Value, Failed> {
+        let sent = AtomicBool::new(false);
+        let result = self
+            .bounded(async {
+                let mut con = self.connection().await?;
+                self.round_trips.fetch_add(1, Ordering::Relaxed);
+                sent.store(true, Ordering::Relaxed);
+                match cmd.query_async::<Value>(&mut con).await {
+                    Err(e) if e.kind() == ErrorKind::NoScriptError => {
+                        self.round_trips.fetch_add(2, Ordering::Relaxed);
+                        redis::cmd("SCRIPT")
+                            .arg("LOAD")
+                            .arg(lua.code)
+                            .exec_async(&mut con)
+                            .await?;
+                        cmd.query_async::<Value>(&mut con).await
+                    }
+                    other => other,
+                }
+            })
+            .await;
+        result.map_err(|error| Failed {
+            error,
+            maybe_ran: sent.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Bounds a call by `cmd_timeout`, so a dead or hung Redis fails fast.
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, redis::RedisError>>,
+    ) -> Result<T, SharedError> {
+        match tokio::time::timeout(self.cmd_timeout, call).await {
+            Ok(Ok(v)) => {
+                self.timeouts.store(0, Ordering::Relaxed);
+                Ok(v)
+            }
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => {
+                if self.timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= TIMEOUTS_BEFORE_RECONNECT {
+                    self.timeouts.store(0, Ordering::Relaxed);
+                    self.conn.store(None);
+                }
+                Err(SharedError::Unavailable(format!(
+                    "no answer within {} ms",
+                    self.cmd_timeout.as_millis()
+                )))
+            }
+        }
+    }
+
+    /// Admits a model request (one round trip): checks the hard budget, the rolling minute,
+    /// the UTC day and the in-flight cap, and commits all of them only if all pass. Admitted
+    /// requests hold `estimate` (hard-budget keys) and an in-flight slot under reservation
+    /// `res_id` (unique among this node's open reservations) until [`RedisLimits::settle`],
+    /// or until the reservation expires without a heartbeat and is reaped. On `Err` the
+    /// request must not be forwarded under this admission; if Redis ran it anyway (only the
+    /// reply was lost), the next [`RedisLimits::heartbeat`] releases it.
+    pub async fn admit(
+        &self,
+        key_id: &str,
+        limits: &Limits,
+        estimate: Nanos,
+        res_id: u64,
+    ) -> Result<Admit, SharedError> {
+        let (cap, held) = match (limits.budget, limits.hard_budget) {
+            // An estimate above the cap is refused whatever it is: clamping it there keeps
+            // saturated bounds (Nanos::MAX) inside what the script compares exactly.
+            (Some(cap), true) => (
+                cap.get(),
+                estimate.get().clamp(0, cap.get().saturating_add(1)),
+            ),
+            (Some(cap), false) => (cap.get(), 0),
+            (None, _) => (-1, 0),
+        };
+        let mut cmd = self.scripts.admit.call(1);
+        cmd.arg(key_prefix(key_id))
+            .arg(key_id)
+            .arg(self.node)
+            .arg(res_id)
+            .arg(opt(limits.rpm))
+            .arg(opt(limits.rpd))
+            .arg(cap)
+            .arg(u8::from(limits.hard_budget))
+            .arg(opt(limits.max_inflight))
+            .arg(held)
+            .arg(self.ttl_ms);
+        let reply = match self.eval(&self.scripts.admit, &cmd).await {
+            Ok(reply) => reply,
+            Err(f) => {
+                // The script may still have run (only the reply was lost): the heartbeat
+                // releases the reservation if it exists.
+                if f.maybe_ran {
+                    self.unsure().push_admit(res_id);
+                }
+                return Err(f.error);
+            }
+        };
+        let a = items(&reply, "admit")?;
+        let what = "admit";
+        Ok(match at(a, 0, what)? {
+            0 => Admit::NeedSeed {
+                month: at(a, 1, what)?,
+                day: at(a, 2, what)?,
+            },
+            1 => Admit::Admitted {
+                month: at(a, 1, what)?,
+                standing: standing(limits, at(a, 2, what)?, at(a, 3, what)?, at(a, 4, what)?),
+            },
+            2 => Admit::Rejected(GateError::BudgetExceeded {
+                spend: Nanos::new(at(a, 1, what)?) + Nanos::new(at(a, 2, what)?),
+                cap: Nanos::new(cap),
+            }),
+            3 => Admit::Rejected(GateError::RateLimited {
+                limit: limits.rpm.unwrap_or(0),
+                retry_after_secs: at(a, 1, what)?.max(1) as u64,
+            }),
+            4 => Admit::Rejected(GateError::DailyRateLimited {
+                limit: limits.rpd.unwrap_or(0),
+                retry_after_secs: at(a, 1, what)?.max(1) as u64,
+            }),
+            5 => Admit::Rejected(GateError::ConcurrencyLimited {
+                limit: limits.max_inflight.unwrap_or(0),
+            }),
+            _ => return Err(unavailable(what)),
+        })
+    }
+
+    /// Admits a `/v1/usage` call (one round trip): limited by the key's rpm and rpd like a
+    /// model request, but counted apart, so usage figures count model requests only.
+    pub async fn admit_usage_call(
+        &self,
+        key_id: &str,
+        limits: &Limits,
+    ) -> Result<Result<Standing, GateError>, SharedError> {
+        let seq = self.usage_seq.fetch_add(1, Ordering::Relaxed);
+        let member = format!("u{}:{seq}", self.node);
+        let mut cmd = self.scripts.usage.call(1);
+        cmd.arg(key_prefix(key_id))
+            .arg(member)
+            .arg(opt(limits.rpm))
+            .arg(opt(limits.rpd))
+            .arg(limits.budget.map_or(-1, Nanos::get))
+            .arg(u8::from(limits.hard_budget));
+        let reply = self.eval(&self.scripts.usage, &cmd).await?;
+        let what = "usage call";
+        let a = items(&reply, what)?;
+        Ok(match at(a, 0, what)? {
+            1 => Ok(standing(
+                limits,
+                at(a, 1, what)?,
+                at(a, 2, what)?,
+                at(a, 3, what)?,
+            )),
+            3 => Err(GateError::RateLimited {
+                limit: limits.rpm.unwrap_or(0),
+                retry_after_secs: at(a, 1, what)?.max(1) as u64,
+            }),
+            4 => Err(GateError::DailyRateLimited {
+                limit: limits.rpd.unwrap_or(0),
+                retry_after_secs: at(a, 1, what)?.max(1) as u64,
+            }),
+            _ => return Err(unavailable(what)),
+        })
+    }
+
+    /// Settles reservation `res_id` of this node (one round trip): releases its hold and
+    /// in-flight slot and books `charge` to the month it was admitted in (if that month is
+    /// in Redis; never creating it). `Ok(false)`: the reservation was already reaped and its
+    /// estimate charged, so nothing more is.
+    pub async fn settle(
+        &self,
+        key_id: &str,
+        res_id: u64,
+        charge: Option<Charge<'_>>,
+    ) -> Result<bool, SharedError> {
+        let mut cmd = self.scripts.settle.call(1);
+        cmd.arg(key_prefix(key_id)).arg(self.node).arg(res_id);
+        match charge {
+            Some(c) => cmd
+                .arg(1)
+                .arg(&**c.model)
+                .arg(tokens(c.prompt_tokens))
+                .arg(tokens(c.completion_tokens))
+                .arg(c.cost.get()),
+            None => cmd.arg(0),
+        };
+        let reply = match self.eval(&self.scripts.settle, &cmd).await {
+            Ok(reply) => reply,
+            Err(f) => {
+                // If it did not run, the reservation must not stay open forever on this
+                // node's heartbeat: it expires and is charged at its estimate instead.
+                if f.maybe_ran {
+                    self.unsure().push_settle(res_id);
+                }
+                return Err(f.error);
+            }
+        };
+        Ok(int(&reply).ok_or_else(|| unavailable("settle"))? == 1)
+    }
+
+    /// Seeds `month` of a key from the ledger: its spend per model and `day`'s request
+    /// count. Written only if the month is still absent, so of two concurrent seeders the
+    /// second is a no-op (never additive).
+    pub async fn seed(
+        &self,
+        key_id: &str,
+        month: i64,
+        day: i64,
+        this_month: &[ModelTally],
+        requests_today: u32,
+    ) -> Result<(), SharedError> {
+        let spent: Nanos = this_month.iter().map(|t| t.spent).sum();
+        let mut cmd = self.scripts.seed.call(1);
+        cmd.arg(key_prefix(key_id))
+            .arg(month)
+            .arg(day)
+            .arg(requests_today)
+            .arg(month_start_ms(month + 1).saturating_add(MONTH_GRACE_MS))
+            .arg(spent.get());
+        for t in this_month {
+            cmd.arg(&*t.model)
+                .arg(tokens(t.requests))
+                .arg(tokens(t.prompt_tokens))
+                .arg(tokens(t.completion_tokens))
+                .arg(t.spent.get());
+        }
+        self.eval(&self.scripts.seed, &cmd).await?;
+        Ok(())
+    }
+
+    /// The key's counters for `/v1/usage` (one round trip); `None` while its month is not
+    /// seeded. `requests_this_minute` is the rolling minute for keys with an `rpm`, else
+    /// the current clock minute, as in-process.
+    pub async fn view(
+        &self,
+        key_id: &str,
+        limits: &Limits,
+    ) -> Result<Option<CounterView>, SharedError> {
+        let mut cmd = self.scripts.view.call(1);
+        cmd.arg(key_prefix(key_id))
+            .arg(u8::from(limits.rpm.is_some()));
+        let reply = self.eval(&self.scripts.view, &cmd).await?;
+        let what = "view";
+        let a = items(&reply, what)?;
+        if at(a, 0, what)? == 0 {
+            return Ok(None);
+        }
+        let count = |i| at(a, i, what).map(|n| u32::try_from(n.max(0)).unwrap_or(u32::MAX));
+        let mut view = CounterView {
+            month: at(a, 1, what)?,
+            requests_this_minute: count(2)?,
+            requests_today: count(3)?,
+            spent: Nanos::ZERO,
+            reserved: Nanos::new(at(a, 4, what)?),
+            inflight: count(5)?,
+            by_model: Vec::new(),
+        };
+        let fields = match a.get(6) {
+            Some(Value::Array(f)) => f.as_slice(),
+            _ => return Err(unavailable(what)),
+        };
+        let mut by_model: BTreeMap<&str, ModelTally> = BTreeMap::new();
+        for pair in fields.chunks_exact(2) {
+            let (Some(field), Some(n)) = (text(&pair[0]), int(&pair[1])) else {
+                continue;
+            };
+            if field == "spent" {
+                view.spent = Nanos::new(n);
+                continue;
+            }
+            let Some((kind, model)) = field.split_once(':') else {
+                continue; // `seeded`
+            };
+            let t = by_model.entry(model).or_insert_with(|| ModelTally {
+                model: Arc::from(model),
+                requests: 0,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                spent: Nanos::ZERO,
+            });
+            let n_u = u64::try_from(n).unwrap_or(0);
+            match kind {
+                "n" => t.requests = n_u,
+                "p" => t.prompt_tokens = n_u,
+                "c" => t.completion_tokens = n_u,
+                "s" => t.spent = Nanos::new(n),
+                _ => {}
+            }
+        }
+        view.by_model = by_model.into_values().collect();
+        Ok(Some(view))
+    }
+
+    /// Pushes the expiry of every open reservation of this node to now + the reservation
+    /// TTL (one round trip). Run it every TTL/3, so a live node never loses one. It first
+    /// settles the calls whose reply was lost: a failed admission is released (if it ran),
+    /// a failed settlement is left to expire and be reaped at its estimate.
+    pub async fn heartbeat(&self) -> Result<(), SharedError> {
+        let unsure = std::mem::take(&mut *self.unsure());
+        let mut cmd = self.scripts.heartbeat.call(1);
+        cmd.arg(&self.node_key)
+            .arg(self.ttl_ms)
+            .arg(self.node)
+            .arg(unsure.admits.len())
+            .arg(&unsure.admits)
+            .arg(&unsure.settles);
+        if let Err(f) = self.eval(&self.scripts.heartbeat, &cmd).await {
+            let mut now = self.unsure();
+            unsure.admits.into_iter().for_each(|id| now.push_admit(id));
+            unsure
+                .settles
+                .into_iter()
+                .for_each(|id| now.push_settle(id));
+            return Err(f.error);
+        }
+        Ok(())
+    }
+
+    /// Reaps every expired reservation of any node (a node that died or lost Redis for
+    /// longer than the TTL): releases its hold and slot and charges its estimate to its
+    /// month under the model `(orphaned)`. Returns how many; one round trip per 256.
+    pub async fn reap(&self) -> Result<u64, SharedError> {
+        let mut total = 0;
+        loop {
+            let mut cmd = self.scripts.reap.call(1);
+            cmd.arg("{sg}:resx").arg(REAP_BATCH);
+            let reply = self.eval(&self.scripts.reap, &cmd).await?;
+            let n = int(&reply).ok_or_else(|| unavailable("reap"))?;
+            total += n.max(0) as u64;
+            if n < REAP_BATCH {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// One PING, for health checks and start-up logs.
+    pub async fn ping(&self) -> Result<(), SharedError> {
+        self.bounded(async {
+            let mut con = self.connection().await?;
+            self.round_trips.fetch_add(1, Ordering::Relaxed);
+            redis::cmd("PING").exec_async(&mut con).await
+        })
+        .await
+    }
+}

@@ -1,0 +1,719 @@
+//! Live per-key limits of a cluster in Redis (SPEC §2, §6 `shared_state`): several
+//! `RedisLimits` ("nodes") against one real redis-server.
+
+mod common;
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::redis::RedisServer;
+use spidergate::clock::{day_index, month_index, now_ms, MS_PER_DAY};
+use spidergate::error::GateError;
+use spidergate::limits::{Charge, CounterView, Limits, ModelTally, Standing};
+use spidergate::money::Nanos;
+use spidergate::shared::redis::{Admit, RedisLimits, SharedError};
+
+macro_rules! redis_or_skip {
+    () => {
+        match RedisServer::start() {
+            Some(r) => r,
+            None => return,
+        }
+    };
+}
+
+fn node(r: &RedisServer, id: u64, ttl: Duration) -> Arc<RedisLimits> {
+    Arc::new(RedisLimits::new(&r.url(), id, ttl, Duration::from_secs(2)).unwrap())
+}
+
+fn hard(cap: i64) -> Limits {
+    Limits {
+        budget: Some(Nanos::new(cap)),
+        hard_budget: true,
+        ..Limits::default()
+    }
+}
+
+fn tally(model: &str, requests: u64, spent: i64) -> ModelTally {
+    ModelTally {
+        model: Arc::from(model),
+        requests,
+        prompt_tokens: requests * 10,
+        completion_tokens: requests * 20,
+        spent: Nanos::new(spent),
+    }
+}
+
+/// Seeds the key's month empty (if it needs it), as the gateway does from an empty ledger.
+async fn seed_empty(l: &RedisLimits, key: &str) {
+    seed_with(l, key, &[], 0).await;
+}
+
+async fn seed_with(l: &RedisLimits, key: &str, this_month: &[ModelTally], today: u32) {
+    let now = now_ms();
+    l.seed(key, month_index(now), day_index(now), this_month, today)
+        .await
+        .unwrap();
+}
+
+/// Admits, seeding an empty month first if Redis asks for it.
+async fn admit(l: &RedisLimits, key: &str, limits: &Limits, est: i64, res: u64) -> Admit {
+    match l.admit(key, limits, Nanos::new(est), res).await.unwrap() {
+        Admit::NeedSeed { .. } => {
+            seed_empty(l, key).await;
+            l.admit(key, limits, Nanos::new(est), res).await.unwrap()
+        }
+        other => other,
+    }
+}
+
+fn admitted(a: &Admit) -> Standing {
+    match a {
+        Admit::Admitted { standing, .. } => *standing,
+        other => panic!("expected admission, got {other:?}"),
+    }
+}
+
+fn rejected(a: Admit) -> GateError {
+    match a {
+        Admit::Rejected(e) => e,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+async fn view(l: &RedisLimits, key: &str) -> CounterView {
+    l.view(key, &Limits::default())
+        .await
+        .unwrap()
+        .expect("month seeded")
+}
+
+fn charge(model: &Arc<str>, cost: i64) -> Option<Charge<'_>> {
+    Some(Charge {
+        model,
+        prompt_tokens: 10,
+        completion_tokens: 20,
+        cost: Nanos::new(cost),
+    })
+}
+
+/// Runs a raw command against the server, behind the gateway's back.
+async fn raw(r: &RedisServer, cmd: &mut redis::Cmd) -> redis::Value {
+    let client = redis::Client::open(r.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    cmd.query_async(&mut con).await.unwrap()
+}
+
+/// A small deterministic generator (no rand crate in the tree).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rpm_is_exact_across_three_nodes_hammering_concurrently() {
+    let r = redis_or_skip!();
+    let nodes: Vec<_> = (1..=3)
+        .map(|id| node(&r, id, Duration::from_secs(30)))
+        .collect();
+    seed_empty(&nodes[0], "k").await;
+    let limits = Limits {
+        rpm: Some(20),
+        ..Limits::default()
+    };
+    let mut tasks = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for res in 0..40u64 {
+            let n = n.clone();
+            tasks.push(tokio::spawn(async move {
+                let a = n.admit("k", &limits, Nanos::ZERO, res).await.unwrap();
+                if matches!(a, Admit::Admitted { .. }) {
+                    assert!(n.settle("k", res, None).await.unwrap());
+                }
+                (i, a)
+            }));
+        }
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap().1 {
+            Admit::Admitted { .. } => ok += 1,
+            Admit::Rejected(GateError::RateLimited {
+                limit,
+                retry_after_secs,
+            }) => {
+                assert_eq!(limit, 20);
+                assert!((1..=60).contains(&retry_after_secs), "{retry_after_secs}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(ok, 20, "exactly rpm admitted across the cluster");
+    let v = nodes[2].view("k", &limits).await.unwrap().unwrap();
+    assert_eq!((v.requests_this_minute, v.requests_today), (20, 20));
+    assert_eq!((v.inflight, v.reserved), (0, Nanos::ZERO));
+    // The window is full for every node, with an accurate Retry-After (the oldest admission
+    // leaves 60 s after it was made, i.e. in 59-60 s).
+    for n in &nodes {
+        let e = rejected(n.admit("k", &limits, Nanos::ZERO, 999).await.unwrap());
+        assert!(matches!(e.retry_after(), Some(59..=60)), "{e:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standing_counts_down_the_rolling_minute() {
+    let r = redis_or_skip!();
+    let l = node(&r, 1, Duration::from_secs(30));
+    let limits = Limits {
+        rpm: Some(3),
+        ..Limits::default()
+    };
+    for (res, left) in [(1, 2), (2, 1)] {
+        let s = admitted(&admit(&l, "k", &limits, 0, res).await);
+        assert_eq!((s.rpm, s.remaining, s.reset_secs), (Some(3), Some(left), 0));
+    }
+    let s = admitted(&admit(&l, "k", &limits, 0, 3).await);
+    assert_eq!(s.remaining, Some(0));
+    assert!((59..=60).contains(&s.reset_secs), "{s:?}");
+    let e = rejected(admit(&l, "k", &limits, 0, 4).await);
+    assert_eq!(e.code(), "rate_limit_exceeded");
+    assert_eq!(e.status(), 429);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_requests_consume_nothing() {
+    let r = redis_or_skip!();
+    let l = node(&r, 1, Duration::from_secs(30));
+
+    // Budget first: a spent key is refused before any rate quota is touched.
+    seed_with(&l, "spent", &[tally("m", 1, 1_000)], 0).await;
+    let strict = Limits {
+        rpm: Some(1),
+        rpd: Some(1),
+        max_inflight: Some(1),
+        ..hard(1_000)
+    };
+    let e = rejected(admit(&l, "spent", &strict, 1, 1).await);
+    assert_eq!(
+        e,
+        GateError::BudgetExceeded {
+            spend: Nanos::new(1_000),
+            cap: Nanos::new(1_000)
+        }
+    );
+    let v = view(&l, "spent").await;
+    assert_eq!(
+        (
+            v.requests_this_minute,
+            v.requests_today,
+            v.inflight,
+            v.reserved
+        ),
+        (0, 0, 0, Nanos::ZERO)
+    );
+
+    // Per day, with Retry-After until the next UTC midnight.
+    let daily = Limits {
+        rpd: Some(2),
+        ..Limits::default()
+    };
+    for res in 1..=2 {
+        admitted(&admit(&l, "day", &daily, 0, res).await);
+        assert!(l.settle("day", res, None).await.unwrap());
+    }
+    for res in 3..8 {
+        let e = rejected(admit(&l, "day", &daily, 0, res).await);
+        assert_eq!(e.code(), "daily_rate_limit_exceeded");
+        let until_midnight = ((day_index(now_ms()) + 1) * MS_PER_DAY - now_ms()) / 1000;
+        let got = e.retry_after().unwrap() as i64;
+        assert!(
+            (got - until_midnight).abs() <= 2,
+            "{got} vs {until_midnight}"
+        );
+    }
+    assert_eq!(view(&l, "day").await.requests_today, 2);
+
+    // In flight: one over is refused, and the refusal counts nowhere.
+    let conc = Limits {
+        max_inflight: Some(1),
+        rpd: Some(10),
+        ..Limits::default()
+    };
+    admitted(&admit(&l, "conc", &conc, 0, 1).await);
+    let e = rejected(admit(&l, "conc", &conc, 0, 2).await);
+    assert_eq!(e, GateError::ConcurrencyLimited { limit: 1 });
+    assert_eq!(e.retry_after(), Some(1));
+    let v = view(&l, "conc").await;
+    assert_eq!((v.requests_today, v.inflight), (1, 1));
+    assert!(l.settle("conc", 1, None).await.unwrap());
+    admitted(&admit(&l, "conc", &conc, 0, 3).await);
+
+    // A saturated estimate is refused, not wrapped.
+    let e = rejected(admit(&l, "big", &hard(1_000), i64::MAX, 1).await);
+    assert_eq!(e.code(), "budget_exceeded");
+    assert_eq!(view(&l, "big").await.reserved, Nanos::ZERO);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hard_budget_is_never_overshot_by_sixty_concurrent_admits_on_three_nodes() {
+    let r = redis_or_skip!();
+    let nodes: Vec<_> = (1..=3)
+        .map(|id| node(&r, id, Duration::from_secs(30)))
+        .collect();
+    const CAP: i64 = 2_000_000;
+    seed_with(&nodes[0], "k", &[tally("m", 1, 100_000)], 0).await;
+    let charged = Arc::new(AtomicI64::new(100_000));
+    let next_res = Arc::new(AtomicU64::new(0));
+    let model: Arc<str> = Arc::from("m");
+    let mut tasks = Vec::new();
+    for t in 0..60u64 {
+        let n = nodes[(t % 3) as usize].clone();
+        let (charged, next_res, model) = (charged.clone(), next_res.clone(), model.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (t + 1));
+            let mut refused = 0;
+            while refused < 3 {
+                let est = 10_000 + rng.next(90_000) as i64;
+                let res = next_res.fetch_add(1, Ordering::Relaxed);
+                match n
+                    .admit("k", &hard(CAP), Nanos::new(est), res)
+                    .await
+                    .unwrap()
+                {
+                    Admit::Admitted { .. } => {
+                        tokio::time::sleep(Duration::from_millis(rng.next(5))).await;
+                        let cost = est * rng.next(101) as i64 / 100;
+                        assert!(n.settle("k", res, charge(&model, cost)).await.unwrap());
+                        charged.fetch_add(cost, Ordering::Relaxed);
+                    }
+                    Admit::Rejected(GateError::BudgetExceeded { spend, cap }) => {
+                        assert!(spend.get() <= CAP && cap.get() == CAP, "{spend} {cap}");
+                        refused += 1;
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let v = view(&nodes[1], "k").await;
+    assert_eq!(v.spent.get(), charged.load(Ordering::Relaxed));
+    assert!(v.spent.get() <= CAP, "overshot: {} > {CAP}", v.spent);
+    assert!(
+        v.spent.get() > CAP - 100_000,
+        "the budget was used up: {}",
+        v.spent
+    );
+    assert_eq!((v.reserved, v.inflight), (Nanos::ZERO, 0));
+    let m = &v.by_model[0];
+    assert_eq!((&*m.model, m.spent), ("m", v.spent));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_month_is_seeded_once_and_never_additively() {
+    let r = redis_or_skip!();
+    let (a, b) = (
+        node(&r, 1, Duration::from_secs(30)),
+        node(&r, 2, Duration::from_secs(30)),
+    );
+    let limits = Limits {
+        rpd: Some(100),
+        ..hard(10_000)
+    };
+    let now = now_ms();
+    let need = a.admit("k", &limits, Nanos::new(1), 1).await.unwrap();
+    assert_eq!(
+        need,
+        Admit::NeedSeed {
+            month: month_index(now),
+            day: day_index(now)
+        }
+    );
+    assert!(a.view("k", &limits).await.unwrap().is_none());
+    // Two nodes race to seed from the ledger: exactly one wins, whole.
+    let seed_a = [tally("m1", 3, 300), tally("m2", 1, 50)];
+    let seed_b = [tally("m1", 9, 999)];
+    let (ra, rb) = tokio::join!(
+        a.seed("k", month_index(now), day_index(now), &seed_a, 4),
+        b.seed("k", month_index(now), day_index(now), &seed_b, 7),
+    );
+    ra.unwrap();
+    rb.unwrap();
+    let v = view(&a, "k").await;
+    let won_a = v.spent == Nanos::new(350);
+    if won_a {
+        assert_eq!(v.by_model, seed_a.to_vec());
+        assert_eq!(v.requests_today, 4);
+    } else {
+        assert_eq!(v.spent, Nanos::new(999), "not additive");
+        assert_eq!(v.by_model, seed_b.to_vec());
+        assert_eq!(v.requests_today, 7);
+    }
+    // A late seeder changes nothing.
+    seed_with(&b, "k", &[tally("m1", 1, 1)], 99).await;
+    let again = view(&a, "k").await;
+    assert_eq!(
+        (again.spent, again.requests_today),
+        (v.spent, v.requests_today)
+    );
+    let m = admitted(&a.admit("k", &limits, Nanos::new(1), 1).await.unwrap());
+    assert_eq!(m.rpm, None);
+    assert_eq!(view(&b, "k").await.requests_today, v.requests_today + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_after_data_loss_does_not_create_the_month() {
+    let r = redis_or_skip!();
+    let l = node(&r, 1, Duration::from_secs(30));
+    let model: Arc<str> = Arc::from("m");
+    admitted(&admit(&l, "k", &hard(1_000), 100, 1).await);
+    admitted(&admit(&l, "k", &hard(1_000), 100, 2).await);
+
+    // The month alone vanished (evicted): the settlement releases, books nothing, and the
+    // month stays absent so the next admission asks for a seed from the ledger.
+    let month = format!("{{sg}}:k:k:mon:{}", month_index(now_ms()));
+    raw(&r, redis::cmd("DEL").arg(&month)).await;
+    assert!(l.settle("k", 1, charge(&model, 60)).await.unwrap());
+    assert!(l.view("k", &Limits::default()).await.unwrap().is_none());
+    assert_eq!(
+        raw(&r, redis::cmd("EXISTS").arg(&month)).await,
+        redis::Value::Int(0)
+    );
+
+    // Everything vanished (a restart without persistence): the reservation is gone too.
+    raw(&r, &mut redis::cmd("FLUSHALL")).await;
+    assert!(!l.settle("k", 2, charge(&model, 60)).await.unwrap());
+    assert!(l.view("k", &Limits::default()).await.unwrap().is_none());
+    assert!(matches!(
+        l.admit("k", &hard(1_000), Nanos::new(1), 3).await.unwrap(),
+        Admit::NeedSeed { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_nodes_reservation_is_charged_at_its_estimate_and_a_live_one_is_kept() {
+    let r = redis_or_skip!();
+    let ttl = Duration::from_millis(300);
+    let limits = Limits {
+        max_inflight: Some(2),
+        ..hard(10_000)
+    };
+    let model: Arc<str> = Arc::from("m");
+    let reaper = node(&r, 3, Duration::from_secs(30));
+    seed_empty(&reaper, "k").await;
+
+    // Node 1 admits and dies without settling.
+    let dead = node(&r, 1, ttl);
+    admitted(&admit(&dead, "k", &limits, 700, 1).await);
+    drop(dead);
+
+    // Node 2 is alive: its heartbeat keeps a reservation open well past the TTL.
+    let live = node(&r, 2, ttl);
+    admitted(&admit(&live, "k", &limits, 500, 1).await);
+    let beating = {
+        let live = live.clone();
+        tokio::spawn(async move {
+            loop {
+                live.heartbeat().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let start = Instant::now();
+    let mut reaped = 0;
+    while start.elapsed() < Duration::from_millis(1_200) {
+        reaped += reaper.reap().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(reaped, 1, "only the dead node's reservation");
+    let v = view(&reaper, "k").await;
+    assert_eq!(v.spent, Nanos::new(700), "charged at its estimate");
+    assert_eq!((v.reserved, v.inflight), (Nanos::new(500), 1));
+    let orphan = v
+        .by_model
+        .iter()
+        .find(|t| &*t.model == "(orphaned)")
+        .unwrap();
+    assert_eq!((orphan.requests, orphan.spent), (1, Nanos::new(700)));
+
+    assert!(live.settle("k", 1, charge(&model, 200)).await.unwrap());
+    beating.abort();
+    let v = view(&reaper, "k").await;
+    assert_eq!(v.spent, Nanos::new(900));
+    assert_eq!((v.reserved, v.inflight), (Nanos::ZERO, 0));
+
+    // A node that went silent past the TTL finds its reservation reaped: settle says so
+    // and charges nothing more (the estimate, an upper bound, was charged).
+    let late = node(&r, 4, Duration::from_millis(200));
+    admitted(&admit(&late, "k", &limits, 300, 1).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(reaper.reap().await.unwrap(), 1);
+    assert!(!late.settle("k", 1, charge(&model, 100)).await.unwrap());
+    assert_eq!(view(&reaper, "k").await.spent, Nanos::new(1_200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_reaps_the_keys_own_expired_reservations_first() {
+    let r = redis_or_skip!();
+    let limits = Limits {
+        max_inflight: Some(1),
+        ..Limits::default()
+    };
+    let dead = node(&r, 1, Duration::from_millis(200));
+    admitted(&admit(&dead, "k", &limits, 0, 1).await);
+    drop(dead);
+    let other = node(&r, 2, Duration::from_secs(30));
+    let e = rejected(admit(&other, "k", &limits, 0, 1).await);
+    assert_eq!(e.code(), "concurrency_limit_exceeded");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No reap ran: the admission itself freed the dead node's slot. No budget, no charge.
+    admitted(&admit(&other, "k", &limits, 0, 2).await);
+    let v = view(&other, "k").await;
+    assert_eq!((v.inflight, v.spent), (1, Nanos::ZERO));
+    assert!(v.by_model.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_calls_are_limited_by_rpm_and_rpd_but_counted_apart() {
+    let r = redis_or_skip!();
+    let l = node(&r, 1, Duration::from_secs(30));
+    seed_empty(&l, "k").await;
+    let limits = Limits {
+        rpm: Some(2),
+        rpd: Some(3),
+        ..Limits::default()
+    };
+    for _ in 0..2 {
+        let s = l.admit_usage_call("k", &limits).await.unwrap().unwrap();
+        // The headers report the model-request window, which usage calls do not touch.
+        assert_eq!(s.remaining, Some(2));
+    }
+    let e = l.admit_usage_call("k", &limits).await.unwrap().unwrap_err();
+    assert_eq!(e.code(), "rate_limit_exceeded");
+    assert!(matches!(e.retry_after(), Some(59..=60)));
+    let v = l.view("k", &limits).await.unwrap().unwrap();
+    assert_eq!((v.requests_this_minute, v.requests_today), (0, 0));
+    // Model requests have their own quota.
+    let s = admitted(&admit(&l, "k", &limits, 0, 1).await);
+    assert_eq!(s.remaining, Some(1));
+    let v = l.view("k", &limits).await.unwrap().unwrap();
+    assert_eq!((v.requests_this_minute, v.requests_today), (1, 1));
+
+    let daily = Limits {
+        rpd: Some(2),
+        ..Limits::default()
+    };
+    for _ in 0..2 {
+        l.admit_usage_call("d", &daily).await.unwrap().unwrap();
+    }
+    let e = l.admit_usage_call("d", &daily).await.unwrap().unwrap_err();
+    assert_eq!(e.code(), "daily_rate_limit_exceeded");
+    admitted(&admit(&l, "d", &daily, 0, 1).await);
+    admitted(&admit(&l, "d", &daily, 0, 2).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soft_budget_warns_once_reached_and_never_holds() {
+    let r = redis_or_skip!();
+    let l = node(&r, 1, Duration::from_secs(30));
+    seed_with(&l, "k", &[tally("m", 1, 999)], 0).await;
+    let soft = Limits {
+        budget: Some(Nanos::new(1_000)),
+        hard_budget: false,
+        ..Limits::default()
+    };
+    let model: Arc<str> = Arc::from("m");
+    let s = admitted(&l.admit("k", &soft, Nanos::new(1_000_000), 1).await.unwrap());
+    assert!(!s.budget_warning);
+    assert_eq!(view(&l, "k").await.reserved, Nanos::ZERO);
+    assert!(l.settle("k", 1, charge(&model, 5)).await.unwrap());
+    let s = admitted(&l.admit("k", &soft, Nanos::new(1_000_000), 2).await.unwrap());
+    assert!(s.budget_warning);
+    assert!(
+        l.admit_usage_call("k", &soft)
+            .await
+            .unwrap()
+            .unwrap()
+            .budget_warning
+    );
+    let v = view(&l, "k").await;
+    assert_eq!(v.by_model[0].requests, 2);
+    assert_eq!(v.by_model[0].prompt_tokens, 20);
+}
+
+fn assert_unavailable<T: std::fmt::Debug>(r: Result<T, SharedError>, started: Instant) {
+    let e = r.unwrap_err();
+    assert!(
+        e.to_string().starts_with("shared limits unavailable"),
+        "{e}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1_500),
+        "slow: {:?}",
+        started.elapsed()
+    );
+}
+
+/// Polls until the node answers again, without recreating it.
+async fn recovers(l: &RedisLimits) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if l.ping().await.is_ok() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "did not recover");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fails_fast_and_the_node_recovers_when_it_is_back() {
+    let mut r = redis_or_skip!();
+    r.stop();
+    // Created while Redis is down: no error until a call needs it.
+    let l = RedisLimits::new(
+        &r.url(),
+        1,
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+    )
+    .unwrap();
+    let t = Instant::now();
+    assert_unavailable(l.admit("k", &Limits::default(), Nanos::ZERO, 1).await, t);
+    r.restart();
+    recovers(&l).await;
+    seed_empty(&l, "k").await;
+    admitted(
+        &l.admit("k", &Limits::default(), Nanos::ZERO, 2)
+            .await
+            .unwrap(),
+    );
+
+    // Killed while connected: fails fast, and after a restart (empty, scripts flushed) asks
+    // for a seed again.
+    r.stop();
+    let t = Instant::now();
+    assert_unavailable(l.admit("k", &Limits::default(), Nanos::ZERO, 3).await, t);
+    let t = Instant::now();
+    assert_unavailable(l.settle("k", 2, None).await, t);
+    r.restart();
+    recovers(&l).await;
+    assert!(matches!(
+        l.admit("k", &Limits::default(), Nanos::ZERO, 4)
+            .await
+            .unwrap(),
+        Admit::NeedSeed { .. }
+    ));
+
+    // Hung (SIGSTOP): connections stay open, nothing answers; the timeout answers instead.
+    r.pause();
+    for res in 5..9 {
+        let t = Instant::now();
+        assert_unavailable(l.admit("k", &Limits::default(), Nanos::ZERO, res).await, t);
+    }
+    r.resume();
+    recovers(&l).await;
+    seed_empty(&l, "k").await;
+    admitted(
+        &l.admit("k", &Limits::default(), Nanos::ZERO, 9)
+            .await
+            .unwrap(),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_round_trip_per_admit_and_per_settle() {
+    let r = redis_or_skip!();
+    let l = node(&r, 1, Duration::from_secs(30));
+    let limits = Limits {
+        rpm: Some(100),
+        rpd: Some(100),
+        max_inflight: Some(10),
+        ..hard(1_000_000)
+    };
+    let model: Arc<str> = Arc::from("m");
+    // Loads the scripts (a fresh Redis answers NOSCRIPT once per script).
+    admitted(&admit(&l, "k", &limits, 100, 1).await);
+    assert!(l.settle("k", 1, charge(&model, 10)).await.unwrap());
+
+    for res in 2..12 {
+        let before = l.round_trips();
+        admitted(&l.admit("k", &limits, Nanos::new(100), res).await.unwrap());
+        assert_eq!(l.round_trips() - before, 1, "admit");
+        let before = l.round_trips();
+        assert!(l.settle("k", res, charge(&model, 10)).await.unwrap());
+        assert_eq!(l.round_trips() - before, 1, "settle");
+    }
+
+    // A Redis that lost its script cache costs one SCRIPT LOAD and a retry, once.
+    raw(&r, redis::cmd("SCRIPT").arg("FLUSH")).await;
+    let before = l.round_trips();
+    admitted(&l.admit("k", &limits, Nanos::new(100), 20).await.unwrap());
+    assert_eq!(l.round_trips() - before, 3);
+    let before = l.round_trips();
+    admitted(&l.admit("k", &limits, Nanos::new(100), 21).await.unwrap());
+    assert_eq!(l.round_trips() - before, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scripts_calendar_agrees_with_clock_rs() {
+    let r = redis_or_skip!();
+    let code = concat!(
+        include_str!("../src/shared/lua/common.lua"),
+        "local out = {} for i = 1, #ARGV do out[i] = month_of_day(tonumber(ARGV[i])) end return out"
+    );
+    // Every day from 1900 to 2200, month ends, leap days and centuries included.
+    let days: Vec<i64> = (-25_567..84_000).collect();
+    for chunk in days.chunks(8_000) {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(code).arg(0).arg(chunk);
+        let got: Vec<i64> = redis::from_redis_value(&raw(&r, &mut cmd).await).unwrap();
+        let want: Vec<i64> = chunk.iter().map(|d| month_index(d * MS_PER_DAY)).collect();
+        assert_eq!(got, want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admission_whose_reply_was_lost_is_released_by_the_next_heartbeat() {
+    let r = redis_or_skip!();
+    let l = RedisLimits::new(
+        &r.url(),
+        1,
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+    )
+    .unwrap();
+    let limits = Limits {
+        max_inflight: Some(1),
+        ..hard(1_000)
+    };
+    seed_empty(&l, "k").await;
+    // Redis knows the script (else it would answer NOSCRIPT, not run it).
+    admitted(&l.admit("k", &limits, Nanos::new(400), 0).await.unwrap());
+    assert!(l.settle("k", 0, None).await.unwrap());
+    // Redis hangs with the admission in its socket: the caller gets an error (and does not
+    // forward the request), but Redis runs the script once it wakes up.
+    r.pause();
+    let t = Instant::now();
+    assert_unavailable(l.admit("k", &limits, Nanos::new(400), 1).await, t);
+    r.resume();
+    let v = view(&l, "k").await;
+    assert_eq!((v.inflight, v.reserved), (1, Nanos::new(400)));
+    // The heartbeat settles the doubt: released, nothing charged.
+    l.heartbeat().await.unwrap();
+    let v = view(&l, "k").await;
+    assert_eq!(
+        (v.inflight, v.reserved, v.spent),
+        (0, Nanos::ZERO, Nanos::ZERO)
+    );
+    admitted(&l.admit("k", &limits, Nanos::new(400), 2).await.unwrap());
+}
