@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 pub use spidergate_mock::MockProvider;
 
+pub mod pg;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_spidergate");
 
 pub fn free_port() -> u16 {
