@@ -89,7 +89,8 @@ impl From<postgres::Error> for StoreError {
 
 enum Backend {
     Sqlite(sqlite::Sqlite),
-    Postgres(pg::Postgres),
+    // Boxed: a PostgreSQL client is several times the size of a SQLite handle.
+    Postgres(Box<pg::Postgres>),
 }
 
 /// One handle on the store. Not shared between threads: open one per thread (PostgreSQL
@@ -124,9 +125,9 @@ impl Store {
     pub fn open_at(location: &StoreLocation) -> Result<Store> {
         match location {
             StoreLocation::Sqlite(path) => Store::open(path),
-            StoreLocation::Postgres(url) => Ok(Store::with_backend(Backend::Postgres(
+            StoreLocation::Postgres(url) => Ok(Store::with_backend(Backend::Postgres(Box::new(
                 pg::Postgres::open(url)?,
-            ))),
+            )))),
         }
     }
 
