@@ -310,8 +310,8 @@ fn check_models(catalog: &Catalog, names: Vec<String>) -> Result<Vec<String>, Ke
 }
 
 fn random_source(e: std::io::Error) -> KeyError {
-    KeyError::Store(StoreError::ToSqlConversionFailure(Box::new(
-        std::io::Error::other(format!("cannot read the OS random source: {e}")),
+    KeyError::Store(StoreError::Other(format!(
+        "cannot read the OS random source: {e}"
     )))
 }
 

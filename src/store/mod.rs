@@ -1,247 +1,310 @@
-//! Every SQLite call: the schema and its migrations here, keys in `keys`, the spend ledger,
-//! journal and traces in `ledger`.
+//! The store behind keys, the spend ledger, the admission journal and traces: one API over
+//! two backends, SQLite (`sqlite`, one file per gateway) and PostgreSQL (`pg`, shared by the
+//! nodes of a cluster).
 //!
-//! One file shared by the server, the CLI and the admin API: WAL so readers never block the
-//! writer, a busy timeout so concurrent writers queue, `BEGIN IMMEDIATE` for every write, and
-//! only parameterised SQL.
+//! Both backends are blocking: call them from the ledger writer thread, `spawn_blocking` or
+//! the CLI, never on an async worker thread. Shared types (`Batch`, `TraceRow`, `KeyPatch`,
+//! ...) live in `keys` and `ledger`; each backend module holds only its SQL.
 
 mod keys;
 mod ledger;
+mod pg;
+mod sqlite;
 
-use std::path::Path;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
 
-use rusqlite::{params, Connection, TransactionBehavior};
+use crate::keys::token::TokenHash;
+use crate::keys::{KeyRecord, KeyRow};
+use crate::limits::ModelTally;
+use crate::money::Nanos;
 
 pub use keys::KeyPatch;
 pub use ledger::{Batch, JournalRow, LedgerEntry, ModelSpend, TraceRow, ORPHANED};
-pub use rusqlite::Error as StoreError;
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', 1), ('keys_version', 0);
+/// Where the store lives.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A SQLite file (created with its directory if missing).
+    Sqlite(PathBuf),
+    /// A PostgreSQL connection URL (`postgres://user:pass@host:port/db`).
+    Postgres(String),
+}
 
-CREATE TABLE IF NOT EXISTS keys (
-    id             TEXT PRIMARY KEY,
-    token_hash     BLOB NOT NULL UNIQUE,
-    prefix         TEXT NOT NULL,
-    name           TEXT NOT NULL,
-    scopes         TEXT NOT NULL,
-    rpm            INTEGER,
-    rpd            INTEGER,
-    budget_nanos   INTEGER,
-    budget_mode    TEXT NOT NULL,
-    allowed_models TEXT NOT NULL,
-    free_only      INTEGER NOT NULL,
-    client_id      TEXT,
-    created_at     INTEGER NOT NULL,
-    expires_at     INTEGER NOT NULL,
-    revoked_at     INTEGER
-);
--- Any change to a key bumps keys_version; the server polls it to hot-reload.
-CREATE TRIGGER IF NOT EXISTS keys_ai AFTER INSERT ON keys
-    BEGIN UPDATE meta SET v = v + 1 WHERE k = 'keys_version'; END;
-CREATE TRIGGER IF NOT EXISTS keys_au AFTER UPDATE ON keys
-    BEGIN UPDATE meta SET v = v + 1 WHERE k = 'keys_version'; END;
-CREATE TRIGGER IF NOT EXISTS keys_ad AFTER DELETE ON keys
-    BEGIN UPDATE meta SET v = v + 1 WHERE k = 'keys_version'; END;
+/// Hand-written so a password in a PostgreSQL URL never reaches a log line.
+impl fmt::Debug for StoreLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreLocation::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
+            StoreLocation::Postgres(_) => f.write_str("Postgres(<url>)"),
+        }
+    }
+}
 
--- The change log: every insert, update or delete of a key appends its id, so a running
--- gateway applies N changes in O(N) instead of reloading every key.
-CREATE TABLE IF NOT EXISTS key_changes (
-    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
-    key_id TEXT NOT NULL
-);
-CREATE TRIGGER IF NOT EXISTS keys_log_ai AFTER INSERT ON keys
-    BEGIN INSERT INTO key_changes (key_id) VALUES (NEW.id); END;
-CREATE TRIGGER IF NOT EXISTS keys_log_au AFTER UPDATE ON keys
-    BEGIN INSERT INTO key_changes (key_id) VALUES (NEW.id); END;
-CREATE TRIGGER IF NOT EXISTS keys_log_ad AFTER DELETE ON keys
-    BEGIN INSERT INTO key_changes (key_id) VALUES (OLD.id); END;
+/// Any failure of either backend.
+#[derive(Debug)]
+pub enum StoreError {
+    Sqlite(rusqlite::Error),
+    Postgres(postgres::Error),
+    /// PostgreSQL cannot be reached (or its URL is malformed); the message names the server.
+    Connect(String),
+    /// A stored value this build cannot read, or a failure outside the database itself.
+    Other(String),
+}
 
--- Kept apart from keys so recording use never triggers a reload.
-CREATE TABLE IF NOT EXISTS key_last_used (key_id TEXT PRIMARY KEY, at INTEGER NOT NULL);
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Sqlite(e) => write!(f, "{e}"),
+            // The driver's own text already carries the server's message (its `source`).
+            StoreError::Postgres(e) => write!(f, "postgres: {e}"),
+            StoreError::Connect(msg) | StoreError::Other(msg) => f.write_str(msg),
+        }
+    }
+}
 
-CREATE TABLE IF NOT EXISTS spend (
-    key_id            TEXT NOT NULL,
-    month             TEXT NOT NULL,
-    model             TEXT NOT NULL,
-    requests          INTEGER NOT NULL,
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    cost_nanos        INTEGER NOT NULL,
-    PRIMARY KEY (key_id, month, model)
-) WITHOUT ROWID;
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Sqlite(e) => Some(e),
+            StoreError::Postgres(e) => Some(e),
+            StoreError::Connect(_) | StoreError::Other(_) => None,
+        }
+    }
+}
 
-CREATE TABLE IF NOT EXISTS daily_requests (
-    key_id   TEXT NOT NULL,
-    day      TEXT NOT NULL,
-    requests INTEGER NOT NULL,
-    PRIMARY KEY (key_id, day)
-) WITHOUT ROWID;
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite(e)
+    }
+}
 
-CREATE TABLE IF NOT EXISTS traces (
-    id                INTEGER PRIMARY KEY,
-    ts                INTEGER NOT NULL,
-    key_id            TEXT,
-    endpoint          TEXT NOT NULL,
-    requested_model   TEXT,
-    served_model      TEXT,
-    provider          TEXT,
-    status            INTEGER NOT NULL,
-    error_code        TEXT,
-    latency_ms        INTEGER NOT NULL,
-    ttfb_ms           INTEGER,
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    cost_nanos        INTEGER NOT NULL,
-    usage_estimated   INTEGER NOT NULL,
-    fallback_from     TEXT
-);
-CREATE INDEX IF NOT EXISTS traces_key ON traces (key_id, id);
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> StoreError {
+        StoreError::Postgres(e)
+    }
+}
 
--- Spend per key, model and UTC day, for the dashboard's daily chart.
-CREATE TABLE IF NOT EXISTS daily_spend (
-    key_id     TEXT NOT NULL,
-    day        TEXT NOT NULL,
-    model      TEXT NOT NULL,
-    requests   INTEGER NOT NULL,
-    cost_nanos INTEGER NOT NULL,
-    PRIMARY KEY (key_id, day, model)
-) WITHOUT ROWID;
+enum Backend {
+    Sqlite(sqlite::Sqlite),
+    // Boxed: a PostgreSQL client is several times the size of a SQLite handle.
+    Postgres(Box<pg::Postgres>),
+}
 
--- Admissions still open at a commit (the admission journal): a request that outlives one
--- flush interval is written here, and deleted when its spend is booked. Rows left after a
--- crash are orphans, charged at their upper-bound cost when the gateway starts again.
-CREATE TABLE IF NOT EXISTS inflight (
-    id                INTEGER PRIMARY KEY,
-    ts                INTEGER NOT NULL,
-    key_id            TEXT NOT NULL,
-    endpoint          TEXT NOT NULL,
-    requested_model   TEXT NOT NULL,
-    served_model      TEXT NOT NULL,
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    cost_nanos        INTEGER NOT NULL
-);
-"#;
-
-/// Columns added after the first release, applied to older databases at open.
-const MIGRATIONS: [(&str, &str, &str); 5] = [
-    // The process (pid) that journaled an admission: a live one still owns it.
-    ("inflight", "owner", "INTEGER NOT NULL DEFAULT 0"),
-    ("keys", "max_inflight", "INTEGER"),
-    // Rotation: the secret before the last rotation keeps working until `prev_valid_until`.
-    ("keys", "prev_token_hash", "BLOB"),
-    ("keys", "prev_valid_until", "INTEGER"),
-    ("keys", "rotated_at", "INTEGER"),
-];
-
+/// One handle on the store. Not shared between threads: open one per thread (PostgreSQL
+/// handles come from a process-wide pool, so opening is cheap after the first).
 pub struct Store {
-    conn: Connection,
+    backend: Backend,
+    /// Written to the journal's `owner` column: who must still settle an open admission.
+    owner: i64,
+}
+
+/// Runs the same call on whichever backend the store has (both expose the same methods).
+macro_rules! on_backend {
+    ($backend:expr, $b:ident => $call:expr) => {
+        match $backend {
+            Backend::Sqlite($b) => $call,
+            Backend::Postgres($b) => $call,
+        }
+    };
 }
 
 impl Store {
-    /// Opens (creating if needed) the database and applies the schema.
+    /// Opens (creating if needed) a SQLite database and applies the schema.
     pub fn open(path: &Path) -> Result<Store> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(10))?;
-        // Only takes effect when the file is created: fewer, larger pages for the append-heavy
-        // trace table (set before WAL, which fixes the page size).
-        conn.pragma_update(None, "page_size", 16_384)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        // FULL: every batch commit is durable; batches are few, so this costs little.
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        // The ledger appends to large B-trees: keep their hot pages in memory instead of
-        // re-reading them with a syscall per page (64 MiB cache, 256 MiB memory map).
-        conn.pragma_update(None, "cache_size", -65_536)?;
-        conn.pragma_update(None, "mmap_size", 268_435_456)?;
-        let mut store = Store { conn };
-        store.write(|tx| {
-            tx.execute_batch(SCHEMA)?;
-            for (table, column, kind) in MIGRATIONS {
-                let exists: bool = tx.query_row(
-                    "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
-                    params![table, column],
-                    |r| r.get(0),
-                )?;
-                if !exists {
-                    tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
-                }
-            }
-            Ok(())
-        })?;
-        Ok(store)
+        Ok(Store::with_backend(Backend::Sqlite(sqlite::Sqlite::open(
+            path,
+        )?)))
     }
 
-    /// Runs `f` in a `BEGIN IMMEDIATE` transaction (takes the write lock up front, so the
-    /// busy timeout applies instead of a mid-transaction SQLITE_BUSY).
-    fn write<T>(&mut self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let out = f(&tx)?;
-        tx.commit()?;
-        Ok(out)
+    /// Opens the store at `location`, applying the schema or pending migrations. PostgreSQL:
+    /// takes a pooled connection or connects (failing within a few seconds when the server
+    /// is down); migrations run once per process and URL.
+    pub fn open_at(location: &StoreLocation) -> Result<Store> {
+        match location {
+            StoreLocation::Sqlite(path) => Store::open(path),
+            StoreLocation::Postgres(url) => Ok(Store::with_backend(Backend::Postgres(Box::new(
+                pg::Postgres::open(url)?,
+            )))),
+        }
+    }
+
+    fn with_backend(backend: Backend) -> Store {
+        Store {
+            backend,
+            owner: i64::from(std::process::id()),
+        }
+    }
+
+    /// Sets the owner written with journal rows by `write_batch` (default: this process's
+    /// pid). Nodes sharing one PostgreSQL need owners unique across the cluster.
+    pub fn set_owner(&mut self, owner: i64) {
+        self.owner = owner;
+    }
+
+    /// The owner journal rows are written with.
+    pub fn owner(&self) -> i64 {
+        self.owner
+    }
+
+    /// Records that node `owner` is alive at `now_ms` (upsert; never moves back in time).
+    pub fn heartbeat(&mut self, owner: i64, now_ms: i64) -> Result<()> {
+        on_backend!(&mut self.backend, b => b.heartbeat(owner, now_ms))
+    }
+
+    /// Nodes whose last heartbeat is at or after `seen_since_ms`, ascending.
+    pub fn live_owners(&self, seen_since_ms: i64) -> Result<Vec<i64>> {
+        on_backend!(&self.backend, b => b.live_owners(seen_since_ms))
     }
 
     pub fn keys_version(&self) -> Result<i64> {
-        self.conn
-            .query_row("SELECT v FROM meta WHERE k = 'keys_version'", [], |r| {
-                r.get(0)
-            })
+        on_backend!(&self.backend, b => b.keys_version())
     }
 
     /// The newest change-log position (0 when nothing changed yet).
     pub fn last_key_change(&self) -> Result<i64> {
-        self.conn
-            .query_row("SELECT COALESCE(MAX(seq), 0) FROM key_changes", [], |r| {
-                r.get(0)
-            })
+        on_backend!(&self.backend, b => b.last_key_change())
     }
 
     /// Key ids changed after `seq` (each once) and the newest position, or `None` when the
     /// log no longer reaches back to `seq` (pruned): then only a full reload is exact.
     pub fn key_changes_since(&self, seq: i64) -> Result<Option<(i64, Vec<String>)>> {
-        let oldest: Option<i64> =
-            self.conn
-                .query_row("SELECT MIN(seq) FROM key_changes", [], |r| r.get(0))?;
-        if oldest.is_some_and(|o| o > seq + 1) {
-            return Ok(None);
-        }
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT MAX(seq), key_id FROM key_changes WHERE seq > ?1 GROUP BY key_id",
-        )?;
-        let rows = stmt.query_map([seq], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
-        let mut newest = seq;
-        let mut ids = Vec::new();
-        for row in rows {
-            let (s, id) = row?;
-            newest = newest.max(s);
-            ids.push(id);
-        }
-        Ok(Some((newest, ids)))
+        on_backend!(&self.backend, b => b.key_changes_since(seq))
     }
 
     /// Drops change-log entries older than the newest `keep` (a gateway that fell behind
     /// them reloads in full).
     pub fn prune_key_changes(&mut self, keep: i64) -> Result<usize> {
-        self.write(|tx| {
-            tx.execute(
-                "DELETE FROM key_changes WHERE seq <= (SELECT MAX(seq) FROM key_changes) - ?1",
-                [keep],
-            )
-        })
+        on_backend!(&mut self.backend, b => b.prune_key_changes(keep))
     }
 
+    /// SQLite's `PRAGMA integrity_check`; PostgreSQL has none, and answers `ok` once a
+    /// round trip succeeds.
     pub fn integrity_check(&self) -> Result<String> {
-        self.conn
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        on_backend!(&self.backend, b => b.integrity_check())
+    }
+
+    pub fn insert_key(&mut self, k: &KeyRecord) -> Result<()> {
+        self.insert_keys(std::slice::from_ref(k))
+    }
+
+    /// Inserts many keys in one transaction (bulk provisioning, benchmarks).
+    pub fn insert_keys(&mut self, keys: &[KeyRecord]) -> Result<()> {
+        on_backend!(&mut self.backend, b => b.insert_keys(keys))
+    }
+
+    /// How many keys the store holds.
+    pub fn key_count(&self) -> Result<usize> {
+        on_backend!(&self.backend, b => b.key_count())
+    }
+
+    /// Calls `f` with every key as a borrowed row (start-up and full reloads of the
+    /// snapshot). `f` may call the store again.
+    pub fn for_each_key_row(&self, f: impl FnMut(&KeyRow<'_>)) -> Result<()> {
+        on_backend!(&self.backend, b => b.for_each_key_row(f))
+    }
+
+    /// Every key, oldest first.
+    pub fn all_keys(&self) -> Result<Vec<KeyRecord>> {
+        on_backend!(&self.backend, b => b.all_keys())
+    }
+
+    pub fn get_key(&self, id: &str) -> Result<Option<KeyRecord>> {
+        on_backend!(&self.backend, b => b.get_key(id))
+    }
+
+    /// Applies a patch; returns the updated key, or `None` if no such key. The read and the
+    /// write share one transaction that locks the key, so concurrent patches of different
+    /// fields (CLI and admin API at once) never overwrite each other.
+    pub fn update_key(&mut self, id: &str, p: &KeyPatch) -> Result<Option<KeyRecord>> {
+        on_backend!(&mut self.backend, b => b.update_key(id, p))
+    }
+
+    /// Gives a key a new secret (its hash and display prefix); the previous secret keeps
+    /// working until `previous_valid_until`. Returns the updated key, or `None` if no such
+    /// key. A revoked key cannot be rotated back to life (`Ok(None)` is not returned for it;
+    /// the caller checks the status first).
+    pub fn rotate_key(
+        &mut self,
+        id: &str,
+        new_hash: &TokenHash,
+        new_prefix: &str,
+        previous_valid_until: i64,
+        now: i64,
+    ) -> Result<Option<KeyRecord>> {
+        on_backend!(&mut self.backend, b => b.rotate_key(id, new_hash, new_prefix, previous_valid_until, now))
+    }
+
+    /// Revokes a key (idempotent: the first revocation time is kept).
+    pub fn revoke_key(&mut self, id: &str, now: i64) -> Result<Option<KeyRecord>> {
+        on_backend!(&mut self.backend, b => b.revoke_key(id, now))
+    }
+
+    /// Month-to-date spend per key and model.
+    pub fn spend_by_key(&self, month: &str) -> Result<HashMap<String, Vec<ModelTally>>> {
+        on_backend!(&self.backend, b => b.spend_by_key(month))
+    }
+
+    /// Admitted requests per key on one UTC day.
+    pub fn requests_by_key(&self, day: &str) -> Result<HashMap<String, u32>> {
+        on_backend!(&self.backend, b => b.requests_by_key(day))
+    }
+
+    pub fn spend_for_key(&self, key_id: &str, month: &str) -> Result<Vec<ModelSpend>> {
+        on_backend!(&self.backend, b => b.spend_for_key(key_id, month))
+    }
+
+    pub fn requests_on(&self, key_id: &str, day: &str) -> Result<u32> {
+        on_backend!(&self.backend, b => b.requests_on(key_id, day))
+    }
+
+    /// Newest traces first, for one key or all; `before` pages back (traces with a smaller
+    /// id). Within a committed batch rows are grouped by key (see `write_batch`), so the
+    /// all-keys view sorts a recent window by time; one key's rows are always in order.
+    pub fn traces(
+        &self,
+        key_id: Option<&str>,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<TraceRow>> {
+        on_backend!(&self.backend, b => b.traces(key_id, limit, before))
+    }
+
+    /// Spend per UTC day and model in one month (`YYYY-MM`), for one key or summed over all:
+    /// `(day "YYYY-MM-DD", model, cost)`.
+    pub fn daily_spend(
+        &self,
+        month: &str,
+        key_id: Option<&str>,
+    ) -> Result<Vec<(String, String, Nanos)>> {
+        on_backend!(&self.backend, b => b.daily_spend(month, key_id))
+    }
+
+    /// Commits one batch atomically (one transaction): traces, spend, daily counts, last use
+    /// and the admission journal, whose rows are written with this store's owner. On error
+    /// nothing is written and the caller keeps the batch.
+    pub fn write_batch(&mut self, batch: &Batch) -> Result<()> {
+        let owner = self.owner;
+        on_backend!(&mut self.backend, b => b.write_batch(batch, owner))
+    }
+
+    /// Charges every admission whose owner `is_live` says is gone (journal rows with no
+    /// booked spend) at its journaled upper-bound cost: a trace marked estimated with code
+    /// `orphaned`, the spend and the day's count. Returns how many; each row is charged once
+    /// even when several nodes run this at the same time. Run at start-up, before keys are
+    /// loaded, and periodically: a process handed over to by `--upgrade` keeps its own rows
+    /// until it exits.
+    pub fn charge_orphans(&mut self, is_live: impl Fn(i64) -> bool) -> Result<usize> {
+        on_backend!(&mut self.backend, b => b.charge_orphans(is_live))
+    }
+
+    /// Deletes traces older than `before_ms`; returns how many. Nothing newer than
+    /// `before_ms` is ever deleted; a few older rows of the last batch before the cut may
+    /// wait for the next prune.
+    pub fn prune_traces(&mut self, before_ms: i64) -> Result<usize> {
+        on_backend!(&mut self.backend, b => b.prune_traces(before_ms))
     }
 }
 

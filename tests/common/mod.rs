@@ -12,6 +12,7 @@ use serde_json::Value;
 pub use spidergate_mock::MockProvider;
 
 pub mod redis;
+pub mod pg;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_spidergate");
 

@@ -1,0 +1,260 @@
+//! Keys in PostgreSQL: the same operations and semantics as `sqlite::keys`, with patches
+//! read and written under a row lock.
+
+use postgres::Row;
+
+use super::{prepared, Postgres};
+use crate::keys::token::TokenHash;
+use crate::keys::{BudgetMode, KeyRecord, KeyRow};
+use crate::limits::Limits;
+use crate::money::Nanos;
+use crate::store::keys::{join, key_columns, split, KeyPatch};
+use crate::store::{Result, StoreError};
+
+/// Keys read per round trip by `for_each_key_row` (bounds memory at a million keys).
+const KEY_PAGE: i64 = 5_000;
+
+/// A limit column (BIGINT) as the `u32` the key carries.
+fn limit(row: &Row, i: usize) -> Result<Option<u32>> {
+    row.try_get::<_, Option<i64>>(i)?
+        .map(|n| {
+            u32::try_from(n)
+                .map_err(|_| StoreError::Other(format!("stored limit {n} is out of range")))
+        })
+        .transpose()
+}
+
+fn limit_param(v: Option<u32>) -> Option<i64> {
+    v.map(i64::from)
+}
+
+/// A 32-byte digest column (`None` for NULL or any other length).
+fn hash32(row: &Row, i: usize) -> Result<Option<TokenHash>> {
+    Ok(row
+        .try_get::<_, Option<&[u8]>>(i)?
+        .and_then(|b| b.try_into().ok()))
+}
+
+fn key_from_row(row: &Row) -> Result<KeyRecord> {
+    let mode: &str = row.try_get(8)?;
+    Ok(KeyRecord {
+        id: row.try_get(0)?,
+        token_hash: hash32(row, 1)?.unwrap_or([0; 32]),
+        prefix: row.try_get(2)?,
+        name: row.try_get(3)?,
+        scopes: split(row.try_get(4)?),
+        rpm: limit(row, 5)?,
+        rpd: limit(row, 6)?,
+        budget: row.try_get::<_, Option<i64>>(7)?.map(Nanos::new),
+        budget_mode: BudgetMode::parse(mode).unwrap_or(BudgetMode::Soft),
+        max_inflight: limit(row, 16)?,
+        previous_hash: hash32(row, 17)?,
+        previous_valid_until: row.try_get(18)?,
+        rotated_at: row.try_get(19)?,
+        allowed_models: split(row.try_get(9)?),
+        free_only: row.try_get(10)?,
+        client_id: row.try_get(11)?,
+        created_at: row.try_get(12)?,
+        expires_at: row.try_get(13)?,
+        revoked_at: row.try_get(14)?,
+        last_used_at: row.try_get(15)?,
+    })
+}
+
+// Whole `&'static str` queries, since prepared statements are cached by their text.
+const GET_KEY: &str = concat!(
+    "SELECT ",
+    key_columns!(),
+    " FROM keys k LEFT JOIN key_last_used u ON u.key_id = k.id WHERE k.id = $1"
+);
+const GET_KEY_FOR_UPDATE: &str = concat!(
+    "SELECT ",
+    key_columns!(),
+    " FROM keys k LEFT JOIN key_last_used u ON u.key_id = k.id WHERE k.id = $1 FOR UPDATE OF k"
+);
+const ALL_KEYS: &str = concat!(
+    "SELECT ",
+    key_columns!(),
+    " FROM keys k LEFT JOIN key_last_used u ON u.key_id = k.id ORDER BY k.created_at, k.id"
+);
+
+impl Postgres {
+    pub fn insert_keys(&mut self, keys: &[KeyRecord]) -> Result<()> {
+        self.write(|tx, cache| {
+            let stmt = prepared(
+                cache,
+                tx,
+                "INSERT INTO keys (id, token_hash, prefix, name, scopes, rpm, rpd, budget_nanos,
+                    budget_mode, allowed_models, free_only, client_id, created_at, expires_at,
+                    revoked_at, max_inflight)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+            )?;
+            for k in keys {
+                tx.execute(
+                    &stmt,
+                    &[
+                        &k.id,
+                        &&k.token_hash[..],
+                        &k.prefix,
+                        &k.name,
+                        &join(&k.scopes),
+                        &limit_param(k.rpm),
+                        &limit_param(k.rpd),
+                        &k.budget.map(Nanos::get),
+                        &k.budget_mode.as_str(),
+                        &join(&k.allowed_models),
+                        &k.free_only,
+                        &k.client_id,
+                        &k.created_at,
+                        &k.expires_at,
+                        &k.revoked_at,
+                        &limit_param(k.max_inflight),
+                    ],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn key_count(&self) -> Result<usize> {
+        let n: i64 = self.scalar("SELECT COUNT(*) FROM keys", &[])?;
+        Ok(n as usize)
+    }
+
+    /// Pages through the keys by id, so neither the server nor this process holds every key
+    /// at once; `f` runs between pages, with the connection free (it may use the store).
+    pub fn for_each_key_row(&self, mut f: impl FnMut(&KeyRow<'_>)) -> Result<()> {
+        let mut after = String::new();
+        loop {
+            let rows = self.query(
+                "SELECT id, token_hash, name, scopes, allowed_models, rpm, rpd, budget_nanos,
+                    budget_mode, max_inflight, free_only, expires_at, revoked_at IS NOT NULL,
+                    prev_token_hash, prev_valid_until
+                 FROM keys WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&after, &KEY_PAGE],
+            )?;
+            for r in &rows {
+                let previous = match (hash32(r, 13)?, r.try_get::<_, Option<i64>>(14)?) {
+                    (Some(h), Some(until)) => Some((h, until)),
+                    _ => None,
+                };
+                let mode: &str = r.try_get(8)?;
+                f(&KeyRow {
+                    id: r.try_get(0)?,
+                    token_hash: hash32(r, 1)?.unwrap_or([0; 32]),
+                    name: r.try_get(2)?,
+                    scopes: r.try_get(3)?,
+                    allowed_models: r.try_get(4)?,
+                    limits: Limits {
+                        rpm: limit(r, 5)?,
+                        rpd: limit(r, 6)?,
+                        budget: r.try_get::<_, Option<i64>>(7)?.map(Nanos::new),
+                        hard_budget: mode == BudgetMode::Hard.as_str(),
+                        max_inflight: limit(r, 9)?,
+                    },
+                    free_only: r.try_get(10)?,
+                    expires_at: r.try_get(11)?,
+                    revoked: r.try_get(12)?,
+                    previous,
+                });
+            }
+            match rows.last() {
+                Some(last) if rows.len() as i64 == KEY_PAGE => after = last.try_get(0)?,
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    pub fn all_keys(&self) -> Result<Vec<KeyRecord>> {
+        self.query(ALL_KEYS, &[])?
+            .iter()
+            .map(key_from_row)
+            .collect()
+    }
+
+    pub fn get_key(&self, id: &str) -> Result<Option<KeyRecord>> {
+        self.query(GET_KEY, &[&id])?
+            .first()
+            .map(key_from_row)
+            .transpose()
+    }
+
+    /// The read locks the key's row until the write commits (SQLite's `BEGIN IMMEDIATE`).
+    pub fn update_key(&mut self, id: &str, p: &KeyPatch) -> Result<Option<KeyRecord>> {
+        self.write(|tx, cache| {
+            let read = prepared(cache, tx, GET_KEY_FOR_UPDATE)?;
+            let Some(mut k) = tx
+                .query(&read, &[&id])?
+                .first()
+                .map(key_from_row)
+                .transpose()?
+            else {
+                return Ok(None);
+            };
+            p.apply(&mut k);
+            let write = prepared(
+                cache,
+                tx,
+                "UPDATE keys SET name = $2, scopes = $3, rpm = $4, rpd = $5, budget_nanos = $6,
+                    budget_mode = $7, allowed_models = $8, free_only = $9, client_id = $10,
+                    expires_at = $11, max_inflight = $12
+                 WHERE id = $1",
+            )?;
+            tx.execute(
+                &write,
+                &[
+                    &id,
+                    &k.name,
+                    &join(&k.scopes),
+                    &limit_param(k.rpm),
+                    &limit_param(k.rpd),
+                    &k.budget.map(Nanos::get),
+                    &k.budget_mode.as_str(),
+                    &join(&k.allowed_models),
+                    &k.free_only,
+                    &k.client_id,
+                    &k.expires_at,
+                    &limit_param(k.max_inflight),
+                ],
+            )?;
+            Ok(Some(k))
+        })
+    }
+
+    pub fn rotate_key(
+        &mut self,
+        id: &str,
+        new_hash: &TokenHash,
+        new_prefix: &str,
+        previous_valid_until: i64,
+        now: i64,
+    ) -> Result<Option<KeyRecord>> {
+        let changed = self.execute(
+            "UPDATE keys SET prev_token_hash = token_hash, prev_valid_until = $4,
+                token_hash = $2, prefix = $3, rotated_at = $5
+             WHERE id = $1",
+            &[
+                &id,
+                &&new_hash[..],
+                &new_prefix,
+                &previous_valid_until,
+                &now,
+            ],
+        )?;
+        if changed == 0 {
+            return Ok(None);
+        }
+        self.get_key(id)
+    }
+
+    pub fn revoke_key(&mut self, id: &str, now: i64) -> Result<Option<KeyRecord>> {
+        let changed = self.execute(
+            "UPDATE keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1",
+            &[&id, &now],
+        )?;
+        if changed == 0 {
+            return Ok(None);
+        }
+        self.get_key(id)
+    }
+}

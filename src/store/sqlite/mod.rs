@@ -1,0 +1,271 @@
+//! The SQLite backend: the schema and its migrations here, keys in `keys`, the spend ledger,
+//! journal and traces in `ledger`.
+//!
+//! One file shared by the server, the CLI and the admin API: WAL so readers never block the
+//! writer, a busy timeout so concurrent writers queue, `BEGIN IMMEDIATE` for every write, and
+//! only parameterised SQL.
+
+mod keys;
+mod ledger;
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, TransactionBehavior};
+
+use super::Result;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', 1), ('keys_version', 0);
+
+CREATE TABLE IF NOT EXISTS keys (
+    id             TEXT PRIMARY KEY,
+    token_hash     BLOB NOT NULL UNIQUE,
+    prefix         TEXT NOT NULL,
+    name           TEXT NOT NULL,
+    scopes         TEXT NOT NULL,
+    rpm            INTEGER,
+    rpd            INTEGER,
+    budget_nanos   INTEGER,
+    budget_mode    TEXT NOT NULL,
+    allowed_models TEXT NOT NULL,
+    free_only      INTEGER NOT NULL,
+    client_id      TEXT,
+    created_at     INTEGER NOT NULL,
+    expires_at     INTEGER NOT NULL,
+    revoked_at     INTEGER
+);
+-- Any change to a key bumps keys_version; the server polls it to hot-reload.
+CREATE TRIGGER IF NOT EXISTS keys_ai AFTER INSERT ON keys
+    BEGIN UPDATE meta SET v = v + 1 WHERE k = 'keys_version'; END;
+CREATE TRIGGER IF NOT EXISTS keys_au AFTER UPDATE ON keys
+    BEGIN UPDATE meta SET v = v + 1 WHERE k = 'keys_version'; END;
+CREATE TRIGGER IF NOT EXISTS keys_ad AFTER DELETE ON keys
+    BEGIN UPDATE meta SET v = v + 1 WHERE k = 'keys_version'; END;
+
+-- The change log: every insert, update or delete of a key appends its id, so a running
+-- gateway applies N changes in O(N) instead of reloading every key.
+CREATE TABLE IF NOT EXISTS key_changes (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    key_id TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS keys_log_ai AFTER INSERT ON keys
+    BEGIN INSERT INTO key_changes (key_id) VALUES (NEW.id); END;
+CREATE TRIGGER IF NOT EXISTS keys_log_au AFTER UPDATE ON keys
+    BEGIN INSERT INTO key_changes (key_id) VALUES (NEW.id); END;
+CREATE TRIGGER IF NOT EXISTS keys_log_ad AFTER DELETE ON keys
+    BEGIN INSERT INTO key_changes (key_id) VALUES (OLD.id); END;
+
+-- Kept apart from keys so recording use never triggers a reload.
+CREATE TABLE IF NOT EXISTS key_last_used (key_id TEXT PRIMARY KEY, at INTEGER NOT NULL);
+
+CREATE TABLE IF NOT EXISTS spend (
+    key_id            TEXT NOT NULL,
+    month             TEXT NOT NULL,
+    model             TEXT NOT NULL,
+    requests          INTEGER NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost_nanos        INTEGER NOT NULL,
+    PRIMARY KEY (key_id, month, model)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS daily_requests (
+    key_id   TEXT NOT NULL,
+    day      TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    PRIMARY KEY (key_id, day)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS traces (
+    id                INTEGER PRIMARY KEY,
+    ts                INTEGER NOT NULL,
+    key_id            TEXT,
+    endpoint          TEXT NOT NULL,
+    requested_model   TEXT,
+    served_model      TEXT,
+    provider          TEXT,
+    status            INTEGER NOT NULL,
+    error_code        TEXT,
+    latency_ms        INTEGER NOT NULL,
+    ttfb_ms           INTEGER,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost_nanos        INTEGER NOT NULL,
+    usage_estimated   INTEGER NOT NULL,
+    fallback_from     TEXT
+);
+CREATE INDEX IF NOT EXISTS traces_key ON traces (key_id, id);
+
+-- Spend per key, model and UTC day, for the dashboard's daily chart.
+CREATE TABLE IF NOT EXISTS daily_spend (
+    key_id     TEXT NOT NULL,
+    day        TEXT NOT NULL,
+    model      TEXT NOT NULL,
+    requests   INTEGER NOT NULL,
+    cost_nanos INTEGER NOT NULL,
+    PRIMARY KEY (key_id, day, model)
+) WITHOUT ROWID;
+
+-- Admissions still open at a commit (the admission journal): a request that outlives one
+-- flush interval is written here, and deleted when its spend is booked. Rows left after a
+-- crash are orphans, charged at their upper-bound cost when the gateway starts again.
+CREATE TABLE IF NOT EXISTS inflight (
+    id                INTEGER PRIMARY KEY,
+    ts                INTEGER NOT NULL,
+    key_id            TEXT NOT NULL,
+    endpoint          TEXT NOT NULL,
+    requested_model   TEXT NOT NULL,
+    served_model      TEXT NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost_nanos        INTEGER NOT NULL
+);
+
+-- Gateway nodes sharing this store and when each last said it was alive: a node's journal
+-- rows are charged as orphans once its heartbeat is older than the caller's TTL.
+CREATE TABLE IF NOT EXISTS nodes (owner INTEGER PRIMARY KEY, seen_at INTEGER NOT NULL);
+"#;
+
+/// Columns added after the first release, applied to older databases at open.
+const MIGRATIONS: [(&str, &str, &str); 5] = [
+    // The process (pid) that journaled an admission: a live one still owns it.
+    ("inflight", "owner", "INTEGER NOT NULL DEFAULT 0"),
+    ("keys", "max_inflight", "INTEGER"),
+    // Rotation: the secret before the last rotation keeps working until `prev_valid_until`.
+    ("keys", "prev_token_hash", "BLOB"),
+    ("keys", "prev_valid_until", "INTEGER"),
+    ("keys", "rotated_at", "INTEGER"),
+];
+
+pub(super) struct Sqlite {
+    conn: Connection,
+}
+
+impl Sqlite {
+    /// Opens (creating if needed) the database and applies the schema.
+    pub(super) fn open(path: &Path) -> Result<Sqlite> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        // Only takes effect when the file is created: fewer, larger pages for the append-heavy
+        // trace table (set before WAL, which fixes the page size).
+        conn.pragma_update(None, "page_size", 16_384)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: every batch commit is durable; batches are few, so this costs little.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        // The ledger appends to large B-trees: keep their hot pages in memory instead of
+        // re-reading them with a syscall per page (64 MiB cache, 256 MiB memory map).
+        conn.pragma_update(None, "cache_size", -65_536)?;
+        conn.pragma_update(None, "mmap_size", 268_435_456)?;
+        let mut store = Sqlite { conn };
+        store.write(|tx| {
+            tx.execute_batch(SCHEMA)?;
+            for (table, column, kind) in MIGRATIONS {
+                let exists: bool = tx.query_row(
+                    "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+                    params![table, column],
+                    |r| r.get(0),
+                )?;
+                if !exists {
+                    tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    /// Runs `f` in a `BEGIN IMMEDIATE` transaction (takes the write lock up front, so the
+    /// busy timeout applies instead of a mid-transaction SQLITE_BUSY).
+    fn write<T>(&mut self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    pub fn keys_version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .query_row("SELECT v FROM meta WHERE k = 'keys_version'", [], |r| {
+                r.get(0)
+            })?)
+    }
+
+    /// The newest change-log position (0 when nothing changed yet).
+    pub fn last_key_change(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM key_changes", [], |r| {
+                r.get(0)
+            })?)
+    }
+
+    /// Key ids changed after `seq` (each once) and the newest position, or `None` when the
+    /// log no longer reaches back to `seq` (pruned): then only a full reload is exact.
+    pub fn key_changes_since(&self, seq: i64) -> Result<Option<(i64, Vec<String>)>> {
+        let oldest: Option<i64> =
+            self.conn
+                .query_row("SELECT MIN(seq) FROM key_changes", [], |r| r.get(0))?;
+        if oldest.is_some_and(|o| o > seq + 1) {
+            return Ok(None);
+        }
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT MAX(seq), key_id FROM key_changes WHERE seq > ?1 GROUP BY key_id",
+        )?;
+        let rows = stmt.query_map([seq], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        let mut newest = seq;
+        let mut ids = Vec::new();
+        for row in rows {
+            let (s, id) = row?;
+            newest = newest.max(s);
+            ids.push(id);
+        }
+        Ok(Some((newest, ids)))
+    }
+
+    /// Drops change-log entries older than the newest `keep` (a gateway that fell behind
+    /// them reloads in full).
+    pub fn prune_key_changes(&mut self, keep: i64) -> Result<usize> {
+        self.write(|tx| {
+            Ok(tx.execute(
+                "DELETE FROM key_changes WHERE seq <= (SELECT MAX(seq) FROM key_changes) - ?1",
+                [keep],
+            )?)
+        })
+    }
+
+    pub fn integrity_check(&self) -> Result<String> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
+    }
+
+    /// Records that `owner` is alive at `now_ms` (never moves a heartbeat back).
+    pub fn heartbeat(&mut self, owner: i64, now_ms: i64) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO nodes (owner, seen_at) VALUES (?1, ?2)
+                 ON CONFLICT (owner) DO UPDATE SET seen_at = MAX(seen_at, excluded.seen_at)",
+                params![owner, now_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Owners whose last heartbeat is at or after `seen_since_ms`, ascending.
+    pub fn live_owners(&self, seen_since_ms: i64) -> Result<Vec<i64>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT owner FROM nodes WHERE seen_at >= ?1 ORDER BY owner")?;
+        let rows = stmt.query_map([seen_since_ms], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
