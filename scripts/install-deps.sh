@@ -9,6 +9,11 @@ command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
 # .ci/run checks conf/spidergate.service with systemd-analyze (verify, security --offline).
 command -v systemd-analyze >/dev/null || need+=(systemd)
+# Cluster mode (scripts/cluster.sh, the shared_state tests): Redis, PostgreSQL and nginx
+# as the load balancer in front of the nodes.
+command -v redis-server >/dev/null || need+=(redis-server)
+compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null || need+=(postgresql)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq || true
