@@ -385,7 +385,11 @@ impl Config {
     /// Where keys, ledger and traces live: PostgreSQL when `shared_state` names it, else the
     /// SQLite file `database`.
     pub fn store_location(&self) -> crate::store::StoreLocation {
-        match self.shared_state.as_ref().and_then(|s| s.postgres_url.clone()) {
+        match self
+            .shared_state
+            .as_ref()
+            .and_then(|s| s.postgres_url.clone())
+        {
             Some(url) => crate::store::StoreLocation::Postgres(url),
             None => crate::store::StoreLocation::Sqlite(self.database.clone()),
         }

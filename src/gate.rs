@@ -7,15 +7,15 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
+use crate::clock::Now;
 use crate::clock::{day_index, day_label, month_index, month_label, now_ms};
 use crate::config::Config;
-use crate::clock::Now;
 use crate::keys::{KeyEntry, KeySet};
-use crate::limits::store::LimitStore;
 use crate::ledger::{ClusterNode, SpendLedger};
+use crate::limits::store::InProcess;
+use crate::limits::store::LimitStore;
 use crate::limits::KeyCounters;
 use crate::metrics::Metrics;
-use crate::limits::store::InProcess;
 use crate::shared::{Limiter, SharedLimits};
 use crate::shield::{AuthShield, Sampler};
 use crate::snapshot::{Routes, Snapshot};
@@ -225,7 +225,8 @@ impl Gate {
             ("database", config.database != running.config.database),
             (
                 "shared_state",
-                format!("{:?}", config.shared_state) != format!("{:?}", running.config.shared_state),
+                format!("{:?}", config.shared_state)
+                    != format!("{:?}", running.config.shared_state),
             ),
             (
                 "admin.listen",

@@ -150,25 +150,47 @@ impl SpendLedger {
         let Some(rx) = self.rx.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return Ok(());
         };
-        let mut store = Store::open_at(&self.db).map_err(std::io::Error::other)?;
-        if let Some(node) = self.cluster {
-            store.set_owner(node.owner);
-        }
-        let writer = Writer {
-            store,
-            cluster: self.cluster,
-            rx,
-            flush_interval: self.flush_interval,
-            retention_ms: self.retention_days as i64 * MS_PER_DAY,
-            max_backlog: self.max_backlog,
-            health: self.health.clone(),
-            open: HashMap::new(),
-            batch: Batch::default(),
-            waiters: Vec::new(),
-        };
+        // Opened on the writer's own thread: this may be called from an async task, where a
+        // blocking PostgreSQL client must not run (it drives a runtime of its own).
+        let db = self.db.clone();
+        let cluster = self.cluster;
+        let flush_interval = self.flush_interval;
+        let retention_ms = self.retention_days as i64 * MS_PER_DAY;
+        let max_backlog = self.max_backlog;
+        let health = self.health.clone();
+        let (opened_tx, opened_rx) = mpsc::sync_channel(1);
         let handle = std::thread::Builder::new()
             .name("spidergate-ledger".into())
-            .spawn(move || writer.run())?;
+            .spawn(move || {
+                let mut store = match Store::open_at(&db) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = opened_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                if let Some(node) = cluster {
+                    store.set_owner(node.owner);
+                }
+                let _ = opened_tx.send(Ok(()));
+                Writer {
+                    store,
+                    cluster,
+                    rx,
+                    flush_interval,
+                    retention_ms,
+                    max_backlog,
+                    health,
+                    open: HashMap::new(),
+                    batch: Batch::default(),
+                    waiters: Vec::new(),
+                }
+                .run()
+            })?;
+        opened_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the ledger writer stopped at start"))?
+            .map_err(std::io::Error::other)?;
         let _ = self.writer.set(handle.thread().clone());
         Ok(())
     }

@@ -120,7 +120,11 @@ fn rpm_admits_exactly_ten_across_three_nodes() {
             200 => ok += 1,
             429 => {
                 assert_eq!(r.code(), "rate_limit_exceeded", "{}", r.text());
-                let retry: u64 = r.header("retry-after").expect("Retry-After").parse().unwrap();
+                let retry: u64 = r
+                    .header("retry-after")
+                    .expect("Retry-After")
+                    .parse()
+                    .unwrap();
                 assert!((1..=60).contains(&retry), "Retry-After {retry}");
                 limited += 1;
             }
@@ -189,7 +193,11 @@ fn a_hard_budget_is_never_overshot_by_sixty_concurrent_requests_across_nodes() {
                             ("x-mock-delay-ms", "300"),
                         ],
                     );
-                    let code = if r.status == 200 { String::new() } else { r.code() };
+                    let code = if r.status == 200 {
+                        String::new()
+                    } else {
+                        r.code()
+                    };
                     (r.status, code)
                 })
             })
@@ -209,7 +217,11 @@ fn a_hard_budget_is_never_overshot_by_sixty_concurrent_requests_across_nodes() {
     });
     let billed = nanos(&usage);
     assert!(billed <= cap_nanos, "billed {billed} > cap {cap_nanos}");
-    assert_eq!(billed, ok * per_request, "every admitted request billed its bound");
+    assert_eq!(
+        billed,
+        ok * per_request,
+        "every admitted request billed its bound"
+    );
     assert_eq!(ok, 20, "the budget fits exactly 20: {statuses:?}");
     let ledger = wait_for(Duration::from_secs(5), "ledger commit", || {
         let l = c.ledger_spend(&key);
@@ -228,7 +240,11 @@ fn key_changes_through_one_node_reach_every_node_within_a_second() {
         for n in &c.nodes {
             wait_for(Duration::from_secs(1), what, || check(n).then_some(()));
         }
-        assert!(t0.elapsed() <= Duration::from_millis(1_500), "{what}: {:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() <= Duration::from_millis(1_500),
+            "{what}: {:?}",
+            t0.elapsed()
+        );
     };
 
     // Created through node 3's admin API: usable on all three.
@@ -237,17 +253,27 @@ fn key_changes_through_one_node_reach_every_node_within_a_second() {
         "/admin/keys",
         Some(&json!({"name": "made-on-3", "rpm": 100})),
     );
-    assert!(created.status == 200 || created.status == 201, "{}", created.text());
+    assert!(
+        created.status == 200 || created.status == 201,
+        "{}",
+        created.text()
+    );
     let v = created.json();
     let key = Key {
         id: v["id"].as_str().unwrap().to_string(),
         secret: v["secret"].as_str().unwrap().to_string(),
     };
-    within_a_second("created key live", &|n| n.chat(&key, "gpt-4o-mini").status == 200);
+    within_a_second("created key live", &|n| {
+        n.chat(&key, "gpt-4o-mini").status == 200
+    });
 
     // Updated through node 1's CLI: its allow-list applies on all three.
     let out = c.nodes[0].cli(&["keys", "update", &key.id, "--models", "gpt-4o"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     within_a_second("allow-list applied", &|n| {
         let r = n.chat(&key, "gpt-4o-mini");
         r.status == 403 && r.code() == "model_not_allowed"
@@ -267,7 +293,14 @@ fn a_node_killed_mid_request_has_its_hold_charged_at_the_estimate() {
     let Some(mut c) = Cluster::start("closed", 1_000) else {
         return;
     };
-    let key = c.create_key(&["--budget", "5", "--budget-mode", "hard", "--max-inflight", "1"]);
+    let key = c.create_key(&[
+        "--budget",
+        "5",
+        "--budget-mode",
+        "hard",
+        "--max-inflight",
+        "1",
+    ]);
     let body = chat_body(300);
     // A slow request on node 1, which dies while the provider works on it.
     let addr = c.nodes[0].addr;
@@ -276,7 +309,10 @@ fn a_node_killed_mid_request_has_its_hold_charged_at_the_estimate() {
         addr,
         "POST",
         "/v1/chat/completions",
-        &[("Authorization", bearer.as_str()), ("x-mock-delay-ms", "20000")],
+        &[
+            ("Authorization", bearer.as_str()),
+            ("x-mock-delay-ms", "20000"),
+        ],
         &body,
     )
     .expect("send");
@@ -314,7 +350,10 @@ fn a_node_killed_mid_request_has_its_hold_charged_at_the_estimate() {
     });
     let left: i64 = c
         .pg()
-        .query_one("SELECT COUNT(*) FROM inflight WHERE key_id = $1", &[&key.id])
+        .query_one(
+            "SELECT COUNT(*) FROM inflight WHERE key_id = $1",
+            &[&key.id],
+        )
         .unwrap()
         .get(0);
     assert_eq!(left, 0, "the orphan is charged once and removed");
@@ -339,7 +378,10 @@ fn redis_down_pauses_hard_budgets_when_closed_and_recovers_without_a_restart() {
         let r = c.nodes[i].chat(&hard, "gpt-4o-mini");
         assert_eq!(r.status, 503, "{}", r.text());
         assert_eq!(r.code(), "limits_unavailable");
-        assert_eq!(r.header("x-spidergate-error-code"), Some("limits_unavailable"));
+        assert_eq!(
+            r.header("x-spidergate-error-code"),
+            Some("limits_unavailable")
+        );
         // Keys without a hard budget are served on this node's own limits.
         assert_eq!(c.nodes[i].chat(&open, "gpt-4o-mini").status, 200);
     }
@@ -348,10 +390,11 @@ fn redis_down_pauses_hard_budgets_when_closed_and_recovers_without_a_restart() {
     let h = health.json();
     assert_eq!(h["redis"], "unreachable", "{h}");
     assert_eq!(h["postgres"], "ok", "{h}");
-    let metrics = c.nodes[0]
-        .admin_call("GET", "/metrics", None)
-        .text();
-    assert!(metrics.contains("spidergate_shared_limits_up 0"), "{metrics}");
+    let metrics = c.nodes[0].admin_call("GET", "/metrics", None).text();
+    assert!(
+        metrics.contains("spidergate_shared_limits_up 0"),
+        "{metrics}"
+    );
 
     // Back, empty (no persistence): served again without a restart, and this month's
     // spend is seeded from the ledger, not lost.
@@ -365,7 +408,10 @@ fn redis_down_pauses_hard_budgets_when_closed_and_recovers_without_a_restart() {
         let u = c.usage_on(2, &hard);
         (nanos(&u) > before).then_some(nanos(&u))
     });
-    assert!(after > before, "spend before the outage is kept: {before} -> {after}");
+    assert!(
+        after > before,
+        "spend before the outage is kept: {before} -> {after}"
+    );
     assert_eq!(c.nodes[0].get("/health", "").json()["redis"], "ok");
 }
 
@@ -397,7 +443,10 @@ fn usage_is_the_same_on_every_node() {
         let r = c.nodes[i % 3].chat_with(
             &key,
             "gpt-4o-mini",
-            &[("x-mock-prompt-tokens", "100"), ("x-mock-completion-tokens", "50")],
+            &[
+                ("x-mock-prompt-tokens", "100"),
+                ("x-mock-completion-tokens", "50"),
+            ],
         );
         assert_eq!(r.status, 200, "{}", r.text());
     }

@@ -14,9 +14,7 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
-use crate::clock::{
-    day_label, days_from_civil, month_index, month_label, now_ms, parse_month,
-};
+use crate::clock::{day_label, days_from_civil, month_index, month_label, now_ms, parse_month};
 use crate::gate::Gate;
 use crate::keys::KeyRecord;
 use crate::manage::{KeyError, KeyService};

@@ -60,7 +60,11 @@ pub trait LimitStore {
 pub struct InProcess;
 
 impl InProcess {
-    pub fn admit_now(key: &KeyEntry, now: Now, bound: Nanos) -> Result<(Standing, Reservation), GateError> {
+    pub fn admit_now(
+        key: &KeyEntry,
+        now: Now,
+        bound: Nanos,
+    ) -> Result<(Standing, Reservation), GateError> {
         key.counters.admit(now, &key.limits, bound)
     }
 

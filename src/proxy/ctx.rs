@@ -9,11 +9,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use pingora_http::ResponseHeader;
 
-use crate::limits::store::LimitStore;
 use crate::admission::{Admission, Endpoint};
 use crate::error::GateError;
 use crate::gate::Gate;
 use crate::keys::KeyEntry;
+use crate::limits::store::LimitStore;
 use crate::limits::{Charge, Standing};
 use crate::money::Nanos;
 use crate::providers::codec::ResponseCodec;

@@ -17,12 +17,12 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
-use crate::limits::store::LimitStore;
 use crate::admission::{self, Endpoint};
 use crate::clock::{now_ms, Now};
 use crate::error::GateError;
 use crate::gate::Gate;
 use crate::keys::token::TokenHash;
+use crate::limits::store::LimitStore;
 use crate::providers;
 use crate::providers::pool::{retry_after_ms, AllResting};
 use crate::report;

@@ -211,7 +211,12 @@ impl SharedLimits {
 
     /// The decision when Redis cannot be asked: hard-budget keys pause under `closed` (no
     /// node may spend a budget the others cannot see); otherwise this node's counters.
-    fn fallback(&self, key: &KeyEntry, now: Now, bound: Nanos) -> Result<(Standing, Reservation), GateError> {
+    fn fallback(
+        &self,
+        key: &KeyEntry,
+        now: Now,
+        bound: Nanos,
+    ) -> Result<(Standing, Reservation), GateError> {
         let hard = key.limits.hard_budget && key.limits.budget.is_some();
         if self.on_error == OnError::Closed && hard {
             self.health.refused.fetch_add(1, Ordering::Relaxed);
@@ -253,14 +258,21 @@ impl SharedLimits {
     ) -> Result<Result<(Standing, Reservation), GateError>, SharedError> {
         // At most one seed per call: a second NeedSeed means the seed did not stick.
         for attempt in 0..2 {
-            match self.redis.admit(&key.id, &key.limits, bound, res_id).await? {
+            match self
+                .redis
+                .admit(&key.id, &key.limits, bound, res_id)
+                .await?
+            {
                 Admit::Admitted { standing, month } => {
                     key.counters.note_shared_standing(standing);
                     let held = match (key.limits.budget, key.limits.hard_budget) {
                         (Some(_), true) => bound.max(Nanos::ZERO),
                         _ => Nanos::ZERO,
                     };
-                    return Ok(Ok((standing, Reservation::in_shared_store(held, month, res_id))));
+                    return Ok(Ok((
+                        standing,
+                        Reservation::in_shared_store(held, month, res_id),
+                    )));
                 }
                 Admit::Rejected(e) => return Ok(Err(e)),
                 Admit::NeedSeed { month, day } if attempt == 0 => {
@@ -279,29 +291,32 @@ impl SharedLimits {
     async fn seed(&self, key_id: &Arc<str>, month: i64, day: i64) -> Result<(), SharedError> {
         let store = self.store.clone();
         let id = key_id.clone();
-        let read = tokio::task::spawn_blocking(move || -> Result<(Vec<ModelTally>, u32), String> {
-            let store = Store::open_at(&store).map_err(|e| e.to_string())?;
-            let rows = store
-                .spend_for_key(&id, &month_label(month))
-                .map_err(|e| e.to_string())?;
-            let today = store
-                .requests_on(&id, &day_label(day))
-                .map_err(|e| e.to_string())?;
-            let tallies = rows
-                .into_iter()
-                .map(|r| ModelTally {
-                    model: Arc::from(r.model),
-                    requests: r.requests,
-                    prompt_tokens: r.prompt_tokens,
-                    completion_tokens: r.completion_tokens,
-                    spent: r.cost,
-                })
-                .collect();
-            Ok((tallies, today))
-        })
-        .await
-        .map_err(|e| SharedError::Unavailable(format!("seed task: {e}")))?
-        .map_err(|e| SharedError::Unavailable(format!("reading the ledger to seed Redis: {e}")))?;
+        let read =
+            tokio::task::spawn_blocking(move || -> Result<(Vec<ModelTally>, u32), String> {
+                let store = Store::open_at(&store).map_err(|e| e.to_string())?;
+                let rows = store
+                    .spend_for_key(&id, &month_label(month))
+                    .map_err(|e| e.to_string())?;
+                let today = store
+                    .requests_on(&id, &day_label(day))
+                    .map_err(|e| e.to_string())?;
+                let tallies = rows
+                    .into_iter()
+                    .map(|r| ModelTally {
+                        model: Arc::from(r.model),
+                        requests: r.requests,
+                        prompt_tokens: r.prompt_tokens,
+                        completion_tokens: r.completion_tokens,
+                        spent: r.cost,
+                    })
+                    .collect();
+                Ok((tallies, today))
+            })
+            .await
+            .map_err(|e| SharedError::Unavailable(format!("seed task: {e}")))?
+            .map_err(|e| {
+                SharedError::Unavailable(format!("reading the ledger to seed Redis: {e}"))
+            })?;
         self.redis.seed(key_id, month, day, &read.0, read.1).await
     }
 
@@ -321,7 +336,13 @@ impl SharedLimits {
         }
     }
 
-    fn settle(self: &Arc<Self>, key: &Arc<KeyEntry>, res_id: u64, charge: Option<Charge<'_>>, finishing: bool) {
+    fn settle(
+        self: &Arc<Self>,
+        key: &Arc<KeyEntry>,
+        res_id: u64,
+        charge: Option<Charge<'_>>,
+        finishing: bool,
+    ) {
         let job = Unsettled {
             key_id: key.id.clone(),
             res_id,
@@ -372,7 +393,9 @@ impl SharedLimits {
     fn queue_unsettled(&self, job: Unsettled) {
         let mut q = self.unsettled.lock().unwrap_or_else(|e| e.into_inner());
         q.push(job);
-        self.health.unsettled.store(q.len() as u64, Ordering::Relaxed);
+        self.health
+            .unsettled
+            .store(q.len() as u64, Ordering::Relaxed);
     }
 
     async fn view(&self, key: &Arc<KeyEntry>, now: Now) -> CounterView {
@@ -384,7 +407,10 @@ impl SharedLimits {
                 Ok(Some(v)) => return v,
                 Ok(None) if attempt == 0 => {
                     // Nothing in Redis for this month yet: seed, then read.
-                    let (month, day) = (crate::clock::month_index(now.wall), crate::clock::day_index(now.wall));
+                    let (month, day) = (
+                        crate::clock::month_index(now.wall),
+                        crate::clock::day_index(now.wall),
+                    );
                     if self.seed(&key.id, month, day).await.is_err() {
                         break;
                     }

@@ -11,10 +11,18 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 pub use spidergate_mock::MockProvider;
 
-pub mod redis;
 pub mod pg;
+pub mod redis;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_spidergate");
+
+/// `scripts/test.sh` installs Redis and PostgreSQL and sets `SPIDERGATE_REQUIRE_SERVICES`:
+/// there a missing server fails the test instead of skipping it.
+pub fn services_required() {
+    if std::env::var_os("SPIDERGATE_REQUIRE_SERVICES").is_some() {
+        panic!("Redis and PostgreSQL are required here (SPIDERGATE_REQUIRE_SERVICES is set)");
+    }
+}
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

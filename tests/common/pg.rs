@@ -44,6 +44,7 @@ impl PgServer {
                 "SKIPPED: no PostgreSQL binaries (pg_config --bindir, /usr/lib/postgresql/*/bin); \
                  the PostgreSQL store tests did NOT run"
             );
+            super::services_required();
             return None;
         };
         // PostgreSQL refuses to run as root: then run it as the `postgres` user.
