@@ -293,7 +293,9 @@ fn a_node_killed_mid_request_has_its_hold_charged_at_the_estimate() {
     let Some(mut c) = Cluster::start("closed", 1_000) else {
         return;
     };
-    let key = c.create_key(&[
+    // A hard-budget key (its estimate is held) and a key without a budget (nothing held):
+    // both are charged the estimate when their node dies, in Redis and in the ledger alike.
+    let hard = c.create_key(&[
         "--budget",
         "5",
         "--budget-mode",
@@ -301,65 +303,78 @@ fn a_node_killed_mid_request_has_its_hold_charged_at_the_estimate() {
         "--max-inflight",
         "1",
     ]);
+    let open = c.create_key(&["--max-inflight", "1"]);
     let body = chat_body(300);
-    // A slow request on node 1, which dies while the provider works on it.
+    // Slow requests on node 1, which dies while the provider works on them.
     let addr = c.nodes[0].addr;
-    let bearer = key.bearer();
-    let slow = send_request(
-        addr,
-        "POST",
-        "/v1/chat/completions",
-        &[
-            ("Authorization", bearer.as_str()),
-            ("x-mock-delay-ms", "20000"),
-        ],
-        &body,
-    )
-    .expect("send");
-    wait_for(Duration::from_secs(5), "request at the provider", || {
-        (!c.mock.requests().is_empty()).then_some(())
+    let slow: Vec<_> = [&hard, &open]
+        .iter()
+        .map(|k| {
+            let bearer = k.bearer();
+            send_request(
+                addr,
+                "POST",
+                "/v1/chat/completions",
+                &[
+                    ("Authorization", bearer.as_str()),
+                    ("x-mock-delay-ms", "20000"),
+                ],
+                &body,
+            )
+            .expect("send")
+        })
+        .collect();
+    wait_for(Duration::from_secs(5), "requests at the provider", || {
+        (c.mock.requests().len() == 2).then_some(())
     });
     // The admission journal reaches PostgreSQL within a flush interval.
-    let estimate: i64 = wait_for(Duration::from_secs(5), "journaled admission", || {
-        c.pg()
-            .query_opt(
-                "SELECT cost_nanos FROM inflight WHERE key_id = $1",
-                &[&key.id],
-            )
-            .ok()
-            .flatten()
-            .map(|r| r.get(0))
-    });
-    assert!(estimate > 0);
-    // Meanwhile its in-flight slot is taken on every node.
-    let r = c.nodes[1].chat(&key, "gpt-4o-mini");
-    assert_eq!(r.status, 429, "{}", r.text());
-    assert_eq!(r.code(), "concurrency_limit_exceeded");
+    let journaled = |key: &Key| -> i64 {
+        wait_for(Duration::from_secs(5), "journaled admission", || {
+            c.pg()
+                .query_opt(
+                    "SELECT cost_nanos FROM inflight WHERE key_id = $1",
+                    &[&key.id],
+                )
+                .ok()
+                .flatten()
+                .map(|r| r.get(0))
+        })
+    };
+    let estimates = [journaled(&hard), journaled(&open)];
+    assert!(estimates.iter().all(|&e| e > 0), "{estimates:?}");
+    // Meanwhile their in-flight slots are taken on every node.
+    for key in [&hard, &open] {
+        let r = c.nodes[1].chat(key, "gpt-4o-mini");
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert_eq!(r.code(), "concurrency_limit_exceeded");
+    }
 
     c.nodes[0].kill9();
     drop(slow);
-    // Redis: the hold expires and is charged at its estimate; the slot is free again.
-    let usage = wait_for(Duration::from_secs(10), "hold reaped", || {
-        let u = c.usage_on(1, &key);
-        (nanos(&u) == estimate && u["requests_in_flight"] == 0).then_some(u)
-    });
-    assert_eq!(nanos(&usage), estimate);
-    // PostgreSQL: another node charges the dead node's journal at the same estimate.
-    wait_for(Duration::from_secs(10), "journal charged", || {
-        (c.ledger_spend(&key) == estimate).then_some(())
-    });
-    let left: i64 = c
-        .pg()
-        .query_one(
-            "SELECT COUNT(*) FROM inflight WHERE key_id = $1",
-            &[&key.id],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(left, 0, "the orphan is charged once and removed");
-    // And the key is served again, by the surviving nodes.
-    let r = c.nodes[2].chat(&key, "gpt-4o-mini");
-    assert_eq!(r.status, 200, "{}", r.text());
+    for (key, estimate) in [&hard, &open].into_iter().zip(estimates) {
+        // Redis: the hold expires and is charged at its estimate; the slot is free again.
+        let usage = wait_for(Duration::from_secs(10), "hold reaped", || {
+            let u = c.usage_on(1, key);
+            (nanos(&u) == estimate && u["requests_in_flight"] == 0).then_some(u)
+        });
+        assert_eq!(nanos(&usage), estimate);
+        // PostgreSQL: another node charges the dead node's journal at the same estimate.
+        wait_for(Duration::from_secs(10), "journal charged", || {
+            (c.ledger_spend(key) == estimate).then_some(())
+        });
+        let left: i64 = c
+            .pg()
+            .query_one(
+                "SELECT COUNT(*) FROM inflight WHERE key_id = $1",
+                &[&key.id],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0, "the orphan is charged once and removed");
+        // And the key is served again, by the surviving nodes.
+        let r = c.nodes[2].chat(key, "gpt-4o-mini");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
 }
 
 #[test]

@@ -22,7 +22,7 @@
 //! | `P:live` | HASH | `reserved` (open holds), `inflight` (open requests) |
 //! | `P:umin`, `P:uday:<day>` | ZSET, string | `/v1/usage` calls, counted apart |
 //! | `P:rx` | ZSET | this key's open reservations by expiry (ms), for the sweep inside `admit` |
-//! | `{sg}:res` | HASH | reservation `<node>:<res_id>` → `held|month|key_id` |
+//! | `{sg}:res` | HASH | reservation `<node>:<res_id>` → `held|estimate|month|key_id` |
 //! | `{sg}:resx` | ZSET | reservation → expiry (ms), for [`RedisLimits::reap`] |
 //! | `{sg}:node:<node>` | SET | the node's open reservations, for [`RedisLimits::heartbeat`] |
 //!
@@ -437,7 +437,8 @@ impl RedisLimits {
             .arg(u8::from(limits.hard_budget))
             .arg(opt(limits.max_inflight))
             .arg(held)
-            .arg(self.ttl_ms);
+            .arg(self.ttl_ms)
+            .arg(estimate.get().max(0));
         let reply = match self.eval(&self.scripts.admit, &cmd).await {
             Ok(reply) => reply,
             Err(f) => {

@@ -1,6 +1,7 @@
 -- Admits one model request: budget, rpm, rpd, in-flight, all or nothing.
 -- KEYS[1] key prefix `{sg}:k:<key_id>`.
--- ARGV key_id, node, res_id, rpm, rpd, cap, hard (1/0), max_inflight, held, ttl_ms.
+-- ARGV key_id, node, res_id, rpm, rpd, cap, hard (1/0), max_inflight, held, ttl_ms,
+-- estimate (the request's upper-bound cost, charged if its node dies with it open).
 -- Returns {0, month, day} need seed | {1, month, remaining, reset, warning} admitted |
 -- {2, spent, reserved} budget | {3, retry} rpm | {4, retry} rpd | {5} in-flight.
 local p = KEYS[1]
@@ -73,7 +74,7 @@ if held ~= '0' then redis.call('HINCRBY', live, 'reserved', held) end
 redis.call('HINCRBY', live, 'inflight', 1)
 
 local exp = now + tonumber(ARGV[10])
-redis.call('HSET', RES, f, held .. '|' .. month .. '|' .. key_id)
+redis.call('HSET', RES, f, held .. '|' .. ARGV[11] .. '|' .. month .. '|' .. key_id)
 redis.call('ZADD', RESX, exp, f)
 redis.call('ZADD', rx, exp, f)
 redis.call('SADD', '{sg}:node:' .. node, f)

@@ -64,7 +64,7 @@ local function standing(p, rpm, now)
 end
 
 -- Removes reservation `f` ("<node>:<res_id>") from every index and gives back its hold and
--- in-flight slot. Returns held, month and the key prefix, or nil if it was already gone.
+-- in-flight slot. Returns held, month, the key prefix and the estimate, or nil if it was already gone.
 local function unlink(f)
   local rec = redis.call('HGET', RES, f)
   redis.call('HDEL', RES, f)
@@ -72,7 +72,7 @@ local function unlink(f)
   local node = string.match(f, '^(%d+):')
   if node then redis.call('SREM', '{sg}:node:' .. node, f) end
   if not rec then return nil end
-  local held, month, key_id = string.match(rec, '^(%d+)|(%-?%d+)|(.*)$')
+  local held, est, month, key_id = string.match(rec, '^(%d+)|(%d+)|(%-?%d+)|(.*)$')
   local p = '{sg}:k:' .. key_id
   redis.call('ZREM', p .. ':rx', f)
   local live = p .. ':live'
@@ -80,20 +80,22 @@ local function unlink(f)
   -- No request of the key is open any more, so nothing is held either: drop the hash
   -- (this also heals any drift instead of carrying it forever).
   if redis.call('HINCRBY', live, 'inflight', -1) <= 0 then redis.call('DEL', live) end
-  return held, month, p
+  return held, month, p, est
 end
 
 -- An expired reservation (its node stopped heart-beating): released and charged at its
 -- estimate, an upper bound of what the upstream may have done, to the month it was admitted
 -- in, under the model ORPHANED. Never creates a month that was not seeded.
 local function reap_one(f)
-  local held, month, p = unlink(f)
-  if held and held ~= '0' then
+  local _, month, p, est = unlink(f)
+  -- Every key's orphans are charged (the ledger's journal charges them too), not only the
+  -- hard-budget ones that held their estimate.
+  if est and est ~= '0' then
     local mon = p .. ':mon:' .. month
     if redis.call('EXISTS', mon) == 1 then
-      hincr(mon, 'spent', held)
+      hincr(mon, 'spent', est)
       hincr(mon, 'n:' .. ORPHANED, 1)
-      hincr(mon, 's:' .. ORPHANED, held)
+      hincr(mon, 's:' .. ORPHANED, est)
     end
   end
 end
