@@ -140,6 +140,14 @@ impl OwnedCharge {
     }
 }
 
+/// Why a shared admission could not be decided in Redis.
+enum Failure {
+    /// Redis did not answer: the circuit opens, `on_error` applies until it answers again.
+    Redis(SharedError),
+    /// The ledger (PostgreSQL) could not be read to seed a key's month.
+    Ledger(String),
+}
+
 /// Counters of the shared store's health, for `/metrics` and `/health`.
 #[derive(Debug, Default)]
 pub struct SharedHealth {
@@ -243,8 +251,14 @@ impl SharedLimits {
                 self.mark(true, "admission", None);
                 decision
             }
-            Err(e) => {
+            Err(Failure::Redis(e)) => {
                 self.mark(false, "admission", Some(&e));
+                self.fallback(key, now, bound)
+            }
+            // Redis answers; only this key's month could not be read from the ledger. Decided
+            // as if Redis were down, for this request alone (the circuit stays closed).
+            Err(Failure::Ledger(e)) => {
+                log::debug!("key {}: cannot seed its month from the ledger: {e}", key.id);
                 self.fallback(key, now, bound)
             }
         }
@@ -255,13 +269,14 @@ impl SharedLimits {
         key: &Arc<KeyEntry>,
         bound: Nanos,
         res_id: u64,
-    ) -> Result<Result<(Standing, Reservation), GateError>, SharedError> {
+    ) -> Result<Result<(Standing, Reservation), GateError>, Failure> {
         // At most one seed per call: a second NeedSeed means the seed did not stick.
         for attempt in 0..2 {
             match self
                 .redis
                 .admit(&key.id, &key.limits, bound, res_id)
-                .await?
+                .await
+                .map_err(Failure::Redis)?
             {
                 Admit::Admitted { standing, month } => {
                     key.counters.note_shared_standing(standing);
@@ -281,14 +296,14 @@ impl SharedLimits {
                 Admit::NeedSeed { .. } => break,
             }
         }
-        Err(SharedError::Unavailable(
+        Err(Failure::Redis(SharedError::Unavailable(
             "this month's state could not be seeded".into(),
-        ))
+        )))
     }
 
     /// Writes a key's month (spend per model) and today's count from the ledger into Redis,
     /// once: Redis keeps the first seed and ignores later ones, so a seed is never added twice.
-    async fn seed(&self, key_id: &Arc<str>, month: i64, day: i64) -> Result<(), SharedError> {
+    async fn seed(&self, key_id: &Arc<str>, month: i64, day: i64) -> Result<(), Failure> {
         let store = self.store.clone();
         let id = key_id.clone();
         let read =
@@ -313,11 +328,12 @@ impl SharedLimits {
                 Ok((tallies, today))
             })
             .await
-            .map_err(|e| SharedError::Unavailable(format!("seed task: {e}")))?
-            .map_err(|e| {
-                SharedError::Unavailable(format!("reading the ledger to seed Redis: {e}"))
-            })?;
-        self.redis.seed(key_id, month, day, &read.0, read.1).await
+            .map_err(|e| Failure::Ledger(format!("seed task: {e}")))?
+            .map_err(Failure::Ledger)?;
+        self.redis
+            .seed(key_id, month, day, &read.0, read.1)
+            .await
+            .map_err(Failure::Redis)
     }
 
     async fn admit_usage_call(&self, key: &Arc<KeyEntry>, now: Now) -> Result<Standing, GateError> {
