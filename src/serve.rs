@@ -155,7 +155,12 @@ impl ShutdownSignalWatch for DrainOnTerm {
                 "SIGTERM: draining {} in-flight requests",
                 self.gate.inflight()
             );
-            while self.gate.inflight() > 0 && tokio::time::Instant::now() < deadline {
+            // A cluster node also waits for its settlements to reach Redis: a hold left
+            // there would be charged at its estimate once it expires.
+            let settling = || self.gate.limits.shared().map_or(0, |s| s.settling());
+            while (self.gate.inflight() > 0 || settling() > 0)
+                && tokio::time::Instant::now() < deadline
+            {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
             if self.gate.inflight() > 0 {

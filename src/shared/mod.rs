@@ -163,6 +163,8 @@ pub struct SharedHealth {
     pub unsettled: AtomicU64,
     /// Settlements whose hold had already expired and been charged at its estimate.
     pub late_settles: AtomicU64,
+    /// Settlement tasks running now (a draining node waits for them before it exits).
+    pub settling: AtomicU64,
 }
 
 /// Live limits in Redis, shared by every node; this node's counters stand in while Redis is
@@ -199,6 +201,11 @@ impl SharedLimits {
 
     pub fn redis(&self) -> &RedisLimits {
         &self.redis
+    }
+
+    /// Settlements on their way to Redis.
+    pub fn settling(&self) -> u64 {
+        self.health.settling.load(Ordering::Acquire)
     }
 
     pub fn redis_up(&self) -> bool {
@@ -375,8 +382,10 @@ impl SharedLimits {
         };
         let this = self.clone();
         let key = key.clone();
+        self.health.settling.fetch_add(1, Ordering::AcqRel);
         rt.spawn(async move {
             this.settle_job(job).await;
+            this.health.settling.fetch_sub(1, Ordering::AcqRel);
             if finishing {
                 key.counters.finishing_ended();
             }
