@@ -35,7 +35,8 @@
 //! A reservation whose node stops heart-beating expires, and the next `reap` (any node) or
 //! `admit` of the same key charges its estimate, an upper bound, to its month under the
 //! model `(orphaned)` (fields `n:(orphaned)`, `s:(orphaned)`) and frees its slot. Keys
-//! without a hard budget hold 0, so their orphans only free the slot.
+//! without a hard budget hold 0 but are charged the same estimate, as the ledger's journal
+//! charges them, so Redis' month figure and the ledger agree.
 //!
 //! Lua numbers are doubles: money comparisons are exact below 2^53 nano-USD (9 million USD);
 //! stored sums use `HINCRBY` on the exact decimal strings and saturate at `i64::MAX`.
