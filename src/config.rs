@@ -278,6 +278,24 @@ fn parse_shared_state(raw: RawSharedState) -> Result<SharedState, ConfigError> {
     };
     let postgres_url = url("postgres_url_env", raw.postgres_url_env)?;
     let redis_url = url("redis_url_env", raw.redis_url_env)?;
+    // Parsed now, so check-config reports a malformed URL (never echoed: it may hold a
+    // password).
+    if let Some(u) = &postgres_url {
+        if u.parse::<postgres::Config>().is_err() {
+            return err(
+                "shared_state.postgres_url_env",
+                "is not a PostgreSQL URL (postgres://user:password@host:5432/db)",
+            );
+        }
+    }
+    if let Some(u) = &redis_url {
+        if crate::shared::redis::check_url(u).is_err() {
+            return err(
+                "shared_state.redis_url_env",
+                "is not a Redis URL (redis://host:6379, redis+sentinel://host:26379/master, redis+cluster://host:6379,host:6379)",
+            );
+        }
+    }
     if postgres_url.is_none() && redis_url.is_none() {
         return err(
             "shared_state",
@@ -824,6 +842,65 @@ aliases:
         let e = parse(&bad).unwrap_err().to_string();
         assert!(
             e.contains("models[1]") && e.contains("unknown field `fre`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn shared_state_reads_its_urls_from_the_environment_and_frees_database() {
+        // Names unique to this test: the environment is shared by the test threads.
+        std::env::set_var("SG_CFG_TEST_PG", "postgres://u:p@127.0.0.1:5432/sg");
+        std::env::set_var("SG_CFG_TEST_REDIS", "redis://127.0.0.1:6379/");
+        std::env::set_var("SG_CFG_TEST_BAD", "http://nope");
+        let shared = |body: &str| {
+            format!(
+                "{}\nshared_state:\n{body}",
+                BASE.replace("database: \"data/x.db\"\n", "")
+            )
+        };
+        let c = parse(&shared(
+            "  postgres_url_env: SG_CFG_TEST_PG\n  redis_url_env: SG_CFG_TEST_REDIS\n",
+        ))
+        .unwrap();
+        let s = c.shared_state.as_ref().unwrap();
+        assert_eq!(s.on_error, OnError::Closed);
+        assert_eq!(s.reservation_ttl, Duration::from_secs(30));
+        assert!(matches!(
+            c.store_location(),
+            crate::store::StoreLocation::Postgres(_)
+        ));
+        // The URL (a password) never shows in Debug output.
+        assert!(!format!("{c:?}").contains("u:p@"));
+
+        // Without PostgreSQL, `database` is required again.
+        let e = parse(&shared("  redis_url_env: SG_CFG_TEST_REDIS\n")).unwrap_err();
+        assert_eq!(e.to_string(), "database: required");
+
+        let e = parse(&shared("  postgres_url_env: SG_CFG_TEST_UNSET_VAR\n")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "shared_state.postgres_url_env: environment variable SG_CFG_TEST_UNSET_VAR is not set"
+        );
+        let e = parse(&shared(
+            "  postgres_url_env: SG_CFG_TEST_PG\n  redis_url_env: SG_CFG_TEST_BAD\n",
+        ))
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("shared_state.redis_url_env: is not a Redis URL"),
+            "{e}"
+        );
+        let e = parse(&shared(
+            "  postgres_url_env: SG_CFG_TEST_PG\n  on_error: open\n",
+        ))
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "shared_state.on_error: \"open\" is not closed or local"
+        );
+        let e = parse(&shared("  on_error: local\n")).unwrap_err();
+        assert!(
+            e.to_string().starts_with("shared_state: names neither"),
             "{e}"
         );
     }

@@ -469,6 +469,8 @@ impl SharedLimits {
         // The heartbeat is the probe: it is what must succeed for this node's holds to live.
         if let Err(e) = self.redis.heartbeat().await {
             self.mark(false, "heartbeat", Some(&e));
+            // The next probe connects anew: behind Sentinel, to whichever master it names now.
+            self.redis.reconnect();
             return;
         }
         self.mark(true, "heartbeat", None);

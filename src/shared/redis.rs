@@ -48,8 +48,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, ErrorKind, Script, Value};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::Sentinel;
+use redis::{Cmd, ErrorKind, Pipeline, RedisFuture, Script, Value};
 
 use crate::clock::{month_start_ms, MS_PER_DAY};
 use crate::error::GateError;
@@ -141,15 +144,107 @@ struct Scripts {
     reap: Lua,
 }
 
+/// Where Redis is, from `shared_state.redis_url_env`:
+/// - `redis://[:password@]host:port[/db]` (or `rediss://`, `redis+unix://`): one server;
+/// - `redis+sentinel://host:port[,host:port…]/<master name>`: the master that Sentinel names,
+///   asked again whenever the connection is replaced (after a failover);
+/// - `redis+cluster://host:port[,host:port…]`: a Redis Cluster (every SpiderGate key is in
+///   the one slot of `{sg}`, so one shard holds them).
+enum Target {
+    Single(redis::Client),
+    Sentinel {
+        sentinel: Box<Sentinel>,
+        master: String,
+    },
+    Cluster(ClusterClient),
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Target, SharedError> {
+        let url = url.trim();
+        let hosts = |rest: &str| -> Vec<String> {
+            rest.split(',')
+                .filter(|h| !h.is_empty())
+                .map(|h| format!("redis://{h}"))
+                .collect()
+        };
+        if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+            let (list, master) = rest.split_once('/').ok_or_else(|| {
+                SharedError::Unavailable(
+                    "redis+sentinel:// needs the master name: redis+sentinel://host:26379/mymaster"
+                        .into(),
+                )
+            })?;
+            let master = master.trim_end_matches('/');
+            if master.is_empty() {
+                return Err(SharedError::Unavailable(
+                    "redis+sentinel:// needs the master name after the hosts".into(),
+                ));
+            }
+            let sentinel = Sentinel::build(hosts(list))?;
+            return Ok(Target::Sentinel {
+                sentinel: Box::new(sentinel),
+                master: master.to_string(),
+            });
+        }
+        if let Some(rest) = url.strip_prefix("redis+cluster://") {
+            return Ok(Target::Cluster(ClusterClient::new(hosts(
+                rest.trim_end_matches('/'),
+            ))?));
+        }
+        Ok(Target::Single(redis::Client::open(url)?))
+    }
+}
+
+/// Whether `url` names Redis in a form [`RedisLimits::new`] accepts (parsed only, no
+/// connection): for `check-config`.
+pub fn check_url(url: &str) -> Result<(), SharedError> {
+    Target::parse(url).map(|_| ())
+}
+
+/// A connection to whichever [`Target`] is configured; cheap to clone.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// Live per-key limits of a cluster, in Redis. One per node; cheap to share behind an `Arc`.
 pub struct RedisLimits {
-    client: redis::Client,
+    /// Behind the connect lock: Sentinel lookups need `&mut`.
+    target: tokio::sync::Mutex<Target>,
     config: ConnectionManagerConfig,
     /// Set on first use, so the gateway starts while Redis is down; cleared when the
     /// connection looks hung.
-    conn: ArcSwapOption<ConnectionManager>,
-    /// One connection attempt at a time; the others wait for it (within their timeout).
-    connecting: tokio::sync::Mutex<()>,
+    conn: ArcSwapOption<Conn>,
     node: u64,
     node_key: String,
     ttl_ms: i64,
@@ -286,7 +381,7 @@ impl RedisLimits {
         reservation_ttl: Duration,
         cmd_timeout: Duration,
     ) -> Result<Self, SharedError> {
-        let client = redis::Client::open(url)?;
+        let target = Target::parse(url)?;
         // Fail fast and let the next command retry, rather than queue every request behind
         // a long reconnect back-off while Redis is down.
         let config = ConnectionManagerConfig::new()
@@ -295,10 +390,9 @@ impl RedisLimits {
             .set_factor(10)
             .set_max_delay(100);
         Ok(RedisLimits {
-            client,
+            target: tokio::sync::Mutex::new(target),
             config,
             conn: ArcSwapOption::empty(),
-            connecting: tokio::sync::Mutex::new(()),
             node,
             node_key: format!("{{sg}}:node:{node}"),
             ttl_ms: i64::try_from(reservation_ttl.as_millis()).unwrap_or(i64::MAX),
@@ -336,18 +430,33 @@ impl RedisLimits {
 
     /// The shared connection, made on first use. The manager reconnects by itself after
     /// errors; cloning it is a few reference counts.
-    async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
+    async fn connection(&self) -> Result<Conn, redis::RedisError> {
         if let Some(c) = self.conn.load().as_deref() {
             return Ok(c.clone());
         }
-        let _one_at_a_time = self.connecting.lock().await;
+        // One connection attempt at a time; the others wait for it (within their timeout).
+        let mut target = self.target.lock().await;
         if let Some(c) = self.conn.load().as_deref() {
             return Ok(c.clone());
         }
-        let c =
-            ConnectionManager::new_with_config(self.client.clone(), self.config.clone()).await?;
+        let c = match &mut *target {
+            Target::Single(client) => Conn::Single(
+                ConnectionManager::new_with_config(client.clone(), self.config.clone()).await?,
+            ),
+            Target::Sentinel { sentinel, master } => {
+                // Asked on every new connection, so a failover is followed.
+                let client = sentinel.async_master_for(master, None).await?;
+                Conn::Single(ConnectionManager::new_with_config(client, self.config.clone()).await?)
+            }
+            Target::Cluster(cluster) => Conn::Cluster(cluster.get_async_connection().await?),
+        };
         self.conn.store(Some(Arc::new(c.clone())));
         Ok(c)
+    }
+
+    /// Drops the connection, so the next call connects anew (and asks Sentinel again).
+    pub fn reconnect(&self) {
+        self.conn.store(None);
     }
 
     /// Runs one script call within `cmd_timeout`: EVALSHA, and only if Redis lost its
@@ -697,5 +806,29 @@ impl RedisLimits {
             redis::cmd("PING").exec_async(&mut con).await
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_one_server_sentinel_and_cluster_urls() {
+        assert!(matches!(
+            Target::parse("redis://127.0.0.1:6379/0"),
+            Ok(Target::Single(_))
+        ));
+        assert!(matches!(
+            Target::parse("redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster"),
+            Ok(Target::Sentinel { ref master, .. }) if master == "mymaster"
+        ));
+        assert!(matches!(
+            Target::parse("redis+cluster://10.0.0.1:6379,10.0.0.2:6379"),
+            Ok(Target::Cluster(_))
+        ));
+        assert!(Target::parse("redis+sentinel://10.0.0.1:26379").is_err());
+        assert!(Target::parse("redis+sentinel://10.0.0.1:26379/").is_err());
+        assert!(Target::parse("http://10.0.0.1").is_err());
     }
 }
