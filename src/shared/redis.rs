@@ -203,6 +203,8 @@ pub fn check_url(url: &str) -> Result<(), SharedError> {
 }
 
 /// A connection to whichever [`Target`] is configured; cheap to clone.
+// Unboxed on purpose: each call clones the connection, and a box would allocate per call.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),
