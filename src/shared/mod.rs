@@ -213,6 +213,11 @@ impl SharedLimits {
     }
 
     fn mark(&self, up: bool, what: &str, err: Option<&SharedError>) {
+        // A read first: on the request path the flag almost never changes, and a plain load
+        // keeps its cache line shared between cores.
+        if self.health.redis_up.load(Ordering::Relaxed) == up {
+            return;
+        }
         let was = self.health.redis_up.swap(up, Ordering::Relaxed);
         match (was, up, err) {
             (true, false, Some(e)) => log::error!(
