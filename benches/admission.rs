@@ -97,7 +97,9 @@ fn bench(c: &mut Criterion, catalog: &Catalog) {
                         0,
                     ))
                     .expect("admit");
-                key.counters.settle(adm.reservation, None);
+                if let Some(r) = adm.reservation {
+                    key.counters.settle(r, None);
+                }
                 black_box(adm.chain)
             })
         });

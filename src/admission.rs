@@ -179,7 +179,9 @@ pub struct Admission {
     /// reserved, so a request that cannot be translated costs nothing).
     pub upstream_body: Bytes,
     pub standing: Standing,
-    pub reservation: Reservation,
+    /// Taken when settled: at the end of the response (a shared store, so the next request
+    /// on any node sees it), else when the request's context finishes.
+    pub reservation: Option<Reservation>,
     /// The upper bound the reservation was computed from (journaled for crash recovery).
     pub bound: Bound,
     /// When the decision was taken: the request's spend belongs to this month and day.
@@ -277,15 +279,18 @@ pub async fn admit<L: LimitStore>(
         media_part_tokens,
     );
     let (standing, reservation) = limits.admit(key, now, bound.cost, res_id).await?;
+    // A shared store decided by its own clock: the cost is booked at its time, so every node
+    // books a request to the month and day the limits counted it in.
+    let admitted_at = reservation.decided_at().unwrap_or(now.wall);
     Ok(Admission {
         fields,
         chain,
         plan,
         upstream_body,
         standing,
-        reservation,
+        reservation: Some(reservation),
         bound,
-        admitted_at: now.wall,
+        admitted_at,
     })
 }
 

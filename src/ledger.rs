@@ -48,6 +48,9 @@ enum Msg {
 #[derive(Debug, Default)]
 pub struct LedgerHealth {
     failing: AtomicBool,
+    /// A cluster node's heartbeat to the shared store failed: the store is down for this
+    /// node even while it has nothing to commit.
+    unreachable: AtomicBool,
     /// Trace rows waiting for a commit.
     backlog: AtomicU64,
     dropped_traces: AtomicU64,
@@ -58,7 +61,7 @@ pub struct LedgerHealth {
 
 impl LedgerHealth {
     pub fn failing(&self) -> bool {
-        self.failing.load(Ordering::Relaxed)
+        self.failing.load(Ordering::Relaxed) || self.unreachable.load(Ordering::Relaxed)
     }
 
     pub fn backlog(&self) -> u64 {
@@ -281,8 +284,16 @@ impl Writer {
     fn cluster_upkeep(&mut self, node: ClusterNode) {
         let now = now_ms();
         if let Err(e) = self.store.heartbeat(node.owner, now) {
-            log::warn!("ledger: cannot write this node's heartbeat: {e}");
+            // Known at once, traffic or not: hard-budget keys pause and /health says so.
+            if !self.health.unreachable.swap(true, Ordering::Relaxed) {
+                log::error!(
+                    "ledger: the store is unreachable (heartbeat failed); hard-budget keys are paused until it answers: {e}"
+                );
+            }
             return;
+        }
+        if self.health.unreachable.swap(false, Ordering::Relaxed) {
+            log::warn!("ledger: the store answers again");
         }
         let live = match self.store.live_owners(now - node.ttl.as_millis() as i64) {
             Ok(live) => live,

@@ -164,16 +164,25 @@ pub struct Reservation {
     /// The hold's id in a shared store (Redis), if it was taken there; `None` for this
     /// node's own counters (single node, or a fallback while the shared store is down).
     shared: Option<u64>,
+    /// The shared store's clock at the decision: the cluster books the request's cost (and
+    /// its day) at this time, not at a node's own clock reading.
+    decided_at: Option<i64>,
 }
 
 impl Reservation {
     /// A hold taken in a shared store, which alone can release it.
-    pub fn in_shared_store(held: Nanos, month: i64, id: u64) -> Reservation {
+    pub fn in_shared_store(held: Nanos, month: i64, id: u64, decided_at: i64) -> Reservation {
         Reservation {
             held,
             month,
             shared: Some(id),
+            decided_at: Some(decided_at),
         }
+    }
+
+    /// The shared store's clock (unix ms) when it admitted the request, if it did.
+    pub fn decided_at(&self) -> Option<i64> {
+        self.decided_at
     }
 
     /// The shared store's id of this hold; `None` if this node's counters hold it.
@@ -330,6 +339,7 @@ impl KeyCounters {
                 held,
                 month: s.month,
                 shared: None,
+                decided_at: None,
             },
         ))
     }

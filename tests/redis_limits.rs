@@ -12,7 +12,7 @@ use spidergate::clock::{day_index, month_index, now_ms, MS_PER_DAY};
 use spidergate::error::GateError;
 use spidergate::limits::{Charge, CounterView, Limits, ModelTally, Standing};
 use spidergate::money::Nanos;
-use spidergate::shared::redis::{Admit, RedisLimits, SharedError};
+use spidergate::shared::redis::{Admit, RedisLimits, Settled, SharedError};
 
 macro_rules! redis_or_skip {
     () => {
@@ -135,7 +135,12 @@ async fn rpm_is_exact_across_three_nodes_hammering_concurrently() {
             tasks.push(tokio::spawn(async move {
                 let a = n.admit("k", &limits, Nanos::ZERO, res).await.unwrap();
                 if matches!(a, Admit::Admitted { .. }) {
-                    assert!(n.settle("k", res, None).await.unwrap());
+                    assert_eq!(
+                        Settled::Open,
+                        n.settle("k", res, month_index(now_ms()), None)
+                            .await
+                            .unwrap()
+                    );
                 }
                 (i, a)
             }));
@@ -226,7 +231,12 @@ async fn rejected_requests_consume_nothing() {
     };
     for res in 1..=2 {
         admitted(&admit(&l, "day", &daily, 0, res).await);
-        assert!(l.settle("day", res, None).await.unwrap());
+        assert_eq!(
+            Settled::Open,
+            l.settle("day", res, month_index(now_ms()), None)
+                .await
+                .unwrap()
+        );
     }
     for res in 3..8 {
         let e = rejected(admit(&l, "day", &daily, 0, res).await);
@@ -252,7 +262,12 @@ async fn rejected_requests_consume_nothing() {
     assert_eq!(e.retry_after(), Some(1));
     let v = view(&l, "conc").await;
     assert_eq!((v.requests_today, v.inflight), (1, 1));
-    assert!(l.settle("conc", 1, None).await.unwrap());
+    assert_eq!(
+        Settled::Open,
+        l.settle("conc", 1, month_index(now_ms()), None)
+            .await
+            .unwrap()
+    );
     admitted(&admit(&l, "conc", &conc, 0, 3).await);
 
     // A saturated estimate is refused, not wrapped.
@@ -290,7 +305,12 @@ async fn hard_budget_is_never_overshot_by_sixty_concurrent_admits_on_three_nodes
                     Admit::Admitted { .. } => {
                         tokio::time::sleep(Duration::from_millis(rng.next(5))).await;
                         let cost = est * rng.next(101) as i64 / 100;
-                        assert!(n.settle("k", res, charge(&model, cost)).await.unwrap());
+                        assert_eq!(
+                            Settled::Open,
+                            n.settle("k", res, month_index(now_ms()), charge(&model, cost))
+                                .await
+                                .unwrap()
+                        );
                         charged.fetch_add(cost, Ordering::Relaxed);
                     }
                     Admit::Rejected(GateError::BudgetExceeded { spend, cap }) => {
@@ -370,6 +390,45 @@ async fn the_month_is_seeded_once_and_never_additively() {
     assert_eq!(view(&b, "k").await.requests_today, v.requests_today + 1);
 }
 
+/// Redis restarted without its data while a request was open, and another node re-seeded
+/// the month from the ledger (which this request is not in yet: its entry follows its
+/// settlement): the request's cost is booked when it ends, not lost for the month.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_lost_with_redis_data_still_books_its_cost_into_a_reseeded_month() {
+    let r = redis_or_skip!();
+    let l = node(&r, 1, Duration::from_secs(30));
+    let model: Arc<str> = Arc::from("m");
+    let month = match admit(&l, "k", &hard(10_000), 500, 1).await {
+        Admit::Admitted { month, .. } => month,
+        other => panic!("{other:?}"),
+    };
+    raw(&r, &mut redis::cmd("FLUSHALL")).await;
+    seed_with(&l, "k", &[tally("m", 2, 300)], 2).await;
+    assert_eq!(
+        l.settle("k", 1, month, charge(&model, 120)).await.unwrap(),
+        Settled::Lost
+    );
+    let v = view(&l, "k").await;
+    assert_eq!(
+        v.spent,
+        Nanos::new(420),
+        "the seed's 300 plus this request's 120"
+    );
+    assert_eq!((v.reserved, v.inflight), (Nanos::ZERO, 0));
+    // A reaped hold, by contrast, is not charged again when its request ends late.
+    let late = node(&r, 2, Duration::from_millis(100));
+    admitted(&admit(&late, "k", &hard(10_000), 700, 1).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(l.reap().await.unwrap(), 1);
+    assert_eq!(
+        late.settle("k", 1, month, charge(&model, 50))
+            .await
+            .unwrap(),
+        Settled::Reaped
+    );
+    assert_eq!(view(&l, "k").await.spent, Nanos::new(1_120));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settle_after_data_loss_does_not_create_the_month() {
     let r = redis_or_skip!();
@@ -382,7 +441,12 @@ async fn settle_after_data_loss_does_not_create_the_month() {
     // month stays absent so the next admission asks for a seed from the ledger.
     let month = format!("{{sg}}:k:k:mon:{}", month_index(now_ms()));
     raw(&r, redis::cmd("DEL").arg(&month)).await;
-    assert!(l.settle("k", 1, charge(&model, 60)).await.unwrap());
+    assert_eq!(
+        Settled::Open,
+        l.settle("k", 1, month_index(now_ms()), charge(&model, 60))
+            .await
+            .unwrap()
+    );
     assert!(l.view("k", &Limits::default()).await.unwrap().is_none());
     assert_eq!(
         raw(&r, redis::cmd("EXISTS").arg(&month)).await,
@@ -391,7 +455,12 @@ async fn settle_after_data_loss_does_not_create_the_month() {
 
     // Everything vanished (a restart without persistence): the reservation is gone too.
     raw(&r, &mut redis::cmd("FLUSHALL")).await;
-    assert!(!l.settle("k", 2, charge(&model, 60)).await.unwrap());
+    assert_eq!(
+        l.settle("k", 2, month_index(now_ms()), charge(&model, 60))
+            .await
+            .unwrap(),
+        Settled::Lost
+    );
     assert!(l.view("k", &Limits::default()).await.unwrap().is_none());
     assert!(matches!(
         l.admit("k", &hard(1_000), Nanos::new(1), 3).await.unwrap(),
@@ -445,7 +514,12 @@ async fn a_dead_nodes_reservation_is_charged_at_its_estimate_and_a_live_one_is_k
         .unwrap();
     assert_eq!((orphan.requests, orphan.spent), (1, Nanos::new(700)));
 
-    assert!(live.settle("k", 1, charge(&model, 200)).await.unwrap());
+    assert_eq!(
+        Settled::Open,
+        live.settle("k", 1, month_index(now_ms()), charge(&model, 200))
+            .await
+            .unwrap()
+    );
     beating.abort();
     let v = view(&reaper, "k").await;
     assert_eq!(v.spent, Nanos::new(900));
@@ -457,7 +531,12 @@ async fn a_dead_nodes_reservation_is_charged_at_its_estimate_and_a_live_one_is_k
     admitted(&admit(&late, "k", &limits, 300, 1).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(reaper.reap().await.unwrap(), 1);
-    assert!(!late.settle("k", 1, charge(&model, 100)).await.unwrap());
+    assert_eq!(
+        late.settle("k", 1, month_index(now_ms()), charge(&model, 100))
+            .await
+            .unwrap(),
+        Settled::Reaped
+    );
     assert_eq!(view(&reaper, "k").await.spent, Nanos::new(1_200));
 }
 
@@ -535,7 +614,12 @@ async fn soft_budget_warns_once_reached_and_never_holds() {
     let s = admitted(&l.admit("k", &soft, Nanos::new(1_000_000), 1).await.unwrap());
     assert!(!s.budget_warning);
     assert_eq!(view(&l, "k").await.reserved, Nanos::ZERO);
-    assert!(l.settle("k", 1, charge(&model, 5)).await.unwrap());
+    assert_eq!(
+        Settled::Open,
+        l.settle("k", 1, month_index(now_ms()), charge(&model, 5))
+            .await
+            .unwrap()
+    );
     let s = admitted(&l.admit("k", &soft, Nanos::new(1_000_000), 2).await.unwrap());
     assert!(s.budget_warning);
     assert!(
@@ -604,7 +688,7 @@ async fn redis_down_fails_fast_and_the_node_recovers_when_it_is_back() {
     let t = Instant::now();
     assert_unavailable(l.admit("k", &Limits::default(), Nanos::ZERO, 3).await, t);
     let t = Instant::now();
-    assert_unavailable(l.settle("k", 2, None).await, t);
+    assert_unavailable(l.settle("k", 2, month_index(now_ms()), None).await, t);
     r.restart();
     recovers(&l).await;
     assert!(matches!(
@@ -643,14 +727,24 @@ async fn one_round_trip_per_admit_and_per_settle() {
     let model: Arc<str> = Arc::from("m");
     // Loads the scripts (a fresh Redis answers NOSCRIPT once per script).
     admitted(&admit(&l, "k", &limits, 100, 1).await);
-    assert!(l.settle("k", 1, charge(&model, 10)).await.unwrap());
+    assert_eq!(
+        Settled::Open,
+        l.settle("k", 1, month_index(now_ms()), charge(&model, 10))
+            .await
+            .unwrap()
+    );
 
     for res in 2..12 {
         let before = l.round_trips();
         admitted(&l.admit("k", &limits, Nanos::new(100), res).await.unwrap());
         assert_eq!(l.round_trips() - before, 1, "admit");
         let before = l.round_trips();
-        assert!(l.settle("k", res, charge(&model, 10)).await.unwrap());
+        assert_eq!(
+            Settled::Open,
+            l.settle("k", res, month_index(now_ms()), charge(&model, 10))
+                .await
+                .unwrap()
+        );
         assert_eq!(l.round_trips() - before, 1, "settle");
     }
 
@@ -699,7 +793,10 @@ async fn an_admission_whose_reply_was_lost_is_released_by_the_next_heartbeat() {
     seed_empty(&l, "k").await;
     // Redis knows the script (else it would answer NOSCRIPT, not run it).
     admitted(&l.admit("k", &limits, Nanos::new(400), 0).await.unwrap());
-    assert!(l.settle("k", 0, None).await.unwrap());
+    assert_eq!(
+        Settled::Open,
+        l.settle("k", 0, month_index(now_ms()), None).await.unwrap()
+    );
     // Redis hangs with the admission in its socket: the caller gets an error (and does not
     // forward the request), but Redis runs the script once it wakes up.
     r.pause();

@@ -18,7 +18,8 @@ use crate::limits::{Charge, Standing};
 use crate::money::Nanos;
 use crate::providers::codec::ResponseCodec;
 use crate::providers::Plan;
-use crate::snapshot::Snapshot;
+use crate::shared::SharedLimits;
+use crate::snapshot::{Routes, Snapshot};
 use crate::store::{LedgerEntry, TraceRow};
 use crate::usage::Usage;
 
@@ -185,6 +186,29 @@ impl RequestCtx {
         (Usage::new(prompt, completion), true)
     }
 
+    /// A complete response of a request a shared store (Redis) admitted: settles it now,
+    /// waiting for the store, before the response's last bytes go out, so the client's next
+    /// request on any node finds it settled. `finish` then books the same usage in the ledger.
+    pub(super) async fn settle_before_the_end(&mut self, shared: &SharedLimits) {
+        let shared_hold = self
+            .admission
+            .as_ref()
+            .and_then(|a| a.reservation.as_ref())
+            .is_some_and(|r| r.shared_id().is_some());
+        let (Some(key), true) = (self.key.clone(), shared_hold) else {
+            return;
+        };
+        let Some(reservation) = self.admission.as_mut().and_then(|a| a.reservation.take()) else {
+            return;
+        };
+        let routes = self.snap.routes.clone();
+        let served = self.current_model();
+        let (usage, _) = self.final_usage();
+        let cost = served.map_or(Nanos::ZERO, |m| routes.catalog.cost(m, &usage));
+        let charge = charge_of(&routes, served, &usage, cost);
+        shared.settle_now(&key, reservation, charge).await;
+    }
+
     /// Settles the reservation, books the cost and records the trace, exactly once, on
     /// every outcome: called by `logging`, or by `Drop` if the request never got there.
     pub(super) fn finish(&mut self) {
@@ -210,7 +234,8 @@ impl RequestCtx {
         if let Some(adm) = self.admission.take() {
             ts = adm.admitted_at;
             requested_model = Some(adm.fields.model);
-            reservation = Some(adm.reservation);
+            // `None` if settled already, at the end of the response.
+            reservation = adm.reservation;
         }
         let outcome = match self.error_code {
             Some(code) => code,
@@ -261,18 +286,28 @@ impl RequestCtx {
         // (at once here, or after the round trip to a shared store).
         match (reservation, &self.key) {
             (Some(r), Some(key)) => {
-                let charge = served.map(|m| Charge {
-                    model: &routes.model_names[m],
-                    prompt_tokens: usage.prompt_tokens,
-                    completion_tokens: usage.completion_tokens,
-                    cost,
-                });
+                let charge = charge_of(&routes, served, &usage, cost);
                 gate.limits.settle(key, r, charge, self.finishing);
             }
             (None, Some(key)) if self.finishing => key.counters.finishing_ended(),
             _ => {}
         }
     }
+}
+
+/// What a request is charged on the model that served it (none if no model was reached).
+fn charge_of<'r>(
+    routes: &'r Routes,
+    served: Option<usize>,
+    usage: &Usage,
+    cost: Nanos,
+) -> Option<Charge<'r>> {
+    served.map(|m| Charge {
+        model: &routes.model_names[m],
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        cost,
+    })
 }
 
 impl Drop for RequestCtx {

@@ -656,6 +656,9 @@ impl ProxyHttp for GateProxy {
         ctx.filter_response_body(body, end_of_stream);
         if end_of_stream {
             ctx.response_ended();
+            if let Some(shared) = self.gate.limits.shared() {
+                ctx.settle_before_the_end(shared).await;
+            }
         }
         Ok(None)
     }

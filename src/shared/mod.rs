@@ -21,7 +21,7 @@ use crate::limits::{Charge, CounterView, ModelTally, Reservation, Standing};
 use crate::money::Nanos;
 use crate::store::{Store, StoreLocation};
 
-use self::redis::{Admit, RedisLimits, SharedError};
+use self::redis::{Admit, RedisLimits, Settled, SharedError};
 
 /// The live limits the request path uses: this node's, or the cluster's.
 pub enum Limiter {
@@ -86,7 +86,7 @@ impl LimitStore for Limiter {
         finishing: bool,
     ) {
         match (self, reservation.shared_id()) {
-            (Limiter::Shared(s), Some(id)) => s.settle(key, id, charge, finishing),
+            (Limiter::Shared(s), Some(id)) => s.settle(key, &reservation, id, charge, finishing),
             // Taken by this node's counters (one node, or a fallback): released there.
             _ => InProcess::settle_now(key, reservation, charge, finishing),
         }
@@ -109,6 +109,8 @@ impl LimitStore for Limiter {
 struct Unsettled {
     key_id: Arc<str>,
     res_id: u64,
+    /// The admission's month (Redis' clock), where the cost belongs.
+    month: i64,
     charge: Option<OwnedCharge>,
 }
 
@@ -290,7 +292,11 @@ impl SharedLimits {
                 .await
                 .map_err(Failure::Redis)?
             {
-                Admit::Admitted { standing, month } => {
+                Admit::Admitted {
+                    standing,
+                    month,
+                    at_ms,
+                } => {
                     key.counters.note_shared_standing(standing);
                     let held = match (key.limits.budget, key.limits.hard_budget) {
                         (Some(_), true) => bound.max(Nanos::ZERO),
@@ -298,7 +304,7 @@ impl SharedLimits {
                     };
                     return Ok(Ok((
                         standing,
-                        Reservation::in_shared_store(held, month, res_id),
+                        Reservation::in_shared_store(held, month, res_id, at_ms),
                     )));
                 }
                 Admit::Rejected(e) => return Ok(Err(e)),
@@ -364,9 +370,12 @@ impl SharedLimits {
         }
     }
 
+    /// Settles in a task (never waits): from `Drop`, or a request that ended without a
+    /// complete response.
     fn settle(
         self: &Arc<Self>,
         key: &Arc<KeyEntry>,
+        reservation: &Reservation,
         res_id: u64,
         charge: Option<Charge<'_>>,
         finishing: bool,
@@ -374,6 +383,7 @@ impl SharedLimits {
         let job = Unsettled {
             key_id: key.id.clone(),
             res_id,
+            month: reservation.month(),
             charge: charge.as_ref().map(OwnedCharge::of),
         };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
@@ -397,15 +407,49 @@ impl SharedLimits {
         });
     }
 
+    /// Settles now, waiting for Redis' answer (one round trip): at the end of a response,
+    /// before its last bytes go out, so the next request of the client, on any node, finds
+    /// this one settled (its in-flight slot free, its cost in `/v1/usage`).
+    pub async fn settle_now(
+        &self,
+        key: &KeyEntry,
+        reservation: Reservation,
+        charge: Option<Charge<'_>>,
+    ) {
+        let Some(res_id) = reservation.shared_id() else {
+            // Taken by this node's counters (a fallback): released there.
+            InProcess::settle_now(key, reservation, charge, false);
+            return;
+        };
+        self.settle_job(Unsettled {
+            key_id: key.id.clone(),
+            res_id,
+            month: reservation.month(),
+            charge: charge.as_ref().map(OwnedCharge::of),
+        })
+        .await;
+    }
+
     async fn settle_job(&self, job: Unsettled) {
         if !self.redis_up() {
             self.queue_unsettled(job);
             return;
         }
         let charge = job.charge.as_ref().map(OwnedCharge::as_charge);
-        match self.redis.settle(&job.key_id, job.res_id, charge).await {
-            Ok(true) => self.mark(true, "settlement", None),
-            Ok(false) => {
+        match self
+            .redis
+            .settle(&job.key_id, job.res_id, job.month, charge)
+            .await
+        {
+            Ok(Settled::Open) => self.mark(true, "settlement", None),
+            Ok(Settled::Lost) => {
+                self.mark(true, "settlement", None);
+                log::warn!(
+                    "key {}: Redis had lost a hold (restarted without its data); the request's cost is booked all the same",
+                    job.key_id
+                );
+            }
+            Ok(Settled::Reaped) => {
                 self.mark(true, "settlement", None);
                 self.health.late_settles.fetch_add(1, Ordering::Relaxed);
                 log::warn!(

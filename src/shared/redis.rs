@@ -102,13 +102,30 @@ impl From<redis::RedisError> for SharedError {
 /// The outcome of [`RedisLimits::admit`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admit {
-    /// Admitted and counted; `month` (Redis' clock) is the month its cost belongs to.
-    Admitted { standing: Standing, month: i64 },
+    /// Admitted and counted; `month` (Redis' clock) is the month its cost belongs to, and
+    /// `at_ms` Redis' clock at the decision (the time the ledger books the request at).
+    Admitted {
+        standing: Standing,
+        month: i64,
+        at_ms: i64,
+    },
     /// Refused; nothing was consumed.
     Rejected(GateError),
     /// This key's month is not in Redis yet: read it from the ledger, [`RedisLimits::seed`]
     /// it, and admit again.
     NeedSeed { month: i64, day: i64 },
+}
+
+/// What [`RedisLimits::settle`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// The hold was open: released, and the charge booked.
+    Open,
+    /// The hold had expired and was charged at its estimate (an upper bound): nothing more.
+    Reaped,
+    /// Redis lost the hold (a restart without persistence): the charge is booked to the
+    /// admission's month all the same, if that month is in Redis.
+    Lost,
 }
 
 /// A Lua script: its SHA1 (computed once) and its source for the NOSCRIPT fallback.
@@ -571,6 +588,7 @@ impl RedisLimits {
             },
             1 => Admit::Admitted {
                 month: at(a, 1, what)?,
+                at_ms: at(a, 5, what)?,
                 standing: standing(limits, at(a, 2, what)?, at(a, 3, what)?, at(a, 4, what)?),
             },
             2 => Admit::Rejected(GateError::BudgetExceeded {
@@ -638,8 +656,9 @@ impl RedisLimits {
         &self,
         key_id: &str,
         res_id: u64,
+        month: i64,
         charge: Option<Charge<'_>>,
-    ) -> Result<bool, SharedError> {
+    ) -> Result<Settled, SharedError> {
         let mut cmd = self.scripts.settle.call(1);
         cmd.arg(key_prefix(key_id)).arg(self.node).arg(res_id);
         match charge {
@@ -649,8 +668,9 @@ impl RedisLimits {
                 .arg(tokens(c.prompt_tokens))
                 .arg(tokens(c.completion_tokens))
                 .arg(c.cost.get()),
-            None => cmd.arg(0),
+            None => cmd.arg(0).arg("").arg(0).arg(0).arg(0),
         };
+        cmd.arg(month);
         let reply = match self.eval(&self.scripts.settle, &cmd).await {
             Ok(reply) => reply,
             Err(f) => {
@@ -662,7 +682,11 @@ impl RedisLimits {
                 return Err(f.error);
             }
         };
-        Ok(int(&reply).ok_or_else(|| unavailable("settle"))? == 1)
+        Ok(match int(&reply).ok_or_else(|| unavailable("settle"))? {
+            0 => Settled::Reaped,
+            2 => Settled::Lost,
+            _ => Settled::Open,
+        })
     }
 
     /// Seeds `month` of a key from the ledger: its spend per model and `day`'s request

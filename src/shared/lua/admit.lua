@@ -3,6 +3,7 @@
 -- ARGV key_id, node, res_id, rpm, rpd, cap, hard (1/0), max_inflight, held, ttl_ms,
 -- estimate (the request's upper-bound cost, charged if its node dies with it open).
 -- Returns {0, month, day} need seed | {1, month, remaining, reset, warning} admitted |
+-- (…, now: Redis' clock, the time the request's cost is booked at) |
 -- {2, spent, reserved} budget | {3, retry} rpm | {4, retry} rpd | {5} in-flight.
 local p = KEYS[1]
 local key_id, node, res_id = ARGV[1], ARGV[2], ARGV[3]
@@ -87,4 +88,4 @@ if rpm then
     reset = reset_secs(minute, n + 1, rpm, now, 0)
   end
 end
-return {1, month, remaining, reset, warning}
+return {1, month, remaining, reset, warning, now}

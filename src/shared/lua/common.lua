@@ -6,6 +6,7 @@ local MS_DAY = 86400000
 local RES = '{sg}:res'
 local RESX = '{sg}:resx'
 local ORPHANED = '(orphaned)'
+local REAPED = '{sg}:reaped:'
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -87,7 +88,10 @@ end
 -- estimate, an upper bound of what the upstream may have done, to the month it was admitted
 -- in, under the model ORPHANED. Never creates a month that was not seeded.
 local function reap_one(f)
-  local _, month, p, est = unlink(f)
+  local held, month, p, est = unlink(f)
+  -- Tells a late settlement of this hold that its estimate was charged (see settle.lua);
+  -- kept a day, far longer than any request.
+  if held then redis.call('SET', REAPED .. f, 1, 'PX', MS_DAY) end
   -- Every key's orphans are charged (the ledger's journal charges them too), not only the
   -- hard-budget ones that held their estimate.
   if est and est ~= '0' then
