@@ -387,6 +387,99 @@ fn orphans_contract(loc: &StoreLocation) {
     assert_eq!(node1.charge_orphans(|_| false).unwrap(), 1);
 }
 
+/// A live node whose heartbeat stalled has its open admission charged at the estimate by
+/// another node; when the request then finishes, its real cost is not booked on top (the
+/// trace is still kept). A request whose journal row is still there books its real cost
+/// and removes the row.
+fn late_settlement_contract(loc: &StoreLocation) {
+    let ts = day_ms(2026, 11, 26);
+    let row = |id| JournalRow {
+        id,
+        ts,
+        key_id: Arc::from("key_l"),
+        endpoint: "chat.completions",
+        requested_model: Arc::from("fast"),
+        served_model: Arc::from("m"),
+        prompt_tokens: 100,
+        completion_tokens: 50,
+        cost: Nanos::new(193_050),
+    };
+    let finished = |id, cost| LedgerEntry {
+        journal_id: Some(id),
+        ..entry(ts + 4_000, "key_l", "m", cost)
+    };
+    let spend = |s: &Store| {
+        let rows = s.spend_for_key("key_l", "2026-11").unwrap();
+        rows.iter()
+            .map(|r| (r.requests, r.cost.get()))
+            .collect::<Vec<_>>()
+    };
+    let mut node1 = Store::open_at(loc).unwrap();
+    node1.set_owner(1001);
+    let mut node2 = Store::open_at(loc).unwrap();
+    node2.set_owner(2002);
+
+    // Request 1 is journaled, then charged by node 2 while node 1 looks stopped.
+    let mut b = Batch::default();
+    b.open(row(1));
+    b.open(row(2));
+    node1.write_batch(&b).unwrap();
+    assert_eq!(
+        node2.charge_orphans(|_| true).unwrap(),
+        0,
+        "live owners keep their rows"
+    );
+    assert_eq!(node2.charge_orphans(|o| o != 1001).unwrap(), 2);
+    assert_eq!(spend(&node1), vec![(2, 386_100)]);
+    assert_eq!(node1.requests_on("key_l", "2026-11-26").unwrap(), 2);
+
+    // Both finish on node 1 (one batch, with an unjournaled request of the same key and
+    // model): only the unjournaled one adds to the sums; every trace is kept.
+    let batch = Batch::of([
+        finished(1, 45_000),
+        finished(2, 46_000),
+        entry(ts + 5, "key_l", "m", 1_000),
+    ]);
+    node1.write_batch(&batch).unwrap();
+    assert_eq!(spend(&node1), vec![(3, 387_100)], "{loc:?}");
+    assert_eq!(node1.requests_on("key_l", "2026-11-26").unwrap(), 3);
+    assert_eq!(
+        node1.daily_spend("2026-11", Some("key_l")).unwrap()[0].2,
+        Nanos::new(387_100)
+    );
+    let traces = node1.traces(Some("key_l"), 10, None).unwrap();
+    assert_eq!(traces.len(), 5, "2 orphan traces, 3 finished: {traces:?}");
+    assert_eq!(
+        traces
+            .iter()
+            .filter(|t| t.error_code.as_deref() == Some(ORPHANED))
+            .count(),
+        2
+    );
+    assert!(traces.iter().any(|t| t.cost == Nanos::new(45_000)));
+
+    // Normal path: the row is still there, so the real cost is booked and the row removed.
+    let mut b = Batch::default();
+    b.open(row(3));
+    node1.write_batch(&b).unwrap();
+    node1
+        .write_batch(&Batch::of([finished(3, 45_000)]))
+        .unwrap();
+    assert_eq!(spend(&node1), vec![(4, 432_100)]);
+    assert_eq!(node1.requests_on("key_l", "2026-11-26").unwrap(), 4);
+    assert_eq!(node2.charge_orphans(|_| false).unwrap(), 0, "row removed");
+    assert_eq!(spend(&node1), vec![(4, 432_100)]);
+
+    // An admission opened and finished within one (retried) batch was never written:
+    // it books as usual.
+    let mut b = Batch::default();
+    b.open(row(4));
+    b.add(finished(4, 10_000), usize::MAX);
+    node1.write_batch(&b).unwrap();
+    assert_eq!(spend(&node1), vec![(5, 442_100)]);
+    assert_eq!(node2.charge_orphans(|_| false).unwrap(), 0);
+}
+
 #[test]
 fn the_store_contract_holds_on_sqlite_and_postgres() {
     let pg = PgServer::start();
@@ -396,6 +489,7 @@ fn the_store_contract_holds_on_sqlite_and_postgres() {
         ("ledger", ledger_contract),
         ("big_batch", big_batch_contract),
         ("orphans", orphans_contract),
+        ("late_settlement", late_settlement_contract),
     ] {
         for loc in locations(pg.as_ref(), name, &dir) {
             eprintln!("{name} on {loc:?}");

@@ -41,7 +41,9 @@ pub struct LedgerEntry {
     pub admitted: bool,
     /// Counts toward the key's requests per day (model requests and usage calls).
     pub counted: bool,
-    /// The admission journal row this entry closes.
+    /// The admission journal row this entry closes. When the row was written (by an earlier
+    /// commit), the entry's spend and daily count are booked only if the row is still there
+    /// at commit: a row already gone was charged at its estimate as an orphan.
     pub journal_id: Option<i64>,
     /// Whether the trace row itself is kept (unauthenticated floods are sampled).
     pub keep_trace: bool,
@@ -64,9 +66,27 @@ pub struct JournalRow {
 /// Trace error code of a request charged from the journal after a crash.
 pub const ORPHANED: &str = "orphaned";
 
+/// A finished request whose admission was journaled (its row written by an earlier
+/// commit): its sums are booked only if that row is still there when the batch commits.
+/// If it is gone, another node (or a later start) took it as an orphan and already charged
+/// its upper-bound estimate; booking the real cost too would charge the request twice.
+#[derive(Debug)]
+pub(in crate::store) struct Settlement {
+    pub(in crate::store) journal_id: i64,
+    key_id: Arc<str>,
+    ts: i64,
+    /// The model spend is booked to; `None` when the entry books no spend (not admitted).
+    model: Option<Arc<str>>,
+    counted: bool,
+    /// Prompt tokens, completion tokens, cost.
+    sums: [i64; 3],
+}
+
 /// One commit's worth of ledger work, aggregated as it arrives: spend, daily counts and last
 /// use are summed per key (bounded by keys x models, not by requests), traces are kept up
-/// to a cap. A batch that fails to commit is kept whole and retried.
+/// to a cap. Requests whose admission was journaled are kept apart, one by one (see
+/// [`Settlement`]): only those still in the journal at commit are booked. A batch that
+/// fails to commit is kept whole and retried.
 #[derive(Debug, Default)]
 pub struct Batch {
     pub(in crate::store) traces: Vec<TraceRow>,
@@ -75,50 +95,58 @@ pub struct Batch {
     pub(in crate::store) daily_spend: HashMap<(Arc<str>, i64, Arc<str>), [i64; 2]>,
     pub(in crate::store) last_used: HashMap<Arc<str>, i64>,
     pub(in crate::store) journal_open: HashMap<i64, JournalRow>,
+    /// Journal rows to delete that book nothing (no key, or nothing to count).
     pub(in crate::store) journal_closed: Vec<i64>,
+    /// Journaled requests, booked only if their row is still there at commit.
+    pub(in crate::store) settlements: Vec<Settlement>,
     /// Trace rows dropped because the batch was at its cap (spend is never dropped).
     pub dropped_traces: u64,
+}
+
+/// The model a trace's spend is booked to: the served one, else the requested one.
+fn spend_model(t: &TraceRow) -> Arc<str> {
+    match (&t.served_model, &t.requested_model) {
+        (Some(m), _) => m.clone(),
+        (None, Some(m)) => m.clone(),
+        (None, None) => Arc::from(""),
+    }
 }
 
 impl Batch {
     /// Adds one finished request; its trace is dropped (and counted) past `max_traces`.
     pub fn add(&mut self, e: LedgerEntry, max_traces: usize) {
         let t = &e.trace;
+        // Journaled by an earlier commit; an admission still waiting in this batch's
+        // `journal_open` was never written, so closing it is free and books as usual.
+        let journaled = e
+            .journal_id
+            .filter(|id| self.journal_open.remove(id).is_none());
         if let Some(key_id) = t.key_id.as_ref() {
-            if e.admitted {
-                let model: Arc<str> = match (&t.served_model, &t.requested_model) {
-                    (Some(m), _) => m.clone(),
-                    (None, Some(m)) => m.clone(),
-                    (None, None) => Arc::from(""),
-                };
-                let day = self
-                    .daily_spend
-                    .entry((key_id.clone(), day_index(t.ts), model.clone()))
-                    .or_default();
-                day[0] += 1;
-                day[1] = day[1].saturating_add(t.cost.get());
-                let row = self
-                    .spend
-                    .entry((key_id.clone(), month_index(t.ts), model))
-                    .or_default();
-                row[0] += 1;
-                row[1] = row[1].saturating_add(t.prompt_tokens as i64);
-                row[2] = row[2].saturating_add(t.completion_tokens as i64);
-                row[3] = row[3].saturating_add(t.cost.get());
+            let sums = [
+                t.prompt_tokens as i64,
+                t.completion_tokens as i64,
+                t.cost.get(),
+            ];
+            let model = e.admitted.then(|| spend_model(t));
+            match journaled {
+                Some(id) if e.admitted || e.counted => self.settlements.push(Settlement {
+                    journal_id: id,
+                    key_id: key_id.clone(),
+                    ts: t.ts,
+                    model,
+                    counted: e.counted,
+                    sums,
+                }),
+                Some(id) => self.journal_closed.push(id),
+                None => self.book(key_id, t.ts, model, e.counted, sums),
             }
+            // Last use is not a charge: kept whether or not the spend is booked.
             if e.counted {
-                *self
-                    .daily
-                    .entry((key_id.clone(), day_index(t.ts)))
-                    .or_default() += 1;
                 let at = self.last_used.entry(key_id.clone()).or_insert(t.ts);
                 *at = (*at).max(t.ts);
             }
-        }
-        if let Some(id) = e.journal_id {
-            if self.journal_open.remove(&id).is_none() {
-                self.journal_closed.push(id);
-            }
+        } else if let Some(id) = journaled {
+            self.journal_closed.push(id);
         }
         if e.keep_trace {
             if self.traces.len() < max_traces {
@@ -127,6 +155,45 @@ impl Batch {
                 self.dropped_traces += 1;
             }
         }
+    }
+
+    /// Adds one request's sums: spend to `model` (if any) for the month and day of `ts`,
+    /// and one to the day's count if `counted`. Last use is not touched.
+    pub(in crate::store) fn book(
+        &mut self,
+        key_id: &Arc<str>,
+        ts: i64,
+        model: Option<Arc<str>>,
+        counted: bool,
+        [prompt, completion, cost]: [i64; 3],
+    ) {
+        if let Some(model) = model {
+            let day = self
+                .daily_spend
+                .entry((key_id.clone(), day_index(ts), model.clone()))
+                .or_default();
+            day[0] += 1;
+            day[1] = day[1].saturating_add(cost);
+            let row = self
+                .spend
+                .entry((key_id.clone(), month_index(ts), model))
+                .or_default();
+            row[0] += 1;
+            row[1] = row[1].saturating_add(prompt);
+            row[2] = row[2].saturating_add(completion);
+            row[3] = row[3].saturating_add(cost);
+        }
+        if counted {
+            *self
+                .daily
+                .entry((key_id.clone(), day_index(ts)))
+                .or_default() += 1;
+        }
+    }
+
+    /// Books a settlement whose journal row this commit deleted.
+    pub(in crate::store) fn book_settled(&mut self, s: &Settlement) {
+        self.book(&s.key_id, s.ts, s.model.clone(), s.counted, s.sums);
     }
 
     /// Journals an admission still open at commit time.
@@ -140,6 +207,7 @@ impl Batch {
             && self.daily.is_empty()
             && self.journal_open.is_empty()
             && self.journal_closed.is_empty()
+            && self.settlements.is_empty()
     }
 
     pub fn trace_count(&self) -> usize {

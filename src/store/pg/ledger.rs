@@ -12,7 +12,7 @@ use super::{prepared, Postgres};
 use crate::clock::{day_label, month_label};
 use crate::limits::ModelTally;
 use crate::money::Nanos;
-use crate::store::ledger::{Batch, LedgerEntry, ModelSpend, TraceRow, ORPHANED};
+use crate::store::ledger::{Batch, ModelSpend, TraceRow, ORPHANED};
 use crate::store::{Result, StoreError};
 
 type Cache = HashMap<&'static str, Statement>;
@@ -103,19 +103,40 @@ fn insert_traces(tx: &mut Transaction<'_>, cache: &mut Cache, traces: &[&TraceRo
     Ok(())
 }
 
-/// Adds the batch's sums to `spend`, `daily_requests`, `daily_spend` and `key_last_used`.
-/// Rows are sorted by their key first: two nodes committing at once then lock shared rows
-/// in the same order and never deadlock.
-fn add_sums(tx: &mut Transaction<'_>, cache: &mut Cache, batch: &Batch) -> Result<()> {
-    if !batch.spend.is_empty() {
-        let mut rows: Vec<_> = batch
-            .spend
+/// Sorts rows by key and merges rows with equal keys (an upsert statement may touch each
+/// row once).
+fn merged<K: Ord, V>(mut rows: Vec<(K, V)>, add: impl Fn(&mut V, &V)) -> Vec<(K, V)> {
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows.dedup_by(|next, kept| {
+        let same = next.0 == kept.0;
+        if same {
+            add(&mut kept.1, &next.1);
+        }
+        same
+    });
+    rows
+}
+
+/// Adds the sums of `parts` to `spend`, `daily_requests`, `daily_spend` and
+/// `key_last_used`, one statement per table for all parts. Rows are sorted by their key
+/// first: two nodes committing at once then lock shared rows in the same order and never
+/// deadlock.
+fn add_sums(tx: &mut Transaction<'_>, cache: &mut Cache, parts: &[&Batch]) -> Result<()> {
+    let spend = merged(
+        parts
             .iter()
+            .flat_map(|b| &b.spend)
             .map(|((k, month, model), sums)| {
-                (k.as_ref(), month_label(*month), model.as_ref(), *sums)
+                ((k.as_ref(), month_label(*month), model.as_ref()), *sums)
             })
-            .collect();
-        rows.sort_by(|a, b| (a.0, &a.1, a.2).cmp(&(b.0, &b.1, b.2)));
+            .collect(),
+        |kept, next| {
+            for (k, n) in kept.iter_mut().zip(next) {
+                *k = k.saturating_add(*n);
+            }
+        },
+    );
+    if !spend.is_empty() {
         let stmt = prepared(
             cache,
             tx,
@@ -132,23 +153,25 @@ fn add_sums(tx: &mut Transaction<'_>, cache: &mut Cache, batch: &Batch) -> Resul
         tx.execute(
             &stmt,
             &[
-                &rows.iter().map(|r| r.0).collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.2).collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.3[0]).collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.3[1]).collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.3[2]).collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.3[3]).collect::<Vec<_>>(),
+                &spend.iter().map(|r| r.0 .0).collect::<Vec<_>>(),
+                &spend.iter().map(|r| r.0 .1.as_str()).collect::<Vec<_>>(),
+                &spend.iter().map(|r| r.0 .2).collect::<Vec<_>>(),
+                &spend.iter().map(|r| r.1[0]).collect::<Vec<_>>(),
+                &spend.iter().map(|r| r.1[1]).collect::<Vec<_>>(),
+                &spend.iter().map(|r| r.1[2]).collect::<Vec<_>>(),
+                &spend.iter().map(|r| r.1[3]).collect::<Vec<_>>(),
             ],
         )?;
     }
-    if !batch.daily.is_empty() {
-        let mut rows: Vec<_> = batch
-            .daily
+    let daily = merged(
+        parts
             .iter()
-            .map(|((k, day), n)| (k.as_ref(), day_label(*day), *n))
-            .collect();
-        rows.sort();
+            .flat_map(|b| &b.daily)
+            .map(|((k, day), n)| ((k.as_ref(), day_label(*day)), *n))
+            .collect(),
+        |kept, next| *kept = kept.saturating_add(*next),
+    );
+    if !daily.is_empty() {
         let stmt = prepared(
             cache,
             tx,
@@ -160,21 +183,25 @@ fn add_sums(tx: &mut Transaction<'_>, cache: &mut Cache, batch: &Batch) -> Resul
         tx.execute(
             &stmt,
             &[
-                &rows.iter().map(|r| r.0).collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+                &daily.iter().map(|r| r.0 .0).collect::<Vec<_>>(),
+                &daily.iter().map(|r| r.0 .1.as_str()).collect::<Vec<_>>(),
+                &daily.iter().map(|r| r.1).collect::<Vec<_>>(),
             ],
         )?;
     }
-    if !batch.daily_spend.is_empty() {
-        let mut rows: Vec<_> = batch
-            .daily_spend
+    let daily_spend = merged(
+        parts
             .iter()
-            .map(|((k, day, model), [n, cost])| {
-                (k.as_ref(), day_label(*day), model.as_ref(), *n, *cost)
-            })
-            .collect();
-        rows.sort();
+            .flat_map(|b| &b.daily_spend)
+            .map(|((k, day, model), sums)| ((k.as_ref(), day_label(*day), model.as_ref()), *sums))
+            .collect(),
+        |kept, next| {
+            for (k, n) in kept.iter_mut().zip(next) {
+                *k = k.saturating_add(*n);
+            }
+        },
+    );
+    if !daily_spend.is_empty() {
         let stmt = prepared(
             cache,
             tx,
@@ -188,21 +215,26 @@ fn add_sums(tx: &mut Transaction<'_>, cache: &mut Cache, batch: &Batch) -> Resul
         tx.execute(
             &stmt,
             &[
-                &rows.iter().map(|r| r.0).collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.2).collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.3).collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.4).collect::<Vec<_>>(),
+                &daily_spend.iter().map(|r| r.0 .0).collect::<Vec<_>>(),
+                &daily_spend
+                    .iter()
+                    .map(|r| r.0 .1.as_str())
+                    .collect::<Vec<_>>(),
+                &daily_spend.iter().map(|r| r.0 .2).collect::<Vec<_>>(),
+                &daily_spend.iter().map(|r| r.1[0]).collect::<Vec<_>>(),
+                &daily_spend.iter().map(|r| r.1[1]).collect::<Vec<_>>(),
             ],
         )?;
     }
-    if !batch.last_used.is_empty() {
-        let mut rows: Vec<_> = batch
-            .last_used
+    let last_used = merged(
+        parts
             .iter()
+            .flat_map(|b| &b.last_used)
             .map(|(k, at)| (k.as_ref(), *at))
-            .collect();
-        rows.sort();
+            .collect(),
+        |kept, next| *kept = (*kept).max(*next),
+    );
+    if !last_used.is_empty() {
         let stmt = prepared(
             cache,
             tx,
@@ -214,12 +246,56 @@ fn add_sums(tx: &mut Transaction<'_>, cache: &mut Cache, batch: &Batch) -> Resul
         tx.execute(
             &stmt,
             &[
-                &rows.iter().map(|r| r.0).collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                &last_used.iter().map(|r| r.0).collect::<Vec<_>>(),
+                &last_used.iter().map(|r| r.1).collect::<Vec<_>>(),
             ],
         )?;
     }
     Ok(())
+}
+
+/// Deletes this node's journal rows that `batch` closes, locking them in id order (as
+/// `charge_orphans` does, so the two never deadlock), and returns the batch's settlements
+/// whose row it deleted, as sums to book. A row already gone was taken by the orphan sweep
+/// of another node, which charged its estimate: that request books nothing more.
+fn close_journal(
+    tx: &mut Transaction<'_>,
+    cache: &mut Cache,
+    batch: &Batch,
+    owner: i64,
+) -> Result<Batch> {
+    let mut booked = Batch::default();
+    if batch.journal_closed.is_empty() && batch.settlements.is_empty() {
+        return Ok(booked);
+    }
+    let mut ids: Vec<i64> = batch
+        .journal_closed
+        .iter()
+        .copied()
+        .chain(batch.settlements.iter().map(|s| s.journal_id))
+        .collect();
+    ids.sort_unstable();
+    let stmt = prepared(
+        cache,
+        tx,
+        "WITH doomed AS (
+            SELECT owner, id FROM inflight WHERE owner = $1 AND id = ANY($2::BIGINT[])
+            ORDER BY id FOR UPDATE)
+         DELETE FROM inflight i USING doomed d WHERE i.owner = d.owner AND i.id = d.id
+         RETURNING i.id",
+    )?;
+    let mut deleted = tx
+        .query(&stmt, &[&owner, &ids])?
+        .iter()
+        .map(|r| r.try_get::<_, i64>(0))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    deleted.sort_unstable();
+    for s in &batch.settlements {
+        if deleted.binary_search(&s.journal_id).is_ok() {
+            booked.book_settled(s);
+        }
+    }
+    Ok(booked)
 }
 
 /// The trace columns as `trace_from_row` reads them.
@@ -346,14 +422,18 @@ impl Postgres {
     }
 
     /// One transaction per batch, as in SQLite; journal rows are keyed by `(owner, id)`.
+    /// Journal rows are deleted first (inflight row locks, then sums rows, each in a fixed
+    /// order, as in `charge_orphans`): a journaled request is booked only if its row was
+    /// still there, so it is charged once whichever node takes the row.
     pub fn write_batch(&mut self, batch: &Batch, owner: i64) -> Result<()> {
         self.write(|tx, cache| {
+            let booked = close_journal(tx, cache, batch, owner)?;
             // Grouped by key (stable), as in SQLite: each key's traces stay in order and
             // the per-key index takes runs of appends.
             let mut by_key: Vec<&TraceRow> = batch.traces.iter().collect();
             by_key.sort_by(|a, b| a.key_id.cmp(&b.key_id));
             insert_traces(tx, cache, &by_key)?;
-            add_sums(tx, cache, batch)?;
+            add_sums(tx, cache, &[batch, &booked])?;
             if !batch.journal_open.is_empty() {
                 let mut open: Vec<_> = batch.journal_open.values().collect();
                 open.sort_by_key(|j| j.id);
@@ -402,21 +482,14 @@ impl Postgres {
                     ],
                 )?;
             }
-            if !batch.journal_closed.is_empty() {
-                let stmt = prepared(
-                    cache,
-                    tx,
-                    "DELETE FROM inflight WHERE owner = $1 AND id = ANY($2::BIGINT[])",
-                )?;
-                tx.execute(&stmt, &[&owner, &batch.journal_closed])?;
-            }
             Ok(())
         })
     }
 
-    /// Orphans are taken with one `DELETE ... RETURNING`: when two nodes charge the same
-    /// dead owner at once, the second waits on the row locks, then finds the rows gone, so
-    /// each admission is charged exactly once.
+    /// Orphans are taken with one `DELETE ... RETURNING`, their rows locked in
+    /// `(owner, id)` order: when two nodes charge the same dead owner at once (or the owner,
+    /// alive after all, settles a request in `write_batch`), the second waits on the row
+    /// locks, then finds the rows gone, so each admission is charged exactly once.
     pub fn charge_orphans(&mut self, is_live: impl Fn(i64) -> bool) -> Result<usize> {
         self.write(|tx, cache| {
             let owners = prepared(cache, tx, "SELECT DISTINCT owner FROM inflight")?;
@@ -434,9 +507,12 @@ impl Postgres {
             let take = prepared(
                 cache,
                 tx,
-                "DELETE FROM inflight WHERE owner = ANY($1::BIGINT[])
-                 RETURNING owner, id, ts, key_id, endpoint, requested_model, served_model,
-                    prompt_tokens, completion_tokens, cost_nanos",
+                "WITH doomed AS (
+                    SELECT owner, id FROM inflight WHERE owner = ANY($1::BIGINT[])
+                    ORDER BY owner, id FOR UPDATE)
+                 DELETE FROM inflight i USING doomed d WHERE i.owner = d.owner AND i.id = d.id
+                 RETURNING i.owner, i.id, i.ts, i.key_id, i.endpoint, i.requested_model,
+                    i.served_model, i.prompt_tokens, i.completion_tokens, i.cost_nanos",
             )?;
             let mut rows = tx
                 .query(&take, &[&dead])?
@@ -464,22 +540,19 @@ impl Postgres {
             // The sums as one batch (an upsert statement may touch each row once, and
             // several orphans can share a key, month and model); orphans are not "use".
             let mut sums = Batch::default();
-            for (_, trace) in &rows {
-                sums.add(
-                    LedgerEntry {
-                        trace: trace.clone(),
-                        admitted: true,
-                        counted: true,
-                        journal_id: None,
-                        keep_trace: false,
-                    },
-                    0,
-                );
+            for (_, t) in &rows {
+                if let Some(key_id) = &t.key_id {
+                    let cost = [
+                        t.prompt_tokens as i64,
+                        t.completion_tokens as i64,
+                        t.cost.get(),
+                    ];
+                    sums.book(key_id, t.ts, t.served_model.clone(), true, cost);
+                }
             }
-            sums.last_used.clear();
             let traces: Vec<&TraceRow> = rows.iter().map(|(_, t)| t).collect();
             insert_traces(tx, cache, &traces)?;
-            add_sums(tx, cache, &sums)?;
+            add_sums(tx, cache, &[&sums])?;
             Ok(charged)
         })
     }

@@ -261,23 +261,40 @@ impl Sqlite {
     }
 
     /// Commits one batch atomically: traces, spend, daily counts, last use and the
-    /// admission journal. On error nothing is written and the caller keeps the batch.
+    /// admission journal. A journaled request's sums are booked only if this commit deletes
+    /// its journal row (a row already gone was charged as an orphan). On error nothing is
+    /// written and the caller keeps the batch.
     pub fn write_batch(&mut self, batch: &Batch, owner: i64) -> Result<()> {
         self.write(|tx| {
+            // Journal rows first, as in PostgreSQL: whoever deletes a row books it.
+            let mut booked = Batch::default();
+            {
+                let mut delete = tx.prepare_cached("DELETE FROM inflight WHERE id = ?1")?;
+                for id in &batch.journal_closed {
+                    delete.execute([id])?;
+                }
+                for s in &batch.settlements {
+                    if delete.execute([s.journal_id])? > 0 {
+                        booked.book_settled(s);
+                    }
+                }
+            }
             // Grouped by key (stable, so each key's traces keep their order): the per-key
             // index then takes one run of appends per key instead of a random insert per row,
             // which makes the batch about 3x cheaper with many active keys.
             let mut by_key: Vec<&TraceRow> = batch.traces.iter().collect();
             by_key.sort_by(|a, b| a.key_id.cmp(&b.key_id));
             insert_traces(tx, &by_key)?;
-            for ((key_id, month, model), [n, p, c, cost]) in &batch.spend {
-                add_spend(tx, key_id, *month, model, [*n, *p, *c, *cost])?;
-            }
-            for ((key_id, day), n) in &batch.daily {
-                add_daily(tx, key_id, *day, *n)?;
-            }
-            for ((key_id, day, model), [n, cost]) in &batch.daily_spend {
-                add_daily_spend(tx, key_id, *day, model, *n, *cost)?;
+            for sums in [batch, &booked] {
+                for ((key_id, month, model), [n, p, c, cost]) in &sums.spend {
+                    add_spend(tx, key_id, *month, model, [*n, *p, *c, *cost])?;
+                }
+                for ((key_id, day), n) in &sums.daily {
+                    add_daily(tx, key_id, *day, *n)?;
+                }
+                for ((key_id, day, model), [n, cost]) in &sums.daily_spend {
+                    add_daily_spend(tx, key_id, *day, model, *n, *cost)?;
+                }
             }
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO key_last_used (key_id, at) VALUES (?1, ?2)
@@ -304,10 +321,6 @@ impl Sqlite {
                     j.cost.get(),
                     owner,
                 ])?;
-            }
-            let mut stmt = tx.prepare_cached("DELETE FROM inflight WHERE id = ?1")?;
-            for id in &batch.journal_closed {
-                stmt.execute([id])?;
             }
             Ok(())
         })
