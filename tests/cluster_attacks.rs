@@ -676,7 +676,7 @@ fn postgres_outage_pauses_hard_budgets_and_recovers_without_a_restart() {
 /// A live node cut off from PostgreSQL for longer than `reservation_ttl_ms` (its ledger
 /// heartbeat stalls; Redis is fine) has its open journal rows charged at their upper bound
 /// by another node. When its request then ends, its real cost must not be booked on top:
-/// "charged exactly once", and the ledger must agree with Redis (which keeps one charge).
+/// charged exactly once, at the estimate, and never below what Redis shows.
 #[test]
 fn a_node_whose_ledger_heartbeat_stalls_is_not_charged_twice() {
     let Some(c) = Cluster::start("closed", 1_000) else {
@@ -740,14 +740,19 @@ fn a_node_whose_ledger_heartbeat_stalls_is_not_charged_twice() {
     std::thread::sleep(Duration::from_millis(1_500));
     let ledger = c.ledger_spend(&key);
     let traces = c.ledger_traces(&key);
-    assert!(
-        ledger == real || ledger == estimate,
-        "charged once (real {real} or estimate {estimate}), ledger has {ledger}; \
-         Redis has {redis}; traces {traces:?}"
-    );
+    // Charged once, at its upper bound: the sweep booked the estimate while node 1 could
+    // not reach PostgreSQL, and the finished request adds nothing to it. Redis, whose hold
+    // stayed open, has the real cost: the ledger may show more than Redis, never less
+    // (docs/cluster.md, "PostgreSQL unreachable").
     assert_eq!(
-        ledger, redis,
-        "ledger and Redis disagree; traces {traces:?}"
+        ledger, estimate,
+        "charged once, at the estimate; Redis has {redis}; traces {traces:?}"
+    );
+    assert!(ledger >= redis, "ledger {ledger} < Redis {redis}");
+    assert_eq!(
+        traces.len(),
+        2,
+        "the orphan's trace and the request's own: {traces:?}"
     );
 }
 
