@@ -124,6 +124,11 @@ fn connect(url: &str) -> Result<Client> {
     if config.get_application_name().is_none() {
         config.application_name("spidergate");
     }
+    // The idempotent schema statements (`IF NOT EXISTS`) would each send a NOTICE that the
+    // client logs at INFO, in every CLI command's output.
+    if config.get_options().is_none() {
+        config.options("-c client_min_messages=warning");
+    }
     config.connect(NoTls).map_err(|e| {
         StoreError::Connect(format!(
             "cannot connect to PostgreSQL at {}: {e}",
