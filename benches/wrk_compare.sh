@@ -16,7 +16,15 @@
 # It reports PASS/FAIL; it always exits 0 unless the set-up itself fails.
 # Writes the median gateway rps (plain chat) to target/bench/gateway_rps.txt, which
 # `cargo bench --bench ledger_throughput` compares the ledger writer against.
+#
+#   benches/wrk_compare.sh --cluster [--duration 10] [--rounds 3] [--connections 32] [--no-build] ...
+# runs benches/cluster_compare.sh instead (the Redis limit store against in-process limits, one
+# and three nodes; its own header says how).
 set -euo pipefail
+
+for arg in "$@"; do
+  if [ "$arg" = --cluster ]; then exec "$(dirname "$0")/cluster_compare.sh" "$@"; fi
+done
 
 DURATION=10
 CONNECTIONS=32
@@ -34,7 +42,7 @@ while [ $# -gt 0 ]; do
     --no-stream) WITH_STREAM=0; shift ;;
     --no-build) BUILD=0; shift ;;
     --no-pin) PIN=0; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -53,8 +61,8 @@ CLK_TCK="$(getconf CLK_TCK)"
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need wrk || { [ "$WITH_NGINX" = 1 ] && ! need nginx; }; then
   if [ "$(id -u)" = 0 ] && need apt-get; then
-    pkgs="wrk"; [ "$WITH_NGINX" = 1 ] && pkgs="$pkgs nginx-light"
-    apt-get install -y $pkgs >/dev/null || { apt-get update >/dev/null && apt-get install -y $pkgs >/dev/null; }
+    pkgs=(wrk); [ "$WITH_NGINX" = 1 ] && pkgs+=(nginx-light)
+    apt-get install -y "${pkgs[@]}" >/dev/null || { apt-get update >/dev/null && apt-get install -y "${pkgs[@]}" >/dev/null; }
   fi
 fi
 need wrk || { echo "wrk is required (apt-get install wrk)" >&2; exit 1; }
@@ -66,16 +74,16 @@ NGINX_BIN="$(command -v nginx || true)"
 if [ "$BUILD" = 1 ]; then
   cargo build --release --workspace --bins --examples
 fi
-[ -x "$BIN" ] && [ -x "$BARE" ] && [ -x "$MOCK" ] || { echo "missing $BIN, $BARE or $MOCK (build first)" >&2; exit 1; }
+if [ ! -x "$BIN" ] || [ ! -x "$BARE" ] || [ ! -x "$MOCK" ]; then echo "missing $BIN, $BARE or $MOCK (build first)" >&2; exit 1; fi
 
 TMP="$(mktemp -d -t spidergate-bench.XXXXXX)"
 PIDS=()
 cleanup() {
   # SIGINT is Pingora's fast shutdown (SIGTERM waits out the graceful period); nginx with
   # master_process off also exits on it. Anything still alive after 5 s gets SIGKILL.
-  local p i
+  local p
   for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-  for i in $(seq 1 50); do
+  for _ in $(seq 1 50); do
     alive=0
     for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
     [ "$alive" = 0 ] && break
@@ -95,8 +103,7 @@ free_port() {
   done
 }
 wait_port() {
-  local i
-  for i in $(seq 1 100); do port_busy "$1" && return 0; sleep 0.1; done
+  for _ in $(seq 1 100); do port_busy "$1" && return 0; sleep 0.1; done
   echo "nothing listens on 127.0.0.1:$1 ($2); log:" >&2; tail -20 "$TMP/$2.log" >&2 || true; exit 1
 }
 
@@ -114,7 +121,7 @@ fi
 
 # 1. Mock provider (1 thread).
 "${LOAD_PIN[@]}" "$MOCK" --listen "127.0.0.1:$MOCK_PORT" --threads 1 >"$TMP/mock.log" 2>&1 &
-PIDS+=($!); MOCK_PID=$!
+PIDS+=($!)
 wait_port "$MOCK_PORT" mock
 
 # 2. Bare Pingora pass-through (1 thread).
@@ -224,7 +231,6 @@ cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 
 RESULTS="$TMP/results.tsv"
 : >"$RESULTS"
-NON2XX_TOTAL=0
 
 # run_round VARIANT PROXY ROUND DURATION
 run_round() {
