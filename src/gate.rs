@@ -334,13 +334,7 @@ fn restored_counters(store: &Store, id: &str, now: i64) -> KeyCounters {
         .spend_for_key(id, &month)
         .map(|rows| {
             rows.into_iter()
-                .map(|m| crate::limits::ModelTally {
-                    model: Arc::from(m.model),
-                    requests: m.requests,
-                    prompt_tokens: m.prompt_tokens,
-                    completion_tokens: m.completion_tokens,
-                    spent: m.cost,
-                })
+                .map(crate::limits::ModelTally::from)
                 .collect()
         })
         .unwrap_or_else(|e| {

@@ -4,7 +4,6 @@
 use serde_json::{json, Value};
 
 use crate::catalog::Catalog;
-use std::sync::Arc;
 
 use crate::clock::{day_index, day_label, month_label, month_start_ms, rfc3339};
 use crate::keys::{KeyEntry, KeyRecord, KeyTerms};
@@ -156,13 +155,7 @@ pub fn stored_usage(
     let rows: Vec<ModelTally> = store
         .spend_for_key(&k.id, &month_label(month))?
         .into_iter()
-        .map(|r| ModelTally {
-            model: Arc::from(r.model),
-            requests: r.requests,
-            prompt_tokens: r.prompt_tokens,
-            completion_tokens: r.completion_tokens,
-            spent: r.cost,
-        })
+        .map(ModelTally::from)
         .collect();
     let live = CounterView {
         requests_today: store.requests_on(&k.id, &day_label(day_index(now)))?,

@@ -333,16 +333,7 @@ impl SharedLimits {
                 let today = store
                     .requests_on(&id, &day_label(day))
                     .map_err(|e| e.to_string())?;
-                let tallies = rows
-                    .into_iter()
-                    .map(|r| ModelTally {
-                        model: Arc::from(r.model),
-                        requests: r.requests,
-                        prompt_tokens: r.prompt_tokens,
-                        completion_tokens: r.completion_tokens,
-                        spent: r.cost,
-                    })
-                    .collect();
+                let tallies = rows.into_iter().map(ModelTally::from).collect();
                 Ok((tallies, today))
             })
             .await
