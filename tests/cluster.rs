@@ -6,104 +6,11 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::pg::PgServer;
-use common::redis::RedisServer;
+use common::cluster::*;
 use common::*;
-use serde_json::{json, Value};
-
-const ADMIN: &str = "cluster-admin-token";
-
-struct Cluster {
-    nodes: Vec<Gateway>,
-    mock: MockProvider,
-    redis: RedisServer,
-    pg_url: String,
-    next: AtomicUsize,
-}
-
-impl Cluster {
-    /// Redis, a fresh PostgreSQL database and three nodes; `None` (after a loud message)
-    /// only when Redis or PostgreSQL is not installed.
-    fn start(on_error: &str, reservation_ttl_ms: u64) -> Option<Cluster> {
-        let redis = RedisServer::start()?;
-        let pg = pg_server()?;
-        let pg_url = pg.create_db(&format!("sg_{}", free_port()));
-        let mock = mock();
-        let shared = format!(
-            "shared_state:\n  postgres_url_env: SG_TEST_PG\n  redis_url_env: SG_TEST_REDIS\n  on_error: {on_error}\n  reservation_ttl_ms: {reservation_ttl_ms}"
-        );
-        let nodes = (0..3)
-            .map(|_| {
-                GatewayBuilder::new(&mock)
-                    .admin(ADMIN)
-                    .top(&shared)
-                    .env("SG_TEST_PG", &pg_url)
-                    .env("SG_TEST_REDIS", &redis.url())
-                    .start()
-            })
-            .collect();
-        Some(Cluster {
-            nodes,
-            mock,
-            redis,
-            pg_url,
-            next: AtomicUsize::new(0),
-        })
-    }
-
-    /// The next node, round-robin (as the balancer in front of them does).
-    fn any(&self) -> &Gateway {
-        &self.nodes[self.next.fetch_add(1, Ordering::Relaxed) % self.nodes.len()]
-    }
-
-    fn create_key(&self, args: &[&str]) -> Key {
-        let key = self.nodes[0].create_key(args);
-        for n in &self.nodes[1..] {
-            n.wait_key_live(&key);
-        }
-        key
-    }
-
-    fn pg(&self) -> postgres::Client {
-        postgres::Client::connect(&self.pg_url, postgres::NoTls).expect("connect to PostgreSQL")
-    }
-
-    /// Spend booked in the PostgreSQL ledger for a key (all months), in nano-USD.
-    fn ledger_spend(&self, key: &Key) -> i64 {
-        let row = self
-            .pg()
-            .query_one(
-                "SELECT COALESCE(SUM(cost_nanos), 0)::BIGINT FROM spend WHERE key_id = $1",
-                &[&key.id],
-            )
-            .expect("spend");
-        row.get(0)
-    }
-
-    fn usage_on(&self, node: usize, key: &Key) -> Value {
-        self.nodes[node].usage(key)
-    }
-}
-
-fn pg_server() -> Option<&'static PgServer> {
-    // One server for the whole test binary; each test gets its own database.
-    static PG: std::sync::OnceLock<Option<PgServer>> = std::sync::OnceLock::new();
-    PG.get_or_init(PgServer::start).as_ref()
-}
-
-fn chat_body(max_tokens: u32) -> Vec<u8> {
-    json!({"model": "gpt-4o-mini", "max_tokens": max_tokens,
-           "messages": [{"role": "user", "content": "hello"}]})
-    .to_string()
-    .into_bytes()
-}
-
-fn nanos(v: &Value) -> i64 {
-    v["spend_nanodollars"].as_i64().expect("spend_nanodollars")
-}
+use serde_json::json;
 
 #[test]
 fn rpm_admits_exactly_ten_across_three_nodes() {

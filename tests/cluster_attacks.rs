@@ -8,226 +8,11 @@
 mod common;
 
 use std::io::{BufRead, Read};
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-use common::pg::PgServer;
-use common::redis::RedisServer;
+use common::cluster::*;
 use common::*;
 use serde_json::{json, Value};
-
-const ADMIN: &str = "cluster-attacks-admin";
-
-/// gpt-4o-mini: 0.15 USD / Mtok in, 0.60 USD / Mtok out, in nano-USD per token.
-const IN: i64 = 150;
-const OUT: i64 = 600;
-
-struct Cluster {
-    nodes: Vec<Gateway>,
-    mock: MockProvider,
-    redis: RedisServer,
-    pg: PgServer,
-    pg_url: String,
-}
-
-impl Cluster {
-    fn start(on_error: &str, reservation_ttl_ms: u64) -> Option<Cluster> {
-        Self::start_with(on_error, reservation_ttl_ms, &[])
-    }
-
-    /// Like [`Cluster::start`], with extra environment for node `i` (`(i, name, value)`).
-    fn start_with(
-        on_error: &str,
-        reservation_ttl_ms: u64,
-        env: &[(usize, &str, &str)],
-    ) -> Option<Cluster> {
-        let redis = RedisServer::start()?;
-        let pg = PgServer::start()?;
-        let pg_url = pg.create_db(&format!("sga_{}", free_port()));
-        let mock = mock();
-        let shared = format!(
-            "shared_state:\n  postgres_url_env: SG_TEST_PG\n  redis_url_env: SG_TEST_REDIS\n  on_error: {on_error}\n  reservation_ttl_ms: {reservation_ttl_ms}"
-        );
-        let nodes = (0..3)
-            .map(|i| {
-                let mut b = GatewayBuilder::new(&mock)
-                    .admin(ADMIN)
-                    .top(&shared)
-                    .env("SG_TEST_PG", &pg_url)
-                    .env("SG_TEST_REDIS", &redis.url());
-                for (_, k, v) in env.iter().filter(|(n, _, _)| *n == i) {
-                    b = b.env(k, v);
-                }
-                b.start()
-            })
-            .collect();
-        Some(Cluster {
-            nodes,
-            mock,
-            redis,
-            pg,
-            pg_url,
-        })
-    }
-
-    fn create_key(&self, args: &[&str]) -> Key {
-        let key = self.nodes[0].create_key(args);
-        for n in &self.nodes[1..] {
-            n.wait_key_live(&key);
-        }
-        key
-    }
-
-    fn pg(&self) -> postgres::Client {
-        postgres::Client::connect(&self.pg_url, postgres::NoTls).expect("connect to PostgreSQL")
-    }
-
-    /// Spend booked in the PostgreSQL ledger for a key (all months), in nano-USD.
-    fn ledger_spend(&self, key: &Key) -> i64 {
-        self.pg()
-            .query_one(
-                "SELECT COALESCE(SUM(cost_nanos), 0)::BIGINT FROM spend WHERE key_id = $1",
-                &[&key.id],
-            )
-            .expect("spend")
-            .get(0)
-    }
-
-    /// Traces of a key's model requests in PostgreSQL: (error_code, cost_nanos).
-    fn ledger_traces(&self, key: &Key) -> Vec<(Option<String>, i64)> {
-        self.pg()
-            .query(
-                "SELECT error_code, cost_nanos FROM traces
-                 WHERE key_id = $1 AND endpoint NOT IN ('usage', 'models', 'model', 'aliases')
-                 ORDER BY id",
-                &[&key.id],
-            )
-            .expect("traces")
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect()
-    }
-
-    fn usage_on(&self, node: usize, key: &Key) -> Value {
-        self.nodes[node].usage(key)
-    }
-
-    /// One Redis command through `redis-cli`; its output.
-    fn redis_cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.redis.port().to_string()])
-            .args(args)
-            .output()
-            .expect("run redis-cli");
-        assert!(out.status.success(), "redis-cli {args:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Redis loses its data, as a restart without persistence does (state and scripts).
-    fn redis_data_loss(&self) {
-        self.redis_cli(&["FLUSHALL"]);
-        self.redis_cli(&["SCRIPT", "FLUSH"]);
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Stopping and starting the test's own PostgreSQL on the same port and data directory.
-
-fn pg_bindir() -> PathBuf {
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
-        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        if out.status.success() && dir.join("pg_ctl").exists() {
-            return dir;
-        }
-    }
-    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("/usr/lib/postgresql")
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let v = e.file_name().to_string_lossy().parse().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("pg_ctl").exists().then_some((v, bin))
-        })
-        .collect();
-    dirs.sort();
-    dirs.pop().expect("PostgreSQL binaries").1
-}
-
-fn pg_ctl(pg: &PgServer, args: &[&str]) {
-    let tool = pg_bindir().join("pg_ctl");
-    let mut cmd = if unsafe { libc::geteuid() } == 0 {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(tool);
-        c
-    } else {
-        Command::new(tool)
-    };
-    let data = pg.dir().join("data");
-    let out = cmd
-        .arg("-D")
-        .arg(&data)
-        .args(args)
-        .current_dir(pg.dir())
-        .output()
-        .expect("run pg_ctl");
-    assert!(
-        out.status.success(),
-        "pg_ctl {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn pg_port(pg: &PgServer) -> u16 {
-    pg.url()
-        .rsplit(':')
-        .next()
-        .and_then(|s| s.split('/').next())
-        .and_then(|p| p.parse().ok())
-        .expect("port in the URL")
-}
-
-fn pg_stop(pg: &PgServer) {
-    pg_ctl(pg, &["-m", "fast", "-w", "stop"]);
-}
-
-fn pg_start(pg: &PgServer) {
-    let options = format!(
-        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off \
-         -c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={} \
-         -c max_connections=100",
-        pg_port(pg),
-        pg.dir().display()
-    );
-    let log = pg.dir().join("server.log");
-    pg_ctl(
-        pg,
-        &[
-            "-l",
-            log.to_str().expect("utf-8"),
-            "-w",
-            "-t",
-            "60",
-            "-o",
-            &options,
-            "start",
-        ],
-    );
-}
-
-// ---------------------------------------------------------------------------------------
-
-fn chat_body(max_tokens: u32) -> Vec<u8> {
-    json!({"model": "gpt-4o-mini", "max_tokens": max_tokens,
-           "messages": [{"role": "user", "content": "hello"}]})
-    .to_string()
-    .into_bytes()
-}
-
-fn nanos(v: &Value) -> i64 {
-    v["spend_nanodollars"].as_i64().expect("spend_nanodollars")
-}
 
 /// Sends a chat request on a fresh connection, without reading the answer.
 fn send_chat(
@@ -522,7 +307,7 @@ fn a_failed_seed_does_not_take_other_keys_off_the_shared_limits() {
     let keys = c.redis_cli(&["KEYS", &format!("{{sg}}:k:{}:mon:*", fresh.id)]);
     let month_key = keys.lines().next().expect("fresh's month hash").to_string();
     c.redis_cli(&["DEL", &month_key]);
-    pg_stop(&c.pg);
+    c.pg.stop();
     for round in 0..3 {
         let _ = c.nodes[0].chat(&fresh, "gpt-4o-mini");
         let r = c.nodes[0].chat(&limited, "gpt-4o-mini");
@@ -535,7 +320,7 @@ fn a_failed_seed_does_not_take_other_keys_off_the_shared_limits() {
         assert_eq!(r.code(), "rate_limit_exceeded");
         assert_eq!(health(&c.nodes[0]).1["redis"], "ok", "round {round}");
     }
-    pg_start(&c.pg);
+    c.pg.start_again();
 }
 
 /// Redis restarted empty while every node is idle, then a burst: the re-seed happens once
@@ -603,11 +388,11 @@ fn postgres_down_shows_in_health_without_traffic() {
     let Some(c) = Cluster::start("closed", 30_000) else {
         return;
     };
-    pg_stop(&c.pg);
+    c.pg.stop();
     // Each node's ledger heartbeats PostgreSQL every second.
     std::thread::sleep(Duration::from_millis(2_500));
     let (status, h) = health(&c.nodes[0]);
-    pg_start(&c.pg);
+    c.pg.start_again();
     assert_eq!(
         h["postgres"], "failing",
         "PostgreSQL has been down 2.5 s (status {status}): {h}"
@@ -632,7 +417,7 @@ fn postgres_outage_pauses_hard_budgets_and_recovers_without_a_restart() {
         (c.ledger_spend(&hard) == 3 * cost).then_some(())
     });
 
-    pg_stop(&c.pg);
+    c.pg.stop();
     for n in 0..3 {
         let r = c.nodes[n].chat(&soft, "gpt-4o-mini");
         assert_eq!(r.status, 200, "node {n}: {}", r.text());
@@ -657,7 +442,7 @@ fn postgres_outage_pauses_hard_budgets_and_recovers_without_a_restart() {
     let u = c.usage_on(0, &hard);
     assert_eq!(nanos(&u), (3 + served) * cost, "{u}");
 
-    pg_start(&c.pg);
+    c.pg.start_again();
     for n in 0..3 {
         wait_for(Duration::from_secs(10), "node healthy again", || {
             let (s, h) = health(&c.nodes[n]);

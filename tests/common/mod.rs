@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 pub use spidergate_mock::MockProvider;
 
+pub mod cluster;
 pub mod pg;
 pub mod redis;
 

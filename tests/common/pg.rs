@@ -82,33 +82,10 @@ impl PgServer {
         // A free port can be taken between the probe and the bind: retry a few times.
         for attempt in 0.. {
             server.port = free_port();
-            let options = format!(
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off \
-                 -c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={} \
-                 -c max_connections=100",
-                server.port,
-                server.dir.path().display()
-            );
-            let log = server.dir.path().join("server.log");
-            let started = server.try_run(
-                "pg_ctl",
-                &[
-                    "-D",
-                    data.to_str().expect("utf-8 path"),
-                    "-l",
-                    log.to_str().expect("utf-8 path"),
-                    "-w",
-                    "-t",
-                    "60",
-                    "-o",
-                    &options,
-                    "start",
-                ],
-            );
-            if started {
+            if server.pg_ctl_start() {
                 break;
             }
-            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            let log = std::fs::read_to_string(server.log()).unwrap_or_default();
             assert!(attempt < 3, "PostgreSQL did not start:\n{log}");
         }
         server.wait_ready();
@@ -117,6 +94,65 @@ impl PgServer {
 
     fn data(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    /// `pg_ctl start` on `self.port` and the data directory, waiting until it accepts.
+    fn pg_ctl_start(&self) -> bool {
+        let options = format!(
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off \
+             -c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={} \
+             -c max_connections=100",
+            self.port,
+            self.dir.path().display()
+        );
+        self.try_run(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data().to_str().expect("utf-8 path"),
+                "-l",
+                self.log().to_str().expect("utf-8 path"),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                &options,
+                "start",
+            ],
+        )
+    }
+
+    /// Stops the server (fast shutdown) and waits until it is down; `start_again` brings it
+    /// back on the same port and data directory.
+    pub fn stop(&self) {
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data().to_str().expect("utf-8 path"),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+
+    /// Starts a server stopped by `stop` again: same port, data directory and options.
+    pub fn start_again(&self) {
+        let started = self.pg_ctl_start();
+        let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+        assert!(started, "PostgreSQL did not start again:\n{log}");
+        self.wait_ready();
+    }
+
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     fn command(&self, tool: &str) -> Command {
