@@ -379,6 +379,19 @@ fn usage_is_the_same_on_every_node() {
         assert_eq!(nanos(&u), expected, "node {n}: {u}");
         assert_eq!(u["by_model"]["gpt-4o-mini"]["requests"], 6, "node {n}: {u}");
         assert_eq!(u["requests_today"], 6, "node {n}: {u}");
+        // The admin API (and the dashboard on it) reads the same shared figures.
+        let admin = c.nodes[n].admin_call("GET", &format!("/admin/keys/{}/usage", key.id), None);
+        assert_eq!(admin.status, 200, "node {n}: {}", admin.text());
+        assert_eq!(nanos(&admin.json()), expected, "node {n}: {}", admin.text());
+        let list = c.nodes[n]
+            .admin_call("GET", "/admin/keys?usage=true", None)
+            .json();
+        let listed = list["data"]
+            .as_array()
+            .and_then(|d| d.iter().find(|k| k["id"] == key.id.as_str()))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(nanos(&listed["usage"]), expected, "node {n}: {list}");
     }
     wait_for(Duration::from_secs(5), "ledger commit", || {
         (c.ledger_spend(&key) == expected).then_some(())
