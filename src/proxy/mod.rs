@@ -170,14 +170,9 @@ impl GateProxy {
             body["ledger_backlog"] = ledger.backlog().into();
         }
         // Each shared dependency of a cluster node, by name.
-        if self.gate.node.is_some() {
-            let on_pg = matches!(
-                ctx.snap.routes.config.store_location(),
-                crate::store::StoreLocation::Postgres(_)
-            );
-            if on_pg {
-                body["postgres"] = if ledger.failing() { "failing" } else { "ok" }.into();
-            }
+        let shared_state = ctx.snap.routes.config.shared_state.as_ref();
+        if shared_state.is_some_and(|s| s.postgres_url.is_some()) {
+            body["postgres"] = if ledger.failing() { "failing" } else { "ok" }.into();
         }
         if let Some(up) = redis_up {
             body["redis"] = if up { "ok" } else { "unreachable" }.into();

@@ -7,7 +7,6 @@
 
 pub mod redis;
 
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,35 +38,25 @@ impl Limiter {
 }
 
 impl LimitStore for Limiter {
-    fn admit(
+    // Borrows `self` and `key` (the future lives no longer than the request's hook): no
+    // reference count is touched per request.
+    async fn admit(
         &self,
         key: &Arc<KeyEntry>,
         now: Now,
         bound: Nanos,
         res_id: u64,
-    ) -> impl Future<Output = Result<(Standing, Reservation), GateError>> + Send {
-        let shared = self.shared().cloned();
-        let key = key.clone();
-        async move {
-            match shared {
-                None => InProcess::admit_now(&key, now, bound),
-                Some(s) => s.admit(&key, now, bound, res_id).await,
-            }
+    ) -> Result<(Standing, Reservation), GateError> {
+        match self {
+            Limiter::InProcess(_) => InProcess::admit_now(key, now, bound),
+            Limiter::Shared(s) => s.admit(key, now, bound, res_id).await,
         }
     }
 
-    fn admit_usage_call(
-        &self,
-        key: &Arc<KeyEntry>,
-        now: Now,
-    ) -> impl Future<Output = Result<Standing, GateError>> + Send {
-        let shared = self.shared().cloned();
-        let key = key.clone();
-        async move {
-            match shared {
-                None => key.counters.admit_usage_call(now, &key.limits),
-                Some(s) => s.admit_usage_call(&key, now).await,
-            }
+    async fn admit_usage_call(&self, key: &Arc<KeyEntry>, now: Now) -> Result<Standing, GateError> {
+        match self {
+            Limiter::InProcess(_) => key.counters.admit_usage_call(now, &key.limits),
+            Limiter::Shared(s) => s.admit_usage_call(key, now).await,
         }
     }
 
@@ -92,14 +81,10 @@ impl LimitStore for Limiter {
         }
     }
 
-    fn view(&self, key: &Arc<KeyEntry>, now: Now) -> impl Future<Output = CounterView> + Send {
-        let shared = self.shared().cloned();
-        let key = key.clone();
-        async move {
-            match shared {
-                None => key.counters.view(now, &key.limits),
-                Some(s) => s.view(&key, now).await,
-            }
+    async fn view(&self, key: &Arc<KeyEntry>, now: Now) -> CounterView {
+        match self {
+            Limiter::InProcess(_) => key.counters.view(now, &key.limits),
+            Limiter::Shared(s) => s.view(key, now).await,
         }
     }
 }
