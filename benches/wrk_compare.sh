@@ -4,10 +4,13 @@
 # in one run with alternating rounds so machine noise hits every proxy alike.
 #
 #   benches/wrk_compare.sh [--duration 10] [--connections 32] [--rounds 3]
-#                          [--no-nginx] [--no-stream] [--no-build] [--no-pin]
+#                          [--no-nginx] [--no-stream] [--no-tls] [--no-build] [--no-pin]
 #
 # Variants: plain chat, streamed chat, and (unless --no-stream) a streamed /v1/messages
-# pass-through to an anthropic-kind provider (the mock speaks both formats).
+# pass-through to an anthropic-kind provider (the mock speaks both formats); and (unless
+# --no-tls) `https`: plain chat to a TLS upstream (a second mock serving HTTPS with a
+# certificate from a CA made for the run), the gateway's provider with `tls_ca_file`
+# against a second bare proxy verifying the same CA.
 #
 # Measured the way ops run it: each proxy process (all its threads) pinned to CPU 1, wrk and
 # the mock on CPU 0 (--no-pin to let the scheduler place them), and the gateway's key has an
@@ -31,6 +34,7 @@ CONNECTIONS=32
 ROUNDS=3
 WITH_NGINX=1
 WITH_STREAM=1
+WITH_TLS=1
 BUILD=1
 PIN=1
 while [ $# -gt 0 ]; do
@@ -40,9 +44,10 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS="$2"; shift 2 ;;
     --no-nginx) WITH_NGINX=0; shift ;;
     --no-stream) WITH_STREAM=0; shift ;;
+    --no-tls) WITH_TLS=0; shift ;;
     --no-build) BUILD=0; shift ;;
     --no-pin) PIN=0; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -108,6 +113,7 @@ wait_port() {
 }
 
 MOCK_PORT=$(free_port); BARE_PORT=$(free_port); GW_PORT=$(free_port); NGINX_PORT=$(free_port)
+MOCK_TLS_PORT=$(free_port); BARE_TLS_PORT=$(free_port)
 
 # CPU placement: proxies on the last CPU, load generator and mock on the first.
 PROXY_CPU=$(( $(nproc) - 1 ))
@@ -128,6 +134,43 @@ wait_port "$MOCK_PORT" mock
 "${PROXY_PIN[@]}" "$BARE" --listen "127.0.0.1:$BARE_PORT" --upstream "127.0.0.1:$MOCK_PORT" --threads 1 \
   >"$TMP/bare.log" 2>&1 &
 PIDS+=($!); BARE_PID=$!
+
+# 2b. The https row: a CA and a certificate for 127.0.0.1 made for this run, the mock serving
+# HTTPS with it, and a second bare proxy that verifies it.
+TLS_PROVIDER=""; TLS_MODEL=""
+if [ "$WITH_TLS" = 1 ]; then
+  command -v openssl >/dev/null || { echo "openssl is required for the https row (or --no-tls)" >&2; exit 1; }
+  mkdir -p "$TMP/tls"
+  (
+    cd "$TMP/tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=spidergate-bench-ca \
+      -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+      -keyout ca.key -out ca.pem 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0.1 \
+      -keyout leaf.key -out leaf.csr 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' >leaf.ext
+    openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile leaf.ext \
+      -out leaf.pem 2>/dev/null
+  )
+  "${LOAD_PIN[@]}" "$MOCK" --listen "127.0.0.1:$MOCK_TLS_PORT" --threads 1 \
+    --tls-cert "$TMP/tls/leaf.pem" --tls-key "$TMP/tls/leaf.key" >"$TMP/mock-tls.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$MOCK_TLS_PORT" mock-tls
+  "${PROXY_PIN[@]}" "$BARE" --listen "127.0.0.1:$BARE_TLS_PORT" --upstream "127.0.0.1:$MOCK_TLS_PORT" --threads 1 \
+    --tls-sni 127.0.0.1 --ca-file "$TMP/tls/ca.pem" >"$TMP/bare-tls.log" 2>&1 &
+  PIDS+=($!); BARE_TLS_PID=$!
+  TLS_PROVIDER="  - name: mock-tls
+    kind: openai
+    base_url: \"https://127.0.0.1:$MOCK_TLS_PORT/v1\"
+    api_key_env: SPIDERGATE_BENCH_MOCK_KEY
+    tls_ca_file: \"$TMP/tls/ca.pem\""
+  TLS_MODEL="  - id: gpt-4o-mini-tls
+    provider: mock-tls
+    upstream_id: gpt-4o-mini
+    input_usd_per_mtok: 0.15
+    output_usd_per_mtok: 0.60
+    max_output_tokens: 16384"
+fi
 
 # 3. The gateway (1 thread) on a temp config and database, with one key.
 # The anthropic provider and model only for the /v1/messages row (with --no-stream the config
@@ -154,6 +197,7 @@ providers:
     base_url: "http://127.0.0.1:$MOCK_PORT/v1"
     api_key_env: SPIDERGATE_BENCH_MOCK_KEY
 $ANTHROPIC_PROVIDER
+$TLS_PROVIDER
 models:
   - id: gpt-4o-mini
     provider: mock
@@ -161,6 +205,7 @@ models:
     output_usd_per_mtok: 0.60
     max_output_tokens: 16384
 $ANTHROPIC_MODEL
+$TLS_MODEL
 server:
   threads: 1
 YAML
@@ -208,6 +253,7 @@ NGX
 fi
 
 wait_port "$BARE_PORT" bare
+[ "$WITH_TLS" = 1 ] && wait_port "$BARE_TLS_PORT" bare-tls
 wait_port "$GW_PORT" gateway
 [ "$WITH_NGINX" = 1 ] && wait_port "$NGINX_PORT" nginx
 
@@ -217,14 +263,20 @@ port_of() { case "$1" in bare) echo "$BARE_PORT";; gateway) echo "$GW_PORT";; ng
 pid_of() { case "$1" in bare) echo "$BARE_PID";; gateway) echo "$GW_PID";; nginx) echo "$NGINX_PID";; esac; }
 
 # Smoke test: every proxy must answer 200 with a completion before we time anything.
-BODY='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
-for p in "${PROXIES[@]}"; do
-  code=$(curl -s -o "$TMP/smoke.$p" -w '%{http_code}' -X POST "http://127.0.0.1:$(port_of "$p")/v1/chat/completions" \
-    -H "Authorization: Bearer $SECRET" -H 'Content-Type: application/json' -d "$BODY" || true)
+smoke() {
+  local name="$1" port="$2" model="$3" code
+  code=$(curl -s -o "$TMP/smoke.$name" -w '%{http_code}' -X POST "http://127.0.0.1:$port/v1/chat/completions" \
+    -H "Authorization: Bearer $SECRET" -H 'Content-Type: application/json' \
+    -d "{\"model\":\"$model\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}" || true)
   if [ "$code" != 200 ]; then
-    echo "smoke test: $p answered $code: $(head -c 300 "$TMP/smoke.$p")" >&2; exit 1
+    echo "smoke test: $name answered $code: $(head -c 300 "$TMP/smoke.$name")" >&2; exit 1
   fi
-done
+}
+for p in "${PROXIES[@]}"; do smoke "$p" "$(port_of "$p")" gpt-4o-mini; done
+if [ "$WITH_TLS" = 1 ]; then
+  smoke bare-tls "$BARE_TLS_PORT" gpt-4o-mini-tls
+  smoke gateway-tls "$GW_PORT" gpt-4o-mini-tls
+fi
 
 # utime + stime of the whole process (all threads), in clock ticks.
 cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
@@ -234,12 +286,16 @@ RESULTS="$TMP/results.tsv"
 
 # run_round VARIANT PROXY ROUND DURATION
 run_round() {
-  local variant="$1" p="$2" round="$3" dur="$4" stream=0 api=chat pid port before after out line
+  local variant="$1" p="$2" round="$3" dur="$4" stream=0 api=chat model=gpt-4o-mini pid port before after out line
   [ "$variant" = stream ] && stream=1
   [ "$variant" = messages ] && api=messages
   pid=$(pid_of "$p"); port=$(port_of "$p")
+  if [ "$variant" = https ]; then
+    model=gpt-4o-mini-tls
+    [ "$p" = bare ] && { pid=$BARE_TLS_PID; port=$BARE_TLS_PORT; }
+  fi
   before=$(cpu_ticks "$pid")
-  out=$(SG_SECRET="$SECRET" SG_STREAM="$stream" SG_API="$api" "${LOAD_PIN[@]}" wrk -t1 -c"$CONNECTIONS" -d"${dur}s" -s "$LUA" \
+  out=$(SG_SECRET="$SECRET" SG_STREAM="$stream" SG_API="$api" SG_MODEL="$model" "${LOAD_PIN[@]}" wrk -t1 -c"$CONNECTIONS" -d"${dur}s" -s "$LUA" \
         "http://127.0.0.1:$port" 2>&1)
   after=$(cpu_ticks "$pid")
   [ "$round" = warmup ] && return 0
@@ -262,16 +318,20 @@ run_round() {
 
 VARIANTS=(plain)
 [ "$WITH_STREAM" = 1 ] && VARIANTS+=(stream messages)
+[ "$WITH_TLS" = 1 ] && VARIANTS+=(https)
+# The proxies a variant compares: the https row has no nginx column.
+proxies_for() { if [ "$1" = https ]; then echo bare gateway; else echo "${PROXIES[@]}"; fi; }
 
 echo "mock :$MOCK_PORT  bare :$BARE_PORT  gateway :$GW_PORT$([ "$WITH_NGINX" = 1 ] && echo "  nginx :$NGINX_PORT")"
 echo "wrk -t1 -c$CONNECTIONS -d${DURATION}s, $ROUNDS alternating rounds per variant, $(nproc) cores, CLK_TCK $CLK_TCK"
 for variant in "${VARIANTS[@]}"; do
-  for p in "${PROXIES[@]}"; do run_round "$variant" "$p" warmup 2; done
+  read -r -a VPROXIES <<<"$(proxies_for "$variant")"
+  for p in "${VPROXIES[@]}"; do run_round "$variant" "$p" warmup 2; done
   for r in $(seq 1 "$ROUNDS"); do
     # Rotate the order each round so no proxy always runs first/last.
-    n=${#PROXIES[@]}
+    n=${#VPROXIES[@]}
     for k in $(seq 0 $((n - 1))); do
-      p=${PROXIES[$(( (k + r - 1) % n ))]}
+      p=${VPROXIES[$(( (k + r - 1) % n ))]}
       run_round "$variant" "$p" "$r" "$DURATION"
       printf '  %s %-6s round %s %-8s done\n' "$(date +%T)" "$variant" "$r" "$p" >&2
     done
@@ -288,10 +348,12 @@ for variant in "${VARIANTS[@]}"; do
   case "$variant" in
     stream) echo "== stream chat (\"stream\":true) ==" ;;
     messages) echo "== messages stream (/v1/messages pass-through to an anthropic provider, \"stream\":true) ==" ;;
+    https) echo "== https chat (plain chat; both proxies reach the upstream over verified TLS, pooled) ==" ;;
     *) echo "== $variant chat ==" ;;
   esac
   printf '%-8s %-7s %10s %12s %9s %9s %7s\n' proxy round rps "cpu_us/req" p50_ms p99_ms non2xx
-  for p in "${PROXIES[@]}"; do
+  read -r -a VPROXIES <<<"$(proxies_for "$variant")"
+  for p in "${VPROXIES[@]}"; do
     awk -F'\t' -v v="$variant" -v p="$p" '$1 == v && $2 == p {
         printf "%-8s %-7s %10d %12.2f %9.2f %9.2f %7d\n", $2, $3, $4, $5, $6 / 1000, $7 / 1000, $8 }' "$RESULTS"
     printf '%-8s %-7s %10.0f %12.2f\n' "$p" median "$(col "$variant" "$p" 4 | median)" "$(col "$variant" "$p" 5 | median)"
@@ -312,7 +374,7 @@ for variant in "${VARIANTS[@]}"; do
     r = g / b
     printf "%s: gateway/bare p99        = %.3f  (bar <= 1.50) %s   [%.2f ms vs %.2f ms]\n", v, r, (r <= 1.50 ? "PASS" : "FAIL"), g / 1000, b / 1000
   }'
-  if [ "$WITH_NGINX" = 1 ]; then
+  if [ "$WITH_NGINX" = 1 ] && [ "$variant" != https ]; then
     ng_rps=$(col "$variant" nginx 4 | median); ng_cpu=$(col "$variant" nginx 5 | median)
     awk -v v="$variant" -v nr="$ng_rps" -v br="$bare_rps" -v gr="$gw_rps" -v nc="$ng_cpu" -v bc="$bare_cpu" -v gc="$gw_cpu" 'BEGIN {
       printf "%s: (context) nginx/bare rps = %.3f, cpu/req = %.3f; gateway/nginx rps = %.3f, cpu/req = %.3f\n", v, nr / br, nc / bc, gr / nr, gc / nc }'

@@ -1,9 +1,11 @@
 //! Baseline for the benchmarks: a bare Pingora pass-through proxy on the same Pingora crates
-//! as the gateway. Its only hook is `upstream_peer`, which returns one fixed plain-HTTP peer.
+//! as the gateway. Its only hook is `upstream_peer`, which returns one fixed peer: plain
+//! HTTP, or TLS verified against a CA file exactly as the gateway verifies a provider with
+//! `tls_ca_file` (`--tls-sni`, `--ca-file`).
 //!
 //! ```sh
 //! cargo run --release --example bare_proxy -- --listen 127.0.0.1:7001 \
-//!     --upstream 127.0.0.1:9000 --threads 1
+//!     --upstream 127.0.0.1:9000 --threads 1 [--tls-sni localhost --ca-file ca.pem]
 //! ```
 
 use async_trait::async_trait;
@@ -13,6 +15,7 @@ use pingora_core::server::Server;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::Result;
 use pingora_proxy::{ProxyHttp, Session};
+use spidergate::egress::CaBundle;
 
 /// Same allocator as the gateway, so the benchmark compares proxy work, not allocators.
 #[global_allocator]
@@ -30,10 +33,17 @@ struct Args {
     /// Pingora worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Reach the upstream over TLS, checking its certificate for this name.
+    #[arg(long, requires = "ca_file")]
+    tls_sni: Option<String>,
+    /// The CA (PEM) the upstream's certificate must chain to.
+    #[arg(long, requires = "tls_sni")]
+    ca_file: Option<std::path::PathBuf>,
 }
 
 struct Bare {
     upstream: String,
+    tls: Option<(String, CaBundle)>,
 }
 
 #[async_trait]
@@ -47,11 +57,16 @@ impl ProxyHttp for Bare {
         _session: &mut Session,
         _ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
-        Ok(Box::new(HttpPeer::new(
-            self.upstream.as_str(),
-            false,
-            String::new(),
-        )))
+        let Some((sni, ca)) = &self.tls else {
+            return Ok(Box::new(HttpPeer::new(
+                self.upstream.as_str(),
+                false,
+                String::new(),
+            )));
+        };
+        let mut peer = HttpPeer::new(self.upstream.as_str(), true, sni.clone());
+        peer.options.ca = Some(ca.certs.clone());
+        Ok(Box::new(peer))
     }
 }
 
@@ -59,6 +74,16 @@ fn main() {
     // Same crypto provider set-up as the gateway (the fork's rustls has none by default).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
+    let tls = match (args.tls_sni, args.ca_file) {
+        (Some(sni), Some(ca)) => match CaBundle::load(&ca) {
+            Ok(bundle) => Some((sni, bundle)),
+            Err(e) => {
+                eprintln!("bare_proxy: --ca-file: {e}");
+                std::process::exit(2);
+            }
+        },
+        _ => None,
+    };
     let conf = ServerConf {
         threads: args.threads,
         // Same shutdown settings as the gateway (Pingora's default SIGTERM grace is minutes).
@@ -72,6 +97,7 @@ fn main() {
         &server.configuration,
         Bare {
             upstream: args.upstream,
+            tls,
         },
         "bare_proxy",
     );

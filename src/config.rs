@@ -2,7 +2,7 @@
 //! with errors that name the field path, e.g. `models[3].provider: no provider named "opnai"`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -82,6 +82,9 @@ struct RawProvider {
     api_key_envs: Option<Vec<String>>,
     /// Anthropic only: the `anthropic-version` sent when the client sends none.
     anthropic_version: Option<String>,
+    /// `https://` only: verify the provider's certificate against these CAs (PEM) instead of
+    /// the system trust store.
+    tls_ca_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,6 +138,8 @@ struct RawServer {
     max_header_bytes: usize,
     /// A request body must arrive whole within this (408 after).
     body_timeout_ms: u64,
+    /// Provider host names are resolved again this often (and on a config reload).
+    dns_refresh_ms: u64,
 }
 
 impl Default for RawServer {
@@ -159,6 +164,7 @@ impl Default for RawServer {
             max_connections: 10_000,
             max_header_bytes: 65_536,
             body_timeout_ms: 60_000,
+            dns_refresh_ms: 30_000,
         }
     }
 }
@@ -208,6 +214,8 @@ pub struct Provider {
     pub key_envs: Vec<String>,
     /// Anthropic: `anthropic-version` when the client sends none.
     pub anthropic_version: String,
+    /// The CAs (PEM) this provider's certificate must chain to, instead of the system's.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -352,6 +360,7 @@ pub struct Tuning {
     pub max_connections: usize,
     pub max_header_bytes: usize,
     pub body_timeout: Duration,
+    pub dns_refresh: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -584,6 +593,9 @@ impl Config {
         if s.max_header_bytes < 1_024 {
             return err("server.max_header_bytes", "must be at least 1024");
         }
+        if !(100..=60_000).contains(&s.dns_refresh_ms) {
+            return err("server.dns_refresh_ms", "must be between 100 and 60000");
+        }
         if s.ledger_max_backlog < 1_000 {
             return err("server.ledger_max_backlog", "must be at least 1000");
         }
@@ -632,6 +644,7 @@ impl Config {
                 max_connections: s.max_connections,
                 max_header_bytes: s.max_header_bytes,
                 body_timeout: Duration::from_millis(s.body_timeout_ms),
+                dns_refresh: Duration::from_millis(s.dns_refresh_ms),
             },
         })
     }
@@ -738,6 +751,13 @@ fn parse_provider(at: &str, p: RawProvider) -> Result<Provider, ConfigError> {
             );
         }
     }
+    let tls_ca_file = match p.tls_ca_file {
+        Some(f) if f.is_empty() => return err(format!("{at}.tls_ca_file"), "must name a file"),
+        Some(_) if !tls => {
+            return err(format!("{at}.tls_ca_file"), "only for an https:// base_url")
+        }
+        f => f.map(PathBuf::from),
+    };
     if p.anthropic_version.is_some() && kind != ProviderKind::Anthropic {
         return err(
             format!("{at}.anthropic_version"),
@@ -758,17 +778,8 @@ fn parse_provider(at: &str, p: RawProvider) -> Result<Provider, ConfigError> {
         anthropic_version: p
             .anthropic_version
             .unwrap_or_else(|| DEFAULT_ANTHROPIC_VERSION.to_string()),
+        tls_ca_file,
     })
-}
-
-impl Provider {
-    /// Resolves the provider's address (at start-up; re-resolution needs a restart).
-    pub fn resolve(&self) -> std::io::Result<SocketAddr> {
-        (self.host.as_str(), self.port)
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| std::io::Error::other(format!("{} resolves to no address", self.host)))
-    }
 }
 
 #[cfg(test)]

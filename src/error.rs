@@ -151,6 +151,15 @@ impl GateError {
             ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError => {
                 GateError::UpstreamError("connection failed".into())
             }
+            ErrorType::TLSHandshakeFailure
+            | ErrorType::InvalidCert
+            | ErrorType::HandshakeError
+            | ErrorType::TLSWantX509Lookup => GateError::UpstreamError(
+                "TLS handshake with the provider failed (certificate not trusted, or not for its host name); the gateway log has the reason".into(),
+            ),
+            ErrorType::ConnectProxyFailure => {
+                GateError::UpstreamError("the egress proxy refused the tunnel to the provider".into())
+            }
             ErrorType::HTTPStatus(s) => GateError::UpstreamError(format!("status {s}")),
             _ => GateError::UpstreamError("connection broke before the response".into()),
         })

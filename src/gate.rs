@@ -62,6 +62,9 @@ impl Gate {
     pub fn new(config: Config) -> Result<Gate, String> {
         let config_path = config.path.clone();
         let routes = Routes::build(config)?;
+        for w in &routes.warnings {
+            log::warn!("{w}");
+        }
         let config = &routes.config;
         let node = config.shared_state.as_ref().map(|s| ClusterNode {
             owner: random_owner(),
@@ -248,6 +251,9 @@ impl Gate {
         config.admin = running.config.admin.clone();
         config.tuning.threads = running.config.tuning.threads;
         let routes = Arc::new(Routes::build(config)?);
+        for w in &routes.warnings {
+            log::warn!("config reload: {w}");
+        }
         let _guard = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let store = self.open_store().map_err(|e| format!("database: {e}"))?;
         self.swap_in(&store, routes)

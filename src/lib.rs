@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod clock;
 pub mod config;
 pub mod edge;
+pub mod egress;
 pub mod error;
 pub mod gate;
 pub mod keys;

@@ -205,7 +205,12 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string())
             .and_then(|mut c| {
                 c.load_provider_keys();
-                spidergate::snapshot::Routes::build(c).map(|r| r.config)
+                spidergate::snapshot::Routes::build(c).map(|r| {
+                    for w in &r.warnings {
+                        eprintln!("warning: {w}");
+                    }
+                    r.config
+                })
             })
             .map(|c| {
                 println!(

@@ -3,6 +3,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use crate::egress::ConnectFailure;
 use crate::ledger::LedgerHealth;
 use crate::money::Nanos;
 
@@ -58,6 +59,11 @@ pub struct Metrics {
     latency_sum_ms: AtomicU64,
     connections_open: AtomicU64,
     connections_refused: AtomicU64,
+    /// By `ConnectFailure::ALL` index.
+    connect_failures: [AtomicU64; ConnectFailure::ALL.len()],
+    dns_changes: AtomicU64,
+    dns_failures: AtomicU64,
+    upstream_connections: AtomicU64,
 }
 
 impl Metrics {
@@ -133,6 +139,29 @@ impl Metrics {
     /// A connection over `server.max_connections` got 503 `too_many_connections`.
     pub fn connection_refused(&self) {
         self.connections_refused.fetch_add(1, Relaxed);
+    }
+
+    /// An attempt could not connect to its provider (TCP, TLS or the egress tunnel).
+    pub fn connect_failure(&self, why: ConnectFailure) {
+        if let Some(i) = ConnectFailure::ALL.iter().position(|f| *f == why) {
+            self.connect_failures[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A background lookup changed a provider's addresses (`true`) or failed (`false`).
+    pub fn dns_refresh(&self, changed: bool) {
+        let counter = if changed {
+            &self.dns_changes
+        } else {
+            &self.dns_failures
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
+    /// A new upstream connection (TCP, plus its TLS handshake for https providers) was
+    /// opened rather than taken from the pool.
+    pub fn upstream_connection(&self) {
+        self.upstream_connections.fetch_add(1, Relaxed);
     }
 
     pub fn set_keys_loaded(&self, n: usize) {
@@ -219,6 +248,39 @@ impl Metrics {
             ),
         ];
         for (name, help, v) in counters {
+            let _ = writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Relaxed)
+            );
+        }
+        s.push_str("# HELP spidergate_upstream_connect_failures_total Attempts that could not connect to their provider, by reason (tls: handshake or certificate verification).\n# TYPE spidergate_upstream_connect_failures_total counter\n");
+        for (i, why) in ConnectFailure::ALL.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "spidergate_upstream_connect_failures_total{{reason=\"{}\"}} {}",
+                why.label(),
+                self.connect_failures[i].load(Relaxed)
+            );
+        }
+        let egress_rows = [
+            (
+                "spidergate_upstream_connections_opened_total",
+                "New upstream connections (with their TLS handshake for https providers); the rest reused a pooled one.",
+                &self.upstream_connections,
+            ),
+            (
+                "spidergate_dns_changes_total",
+                "Background lookups that changed a provider's addresses.",
+                &self.dns_changes,
+            ),
+            (
+                "spidergate_dns_failures_total",
+                "Background lookups that failed (the old addresses stayed in use).",
+                &self.dns_failures,
+            ),
+        ];
+        for (name, help, v) in egress_rows {
             let _ = writeln!(
                 s,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",

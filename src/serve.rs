@@ -36,6 +36,7 @@ impl BackgroundService for Maintenance {
         if let Some(shared) = self.gate.limits.shared() {
             tokio::spawn(shared.clone().run(shutdown.clone()));
         }
+        tokio::spawn(follow_provider_dns(self.gate.clone(), shutdown.clone()));
         let mut store = None;
         let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         {
@@ -105,6 +106,48 @@ const KEY_CHANGES_KEPT: i64 = 100_000;
 fn prune_due() -> bool {
     static TICKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     TICKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 1_000 == 999
+}
+
+/// Resolves every provider's host again each `server.dns_refresh_ms` and swaps changed
+/// addresses into the live routes; a failed lookup keeps the old ones. Requests never wait
+/// for it.
+async fn follow_provider_dns(gate: Arc<Gate>, mut shutdown: ShutdownWatch) {
+    loop {
+        let every = gate.routes().config.tuning.dns_refresh;
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let gate = gate.clone();
+        // getaddrinfo blocks: off the async threads.
+        let _ = tokio::task::spawn_blocking(move || {
+            let routes = gate.routes();
+            for (p, link) in routes.provider_links.iter().enumerate() {
+                let name = &routes.provider_names[p];
+                match link.addrs.refresh() {
+                    Ok(None) => {}
+                    Ok(Some(change)) => {
+                        gate.metrics.dns_refresh(true);
+                        log::info!(
+                            "provider {name}: {} now resolves to {:?} (was {:?})",
+                            link.addrs.host(),
+                            change.after,
+                            change.before
+                        );
+                    }
+                    Err(e) => {
+                        gate.metrics.dns_refresh(false);
+                        log::warn!(
+                            "provider {name}: cannot resolve {} again, keeping {:?}: {e}",
+                            link.addrs.host(),
+                            link.addrs.current()
+                        );
+                    }
+                }
+            }
+        })
+        .await;
+    }
 }
 
 impl Maintenance {

@@ -3,11 +3,13 @@
 //! request holds its own `Arc<Snapshot>`, so every index it took stays valid across a
 //! reload; a config reload (SIGHUP) and a key reload swap the same pointer.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
+
+use pingora_core::connectors::L4Connect;
 
 use crate::catalog::Catalog;
 use crate::config::Config;
+use crate::egress::{CaBundle, EgressProxy, ProviderAddrs};
 use crate::keys::KeySet;
 use crate::providers::pool::KeyPool;
 use crate::providers::{ProviderKind, UpstreamRoute};
@@ -22,8 +24,8 @@ pub struct Snapshot {
 pub struct Routes {
     pub config: Config,
     pub catalog: Catalog,
-    /// Resolved address of each provider, by provider index.
-    pub provider_addrs: Vec<SocketAddr>,
+    /// How each provider is reached (addresses, trust, tunnel), by provider index.
+    pub provider_links: Vec<ProviderLink>,
     /// Upstream request URIs by provider, indexed by `UpstreamRoute`.
     upstream_uris: Vec<[http::Uri; 4]>,
     /// Per provider: its kind, `Host` and version header.
@@ -36,6 +38,20 @@ pub struct Routes {
     /// Model ids and provider names, shared into every trace without copying.
     pub model_names: Vec<Arc<str>>,
     pub provider_names: Vec<Arc<str>>,
+    /// What the build found odd but not fatal (a provider host that does not resolve yet):
+    /// logged by `serve` and printed by `check-config`.
+    pub warnings: Vec<String>,
+}
+
+/// How the proxy reaches one provider, built once per (re)load.
+pub struct ProviderLink {
+    /// Every address of the host connections go to (the egress proxy's when tunnelled),
+    /// refreshed in the background.
+    pub addrs: ProviderAddrs,
+    /// `tls_ca_file`, read and parsed.
+    pub ca: Option<CaBundle>,
+    /// The CONNECT tunnel through the egress proxy, when one applies to this provider.
+    pub tunnel: Option<Arc<dyn L4Connect + Send + Sync>>,
 }
 
 /// Request headers for one provider, built once per (re)load.
@@ -51,16 +67,20 @@ impl Routes {
     /// last check `serve`, SIGHUP and `check-config` share: provider addresses resolve,
     /// every header value is valid. Errors name the field path.
     pub fn build(config: Config) -> Result<Routes, String> {
-        let mut provider_addrs = Vec::with_capacity(config.providers.len());
+        let mut provider_links = Vec::with_capacity(config.providers.len());
+        let egress = EgressProxy::from_env()?;
+        let mut warnings = Vec::new();
         let mut upstream_uris = Vec::with_capacity(config.providers.len());
         let mut provider_headers = Vec::with_capacity(config.providers.len());
         let mut provider_keys = Vec::with_capacity(config.providers.len());
         for (i, p) in config.providers.iter().enumerate() {
-            provider_addrs.push(
-                p.resolve().map_err(|e| {
-                    format!("providers[{i}].base_url: cannot resolve {}: {e}", p.host)
-                })?,
-            );
+            provider_links.push(ProviderLink::build(
+                i,
+                p,
+                egress.as_ref(),
+                config.tuning.connect_timeout,
+                &mut warnings,
+            )?);
             let uri = |suffix: &str| {
                 http::Uri::try_from(format!("{}{suffix}", p.base_path))
                     .map_err(|e| format!("providers[{i}].base_url: bad path: {e}"))
@@ -100,7 +120,7 @@ impl Routes {
         }
         Ok(Routes {
             catalog: Catalog::new(&config),
-            provider_addrs,
+            provider_links,
             upstream_uris,
             provider_headers,
             provider_keys,
@@ -115,6 +135,7 @@ impl Routes {
                 .iter()
                 .map(|p| Arc::from(p.name.as_str()))
                 .collect(),
+            warnings,
             config,
         })
     }
@@ -122,5 +143,45 @@ impl Routes {
     /// The request URI for `route` on provider `p` (prebuilt: no formatting per request).
     pub fn upstream_uri(&self, p: usize, route: UpstreamRoute) -> &http::Uri {
         &self.upstream_uris[p][route as usize]
+    }
+}
+
+impl ProviderLink {
+    fn build(
+        i: usize,
+        p: &crate::config::Provider,
+        egress: Option<&EgressProxy>,
+        connect_timeout: std::time::Duration,
+        warnings: &mut Vec<String>,
+    ) -> Result<ProviderLink, String> {
+        let ca = match &p.tls_ca_file {
+            Some(path) => {
+                Some(CaBundle::load(path).map_err(|e| format!("providers[{i}].tls_ca_file: {e}"))?)
+            }
+            None => None,
+        };
+        // Only https:// providers tunnel, as in the SDKs: HTTPS_PROXY is for https URLs.
+        let egress = egress.filter(|e| p.tls && e.applies_to(&p.host, p.port));
+        // A host that does not resolve now is not fatal: DNS may be down at start-up, and
+        // one unreachable provider must not stop the others. It is retried in the background.
+        let (addrs, unresolved) = match egress {
+            Some(e) => ProviderAddrs::resolve_or_wait(&e.host, e.port),
+            None => ProviderAddrs::resolve_or_wait(&p.host, p.port),
+        };
+        if let Some(e) = unresolved {
+            let field = match egress {
+                Some(_) => "HTTPS_PROXY".to_string(),
+                None => format!("providers[{i}].base_url"),
+            };
+            warnings.push(format!(
+                "{field}: cannot resolve {} yet ({e}); its requests get 502 until it does",
+                addrs.host()
+            ));
+        }
+        let tunnel = egress.map(|e| {
+            Arc::new(e.tunnel_to(&p.host, p.port, connect_timeout))
+                as Arc<dyn L4Connect + Send + Sync>
+        });
+        Ok(ProviderLink { addrs, ca, tunnel })
     }
 }

@@ -4,6 +4,8 @@
 local secret = os.getenv("SG_SECRET") or ""
 local stream = os.getenv("SG_STREAM") == "1"
 local messages = os.getenv("SG_API") == "messages"
+-- SG_MODEL: the chat model (the https row names the gateway's model on its TLS provider).
+local model = os.getenv("SG_MODEL") or "gpt-4o-mini"
 
 wrk.method = "POST"
 wrk.path = "/v1/chat/completions"
@@ -16,9 +18,9 @@ if messages then
   wrk.headers["anthropic-version"] = "2023-06-01"
   wrk.body = '{"model":"claude-bench","max_tokens":256,"messages":[{"role":"user","content":"hi"}],"stream":true}'
 elseif stream then
-  wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"stream":true}'
+  wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user","content":"hi"}],"stream":true}'
 else
-  wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+  wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user","content":"hi"}]}'
 end
 
 -- One machine-readable line for benches/wrk_compare.sh.

@@ -4,8 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::json::{push_openai_error, push_u64};
 use crate::knobs::{apply_knob, Knobs};
@@ -26,8 +25,11 @@ const READ_RESERVE: usize = 16 << 10;
 /// Headers `x-mock-leak-headers` adds: what a real provider says about the operator's account.
 const LEAK_HEADERS: &[u8] = b"\r\nopenai-organization: org-leak\r\nopenai-project: proj_leak\r\nanthropic-organization-id: leak\r\nset-cookie: a=b\r\nx-ratelimit-limit-requests: 5000\r\nx-ratelimit-remaining-tokens: 99";
 
-pub(crate) async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>, id: u64) {
-    let _ = stream.set_nodelay(true);
+/// A client connection: plain TCP, or TLS over it.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+pub(crate) async fn serve_connection<S: Io>(mut stream: S, shared: Arc<Shared>, id: u64) {
     let mut conn = Conn {
         id,
         served: 0,
@@ -95,7 +97,7 @@ enum BodyAt {
 
 impl Conn {
     /// Serve one request; `true` when the connection stays open for the next.
-    async fn serve_one(&mut self, stream: &mut TcpStream, shared: &Shared) -> bool {
+    async fn serve_one(&mut self, stream: &mut dyn Io, shared: &Shared) -> bool {
         let head = match self.read_head(stream, shared).await {
             Ok(Some(head)) => head,
             Ok(None) | Err(Abort::Closed) => return false,
@@ -163,7 +165,7 @@ impl Conn {
     /// tried, so a switch made while the connection idled applies to its next request.
     async fn read_head(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut dyn Io,
         shared: &Shared,
     ) -> Result<Option<Head>, Abort> {
         loop {
@@ -184,7 +186,7 @@ impl Conn {
         }
     }
 
-    async fn read_body(&mut self, stream: &mut TcpStream, head: &Head) -> Result<BodyAt, Abort> {
+    async fn read_body(&mut self, stream: &mut dyn Io, head: &Head) -> Result<BodyAt, Abort> {
         if head.chunked {
             if head.expect_continue && self.buf.len() == head.head_len {
                 send_continue(stream).await?;
@@ -209,7 +211,7 @@ impl Conn {
     }
 }
 
-async fn send_continue(stream: &mut TcpStream) -> Result<(), Abort> {
+async fn send_continue(stream: &mut dyn Io) -> Result<(), Abort> {
     stream
         .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
         .await
@@ -223,7 +225,7 @@ fn reserve_for_read(buf: &mut Vec<u8>) {
 }
 
 /// Read at least one more byte into `buf`; EOF and errors become `Abort::Closed`.
-async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), Abort> {
+async fn fill(stream: &mut dyn Io, buf: &mut Vec<u8>) -> Result<(), Abort> {
     reserve_for_read(buf);
     match stream.read_buf(buf).await {
         Ok(0) | Err(_) => Err(Abort::Closed),
@@ -386,7 +388,7 @@ pub(crate) fn parse_chunk_size(line: &[u8]) -> Option<usize> {
 /// bytes are dropped from `buf` on the way, so a large body is never held twice; returns
 /// where the request ends in `buf`.
 async fn read_chunked(
-    stream: &mut TcpStream,
+    stream: &mut dyn Io,
     buf: &mut Vec<u8>,
     mut pos: usize,
     body: &mut Vec<u8>,
@@ -436,7 +438,7 @@ async fn read_chunked(
 
 /// Index in `buf` of the CR of the next CRLF at or after `*pos` (which compaction may move).
 async fn find_line(
-    stream: &mut TcpStream,
+    stream: &mut dyn Io,
     buf: &mut Vec<u8>,
     pos: &mut usize,
 ) -> Result<usize, Abort> {
@@ -460,7 +462,7 @@ fn compact(buf: &mut Vec<u8>, pos: &mut usize) {
 }
 
 /// Answer a request that cannot be framed or is too large, then let the caller close.
-async fn reject(stream: &mut TcpStream, out: &mut Vec<u8>, status: u16) {
+async fn reject(stream: &mut dyn Io, out: &mut Vec<u8>, status: u16) {
     let (message, code) = match status {
         413 => ("request body too large", "request_too_large"),
         431 => ("request head too large", "invalid_request"),

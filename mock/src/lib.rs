@@ -28,6 +28,10 @@
 //! `invalid_request_error` without `max_tokens` or `messages`.
 //! [`MockProvider::reject_key`] makes every request carrying one provider key fail.
 //!
+//! [`MockProvider::start_tls`] serves the same over TLS (1.2 and 1.3, ALPN `http/1.1`) with
+//! a certificate the test made, and counts the handshakes that completed and failed, so a
+//! test can see connection reuse and a client that refused the certificate.
+//!
 //! The hot path (a plain chat request with default knobs) reuses per-connection buffers,
 //! parses the body without copying and formats the reply without `format!`. The only shared
 //! state it touches is a few relaxed atomics and, when recording is on, one mutex.
@@ -50,6 +54,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
 pub use http::MAX_BODY_BYTES;
 
@@ -59,6 +64,8 @@ pub use http::MAX_BODY_BYTES;
 pub struct MockProvider {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    /// The host name in `base_url` when serving TLS (the certificate's name).
+    tls_host: Option<String>,
     _stop: Arc<watch::Sender<()>>,
 }
 
@@ -132,6 +139,47 @@ pub(crate) struct Shared {
     /// True while `rejections` is non-empty, so the hot path skips the lock and the key copy.
     rejecting: AtomicBool,
     rejections: Mutex<Vec<Rejection>>,
+    connections: AtomicU64,
+    tls_handshakes: AtomicU64,
+    tls_failures: AtomicU64,
+}
+
+/// A certificate chain and its private key, in PEM, for [`MockProvider::start_tls`].
+#[derive(Clone)]
+pub struct TlsIdentity {
+    pub cert_chain_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl TlsIdentity {
+    /// A TLS acceptor for this identity (ring, TLS 1.2 and 1.3, ALPN `http/1.1`).
+    pub fn acceptor(&self) -> std::io::Result<TlsAcceptor> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+        let certs = CertificateDer::pem_slice_iter(&self.cert_chain_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(format!("certificate PEM: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
+            .map_err(|e| bad(format!("key PEM: {e}")))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| bad(e.to_string()))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+
+    /// Reads a chain and a key from PEM files (the binary's `--tls-cert` / `--tls-key`).
+    pub fn from_files(cert: &str, key: &str) -> std::io::Result<TlsIdentity> {
+        Ok(TlsIdentity {
+            cert_chain_pem: std::fs::read(cert)?,
+            key_pem: std::fs::read(key)?,
+        })
+    }
 }
 
 /// A panic while holding one of these locks cannot leave the data half-updated; keep going.
@@ -180,18 +228,46 @@ impl MockProvider {
     /// Bind to `addr` (e.g. `"127.0.0.1:0"`) and serve in a background task on the current
     /// tokio runtime. Recording is on.
     pub async fn start(addr: &str) -> std::io::Result<MockProvider> {
-        Self::bind(addr, true).await
+        Self::bind(addr, true, None).await
+    }
+
+    /// Like [`MockProvider::start`], over TLS with `identity`; `host` is the name its
+    /// certificate is for, used in [`MockProvider::base_url`].
+    pub async fn start_tls(
+        addr: &str,
+        identity: &TlsIdentity,
+        host: &str,
+    ) -> std::io::Result<MockProvider> {
+        let mut provider = Self::bind(addr, true, Some(identity.acceptor()?)).await?;
+        provider.tls_host = Some(host.to_owned());
+        Ok(provider)
+    }
+
+    /// [`MockProvider::start_tls`] on its own runtime, like [`MockProvider::start_background`].
+    pub fn start_tls_background(
+        addr: &str,
+        identity: &TlsIdentity,
+        host: &str,
+    ) -> std::io::Result<MockProvider> {
+        let acceptor = identity.acceptor()?;
+        let mut provider = Self::background(addr, Some(acceptor))?;
+        provider.tls_host = Some(host.to_owned());
+        Ok(provider)
     }
 
     /// Like [`MockProvider::start`], but serves from its own two-thread runtime on a std
     /// thread, for tests that are not async. The thread ends when the provider is dropped.
     pub fn start_background(addr: &str) -> std::io::Result<MockProvider> {
+        Self::background(addr, None)
+    }
+
+    fn background(addr: &str, tls: Option<TlsAcceptor>) -> std::io::Result<MockProvider> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("mock-provider")
             .enable_all()
             .build()?;
-        let provider = runtime.block_on(Self::bind(addr, true))?;
+        let provider = runtime.block_on(Self::bind(addr, true, tls))?;
         let mut stopped = provider._stop.subscribe();
         std::thread::Builder::new()
             .name("mock-provider".into())
@@ -202,7 +278,11 @@ impl MockProvider {
         Ok(provider)
     }
 
-    async fn bind(addr: &str, recording: bool) -> std::io::Result<MockProvider> {
+    async fn bind(
+        addr: &str,
+        recording: bool,
+        tls: Option<TlsAcceptor>,
+    ) -> std::io::Result<MockProvider> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -214,12 +294,16 @@ impl MockProvider {
             cache_write_tokens: AtomicU64::new(0),
             rejecting: AtomicBool::new(false),
             rejections: Mutex::new(Vec::new()),
+            connections: AtomicU64::new(0),
+            tls_handshakes: AtomicU64::new(0),
+            tls_failures: AtomicU64::new(0),
         });
         let (stop, stopped) = watch::channel(());
-        tokio::spawn(accept_loop(listener, Arc::clone(&shared), stopped));
+        tokio::spawn(accept_loop(listener, Arc::clone(&shared), stopped, tls));
         Ok(MockProvider {
             shared,
             addr,
+            tls_host: None,
             _stop: Arc::new(stop),
         })
     }
@@ -229,15 +313,34 @@ impl MockProvider {
         self.addr
     }
 
-    /// `http://IP:PORT/v1`, ready for an `openai` provider's `base_url`.
+    /// `http://IP:PORT/v1` (TLS: `https://HOST:PORT/v1`), ready for an `openai`
+    /// provider's `base_url`.
     pub fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        format!("{}/v1", self.anthropic_base_url())
     }
 
-    /// `http://IP:PORT`, ready for an `anthropic` provider's `base_url` (the gateway posts
-    /// to `base_url` + `/v1/messages`).
+    /// `http://IP:PORT` (TLS: `https://HOST:PORT`), ready for an `anthropic` provider's
+    /// `base_url` (the gateway posts to `base_url` + `/v1/messages`).
     pub fn anthropic_base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        match &self.tls_host {
+            Some(host) => format!("https://{host}:{}", self.addr.port()),
+            None => format!("http://{}", self.addr),
+        }
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// TLS handshakes that completed (TLS only).
+    pub fn tls_handshakes(&self) -> u64 {
+        self.shared.tls_handshakes.load(Ordering::Relaxed)
+    }
+
+    /// TLS handshakes that failed, for instance because the client refused the certificate.
+    pub fn tls_failures(&self) -> u64 {
+        self.shared.tls_failures.load(Ordering::Relaxed)
     }
 
     /// Every request received since start or the last [`MockProvider::clear`], in order.
@@ -311,12 +414,17 @@ impl MockProvider {
 /// Serve on `listen` forever from a multi-thread runtime with one worker per core, with
 /// recording off.
 pub fn run_blocking(listen: &str) -> std::io::Result<()> {
-    run_blocking_with_threads(listen, 0)
+    run_blocking_with_threads(listen, 0, None)
 }
 
 /// [`run_blocking`] with `threads` runtime workers (0: one per core). Benchmarks that run
 /// the gateway and the load generator on the same machine want only a few.
-pub fn run_blocking_with_threads(listen: &str, threads: usize) -> std::io::Result<()> {
+/// With `tls`, it serves HTTPS with that identity.
+pub fn run_blocking_with_threads(
+    listen: &str,
+    threads: usize,
+    tls: Option<TlsIdentity>,
+) -> std::io::Result<()> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().thread_name("mock-provider");
     if threads > 0 {
@@ -324,7 +432,8 @@ pub fn run_blocking_with_threads(listen: &str, threads: usize) -> std::io::Resul
     }
     let runtime = builder.build()?;
     runtime.block_on(async {
-        let provider = MockProvider::bind(listen, false).await?;
+        let acceptor = tls.as_ref().map(TlsIdentity::acceptor).transpose()?;
+        let provider = MockProvider::bind(listen, false, acceptor).await?;
         let _ = writeln!(
             std::io::stderr(),
             "spidergate-mock listening; OpenAI base_url: {}, Anthropic base_url: {}",
@@ -337,7 +446,12 @@ pub fn run_blocking_with_threads(listen: &str, threads: usize) -> std::io::Resul
     })
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stopped: watch::Receiver<()>) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stopped: watch::Receiver<()>,
+    tls: Option<TlsAcceptor>,
+) {
     // Owning the connection tasks here means returning (on stop) aborts them all.
     let mut connections = JoinSet::new();
     let mut next_id: u64 = 0;
@@ -349,7 +463,28 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stopped: wa
         match accepted {
             Ok((stream, _)) => {
                 next_id += 1;
-                connections.spawn(http::serve_connection(stream, Arc::clone(&shared), next_id));
+                let _ = stream.set_nodelay(true);
+                shared.connections.fetch_add(1, Ordering::Relaxed);
+                let shared = Arc::clone(&shared);
+                match &tls {
+                    None => {
+                        connections.spawn(http::serve_connection(stream, shared, next_id));
+                    }
+                    Some(acceptor) => {
+                        let accept = acceptor.accept(stream);
+                        connections.spawn(async move {
+                            match accept.await {
+                                Ok(tls_stream) => {
+                                    shared.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+                                    http::serve_connection(tls_stream, shared, next_id).await;
+                                }
+                                Err(_) => {
+                                    shared.tls_failures.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        });
+                    }
+                }
                 while connections.try_join_next().is_some() {}
             }
             // Out of file descriptors and the like: back off instead of spinning.

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use crate::http::Io;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::http::{push_head, Head, HeadFlags, Method};
 use crate::json::{push_hex, push_model, push_openai_error};
@@ -20,7 +20,7 @@ pub(crate) const STREAM_TOKEN: &str = "tok ";
 /// Writes one response. `Err(())`: the connection must close now (write failed or a
 /// `x-mock-break-after` break).
 pub(crate) struct Reply<'a> {
-    pub(crate) stream: &'a mut TcpStream,
+    pub(crate) stream: &'a mut dyn Io,
     pub(crate) out: &'a mut Vec<u8>,
     /// The JSON document being built.
     pub(crate) json: &'a mut Vec<u8>,

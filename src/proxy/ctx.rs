@@ -10,6 +10,7 @@ use bytes::Bytes;
 use pingora_http::ResponseHeader;
 
 use crate::admission::{Admission, Endpoint};
+use crate::egress::addrs::Tried;
 use crate::error::GateError;
 use crate::gate::Gate;
 use crate::keys::KeyEntry;
@@ -31,6 +32,16 @@ pub(super) const CLIENT_CLOSED: &str = "client_closed";
 pub(super) const STREAM_BROKEN: &str = "upstream_stream_broken";
 /// The request's task was dropped before it finished (shutdown past its grace, a panic).
 pub(super) const INTERRUPTED: &str = "interrupted";
+
+/// Which of its provider's addresses an attempt uses: it starts where the round-robin put
+/// it and moves to the next address after a refused or timed-out connect.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct AddressTry {
+    pub(super) start: Option<usize>,
+    pub(super) tried: Tried,
+    /// The address being connected to (index in the list, address).
+    pub(super) current: Option<(usize, std::net::SocketAddr)>,
+}
 
 /// Per-request state shared across the phases. Dropping it unfinished (a shutdown past its
 /// grace cancels the task, or a panic) still settles and records the request.
@@ -61,6 +72,8 @@ pub struct RequestCtx {
     /// The provider refused the attempt's pool key (401/429) and another key is ready:
     /// the same model is tried again.
     pub(super) retry_same_model: bool,
+    /// Which of the provider's addresses the current attempt connects to.
+    pub(super) address: AddressTry,
     /// How the current attempt reaches its provider.
     pub(super) plan: Option<Plan>,
     /// The provider key (index into its pool) the current attempt carries.

@@ -19,6 +19,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::admission::{self, Endpoint};
 use crate::clock::{now_ms, Now};
+use crate::egress::ConnectFailure;
 use crate::error::GateError;
 use crate::gate::Gate;
 use crate::keys::token::TokenHash;
@@ -30,7 +31,7 @@ use crate::shield::SHIELD_WINDOW;
 use crate::store::JournalRow;
 
 pub use ctx::RequestCtx;
-use ctx::{CLIENT_CLOSED, STREAM_BROKEN};
+use ctx::{AddressTry, CLIENT_CLOSED, STREAM_BROKEN};
 use headers::*;
 use io::{read_body, send_json};
 use watchdog::{ReadTimeouts, UpstreamWatch};
@@ -255,6 +256,7 @@ impl GateProxy {
             ctx.fallback_from = adm.chain.get(0);
         }
         ctx.attempt = i;
+        ctx.address = AddressTry::default();
         ctx.plan = Some(plan);
         ctx.upstream_body = Some(body);
         ctx.upstream_status = None;
@@ -339,6 +341,7 @@ impl ProxyHttp for GateProxy {
             fallback_from: None,
             fallback_status: None,
             retry_same_model: false,
+            address: AddressTry::default(),
             plan: None,
             pool_key: None,
             pending_error: None,
@@ -473,15 +476,46 @@ impl ProxyHttp for GateProxy {
             Ok(key) => ctx.pool_key = key,
             Err(resting) => return Err(self.all_keys_resting(ctx, resting)),
         }
+        let start = match ctx.address.start {
+            Some(start) => start,
+            None => {
+                let start = ctx.snap.routes.provider_links[pidx].addrs.start();
+                ctx.address.start = Some(start);
+                start
+            }
+        };
         let routes = &ctx.snap.routes;
         let provider = &routes.catalog.providers()[pidx];
-        // SNI only matters for TLS; plain HTTP peers skip the allocation.
+        let link = &routes.provider_links[pidx];
+        let Some((i, addr)) = link.addrs.pick(start, ctx.address.tried, now_ms()) else {
+            // The host does not resolve (yet): nothing to connect to; the next model if any.
+            log::warn!(
+                "provider {}: {} resolves to no address",
+                routes.provider_names[pidx],
+                link.addrs.host()
+            );
+            self.gate.metrics.connect_failure(ConnectFailure::Other);
+            let mut e = Error::explain(ErrorType::ConnectError, "provider host does not resolve");
+            e.set_retry(self.try_fallback(ctx));
+            return Err(e);
+        };
+        ctx.address.current = Some((i, addr));
+        // SNI (and with it certificate name checks) for TLS; plain HTTP peers skip the
+        // allocation.
         let sni = if provider.tls {
             provider.host.clone()
         } else {
             String::new()
         };
-        let mut peer = HttpPeer::new(routes.provider_addrs[pidx], provider.tls, sni);
+        let mut peer = HttpPeer::new(addr, provider.tls, sni);
+        if let Some(ca) = &link.ca {
+            peer.options.ca = Some(ca.certs.clone());
+            // Connections verified against another bundle (before a reload) are not reused.
+            peer.group_key = ca.fingerprint;
+        }
+        if let Some(tunnel) = &link.tunnel {
+            peer.options.custom_l4 = Some(tunnel.clone());
+        }
         let t = &routes.config.tuning;
         peer.options.connection_timeout = Some(t.connect_timeout);
         // Per read, head and body alike: the longer of the two; a watchdog enforces the other.
@@ -498,12 +532,15 @@ impl ProxyHttp for GateProxy {
     async fn connected_to_upstream(
         &self,
         _session: &mut Session,
-        _reused: bool,
+        reused: bool,
         peer: &HttpPeer,
         fd: std::os::unix::io::RawFd,
         _digest: Option<&Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if !reused {
+            self.gate.metrics.upstream_connection();
+        }
         let http1 = peer.options.alpn.get_max_http_version() == 1;
         ctx.upstream_watch.connected(fd, http1);
         Ok(())
@@ -662,13 +699,38 @@ impl ProxyHttp for GateProxy {
     fn fail_to_connect(
         &self,
         _session: &mut Session,
-        _peer: &HttpPeer,
+        peer: &HttpPeer,
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Nothing reached the provider: this attempt costs nothing.
         ctx.sent_upstream = false;
         ctx.end_upstream_attempt();
+        let failure = ConnectFailure::of(&e);
+        self.gate.metrics.connect_failure(failure);
+        let provider = ctx.current_model().map(|m| {
+            let routes = &ctx.snap.routes;
+            (
+                routes.catalog.models()[m].provider,
+                &routes.provider_names[routes.catalog.models()[m].provider],
+            )
+        });
+        if let Some((_, name)) = provider {
+            log::warn!(
+                "provider {name}: cannot connect ({}) to {peer}: {e}",
+                failure.label()
+            );
+        }
+        // Another address of the same host before another model.
+        if let (Some((p, _)), Some((i, addr))) = (provider, ctx.address.current.take()) {
+            if failure.try_another_address() {
+                let addrs = &ctx.snap.routes.provider_links[p].addrs;
+                if addrs.failed(i, addr, &mut ctx.address.tried, now_ms()) {
+                    e.set_retry(true);
+                    return e;
+                }
+            }
+        }
         let retry = self.try_fallback(ctx);
         e.set_retry(retry);
         e

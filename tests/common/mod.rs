@@ -14,6 +14,7 @@ pub use spidergate_mock::MockProvider;
 pub mod cluster;
 pub mod pg;
 pub mod redis;
+pub mod tls;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_spidergate");
 
@@ -259,6 +260,8 @@ pub struct GatewayBuilder {
     models: Option<String>,
     providers: Vec<String>,
     admin: Option<(u16, String)>,
+    /// `tls_ca_file` of the two mock providers (`mock`, `mock-anthropic`).
+    ca_file: Option<PathBuf>,
 }
 
 pub const MODELS: &str = r#"
@@ -298,7 +301,15 @@ impl GatewayBuilder {
             models: None,
             providers: Vec::new(),
             admin: None,
+            ca_file: None,
         }
+    }
+
+    /// The mock serves TLS with a certificate from this CA (PEM file): the two mock
+    /// providers trust it through `tls_ca_file`.
+    pub fn provider_ca(mut self, ca_file: &std::path::Path) -> Self {
+        self.ca_file = Some(ca_file.to_path_buf());
+        self
     }
 
     /// One more provider, as YAML lines under `providers:` (starting with `- name: ...`,
@@ -357,8 +368,13 @@ impl GatewayBuilder {
             yaml.push_str(l);
             yaml.push('\n');
         }
+        let ca = self
+            .ca_file
+            .as_ref()
+            .map(|f| format!("    tls_ca_file: \"{}\"\n", f.display()))
+            .unwrap_or_default();
         yaml.push_str(&format!(
-            "providers:\n  - name: mock\n    kind: openai\n    base_url: \"{}\"\n    api_key_env: MOCK_PROVIDER_KEY\n  - name: dead\n    kind: openai\n    base_url: \"http://127.0.0.1:1/v1\"\n  - name: mock-anthropic\n    kind: anthropic\n    base_url: \"{}\"\n    api_key_env: MOCK_ANTHROPIC_KEY\n",
+            "providers:\n  - name: mock\n    kind: openai\n    base_url: \"{}\"\n    api_key_env: MOCK_PROVIDER_KEY\n{ca}  - name: dead\n    kind: openai\n    base_url: \"http://127.0.0.1:1/v1\"\n  - name: mock-anthropic\n    kind: anthropic\n    base_url: \"{}\"\n    api_key_env: MOCK_ANTHROPIC_KEY\n{ca}",
             self.upstream,
             self.upstream.trim_end_matches("/v1"),
         ));
