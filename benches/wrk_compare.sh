@@ -7,10 +7,13 @@
 #                          [--no-nginx] [--no-stream] [--no-tls] [--no-build] [--no-pin]
 #
 # Variants: plain chat, streamed chat, and (unless --no-stream) a streamed /v1/messages
-# pass-through to an anthropic-kind provider (the mock speaks both formats); and (unless
-# --no-tls) `https`: plain chat to a TLS upstream (a second mock serving HTTPS with a
-# certificate from a CA made for the run), the gateway's provider with `tls_ca_file`
-# against a second bare proxy verifying the same CA.
+# pass-through to an anthropic-kind provider (the mock speaks both formats); and, unless
+# --no-tls, two HTTPS rows with certificates from a CA made for the run:
+#   tls_upstream: plain chat to a TLS upstream (a second mock serving HTTPS), the gateway's
+#                 provider with `tls_ca_file` against a bare proxy verifying the same CA;
+#   tls_listener: wrk speaks HTTPS to the proxy, which terminates TLS (the gateway with
+#                 `tls`, a second gateway process on the same database; a bare proxy with
+#                 a TLS listener), plain HTTP to the mock.
 #
 # Measured the way ops run it: each proxy process (all its threads) pinned to CPU 1, wrk and
 # the mock on CPU 0 (--no-pin to let the scheduler place them), and the gateway's key has an
@@ -113,7 +116,7 @@ wait_port() {
 }
 
 MOCK_PORT=$(free_port); BARE_PORT=$(free_port); GW_PORT=$(free_port); NGINX_PORT=$(free_port)
-MOCK_TLS_PORT=$(free_port); BARE_TLS_PORT=$(free_port)
+MOCK_TLS_PORT=$(free_port); BARE_TLS_PORT=$(free_port); BARE_TLSL_PORT=$(free_port); GW_TLSL_PORT=$(free_port)
 
 # CPU placement: proxies on the last CPU, load generator and mock on the first.
 PROXY_CPU=$(( $(nproc) - 1 ))
@@ -159,6 +162,9 @@ if [ "$WITH_TLS" = 1 ]; then
   "${PROXY_PIN[@]}" "$BARE" --listen "127.0.0.1:$BARE_TLS_PORT" --upstream "127.0.0.1:$MOCK_TLS_PORT" --threads 1 \
     --tls-sni 127.0.0.1 --ca-file "$TMP/tls/ca.pem" >"$TMP/bare-tls.log" 2>&1 &
   PIDS+=($!); BARE_TLS_PID=$!
+  "${PROXY_PIN[@]}" "$BARE" --listen "127.0.0.1:$BARE_TLSL_PORT" --upstream "127.0.0.1:$MOCK_PORT" --threads 1 \
+    --listen-tls-cert "$TMP/tls/leaf.pem" --listen-tls-key "$TMP/tls/leaf.key" >"$TMP/bare-tlsl.log" 2>&1 &
+  PIDS+=($!); BARE_TLSL_PID=$!
   TLS_PROVIDER="  - name: mock-tls
     kind: openai
     base_url: \"https://127.0.0.1:$MOCK_TLS_PORT/v1\"
@@ -219,6 +225,16 @@ SECRET="$("$GW_BIN" --config "$TMP/gw.yaml" keys create --name bench --json \
 [ -n "$SECRET" ] || { echo "could not read the key's secret from keys create --json" >&2; exit 1; }
 RUST_LOG=warn "${PROXY_PIN[@]}" "$GW_BIN" --config "$TMP/gw.yaml" serve >"$TMP/gateway.log" 2>&1 &
 PIDS+=($!); GW_PID=$!
+if [ "$WITH_TLS" = 1 ]; then
+  # The same gateway terminating TLS: a second process on the same database and key.
+  sed -e "s#^listen: .*#listen: \"127.0.0.1:$GW_TLSL_PORT\"#" \
+      -e "s#^server:#tls:\n  cert_file: \"$TMP/tls/leaf.pem\"\n  key_file: \"$TMP/tls/leaf.key\"\nserver:#" \
+      -e "s#^  threads: 1#  threads: 1\n  upgrade_sock: \"$TMP/gw-tls-upgrade.sock\"#" \
+      "$TMP/gw.yaml" >"$TMP/gw-tls.yaml"
+  "$GW_BIN" --config "$TMP/gw-tls.yaml" check-config >/dev/null
+  RUST_LOG=warn "${PROXY_PIN[@]}" "$GW_BIN" --config "$TMP/gw-tls.yaml" serve >"$TMP/gateway-tls.log" 2>&1 &
+  PIDS+=($!); GW_TLSL_PID=$!
+fi
 
 # 4. Optional nginx (1 process, keep-alive upstream pool), for context.
 if [ "$WITH_NGINX" = 1 ]; then
@@ -253,7 +269,7 @@ NGX
 fi
 
 wait_port "$BARE_PORT" bare
-[ "$WITH_TLS" = 1 ] && wait_port "$BARE_TLS_PORT" bare-tls
+[ "$WITH_TLS" = 1 ] && { wait_port "$BARE_TLS_PORT" bare-tls; wait_port "$BARE_TLSL_PORT" bare-tlsl; wait_port "$GW_TLSL_PORT" gateway-tls; }
 wait_port "$GW_PORT" gateway
 [ "$WITH_NGINX" = 1 ] && wait_port "$NGINX_PORT" nginx
 
@@ -276,6 +292,13 @@ for p in "${PROXIES[@]}"; do smoke "$p" "$(port_of "$p")" gpt-4o-mini; done
 if [ "$WITH_TLS" = 1 ]; then
   smoke bare-tls "$BARE_TLS_PORT" gpt-4o-mini-tls
   smoke gateway-tls "$GW_PORT" gpt-4o-mini-tls
+  for pp in "bare-tlsl $BARE_TLSL_PORT" "gateway-tlsl $GW_TLSL_PORT"; do
+    set -- $pp
+    code=$(curl -s --cacert "$TMP/tls/ca.pem" -o "$TMP/smoke.$1" -w '%{http_code}' -X POST "https://127.0.0.1:$2/v1/chat/completions" \
+      -H "Authorization: Bearer $SECRET" -H 'Content-Type: application/json' \
+      -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}' || true)
+    [ "$code" = 200 ] || { echo "smoke test: $1 answered $code: $(head -c 300 "$TMP/smoke.$1")" >&2; exit 1; }
+  done
 fi
 
 # utime + stime of the whole process (all threads), in clock ticks.
@@ -290,13 +313,21 @@ run_round() {
   [ "$variant" = stream ] && stream=1
   [ "$variant" = messages ] && api=messages
   pid=$(pid_of "$p"); port=$(port_of "$p")
-  if [ "$variant" = https ]; then
+  local scheme=http
+  if [ "$variant" = tls_upstream ]; then
     model=gpt-4o-mini-tls
     [ "$p" = bare ] && { pid=$BARE_TLS_PID; port=$BARE_TLS_PORT; }
   fi
+  if [ "$variant" = tls_listener ]; then
+    scheme=https
+    case "$p" in
+      bare) pid=$BARE_TLSL_PID; port=$BARE_TLSL_PORT ;;
+      gateway) pid=$GW_TLSL_PID; port=$GW_TLSL_PORT ;;
+    esac
+  fi
   before=$(cpu_ticks "$pid")
   out=$(SG_SECRET="$SECRET" SG_STREAM="$stream" SG_API="$api" SG_MODEL="$model" "${LOAD_PIN[@]}" wrk -t1 -c"$CONNECTIONS" -d"${dur}s" -s "$LUA" \
-        "http://127.0.0.1:$port" 2>&1)
+        "$scheme://127.0.0.1:$port" 2>&1)
   after=$(cpu_ticks "$pid")
   [ "$round" = warmup ] && return 0
   line=$(printf '%s\n' "$out" | grep '^WRK_RESULT' || true)
@@ -318,9 +349,9 @@ run_round() {
 
 VARIANTS=(plain)
 [ "$WITH_STREAM" = 1 ] && VARIANTS+=(stream messages)
-[ "$WITH_TLS" = 1 ] && VARIANTS+=(https)
-# The proxies a variant compares: the https row has no nginx column.
-proxies_for() { if [ "$1" = https ]; then echo bare gateway; else echo "${PROXIES[@]}"; fi; }
+[ "$WITH_TLS" = 1 ] && VARIANTS+=(tls_upstream tls_listener)
+# The proxies a variant compares: the TLS rows have no nginx column.
+proxies_for() { case "$1" in tls_*) echo bare gateway ;; *) echo "${PROXIES[@]}" ;; esac; }
 
 echo "mock :$MOCK_PORT  bare :$BARE_PORT  gateway :$GW_PORT$([ "$WITH_NGINX" = 1 ] && echo "  nginx :$NGINX_PORT")"
 echo "wrk -t1 -c$CONNECTIONS -d${DURATION}s, $ROUNDS alternating rounds per variant, $(nproc) cores, CLK_TCK $CLK_TCK"
@@ -348,7 +379,8 @@ for variant in "${VARIANTS[@]}"; do
   case "$variant" in
     stream) echo "== stream chat (\"stream\":true) ==" ;;
     messages) echo "== messages stream (/v1/messages pass-through to an anthropic provider, \"stream\":true) ==" ;;
-    https) echo "== https chat (plain chat; both proxies reach the upstream over verified TLS, pooled) ==" ;;
+    tls_upstream) echo "== tls_upstream chat (plain chat; both proxies reach the upstream over verified TLS, pooled) ==" ;;
+    tls_listener) echo "== tls_listener chat (plain chat; wrk speaks HTTPS to the proxy, which terminates TLS) ==" ;;
     *) echo "== $variant chat ==" ;;
   esac
   printf '%-8s %-7s %10s %12s %9s %9s %7s\n' proxy round rps "cpu_us/req" p50_ms p99_ms non2xx
@@ -374,7 +406,7 @@ for variant in "${VARIANTS[@]}"; do
     r = g / b
     printf "%s: gateway/bare p99        = %.3f  (bar <= 1.50) %s   [%.2f ms vs %.2f ms]\n", v, r, (r <= 1.50 ? "PASS" : "FAIL"), g / 1000, b / 1000
   }'
-  if [ "$WITH_NGINX" = 1 ] && [ "$variant" != https ]; then
+  if [ "$WITH_NGINX" = 1 ] && [ "${variant#tls_}" = "$variant" ]; then
     ng_rps=$(col "$variant" nginx 4 | median); ng_cpu=$(col "$variant" nginx 5 | median)
     awk -v v="$variant" -v nr="$ng_rps" -v br="$bare_rps" -v gr="$gw_rps" -v nc="$ng_cpu" -v bc="$bare_cpu" -v gc="$gw_cpu" 'BEGIN {
       printf "%s: (context) nginx/bare rps = %.3f, cpu/req = %.3f; gateway/nginx rps = %.3f, cpu/req = %.3f\n", v, nr / br, nc / bc, gr / nr, gc / nc }'

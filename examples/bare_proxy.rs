@@ -5,7 +5,8 @@
 //!
 //! ```sh
 //! cargo run --release --example bare_proxy -- --listen 127.0.0.1:7001 \
-//!     --upstream 127.0.0.1:9000 --threads 1 [--tls-sni localhost --ca-file ca.pem]
+//!     --upstream 127.0.0.1:9000 --threads 1 [--tls-sni localhost --ca-file ca.pem] \
+//!     [--listen-tls-cert cert.pem --listen-tls-key key.pem]
 //! ```
 
 use async_trait::async_trait;
@@ -39,6 +40,12 @@ struct Args {
     /// The CA (PEM) the upstream's certificate must chain to.
     #[arg(long, requires = "tls_sni")]
     ca_file: Option<std::path::PathBuf>,
+    /// Terminate TLS on the listener with this certificate chain (PEM); HTTP/2 by ALPN.
+    #[arg(long, requires = "listen_tls_key")]
+    listen_tls_cert: Option<String>,
+    /// The private key (PEM) of --listen-tls-cert.
+    #[arg(long, requires = "listen_tls_cert")]
+    listen_tls_key: Option<String>,
 }
 
 struct Bare {
@@ -101,7 +108,21 @@ fn main() {
         },
         "bare_proxy",
     );
-    proxy.add_tcp(&args.listen);
+    match (&args.listen_tls_cert, &args.listen_tls_key) {
+        (Some(cert), Some(key)) => {
+            let mut settings =
+                match pingora_core::listeners::tls::TlsSettings::intermediate(cert, key) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("bare_proxy: --listen-tls-cert/--listen-tls-key: {e}");
+                        std::process::exit(2);
+                    }
+                };
+            settings.enable_h2();
+            proxy.add_tls_with_settings(&args.listen, None, settings);
+        }
+        _ => proxy.add_tcp(&args.listen),
+    }
     server.add_service(proxy);
     server.run_forever();
 }

@@ -25,6 +25,8 @@ struct RawConfig {
     public_url: Option<String>,
     #[serde(default)]
     admin: Option<RawAdmin>,
+    /// Agents connect over HTTPS (HTTP/1.1 or HTTP/2 by ALPN).
+    tls: Option<RawTls>,
     providers: Option<Vec<RawProvider>>,
     models: Option<Vec<RawModel>>,
     #[serde(default)]
@@ -69,6 +71,14 @@ struct RawAdmin {
     listen: String,
     #[serde(default = "default_token_env")]
     token_env: String,
+    tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: String,
+    key_file: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,6 +150,9 @@ struct RawServer {
     body_timeout_ms: u64,
     /// Provider host names are resolved again this often (and on a config reload).
     dns_refresh_ms: u64,
+    /// Load balancers (addresses or networks) whose `X-Forwarded-For` names the client for
+    /// the per-address auth-failure limit.
+    trusted_proxies: Vec<String>,
 }
 
 impl Default for RawServer {
@@ -165,6 +178,7 @@ impl Default for RawServer {
             max_header_bytes: 65_536,
             body_timeout_ms: 60_000,
             dns_refresh_ms: 30_000,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -238,6 +252,30 @@ pub struct Model {
 pub struct AdminConfig {
     pub listen: String,
     pub token_env: String,
+    pub tls: Option<TlsFiles>,
+}
+
+/// A listener's certificate chain and private key (PEM files), re-read on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+fn parse_tls(at: &str, raw: Option<RawTls>) -> Result<Option<TlsFiles>, ConfigError> {
+    let Some(t) = raw else {
+        return Ok(None);
+    };
+    if t.cert_file.is_empty() {
+        return err(format!("{at}.cert_file"), "must name a file");
+    }
+    if t.key_file.is_empty() {
+        return err(format!("{at}.key_file"), "must name a file");
+    }
+    Ok(Some(TlsFiles {
+        cert_file: PathBuf::from(t.cert_file),
+        key_file: PathBuf::from(t.key_file),
+    }))
 }
 
 /// What happens to a request when Redis (or PostgreSQL) cannot be reached.
@@ -361,6 +399,7 @@ pub struct Tuning {
     pub max_header_bytes: usize,
     pub body_timeout: Duration,
     pub dns_refresh: Duration,
+    pub trusted_proxies: Vec<crate::shield::IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -373,6 +412,8 @@ pub struct Config {
     /// The URL agents use (`public_url`, else `http://` + `listen`), without a trailing `/`.
     pub public_url: String,
     pub admin: Option<AdminConfig>,
+    /// The agent listener's certificate (`tls`): HTTPS when set.
+    pub tls: Option<TlsFiles>,
     pub providers: Vec<Provider>,
     pub models: Vec<Model>,
     /// Alias name -> ranked model indexes.
@@ -463,6 +504,7 @@ impl Config {
                 Some(AdminConfig {
                     listen: a.listen,
                     token_env: a.token_env,
+                    tls: parse_tls("admin.tls", a.tls)?,
                 })
             }
             None => None,
@@ -593,6 +635,18 @@ impl Config {
         if s.max_header_bytes < 1_024 {
             return err("server.max_header_bytes", "must be at least 1024");
         }
+        let mut trusted_proxies = Vec::with_capacity(s.trusted_proxies.len());
+        for (i, p) in s.trusted_proxies.iter().enumerate() {
+            match crate::shield::IpNet::parse(p) {
+                Some(net) => trusted_proxies.push(net),
+                None => {
+                    return err(
+                        format!("server.trusted_proxies[{i}]"),
+                        format!("\"{p}\" is not an address or network (10.0.0.0/8)"),
+                    )
+                }
+            }
+        }
         if !(100..=60_000).contains(&s.dns_refresh_ms) {
             return err("server.dns_refresh_ms", "must be between 100 and 60000");
         }
@@ -620,6 +674,7 @@ impl Config {
             public_catalog: raw.public_catalog,
             public_url,
             admin,
+            tls: parse_tls("tls", raw.tls)?,
             providers,
             models,
             aliases,
@@ -645,6 +700,7 @@ impl Config {
                 max_header_bytes: s.max_header_bytes,
                 body_timeout: Duration::from_millis(s.body_timeout_ms),
                 dns_refresh: Duration::from_millis(s.dns_refresh_ms),
+                trusted_proxies,
             },
         })
     }

@@ -207,11 +207,92 @@ impl HeadScan {
     }
 }
 
+/// Finds the end of the first request head of an HTTP/2 connection (TLS with ALPN `h2`):
+/// after the 24-byte client preface, the first HEADERS or CONTINUATION frame that carries
+/// END_HEADERS, payload included. Frames before it (SETTINGS, WINDOW_UPDATE, PING, ...)
+/// count as waiting, so a client that only sends control frames is cut at the deadline just
+/// like an HTTP/1 client trickling its head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct H2Scan {
+    /// Bytes still to skip: the preface, then each frame's payload.
+    skip: usize,
+    /// The frame header being read.
+    header: [u8; 9],
+    header_len: usize,
+    /// The frame whose payload is being skipped ends the first head.
+    last: bool,
+    done: bool,
+}
+
+const H2_PREFACE_LEN: usize = 24;
+const H2_HEADERS: u8 = 0x1;
+const H2_CONTINUATION: u8 = 0x9;
+const H2_END_HEADERS: u8 = 0x4;
+
+impl H2Scan {
+    fn new() -> Self {
+        H2Scan {
+            skip: H2_PREFACE_LEN,
+            header: [0; 9],
+            header_len: 0,
+            last: false,
+            done: false,
+        }
+    }
+
+    /// Feeds the next bytes read; true once the first head is complete.
+    fn feed(&mut self, mut bytes: &[u8]) -> bool {
+        while !self.done && !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                if self.skip == 0 && self.last {
+                    self.done = true;
+                }
+                continue;
+            }
+            let n = (9 - self.header_len).min(bytes.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
+            self.header_len += n;
+            bytes = &bytes[n..];
+            if self.header_len == 9 {
+                let h = self.header;
+                self.header_len = 0;
+                let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+                self.last =
+                    matches!(h[3], H2_HEADERS | H2_CONTINUATION) && h[4] & H2_END_HEADERS != 0;
+                self.skip = len;
+                if len == 0 && self.last {
+                    self.done = true;
+                }
+            }
+        }
+        self.done
+    }
+}
+
+/// The scanner for the connection's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    Http1(HeadScan),
+    H2(H2Scan),
+}
+
+impl Scan {
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        match self {
+            Scan::Http1(s) => s.feed(bytes),
+            Scan::H2(s) => s.feed(bytes),
+        }
+    }
+}
+
 /// The first request head's deadline while it runs.
 #[derive(Debug)]
 struct HeadDeadline {
     sleep: Pin<Box<Sleep>>,
-    scan: HeadScan,
+    scan: Scan,
 }
 
 /// A client connection: reads fail with `TimedOut` once the first request head has taken
@@ -225,11 +306,16 @@ pub struct EdgeStream {
 
 impl EdgeStream {
     fn new(inner: Stream, header_timeout: Duration, slot: Slot) -> Self {
+        // TLS is done by now: ALPN says which protocol the bytes will speak.
+        let scan = match inner.selected_alpn_proto() {
+            Some(ALPN::H2) => Scan::H2(H2Scan::new()),
+            _ => Scan::Http1(HeadScan::Start),
+        };
         EdgeStream {
             inner,
             head: Some(HeadDeadline {
                 sleep: Box::pin(tokio::time::sleep_until(Instant::now() + header_timeout)),
-                scan: HeadScan::Start,
+                scan,
             }),
             _slot: slot,
         }
@@ -393,6 +479,50 @@ mod tests {
         b"POST /v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}",
         b"GET / HTTP/1.1\r\n\r\n",
     ];
+
+    /// An HTTP/2 client's first bytes: preface, SETTINGS, WINDOW_UPDATE, then a HEADERS
+    /// frame of 5 bytes with END_HEADERS.
+    fn h2_opening() -> (Vec<u8>, usize) {
+        let mut b = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        b.extend_from_slice(&[0, 0, 6, 0x4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 100]);
+        b.extend_from_slice(&[0, 0, 4, 0x8, 0, 0, 0, 0, 0, 0, 1, 0, 0]);
+        b.extend_from_slice(&[0, 0, 5, 0x1, 0x4, 0, 0, 0, 1, 1, 2, 3, 4, 5]);
+        let len = b.len();
+        b.extend_from_slice(&[0, 0, 2, 0x0, 0x1, 0, 0, 0, 1, b'{', b'}']);
+        (b, len)
+    }
+
+    #[test]
+    fn an_h2_head_is_complete_after_its_headers_frame_however_it_is_split() {
+        let (bytes, end) = h2_opening();
+        for split in 0..=bytes.len() {
+            let mut scan = H2Scan::new();
+            let (a, b) = bytes.split_at(split);
+            assert_eq!(scan.feed(a), split >= end, "split at {split}");
+            assert!(scan.feed(b), "split at {split}");
+        }
+        let mut scan = H2Scan::new();
+        let done_at = bytes
+            .iter()
+            .position(|b| scan.feed(std::slice::from_ref(b)));
+        assert_eq!(done_at, Some(end - 1));
+    }
+
+    #[test]
+    fn h2_control_frames_alone_or_headers_without_end_headers_are_not_a_head() {
+        let (bytes, end) = h2_opening();
+        let mut scan = H2Scan::new();
+        assert!(
+            !scan.feed(&bytes[..end - 14]),
+            "preface, SETTINGS, WINDOW_UPDATE"
+        );
+        // HEADERS without END_HEADERS, then its CONTINUATION with it.
+        let mut scan = H2Scan::new();
+        let mut b = bytes[..end - 14].to_vec();
+        b.extend_from_slice(&[0, 0, 2, 0x1, 0x0, 0, 0, 0, 1, 1, 2]);
+        assert!(!scan.feed(&b));
+        assert!(scan.feed(&[0, 0, 1, 0x9, 0x4, 0, 0, 0, 1, 9]));
+    }
 
     #[test]
     fn a_head_is_complete_at_its_empty_line_however_it_is_split() {

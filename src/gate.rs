@@ -15,6 +15,7 @@ use crate::ledger::{ClusterNode, SpendLedger};
 use crate::limits::store::InProcess;
 use crate::limits::store::LimitStore;
 use crate::limits::KeyCounters;
+use crate::listen_tls::ListenerCerts;
 use crate::metrics::Metrics;
 use crate::shared::{Limiter, SharedLimits};
 use crate::shield::{AuthShield, Sampler};
@@ -55,12 +56,15 @@ pub struct Gate {
     pub auth_shield: AuthShield,
     /// Traces of unauthenticated requests kept per second; the rest are only counted.
     pub unauthenticated_traces: Sampler,
+    /// The certificates the listeners serve (`tls`, `admin.tls`), swapped by SIGHUP.
+    pub listener_certs: ListenerCerts,
 }
 
 impl Gate {
     /// Builds the state and loads every key. Fails if the store or a provider address is bad.
     pub fn new(config: Config) -> Result<Gate, String> {
         let config_path = config.path.clone();
+        let listener_certs = ListenerCerts::load(&config, now_ms() / 1000)?;
         let routes = Routes::build(config)?;
         for w in &routes.warnings {
             log::warn!("{w}");
@@ -86,6 +90,7 @@ impl Gate {
         let gate = Gate {
             auth_shield: AuthShield::new(config.tuning.auth_failures_per_minute),
             unauthenticated_traces: Sampler::new(UNAUTHENTICATED_TRACES_PER_SEC),
+            listener_certs,
             snapshot: ArcSwap::from_pointee(Snapshot {
                 routes: Arc::new(routes),
                 keys: Arc::new(KeySet::default()),
@@ -222,6 +227,8 @@ impl Gate {
     pub fn reload_config(&self) -> Result<(), String> {
         let mut config = Config::load(&self.config_path).map_err(|e| e.to_string())?;
         config.load_provider_keys();
+        // Certificate files are re-read first and swapped in only if the whole reload holds.
+        let certs = self.listener_certs.prepare(&config, now_ms() / 1000)?;
         let running = self.routes();
         for (what, changed) in [
             ("listen", config.listen != running.config.listen),
@@ -251,13 +258,15 @@ impl Gate {
         config.admin = running.config.admin.clone();
         config.tuning.threads = running.config.tuning.threads;
         let routes = Arc::new(Routes::build(config)?);
-        for w in &routes.warnings {
+        for w in routes.warnings.iter().chain(&certs.warnings) {
             log::warn!("config reload: {w}");
         }
         let _guard = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let store = self.open_store().map_err(|e| format!("database: {e}"))?;
         self.swap_in(&store, routes)
-            .map_err(|e| format!("database: {e}"))
+            .map_err(|e| format!("database: {e}"))?;
+        certs.apply();
+        Ok(())
     }
 
     /// Builds the key set against `routes` and swaps both in as one snapshot. Live counters

@@ -13,6 +13,7 @@ pub mod gate;
 pub mod keys;
 pub mod ledger;
 pub mod limits;
+pub mod listen_tls;
 pub mod manage;
 pub mod metrics;
 pub mod money;

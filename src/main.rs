@@ -205,8 +205,10 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string())
             .and_then(|mut c| {
                 c.load_provider_keys();
+                let now = spidergate::clock::now_ms() / 1000;
+                let listeners = spidergate::listen_tls::check(&c, now)?;
                 spidergate::snapshot::Routes::build(c).map(|r| {
-                    for w in &r.warnings {
+                    for w in r.warnings.iter().chain(&listeners) {
                         eprintln!("warning: {w}");
                     }
                     r.config

@@ -256,22 +256,42 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
         "spidergate".to_string(),
         EdgeApp::new(proxy, gate.clone()),
     );
-    proxy.add_tcp(&listen);
+    for warning in crate::listen_tls::plain_http_warnings(&gate.routes().config) {
+        log::warn!("{warning}");
+    }
+    match &gate.listener_certs.agent {
+        Some(cert) => proxy.add_tls_with_settings(&listen, None, cert.settings()?),
+        None => proxy.add_tcp(&listen),
+    }
     server.add_service(proxy);
     if let Some(admin) = &gate.routes().config.admin {
         let mut service = pingora_core::services::listening::Service::new(
             "spidergate admin".to_string(),
             AdminApp::new(gate.clone(), &admin.token_env),
         );
-        service.add_tcp(&admin.listen);
+        let scheme = match &gate.listener_certs.admin {
+            Some(cert) => {
+                service.add_tls_with_settings(&admin.listen, None, cert.settings()?);
+                "https"
+            }
+            None => {
+                service.add_tcp(&admin.listen);
+                "http"
+            }
+        };
         server.add_service(service);
-        log::info!("admin API listening on {}", admin.listen);
+        log::info!("admin API listening on {scheme}://{}", admin.listen);
     }
     server.add_service(background_service(
         "spidergate maintenance",
         Maintenance { gate: gate.clone() },
     ));
-    log::info!("spidergate listening on {listen}");
+    let scheme = if gate.listener_certs.agent.is_some() {
+        "https (HTTP/2 and HTTP/1.1)"
+    } else {
+        "http"
+    };
+    log::info!("spidergate listening on {listen} ({scheme})");
     server.run(RunArgs {
         shutdown_signal: Box::new(DrainOnTerm {
             gate: gate.clone(),

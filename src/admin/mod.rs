@@ -148,6 +148,7 @@ impl AdminApp {
                     if let Some(shared) = self.gate.limits.shared() {
                         crate::metrics::render_shared(&mut text, shared);
                     }
+                    self.gate.listener_certs.render_metrics(&mut text);
                     text.into_bytes()
                 },
                 page: false,

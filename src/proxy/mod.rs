@@ -146,10 +146,11 @@ impl GateProxy {
     /// answered 429 instead of 401 (valid keys never get here).
     fn shield(&self, session: &Session, err: GateError) -> GateError {
         self.gate.metrics.auth_failure();
-        let addr = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
+        let trusted = &self.gate.routes().config.tuning.trusted_proxies;
+        let addr = session.client_addr().and_then(|a| a.as_inet()).map(|a| {
+            let forwarded = session.req_header().headers.get("x-forwarded-for");
+            crate::shield::client_ip(a.ip(), forwarded.map(|v| v.as_bytes()), trusted)
+        });
         match addr {
             Some(ip) if self.gate.auth_shield.failed(&ip) => GateError::AuthFlood {
                 retry_after_secs: SHIELD_WINDOW.as_secs(),
