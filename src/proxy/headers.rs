@@ -16,11 +16,6 @@ pub(super) fn header_bytes<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a
     req.headers.get(name).map(|v| v.as_bytes())
 }
 
-pub(super) static LIMIT_REQUESTS: HeaderName =
-    HeaderName::from_static("x-ratelimit-limit-requests");
-pub(super) static REMAINING_REQUESTS: HeaderName =
-    HeaderName::from_static("x-ratelimit-remaining-requests");
-pub(super) static RATE_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 pub(super) static BUDGET_WARNING: HeaderName =
     HeaderName::from_static("x-spidergate-budget-warning");
 /// Client headers that never go upstream: credentials of any kind (the provider's own key
@@ -70,18 +65,43 @@ pub(super) fn strip_account_headers(resp: &mut ResponseHeader) {
 pub(super) static FALLBACK_FROM: HeaderName = HeaderName::from_static("x-spidergate-fallback-from");
 pub(super) static UNLIMITED: HeaderValue = HeaderValue::from_static("unlimited");
 
+/// The rate-limit header names in the case they are sent, as static bytes: Pingora keeps a
+/// case map beside the header map, and a `HeaderName` would be title-cased into a fresh
+/// allocation on every insert.
+static LIMIT_REQUESTS_CASE: bytes::Bytes = bytes::Bytes::from_static(b"X-RateLimit-Limit-Requests");
+static REMAINING_REQUESTS_CASE: bytes::Bytes =
+    bytes::Bytes::from_static(b"X-RateLimit-Remaining-Requests");
+static RATE_RESET_CASE: bytes::Bytes = bytes::Bytes::from_static(b"X-RateLimit-Reset");
+
+/// Header values of the numbers below this are formatted once and shared (a clone is a
+/// reference count), so the common case formats nothing per response.
+const SHARED_NUMBERS: u64 = 4096;
+
+/// `n` as a header value, without formatting or allocating when it is small.
+pub(super) fn number_value(n: u64) -> HeaderValue {
+    static SMALL: once_cell::sync::Lazy<Box<[HeaderValue]>> =
+        once_cell::sync::Lazy::new(|| (0..SHARED_NUMBERS).map(HeaderValue::from).collect());
+    match SMALL.get(n as usize) {
+        Some(v) => v.clone(),
+        None => HeaderValue::from(n),
+    }
+}
+
 pub(super) fn add_standing_headers(resp: &mut ResponseHeader, s: &Standing) -> Result<()> {
     match (s.rpm, s.remaining) {
         (Some(limit), Some(remaining)) => {
-            resp.insert_header(LIMIT_REQUESTS.clone(), HeaderValue::from(limit))?;
-            resp.insert_header(REMAINING_REQUESTS.clone(), HeaderValue::from(remaining))?;
+            resp.insert_header(LIMIT_REQUESTS_CASE.clone(), number_value(limit.into()))?;
+            resp.insert_header(
+                REMAINING_REQUESTS_CASE.clone(),
+                number_value(remaining.into()),
+            )?;
         }
         _ => {
-            resp.insert_header(LIMIT_REQUESTS.clone(), UNLIMITED.clone())?;
-            resp.insert_header(REMAINING_REQUESTS.clone(), UNLIMITED.clone())?;
+            resp.insert_header(LIMIT_REQUESTS_CASE.clone(), UNLIMITED.clone())?;
+            resp.insert_header(REMAINING_REQUESTS_CASE.clone(), UNLIMITED.clone())?;
         }
     }
-    resp.insert_header(RATE_RESET.clone(), HeaderValue::from(s.reset_secs))?;
+    resp.insert_header(RATE_RESET_CASE.clone(), number_value(s.reset_secs))?;
     if s.budget_warning {
         resp.insert_header(
             BUDGET_WARNING.clone(),

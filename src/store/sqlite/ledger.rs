@@ -14,26 +14,25 @@ use crate::money::Nanos;
 use crate::store::ledger::{Batch, ModelSpend, TraceRow, ORPHANED};
 use crate::store::Result;
 
-/// Rows per multi-row trace insert (15 parameters each; SQLite allows 32,766).
-const TRACE_ROWS_PER_INSERT: usize = 64;
-const TRACE_COLUMNS: &str = "ts, key_id, endpoint, requested_model, served_model, provider, \
-     status, error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, cost_nanos, \
-     usage_estimated, fallback_from";
+/// Rows per multi-row trace insert. A batch is cut into these sizes, largest first, so at
+/// most seven statements are ever prepared (and stay in the statement cache); any other
+/// remainder would be a new statement to prepare at each flush. Parameters are anonymous
+/// (`?`), which keeps the SQL short: the cache hashes it on every lookup.
+const TRACE_CHUNKS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
+const TRACE_PARAMS: usize = 15;
 
 fn trace_insert_sql(rows: usize) -> String {
-    let mut sql = format!("INSERT INTO traces ({TRACE_COLUMNS}) VALUES ");
+    let row = "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)";
+    let mut sql = String::from(
+        "INSERT INTO traces (ts, key_id, endpoint, requested_model, served_model, provider, \
+         status, error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, \
+         cost_nanos, usage_estimated, fallback_from) VALUES ",
+    );
     for r in 0..rows {
         if r > 0 {
             sql.push(',');
         }
-        sql.push('(');
-        for c in 0..15 {
-            if c > 0 {
-                sql.push(',');
-            }
-            sql.push_str(&format!("?{}", r * 15 + c + 1));
-        }
-        sql.push(')');
+        sql.push_str(row);
     }
     sql
 }
@@ -86,18 +85,21 @@ fn add_daily(tx: &rusqlite::Transaction<'_>, key_id: &str, day: i64, n: i64) -> 
     Ok(())
 }
 
-/// Inserts every trace of a batch, `TRACE_ROWS_PER_INSERT` rows per statement.
+/// Inserts every trace of a batch in multi-row statements of [`TRACE_CHUNKS`] sizes.
 fn insert_traces(tx: &rusqlite::Transaction<'_>, batch: &[&TraceRow]) -> Result<()> {
-    static FULL: once_cell::sync::Lazy<String> =
-        once_cell::sync::Lazy::new(|| trace_insert_sql(TRACE_ROWS_PER_INSERT));
-    for chunk in batch.chunks(TRACE_ROWS_PER_INSERT) {
-        let mut stmt = if chunk.len() == TRACE_ROWS_PER_INSERT {
-            tx.prepare_cached(&FULL)?
-        } else {
-            tx.prepare_cached(&trace_insert_sql(chunk.len()))?
-        };
+    static SQL: once_cell::sync::Lazy<[String; TRACE_CHUNKS.len()]> =
+        once_cell::sync::Lazy::new(|| TRACE_CHUNKS.map(trace_insert_sql));
+    let mut rest = batch;
+    while !rest.is_empty() {
+        let size = TRACE_CHUNKS
+            .iter()
+            .position(|&n| n <= rest.len())
+            .unwrap_or(TRACE_CHUNKS.len() - 1);
+        let (chunk, tail) = rest.split_at(TRACE_CHUNKS[size].min(rest.len()));
+        rest = tail;
+        let mut stmt = tx.prepare_cached(&SQL[size])?;
         for (r, t) in chunk.iter().enumerate() {
-            let at = r * 15;
+            let at = r * TRACE_PARAMS;
             stmt.raw_bind_parameter(at + 1, t.ts)?;
             stmt.raw_bind_parameter(at + 2, t.key_id.as_deref())?;
             stmt.raw_bind_parameter(at + 3, t.endpoint.as_ref())?;

@@ -151,6 +151,9 @@ impl Sqlite {
         }
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
+        // The ledger's statements (seven trace-insert sizes, spend upserts, the journal) all
+        // stay prepared: re-preparing one costs more than the row it inserts.
+        conn.set_prepared_statement_cache_capacity(64);
         // Only takes effect when the file is created: fewer, larger pages for the append-heavy
         // trace table (set before WAL, which fixes the page size).
         conn.pragma_update(None, "page_size", 16_384)?;
