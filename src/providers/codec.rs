@@ -233,6 +233,24 @@ impl ResponseCodec {
         }
     }
 
+    /// What a stream reported before it was cut, final or not (Anthropic's `message_start`
+    /// gives the input side); the final usage where [`ResponseCodec::usage`] has it.
+    pub fn partial_usage(&self) -> Option<Usage> {
+        match self {
+            ResponseCodec::AnthropicSse(p) => p.partial_usage(),
+            ResponseCodec::ChatFromMessagesSse(t, _) => t.partial_usage(),
+            other => other.usage(false),
+        }
+    }
+
+    /// Whether the answer is one JSON body (its usage is known only at its end).
+    pub fn is_whole_body(&self) -> bool {
+        matches!(
+            self,
+            ResponseCodec::Json(..) | ResponseCodec::Translate { .. }
+        )
+    }
+
     /// For a stream, the bytes of generated text seen so far (an estimate's basis when it
     /// breaks before its usage); None for whole bodies.
     pub fn stream_text_bytes(&self) -> Option<u64> {

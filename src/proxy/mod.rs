@@ -109,7 +109,11 @@ impl GateProxy {
         {
             return Err(GateError::LedgerUnavailable);
         }
-        let media = u64::from(routes.config.tuning.media_part_tokens);
+        let tuning = &routes.config.tuning;
+        let overheads = admission::Overheads {
+            media_part_tokens: u64::from(tuning.media_part_tokens),
+            tool_prompt_tokens: u64::from(tuning.tool_prompt_tokens),
+        };
         let journal_id = self.gate.ledger.journal_id();
         let adm = admission::admit(
             &self.gate.limits,
@@ -118,7 +122,7 @@ impl GateProxy {
             ctx.endpoint,
             &ctx.body,
             now,
-            media,
+            overheads,
             journal_id as u64,
         )
         .await?;
