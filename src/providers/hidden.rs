@@ -192,7 +192,10 @@ mod tests {
     #[test]
     fn tools_add_their_prompt_and_provider_tools_their_definitions() {
         let h = hidden(r#"{"model":"m","tools":[{"name":"f","input_schema":{}}]}"#);
-        assert_eq!((h.tools, h.provider_tools, h.server_tool), (true, 0, None));
+        assert_eq!(
+            (h.tools, h.provider_tools, h.server_tool.as_deref()),
+            (true, 0, None)
+        );
         assert_eq!(h.overhead_tokens(1000), 1000);
         let h = hidden(r#"{"model":"m","tools":[{"type":"bash_20250124","name":"bash"}]}"#);
         assert_eq!(h.overhead_tokens(1000), 2000);
