@@ -835,6 +835,17 @@ fn parse_provider(at: &str, p: RawProvider) -> Result<Provider, ConfigError> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn provider_keys_never_appear_in_debug_output() {
+        let yaml = "listen: \"127.0.0.1:1\"\ndatabase: \"x.db\"\nproviders: [{name: p, kind: openai, base_url: \"http://127.0.0.1:1/v1\", api_key_env: SG_DEBUG_TEST_KEY}]\nmodels: [{id: m, provider: p, input_usd_per_mtok: 1, output_usd_per_mtok: 1}]\n";
+        let mut config = Config::parse(yaml, Path::new("t.yaml")).unwrap();
+        config.providers[0].keys =
+            vec![("SG_DEBUG_TEST_KEY".into(), "sk-live-secret-value".into())];
+        let shown = format!("{config:?} {:?}", config.providers[0]);
+        assert!(!shown.contains("sk-live-secret-value"), "{shown}");
+        assert!(shown.contains("SG_DEBUG_TEST_KEY"), "{shown}");
+    }
+
     const BASE: &str = r#"
 listen: "127.0.0.1:8080"
 database: "data/x.db"

@@ -426,3 +426,59 @@ fn a_messages_stream_cut_before_its_usage_is_charged_its_prompt_and_delivered_ou
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Shared provider keys, and what agents see of the provider's account.
+// ---------------------------------------------------------------------------------------------
+
+const POOL_K1: &str = "sk-pool-one-1111111111";
+const POOL_K2: &str = "sk-pool-two-2222222222";
+
+#[test]
+fn request_too_large_never_rests_a_pooled_key_and_its_body_is_masked() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock)
+        .provider("- name: pooled\n  kind: openai\n  base_url: \"{mock}/v1\"\n  api_key_envs: [SG_POOL_K1, SG_POOL_K2]")
+        .models("models:\n  - id: pool-model\n    provider: pooled\n    input_usd_per_mtok: 1\n    output_usd_per_mtok: 2\n    max_output_tokens: 1000\n")
+        .env("SG_POOL_K1", POOL_K1)
+        .env("SG_POOL_K2", POOL_K2)
+        .start();
+    let attacker = gw.create_key(&[]);
+    let other = gw.create_key(&[]);
+    let body = json!({"model": "pool-model", "messages": [{"role": "user", "content": "hi"}]});
+    mock.clear();
+    for _ in 0..6 {
+        let r = post(
+            gw.addr,
+            "/v1/chat/completions",
+            &attacker.bearer(),
+            &body,
+            &[("x-mock-too-large", "1")],
+        );
+        assert_eq!(r.status, 429, "{}", r.text());
+        let e = &r.json()["error"];
+        assert_eq!(
+            e["code"], "rate_limit_exceeded",
+            "status, type and code kept"
+        );
+        assert_eq!(e["type"], "tokens");
+        let message = e["message"].as_str().unwrap_or("");
+        for secret in ["AbC123xyz", "Xyz789abc", "abcdef12345"] {
+            assert!(!message.contains(secret), "account id leaked: {message}");
+        }
+        assert!(message.contains("org-*"), "{message}");
+    }
+    assert_eq!(mock.requests().len(), 6, "never retried on the other key");
+    // Both keys still serve everyone else.
+    mock.clear();
+    for _ in 0..4 {
+        let r = post(gw.addr, "/v1/chat/completions", &other.bearer(), &body, &[]);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let keys: std::collections::BTreeSet<String> = mock
+        .requests()
+        .iter()
+        .filter_map(|q| q.provider_key().map(str::to_string))
+        .collect();
+    assert_eq!(keys.len(), 2, "both pooled keys in use: {keys:?}");
+}

@@ -48,6 +48,9 @@ pub(crate) struct Knobs {
     /// `x-mock-context-window: W`: more input than this is refused with 400, as a real
     /// model refuses a prompt longer than its context window.
     pub(crate) context_window: Option<u64>,
+    /// `x-mock-too-large: 1`: refuse the request as too large for the key's per-minute
+    /// tokens while the key has capacity left.
+    pub(crate) too_large: bool,
 }
 
 impl Default for Knobs {
@@ -71,6 +74,7 @@ impl Default for Knobs {
             tool_call: None,
             hidden: HiddenSizes::default(),
             context_window: None,
+            too_large: false,
         }
     }
 }
@@ -119,6 +123,8 @@ pub(crate) fn apply_knob(knobs: &mut Knobs, knob: &str, value: &[u8]) {
         knobs.hidden.server_tool = number.unwrap_or(knobs.hidden.server_tool);
     } else if knob.eq_ignore_ascii_case(b"file-tokens") {
         knobs.hidden.file = number.unwrap_or(knobs.hidden.file);
+    } else if knob.eq_ignore_ascii_case(b"too-large") {
+        knobs.too_large = truthy(value);
     } else if knob.eq_ignore_ascii_case(b"context-window") {
         knobs.context_window = number;
     } else if knob.eq_ignore_ascii_case(b"tool-call") {

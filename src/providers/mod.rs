@@ -9,6 +9,7 @@
 pub mod anthropic;
 pub mod codec;
 pub mod hidden;
+pub mod mask;
 pub mod openai;
 pub mod openai_usage;
 pub mod pool;
