@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion};
-use spidergate::admission::{admit, check_scope, lookup, token_hash, Endpoint};
+use spidergate::admission::{admit, check_scope, lookup, token_hash, Endpoint, Overheads};
 use spidergate::catalog::Catalog;
 use spidergate::clock::now_ms;
 use spidergate::clock::Now;
@@ -93,7 +93,10 @@ fn bench(c: &mut Criterion, catalog: &Catalog) {
                         Endpoint::ChatCompletions,
                         &body,
                         Now::at(now),
-                        25_000,
+                        Overheads {
+                            media_part_tokens: 25_000,
+                            tool_prompt_tokens: 1_000,
+                        },
                         0,
                     ))
                     .expect("admit");

@@ -36,9 +36,52 @@ pub fn upstream_body(
         body,
         fields,
         &model.upstream_id,
-        u64::from(model.max_output_tokens),
+        output_cap(catalog, m, fields),
     )?;
     Ok((plan, upstream))
+}
+
+/// The output one choice may produce on model `m`, as reserved and as written upstream: the
+/// larger max-token field capped at the model's maximum (a provider never produces more),
+/// or that maximum when the request sets none.
+pub fn output_cap(catalog: &Catalog, m: usize, fields: &RequestFields) -> u64 {
+    let model_max = u64::from(catalog.models()[m].max_output_tokens);
+    fields
+        .max_output_tokens
+        .map_or(model_max, |t| t.min(model_max))
+}
+
+/// Input the body does not show, checked before anything is reserved (SPEC §2). A
+/// server-side tool adds input per use without a bound, and stored context or a file is
+/// bounded only by a model's `context_window_tokens`: for a hard-budget key either is
+/// refused with 400 naming the field, so its cap cannot be passed.
+pub fn check_hidden_input(
+    catalog: &Catalog,
+    chain: &Chain,
+    fields: &RequestFields,
+    hard_budget: bool,
+) -> Result<(), GateError> {
+    if !hard_budget {
+        return Ok(());
+    }
+    let hidden = &fields.hidden;
+    if let Some(field) = &hidden.server_tool {
+        return Err(GateError::InvalidRequest(format!(
+            "{field}: a server-side tool is billed per use beyond what the request shows, so a key with a hard budget cannot use it"
+        )));
+    }
+    if let Some(field) = &hidden.unseen_input {
+        let unbounded = (0..chain.len())
+            .filter_map(|i| chain.get(i))
+            .find(|&m| catalog.models()[m].context_window_tokens.is_none());
+        if let Some(m) = unbounded {
+            return Err(GateError::InvalidRequest(format!(
+                "{field}: adds input the request does not show, which model '{}' has no context_window_tokens to bound, so a key with a hard budget cannot send it",
+                catalog.models()[m].id
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,34 +244,42 @@ pub struct Bound {
 /// Upper bound of a request's cost on any model of its chain (SPEC §2: a true upper bound
 /// for every request shape). Prompt: every token is at least one byte of the body, plus
 /// `media_part_tokens` for each image, audio or file part, whose bytes say nothing about
-/// their tokens. Output: `n` choices of the larger max-token field, capped at the model's
-/// maximum (a provider never produces more), or that maximum when the request sets none.
-/// Saturating throughout: a bound that cannot be represented is `Nanos::MAX`, which no
-/// budget admits.
+/// their tokens, plus `tool_prompt_tokens` for the provider's tool-use system prompt and each
+/// provider-defined tool; with stored context or files, at least the model's context window
+/// (see [`check_hidden_input`]). Output: `n` choices of [`output_cap`]. Saturating
+/// throughout: a bound that cannot be represented is `Nanos::MAX`, which no budget admits.
 pub fn reservation_bound(
     catalog: &Catalog,
     chain: &Chain,
     endpoint: Endpoint,
     fields: &RequestFields,
     body_len: usize,
-    media_part_tokens: u64,
+    overheads: Overheads,
 ) -> Bound {
-    let prompt =
-        (body_len as u64).saturating_add(fields.media_parts.saturating_mul(media_part_tokens));
+    let seen = (body_len as u64)
+        .saturating_add(
+            fields
+                .media_parts
+                .saturating_mul(overheads.media_part_tokens),
+        )
+        .saturating_add(fields.hidden.overhead_tokens(overheads.tool_prompt_tokens));
     let mut best = Bound {
-        prompt_tokens: prompt,
+        prompt_tokens: seen,
         completion_tokens: 0,
         cost: Nanos::ZERO,
         model: 0,
     };
     for (i, m) in (0..chain.len()).filter_map(|i| chain.get(i).map(|m| (i, m))) {
-        let model_max = u64::from(catalog.models()[m].max_output_tokens);
+        let prompt = match (
+            &fields.hidden.unseen_input,
+            catalog.models()[m].context_window_tokens,
+        ) {
+            (Some(_), Some(window)) => seen.max(window),
+            _ => seen,
+        };
         let completion = match endpoint {
             Endpoint::Embeddings => 0,
-            _ => fields
-                .max_output_tokens
-                .map_or(model_max, |t| t.min(model_max))
-                .saturating_mul(fields.choices),
+            _ => output_cap(catalog, m, fields).saturating_mul(fields.choices),
         };
         let cost = catalog.bound_cost(m, prompt, completion);
         if i == 0 || cost > best.cost {
@@ -241,6 +292,14 @@ pub fn reservation_bound(
         }
     }
     best
+}
+
+/// The configured bounds of what a body's bytes do not show (`server.media_part_tokens`,
+/// `server.tool_prompt_tokens`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Overheads {
+    pub media_part_tokens: u64,
+    pub tool_prompt_tokens: u64,
 }
 
 /// Body, model and per-key controls for an authenticated, in-scope model request. `now` and
@@ -256,7 +315,7 @@ pub async fn admit<L: LimitStore>(
     endpoint: Endpoint,
     body: &Bytes,
     now: Now,
-    media_part_tokens: u64,
+    overheads: Overheads,
     res_id: u64,
 ) -> Result<Admission, GateError> {
     let fields = parse_request(body)?;
@@ -269,15 +328,10 @@ pub async fn admit<L: LimitStore>(
             endpoint.label()
         ))
     })?;
+    let hard_budget = key.limits.hard_budget && key.limits.budget.is_some();
+    check_hidden_input(catalog, &chain, &fields, hard_budget)?;
     let (plan, upstream_body) = upstream_body(catalog, endpoint, first, body, &fields)?;
-    let bound = reservation_bound(
-        catalog,
-        &chain,
-        endpoint,
-        &fields,
-        body.len(),
-        media_part_tokens,
-    );
+    let bound = reservation_bound(catalog, &chain, endpoint, &fields, body.len(), overheads);
     let (standing, reservation) = limits.admit(key, now, bound.cost, res_id).await?;
     // A shared store decided by its own clock: the cost is booked at its time, so every node
     // books a request to the month and day the limits counted it in.
@@ -408,7 +462,8 @@ mod tests {
             let fields = parse_request(&body).unwrap();
             let key = any_key(&c);
             let chain = c.resolve("all", &key).unwrap();
-            let bound = reservation_bound(&c, &chain, Endpoint::ChatCompletions, &fields, body.len(), media_part_tokens);
+            let overheads = Overheads { media_part_tokens, tool_prompt_tokens: 0 };
+            let bound = reservation_bound(&c, &chain, Endpoint::ChatCompletions, &fields, body.len(), overheads);
 
             // What the provider may bill on the model that served.
             let m = chain.get(served).unwrap();

@@ -106,6 +106,9 @@ struct RawModel {
     input_usd_per_mtok: f64,
     output_usd_per_mtok: f64,
     max_output_tokens: Option<u32>,
+    /// The most input one model call can take: the bound of what stored context, files and
+    /// documents add beyond the body.
+    context_window_tokens: Option<u64>,
     #[serde(default)]
     free: bool,
     cache_read_usd_per_mtok: Option<f64>,
@@ -133,6 +136,9 @@ struct RawServer {
     shutdown_timeout_secs: Option<u64>,
     default_max_output_tokens: u32,
     media_part_tokens: u32,
+    /// Input tokens a provider adds to a request with tools (its tool-use system prompt),
+    /// and again for each provider-defined client tool (bash, text editor, computer use).
+    tool_prompt_tokens: u32,
     auth_failures_per_minute: u32,
     ledger_max_backlog: usize,
     /// Where `serve --upgrade` receives the listening sockets of the running gateway.
@@ -170,6 +176,7 @@ impl Default for RawServer {
             shutdown_timeout_secs: None,
             default_max_output_tokens: DEFAULT_MAX_OUTPUT_TOKENS,
             media_part_tokens: DEFAULT_MEDIA_PART_TOKENS,
+            tool_prompt_tokens: DEFAULT_TOOL_PROMPT_TOKENS,
             auth_failures_per_minute: 60,
             ledger_max_backlog: 100_000,
             upgrade_sock: "data/spidergate-upgrade.sock".into(),
@@ -190,6 +197,10 @@ pub const DEFAULT_MAX_OUTPUT_TOKENS: u32 = 131_072;
 /// URL or file id) say nothing about their token count. OpenAI's high-detail image formula
 /// tops out below 2k tokens and Anthropic's at about 1.6k per image; a PDF page costs 1.5k-3k.
 pub const DEFAULT_MEDIA_PART_TOKENS: u32 = 25_000;
+/// Hidden input of a request with tools. Anthropic documents its tool-use system prompt at
+/// 313-530 tokens by model and `tool_choice`, and 245-735 tokens for each of its own client
+/// tools (bash, text editor, computer use); OpenAI's tool framing is smaller.
+pub const DEFAULT_TOOL_PROMPT_TOKENS: u32 = 1_000;
 
 fn default_max_body() -> u64 {
     32 * 1024 * 1024
@@ -207,7 +218,9 @@ pub use crate::providers::ProviderKind;
 /// config names one.
 pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 
-#[derive(Debug, Clone)]
+/// A provider as configured. `Debug` names its keys' variables, never their values (SPEC
+/// §2: the operator's provider account stays hidden, logs included).
+#[derive(Clone)]
 pub struct Provider {
     pub name: String,
     pub kind: ProviderKind,
@@ -232,6 +245,30 @@ pub struct Provider {
     pub tls_ca_file: Option<PathBuf>,
 }
 
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<(&str, &str)> = self
+            .keys
+            .iter()
+            .map(|(env, _)| (env.as_str(), "<redacted>"))
+            .collect();
+        f.debug_struct("Provider")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("base_url", &self.base_url)
+            .field("tls", &self.tls)
+            .field("host", &self.host)
+            .field("host_header", &self.host_header)
+            .field("port", &self.port)
+            .field("base_path", &self.base_path)
+            .field("keys", &keys)
+            .field("key_envs", &self.key_envs)
+            .field("anthropic_version", &self.anthropic_version)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .finish()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Model {
     pub id: String,
@@ -245,6 +282,9 @@ pub struct Model {
     /// The most output one request can produce: the model's `max_output_tokens`, else
     /// `server.default_max_output_tokens`.
     pub max_output_tokens: u32,
+    /// The model's context window, when configured: bounds the input of a request whose
+    /// body does not show all of it (stored context, files, documents).
+    pub context_window_tokens: Option<u64>,
     pub free: bool,
 }
 
@@ -390,6 +430,7 @@ pub struct Tuning {
     pub trace_retention_days: u32,
     pub shutdown_grace: Duration,
     pub media_part_tokens: u32,
+    pub tool_prompt_tokens: u32,
     pub auth_failures_per_minute: u32,
     pub ledger_max_backlog: usize,
     pub upgrade_sock: String,
@@ -561,6 +602,12 @@ impl Config {
                 cache_price("cache_read_usd_per_mtok", m.cache_read_usd_per_mtok)?;
             let cache_write_price =
                 cache_price("cache_write_usd_per_mtok", m.cache_write_usd_per_mtok)?;
+            if m.context_window_tokens == Some(0) {
+                return err(
+                    format!("{at}.context_window_tokens"),
+                    "must be greater than 0",
+                );
+            }
             if m.max_output_tokens == Some(0) {
                 return err(format!("{at}.max_output_tokens"), "must be greater than 0");
             }
@@ -575,6 +622,7 @@ impl Config {
                 max_output_tokens: m
                     .max_output_tokens
                     .unwrap_or(raw.server.default_max_output_tokens),
+                context_window_tokens: m.context_window_tokens,
                 free: m.free,
             });
         }
@@ -692,6 +740,7 @@ impl Config {
                     s.shutdown_grace_s.or(s.shutdown_timeout_secs).unwrap_or(30),
                 ),
                 media_part_tokens: s.media_part_tokens,
+                tool_prompt_tokens: s.tool_prompt_tokens,
                 auth_failures_per_minute: s.auth_failures_per_minute,
                 ledger_max_backlog: s.ledger_max_backlog,
                 upgrade_sock: s.upgrade_sock,
@@ -841,6 +890,17 @@ fn parse_provider(at: &str, p: RawProvider) -> Result<Provider, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn provider_keys_never_appear_in_debug_output() {
+        let yaml = "listen: \"127.0.0.1:1\"\ndatabase: \"x.db\"\nproviders: [{name: p, kind: openai, base_url: \"http://127.0.0.1:1/v1\", api_key_env: SG_DEBUG_TEST_KEY}]\nmodels: [{id: m, provider: p, input_usd_per_mtok: 1, output_usd_per_mtok: 1}]\n";
+        let mut config = Config::parse(yaml, Path::new("t.yaml")).unwrap();
+        config.providers[0].keys =
+            vec![("SG_DEBUG_TEST_KEY".into(), "sk-live-secret-value".into())];
+        let shown = format!("{config:?} {:?}", config.providers[0]);
+        assert!(!shown.contains("sk-live-secret-value"), "{shown}");
+        assert!(shown.contains("SG_DEBUG_TEST_KEY"), "{shown}");
+    }
 
     const BASE: &str = r#"
 listen: "127.0.0.1:8080"

@@ -425,8 +425,8 @@ fn media_parts_are_reserved_at_the_per_part_bound() {
             ],
         ),
         (
-            "image + audio + file",
-            vec![text.clone(), image.clone(), audio.clone(), file.clone()],
+            "image + audio + image",
+            vec![text.clone(), image.clone(), audio.clone(), image.clone()],
         ),
         ("two images", vec![image.clone(), image.clone()]),
     ] {
@@ -438,6 +438,21 @@ fn media_parts_are_reserved_at_the_per_part_bound() {
             r.text()
         );
     }
+    // A file by id is billed for pages the body does not show: without the model's
+    // `context_window_tokens` nothing bounds it, so a hard-budget key cannot send it (issue 16).
+    let r = send_chat(
+        gw.addr,
+        &key.bearer(),
+        &body(vec![text.clone(), file.clone()]),
+        &WORST_CASE_BILLING,
+    )
+    .unwrap();
+    assert_eq!(
+        (r.status, code_of(&r).as_str()),
+        (400, "invalid_request"),
+        "{}",
+        r.text()
+    );
     assert_eq!(mock.requests().len(), 1, "only the affordable one went out");
     assert!(billed(&mock) <= 500_000);
 }
@@ -1581,6 +1596,10 @@ fn property_random_request_shapes_never_bill_past_a_hard_cap() {
                 402 => {
                     assert_eq!(code_of(&r), "budget_exceeded", "{body}");
                     refused += 1;
+                }
+                // A file part needs a context window to bound it (issue 16).
+                400 if body.contains("file_id") => {
+                    assert_eq!(code_of(&r), "invalid_request", "{body}");
                 }
                 s => panic!("{body}: unexpected {s} {}", r.text()),
             }

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+use crate::billing::Api;
 use crate::http::HeadFlags;
 use crate::json::id;
 use crate::knobs::{Knobs, OutputFields, Tokens};
@@ -60,7 +61,11 @@ impl Reply<'_> {
             max_tokens: request.max_tokens,
             ..OutputFields::default()
         };
-        let tokens = knobs.tokens(body, Some(&output));
+        let tokens = knobs.tokens(body, Some(&output), Api::Anthropic);
+        if knobs.over_window(&tokens) {
+            let message = "prompt is too long: more input tokens than the model's context window";
+            return self.error(Shape::Anthropic, 400, flags, message).await;
+        }
         let message_id = id("msg_mock_", self.conn_id, self.request_no);
         let tool_id = id("toolu_mock_", self.conn_id, self.request_no);
         if request.stream == Some(true) {

@@ -513,7 +513,12 @@ pub(crate) struct HeadFlags {
     pub(crate) leak: bool,
     /// Add `retry-after: N`.
     pub(crate) retry_after: Option<u64>,
+    /// Add rate-limit headers saying the key has requests and tokens left.
+    pub(crate) capacity: bool,
 }
+
+/// A key with capacity left, as OpenAI and Anthropic report it on every response.
+const CAPACITY_HEADERS: &[u8] = b"\r\nx-ratelimit-limit-requests: 500\r\nx-ratelimit-remaining-requests: 499\r\nx-ratelimit-limit-tokens: 30000\r\nx-ratelimit-remaining-tokens: 30000\r\nanthropic-ratelimit-requests-remaining: 49\r\nanthropic-ratelimit-tokens-remaining: 30000";
 
 /// Status line and headers; `content_length: None` means a chunked body.
 pub(crate) fn push_head(
@@ -545,6 +550,9 @@ pub(crate) fn push_head(
     }
     if flags.leak {
         out.extend_from_slice(LEAK_HEADERS);
+    }
+    if flags.capacity {
+        out.extend_from_slice(CAPACITY_HEADERS);
     }
     out.extend_from_slice(b"\r\n\r\n");
 }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde_json::value::RawValue;
 
+use crate::billing::{hidden_input, Api, HiddenSizes};
 use crate::http::parse_decimal;
 use crate::Served;
 
@@ -42,6 +43,14 @@ pub(crate) struct Knobs {
     pub(crate) leak_headers: bool,
     /// `x-mock-tool-call: NAME`: answer with a call of this tool.
     pub(crate) tool_call: Option<String>,
+    /// What the provider adds beyond the body in `bytes` mode.
+    hidden: HiddenSizes,
+    /// `x-mock-context-window: W`: more input than this is refused with 400, as a real
+    /// model refuses a prompt longer than its context window.
+    pub(crate) context_window: Option<u64>,
+    /// `x-mock-too-large: 1`: refuse the request as too large for the key's per-minute
+    /// tokens while the key has capacity left.
+    pub(crate) too_large: bool,
 }
 
 impl Default for Knobs {
@@ -63,6 +72,9 @@ impl Default for Knobs {
             drop: false,
             leak_headers: false,
             tool_call: None,
+            hidden: HiddenSizes::default(),
+            context_window: None,
+            too_large: false,
         }
     }
 }
@@ -105,6 +117,16 @@ pub(crate) fn apply_knob(knobs: &mut Knobs, knob: &str, value: &[u8]) {
         knobs.drop = truthy(value);
     } else if knob.eq_ignore_ascii_case(b"leak-headers") {
         knobs.leak_headers = truthy(value);
+    } else if knob.eq_ignore_ascii_case(b"stored-tokens") {
+        knobs.hidden.stored = number.unwrap_or(knobs.hidden.stored);
+    } else if knob.eq_ignore_ascii_case(b"server-tool-tokens") {
+        knobs.hidden.server_tool = number.unwrap_or(knobs.hidden.server_tool);
+    } else if knob.eq_ignore_ascii_case(b"file-tokens") {
+        knobs.hidden.file = number.unwrap_or(knobs.hidden.file);
+    } else if knob.eq_ignore_ascii_case(b"too-large") {
+        knobs.too_large = truthy(value);
+    } else if knob.eq_ignore_ascii_case(b"context-window") {
+        knobs.context_window = number;
     } else if knob.eq_ignore_ascii_case(b"tool-call") {
         knobs.tool_call = std::str::from_utf8(value)
             .ok()
@@ -180,9 +202,14 @@ impl Tokens {
 impl Knobs {
     /// The tokens this request is billed, after the `bytes` / `max` modes. `output: None`
     /// (embeddings) leaves the completion count as the knob says.
-    pub(crate) fn tokens(&self, body: &[u8], output: Option<&OutputFields<'_>>) -> Tokens {
+    pub(crate) fn tokens(
+        &self,
+        body: &[u8],
+        output: Option<&OutputFields<'_>>,
+        api: Api,
+    ) -> Tokens {
         let fresh_input = if self.prompt_from_body {
-            body.len() as u64
+            (body.len() as u64).saturating_add(hidden_input(body, api, &self.hidden))
         } else {
             self.prompt_tokens
         };
@@ -206,6 +233,11 @@ impl Knobs {
             cache_write: self.cache_write_tokens,
             output,
         }
+    }
+
+    /// Input past `x-mock-context-window`: the real API refuses it before any work.
+    pub(crate) fn over_window(&self, tokens: &Tokens) -> bool {
+        self.context_window.is_some_and(|w| tokens.all_input() > w)
     }
 
     /// Whether `x-mock-status` applies to this body (`x-mock-status-model` matches).
@@ -261,7 +293,7 @@ mod tests {
         apply_knob(&mut knobs, "cache-read-tokens", b"30");
         apply_knob(&mut knobs, "Cache-Write-Tokens", b"20");
         apply_knob(&mut knobs, "tool-call", b"get_weather");
-        let t = knobs.tokens(b"{}", None);
+        let t = knobs.tokens(b"{}", None, Api::OpenAi);
         assert_eq!((t.fresh_input, t.cache_read, t.cache_write), (10, 30, 20));
         assert_eq!(t.all_input(), 60);
         assert_eq!(t.served_openai().cache_write, 0);

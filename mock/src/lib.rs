@@ -9,7 +9,9 @@
 //! | header | effect |
 //! |---|---|
 //! | `x-mock-prompt-tokens: N` / `x-mock-completion-tokens: M` | usage reported (default 10 / 5); Anthropic: `input_tokens` / `output_tokens` |
-//! | `x-mock-prompt-tokens: bytes` | prompt tokens reported = the request body's length in bytes (a worst case: every token at least one byte) |
+//! | `x-mock-prompt-tokens: bytes` | prompt tokens reported = the request body's length in bytes (a worst case: every token at least one byte), plus what the real APIs bill beyond the body: Anthropic's tool-use system prompt (346 tokens, 313 with `tool_choice` any/tool) and its client tools' definitions (bash 245, text editor 700, computer use 1,234); `x-mock-stored-tokens` (default 50,000) for each of `previous_response_id`, `conversation`, `prompt`; `x-mock-server-tool-tokens` (default 30,000) for each server-side tool and `mcp_servers` / `container` / `web_search_options`; `x-mock-file-tokens` (default 20,000) for each file, document or `item_reference` part |
+//! | `x-mock-too-large: 1` | refuse as "Request too large" (OpenAI shapes 429 `rate_limit_exceeded`, naming `org-…`, `proj_…` and `sk-…` identifiers; Anthropic 413) with rate-limit headers saying the key has capacity left |
+//! | `x-mock-context-window: W` | more input than W tokens is refused with 400, as a model refuses a prompt past its context window |
 //! | `x-mock-completion-tokens: max` | completion tokens reported = `n` x the larger of `max_tokens` / `max_completion_tokens` (Responses: `max_output_tokens`) in the body (none: 16; no `n`: 1), capped at 1,000,000,000: everything the request allows |
 //! | `x-mock-cache-read-tokens: R` / `x-mock-cache-write-tokens: W` | cached input, on top of the prompt tokens: Anthropic `cache_read_input_tokens` / `cache_creation_input_tokens` (`input_tokens` excludes them); OpenAI chat `prompt_tokens` = N+R+W with `prompt_tokens_details.cached_tokens` = R; Responses likewise with `input_tokens_details.cached_tokens` |
 //! | `x-mock-tool-call: NAME` | the reply is a call of tool NAME with arguments `{"city":"Paris"}` (chat `tool_calls`, Responses `function_call`, Anthropic `tool_use`; streamed in `x-mock-chunks` argument pieces) |
@@ -38,6 +40,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod anthropic;
+mod billing;
 mod http;
 mod json;
 mod knobs;

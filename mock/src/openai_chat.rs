@@ -7,6 +7,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
+use crate::billing::Api;
 use crate::http::HeadFlags;
 use crate::json::{push_id, push_json_str, push_u64, push_usage, unix_now};
 use crate::knobs::{Knobs, OutputFields, Tokens, TOOL_ARGUMENTS};
@@ -64,7 +65,11 @@ impl Reply<'_> {
             max_completion_tokens: request.max_completion_tokens,
             n: request.n,
         };
-        let tokens = knobs.tokens(body, Some(&output));
+        let tokens = knobs.tokens(body, Some(&output), Api::OpenAi);
+        if knobs.over_window(&tokens) {
+            let message = "prompt is too long: more input tokens than the model's context window";
+            return self.error(Shape::OpenAi, 400, flags, message).await;
+        }
         if request.stream == Some(true) {
             let include_usage = request
                 .stream_options
@@ -237,7 +242,7 @@ impl Reply<'_> {
             }
             single => std::slice::from_ref(single),
         };
-        let tokens = knobs.tokens(body, None);
+        let tokens = knobs.tokens(body, None, Api::OpenAi);
         let prompt = tokens.fresh_input;
         let json = &mut *self.json;
         json.clear();

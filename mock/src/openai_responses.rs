@@ -7,6 +7,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+use crate::billing::Api;
 use crate::http::HeadFlags;
 use crate::json::{id, unix_now};
 use crate::knobs::{Knobs, OutputFields, Tokens, TOOL_ARGUMENTS};
@@ -110,7 +111,11 @@ impl Reply<'_> {
             max_tokens: request.max_output_tokens,
             ..OutputFields::default()
         };
-        let tokens = knobs.tokens(body, Some(&output));
+        let tokens = knobs.tokens(body, Some(&output), Api::OpenAi);
+        if knobs.over_window(&tokens) {
+            let message = "prompt is too long: more input tokens than the model's context window";
+            return self.error(Shape::OpenAi, 400, flags, message).await;
+        }
         let (conn, no) = (self.conn_id, self.request_no);
         let tool = knobs.tool_call.as_deref();
         let ids = Ids {

@@ -145,6 +145,17 @@ impl Reply<'_> {
                 .error(shape, 401, flags, "x-api-key header is required")
                 .await;
         }
+        if knobs.too_large {
+            // OpenAI: 429 naming the organization, while the key has capacity; Anthropic: 413.
+            let status = if shape == Shape::Anthropic { 413 } else { 429 };
+            let message = "Request too large for gpt-4o in organization org-AbC123xyz on tokens per min (TPM): Limit 30000, Requested 450000. Project proj_Xyz789abc, key sk-proj-abcdef12345.";
+            let flags = HeadFlags {
+                capacity: true,
+                ..flags
+            };
+            self.error_body(shape, message, "tokens", "rate_limit_exceeded", status);
+            return self.send_json(status, flags, knobs, None).await;
+        }
         if let Some(status) = knobs.status_for(body) {
             let code = if status == 429 {
                 "rate_limit_exceeded"
@@ -199,6 +210,7 @@ impl Reply<'_> {
             close: self.close,
             leak: head.knobs.leak_headers,
             retry_after: None,
+            capacity: false,
         }
     }
 

@@ -126,6 +126,9 @@ pub struct SseUsage {
     usage: AnthropicUsage,
     content_bytes: u64,
     stopped: bool,
+    /// A `message_delta` carried usage: the output count is final. Until then the only usage
+    /// is `message_start`'s, whose `output_tokens` (1) counts nothing generated yet.
+    final_usage: bool,
 }
 
 impl SseUsage {
@@ -149,6 +152,7 @@ impl SseUsage {
             "message_delta" => {
                 if let Some(u) = &ev.usage {
                     self.usage.update(u);
+                    self.final_usage = true;
                 }
             }
             "content_block_delta" => {
@@ -165,7 +169,14 @@ impl SseUsage {
         }
     }
 
+    /// The usage once final (a `message_delta` reported it); None before.
     pub fn usage(&self) -> Option<Usage> {
+        self.usage.normalize().filter(|_| self.final_usage)
+    }
+
+    /// What was reported so far, final or not: a stream cut after `message_start` knows its
+    /// input side from it.
+    pub fn partial_usage(&self) -> Option<Usage> {
         self.usage.normalize()
     }
 
@@ -318,9 +329,16 @@ mod tests {
     #[test]
     fn a_stream_cut_before_message_delta_keeps_the_input_side() {
         let cut = STREAM.find("event: message_delta").unwrap();
-        let (usage, text, done) = observe(&[&STREAM.as_bytes()[..cut]]);
-        assert_eq!(usage.unwrap().completion_tokens, 1);
-        assert_eq!((text, done), (6, false));
+        let mut p = SseUsage::new();
+        p.feed(&STREAM.as_bytes()[..cut]);
+        p.finish();
+        assert_eq!(
+            p.usage(),
+            None,
+            "message_start's output_tokens is not a final count"
+        );
+        assert_eq!(p.partial_usage().unwrap().prompt_tokens, 2125);
+        assert_eq!((p.content_bytes(), p.done()), (6, false));
     }
 
     #[test]

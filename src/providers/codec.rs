@@ -8,6 +8,7 @@ use bytes::{Bytes, BytesMut};
 use crate::providers::openai_usage::{usage_from_json, Forward, SseUsageParser};
 use crate::usage::Usage;
 
+use super::mask::mask_account_ids;
 use super::sse::SseObserver;
 use super::translate::{chat_to_messages, messages_to_chat};
 use super::{anthropic, responses, Plan};
@@ -80,8 +81,10 @@ impl JsonFormat {
 }
 
 pub enum ResponseCodec {
-    /// Nothing to read: an upstream error passed through as it is.
-    Pass,
+    /// An upstream error passed through: held to its end (errors are small) so account
+    /// identifiers split across chunks are masked too; past `MAX_JSON_RESPONSE` it is masked
+    /// chunk by chunk.
+    Error(Option<ResponseBody>),
     /// A whole JSON answer, kept for its usage (dropped past `MAX_JSON_RESPONSE`).
     Json(Option<ResponseBody>, JsonFormat),
     /// An OpenAI chat stream: usage read as it passes; the usage event the gateway asked
@@ -154,7 +157,7 @@ impl ResponseCodec {
             };
         }
         if !ok {
-            return (ResponseCodec::Pass, false);
+            return (ResponseCodec::Error(Some(ResponseBody::default())), false);
         }
         let format = match plan {
             Plan::Messages => JsonFormat::Anthropic,
@@ -169,7 +172,7 @@ impl ResponseCodec {
     /// One chunk on its way to the client, rewritten in place where the codec translates.
     pub fn filter(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) {
         match self {
-            ResponseCodec::Pass => {}
+            ResponseCodec::Error(held) => filter_error(held, body, end_of_stream),
             ResponseCodec::Json(kept, _) => {
                 if let (Some(buf), Some(chunk)) = (kept.as_mut(), body.as_ref()) {
                     if !buf.push(chunk, MAX_JSON_RESPONSE) {
@@ -210,7 +213,7 @@ impl ResponseCodec {
     /// The usage the provider reported. A whole body counts only once it is `complete`.
     pub fn usage(&self, complete: bool) -> Option<Usage> {
         match self {
-            ResponseCodec::Pass => None,
+            ResponseCodec::Error(_) => None,
             ResponseCodec::Json(kept, format) => {
                 kept.as_ref().filter(|_| complete)?;
                 format.usage(kept.as_ref()?.bytes())
@@ -233,6 +236,24 @@ impl ResponseCodec {
         }
     }
 
+    /// What a stream reported before it was cut, final or not (Anthropic's `message_start`
+    /// gives the input side); the final usage where [`ResponseCodec::usage`] has it.
+    pub fn partial_usage(&self) -> Option<Usage> {
+        match self {
+            ResponseCodec::AnthropicSse(p) => p.partial_usage(),
+            ResponseCodec::ChatFromMessagesSse(t, _) => t.partial_usage(),
+            other => other.usage(false),
+        }
+    }
+
+    /// Whether the answer is one JSON body (its usage is known only at its end).
+    pub fn is_whole_body(&self) -> bool {
+        matches!(
+            self,
+            ResponseCodec::Json(..) | ResponseCodec::Translate { .. }
+        )
+    }
+
     /// For a stream, the bytes of generated text seen so far (an estimate's basis when it
     /// breaks before its usage); None for whole bodies.
     pub fn stream_text_bytes(&self) -> Option<u64> {
@@ -244,6 +265,35 @@ impl ResponseCodec {
             ResponseCodec::MessagesFromChatSse(t, _) => Some(t.content_bytes()),
             _ => None,
         }
+    }
+}
+
+/// An upstream error body: held whole, then passed on with account identifiers masked (its
+/// length unchanged). One too large to hold goes on chunk by chunk, masked likewise.
+fn filter_error(held: &mut Option<ResponseBody>, body: &mut Option<Bytes>, end_of_stream: bool) {
+    let Some(buf) = held.as_mut() else {
+        if let Some(chunk) = body.take() {
+            let mut v = chunk.to_vec();
+            *body = Some(if mask_account_ids(&mut v) {
+                v.into()
+            } else {
+                chunk
+            });
+        }
+        return;
+    };
+    if let Some(chunk) = body.take() {
+        if !buf.push(&chunk, MAX_JSON_RESPONSE) {
+            let mut v = held.take().map(|b| b.bytes().to_vec()).unwrap_or_default();
+            mask_account_ids(&mut v);
+            *body = Some(v.into());
+            return;
+        }
+    }
+    if end_of_stream {
+        let mut v = buf.bytes().to_vec();
+        mask_account_ids(&mut v);
+        *body = Some(v.into());
     }
 }
 
@@ -308,7 +358,11 @@ fn translate_whole(plan: Plan, status: u16, bytes: &[u8]) -> Vec<u8> {
         (_, true) => messages_to_chat::response_json(bytes),
         (_, false) => Some(messages_to_chat::error_json(status, bytes)),
     };
-    translated.unwrap_or_else(|| bytes.to_vec())
+    let mut out = translated.unwrap_or_else(|| bytes.to_vec());
+    if !ok {
+        mask_account_ids(&mut out);
+    }
+    out
 }
 
 /// The chat stream observer: forwards the chunk, or the parts of it that are not the usage
@@ -362,8 +416,16 @@ mod tests {
             (u.prompt_tokens, u.cache_read_tokens, u.completion_tokens),
             (7, 4, 5)
         );
-        let (c, _) = ResponseCodec::for_head(Plan::Chat, 500, false, false, false);
-        assert!(matches!(c, ResponseCodec::Pass));
+        let (mut c, _) = ResponseCodec::for_head(Plan::Chat, 500, false, false, false);
+        let mut first = Some(Bytes::from_static(b"{\"error\":{\"message\":\"org-"));
+        c.filter(&mut first, false);
+        assert_eq!(first, None, "held to its end");
+        let mut last = Some(Bytes::from_static(b"abc123 busy\",\"code\":\"x\"}}"));
+        c.filter(&mut last, true);
+        assert_eq!(
+            last.as_deref(),
+            Some(&b"{\"error\":{\"message\":\"org-****** busy\",\"code\":\"x\"}}"[..])
+        );
     }
 
     #[test]

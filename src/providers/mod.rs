@@ -8,6 +8,8 @@
 
 pub mod anthropic;
 pub mod codec;
+pub mod hidden;
+pub mod mask;
 pub mod openai;
 pub mod openai_usage;
 pub mod pool;
@@ -120,25 +122,45 @@ impl Plan {
     }
 
     /// The body for the provider: the client's bytes with `model` replaced (a chat stream
-    /// also asks for usage), or the translation. `max_output` fills Anthropic's required
-    /// `max_tokens` when a chat request sets none. 400 for what cannot be translated.
+    /// also asks for usage), or the translation. `output_cap` is the per-choice output the
+    /// reservation allowed for: the body carries it in the route's own field, inserted when
+    /// the client set none. 400 for what cannot be translated.
     pub fn upstream_body(
         self,
         body: &Bytes,
         fields: &RequestFields,
         upstream_id: &str,
-        max_output: u64,
+        output_cap: u64,
     ) -> Result<Bytes, GateError> {
+        use openai::CapField;
         Ok(match self {
-            Plan::Chat => openai::rewrite_body(body, fields, upstream_id, true),
-            Plan::Embeddings | Plan::Responses | Plan::Messages => {
-                openai::rewrite_body(body, fields, upstream_id, false)
-            }
+            Plan::Chat => openai::rewrite_body(
+                body,
+                fields,
+                upstream_id,
+                true,
+                Some((CapField::Chat, output_cap)),
+            ),
+            Plan::Embeddings => openai::rewrite_body(body, fields, upstream_id, false, None),
+            Plan::Responses => openai::rewrite_body(
+                body,
+                fields,
+                upstream_id,
+                false,
+                Some((CapField::Responses, output_cap)),
+            ),
+            Plan::Messages => openai::rewrite_body(
+                body,
+                fields,
+                upstream_id,
+                false,
+                Some((CapField::Messages, output_cap)),
+            ),
             Plan::ChatViaMessages => {
-                translate::chat_to_messages::request(body, upstream_id, max_output)?.into()
+                translate::chat_to_messages::request(body, upstream_id, output_cap)?.into()
             }
             Plan::MessagesViaChat => {
-                translate::messages_to_chat::request(body, upstream_id)?.into()
+                translate::messages_to_chat::request(body, upstream_id, output_cap)?.into()
             }
         })
     }

@@ -14,6 +14,8 @@ use serde_json::value::RawValue;
 
 use crate::error::GateError;
 
+use super::hidden::{Hidden, RawHidden};
+
 #[derive(Deserialize)]
 struct Fields<'a> {
     #[serde(borrow)]
@@ -31,6 +33,23 @@ struct Fields<'a> {
     /// The Responses API's output bound.
     #[serde(borrow, default)]
     max_output_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    background: Option<&'a RawValue>,
+    // Stored context and server-side fields (see `hidden`).
+    #[serde(borrow, default)]
+    previous_response_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    conversation: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    mcp_servers: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    container: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    web_search_options: Option<&'a RawValue>,
 }
 
 /// OpenAI's own ceiling for `n`.
@@ -59,87 +78,119 @@ const MEDIA_TYPES: [&str; 7] = [
     "document",
 ];
 
+/// Parts whose input the body does not show: files (by id, URL or inline PDF, whose pages
+/// are billed as text and images), documents, and references to stored items.
+const FILE_TYPES: [&str; 4] = ["input_file", "file", "document", "item_reference"];
+
 /// Words without which a body holds no media part (a `\u` escape could spell one), built
 /// once: a `memmem::find` per call would build its searcher on every request.
-static MEDIA_WORDS: std::sync::LazyLock<[memchr::memmem::Finder<'static>; 5]> =
+static MEDIA_WORDS: std::sync::LazyLock<[memchr::memmem::Finder<'static>; 6]> =
     std::sync::LazyLock::new(|| {
-        [&b"image"[..], b"audio", b"file", b"document", b"\\u"].map(memchr::memmem::Finder::new)
+        [
+            &b"image"[..],
+            b"audio",
+            b"file",
+            b"document",
+            b"item_reference",
+            b"\\u",
+        ]
+        .map(memchr::memmem::Finder::new)
     });
 
-/// The number of image, audio and file parts anywhere in a body: objects whose `type` is
-/// one of [`MEDIA_TYPES`], at any depth (tool results may hold images too). Most bodies
-/// mention no media word and use no `\u` escape, and are answered by a byte scan; the rest
-/// are walked with serde, which decodes escapes, so `"\u0074ype"` cannot hide a part. The
-/// walk builds no values.
-pub fn count_media_parts(body: &[u8]) -> u64 {
-    let maybe_media = MEDIA_WORDS.iter().any(|f| f.find(body).is_some());
-    if !maybe_media {
-        return 0;
-    }
-    let mut count = 0;
-    let mut de = serde_json::Deserializer::from_slice(body);
-    // A body serde cannot walk was already refused by `parse_request`'s own parse.
-    let _ = serde::de::DeserializeSeed::deserialize(MediaWalk(&mut count), &mut de);
-    count
+/// Image, audio and file parts of a body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Parts {
+    /// Parts whose `type` is one of [`MEDIA_TYPES`].
+    pub media: u64,
+    /// Parts whose `type` is one of [`FILE_TYPES`].
+    pub files: u64,
 }
 
-/// Walks one JSON value, counting media parts; yields whether the value is a string naming
-/// a media type (so the enclosing object can tell whether its `type` is one).
-struct MediaWalk<'c>(&'c mut u64);
+/// The number of image, audio and file parts anywhere in a body.
+pub fn count_media_parts(body: &[u8]) -> u64 {
+    count_parts(body).media
+}
+
+/// The image, audio and file parts anywhere in a body: objects whose `type` is one of
+/// [`MEDIA_TYPES`] or [`FILE_TYPES`], at any depth (tool results may hold images too). Most
+/// bodies mention no media word and use no `\u` escape, and are answered by a byte scan; the
+/// rest are walked with serde, which decodes escapes, so `"\u0074ype"` cannot hide a part.
+/// The walk builds no values.
+pub fn count_parts(body: &[u8]) -> Parts {
+    let maybe_media = MEDIA_WORDS.iter().any(|f| f.find(body).is_some());
+    if !maybe_media {
+        return Parts::default();
+    }
+    let mut parts = Parts::default();
+    let mut de = serde_json::Deserializer::from_slice(body);
+    // A body serde cannot walk was already refused by `parse_request`'s own parse.
+    let _ = serde::de::DeserializeSeed::deserialize(MediaWalk(&mut parts), &mut de);
+    parts
+}
+
+/// What a string value names, as a `type`: bit 0 a media type, bit 1 a file type.
+fn names(v: &str) -> u8 {
+    u8::from(MEDIA_TYPES.contains(&v)) | (u8::from(FILE_TYPES.contains(&v)) << 1)
+}
+
+/// Walks one JSON value, counting media parts; yields what the value names if it is a
+/// string (so the enclosing object can tell whether its `type` is a part's).
+struct MediaWalk<'c>(&'c mut Parts);
 
 impl<'de> serde::de::DeserializeSeed<'de> for MediaWalk<'_> {
-    type Value = bool;
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+    type Value = u8;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<u8, D::Error> {
         d.deserialize_any(self)
     }
 }
 
 impl<'de> serde::de::Visitor<'de> for MediaWalk<'_> {
-    type Value = bool;
+    type Value = u8;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<bool, E> {
-        Ok(MEDIA_TYPES.contains(&v))
+    fn visit_str<E>(self, v: &str) -> Result<u8, E> {
+        Ok(names(v))
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
-        Ok(false)
+    fn visit_bool<E>(self, _: bool) -> Result<u8, E> {
+        Ok(0)
     }
 
-    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
-        Ok(false)
+    fn visit_i64<E>(self, _: i64) -> Result<u8, E> {
+        Ok(0)
     }
 
-    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
-        Ok(false)
+    fn visit_u64<E>(self, _: u64) -> Result<u8, E> {
+        Ok(0)
     }
 
-    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
-        Ok(false)
+    fn visit_f64<E>(self, _: f64) -> Result<u8, E> {
+        Ok(0)
     }
 
-    fn visit_unit<E>(self) -> Result<bool, E> {
-        Ok(false)
+    fn visit_unit<E>(self) -> Result<u8, E> {
+        Ok(0)
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<u8, A::Error> {
         while seq.next_element_seed(MediaWalk(&mut *self.0))?.is_some() {}
-        Ok(false)
+        Ok(0)
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
-        let mut is_part = false;
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<u8, A::Error> {
+        let mut kind = 0;
         while let Some(is_type) = map.next_key_seed(TypeKey)? {
-            let names_media = map.next_value_seed(MediaWalk(&mut *self.0))?;
-            is_part |= is_type && names_media;
+            let named = map.next_value_seed(MediaWalk(&mut *self.0))?;
+            if is_type {
+                kind |= named;
+            }
         }
-        if is_part {
-            *self.0 += 1;
-        }
-        Ok(false)
+        self.0.media += u64::from(kind & 1);
+        self.0.files += u64::from(kind >> 1);
+        Ok(0)
     }
 }
 
@@ -186,10 +237,15 @@ pub struct RequestFields {
     pub choices: u64,
     /// Upper bound of image, audio and file parts.
     pub media_parts: u64,
+    /// What the provider bills beyond the body.
+    pub hidden: Hidden,
     /// Byte range of the `model` value (with its quotes) in the body.
     model_span: Range<usize>,
     /// Byte range of the `stream_options` value, if present.
     stream_options_span: Option<Range<usize>>,
+    /// Byte ranges and values of the output-bounding fields present: `max_tokens`,
+    /// `max_completion_tokens`, `max_output_tokens` (the cap is written over them).
+    output_spans: [Option<(Range<usize>, Option<u64>)>; 3],
 }
 
 fn span_of(body: &[u8], raw: &RawValue) -> Range<usize> {
@@ -226,7 +282,33 @@ pub fn parse_request(body: &[u8]) -> Result<RequestFields, GateError> {
             "'n' must be between 1 and {MAX_CHOICES}"
         )));
     }
+    let parts = count_parts(body);
+    let mut raw = RawHidden {
+        tools: fields.tools,
+        background: fields.background,
+        ..RawHidden::default()
+    };
+    for (name, value) in [
+        ("previous_response_id", fields.previous_response_id),
+        ("conversation", fields.conversation),
+        ("prompt", fields.prompt),
+        ("mcp_servers", fields.mcp_servers),
+        ("container", fields.container),
+        ("web_search_options", fields.web_search_options),
+    ] {
+        if let Some(v) = value {
+            raw.offer(name, v);
+        }
+    }
+    let spanned =
+        |raw: Option<&RawValue>, value: Option<u64>| raw.map(|r| (span_of(body, r), value));
     Ok(RequestFields {
+        output_spans: [
+            spanned(fields.max_tokens, max_tokens),
+            spanned(fields.max_completion_tokens, max_completion),
+            spanned(fields.max_output_tokens, max_output),
+        ],
+        hidden: Hidden::read(&raw, parts.files),
         model_span: span_of(body, raw_model),
         stream_options_span: fields.stream_options.map(|r| span_of(body, r)),
         model: std::sync::Arc::from(model.as_ref()),
@@ -234,43 +316,94 @@ pub fn parse_request(body: &[u8]) -> Result<RequestFields, GateError> {
         client_wants_usage,
         max_output_tokens: max_tokens.max(max_completion).max(max_output),
         choices,
-        media_parts: count_media_parts(body),
+        media_parts: parts.media,
     })
 }
 
-/// The body to send upstream: `model` replaced by `upstream_id`, and for chat streams
+/// Which output-bounding fields a provider's route reads, and the one the gateway inserts
+/// when the body has none of them (SPEC §2: what goes upstream is what was reserved for).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapField {
+    /// Chat completions read `max_tokens` and `max_completion_tokens`; the current name is
+    /// inserted (OpenAI's reasoning models take no other).
+    Chat,
+    /// The Responses API reads `max_output_tokens`.
+    Responses,
+    /// Anthropic's Messages API reads `max_tokens`.
+    Messages,
+}
+
+impl CapField {
+    /// Indexes into `RequestFields::output_spans`.
+    fn reads(self) -> &'static [usize] {
+        match self {
+            CapField::Chat => &[0, 1],
+            CapField::Responses => &[2],
+            CapField::Messages => &[0],
+        }
+    }
+
+    fn inserted(self) -> &'static str {
+        match self {
+            CapField::Chat => "max_completion_tokens",
+            CapField::Responses => "max_output_tokens",
+            CapField::Messages => "max_tokens",
+        }
+    }
+}
+
+/// The body to send upstream: `model` replaced by `upstream_id`; for chat streams
 /// (`chat_stream_usage`) `stream_options.include_usage` forced on so the usage chunk always
-/// arrives. Returns the original bytes (no copy) when nothing changes.
+/// arrives; and with `cap`, every output field the route reads lowered to at most the cap
+/// the reservation used (inserted when the body has none). Returns the original bytes (no
+/// copy) when nothing changes.
 pub fn rewrite_body(
     body: &Bytes,
     fields: &RequestFields,
     upstream_id: &str,
     chat_stream_usage: bool,
+    cap: Option<(CapField, u64)>,
 ) -> Bytes {
-    let model_same = upstream_id == &*fields.model;
-    let need_usage = chat_stream_usage && fields.stream && !fields.client_wants_usage;
-    if model_same && !need_usage {
-        return body.clone();
-    }
-    let quoted = serde_json::to_string(upstream_id).unwrap_or_else(|_| "\"\"".into());
     // Edits as (range to replace, replacement), applied in body order.
-    let mut edits: Vec<(Range<usize>, Cow<'_, str>)> = Vec::with_capacity(2);
-    edits.push((fields.model_span.clone(), Cow::Owned(quoted)));
+    let mut edits: Vec<(Range<usize>, Cow<'_, str>)> = Vec::with_capacity(4);
+    if upstream_id != &*fields.model {
+        let quoted = serde_json::to_string(upstream_id).unwrap_or_else(|_| "\"\"".into());
+        edits.push((fields.model_span.clone(), Cow::Owned(quoted)));
+    }
+    // Insertions go before the object's closing brace (the last non-space byte).
+    let end = body
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .unwrap_or(body.len().saturating_sub(1));
+    let need_usage = chat_stream_usage && fields.stream && !fields.client_wants_usage;
     if need_usage {
         match &fields.stream_options_span {
             Some(span) => edits.push((span.clone(), Cow::Borrowed(r#"{"include_usage":true}"#))),
-            None => {
-                // Insert before the object's closing brace (the last non-space byte).
-                let end = body
-                    .iter()
-                    .rposition(|b| !b.is_ascii_whitespace())
-                    .unwrap_or(body.len().saturating_sub(1));
-                edits.push((
-                    end..end,
-                    Cow::Borrowed(r#","stream_options":{"include_usage":true}"#),
-                ));
+            None => edits.push((
+                end..end,
+                Cow::Borrowed(r#","stream_options":{"include_usage":true}"#),
+            )),
+        }
+    }
+    if let Some((field, cap)) = cap {
+        let mut present = false;
+        for &i in field.reads() {
+            if let Some((span, value)) = &fields.output_spans[i] {
+                present = true;
+                if value.is_none_or(|v| v > cap) {
+                    edits.push((span.clone(), Cow::Owned(cap.to_string())));
+                }
             }
         }
+        if !present {
+            edits.push((
+                end..end,
+                Cow::Owned(format!(",\"{}\":{cap}", field.inserted())),
+            ));
+        }
+    }
+    if edits.is_empty() {
+        return body.clone();
     }
     edits.sort_by_key(|(r, _)| r.start);
     let extra: usize = edits.iter().map(|(_, s)| s.len()).sum();
@@ -382,12 +515,12 @@ mod tests {
             br#"{"model":"fast","messages":[{"role":"user","content":"model"}]}"#,
         );
         let f = parse_request(&body).unwrap();
-        let out = rewrite_body(&body, &f, "meta/llama-3.1", true);
+        let out = rewrite_body(&body, &f, "meta/llama-3.1", true, None);
         let v = json(&out);
         assert_eq!(v["model"], "meta/llama-3.1");
         assert_eq!(v["messages"][0]["content"], "model");
         assert_eq!(
-            rewrite_body(&body, &f, "fast", true),
+            rewrite_body(&body, &f, "fast", true, None),
             body,
             "unchanged body is not copied"
         );
@@ -398,14 +531,14 @@ mod tests {
         let body = Bytes::from_static(b"{\"model\":\"m\",\"stream\":true}\n");
         let f = parse_request(&body).unwrap();
         assert!(!f.client_wants_usage);
-        let v = json(&rewrite_body(&body, &f, "m", true));
+        let v = json(&rewrite_body(&body, &f, "m", true, None));
         assert_eq!(v["stream_options"]["include_usage"], true);
 
         let body = Bytes::from_static(
             br#"{"stream_options":{"include_usage":false},"model":"m","stream":true}"#,
         );
         let f = parse_request(&body).unwrap();
-        let v = json(&rewrite_body(&body, &f, "up", true));
+        let v = json(&rewrite_body(&body, &f, "up", true, None));
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["model"], "up");
 
@@ -414,6 +547,47 @@ mod tests {
         );
         let f = parse_request(&body).unwrap();
         assert!(f.client_wants_usage);
-        assert_eq!(rewrite_body(&body, &f, "m", true), body);
+        assert_eq!(rewrite_body(&body, &f, "m", true, None), body);
+    }
+
+    #[test]
+    fn the_reserved_output_cap_is_written_over_or_inserted() {
+        let cap = |body: &'static [u8], field: CapField, cap: u64| {
+            let body = Bytes::from_static(body);
+            let f = parse_request(&body).unwrap();
+            json(&rewrite_body(&body, &f, "m", false, Some((field, cap))))
+        };
+        let v = cap(br#"{"model":"m","messages":[]}"#, CapField::Chat, 64);
+        assert_eq!(v["max_completion_tokens"], 64);
+        let v = cap(
+            br#"{"model":"m","max_tokens":10,"max_completion_tokens":9000}"#,
+            CapField::Chat,
+            1000,
+        );
+        assert_eq!(
+            (
+                v["max_tokens"].as_u64(),
+                v["max_completion_tokens"].as_u64()
+            ),
+            (Some(10), Some(1000))
+        );
+        let v = cap(br#"{"model":"m","max_tokens":null}"#, CapField::Messages, 5);
+        assert_eq!(v["max_tokens"], 5);
+        // A Responses body whose only bound is a field the API does not read.
+        let v = cap(
+            br#"{"model":"m","max_tokens":7,"input":"x"}"#,
+            CapField::Responses,
+            7,
+        );
+        assert_eq!(
+            (v["max_output_tokens"].as_u64(), v["max_tokens"].as_u64()),
+            (Some(7), Some(7))
+        );
+        let body = Bytes::from_static(br#"{"model":"m","max_output_tokens":3}"#);
+        let f = parse_request(&body).unwrap();
+        assert_eq!(
+            rewrite_body(&body, &f, "m", false, Some((CapField::Responses, 3))),
+            body
+        );
     }
 }

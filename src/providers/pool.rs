@@ -133,6 +133,32 @@ pub fn retry_after_ms(value: Option<&[u8]>) -> Option<i64> {
     Some(i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX))
 }
 
+/// Whether a 429 concerns only the request (OpenAI's "Request too large ... Limit 30000,
+/// Requested 450000"), not the key: the provider's own rate-limit headers on the refusal say
+/// the key still has both requests and tokens left. Such a refusal must not rest a pooled
+/// key (SPEC §2: one agent cannot get the provider's keys benched for everyone). Without
+/// those headers the key is taken to be exhausted.
+pub fn key_has_capacity(headers: &http::HeaderMap) -> bool {
+    let left = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let openai = (
+        left("x-ratelimit-remaining-requests"),
+        left("x-ratelimit-remaining-tokens"),
+    );
+    let anthropic = (
+        left("anthropic-ratelimit-requests-remaining"),
+        left("anthropic-ratelimit-tokens-remaining")
+            .or_else(|| left("anthropic-ratelimit-input-tokens-remaining")),
+    );
+    [openai, anthropic]
+        .iter()
+        .any(|&(requests, tokens)| requests.is_some_and(|r| r > 0) && tokens.is_some_and(|t| t > 0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

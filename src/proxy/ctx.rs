@@ -9,7 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use pingora_http::ResponseHeader;
 
-use crate::admission::{Admission, Endpoint};
+use crate::admission::{reservation_bound, Admission, Endpoint, Overheads};
 use crate::egress::addrs::Tried;
 use crate::error::GateError;
 use crate::gate::Gate;
@@ -165,17 +165,17 @@ impl RequestCtx {
         }
     }
 
-    /// Final usage of an admitted request and whether it is an estimate: reported usage
-    /// where it arrived; else, whenever the upstream may have worked (a successful response
-    /// that lost its usage, or a request sent upstream with no response head back: a client
-    /// hang-up, a timeout, a break), an estimate of at least the prompt; else zero (the
-    /// upstream refused it with an error status, or was never reached).
+    /// Final usage of an admitted request and whether it is an estimate (SPEC §4: never
+    /// below what the provider bills). Reported usage where it arrived. Else, whenever the
+    /// upstream may have worked: a request sent with no response head back (a client
+    /// hang-up, a timeout, a break), a whole body cut short, or a `background` run that
+    /// returned before its work, is charged at its reservation on the model that served; a
+    /// stream cut before its final usage event is charged for the prompt (as reported, else
+    /// its bound) and one token per byte of output delivered so far, within the reservation.
+    /// Else zero (the upstream refused it with an error status, or was never reached).
     pub(super) fn final_usage(&self) -> (Usage, bool) {
-        let reported = self
-            .codec
-            .as_ref()
-            .and_then(|c| c.usage(self.response_complete));
-        if let Some(u) = reported {
+        let codec = self.codec.as_ref();
+        if let Some(u) = codec.and_then(|c| c.usage(self.response_complete)) {
             return (u, false);
         }
         let upstream_ok = self
@@ -185,18 +185,54 @@ impl RequestCtx {
         if !upstream_ok && !unanswered {
             return (Usage::default(), false);
         }
-        let prompt = (self.body.len() as u64).div_ceil(4).max(1);
-        let streamed = self
-            .codec
+        let (prompt_bound, completion_bound) = self.served_bound();
+        let background = self
+            .admission
             .as_ref()
-            .and_then(ResponseCodec::stream_text_bytes);
-        let completion = match (streamed, self.endpoint) {
-            (_, Endpoint::Embeddings) => 0,
-            _ if unanswered => 0,
-            (Some(text), _) => text.div_ceil(4).max(1),
-            (None, _) => self.response_bytes.div_ceil(4).max(1),
+            .is_some_and(|a| a.fields.hidden.background);
+        let cut_body = codec.is_some_and(ResponseCodec::is_whole_body) && !self.response_complete;
+        if unanswered || background || cut_body {
+            return (Usage::new(prompt_bound, completion_bound), true);
+        }
+        let partial = codec.and_then(ResponseCodec::partial_usage);
+        let delivered = codec
+            .and_then(ResponseCodec::stream_text_bytes)
+            .unwrap_or(self.response_bytes);
+        let completion = match self.endpoint {
+            Endpoint::Embeddings => 0,
+            _ => delivered
+                .max(partial.map_or(0, |u| u.completion_tokens))
+                .min(completion_bound)
+                .max(1),
         };
-        (Usage::new(prompt, completion), true)
+        let mut usage = partial
+            .filter(|u| u.prompt_tokens > 0)
+            .unwrap_or(Usage::new(prompt_bound, 0));
+        usage.completion_tokens = completion;
+        (usage, true)
+    }
+
+    /// The reservation's (prompt, completion) bound on the model that served.
+    fn served_bound(&self) -> (u64, u64) {
+        let (Some(adm), Some(m)) = (&self.admission, self.current_model()) else {
+            return ((self.body.len() as u64).max(1), 0);
+        };
+        let routes = &self.snap.routes;
+        let tuning = &routes.config.tuning;
+        let overheads = Overheads {
+            media_part_tokens: u64::from(tuning.media_part_tokens),
+            tool_prompt_tokens: u64::from(tuning.tool_prompt_tokens),
+        };
+        let only = adm.chain.filtered(|x| x == m);
+        let b = reservation_bound(
+            &routes.catalog,
+            &only,
+            self.endpoint,
+            &adm.fields,
+            self.body.len(),
+            overheads,
+        );
+        (b.prompt_tokens.max(1), b.completion_tokens)
     }
 
     /// A complete response of a request a shared store (Redis) admitted: settles it now,

@@ -171,12 +171,52 @@ pub(super) fn rewrite_upstream_request(
             }
         }
     }
+    if provider.kind == ProviderKind::Anthropic {
+        drop_pricing_betas(req)?;
+    }
     req.insert_header(http::header::HOST, provider.host.clone())?;
     req.insert_header(http::header::CONTENT_LENGTH, HeaderValue::from(body_len))?;
     req.insert_header(
         http::header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
     )?;
+    Ok(())
+}
+
+/// `anthropic-beta` features that change what a request may cost beyond what the gateway
+/// priced: the 1M-token context window (input past 200k tokens at a higher price) and long
+/// output. They are dropped, every other beta passes.
+const PRICING_BETAS: [&str; 2] = ["context-1m-", "output-128k-"];
+
+fn is_pricing_beta(beta: &str) -> bool {
+    PRICING_BETAS.iter().any(|p| beta.starts_with(p))
+}
+
+/// Removes the [`PRICING_BETAS`] from every `anthropic-beta` header (a comma-separated list).
+fn drop_pricing_betas(req: &mut RequestHeader) -> Result<()> {
+    let values: Vec<&HeaderValue> = req.headers.get_all(&ANTHROPIC_BETA).iter().collect();
+    let affected = values.iter().any(|v| {
+        v.to_str()
+            .map_or(true, |v| v.split(',').any(|b| is_pricing_beta(b.trim())))
+    });
+    if !affected {
+        return Ok(());
+    }
+    let kept: Vec<String> = values
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|b| !b.is_empty() && !is_pricing_beta(b))
+        .map(str::to_owned)
+        .collect();
+    req.remove_header(&ANTHROPIC_BETA);
+    if !kept.is_empty() {
+        let joined = HeaderValue::from_str(&kept.join(",")).map_err(|_| {
+            pingora_error::Error::explain(pingora_error::ErrorType::InternalError, "anthropic-beta")
+        })?;
+        req.insert_header(ANTHROPIC_BETA.clone(), joined)?;
+    }
     Ok(())
 }
 

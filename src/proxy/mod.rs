@@ -25,7 +25,7 @@ use crate::gate::Gate;
 use crate::keys::token::TokenHash;
 use crate::limits::store::LimitStore;
 use crate::providers;
-use crate::providers::pool::{retry_after_ms, AllResting};
+use crate::providers::pool::{key_has_capacity, retry_after_ms, AllResting};
 use crate::report;
 use crate::shield::SHIELD_WINDOW;
 use crate::store::JournalRow;
@@ -109,7 +109,11 @@ impl GateProxy {
         {
             return Err(GateError::LedgerUnavailable);
         }
-        let media = u64::from(routes.config.tuning.media_part_tokens);
+        let tuning = &routes.config.tuning;
+        let overheads = admission::Overheads {
+            media_part_tokens: u64::from(tuning.media_part_tokens),
+            tool_prompt_tokens: u64::from(tuning.tool_prompt_tokens),
+        };
         let journal_id = self.gate.ledger.journal_id();
         let adm = admission::admit(
             &self.gate.limits,
@@ -118,7 +122,7 @@ impl GateProxy {
             ctx.endpoint,
             &ctx.body,
             now,
-            media,
+            overheads,
             journal_id as u64,
         )
         .await?;
@@ -285,7 +289,8 @@ impl GateProxy {
         e
     }
 
-    /// A 401 or 429 from the provider rests the key the attempt carried; true when another
+    /// A 401 or 429 from the provider rests the key the attempt carried (not a 429 that
+    /// concerns only the request, nor a 400 or 413); true when another
     /// key of the same provider is ready, so the same model is tried again with it (the
     /// provider did no work on a refused request). A success clears the key's back-off.
     fn rest_refused_key(&self, resp: &ResponseHeader, ctx: &mut RequestCtx, status: u16) -> bool {
@@ -303,6 +308,11 @@ impl GateProxy {
             if (200..300).contains(&status) {
                 pool.succeeded(k);
             }
+            return false;
+        }
+        // A 429 about the request alone (too large for the key's per-minute tokens): the key
+        // is fine, and another key would refuse the same request.
+        if status == 429 && key_has_capacity(&resp.headers) {
             return false;
         }
         let now = now_ms();

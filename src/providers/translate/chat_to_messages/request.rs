@@ -8,9 +8,9 @@ use crate::error::GateError;
 type Result<T> = std::result::Result<T, GateError>;
 
 /// OpenAI chat request body -> Anthropic Messages request body for `upstream_model`.
-/// `default_max_tokens` fills Anthropic's required `max_tokens` when the client set neither
-/// `max_tokens` nor `max_completion_tokens`.
-pub fn request(body: &[u8], upstream_model: &str, default_max_tokens: u64) -> Result<Vec<u8>> {
+/// `output_cap` is Anthropic's required `max_tokens`: the output the reservation allowed
+/// for (the larger client field capped at the model's maximum, or that maximum).
+pub fn request(body: &[u8], upstream_model: &str, output_cap: u64) -> Result<Vec<u8>> {
     let req: Map<String, Value> = serde_json::from_slice(body)
         .map_err(|e| invalid(format!("the body is not a JSON object ({e})")))?;
     let mut out = Map::new();
@@ -176,9 +176,10 @@ pub fn request(body: &[u8], upstream_model: &str, default_max_tokens: u64) -> Re
             "`messages` needs at least one user, assistant or tool message",
         ));
     }
+    // What the reservation allowed for; never more than the client asked.
     out.insert(
         "max_tokens".into(),
-        max_tokens.unwrap_or(default_max_tokens).into(),
+        max_tokens.map_or(output_cap, |m| m.min(output_cap)).into(),
     );
     if let Some(system) = system {
         out.insert("system".into(), system);

@@ -99,6 +99,8 @@ pub struct StreamTranslator {
     /// `data: {"id":…,"object":"chat.completion.chunk","created":…,"model":…,"choices":`
     prefix: Vec<u8>,
     usage: AnthropicUsage,
+    /// A `message_delta` carried usage: the output count is final.
+    final_usage: bool,
     content_bytes: u64,
     tools: Vec<OpenTool>,
     next_call: u32,
@@ -158,8 +160,14 @@ impl StreamTranslator {
     }
 
     /// The usage reported so far (each field's latest value), in the gateway's normal form.
-    pub fn usage(&self) -> Option<Usage> {
+    pub fn partial_usage(&self) -> Option<Usage> {
         self.usage.normalize()
+    }
+
+    /// The usage once final (a `message_delta` reported it); None before: `message_start`'s
+    /// `output_tokens` counts nothing generated yet.
+    pub fn usage(&self) -> Option<Usage> {
+        self.partial_usage().filter(|_| self.final_usage)
     }
 
     /// Bytes of generated text, reasoning and tool arguments seen so far.
@@ -194,6 +202,7 @@ impl StreamTranslator {
             "message_delta" => {
                 if let Some(u) = &ev.usage {
                     self.usage.update(u);
+                    self.final_usage = true;
                 }
                 let stop = ev.delta.as_ref().and_then(|d| d.stop_reason.as_deref());
                 if let Some(stop) = stop {

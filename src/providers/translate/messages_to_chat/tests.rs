@@ -59,7 +59,7 @@ fn check_json(name: &str, got: Value, path: &Path) {
 }
 
 fn translate_request(body: &[u8]) -> Value {
-    match request(body, UPSTREAM) {
+    match request(body, UPSTREAM, u64::MAX) {
         Ok(out) => parse(&out),
         Err(GateError::InvalidRequest(m)) => json!({ "refused": m }),
         Err(e) => panic!("not a 400: {e:?}"),
@@ -249,7 +249,12 @@ fn not_a_chat_completion_is_not_translated() {
 
 #[test]
 fn refusals_are_400_invalid_request() {
-    let err = request(br#"{"max_tokens":1,"top_k":1,"messages":[]}"#, UPSTREAM).unwrap_err();
+    let err = request(
+        br#"{"max_tokens":1,"top_k":1,"messages":[]}"#,
+        UPSTREAM,
+        u64::MAX,
+    )
+    .unwrap_err();
     assert_eq!((err.status(), err.code()), (400, "invalid_request"));
 }
 

@@ -54,7 +54,9 @@ const MAX_STOP_SEQUENCES: usize = 4;
 
 /// Anthropic Messages request body -> OpenAI chat request body for `upstream_model`. A
 /// stream asks for `stream_options.include_usage`, so usage always arrives.
-pub fn request(body: &[u8], upstream_model: &str) -> Result<Vec<u8>, GateError> {
+/// `max_completion_tokens` is the client's `max_tokens` lowered to `output_cap`, the output
+/// the reservation allowed for.
+pub fn request(body: &[u8], upstream_model: &str, output_cap: u64) -> Result<Vec<u8>, GateError> {
     let mut top = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(top)) => top,
         Ok(_) => return Err(refuse("the request body must be a JSON object")),
@@ -93,7 +95,8 @@ pub fn request(body: &[u8], upstream_model: &str) -> Result<Vec<u8>, GateError> 
 
     match field(&mut top, "max_tokens") {
         Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n >= 1) => {
-            out.insert("max_completion_tokens".into(), Value::Number(n));
+            let n = n.as_u64().map_or(output_cap, |n| n.min(output_cap));
+            out.insert("max_completion_tokens".into(), n.into());
         }
         Some(_) => return Err(refuse("max_tokens: must be a positive integer")),
         None => return Err(refuse("max_tokens: required")),
