@@ -331,7 +331,12 @@ pub async fn admit<L: LimitStore>(
     let hard_budget = key.limits.hard_budget && key.limits.budget.is_some();
     check_hidden_input(catalog, &chain, &fields, hard_budget)?;
     let (plan, upstream_body) = upstream_body(catalog, endpoint, first, body, &fields)?;
-    let bound = reservation_bound(catalog, &chain, endpoint, &fields, body.len(), overheads);
+    // The provider bills what it receives: the forwarded body can be longer than the
+    // client's (an inserted output cap, a longer upstream model id, a translation), so the
+    // prompt bound counts the longer of the two. A fallback model whose body would be longer
+    // still is skipped for a hard-budget key (`proxy::try_fallback`).
+    let sent_len = body.len().max(upstream_body.len());
+    let bound = reservation_bound(catalog, &chain, endpoint, &fields, sent_len, overheads);
     let (standing, reservation) = limits.admit(key, now, bound.cost, res_id).await?;
     // A shared store decided by its own clock: the cost is booked at its time, so every node
     // books a request to the month and day the limits counted it in.

@@ -840,7 +840,15 @@ fn sigkill_with_requests_in_flight_charges_every_orphan_on_restart() {
     }
     gw.spawn();
 
-    let prompt_bound = body.len() as i64 * PROMPT_NANOS;
+    // The prompt bound is the bytes the provider received (the forwarded body carries the
+    // inserted output cap, so it is longer than the client's).
+    let received = mock
+        .requests()
+        .iter()
+        .map(|r| r.body.len())
+        .max()
+        .unwrap_or(0);
+    let prompt_bound = body.len().max(received) as i64 * PROMPT_NANOS;
     let reservation_bound = prompt_bound + 1000 * COMPLETION_NANOS;
     for (key, n) in [(&hard, 3), (&open, 2)] {
         let t = wait_for(Duration::from_secs(20), "orphans charged", || {

@@ -709,3 +709,35 @@ fn a_provider_host_that_does_not_resolve_warns_at_start_and_its_alias_falls_back
     assert_eq!(mock.requests().len(), 1);
     wait_spend(&gw, &key, MINI_DEFAULT_COST);
 }
+
+#[test]
+fn the_upstream_watchdogs_fire_over_tls_as_over_plain_http() {
+    let ca = TestCa::new("SpiderGate test CA");
+    let mock = tls_mock(&ca);
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayBuilder::new(&mock)
+        .provider_ca(&ca.write(dir.path(), "ca.pem"))
+        .server("first_byte_timeout_ms: 300")
+        .server("idle_timeout_ms: 5000")
+        .start();
+    let key = gw.create_key(&[]);
+    // A head later than the first-byte timeout: 504, charged at an estimate (the request
+    // reached the provider).
+    let late = gw.chat_with(&key, "gpt-4o-mini", &[("x-mock-delay-ms", "3000")]);
+    assert_eq!(late.status, 504, "{}", late.text());
+    assert_eq!(late.code(), "upstream_timeout");
+    // The watchdog shut down that TLS connection only: the next request is served.
+    let next = gw.chat(&key, "gpt-4o-mini");
+    assert_eq!(next.status, 200, "{}", next.text());
+    // A stream slower than the first-byte timeout between chunks is not cut.
+    let body = json!({"model": "gpt-4o-mini", "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let slow = gw.post(
+        "/v1/chat/completions",
+        &key.bearer(),
+        body.to_string().as_bytes(),
+        &[("x-mock-chunks", "3"), ("x-mock-chunk-delay-ms", "500")],
+    );
+    assert_eq!(slow.status, 200);
+    assert!(slow.text().contains("data: [DONE]"), "{}", slow.text());
+}

@@ -248,10 +248,19 @@ impl GateProxy {
             return false;
         }
         let catalog = &ctx.snap.routes.catalog;
+        let hard_budget = ctx
+            .key
+            .as_ref()
+            .is_some_and(|k| k.limits.hard_budget && k.limits.budget.is_some());
         let next = (ctx.attempt + 1..adm.chain.len()).find_map(|i| {
             let m = adm.chain.get(i)?;
             let (plan, body) =
                 admission::upstream_body(catalog, ctx.endpoint, m, &ctx.body, &adm.fields).ok()?;
+            // The reservation bounded the prompt by the bytes it knew of; a body that would
+            // bill more than that is not sent on a hard budget.
+            if hard_budget && body.len() as u64 > adm.bound.prompt_tokens {
+                return None;
+            }
             Some((i, plan, body))
         });
         let Some((i, plan, body)) = next else {
