@@ -20,6 +20,7 @@ use crate::shared::{Limiter, SharedLimits};
 use crate::shield::{AuthShield, Sampler};
 use crate::snapshot::{Routes, Snapshot};
 use crate::store::{Store, StoreError};
+use crate::telemetry::SpanQueue;
 
 /// Unauthenticated requests traced per second, across the gateway (a flood of bad tokens
 /// is counted in metrics, and cannot grow the database faster than this).
@@ -55,6 +56,9 @@ pub struct Gate {
     pub auth_shield: AuthShield,
     /// Traces of unauthenticated requests kept per second; the rest are only counted.
     pub unauthenticated_traces: Sampler,
+    /// `telemetry` is set: model calls get a span of the gateway's in a W3C trace. Fixed at
+    /// start (the exporter is per process).
+    pub trace_context: bool,
 }
 
 impl Gate {
@@ -76,12 +80,14 @@ impl Gate {
             )),
             _ => Limiter::InProcess(InProcess),
         };
+        let trace_context = config.telemetry.is_some();
         let ledger = SpendLedger::new(
             config.store_location(),
             node,
             config.tuning.flush_interval,
             config.tuning.trace_retention_days,
             config.tuning.ledger_max_backlog,
+            config.telemetry.as_ref().and_then(SpanQueue::new),
         );
         let gate = Gate {
             auth_shield: AuthShield::new(config.tuning.auth_failures_per_minute),
@@ -100,6 +106,7 @@ impl Gate {
             inflight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             handing_over: AtomicBool::new(false),
+            trace_context,
         };
         let mut store = gate.open_store().map_err(|e| format!("database: {e}"))?;
         // Before keys (and their month's spend) are loaded: a crash never makes a request free.
@@ -240,6 +247,7 @@ impl Gate {
                 "server.threads",
                 config.tuning.threads != running.config.tuning.threads,
             ),
+            ("telemetry", config.telemetry != running.config.telemetry),
         ] {
             if changed {
                 log::warn!("config reload: {what} changed; it takes effect at the next restart");
@@ -250,6 +258,8 @@ impl Gate {
         config.shared_state = running.config.shared_state.clone();
         config.admin = running.config.admin.clone();
         config.tuning.threads = running.config.tuning.threads;
+        // The exporter and the request path's trace-context switch are fixed at start.
+        config.telemetry = running.config.telemetry.clone();
         let routes = Arc::new(Routes::build(config)?);
         for w in &routes.warnings {
             log::warn!("config reload: {w}");

@@ -24,4 +24,5 @@ pub mod shared;
 pub mod shield;
 pub mod snapshot;
 pub mod store;
+pub mod telemetry;
 pub mod usage;

@@ -78,6 +78,7 @@ fn entry(ts: i64, key: &str, model: &str, cost: i64) -> LedgerEntry {
         counted: true,
         keep_trace: true,
         journal_id: None,
+        span: None,
     }
 }
 

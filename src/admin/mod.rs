@@ -145,6 +145,7 @@ impl AdminApp {
                     let mut text = self.gate.metrics.render(self.gate.ledger.health());
                     let routes = &self.gate.snapshot().routes;
                     crate::metrics::render_provider_keys(&mut text, routes, crate::clock::now_ms());
+                    crate::metrics::render_spans(&mut text, self.gate.ledger.span_stats());
                     if let Some(shared) = self.gate.limits.shared() {
                         crate::metrics::render_shared(&mut text, shared);
                     }

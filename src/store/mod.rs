@@ -387,6 +387,7 @@ mod tests {
             counted: admitted,
             keep_trace: true,
             journal_id: None,
+            span: None,
         };
         let batch = Batch::of([entry(100, true), entry(250, true), entry(0, false)]);
         s.write_batch(&batch).unwrap();
@@ -419,6 +420,7 @@ mod tests {
             counted: true,
             keep_trace: true,
             journal_id: None,
+            span: None,
         };
         // One key: ids follow time exactly.
         let batch = Batch::of((0..150).map(|i| entry(i, "key_a".into())));

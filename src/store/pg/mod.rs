@@ -31,11 +31,18 @@ const MIGRATION_LOCK: i64 = 0x5347_6d69;
 const KEY_CHANGE_LOCK: i64 = 0x5347_6b63;
 
 /// Numbered migrations, applied in order, each once (recorded in `schema_migrations`).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "0001_init",
-    include_str!("../../../migrations/postgres/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "0001_init",
+        include_str!("../../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "0002_trace_id",
+        include_str!("../../../migrations/postgres/0002_trace_id.sql"),
+    ),
+];
 
 /// One connection and the statements prepared on it (a prepared statement saves a round
 /// trip per call, which matters for the 250 ms key poll and every ledger commit).

@@ -11,14 +11,16 @@ use super::Sqlite;
 use crate::clock::{day_index, day_label, month_index, month_label};
 use crate::limits::ModelTally;
 use crate::money::Nanos;
-use crate::store::ledger::{Batch, ModelSpend, TraceRow, ORPHANED};
+use crate::store::ledger::{parse_trace_id, trace_id_hex, Batch, ModelSpend, TraceRow, ORPHANED};
 use crate::store::Result;
 
-/// Rows per multi-row trace insert (15 parameters each; SQLite allows 32,766).
+/// Parameters per trace row.
+const TRACE_PARAMS: usize = 16;
+/// Rows per multi-row trace insert (16 parameters each; SQLite allows 32,766).
 const TRACE_ROWS_PER_INSERT: usize = 64;
 const TRACE_COLUMNS: &str = "ts, key_id, endpoint, requested_model, served_model, provider, \
      status, error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, cost_nanos, \
-     usage_estimated, fallback_from";
+     usage_estimated, fallback_from, trace_id";
 
 fn trace_insert_sql(rows: usize) -> String {
     let mut sql = format!("INSERT INTO traces ({TRACE_COLUMNS}) VALUES ");
@@ -27,11 +29,11 @@ fn trace_insert_sql(rows: usize) -> String {
             sql.push(',');
         }
         sql.push('(');
-        for c in 0..15 {
+        for c in 0..TRACE_PARAMS {
             if c > 0 {
                 sql.push(',');
             }
-            sql.push_str(&format!("?{}", r * 15 + c + 1));
+            sql.push_str(&format!("?{}", r * TRACE_PARAMS + c + 1));
         }
         sql.push(')');
     }
@@ -97,7 +99,7 @@ fn insert_traces(tx: &rusqlite::Transaction<'_>, batch: &[&TraceRow]) -> Result<
             tx.prepare_cached(&trace_insert_sql(chunk.len()))?
         };
         for (r, t) in chunk.iter().enumerate() {
-            let at = r * 15;
+            let at = r * TRACE_PARAMS;
             stmt.raw_bind_parameter(at + 1, t.ts)?;
             stmt.raw_bind_parameter(at + 2, t.key_id.as_deref())?;
             stmt.raw_bind_parameter(at + 3, t.endpoint.as_ref())?;
@@ -113,6 +115,7 @@ fn insert_traces(tx: &rusqlite::Transaction<'_>, batch: &[&TraceRow]) -> Result<
             stmt.raw_bind_parameter(at + 13, t.cost.get())?;
             stmt.raw_bind_parameter(at + 14, t.usage_estimated)?;
             stmt.raw_bind_parameter(at + 15, t.fallback_from.as_deref())?;
+            stmt.raw_bind_parameter(at + 16, trace_id_hex(t))?;
         }
         stmt.raw_execute()?;
     }
@@ -141,6 +144,7 @@ fn trace_from_row(row: &Row<'_>) -> rusqlite::Result<TraceRow> {
         cost: Nanos::new(row.get(12)?),
         usage_estimated: row.get(13)?,
         fallback_from: shared(row.get(14)?),
+        trace_id: parse_trace_id(row.get(16)?),
     })
 }
 
@@ -214,7 +218,7 @@ impl Sqlite {
     ) -> Result<Vec<TraceRow>> {
         const COLUMNS: &str = "ts, key_id, endpoint, requested_model, served_model, provider, \
              status, error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, \
-             cost_nanos, usage_estimated, fallback_from, id";
+             cost_nanos, usage_estimated, fallback_from, id, trace_id";
         let before = before.unwrap_or(i64::MAX);
         let rows = match key_id {
             Some(key) => {

@@ -129,7 +129,7 @@ CREATE TABLE IF NOT EXISTS nodes (owner INTEGER PRIMARY KEY, seen_at INTEGER NOT
 "#;
 
 /// Columns added after the first release, applied to older databases at open.
-const MIGRATIONS: [(&str, &str, &str); 5] = [
+const MIGRATIONS: [(&str, &str, &str); 6] = [
     // The process (pid) that journaled an admission: a live one still owns it.
     ("inflight", "owner", "INTEGER NOT NULL DEFAULT 0"),
     ("keys", "max_inflight", "INTEGER"),
@@ -137,6 +137,8 @@ const MIGRATIONS: [(&str, &str, &str); 5] = [
     ("keys", "prev_token_hash", "BLOB"),
     ("keys", "prev_valid_until", "INTEGER"),
     ("keys", "rotated_at", "INTEGER"),
+    // The W3C trace id of the request (32 hex digits), for finding it from an agent's trace.
+    ("traces", "trace_id", "TEXT"),
 ];
 
 pub(super) struct Sqlite {
