@@ -238,9 +238,11 @@ fn ledger_contract(loc: &StoreLocation) {
             .collect::<Vec<_>>(),
         vec![("m1", 2, 10, Nanos::new(350)), ("m2", 1, 5, Nanos::new(1))]
     );
-    // A second batch adds to the same rows.
-    s.write_batch(&Batch::of([entry(day + 9, "key_a", "m1", 50)]))
-        .unwrap();
+    // A second batch adds to the same rows; its request carried a W3C trace id.
+    let trace_id = opentelemetry::trace::TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").ok();
+    let mut traced = entry(day + 9, "key_a", "m1", 50);
+    traced.trace.trace_id = trace_id;
+    s.write_batch(&Batch::of([traced])).unwrap();
     assert_eq!(
         s.spend_for_key("key_a", "2026-11").unwrap()[0].cost,
         Nanos::new(400)
@@ -262,6 +264,11 @@ fn ledger_contract(loc: &StoreLocation) {
     assert_eq!(traces.len(), 5);
     assert!(traces.windows(2).all(|w| w[0].id > w[1].id), "newest first");
     assert_eq!(traces[0].ts, day + 9);
+    assert_eq!(
+        traces[0].trace_id, trace_id,
+        "{loc:?}: the trace id is kept"
+    );
+    assert_eq!(traces[1].trace_id, None);
     let t = &traces[0];
     assert_eq!(
         (
@@ -532,7 +539,13 @@ fn migrations_are_idempotent_and_safe_when_three_nodes_start_at_once() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert_eq!(applied, vec![(1, "0001_init".to_string())]);
+    assert_eq!(
+        applied,
+        vec![
+            (1, "0001_init".to_string()),
+            (2, "0002_trace_id".to_string())
+        ]
+    );
     let keys: i64 = raw
         .query_one("SELECT COUNT(*) FROM keys", &[])
         .unwrap()
