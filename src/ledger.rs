@@ -348,7 +348,7 @@ impl Writer {
                 Ok(Msg::Entry(mut e)) => {
                     if let Some(seed) = e.span.take() {
                         if let Some(spans) = &self.spans {
-                            spans.offer(span::build(&e.trace, seed));
+                            spans.offer(span::build(&e.trace, *seed));
                         }
                     }
                     // Finished before its admission was journaled: nothing to delete.

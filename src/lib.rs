@@ -16,6 +16,7 @@ pub mod limits;
 pub mod manage;
 pub mod metrics;
 pub mod money;
+pub mod prices;
 pub mod providers;
 pub mod proxy;
 pub mod report;

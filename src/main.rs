@@ -64,6 +64,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Model prices and limits from a price catalog
+    #[command(subcommand)]
+    Prices(PricesCommand),
+}
+
+#[derive(Subcommand)]
+enum PricesCommand {
+    /// Fill prices, context windows and max output tokens of the configured models from a
+    /// LiteLLM-format price map (model_prices_and_context_window.json), in the config file
+    Import {
+        /// The price map (JSON)
+        file: PathBuf,
+        /// Print the diff and change nothing
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -222,6 +240,11 @@ fn main() -> ExitCode {
                 );
             })
             .map_err(|e| e.to_string()),
+        Command::Prices(PricesCommand::Import {
+            file,
+            dry_run,
+            json,
+        }) => prices_import(&config_path, &file, dry_run, json),
         Command::Serve(args) => Config::load(&config_path)
             .map_err(|e| e.to_string())
             .and_then(|c| spidergate::serve::run(c, args.pingora)),
@@ -547,8 +570,65 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             }
             Ok(())
         }
-        Command::Serve(_) | Command::CheckConfig => Ok(()),
+        Command::Serve(_) | Command::CheckConfig | Command::Prices(_) => Ok(()),
     }
+}
+
+/// `prices import`: plans the edit (validated as `check-config` validates), prints the diff,
+/// and unless `dry_run` writes the config file in place.
+fn prices_import(
+    config_path: &std::path::Path,
+    file: &std::path::Path,
+    dry_run: bool,
+    json: bool,
+) -> CliResult {
+    let config_text = std::fs::read_to_string(config_path)
+        .map_err(|e| format!("{}: {e}", config_path.display()))?;
+    let price_map =
+        std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let plan = spidergate::prices::plan(&config_text, config_path, &price_map)
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    let write = !dry_run && !plan.changes.is_empty();
+    if write {
+        spidergate::prices::write_in_place(config_path, &plan.text)
+            .map_err(|e| format!("{}: {e}", config_path.display()))?;
+    }
+    if json {
+        print_json(&json!({
+            "config": config_path.display().to_string(),
+            "dry_run": dry_run,
+            "written": write,
+            "matched": plan.matched,
+            "unmatched": plan.unmatched,
+            "changes": plan.changes.iter().map(|c| json!({
+                "model": c.model, "field": c.field, "old": c.old, "new": c.new,
+            })).collect::<Vec<_>>(),
+            "diff": plan.diff,
+        }));
+        return Ok(());
+    }
+    print!("{}", plan.diff);
+    println!(
+        "{} of {} models matched; {} fields {}",
+        plan.matched.len(),
+        plan.matched.len() + plan.unmatched.len(),
+        plan.changes.len(),
+        if dry_run { "would change" } else { "changed" }
+    );
+    for u in &plan.unmatched {
+        println!("unmatched: {u}");
+    }
+    if dry_run {
+        println!("dry run: {} not written", config_path.display());
+    } else if write {
+        println!(
+            "wrote {}; a running gateway applies it on SIGHUP",
+            config_path.display()
+        );
+    } else {
+        println!("{} is already up to date", config_path.display());
+    }
+    Ok(())
 }
 
 fn print_human(v: &serde_json::Value) {

@@ -297,18 +297,20 @@ impl RequestCtx {
         // Only a call with a sampled gateway span (telemetry on) pays for a seed; the span
         // itself is built by the ledger writer.
         let span = match self.trace.take() {
-            Some(ctx) if ctx.has_span() && ctx.flags.is_sampled() && keep_trace => Some(SpanSeed {
-                ctx,
-                started_ms: self.started_ms,
-                operation: match self.endpoint {
-                    Endpoint::Embeddings => "embeddings",
-                    _ => "chat",
-                },
-                provider_kind: served
-                    .filter(|_| admitted)
-                    .map(|m| routes.catalog.provider_of(m).kind),
-                body: self.body.clone(),
-            }),
+            Some(ctx) if ctx.has_span() && ctx.flags.is_sampled() && keep_trace => {
+                Some(Box::new(SpanSeed {
+                    ctx,
+                    started_ms: self.started_ms,
+                    operation: match self.endpoint {
+                        Endpoint::Embeddings => "embeddings",
+                        _ => "chat",
+                    },
+                    provider_kind: served
+                        .filter(|_| admitted)
+                        .map(|m| routes.catalog.provider_of(m).kind),
+                    body: self.body.clone(),
+                }))
+            }
             _ => None,
         };
         gate.ledger.record(LedgerEntry {

@@ -50,7 +50,8 @@ pub struct LedgerEntry {
     /// Whether the trace row itself is kept (unauthenticated floods are sampled).
     pub keep_trace: bool,
     /// What the writer needs to export this call as an OpenTelemetry span (telemetry on).
-    pub span: Option<crate::telemetry::SpanSeed>,
+    /// Boxed: with telemetry off every entry carries only a null pointer through the channel.
+    pub span: Option<Box<crate::telemetry::SpanSeed>>,
 }
 
 /// A trace id as stored: 32 lower-case hex digits, as in `traceparent`.
