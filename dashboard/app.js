@@ -229,7 +229,8 @@
   }
 
   async function rawFetch(method, path, body, bearer) {
-    const headers = { Authorization: 'Bearer ' + bearer, Accept: 'application/json' };
+    // The door header names the dashboard in the audit log (the admin API is the other door).
+    const headers = { Authorization: 'Bearer ' + bearer, Accept: 'application/json', 'X-SpiderGate-Door': 'dashboard' };
     if (body !== undefined) headers['Content-Type'] = 'application/json';
     let res;
     try {

@@ -227,6 +227,57 @@ impl Gate {
     /// at start (listeners, database, threads) keep their running values, with a warning.
     /// On any error the running config stays and the error (with its field path) is returned.
     pub fn reload_config(&self) -> Result<(), String> {
+        let before = self.config_summary();
+        let result = self.reload_config_file();
+        // Recorded in the audit log either way: what the reload changed, or why it did not.
+        if let Ok(mut store) = self.open_store() {
+            let (action, after) = match &result {
+                Ok(()) => ("config.reload", self.config_summary()),
+                Err(e) => ("config.reload_failed", serde_json::json!({ "error": e })),
+            };
+            crate::audit::record(
+                &mut store,
+                &crate::audit::Actor::signal("SIGHUP"),
+                action,
+                &self.config_path.display().to_string(),
+                Some(before),
+                Some(after),
+                now_ms(),
+            );
+        }
+        result
+    }
+
+    /// What a config reload may change, for the audit log: each model's prices and limits,
+    /// the providers and the aliases (no provider keys: only the names of their variables).
+    fn config_summary(&self) -> serde_json::Value {
+        let routes = self.routes();
+        let c = &routes.config;
+        let models: serde_json::Map<String, serde_json::Value> = c
+            .models
+            .iter()
+            .map(|m| {
+                (
+                    m.id.clone(),
+                    serde_json::json!({
+                        "provider": c.providers[m.provider].name,
+                        "upstream_id": m.upstream_id,
+                        "input_usd_per_mtok": m.input_price.usd_per_mtok(),
+                        "output_usd_per_mtok": m.output_price.usd_per_mtok(),
+                        "max_output_tokens": m.max_output_tokens,
+                        "context_window_tokens": m.context_window_tokens,
+                    }),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "providers": c.providers.iter().map(|p| &p.name).collect::<Vec<_>>(),
+            "models": models,
+            "aliases": c.aliases.keys().collect::<Vec<_>>(),
+        })
+    }
+
+    fn reload_config_file(&self) -> Result<(), String> {
         let mut config = Config::load(&self.config_path).map_err(|e| e.to_string())?;
         config.load_provider_keys();
         let running = self.routes();

@@ -11,6 +11,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
+use spidergate::audit::Actor;
 use spidergate::catalog::Catalog;
 use spidergate::clock::{month_index, now_ms, parse_month, rfc3339};
 use spidergate::config::{resolve_path, Config};
@@ -67,6 +68,13 @@ enum Command {
     /// Model prices and limits from a price catalog
     #[command(subcommand)]
     Prices(PricesCommand),
+    /// Who changed what through which door, newest first
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -363,7 +371,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
                 ttl: limits.ttl,
                 client_id: limits.client_id,
             };
-            let (record, secret) = KeyService::new(&mut store, &catalog)
+            let (record, secret) = KeyService::new(&mut store, &catalog, Actor::cli())
                 .create(spec, now)
                 .map_err(cli_err)?;
             if json {
@@ -378,7 +386,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             Ok(())
         }
         Command::Keys(KeysCommand::List { all, json }) => {
-            let keys: Vec<KeyRecord> = KeyService::new(&mut store, &catalog)
+            let keys: Vec<KeyRecord> = KeyService::new(&mut store, &catalog, Actor::cli())
                 .list(all, now)
                 .map_err(cli_err)?;
             if json {
@@ -442,7 +450,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
                 ttl: limits.ttl,
                 client_id: limits.client_id.map(Some),
             };
-            let k = KeyService::new(&mut store, &catalog)
+            let k = KeyService::new(&mut store, &catalog, Actor::cli())
                 .update(&id, changes, now)
                 .map_err(cli_err)?;
             let v = report::key_json(&k, now);
@@ -455,7 +463,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             Ok(())
         }
         Command::Keys(KeysCommand::Rotate { id, grace, json }) => {
-            let (k, secret) = KeyService::new(&mut store, &catalog)
+            let (k, secret) = KeyService::new(&mut store, &catalog, Actor::cli())
                 .rotate(&id, Some(&grace), now)
                 .map_err(cli_err)?;
             if json {
@@ -472,7 +480,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             Ok(())
         }
         Command::Keys(KeysCommand::Revoke { id, json }) => {
-            let k = KeyService::new(&mut store, &catalog)
+            let k = KeyService::new(&mut store, &catalog, Actor::cli())
                 .revoke(&id, now)
                 .map_err(cli_err)?;
             if json {
@@ -570,6 +578,33 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             }
             Ok(())
         }
+        Command::Audit { limit, json } => {
+            let rows = store
+                .audit(limit.clamp(1, 10_000), None)
+                .map_err(|e| e.to_string())?;
+            if json {
+                print_json(&json!(rows
+                    .iter()
+                    .map(spidergate::audit::entry_json)
+                    .collect::<Vec<_>>()));
+            } else {
+                println!(
+                    "{:<20} {:<10} {:<32} {:<22} TARGET",
+                    "TIME", "DOOR", "ACTOR", "ACTION"
+                );
+                for e in &rows {
+                    println!(
+                        "{:<20} {:<10} {:<32} {:<22} {}",
+                        rfc3339(e.ts),
+                        e.door,
+                        e.actor,
+                        e.action,
+                        e.target
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Serve(_) | Command::CheckConfig | Command::Prices(_) => Ok(()),
     }
 }
@@ -592,6 +627,34 @@ fn prices_import(
     if write {
         spidergate::prices::write_in_place(config_path, &plan.text)
             .map_err(|e| format!("{}: {e}", config_path.display()))?;
+        // The audit log lives in the config's store; the file is already written, so a store
+        // that cannot be opened is reported, not fatal.
+        let changes = |old: bool| {
+            json!(plan
+                .changes
+                .iter()
+                .map(|c| json!({
+                    "model": c.model,
+                    "field": c.field,
+                    "value": if old { json!(c.old) } else { json!(c.new) },
+                }))
+                .collect::<Vec<_>>())
+        };
+        match Config::parse(&plan.text, config_path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| open(&c))
+        {
+            Ok(mut store) => spidergate::audit::record(
+                &mut store,
+                &Actor::cli(),
+                "prices.import",
+                &config_path.display().to_string(),
+                Some(changes(true)),
+                Some(changes(false)),
+                now_ms(),
+            ),
+            Err(e) => eprintln!("warning: the price import was not recorded in the audit log: {e}"),
+        }
     }
     if json {
         print_json(&json!({

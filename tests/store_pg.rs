@@ -84,6 +84,32 @@ fn entry(ts: i64, key: &str, model: &str, cost: i64) -> LedgerEntry {
 
 fn keys_contract(loc: &StoreLocation) {
     let mut s = Store::open_at(loc).unwrap();
+    // The audit log: appended, read newest first, paged back.
+    for (i, action) in ["key.create", "key.update", "key.revoke"]
+        .iter()
+        .enumerate()
+    {
+        let e = spidergate::store::AuditEntry {
+            ts: 1_000 + i as i64,
+            door: "cli".into(),
+            actor: "user ops".into(),
+            action: action.to_string(),
+            target: "key_a".into(),
+            before: (i > 0).then(|| "{\"rpm\":1}".to_string()),
+            after: Some("{\"rpm\":2}".into()),
+            ..Default::default()
+        };
+        s.record_audit(&e).unwrap();
+    }
+    let log = s.audit(10, None).unwrap();
+    assert_eq!(
+        log.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+        ["key.revoke", "key.update", "key.create"],
+        "{loc:?}"
+    );
+    assert_eq!(log[2].before, None);
+    assert_eq!(log[0].after.as_deref(), Some("{\"rpm\":2}"));
+    assert_eq!(s.audit(10, Some(log[1].id)).unwrap().len(), 1);
     assert_eq!(s.key_count().unwrap(), 0);
     assert_eq!(s.last_key_change().unwrap(), 0);
     let v0 = s.keys_version().unwrap();
@@ -543,7 +569,8 @@ fn migrations_are_idempotent_and_safe_when_three_nodes_start_at_once() {
         applied,
         vec![
             (1, "0001_init".to_string()),
-            (2, "0002_trace_id".to_string())
+            (2, "0002_trace_id".to_string()),
+            (3, "0003_audit".to_string())
         ]
     );
     let keys: i64 = raw

@@ -5,6 +5,7 @@
 //! The `postgres` client is blocking and runs its own small Tokio runtime: it must only be
 //! used, and dropped, off the async worker threads (see `discard`). Only parameterised SQL.
 
+mod audit;
 mod keys;
 mod ledger;
 
@@ -41,6 +42,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "0002_trace_id",
         include_str!("../../../migrations/postgres/0002_trace_id.sql"),
+    ),
+    (
+        3,
+        "0003_audit",
+        include_str!("../../../migrations/postgres/0003_audit.sql"),
     ),
 ];
 

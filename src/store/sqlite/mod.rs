@@ -5,6 +5,7 @@
 //! writer, a busy timeout so concurrent writers queue, `BEGIN IMMEDIATE` for every write, and
 //! only parameterised SQL.
 
+mod audit;
 mod keys;
 mod ledger;
 
@@ -126,6 +127,19 @@ CREATE TABLE IF NOT EXISTS inflight (
 -- Gateway nodes sharing this store and when each last said it was alive: a node's journal
 -- rows are charged as orphans once its heartbeat is older than the caller's TTL.
 CREATE TABLE IF NOT EXISTS nodes (owner INTEGER PRIMARY KEY, seen_at INTEGER NOT NULL);
+
+-- Every management change: door, actor, action, target, before and after (public fields as
+-- JSON text, never a secret).
+CREATE TABLE IF NOT EXISTS audit (
+    id      INTEGER PRIMARY KEY,
+    ts      INTEGER NOT NULL,
+    door    TEXT NOT NULL,
+    actor   TEXT NOT NULL,
+    action  TEXT NOT NULL,
+    target  TEXT NOT NULL,
+    before  TEXT,
+    after   TEXT
+);
 "#;
 
 /// Columns added after the first release, applied to older databases at open.
