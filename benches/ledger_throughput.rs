@@ -93,6 +93,7 @@ fn make_entries(n: usize, now: i64) -> (Vec<LedgerEntry>, Expected) {
             cost: Nanos::new(cost),
             usage_estimated: admitted && rng.below(50) == 0,
             fallback_from: None,
+            trace_id: None,
         };
         exp.traces += 1;
         if admitted {
@@ -105,6 +106,7 @@ fn make_entries(n: usize, now: i64) -> (Vec<LedgerEntry>, Expected) {
             counted: admitted,
             journal_id: None,
             keep_trace: true,
+            span: None,
         });
     }
     (out, exp)
@@ -166,6 +168,7 @@ fn main() {
         Duration::from_millis(500),
         30,
         usize::MAX,
+        None,
     );
     ledger.start().expect("start the ledger writer");
     let t0 = Instant::now();

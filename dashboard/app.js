@@ -229,7 +229,8 @@
   }
 
   async function rawFetch(method, path, body, bearer) {
-    const headers = { Authorization: 'Bearer ' + bearer, Accept: 'application/json' };
+    // The door header names the dashboard in the audit log (the admin API is the other door).
+    const headers = { Authorization: 'Bearer ' + bearer, Accept: 'application/json', 'X-SpiderGate-Door': 'dashboard' };
     if (body !== undefined) headers['Content-Type'] = 'application/json';
     let res;
     try {
@@ -892,7 +893,7 @@
     const tbody = h('tbody');
     const table = h('table', { class: 'table traces-table', 'data-testid': 'traces-table' },
       h('thead', {}, h('tr', {},
-        ['Time', keyId ? null : 'Key', 'Endpoint', 'Model', 'Status', 'Error', 'Tokens', 'Cost', 'Latency']
+        ['Time', keyId ? null : 'Key', 'Endpoint', 'Model', 'Status', 'Error', 'Tokens', 'Cost', 'Latency', 'Trace']
           .filter(Boolean).map((t) => h('th', { scope: 'col', text: t, class: ['Tokens', 'Cost', 'Latency'].includes(t) ? 'num' : null })))),
       tbody);
     const status = h('div', { class: 'page-status' });
@@ -946,7 +947,11 @@
           `${int(t.prompt_tokens || 0)} → ${int(t.completion_tokens || 0)}`, t.usage_estimated ? h('span', { class: 'muted', text: ' ≈' }) : null),
         h('td', { class: 'num' }, money(t.cost_usd || 0)),
         h('td', { class: 'num', title: t.ttfb_ms !== null && t.ttfb_ms !== undefined ? `first byte after ${int(t.ttfb_ms)} ms` : null },
-          t.latency_ms !== null && t.latency_ms !== undefined ? `${int(t.latency_ms)} ms` : '—'));
+          t.latency_ms !== null && t.latency_ms !== undefined ? `${int(t.latency_ms)} ms` : '—'),
+        // The W3C trace id: search for it in Jaeger, Tempo or Honeycomb to see the agent's spans.
+        h('td', { class: 'small nowrap' }, t.trace_id
+          ? h('code', { 'data-testid': 'trace-id', class: 'small', title: `trace ${t.trace_id}`, text: t.trace_id.slice(0, 12) + '…' })
+          : h('span', { class: 'muted', text: '—' })));
     }
 
     async function load() {

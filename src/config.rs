@@ -34,6 +34,35 @@ struct RawConfig {
     #[serde(default)]
     server: RawServer,
     shared_state: Option<RawSharedState>,
+    telemetry: Option<RawTelemetry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    /// OTLP/HTTP collector base URL; spans go to `<url>/v1/traces`. Without it the gateway
+    /// still continues and starts W3C trace contexts, but exports nothing.
+    otlp_endpoint: Option<String>,
+    #[serde(default = "default_service_name")]
+    service_name: String,
+    /// Spans waiting for the exporter; past this they are dropped (and counted).
+    #[serde(default = "default_max_queue_spans")]
+    max_queue_spans: usize,
+    /// Longest wait for one export request to the collector.
+    #[serde(default = "default_export_timeout_ms")]
+    export_timeout_ms: u64,
+}
+
+fn default_service_name() -> String {
+    "spidergate".into()
+}
+
+fn default_max_queue_spans() -> usize {
+    2048
+}
+
+fn default_export_timeout_ms() -> u64 {
+    5_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -288,6 +317,62 @@ pub struct Model {
     pub free: bool,
 }
 
+/// `telemetry`: W3C trace context on every model call and, with an `otlp_endpoint`, one
+/// OpenTelemetry span per call. Read at start; a reload keeps the running settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Telemetry {
+    /// The collector's traces URL (`otlp_endpoint` + `/v1/traces`), when exporting.
+    pub traces_url: Option<String>,
+    pub service_name: String,
+    pub max_queue_spans: usize,
+    pub export_timeout: Duration,
+}
+
+fn parse_telemetry(raw: RawTelemetry) -> Result<Telemetry, ConfigError> {
+    let traces_url = match raw.otlp_endpoint {
+        Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
+            let base = u.trim_end_matches('/');
+            if base.parse::<http::Uri>().is_err() || base.len() <= "https://".len() {
+                return err("telemetry.otlp_endpoint", format!("\"{u}\" is not a URL"));
+            }
+            // The SDK uses a configured URL as is; the OTLP/HTTP convention is a base URL.
+            Some(if base.ends_with("/v1/traces") {
+                base.to_string()
+            } else {
+                format!("{base}/v1/traces")
+            })
+        }
+        Some(u) => {
+            return err(
+                "telemetry.otlp_endpoint",
+                format!("\"{u}\" must start with http:// or https://"),
+            )
+        }
+        None => None,
+    };
+    if raw.service_name.trim().is_empty() {
+        return err("telemetry.service_name", "must not be empty");
+    }
+    if !(16..=1_000_000).contains(&raw.max_queue_spans) {
+        return err(
+            "telemetry.max_queue_spans",
+            "must be between 16 and 1000000",
+        );
+    }
+    if !(100..=60_000).contains(&raw.export_timeout_ms) {
+        return err(
+            "telemetry.export_timeout_ms",
+            "must be between 100 and 60000",
+        );
+    }
+    Ok(Telemetry {
+        traces_url,
+        service_name: raw.service_name,
+        max_queue_spans: raw.max_queue_spans,
+        export_timeout: Duration::from_millis(raw.export_timeout_ms),
+    })
+}
+
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: String,
@@ -461,6 +546,7 @@ pub struct Config {
     pub aliases: BTreeMap<String, Vec<usize>>,
     pub tuning: Tuning,
     pub shared_state: Option<SharedState>,
+    pub telemetry: Option<Telemetry>,
 }
 
 /// A validation failure naming the field path.
@@ -602,14 +688,22 @@ impl Config {
                 cache_price("cache_read_usd_per_mtok", m.cache_read_usd_per_mtok)?;
             let cache_write_price =
                 cache_price("cache_write_usd_per_mtok", m.cache_write_usd_per_mtok)?;
-            if m.context_window_tokens == Some(0) {
-                return err(
-                    format!("{at}.context_window_tokens"),
-                    "must be greater than 0",
-                );
-            }
             if m.max_output_tokens == Some(0) {
                 return err(format!("{at}.max_output_tokens"), "must be greater than 0");
+            }
+            if let Some(window) = m.context_window_tokens {
+                if window == 0 {
+                    return err(
+                        format!("{at}.context_window_tokens"),
+                        "must be greater than 0",
+                    );
+                }
+                if let Some(out) = m.max_output_tokens.filter(|&o| u64::from(o) > window) {
+                    return err(
+                        format!("{at}.max_output_tokens"),
+                        format!("{out} exceeds the model's context_window_tokens ({window})"),
+                    );
+                }
             }
             models.push(Model {
                 upstream_id: m.upstream_id.unwrap_or_else(|| m.id.clone()),
@@ -701,6 +795,7 @@ impl Config {
         if s.ledger_max_backlog < 1_000 {
             return err("server.ledger_max_backlog", "must be at least 1000");
         }
+        let telemetry = raw.telemetry.map(parse_telemetry).transpose()?;
         let public_url = match raw.public_url {
             Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
                 u.trim_end_matches('/').to_string()
@@ -718,6 +813,7 @@ impl Config {
             listen,
             database: PathBuf::from(database),
             shared_state,
+            telemetry,
             max_body_bytes: raw.max_body_bytes,
             public_catalog: raw.public_catalog,
             public_url,

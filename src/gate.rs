@@ -21,6 +21,7 @@ use crate::shared::{Limiter, SharedLimits};
 use crate::shield::{AuthShield, Sampler};
 use crate::snapshot::{Routes, Snapshot};
 use crate::store::{Store, StoreError};
+use crate::telemetry::SpanQueue;
 
 /// Unauthenticated requests traced per second, across the gateway (a flood of bad tokens
 /// is counted in metrics, and cannot grow the database faster than this).
@@ -58,6 +59,9 @@ pub struct Gate {
     pub unauthenticated_traces: Sampler,
     /// The certificates the listeners serve (`tls`, `admin.tls`), swapped by SIGHUP.
     pub listener_certs: ListenerCerts,
+    /// `telemetry` is set: model calls get a span of the gateway's in a W3C trace. Fixed at
+    /// start (the exporter is per process).
+    pub trace_context: bool,
 }
 
 impl Gate {
@@ -80,12 +84,14 @@ impl Gate {
             )),
             _ => Limiter::InProcess(InProcess),
         };
+        let trace_context = config.telemetry.is_some();
         let ledger = SpendLedger::new(
             config.store_location(),
             node,
             config.tuning.flush_interval,
             config.tuning.trace_retention_days,
             config.tuning.ledger_max_backlog,
+            config.telemetry.as_ref().and_then(SpanQueue::new),
         );
         let gate = Gate {
             auth_shield: AuthShield::new(config.tuning.auth_failures_per_minute),
@@ -105,6 +111,7 @@ impl Gate {
             inflight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             handing_over: AtomicBool::new(false),
+            trace_context,
         };
         let mut store = gate.open_store().map_err(|e| format!("database: {e}"))?;
         // Before keys (and their month's spend) are loaded: a crash never makes a request free.
@@ -225,6 +232,57 @@ impl Gate {
     /// at start (listeners, database, threads) keep their running values, with a warning.
     /// On any error the running config stays and the error (with its field path) is returned.
     pub fn reload_config(&self) -> Result<(), String> {
+        let before = self.config_summary();
+        let result = self.reload_config_file();
+        // Recorded in the audit log either way: what the reload changed, or why it did not.
+        if let Ok(mut store) = self.open_store() {
+            let (action, after) = match &result {
+                Ok(()) => ("config.reload", self.config_summary()),
+                Err(e) => ("config.reload_failed", serde_json::json!({ "error": e })),
+            };
+            crate::audit::record(
+                &mut store,
+                &crate::audit::Actor::signal("SIGHUP"),
+                action,
+                &self.config_path.display().to_string(),
+                Some(before),
+                Some(after),
+                now_ms(),
+            );
+        }
+        result
+    }
+
+    /// What a config reload may change, for the audit log: each model's prices and limits,
+    /// the providers and the aliases (no provider keys: only the names of their variables).
+    fn config_summary(&self) -> serde_json::Value {
+        let routes = self.routes();
+        let c = &routes.config;
+        let models: serde_json::Map<String, serde_json::Value> = c
+            .models
+            .iter()
+            .map(|m| {
+                (
+                    m.id.clone(),
+                    serde_json::json!({
+                        "provider": c.providers[m.provider].name,
+                        "upstream_id": m.upstream_id,
+                        "input_usd_per_mtok": m.input_price.usd_per_mtok(),
+                        "output_usd_per_mtok": m.output_price.usd_per_mtok(),
+                        "max_output_tokens": m.max_output_tokens,
+                        "context_window_tokens": m.context_window_tokens,
+                    }),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "providers": c.providers.iter().map(|p| &p.name).collect::<Vec<_>>(),
+            "models": models,
+            "aliases": c.aliases.keys().collect::<Vec<_>>(),
+        })
+    }
+
+    fn reload_config_file(&self) -> Result<(), String> {
         let mut config = Config::load(&self.config_path).map_err(|e| e.to_string())?;
         config.load_provider_keys();
         // Certificate files are re-read first and swapped in only if the whole reload holds.
@@ -247,6 +305,7 @@ impl Gate {
                 "server.threads",
                 config.tuning.threads != running.config.tuning.threads,
             ),
+            ("telemetry", config.telemetry != running.config.telemetry),
         ] {
             if changed {
                 log::warn!("config reload: {what} changed; it takes effect at the next restart");
@@ -257,6 +316,8 @@ impl Gate {
         config.shared_state = running.config.shared_state.clone();
         config.admin = running.config.admin.clone();
         config.tuning.threads = running.config.tuning.threads;
+        // The exporter and the request path's trace-context switch are fixed at start.
+        config.telemetry = running.config.telemetry.clone();
         let routes = Arc::new(Routes::build(config)?);
         for w in routes.warnings.iter().chain(&certs.warnings) {
             log::warn!("config reload: {w}");

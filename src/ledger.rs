@@ -11,6 +11,9 @@
 //! Every admission is also journaled here (one more channel push): an admission still open
 //! at a commit is written to the `inflight` table and deleted when its spend is booked, so
 //! after a crash the next start charges what was left open.
+//!
+//! With `telemetry` exporting, the writer also turns each entry that carries a span seed
+//! into an OpenTelemetry span and offers it to the exporter's bounded queue (never waiting).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -21,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use crate::clock::{now_ms, MS_PER_DAY};
 use crate::store::{Batch, JournalRow, LedgerEntry, Store, StoreLocation};
+use crate::telemetry::{span, SpanQueue, SpanSender, SpanStats};
 
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -89,6 +93,8 @@ pub struct SpendLedger {
     max_backlog: usize,
     health: Arc<LedgerHealth>,
     next_journal_id: AtomicI64,
+    /// The OTLP exporter's queue, when `telemetry` names a collector.
+    spans: Option<SpanQueue>,
 }
 
 impl SpendLedger {
@@ -100,6 +106,7 @@ impl SpendLedger {
         flush_interval: Duration,
         retention_days: u32,
         max_backlog: usize,
+        spans: Option<SpanQueue>,
     ) -> SpendLedger {
         let (tx, rx) = mpsc::channel();
         // Unique across restarts: the start time in ms, shifted, plus a counter. In a
@@ -120,7 +127,13 @@ impl SpendLedger {
             max_backlog,
             health: Arc::default(),
             next_journal_id: AtomicI64::new(first_id),
+            spans,
         }
+    }
+
+    /// The span exporter's counters, when exporting.
+    pub fn span_stats(&self) -> Option<&SpanStats> {
+        self.spans.as_ref().map(SpanQueue::stats)
     }
 
     pub fn health(&self) -> &LedgerHealth {
@@ -161,6 +174,10 @@ impl SpendLedger {
         let retention_ms = self.retention_days as i64 * MS_PER_DAY;
         let max_backlog = self.max_backlog;
         let health = self.health.clone();
+        let spans = self.spans.as_ref().map(SpanQueue::sender);
+        if let Some(q) = &self.spans {
+            q.start()?;
+        }
         let (opened_tx, opened_rx) = mpsc::sync_channel(1);
         let handle = std::thread::Builder::new()
             .name("spidergate-ledger".into())
@@ -184,6 +201,7 @@ impl SpendLedger {
                     retention_ms,
                     max_backlog,
                     health,
+                    spans,
                     open: HashMap::new(),
                     batch: Batch::default(),
                     waiters: Vec::new(),
@@ -221,7 +239,15 @@ impl SpendLedger {
 
     /// Commits everything recorded so far; called once the proxy has stopped, before exit.
     pub fn close(&self) -> bool {
-        self.flush_blocking()
+        let flushed = self.flush_blocking();
+        // The spans of those last entries, within a bounded wait: a collector that is down
+        // must not hold up the exit.
+        if let Some(q) = &self.spans {
+            if !q.flush(Duration::from_secs(5)) {
+                log::warn!("telemetry: the last spans were not all sent before exit");
+            }
+        }
+        flushed
     }
 }
 
@@ -233,6 +259,7 @@ struct Writer {
     retention_ms: i64,
     max_backlog: usize,
     health: Arc<LedgerHealth>,
+    spans: Option<SpanSender>,
     /// Admissions not yet written to the journal table (most finish before they need to be).
     open: HashMap<i64, JournalRow>,
     batch: Batch,
@@ -319,6 +346,11 @@ impl Writer {
         loop {
             match self.rx.try_recv() {
                 Ok(Msg::Entry(mut e)) => {
+                    if let Some(seed) = e.span.take() {
+                        if let Some(spans) = &self.spans {
+                            spans.offer(span::build(&e.trace, *seed));
+                        }
+                    }
                     // Finished before its admission was journaled: nothing to delete.
                     if e.journal_id
                         .is_some_and(|id| self.open.remove(&id).is_some())

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod audit;
 pub mod catalog;
 pub mod clock;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod listen_tls;
 pub mod manage;
 pub mod metrics;
 pub mod money;
+pub mod prices;
 pub mod providers;
 pub mod proxy;
 pub mod report;
@@ -25,4 +27,5 @@ pub mod shared;
 pub mod shield;
 pub mod snapshot;
 pub mod store;
+pub mod telemetry;
 pub mod usage;

@@ -11,6 +11,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
+use spidergate::audit::Actor;
 use spidergate::catalog::Catalog;
 use spidergate::clock::{month_index, now_ms, parse_month, rfc3339};
 use spidergate::config::{resolve_path, Config};
@@ -61,6 +62,31 @@ enum Command {
         key: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Model prices and limits from a price catalog
+    #[command(subcommand)]
+    Prices(PricesCommand),
+    /// Who changed what through which door, newest first
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PricesCommand {
+    /// Fill prices, context windows and max output tokens of the configured models from a
+    /// LiteLLM-format price map (model_prices_and_context_window.json), in the config file
+    Import {
+        /// The price map (JSON)
+        file: PathBuf,
+        /// Print the diff and change nothing
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         json: bool,
     },
@@ -224,6 +250,11 @@ fn main() -> ExitCode {
                 );
             })
             .map_err(|e| e.to_string()),
+        Command::Prices(PricesCommand::Import {
+            file,
+            dry_run,
+            json,
+        }) => prices_import(&config_path, &file, dry_run, json),
         Command::Serve(args) => Config::load(&config_path)
             .map_err(|e| e.to_string())
             .and_then(|c| spidergate::serve::run(c, args.pingora)),
@@ -342,7 +373,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
                 ttl: limits.ttl,
                 client_id: limits.client_id,
             };
-            let (record, secret) = KeyService::new(&mut store, &catalog)
+            let (record, secret) = KeyService::new(&mut store, &catalog, Actor::cli())
                 .create(spec, now)
                 .map_err(cli_err)?;
             if json {
@@ -357,7 +388,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             Ok(())
         }
         Command::Keys(KeysCommand::List { all, json }) => {
-            let keys: Vec<KeyRecord> = KeyService::new(&mut store, &catalog)
+            let keys: Vec<KeyRecord> = KeyService::new(&mut store, &catalog, Actor::cli())
                 .list(all, now)
                 .map_err(cli_err)?;
             if json {
@@ -421,7 +452,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
                 ttl: limits.ttl,
                 client_id: limits.client_id.map(Some),
             };
-            let k = KeyService::new(&mut store, &catalog)
+            let k = KeyService::new(&mut store, &catalog, Actor::cli())
                 .update(&id, changes, now)
                 .map_err(cli_err)?;
             let v = report::key_json(&k, now);
@@ -434,7 +465,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             Ok(())
         }
         Command::Keys(KeysCommand::Rotate { id, grace, json }) => {
-            let (k, secret) = KeyService::new(&mut store, &catalog)
+            let (k, secret) = KeyService::new(&mut store, &catalog, Actor::cli())
                 .rotate(&id, Some(&grace), now)
                 .map_err(cli_err)?;
             if json {
@@ -451,7 +482,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             Ok(())
         }
         Command::Keys(KeysCommand::Revoke { id, json }) => {
-            let k = KeyService::new(&mut store, &catalog)
+            let k = KeyService::new(&mut store, &catalog, Actor::cli())
                 .revoke(&id, now)
                 .map_err(cli_err)?;
             if json {
@@ -549,8 +580,120 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             }
             Ok(())
         }
-        Command::Serve(_) | Command::CheckConfig => Ok(()),
+        Command::Audit { limit, json } => {
+            let rows = store
+                .audit(limit.clamp(1, 10_000), None)
+                .map_err(|e| e.to_string())?;
+            if json {
+                print_json(&json!(rows
+                    .iter()
+                    .map(spidergate::audit::entry_json)
+                    .collect::<Vec<_>>()));
+            } else {
+                println!(
+                    "{:<20} {:<10} {:<32} {:<22} TARGET",
+                    "TIME", "DOOR", "ACTOR", "ACTION"
+                );
+                for e in &rows {
+                    println!(
+                        "{:<20} {:<10} {:<32} {:<22} {}",
+                        rfc3339(e.ts),
+                        e.door,
+                        e.actor,
+                        e.action,
+                        e.target
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Serve(_) | Command::CheckConfig | Command::Prices(_) => Ok(()),
     }
+}
+
+/// `prices import`: plans the edit (validated as `check-config` validates), prints the diff,
+/// and unless `dry_run` writes the config file in place.
+fn prices_import(
+    config_path: &std::path::Path,
+    file: &std::path::Path,
+    dry_run: bool,
+    json: bool,
+) -> CliResult {
+    let config_text = std::fs::read_to_string(config_path)
+        .map_err(|e| format!("{}: {e}", config_path.display()))?;
+    let price_map =
+        std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let plan = spidergate::prices::plan(&config_text, config_path, &price_map)
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    let write = !dry_run && !plan.changes.is_empty();
+    if write {
+        spidergate::prices::write_in_place(config_path, &plan.text)
+            .map_err(|e| format!("{}: {e}", config_path.display()))?;
+        // The audit log lives in the config's store; the file is already written, so a store
+        // that cannot be opened is reported, not fatal.
+        let changes = |old: bool| {
+            json!(plan
+                .changes
+                .iter()
+                .map(|c| json!({
+                    "model": c.model,
+                    "field": c.field,
+                    "value": if old { json!(c.old) } else { json!(c.new) },
+                }))
+                .collect::<Vec<_>>())
+        };
+        match Config::parse(&plan.text, config_path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| open(&c))
+        {
+            Ok(mut store) => spidergate::audit::record(
+                &mut store,
+                &Actor::cli(),
+                "prices.import",
+                &config_path.display().to_string(),
+                Some(changes(true)),
+                Some(changes(false)),
+                now_ms(),
+            ),
+            Err(e) => eprintln!("warning: the price import was not recorded in the audit log: {e}"),
+        }
+    }
+    if json {
+        print_json(&json!({
+            "config": config_path.display().to_string(),
+            "dry_run": dry_run,
+            "written": write,
+            "matched": plan.matched,
+            "unmatched": plan.unmatched,
+            "changes": plan.changes.iter().map(|c| json!({
+                "model": c.model, "field": c.field, "old": c.old, "new": c.new,
+            })).collect::<Vec<_>>(),
+            "diff": plan.diff,
+        }));
+        return Ok(());
+    }
+    print!("{}", plan.diff);
+    println!(
+        "{} of {} models matched; {} fields {}",
+        plan.matched.len(),
+        plan.matched.len() + plan.unmatched.len(),
+        plan.changes.len(),
+        if dry_run { "would change" } else { "changed" }
+    );
+    for u in &plan.unmatched {
+        println!("unmatched: {u}");
+    }
+    if dry_run {
+        println!("dry run: {} not written", config_path.display());
+    } else if write {
+        println!(
+            "wrote {}; a running gateway applies it on SIGHUP",
+            config_path.display()
+        );
+    } else {
+        println!("{} is already up to date", config_path.display());
+    }
+    Ok(())
 }
 
 fn print_human(v: &serde_json::Value) {

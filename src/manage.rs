@@ -2,9 +2,11 @@
 //! Every validation rule lives here, with one error type, so no door can accept what
 //! another refuses. Doors only turn their input (flags, JSON) into [`KeySpec`] or
 //! [`KeyChanges`], keeping numbers signed so that `-5` reaches the rule that explains it.
+//! Every change it makes is also written to the audit log, with the door's [`Actor`].
 
 use std::fmt;
 
+use crate::audit::{self, key_view, Actor};
 use crate::catalog::Catalog;
 use crate::keys::token;
 use crate::keys::{
@@ -129,11 +131,36 @@ impl From<StoreError> for KeyError {
 pub struct KeyService<'a> {
     store: &'a mut Store,
     catalog: &'a Catalog,
+    /// Who is making changes through this service, for the audit log.
+    actor: Actor,
 }
 
 impl<'a> KeyService<'a> {
-    pub fn new(store: &'a mut Store, catalog: &'a Catalog) -> KeyService<'a> {
-        KeyService { store, catalog }
+    pub fn new(store: &'a mut Store, catalog: &'a Catalog, actor: Actor) -> KeyService<'a> {
+        KeyService {
+            store,
+            catalog,
+            actor,
+        }
+    }
+
+    fn record(
+        &mut self,
+        action: &str,
+        id: &str,
+        before: Option<&KeyRecord>,
+        after: &KeyRecord,
+        now: i64,
+    ) {
+        audit::record(
+            self.store,
+            &self.actor,
+            action,
+            id,
+            before.map(key_view),
+            Some(key_view(after)),
+            now,
+        );
     }
 
     /// Validates and stores a new key. Returns the record and the secret, which exists only
@@ -141,6 +168,7 @@ impl<'a> KeyService<'a> {
     pub fn create(&mut self, spec: KeySpec, now: i64) -> Result<(KeyRecord, String), KeyError> {
         let (record, secret) = mint(self.catalog, spec, now)?;
         self.store.insert_key(&record)?;
+        self.record("key.create", &record.id.clone(), None, &record, now);
         Ok((record, secret))
     }
 
@@ -178,9 +206,13 @@ impl<'a> KeyService<'a> {
                 .map(|t| check_ttl(t).map(|secs| now + secs * 1000))
                 .transpose()?,
         };
-        self.store
+        let before = self.store.get_key(id)?;
+        let after = self
+            .store
             .update_key(id, &patch)?
-            .ok_or_else(|| KeyError::NotFound(id.to_string()))
+            .ok_or_else(|| KeyError::NotFound(id.to_string()))?;
+        self.record("key.update", id, before.as_ref(), &after, now);
+        Ok(after)
     }
 
     /// Issues a new secret for the same key. The old secret keeps working for `grace`
@@ -209,20 +241,37 @@ impl<'a> KeyService<'a> {
                 now,
             )?
             .ok_or_else(|| KeyError::NotFound(id.to_string()))?;
+        self.record("key.rotate", id, Some(&key), &record, now);
         Ok((record, minted.secret))
     }
 
     /// Revokes a key now (idempotent: the first revocation time is kept).
     pub fn revoke(&mut self, id: &str, now: i64) -> Result<KeyRecord, KeyError> {
-        self.store
+        let before = self.store.get_key(id)?;
+        let after = self
+            .store
             .revoke_key(id, now)?
-            .ok_or_else(|| KeyError::NotFound(id.to_string()))
+            .ok_or_else(|| KeyError::NotFound(id.to_string()))?;
+        // A repeated revocation changes nothing, and is not a change to record.
+        if before.as_ref().is_none_or(|b| b.revoked_at.is_none()) {
+            self.record("key.revoke", id, before.as_ref(), &after, now);
+        }
+        Ok(after)
     }
 
     pub fn get(&self, id: &str) -> Result<KeyRecord, KeyError> {
         self.store
             .get_key(id)?
             .ok_or_else(|| KeyError::NotFound(id.to_string()))
+    }
+
+    /// The audit log, newest first (read through the same door as the changes it records).
+    pub fn audit_log(
+        &self,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<crate::store::AuditEntry>, KeyError> {
+        Ok(self.store.audit(limit, before)?)
     }
 
     /// Active keys, or every key with `all`.
@@ -447,7 +496,7 @@ aliases: {fast: [m]}
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("k.db")).unwrap();
         let catalog = catalog();
-        let mut svc = KeyService::new(&mut store, &catalog);
+        let mut svc = KeyService::new(&mut store, &catalog, Actor::cli());
         f(&mut svc);
     }
 

@@ -429,3 +429,29 @@ pub fn render_shared(s: &mut String, shared: &crate::shared::SharedLimits) {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
     }
 }
+
+/// The OTLP span exporter (`telemetry.otlp_endpoint`): spans sent, dropped at the bounded
+/// queue, and lost in failed exports. All zero when nothing is exported.
+pub fn render_spans(s: &mut String, stats: Option<&crate::telemetry::SpanStats>) {
+    let (exported, dropped, failed) =
+        stats.map_or((0, 0, 0), |st| (st.exported(), st.dropped(), st.failed()));
+    for (name, help, v) in [
+        (
+            "spidergate_otlp_spans_exported_total",
+            "Spans the OpenTelemetry collector accepted.",
+            exported,
+        ),
+        (
+            "spidergate_otlp_spans_dropped_total",
+            "Spans dropped because the export queue was full (a slow or absent collector).",
+            dropped,
+        ),
+        (
+            "spidergate_otlp_spans_failed_total",
+            "Spans lost in exports the collector refused or never answered.",
+            failed,
+        ),
+    ] {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    }
+}

@@ -98,6 +98,11 @@ impl Price {
         self.0
     }
 
+    /// Back to USD per million tokens (for reports; exact to the pico-dollar per token).
+    pub fn usd_per_mtok(self) -> f64 {
+        self.0 as f64 / PICO_PER_TOKEN_PER_USD_MTOK
+    }
+
     /// The cost of `tokens` tokens, rounded up to the nano-dollar (a charge is never rounded
     /// down to free), saturating at [`Nanos::MAX`].
     pub fn cost(self, tokens: u64) -> Nanos {

@@ -191,5 +191,6 @@ pub fn trace_json(t: &TraceRow) -> Value {
         "cost_nanodollars": t.cost.get(),
         "usage_estimated": t.usage_estimated,
         "fallback_from": t.fallback_from.as_deref(),
+        "trace_id": t.trace_id.map(|id| id.to_string()),
     })
 }

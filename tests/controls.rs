@@ -335,6 +335,7 @@ fn budgets_reset_on_the_first_of_the_month() {
         counted: true,
         keep_trace: true,
         journal_id: None,
+        span: None,
     };
     // The last millisecond of last month.
     let end_of_last_month = month_start_ms(month_index(now_ms())) - 1;

@@ -78,11 +78,38 @@ fn entry(ts: i64, key: &str, model: &str, cost: i64) -> LedgerEntry {
         counted: true,
         keep_trace: true,
         journal_id: None,
+        span: None,
     }
 }
 
 fn keys_contract(loc: &StoreLocation) {
     let mut s = Store::open_at(loc).unwrap();
+    // The audit log: appended, read newest first, paged back.
+    for (i, action) in ["key.create", "key.update", "key.revoke"]
+        .iter()
+        .enumerate()
+    {
+        let e = spidergate::store::AuditEntry {
+            ts: 1_000 + i as i64,
+            door: "cli".into(),
+            actor: "user ops".into(),
+            action: action.to_string(),
+            target: "key_a".into(),
+            before: (i > 0).then(|| "{\"rpm\":1}".to_string()),
+            after: Some("{\"rpm\":2}".into()),
+            ..Default::default()
+        };
+        s.record_audit(&e).unwrap();
+    }
+    let log = s.audit(10, None).unwrap();
+    assert_eq!(
+        log.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+        ["key.revoke", "key.update", "key.create"],
+        "{loc:?}"
+    );
+    assert_eq!(log[2].before, None);
+    assert_eq!(log[0].after.as_deref(), Some("{\"rpm\":2}"));
+    assert_eq!(s.audit(10, Some(log[1].id)).unwrap().len(), 1);
     assert_eq!(s.key_count().unwrap(), 0);
     assert_eq!(s.last_key_change().unwrap(), 0);
     let v0 = s.keys_version().unwrap();
@@ -237,9 +264,11 @@ fn ledger_contract(loc: &StoreLocation) {
             .collect::<Vec<_>>(),
         vec![("m1", 2, 10, Nanos::new(350)), ("m2", 1, 5, Nanos::new(1))]
     );
-    // A second batch adds to the same rows.
-    s.write_batch(&Batch::of([entry(day + 9, "key_a", "m1", 50)]))
-        .unwrap();
+    // A second batch adds to the same rows; its request carried a W3C trace id.
+    let trace_id = opentelemetry::trace::TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").ok();
+    let mut traced = entry(day + 9, "key_a", "m1", 50);
+    traced.trace.trace_id = trace_id;
+    s.write_batch(&Batch::of([traced])).unwrap();
     assert_eq!(
         s.spend_for_key("key_a", "2026-11").unwrap()[0].cost,
         Nanos::new(400)
@@ -261,6 +290,11 @@ fn ledger_contract(loc: &StoreLocation) {
     assert_eq!(traces.len(), 5);
     assert!(traces.windows(2).all(|w| w[0].id > w[1].id), "newest first");
     assert_eq!(traces[0].ts, day + 9);
+    assert_eq!(
+        traces[0].trace_id, trace_id,
+        "{loc:?}: the trace id is kept"
+    );
+    assert_eq!(traces[1].trace_id, None);
     let t = &traces[0];
     assert_eq!(
         (
@@ -531,7 +565,14 @@ fn migrations_are_idempotent_and_safe_when_three_nodes_start_at_once() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert_eq!(applied, vec![(1, "0001_init".to_string())]);
+    assert_eq!(
+        applied,
+        vec![
+            (1, "0001_init".to_string()),
+            (2, "0002_trace_id".to_string()),
+            (3, "0003_audit".to_string())
+        ]
+    );
     let keys: i64 = raw
         .query_one("SELECT COUNT(*) FROM keys", &[])
         .unwrap()

@@ -14,6 +14,7 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
+use crate::audit::Actor;
 use crate::clock::{day_label, days_from_civil, month_index, month_label, now_ms, parse_month};
 use crate::gate::Gate;
 use crate::keys::KeyRecord;
@@ -145,6 +146,7 @@ impl AdminApp {
                     let mut text = self.gate.metrics.render(self.gate.ledger.health());
                     let routes = &self.gate.snapshot().routes;
                     crate::metrics::render_provider_keys(&mut text, routes, crate::clock::now_ms());
+                    crate::metrics::render_spans(&mut text, self.gate.ledger.span_stats());
                     if let Some(shared) = self.gate.limits.shared() {
                         crate::metrics::render_shared(&mut text, shared);
                     }
@@ -165,6 +167,16 @@ impl AdminApp {
             .map(str::to_string)
             .collect();
         let gate = self.gate.clone();
+        // Who is acting, for the audit log: the token's fingerprint, and the dashboard when
+        // its own pages make the call (they say so in a header of their own).
+        let actor = {
+            let h = &session.req_header().headers;
+            let bearer = h.get("authorization").map(|v| v.as_bytes()).unwrap_or(b"");
+            let dashboard = h
+                .get("x-spidergate-door")
+                .is_some_and(|v| v.as_bytes() == b"dashboard");
+            Actor::admin(bearer, dashboard)
+        };
         if let ["admin", "keys", id, "usage"] = segments
             .iter()
             .map(String::as_str)
@@ -179,7 +191,7 @@ impl AdminApp {
         }
         let joined = tokio::task::spawn_blocking(move || {
             let seg: Vec<&str> = segments.iter().map(String::as_str).collect();
-            handle(&gate, &method, &seg, &query, &body)
+            handle(&gate, &method, &seg, &query, &body, actor)
         })
         .await;
         joined.unwrap_or_else(|_| Reply::error(500, "internal_error", "admin handler failed"))
@@ -229,6 +241,7 @@ fn handle(
     seg: &[&str],
     query: &HashMap<String, String>,
     body: &[u8],
+    actor: Actor,
 ) -> Reply {
     let now = now_ms();
     let mut store = match gate.open_store() {
@@ -245,9 +258,26 @@ fn handle(
     use http::Method;
     let result: Result<Reply, Reply> = (|| {
         let routes = gate.routes();
-        let mut keys = KeyService::new(&mut store, &routes.catalog);
+        let mut keys = KeyService::new(&mut store, &routes.catalog, actor);
         match (method, seg) {
             (&Method::GET, ["admin", "info"]) => Ok(Reply::json(200, info_json(gate))),
+            (&Method::GET, ["admin", "audit"]) => {
+                let limit = query
+                    .get("limit")
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .unwrap_or(50)
+                    .clamp(1, 10_000);
+                let before = query.get("before").and_then(|v| v.parse::<i64>().ok());
+                let rows = keys.audit_log(limit, before).map_err(Reply::key_error)?;
+                let data: Vec<Value> = rows.iter().map(crate::audit::entry_json).collect();
+                let next = (rows.len() == limit as usize)
+                    .then(|| rows.last().map(|e| e.id))
+                    .flatten();
+                Ok(Reply::json(
+                    200,
+                    json!({"object": "list", "data": data, "next_before": next}),
+                ))
+            }
             (&Method::GET, ["admin", "keys"]) => {
                 let all = query.get("all").is_some_and(|v| v != "false");
                 let with_usage = query.get("usage").is_some_and(|v| v != "false");

@@ -22,6 +22,7 @@ use crate::providers::Plan;
 use crate::shared::SharedLimits;
 use crate::snapshot::{Routes, Snapshot};
 use crate::store::{LedgerEntry, TraceRow};
+use crate::telemetry::{SpanSeed, TraceContext};
 use crate::usage::Usage;
 
 use super::headers::UPSTREAM_STATUS;
@@ -100,6 +101,11 @@ pub struct RequestCtx {
     pub(super) response_bytes: u64,
     /// The current attempt's upstream socket and its first-byte or idle watchdog, if any.
     pub(super) upstream_watch: UpstreamWatch,
+    /// The W3C trace of a model call: continued from the agent or started here (telemetry
+    /// on), or just the agent's trace id (off).
+    pub(super) trace: Option<TraceContext>,
+    /// `traceparent` naming the gateway's span, for the upstream and the agent (telemetry on).
+    pub(super) traceparent: Option<http::HeaderValue>,
 }
 
 impl RequestCtx {
@@ -322,6 +328,26 @@ impl RequestCtx {
             cost,
             usage_estimated: estimated,
             fallback_from: self.fallback_from.map(model),
+            trace_id: self.trace.as_ref().map(|t| t.trace_id),
+        };
+        // Only a call with a sampled gateway span (telemetry on) pays for a seed; the span
+        // itself is built by the ledger writer.
+        let span = match self.trace.take() {
+            Some(ctx) if ctx.has_span() && ctx.flags.is_sampled() && keep_trace => {
+                Some(Box::new(SpanSeed {
+                    ctx,
+                    started_ms: self.started_ms,
+                    operation: match self.endpoint {
+                        Endpoint::Embeddings => "embeddings",
+                        _ => "chat",
+                    },
+                    provider_kind: served
+                        .filter(|_| admitted)
+                        .map(|m| routes.catalog.provider_of(m).kind),
+                    body: self.body.clone(),
+                }))
+            }
+            _ => None,
         };
         gate.ledger.record(LedgerEntry {
             trace,
@@ -329,6 +355,7 @@ impl RequestCtx {
             counted: admitted,
             journal_id: self.journal_id,
             keep_trace,
+            span,
         });
         // Settled only now, with the entry queued: a `/v1/usage` waiting on the settlement
         // may nudge the writer. The limiter ends the key's `finishing` once the cost is booked

@@ -9,6 +9,7 @@ use pingora_proxy::Session;
 
 use crate::error::GateError;
 use crate::limits::Standing;
+use crate::telemetry::context::TRACEPARENT;
 
 use super::headers::{add_standing_headers, header_bytes, ERROR_CODE};
 
@@ -19,6 +20,7 @@ pub(super) async fn send_json(
     body: Vec<u8>,
     standing: Option<&Standing>,
     error: Option<&GateError>,
+    traceparent: Option<&HeaderValue>,
 ) -> Result<()> {
     let mut resp = ResponseHeader::build(status, Some(7))?;
     resp.insert_header("content-type", "application/json")?;
@@ -32,6 +34,9 @@ pub(super) async fn send_json(
     }
     if let Some(secs) = retry_after {
         resp.insert_header("retry-after", secs.to_string())?;
+    }
+    if let Some(tp) = traceparent {
+        resp.insert_header(TRACEPARENT.clone(), tp.clone())?;
     }
     session.write_response_header(Box::new(resp), false).await?;
     session

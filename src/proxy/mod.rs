@@ -29,6 +29,8 @@ use crate::providers::pool::{key_has_capacity, retry_after_ms, AllResting};
 use crate::report;
 use crate::shield::SHIELD_WINDOW;
 use crate::store::JournalRow;
+use crate::telemetry::context::TRACEPARENT;
+use crate::telemetry::TraceContext;
 
 pub use ctx::RequestCtx;
 use ctx::{AddressTry, CLIENT_CLOSED, STREAM_BROKEN};
@@ -68,7 +70,15 @@ impl GateProxy {
             (None, None) => None,
         };
         let body = providers::error_body(ctx.endpoint, &err);
-        send_json(session, err.status(), body, standing.as_ref(), Some(&err)).await?;
+        send_json(
+            session,
+            err.status(),
+            body,
+            standing.as_ref(),
+            Some(&err),
+            ctx.traceparent.as_ref(),
+        )
+        .await?;
         Ok(true)
     }
 
@@ -84,7 +94,7 @@ impl GateProxy {
             (None, Some(k)) => Some(self.gate.limits.standing(k, Now::read())),
             (None, None) => None,
         };
-        send_json(session, 200, body, standing.as_ref(), None).await?;
+        send_json(session, 200, body, standing.as_ref(), None, None).await?;
         Ok(true)
     }
 
@@ -377,6 +387,8 @@ impl ProxyHttp for GateProxy {
             codec: None,
             response_bytes: 0,
             upstream_watch: UpstreamWatch::default(),
+            trace: None,
+            traceparent: None,
         }
     }
 
@@ -393,6 +405,12 @@ impl ProxyHttp for GateProxy {
         };
         let model_id = model_id.as_deref().unwrap_or("");
         ctx.endpoint = endpoint;
+        if endpoint.is_model_call() {
+            // Off, this is one header lookup and no allocation (see `TraceContext`).
+            ctx.trace =
+                TraceContext::for_request(&session.req_header().headers, self.gate.trace_context);
+            ctx.traceparent = ctx.trace.as_ref().and_then(TraceContext::traceparent);
+        }
         if self
             .gate
             .draining
@@ -586,6 +604,11 @@ impl ProxyHttp for GateProxy {
         let key = ctx.pool_key.map(|k| &routes.provider_keys[p].get(k).header);
         let uri = routes.upstream_uri(p, plan.route());
         rewrite_upstream_request(req, &routes.provider_headers[p], key, uri, body.len())?;
+        // The provider's work is a child of the gateway's span (replacing the agent's
+        // `traceparent`, which names the agent's span); `tracestate` passes as sent.
+        if let Some(tp) = &ctx.traceparent {
+            req.insert_header(TRACEPARENT.clone(), tp.clone())?;
+        }
         // From here the request may reach the provider, which may then work on it.
         ctx.sent_upstream = true;
         Ok(())
@@ -678,6 +701,9 @@ impl ProxyHttp for GateProxy {
         ctx.response_started = true;
         ctx.status = resp.status.as_u16();
         ctx.ttfb_ms = Some(ctx.started.elapsed().as_millis() as i64);
+        if let Some(tp) = &ctx.traceparent {
+            resp.insert_header(TRACEPARENT.clone(), tp.clone())?;
+        }
         let Some(adm) = &ctx.admission else {
             return Ok(());
         };
@@ -812,7 +838,16 @@ impl ProxyHttp for GateProxy {
         ctx.error_code = Some(err.code());
         let standing = ctx.standing;
         let body = providers::error_body(ctx.endpoint, &err);
-        let _ = send_json(session, err.status(), body, standing.as_ref(), Some(&err)).await;
+        let traceparent = ctx.traceparent.as_ref();
+        let _ = send_json(
+            session,
+            err.status(),
+            body,
+            standing.as_ref(),
+            Some(&err),
+            traceparent,
+        )
+        .await;
         FailToProxy {
             error_code: err.status(),
             can_reuse_downstream: false,

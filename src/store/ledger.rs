@@ -29,6 +29,8 @@ pub struct TraceRow {
     pub cost: Nanos,
     pub usage_estimated: bool,
     pub fallback_from: Option<Arc<str>>,
+    /// The W3C trace this request belonged to (the agent's, or one the gateway started).
+    pub trace_id: Option<opentelemetry::trace::TraceId>,
 }
 
 /// A ledger entry: the trace plus what it counts toward. Spend and the daily count are
@@ -47,6 +49,19 @@ pub struct LedgerEntry {
     pub journal_id: Option<i64>,
     /// Whether the trace row itself is kept (unauthenticated floods are sampled).
     pub keep_trace: bool,
+    /// What the writer needs to export this call as an OpenTelemetry span (telemetry on).
+    /// Boxed: with telemetry off every entry carries only a null pointer through the channel.
+    pub span: Option<Box<crate::telemetry::SpanSeed>>,
+}
+
+/// A trace id as stored: 32 lower-case hex digits, as in `traceparent`.
+pub(in crate::store) fn trace_id_hex(t: &TraceRow) -> Option<String> {
+    t.trace_id.map(|id| id.to_string())
+}
+
+/// A stored trace id back; anything unreadable is treated as none.
+pub(in crate::store) fn parse_trace_id(v: Option<String>) -> Option<opentelemetry::trace::TraceId> {
+    v.and_then(|s| opentelemetry::trace::TraceId::from_hex(&s).ok())
 }
 
 /// An admitted request as journaled at admission: what it would cost at most.

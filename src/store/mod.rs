@@ -6,6 +6,7 @@
 //! the CLI, never on an async worker thread. Shared types (`Batch`, `TraceRow`, `KeyPatch`,
 //! ...) live in `keys` and `ledger`; each backend module holds only its SQL.
 
+mod audit;
 mod keys;
 mod ledger;
 mod pg;
@@ -20,6 +21,7 @@ use crate::keys::{KeyRecord, KeyRow};
 use crate::limits::ModelTally;
 use crate::money::Nanos;
 
+pub use audit::AuditEntry;
 pub use keys::KeyPatch;
 pub use ledger::{Batch, JournalRow, LedgerEntry, ModelSpend, TraceRow, ORPHANED};
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -263,6 +265,16 @@ impl Store {
     /// Newest traces first, for one key or all; `before` pages back (traces with a smaller
     /// id). Within a committed batch rows are grouped by key (see `write_batch`), so the
     /// all-keys view sorts a recent window by time; one key's rows are always in order.
+    /// Appends one entry to the audit log.
+    pub fn record_audit(&mut self, e: &AuditEntry) -> Result<()> {
+        on_backend!(&mut self.backend, b => b.record_audit(e))
+    }
+
+    /// The audit log, newest first; `before` (an entry id) pages back.
+    pub fn audit(&self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>> {
+        on_backend!(&self.backend, b => b.audit(limit, before))
+    }
+
     pub fn traces(
         &self,
         key_id: Option<&str>,
@@ -387,6 +399,7 @@ mod tests {
             counted: admitted,
             keep_trace: true,
             journal_id: None,
+            span: None,
         };
         let batch = Batch::of([entry(100, true), entry(250, true), entry(0, false)]);
         s.write_batch(&batch).unwrap();
@@ -419,6 +432,7 @@ mod tests {
             counted: true,
             keep_trace: true,
             journal_id: None,
+            span: None,
         };
         // One key: ids follow time exactly.
         let batch = Batch::of((0..150).map(|i| entry(i, "key_a".into())));

@@ -408,6 +408,9 @@ def _wait_sdk_fails(gw: Gateway, secret: str, code: str, timeout: float = 10.0):
 # ------------------------------------------------------------------------------------------
 # The tests (in file order: they share the gateway and the tab)
 
+AGENT_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
 def test_pages_carry_strict_csp(gw: Gateway):
     for path in ("/dashboard/gate/keys", "/dashboard/gate/traces", "/dashboard/gate/usage",
                  "/dashboard/settings/members/agents"):
@@ -493,7 +496,10 @@ def test_connect_an_agent_then_spend_shows_without_reload(ui: UI, gw: Gateway):
     # The agent works, through the official SDK, with the secret read from the page.
     client = gw.client(secret)
     for model in ("gpt-4o-mini", "gpt-4o-mini", "gpt-4o"):
-        resp = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=64)
+        # The last call comes from an agent that traces: its W3C trace id lands in the trace row.
+        headers = {"traceparent": f"00-{AGENT_TRACE_ID}-00f067aa0ba902b7-01"} if model == "gpt-4o" else None
+        resp = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=64,
+                                              extra_headers=headers)
         assert resp.choices
     # ...and the open page shows the spend and a bar per model without a reload.
     marker = ui.d.execute_script("return window.__noReload = 'still-here'")
@@ -550,6 +556,9 @@ def test_view_traces_shows_the_request(ui: UI, gw: Gateway):
     assert "gpt-4o" in texts[0] and "gpt-4o-mini" not in texts[0], texts  # newest first
     assert any("gpt-4o-mini" in t and "200" in t and "chat" in t for t in texts), texts
     assert all("$" in t for t in texts)
+    # The traced call shows its trace id (shortened, in full on hover).
+    trace_cell = ui.css("[data-testid=trace-id]", rows[0])[0]
+    assert AGENT_TRACE_ID in trace_cell.get_attribute("title"), trace_cell.get_attribute("title")
     # Times are local with the UTC ISO time on hover.
     title = ui.css("[data-testid=trace-row] time")[0].get_attribute("title")
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", title), title

@@ -12,7 +12,7 @@ use super::{prepared, Postgres};
 use crate::clock::{day_label, month_label};
 use crate::limits::ModelTally;
 use crate::money::Nanos;
-use crate::store::ledger::{Batch, ModelSpend, TraceRow, ORPHANED};
+use crate::store::ledger::{parse_trace_id, trace_id_hex, Batch, ModelSpend, TraceRow, ORPHANED};
 use crate::store::{Result, StoreError};
 
 type Cache = HashMap<&'static str, Statement>;
@@ -50,6 +50,7 @@ fn trace_from_row(row: &Row) -> Result<TraceRow> {
         cost: Nanos::new(row.try_get(12)?),
         usage_estimated: row.try_get(13)?,
         fallback_from: shared(row.try_get(14)?),
+        trace_id: parse_trace_id(row.try_get(16)?),
     })
 }
 
@@ -63,16 +64,17 @@ fn insert_traces(tx: &mut Transaction<'_>, cache: &mut Cache, traces: &[&TraceRo
         tx,
         "INSERT INTO traces (ts, key_id, endpoint, requested_model, served_model, provider,
             status, error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens,
-            cost_nanos, usage_estimated, fallback_from)
+            cost_nanos, usage_estimated, fallback_from, trace_id)
          SELECT ts, key_id, endpoint, requested_model, served_model, provider, status,
             error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, cost_nanos,
-            usage_estimated, fallback_from
+            usage_estimated, fallback_from, trace_id
          FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[],
                      $7::BIGINT[], $8::TEXT[], $9::BIGINT[], $10::BIGINT[], $11::BIGINT[],
-                     $12::BIGINT[], $13::BIGINT[], $14::BOOLEAN[], $15::TEXT[])
+                     $12::BIGINT[], $13::BIGINT[], $14::BOOLEAN[], $15::TEXT[], $16::TEXT[])
               WITH ORDINALITY AS t(ts, key_id, endpoint, requested_model, served_model,
                      provider, status, error_code, latency_ms, ttfb_ms, prompt_tokens,
-                     completion_tokens, cost_nanos, usage_estimated, fallback_from, ord)
+                     completion_tokens, cost_nanos, usage_estimated, fallback_from, trace_id,
+                     ord)
          ORDER BY ord",
     )?;
     let col = |f: fn(&TraceRow) -> Option<&str>| traces.iter().map(|t| f(t)).collect::<Vec<_>>();
@@ -98,6 +100,7 @@ fn insert_traces(tx: &mut Transaction<'_>, cache: &mut Cache, traces: &[&TraceRo
             &ints(|t| t.cost.get()),
             &traces.iter().map(|t| t.usage_estimated).collect::<Vec<_>>(),
             &col(|t| t.fallback_from.as_deref()),
+            &traces.iter().map(|t| trace_id_hex(t)).collect::<Vec<_>>(),
         ],
     )?;
     Ok(())
@@ -303,7 +306,7 @@ macro_rules! trace_columns {
     () => {
         "ts, key_id, endpoint, requested_model, served_model, provider, status, error_code, \
          latency_ms, ttfb_ms, prompt_tokens, completion_tokens, cost_nanos, usage_estimated, \
-         fallback_from, id"
+         fallback_from, id, trace_id"
     };
 }
 

@@ -5,6 +5,7 @@
 //! The `postgres` client is blocking and runs its own small Tokio runtime: it must only be
 //! used, and dropped, off the async worker threads (see `discard`). Only parameterised SQL.
 
+mod audit;
 mod keys;
 mod ledger;
 
@@ -31,11 +32,23 @@ const MIGRATION_LOCK: i64 = 0x5347_6d69;
 const KEY_CHANGE_LOCK: i64 = 0x5347_6b63;
 
 /// Numbered migrations, applied in order, each once (recorded in `schema_migrations`).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "0001_init",
-    include_str!("../../../migrations/postgres/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "0001_init",
+        include_str!("../../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "0002_trace_id",
+        include_str!("../../../migrations/postgres/0002_trace_id.sql"),
+    ),
+    (
+        3,
+        "0003_audit",
+        include_str!("../../../migrations/postgres/0003_audit.sql"),
+    ),
+];
 
 /// One connection and the statements prepared on it (a prepared statement saves a round
 /// trip per call, which matters for the 250 ms key poll and every ledger commit).

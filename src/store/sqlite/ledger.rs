@@ -11,7 +11,7 @@ use super::Sqlite;
 use crate::clock::{day_index, day_label, month_index, month_label};
 use crate::limits::ModelTally;
 use crate::money::Nanos;
-use crate::store::ledger::{Batch, ModelSpend, TraceRow, ORPHANED};
+use crate::store::ledger::{parse_trace_id, trace_id_hex, Batch, ModelSpend, TraceRow, ORPHANED};
 use crate::store::Result;
 
 /// Rows per multi-row trace insert. A batch is cut into these sizes, largest first, so at
@@ -19,14 +19,14 @@ use crate::store::Result;
 /// remainder would be a new statement to prepare at each flush. Parameters are anonymous
 /// (`?`), which keeps the SQL short: the cache hashes it on every lookup.
 const TRACE_CHUNKS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
-const TRACE_PARAMS: usize = 15;
+const TRACE_PARAMS: usize = 16;
 
 fn trace_insert_sql(rows: usize) -> String {
-    let row = "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)";
+    let row = "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)";
     let mut sql = String::from(
         "INSERT INTO traces (ts, key_id, endpoint, requested_model, served_model, provider, \
          status, error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, \
-         cost_nanos, usage_estimated, fallback_from) VALUES ",
+         cost_nanos, usage_estimated, fallback_from, trace_id) VALUES ",
     );
     for r in 0..rows {
         if r > 0 {
@@ -115,6 +115,7 @@ fn insert_traces(tx: &rusqlite::Transaction<'_>, batch: &[&TraceRow]) -> Result<
             stmt.raw_bind_parameter(at + 13, t.cost.get())?;
             stmt.raw_bind_parameter(at + 14, t.usage_estimated)?;
             stmt.raw_bind_parameter(at + 15, t.fallback_from.as_deref())?;
+            stmt.raw_bind_parameter(at + 16, trace_id_hex(t))?;
         }
         stmt.raw_execute()?;
     }
@@ -143,6 +144,7 @@ fn trace_from_row(row: &Row<'_>) -> rusqlite::Result<TraceRow> {
         cost: Nanos::new(row.get(12)?),
         usage_estimated: row.get(13)?,
         fallback_from: shared(row.get(14)?),
+        trace_id: parse_trace_id(row.get(16)?),
     })
 }
 
@@ -216,7 +218,7 @@ impl Sqlite {
     ) -> Result<Vec<TraceRow>> {
         const COLUMNS: &str = "ts, key_id, endpoint, requested_model, served_model, provider, \
              status, error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, \
-             cost_nanos, usage_estimated, fallback_from, id";
+             cost_nanos, usage_estimated, fallback_from, id, trace_id";
         let before = before.unwrap_or(i64::MAX);
         let rows = match key_id {
             Some(key) => {

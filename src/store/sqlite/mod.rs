@@ -5,6 +5,7 @@
 //! writer, a busy timeout so concurrent writers queue, `BEGIN IMMEDIATE` for every write, and
 //! only parameterised SQL.
 
+mod audit;
 mod keys;
 mod ledger;
 
@@ -126,10 +127,23 @@ CREATE TABLE IF NOT EXISTS inflight (
 -- Gateway nodes sharing this store and when each last said it was alive: a node's journal
 -- rows are charged as orphans once its heartbeat is older than the caller's TTL.
 CREATE TABLE IF NOT EXISTS nodes (owner INTEGER PRIMARY KEY, seen_at INTEGER NOT NULL);
+
+-- Every management change: door, actor, action, target, before and after (public fields as
+-- JSON text, never a secret).
+CREATE TABLE IF NOT EXISTS audit (
+    id      INTEGER PRIMARY KEY,
+    ts      INTEGER NOT NULL,
+    door    TEXT NOT NULL,
+    actor   TEXT NOT NULL,
+    action  TEXT NOT NULL,
+    target  TEXT NOT NULL,
+    before  TEXT,
+    after   TEXT
+);
 "#;
 
 /// Columns added after the first release, applied to older databases at open.
-const MIGRATIONS: [(&str, &str, &str); 5] = [
+const MIGRATIONS: [(&str, &str, &str); 6] = [
     // The process (pid) that journaled an admission: a live one still owns it.
     ("inflight", "owner", "INTEGER NOT NULL DEFAULT 0"),
     ("keys", "max_inflight", "INTEGER"),
@@ -137,6 +151,8 @@ const MIGRATIONS: [(&str, &str, &str); 5] = [
     ("keys", "prev_token_hash", "BLOB"),
     ("keys", "prev_valid_until", "INTEGER"),
     ("keys", "rotated_at", "INTEGER"),
+    // The W3C trace id of the request (32 hex digits), for finding it from an agent's trace.
+    ("traces", "trace_id", "TEXT"),
 ];
 
 pub(super) struct Sqlite {
