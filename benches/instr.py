@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Deterministic cost per request: user-space instructions counted by valgrind's callgrind,
+for P (bare Pingora pass-through: examples/bare_proxy, or PASS_CMD) and G (SpiderGate, a key with rpm, rpd
+and a hard budget), same nginx mock, same request. Wall-clock CPU on this shared 2-vCPU box
+swings 30% from run to run; instruction counts do not. Kernel work (the same syscalls for
+both) is not counted, so the ratio here is the user-space part of the CPU ratio.
+
+Each proxy runs under callgrind; after a warm-up the counters are zeroed, N requests are
+sent on keep-alive connections, the counters are dumped, and totals/N is Ir per request.
+The dumps stay in OUT (default /tmp/sginstr) for callgrind_annotate.
+
+Needs valgrind (apt-get install valgrind) and nginx (the mock), and release builds of the
+gateway and the bare proxy (cargo build --release --bins --examples).
+Usage (from the project checkout): benches/instr.py [--n 3000] [--conns 8]
+It ends with a per-phase table for G: the proxy hooks, the ledger writer thread and the
+allocator, inclusive instructions per request (callgrind_annotate --inclusive=yes), so a
+change can be steered phase by phase. Full detail: callgrind_annotate --inclusive=yes OUT/G.out.<pid>.1
+"""
+import argparse
+import glob
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PASS_BIN = os.environ.get("PASS_BIN", os.path.join(HERE, "passthrough/target/release/passthrough"))
+# in the project: the bare proxy of examples/bare_proxy.rs (cargo build --release --example bare_proxy)
+DEFAULT_PASS_CMD = "target/release/examples/bare_proxy --listen {listen} --upstream {upstream} --threads 1"
+GATE_BIN = os.path.abspath(os.environ.get("SPIDERGATE_BIN", "target/release/spidergate"))
+BODY = '{"id":"chatcmpl-x","object":"chat.completion","created":1,"model":"up-paid-a","choices":[{"index":0,"message":{"role":"assistant","content":"ok ok ok ok ok "},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}'
+REQ = '{"model":"paid-a","messages":[{"role":"user","content":"hello there, how are you today?"}],"max_tokens":10}'
+MOCK, PPORT, GPORT = 18480, 18482, 18483
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--n", type=int, default=3000)
+ap.add_argument("--conns", type=int, default=8)
+ap.add_argument("--out", default="/tmp/sginstr")
+args = ap.parse_args()
+work = tempfile.mkdtemp(prefix="sginstr-")
+os.makedirs(args.out, exist_ok=True)
+open(os.path.join(work, "mock.conf"), "w").write(f"""
+worker_processes 1; pid {work}/mock.pid; error_log {work}/mock.err warn; daemon off;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 10000000;
+  server {{ listen 127.0.0.1:{MOCK}; location / {{ default_type application/json; return 200 '{BODY}'; }} }} }}
+""")
+
+
+def load(port, n, token):
+    """n POSTs over args.conns keep-alive connections; returns the count of 200s."""
+    ok = [0]
+    lock = threading.Lock()
+    per = [n // args.conns + (1 if i < n % args.conns else 0) for i in range(args.conns)]
+
+    def run(k):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        h = {"Content-Type": "application/json", "Authorization": f"Bearer {token or 'none'}"}
+        good = 0
+        for _ in range(k):
+            c.request("POST", "/v1/chat/completions", REQ, h)
+            r = c.getresponse()
+            r.read()
+            good += r.status == 200
+        with lock:
+            ok[0] += good
+    ts = [threading.Thread(target=run, args=(k,)) for k in per]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    return ok[0]
+
+
+def wait_port(port, secs=120):
+    end = time.time() + secs
+    while time.time() < end:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/")
+            c.getresponse().read()
+            return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+def measure(name, cmd, env, port, token):
+    prefix = os.path.join(args.out, f"{name}.out")
+    for f in glob.glob(prefix + "*"):
+        os.remove(f)
+    p = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}.%p",
+                          "--dump-instr=no", "--collect-atstart=yes"] + cmd, env=env,
+                         stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, f"{name}.err"), "w"))
+    try:
+        if not wait_port(port):
+            raise SystemExit(f"{name} did not start; see {work}/{name}.err")
+        load(port, 300, token)  # warm-up: pools, allocator, lazy statics
+        subprocess.run(["callgrind_control", "-z", str(p.pid)], capture_output=True)
+        t0 = time.time()
+        ok = load(port, args.n, token)
+        dt = time.time() - t0
+        subprocess.run(["callgrind_control", "-d", f"{name}-measured", str(p.pid)], capture_output=True)
+        time.sleep(1)
+    finally:
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    dumps = [f for f in glob.glob(prefix + "*") if open(f, errors="replace").read(4000).find("measured") >= 0]
+    total = 0
+    for f in dumps:
+        m = re.search(r"^(?:summary|totals): (\d+)", open(f, errors="replace").read(), re.M)
+        total += int(m.group(1)) if m else 0
+    return total / max(ok, 1), ok, dt, dumps
+
+
+# Phases of the gateway, by a symbol that owns each (inclusive counts; a phase's callees
+# are inside it; upstream_peer and the body filters are inlined into Pingora's futures and
+# cannot be told apart). Patterns match callgrind_annotate's "file:function" column.
+PHASES = [
+    ("request_filter (auth, body, admission)", r"GateProxy as pingora_proxy::proxy_trait::ProxyHttp>::request_filter::\{\{closure\}\}$"),
+    ("upstream_request_filter (header rewrite)", r"GateProxy as pingora_proxy::proxy_trait::ProxyHttp>::upstream_request_filter::\{\{closure\}\}$"),
+    ("response_filter (decoration)", r"GateProxy as pingora_proxy::proxy_trait::ProxyHttp>::response_filter::\{\{closure\}\}$"),
+    ("logging (settle, record)", r"GateProxy as pingora_proxy::proxy_trait::ProxyHttp>::logging::\{\{closure\}\}$"),
+    ("ledger writer thread", r"src/ledger.rs:std::sys::backtrace::__rust_begin_short_backtrace"),
+    ("allocator: alloc", r"__rustc::__rust_alloc \["),
+    ("allocator: dealloc", r"__rustc::__rust_dealloc \["),
+    ("memcpy", r"__memcpy_avx_unaligned_erms \["),
+]
+
+
+def print_phases(dumps, n):
+    if not dumps or not n:
+        return
+    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", dumps[0]],
+                         capture_output=True, text=True).stdout
+    print("\nG by phase (inclusive Ir per request; phases overlap where one calls another):")
+    for label, pat in PHASES:
+        rx = re.compile(pat)
+        best = 0
+        for line in out.splitlines():
+            m = re.match(r"\s*([\d,]+) \(", line)
+            if m and rx.search(line):
+                best = max(best, int(m.group(1).replace(",", "")))
+        print(f"  {label:<42} {best / n:>9,.0f}")
+
+
+procs = [subprocess.Popen(["nginx", "-c", f"{work}/mock.conf"])]
+try:
+    time.sleep(1)
+    res = {}
+    # PASS_CMD: another bare proxy, e.g. "target/release/examples/bare_proxy --listen {listen}
+    # --upstream {upstream} --threads 1"; default: tools/passthrough (LISTEN/UPSTREAM env)
+    pcmd = os.environ.get("PASS_CMD") or (DEFAULT_PASS_CMD if not os.path.exists(PASS_BIN) else None)
+    pcmd = pcmd.format(listen=f"127.0.0.1:{PPORT}", upstream=f"127.0.0.1:{MOCK}").split() if pcmd else [PASS_BIN]
+    res["P"] = measure("P", pcmd, dict(os.environ, LISTEN=f"127.0.0.1:{PPORT}",
+                                       UPSTREAM=f"127.0.0.1:{MOCK}"), PPORT, None)
+    cfg = os.path.join(work, "gate.yaml")
+    open(cfg, "w").write(f"""listen: "127.0.0.1:{GPORT}"
+database: "{work}/gate.db"
+admin:
+  listen: "127.0.0.1:18484"
+  token_env: PERF_ADMIN
+providers:
+  - name: mock
+    kind: openai
+    base_url: "http://127.0.0.1:{MOCK}/v1"
+    api_key_env: PERF_UPSTREAM
+models:
+  - id: paid-a
+    provider: mock
+    upstream_id: up-paid-a
+    input_usd_per_mtok: 1.0
+    output_usd_per_mtok: 2.0
+""")
+    env = dict(os.environ, PERF_ADMIN="x", PERF_UPSTREAM="sk-up", RUST_LOG="error")
+    k = json.loads(subprocess.run([GATE_BIN, "--config", cfg, "keys", "create", "--name", "perf", "--rpm", "100000000",
+                                   "--rpd", "1000000000", "--budget", "1000000", "--budget-mode", "hard", "--json"],
+                                  capture_output=True, text=True, env=env).stdout)
+    res["G"] = measure("G", [GATE_BIN, "--config", cfg, "serve"], env, GPORT, k["secret"])
+    for t, (ir, ok, dt, dumps) in res.items():
+        print(f"{t}: {ir:,.0f} Ir/request over {ok} requests ({dt:.0f} s under callgrind); dumps: {' '.join(dumps)}")
+    print(f"G/P user-space instructions per request: {res['G'][0] / res['P'][0]:.3f}")
+    print_phases(res["G"][3], res["G"][1])
+finally:
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+        p.wait(5)
+    shutil.rmtree(work, ignore_errors=True)
