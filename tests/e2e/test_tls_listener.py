@@ -279,6 +279,19 @@ def test_curl_http2_gets_http2_by_alpn_plain_streamed_and_large(gw, tmp_path):
     # The forwarded body differs from the client's only by the gateway's own fields, so it
     # is at least as long as the 16 MiB content.
     assert usage["prompt_tokens"] >= 16 << 20, usage
+    # Anthropic's Messages API over HTTP/2, plain and streamed, with the key as x-api-key.
+    msg_headers = ["-H", f"x-api-key: {secret}", "-H", "anthropic-version: 2023-06-01",
+                   "-H", "Content-Type: application/json"]
+    r = _curl(gw, "--http2", "-o", str(tmp_path / "msg.json"), "-w", "%{http_version} %{http_code}",
+              *msg_headers, "-d", '{"model":"claude-haiku-4-5","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}',
+              f"https://localhost:{gw.port}/v1/messages")
+    assert r.stdout == "2 200", (r.stdout, r.stderr)
+    assert json.loads((tmp_path / "msg.json").read_text())["usage"]["output_tokens"] == 5
+    r = _curl(gw, "--http2", "-N", "-o", str(tmp_path / "msg.txt"), "-w", "%{http_version} %{http_code}",
+              *msg_headers, "-d", '{"model":"claude-haiku-4-5","max_tokens":50,"stream":true,"messages":[{"role":"user","content":"hi"}]}',
+              f"https://localhost:{gw.port}/v1/messages")
+    assert r.stdout == "2 200", (r.stdout, r.stderr)
+    assert "event: message_stop" in (tmp_path / "msg.txt").read_text()
     # HTTP/1.1 still works on the same port.
     r = _curl(gw, "--http1.1", "-o", "/dev/null", "-w", "%{http_version} %{http_code}",
               f"https://localhost:{gw.port}/health")
