@@ -298,6 +298,19 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
             timeout: tuning.shutdown_grace,
         }),
     });
+    // Pingora drops the tasks of requests still open when it stops its runtimes, which may
+    // finish on their own threads after `run` returned: each cut request queues its ledger
+    // entry when its context drops. Wait (bounded) for those, so the final flush has them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while gate.inflight() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    if gate.inflight() > 0 {
+        log::warn!(
+            "{} requests still had no ledger entry at exit",
+            gate.inflight()
+        );
+    }
     if !gate.ledger.close() {
         return Err("the ledger could not commit every entry before exit".into());
     }
