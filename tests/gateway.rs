@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::json;
@@ -55,23 +55,31 @@ fn streams_pass_through_chunk_by_chunk() {
     let gw = GatewayBuilder::new(&mock).start();
     let key = gw.create_key(&[]);
     let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
-    // 5 chunks, 300 ms apart: the first must reach the client long before the last is sent.
-    let started = Instant::now();
+    // The mock sends chunk 1, then holds chunk 2 until the test has read chunk 1: a gateway
+    // that buffered the stream would leave the test waiting here (and fail on the read
+    // timeout), whatever the machine's speed.
     let (status, headers, mut reader) = gw.open_stream(
         &key,
         &body,
-        &[("x-mock-chunks", "5"), ("x-mock-chunk-delay-ms", "300")],
+        &[("x-mock-chunks", "5"), ("x-mock-hold", "first-read")],
     );
     assert_eq!(status, 200);
     assert!(headers
         .iter()
         .any(|(k, v)| k == "content-type" && v.starts_with("text/event-stream")));
-    read_first_event(&mut reader);
-    assert!(
-        started.elapsed() < Duration::from_millis(1000),
-        "first chunk took {:?}",
-        started.elapsed()
+    let first = read_first_event(&mut reader);
+    assert!(first.contains(r#""delta":{"#), "{first}");
+    assert_eq!(
+        mock.held("first-read"),
+        1,
+        "chunk 2 is still held by the mock"
     );
+    mock.release("first-read");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).expect("the rest of the stream");
+    let content = |t: &str| t.matches(r#""delta":{"content""#).count();
+    assert_eq!(content(&first) + content(&rest), 5, "{first}{rest}");
+    assert!(rest.contains("data: [DONE]"), "{rest}");
 }
 
 #[test]
@@ -171,46 +179,43 @@ fn expired_and_revoked_keys_get_their_own_401_codes() {
     let key2 = gw.create_key(&[]);
     let out = gw.cli(&["keys", "revoke", &key2.id]);
     assert!(out.status.success());
-    let started = Instant::now();
-    let r = wait_for(Duration::from_secs(2), "revocation", || {
+    // Applied by the next reload poll (`server.reload_interval_ms`, at most 1000 by
+    // validation: config tests); the deadline here only stops a hang.
+    let r = wait_for(Duration::from_secs(10), "revocation", || {
         Some(gw.chat(&key2, "gpt-4o-mini")).filter(|r| r.status == 401)
     });
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "revocation took {:?}",
-        started.elapsed()
-    );
     assert_eq!(r.code(), "token_revoked");
 }
 
+/// SPEC: CLI changes apply within 1 s, no restart. The bound is the reload poll's period
+/// (`server.reload_interval_ms`, refused above 1000 by `Config` validation, see
+/// `reload_interval_above_one_second_is_refused`); here the change must arrive without a
+/// restart, and the deadline only stops a hang (speed is not measured on a shared CI box).
 #[test]
-fn hot_reload_applies_cli_changes_within_one_second() {
+fn hot_reload_applies_cli_changes_without_a_restart() {
     let mock = mock();
     let gw = GatewayBuilder::new(&mock).start();
-    // Creation: the new key works within 1 s of the CLI returning.
+    // Creation: the new key works once the CLI returns and the gateway polls.
     let v = gw.cli_json(&["keys", "create", "--name", "hot", "--json"]);
     let key = Key {
         id: v["id"].as_str().unwrap().into(),
         secret: v["secret"].as_str().unwrap().into(),
     };
-    let created = Instant::now();
-    wait_for(Duration::from_secs(1), "new key live within 1 s", || {
+    wait_for(Duration::from_secs(10), "new key live", || {
         Some(()).filter(|_| gw.chat(&key, "gpt-4o-mini").status == 200)
     });
-    assert!(created.elapsed() < Duration::from_secs(1));
 
-    // Update: an allow-list added by the CLI applies within 1 s.
+    // Update: an allow-list added by the CLI applies.
     let out = gw.cli(&["keys", "update", &key.id, "--models", "gpt-4o"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let updated = Instant::now();
-    wait_for(Duration::from_secs(1), "update live within 1 s", || {
-        Some(()).filter(|_| gw.chat(&key, "gpt-4o-mini").status == 403)
+    let r = wait_for(Duration::from_secs(10), "update live", || {
+        Some(gw.chat(&key, "gpt-4o-mini")).filter(|r| r.status == 403)
     });
-    assert!(updated.elapsed() < Duration::from_secs(1));
+    assert_eq!(r.code(), "model_not_allowed");
     assert_eq!(gw.chat(&key, "gpt-4o").status, 200);
 }
 

@@ -42,6 +42,8 @@ pub(crate) struct Knobs {
     pub(crate) leak_headers: bool,
     /// `x-mock-tool-call: NAME`: answer with a call of this tool.
     pub(crate) tool_call: Option<String>,
+    /// `x-mock-hold: NAME`: hold stream content chunk 2 until the test opens gate NAME.
+    pub(crate) hold: Option<String>,
 }
 
 impl Default for Knobs {
@@ -63,6 +65,7 @@ impl Default for Knobs {
             drop: false,
             leak_headers: false,
             tool_call: None,
+            hold: None,
         }
     }
 }
@@ -105,6 +108,11 @@ pub(crate) fn apply_knob(knobs: &mut Knobs, knob: &str, value: &[u8]) {
         knobs.drop = truthy(value);
     } else if knob.eq_ignore_ascii_case(b"leak-headers") {
         knobs.leak_headers = truthy(value);
+    } else if knob.eq_ignore_ascii_case(b"hold") {
+        knobs.hold = std::str::from_utf8(value)
+            .ok()
+            .filter(|name| !name.is_empty())
+            .map(str::to_owned);
     } else if knob.eq_ignore_ascii_case(b"tool-call") {
         knobs.tool_call = std::str::from_utf8(value)
             .ok()

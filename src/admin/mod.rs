@@ -142,7 +142,10 @@ impl AdminApp {
                 status: 200,
                 content_type: "text/plain; version=0.0.4",
                 body: {
-                    let mut text = self.gate.metrics.render(self.gate.ledger.health());
+                    // In flight first: read before the ledger's counters, a zero here means
+                    // every request it counted has reached `finished` below.
+                    let mut text = crate::metrics::render_in_flight(self.gate.inflight());
+                    text.push_str(&self.gate.metrics.render(self.gate.ledger.health()));
                     let routes = &self.gate.snapshot().routes;
                     crate::metrics::render_provider_keys(&mut text, routes, crate::clock::now_ms());
                     if let Some(shared) = self.gate.limits.shared() {
