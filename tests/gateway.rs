@@ -597,26 +597,60 @@ fn keys_cli_mints_once_stores_only_the_hash_and_validates_ttl() {
     assert!(!out.status.success());
 }
 
+/// SPEC §1: the secret never appears in a log line, at any log level: `info` (the default)
+/// and `trace` (everything the gateway and its libraries can say, headers included).
 #[test]
 fn secrets_never_appear_in_logs() {
-    let mock = mock();
-    let gw = GatewayBuilder::new(&mock).start();
-    let key = gw.create_key(&[]);
-    gw.chat(&key, "gpt-4o-mini");
-    gw.chat(&key, "dead-model");
-    gw.chat_with(&key, "gpt-4o-mini", &[("x-mock-delay-ms", "10")]);
-    let bogus = "spideriq_pat_ffffffffffffffffffffffffffffffff";
-    gw.post(
-        "/v1/chat/completions",
-        &format!("Bearer {bogus}"),
-        b"{}",
-        &[],
-    );
-    let log = gw.log_text();
-    assert!(!log.is_empty());
-    assert!(!log.contains(&key.secret[13..]), "secret in the log");
-    assert!(!log.contains(&bogus[13..]));
-    assert!(!log.contains(PROVIDER_KEY), "provider key in the log");
+    for level in ["info", "trace"] {
+        let mock = mock();
+        let gw = GatewayBuilder::new(&mock).env("RUST_LOG", level).start();
+        let key = gw.create_key(&[]);
+        assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
+        gw.chat(&key, "dead-model");
+        gw.chat_with(&key, "gpt-4o-mini", &[("x-mock-delay-ms", "10")]);
+        let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+        let (status, _, mut reader) = gw.open_stream(&key, &body, &[]);
+        assert_eq!(status, 200);
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut reader, &mut rest);
+        let bogus = "spideriq_pat_ffffffffffffffffffffffffffffffff";
+        gw.post(
+            "/v1/chat/completions",
+            &format!("Bearer {bogus}"),
+            b"{}",
+            &[],
+        );
+        let log = gw.log_text();
+        assert!(!log.is_empty());
+        if level == "trace" {
+            assert!(
+                log.contains("TRACE") || log.contains("DEBUG"),
+                "RUST_LOG=trace reached the gateway: {log}"
+            );
+        }
+        // The failure names the log targets that leaked, not the lines.
+        let leaks = |needle: &str| -> Vec<String> {
+            log.lines()
+                .filter(|l| l.contains(needle))
+                .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+                .collect()
+        };
+        assert!(
+            !log.contains(&key.secret[13..]),
+            "secret in the log at {level}: {:?}",
+            leaks(&key.secret[13..])
+        );
+        assert!(
+            !log.contains(&bogus[13..]),
+            "bogus token in the log at {level}: {:?}",
+            leaks(&bogus[13..])
+        );
+        assert!(
+            !log.contains(PROVIDER_KEY),
+            "provider key in the log at {level}: {:?}",
+            leaks(PROVIDER_KEY)
+        );
+    }
 }
 
 #[test]

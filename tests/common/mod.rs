@@ -464,8 +464,9 @@ impl Gateway {
             .arg("serve")
             .env("MOCK_PROVIDER_KEY", PROVIDER_KEY)
             .env("MOCK_ANTHROPIC_KEY", ANTHROPIC_PROVIDER_KEY)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            // The builder's `env("RUST_LOG", ..)` overrides this default.
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()

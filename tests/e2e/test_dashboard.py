@@ -8,8 +8,10 @@ The tests run in file order and share one gateway and one browser tab, like an o
     pip install -r tests/e2e/requirements.txt
     SPIDERGATE_BIN=target/debug/spidergate python3 -m pytest -q tests/e2e/test_dashboard.py
 
-They write the screenshots under docs/ (window 1280x800). They skip, loudly, only when Chromium
-or chromedriver is missing and cannot be installed.
+They write the screenshots under docs/ (window 1280x800). Chromium and chromedriver are found on
+PATH (`command -v`, as scripts/install-deps.sh does; CHROMIUM / CHROMEDRIVER override). When
+they are missing and cannot be installed the tests skip loudly, except under
+SPIDERGATE_REQUIRE_SERVICES=1 (scripts/test.sh), where they fail.
 """
 
 from __future__ import annotations
@@ -37,8 +39,19 @@ MOCK_API_KEY = "sk-mock"
 HEALTH_DEADLINE_S = 30.0
 UI_DEADLINE_S = 10.0  # the page polls every 2 s; SPEC: changes show within 5 s
 MESSAGES = [{"role": "user", "content": "Say hello."}]
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+def _find(env: str, *names: str) -> str | None:
+    """`$ENV`, else the first of `names` on PATH (what `command -v` finds)."""
+    return os.environ.get(env) or next(filter(None, map(shutil.which, names)), None)
+
+
+def _chromium() -> str | None:
+    return _find("CHROMIUM", "chromium", "chromium-browser", "google-chrome")
+
+
+def _chromedriver() -> str | None:
+    return _find("CHROMEDRIVER", "chromedriver")
 
 
 # ------------------------------------------------------------------------------------------
@@ -240,18 +253,22 @@ def gw(tmp_path_factory) -> Gateway:
 # Browser
 
 def _loud_skip(reason: str):
+    """Skips loudly; under SPIDERGATE_REQUIRE_SERVICES (scripts/test.sh) a missing browser
+    fails the tests instead, so CI cannot pass without running them."""
     msg = f"DASHBOARD BROWSER TESTS SKIPPED: {reason}"
+    if os.environ.get("SPIDERGATE_REQUIRE_SERVICES"):
+        pytest.fail(f"{msg} (SPIDERGATE_REQUIRE_SERVICES is set: the browser is required)")
     bar = "!" * len(msg)
     print(f"\n{bar}\n{msg}\n{bar}", file=sys.stderr, flush=True)
     warnings.warn(msg)
     pytest.skip(msg)
 
 
-def _ensure_chromium() -> None:
+def _ensure_chromium() -> tuple[str, str]:
     """Chromium and chromedriver come from Debian (scripts/install-deps.sh installs them);
     if they are missing, try apt-get once before giving up."""
-    if os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER):
-        return
+    if _chromium() and _chromedriver():
+        return _chromium(), _chromedriver()
     apt = shutil.which("apt-get")
     if apt:
         cmd = [apt, "install", "-y", "-qq", "chromium", "chromium-driver"]
@@ -259,26 +276,28 @@ def _ensure_chromium() -> None:
             cmd = ["sudo", "-n", *cmd]
         subprocess.run(cmd, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
                        capture_output=True, timeout=600)
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        _loud_skip(f"{CHROMIUM} or {CHROMEDRIVER} is missing and could not be installed "
+    chromium, chromedriver = _chromium(), _chromedriver()
+    if not (chromium and chromedriver):
+        _loud_skip("chromium or chromedriver is not on PATH and could not be installed "
                    "(apt-get install chromium chromium-driver)")
+    return chromium, chromedriver
 
 
 @pytest.fixture(scope="module")
 def driver(gw):
-    _ensure_chromium()
+    chromium, chromedriver = _ensure_chromium()
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError:
         _loud_skip("the selenium package is not installed (pip install -r tests/e2e/requirements.txt)")
     opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
+    opts.binary_location = chromium
     for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
               "--window-size=1280,800", "--lang=en-US", "--force-device-scale-factor=1"):
         opts.add_argument(a)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    d = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    d = webdriver.Chrome(service=Service(chromedriver), options=opts)
     d.set_page_load_timeout(20)
     # Collect script errors and CSP violations from the page itself.
     d.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
