@@ -554,8 +554,25 @@ fn keys_cli_mints_once_stores_only_the_hash_and_validates_ttl() {
             "secret found in the database"
         );
     }
-    let rec = gw.store().get_key(id).unwrap().unwrap();
-    assert_eq!(rec.token_hash, spidergate::keys::token::hash_token(secret));
+    // Checked against an independent SHA-256 (coreutils' `sha256sum`) of the secret, on the
+    // raw column as SQLite stores it, not through the gateway's own hashing or store code.
+    let mut sum = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    std::io::Write::write_all(sum.stdin.as_mut().unwrap(), secret.as_bytes()).unwrap();
+    let out = sum.wait_with_output().unwrap();
+    let expected = String::from_utf8(out.stdout).unwrap()[..64].to_string();
+    let stored: String = gw
+        .db()
+        .query_row(
+            "SELECT lower(hex(token_hash)) FROM keys WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(stored, expected, "the stored hash is SHA-256 of the secret");
 
     for bad in ["59m", "91d", "0h", "abc", "1y"] {
         let before = gw.store().all_keys().unwrap().len();
