@@ -251,6 +251,22 @@ fn handle(
         let mut keys = KeyService::new(&mut store, &routes.catalog);
         match (method, seg) {
             (&Method::GET, ["admin", "info"]) => Ok(Reply::json(200, info_json(gate))),
+            // Tests only (SPIDERGATE_TEST_CLOCK=1): a rolling window passes without a real wait.
+            (&Method::POST, ["admin", "test", "advance-clock"])
+                if crate::clock::test_clock_enabled() =>
+            {
+                let ms = query.get("ms").and_then(|v| v.parse::<i64>().ok());
+                match ms {
+                    Some(ms) if crate::clock::advance_mono(ms) => {
+                        Ok(Reply::json(200, json!({"advanced_ms": ms})))
+                    }
+                    _ => Err(Reply::error(
+                        400,
+                        "invalid_request",
+                        "ms must be a non-negative integer",
+                    )),
+                }
+            }
             (&Method::GET, ["admin", "keys"]) => {
                 let all = query.get("all").is_some_and(|v| v != "false");
                 let with_usage = query.get("usage").is_some_and(|v| v != "false");
