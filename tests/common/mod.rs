@@ -26,11 +26,22 @@ pub fn services_required() {
     }
 }
 
+/// A free loopback port, never one this process handed out before: the OS may offer a
+/// just-released port again, and a gateway whose proxy and admin listeners got the same
+/// one would answer proxy requests from the admin API.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout`.
