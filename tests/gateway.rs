@@ -69,11 +69,10 @@ fn streams_pass_through_chunk_by_chunk() {
         .any(|(k, v)| k == "content-type" && v.starts_with("text/event-stream")));
     let first = read_first_event(&mut reader);
     assert!(first.contains(r#""delta":{"#), "{first}");
-    assert_eq!(
-        mock.held("first-read"),
-        1,
-        "chunk 2 is still held by the mock"
-    );
+    // The mock reaches its gate right after sending chunk 1 and stays there until released.
+    wait_for(Duration::from_secs(10), "the mock holding chunk 2", || {
+        (mock.held("first-read") == 1).then_some(())
+    });
     mock.release("first-read");
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut reader, &mut rest).expect("the rest of the stream");

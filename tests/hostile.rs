@@ -779,7 +779,10 @@ fn sigterm_cuts_a_long_stream_after_the_grace_and_charges_it() {
     // would time out). No stopwatch on the grace.
     let exit = gw.terminate();
     assert!(exit.success(), "clean exit: {exit:?}");
-    assert_eq!(mock.held("story"), 1, "cut while the stream was still held");
+    // The mock reaches its gate right after sending chunk 1 and stays there until released.
+    wait_for(Duration::from_secs(10), "the stream still held", || {
+        (mock.held("story") == 1).then_some(())
+    });
     let mut rest = Vec::new();
     let _ = reader.read_to_end(&mut rest);
     assert!(

@@ -364,9 +364,15 @@ fn sigterm_flushes_everything_before_exit() {
     let key = Arc::new(gw.create_key(&[]));
     mock.clear();
     let handles = burst(gw.addr, &key, 20, 300);
-    std::thread::sleep(Duration::from_millis(100));
-    gw.signal_term(); // in flight: the burst
-    std::thread::sleep(Duration::from_millis(50));
+    // In flight: the mock holds each request 300 ms before answering.
+    wait_for(Duration::from_secs(10), "the burst at the provider", || {
+        (!mock.requests().is_empty()).then_some(())
+    });
+    gw.signal_term();
+    // Draining once /health says so (it is refused 503 like every new request).
+    wait_for(Duration::from_secs(10), "draining", || {
+        (gw.get("/health", "").status == 503).then_some(())
+    });
     // While draining, new requests are refused (and cost nothing).
     let late = gw.chat(&key, "gpt-4o-mini");
     assert_eq!((late.status, late.code().as_str()), (503, "shutting_down"));
