@@ -378,14 +378,22 @@ mod tests {
     use proptest::prelude::*;
     use std::path::Path;
 
-    /// Three models with random prices and output ceilings, and an alias over all of them.
-    fn catalog(prices: &[(f64, f64, u32)]) -> Catalog {
+    /// `micro` millionths of a dollar per million tokens as the config writes it: "0.150000".
+    fn usd_per_mtok(micro: u64) -> String {
+        format!("{}.{:06}", micro / 1_000_000, micro % 1_000_000)
+    }
+
+    /// Three models with random prices (µUSD per Mtok) and output ceilings, and an alias over
+    /// all of them.
+    fn catalog(prices: &[(u64, u64, u32)]) -> Catalog {
         let mut yaml = String::from(
             "listen: \"127.0.0.1:1\"\ndatabase: \"x.db\"\nproviders: [{name: p, kind: openai, base_url: \"http://127.0.0.1:1/v1\"}]\nmodels:\n",
         );
         for (i, (input, output, max)) in prices.iter().enumerate() {
             yaml.push_str(&format!(
-                "  - {{id: m{i}, provider: p, input_usd_per_mtok: {input}, output_usd_per_mtok: {output}, max_output_tokens: {max}}}\n"
+                "  - {{id: m{i}, provider: p, input_usd_per_mtok: {}, output_usd_per_mtok: {}, max_output_tokens: {max}}}\n",
+                usd_per_mtok(*input),
+                usd_per_mtok(*output),
             ));
         }
         yaml.push_str("aliases:\n  all: [m0, m1, m2]\n");
@@ -435,7 +443,7 @@ mod tests {
         /// at the model's maximum), on any model of the chain: billed <= reserved.
         #[test]
         fn billed_never_exceeds_the_reservation(
-            prices in proptest::collection::vec((0.0f64..100.0, 0.0f64..200.0, 1u32..200_000), 3),
+            prices in proptest::collection::vec((0u64..100_000_000, 0u64..200_000_000, 1u32..200_000), 3),
             max_tokens in token_field(),
             max_completion in token_field(),
             n in 1u64..=128,
@@ -477,8 +485,19 @@ mod tests {
             let prompt_ceiling = body.len() as u64 + images as u64 * media_part_tokens;
             let prompt = (prompt_ceiling as f64 * prompt_share) as u64;
             let completion = (honoured as f64 * output_share) as u64 * n;
-            let billed = c.cost(m, &crate::usage::Usage::new(prompt.min(prompt_ceiling), completion.min(honoured * n)));
-            prop_assert!(billed <= bound.cost, "billed {billed} > reserved {}", bound.cost);
+            // Billed from the literal prices, not the gateway's `cost`: x µUSD per Mtok is x
+            // pico-dollars per token; each side rounded up to the nano-dollar (SPEC: a charge
+            // is never rounded down), capped where the ledger's i64 saturates.
+            let (input_pico, output_pico, _) = prices[m];
+            let up = |tokens: u64, pico: u64| (u128::from(tokens) * u128::from(pico)).div_ceil(1000);
+            let billed = (up(prompt.min(prompt_ceiling), input_pico)
+                + up(completion.min(honoured * n), output_pico))
+                .min(i64::MAX as u128);
+            prop_assert!(
+                billed <= bound.cost.get() as u128,
+                "billed {billed} > reserved {}",
+                bound.cost
+            );
         }
     }
 }

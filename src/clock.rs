@@ -1,5 +1,6 @@
 //! UTC calendar arithmetic on unix milliseconds: days, months, RFC 3339. No time zones, no deps.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -28,11 +29,36 @@ pub fn now_ms() -> i64 {
         .saturating_add(offset_ms())
 }
 
+/// Environment variable that lets a test move the monotonic clock forward through the admin
+/// API (`POST /admin/test/advance-clock?ms=N`), so a rolling-minute Retry-After is checked
+/// without waiting a real minute. Off (the route answers 404) unless set to `1`.
+pub const TEST_CLOCK_ENV: &str = "SPIDERGATE_TEST_CLOCK";
+
+/// Milliseconds the test clock has been advanced (always 0 outside tests).
+static MONO_ADVANCE: AtomicI64 = AtomicI64::new(0);
+
+/// Whether [`TEST_CLOCK_ENV`] is `1` in this process (read once).
+pub fn test_clock_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var(TEST_CLOCK_ENV).is_ok_and(|v| v.trim() == "1"))
+}
+
+/// Moves [`mono_ms`] forward by `ms` (tests only: refused unless [`test_clock_enabled`]).
+pub fn advance_mono(ms: i64) -> bool {
+    if !test_clock_enabled() || ms < 0 {
+        return false;
+    }
+    MONO_ADVANCE.fetch_add(ms, Ordering::Relaxed);
+    true
+}
+
 /// Milliseconds on a monotonic clock (since the first call in this process): immune to
-/// wall-clock steps, so rolling windows measure real elapsed time.
+/// wall-clock steps, so rolling windows measure real elapsed time. (Plus what a test
+/// advanced it by: one relaxed load, 0 in production.)
 pub fn mono_ms() -> i64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_millis() as i64
+        + MONO_ADVANCE.load(Ordering::Relaxed)
 }
 
 /// The two clocks an admission decision reads, taken together at the moment of decision:

@@ -1039,6 +1039,26 @@ aliases:
         assert_eq!(p.host_header, "127.0.0.1:9000");
     }
 
+    /// SPEC: CLI changes take effect within 1 s. The gateway polls the store every
+    /// `reload_interval_ms`, so that contract is this bound (the integration tests check that
+    /// changes arrive; they do not time them).
+    #[test]
+    fn reload_interval_above_one_second_is_refused() {
+        assert_eq!(
+            parse(BASE).unwrap().tuning.reload_interval,
+            Duration::from_millis(250)
+        );
+        let at = |ms: u64| parse(&format!("{BASE}server:\n  reload_interval_ms: {ms}\n"));
+        assert_eq!(
+            at(1_000).unwrap().tuning.reload_interval,
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            at(1_001).unwrap_err().to_string(),
+            "server.reload_interval_ms: must be between 1 and 1000"
+        );
+    }
+
     #[test]
     fn errors_name_the_field_path() {
         let bad = BASE.replace(

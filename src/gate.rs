@@ -168,12 +168,14 @@ impl Gate {
         self.inflight.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Release (the same `lock xadd` as relaxed on x86): a reader that sees the count drop
+    /// also sees this request's ledger entry counted as finished.
     pub fn request_ended(&self) {
-        self.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.inflight.fetch_sub(1, Ordering::Release);
     }
 
     pub fn inflight(&self) -> usize {
-        self.inflight.load(Ordering::Relaxed)
+        self.inflight.load(Ordering::Acquire)
     }
 
     /// Applies the keys changed in the store since the last load: N changes cost O(N) (the

@@ -61,6 +61,13 @@ pub struct LedgerHealth {
     failed_commits: AtomicU64,
     /// Set by [`SpendLedger::nudge`]: commit now instead of at the end of the interval.
     nudged: AtomicBool,
+    /// Requests handed to [`SpendLedger::record`] (one relaxed increment each).
+    finished: AtomicU64,
+    /// Of those, the ones whose spend and trace are committed. Equal to `finished` with no
+    /// request in flight: every finished request is durable (the tests' quiescence marker).
+    committed: AtomicU64,
+    /// Cluster upkeep rounds completed (heartbeat written and stopped nodes swept).
+    sweeps: AtomicU64,
 }
 
 impl LedgerHealth {
@@ -78,6 +85,18 @@ impl LedgerHealth {
 
     pub fn failed_commits(&self) -> u64 {
         self.failed_commits.load(Ordering::Relaxed)
+    }
+
+    pub fn finished(&self) -> u64 {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    pub fn committed(&self) -> u64 {
+        self.committed.load(Ordering::Acquire)
+    }
+
+    pub fn sweeps(&self) -> u64 {
+        self.sweeps.load(Ordering::Relaxed)
     }
 }
 
@@ -204,6 +223,7 @@ impl SpendLedger {
                     spans,
                     open: HashMap::new(),
                     batch: Batch::default(),
+                    batch_entries: 0,
                     waiters: Vec::new(),
                 }
                 .run()
@@ -218,6 +238,7 @@ impl SpendLedger {
 
     /// Queues one finished request. Never blocks, never touches SQLite.
     pub fn record(&self, entry: LedgerEntry) {
+        self.health.finished.fetch_add(1, Ordering::Relaxed);
         if self.sender.send(Msg::Entry(entry)).is_err() {
             log::error!("ledger writer is gone; a ledger entry was not recorded");
         }
@@ -263,6 +284,8 @@ struct Writer {
     /// Admissions not yet written to the journal table (most finish before they need to be).
     open: HashMap<i64, JournalRow>,
     batch: Batch,
+    /// Ledger entries in `batch` (counted into `LedgerHealth::committed` once it commits).
+    batch_entries: u64,
     waiters: Vec<mpsc::SyncSender<()>>,
 }
 
@@ -333,10 +356,14 @@ impl Writer {
             .store
             .charge_orphans(|owner| owner == node.owner || live.contains(&owner))
         {
-            Ok(0) => {}
-            Ok(n) => log::warn!(
-                "ledger: charged {n} requests left open by a stopped node at their upper-bound cost"
-            ),
+            Ok(n) => {
+                if n > 0 {
+                    log::warn!(
+                        "ledger: charged {n} requests left open by a stopped node at their upper-bound cost"
+                    );
+                }
+                self.health.sweeps.fetch_add(1, Ordering::Relaxed);
+            }
             Err(e) => log::warn!("ledger: charging a stopped node's open requests failed: {e}"),
         }
     }
@@ -359,6 +386,7 @@ impl Writer {
                     }
                     let dropped = self.batch.dropped_traces;
                     self.batch.add(e, self.max_backlog);
+                    self.batch_entries += 1;
                     if self.batch.dropped_traces > dropped {
                         self.health.dropped_traces.fetch_add(1, Ordering::Relaxed);
                     }
@@ -396,6 +424,8 @@ impl Writer {
             self.batch = Batch::default();
             self.health.backlog.store(0, Ordering::Relaxed);
         }
+        let entries = std::mem::take(&mut self.batch_entries);
+        self.health.committed.fetch_add(entries, Ordering::Release);
         if self.health.failing.swap(false, Ordering::Relaxed) {
             log::warn!("ledger commits succeed again; hard-budget keys are served");
         }

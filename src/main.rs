@@ -215,9 +215,49 @@ fn init_logger() {
             writeln!(buf)
         });
     }
-    builder.init();
+    let logger = WireQuiet(builder.build());
+    log::set_max_level(logger.0.filter());
+    if log::set_boxed_logger(Box::new(logger)).is_err() {
+        eprintln!("a logger was installed already");
+    }
     if !json && !format.is_empty() && !format.eq_ignore_ascii_case("text") {
         log::warn!("SPIDERGATE_LOG_FORMAT={format:?} is neither \"json\" nor \"text\"; using text");
+    }
+}
+
+/// Log targets that dump raw HTTP traffic at debug and trace: whole request heads (the
+/// agent's bearer token, the provider key) and bodies. They stay at info whatever `RUST_LOG`
+/// says, so no log level shows a secret (SPEC §1; tests/gateway.rs runs at `trace`).
+const WIRE_TARGETS: [&str; 3] = ["pingora_proxy", "pingora_core::protocols", "h2"];
+
+/// `env_logger` with [`WIRE_TARGETS`] capped at info. At the default level the `log` macros
+/// stop at the max level before reaching it: nothing is added to a request's path.
+struct WireQuiet(env_logger::Logger);
+
+impl WireQuiet {
+    fn wire_detail(meta: &log::Metadata<'_>) -> bool {
+        meta.level() > log::Level::Info
+            && WIRE_TARGETS.iter().any(|t| {
+                meta.target()
+                    .strip_prefix(t)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+            })
+    }
+}
+
+impl log::Log for WireQuiet {
+    fn enabled(&self, meta: &log::Metadata<'_>) -> bool {
+        !Self::wire_detail(meta) && self.0.enabled(meta)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !Self::wire_detail(record.metadata()) {
+            self.0.log(record);
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush();
     }
 }
 

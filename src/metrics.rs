@@ -312,6 +312,24 @@ impl Metrics {
                 "Trace rows dropped while the backlog was full (spend is never dropped).",
                 ledger.dropped_traces(),
             ),
+            (
+                "spidergate_requests_finished_total",
+                "counter",
+                "Requests whose spend and trace went to the ledger writer.",
+                ledger.finished(),
+            ),
+            (
+                "spidergate_ledger_committed_total",
+                "counter",
+                "Finished requests the ledger has committed (equal to spidergate_requests_finished_total when nothing waits).",
+                ledger.committed(),
+            ),
+            (
+                "spidergate_ledger_sweeps_total",
+                "counter",
+                "Cluster upkeep rounds: heartbeat written and stopped nodes' open requests charged (cluster nodes only).",
+                ledger.sweeps(),
+            ),
         ];
         for (name, kind, help, v) in ledger_rows {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
@@ -349,6 +367,13 @@ impl Metrics {
         let _ = writeln!(s, "spidergate_request_duration_ms_count {count}");
         s
     }
+}
+
+/// `spidergate_requests_in_flight`: proxy requests started and not yet finished.
+pub fn render_in_flight(in_flight: usize) -> String {
+    format!(
+        "# HELP spidergate_requests_in_flight Proxy requests started and not yet finished.\n# TYPE spidergate_requests_in_flight gauge\nspidergate_requests_in_flight {in_flight}\n"
+    )
 }
 
 /// Per provider key: whether it is usable now and its consecutive refusals, labelled by the

@@ -114,6 +114,9 @@ fn admin_api_manages_keys_over_the_same_store() {
     );
     assert_eq!(r.status, 400);
     assert_eq!(call(admin, "GET", "/admin/keys/key_nope", None).status, 404);
+    // The test clock exists only under SPIDERGATE_TEST_CLOCK=1.
+    let r = call(admin, "POST", "/admin/test/advance-clock?ms=60000", None);
+    assert_eq!(r.status, 404, "{}", r.text());
 
     // Patch: the limit applies immediately.
     let r = call(

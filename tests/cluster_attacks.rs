@@ -389,14 +389,18 @@ fn postgres_down_shows_in_health_without_traffic() {
         return;
     };
     c.pg.stop();
-    // Each node's ledger heartbeats PostgreSQL every second.
-    std::thread::sleep(Duration::from_millis(2_500));
-    let (status, h) = health(&c.nodes[0]);
-    c.pg.start_again();
-    assert_eq!(
-        h["postgres"], "failing",
-        "PostgreSQL has been down 2.5 s (status {status}): {h}"
+    // Each node's ledger heartbeats PostgreSQL every second: the next one fails, with no
+    // request sent.
+    let h = wait_for(
+        Duration::from_secs(10),
+        "postgres failing in /health",
+        || {
+            let (_, h) = health(&c.nodes[0]);
+            (h["postgres"] == "failing").then_some(h)
+        },
     );
+    c.pg.start_again();
+    assert_eq!(h["postgres"], "failing", "{h}");
 }
 
 /// PostgreSQL down: hard-budget keys get 503 `ledger_unavailable` (once the ledger cannot
@@ -521,8 +525,12 @@ fn a_node_whose_ledger_heartbeat_stalls_is_not_charged_twice() {
         redis, real,
         "Redis settled the live request at its real cost"
     );
-    // Let node 1's ledger commit the finished request.
-    std::thread::sleep(Duration::from_millis(1_500));
+    // Node 1's ledger has committed the finished request, and every node has swept again
+    // since: a second charge, by either path, would be in the ledger now.
+    for n in &c.nodes {
+        n.wait_ledger_quiescent();
+        n.wait_sweeps(2);
+    }
     let ledger = c.ledger_spend(&key);
     let traces = c.ledger_traces(&key);
     // Charged once, at its upper bound: the sweep booked the estimate while node 1 could
@@ -766,8 +774,11 @@ fn a_node_killed_mid_stream_is_charged_its_estimate_once() {
     wait_for(Duration::from_secs(10), "journal charged", || {
         (c.ledger_spend(&key) == estimate).then_some(())
     });
-    // Once: neither sweep runs again on it.
-    std::thread::sleep(Duration::from_millis(2_500));
+    // Once: the surviving nodes have each swept twice more (every sweep charges whatever a
+    // stopped node left open), and nothing was added.
+    for n in &c.nodes[1..] {
+        n.wait_sweeps(2);
+    }
     assert_eq!(c.ledger_spend(&key), estimate);
     assert_eq!(nanos(&c.usage_on(2, &key)), estimate);
     let r = c.nodes[2].chat(&key, "gpt-4o-mini");

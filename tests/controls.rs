@@ -31,10 +31,19 @@ fn assert_limit_headers(r: &Response, what: &str) {
 #[test]
 fn rpm_admits_exactly_n_per_rolling_minute_and_retry_after_is_accurate() {
     let mock = mock();
-    let gw = GatewayBuilder::new(&mock).start();
+    // The rolling minute runs on the monotonic clock, which this gateway lets the test move
+    // forward (SPIDERGATE_TEST_CLOCK=1, POST /admin/test/advance-clock): no real minute waited.
+    let gw = GatewayBuilder::new(&mock)
+        .env("SPIDERGATE_TEST_CLOCK", "1")
+        .admin("controls-admin")
+        .start();
     let key = gw.create_key(&["--rpm", "3"]);
+    let mut first_sent = None;
+    let mut first_answered = None;
     for expected_remaining in ["2", "1", "0"] {
+        first_sent.get_or_insert_with(std::time::Instant::now);
         let r = gw.chat(&key, "gpt-4o-mini");
+        first_answered.get_or_insert_with(std::time::Instant::now);
         assert_eq!(r.status, 200);
         assert_eq!(r.header("x-ratelimit-limit-requests"), Some("3"));
         assert_eq!(
@@ -47,7 +56,9 @@ fn rpm_admits_exactly_n_per_rolling_minute_and_retry_after_is_accurate() {
     assert_eq!(r.status, 404);
     assert_limit_headers(&r, "404");
 
+    let refused_sent = std::time::Instant::now();
     let r = gw.chat(&key, "gpt-4o-mini");
+    let refused_answered = std::time::Instant::now();
     assert_eq!((r.status, r.code().as_str()), (429, "rate_limit_exceeded"));
     assert_eq!(r.json()["error"]["type"], "requests");
     let retry: u64 = r
@@ -55,7 +66,18 @@ fn rpm_admits_exactly_n_per_rolling_minute_and_retry_after_is_accurate() {
         .expect("Retry-After")
         .parse()
         .unwrap();
-    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    // The oldest admission happened between sending and answering the first request, and
+    // the refusal between sending and answering this one: the window's true remainder lies
+    // between these two bounds, however slow the machine (these are not speed limits).
+    let ms = |d: Duration| d.as_millis() as i64;
+    let (first_sent, first_answered) = (first_sent.unwrap(), first_answered.unwrap());
+    let most = 60_000 - ms(refused_sent - first_answered) + 1;
+    let least = 60_000 - ms(refused_answered - first_sent) - 1;
+    let secs = |ms: i64| (ms.max(0) as u64).div_ceil(1000).max(1);
+    assert!(
+        (secs(least)..=secs(most)).contains(&retry),
+        "Retry-After {retry}, window frees in {least}..={most} ms"
+    );
     assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
     assert_eq!(
         r.header("x-ratelimit-reset")
@@ -67,8 +89,13 @@ fn rpm_admits_exactly_n_per_rolling_minute_and_retry_after_is_accurate() {
     // Rejected 429s do not extend the window.
     assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 429);
 
-    // Retrying after exactly Retry-After seconds succeeds.
-    std::thread::sleep(Duration::from_secs(retry));
+    // Retrying after exactly Retry-After seconds (on the gateway's clock) succeeds.
+    let moved = gw.admin_call(
+        "POST",
+        &format!("/admin/test/advance-clock?ms={}", retry * 1000),
+        None,
+    );
+    assert_eq!(moved.status, 200, "{}", moved.text());
     let r = gw.chat(&key, "gpt-4o-mini");
     assert_eq!(r.status, 200, "retry after {retry}s: {}", r.text());
     assert_eq!(gw.usage(&key)["requests_today"], 4);

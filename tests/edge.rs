@@ -66,10 +66,8 @@ fn assert_cut_near(ended: Ended, deadline: Duration) {
                 after >= deadline.mul_f32(0.8),
                 "closed after {after:?}, before the {deadline:?} deadline"
             );
-            assert!(
-                after < deadline + Duration::from_secs(2),
-                "closed only after {after:?} (deadline {deadline:?})"
-            );
+            // No upper bound is timed: a deadline per read (not in total) would never trip
+            // with a byte every 200 ms, and the connection would still be open at `give_up`.
         }
         Ended::StillOpen => panic!("the connection is still open past its head deadline"),
     }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::json;
@@ -55,23 +55,30 @@ fn streams_pass_through_chunk_by_chunk() {
     let gw = GatewayBuilder::new(&mock).start();
     let key = gw.create_key(&[]);
     let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
-    // 5 chunks, 300 ms apart: the first must reach the client long before the last is sent.
-    let started = Instant::now();
+    // The mock sends chunk 1, then holds chunk 2 until the test has read chunk 1: a gateway
+    // that buffered the stream would leave the test waiting here (and fail on the read
+    // timeout), whatever the machine's speed.
     let (status, headers, mut reader) = gw.open_stream(
         &key,
         &body,
-        &[("x-mock-chunks", "5"), ("x-mock-chunk-delay-ms", "300")],
+        &[("x-mock-chunks", "5"), ("x-mock-hold", "first-read")],
     );
     assert_eq!(status, 200);
     assert!(headers
         .iter()
         .any(|(k, v)| k == "content-type" && v.starts_with("text/event-stream")));
-    read_first_event(&mut reader);
-    assert!(
-        started.elapsed() < Duration::from_millis(1000),
-        "first chunk took {:?}",
-        started.elapsed()
-    );
+    let first = read_first_event(&mut reader);
+    assert!(first.contains(r#""delta":{"#), "{first}");
+    // The mock reaches its gate right after sending chunk 1 and stays there until released.
+    wait_for(Duration::from_secs(10), "the mock holding chunk 2", || {
+        (mock.held("first-read") == 1).then_some(())
+    });
+    mock.release("first-read");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).expect("the rest of the stream");
+    let content = |t: &str| t.matches(r#""delta":{"content""#).count();
+    assert_eq!(content(&first) + content(&rest), 5, "{first}{rest}");
+    assert!(rest.contains("data: [DONE]"), "{rest}");
 }
 
 #[test]
@@ -171,46 +178,43 @@ fn expired_and_revoked_keys_get_their_own_401_codes() {
     let key2 = gw.create_key(&[]);
     let out = gw.cli(&["keys", "revoke", &key2.id]);
     assert!(out.status.success());
-    let started = Instant::now();
-    let r = wait_for(Duration::from_secs(2), "revocation", || {
+    // Applied by the next reload poll (`server.reload_interval_ms`, at most 1000 by
+    // validation: config tests); the deadline here only stops a hang.
+    let r = wait_for(Duration::from_secs(10), "revocation", || {
         Some(gw.chat(&key2, "gpt-4o-mini")).filter(|r| r.status == 401)
     });
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "revocation took {:?}",
-        started.elapsed()
-    );
     assert_eq!(r.code(), "token_revoked");
 }
 
+/// SPEC: CLI changes apply within 1 s, no restart. The bound is the reload poll's period
+/// (`server.reload_interval_ms`, refused above 1000 by `Config` validation, see
+/// `reload_interval_above_one_second_is_refused`); here the change must arrive without a
+/// restart, and the deadline only stops a hang (speed is not measured on a shared CI box).
 #[test]
-fn hot_reload_applies_cli_changes_within_one_second() {
+fn hot_reload_applies_cli_changes_without_a_restart() {
     let mock = mock();
     let gw = GatewayBuilder::new(&mock).start();
-    // Creation: the new key works within 1 s of the CLI returning.
+    // Creation: the new key works once the CLI returns and the gateway polls.
     let v = gw.cli_json(&["keys", "create", "--name", "hot", "--json"]);
     let key = Key {
         id: v["id"].as_str().unwrap().into(),
         secret: v["secret"].as_str().unwrap().into(),
     };
-    let created = Instant::now();
-    wait_for(Duration::from_secs(1), "new key live within 1 s", || {
+    wait_for(Duration::from_secs(10), "new key live", || {
         Some(()).filter(|_| gw.chat(&key, "gpt-4o-mini").status == 200)
     });
-    assert!(created.elapsed() < Duration::from_secs(1));
 
-    // Update: an allow-list added by the CLI applies within 1 s.
+    // Update: an allow-list added by the CLI applies.
     let out = gw.cli(&["keys", "update", &key.id, "--models", "gpt-4o"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let updated = Instant::now();
-    wait_for(Duration::from_secs(1), "update live within 1 s", || {
-        Some(()).filter(|_| gw.chat(&key, "gpt-4o-mini").status == 403)
+    let r = wait_for(Duration::from_secs(10), "update live", || {
+        Some(gw.chat(&key, "gpt-4o-mini")).filter(|r| r.status == 403)
     });
-    assert!(updated.elapsed() < Duration::from_secs(1));
+    assert_eq!(r.code(), "model_not_allowed");
     assert_eq!(gw.chat(&key, "gpt-4o").status, 200);
 }
 
@@ -549,8 +553,25 @@ fn keys_cli_mints_once_stores_only_the_hash_and_validates_ttl() {
             "secret found in the database"
         );
     }
-    let rec = gw.store().get_key(id).unwrap().unwrap();
-    assert_eq!(rec.token_hash, spidergate::keys::token::hash_token(secret));
+    // Checked against an independent SHA-256 (coreutils' `sha256sum`) of the secret, on the
+    // raw column as SQLite stores it, not through the gateway's own hashing or store code.
+    let mut sum = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    std::io::Write::write_all(sum.stdin.as_mut().unwrap(), secret.as_bytes()).unwrap();
+    let out = sum.wait_with_output().unwrap();
+    let expected = String::from_utf8(out.stdout).unwrap()[..64].to_string();
+    let stored: String = gw
+        .db()
+        .query_row(
+            "SELECT lower(hex(token_hash)) FROM keys WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(stored, expected, "the stored hash is SHA-256 of the secret");
 
     for bad in ["59m", "91d", "0h", "abc", "1y"] {
         let before = gw.store().all_keys().unwrap().len();
@@ -592,26 +613,60 @@ fn keys_cli_mints_once_stores_only_the_hash_and_validates_ttl() {
     assert!(!out.status.success());
 }
 
+/// SPEC §1: the secret never appears in a log line, at any log level: `info` (the default)
+/// and `trace` (everything the gateway and its libraries can say, headers included).
 #[test]
 fn secrets_never_appear_in_logs() {
-    let mock = mock();
-    let gw = GatewayBuilder::new(&mock).start();
-    let key = gw.create_key(&[]);
-    gw.chat(&key, "gpt-4o-mini");
-    gw.chat(&key, "dead-model");
-    gw.chat_with(&key, "gpt-4o-mini", &[("x-mock-delay-ms", "10")]);
-    let bogus = "spideriq_pat_ffffffffffffffffffffffffffffffff";
-    gw.post(
-        "/v1/chat/completions",
-        &format!("Bearer {bogus}"),
-        b"{}",
-        &[],
-    );
-    let log = gw.log_text();
-    assert!(!log.is_empty());
-    assert!(!log.contains(&key.secret[13..]), "secret in the log");
-    assert!(!log.contains(&bogus[13..]));
-    assert!(!log.contains(PROVIDER_KEY), "provider key in the log");
+    for level in ["info", "trace"] {
+        let mock = mock();
+        let gw = GatewayBuilder::new(&mock).env("RUST_LOG", level).start();
+        let key = gw.create_key(&[]);
+        assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
+        gw.chat(&key, "dead-model");
+        gw.chat_with(&key, "gpt-4o-mini", &[("x-mock-delay-ms", "10")]);
+        let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+        let (status, _, mut reader) = gw.open_stream(&key, &body, &[]);
+        assert_eq!(status, 200);
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut reader, &mut rest);
+        let bogus = "spideriq_pat_ffffffffffffffffffffffffffffffff";
+        gw.post(
+            "/v1/chat/completions",
+            &format!("Bearer {bogus}"),
+            b"{}",
+            &[],
+        );
+        let log = gw.log_text();
+        assert!(!log.is_empty());
+        if level == "trace" {
+            assert!(
+                log.contains("TRACE") || log.contains("DEBUG"),
+                "RUST_LOG=trace reached the gateway: {log}"
+            );
+        }
+        // The failure names the log targets that leaked, not the lines.
+        let leaks = |needle: &str| -> Vec<String> {
+            log.lines()
+                .filter(|l| l.contains(needle))
+                .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+                .collect()
+        };
+        assert!(
+            !log.contains(&key.secret[13..]),
+            "secret in the log at {level}: {:?}",
+            leaks(&key.secret[13..])
+        );
+        assert!(
+            !log.contains(&bogus[13..]),
+            "bogus token in the log at {level}: {:?}",
+            leaks(&bogus[13..])
+        );
+        assert!(
+            !log.contains(PROVIDER_KEY),
+            "provider key in the log at {level}: {:?}",
+            leaks(PROVIDER_KEY)
+        );
+    }
 }
 
 #[test]

@@ -17,6 +17,8 @@ fn cost(prompt: u64, completion: u64) -> i64 {
     (prompt * PROMPT_NANOS + completion * COMPLETION_NANOS) as i64
 }
 
+const ADMIN: &str = "ledger-admin-token";
+
 fn usage_headers(p: u64, c: u64) -> [(String, String); 2] {
     [
         ("x-mock-prompt-tokens".into(), p.to_string()),
@@ -39,10 +41,9 @@ fn chat(gw: &Gateway, key: &Key, body: &Value, extra: &[(String, String)]) -> Re
 
 /// The key's model-request traces (usage and catalog calls leave traces too; skip them).
 fn traces(gw: &Gateway, key: &Key) -> Vec<Value> {
-    // `/v1/usage` answers from memory and no longer forces a commit: wait for the writer's
-    // own flush interval (100 ms in tests) to pass a few times.
-    std::thread::sleep(Duration::from_millis(400));
-    let _ = key;
+    // `/v1/usage` answers from memory and does not force a commit: wait until the ledger has
+    // committed every finished request (its quiescence marker on /metrics).
+    gw.wait_ledger_quiescent();
     let all = gw.cli_json(&["traces", "--key", &key.id, "--limit", "1000", "--json"]);
     all.as_array()
         .unwrap()
@@ -55,7 +56,7 @@ fn traces(gw: &Gateway, key: &Key) -> Vec<Value> {
 #[test]
 fn plain_responses_are_charged_exactly_what_the_upstream_reported() {
     let mock = mock();
-    let gw = GatewayBuilder::new(&mock).start();
+    let gw = GatewayBuilder::new(&mock).admin(ADMIN).start();
     let key = gw.create_key(&[]);
     let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
     let figures = [(1u64, 2u64), (1000, 0), (123_456, 7_890), (10, 5)];
@@ -133,7 +134,7 @@ fn stream_text(gw: &Gateway, key: &Key, body: &Value, extra: &[(String, String)]
 #[test]
 fn streams_are_charged_with_and_without_the_client_asking_for_usage() {
     let mock = mock();
-    let gw = GatewayBuilder::new(&mock).start();
+    let gw = GatewayBuilder::new(&mock).admin(ADMIN).start();
     let key = gw.create_key(&[]);
     let plain = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
     mock.clear();
@@ -165,7 +166,7 @@ fn streams_are_charged_with_and_without_the_client_asking_for_usage() {
 #[test]
 fn embeddings_are_charged_prompt_tokens() {
     let mock = mock();
-    let gw = GatewayBuilder::new(&mock).start();
+    let gw = GatewayBuilder::new(&mock).admin(ADMIN).start();
     let key = gw.create_key(&[]);
     let body = json!({"model": "gpt-4o-mini", "input": ["a", "b"]}).to_string();
     for p in [7u64, 9] {
@@ -187,7 +188,7 @@ fn embeddings_are_charged_prompt_tokens() {
 #[test]
 fn a_client_that_hangs_up_mid_stream_leaves_one_trace_and_a_charge() {
     let mock = mock();
-    let gw = GatewayBuilder::new(&mock).start();
+    let gw = GatewayBuilder::new(&mock).admin(ADMIN).start();
     let key = gw.create_key(&[]);
     let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "tell me a long story"}]});
     let (status, _, mut reader) = gw.open_stream(
@@ -221,7 +222,7 @@ fn a_client_that_hangs_up_mid_stream_leaves_one_trace_and_a_charge() {
 #[test]
 fn an_upstream_that_breaks_mid_response_is_still_charged() {
     let mock = mock();
-    let gw = GatewayBuilder::new(&mock).start();
+    let gw = GatewayBuilder::new(&mock).admin(ADMIN).start();
     let key = gw.create_key(&[]);
     let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": []});
     let stream = send_request(
@@ -269,7 +270,7 @@ fn an_upstream_that_breaks_mid_response_is_still_charged() {
 #[test]
 fn rejected_requests_leave_traces_too() {
     let mock = mock();
-    let gw = GatewayBuilder::new(&mock).start();
+    let gw = GatewayBuilder::new(&mock).admin(ADMIN).start();
     let key = gw.create_key(&["--models", "gpt-4o"]);
     gw.chat(&key, "gpt-4o-mini");
     gw.chat(&key, "nope");
@@ -357,14 +358,21 @@ fn served_cost(mock: &MockProvider) -> i64 {
 fn sigterm_flushes_everything_before_exit() {
     let mock = mock();
     let mut gw = GatewayBuilder::new(&mock)
+        .admin(ADMIN)
         .server("flush_interval_ms: 1000")
         .start();
     let key = Arc::new(gw.create_key(&[]));
     mock.clear();
     let handles = burst(gw.addr, &key, 20, 300);
-    std::thread::sleep(Duration::from_millis(100));
-    gw.signal_term(); // in flight: the burst
-    std::thread::sleep(Duration::from_millis(50));
+    // In flight: the mock holds each request 300 ms before answering.
+    wait_for(Duration::from_secs(10), "the burst at the provider", || {
+        (!mock.requests().is_empty()).then_some(())
+    });
+    gw.signal_term();
+    // Draining once /health says so (it is refused 503 like every new request).
+    wait_for(Duration::from_secs(10), "draining", || {
+        (gw.get("/health", "").status == 503).then_some(())
+    });
     // While draining, new requests are refused (and cost nothing).
     let late = gw.chat(&key, "gpt-4o-mini");
     assert_eq!((late.status, late.code().as_str()), (503, "shutting_down"));
@@ -391,6 +399,7 @@ fn sigterm_flushes_everything_before_exit() {
 fn sigkill_after_one_flush_interval_loses_nothing_and_corrupts_nothing() {
     let mock = mock();
     let mut gw = GatewayBuilder::new(&mock)
+        .admin(ADMIN)
         .server("flush_interval_ms: 200")
         .start();
     let key = Arc::new(gw.create_key(&[]));
@@ -402,8 +411,9 @@ fn sigkill_after_one_flush_interval_loses_nothing_and_corrupts_nothing() {
         .filter(|s| *s == 200)
         .count();
     assert_eq!(ok, 20);
-    // One flush interval (plus slack for a loaded CI machine), then no chance to flush.
-    std::thread::sleep(Duration::from_millis(200 + 800));
+    // The writer's own flush (every 200 ms here) has committed all 20, then no chance to
+    // flush again.
+    gw.wait_ledger_quiescent();
     gw.kill9();
     assert_eq!(gw.store().integrity_check().unwrap(), "ok");
     gw.spawn();

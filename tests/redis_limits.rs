@@ -105,6 +105,83 @@ async fn raw(r: &RedisServer, cmd: &mut redis::Cmd) -> redis::Value {
     cmd.query_async(&mut con).await.unwrap()
 }
 
+/// Commands that clients sent to Redis, as Redis itself sees them: `redis-cli MONITOR` prints
+/// every command a client sends (those a script runs show as `[.. lua]` and are not counted),
+/// an oracle independent of the gateway's own round-trip counter. Counting between two
+/// markers (`ECHO` from a separate `redis-cli`) needs no sleep: the monitor prints them in
+/// order.
+struct RedisMonitor {
+    port: u16,
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    marks: u64,
+}
+
+impl RedisMonitor {
+    fn start(r: &RedisServer) -> RedisMonitor {
+        let mut child = std::process::Command::new("redis-cli")
+            .args(["-p", &r.port().to_string(), "MONITOR"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("redis-cli MONITOR");
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(out).map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        // MONITOR answers OK once it is registered: every later command shows.
+        let ok = lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("MONITOR answers");
+        assert_eq!(ok, "OK");
+        let mut m = RedisMonitor {
+            port: r.port(),
+            child,
+            lines,
+            marks: 0,
+        };
+        m.commands_since_mark();
+        m
+    }
+
+    /// Client commands seen since the previous mark (the marks themselves not counted).
+    fn commands_since_mark(&mut self) -> u64 {
+        self.marks += 1;
+        let mark = format!("sg-mark-{}", self.marks);
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "ECHO", &mark])
+            .output()
+            .expect("redis-cli ECHO");
+        assert!(out.status.success());
+        let quoted = format!("\"ECHO\" \"{mark}\"");
+        let mut n = 0;
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(10))
+                .expect("MONITOR shows the mark");
+            if line.contains(&quoted) {
+                return n;
+            }
+            if line.contains(" lua] ") || line.contains("\"ECHO\" \"sg-mark-") {
+                continue;
+            }
+            n += 1;
+        }
+    }
+}
+
+impl Drop for RedisMonitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A small deterministic generator (no rand crate in the tree).
 struct Rng(u64);
 
@@ -634,16 +711,14 @@ async fn soft_budget_warns_once_reached_and_never_holds() {
     assert_eq!(v.by_model[0].prompt_tokens, 20);
 }
 
-fn assert_unavailable<T: std::fmt::Debug>(r: Result<T, SharedError>, started: Instant) {
+/// The call answered (Redis stopped or hung: the 300 ms command timeout answers instead of
+/// Redis; a missing timeout would hang here until nextest's terminate-after) with the error
+/// the gateway turns into 503 `limits_unavailable`. Its speed is not timed.
+fn assert_unavailable<T: std::fmt::Debug>(r: Result<T, SharedError>) {
     let e = r.unwrap_err();
     assert!(
         e.to_string().starts_with("shared limits unavailable"),
         "{e}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_millis(1_500),
-        "slow: {:?}",
-        started.elapsed()
     );
 }
 
@@ -671,8 +746,7 @@ async fn redis_down_fails_fast_and_the_node_recovers_when_it_is_back() {
         Duration::from_millis(300),
     )
     .unwrap();
-    let t = Instant::now();
-    assert_unavailable(l.admit("k", &Limits::default(), Nanos::ZERO, 1).await, t);
+    assert_unavailable(l.admit("k", &Limits::default(), Nanos::ZERO, 1).await);
     r.restart();
     recovers(&l).await;
     seed_empty(&l, "k").await;
@@ -685,10 +759,8 @@ async fn redis_down_fails_fast_and_the_node_recovers_when_it_is_back() {
     // Killed while connected: fails fast, and after a restart (empty, scripts flushed) asks
     // for a seed again.
     r.stop();
-    let t = Instant::now();
-    assert_unavailable(l.admit("k", &Limits::default(), Nanos::ZERO, 3).await, t);
-    let t = Instant::now();
-    assert_unavailable(l.settle("k", 2, month_index(now_ms()), None).await, t);
+    assert_unavailable(l.admit("k", &Limits::default(), Nanos::ZERO, 3).await);
+    assert_unavailable(l.settle("k", 2, month_index(now_ms()), None).await);
     r.restart();
     recovers(&l).await;
     assert!(matches!(
@@ -701,8 +773,7 @@ async fn redis_down_fails_fast_and_the_node_recovers_when_it_is_back() {
     // Hung (SIGSTOP): connections stay open, nothing answers; the timeout answers instead.
     r.pause();
     for res in 5..9 {
-        let t = Instant::now();
-        assert_unavailable(l.admit("k", &Limits::default(), Nanos::ZERO, res).await, t);
+        assert_unavailable(l.admit("k", &Limits::default(), Nanos::ZERO, res).await);
     }
     r.resume();
     recovers(&l).await;
@@ -734,28 +805,29 @@ async fn one_round_trip_per_admit_and_per_settle() {
             .unwrap()
     );
 
+    let mut monitor = RedisMonitor::start(&r);
     for res in 2..12 {
-        let before = l.round_trips();
+        monitor.commands_since_mark();
         admitted(&l.admit("k", &limits, Nanos::new(100), res).await.unwrap());
-        assert_eq!(l.round_trips() - before, 1, "admit");
-        let before = l.round_trips();
+        assert_eq!(monitor.commands_since_mark(), 1, "admit");
+        monitor.commands_since_mark();
         assert_eq!(
             Settled::Open,
             l.settle("k", res, month_index(now_ms()), charge(&model, 10))
                 .await
                 .unwrap()
         );
-        assert_eq!(l.round_trips() - before, 1, "settle");
+        assert_eq!(monitor.commands_since_mark(), 1, "settle");
     }
 
     // A Redis that lost its script cache costs one SCRIPT LOAD and a retry, once.
     raw(&r, redis::cmd("SCRIPT").arg("FLUSH")).await;
-    let before = l.round_trips();
+    monitor.commands_since_mark();
     admitted(&l.admit("k", &limits, Nanos::new(100), 20).await.unwrap());
-    assert_eq!(l.round_trips() - before, 3);
-    let before = l.round_trips();
+    assert_eq!(monitor.commands_since_mark(), 3);
+    monitor.commands_since_mark();
     admitted(&l.admit("k", &limits, Nanos::new(100), 21).await.unwrap());
-    assert_eq!(l.round_trips() - before, 1);
+    assert_eq!(monitor.commands_since_mark(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -800,8 +872,7 @@ async fn an_admission_whose_reply_was_lost_is_released_by_the_next_heartbeat() {
     // Redis hangs with the admission in its socket: the caller gets an error (and does not
     // forward the request), but Redis runs the script once it wakes up.
     r.pause();
-    let t = Instant::now();
-    assert_unavailable(l.admit("k", &limits, Nanos::new(400), 1).await, t);
+    assert_unavailable(l.admit("k", &limits, Nanos::new(400), 1).await);
     r.resume();
     let v = view(&l, "k").await;
     assert_eq!((v.inflight, v.reserved), (1, Nanos::new(400)));

@@ -48,14 +48,10 @@ fn tls_mock(ca: &TestCa) -> MockProvider {
     MockProvider::start_tls_background("127.0.0.1:0", &identity, "localhost").expect("TLS mock")
 }
 
+/// The key's spend once the ledger is quiescent (every finished request committed): exactly
+/// `nanos`, and nothing more can arrive later.
 fn wait_spend(gw: &Gateway, key: &Key, nanos: i64) {
-    wait_for(Duration::from_secs(10), "spend in the ledger", || {
-        let rows = gw.spend_rows(&key.id);
-        let total: i64 = rows.iter().map(|r| r.2).sum();
-        (total == nanos).then_some(())
-    });
-    // And nothing more arrives afterwards.
-    std::thread::sleep(Duration::from_millis(300));
+    gw.wait_ledger_quiescent();
     let total: i64 = gw.spend_rows(&key.id).iter().map(|r| r.2).sum();
     assert_eq!(total, nanos, "spend");
 }
@@ -82,6 +78,7 @@ fn plain_streamed_anthropic_and_translated_traffic_over_tls_is_charged_exactly()
     assert!(mock.base_url().starts_with("https://localhost:"));
     let dir = tempfile::tempdir().unwrap();
     let gw = GatewayBuilder::new(&mock)
+        .admin(ADMIN)
         .provider_ca(&ca.write(dir.path(), "ca.pem"))
         .models(MODELS_TLS)
         .start();
@@ -170,7 +167,7 @@ fn assert_refused_at_handshake(gw: &Gateway, mock: &MockProvider, log_says: &str
     let log = gw.log_text();
     assert!(log.contains(log_says), "log lacks {log_says:?}:\n{log}");
     // Nothing was charged: the request never reached the provider.
-    std::thread::sleep(Duration::from_millis(300));
+    gw.wait_ledger_quiescent();
     let total: i64 = gw.spend_rows(&key.id).iter().map(|r| r.2).sum();
     assert_eq!(total, 0);
 }
@@ -214,6 +211,7 @@ fn a_provider_failing_verification_falls_back_to_the_next_model_of_the_alias() {
         "{MODELS_TLS}  - id: impostor-model\n    provider: impostor\n    input_usd_per_mtok: 1\n    output_usd_per_mtok: 1\naliases:\n  careful: [impostor-model, gpt-4o-mini]\n"
     );
     let gw = GatewayBuilder::new(&good)
+        .admin(ADMIN)
         .provider_ca(&ca_file)
         .provider(&format!(
             "- name: impostor\nkind: openai\nbase_url: \"{}\"\ntls_ca_file: \"{}\"",
@@ -687,6 +685,7 @@ fn a_provider_host_that_does_not_resolve_warns_at_start_and_its_alias_falls_back
         "{MODELS_TLS}  - id: nowhere-model\n    provider: nowhere\n    input_usd_per_mtok: 1\n    output_usd_per_mtok: 1\naliases:\n  anywhere: [nowhere-model, gpt-4o-mini]\n"
     );
     let gw = GatewayBuilder::new(&mock)
+        .admin(ADMIN)
         .provider_ca(&ca.write(dir.path(), "ca.pem"))
         .provider(
             "- name: nowhere\nkind: openai\nbase_url: \"https://no-such-provider.invalid/v1\"",

@@ -51,6 +51,8 @@ pub(crate) struct Knobs {
     /// `x-mock-too-large: 1`: refuse the request as too large for the key's per-minute
     /// tokens while the key has capacity left.
     pub(crate) too_large: bool,
+    /// `x-mock-hold: NAME`: hold stream content chunk 2 until the test opens gate NAME.
+    pub(crate) hold: Option<String>,
 }
 
 impl Default for Knobs {
@@ -75,6 +77,7 @@ impl Default for Knobs {
             hidden: HiddenSizes::default(),
             context_window: None,
             too_large: false,
+            hold: None,
         }
     }
 }
@@ -127,6 +130,11 @@ pub(crate) fn apply_knob(knobs: &mut Knobs, knob: &str, value: &[u8]) {
         knobs.too_large = truthy(value);
     } else if knob.eq_ignore_ascii_case(b"context-window") {
         knobs.context_window = number;
+    } else if knob.eq_ignore_ascii_case(b"hold") {
+        knobs.hold = std::str::from_utf8(value)
+            .ok()
+            .filter(|name| !name.is_empty())
+            .map(str::to_owned);
     } else if knob.eq_ignore_ascii_case(b"tool-call") {
         knobs.tool_call = std::str::from_utf8(value)
             .ok()

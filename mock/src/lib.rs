@@ -20,6 +20,7 @@
 //! | `x-mock-delay-ms: N` | wait N ms before the response head |
 //! | `x-mock-chunks: N` | content chunks in a stream (default 3) |
 //! | `x-mock-chunk-delay-ms: N` | wait N ms before every stream chunk after the first content chunk |
+//! | `x-mock-hold: NAME` | stream: send content chunk 1, then hold chunk 2 (and the rest) until the test calls [`MockProvider::release`]`(NAME)`; [`MockProvider::held`] counts the streams waiting there |
 //! | `x-mock-break-after: N` | stream: close the connection after N content chunks; plain: close after the head and half the body |
 //! | `x-mock-no-usage: 1` | never report usage |
 //! | `x-mock-drop: 1` | read the whole request (after `x-mock-delay-ms`), then close the connection without any response |
@@ -48,6 +49,7 @@ mod openai_chat;
 mod openai_responses;
 mod reply;
 
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,7 +57,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
@@ -145,6 +147,16 @@ pub(crate) struct Shared {
     connections: AtomicU64,
     tls_handshakes: AtomicU64,
     tls_failures: AtomicU64,
+    /// `x-mock-hold` gates by name.
+    gates: Mutex<HashMap<String, Gate>>,
+    gate_changed: Notify,
+}
+
+/// One `x-mock-hold` gate: open for good once released.
+#[derive(Default)]
+struct Gate {
+    open: bool,
+    waiting: u64,
 }
 
 /// A certificate chain and its private key, in PEM, for [`MockProvider::start_tls`].
@@ -211,6 +223,36 @@ impl Shared {
             .iter()
             .find(|r| r.key == key)
             .cloned()
+    }
+
+    /// Waits until gate `name` is open ([`MockProvider::release`]).
+    pub(crate) async fn hold(&self, name: &str) {
+        struct Waiting<'a>(&'a Shared, &'a str);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                if let Some(g) = lock(&self.0.gates).get_mut(self.1) {
+                    g.waiting -= 1;
+                }
+            }
+        }
+        let mut registered = None;
+        loop {
+            let changed = self.gate_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut gates = lock(&self.gates);
+                let gate = gates.entry(name.to_owned()).or_default();
+                if gate.open {
+                    return;
+                }
+                if registered.is_none() {
+                    gate.waiting += 1;
+                    registered = Some(Waiting(self, name));
+                }
+            }
+            changed.await;
+        }
     }
 
     pub(crate) fn add_usage(&self, served: Served) {
@@ -300,6 +342,8 @@ impl MockProvider {
             connections: AtomicU64::new(0),
             tls_handshakes: AtomicU64::new(0),
             tls_failures: AtomicU64::new(0),
+            gates: Mutex::new(HashMap::new()),
+            gate_changed: Notify::new(),
         });
         let (stop, stopped) = watch::channel(());
         tokio::spawn(accept_loop(listener, Arc::clone(&shared), stopped, tls));
@@ -404,6 +448,21 @@ impl MockProvider {
             retry_after_secs,
         });
         self.shared.rejecting.store(true, Ordering::Relaxed);
+    }
+
+    /// Opens gate `name` for good: every stream held there by `x-mock-hold: NAME` goes on,
+    /// and later ones pass without stopping.
+    pub fn release(&self, name: &str) {
+        lock(&self.shared.gates)
+            .entry(name.to_owned())
+            .or_default()
+            .open = true;
+        self.shared.gate_changed.notify_waiters();
+    }
+
+    /// Streams waiting at gate `name` now (a stream whose client is gone still waits).
+    pub fn held(&self, name: &str) -> u64 {
+        lock(&self.shared.gates).get(name).map_or(0, |g| g.waiting)
     }
 
     /// Serve every key again.

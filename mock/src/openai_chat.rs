@@ -197,10 +197,17 @@ impl Reply<'_> {
     }
 
     /// Before stream content chunk `i`: `Err` where `x-mock-break-after` cuts, else the
-    /// `x-mock-chunk-delay-ms` pause.
+    /// `x-mock-hold` gate (before chunk 2) and the `x-mock-chunk-delay-ms` pause.
     pub(crate) async fn pace(&mut self, knobs: &Knobs, i: u64) -> Sent {
         if knobs.breaks_at(i) {
             return Err(());
+        }
+        if let (1, Some(gate)) = (i, knobs.hold.as_deref()) {
+            // Chunk 1 is on the wire before the wait: the client can read it meanwhile.
+            tokio::io::AsyncWriteExt::flush(&mut self.stream)
+                .await
+                .map_err(|_| ())?;
+            self.shared.hold(gate).await;
         }
         if let Some(delay) = knobs.chunk_delay(i) {
             tokio::time::sleep(delay).await;

@@ -143,7 +143,10 @@ impl AdminApp {
                 status: 200,
                 content_type: "text/plain; version=0.0.4",
                 body: {
-                    let mut text = self.gate.metrics.render(self.gate.ledger.health());
+                    // In flight first: read before the ledger's counters, a zero here means
+                    // every request it counted has reached `finished` below.
+                    let mut text = crate::metrics::render_in_flight(self.gate.inflight());
+                    text.push_str(&self.gate.metrics.render(self.gate.ledger.health()));
                     let routes = &self.gate.snapshot().routes;
                     crate::metrics::render_provider_keys(&mut text, routes, crate::clock::now_ms());
                     crate::metrics::render_spans(&mut text, self.gate.ledger.span_stats());
@@ -277,6 +280,22 @@ fn handle(
                     200,
                     json!({"object": "list", "data": data, "next_before": next}),
                 ))
+            }
+            // Tests only (SPIDERGATE_TEST_CLOCK=1): a rolling window passes without a real wait.
+            (&Method::POST, ["admin", "test", "advance-clock"])
+                if crate::clock::test_clock_enabled() =>
+            {
+                let ms = query.get("ms").and_then(|v| v.parse::<i64>().ok());
+                match ms {
+                    Some(ms) if crate::clock::advance_mono(ms) => {
+                        Ok(Reply::json(200, json!({"advanced_ms": ms})))
+                    }
+                    _ => Err(Reply::error(
+                        400,
+                        "invalid_request",
+                        "ms must be a non-negative integer",
+                    )),
+                }
             }
             (&Method::GET, ["admin", "keys"]) => {
                 let all = query.get("all").is_some_and(|v| v != "false");

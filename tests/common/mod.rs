@@ -26,11 +26,22 @@ pub fn services_required() {
     }
 }
 
+/// A free loopback port, never one this process handed out before: the OS may offer a
+/// just-released port again, and a gateway whose proxy and admin listeners got the same
+/// one would answer proxy requests from the admin API.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout`.
@@ -464,8 +475,9 @@ impl Gateway {
             .arg("serve")
             .env("MOCK_PROVIDER_KEY", PROVIDER_KEY)
             .env("MOCK_ANTHROPIC_KEY", ANTHROPIC_PROVIDER_KEY)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            // The builder's `env("RUST_LOG", ..)` overrides this default.
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()
@@ -515,6 +527,46 @@ impl Gateway {
             body.as_bytes(),
         )
         .expect("admin call")
+    }
+
+    /// One sample of `/metrics` (admin listener) by its full name, labels included.
+    pub fn metric(&self, name: &str) -> Option<u64> {
+        let r = self.admin_call("GET", "/metrics", None);
+        assert_eq!(r.status, 200, "/metrics: {}", r.text());
+        metric_value(&r.text(), name)
+    }
+
+    /// Waits until no proxy request is in flight and the ledger has committed every
+    /// finished one (`spidergate_requests_in_flight` 0, `spidergate_requests_finished_total`
+    /// = `spidergate_ledger_committed_total`, read from one `/metrics` page). After it, a
+    /// spend or trace row that is not there will not arrive later. Needs the admin listener.
+    pub fn wait_ledger_quiescent(&self) {
+        wait_for(Duration::from_secs(10), "ledger quiescence", || {
+            let r = self.admin_call("GET", "/metrics", None);
+            let text = r.text();
+            let get = |n| metric_value(&text, n).unwrap_or_else(|| panic!("no {n} in {text}"));
+            let quiet = get("spidergate_requests_in_flight") == 0
+                && get("spidergate_requests_finished_total")
+                    == get("spidergate_ledger_committed_total");
+            quiet.then_some(())
+        });
+    }
+
+    /// Waits until this cluster node has completed `rounds` more ledger sweeps (each one
+    /// writes its heartbeat and charges what stopped nodes left open) than it had at the call.
+    pub fn wait_sweeps(&self, rounds: u64) {
+        let at = self
+            .metric("spidergate_ledger_sweeps_total")
+            .expect("sweeps");
+        wait_for(Duration::from_secs(15), "ledger sweeps", || {
+            (self.metric("spidergate_ledger_sweeps_total")? >= at + rounds).then_some(())
+        });
+    }
+
+    /// Sets (or replaces) an environment variable for the next `spawn`/`restart`.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
     }
 
     /// A read connection to the gateway's SQLite file (WAL: it never blocks the gateway).
@@ -754,6 +806,13 @@ impl Drop for Gateway {
             let _ = c.wait();
         }
     }
+}
+
+/// The value of sample `name` (exact, labels included) in a Prometheus text page.
+pub fn metric_value(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 pub fn mock() -> MockProvider {

@@ -1,7 +1,7 @@
 //! Golden files under `tests/golden/chat_to_messages/` (inputs from the providers' documented
 //! examples, compared as parsed JSON), refusals, and split invariance of the stream.
 //!
-//! `SPIDERGATE_BLESS=1 cargo nextest run --lib translate::chat_to_messages` rewrites the
+//! `SPIDERGATE_BLESS_GOLDEN=1 cargo nextest run --lib translate::chat_to_messages` rewrites the
 //! expected files from the current output; review the diff before committing it.
 
 use proptest::prelude::*;
@@ -36,7 +36,7 @@ fn without_created(mut v: Value) -> Value {
 }
 
 fn bless() -> bool {
-    std::env::var_os("SPIDERGATE_BLESS").is_some()
+    super::super::bless_golden()
 }
 
 /// Compares `actual` with `<name>.out.json` as JSON.

@@ -1,7 +1,7 @@
 //! Golden files under `tests/golden/messages_to_chat/`, built from the providers' documented
 //! examples: `request_*` (Messages in, chat out, or `{"refused": "<message>"}`),
 //! `response_*` (chat completion in, Message out) and `stream_*` (chat SSE in, Messages SSE
-//! out), compared as parsed JSON, SSE event by event. `BLESS=1` rewrites the outputs (then
+//! out), compared as parsed JSON, SSE event by event. `SPIDERGATE_BLESS_GOLDEN=1` rewrites the outputs (then
 //! read every changed file before committing it).
 
 use std::path::{Path, PathBuf};
@@ -37,7 +37,7 @@ fn cases(prefix: &str, in_ext: &str, out_ext: &str) -> Vec<(String, Vec<u8>, Pat
 }
 
 fn bless() -> bool {
-    std::env::var_os("BLESS").is_some()
+    super::super::bless_golden()
 }
 
 fn pretty(v: &Value) -> String {
