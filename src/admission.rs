@@ -10,13 +10,14 @@ use bytes::Bytes;
 
 use crate::catalog::{Catalog, Chain};
 use crate::clock::Now;
+pub use crate::config::Family;
 use crate::error::GateError;
 use crate::keys::token::{from_authorization, hash_token, is_well_formed, TokenHash};
 use crate::keys::{KeyEntry, KeySet, ScopeSet};
 use crate::limits::store::LimitStore;
 use crate::limits::{Reservation, Standing};
 use crate::money::Nanos;
-use crate::providers::openai::{parse_request, RequestFields};
+use crate::providers::openai::{parse_media_request, parse_request, MediaKind, RequestFields};
 use crate::providers::Plan;
 
 /// How model `m` is reached for this request, and the body it gets: the client's with its
@@ -92,11 +93,19 @@ pub enum Endpoint {
     Responses,
     /// Anthropic's Messages API.
     Messages,
+    /// Anthropic's token count (`/v1/messages/count_tokens`): free, counted in rpm and rpd.
+    CountTokens,
+    /// `/v1/images/generations` (JSON).
+    ImagesGenerations,
+    /// `/v1/audio/speech`: JSON in, audio bytes out.
+    Speech,
     Models,
     Model,
     Aliases,
     Usage,
     Health,
+    /// Any other path under `/v1/messages/`: unknown, answered in Anthropic's shape.
+    MessagesOther,
     Unknown,
 }
 
@@ -108,12 +117,35 @@ impl Endpoint {
             Endpoint::Embeddings => "embeddings",
             Endpoint::Responses => "responses",
             Endpoint::Messages => "messages",
+            Endpoint::CountTokens => "messages.count_tokens",
+            Endpoint::ImagesGenerations => "images.generations",
+            Endpoint::Speech => "audio.speech",
             Endpoint::Models => "models",
             Endpoint::Model => "models.get",
             Endpoint::Aliases => "aliases",
             Endpoint::Usage => "usage",
             Endpoint::Health => "health",
-            Endpoint::Unknown => "unknown",
+            Endpoint::MessagesOther | Endpoint::Unknown => "unknown",
+        }
+    }
+
+    /// The family of models that serves this endpoint (None: not a model call).
+    pub fn family(self) -> Option<Family> {
+        match self {
+            Endpoint::ChatCompletions
+            | Endpoint::Responses
+            | Endpoint::Messages
+            | Endpoint::CountTokens => Some(Family::Chat),
+            Endpoint::Embeddings => Some(Family::Embeddings),
+            Endpoint::ImagesGenerations => Some(Family::Images),
+            Endpoint::Speech => Some(Family::Speech),
+            Endpoint::Models
+            | Endpoint::Model
+            | Endpoint::Aliases
+            | Endpoint::Usage
+            | Endpoint::Health
+            | Endpoint::MessagesOther
+            | Endpoint::Unknown => None,
         }
     }
 
@@ -122,24 +154,26 @@ impl Endpoint {
             Endpoint::ChatCompletions
             | Endpoint::Embeddings
             | Endpoint::Responses
-            | Endpoint::Messages => Some((ScopeSet::CHAT, crate::keys::SCOPE_CHAT)),
+            | Endpoint::Messages
+            | Endpoint::CountTokens
+            | Endpoint::ImagesGenerations
+            | Endpoint::Speech => Some((ScopeSet::CHAT, crate::keys::SCOPE_CHAT)),
             Endpoint::Models | Endpoint::Model | Endpoint::Aliases => {
                 Some((ScopeSet::MODELS, crate::keys::SCOPE_MODELS))
             }
             Endpoint::Usage => Some((ScopeSet::USAGE, crate::keys::SCOPE_USAGE)),
-            Endpoint::Health | Endpoint::Unknown => None,
+            Endpoint::Health | Endpoint::MessagesOther | Endpoint::Unknown => None,
         }
     }
 
     /// Whether requests here go to a model (admitted, proxied, charged).
     pub fn is_model_call(self) -> bool {
-        matches!(
-            self,
-            Endpoint::ChatCompletions
-                | Endpoint::Embeddings
-                | Endpoint::Responses
-                | Endpoint::Messages
-        )
+        self.family().is_some()
+    }
+
+    /// Whether the path is unknown (404 after authentication).
+    pub fn is_unknown(self) -> bool {
+        matches!(self, Endpoint::Unknown | Endpoint::MessagesOther)
     }
 }
 
@@ -161,9 +195,13 @@ pub fn route(path: &str) -> (Endpoint, &str) {
         "/embeddings" => (Endpoint::Embeddings, ""),
         "/responses" => (Endpoint::Responses, ""),
         "/messages" => (Endpoint::Messages, ""),
+        "/messages/count_tokens" => (Endpoint::CountTokens, ""),
+        "/images/generations" => (Endpoint::ImagesGenerations, ""),
+        "/audio/speech" => (Endpoint::Speech, ""),
         "/models" => (Endpoint::Models, ""),
         "/aliases" => (Endpoint::Aliases, ""),
         "/usage" => (Endpoint::Usage, ""),
+        _ if rest.starts_with("/messages/") => (Endpoint::MessagesOther, ""),
         _ => match rest.strip_prefix("/models/") {
             Some(id) if !id.is_empty() => (Endpoint::Model, id),
             _ => (Endpoint::Unknown, ""),
@@ -278,10 +316,18 @@ pub fn reservation_bound(
             _ => seen,
         };
         let completion = match endpoint {
-            Endpoint::Embeddings => 0,
+            Endpoint::Embeddings | Endpoint::CountTokens => 0,
+            // Token-priced image models: each image within the output cap.
+            Endpoint::ImagesGenerations => {
+                output_cap(catalog, m, fields).saturating_mul(fields.units)
+            }
             _ => output_cap(catalog, m, fields).saturating_mul(fields.choices),
         };
-        let cost = catalog.bound_cost(m, prompt, completion);
+        // A token count is free; it still counts against rpm and rpd.
+        let cost = match endpoint {
+            Endpoint::CountTokens => Nanos::ZERO,
+            _ => catalog.bound_cost_with_units(m, prompt, completion, fields.units),
+        };
         if i == 0 || cost > best.cost {
             best = Bound {
                 prompt_tokens: prompt,
@@ -302,6 +348,46 @@ pub struct Overheads {
     pub tool_prompt_tokens: u64,
 }
 
+/// The request's fields as its endpoint's body carries them (400 when it does not).
+pub fn parse_fields(endpoint: Endpoint, body: &Bytes) -> Result<RequestFields, GateError> {
+    match endpoint {
+        Endpoint::ImagesGenerations => parse_media_request(body, MediaKind::Images),
+        Endpoint::Speech => parse_media_request(body, MediaKind::Speech),
+        _ => parse_request(body),
+    }
+}
+
+/// The models of `chain` that can serve `endpoint`: of its family (`models[].endpoint`), on
+/// a provider kind that speaks it. 400 `invalid_request` when none is left.
+pub fn served_chain(
+    catalog: &Catalog,
+    chain: &Chain,
+    endpoint: Endpoint,
+    requested: &str,
+) -> Result<Chain, GateError> {
+    let Some(family) = endpoint.family() else {
+        return Err(GateError::NotFound);
+    };
+    let of_family = chain.filtered(|m| catalog.serves(m, family));
+    if of_family.is_empty() {
+        let serves = chain
+            .get(0)
+            .map_or("another", |m| catalog.models()[m].family.label());
+        return Err(GateError::InvalidRequest(format!(
+            "'{requested}' serves the {serves} endpoints, not /v1/{}",
+            endpoint.label()
+        )));
+    }
+    let served = of_family.filtered(|m| Plan::new(endpoint, catalog.provider_of(m).kind).is_some());
+    if served.is_empty() {
+        return Err(GateError::InvalidRequest(format!(
+            "'{requested}' is not served through /v1/{}: embeddings, the Responses API, images and audio need an openai-kind model",
+            endpoint.label()
+        )));
+    }
+    Ok(served)
+}
+
 /// Body, model and per-key controls for an authenticated, in-scope model request. `now` and
 /// `key` must be read at the moment of decision (after the body arrived), so a body trickled
 /// across midnight or a key revoked during the upload is judged as things stand now.
@@ -318,16 +404,12 @@ pub async fn admit<L: LimitStore>(
     overheads: Overheads,
     res_id: u64,
 ) -> Result<Admission, GateError> {
-    let fields = parse_request(body)?;
+    let fields = parse_fields(endpoint, body)?;
     let chain = catalog.resolve(&fields.model, key)?;
-    let chain = chain.filtered(|m| Plan::new(endpoint, catalog.provider_of(m).kind).is_some());
-    let first = chain.get(0).ok_or_else(|| {
-        GateError::InvalidRequest(format!(
-            "'{}' is not served through /v1/{}: embeddings and the Responses API need an openai-kind model",
-            fields.model,
-            endpoint.label()
-        ))
-    })?;
+    let chain = served_chain(catalog, &chain, endpoint, &fields.model)?;
+    let first = chain
+        .get(0)
+        .ok_or(GateError::InvalidRequest(String::new()))?;
     let hard_budget = key.limits.hard_budget && key.limits.budget.is_some();
     check_hidden_input(catalog, &chain, &fields, hard_budget)?;
     let (plan, upstream_body) = upstream_body(catalog, endpoint, first, body, &fields)?;

@@ -53,6 +53,15 @@ pub enum Plan {
     ChatViaMessages,
     /// A Messages request served by an OpenAI-kind model.
     MessagesViaChat,
+    /// Anthropic's token count, passed through (free).
+    CountTokens,
+    /// A token count for an OpenAI-kind model: answered by the gateway with its own prompt
+    /// bound; nothing goes upstream.
+    CountTokensEstimate,
+    /// `/images/generations`: priced per image returned, or by token usage if reported.
+    Images,
+    /// `/audio/speech`: priced per input character; the audio streams back as it comes.
+    Speech,
 }
 
 /// The upstream routes a provider may be sent to, indexing `Routes::upstream_uri`.
@@ -62,14 +71,20 @@ pub enum UpstreamRoute {
     Embeddings = 1,
     Responses = 2,
     Messages = 3,
+    CountTokens = 4,
+    ImagesGenerations = 5,
+    AudioSpeech = 6,
 }
 
 impl UpstreamRoute {
-    pub const ALL: [UpstreamRoute; 4] = [
+    pub const ALL: [UpstreamRoute; 7] = [
         UpstreamRoute::ChatCompletions,
         UpstreamRoute::Embeddings,
         UpstreamRoute::Responses,
         UpstreamRoute::Messages,
+        UpstreamRoute::CountTokens,
+        UpstreamRoute::ImagesGenerations,
+        UpstreamRoute::AudioSpeech,
     ];
 
     /// Path after the provider's `base_url` (SPEC §6).
@@ -79,6 +94,9 @@ impl UpstreamRoute {
             UpstreamRoute::Embeddings => "/embeddings",
             UpstreamRoute::Responses => "/responses",
             UpstreamRoute::Messages => "/v1/messages",
+            UpstreamRoute::CountTokens => "/v1/messages/count_tokens",
+            UpstreamRoute::ImagesGenerations => "/images/generations",
+            UpstreamRoute::AudioSpeech => "/audio/speech",
         }
     }
 }
@@ -95,6 +113,10 @@ impl Plan {
             (Endpoint::Responses, OpenAi) => Plan::Responses,
             (Endpoint::Messages, Anthropic) => Plan::Messages,
             (Endpoint::Messages, OpenAi) => Plan::MessagesViaChat,
+            (Endpoint::CountTokens, Anthropic) => Plan::CountTokens,
+            (Endpoint::CountTokens, OpenAi) => Plan::CountTokensEstimate,
+            (Endpoint::ImagesGenerations, OpenAi) => Plan::Images,
+            (Endpoint::Speech, OpenAi) => Plan::Speech,
             _ => return None,
         })
     }
@@ -105,13 +127,22 @@ impl Plan {
             Plan::Embeddings => UpstreamRoute::Embeddings,
             Plan::Responses => UpstreamRoute::Responses,
             Plan::Messages | Plan::ChatViaMessages => UpstreamRoute::Messages,
+            // Never sent: the count is answered before any upstream is picked.
+            Plan::CountTokens | Plan::CountTokensEstimate => UpstreamRoute::CountTokens,
+            Plan::Images => UpstreamRoute::ImagesGenerations,
+            Plan::Speech => UpstreamRoute::AudioSpeech,
         }
+    }
+
+    /// Whether the gateway answers this plan itself (no upstream).
+    pub fn answered_locally(self) -> bool {
+        self == Plan::CountTokensEstimate
     }
 
     /// The provider's kind on the wire.
     pub fn upstream_kind(self) -> ProviderKind {
         match self.route() {
-            UpstreamRoute::Messages => ProviderKind::Anthropic,
+            UpstreamRoute::Messages | UpstreamRoute::CountTokens => ProviderKind::Anthropic,
             _ => ProviderKind::OpenAi,
         }
     }
@@ -141,7 +172,11 @@ impl Plan {
                 true,
                 Some((CapField::Chat, output_cap)),
             ),
-            Plan::Embeddings => openai::rewrite_body(body, fields, upstream_id, false, None),
+            Plan::Embeddings
+            | Plan::CountTokens
+            | Plan::CountTokensEstimate
+            | Plan::Images
+            | Plan::Speech => openai::rewrite_body(body, fields, upstream_id, false, None),
             Plan::Responses => openai::rewrite_body(
                 body,
                 fields,
@@ -169,12 +204,15 @@ impl Plan {
 /// The wire format the client speaks on `endpoint`, for the gateway's own error bodies.
 pub fn client_kind(endpoint: Endpoint) -> ProviderKind {
     match endpoint {
-        Endpoint::Messages => ProviderKind::Anthropic,
+        Endpoint::Messages | Endpoint::CountTokens | Endpoint::MessagesOther => {
+            ProviderKind::Anthropic
+        }
         _ => ProviderKind::OpenAi,
     }
 }
 
-/// A gateway error in the client's shape: Anthropic's on `/v1/messages`, else OpenAI's.
+/// A gateway error in the client's shape: Anthropic's on every `/v1/messages*` path, else
+/// OpenAI's.
 pub fn error_body(endpoint: Endpoint, err: &GateError) -> Vec<u8> {
     match client_kind(endpoint) {
         ProviderKind::Anthropic => anthropic::error_body(err),

@@ -180,9 +180,12 @@ impl RequestCtx {
     /// its bound) and one token per byte of output delivered so far, within the reservation.
     /// Else zero (the upstream refused it with an error status, or was never reached).
     pub(super) fn final_usage(&self) -> (Usage, bool) {
+        if self.endpoint == Endpoint::CountTokens {
+            return (Usage::default(), false); // free (SPEC §3)
+        }
         let codec = self.codec.as_ref();
         if let Some(u) = codec.and_then(|c| c.usage(self.response_complete)) {
-            return (u, false);
+            return (self.priced_units(u), false);
         }
         let upstream_ok = self
             .upstream_status
@@ -190,6 +193,9 @@ impl RequestCtx {
         let unanswered = self.sent_upstream && self.upstream_status.is_none();
         if !upstream_ok && !unanswered {
             return (Usage::default(), false);
+        }
+        if let Some(u) = self.media_usage() {
+            return u;
         }
         let (prompt_bound, completion_bound) = self.served_bound();
         let background = self
@@ -205,7 +211,7 @@ impl RequestCtx {
             .and_then(ResponseCodec::stream_text_bytes)
             .unwrap_or(self.response_bytes);
         let completion = match self.endpoint {
-            Endpoint::Embeddings => 0,
+            Endpoint::Embeddings | Endpoint::CountTokens => 0,
             _ => delivered
                 .max(partial.map_or(0, |u| u.completion_tokens))
                 .min(completion_bound)
@@ -216,6 +222,48 @@ impl RequestCtx {
             .unwrap_or(Usage::new(prompt_bound, 0));
         usage.completion_tokens = completion;
         (usage, true)
+    }
+
+    /// Reported usage as charged: where a model reports tokens and has token prices, the
+    /// token prices apply instead of its unit price (SPEC §4).
+    fn priced_units(&self, mut usage: Usage) -> Usage {
+        let tokens = usage.prompt_tokens > 0 || usage.completion_tokens > 0;
+        let token_priced = self
+            .current_model()
+            .is_some_and(|m| self.snap.routes.catalog.has_token_price(m));
+        if tokens && token_priced {
+            usage.units = 0;
+        }
+        usage
+    }
+
+    /// A multi-modal answer without reported usage that the upstream may have worked on.
+    /// Speech: its input's characters (what the provider bills), with the token bound for a
+    /// token-priced model (estimated). Images: the images asked for (and the token bound),
+    /// estimated: the answer was cut, or too large to read.
+    fn media_usage(&self) -> Option<(Usage, bool)> {
+        let units = self.admission.as_ref()?.fields.units;
+        let token_priced = self
+            .current_model()
+            .is_some_and(|m| self.snap.routes.catalog.has_token_price(m));
+        let (prompt, completion) = self.served_bound();
+        match self.endpoint {
+            Endpoint::Speech if !token_priced => Some((
+                Usage {
+                    units,
+                    ..Usage::default()
+                },
+                false,
+            )),
+            Endpoint::Speech | Endpoint::ImagesGenerations => Some((
+                Usage {
+                    units,
+                    ..Usage::new(prompt, completion)
+                },
+                true,
+            )),
+            _ => None,
+        }
     }
 
     /// The reservation's (prompt, completion) bound on the model that served.
@@ -339,6 +387,8 @@ impl RequestCtx {
                     started_ms: self.started_ms,
                     operation: match self.endpoint {
                         Endpoint::Embeddings => "embeddings",
+                        Endpoint::ImagesGenerations => "generate_content",
+                        Endpoint::Speech => "generate_content",
                         _ => "chat",
                     },
                     provider_kind: served

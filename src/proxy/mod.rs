@@ -156,6 +156,34 @@ impl GateProxy {
         Ok(())
     }
 
+    /// `/v1/messages/count_tokens` on an OpenAI-kind model: the gateway's own prompt bound
+    /// (what the reservation would count), marked `X-SpiderGate-Estimated: true`. Free; the
+    /// admission counted it in rpm and rpd.
+    async fn count_tokens_estimate(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool> {
+        let tokens = ctx.admission.as_ref().map_or(0, |a| a.bound.prompt_tokens);
+        let body = Bytes::from(serde_json::json!({ "input_tokens": tokens }).to_string());
+        ctx.status = 200;
+        let mut resp = ResponseHeader::build(200, Some(6))?;
+        resp.insert_header("content-type", "application/json")?;
+        resp.insert_header("content-length", body.len().to_string())?;
+        resp.insert_header("x-spidergate-estimated", "true")?;
+        if let Some(adm) = &ctx.admission {
+            let served = ctx
+                .current_model()
+                .map(|m| &ctx.snap.routes.model_headers[m]);
+            decorate_response(&mut resp, &adm.standing, None, served)?;
+        }
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await?;
+        ctx.response_started = true;
+        ctx.response_ended();
+        Ok(true)
+    }
+
     /// A failed authentication: counted per client address, and past the address's limit
     /// answered 429 instead of 401 (valid keys never get here).
     fn shield(&self, session: &Session, err: GateError) -> GateError {
@@ -470,7 +498,7 @@ impl ProxyHttp for GateProxy {
             .key
             .clone()
             .ok_or_else(|| Error::new(ErrorType::InternalError))?;
-        if endpoint == Endpoint::Unknown {
+        if endpoint.is_unknown() {
             return self.reject(session, ctx, GateError::NotFound).await;
         }
         if let Err(e) = admission::check_scope(&key, endpoint) {
@@ -495,6 +523,9 @@ impl ProxyHttp for GateProxy {
         };
         ctx.body = body;
         match self.admit(ctx, &hash).await {
+            Ok(()) if ctx.plan.is_some_and(providers::Plan::answered_locally) => {
+                self.count_tokens_estimate(session, ctx).await
+            }
             Ok(()) => Ok(false),
             Err(e) => self.reject(session, ctx, e).await,
         }
