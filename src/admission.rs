@@ -17,7 +17,10 @@ use crate::keys::{KeyEntry, KeySet, ScopeSet};
 use crate::limits::store::LimitStore;
 use crate::limits::{Reservation, Standing};
 use crate::money::Nanos;
-use crate::providers::openai::{parse_media_request, parse_request, MediaKind, RequestFields};
+use crate::providers::multipart;
+use crate::providers::openai::{
+    images_n, parse_media_request, parse_request, MediaKind, RequestFields,
+};
 use crate::providers::Plan;
 
 /// How model `m` is reached for this request, and the body it gets: the client's with its
@@ -99,6 +102,12 @@ pub enum Endpoint {
     ImagesGenerations,
     /// `/v1/audio/speech`: JSON in, audio bytes out.
     Speech,
+    /// `/v1/images/edits` (multipart).
+    ImagesEdits,
+    /// `/v1/audio/transcriptions` (multipart).
+    Transcriptions,
+    /// `/v1/audio/translations` (multipart).
+    Translations,
     Models,
     Model,
     Aliases,
@@ -120,6 +129,9 @@ impl Endpoint {
             Endpoint::CountTokens => "messages.count_tokens",
             Endpoint::ImagesGenerations => "images.generations",
             Endpoint::Speech => "audio.speech",
+            Endpoint::ImagesEdits => "images.edits",
+            Endpoint::Transcriptions => "audio.transcriptions",
+            Endpoint::Translations => "audio.translations",
             Endpoint::Models => "models",
             Endpoint::Model => "models.get",
             Endpoint::Aliases => "aliases",
@@ -137,8 +149,9 @@ impl Endpoint {
             | Endpoint::Messages
             | Endpoint::CountTokens => Some(Family::Chat),
             Endpoint::Embeddings => Some(Family::Embeddings),
-            Endpoint::ImagesGenerations => Some(Family::Images),
+            Endpoint::ImagesGenerations | Endpoint::ImagesEdits => Some(Family::Images),
             Endpoint::Speech => Some(Family::Speech),
+            Endpoint::Transcriptions | Endpoint::Translations => Some(Family::Transcriptions),
             Endpoint::Models
             | Endpoint::Model
             | Endpoint::Aliases
@@ -157,7 +170,10 @@ impl Endpoint {
             | Endpoint::Messages
             | Endpoint::CountTokens
             | Endpoint::ImagesGenerations
-            | Endpoint::Speech => Some((ScopeSet::CHAT, crate::keys::SCOPE_CHAT)),
+            | Endpoint::Speech
+            | Endpoint::ImagesEdits
+            | Endpoint::Transcriptions
+            | Endpoint::Translations => Some((ScopeSet::CHAT, crate::keys::SCOPE_CHAT)),
             Endpoint::Models | Endpoint::Model | Endpoint::Aliases => {
                 Some((ScopeSet::MODELS, crate::keys::SCOPE_MODELS))
             }
@@ -198,6 +214,9 @@ pub fn route(path: &str) -> (Endpoint, &str) {
         "/messages/count_tokens" => (Endpoint::CountTokens, ""),
         "/images/generations" => (Endpoint::ImagesGenerations, ""),
         "/audio/speech" => (Endpoint::Speech, ""),
+        "/images/edits" => (Endpoint::ImagesEdits, ""),
+        "/audio/transcriptions" => (Endpoint::Transcriptions, ""),
+        "/audio/translations" => (Endpoint::Translations, ""),
         "/models" => (Endpoint::Models, ""),
         "/aliases" => (Endpoint::Aliases, ""),
         "/usage" => (Endpoint::Usage, ""),
@@ -318,7 +337,7 @@ pub fn reservation_bound(
         let completion = match endpoint {
             Endpoint::Embeddings | Endpoint::CountTokens => 0,
             // Token-priced image models: each image within the output cap.
-            Endpoint::ImagesGenerations => {
+            Endpoint::ImagesGenerations | Endpoint::ImagesEdits => {
                 output_cap(catalog, m, fields).saturating_mul(fields.units)
             }
             _ => output_cap(catalog, m, fields).saturating_mul(fields.choices),
@@ -326,7 +345,12 @@ pub fn reservation_bound(
         // A token count is free; it still counts against rpm and rpd.
         let cost = match endpoint {
             Endpoint::CountTokens => Nanos::ZERO,
-            _ => catalog.bound_cost_with_units(m, prompt, completion, fields.units),
+            _ => catalog.bound_cost_with_units(
+                m,
+                prompt,
+                completion,
+                bound_units(endpoint, fields, overheads),
+            ),
         };
         if i == 0 || cost > best.cost {
             best = Bound {
@@ -340,19 +364,55 @@ pub fn reservation_bound(
     best
 }
 
+/// The most units a request can be charged at its model's unit price: the images asked
+/// for, the speech input's characters, or `server.max_audio_seconds` of audio (in ms).
+pub fn bound_units(endpoint: Endpoint, fields: &RequestFields, overheads: Overheads) -> u64 {
+    match endpoint {
+        Endpoint::Transcriptions | Endpoint::Translations => overheads.max_audio_ms,
+        _ => fields.units,
+    }
+}
+
 /// The configured bounds of what a body's bytes do not show (`server.media_part_tokens`,
-/// `server.tool_prompt_tokens`).
+/// `server.tool_prompt_tokens`, `server.max_audio_seconds`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Overheads {
     pub media_part_tokens: u64,
     pub tool_prompt_tokens: u64,
+    /// The duration bound of a transcription's audio, in milliseconds.
+    pub max_audio_ms: u64,
+}
+
+impl Overheads {
+    pub fn of(tuning: &crate::config::Tuning) -> Overheads {
+        Overheads {
+            media_part_tokens: u64::from(tuning.media_part_tokens),
+            tool_prompt_tokens: u64::from(tuning.tool_prompt_tokens),
+            max_audio_ms: u64::from(tuning.max_audio_seconds) * 1000,
+        }
+    }
 }
 
 /// The request's fields as its endpoint's body carries them (400 when it does not).
-pub fn parse_fields(endpoint: Endpoint, body: &Bytes) -> Result<RequestFields, GateError> {
+/// Multipart bodies are scanned for their `model`, `n` and `response_format` parts only.
+pub fn parse_fields(
+    endpoint: Endpoint,
+    body: &Bytes,
+    content_type: Option<&[u8]>,
+) -> Result<RequestFields, GateError> {
     match endpoint {
         Endpoint::ImagesGenerations => parse_media_request(body, MediaKind::Images),
         Endpoint::Speech => parse_media_request(body, MediaKind::Speech),
+        Endpoint::ImagesEdits | Endpoint::Transcriptions | Endpoint::Translations => {
+            let form = multipart::parse(body, &multipart::boundary(content_type)?)?;
+            let units = match (endpoint, &form.n) {
+                (Endpoint::ImagesEdits, Some(n)) => images_n(n)?,
+                (Endpoint::ImagesEdits, None) => 1,
+                // The audio's duration bound is the reservation's (`Overheads`).
+                _ => 0,
+            };
+            Ok(RequestFields::for_form(&form.model, form.model_span, units))
+        }
         _ => parse_request(body),
     }
 }
@@ -400,11 +460,12 @@ pub async fn admit<L: LimitStore>(
     key: &Arc<KeyEntry>,
     endpoint: Endpoint,
     body: &Bytes,
+    content_type: Option<&[u8]>,
     now: Now,
     overheads: Overheads,
     res_id: u64,
 ) -> Result<Admission, GateError> {
-    let fields = parse_fields(endpoint, body)?;
+    let fields = parse_fields(endpoint, body, content_type)?;
     let chain = catalog.resolve(&fields.model, key)?;
     let chain = served_chain(catalog, &chain, endpoint, &fields.model)?;
     let first = chain
@@ -549,7 +610,7 @@ mod tests {
             let fields = parse_request(&body).unwrap();
             let key = any_key(&c);
             let chain = c.resolve("all", &key).unwrap();
-            let overheads = Overheads { media_part_tokens, tool_prompt_tokens: 0 };
+            let overheads = Overheads { media_part_tokens, tool_prompt_tokens: 0, max_audio_ms: 0 };
             let bound = reservation_bound(&c, &chain, Endpoint::ChatCompletions, &fields, body.len(), overheads);
 
             // What the provider may bill on the model that served.

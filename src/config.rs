@@ -174,6 +174,8 @@ struct RawServer {
     shutdown_timeout_secs: Option<u64>,
     default_max_output_tokens: u32,
     media_part_tokens: u32,
+    /// The longest audio a transcription or translation may bill: its reservation's bound.
+    max_audio_seconds: u32,
     /// Input tokens a provider adds to a request with tools (its tool-use system prompt),
     /// and again for each provider-defined client tool (bash, text editor, computer use).
     tool_prompt_tokens: u32,
@@ -214,6 +216,7 @@ impl Default for RawServer {
             shutdown_timeout_secs: None,
             default_max_output_tokens: DEFAULT_MAX_OUTPUT_TOKENS,
             media_part_tokens: DEFAULT_MEDIA_PART_TOKENS,
+            max_audio_seconds: DEFAULT_MAX_AUDIO_SECONDS,
             tool_prompt_tokens: DEFAULT_TOOL_PROMPT_TOKENS,
             auth_failures_per_minute: 60,
             ledger_max_backlog: 100_000,
@@ -235,6 +238,8 @@ pub const DEFAULT_MAX_OUTPUT_TOKENS: u32 = 131_072;
 /// URL or file id) say nothing about their token count. OpenAI's high-detail image formula
 /// tops out below 2k tokens and Anthropic's at about 1.6k per image; a PDF page costs 1.5k-3k.
 pub const DEFAULT_MEDIA_PART_TOKENS: u32 = 25_000;
+/// Two hours: past OpenAI's 25 MB upload at any bitrate its transcription models accept.
+pub const DEFAULT_MAX_AUDIO_SECONDS: u32 = 7_200;
 /// Hidden input of a request with tools. Anthropic documents its tool-use system prompt at
 /// 313-530 tokens by model and `tool_choice`, and 245-735 tokens for each of its own client
 /// tools (bash, text editor, computer use); OpenAI's tool framing is smaller.
@@ -615,6 +620,8 @@ pub struct Tuning {
     pub trace_retention_days: u32,
     pub shutdown_grace: Duration,
     pub media_part_tokens: u32,
+    /// The duration bound of a transcription's audio (`server.max_audio_seconds`).
+    pub max_audio_seconds: u32,
     pub tool_prompt_tokens: u32,
     pub auth_failures_per_minute: u32,
     pub ledger_max_backlog: usize,
@@ -952,6 +959,7 @@ impl Config {
                     s.shutdown_grace_s.or(s.shutdown_timeout_secs).unwrap_or(30),
                 ),
                 media_part_tokens: s.media_part_tokens,
+                max_audio_seconds: s.max_audio_seconds.max(1),
                 tool_prompt_tokens: s.tool_prompt_tokens,
                 auth_failures_per_minute: s.auth_failures_per_minute,
                 ledger_max_backlog: s.ledger_max_backlog,

@@ -33,6 +33,11 @@ models:
     upstream_id: tts-upstream
     endpoint: speech
     usd_per_mchar: 15
+  - id: whisper
+    provider: mock
+    upstream_id: whisper-upstream-long-name
+    endpoint: transcriptions
+    usd_per_minute: 0.006
   - id: claude
     provider: mock-anthropic
     upstream_id: claude-upstream
@@ -42,7 +47,57 @@ models:
 "#;
 
 fn start(mock: &spidergate_mock::MockProvider) -> Gateway {
-    GatewayBuilder::new(mock).models(MODELS_YAML).start()
+    // A transcription reserves 600 s of audio: 0.06 USD on `whisper`.
+    GatewayBuilder::new(mock)
+        .models(MODELS_YAML)
+        .server("max_audio_seconds: 600")
+        .start()
+}
+
+const BOUNDARY: &str = "sgBoundary7MA4YWxk";
+
+/// A `multipart/form-data` body as the SDKs send it: text fields, then files.
+fn form(fields: &[(&str, &str)], files: &[(&str, &str, &[u8])]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (name, value) in fields {
+        b.extend_from_slice(
+            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+                .as_bytes(),
+        );
+    }
+    for (name, filename, bytes) in files {
+        b.extend_from_slice(
+            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n")
+                .as_bytes(),
+        );
+        b.extend_from_slice(bytes);
+        b.extend_from_slice(b"\r\n");
+    }
+    b.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    b
+}
+
+fn post_form(gw: &Gateway, path: &str, key: &Key, body: &[u8]) -> Response {
+    let bearer = key.bearer();
+    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
+    http(
+        gw.addr,
+        "POST",
+        path,
+        &[
+            ("Authorization", bearer.as_str()),
+            ("Content-Type", ct.as_str()),
+        ],
+        body,
+    )
+    .expect("POST")
+}
+
+/// 200,000 bytes that are not text (every byte value, CRLFs and dashes included).
+fn audio_file() -> Vec<u8> {
+    (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
 }
 
 fn post(gw: &Gateway, path: &str, key: &Key, body: &Value, extra: &[(&str, &str)]) -> Response {
@@ -344,4 +399,136 @@ fn errors_on_every_messages_path_use_anthropics_shape() {
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["type"], "invalid_request_error");
     assert_eq!(r.header("x-spidergate-error-code"), Some("invalid_request"));
+}
+
+#[test]
+fn a_transcription_reaches_the_upstream_byte_for_byte_but_its_model_and_is_charged_per_minute() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let file = audio_file();
+    let body = form(
+        &[("model", "whisper"), ("response_format", "verbose_json")],
+        &[("file", "speech.mp3", &file)],
+    );
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sha: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&file)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    assert_eq!(r.json()["text"], format!("sha256:{sha} bytes:200000"));
+    let sent = mock.requests();
+    assert_eq!(sent[0].path, "/v1/audio/transcriptions");
+    let want = form(
+        &[
+            ("model", "whisper-upstream-long-name"),
+            ("response_format", "verbose_json"),
+        ],
+        &[("file", "speech.mp3", &file)],
+    );
+    assert!(
+        sent[0].body == want,
+        "the upstream body differs beyond its model part"
+    );
+    // 200,000 bytes at 16,000 a second = 12.5 s = 12,500 ms at 0.006 USD a minute.
+    assert_eq!(spend(&gw, &key), 1_250_000);
+    let t = traces_on(&gw, &key, "audio.transcriptions", 1);
+    assert_eq!(t[0].cost_nanos, 1_250_000);
+    assert!(!t[0].usage_estimated);
+}
+
+#[test]
+fn a_transcription_without_a_reported_duration_is_charged_its_bound() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    let body = form(
+        &[("model", "whisper"), ("response_format", "text")],
+        &[("file", "a.mp3", b"short audio")],
+    );
+    let r = post_form(&gw, "/v1/audio/translations", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().starts_with("sha256:"));
+    assert_eq!(mock.requests()[0].path, "/v1/audio/translations");
+    // max_audio_seconds: 600 at 0.006 USD a minute.
+    assert_eq!(spend(&gw, &key), 60_000_000);
+    let t = traces_on(&gw, &key, "audio.translations", 1);
+    assert!(t[0].usage_estimated);
+}
+
+#[test]
+fn image_edits_are_charged_per_image_with_n_as_a_form_string() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let png = spidergate_mock::PNG_B64.as_bytes();
+    let body = form(
+        &[("model", "img"), ("prompt", "add a hat"), ("n", "2")],
+        &[("image[]", "a.png", png), ("mask", "m.png", png)],
+    );
+    let r = post_form(&gw, "/v1/images/edits", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["data"].as_array().map(Vec::len), Some(2));
+    assert_eq!(mock.requests()[0].path, "/v1/images/edits");
+    assert_eq!(spend(&gw, &key), 80_000_000);
+}
+
+#[test]
+fn a_malformed_multipart_body_is_400_and_reaches_nothing() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let good = form(&[("model", "whisper")], &[("file", "a.mp3", b"abc")]);
+    let cut = &good[..good.len() - 12];
+    let no_model = form(&[], &[("file", "a.mp3", b"abc")]);
+    for body in [cut, b"not a form".as_slice(), &no_model] {
+        let r = post_form(&gw, "/v1/audio/transcriptions", &key, body);
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (400, "invalid_request"),
+            "{}",
+            r.text()
+        );
+    }
+    // JSON where a form is expected.
+    let r = gw.post(
+        "/v1/images/edits",
+        &key.bearer(),
+        br#"{"model":"img","prompt":"x"}"#,
+        &[],
+    );
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_request"));
+    // Another family's model in a well-formed form.
+    let r = post_form(
+        &gw,
+        "/v1/audio/transcriptions",
+        &key,
+        &form(&[("model", "img")], &[("file", "a.mp3", b"abc")]),
+    );
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_request"));
+    assert!(mock.requests().is_empty());
+    assert_eq!(spend(&gw, &key), 0);
+}
+
+#[test]
+fn a_hard_budget_reserves_the_audio_duration_bound() {
+    let mock = mock();
+    let gw = start(&mock);
+    // 0.05 USD < 600 s at 0.006 USD a minute (0.06).
+    let key = gw.create_key(&["--budget", "0.05", "--budget-mode", "hard"]);
+    let models_only = gw.create_key(&["--scopes", "gate:models"]);
+    mock.clear();
+    let body = form(&[("model", "whisper")], &[("file", "a.mp3", b"abc")]);
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+    assert_eq!((r.status, r.code().as_str()), (402, "budget_exceeded"));
+    let r = post_form(&gw, "/v1/audio/transcriptions", &models_only, &body);
+    assert_eq!((r.status, r.code().as_str()), (403, "insufficient_scope"));
+    assert!(mock.requests().is_empty());
 }

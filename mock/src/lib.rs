@@ -3,7 +3,9 @@
 //! A hand-rolled HTTP/1.1 server (keep-alive, Content-Length or chunked request bodies up to
 //! 64 MiB) that speaks OpenAI's `.../chat/completions` (plain or SSE), `.../responses`
 //! (plain or SSE), `.../embeddings`, `.../models`, `.../images/generations` (`b64_json`
-//! images, `n` of them) and `.../audio/speech` (audio bytes, chunked), and Anthropic's
+//! images, `n` of them), `.../images/edits` (multipart), `.../audio/speech` (audio bytes,
+//! chunked), `.../audio/transcriptions` and `.../audio/translations` (multipart; the text
+//! names the file's SHA-256), and Anthropic's
 //! `POST /v1/messages` (plain or SSE) and `POST /v1/messages/count_tokens`. Behaviour is steered per request by `x-mock-*` headers, which the gateway
 //! forwards from its client:
 //!
@@ -51,7 +53,7 @@ mod openai_chat;
 mod openai_responses;
 mod reply;
 
-pub use media::{speech_audio, PNG_B64};
+pub use media::{speech_audio, AUDIO_BYTES_PER_SECOND, PNG_B64};
 
 use std::io::Write as _;
 use std::net::SocketAddr;

@@ -132,3 +132,142 @@ impl Reply<'_> {
         self.send_json(200, flags, knobs, None).await
     }
 }
+
+/// One part of a `multipart/form-data` body: its `name`, and its bytes.
+pub(crate) struct Part<'a> {
+    pub(crate) name: &'a [u8],
+    pub(crate) value: &'a [u8],
+}
+
+/// The parts of a form whose boundary is the body's first line (`--BOUNDARY`); None when
+/// the body is not a well-formed form.
+pub(crate) fn form_parts(body: &[u8]) -> Option<Vec<Part<'_>>> {
+    let first = memchr::memmem::find(body, b"\r\n")?;
+    let opener = body.get(..first)?.strip_prefix(b"--")?;
+    let mut delim = b"\r\n--".to_vec();
+    delim.extend_from_slice(opener);
+    let finder = memchr::memmem::Finder::new(&delim);
+    let mut parts = Vec::new();
+    let mut at = first;
+    loop {
+        let rest = body.get(at..)?;
+        if rest.starts_with(b"--") {
+            return Some(parts);
+        }
+        let start = at + 2;
+        let head_len = memchr::memmem::find(body.get(start..)?, b"\r\n\r\n")?;
+        let head = &body[start..start + head_len];
+        let value_start = start + head_len + 4;
+        let value_len = finder.find(body.get(value_start..)?)?;
+        let i = memchr::memmem::find(head, b"; name=\"")? + b"; name=\"".len();
+        let end = memchr::memchr(b'"', &head[i..])?;
+        parts.push(Part {
+            name: &head[i..i + end],
+            value: &body[value_start..value_start + value_len],
+        });
+        at = value_start + value_len + delim.len();
+    }
+}
+
+/// Seconds of audio the mock hears in a file: 16,000 bytes a second (128 kbit/s MP3).
+pub const AUDIO_BYTES_PER_SECOND: f64 = 16_000.0;
+
+impl Reply<'_> {
+    /// `/images/edits`: the form's `image` part(s) and `prompt` are required; answers like
+    /// `/images/generations` with `n` images.
+    pub(crate) async fn image_edits(
+        &mut self,
+        knobs: &Knobs,
+        flags: HeadFlags,
+        body: &[u8],
+    ) -> Sent {
+        let Some(parts) = form_parts(body) else {
+            return self
+                .error(Shape::OpenAi, 400, flags, "malformed multipart body")
+                .await;
+        };
+        let field = |name: &[u8]| parts.iter().find(|p| p.name == name).map(|p| p.value);
+        if !parts.iter().any(|p| p.name.starts_with(b"image")) {
+            return self
+                .error(Shape::OpenAi, 400, flags, "image is required")
+                .await;
+        }
+        let n = field(b"n")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map_or(Some(1), |v| v.trim().parse::<u64>().ok());
+        let prompt = field(b"prompt").map(|p| String::from_utf8_lossy(p).into_owned());
+        let request = serde_json::json!({"n": n, "prompt": prompt});
+        self.images(knobs, flags, request.to_string().as_bytes())
+            .await
+    }
+
+    /// `/audio/transcriptions` and `/audio/translations`: the text names the `file` part's
+    /// SHA-256 and size (`sha256:<hex> bytes:<n>`); `response_format` json (default),
+    /// `verbose_json` (with `duration` = size / 16,000 bytes per second), text, srt or vtt.
+    pub(crate) async fn transcription(
+        &mut self,
+        knobs: &Knobs,
+        flags: HeadFlags,
+        body: &[u8],
+    ) -> Sent {
+        let Some(parts) = form_parts(body) else {
+            return self
+                .error(Shape::OpenAi, 400, flags, "malformed multipart body")
+                .await;
+        };
+        let field = |name: &[u8]| parts.iter().find(|p| p.name == name).map(|p| p.value);
+        let Some(file) = field(b"file") else {
+            return self
+                .error(Shape::OpenAi, 400, flags, "file is required")
+                .await;
+        };
+        if field(b"model").is_none() {
+            return self
+                .error(Shape::OpenAi, 400, flags, "model is required")
+                .await;
+        }
+        let digest = Sha256::digest(file);
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let text = format!("sha256:{hex} bytes:{}", file.len());
+        let duration = file.len() as f64 / AUDIO_BYTES_PER_SECOND;
+        let format =
+            field(b"response_format").map(|f| String::from_utf8_lossy(f).trim().to_string());
+        let (content_type, reply): (&[u8], Vec<u8>) = match format.as_deref() {
+            None | Some("json") => (
+                b"application/json",
+                serde_json::json!({"text": text}).to_string().into_bytes(),
+            ),
+            Some("verbose_json") => (
+                b"application/json",
+                serde_json::json!({
+                    "task": "transcribe", "language": "english", "duration": duration,
+                    "text": text, "segments": [],
+                })
+                .to_string()
+                .into_bytes(),
+            ),
+            Some("text") => (
+                b"text/plain; charset=utf-8",
+                format!("{text}\n").into_bytes(),
+            ),
+            Some("srt") => (
+                b"text/plain; charset=utf-8",
+                format!("1\n00:00:00,000 --> 00:00:01,000\n{text}\n\n").into_bytes(),
+            ),
+            Some("vtt") => (
+                b"text/vtt; charset=utf-8",
+                format!("WEBVTT\n\n00:00:00.000 --> 00:00:01.000\n{text}\n\n").into_bytes(),
+            ),
+            Some(_) => {
+                return self
+                    .error(Shape::OpenAi, 400, flags, "unsupported response_format")
+                    .await
+            }
+        };
+        let _ = knobs;
+        self.out.clear();
+        push_head(self.out, 200, content_type, Some(reply.len()), flags);
+        self.out.extend_from_slice(&reply);
+        self.write_raw().await
+    }
+}

@@ -40,7 +40,9 @@ enum Route<'a> {
     Messages,
     CountTokens,
     Images,
+    ImageEdits,
     Speech,
+    Transcription,
     Models,
     Model(&'a str),
     Health,
@@ -69,6 +71,13 @@ impl<'a> Route<'a> {
             Method::Post if path.ends_with("/messages/count_tokens") => Route::CountTokens,
             Method::Post if path.ends_with("/images/generations") => Route::Images,
             Method::Post if path.ends_with("/audio/speech") => Route::Speech,
+            Method::Post if path.ends_with("/images/edits") => Route::ImageEdits,
+            Method::Post
+                if path.ends_with("/audio/transcriptions")
+                    || path.ends_with("/audio/translations") =>
+            {
+                Route::Transcription
+            }
             Method::Get if path.ends_with("/models") => Route::Models,
             Method::Get if path.contains("/models/") => {
                 Route::Model(path.rsplit('/').next().unwrap_or(DEFAULT_MODEL))
@@ -83,7 +92,9 @@ impl<'a> Route<'a> {
             Route::Messages | Route::CountTokens => Shape::Anthropic,
             Route::Chat
             | Route::Images
+            | Route::ImageEdits
             | Route::Speech
+            | Route::Transcription
             | Route::Responses
             | Route::Embeddings
             | Route::Models
@@ -181,6 +192,8 @@ impl Reply<'_> {
             Route::CountTokens => self.count_tokens(knobs, flags, body).await,
             Route::Images => self.images(knobs, flags, body).await,
             Route::Speech => self.speech(knobs, flags, body).await,
+            Route::ImageEdits => self.image_edits(knobs, flags, body).await,
+            Route::Transcription => self.transcription(knobs, flags, body).await,
             Route::Models => {
                 self.json.clear();
                 self.json.extend_from_slice(br#"{"object":"list","data":["#);

@@ -71,6 +71,9 @@ pub enum JsonFormat {
     Anthropic,
     /// `/images/generations`: the images in `data`, and `usage` where the model reports it.
     Images,
+    /// A transcription or translation: `duration` (seconds; `verbose_json`) in ms, or
+    /// token `usage` where the model reports it.
+    Transcription,
 }
 
 impl JsonFormat {
@@ -79,6 +82,7 @@ impl JsonFormat {
             JsonFormat::OpenAi => usage_from_json(body),
             JsonFormat::Anthropic => anthropic::usage_from_json(body),
             JsonFormat::Images => images_usage(body),
+            JsonFormat::Transcription => transcription_usage(body),
         }
     }
 
@@ -86,9 +90,32 @@ impl JsonFormat {
     fn max_kept(self) -> usize {
         match self {
             JsonFormat::Images => MAX_TRANSLATED_RESPONSE,
-            JsonFormat::OpenAi | JsonFormat::Anthropic => MAX_JSON_RESPONSE,
+            JsonFormat::OpenAi | JsonFormat::Anthropic | JsonFormat::Transcription => {
+                MAX_JSON_RESPONSE
+            }
         }
     }
+}
+
+/// A transcription: `units` = the reported `duration` in ms (rounded up), with token usage
+/// where reported. None for a body without either (text, srt, vtt).
+pub fn transcription_usage(body: &[u8]) -> Option<Usage> {
+    #[derive(serde::Deserialize)]
+    struct Transcription {
+        duration: Option<f64>,
+    }
+    let t: Transcription = serde_json::from_slice(body).ok()?;
+    let tokens = usage_from_json(body);
+    let ms = t
+        .duration
+        .filter(|d| d.is_finite() && *d >= 0.0)
+        .map(|d| (d * 1000.0).ceil() as u64);
+    if ms.is_none() && tokens.is_none() {
+        return None;
+    }
+    let mut usage = tokens.unwrap_or_default();
+    usage.units = ms.unwrap_or(0);
+    Some(usage)
 }
 
 /// An images answer: `units` = the images in `data`, tokens from `usage` if reported.
@@ -186,7 +213,8 @@ impl ResponseCodec {
         }
         let format = match plan {
             Plan::Messages | Plan::CountTokens => JsonFormat::Anthropic,
-            Plan::Images => JsonFormat::Images,
+            Plan::Images | Plan::ImagesEdits => JsonFormat::Images,
+            Plan::Transcriptions | Plan::Translations => JsonFormat::Transcription,
             Plan::Speech => return (ResponseCodec::Passthrough, false),
             _ => JsonFormat::OpenAi,
         };

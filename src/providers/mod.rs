@@ -10,6 +10,7 @@ pub mod anthropic;
 pub mod codec;
 pub mod hidden;
 pub mod mask;
+pub mod multipart;
 pub mod openai;
 pub mod openai_usage;
 pub mod pool;
@@ -62,6 +63,12 @@ pub enum Plan {
     Images,
     /// `/audio/speech`: priced per input character; the audio streams back as it comes.
     Speech,
+    /// Multipart, the `model` part rewritten: `/images/edits` (per image, like `Images`).
+    ImagesEdits,
+    /// Multipart: `/audio/transcriptions`, priced per minute of reported duration.
+    Transcriptions,
+    /// Multipart: `/audio/translations`, likewise.
+    Translations,
 }
 
 /// The upstream routes a provider may be sent to, indexing `Routes::upstream_uri`.
@@ -74,10 +81,13 @@ pub enum UpstreamRoute {
     CountTokens = 4,
     ImagesGenerations = 5,
     AudioSpeech = 6,
+    ImagesEdits = 7,
+    AudioTranscriptions = 8,
+    AudioTranslations = 9,
 }
 
 impl UpstreamRoute {
-    pub const ALL: [UpstreamRoute; 7] = [
+    pub const ALL: [UpstreamRoute; 10] = [
         UpstreamRoute::ChatCompletions,
         UpstreamRoute::Embeddings,
         UpstreamRoute::Responses,
@@ -85,6 +95,9 @@ impl UpstreamRoute {
         UpstreamRoute::CountTokens,
         UpstreamRoute::ImagesGenerations,
         UpstreamRoute::AudioSpeech,
+        UpstreamRoute::ImagesEdits,
+        UpstreamRoute::AudioTranscriptions,
+        UpstreamRoute::AudioTranslations,
     ];
 
     /// Path after the provider's `base_url` (SPEC §6).
@@ -97,6 +110,9 @@ impl UpstreamRoute {
             UpstreamRoute::CountTokens => "/v1/messages/count_tokens",
             UpstreamRoute::ImagesGenerations => "/images/generations",
             UpstreamRoute::AudioSpeech => "/audio/speech",
+            UpstreamRoute::ImagesEdits => "/images/edits",
+            UpstreamRoute::AudioTranscriptions => "/audio/transcriptions",
+            UpstreamRoute::AudioTranslations => "/audio/translations",
         }
     }
 }
@@ -117,6 +133,9 @@ impl Plan {
             (Endpoint::CountTokens, OpenAi) => Plan::CountTokensEstimate,
             (Endpoint::ImagesGenerations, OpenAi) => Plan::Images,
             (Endpoint::Speech, OpenAi) => Plan::Speech,
+            (Endpoint::ImagesEdits, OpenAi) => Plan::ImagesEdits,
+            (Endpoint::Transcriptions, OpenAi) => Plan::Transcriptions,
+            (Endpoint::Translations, OpenAi) => Plan::Translations,
             _ => return None,
         })
     }
@@ -131,6 +150,9 @@ impl Plan {
             Plan::CountTokens | Plan::CountTokensEstimate => UpstreamRoute::CountTokens,
             Plan::Images => UpstreamRoute::ImagesGenerations,
             Plan::Speech => UpstreamRoute::AudioSpeech,
+            Plan::ImagesEdits => UpstreamRoute::ImagesEdits,
+            Plan::Transcriptions => UpstreamRoute::AudioTranscriptions,
+            Plan::Translations => UpstreamRoute::AudioTranslations,
         }
     }
 
@@ -191,6 +213,9 @@ impl Plan {
                 false,
                 Some((CapField::Messages, output_cap)),
             ),
+            Plan::ImagesEdits | Plan::Transcriptions | Plan::Translations => {
+                multipart::rewrite_span(body, fields.model_span(), upstream_id)
+            }
             Plan::ChatViaMessages => {
                 translate::chat_to_messages::request(body, upstream_id, output_cap)?.into()
             }

@@ -324,6 +324,30 @@ pub fn parse_request(body: &[u8]) -> Result<RequestFields, GateError> {
     })
 }
 
+impl RequestFields {
+    /// The fields of a multipart form: its `model` (at `model_span`, unquoted) and units.
+    pub fn for_form(model: &str, model_span: Range<usize>, units: u64) -> RequestFields {
+        RequestFields {
+            output_spans: [None, None, None],
+            hidden: Hidden::default(),
+            model_span,
+            stream_options_span: None,
+            model: std::sync::Arc::from(model),
+            stream: false,
+            client_wants_usage: false,
+            max_output_tokens: None,
+            choices: 1,
+            media_parts: 0,
+            units,
+        }
+    }
+
+    /// Where the `model` value lies in the body.
+    pub fn model_span(&self) -> Range<usize> {
+        self.model_span.clone()
+    }
+}
+
 /// The fields of a multi-modal JSON request (`/images/generations`, `/audio/speech`).
 #[derive(Deserialize)]
 struct MediaFields<'a> {

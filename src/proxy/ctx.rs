@@ -184,7 +184,19 @@ impl RequestCtx {
             return (Usage::default(), false); // free (SPEC §3)
         }
         let codec = self.codec.as_ref();
-        if let Some(u) = codec.and_then(|c| c.usage(self.response_complete)) {
+        let reported = codec.and_then(|c| c.usage(self.response_complete));
+        // A transcription priced per minute that reported no duration: its bound below.
+        let durationless = reported.is_some_and(|u| {
+            u.units == 0
+                && matches!(
+                    self.endpoint,
+                    Endpoint::Transcriptions | Endpoint::Translations
+                )
+                && !self
+                    .current_model()
+                    .is_some_and(|m| self.snap.routes.catalog.has_token_price(m))
+        });
+        if let Some(u) = reported.filter(|_| !durationless) {
             return (self.priced_units(u), false);
         }
         let upstream_ok = self
@@ -234,15 +246,27 @@ impl RequestCtx {
         if tokens && token_priced {
             usage.units = 0;
         }
+        // A reported duration past the reservation's bound is charged at the bound.
+        usage.units = usage.units.min(self.units_bound());
         usage
+    }
+
+    /// The most units the reservation allowed (`admission::bound_units`).
+    fn units_bound(&self) -> u64 {
+        let Some(adm) = &self.admission else {
+            return 0;
+        };
+        let overheads = Overheads::of(&self.snap.routes.config.tuning);
+        crate::admission::bound_units(self.endpoint, &adm.fields, overheads)
     }
 
     /// A multi-modal answer without reported usage that the upstream may have worked on.
     /// Speech: its input's characters (what the provider bills), with the token bound for a
     /// token-priced model (estimated). Images: the images asked for (and the token bound),
-    /// estimated: the answer was cut, or too large to read.
+    /// estimated: the answer was cut, or too large to read. Transcriptions and translations
+    /// with no reported duration (text, srt, vtt): the duration bound, estimated.
     fn media_usage(&self) -> Option<(Usage, bool)> {
-        let units = self.admission.as_ref()?.fields.units;
+        let units = self.units_bound();
         let token_priced = self
             .current_model()
             .is_some_and(|m| self.snap.routes.catalog.has_token_price(m));
@@ -255,7 +279,11 @@ impl RequestCtx {
                 },
                 false,
             )),
-            Endpoint::Speech | Endpoint::ImagesGenerations => Some((
+            Endpoint::Speech
+            | Endpoint::ImagesGenerations
+            | Endpoint::ImagesEdits
+            | Endpoint::Transcriptions
+            | Endpoint::Translations => Some((
                 Usage {
                     units,
                     ..Usage::new(prompt, completion)
@@ -273,10 +301,7 @@ impl RequestCtx {
         };
         let routes = &self.snap.routes;
         let tuning = &routes.config.tuning;
-        let overheads = Overheads {
-            media_part_tokens: u64::from(tuning.media_part_tokens),
-            tool_prompt_tokens: u64::from(tuning.tool_prompt_tokens),
-        };
+        let overheads = Overheads::of(tuning);
         let only = adm.chain.filtered(|x| x == m);
         let b = reservation_bound(
             &routes.catalog,
@@ -387,8 +412,11 @@ impl RequestCtx {
                     started_ms: self.started_ms,
                     operation: match self.endpoint {
                         Endpoint::Embeddings => "embeddings",
-                        Endpoint::ImagesGenerations => "generate_content",
-                        Endpoint::Speech => "generate_content",
+                        Endpoint::ImagesGenerations
+                        | Endpoint::ImagesEdits
+                        | Endpoint::Speech
+                        | Endpoint::Transcriptions
+                        | Endpoint::Translations => "generate_content",
                         _ => "chat",
                     },
                     provider_kind: served

@@ -106,6 +106,7 @@ impl GateProxy {
         &self,
         ctx: &mut RequestCtx,
         hash: &TokenHash,
+        content_type: Option<&[u8]>,
     ) -> std::result::Result<(), GateError> {
         let now = Now::read();
         // The decision uses the snapshot of now; the rest of the request keeps it.
@@ -120,10 +121,7 @@ impl GateProxy {
             return Err(GateError::LedgerUnavailable);
         }
         let tuning = &routes.config.tuning;
-        let overheads = admission::Overheads {
-            media_part_tokens: u64::from(tuning.media_part_tokens),
-            tool_prompt_tokens: u64::from(tuning.tool_prompt_tokens),
-        };
+        let overheads = admission::Overheads::of(tuning);
         let journal_id = self.gate.ledger.journal_id();
         let adm = admission::admit(
             &self.gate.limits,
@@ -131,6 +129,7 @@ impl GateProxy {
             &key,
             ctx.endpoint,
             &ctx.body,
+            content_type,
             now,
             overheads,
             journal_id as u64,
@@ -522,7 +521,14 @@ impl ProxyHttp for GateProxy {
             }
         };
         ctx.body = body;
-        match self.admit(ctx, &hash).await {
+        // Multipart bodies need their boundary (copied only for those endpoints).
+        let content_type = matches!(
+            endpoint,
+            Endpoint::ImagesEdits | Endpoint::Transcriptions | Endpoint::Translations
+        )
+        .then(|| header_bytes(session.req_header(), "content-type").map(<[u8]>::to_vec))
+        .flatten();
+        match self.admit(ctx, &hash, content_type.as_deref()).await {
             Ok(()) if ctx.plan.is_some_and(providers::Plan::answered_locally) => {
                 self.count_tokens_estimate(session, ctx).await
             }
