@@ -25,6 +25,11 @@ EXTRA_MODELS = """\
     provider: mock-openai
     endpoint: speech
     usd_per_mchar: 15
+  - id: whisper-1
+    provider: mock-openai
+    upstream_id: whisper-upstream
+    endpoint: transcriptions
+    usd_per_minute: 0.006
 """
 MOCK_PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
@@ -98,3 +103,30 @@ def test_count_tokens_errors_are_anthropic_exceptions(gw: Gateway):
     bad = gw.anthropic("spideriq_pat_" + "0" * 32)
     with pytest.raises(anthropic.AuthenticationError):
         bad.messages.count_tokens(model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}])
+
+
+def _audio_200kb() -> bytes:
+    return bytes((i * 2654435761 >> 13) & 0xFF for i in range(200_000))
+
+
+@pytest.mark.parametrize("kind", ["transcriptions", "translations"])
+def test_audio_upload_reaches_the_mock_intact_and_is_charged_per_minute(gw: Gateway, kind: str):
+    key = gw.create_key(f"stt-{kind}")
+    c = gw.openai(key["secret"])
+    audio = _audio_200kb()
+    api = c.audio.transcriptions if kind == "transcriptions" else c.audio.translations
+    resp = api.create(model="whisper-1", file=("speech.mp3", audio, "audio/mpeg"),
+                      response_format="verbose_json")
+    # The mock names the sha256 of the file part it received.
+    assert resp.text == f"sha256:{hashlib.sha256(audio).hexdigest()} bytes:200000"
+    # 200,000 bytes at 16,000 a second = 12.5 s at 0.006 USD a minute = 0.00125 USD.
+    gw.assert_spend(key["secret"], 1_250_000, model="whisper-1", requests=1)
+
+
+def test_images_edit_with_a_real_png(gw: Gateway):
+    key = gw.create_key("img-edit")
+    c = gw.openai(key["secret"])
+    resp = c.images.edit(model="gpt-image-1", image=("in.png", MOCK_PNG, "image/png"),
+                         prompt="add a hat", n=2)
+    assert len(resp.data) == 2
+    gw.assert_spend(key["secret"], 2 * 40_000_000, model="gpt-image-1", requests=1)
