@@ -532,3 +532,41 @@ fn a_hard_budget_reserves_the_audio_duration_bound() {
     assert_eq!((r.status, r.code().as_str()), (403, "insufficient_scope"));
     assert!(mock.requests().is_empty());
 }
+
+#[test]
+fn concurrent_image_requests_never_bill_past_a_hard_cap() {
+    let mock = mock();
+    let gw = start(&mock);
+    // 0.10 USD: two images of 0.04 fit, a third does not, however many race.
+    let key = gw.create_key(&["--budget", "0.10", "--budget-mode", "hard"]);
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..12)
+            .map(|_| {
+                s.spawn(|| {
+                    post(
+                        &gw,
+                        "/v1/images/generations",
+                        &key,
+                        &json!({"model": "img", "prompt": "x", "n": 1}),
+                        &[("x-mock-delay-ms", "100")],
+                    )
+                    .status
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    let ok = statuses.iter().filter(|&&s| s == 200).count() as i64;
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 402),
+        "{statuses:?}"
+    );
+    assert_eq!(ok, 2, "{statuses:?}");
+    assert_eq!(mock.requests().len(), 2);
+    let billed = spend(&gw, &key);
+    assert_eq!(billed, ok * 40_000_000);
+    assert!(billed <= 100_000_000);
+}
