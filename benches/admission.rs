@@ -92,10 +92,12 @@ fn bench(c: &mut Criterion, catalog: &Catalog) {
                         &key,
                         Endpoint::ChatCompletions,
                         &body,
+                        None,
                         Now::at(now),
                         Overheads {
                             media_part_tokens: 25_000,
                             tool_prompt_tokens: 1_000,
+                            max_audio_ms: 7_200_000,
                         },
                         0,
                     ))

@@ -10,13 +10,17 @@ use bytes::Bytes;
 
 use crate::catalog::{Catalog, Chain};
 use crate::clock::Now;
+pub use crate::config::Family;
 use crate::error::GateError;
 use crate::keys::token::{from_authorization, hash_token, is_well_formed, TokenHash};
 use crate::keys::{KeyEntry, KeySet, ScopeSet};
 use crate::limits::store::LimitStore;
 use crate::limits::{Reservation, Standing};
 use crate::money::Nanos;
-use crate::providers::openai::{parse_request, RequestFields};
+use crate::providers::multipart;
+use crate::providers::openai::{
+    images_n, parse_media_request, parse_request, MediaKind, RequestFields,
+};
 use crate::providers::Plan;
 
 /// How model `m` is reached for this request, and the body it gets: the client's with its
@@ -92,11 +96,25 @@ pub enum Endpoint {
     Responses,
     /// Anthropic's Messages API.
     Messages,
+    /// Anthropic's token count (`/v1/messages/count_tokens`): free, counted in rpm and rpd.
+    CountTokens,
+    /// `/v1/images/generations` (JSON).
+    ImagesGenerations,
+    /// `/v1/audio/speech`: JSON in, audio bytes out.
+    Speech,
+    /// `/v1/images/edits` (multipart).
+    ImagesEdits,
+    /// `/v1/audio/transcriptions` (multipart).
+    Transcriptions,
+    /// `/v1/audio/translations` (multipart).
+    Translations,
     Models,
     Model,
     Aliases,
     Usage,
     Health,
+    /// Any other path under `/v1/messages/`: unknown, answered in Anthropic's shape.
+    MessagesOther,
     Unknown,
 }
 
@@ -108,12 +126,39 @@ impl Endpoint {
             Endpoint::Embeddings => "embeddings",
             Endpoint::Responses => "responses",
             Endpoint::Messages => "messages",
+            Endpoint::CountTokens => "messages.count_tokens",
+            Endpoint::ImagesGenerations => "images.generations",
+            Endpoint::Speech => "audio.speech",
+            Endpoint::ImagesEdits => "images.edits",
+            Endpoint::Transcriptions => "audio.transcriptions",
+            Endpoint::Translations => "audio.translations",
             Endpoint::Models => "models",
             Endpoint::Model => "models.get",
             Endpoint::Aliases => "aliases",
             Endpoint::Usage => "usage",
             Endpoint::Health => "health",
-            Endpoint::Unknown => "unknown",
+            Endpoint::MessagesOther | Endpoint::Unknown => "unknown",
+        }
+    }
+
+    /// The family of models that serves this endpoint (None: not a model call).
+    pub fn family(self) -> Option<Family> {
+        match self {
+            Endpoint::ChatCompletions
+            | Endpoint::Responses
+            | Endpoint::Messages
+            | Endpoint::CountTokens => Some(Family::Chat),
+            Endpoint::Embeddings => Some(Family::Embeddings),
+            Endpoint::ImagesGenerations | Endpoint::ImagesEdits => Some(Family::Images),
+            Endpoint::Speech => Some(Family::Speech),
+            Endpoint::Transcriptions | Endpoint::Translations => Some(Family::Transcriptions),
+            Endpoint::Models
+            | Endpoint::Model
+            | Endpoint::Aliases
+            | Endpoint::Usage
+            | Endpoint::Health
+            | Endpoint::MessagesOther
+            | Endpoint::Unknown => None,
         }
     }
 
@@ -122,24 +167,29 @@ impl Endpoint {
             Endpoint::ChatCompletions
             | Endpoint::Embeddings
             | Endpoint::Responses
-            | Endpoint::Messages => Some((ScopeSet::CHAT, crate::keys::SCOPE_CHAT)),
+            | Endpoint::Messages
+            | Endpoint::CountTokens
+            | Endpoint::ImagesGenerations
+            | Endpoint::Speech
+            | Endpoint::ImagesEdits
+            | Endpoint::Transcriptions
+            | Endpoint::Translations => Some((ScopeSet::CHAT, crate::keys::SCOPE_CHAT)),
             Endpoint::Models | Endpoint::Model | Endpoint::Aliases => {
                 Some((ScopeSet::MODELS, crate::keys::SCOPE_MODELS))
             }
             Endpoint::Usage => Some((ScopeSet::USAGE, crate::keys::SCOPE_USAGE)),
-            Endpoint::Health | Endpoint::Unknown => None,
+            Endpoint::Health | Endpoint::MessagesOther | Endpoint::Unknown => None,
         }
     }
 
     /// Whether requests here go to a model (admitted, proxied, charged).
     pub fn is_model_call(self) -> bool {
-        matches!(
-            self,
-            Endpoint::ChatCompletions
-                | Endpoint::Embeddings
-                | Endpoint::Responses
-                | Endpoint::Messages
-        )
+        self.family().is_some()
+    }
+
+    /// Whether the path is unknown (404 after authentication).
+    pub fn is_unknown(self) -> bool {
+        matches!(self, Endpoint::Unknown | Endpoint::MessagesOther)
     }
 }
 
@@ -161,9 +211,16 @@ pub fn route(path: &str) -> (Endpoint, &str) {
         "/embeddings" => (Endpoint::Embeddings, ""),
         "/responses" => (Endpoint::Responses, ""),
         "/messages" => (Endpoint::Messages, ""),
+        "/messages/count_tokens" => (Endpoint::CountTokens, ""),
+        "/images/generations" => (Endpoint::ImagesGenerations, ""),
+        "/audio/speech" => (Endpoint::Speech, ""),
+        "/images/edits" => (Endpoint::ImagesEdits, ""),
+        "/audio/transcriptions" => (Endpoint::Transcriptions, ""),
+        "/audio/translations" => (Endpoint::Translations, ""),
         "/models" => (Endpoint::Models, ""),
         "/aliases" => (Endpoint::Aliases, ""),
         "/usage" => (Endpoint::Usage, ""),
+        _ if rest.starts_with("/messages/") => (Endpoint::MessagesOther, ""),
         _ => match rest.strip_prefix("/models/") {
             Some(id) if !id.is_empty() => (Endpoint::Model, id),
             _ => (Endpoint::Unknown, ""),
@@ -278,10 +335,23 @@ pub fn reservation_bound(
             _ => seen,
         };
         let completion = match endpoint {
-            Endpoint::Embeddings => 0,
+            Endpoint::Embeddings | Endpoint::CountTokens => 0,
+            // Token-priced image models: each image within the output cap.
+            Endpoint::ImagesGenerations | Endpoint::ImagesEdits => {
+                output_cap(catalog, m, fields).saturating_mul(fields.units)
+            }
             _ => output_cap(catalog, m, fields).saturating_mul(fields.choices),
         };
-        let cost = catalog.bound_cost(m, prompt, completion);
+        // A token count is free; it still counts against rpm and rpd.
+        let cost = match endpoint {
+            Endpoint::CountTokens => Nanos::ZERO,
+            _ => catalog.bound_cost_with_units(
+                m,
+                prompt,
+                completion,
+                bound_units(endpoint, fields, overheads),
+            ),
+        };
         if i == 0 || cost > best.cost {
             best = Bound {
                 prompt_tokens: prompt,
@@ -294,12 +364,88 @@ pub fn reservation_bound(
     best
 }
 
+/// The most units a request can be charged at its model's unit price: the images asked
+/// for, the speech input's characters, or `server.max_audio_seconds` of audio (in ms).
+pub fn bound_units(endpoint: Endpoint, fields: &RequestFields, overheads: Overheads) -> u64 {
+    match endpoint {
+        Endpoint::Transcriptions | Endpoint::Translations => overheads.max_audio_ms,
+        _ => fields.units,
+    }
+}
+
 /// The configured bounds of what a body's bytes do not show (`server.media_part_tokens`,
-/// `server.tool_prompt_tokens`).
+/// `server.tool_prompt_tokens`, `server.max_audio_seconds`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Overheads {
     pub media_part_tokens: u64,
     pub tool_prompt_tokens: u64,
+    /// The duration bound of a transcription's audio, in milliseconds.
+    pub max_audio_ms: u64,
+}
+
+impl Overheads {
+    pub fn of(tuning: &crate::config::Tuning) -> Overheads {
+        Overheads {
+            media_part_tokens: u64::from(tuning.media_part_tokens),
+            tool_prompt_tokens: u64::from(tuning.tool_prompt_tokens),
+            max_audio_ms: u64::from(tuning.max_audio_seconds) * 1000,
+        }
+    }
+}
+
+/// The request's fields as its endpoint's body carries them (400 when it does not).
+/// Multipart bodies are scanned for their `model`, `n` and `response_format` parts only.
+pub fn parse_fields(
+    endpoint: Endpoint,
+    body: &Bytes,
+    content_type: Option<&[u8]>,
+) -> Result<RequestFields, GateError> {
+    match endpoint {
+        Endpoint::ImagesGenerations => parse_media_request(body, MediaKind::Images),
+        Endpoint::Speech => parse_media_request(body, MediaKind::Speech),
+        Endpoint::ImagesEdits | Endpoint::Transcriptions | Endpoint::Translations => {
+            let form = multipart::parse(body, &multipart::boundary(content_type)?)?;
+            let units = match (endpoint, &form.n) {
+                (Endpoint::ImagesEdits, Some(n)) => images_n(n)?,
+                (Endpoint::ImagesEdits, None) => 1,
+                // The audio's duration bound is the reservation's (`Overheads`).
+                _ => 0,
+            };
+            Ok(RequestFields::for_form(&form.model, form.model_span, units))
+        }
+        _ => parse_request(body),
+    }
+}
+
+/// The models of `chain` that can serve `endpoint`: of its family (`models[].endpoint`), on
+/// a provider kind that speaks it. 400 `invalid_request` when none is left.
+pub fn served_chain(
+    catalog: &Catalog,
+    chain: &Chain,
+    endpoint: Endpoint,
+    requested: &str,
+) -> Result<Chain, GateError> {
+    let Some(family) = endpoint.family() else {
+        return Err(GateError::NotFound);
+    };
+    let of_family = chain.filtered(|m| catalog.serves(m, family));
+    if of_family.is_empty() {
+        let serves = chain
+            .get(0)
+            .map_or("another", |m| catalog.models()[m].family.label());
+        return Err(GateError::InvalidRequest(format!(
+            "'{requested}' serves the {serves} endpoints, not /v1/{}",
+            endpoint.label()
+        )));
+    }
+    let served = of_family.filtered(|m| Plan::new(endpoint, catalog.provider_of(m).kind).is_some());
+    if served.is_empty() {
+        return Err(GateError::InvalidRequest(format!(
+            "'{requested}' is not served through /v1/{}: embeddings, the Responses API, images and audio need an openai-kind model",
+            endpoint.label()
+        )));
+    }
+    Ok(served)
 }
 
 /// Body, model and per-key controls for an authenticated, in-scope model request. `now` and
@@ -314,20 +460,17 @@ pub async fn admit<L: LimitStore>(
     key: &Arc<KeyEntry>,
     endpoint: Endpoint,
     body: &Bytes,
+    content_type: Option<&[u8]>,
     now: Now,
     overheads: Overheads,
     res_id: u64,
 ) -> Result<Admission, GateError> {
-    let fields = parse_request(body)?;
+    let fields = parse_fields(endpoint, body, content_type)?;
     let chain = catalog.resolve(&fields.model, key)?;
-    let chain = chain.filtered(|m| Plan::new(endpoint, catalog.provider_of(m).kind).is_some());
-    let first = chain.get(0).ok_or_else(|| {
-        GateError::InvalidRequest(format!(
-            "'{}' is not served through /v1/{}: embeddings and the Responses API need an openai-kind model",
-            fields.model,
-            endpoint.label()
-        ))
-    })?;
+    let chain = served_chain(catalog, &chain, endpoint, &fields.model)?;
+    let first = chain
+        .get(0)
+        .ok_or(GateError::InvalidRequest(String::new()))?;
     let hard_budget = key.limits.hard_budget && key.limits.budget.is_some();
     check_hidden_input(catalog, &chain, &fields, hard_budget)?;
     let (plan, upstream_body) = upstream_body(catalog, endpoint, first, body, &fields)?;
@@ -475,7 +618,7 @@ mod tests {
             let fields = parse_request(&body).unwrap();
             let key = any_key(&c);
             let chain = c.resolve("all", &key).unwrap();
-            let overheads = Overheads { media_part_tokens, tool_prompt_tokens: 0 };
+            let overheads = Overheads { media_part_tokens, tool_prompt_tokens: 0, max_audio_ms: 0 };
             let bound = reservation_bound(&c, &chain, Endpoint::ChatCompletions, &fields, body.len(), overheads);
 
             // What the provider may bill on the model that served.

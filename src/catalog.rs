@@ -158,6 +158,9 @@ impl Catalog {
     /// the input price.
     pub fn cost(&self, m: usize, usage: &Usage) -> Nanos {
         let model = &self.models[m];
+        let units = model
+            .unit_price
+            .map_or(Nanos::ZERO, |p| p.cost(usage.units));
         let read = model.cache_read_price.unwrap_or(model.input_price);
         let write = model.cache_write_price.unwrap_or(model.input_price);
         model.input_price.cost(usage.uncached_prompt_tokens())
@@ -168,18 +171,54 @@ impl Catalog {
                     .min(usage.prompt_tokens.saturating_sub(usage.cache_read_tokens)),
             )
             + model.output_price.cost(usage.completion_tokens)
+            + units
+    }
+
+    /// Whether model `m` has a token price (input, output or cache).
+    pub fn has_token_price(&self, m: usize) -> bool {
+        let model = &self.models[m];
+        [
+            Some(model.input_price),
+            Some(model.output_price),
+            model.cache_read_price,
+            model.cache_write_price,
+        ]
+        .into_iter()
+        .flatten()
+        .any(|p| p != crate::money::Price::FREE)
+    }
+
+    /// Whether model `m` serves `family`'s endpoints (a model with no `endpoint` set also
+    /// serves embeddings).
+    pub fn serves(&self, m: usize, family: crate::config::Family) -> bool {
+        let model = &self.models[m];
+        model.family == family
+            || (family == crate::config::Family::Embeddings && model.legacy_embeddings)
     }
 
     /// The most `prompt_tokens` and `completion_tokens` can cost on model `m`, however the
     /// provider splits the prompt into cache reads and writes: every input token at the
     /// highest input-side price.
     pub fn bound_cost(&self, m: usize, prompt_tokens: u64, completion_tokens: u64) -> Nanos {
+        self.bound_cost_with_units(m, prompt_tokens, completion_tokens, 0)
+    }
+
+    /// [`Catalog::bound_cost`] plus `units` at the model's unit price (images, characters,
+    /// milliseconds of audio): a bound whether the provider reports tokens or units.
+    pub fn bound_cost_with_units(
+        &self,
+        m: usize,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+        units: u64,
+    ) -> Nanos {
         let model = &self.models[m];
+        let units = model.unit_price.map_or(Nanos::ZERO, |p| p.cost(units));
         let input = [model.cache_read_price, model.cache_write_price]
             .into_iter()
             .flatten()
             .fold(model.input_price, |a, b| a.max(b));
-        input.cost(prompt_tokens) + model.output_price.cost(completion_tokens)
+        input.cost(prompt_tokens) + model.output_price.cost(completion_tokens) + units
     }
 }
 

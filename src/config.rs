@@ -132,8 +132,17 @@ struct RawModel {
     id: String,
     provider: String,
     upstream_id: Option<String>,
+    /// Token prices: 0 when absent (a model priced per image, character or minute).
+    #[serde(default)]
     input_usd_per_mtok: f64,
+    #[serde(default)]
     output_usd_per_mtok: f64,
+    /// The endpoint family the model serves: chat (default) | embeddings | images | speech |
+    /// transcriptions.
+    endpoint: Option<String>,
+    usd_per_image: Option<f64>,
+    usd_per_mchar: Option<f64>,
+    usd_per_minute: Option<f64>,
     max_output_tokens: Option<u32>,
     /// The most input one model call can take: the bound of what stored context, files and
     /// documents add beyond the body.
@@ -165,6 +174,8 @@ struct RawServer {
     shutdown_timeout_secs: Option<u64>,
     default_max_output_tokens: u32,
     media_part_tokens: u32,
+    /// The longest audio a transcription or translation may bill: its reservation's bound.
+    max_audio_seconds: u32,
     /// Input tokens a provider adds to a request with tools (its tool-use system prompt),
     /// and again for each provider-defined client tool (bash, text editor, computer use).
     tool_prompt_tokens: u32,
@@ -205,6 +216,7 @@ impl Default for RawServer {
             shutdown_timeout_secs: None,
             default_max_output_tokens: DEFAULT_MAX_OUTPUT_TOKENS,
             media_part_tokens: DEFAULT_MEDIA_PART_TOKENS,
+            max_audio_seconds: DEFAULT_MAX_AUDIO_SECONDS,
             tool_prompt_tokens: DEFAULT_TOOL_PROMPT_TOKENS,
             auth_failures_per_minute: 60,
             ledger_max_backlog: 100_000,
@@ -226,6 +238,8 @@ pub const DEFAULT_MAX_OUTPUT_TOKENS: u32 = 131_072;
 /// URL or file id) say nothing about their token count. OpenAI's high-detail image formula
 /// tops out below 2k tokens and Anthropic's at about 1.6k per image; a PDF page costs 1.5k-3k.
 pub const DEFAULT_MEDIA_PART_TOKENS: u32 = 25_000;
+/// Two hours: past OpenAI's 25 MB upload at any bitrate its transcription models accept.
+pub const DEFAULT_MAX_AUDIO_SECONDS: u32 = 7_200;
 /// Hidden input of a request with tools. Anthropic documents its tool-use system prompt at
 /// 313-530 tokens by model and `tool_choice`, and 245-735 tokens for each of its own client
 /// tools (bash, text editor, computer use); OpenAI's tool framing is smaller.
@@ -298,6 +312,41 @@ impl std::fmt::Debug for Provider {
     }
 }
 
+/// The endpoint family a model serves (`models[].endpoint`): a model answers only on the
+/// endpoints of its own family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Family {
+    #[default]
+    Chat,
+    Embeddings,
+    Images,
+    Speech,
+    Transcriptions,
+}
+
+impl Family {
+    pub fn label(self) -> &'static str {
+        match self {
+            Family::Chat => "chat",
+            Family::Embeddings => "embeddings",
+            Family::Images => "images",
+            Family::Speech => "speech",
+            Family::Transcriptions => "transcriptions",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Family> {
+        Some(match s {
+            "chat" => Family::Chat,
+            "embeddings" => Family::Embeddings,
+            "images" => Family::Images,
+            "speech" => Family::Speech,
+            "transcriptions" => Family::Transcriptions,
+            _ => return None,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Model {
     pub id: String,
@@ -315,6 +364,62 @@ pub struct Model {
     /// body does not show all of it (stored context, files, documents).
     pub context_window_tokens: Option<u64>,
     pub free: bool,
+    /// The endpoint family it serves (`endpoint`).
+    pub family: Family,
+    /// `endpoint` unset: a chat model that also serves `/v1/embeddings`, as every model did
+    /// before `endpoint` existed (configs written then keep working).
+    pub legacy_embeddings: bool,
+    /// The price per unit of what its family returns (an image, an input character, a
+    /// millisecond of audio), when configured; charged on top of any token usage.
+    pub unit_price: Option<UnitPrice>,
+}
+
+/// What a multi-modal model charges per unit (SPEC §4), exact in pico-dollars.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnitPrice {
+    /// Pico-dollars per `per` units.
+    pico: u64,
+    per: u64,
+    pub unit: Unit,
+}
+
+/// The unit a multi-modal price counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Image,
+    /// A Unicode code point of the input.
+    Char,
+    /// A millisecond of audio (priced per minute).
+    Millisecond,
+}
+
+impl Unit {
+    pub fn label(self) -> &'static str {
+        match self {
+            Unit::Image => "image",
+            Unit::Char => "char",
+            Unit::Millisecond => "ms",
+        }
+    }
+}
+
+impl UnitPrice {
+    /// From USD per `usd_per` units (`usd_per_image`: 1, `usd_per_mchar`: 1e6 characters,
+    /// `usd_per_minute`: 60,000 ms); None unless finite and within 0..=1e6 USD.
+    pub fn new(usd: f64, per: u64, unit: Unit) -> Option<UnitPrice> {
+        (usd.is_finite() && (0.0..=1.0e6).contains(&usd)).then(|| UnitPrice {
+            pico: (usd * 1e12).round() as u64,
+            per,
+            unit,
+        })
+    }
+
+    /// The cost of `units`, rounded up to the nano-dollar, saturating.
+    pub fn cost(self, units: u64) -> crate::money::Nanos {
+        let pico = u128::from(units) * u128::from(self.pico);
+        let nanos = pico.div_ceil(u128::from(self.per.max(1)) * 1000);
+        crate::money::Nanos::new(i64::try_from(nanos).unwrap_or(i64::MAX))
+    }
 }
 
 /// `telemetry`: W3C trace context on every model call and, with an `otlp_endpoint`, one
@@ -515,6 +620,8 @@ pub struct Tuning {
     pub trace_retention_days: u32,
     pub shutdown_grace: Duration,
     pub media_part_tokens: u32,
+    /// The duration bound of a transcription's audio (`server.max_audio_seconds`).
+    pub max_audio_seconds: u32,
     pub tool_prompt_tokens: u32,
     pub auth_failures_per_minute: u32,
     pub ledger_max_backlog: usize,
@@ -705,7 +812,23 @@ impl Config {
                     );
                 }
             }
+            let family = match m.endpoint.as_deref() {
+                None => Family::Chat,
+                Some(e) => match Family::parse(e) {
+                    Some(f) => f,
+                    None => {
+                        return err(
+                            format!("{at}.endpoint"),
+                            format!("\"{e}\" is not one of chat, embeddings, images, speech, transcriptions"),
+                        )
+                    }
+                },
+            };
+            let unit_price = parse_unit_price(&at, family, &m)?;
             models.push(Model {
+                legacy_embeddings: m.endpoint.is_none(),
+                family,
+                unit_price,
                 upstream_id: m.upstream_id.unwrap_or_else(|| m.id.clone()),
                 id: m.id,
                 provider,
@@ -836,6 +959,7 @@ impl Config {
                     s.shutdown_grace_s.or(s.shutdown_timeout_secs).unwrap_or(30),
                 ),
                 media_part_tokens: s.media_part_tokens,
+                max_audio_seconds: s.max_audio_seconds.max(1),
                 tool_prompt_tokens: s.tool_prompt_tokens,
                 auth_failures_per_minute: s.auth_failures_per_minute,
                 ledger_max_backlog: s.ledger_max_backlog,
@@ -874,6 +998,60 @@ fn check_socket_addr(at: &str, value: &str) -> Result<(), ConfigError> {
         Ok(_) => Ok(()),
         Err(_) => err(at, format!("\"{value}\" is not an IP:port address")),
     }
+}
+
+/// The one unit price `models[i]` may set: the one its family charges by.
+fn parse_unit_price(
+    at: &str,
+    family: Family,
+    m: &RawModel,
+) -> Result<Option<UnitPrice>, ConfigError> {
+    let fields = [
+        (
+            "usd_per_image",
+            m.usd_per_image,
+            Family::Images,
+            1,
+            Unit::Image,
+        ),
+        (
+            "usd_per_mchar",
+            m.usd_per_mchar,
+            Family::Speech,
+            1_000_000,
+            Unit::Char,
+        ),
+        (
+            "usd_per_minute",
+            m.usd_per_minute,
+            Family::Transcriptions,
+            60_000,
+            Unit::Millisecond,
+        ),
+    ];
+    let mut found = None;
+    for (name, value, serves, per, unit) in fields {
+        let Some(usd) = value else { continue };
+        if family != serves {
+            return err(
+                format!("{at}.{name}"),
+                format!(
+                    "only a model with endpoint: {} has this price",
+                    serves.label()
+                ),
+            );
+        }
+        match UnitPrice::new(usd, per, unit) {
+            Some(p) => found = Some(p),
+            None => {
+                return err(
+                    format!("{at}.{name}"),
+                    "must be a price between 0 and 1000000 USD",
+                )
+            }
+        }
+    }
+    Ok(found)
 }
 
 fn price(at: &str, usd_per_mtok: f64) -> Result<Price, ConfigError> {
@@ -1074,6 +1252,56 @@ aliases:
 
         let bad = BASE.replace("listen: \"127.0.0.1:8080\"\n", "");
         assert_eq!(parse(&bad).unwrap_err().to_string(), "listen: required");
+    }
+
+    #[test]
+    fn model_families_and_unit_prices_are_validated() {
+        let media = BASE.replace(
+            "aliases:",
+            "  - {id: img, provider: openai, endpoint: images, usd_per_image: 0.04}\n  - {id: tts, provider: openai, endpoint: speech, usd_per_mchar: 15}\n  - {id: stt, provider: openai, endpoint: transcriptions, usd_per_minute: 0.006}\n  - {id: emb, provider: openai, endpoint: embeddings, input_usd_per_mtok: 0.02}\naliases:",
+        );
+        let c = parse(&media).unwrap();
+        let families: Vec<Family> = c.models.iter().map(|m| m.family).collect();
+        assert_eq!(
+            families,
+            [
+                Family::Chat,
+                Family::Chat,
+                Family::Images,
+                Family::Speech,
+                Family::Transcriptions,
+                Family::Embeddings
+            ]
+        );
+        // Exact: 2 images, a million characters, one minute (in ms).
+        let price = |i: usize| c.models[i].unit_price.unwrap();
+        assert_eq!(price(2).cost(2), crate::money::Nanos::new(80_000_000));
+        assert_eq!(
+            price(3).cost(1_000_000),
+            crate::money::Nanos::new(15_000_000_000)
+        );
+        assert_eq!(price(4).cost(60_000), crate::money::Nanos::new(6_000_000));
+        assert_eq!(c.models[2].input_price, Price::FREE);
+        assert!(c.models[0].legacy_embeddings && !c.models[5].legacy_embeddings);
+
+        let bad = media.replace("endpoint: images", "endpoint: pictures");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(
+            e.starts_with("models[2].endpoint: \"pictures\" is not one of"),
+            "{e}"
+        );
+        let bad = media.replace("endpoint: speech, usd_per_mchar", "usd_per_mchar");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "models[3].usd_per_mchar: only a model with endpoint: speech has this price"
+        );
+        let bad = media.replace("usd_per_image: 0.04", "usd_per_image: -1");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(
+            e.starts_with("models[2].usd_per_image: must be a price"),
+            "{e}"
+        );
     }
 
     #[test]

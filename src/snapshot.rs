@@ -27,7 +27,7 @@ pub struct Routes {
     /// How each provider is reached (addresses, trust, tunnel), by provider index.
     pub provider_links: Vec<ProviderLink>,
     /// Upstream request URIs by provider, indexed by `UpstreamRoute`.
-    upstream_uris: Vec<[http::Uri; 4]>,
+    upstream_uris: Vec<[http::Uri; UpstreamRoute::ALL.len()]>,
     /// Per provider: its kind, `Host` and version header.
     pub provider_headers: Vec<ProviderHeaders>,
     /// Per provider: its API keys, used round-robin; a refused key rests. Rebuilt on a
@@ -85,12 +85,14 @@ impl Routes {
                 http::Uri::try_from(format!("{}{suffix}", p.base_path))
                     .map_err(|e| format!("providers[{i}].base_url: bad path: {e}"))
             };
-            upstream_uris.push([
-                uri(UpstreamRoute::ALL[0].suffix())?,
-                uri(UpstreamRoute::ALL[1].suffix())?,
-                uri(UpstreamRoute::ALL[2].suffix())?,
-                uri(UpstreamRoute::ALL[3].suffix())?,
-            ]);
+            let mut uris = Vec::with_capacity(UpstreamRoute::ALL.len());
+            for route in UpstreamRoute::ALL {
+                uris.push(uri(route.suffix())?);
+            }
+            upstream_uris.push(
+                uris.try_into()
+                    .map_err(|_| format!("providers[{i}]: upstream routes"))?,
+            );
             let value = |v: &str, what: &str| {
                 http::HeaderValue::from_str(v)
                     .map_err(|_| format!("providers[{i}]: {what} is not a valid header value"))

@@ -16,6 +16,9 @@ pub struct Usage {
     pub cache_read_tokens: u64,
     /// Of `prompt_tokens`, written to the cache (Anthropic `cache_creation_input_tokens`).
     pub cache_write_tokens: u64,
+    /// Units a multi-modal model charges by (`UnitPrice`): images returned, input
+    /// characters, milliseconds of audio. 0 for token-priced answers.
+    pub units: u64,
 }
 
 impl Usage {

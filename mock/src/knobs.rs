@@ -31,6 +31,8 @@ pub(crate) struct Knobs {
     pub(crate) chunk_delay_ms: u64,
     pub(crate) break_after: Option<u64>,
     pub(crate) no_usage: bool,
+    /// `x-mock-image-usage: 1`: images answers report token usage.
+    pub(crate) image_usage: bool,
     /// `x-mock-status` applies only to requests for this model (fallback tests); quoted.
     pub(crate) status_model: Option<Vec<u8>>,
     /// `x-mock-prompt-tokens: bytes`: report the body length as prompt tokens.
@@ -68,6 +70,7 @@ impl Default for Knobs {
             chunk_delay_ms: 0,
             break_after: None,
             no_usage: false,
+            image_usage: false,
             status_model: None,
             prompt_from_body: false,
             completion_from_max: false,
@@ -116,6 +119,8 @@ pub(crate) fn apply_knob(knobs: &mut Knobs, knob: &str, value: &[u8]) {
         knobs.status_model = Some(quoted);
     } else if knob.eq_ignore_ascii_case(b"no-usage") {
         knobs.no_usage = truthy(value);
+    } else if knob.eq_ignore_ascii_case(b"image-usage") {
+        knobs.image_usage = truthy(value);
     } else if knob.eq_ignore_ascii_case(b"drop") {
         knobs.drop = truthy(value);
     } else if knob.eq_ignore_ascii_case(b"leak-headers") {

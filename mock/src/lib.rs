@@ -2,8 +2,11 @@
 //!
 //! A hand-rolled HTTP/1.1 server (keep-alive, Content-Length or chunked request bodies up to
 //! 64 MiB) that speaks OpenAI's `.../chat/completions` (plain or SSE), `.../responses`
-//! (plain or SSE), `.../embeddings` and `.../models`, and Anthropic's `POST /v1/messages`
-//! (plain or SSE). Behaviour is steered per request by `x-mock-*` headers, which the gateway
+//! (plain or SSE), `.../embeddings`, `.../models`, `.../images/generations` (`b64_json`
+//! images, `n` of them), `.../images/edits` (multipart), `.../audio/speech` (audio bytes,
+//! chunked), `.../audio/transcriptions` and `.../audio/translations` (multipart; the text
+//! names the file's SHA-256), and Anthropic's
+//! `POST /v1/messages` (plain or SSE) and `POST /v1/messages/count_tokens`. Behaviour is steered per request by `x-mock-*` headers, which the gateway
 //! forwards from its client:
 //!
 //! | header | effect |
@@ -23,6 +26,7 @@
 //! | `x-mock-hold: NAME` | stream: send content chunk 1, then hold chunk 2 (and the rest) until the test calls [`MockProvider::release`]`(NAME)`; [`MockProvider::held`] counts the streams waiting there |
 //! | `x-mock-break-after: N` | stream: close the connection after N content chunks; plain: close after the head and half the body |
 //! | `x-mock-no-usage: 1` | never report usage |
+//! | `x-mock-image-usage: 1` | images: also report token `usage` (`x-mock-prompt-tokens` in, `x-mock-completion-tokens` out), as token-priced image models do |
 //! | `x-mock-drop: 1` | read the whole request (after `x-mock-delay-ms`), then close the connection without any response |
 //! | `x-mock-leak-headers: 1` | add provider-account headers to the response (plain, SSE and errors): `openai-organization: org-leak`, `openai-project: proj_leak`, `anthropic-organization-id: leak`, `set-cookie: a=b`, `x-ratelimit-limit-requests: 5000`, `x-ratelimit-remaining-tokens: 99` |
 //!
@@ -45,9 +49,12 @@ mod billing;
 mod http;
 mod json;
 mod knobs;
+mod media;
 mod openai_chat;
 mod openai_responses;
 mod reply;
+
+pub use media::{speech_audio, AUDIO_BYTES_PER_SECOND, PNG_B64};
 
 use std::collections::HashMap;
 use std::io::Write as _;

@@ -38,6 +38,11 @@ enum Route<'a> {
     Responses,
     Embeddings,
     Messages,
+    CountTokens,
+    Images,
+    ImageEdits,
+    Speech,
+    Transcription,
     Models,
     Model(&'a str),
     Health,
@@ -63,6 +68,16 @@ impl<'a> Route<'a> {
             Method::Post if path.ends_with("/responses") => Route::Responses,
             Method::Post if path.ends_with("/embeddings") => Route::Embeddings,
             Method::Post if path.ends_with("/messages") => Route::Messages,
+            Method::Post if path.ends_with("/messages/count_tokens") => Route::CountTokens,
+            Method::Post if path.ends_with("/images/generations") => Route::Images,
+            Method::Post if path.ends_with("/audio/speech") => Route::Speech,
+            Method::Post if path.ends_with("/images/edits") => Route::ImageEdits,
+            Method::Post
+                if path.ends_with("/audio/transcriptions")
+                    || path.ends_with("/audio/translations") =>
+            {
+                Route::Transcription
+            }
             Method::Get if path.ends_with("/models") => Route::Models,
             Method::Get if path.contains("/models/") => {
                 Route::Model(path.rsplit('/').next().unwrap_or(DEFAULT_MODEL))
@@ -74,8 +89,12 @@ impl<'a> Route<'a> {
 
     fn shape(self) -> Shape {
         match self {
-            Route::Messages => Shape::Anthropic,
+            Route::Messages | Route::CountTokens => Shape::Anthropic,
             Route::Chat
+            | Route::Images
+            | Route::ImageEdits
+            | Route::Speech
+            | Route::Transcription
             | Route::Responses
             | Route::Embeddings
             | Route::Models
@@ -140,7 +159,7 @@ impl Reply<'_> {
             self.error_body(shape, message, kind, code, rejection.status);
             return self.send_json(rejection.status, flags, knobs, None).await;
         }
-        if route == Route::Messages && !head.has_credentials {
+        if shape == Shape::Anthropic && !head.has_credentials {
             return self
                 .error(shape, 401, flags, "x-api-key header is required")
                 .await;
@@ -170,6 +189,11 @@ impl Reply<'_> {
             Route::Responses => self.responses(knobs, flags, body).await,
             Route::Embeddings => self.embeddings(knobs, flags, body).await,
             Route::Messages => self.messages(knobs, flags, body).await,
+            Route::CountTokens => self.count_tokens(knobs, flags, body).await,
+            Route::Images => self.images(knobs, flags, body).await,
+            Route::Speech => self.speech(knobs, flags, body).await,
+            Route::ImageEdits => self.image_edits(knobs, flags, body).await,
+            Route::Transcription => self.transcription(knobs, flags, body).await,
             Route::Models => {
                 self.json.clear();
                 self.json.extend_from_slice(br#"{"object":"list","data":["#);
@@ -345,6 +369,11 @@ impl Reply<'_> {
     pub(crate) async fn send_value_event(&mut self, event: &str, value: &Value) -> Sent {
         self.set_json(value);
         self.send_event(Some(event)).await
+    }
+
+    /// Writes `out` as it is (a head or a chunk built by the caller).
+    pub(crate) async fn write_raw(&mut self) -> Sent {
+        self.write_out().await
     }
 
     async fn write_out(&mut self) -> Sent {

@@ -66,6 +66,7 @@ impl AnthropicUsage {
             completion_tokens: self.output_tokens.unwrap_or(0),
             cache_read_tokens: read,
             cache_write_tokens: write,
+            units: 0,
         })
     }
 
@@ -295,6 +296,7 @@ mod tests {
                 completion_tokens: 15,
                 cache_read_tokens: 2000,
                 cache_write_tokens: 100,
+                units: 0,
             })
         );
         assert_eq!((text, done), (6, true));
@@ -319,6 +321,7 @@ mod tests {
                 completion_tokens: 3,
                 cache_read_tokens: 5,
                 cache_write_tokens: 0,
+                units: 0,
             })
         );
         assert_eq!(usage_from_json(br#"{"type":"message"}"#), None);

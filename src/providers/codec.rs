@@ -69,6 +69,11 @@ pub enum JsonFormat {
     /// Chat completions, embeddings, responses: `usage.prompt_tokens` or `input_tokens`.
     OpenAi,
     Anthropic,
+    /// `/images/generations`: the images in `data`, and `usage` where the model reports it.
+    Images,
+    /// A transcription or translation: `duration` (seconds; `verbose_json`) in ms, or
+    /// token `usage` where the model reports it.
+    Transcription,
 }
 
 impl JsonFormat {
@@ -76,8 +81,53 @@ impl JsonFormat {
         match self {
             JsonFormat::OpenAi => usage_from_json(body),
             JsonFormat::Anthropic => anthropic::usage_from_json(body),
+            JsonFormat::Images => images_usage(body),
+            JsonFormat::Transcription => transcription_usage(body),
         }
     }
+
+    /// The longest body kept for its usage: an images answer carries its images inline.
+    fn max_kept(self) -> usize {
+        match self {
+            JsonFormat::Images => MAX_TRANSLATED_RESPONSE,
+            JsonFormat::OpenAi | JsonFormat::Anthropic | JsonFormat::Transcription => {
+                MAX_JSON_RESPONSE
+            }
+        }
+    }
+}
+
+/// A transcription: `units` = the reported `duration` in ms (rounded up), with token usage
+/// where reported. None for a body without either (text, srt, vtt).
+pub fn transcription_usage(body: &[u8]) -> Option<Usage> {
+    #[derive(serde::Deserialize)]
+    struct Transcription {
+        duration: Option<f64>,
+    }
+    let t: Transcription = serde_json::from_slice(body).ok()?;
+    let tokens = usage_from_json(body);
+    let ms = t
+        .duration
+        .filter(|d| d.is_finite() && *d >= 0.0)
+        .map(|d| (d * 1000.0).ceil() as u64);
+    if ms.is_none() && tokens.is_none() {
+        return None;
+    }
+    let mut usage = tokens.unwrap_or_default();
+    usage.units = ms.unwrap_or(0);
+    Some(usage)
+}
+
+/// An images answer: `units` = the images in `data`, tokens from `usage` if reported.
+pub fn images_usage(body: &[u8]) -> Option<Usage> {
+    #[derive(serde::Deserialize)]
+    struct Images {
+        data: Vec<serde::de::IgnoredAny>,
+    }
+    let images: Images = serde_json::from_slice(body).ok()?;
+    let mut usage = usage_from_json(body).unwrap_or_default();
+    usage.units = images.data.len() as u64;
+    Some(usage)
 }
 
 pub enum ResponseCodec {
@@ -100,6 +150,8 @@ pub enum ResponseCodec {
     },
     ChatFromMessagesSse(Box<chat_to_messages::StreamTranslator>, Vec<u8>),
     MessagesFromChatSse(Box<messages_to_chat::StreamTranslator>, Vec<u8>),
+    /// Bytes passed on as they come, no usage in them (speech audio: charged by its input).
+    Passthrough,
 }
 
 impl ResponseCodec {
@@ -160,7 +212,10 @@ impl ResponseCodec {
             return (ResponseCodec::Error(Some(ResponseBody::default())), false);
         }
         let format = match plan {
-            Plan::Messages => JsonFormat::Anthropic,
+            Plan::Messages | Plan::CountTokens => JsonFormat::Anthropic,
+            Plan::Images | Plan::ImagesEdits => JsonFormat::Images,
+            Plan::Transcriptions | Plan::Translations => JsonFormat::Transcription,
+            Plan::Speech => return (ResponseCodec::Passthrough, false),
             _ => JsonFormat::OpenAi,
         };
         (
@@ -173,9 +228,10 @@ impl ResponseCodec {
     pub fn filter(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) {
         match self {
             ResponseCodec::Error(held) => filter_error(held, body, end_of_stream),
-            ResponseCodec::Json(kept, _) => {
+            ResponseCodec::Passthrough => {}
+            ResponseCodec::Json(kept, format) => {
                 if let (Some(buf), Some(chunk)) = (kept.as_mut(), body.as_ref()) {
-                    if !buf.push(chunk, MAX_JSON_RESPONSE) {
+                    if !buf.push(chunk, format.max_kept()) {
                         *kept = None;
                     }
                 }
@@ -213,7 +269,7 @@ impl ResponseCodec {
     /// The usage the provider reported. A whole body counts only once it is `complete`.
     pub fn usage(&self, complete: bool) -> Option<Usage> {
         match self {
-            ResponseCodec::Error(_) => None,
+            ResponseCodec::Error(_) | ResponseCodec::Passthrough => None,
             ResponseCodec::Json(kept, format) => {
                 kept.as_ref().filter(|_| complete)?;
                 format.usage(kept.as_ref()?.bytes())

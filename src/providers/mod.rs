@@ -10,6 +10,7 @@ pub mod anthropic;
 pub mod codec;
 pub mod hidden;
 pub mod mask;
+pub mod multipart;
 pub mod openai;
 pub mod openai_usage;
 pub mod pool;
@@ -53,6 +54,21 @@ pub enum Plan {
     ChatViaMessages,
     /// A Messages request served by an OpenAI-kind model.
     MessagesViaChat,
+    /// Anthropic's token count, passed through (free).
+    CountTokens,
+    /// A token count for an OpenAI-kind model: answered by the gateway with its own prompt
+    /// bound; nothing goes upstream.
+    CountTokensEstimate,
+    /// `/images/generations`: priced per image returned, or by token usage if reported.
+    Images,
+    /// `/audio/speech`: priced per input character; the audio streams back as it comes.
+    Speech,
+    /// Multipart, the `model` part rewritten: `/images/edits` (per image, like `Images`).
+    ImagesEdits,
+    /// Multipart: `/audio/transcriptions`, priced per minute of reported duration.
+    Transcriptions,
+    /// Multipart: `/audio/translations`, likewise.
+    Translations,
 }
 
 /// The upstream routes a provider may be sent to, indexing `Routes::upstream_uri`.
@@ -62,14 +78,26 @@ pub enum UpstreamRoute {
     Embeddings = 1,
     Responses = 2,
     Messages = 3,
+    CountTokens = 4,
+    ImagesGenerations = 5,
+    AudioSpeech = 6,
+    ImagesEdits = 7,
+    AudioTranscriptions = 8,
+    AudioTranslations = 9,
 }
 
 impl UpstreamRoute {
-    pub const ALL: [UpstreamRoute; 4] = [
+    pub const ALL: [UpstreamRoute; 10] = [
         UpstreamRoute::ChatCompletions,
         UpstreamRoute::Embeddings,
         UpstreamRoute::Responses,
         UpstreamRoute::Messages,
+        UpstreamRoute::CountTokens,
+        UpstreamRoute::ImagesGenerations,
+        UpstreamRoute::AudioSpeech,
+        UpstreamRoute::ImagesEdits,
+        UpstreamRoute::AudioTranscriptions,
+        UpstreamRoute::AudioTranslations,
     ];
 
     /// Path after the provider's `base_url` (SPEC §6).
@@ -79,6 +107,12 @@ impl UpstreamRoute {
             UpstreamRoute::Embeddings => "/embeddings",
             UpstreamRoute::Responses => "/responses",
             UpstreamRoute::Messages => "/v1/messages",
+            UpstreamRoute::CountTokens => "/v1/messages/count_tokens",
+            UpstreamRoute::ImagesGenerations => "/images/generations",
+            UpstreamRoute::AudioSpeech => "/audio/speech",
+            UpstreamRoute::ImagesEdits => "/images/edits",
+            UpstreamRoute::AudioTranscriptions => "/audio/transcriptions",
+            UpstreamRoute::AudioTranslations => "/audio/translations",
         }
     }
 }
@@ -95,6 +129,13 @@ impl Plan {
             (Endpoint::Responses, OpenAi) => Plan::Responses,
             (Endpoint::Messages, Anthropic) => Plan::Messages,
             (Endpoint::Messages, OpenAi) => Plan::MessagesViaChat,
+            (Endpoint::CountTokens, Anthropic) => Plan::CountTokens,
+            (Endpoint::CountTokens, OpenAi) => Plan::CountTokensEstimate,
+            (Endpoint::ImagesGenerations, OpenAi) => Plan::Images,
+            (Endpoint::Speech, OpenAi) => Plan::Speech,
+            (Endpoint::ImagesEdits, OpenAi) => Plan::ImagesEdits,
+            (Endpoint::Transcriptions, OpenAi) => Plan::Transcriptions,
+            (Endpoint::Translations, OpenAi) => Plan::Translations,
             _ => return None,
         })
     }
@@ -105,13 +146,25 @@ impl Plan {
             Plan::Embeddings => UpstreamRoute::Embeddings,
             Plan::Responses => UpstreamRoute::Responses,
             Plan::Messages | Plan::ChatViaMessages => UpstreamRoute::Messages,
+            // Never sent: the count is answered before any upstream is picked.
+            Plan::CountTokens | Plan::CountTokensEstimate => UpstreamRoute::CountTokens,
+            Plan::Images => UpstreamRoute::ImagesGenerations,
+            Plan::Speech => UpstreamRoute::AudioSpeech,
+            Plan::ImagesEdits => UpstreamRoute::ImagesEdits,
+            Plan::Transcriptions => UpstreamRoute::AudioTranscriptions,
+            Plan::Translations => UpstreamRoute::AudioTranslations,
         }
+    }
+
+    /// Whether the gateway answers this plan itself (no upstream).
+    pub fn answered_locally(self) -> bool {
+        self == Plan::CountTokensEstimate
     }
 
     /// The provider's kind on the wire.
     pub fn upstream_kind(self) -> ProviderKind {
         match self.route() {
-            UpstreamRoute::Messages => ProviderKind::Anthropic,
+            UpstreamRoute::Messages | UpstreamRoute::CountTokens => ProviderKind::Anthropic,
             _ => ProviderKind::OpenAi,
         }
     }
@@ -141,7 +194,11 @@ impl Plan {
                 true,
                 Some((CapField::Chat, output_cap)),
             ),
-            Plan::Embeddings => openai::rewrite_body(body, fields, upstream_id, false, None),
+            Plan::Embeddings
+            | Plan::CountTokens
+            | Plan::CountTokensEstimate
+            | Plan::Images
+            | Plan::Speech => openai::rewrite_body(body, fields, upstream_id, false, None),
             Plan::Responses => openai::rewrite_body(
                 body,
                 fields,
@@ -156,6 +213,9 @@ impl Plan {
                 false,
                 Some((CapField::Messages, output_cap)),
             ),
+            Plan::ImagesEdits | Plan::Transcriptions | Plan::Translations => {
+                multipart::rewrite_span(body, fields.model_span(), upstream_id)
+            }
             Plan::ChatViaMessages => {
                 translate::chat_to_messages::request(body, upstream_id, output_cap)?.into()
             }
@@ -169,12 +229,15 @@ impl Plan {
 /// The wire format the client speaks on `endpoint`, for the gateway's own error bodies.
 pub fn client_kind(endpoint: Endpoint) -> ProviderKind {
     match endpoint {
-        Endpoint::Messages => ProviderKind::Anthropic,
+        Endpoint::Messages | Endpoint::CountTokens | Endpoint::MessagesOther => {
+            ProviderKind::Anthropic
+        }
         _ => ProviderKind::OpenAi,
     }
 }
 
-/// A gateway error in the client's shape: Anthropic's on `/v1/messages`, else OpenAI's.
+/// A gateway error in the client's shape: Anthropic's on every `/v1/messages*` path, else
+/// OpenAI's.
 pub fn error_body(endpoint: Endpoint, err: &GateError) -> Vec<u8> {
     match client_kind(endpoint) {
         ProviderKind::Anthropic => anthropic::error_body(err),

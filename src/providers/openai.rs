@@ -237,6 +237,9 @@ pub struct RequestFields {
     pub choices: u64,
     /// Upper bound of image, audio and file parts.
     pub media_parts: u64,
+    /// What a multi-modal model charges by, as the request sets it: images asked for
+    /// (`n`) or the speech input's characters (Unicode code points). 0 for chat.
+    pub units: u64,
     /// What the provider bills beyond the body.
     pub hidden: Hidden,
     /// Byte range of the `model` value (with its quotes) in the body.
@@ -317,7 +320,102 @@ pub fn parse_request(body: &[u8]) -> Result<RequestFields, GateError> {
         max_output_tokens: max_tokens.max(max_completion).max(max_output),
         choices,
         media_parts: parts.media,
+        units: 0,
     })
+}
+
+impl RequestFields {
+    /// The fields of a multipart form: its `model` (at `model_span`, unquoted) and units.
+    pub fn for_form(model: &str, model_span: Range<usize>, units: u64) -> RequestFields {
+        RequestFields {
+            output_spans: [None, None, None],
+            hidden: Hidden::default(),
+            model_span,
+            stream_options_span: None,
+            model: std::sync::Arc::from(model),
+            stream: false,
+            client_wants_usage: false,
+            max_output_tokens: None,
+            choices: 1,
+            media_parts: 0,
+            units,
+        }
+    }
+
+    /// Where the `model` value lies in the body.
+    pub fn model_span(&self) -> Range<usize> {
+        self.model_span.clone()
+    }
+}
+
+/// The fields of a multi-modal JSON request (`/images/generations`, `/audio/speech`).
+#[derive(Deserialize)]
+struct MediaFields<'a> {
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow)]
+    n: Option<&'a RawValue>,
+    /// Speech: the text to speak.
+    input: Option<Cow<'a, str>>,
+}
+
+/// What a multi-modal request is charged by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaKind {
+    /// `n` images (default 1; a number or a numeric string).
+    Images,
+    /// The characters of `input`.
+    Speech,
+}
+
+/// Parses a multi-modal JSON body: a string `model`, and `n` (images, 1..=128) or a string
+/// `input` (speech). 400 `invalid_request` otherwise. Prompts are not stored context here.
+pub fn parse_media_request(body: &[u8], kind: MediaKind) -> Result<RequestFields, GateError> {
+    let fields: MediaFields<'_> = serde_json::from_slice(body)
+        .map_err(|e| GateError::InvalidRequest(format!("body is not valid JSON: {e}")))?;
+    let raw_model = fields
+        .model
+        .ok_or_else(|| GateError::InvalidRequest("missing string field 'model'".into()))?;
+    let model: Cow<'_, str> = serde_json::from_str(raw_model.get())
+        .map_err(|_| GateError::InvalidRequest("'model' must be a string".into()))?;
+    let units = match kind {
+        MediaKind::Images => {
+            let n = match fields.n.map(RawValue::get) {
+                None | Some("null") => 1,
+                Some(v) => images_n(v.trim_matches('"'))?,
+            };
+            n
+        }
+        MediaKind::Speech => {
+            let input = fields
+                .input
+                .ok_or_else(|| GateError::InvalidRequest("missing string field 'input'".into()))?;
+            input.chars().count() as u64
+        }
+    };
+    Ok(RequestFields {
+        output_spans: [None, None, None],
+        hidden: Hidden::default(),
+        model_span: span_of(body, raw_model),
+        stream_options_span: None,
+        model: std::sync::Arc::from(model.as_ref()),
+        stream: false,
+        client_wants_usage: false,
+        max_output_tokens: None,
+        choices: 1,
+        media_parts: 0,
+        units,
+    })
+}
+
+/// The images asked for: `n` as a number or a form's string, 1..=MAX_CHOICES.
+pub fn images_n(v: &str) -> Result<u64, GateError> {
+    match v.trim().parse::<u64>() {
+        Ok(n) if (1..=MAX_CHOICES).contains(&n) => Ok(n),
+        _ => Err(GateError::InvalidRequest(format!(
+            "'n' must be an integer between 1 and {MAX_CHOICES}"
+        ))),
+    }
 }
 
 /// Which output-bounding fields a provider's route reads, and the one the gateway inserts

@@ -129,6 +129,7 @@ mod tests {
             completion_tokens: 11,
             cache_read_tokens: 12,
             cache_write_tokens: 0,
+            units: 0,
         };
         assert_eq!((usage, text, done), (Some(want), 8, true));
     }

@@ -180,9 +180,24 @@ impl RequestCtx {
     /// its bound) and one token per byte of output delivered so far, within the reservation.
     /// Else zero (the upstream refused it with an error status, or was never reached).
     pub(super) fn final_usage(&self) -> (Usage, bool) {
+        if self.endpoint == Endpoint::CountTokens {
+            return (Usage::default(), false); // free (SPEC §3)
+        }
         let codec = self.codec.as_ref();
-        if let Some(u) = codec.and_then(|c| c.usage(self.response_complete)) {
-            return (u, false);
+        let reported = codec.and_then(|c| c.usage(self.response_complete));
+        // A transcription priced per minute that reported no duration: its bound below.
+        let durationless = reported.is_some_and(|u| {
+            u.units == 0
+                && matches!(
+                    self.endpoint,
+                    Endpoint::Transcriptions | Endpoint::Translations
+                )
+                && !self
+                    .current_model()
+                    .is_some_and(|m| self.snap.routes.catalog.has_token_price(m))
+        });
+        if let Some(u) = reported.filter(|_| !durationless) {
+            return (self.priced_units(u), false);
         }
         let upstream_ok = self
             .upstream_status
@@ -190,6 +205,9 @@ impl RequestCtx {
         let unanswered = self.sent_upstream && self.upstream_status.is_none();
         if !upstream_ok && !unanswered {
             return (Usage::default(), false);
+        }
+        if let Some(u) = self.media_usage() {
+            return u;
         }
         let (prompt_bound, completion_bound) = self.served_bound();
         let background = self
@@ -205,7 +223,7 @@ impl RequestCtx {
             .and_then(ResponseCodec::stream_text_bytes)
             .unwrap_or(self.response_bytes);
         let completion = match self.endpoint {
-            Endpoint::Embeddings => 0,
+            Endpoint::Embeddings | Endpoint::CountTokens => 0,
             _ => delivered
                 .max(partial.map_or(0, |u| u.completion_tokens))
                 .min(completion_bound)
@@ -218,6 +236,64 @@ impl RequestCtx {
         (usage, true)
     }
 
+    /// Reported usage as charged: where a model reports tokens and has token prices, the
+    /// token prices apply instead of its unit price (SPEC §4).
+    fn priced_units(&self, mut usage: Usage) -> Usage {
+        let tokens = usage.prompt_tokens > 0 || usage.completion_tokens > 0;
+        let token_priced = self
+            .current_model()
+            .is_some_and(|m| self.snap.routes.catalog.has_token_price(m));
+        if tokens && token_priced {
+            usage.units = 0;
+        }
+        // A reported duration past the reservation's bound is charged at the bound.
+        usage.units = usage.units.min(self.units_bound());
+        usage
+    }
+
+    /// The most units the reservation allowed (`admission::bound_units`).
+    fn units_bound(&self) -> u64 {
+        let Some(adm) = &self.admission else {
+            return 0;
+        };
+        let overheads = Overheads::of(&self.snap.routes.config.tuning);
+        crate::admission::bound_units(self.endpoint, &adm.fields, overheads)
+    }
+
+    /// A multi-modal answer without reported usage that the upstream may have worked on.
+    /// Speech: its input's characters (what the provider bills), with the token bound for a
+    /// token-priced model (estimated). Images: the images asked for (and the token bound),
+    /// estimated: the answer was cut, or too large to read. Transcriptions and translations
+    /// with no reported duration (text, srt, vtt): the duration bound, estimated.
+    fn media_usage(&self) -> Option<(Usage, bool)> {
+        let units = self.units_bound();
+        let token_priced = self
+            .current_model()
+            .is_some_and(|m| self.snap.routes.catalog.has_token_price(m));
+        let (prompt, completion) = self.served_bound();
+        match self.endpoint {
+            Endpoint::Speech if !token_priced => Some((
+                Usage {
+                    units,
+                    ..Usage::default()
+                },
+                false,
+            )),
+            Endpoint::Speech
+            | Endpoint::ImagesGenerations
+            | Endpoint::ImagesEdits
+            | Endpoint::Transcriptions
+            | Endpoint::Translations => Some((
+                Usage {
+                    units,
+                    ..Usage::new(prompt, completion)
+                },
+                true,
+            )),
+            _ => None,
+        }
+    }
+
     /// The reservation's (prompt, completion) bound on the model that served.
     fn served_bound(&self) -> (u64, u64) {
         let (Some(adm), Some(m)) = (&self.admission, self.current_model()) else {
@@ -225,10 +301,7 @@ impl RequestCtx {
         };
         let routes = &self.snap.routes;
         let tuning = &routes.config.tuning;
-        let overheads = Overheads {
-            media_part_tokens: u64::from(tuning.media_part_tokens),
-            tool_prompt_tokens: u64::from(tuning.tool_prompt_tokens),
-        };
+        let overheads = Overheads::of(tuning);
         let only = adm.chain.filtered(|x| x == m);
         let b = reservation_bound(
             &routes.catalog,
@@ -339,6 +412,11 @@ impl RequestCtx {
                     started_ms: self.started_ms,
                     operation: match self.endpoint {
                         Endpoint::Embeddings => "embeddings",
+                        Endpoint::ImagesGenerations
+                        | Endpoint::ImagesEdits
+                        | Endpoint::Speech
+                        | Endpoint::Transcriptions
+                        | Endpoint::Translations => "generate_content",
                         _ => "chat",
                     },
                     provider_kind: served

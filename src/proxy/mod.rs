@@ -106,6 +106,7 @@ impl GateProxy {
         &self,
         ctx: &mut RequestCtx,
         hash: &TokenHash,
+        content_type: Option<&[u8]>,
     ) -> std::result::Result<(), GateError> {
         let now = Now::read();
         // The decision uses the snapshot of now; the rest of the request keeps it.
@@ -120,10 +121,7 @@ impl GateProxy {
             return Err(GateError::LedgerUnavailable);
         }
         let tuning = &routes.config.tuning;
-        let overheads = admission::Overheads {
-            media_part_tokens: u64::from(tuning.media_part_tokens),
-            tool_prompt_tokens: u64::from(tuning.tool_prompt_tokens),
-        };
+        let overheads = admission::Overheads::of(tuning);
         let journal_id = self.gate.ledger.journal_id();
         let adm = admission::admit(
             &self.gate.limits,
@@ -131,6 +129,7 @@ impl GateProxy {
             &key,
             ctx.endpoint,
             &ctx.body,
+            content_type,
             now,
             overheads,
             journal_id as u64,
@@ -154,6 +153,34 @@ impl GateProxy {
         ctx.upstream_body = Some(adm.upstream_body.clone());
         ctx.admission = Some(adm);
         Ok(())
+    }
+
+    /// `/v1/messages/count_tokens` on an OpenAI-kind model: the gateway's own prompt bound
+    /// (what the reservation would count), marked `X-SpiderGate-Estimated: true`. Free; the
+    /// admission counted it in rpm and rpd.
+    async fn count_tokens_estimate(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool> {
+        let tokens = ctx.admission.as_ref().map_or(0, |a| a.bound.prompt_tokens);
+        let body = Bytes::from(serde_json::json!({ "input_tokens": tokens }).to_string());
+        ctx.status = 200;
+        let mut resp = ResponseHeader::build(200, Some(6))?;
+        resp.insert_header("content-type", "application/json")?;
+        resp.insert_header("content-length", body.len().to_string())?;
+        resp.insert_header("x-spidergate-estimated", "true")?;
+        if let Some(adm) = &ctx.admission {
+            let served = ctx
+                .current_model()
+                .map(|m| &ctx.snap.routes.model_headers[m]);
+            decorate_response(&mut resp, &adm.standing, None, served)?;
+        }
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await?;
+        ctx.response_started = true;
+        ctx.response_ended();
+        Ok(true)
     }
 
     /// A failed authentication: counted per client address, and past the address's limit
@@ -470,7 +497,7 @@ impl ProxyHttp for GateProxy {
             .key
             .clone()
             .ok_or_else(|| Error::new(ErrorType::InternalError))?;
-        if endpoint == Endpoint::Unknown {
+        if endpoint.is_unknown() {
             return self.reject(session, ctx, GateError::NotFound).await;
         }
         if let Err(e) = admission::check_scope(&key, endpoint) {
@@ -494,7 +521,17 @@ impl ProxyHttp for GateProxy {
             }
         };
         ctx.body = body;
-        match self.admit(ctx, &hash).await {
+        // Multipart bodies need their boundary (copied only for those endpoints).
+        let content_type = matches!(
+            endpoint,
+            Endpoint::ImagesEdits | Endpoint::Transcriptions | Endpoint::Translations
+        )
+        .then(|| header_bytes(session.req_header(), "content-type").map(<[u8]>::to_vec))
+        .flatten();
+        match self.admit(ctx, &hash, content_type.as_deref()).await {
+            Ok(()) if ctx.plan.is_some_and(providers::Plan::answered_locally) => {
+                self.count_tokens_estimate(session, ctx).await
+            }
             Ok(()) => Ok(false),
             Err(e) => self.reject(session, ctx, e).await,
         }

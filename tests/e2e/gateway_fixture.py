@@ -257,9 +257,10 @@ class Gateway:
         return openai.OpenAI(base_url=self.base_url, api_key=secret, max_retries=0, timeout=30, **kw)
 
 
-def gateway_stack(tmp_path_factory, name: str = "spidergate"):
+def gateway_stack(tmp_path_factory, name: str = "spidergate", extra_models: str = ""):
     """Generator for a pytest fixture: starts mock + gateway, yields a `Gateway`, tears down,
-    then checks the gateway log holds no agent secret."""
+    then checks the gateway log holds no agent secret. `extra_models`: YAML list items added
+    to `models:`."""
     binary = _bin_path()
     tmp = tmp_path_factory.mktemp(name)
     mock_port = _free_port()
@@ -270,7 +271,7 @@ def gateway_stack(tmp_path_factory, name: str = "spidergate"):
     cfg.write_text(CONFIG_TEMPLATE.format(
         gw_port=gw_port, mock_port=mock_port, db=tmp / "spidergate.db",
         claude_upstream=CLAUDE_UPSTREAM_ID, alias=CLAUDE_FALLBACK_ALIAS,
-    ))
+    ).replace("aliases:\n", extra_models + "aliases:\n", 1))
     env = dict(os.environ)
     env["E2E_OPENAI_PROVIDER_KEY"] = OPENAI_PROVIDER_KEY
     env["E2E_ANTHROPIC_PROVIDER_KEY"] = ANTHROPIC_PROVIDER_KEY

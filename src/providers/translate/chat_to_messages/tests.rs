@@ -238,6 +238,7 @@ fn stream_usage_is_normalized_and_text_is_counted() {
             completion_tokens: 15,
             cache_read_tokens: 2000,
             cache_write_tokens: 100,
+            units: 0,
         })
     );
     assert_eq!(

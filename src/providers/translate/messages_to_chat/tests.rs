@@ -151,6 +151,7 @@ fn stream_counts_usage_and_generated_bytes() {
             completion_tokens: 5,
             cache_read_tokens: 1024,
             cache_write_tokens: 0,
+            units: 0,
         })
     );
     assert_eq!(t.content_bytes(), "Hello! \"Hi\" é\n".len() as u64);

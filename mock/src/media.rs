@@ -1,0 +1,273 @@
+//! The multi-modal routes: OpenAI's `POST .../images/generations` (JSON, `b64_json`
+//! images), `POST .../audio/speech` (audio bytes, streamed in chunks), and Anthropic's
+//! `POST /v1/messages/count_tokens`.
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::http::{push_head, HeadFlags};
+use crate::json::{push_hex, unix_now};
+use crate::knobs::Knobs;
+use crate::reply::{Reply, Sent, Shape};
+
+/// A 1x1 PNG, the image of every `b64_json` answer.
+pub const PNG_B64: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+
+/// The audio the mock speaks for `input`: an ID3 tag, then the input's SHA-256 repeated
+/// 128 times (4,099 bytes), so a test can compare the bytes it got.
+pub fn speech_audio(input: &str) -> Vec<u8> {
+    let digest = Sha256::digest(input.as_bytes());
+    let mut audio = b"ID3".to_vec();
+    for _ in 0..128 {
+        audio.extend_from_slice(&digest);
+    }
+    audio
+}
+
+#[derive(Deserialize)]
+struct ImagesRequest {
+    #[serde(default)]
+    n: Option<serde_json::Value>,
+    #[serde(default)]
+    prompt: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SpeechRequest {
+    input: String,
+    #[serde(default)]
+    response_format: Option<String>,
+}
+
+impl Reply<'_> {
+    /// `n` images (a number or a numeric string, default 1), each a `b64_json` PNG; with
+    /// `x-mock-image-usage: 1` also token usage, as token-priced image models report it.
+    pub(crate) async fn images(&mut self, knobs: &Knobs, flags: HeadFlags, body: &[u8]) -> Sent {
+        let Ok(request) = serde_json::from_slice::<ImagesRequest>(body) else {
+            return self.bad_json(Shape::OpenAi, flags).await;
+        };
+        let n = match &request.n {
+            None | Some(serde_json::Value::Null) => Some(1),
+            Some(serde_json::Value::Number(n)) => n.as_u64(),
+            Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
+            Some(_) => None,
+        };
+        let Some(n) = n.filter(|n| (1..=10).contains(n)) else {
+            return self
+                .error(Shape::OpenAi, 400, flags, "n must be between 1 and 10")
+                .await;
+        };
+        if request.prompt.as_deref().unwrap_or("").is_empty() {
+            return self
+                .error(Shape::OpenAi, 400, flags, "prompt is required")
+                .await;
+        }
+        let image = serde_json::json!({"b64_json": PNG_B64, "revised_prompt": request.prompt});
+        let mut answer = serde_json::json!({
+            "created": unix_now(),
+            "data": vec![image; n as usize],
+        });
+        if knobs.image_usage {
+            let tokens = knobs.tokens(body, None, crate::billing::Api::OpenAi);
+            answer["usage"] = serde_json::json!({
+                "input_tokens": tokens.fresh_input,
+                "output_tokens": tokens.output,
+                "total_tokens": tokens.fresh_input + tokens.output,
+                "input_tokens_details": {"text_tokens": tokens.fresh_input, "image_tokens": 0},
+            });
+        }
+        self.set_json(&answer);
+        self.send_json(200, flags, knobs, None).await
+    }
+
+    /// [`speech_audio`] of the input, chunked in `x-mock-chunks` pieces (with
+    /// `x-mock-chunk-delay-ms` between them), as `audio/mpeg` (or the asked format's type).
+    pub(crate) async fn speech(&mut self, knobs: &Knobs, flags: HeadFlags, body: &[u8]) -> Sent {
+        let Ok(request) = serde_json::from_slice::<SpeechRequest>(body) else {
+            return self.bad_json(Shape::OpenAi, flags).await;
+        };
+        let content_type: &[u8] = match request.response_format.as_deref() {
+            Some("wav") => b"audio/wav",
+            Some("opus") => b"audio/ogg",
+            Some("aac") => b"audio/aac",
+            Some("flac") => b"audio/flac",
+            Some("pcm") => b"audio/pcm",
+            _ => b"audio/mpeg",
+        };
+        let audio = speech_audio(&request.input);
+        self.out.clear();
+        push_head(self.out, 200, content_type, None, flags);
+        self.write_raw().await?;
+        let pieces = knobs.chunks.max(1) as usize;
+        let size = audio.len().div_ceil(pieces);
+        for (i, piece) in audio.chunks(size).enumerate() {
+            if let Some(delay) = knobs.chunk_delay(i as u64) {
+                tokio::time::sleep(delay).await;
+            }
+            if knobs.breaks_at(i as u64) {
+                return Err(());
+            }
+            self.out.clear();
+            push_hex(self.out, piece.len());
+            self.out.extend_from_slice(b"\r\n");
+            self.out.extend_from_slice(piece);
+            self.out.extend_from_slice(b"\r\n");
+            self.write_raw().await?;
+        }
+        self.end_stream().await
+    }
+
+    /// Anthropic's token count: `{"input_tokens": N}` (`x-mock-prompt-tokens`, or `bytes`).
+    pub(crate) async fn count_tokens(
+        &mut self,
+        knobs: &Knobs,
+        flags: HeadFlags,
+        body: &[u8],
+    ) -> Sent {
+        if serde_json::from_slice::<serde_json::Value>(body).is_err() {
+            return self.bad_json(Shape::Anthropic, flags).await;
+        }
+        let tokens = knobs.tokens(body, None, crate::billing::Api::Anthropic);
+        self.set_json(&serde_json::json!({"input_tokens": tokens.fresh_input}));
+        self.send_json(200, flags, knobs, None).await
+    }
+}
+
+/// One part of a `multipart/form-data` body: its `name`, and its bytes.
+pub(crate) struct Part<'a> {
+    pub(crate) name: &'a [u8],
+    pub(crate) value: &'a [u8],
+}
+
+/// The parts of a form whose boundary is the body's first line (`--BOUNDARY`); None when
+/// the body is not a well-formed form.
+pub(crate) fn form_parts(body: &[u8]) -> Option<Vec<Part<'_>>> {
+    let first = memchr::memmem::find(body, b"\r\n")?;
+    let opener = body.get(..first)?.strip_prefix(b"--")?;
+    let mut delim = b"\r\n--".to_vec();
+    delim.extend_from_slice(opener);
+    let finder = memchr::memmem::Finder::new(&delim);
+    let mut parts = Vec::new();
+    let mut at = first;
+    loop {
+        let rest = body.get(at..)?;
+        if rest.starts_with(b"--") {
+            return Some(parts);
+        }
+        let start = at + 2;
+        let head_len = memchr::memmem::find(body.get(start..)?, b"\r\n\r\n")?;
+        let head = &body[start..start + head_len];
+        let value_start = start + head_len + 4;
+        let value_len = finder.find(body.get(value_start..)?)?;
+        let i = memchr::memmem::find(head, b"; name=\"")? + b"; name=\"".len();
+        let end = memchr::memchr(b'"', &head[i..])?;
+        parts.push(Part {
+            name: &head[i..i + end],
+            value: &body[value_start..value_start + value_len],
+        });
+        at = value_start + value_len + delim.len();
+    }
+}
+
+/// Seconds of audio the mock hears in a file: 16,000 bytes a second (128 kbit/s MP3).
+pub const AUDIO_BYTES_PER_SECOND: f64 = 16_000.0;
+
+impl Reply<'_> {
+    /// `/images/edits`: the form's `image` part(s) and `prompt` are required; answers like
+    /// `/images/generations` with `n` images.
+    pub(crate) async fn image_edits(
+        &mut self,
+        knobs: &Knobs,
+        flags: HeadFlags,
+        body: &[u8],
+    ) -> Sent {
+        let Some(parts) = form_parts(body) else {
+            return self
+                .error(Shape::OpenAi, 400, flags, "malformed multipart body")
+                .await;
+        };
+        let field = |name: &[u8]| parts.iter().find(|p| p.name == name).map(|p| p.value);
+        if !parts.iter().any(|p| p.name.starts_with(b"image")) {
+            return self
+                .error(Shape::OpenAi, 400, flags, "image is required")
+                .await;
+        }
+        let n = field(b"n")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map_or(Some(1), |v| v.trim().parse::<u64>().ok());
+        let prompt = field(b"prompt").map(|p| String::from_utf8_lossy(p).into_owned());
+        let request = serde_json::json!({"n": n, "prompt": prompt});
+        self.images(knobs, flags, request.to_string().as_bytes())
+            .await
+    }
+
+    /// `/audio/transcriptions` and `/audio/translations`: the text names the `file` part's
+    /// SHA-256 and size (`sha256:<hex> bytes:<n>`); `response_format` json (default),
+    /// `verbose_json` (with `duration` = size / 16,000 bytes per second), text, srt or vtt.
+    pub(crate) async fn transcription(
+        &mut self,
+        knobs: &Knobs,
+        flags: HeadFlags,
+        body: &[u8],
+    ) -> Sent {
+        let Some(parts) = form_parts(body) else {
+            return self
+                .error(Shape::OpenAi, 400, flags, "malformed multipart body")
+                .await;
+        };
+        let field = |name: &[u8]| parts.iter().find(|p| p.name == name).map(|p| p.value);
+        let Some(file) = field(b"file") else {
+            return self
+                .error(Shape::OpenAi, 400, flags, "file is required")
+                .await;
+        };
+        if field(b"model").is_none() {
+            return self
+                .error(Shape::OpenAi, 400, flags, "model is required")
+                .await;
+        }
+        let digest = Sha256::digest(file);
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let text = format!("sha256:{hex} bytes:{}", file.len());
+        let duration = file.len() as f64 / AUDIO_BYTES_PER_SECOND;
+        let format =
+            field(b"response_format").map(|f| String::from_utf8_lossy(f).trim().to_string());
+        let (content_type, reply): (&[u8], Vec<u8>) = match format.as_deref() {
+            None | Some("json") => (
+                b"application/json",
+                serde_json::json!({"text": text}).to_string().into_bytes(),
+            ),
+            Some("verbose_json") => (
+                b"application/json",
+                serde_json::json!({
+                    "task": "transcribe", "language": "english", "duration": duration,
+                    "text": text, "segments": [],
+                })
+                .to_string()
+                .into_bytes(),
+            ),
+            Some("text") => (
+                b"text/plain; charset=utf-8",
+                format!("{text}\n").into_bytes(),
+            ),
+            Some("srt") => (
+                b"text/plain; charset=utf-8",
+                format!("1\n00:00:00,000 --> 00:00:01,000\n{text}\n\n").into_bytes(),
+            ),
+            Some("vtt") => (
+                b"text/vtt; charset=utf-8",
+                format!("WEBVTT\n\n00:00:00.000 --> 00:00:01.000\n{text}\n\n").into_bytes(),
+            ),
+            Some(_) => {
+                return self
+                    .error(Shape::OpenAi, 400, flags, "unsupported response_format")
+                    .await
+            }
+        };
+        let _ = knobs;
+        self.out.clear();
+        push_head(self.out, 200, content_type, Some(reply.len()), flags);
+        self.out.extend_from_slice(&reply);
+        self.write_raw().await
+    }
+}

@@ -1,0 +1,572 @@
+//! SPEC §3, §4, §6: the multi-modal endpoints (`/v1/images/generations`, `/v1/audio/speech`)
+//! and `/v1/messages/count_tokens`, through the same admission, controls, ledger and traces
+//! as chat, against the bundled mock.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// One model per family beside chat, with literal prices: images at 0.04 USD each, a
+/// token-priced image model (5 / 40 USD per Mtok), speech at 15 USD per million characters,
+/// and Claude for the token count.
+const MODELS_YAML: &str = r#"
+models:
+  - id: gpt-4o-mini
+    provider: mock
+    input_usd_per_mtok: 0.15
+    output_usd_per_mtok: 0.60
+    max_output_tokens: 1000
+  - id: img
+    provider: mock
+    upstream_id: gpt-image-upstream
+    endpoint: images
+    usd_per_image: 0.04
+  - id: img-tokens
+    provider: mock
+    endpoint: images
+    input_usd_per_mtok: 5
+    output_usd_per_mtok: 40
+    max_output_tokens: 5000
+  - id: tts
+    provider: mock
+    upstream_id: tts-upstream
+    endpoint: speech
+    usd_per_mchar: 15
+  - id: whisper
+    provider: mock
+    upstream_id: whisper-upstream-long-name
+    endpoint: transcriptions
+    usd_per_minute: 0.006
+  - id: claude
+    provider: mock-anthropic
+    upstream_id: claude-upstream
+    input_usd_per_mtok: 3
+    output_usd_per_mtok: 15
+    max_output_tokens: 1000
+"#;
+
+fn start(mock: &spidergate_mock::MockProvider) -> Gateway {
+    // A transcription reserves 600 s of audio: 0.06 USD on `whisper`.
+    GatewayBuilder::new(mock)
+        .models(MODELS_YAML)
+        .server("max_audio_seconds: 600")
+        .start()
+}
+
+const BOUNDARY: &str = "sgBoundary7MA4YWxk";
+
+/// A `multipart/form-data` body as the SDKs send it: text fields, then files.
+fn form(fields: &[(&str, &str)], files: &[(&str, &str, &[u8])]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (name, value) in fields {
+        b.extend_from_slice(
+            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+                .as_bytes(),
+        );
+    }
+    for (name, filename, bytes) in files {
+        b.extend_from_slice(
+            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n")
+                .as_bytes(),
+        );
+        b.extend_from_slice(bytes);
+        b.extend_from_slice(b"\r\n");
+    }
+    b.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    b
+}
+
+fn post_form(gw: &Gateway, path: &str, key: &Key, body: &[u8]) -> Response {
+    let bearer = key.bearer();
+    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
+    http(
+        gw.addr,
+        "POST",
+        path,
+        &[
+            ("Authorization", bearer.as_str()),
+            ("Content-Type", ct.as_str()),
+        ],
+        body,
+    )
+    .expect("POST")
+}
+
+/// 200,000 bytes that are not text (every byte value, CRLFs and dashes included).
+fn audio_file() -> Vec<u8> {
+    (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+fn post(gw: &Gateway, path: &str, key: &Key, body: &Value, extra: &[(&str, &str)]) -> Response {
+    gw.post(path, &key.bearer(), body.to_string().as_bytes(), extra)
+}
+
+fn spend(gw: &Gateway, key: &Key) -> i64 {
+    gw.usage(key)["spend_nanodollars"]
+        .as_i64()
+        .expect("spend_nanodollars")
+}
+
+/// The key's traces on `endpoint`, once the ledger has written `n` of them.
+fn traces_on(gw: &Gateway, key: &Key, endpoint: &str, n: usize) -> Vec<TraceRec> {
+    wait_for(std::time::Duration::from_secs(5), "traces", || {
+        let t: Vec<TraceRec> = gw
+            .trace_rows(&key.id)
+            .into_iter()
+            .filter(|t| t.endpoint == endpoint)
+            .collect();
+        (t.len() >= n).then_some(t)
+    })
+}
+
+#[test]
+fn images_are_charged_per_image_returned_with_n_as_a_number_or_a_string() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let r = post(
+        &gw,
+        "/v1/images/generations",
+        &key,
+        &json!({"model": "img", "prompt": "a spider", "n": 2}),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["data"].as_array().map(Vec::len), Some(2));
+    assert_eq!(r.json()["data"][0]["b64_json"], spidergate_mock::PNG_B64);
+    let sent = mock.requests();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].path, "/v1/images/generations");
+    assert_eq!(sent[0].json().expect("json")["model"], "gpt-image-upstream");
+    assert_eq!(sent[0].provider_key(), Some(PROVIDER_KEY));
+    // 2 x 0.04 USD.
+    assert_eq!(spend(&gw, &key), 80_000_000);
+
+    let r = post(
+        &gw,
+        "/api/gate/v1/images/generations",
+        &key,
+        &json!({"model": "img", "prompt": "a spider", "n": "3"}),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(spend(&gw, &key), 80_000_000 + 120_000_000);
+    let t = traces_on(&gw, &key, "images.generations", 2);
+    assert_eq!(t[0].cost_nanos, 80_000_000);
+    assert_eq!(t[0].served_model.as_deref(), Some("img"));
+    assert!(!t[0].usage_estimated);
+}
+
+#[test]
+fn token_usage_reported_by_an_image_model_is_priced_with_its_token_prices() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    let r = post(
+        &gw,
+        "/v1/images/generations",
+        &key,
+        &json!({"model": "img-tokens", "prompt": "a spider"}),
+        &[
+            ("x-mock-image-usage", "1"),
+            ("x-mock-prompt-tokens", "100"),
+            ("x-mock-completion-tokens", "1000"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // 100 x 5 + 1000 x 40 USD per million tokens.
+    assert_eq!(spend(&gw, &key), 500_000 + 40_000_000);
+    let t = traces_on(&gw, &key, "images.generations", 1);
+    assert_eq!((t[0].prompt_tokens, t[0].completion_tokens), (100, 1000));
+}
+
+#[test]
+fn speech_streams_the_audio_through_and_is_charged_per_input_character() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    // 11 Unicode code points (13 bytes).
+    let input = "héllo wörld";
+    let r = post(
+        &gw,
+        "/v1/audio/speech",
+        &key,
+        &json!({"model": "tts", "input": input, "voice": "alloy"}),
+        &[("x-mock-chunks", "4")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("audio/mpeg"));
+    assert_eq!(r.body, spidergate_mock::speech_audio(input));
+    assert_eq!(mock.requests()[0].path, "/v1/audio/speech");
+    assert_eq!(
+        mock.requests()[0].json().expect("json")["model"],
+        "tts-upstream"
+    );
+    // 11 x 15 USD per million characters.
+    assert_eq!(spend(&gw, &key), 165_000);
+    let t = traces_on(&gw, &key, "audio.speech", 1);
+    assert_eq!(t[0].cost_nanos, 165_000);
+    assert!(!t[0].usage_estimated);
+}
+
+#[test]
+fn a_model_called_on_another_familys_endpoint_is_400_and_nothing_is_forwarded() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let cases = [
+        (
+            "/v1/images/generations",
+            json!({"model": "gpt-4o-mini", "prompt": "x"}),
+        ),
+        ("/v1/audio/speech", json!({"model": "img", "input": "x"})),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tts", "messages": [{"role": "user", "content": "x"}]}),
+        ),
+        ("/v1/embeddings", json!({"model": "img", "input": "x"})),
+    ];
+    for (path, body) in cases {
+        let r = post(&gw, path, &key, &body, &[]);
+        assert_eq!(r.status, 400, "{path}: {}", r.text());
+        assert_eq!(r.code(), "invalid_request", "{path}");
+    }
+    assert!(mock.requests().is_empty());
+    assert_eq!(spend(&gw, &key), 0);
+}
+
+#[test]
+fn the_multi_modal_endpoints_need_gate_chat_and_an_allowed_model() {
+    let mock = mock();
+    let gw = start(&mock);
+    let models_only = gw.create_key(&["--scopes", "gate:models"]);
+    let chat_only_mini = gw.create_key(&["--models", "gpt-4o-mini"]);
+    mock.clear();
+    for (path, body) in [
+        (
+            "/v1/images/generations",
+            json!({"model": "img", "prompt": "x"}),
+        ),
+        ("/v1/audio/speech", json!({"model": "tts", "input": "x"})),
+    ] {
+        let r = post(&gw, path, &models_only, &body, &[]);
+        assert_eq!((r.status, r.code().as_str()), (403, "insufficient_scope"));
+        let r = post(&gw, path, &chat_only_mini, &body, &[]);
+        assert_eq!((r.status, r.code().as_str()), (403, "model_not_allowed"));
+    }
+    let r = gw.post(
+        "/v1/messages/count_tokens",
+        &models_only.bearer(),
+        json!({"model": "claude", "messages": []})
+            .to_string()
+            .as_bytes(),
+        &[],
+    );
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["type"], "error");
+    assert_eq!(r.json()["error"]["type"], "permission_error");
+    assert!(mock.requests().is_empty());
+}
+
+#[test]
+fn a_hard_budget_reserves_n_images_and_refuses_with_nothing_forwarded() {
+    let mock = mock();
+    let gw = start(&mock);
+    // 0.05 USD: one image (0.04) fits, two (0.08) do not.
+    let key = gw.create_key(&["--budget", "0.05", "--budget-mode", "hard"]);
+    mock.clear();
+    let r = post(
+        &gw,
+        "/v1/images/generations",
+        &key,
+        &json!({"model": "img", "prompt": "x", "n": 2}),
+        &[],
+    );
+    assert_eq!((r.status, r.code().as_str()), (402, "budget_exceeded"));
+    assert!(mock.requests().is_empty());
+    // Speech: 4,000 characters at 15 USD per million = 0.06 USD > 0.05.
+    let r = post(
+        &gw,
+        "/v1/audio/speech",
+        &key,
+        &json!({"model": "tts", "input": "x".repeat(4_000)}),
+        &[],
+    );
+    assert_eq!((r.status, r.code().as_str()), (402, "budget_exceeded"));
+    assert!(mock.requests().is_empty());
+    let r = post(
+        &gw,
+        "/v1/images/generations",
+        &key,
+        &json!({"model": "img", "prompt": "x", "n": "1"}),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(spend(&gw, &key), 40_000_000);
+}
+
+#[test]
+fn count_tokens_on_an_anthropic_model_is_passed_through_free_and_counted_in_rpm() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&["--rpm", "2"]);
+    mock.clear();
+    let body = json!({"model": "claude", "messages": [{"role": "user", "content": "hi"}]});
+    let r = gw.post(
+        "/v1/messages/count_tokens",
+        "",
+        body.to_string().as_bytes(),
+        &[
+            ("x-api-key", key.secret.as_str()),
+            ("anthropic-version", "2023-06-01"),
+            ("x-mock-prompt-tokens", "42"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), json!({"input_tokens": 42}));
+    assert_eq!(r.header("x-spidergate-estimated"), None);
+    let sent = mock.requests();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].path, "/v1/messages/count_tokens");
+    assert_eq!(sent[0].json().expect("json")["model"], "claude-upstream");
+    assert_eq!(sent[0].header("x-api-key"), Some(ANTHROPIC_PROVIDER_KEY));
+    let t = traces_on(&gw, &key, "messages.count_tokens", 1);
+    assert_eq!((t[0].status, t[0].cost_nanos), (200, 0));
+    let usage = gw.usage(&key);
+    assert_eq!(usage["spend_nanodollars"], 0);
+    assert_eq!(usage["requests_this_minute"], 1);
+    let r = post(&gw, "/v1/messages/count_tokens", &key, &body, &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The third in the minute is over the key's rpm, refused in Anthropic's shape.
+    let r = post(&gw, "/v1/messages/count_tokens", &key, &body, &[]);
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+    assert_eq!(
+        r.header("x-spidergate-error-code"),
+        Some("rate_limit_exceeded")
+    );
+}
+
+#[test]
+fn count_tokens_on_an_openai_model_is_the_gateways_own_prompt_bound() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+        .to_string();
+    let r = gw.post(
+        "/v1/messages/count_tokens",
+        &key.bearer(),
+        body.as_bytes(),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-spidergate-estimated"), Some("true"));
+    // Every token is at least one byte of the body.
+    assert_eq!(r.json(), json!({"input_tokens": body.len()}));
+    assert!(mock.requests().is_empty());
+    assert_eq!(spend(&gw, &key), 0);
+    let t = traces_on(&gw, &key, "messages.count_tokens", 1);
+    assert_eq!((t[0].status, t[0].cost_nanos), (200, 0));
+}
+
+#[test]
+fn errors_on_every_messages_path_use_anthropics_shape() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    let body = json!({"model": "claude", "messages": []}).to_string();
+    let r = gw.post("/v1/messages/count_tokens", "", body.as_bytes(), &[]);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["type"], "error");
+    assert_eq!(r.json()["error"]["type"], "authentication_error");
+    let r = gw.post("/v1/messages/batches", &key.bearer(), body.as_bytes(), &[]);
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["type"], "not_found_error");
+    let r = gw.post(
+        "/v1/messages/count_tokens",
+        &key.bearer(),
+        br#"{"messages": []}"#,
+        &[],
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    assert_eq!(r.header("x-spidergate-error-code"), Some("invalid_request"));
+}
+
+#[test]
+fn a_transcription_reaches_the_upstream_byte_for_byte_but_its_model_and_is_charged_per_minute() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let file = audio_file();
+    let body = form(
+        &[("model", "whisper"), ("response_format", "verbose_json")],
+        &[("file", "speech.mp3", &file)],
+    );
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sha: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&file)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    assert_eq!(r.json()["text"], format!("sha256:{sha} bytes:200000"));
+    let sent = mock.requests();
+    assert_eq!(sent[0].path, "/v1/audio/transcriptions");
+    let want = form(
+        &[
+            ("model", "whisper-upstream-long-name"),
+            ("response_format", "verbose_json"),
+        ],
+        &[("file", "speech.mp3", &file)],
+    );
+    assert!(
+        sent[0].body == want,
+        "the upstream body differs beyond its model part"
+    );
+    // 200,000 bytes at 16,000 a second = 12.5 s = 12,500 ms at 0.006 USD a minute.
+    assert_eq!(spend(&gw, &key), 1_250_000);
+    let t = traces_on(&gw, &key, "audio.transcriptions", 1);
+    assert_eq!(t[0].cost_nanos, 1_250_000);
+    assert!(!t[0].usage_estimated);
+}
+
+#[test]
+fn a_transcription_without_a_reported_duration_is_charged_its_bound() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    let body = form(
+        &[("model", "whisper"), ("response_format", "text")],
+        &[("file", "a.mp3", b"short audio")],
+    );
+    let r = post_form(&gw, "/v1/audio/translations", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().starts_with("sha256:"));
+    assert_eq!(mock.requests()[0].path, "/v1/audio/translations");
+    // max_audio_seconds: 600 at 0.006 USD a minute.
+    assert_eq!(spend(&gw, &key), 60_000_000);
+    let t = traces_on(&gw, &key, "audio.translations", 1);
+    assert!(t[0].usage_estimated);
+}
+
+#[test]
+fn image_edits_are_charged_per_image_with_n_as_a_form_string() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let png = spidergate_mock::PNG_B64.as_bytes();
+    let body = form(
+        &[("model", "img"), ("prompt", "add a hat"), ("n", "2")],
+        &[("image[]", "a.png", png), ("mask", "m.png", png)],
+    );
+    let r = post_form(&gw, "/v1/images/edits", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["data"].as_array().map(Vec::len), Some(2));
+    assert_eq!(mock.requests()[0].path, "/v1/images/edits");
+    assert_eq!(spend(&gw, &key), 80_000_000);
+}
+
+#[test]
+fn a_malformed_multipart_body_is_400_and_reaches_nothing() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let good = form(&[("model", "whisper")], &[("file", "a.mp3", b"abc")]);
+    let cut = &good[..good.len() - 12];
+    let no_model = form(&[], &[("file", "a.mp3", b"abc")]);
+    for body in [cut, b"not a form".as_slice(), &no_model] {
+        let r = post_form(&gw, "/v1/audio/transcriptions", &key, body);
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (400, "invalid_request"),
+            "{}",
+            r.text()
+        );
+    }
+    // JSON where a form is expected.
+    let r = gw.post(
+        "/v1/images/edits",
+        &key.bearer(),
+        br#"{"model":"img","prompt":"x"}"#,
+        &[],
+    );
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_request"));
+    // Another family's model in a well-formed form.
+    let r = post_form(
+        &gw,
+        "/v1/audio/transcriptions",
+        &key,
+        &form(&[("model", "img")], &[("file", "a.mp3", b"abc")]),
+    );
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_request"));
+    assert!(mock.requests().is_empty());
+    assert_eq!(spend(&gw, &key), 0);
+}
+
+#[test]
+fn a_hard_budget_reserves_the_audio_duration_bound() {
+    let mock = mock();
+    let gw = start(&mock);
+    // 0.05 USD < 600 s at 0.006 USD a minute (0.06).
+    let key = gw.create_key(&["--budget", "0.05", "--budget-mode", "hard"]);
+    let models_only = gw.create_key(&["--scopes", "gate:models"]);
+    mock.clear();
+    let body = form(&[("model", "whisper")], &[("file", "a.mp3", b"abc")]);
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+    assert_eq!((r.status, r.code().as_str()), (402, "budget_exceeded"));
+    let r = post_form(&gw, "/v1/audio/transcriptions", &models_only, &body);
+    assert_eq!((r.status, r.code().as_str()), (403, "insufficient_scope"));
+    assert!(mock.requests().is_empty());
+}
+
+#[test]
+fn concurrent_image_requests_never_bill_past_a_hard_cap() {
+    let mock = mock();
+    let gw = start(&mock);
+    // 0.10 USD: two images of 0.04 fit, a third does not, however many race.
+    let key = gw.create_key(&["--budget", "0.10", "--budget-mode", "hard"]);
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..12)
+            .map(|_| {
+                s.spawn(|| {
+                    post(
+                        &gw,
+                        "/v1/images/generations",
+                        &key,
+                        &json!({"model": "img", "prompt": "x", "n": 1}),
+                        &[("x-mock-delay-ms", "100")],
+                    )
+                    .status
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    let ok = statuses.iter().filter(|&&s| s == 200).count() as i64;
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 402),
+        "{statuses:?}"
+    );
+    assert_eq!(ok, 2, "{statuses:?}");
+    assert_eq!(mock.requests().len(), 2);
+    let billed = spend(&gw, &key);
+    assert_eq!(billed, ok * 40_000_000);
+    assert!(billed <= 100_000_000);
+}
