@@ -129,7 +129,9 @@ PHASES = [
     ("upstream_request_filter (header rewrite)", r"GateProxy as pingora_proxy::proxy_trait::ProxyHttp>::upstream_request_filter::\{\{closure\}\}$"),
     ("response_filter (decoration)", r"GateProxy as pingora_proxy::proxy_trait::ProxyHttp>::response_filter::\{\{closure\}\}$"),
     ("logging (settle, record)", r"GateProxy as pingora_proxy::proxy_trait::ProxyHttp>::logging::\{\{closure\}\}$"),
-    ("ledger writer thread", r"src/ledger.rs:std::sys::backtrace::__rust_begin_short_backtrace"),
+    # The writer thread's entry point is listed once per file its inlined code came from
+    # (src/ledger.rs, src/store/...): those entries are summed.
+    ("ledger writer thread", r"^\s*[\d,]+ \([^)]*\)\s+src/(ledger\.rs|store/[\w/]*\.rs):std::sys::backtrace::__rust_begin_short_backtrace"),
     ("allocator: alloc", r"__rustc::__rust_alloc \["),
     ("allocator: dealloc", r"__rustc::__rust_dealloc \["),
     ("memcpy", r"__memcpy_avx_unaligned_erms \["),
@@ -145,10 +147,12 @@ def print_phases(dumps, n):
     for label, pat in PHASES:
         rx = re.compile(pat)
         best = 0
+        summed = label.startswith("ledger writer thread")
         for line in out.splitlines():
             m = re.match(r"\s*([\d,]+) \(", line)
             if m and rx.search(line):
-                best = max(best, int(m.group(1).replace(",", "")))
+                v = int(m.group(1).replace(",", ""))
+                best = best + v if summed else max(best, v)
         print(f"  {label:<42} {best / n:>9,.0f}")
 
 
