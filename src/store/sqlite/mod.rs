@@ -159,14 +159,36 @@ pub(super) struct Sqlite {
     conn: Connection,
 }
 
+/// How long a write waits for another writer (the CLI and the gateway share the file).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Sqlite {
-    /// Opens (creating if needed) the database and applies the schema.
+    /// Opens (creating if needed) the database and applies the schema. Some steps of an
+    /// open (the journal-mode pragma on a WAL file other connections are writing) can get
+    /// `SQLITE_BUSY` without SQLite's busy handler being asked, so a busy open is retried for
+    /// as long as the busy timeout: the CLI opening the file while the gateway commits must
+    /// not fail.
     pub(super) fn open(path: &Path) -> Result<Sqlite> {
+        let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+        loop {
+            match Self::open_once(path) {
+                Err(crate::store::StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_once(path: &Path) -> Result<Sqlite> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             let _ = std::fs::create_dir_all(dir);
         }
         let conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         // The ledger's statements (seven trace-insert sizes, spend upserts, the journal) all
         // stay prepared: re-preparing one costs more than the row it inserts.
         conn.set_prepared_statement_cache_capacity(64);
