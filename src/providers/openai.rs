@@ -256,16 +256,22 @@ fn span_of(body: &[u8], raw: &RawValue) -> Range<usize> {
     start..start + raw.get().len()
 }
 
+/// The body's `model`, raw (for its span) and decoded: 400 `invalid_request` when it is
+/// missing or not a string.
+fn string_model(raw: Option<&RawValue>) -> Result<(&RawValue, Cow<'_, str>), GateError> {
+    let raw =
+        raw.ok_or_else(|| GateError::InvalidRequest("missing string field 'model'".into()))?;
+    let model = serde_json::from_str(raw.get())
+        .map_err(|_| GateError::InvalidRequest("'model' must be a string".into()))?;
+    Ok((raw, model))
+}
+
 /// Parses the fields the gateway needs. 400 `invalid_request` unless the body is a JSON
 /// object with a string `model`.
 pub fn parse_request(body: &[u8]) -> Result<RequestFields, GateError> {
     let fields: Fields<'_> = serde_json::from_slice(body)
         .map_err(|e| GateError::InvalidRequest(format!("body is not valid JSON: {e}")))?;
-    let raw_model = fields
-        .model
-        .ok_or_else(|| GateError::InvalidRequest("missing string field 'model'".into()))?;
-    let model: Cow<'_, str> = serde_json::from_str(raw_model.get())
-        .map_err(|_| GateError::InvalidRequest("'model' must be a string".into()))?;
+    let (raw_model, model) = string_model(fields.model)?;
     let stream = fields.stream.unwrap_or(false);
     let client_wants_usage = match fields.stream_options {
         Some(raw) if raw.get() != "null" => {
@@ -373,11 +379,7 @@ pub enum MediaKind {
 pub fn parse_media_request(body: &[u8], kind: MediaKind) -> Result<RequestFields, GateError> {
     let fields: MediaFields<'_> = serde_json::from_slice(body)
         .map_err(|e| GateError::InvalidRequest(format!("body is not valid JSON: {e}")))?;
-    let raw_model = fields
-        .model
-        .ok_or_else(|| GateError::InvalidRequest("missing string field 'model'".into()))?;
-    let model: Cow<'_, str> = serde_json::from_str(raw_model.get())
-        .map_err(|_| GateError::InvalidRequest("'model' must be a string".into()))?;
+    let (raw_model, model) = string_model(fields.model)?;
     let units = match kind {
         MediaKind::Images => {
             let n = match fields.n.map(RawValue::get) {
