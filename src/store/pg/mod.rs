@@ -6,6 +6,7 @@
 //! used, and dropped, off the async worker threads (see `discard`). Only parameterised SQL.
 
 mod audit;
+mod groups;
 mod keys;
 mod ledger;
 
@@ -47,6 +48,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "0003_audit",
         include_str!("../../../migrations/postgres/0003_audit.sql"),
+    ),
+    (
+        4,
+        "0004_fleet_groups",
+        include_str!("../../../migrations/postgres/0004_fleet_groups.sql"),
     ),
 ];
 

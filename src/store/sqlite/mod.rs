@@ -6,6 +6,7 @@
 //! only parameterised SQL.
 
 mod audit;
+mod groups;
 mod keys;
 mod ledger;
 
@@ -128,6 +129,25 @@ CREATE TABLE IF NOT EXISTS inflight (
 -- rows are charged as orphans once its heartbeat is older than the caller's TTL.
 CREATE TABLE IF NOT EXISTS nodes (owner INTEGER PRIMARY KEY, seen_at INTEGER NOT NULL);
 
+-- Groups of keys with a budget and rpm over the sum of their keys (SPEC §7). A change logs
+-- '*group:<name>' in key_changes, which tells a running gateway to rebuild its snapshot.
+CREATE TABLE IF NOT EXISTS groups (
+    name         TEXT PRIMARY KEY,
+    budget_nanos INTEGER,
+    budget_mode  TEXT NOT NULL,
+    rpm          INTEGER,
+    created_at   INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS groups_ai AFTER INSERT ON groups BEGIN
+    UPDATE meta SET v = v + 1 WHERE k = 'keys_version';
+    INSERT INTO key_changes (key_id) VALUES ('*group:' || NEW.name); END;
+CREATE TRIGGER IF NOT EXISTS groups_au AFTER UPDATE ON groups BEGIN
+    UPDATE meta SET v = v + 1 WHERE k = 'keys_version';
+    INSERT INTO key_changes (key_id) VALUES ('*group:' || NEW.name); END;
+CREATE TRIGGER IF NOT EXISTS groups_ad AFTER DELETE ON groups BEGIN
+    UPDATE meta SET v = v + 1 WHERE k = 'keys_version';
+    INSERT INTO key_changes (key_id) VALUES ('*group:' || OLD.name); END;
+
 -- Every management change: door, actor, action, target, before and after (public fields as
 -- JSON text, never a secret).
 CREATE TABLE IF NOT EXISTS audit (
@@ -143,7 +163,7 @@ CREATE TABLE IF NOT EXISTS audit (
 "#;
 
 /// Columns added after the first release, applied to older databases at open.
-const MIGRATIONS: [(&str, &str, &str); 6] = [
+const MIGRATIONS: [(&str, &str, &str); 8] = [
     // The process (pid) that journaled an admission: a live one still owns it.
     ("inflight", "owner", "INTEGER NOT NULL DEFAULT 0"),
     ("keys", "max_inflight", "INTEGER"),
@@ -153,6 +173,9 @@ const MIGRATIONS: [(&str, &str, &str); 6] = [
     ("keys", "rotated_at", "INTEGER"),
     // The W3C trace id of the request (32 hex digits), for finding it from an agent's trace.
     ("traces", "trace_id", "TEXT"),
+    // Fleets (SPEC §7): the key's group, and the key that minted it.
+    ("keys", "group_name", "TEXT"),
+    ("keys", "parent_id", "TEXT"),
 ];
 
 pub(super) struct Sqlite {
@@ -216,6 +239,11 @@ impl Sqlite {
                     tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
                 }
             }
+            // After the column exists: a key's descendants are found through it (§7).
+            tx.execute_batch(
+                "CREATE INDEX IF NOT EXISTS keys_parent ON keys (parent_id)
+                 WHERE parent_id IS NOT NULL",
+            )?;
             Ok(())
         })?;
         Ok(store)
