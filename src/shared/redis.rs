@@ -22,7 +22,9 @@
 //! | `P:live` | HASH | `reserved` (open holds), `inflight` (open requests) |
 //! | `P:umin`, `P:uday:<day>` | ZSET, string | `/v1/usage` calls, counted apart |
 //! | `P:rx` | ZSET | this key's open reservations by expiry (ms), for the sweep inside `admit` |
-//! | `{sg}:res` | HASH | reservation `<node>:<res_id>` → `held|estimate|month|key_id` |
+//! | `{sg}:res` | HASH | reservation `<node>:<res_id>` → `held|estimate|month|key_id|levels` (levels: `p<prefix>`/`g<prefix>` of the parents and group it was also held at, space-separated) |
+//! | `P:mon:<month>` `tree`, `P:live` `treserved` | fields | the month's spend and the open holds of the keys below `P` in its tree of minted keys (SPEC §7) |
+//! | `{sg}:g:<group>:mon:<month>`, `:live`, `:min` | HASH, HASH, ZSET | a group's month (as a key's), holds, and rolling minute (SPEC §7) |
 //! | `{sg}:resx` | ZSET | reservation → expiry (ms), for [`RedisLimits::reap`] |
 //! | `{sg}:node:<node>` | SET | the node's open reservations, for [`RedisLimits::heartbeat`] |
 //!
