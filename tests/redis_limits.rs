@@ -593,6 +593,20 @@ async fn a_dead_nodes_reservation_is_charged_at_its_estimate_and_a_live_one_is_k
     let v = view(&reaper, "k").await;
     assert_eq!(v.spent, Nanos::new(700), "charged at its estimate");
     assert_eq!((v.reserved, v.inflight), (Nanos::new(500), 1));
+    // An admission of the same key sweeps the key's own expiry index: the heartbeat kept the
+    // live reservation's entry there fresh too, so it is not reaped either.
+    admitted(&admit(&reaper, "k", &limits, 100, 9).await);
+    let v2 = view(&reaper, "k").await;
+    assert_eq!(
+        v2.spent,
+        Nanos::new(700),
+        "the live reservation was reaped by the sweep"
+    );
+    assert_eq!((v2.reserved, v2.inflight), (Nanos::new(600), 2));
+    reaper
+        .settle("k", 9, month_index(now_ms()), None)
+        .await
+        .unwrap();
     let orphan = v
         .by_model
         .iter()
