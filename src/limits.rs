@@ -419,9 +419,14 @@ impl KeyCounters {
         }
         let mut above = Vec::with_capacity(uplines.len());
         let mut hard_above = false;
+        // A soft cap above the key that its tree or group has reached: the warning header.
+        let mut soft_reached = false;
         for u in uplines {
             let mut g = u.counters.lock();
             g.roll(now);
+            if let (Some(cap), false) = (u.limits.budget, u.limits.hard_budget) {
+                soft_reached |= g.spent + g.tree_spent >= cap;
+            }
             if let (Some(cap), true) = (u.limits.budget, u.limits.hard_budget) {
                 hard_above = true;
                 let committed = g.committed();
@@ -461,7 +466,8 @@ impl KeyCounters {
         s.count_request(now, limits);
         s.reserved += held;
         s.inflight += 1;
-        let standing = s.standing(now, limits);
+        let mut standing = s.standing(now, limits);
+        standing.budget_warning |= soft_reached;
         Ok((
             standing,
             Reservation {

@@ -212,3 +212,34 @@ fn a_parent_cap_bounds_its_tree_across_nodes_and_revocation_reaches_every_node()
         });
     }
 }
+
+#[test]
+fn a_soft_group_budget_warns_on_every_node() {
+    let Some(c) = Cluster::start("closed", 30_000) else {
+        return;
+    };
+    let cap = 2 * DEFAULT_COST;
+    c.nodes[0].cli_json(&[
+        "groups",
+        "create",
+        "soft-fleet",
+        "--budget",
+        &format!("{:.9}", cap as f64 / 1e9),
+        "--budget-mode",
+        "soft",
+        "--json",
+    ]);
+    let key = c.create_key(&["--group", "soft-fleet"]);
+    for node in &c.nodes[..2] {
+        let r = node.chat(&key, "gpt-4o-mini");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-spidergate-budget-warning"), None);
+    }
+    // Settled in Redis by the time the response ended (SPEC: usage right after a response).
+    wait_for(Duration::from_secs(5), "settled", || {
+        (c.usage_on(0, &key)["requests_in_flight"] == 0).then_some(())
+    });
+    let r = c.nodes[2].chat(&key, "gpt-4o-mini");
+    assert_eq!(r.status, 200);
+    assert!(r.header("x-spidergate-budget-warning").is_some());
+}

@@ -496,3 +496,37 @@ fn revoking_a_parent_reaches_its_grandchild_and_depth_is_bounded() {
     }
     assert_eq!(gw.chat(&chain[0], "gpt-4o-mini").status, 200);
 }
+
+#[test]
+fn a_soft_group_budget_warns_its_keys_once_reached_and_keeps_serving() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).admin(ADMIN).start();
+    // Two requests' worth: the third request sees the group's spend at its cap.
+    let cap = 2 * DEFAULT_COST;
+    gw.cli_json(&[
+        "groups",
+        "create",
+        "soft-team",
+        "--budget",
+        &format!("{:.9}", cap as f64 / 1e9),
+        "--budget-mode",
+        "soft",
+        "--json",
+    ]);
+    let a = gw.create_key(&["--group", "soft-team"]);
+    let b = gw.create_key(&["--group", "soft-team"]);
+    for key in [&a, &b] {
+        let r = gw.chat(key, "gpt-4o-mini");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-spidergate-budget-warning"), None);
+    }
+    for key in [&a, &b] {
+        let r = gw.chat(key, "gpt-4o-mini");
+        assert_eq!(r.status, 200, "a soft cap never refuses");
+        assert!(
+            r.header("x-spidergate-budget-warning").is_some(),
+            "the group reached its soft cap"
+        );
+    }
+    assert_eq!(billed(&mock), 4 * DEFAULT_COST);
+}

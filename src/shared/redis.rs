@@ -589,7 +589,12 @@ impl RedisLimits {
                 Level::Parent => "p",
                 Level::Group => "g",
             })
-            .arg(hard_cap(&u.limits).unwrap_or(-1))
+            // A soft cap travels as -2 - cap: the script only warns with it.
+            .arg(match (hard_cap(&u.limits), u.limits.budget) {
+                (Some(c), _) => c,
+                (None, Some(soft)) => -2 - soft.get(),
+                (None, None) => -1,
+            })
             .arg(opt(u.limits.rpm.filter(|_| u.level == Level::Group)));
         }
         let reply = match self.eval(&self.scripts.admit, &cmd).await {

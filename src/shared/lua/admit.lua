@@ -3,8 +3,8 @@
 -- ARGV key_id, node, res_id, rpm, rpd, cap, hard (1/0), max_inflight, held, ttl_ms,
 -- estimate (the request's upper-bound cost, charged if its node dies with it open).
 -- ARGV[12] U, the levels above the key (SPEC §7; KEYS[2..U+1] their prefixes, parents
--- nearest first, then the group), then per level: kind ('p' parent | 'g' group), hard cap
--- (-1 none), rpm (-1 none; groups only).
+-- nearest first, then the group), then per level: kind ('p' parent | 'g' group), cap (a
+-- hard cap as is; a soft one as -2 - cap; -1 none), rpm (-1 none; groups only).
 -- Returns {0, month, day, level} need seed (level 0 the key, i the i-th level above) |
 -- {1, month, remaining, reset, warning} admitted |
 -- (…, now: Redis' clock, the time the request's cost is booked at) |
@@ -75,13 +75,20 @@ end
 for i = 1, ups do
   local up = KEYS[1 + i]
   local kind, ucap, urpm = ARGV[10 + 3 * i], opt(ARGV[11 + 3 * i]), opt(ARGV[12 + 3 * i])
+  local umon = up .. ':mon:' .. month
   if ucap then
-    local umon, ulive = up .. ':mon:' .. month, up .. ':live'
+    local ulive = up .. ':live'
     local used = tonumber(redis.call('HGET', umon, 'spent') or '0')
       + tonumber(redis.call('HGET', umon, 'tree') or '0')
       + tonumber(redis.call('HGET', ulive, 'reserved') or '0')
       + tonumber(redis.call('HGET', ulive, 'treserved') or '0')
     if used + tonumber(held) > ucap then return {6, used, i} end
+  end
+  -- A soft cap above the key (-2 - cap: see redis.rs) that its group or tree has reached.
+  local soft = tonumber(ARGV[11 + 3 * i])
+  if soft <= -2 and tonumber(redis.call('HGET', umon, 'spent') or '0')
+      + tonumber(redis.call('HGET', umon, 'tree') or '0') >= -2 - soft then
+    warning = 1
   end
   if kind == 'g' and urpm then
     local umin = up .. ':min'
