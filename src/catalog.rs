@@ -267,6 +267,8 @@ aliases:
             previous_hash: None,
             previous_valid_until: None,
             rotated_at: None,
+            max_usd_per_hour: None,
+            loop_limit: None,
         };
         KeyEntry::new(record, c, Arc::new(KeyCounters::default()))
     }

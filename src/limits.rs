@@ -13,11 +13,13 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+pub mod brakes;
 pub mod store;
 
 use crate::clock::{day_index, month_index, Now, MS_PER_DAY};
 use crate::error::GateError;
 use crate::money::Nanos;
+use brakes::{Brakes, Refusal};
 
 const WINDOW_MS: i64 = 60_000;
 
@@ -29,6 +31,40 @@ pub struct Limits {
     pub budget: Option<Nanos>,
     pub hard_budget: bool,
     pub max_inflight: Option<u32>,
+    /// Spend cap over any rolling 60 minutes, reservations included (SPEC §7).
+    pub max_usd_per_hour: Option<Nanos>,
+    /// Identical requests (endpoint, model, body) admitted per rolling 60 s.
+    pub loop_limit: Option<u32>,
+}
+
+impl Limits {
+    /// Whether the key has a runaway-agent brake (only those pay for one).
+    pub fn has_brakes(&self) -> bool {
+        self.max_usd_per_hour.is_some() || self.loop_limit.is_some()
+    }
+}
+
+impl From<Refusal> for GateError {
+    fn from(r: Refusal) -> GateError {
+        match r {
+            Refusal::SpendRate {
+                spend,
+                cap,
+                retry_after_secs,
+            } => GateError::SpendRateExceeded {
+                spend,
+                cap,
+                retry_after_secs,
+            },
+            Refusal::Loop {
+                limit,
+                retry_after_secs,
+            } => GateError::LoopDetected {
+                limit,
+                retry_after_secs,
+            },
+        }
+    }
 }
 
 /// Live counters of one key.
@@ -153,6 +189,9 @@ struct CounterState {
     /// The last standing a shared store (Redis) answered for this key, for the rate-limit
     /// headers of answers that admit nothing (asking the store again would cost a round trip).
     shared_standing: Option<Standing>,
+    /// The hour's spend and the loop table, made on the first admission of a key with one of
+    /// those limits (`None`, one word, for every other key).
+    brakes: Option<Box<Brakes>>,
 }
 
 /// What an admitted request reports back in its rate-limit headers.
@@ -173,6 +212,9 @@ pub struct Standing {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Reservation {
     held: Nanos,
+    /// Held against this node's hour window (`max_usd_per_hour`); a shared store keeps its
+    /// own (zero here).
+    hour_held: Nanos,
     month: i64,
     /// The hold's id in a shared store (Redis), if it was taken there; `None` for this
     /// node's own counters (single node, or a fallback while the shared store is down).
@@ -187,6 +229,7 @@ impl Reservation {
     pub fn in_shared_store(held: Nanos, month: i64, id: u64, decided_at: i64) -> Reservation {
         Reservation {
             held,
+            hour_held: Nanos::ZERO,
             month,
             shared: Some(id),
             decided_at: Some(decided_at),
@@ -321,25 +364,58 @@ impl KeyCounters {
         limits: &Limits,
         bound: Nanos,
     ) -> Result<(Standing, Reservation), GateError> {
+        self.admit_with(now, limits, bound, None)
+    }
+
+    /// [`KeyCounters::admit`] with the runaway-agent brakes too, in SPEC §2's order: budget,
+    /// hour spend, loop, per-minute, per-day, in-flight. `digest` is the request's
+    /// [`brakes::request_digest`], given only for a key with a `loop_limit`.
+    pub fn admit_with(
+        &self,
+        now: Now,
+        limits: &Limits,
+        bound: Nanos,
+        digest: Option<u128>,
+    ) -> Result<(Standing, Reservation), GateError> {
         let mut s = self.lock();
         s.roll(now);
+        let bound = bound.max(Nanos::ZERO);
         let held = match (limits.budget, limits.hard_budget) {
             (Some(cap), true) => {
                 let committed = s.spent + s.reserved;
-                if committed + bound.max(Nanos::ZERO) > cap {
+                if committed + bound > cap {
                     return Err(GateError::BudgetExceeded {
                         spend: committed,
                         cap,
                     });
                 }
-                bound.max(Nanos::ZERO)
+                bound
             }
             _ => Nanos::ZERO,
+        };
+        let hour_held = if limits.has_brakes() {
+            let b = s.brakes.get_or_insert_with(Box::default);
+            if let Some(cap) = limits.max_usd_per_hour {
+                b.spend.check(now.mono, cap, bound)?;
+            }
+            if let (Some(limit), Some(d)) = (limits.loop_limit, digest) {
+                b.loops.check(now.mono, limit, d)?;
+            }
+            limits.max_usd_per_hour.map_or(Nanos::ZERO, |_| bound)
+        } else {
+            Nanos::ZERO
         };
         s.requests.check(now, limits)?;
         if let Some(max) = limits.max_inflight {
             if s.inflight >= max {
                 return Err(GateError::ConcurrencyLimited { limit: max });
+            }
+        }
+        // Every check passed: consume all of them.
+        if let Some(b) = s.brakes.as_deref_mut() {
+            b.spend.reserved += hour_held;
+            if let (Some(_), Some(d)) = (limits.loop_limit, digest) {
+                b.loops.count(now.mono, d);
             }
         }
         s.count_request(now, limits);
@@ -350,6 +426,7 @@ impl KeyCounters {
             standing,
             Reservation {
                 held,
+                hour_held,
                 month: s.month,
                 shared: None,
                 decided_at: None,
@@ -397,6 +474,13 @@ impl KeyCounters {
         let mut s = self.lock();
         s.reserved -= reservation.held;
         s.inflight = s.inflight.saturating_sub(1);
+        // The hour window books the cost when it is known, whatever month it belongs to.
+        if let Some(b) = s.brakes.as_deref_mut() {
+            b.spend.reserved -= reservation.hour_held;
+            if let Some(c) = &charge {
+                b.spend.book(crate::clock::mono_ms(), c.cost);
+            }
+        }
         let Some(c) = charge else {
             return;
         };

@@ -40,6 +40,9 @@ pub struct KeySpec {
     /// `1h`..`90d`; `None`: 30 days.
     pub ttl: Option<String>,
     pub client_id: Option<String>,
+    /// Runaway-agent brakes (SPEC §7); `None`: no limit.
+    pub max_usd_per_hour: Option<f64>,
+    pub loop_limit: Option<i64>,
 }
 
 /// Changes to a key: `None` leaves a field alone, `Some(None)` clears a limit.
@@ -57,6 +60,8 @@ pub struct KeyChanges {
     /// A new lifetime, counted from now.
     pub ttl: Option<String>,
     pub client_id: Option<Option<String>>,
+    pub max_usd_per_hour: Option<Option<f64>>,
+    pub loop_limit: Option<Option<i64>>,
 }
 
 /// Why a key operation was refused.
@@ -205,6 +210,11 @@ impl<'a> KeyService<'a> {
                 .as_deref()
                 .map(|t| check_ttl(t).map(|secs| now + secs * 1000))
                 .transpose()?,
+            max_usd_per_hour: changes
+                .max_usd_per_hour
+                .map(check_usd_per_hour)
+                .transpose()?,
+            loop_limit: changes.loop_limit.map(check_loop_limit).transpose()?,
         };
         let before = self.store.get_key(id)?;
         let after = self
@@ -319,6 +329,8 @@ pub fn mint(catalog: &Catalog, spec: KeySpec, now: i64) -> Result<(KeyRecord, St
         None => DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect(),
     };
     let client_id = check_client_id(spec.client_id)?;
+    let max_usd_per_hour = check_usd_per_hour(spec.max_usd_per_hour)?;
+    let loop_limit = check_loop_limit(spec.loop_limit)?;
     let minted = token::mint().map_err(random_source)?;
     let record = KeyRecord {
         id: token::new_key_id().map_err(random_source)?,
@@ -341,6 +353,8 @@ pub fn mint(catalog: &Catalog, spec: KeySpec, now: i64) -> Result<(KeyRecord, St
         previous_hash: None,
         previous_valid_until: None,
         rotated_at: None,
+        max_usd_per_hour,
+        loop_limit,
     };
     Ok((record, minted.secret))
 }
@@ -406,6 +420,37 @@ fn check_budget(usd: Option<f64>) -> Result<Option<Nanos>, KeyError> {
                 format!("invalid budget {usd}: use a USD amount between 0 and 1000000000"),
             )
         }),
+    }
+}
+
+/// An hourly spend cap: a USD amount above 0, or absent (no cap).
+fn check_usd_per_hour(usd: Option<f64>) -> Result<Option<Nanos>, KeyError> {
+    match usd {
+        None => Ok(None),
+        Some(usd) => Nanos::from_usd(usd)
+            .filter(|n| *n > Nanos::ZERO)
+            .map(Some)
+            .ok_or_else(|| {
+                KeyError::invalid(
+                    "max_usd_per_hour",
+                    format!("max_usd_per_hour must be a USD amount above 0 and at most 1000000000 (omit it for no cap), got {usd}"),
+                )
+            }),
+    }
+}
+
+/// Most identical requests a `loop_limit` may allow per minute: the loop table counts per
+/// second in 16 bits, so every limit up to this one is counted exactly.
+pub const MAX_LOOP_LIMIT: i64 = 10_000;
+
+fn check_loop_limit(v: Option<i64>) -> Result<Option<u32>, KeyError> {
+    match v {
+        None => Ok(None),
+        Some(n) if (1..=MAX_LOOP_LIMIT).contains(&n) => Ok(Some(n as u32)),
+        Some(n) => Err(KeyError::invalid(
+            "loop_limit",
+            format!("loop_limit must be a whole number from 1 to {MAX_LOOP_LIMIT} (omit it for no limit), got {n}"),
+        )),
     }
 }
 

@@ -96,6 +96,10 @@ pub struct KeyRecord {
     pub previous_hash: Option<TokenHash>,
     pub previous_valid_until: Option<i64>,
     pub rotated_at: Option<i64>,
+    /// Runaway-agent brakes (SPEC §7): spend cap over any rolling 60 minutes.
+    pub max_usd_per_hour: Option<Nanos>,
+    /// Runaway-agent brakes: identical requests allowed per rolling 60 s.
+    pub loop_limit: Option<u32>,
 }
 
 impl KeyRecord {
@@ -106,6 +110,8 @@ impl KeyRecord {
             budget: self.budget,
             hard_budget: self.budget_mode == BudgetMode::Hard,
             max_inflight: self.max_inflight,
+            max_usd_per_hour: self.max_usd_per_hour,
+            loop_limit: self.loop_limit,
         }
     }
 
@@ -500,6 +506,8 @@ models: [{id: m, provider: p, input_usd_per_mtok: 1, output_usd_per_mtok: 1}]
             previous_hash: None,
             previous_valid_until: None,
             rotated_at: None,
+            max_usd_per_hour: None,
+            loop_limit: None,
         };
         KeyEntry::new(record, &catalog, Arc::new(KeyCounters::default()))
     }

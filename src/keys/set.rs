@@ -313,6 +313,8 @@ models: [{id: m, provider: p, input_usd_per_mtok: 1, output_usd_per_mtok: 1}]
             previous_hash: None,
             previous_valid_until: None,
             rotated_at: None,
+            max_usd_per_hour: None,
+            loop_limit: None,
         }
     }
 }

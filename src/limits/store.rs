@@ -16,15 +16,17 @@ use crate::money::Nanos;
 /// Live limits of every key: admission (all checks and the hold, in one atomic step),
 /// settlement, and what `/v1/usage` reports.
 pub trait LimitStore {
-    /// Checks the hard budget, the rolling minute, the UTC day and the in-flight cap, and
-    /// takes all of them only if all pass (a rejection consumes nothing). `bound` is the
-    /// request's upper-bound cost, held against a hard budget until settled; `res_id`
-    /// names the hold (the admission journal's id).
+    /// Checks the hard budget, the hour's spend, loops, the rolling minute, the UTC day and
+    /// the in-flight cap, and takes all of them only if all pass (a rejection consumes
+    /// nothing). `bound` is the request's upper-bound cost, held against a hard budget and
+    /// `max_usd_per_hour` until settled; `digest` identifies the request for `loop_limit`
+    /// (given only for keys with one); `res_id` names the hold (the admission journal's id).
     fn admit(
         &self,
         key: &Arc<KeyEntry>,
         now: Now,
         bound: Nanos,
+        digest: Option<u128>,
         res_id: u64,
     ) -> impl Future<Output = Result<(Standing, Reservation), GateError>> + Send;
 
@@ -64,8 +66,9 @@ impl InProcess {
         key: &KeyEntry,
         now: Now,
         bound: Nanos,
+        digest: Option<u128>,
     ) -> Result<(Standing, Reservation), GateError> {
-        key.counters.admit(now, &key.limits, bound)
+        key.counters.admit_with(now, &key.limits, bound, digest)
     }
 
     pub fn settle_now(
@@ -87,9 +90,10 @@ impl LimitStore for InProcess {
         key: &Arc<KeyEntry>,
         now: Now,
         bound: Nanos,
+        digest: Option<u128>,
         _res_id: u64,
     ) -> impl Future<Output = Result<(Standing, Reservation), GateError>> + Send {
-        std::future::ready(Self::admit_now(key, now, bound))
+        std::future::ready(Self::admit_now(key, now, bound, digest))
     }
 
     fn admit_usage_call(

@@ -45,11 +45,12 @@ impl LimitStore for Limiter {
         key: &Arc<KeyEntry>,
         now: Now,
         bound: Nanos,
+        digest: Option<u128>,
         res_id: u64,
     ) -> Result<(Standing, Reservation), GateError> {
         match self {
-            Limiter::InProcess(_) => InProcess::admit_now(key, now, bound),
-            Limiter::Shared(s) => s.admit(key, now, bound, res_id).await,
+            Limiter::InProcess(_) => InProcess::admit_now(key, now, bound, digest),
+            Limiter::Shared(s) => s.admit(key, now, bound, digest, res_id).await,
         }
     }
 
@@ -223,6 +224,7 @@ impl SharedLimits {
         key: &KeyEntry,
         now: Now,
         bound: Nanos,
+        digest: Option<u128>,
     ) -> Result<(Standing, Reservation), GateError> {
         let hard = key.limits.hard_budget && key.limits.budget.is_some();
         if self.on_error == OnError::Closed && hard {
@@ -230,7 +232,7 @@ impl SharedLimits {
             return Err(GateError::LimitsUnavailable);
         }
         self.health.fallbacks.fetch_add(1, Ordering::Relaxed);
-        InProcess::admit_now(key, now, bound)
+        InProcess::admit_now(key, now, bound, digest)
     }
 
     async fn admit(
@@ -238,27 +240,28 @@ impl SharedLimits {
         key: &Arc<KeyEntry>,
         now: Now,
         bound: Nanos,
+        digest: Option<u128>,
         res_id: u64,
     ) -> Result<(Standing, Reservation), GateError> {
         // Known down: no round trip (and no timeout) per request; the upkeep loop notices
         // within a second when Redis answers again.
         if !self.redis_up() {
-            return self.fallback(key, now, bound);
+            return self.fallback(key, now, bound, digest);
         }
-        match self.admit_in_redis(key, bound, res_id).await {
+        match self.admit_in_redis(key, bound, digest, res_id).await {
             Ok(decision) => {
                 self.mark(true, "admission", None);
                 decision
             }
             Err(Failure::Redis(e)) => {
                 self.mark(false, "admission", Some(&e));
-                self.fallback(key, now, bound)
+                self.fallback(key, now, bound, digest)
             }
             // Redis answers; only this key's month could not be read from the ledger. Decided
             // as if Redis were down, for this request alone (the circuit stays closed).
             Err(Failure::Ledger(e)) => {
                 log::debug!("key {}: cannot seed its month from the ledger: {e}", key.id);
-                self.fallback(key, now, bound)
+                self.fallback(key, now, bound, digest)
             }
         }
     }
@@ -267,13 +270,14 @@ impl SharedLimits {
         &self,
         key: &Arc<KeyEntry>,
         bound: Nanos,
+        digest: Option<u128>,
         res_id: u64,
     ) -> Result<Result<(Standing, Reservation), GateError>, Failure> {
         // At most one seed per call: a second NeedSeed means the seed did not stick.
         for attempt in 0..2 {
             match self
                 .redis
-                .admit(&key.id, &key.limits, bound, res_id)
+                .admit(&key.id, &key.limits, bound, digest, res_id)
                 .await
                 .map_err(Failure::Redis)?
             {

@@ -22,7 +22,9 @@
 //! | `P:live` | HASH | `reserved` (open holds), `inflight` (open requests) |
 //! | `P:umin`, `P:uday:<day>` | ZSET, string | `/v1/usage` calls, counted apart |
 //! | `P:rx` | ZSET | this key's open reservations by expiry (ms), for the sweep inside `admit` |
-//! | `{sg}:res` | HASH | reservation `<node>:<res_id>` → `held|estimate|month|key_id` |
+//! | `P:hr` | HASH | keys with `max_usd_per_hour` only: `r` (open hour holds) and per clock minute `<minute>` → settled spend; expires 2 h after its last write |
+//! | `P:lp:<digest>` | HASH | keys with `loop_limit` only: per clock second `<second>` → admissions of that request (32 hex digits of its digest); expires 62 s after its last admission |
+//! | `{sg}:res` | HASH | reservation `<node>:<res_id>` → `held|estimate|month|key_id`, plus `|h<hour hold>` for a key with `max_usd_per_hour` |
 //! | `{sg}:resx` | ZSET | reservation → expiry (ms), for [`RedisLimits::reap`] |
 //! | `{sg}:node:<node>` | SET | the node's open reservations, for [`RedisLimits::heartbeat`] |
 //!
@@ -543,6 +545,7 @@ impl RedisLimits {
         key_id: &str,
         limits: &Limits,
         estimate: Nanos,
+        digest: Option<u128>,
         res_id: u64,
     ) -> Result<Admit, SharedError> {
         let (cap, held) = match (limits.budget, limits.hard_budget) {
@@ -568,6 +571,19 @@ impl RedisLimits {
             .arg(held)
             .arg(self.ttl_ms)
             .arg(estimate.get().max(0));
+        // The brakes travel only for keys that have them (`admit.lua` reads ARGV 12..14).
+        if limits.has_brakes() {
+            let hour_cap = limits.max_usd_per_hour.map_or(-1, Nanos::get);
+            // An estimate above the hour cap is refused whatever it is (clamped, as above).
+            let hour_bound = limits.max_usd_per_hour.map_or(0, |cap| {
+                estimate.get().clamp(0, cap.get().saturating_add(1))
+            });
+            cmd.arg(hour_cap).arg(hour_bound);
+            match (limits.loop_limit, digest) {
+                (Some(n), Some(d)) => cmd.arg(n).arg(format!("{d:032x}")),
+                _ => cmd.arg(-1).arg(""),
+            };
+        }
         let reply = match self.eval(&self.scripts.admit, &cmd).await {
             Ok(reply) => reply,
             Err(f) => {
@@ -605,6 +621,15 @@ impl RedisLimits {
             }),
             5 => Admit::Rejected(GateError::ConcurrencyLimited {
                 limit: limits.max_inflight.unwrap_or(0),
+            }),
+            6 => Admit::Rejected(GateError::SpendRateExceeded {
+                spend: Nanos::new(at(a, 1, what)?),
+                cap: limits.max_usd_per_hour.unwrap_or(Nanos::ZERO),
+                retry_after_secs: at(a, 2, what)?.max(1) as u64,
+            }),
+            7 => Admit::Rejected(GateError::LoopDetected {
+                limit: limits.loop_limit.unwrap_or(0),
+                retry_after_secs: at(a, 1, what)?.max(1) as u64,
             }),
             _ => return Err(unavailable(what)),
         })

@@ -352,6 +352,8 @@ mod tests {
             expires_at: 2,
             revoked_at: None,
             last_used_at: None,
+            max_usd_per_hour: Some(Nanos::new(2_500_000_000)),
+            loop_limit: Some(7),
         }
     }
 
@@ -365,13 +367,26 @@ mod tests {
         let k = s.get_key("key_a").unwrap().unwrap();
         assert_eq!(k.scopes, vec!["gate:chat", "job:*"]);
         assert_eq!(k.budget_mode, BudgetMode::Hard);
+        assert_eq!(
+            (k.max_usd_per_hour, k.loop_limit),
+            (Some(Nanos::new(2_500_000_000)), Some(7))
+        );
         let patch = KeyPatch {
             rpm: Some(None),
             free_only: Some(true),
+            max_usd_per_hour: Some(None),
+            loop_limit: Some(Some(3)),
             ..KeyPatch::default()
         };
         let k = s.update_key("key_a", &patch).unwrap().unwrap();
         assert_eq!((k.rpm, k.free_only), (None, true));
+        let stored = s.get_key("key_a").unwrap().unwrap();
+        assert_eq!((stored.max_usd_per_hour, stored.loop_limit), (None, Some(3)));
+        // The snapshot's rows carry the brakes too.
+        let mut limits = Vec::new();
+        s.for_each_key_row(|r| limits.push((r.limits.max_usd_per_hour, r.limits.loop_limit)))
+            .unwrap();
+        assert_eq!(limits, vec![(None, Some(3))]);
         let v1 = s.keys_version().unwrap();
         let k = s.revoke_key("key_a", 77).unwrap().unwrap();
         assert_eq!(k.revoked_at, Some(77));

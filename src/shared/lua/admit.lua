@@ -1,10 +1,12 @@
 -- Admits one model request: budget, rpm, rpd, in-flight, all or nothing.
 -- KEYS[1] key prefix `{sg}:k:<key_id>`.
 -- ARGV key_id, node, res_id, rpm, rpd, cap, hard (1/0), max_inflight, held, ttl_ms,
--- estimate (the request's upper-bound cost, charged if its node dies with it open).
+-- estimate (the request's upper-bound cost, charged if its node dies with it open);
+-- for keys with a brake only: hour_cap (-1 none), hour_bound, loop_limit (-1 none), digest.
 -- Returns {0, month, day} need seed | {1, month, remaining, reset, warning} admitted |
 -- (…, now: Redis' clock, the time the request's cost is booked at) |
--- {2, spent, reserved} budget | {3, retry} rpm | {4, retry} rpd | {5} in-flight.
+-- {2, spent, reserved} budget | {3, retry} rpm | {4, retry} rpd | {5} in-flight |
+-- {6, hour spend, retry} max_usd_per_hour | {7, retry} loop_limit.
 local p = KEYS[1]
 local key_id, node, res_id = ARGV[1], ARGV[2], ARGV[3]
 local rpm, rpd, cap = opt(ARGV[4]), opt(ARGV[5]), opt(ARGV[6])
@@ -35,6 +37,83 @@ if cap then
     end
   elseif tonumber(spent) >= cap then
     warning = 1
+  end
+end
+
+-- The runaway-agent brakes, after the budget and before rpm (SPEC §2's order).
+local hour_cap = opt(ARGV[12] or '-1')
+local hour_bound = ARGV[13] or '0'
+local loop_limit = opt(ARGV[14] or '-1')
+local hr, hheld, lp
+if hour_cap then
+  hr = p .. ':hr'
+  local cur = math.floor(now / MS_MIN)
+  local h = redis.call('HGETALL', hr)
+  local reserved, settled, mins, spent_in = 0, 0, {}, {}
+  for i = 1, #h, 2 do
+    local v = tonumber(h[i + 1])
+    if h[i] == 'r' then
+      reserved = math.max(v, 0)
+    else
+      local m = tonumber(h[i])
+      if m >= cur - HOUR_MINUTES then
+        settled = settled + v
+        mins[#mins + 1] = m
+        spent_in[m] = v
+      else
+        redis.call('HDEL', hr, h[i]) -- left the window
+      end
+    end
+  end
+  local bound = tonumber(hour_bound)
+  local committed = settled + reserved
+  if committed + bound > hour_cap then
+    -- When enough settled spend leaves for this bound to fit; 1 s when only open holds are
+    -- in the way; an hour when the bound alone is above the cap.
+    local retry = 1
+    if bound > hour_cap then
+      retry = HOUR_MINUTES * 60
+    else
+      table.sort(mins)
+      local left = committed
+      for _, m in ipairs(mins) do
+        left = left - spent_in[m]
+        if left + bound <= hour_cap then
+          retry = math.max(1, math.ceil(((m + HOUR_MINUTES + 1) * MS_MIN - now) / 1000))
+          break
+        end
+      end
+    end
+    return {6, committed, retry}
+  end
+  hheld = hour_bound
+end
+if loop_limit and (ARGV[15] or '') ~= '' then
+  lp = p .. ':lp:' .. ARGV[15]
+  local sec = math.floor(now / 1000)
+  local h = redis.call('HGETALL', lp)
+  local seen, secs, count_in = 0, {}, {}
+  for i = 1, #h, 2 do
+    local s, c = tonumber(h[i]), tonumber(h[i + 1])
+    if s >= sec - LOOP_SECONDS then
+      seen = seen + c
+      secs[#secs + 1] = s
+      count_in[s] = c
+    else
+      redis.call('HDEL', lp, h[i])
+    end
+  end
+  if seen >= loop_limit then
+    table.sort(secs)
+    local left, retry = seen, 1
+    for _, s in ipairs(secs) do
+      left = left - count_in[s]
+      if left < loop_limit then
+        retry = math.max(1, math.ceil(((s + LOOP_SECONDS + 1) * 1000 - now) / 1000))
+        break
+      end
+    end
+    return {7, retry}
   end
 end
 
@@ -73,9 +152,20 @@ end
 if redis.call('INCR', daykey) == 1 then redis.call('PEXPIRE', daykey, 2 * MS_DAY) end
 if held ~= '0' then redis.call('HINCRBY', live, 'reserved', held) end
 redis.call('HINCRBY', live, 'inflight', 1)
+if hheld then
+  if hheld ~= '0' then redis.call('HINCRBY', hr, 'r', hheld) end
+  redis.call('PEXPIRE', hr, HR_TTL)
+end
+if lp then
+  redis.call('HINCRBY', lp, math.floor(now / 1000), 1)
+  redis.call('PEXPIRE', lp, LOOP_TTL)
+end
 
 local exp = now + tonumber(ARGV[10])
-redis.call('HSET', RES, f, held .. '|' .. ARGV[11] .. '|' .. month .. '|' .. key_id)
+local rec = held .. '|' .. ARGV[11] .. '|' .. month .. '|' .. key_id
+-- The hour hold, and the mark that settling books the cost to the hour window.
+if hheld then rec = rec .. '|h' .. hheld end
+redis.call('HSET', RES, f, rec)
 redis.call('ZADD', RESX, exp, f)
 redis.call('ZADD', rx, exp, f)
 redis.call('SADD', '{sg}:node:' .. node, f)

@@ -7,6 +7,13 @@ local RES = '{sg}:res'
 local RESX = '{sg}:resx'
 local ORPHANED = '(orphaned)'
 local REAPED = '{sg}:reaped:'
+-- The runaway-agent brakes (limits::brakes, same buckets): spend settled in clock minute m
+-- counts until the end of minute m + 60; an admission in clock second s until the end of
+-- second s + 60.
+local HOUR_MINUTES = 60
+local LOOP_SECONDS = 60
+local HR_TTL = 7200000
+local LOOP_TTL = 62000
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -64,8 +71,18 @@ local function standing(p, rpm, now)
   return 0, reset_secs(minute, n, rpm, now, 0)
 end
 
--- Removes reservation `f` ("<node>:<res_id>") from every index and gives back its hold and
--- in-flight slot. Returns held, month, the key prefix and the estimate, or nil if it was already gone.
+-- Books `cost` of key prefix `p` to the hour window's current minute (keys with
+-- max_usd_per_hour only).
+local function book_hour(p, cost)
+  if cost == '0' or cost == 0 then return end
+  local hr = p .. ':hr'
+  hincr(hr, tostring(math.floor(now_ms() / MS_MIN)), cost)
+  redis.call('PEXPIRE', hr, HR_TTL)
+end
+
+-- Removes reservation `f` ("<node>:<res_id>") from every index and gives back its hold, its
+-- hour hold and in-flight slot. Returns held, month, the key prefix, the estimate and the hour
+-- hold (nil for a key without max_usd_per_hour), or nil if it was already gone.
 local function unlink(f)
   local rec = redis.call('HGET', RES, f)
   redis.call('HDEL', RES, f)
@@ -73,22 +90,33 @@ local function unlink(f)
   local node = string.match(f, '^(%d+):')
   if node then redis.call('SREM', '{sg}:node:' .. node, f) end
   if not rec then return nil end
-  local held, est, month, key_id = string.match(rec, '^(%d+)|(%d+)|(%-?%d+)|(.*)$')
+  local held, est, month, key_id, hheld =
+    string.match(rec, '^(%d+)|(%d+)|(%-?%d+)|(.-)|h(%d+)$')
+  if not held then
+    held, est, month, key_id = string.match(rec, '^(%d+)|(%d+)|(%-?%d+)|(.*)$')
+  end
   local p = '{sg}:k:' .. key_id
+  if hheld then
+    local hr = p .. ':hr'
+    -- Clamped: a hash that expired under a very long request must not go negative.
+    if redis.call('HINCRBY', hr, 'r', '-' .. hheld) < 0 then redis.call('HSET', hr, 'r', 0) end
+  end
   redis.call('ZREM', p .. ':rx', f)
   local live = p .. ':live'
   if held ~= '0' then redis.call('HINCRBY', live, 'reserved', '-' .. held) end
   -- No request of the key is open any more, so nothing is held either: drop the hash
   -- (this also heals any drift instead of carrying it forever).
   if redis.call('HINCRBY', live, 'inflight', -1) <= 0 then redis.call('DEL', live) end
-  return held, month, p, est
+  return held, month, p, est, hheld
 end
 
 -- An expired reservation (its node stopped heart-beating): released and charged at its
 -- estimate, an upper bound of what the upstream may have done, to the month it was admitted
 -- in, under the model ORPHANED. Never creates a month that was not seeded.
 local function reap_one(f)
-  local held, month, p, est = unlink(f)
+  local held, month, p, est, hheld = unlink(f)
+  -- Its estimate is what the hour window books for it too.
+  if hheld and est then book_hour(p, est) end
   -- Tells a late settlement of this hold that its estimate was charged (see settle.lua);
   -- kept a day, far longer than any request.
   if held then redis.call('SET', REAPED .. f, 1, 'PX', MS_DAY) end

@@ -51,6 +51,8 @@ fn key_from_row(row: &Row) -> Result<KeyRecord> {
         previous_hash: hash32(row, 17)?,
         previous_valid_until: row.try_get(18)?,
         rotated_at: row.try_get(19)?,
+        max_usd_per_hour: row.try_get::<_, Option<i64>>(20)?.map(Nanos::new),
+        loop_limit: limit(row, 21)?,
         allowed_models: split(row.try_get(9)?),
         free_only: row.try_get(10)?,
         client_id: row.try_get(11)?,
@@ -77,6 +79,29 @@ const ALL_KEYS: &str = concat!(
     key_columns!(),
     " FROM keys k LEFT JOIN key_last_used u ON u.key_id = k.id ORDER BY k.created_at, k.id"
 );
+
+/// The runaway-agent brake columns, written apart from the rest of the row so that keys
+/// without brakes are inserted exactly as before.
+fn write_brakes(
+    tx: &mut postgres::Transaction<'_>,
+    cache: &mut std::collections::HashMap<&'static str, postgres::Statement>,
+    k: &KeyRecord,
+) -> Result<()> {
+    let stmt = prepared(
+        cache,
+        tx,
+        "UPDATE keys SET max_usd_per_hour_nanos = $2, loop_limit = $3 WHERE id = $1",
+    )?;
+    tx.execute(
+        &stmt,
+        &[
+            &k.id,
+            &k.max_usd_per_hour.map(Nanos::get),
+            &limit_param(k.loop_limit),
+        ],
+    )?;
+    Ok(())
+}
 
 impl Postgres {
     pub fn insert_keys(&mut self, keys: &[KeyRecord]) -> Result<()> {
@@ -111,6 +136,9 @@ impl Postgres {
                         &limit_param(k.max_inflight),
                     ],
                 )?;
+                if k.max_usd_per_hour.is_some() || k.loop_limit.is_some() {
+                    write_brakes(tx, cache, k)?;
+                }
             }
             Ok(())
         })
@@ -129,7 +157,7 @@ impl Postgres {
             let rows = self.query(
                 "SELECT id, token_hash, name, scopes, allowed_models, rpm, rpd, budget_nanos,
                     budget_mode, max_inflight, free_only, expires_at, revoked_at IS NOT NULL,
-                    prev_token_hash, prev_valid_until
+                    prev_token_hash, prev_valid_until, max_usd_per_hour_nanos, loop_limit
                  FROM keys WHERE id > $1 ORDER BY id LIMIT $2",
                 &[&after, &KEY_PAGE],
             )?;
@@ -151,6 +179,8 @@ impl Postgres {
                         budget: r.try_get::<_, Option<i64>>(7)?.map(Nanos::new),
                         hard_budget: mode == BudgetMode::Hard.as_str(),
                         max_inflight: limit(r, 9)?,
+                        max_usd_per_hour: r.try_get::<_, Option<i64>>(15)?.map(Nanos::new),
+                        loop_limit: limit(r, 16)?,
                     },
                     free_only: r.try_get(10)?,
                     expires_at: r.try_get(11)?,
@@ -217,6 +247,7 @@ impl Postgres {
                     &limit_param(k.max_inflight),
                 ],
             )?;
+            write_brakes(tx, cache, &k)?;
             Ok(Some(k))
         })
     }

@@ -48,6 +48,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "0003_audit",
         include_str!("../../../migrations/postgres/0003_audit.sql"),
     ),
+    (
+        4,
+        "0004_brakes",
+        include_str!("../../../migrations/postgres/0004_brakes.sql"),
+    ),
 ];
 
 /// One connection and the statements prepared on it (a prepared statement saves a round

@@ -49,6 +49,8 @@ fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
             .and_then(|h| h.try_into().ok()),
         previous_valid_until: row.get(18)?,
         rotated_at: row.get(19)?,
+        max_usd_per_hour: row.get::<_, Option<i64>>(20)?.map(Nanos::new),
+        loop_limit: row.get(21)?,
         allowed_models: split(&row.get::<_, String>(9)?),
         free_only: row.get(10)?,
         client_id: row.get(11)?,
@@ -57,6 +59,14 @@ fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
         revoked_at: row.get(14)?,
         last_used_at: row.get(15)?,
     })
+}
+
+/// The runaway-agent brake columns, written apart from the rest of the row so that keys
+/// without brakes are inserted exactly as before.
+fn write_brakes(tx: &rusqlite::Transaction<'_>, k: &KeyRecord) -> Result<()> {
+    tx.prepare_cached("UPDATE keys SET max_usd_per_hour_nanos = ?2, loop_limit = ?3 WHERE id = ?1")?
+        .execute(params![k.id, k.max_usd_per_hour.map(Nanos::get), k.loop_limit])?;
+    Ok(())
 }
 
 impl Sqlite {
@@ -88,6 +98,9 @@ impl Sqlite {
                     k.revoked_at,
                     k.max_inflight,
                 ])?;
+                if k.max_usd_per_hour.is_some() || k.loop_limit.is_some() {
+                    write_brakes(tx, k)?;
+                }
             }
             Ok(())
         })
@@ -107,7 +120,7 @@ impl Sqlite {
         let mut stmt = self.conn.prepare(
             "SELECT id, token_hash, name, scopes, allowed_models, rpm, rpd, budget_nanos,
                 budget_mode, max_inflight, free_only, expires_at, revoked_at, prev_token_hash,
-                prev_valid_until
+                prev_valid_until, max_usd_per_hour_nanos, loop_limit
              FROM keys",
         )?;
         let mut rows = stmt.query([])?;
@@ -128,6 +141,8 @@ impl Sqlite {
                     budget: r.get::<_, Option<i64>>(7)?.map(Nanos::new),
                     hard_budget: text(r, 8)? == BudgetMode::Hard.as_str(),
                     max_inflight: r.get(9)?,
+                    max_usd_per_hour: r.get::<_, Option<i64>>(15)?.map(Nanos::new),
+                    loop_limit: r.get(16)?,
                 },
                 free_only: r.get(10)?,
                 expires_at: r.get(11)?,
@@ -189,6 +204,7 @@ impl Sqlite {
                     k.max_inflight,
                 ],
             )?;
+            write_brakes(tx, &k)?;
             Ok(Some(k))
         })
     }

@@ -143,7 +143,7 @@ CREATE TABLE IF NOT EXISTS audit (
 "#;
 
 /// Columns added after the first release, applied to older databases at open.
-const MIGRATIONS: [(&str, &str, &str); 6] = [
+const MIGRATIONS: [(&str, &str, &str); 8] = [
     // The process (pid) that journaled an admission: a live one still owns it.
     ("inflight", "owner", "INTEGER NOT NULL DEFAULT 0"),
     ("keys", "max_inflight", "INTEGER"),
@@ -153,6 +153,9 @@ const MIGRATIONS: [(&str, &str, &str); 6] = [
     ("keys", "rotated_at", "INTEGER"),
     // The W3C trace id of the request (32 hex digits), for finding it from an agent's trace.
     ("traces", "trace_id", "TEXT"),
+    // Runaway-agent brakes (SPEC §7): NULL = no limit.
+    ("keys", "max_usd_per_hour_nanos", "INTEGER"),
+    ("keys", "loop_limit", "INTEGER"),
 ];
 
 pub(super) struct Sqlite {
