@@ -15,8 +15,8 @@ pub use crate::config::Family;
 use crate::error::GateError;
 use crate::keys::token::{from_authorization, hash_token, is_well_formed, TokenHash};
 use crate::keys::{KeyEntry, KeySet, ScopeSet};
-use crate::limits::store::LimitStore;
 use crate::limits::brakes::request_digest;
+use crate::limits::store::LimitStore;
 use crate::limits::{Reservation, Standing};
 use crate::money::Nanos;
 use crate::providers::multipart;
@@ -487,9 +487,7 @@ pub async fn admit<L: LimitStore>(
         .limits
         .loop_limit
         .map(|_| request_digest(endpoint.label(), &fields.model, body));
-    let (standing, reservation) = limits
-        .admit(key, now, bound.cost, digest, res_id)
-        .await?;
+    let (standing, reservation) = limits.admit(key, now, bound.cost, digest, res_id).await?;
     // A shared store decided by its own clock: the cost is booked at its time, so every node
     // books a request to the month and day the limits counted it in.
     let admitted_at = reservation.decided_at().unwrap_or(now.wall);

@@ -59,10 +59,16 @@ async fn seed_with(l: &RedisLimits, key: &str, this_month: &[ModelTally], today:
 
 /// Admits, seeding an empty month first if Redis asks for it.
 async fn admit(l: &RedisLimits, key: &str, limits: &Limits, est: i64, res: u64) -> Admit {
-    match l.admit(key, limits, Nanos::new(est), None, res).await.unwrap() {
+    match l
+        .admit(key, limits, Nanos::new(est), None, res)
+        .await
+        .unwrap()
+    {
         Admit::NeedSeed { .. } => {
             seed_empty(l, key).await;
-            l.admit(key, limits, Nanos::new(est), None, res).await.unwrap()
+            l.admit(key, limits, Nanos::new(est), None, res)
+                .await
+                .unwrap()
         }
         other => other,
     }
@@ -540,7 +546,9 @@ async fn settle_after_data_loss_does_not_create_the_month() {
     );
     assert!(l.view("k", &Limits::default()).await.unwrap().is_none());
     assert!(matches!(
-        l.admit("k", &hard(1_000), Nanos::new(1), None, 3).await.unwrap(),
+        l.admit("k", &hard(1_000), Nanos::new(1), None, 3)
+            .await
+            .unwrap(),
         Admit::NeedSeed { .. }
     ));
 }
@@ -688,7 +696,11 @@ async fn soft_budget_warns_once_reached_and_never_holds() {
         ..Limits::default()
     };
     let model: Arc<str> = Arc::from("m");
-    let s = admitted(&l.admit("k", &soft, Nanos::new(1_000_000), None, 1).await.unwrap());
+    let s = admitted(
+        &l.admit("k", &soft, Nanos::new(1_000_000), None, 1)
+            .await
+            .unwrap(),
+    );
     assert!(!s.budget_warning);
     assert_eq!(view(&l, "k").await.reserved, Nanos::ZERO);
     assert_eq!(
@@ -697,7 +709,11 @@ async fn soft_budget_warns_once_reached_and_never_holds() {
             .await
             .unwrap()
     );
-    let s = admitted(&l.admit("k", &soft, Nanos::new(1_000_000), None, 2).await.unwrap());
+    let s = admitted(
+        &l.admit("k", &soft, Nanos::new(1_000_000), None, 2)
+            .await
+            .unwrap(),
+    );
     assert!(s.budget_warning);
     assert!(
         l.admit_usage_call("k", &soft)
@@ -773,7 +789,10 @@ async fn redis_down_fails_fast_and_the_node_recovers_when_it_is_back() {
     // Hung (SIGSTOP): connections stay open, nothing answers; the timeout answers instead.
     r.pause();
     for res in 5..9 {
-        assert_unavailable(l.admit("k", &Limits::default(), Nanos::ZERO, None, res).await);
+        assert_unavailable(
+            l.admit("k", &Limits::default(), Nanos::ZERO, None, res)
+                .await,
+        );
     }
     r.resume();
     recovers(&l).await;
@@ -808,7 +827,11 @@ async fn one_round_trip_per_admit_and_per_settle() {
     let mut monitor = RedisMonitor::start(&r);
     for res in 2..12 {
         monitor.commands_since_mark();
-        admitted(&l.admit("k", &limits, Nanos::new(100), None, res).await.unwrap());
+        admitted(
+            &l.admit("k", &limits, Nanos::new(100), None, res)
+                .await
+                .unwrap(),
+        );
         assert_eq!(monitor.commands_since_mark(), 1, "admit");
         monitor.commands_since_mark();
         assert_eq!(
@@ -823,10 +846,18 @@ async fn one_round_trip_per_admit_and_per_settle() {
     // A Redis that lost its script cache costs one SCRIPT LOAD and a retry, once.
     raw(&r, redis::cmd("SCRIPT").arg("FLUSH")).await;
     monitor.commands_since_mark();
-    admitted(&l.admit("k", &limits, Nanos::new(100), None, 20).await.unwrap());
+    admitted(
+        &l.admit("k", &limits, Nanos::new(100), None, 20)
+            .await
+            .unwrap(),
+    );
     assert_eq!(monitor.commands_since_mark(), 3);
     monitor.commands_since_mark();
-    admitted(&l.admit("k", &limits, Nanos::new(100), None, 21).await.unwrap());
+    admitted(
+        &l.admit("k", &limits, Nanos::new(100), None, 21)
+            .await
+            .unwrap(),
+    );
     assert_eq!(monitor.commands_since_mark(), 1);
 }
 
@@ -864,7 +895,11 @@ async fn an_admission_whose_reply_was_lost_is_released_by_the_next_heartbeat() {
     };
     seed_empty(&l, "k").await;
     // Redis knows the script (else it would answer NOSCRIPT, not run it).
-    admitted(&l.admit("k", &limits, Nanos::new(400), None, 0).await.unwrap());
+    admitted(
+        &l.admit("k", &limits, Nanos::new(400), None, 0)
+            .await
+            .unwrap(),
+    );
     assert_eq!(
         Settled::Open,
         l.settle("k", 0, month_index(now_ms()), None).await.unwrap()
@@ -883,5 +918,9 @@ async fn an_admission_whose_reply_was_lost_is_released_by_the_next_heartbeat() {
         (v.inflight, v.reserved, v.spent),
         (0, Nanos::ZERO, Nanos::ZERO)
     );
-    admitted(&l.admit("k", &limits, Nanos::new(400), None, 2).await.unwrap());
+    admitted(
+        &l.admit("k", &limits, Nanos::new(400), None, 2)
+            .await
+            .unwrap(),
+    );
 }

@@ -331,7 +331,10 @@ mod tests {
     #[test]
     fn loops_count_per_digest_in_a_rolling_minute() {
         let mut t = LoopTable::default();
-        let (a, b) = (request_digest("x", "m", b"a"), request_digest("x", "m", b"b"));
+        let (a, b) = (
+            request_digest("x", "m", b"a"),
+            request_digest("x", "m", b"b"),
+        );
         for i in 0..3 {
             assert!(t.check(T0 + i * 10_000, 3, a).is_ok());
             t.count(T0 + i * 10_000, a);

@@ -381,7 +381,10 @@ mod tests {
         let k = s.update_key("key_a", &patch).unwrap().unwrap();
         assert_eq!((k.rpm, k.free_only), (None, true));
         let stored = s.get_key("key_a").unwrap().unwrap();
-        assert_eq!((stored.max_usd_per_hour, stored.loop_limit), (None, Some(3)));
+        assert_eq!(
+            (stored.max_usd_per_hour, stored.loop_limit),
+            (None, Some(3))
+        );
         // The snapshot's rows carry the brakes too.
         let mut limits = Vec::new();
         s.for_each_key_row(|r| limits.push((r.limits.max_usd_per_hour, r.limits.loop_limit)))

@@ -64,8 +64,14 @@ fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
 /// The runaway-agent brake columns, written apart from the rest of the row so that keys
 /// without brakes are inserted exactly as before.
 fn write_brakes(tx: &rusqlite::Transaction<'_>, k: &KeyRecord) -> Result<()> {
-    tx.prepare_cached("UPDATE keys SET max_usd_per_hour_nanos = ?2, loop_limit = ?3 WHERE id = ?1")?
-        .execute(params![k.id, k.max_usd_per_hour.map(Nanos::get), k.loop_limit])?;
+    tx.prepare_cached(
+        "UPDATE keys SET max_usd_per_hour_nanos = ?2, loop_limit = ?3 WHERE id = ?1",
+    )?
+    .execute(params![
+        k.id,
+        k.max_usd_per_hour.map(Nanos::get),
+        k.loop_limit
+    ])?;
     Ok(())
 }
 
