@@ -357,7 +357,7 @@ mod tests {
         let mut t = LoopTable::default();
         let hot = request_digest("x", "m", b"hot");
         for i in 0..(LOOP_ENTRIES as i64 * 3) {
-            t.count(T0 + i, hot);
+            t.count(T0 + i * 1000, hot);
             t.count(T0 + i * 1000, request_digest("x", "m", &i.to_le_bytes()));
         }
         assert_eq!(t.entries.len(), LOOP_ENTRIES);
