@@ -443,7 +443,10 @@ fn max_usd_per_hour_holds_across_nodes_with_reservations_included() {
         // The first charge leaves the window 60 to 61 minutes after it was booked.
         let retry = retry_after(&r);
         let waited = refused_at.elapsed().as_secs() + 1;
-        assert!((3600 - waited..=3661).contains(&retry), "Retry-After {retry}");
+        assert!(
+            (3600 - waited..=3661).contains(&retry),
+            "Retry-After {retry}"
+        );
     }
     // The refusals consumed nothing on either node: three requests, three bounds.
     let usage = wait_for(Duration::from_secs(5), "settled", || {
@@ -522,9 +525,13 @@ fn loop_limit_counts_the_same_request_across_nodes_and_refusals_consume_nothing(
     }
     // One byte different is another request, on either node; the refusals above took no
     // rpm slot, so three more distinct requests fill the minute exactly.
-    for (i, text) in ["are we there yet!", "are we there yet?!", "are we there, yet?"]
-        .iter()
-        .enumerate()
+    for (i, text) in [
+        "are we there yet!",
+        "are we there yet?!",
+        "are we there, yet?",
+    ]
+    .iter()
+    .enumerate()
     {
         let (other, _) = brake_body(text);
         let r = c.nodes[i % 2].post("/v1/chat/completions", &key.bearer(), &other, &[]);

@@ -308,8 +308,10 @@ mod tests {
 
     #[test]
     fn open_holds_count_and_a_bound_above_the_cap_never_fits() {
-        let mut w = SpendWindow::default();
-        w.reserved = Nanos::new(900);
+        let w = SpendWindow {
+            reserved: Nanos::new(900),
+            ..SpendWindow::default()
+        };
         let cap = Nanos::new(1_000);
         assert!(w.check(T0, cap, Nanos::new(100)).is_ok());
         assert!(matches!(
