@@ -924,3 +924,79 @@ async fn an_admission_whose_reply_was_lost_is_released_by_the_next_heartbeat() {
             .unwrap(),
     );
 }
+
+/// `max_usd_per_hour` in Redis: an admission holds its bound against the hour, settlement
+/// replaces the hold with the real cost, and a dead node's hold is released when reaped and
+/// its estimate (an upper bound) booked to the hour in its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hour_window_holds_bounds_settles_real_costs_and_reaps_dead_holds() {
+    let r = redis_or_skip!();
+    let limits = Limits {
+        max_usd_per_hour: Some(Nanos::new(1_000)),
+        ..Limits::default()
+    };
+    let model: Arc<str> = Arc::from("m");
+    let live = node(&r, 2, Duration::from_secs(30));
+    admitted(&admit(&live, "k", &limits, 600, 1).await);
+    // 600 held: 401 more does not fit, 400 does.
+    let e = rejected(admit(&live, "k", &limits, 401, 2).await);
+    assert_eq!(e.code(), "spend_rate_exceeded");
+    assert_eq!(e.retry_after(), Some(1), "only an open hold is in the way");
+    // Settled at 100: the hold is gone, the cost stays for the hour.
+    assert_eq!(
+        Settled::Open,
+        live.settle("k", 1, month_index(now_ms()), charge(&model, 100))
+            .await
+            .unwrap()
+    );
+    admitted(&admit(&live, "k", &limits, 900, 3).await);
+    let e = rejected(admit(&live, "k", &limits, 1, 4).await);
+    let retry = e.retry_after().unwrap();
+    // The 100 leaves the window 60 to 61 minutes after it was booked.
+    assert!((3599..=3661).contains(&retry), "Retry-After {retry}");
+    assert_eq!(
+        Settled::Open,
+        live.settle("k", 3, month_index(now_ms()), None)
+            .await
+            .unwrap()
+    );
+
+    // A node dies holding 500; once reaped, its estimate counts (100 + 500), not its hold.
+    let dead = node(&r, 1, Duration::from_millis(200));
+    admitted(&admit(&dead, "k", &limits, 500, 1).await);
+    drop(dead);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(live.reap().await.unwrap(), 1);
+    admitted(&admit(&live, "k", &limits, 400, 5).await);
+    rejected(admit(&live, "k", &limits, 1, 6).await);
+    live.settle("k", 5, month_index(now_ms()), None)
+        .await
+        .unwrap();
+    admitted(&admit(&live, "k", &limits, 400, 7).await);
+}
+
+/// `loop_limit` in Redis: per digest, refusals count nothing, other digests are apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loop_counts_are_per_digest_and_refusals_count_nothing() {
+    let r = redis_or_skip!();
+    let limits = Limits {
+        loop_limit: Some(2),
+        rpm: Some(3),
+        ..Limits::default()
+    };
+    let (a, b) = (Some(0xA_u128), Some(0xB_u128));
+    let l = node(&r, 1, Duration::from_secs(30));
+    seed_empty(&l, "k").await;
+    for res in 1..=2 {
+        admitted(&l.admit("k", &limits, Nanos::ZERO, a, res).await.unwrap());
+    }
+    for res in 3..=5 {
+        let e = rejected(l.admit("k", &limits, Nanos::ZERO, a, res).await.unwrap());
+        assert_eq!(e.code(), "loop_detected");
+        assert!((59..=61).contains(&e.retry_after().unwrap()), "{e:?}");
+    }
+    // The refusals took no rpm slot: the third slot is still free, for another request.
+    admitted(&l.admit("k", &limits, Nanos::ZERO, b, 6).await.unwrap());
+    let e = rejected(l.admit("k", &limits, Nanos::ZERO, b, 7).await.unwrap());
+    assert_eq!(e.code(), "rate_limit_exceeded");
+}
