@@ -350,6 +350,19 @@ impl KeyCounters {
         }
     }
 
+    /// Books the charges of the last hour (unix ms when each request ended, cost; from the
+    /// traces) into the hour window of a key with `max_usd_per_hour`, so a restart does not
+    /// forget what the key spent in the hour. Wall times map onto the monotonic clock the
+    /// window runs on, as that far before `now`.
+    pub fn seed_hour(&self, now: Now, charges: &[(i64, Nanos)]) {
+        let mut s = self.lock();
+        let b = s.brakes.get_or_insert_with(Box::default);
+        for &(at, cost) in charges {
+            let ago = now.wall.saturating_sub(at).max(0);
+            b.spend.book(now.mono.saturating_sub(ago), cost);
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, CounterState> {
         // A poisoned lock only means another request panicked mid-update of plain integers.
         self.state.lock().unwrap_or_else(|e| e.into_inner())

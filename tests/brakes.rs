@@ -385,3 +385,35 @@ fn every_door_sets_shows_and_audits_the_brakes() {
     }
     assert_eq!(send(&gw, &key, &b, &[]).code(), "loop_detected");
 }
+
+#[test]
+fn a_restart_does_not_forget_the_hour_of_spend() {
+    let mock = mock();
+    let mut gw = brakes_gateway(&mock);
+    let b = body("before the restart");
+    let cap = bound(&b) + 2 * DEFAULT_COST + DEFAULT_COST / 2;
+    let key = gw.create_key(&["--max-usd-per-hour", &usd(cap)]);
+    for i in 0..3 {
+        assert_eq!(send(&gw, &key, &b, &[]).status, 200, "request {i}");
+    }
+    assert_eq!(send(&gw, &key, &b, &[]).code(), "spend_rate_exceeded");
+    let started = Instant::now();
+    gw.restart();
+    // The hour comes back from the traces: still refused, with the same horizon.
+    let r = send(&gw, &key, &b, &[]);
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (429, "spend_rate_exceeded"),
+        "{}",
+        r.text()
+    );
+    let retry = retry_after(&r);
+    let waited = started.elapsed().as_secs() + 2;
+    assert!(
+        (3600 - waited..=3661).contains(&retry),
+        "Retry-After {retry} s"
+    );
+    // And it leaves on time.
+    advance(&gw, retry * 1000);
+    assert_eq!(send(&gw, &key, &b, &[]).status, 200);
+}

@@ -262,6 +262,11 @@ impl Store {
         on_backend!(&self.backend, b => b.requests_on(key_id, day))
     }
 
+    /// A key's charges (unix ms when each request ended, cost) since `since`, from its traces.
+    pub fn recent_charges(&self, key_id: &str, since: i64) -> Result<Vec<(i64, Nanos)>> {
+        on_backend!(&self.backend, b => b.recent_charges(key_id, since))
+    }
+
     /// Newest traces first, for one key or all; `before` pages back (traces with a smaller
     /// id). Within a committed batch rows are grouped by key (see `write_batch`), so the
     /// all-keys view sorts a recent window by time; one key's rows are always in order.
