@@ -1000,3 +1000,34 @@ async fn loop_counts_are_per_digest_and_refusals_count_nothing() {
     let e = rejected(l.admit("k", &limits, Nanos::ZERO, b, 7).await.unwrap());
     assert_eq!(e.code(), "rate_limit_exceeded");
 }
+
+/// The hour hold rides in the reservation's record; a live node's heartbeat must still find
+/// the key in it, so a long request of a capped key is never reaped while its node lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_nodes_hold_on_a_capped_key_survives_its_ttl() {
+    let r = redis_or_skip!();
+    let limits = Limits {
+        max_usd_per_hour: Some(Nanos::new(1_000)),
+        loop_limit: Some(5),
+        ..Limits::default()
+    };
+    let live = node(&r, 1, Duration::from_millis(300));
+    admitted(&admit(&live, "k", &limits, 600, 1).await);
+    let beating = {
+        let live = live.clone();
+        tokio::spawn(async move {
+            loop {
+                live.heartbeat().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    // Both the key's own sweep (inside admit) and the global reap leave it open.
+    let other = node(&r, 2, Duration::from_secs(30));
+    let e = rejected(admit(&other, "k", &limits, 500, 1).await);
+    assert_eq!(e.code(), "spend_rate_exceeded");
+    assert_eq!(other.reap().await.unwrap(), 0);
+    assert_eq!(view(&other, "k").await.inflight, 1);
+    beating.abort();
+}

@@ -80,6 +80,17 @@ local function book_hour(p, cost)
   redis.call('PEXPIRE', hr, HR_TTL)
 end
 
+-- A reservation record: held, estimate, month, key id, and the hour hold (nil for a key
+-- without max_usd_per_hour): `held|estimate|month|key_id` plus `|h<hour hold>`.
+local function parse_rec(rec)
+  local held, est, month, key_id, hheld =
+    string.match(rec, '^(%d+)|(%d+)|(%-?%d+)|(.-)|h(%d+)$')
+  if not held then
+    held, est, month, key_id = string.match(rec, '^(%d+)|(%d+)|(%-?%d+)|(.*)$')
+  end
+  return held, est, month, key_id, hheld
+end
+
 -- Removes reservation `f` ("<node>:<res_id>") from every index and gives back its hold, its
 -- hour hold and in-flight slot. Returns held, month, the key prefix, the estimate and the hour
 -- hold (nil for a key without max_usd_per_hour), or nil if it was already gone.
@@ -90,11 +101,7 @@ local function unlink(f)
   local node = string.match(f, '^(%d+):')
   if node then redis.call('SREM', '{sg}:node:' .. node, f) end
   if not rec then return nil end
-  local held, est, month, key_id, hheld =
-    string.match(rec, '^(%d+)|(%d+)|(%-?%d+)|(.-)|h(%d+)$')
-  if not held then
-    held, est, month, key_id = string.match(rec, '^(%d+)|(%d+)|(%-?%d+)|(.*)$')
-  end
+  local held, est, month, key_id, hheld = parse_rec(rec)
   local p = '{sg}:k:' .. key_id
   if hheld then
     local hr = p .. ':hr'
