@@ -2,8 +2,8 @@
 //!
 //! The same semantics as [`crate::limits::KeyCounters`], with the state in one Redis so every
 //! node sees it: each admission is ONE Lua script call (EVALSHA, one round trip) that checks
-//! budget, rpm, rpd and in-flight and commits all of them or nothing; each settlement is one
-//! more. The scripts read Redis' own `TIME` for the minute, the day and the month, so nodes
+//! budget, the runaway-agent brakes (`max_usd_per_hour`, `loop_limit`), rpm, rpd and in-flight
+//! and commits all of them or nothing; each settlement is one more. The scripts read Redis' own `TIME` for the minute, the day and the month, so nodes
 //! with skewed clocks agree.
 //!
 //! # Data model
@@ -533,9 +533,12 @@ impl RedisLimits {
         }
     }
 
-    /// Admits a model request (one round trip): checks the hard budget, the rolling minute,
-    /// the UTC day and the in-flight cap, and commits all of them only if all pass. Admitted
-    /// requests hold `estimate` (hard-budget keys) and an in-flight slot under reservation
+    /// Admits a model request (one round trip): checks the hard budget, the hour's spend
+    /// (`max_usd_per_hour`), the loop count of `digest` (`loop_limit`; given only for keys
+    /// with one), the rolling minute, the UTC day and the in-flight cap, and commits all of
+    /// them only if all pass. Keys without the brakes send none of their arguments. Admitted
+    /// requests hold `estimate` (hard-budget keys, and the hour of capped keys) and an
+    /// in-flight slot under reservation
     /// `res_id` (unique among this node's open reservations) until [`RedisLimits::settle`],
     /// or until the reservation expires without a heartbeat and is reaped. On `Err` the
     /// request must not be forwarded under this admission; if Redis ran it anyway (only the
