@@ -1,5 +1,6 @@
-//! Per-key request windows (rolling minute, UTC day), in-flight slots, and the hard-budget
-//! reserve/settle ledger with this month's spend per model.
+//! Per-key request windows (rolling minute, UTC day), in-flight slots, the hard-budget
+//! reserve/settle ledger with this month's spend per model, and the runaway-agent brakes
+//! ([`brakes`]) of keys that have them.
 //!
 //! State lives on the key's own entry, so one key's limits never depend on how many other
 //! keys exist (no shared sketch, no hashing, no collisions). Each key has one small mutex,
