@@ -487,6 +487,8 @@
     if (k.rpm) parts.push(`${int(k.rpm)}/min`);
     if (k.rpd) parts.push(`${int(k.rpd)}/day`);
     if (k.max_inflight) parts.push(`${int(k.max_inflight)} in flight`);
+    if (k.max_usd_per_hour) parts.push(`${money(k.max_usd_per_hour)}/hour`);
+    if (k.loop_limit) parts.push(`${int(k.loop_limit)} same/min`);
     return parts.length ? parts.join(' · ') : h('span', { class: 'muted', text: 'no limits' });
   }
 
@@ -561,6 +563,8 @@
       item('RPM', limitText(k.rpm), u.requests_this_minute !== undefined ? `· ${int(u.requests_this_minute)} now` : null, 'Requests per minute'),
       item('RPD', limitText(k.rpd), u.requests_today !== undefined ? `· ${int(u.requests_today)} today` : null, 'Requests per UTC day'),
       item('In flight', limitText(k.max_inflight), u.requests_in_flight !== undefined ? `· ${int(u.requests_in_flight)} now` : null, 'Concurrent requests'),
+      item('Per hour', k.max_usd_per_hour ? money(k.max_usd_per_hour) : 'unlimited', null, 'Spend over any rolling 60 minutes (max_usd_per_hour)'),
+      item('Loops', limitText(k.loop_limit, 'same / min'), null, 'The same request at most this many times per rolling 60 s (loop_limit)'),
       item('Models', modelsText(k), null, (k.scopes || []).length ? 'Scopes: ' + k.scopes.join(', ') : null),
       item('Expires', expiry, null, k.expires_at ? `Expires ${new Date(k.expires_at).toISOString()}` : null),
       item('Last used', timeEl(k.last_used_at, 'relative')));
@@ -1321,6 +1325,10 @@
           field('rpm', 'Requests / minute', numInput({ value: v(k && k.rpm) })),
           field('rpd', 'Requests / day', numInput({ value: v(k && k.rpd) })),
           field('max_inflight', 'Max in flight', numInput({ value: v(k && k.max_inflight) })))),
+      h('fieldset', { class: 'group' }, h('legend', { text: 'Runaway-agent brakes' }),
+        h('div', { class: 'grid-2' },
+          field('max_usd_per_hour', 'Max spend per hour (USD)', textInput({ inputmode: 'decimal', placeholder: 'no cap', value: v(k && k.max_usd_per_hour) }), 'Over any rolling 60 minutes, requests in flight included.'),
+          field('loop_limit', 'Same request per minute', numInput({ value: v(k && k.loop_limit) }), 'More identical requests within 60 s get 429 loop_detected.'))),
       h('fieldset', { class: 'group' }, h('legend', { text: 'Budget' }),
         h('div', { class: 'grid-2' },
           field('budget', 'Monthly budget (USD)', textInput({ inputmode: 'decimal', placeholder: 'no budget', value: v(k && k.monthly_budget_usd) })),
@@ -1348,6 +1356,8 @@
       rpm: numberOrRaw(val('rpm')),
       rpd: numberOrRaw(val('rpd')),
       max_inflight: numberOrRaw(val('max_inflight')),
+      max_usd_per_hour: numberOrRaw(val('max_usd_per_hour'), true),
+      loop_limit: numberOrRaw(val('loop_limit')),
       monthly_budget_usd: numberOrRaw(val('budget'), true),
       budget_mode: val('budget_mode'),
       allowed_models: list(val('models')),
@@ -1386,7 +1396,7 @@
       clearErrors(form);
       const f = readForm(form);
       const body = { name: f.name, budget_mode: f.budget_mode, free_only: f.free_only };
-      for (const k of ['rpm', 'rpd', 'max_inflight', 'monthly_budget_usd']) if (f[k] !== undefined) body[k] = f[k];
+      for (const k of ['rpm', 'rpd', 'max_inflight', 'monthly_budget_usd', 'max_usd_per_hour', 'loop_limit']) if (f[k] !== undefined) body[k] = f[k];
       if (f.allowed_models.length) body.allowed_models = f.allowed_models;
       if (f.scopes.length) body.scopes = f.scopes;
       if (f.ttl) body.ttl = f.ttl;
@@ -1530,7 +1540,7 @@
       const body = {};
       const same = (a, b) => JSON.stringify(a ?? null) === JSON.stringify(b ?? null);
       if (f.name !== k.name) body.name = f.name;
-      for (const n of ['rpm', 'rpd', 'max_inflight', 'monthly_budget_usd']) {
+      for (const n of ['rpm', 'rpd', 'max_inflight', 'monthly_budget_usd', 'max_usd_per_hour', 'loop_limit']) {
         const want = f[n] === undefined ? null : f[n];
         if (!same(want, k[n])) body[n] = want;
       }

@@ -1,7 +1,8 @@
 //! The request-phase decision, as plain functions: route, authenticate, authorize, admit.
 //!
 //! Order matters (SPEC §2): token shape, then lookup, expiry and revocation (401), then scope
-//! (403), then body (413, 400), model (404, 403), budget (402) and rate limits (429). A caller
+//! (403), then body (413, 400), model (404, 403), budget (402), the runaway-agent brakes
+//! (429 `spend_rate_exceeded`, `loop_detected`) and rate limits (429). A caller
 //! without a valid key learns nothing beyond 401, and the first failing check decides.
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ pub use crate::config::Family;
 use crate::error::GateError;
 use crate::keys::token::{from_authorization, hash_token, is_well_formed, TokenHash};
 use crate::keys::{KeyEntry, KeySet, ScopeSet};
+use crate::limits::brakes::request_digest;
 use crate::limits::store::LimitStore;
 use crate::limits::{Reservation, Standing};
 use crate::money::Nanos;
@@ -506,7 +508,14 @@ pub async fn admit<L: LimitStore>(
     // still is skipped for a hard-budget key (`proxy::try_fallback`).
     let sent_len = body.len().max(upstream_body.len());
     let bound = reservation_bound(catalog, &chain, endpoint, &fields, sent_len, overheads);
-    let (standing, reservation) = limits.admit(key, &uplines, now, bound.cost, res_id).await?;
+    // Only a key with a loop limit pays for hashing its body.
+    let digest = key
+        .limits
+        .loop_limit
+        .map(|_| request_digest(endpoint.label(), &fields.model, body));
+    let (standing, reservation) = limits
+        .admit(key, &uplines, now, bound.cost, digest, res_id)
+        .await?;
     // A shared store decided by its own clock: the cost is booked at its time, so every node
     // books a request to the month and day the limits counted it in.
     let admitted_at = reservation.decided_at().unwrap_or(now.wall);
@@ -594,6 +603,8 @@ mod tests {
             rotated_at: None,
             group: None,
             parent_id: None,
+            max_usd_per_hour: None,
+            loop_limit: None,
         };
         KeyEntry::new(record, c, std::sync::Arc::default())
     }

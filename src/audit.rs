@@ -73,6 +73,8 @@ pub fn key_view(k: &KeyRecord) -> Value {
         "monthly_budget_usd": k.budget.map(Nanos::as_usd),
         "budget_mode": k.budget_mode.as_str(),
         "max_inflight": k.max_inflight,
+        "max_usd_per_hour": k.max_usd_per_hour.map(Nanos::as_usd),
+        "loop_limit": k.loop_limit,
         "allowed_models": k.allowed_models,
         "free_only": k.free_only,
         "client_id": k.client_id,

@@ -269,6 +269,8 @@ aliases:
             rotated_at: None,
             group: None,
             parent_id: None,
+            max_usd_per_hour: None,
+            loop_limit: None,
         };
         KeyEntry::new(record, c, Arc::new(KeyCounters::default()))
     }

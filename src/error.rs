@@ -31,6 +31,17 @@ pub enum GateError {
         spend: Nanos,
         cap: Nanos,
     },
+    /// The key's spend in the rolling hour (settled and held) would pass `max_usd_per_hour`.
+    SpendRateExceeded {
+        spend: Nanos,
+        cap: Nanos,
+        retry_after_secs: u64,
+    },
+    /// The same request more than `loop_limit` times in the rolling minute.
+    LoopDetected {
+        limit: u32,
+        retry_after_secs: u64,
+    },
     RateLimited {
         limit: u32,
         retry_after_secs: u64,
@@ -79,7 +90,9 @@ impl GateError {
             GateError::RequestTimeout => 408,
             GateError::ModelNotFound(_) | GateError::NotFound => 404,
             GateError::BudgetExceeded { .. } | GateError::GroupBudgetExceeded { .. } => 402,
-            GateError::RateLimited { .. }
+            GateError::SpendRateExceeded { .. }
+            | GateError::LoopDetected { .. }
+            | GateError::RateLimited { .. }
             | GateError::DailyRateLimited { .. }
             | GateError::ConcurrencyLimited { .. }
             | GateError::AuthFlood { .. }
@@ -107,6 +120,8 @@ impl GateError {
             GateError::ModelNotAllowed(_) => "model_not_allowed",
             GateError::BudgetExceeded { .. } => "budget_exceeded",
             GateError::GroupBudgetExceeded { .. } => "group_budget_exceeded",
+            GateError::SpendRateExceeded { .. } => "spend_rate_exceeded",
+            GateError::LoopDetected { .. } => "loop_detected",
             GateError::RateLimited { .. } | GateError::AuthFlood { .. } => "rate_limit_exceeded",
             GateError::DailyRateLimited { .. } => "daily_rate_limit_exceeded",
             GateError::ConcurrencyLimited { .. } => "concurrency_limit_exceeded",
@@ -140,7 +155,9 @@ impl GateError {
             GateError::BudgetExceeded { .. } | GateError::GroupBudgetExceeded { .. } => {
                 "insufficient_quota"
             }
-            GateError::RateLimited { .. }
+            GateError::SpendRateExceeded { .. }
+            | GateError::LoopDetected { .. }
+            | GateError::RateLimited { .. }
             | GateError::DailyRateLimited { .. }
             | GateError::ConcurrencyLimited { .. }
             | GateError::AuthFlood { .. }
@@ -185,7 +202,13 @@ impl GateError {
     /// Seconds for `Retry-After`, only on 429s.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            GateError::RateLimited {
+            GateError::SpendRateExceeded {
+                retry_after_secs, ..
+            }
+            | GateError::LoopDetected {
+                retry_after_secs, ..
+            }
+            | GateError::RateLimited {
                 retry_after_secs, ..
             }
             | GateError::DailyRateLimited {
@@ -234,6 +257,8 @@ impl fmt::Display for GateError {
                 f,
                 "Monthly budget of {owner} exceeded: spend ${spend} of ${cap} cap (including requests in flight and this request's upper-bound cost)."
             ),
+            GateError::SpendRateExceeded { spend, cap, retry_after_secs } => write!(f, "Hourly spend limit reached: ${spend} spent or held in the last 60 minutes of a ${cap} max_usd_per_hour cap, and this request's upper-bound cost does not fit. Retry after {retry_after_secs} s."),
+            GateError::LoopDetected { limit, retry_after_secs } => write!(f, "Loop detected: this exact request was sent {limit} times in the last 60 s (loop_limit). Change the request, or retry after {retry_after_secs} s."),
             GateError::RateLimited { limit, retry_after_secs } => write!(f, "Rate limit of {limit} requests per minute reached. Retry after {retry_after_secs} s."),
             GateError::DailyRateLimited { limit, retry_after_secs } => write!(f, "Daily limit of {limit} requests per UTC day reached. Retry after {retry_after_secs} s."),
             GateError::ConcurrencyLimited { limit } => write!(f, "This agent key already has {limit} requests in flight (max_inflight). Retry when one finishes."),

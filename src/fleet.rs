@@ -35,7 +35,7 @@ impl GroupEntry {
             rpd: None,
             budget: g.budget,
             hard_budget: g.budget_mode == crate::keys::BudgetMode::Hard,
-            max_inflight: None,
+            ..Limits::default()
         }
     }
 }

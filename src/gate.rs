@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 
 use crate::clock::Now;
-use crate::clock::{day_index, day_label, month_index, month_label, now_ms};
+use crate::clock::{day_index, day_label, mono_ms, month_index, month_label, now_ms};
 use crate::config::Config;
 use crate::keys::{KeyEntry, KeySet};
 use crate::ledger::{ClusterNode, SpendLedger};
@@ -394,27 +394,58 @@ impl Gate {
         };
         let mut singles = 0;
         let mut builder = KeySet::builder(count, &routes.catalog, Some(&previous));
+        // Counters of a key new to this process, from the ledger.
+        let mut new_counters = |id: &str| -> Option<KeyCounters> {
+            if ledger.is_none() && singles >= BULK_CHANGE {
+                match read_ledger() {
+                    Ok(whole) => ledger = Some(whole),
+                    Err(e) => log::warn!("reading the ledger for new keys: {e}"),
+                }
+            }
+            let Some((spend, today)) = ledger.as_mut() else {
+                singles += 1;
+                let tree = tree_spend(id, None);
+                return Some(restored_counters(store, id, now).with_tree_spent(tree));
+            };
+            let tree = tree_spend(id, Some(spend));
+            let today = today.get(id).copied();
+            let spend = spend.get(id).cloned();
+            // Nothing in the ledger: the counters are made on first use.
+            (today.is_some() || spend.is_some() || tree > Nanos::ZERO).then(|| {
+                KeyCounters::restored(now, today.unwrap_or(0), spend.unwrap_or_default())
+                    .with_tree_spent(tree)
+            })
+        };
+        // The hour window counts up to 61 minutes back (limits::brakes).
+        let hour_ago = now - 3_660_000;
         store.for_each_key_row(|row| {
+            let hourly = row.limits.max_usd_per_hour.is_some();
             builder.add(row, |id| {
-                if ledger.is_none() && singles >= BULK_CHANGE {
-                    match read_ledger() {
-                        Ok(whole) => ledger = Some(whole),
-                        Err(e) => log::warn!("reading the ledger for new keys: {e}"),
+                let counters = new_counters(id);
+                if !hourly {
+                    return counters;
+                }
+                // A key with an hourly cap, new to this process (a restart): its last hour
+                // of spend comes back from the traces.
+                match store.recent_charges(id, hour_ago) {
+                    Ok(charges) if !charges.is_empty() => {
+                        let c =
+                            counters.unwrap_or_else(|| KeyCounters::restored(now, 0, Vec::new()));
+                        c.seed_hour(
+                            Now {
+                                wall: now,
+                                mono: mono_ms(),
+                            },
+                            &charges,
+                        );
+                        Some(c)
+                    }
+                    Ok(_) => counters,
+                    Err(e) => {
+                        log::warn!("key {id}: cannot read its last hour of spend: {e}");
+                        counters
                     }
                 }
-                let Some((spend, today)) = ledger.as_mut() else {
-                    singles += 1;
-                    let tree = tree_spend(id, None);
-                    return Some(restored_counters(store, id, now).with_tree_spent(tree));
-                };
-                let tree = tree_spend(id, Some(spend));
-                let today = today.get(id).copied();
-                let spend = spend.get(id).cloned();
-                // Nothing in the ledger: the counters are made on first use.
-                (today.is_some() || spend.is_some() || tree > Nanos::ZERO).then(|| {
-                    KeyCounters::restored(now, today.unwrap_or(0), spend.unwrap_or_default())
-                        .with_tree_spent(tree)
-                })
             })
         })?;
         let groups =

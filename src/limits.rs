@@ -1,5 +1,6 @@
-//! Per-key request windows (rolling minute, UTC day), in-flight slots, and the hard-budget
-//! reserve/settle ledger with this month's spend per model.
+//! Per-key request windows (rolling minute, UTC day), in-flight slots, the hard-budget
+//! reserve/settle ledger with this month's spend per model, and the runaway-agent brakes
+//! ([`brakes`]) of keys that have them.
 //!
 //! State lives on the key's own entry, so one key's limits never depend on how many other
 //! keys exist (no shared sketch, no hashing, no collisions). Each key has one small mutex,
@@ -13,11 +14,13 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+pub mod brakes;
 pub mod store;
 
 use crate::clock::{day_index, month_index, Now, MS_PER_DAY};
 use crate::error::GateError;
 use crate::money::Nanos;
+use brakes::{Brakes, Refusal};
 
 const WINDOW_MS: i64 = 60_000;
 
@@ -29,6 +32,40 @@ pub struct Limits {
     pub budget: Option<Nanos>,
     pub hard_budget: bool,
     pub max_inflight: Option<u32>,
+    /// Spend cap over any rolling 60 minutes, reservations included (SPEC §7).
+    pub max_usd_per_hour: Option<Nanos>,
+    /// Identical requests (endpoint, model, body) admitted per rolling 60 s.
+    pub loop_limit: Option<u32>,
+}
+
+impl Limits {
+    /// Whether the key has a runaway-agent brake (only those pay for one).
+    pub fn has_brakes(&self) -> bool {
+        self.max_usd_per_hour.is_some() || self.loop_limit.is_some()
+    }
+}
+
+impl From<Refusal> for GateError {
+    fn from(r: Refusal) -> GateError {
+        match r {
+            Refusal::SpendRate {
+                spend,
+                cap,
+                retry_after_secs,
+            } => GateError::SpendRateExceeded {
+                spend,
+                cap,
+                retry_after_secs,
+            },
+            Refusal::Loop {
+                limit,
+                retry_after_secs,
+            } => GateError::LoopDetected {
+                limit,
+                retry_after_secs,
+            },
+        }
+    }
 }
 
 /// Live counters of one key.
@@ -159,6 +196,9 @@ struct CounterState {
     /// The last standing a shared store (Redis) answered for this key, for the rate-limit
     /// headers of answers that admit nothing (asking the store again would cost a round trip).
     shared_standing: Option<Standing>,
+    /// The hour's spend and the loop table, made on the first admission of a key with one of
+    /// those limits (`None`, one word, for every other key).
+    brakes: Option<Box<Brakes>>,
 }
 
 /// What an admitted request reports back in its rate-limit headers.
@@ -179,6 +219,9 @@ pub struct Standing {
 #[derive(Debug)]
 pub struct Reservation {
     held: Nanos,
+    /// Held against this node's hour window (`max_usd_per_hour`); a shared store keeps its
+    /// own (zero here).
+    hour_held: Nanos,
     month: i64,
     /// The hold's id in a shared store (Redis), if it was taken there; `None` for this
     /// node's own counters (single node, or a fallback while the shared store is down).
@@ -215,6 +258,7 @@ impl Reservation {
     pub fn in_shared_store(held: Nanos, month: i64, id: u64, decided_at: i64) -> Reservation {
         Reservation {
             held,
+            hour_held: Nanos::ZERO,
             month,
             shared: Some(id),
             decided_at: Some(decided_at),
@@ -369,6 +413,19 @@ impl KeyCounters {
         }
     }
 
+    /// Books the charges of the last hour (unix ms when each request ended, cost; from the
+    /// traces) into the hour window of a key with `max_usd_per_hour`, so a restart does not
+    /// forget what the key spent in the hour. Wall times map onto the monotonic clock the
+    /// window runs on, as that far before `now`.
+    pub fn seed_hour(&self, now: Now, charges: &[(i64, Nanos)]) {
+        let mut s = self.lock();
+        let b = s.brakes.get_or_insert_with(Box::default);
+        for &(at, cost) in charges {
+            let ago = now.wall.saturating_sub(at).max(0);
+            b.spend.book(now.mono.saturating_sub(ago), cost);
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, CounterState> {
         // A poisoned lock only means another request panicked mid-update of plain integers.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -383,20 +440,24 @@ impl KeyCounters {
         limits: &Limits,
         bound: Nanos,
     ) -> Result<(Standing, Reservation), GateError> {
-        self.admit_with(now, limits, bound, &[])
+        self.admit_with(now, limits, bound, &[], None)
     }
 
-    /// [`KeyCounters::admit`] for a key with levels above it (SPEC §7): the key's checks,
-    /// then each parent's hard budget (its whole tree's spend and holds) and the group's
-    /// hard budget and rpm, all under their locks at once, and all taken only if all pass.
-    /// Locks are taken child first, parents upward, the group last: every admission takes
-    /// them in that one order, so two can never wait on each other.
+    /// [`KeyCounters::admit`] with everything SPEC §2 and §7 check, in SPEC §2's order: the
+    /// key's budget, the hard budgets (and rpm) of the levels above it, the runaway-agent
+    /// brakes (hour spend, loop), per-minute, per-day, in-flight; all under their locks at
+    /// once, and all taken only if all pass. `uplines`: the key's parents (each one's budget
+    /// counts its whole tree) and its group. Locks are taken child first, parents upward,
+    /// the group last: every admission takes them in that one order, so two can never wait
+    /// on each other. `digest` is the request's [`brakes::request_digest`], given only for a
+    /// key with a `loop_limit`.
     pub fn admit_with(
         &self,
         now: Now,
         limits: &Limits,
         bound: Nanos,
         uplines: &[Upline],
+        digest: Option<u128>,
     ) -> Result<(Standing, Reservation), GateError> {
         let bound = bound.max(Nanos::ZERO);
         let mut s = self.lock();
@@ -409,12 +470,6 @@ impl KeyCounters {
                     spend: committed,
                     cap,
                 });
-            }
-        }
-        s.requests.check(now, limits)?;
-        if let Some(max) = limits.max_inflight {
-            if s.inflight >= max {
-                return Err(GateError::ConcurrencyLimited { limit: max });
             }
         }
         let mut above = Vec::with_capacity(uplines.len());
@@ -446,6 +501,24 @@ impl KeyCounters {
             }
             above.push(g);
         }
+        let hour_held = if limits.has_brakes() {
+            let b = s.brakes.get_or_insert_with(Box::default);
+            if let Some(cap) = limits.max_usd_per_hour {
+                b.spend.check(now.mono, cap, bound)?;
+            }
+            if let (Some(limit), Some(d)) = (limits.loop_limit, digest) {
+                b.loops.check(now.mono, limit, d)?;
+            }
+            limits.max_usd_per_hour.map_or(Nanos::ZERO, |_| bound)
+        } else {
+            Nanos::ZERO
+        };
+        s.requests.check(now, limits)?;
+        if let Some(max) = limits.max_inflight {
+            if s.inflight >= max {
+                return Err(GateError::ConcurrencyLimited { limit: max });
+            }
+        }
         // The bound is held wherever a hard cap may need it: at every level, so each one's
         // figure stays the sum of what is open below it.
         let held = if hard_here || hard_above {
@@ -463,6 +536,13 @@ impl KeyCounters {
             }
         }
         drop(above);
+        // Every check passed: consume all of them.
+        if let Some(b) = s.brakes.as_deref_mut() {
+            b.spend.reserved += hour_held;
+            if let (Some(_), Some(d)) = (limits.loop_limit, digest) {
+                b.loops.count(now.mono, d);
+            }
+        }
         s.count_request(now, limits);
         s.reserved += held;
         s.inflight += 1;
@@ -472,6 +552,7 @@ impl KeyCounters {
             standing,
             Reservation {
                 held,
+                hour_held,
                 month: s.month,
                 shared: None,
                 decided_at: None,
@@ -558,6 +639,13 @@ impl KeyCounters {
         let mut s = self.lock();
         s.reserved -= held;
         s.inflight = s.inflight.saturating_sub(1);
+        // The hour window books the cost when it is known, whatever month it belongs to.
+        if let Some(b) = s.brakes.as_deref_mut() {
+            b.spend.reserved -= reservation.hour_held;
+            if let Some(c) = &charge {
+                b.spend.book(crate::clock::mono_ms(), c.cost);
+            }
+        }
         let Some(c) = charge else {
             return;
         };

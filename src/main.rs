@@ -131,6 +131,14 @@ struct LimitArgs {
     /// Requests in flight at once ("none" = unlimited); one over gets 429
     #[arg(long)]
     max_inflight: Option<String>,
+    /// Spend cap in USD over any rolling 60 minutes, reservations included ("none" = no cap);
+    /// over it: 429 spend_rate_exceeded
+    #[arg(long)]
+    max_usd_per_hour: Option<String>,
+    /// The same request (endpoint, model, body) at most N times per rolling 60 s ("none" = no
+    /// limit); one more: 429 loop_detected
+    #[arg(long)]
+    loop_limit: Option<String>,
     /// The group whose budget and rpm the key also counts against ("none" = leave it)
     #[arg(long)]
     group: Option<String>,
@@ -423,6 +431,23 @@ fn parse_budget(v: Option<&str>) -> Result<Option<Option<f64>>, KeyError> {
     }
 }
 
+fn parse_usd_per_hour(v: Option<&str>) -> Result<Option<Option<f64>>, KeyError> {
+    match v {
+        None => Ok(None),
+        Some("none" | "unlimited") => Ok(Some(None)),
+        Some(s) => s
+            .trim_start_matches('$')
+            .parse()
+            .map(|usd| Some(Some(usd)))
+            .map_err(|_| {
+                KeyError::invalid(
+                    "max_usd_per_hour",
+                    format!("--max-usd-per-hour must be a USD amount or \"none\", got \"{s}\""),
+                )
+            }),
+    }
+}
+
 /// A key-service refusal as a CLI error, naming the flag.
 fn cli_err(e: KeyError) -> String {
     match e.field() {
@@ -547,6 +572,12 @@ fn manage_command(config: Config, command: Command) -> CliResult {
                 ttl: limits.ttl,
                 client_id: limits.client_id,
                 group: limits.group,
+                max_usd_per_hour: parse_usd_per_hour(limits.max_usd_per_hour.as_deref())
+                    .map_err(cli_err)?
+                    .flatten(),
+                loop_limit: parse_limit("loop_limit", limits.loop_limit.as_deref())
+                    .map_err(cli_err)?
+                    .flatten(),
             };
             let (record, secret) = KeyService::new(&mut store, &catalog, Actor::cli())
                 .create(spec, now)
@@ -629,6 +660,10 @@ fn manage_command(config: Config, command: Command) -> CliResult {
                 group: limits
                     .group
                     .map(|g| (g != "none" && !g.is_empty()).then_some(g)),
+                max_usd_per_hour: parse_usd_per_hour(limits.max_usd_per_hour.as_deref())
+                    .map_err(cli_err)?,
+                loop_limit: parse_limit("loop_limit", limits.loop_limit.as_deref())
+                    .map_err(cli_err)?,
             };
             let k = KeyService::new(&mut store, &catalog, Actor::cli())
                 .update(&id, changes, now)

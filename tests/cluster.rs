@@ -397,3 +397,156 @@ fn usage_is_the_same_on_every_node() {
         (c.ledger_spend(&key) == expected).then_some(())
     });
 }
+
+/// A gpt-4o-mini chat body with `text` as its message and a 20-token output cap, and its
+/// upper-bound cost (a prompt token per body byte, 20 completion tokens).
+fn brake_body(text: &str) -> (Vec<u8>, i64) {
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 20,
+                      "messages": [{"role": "user", "content": text}]})
+    .to_string()
+    .into_bytes();
+    let bound = body.len() as i64 * IN + 20 * OUT;
+    (body, bound)
+}
+
+fn retry_after(r: &Response) -> u64 {
+    r.header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .expect("whole seconds")
+}
+
+#[test]
+fn max_usd_per_hour_holds_across_nodes_with_reservations_included() {
+    let Some(c) = Cluster::start("closed", 30_000) else {
+        return;
+    };
+    // Two nodes, alternating; each request billed exactly its bound (the worst case).
+    let (body, bound) = brake_body("a runaway agent");
+    let worst = [
+        ("x-mock-prompt-tokens", "bytes"),
+        ("x-mock-completion-tokens", "max"),
+    ];
+    let cap = 3 * bound + bound / 2;
+    let cap_usd = format!("{}.{:09}", cap / 1_000_000_000, cap % 1_000_000_000);
+    let key = c.create_key(&["--max-usd-per-hour", &cap_usd, "--rpm", "1000"]);
+    for i in 0..3 {
+        let r = c.nodes[i % 2].post("/v1/chat/completions", &key.bearer(), &body, &worst);
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+    }
+    let refused_at = std::time::Instant::now();
+    for i in 0..4 {
+        let r = c.nodes[i % 2].post("/v1/chat/completions", &key.bearer(), &body, &worst);
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (429, "spend_rate_exceeded"),
+            "node {}",
+            i % 2
+        );
+        // The first charge leaves the window 60 to 61 minutes after it was booked.
+        let retry = retry_after(&r);
+        let waited = refused_at.elapsed().as_secs() + 1;
+        assert!(
+            (3600 - waited..=3661).contains(&retry),
+            "Retry-After {retry}"
+        );
+    }
+    // The refusals consumed nothing on either node: three requests, three bounds.
+    let usage = wait_for(Duration::from_secs(5), "settled", || {
+        let u = c.usage_on(1, &key);
+        (u["requests_in_flight"] == 0).then_some(u)
+    });
+    assert_eq!(usage["requests_today"], 3);
+    assert_eq!(nanos(&usage), 3 * bound);
+
+    // Concurrent requests on both nodes of a fresh key: the hour's billed spend never
+    // passes the cap, because every admission holds its bound until it settles.
+    let fresh = c.create_key(&["--max-usd-per-hour", &cap_usd]);
+    let ok: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..12)
+            .map(|i| {
+                let (c, fresh, body) = (&c, &fresh, &body);
+                s.spawn(move || {
+                    let mut headers = worst.to_vec();
+                    headers.push(("x-mock-delay-ms", "200"));
+                    let r = c.nodes[i % 2].post(
+                        "/v1/chat/completions",
+                        &fresh.bearer(),
+                        body,
+                        &headers,
+                    );
+                    match r.status {
+                        200 => 1,
+                        429 => {
+                            assert_eq!(r.code(), "spend_rate_exceeded");
+                            0
+                        }
+                        s => panic!("unexpected {s}: {}", r.text()),
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    let billed = wait_for(Duration::from_secs(5), "ledger", || {
+        let u = c.usage_on(0, &fresh);
+        (u["requests_in_flight"] == 0).then(|| nanos(&u))
+    });
+    assert!(billed <= cap, "billed {billed} > cap {cap}");
+    assert_eq!((ok, billed), (3, 3 * bound));
+    // Each refusal left a trace with its code, on whichever node refused it.
+    let traced = wait_for(Duration::from_secs(5), "traces", || {
+        let n = c
+            .ledger_traces(&fresh)
+            .iter()
+            .filter(|(code, _)| code.as_deref() == Some("spend_rate_exceeded"))
+            .count();
+        (n == 12 - ok).then_some(n)
+    });
+    assert_eq!(traced, 9);
+}
+
+#[test]
+fn loop_limit_counts_the_same_request_across_nodes_and_refusals_consume_nothing() {
+    let Some(c) = Cluster::start("closed", 30_000) else {
+        return;
+    };
+    // rpm 5: if a refused request took a slot, the last distinct requests would be refused.
+    let key = c.create_key(&["--loop-limit", "2", "--rpm", "5"]);
+    let (same, _) = brake_body("are we there yet?");
+    for i in 0..2 {
+        let r = c.nodes[i % 2].post("/v1/chat/completions", &key.bearer(), &same, &[]);
+        assert_eq!(r.status, 200, "identical request {i}: {}", r.text());
+    }
+    let refused_at = std::time::Instant::now();
+    for i in 0..4 {
+        let r = c.nodes[i % 2].post("/v1/chat/completions", &key.bearer(), &same, &[]);
+        assert_eq!((r.status, r.code().as_str()), (429, "loop_detected"));
+        let retry = retry_after(&r);
+        let waited = refused_at.elapsed().as_secs() + 1;
+        assert!((60 - waited..=61).contains(&retry), "Retry-After {retry}");
+    }
+    // One byte different is another request, on either node; the refusals above took no
+    // rpm slot, so three more distinct requests fill the minute exactly.
+    for (i, text) in [
+        "are we there yet!",
+        "are we there yet?!",
+        "are we there, yet?",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (other, _) = brake_body(text);
+        let r = c.nodes[i % 2].post("/v1/chat/completions", &key.bearer(), &other, &[]);
+        assert_eq!(r.status, 200, "{text}: {}", r.text());
+    }
+    let (sixth, _) = brake_body("something else");
+    assert_eq!(
+        c.nodes[1]
+            .post("/v1/chat/completions", &key.bearer(), &sixth, &[])
+            .code(),
+        "rate_limit_exceeded"
+    );
+    let usage = c.usage_on(0, &key);
+    assert_eq!(usage["requests_today"], 5, "{usage}");
+}

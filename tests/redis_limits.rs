@@ -60,13 +60,13 @@ async fn seed_with(l: &RedisLimits, key: &str, this_month: &[ModelTally], today:
 /// Admits, seeding an empty month first if Redis asks for it.
 async fn admit(l: &RedisLimits, key: &str, limits: &Limits, est: i64, res: u64) -> Admit {
     match l
-        .admit(key, limits, &[], Nanos::new(est), res)
+        .admit(key, limits, &[], Nanos::new(est), None, res)
         .await
         .unwrap()
     {
         Admit::NeedSeed { .. } => {
             seed_empty(l, key).await;
-            l.admit(key, limits, &[], Nanos::new(est), res)
+            l.admit(key, limits, &[], Nanos::new(est), None, res)
                 .await
                 .unwrap()
         }
@@ -216,7 +216,10 @@ async fn rpm_is_exact_across_three_nodes_hammering_concurrently() {
         for res in 0..40u64 {
             let n = n.clone();
             tasks.push(tokio::spawn(async move {
-                let a = n.admit("k", &limits, &[], Nanos::ZERO, res).await.unwrap();
+                let a = n
+                    .admit("k", &limits, &[], Nanos::ZERO, None, res)
+                    .await
+                    .unwrap();
                 if matches!(a, Admit::Admitted { .. }) {
                     assert_eq!(
                         Settled::Open,
@@ -250,7 +253,11 @@ async fn rpm_is_exact_across_three_nodes_hammering_concurrently() {
     // The window is full for every node, with an accurate Retry-After (the oldest admission
     // leaves 60 s after it was made, i.e. in 59-60 s).
     for n in &nodes {
-        let e = rejected(n.admit("k", &limits, &[], Nanos::ZERO, 999).await.unwrap());
+        let e = rejected(
+            n.admit("k", &limits, &[], Nanos::ZERO, None, 999)
+                .await
+                .unwrap(),
+        );
         assert!(matches!(e.retry_after(), Some(59..=60)), "{e:?}");
     }
 }
@@ -381,7 +388,7 @@ async fn hard_budget_is_never_overshot_by_sixty_concurrent_admits_on_three_nodes
                 let est = 10_000 + rng.next(90_000) as i64;
                 let res = next_res.fetch_add(1, Ordering::Relaxed);
                 match n
-                    .admit("k", &hard(CAP), &[], Nanos::new(est), res)
+                    .admit("k", &hard(CAP), &[], Nanos::new(est), None, res)
                     .await
                     .unwrap()
                 {
@@ -433,7 +440,10 @@ async fn the_month_is_seeded_once_and_never_additively() {
         ..hard(10_000)
     };
     let now = now_ms();
-    let need = a.admit("k", &limits, &[], Nanos::new(1), 1).await.unwrap();
+    let need = a
+        .admit("k", &limits, &[], Nanos::new(1), None, 1)
+        .await
+        .unwrap();
     assert_eq!(
         need,
         Admit::NeedSeed {
@@ -469,7 +479,11 @@ async fn the_month_is_seeded_once_and_never_additively() {
         (again.spent, again.requests_today),
         (v.spent, v.requests_today)
     );
-    let m = admitted(&a.admit("k", &limits, &[], Nanos::new(1), 1).await.unwrap());
+    let m = admitted(
+        &a.admit("k", &limits, &[], Nanos::new(1), None, 1)
+            .await
+            .unwrap(),
+    );
     assert_eq!(m.rpm, None);
     assert_eq!(view(&b, "k").await.requests_today, v.requests_today + 1);
 }
@@ -547,7 +561,7 @@ async fn settle_after_data_loss_does_not_create_the_month() {
     );
     assert!(l.view("k", &Limits::default()).await.unwrap().is_none());
     assert!(matches!(
-        l.admit("k", &hard(1_000), &[], Nanos::new(1), 3)
+        l.admit("k", &hard(1_000), &[], Nanos::new(1), None, 3)
             .await
             .unwrap(),
         Admit::NeedSeed { .. }
@@ -712,7 +726,7 @@ async fn soft_budget_warns_once_reached_and_never_holds() {
     };
     let model: Arc<str> = Arc::from("m");
     let s = admitted(
-        &l.admit("k", &soft, &[], Nanos::new(1_000_000), 1)
+        &l.admit("k", &soft, &[], Nanos::new(1_000_000), None, 1)
             .await
             .unwrap(),
     );
@@ -725,7 +739,7 @@ async fn soft_budget_warns_once_reached_and_never_holds() {
             .unwrap()
     );
     let s = admitted(
-        &l.admit("k", &soft, &[], Nanos::new(1_000_000), 2)
+        &l.admit("k", &soft, &[], Nanos::new(1_000_000), None, 2)
             .await
             .unwrap(),
     );
@@ -777,12 +791,15 @@ async fn redis_down_fails_fast_and_the_node_recovers_when_it_is_back() {
         Duration::from_millis(300),
     )
     .unwrap();
-    assert_unavailable(l.admit("k", &Limits::default(), &[], Nanos::ZERO, 1).await);
+    assert_unavailable(
+        l.admit("k", &Limits::default(), &[], Nanos::ZERO, None, 1)
+            .await,
+    );
     r.restart();
     recovers(&l).await;
     seed_empty(&l, "k").await;
     admitted(
-        &l.admit("k", &Limits::default(), &[], Nanos::ZERO, 2)
+        &l.admit("k", &Limits::default(), &[], Nanos::ZERO, None, 2)
             .await
             .unwrap(),
     );
@@ -790,12 +807,15 @@ async fn redis_down_fails_fast_and_the_node_recovers_when_it_is_back() {
     // Killed while connected: fails fast, and after a restart (empty, scripts flushed) asks
     // for a seed again.
     r.stop();
-    assert_unavailable(l.admit("k", &Limits::default(), &[], Nanos::ZERO, 3).await);
+    assert_unavailable(
+        l.admit("k", &Limits::default(), &[], Nanos::ZERO, None, 3)
+            .await,
+    );
     assert_unavailable(l.settle("k", 2, month_index(now_ms()), None).await);
     r.restart();
     recovers(&l).await;
     assert!(matches!(
-        l.admit("k", &Limits::default(), &[], Nanos::ZERO, 4)
+        l.admit("k", &Limits::default(), &[], Nanos::ZERO, None, 4)
             .await
             .unwrap(),
         Admit::NeedSeed { .. }
@@ -805,7 +825,7 @@ async fn redis_down_fails_fast_and_the_node_recovers_when_it_is_back() {
     r.pause();
     for res in 5..9 {
         assert_unavailable(
-            l.admit("k", &Limits::default(), &[], Nanos::ZERO, res)
+            l.admit("k", &Limits::default(), &[], Nanos::ZERO, None, res)
                 .await,
         );
     }
@@ -813,7 +833,7 @@ async fn redis_down_fails_fast_and_the_node_recovers_when_it_is_back() {
     recovers(&l).await;
     seed_empty(&l, "k").await;
     admitted(
-        &l.admit("k", &Limits::default(), &[], Nanos::ZERO, 9)
+        &l.admit("k", &Limits::default(), &[], Nanos::ZERO, None, 9)
             .await
             .unwrap(),
     );
@@ -843,7 +863,7 @@ async fn one_round_trip_per_admit_and_per_settle() {
     for res in 2..12 {
         monitor.commands_since_mark();
         admitted(
-            &l.admit("k", &limits, &[], Nanos::new(100), res)
+            &l.admit("k", &limits, &[], Nanos::new(100), None, res)
                 .await
                 .unwrap(),
         );
@@ -862,14 +882,14 @@ async fn one_round_trip_per_admit_and_per_settle() {
     raw(&r, redis::cmd("SCRIPT").arg("FLUSH")).await;
     monitor.commands_since_mark();
     admitted(
-        &l.admit("k", &limits, &[], Nanos::new(100), 20)
+        &l.admit("k", &limits, &[], Nanos::new(100), None, 20)
             .await
             .unwrap(),
     );
     assert_eq!(monitor.commands_since_mark(), 3);
     monitor.commands_since_mark();
     admitted(
-        &l.admit("k", &limits, &[], Nanos::new(100), 21)
+        &l.admit("k", &limits, &[], Nanos::new(100), None, 21)
             .await
             .unwrap(),
     );
@@ -911,7 +931,7 @@ async fn an_admission_whose_reply_was_lost_is_released_by_the_next_heartbeat() {
     seed_empty(&l, "k").await;
     // Redis knows the script (else it would answer NOSCRIPT, not run it).
     admitted(
-        &l.admit("k", &limits, &[], Nanos::new(400), 0)
+        &l.admit("k", &limits, &[], Nanos::new(400), None, 0)
             .await
             .unwrap(),
     );
@@ -922,7 +942,7 @@ async fn an_admission_whose_reply_was_lost_is_released_by_the_next_heartbeat() {
     // Redis hangs with the admission in its socket: the caller gets an error (and does not
     // forward the request), but Redis runs the script once it wakes up.
     r.pause();
-    assert_unavailable(l.admit("k", &limits, &[], Nanos::new(400), 1).await);
+    assert_unavailable(l.admit("k", &limits, &[], Nanos::new(400), None, 1).await);
     r.resume();
     let v = view(&l, "k").await;
     assert_eq!((v.inflight, v.reserved), (1, Nanos::new(400)));
@@ -934,8 +954,123 @@ async fn an_admission_whose_reply_was_lost_is_released_by_the_next_heartbeat() {
         (0, Nanos::ZERO, Nanos::ZERO)
     );
     admitted(
-        &l.admit("k", &limits, &[], Nanos::new(400), 2)
+        &l.admit("k", &limits, &[], Nanos::new(400), None, 2)
             .await
             .unwrap(),
     );
+}
+
+/// `max_usd_per_hour` in Redis: an admission holds its bound against the hour, settlement
+/// replaces the hold with the real cost, and a dead node's hold is released when reaped and
+/// its estimate (an upper bound) booked to the hour in its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hour_window_holds_bounds_settles_real_costs_and_reaps_dead_holds() {
+    let r = redis_or_skip!();
+    let limits = Limits {
+        max_usd_per_hour: Some(Nanos::new(1_000)),
+        ..Limits::default()
+    };
+    let model: Arc<str> = Arc::from("m");
+    let live = node(&r, 2, Duration::from_secs(30));
+    admitted(&admit(&live, "k", &limits, 600, 1).await);
+    // 600 held: 401 more does not fit, 400 does.
+    let e = rejected(admit(&live, "k", &limits, 401, 2).await);
+    assert_eq!(e.code(), "spend_rate_exceeded");
+    assert_eq!(e.retry_after(), Some(1), "only an open hold is in the way");
+    // Settled at 100: the hold is gone, the cost stays for the hour.
+    assert_eq!(
+        Settled::Open,
+        live.settle("k", 1, month_index(now_ms()), charge(&model, 100))
+            .await
+            .unwrap()
+    );
+    admitted(&admit(&live, "k", &limits, 900, 3).await);
+    let e = rejected(admit(&live, "k", &limits, 1, 4).await);
+    let retry = e.retry_after().unwrap();
+    // The 100 leaves the window 60 to 61 minutes after it was booked.
+    assert!((3599..=3661).contains(&retry), "Retry-After {retry}");
+    assert_eq!(
+        Settled::Open,
+        live.settle("k", 3, month_index(now_ms()), None)
+            .await
+            .unwrap()
+    );
+
+    // A node dies holding 500; once reaped, its estimate counts (100 + 500), not its hold.
+    let dead = node(&r, 1, Duration::from_millis(200));
+    admitted(&admit(&dead, "k", &limits, 500, 1).await);
+    drop(dead);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(live.reap().await.unwrap(), 1);
+    admitted(&admit(&live, "k", &limits, 400, 5).await);
+    rejected(admit(&live, "k", &limits, 1, 6).await);
+    live.settle("k", 5, month_index(now_ms()), None)
+        .await
+        .unwrap();
+    admitted(&admit(&live, "k", &limits, 400, 7).await);
+}
+
+/// `loop_limit` in Redis: per digest, refusals count nothing, other digests are apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loop_counts_are_per_digest_and_refusals_count_nothing() {
+    let r = redis_or_skip!();
+    let limits = Limits {
+        loop_limit: Some(2),
+        rpm: Some(3),
+        ..Limits::default()
+    };
+    let (a, b) = (Some(0xA_u128), Some(0xB_u128));
+    let l = node(&r, 1, Duration::from_secs(30));
+    seed_empty(&l, "k").await;
+    for res in 1..=2 {
+        admitted(
+            &l.admit("k", &limits, &[], Nanos::ZERO, a, res)
+                .await
+                .unwrap(),
+        );
+    }
+    for res in 3..=5 {
+        let e = rejected(
+            l.admit("k", &limits, &[], Nanos::ZERO, a, res)
+                .await
+                .unwrap(),
+        );
+        assert_eq!(e.code(), "loop_detected");
+        assert!((59..=61).contains(&e.retry_after().unwrap()), "{e:?}");
+    }
+    // The refusals took no rpm slot: the third slot is still free, for another request.
+    admitted(&l.admit("k", &limits, &[], Nanos::ZERO, b, 6).await.unwrap());
+    let e = rejected(l.admit("k", &limits, &[], Nanos::ZERO, b, 7).await.unwrap());
+    assert_eq!(e.code(), "rate_limit_exceeded");
+}
+
+/// The hour hold rides in the reservation's record; a live node's heartbeat must still find
+/// the key in it, so a long request of a capped key is never reaped while its node lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_nodes_hold_on_a_capped_key_survives_its_ttl() {
+    let r = redis_or_skip!();
+    let limits = Limits {
+        max_usd_per_hour: Some(Nanos::new(1_000)),
+        loop_limit: Some(5),
+        ..Limits::default()
+    };
+    let live = node(&r, 1, Duration::from_millis(300));
+    admitted(&admit(&live, "k", &limits, 600, 1).await);
+    let beating = {
+        let live = live.clone();
+        tokio::spawn(async move {
+            loop {
+                live.heartbeat().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    // Both the key's own sweep (inside admit) and the global reap leave it open.
+    let other = node(&r, 2, Duration::from_secs(30));
+    let e = rejected(admit(&other, "k", &limits, 500, 1).await);
+    assert_eq!(e.code(), "spend_rate_exceeded");
+    assert_eq!(other.reap().await.unwrap(), 0);
+    assert_eq!(view(&other, "k").await.inflight, 1);
+    beating.abort();
 }

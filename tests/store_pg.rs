@@ -52,6 +52,8 @@ fn record(id: &str) -> KeyRecord {
         expires_at: 2,
         revoked_at: None,
         last_used_at: None,
+        max_usd_per_hour: Some(Nanos::new(2_500_000_000)),
+        loop_limit: Some(7),
     }
 }
 
@@ -143,9 +145,15 @@ fn keys_contract(loc: &StoreLocation) {
         rpd: Some(Some(100)),
         free_only: Some(true),
         client_id: Some(None),
+        loop_limit: Some(None),
+        max_usd_per_hour: Some(Some(Nanos::new(1_000_000_000))),
         ..KeyPatch::default()
     };
     let k = s.update_key("key_a", &patch).unwrap().unwrap();
+    assert_eq!(
+        (k.max_usd_per_hour, k.loop_limit),
+        (Some(Nanos::new(1_000_000_000)), None)
+    );
     assert_eq!(
         (k.rpm, k.rpd, k.free_only, k.client_id.clone()),
         (None, Some(100), true, None)
@@ -573,7 +581,8 @@ fn migrations_are_idempotent_and_safe_when_three_nodes_start_at_once() {
             (1, "0001_init".to_string()),
             (2, "0002_trace_id".to_string()),
             (3, "0003_audit".to_string()),
-            (4, "0004_fleet_groups".to_string())
+            (4, "0004_fleet_groups".to_string()),
+            (5, "0005_brakes".to_string())
         ]
     );
     let keys: i64 = raw

@@ -43,6 +43,24 @@ fn usd(v: &Value, field: &'static str) -> Result<Option<Option<f64>>, KeyError> 
     }
 }
 
+/// `max_usd_per_hour`: a USD number (or numeric string), or null to clear it.
+fn usd_per_hour(v: &Value) -> Result<Option<Option<f64>>, KeyError> {
+    const FIELD: &str = "max_usd_per_hour";
+    match v.get(FIELD) {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(None)),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(Some(None)),
+        Some(n) => n
+            .as_f64()
+            .or_else(|| {
+                n.as_str()
+                    .and_then(|s| s.trim().trim_start_matches('$').parse().ok())
+            })
+            .map(|usd| Some(Some(usd)))
+            .ok_or_else(|| KeyError::invalid(FIELD, format!("{FIELD} must be a number or null"))),
+    }
+}
+
 fn string(v: &Value, field: &'static str) -> Result<Option<String>, KeyError> {
     match v.get(field) {
         None | Some(Value::Null) => Ok(None),
@@ -115,6 +133,8 @@ pub fn key_spec(v: &Value) -> Result<KeySpec, KeyError> {
         ttl: string(v, "ttl")?.filter(|t| !t.trim().is_empty()),
         client_id: client_id(v)?.flatten(),
         group: nullable_string(v, "group")?.flatten(),
+        max_usd_per_hour: usd_per_hour(v)?.flatten(),
+        loop_limit: limit(v, "loop_limit")?.flatten(),
     })
 }
 
@@ -133,6 +153,8 @@ pub fn key_changes(v: &Value) -> Result<KeyChanges, KeyError> {
         ttl: string(v, "ttl")?.filter(|t| !t.trim().is_empty()),
         client_id: client_id(v)?,
         group: nullable_string(v, "group")?,
+        max_usd_per_hour: usd_per_hour(v)?,
+        loop_limit: limit(v, "loop_limit")?,
     })
 }
 

@@ -104,6 +104,10 @@ pub struct KeyRecord {
     pub group: Option<String>,
     /// The key that minted this one through `/v1/keys`; its budget bounds this key too.
     pub parent_id: Option<String>,
+    /// Runaway-agent brakes (SPEC §7): spend cap over any rolling 60 minutes.
+    pub max_usd_per_hour: Option<Nanos>,
+    /// Runaway-agent brakes: identical requests allowed per rolling 60 s.
+    pub loop_limit: Option<u32>,
 }
 
 impl KeyRecord {
@@ -114,6 +118,8 @@ impl KeyRecord {
             budget: self.budget,
             hard_budget: self.budget_mode == BudgetMode::Hard,
             max_inflight: self.max_inflight,
+            max_usd_per_hour: self.max_usd_per_hour,
+            loop_limit: self.loop_limit,
         }
     }
 
@@ -520,6 +526,8 @@ models: [{id: m, provider: p, input_usd_per_mtok: 1, output_usd_per_mtok: 1}]
             rotated_at: None,
             group: None,
             parent_id: None,
+            max_usd_per_hour: None,
+            loop_limit: None,
         };
         KeyEntry::new(record, &catalog, Arc::new(KeyCounters::default()))
     }

@@ -331,6 +331,8 @@ models: [{id: m, provider: p, input_usd_per_mtok: 1, output_usd_per_mtok: 1}]
             rotated_at: None,
             group: None,
             parent_id: None,
+            max_usd_per_hour: None,
+            loop_limit: None,
         }
     }
 }

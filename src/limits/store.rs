@@ -16,10 +16,11 @@ use crate::money::Nanos;
 /// Live limits of every key: admission (all checks and the hold, in one atomic step),
 /// settlement, and what `/v1/usage` reports.
 pub trait LimitStore {
-    /// Checks the hard budget, the rolling minute, the UTC day and the in-flight cap, and
-    /// takes all of them only if all pass (a rejection consumes nothing). `bound` is the
-    /// request's upper-bound cost, held against a hard budget until settled; `res_id`
-    /// names the hold (the admission journal's id).
+    /// Checks the hard budget, the hour's spend, loops, the rolling minute, the UTC day and
+    /// the in-flight cap, and takes all of them only if all pass (a rejection consumes
+    /// nothing). `bound` is the request's upper-bound cost, held against a hard budget and
+    /// `max_usd_per_hour` until settled; `digest` identifies the request for `loop_limit`
+    /// (given only for keys with one); `res_id` names the hold (the admission journal's id).
     /// `uplines`: the levels above the key (its parents, its group) that are checked and
     /// held in the same step (SPEC §7); empty for a lone key.
     fn admit(
@@ -28,6 +29,7 @@ pub trait LimitStore {
         uplines: &[Upline],
         now: Now,
         bound: Nanos,
+        digest: Option<u128>,
         res_id: u64,
     ) -> impl Future<Output = Result<(Standing, Reservation), GateError>> + Send;
 
@@ -68,8 +70,10 @@ impl InProcess {
         uplines: &[Upline],
         now: Now,
         bound: Nanos,
+        digest: Option<u128>,
     ) -> Result<(Standing, Reservation), GateError> {
-        key.counters.admit_with(now, &key.limits, bound, uplines)
+        key.counters
+            .admit_with(now, &key.limits, bound, uplines, digest)
     }
 
     pub fn settle_now(
@@ -92,9 +96,10 @@ impl LimitStore for InProcess {
         uplines: &[Upline],
         now: Now,
         bound: Nanos,
+        digest: Option<u128>,
         _res_id: u64,
     ) -> impl Future<Output = Result<(Standing, Reservation), GateError>> + Send {
-        std::future::ready(Self::admit_now(key, uplines, now, bound))
+        std::future::ready(Self::admit_now(key, uplines, now, bound, digest))
     }
 
     fn admit_usage_call(

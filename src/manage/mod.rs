@@ -46,6 +46,9 @@ pub struct KeySpec {
     pub client_id: Option<String>,
     /// The group the key joins (it must exist).
     pub group: Option<String>,
+    /// Runaway-agent brakes (SPEC §7); `None`: no limit.
+    pub max_usd_per_hour: Option<f64>,
+    pub loop_limit: Option<i64>,
 }
 
 /// Changes to a key: `None` leaves a field alone, `Some(None)` clears a limit.
@@ -65,6 +68,8 @@ pub struct KeyChanges {
     pub client_id: Option<Option<String>>,
     /// `Some(None)` takes the key out of its group.
     pub group: Option<Option<String>>,
+    pub max_usd_per_hour: Option<Option<f64>>,
+    pub loop_limit: Option<Option<i64>>,
 }
 
 /// Why a key operation was refused.
@@ -235,6 +240,11 @@ impl<'a> KeyService<'a> {
                 Some(None) => Some(None),
                 None => None,
             },
+            max_usd_per_hour: changes
+                .max_usd_per_hour
+                .map(check_usd_per_hour)
+                .transpose()?,
+            loop_limit: changes.loop_limit.map(check_loop_limit).transpose()?,
         };
         let before = self.store.get_key(id)?;
         let after = self
@@ -349,6 +359,8 @@ pub fn mint(catalog: &Catalog, spec: KeySpec, now: i64) -> Result<(KeyRecord, St
         None => DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect(),
     };
     let client_id = check_client_id(spec.client_id)?;
+    let max_usd_per_hour = check_usd_per_hour(spec.max_usd_per_hour)?;
+    let loop_limit = check_loop_limit(spec.loop_limit)?;
     let minted = token::mint().map_err(random_source)?;
     let record = KeyRecord {
         id: token::new_key_id().map_err(random_source)?,
@@ -373,6 +385,8 @@ pub fn mint(catalog: &Catalog, spec: KeySpec, now: i64) -> Result<(KeyRecord, St
         rotated_at: None,
         group: None,
         parent_id: None,
+        max_usd_per_hour,
+        loop_limit,
     };
     Ok((record, minted.secret))
 }
@@ -438,6 +452,37 @@ fn check_budget(usd: Option<f64>) -> Result<Option<Nanos>, KeyError> {
                 format!("invalid budget {usd}: use a USD amount between 0 and 1000000000"),
             )
         }),
+    }
+}
+
+/// An hourly spend cap: a USD amount above 0, or absent (no cap).
+fn check_usd_per_hour(usd: Option<f64>) -> Result<Option<Nanos>, KeyError> {
+    match usd {
+        None => Ok(None),
+        Some(usd) => Nanos::from_usd(usd)
+            .filter(|n| *n > Nanos::ZERO)
+            .map(Some)
+            .ok_or_else(|| {
+                KeyError::invalid(
+                    "max_usd_per_hour",
+                    format!("max_usd_per_hour must be a USD amount above 0 and at most 1000000000 (omit it for no cap), got {usd}"),
+                )
+            }),
+    }
+}
+
+/// Most identical requests a `loop_limit` may allow per minute: the loop table counts per
+/// second in 16 bits, so every limit up to this one is counted exactly.
+pub const MAX_LOOP_LIMIT: i64 = 10_000;
+
+fn check_loop_limit(v: Option<i64>) -> Result<Option<u32>, KeyError> {
+    match v {
+        None => Ok(None),
+        Some(n) if (1..=MAX_LOOP_LIMIT).contains(&n) => Ok(Some(n as u32)),
+        Some(n) => Err(KeyError::invalid(
+            "loop_limit",
+            format!("loop_limit must be a whole number from 1 to {MAX_LOOP_LIMIT} (omit it for no limit), got {n}"),
+        )),
     }
 }
 

@@ -46,11 +46,12 @@ impl LimitStore for Limiter {
         uplines: &[Upline],
         now: Now,
         bound: Nanos,
+        digest: Option<u128>,
         res_id: u64,
     ) -> Result<(Standing, Reservation), GateError> {
         match self {
-            Limiter::InProcess(_) => InProcess::admit_now(key, uplines, now, bound),
-            Limiter::Shared(s) => s.admit(key, uplines, now, bound, res_id).await,
+            Limiter::InProcess(_) => InProcess::admit_now(key, uplines, now, bound, digest),
+            Limiter::Shared(s) => s.admit(key, uplines, now, bound, digest, res_id).await,
         }
     }
 
@@ -225,6 +226,7 @@ impl SharedLimits {
         uplines: &[Upline],
         now: Now,
         bound: Nanos,
+        digest: Option<u128>,
     ) -> Result<(Standing, Reservation), GateError> {
         let hard = key.limits.hard_budget && key.limits.budget.is_some()
             || uplines
@@ -235,7 +237,7 @@ impl SharedLimits {
             return Err(GateError::LimitsUnavailable);
         }
         self.health.fallbacks.fetch_add(1, Ordering::Relaxed);
-        InProcess::admit_now(key, uplines, now, bound)
+        InProcess::admit_now(key, uplines, now, bound, digest)
     }
 
     async fn admit(
@@ -244,27 +246,31 @@ impl SharedLimits {
         uplines: &[Upline],
         now: Now,
         bound: Nanos,
+        digest: Option<u128>,
         res_id: u64,
     ) -> Result<(Standing, Reservation), GateError> {
         // Known down: no round trip (and no timeout) per request; the upkeep loop notices
         // within a second when Redis answers again.
         if !self.redis_up() {
-            return self.fallback(key, uplines, now, bound);
+            return self.fallback(key, uplines, now, bound, digest);
         }
-        match self.admit_in_redis(key, uplines, bound, res_id).await {
+        match self
+            .admit_in_redis(key, uplines, bound, digest, res_id)
+            .await
+        {
             Ok(decision) => {
                 self.mark(true, "admission", None);
                 decision
             }
             Err(Failure::Redis(e)) => {
                 self.mark(false, "admission", Some(&e));
-                self.fallback(key, uplines, now, bound)
+                self.fallback(key, uplines, now, bound, digest)
             }
             // Redis answers; only this key's month could not be read from the ledger. Decided
             // as if Redis were down, for this request alone (the circuit stays closed).
             Err(Failure::Ledger(e)) => {
                 log::debug!("key {}: cannot seed its month from the ledger: {e}", key.id);
-                self.fallback(key, uplines, now, bound)
+                self.fallback(key, uplines, now, bound, digest)
             }
         }
     }
@@ -274,6 +280,7 @@ impl SharedLimits {
         key: &Arc<KeyEntry>,
         uplines: &[Upline],
         bound: Nanos,
+        digest: Option<u128>,
         res_id: u64,
     ) -> Result<Result<(Standing, Reservation), GateError>, Failure> {
         // At most one seed per level per call: a second NeedSeed for the same level means
@@ -282,7 +289,7 @@ impl SharedLimits {
         for _ in 0..uplines.len() + 2 {
             match self
                 .redis
-                .admit(&key.id, &key.limits, uplines, bound, res_id)
+                .admit(&key.id, &key.limits, uplines, bound, digest, res_id)
                 .await
                 .map_err(Failure::Redis)?
             {

@@ -2,8 +2,8 @@
 //!
 //! The same semantics as [`crate::limits::KeyCounters`], with the state in one Redis so every
 //! node sees it: each admission is ONE Lua script call (EVALSHA, one round trip) that checks
-//! budget, rpm, rpd and in-flight and commits all of them or nothing; each settlement is one
-//! more. The scripts read Redis' own `TIME` for the minute, the day and the month, so nodes
+//! budget, the runaway-agent brakes (`max_usd_per_hour`, `loop_limit`), rpm, rpd and in-flight
+//! and commits all of them or nothing; each settlement is one more. The scripts read Redis' own `TIME` for the minute, the day and the month, so nodes
 //! with skewed clocks agree.
 //!
 //! # Data model
@@ -22,7 +22,9 @@
 //! | `P:live` | HASH | `reserved` (open holds), `inflight` (open requests) |
 //! | `P:umin`, `P:uday:<day>` | ZSET, string | `/v1/usage` calls, counted apart |
 //! | `P:rx` | ZSET | this key's open reservations by expiry (ms), for the sweep inside `admit` |
-//! | `{sg}:res` | HASH | reservation `<node>:<res_id>` → `held|estimate|month|key_id|levels` (levels: `p<prefix>`/`g<prefix>` of the parents and group it was also held at, space-separated) |
+//! | `P:hr` | HASH | keys with `max_usd_per_hour` only: `r` (open hour holds) and per clock minute `<minute>` → settled spend; expires 2 h after its last write |
+//! | `P:lp:<digest>` | HASH | keys with `loop_limit` only: per clock second `<second>` → admissions of that request (32 hex digits of its digest); expires 62 s after its last admission |
+//! | `{sg}:res` | HASH | reservation `<node>:<res_id>` → `held|estimate|month|key_id|levels` (levels: `p<prefix>`/`g<prefix>` of the parents and group it was also held at, space-separated), plus `|h<hour hold>` for a key with `max_usd_per_hour` |
 //! | `P:mon:<month>` `tree`, `P:live` `treserved` | fields | the month's spend and the open holds of the keys below `P` in its tree of minted keys (SPEC §7) |
 //! | `{sg}:g:<group>:mon:<month>`, `:live`, `:min` | HASH, HASH, ZSET | a group's month (as a key's), holds, and rolling minute (SPEC §7) |
 //! | `{sg}:resx` | ZSET | reservation → expiry (ms), for [`RedisLimits::reap`] |
@@ -542,9 +544,12 @@ impl RedisLimits {
         }
     }
 
-    /// Admits a model request (one round trip): checks the hard budget, the rolling minute,
-    /// the UTC day and the in-flight cap, and commits all of them only if all pass. Admitted
-    /// requests hold `estimate` (hard-budget keys) and an in-flight slot under reservation
+    /// Admits a model request (one round trip): checks the hard budget, the hour's spend
+    /// (`max_usd_per_hour`), the loop count of `digest` (`loop_limit`; given only for keys
+    /// with one), the rolling minute, the UTC day and the in-flight cap, and commits all of
+    /// them only if all pass. Keys without the brakes send none of their arguments. Admitted
+    /// requests hold `estimate` (hard-budget keys, and the hour of capped keys) and an
+    /// in-flight slot under reservation
     /// `res_id` (unique among this node's open reservations) until [`RedisLimits::settle`],
     /// or until the reservation expires without a heartbeat and is reaped. On `Err` the
     /// request must not be forwarded under this admission; if Redis ran it anyway (only the
@@ -555,6 +560,7 @@ impl RedisLimits {
         limits: &Limits,
         uplines: &[Upline],
         estimate: Nanos,
+        digest: Option<u128>,
         res_id: u64,
     ) -> Result<Admit, SharedError> {
         let hard_cap = |l: &Limits| l.budget.filter(|_| l.hard_budget).map(Nanos::get);
@@ -582,8 +588,21 @@ impl RedisLimits {
             .arg(opt(limits.max_inflight))
             .arg(held)
             .arg(self.ttl_ms)
-            .arg(estimate.get().max(0))
-            .arg(uplines.len());
+            .arg(estimate.get().max(0));
+        // The brakes (ARGV 12..15) travel for keys that have them, and as placeholders when
+        // levels above the key follow them (ARGV 16.., see `admit.lua`).
+        if limits.has_brakes() || !uplines.is_empty() {
+            let hour_cap = limits.max_usd_per_hour.map_or(-1, Nanos::get);
+            // An estimate above the hour cap is refused whatever it is (clamped, as above).
+            let hour_bound = limits.max_usd_per_hour.map_or(0, |cap| {
+                estimate.get().clamp(0, cap.get().saturating_add(1))
+            });
+            cmd.arg(hour_cap).arg(hour_bound);
+            match (limits.loop_limit, digest) {
+                (Some(n), Some(d)) => cmd.arg(n).arg(format!("{d:032x}")),
+                _ => cmd.arg(-1).arg(""),
+            };
+        }
         for u in uplines {
             cmd.arg(match u.level {
                 Level::Parent => "p",
@@ -636,7 +655,16 @@ impl RedisLimits {
             5 => Admit::Rejected(GateError::ConcurrencyLimited {
                 limit: limits.max_inflight.unwrap_or(0),
             }),
-            6 => {
+            6 => Admit::Rejected(GateError::SpendRateExceeded {
+                spend: Nanos::new(at(a, 1, what)?),
+                cap: limits.max_usd_per_hour.unwrap_or(Nanos::ZERO),
+                retry_after_secs: at(a, 2, what)?.max(1) as u64,
+            }),
+            7 => Admit::Rejected(GateError::LoopDetected {
+                limit: limits.loop_limit.unwrap_or(0),
+                retry_after_secs: at(a, 1, what)?.max(1) as u64,
+            }),
+            8 => {
                 let level = at(a, 2, what)?.max(1) as usize;
                 let u = uplines.get(level - 1).ok_or_else(|| unavailable(what))?;
                 Admit::Rejected(GateError::GroupBudgetExceeded {
@@ -648,7 +676,7 @@ impl RedisLimits {
                     cap: u.limits.budget.unwrap_or(Nanos::ZERO),
                 })
             }
-            7 => Admit::Rejected(GateError::RateLimited {
+            9 => Admit::Rejected(GateError::RateLimited {
                 limit: at(a, 2, what)?.max(0) as u32,
                 retry_after_secs: at(a, 1, what)?.max(1) as u64,
             }),

@@ -20,6 +20,8 @@ pub struct KeyPatch {
     pub expires_at: Option<i64>,
     /// `Some(None)` takes the key out of its group.
     pub group: Option<Option<String>>,
+    pub max_usd_per_hour: Option<Option<Nanos>>,
+    pub loop_limit: Option<Option<u32>>,
 }
 
 impl KeyPatch {
@@ -61,6 +63,12 @@ impl KeyPatch {
         if let Some(v) = &self.group {
             k.group = v.clone();
         }
+        if let Some(v) = self.max_usd_per_hour {
+            k.max_usd_per_hour = v;
+        }
+        if let Some(v) = self.loop_limit {
+            k.loop_limit = v;
+        }
     }
 }
 
@@ -83,7 +91,8 @@ macro_rules! key_columns {
         "k.id, k.token_hash, k.prefix, k.name, k.scopes, k.rpm, k.rpd, k.budget_nanos, \
          k.budget_mode, k.allowed_models, k.free_only, k.client_id, k.created_at, \
          k.expires_at, k.revoked_at, u.at, k.max_inflight, k.prev_token_hash, \
-         k.prev_valid_until, k.rotated_at, k.group_name, k.parent_id"
+         k.prev_valid_until, k.rotated_at, k.group_name, k.parent_id, k.max_usd_per_hour_nanos, \
+         k.loop_limit"
     };
 }
 pub(super) use key_columns;

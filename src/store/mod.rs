@@ -311,6 +311,11 @@ impl Store {
         on_backend!(&self.backend, b => b.requests_on(key_id, day))
     }
 
+    /// A key's charges (unix ms when each request ended, cost) since `since`, from its traces.
+    pub fn recent_charges(&self, key_id: &str, since: i64) -> Result<Vec<(i64, Nanos)>> {
+        on_backend!(&self.backend, b => b.recent_charges(key_id, since))
+    }
+
     /// Newest traces first, for one key or all; `before` pages back (traces with a smaller
     /// id). Within a committed batch rows are grouped by key (see `write_batch`), so the
     /// all-keys view sorts a recent window by time; one key's rows are always in order.
@@ -403,6 +408,8 @@ mod tests {
             expires_at: 2,
             revoked_at: None,
             last_used_at: None,
+            max_usd_per_hour: Some(Nanos::new(2_500_000_000)),
+            loop_limit: Some(7),
         }
     }
 
@@ -416,13 +423,29 @@ mod tests {
         let k = s.get_key("key_a").unwrap().unwrap();
         assert_eq!(k.scopes, vec!["gate:chat", "job:*"]);
         assert_eq!(k.budget_mode, BudgetMode::Hard);
+        assert_eq!(
+            (k.max_usd_per_hour, k.loop_limit),
+            (Some(Nanos::new(2_500_000_000)), Some(7))
+        );
         let patch = KeyPatch {
             rpm: Some(None),
             free_only: Some(true),
+            max_usd_per_hour: Some(None),
+            loop_limit: Some(Some(3)),
             ..KeyPatch::default()
         };
         let k = s.update_key("key_a", &patch).unwrap().unwrap();
         assert_eq!((k.rpm, k.free_only), (None, true));
+        let stored = s.get_key("key_a").unwrap().unwrap();
+        assert_eq!(
+            (stored.max_usd_per_hour, stored.loop_limit),
+            (None, Some(3))
+        );
+        // The snapshot's rows carry the brakes too.
+        let mut limits = Vec::new();
+        s.for_each_key_row(|r| limits.push((r.limits.max_usd_per_hour, r.limits.loop_limit)))
+            .unwrap();
+        assert_eq!(limits, vec![(None, Some(3))]);
         let v1 = s.keys_version().unwrap();
         let k = s.revoke_key("key_a", 77).unwrap().unwrap();
         assert_eq!(k.revoked_at, Some(77));

@@ -441,6 +441,27 @@ def test_rate_limit(gw: Gateway):
     assert 1 <= int(retry_after) <= 60, retry_after
 
 
+def test_runaway_agent_brakes_raise_rate_limit_error(gw: Gateway):
+    """SPEC §7: max_usd_per_hour and loop_limit refusals are 429s the SDK raises as
+    RateLimitError, with their own codes and a whole-seconds Retry-After."""
+    key = gw.create_key("e2e-loop", "--loop-limit", "2")
+    c = gw.client(key["secret"])
+    for _ in range(2):
+        assert c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).choices
+    with pytest.raises(openai.RateLimitError) as ei:
+        c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert _error_code(ei.value) == "loop_detected"
+    assert 1 <= int(ei.value.response.headers["retry-after"]) <= 61
+
+    # A cap below one request's upper-bound cost: refused before anything is spent.
+    key = gw.create_key("e2e-hourly", "--max-usd-per-hour", "0.000001")
+    c = gw.client(key["secret"])
+    with pytest.raises(openai.RateLimitError) as ei:
+        c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert _error_code(ei.value) == "spend_rate_exceeded"
+    assert int(ei.value.response.headers["retry-after"]) >= 1
+
+
 def test_hard_budget_exceeded(gw: Gateway):
     key = gw.create_key("e2e-tiny-budget", "--budget", "0.000001", "--budget-mode", "hard")
     c = gw.client(key["secret"])

@@ -1,15 +1,18 @@
 -- Admits one model request: budget, rpm, rpd, in-flight, all or nothing.
 -- KEYS[1] key prefix `{sg}:k:<key_id>`.
 -- ARGV key_id, node, res_id, rpm, rpd, cap, hard (1/0), max_inflight, held, ttl_ms,
--- estimate (the request's upper-bound cost, charged if its node dies with it open).
--- ARGV[12] U, the levels above the key (SPEC §7; KEYS[2..U+1] their prefixes, parents
--- nearest first, then the group), then per level: kind ('p' parent | 'g' group), cap (a
--- hard cap as is; a soft one as -2 - cap; -1 none), rpm (-1 none; groups only).
+-- estimate (the request's upper-bound cost, charged if its node dies with it open);
+-- for keys with a brake, or with levels above them: hour_cap (-1 none), hour_bound,
+-- loop_limit (-1 none), digest.
+-- KEYS[2..]: the levels above the key (SPEC §7), parents nearest first, then its group; per
+-- level from ARGV[16]: kind ('p' parent | 'g' group), cap (a hard cap as is; a soft one as
+-- -2 - cap; -1 none), rpm (-1 none; groups only).
 -- Returns {0, month, day, level} need seed (level 0 the key, i the i-th level above) |
 -- {1, month, remaining, reset, warning} admitted |
 -- (…, now: Redis' clock, the time the request's cost is booked at) |
 -- {2, spent, reserved} budget | {3, retry} rpm | {4, retry} rpd | {5} in-flight |
--- {6, spent, level} a level's hard cap | {7, retry, rpm} a group's rpm.
+-- {6, hour spend, retry} max_usd_per_hour | {7, retry} loop_limit |
+-- {8, spent, level} a level's hard cap | {9, retry, rpm} a group's rpm.
 local p = KEYS[1]
 local key_id, node, res_id = ARGV[1], ARGV[2], ARGV[3]
 local rpm, rpd, cap = opt(ARGV[4]), opt(ARGV[5]), opt(ARGV[6])
@@ -22,7 +25,7 @@ local day = math.floor(now / MS_DAY)
 local month = month_of_day(day)
 local mon = p .. ':mon:' .. month
 if redis.call('EXISTS', mon) == 0 then return {0, month, day, 0} end
-local ups = tonumber(ARGV[12] or '0')
+local ups = #KEYS - 1
 for i = 1, ups do
   if redis.call('EXISTS', KEYS[1 + i] .. ':mon:' .. month) == 0 then return {0, month, day, i} end
 end
@@ -50,6 +53,110 @@ if cap then
   end
 end
 
+-- The levels above: each hard cap (a parent's counts its whole tree), a group's rpm.
+for i = 1, ups do
+  local up = KEYS[1 + i]
+  local kind, ucap, urpm = ARGV[13 + 3 * i], opt(ARGV[14 + 3 * i]), opt(ARGV[15 + 3 * i])
+  local umon = up .. ':mon:' .. month
+  if ucap then
+    local ulive = up .. ':live'
+    local used = tonumber(redis.call('HGET', umon, 'spent') or '0')
+      + tonumber(redis.call('HGET', umon, 'tree') or '0')
+      + tonumber(redis.call('HGET', ulive, 'reserved') or '0')
+      + tonumber(redis.call('HGET', ulive, 'treserved') or '0')
+    if used + tonumber(held) > ucap then return {8, used, i} end
+  end
+  -- A soft cap above the key (-2 - cap: see redis.rs) that its group or tree has reached.
+  local soft = tonumber(ARGV[14 + 3 * i])
+  if soft <= -2 and tonumber(redis.call('HGET', umon, 'spent') or '0')
+      + tonumber(redis.call('HGET', umon, 'tree') or '0') >= -2 - soft then
+    warning = 1
+  end
+  if kind == 'g' and urpm then
+    local umin = up .. ':min'
+    redis.call('ZREMRANGEBYSCORE', umin, '-inf', now - MS_MIN)
+    local un = redis.call('ZCARD', umin)
+    if un >= urpm then return {9, reset_secs(umin, un, urpm, now, 1), urpm} end
+  end
+end
+
+-- The runaway-agent brakes, after the budget and before rpm (SPEC §2's order).
+local hour_cap = opt(ARGV[12] or '-1')
+local hour_bound = ARGV[13] or '0'
+local loop_limit = opt(ARGV[14] or '-1')
+local hr, hheld, lp
+if hour_cap then
+  hr = p .. ':hr'
+  local cur = math.floor(now / MS_MIN)
+  local h = redis.call('HGETALL', hr)
+  local reserved, settled, mins, spent_in = 0, 0, {}, {}
+  for i = 1, #h, 2 do
+    local v = tonumber(h[i + 1])
+    if h[i] == 'r' then
+      reserved = math.max(v, 0)
+    else
+      local m = tonumber(h[i])
+      if m >= cur - HOUR_MINUTES then
+        settled = settled + v
+        mins[#mins + 1] = m
+        spent_in[m] = v
+      else
+        redis.call('HDEL', hr, h[i]) -- left the window
+      end
+    end
+  end
+  local bound = tonumber(hour_bound)
+  local committed = settled + reserved
+  if committed + bound > hour_cap then
+    -- When enough settled spend leaves for this bound to fit; 1 s when only open holds are
+    -- in the way; an hour when the bound alone is above the cap.
+    local retry = 1
+    if bound > hour_cap then
+      retry = HOUR_MINUTES * 60
+    else
+      table.sort(mins)
+      local left = committed
+      for _, m in ipairs(mins) do
+        left = left - spent_in[m]
+        if left + bound <= hour_cap then
+          retry = math.max(1, math.ceil(((m + HOUR_MINUTES + 1) * MS_MIN - now) / 1000))
+          break
+        end
+      end
+    end
+    return {6, committed, retry}
+  end
+  hheld = hour_bound
+end
+if loop_limit and (ARGV[15] or '') ~= '' then
+  lp = p .. ':lp:' .. ARGV[15]
+  local sec = math.floor(now / 1000)
+  local h = redis.call('HGETALL', lp)
+  local seen, secs, count_in = 0, {}, {}
+  for i = 1, #h, 2 do
+    local s, c = tonumber(h[i]), tonumber(h[i + 1])
+    if s >= sec - LOOP_SECONDS then
+      seen = seen + c
+      secs[#secs + 1] = s
+      count_in[s] = c
+    else
+      redis.call('HDEL', lp, h[i])
+    end
+  end
+  if seen >= loop_limit then
+    table.sort(secs)
+    local left, retry = seen, 1
+    for _, s in ipairs(secs) do
+      left = left - count_in[s]
+      if left < loop_limit then
+        retry = math.max(1, math.ceil(((s + LOOP_SECONDS + 1) * 1000 - now) / 1000))
+        break
+      end
+    end
+    return {7, retry}
+  end
+end
+
 local minute = p .. ':min'
 local n = 0
 if rpm then
@@ -71,40 +178,13 @@ if max_inflight then
   end
 end
 
--- The levels above: each hard cap (a parent's counts its whole tree), a group's rpm.
-for i = 1, ups do
-  local up = KEYS[1 + i]
-  local kind, ucap, urpm = ARGV[10 + 3 * i], opt(ARGV[11 + 3 * i]), opt(ARGV[12 + 3 * i])
-  local umon = up .. ':mon:' .. month
-  if ucap then
-    local ulive = up .. ':live'
-    local used = tonumber(redis.call('HGET', umon, 'spent') or '0')
-      + tonumber(redis.call('HGET', umon, 'tree') or '0')
-      + tonumber(redis.call('HGET', ulive, 'reserved') or '0')
-      + tonumber(redis.call('HGET', ulive, 'treserved') or '0')
-    if used + tonumber(held) > ucap then return {6, used, i} end
-  end
-  -- A soft cap above the key (-2 - cap: see redis.rs) that its group or tree has reached.
-  local soft = tonumber(ARGV[11 + 3 * i])
-  if soft <= -2 and tonumber(redis.call('HGET', umon, 'spent') or '0')
-      + tonumber(redis.call('HGET', umon, 'tree') or '0') >= -2 - soft then
-    warning = 1
-  end
-  if kind == 'g' and urpm then
-    local umin = up .. ':min'
-    redis.call('ZREMRANGEBYSCORE', umin, '-inf', now - MS_MIN)
-    local un = redis.call('ZCARD', umin)
-    if un >= urpm then return {7, reset_secs(umin, un, urpm, now, 1), urpm} end
-  end
-end
-
 -- Every check passed: consume the minute, the day, the hold and the slot.
 local f = node .. ':' .. res_id
 -- The hold is taken at every level above too ('treserved' at a parent, 'reserved' at a
 -- group), and the levels are written into the reservation so its release finds them.
 local levels = {}
 for i = 1, ups do
-  local up, kind = KEYS[1 + i], ARGV[10 + 3 * i]
+  local up, kind = KEYS[1 + i], ARGV[13 + 3 * i]
   if held ~= '0' then
     redis.call('HINCRBY', up .. ':live', kind == 'p' and 'treserved' or 'reserved', held)
   end
@@ -126,10 +206,21 @@ end
 if redis.call('INCR', daykey) == 1 then redis.call('PEXPIRE', daykey, 2 * MS_DAY) end
 if held ~= '0' then redis.call('HINCRBY', live, 'reserved', held) end
 redis.call('HINCRBY', live, 'inflight', 1)
+if hheld then
+  if hheld ~= '0' then redis.call('HINCRBY', hr, 'r', hheld) end
+  redis.call('PEXPIRE', hr, HR_TTL)
+end
+if lp then
+  redis.call('HINCRBY', lp, math.floor(now / 1000), 1)
+  redis.call('PEXPIRE', lp, LOOP_TTL)
+end
 
 local exp = now + tonumber(ARGV[10])
-redis.call('HSET', RES, f,
-  held .. '|' .. ARGV[11] .. '|' .. month .. '|' .. key_id .. '|' .. table.concat(levels, ' '))
+local rec = held .. '|' .. ARGV[11] .. '|' .. month .. '|' .. key_id .. '|'
+  .. table.concat(levels, ' ')
+-- The hour hold, and the mark that settling books the cost to the hour window.
+if hheld then rec = rec .. '|h' .. hheld end
+redis.call('HSET', RES, f, rec)
 redis.call('ZADD', RESX, exp, f)
 redis.call('ZADD', rx, exp, f)
 redis.call('SADD', '{sg}:node:' .. node, f)

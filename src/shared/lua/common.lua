@@ -7,6 +7,13 @@ local RES = '{sg}:res'
 local RESX = '{sg}:resx'
 local ORPHANED = '(orphaned)'
 local REAPED = '{sg}:reaped:'
+-- The runaway-agent brakes (limits::brakes, same buckets): spend settled in clock minute m
+-- counts until the end of minute m + 60; an admission in clock second s until the end of
+-- second s + 60.
+local HOUR_MINUTES = 60
+local LOOP_SECONDS = 60
+local HR_TTL = 7200000
+local LOOP_TTL = 62000
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -64,8 +71,36 @@ local function standing(p, rpm, now)
   return 0, reset_secs(minute, n, rpm, now, 0)
 end
 
--- The levels a reservation was also held at: {kind, prefix} pairs from its record's last
--- field ("p{sg}:k:<id> g{sg}:g:<name>"; empty for a lone key).
+-- Books `cost` of key prefix `p` to the hour window's current minute (keys with
+-- max_usd_per_hour only).
+local function book_hour(p, cost)
+  if cost == '0' or cost == 0 then return end
+  local hr = p .. ':hr'
+  hincr(hr, tostring(math.floor(now_ms() / MS_MIN)), cost)
+  redis.call('PEXPIRE', hr, HR_TTL)
+end
+
+-- A reservation record: held, estimate, month, key id, the levels above the key it was also
+-- held at (SPEC §7; "p<prefix> g<prefix>", empty for a lone key) and the hour hold (nil for a
+-- key without max_usd_per_hour): `held|estimate|month|key_id|levels` plus `|h<hour hold>`.
+-- Records written before levels existed (`held|estimate|month|key_id[|h<n>]`) read too: a
+-- levels field never starts with `h`.
+local function parse_rec(rec)
+  local held, est, month, key_id, rest = string.match(rec, '^(%d+)|(%d+)|(%-?%d+)|([^|]*)(.*)$')
+  local levels, hheld = '', nil
+  if rest and rest ~= '' then
+    local lv, h = string.match(rest, '^|([^|]*)|h(%d+)$')
+    if lv then
+      levels, hheld = lv, h
+    else
+      hheld = string.match(rest, '^|h(%d+)$')
+      if not hheld then levels = string.sub(rest, 2) end
+    end
+  end
+  return held, est, month, key_id, hheld, levels
+end
+
+-- The levels of a record as {kind, prefix} pairs.
 local function levels_of(s)
   local out = {}
   for lv in string.gmatch(s or '', '%S+') do
@@ -93,9 +128,10 @@ local function book_levels(levels, month, model, prompt, completion, cost)
   end
 end
 
--- Removes reservation `f` ("<node>:<res_id>") from every index and gives back its hold and
--- in-flight slot, at the key and every level above it. Returns held, month, the key prefix,
--- the estimate and the levels, or nil if it was already gone.
+-- Removes reservation `f` ("<node>:<res_id>") from every index and gives back its hold (at
+-- the key and every level above it), its hour hold and in-flight slot. Returns held, month,
+-- the key prefix, the estimate, the hour hold (nil for a key without max_usd_per_hour) and
+-- the levels, or nil if it was already gone.
 local function unlink(f)
   local rec = redis.call('HGET', RES, f)
   redis.call('HDEL', RES, f)
@@ -103,13 +139,18 @@ local function unlink(f)
   local node = string.match(f, '^(%d+):')
   if node then redis.call('SREM', '{sg}:node:' .. node, f) end
   if not rec then return nil end
-  local held, est, month, key_id, lv = string.match(rec, '^(%d+)|(%d+)|(%-?%d+)|([^|]*)|?(.*)$')
+  local held, est, month, key_id, hheld, lv = parse_rec(rec)
   local p = '{sg}:k:' .. key_id
   local levels = levels_of(lv)
   if held ~= '0' then
     for _, l in ipairs(levels) do
       redis.call('HINCRBY', l[2] .. ':live', l[1] == 'p' and 'treserved' or 'reserved', '-' .. held)
     end
+  end
+  if hheld then
+    local hr = p .. ':hr'
+    -- Clamped: a hash that expired under a very long request must not go negative.
+    if redis.call('HINCRBY', hr, 'r', '-' .. hheld) < 0 then redis.call('HSET', hr, 'r', 0) end
   end
   redis.call('ZREM', p .. ':rx', f)
   local live = p .. ':live'
@@ -121,14 +162,16 @@ local function unlink(f)
     and tonumber(redis.call('HGET', live, 'treserved') or '0') == 0 then
     redis.call('DEL', live)
   end
-  return held, month, p, est, levels
+  return held, month, p, est, hheld, levels
 end
 
 -- An expired reservation (its node stopped heart-beating): released and charged at its
 -- estimate, an upper bound of what the upstream may have done, to the month it was admitted
 -- in, under the model ORPHANED. Never creates a month that was not seeded.
 local function reap_one(f)
-  local held, month, p, est, levels = unlink(f)
+  local held, month, p, est, hheld, levels = unlink(f)
+  -- Its estimate is what the hour window books for it too.
+  if hheld and est then book_hour(p, est) end
   -- Tells a late settlement of this hold that its estimate was charged (see settle.lua);
   -- kept a day, far longer than any request.
   if held then redis.call('SET', REAPED .. f, 1, 'PX', MS_DAY) end

@@ -9,7 +9,9 @@
 -- all the same, since the month was re-seeded from a ledger this request is not in yet (its
 -- entry is recorded after this settlement).
 local f = ARGV[1] .. ':' .. ARGV[2]
-local held, month, p, _, levels = unlink(f)
+local held, month, p, _, hheld, levels = unlink(f)
+-- A key with max_usd_per_hour books the real cost to the hour window when it is known.
+if hheld and ARGV[3] == '1' then book_hour(p, ARGV[7]) end
 local outcome = 1
 if not held then
   if redis.call('DEL', REAPED .. f) == 1 then return 0 end

@@ -53,6 +53,8 @@ pub(super) fn key_from_row(row: &Row) -> Result<KeyRecord> {
         rotated_at: row.try_get(19)?,
         group: row.try_get(20)?,
         parent_id: row.try_get(21)?,
+        max_usd_per_hour: row.try_get::<_, Option<i64>>(22)?.map(Nanos::new),
+        loop_limit: limit(row, 23)?,
         allowed_models: split(row.try_get(9)?),
         free_only: row.try_get(10)?,
         client_id: row.try_get(11)?,
@@ -79,6 +81,29 @@ const ALL_KEYS: &str = concat!(
     key_columns!(),
     " FROM keys k LEFT JOIN key_last_used u ON u.key_id = k.id ORDER BY k.created_at, k.id"
 );
+
+/// The runaway-agent brake columns, written apart from the rest of the row so that keys
+/// without brakes are inserted exactly as before.
+fn write_brakes(
+    tx: &mut postgres::Transaction<'_>,
+    cache: &mut std::collections::HashMap<&'static str, postgres::Statement>,
+    k: &KeyRecord,
+) -> Result<()> {
+    let stmt = prepared(
+        cache,
+        tx,
+        "UPDATE keys SET max_usd_per_hour_nanos = $2, loop_limit = $3 WHERE id = $1",
+    )?;
+    tx.execute(
+        &stmt,
+        &[
+            &k.id,
+            &k.max_usd_per_hour.map(Nanos::get),
+            &limit_param(k.loop_limit),
+        ],
+    )?;
+    Ok(())
+}
 
 impl Postgres {
     pub fn insert_keys(&mut self, keys: &[KeyRecord]) -> Result<()> {
@@ -115,6 +140,9 @@ impl Postgres {
                         &k.parent_id,
                     ],
                 )?;
+                if k.max_usd_per_hour.is_some() || k.loop_limit.is_some() {
+                    write_brakes(tx, cache, k)?;
+                }
             }
             Ok(())
         })
@@ -133,7 +161,7 @@ impl Postgres {
             let rows = self.query(
                 "SELECT id, token_hash, name, scopes, allowed_models, rpm, rpd, budget_nanos,
                     budget_mode, max_inflight, free_only, expires_at, revoked_at IS NOT NULL,
-                    prev_token_hash, prev_valid_until, group_name, parent_id
+                    prev_token_hash, prev_valid_until, group_name, parent_id, max_usd_per_hour_nanos, loop_limit
                  FROM keys WHERE id > $1 ORDER BY id LIMIT $2",
                 &[&after, &KEY_PAGE],
             )?;
@@ -155,6 +183,8 @@ impl Postgres {
                         budget: r.try_get::<_, Option<i64>>(7)?.map(Nanos::new),
                         hard_budget: mode == BudgetMode::Hard.as_str(),
                         max_inflight: limit(r, 9)?,
+                        max_usd_per_hour: r.try_get::<_, Option<i64>>(17)?.map(Nanos::new),
+                        loop_limit: limit(r, 18)?,
                     },
                     free_only: r.try_get(10)?,
                     expires_at: r.try_get(11)?,
@@ -224,6 +254,7 @@ impl Postgres {
                     &k.group,
                 ],
             )?;
+            write_brakes(tx, cache, &k)?;
             Ok(Some(k))
         })
     }

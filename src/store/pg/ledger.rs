@@ -370,6 +370,26 @@ impl Postgres {
         }
     }
 
+    /// The key's charges (unix ms when the request ended, cost) at or after `since` (see the
+    /// SQLite store). In a cluster Redis keeps the hour window; this serves a node that
+    /// falls back to its own counters, so it reads at most the key's newest 10,000 traces
+    /// (by the `(key_id, id)` index) rather than its history.
+    pub fn recent_charges(&self, key_id: &str, since: i64) -> Result<Vec<(i64, Nanos)>> {
+        let rows = self.query(
+            "SELECT ts + latency_ms, cost_nanos FROM traces
+             WHERE key_id = $1 ORDER BY id DESC LIMIT 10000",
+            &[&key_id],
+        )?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let (at, cost): (i64, i64) = (r.try_get(0)?, r.try_get(1)?);
+            if at >= since && cost > 0 {
+                out.push((at, Nanos::new(cost)));
+            }
+        }
+        Ok(out)
+    }
+
     pub fn traces(
         &self,
         key_id: Option<&str>,

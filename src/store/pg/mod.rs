@@ -54,6 +54,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "0004_fleet_groups",
         include_str!("../../../migrations/postgres/0004_fleet_groups.sql"),
     ),
+    (
+        5,
+        "0005_brakes",
+        include_str!("../../../migrations/postgres/0005_brakes.sql"),
+    ),
 ];
 
 /// One connection and the statements prepared on it (a prepared statement saves a round

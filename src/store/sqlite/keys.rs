@@ -58,6 +58,8 @@ pub(super) fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
         rotated_at: row.get(19)?,
         group: row.get(20)?,
         parent_id: row.get(21)?,
+        max_usd_per_hour: row.get::<_, Option<i64>>(22)?.map(Nanos::new),
+        loop_limit: row.get(23)?,
         allowed_models: split(&row.get::<_, String>(9)?),
         free_only: row.get(10)?,
         client_id: row.get(11)?,
@@ -66,6 +68,20 @@ pub(super) fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
         revoked_at: row.get(14)?,
         last_used_at: row.get(15)?,
     })
+}
+
+/// The runaway-agent brake columns, written apart from the rest of the row so that keys
+/// without brakes are inserted exactly as before.
+fn write_brakes(tx: &rusqlite::Transaction<'_>, k: &KeyRecord) -> Result<()> {
+    tx.prepare_cached(
+        "UPDATE keys SET max_usd_per_hour_nanos = ?2, loop_limit = ?3 WHERE id = ?1",
+    )?
+    .execute(params![
+        k.id,
+        k.max_usd_per_hour.map(Nanos::get),
+        k.loop_limit
+    ])?;
+    Ok(())
 }
 
 impl Sqlite {
@@ -99,6 +115,9 @@ impl Sqlite {
                     k.group,
                     k.parent_id,
                 ])?;
+                if k.max_usd_per_hour.is_some() || k.loop_limit.is_some() {
+                    write_brakes(tx, k)?;
+                }
             }
             Ok(())
         })
@@ -118,7 +137,7 @@ impl Sqlite {
         let mut stmt = self.conn.prepare(
             "SELECT id, token_hash, name, scopes, allowed_models, rpm, rpd, budget_nanos,
                 budget_mode, max_inflight, free_only, expires_at, revoked_at, prev_token_hash,
-                prev_valid_until, group_name, parent_id
+                prev_valid_until, group_name, parent_id, max_usd_per_hour_nanos, loop_limit
              FROM keys",
         )?;
         let mut rows = stmt.query([])?;
@@ -139,6 +158,8 @@ impl Sqlite {
                     budget: r.get::<_, Option<i64>>(7)?.map(Nanos::new),
                     hard_budget: text(r, 8)? == BudgetMode::Hard.as_str(),
                     max_inflight: r.get(9)?,
+                    max_usd_per_hour: r.get::<_, Option<i64>>(17)?.map(Nanos::new),
+                    loop_limit: r.get(18)?,
                 },
                 free_only: r.get(10)?,
                 expires_at: r.get(11)?,
@@ -203,6 +224,7 @@ impl Sqlite {
                     k.group,
                 ],
             )?;
+            write_brakes(tx, &k)?;
             Ok(Some(k))
         })
     }

@@ -207,6 +207,29 @@ impl Sqlite {
             .unwrap_or(0))
     }
 
+    /// The key's charges (unix ms when the request ended, cost) at or after `since`, for the
+    /// hour window of `max_usd_per_hour` after a restart. Walks the key's traces newest first
+    /// and stops ten minutes of request time before `since` (rows of one batch can be out of
+    /// order by a request's duration), so it reads the last hour, not the key's history.
+    pub fn recent_charges(&self, key_id: &str, since: i64) -> Result<Vec<(i64, Nanos)>> {
+        const SLACK_MS: i64 = 600_000;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT ts + latency_ms, cost_nanos FROM traces WHERE key_id = ?1 ORDER BY id DESC",
+        )?;
+        let mut rows = stmt.query([key_id])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let (at, cost): (i64, i64) = (r.get(0)?, r.get(1)?);
+            if at < since - SLACK_MS {
+                break;
+            }
+            if at >= since && cost > 0 {
+                out.push((at, Nanos::new(cost)));
+            }
+        }
+        Ok(out)
+    }
+
     /// Newest traces first, for one key or all; `before` pages back (traces with a smaller
     /// id). Within a committed batch rows are grouped by key (see `write_batch`), so the
     /// all-keys view sorts a recent window by time; one key's rows are always in order.

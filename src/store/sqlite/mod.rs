@@ -163,7 +163,7 @@ CREATE TABLE IF NOT EXISTS audit (
 "#;
 
 /// Columns added after the first release, applied to older databases at open.
-const MIGRATIONS: [(&str, &str, &str); 8] = [
+const MIGRATIONS: [(&str, &str, &str); 10] = [
     // The process (pid) that journaled an admission: a live one still owns it.
     ("inflight", "owner", "INTEGER NOT NULL DEFAULT 0"),
     ("keys", "max_inflight", "INTEGER"),
@@ -176,6 +176,9 @@ const MIGRATIONS: [(&str, &str, &str); 8] = [
     // Fleets (SPEC §7): the key's group, and the key that minted it.
     ("keys", "group_name", "TEXT"),
     ("keys", "parent_id", "TEXT"),
+    // Runaway-agent brakes (SPEC §7): NULL = no limit.
+    ("keys", "max_usd_per_hour_nanos", "INTEGER"),
+    ("keys", "loop_limit", "INTEGER"),
 ];
 
 pub(super) struct Sqlite {

@@ -1,0 +1,377 @@
+//! Runaway-agent brakes of one key (SPEC §7): spend over a rolling hour (`max_usd_per_hour`,
+//! reservations included) and the same request repeated within a rolling minute
+//! (`loop_limit`).
+//!
+//! Both are fixed-size, allocated once per key on the first admission that needs them, so a
+//! key without these limits pays nothing, and one with them allocates nothing per request in
+//! the steady state. Both windows run on the monotonic clock, like the rolling minute.
+//!
+//! Granularity, the same here and in the cluster's Lua (`admit.lua`): spend settled in clock
+//! minute `m` counts until the END of minute `m + 60`, and an admission in clock second `s`
+//! counts until the end of second `s + 60`. Everything is thus counted for at least the full
+//! 60 minutes (60 s) the contract names, and at most one bucket longer: never less, so no
+//! rolling window ever holds more than the cap, and a `Retry-After` computed from the same
+//! buckets is exact (a retry then fits, one second earlier it does not).
+
+use siphasher::sip128::{Hasher128, SipHasher13};
+use std::hash::Hasher;
+
+use crate::money::Nanos;
+
+const MS_PER_MIN: i64 = 60_000;
+/// Minutes a settled minute's spend stays in the window after its own.
+pub const HOUR_MINUTES: i64 = 60;
+/// Seconds an admission stays in the loop window after its own second.
+pub const LOOP_SECONDS: i64 = 60;
+/// Ring sizes: a power of two above the 61 buckets that can count at once.
+const SPEND_SLOTS: usize = 64;
+const LOOP_SLOTS: usize = 64;
+/// Distinct requests remembered per key. A loop repeats, so the least recently seen entry is
+/// the one evicted: a looping request is only forgotten if more than this many other
+/// distinct bodies arrive between two of its repeats, which is no longer a tight loop. At
+/// 152 bytes an entry, this bounds a key's table at under 10 KiB.
+pub const LOOP_ENTRIES: usize = 64;
+
+/// Digest of one request for loop detection: SipHash-1-3 (128 bits, fixed keys) over the
+/// endpoint, the requested model and the body bytes. Fixed keys and a specified algorithm,
+/// so every node of a cluster computes the same digest; the body itself is never kept.
+pub fn request_digest(endpoint: &str, model: &str, body: &[u8]) -> u128 {
+    let mut h = SipHasher13::new_with_keys(0x5370_6964_6572_4761, 0x7465_4c6f_6f70_4b31);
+    // Lengths first, so no two (endpoint, model, body) splits hash the same bytes.
+    h.write_u64(endpoint.len() as u64);
+    h.write(endpoint.as_bytes());
+    h.write_u64(model.len() as u64);
+    h.write(model.as_bytes());
+    h.write(body);
+    h.finish128().as_u128()
+}
+
+/// Whole seconds from `now` until `at` (ms), rounded up, at least 1.
+fn secs_until(now: i64, at: i64) -> u64 {
+    (at.saturating_sub(now).saturating_add(999) / 1000).max(1) as u64
+}
+
+/// Why the brakes refused a request; the caller turns it into a `GateError`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Spend in the hour (settled and held) and the cap.
+    SpendRate {
+        spend: Nanos,
+        cap: Nanos,
+        retry_after_secs: u64,
+    },
+    Loop {
+        limit: u32,
+        retry_after_secs: u64,
+    },
+}
+
+/// A key's brakes. Boxed on the key's counters only once the key has one of the limits.
+#[derive(Debug, Default)]
+pub struct Brakes {
+    pub spend: SpendWindow,
+    pub loops: LoopTable,
+}
+
+/// Settled spend per clock minute over the last hour, plus what open requests hold.
+#[derive(Debug)]
+pub struct SpendWindow {
+    /// The minute each slot holds (slot = minute mod 64); a slot of another minute is empty.
+    minutes: [i64; SPEND_SLOTS],
+    spent: [Nanos; SPEND_SLOTS],
+    /// Upper-bound costs of admitted requests not settled yet.
+    pub reserved: Nanos,
+}
+
+impl Default for SpendWindow {
+    fn default() -> Self {
+        SpendWindow {
+            minutes: [i64::MIN; SPEND_SLOTS],
+            spent: [Nanos::ZERO; SPEND_SLOTS],
+            reserved: Nanos::ZERO,
+        }
+    }
+}
+
+impl SpendWindow {
+    /// Settled spend of minute `m`, if it is still in the slot.
+    fn at(&self, m: i64) -> Nanos {
+        let i = m.rem_euclid(SPEND_SLOTS as i64) as usize;
+        if self.minutes[i] == m {
+            self.spent[i]
+        } else {
+            Nanos::ZERO
+        }
+    }
+
+    /// Settled spend still in the window at `now_ms`.
+    pub fn settled(&self, now_ms: i64) -> Nanos {
+        let cur = now_ms.div_euclid(MS_PER_MIN);
+        (cur - HOUR_MINUTES..=cur).map(|m| self.at(m)).sum()
+    }
+
+    /// Whether `bound` more fits under `cap` at `now_ms`; else when it will (the minute whose
+    /// leaving frees enough), or in 1 s when only open holds are in the way (they settle as
+    /// requests finish), or in an hour when the bound alone exceeds the cap.
+    pub fn check(&self, now_ms: i64, cap: Nanos, bound: Nanos) -> Result<(), Refusal> {
+        let settled = self.settled(now_ms);
+        let committed = settled + self.reserved;
+        if committed + bound <= cap {
+            return Ok(());
+        }
+        let refuse = |retry_after_secs| Refusal::SpendRate {
+            spend: committed,
+            cap,
+            retry_after_secs,
+        };
+        if bound > cap {
+            return Err(refuse(secs_until(0, HOUR_MINUTES * MS_PER_MIN)));
+        }
+        let cur = now_ms.div_euclid(MS_PER_MIN);
+        let mut left = committed;
+        for m in cur - HOUR_MINUTES..=cur {
+            let s = self.at(m);
+            if s == Nanos::ZERO {
+                continue;
+            }
+            left -= s;
+            if left + bound <= cap {
+                return Err(refuse(secs_until(
+                    now_ms,
+                    (m + HOUR_MINUTES + 1) * MS_PER_MIN,
+                )));
+            }
+        }
+        Err(refuse(1))
+    }
+
+    /// Books settled spend to the minute of `now_ms`.
+    pub fn book(&mut self, now_ms: i64, cost: Nanos) {
+        let cur = now_ms.div_euclid(MS_PER_MIN);
+        let i = cur.rem_euclid(SPEND_SLOTS as i64) as usize;
+        if self.minutes[i] != cur {
+            self.minutes[i] = cur;
+            self.spent[i] = Nanos::ZERO;
+        }
+        self.spent[i] += cost.max(Nanos::ZERO);
+    }
+}
+
+/// Admissions of one distinct request, per clock second of the last minute.
+#[derive(Debug, Clone)]
+struct LoopEntry {
+    digest: u128,
+    /// The newest second counted; slot `s mod 64` holds second `s` for `s` in
+    /// `(newest - 64, newest]`.
+    newest: i64,
+    counts: [u16; LOOP_SLOTS],
+}
+
+impl LoopEntry {
+    fn at(&self, s: i64) -> u32 {
+        if s > self.newest || s <= self.newest - LOOP_SLOTS as i64 {
+            return 0;
+        }
+        u32::from(self.counts[s.rem_euclid(LOOP_SLOTS as i64) as usize])
+    }
+
+    /// Admissions in the window at second `now_s` (any counted after it included: another
+    /// request may have read the clock later and been admitted first).
+    fn count(&self, now_s: i64) -> u32 {
+        (now_s - LOOP_SECONDS..=self.newest.max(now_s))
+            .map(|s| self.at(s))
+            .sum()
+    }
+
+    fn add(&mut self, now_s: i64) {
+        if now_s > self.newest {
+            // Clear the seconds between the newest counted and now (at most the ring).
+            let from = self.newest.max(now_s - LOOP_SLOTS as i64) + 1;
+            for s in from..=now_s {
+                self.counts[s.rem_euclid(LOOP_SLOTS as i64) as usize] = 0;
+            }
+            self.newest = now_s;
+        }
+        // An admission whose clock read is older than `newest` lands in its own second if
+        // the ring still holds it, else in the oldest one it holds (later, so conservative).
+        let s = now_s.max(self.newest - LOOP_SLOTS as i64 + 1);
+        let i = s.rem_euclid(LOOP_SLOTS as i64) as usize;
+        self.counts[i] = self.counts[i].saturating_add(1);
+    }
+}
+
+/// The key's recently seen requests, at most [`LOOP_ENTRIES`].
+#[derive(Debug, Default)]
+pub struct LoopTable {
+    entries: Vec<LoopEntry>,
+}
+
+impl LoopTable {
+    fn find(&self, digest: u128) -> Option<usize> {
+        self.entries.iter().position(|e| e.digest == digest)
+    }
+
+    /// Whether one more of `digest` is within `limit` at `now_ms`; else when the oldest
+    /// admission that must leave for it to fit leaves the window.
+    pub fn check(&self, now_ms: i64, limit: u32, digest: u128) -> Result<(), Refusal> {
+        let Some(e) = self.find(digest).map(|i| &self.entries[i]) else {
+            return Ok(());
+        };
+        let now_s = now_ms.div_euclid(1000);
+        let n = e.count(now_s);
+        if n < limit {
+            return Ok(());
+        }
+        let mut left = n;
+        for s in now_s - LOOP_SECONDS..=e.newest.max(now_s) {
+            left -= e.at(s);
+            if left < limit {
+                return Err(Refusal::Loop {
+                    limit,
+                    retry_after_secs: secs_until(now_ms, (s + LOOP_SECONDS + 1) * 1000),
+                });
+            }
+        }
+        Err(Refusal::Loop {
+            limit,
+            retry_after_secs: 1,
+        })
+    }
+
+    /// Counts one admission of `digest`, reusing the entry of a request no longer in the
+    /// window, else the least recently seen one, once the table is full.
+    pub fn count(&mut self, now_ms: i64, digest: u128) {
+        let now_s = now_ms.div_euclid(1000);
+        if let Some(i) = self.find(digest) {
+            self.entries[i].add(now_s);
+            return;
+        }
+        let fresh = LoopEntry {
+            digest,
+            newest: now_s,
+            counts: [0; LOOP_SLOTS],
+        };
+        let i = if self.entries.len() < LOOP_ENTRIES {
+            self.entries.push(fresh);
+            self.entries.len() - 1
+        } else {
+            let oldest = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.newest)
+                .map_or(0, |(i, _)| i);
+            self.entries[oldest] = fresh;
+            oldest
+        };
+        self.entries[i].add(now_s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_000_000_000_000 / MS_PER_MIN * MS_PER_MIN;
+
+    #[test]
+    fn spend_leaves_the_window_at_the_end_of_its_minute_plus_an_hour() {
+        let mut w = SpendWindow::default();
+        let cap = Nanos::new(1_000);
+        w.book(T0 + 30_000, Nanos::new(700));
+        w.book(T0 + 5 * MS_PER_MIN, Nanos::new(200));
+        assert!(w.check(T0 + 6 * MS_PER_MIN, cap, Nanos::new(100)).is_ok());
+        let now = T0 + 10 * MS_PER_MIN + 500;
+        let Err(Refusal::SpendRate {
+            retry_after_secs, ..
+        }) = w.check(now, cap, Nanos::new(200))
+        else {
+            panic!("over the cap")
+        };
+        // The first minute's 700 leaves at T0 + 61 min.
+        let leaves = T0 + 61 * MS_PER_MIN;
+        assert_eq!(retry_after_secs, ((leaves - now) as u64).div_ceil(1000));
+        assert!(w.check(leaves - 1, cap, Nanos::new(200)).is_err());
+        assert!(w.check(leaves, cap, Nanos::new(200)).is_ok());
+        // 1,000 would need the second minute gone too.
+        let Err(Refusal::SpendRate {
+            retry_after_secs, ..
+        }) = w.check(now, cap, Nanos::new(1_000))
+        else {
+            panic!()
+        };
+        assert_eq!(
+            retry_after_secs,
+            ((T0 + 66 * MS_PER_MIN - now) as u64).div_ceil(1000)
+        );
+    }
+
+    #[test]
+    fn open_holds_count_and_a_bound_above_the_cap_never_fits() {
+        let w = SpendWindow {
+            reserved: Nanos::new(900),
+            ..SpendWindow::default()
+        };
+        let cap = Nanos::new(1_000);
+        assert!(w.check(T0, cap, Nanos::new(100)).is_ok());
+        assert!(matches!(
+            w.check(T0, cap, Nanos::new(101)),
+            Err(Refusal::SpendRate {
+                retry_after_secs: 1,
+                ..
+            })
+        ));
+        assert!(matches!(
+            w.check(T0, cap, Nanos::new(1_001)),
+            Err(Refusal::SpendRate {
+                retry_after_secs: 3600,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn loops_count_per_digest_in_a_rolling_minute() {
+        let mut t = LoopTable::default();
+        let (a, b) = (
+            request_digest("x", "m", b"a"),
+            request_digest("x", "m", b"b"),
+        );
+        for i in 0..3 {
+            assert!(t.check(T0 + i * 10_000, 3, a).is_ok());
+            t.count(T0 + i * 10_000, a);
+        }
+        assert!(t.check(T0 + 25_000, 3, b).is_ok());
+        let Err(Refusal::Loop {
+            retry_after_secs, ..
+        }) = t.check(T0 + 25_000, 3, a)
+        else {
+            panic!("fourth within the minute")
+        };
+        // The first (second 0 of T0) leaves at T0 + 61 s.
+        assert_eq!(retry_after_secs, 36);
+        assert!(t.check(T0 + 60_999, 3, a).is_err());
+        assert!(t.check(T0 + 61_000, 3, a).is_ok());
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_evicts_the_least_recently_seen() {
+        let mut t = LoopTable::default();
+        let hot = request_digest("x", "m", b"hot");
+        for i in 0..(LOOP_ENTRIES as i64 * 3) {
+            t.count(T0 + i * 1000, hot);
+            t.count(T0 + i * 1000, request_digest("x", "m", &i.to_le_bytes()));
+        }
+        assert_eq!(t.entries.len(), LOOP_ENTRIES);
+        assert!(t.find(hot).is_some(), "a request that repeats is kept");
+    }
+
+    #[test]
+    fn digests_separate_endpoint_model_and_body() {
+        let d = request_digest("chat.completions", "m", b"{}");
+        assert_ne!(d, request_digest("embeddings", "m", b"{}"));
+        assert_ne!(d, request_digest("chat.completions", "n", b"{}"));
+        assert_ne!(d, request_digest("chat.completions", "m", b"{ }"));
+        assert_eq!(d, request_digest("chat.completions", "m", b"{}"));
+    }
+}
