@@ -2,6 +2,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
+pub mod alerts;
 pub mod admission;
 pub mod audit;
 pub mod catalog;

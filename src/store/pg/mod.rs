@@ -5,6 +5,7 @@
 //! The `postgres` client is blocking and runs its own small Tokio runtime: it must only be
 //! used, and dropped, off the async worker threads (see `discard`). Only parameterised SQL.
 
+mod alerts;
 mod audit;
 mod keys;
 mod ledger;
@@ -47,6 +48,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "0003_audit",
         include_str!("../../../migrations/postgres/0003_audit.sql"),
+    ),
+    (
+        4,
+        "0004_alerts",
+        include_str!("../../../migrations/postgres/0004_alerts.sql"),
     ),
 ];
 
@@ -194,6 +200,8 @@ fn migrate(client: &mut Client) -> Result<()> {
 pub(super) struct Postgres {
     url: String,
     conn: RefCell<Option<Conn>>,
+    /// Whether the database has budget groups (read once, when an alert first needs it).
+    has_groups: Option<bool>,
 }
 
 impl Postgres {
@@ -224,6 +232,7 @@ impl Postgres {
         Ok(Postgres {
             url: url.to_owned(),
             conn: RefCell::new(Some(conn)),
+            has_groups: None,
         })
     }
 
