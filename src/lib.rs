@@ -2,8 +2,8 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
-pub mod alerts;
 pub mod admission;
+pub mod alerts;
 pub mod audit;
 pub mod catalog;
 pub mod clock;

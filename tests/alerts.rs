@@ -111,7 +111,10 @@ fn serve(conn: TcpStream, state: &Mutex<ReceiverState>) {
     let mut headers = Vec::new();
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
-    assert!(line.starts_with("POST /hooks/spidergate HTTP/1.1"), "{line}");
+    assert!(
+        line.starts_with("POST /hooks/spidergate HTTP/1.1"),
+        "{line}"
+    );
     loop {
         line.clear();
         r.read_line(&mut line).unwrap();
@@ -145,7 +148,9 @@ fn serve(conn: TcpStream, state: &Mutex<ReceiverState>) {
     let mut conn = conn;
     match answered {
         0 => s.held.push(conn),
-        200 => conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").unwrap(),
+        200 => conn
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .unwrap(),
         _ => conn
             .write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
             .unwrap(),
@@ -337,7 +342,11 @@ fn a_failing_webhook_is_retried_with_the_same_id_until_it_succeeds() {
 fn a_hanging_webhook_never_delays_requests() {
     let receiver = Receiver::start();
     receiver.set(|s| s.hanging = true);
-    let gw = gateway(&receiver, "[0.1, 0.2, 0.3, 0.4, 0.5]", &["timeout_ms: 60000"]);
+    let gw = gateway(
+        &receiver,
+        "[0.1, 0.2, 0.3, 0.4, 0.5]",
+        &["timeout_ms: 60000"],
+    );
     let key = gw.create_key(&["--budget", "1", "--budget-mode", "soft"]);
     spend(&gw, &key, 100, 50);
     // The worker is now stuck in a POST that will not be answered for a minute.
@@ -508,7 +517,11 @@ fn store_records_brake_alerts_once_per_key_and_hour_and_budget_thresholds_once()
         sorted.sort();
         want.sort();
         assert_eq!(sorted, want, "{loc:?}");
-        let loop3 = &got.iter().find(|a| a.0 == "key.loop" && a.2.ends_with("T03")).unwrap().4;
+        let loop3 = &got
+            .iter()
+            .find(|a| a.0 == "key.loop" && a.2.ends_with("T03"))
+            .unwrap()
+            .4;
         assert_eq!(loop3["key_id"], "key_b");
         assert_eq!(loop3["name"], "key_b-name");
         assert_eq!(loop3["month"], "2026-12");
@@ -518,12 +531,19 @@ fn store_records_brake_alerts_once_per_key_and_hour_and_budget_thresholds_once()
         // Budget thresholds: 0.40 (none), then 0.55 (50 %), then 0.70 from the other
         // handle (50 % again: nothing), then 0.81 (80 %).
         let n = got.len();
-        s.write_batch(&Batch::of([spent(at(5, 0), "key_b", 40)])).unwrap();
-        assert_eq!(alerts_of(&s).len(), n, "{loc:?}");
-        s.write_batch(&Batch::of([spent(at(5, 1), "key_b", 15)])).unwrap();
-        other.write_batch(&Batch::of([spent(at(5, 2), "key_b", 15)])).unwrap();
-        s.write_batch(&Batch::of([spent(at(5, 3), "key_b", 11), spent(at(5, 3), "key_free", 500)]))
+        s.write_batch(&Batch::of([spent(at(5, 0), "key_b", 40)]))
             .unwrap();
+        assert_eq!(alerts_of(&s).len(), n, "{loc:?}");
+        s.write_batch(&Batch::of([spent(at(5, 1), "key_b", 15)]))
+            .unwrap();
+        other
+            .write_batch(&Batch::of([spent(at(5, 2), "key_b", 15)]))
+            .unwrap();
+        s.write_batch(&Batch::of([
+            spent(at(5, 3), "key_b", 11),
+            spent(at(5, 3), "key_free", 500),
+        ]))
+        .unwrap();
         let got = alerts_of(&s);
         let budget: Vec<_> = got.iter().filter(|a| a.0 == "budget.threshold").collect();
         assert_eq!(budget.len(), 2, "{loc:?}: {budget:?}");
@@ -548,8 +568,10 @@ fn store_claims_hand_each_delivery_to_one_worker_at_a_time() {
         for i in 0..5 {
             s.insert_key(&record(&format!("key_{i}"), Some(1))).unwrap();
         }
-        s.write_batch(&Batch::of((0..5).map(|i| spent(at(1, 0), &format!("key_{i}"), 60))))
-            .unwrap();
+        s.write_batch(&Batch::of(
+            (0..5).map(|i| spent(at(1, 0), &format!("key_{i}"), 60)),
+        ))
+        .unwrap();
         assert_eq!(s.pending_deliveries().unwrap(), 10);
         // Deliveries are due from the (real) time they were recorded.
         let now = spidergate::clock::now_ms() + 1_000;
@@ -559,10 +581,16 @@ fn store_claims_hand_each_delivery_to_one_worker_at_a_time() {
         let second = b.claim_deliveries(now, 6, now + 60_000).unwrap();
         assert_eq!((first.len(), second.len()), (6, 4), "{loc:?}");
         assert!(first.iter().all(|d| second.iter().all(|e| e.id != d.id)));
-        assert!(b.claim_deliveries(now, 6, now + 60_000).unwrap().is_empty(), "leased");
+        assert!(
+            b.claim_deliveries(now, 6, now + 60_000).unwrap().is_empty(),
+            "leased"
+        );
         // A lease that ran out (its worker died) is taken again.
         let later = now + 60_001;
-        assert_eq!(b.claim_deliveries(later, 20, later + 1000).unwrap().len(), 10);
+        assert_eq!(
+            b.claim_deliveries(later, 20, later + 1000).unwrap().len(),
+            10
+        );
     }
 }
 
@@ -587,8 +615,10 @@ fn store_group_thresholds_sum_the_member_keys() {
         match &loc {
             StoreLocation::Sqlite(path) => {
                 let c = rusqlite::Connection::open(path).unwrap();
-                c.execute_batch(&format!("ALTER TABLE keys ADD COLUMN group_name TEXT; {ddl}"))
-                    .unwrap();
+                c.execute_batch(&format!(
+                    "ALTER TABLE keys ADD COLUMN group_name TEXT; {ddl}"
+                ))
+                .unwrap();
             }
             StoreLocation::Postgres(url) => {
                 let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
@@ -600,9 +630,13 @@ fn store_group_thresholds_sum_the_member_keys() {
         }
         let mut s = writer(&loc, &[500_000, 800_000]);
         // 0.30 + 0.30 = 0.60 of the group's $1: 50 %; key_g2's own $10 budget: nothing.
-        s.write_batch(&Batch::of([spent(at(2, 0), "key_g1", 30), spent(at(2, 0), "key_g2", 30)]))
+        s.write_batch(&Batch::of([
+            spent(at(2, 0), "key_g1", 30),
+            spent(at(2, 0), "key_g2", 30),
+        ]))
+        .unwrap();
+        s.write_batch(&Batch::of([spent(at(2, 1), "key_solo", 500)]))
             .unwrap();
-        s.write_batch(&Batch::of([spent(at(2, 1), "key_solo", 500)])).unwrap();
         let got = alerts_of(&s);
         assert_eq!(got.len(), 1, "{loc:?}: {got:?}");
         let (event, subject, period, ppm, payload) = &got[0];
@@ -616,10 +650,52 @@ fn store_group_thresholds_sum_the_member_keys() {
         assert_eq!(payload["spend_usd"], 0.6);
         assert_eq!(payload["budget_usd"], 1.0);
         // 0.25 more from one member: 0.85, 80 %.
-        s.write_batch(&Batch::of([spent(at(2, 2), "key_g2", 25)])).unwrap();
+        s.write_batch(&Batch::of([spent(at(2, 2), "key_g2", 25)]))
+            .unwrap();
         let got = alerts_of(&s);
         assert_eq!(got.len(), 2);
         assert_eq!(got[1].3, 800_000);
         assert_eq!(got[1].4["spend_usd"], 0.85);
     }
+}
+
+#[test]
+fn a_sighup_reload_changes_the_thresholds_and_check_config_needs_the_secret() {
+    let receiver = Receiver::start();
+    let gw = gateway(&receiver, "[0.9]", &[]);
+    let key = gw.create_key(&["--budget", "1", "--budget-mode", "soft"]);
+    spend(&gw, &key, 600, 0);
+    gw.wait_ledger_quiescent();
+    assert!(alerts_list(&gw).is_empty(), "0.6 is below 0.9");
+
+    let text = std::fs::read_to_string(&gw.config).unwrap();
+    let edited = text.replace("budget_thresholds: [0.9]", "budget_thresholds: [0.5, 0.9]");
+    assert_ne!(text, edited);
+    std::fs::write(&gw.config, &edited).unwrap();
+    gw.signal_hup();
+    wait_for(WAIT, "the reload", || {
+        (gw.metric("spidergate_config_reloads_total")? >= 1).then_some(())
+    });
+    // The new threshold was already passed: the key's next charge records it.
+    spend(&gw, &key, 10, 0);
+    let listed = wait_delivered(&gw, 1);
+    assert_eq!(threshold_of(&listed[0]), 0.5);
+    assert_eq!(receiver.accepted()[0]["spend_usd"], 0.61);
+
+    // The webhook's secret must be in the environment: check-config names the field.
+    let out = std::process::Command::new(common::BIN)
+        .arg("--config")
+        .arg(&gw.config)
+        .arg("check-config")
+        .env_remove("SG_TEST_WEBHOOK_SECRET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "alerts.webhooks[0].secret_env: environment variable SG_TEST_WEBHOOK_SECRET is not set"
+        ),
+        "{err}"
+    );
 }

@@ -465,7 +465,11 @@ fn delivery_json(d: &crate::store::DeliveryRow) -> Value {
         "delivered_at": d.delivered_at.map(rfc3339),
         "payload": serde_json::from_str::<Value>(&d.payload).unwrap_or(Value::Null),
     });
-    let field = if d.subject_kind == "group" { "group" } else { "key_id" };
+    let field = if d.subject_kind == "group" {
+        "group"
+    } else {
+        "key_id"
+    };
     v[field] = json!(d.subject);
     v
 }

@@ -92,11 +92,7 @@ impl Dispatcher {
     /// deliveries it had taken but not tried are released for the next start or node.
     pub fn stop(&self) {
         self.stop.store(true, Relaxed);
-        let handle = self
-            .thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(h) = handle {
             h.thread().unpark();
             if h.join().is_err() {
@@ -193,7 +189,10 @@ fn attempt(alerts: &Alerts, d: &ClaimedDelivery, stats: &AlertStats) -> Delivery
             let sig = signature(hook.secret.as_bytes(), d.payload.as_bytes());
             post(
                 &t,
-                &[("X-SpiderGate-Signature", &sig), ("X-SpiderGate-Alert-Id", &d.alert_id)],
+                &[
+                    ("X-SpiderGate-Signature", &sig),
+                    ("X-SpiderGate-Alert-Id", &d.alert_id),
+                ],
                 d.payload.as_bytes(),
                 alerts.timeout,
             )

@@ -238,14 +238,23 @@ mod tests {
         let t = rules().thresholds_ppm;
         let budget = Nanos::new(3_000_000_000);
         assert!(crossed(&t, Nanos::new(1_499_999_999), budget).is_empty());
-        assert_eq!(crossed(&t, Nanos::new(1_500_000_000), budget), vec![500_000]);
+        assert_eq!(
+            crossed(&t, Nanos::new(1_500_000_000), budget),
+            vec![500_000]
+        );
         assert_eq!(
             crossed(&t, Nanos::new(2_400_000_000), budget),
             vec![500_000, 800_000]
         );
         assert_eq!(crossed(&t, Nanos::new(9_000_000_000), budget).len(), 3);
-        assert!(crossed(&t, Nanos::new(5), Nanos::new(0)).is_empty(), "no budget");
-        assert_eq!(crossed(&t, Nanos::new(i64::MAX), Nanos::new(i64::MAX)).len(), 3);
+        assert!(
+            crossed(&t, Nanos::new(5), Nanos::new(0)).is_empty(),
+            "no budget"
+        );
+        assert_eq!(
+            crossed(&t, Nanos::new(i64::MAX), Nanos::new(i64::MAX)).len(),
+            3
+        );
     }
 
     #[test]
@@ -281,17 +290,29 @@ mod tests {
             Nanos::new(1_000_000_000),
         );
         let v: serde_json::Value = serde_json::from_str(&group[2].payload).unwrap();
-        assert_eq!((v["group"].as_str(), v["threshold"].as_f64()), (Some("team"), Some(1.0)));
+        assert_eq!(
+            (v["group"].as_str(), v["threshold"].as_f64()),
+            (Some("team"), Some(1.0))
+        );
         assert!(v.get("key_id").is_none());
     }
 
     #[test]
     fn ids_are_stable_and_distinct_per_tuple() {
         let a = alert_id(SubjectKind::Key, "k", BUDGET_THRESHOLD, "2026-12", 500_000);
-        assert_eq!(a, alert_id(SubjectKind::Key, "k", BUDGET_THRESHOLD, "2026-12", 500_000));
+        assert_eq!(
+            a,
+            alert_id(SubjectKind::Key, "k", BUDGET_THRESHOLD, "2026-12", 500_000)
+        );
         assert!(a.starts_with("alrt_") && a.len() == 37);
         for other in [
-            alert_id(SubjectKind::Group, "k", BUDGET_THRESHOLD, "2026-12", 500_000),
+            alert_id(
+                SubjectKind::Group,
+                "k",
+                BUDGET_THRESHOLD,
+                "2026-12",
+                500_000,
+            ),
             alert_id(SubjectKind::Key, "k", BUDGET_THRESHOLD, "2026-11", 500_000),
             alert_id(SubjectKind::Key, "k", BUDGET_THRESHOLD, "2026-12", 800_000),
             alert_id(SubjectKind::Key, "k", KEY_LOOP, "2026-12", 500_000),
@@ -305,8 +326,24 @@ mod tests {
         let ms = days_from_civil(2026, 12, 5) * MS_PER_DAY + 3 * MS_PER_HOUR + 59 * 60_000;
         let hour = hour_index(ms);
         assert_eq!(hour_label(hour), "2026-12-05T03");
-        let a = brake_alert(KEY_LOOP, "key_1", "agent", hour, month_index(ms), Nanos::new(0), None);
-        let b = brake_alert(KEY_LOOP, "key_1", "agent", hour + 1, month_index(ms), Nanos::new(0), None);
+        let a = brake_alert(
+            KEY_LOOP,
+            "key_1",
+            "agent",
+            hour,
+            month_index(ms),
+            Nanos::new(0),
+            None,
+        );
+        let b = brake_alert(
+            KEY_LOOP,
+            "key_1",
+            "agent",
+            hour + 1,
+            month_index(ms),
+            Nanos::new(0),
+            None,
+        );
         assert_ne!(a.id, b.id);
         let v: serde_json::Value = serde_json::from_str(&a.payload).unwrap();
         assert_eq!(v["event"], "key.loop");

@@ -40,9 +40,10 @@ impl Target {
             Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
             None => (rest, "/".to_string()),
         };
-        if authority.is_empty() || authority.contains('@') || path.contains(char::is_whitespace)
-        {
-            return Err(format!("\"{url}\" must name a host (no user info, no spaces)"));
+        if authority.is_empty() || authority.contains('@') || path.contains(char::is_whitespace) {
+            return Err(format!(
+                "\"{url}\" must name a host (no user info, no spaces)"
+            ));
         }
         let default_port = if tls { 443 } else { 80 };
         let (host, port) = match authority.rsplit_once(':') {
@@ -246,10 +247,19 @@ mod tests {
             (true, "hooks.example.com", 443, "/spidergate?x=1")
         );
         let t = Target::parse("http://127.0.0.1:8099").unwrap();
-        assert_eq!((t.port, t.path.as_str(), t.authority.as_str()), (8099, "/", "127.0.0.1:8099"));
+        assert_eq!(
+            (t.port, t.path.as_str(), t.authority.as_str()),
+            (8099, "/", "127.0.0.1:8099")
+        );
         let t = Target::parse("http://[::1]:81/a").unwrap();
         assert_eq!((t.host.as_str(), t.port), ("::1", 81));
-        for bad in ["ftp://x/", "http://", "http://u:p@h/", "http://h:x/", "https://h/a b"] {
+        for bad in [
+            "ftp://x/",
+            "http://",
+            "http://u:p@h/",
+            "http://h:x/",
+            "https://h/a b",
+        ] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }
     }

@@ -136,7 +136,10 @@ pub fn parse(raw: RawAlerts) -> Result<Alerts, String> {
             return err(format!("{at}.url"), e);
         }
         if webhooks.iter().any(|seen| seen.url == w.url) {
-            return err(format!("{at}.url"), format!("duplicate webhook \"{}\"", w.url));
+            return err(
+                format!("{at}.url"),
+                format!("duplicate webhook \"{}\"", w.url),
+            );
         }
         if w.secret_env.trim().is_empty() {
             return err(
@@ -229,7 +232,10 @@ mod tests {
         assert_eq!(a.rules.thresholds_ppm, DEFAULT_THRESHOLDS_PPM);
         assert_eq!(a.webhooks[0].secret, "s3cret");
         assert!(!format!("{a:?}").contains("s3cret"), "secret redacted");
-        let a = parse(raw(&format!("{hook}\nbudget_thresholds: [1.0, 0.8, 0.5, 0.8]"))).unwrap();
+        let a = parse(raw(&format!(
+            "{hook}\nbudget_thresholds: [1.0, 0.8, 0.5, 0.8]"
+        )))
+        .unwrap();
         assert_eq!(a.rules.thresholds_ppm, vec![500_000, 800_000, 1_000_000]);
         for bad in ["0", "1.5", "-0.1", ".nan"] {
             let e = parse(raw(&format!("{hook}\nbudget_thresholds: [0.5, {bad}]"))).unwrap_err();
@@ -270,7 +276,11 @@ mod tests {
             max_ms: 600_000,
             give_up_ms: 7_200_000,
         };
-        assert_eq!(p.next_attempt(1, 0, 0), Some(5_000), "first retry within a minute");
+        assert_eq!(
+            p.next_attempt(1, 0, 0),
+            Some(5_000),
+            "first retry within a minute"
+        );
         assert_eq!(p.next_attempt(2, 0, 0), Some(10_000));
         assert_eq!(p.next_attempt(8, 0, 0), Some(600_000), "capped");
         assert_eq!(p.next_attempt(60, 0, 0), Some(600_000), "no overflow");
@@ -280,6 +290,6 @@ mod tests {
             now = at;
             attempts += 1;
         }
-        assert!(now >= 3_600_000 && now <= 7_200_000, "{now}");
+        assert!((3_600_000..=7_200_000).contains(&now), "{now}");
     }
 }

@@ -64,7 +64,9 @@ fn standings(
     for r in tx.query(&stmt, &[&ids, &months])? {
         let ord: i64 = r.try_get(0)?;
         let Some(at) = usize::try_from(ord - 1).ok().and_then(|i| wanted.get(i)) else {
-            return Err(StoreError::Other(format!("standing row {ord} out of range")));
+            return Err(StoreError::Other(format!(
+                "standing row {ord} out of range"
+            )));
         };
         out.insert(
             at.clone(),
@@ -129,7 +131,12 @@ pub(super) fn record_alerts(
         &subjects,
         rules,
         |key, month| Ok(keys.get(&(Arc::from(key), month)).cloned()),
-        |name, month| Ok(group_rows.get(&(name.to_string(), month)).copied().flatten()),
+        |name, month| {
+            Ok(group_rows
+                .get(&(name.to_string(), month))
+                .copied()
+                .flatten())
+        },
     )?;
     if alerts.is_empty() {
         return Ok(());
@@ -151,11 +158,17 @@ pub(super) fn record_alerts(
             &[
                 &alerts.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
                 &alerts.iter().map(|a| a.kind.label()).collect::<Vec<_>>(),
-                &alerts.iter().map(|a| a.subject.as_str()).collect::<Vec<_>>(),
+                &alerts
+                    .iter()
+                    .map(|a| a.subject.as_str())
+                    .collect::<Vec<_>>(),
                 &alerts.iter().map(|a| a.event).collect::<Vec<_>>(),
                 &alerts.iter().map(|a| a.period.as_str()).collect::<Vec<_>>(),
                 &alerts.iter().map(|a| a.threshold_ppm).collect::<Vec<_>>(),
-                &alerts.iter().map(|a| a.payload.as_str()).collect::<Vec<_>>(),
+                &alerts
+                    .iter()
+                    .map(|a| a.payload.as_str())
+                    .collect::<Vec<_>>(),
                 &now,
             ],
         )?

@@ -136,6 +136,19 @@ impl Sqlite {
         limit: u32,
         lease_until: i64,
     ) -> Result<Vec<ClaimedDelivery>> {
+        // A plain read first: an empty outbox (the usual case) costs no write lock, which
+        // the ledger writer would otherwise wait on every poll.
+        let due: Option<i64> = self
+            .conn
+            .prepare_cached(
+                "SELECT id FROM alert_deliveries WHERE state = 'pending'
+                    AND next_attempt_at <= ?1 AND lease_until <= ?1 LIMIT 1",
+            )?
+            .query_row([now], |r| r.get(0))
+            .optional()?;
+        if due.is_none() {
+            return Ok(Vec::new());
+        }
         self.write(|tx| {
             let mut stmt = tx.prepare_cached(
                 "UPDATE alert_deliveries SET lease_until = ?3
