@@ -570,7 +570,8 @@ fn migrations_are_idempotent_and_safe_when_three_nodes_start_at_once() {
         vec![
             (1, "0001_init".to_string()),
             (2, "0002_trace_id".to_string()),
-            (3, "0003_audit".to_string())
+            (3, "0003_audit".to_string()),
+            (4, "0004_alerts".to_string())
         ]
     );
     let keys: i64 = raw
