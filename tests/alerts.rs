@@ -169,6 +169,20 @@ models:
 "#;
 
 fn gateway(receiver: &Receiver, thresholds: &str, extra: &[&str]) -> Gateway {
+    let m = mock();
+    let gw = builder(&m, receiver, thresholds, extra).start();
+    // The mock lives as long as the test process needs it.
+    std::mem::forget(m);
+    gw
+}
+
+/// A gateway with the test model, the admin API and `alerts` to `receiver`.
+fn builder(
+    m: &common::MockProvider,
+    receiver: &Receiver,
+    thresholds: &str,
+    extra: &[&str],
+) -> GatewayBuilder {
     let mut alerts = format!(
         "alerts:\n  webhooks:\n    - url: \"{}\"\n      secret_env: SG_TEST_WEBHOOK_SECRET\n  budget_thresholds: {thresholds}\n  retry_base_ms: 100\n  poll_ms: 50",
         receiver.url()
@@ -176,16 +190,11 @@ fn gateway(receiver: &Receiver, thresholds: &str, extra: &[&str]) -> Gateway {
     for e in extra {
         alerts.push_str(&format!("\n  {e}"));
     }
-    let m = mock();
-    let gw = GatewayBuilder::new(&m)
+    GatewayBuilder::new(m)
         .models(MODELS)
         .admin(ADMIN)
         .env("SG_TEST_WEBHOOK_SECRET", SECRET)
         .top(&alerts)
-        .start();
-    // The mock lives as long as the test process needs it.
-    std::mem::forget(m);
-    gw
 }
 
 /// A chat request reporting exactly `prompt` + `completion` tokens (0.001 USD each).
@@ -363,6 +372,53 @@ fn a_hanging_webhook_never_delays_requests() {
     assert_eq!(list.len(), 5, "every threshold recorded: {list:?}");
     assert!(list.iter().all(|d| d["state"] == "pending"), "{list:?}");
     assert_eq!(receiver.got().len(), 1, "the worker waits on the hung POST");
+}
+
+#[test]
+fn nodes_sharing_postgres_record_and_send_each_threshold_once() {
+    let Some(pg) = PgServer::start() else { return };
+    let url = pg.create_db("alerts_cluster");
+    let receiver = Receiver::start();
+    let m = mock();
+    let nodes: Vec<Gateway> = (0..2)
+        .map(|_| {
+            builder(&m, &receiver, "[0.5, 0.8, 1.0]", &[])
+                .top("shared_state:\n  postgres_url_env: SG_TEST_PG")
+                .env("SG_TEST_PG", &url)
+                .start()
+        })
+        .collect();
+    let key = nodes[0].create_key(&["--budget", "1", "--budget-mode", "soft"]);
+    nodes[1].wait_key_live(&key);
+    // Half of each step's spend through each node: both ledgers see every crossing, and both
+    // workers poll the one outbox.
+    for (tokens, expected) in [(300, 1), (125, 2), (75, 3)] {
+        spend(&nodes[0], &key, tokens, 0);
+        spend(&nodes[1], &key, tokens, 0);
+        for n in &nodes {
+            n.wait_ledger_quiescent();
+        }
+        wait_delivered(&nodes[1], expected);
+    }
+    assert_eq!(
+        nodes[0].admin_call("GET", "/admin/alerts", None).json()["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    let got = receiver.got();
+    let thresholds: Vec<f64> = got
+        .iter()
+        .map(|r| r.json["threshold"].as_f64().unwrap())
+        .collect();
+    assert_eq!(thresholds, vec![0.5, 0.8, 1.0], "each sent once: {got:?}");
+    assert!(got.iter().all(|r| r.signature_ok && r.answered == 200));
+    let sent: u64 = nodes
+        .iter()
+        .map(|n| n.metric("spidergate_alerts_sent_total").unwrap())
+        .sum();
+    assert_eq!(sent, 3);
 }
 
 // ---- store level: both backends ----
