@@ -89,6 +89,7 @@ fn bench(c: &mut Criterion, catalog: &Catalog) {
                     .block_on(admit(
                         &InProcess,
                         catalog,
+                        &keys,
                         &key,
                         Endpoint::ChatCompletions,
                         &body,

@@ -42,6 +42,9 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--n", type=int, default=3000)
 ap.add_argument("--conns", type=int, default=8)
 ap.add_argument("--out", default="/tmp/sginstr")
+ap.add_argument("--fleet", action="store_true",
+                help="also measure F: the same gateway, the request made by a key 3 deep in a tree "
+                     "of minted keys (hard budget at the root) inside a hard-budget group (SPEC §7)")
 args = ap.parse_args()
 work = tempfile.mkdtemp(prefix="sginstr-")
 os.makedirs(args.out, exist_ok=True)
@@ -89,7 +92,7 @@ def wait_port(port, secs=120):
     return False
 
 
-def measure(name, cmd, env, port, token):
+def measure(name, cmd, env, port, token, prepare=None):
     prefix = os.path.join(args.out, f"{name}.out")
     for f in glob.glob(prefix + "*"):
         os.remove(f)
@@ -99,6 +102,8 @@ def measure(name, cmd, env, port, token):
     try:
         if not wait_port(port):
             raise SystemExit(f"{name} did not start; see {work}/{name}.err")
+        if prepare:
+            token = prepare(port)
         load(port, 300, token)  # warm-up: pools, allocator, lazy statics
         subprocess.run(["callgrind_control", "-z", str(p.pid)], capture_output=True)
         t0 = time.time()
@@ -189,9 +194,33 @@ models:
                                    "--rpd", "1000000000", "--budget", "1000000", "--budget-mode", "hard", "--json"],
                                   capture_output=True, text=True, env=env).stdout)
     res["G"] = measure("G", [GATE_BIN, "--config", cfg, "serve"], env, GPORT, k["secret"])
+    if args.fleet:
+        def cli(*a):
+            return json.loads(subprocess.run([GATE_BIN, "--config", cfg, *a, "--json"],
+                                             capture_output=True, text=True, env=env).stdout)
+        cli("groups", "create", "perf-group", "--budget", "1000000", "--budget-mode", "hard", "--rpm", "100000000")
+        root = cli("keys", "create", "--name", "perf-root", "--rpm", "100000000", "--rpd", "1000000000",
+                   "--budget", "1000000", "--budget-mode", "hard", "--group", "perf-group",
+                   "--scopes", "gate:chat,gate:keys")
+
+        def mint_tree(port):
+            """root -> child -> grandchild through /v1/keys; the grandchild makes the requests."""
+            secret = root["secret"]
+            for depth in (1, 2):
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+                body = json.dumps({"name": f"perf-{depth}", "rpm": 100000000, "rpd": 1000000000,
+                                   "scopes": ["gate:chat", "gate:keys"]})
+                c.request("POST", "/v1/keys", body, {"Authorization": f"Bearer {secret}",
+                                                     "Content-Type": "application/json"})
+                r = c.getresponse()
+                secret = json.loads(r.read())["secret"]
+            return secret
+        res["F"] = measure("F", [GATE_BIN, "--config", cfg, "serve"], env, GPORT, None, prepare=mint_tree)
     for t, (ir, ok, dt, dumps) in res.items():
         print(f"{t}: {ir:,.0f} Ir/request over {ok} requests ({dt:.0f} s under callgrind); dumps: {' '.join(dumps)}")
     print(f"G/P user-space instructions per request: {res['G'][0] / res['P'][0]:.3f}")
+    if "F" in res:
+        print(f"F/G (a 3-deep minted key in a group vs a lone key): {res['F'][0] / res['G'][0]:.3f}")
     print_phases(res["G"][3], res["G"][1])
 finally:
     for p in procs:

@@ -112,6 +112,10 @@ pub enum Endpoint {
     Model,
     Aliases,
     Usage,
+    /// `GET`/`POST /v1/keys`: an agent lists or mints its child keys (scope `gate:keys`).
+    Keys,
+    /// `POST /v1/keys/{id}/revoke`: an agent revokes one of its descendants.
+    KeyRevoke,
     Health,
     /// Any other path under `/v1/messages/`: unknown, answered in Anthropic's shape.
     MessagesOther,
@@ -136,6 +140,8 @@ impl Endpoint {
             Endpoint::Model => "models.get",
             Endpoint::Aliases => "aliases",
             Endpoint::Usage => "usage",
+            Endpoint::Keys => "keys",
+            Endpoint::KeyRevoke => "keys.revoke",
             Endpoint::Health => "health",
             Endpoint::MessagesOther | Endpoint::Unknown => "unknown",
         }
@@ -156,6 +162,8 @@ impl Endpoint {
             | Endpoint::Model
             | Endpoint::Aliases
             | Endpoint::Usage
+            | Endpoint::Keys
+            | Endpoint::KeyRevoke
             | Endpoint::Health
             | Endpoint::MessagesOther
             | Endpoint::Unknown => None,
@@ -178,6 +186,7 @@ impl Endpoint {
                 Some((ScopeSet::MODELS, crate::keys::SCOPE_MODELS))
             }
             Endpoint::Usage => Some((ScopeSet::USAGE, crate::keys::SCOPE_USAGE)),
+            Endpoint::Keys | Endpoint::KeyRevoke => Some((ScopeSet::KEYS, crate::keys::SCOPE_KEYS)),
             Endpoint::Health | Endpoint::MessagesOther | Endpoint::Unknown => None,
         }
     }
@@ -220,10 +229,17 @@ pub fn route(path: &str) -> (Endpoint, &str) {
         "/models" => (Endpoint::Models, ""),
         "/aliases" => (Endpoint::Aliases, ""),
         "/usage" => (Endpoint::Usage, ""),
+        "/keys" => (Endpoint::Keys, ""),
         _ if rest.starts_with("/messages/") => (Endpoint::MessagesOther, ""),
         _ => match rest.strip_prefix("/models/") {
             Some(id) if !id.is_empty() => (Endpoint::Model, id),
-            _ => (Endpoint::Unknown, ""),
+            _ => match rest
+                .strip_prefix("/keys/")
+                .and_then(|r| r.strip_suffix("/revoke"))
+            {
+                Some(id) if !id.is_empty() && !id.contains('/') => (Endpoint::KeyRevoke, id),
+                _ => (Endpoint::Unknown, ""),
+            },
         },
     }
 }
@@ -250,6 +266,8 @@ pub fn token_hash(
 pub fn lookup(keys: &KeySet, hash: &TokenHash, now: i64) -> Result<Arc<KeyEntry>, GateError> {
     let (key, valid_until) = keys.by_hash(hash).ok_or(GateError::InvalidApiKey)?;
     key.check_alive(now)?;
+    // A minted key lives only while every key above it does (SPEC §7).
+    crate::fleet::check_tree_alive(keys, key, now)?;
     // A secret replaced by a rotation works until its grace period ends, then is revoked.
     if now >= valid_until {
         return Err(GateError::TokenRevoked);
@@ -286,6 +304,8 @@ pub struct Admission {
     pub bound: Bound,
     /// When the decision was taken: the request's spend belongs to this month and day.
     pub admitted_at: i64,
+    /// Whether a hard budget (the key's, a parent's or its group's) bounds this request.
+    pub hard_budget: bool,
 }
 
 /// The most a request can cost on any model of its chain, and the token counts behind it.
@@ -457,6 +477,7 @@ pub fn served_chain(
 pub async fn admit<L: LimitStore>(
     limits: &L,
     catalog: &Catalog,
+    keys: &KeySet,
     key: &Arc<KeyEntry>,
     endpoint: Endpoint,
     body: &Bytes,
@@ -471,7 +492,12 @@ pub async fn admit<L: LimitStore>(
     let first = chain
         .get(0)
         .ok_or(GateError::InvalidRequest(String::new()))?;
-    let hard_budget = key.limits.hard_budget && key.limits.budget.is_some();
+    let uplines = crate::fleet::uplines(keys, key, now.wall)?;
+    // A hard cap anywhere above the key bounds this request as the key's own would.
+    let hard_budget = key.limits.hard_budget && key.limits.budget.is_some()
+        || uplines
+            .iter()
+            .any(|u| u.limits.hard_budget && u.limits.budget.is_some());
     check_hidden_input(catalog, &chain, &fields, hard_budget)?;
     let (plan, upstream_body) = upstream_body(catalog, endpoint, first, body, &fields)?;
     // The provider bills what it receives: the forwarded body can be longer than the
@@ -480,7 +506,7 @@ pub async fn admit<L: LimitStore>(
     // still is skipped for a hard-budget key (`proxy::try_fallback`).
     let sent_len = body.len().max(upstream_body.len());
     let bound = reservation_bound(catalog, &chain, endpoint, &fields, sent_len, overheads);
-    let (standing, reservation) = limits.admit(key, now, bound.cost, res_id).await?;
+    let (standing, reservation) = limits.admit(key, &uplines, now, bound.cost, res_id).await?;
     // A shared store decided by its own clock: the cost is booked at its time, so every node
     // books a request to the month and day the limits counted it in.
     let admitted_at = reservation.decided_at().unwrap_or(now.wall);
@@ -493,6 +519,7 @@ pub async fn admit<L: LimitStore>(
         reservation: Some(reservation),
         bound,
         admitted_at,
+        hard_budget,
     })
 }
 
@@ -565,6 +592,8 @@ mod tests {
             previous_hash: None,
             previous_valid_until: None,
             rotated_at: None,
+            group: None,
+            parent_id: None,
         };
         KeyEntry::new(record, c, std::sync::Arc::default())
     }

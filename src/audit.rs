@@ -44,6 +44,14 @@ impl Actor {
         }
     }
 
+    /// An agent minting or revoking its own child keys through `/v1/keys`, as its key.
+    pub fn agent(key_id: &str) -> Actor {
+        Actor {
+            door: "agent_api",
+            who: format!("key {key_id}"),
+        }
+    }
+
     /// A signal to the running gateway (SIGHUP).
     pub fn signal(name: &str) -> Actor {
         Actor {
@@ -68,6 +76,8 @@ pub fn key_view(k: &KeyRecord) -> Value {
         "allowed_models": k.allowed_models,
         "free_only": k.free_only,
         "client_id": k.client_id,
+        "group": k.group,
+        "parent_id": k.parent_id,
         "expires_at": rfc3339(k.expires_at),
         "revoked_at": k.revoked_at.map(rfc3339),
     })

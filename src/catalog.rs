@@ -267,6 +267,8 @@ aliases:
             previous_hash: None,
             previous_valid_until: None,
             rotated_at: None,
+            group: None,
+            parent_id: None,
         };
         KeyEntry::new(record, c, Arc::new(KeyCounters::default()))
     }

@@ -24,6 +24,13 @@ pub enum GateError {
         spend: Nanos,
         cap: Nanos,
     },
+    /// The hard budget of the key's group, or of a key above it in its tree, would be
+    /// passed: `owner` names which ("group 'x'" / "parent key 'key_…'").
+    GroupBudgetExceeded {
+        owner: String,
+        spend: Nanos,
+        cap: Nanos,
+    },
     RateLimited {
         limit: u32,
         retry_after_secs: u64,
@@ -51,6 +58,9 @@ pub enum GateError {
     UpstreamError(String),
     UpstreamTimeout,
     NotFound,
+    /// A key asked to mint a child with more than it holds itself (SPEC §7): the message
+    /// says what.
+    BeyondParent(String),
     MethodNotAllowed,
     /// SIGTERM received: in-flight requests finish, new ones are refused.
     ShuttingDown,
@@ -60,13 +70,15 @@ impl GateError {
     pub fn status(&self) -> u16 {
         match self {
             GateError::InvalidApiKey | GateError::TokenExpired | GateError::TokenRevoked => 401,
-            GateError::InsufficientScope(_) | GateError::ModelNotAllowed(_) => 403,
+            GateError::InsufficientScope(_)
+            | GateError::BeyondParent(_)
+            | GateError::ModelNotAllowed(_) => 403,
             GateError::InvalidRequest(_) => 400,
             GateError::RequestTooLarge(_) => 413,
             GateError::HeaderTooLarge(_) => 431,
             GateError::RequestTimeout => 408,
             GateError::ModelNotFound(_) | GateError::NotFound => 404,
-            GateError::BudgetExceeded { .. } => 402,
+            GateError::BudgetExceeded { .. } | GateError::GroupBudgetExceeded { .. } => 402,
             GateError::RateLimited { .. }
             | GateError::DailyRateLimited { .. }
             | GateError::ConcurrencyLimited { .. }
@@ -86,7 +98,7 @@ impl GateError {
             GateError::InvalidApiKey => "invalid_api_key",
             GateError::TokenExpired => "token_expired",
             GateError::TokenRevoked => "token_revoked",
-            GateError::InsufficientScope(_) => "insufficient_scope",
+            GateError::InsufficientScope(_) | GateError::BeyondParent(_) => "insufficient_scope",
             GateError::InvalidRequest(_) => "invalid_request",
             GateError::RequestTooLarge(_) => "request_too_large",
             GateError::HeaderTooLarge(_) => "request_header_too_large",
@@ -94,6 +106,7 @@ impl GateError {
             GateError::ModelNotFound(_) => "model_not_found",
             GateError::ModelNotAllowed(_) => "model_not_allowed",
             GateError::BudgetExceeded { .. } => "budget_exceeded",
+            GateError::GroupBudgetExceeded { .. } => "group_budget_exceeded",
             GateError::RateLimited { .. } | GateError::AuthFlood { .. } => "rate_limit_exceeded",
             GateError::DailyRateLimited { .. } => "daily_rate_limit_exceeded",
             GateError::ConcurrencyLimited { .. } => "concurrency_limit_exceeded",
@@ -114,7 +127,9 @@ impl GateError {
             GateError::InvalidApiKey | GateError::TokenExpired | GateError::TokenRevoked => {
                 "authentication_error"
             }
-            GateError::InsufficientScope(_) | GateError::ModelNotAllowed(_) => "permission_error",
+            GateError::InsufficientScope(_)
+            | GateError::BeyondParent(_)
+            | GateError::ModelNotAllowed(_) => "permission_error",
             GateError::InvalidRequest(_)
             | GateError::RequestTooLarge(_)
             | GateError::HeaderTooLarge(_)
@@ -122,7 +137,9 @@ impl GateError {
             | GateError::ModelNotFound(_)
             | GateError::NotFound
             | GateError::MethodNotAllowed => "invalid_request_error",
-            GateError::BudgetExceeded { .. } => "insufficient_quota",
+            GateError::BudgetExceeded { .. } | GateError::GroupBudgetExceeded { .. } => {
+                "insufficient_quota"
+            }
             GateError::RateLimited { .. }
             | GateError::DailyRateLimited { .. }
             | GateError::ConcurrencyLimited { .. }
@@ -207,10 +224,15 @@ impl fmt::Display for GateError {
             GateError::HeaderTooLarge(max) => write!(f, "Request headers exceed the limit of {max} bytes."),
             GateError::RequestTimeout => f.write_str("The request body did not arrive in time."),
             GateError::ModelNotFound(model) => write!(f, "The model '{model}' does not exist."),
+            GateError::BeyondParent(why) => f.write_str(why),
             GateError::ModelNotAllowed(model) => write!(f, "This agent key may not use the model '{model}'."),
             GateError::BudgetExceeded { spend, cap } => write!(
                 f,
                 "Monthly budget exceeded: spend ${spend} of ${cap} cap (including requests in flight and this request's upper-bound cost)."
+            ),
+            GateError::GroupBudgetExceeded { owner, spend, cap } => write!(
+                f,
+                "Monthly budget of {owner} exceeded: spend ${spend} of ${cap} cap (including requests in flight and this request's upper-bound cost)."
             ),
             GateError::RateLimited { limit, retry_after_secs } => write!(f, "Rate limit of {limit} requests per minute reached. Retry after {retry_after_secs} s."),
             GateError::DailyRateLimited { limit, retry_after_secs } => write!(f, "Daily limit of {limit} requests per UTC day reached. Retry after {retry_after_secs} s."),

@@ -14,14 +14,16 @@ use crate::keys::{KeyEntry, KeySet};
 use crate::ledger::{ClusterNode, SpendLedger};
 use crate::limits::store::InProcess;
 use crate::limits::store::LimitStore;
-use crate::limits::KeyCounters;
+use crate::limits::{KeyCounters, ModelTally};
 use crate::listen_tls::ListenerCerts;
 use crate::metrics::Metrics;
+use crate::money::Nanos;
 use crate::shared::{Limiter, SharedLimits};
 use crate::shield::{AuthShield, Sampler};
 use crate::snapshot::{Routes, Snapshot};
 use crate::store::{Store, StoreError};
 use crate::telemetry::SpanQueue;
+use std::collections::HashMap;
 
 /// Unauthenticated requests traced per second, across the gateway (a flood of bad tokens
 /// is counted in metrics, and cannot grow the database faster than this).
@@ -29,6 +31,9 @@ pub const UNAUTHENTICATED_TRACES_PER_SEC: u64 = 10;
 
 /// Above this many changed keys, one full read of the keys is cheaper than a lookup each.
 const BULK_CHANGE: usize = 1_000;
+
+/// How the change log names a group (its triggers write `'*group:' || name`).
+const GROUP_CHANGE_MARK: &str = "*group:";
 
 pub struct Gate {
     /// Routes and keys, swapped whole (see `snapshot`).
@@ -191,6 +196,10 @@ impl Gate {
         let changes = store.key_changes_since(loaded)?;
         // A pruned log, or a bulk change (one read of every key beats that many lookups):
         // reload in full.
+        // A group changed ('*group:<name>' in the log): rebuilt in full (groups are few and
+        // change rarely; the keys' live counters carry over).
+        let changes =
+            changes.filter(|(_, ids)| !ids.iter().any(|id| id.starts_with(GROUP_CHANGE_MARK)));
         let Some((newest, ids)) = changes.filter(|(_, ids)| ids.len() <= BULK_CHANGE) else {
             let routes = self.routes();
             self.swap_in(store, routes)?;
@@ -210,11 +219,27 @@ impl Gate {
         let count = changed.len() + removed.len();
         let current = self.snapshot();
         let now = now_ms();
+        // Groups a key joined or left: their spend is the sum of their keys' again.
+        let regrouped: Vec<String> = changed
+            .iter()
+            .filter_map(|k| {
+                let old = current.keys.by_id(&k.id).and_then(|e| e.group.clone());
+                (old.as_deref() != k.group.as_deref()).then(|| {
+                    old.map(|g| g.to_string())
+                        .into_iter()
+                        .chain(k.group.clone())
+                })
+            })
+            .flatten()
+            .collect();
         let keys = current
             .keys
             .apply(changed, &removed, &current.routes.catalog, |r| {
                 restored_counters(store, &r.id, now)
             });
+        for name in &regrouped {
+            crate::fleet::reseed_group(&keys, name, Now::read());
+        }
         self.metrics.key_changes_applied(count);
         self.metrics.set_keys_loaded(keys.len());
         self.snapshot.store(Arc::new(Snapshot {
@@ -360,6 +385,21 @@ impl Gate {
         } else {
             None
         };
+        // This month's spend of every key's minted keys (SPEC §7), for keys new to this
+        // process: their budget counts it too.
+        let parents = store.key_parents()?;
+        let tree_spend = |id: &str, spend: Option<&HashMap<String, Vec<ModelTally>>>| {
+            if !parents.iter().any(|(_, p)| p == id) {
+                return Nanos::ZERO;
+            }
+            match spend {
+                Some(all) => crate::fleet::tree_total(id, &parents, all),
+                None => store.tree_spend(id, &month).unwrap_or_else(|e| {
+                    log::warn!("key {id}: cannot read its tree's spend, starting from zero: {e}");
+                    Nanos::ZERO
+                }),
+            }
+        };
         let mut singles = 0;
         let mut builder = KeySet::builder(count, &routes.catalog, Some(&previous));
         store.for_each_key_row(|row| {
@@ -372,17 +412,32 @@ impl Gate {
                 }
                 let Some((spend, today)) = ledger.as_mut() else {
                     singles += 1;
-                    return Some(restored_counters(store, id, now));
+                    let tree = tree_spend(id, None);
+                    return Some(restored_counters(store, id, now).with_tree_spent(tree));
                 };
+                let tree = tree_spend(id, Some(spend));
                 let today = today.get(id).copied();
-                let spend = spend.remove(id);
+                let spend = spend.get(id).cloned();
                 // Nothing in the ledger: the counters are made on first use.
-                (today.is_some() || spend.is_some()).then(|| {
+                (today.is_some() || spend.is_some() || tree > Nanos::ZERO).then(|| {
                     KeyCounters::restored(now, today.unwrap_or(0), spend.unwrap_or_default())
+                        .with_tree_spent(tree)
                 })
             })
         })?;
-        let set = builder.finish();
+        let groups =
+            crate::fleet::Groups::build(&store.all_groups()?, Some(previous.groups()), |g| {
+                let spend = store.group_spend(&g.name, &month).unwrap_or_else(|e| {
+                    log::warn!(
+                        "group {}: cannot read its spend, starting from zero: {e}",
+                        g.name
+                    );
+                    Vec::new()
+                });
+                let tallies = spend.into_iter().map(ModelTally::from).collect();
+                KeyCounters::restored(now, 0, tallies)
+            });
+        let set = builder.finish().with_groups(Arc::new(groups));
         self.metrics.set_keys_loaded(set.len());
         self.snapshot.store(Arc::new(Snapshot {
             routes,

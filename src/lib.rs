@@ -11,6 +11,7 @@ pub mod config;
 pub mod edge;
 pub mod egress;
 pub mod error;
+pub mod fleet;
 pub mod gate;
 pub mod keys;
 pub mod ledger;

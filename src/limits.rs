@@ -140,12 +140,18 @@ struct CounterState {
     spent: Nanos,
     /// Open reservations of requests in flight.
     reserved: Nanos,
+    /// Settled spend of `month`, and open reservations, of the keys below this one in its
+    /// tree of minted keys: they count against this key's budget too (SPEC §7).
+    tree_spent: Nanos,
+    tree_reserved: Nanos,
     /// Admitted model requests not settled yet.
     inflight: u32,
     by_model: Vec<ModelTally>,
     /// `/v1/usage` calls, limited by the same rpm and rpd but counted apart, so the
     /// figures they report are model requests only.
     usage_calls: RateWindow,
+    /// Child keys minted through `/v1/keys` in the rolling minute (SPEC §7).
+    mints: RateWindow,
     /// Admissions in the current monotonic minute, for reporting keys without an `rpm`
     /// (their rolling window is not kept, so it costs no memory).
     report_minute: i64,
@@ -170,7 +176,7 @@ pub struct Standing {
 /// A hard-budget hold and an in-flight slot. Must go back to [`KeyCounters::settle`] on every
 /// outcome.
 #[must_use = "a reservation must be settled, or the budget and the in-flight slot stay held"]
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Reservation {
     held: Nanos,
     month: i64,
@@ -180,6 +186,28 @@ pub struct Reservation {
     /// The shared store's clock at the decision: the cluster books the request's cost (and
     /// its day) at this time, not at a node's own clock reading.
     decided_at: Option<i64>,
+    /// The levels above the key this hold was also taken at (its parents, its group), on
+    /// this node's counters; empty for a lone key (no allocation).
+    uplines: Vec<(Level, Arc<KeyCounters>)>,
+}
+
+/// A level above a key that a request also counts against (SPEC §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// A key that minted this one (or one of its ancestors): its budget bounds its tree.
+    Parent,
+    /// The key's group: budget and rpm over the sum of its keys.
+    Group,
+}
+
+/// One level's limits and live counters, as an admission needs them.
+#[derive(Debug, Clone)]
+pub struct Upline {
+    pub level: Level,
+    /// The parent key's id or the group's name (the refusal names it; Redis keys use it).
+    pub id: Arc<str>,
+    pub limits: Limits,
+    pub counters: Arc<KeyCounters>,
 }
 
 impl Reservation {
@@ -190,6 +218,7 @@ impl Reservation {
             month,
             shared: Some(id),
             decided_at: Some(decided_at),
+            uplines: Vec::new(),
         }
     }
 
@@ -233,6 +262,9 @@ pub struct CounterView {
     pub reserved: Nanos,
     pub inflight: u32,
     pub by_model: Vec<ModelTally>,
+    /// This month's spend and open holds of the keys below this one (minted keys).
+    pub tree_spent: Nanos,
+    pub tree_reserved: Nanos,
 }
 
 impl CounterState {
@@ -242,8 +274,38 @@ impl CounterState {
         if month > self.month {
             self.month = month;
             self.spent = Nanos::ZERO;
+            self.tree_spent = Nanos::ZERO;
             self.by_model.clear();
         }
+    }
+
+    /// What a hard budget at this level is measured against: this month's spend and open
+    /// holds, its own and its tree's.
+    fn committed(&self) -> Nanos {
+        self.spent + self.reserved + self.tree_spent + self.tree_reserved
+    }
+
+    /// Books a settled cost to this month's figures (the tally of its model included).
+    fn book(&mut self, c: &Charge<'_>) {
+        self.spent += c.cost;
+        let tally = match self.by_model.iter().position(|t| t.model == *c.model) {
+            Some(i) => &mut self.by_model[i],
+            None => {
+                self.by_model.push(ModelTally {
+                    model: c.model.clone(),
+                    requests: 0,
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                    spent: Nanos::ZERO,
+                });
+                let last = self.by_model.len() - 1;
+                &mut self.by_model[last]
+            }
+        };
+        tally.requests += 1;
+        tally.prompt_tokens = tally.prompt_tokens.saturating_add(c.prompt_tokens);
+        tally.completion_tokens = tally.completion_tokens.saturating_add(c.completion_tokens);
+        tally.spent += c.cost;
     }
 
     fn standing(&self, now: Now, limits: &Limits) -> Standing {
@@ -321,31 +383,91 @@ impl KeyCounters {
         limits: &Limits,
         bound: Nanos,
     ) -> Result<(Standing, Reservation), GateError> {
+        self.admit_with(now, limits, bound, &[])
+    }
+
+    /// [`KeyCounters::admit`] for a key with levels above it (SPEC §7): the key's checks,
+    /// then each parent's hard budget (its whole tree's spend and holds) and the group's
+    /// hard budget and rpm, all under their locks at once, and all taken only if all pass.
+    /// Locks are taken child first, parents upward, the group last: every admission takes
+    /// them in that one order, so two can never wait on each other.
+    pub fn admit_with(
+        &self,
+        now: Now,
+        limits: &Limits,
+        bound: Nanos,
+        uplines: &[Upline],
+    ) -> Result<(Standing, Reservation), GateError> {
+        let bound = bound.max(Nanos::ZERO);
         let mut s = self.lock();
         s.roll(now);
-        let held = match (limits.budget, limits.hard_budget) {
-            (Some(cap), true) => {
-                let committed = s.spent + s.reserved;
-                if committed + bound.max(Nanos::ZERO) > cap {
-                    return Err(GateError::BudgetExceeded {
-                        spend: committed,
-                        cap,
-                    });
-                }
-                bound.max(Nanos::ZERO)
+        let hard_here = limits.hard_budget && limits.budget.is_some();
+        if let (Some(cap), true) = (limits.budget, hard_here) {
+            let committed = s.committed();
+            if committed + bound > cap {
+                return Err(GateError::BudgetExceeded {
+                    spend: committed,
+                    cap,
+                });
             }
-            _ => Nanos::ZERO,
-        };
+        }
         s.requests.check(now, limits)?;
         if let Some(max) = limits.max_inflight {
             if s.inflight >= max {
                 return Err(GateError::ConcurrencyLimited { limit: max });
             }
         }
+        let mut above = Vec::with_capacity(uplines.len());
+        let mut hard_above = false;
+        // A soft cap above the key that its tree or group has reached: the warning header.
+        let mut soft_reached = false;
+        for u in uplines {
+            let mut g = u.counters.lock();
+            g.roll(now);
+            if let (Some(cap), false) = (u.limits.budget, u.limits.hard_budget) {
+                soft_reached |= g.spent + g.tree_spent >= cap;
+            }
+            if let (Some(cap), true) = (u.limits.budget, u.limits.hard_budget) {
+                hard_above = true;
+                let committed = g.committed();
+                if committed + bound > cap {
+                    return Err(GateError::GroupBudgetExceeded {
+                        owner: match u.level {
+                            Level::Parent => format!("parent key '{}'", u.id),
+                            Level::Group => format!("group '{}'", u.id),
+                        },
+                        spend: committed,
+                        cap,
+                    });
+                }
+            }
+            if u.level == Level::Group {
+                g.requests.check(now, &u.limits)?;
+            }
+            above.push(g);
+        }
+        // The bound is held wherever a hard cap may need it: at every level, so each one's
+        // figure stays the sum of what is open below it.
+        let held = if hard_here || hard_above {
+            bound
+        } else {
+            Nanos::ZERO
+        };
+        for (u, g) in uplines.iter().zip(above.iter_mut()) {
+            match u.level {
+                Level::Parent => g.tree_reserved += held,
+                Level::Group => {
+                    g.reserved += held;
+                    g.count_request(now, &u.limits);
+                }
+            }
+        }
+        drop(above);
         s.count_request(now, limits);
         s.reserved += held;
         s.inflight += 1;
-        let standing = s.standing(now, limits);
+        let mut standing = s.standing(now, limits);
+        standing.budget_warning |= soft_reached;
         Ok((
             standing,
             Reservation {
@@ -353,6 +475,10 @@ impl KeyCounters {
                 month: s.month,
                 shared: None,
                 decided_at: None,
+                uplines: uplines
+                    .iter()
+                    .map(|u| (u.level, u.counters.clone()))
+                    .collect(),
             },
         ))
     }
@@ -366,6 +492,20 @@ impl KeyCounters {
         s.usage_calls.check(now, limits)?;
         s.usage_calls.count(now, limits);
         Ok(s.standing(now, limits))
+    }
+
+    /// Counts one child key minted by this key, at most `per_minute` in a rolling minute
+    /// (429 `rate_limit_exceeded` with the time until a slot frees).
+    pub fn admit_mint(&self, now: Now, per_minute: u32) -> Result<(), GateError> {
+        let limits = Limits {
+            rpm: Some(per_minute),
+            ..Limits::default()
+        };
+        let mut s = self.lock();
+        s.mints.roll(now);
+        s.mints.check(now, &limits)?;
+        s.mints.count(now, &limits);
+        Ok(())
     }
 
     /// Remembers what the shared store answered at this key's last admission.
@@ -394,34 +534,52 @@ impl KeyCounters {
     /// the request was admitted in. A cost of an earlier month than the key's current one is
     /// only in the ledger (this month's figures are not touched).
     pub fn settle(&self, reservation: Reservation, charge: Option<Charge<'_>>) {
+        let month = reservation.month;
+        let held = reservation.held;
+        // Levels above first, one lock at a time (no order needed when only one is held).
+        for (level, counters) in &reservation.uplines {
+            let mut g = counters.lock();
+            let booked = charge.as_ref().filter(|_| g.month == month);
+            match level {
+                Level::Parent => {
+                    g.tree_reserved -= held;
+                    if let Some(c) = booked {
+                        g.tree_spent += c.cost;
+                    }
+                }
+                Level::Group => {
+                    g.reserved -= held;
+                    if let Some(c) = booked {
+                        g.book(c);
+                    }
+                }
+            }
+        }
         let mut s = self.lock();
-        s.reserved -= reservation.held;
+        s.reserved -= held;
         s.inflight = s.inflight.saturating_sub(1);
         let Some(c) = charge else {
             return;
         };
-        if s.month != reservation.month {
+        if s.month != month {
             return;
         }
-        s.spent += c.cost;
-        let tally = match s.by_model.iter().position(|t| t.model == *c.model) {
-            Some(i) => &mut s.by_model[i],
-            None => {
-                s.by_model.push(ModelTally {
-                    model: c.model.clone(),
-                    requests: 0,
-                    prompt_tokens: 0,
-                    completion_tokens: 0,
-                    spent: Nanos::ZERO,
-                });
-                let last = s.by_model.len() - 1;
-                &mut s.by_model[last]
-            }
-        };
-        tally.requests += 1;
-        tally.prompt_tokens = tally.prompt_tokens.saturating_add(c.prompt_tokens);
-        tally.completion_tokens = tally.completion_tokens.saturating_add(c.completion_tokens);
-        tally.spent += c.cost;
+        s.book(&c);
+    }
+
+    /// This month's spend of the keys below this one, restored from the ledger.
+    pub fn with_tree_spent(self, spent: Nanos) -> Self {
+        self.lock().tree_spent = spent;
+        self
+    }
+
+    /// Replaces this month's settled spend (a group whose keys changed: the sum of its keys
+    /// now), keeping the holds of requests in flight.
+    pub fn reseed(&self, now: Now, tallies: Vec<ModelTally>) {
+        let mut s = self.lock();
+        s.roll(now);
+        s.spent = tallies.iter().map(|t| t.spent).sum();
+        s.by_model = tallies;
     }
 
     /// A response ended; its settlement follows shortly (see [`KeyCounters::finishing`]).
@@ -466,6 +624,8 @@ impl KeyCounters {
             reserved: s.reserved,
             inflight: s.inflight,
             by_model: s.by_model.clone(),
+            tree_spent: s.tree_spent,
+            tree_reserved: s.tree_reserved,
         }
     }
 }

@@ -13,10 +13,13 @@ use serde_json::json;
 
 use spidergate::audit::Actor;
 use spidergate::catalog::Catalog;
-use spidergate::clock::{month_index, now_ms, parse_month, rfc3339};
+use spidergate::clock::{month_index, month_label, now_ms, parse_month, rfc3339};
 use spidergate::config::{resolve_path, Config};
 use spidergate::keys::{split_list, KeyRecord};
-use spidergate::manage::{self, KeyChanges, KeyError, KeyService, KeySpec};
+use spidergate::limits::ModelTally;
+use spidergate::manage::{
+    self, GroupChanges, GroupSpec, KeyChanges, KeyError, KeyService, KeySpec,
+};
 use spidergate::money::Nanos;
 use spidergate::report;
 use spidergate::store::Store;
@@ -46,6 +49,9 @@ enum Command {
     /// Manage agent keys
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Groups of keys: one budget and rpm over many keys
+    #[command(subcommand)]
+    Groups(GroupsCommand),
     /// Month-to-date spend per key and model
     Usage {
         /// One key; all keys when omitted
@@ -125,6 +131,57 @@ struct LimitArgs {
     /// Requests in flight at once ("none" = unlimited); one over gets 429
     #[arg(long)]
     max_inflight: Option<String>,
+    /// The group whose budget and rpm the key also counts against ("none" = leave it)
+    #[arg(long)]
+    group: Option<String>,
+}
+
+#[derive(Args, Default)]
+struct GroupLimitArgs {
+    /// Monthly budget in USD over the sum of the group's keys ("none" = unlimited)
+    #[arg(long)]
+    budget: Option<String>,
+    #[arg(long, value_parser = ["soft", "hard"])]
+    budget_mode: Option<String>,
+    /// Requests per rolling minute over the sum of the group's keys ("none" = unlimited)
+    #[arg(long)]
+    rpm: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum GroupsCommand {
+    /// A group of keys with one monthly budget and rpm over their sum
+    Create {
+        name: String,
+        #[command(flatten)]
+        limits: GroupLimitArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// A group's limits, this month's spend per model and its keys
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change limits; takes effect in the running gateway within 1 s
+    Update {
+        name: String,
+        #[command(flatten)]
+        limits: GroupLimitArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a group; its keys stay, outside any group
+    Delete {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -381,6 +438,83 @@ fn cli_err(e: KeyError) -> String {
     }
 }
 
+fn group_limits(l: GroupLimitArgs) -> Result<GroupChanges, String> {
+    Ok(GroupChanges {
+        budget_usd: parse_budget(l.budget.as_deref()).map_err(cli_err)?,
+        budget_mode: l.budget_mode,
+        rpm: parse_limit("rpm", l.rpm.as_deref()).map_err(cli_err)?,
+    })
+}
+
+/// `spidergate groups ...`: through the key service, like `keys`.
+fn groups_command(
+    store: &mut spidergate::store::Store,
+    catalog: &Catalog,
+    cmd: GroupsCommand,
+    now: i64,
+) -> CliResult {
+    let month = month_index(now);
+    let show = |store: &spidergate::store::Store, g: &spidergate::store::GroupRecord| {
+        let spend = store
+            .group_spend(&g.name, &month_label(month))
+            .map_err(|e| e.to_string())?;
+        let keys = store.group_members(&g.name).map_err(|e| e.to_string())?;
+        let tallies: Vec<_> = spend.into_iter().map(ModelTally::from).collect();
+        Ok::<_, String>(report::group_json(g, month, &tallies, Nanos::ZERO, &keys))
+    };
+    let mut service = KeyService::new(store, catalog, Actor::cli());
+    let (v, human) = match cmd {
+        GroupsCommand::Create { name, limits, json } => {
+            let l = group_limits(limits)?;
+            let spec = GroupSpec {
+                name,
+                budget_usd: l.budget_usd.flatten(),
+                budget_mode: l.budget_mode,
+                rpm: l.rpm.flatten(),
+            };
+            let g = service.create_group(spec, now).map_err(cli_err)?;
+            (report::group_json(&g, month, &[], Nanos::ZERO, &[]), !json)
+        }
+        GroupsCommand::List { json } => {
+            let groups = service.list_groups().map_err(cli_err)?;
+            drop(service);
+            let list = groups
+                .iter()
+                .map(|g| show(store, g))
+                .collect::<Result<Vec<_>, _>>()?;
+            (json!(list), !json)
+        }
+        GroupsCommand::Show { name, json } => {
+            let g = service.get_group(&name).map_err(cli_err)?;
+            drop(service);
+            (show(store, &g)?, !json)
+        }
+        GroupsCommand::Update { name, limits, json } => {
+            let g = service
+                .update_group(&name, group_limits(limits)?, now)
+                .map_err(cli_err)?;
+            drop(service);
+            (show(store, &g)?, !json)
+        }
+        GroupsCommand::Delete { name, json } => {
+            service.delete_group(&name, now).map_err(cli_err)?;
+            (json!({"name": name, "deleted": true}), !json)
+        }
+    };
+    if human {
+        match v.as_array() {
+            Some(list) => list.iter().for_each(|g| {
+                print_human(g);
+                println!();
+            }),
+            None => print_human(&v),
+        }
+    } else {
+        print_json(&v);
+    }
+    Ok(())
+}
+
 fn manage_command(config: Config, command: Command) -> CliResult {
     let catalog = Catalog::new(&config);
     let mut store = open(&config)?;
@@ -412,6 +546,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
                 scopes: limits.scopes.as_deref().map(split_list),
                 ttl: limits.ttl,
                 client_id: limits.client_id,
+                group: limits.group,
             };
             let (record, secret) = KeyService::new(&mut store, &catalog, Actor::cli())
                 .create(spec, now)
@@ -491,6 +626,9 @@ fn manage_command(config: Config, command: Command) -> CliResult {
                 free_only,
                 ttl: limits.ttl,
                 client_id: limits.client_id.map(Some),
+                group: limits
+                    .group
+                    .map(|g| (g != "none" && !g.is_empty()).then_some(g)),
             };
             let k = KeyService::new(&mut store, &catalog, Actor::cli())
                 .update(&id, changes, now)
@@ -537,6 +675,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             }
             Ok(())
         }
+        Command::Groups(cmd) => groups_command(&mut store, &catalog, cmd, now),
         Command::Usage { id, month, json } => {
             let month = match month.as_deref() {
                 Some(m) => {

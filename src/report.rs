@@ -91,6 +91,8 @@ pub fn key_json(k: &KeyRecord, now: i64) -> Value {
         "allowed_models": k.allowed_models,
         "free_only": k.free_only,
         "client_id": k.client_id,
+        "group": k.group,
+        "parent_id": k.parent_id,
         "created_at": rfc3339(k.created_at),
         "expires_at": rfc3339(k.expires_at),
         "revoked_at": k.revoked_at.map(rfc3339),
@@ -142,6 +144,45 @@ pub fn usage_json(
         "budget_resets_at": rfc3339(month_start_ms(month + 1)),
         "expires_at": rfc3339(k.expires_at),
         "status": k.status(now),
+    })
+}
+
+/// A group as management views show it (SPEC §7): its limits, this month's spend of the
+/// sum of its keys per model (as `/v1/usage` shows a key's), and its keys' ids.
+pub fn group_json(
+    g: &crate::store::GroupRecord,
+    month: i64,
+    rows: &[ModelTally],
+    reserved: Nanos,
+    keys: &[String],
+) -> Value {
+    let mut by_model = serde_json::Map::new();
+    let mut total = Nanos::ZERO;
+    for r in rows {
+        total += r.spent;
+        by_model.insert(
+            r.model.to_string(),
+            json!({
+                "spend_usd": r.spent.as_usd(),
+                "spend_nanodollars": r.spent.get(),
+                "requests": r.requests,
+                "prompt_tokens": r.prompt_tokens,
+                "completion_tokens": r.completion_tokens,
+            }),
+        );
+    }
+    json!({
+        "name": g.name,
+        "budget_usd": g.budget.map(Nanos::as_usd),
+        "budget_mode": g.budget_mode.as_str(),
+        "rpm": g.rpm,
+        "month": month_label(month),
+        "spend_usd": total.as_usd(),
+        "spend_nanodollars": total.get(),
+        "reserved_usd": reserved.as_usd(),
+        "by_model": by_model,
+        "keys": keys,
+        "created_at": rfc3339(g.created_at),
     })
 }
 

@@ -21,7 +21,7 @@ use spidergate::clock::{days_from_civil, MS_PER_DAY};
 use spidergate::keys::token;
 use spidergate::keys::{BudgetMode, KeyRecord};
 use spidergate::money::Nanos;
-use spidergate::store::{Batch, LedgerEntry, Store, StoreLocation, TraceRow};
+use spidergate::store::{Batch, GroupRecord, LedgerEntry, Store, StoreLocation, TraceRow};
 
 const SECRET: &str = "whsec-test-7f3a";
 const ADMIN: &str = "admin-token-alerts";
@@ -446,6 +446,8 @@ fn record(id: &str, budget_usd: Option<i64>) -> KeyRecord {
         expires_at: i64::MAX,
         revoked_at: None,
         last_used_at: None,
+        group: None,
+        parent_id: None,
     }
 }
 
@@ -652,38 +654,34 @@ fn store_claims_hand_each_delivery_to_one_worker_at_a_time() {
 
 #[test]
 fn store_group_thresholds_sum_the_member_keys() {
-    // Groups come with the groups feature (`groups` table, `keys.group_name`); until that
-    // lands here, the test adds exactly those names itself.
     let pg = PgServer::start();
     let dir = tempfile::tempdir().unwrap();
     for loc in locations(pg.as_ref(), "alerts_groups", &dir) {
         let mut setup = Store::open_at(&loc).unwrap();
-        setup.insert_key(&record("key_g1", None)).unwrap();
-        setup.insert_key(&record("key_g2", Some(10))).unwrap();
-        setup.insert_key(&record("key_solo", None)).unwrap();
-        drop(setup);
-        let ddl = "CREATE TABLE IF NOT EXISTS groups (name TEXT PRIMARY KEY, budget_nanos BIGINT,
-                      budget_mode TEXT NOT NULL, rpm BIGINT, created_at BIGINT NOT NULL);
-                   INSERT INTO groups (name, budget_nanos, budget_mode, created_at)
-                      VALUES ('team', 1000000000, 'hard', 1), ('nobudget', NULL, 'soft', 1);
-                   UPDATE keys SET group_name = 'team' WHERE id IN ('key_g1', 'key_g2');
-                   UPDATE keys SET group_name = 'nobudget' WHERE id = 'key_solo';";
-        match &loc {
-            StoreLocation::Sqlite(path) => {
-                let c = rusqlite::Connection::open(path).unwrap();
-                c.execute_batch(&format!(
-                    "ALTER TABLE keys ADD COLUMN group_name TEXT; {ddl}"
-                ))
+        for (name, budget) in [
+            ("team", Some(Nanos::new(1_000_000_000))),
+            ("nobudget", None),
+        ] {
+            setup
+                .insert_group(&GroupRecord {
+                    name: name.into(),
+                    budget,
+                    budget_mode: BudgetMode::Hard,
+                    rpm: None,
+                    created_at: 1,
+                })
                 .unwrap();
-            }
-            StoreLocation::Postgres(url) => {
-                let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
-                c.batch_execute(&format!(
-                    "ALTER TABLE keys ADD COLUMN IF NOT EXISTS group_name TEXT; {ddl}"
-                ))
-                .unwrap();
-            }
         }
+        for (id, budget, group) in [
+            ("key_g1", None, "team"),
+            ("key_g2", Some(10), "team"),
+            ("key_solo", None, "nobudget"),
+        ] {
+            let mut k = record(id, budget);
+            k.group = Some(group.into());
+            setup.insert_key(&k).unwrap();
+        }
+        drop(setup);
         let mut s = writer(&loc, &[500_000, 800_000]);
         // 0.30 + 0.30 = 0.60 of the group's $1: 50 %; key_g2's own $10 budget: nothing.
         s.write_batch(&Batch::of([

@@ -59,10 +59,16 @@ async fn seed_with(l: &RedisLimits, key: &str, this_month: &[ModelTally], today:
 
 /// Admits, seeding an empty month first if Redis asks for it.
 async fn admit(l: &RedisLimits, key: &str, limits: &Limits, est: i64, res: u64) -> Admit {
-    match l.admit(key, limits, Nanos::new(est), res).await.unwrap() {
+    match l
+        .admit(key, limits, &[], Nanos::new(est), res)
+        .await
+        .unwrap()
+    {
         Admit::NeedSeed { .. } => {
             seed_empty(l, key).await;
-            l.admit(key, limits, Nanos::new(est), res).await.unwrap()
+            l.admit(key, limits, &[], Nanos::new(est), res)
+                .await
+                .unwrap()
         }
         other => other,
     }
@@ -210,7 +216,7 @@ async fn rpm_is_exact_across_three_nodes_hammering_concurrently() {
         for res in 0..40u64 {
             let n = n.clone();
             tasks.push(tokio::spawn(async move {
-                let a = n.admit("k", &limits, Nanos::ZERO, res).await.unwrap();
+                let a = n.admit("k", &limits, &[], Nanos::ZERO, res).await.unwrap();
                 if matches!(a, Admit::Admitted { .. }) {
                     assert_eq!(
                         Settled::Open,
@@ -244,7 +250,7 @@ async fn rpm_is_exact_across_three_nodes_hammering_concurrently() {
     // The window is full for every node, with an accurate Retry-After (the oldest admission
     // leaves 60 s after it was made, i.e. in 59-60 s).
     for n in &nodes {
-        let e = rejected(n.admit("k", &limits, Nanos::ZERO, 999).await.unwrap());
+        let e = rejected(n.admit("k", &limits, &[], Nanos::ZERO, 999).await.unwrap());
         assert!(matches!(e.retry_after(), Some(59..=60)), "{e:?}");
     }
 }
@@ -375,7 +381,7 @@ async fn hard_budget_is_never_overshot_by_sixty_concurrent_admits_on_three_nodes
                 let est = 10_000 + rng.next(90_000) as i64;
                 let res = next_res.fetch_add(1, Ordering::Relaxed);
                 match n
-                    .admit("k", &hard(CAP), Nanos::new(est), res)
+                    .admit("k", &hard(CAP), &[], Nanos::new(est), res)
                     .await
                     .unwrap()
                 {
@@ -427,12 +433,13 @@ async fn the_month_is_seeded_once_and_never_additively() {
         ..hard(10_000)
     };
     let now = now_ms();
-    let need = a.admit("k", &limits, Nanos::new(1), 1).await.unwrap();
+    let need = a.admit("k", &limits, &[], Nanos::new(1), 1).await.unwrap();
     assert_eq!(
         need,
         Admit::NeedSeed {
             month: month_index(now),
-            day: day_index(now)
+            day: day_index(now),
+            level: 0
         }
     );
     assert!(a.view("k", &limits).await.unwrap().is_none());
@@ -462,7 +469,7 @@ async fn the_month_is_seeded_once_and_never_additively() {
         (again.spent, again.requests_today),
         (v.spent, v.requests_today)
     );
-    let m = admitted(&a.admit("k", &limits, Nanos::new(1), 1).await.unwrap());
+    let m = admitted(&a.admit("k", &limits, &[], Nanos::new(1), 1).await.unwrap());
     assert_eq!(m.rpm, None);
     assert_eq!(view(&b, "k").await.requests_today, v.requests_today + 1);
 }
@@ -540,7 +547,9 @@ async fn settle_after_data_loss_does_not_create_the_month() {
     );
     assert!(l.view("k", &Limits::default()).await.unwrap().is_none());
     assert!(matches!(
-        l.admit("k", &hard(1_000), Nanos::new(1), 3).await.unwrap(),
+        l.admit("k", &hard(1_000), &[], Nanos::new(1), 3)
+            .await
+            .unwrap(),
         Admit::NeedSeed { .. }
     ));
 }
@@ -584,6 +593,20 @@ async fn a_dead_nodes_reservation_is_charged_at_its_estimate_and_a_live_one_is_k
     let v = view(&reaper, "k").await;
     assert_eq!(v.spent, Nanos::new(700), "charged at its estimate");
     assert_eq!((v.reserved, v.inflight), (Nanos::new(500), 1));
+    // An admission of the same key sweeps the key's own expiry index: the heartbeat kept the
+    // live reservation's entry there fresh too, so it is not reaped either.
+    admitted(&admit(&reaper, "k", &limits, 100, 9).await);
+    let v2 = view(&reaper, "k").await;
+    assert_eq!(
+        v2.spent,
+        Nanos::new(700),
+        "the live reservation was reaped by the sweep"
+    );
+    assert_eq!((v2.reserved, v2.inflight), (Nanos::new(600), 2));
+    reaper
+        .settle("k", 9, month_index(now_ms()), None)
+        .await
+        .unwrap();
     let orphan = v
         .by_model
         .iter()
@@ -688,7 +711,11 @@ async fn soft_budget_warns_once_reached_and_never_holds() {
         ..Limits::default()
     };
     let model: Arc<str> = Arc::from("m");
-    let s = admitted(&l.admit("k", &soft, Nanos::new(1_000_000), 1).await.unwrap());
+    let s = admitted(
+        &l.admit("k", &soft, &[], Nanos::new(1_000_000), 1)
+            .await
+            .unwrap(),
+    );
     assert!(!s.budget_warning);
     assert_eq!(view(&l, "k").await.reserved, Nanos::ZERO);
     assert_eq!(
@@ -697,7 +724,11 @@ async fn soft_budget_warns_once_reached_and_never_holds() {
             .await
             .unwrap()
     );
-    let s = admitted(&l.admit("k", &soft, Nanos::new(1_000_000), 2).await.unwrap());
+    let s = admitted(
+        &l.admit("k", &soft, &[], Nanos::new(1_000_000), 2)
+            .await
+            .unwrap(),
+    );
     assert!(s.budget_warning);
     assert!(
         l.admit_usage_call("k", &soft)
@@ -746,12 +777,12 @@ async fn redis_down_fails_fast_and_the_node_recovers_when_it_is_back() {
         Duration::from_millis(300),
     )
     .unwrap();
-    assert_unavailable(l.admit("k", &Limits::default(), Nanos::ZERO, 1).await);
+    assert_unavailable(l.admit("k", &Limits::default(), &[], Nanos::ZERO, 1).await);
     r.restart();
     recovers(&l).await;
     seed_empty(&l, "k").await;
     admitted(
-        &l.admit("k", &Limits::default(), Nanos::ZERO, 2)
+        &l.admit("k", &Limits::default(), &[], Nanos::ZERO, 2)
             .await
             .unwrap(),
     );
@@ -759,12 +790,12 @@ async fn redis_down_fails_fast_and_the_node_recovers_when_it_is_back() {
     // Killed while connected: fails fast, and after a restart (empty, scripts flushed) asks
     // for a seed again.
     r.stop();
-    assert_unavailable(l.admit("k", &Limits::default(), Nanos::ZERO, 3).await);
+    assert_unavailable(l.admit("k", &Limits::default(), &[], Nanos::ZERO, 3).await);
     assert_unavailable(l.settle("k", 2, month_index(now_ms()), None).await);
     r.restart();
     recovers(&l).await;
     assert!(matches!(
-        l.admit("k", &Limits::default(), Nanos::ZERO, 4)
+        l.admit("k", &Limits::default(), &[], Nanos::ZERO, 4)
             .await
             .unwrap(),
         Admit::NeedSeed { .. }
@@ -773,13 +804,16 @@ async fn redis_down_fails_fast_and_the_node_recovers_when_it_is_back() {
     // Hung (SIGSTOP): connections stay open, nothing answers; the timeout answers instead.
     r.pause();
     for res in 5..9 {
-        assert_unavailable(l.admit("k", &Limits::default(), Nanos::ZERO, res).await);
+        assert_unavailable(
+            l.admit("k", &Limits::default(), &[], Nanos::ZERO, res)
+                .await,
+        );
     }
     r.resume();
     recovers(&l).await;
     seed_empty(&l, "k").await;
     admitted(
-        &l.admit("k", &Limits::default(), Nanos::ZERO, 9)
+        &l.admit("k", &Limits::default(), &[], Nanos::ZERO, 9)
             .await
             .unwrap(),
     );
@@ -808,7 +842,11 @@ async fn one_round_trip_per_admit_and_per_settle() {
     let mut monitor = RedisMonitor::start(&r);
     for res in 2..12 {
         monitor.commands_since_mark();
-        admitted(&l.admit("k", &limits, Nanos::new(100), res).await.unwrap());
+        admitted(
+            &l.admit("k", &limits, &[], Nanos::new(100), res)
+                .await
+                .unwrap(),
+        );
         assert_eq!(monitor.commands_since_mark(), 1, "admit");
         monitor.commands_since_mark();
         assert_eq!(
@@ -823,10 +861,18 @@ async fn one_round_trip_per_admit_and_per_settle() {
     // A Redis that lost its script cache costs one SCRIPT LOAD and a retry, once.
     raw(&r, redis::cmd("SCRIPT").arg("FLUSH")).await;
     monitor.commands_since_mark();
-    admitted(&l.admit("k", &limits, Nanos::new(100), 20).await.unwrap());
+    admitted(
+        &l.admit("k", &limits, &[], Nanos::new(100), 20)
+            .await
+            .unwrap(),
+    );
     assert_eq!(monitor.commands_since_mark(), 3);
     monitor.commands_since_mark();
-    admitted(&l.admit("k", &limits, Nanos::new(100), 21).await.unwrap());
+    admitted(
+        &l.admit("k", &limits, &[], Nanos::new(100), 21)
+            .await
+            .unwrap(),
+    );
     assert_eq!(monitor.commands_since_mark(), 1);
 }
 
@@ -864,7 +910,11 @@ async fn an_admission_whose_reply_was_lost_is_released_by_the_next_heartbeat() {
     };
     seed_empty(&l, "k").await;
     // Redis knows the script (else it would answer NOSCRIPT, not run it).
-    admitted(&l.admit("k", &limits, Nanos::new(400), 0).await.unwrap());
+    admitted(
+        &l.admit("k", &limits, &[], Nanos::new(400), 0)
+            .await
+            .unwrap(),
+    );
     assert_eq!(
         Settled::Open,
         l.settle("k", 0, month_index(now_ms()), None).await.unwrap()
@@ -872,7 +922,7 @@ async fn an_admission_whose_reply_was_lost_is_released_by_the_next_heartbeat() {
     // Redis hangs with the admission in its socket: the caller gets an error (and does not
     // forward the request), but Redis runs the script once it wakes up.
     r.pause();
-    assert_unavailable(l.admit("k", &limits, Nanos::new(400), 1).await);
+    assert_unavailable(l.admit("k", &limits, &[], Nanos::new(400), 1).await);
     r.resume();
     let v = view(&l, "k").await;
     assert_eq!((v.inflight, v.reserved), (1, Nanos::new(400)));
@@ -883,5 +933,9 @@ async fn an_admission_whose_reply_was_lost_is_released_by_the_next_heartbeat() {
         (v.inflight, v.reserved, v.spent),
         (0, Nanos::ZERO, Nanos::ZERO)
     );
-    admitted(&l.admit("k", &limits, Nanos::new(400), 2).await.unwrap());
+    admitted(
+        &l.admit("k", &limits, &[], Nanos::new(400), 2)
+            .await
+            .unwrap(),
+    );
 }

@@ -43,6 +43,8 @@ fn record(id: &str) -> KeyRecord {
         previous_hash: None,
         previous_valid_until: None,
         rotated_at: None,
+        group: None,
+        parent_id: None,
         allowed_models: vec!["a".into(), "b".into()],
         free_only: false,
         client_id: Some("client-1".into()),
@@ -571,7 +573,8 @@ fn migrations_are_idempotent_and_safe_when_three_nodes_start_at_once() {
             (1, "0001_init".to_string()),
             (2, "0002_trace_id".to_string()),
             (3, "0003_audit".to_string()),
-            (4, "0004_alerts".to_string())
+            (4, "0004_fleet_groups".to_string()),
+            (5, "0005_alerts".to_string())
         ]
     );
     let keys: i64 = raw

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::manage::{KeyChanges, KeyError, KeySpec};
+use crate::manage::{GroupChanges, GroupSpec, KeyChanges, KeyError, KeySpec};
 
 /// An optional limit: absent -> `None`, `null` -> `Some(None)` (unlimited), a whole number
 /// -> `Some(Some(n))`, signed so that the service explains a negative one.
@@ -23,8 +23,12 @@ fn limit(v: &Value, field: &'static str) -> Result<Option<Option<i64>>, KeyError
 }
 
 fn budget(v: &Value) -> Result<Option<Option<f64>>, KeyError> {
-    const FIELD: &str = "monthly_budget_usd";
-    match v.get(FIELD) {
+    usd(v, "monthly_budget_usd")
+}
+
+/// An optional USD amount: absent, `null` (none), a number or a numeric string.
+fn usd(v: &Value, field: &'static str) -> Result<Option<Option<f64>>, KeyError> {
+    match v.get(field) {
         None => Ok(None),
         Some(Value::Null) => Ok(Some(None)),
         Some(Value::String(s)) if s.trim().is_empty() => Ok(Some(None)),
@@ -35,7 +39,7 @@ fn budget(v: &Value) -> Result<Option<Option<f64>>, KeyError> {
                     .and_then(|s| s.trim().trim_start_matches('$').parse().ok())
             })
             .map(|usd| Some(Some(usd)))
-            .ok_or_else(|| KeyError::invalid(FIELD, format!("{FIELD} must be a number or null"))),
+            .ok_or_else(|| KeyError::invalid(field, format!("{field} must be a number or null"))),
     }
 }
 
@@ -53,13 +57,19 @@ fn string(v: &Value, field: &'static str) -> Result<Option<String>, KeyError> {
 /// `client_id`: a string, or null to clear it; any other type is refused (a number must
 /// not silently clear the field).
 fn client_id(v: &Value) -> Result<Option<Option<String>>, KeyError> {
-    match v.get("client_id") {
+    nullable_string(v, "client_id")
+}
+
+/// A string, or null to clear the field.
+fn nullable_string(v: &Value, field: &'static str) -> Result<Option<Option<String>>, KeyError> {
+    match v.get(field) {
         None => Ok(None),
         Some(Value::Null) => Ok(Some(None)),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(Some(None)),
         Some(Value::String(s)) => Ok(Some(Some(s.clone()))),
         Some(_) => Err(KeyError::invalid(
-            "client_id",
-            "client_id must be a string or null",
+            field,
+            format!("{field} must be a string or null"),
         )),
     }
 }
@@ -104,6 +114,7 @@ pub fn key_spec(v: &Value) -> Result<KeySpec, KeyError> {
         scopes: list(v, "scopes")?,
         ttl: string(v, "ttl")?.filter(|t| !t.trim().is_empty()),
         client_id: client_id(v)?.flatten(),
+        group: nullable_string(v, "group")?.flatten(),
     })
 }
 
@@ -121,7 +132,34 @@ pub fn key_changes(v: &Value) -> Result<KeyChanges, KeyError> {
         scopes: list(v, "scopes")?,
         ttl: string(v, "ttl")?.filter(|t| !t.trim().is_empty()),
         client_id: client_id(v)?,
+        group: nullable_string(v, "group")?,
     })
+}
+
+/// `POST /admin/groups`. The budget is `budget_usd` (or `monthly_budget_usd`, as on keys).
+pub fn group_spec(v: &Value) -> Result<GroupSpec, KeyError> {
+    Ok(GroupSpec {
+        name: string(v, "name")?.unwrap_or_default(),
+        budget_usd: group_budget(v)?.flatten(),
+        budget_mode: string(v, "budget_mode")?,
+        rpm: limit(v, "rpm")?.flatten(),
+    })
+}
+
+/// `PATCH /admin/groups/{name}`.
+pub fn group_changes(v: &Value) -> Result<GroupChanges, KeyError> {
+    Ok(GroupChanges {
+        budget_usd: group_budget(v)?,
+        budget_mode: string(v, "budget_mode")?,
+        rpm: limit(v, "rpm")?,
+    })
+}
+
+fn group_budget(v: &Value) -> Result<Option<Option<f64>>, KeyError> {
+    match usd(v, "budget_usd")? {
+        Some(b) => Ok(Some(b)),
+        None => budget(v),
+    }
 }
 
 /// `POST /admin/keys/{id}/rotate`: `{"grace": "1h"}`, all optional.

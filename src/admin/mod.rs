@@ -2,7 +2,7 @@
 //! operations as the CLI, usage, traces and Prometheus metrics, over the same SQLite store.
 
 mod dashboard;
-mod fields;
+pub mod fields;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -358,6 +358,34 @@ fn handle(
                     }
                 }
             }
+            (&Method::GET, ["admin", "groups"]) => {
+                let groups = keys.list_groups().map_err(Reply::key_error)?;
+                let data = groups
+                    .iter()
+                    .map(|g| group_report(gate, &keys, g, now))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Reply::json(200, json!({"object": "list", "data": data})))
+            }
+            (&Method::POST, ["admin", "groups"]) => {
+                let spec = fields::group_spec(&body_json()?).map_err(Reply::key_error)?;
+                let g = keys.create_group(spec, now).map_err(Reply::key_error)?;
+                Ok(Reply::json(201, group_report(gate, &keys, &g, now)?))
+            }
+            (&Method::GET, ["admin", "groups", name]) => {
+                let g = keys.get_group(name).map_err(Reply::key_error)?;
+                Ok(Reply::json(200, group_report(gate, &keys, &g, now)?))
+            }
+            (&Method::PATCH, ["admin", "groups", name]) => {
+                let changes = fields::group_changes(&body_json()?).map_err(Reply::key_error)?;
+                let g = keys
+                    .update_group(name, changes, now)
+                    .map_err(Reply::key_error)?;
+                Ok(Reply::json(200, group_report(gate, &keys, &g, now)?))
+            }
+            (&Method::DELETE, ["admin", "groups", name]) => {
+                keys.delete_group(name, now).map_err(Reply::key_error)?;
+                Ok(Reply::json(200, json!({"name": name, "deleted": true})))
+            }
             (&Method::GET, ["admin", "traces"]) => {
                 gate.ledger.flush_blocking();
                 let limit = query
@@ -425,6 +453,36 @@ fn handle(
         reload(&store);
     }
     reply
+}
+
+/// A group with this month's spend: this node's live counters on a single node (every
+/// settled request is in them), else (a cluster, or a group this node has not loaded yet)
+/// the ledger, flushed first.
+fn group_report(
+    gate: &Gate,
+    keys: &KeyService<'_>,
+    g: &crate::store::GroupRecord,
+    now: i64,
+) -> Result<Value, Reply> {
+    let members = keys.group_members(&g.name).map_err(Reply::key_error)?;
+    let month = month_index(now);
+    let live = gate.keys().groups().get(&g.name).cloned();
+    let (rows, reserved) = match live {
+        Some(entry) if gate.limits.shared().is_none() => {
+            let view = entry
+                .counters
+                .view(crate::clock::Now::read(), &entry.limits);
+            (view.by_model, view.reserved)
+        }
+        _ => {
+            gate.ledger.flush_blocking();
+            let rows = keys
+                .group_spend(&g.name, &month_label(month))
+                .map_err(Reply::key_error)?;
+            (rows, crate::money::Nanos::ZERO)
+        }
+    };
+    Ok(report::group_json(g, month, &rows, reserved, &members))
 }
 
 fn month_param(query: &HashMap<String, String>, now: i64) -> Result<i64, Reply> {

@@ -18,6 +18,8 @@ use token::TokenHash;
 pub const SCOPE_CHAT: &str = "gate:chat";
 pub const SCOPE_MODELS: &str = "gate:models";
 pub const SCOPE_USAGE: &str = "gate:usage";
+/// Mint, list and revoke child keys through `/v1/keys` (SPEC §7); never a default scope.
+pub const SCOPE_KEYS: &str = "gate:keys";
 pub const DEFAULT_SCOPES: [&str; 3] = [SCOPE_CHAT, SCOPE_MODELS, SCOPE_USAGE];
 
 pub const MIN_TTL_SECS: i64 = 3_600;
@@ -32,6 +34,7 @@ impl ScopeSet {
     pub const CHAT: ScopeSet = ScopeSet(1);
     pub const MODELS: ScopeSet = ScopeSet(2);
     pub const USAGE: ScopeSet = ScopeSet(4);
+    pub const KEYS: ScopeSet = ScopeSet(8);
 
     pub fn from_names<S: AsRef<str>>(names: &[S]) -> ScopeSet {
         ScopeSet(names.iter().fold(0, |bits, n| {
@@ -39,6 +42,7 @@ impl ScopeSet {
                 SCOPE_CHAT => 1,
                 SCOPE_MODELS => 2,
                 SCOPE_USAGE => 4,
+                SCOPE_KEYS => 8,
                 _ => 0,
             }
         }))
@@ -96,6 +100,10 @@ pub struct KeyRecord {
     pub previous_hash: Option<TokenHash>,
     pub previous_valid_until: Option<i64>,
     pub rotated_at: Option<i64>,
+    /// The group whose budget and rpm this key also counts against (SPEC §7).
+    pub group: Option<String>,
+    /// The key that minted this one through `/v1/keys`; its budget bounds this key too.
+    pub parent_id: Option<String>,
 }
 
 impl KeyRecord {
@@ -140,6 +148,8 @@ impl KeyRecord {
             free_only: self.free_only,
             expires_at: self.expires_at,
             revoked: self.revoked_at.is_some(),
+            group: self.group.as_deref(),
+            parent: self.parent_id.as_deref(),
         })
     }
 }
@@ -190,6 +200,8 @@ pub struct KeyRow<'a> {
     pub free_only: bool,
     pub expires_at: i64,
     pub revoked: bool,
+    pub group: Option<&'a str>,
+    pub parent: Option<&'a str>,
 }
 
 /// A key's live counters, made on its first use: a key not used since start-up costs no
@@ -248,6 +260,10 @@ pub struct KeyEntry {
     token_hash: TokenHash,
     /// The secret a rotation replaced and the end of its grace (rare, so boxed).
     previous: Option<Box<(TokenHash, i64)>>,
+    /// The key's group (its limits are in the snapshot's [`crate::fleet::Groups`]).
+    pub group: Option<Arc<str>>,
+    /// The key that minted this one: alive, and with budget, for this key to be usable.
+    pub parent: Option<Arc<str>>,
 }
 
 /// A key's allow-list as model and alias bits (see [`KeyEntry::may_use_model`]).
@@ -313,6 +329,8 @@ impl KeyEntry {
             name: Box::from(row.name),
             token_hash: row.token_hash,
             previous: row.previous.map(Box::new),
+            group: row.group.map(Arc::from),
+            parent: row.parent.map(Arc::from),
         }
     }
 
@@ -500,6 +518,8 @@ models: [{id: m, provider: p, input_usd_per_mtok: 1, output_usd_per_mtok: 1}]
             previous_hash: None,
             previous_valid_until: None,
             rotated_at: None,
+            group: None,
+            parent_id: None,
         };
         KeyEntry::new(record, &catalog, Arc::new(KeyCounters::default()))
     }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use super::token::TokenHash;
 use super::{parse_list, AllowBits, CounterSlot, KeyEntry, KeyRecord, KeyRow, ScopeSet};
 use crate::catalog::Catalog;
+use crate::fleet::Groups;
 use crate::limits::KeyCounters;
 
 /// The token hash is already a uniform SHA-256: its first 8 bytes are a perfect hash.
@@ -57,6 +58,8 @@ pub struct KeySet {
     /// Changes since the base was built: `None` is a removal.
     overlay: Maps<Option<HashEntry>>,
     len: usize,
+    /// The groups keys belong to (SPEC §7), swapped with the keys.
+    groups: Arc<Groups>,
 }
 
 /// The overlay is merged into the base once it holds more entries than this, or than a
@@ -133,6 +136,7 @@ impl KeySet {
             base: self.base.clone(),
             overlay,
             len,
+            groups: self.groups.clone(),
         };
         if set.overlay.by_id.len() > MERGE_AT.max(set.base.by_id.len() / 16) {
             set.merged()
@@ -160,6 +164,7 @@ impl KeySet {
             len: base.by_id.len(),
             base: Arc::new(base),
             overlay: Maps::default(),
+            groups: self.groups.clone(),
         }
     }
 
@@ -181,6 +186,16 @@ impl KeySet {
 
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    pub fn groups(&self) -> &Arc<Groups> {
+        &self.groups
+    }
+
+    /// This set with `groups` as its groups.
+    pub fn with_groups(mut self, groups: Arc<Groups>) -> KeySet {
+        self.groups = groups;
+        self
     }
 
     pub fn is_empty(&self) -> bool {
@@ -264,6 +279,7 @@ impl<'a> KeySetBuilder<'a> {
             len: self.base.by_id.len(),
             base: Arc::new(self.base),
             overlay: Maps::default(),
+            groups: Arc::default(),
         }
     }
 }
@@ -313,6 +329,8 @@ models: [{id: m, provider: p, input_usd_per_mtok: 1, output_usd_per_mtok: 1}]
             previous_hash: None,
             previous_valid_until: None,
             rotated_at: None,
+            group: None,
+            parent_id: None,
         }
     }
 }

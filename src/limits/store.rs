@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::clock::Now;
 use crate::error::GateError;
 use crate::keys::KeyEntry;
-use crate::limits::{Charge, CounterView, Reservation, Standing};
+use crate::limits::{Charge, CounterView, Reservation, Standing, Upline};
 use crate::money::Nanos;
 
 /// Live limits of every key: admission (all checks and the hold, in one atomic step),
@@ -20,9 +20,12 @@ pub trait LimitStore {
     /// takes all of them only if all pass (a rejection consumes nothing). `bound` is the
     /// request's upper-bound cost, held against a hard budget until settled; `res_id`
     /// names the hold (the admission journal's id).
+    /// `uplines`: the levels above the key (its parents, its group) that are checked and
+    /// held in the same step (SPEC §7); empty for a lone key.
     fn admit(
         &self,
         key: &Arc<KeyEntry>,
+        uplines: &[Upline],
         now: Now,
         bound: Nanos,
         res_id: u64,
@@ -62,10 +65,11 @@ pub struct InProcess;
 impl InProcess {
     pub fn admit_now(
         key: &KeyEntry,
+        uplines: &[Upline],
         now: Now,
         bound: Nanos,
     ) -> Result<(Standing, Reservation), GateError> {
-        key.counters.admit(now, &key.limits, bound)
+        key.counters.admit_with(now, &key.limits, bound, uplines)
     }
 
     pub fn settle_now(
@@ -85,11 +89,12 @@ impl LimitStore for InProcess {
     fn admit(
         &self,
         key: &Arc<KeyEntry>,
+        uplines: &[Upline],
         now: Now,
         bound: Nanos,
         _res_id: u64,
     ) -> impl Future<Output = Result<(Standing, Reservation), GateError>> + Send {
-        std::future::ready(Self::admit_now(key, now, bound))
+        std::future::ready(Self::admit_now(key, uplines, now, bound))
     }
 
     fn admit_usage_call(

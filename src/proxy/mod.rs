@@ -4,6 +4,7 @@
 mod ctx;
 mod headers;
 mod io;
+mod minting;
 mod watchdog;
 
 use std::sync::Arc;
@@ -126,6 +127,7 @@ impl GateProxy {
         let adm = admission::admit(
             &self.gate.limits,
             &routes.catalog,
+            &ctx.snap.keys,
             &key,
             ctx.endpoint,
             &ctx.body,
@@ -253,6 +255,9 @@ impl GateProxy {
                     return self.reject(session, ctx, err).await;
                 }
             },
+            Endpoint::Keys | Endpoint::KeyRevoke => {
+                return self.serve_keys(session, ctx, model_id).await;
+            }
             Endpoint::Usage => {
                 let Some(key) = ctx.key.clone() else {
                     return self.reject(session, ctx, GateError::InvalidApiKey).await;
@@ -285,10 +290,7 @@ impl GateProxy {
             return false;
         }
         let catalog = &ctx.snap.routes.catalog;
-        let hard_budget = ctx
-            .key
-            .as_ref()
-            .is_some_and(|k| k.limits.hard_budget && k.limits.budget.is_some());
+        let hard_budget = adm.hard_budget;
         let next = (ctx.attempt + 1..adm.chain.len()).find_map(|i| {
             let m = adm.chain.get(i)?;
             let (plan, body) =
@@ -424,10 +426,11 @@ impl ProxyHttp for GateProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let (endpoint, model_id) = {
             let (endpoint, id) = admission::route(session.req_header().uri.path());
-            // Only `GET /v1/models/{id}` needs the rest of the path: no copy otherwise.
+            // Only `GET /v1/models/{id}` and `/v1/keys/{id}/revoke` need the rest of the path:
+            // no copy otherwise.
             (
                 endpoint,
-                (endpoint == Endpoint::Model).then(|| id.to_string()),
+                matches!(endpoint, Endpoint::Model | Endpoint::KeyRevoke).then(|| id.to_string()),
             )
         };
         let model_id = model_id.as_deref().unwrap_or("");

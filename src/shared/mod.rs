@@ -16,7 +16,7 @@ use crate::config::{OnError, SharedState};
 use crate::error::GateError;
 use crate::keys::KeyEntry;
 use crate::limits::store::{InProcess, LimitStore};
-use crate::limits::{Charge, CounterView, ModelTally, Reservation, Standing};
+use crate::limits::{Charge, CounterView, ModelTally, Reservation, Standing, Upline};
 use crate::money::Nanos;
 use crate::store::{Store, StoreLocation};
 
@@ -43,13 +43,14 @@ impl LimitStore for Limiter {
     async fn admit(
         &self,
         key: &Arc<KeyEntry>,
+        uplines: &[Upline],
         now: Now,
         bound: Nanos,
         res_id: u64,
     ) -> Result<(Standing, Reservation), GateError> {
         match self {
-            Limiter::InProcess(_) => InProcess::admit_now(key, now, bound),
-            Limiter::Shared(s) => s.admit(key, now, bound, res_id).await,
+            Limiter::InProcess(_) => InProcess::admit_now(key, uplines, now, bound),
+            Limiter::Shared(s) => s.admit(key, uplines, now, bound, res_id).await,
         }
     }
 
@@ -221,21 +222,26 @@ impl SharedLimits {
     fn fallback(
         &self,
         key: &KeyEntry,
+        uplines: &[Upline],
         now: Now,
         bound: Nanos,
     ) -> Result<(Standing, Reservation), GateError> {
-        let hard = key.limits.hard_budget && key.limits.budget.is_some();
+        let hard = key.limits.hard_budget && key.limits.budget.is_some()
+            || uplines
+                .iter()
+                .any(|u| u.limits.hard_budget && u.limits.budget.is_some());
         if self.on_error == OnError::Closed && hard {
             self.health.refused.fetch_add(1, Ordering::Relaxed);
             return Err(GateError::LimitsUnavailable);
         }
         self.health.fallbacks.fetch_add(1, Ordering::Relaxed);
-        InProcess::admit_now(key, now, bound)
+        InProcess::admit_now(key, uplines, now, bound)
     }
 
     async fn admit(
         &self,
         key: &Arc<KeyEntry>,
+        uplines: &[Upline],
         now: Now,
         bound: Nanos,
         res_id: u64,
@@ -243,22 +249,22 @@ impl SharedLimits {
         // Known down: no round trip (and no timeout) per request; the upkeep loop notices
         // within a second when Redis answers again.
         if !self.redis_up() {
-            return self.fallback(key, now, bound);
+            return self.fallback(key, uplines, now, bound);
         }
-        match self.admit_in_redis(key, bound, res_id).await {
+        match self.admit_in_redis(key, uplines, bound, res_id).await {
             Ok(decision) => {
                 self.mark(true, "admission", None);
                 decision
             }
             Err(Failure::Redis(e)) => {
                 self.mark(false, "admission", Some(&e));
-                self.fallback(key, now, bound)
+                self.fallback(key, uplines, now, bound)
             }
             // Redis answers; only this key's month could not be read from the ledger. Decided
             // as if Redis were down, for this request alone (the circuit stays closed).
             Err(Failure::Ledger(e)) => {
                 log::debug!("key {}: cannot seed its month from the ledger: {e}", key.id);
-                self.fallback(key, now, bound)
+                self.fallback(key, uplines, now, bound)
             }
         }
     }
@@ -266,14 +272,17 @@ impl SharedLimits {
     async fn admit_in_redis(
         &self,
         key: &Arc<KeyEntry>,
+        uplines: &[Upline],
         bound: Nanos,
         res_id: u64,
     ) -> Result<Result<(Standing, Reservation), GateError>, Failure> {
-        // At most one seed per call: a second NeedSeed means the seed did not stick.
-        for attempt in 0..2 {
+        // At most one seed per level per call: a second NeedSeed for the same level means
+        // the seed did not stick.
+        let mut seeded = Vec::new();
+        for _ in 0..uplines.len() + 2 {
             match self
                 .redis
-                .admit(&key.id, &key.limits, bound, res_id)
+                .admit(&key.id, &key.limits, uplines, bound, res_id)
                 .await
                 .map_err(Failure::Redis)?
             {
@@ -283,9 +292,11 @@ impl SharedLimits {
                     at_ms,
                 } => {
                     key.counters.note_shared_standing(standing);
-                    let held = match (key.limits.budget, key.limits.hard_budget) {
-                        (Some(_), true) => bound.max(Nanos::ZERO),
-                        _ => Nanos::ZERO,
+                    let hard = |l: &crate::limits::Limits| l.hard_budget && l.budget.is_some();
+                    let held = if hard(&key.limits) || uplines.iter().any(|u| hard(&u.limits)) {
+                        bound.max(Nanos::ZERO)
+                    } else {
+                        Nanos::ZERO
                     };
                     return Ok(Ok((
                         standing,
@@ -293,8 +304,12 @@ impl SharedLimits {
                     )));
                 }
                 Admit::Rejected(e) => return Ok(Err(e)),
-                Admit::NeedSeed { month, day } if attempt == 0 => {
-                    self.seed(&key.id, month, day).await?;
+                Admit::NeedSeed { month, day, level } if !seeded.contains(&level) => {
+                    seeded.push(level);
+                    match level.checked_sub(1).and_then(|i| uplines.get(i)) {
+                        None => self.seed(&key.id, month, day).await?,
+                        Some(u) => self.seed_level(u, month, day).await?,
+                    }
                 }
                 Admit::NeedSeed { .. } => break,
             }
@@ -304,28 +319,56 @@ impl SharedLimits {
         )))
     }
 
-    /// Writes a key's month (spend per model) and today's count from the ledger into Redis,
-    /// once: Redis keeps the first seed and ignores later ones, so a seed is never added twice.
+    /// Writes a key's month (spend per model, and its minted keys' spend) and today's count
+    /// from the ledger into Redis, once: Redis keeps the first seed and ignores later ones,
+    /// so a seed is never added twice.
     async fn seed(&self, key_id: &Arc<str>, month: i64, day: i64) -> Result<(), Failure> {
         let store = self.store.clone();
         let id = key_id.clone();
-        let read =
-            tokio::task::spawn_blocking(move || -> Result<(Vec<ModelTally>, u32), String> {
+        let read = tokio::task::spawn_blocking(
+            move || -> Result<(Vec<ModelTally>, u32, Nanos), String> {
                 let store = Store::open_at(&store).map_err(|e| e.to_string())?;
+                let label = month_label(month);
                 let rows = store
-                    .spend_for_key(&id, &month_label(month))
+                    .spend_for_key(&id, &label)
                     .map_err(|e| e.to_string())?;
                 let today = store
                     .requests_on(&id, &day_label(day))
                     .map_err(|e| e.to_string())?;
+                let tree = store.tree_spend(&id, &label).map_err(|e| e.to_string())?;
                 let tallies = rows.into_iter().map(ModelTally::from).collect();
-                Ok((tallies, today))
-            })
-            .await
-            .map_err(|e| Failure::Ledger(format!("seed task: {e}")))?
-            .map_err(Failure::Ledger)?;
+                Ok((tallies, today, tree))
+            },
+        )
+        .await
+        .map_err(|e| Failure::Ledger(format!("seed task: {e}")))?
+        .map_err(Failure::Ledger)?;
+        let prefix = format!("{{sg}}:k:{key_id}");
         self.redis
-            .seed(key_id, month, day, &read.0, read.1)
+            .seed_at(&prefix, month, day, &read.0, read.1, read.2)
+            .await
+            .map_err(Failure::Redis)
+    }
+
+    /// Seeds a level above a key: a parent as a key, a group with its keys' spend.
+    async fn seed_level(&self, u: &Upline, month: i64, day: i64) -> Result<(), Failure> {
+        if u.level == crate::limits::Level::Parent {
+            return self.seed(&u.id, month, day).await;
+        }
+        let store = self.store.clone();
+        let name = u.id.clone();
+        let rows = tokio::task::spawn_blocking(move || -> Result<Vec<ModelTally>, String> {
+            let store = Store::open_at(&store).map_err(|e| e.to_string())?;
+            let rows = store
+                .group_spend(&name, &month_label(month))
+                .map_err(|e| e.to_string())?;
+            Ok(rows.into_iter().map(ModelTally::from).collect())
+        })
+        .await
+        .map_err(|e| Failure::Ledger(format!("seed task: {e}")))?
+        .map_err(Failure::Ledger)?;
+        self.redis
+            .seed_at(&redis::level_prefix(u), month, day, &rows, 0, Nanos::ZERO)
             .await
             .map_err(Failure::Redis)
     }

@@ -22,7 +22,9 @@
 //! | `P:live` | HASH | `reserved` (open holds), `inflight` (open requests) |
 //! | `P:umin`, `P:uday:<day>` | ZSET, string | `/v1/usage` calls, counted apart |
 //! | `P:rx` | ZSET | this key's open reservations by expiry (ms), for the sweep inside `admit` |
-//! | `{sg}:res` | HASH | reservation `<node>:<res_id>` → `held|estimate|month|key_id` |
+//! | `{sg}:res` | HASH | reservation `<node>:<res_id>` → `held|estimate|month|key_id|levels` (levels: `p<prefix>`/`g<prefix>` of the parents and group it was also held at, space-separated) |
+//! | `P:mon:<month>` `tree`, `P:live` `treserved` | fields | the month's spend and the open holds of the keys below `P` in its tree of minted keys (SPEC §7) |
+//! | `{sg}:g:<group>:mon:<month>`, `:live`, `:min` | HASH, HASH, ZSET | a group's month (as a key's), holds, and rolling minute (SPEC §7) |
 //! | `{sg}:resx` | ZSET | reservation → expiry (ms), for [`RedisLimits::reap`] |
 //! | `{sg}:node:<node>` | SET | the node's open reservations, for [`RedisLimits::heartbeat`] |
 //!
@@ -56,7 +58,7 @@ use redis::{Cmd, ErrorKind, Pipeline, RedisFuture, Script, Value};
 
 use crate::clock::{month_start_ms, MS_PER_DAY};
 use crate::error::GateError;
-use crate::limits::{Charge, CounterView, Limits, ModelTally, Standing};
+use crate::limits::{Charge, CounterView, Level, Limits, ModelTally, Standing, Upline};
 use crate::money::Nanos;
 
 /// A month hash outlives its month by this much, so late settlements still find it.
@@ -113,7 +115,8 @@ pub enum Admit {
     Rejected(GateError),
     /// This key's month is not in Redis yet: read it from the ledger, [`RedisLimits::seed`]
     /// it, and admit again.
-    NeedSeed { month: i64, day: i64 },
+    /// `level` 0 is the key; `i` the `i`-th level above it (SPEC §7).
+    NeedSeed { month: i64, day: i64, level: usize },
 }
 
 /// What [`RedisLimits::settle`] found.
@@ -333,6 +336,14 @@ fn opt(v: Option<u32>) -> i64 {
 }
 
 /// `{sg}:k:<key_id>`: the one key name an admission formats.
+/// The Redis prefix of a level above a key: a parent key's own, or `{sg}:g:<name>`.
+pub fn level_prefix(u: &Upline) -> String {
+    match u.level {
+        Level::Parent => key_prefix(&u.id),
+        Level::Group => format!("{{sg}}:g:{}", u.id),
+    }
+}
+
 fn key_prefix(key_id: &str) -> String {
     let mut p = String::with_capacity(7 + key_id.len());
     p.push_str("{sg}:k:");
@@ -542,22 +553,26 @@ impl RedisLimits {
         &self,
         key_id: &str,
         limits: &Limits,
+        uplines: &[Upline],
         estimate: Nanos,
         res_id: u64,
     ) -> Result<Admit, SharedError> {
-        let (cap, held) = match (limits.budget, limits.hard_budget) {
-            // An estimate above the cap is refused whatever it is: clamping it there keeps
-            // saturated bounds (Nanos::MAX) inside what the script compares exactly.
-            (Some(cap), true) => (
-                cap.get(),
-                estimate.get().clamp(0, cap.get().saturating_add(1)),
-            ),
-            (Some(cap), false) => (cap.get(), 0),
-            (None, _) => (-1, 0),
-        };
-        let mut cmd = self.scripts.admit.call(1);
-        cmd.arg(key_prefix(key_id))
-            .arg(key_id)
+        let hard_cap = |l: &Limits| l.budget.filter(|_| l.hard_budget).map(Nanos::get);
+        // The hold: the bound wherever a hard cap may need it (the key's, or any level's).
+        // An estimate above every cap is refused whatever it is: clamping it just past the
+        // largest keeps saturated bounds (Nanos::MAX) inside what the script compares exactly.
+        let largest = std::iter::once(hard_cap(limits))
+            .chain(uplines.iter().map(|u| hard_cap(&u.limits)))
+            .flatten()
+            .max();
+        let held = largest.map_or(0, |c| estimate.get().clamp(0, c.saturating_add(1)));
+        let cap = limits.budget.map_or(-1, Nanos::get);
+        let mut cmd = self.scripts.admit.call(1 + uplines.len());
+        cmd.arg(key_prefix(key_id));
+        for u in uplines {
+            cmd.arg(level_prefix(u));
+        }
+        cmd.arg(key_id)
             .arg(self.node)
             .arg(res_id)
             .arg(opt(limits.rpm))
@@ -567,7 +582,21 @@ impl RedisLimits {
             .arg(opt(limits.max_inflight))
             .arg(held)
             .arg(self.ttl_ms)
-            .arg(estimate.get().max(0));
+            .arg(estimate.get().max(0))
+            .arg(uplines.len());
+        for u in uplines {
+            cmd.arg(match u.level {
+                Level::Parent => "p",
+                Level::Group => "g",
+            })
+            // A soft cap travels as -2 - cap: the script only warns with it.
+            .arg(match (hard_cap(&u.limits), u.limits.budget) {
+                (Some(c), _) => c,
+                (None, Some(soft)) => -2 - soft.get(),
+                (None, None) => -1,
+            })
+            .arg(opt(u.limits.rpm.filter(|_| u.level == Level::Group)));
+        }
         let reply = match self.eval(&self.scripts.admit, &cmd).await {
             Ok(reply) => reply,
             Err(f) => {
@@ -585,6 +614,7 @@ impl RedisLimits {
             0 => Admit::NeedSeed {
                 month: at(a, 1, what)?,
                 day: at(a, 2, what)?,
+                level: at(a, 3, what)?.max(0) as usize,
             },
             1 => Admit::Admitted {
                 month: at(a, 1, what)?,
@@ -605,6 +635,22 @@ impl RedisLimits {
             }),
             5 => Admit::Rejected(GateError::ConcurrencyLimited {
                 limit: limits.max_inflight.unwrap_or(0),
+            }),
+            6 => {
+                let level = at(a, 2, what)?.max(1) as usize;
+                let u = uplines.get(level - 1).ok_or_else(|| unavailable(what))?;
+                Admit::Rejected(GateError::GroupBudgetExceeded {
+                    owner: match u.level {
+                        Level::Parent => format!("parent key '{}'", u.id),
+                        Level::Group => format!("group '{}'", u.id),
+                    },
+                    spend: Nanos::new(at(a, 1, what)?),
+                    cap: u.limits.budget.unwrap_or(Nanos::ZERO),
+                })
+            }
+            7 => Admit::Rejected(GateError::RateLimited {
+                limit: at(a, 2, what)?.max(0) as u32,
+                retry_after_secs: at(a, 1, what)?.max(1) as u64,
             }),
             _ => return Err(unavailable(what)),
         })
@@ -692,6 +738,7 @@ impl RedisLimits {
     /// Seeds `month` of a key from the ledger: its spend per model and `day`'s request
     /// count. Written only if the month is still absent, so of two concurrent seeders the
     /// second is a no-op (never additive).
+    /// Seeds a key with no keys below it (see [`RedisLimits::seed_at`]).
     pub async fn seed(
         &self,
         key_id: &str,
@@ -700,14 +747,32 @@ impl RedisLimits {
         this_month: &[ModelTally],
         requests_today: u32,
     ) -> Result<(), SharedError> {
+        let prefix = key_prefix(key_id);
+        self.seed_at(&prefix, month, day, this_month, requests_today, Nanos::ZERO)
+            .await
+    }
+
+    /// `prefix`: a key's (`{sg}:k:<id>`) or a level's ([`level_prefix`]); `tree`: the
+    /// month's spend of the keys below a key (zero for a group).
+    #[allow(clippy::too_many_arguments)] // the figures of one month, each its own
+    pub async fn seed_at(
+        &self,
+        prefix: &str,
+        month: i64,
+        day: i64,
+        this_month: &[ModelTally],
+        requests_today: u32,
+        tree: Nanos,
+    ) -> Result<(), SharedError> {
         let spent: Nanos = this_month.iter().map(|t| t.spent).sum();
         let mut cmd = self.scripts.seed.call(1);
-        cmd.arg(key_prefix(key_id))
+        cmd.arg(prefix)
             .arg(month)
             .arg(day)
             .arg(requests_today)
             .arg(month_start_ms(month + 1).saturating_add(MONTH_GRACE_MS))
-            .arg(spent.get());
+            .arg(spent.get())
+            .arg(tree.get());
         for t in this_month {
             cmd.arg(&*t.model)
                 .arg(tokens(t.requests))
@@ -744,7 +809,7 @@ impl RedisLimits {
             spent: Nanos::ZERO,
             reserved: Nanos::new(at(a, 4, what)?),
             inflight: count(5)?,
-            by_model: Vec::new(),
+            ..CounterView::default()
         };
         let fields = match a.get(6) {
             Some(Value::Array(f)) => f.as_slice(),

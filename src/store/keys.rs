@@ -18,6 +18,8 @@ pub struct KeyPatch {
     pub free_only: Option<bool>,
     pub client_id: Option<Option<String>>,
     pub expires_at: Option<i64>,
+    /// `Some(None)` takes the key out of its group.
+    pub group: Option<Option<String>>,
 }
 
 impl KeyPatch {
@@ -56,6 +58,9 @@ impl KeyPatch {
         if let Some(v) = self.expires_at {
             k.expires_at = v;
         }
+        if let Some(v) = &self.group {
+            k.group = v.clone();
+        }
     }
 }
 
@@ -78,7 +83,7 @@ macro_rules! key_columns {
         "k.id, k.token_hash, k.prefix, k.name, k.scopes, k.rpm, k.rpd, k.budget_nanos, \
          k.budget_mode, k.allowed_models, k.free_only, k.client_id, k.created_at, \
          k.expires_at, k.revoked_at, u.at, k.max_inflight, k.prev_token_hash, \
-         k.prev_valid_until, k.rotated_at"
+         k.prev_valid_until, k.rotated_at, k.group_name, k.parent_id"
     };
 }
 pub(super) use key_columns;

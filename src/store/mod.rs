@@ -8,6 +8,7 @@
 
 mod alerts;
 mod audit;
+mod groups;
 mod keys;
 mod ledger;
 mod pg;
@@ -27,6 +28,7 @@ use crate::money::Nanos;
 
 pub use alerts::{ClaimedDelivery, DeliveryRow, DeliveryState, DeliveryUpdate};
 pub use audit::AuditEntry;
+pub use groups::{GroupPatch, GroupRecord};
 pub use keys::KeyPatch;
 pub use ledger::{Batch, JournalRow, LedgerEntry, ModelSpend, TraceRow, ORPHANED};
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -258,6 +260,53 @@ impl Store {
         on_backend!(&mut self.backend, b => b.revoke_key(id, now))
     }
 
+    /// Inserts a group; `false` if one of that name exists.
+    pub fn insert_group(&mut self, g: &GroupRecord) -> Result<bool> {
+        on_backend!(&mut self.backend, b => b.insert_group(g))
+    }
+
+    pub fn get_group(&self, name: &str) -> Result<Option<GroupRecord>> {
+        on_backend!(&self.backend, b => b.get_group(name))
+    }
+
+    pub fn all_groups(&self) -> Result<Vec<GroupRecord>> {
+        on_backend!(&self.backend, b => b.all_groups())
+    }
+
+    pub fn update_group(&mut self, name: &str, p: &GroupPatch) -> Result<Option<GroupRecord>> {
+        on_backend!(&mut self.backend, b => b.update_group(name, p))
+    }
+
+    /// Deletes a group, taking its keys out of it; `false` if there was none.
+    pub fn delete_group(&mut self, name: &str) -> Result<bool> {
+        on_backend!(&mut self.backend, b => b.delete_group(name))
+    }
+
+    /// Ids of a group's keys, oldest first.
+    pub fn group_members(&self, name: &str) -> Result<Vec<String>> {
+        on_backend!(&self.backend, b => b.group_members(name))
+    }
+
+    /// A group's spend in `month` per model (the sum of its keys').
+    pub fn group_spend(&self, name: &str, month: &str) -> Result<Vec<ModelSpend>> {
+        on_backend!(&self.backend, b => b.group_spend(name, month))
+    }
+
+    /// Spend in `month` of every key below `id` in its tree of minted keys.
+    pub fn tree_spend(&self, id: &str, month: &str) -> Result<Nanos> {
+        on_backend!(&self.backend, b => b.tree_spend(id, month))
+    }
+
+    /// Every key below `id`, oldest first.
+    pub fn descendants(&self, id: &str) -> Result<Vec<KeyRecord>> {
+        on_backend!(&self.backend, b => b.descendants(id))
+    }
+
+    /// (child, parent) of every minted key.
+    pub fn key_parents(&self) -> Result<Vec<(String, String)>> {
+        on_backend!(&self.backend, b => b.key_parents())
+    }
+
     /// Month-to-date spend per key and model.
     pub fn spend_by_key(&self, month: &str) -> Result<HashMap<String, Vec<ModelTally>>> {
         on_backend!(&self.backend, b => b.spend_by_key(month))
@@ -314,8 +363,9 @@ impl Store {
     ///
     /// With alert rules set, the same transaction records the alerts the batch raises in
     /// the outbox (`alerts`, with one `alert_deliveries` row per webhook): for each key whose
-    /// spend it booked and that has a monthly budget (and the key's group, where groups
-    /// exist), every threshold its month-to-date spend has reached; and for each
+    /// spend it booked and that has a monthly budget, and for the key's group if it has a
+    /// budget (the sum of its keys), every threshold the month-to-date spend has reached;
+    /// and for each
     /// `spend_rate_exceeded` / `loop_detected` trace, the key's brake alert for that UTC
     /// hour. Each alert is inserted once ever (unique tuple): later batches, restarts and
     /// other nodes find it there and add nothing.
@@ -398,6 +448,8 @@ mod tests {
             previous_hash: None,
             previous_valid_until: None,
             rotated_at: None,
+            group: None,
+            parent_id: None,
             allowed_models: vec!["a".into(), "b".into()],
             free_only: false,
             client_id: None,

@@ -2,9 +2,14 @@
 -- KEYS[1] key prefix `{sg}:k:<key_id>`.
 -- ARGV key_id, node, res_id, rpm, rpd, cap, hard (1/0), max_inflight, held, ttl_ms,
 -- estimate (the request's upper-bound cost, charged if its node dies with it open).
--- Returns {0, month, day} need seed | {1, month, remaining, reset, warning} admitted |
+-- ARGV[12] U, the levels above the key (SPEC §7; KEYS[2..U+1] their prefixes, parents
+-- nearest first, then the group), then per level: kind ('p' parent | 'g' group), cap (a
+-- hard cap as is; a soft one as -2 - cap; -1 none), rpm (-1 none; groups only).
+-- Returns {0, month, day, level} need seed (level 0 the key, i the i-th level above) |
+-- {1, month, remaining, reset, warning} admitted |
 -- (…, now: Redis' clock, the time the request's cost is booked at) |
--- {2, spent, reserved} budget | {3, retry} rpm | {4, retry} rpd | {5} in-flight.
+-- {2, spent, reserved} budget | {3, retry} rpm | {4, retry} rpd | {5} in-flight |
+-- {6, spent, level} a level's hard cap | {7, retry, rpm} a group's rpm.
 local p = KEYS[1]
 local key_id, node, res_id = ARGV[1], ARGV[2], ARGV[3]
 local rpm, rpd, cap = opt(ARGV[4]), opt(ARGV[5]), opt(ARGV[6])
@@ -16,7 +21,11 @@ local now = now_ms()
 local day = math.floor(now / MS_DAY)
 local month = month_of_day(day)
 local mon = p .. ':mon:' .. month
-if redis.call('EXISTS', mon) == 0 then return {0, month, day} end
+if redis.call('EXISTS', mon) == 0 then return {0, month, day, 0} end
+local ups = tonumber(ARGV[12] or '0')
+for i = 1, ups do
+  if redis.call('EXISTS', KEYS[1 + i] .. ':mon:' .. month) == 0 then return {0, month, day, i} end
+end
 
 -- This key's reservations whose node stopped heart-beating free their slots first.
 local rx = p .. ':rx'
@@ -29,8 +38,11 @@ local warning = 0
 if cap then
   local spent = redis.call('HGET', mon, 'spent') or '0'
   if hard then
-    local reserved = redis.call('HGET', live, 'reserved') or '0'
-    if tonumber(spent) + tonumber(reserved) + tonumber(held) > cap then
+    -- The key's own spend and holds, and those of the keys it minted (`tree`, `treserved`).
+    local reserved = tonumber(redis.call('HGET', live, 'reserved') or '0')
+      + tonumber(redis.call('HGET', live, 'treserved') or '0')
+    spent = tonumber(spent) + tonumber(redis.call('HGET', mon, 'tree') or '0')
+    if spent + reserved + tonumber(held) > cap then
       return {2, spent, reserved}
     end
   elseif tonumber(spent) >= cap then
@@ -59,8 +71,49 @@ if max_inflight then
   end
 end
 
+-- The levels above: each hard cap (a parent's counts its whole tree), a group's rpm.
+for i = 1, ups do
+  local up = KEYS[1 + i]
+  local kind, ucap, urpm = ARGV[10 + 3 * i], opt(ARGV[11 + 3 * i]), opt(ARGV[12 + 3 * i])
+  local umon = up .. ':mon:' .. month
+  if ucap then
+    local ulive = up .. ':live'
+    local used = tonumber(redis.call('HGET', umon, 'spent') or '0')
+      + tonumber(redis.call('HGET', umon, 'tree') or '0')
+      + tonumber(redis.call('HGET', ulive, 'reserved') or '0')
+      + tonumber(redis.call('HGET', ulive, 'treserved') or '0')
+    if used + tonumber(held) > ucap then return {6, used, i} end
+  end
+  -- A soft cap above the key (-2 - cap: see redis.rs) that its group or tree has reached.
+  local soft = tonumber(ARGV[11 + 3 * i])
+  if soft <= -2 and tonumber(redis.call('HGET', umon, 'spent') or '0')
+      + tonumber(redis.call('HGET', umon, 'tree') or '0') >= -2 - soft then
+    warning = 1
+  end
+  if kind == 'g' and urpm then
+    local umin = up .. ':min'
+    redis.call('ZREMRANGEBYSCORE', umin, '-inf', now - MS_MIN)
+    local un = redis.call('ZCARD', umin)
+    if un >= urpm then return {7, reset_secs(umin, un, urpm, now, 1), urpm} end
+  end
+end
+
 -- Every check passed: consume the minute, the day, the hold and the slot.
 local f = node .. ':' .. res_id
+-- The hold is taken at every level above too ('treserved' at a parent, 'reserved' at a
+-- group), and the levels are written into the reservation so its release finds them.
+local levels = {}
+for i = 1, ups do
+  local up, kind = KEYS[1 + i], ARGV[10 + 3 * i]
+  if held ~= '0' then
+    redis.call('HINCRBY', up .. ':live', kind == 'p' and 'treserved' or 'reserved', held)
+  end
+  if kind == 'g' then
+    redis.call('ZADD', up .. ':min', now, f)
+    redis.call('PEXPIRE', up .. ':min', MS_MIN)
+  end
+  levels[#levels + 1] = kind .. up
+end
 if rpm then
   redis.call('ZADD', minute, now, f)
   redis.call('PEXPIRE', minute, MS_MIN)
@@ -75,7 +128,8 @@ if held ~= '0' then redis.call('HINCRBY', live, 'reserved', held) end
 redis.call('HINCRBY', live, 'inflight', 1)
 
 local exp = now + tonumber(ARGV[10])
-redis.call('HSET', RES, f, held .. '|' .. ARGV[11] .. '|' .. month .. '|' .. key_id)
+redis.call('HSET', RES, f,
+  held .. '|' .. ARGV[11] .. '|' .. month .. '|' .. key_id .. '|' .. table.concat(levels, ' '))
 redis.call('ZADD', RESX, exp, f)
 redis.call('ZADD', rx, exp, f)
 redis.call('SADD', '{sg}:node:' .. node, f)

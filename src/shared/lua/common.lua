@@ -64,8 +64,38 @@ local function standing(p, rpm, now)
   return 0, reset_secs(minute, n, rpm, now, 0)
 end
 
+-- The levels a reservation was also held at: {kind, prefix} pairs from its record's last
+-- field ("p{sg}:k:<id> g{sg}:g:<name>"; empty for a lone key).
+local function levels_of(s)
+  local out = {}
+  for lv in string.gmatch(s or '', '%S+') do
+    out[#out + 1] = {string.sub(lv, 1, 1), string.sub(lv, 2)}
+  end
+  return out
+end
+
+-- Books `cost` of `model` at every level above a key: a parent's tree spend, a group's spend
+-- and its per-model figures. Only into months that were seeded.
+local function book_levels(levels, month, model, prompt, completion, cost)
+  for _, lv in ipairs(levels) do
+    local umon = lv[2] .. ':mon:' .. month
+    if redis.call('EXISTS', umon) == 1 then
+      if lv[1] == 'p' then
+        hincr(umon, 'tree', cost)
+      else
+        hincr(umon, 'spent', cost)
+        hincr(umon, 'n:' .. model, 1)
+        if prompt then hincr(umon, 'p:' .. model, prompt) end
+        if completion then hincr(umon, 'c:' .. model, completion) end
+        hincr(umon, 's:' .. model, cost)
+      end
+    end
+  end
+end
+
 -- Removes reservation `f` ("<node>:<res_id>") from every index and gives back its hold and
--- in-flight slot. Returns held, month, the key prefix and the estimate, or nil if it was already gone.
+-- in-flight slot, at the key and every level above it. Returns held, month, the key prefix,
+-- the estimate and the levels, or nil if it was already gone.
 local function unlink(f)
   local rec = redis.call('HGET', RES, f)
   redis.call('HDEL', RES, f)
@@ -73,22 +103,32 @@ local function unlink(f)
   local node = string.match(f, '^(%d+):')
   if node then redis.call('SREM', '{sg}:node:' .. node, f) end
   if not rec then return nil end
-  local held, est, month, key_id = string.match(rec, '^(%d+)|(%d+)|(%-?%d+)|(.*)$')
+  local held, est, month, key_id, lv = string.match(rec, '^(%d+)|(%d+)|(%-?%d+)|([^|]*)|?(.*)$')
   local p = '{sg}:k:' .. key_id
+  local levels = levels_of(lv)
+  if held ~= '0' then
+    for _, l in ipairs(levels) do
+      redis.call('HINCRBY', l[2] .. ':live', l[1] == 'p' and 'treserved' or 'reserved', '-' .. held)
+    end
+  end
   redis.call('ZREM', p .. ':rx', f)
   local live = p .. ':live'
   if held ~= '0' then redis.call('HINCRBY', live, 'reserved', '-' .. held) end
   -- No request of the key is open any more, so nothing is held either: drop the hash
   -- (this also heals any drift instead of carrying it forever).
-  if redis.call('HINCRBY', live, 'inflight', -1) <= 0 then redis.call('DEL', live) end
-  return held, month, p, est
+  -- (A parent's own hash also carries its tree's holds: only dropped when those are gone.)
+  if redis.call('HINCRBY', live, 'inflight', -1) <= 0
+    and tonumber(redis.call('HGET', live, 'treserved') or '0') == 0 then
+    redis.call('DEL', live)
+  end
+  return held, month, p, est, levels
 end
 
 -- An expired reservation (its node stopped heart-beating): released and charged at its
 -- estimate, an upper bound of what the upstream may have done, to the month it was admitted
 -- in, under the model ORPHANED. Never creates a month that was not seeded.
 local function reap_one(f)
-  local held, month, p, est = unlink(f)
+  local held, month, p, est, levels = unlink(f)
   -- Tells a late settlement of this hold that its estimate was charged (see settle.lua);
   -- kept a day, far longer than any request.
   if held then redis.call('SET', REAPED .. f, 1, 'PX', MS_DAY) end
@@ -101,6 +141,7 @@ local function reap_one(f)
       hincr(mon, 'n:' .. ORPHANED, 1)
       hincr(mon, 's:' .. ORPHANED, est)
     end
+    book_levels(levels or {}, month, ORPHANED, nil, nil, est)
   end
 end
 

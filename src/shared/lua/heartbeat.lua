@@ -13,7 +13,7 @@ local n = 0
 for _, f in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local rec = redis.call('HGET', RES, f)
   if rec then
-    local key_id = string.match(rec, '^%d+|%d+|%-?%d+|(.*)$')
+    local key_id = string.match(rec, '^%d+|%d+|%-?%d+|([^|]*)')
     redis.call('ZADD', RESX, 'XX', exp, f)
     redis.call('ZADD', '{sg}:k:' .. key_id .. ':rx', 'XX', exp, f)
     n = n + 1

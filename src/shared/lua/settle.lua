@@ -9,7 +9,7 @@
 -- all the same, since the month was re-seeded from a ledger this request is not in yet (its
 -- entry is recorded after this settlement).
 local f = ARGV[1] .. ':' .. ARGV[2]
-local held, month, p = unlink(f)
+local held, month, p, _, levels = unlink(f)
 local outcome = 1
 if not held then
   if redis.call('DEL', REAPED .. f) == 1 then return 0 end
@@ -25,5 +25,6 @@ if ARGV[3] == '1' then
     hincr(mon, 'c:' .. m, ARGV[6])
     hincr(mon, 's:' .. m, ARGV[7])
   end
+  book_levels(levels or {}, month, ARGV[4], ARGV[5], ARGV[6], ARGV[7])
 end
 return outcome

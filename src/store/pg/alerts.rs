@@ -23,41 +23,22 @@ fn attempts(n: i64) -> u32 {
     u32::try_from(n.max(0)).unwrap_or(u32::MAX)
 }
 
-/// Whether this database has budget groups (`groups` and `keys.group_name`, added by the
-/// groups migration): without them, group alerts are skipped rather than failing the batch.
-fn has_groups(tx: &mut Transaction<'_>) -> Result<bool> {
-    let row = tx.query_one(
-        "SELECT EXISTS (SELECT 1 FROM information_schema.columns
-                        WHERE table_schema = current_schema() AND table_name = 'keys'
-                          AND column_name = 'group_name')
-            AND to_regclass('groups') IS NOT NULL",
-        &[],
-    )?;
-    Ok(row.try_get(0)?)
-}
-
 /// Every (key, month) standing the planner may ask for, in one statement.
 fn standings(
     tx: &mut Transaction<'_>,
     cache: &mut Cache,
-    groups: bool,
     subjects: &AlertSubjects,
 ) -> Result<HashMap<(Arc<str>, i64), KeyStanding>> {
     let wanted: Vec<(Arc<str>, i64)> = subjects.key_months().into_iter().collect();
-    let sql = if groups {
+    let stmt = prepared(
+        cache,
+        tx,
         "SELECT m.ord, k.name, k.budget_nanos, k.group_name,
             COALESCE((SELECT SUM(s.cost_nanos) FROM spend s
                       WHERE s.key_id = m.key_id AND s.month = m.month), 0)::BIGINT
          FROM UNNEST($1::TEXT[], $2::TEXT[]) WITH ORDINALITY AS m(key_id, month, ord)
-         JOIN keys k ON k.id = m.key_id"
-    } else {
-        "SELECT m.ord, k.name, k.budget_nanos, NULL::TEXT,
-            COALESCE((SELECT SUM(s.cost_nanos) FROM spend s
-                      WHERE s.key_id = m.key_id AND s.month = m.month), 0)::BIGINT
-         FROM UNNEST($1::TEXT[], $2::TEXT[]) WITH ORDINALITY AS m(key_id, month, ord)
-         JOIN keys k ON k.id = m.key_id"
-    };
-    let stmt = prepared(cache, tx, sql)?;
+         JOIN keys k ON k.id = m.key_id",
+    )?;
     let ids: Vec<&str> = wanted.iter().map(|(k, _)| k.as_ref()).collect();
     let months: Vec<String> = wanted.iter().map(|(_, m)| month_label(*m)).collect();
     let mut out = HashMap::with_capacity(wanted.len());
@@ -89,20 +70,15 @@ pub(super) fn record_alerts(
     cache: &mut Cache,
     parts: &[&Batch],
     rules: &AlertRules,
-    groups: &mut Option<bool>,
     now: i64,
 ) -> Result<()> {
     let subjects = AlertSubjects::of(parts);
     if subjects.is_empty() {
         return Ok(());
     }
-    let groups = match *groups {
-        Some(g) => g,
-        None => *groups.insert(has_groups(tx)?),
-    };
-    let keys = standings(tx, cache, groups, &subjects)?;
+    let keys = standings(tx, cache, &subjects)?;
     let mut group_rows: HashMap<(String, i64), Option<(Nanos, Nanos)>> = HashMap::new();
-    if groups {
+    {
         let mut wanted: Vec<(String, i64)> = subjects
             .spend
             .iter()

@@ -15,7 +15,7 @@ use crate::store::{Result, StoreError};
 const KEY_PAGE: i64 = 5_000;
 
 /// A limit column (BIGINT) as the `u32` the key carries.
-fn limit(row: &Row, i: usize) -> Result<Option<u32>> {
+pub(super) fn limit(row: &Row, i: usize) -> Result<Option<u32>> {
     row.try_get::<_, Option<i64>>(i)?
         .map(|n| {
             u32::try_from(n)
@@ -24,7 +24,7 @@ fn limit(row: &Row, i: usize) -> Result<Option<u32>> {
         .transpose()
 }
 
-fn limit_param(v: Option<u32>) -> Option<i64> {
+pub(super) fn limit_param(v: Option<u32>) -> Option<i64> {
     v.map(i64::from)
 }
 
@@ -35,7 +35,7 @@ fn hash32(row: &Row, i: usize) -> Result<Option<TokenHash>> {
         .and_then(|b| b.try_into().ok()))
 }
 
-fn key_from_row(row: &Row) -> Result<KeyRecord> {
+pub(super) fn key_from_row(row: &Row) -> Result<KeyRecord> {
     let mode: &str = row.try_get(8)?;
     Ok(KeyRecord {
         id: row.try_get(0)?,
@@ -51,6 +51,8 @@ fn key_from_row(row: &Row) -> Result<KeyRecord> {
         previous_hash: hash32(row, 17)?,
         previous_valid_until: row.try_get(18)?,
         rotated_at: row.try_get(19)?,
+        group: row.try_get(20)?,
+        parent_id: row.try_get(21)?,
         allowed_models: split(row.try_get(9)?),
         free_only: row.try_get(10)?,
         client_id: row.try_get(11)?,
@@ -86,8 +88,8 @@ impl Postgres {
                 tx,
                 "INSERT INTO keys (id, token_hash, prefix, name, scopes, rpm, rpd, budget_nanos,
                     budget_mode, allowed_models, free_only, client_id, created_at, expires_at,
-                    revoked_at, max_inflight)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+                    revoked_at, max_inflight, group_name, parent_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
             )?;
             for k in keys {
                 tx.execute(
@@ -109,6 +111,8 @@ impl Postgres {
                         &k.expires_at,
                         &k.revoked_at,
                         &limit_param(k.max_inflight),
+                        &k.group,
+                        &k.parent_id,
                     ],
                 )?;
             }
@@ -129,7 +133,7 @@ impl Postgres {
             let rows = self.query(
                 "SELECT id, token_hash, name, scopes, allowed_models, rpm, rpd, budget_nanos,
                     budget_mode, max_inflight, free_only, expires_at, revoked_at IS NOT NULL,
-                    prev_token_hash, prev_valid_until
+                    prev_token_hash, prev_valid_until, group_name, parent_id
                  FROM keys WHERE id > $1 ORDER BY id LIMIT $2",
                 &[&after, &KEY_PAGE],
             )?;
@@ -156,6 +160,8 @@ impl Postgres {
                     expires_at: r.try_get(11)?,
                     revoked: r.try_get(12)?,
                     previous,
+                    group: r.try_get(15)?,
+                    parent: r.try_get(16)?,
                 });
             }
             match rows.last() {
@@ -197,7 +203,7 @@ impl Postgres {
                 tx,
                 "UPDATE keys SET name = $2, scopes = $3, rpm = $4, rpd = $5, budget_nanos = $6,
                     budget_mode = $7, allowed_models = $8, free_only = $9, client_id = $10,
-                    expires_at = $11, max_inflight = $12
+                    expires_at = $11, max_inflight = $12, group_name = $13
                  WHERE id = $1",
             )?;
             tx.execute(
@@ -215,6 +221,7 @@ impl Postgres {
                     &k.client_id,
                     &k.expires_at,
                     &limit_param(k.max_inflight),
+                    &k.group,
                 ],
             )?;
             Ok(Some(k))
@@ -248,8 +255,12 @@ impl Postgres {
     }
 
     pub fn revoke_key(&mut self, id: &str, now: i64) -> Result<Option<KeyRecord>> {
+        // The key and every key it minted, down the tree (SPEC §7).
         let changed = self.execute(
-            "UPDATE keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1",
+            "WITH RECURSIVE tree(id) AS (
+                 SELECT $1::TEXT UNION SELECT k.id FROM keys k JOIN tree ON k.parent_id = tree.id)
+             UPDATE keys SET revoked_at = COALESCE(revoked_at, $2)
+             WHERE id IN (SELECT id FROM tree)",
             &[&id, &now],
         )?;
         if changed == 0 {

@@ -435,8 +435,7 @@ impl Postgres {
         owner: i64,
         alerts: Option<&AlertRules>,
     ) -> Result<()> {
-        let mut groups = self.has_groups;
-        let result = self.write(|tx, cache| {
+        self.write(|tx, cache| {
             let booked = close_journal(tx, cache, batch, owner)?;
             // Grouped by key (stable), as in SQLite: each key's traces stay in order and
             // the per-key index takes runs of appends.
@@ -494,19 +493,10 @@ impl Postgres {
             }
             // Last: spend is month-to-date including this batch.
             if let Some(rules) = alerts {
-                super::alerts::record_alerts(
-                    tx,
-                    cache,
-                    &[batch, &booked],
-                    rules,
-                    &mut groups,
-                    now_ms(),
-                )?;
+                super::alerts::record_alerts(tx, cache, &[batch, &booked], rules, now_ms())?;
             }
             Ok(())
-        });
-        self.has_groups = groups;
-        result
+        })
     }
 
     /// Orphans are taken with one `DELETE ... RETURNING`, their rows locked in

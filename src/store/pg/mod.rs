@@ -7,6 +7,7 @@
 
 mod alerts;
 mod audit;
+mod groups;
 mod keys;
 mod ledger;
 
@@ -51,8 +52,13 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (
         4,
-        "0004_alerts",
-        include_str!("../../../migrations/postgres/0004_alerts.sql"),
+        "0004_fleet_groups",
+        include_str!("../../../migrations/postgres/0004_fleet_groups.sql"),
+    ),
+    (
+        5,
+        "0005_alerts",
+        include_str!("../../../migrations/postgres/0005_alerts.sql"),
     ),
 ];
 
@@ -200,8 +206,6 @@ fn migrate(client: &mut Client) -> Result<()> {
 pub(super) struct Postgres {
     url: String,
     conn: RefCell<Option<Conn>>,
-    /// Whether the database has budget groups (read once, when an alert first needs it).
-    has_groups: Option<bool>,
 }
 
 impl Postgres {
@@ -232,7 +236,6 @@ impl Postgres {
         Ok(Postgres {
             url: url.to_owned(),
             conn: RefCell::new(Some(conn)),
-            has_groups: None,
         })
     }
 

@@ -13,33 +13,12 @@ use crate::store::alerts::{
 use crate::store::ledger::Batch;
 use crate::store::Result;
 
-/// Whether this database has budget groups (`groups` and `keys.group_name`, added by the
-/// groups migration): without them, group alerts are skipped rather than failing the batch.
-pub(super) fn has_groups(tx: &Transaction<'_>) -> Result<bool> {
-    Ok(tx.query_row(
-        "SELECT (SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'groups') > 0
-            AND (SELECT COUNT(*) FROM pragma_table_info('keys') WHERE name = 'group_name') > 0",
-        [],
-        |r| r.get(0),
-    )?)
-}
-
-fn key_standing(
-    tx: &Transaction<'_>,
-    groups: bool,
-    key_id: &str,
-    month: i64,
-) -> Result<Option<KeyStanding>> {
-    let sql = if groups {
+fn key_standing(tx: &Transaction<'_>, key_id: &str, month: i64) -> Result<Option<KeyStanding>> {
+    let mut stmt = tx.prepare_cached(
         "SELECT name, budget_nanos, group_name,
             (SELECT COALESCE(SUM(cost_nanos), 0) FROM spend WHERE key_id = ?1 AND month = ?2)
-         FROM keys WHERE id = ?1"
-    } else {
-        "SELECT name, budget_nanos, NULL,
-            (SELECT COALESCE(SUM(cost_nanos), 0) FROM spend WHERE key_id = ?1 AND month = ?2)
-         FROM keys WHERE id = ?1"
-    };
-    let mut stmt = tx.prepare_cached(sql)?;
+         FROM keys WHERE id = ?1",
+    )?;
     Ok(stmt
         .query_row(params![key_id, month_label(month)], |r| {
             Ok(KeyStanding {
@@ -99,26 +78,20 @@ fn insert(tx: &Transaction<'_>, a: &NewAlert, webhooks: &[String], now: i64) -> 
 
 /// Records the alerts `parts` (the batch and its booked settlements) raise, inside the
 /// batch's transaction, after its sums are written (so spend is month-to-date after it).
-/// `groups` caches whether the database has budget groups.
 pub(super) fn record_alerts(
     tx: &Transaction<'_>,
     parts: &[&Batch],
     rules: &AlertRules,
-    groups: &mut Option<bool>,
     now: i64,
 ) -> Result<()> {
     let subjects = AlertSubjects::of(parts);
     if subjects.is_empty() {
         return Ok(());
     }
-    let groups = match *groups {
-        Some(g) => g,
-        None => *groups.insert(has_groups(tx)?),
-    };
     let alerts = plan(
         &subjects,
         rules,
-        |key, month| key_standing(tx, groups, key, month),
+        |key, month| key_standing(tx, key, month),
         |name, month| group_standing(tx, name, month),
     )?;
     for a in &alerts {

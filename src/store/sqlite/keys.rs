@@ -18,6 +18,13 @@ fn text<'r>(row: &'r Row<'_>, i: usize) -> rusqlite::Result<&'r str> {
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, v.data_type(), Box::new(e)))
 }
 
+/// A nullable text column, borrowed from the row.
+fn opt_text<'r>(row: &'r Row<'_>, i: usize) -> rusqlite::Result<Option<&'r str>> {
+    let v = row.get_ref(i)?;
+    v.as_str_or_null()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, v.data_type(), Box::new(e)))
+}
+
 /// A 32-byte digest column (`None` for NULL or any other length).
 fn blob32(row: &Row<'_>, i: usize) -> rusqlite::Result<Option<TokenHash>> {
     Ok(match row.get_ref(i)? {
@@ -26,7 +33,7 @@ fn blob32(row: &Row<'_>, i: usize) -> rusqlite::Result<Option<TokenHash>> {
     })
 }
 
-fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
+pub(super) fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
     let hash: Vec<u8> = row.get(1)?;
     let mut token_hash = [0u8; 32];
     if hash.len() == 32 {
@@ -49,6 +56,8 @@ fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
             .and_then(|h| h.try_into().ok()),
         previous_valid_until: row.get(18)?,
         rotated_at: row.get(19)?,
+        group: row.get(20)?,
+        parent_id: row.get(21)?,
         allowed_models: split(&row.get::<_, String>(9)?),
         free_only: row.get(10)?,
         client_id: row.get(11)?,
@@ -66,8 +75,8 @@ impl Sqlite {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO keys (id, token_hash, prefix, name, scopes, rpm, rpd, budget_nanos,
                     budget_mode, allowed_models, free_only, client_id, created_at, expires_at,
-                    revoked_at, max_inflight)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                    revoked_at, max_inflight, group_name, parent_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
             )?;
             for k in keys {
                 stmt.execute(params![
@@ -87,6 +96,8 @@ impl Sqlite {
                     k.expires_at,
                     k.revoked_at,
                     k.max_inflight,
+                    k.group,
+                    k.parent_id,
                 ])?;
             }
             Ok(())
@@ -107,7 +118,7 @@ impl Sqlite {
         let mut stmt = self.conn.prepare(
             "SELECT id, token_hash, name, scopes, allowed_models, rpm, rpd, budget_nanos,
                 budget_mode, max_inflight, free_only, expires_at, revoked_at, prev_token_hash,
-                prev_valid_until
+                prev_valid_until, group_name, parent_id
              FROM keys",
         )?;
         let mut rows = stmt.query([])?;
@@ -133,6 +144,8 @@ impl Sqlite {
                 expires_at: r.get(11)?,
                 revoked: r.get_ref(12)? != rusqlite::types::ValueRef::Null,
                 previous,
+                group: opt_text(r, 15)?,
+                parent: opt_text(r, 16)?,
             });
         }
         Ok(())
@@ -172,7 +185,7 @@ impl Sqlite {
             tx.execute(
                 "UPDATE keys SET name = ?2, scopes = ?3, rpm = ?4, rpd = ?5, budget_nanos = ?6,
                     budget_mode = ?7, allowed_models = ?8, free_only = ?9, client_id = ?10,
-                    expires_at = ?11, max_inflight = ?12
+                    expires_at = ?11, max_inflight = ?12, group_name = ?13
                  WHERE id = ?1",
                 params![
                     id,
@@ -187,6 +200,7 @@ impl Sqlite {
                     k.client_id,
                     k.expires_at,
                     k.max_inflight,
+                    k.group,
                 ],
             )?;
             Ok(Some(k))
@@ -222,8 +236,12 @@ impl Sqlite {
     /// Revokes a key (idempotent: the first revocation time is kept).
     pub fn revoke_key(&mut self, id: &str, now: i64) -> Result<Option<KeyRecord>> {
         let changed = self.write(|tx| {
+            // The key and every key it minted, down the tree (SPEC §7).
             Ok(tx.execute(
-                "UPDATE keys SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
+                "WITH RECURSIVE tree(id) AS (
+                     SELECT ?1 UNION SELECT k.id FROM keys k JOIN tree ON k.parent_id = tree.id)
+                 UPDATE keys SET revoked_at = COALESCE(revoked_at, ?2)
+                 WHERE id IN (SELECT id FROM tree)",
                 params![id, now],
             )?)
         })?;

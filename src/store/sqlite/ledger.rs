@@ -275,8 +275,7 @@ impl Sqlite {
         owner: i64,
         alerts: Option<&AlertRules>,
     ) -> Result<()> {
-        let mut groups = self.has_groups;
-        let result = self.write(|tx| {
+        self.write(|tx| {
             // Journal rows first, as in PostgreSQL: whoever deletes a row books it.
             let mut booked = Batch::default();
             {
@@ -335,12 +334,10 @@ impl Sqlite {
             }
             // Last: spend is month-to-date including this batch.
             if let Some(rules) = alerts {
-                super::alerts::record_alerts(tx, &[batch, &booked], rules, &mut groups, now_ms())?;
+                super::alerts::record_alerts(tx, &[batch, &booked], rules, now_ms())?;
             }
             Ok(())
-        });
-        self.has_groups = groups;
-        result
+        })
     }
 
     /// Charges every admission a crashed process left open (journal rows with no booked

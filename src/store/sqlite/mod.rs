@@ -7,6 +7,7 @@
 
 mod alerts;
 mod audit;
+mod groups;
 mod keys;
 mod ledger;
 
@@ -129,6 +130,25 @@ CREATE TABLE IF NOT EXISTS inflight (
 -- rows are charged as orphans once its heartbeat is older than the caller's TTL.
 CREATE TABLE IF NOT EXISTS nodes (owner INTEGER PRIMARY KEY, seen_at INTEGER NOT NULL);
 
+-- Groups of keys with a budget and rpm over the sum of their keys (SPEC §7). A change logs
+-- '*group:<name>' in key_changes, which tells a running gateway to rebuild its snapshot.
+CREATE TABLE IF NOT EXISTS groups (
+    name         TEXT PRIMARY KEY,
+    budget_nanos INTEGER,
+    budget_mode  TEXT NOT NULL,
+    rpm          INTEGER,
+    created_at   INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS groups_ai AFTER INSERT ON groups BEGIN
+    UPDATE meta SET v = v + 1 WHERE k = 'keys_version';
+    INSERT INTO key_changes (key_id) VALUES ('*group:' || NEW.name); END;
+CREATE TRIGGER IF NOT EXISTS groups_au AFTER UPDATE ON groups BEGIN
+    UPDATE meta SET v = v + 1 WHERE k = 'keys_version';
+    INSERT INTO key_changes (key_id) VALUES ('*group:' || NEW.name); END;
+CREATE TRIGGER IF NOT EXISTS groups_ad AFTER DELETE ON groups BEGIN
+    UPDATE meta SET v = v + 1 WHERE k = 'keys_version';
+    INSERT INTO key_changes (key_id) VALUES ('*group:' || OLD.name); END;
+
 -- Every management change: door, actor, action, target, before and after (public fields as
 -- JSON text, never a secret).
 CREATE TABLE IF NOT EXISTS audit (
@@ -180,7 +200,7 @@ CREATE INDEX IF NOT EXISTS alert_deliveries_due
 "#;
 
 /// Columns added after the first release, applied to older databases at open.
-const MIGRATIONS: [(&str, &str, &str); 6] = [
+const MIGRATIONS: [(&str, &str, &str); 8] = [
     // The process (pid) that journaled an admission: a live one still owns it.
     ("inflight", "owner", "INTEGER NOT NULL DEFAULT 0"),
     ("keys", "max_inflight", "INTEGER"),
@@ -190,12 +210,13 @@ const MIGRATIONS: [(&str, &str, &str); 6] = [
     ("keys", "rotated_at", "INTEGER"),
     // The W3C trace id of the request (32 hex digits), for finding it from an agent's trace.
     ("traces", "trace_id", "TEXT"),
+    // Fleets (SPEC §7): the key's group, and the key that minted it.
+    ("keys", "group_name", "TEXT"),
+    ("keys", "parent_id", "TEXT"),
 ];
 
 pub(super) struct Sqlite {
     conn: Connection,
-    /// Whether the database has budget groups (read once, when an alert first needs it).
-    has_groups: Option<bool>,
 }
 
 /// How long a write waits for another writer (the CLI and the gateway share the file).
@@ -242,10 +263,7 @@ impl Sqlite {
         // re-reading them with a syscall per page (64 MiB cache, 256 MiB memory map).
         conn.pragma_update(None, "cache_size", -65_536)?;
         conn.pragma_update(None, "mmap_size", 268_435_456)?;
-        let mut store = Sqlite {
-            conn,
-            has_groups: None,
-        };
+        let mut store = Sqlite { conn };
         store.write(|tx| {
             tx.execute_batch(SCHEMA)?;
             for (table, column, kind) in MIGRATIONS {
@@ -258,6 +276,17 @@ impl Sqlite {
                     tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
                 }
             }
+            // A group's spend (alerts, every commit that charges a member) is found through
+            // its keys; after the columns, since older files gain `group_name` just above.
+            tx.execute_batch(
+                "CREATE INDEX IF NOT EXISTS keys_group ON keys (group_name)
+                 WHERE group_name IS NOT NULL",
+            )?;
+            // After the column exists: a key's descendants are found through it (§7).
+            tx.execute_batch(
+                "CREATE INDEX IF NOT EXISTS keys_parent ON keys (parent_id)
+                 WHERE parent_id IS NOT NULL",
+            )?;
             Ok(())
         })?;
         Ok(store)

@@ -34,3 +34,7 @@ CREATE TABLE IF NOT EXISTS alert_deliveries (
     UNIQUE (alert_id, webhook)
 );
 CREATE INDEX IF NOT EXISTS alert_deliveries_due ON alert_deliveries (state, next_attempt_at);
+
+-- A group's spend (its alerts, at every commit that charges a member) is found through its
+-- keys.
+CREATE INDEX IF NOT EXISTS keys_group ON keys (group_name) WHERE group_name IS NOT NULL;

@@ -4,6 +4,10 @@
 //! [`KeyChanges`], keeping numbers signed so that `-5` reaches the rule that explains it.
 //! Every change it makes is also written to the audit log, with the door's [`Actor`].
 
+mod fleet;
+
+pub use fleet::{GroupChanges, GroupSpec, MAX_MINTS_PER_MINUTE};
+
 use std::fmt;
 
 use crate::audit::{self, key_view, Actor};
@@ -40,6 +44,8 @@ pub struct KeySpec {
     /// `1h`..`90d`; `None`: 30 days.
     pub ttl: Option<String>,
     pub client_id: Option<String>,
+    /// The group the key joins (it must exist).
+    pub group: Option<String>,
 }
 
 /// Changes to a key: `None` leaves a field alone, `Some(None)` clears a limit.
@@ -57,6 +63,8 @@ pub struct KeyChanges {
     /// A new lifetime, counted from now.
     pub ttl: Option<String>,
     pub client_id: Option<Option<String>>,
+    /// `Some(None)` takes the key out of its group.
+    pub group: Option<Option<String>>,
 }
 
 /// Why a key operation was refused.
@@ -68,6 +76,10 @@ pub enum KeyError {
         message: String,
     },
     NotFound(String),
+    /// Something other than a key was not found (the message says what).
+    NotFoundWhat(String),
+    /// Beyond what the caller holds (a child key asking for more than its parent has).
+    Forbidden(String),
     /// The operation does not apply to the key as it is (rotating a revoked key).
     Conflict(String),
     Store(StoreError),
@@ -84,7 +96,8 @@ impl KeyError {
     pub fn status(&self) -> u16 {
         match self {
             KeyError::Invalid { .. } => 400,
-            KeyError::NotFound(_) => 404,
+            KeyError::NotFound(_) | KeyError::NotFoundWhat(_) => 404,
+            KeyError::Forbidden(_) => 403,
             KeyError::Conflict(_) => 409,
             KeyError::Store(_) => 500,
         }
@@ -93,7 +106,8 @@ impl KeyError {
     pub fn code(&self) -> &'static str {
         match self {
             KeyError::Invalid { .. } => "invalid_request",
-            KeyError::NotFound(_) => "not_found",
+            KeyError::NotFound(_) | KeyError::NotFoundWhat(_) => "not_found",
+            KeyError::Forbidden(_) => "insufficient_scope",
             KeyError::Conflict(_) => "conflict",
             KeyError::Store(_) => "store_error",
         }
@@ -103,7 +117,11 @@ impl KeyError {
     pub fn field(&self) -> Option<&'static str> {
         match self {
             KeyError::Invalid { field, .. } => Some(field),
-            KeyError::NotFound(_) | KeyError::Conflict(_) | KeyError::Store(_) => None,
+            KeyError::NotFound(_)
+            | KeyError::NotFoundWhat(_)
+            | KeyError::Forbidden(_)
+            | KeyError::Conflict(_)
+            | KeyError::Store(_) => None,
         }
     }
 }
@@ -113,6 +131,7 @@ impl fmt::Display for KeyError {
         match self {
             KeyError::Invalid { message, .. } => f.write_str(message),
             KeyError::NotFound(id) => write!(f, "no key with id \"{id}\""),
+            KeyError::Forbidden(why) | KeyError::NotFoundWhat(why) => f.write_str(why),
             KeyError::Conflict(why) => f.write_str(why),
             KeyError::Store(e) => write!(f, "database: {e}"),
         }
@@ -166,7 +185,13 @@ impl<'a> KeyService<'a> {
     /// Validates and stores a new key. Returns the record and the secret, which exists only
     /// in this return value: the store keeps its SHA-256.
     pub fn create(&mut self, spec: KeySpec, now: i64) -> Result<(KeyRecord, String), KeyError> {
-        let (record, secret) = mint(self.catalog, spec, now)?;
+        let group = spec
+            .group
+            .as_deref()
+            .map(|g| self.check_group(g))
+            .transpose()?;
+        let (mut record, secret) = mint(self.catalog, spec, now)?;
+        record.group = group;
         self.store.insert_key(&record)?;
         self.record("key.create", &record.id.clone(), None, &record, now);
         Ok((record, secret))
@@ -205,6 +230,11 @@ impl<'a> KeyService<'a> {
                 .as_deref()
                 .map(|t| check_ttl(t).map(|secs| now + secs * 1000))
                 .transpose()?,
+            group: match changes.group {
+                Some(Some(g)) => Some(Some(self.check_group(&g)?)),
+                Some(None) => Some(None),
+                None => None,
+            },
         };
         let before = self.store.get_key(id)?;
         let after = self
@@ -341,6 +371,8 @@ pub fn mint(catalog: &Catalog, spec: KeySpec, now: i64) -> Result<(KeyRecord, St
         previous_hash: None,
         previous_valid_until: None,
         rotated_at: None,
+        group: None,
+        parent_id: None,
     };
     Ok((record, minted.secret))
 }

@@ -1,0 +1,342 @@
+//! Fleets through the key service (SPEC §7): groups, and child keys minted by agents. The
+//! same rules whichever door asks: the CLI and admin API for groups, an agent's own key
+//! (`/v1/keys`, scope `gate:keys`) for its children.
+
+use serde_json::{json, Value};
+
+use super::{
+    check_budget, check_budget_mode, check_limit, check_models, check_scopes, check_ttl, mint,
+    KeyError, KeyService, KeySpec,
+};
+use crate::fleet::MAX_DEPTH;
+use crate::keys::{BudgetMode, KeyRecord, DEFAULT_SCOPES, DEFAULT_TTL_SECS, SCOPE_KEYS};
+use crate::money::Nanos;
+use crate::store::{GroupPatch, GroupRecord};
+
+/// Keys one parent may mint per minute (per node): an agent in a loop cannot flood the
+/// store with keys.
+pub const MAX_MINTS_PER_MINUTE: u32 = 60;
+const MAX_GROUP_NAME_CHARS: usize = 64;
+
+/// A group to create, as a door received it.
+#[derive(Debug, Clone, Default)]
+pub struct GroupSpec {
+    pub name: String,
+    pub budget_usd: Option<f64>,
+    pub budget_mode: Option<String>,
+    pub rpm: Option<i64>,
+}
+
+/// Changes to a group: `None` leaves a field alone, `Some(None)` clears a limit.
+#[derive(Debug, Clone, Default)]
+pub struct GroupChanges {
+    pub budget_usd: Option<Option<f64>>,
+    pub budget_mode: Option<String>,
+    pub rpm: Option<Option<i64>>,
+}
+
+/// A group's public fields, for the audit log and the views.
+pub fn group_view(g: &GroupRecord) -> Value {
+    json!({
+        "name": g.name,
+        "budget_usd": g.budget.map(Nanos::as_usd),
+        "budget_mode": g.budget_mode.as_str(),
+        "rpm": g.rpm,
+    })
+}
+
+/// Group names are short words: letters, digits, `.`, `_`, `-` (they appear in URLs).
+fn check_group_name(name: &str) -> Result<String, KeyError> {
+    let name = name.trim();
+    let ok = !name.is_empty()
+        && name.chars().count() <= MAX_GROUP_NAME_CHARS
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(name.to_string())
+    } else {
+        Err(KeyError::invalid(
+            "name",
+            format!(
+                "group name \"{name}\" must be 1 to {MAX_GROUP_NAME_CHARS} letters, digits, '.', '_' or '-'"
+            ),
+        ))
+    }
+}
+
+fn group_budget(usd: Option<f64>) -> Result<Option<Nanos>, KeyError> {
+    check_budget(usd).map_err(|e| match e {
+        KeyError::Invalid { message, .. } => KeyError::invalid("budget_usd", message),
+        other => other,
+    })
+}
+
+impl KeyService<'_> {
+    /// The name of an existing group (400 naming `group` otherwise).
+    pub(super) fn check_group(&self, name: &str) -> Result<String, KeyError> {
+        match self.store.get_group(name.trim())? {
+            Some(g) => Ok(g.name),
+            None => Err(KeyError::invalid(
+                "group",
+                format!("no group named \"{}\"", name.trim()),
+            )),
+        }
+    }
+
+    pub fn create_group(&mut self, spec: GroupSpec, now: i64) -> Result<GroupRecord, KeyError> {
+        let g = GroupRecord {
+            name: check_group_name(&spec.name)?,
+            budget: group_budget(spec.budget_usd)?,
+            budget_mode: match spec.budget_mode.as_deref() {
+                Some(m) => check_budget_mode(m)?,
+                None => BudgetMode::Hard,
+            },
+            rpm: check_limit("rpm", spec.rpm)?,
+            created_at: now,
+        };
+        if !self.store.insert_group(&g)? {
+            return Err(KeyError::Conflict(format!(
+                "a group named \"{}\" exists",
+                g.name
+            )));
+        }
+        self.audit(
+            "group.create",
+            &g.name.clone(),
+            None,
+            Some(group_view(&g)),
+            now,
+        );
+        Ok(g)
+    }
+
+    pub fn update_group(
+        &mut self,
+        name: &str,
+        changes: GroupChanges,
+        now: i64,
+    ) -> Result<GroupRecord, KeyError> {
+        let patch = GroupPatch {
+            budget: changes.budget_usd.map(group_budget).transpose()?,
+            budget_mode: changes
+                .budget_mode
+                .as_deref()
+                .map(check_budget_mode)
+                .transpose()?,
+            rpm: changes.rpm.map(|v| check_limit("rpm", v)).transpose()?,
+        };
+        let before = self.get_group(name)?;
+        let after = self
+            .store
+            .update_group(name, &patch)?
+            .ok_or_else(|| group_not_found(name))?;
+        self.audit(
+            "group.update",
+            name,
+            Some(group_view(&before)),
+            Some(group_view(&after)),
+            now,
+        );
+        Ok(after)
+    }
+
+    /// Deletes a group; its keys stay, outside any group.
+    pub fn delete_group(&mut self, name: &str, now: i64) -> Result<(), KeyError> {
+        let before = self.get_group(name)?;
+        if !self.store.delete_group(name)? {
+            return Err(group_not_found(name));
+        }
+        self.audit("group.delete", name, Some(group_view(&before)), None, now);
+        Ok(())
+    }
+
+    pub fn get_group(&self, name: &str) -> Result<GroupRecord, KeyError> {
+        self.store
+            .get_group(name)?
+            .ok_or_else(|| group_not_found(name))
+    }
+
+    pub fn list_groups(&self) -> Result<Vec<GroupRecord>, KeyError> {
+        Ok(self.store.all_groups()?)
+    }
+
+    /// A group's spend in `month` ("YYYY-MM") per model, from the ledger.
+    pub fn group_spend(
+        &self,
+        name: &str,
+        month: &str,
+    ) -> Result<Vec<crate::limits::ModelTally>, KeyError> {
+        Ok(self
+            .store
+            .group_spend(name, month)?
+            .into_iter()
+            .map(crate::limits::ModelTally::from)
+            .collect())
+    }
+
+    /// Ids of a group's keys.
+    pub fn group_members(&self, name: &str) -> Result<Vec<String>, KeyError> {
+        Ok(self.store.group_members(name)?)
+    }
+
+    /// A key minted by the agent holding `parent_id` (SPEC §7): never more than its parent
+    /// holds. Scopes beyond the parent's (or `gate:keys` not asked for) are 403
+    /// `insufficient_scope`; models, expiry and depth beyond it are 400 naming the field. The
+    /// child joins its parent's group and is free-only if its parent is.
+    pub fn create_child(
+        &mut self,
+        parent_id: &str,
+        mut spec: KeySpec,
+        now: i64,
+    ) -> Result<(KeyRecord, String), KeyError> {
+        let parent = self.get(parent_id)?;
+        if parent.status(now) != "active" {
+            return Err(KeyError::Forbidden(format!(
+                "key \"{parent_id}\" is {} and cannot mint keys",
+                parent.status(now)
+            )));
+        }
+        // The new key's depth: the parent's ancestors, plus the parent, plus one.
+        let mut depth = 1;
+        let mut up = parent.parent_id.clone();
+        while let Some(id) = up {
+            depth += 1;
+            if depth > MAX_DEPTH {
+                return Err(KeyError::invalid(
+                    "parent",
+                    format!(
+                        "keys nest at most {MAX_DEPTH} levels below the key that began the tree"
+                    ),
+                ));
+            }
+            up = self.store.get_key(&id)?.and_then(|k| k.parent_id);
+        }
+        // Scopes: the default ones the parent holds, or those asked for, each held.
+        let scopes = match spec.scopes.take().filter(|s| !s.is_empty()) {
+            Some(asked) => {
+                let asked = check_scopes(asked, true)?;
+                if let Some(s) = asked.iter().find(|s| !parent.scopes.contains(s)) {
+                    return Err(KeyError::Forbidden(format!(
+                        "scope \"{s}\" is not held by the minting key"
+                    )));
+                }
+                asked
+            }
+            None => DEFAULT_SCOPES
+                .iter()
+                .filter(|s| parent.scopes.iter().any(|p| p == *s))
+                .map(|s| s.to_string())
+                .collect(),
+        };
+        if scopes.is_empty() {
+            return Err(KeyError::Forbidden(
+                "the minting key holds none of the scopes a key needs".into(),
+            ));
+        }
+        // Models: within the parent's allow-list (an empty list allows everything).
+        let models = check_models(self.catalog, std::mem::take(&mut spec.allowed_models))?;
+        let models = if parent.allowed_models.is_empty() {
+            models
+        } else if models.is_empty() {
+            parent.allowed_models.clone()
+        } else {
+            if let Some(m) = models.iter().find(|m| !self.parent_allows(&parent, m)) {
+                return Err(KeyError::invalid(
+                    "allowed_models",
+                    format!("\"{m}\" is not in the minting key's allow-list"),
+                ));
+            }
+            models
+        };
+        // Expiry: within the parent's. Without a TTL, the default or the parent's end.
+        let expires_at = match spec.ttl.as_deref() {
+            Some(t) => {
+                let at = now + check_ttl(t)? * 1000;
+                if at > parent.expires_at {
+                    return Err(KeyError::invalid(
+                        "ttl",
+                        format!(
+                            "ttl \"{t}\" would outlive the minting key, which expires at {}",
+                            crate::clock::rfc3339(parent.expires_at)
+                        ),
+                    ));
+                }
+                at
+            }
+            None => (now + DEFAULT_TTL_SECS * 1000).min(parent.expires_at),
+        };
+        spec.scopes = Some(scopes);
+        spec.allowed_models = models;
+        spec.free_only |= parent.free_only;
+        spec.group = None;
+        // A placeholder TTL passes `mint`'s check; the real expiry is set below.
+        spec.ttl = None;
+        let (mut record, secret) = mint(self.catalog, spec, now)?;
+        record.expires_at = expires_at;
+        record.parent_id = Some(parent.id.clone());
+        record.group = parent.group.clone();
+        if record.scopes.iter().any(|s| s == SCOPE_KEYS)
+            && !parent.scopes.iter().any(|s| s == SCOPE_KEYS)
+        {
+            return Err(KeyError::Forbidden(format!(
+                "scope \"{SCOPE_KEYS}\" is not held by the minting key"
+            )));
+        }
+        self.store.insert_key(&record)?;
+        self.record("key.create", &record.id.clone(), None, &record, now);
+        Ok((record, secret))
+    }
+
+    /// Whether `name` (a model or alias) is within the parent's allow-list: listed, or a
+    /// model of an alias it lists.
+    fn parent_allows(&self, parent: &KeyRecord, name: &str) -> bool {
+        parent.allowed_models.iter().any(|p| {
+            p == name
+                || self.catalog.alias_chain(p).is_some_and(|chain| {
+                    self.catalog
+                        .model_index(name)
+                        .is_some_and(|m| chain.contains(&m))
+                })
+        })
+    }
+
+    /// The keys below `parent_id`, oldest first.
+    pub fn children(&self, parent_id: &str) -> Result<Vec<KeyRecord>, KeyError> {
+        Ok(self.store.descendants(parent_id)?)
+    }
+
+    /// Revokes a key below `parent_id` (and its own descendants); any other key is 404, so
+    /// an agent learns nothing about keys outside its tree.
+    pub fn revoke_child(
+        &mut self,
+        parent_id: &str,
+        id: &str,
+        now: i64,
+    ) -> Result<KeyRecord, KeyError> {
+        let mine = self
+            .store
+            .descendants(parent_id)?
+            .iter()
+            .any(|k| k.id == id);
+        if !mine {
+            return Err(KeyError::NotFound(id.to_string()));
+        }
+        self.revoke(id, now)
+    }
+
+    fn audit(
+        &mut self,
+        action: &str,
+        target: &str,
+        before: Option<Value>,
+        after: Option<Value>,
+        now: i64,
+    ) {
+        crate::audit::record(self.store, &self.actor, action, target, before, after, now);
+    }
+}
+
+fn group_not_found(name: &str) -> KeyError {
+    KeyError::NotFoundWhat(format!("no group named \"{name}\""))
+}

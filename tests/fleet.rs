@@ -1,0 +1,532 @@
+//! Fleets (SPEC §7) on one node: group budgets and rpm over many keys, child keys minted by
+//! agents through `/v1/keys` within their parent's scopes, models and expiry, a parent's
+//! hard cap bounding its whole tree, and revocation reaching every descendant.
+//!
+//! Money is computed from the literal prices of `gpt-4o-mini` (150 n$ per prompt token, 600
+//! per completion token) and what the mock upstream says it billed, never from the gateway.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+const PROMPT_NANOS: i64 = 150;
+const COMPLETION_NANOS: i64 = 600;
+/// The mock bills 10 prompt + 5 completion tokens per request by default.
+const DEFAULT_COST: i64 = 10 * PROMPT_NANOS + 5 * COMPLETION_NANOS;
+
+const ADMIN: &str = "fleet-admin";
+
+fn billed(mock: &MockProvider) -> i64 {
+    let (prompt, completion) = mock.served_usage();
+    prompt as i64 * PROMPT_NANOS + completion as i64 * COMPLETION_NANOS
+}
+
+fn chat_body() -> Vec<u8> {
+    json!({"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+        .to_string()
+        .into_bytes()
+}
+
+/// `POST /v1/keys` with the parent's key.
+fn mint(gw: &Gateway, parent: &Key, body: Value) -> Response {
+    gw.post(
+        "/v1/keys",
+        &parent.bearer(),
+        body.to_string().as_bytes(),
+        &[],
+    )
+}
+
+fn minted(gw: &Gateway, parent: &Key, body: Value) -> Key {
+    let r = mint(gw, parent, body);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    Key {
+        id: v["id"].as_str().unwrap().to_string(),
+        secret: v["secret"].as_str().unwrap().to_string(),
+    }
+}
+
+/// Fires `n` requests at once, spread over `keys`; returns (admitted, refusals by code).
+fn burst(gw: &Arc<Gateway>, keys: &[Arc<Key>], n: usize) -> (usize, Vec<String>) {
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let threads: Vec<_> = (0..n)
+        .map(|i| {
+            let (gw, key, admitted, refused) = (
+                gw.clone(),
+                keys[i % keys.len()].clone(),
+                admitted.clone(),
+                refused.clone(),
+            );
+            std::thread::spawn(move || {
+                let r = gw.post(
+                    "/v1/chat/completions",
+                    &key.bearer(),
+                    &chat_body(),
+                    &[("x-mock-delay-ms", "100")],
+                );
+                match r.status {
+                    200 => {
+                        admitted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => refused
+                        .lock()
+                        .unwrap()
+                        .push(format!("{} {}", r.status, r.code())),
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let refused = refused.lock().unwrap().clone();
+    (admitted.load(Ordering::SeqCst), refused)
+}
+
+#[test]
+fn a_hard_group_cap_is_never_overshot_by_its_keys_together() {
+    let mock = mock();
+    let gw = Arc::new(GatewayBuilder::new(&mock).admin(ADMIN).start());
+    // Room for 20 requests at their real cost, far fewer at their upper bound.
+    let cap = 20 * DEFAULT_COST;
+    let g = gw.cli_json(&[
+        "groups",
+        "create",
+        "team-a",
+        "--budget",
+        &format!("{}", cap as f64 / 1e9),
+        "--budget-mode",
+        "hard",
+        "--json",
+    ]);
+    assert_eq!(g["name"], "team-a");
+    assert_eq!(g["budget_mode"], "hard");
+    let keys: Vec<Arc<Key>> = (0..4)
+        .map(|_| Arc::new(gw.create_key(&["--group", "team-a"])))
+        .collect();
+    let mut refusals = Vec::new();
+    let mut admitted = 0;
+    for _ in 0..6 {
+        let (a, r) = burst(&gw, &keys, 24);
+        admitted += a;
+        refusals.extend(r);
+    }
+    let upstream = billed(&mock);
+    assert!(
+        upstream <= cap,
+        "provider billed {upstream} n$ > group cap {cap}"
+    );
+    assert_eq!(upstream, admitted as i64 * DEFAULT_COST);
+    assert!(!refusals.is_empty(), "the bursts must reach the cap");
+    assert!(
+        refusals.iter().all(|r| r == "402 group_budget_exceeded"),
+        "{refusals:?}"
+    );
+    // The 402 states the group's spend against its cap.
+    let r = gw.post("/v1/chat/completions", &keys[0].bearer(), &chat_body(), &[]);
+    if r.status == 402 {
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(msg.contains("team-a") && msg.contains("cap"), "{msg}");
+    }
+    // The group's figures are the sum of its keys', per model.
+    gw.wait_ledger_quiescent();
+    let view = gw.admin_call("GET", "/admin/groups/team-a", None);
+    assert_eq!(view.status, 200, "{}", view.text());
+    let v = view.json();
+    let spent = billed(&mock);
+    assert_eq!(v["spend_nanodollars"], spent);
+    assert_eq!(v["by_model"]["gpt-4o-mini"]["spend_nanodollars"], spent);
+    assert_eq!(v["budget_usd"], cap as f64 / 1e9);
+    let mut ids: Vec<String> = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    let mut expected: Vec<String> = keys.iter().map(|k| k.id.clone()).collect();
+    expected.sort();
+    assert_eq!(ids, expected);
+    let by_keys: i64 = keys
+        .iter()
+        .map(|k| gw.usage(k)["spend_nanodollars"].as_i64().unwrap())
+        .sum();
+    assert_eq!(by_keys, spent);
+}
+
+#[test]
+fn group_rpm_counts_the_sum_of_its_keys_and_refusals_cost_nothing() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).admin(ADMIN).start();
+    let r = gw.admin_call(
+        "POST",
+        "/admin/groups",
+        Some(&json!({"name": "burst", "rpm": 3})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let a = gw.create_key(&["--group", "burst"]);
+    let b = gw.create_key(&["--group", "burst"]);
+    let lone = gw.create_key(&[]);
+    for key in [&a, &b, &a] {
+        assert_eq!(gw.chat(key, "gpt-4o-mini").status, 200);
+    }
+    let r = gw.chat(&b, "gpt-4o-mini");
+    assert_eq!((r.status, r.code().as_str()), (429, "rate_limit_exceeded"));
+    let retry: u64 = r
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    // The refusal took nothing from the key.
+    assert_eq!(gw.usage(&b)["requests_today"], 1);
+    // A key outside the group is not limited by it.
+    assert_eq!(gw.chat(&lone, "gpt-4o-mini").status, 200);
+}
+
+#[test]
+fn groups_through_cli_and_admin_api_and_keys_joining_them() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).admin(ADMIN).start();
+    // Unknown group: 400 naming the field, no key made.
+    let r = gw.admin_call(
+        "POST",
+        "/admin/keys",
+        Some(&json!({"name": "x", "group": "nope"})),
+    );
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_request"));
+    assert_eq!(r.json()["error"]["param"], "group");
+    // Bad names and limits are refused.
+    for body in [
+        json!({"name": "has space"}),
+        json!({"name": "ok", "rpm": 0}),
+        json!({"name": "ok", "budget_usd": -1}),
+        json!({"name": "ok", "budget_mode": "maybe"}),
+    ] {
+        let r = gw.admin_call("POST", "/admin/groups", Some(&body));
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+    }
+    let r = gw.admin_call(
+        "POST",
+        "/admin/groups",
+        Some(&json!({"name": "ops", "budget_usd": 5, "budget_mode": "soft", "rpm": 100})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = gw.admin_call("POST", "/admin/groups", Some(&json!({"name": "ops"})));
+    assert_eq!(r.status, 409);
+    let key = gw.create_key(&["--group", "ops"]);
+    assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
+    let shown = gw.cli_json(&["groups", "show", "ops", "--json"]);
+    assert_eq!(shown["budget_usd"], 5.0);
+    assert_eq!(shown["budget_mode"], "soft");
+    assert_eq!(shown["rpm"], 100);
+    assert_eq!(shown["keys"], json!([key.id]));
+    let k = gw
+        .admin_call("GET", &format!("/admin/keys/{}", key.id), None)
+        .json();
+    assert_eq!(k["group"], "ops");
+    // PATCH changes limits; list shows every group.
+    let r = gw.admin_call(
+        "PATCH",
+        "/admin/groups/ops",
+        Some(&json!({"rpm": null, "budget_mode": "hard"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["rpm"], Value::Null);
+    let list = gw.cli_json(&["groups", "list", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    // Leaving the group through the CLI; deleting it keeps its keys.
+    gw.cli_json(&["keys", "update", &key.id, "--group", "none", "--json"]);
+    let k = gw
+        .admin_call("GET", &format!("/admin/keys/{}", key.id), None)
+        .json();
+    assert_eq!(k["group"], Value::Null);
+    gw.cli_json(&["keys", "update", &key.id, "--group", "ops", "--json"]);
+    let r = gw.admin_call("DELETE", "/admin/groups/ops", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(gw.admin_call("GET", "/admin/groups/ops", None).status, 404);
+    let k = gw
+        .admin_call("GET", &format!("/admin/keys/{}", key.id), None)
+        .json();
+    assert_eq!(k["group"], Value::Null);
+    assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
+    // Every change is in the audit log.
+    let audit = gw.admin_call("GET", "/admin/audit?limit=100", None).json();
+    let actions: Vec<&str> = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    for a in ["group.create", "group.update", "group.delete"] {
+        assert!(actions.contains(&a), "{a} missing from {actions:?}");
+    }
+}
+
+#[test]
+fn an_agent_mints_lists_and_revokes_child_keys_within_its_own_rights() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).admin(ADMIN).start();
+    let parent = gw.create_key(&[
+        "--scopes",
+        "gate:chat,gate:usage,gate:keys",
+        "--models",
+        "gpt-4o-mini,spideriq/fast",
+        "--ttl",
+        "2d",
+    ]);
+    let plain = gw.create_key(&[]);
+    // A key without gate:keys cannot mint.
+    let r = mint(&gw, &plain, json!({"name": "x"}));
+    assert_eq!((r.status, r.code().as_str()), (403, "insufficient_scope"));
+
+    let child = minted(&gw, &parent, json!({"name": "sub-agent", "rpm": 10}));
+    let v = gw
+        .admin_call("GET", &format!("/admin/keys/{}", child.id), None)
+        .json();
+    assert_eq!(v["parent_id"], parent.id.as_str());
+    assert_eq!(v["rpm"], 10);
+    // Defaults within the parent: its models, the default scopes it holds, its expiry.
+    assert_eq!(v["allowed_models"], json!(["gpt-4o-mini", "spideriq/fast"]));
+    assert_eq!(v["scopes"], json!(["gate:chat", "gate:usage"]));
+    let parent_view = gw
+        .admin_call("GET", &format!("/admin/keys/{}", parent.id), None)
+        .json();
+    assert!(v["expires_at"].as_str() <= parent_view["expires_at"].as_str());
+    // The child works at once.
+    assert_eq!(gw.chat(&child, "gpt-4o-mini").status, 200);
+    assert_eq!(gw.chat(&child, "gpt-4o").status, 403);
+
+    // Beyond the parent: scopes 403, models and expiry 400 naming the field.
+    for (body, status, code) in [
+        (
+            json!({"name": "c", "scopes": ["gate:chat", "gate:models"]}),
+            403,
+            "insufficient_scope",
+        ),
+        (json!({"name": "c", "scopes": ["gate:keys"]}), 201, ""),
+        (
+            json!({"name": "c", "allowed_models": ["gpt-4o"]}),
+            400,
+            "invalid_request",
+        ),
+        (json!({"name": "c", "ttl": "3d"}), 400, "invalid_request"),
+        (
+            json!({"name": "c", "group": "g"}),
+            403,
+            "insufficient_scope",
+        ),
+        (json!({"name": ""}), 400, "invalid_request"),
+    ] {
+        let r = mint(&gw, &parent, body.clone());
+        assert_eq!(r.status, status, "{body}: {}", r.text());
+        if status != 201 {
+            assert_eq!(r.code(), code, "{body}");
+        }
+        if body.get("ttl").is_some() {
+            assert!(r.text().contains("ttl"), "{}", r.text());
+        }
+        if body.get("allowed_models").is_some() {
+            assert!(r.text().contains("allowed_models"), "{}", r.text());
+        }
+    }
+    // A child without gate:keys cannot mint; one with it asked and held can.
+    let r = mint(&gw, &child, json!({"name": "grandchild"}));
+    assert_eq!(r.status, 403);
+
+    // The parent lists its descendants only, and revokes only them.
+    let listed = gw.get("/v1/keys", &parent.bearer());
+    assert_eq!(listed.status, 200, "{}", listed.text());
+    let ids: Vec<String> = listed.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(ids.contains(&child.id));
+    assert!(
+        listed.text().find("secret").is_none(),
+        "no secret in a listing"
+    );
+    let r = gw.post(
+        &format!("/v1/keys/{}/revoke", plain.id),
+        &parent.bearer(),
+        b"",
+        &[],
+    );
+    assert_eq!(r.status, 404, "another key is not the parent's to revoke");
+    assert_eq!(gw.chat(&plain, "gpt-4o-mini").status, 200);
+    let r = gw.post(
+        &format!("/v1/keys/{}/revoke", child.id),
+        &parent.bearer(),
+        b"",
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = gw.chat(&child, "gpt-4o-mini");
+    assert_eq!((r.status, r.code().as_str()), (401, "token_revoked"));
+    // The audit log names the agent's door.
+    let audit = gw.admin_call("GET", "/admin/audit?limit=100", None).json();
+    assert!(audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["door"] == "agent_api" && e["action"] == "key.create"));
+}
+
+#[test]
+fn a_parents_hard_cap_bounds_its_whole_tree_under_concurrency() {
+    let mock = mock();
+    let gw = Arc::new(GatewayBuilder::new(&mock).admin(ADMIN).start());
+    let cap = 16 * DEFAULT_COST;
+    let parent = gw.create_key(&[
+        "--scopes",
+        "gate:chat,gate:usage,gate:keys",
+        "--budget",
+        &format!("{}", cap as f64 / 1e9),
+        "--budget-mode",
+        "hard",
+    ]);
+    let child = minted(
+        &gw,
+        &parent,
+        json!({"name": "child", "scopes": ["gate:chat", "gate:usage", "gate:keys"]}),
+    );
+    let grandchild = minted(&gw, &child, json!({"name": "grandchild"}));
+    let tree = vec![
+        Arc::new(Key {
+            id: parent.id.clone(),
+            secret: parent.secret.clone(),
+        }),
+        Arc::new(child),
+        Arc::new(grandchild),
+    ];
+    let mut admitted = 0;
+    let mut refusals = Vec::new();
+    for _ in 0..5 {
+        let (a, r) = burst(&gw, &tree, 24);
+        admitted += a;
+        refusals.extend(r);
+    }
+    let upstream = billed(&mock);
+    assert!(
+        upstream <= cap,
+        "provider billed {upstream} n$ > parent cap {cap}"
+    );
+    assert_eq!(upstream, admitted as i64 * DEFAULT_COST);
+    assert!(!refusals.is_empty());
+    for r in &refusals {
+        assert!(
+            r == "402 group_budget_exceeded" || r == "402 budget_exceeded",
+            "{refusals:?}"
+        );
+    }
+    // Once full, the descendants get group_budget_exceeded and the parent budget_exceeded.
+    let r = gw.post("/v1/chat/completions", &tree[2].bearer(), &chat_body(), &[]);
+    if r.status == 402 {
+        assert_eq!(r.code(), "group_budget_exceeded");
+        let r = gw.post("/v1/chat/completions", &tree[0].bearer(), &chat_body(), &[]);
+        assert_eq!((r.status, r.code().as_str()), (402, "budget_exceeded"));
+    }
+    // The cap still holds for the tree after a restart (spend restored from the ledger).
+    let before = billed(&mock);
+    let mut gw = Arc::try_unwrap(gw).ok().expect("one owner");
+    gw.restart();
+    for key in &tree {
+        gw.post("/v1/chat/completions", &key.bearer(), &chat_body(), &[]);
+    }
+    let after = billed(&mock);
+    assert!(
+        after <= cap,
+        "after a restart the tree billed {after} > cap {cap}"
+    );
+    assert!(after >= before);
+}
+
+#[test]
+fn revoking_a_parent_reaches_its_grandchild_and_depth_is_bounded() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).admin(ADMIN).start();
+    let scopes = json!(["gate:chat", "gate:usage", "gate:keys"]);
+    let root = gw.create_key(&["--scopes", "gate:chat,gate:usage,gate:keys"]);
+    let mut chain = vec![root];
+    for depth in 1..=4 {
+        let next = minted(
+            &gw,
+            chain.last().unwrap(),
+            json!({"name": format!("depth-{depth}"), "scopes": scopes}),
+        );
+        chain.push(next);
+    }
+    // A fifth generation is refused, naming why.
+    let r = mint(&gw, chain.last().unwrap(), json!({"name": "too-deep"}));
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (400, "invalid_request"),
+        "{}",
+        r.text()
+    );
+    for k in &chain {
+        assert_eq!(gw.chat(k, "gpt-4o-mini").status, 200);
+    }
+    // Revoked through the CLI (a separate process): the gateway learns it by polling.
+    gw.cli_json(&["keys", "revoke", &chain[1].id, "--json"]);
+    wait_for(Duration::from_secs(5), "grandchild refused", || {
+        let r = gw.chat(&chain[3], "gpt-4o-mini");
+        (r.status == 401).then_some(())
+    });
+    for k in &chain[1..] {
+        let r = gw.chat(k, "gpt-4o-mini");
+        assert_eq!((r.status, r.code().as_str()), (401, "token_revoked"));
+        let v = gw
+            .admin_call("GET", &format!("/admin/keys/{}", k.id), None)
+            .json();
+        assert_eq!(
+            v["status"], "revoked",
+            "descendants are revoked in the store too"
+        );
+    }
+    assert_eq!(gw.chat(&chain[0], "gpt-4o-mini").status, 200);
+}
+
+#[test]
+fn a_soft_group_budget_warns_its_keys_once_reached_and_keeps_serving() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).admin(ADMIN).start();
+    // Two requests' worth: the third request sees the group's spend at its cap.
+    let cap = 2 * DEFAULT_COST;
+    gw.cli_json(&[
+        "groups",
+        "create",
+        "soft-team",
+        "--budget",
+        &format!("{:.9}", cap as f64 / 1e9),
+        "--budget-mode",
+        "soft",
+        "--json",
+    ]);
+    let a = gw.create_key(&["--group", "soft-team"]);
+    let b = gw.create_key(&["--group", "soft-team"]);
+    for key in [&a, &b] {
+        let r = gw.chat(key, "gpt-4o-mini");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-spidergate-budget-warning"), None);
+    }
+    for key in [&a, &b] {
+        let r = gw.chat(key, "gpt-4o-mini");
+        assert_eq!(r.status, 200, "a soft cap never refuses");
+        assert!(
+            r.header("x-spidergate-budget-warning").is_some(),
+            "the group reached its soft cap"
+        );
+    }
+    assert_eq!(billed(&mock), 4 * DEFAULT_COST);
+}
