@@ -421,6 +421,47 @@ fn nodes_sharing_postgres_record_and_send_each_threshold_once() {
     assert_eq!(sent, 3);
 }
 
+#[test]
+fn a_group_crossing_a_threshold_alerts_once_with_the_group_named() {
+    let receiver = Receiver::start();
+    let gw = gateway(&receiver, "[0.5, 0.8]", &[]);
+    let out = gw.cli(&[
+        "groups",
+        "create",
+        "team-a",
+        "--budget",
+        "1",
+        "--budget-mode",
+        "soft",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a = gw.create_key(&["--group", "team-a"]);
+    let b = gw.create_key(&["--group", "team-a"]);
+    // 0.30 + 0.30 of the group's $1: 50 %; neither key has a budget of its own.
+    spend(&gw, &a, 300, 0);
+    spend(&gw, &b, 300, 0);
+    let listed = wait_delivered(&gw, 1);
+    assert_eq!(listed[0]["group"], "team-a");
+    assert_eq!(listed[0]["subject_kind"], "group");
+    let got = receiver.accepted();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["event"], "budget.threshold");
+    assert_eq!(got[0]["group"], "team-a");
+    assert_eq!(got[0]["name"], "team-a");
+    assert!(got[0].get("key_id").is_none());
+    assert_eq!(got[0]["threshold"], 0.5);
+    assert_eq!(got[0]["spend_usd"], 0.6);
+    assert_eq!(got[0]["budget_usd"], 1.0);
+    // More spend below 80 %: nothing new.
+    spend(&gw, &a, 100, 0);
+    gw.wait_ledger_quiescent();
+    assert_eq!(alerts_list(&gw).len(), 1);
+}
+
 // ---- store level: both backends ----
 
 fn record(id: &str, budget_usd: Option<i64>) -> KeyRecord {
