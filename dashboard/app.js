@@ -13,6 +13,7 @@
     '/dashboard/gate/keys': { id: 'keys', group: 'Gate', title: 'Keys', render: renderKeys },
     '/dashboard/gate/traces': { id: 'traces', group: 'Gate', title: 'Traces', render: renderTraces },
     '/dashboard/gate/usage': { id: 'usage', group: 'Gate', title: 'Usage', render: renderUsage },
+    '/dashboard/gate/alerts': { id: 'alerts', group: 'Gate', title: 'Alerts', render: renderAlerts },
     '/dashboard/settings/members/agents': {
       id: 'members', group: 'Settings › Members', title: 'Agents', render: renderMembers,
     },
@@ -99,6 +100,7 @@
       left: 'M15 6l-6 6 6 6',
       right: 'M9 6l6 6-6 6',
       refresh: 'M20 11a8 8 0 1 0-2.3 5.7M20 5v6h-6',
+      bell: 'M6 9a6 6 0 0 1 12 0c0 6 3 8 3 8H3s3-2 3-8M10 21h4',
     };
     return s('svg', { class: 'icon', viewBox: '0 0 24 24', 'aria-hidden': 'true' },
       s('path', { d: paths[name] || '' }));
@@ -363,6 +365,7 @@
           navLink('/dashboard/gate/keys', 'keys', 'Keys', 'key'),
           navLink('/dashboard/gate/traces', 'traces', 'Traces', 'list'),
           navLink('/dashboard/gate/usage', 'usage', 'Usage', 'chart'),
+          navLink('/dashboard/gate/alerts', 'alerts', 'Alerts', 'bell'),
           h('div', { class: 'nav-group', text: 'Settings' }),
           navLink('/dashboard/settings/members/agents', 'members', 'Members', 'users')),
         h('div', { class: 'sidebar-foot' },
@@ -999,6 +1002,74 @@
       : poller(async () => {
         try { await load(); } catch (e) { if (ctx.alive && e.status !== 401) fill(status, errorBanner(e)); throw e; }
       }, POLL_MS, ctx);
+  }
+
+  // ---------------------------------------------------------------- Gate → Alerts
+
+  /** Alert deliveries from `GET /admin/alerts`, newest first, refreshed like the traces. */
+  function renderAlerts(container, params, ctx) {
+    const tbody = h('tbody');
+    const table = h('table', { class: 'table alerts-table', 'data-testid': 'alerts-table' },
+      h('thead', {}, h('tr', {},
+        ['Recorded', 'Event', 'Key or group', 'Threshold', 'Period', 'Webhook', 'State', 'Attempts', 'Last error']
+          .map((t) => h('th', { scope: 'col', text: t, class: t === 'Attempts' ? 'num' : null })))),
+      tbody);
+    const status = h('div', { class: 'page-status' });
+    const wrap = h('div', { class: 'table-wrap' }, table);
+    container.append(status, wrap);
+    const badges = { delivered: 'http-2xx', pending: 'http-4xx', failed: 'http-5xx' };
+
+    function subject(d) {
+      if (d.group) return h('span', {}, h('span', { class: 'muted', text: 'group ' }), h('strong', { text: d.group }));
+      const k = findKey(d.key_id);
+      return h('a', { href: '/dashboard/gate/traces?key=' + encodeURIComponent(d.key_id), 'data-nav': true, text: k ? k.name : d.key_id });
+    }
+
+    function row(d) {
+      const threshold = typeof d.threshold === 'number' ? `${Math.round(d.threshold * 1000) / 10} %` : '—';
+      return h('tr', { 'data-testid': 'alert-row', 'data-alert-id': d.id, 'data-state': d.state, 'data-subject': d.group || d.key_id },
+        h('td', { class: 'nowrap' }, timeEl(d.created_at, 'trace')),
+        h('td', {}, h('code', { class: 'small', text: d.event })),
+        h('td', { class: 'small nowrap' }, subject(d)),
+        h('td', { class: 'num' }, threshold),
+        h('td', { class: 'small nowrap' }, d.period || '—'),
+        h('td', { class: 'small' }, h('code', { class: 'small', text: d.webhook })),
+        h('td', {}, h('span', { class: 'badge ' + (badges[d.state] || ''), text: d.state })),
+        h('td', { class: 'num' }, int(d.attempts || 0)),
+        h('td', { class: 'small' }, d.last_error
+          ? h('span', { class: 'danger-text', text: d.last_error })
+          : h('span', { class: 'muted', text: '—' })));
+    }
+
+    async function load() {
+      const data = await api('GET', '/admin/alerts?limit=100');
+      if (!ctx.alive) return;
+      const list_ = (data && data.data) || [];
+      // Key names for the subject column (again when a key newer than the list shows up).
+      if (!state.keys || list_.some((d) => d.key_id && !findKey(d.key_id))) await fetchKeys().catch(() => {});
+      if (!ctx.alive) return;
+      setLive(true);
+      const list = list_;
+      if (!list.length) {
+        wrap.hidden = true;
+        fill(status, emptyState('No alerts yet',
+          'With alerts configured, a key or group reaching a budget threshold, or refused by a spend-rate or loop brake, sends a signed webhook; each delivery shows up here.', false));
+        fill(tbody);
+        return;
+      }
+      wrap.hidden = false;
+      fill(status);
+      // Rows that did not change keep their nodes (no flicker while the page refreshes).
+      const existing = [...tbody.children];
+      fill(tbody, ...list.map((d) => {
+        const r = row(d);
+        return existing.find((old) => old.isEqualNode(r)) || r;
+      }));
+    }
+
+    return poller(async () => {
+      try { await load(); } catch (e) { if (ctx.alive && e.status !== 401) fill(status, errorBanner(e)); throw e; }
+    }, POLL_MS, ctx);
   }
 
   // ---------------------------------------------------------------- Gate → Usage

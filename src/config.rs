@@ -35,6 +35,8 @@ struct RawConfig {
     server: RawServer,
     shared_state: Option<RawSharedState>,
     telemetry: Option<RawTelemetry>,
+    /// Budget-threshold and brake alerts to webhooks (SPEC §7).
+    alerts: Option<crate::alerts::RawAlerts>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -654,6 +656,8 @@ pub struct Config {
     pub tuning: Tuning,
     pub shared_state: Option<SharedState>,
     pub telemetry: Option<Telemetry>,
+    /// `alerts`: thresholds and webhooks (with their secrets, read at load). Reloadable.
+    pub alerts: Option<crate::alerts::Alerts>,
 }
 
 /// A validation failure naming the field path.
@@ -919,6 +923,11 @@ impl Config {
             return err("server.ledger_max_backlog", "must be at least 1000");
         }
         let telemetry = raw.telemetry.map(parse_telemetry).transpose()?;
+        let alerts = raw
+            .alerts
+            .map(crate::alerts::settings::parse)
+            .transpose()
+            .map_err(ConfigError)?;
         let public_url = match raw.public_url {
             Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
                 u.trim_end_matches('/').to_string()
@@ -937,6 +946,7 @@ impl Config {
             database: PathBuf::from(database),
             shared_state,
             telemetry,
+            alerts,
             max_body_bytes: raw.max_body_bytes,
             public_catalog: raw.public_catalog,
             public_url,

@@ -46,6 +46,8 @@ pub struct Gate {
     /// The change-log position the current key set includes.
     loaded_change: AtomicI64,
     pub ledger: SpendLedger,
+    /// The alert delivery worker (`alerts`), started with the ledger writer.
+    pub alerts: crate::alerts::deliver::Dispatcher,
     /// Live per-key limits: this node's counters, or Redis shared by the cluster.
     pub limits: Limiter,
     /// This gateway as a node of a cluster (`shared_state`), `None` on its own.
@@ -98,6 +100,7 @@ impl Gate {
             config.tuning.ledger_max_backlog,
             config.telemetry.as_ref().and_then(SpanQueue::new),
         );
+        ledger.set_alerts(config.alerts.clone());
         let gate = Gate {
             auth_shield: AuthShield::new(config.tuning.auth_failures_per_minute),
             unauthenticated_traces: Sampler::new(UNAUTHENTICATED_TRACES_PER_SEC),
@@ -110,6 +113,7 @@ impl Gate {
             config_path,
             loaded_change: AtomicI64::new(-1),
             ledger,
+            alerts: Default::default(),
             limits,
             node,
             metrics: Metrics::default(),
@@ -345,6 +349,7 @@ impl Gate {
         config.tuning.threads = running.config.tuning.threads;
         // The exporter and the request path's trace-context switch are fixed at start.
         config.telemetry = running.config.telemetry.clone();
+        let alerts = config.alerts.clone();
         let routes = Arc::new(Routes::build(config)?);
         for w in routes.warnings.iter().chain(&certs.warnings) {
             log::warn!("config reload: {w}");
@@ -354,6 +359,9 @@ impl Gate {
         self.swap_in(&store, routes)
             .map_err(|e| format!("database: {e}"))?;
         certs.apply();
+        // New thresholds and webhooks apply from the ledger's next commit and the delivery
+        // worker's next round.
+        self.ledger.set_alerts(alerts);
         Ok(())
     }
 

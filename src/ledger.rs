@@ -12,6 +12,10 @@
 //! at a commit is written to the `inflight` table and deleted when its spend is booked, so
 //! after a crash the next start charges what was left open.
 //!
+//! With `alerts` configured, each commit also records the alerts its spend raised (budget
+//! thresholds, brake refusals) in the store's outbox, in the same transaction; the
+//! thresholds are read at every commit, so a SIGHUP reload applies from the next one.
+//!
 //! With `telemetry` exporting, the writer also turns each entry that carries a span seed
 //! into an OpenTelemetry span and offers it to the exporter's bounded queue (never waiting).
 
@@ -22,6 +26,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
+
+use crate::alerts::Alerts;
 use crate::clock::{now_ms, MS_PER_DAY};
 use crate::store::{Batch, JournalRow, LedgerEntry, Store, StoreLocation};
 use crate::telemetry::{span, SpanQueue, SpanSender, SpanStats};
@@ -114,6 +121,8 @@ pub struct SpendLedger {
     next_journal_id: AtomicI64,
     /// The OTLP exporter's queue, when `telemetry` names a collector.
     spans: Option<SpanQueue>,
+    /// `alerts`, as last (re)loaded: shared with the writer and the delivery worker.
+    alerts: Arc<ArcSwapOption<Alerts>>,
 }
 
 impl SpendLedger {
@@ -147,7 +156,19 @@ impl SpendLedger {
             health: Arc::default(),
             next_journal_id: AtomicI64::new(first_id),
             spans,
+            alerts: Arc::default(),
         }
+    }
+
+    /// Swaps in the `alerts` settings (start-up and SIGHUP); the writer's next commit
+    /// records alerts with them, the delivery worker's next round delivers with them.
+    pub fn set_alerts(&self, alerts: Option<Alerts>) {
+        self.alerts.store(alerts.map(Arc::new));
+    }
+
+    /// The live `alerts` settings, shared (the delivery worker reads them each round).
+    pub fn alerts(&self) -> Arc<ArcSwapOption<Alerts>> {
+        self.alerts.clone()
     }
 
     /// The span exporter's counters, when exporting.
@@ -194,6 +215,7 @@ impl SpendLedger {
         let max_backlog = self.max_backlog;
         let health = self.health.clone();
         let spans = self.spans.as_ref().map(SpanQueue::sender);
+        let alerts = self.alerts.clone();
         if let Some(q) = &self.spans {
             q.start()?;
         }
@@ -221,6 +243,7 @@ impl SpendLedger {
                     max_backlog,
                     health,
                     spans,
+                    alerts,
                     open: HashMap::new(),
                     batch: Batch::default(),
                     batch_entries: 0,
@@ -281,6 +304,7 @@ struct Writer {
     max_backlog: usize,
     health: Arc<LedgerHealth>,
     spans: Option<SpanSender>,
+    alerts: Arc<ArcSwapOption<Alerts>>,
     /// Admissions not yet written to the journal table (most finish before they need to be).
     open: HashMap<i64, JournalRow>,
     batch: Batch,
@@ -411,6 +435,8 @@ impl Writer {
         if !self.batch.is_empty() {
             let traces = self.batch.trace_count();
             self.health.backlog.store(traces as u64, Ordering::Relaxed);
+            let rules = self.alerts.load().as_ref().map(|a| a.rules.clone());
+            self.store.set_alert_rules(rules);
             if let Err(e) = self.store.write_batch(&self.batch) {
                 if !self.health.failing.swap(true, Ordering::Relaxed) {
                     log::error!(

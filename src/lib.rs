@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod alerts;
 pub mod audit;
 pub mod catalog;
 pub mod clock;

@@ -480,3 +480,35 @@ pub fn render_spans(s: &mut String, stats: Option<&crate::telemetry::SpanStats>)
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
     }
 }
+
+/// Alert deliveries (`alerts`): sent, failed attempts, given up, and pending in the outbox.
+pub fn render_alerts(s: &mut String, stats: &crate::alerts::deliver::AlertStats) {
+    for (name, kind, help, v) in [
+        (
+            "spidergate_alerts_sent_total",
+            "counter",
+            "Alert deliveries a webhook accepted (2xx).",
+            stats.sent(),
+        ),
+        (
+            "spidergate_alerts_failed_total",
+            "counter",
+            "Alert delivery attempts that failed (non-2xx, timeout, no connection); each is retried with backoff.",
+            stats.failed_attempts(),
+        ),
+        (
+            "spidergate_alerts_given_up_total",
+            "counter",
+            "Alert deliveries given up after the retry period (state failed).",
+            stats.given_up(),
+        ),
+        (
+            "spidergate_alerts_pending",
+            "gauge",
+            "Alert deliveries waiting in the outbox (every node's), as of the worker's last count.",
+            stats.pending(),
+        ),
+    ] {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+}

@@ -33,6 +33,11 @@ impl BackgroundService for Maintenance {
             log::error!("cannot start the ledger writer, exiting: {e}");
             std::process::exit(1);
         }
+        // Off the request path: its own thread, reading the outbox the ledger writes.
+        let location = self.gate.routes().config.store_location();
+        if let Err(e) = self.gate.alerts.start(location, self.gate.ledger.alerts()) {
+            log::error!("cannot start the alert delivery worker; alerts stay in the outbox: {e}");
+        }
         if let Some(shared) = self.gate.limits.shared() {
             tokio::spawn(shared.clone().run(shutdown.clone()));
         }
@@ -312,6 +317,8 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
             gate.inflight()
         );
     }
+    // Pending deliveries stay in the outbox for the next start (or another node).
+    gate.alerts.stop();
     if !gate.ledger.close() {
         return Err("the ledger could not commit every entry before exit".into());
     }

@@ -150,6 +150,7 @@ impl AdminApp {
                     let routes = &self.gate.snapshot().routes;
                     crate::metrics::render_provider_keys(&mut text, routes, crate::clock::now_ms());
                     crate::metrics::render_spans(&mut text, self.gate.ledger.span_stats());
+                    crate::metrics::render_alerts(&mut text, self.gate.alerts.stats());
                     if let Some(shared) = self.gate.limits.shared() {
                         crate::metrics::render_shared(&mut text, shared);
                     }
@@ -406,6 +407,27 @@ fn handle(
                     json!({"object": "list", "data": data, "next_before": next_before}),
                 ))
             }
+            (&Method::GET, ["admin", "alerts"]) => {
+                // Alerts raised by requests just finished are in the outbox once this returns.
+                gate.ledger.flush_blocking();
+                let limit = query
+                    .get("limit")
+                    .and_then(|l| l.parse::<u32>().ok())
+                    .unwrap_or(50)
+                    .clamp(1, 10_000);
+                let before = query.get("before").and_then(|b| b.parse::<i64>().ok());
+                let rows = store
+                    .alert_deliveries(limit, before)
+                    .map_err(|e| Reply::key_error(KeyError::Store(e)))?;
+                let next_before = (rows.len() == limit as usize)
+                    .then(|| rows.last().map(|d| d.delivery_id))
+                    .flatten();
+                let data: Vec<Value> = rows.iter().map(delivery_json).collect();
+                Ok(Reply::json(
+                    200,
+                    json!({"object": "list", "data": data, "next_before": next_before}),
+                ))
+            }
             (&Method::GET, ["admin", "usage", "daily"]) => {
                 let month = month_param(query, now)?;
                 let key = query
@@ -475,6 +497,39 @@ fn month_param(query: &HashMap<String, String>, now: i64) -> Result<i64, Reply> 
         }),
         None => Ok(month_index(now)),
     }
+}
+
+/// One alert delivery as `GET /admin/alerts` lists it: `id` is the alert's idempotency id
+/// (the payload's `id`, the same for every webhook and every retry).
+fn delivery_json(d: &crate::store::DeliveryRow) -> Value {
+    use crate::clock::rfc3339;
+    let budget = d.event == crate::alerts::BUDGET_THRESHOLD;
+    let mut v = json!({
+        "id": d.alert_id,
+        "delivery_id": d.delivery_id,
+        "event": d.event,
+        "state": d.state,
+        "attempts": d.attempts,
+        "subject_kind": d.subject_kind,
+        "subject": d.subject,
+        "threshold": budget.then(|| d.threshold_ppm as f64 / 1e6),
+        // Budget alerts are per month; brake alerts per UTC hour (YYYY-MM-DDTHH).
+        "month": d.period.get(..7),
+        "period": d.period,
+        "webhook": d.webhook,
+        "last_error": d.last_error,
+        "created_at": rfc3339(d.created_at),
+        "next_attempt_at": (d.state == "pending").then(|| rfc3339(d.next_attempt_at)),
+        "delivered_at": d.delivered_at.map(rfc3339),
+        "payload": serde_json::from_str::<Value>(&d.payload).unwrap_or(Value::Null),
+    });
+    let field = if d.subject_kind == "group" {
+        "group"
+    } else {
+        "key_id"
+    };
+    v[field] = json!(d.subject);
+    v
 }
 
 /// What the dashboard needs from the config: where agents connect, and the model names.

@@ -6,6 +6,7 @@
 //! the CLI, never on an async worker thread. Shared types (`Batch`, `TraceRow`, `KeyPatch`,
 //! ...) live in `keys` and `ledger`; each backend module holds only its SQL.
 
+mod alerts;
 mod audit;
 mod groups;
 mod keys;
@@ -16,12 +17,16 @@ mod sqlite;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::alerts::AlertRules;
 
 use crate::keys::token::TokenHash;
 use crate::keys::{KeyRecord, KeyRow};
 use crate::limits::ModelTally;
 use crate::money::Nanos;
 
+pub use alerts::{ClaimedDelivery, DeliveryRow, DeliveryState, DeliveryUpdate};
 pub use audit::AuditEntry;
 pub use groups::{GroupPatch, GroupRecord};
 pub use keys::KeyPatch;
@@ -103,6 +108,8 @@ pub struct Store {
     backend: Backend,
     /// Written to the journal's `owner` column: who must still settle an open admission.
     owner: i64,
+    /// With `alerts` configured: `write_batch` records the alerts a batch raises.
+    alert_rules: Option<Arc<AlertRules>>,
 }
 
 /// Runs the same call on whichever backend the store has (both expose the same methods).
@@ -139,6 +146,7 @@ impl Store {
         Store {
             backend,
             owner: i64::from(std::process::id()),
+            alert_rules: None,
         }
     }
 
@@ -146,6 +154,12 @@ impl Store {
     /// pid). Nodes sharing one PostgreSQL need owners unique across the cluster.
     pub fn set_owner(&mut self, owner: i64) {
         self.owner = owner;
+    }
+
+    /// The alert thresholds and webhooks `write_batch` records alerts with (`None`: alerts
+    /// are off and nothing is recorded).
+    pub fn set_alert_rules(&mut self, rules: Option<Arc<AlertRules>>) {
+        self.alert_rules = rules;
     }
 
     /// The owner journal rows are written with.
@@ -351,9 +365,50 @@ impl Store {
     /// Commits one batch atomically (one transaction): traces, spend, daily counts, last use
     /// and the admission journal, whose rows are written with this store's owner. On error
     /// nothing is written and the caller keeps the batch.
+    ///
+    /// With alert rules set, the same transaction records the alerts the batch raises in
+    /// the outbox (`alerts`, with one `alert_deliveries` row per webhook): for each key whose
+    /// spend it booked and that has a monthly budget, and for the key's group if it has a
+    /// budget (the sum of its keys), every threshold the month-to-date spend has reached;
+    /// and for each
+    /// `spend_rate_exceeded` / `loop_detected` trace, the key's brake alert for that UTC
+    /// hour. Each alert is inserted once ever (unique tuple): later batches, restarts and
+    /// other nodes find it there and add nothing.
     pub fn write_batch(&mut self, batch: &Batch) -> Result<()> {
         let owner = self.owner;
-        on_backend!(&mut self.backend, b => b.write_batch(batch, owner))
+        let rules = self.alert_rules.clone();
+        on_backend!(&mut self.backend, b => b.write_batch(batch, owner, rules.as_deref()))
+    }
+
+    /// Takes up to `limit` due deliveries (pending, next attempt reached, not leased) until
+    /// `lease_until`: no other worker, on any node, takes them before the lease ends.
+    pub fn claim_deliveries(
+        &mut self,
+        now: i64,
+        limit: u32,
+        lease_until: i64,
+    ) -> Result<Vec<ClaimedDelivery>> {
+        on_backend!(&mut self.backend, b => b.claim_deliveries(now, limit, lease_until))
+    }
+
+    /// Writes one attempt's outcome and ends its lease.
+    pub fn finish_delivery(&mut self, id: i64, update: &DeliveryUpdate) -> Result<()> {
+        on_backend!(&mut self.backend, b => b.finish_delivery(id, update))
+    }
+
+    /// Ends the lease of claimed deliveries that were not attempted.
+    pub fn release_deliveries(&mut self, ids: &[i64]) -> Result<()> {
+        on_backend!(&mut self.backend, b => b.release_deliveries(ids))
+    }
+
+    /// Deliveries still pending.
+    pub fn pending_deliveries(&self) -> Result<u64> {
+        on_backend!(&self.backend, b => b.pending_deliveries())
+    }
+
+    /// Alert deliveries with their alerts, newest first; `before` (a delivery id) pages back.
+    pub fn alert_deliveries(&self, limit: u32, before: Option<i64>) -> Result<Vec<DeliveryRow>> {
+        on_backend!(&self.backend, b => b.alert_deliveries(limit, before))
     }
 
     /// Charges every admission whose owner `is_live` says is gone (journal rows with no
@@ -381,7 +436,6 @@ mod tests {
     use crate::keys::token;
     use crate::keys::{BudgetMode, KeyRecord};
     use crate::money::Nanos;
-    use std::sync::Arc;
 
     fn record(id: &str) -> KeyRecord {
         let t = token::mint().unwrap();

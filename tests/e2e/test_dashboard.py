@@ -145,7 +145,12 @@ models:
     free: true
 aliases:
   spideriq/fast: [llama-3.1-8b-instant, gpt-4o-mini]
+alerts:
+  webhooks:
+    - url: "http://127.0.0.1:{hook_port}/hook"
+      secret_env: SPIDERGATE_DASHBOARD_WEBHOOK_SECRET
 """
+WEBHOOK_SECRET = "whsec-dashboard-test"
 
 
 @dataclass
@@ -158,6 +163,8 @@ class Gateway:
     env: dict
     log_path: Path
     secrets: list = field(default_factory=list)
+    # (payload, signature verified) of every POST the alert webhook received.
+    webhooks: list = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -193,19 +200,47 @@ class Gateway:
         return openai.OpenAI(base_url=self.base_url, api_key=secret, max_retries=0, timeout=30)
 
 
+def _webhook_receiver(port: int, received: list):
+    """The alert webhook: checks X-SpiderGate-Signature with Python's own HMAC, records."""
+    import hashlib
+    import hmac
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            want = "sha256=" + hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()
+            ok = hmac.compare_digest(want, self.headers.get("X-SpiderGate-Signature", ""))
+            received.append((json.loads(body), ok))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory) -> Gateway:
     binary = _bin_path()
     tmp = tmp_path_factory.mktemp("dashboard")
     taken: set = set()
     mock_port, gw_port, admin_port = _free_port(taken), _free_port(taken), _free_port(taken)
+    hook_port = _free_port(taken)
     cfg = tmp / "spidergate.yaml"
     cfg.write_text(CONFIG_TEMPLATE.format(
-        gw_port=gw_port, admin_port=admin_port, mock_port=mock_port, db=tmp / "spidergate.db"))
+        gw_port=gw_port, admin_port=admin_port, mock_port=mock_port, hook_port=hook_port,
+        db=tmp / "spidergate.db"))
     token = pysecrets.token_hex(16)
     env = dict(os.environ)
     env["MOCK_API_KEY"] = MOCK_API_KEY
     env["SPIDERGATE_DASHBOARD_TEST_TOKEN"] = token
+    env["SPIDERGATE_DASHBOARD_WEBHOOK_SECRET"] = WEBHOOK_SECRET
     env.pop("SPIDERGATE_CONFIG", None)
 
     mock_log = open(tmp / "mock.log", "wb")
@@ -214,6 +249,7 @@ def gw(tmp_path_factory) -> Gateway:
     mock = gateway = None
     g = Gateway(bin=binary, config=cfg, port=gw_port, admin_port=admin_port, token=token,
                 env=env, log_path=gw_log_path)
+    hooks = _webhook_receiver(hook_port, g.webhooks)
     try:
         mock = subprocess.Popen(
             [str(_mock_bin_path(binary)), "--listen", f"127.0.0.1:{mock_port}"],
@@ -242,6 +278,7 @@ def gw(tmp_path_factory) -> Gateway:
     finally:
         _stop(gateway)
         _stop(mock)
+        hooks.shutdown()
         gw_log.close()
         mock_log.close()
     log = gw_log_path.read_text(errors="replace")
@@ -703,6 +740,33 @@ def test_usage_chart(ui: UI, gw: Gateway):
     ui.wait(lambda: {b.get_attribute("data-model")
                      for b in ui.css("[data-testid=usage-chart] [data-testid=chart-bar]")} == {"gpt-4o"},
             "the chart for one key")
+
+
+def test_alerts_page_lists_signed_deliveries(ui: UI, gw: Gateway):
+    # A one-micro-dollar soft budget: one call crosses 50 %, 80 % and 100 % at once.
+    made = json.loads(gw.cli("keys", "create", "--name", "alert-agent", "--budget", "0.000001",
+                             "--budget-mode", "soft", "--json"))
+    gw.secrets.append(made["secret"])
+    _first_call(gw, made["secret"], "gpt-4o-mini")
+
+    def listed():
+        data = gw.admin("GET", "/admin/alerts").json()["data"]
+        mine = [d for d in data if d.get("key_id") == made["id"] and d["state"] == "delivered"]
+        return mine if len(mine) == 3 else None
+    ui.wait(listed, "three delivered alerts in GET /admin/alerts", timeout=20)
+    ui.nav("Alerts")
+    ui.wait(lambda: ui.d.current_url.split("?")[0].endswith("/dashboard/gate/alerts"), "the alerts URL")
+    def delivered():
+        rows = ui.css(f'[data-testid=alert-row][data-state=delivered][data-subject="{made["id"]}"]')
+        texts = [(r.get_attribute("data-alert-id"), r.text) for r in rows]
+        return texts if len(texts) == 3 and all("alert-agent" in t for _, t in texts) else None
+    rows = ui.wait(delivered, "three delivered alerts for the key, named")
+    assert all("budget.threshold" in text for _, text in rows)
+    assert {alert_id[:5] for alert_id, _ in rows} == {"alrt_"}
+    mine = [(p, ok) for p, ok in gw.webhooks if p.get("key_id") == made["id"]]
+    assert sorted(p["threshold"] for p, _ in mine) == [0.5, 0.8, 1.0], mine
+    assert all(ok for _, ok in mine), "every signature verifies"
+    assert ui.problems() == [], ui.problems()
 
 
 def test_invalid_input_is_refused_next_to_the_field(ui: UI, gw: Gateway):

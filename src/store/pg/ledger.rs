@@ -9,7 +9,8 @@ use std::sync::Arc;
 use postgres::{Row, Statement, Transaction};
 
 use super::{prepared, Postgres};
-use crate::clock::{day_label, month_label};
+use crate::alerts::AlertRules;
+use crate::clock::{day_label, month_label, now_ms};
 use crate::limits::ModelTally;
 use crate::money::Nanos;
 use crate::store::ledger::{parse_trace_id, trace_id_hex, Batch, ModelSpend, TraceRow, ORPHANED};
@@ -448,7 +449,12 @@ impl Postgres {
     /// Journal rows are deleted first (inflight row locks, then sums rows, each in a fixed
     /// order, as in `charge_orphans`): a journaled request is booked only if its row was
     /// still there, so it is charged once whichever node takes the row.
-    pub fn write_batch(&mut self, batch: &Batch, owner: i64) -> Result<()> {
+    pub fn write_batch(
+        &mut self,
+        batch: &Batch,
+        owner: i64,
+        alerts: Option<&AlertRules>,
+    ) -> Result<()> {
         self.write(|tx, cache| {
             let booked = close_journal(tx, cache, batch, owner)?;
             // Grouped by key (stable), as in SQLite: each key's traces stay in order and
@@ -504,6 +510,10 @@ impl Postgres {
                         &open.iter().map(|j| j.cost.get()).collect::<Vec<_>>(),
                     ],
                 )?;
+            }
+            // Last: spend is month-to-date including this batch.
+            if let Some(rules) = alerts {
+                super::alerts::record_alerts(tx, cache, &[batch, &booked], rules, now_ms())?;
             }
             Ok(())
         })

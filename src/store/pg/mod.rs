@@ -5,6 +5,7 @@
 //! The `postgres` client is blocking and runs its own small Tokio runtime: it must only be
 //! used, and dropped, off the async worker threads (see `discard`). Only parameterised SQL.
 
+mod alerts;
 mod audit;
 mod groups;
 mod keys;
@@ -58,6 +59,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "0005_brakes",
         include_str!("../../../migrations/postgres/0005_brakes.sql"),
+    ),
+    (
+        6,
+        "0006_alerts",
+        include_str!("../../../migrations/postgres/0006_alerts.sql"),
     ),
 ];
 

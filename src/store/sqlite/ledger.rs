@@ -8,7 +8,8 @@ use std::sync::Arc;
 use rusqlite::{params, OptionalExtension, Row};
 
 use super::Sqlite;
-use crate::clock::{day_index, day_label, month_index, month_label};
+use crate::alerts::AlertRules;
+use crate::clock::{day_index, day_label, month_index, month_label, now_ms};
 use crate::limits::ModelTally;
 use crate::money::Nanos;
 use crate::store::ledger::{parse_trace_id, trace_id_hex, Batch, ModelSpend, TraceRow, ORPHANED};
@@ -291,7 +292,12 @@ impl Sqlite {
     /// admission journal. A journaled request's sums are booked only if this commit deletes
     /// its journal row (a row already gone was charged as an orphan). On error nothing is
     /// written and the caller keeps the batch.
-    pub fn write_batch(&mut self, batch: &Batch, owner: i64) -> Result<()> {
+    pub fn write_batch(
+        &mut self,
+        batch: &Batch,
+        owner: i64,
+        alerts: Option<&AlertRules>,
+    ) -> Result<()> {
         self.write(|tx| {
             // Journal rows first, as in PostgreSQL: whoever deletes a row books it.
             let mut booked = Batch::default();
@@ -348,6 +354,10 @@ impl Sqlite {
                     j.cost.get(),
                     owner,
                 ])?;
+            }
+            // Last: spend is month-to-date including this batch.
+            if let Some(rules) = alerts {
+                super::alerts::record_alerts(tx, &[batch, &booked], rules, now_ms())?;
             }
             Ok(())
         })

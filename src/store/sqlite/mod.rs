@@ -5,6 +5,7 @@
 //! writer, a busy timeout so concurrent writers queue, `BEGIN IMMEDIATE` for every write, and
 //! only parameterised SQL.
 
+mod alerts;
 mod audit;
 mod groups;
 mod keys;
@@ -160,6 +161,42 @@ CREATE TABLE IF NOT EXISTS audit (
     before  TEXT,
     after   TEXT
 );
+
+-- The alert outbox (SPEC §7): one row per alert, written in the same transaction as the
+-- spend (or the refusal) that raised it. Unique per subject, event, period (YYYY-MM for
+-- budget thresholds, the UTC hour for brake alerts) and threshold, so an alert fires once
+-- however many batches, restarts or processes see the crossing. `payload` is the exact
+-- body every delivery sends; `id` (alrt_...) is derived from the unique tuple.
+CREATE TABLE IF NOT EXISTS alerts (
+    id            TEXT PRIMARY KEY,
+    subject_kind  TEXT NOT NULL,
+    subject       TEXT NOT NULL,
+    event         TEXT NOT NULL,
+    period        TEXT NOT NULL,
+    threshold_ppm INTEGER NOT NULL,
+    payload       TEXT NOT NULL,
+    created_at    INTEGER NOT NULL,
+    UNIQUE (subject_kind, subject, event, period, threshold_ppm)
+);
+
+-- One delivery per alert and webhook: pending (until next_attempt_at), delivered or
+-- failed. A worker takes a due row by setting lease_until; another takes it only after the
+-- lease ends (a worker that died mid-attempt).
+CREATE TABLE IF NOT EXISTS alert_deliveries (
+    id              INTEGER PRIMARY KEY,
+    alert_id        TEXT NOT NULL REFERENCES alerts (id),
+    webhook         TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL,
+    next_attempt_at INTEGER NOT NULL,
+    lease_until     INTEGER NOT NULL,
+    last_error      TEXT,
+    created_at      INTEGER NOT NULL,
+    delivered_at    INTEGER,
+    UNIQUE (alert_id, webhook)
+);
+CREATE INDEX IF NOT EXISTS alert_deliveries_due
+    ON alert_deliveries (state, next_attempt_at);
 "#;
 
 /// Columns added after the first release, applied to older databases at open.
@@ -242,6 +279,12 @@ impl Sqlite {
                     tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
                 }
             }
+            // A group's spend (alerts, every commit that charges a member) is found through
+            // its keys; after the columns, since older files gain `group_name` just above.
+            tx.execute_batch(
+                "CREATE INDEX IF NOT EXISTS keys_group ON keys (group_name)
+                 WHERE group_name IS NOT NULL",
+            )?;
             // After the column exists: a key's descendants are found through it (§7).
             tx.execute_batch(
                 "CREATE INDEX IF NOT EXISTS keys_parent ON keys (parent_id)
