@@ -24,27 +24,34 @@ local now = now_ms()
 local day = math.floor(now / MS_DAY)
 local month = month_of_day(day)
 local mon = p .. ':mon:' .. month
-if redis.call('EXISTS', mon) == 0 then return {0, month, day, 0} end
-local ups = #KEYS - 1
-for i = 1, ups do
-  if redis.call('EXISTS', KEYS[1 + i] .. ':mon:' .. month) == 0 then return {0, month, day, i} end
-end
-
--- This key's reservations whose node stopped heart-beating free their slots first.
+-- This key's reservations whose node stopped heart-beating free their slots first
+-- (and book their estimates, at every level, before any figure below is read).
 local rx = p .. ':rx'
 for _, f in ipairs(redis.call('ZRANGEBYSCORE', rx, '-inf', now, 'LIMIT', 0, 64)) do
   reap_one(f)
 end
+-- One read per hash: whether the month was seeded, its spend and its tree's (SPEC §7).
+local m = redis.call('HMGET', mon, 'seeded', 'spent', 'tree')
+if not m[1] then return {0, month, day, 0} end
+local ups = #KEYS - 1
+-- The levels' months, read once (seeded, spent, tree) before anything is taken.
+local umons = {}
+for i = 1, ups do
+  local um = redis.call('HMGET', KEYS[1 + i] .. ':mon:' .. month, 'seeded', 'spent', 'tree')
+  if not um[1] then return {0, month, day, i} end
+  umons[i] = tonumber(um[2] or '0') + tonumber(um[3] or '0')
+end
+
 
 local live = p .. ':live'
 local warning = 0
 if cap then
-  local spent = redis.call('HGET', mon, 'spent') or '0'
+  local spent = m[2] or '0'
   if hard then
     -- The key's own spend and holds, and those of the keys it minted (`tree`, `treserved`).
-    local reserved = tonumber(redis.call('HGET', live, 'reserved') or '0')
-      + tonumber(redis.call('HGET', live, 'treserved') or '0')
-    spent = tonumber(spent) + tonumber(redis.call('HGET', mon, 'tree') or '0')
+    local l = redis.call('HMGET', live, 'reserved', 'treserved')
+    local reserved = tonumber(l[1] or '0') + tonumber(l[2] or '0')
+    spent = tonumber(spent) + tonumber(m[3] or '0')
     if spent + reserved + tonumber(held) > cap then
       return {2, spent, reserved}
     end
@@ -57,19 +64,14 @@ end
 for i = 1, ups do
   local up = KEYS[1 + i]
   local kind, ucap, urpm = ARGV[13 + 3 * i], opt(ARGV[14 + 3 * i]), opt(ARGV[15 + 3 * i])
-  local umon = up .. ':mon:' .. month
   if ucap then
-    local ulive = up .. ':live'
-    local used = tonumber(redis.call('HGET', umon, 'spent') or '0')
-      + tonumber(redis.call('HGET', umon, 'tree') or '0')
-      + tonumber(redis.call('HGET', ulive, 'reserved') or '0')
-      + tonumber(redis.call('HGET', ulive, 'treserved') or '0')
+    local l = redis.call('HMGET', up .. ':live', 'reserved', 'treserved')
+    local used = umons[i] + tonumber(l[1] or '0') + tonumber(l[2] or '0')
     if used + tonumber(held) > ucap then return {8, used, i} end
   end
   -- A soft cap above the key (-2 - cap: see redis.rs) that its group or tree has reached.
   local soft = tonumber(ARGV[14 + 3 * i])
-  if soft <= -2 and tonumber(redis.call('HGET', umon, 'spent') or '0')
-      + tonumber(redis.call('HGET', umon, 'tree') or '0') >= -2 - soft then
+  if soft <= -2 and umons[i] >= -2 - soft then
     warning = 1
   end
   if kind == 'g' and urpm then
@@ -188,7 +190,8 @@ for i = 1, ups do
   if held ~= '0' then
     redis.call('HINCRBY', up .. ':live', kind == 'p' and 'treserved' or 'reserved', held)
   end
-  if kind == 'g' then
+  -- A group keeps a rolling minute only when it has an rpm.
+  if kind == 'g' and opt(ARGV[15 + 3 * i]) then
     redis.call('ZADD', up .. ':min', now, f)
     redis.call('PEXPIRE', up .. ':min', MS_MIN)
   end
