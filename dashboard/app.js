@@ -7,12 +7,16 @@
   const TOKEN_KEY = 'spidergate.admin_token'; // sessionStorage only: never a cookie or a URL.
   const POLL_MS = 2000; // keys, members and the first traces page refresh this often
   const TRACE_PAGE = 25;
+  const KEY_PAGE = 50; // keys per page on Keys and Members (the API pages and searches)
+  const KEY_OPTIONS = 500; // keys offered by the key pickers of Traces and Usage
   const PALETTE = 10; // .c0 .. .c9 in app.css
 
   const PAGES = {
     '/dashboard/gate/keys': { id: 'keys', group: 'Gate', title: 'Keys', render: renderKeys },
     '/dashboard/gate/traces': { id: 'traces', group: 'Gate', title: 'Traces', render: renderTraces },
     '/dashboard/gate/usage': { id: 'usage', group: 'Gate', title: 'Usage', render: renderUsage },
+    '/dashboard/gate/groups': { id: 'groups', group: 'Gate', title: 'Groups', render: renderGroups },
+    '/dashboard/gate/alerts': { id: 'alerts', group: 'Gate', title: 'Alerts', render: renderAlerts },
     '/dashboard/settings/members/agents': {
       id: 'members', group: 'Settings › Members', title: 'Agents', render: renderMembers,
     },
@@ -22,12 +26,18 @@
   // Fields of the key dialogs, and the API field each one maps to.
   const PARAM_TO_FIELD = {
     monthly_budget_usd: 'budget',
+    budget_usd: 'budget',
     allowed_models: 'models',
   };
 
   const state = {
     info: null, // GET /admin/info
-    keys: null, // last GET /admin/keys?all=true&usage=true
+    keys: null, // the page of keys shown: last GET /admin/keys?usage=true&limit=..&offset=..
+    keyTotal: 0, // how many keys match the current search and status
+    // The search, status and page of Keys and Members (kept while moving between pages).
+    keyQuery: { q: '', status: 'all', offset: 0 },
+    keyOptions: null, // the key pickers' list (GET /admin/keys?all=true&limit=KEY_OPTIONS)
+    groups: null, // last GET /admin/groups
     cleanup: null, // stops the current page's timers
     modelColors: new Map(),
   };
@@ -99,6 +109,9 @@
       left: 'M15 6l-6 6 6 6',
       right: 'M9 6l6 6-6 6',
       refresh: 'M20 11a8 8 0 1 0-2.3 5.7M20 5v6h-6',
+      layers: 'M12 3 2 8l10 5 10-5zM2 13l10 5 10-5M2 18l10 5 10-5',
+      bell: 'M6 16v-5a6 6 0 0 1 12 0v5l2 2H4zM10 21a2 2 0 0 0 4 0',
+      tree: 'M6 3v12M6 9h8a3 3 0 0 1 3 3v3M6 15h0M17 18a2 2 0 1 0 0 .01M6 18a2 2 0 1 0 0 .01',
     };
     return s('svg', { class: 'icon', viewBox: '0 0 24 24', 'aria-hidden': 'true' },
       s('path', { d: paths[name] || '' }));
@@ -274,11 +287,42 @@
     }
   }
 
+  /** The page of keys for the current search, status and offset (server-side paging). */
+  function keyQueryString() {
+    const kq = state.keyQuery;
+    const q = new URLSearchParams({ usage: 'true', status: kq.status, limit: String(KEY_PAGE), offset: String(kq.offset) });
+    if (kq.q.trim()) q.set('q', kq.q.trim());
+    return q.toString();
+  }
+
   async function fetchKeys() {
-    const data = await api('GET', '/admin/keys?all=true&usage=true');
+    const asked = keyQueryString();
+    const data = await api('GET', '/admin/keys?' + asked);
+    // A search typed while this was in flight wins: drop an answer to an older question.
+    if (asked !== keyQueryString()) return state.keys;
+    const total = Number(data && data.total) || 0;
+    if (state.keyQuery.offset > 0 && state.keyQuery.offset >= total) {
+      // The last page emptied (keys revoked or a narrower search): show the new last page.
+      state.keyQuery.offset = Math.max(0, Math.floor((total - 1) / KEY_PAGE) * KEY_PAGE);
+      return fetchKeys();
+    }
     state.keys = (data && data.data) || [];
+    state.keyTotal = total;
     setLive(true);
     return state.keys;
+  }
+
+  /** Keys for the pickers of Traces and Usage (no usage figures; the newest KEY_OPTIONS). */
+  async function fetchKeyOptions() {
+    const data = await api('GET', `/admin/keys?all=true&limit=${KEY_OPTIONS}`);
+    state.keyOptions = (data && data.data) || [];
+    return state.keyOptions;
+  }
+
+  async function fetchGroups() {
+    const data = await api('GET', '/admin/groups');
+    state.groups = (data && data.data) || [];
+    return state.groups;
   }
 
   // ---------------------------------------------------------------- sign-in
@@ -288,6 +332,8 @@
     stopPage();
     for (const d of document.querySelectorAll('dialog')) { d.close(); d.remove(); }
     state.keys = null;
+    state.keyOptions = null;
+    state.groups = null;
     state.info = null;
     renderSignIn(message);
   }
@@ -363,6 +409,8 @@
           navLink('/dashboard/gate/keys', 'keys', 'Keys', 'key'),
           navLink('/dashboard/gate/traces', 'traces', 'Traces', 'list'),
           navLink('/dashboard/gate/usage', 'usage', 'Usage', 'chart'),
+          navLink('/dashboard/gate/groups', 'groups', 'Groups', 'layers'),
+          navLink('/dashboard/gate/alerts', 'alerts', 'Alerts', 'bell'),
           h('div', { class: 'nav-group', text: 'Settings' }),
           navLink('/dashboard/settings/members/agents', 'members', 'Members', 'users')),
         h('div', { class: 'sidebar-foot' },
@@ -563,7 +611,73 @@
       item('In flight', limitText(k.max_inflight), u.requests_in_flight !== undefined ? `· ${int(u.requests_in_flight)} now` : null, 'Concurrent requests'),
       item('Models', modelsText(k), null, (k.scopes || []).length ? 'Scopes: ' + k.scopes.join(', ') : null),
       item('Expires', expiry, null, k.expires_at ? `Expires ${new Date(k.expires_at).toISOString()}` : null),
-      item('Last used', timeEl(k.last_used_at, 'relative')));
+      item('Last used', timeEl(k.last_used_at, 'relative')),
+      item('Group', groupLink(k.group), null, 'Its spend and requests also count against the group'),
+      item('Parent', parentLink(k.parent_id), null, k.parent_id ? 'The key that minted this one' : 'Made by an operator'));
+  }
+
+  function groupLink(name) {
+    return name
+      ? h('a', { href: '/dashboard/gate/groups', 'data-nav': true, 'data-testid': 'key-group', 'data-group': name, text: name })
+      : h('span', { class: 'muted', 'data-testid': 'key-group', text: 'none' });
+  }
+
+  function parentLink(id) {
+    return id
+      ? h('a', { href: '/dashboard/gate/keys?q=' + encodeURIComponent(id), 'data-nav': true, 'data-testid': 'key-parent', 'data-key-id': id },
+        h('code', { class: 'small', text: id }))
+      : h('span', { class: 'muted', 'data-testid': 'key-parent', text: 'none' });
+  }
+
+  /** The keys `parentId` minted, as a list that refreshes while it is on the page. */
+  function childrenPanel(parentId) {
+    const panel = h('div', { class: 'children-panel', 'data-testid': 'children', 'data-parent-id': parentId },
+      h('div', { class: 'label', text: 'Children' }),
+      h('p', { class: 'muted small', text: 'Loading…' }));
+    async function load() {
+      const q = new URLSearchParams({ parent: parentId, all: 'true', limit: '100' });
+      const data = await api('GET', '/admin/keys?' + q);
+      const kids = (data && data.data) || [];
+      const total = Number(data && data.total) || kids.length;
+      const list = kids.length
+        ? h('ul', { class: 'children-list' }, kids.map((c) => h('li', { 'data-testid': 'child', 'data-key-id': c.id, 'data-status': c.status },
+          h('a', { href: '/dashboard/gate/keys?q=' + encodeURIComponent(c.id), 'data-nav': true, class: 'child-name', text: c.name }),
+          ' ', h('code', { class: 'small muted', text: c.id }), ' ', statusBadge(c))),
+        total > kids.length ? h('li', { class: 'muted small', text: `and ${int(total - kids.length)} more` }) : null)
+        : h('p', { class: 'muted small', 'data-testid': 'no-children', text: 'No child keys: this key has not minted any.' });
+      const next = h('div', { class: 'children-body' }, list);
+      const old = panel.querySelector('.children-body');
+      if (old) patch(old, next);
+      else fill(panel, h('div', { class: 'label', text: `Children (${int(total)})` }), next);
+      panel.querySelector('.label').textContent = `Children (${int(total)})`;
+    }
+    const loop = async () => {
+      if (!panel.isConnected) return;
+      try { await load(); } catch (e) {
+        if (e.status !== 401 && panel.isConnected) fill(panel, errorBanner(e));
+      }
+      if (panel.isConnected) setTimeout(loop, POLL_MS);
+    };
+    return { panel, start: () => setTimeout(loop, 0) };
+  }
+
+  /** "Children" on a card opens a panel in it; in the members table, a dialog. */
+  function toggleChildren(btn, id) {
+    const card = btn.closest('article.key-card');
+    if (card) {
+      const open = card.querySelector('.children-panel');
+      if (open) { open.remove(); btn.setAttribute('aria-expanded', 'false'); return; }
+      const c = childrenPanel(id);
+      card.insertBefore(c.panel, card.querySelector('.card-actions'));
+      btn.setAttribute('aria-expanded', 'true');
+      c.start();
+      return;
+    }
+    const k = findKey(id);
+    const m = modal(`Keys minted by ${k ? k.name : id}`, { testid: 'children-dialog' });
+    const c = childrenPanel(id);
+    m.body.append(c.panel);
+    c.start();
   }
 
   function rotationNote(k) {
@@ -580,6 +694,7 @@
     }, compact ? null : iconName);
     const wrap = h('div', { class: 'key-actions' },
       b('View Traces', 'traces', 'trace'),
+      b('Children', 'children', 'tree'),
       b('Edit', 'edit', 'edit'),
       b('Rotate', 'rotate', 'rotate'),
       b('Revoke', 'revoke', 'revoke', 'danger-ghost'));
@@ -590,12 +705,13 @@
   function syncActions(wrap, k) {
     const revoked = k.status === 'revoked';
     for (const btn of wrap.querySelectorAll('button')) {
-      if (btn.dataset.action !== 'traces') btn.hidden = revoked;
+      if (btn.dataset.action !== 'traces' && btn.dataset.action !== 'children') btn.hidden = revoked;
     }
   }
 
   function findKey(id) {
-    return (state.keys || []).find((k) => k.id === id) || null;
+    return (state.keys || []).find((k) => k.id === id)
+      || (state.keyOptions || []).find((k) => k.id === id) || null;
   }
 
   /** Key actions on cards and rows (one delegated listener on the document, installed once). */
@@ -605,6 +721,10 @@
       const action = btn.dataset.action;
       if (action === 'traces') {
         navigate('/dashboard/gate/traces?key=' + encodeURIComponent(id));
+        return;
+      }
+      if (action === 'children') {
+        toggleChildren(btn, id);
         return;
       }
       let k = findKey(id);
@@ -623,26 +743,28 @@
       || String(b.created_at).localeCompare(String(a.created_at)) || a.id.localeCompare(b.id));
   }
 
-  function filterKeys(keys, filter) {
-    const q = filter.q.trim().toLowerCase();
-    return keys.filter((k) => (filter.status === 'all' || k.status === filter.status)
-      && (!q || k.name.toLowerCase().includes(q) || k.id.toLowerCase().includes(q)
-        || String(k.prefix || '').toLowerCase().includes(q)));
-  }
-
-  function keysToolbar(filter, onChange) {
+  /** Search and status for Keys and Members: both go to the API (`q`, `status`), which pages. */
+  function keysToolbar(onChange) {
+    const kq = state.keyQuery;
     const search = h('input', {
-      type: 'search', class: 'search', placeholder: 'Filter by name or id', 'aria-label': 'Filter keys', value: filter.q,
+      type: 'search', class: 'search', name: 'q', placeholder: 'Search name, id, prefix or group',
+      'aria-label': 'Search keys', 'data-testid': 'key-search', value: kq.q,
     });
-    search.addEventListener('input', () => { filter.q = search.value; onChange(); });
+    let timer = null;
+    search.addEventListener('input', () => {
+      clearTimeout(timer);
+      // One request per pause in typing, not one per key stroke.
+      timer = setTimeout(() => { kq.q = search.value; kq.offset = 0; onChange(); }, 250);
+    });
     const seg = h('div', { class: 'segmented', role: 'radiogroup', 'aria-label': 'Status' });
     for (const st of ['all', 'active', 'expired', 'revoked']) {
       const b = h('button', {
         type: 'button', role: 'radio', class: 'seg', 'data-status': st,
-        'aria-checked': String(filter.status === st),
+        'aria-checked': String(kq.status === st),
       }, h('span', { text: st[0].toUpperCase() + st.slice(1) }), h('span', { class: 'count', 'data-count': st }));
       b.addEventListener('click', () => {
-        filter.status = st;
+        kq.status = st;
+        kq.offset = 0;
         for (const x of seg.children) x.setAttribute('aria-checked', String(x === b));
         onChange();
       });
@@ -651,25 +773,59 @@
     return { el: h('div', { class: 'toolbar' }, search, seg), seg };
   }
 
-  function updateCounts(seg, keys) {
+  /** The count of matching keys, on the selected status. */
+  function updateCounts(seg) {
     for (const st of ['all', 'active', 'expired', 'revoked']) {
-      const n = st === 'all' ? keys.length : keys.filter((k) => k.status === st).length;
-      seg.querySelector(`[data-count="${st}"]`).textContent = String(n);
+      seg.querySelector(`[data-count="${st}"]`).textContent = st === state.keyQuery.status ? int(state.keyTotal) : '';
     }
   }
 
+  /** Previous / next over the API's pages of KEY_PAGE keys. */
+  function keysPager(onChange) {
+    const info = h('span', { class: 'muted small', 'data-testid': 'page-info' });
+    const prev = button('Previous', { class: 'btn small', 'data-action': 'prev-page' }, 'left');
+    const next = button('Next', { class: 'btn small', 'data-action': 'next-page' }, 'right');
+    const kq = state.keyQuery;
+    prev.addEventListener('click', () => { kq.offset = Math.max(0, kq.offset - KEY_PAGE); onChange(); });
+    next.addEventListener('click', () => { if (kq.offset + KEY_PAGE < state.keyTotal) { kq.offset += KEY_PAGE; onChange(); } });
+    const el = h('div', { class: 'pager keys-pager', 'data-testid': 'pager' }, info, prev, next);
+    const sync = () => {
+      const n = (state.keys || []).length;
+      info.textContent = state.keyTotal
+        ? `${int(kq.offset + 1)}–${int(kq.offset + n)} of ${plural(state.keyTotal, 'key')}`
+        : '';
+      prev.disabled = kq.offset === 0;
+      next.disabled = kq.offset + KEY_PAGE >= state.keyTotal;
+      el.hidden = state.keyTotal <= KEY_PAGE && kq.offset === 0;
+    };
+    return { el, sync };
+  }
+
+  /** No keys at all (not merely none matching the search). */
+  function noKeysYet() {
+    return state.keyTotal === 0 && !state.keyQuery.q.trim() && state.keyQuery.status === 'all';
+  }
+
+  /** Keys and Members start from `?q=` when a link asks (a parent or child link). */
+  function keyQueryFromUrl(params) {
+    if (params.has('q')) Object.assign(state.keyQuery, { q: params.get('q') || '', status: 'all', offset: 0 });
+  }
+
   function summaryStrip(keys) {
+    // With more keys than one page, the figures are the page's, and say so.
+    const partial = state.keyTotal > keys.length;
     const active = keys.filter((k) => k.status === 'active');
     const spend = keys.reduce((a, k) => a + spendOf(k), 0);
     const today = keys.reduce((a, k) => a + ((k.usage && k.usage.requests_today) || 0), 0);
     const inflight = keys.reduce((a, k) => a + ((k.usage && k.usage.requests_in_flight) || 0), 0);
     const stat = (label, value, id) => h('div', { class: 'stat', 'data-testid': id },
       h('div', { class: 'stat-label', text: label }), h('div', { class: 'stat-value', text: value }));
+    const on = partial ? ' (this page)' : '';
     return h('div', { class: 'stats' },
-      stat('Active keys', int(active.length), 'stat-active'),
-      stat('Spend this month', money(spend), 'stat-spend'),
-      stat('Requests today', int(today), 'stat-today'),
-      stat('In flight', int(inflight), 'stat-inflight'));
+      stat(partial ? 'Matching keys' : 'Active keys', int(partial ? state.keyTotal : active.length), 'stat-active'),
+      stat('Spend this month' + on, money(spend), 'stat-spend'),
+      stat('Requests today' + on, int(today), 'stat-today'),
+      stat('In flight' + on, int(inflight), 'stat-inflight'));
   }
 
   function emptyState(title, text, withCta) {
@@ -690,12 +846,13 @@
   // ---------------------------------------------------------------- Gate → Keys
 
   function renderKeys(container, params, ctx) {
-    const filter = { q: '', status: 'all' };
-    const toolbar = keysToolbar(filter, () => draw());
+    keyQueryFromUrl(params);
+    const toolbar = keysToolbar(() => ctx.refresh());
+    const pager = keysPager(() => ctx.refresh());
     let stats = h('div', { class: 'stats' });
     const grid = h('div', { class: 'cards', 'data-testid': 'key-cards' });
     const status = h('div', { class: 'page-status' });
-    container.append(stats, toolbar.el, status, grid);
+    container.append(stats, toolbar.el, status, grid, pager.el);
     const cards = new Map();
 
     function card(k) {
@@ -720,8 +877,9 @@
       const keys = state.keys;
       if (!keys) return;
       stats = patch(stats, summaryStrip(keys));
-      updateCounts(toolbar.seg, keys);
-      if (keys.length === 0) {
+      updateCounts(toolbar.seg);
+      pager.sync();
+      if (noKeysYet()) {
         fill(grid);
         cards.clear();
         toolbar.el.hidden = true;
@@ -729,7 +887,8 @@
         return;
       }
       toolbar.el.hidden = false;
-      const shown = filterKeys(sortKeys(keys), filter);
+      // The API has searched, filtered, ordered and paged already.
+      const shown = keys;
       fill(status, shown.length ? '' : h('p', { class: 'muted center', text: 'No keys match this filter.' }));
       const seen = new Set();
       let prev = null;
@@ -772,19 +931,20 @@
   // ---------------------------------------------------------------- Settings → Members → Agents
 
   function renderMembers(container, params, ctx) {
-    const filter = { q: '', status: 'all' };
+    keyQueryFromUrl(params);
     const tabs = h('div', { class: 'tabs', role: 'tablist' },
       h('a', { class: 'tab active', role: 'tab', 'aria-selected': 'true', href: '/dashboard/settings/members/agents', 'data-nav': true, text: 'Agents' }));
     const intro = h('p', { class: 'muted intro', text: 'Every agent that can call the gateway, with its limits and this month’s spend. Same keys, same actions as Gate → Keys.' });
-    const toolbar = keysToolbar(filter, () => draw());
+    const toolbar = keysToolbar(() => ctx.refresh());
+    const pager = keysPager(() => ctx.refresh());
     const tbody = h('tbody');
     const table = h('table', { class: 'table members-table', 'data-testid': 'members-table' },
       h('thead', {}, h('tr', {},
-        ['Agent', 'Status', 'Limits', 'Models', 'Spend this month', 'Activity', ''].map((t) => h('th', { scope: 'col', text: t })))),
+        ['Agent', 'Status', 'Group', 'Parent', 'Limits', 'Models', 'Spend this month', 'Activity', ''].map((t) => h('th', { scope: 'col', text: t })))),
       tbody);
     const status = h('div', { class: 'page-status' });
     const wrap = h('div', { class: 'table-wrap' }, table);
-    container.append(tabs, intro, toolbar.el, status, wrap);
+    container.append(tabs, intro, toolbar.el, status, wrap, pager.el);
     const rows = new Map();
 
     function cells(k) {
@@ -794,6 +954,8 @@
         h('td', { class: 'agent-cell' }, h('div', { class: 'key-name', text: k.name }),
           h('code', { class: 'key-display small', text: k.display || `spideriq_pat_${k.prefix}…` })),
         h('td', {}, statusBadge(k)),
+        h('td', { class: 'small' }, groupLink(k.group)),
+        h('td', { class: 'small' }, parentLink(k.parent_id)),
         h('td', { class: 'small limits-cell' }, limitSummary(k)),
         h('td', { class: 'small models-cell', text: modelsText(k) }),
         h('td', { class: 'spend-cell' },
@@ -810,8 +972,9 @@
     function draw() {
       const keys = state.keys;
       if (!keys) return;
-      updateCounts(toolbar.seg, keys);
-      if (keys.length === 0) {
+      updateCounts(toolbar.seg);
+      pager.sync();
+      if (noKeysYet()) {
         wrap.hidden = true;
         toolbar.el.hidden = true;
         fill(status, emptyState('No agents yet', NO_KEYS_TEXT, true));
@@ -819,7 +982,7 @@
       }
       wrap.hidden = false;
       toolbar.el.hidden = false;
-      const shown = filterKeys(sortKeys(keys), filter);
+      const shown = keys;
       fill(status, shown.length ? '' : h('p', { class: 'muted center', text: 'No keys match this filter.' }));
       const seen = new Set();
       let prev = null;
@@ -862,7 +1025,7 @@
   function keySelect(selected, onChange, allLabel = 'All keys') {
     const sel = h('select', { name: 'key', class: 'select', 'aria-label': 'Key' });
     const fillOptions = () => {
-      const keys = sortKeys(state.keys || []);
+      const keys = sortKeys(state.keyOptions || []);
       const opts = [h('option', { value: '', text: allLabel })];
       for (const k of keys) {
         opts.push(h('option', { value: k.id, text: `${k.name} (${k.display || k.prefix})${k.status !== 'active' ? ' · ' + k.status : ''}` }));
@@ -874,7 +1037,7 @@
     };
     fillOptions();
     sel.addEventListener('change', () => onChange(sel.value));
-    if (!state.keys) fetchKeys().then(fillOptions).catch(() => {});
+    fetchKeyOptions().then(fillOptions).catch(() => {});
     return sel;
   }
 
@@ -955,7 +1118,7 @@
     }
 
     async function load() {
-      if (!state.keys && !keyId) await fetchKeys().catch(() => {}); // names for the Key column
+      if (!state.keyOptions && !keyId) await fetchKeyOptions().catch(() => {}); // names for the Key column
       const q = new URLSearchParams({ limit: String(TRACE_PAGE) });
       if (keyId) q.set('key', keyId);
       if (before) q.set('before', before);
@@ -1201,6 +1364,284 @@
     return () => { window.removeEventListener('resize', onResize); clearInterval(timer); clearTimeout(resizeTimer); };
   }
 
+  // ---------------------------------------------------------------- Gate → Groups
+
+  function renderGroups(container, params, ctx) {
+    const intro = h('p', { class: 'muted intro', text: 'A group has its own monthly budget and rpm over the sum of its keys. Every figure is the admin API’s (GET /admin/groups).' });
+    const add = button('New group', { class: 'btn primary', 'data-action': 'new-group' }, 'plus');
+    add.addEventListener('click', () => openGroupDialog(null));
+    const grid = h('div', { class: 'cards', 'data-testid': 'group-cards' });
+    const status = h('div', { class: 'page-status' });
+    container.append(h('div', { class: 'toolbar' }, intro, h('div', { class: 'spacer' }), add), status, grid);
+    const cards = new Map();
+    const names = new Map(); // key id -> name, for the keys of each group
+
+    function groupSpend(g) {
+      const spend = Number(g.spend_usd) || 0;
+      const budget = g.budget_usd;
+      const frac = budget ? spend / budget : 0;
+      const level = !budget ? 'none' : frac >= 1 ? 'over' : frac >= 0.8 ? 'warn' : 'ok';
+      return h('div', { class: 'spend' },
+        h('div', { class: 'spend-head' },
+          h('span', { class: 'label', text: 'Spend this month' }),
+          g.month ? h('span', { class: 'muted small', text: g.month }) : null),
+        h('div', { class: 'spend-line' },
+          h('span', { class: 'spend-amount', 'data-testid': 'group-spend', 'data-usd': String(spend), text: money(spend) }),
+          budget
+            ? h('span', { class: 'muted', 'data-testid': 'group-budget' }, 'of ', money(budget),
+              h('span', { class: 'mode mode-' + g.budget_mode, 'data-testid': 'group-mode', text: g.budget_mode }))
+            : h('span', { class: 'muted', 'data-testid': 'group-budget', text: 'no budget' })),
+        bar(budget ? Math.max(frac, spend > 0 ? 0.012 : 0) : 0, 'spend-bar level-' + level,
+          budget ? `${Math.round(frac * 100)}% of the group's monthly budget` : 'No budget'));
+    }
+
+    function groupKeys(g) {
+      const ids = g.keys || [];
+      const shown = ids.slice(0, 20);
+      return h('div', { class: 'group-keys' },
+        h('div', { class: 'label', text: `Keys (${int(ids.length)})` }),
+        ids.length
+          ? h('ul', { class: 'children-list' }, shown.map((id) => h('li', {},
+            h('a', { href: '/dashboard/gate/keys?q=' + encodeURIComponent(id), 'data-nav': true, 'data-testid': 'group-key', 'data-key-id': id, text: names.get(id) || id }),
+            names.has(id) ? h('code', { class: 'small muted', text: ' ' + id }) : null)),
+          ids.length > shown.length ? h('li', { class: 'muted small', text: `and ${int(ids.length - shown.length)} more` }) : null)
+          : h('p', { class: 'muted small', text: 'No keys yet: pick this group when you connect an agent or edit a key.' }));
+    }
+
+    function head(g) {
+      return h('header', { class: 'card-head' },
+        h('div', { class: 'card-title' }, h('h3', { class: 'key-name', text: g.name }),
+          h('div', { class: 'key-ids muted small' }, `${g.budget_mode} budget · `,
+            h('span', { 'data-testid': 'group-rpm', text: g.rpm ? `${int(g.rpm)}/min` : 'no rpm limit' }))));
+    }
+
+    function body(g) {
+      return h('div', { class: 'card-body' }, groupSpend(g), modelBars({ usage: { by_model: g.by_model } }), groupKeys(g));
+    }
+
+    function card(g) {
+      const edit = button('Edit', { class: 'btn', 'data-action': 'edit-group', 'data-group': g.name }, 'edit');
+      const del = button('Delete', { class: 'btn danger-ghost', 'data-action': 'delete-group', 'data-group': g.name }, 'revoke');
+      edit.addEventListener('click', () => { const cur = (state.groups || []).find((x) => x.name === g.name); openGroupDialog(cur || g); });
+      del.addEventListener('click', () => openDeleteGroupDialog(g.name));
+      return h('article', { class: 'card group-card', 'data-group': g.name },
+        head(g), body(g), h('div', { class: 'card-actions' }, h('div', { class: 'key-actions' }, edit, del)));
+    }
+
+    async function learnNames(groups) {
+      for (const g of groups) {
+        if (!(g.keys || []).slice(0, 20).some((id) => !names.has(id))) continue;
+        const q = new URLSearchParams({ group: g.name, all: 'true', limit: '100' });
+        const data = await api('GET', '/admin/keys?' + q);
+        for (const k of (data && data.data) || []) names.set(k.id, k.name);
+      }
+    }
+
+    function draw() {
+      const groups = state.groups;
+      if (!groups) return;
+      if (!groups.length) {
+        fill(grid);
+        cards.clear();
+        fill(status, h('div', { class: 'empty-state', 'data-testid': 'empty-state' },
+          h('h2', { text: 'No groups yet' }),
+          h('p', { class: 'muted', text: 'Put the keys of one team or one fleet of agents in a group to give them a shared budget and rpm.' })));
+        return;
+      }
+      fill(status);
+      const seen = new Set();
+      let prev = null;
+      for (const g of groups) {
+        seen.add(g.name);
+        let el = cards.get(g.name);
+        if (!el) { el = card(g); cards.set(g.name, el); } else {
+          patch(el.querySelector('.card-head'), head(g));
+          patch(el.querySelector('.card-body'), body(g));
+        }
+        const want = prev ? prev.nextSibling : grid.firstChild;
+        if (want !== el) grid.insertBefore(el, want);
+        prev = el;
+      }
+      for (const [name, el] of cards) if (!seen.has(name)) { el.remove(); cards.delete(name); }
+    }
+
+    ctx.refresh = async () => { await fetchGroups(); if (ctx.alive) draw(); };
+    fill(status, h('p', { class: 'muted center', text: 'Loading groups…' }));
+    return poller(async () => {
+      try {
+        const groups = await fetchGroups();
+        await learnNames(groups);
+        setLive(true);
+      } catch (e) {
+        if (ctx.alive && e.status !== 401) fill(status, errorBanner(e));
+        throw e;
+      }
+      if (ctx.alive) draw();
+    }, POLL_MS, ctx);
+  }
+
+  function openGroupDialog(g) {
+    const m = modal(g ? `Edit group ${g.name}` : 'New group', { testid: 'group-dialog' });
+    const v = (x) => (x === null || x === undefined ? '' : String(x));
+    const mode = h('select', { class: 'select' },
+      h('option', { value: 'hard', text: 'hard: refuse requests over budget' }),
+      h('option', { value: 'soft', text: 'soft: allow and flag' }));
+    mode.value = (g && g.budget_mode) || 'hard';
+    const name = textInput({ placeholder: 'e.g. research-fleet', value: g ? g.name : '' });
+    if (g) name.disabled = true;
+    const form = h('form', { class: 'key-form', novalidate: true, autocomplete: 'off' },
+      h('p', { class: 'banner error', 'data-testid': 'form-error', role: 'alert', hidden: true }),
+      field('name', 'Name', name, g ? 'A group keeps its name.' : 'Letters, digits, - and _.'),
+      h('div', { class: 'grid-2' },
+        field('budget', 'Monthly budget (USD)', textInput({ inputmode: 'decimal', placeholder: 'no budget', value: v(g && g.budget_usd) })),
+        field('budget_mode', 'When the budget is spent', mode)),
+      field('rpm', 'Requests / minute', numInput({ value: v(g && g.rpm) }), 'Over every key of the group together.'));
+    const save = h('button', { type: 'submit', class: 'btn primary', text: g ? 'Save' : 'Create' });
+    const cancel = h('button', { type: 'button', class: 'btn', text: 'Cancel' });
+    cancel.addEventListener('click', () => m.close());
+    form.append(h('footer', { class: 'dialog-foot' }, h('span', { class: 'spacer' }), cancel, save));
+    m.body.append(form);
+    (g ? form.elements.namedItem('budget') : name).focus();
+    form.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      clearErrors(form);
+      const val = (n) => form.elements.namedItem(n).value;
+      const budget = numberOrRaw(val('budget'), true);
+      const rpm = numberOrRaw(val('rpm'));
+      const body = {};
+      if (!g) {
+        body.name = val('name').trim();
+        body.budget_mode = val('budget_mode');
+        if (budget !== undefined) body.budget_usd = budget;
+        if (rpm !== undefined) body.rpm = rpm;
+      } else {
+        // Only what changed, so a concurrent change to another field survives.
+        if ((budget ?? null) !== (g.budget_usd ?? null)) body.budget_usd = budget ?? null;
+        if ((rpm ?? null) !== (g.rpm ?? null)) body.rpm = rpm ?? null;
+        if (val('budget_mode') !== g.budget_mode) body.budget_mode = val('budget_mode');
+        if (!Object.keys(body).length) { m.close(); toast('Nothing changed.'); return; }
+      }
+      busy(save, true, g ? 'Saving…' : 'Creating…');
+      try {
+        const out = g
+          ? await api('PATCH', '/admin/groups/' + encodeURIComponent(g.name), body)
+          : await api('POST', '/admin/groups', body);
+        m.close();
+        toast(g ? `Saved ${out.name}.` : `Created group ${out.name}.`);
+        refreshKeysSoon();
+      } catch (err) {
+        busy(save, false, g ? 'Save' : 'Create');
+        if (err.status !== 401) showError(form, err);
+      }
+    });
+  }
+
+  function openDeleteGroupDialog(name) {
+    const m = modal(`Delete group ${name}?`, { testid: 'delete-group-dialog' });
+    const err = h('p', { class: 'banner error', 'data-testid': 'form-error', role: 'alert', hidden: true });
+    const go = button('Delete', { class: 'btn danger', 'data-testid': 'confirm-delete-group' }, 'revoke');
+    const cancel = h('button', { type: 'button', class: 'btn', text: 'Cancel' });
+    cancel.addEventListener('click', () => m.close());
+    m.body.append(err, h('p', { text: 'Its budget and rpm stop applying. Its spend and its keys’ traces are kept.' }),
+      h('footer', { class: 'dialog-foot' }, h('span', { class: 'spacer' }), cancel, go));
+    cancel.focus();
+    go.addEventListener('click', async () => {
+      go.disabled = true;
+      try {
+        await api('DELETE', '/admin/groups/' + encodeURIComponent(name));
+        m.close();
+        toast(`Deleted group ${name}.`);
+        refreshKeysSoon();
+      } catch (e) {
+        go.disabled = false;
+        if (e.status !== 401) { err.textContent = e.message; err.hidden = false; }
+      }
+    });
+  }
+
+  // ---------------------------------------------------------------- Gate → Alerts
+
+  function renderAlerts(container, params, ctx) {
+    const intro = h('p', { class: 'muted intro', text: 'Webhook deliveries of budget thresholds and runaway-agent alerts, newest first (GET /admin/alerts).' });
+    const tbody = h('tbody');
+    const table = h('table', { class: 'table alerts-table', 'data-testid': 'alerts-table' },
+      h('thead', {}, h('tr', {},
+        ['Time', 'Id', 'Event', 'Subject', 'Threshold', 'State', 'Attempts', 'Last error']
+          .map((t) => h('th', { scope: 'col', text: t, class: t === 'Attempts' ? 'num' : null })))),
+      tbody);
+    const wrap = h('div', { class: 'table-wrap' }, table);
+    const status = h('div', { class: 'page-status' });
+    container.append(intro, status, wrap);
+    wrap.hidden = true;
+
+    function subject(a) {
+      if (a.group) {
+        return h('span', {}, h('span', { class: 'tag small', text: 'group' }), ' ',
+          h('a', { href: '/dashboard/gate/groups', 'data-nav': true, text: a.name || a.group }));
+      }
+      if (a.key_id) {
+        return h('span', {}, h('a', { href: '/dashboard/gate/keys?q=' + encodeURIComponent(a.key_id), 'data-nav': true, text: a.name || a.key_id }),
+          ' ', h('code', { class: 'small muted', text: a.key_id }));
+      }
+      return h('span', { class: 'muted', text: a.name || '—' });
+    }
+
+    function threshold(a) {
+      if (a.threshold === null || a.threshold === undefined) return h('span', { class: 'muted', text: '—' });
+      const t = Number(a.threshold);
+      return h('span', { title: a.month ? `month ${a.month}` : null, text: Number.isNaN(t) ? String(a.threshold) : `${Math.round(t * 100)}%` });
+    }
+
+    function row(a) {
+      const st = String(a.state || '');
+      return h('tr', { 'data-testid': 'alert-row', 'data-alert-id': a.id ?? null, 'data-state': st },
+        h('td', { class: 'nowrap' }, timeEl(a.created_at, 'trace')),
+        h('td', {}, h('code', { class: 'small', text: String(a.id ?? '—') })),
+        h('td', {}, h('code', { class: 'small', text: a.event || '—' })),
+        h('td', { class: 'small' }, subject(a)),
+        h('td', {}, threshold(a)),
+        h('td', {}, h('span', { class: 'badge alert-' + st, text: st || '—' })),
+        h('td', { class: 'num', text: int(a.attempts ?? 0) }),
+        h('td', { class: 'small' }, a.last_error ? h('span', { class: 'danger-text', text: a.last_error }) : h('span', { class: 'muted', text: '—' })));
+    }
+
+    async function load() {
+      let data;
+      try {
+        data = await api('GET', '/admin/alerts?limit=100');
+      } catch (e) {
+        if (e.status !== 404) throw e;
+        // A gateway without GET /admin/alerts (or without alerts in its config).
+        if (!ctx.alive) return;
+        wrap.hidden = true;
+        fill(status, h('div', { class: 'empty-state', 'data-testid': 'alerts-unconfigured' },
+          h('h2', { text: 'Alerts are not configured' }),
+          h('p', { class: 'muted' }, 'This gateway does not list alert deliveries. Add webhooks under ',
+            h('code', { text: 'alerts:' }), ' in the config to be told when a key or group crosses a budget threshold.')));
+        return;
+      }
+      if (!ctx.alive) return;
+      setLive(true);
+      const list = ((data && data.data) || []).slice()
+        .sort((a, b) => String(b.created_at || '').localeCompare(String(a.created_at || '')));
+      if (!list.length) {
+        wrap.hidden = true;
+        fill(status, h('div', { class: 'empty-state', 'data-testid': 'alerts-empty' },
+          h('h2', { text: 'No alerts yet' }),
+          h('p', { class: 'muted', text: 'A delivery appears here when a key or group first crosses a budget threshold this month.' })));
+        return;
+      }
+      fill(status);
+      wrap.hidden = false;
+      const existing = [...tbody.children];
+      fill(tbody, ...list.map((a) => { const r = row(a); return existing.find((o) => o.isEqualNode(r)) || r; }));
+    }
+
+    return poller(async () => {
+      try { await load(); } catch (e) { if (ctx.alive && e.status !== 401) fill(status, errorBanner(e)); throw e; }
+    }, POLL_MS * 2, ctx);
+  }
+
   // ---------------------------------------------------------------- dialogs
 
   /** A modal <dialog> that is removed from the DOM when it closes (taking any secret with it). */
@@ -1309,6 +1750,7 @@
     freeOnly.name = 'free_only';
     freeOnly.id = 'f-free_only';
     const picker = modelPicker(models);
+    const group = groupSelect(k ? k.group : null);
     const form = h('form', { class: 'key-form', novalidate: true, autocomplete: 'off' },
       h('p', { class: 'banner error', 'data-testid': 'form-error', role: 'alert', hidden: true }),
       h('div', { class: 'grid-2' },
@@ -1324,7 +1766,8 @@
       h('fieldset', { class: 'group' }, h('legend', { text: 'Budget' }),
         h('div', { class: 'grid-2' },
           field('budget', 'Monthly budget (USD)', textInput({ inputmode: 'decimal', placeholder: 'no budget', value: v(k && k.monthly_budget_usd) })),
-          field('budget_mode', 'When the budget is spent', budgetMode))),
+          field('budget_mode', 'When the budget is spent', budgetMode)),
+        field('group', 'Group', group, 'Its spend and requests also count against the group’s budget and rpm.')),
       h('fieldset', { class: 'group' }, h('legend', { text: 'Models' }),
         field('models', 'Allowed models and aliases', models, 'Comma-separated; empty allows every model.'),
         picker,
@@ -1355,7 +1798,24 @@
       scopes: list(val('scopes')),
       ttl: val('ttl').trim(),
       client_id: val('client_id').trim(),
+      group: val('group'),
     };
+  }
+
+  /** A select of the groups (GET /admin/groups), with "No group" first. */
+  function groupSelect(current) {
+    const sel = h('select', { class: 'select' });
+    const fillOptions = () => {
+      const names = (state.groups || []).map((g) => g.name);
+      if (current && !names.includes(current)) names.push(current);
+      const keep = sel.value || current || '';
+      fill(sel, h('option', { value: '', text: 'No group' }),
+        names.map((n) => h('option', { value: n, text: n })));
+      sel.value = keep;
+    };
+    fillOptions();
+    fetchGroups().then(fillOptions).catch(() => {});
+    return sel;
   }
 
   function busy(btn, on, label) {
@@ -1391,6 +1851,7 @@
       if (f.scopes.length) body.scopes = f.scopes;
       if (f.ttl) body.ttl = f.ttl;
       if (f.client_id) body.client_id = f.client_id;
+      if (f.group) body.group = f.group;
       busy(create, true, 'Creating…');
       try {
         const key = await api('POST', '/admin/keys', body);
@@ -1540,6 +2001,7 @@
       if (f.scopes.length && !same(f.scopes, k.scopes || [])) body.scopes = f.scopes;
       if (f.ttl) body.ttl = f.ttl;
       if ((f.client_id || null) !== (k.client_id || null)) body.client_id = f.client_id || null;
+      if ((f.group || null) !== (k.group || null)) body.group = f.group || null;
       if (!Object.keys(body).length) { m.close(); toast('Nothing changed.'); return; }
       busy(save, true, 'Saving…');
       try {

@@ -3,10 +3,12 @@
 //! the pages show comes from the admin API, with the token the user signs in with.
 
 /// Page paths: each serves the single-page app, which routes on the path.
-const PAGES: [&str; 5] = [
+const PAGES: [&str; 7] = [
     "/dashboard/gate/keys",
     "/dashboard/gate/traces",
     "/dashboard/gate/usage",
+    "/dashboard/gate/groups",
+    "/dashboard/gate/alerts",
     "/dashboard/settings/members/agents",
     "/dashboard/settings/members",
 ];
@@ -58,6 +60,8 @@ mod tests {
     #[test]
     fn pages_serve_the_app_and_unknown_paths_are_not_ours() {
         assert_eq!(asset("/dashboard/gate/keys").unwrap().body, INDEX);
+        assert_eq!(asset("/dashboard/gate/groups").unwrap().body, INDEX);
+        assert_eq!(asset("/dashboard/gate/alerts").unwrap().body, INDEX);
         assert_eq!(
             asset("/dashboard/settings/members/agents/").unwrap().body,
             INDEX
