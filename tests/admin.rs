@@ -334,41 +334,81 @@ fn the_key_list_pages_and_searches_on_the_server() {
         r.json()
     };
     let names = |v: &Value| -> Vec<String> {
-        v["data"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap().to_string()).collect()
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["name"].as_str().unwrap().to_string())
+            .collect()
     };
     let page = get("/admin/keys?limit=50&offset=0&all=true&usage=true");
     assert_eq!(page["total"], 10_000);
     assert_eq!(page["data"].as_array().unwrap().len(), 50);
     assert_eq!(names(&page)[0], "bulk-09999", "newest first");
-    assert!(page["data"][0]["usage"]["spend_usd"].is_number(), "usage on the page");
+    assert!(
+        page["data"][0]["usage"]["spend_usd"].is_number(),
+        "usage on the page"
+    );
     let next = get("/admin/keys?limit=50&offset=50&all=true");
     assert_eq!(names(&next)[0], "bulk-09949");
     let tail = get("/admin/keys?limit=50&offset=9990&all=true");
-    assert_eq!((tail["total"].as_u64(), names(&tail).len()), (Some(10_000), 10));
+    assert_eq!(
+        (tail["total"].as_u64(), names(&tail).len()),
+        (Some(10_000), 10)
+    );
     assert_eq!(names(&tail).last().unwrap(), "bulk-00000");
 
     // q: the name in another case (URL-encoded), the id, the prefix; a miss is empty.
     let by_name = get("/admin/keys?limit=50&q=BULK-04242");
-    assert_eq!((by_name["total"].as_u64(), names(&by_name)), (Some(1), vec!["bulk-04242".to_string()]));
+    assert_eq!(
+        (by_name["total"].as_u64(), names(&by_name)),
+        (Some(1), vec!["bulk-04242".to_string()])
+    );
     let by_id = get(&format!("/admin/keys?limit=5&q={}", needle.id));
     assert_eq!(by_id["data"][0]["id"], needle.id.as_str());
     let by_prefix = get(&format!("/admin/keys?limit=5&q={}", needle.prefix));
-    assert!(by_prefix["data"].as_array().unwrap().iter().any(|k| k["id"] == needle.id.as_str()));
+    assert!(by_prefix["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["id"] == needle.id.as_str()));
     let spaced = get("/admin/keys?limit=5&q=bulk-0424%32");
     assert_eq!(spaced["total"], 1, "percent-decoded");
     assert_eq!(get("/admin/keys?limit=5&q=no+such+key")["total"], 0);
     let many = get("/admin/keys?limit=20&q=bulk-042");
-    assert_eq!((many["total"].as_u64(), names(&many).len()), (Some(100), 20));
+    assert_eq!(
+        (many["total"].as_u64(), names(&many).len()),
+        (Some(100), 20)
+    );
 
     // Groups and children: q finds a group's keys; parent= lists a key's children.
-    let r = call(admin, "POST", "/admin/groups", Some(json!({"name": "Research-Fleet"})));
+    let r = call(
+        admin,
+        "POST",
+        "/admin/groups",
+        Some(json!({"name": "Research-Fleet"})),
+    );
     assert_eq!(r.status, 201, "{}", r.text());
-    let r = call(admin, "PATCH", &format!("/admin/keys/{}", needle.id), Some(json!({"group": "Research-Fleet"})));
+    let r = call(
+        admin,
+        "PATCH",
+        &format!("/admin/keys/{}", needle.id),
+        Some(json!({"group": "Research-Fleet"})),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let in_group = get("/admin/keys?limit=10&q=research-fleet");
-    assert_eq!((in_group["total"].as_u64(), in_group["data"][0]["group"].as_str()), (Some(1), Some("Research-Fleet")));
+    assert_eq!(
+        (
+            in_group["total"].as_u64(),
+            in_group["data"][0]["group"].as_str()
+        ),
+        (Some(1), Some("Research-Fleet"))
+    );
     assert_eq!(get("/admin/keys?group=Research-Fleet")["total"], 1);
-    assert_eq!(get(&format!("/admin/keys?parent={}&all=true", needle.id))["total"], 0);
+    assert_eq!(
+        get(&format!("/admin/keys?parent={}&all=true", needle.id))["total"],
+        0
+    );
 
     // Without paging parameters the list is what it was: every active key.
     let plain = get("/admin/keys");
@@ -376,7 +416,12 @@ fn the_key_list_pages_and_searches_on_the_server() {
     assert_eq!(plain["total"], 10_000);
 
     // Bad parameters are refused and named.
-    for (q, param) in [("limit=0", "limit"), ("limit=1001", "limit"), ("offset=-1", "offset"), ("status=gone", "status")] {
+    for (q, param) in [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("offset=-1", "offset"),
+        ("status=gone", "status"),
+    ] {
         let r = call(admin, "GET", &format!("/admin/keys?{q}"), None);
         assert_eq!(r.status, 400, "{q}");
         assert_eq!(r.json()["error"]["param"], param, "{q}");

@@ -249,42 +249,93 @@ fn key_page_contract(loc: &StoreLocation) {
         .collect();
     s.insert_keys(&keys).unwrap();
     let page = |f: KeyFilter| s.key_page(&f, now).unwrap();
-    let ids = |p: &spidergate::store::KeyPage| p.keys.iter().map(|k| k.id.clone()).collect::<Vec<_>>();
+    let ids =
+        |p: &spidergate::store::KeyPage| p.keys.iter().map(|k| k.id.clone()).collect::<Vec<_>>();
 
     let all = page(KeyFilter::default());
-    assert_eq!((all.total, all.keys.len()), (120, 120), "{loc:?}: no limit is every key");
-    let first = page(KeyFilter { limit: Some(50), ..Default::default() });
+    assert_eq!(
+        (all.total, all.keys.len()),
+        (120, 120),
+        "{loc:?}: no limit is every key"
+    );
+    let first = page(KeyFilter {
+        limit: Some(50),
+        ..Default::default()
+    });
     assert_eq!((first.total, first.keys.len()), (120, 50), "{loc:?}");
-    assert_eq!(ids(&first)[..2], ["key_118", "key_117"], "{loc:?}: active, newest first");
-    let last = page(KeyFilter { limit: Some(50), offset: 100, ..Default::default() });
+    assert_eq!(
+        ids(&first)[..2],
+        ["key_118", "key_117"],
+        "{loc:?}: active, newest first"
+    );
+    let last = page(KeyFilter {
+        limit: Some(50),
+        offset: 100,
+        ..Default::default()
+    });
     assert_eq!(last.keys.len(), 20, "{loc:?}");
     // Revoked keys come last: 0, 20, 40, ... 100, newest first.
-    assert_eq!(ids(&last)[14..], ["key_100", "key_080", "key_060", "key_040", "key_020", "key_000"]);
+    assert_eq!(
+        ids(&last)[14..],
+        ["key_100", "key_080", "key_060", "key_040", "key_020", "key_000"]
+    );
     let mut seen: Vec<String> = (0..3)
-        .flat_map(|p| ids(&page(KeyFilter { limit: Some(50), offset: p * 50, ..Default::default() })))
+        .flat_map(|p| {
+            ids(&page(KeyFilter {
+                limit: Some(50),
+                offset: p * 50,
+                ..Default::default()
+            }))
+        })
         .collect();
     seen.sort();
     seen.dedup();
     assert_eq!(seen.len(), 120, "{loc:?}: the pages cover every key once");
 
-    let q = |text: &str| page(KeyFilter { q: Some(text.into()), limit: Some(10), ..Default::default() });
+    let q = |text: &str| {
+        page(KeyFilter {
+            q: Some(text.into()),
+            limit: Some(10),
+            ..Default::default()
+        })
+    };
     assert_eq!(ids(&q("agent-042")), ["key_042"], "{loc:?}: name, any case");
     assert_eq!(ids(&q("KEY_117")), ["key_117"], "{loc:?}: id");
     assert_eq!(q("fleet_a").total, 7, "{loc:?}: group");
     let prefix = keys[55].prefix.to_uppercase();
-    assert!(ids(&q(&prefix)).contains(&"key_055".to_string()), "{loc:?}: prefix");
+    assert!(
+        ids(&q(&prefix)).contains(&"key_055".to_string()),
+        "{loc:?}: prefix"
+    );
     assert_eq!(q("%").total, 0, "{loc:?}: % is literal");
-    assert_eq!(q("t_0").total, 0, "{loc:?}: _ is literal (Agent-0.. has no t_0)");
+    assert_eq!(
+        q("t_0").total,
+        0,
+        "{loc:?}: _ is literal (Agent-0.. has no t_0)"
+    );
     assert_eq!(q("y_00").total, 10, "{loc:?}: key_000..key_009");
 
-    let st = |status| page(KeyFilter { status: Some(status), ..Default::default() }).total;
+    let st = |status| {
+        page(KeyFilter {
+            status: Some(status),
+            ..Default::default()
+        })
+        .total
+    };
     assert_eq!(st(KeyStatus::Revoked), 6, "{loc:?}");
     // i % 10 == 9 expired: 12, none of them revoked.
     assert_eq!(st(KeyStatus::Expired), 12, "{loc:?}");
     assert_eq!(st(KeyStatus::Active), 102, "{loc:?}");
-    let kids = page(KeyFilter { parent: Some("key_002".into()), ..Default::default() });
+    let kids = page(KeyFilter {
+        parent: Some("key_002".into()),
+        ..Default::default()
+    });
     assert_eq!(ids(&kids), ["key_004", "key_003"], "{loc:?}");
-    let group = page(KeyFilter { group: Some("Fleet_A".into()), limit: Some(3), ..Default::default() });
+    let group = page(KeyFilter {
+        group: Some("Fleet_A".into()),
+        limit: Some(3),
+        ..Default::default()
+    });
     assert_eq!((group.total, group.keys.len()), (7, 3), "{loc:?}");
 }
 

@@ -107,15 +107,13 @@ fn form_decode(v: &str) -> String {
         let hex = |c: u8| (c as char).to_digit(16);
         match b[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                match (hex(b[i + 1]), hex(b[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push((h * 16 + l) as u8);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             c => out.push(c),
         }
         i += 1;
@@ -131,7 +129,12 @@ fn key_filter(query: &HashMap<String, String>) -> Result<Option<KeyFilter>, Repl
         return Ok(None);
     }
     let bad = |param: &'static str, what: &str| {
-        Reply::error_on(400, "invalid_request", format!("{param} must be {what}"), Some(param))
+        Reply::error_on(
+            400,
+            "invalid_request",
+            format!("{param} must be {what}"),
+            Some(param),
+        )
     };
     let limit = match query.get("limit").filter(|v| !v.is_empty()) {
         Some(v) => Some(
@@ -655,13 +658,29 @@ mod tests {
     #[test]
     fn paging_parameters_are_checked_and_named() {
         let q = |s: &str| key_filter(&query_map(Some(s)));
-        assert!(q("all=true").unwrap().is_none(), "the plain list stays as it was");
+        assert!(
+            q("all=true").unwrap().is_none(),
+            "the plain list stays as it was"
+        );
         let f = q("limit=50&offset=100&q=abc").unwrap().unwrap();
-        assert_eq!((f.limit, f.offset, f.q.as_deref()), (Some(50), 100, Some("abc")));
-        assert_eq!(f.status, Some(KeyStatus::Active), "without all, active keys only");
+        assert_eq!(
+            (f.limit, f.offset, f.q.as_deref()),
+            (Some(50), 100, Some("abc"))
+        );
+        assert_eq!(
+            f.status,
+            Some(KeyStatus::Active),
+            "without all, active keys only"
+        );
         let f = q("limit=5&all=true").unwrap().unwrap();
         assert_eq!(f.status, None);
-        for bad in ["limit=0", "limit=1001", "limit=x", "offset=-1", "status=gone"] {
+        for bad in [
+            "limit=0",
+            "limit=1001",
+            "limit=x",
+            "offset=-1",
+            "status=gone",
+        ] {
             let r = q(bad).err().expect(bad);
             assert_eq!(r.status, 400, "{bad}");
         }

@@ -112,13 +112,17 @@ impl Postgres {
     pub fn key_page(&self, f: &KeyFilter, now: i64) -> Result<KeyPage> {
         let status = f.status.map(|s| s.as_str());
         let pattern = f.pattern();
-        let total: i64 =
-            self.scalar(KEY_PAGE_COUNT, &[&now, &status, &f.parent, &f.group, &pattern])?;
+        let total: i64 = self.scalar(
+            KEY_PAGE_COUNT,
+            &[&now, &status, &f.parent, &f.group, &pattern],
+        )?;
         let limit = f.limit.map(i64::from);
         let offset = i64::from(f.offset);
         let rows = self.query(
             KEY_PAGE_ROWS,
-            &[&now, &status, &f.parent, &f.group, &pattern, &limit, &offset],
+            &[
+                &now, &status, &f.parent, &f.group, &pattern, &limit, &offset,
+            ],
         )?;
         Ok(KeyPage {
             total: u64::try_from(total).unwrap_or(0),
