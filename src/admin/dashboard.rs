@@ -15,6 +15,8 @@ const PAGES: [&str; 7] = [
 
 const INDEX: &[u8] = include_bytes!("../../dashboard/index.html");
 const APP_JS: &[u8] = include_bytes!("../../dashboard/app.js");
+/// Groups and Alerts (SPEC §7), built with the helpers app.js exports.
+const FLEET_JS: &[u8] = include_bytes!("../../dashboard/fleet.js");
 const APP_CSS: &[u8] = include_bytes!("../../dashboard/app.css");
 
 /// No inline script or style, nothing from elsewhere, never framed.
@@ -47,6 +49,7 @@ pub fn asset(path: &str) -> Option<Asset> {
             location: Some("/dashboard/gate/keys"),
         }),
         "/dashboard/assets/app.js" => Some(found("text/javascript; charset=utf-8", APP_JS)),
+        "/dashboard/assets/fleet.js" => Some(found("text/javascript; charset=utf-8", FLEET_JS)),
         "/dashboard/assets/app.css" => Some(found("text/css; charset=utf-8", APP_CSS)),
         p if PAGES.contains(&p) => Some(found("text/html; charset=utf-8", INDEX)),
         _ => None,
@@ -68,6 +71,7 @@ mod tests {
         );
         assert_eq!(asset("/dashboard").unwrap().status, 302);
         assert!(asset("/dashboard/assets/app.js").is_some());
+        assert!(asset("/dashboard/assets/fleet.js").is_some());
         assert!(asset("/dashboard/../admin/keys").is_none());
         assert!(asset("/admin/keys").is_none());
     }

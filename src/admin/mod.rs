@@ -681,7 +681,7 @@ mod tests {
             "offset=-1",
             "status=gone",
         ] {
-            let r = q(bad).err().expect(bad);
+            let r = q(bad).expect_err(bad);
             assert_eq!(r.status, 400, "{bad}");
         }
     }

@@ -443,7 +443,7 @@ def test_pages_carry_strict_csp(gw: Gateway):
         assert '<link rel="stylesheet" href="/dashboard/assets/app.css">' in r.text
         assert '<script src="/dashboard/assets/app.js" defer></script>' in r.text
         assert "style=" not in r.text and "onclick" not in r.text.lower()
-    for asset in ("app.js", "app.css"):
+    for asset in ("app.js", "fleet.js", "app.css"):
         assert httpx.get(f"{gw.admin_url}/dashboard/assets/{asset}", timeout=10).status_code == 200
 
 
@@ -921,6 +921,8 @@ def test_fleet_groups_parents_children_and_alerts(ui: UI, gw: Gateway):
         return ok and api
     api = ui.wait(group_agrees, "the group's spend, models and keys as GET /admin/groups/research-fleet has them")
     assert set(api["keys"]) == {parent["id"], child["id"]}, api
+    ui.wait(lambda: not ui.css(".toast"), "the toasts to fade", timeout=6.0)
+    ui.shot("dashboard-groups.png")
 
     # Alerts: rows newest first when the gateway lists deliveries, else "not configured".
     ui.nav("Alerts")
