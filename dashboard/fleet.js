@@ -269,8 +269,10 @@
       }
       if (!ctx.alive) return;
       setLive(true);
-      const list = ((data && data.data) || []).slice()
-        .sort((a, b) => String(b.created_at || '').localeCompare(String(a.created_at || '')));
+      // Newest first, whatever order the answer had (a stable sort keeps the API's order for
+      // equal or unreadable times).
+      const at = (a) => { const t = new Date(a.created_at).getTime(); return Number.isNaN(t) ? 0 : t; };
+      const list = ((data && data.data) || []).slice().sort((a, b) => at(b) - at(a));
       if (!list.length) {
         wrap.hidden = true;
         fill(status, h('div', { class: 'empty-state', 'data-testid': 'alerts-empty' },

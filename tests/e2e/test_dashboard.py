@@ -924,6 +924,22 @@ def test_fleet_groups_parents_children_and_alerts(ui: UI, gw: Gateway):
     ui.wait(lambda: not ui.css(".toast"), "the toasts to fade", timeout=6.0)
     ui.shot("dashboard-groups.png")
 
+    # Edit and delete through the UI (a scratch group made through the API).
+    ui.button("Edit", _group_card(ui, "research-fleet")).click()
+    dlg = ui.dialog("group-dialog")
+    assert dlg.find_element(ui.By.NAME, "rpm").get_attribute("value") == "600"
+    ui.fill(dlg, "rpm", "900")
+    ui.button("Save", dlg).click()
+    ui.wait(lambda: not ui.css("dialog"), "the edit dialog to close")
+    assert gw.admin("GET", "/admin/groups/research-fleet").json()["rpm"] == 900
+    ui.wait(lambda: "900/min" in ui.css("[data-testid=group-rpm]", _group_card(ui, "research-fleet"))[0].text,
+            "the new rpm on the card")
+    assert gw.admin("POST", "/admin/groups", json={"name": "scratch"}).status_code == 201
+    ui.button("Delete", _group_card(ui, "scratch")).click()
+    ui.button("Delete", ui.dialog("delete-group-dialog")).click()
+    ui.wait(lambda: not ui.css('article[data-group="scratch"]'), "the deleted group's card to go")
+    assert gw.admin("GET", "/admin/groups/scratch").status_code == 404
+
     # Alerts: rows newest first when the gateway lists deliveries, else "not configured".
     ui.nav("Alerts")
     ui.wait(lambda: ui.d.current_url.endswith("/dashboard/gate/alerts"), "the alerts URL")
@@ -939,6 +955,38 @@ def test_fleet_groups_parents_children_and_alerts(ui: UI, gw: Gateway):
                     "the alert rows, newest first")
         else:
             ui.one("[data-testid=alerts-empty]")
+    assert ui.problems() == [], ui.problems()
+
+
+def test_alerts_page_renders_deliveries_newest_first(ui: UI, gw: Gateway):
+    """The rows of GET /admin/alerts in the shape the alerts branch answers with. Until that
+    endpoint is merged the page's fetch of it is answered here, in the page, with two
+    deliveries out of order; with the endpoint in place the real answer is checked above."""
+    fake = {"object": "list", "data": [
+        {"id": "alrt_old", "event": "budget.threshold", "state": "delivered", "attempts": 1,
+         "key_id": "key_0123456789abcdef", "name": "older-agent", "threshold": 0.5, "month": "2026-12",
+         "url": "https://hooks.example.com/x", "last_error": None, "created_at": "2026-12-01T10:00:00Z"},
+        {"id": "alrt_new", "event": "budget.threshold", "state": "retrying", "attempts": 3,
+         "group": "research-fleet", "name": "research-fleet", "threshold": 0.8, "month": "2026-12",
+         "url": "https://hooks.example.com/x", "last_error": "HTTP 500", "created_at": "2026-12-02T10:00:00Z"},
+    ]}
+    ui.nav("Keys")
+    ui.d.execute_script("""
+        const fake = arguments[0], real = window.fetch;
+        window.fetch = (url, opts) => String(url).startsWith('/admin/alerts')
+          ? Promise.resolve(new Response(JSON.stringify(fake), {status: 200, headers: {'content-type': 'application/json'}}))
+          : real(url, opts);
+    """, fake)
+    ui.nav("Alerts")
+    rows = ui.wait(lambda: len(r := ui.css("[data-testid=alert-row]")) == 2 and r, "two alert rows")
+    assert [r.get_attribute("data-alert-id") for r in rows] == ["alrt_new", "alrt_old"], "newest first"
+    new, old = rows[0].text, rows[1].text
+    for part in ("alrt_new", "budget.threshold", "research-fleet", "80%", "retrying", "3", "HTTP 500"):
+        assert part.lower() in new.lower(), (part, new)
+    for part in ("alrt_old", "older-agent", "key_0123456789abcdef", "50%", "delivered"):
+        assert part.lower() in old.lower(), (part, old)
+    ui.go("/dashboard/gate/keys")  # a reload drops the stand-in
+    ui.one("#page")
     assert ui.problems() == [], ui.problems()
 
 
