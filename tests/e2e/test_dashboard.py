@@ -1044,4 +1044,17 @@ def test_keys_view_with_10000_keys_pages_and_searches(ui: UI, gw: Gateway):
                    if li.find_element(ui.By.TAG_NAME, "dt").text.strip() == "RPM")
         return rpm.find_element(ui.By.TAG_NAME, "dd").text.startswith("77")
     ui.wait(rpm_shown, "the change on the searched card", timeout=5.0)
+    # Edit puts the key in a group (the `group` field of PATCH /admin/keys/{id}).
+    ui.button("Edit", ui.card(want_id)).click()
+    dlg = ui.dialog("edit-dialog")
+    from selenium.webdriver.support.ui import Select
+    ui.wait(lambda: dlg.find_elements(ui.By.CSS_SELECTOR, 'select[name=group] option[value="research-fleet"]'),
+            "the groups in the select")
+    assert Select(dlg.find_element(ui.By.NAME, "group")).first_selected_option.get_attribute("value") == ""
+    Select(dlg.find_element(ui.By.NAME, "group")).select_by_value("research-fleet")
+    ui.button("Save", dlg).click()
+    ui.wait(lambda: not ui.css("dialog"), "the edit dialog to close")
+    assert gw.admin("GET", f"/admin/keys/{want_id}").json()["group"] == "research-fleet"
+    ui.wait(lambda: ui.css("[data-testid=key-group]", ui.card(want_id))[0].text.strip() == "research-fleet",
+            "the group on the card")
     assert ui.problems() == [], ui.problems()
