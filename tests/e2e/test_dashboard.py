@@ -900,6 +900,11 @@ def test_fleet_groups_parents_children_and_alerts(ui: UI, gw: Gateway):
     ui.nav("Members")
     row = ui.one(f'tr[data-key-id="{child["id"]}"]', "the child's row")
     assert parent["id"] in row.text and "research-fleet" in row.text, row.text
+    ui.button("Children", ui.one(f'tr[data-key-id="{parent["id"]}"]')).click()
+    ui.one(f'dialog[open][data-testid=children-dialog] [data-testid=child][data-key-id="{child["id"]}"]',
+           "the child in the members' Children dialog")
+    ui.one("dialog[open] .close-x").click()
+    ui.wait(lambda: not ui.css("dialog"), "the children dialog to close")
     ui.nav("Keys")
     ui.card(child["id"])
 
