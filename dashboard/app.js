@@ -7,13 +7,14 @@
   const TOKEN_KEY = 'spidergate.admin_token'; // sessionStorage only: never a cookie or a URL.
   const POLL_MS = 2000; // keys, members and the first traces page refresh this often
   const TRACE_PAGE = 25;
+  const KEY_PAGE = 50; // keys per page on Keys and Members (the API pages and searches)
+  const KEY_OPTIONS = 500; // keys offered by the key pickers of Traces and Usage
   const PALETTE = 10; // .c0 .. .c9 in app.css
 
   const PAGES = {
     '/dashboard/gate/keys': { id: 'keys', group: 'Gate', title: 'Keys', render: renderKeys },
     '/dashboard/gate/traces': { id: 'traces', group: 'Gate', title: 'Traces', render: renderTraces },
     '/dashboard/gate/usage': { id: 'usage', group: 'Gate', title: 'Usage', render: renderUsage },
-    '/dashboard/gate/alerts': { id: 'alerts', group: 'Gate', title: 'Alerts', render: renderAlerts },
     '/dashboard/settings/members/agents': {
       id: 'members', group: 'Settings › Members', title: 'Agents', render: renderMembers,
     },
@@ -23,12 +24,18 @@
   // Fields of the key dialogs, and the API field each one maps to.
   const PARAM_TO_FIELD = {
     monthly_budget_usd: 'budget',
+    budget_usd: 'budget',
     allowed_models: 'models',
   };
 
   const state = {
     info: null, // GET /admin/info
-    keys: null, // last GET /admin/keys?all=true&usage=true
+    keys: null, // the page of keys shown: last GET /admin/keys?usage=true&limit=..&offset=..
+    keyTotal: 0, // how many keys match the current search and status
+    // The search, status and page of Keys and Members (kept while moving between pages).
+    keyQuery: { q: '', status: 'all', offset: 0 },
+    keyOptions: null, // the key pickers' list (GET /admin/keys?all=true&limit=KEY_OPTIONS)
+    groups: null, // last GET /admin/groups
     cleanup: null, // stops the current page's timers
     modelColors: new Map(),
   };
@@ -100,7 +107,8 @@
       left: 'M15 6l-6 6 6 6',
       right: 'M9 6l6 6-6 6',
       refresh: 'M20 11a8 8 0 1 0-2.3 5.7M20 5v6h-6',
-      bell: 'M6 9a6 6 0 0 1 12 0c0 6 3 8 3 8H3s3-2 3-8M10 21h4',
+      layers: 'M12 3 2 8l10 5 10-5zM2 13l10 5 10-5M2 18l10 5 10-5',
+      bell: 'M6 16v-5a6 6 0 0 1 12 0v5l2 2H4zM10 21a2 2 0 0 0 4 0',
     };
     return s('svg', { class: 'icon', viewBox: '0 0 24 24', 'aria-hidden': 'true' },
       s('path', { d: paths[name] || '' }));
@@ -276,11 +284,42 @@
     }
   }
 
+  /** The page of keys for the current search, status and offset (server-side paging). */
+  function keyQueryString() {
+    const kq = state.keyQuery;
+    const q = new URLSearchParams({ usage: 'true', status: kq.status, limit: String(KEY_PAGE), offset: String(kq.offset) });
+    if (kq.q.trim()) q.set('q', kq.q.trim());
+    return q.toString();
+  }
+
   async function fetchKeys() {
-    const data = await api('GET', '/admin/keys?all=true&usage=true');
+    const asked = keyQueryString();
+    const data = await api('GET', '/admin/keys?' + asked);
+    // A search typed while this was in flight wins: drop an answer to an older question.
+    if (asked !== keyQueryString()) return state.keys;
+    const total = Number(data && data.total) || 0;
+    if (state.keyQuery.offset > 0 && state.keyQuery.offset >= total) {
+      // The last page emptied (keys revoked or a narrower search): show the new last page.
+      state.keyQuery.offset = Math.max(0, Math.floor((total - 1) / KEY_PAGE) * KEY_PAGE);
+      return fetchKeys();
+    }
     state.keys = (data && data.data) || [];
+    state.keyTotal = total;
     setLive(true);
     return state.keys;
+  }
+
+  /** Keys for the pickers of Traces and Usage (no usage figures; the newest KEY_OPTIONS). */
+  async function fetchKeyOptions() {
+    const data = await api('GET', `/admin/keys?all=true&limit=${KEY_OPTIONS}`);
+    state.keyOptions = (data && data.data) || [];
+    return state.keyOptions;
+  }
+
+  async function fetchGroups() {
+    const data = await api('GET', '/admin/groups');
+    state.groups = (data && data.data) || [];
+    return state.groups;
   }
 
   // ---------------------------------------------------------------- sign-in
@@ -290,6 +329,8 @@
     stopPage();
     for (const d of document.querySelectorAll('dialog')) { d.close(); d.remove(); }
     state.keys = null;
+    state.keyOptions = null;
+    state.groups = null;
     state.info = null;
     renderSignIn(message);
   }
@@ -365,6 +406,7 @@
           navLink('/dashboard/gate/keys', 'keys', 'Keys', 'key'),
           navLink('/dashboard/gate/traces', 'traces', 'Traces', 'list'),
           navLink('/dashboard/gate/usage', 'usage', 'Usage', 'chart'),
+          navLink('/dashboard/gate/groups', 'groups', 'Groups', 'layers'),
           navLink('/dashboard/gate/alerts', 'alerts', 'Alerts', 'bell'),
           h('div', { class: 'nav-group', text: 'Settings' }),
           navLink('/dashboard/settings/members/agents', 'members', 'Members', 'users')),
@@ -570,7 +612,73 @@
       item('Loops', limitText(k.loop_limit, 'same / min'), null, 'The same request at most this many times per rolling 60 s (loop_limit)'),
       item('Models', modelsText(k), null, (k.scopes || []).length ? 'Scopes: ' + k.scopes.join(', ') : null),
       item('Expires', expiry, null, k.expires_at ? `Expires ${new Date(k.expires_at).toISOString()}` : null),
-      item('Last used', timeEl(k.last_used_at, 'relative')));
+      item('Last used', timeEl(k.last_used_at, 'relative')),
+      item('Group', groupLink(k.group), null, 'Its spend and requests also count against the group'),
+      item('Parent', parentLink(k.parent_id), null, k.parent_id ? 'The key that minted this one' : 'Made by an operator'));
+  }
+
+  function groupLink(name) {
+    return name
+      ? h('a', { href: '/dashboard/gate/groups', 'data-nav': true, 'data-testid': 'key-group', 'data-group': name, text: name })
+      : h('span', { class: 'muted', 'data-testid': 'key-group', text: 'none' });
+  }
+
+  function parentLink(id) {
+    return id
+      ? h('a', { href: '/dashboard/gate/keys?q=' + encodeURIComponent(id), 'data-nav': true, 'data-testid': 'key-parent', 'data-key-id': id },
+        h('code', { class: 'small', text: id }))
+      : h('span', { class: 'muted', 'data-testid': 'key-parent', text: 'none' });
+  }
+
+  /** The keys `parentId` minted, as a list that refreshes while it is on the page. */
+  function childrenPanel(parentId) {
+    const panel = h('div', { class: 'children-panel', 'data-testid': 'children', 'data-parent-id': parentId },
+      h('div', { class: 'label', text: 'Children' }),
+      h('p', { class: 'muted small', text: 'Loading…' }));
+    async function load() {
+      const q = new URLSearchParams({ parent: parentId, all: 'true', limit: '100' });
+      const data = await api('GET', '/admin/keys?' + q);
+      const kids = (data && data.data) || [];
+      const total = Number(data && data.total) || kids.length;
+      const list = kids.length
+        ? h('ul', { class: 'children-list' }, kids.map((c) => h('li', { 'data-testid': 'child', 'data-key-id': c.id, 'data-status': c.status },
+          h('a', { href: '/dashboard/gate/keys?q=' + encodeURIComponent(c.id), 'data-nav': true, class: 'child-name', text: c.name }),
+          ' ', h('code', { class: 'small muted', text: c.id }), ' ', statusBadge(c))),
+        total > kids.length ? h('li', { class: 'muted small', text: `and ${int(total - kids.length)} more` }) : null)
+        : h('p', { class: 'muted small', 'data-testid': 'no-children', text: 'No child keys: this key has not minted any.' });
+      const next = h('div', { class: 'children-body' }, list);
+      const old = panel.querySelector('.children-body');
+      if (old) patch(old, next);
+      else fill(panel, h('div', { class: 'label', text: `Children (${int(total)})` }), next);
+      panel.querySelector('.label').textContent = `Children (${int(total)})`;
+    }
+    const loop = async () => {
+      if (!panel.isConnected) return;
+      try { await load(); } catch (e) {
+        if (e.status !== 401 && panel.isConnected) fill(panel, errorBanner(e));
+      }
+      if (panel.isConnected) setTimeout(loop, POLL_MS);
+    };
+    return { panel, start: () => setTimeout(loop, 0) };
+  }
+
+  /** "Children" on a card opens a panel in it; in the members table, a dialog. */
+  function toggleChildren(btn, id) {
+    const card = btn.closest('article.key-card');
+    if (card) {
+      const open = card.querySelector('.children-panel');
+      if (open) { open.remove(); btn.setAttribute('aria-expanded', 'false'); return; }
+      const c = childrenPanel(id);
+      card.insertBefore(c.panel, card.querySelector('.card-actions'));
+      btn.setAttribute('aria-expanded', 'true');
+      c.start();
+      return;
+    }
+    const k = findKey(id);
+    const m = modal(`Keys minted by ${k ? k.name : id}`, { testid: 'children-dialog' });
+    const c = childrenPanel(id);
+    m.body.append(c.panel);
+    c.start();
   }
 
   function rotationNote(k) {
@@ -587,6 +695,7 @@
     }, compact ? null : iconName);
     const wrap = h('div', { class: 'key-actions' },
       b('View Traces', 'traces', 'trace'),
+      b('Children', 'children', null),
       b('Edit', 'edit', 'edit'),
       b('Rotate', 'rotate', 'rotate'),
       b('Revoke', 'revoke', 'revoke', 'danger-ghost'));
@@ -597,12 +706,13 @@
   function syncActions(wrap, k) {
     const revoked = k.status === 'revoked';
     for (const btn of wrap.querySelectorAll('button')) {
-      if (btn.dataset.action !== 'traces') btn.hidden = revoked;
+      if (btn.dataset.action !== 'traces' && btn.dataset.action !== 'children') btn.hidden = revoked;
     }
   }
 
   function findKey(id) {
-    return (state.keys || []).find((k) => k.id === id) || null;
+    return (state.keys || []).find((k) => k.id === id)
+      || (state.keyOptions || []).find((k) => k.id === id) || null;
   }
 
   /** Key actions on cards and rows (one delegated listener on the document, installed once). */
@@ -612,6 +722,10 @@
       const action = btn.dataset.action;
       if (action === 'traces') {
         navigate('/dashboard/gate/traces?key=' + encodeURIComponent(id));
+        return;
+      }
+      if (action === 'children') {
+        toggleChildren(btn, id);
         return;
       }
       let k = findKey(id);
@@ -630,26 +744,28 @@
       || String(b.created_at).localeCompare(String(a.created_at)) || a.id.localeCompare(b.id));
   }
 
-  function filterKeys(keys, filter) {
-    const q = filter.q.trim().toLowerCase();
-    return keys.filter((k) => (filter.status === 'all' || k.status === filter.status)
-      && (!q || k.name.toLowerCase().includes(q) || k.id.toLowerCase().includes(q)
-        || String(k.prefix || '').toLowerCase().includes(q)));
-  }
-
-  function keysToolbar(filter, onChange) {
+  /** Search and status for Keys and Members: both go to the API (`q`, `status`), which pages. */
+  function keysToolbar(onChange) {
+    const kq = state.keyQuery;
     const search = h('input', {
-      type: 'search', class: 'search', placeholder: 'Filter by name or id', 'aria-label': 'Filter keys', value: filter.q,
+      type: 'search', class: 'search', name: 'q', placeholder: 'Search name, id, prefix or group',
+      'aria-label': 'Search keys', 'data-testid': 'key-search', value: kq.q,
     });
-    search.addEventListener('input', () => { filter.q = search.value; onChange(); });
+    let timer = null;
+    search.addEventListener('input', () => {
+      clearTimeout(timer);
+      // One request per pause in typing, not one per key stroke.
+      timer = setTimeout(() => { kq.q = search.value; kq.offset = 0; onChange(); }, 250);
+    });
     const seg = h('div', { class: 'segmented', role: 'radiogroup', 'aria-label': 'Status' });
     for (const st of ['all', 'active', 'expired', 'revoked']) {
       const b = h('button', {
         type: 'button', role: 'radio', class: 'seg', 'data-status': st,
-        'aria-checked': String(filter.status === st),
+        'aria-checked': String(kq.status === st),
       }, h('span', { text: st[0].toUpperCase() + st.slice(1) }), h('span', { class: 'count', 'data-count': st }));
       b.addEventListener('click', () => {
-        filter.status = st;
+        kq.status = st;
+        kq.offset = 0;
         for (const x of seg.children) x.setAttribute('aria-checked', String(x === b));
         onChange();
       });
@@ -658,25 +774,59 @@
     return { el: h('div', { class: 'toolbar' }, search, seg), seg };
   }
 
-  function updateCounts(seg, keys) {
+  /** The count of matching keys, on the selected status. */
+  function updateCounts(seg) {
     for (const st of ['all', 'active', 'expired', 'revoked']) {
-      const n = st === 'all' ? keys.length : keys.filter((k) => k.status === st).length;
-      seg.querySelector(`[data-count="${st}"]`).textContent = String(n);
+      seg.querySelector(`[data-count="${st}"]`).textContent = st === state.keyQuery.status ? int(state.keyTotal) : '';
     }
   }
 
+  /** Previous / next over the API's pages of KEY_PAGE keys. */
+  function keysPager(onChange) {
+    const info = h('span', { class: 'muted small', 'data-testid': 'page-info' });
+    const prev = button('Previous', { class: 'btn small', 'data-action': 'prev-page' }, 'left');
+    const next = button('Next', { class: 'btn small', 'data-action': 'next-page' }, 'right');
+    const kq = state.keyQuery;
+    prev.addEventListener('click', () => { kq.offset = Math.max(0, kq.offset - KEY_PAGE); onChange(); });
+    next.addEventListener('click', () => { if (kq.offset + KEY_PAGE < state.keyTotal) { kq.offset += KEY_PAGE; onChange(); } });
+    const el = h('div', { class: 'pager keys-pager', 'data-testid': 'pager' }, info, prev, next);
+    const sync = () => {
+      const n = (state.keys || []).length;
+      info.textContent = state.keyTotal
+        ? `${int(kq.offset + 1)}–${int(kq.offset + n)} of ${plural(state.keyTotal, 'key')}`
+        : '';
+      prev.disabled = kq.offset === 0;
+      next.disabled = kq.offset + KEY_PAGE >= state.keyTotal;
+      el.hidden = state.keyTotal <= KEY_PAGE && kq.offset === 0;
+    };
+    return { el, sync };
+  }
+
+  /** No keys at all (not merely none matching the search). */
+  function noKeysYet() {
+    return state.keyTotal === 0 && !state.keyQuery.q.trim() && state.keyQuery.status === 'all';
+  }
+
+  /** Keys and Members start from `?q=` when a link asks (a parent or child link). */
+  function keyQueryFromUrl(params) {
+    if (params.has('q')) Object.assign(state.keyQuery, { q: params.get('q') || '', status: 'all', offset: 0 });
+  }
+
   function summaryStrip(keys) {
+    // With more keys than one page, the figures are the page's, and say so.
+    const partial = state.keyTotal > keys.length;
     const active = keys.filter((k) => k.status === 'active');
     const spend = keys.reduce((a, k) => a + spendOf(k), 0);
     const today = keys.reduce((a, k) => a + ((k.usage && k.usage.requests_today) || 0), 0);
     const inflight = keys.reduce((a, k) => a + ((k.usage && k.usage.requests_in_flight) || 0), 0);
     const stat = (label, value, id) => h('div', { class: 'stat', 'data-testid': id },
       h('div', { class: 'stat-label', text: label }), h('div', { class: 'stat-value', text: value }));
+    const on = partial ? ' (this page)' : '';
     return h('div', { class: 'stats' },
-      stat('Active keys', int(active.length), 'stat-active'),
-      stat('Spend this month', money(spend), 'stat-spend'),
-      stat('Requests today', int(today), 'stat-today'),
-      stat('In flight', int(inflight), 'stat-inflight'));
+      stat(partial ? 'Matching keys' : 'Active keys', int(partial ? state.keyTotal : active.length), 'stat-active'),
+      stat('Spend this month' + on, money(spend), 'stat-spend'),
+      stat('Requests today' + on, int(today), 'stat-today'),
+      stat('In flight' + on, int(inflight), 'stat-inflight'));
   }
 
   function emptyState(title, text, withCta) {
@@ -697,12 +847,13 @@
   // ---------------------------------------------------------------- Gate → Keys
 
   function renderKeys(container, params, ctx) {
-    const filter = { q: '', status: 'all' };
-    const toolbar = keysToolbar(filter, () => draw());
+    keyQueryFromUrl(params);
+    const toolbar = keysToolbar(() => ctx.refresh());
+    const pager = keysPager(() => ctx.refresh());
     let stats = h('div', { class: 'stats' });
     const grid = h('div', { class: 'cards', 'data-testid': 'key-cards' });
     const status = h('div', { class: 'page-status' });
-    container.append(stats, toolbar.el, status, grid);
+    container.append(stats, toolbar.el, status, grid, pager.el);
     const cards = new Map();
 
     function card(k) {
@@ -727,8 +878,9 @@
       const keys = state.keys;
       if (!keys) return;
       stats = patch(stats, summaryStrip(keys));
-      updateCounts(toolbar.seg, keys);
-      if (keys.length === 0) {
+      updateCounts(toolbar.seg);
+      pager.sync();
+      if (noKeysYet()) {
         fill(grid);
         cards.clear();
         toolbar.el.hidden = true;
@@ -736,7 +888,8 @@
         return;
       }
       toolbar.el.hidden = false;
-      const shown = filterKeys(sortKeys(keys), filter);
+      // The API has searched, filtered, ordered and paged already.
+      const shown = keys;
       fill(status, shown.length ? '' : h('p', { class: 'muted center', text: 'No keys match this filter.' }));
       const seen = new Set();
       let prev = null;
@@ -779,19 +932,20 @@
   // ---------------------------------------------------------------- Settings → Members → Agents
 
   function renderMembers(container, params, ctx) {
-    const filter = { q: '', status: 'all' };
+    keyQueryFromUrl(params);
     const tabs = h('div', { class: 'tabs', role: 'tablist' },
       h('a', { class: 'tab active', role: 'tab', 'aria-selected': 'true', href: '/dashboard/settings/members/agents', 'data-nav': true, text: 'Agents' }));
     const intro = h('p', { class: 'muted intro', text: 'Every agent that can call the gateway, with its limits and this month’s spend. Same keys, same actions as Gate → Keys.' });
-    const toolbar = keysToolbar(filter, () => draw());
+    const toolbar = keysToolbar(() => ctx.refresh());
+    const pager = keysPager(() => ctx.refresh());
     const tbody = h('tbody');
     const table = h('table', { class: 'table members-table', 'data-testid': 'members-table' },
       h('thead', {}, h('tr', {},
-        ['Agent', 'Status', 'Limits', 'Models', 'Spend this month', 'Activity', ''].map((t) => h('th', { scope: 'col', text: t })))),
+        ['Agent', 'Status', 'Group', 'Parent', 'Limits', 'Models', 'Spend this month', 'Activity', ''].map((t) => h('th', { scope: 'col', text: t })))),
       tbody);
     const status = h('div', { class: 'page-status' });
     const wrap = h('div', { class: 'table-wrap' }, table);
-    container.append(tabs, intro, toolbar.el, status, wrap);
+    container.append(tabs, intro, toolbar.el, status, wrap, pager.el);
     const rows = new Map();
 
     function cells(k) {
@@ -801,6 +955,8 @@
         h('td', { class: 'agent-cell' }, h('div', { class: 'key-name', text: k.name }),
           h('code', { class: 'key-display small', text: k.display || `spideriq_pat_${k.prefix}…` })),
         h('td', {}, statusBadge(k)),
+        h('td', { class: 'small' }, groupLink(k.group)),
+        h('td', { class: 'small' }, parentLink(k.parent_id)),
         h('td', { class: 'small limits-cell' }, limitSummary(k)),
         h('td', { class: 'small models-cell', text: modelsText(k) }),
         h('td', { class: 'spend-cell' },
@@ -817,8 +973,9 @@
     function draw() {
       const keys = state.keys;
       if (!keys) return;
-      updateCounts(toolbar.seg, keys);
-      if (keys.length === 0) {
+      updateCounts(toolbar.seg);
+      pager.sync();
+      if (noKeysYet()) {
         wrap.hidden = true;
         toolbar.el.hidden = true;
         fill(status, emptyState('No agents yet', NO_KEYS_TEXT, true));
@@ -826,7 +983,7 @@
       }
       wrap.hidden = false;
       toolbar.el.hidden = false;
-      const shown = filterKeys(sortKeys(keys), filter);
+      const shown = keys;
       fill(status, shown.length ? '' : h('p', { class: 'muted center', text: 'No keys match this filter.' }));
       const seen = new Set();
       let prev = null;
@@ -869,7 +1026,7 @@
   function keySelect(selected, onChange, allLabel = 'All keys') {
     const sel = h('select', { name: 'key', class: 'select', 'aria-label': 'Key' });
     const fillOptions = () => {
-      const keys = sortKeys(state.keys || []);
+      const keys = sortKeys(state.keyOptions || []);
       const opts = [h('option', { value: '', text: allLabel })];
       for (const k of keys) {
         opts.push(h('option', { value: k.id, text: `${k.name} (${k.display || k.prefix})${k.status !== 'active' ? ' · ' + k.status : ''}` }));
@@ -881,7 +1038,7 @@
     };
     fillOptions();
     sel.addEventListener('change', () => onChange(sel.value));
-    if (!state.keys) fetchKeys().then(fillOptions).catch(() => {});
+    fetchKeyOptions().then(fillOptions).catch(() => {});
     return sel;
   }
 
@@ -962,7 +1119,7 @@
     }
 
     async function load() {
-      if (!state.keys && !keyId) await fetchKeys().catch(() => {}); // names for the Key column
+      if (!state.keyOptions && !keyId) await fetchKeyOptions().catch(() => {}); // names for the Key column
       const q = new URLSearchParams({ limit: String(TRACE_PAGE) });
       if (keyId) q.set('key', keyId);
       if (before) q.set('before', before);
@@ -1005,72 +1162,6 @@
   }
 
   // ---------------------------------------------------------------- Gate → Alerts
-
-  /** Alert deliveries from `GET /admin/alerts`, newest first, refreshed like the traces. */
-  function renderAlerts(container, params, ctx) {
-    const tbody = h('tbody');
-    const table = h('table', { class: 'table alerts-table', 'data-testid': 'alerts-table' },
-      h('thead', {}, h('tr', {},
-        ['Recorded', 'Event', 'Key or group', 'Threshold', 'Period', 'Webhook', 'State', 'Attempts', 'Last error']
-          .map((t) => h('th', { scope: 'col', text: t, class: t === 'Attempts' ? 'num' : null })))),
-      tbody);
-    const status = h('div', { class: 'page-status' });
-    const wrap = h('div', { class: 'table-wrap' }, table);
-    container.append(status, wrap);
-    const badges = { delivered: 'http-2xx', pending: 'http-4xx', failed: 'http-5xx' };
-
-    function subject(d) {
-      if (d.group) return h('span', {}, h('span', { class: 'muted', text: 'group ' }), h('strong', { text: d.group }));
-      const k = findKey(d.key_id);
-      return h('a', { href: '/dashboard/gate/traces?key=' + encodeURIComponent(d.key_id), 'data-nav': true, text: k ? k.name : d.key_id });
-    }
-
-    function row(d) {
-      const threshold = typeof d.threshold === 'number' ? `${Math.round(d.threshold * 1000) / 10} %` : '—';
-      return h('tr', { 'data-testid': 'alert-row', 'data-alert-id': d.id, 'data-state': d.state, 'data-subject': d.group || d.key_id },
-        h('td', { class: 'nowrap' }, timeEl(d.created_at, 'trace')),
-        h('td', {}, h('code', { class: 'small', text: d.event })),
-        h('td', { class: 'small nowrap' }, subject(d)),
-        h('td', { class: 'num' }, threshold),
-        h('td', { class: 'small nowrap' }, d.period || '—'),
-        h('td', { class: 'small' }, h('code', { class: 'small', text: d.webhook })),
-        h('td', {}, h('span', { class: 'badge ' + (badges[d.state] || ''), text: d.state })),
-        h('td', { class: 'num' }, int(d.attempts || 0)),
-        h('td', { class: 'small' }, d.last_error
-          ? h('span', { class: 'danger-text', text: d.last_error })
-          : h('span', { class: 'muted', text: '—' })));
-    }
-
-    async function load() {
-      const data = await api('GET', '/admin/alerts?limit=100');
-      if (!ctx.alive) return;
-      const list_ = (data && data.data) || [];
-      // Key names for the subject column (again when a key newer than the list shows up).
-      if (!state.keys || list_.some((d) => d.key_id && !findKey(d.key_id))) await fetchKeys().catch(() => {});
-      if (!ctx.alive) return;
-      setLive(true);
-      const list = list_;
-      if (!list.length) {
-        wrap.hidden = true;
-        fill(status, emptyState('No alerts yet',
-          'With alerts configured, a key or group reaching a budget threshold, or refused by a spend-rate or loop brake, sends a signed webhook; each delivery shows up here.', false));
-        fill(tbody);
-        return;
-      }
-      wrap.hidden = false;
-      fill(status);
-      // Rows that did not change keep their nodes (no flicker while the page refreshes).
-      const existing = [...tbody.children];
-      fill(tbody, ...list.map((d) => {
-        const r = row(d);
-        return existing.find((old) => old.isEqualNode(r)) || r;
-      }));
-    }
-
-    return poller(async () => {
-      try { await load(); } catch (e) { if (ctx.alive && e.status !== 401) fill(status, errorBanner(e)); throw e; }
-    }, POLL_MS, ctx);
-  }
 
   // ---------------------------------------------------------------- Gate → Usage
 
@@ -1384,6 +1475,7 @@
     freeOnly.name = 'free_only';
     freeOnly.id = 'f-free_only';
     const picker = modelPicker(models);
+    const group = groupSelect(k ? k.group : null);
     const form = h('form', { class: 'key-form', novalidate: true, autocomplete: 'off' },
       h('p', { class: 'banner error', 'data-testid': 'form-error', role: 'alert', hidden: true }),
       h('div', { class: 'grid-2' },
@@ -1403,7 +1495,8 @@
       h('fieldset', { class: 'group' }, h('legend', { text: 'Budget' }),
         h('div', { class: 'grid-2' },
           field('budget', 'Monthly budget (USD)', textInput({ inputmode: 'decimal', placeholder: 'no budget', value: v(k && k.monthly_budget_usd) })),
-          field('budget_mode', 'When the budget is spent', budgetMode))),
+          field('budget_mode', 'When the budget is spent', budgetMode)),
+        field('group', 'Group', group, 'Its spend and requests also count against the group’s budget and rpm.')),
       h('fieldset', { class: 'group' }, h('legend', { text: 'Models' }),
         field('models', 'Allowed models and aliases', models, 'Comma-separated; empty allows every model.'),
         picker,
@@ -1436,7 +1529,24 @@
       scopes: list(val('scopes')),
       ttl: val('ttl').trim(),
       client_id: val('client_id').trim(),
+      group: val('group'),
     };
+  }
+
+  /** A select of the groups (GET /admin/groups), with "No group" first. */
+  function groupSelect(current) {
+    const sel = h('select', { class: 'select' });
+    const fillOptions = () => {
+      const names = (state.groups || []).map((g) => g.name);
+      if (current && !names.includes(current)) names.push(current);
+      const keep = sel.value || current || '';
+      fill(sel, h('option', { value: '', text: 'No group' }),
+        names.map((n) => h('option', { value: n, text: n })));
+      sel.value = keep;
+    };
+    fillOptions();
+    fetchGroups().then(fillOptions).catch(() => {});
+    return sel;
   }
 
   function busy(btn, on, label) {
@@ -1472,6 +1582,7 @@
       if (f.scopes.length) body.scopes = f.scopes;
       if (f.ttl) body.ttl = f.ttl;
       if (f.client_id) body.client_id = f.client_id;
+      if (f.group) body.group = f.group;
       busy(create, true, 'Creating…');
       try {
         const key = await api('POST', '/admin/keys', body);
@@ -1621,6 +1732,7 @@
       if (f.scopes.length && !same(f.scopes, k.scopes || [])) body.scopes = f.scopes;
       if (f.ttl) body.ttl = f.ttl;
       if ((f.client_id || null) !== (k.client_id || null)) body.client_id = f.client_id || null;
+      if ((f.group || null) !== (k.group || null)) body.group = f.group || null;
       if (!Object.keys(body).length) { m.close(); toast('Nothing changed.'); return; }
       busy(save, true, 'Saving…');
       try {
@@ -1721,5 +1833,13 @@
     route();
   }
 
-  boot();
+  // What the pages in the other files (fleet.js: Groups, Alerts) build with; they add their
+  // pages here before boot, which waits for every deferred script.
+  window.SpiderGate = Object.freeze({
+    h, s, fill, patch, button, icon, bar, money, int, plural, timeEl, api, poller, setLive, toast,
+    modal, field, textInput, numInput, clearErrors, showError, numberOrRaw, busy, errorBanner,
+    modelBars, refreshKeysSoon, fetchGroups, state, POLL_MS,
+    addPage(path, page) { PAGES[path] = page; },
+  });
+  document.addEventListener('DOMContentLoaded', boot);
 })();

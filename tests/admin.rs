@@ -304,3 +304,126 @@ fn invalid_fields_are_refused_with_the_field_named_and_no_key_made() {
     let all = call(admin, "GET", "/admin/keys?all=true", None).json();
     assert_eq!(all["data"].as_array().unwrap().len(), 0);
 }
+
+/// SPEC §5: the keys view stays responsive with 10,000 keys because the admin API pages and
+/// searches: `limit`, `offset` and `q` (id, name, prefix or group, any case), with `total`.
+#[test]
+fn the_key_list_pages_and_searches_on_the_server() {
+    let mock = mock();
+    let (gw, admin) = admin_gateway(&mock);
+    let config = spidergate::config::Config::load(&gw.config).unwrap();
+    let catalog = spidergate::catalog::Catalog::new(&config);
+    let now = spidergate::clock::now_ms();
+    let records: Vec<_> = (0..10_000)
+        .map(|i| {
+            let spec = spidergate::manage::KeySpec {
+                name: format!("bulk-{i:05}"),
+                ..Default::default()
+            };
+            let mut k = spidergate::manage::mint(&catalog, spec, now).unwrap().0;
+            k.created_at = now - 10_000 + i; // bulk-09999 is the newest
+            k
+        })
+        .collect();
+    let needle = records[4_242].clone();
+    gw.store().insert_keys(&records).unwrap();
+
+    let get = |path: &str| {
+        let r = call(admin, "GET", path, None);
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        r.json()
+    };
+    let names = |v: &Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let page = get("/admin/keys?limit=50&offset=0&all=true&usage=true");
+    assert_eq!(page["total"], 10_000);
+    assert_eq!(page["data"].as_array().unwrap().len(), 50);
+    assert_eq!(names(&page)[0], "bulk-09999", "newest first");
+    assert!(
+        page["data"][0]["usage"]["spend_usd"].is_number(),
+        "usage on the page"
+    );
+    let next = get("/admin/keys?limit=50&offset=50&all=true");
+    assert_eq!(names(&next)[0], "bulk-09949");
+    let tail = get("/admin/keys?limit=50&offset=9990&all=true");
+    assert_eq!(
+        (tail["total"].as_u64(), names(&tail).len()),
+        (Some(10_000), 10)
+    );
+    assert_eq!(names(&tail).last().unwrap(), "bulk-00000");
+
+    // q: the name in another case (URL-encoded), the id, the prefix; a miss is empty.
+    let by_name = get("/admin/keys?limit=50&q=BULK-04242");
+    assert_eq!(
+        (by_name["total"].as_u64(), names(&by_name)),
+        (Some(1), vec!["bulk-04242".to_string()])
+    );
+    let by_id = get(&format!("/admin/keys?limit=5&q={}", needle.id));
+    assert_eq!(by_id["data"][0]["id"], needle.id.as_str());
+    let by_prefix = get(&format!("/admin/keys?limit=5&q={}", needle.prefix));
+    assert!(by_prefix["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["id"] == needle.id.as_str()));
+    let spaced = get("/admin/keys?limit=5&q=bulk-0424%32");
+    assert_eq!(spaced["total"], 1, "percent-decoded");
+    assert_eq!(get("/admin/keys?limit=5&q=no+such+key")["total"], 0);
+    let many = get("/admin/keys?limit=20&q=bulk-042");
+    assert_eq!(
+        (many["total"].as_u64(), names(&many).len()),
+        (Some(100), 20)
+    );
+
+    // Groups and children: q finds a group's keys; parent= lists a key's children.
+    let r = call(
+        admin,
+        "POST",
+        "/admin/groups",
+        Some(json!({"name": "Research-Fleet"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = call(
+        admin,
+        "PATCH",
+        &format!("/admin/keys/{}", needle.id),
+        Some(json!({"group": "Research-Fleet"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let in_group = get("/admin/keys?limit=10&q=research-fleet");
+    assert_eq!(
+        (
+            in_group["total"].as_u64(),
+            in_group["data"][0]["group"].as_str()
+        ),
+        (Some(1), Some("Research-Fleet"))
+    );
+    assert_eq!(get("/admin/keys?group=Research-Fleet")["total"], 1);
+    assert_eq!(
+        get(&format!("/admin/keys?parent={}&all=true", needle.id))["total"],
+        0
+    );
+
+    // Without paging parameters the list is what it was: every active key.
+    let plain = get("/admin/keys");
+    assert_eq!(plain["data"].as_array().unwrap().len(), 10_000);
+    assert_eq!(plain["total"], 10_000);
+
+    // Bad parameters are refused and named.
+    for (q, param) in [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("offset=-1", "offset"),
+        ("status=gone", "status"),
+    ] {
+        let r = call(admin, "GET", &format!("/admin/keys?{q}"), None);
+        assert_eq!(r.status, 400, "{q}");
+        assert_eq!(r.json()["error"]["param"], param, "{q}");
+    }
+}

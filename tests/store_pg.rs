@@ -14,7 +14,8 @@ use spidergate::keys::token;
 use spidergate::keys::{BudgetMode, KeyRecord};
 use spidergate::money::Nanos;
 use spidergate::store::{
-    Batch, JournalRow, KeyPatch, LedgerEntry, Store, StoreError, StoreLocation, TraceRow, ORPHANED,
+    Batch, JournalRow, KeyFilter, KeyPatch, KeyStatus, LedgerEntry, Store, StoreError,
+    StoreLocation, TraceRow, ORPHANED,
 };
 
 /// A fresh, empty store of each backend: SQLite in a temp dir, PostgreSQL in a new
@@ -234,6 +235,116 @@ fn keys_contract(loc: &StoreLocation) {
     assert_eq!(s.key_changes_since(0).unwrap(), None);
     assert_eq!(s.key_changes_since(last).unwrap(), Some((last, vec![])));
     assert_eq!(s.integrity_check().unwrap(), "ok");
+}
+
+/// `GET /admin/keys?limit&offset&q`: pages of the matching keys, active first and newest
+/// first within a status, with the count of every match; `q` is a case-insensitive
+/// substring of the id, name, prefix or group, and its wildcards are literal.
+fn key_page_contract(loc: &StoreLocation) {
+    let mut s = Store::open_at(loc).unwrap();
+    let now = 1_000_000;
+    let keys: Vec<KeyRecord> = (0..120)
+        .map(|i| {
+            let mut k = record(&format!("key_{i:03}"));
+            k.name = format!("Agent-{i:03}");
+            k.created_at = i;
+            k.expires_at = if i % 10 == 9 { now - 1 } else { now + 1 };
+            k.revoked_at = (i % 20 == 0).then_some(5);
+            k.group = (i < 7).then(|| "Fleet_A".to_string());
+            k.parent_id = (i == 3 || i == 4).then(|| "key_002".to_string());
+            k
+        })
+        .collect();
+    s.insert_keys(&keys).unwrap();
+    let page = |f: KeyFilter| s.key_page(&f, now).unwrap();
+    let ids =
+        |p: &spidergate::store::KeyPage| p.keys.iter().map(|k| k.id.clone()).collect::<Vec<_>>();
+
+    let all = page(KeyFilter::default());
+    assert_eq!(
+        (all.total, all.keys.len()),
+        (120, 120),
+        "{loc:?}: no limit is every key"
+    );
+    let first = page(KeyFilter {
+        limit: Some(50),
+        ..Default::default()
+    });
+    assert_eq!((first.total, first.keys.len()), (120, 50), "{loc:?}");
+    assert_eq!(
+        ids(&first)[..2],
+        ["key_118", "key_117"],
+        "{loc:?}: active, newest first"
+    );
+    let last = page(KeyFilter {
+        limit: Some(50),
+        offset: 100,
+        ..Default::default()
+    });
+    assert_eq!(last.keys.len(), 20, "{loc:?}");
+    // Revoked keys come last: 0, 20, 40, ... 100, newest first.
+    assert_eq!(
+        ids(&last)[14..],
+        ["key_100", "key_080", "key_060", "key_040", "key_020", "key_000"]
+    );
+    let mut seen: Vec<String> = (0..3)
+        .flat_map(|p| {
+            ids(&page(KeyFilter {
+                limit: Some(50),
+                offset: p * 50,
+                ..Default::default()
+            }))
+        })
+        .collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 120, "{loc:?}: the pages cover every key once");
+
+    let q = |text: &str| {
+        page(KeyFilter {
+            q: Some(text.into()),
+            limit: Some(10),
+            ..Default::default()
+        })
+    };
+    assert_eq!(ids(&q("agent-042")), ["key_042"], "{loc:?}: name, any case");
+    assert_eq!(ids(&q("KEY_117")), ["key_117"], "{loc:?}: id");
+    assert_eq!(q("fleet_a").total, 7, "{loc:?}: group");
+    let prefix = keys[55].prefix.to_uppercase();
+    assert!(
+        ids(&q(&prefix)).contains(&"key_055".to_string()),
+        "{loc:?}: prefix"
+    );
+    assert_eq!(q("%").total, 0, "{loc:?}: % is literal");
+    assert_eq!(
+        q("t_0").total,
+        0,
+        "{loc:?}: _ is literal (Agent-0.. has no t_0)"
+    );
+    assert_eq!(q("y_00").total, 10, "{loc:?}: key_000..key_009");
+
+    let st = |status| {
+        page(KeyFilter {
+            status: Some(status),
+            ..Default::default()
+        })
+        .total
+    };
+    assert_eq!(st(KeyStatus::Revoked), 6, "{loc:?}");
+    // i % 10 == 9 expired: 12, none of them revoked.
+    assert_eq!(st(KeyStatus::Expired), 12, "{loc:?}");
+    assert_eq!(st(KeyStatus::Active), 102, "{loc:?}");
+    let kids = page(KeyFilter {
+        parent: Some("key_002".into()),
+        ..Default::default()
+    });
+    assert_eq!(ids(&kids), ["key_004", "key_003"], "{loc:?}");
+    let group = page(KeyFilter {
+        group: Some("Fleet_A".into()),
+        limit: Some(3),
+        ..Default::default()
+    });
+    assert_eq!((group.total, group.keys.len()), (7, 3), "{loc:?}");
 }
 
 fn ledger_contract(loc: &StoreLocation) {
@@ -530,6 +641,7 @@ fn the_store_contract_holds_on_sqlite_and_postgres() {
     let dir = tempfile::tempdir().unwrap();
     for (name, body) in [
         ("keys", keys_contract as fn(&StoreLocation)),
+        ("key_page", key_page_contract),
         ("ledger", ledger_contract),
         ("big_batch", big_batch_contract),
         ("orphans", orphans_contract),

@@ -3,10 +3,11 @@
 //! the pages show comes from the admin API, with the token the user signs in with.
 
 /// Page paths: each serves the single-page app, which routes on the path.
-const PAGES: [&str; 6] = [
+const PAGES: [&str; 7] = [
     "/dashboard/gate/keys",
     "/dashboard/gate/traces",
     "/dashboard/gate/usage",
+    "/dashboard/gate/groups",
     "/dashboard/gate/alerts",
     "/dashboard/settings/members/agents",
     "/dashboard/settings/members",
@@ -14,6 +15,8 @@ const PAGES: [&str; 6] = [
 
 const INDEX: &[u8] = include_bytes!("../../dashboard/index.html");
 const APP_JS: &[u8] = include_bytes!("../../dashboard/app.js");
+/// Groups and Alerts (SPEC §7), built with the helpers app.js exports.
+const FLEET_JS: &[u8] = include_bytes!("../../dashboard/fleet.js");
 const APP_CSS: &[u8] = include_bytes!("../../dashboard/app.css");
 
 /// No inline script or style, nothing from elsewhere, never framed.
@@ -46,6 +49,7 @@ pub fn asset(path: &str) -> Option<Asset> {
             location: Some("/dashboard/gate/keys"),
         }),
         "/dashboard/assets/app.js" => Some(found("text/javascript; charset=utf-8", APP_JS)),
+        "/dashboard/assets/fleet.js" => Some(found("text/javascript; charset=utf-8", FLEET_JS)),
         "/dashboard/assets/app.css" => Some(found("text/css; charset=utf-8", APP_CSS)),
         p if PAGES.contains(&p) => Some(found("text/html; charset=utf-8", INDEX)),
         _ => None,
@@ -59,6 +63,7 @@ mod tests {
     #[test]
     fn pages_serve_the_app_and_unknown_paths_are_not_ours() {
         assert_eq!(asset("/dashboard/gate/keys").unwrap().body, INDEX);
+        assert_eq!(asset("/dashboard/gate/groups").unwrap().body, INDEX);
         assert_eq!(asset("/dashboard/gate/alerts").unwrap().body, INDEX);
         assert_eq!(
             asset("/dashboard/settings/members/agents/").unwrap().body,
@@ -66,6 +71,7 @@ mod tests {
         );
         assert_eq!(asset("/dashboard").unwrap().status, 302);
         assert!(asset("/dashboard/assets/app.js").is_some());
+        assert!(asset("/dashboard/assets/fleet.js").is_some());
         assert!(asset("/dashboard/../admin/keys").is_none());
         assert!(asset("/admin/keys").is_none());
     }

@@ -20,10 +20,13 @@ use crate::gate::Gate;
 use crate::keys::KeyRecord;
 use crate::manage::{KeyError, KeyService};
 use crate::report;
-use crate::store::Store;
+use crate::store::{KeyFilter, KeyStatus, Store};
 
 /// Largest admin request body (key specs are tiny).
 const MAX_ADMIN_BODY: usize = 64 * 1024;
+
+/// Most keys one page of `GET /admin/keys?limit=N` holds.
+const MAX_KEY_PAGE: u32 = 1000;
 
 pub struct AdminApp {
     gate: Arc<Gate>,
@@ -32,6 +35,7 @@ pub struct AdminApp {
 }
 
 /// An admin API answer: status and JSON (or text) body.
+#[derive(Debug)]
 struct Reply {
     status: u16,
     content_type: &'static str,
@@ -89,8 +93,82 @@ fn query_map(query: Option<&str>) -> HashMap<String, String> {
         .split('&')
         .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
         .filter(|(k, _)| !k.is_empty())
-        .map(|(k, v)| (k.to_string(), v.replace("%3A", ":").replace("%2F", "/")))
+        .map(|(k, v)| (k.to_string(), form_decode(v)))
         .collect()
+}
+
+/// A query value as `application/x-www-form-urlencoded` encodes it (`+` is a space, `%XX`
+/// a byte); a malformed escape stays as written, and bytes that are not UTF-8 become U+FFFD.
+fn form_decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The admin key list's paging and filters (`limit`, `offset`, `q`, `status`, `parent`,
+/// `group`); `None` when none is given, so callers of the plain list keep its answer.
+fn key_filter(query: &HashMap<String, String>) -> Result<Option<KeyFilter>, Reply> {
+    const PARAMS: [&str; 6] = ["limit", "offset", "q", "status", "parent", "group"];
+    if !PARAMS.iter().any(|p| query.contains_key(*p)) {
+        return Ok(None);
+    }
+    let bad = |param: &'static str, what: &str| {
+        Reply::error_on(
+            400,
+            "invalid_request",
+            format!("{param} must be {what}"),
+            Some(param),
+        )
+    };
+    let limit = match query.get("limit").filter(|v| !v.is_empty()) {
+        Some(v) => Some(
+            v.parse::<u32>()
+                .ok()
+                .filter(|n| (1..=MAX_KEY_PAGE).contains(n))
+                .ok_or_else(|| bad("limit", "an integer from 1 to 1000"))?,
+        ),
+        None => None,
+    };
+    let offset = match query.get("offset").filter(|v| !v.is_empty()) {
+        Some(v) => v
+            .parse::<u32>()
+            .map_err(|_| bad("offset", "a non-negative integer"))?,
+        None => 0,
+    };
+    let all = query.get("all").is_some_and(|v| v != "false");
+    let status = match query.get("status").map(String::as_str) {
+        None | Some("") => (!all).then_some(KeyStatus::Active),
+        Some("all") => None,
+        Some(s) => Some(
+            KeyStatus::parse(s)
+                .ok_or_else(|| bad("status", "one of all, active, expired, revoked"))?,
+        ),
+    };
+    let text = |p: &str| query.get(p).filter(|v| !v.is_empty()).cloned();
+    Ok(Some(KeyFilter {
+        q: text("q"),
+        status,
+        parent: text("parent"),
+        group: text("group"),
+        limit,
+        offset,
+    }))
 }
 
 impl AdminApp {
@@ -301,18 +379,34 @@ fn handle(
             (&Method::GET, ["admin", "keys"]) => {
                 let all = query.get("all").is_some_and(|v| v != "false");
                 let with_usage = query.get("usage").is_some_and(|v| v != "false");
-                let list = keys.list(all, now).map_err(Reply::key_error)?;
-                let data: Vec<Value> = list
-                    .iter()
-                    .map(|k| {
-                        let mut v = report::key_json(k, now);
-                        if with_usage {
-                            v["usage"] = live_usage_json(gate, k);
-                        }
-                        v
-                    })
-                    .collect();
-                Ok(Reply::json(200, json!({"object": "list", "data": data})))
+                let json_of = |k: &KeyRecord| {
+                    let mut v = report::key_json(k, now);
+                    if with_usage {
+                        v["usage"] = live_usage_json(gate, k);
+                    }
+                    v
+                };
+                match key_filter(query)? {
+                    // Paged or filtered: one page from the store, and the count of matches.
+                    Some(filter) => {
+                        let page = keys.page(&filter, now).map_err(Reply::key_error)?;
+                        let data: Vec<Value> = page.keys.iter().map(json_of).collect();
+                        Ok(Reply::json(
+                            200,
+                            json!({"object": "list", "data": data, "total": page.total,
+                                   "limit": filter.limit, "offset": filter.offset}),
+                        ))
+                    }
+                    None => {
+                        let list = keys.list(all, now).map_err(Reply::key_error)?;
+                        let data: Vec<Value> = list.iter().map(json_of).collect();
+                        let total = data.len();
+                        Ok(Reply::json(
+                            200,
+                            json!({"object": "list", "data": data, "total": total}),
+                        ))
+                    }
+                }
             }
             (&Method::POST, ["admin", "keys"]) => {
                 let spec = fields::key_spec(&body_json()?).map_err(Reply::key_error)?;
@@ -601,5 +695,49 @@ impl ServeHttp for AdminApp {
         builder
             .body(reply.body)
             .unwrap_or_else(|_| Response::new(Vec::new()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_form_decoded() {
+        let q = query_map(Some("q=Research+Agent%2F1&key=key_%3Aa&bad=%zz%4"));
+        assert_eq!(q["q"], "Research Agent/1");
+        assert_eq!(q["key"], "key_:a");
+        assert_eq!(q["bad"], "%zz%4");
+    }
+
+    #[test]
+    fn paging_parameters_are_checked_and_named() {
+        let q = |s: &str| key_filter(&query_map(Some(s)));
+        assert!(
+            q("all=true").unwrap().is_none(),
+            "the plain list stays as it was"
+        );
+        let f = q("limit=50&offset=100&q=abc").unwrap().unwrap();
+        assert_eq!(
+            (f.limit, f.offset, f.q.as_deref()),
+            (Some(50), 100, Some("abc"))
+        );
+        assert_eq!(
+            f.status,
+            Some(KeyStatus::Active),
+            "without all, active keys only"
+        );
+        let f = q("limit=5&all=true").unwrap().unwrap();
+        assert_eq!(f.status, None);
+        for bad in [
+            "limit=0",
+            "limit=1001",
+            "limit=x",
+            "offset=-1",
+            "status=gone",
+        ] {
+            let r = q(bad).expect_err(bad);
+            assert_eq!(r.status, 400, "{bad}");
+        }
     }
 }

@@ -324,6 +324,16 @@ impl<'a> KeyService<'a> {
             .collect())
     }
 
+    /// One page of the keys matching `filter` and how many match (the admin list with
+    /// `limit`, `offset`, `q`, `status`, `parent` or `group`).
+    pub fn page(
+        &self,
+        filter: &crate::store::KeyFilter,
+        now: i64,
+    ) -> Result<crate::store::KeyPage, KeyError> {
+        Ok(self.store.key_page(filter, now)?)
+    }
+
     /// Newest traces first, for one key or all, `before` a trace id for paging.
     pub fn traces(
         &self,

@@ -98,3 +98,73 @@ macro_rules! key_columns {
 pub(super) use key_columns;
 
 pub(super) const KEY_COLUMNS: &str = key_columns!();
+
+/// Which keys a page of the admin list holds (SPEC §5: the dashboard stays responsive with
+/// 10,000 keys because the store pages and searches, not the browser).
+#[derive(Debug, Clone, Default)]
+pub struct KeyFilter {
+    /// A case-insensitive substring of the id, name, display prefix or group.
+    pub q: Option<String>,
+    /// Only keys in this status at `now`.
+    pub status: Option<KeyStatus>,
+    /// Only keys this key minted (its direct children).
+    pub parent: Option<String>,
+    /// Only keys in this group.
+    pub group: Option<String>,
+    /// At most this many keys; `None` is every match.
+    pub limit: Option<u32>,
+    /// Skip this many matches first.
+    pub offset: u32,
+}
+
+/// A key's status as a filter: the same rule as `KeyTerms::status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyStatus {
+    Active,
+    Expired,
+    Revoked,
+}
+
+impl KeyStatus {
+    pub fn parse(s: &str) -> Option<KeyStatus> {
+        match s {
+            "active" => Some(KeyStatus::Active),
+            "expired" => Some(KeyStatus::Expired),
+            "revoked" => Some(KeyStatus::Revoked),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyStatus::Active => "active",
+            KeyStatus::Expired => "expired",
+            KeyStatus::Revoked => "revoked",
+        }
+    }
+}
+
+/// One page of keys: active first, then expired, then revoked, newest first within each,
+/// and how many keys match in all.
+#[derive(Debug, Clone, Default)]
+pub struct KeyPage {
+    pub total: u64,
+    pub keys: Vec<KeyRecord>,
+}
+
+impl KeyFilter {
+    /// The `LIKE` pattern for `q`, lower-cased, its wildcards escaped with `\`.
+    pub(super) fn pattern(&self) -> Option<String> {
+        let q = self.q.as_deref().map(str::trim).filter(|q| !q.is_empty())?;
+        let mut p = String::with_capacity(q.len() + 2);
+        p.push('%');
+        for c in q.to_lowercase().chars() {
+            if matches!(c, '\\' | '%' | '_') {
+                p.push('\\');
+            }
+            p.push(c);
+        }
+        p.push('%');
+        Some(p)
+    }
+}

@@ -29,7 +29,7 @@ use crate::money::Nanos;
 pub use alerts::{ClaimedDelivery, DeliveryRow, DeliveryState, DeliveryUpdate};
 pub use audit::AuditEntry;
 pub use groups::{GroupPatch, GroupRecord};
-pub use keys::KeyPatch;
+pub use keys::{KeyFilter, KeyPage, KeyPatch, KeyStatus};
 pub use ledger::{Batch, JournalRow, LedgerEntry, ModelSpend, TraceRow, ORPHANED};
 pub type Result<T> = std::result::Result<T, StoreError>;
 
@@ -231,6 +231,11 @@ impl Store {
 
     pub fn get_key(&self, id: &str) -> Result<Option<KeyRecord>> {
         on_backend!(&self.backend, b => b.get_key(id))
+    }
+
+    /// One page of the keys that match `filter` (status as at `now`), and how many match.
+    pub fn key_page(&self, filter: &KeyFilter, now: i64) -> Result<KeyPage> {
+        on_backend!(&self.backend, b => b.key_page(filter, now))
     }
 
     /// Applies a patch; returns the updated key, or `None` if no such key. The read and the

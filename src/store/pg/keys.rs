@@ -8,7 +8,7 @@ use crate::keys::token::TokenHash;
 use crate::keys::{BudgetMode, KeyRecord, KeyRow};
 use crate::limits::Limits;
 use crate::money::Nanos;
-use crate::store::keys::{join, key_columns, split, KeyPatch};
+use crate::store::keys::{join, key_columns, split, KeyFilter, KeyPage, KeyPatch};
 use crate::store::{Result, StoreError};
 
 /// Keys read per round trip by `for_each_key_row` (bounds memory at a million keys).
@@ -105,7 +105,56 @@ fn write_brakes(
     Ok(())
 }
 
+/// The filter of a key page ($1 now, $2 status, $3 parent, $4 group, $5 pattern); a macro
+/// so the count and the page are whole `&'static str` queries.
+macro_rules! key_page_where {
+    () => {
+        " WHERE ($2::text IS NULL
+            OR ($2::text = 'active' AND k.revoked_at IS NULL AND k.expires_at > $1::bigint)
+            OR ($2::text = 'expired' AND k.revoked_at IS NULL AND k.expires_at <= $1::bigint)
+            OR ($2::text = 'revoked' AND k.revoked_at IS NOT NULL))
+          AND ($3::text IS NULL OR k.parent_id = $3::text)
+          AND ($4::text IS NULL OR k.group_name = $4::text)
+          AND ($5::text IS NULL OR lower(k.id) LIKE $5::text ESCAPE '\\'
+            OR lower(k.name) LIKE $5::text ESCAPE '\\' OR lower(k.prefix) LIKE $5::text ESCAPE '\\'
+            OR lower(COALESCE(k.group_name, '')) LIKE $5::text ESCAPE '\\')"
+    };
+}
+const KEY_PAGE_COUNT: &str = concat!("SELECT COUNT(*) FROM keys k", key_page_where!());
+const KEY_PAGE_ROWS: &str = concat!(
+    "SELECT ",
+    key_columns!(),
+    " FROM keys k LEFT JOIN key_last_used u ON u.key_id = k.id",
+    key_page_where!(),
+    " ORDER BY CASE WHEN k.revoked_at IS NOT NULL THEN 2
+                    WHEN k.expires_at <= $1::bigint THEN 1 ELSE 0 END,
+               k.created_at DESC, k.id
+      LIMIT $6::bigint OFFSET $7::bigint"
+);
+
 impl Postgres {
+    /// One page of the matching keys and their count (a `NULL` limit is none).
+    pub fn key_page(&self, f: &KeyFilter, now: i64) -> Result<KeyPage> {
+        let status = f.status.map(|s| s.as_str());
+        let pattern = f.pattern();
+        let total: i64 = self.scalar(
+            KEY_PAGE_COUNT,
+            &[&now, &status, &f.parent, &f.group, &pattern],
+        )?;
+        let limit = f.limit.map(i64::from);
+        let offset = i64::from(f.offset);
+        let rows = self.query(
+            KEY_PAGE_ROWS,
+            &[
+                &now, &status, &f.parent, &f.group, &pattern, &limit, &offset,
+            ],
+        )?;
+        Ok(KeyPage {
+            total: u64::try_from(total).unwrap_or(0),
+            keys: rows.iter().map(key_from_row).collect::<Result<_>>()?,
+        })
+    }
+
     pub fn insert_keys(&mut self, keys: &[KeyRecord]) -> Result<()> {
         self.write(|tx, cache| {
             let stmt = prepared(

@@ -8,7 +8,7 @@ use crate::keys::token::TokenHash;
 use crate::keys::{BudgetMode, KeyRecord, KeyRow};
 use crate::limits::Limits;
 use crate::money::Nanos;
-use crate::store::keys::{join, split, KeyPatch, KEY_COLUMNS};
+use crate::store::keys::{join, split, KeyFilter, KeyPage, KeyPatch, KEY_COLUMNS};
 use crate::store::Result;
 
 /// A text column, borrowed from the row.
@@ -180,6 +180,46 @@ impl Sqlite {
         let mut stmt = self.conn.prepare(&sql)?;
         let rows = stmt.query_map([], key_from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// One page of the matching keys and their count: two statements over the same
+    /// parameters (?1 now, ?2 status, ?3 parent, ?4 group, ?5 pattern).
+    pub fn key_page(&self, f: &KeyFilter, now: i64) -> Result<KeyPage> {
+        const WHERE: &str = "WHERE (?2 IS NULL
+                OR (?2 = 'active' AND k.revoked_at IS NULL AND k.expires_at > ?1)
+                OR (?2 = 'expired' AND k.revoked_at IS NULL AND k.expires_at <= ?1)
+                OR (?2 = 'revoked' AND k.revoked_at IS NOT NULL))
+            AND (?3 IS NULL OR k.parent_id = ?3)
+            AND (?4 IS NULL OR k.group_name = ?4)
+            AND (?5 IS NULL OR lower(k.id) LIKE ?5 ESCAPE '\\' OR lower(k.name) LIKE ?5 ESCAPE '\\'
+                OR lower(k.prefix) LIKE ?5 ESCAPE '\\'
+                OR lower(COALESCE(k.group_name, '')) LIKE ?5 ESCAPE '\\')";
+        let status = f.status.map(|s| s.as_str());
+        let pattern = f.pattern();
+        let total: i64 = self.conn.query_row(
+            &format!("SELECT COUNT(*) FROM keys k {WHERE}"),
+            params![now, status, f.parent, f.group, pattern],
+            |r| r.get(0),
+        )?;
+        // SQLite reads a negative LIMIT as none.
+        let limit = f.limit.map_or(-1, i64::from);
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM keys k LEFT JOIN key_last_used u ON u.key_id = k.id
+             {WHERE}
+             ORDER BY CASE WHEN k.revoked_at IS NOT NULL THEN 2
+                           WHEN k.expires_at <= ?1 THEN 1 ELSE 0 END,
+                      k.created_at DESC, k.id
+             LIMIT ?6 OFFSET ?7"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(
+            params![now, status, f.parent, f.group, pattern, limit, f.offset],
+            key_from_row,
+        )?;
+        Ok(KeyPage {
+            total: total as u64,
+            keys: rows.collect::<rusqlite::Result<_>>()?,
+        })
     }
 
     pub fn get_key(&self, id: &str) -> Result<Option<KeyRecord>> {
