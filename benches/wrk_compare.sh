@@ -5,6 +5,12 @@
 #
 #   benches/wrk_compare.sh [--duration 10] [--connections 32] [--rounds 3]
 #                          [--no-nginx] [--no-stream] [--no-tls] [--no-build] [--no-pin]
+#                          [--fleet]
+#
+# --fleet: the gateway's requests come from a key three deep in a tree of minted keys (the
+# bench key, a child, a grandchild through /v1/keys) inside a group with a hard budget and an
+# rpm, so each admission also checks and holds two parents and a group (SPEC §7). Compare
+# its gateway/bare ratios with a run without it.
 #
 # Variants: plain chat, streamed chat, and (unless --no-stream) a streamed /v1/messages
 # pass-through to an anthropic-kind provider (the mock speaks both formats); and, unless
@@ -38,6 +44,7 @@ ROUNDS=3
 WITH_NGINX=1
 WITH_STREAM=1
 WITH_TLS=1
+FLEET=0
 BUILD=1
 PIN=1
 while [ $# -gt 0 ]; do
@@ -48,9 +55,10 @@ while [ $# -gt 0 ]; do
     --no-nginx) WITH_NGINX=0; shift ;;
     --no-stream) WITH_STREAM=0; shift ;;
     --no-tls) WITH_TLS=0; shift ;;
+    --fleet) FLEET=1; shift ;;
     --no-build) BUILD=0; shift ;;
     --no-pin) PIN=0; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -272,6 +280,27 @@ wait_port "$BARE_PORT" bare
 [ "$WITH_TLS" = 1 ] && { wait_port "$BARE_TLS_PORT" bare-tls; wait_port "$BARE_TLSL_PORT" bare-tlsl; wait_port "$GW_TLSL_PORT" gateway-tls; }
 wait_port "$GW_PORT" gateway
 [ "$WITH_NGINX" = 1 ] && wait_port "$NGINX_PORT" nginx
+
+# --fleet: the gateway's requests come from a grandchild minted through /v1/keys under the
+# bench key (its hard budget now bounds the tree), in a group with a hard budget and an rpm
+# (SPEC §7): every admission also checks and holds two parents and a group.
+if [ "$FLEET" = 1 ]; then
+  "$GW_BIN" --config "$TMP/gw.yaml" groups create bench-group --budget 1000000 --budget-mode hard \
+    --rpm 100000000 --json >/dev/null
+  ROOT_ID="$("$GW_BIN" --config "$TMP/gw.yaml" keys list --json | tr -d '\n' \
+    | sed -n 's/.*"id"[[:space:]]*:[[:space:]]*"\(key_[0-9a-f]*\)".*/\1/p')"
+  "$GW_BIN" --config "$TMP/gw.yaml" keys update "$ROOT_ID" --group bench-group \
+    --scopes gate:chat,gate:usage,gate:keys --json >/dev/null
+  sleep 1  # the gateway polls the store for key changes (server.reload_interval_ms)
+  for depth in 1 2; do
+    SECRET="$(curl -s -X POST "http://127.0.0.1:$GW_PORT/v1/keys" -H "Authorization: Bearer $SECRET" \
+      -H 'Content-Type: application/json' \
+      -d "{\"name\":\"bench-$depth\",\"rpm\":100000000,\"rpd\":1000000000,\"scopes\":[\"gate:chat\",\"gate:usage\",\"gate:keys\"]}" \
+      | tr -d '\n' | sed -n 's/.*"secret"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p')"
+    [ -n "$SECRET" ] || { echo "--fleet: could not mint the depth-$depth key" >&2; exit 1; }
+  done
+  echo "fleet: the gateway's key is a grandchild of the bench key, in bench-group"
+fi
 
 PROXIES=(bare gateway)
 [ "$WITH_NGINX" = 1 ] && PROXIES+=(nginx)
