@@ -1597,10 +1597,18 @@
 
   function snippets(secret, key) {
     const base = publicUrl();
-    const model = (key.allowed_models && key.allowed_models[0])
+    const infoModels = (state.info && state.info.models) || [];
+    const allowed = key.allowed_models || [];
+    // A model of `endpoint`'s family the key may call: from its allow-list, else the config.
+    const ofFamily = (endpoint) => {
+      const family = infoModels.filter((m) => (m.endpoint || 'chat') === endpoint).map((m) => m.id);
+      return allowed.find((a) => family.includes(a)) || (allowed.length ? null : family[0]) || null;
+    };
+    const model = ofFamily('chat') || allowed[0]
       || ((state.info && state.info.aliases) || [])[0]
-      || (((state.info && state.info.models) || [])[0] || {}).id || 'gpt-4o-mini';
+      || (infoModels[0] || {}).id || 'gpt-4o-mini';
     const modelName = typeof model === 'string' ? model : model.id || model.name;
+    const imageModel = ofFamily('images') || 'gpt-image-1';
     return [
       ['openai', 'OpenAI Python', [
         'from openai import OpenAI',
@@ -1628,6 +1636,22 @@
         `export ANTHROPIC_AUTH_TOKEN="${secret}"`,
         `# or: export ANTHROPIC_API_KEY="${secret}"`,
         'claude',
+      ].join('\n')],
+      ['images', 'Images (Python)', [
+        'import base64',
+        'from openai import OpenAI',
+        '',
+        `client = OpenAI(base_url="${base}/v1", api_key="${secret}")`,
+        'result = client.images.generate(',
+        `    model="${imageModel}",`,
+        '    prompt="A lighthouse at dawn, watercolour",',
+        '    n=1,',
+        ')',
+        'image = result.data[0]',
+        'if image.b64_json:',
+        '    open("image.png", "wb").write(base64.b64decode(image.b64_json))',
+        'else:',
+        '    print(image.url)',
       ].join('\n')],
       ['curl', 'curl', [
         `curl ${base}/v1/chat/completions \\`,

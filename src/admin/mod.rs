@@ -633,7 +633,7 @@ fn info_json(gate: &Gate) -> Value {
         .catalog
         .models()
         .iter()
-        .map(|m| json!({"id": m.id, "free": m.free}))
+        .map(|m| json!({"id": m.id, "free": m.free, "endpoint": m.family.label()}))
         .collect();
     json!({
         "public_url": routes.config.public_url,

@@ -535,6 +535,11 @@ def test_connect_an_agent_then_spend_shows_without_reload(ui: UI, gw: Gateway):
     assert f'api_key="{secret}"' in snippet
     env = ui.css("[data-testid=snippet-claude-code]")[0].get_attribute("textContent")
     assert f'ANTHROPIC_BASE_URL="http://127.0.0.1:{gw.port}"' in env and secret in env, env
+    images = ui.css("[data-testid=snippet-images]")[0].get_attribute("textContent")
+    assert "client.images.generate(" in images and secret in images, images
+    # No images-family model in this config: the example names OpenAI's.
+    assert 'model="gpt-image-1"' in images, images
+    assert f'base_url="http://127.0.0.1:{gw.port}/v1"' in images, images
     curl = ui.css("[data-testid=snippet-curl]")[0].get_attribute("textContent")
     assert f"http://127.0.0.1:{gw.port}/v1/chat/completions" in curl and secret in curl, curl
     ui.shot("dashboard-connect.png")
