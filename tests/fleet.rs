@@ -318,6 +318,8 @@ fn an_agent_mints_lists_and_revokes_child_keys_within_its_own_rights() {
             "invalid_request",
         ),
         (json!({"name": "c", "ttl": "3d"}), 400, "invalid_request"),
+        // The parent's own TTL, asked after it: cut to the parent's expiry.
+        (json!({"name": "c", "ttl": "2d"}), 201, ""),
         (
             json!({"name": "c", "group": "g"}),
             403,
@@ -329,8 +331,10 @@ fn an_agent_mints_lists_and_revokes_child_keys_within_its_own_rights() {
         assert_eq!(r.status, status, "{body}: {}", r.text());
         if status != 201 {
             assert_eq!(r.code(), code, "{body}");
+        } else if body.get("ttl").is_some() {
+            assert_eq!(r.json()["expires_at"], parent_view["expires_at"]);
         }
-        if body.get("ttl").is_some() {
+        if body.get("ttl").is_some() && status == 400 {
             assert!(r.text().contains("ttl"), "{}", r.text());
         }
         if body.get("allowed_models").is_some() {
@@ -350,7 +354,7 @@ fn an_agent_mints_lists_and_revokes_child_keys_within_its_own_rights() {
         .iter()
         .map(|k| k["id"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(ids.len(), 3, "{ids:?}");
     assert!(ids.contains(&child.id));
     assert!(
         listed.text().find("secret").is_none(),

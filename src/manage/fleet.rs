@@ -17,6 +17,8 @@ use crate::store::{GroupPatch, GroupRecord};
 /// store with keys.
 pub const MAX_MINTS_PER_MINUTE: u32 = 60;
 const MAX_GROUP_NAME_CHARS: usize = 64;
+/// A child's TTL that would outlive its parent by at most this is cut to the parent's expiry.
+const TTL_SLACK_MS: i64 = 60_000;
 
 /// A group to create, as a door received it.
 #[derive(Debug, Clone, Default)]
@@ -253,7 +255,13 @@ impl KeyService<'_> {
         let expires_at = match spec.ttl.as_deref() {
             Some(t) => {
                 let at = now + check_ttl(t)? * 1000;
-                if at > parent.expires_at {
+                // The same TTL as the parent's, asked a moment after the parent was made,
+                // ends a little later than the parent: that is clamped, not refused.
+                if at <= parent.expires_at {
+                    at
+                } else if at - parent.expires_at <= TTL_SLACK_MS {
+                    parent.expires_at
+                } else {
                     return Err(KeyError::invalid(
                         "ttl",
                         format!(
@@ -262,7 +270,6 @@ impl KeyService<'_> {
                         ),
                     ));
                 }
-                at
             }
             None => (now + DEFAULT_TTL_SECS * 1000).min(parent.expires_at),
         };
