@@ -926,6 +926,8 @@ async fn an_admission_whose_reply_was_lost_is_released_by_the_next_heartbeat() {
     .unwrap();
     let limits = Limits {
         max_inflight: Some(1),
+        rpm: Some(10),
+        rpd: Some(10),
         ..hard(1_000)
     };
     seed_empty(&l, "k").await;
@@ -953,6 +955,10 @@ async fn an_admission_whose_reply_was_lost_is_released_by_the_next_heartbeat() {
         (v.inflight, v.reserved, v.spent),
         (0, Nanos::ZERO, Nanos::ZERO)
     );
+    // ... and the refused request's minute and day are given back (SPEC §2: a refused
+    // request consumes no quota): only the first admission counts.
+    let v = l.view("k", &limits).await.unwrap().unwrap();
+    assert_eq!((v.requests_this_minute, v.requests_today), (1, 1));
     admitted(
         &l.admit("k", &limits, &[], Nanos::new(400), None, 2)
             .await

@@ -219,8 +219,9 @@ if lp then
 end
 
 local exp = now + tonumber(ARGV[10])
+-- The day it was counted in: a lost reply's admission gives its minute and day back.
 local rec = held .. '|' .. ARGV[11] .. '|' .. month .. '|' .. key_id .. '|'
-  .. table.concat(levels, ' ')
+  .. table.concat(levels, ' ') .. '|d' .. day
 -- The hour hold, and the mark that settling books the cost to the hour window.
 if hheld then rec = rec .. '|h' .. hheld end
 redis.call('HSET', RES, f, rec)

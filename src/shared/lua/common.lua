@@ -81,23 +81,43 @@ local function book_hour(p, cost)
 end
 
 -- A reservation record: held, estimate, month, key id, the levels above the key it was also
--- held at (SPEC §7; "p<prefix> g<prefix>", empty for a lone key) and the hour hold (nil for a
--- key without max_usd_per_hour): `held|estimate|month|key_id|levels` plus `|h<hour hold>`.
--- Records written before levels existed (`held|estimate|month|key_id[|h<n>]`) read too: a
--- levels field never starts with `h`.
+-- held at (SPEC §7; "p<prefix> g<prefix>", empty for a lone key), then tagged fields: the
+-- hour hold (`h<n>`, keys with max_usd_per_hour only) and the day it was counted in (`d<n>`):
+-- `held|estimate|month|key_id|levels|d<day>[|h<hour hold>]`. Older records
+-- (`held|estimate|month|key_id[|levels][|h<n>]`) read too: a levels field never starts with
+-- `h` or `d`.
 local function parse_rec(rec)
   local held, est, month, key_id, rest = string.match(rec, '^(%d+)|(%d+)|(%-?%d+)|([^|]*)(.*)$')
-  local levels, hheld = '', nil
-  if rest and rest ~= '' then
-    local lv, h = string.match(rest, '^|([^|]*)|h(%d+)$')
-    if lv then
-      levels, hheld = lv, h
-    else
-      hheld = string.match(rest, '^|h(%d+)$')
-      if not hheld then levels = string.sub(rest, 2) end
+  local levels, hheld, day = '', nil, nil
+  for field in string.gmatch(rest or '', '|([^|]*)') do
+    local tag, n = string.match(field, '^([hd])(%d+)$')
+    if tag == 'h' then
+      hheld = n
+    elseif tag == 'd' then
+      day = n
+    elseif field ~= '' then
+      levels = field
     end
   end
-  return held, est, month, key_id, hheld, levels
+  return held, est, month, key_id, hheld, levels, day
+end
+
+-- An admission whose reply was lost (the request was refused, not forwarded): gives back the
+-- minute and the day it counted, at the key and at its group, before `unlink` releases its
+-- hold and slot. SPEC §2: a refused request consumes no quota.
+local function unadmit(f)
+  local rec = redis.call('HGET', RES, f)
+  if not rec then return end
+  local _, _, _, key_id, _, lv, day = parse_rec(rec)
+  local p = '{sg}:k:' .. key_id
+  redis.call('ZREM', p .. ':min', f)
+  if day then
+    local daykey = p .. ':day:' .. day
+    if tonumber(redis.call('GET', daykey) or '0') > 0 then redis.call('DECR', daykey) end
+  end
+  for l in string.gmatch(lv or '', '%S+') do
+    if string.sub(l, 1, 1) == 'g' then redis.call('ZREM', string.sub(l, 2) .. ':min', f) end
+  end
 end
 
 -- The levels of a record as {kind, prefix} pairs.

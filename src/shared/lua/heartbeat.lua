@@ -5,7 +5,11 @@
 -- failed (no longer extended: they expire and are reaped at their estimate, an upper bound).
 -- Returns how many were extended.
 local node, k = ARGV[2], tonumber(ARGV[3])
-for i = 4, 3 + k do unlink(node .. ':' .. ARGV[i]) end
+for i = 4, 3 + k do
+  local f = node .. ':' .. ARGV[i]
+  unadmit(f)
+  unlink(f)
+end
 for i = 4 + k, #ARGV do redis.call('SREM', KEYS[1], node .. ':' .. ARGV[i]) end
 
 local exp = now_ms() + tonumber(ARGV[1])
