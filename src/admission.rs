@@ -387,10 +387,13 @@ pub fn reservation_bound(
 }
 
 /// The most units a request can be charged at its model's unit price: the images asked
-/// for, the speech input's characters, or `server.max_audio_seconds` of audio (in ms).
+/// for, the speech input's characters, or the audio's duration in ms: read from the file's
+/// header where it can be (a WAV), else `server.max_audio_seconds`.
 pub fn bound_units(endpoint: Endpoint, fields: &RequestFields, overheads: Overheads) -> u64 {
     match endpoint {
-        Endpoint::Transcriptions | Endpoint::Translations => overheads.max_audio_ms,
+        Endpoint::Transcriptions | Endpoint::Translations if fields.units == 0 => {
+            overheads.max_audio_ms
+        }
         _ => fields.units,
     }
 }
@@ -430,8 +433,9 @@ pub fn parse_fields(
             let units = match (endpoint, &form.n) {
                 (Endpoint::ImagesEdits, Some(n)) => images_n(n)?,
                 (Endpoint::ImagesEdits, None) => 1,
-                // The audio's duration bound is the reservation's (`Overheads`).
-                _ => 0,
+                // The audio's duration where its header tells it (else 0: the configured
+                // bound, see `bound_units`).
+                _ => form.audio_ms.unwrap_or(0),
             };
             Ok(RequestFields::for_form(&form.model, form.model_span, units))
         }

@@ -461,6 +461,47 @@ fn a_transcription_without_a_reported_duration_is_charged_its_bound() {
     assert!(t[0].usage_estimated);
 }
 
+/// A PCM WAV file: 16 kHz, mono, 16-bit (32,000 bytes a second), `data_len` bytes of audio.
+fn wav(data_len: u32) -> Vec<u8> {
+    let mut f = b"RIFF".to_vec();
+    f.extend_from_slice(&(36 + data_len).to_le_bytes());
+    f.extend_from_slice(b"WAVEfmt ");
+    f.extend_from_slice(&[16, 0, 0, 0, 1, 0, 1, 0]); // chunk size 16, PCM, mono
+    f.extend_from_slice(&16_000u32.to_le_bytes());
+    f.extend_from_slice(&32_000u32.to_le_bytes());
+    f.extend_from_slice(&[2, 0, 16, 0]);
+    f.extend_from_slice(b"data");
+    f.extend_from_slice(&data_len.to_le_bytes());
+    f.resize(f.len() + data_len as usize, 0x11);
+    f
+}
+
+/// SPEC §4: a transcription whose format reports no duration is charged the duration read
+/// from the file; that duration, not `max_audio_seconds`, is also its reservation, so a hard
+/// budget far below the configured bound still admits a short WAV.
+#[test]
+fn a_wav_transcription_without_a_reported_duration_is_charged_the_files_duration() {
+    let mock = mock();
+    let gw = start(&mock);
+    // 0.001 USD: below the 600 s bound (0.06 USD), above 2 s of audio (0.0002 USD).
+    let key = gw.create_key(&["--budget", "0.001", "--budget-mode", "hard"]);
+    let body = form(
+        &[("model", "whisper"), ("response_format", "text")],
+        &[("file", "speech.wav", &wav(64_000))],
+    );
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // 2 s at 0.006 USD a minute = 0.0002 USD.
+    assert_eq!(spend(&gw, &key), 200_000);
+    // An MP3 (no header the gateway reads) is still bounded by max_audio_seconds: refused.
+    let body = form(
+        &[("model", "whisper"), ("response_format", "text")],
+        &[("file", "speech.mp3", b"ID3 not read")],
+    );
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+    assert_eq!((r.status, r.code().as_str()), (402, "budget_exceeded"));
+}
+
 #[test]
 fn image_edits_are_charged_per_image_with_n_as_a_form_string() {
     let mock = mock();

@@ -7,6 +7,7 @@
 //! key, and which [`codec::ResponseCodec`] reads the answer back.
 
 pub mod anthropic;
+pub mod audio;
 pub mod codec;
 pub mod hidden;
 pub mod mask;

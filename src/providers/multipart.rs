@@ -18,6 +18,9 @@ pub struct Form {
     pub model_span: Range<usize>,
     pub n: Option<String>,
     pub response_format: Option<String>,
+    /// The `file` part's audio duration (ms), where its container header tells it
+    /// ([`crate::providers::audio`]).
+    pub audio_ms: Option<u64>,
 }
 
 fn bad(why: &str) -> GateError {
@@ -62,6 +65,7 @@ pub fn parse(body: &[u8], boundary: &[u8]) -> Result<Form, GateError> {
         model_span: 0..0,
         n: None,
         response_format: None,
+        audio_ms: None,
     };
     let mut has_model = false;
     loop {
@@ -98,6 +102,7 @@ pub fn parse(body: &[u8], boundary: &[u8]) -> Result<Form, GateError> {
             }
             b"n" => form.n = Some(text()?),
             b"response_format" => form.response_format = Some(text()?),
+            b"file" => form.audio_ms = super::audio::wav_duration_ms(&body[value.clone()]),
             _ => {}
         }
         at = value.end + delim.len();
