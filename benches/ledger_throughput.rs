@@ -94,6 +94,8 @@ fn make_entries(n: usize, now: i64) -> (Vec<LedgerEntry>, Expected) {
             usage_estimated: admitted && rng.below(50) == 0,
             fallback_from: None,
             trace_id: None,
+            unit: Some("token".into()),
+            units: 0,
         };
         exp.traces += 1;
         if admitted {

@@ -237,5 +237,7 @@ pub fn trace_json(t: &TraceRow) -> Value {
         "usage_estimated": t.usage_estimated,
         "fallback_from": t.fallback_from.as_deref(),
         "trace_id": t.trace_id.map(|id| id.to_string()),
+        "unit": t.unit.as_deref(),
+        "units": t.units,
     })
 }

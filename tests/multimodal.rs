@@ -159,6 +159,8 @@ fn images_are_charged_per_image_returned_with_n_as_a_number_or_a_string() {
     assert_eq!(t[0].cost_nanos, 80_000_000);
     assert_eq!(t[0].served_model.as_deref(), Some("img"));
     assert!(!t[0].usage_estimated);
+    assert_eq!((t[0].unit.as_deref(), t[0].units), (Some("image"), 2));
+    assert_eq!((t[1].unit.as_deref(), t[1].units), (Some("image"), 3));
 }
 
 #[test]
@@ -182,6 +184,8 @@ fn token_usage_reported_by_an_image_model_is_priced_with_its_token_prices() {
     assert_eq!(spend(&gw, &key), 500_000 + 40_000_000);
     let t = traces_on(&gw, &key, "images.generations", 1);
     assert_eq!((t[0].prompt_tokens, t[0].completion_tokens), (100, 1000));
+    // Token-priced: the trace names tokens, not images.
+    assert_eq!((t[0].unit.as_deref(), t[0].units), (Some("token"), 0));
 }
 
 #[test]
@@ -440,6 +444,8 @@ fn a_transcription_reaches_the_upstream_byte_for_byte_but_its_model_and_is_charg
     let t = traces_on(&gw, &key, "audio.transcriptions", 1);
     assert_eq!(t[0].cost_nanos, 1_250_000);
     assert!(!t[0].usage_estimated);
+    // The trace names the unit charged (SPEC §4).
+    assert_eq!((t[0].unit.as_deref(), t[0].units), (Some("ms"), 12_500));
 }
 
 #[test]

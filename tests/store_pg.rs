@@ -695,7 +695,8 @@ fn migrations_are_idempotent_and_safe_when_three_nodes_start_at_once() {
             (3, "0003_audit".to_string()),
             (4, "0004_fleet_groups".to_string()),
             (5, "0005_brakes".to_string()),
-            (6, "0006_alerts".to_string())
+            (6, "0006_alerts".to_string()),
+            (7, "0007_trace_unit".to_string())
         ]
     );
     let keys: i64 = raw

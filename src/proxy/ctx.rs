@@ -402,6 +402,8 @@ impl RequestCtx {
             usage_estimated: estimated,
             fallback_from: self.fallback_from.map(model),
             trace_id: self.trace.as_ref().map(|t| t.trace_id),
+            unit: charged_unit(&routes.catalog, served, &usage, cost),
+            units: usage.units,
         };
         // Only a call with a sampled gateway span (telemetry on) pays for a seed; the span
         // itself is built by the ledger writer.
@@ -474,5 +476,24 @@ impl Drop for RequestCtx {
         }
         // Last: a SIGTERM drain that sees zero in flight finds every entry queued.
         self.gate.request_ended();
+    }
+}
+
+/// The unit a request's cost was charged in, for its trace: the model's multi-modal unit
+/// when units were charged, else `token`; `None` when nothing was.
+fn charged_unit(
+    catalog: &crate::catalog::Catalog,
+    served: Option<usize>,
+    usage: &Usage,
+    cost: Nanos,
+) -> Option<Cow<'static, str>> {
+    let m = served?;
+    let unit = catalog.models()[m].unit_price.map(|p| p.unit.label());
+    match unit {
+        Some(unit) if usage.units > 0 => Some(Cow::Borrowed(unit)),
+        _ if cost > Nanos::ZERO || usage.prompt_tokens > 0 || usage.completion_tokens > 0 => {
+            Some(Cow::Borrowed("token"))
+        }
+        _ => None,
     }
 }

@@ -31,6 +31,11 @@ pub struct TraceRow {
     pub fallback_from: Option<Arc<str>>,
     /// The W3C trace this request belonged to (the agent's, or one the gateway started).
     pub trace_id: Option<opentelemetry::trace::TraceId>,
+    /// The unit the cost was charged in (SPEC §4): `token`, or a multi-modal model's
+    /// `image`, `char` or `ms` (of audio); `None` when nothing was charged.
+    pub unit: Option<Cow<'static, str>>,
+    /// How many of `unit` were charged (0 for tokens: see the token counts).
+    pub units: u64,
 }
 
 /// A ledger entry: the trace plus what it counts toward. Spend and the daily count are

@@ -227,6 +227,9 @@ pub struct TraceRec {
     pub usage_estimated: bool,
     pub fallback_from: Option<String>,
     pub served_model: Option<String>,
+    /// The unit charged (`token`, `image`, `char`, `ms`) and how many.
+    pub unit: Option<String>,
+    pub units: i64,
 }
 
 /// Takes SQLite's write lock on `db` and holds it until the returned connection is dropped
@@ -591,7 +594,8 @@ impl Gateway {
         let mut stmt = conn
             .prepare(
                 "SELECT ts, endpoint, status, error_code, prompt_tokens, completion_tokens,
-                        cost_nanos, usage_estimated, fallback_from, served_model
+                        cost_nanos, usage_estimated, fallback_from, served_model, unit,
+                        COALESCE(units, 0)
                  FROM traces WHERE key_id = ?1 ORDER BY id",
             )
             .expect("prepare traces");
@@ -608,6 +612,8 @@ impl Gateway {
                     usage_estimated: r.get(7)?,
                     fallback_from: r.get(8)?,
                     served_model: r.get(9)?,
+                    unit: r.get(10)?,
+                    units: r.get(11)?,
                 })
             })
             .expect("query traces");

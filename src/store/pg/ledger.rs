@@ -52,6 +52,8 @@ fn trace_from_row(row: &Row) -> Result<TraceRow> {
         usage_estimated: row.try_get(13)?,
         fallback_from: shared(row.try_get(14)?),
         trace_id: parse_trace_id(row.try_get(16)?),
+        unit: row.try_get::<_, Option<String>>(17)?.map(Cow::Owned),
+        units: count(row.try_get::<_, Option<i64>>(18)?.unwrap_or(0)),
     })
 }
 
@@ -65,17 +67,18 @@ fn insert_traces(tx: &mut Transaction<'_>, cache: &mut Cache, traces: &[&TraceRo
         tx,
         "INSERT INTO traces (ts, key_id, endpoint, requested_model, served_model, provider,
             status, error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens,
-            cost_nanos, usage_estimated, fallback_from, trace_id)
+            cost_nanos, usage_estimated, fallback_from, trace_id, unit, units)
          SELECT ts, key_id, endpoint, requested_model, served_model, provider, status,
             error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, cost_nanos,
-            usage_estimated, fallback_from, trace_id
+            usage_estimated, fallback_from, trace_id, unit, units
          FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[],
                      $7::BIGINT[], $8::TEXT[], $9::BIGINT[], $10::BIGINT[], $11::BIGINT[],
-                     $12::BIGINT[], $13::BIGINT[], $14::BOOLEAN[], $15::TEXT[], $16::TEXT[])
+                     $12::BIGINT[], $13::BIGINT[], $14::BOOLEAN[], $15::TEXT[], $16::TEXT[],
+                     $17::TEXT[], $18::BIGINT[])
               WITH ORDINALITY AS t(ts, key_id, endpoint, requested_model, served_model,
                      provider, status, error_code, latency_ms, ttfb_ms, prompt_tokens,
                      completion_tokens, cost_nanos, usage_estimated, fallback_from, trace_id,
-                     ord)
+                     unit, units, ord)
          ORDER BY ord",
     )?;
     let col = |f: fn(&TraceRow) -> Option<&str>| traces.iter().map(|t| f(t)).collect::<Vec<_>>();
@@ -102,6 +105,8 @@ fn insert_traces(tx: &mut Transaction<'_>, cache: &mut Cache, traces: &[&TraceRo
             &traces.iter().map(|t| t.usage_estimated).collect::<Vec<_>>(),
             &col(|t| t.fallback_from.as_deref()),
             &traces.iter().map(|t| trace_id_hex(t)).collect::<Vec<_>>(),
+            &col(|t| t.unit.as_deref()),
+            &ints(|t| t.units as i64),
         ],
     )?;
     Ok(())
@@ -307,7 +312,7 @@ macro_rules! trace_columns {
     () => {
         "ts, key_id, endpoint, requested_model, served_model, provider, status, error_code, \
          latency_ms, ttfb_ms, prompt_tokens, completion_tokens, cost_nanos, usage_estimated, \
-         fallback_from, id, trace_id"
+         fallback_from, id, trace_id, unit, units"
     };
 }
 

@@ -65,6 +65,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "0006_alerts",
         include_str!("../../../migrations/postgres/0006_alerts.sql"),
     ),
+    (
+        7,
+        "0007_trace_unit",
+        include_str!("../../../migrations/postgres/0007_trace_unit.sql"),
+    ),
 ];
 
 /// One connection and the statements prepared on it (a prepared statement saves a round

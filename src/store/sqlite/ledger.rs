@@ -20,14 +20,14 @@ use crate::store::Result;
 /// remainder would be a new statement to prepare at each flush. Parameters are anonymous
 /// (`?`), which keeps the SQL short: the cache hashes it on every lookup.
 const TRACE_CHUNKS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
-const TRACE_PARAMS: usize = 16;
+const TRACE_PARAMS: usize = 18;
 
 fn trace_insert_sql(rows: usize) -> String {
-    let row = "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)";
+    let row = "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)";
     let mut sql = String::from(
         "INSERT INTO traces (ts, key_id, endpoint, requested_model, served_model, provider, \
          status, error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, \
-         cost_nanos, usage_estimated, fallback_from, trace_id) VALUES ",
+         cost_nanos, usage_estimated, fallback_from, trace_id, unit, units) VALUES ",
     );
     for r in 0..rows {
         if r > 0 {
@@ -117,6 +117,8 @@ fn insert_traces(tx: &rusqlite::Transaction<'_>, batch: &[&TraceRow]) -> Result<
             stmt.raw_bind_parameter(at + 14, t.usage_estimated)?;
             stmt.raw_bind_parameter(at + 15, t.fallback_from.as_deref())?;
             stmt.raw_bind_parameter(at + 16, trace_id_hex(t))?;
+            stmt.raw_bind_parameter(at + 17, t.unit.as_deref())?;
+            stmt.raw_bind_parameter(at + 18, t.units as i64)?;
         }
         stmt.raw_execute()?;
     }
@@ -146,6 +148,8 @@ fn trace_from_row(row: &Row<'_>) -> rusqlite::Result<TraceRow> {
         usage_estimated: row.get(13)?,
         fallback_from: shared(row.get(14)?),
         trace_id: parse_trace_id(row.get(16)?),
+        unit: row.get::<_, Option<String>>(17)?.map(Cow::Owned),
+        units: row.get::<_, Option<i64>>(18)?.unwrap_or(0).max(0) as u64,
     })
 }
 
@@ -242,7 +246,7 @@ impl Sqlite {
     ) -> Result<Vec<TraceRow>> {
         const COLUMNS: &str = "ts, key_id, endpoint, requested_model, served_model, provider, \
              status, error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, \
-             cost_nanos, usage_estimated, fallback_from, id, trace_id";
+             cost_nanos, usage_estimated, fallback_from, id, trace_id, unit, units";
         let before = before.unwrap_or(i64::MAX);
         let rows = match key_id {
             Some(key) => {

@@ -200,7 +200,7 @@ CREATE INDEX IF NOT EXISTS alert_deliveries_due
 "#;
 
 /// Columns added after the first release, applied to older databases at open.
-const MIGRATIONS: [(&str, &str, &str); 10] = [
+const MIGRATIONS: [(&str, &str, &str); 12] = [
     // The process (pid) that journaled an admission: a live one still owns it.
     ("inflight", "owner", "INTEGER NOT NULL DEFAULT 0"),
     ("keys", "max_inflight", "INTEGER"),
@@ -216,6 +216,9 @@ const MIGRATIONS: [(&str, &str, &str); 10] = [
     // Runaway-agent brakes (SPEC §7): NULL = no limit.
     ("keys", "max_usd_per_hour_nanos", "INTEGER"),
     ("keys", "loop_limit", "INTEGER"),
+    // The unit a trace's cost was charged in, and how many (SPEC §4).
+    ("traces", "unit", "TEXT"),
+    ("traces", "units", "INTEGER"),
 ];
 
 pub(super) struct Sqlite {
