@@ -1109,7 +1109,10 @@
         h('td', {}, t.error_code ? h('code', { class: 'small danger-text', text: t.error_code }) : h('span', { class: 'muted', text: '—' })),
         h('td', { class: 'num', title: `${int(t.prompt_tokens || 0)} prompt + ${int(t.completion_tokens || 0)} completion = ${int(tokens)}${t.usage_estimated ? ' (estimated)' : ''}` },
           `${int(t.prompt_tokens || 0)} → ${int(t.completion_tokens || 0)}`, t.usage_estimated ? h('span', { class: 'muted', text: ' ≈' }) : null),
-        h('td', { class: 'num' }, money(t.cost_usd || 0)),
+        h('td', { class: 'num', title: t.unit ? `charged per ${t.unit}` : null }, money(t.cost_usd || 0),
+          t.unit && t.unit !== 'token'
+            ? h('span', { class: 'muted small', 'data-testid': 'trace-unit', text: ` (${int(t.units || 0)} ${t.unit === 'ms' ? 'ms of audio' : t.unit + (t.units === 1 ? '' : 's')})` })
+            : null),
         h('td', { class: 'num', title: t.ttfb_ms !== null && t.ttfb_ms !== undefined ? `first byte after ${int(t.ttfb_ms)} ms` : null },
           t.latency_ms !== null && t.latency_ms !== undefined ? `${int(t.latency_ms)} ms` : '—'),
         // The W3C trace id: search for it in Jaeger, Tempo or Honeycomb to see the agent's spans.
