@@ -482,3 +482,155 @@ fn request_too_large_never_rests_a_pooled_key_and_its_body_is_masked() {
         .collect();
     assert_eq!(keys.len(), 2, "both pooled keys in use: {keys:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Random request shapes on every token-priced surface at once.
+// ---------------------------------------------------------------------------------------------
+
+/// Every surface's models at one price (0.15 / 0.60 USD per Mtok), so what the provider
+/// billed is the mock's token counts times literal prices, whichever surface served it.
+const SAME_PRICE: &str = r#"
+models:
+  - id: chat-a
+    provider: mock
+    input_usd_per_mtok: 0.15
+    output_usd_per_mtok: 0.60
+    max_output_tokens: 2000
+  - id: claude-a
+    provider: mock-anthropic
+    upstream_id: claude-sonnet-4-5
+    input_usd_per_mtok: 0.15
+    output_usd_per_mtok: 0.60
+    max_output_tokens: 2000
+"#;
+
+/// A small deterministic generator (xorshift64*): the same shapes on every run, and a
+/// failing seed can be replayed.
+struct Shapes(u64);
+
+impl Shapes {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// One request: its path and body, on chat completions, the Responses API or
+    /// Messages, in either model's format (translated where the surface and the model's
+    /// provider differ), with random output caps (or none), `n`, tools, streaming and text.
+    fn request(&mut self) -> (&'static str, Value) {
+        let model = if self.below(2) == 0 {
+            "chat-a"
+        } else {
+            "claude-a"
+        };
+        let text = "word ".repeat(1 + self.below(400) as usize);
+        let cap = match self.below(4) {
+            0 => None,
+            1 => Some(1 + self.below(50)),
+            2 => Some(1 + self.below(5_000)),
+            _ => Some(100_000 + self.below(1_000_000)),
+        };
+        let stream = self.below(2) == 0;
+        let tools = self.below(3) == 0;
+        match self.below(3) {
+            0 => {
+                let mut b = json!({"model": model, "stream": stream,
+                    "messages": [{"role": "user", "content": text}]});
+                if let Some(c) = cap {
+                    b[if self.below(2) == 0 {
+                        "max_tokens"
+                    } else {
+                        "max_completion_tokens"
+                    }] = c.into();
+                }
+                if model == "chat-a" {
+                    b["n"] = (1 + self.below(3)).into();
+                }
+                if tools {
+                    b["tools"] = json!([{"type": "function", "function": {"name": "f",
+                        "parameters": {"type": "object"}}}]);
+                }
+                ("/v1/chat/completions", b)
+            }
+            1 if model == "chat-a" => {
+                let mut b = json!({"model": model, "stream": stream, "input": text});
+                if let Some(c) = cap {
+                    b["max_output_tokens"] = c.into();
+                }
+                ("/v1/responses", b)
+            }
+            _ => {
+                let mut b = json!({"model": model, "stream": stream,
+                    "max_tokens": cap.unwrap_or(1 + self.below(3_000)),
+                    "messages": [{"role": "user", "content": text}]});
+                if tools {
+                    b["tools"] = json!([{"name": "f", "input_schema": {"type": "object"}}]);
+                }
+                ("/v1/messages", b)
+            }
+        }
+    }
+}
+
+/// SPEC §2: the reservation is a true upper bound for every request shape an endpoint
+/// accepts. Random shapes across chat completions, the Responses API and Messages (native
+/// and translated, streamed or not, `n`, tools, any output cap), sent 24 at a time against
+/// one hard cap, while the mock bills each as the provider would at worst (every body byte a
+/// token plus the tool prompt, the whole output cap): what the provider billed never passes
+/// the cap.
+#[test]
+fn random_shapes_on_every_surface_at_once_never_bill_past_the_cap() {
+    const BILLING: &[(&str, &str)] = &[
+        ("x-mock-prompt-tokens", "bytes"),
+        ("x-mock-completion-tokens", "max"),
+        ("x-mock-delay-ms", "200"),
+    ];
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).models(SAME_PRICE).start();
+    let cap = 3_000_000i64; // $0.003
+    let key = gw.create_key(&["--budget", "0.003", "--budget-mode", "hard"]);
+    let mut shapes = Shapes(0x5eed_0f_5a9e_u64);
+    mock.clear();
+    let (mut served, mut refused) = (0, 0);
+    for _round in 0..6 {
+        let threads: Vec<_> = (0..24)
+            .map(|_| {
+                let (path, body) = shapes.request();
+                let (addr, bearer) = (gw.addr, key.bearer());
+                std::thread::spawn(move || {
+                    let r = post(addr, path, &bearer, &body, BILLING);
+                    (
+                        path,
+                        r.status,
+                        r.header("x-spidergate-error-code").map(str::to_string),
+                    )
+                })
+            })
+            .collect();
+        for t in threads {
+            let (path, status, code) = t.join().unwrap();
+            match (status, code.as_deref()) {
+                (200, _) => served += 1,
+                (402, Some("budget_exceeded")) => refused += 1,
+                // A shape the gateway cannot bound or translate is refused up front.
+                (400, Some("invalid_request")) => {}
+                other => panic!("{path}: unexpected {other:?}"),
+            }
+        }
+    }
+    let billed = billed(&mock, OPENAI_NANOS);
+    assert!(
+        served >= 1 && refused >= 1,
+        "served {served}, refused {refused}"
+    );
+    assert!(
+        billed <= cap,
+        "the provider billed {billed} nanos against a {cap} cap ({served} served)"
+    );
+}
