@@ -595,7 +595,7 @@ fn random_shapes_on_every_surface_at_once_never_bill_past_the_cap() {
     let gw = GatewayBuilder::new(&mock).models(SAME_PRICE).start();
     let cap = 3_000_000i64; // $0.003
     let key = gw.create_key(&["--budget", "0.003", "--budget-mode", "hard"]);
-    let mut shapes = Shapes(0x5eed_0f_5a9e_u64);
+    let mut shapes = Shapes(0x005e_ed0f_5a9e_u64);
     mock.clear();
     let (mut served, mut refused) = (0, 0);
     for _round in 0..6 {
