@@ -6,6 +6,12 @@
 #
 #   benches/cluster_compare.sh [--duration 10] [--rounds 3] [--connections 32]
 #                              [--variants local-1,redis-1,...] [--no-c1] [--no-build] [--no-pin]
+#                              [--fleet]
+#
+# --fleet: every variant's requests come from a grandchild minted through /v1/keys under the
+# bench key (whose hard budget then bounds the tree), in a group with a hard budget and an
+# rpm (SPEC §7): each admission also checks and holds two parents and a group, in Redis one
+# Lua call touching every level. Compare with a run without it.
 #
 # GW_BIN=path/to/spidergate measures another build (the mock always comes from this tree), for
 # an A/B of two builds in separate runs, each against its own same-run baseline.
@@ -65,6 +71,7 @@ ROUNDS=3
 BUILD=1
 PIN=1
 C1=1
+FLEET=0
 ALL_VARIANTS=(local-1 redis-1 pg-1 pg+redis-1 pg-3 pg+redis-3)
 VARIANTS=("${ALL_VARIANTS[@]}")
 while [ $# -gt 0 ]; do
@@ -77,6 +84,7 @@ while [ $# -gt 0 ]; do
     --no-c1) C1=0; shift ;;
     --no-build) BUILD=0; shift ;;
     --no-pin) PIN=0; shift ;;
+    --fleet) FLEET=1; shift ;;
     -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
@@ -424,6 +432,31 @@ pg_nodes() {
   for v in "${VARIANTS[@]}"; do if uses_pg "$v"; then t=$((t + $(nodes_of "$v"))); fi; done
   echo "$t"
 }
+
+# --fleet: the key of every variant becomes a grandchild in a group (see the header).
+if [ "$FLEET" = 1 ]; then
+  idx=0
+  for v in "${VARIANTS[@]}"; do
+    idx=$((idx + 1))
+    cfg="$TMP/v$idx-n1.yaml"
+    "$BIN" --config "$cfg" groups create bench-group --budget 1000000 --budget-mode hard \
+      --rpm 100000000 --json >/dev/null
+    root_id="$("$BIN" --config "$cfg" keys list --json | tr -d '\n' \
+      | sed -n 's/.*"id"[[:space:]]*:[[:space:]]*"\(key_[0-9a-f]*\)".*/\1/p')"
+    "$BIN" --config "$cfg" keys update "$root_id" --group bench-group \
+      --scopes gate:chat,gate:usage,gate:keys --json >/dev/null
+    sleep 1  # every node polls the store for key changes
+    for depth in 1 2; do
+      SECRET[$v]="$(curl -s -X POST "http://127.0.0.1:${ENTRY_PORT[$v]}/v1/keys" \
+        -H "Authorization: Bearer ${SECRET[$v]}" -H 'Content-Type: application/json' \
+        -d "{\"name\":\"bench-$depth\",\"rpm\":100000000,\"rpd\":1000000000,\"scopes\":[\"gate:chat\",\"gate:usage\",\"gate:keys\"]}" \
+        | tr -d '\n' | sed -n 's/.*"secret"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p')"
+      [ -n "${SECRET[$v]}" ] || { echo "--fleet: $v could not mint the depth-$depth key" >&2; exit 1; }
+    done
+  done
+  sleep 1  # the minted keys reach every node of the 3-node variants
+  echo "fleet: every variant's key is a grandchild in a group"
+fi
 
 # Smoke test: every variant answers 200 with a completion (this also seeds each Redis
 # variant's month and day from its store).

@@ -133,6 +133,12 @@ fn a_group_cap_holds_across_three_nodes() {
         .admin_call("GET", "/admin/groups/fleet", None)
         .json();
     assert_eq!(g["spend_nanodollars"], spent);
+    // Every hold taken at the group was given back (none leaks past its request).
+    let held = c.redis_cli(&["HGET", "{sg}:g:fleet:live", "reserved"]);
+    assert!(
+        matches!(held.trim(), "" | "0"),
+        "group still holds {held:?}"
+    );
 }
 
 #[test]
@@ -197,6 +203,12 @@ fn a_parent_cap_bounds_its_tree_across_nodes_and_revocation_reaches_every_node()
             "{refused:?}"
         );
     }
+    // Every hold taken at the root for its tree was given back.
+    let held = c.redis_cli(&["HGET", &format!("{{sg}}:k:{}:live", parent.id), "treserved"]);
+    assert!(
+        matches!(held.trim(), "" | "0"),
+        "the root still holds {held:?}"
+    );
     // Revoked on node 0: the grandchild is refused on every node.
     let r = c.nodes[0].post(
         &format!("/v1/keys/{}/revoke", child.id),

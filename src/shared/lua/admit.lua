@@ -187,11 +187,14 @@ local f = node .. ':' .. res_id
 local levels = {}
 for i = 1, ups do
   local up, kind = KEYS[1 + i], ARGV[13 + 3 * i]
-  if held ~= '0' then
+  -- Held only where a hard cap reads it; such a level is written in capitals ('P', 'G') so
+  -- its release gives the hold back there and nowhere else.
+  if held ~= '0' and opt(ARGV[14 + 3 * i]) then
     redis.call('HINCRBY', up .. ':live', kind == 'p' and 'treserved' or 'reserved', held)
+    kind = string.upper(kind)
   end
   -- A group keeps a rolling minute only when it has an rpm.
-  if kind == 'g' and opt(ARGV[15 + 3 * i]) then
+  if string.lower(kind) == 'g' and opt(ARGV[15 + 3 * i]) then
     redis.call('ZADD', up .. ':min', now, f)
     redis.call('PEXPIRE', up .. ':min', MS_MIN)
   end

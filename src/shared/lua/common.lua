@@ -80,8 +80,9 @@ local function book_hour(p, cost)
   redis.call('PEXPIRE', hr, HR_TTL)
 end
 
--- A reservation record: held, estimate, month, key id, the levels above the key it was also
--- held at (SPEC §7; "p<prefix> g<prefix>", empty for a lone key), then tagged fields: the
+-- A reservation record: held, estimate, month, key id, the levels above the key it counts
+-- against (SPEC §7; "p<prefix> G<prefix>": a parent, a group; in capitals where the hold was
+-- taken, at a hard cap; empty for a lone key), then tagged fields: the
 -- hour hold (`h<n>`, keys with max_usd_per_hour only) and the day it was counted in (`d<n>`):
 -- `held|estimate|month|key_id|levels|d<day>[|h<hour hold>]`. Older records
 -- (`held|estimate|month|key_id[|levels][|h<n>]`) read too: a levels field never starts with
@@ -116,7 +117,9 @@ local function unadmit(f)
     if tonumber(redis.call('GET', daykey) or '0') > 0 then redis.call('DECR', daykey) end
   end
   for l in string.gmatch(lv or '', '%S+') do
-    if string.sub(l, 1, 1) == 'g' then redis.call('ZREM', string.sub(l, 2) .. ':min', f) end
+    if string.lower(string.sub(l, 1, 1)) == 'g' then
+      redis.call('ZREM', string.sub(l, 2) .. ':min', f)
+    end
   end
 end
 
@@ -129,21 +132,14 @@ local function levels_of(s)
   return out
 end
 
--- Books `cost` of `model` at every level above a key: a parent's tree spend, a group's spend
--- and its per-model figures. Only into months that were seeded.
-local function book_levels(levels, month, model, prompt, completion, cost)
+-- Books `cost` at every level above a key: a parent's tree spend, a group's spend. Only the
+-- sums the admission compares (a group's per-model figures come from the ledger, which
+-- `GET /admin/groups` reads in a cluster). Only into months that were seeded.
+local function book_levels(levels, month, cost)
   for _, lv in ipairs(levels) do
     local umon = lv[2] .. ':mon:' .. month
     if redis.call('EXISTS', umon) == 1 then
-      if lv[1] == 'p' then
-        hincr(umon, 'tree', cost)
-      else
-        hincr(umon, 'spent', cost)
-        hincr(umon, 'n:' .. model, 1)
-        if prompt then hincr(umon, 'p:' .. model, prompt) end
-        if completion then hincr(umon, 'c:' .. model, completion) end
-        hincr(umon, 's:' .. model, cost)
-      end
+      hincr(umon, string.lower(lv[1]) == 'p' and 'tree' or 'spent', cost)
     end
   end
 end
@@ -163,8 +159,11 @@ local function unlink(f)
   local p = '{sg}:k:' .. key_id
   local levels = levels_of(lv)
   if held ~= '0' then
+    -- Only at the levels that held it (written in capitals: those with a hard cap).
     for _, l in ipairs(levels) do
-      redis.call('HINCRBY', l[2] .. ':live', l[1] == 'p' and 'treserved' or 'reserved', '-' .. held)
+      if l[1] == 'P' or l[1] == 'G' then
+        redis.call('HINCRBY', l[2] .. ':live', l[1] == 'P' and 'treserved' or 'reserved', '-' .. held)
+      end
     end
   end
   if hheld then
@@ -204,7 +203,7 @@ local function reap_one(f)
       hincr(mon, 'n:' .. ORPHANED, 1)
       hincr(mon, 's:' .. ORPHANED, est)
     end
-    book_levels(levels or {}, month, ORPHANED, nil, nil, est)
+    book_levels(levels or {}, month, est)
   end
 end
 

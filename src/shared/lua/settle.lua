@@ -27,6 +27,6 @@ if ARGV[3] == '1' then
     hincr(mon, 'c:' .. m, ARGV[6])
     hincr(mon, 's:' .. m, ARGV[7])
   end
-  book_levels(levels or {}, month, ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+  book_levels(levels or {}, month, ARGV[7])
 end
 return outcome
