@@ -388,8 +388,11 @@ impl Gate {
         // This month's spend of every key's minted keys (SPEC §7), for keys new to this
         // process: their budget counts it too.
         let parents = store.key_parents()?;
+        // Looked up once per key: a set, not a scan of every minted key per key.
+        let has_children: std::collections::HashSet<&str> =
+            parents.iter().map(|(_, p)| p.as_str()).collect();
         let tree_spend = |id: &str, spend: Option<&HashMap<String, Vec<ModelTally>>>| {
-            if !parents.iter().any(|(_, p)| p == id) {
+            if !has_children.contains(id) {
                 return Nanos::ZERO;
             }
             match spend {
@@ -417,7 +420,13 @@ impl Gate {
             };
             let tree = tree_spend(id, Some(spend));
             let today = today.get(id).copied();
-            let spend = spend.get(id).cloned();
+            // A tree's sum reads its descendants' rows, so they stay while any key has one;
+            // else each key's rows are moved out, not copied (a million keys at start-up).
+            let spend = if parents.is_empty() {
+                spend.remove(id)
+            } else {
+                spend.get(id).cloned()
+            };
             // Nothing in the ledger: the counters are made on first use.
             (today.is_some() || spend.is_some() || tree > Nanos::ZERO).then(|| {
                 KeyCounters::restored(now, today.unwrap_or(0), spend.unwrap_or_default())

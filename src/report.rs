@@ -111,21 +111,7 @@ pub fn usage_json(
     live: &CounterView,
     now: i64,
 ) -> Value {
-    let mut by_model = serde_json::Map::new();
-    let mut total = Nanos::ZERO;
-    for r in rows {
-        total += r.spent;
-        by_model.insert(
-            r.model.to_string(),
-            json!({
-                "spend_usd": r.spent.as_usd(),
-                "spend_nanodollars": r.spent.get(),
-                "requests": r.requests,
-                "prompt_tokens": r.prompt_tokens,
-                "completion_tokens": r.completion_tokens,
-            }),
-        );
-    }
+    let (by_model, total) = by_model_json(rows);
     json!({
         "key_id": k.id,
         "name": k.name,
@@ -151,15 +137,8 @@ pub fn usage_json(
     })
 }
 
-/// A group as management views show it (SPEC §7): its limits, this month's spend of the
-/// sum of its keys per model (as `/v1/usage` shows a key's), and its keys' ids.
-pub fn group_json(
-    g: &crate::store::GroupRecord,
-    month: i64,
-    rows: &[ModelTally],
-    reserved: Nanos,
-    keys: &[String],
-) -> Value {
+/// Spend per model as `/v1/usage` shows it (`by_model`), and the total.
+fn by_model_json(rows: &[ModelTally]) -> (serde_json::Map<String, Value>, Nanos) {
     let mut by_model = serde_json::Map::new();
     let mut total = Nanos::ZERO;
     for r in rows {
@@ -175,6 +154,19 @@ pub fn group_json(
             }),
         );
     }
+    (by_model, total)
+}
+
+/// A group as management views show it (SPEC §7): its limits, this month's spend of the
+/// sum of its keys per model (as `/v1/usage` shows a key's), and its keys' ids.
+pub fn group_json(
+    g: &crate::store::GroupRecord,
+    month: i64,
+    rows: &[ModelTally],
+    reserved: Nanos,
+    keys: &[String],
+) -> Value {
+    let (by_model, total) = by_model_json(rows);
     json!({
         "name": g.name,
         "budget_usd": g.budget.map(Nanos::as_usd),

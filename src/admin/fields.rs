@@ -45,20 +45,7 @@ fn usd(v: &Value, field: &'static str) -> Result<Option<Option<f64>>, KeyError> 
 
 /// `max_usd_per_hour`: a USD number (or numeric string), or null to clear it.
 fn usd_per_hour(v: &Value) -> Result<Option<Option<f64>>, KeyError> {
-    const FIELD: &str = "max_usd_per_hour";
-    match v.get(FIELD) {
-        None => Ok(None),
-        Some(Value::Null) => Ok(Some(None)),
-        Some(Value::String(s)) if s.trim().is_empty() => Ok(Some(None)),
-        Some(n) => n
-            .as_f64()
-            .or_else(|| {
-                n.as_str()
-                    .and_then(|s| s.trim().trim_start_matches('$').parse().ok())
-            })
-            .map(|usd| Some(Some(usd)))
-            .ok_or_else(|| KeyError::invalid(FIELD, format!("{FIELD} must be a number or null"))),
-    }
+    usd(v, "max_usd_per_hour")
 }
 
 fn string(v: &Value, field: &'static str) -> Result<Option<String>, KeyError> {

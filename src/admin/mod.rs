@@ -344,12 +344,7 @@ fn handle(
         match (method, seg) {
             (&Method::GET, ["admin", "info"]) => Ok(Reply::json(200, info_json(gate))),
             (&Method::GET, ["admin", "audit"]) => {
-                let limit = query
-                    .get("limit")
-                    .and_then(|v| v.parse::<u32>().ok())
-                    .unwrap_or(50)
-                    .clamp(1, 10_000);
-                let before = query.get("before").and_then(|v| v.parse::<i64>().ok());
+                let (limit, before) = page(query);
                 let rows = keys.audit_log(limit, before).map_err(Reply::key_error)?;
                 let data: Vec<Value> = rows.iter().map(crate::audit::entry_json).collect();
                 let next = (rows.len() == limit as usize)
@@ -482,12 +477,7 @@ fn handle(
             }
             (&Method::GET, ["admin", "traces"]) => {
                 gate.ledger.flush_blocking();
-                let limit = query
-                    .get("limit")
-                    .and_then(|l| l.parse::<u32>().ok())
-                    .unwrap_or(50)
-                    .clamp(1, 10_000);
-                let before = query.get("before").and_then(|b| b.parse::<i64>().ok());
+                let (limit, before) = page(query);
                 let rows = keys
                     .traces(query.get("key").map(String::as_str), limit, before)
                     .map_err(Reply::key_error)?;
@@ -504,12 +494,7 @@ fn handle(
             (&Method::GET, ["admin", "alerts"]) => {
                 // Alerts raised by requests just finished are in the outbox once this returns.
                 gate.ledger.flush_blocking();
-                let limit = query
-                    .get("limit")
-                    .and_then(|l| l.parse::<u32>().ok())
-                    .unwrap_or(50)
-                    .clamp(1, 10_000);
-                let before = query.get("before").and_then(|b| b.parse::<i64>().ok());
+                let (limit, before) = page(query);
                 let rows = store
                     .alert_deliveries(limit, before)
                     .map_err(|e| Reply::key_error(KeyError::Store(e)))?;
@@ -577,6 +562,19 @@ fn group_report(
         }
     };
     Ok(report::group_json(g, month, &rows, reserved, &members))
+}
+
+/// `?limit=N&before=ID` of a listing: 50 by default, at most 10,000.
+fn page(query: &HashMap<String, String>) -> (u32, Option<i64>) {
+    let limit = query
+        .get("limit")
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(50)
+        .clamp(1, 10_000);
+    (
+        limit,
+        query.get("before").and_then(|v| v.parse::<i64>().ok()),
+    )
 }
 
 fn month_param(query: &HashMap<String, String>, now: i64) -> Result<i64, Reply> {

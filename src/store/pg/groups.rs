@@ -21,10 +21,6 @@ fn group_from_row(r: &Row) -> Result<GroupRecord> {
     })
 }
 
-fn count(n: i64) -> u64 {
-    n.max(0) as u64
-}
-
 impl Postgres {
     /// Inserts a group; `false` if one of that name exists.
     pub fn insert_group(&mut self, g: &GroupRecord) -> Result<bool> {
@@ -131,15 +127,7 @@ impl Postgres {
             &[&name, &month],
         )?
         .iter()
-        .map(|r| {
-            Ok(ModelSpend {
-                model: r.try_get(0)?,
-                requests: count(r.try_get(1)?),
-                prompt_tokens: count(r.try_get(2)?),
-                completion_tokens: count(r.try_get(3)?),
-                cost: Nanos::new(r.try_get(4)?),
-            })
-        })
+        .map(super::ledger::model_spend_from_row)
         .collect()
     }
 

@@ -27,6 +27,17 @@ fn day_count(n: i64) -> u32 {
     u32::try_from(n.max(0)).unwrap_or(u32::MAX)
 }
 
+/// A row of (model, requests, prompt_tokens, completion_tokens, cost_nanos).
+pub(super) fn model_spend_from_row(r: &Row) -> Result<ModelSpend> {
+    Ok(ModelSpend {
+        model: r.try_get(0)?,
+        requests: count(r.try_get(1)?),
+        prompt_tokens: count(r.try_get(2)?),
+        completion_tokens: count(r.try_get(3)?),
+        cost: Nanos::new(r.try_get(4)?),
+    })
+}
+
 fn shared(v: Option<String>) -> Option<Arc<str>> {
     v.map(Arc::from)
 }
@@ -353,15 +364,7 @@ impl Postgres {
             &[&key_id, &month],
         )?
         .iter()
-        .map(|r| {
-            Ok(ModelSpend {
-                model: r.try_get(0)?,
-                requests: count(r.try_get(1)?),
-                prompt_tokens: count(r.try_get(2)?),
-                completion_tokens: count(r.try_get(3)?),
-                cost: Nanos::new(r.try_get(4)?),
-            })
-        })
+        .map(model_spend_from_row)
         .collect()
     }
 

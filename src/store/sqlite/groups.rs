@@ -103,15 +103,7 @@ impl Sqlite {
              FROM spend s JOIN keys k ON k.id = s.key_id
              WHERE k.group_name = ?1 AND s.month = ?2 GROUP BY s.model ORDER BY s.model",
         )?;
-        let rows = stmt.query_map(params![name, month], |r| {
-            Ok(ModelSpend {
-                model: r.get(0)?,
-                requests: r.get::<_, i64>(1)?.max(0) as u64,
-                prompt_tokens: r.get::<_, i64>(2)?.max(0) as u64,
-                completion_tokens: r.get::<_, i64>(3)?.max(0) as u64,
-                cost: Nanos::new(r.get(4)?),
-            })
-        })?;
+        let rows = stmt.query_map(params![name, month], super::ledger::model_spend_from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 

@@ -125,6 +125,17 @@ fn insert_traces(tx: &rusqlite::Transaction<'_>, batch: &[&TraceRow]) -> Result<
     Ok(())
 }
 
+/// A row of (model, requests, prompt_tokens, completion_tokens, cost_nanos).
+pub(super) fn model_spend_from_row(r: &Row<'_>) -> rusqlite::Result<ModelSpend> {
+    Ok(ModelSpend {
+        model: r.get(0)?,
+        requests: r.get::<_, i64>(1)?.max(0) as u64,
+        prompt_tokens: r.get::<_, i64>(2)?.max(0) as u64,
+        completion_tokens: r.get::<_, i64>(3)?.max(0) as u64,
+        cost: Nanos::new(r.get(4)?),
+    })
+}
+
 fn shared(v: Option<String>) -> Option<Arc<str>> {
     v.map(Arc::from)
 }
@@ -188,15 +199,7 @@ impl Sqlite {
             "SELECT model, requests, prompt_tokens, completion_tokens, cost_nanos FROM spend
              WHERE key_id = ?1 AND month = ?2 ORDER BY model",
         )?;
-        let rows = stmt.query_map(params![key_id, month], |r| {
-            Ok(ModelSpend {
-                model: r.get(0)?,
-                requests: r.get::<_, i64>(1)? as u64,
-                prompt_tokens: r.get::<_, i64>(2)? as u64,
-                completion_tokens: r.get::<_, i64>(3)? as u64,
-                cost: Nanos::new(r.get(4)?),
-            })
-        })?;
+        let rows = stmt.query_map(params![key_id, month], model_spend_from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
