@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion};
-use spidergate::admission::{admit, check_scope, lookup, token_hash, Endpoint, Overheads};
+use spidergate::admission::{admit, authenticate, check_scope, Endpoint, Overheads};
 use spidergate::catalog::Catalog;
 use spidergate::clock::now_ms;
 use spidergate::clock::Now;
@@ -81,8 +81,7 @@ fn bench(c: &mut Criterion, catalog: &Catalog) {
                 i = (i + 1) % n;
                 now += 61;
                 let header = &headers[i * HEADER_LEN..(i + 1) * HEADER_LEN];
-                let hash = token_hash(Some(header), None).expect("token");
-                let key = lookup(&keys, &hash, now).expect("auth");
+                let (_, key) = authenticate(Some(header), None, &keys, now).expect("auth");
                 check_scope(&key, Endpoint::ChatCompletions).expect("scope");
                 // The in-process store is ready at once: block_on never parks.
                 let adm = rt

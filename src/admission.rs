@@ -13,7 +13,7 @@ use crate::catalog::{Catalog, Chain};
 use crate::clock::Now;
 pub use crate::config::Family;
 use crate::error::GateError;
-use crate::keys::token::{from_authorization, hash_token, is_well_formed, TokenHash};
+use crate::keys::token::{from_authorization, is_well_formed, TokenHash, TokenMemo};
 use crate::keys::{KeyEntry, KeySet, ScopeSet};
 use crate::limits::brakes::request_digest;
 use crate::limits::store::LimitStore;
@@ -246,13 +246,17 @@ pub fn route(path: &str) -> (Endpoint, &str) {
     }
 }
 
-/// The agent's token -> its hash: a bearer token, or else (as the Anthropic SDKs and Claude
-/// Code send it) the bare token in `x-api-key`. 401 for a missing or malformed token; never
-/// echoed.
-pub fn token_hash(
+/// The agent's token -> its live key, and the token's digest (for the second lookup at
+/// admission): a bearer token, or else (as the Anthropic SDKs and Claude Code send it) the
+/// bare token in `x-api-key`. 401 for a missing, malformed or unknown token; never echoed.
+/// The digest of a token that authenticated before on this thread is not computed again
+/// ([`TokenMemo`]).
+pub fn authenticate(
     authorization: Option<&[u8]>,
     x_api_key: Option<&[u8]>,
-) -> Result<TokenHash, GateError> {
+    keys: &KeySet,
+    now: i64,
+) -> Result<(TokenHash, Arc<KeyEntry>), GateError> {
     let token = match authorization {
         Some(a) => from_authorization(a),
         None => x_api_key
@@ -260,7 +264,14 @@ pub fn token_hash(
             .map(str::trim)
             .filter(|t| is_well_formed(t)),
     };
-    token.map(hash_token).ok_or(GateError::InvalidApiKey)
+    let (hash, fresh) = TokenMemo::digest(token.ok_or(GateError::InvalidApiKey)?);
+    // Remembered only once it matched a key, so a flood of made-up tokens evicts nothing;
+    // whether the key is alive is checked at every request, not remembered.
+    let key = lookup(keys, &hash, now)?;
+    if let Some(tag) = fresh {
+        TokenMemo::remember(tag, &hash);
+    }
+    Ok((hash, key))
 }
 
 /// Token hash -> live key at `now`: 401 if unknown, expired or revoked. Called when the

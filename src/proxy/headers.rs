@@ -16,8 +16,6 @@ pub(super) fn header_bytes<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a
     req.headers.get(name).map(|v| v.as_bytes())
 }
 
-pub(super) static BUDGET_WARNING: HeaderName =
-    HeaderName::from_static("x-spidergate-budget-warning");
 /// Client headers that never go upstream: credentials of any kind (the provider's own key
 /// replaces the agent's token) and framing the gateway handles itself (the body is already
 /// read, so an upstream `100 Continue` would only reach the client a second time).
@@ -31,7 +29,6 @@ pub(super) static STRIPPED_HEADERS: [HeaderName; 8] = [
     http::header::TRANSFER_ENCODING,
     http::header::EXPECT,
 ];
-pub(super) static SERVED_MODEL: HeaderName = HeaderName::from_static("x-spidergate-model");
 pub(super) static ERROR_CODE: HeaderName = HeaderName::from_static("x-spidergate-error-code");
 
 /// Whether an upstream response header reveals the operator's provider account or its
@@ -62,7 +59,6 @@ pub(super) fn strip_account_headers(resp: &mut ResponseHeader) {
         resp.remove_header(n);
     }
 }
-pub(super) static FALLBACK_FROM: HeaderName = HeaderName::from_static("x-spidergate-fallback-from");
 pub(super) static UNLIMITED: HeaderValue = HeaderValue::from_static("unlimited");
 
 /// The rate-limit header names in the case they are sent, as static bytes: Pingora keeps a
@@ -72,6 +68,17 @@ static LIMIT_REQUESTS_CASE: bytes::Bytes = bytes::Bytes::from_static(b"X-RateLim
 static REMAINING_REQUESTS_CASE: bytes::Bytes =
     bytes::Bytes::from_static(b"X-RateLimit-Remaining-Requests");
 static RATE_RESET_CASE: bytes::Bytes = bytes::Bytes::from_static(b"X-RateLimit-Reset");
+// The same for every other header the gateway sets on the request path: Pingora turns a
+// `HeaderName` it has no titled form for into a freshly allocated case name first.
+static BUDGET_WARNING_CASE: bytes::Bytes =
+    bytes::Bytes::from_static(b"X-SpiderGate-Budget-Warning");
+static ERROR_CODE_CASE: bytes::Bytes = bytes::Bytes::from_static(b"X-SpiderGate-Error-Code");
+static FALLBACK_FROM_CASE: bytes::Bytes = bytes::Bytes::from_static(b"X-SpiderGate-Fallback-From");
+static SERVED_MODEL_CASE: bytes::Bytes = bytes::Bytes::from_static(b"X-SpiderGate-Model");
+static AUTHORIZATION_CASE: bytes::Bytes = bytes::Bytes::from_static(b"Authorization");
+static ACCEPT_ENCODING_CASE: bytes::Bytes = bytes::Bytes::from_static(b"Accept-Encoding");
+static X_API_KEY_CASE: bytes::Bytes = bytes::Bytes::from_static(b"x-api-key");
+static ANTHROPIC_VERSION_CASE: bytes::Bytes = bytes::Bytes::from_static(b"anthropic-version");
 
 /// Header values of the numbers below this are formatted once and shared (a clone is a
 /// reference count), so the common case formats nothing per response.
@@ -104,7 +111,7 @@ pub(super) fn add_standing_headers(resp: &mut ResponseHeader, s: &Standing) -> R
     resp.insert_header(RATE_RESET_CASE.clone(), number_value(s.reset_secs))?;
     if s.budget_warning {
         resp.insert_header(
-            BUDGET_WARNING.clone(),
+            BUDGET_WARNING_CASE.clone(),
             HeaderValue::from_static("monthly budget reached (soft limit)"),
         )?;
     }
@@ -122,7 +129,6 @@ pub(super) fn head_size(req: &RequestHeader) -> usize {
 
 static ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
 static ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
-static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// The request as the provider gets it: its path, its own key (the agent's token and every
 /// other credential are removed), its `Host`, the rewritten body's length, and no
@@ -146,7 +152,7 @@ pub(super) fn rewrite_upstream_request(
     match provider.kind {
         ProviderKind::OpenAi => {
             match key {
-                Some(k) => req.insert_header(http::header::AUTHORIZATION, k.clone())?,
+                Some(k) => req.insert_header(AUTHORIZATION_CASE.clone(), k.clone())?,
                 None => {
                     req.remove_header(&http::header::AUTHORIZATION);
                 }
@@ -161,11 +167,11 @@ pub(super) fn rewrite_upstream_request(
         ProviderKind::Anthropic => {
             req.remove_header(&http::header::AUTHORIZATION);
             if let Some(k) = key {
-                req.insert_header(X_API_KEY.clone(), k.clone())?;
+                req.insert_header(X_API_KEY_CASE.clone(), k.clone())?;
             }
             if !req.headers.contains_key(&ANTHROPIC_VERSION) {
                 req.insert_header(
-                    ANTHROPIC_VERSION.clone(),
+                    ANTHROPIC_VERSION_CASE.clone(),
                     provider.anthropic_version.clone(),
                 )?;
             }
@@ -175,9 +181,9 @@ pub(super) fn rewrite_upstream_request(
         drop_pricing_betas(req)?;
     }
     req.insert_header(http::header::HOST, provider.host.clone())?;
-    req.insert_header(http::header::CONTENT_LENGTH, HeaderValue::from(body_len))?;
+    req.insert_header(http::header::CONTENT_LENGTH, number_value(body_len as u64))?;
     req.insert_header(
-        http::header::ACCEPT_ENCODING,
+        ACCEPT_ENCODING_CASE.clone(),
         HeaderValue::from_static("identity"),
     )?;
     Ok(())
@@ -233,15 +239,15 @@ pub(super) fn decorate_response(
     add_standing_headers(resp, standing)?;
     if resp.status.as_u16() >= 400 {
         resp.insert_header(
-            ERROR_CODE.clone(),
+            ERROR_CODE_CASE.clone(),
             HeaderValue::from_static(UPSTREAM_STATUS),
         )?;
     }
     if let Some(from) = fallback_from {
-        resp.insert_header(FALLBACK_FROM.clone(), from.clone())?;
+        resp.insert_header(FALLBACK_FROM_CASE.clone(), from.clone())?;
     }
     if let Some(model) = served {
-        resp.insert_header(SERVED_MODEL.clone(), model.clone())?;
+        resp.insert_header(SERVED_MODEL_CASE.clone(), model.clone())?;
     }
     Ok(())
 }

@@ -235,7 +235,9 @@ impl GateProxy {
         Ok(true)
     }
 
-    /// Catalog, usage and health: answered by the gateway itself.
+    /// Catalog, usage and health: answered by the gateway itself. Callers box its future
+    /// (~7 KB with the cluster's usage read): inline, it would size every model request's
+    /// `request_filter` future, which Pingora boxes and copies whole per request.
     async fn serve_local(
         &self,
         session: &mut Session,
@@ -482,10 +484,9 @@ impl ProxyHttp for GateProxy {
                 Endpoint::Models | Endpoint::Model | Endpoint::Aliases
             );
         if anonymous_catalog {
-            return self.serve_local(session, ctx, model_id).await;
+            return Box::pin(self.serve_local(session, ctx, model_id)).await;
         }
-        let hash = match admission::token_hash(authorization, x_api_key)
-            .and_then(|h| admission::lookup(&ctx.snap.keys, &h, now_ms()).map(|k| (h, k)))
+        let hash = match admission::authenticate(authorization, x_api_key, &ctx.snap.keys, now_ms())
         {
             Ok((hash, key)) => {
                 ctx.key = Some(key);
@@ -507,14 +508,28 @@ impl ProxyHttp for GateProxy {
             return self.reject(session, ctx, e).await;
         }
         if !endpoint.is_model_call() {
-            return self.serve_local(session, ctx, model_id).await;
+            return Box::pin(self.serve_local(session, ctx, model_id)).await;
         }
         if session.req_header().method != http::Method::POST {
             return self.reject(session, ctx, GateError::MethodNotAllowed).await;
         }
         let max_body = ctx.snap.routes.config.max_body_bytes;
         let deadline = ctx.snap.routes.config.tuning.body_timeout;
-        let read = tokio::time::timeout(deadline, read_body(session, max_body)).await;
+        let read = {
+            // Most bodies arrive with their head: polled once, the read is then done and no
+            // timer is armed (registering one costs more than the rest of the read). Still
+            // pending, it goes on under the body deadline; a pending poll registered the
+            // task's own waker, so nothing is lost by polling it again inside the timeout.
+            let mut reading = std::pin::pin!(read_body(session, max_body));
+            let first = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(std::future::Future::poll(reading.as_mut(), cx))
+            })
+            .await;
+            match first {
+                std::task::Poll::Ready(done) => Ok(done),
+                std::task::Poll::Pending => tokio::time::timeout(deadline, reading).await,
+            }
+        };
         let body = match read.unwrap_or(Ok(Err(GateError::RequestTimeout)))? {
             Ok(b) => b,
             Err(e) => {
@@ -775,7 +790,9 @@ impl ProxyHttp for GateProxy {
         if end_of_stream {
             ctx.response_ended();
             if let Some(shared) = self.gate.limits.shared() {
-                ctx.settle_before_the_end(shared).await;
+                // Boxed: this hook's future is boxed and copied at every body chunk, so
+                // the cluster's ~7 KB settlement future must not live inline in it.
+                Box::pin(ctx.settle_before_the_end(shared)).await;
             }
         }
         Ok(None)

@@ -340,6 +340,19 @@ mod tests {
         matches!((&*s).read(&mut [0u8; 16]), Ok(0))
     }
 
+    /// Waits for the watchdog to shut `s` (it and this test share one runtime thread: after
+    /// a fixed sleep this test may well run before the watchdog's own expired timer does).
+    /// Bounded, so a watchdog that never fires fails the test instead of hanging it.
+    async fn shut_by_the_watchdog(s: &TcpStream) -> bool {
+        for _ in 0..500 {
+            if is_shut(s) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
     #[test]
     fn equal_timeouts_need_no_watchdog() {
         assert_eq!(ms(300, 300).watched(), None);
@@ -370,8 +383,7 @@ mod tests {
         let mut w = UpstreamWatch::default();
         w.connected(a.as_raw_fd(), true);
         w.request_sent(ms(50, 5_000));
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        assert!(is_shut(&a));
+        assert!(shut_by_the_watchdog(&a).await);
         assert_eq!(w.head_arrived(), Err(Fired));
         assert!(w.end_attempt());
     }
@@ -410,8 +422,7 @@ mod tests {
         let t = ms(5_000, 50);
         w.connected(a.as_raw_fd(), true);
         assert_eq!(w.chunk_arrived(t, false), Ok(()));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(is_shut(&a));
+        assert!(shut_by_the_watchdog(&a).await);
         assert_eq!(w.chunk_arrived(t, true), Err(Fired));
     }
 

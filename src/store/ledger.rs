@@ -107,14 +107,19 @@ pub(in crate::store) struct Settlement {
 /// to a cap. Requests whose admission was journaled are kept apart, one by one (see
 /// [`Settlement`]): only those still in the journal at commit are booked. A batch that
 /// fails to commit is kept whole and retried.
+/// A batch's maps, hashed with foldhash: every request adds to four of them on the writer
+/// thread, and their keys are the gateway's own key ids and model names, so SipHash's
+/// protection against chosen keys buys nothing here (still randomly seeded).
+pub(in crate::store) type Sums<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Debug, Default)]
 pub struct Batch {
     pub(in crate::store) traces: Vec<TraceRow>,
-    pub(in crate::store) spend: HashMap<(Arc<str>, i64, Arc<str>), [i64; 4]>,
-    pub(in crate::store) daily: HashMap<(Arc<str>, i64), i64>,
-    pub(in crate::store) daily_spend: HashMap<(Arc<str>, i64, Arc<str>), [i64; 2]>,
-    pub(in crate::store) last_used: HashMap<Arc<str>, i64>,
-    pub(in crate::store) journal_open: HashMap<i64, JournalRow>,
+    pub(in crate::store) spend: Sums<(Arc<str>, i64, Arc<str>), [i64; 4]>,
+    pub(in crate::store) daily: Sums<(Arc<str>, i64), i64>,
+    pub(in crate::store) daily_spend: Sums<(Arc<str>, i64, Arc<str>), [i64; 2]>,
+    pub(in crate::store) last_used: Sums<Arc<str>, i64>,
+    pub(in crate::store) journal_open: Sums<i64, JournalRow>,
     /// Journal rows to delete that book nothing (no key, or nothing to count).
     pub(in crate::store) journal_closed: Vec<i64>,
     /// Journaled requests, booked only if their row is still there at commit.

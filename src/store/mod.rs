@@ -513,6 +513,94 @@ mod tests {
     }
 
     #[test]
+    fn a_file_with_the_old_traces_table_is_moved_into_the_trace_log_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            // The `traces` table as releases before `trace_log` created it.
+            let db = rusqlite::Connection::open(&path).unwrap();
+            db.execute_batch(
+                "CREATE TABLE traces (id INTEGER PRIMARY KEY, ts INTEGER NOT NULL, key_id TEXT,
+                    endpoint TEXT NOT NULL, requested_model TEXT, served_model TEXT,
+                    provider TEXT, status INTEGER NOT NULL, error_code TEXT,
+                    latency_ms INTEGER NOT NULL, ttfb_ms INTEGER,
+                    prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+                    cost_nanos INTEGER NOT NULL, usage_estimated INTEGER NOT NULL,
+                    fallback_from TEXT, trace_id TEXT);
+                 CREATE INDEX traces_key ON traces (key_id, id);
+                 INSERT INTO traces VALUES (7, 1000, 'key_a', 'chat.completions', 'm', 'up-m',
+                    'p', 200, NULL, 12, 3, 11, 5, 2500, 0, NULL,
+                    '0af7651916cd43dd8448eb211c80319c');
+                 INSERT INTO traces VALUES (9, 2000, 'key_a', 'messages', 'm', NULL, NULL,
+                    402, 'budget_exceeded', 1, NULL, 0, 0, 0, 1, 'x', NULL);",
+            )
+            .unwrap();
+        }
+        let mut s = Store::open(&path).unwrap();
+        let got = s.traces(Some("key_a"), 10, None).unwrap();
+        assert_eq!(got.iter().map(|t| t.id).collect::<Vec<_>>(), vec![9, 7]);
+        let (new, old) = (&got[0], &got[1]);
+        assert_eq!(
+            (
+                old.ts,
+                old.status,
+                old.latency_ms,
+                old.ttfb_ms,
+                old.cost.get()
+            ),
+            (1000, 200, 12, Some(3), 2500)
+        );
+        assert_eq!(old.served_model.as_deref(), Some("up-m"));
+        assert_eq!(
+            old.trace_id.map(|t| t.to_string()).as_deref(),
+            Some("0af7651916cd43dd8448eb211c80319c")
+        );
+        assert_eq!((old.unit.as_deref(), old.units), (None, 0));
+        assert_eq!(new.error_code.as_deref(), Some("budget_exceeded"));
+        assert!(new.usage_estimated);
+        assert_eq!(new.fallback_from.as_deref(), Some("x"));
+        // New rows follow the moved ones; the view answers plain SQL as the table did.
+        let mut b = Batch::default();
+        b.add(
+            LedgerEntry {
+                trace: TraceRow {
+                    ts: 3000,
+                    key_id: Some("key_a".into()),
+                    endpoint: "chat.completions".into(),
+                    status: 200,
+                    ..TraceRow::default()
+                },
+                keep_trace: true,
+                ..LedgerEntry::default()
+            },
+            100,
+        );
+        s.write_batch(&b).unwrap();
+        let ids: Vec<i64> = s
+            .traces(Some("key_a"), 10, None)
+            .unwrap()
+            .iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(ids, vec![10, 9, 7]);
+        drop(s);
+        let db = rusqlite::Connection::open(&path).unwrap();
+        let (n, kind): (i64, String) = db
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM traces WHERE status = 200),
+                        (SELECT type FROM sqlite_master WHERE name = 'traces')",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((n, kind.as_str()), (2, "view"));
+        // Opening again changes nothing.
+        drop(db);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.traces(Some("key_a"), 10, None).unwrap().len(), 3);
+    }
+
+    #[test]
     fn batches_aggregate_spend_and_daily_counts() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(&dir.path().join("x.db")).unwrap();

@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use rusqlite::{params, OptionalExtension, Row};
 
-use super::Sqlite;
+use super::{trace_log, Sqlite};
 use crate::alerts::AlertRules;
 use crate::clock::{day_index, day_label, month_index, month_label, now_ms};
 use crate::limits::ModelTally;
 use crate::money::Nanos;
-use crate::store::ledger::{parse_trace_id, trace_id_hex, Batch, ModelSpend, TraceRow, ORPHANED};
+use crate::store::ledger::{parse_trace_id, Batch, ModelSpend, TraceRow, ORPHANED};
 use crate::store::Result;
 
 /// Rows per multi-row trace insert. A batch is cut into these sizes, largest first, so at
@@ -20,20 +20,15 @@ use crate::store::Result;
 /// remainder would be a new statement to prepare at each flush. Parameters are anonymous
 /// (`?`), which keeps the SQL short: the cache hashes it on every lookup.
 const TRACE_CHUNKS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
-const TRACE_PARAMS: usize = 18;
+const TRACE_PARAMS: usize = 3;
 
 fn trace_insert_sql(rows: usize) -> String {
-    let row = "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)";
-    let mut sql = String::from(
-        "INSERT INTO traces (ts, key_id, endpoint, requested_model, served_model, provider, \
-         status, error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, \
-         cost_nanos, usage_estimated, fallback_from, trace_id, unit, units) VALUES ",
-    );
+    let mut sql = String::from("INSERT INTO trace_log (ts, key_id, row) VALUES ");
     for r in 0..rows {
         if r > 0 {
             sql.push(',');
         }
-        sql.push_str(row);
+        sql.push_str("(?,?,?)");
     }
     sql
 }
@@ -86,39 +81,38 @@ fn add_daily(tx: &rusqlite::Transaction<'_>, key_id: &str, day: i64, n: i64) -> 
     Ok(())
 }
 
-/// Inserts every trace of a batch in multi-row statements of [`TRACE_CHUNKS`] sizes.
+/// Inserts every trace of a batch in multi-row statements of [`TRACE_CHUNKS`] sizes: its
+/// time and key as columns, the rest as one JSON text ([`trace_log::encode`]), all rows
+/// written into one buffer.
 fn insert_traces(tx: &rusqlite::Transaction<'_>, batch: &[&TraceRow]) -> Result<()> {
     static SQL: once_cell::sync::Lazy<[String; TRACE_CHUNKS.len()]> =
         once_cell::sync::Lazy::new(|| TRACE_CHUNKS.map(trace_insert_sql));
+    let mut text = String::with_capacity(batch.len() * 160);
+    let mut ends = Vec::with_capacity(batch.len());
+    for t in batch {
+        trace_log::encode(t, &mut text);
+        ends.push(text.len());
+    }
+    let mut start = 0;
     let mut rest = batch;
+    let mut row_ends = &ends[..];
     while !rest.is_empty() {
         let size = TRACE_CHUNKS
             .iter()
             .position(|&n| n <= rest.len())
             .unwrap_or(TRACE_CHUNKS.len() - 1);
-        let (chunk, tail) = rest.split_at(TRACE_CHUNKS[size].min(rest.len()));
+        let n = TRACE_CHUNKS[size].min(rest.len());
+        let (chunk, tail) = rest.split_at(n);
+        let (chunk_ends, ends_tail) = row_ends.split_at(n);
         rest = tail;
+        row_ends = ends_tail;
         let mut stmt = tx.prepare_cached(&SQL[size])?;
-        for (r, t) in chunk.iter().enumerate() {
+        for (r, (t, &end)) in chunk.iter().zip(chunk_ends).enumerate() {
             let at = r * TRACE_PARAMS;
             stmt.raw_bind_parameter(at + 1, t.ts)?;
             stmt.raw_bind_parameter(at + 2, t.key_id.as_deref())?;
-            stmt.raw_bind_parameter(at + 3, t.endpoint.as_ref())?;
-            stmt.raw_bind_parameter(at + 4, t.requested_model.as_deref())?;
-            stmt.raw_bind_parameter(at + 5, t.served_model.as_deref())?;
-            stmt.raw_bind_parameter(at + 6, t.provider.as_deref())?;
-            stmt.raw_bind_parameter(at + 7, t.status)?;
-            stmt.raw_bind_parameter(at + 8, t.error_code.as_deref())?;
-            stmt.raw_bind_parameter(at + 9, t.latency_ms)?;
-            stmt.raw_bind_parameter(at + 10, t.ttfb_ms)?;
-            stmt.raw_bind_parameter(at + 11, t.prompt_tokens as i64)?;
-            stmt.raw_bind_parameter(at + 12, t.completion_tokens as i64)?;
-            stmt.raw_bind_parameter(at + 13, t.cost.get())?;
-            stmt.raw_bind_parameter(at + 14, t.usage_estimated)?;
-            stmt.raw_bind_parameter(at + 15, t.fallback_from.as_deref())?;
-            stmt.raw_bind_parameter(at + 16, trace_id_hex(t))?;
-            stmt.raw_bind_parameter(at + 17, t.unit.as_deref())?;
-            stmt.raw_bind_parameter(at + 18, t.units as i64)?;
+            stmt.raw_bind_parameter(at + 3, &text[start..end])?;
+            start = end;
         }
         stmt.raw_execute()?;
     }
@@ -439,9 +433,9 @@ impl Sqlite {
     pub fn prune_traces(&mut self, before_ms: i64) -> Result<usize> {
         self.write(|tx| {
             Ok(tx.execute(
-                "DELETE FROM traces WHERE id < COALESCE(
-                    (SELECT id FROM traces WHERE ts >= ?1 ORDER BY id LIMIT 1),
-                    (SELECT MAX(id) + 1 FROM traces))",
+                "DELETE FROM trace_log WHERE id < COALESCE(
+                    (SELECT id FROM trace_log WHERE ts >= ?1 ORDER BY id LIMIT 1),
+                    (SELECT MAX(id) + 1 FROM trace_log))",
                 [before_ms],
             )?)
         })

@@ -10,11 +10,12 @@ mod audit;
 mod groups;
 mod keys;
 mod ledger;
+mod trace_log;
 
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::Result;
 
@@ -81,25 +82,15 @@ CREATE TABLE IF NOT EXISTS daily_requests (
     PRIMARY KEY (key_id, day)
 ) WITHOUT ROWID;
 
-CREATE TABLE IF NOT EXISTS traces (
-    id                INTEGER PRIMARY KEY,
-    ts                INTEGER NOT NULL,
-    key_id            TEXT,
-    endpoint          TEXT NOT NULL,
-    requested_model   TEXT,
-    served_model      TEXT,
-    provider          TEXT,
-    status            INTEGER NOT NULL,
-    error_code        TEXT,
-    latency_ms        INTEGER NOT NULL,
-    ttfb_ms           INTEGER,
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    cost_nanos        INTEGER NOT NULL,
-    usage_estimated   INTEGER NOT NULL,
-    fallback_from     TEXT
+-- One row per request: the fields a listing filters on as columns, the rest as a compact
+-- JSON array (see trace_log.rs); the `traces` view reads them back as columns.
+CREATE TABLE IF NOT EXISTS trace_log (
+    id     INTEGER PRIMARY KEY,
+    ts     INTEGER NOT NULL,
+    key_id TEXT,
+    row    TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS traces_key ON traces (key_id, id);
+CREATE INDEX IF NOT EXISTS trace_log_key ON trace_log (key_id, id);
 
 -- Spend per key, model and UTC day, for the dashboard's daily chart.
 CREATE TABLE IF NOT EXISTS daily_spend (
@@ -272,6 +263,18 @@ impl Sqlite {
         let mut store = Sqlite { conn };
         store.write(|tx| {
             tx.execute_batch(SCHEMA)?;
+            // `traces` is a view over `trace_log`; a file from before it has a table, given
+            // its newer columns below and then moved into `trace_log`.
+            let traces: Option<String> = tx
+                .query_row(
+                    "SELECT type FROM sqlite_master WHERE name = 'traces'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if traces.is_none() {
+                tx.execute_batch(&trace_log::view_sql())?;
+            }
             for (table, column, kind) in MIGRATIONS {
                 let exists: bool = tx.query_row(
                     "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
@@ -281,6 +284,10 @@ impl Sqlite {
                 if !exists {
                     tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
                 }
+            }
+            if traces.as_deref() == Some("table") {
+                tx.execute_batch(&trace_log::convert_table_sql())?;
+                tx.execute_batch(&trace_log::view_sql())?;
             }
             // A group's spend (alerts, every commit that charges a member) is found through
             // its keys; after the columns, since older files gain `group_name` just above.
