@@ -5,7 +5,8 @@
 //! (plain or SSE), `.../embeddings`, `.../models`, `.../images/generations` (`b64_json`
 //! images, `n` of them), `.../images/edits` (multipart), `.../audio/speech` (audio bytes,
 //! chunked), `.../audio/transcriptions` and `.../audio/translations` (multipart; the text
-//! names the file's SHA-256), and Anthropic's
+//! names the file's SHA-256; `stream=true` answers `transcript.text.delta` events and a
+//! `transcript.text.done` with usage), and Anthropic's
 //! `POST /v1/messages` (plain or SSE) and `POST /v1/messages/count_tokens`. Behaviour is steered per request by `x-mock-*` headers, which the gateway
 //! forwards from its client:
 //!
@@ -27,6 +28,7 @@
 //! | `x-mock-break-after: N` | stream: close the connection after N content chunks; plain: close after the head and half the body |
 //! | `x-mock-no-usage: 1` | never report usage |
 //! | `x-mock-image-usage: 1` | images: also report token `usage` (`x-mock-prompt-tokens` in, `x-mock-completion-tokens` out), as token-priced image models do |
+//! | `x-mock-audio-usage: duration` | a streamed transcription (`stream=true`) reports `{"type":"duration","seconds":N}` (the file's seconds at 16,000 bytes a second, rounded up) instead of token usage (`x-mock-prompt-tokens` audio tokens in, `x-mock-completion-tokens` out) |
 //! | `x-mock-drop: 1` | read the whole request (after `x-mock-delay-ms`), then close the connection without any response |
 //! | `x-mock-leak-headers: 1` | add provider-account headers to the response (plain, SSE and errors): `openai-organization: org-leak`, `openai-project: proj_leak`, `anthropic-organization-id: leak`, `set-cookie: a=b`, `x-ratelimit-limit-requests: 5000`, `x-ratelimit-remaining-tokens: 99` |
 //!

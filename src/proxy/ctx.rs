@@ -279,11 +279,23 @@ impl RequestCtx {
                 },
                 false,
             )),
-            Endpoint::Speech
-            | Endpoint::ImagesGenerations
-            | Endpoint::ImagesEdits
-            | Endpoint::Transcriptions
-            | Endpoint::Translations => Some((
+            // A streamed transcription cut before its usage: the duration and prompt bounds,
+            // and one token per byte of text delivered so far, within the reservation.
+            Endpoint::Transcriptions | Endpoint::Translations => {
+                let delivered = self
+                    .codec
+                    .as_ref()
+                    .and_then(ResponseCodec::stream_text_bytes);
+                let completion = delivered.map_or(completion, |d| d.min(completion).max(1));
+                Some((
+                    Usage {
+                        units,
+                        ..Usage::new(prompt, completion)
+                    },
+                    true,
+                ))
+            }
+            Endpoint::Speech | Endpoint::ImagesGenerations | Endpoint::ImagesEdits => Some((
                 Usage {
                     units,
                     ..Usage::new(prompt, completion)
