@@ -511,13 +511,55 @@ fn a_wav_transcription_without_a_reported_duration_is_charged_the_files_duration
     assert_eq!(r.status, 200, "{}", r.text());
     // 2 s at 0.006 USD a minute = 0.0002 USD.
     assert_eq!(spend(&gw, &key), 200_000);
-    // An MP3 (no header the gateway reads) is still bounded by max_audio_seconds: refused.
+    // A file whose container gives no bound is bounded by max_audio_seconds: refused.
     let body = form(
         &[("model", "whisper"), ("response_format", "text")],
         &[("file", "speech.mp3", b"ID3 not read")],
     );
     let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
     assert_eq!((r.status, r.code().as_str()), (402, "budget_exceeded"));
+}
+
+/// An MP3: MPEG-1 Layer III frames at 128 kbit/s and 44.1 kHz (417 bytes, 1,152 samples
+/// each), `frames` of them.
+fn mp3(frames: usize) -> Vec<u8> {
+    let mut frame = vec![0xFF, 0xFB, 0x90, 0x00];
+    frame.resize(417, 0x55);
+    frame.repeat(frames)
+}
+
+/// SPEC §4: an MP3's frames bound its duration (the sum of theirs), so a format without a
+/// reported duration is charged that, and a hard budget below `max_audio_seconds` admits
+/// it; bytes between frames that could hide more audio make the file unknown again.
+#[test]
+fn an_mp3_transcription_without_a_reported_duration_is_charged_the_sum_of_its_frames() {
+    let mock = mock();
+    let gw = start(&mock);
+    // 0.001 USD: below the 600 s bound (0.06 USD), above 5.2 s of audio.
+    let key = gw.create_key(&["--budget", "0.001", "--budget-mode", "hard"]);
+    let body = form(
+        &[("model", "whisper"), ("response_format", "text")],
+        &[("file", "speech.mp3", &mp3(200))],
+    );
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // 200 x 1,152 / 44,100 s = 5,224.5 ms, rounded up, at 100 nano-USD a ms.
+    assert_eq!(spend(&gw, &key), 522_500);
+    let t = traces_on(&gw, &key, "audio.transcriptions", 1);
+    assert_eq!((t[0].unit.as_deref(), t[0].units), (Some("ms"), 5_225));
+    // The same frames with 8 KiB of something else between them: no bound but the
+    // configured one, which the budget cannot hold.
+    let mut crafted = mp3(100);
+    crafted.extend(vec![0u8; 8192]);
+    crafted.extend(mp3(100));
+    let body = form(
+        &[("model", "whisper"), ("response_format", "text")],
+        &[("file", "speech.mp3", &crafted)],
+    );
+    mock.clear();
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+    assert_eq!((r.status, r.code().as_str()), (402, "budget_exceeded"));
+    assert!(mock.requests().is_empty());
 }
 
 #[test]

@@ -18,7 +18,7 @@ pub struct Form {
     pub model_span: Range<usize>,
     pub n: Option<String>,
     pub response_format: Option<String>,
-    /// The `file` part's audio duration (ms), where its container header tells it
+    /// A bound on the `file` part's audio duration (ms), where its container gives one
     /// ([`crate::providers::audio`]).
     pub audio_ms: Option<u64>,
 }
@@ -102,7 +102,7 @@ pub fn parse(body: &[u8], boundary: &[u8]) -> Result<Form, GateError> {
             }
             b"n" => form.n = Some(text()?),
             b"response_format" => form.response_format = Some(text()?),
-            b"file" => form.audio_ms = super::audio::wav_duration_ms(&body[value.clone()]),
+            b"file" => form.audio_ms = super::audio::duration_bound_ms(&body[value.clone()]),
             _ => {}
         }
         at = value.end + delim.len();
