@@ -150,6 +150,10 @@ pub(crate) struct Shared {
     completion_tokens: AtomicU64,
     cache_read_tokens: AtomicU64,
     cache_write_tokens: AtomicU64,
+    /// Images in the `data` of image answers sent (generations and edits).
+    images: AtomicU64,
+    /// Input characters (Unicode code points) of speech answers sent.
+    speech_chars: AtomicU64,
     /// True while `rejections` is non-empty, so the hot path skips the lock and the key copy.
     rejecting: AtomicBool,
     rejections: Mutex<Vec<Rejection>>,
@@ -264,6 +268,11 @@ impl Shared {
         }
     }
 
+    pub(crate) fn add_media(&self, images: u64, speech_chars: u64) {
+        self.images.fetch_add(images, Ordering::Relaxed);
+        self.speech_chars.fetch_add(speech_chars, Ordering::Relaxed);
+    }
+
     pub(crate) fn add_usage(&self, served: Served) {
         for (counter, n) in [
             (&self.prompt_tokens, served.prompt),
@@ -346,6 +355,8 @@ impl MockProvider {
             completion_tokens: AtomicU64::new(0),
             cache_read_tokens: AtomicU64::new(0),
             cache_write_tokens: AtomicU64::new(0),
+            images: AtomicU64::new(0),
+            speech_chars: AtomicU64::new(0),
             rejecting: AtomicBool::new(false),
             rejections: Mutex::new(Vec::new()),
             connections: AtomicU64::new(0),
@@ -414,6 +425,8 @@ impl MockProvider {
             &self.shared.completion_tokens,
             &self.shared.cache_read_tokens,
             &self.shared.cache_write_tokens,
+            &self.shared.images,
+            &self.shared.speech_chars,
         ] {
             counter.store(0, Ordering::Relaxed);
         }
@@ -428,6 +441,18 @@ impl MockProvider {
             self.shared.prompt_tokens.load(Ordering::Relaxed),
             self.shared.completion_tokens.load(Ordering::Relaxed),
         )
+    }
+
+    /// Images sent in image answers (what a per-image price bills), counted like
+    /// [`MockProvider::served_usage`].
+    pub fn served_images(&self) -> u64 {
+        self.shared.images.load(Ordering::Relaxed)
+    }
+
+    /// Input characters (Unicode code points) of the speech sent (what a per-character price
+    /// bills), counted just before the audio's first bytes are written.
+    pub fn served_speech_chars(&self) -> u64 {
+        self.shared.speech_chars.load(Ordering::Relaxed)
     }
 
     /// (cache read, cache write) input tokens reported, counted like

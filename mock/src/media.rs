@@ -77,6 +77,7 @@ impl Reply<'_> {
             });
         }
         self.set_json(&answer);
+        self.shared.add_media(n, 0);
         self.send_json(200, flags, knobs, None).await
     }
 
@@ -95,6 +96,8 @@ impl Reply<'_> {
             _ => b"audio/mpeg",
         };
         let audio = speech_audio(&request.input);
+        self.shared
+            .add_media(0, request.input.chars().count() as u64);
         self.out.clear();
         push_head(self.out, 200, content_type, None, flags);
         self.write_raw().await?;
