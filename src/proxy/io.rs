@@ -9,6 +9,7 @@ use pingora_proxy::Session;
 
 use crate::error::GateError;
 use crate::limits::Standing;
+use crate::providers::multipart::SPLICE_HEADROOM;
 use crate::telemetry::context::TRACEPARENT;
 
 use super::headers::{add_standing_headers, header_bytes, ERROR_CODE};
@@ -78,7 +79,8 @@ pub(super) async fn read_body(
             (Some(b), _) => b.extend_from_slice(&chunk),
             (None, None) => first = Some(chunk),
             (None, Some(prev)) => {
-                let cap = declared.unwrap_or(0).max(total) as usize;
+                // Headroom: a form's `model` can be replaced by a longer upstream id in place.
+                let cap = declared.unwrap_or(0).max(total) as usize + SPLICE_HEADROOM;
                 let mut b = BytesMut::with_capacity(cap);
                 b.extend_from_slice(&prev);
                 b.extend_from_slice(&chunk);
