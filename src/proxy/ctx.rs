@@ -486,6 +486,9 @@ impl Drop for RequestCtx {
             }
             self.finish();
         }
+        // The body's buffer serves the next upload on this thread once nothing holds it.
+        self.upstream_body = None;
+        super::io::recycle_body(std::mem::take(&mut self.body));
         // Last: a SIGTERM drain that sees zero in flight finds every entry queued.
         self.gate.request_ended();
     }
