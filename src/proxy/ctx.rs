@@ -264,7 +264,8 @@ impl RequestCtx {
     /// Speech: its input's characters (what the provider bills), with the token bound for a
     /// token-priced model (estimated). Images: the images asked for (and the token bound),
     /// estimated: the answer was cut, or too large to read. Transcriptions and translations
-    /// with no reported duration (text, srt, vtt): the duration bound, estimated.
+    /// with no reported duration (text, srt, vtt): the duration bound, estimated; a stream
+    /// cut before its usage also the prompt bound and the text delivered (SPEC §4).
     fn media_usage(&self) -> Option<(Usage, bool)> {
         let units = self.units_bound();
         let token_priced = self
