@@ -134,3 +134,30 @@ pub(super) async fn read_body(
         (None, None) => Bytes::new(),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_body_no_one_holds_is_the_next_ones_buffer() {
+        let mut b = body_buffer(2 << 20);
+        b.resize(2 << 20, 7);
+        let body = b.freeze();
+        let at = body.as_ptr();
+        recycle_body(body);
+        let next = body_buffer(1 << 20);
+        assert_eq!((next.as_ptr(), next.len()), (at, 0), "reused, emptied");
+        // A body still held elsewhere is never reused.
+        let mut b = next;
+        b.resize(2 << 20, 7);
+        let body = b.freeze();
+        let held = body.clone();
+        recycle_body(body);
+        assert_ne!(body_buffer(1 << 20).as_ptr(), held.as_ptr());
+        assert!(held.iter().all(|&x| x == 7));
+        // Small bodies are left to the allocator.
+        recycle_body(Bytes::from(vec![1u8; 1000]));
+        assert!(SPARE_BODY.with(|s| s.borrow().is_none()));
+    }
+}
