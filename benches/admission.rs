@@ -91,7 +91,7 @@ fn bench(c: &mut Criterion, catalog: &Catalog) {
                         &keys,
                         &key,
                         Endpoint::ChatCompletions,
-                        &body,
+                        &mut body.clone(),
                         None,
                         Now::at(now),
                         Overheads {

@@ -489,7 +489,9 @@ pub fn served_chain(
 /// `key` must be read at the moment of decision (after the body arrived), so a body trickled
 /// across midnight or a key revoked during the upload is judged as things stand now.
 /// `limits` takes the key's quota and budget hold last, in one step, once everything that
-/// can refuse the request for free has passed; `res_id` names the hold.
+/// can refuse the request for free has passed; `res_id` names the hold. A multipart form
+/// admitted has its `model` value replaced in `body` itself, which is then also the
+/// upstream body: an upload is held once ([`multipart::splice_span`]).
 #[allow(clippy::too_many_arguments)] // each is one fact of the decision; a struct would only rename them
 pub async fn admit<L: LimitStore>(
     limits: &L,
@@ -497,13 +499,13 @@ pub async fn admit<L: LimitStore>(
     keys: &KeySet,
     key: &Arc<KeyEntry>,
     endpoint: Endpoint,
-    body: &Bytes,
+    body: &mut Bytes,
     content_type: Option<&[u8]>,
     now: Now,
     overheads: Overheads,
     res_id: u64,
 ) -> Result<Admission, GateError> {
-    let fields = parse_fields(endpoint, body, content_type)?;
+    let mut fields = parse_fields(endpoint, body, content_type)?;
     let chain = catalog.resolve(&fields.model, key)?;
     let chain = served_chain(catalog, &chain, endpoint, &fields.model)?;
     let first = chain
@@ -516,12 +518,31 @@ pub async fn admit<L: LimitStore>(
             .iter()
             .any(|u| u.limits.hard_budget && u.limits.budget.is_some());
     check_hidden_input(catalog, &chain, &fields, hard_budget)?;
-    let (plan, upstream_body) = upstream_body(catalog, endpoint, first, body, &fields)?;
+    let upstream_id = &catalog.models()[first].upstream_id;
+    let form = matches!(
+        endpoint,
+        Endpoint::ImagesEdits | Endpoint::Transcriptions | Endpoint::Translations
+    );
+    // A form is rewritten in place once admitted (below); only its length is needed now.
+    let (plan, upstream) = if form {
+        let plan = Plan::new(endpoint, catalog.provider_of(first).kind).ok_or_else(|| {
+            let id = &catalog.models()[first].id;
+            GateError::InvalidRequest(format!("model '{id}' cannot serve this endpoint"))
+        })?;
+        (plan, None)
+    } else {
+        let (plan, b) = upstream_body(catalog, endpoint, first, body, &fields)?;
+        (plan, Some(b))
+    };
+    let upstream_len = upstream.as_ref().map_or_else(
+        || body.len() - fields.model_span().len() + upstream_id.len(),
+        Bytes::len,
+    );
     // The provider bills what it receives: the forwarded body can be longer than the
     // client's (an inserted output cap, a longer upstream model id, a translation), so the
     // prompt bound counts the longer of the two. A fallback model whose body would be longer
     // still is skipped for a hard-budget key (`proxy::try_fallback`).
-    let sent_len = body.len().max(upstream_body.len());
+    let sent_len = body.len().max(upstream_len);
     let bound = reservation_bound(catalog, &chain, endpoint, &fields, sent_len, overheads);
     // Only a key with a loop limit pays for hashing its body.
     let digest = key
@@ -534,6 +555,17 @@ pub async fn admit<L: LimitStore>(
     // A shared store decided by its own clock: the cost is booked at its time, so every node
     // books a request to the month and day the limits counted it in.
     let admitted_at = reservation.decided_at().unwrap_or(now.wall);
+    let upstream_body = match upstream {
+        Some(b) => b,
+        None => {
+            fields.set_model_span(multipart::splice_span(
+                body,
+                fields.model_span(),
+                upstream_id,
+            ));
+            body.clone()
+        }
+    };
     Ok(Admission {
         fields,
         chain,

@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 
 /// One model per family beside chat, with literal prices: images at 0.04 USD each, a
 /// token-priced image model (5 / 40 USD per Mtok), speech at 15 USD per million characters,
-/// and Claude for the token count.
+/// transcriptions at 0.006 USD a minute or by tokens (6 / 10 USD per Mtok, as
+/// gpt-4o-transcribe), and Claude for the token count.
 const MODELS_YAML: &str = r#"
 models:
   - id: gpt-4o-mini
@@ -38,6 +39,12 @@ models:
     upstream_id: whisper-upstream-long-name
     endpoint: transcriptions
     usd_per_minute: 0.006
+  - id: transcribe
+    provider: mock
+    endpoint: transcriptions
+    input_usd_per_mtok: 6
+    output_usd_per_mtok: 10
+    max_output_tokens: 2000
   - id: claude
     provider: mock-anthropic
     upstream_id: claude-upstream
@@ -78,19 +85,24 @@ fn form(fields: &[(&str, &str)], files: &[(&str, &str, &[u8])]) -> Vec<u8> {
 }
 
 fn post_form(gw: &Gateway, path: &str, key: &Key, body: &[u8]) -> Response {
+    post_form_with(gw, path, key, body, &[])
+}
+
+fn post_form_with(
+    gw: &Gateway,
+    path: &str,
+    key: &Key,
+    body: &[u8],
+    extra: &[(&str, &str)],
+) -> Response {
     let bearer = key.bearer();
     let ct = format!("multipart/form-data; boundary={BOUNDARY}");
-    http(
-        gw.addr,
-        "POST",
-        path,
-        &[
-            ("Authorization", bearer.as_str()),
-            ("Content-Type", ct.as_str()),
-        ],
-        body,
-    )
-    .expect("POST")
+    let mut headers = vec![
+        ("Authorization", bearer.as_str()),
+        ("Content-Type", ct.as_str()),
+    ];
+    headers.extend_from_slice(extra);
+    http(gw.addr, "POST", path, &headers, body).expect("POST")
 }
 
 /// 200,000 bytes that are not text (every byte value, CRLFs and dashes included).
@@ -499,13 +511,55 @@ fn a_wav_transcription_without_a_reported_duration_is_charged_the_files_duration
     assert_eq!(r.status, 200, "{}", r.text());
     // 2 s at 0.006 USD a minute = 0.0002 USD.
     assert_eq!(spend(&gw, &key), 200_000);
-    // An MP3 (no header the gateway reads) is still bounded by max_audio_seconds: refused.
+    // A file whose container gives no bound is bounded by max_audio_seconds: refused.
     let body = form(
         &[("model", "whisper"), ("response_format", "text")],
         &[("file", "speech.mp3", b"ID3 not read")],
     );
     let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
     assert_eq!((r.status, r.code().as_str()), (402, "budget_exceeded"));
+}
+
+/// An MP3: MPEG-1 Layer III frames at 128 kbit/s and 44.1 kHz (417 bytes, 1,152 samples
+/// each), `frames` of them.
+fn mp3(frames: usize) -> Vec<u8> {
+    let mut frame = vec![0xFF, 0xFB, 0x90, 0x00];
+    frame.resize(417, 0x55);
+    frame.repeat(frames)
+}
+
+/// SPEC §4: an MP3's frames bound its duration (the sum of theirs), so a format without a
+/// reported duration is charged that, and a hard budget below `max_audio_seconds` admits
+/// it; bytes between frames that could hide more audio make the file unknown again.
+#[test]
+fn an_mp3_transcription_without_a_reported_duration_is_charged_the_sum_of_its_frames() {
+    let mock = mock();
+    let gw = start(&mock);
+    // 0.001 USD: below the 600 s bound (0.06 USD), above 5.2 s of audio.
+    let key = gw.create_key(&["--budget", "0.001", "--budget-mode", "hard"]);
+    let body = form(
+        &[("model", "whisper"), ("response_format", "text")],
+        &[("file", "speech.mp3", &mp3(200))],
+    );
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // 200 x 1,152 / 44,100 s = 5,224.5 ms, rounded up, at 100 nano-USD a ms.
+    assert_eq!(spend(&gw, &key), 522_500);
+    let t = traces_on(&gw, &key, "audio.transcriptions", 1);
+    assert_eq!((t[0].unit.as_deref(), t[0].units), (Some("ms"), 5_225));
+    // The same frames with 8 KiB of something else between them: no bound but the
+    // configured one, which the budget cannot hold.
+    let mut crafted = mp3(100);
+    crafted.extend(vec![0u8; 8192]);
+    crafted.extend(mp3(100));
+    let body = form(
+        &[("model", "whisper"), ("response_format", "text")],
+        &[("file", "speech.mp3", &crafted)],
+    );
+    mock.clear();
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+    assert_eq!((r.status, r.code().as_str()), (402, "budget_exceeded"));
+    assert!(mock.requests().is_empty());
 }
 
 #[test]
@@ -616,4 +670,163 @@ fn concurrent_image_requests_never_bill_past_a_hard_cap() {
     let billed = spend(&gw, &key);
     assert_eq!(billed, ok * 40_000_000);
     assert!(billed <= 100_000_000);
+}
+
+/// The JSON of every `data:` event of an SSE body.
+fn sse_events(body: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(body)
+        .split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| serde_json::from_str(d).expect("event JSON"))
+        .collect()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// SPEC §3, §4: a streamed transcription (`stream=true`) passes through as it arrives (the
+/// first delta reaches the client while the upstream holds the rest) and is charged from the
+/// usage of its `transcript.text.done` event: tokens at the model's token prices, or the
+/// seconds of audio of a per-minute model.
+#[test]
+fn a_streamed_transcription_passes_through_and_is_charged_from_its_final_usage() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let file = audio_file();
+    let body = form(
+        &[("model", "transcribe"), ("stream", "true")],
+        &[("file", "speech.mp3", &file)],
+    );
+    let bearer = key.bearer();
+    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
+    let stream = send_request(
+        gw.addr,
+        "POST",
+        "/v1/audio/transcriptions",
+        &[
+            ("Authorization", bearer.as_str()),
+            ("Content-Type", ct.as_str()),
+            ("x-mock-prompt-tokens", "1250"),
+            ("x-mock-completion-tokens", "40"),
+            ("x-mock-hold", "transcript"),
+        ],
+        &body,
+    )
+    .expect("send");
+    let (status, headers, mut reader) = read_stream_head(stream).expect("head");
+    assert_eq!(status, 200);
+    let ct = headers.iter().find(|(k, _)| k == "content-type");
+    assert!(
+        ct.is_some_and(|(_, v)| v.starts_with("text/event-stream")),
+        "{headers:?}"
+    );
+    // The first delta is here while the mock holds the second one: nothing was buffered.
+    let first = read_first_event(&mut reader);
+    assert!(first.contains("\"transcript.text.delta\""), "{first}");
+    assert_eq!(mock.held("transcript"), 1);
+    mock.release("transcript");
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut reader, &mut rest).expect("rest");
+    let events = sse_events(&rest);
+    let text = format!("sha256:{} bytes:200000", sha256_hex(&file));
+    let done = events.last().expect("events");
+    assert_eq!(done["type"], "transcript.text.done");
+    assert_eq!(done["text"], text.as_str());
+    // The usage reaches the client as the provider sent it.
+    assert_eq!(done["usage"]["input_tokens"], 1250);
+    assert_eq!(done["usage"]["input_token_details"]["audio_tokens"], 1250);
+    assert_eq!(done["usage"]["output_tokens"], 40);
+    // The upstream got the form as sent, `stream` part included.
+    let sent = mock.requests();
+    assert_eq!(sent[0].path, "/v1/audio/transcriptions");
+    assert!(sent[0].body == body, "the upstream body differs");
+    assert_eq!(mock.served_usage(), (1250, 40));
+    // 1,250 x 6,000 + 40 x 10,000 nano-USD.
+    assert_eq!(spend(&gw, &key), 7_900_000);
+    let t = traces_on(&gw, &key, "audio.transcriptions", 1);
+    assert_eq!((t[0].cost_nanos, t[0].usage_estimated), (7_900_000, false));
+    assert_eq!((t[0].prompt_tokens, t[0].completion_tokens), (1250, 40));
+    assert_eq!(t[0].unit.as_deref(), Some("token"));
+
+    // A per-minute model whose stream reports seconds of audio: 200,000 bytes are 12.5 s,
+    // reported as 13 s: 13,000 ms at 0.006 USD a minute.
+    let key = gw.create_key(&[]);
+    let body = form(
+        &[("model", "whisper"), ("stream", "true")],
+        &[("file", "speech.mp3", &file)],
+    );
+    let r = post_form_with(
+        &gw,
+        "/v1/audio/transcriptions",
+        &key,
+        &body,
+        &[("x-mock-audio-usage", "duration")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        sse_events(&r.body).last().expect("done")["usage"]["seconds"],
+        13
+    );
+    assert_eq!(spend(&gw, &key), 1_300_000);
+    let t = traces_on(&gw, &key, "audio.transcriptions", 1);
+    assert!(!t[0].usage_estimated);
+    assert_eq!((t[0].unit.as_deref(), t[0].units), (Some("ms"), 13_000));
+}
+
+/// SPEC §4: a streamed transcription cut before its usage is charged an estimate never below
+/// what the provider bills: the prompt's bound (the body's bytes, at least its audio tokens)
+/// and one token per byte of the text delivered so far, marked estimated.
+#[test]
+fn a_streamed_transcription_cut_before_its_usage_is_charged_the_prompt_bound_and_the_text_so_far() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let file = audio_file();
+    let body = form(
+        &[("model", "transcribe"), ("stream", "true")],
+        &[("file", "speech.mp3", &file)],
+    );
+    let bearer = key.bearer();
+    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
+    let stream = send_request(
+        gw.addr,
+        "POST",
+        "/v1/audio/transcriptions",
+        &[
+            ("Authorization", bearer.as_str()),
+            ("Content-Type", ct.as_str()),
+            ("x-mock-prompt-tokens", "bytes"),
+            ("x-mock-chunks", "3"),
+            ("x-mock-break-after", "1"),
+        ],
+        &body,
+    )
+    .expect("send");
+    let (status, _, mut reader) = read_stream_head(stream).expect("head");
+    assert_eq!(status, 200);
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut reader, &mut rest);
+    let text = String::from_utf8_lossy(&rest);
+    // The text (84 bytes) comes in 3 deltas of 28: one arrived before the break.
+    assert_eq!(text.matches("transcript.text.delta").count(), 1, "{text}");
+    assert!(!text.contains("transcript.text.done"), "{text}");
+    let prompt = body.len() as i64;
+    let want = prompt * 6_000 + 28 * 10_000;
+    let t = traces_on(&gw, &key, "audio.transcriptions", 1);
+    assert_eq!(t[0].error_code.as_deref(), Some("upstream_stream_broken"));
+    assert!(t[0].usage_estimated);
+    assert_eq!((t[0].prompt_tokens, t[0].completion_tokens), (prompt, 28));
+    assert_eq!(t[0].cost_nanos, want);
+    assert_eq!(spend(&gw, &key), want);
+    // The provider bills at most the body it received as input (`x-mock-prompt-tokens:
+    // bytes`: every byte a token), and the 28 bytes of text it had sent as output.
+    assert!(mock.requests()[0].body.len() as i64 <= prompt);
 }

@@ -484,11 +484,13 @@ fn request_too_large_never_rests_a_pooled_key_and_its_body_is_masked() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Random request shapes on every token-priced surface at once.
+// Random request shapes on every surface at once.
 // ---------------------------------------------------------------------------------------------
 
-/// Every surface's models at one price (0.15 / 0.60 USD per Mtok), so what the provider
-/// billed is the mock's token counts times literal prices, whichever surface served it.
+/// Every token-priced surface's models at one price (0.15 / 0.60 USD per Mtok), so what the
+/// provider billed is the mock's token counts times literal prices, whichever surface served
+/// it; images at 0.0002 USD each (200,000 nanos) and speech at 1 USD per million characters
+/// (1,000 nanos a character), billed from the images and characters the mock served.
 const SAME_PRICE: &str = r#"
 models:
   - id: chat-a
@@ -502,7 +504,18 @@ models:
     input_usd_per_mtok: 0.15
     output_usd_per_mtok: 0.60
     max_output_tokens: 2000
+  - id: img-a
+    provider: mock
+    endpoint: images
+    usd_per_image: 0.0002
+  - id: tts-a
+    provider: mock
+    endpoint: speech
+    usd_per_mchar: 1
 "#;
+
+const IMAGE_NANOS: i64 = 200_000;
+const CHAR_NANOS: i64 = 1_000;
 
 /// A small deterministic generator (xorshift64*): the same shapes on every run, and a
 /// failing seed can be replayed.
@@ -522,8 +535,31 @@ impl Shapes {
 
     /// One request: its path and body, on chat completions, the Responses API or
     /// Messages, in either model's format (translated where the surface and the model's
-    /// provider differ), with random output caps (or none), `n`, tools, streaming and text.
+    /// provider differ), with random output caps (or none), `n`, tools, streaming and text;
+    /// or an image generation (`n` 1 to 4, a number or a string) or speech (any text).
     fn request(&mut self) -> (&'static str, Value) {
+        match self.below(6) {
+            0 => {
+                let n = 1 + self.below(4);
+                let n = if self.below(2) == 0 {
+                    json!(n)
+                } else {
+                    json!(n.to_string())
+                };
+                return (
+                    "/v1/images/generations",
+                    json!({"model": "img-a", "prompt": "a gate", "n": n}),
+                );
+            }
+            1 => {
+                let text = "grüße ".repeat(1 + self.below(400) as usize);
+                return (
+                    "/v1/audio/speech",
+                    json!({"model": "tts-a", "voice": "alloy", "input": text}),
+                );
+            }
+            _ => {}
+        }
         let model = if self.below(2) == 0 {
             "chat-a"
         } else {
@@ -580,10 +616,10 @@ impl Shapes {
 
 /// SPEC §2: the reservation is a true upper bound for every request shape an endpoint
 /// accepts. Random shapes across chat completions, the Responses API and Messages (native
-/// and translated, streamed or not, `n`, tools, any output cap), sent 24 at a time against
-/// one hard cap, while the mock bills each as the provider would at worst (every body byte a
-/// token plus the tool prompt, the whole output cap): what the provider billed never passes
-/// the cap.
+/// and translated, streamed or not, `n`, tools, any output cap), image generations (`n`)
+/// and speech, sent 24 at a time against one hard cap, while the mock bills each as the
+/// provider would at worst (every body byte a token plus the tool prompt, the whole output
+/// cap, every image and character served): what the provider billed never passes the cap.
 #[test]
 fn random_shapes_on_every_surface_at_once_never_bill_past_the_cap() {
     const BILLING: &[(&str, &str)] = &[
@@ -597,6 +633,19 @@ fn random_shapes_on_every_surface_at_once_never_bill_past_the_cap() {
     let key = gw.create_key(&["--budget", "0.003", "--budget-mode", "hard"]);
     let mut shapes = Shapes(0x005e_ed0f_5a9e_u64);
     mock.clear();
+    // One image request and one speech request first, so both surfaces are billed whatever
+    // the races below admit: 2 x 200,000 + 60 x 1,000 nanos of the cap.
+    let bearer = key.bearer();
+    let image = json!({"model": "img-a", "prompt": "a gate", "n": "2"});
+    let speech = json!({"model": "tts-a", "voice": "alloy", "input": "grüße ".repeat(10)});
+    for (path, body) in [
+        ("/v1/images/generations", image),
+        ("/v1/audio/speech", speech),
+    ] {
+        let r = post(gw.addr, path, &bearer, &body, BILLING);
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+    assert_eq!((mock.served_images(), mock.served_speech_chars()), (2, 60));
     let (mut served, mut refused) = (0, 0);
     for _round in 0..6 {
         let threads: Vec<_> = (0..24)
@@ -624,7 +673,9 @@ fn random_shapes_on_every_surface_at_once_never_bill_past_the_cap() {
             }
         }
     }
-    let billed = billed(&mock, OPENAI_NANOS);
+    let billed = billed(&mock, OPENAI_NANOS)
+        + mock.served_images() as i64 * IMAGE_NANOS
+        + mock.served_speech_chars() as i64 * CHAR_NANOS;
     assert!(
         served >= 1 && refused >= 1,
         "served {served}, refused {refused}"

@@ -33,6 +33,9 @@ pub(crate) struct Knobs {
     pub(crate) no_usage: bool,
     /// `x-mock-image-usage: 1`: images answers report token usage.
     pub(crate) image_usage: bool,
+    /// `x-mock-audio-usage: duration`: a streamed transcription reports seconds of audio
+    /// instead of tokens.
+    pub(crate) audio_usage_duration: bool,
     /// `x-mock-status` applies only to requests for this model (fallback tests); quoted.
     pub(crate) status_model: Option<Vec<u8>>,
     /// `x-mock-prompt-tokens: bytes`: report the body length as prompt tokens.
@@ -71,6 +74,7 @@ impl Default for Knobs {
             break_after: None,
             no_usage: false,
             image_usage: false,
+            audio_usage_duration: false,
             status_model: None,
             prompt_from_body: false,
             completion_from_max: false,
@@ -121,6 +125,8 @@ pub(crate) fn apply_knob(knobs: &mut Knobs, knob: &str, value: &[u8]) {
         knobs.no_usage = truthy(value);
     } else if knob.eq_ignore_ascii_case(b"image-usage") {
         knobs.image_usage = truthy(value);
+    } else if knob.eq_ignore_ascii_case(b"audio-usage") {
+        knobs.audio_usage_duration = value.eq_ignore_ascii_case(b"duration");
     } else if knob.eq_ignore_ascii_case(b"drop") {
         knobs.drop = truthy(value);
     } else if knob.eq_ignore_ascii_case(b"leak-headers") {

@@ -5,7 +5,8 @@
 //! (plain or SSE), `.../embeddings`, `.../models`, `.../images/generations` (`b64_json`
 //! images, `n` of them), `.../images/edits` (multipart), `.../audio/speech` (audio bytes,
 //! chunked), `.../audio/transcriptions` and `.../audio/translations` (multipart; the text
-//! names the file's SHA-256), and Anthropic's
+//! names the file's SHA-256; `stream=true` answers `transcript.text.delta` events and a
+//! `transcript.text.done` with usage), and Anthropic's
 //! `POST /v1/messages` (plain or SSE) and `POST /v1/messages/count_tokens`. Behaviour is steered per request by `x-mock-*` headers, which the gateway
 //! forwards from its client:
 //!
@@ -27,6 +28,7 @@
 //! | `x-mock-break-after: N` | stream: close the connection after N content chunks; plain: close after the head and half the body |
 //! | `x-mock-no-usage: 1` | never report usage |
 //! | `x-mock-image-usage: 1` | images: also report token `usage` (`x-mock-prompt-tokens` in, `x-mock-completion-tokens` out), as token-priced image models do |
+//! | `x-mock-audio-usage: duration` | a streamed transcription (`stream=true`) reports `{"type":"duration","seconds":N}` (the file's seconds at 16,000 bytes a second, rounded up) instead of token usage (`x-mock-prompt-tokens` audio tokens in, `x-mock-completion-tokens` out) |
 //! | `x-mock-drop: 1` | read the whole request (after `x-mock-delay-ms`), then close the connection without any response |
 //! | `x-mock-leak-headers: 1` | add provider-account headers to the response (plain, SSE and errors): `openai-organization: org-leak`, `openai-project: proj_leak`, `anthropic-organization-id: leak`, `set-cookie: a=b`, `x-ratelimit-limit-requests: 5000`, `x-ratelimit-remaining-tokens: 99` |
 //!
@@ -148,6 +150,10 @@ pub(crate) struct Shared {
     completion_tokens: AtomicU64,
     cache_read_tokens: AtomicU64,
     cache_write_tokens: AtomicU64,
+    /// Images in the `data` of image answers sent (generations and edits).
+    images: AtomicU64,
+    /// Input characters (Unicode code points) of speech answers sent.
+    speech_chars: AtomicU64,
     /// True while `rejections` is non-empty, so the hot path skips the lock and the key copy.
     rejecting: AtomicBool,
     rejections: Mutex<Vec<Rejection>>,
@@ -262,6 +268,11 @@ impl Shared {
         }
     }
 
+    pub(crate) fn add_media(&self, images: u64, speech_chars: u64) {
+        self.images.fetch_add(images, Ordering::Relaxed);
+        self.speech_chars.fetch_add(speech_chars, Ordering::Relaxed);
+    }
+
     pub(crate) fn add_usage(&self, served: Served) {
         for (counter, n) in [
             (&self.prompt_tokens, served.prompt),
@@ -344,6 +355,8 @@ impl MockProvider {
             completion_tokens: AtomicU64::new(0),
             cache_read_tokens: AtomicU64::new(0),
             cache_write_tokens: AtomicU64::new(0),
+            images: AtomicU64::new(0),
+            speech_chars: AtomicU64::new(0),
             rejecting: AtomicBool::new(false),
             rejections: Mutex::new(Vec::new()),
             connections: AtomicU64::new(0),
@@ -412,6 +425,8 @@ impl MockProvider {
             &self.shared.completion_tokens,
             &self.shared.cache_read_tokens,
             &self.shared.cache_write_tokens,
+            &self.shared.images,
+            &self.shared.speech_chars,
         ] {
             counter.store(0, Ordering::Relaxed);
         }
@@ -426,6 +441,18 @@ impl MockProvider {
             self.shared.prompt_tokens.load(Ordering::Relaxed),
             self.shared.completion_tokens.load(Ordering::Relaxed),
         )
+    }
+
+    /// Images sent in image answers (what a per-image price bills), counted like
+    /// [`MockProvider::served_usage`].
+    pub fn served_images(&self) -> u64 {
+        self.shared.images.load(Ordering::Relaxed)
+    }
+
+    /// Input characters (Unicode code points) of the speech sent (what a per-character price
+    /// bills), counted just before the audio's first bytes are written.
+    pub fn served_speech_chars(&self) -> u64 {
+        self.shared.speech_chars.load(Ordering::Relaxed)
     }
 
     /// (cache read, cache write) input tokens reported, counted like

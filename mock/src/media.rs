@@ -77,6 +77,7 @@ impl Reply<'_> {
             });
         }
         self.set_json(&answer);
+        self.shared.add_media(n, 0);
         self.send_json(200, flags, knobs, None).await
     }
 
@@ -95,6 +96,8 @@ impl Reply<'_> {
             _ => b"audio/mpeg",
         };
         let audio = speech_audio(&request.input);
+        self.shared
+            .add_media(0, request.input.chars().count() as u64);
         self.out.clear();
         push_head(self.out, 200, content_type, None, flags);
         self.write_raw().await?;
@@ -203,7 +206,8 @@ impl Reply<'_> {
 
     /// `/audio/transcriptions` and `/audio/translations`: the text names the `file` part's
     /// SHA-256 and size (`sha256:<hex> bytes:<n>`); `response_format` json (default),
-    /// `verbose_json` (with `duration` = size / 16,000 bytes per second), text, srt or vtt.
+    /// `verbose_json` (with `duration` = size / 16,000 bytes per second), text, srt or vtt;
+    /// with `stream=true`, server-sent events ([`Reply::transcription_stream`]).
     pub(crate) async fn transcription(
         &mut self,
         knobs: &Knobs,
@@ -230,6 +234,13 @@ impl Reply<'_> {
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         let text = format!("sha256:{hex} bytes:{}", file.len());
         let duration = file.len() as f64 / AUDIO_BYTES_PER_SECOND;
+        let streamed =
+            field(b"stream").is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"true"));
+        if streamed {
+            return self
+                .transcription_stream(knobs, flags, body, &text, duration)
+                .await;
+        }
         let format =
             field(b"response_format").map(|f| String::from_utf8_lossy(f).trim().to_string());
         let (content_type, reply): (&[u8], Vec<u8>) = match format.as_deref() {
@@ -269,5 +280,60 @@ impl Reply<'_> {
         push_head(self.out, 200, content_type, Some(reply.len()), flags);
         self.out.extend_from_slice(&reply);
         self.write_raw().await
+    }
+
+    /// A streamed transcription, as gpt-4o-transcribe answers `stream=true`: the text in
+    /// `x-mock-chunks` `transcript.text.delta` events (paced, held and broken like chat
+    /// streams), then `transcript.text.done` with the whole text and its `usage`: tokens
+    /// (`x-mock-prompt-tokens` in, all of them audio; `x-mock-completion-tokens` out), or
+    /// with `x-mock-audio-usage: duration` the seconds of audio, rounded up. No usage with
+    /// `x-mock-no-usage: 1`. Unnamed `data:` events, no `[DONE]`.
+    async fn transcription_stream(
+        &mut self,
+        knobs: &Knobs,
+        flags: HeadFlags,
+        body: &[u8],
+        text: &str,
+        duration: f64,
+    ) -> Sent {
+        self.start_stream(flags).await?;
+        let pieces = knobs.chunks.clamp(1, text.len().max(1) as u64) as usize;
+        let size = text.len().div_ceil(pieces).max(1);
+        // The text is ASCII: any byte offset is a character boundary.
+        for (i, start) in (0..text.len()).step_by(size).enumerate() {
+            self.pace(knobs, i as u64).await?;
+            let piece = &text[start..(start + size).min(text.len())];
+            self.set_json(&serde_json::json!({"type": "transcript.text.delta", "delta": piece}));
+            self.send_event(None).await?;
+        }
+        if knobs.break_after.is_some() {
+            return Err(());
+        }
+        let mut done = serde_json::json!({"type": "transcript.text.done", "text": text});
+        if !knobs.no_usage {
+            if knobs.audio_usage_duration {
+                done["usage"] =
+                    serde_json::json!({"type": "duration", "seconds": duration.ceil() as u64});
+            } else {
+                let tokens = knobs.tokens(body, None, crate::billing::Api::OpenAi);
+                let input = tokens.fresh_input;
+                done["usage"] = serde_json::json!({
+                    "type": "tokens",
+                    "input_tokens": input,
+                    "input_token_details": {"text_tokens": 0, "audio_tokens": input},
+                    "output_tokens": tokens.output,
+                    "total_tokens": input.saturating_add(tokens.output),
+                });
+                self.shared.add_usage(crate::Served {
+                    prompt: input,
+                    completion: tokens.output,
+                    cache_read: 0,
+                    cache_write: 0,
+                });
+            }
+        }
+        self.set_json(&done);
+        self.send_event(None).await?;
+        self.end_stream().await
     }
 }

@@ -11,7 +11,7 @@ use crate::usage::Usage;
 use super::mask::mask_account_ids;
 use super::sse::SseObserver;
 use super::translate::{chat_to_messages, messages_to_chat};
-use super::{anthropic, responses, Plan};
+use super::{anthropic, responses, transcription, Plan};
 
 /// Non-streamed answers larger than this are not kept for usage (charged an estimate
 /// instead), so a huge response cannot balloon memory.
@@ -71,8 +71,8 @@ pub enum JsonFormat {
     Anthropic,
     /// `/images/generations`: the images in `data`, and `usage` where the model reports it.
     Images,
-    /// A transcription or translation: `duration` (seconds; `verbose_json`) in ms, or
-    /// token `usage` where the model reports it.
+    /// A transcription or translation: `duration` (seconds; `verbose_json`) or
+    /// `usage.seconds` in ms, or token `usage` where the model reports it.
     Transcription,
 }
 
@@ -82,7 +82,7 @@ impl JsonFormat {
             JsonFormat::OpenAi => usage_from_json(body),
             JsonFormat::Anthropic => anthropic::usage_from_json(body),
             JsonFormat::Images => images_usage(body),
-            JsonFormat::Transcription => transcription_usage(body),
+            JsonFormat::Transcription => transcription::usage(body),
         }
     }
 
@@ -95,27 +95,6 @@ impl JsonFormat {
             }
         }
     }
-}
-
-/// A transcription: `units` = the reported `duration` in ms (rounded up), with token usage
-/// where reported. None for a body without either (text, srt, vtt).
-pub fn transcription_usage(body: &[u8]) -> Option<Usage> {
-    #[derive(serde::Deserialize)]
-    struct Transcription {
-        duration: Option<f64>,
-    }
-    let t: Transcription = serde_json::from_slice(body).ok()?;
-    let tokens = usage_from_json(body);
-    let ms = t
-        .duration
-        .filter(|d| d.is_finite() && *d >= 0.0)
-        .map(|d| (d * 1000.0).ceil() as u64);
-    if ms.is_none() && tokens.is_none() {
-        return None;
-    }
-    let mut usage = tokens.unwrap_or_default();
-    usage.units = ms.unwrap_or(0);
-    Some(usage)
 }
 
 /// An images answer: `units` = the images in `data`, tokens from `usage` if reported.
@@ -142,6 +121,8 @@ pub enum ResponseCodec {
     ChatSse(SseUsageParser),
     AnthropicSse(anthropic::SseUsage),
     ResponsesSse(responses::SseUsage),
+    /// A streamed transcription (`stream=true`): usage from `transcript.text.done`.
+    TranscriptionSse(transcription::SseUsage),
     /// A whole answer held until its end, then translated (a success or an error body).
     Translate {
         body: Option<ResponseBody>,
@@ -202,6 +183,10 @@ impl ResponseCodec {
                     ResponseCodec::ResponsesSse(responses::SseUsage::new()),
                     false,
                 ),
+                Plan::Transcriptions | Plan::Translations => (
+                    ResponseCodec::TranscriptionSse(transcription::SseUsage::new()),
+                    false,
+                ),
                 _ => {
                     let strip = stream && !client_wants_usage;
                     (ResponseCodec::ChatSse(SseUsageParser::new(strip)), strip)
@@ -239,6 +224,7 @@ impl ResponseCodec {
             ResponseCodec::ChatSse(parser) => filter_chat_sse(parser, body, end_of_stream),
             ResponseCodec::AnthropicSse(p) => observe(p, body, end_of_stream),
             ResponseCodec::ResponsesSse(p) => observe(p, body, end_of_stream),
+            ResponseCodec::TranscriptionSse(p) => observe(p, body, end_of_stream),
             ResponseCodec::Translate {
                 body: held,
                 plan,
@@ -277,6 +263,7 @@ impl ResponseCodec {
             ResponseCodec::ChatSse(p) => p.usage(),
             ResponseCodec::AnthropicSse(p) => p.usage(),
             ResponseCodec::ResponsesSse(p) => p.usage(),
+            ResponseCodec::TranscriptionSse(p) => p.usage(),
             ResponseCodec::Translate { body, plan, status } => {
                 if !complete || !(200..300).contains(status) {
                     return None;
@@ -317,6 +304,7 @@ impl ResponseCodec {
             ResponseCodec::ChatSse(p) => Some(p.content_bytes()),
             ResponseCodec::AnthropicSse(p) => Some(p.content_bytes()),
             ResponseCodec::ResponsesSse(p) => Some(p.content_bytes()),
+            ResponseCodec::TranscriptionSse(p) => Some(p.content_bytes()),
             ResponseCodec::ChatFromMessagesSse(t, _) => Some(t.content_bytes()),
             ResponseCodec::MessagesFromChatSse(t, _) => Some(t.content_bytes()),
             _ => None,

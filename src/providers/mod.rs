@@ -17,6 +17,7 @@ pub mod openai_usage;
 pub mod pool;
 pub mod responses;
 pub mod sse;
+pub mod transcription;
 pub mod translate;
 
 use bytes::Bytes;

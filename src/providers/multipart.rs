@@ -18,7 +18,7 @@ pub struct Form {
     pub model_span: Range<usize>,
     pub n: Option<String>,
     pub response_format: Option<String>,
-    /// The `file` part's audio duration (ms), where its container header tells it
+    /// A bound on the `file` part's audio duration (ms), where its container gives one
     /// ([`crate::providers::audio`]).
     pub audio_ms: Option<u64>,
 }
@@ -102,7 +102,7 @@ pub fn parse(body: &[u8], boundary: &[u8]) -> Result<Form, GateError> {
             }
             b"n" => form.n = Some(text()?),
             b"response_format" => form.response_format = Some(text()?),
-            b"file" => form.audio_ms = super::audio::wav_duration_ms(&body[value.clone()]),
+            b"file" => form.audio_ms = super::audio::duration_bound_ms(&body[value.clone()]),
             _ => {}
         }
         at = value.end + delim.len();
@@ -175,6 +175,47 @@ pub fn rewrite_span(body: &Bytes, span: Range<usize>, upstream_id: &str) -> Byte
     out.freeze()
 }
 
+/// Room left after a request body as it is read ([`SPLICE_HEADROOM`] bytes), so a longer
+/// `upstream_id` fits in [`splice_span`] without moving the body to a larger buffer.
+pub const SPLICE_HEADROOM: usize = 256;
+
+/// Replaces the bytes at `span` with `upstream_id` in `body` itself, when `body` is the only
+/// reference to its buffer (the request body as read) and has room for the difference: the
+/// tail moves by the length difference, and an upload is held once, not twice. Otherwise
+/// the body is copied once, as [`rewrite_span`] does. Returns where the value now lies.
+pub fn splice_span(body: &mut Bytes, span: Range<usize>, upstream_id: &str) -> Range<usize> {
+    let id = upstream_id.as_bytes();
+    let new_span = span.start..span.start + id.len();
+    if body.get(span.clone()) == Some(id) {
+        return span;
+    }
+    if body.get(span.clone()).is_none() {
+        return span;
+    }
+    let mut buf = match std::mem::take(body).try_into_mut() {
+        Ok(buf) if buf.capacity() - buf.len() >= id.len().saturating_sub(span.len()) => buf,
+        Ok(buf) => {
+            *body = rewrite_span(&buf.freeze(), span, upstream_id);
+            return new_span;
+        }
+        Err(shared) => {
+            *body = rewrite_span(&shared, span, upstream_id);
+            return new_span;
+        }
+    };
+    let len = buf.len();
+    if id.len() > span.len() {
+        buf.resize(len + id.len() - span.len(), 0);
+        buf.copy_within(span.end..len, new_span.end);
+    } else {
+        buf.copy_within(span.end..len, new_span.end);
+        buf.truncate(len - (span.len() - id.len()));
+    }
+    buf[new_span.clone()].copy_from_slice(id);
+    *body = buf.freeze();
+    new_span
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +281,45 @@ mod tests {
         assert_eq!(
             boundary(Some(b"multipart/form-data; boundary=\"XyZ\"")).unwrap(),
             b"XyZ"
+        );
+    }
+
+    #[test]
+    fn a_unique_body_is_spliced_in_place_and_a_shared_one_copied() {
+        let audio: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+        let raw = form(&[
+            ("model", None, b"whisper-1"),
+            ("file", Some("a.mp3"), &audio),
+        ]);
+        let f = parse(&raw, b"XyZ").unwrap();
+        for id in ["whisper-large-v3-upstream", "w"] {
+            let want = form(&[
+                ("model", None, id.as_bytes()),
+                ("file", Some("a.mp3"), &audio),
+            ]);
+            let mut read = bytes::BytesMut::with_capacity(raw.len() + SPLICE_HEADROOM);
+            read.extend_from_slice(&raw);
+            let mut body = read.freeze();
+            let at = body.as_ptr();
+            let span = splice_span(&mut body, f.model_span.clone(), id);
+            assert_eq!(&body[..], &want[..], "{id}");
+            assert_eq!(body.as_ptr(), at, "spliced where it was read: {id}");
+            assert_eq!(&body[span.clone()], id.as_bytes());
+            // Spliced again from the new span (a fallback to another model).
+            let back = splice_span(&mut body, span, "whisper-1");
+            assert_eq!((&body[..], &body[back]), (&raw[..], &b"whisper-1"[..]));
+        }
+        // Shared with another reference: copied, the other one unchanged.
+        let mut body = Bytes::from(raw.clone());
+        let other = body.clone();
+        splice_span(&mut body, f.model_span.clone(), "whisper-large");
+        assert_eq!(&other[..], &raw[..]);
+        assert_eq!(
+            &body[..],
+            &form(&[
+                ("model", None, b"whisper-large"),
+                ("file", Some("a.mp3"), &audio)
+            ])[..]
         );
     }
 }

@@ -352,6 +352,12 @@ impl RequestFields {
     pub fn model_span(&self) -> Range<usize> {
         self.model_span.clone()
     }
+
+    /// The body's `model` value was replaced in place ([`super::multipart::splice_span`]):
+    /// it now lies at `span`.
+    pub fn set_model_span(&mut self, span: Range<usize>) {
+        self.model_span = span;
+    }
 }
 
 /// The fields of a multi-modal JSON request (`/images/generations`, `/audio/speech`).

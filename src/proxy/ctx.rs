@@ -264,7 +264,8 @@ impl RequestCtx {
     /// Speech: its input's characters (what the provider bills), with the token bound for a
     /// token-priced model (estimated). Images: the images asked for (and the token bound),
     /// estimated: the answer was cut, or too large to read. Transcriptions and translations
-    /// with no reported duration (text, srt, vtt): the duration bound, estimated.
+    /// with no reported duration (text, srt, vtt): the duration bound, estimated; a stream
+    /// cut before its usage also the prompt bound and the text delivered (SPEC §4).
     fn media_usage(&self) -> Option<(Usage, bool)> {
         let units = self.units_bound();
         let token_priced = self
@@ -279,11 +280,23 @@ impl RequestCtx {
                 },
                 false,
             )),
-            Endpoint::Speech
-            | Endpoint::ImagesGenerations
-            | Endpoint::ImagesEdits
-            | Endpoint::Transcriptions
-            | Endpoint::Translations => Some((
+            // A streamed transcription cut before its usage: the duration and prompt bounds,
+            // and one token per byte of text delivered so far, within the reservation.
+            Endpoint::Transcriptions | Endpoint::Translations => {
+                let delivered = self
+                    .codec
+                    .as_ref()
+                    .and_then(ResponseCodec::stream_text_bytes);
+                let completion = delivered.map_or(completion, |d| d.min(completion).max(1));
+                Some((
+                    Usage {
+                        units,
+                        ..Usage::new(prompt, completion)
+                    },
+                    true,
+                ))
+            }
+            Endpoint::Speech | Endpoint::ImagesGenerations | Endpoint::ImagesEdits => Some((
                 Usage {
                     units,
                     ..Usage::new(prompt, completion)
@@ -474,6 +487,9 @@ impl Drop for RequestCtx {
             }
             self.finish();
         }
+        // The body's buffer serves the next upload on this thread once nothing holds it.
+        self.upstream_body = None;
+        super::io::recycle_body(std::mem::take(&mut self.body));
         // Last: a SIGTERM drain that sees zero in flight finds every entry queued.
         self.gate.request_ended();
     }

@@ -130,7 +130,7 @@ impl GateProxy {
             &ctx.snap.keys,
             &key,
             ctx.endpoint,
-            &ctx.body,
+            &mut ctx.body,
             content_type,
             now,
             overheads,

@@ -1,5 +1,7 @@
-"""End-to-end: the official `openai` SDK's `images.generate` and `audio.speech.create`, and the
-`anthropic` SDK's `messages.count_tokens`, through SpiderGate to the mock, with exact spend.
+"""End-to-end: the official `openai` SDK's `images.generate`, `images.edit`,
+`audio.speech.create`, `audio.transcriptions.create` (plain and `stream=True`) and
+`audio.translations.create`, and the `anthropic` SDK's `messages.count_tokens`, through
+SpiderGate to the mock, with exact spend.
 
     SPIDERGATE_BIN=target/debug/spidergate python3 -m pytest -q tests/e2e/test_multimodal_sdk.py
 """
@@ -15,7 +17,8 @@ import pytest
 
 from gateway_fixture import Gateway, gateway_stack
 
-# 0.04 USD per image; 15 USD per million input characters (Unicode code points).
+# 0.04 USD per image; 15 USD per million input characters (Unicode code points); 0.006 USD a
+# minute of audio, or 6 / 10 USD per million tokens in / out (gpt-4o-transcribe).
 EXTRA_MODELS = """\
   - id: gpt-image-1
     provider: mock-openai
@@ -30,6 +33,12 @@ EXTRA_MODELS = """\
     upstream_id: whisper-upstream
     endpoint: transcriptions
     usd_per_minute: 0.006
+  - id: gpt-4o-transcribe
+    provider: mock-openai
+    endpoint: transcriptions
+    input_usd_per_mtok: 6
+    output_usd_per_mtok: 10
+    max_output_tokens: 2000
 """
 MOCK_PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
@@ -121,6 +130,24 @@ def test_audio_upload_reaches_the_mock_intact_and_is_charged_per_minute(gw: Gate
     assert resp.text == f"sha256:{hashlib.sha256(audio).hexdigest()} bytes:200000"
     # 200,000 bytes at 16,000 a second = 12.5 s at 0.006 USD a minute = 0.00125 USD.
     gw.assert_spend(key["secret"], 1_250_000, model="whisper-1", requests=1)
+
+
+def test_streamed_transcription_arrives_event_by_event_and_is_charged_its_final_usage(gw: Gateway):
+    key = gw.create_key("stt-stream")
+    c = gw.openai(key["secret"])
+    audio = _audio_200kb()
+    stream = c.audio.transcriptions.create(
+        model="gpt-4o-transcribe", file=("speech.mp3", audio, "audio/mpeg"), stream=True,
+        extra_headers={"x-mock-prompt-tokens": "1250", "x-mock-completion-tokens": "40"})
+    events = list(stream)
+    text = f"sha256:{hashlib.sha256(audio).hexdigest()} bytes:200000"
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    assert len(deltas) == 3 and "".join(deltas) == text
+    done = events[-1]
+    assert done.type == "transcript.text.done" and done.text == text
+    assert (done.usage.input_tokens, done.usage.output_tokens) == (1250, 40)
+    # 1,250 x 6,000 + 40 x 10,000 nano-USD, from the usage of transcript.text.done.
+    gw.assert_spend(key["secret"], 7_900_000, model="gpt-4o-transcribe", requests=1)
 
 
 def test_images_edit_with_a_real_png(gw: Gateway):

@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""A 10 MB transcription upload through the gateway against the same upload through the bare
+Pingora proxy (examples/bare_proxy.rs), both in front of the same mock, in one run.
+
+    benches/transcribe_bench.py [--rounds 3] [--uploads 50] [--size-mb 10] [--no-build]
+                                [--file mp3|noise] [--upstream-id same|renamed] [--profile release|debug]
+
+Each round starts a fresh mock, bare proxy and gateway (fresh database, one key), then
+uploads the same multipart body (`model`, `response_format=json`, then a `file` part of
+--size-mb: MPEG audio frames by default, so the gateway walks their headers for the duration
+bound; `noise` is bytes no container claims) once to warm up and then --uploads times, one
+after the other on one keep-alive connection, to the bare proxy and to the gateway (the order
+alternates by round). From /proc/<pid> of each proxy process it reads:
+
+  - CPU: utime + stime (all threads, /proc/<pid>/stat) around the --uploads, per upload;
+  - peak memory: VmHWM (/proc/<pid>/status) after them (the process's peak, warm-up
+    included), and that peak minus the idle RSS before the first upload, over the body's
+    size: how many bodies' worth of memory the upload path took at its peak.
+
+It prints each round and the range (min-max) of every figure over the rounds, with the
+gateway / bare ratios; the goal is <= 1.2x for CPU and peak memory. Every upload is checked:
+200, the mock's text names the file's SHA-256 and size, and the gateway's spend grows.
+--upstream-id renamed gives the gateway's model an `upstream_id` unlike its id, so the
+forwarded body has its `model` part replaced (the byte-for-byte rewrite of SPEC §3).
+Both proxies run one Pingora worker thread; the mock runs one thread. Linux only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+TICK = os.sysconf("SC_CLK_TCK")
+BOUNDARY = "benchBoundary7MA4YWxkTrZu0gW"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, name: str, log: Path) -> None:
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"nothing listens on {port} ({name}); log:\n{log.read_text()[-2000:]}")
+
+
+def cpu_ticks(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+
+
+def status_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def mp3_file(size: int) -> bytes:
+    """MPEG-1 Layer III frames, 128 kbit/s at 44.1 kHz (417 bytes each), to `size` bytes."""
+    frame = bytes([0xFF, 0xFB, 0x90, 0x00]) + bytes((i * 37) & 0xFF for i in range(413))
+    n = size // len(frame)
+    return frame * n
+
+
+def noise_file(size: int) -> bytes:
+    return hashlib.shake_256(b"spidergate").digest(size)
+
+
+def form(model: str, file: bytes) -> bytes:
+    head = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{model}\r\n"
+            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"response_format\"\r\n\r\njson\r\n"
+            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"speech.mp3\"\r\n"
+            f"Content-Type: audio/mpeg\r\n\r\n").encode()
+    return head + file + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def upload(conn: http.client.HTTPConnection, body: bytes, secret: str, want_text: str) -> None:
+    conn.request("POST", "/v1/audio/transcriptions", body=body, headers={
+        "Authorization": f"Bearer {secret}",
+        "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
+    })
+    r = conn.getresponse()
+    data = r.read()
+    if r.status != 200:
+        sys.exit(f"upload: status {r.status}: {data[:300]!r}")
+    if json.loads(data).get("text") != want_text:
+        sys.exit(f"upload: the mock heard something else: {data[:300]!r}")
+
+
+def spend(port: int, secret: str) -> int:
+    c = http.client.HTTPConnection("127.0.0.1", port)
+    c.request("GET", "/v1/usage", headers={"Authorization": f"Bearer {secret}"})
+    return json.loads(c.getresponse().read())["spend_nanodollars"]
+
+
+def rng(xs, fmt="{:.2f}") -> str:
+    lo, hi = fmt.format(min(xs)), fmt.format(max(xs))
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--uploads", type=int, default=50)
+    ap.add_argument("--size-mb", type=float, default=10)
+    ap.add_argument("--file", choices=["mp3", "noise"], default="mp3")
+    ap.add_argument("--upstream-id", choices=["same", "renamed"], default="same")
+    ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--profile", choices=["release", "debug"], default="release",
+                    help="which build to run (debug: only to try the script)")
+    args = ap.parse_args()
+
+    if not args.no_build:
+        profile = ["--release"] if args.profile == "release" else []
+        subprocess.run(["cargo", "build", *profile, "--workspace", "--bins", "--examples"],
+                       cwd=ROOT, check=True)
+    tmp = Path(tempfile.mkdtemp(prefix="spidergate-transcribe-"))
+    bins = {}
+    for name, rel in (("gw", "spidergate"), ("bare", "examples/bare_proxy"),
+                      ("mock", "spidergate-mock")):
+        src = TARGET / args.profile / rel
+        if not src.exists():
+            sys.exit(f"missing {src} (build first)")
+        bins[name] = tmp / src.name
+        shutil.copy(src, bins[name])  # a rebuild cannot change them mid-run
+
+    procs: list[subprocess.Popen] = []
+
+    def start(cmd, log, env=None):
+        p = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+        procs.append(p)
+        return p
+
+    def stop_all():
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        procs.clear()
+
+    def start_all(rd: Path):
+        """Fresh mock, bare proxy and gateway (a fresh database and key) for one round."""
+        rd.mkdir()
+        mock_port, bare_port, gw_port = free_port(), free_port(), free_port()
+        start([bins["mock"], "--listen", f"127.0.0.1:{mock_port}", "--threads", "1"], rd / "mock.log")
+        bare = start([bins["bare"], "--listen", f"127.0.0.1:{bare_port}",
+                      "--upstream", f"127.0.0.1:{mock_port}", "--threads", "1"], rd / "bare.log")
+        upstream = "whisper-1" if args.upstream_id == "same" else "whisper-1-upstream-renamed"
+        (rd / "gw.yaml").write_text(f"""\
+listen: "127.0.0.1:{gw_port}"
+database: "{rd}/gw.db"
+providers:
+  - name: mock
+    kind: openai
+    base_url: "http://127.0.0.1:{mock_port}/v1"
+    api_key_env: SPIDERGATE_BENCH_MOCK_KEY
+models:
+  - id: whisper-1
+    provider: mock
+    upstream_id: {upstream}
+    endpoint: transcriptions
+    usd_per_minute: 0.006
+server:
+  threads: 1
+""")
+        env = dict(os.environ, SPIDERGATE_BENCH_MOCK_KEY="sk-bench", RUST_LOG="warn")
+        out = subprocess.run([bins["gw"], "--config", rd / "gw.yaml", "keys", "create", "--name", "bench",
+                              "--json", "--rpm", "100000000", "--rpd", "1000000000"],
+                             env=env, check=True, capture_output=True, text=True).stdout
+        secret = json.loads(out)["secret"]
+        gw = start([bins["gw"], "--config", rd / "gw.yaml", "serve"], rd / "gateway.log", env)
+        wait_port(mock_port, "mock", rd / "mock.log")
+        wait_port(bare_port, "bare proxy", rd / "bare.log")
+        wait_port(gw_port, "gateway", rd / "gateway.log")
+        return {"bare": (bare.pid, bare_port), "gateway": (gw.pid, gw_port)}, gw_port, secret
+
+    try:
+        size = int(args.size_mb * 1_000_000)
+        file = mp3_file(size) if args.file == "mp3" else noise_file(size)
+        body = form("whisper-1", file)
+        want = f"sha256:{hashlib.sha256(file).hexdigest()} bytes:{len(file)}"
+        print(f"{args.rounds} rounds x {args.uploads} uploads of a {len(body) / 1e6:.1f} MB form "
+              f"({args.file} file, upstream_id {args.upstream_id}), fresh processes each round")
+        rows = []
+        for rnd in range(args.rounds):
+            targets, gw_port, secret = start_all(tmp / f"round{rnd + 1}")
+            time.sleep(1)
+            idle = {name: status_kb(pid, "VmRSS") for name, (pid, _) in targets.items()}
+            order = ["bare", "gateway"] if rnd % 2 == 0 else ["gateway", "bare"]
+            fig = {}
+            for name in order:
+                pid, port = targets[name]
+                conn = http.client.HTTPConnection("127.0.0.1", port)
+                # One warm-up upload (in the peak, not in the CPU): connection pools, the
+                # allocator's first large block, the key's first use.
+                upload(conn, body, secret, want)
+                spent0 = spend(gw_port, secret) if name == "gateway" else 0
+                t0 = cpu_ticks(pid)
+                for _ in range(args.uploads):
+                    upload(conn, body, secret, want)
+                t1 = cpu_ticks(pid)
+                hwm = status_kb(pid, "VmHWM")
+                conn.close()
+                if name == "gateway" and spend(gw_port, secret) <= spent0:
+                    sys.exit("the gateway's spend did not grow")
+                fig[name] = {
+                    "cpu_ms": (t1 - t0) * 1000 / TICK / args.uploads,
+                    "hwm_mb": hwm / 1024,
+                    "idle_mb": idle[name] / 1024,
+                    "copies": (hwm - idle[name]) * 1024 / len(body),
+                }
+            stop_all()
+            fig["cpu_ratio"] = fig["gateway"]["cpu_ms"] / max(fig["bare"]["cpu_ms"], 1e-9)
+            fig["hwm_ratio"] = fig["gateway"]["hwm_mb"] / fig["bare"]["hwm_mb"]
+            rows.append(fig)
+            g, b = fig["gateway"], fig["bare"]
+            print(f"round {rnd + 1}: CPU per upload gateway {g['cpu_ms']:.2f} ms, bare {b['cpu_ms']:.2f} ms "
+                  f"({fig['cpu_ratio']:.2f}x); peak (VmHWM) gateway {g['hwm_mb']:.1f} MB, bare {b['hwm_mb']:.1f} MB "
+                  f"({fig['hwm_ratio']:.2f}x); peak over idle RSS: gateway {g['copies']:.2f} bodies "
+                  f"(idle {g['idle_mb']:.1f} MB), bare {b['copies']:.2f} (idle {b['idle_mb']:.1f} MB)")
+        v = lambda *k: [r[k[0]][k[1]] if len(k) == 2 else r[k[0]] for r in rows]
+        print(f"\nrange over {args.rounds} rounds (min–max):")
+        print(f"  CPU per upload (ms): gateway {rng(v('gateway', 'cpu_ms'))}, bare {rng(v('bare', 'cpu_ms'))}, "
+              f"ratio {rng(v('cpu_ratio'))}x")
+        print(f"  peak memory VmHWM (MB): gateway {rng(v('gateway', 'hwm_mb'), '{:.1f}')}, bare {rng(v('bare', 'hwm_mb'), '{:.1f}')}, "
+              f"ratio {rng(v('hwm_ratio'))}x")
+        print(f"  peak over idle RSS, in bodies: gateway {rng(v('gateway', 'copies'))}, bare {rng(v('bare', 'copies'))}")
+        ok = lambda x: "PASS" if x else "FAIL"
+        print(f"goal: CPU <= 1.2x: {ok(max(v('cpu_ratio')) <= 1.2)}; peak memory <= 1.2x: {ok(max(v('hwm_ratio')) <= 1.2)}")
+    finally:
+        stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
