@@ -34,7 +34,7 @@ use crate::telemetry::context::TRACEPARENT;
 use crate::telemetry::TraceContext;
 
 pub use ctx::RequestCtx;
-use ctx::{AddressTry, CLIENT_CLOSED, STREAM_BROKEN};
+use ctx::{AddressTry, Relay, CLIENT_CLOSED, STREAM_BROKEN};
 use headers::*;
 use io::{read_body, send_json};
 use watchdog::{ReadTimeouts, UpstreamWatch};
@@ -418,6 +418,7 @@ impl ProxyHttp for GateProxy {
             upstream_watch: UpstreamWatch::default(),
             trace: None,
             traceparent: None,
+            relay: None,
         }
     }
 
@@ -471,6 +472,11 @@ impl ProxyHttp for GateProxy {
         }
         if endpoint == Endpoint::Health {
             return self.health(session, ctx).await;
+        }
+        // Handed over to a new process (`serve --upgrade`): it decides and books this one.
+        if let Some(path) = self.gate.handover.relay() {
+            ctx.relay = Some(Relay::new(path, false));
+            return Ok(false);
         }
         let authorization = header_bytes(session.req_header(), "authorization");
         let x_api_key = header_bytes(session.req_header(), "x-api-key");
@@ -531,6 +537,15 @@ impl ProxyHttp for GateProxy {
         )
         .then(|| header_bytes(session.req_header(), "content-type").map(<[u8]>::to_vec))
         .flatten();
+        // The old process of an upgrade stops admitting once it hands over; an admission
+        // under way finishes (and is journaled) before it does.
+        let _admitting = match self.gate.handover.begin_admission() {
+            Ok(guard) => guard,
+            Err(path) => {
+                ctx.relay = Some(Relay::new(path, true));
+                return Ok(false);
+            }
+        };
         match self.admit(ctx, &hash, content_type.as_deref()).await {
             Ok(()) if ctx.plan.is_some_and(providers::Plan::answered_locally) => {
                 self.count_tokens_estimate(session, ctx).await
@@ -546,6 +561,9 @@ impl ProxyHttp for GateProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        if let Some(relay) = &ctx.relay {
+            return relay.peer().await;
+        }
         let m = ctx
             .current_model()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no admitted model"))?;
@@ -632,6 +650,9 @@ impl ProxyHttp for GateProxy {
         req: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if ctx.relay.is_some() {
+            return Ok(()); // as the client sent it
+        }
         let (Some(m), Some(plan), Some(body)) = (ctx.current_model(), ctx.plan, &ctx.upstream_body)
         else {
             return Err(Error::explain(
@@ -664,6 +685,13 @@ impl ProxyHttp for GateProxy {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(relay) = &ctx.relay {
+            // Read here already: sent whole (else Pingora streams the client's body on).
+            if relay.preread {
+                *body = end_of_stream.then(|| ctx.body.clone());
+            }
+            return Ok(());
+        }
         if ctx.admission.is_none() {
             return Ok(());
         }
@@ -741,6 +769,9 @@ impl ProxyHttp for GateProxy {
         ctx.response_started = true;
         ctx.status = resp.status.as_u16();
         ctx.ttfb_ms = Some(ctx.started.elapsed().as_millis() as i64);
+        if ctx.relay.is_some() {
+            return Ok(());
+        }
         if let Some(tp) = &ctx.traceparent {
             resp.insert_header(TRACEPARENT.clone(), tp.clone())?;
         }
@@ -789,6 +820,10 @@ impl ProxyHttp for GateProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        if let Some(relay) = &ctx.relay {
+            log::warn!("upgrade: cannot relay to {}: {e}", relay.path.display());
+            return e;
+        }
         // Nothing reached the provider: this attempt costs nothing.
         ctx.sent_upstream = false;
         ctx.end_upstream_attempt();

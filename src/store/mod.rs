@@ -30,7 +30,7 @@ pub use alerts::{ClaimedDelivery, DeliveryRow, DeliveryState, DeliveryUpdate};
 pub use audit::AuditEntry;
 pub use groups::{GroupPatch, GroupRecord};
 pub use keys::{KeyFilter, KeyPage, KeyPatch, KeyStatus};
-pub use ledger::{Batch, JournalRow, LedgerEntry, ModelSpend, TraceRow, ORPHANED};
+pub use ledger::{Batch, HandoverRow, JournalRow, LedgerEntry, ModelSpend, TraceRow, ORPHANED};
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// Where the store lives.
@@ -110,6 +110,9 @@ pub struct Store {
     owner: i64,
     /// With `alerts` configured: `write_batch` records the alerts a batch raises.
     alert_rules: Option<Arc<AlertRules>>,
+    /// This process handed its sockets to a successor: `write_batch` marks journal rows
+    /// settled instead of deleting them (SQLite; see `handover`).
+    handing_over: bool,
 }
 
 /// Runs the same call on whichever backend the store has (both expose the same methods).
@@ -147,6 +150,7 @@ impl Store {
             backend,
             owner: i64::from(std::process::id()),
             alert_rules: None,
+            handing_over: false,
         }
     }
 
@@ -382,7 +386,69 @@ impl Store {
     pub fn write_batch(&mut self, batch: &Batch) -> Result<()> {
         let owner = self.owner;
         let rules = self.alert_rules.clone();
-        on_backend!(&mut self.backend, b => b.write_batch(batch, owner, rules.as_deref()))
+        match &mut self.backend {
+            Backend::Sqlite(b) => b.write_batch(batch, owner, rules.as_deref(), self.handing_over),
+            Backend::Postgres(b) => b.write_batch(batch, owner, rules.as_deref()),
+        }
+    }
+
+    /// From now on `write_batch` leaves settled journal rows for a successor to follow
+    /// (SQLite: a binary upgrade; a cluster shares its limits through Redis instead).
+    pub fn set_handing_over(&mut self, on: bool) {
+        self.handing_over = on;
+    }
+
+    /// Journal rows of other processes, open and settled (SQLite; none for PostgreSQL).
+    pub fn foreign_journal(&self, own: i64) -> Result<Vec<HandoverRow>> {
+        match &self.backend {
+            Backend::Sqlite(b) => b.foreign_journal(own),
+            Backend::Postgres(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Deletes settled journal rows a successor has followed.
+    pub fn delete_settled(&mut self, ids: &[i64]) -> Result<()> {
+        match &mut self.backend {
+            Backend::Sqlite(b) => b.delete_settled(ids),
+            Backend::Postgres(_) => Ok(()),
+        }
+    }
+
+    /// Saves `owner`'s rolling minutes for its successor: (key id or `*group:<name>`, unix ms).
+    pub fn save_minutes(&mut self, owner: i64, rows: &[(Arc<str>, i64)]) -> Result<()> {
+        match &mut self.backend {
+            Backend::Sqlite(b) => b.save_minutes(owner, rows),
+            Backend::Postgres(_) => Ok(()),
+        }
+    }
+
+    /// Rolling minutes other processes saved when they handed over.
+    pub fn foreign_minutes(&self, own: i64) -> Result<Vec<(String, i64)>> {
+        match &self.backend {
+            Backend::Sqlite(b) => b.foreign_minutes(own),
+            Backend::Postgres(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Drops what stopped processes left for a successor (saved minutes, settled rows).
+    pub fn forget_handovers(&mut self, is_live: impl Fn(i64) -> bool) -> Result<()> {
+        match &mut self.backend {
+            Backend::Sqlite(b) => b.forget_handovers(is_live),
+            Backend::Postgres(_) => Ok(()),
+        }
+    }
+
+    /// Runs `f` on one consistent state of the store (a read transaction; SQLite).
+    pub fn read_consistent<T>(&self, f: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
+        let Backend::Sqlite(b) = &self.backend else {
+            return f(self);
+        };
+        b.begin_read()?;
+        let out = f(self);
+        let end = b.end_read();
+        let out = out?;
+        end?;
+        Ok(out)
     }
 
     /// Takes up to `limit` due deliveries (pending, next attempt reached, not leased) until
