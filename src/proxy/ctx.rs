@@ -109,6 +109,8 @@ pub struct RequestCtx {
     /// This process handed over to a new one (`serve --upgrade`): the request goes there as
     /// the client sent it, and is decided, booked and traced there.
     pub(super) relay: Option<Relay>,
+    /// The client hung up before the answer's head, which is read for its usage anyway.
+    pub(super) client_gone: bool,
 }
 
 /// Where a relayed request goes: the successor's relay socket.

@@ -419,6 +419,7 @@ impl ProxyHttp for GateProxy {
             trace: None,
             traceparent: None,
             relay: None,
+            client_gone: false,
         }
     }
 
@@ -678,9 +679,13 @@ impl ProxyHttp for GateProxy {
     /// Emits the rewritten body. The body was read whole in `request_filter`; the Pingora fork
     /// then calls this once with `end_of_stream` so the buffered body can be sent, whatever its
     /// size (upstream Pingora 0.9 would replay only 64 KiB: cloudflare/pingora#349, #575).
+    ///
+    /// Once a non-streamed request is on its way, a client that hangs up no longer aborts
+    /// it: the answer is read to its end (within the upstream timeouts) for its usage, and
+    /// that is what is charged (see `response_filter`).
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
@@ -692,12 +697,15 @@ impl ProxyHttp for GateProxy {
             }
             return Ok(());
         }
-        if ctx.admission.is_none() {
+        let Some(adm) = &ctx.admission else {
             return Ok(());
-        }
+        };
         *body = if end_of_stream {
             let timeouts = ReadTimeouts::of(&ctx.snap.routes.config.tuning);
             ctx.upstream_watch.request_sent(timeouts);
+            if !adm.fields.stream {
+                session.set_abort_on_close(false);
+            }
             ctx.upstream_body.clone()
         } else {
             None
@@ -762,7 +770,7 @@ impl ProxyHttp for GateProxy {
     /// Response head to the client: rate-limit, budget and fallback headers; stream detection.
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -788,6 +796,13 @@ impl ProxyHttp for GateProxy {
             served.map(|m| &names[m]),
         )?;
         ctx.observe_response_head(resp);
+        // The client hung up while the upstream worked (a non-streamed request, which is
+        // not aborted then): the answer is read for its usage, not sent.
+        if session.as_http1().is_some_and(|s| s.is_half_closed()) {
+            ctx.client_gone = true;
+            ctx.status = 499;
+            ctx.error_code = Some(CLIENT_CLOSED);
+        }
         Ok(())
     }
 
@@ -803,6 +818,9 @@ impl ProxyHttp for GateProxy {
             return Ok(None);
         }
         ctx.filter_response_body(body, end_of_stream);
+        if ctx.client_gone {
+            *body = None;
+        }
         if end_of_stream {
             ctx.response_ended();
             if let Some(shared) = self.gate.limits.shared() {
