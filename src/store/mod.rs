@@ -780,4 +780,63 @@ mod tests {
             .iter()
             .all(|t| t.usage_estimated && t.error_code.as_deref() == Some(ORPHANED)));
     }
+
+    #[test]
+    fn a_process_handing_over_leaves_settled_rows_that_are_never_charged_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let ts = crate::clock::days_from_civil(2026, 11, 26) * crate::clock::MS_PER_DAY;
+        let row = |id| JournalRow {
+            id,
+            ts,
+            key_id: Arc::from("key_h"),
+            endpoint: "chat.completions",
+            requested_model: Arc::from("m"),
+            served_model: Arc::from("m"),
+            prompt_tokens: 100,
+            completion_tokens: 50,
+            cost: Nanos::new(7_000),
+        };
+        let mut batch = Batch::default();
+        batch.open(row(1));
+        batch.open(row(2));
+        s.write_batch(&batch).unwrap();
+        // The process hands over; request 1 then finishes at its real cost.
+        s.set_handing_over(true);
+        let done = LedgerEntry {
+            trace: TraceRow {
+                ts,
+                key_id: Some(Arc::from("key_h")),
+                served_model: Some(Arc::from("m")),
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                cost: Nanos::new(4_500),
+                ..TraceRow::default()
+            },
+            admitted: true,
+            counted: true,
+            journal_id: Some(1),
+            ..LedgerEntry::default()
+        };
+        s.write_batch(&Batch::of([done])).unwrap();
+        let rows = s.foreign_journal(0).unwrap();
+        assert_eq!(rows.len(), 2, "the settled row stays for the successor");
+        let settled = rows.iter().find(|r| r.id == 1).unwrap();
+        assert_eq!(settled.settled, 1);
+        assert_eq!(
+            (
+                settled.prompt_tokens,
+                settled.completion_tokens,
+                settled.cost
+            ),
+            (10, 5, Nanos::new(4_500))
+        );
+        // The owner is gone: only the open row is an orphan; the settled one was booked.
+        assert_eq!(s.charge_orphans(|_| false).unwrap(), 1);
+        let spend = &s.spend_by_key("2026-11").unwrap()["key_h"];
+        assert_eq!((spend[0].spent, spend[0].requests), (Nanos::new(11_500), 2));
+        assert_eq!(s.requests_by_key("2026-11-26").unwrap()["key_h"], 2);
+        s.forget_handovers(|_| false).unwrap();
+        assert!(s.foreign_journal(0).unwrap().is_empty());
+    }
 }
