@@ -200,6 +200,8 @@ fn save_minutes(gate: &Gate, store: &mut Store) -> Result<(), StoreError> {
 pub fn adopt(gate: &Gate) -> Result<usize, StoreError> {
     let mut store = gate.open_store()?;
     let own = i64::from(std::process::id());
+    // What earlier, gone processes left (their minutes would count twice).
+    store.forget_handovers(process_is_live)?;
     let (rows, minutes) = store.read_consistent(|s| {
         gate.reload_fresh(s)?;
         Ok((s.foreign_journal(own)?, s.foreign_minutes(own)?))
