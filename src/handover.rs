@@ -5,17 +5,21 @@
 //! still holds and will still book, and the old one must stop deciding:
 //! - The new process, started with `--upgrade`, announces a relay socket next to
 //!   `server.upgrade_sock` (`<upgrade_sock>.relay.<pid>`), where its proxy also listens.
-//! - The old process, on SIGQUIT and before its sockets go: stops admitting (every request
-//!   that reaches it from then on, on a kept-alive connection or in Pingora's last seconds
-//!   of accepting, is relayed byte for byte to the new process, which decides and books it);
-//!   waits for admissions already under way; journals every admission still open and
-//!   commits its ledger; saves its rolling minutes. From then on its commits mark journal
-//!   rows settled, with what they booked, instead of deleting them.
-//! - The new process, once the sockets arrived: loads its counters from the ledger and holds
-//!   the bound of each open journal row of the old one (one consistent read), and seeds its
-//!   rolling minutes. Each reload interval it then books what the old one settled (releasing
-//!   that hold); once the old process is gone, what it left open is charged at its bound as
-//!   an orphan, as after a crash.
+//! - The old process, on SIGQUIT, marks the hand-over as begun (`<relay>.handing`) and sends
+//!   its sockets at once, serving on by itself until the new process listens on its relay
+//!   socket (Pingora's new process takes up to a second to pick the sockets up). Then it
+//!   stops admitting (every request that reaches it from then on, on a kept-alive connection
+//!   or in Pingora's last seconds of accepting, is relayed byte for byte to the new process,
+//!   which decides and books it); waits for admissions already under way; journals every
+//!   admission still open and commits its ledger; saves its rolling minutes; and marks the
+//!   hand-over done (`<relay>.handed-over`). From then on its commits mark journal rows
+//!   settled, with what they booked, instead of deleting them.
+//! - The new process decides nothing until then (its requests wait, a few milliseconds).
+//!   Once the hand-over is done, it loads its counters from the ledger and holds the bound of
+//!   each open journal row of the old one (one consistent read), and seeds its rolling
+//!   minutes. Each reload interval it then books what the old one settled (releasing that
+//!   hold); once the old process is gone, what it left open is charged at its bound as an
+//!   orphan, as after a crash.
 //!
 //! While the old process finishes, its open requests count at their bound in the new one
 //! until their settlement is read (one reload interval after the old one's commit): the new
@@ -55,6 +59,8 @@ pub struct Handover {
     successor: OnceLock<PathBuf>,
     /// This process's own relay socket (started with `--upgrade`).
     relay_path: OnceLock<PathBuf>,
+    /// Started with `--upgrade`: requests wait until the predecessor's state is adopted.
+    adopting: AtomicBool,
     /// Holds for the predecessor's open admissions, by journal id.
     adopted: Mutex<HashMap<i64, Adopted>>,
 }
@@ -134,11 +140,21 @@ impl Handover {
     }
 }
 
-/// The old process's half, on SIGQUIT before its sockets go: stops admitting, waits for
-/// admissions under way, journals and commits, saves the rolling minutes. Without a
-/// successor that announced a relay socket (an older binary), nothing changes: this process
-/// finishes on its own counters as before.
-pub async fn hand_over(gate: &Arc<Gate>) {
+/// Marker files next to the successor's relay socket: the hand-over began, and is done.
+fn marker(relay: &Path, what: &str) -> PathBuf {
+    let mut name = relay.as_os_str().to_owned();
+    name.push(format!(".{what}"));
+    PathBuf::from(name)
+}
+
+/// How long either side waits for the other before going on alone.
+const HANDOVER_WAIT: Duration = Duration::from_secs(30);
+
+/// The old process's half, on SIGQUIT before its sockets go: marks the hand-over begun and
+/// leaves the rest to a task (see [`finish_hand_over`]), so the sockets go at once. Without
+/// a successor that announced a relay socket (an older binary), nothing changes: this
+/// process finishes on its own counters as before.
+pub fn hand_over(gate: &Arc<Gate>) {
     let upgrade_sock = gate.routes().config.tuning.upgrade_sock.clone();
     let Some(successor) = Handover::find_successor(&upgrade_sock) else {
         log::warn!(
@@ -147,6 +163,27 @@ pub async fn hand_over(gate: &Arc<Gate>) {
         );
         return;
     };
+    if let Err(e) = std::fs::write(marker(&successor, "handing"), b"") {
+        log::error!("SIGQUIT: cannot tell the successor a hand-over begins: {e}");
+    }
+    tokio::spawn(finish_hand_over(gate.clone(), successor));
+}
+
+/// Once the successor listens on its relay socket: stops admitting and relays instead, waits
+/// for admissions under way, journals and commits, saves the rolling minutes, and tells the
+/// successor it may decide.
+async fn finish_hand_over(gate: Arc<Gate>, successor: PathBuf) {
+    let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
+    while tokio::net::UnixStream::connect(&successor).await.is_err() {
+        if tokio::time::Instant::now() >= deadline {
+            log::error!(
+                "upgrade: the new process never listened on {}; finishing on this process's counters",
+                successor.display()
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let h = &gate.handover;
     let _ = h.successor.set(successor.clone());
     h.relaying.store(true, Ordering::SeqCst);
@@ -165,11 +202,15 @@ pub async fn hand_over(gate: &Arc<Gate>) {
     .await;
     match done {
         Ok(Ok(())) => log::info!(
-            "SIGQUIT: open admissions journaled; relaying new requests to {}",
+            "upgrade: open admissions journaled; relaying new requests to {}",
             successor.display()
         ),
-        Ok(Err(e)) => log::error!("SIGQUIT: handing the counters over failed: {e}"),
-        Err(e) => log::error!("SIGQUIT: handing the counters over failed: {e}"),
+        Ok(Err(e)) => log::error!("upgrade: handing the counters over failed: {e}"),
+        Err(e) => log::error!("upgrade: handing the counters over failed: {e}"),
+    }
+    // Done either way: the successor must not wait longer.
+    if let Err(e) = std::fs::write(marker(&successor, "handed-over"), b"") {
+        log::error!("upgrade: cannot tell the successor the hand-over is done: {e}");
     }
 }
 
@@ -194,9 +235,53 @@ fn save_minutes(gate: &Gate, store: &mut Store) -> Result<(), StoreError> {
     store.save_minutes(i64::from(std::process::id()), &rows)
 }
 
-/// The new process's half, once the sockets arrived (the predecessor has journaled and
-/// committed by then): counters from the ledger, holds for the predecessor's open
-/// admissions and its rolling minutes, all read from one state of the store.
+impl Handover {
+    /// Started with `--upgrade`, once the sockets arrived: requests wait (see
+    /// [`Handover::until_adopted`]) until [`adopt_when_handed_over`] has run.
+    pub fn expect_predecessor(&self) {
+        self.adopting.store(true, Ordering::Release);
+    }
+
+    /// Waits while the predecessor's state is not adopted yet (one atomic read otherwise).
+    pub async fn until_adopted(&self) {
+        if !self.adopting.load(Ordering::Acquire) {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
+        while self.adopting.load(Ordering::Acquire) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// The new process's half, once its listeners run: waits until the predecessor (if it marked
+/// a hand-over begun) has stopped deciding and committed, then [`adopt`]s its state and lets
+/// requests through.
+pub async fn adopt_when_handed_over(gate: Arc<Gate>) {
+    let Some(relay) = gate.handover.relay_path().map(Path::to_path_buf) else {
+        return;
+    };
+    let (begun, done) = (marker(&relay, "handing"), marker(&relay, "handed-over"));
+    if begun.exists() {
+        let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
+        while !done.exists() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let g = gate.clone();
+    match tokio::task::spawn_blocking(move || adopt(&g)).await {
+        Ok(Ok(n)) => log::info!("upgrade: holding {n} requests the old process still has open"),
+        Ok(Err(e)) => log::error!("upgrade: cannot read the old process's open requests: {e}"),
+        Err(e) => log::error!("upgrade: cannot read the old process's open requests: {e}"),
+    }
+    gate.handover.adopting.store(false, Ordering::Release);
+    let _ = std::fs::remove_file(begun);
+    let _ = std::fs::remove_file(done);
+}
+
+/// Counters from the ledger, holds for the predecessor's open admissions and its rolling
+/// minutes, all read from one state of the store (the predecessor has journaled and
+/// committed by then).
 pub fn adopt(gate: &Gate) -> Result<usize, StoreError> {
     let mut store = gate.open_store()?;
     let own = i64::from(std::process::id());

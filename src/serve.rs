@@ -41,6 +41,8 @@ impl BackgroundService for Maintenance {
         if let Some(shared) = self.gate.limits.shared() {
             tokio::spawn(shared.clone().run(shutdown.clone()));
         }
+        // Started with `--upgrade`: takes the old process's state once it handed over.
+        tokio::spawn(crate::handover::adopt_when_handed_over(self.gate.clone()));
         tokio::spawn(follow_provider_dns(self.gate.clone(), shutdown.clone()));
         let mut store = None;
         let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -184,11 +186,11 @@ impl Maintenance {
 /// grace passes), as a fast shutdown: what is still open is cut, and each cut request is
 /// charged when its context drops. Meanwhile new requests get 503 `shutting_down`.
 ///
-/// SIGQUIT (a `serve --upgrade` process is waiting for the sockets) first hands the counters
-/// over (`handover`: this process stops admitting and relays to the new one, journals what
-/// it has open and commits), then is handed on, so the sockets move; Pingora then keeps this
-/// process serving what it has in flight for its grace period (the same `shutdown_grace_s`)
-/// before it stops.
+/// SIGQUIT (a `serve --upgrade` process is waiting for the sockets) starts handing the
+/// counters over (`handover`: once the new process listens, this one stops admitting and
+/// relays to it, journals what it has open and commits) and is handed on at once, so the
+/// sockets move without delay; Pingora then keeps this process serving what it has in
+/// flight for its grace period (the same `shutdown_grace_s`) before it stops.
 struct DrainOnTerm {
     gate: Arc<Gate>,
     timeout: std::time::Duration,
@@ -230,7 +232,7 @@ impl ShutdownSignalWatch for DrainOnTerm {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             // A cluster shares its limits through Redis and its ledger through PostgreSQL.
             if self.gate.node.is_none() {
-                crate::handover::hand_over(&self.gate).await;
+                crate::handover::hand_over(&self.gate);
             }
             log::info!(
                 "SIGQUIT: handing the sockets over; finishing {} in-flight requests",
@@ -273,12 +275,10 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
     let upgrading = opt.upgrade;
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
-    if upgrading && gate.node.is_none() {
-        // The old process sent its sockets: it journaled and committed what it had open.
-        match crate::handover::adopt(&gate) {
-            Ok(n) => log::info!("upgrade: holding {n} requests the old process still has open"),
-            Err(e) => log::error!("upgrade: cannot read the old process's open requests: {e}"),
-        }
+    if upgrading && relay.is_some() {
+        // The old process sent its sockets; it stops deciding once this one listens, and
+        // until then this one decides nothing (see `handover`).
+        gate.handover.expect_predecessor();
     }
     // The proxy behind the edge: connection cap and first-head deadline (`edge.rs`).
     let proxy = pingora_proxy::http_proxy(&server.configuration, GateProxy::new(gate.clone()));

@@ -474,6 +474,8 @@ impl ProxyHttp for GateProxy {
         if endpoint == Endpoint::Health {
             return self.health(session, ctx).await;
         }
+        // Started with `--upgrade`: nothing is decided before the old process handed over.
+        self.gate.handover.until_adopted().await;
         // Handed over to a new process (`serve --upgrade`): it decides and books this one.
         if let Some(path) = self.gate.handover.relay() {
             ctx.relay = Some(Relay::new(path, false));
