@@ -347,6 +347,10 @@ pub fn adopt(gate: &Gate) -> Result<usize, StoreError> {
 /// the predecessor settled and releases those holds; once the predecessor is gone, charges
 /// what it left open at its bound (orphans), as a start after a crash would.
 pub fn follow(gate: &Gate, store: &mut Store) -> Result<(), StoreError> {
+    // Handed over in turn: the successor follows (and clears) these rows now.
+    if gate.handover.relaying.load(Ordering::SeqCst) {
+        return Ok(());
+    }
     let mut adopted = gate
         .handover
         .adopted
@@ -409,6 +413,9 @@ pub fn follow(gate: &Gate, store: &mut Store) -> Result<(), StoreError> {
 /// processes left for a successor (never this process's own rows: a successor follows
 /// them), so the journal holds only requests truly open.
 pub fn finish(gate: &Gate) {
+    if gate.handover.relaying.load(Ordering::SeqCst) {
+        return; // the successor follows what is left
+    }
     let own = i64::from(std::process::id());
     let result = gate.open_store().and_then(|mut store| {
         follow(gate, &mut store)?;

@@ -222,3 +222,63 @@ fn rpm_and_rpd_counts_carry_over_an_upgrade() {
     }
     assert_eq!(live(&gw, &per_minute)["requests_this_minute"], 3);
 }
+
+#[test]
+fn two_upgrades_in_a_row_keep_one_count() {
+    let mock = mock();
+    let mut gw = gateway(&mock);
+    let key = gw.create_key(&["--rpm", "3", "--budget", "1", "--budget-mode", "hard"]);
+    let hold = [("x-mock-hold", "chain"), ("x-mock-chunks", "3")];
+    let (status, _, first) = gw.open_stream(&key, &held_stream_body(), &hold);
+    assert_eq!(status, 200);
+    wait_for(Duration::from_secs(10), "one request held", || {
+        (mock.held("chain") == 1).then_some(())
+    });
+
+    // Old -> second, with the first request still open in the old process.
+    let mut first_process = gw.upgrade();
+    wait_log(
+        &gw,
+        "upgrade: holding 1 requests the old process still has open",
+    );
+    let r = gw.chat(&key, "gpt-4o-mini");
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Second -> third while the first process still finishes: the third holds its request too.
+    let mut second_process = gw.upgrade();
+    wait_for(
+        Duration::from_secs(30),
+        "the third process to decide",
+        || {
+            (gw.log_text()
+                .matches("upgrade: holding 1 requests the old process still has open")
+                .count()
+                == 2)
+                .then_some(())
+        },
+    );
+    let r = gw.chat(&key, "gpt-4o-mini");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = gw.chat(&key, "gpt-4o-mini");
+    assert_eq!(r.status, 429, "the minute counts all three: {}", r.text());
+    assert_eq!(r.code(), "rate_limit_exceeded");
+
+    mock.release("chain");
+    let mut rest = String::new();
+    let mut first = first;
+    first.read_to_string(&mut rest).expect("stream to its end");
+    for p in [&mut first_process, &mut second_process] {
+        let exit = wait_exit(p, Duration::from_secs(60));
+        assert!(exit.success(), "{exit:?}");
+    }
+    gw.wait_ledger_quiescent();
+    wait_for(Duration::from_secs(10), "live figures = the ledger", || {
+        let v = live(&gw, &key);
+        let (spend, today) = ledger(&gw, &key);
+        let agree = v["spend_nanodollars"] == spend
+            && v["requests_today"] == today
+            && nanos(&v["reserved_usd"]) == 0;
+        agree.then_some(())
+    });
+    assert_eq!(ledger(&gw, &key), (3 * DEFAULT_CALL_NANOS, 3));
+    assert_eq!(gw.query_i64("SELECT COUNT(*) FROM inflight", []), 0);
+}

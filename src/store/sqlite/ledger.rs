@@ -491,11 +491,12 @@ impl Sqlite {
         })
     }
 
-    /// Replaces `owner`'s saved rolling minutes with `rows` (key id or `*group:<name>`, unix
-    /// ms of each admission).
+    /// Replaces every saved rolling minute with `owner`'s `rows` (key id or
+    /// `*group:<name>`, unix ms of each admission): its windows include what it took over
+    /// from a predecessor, whose rows would count twice.
     pub fn save_minutes(&mut self, owner: i64, rows: &[(Arc<str>, i64)]) -> Result<()> {
         self.write(|tx| {
-            tx.execute("DELETE FROM handover_minutes WHERE owner = ?1", [owner])?;
+            tx.execute("DELETE FROM handover_minutes", [])?;
             let mut insert = tx.prepare_cached(
                 "INSERT INTO handover_minutes (owner, key_id, at) VALUES (?1, ?2, ?3)",
             )?;
