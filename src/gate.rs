@@ -69,6 +69,8 @@ pub struct Gate {
     /// `telemetry` is set: model calls get a span of the gateway's in a W3C trace. Fixed at
     /// start (the exporter is per process).
     pub trace_context: bool,
+    /// A binary upgrade, this process on either side of it (`handover`).
+    pub handover: crate::handover::Handover,
 }
 
 impl Gate {
@@ -121,6 +123,7 @@ impl Gate {
             draining: AtomicBool::new(false),
             handing_over: AtomicBool::new(false),
             trace_context,
+            handover: Default::default(),
         };
         let mut store = gate.open_store().map_err(|e| format!("database: {e}"))?;
         // Before keys (and their month's spend) are loaded: a crash never makes a request free.
@@ -136,6 +139,11 @@ impl Gate {
             log::warn!(
                 "charged {orphans} requests left open by an unclean stop at their upper-bound cost"
             );
+        }
+        if node.is_none() {
+            store
+                .forget_handovers(process_is_live)
+                .map_err(|e| format!("database: {e}"))?;
         }
         gate.reload_from(&store)
             .map_err(|e| format!("database: {e}"))?;
@@ -202,7 +210,7 @@ impl Gate {
             changes.filter(|(_, ids)| !ids.iter().any(|id| id.starts_with(GROUP_CHANGE_MARK)));
         let Some((newest, ids)) = changes.filter(|(_, ids)| ids.len() <= BULK_CHANGE) else {
             let routes = self.routes();
-            self.swap_in(store, routes)?;
+            self.swap_in(store, routes, true)?;
             return Ok(self.keys().len());
         };
         if ids.is_empty() {
@@ -254,7 +262,16 @@ impl Gate {
     pub fn reload_from(&self, store: &Store) -> Result<(), StoreError> {
         let _guard = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let routes = self.routes();
-        self.swap_in(store, routes)
+        self.swap_in(store, routes, true)
+    }
+
+    /// Rebuilds the key set with every counter read from the ledger again (none carried
+    /// over): a process started with `--upgrade`, once its predecessor committed, before it
+    /// serves anything.
+    pub fn reload_fresh(&self, store: &Store) -> Result<(), StoreError> {
+        let _guard = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let routes = self.routes();
+        self.swap_in(store, routes, false)
     }
 
     /// Re-reads the config file (SIGHUP), validates it exactly as `check-config` does, and
@@ -356,7 +373,7 @@ impl Gate {
         }
         let _guard = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let store = self.open_store().map_err(|e| format!("database: {e}"))?;
-        self.swap_in(&store, routes)
+        self.swap_in(&store, routes, true)
             .map_err(|e| format!("database: {e}"))?;
         certs.apply();
         // New thresholds and webhooks apply from the ledger's next commit and the delivery
@@ -367,11 +384,15 @@ impl Gate {
 
     /// Builds the key set against `routes` and swaps both in as one snapshot. Live counters
     /// carry over; keys new to this process get their month-to-date spend and today's count
-    /// from the ledger. Call with `reload_lock` held.
-    fn swap_in(&self, store: &Store, routes: Arc<Routes>) -> Result<(), StoreError> {
+    /// from the ledger (all keys, unless `carry`). Call with `reload_lock` held.
+    fn swap_in(&self, store: &Store, routes: Arc<Routes>, carry: bool) -> Result<(), StoreError> {
         let version = store.last_key_change()?;
         let count = store.key_count()?;
-        let previous = self.keys();
+        let previous = if carry {
+            self.keys()
+        } else {
+            Arc::new(KeySet::default())
+        };
         let now = now_ms();
         // Keys new to this process start from the ledger: read whole when many keys are new
         // (start-up), else one key at a time for the few the snapshot lacks.

@@ -123,6 +123,9 @@ pub struct SpendLedger {
     spans: Option<SpanQueue>,
     /// `alerts`, as last (re)loaded: shared with the writer and the delivery worker.
     alerts: Arc<ArcSwapOption<Alerts>>,
+    /// Set once the sockets went to a successor (`serve --upgrade`): commits leave settled
+    /// journal rows for it to follow (see `handover`).
+    handing_over: Arc<AtomicBool>,
 }
 
 impl SpendLedger {
@@ -157,7 +160,16 @@ impl SpendLedger {
             next_journal_id: AtomicI64::new(first_id),
             spans,
             alerts: Arc::default(),
+            handing_over: Arc::default(),
         }
+    }
+
+    /// The sockets go to a successor: every admission still open is journaled and everything
+    /// recorded so far committed before this returns (true), and from the next commit on,
+    /// settled journal rows are left for the successor instead of deleted. Blocking.
+    pub fn hand_over(&self) -> bool {
+        self.handing_over.store(true, Ordering::SeqCst);
+        self.flush_blocking()
     }
 
     /// Swaps in the `alerts` settings (start-up and SIGHUP); the writer's next commit
@@ -216,6 +228,7 @@ impl SpendLedger {
         let health = self.health.clone();
         let spans = self.spans.as_ref().map(SpanQueue::sender);
         let alerts = self.alerts.clone();
+        let handing_over = self.handing_over.clone();
         if let Some(q) = &self.spans {
             q.start()?;
         }
@@ -244,6 +257,7 @@ impl SpendLedger {
                     health,
                     spans,
                     alerts,
+                    handing_over,
                     open: HashMap::new(),
                     batch: Batch::default(),
                     batch_entries: 0,
@@ -305,6 +319,7 @@ struct Writer {
     health: Arc<LedgerHealth>,
     spans: Option<SpanSender>,
     alerts: Arc<ArcSwapOption<Alerts>>,
+    handing_over: Arc<AtomicBool>,
     /// Admissions not yet written to the journal table (most finish before they need to be).
     open: HashMap<i64, JournalRow>,
     batch: Batch,
@@ -437,6 +452,8 @@ impl Writer {
             self.health.backlog.store(traces as u64, Ordering::Relaxed);
             let rules = self.alerts.load().as_ref().map(|a| a.rules.clone());
             self.store.set_alert_rules(rules);
+            self.store
+                .set_handing_over(self.handing_over.load(Ordering::SeqCst));
             if let Err(e) = self.store.write_batch(&self.batch) {
                 if !self.health.failing.swap(true, Ordering::Relaxed) {
                     log::error!(

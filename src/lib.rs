@@ -13,6 +13,7 @@ pub mod egress;
 pub mod error;
 pub mod fleet;
 pub mod gate;
+pub mod handover;
 pub mod keys;
 pub mod ledger;
 pub mod limits;

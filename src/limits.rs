@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub mod brakes;
+mod handover;
 pub mod store;
 
 use crate::clock::{day_index, month_index, Now, MS_PER_DAY};

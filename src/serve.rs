@@ -41,6 +41,8 @@ impl BackgroundService for Maintenance {
         if let Some(shared) = self.gate.limits.shared() {
             tokio::spawn(shared.clone().run(shutdown.clone()));
         }
+        // Started with `--upgrade`: takes the old process's state once it handed over.
+        tokio::spawn(crate::handover::adopt_when_handed_over(self.gate.clone()));
         tokio::spawn(follow_provider_dns(self.gate.clone(), shutdown.clone()));
         let mut store = None;
         let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -70,7 +72,7 @@ impl BackgroundService for Maintenance {
             let s = store.take();
             // SQLite calls stay off the async threads.
             let joined = tokio::task::spawn_blocking(move || {
-                let s = match s {
+                let mut s = match s {
                     Some(s) => s,
                     None => match gate.open_store() {
                         Ok(s) => s,
@@ -87,14 +89,16 @@ impl BackgroundService for Maintenance {
                     }
                     Err(e) => log::warn!("key reload failed, keeping the last snapshot: {e}"),
                 }
+                // After an upgrade: what the old process settled since the last round.
+                if let Err(e) = crate::handover::follow(&gate, &mut s) {
+                    log::warn!("upgrade: reading the old process's settlements failed: {e}");
+                }
                 // Keep the change log short; a gateway that falls this far behind (or
                 // starts later) reloads in full.
                 if prune_due() {
-                    let mut w = s;
-                    if let Err(e) = w.prune_key_changes(KEY_CHANGES_KEPT) {
+                    if let Err(e) = s.prune_key_changes(KEY_CHANGES_KEPT) {
                         log::warn!("key change log prune failed: {e}");
                     }
-                    return Some(w);
                 }
                 Some(s)
             })
@@ -182,8 +186,10 @@ impl Maintenance {
 /// grace passes), as a fast shutdown: what is still open is cut, and each cut request is
 /// charged when its context drops. Meanwhile new requests get 503 `shutting_down`.
 ///
-/// SIGQUIT (a `serve --upgrade` process is waiting for the sockets) is handed on at once, so
-/// the sockets move without delay; Pingora then keeps this process serving what it has in
+/// SIGQUIT (a `serve --upgrade` process is waiting for the sockets) starts handing the
+/// counters over (`handover`: once the new process listens, this one stops admitting and
+/// relays to it, journals what it has open and commits) and is handed on at once, so the
+/// sockets move without delay; Pingora then keeps this process serving what it has in
 /// flight for its grace period (the same `shutdown_grace_s`) before it stops.
 struct DrainOnTerm {
     gate: Arc<Gate>,
@@ -224,6 +230,10 @@ impl ShutdownSignalWatch for DrainOnTerm {
             self.gate
                 .handing_over
                 .store(true, std::sync::atomic::Ordering::Relaxed);
+            // A cluster shares its limits through Redis and its ledger through PostgreSQL.
+            if self.gate.node.is_none() {
+                crate::handover::hand_over(&self.gate);
+            }
             log::info!(
                 "SIGQUIT: handing the sockets over; finishing {} in-flight requests",
                 self.gate.inflight()
@@ -253,8 +263,23 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
         upgrade_sock: tuning.upgrade_sock.clone(),
         ..ServerConf::default()
     };
+    // Started with `--upgrade` on one node: a relay socket for what the old process receives
+    // once it handed over, announced before the old one is told to (see `handover`).
+    let relay = (opt.upgrade && gate.node.is_none())
+        .then(|| crate::handover::relay_path_for(&tuning.upgrade_sock, std::process::id()));
+    if let Some(path) = &relay {
+        if let Err(e) = gate.handover.announce_relay(path.clone()) {
+            log::error!("cannot announce the relay socket {}: {e}", path.display());
+        }
+    }
+    let upgrading = opt.upgrade;
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
+    if upgrading && relay.is_some() {
+        // The old process sent its sockets; it stops deciding once this one listens, and
+        // until then this one decides nothing (see `handover`).
+        gate.handover.expect_predecessor();
+    }
     // The proxy behind the edge: connection cap and first-head deadline (`edge.rs`).
     let proxy = pingora_proxy::http_proxy(&server.configuration, GateProxy::new(gate.clone()));
     let mut proxy = pingora_core::services::listening::Service::new(
@@ -267,6 +292,12 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
     match &gate.listener_certs.agent {
         Some(cert) => proxy.add_tls_with_settings(&listen, None, cert.settings()?),
         None => proxy.add_tcp(&listen),
+    }
+    if let Some(path) = gate.handover.relay_path() {
+        // Only this user (the old process) may reach it.
+        use std::os::unix::fs::PermissionsExt;
+        let owner_only = std::fs::Permissions::from_mode(0o600);
+        proxy.add_uds(&path.to_string_lossy(), Some(owner_only));
     }
     server.add_service(proxy);
     if let Some(admin) = &gate.routes().config.admin {
@@ -316,6 +347,12 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
             "{} cut requests were still not recorded 5 s after the runtimes stopped",
             gate.inflight()
         );
+    }
+    if let Some(path) = gate.handover.relay_path() {
+        let _ = std::fs::remove_file(path);
+    }
+    if gate.node.is_none() {
+        crate::handover::finish(&gate);
     }
     // Pending deliveries stay in the outbox for the next start (or another node).
     gate.alerts.stop();

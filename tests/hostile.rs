@@ -621,21 +621,22 @@ fn assert_charged_estimate(t: &TraceRec, what: &str) {
     assert!(t.prompt_tokens >= 1, "{what}: no prompt estimate: {t:?}");
 }
 
-#[test]
-fn a_client_that_hangs_up_before_the_response_head_is_charged() {
-    let mock = mock();
-    let gw = gateway(&mock).start();
-    let key = gw.create_key(&[]);
-    mock.clear();
+/// Sends a chat request, waits until the mock has it, and hangs up before the answer.
+fn hang_up_while_the_upstream_works(
+    gw: &Gateway,
+    mock: &MockProvider,
+    key: &Key,
+    extra: &[(&str, &str)],
+) {
     let body = user_body("gpt-4o-mini", json!({}));
+    let bearer = key.bearer();
+    let mut headers = vec![("Authorization", bearer.as_str())];
+    headers.extend_from_slice(extra);
     let stream = send_request(
         gw.addr,
         "POST",
         "/v1/chat/completions",
-        &[
-            ("Authorization", &key.bearer()),
-            ("x-mock-delay-ms", "3000"),
-        ],
+        &headers,
         body.as_bytes(),
     )
     .unwrap();
@@ -643,12 +644,71 @@ fn a_client_that_hangs_up_before_the_response_head_is_charged() {
         (mock.requests().len() == 1).then_some(())
     });
     drop(stream); // hang up while the upstream works
+}
+
+#[test]
+fn a_client_that_hangs_up_before_the_response_head_is_charged_the_answers_usage() {
+    let mock = mock();
+    let gw = gateway(&mock).start();
+    let key = gw.create_key(&[]);
+    mock.clear();
+    // The answer comes after the client left: the gateway reads it to its end anyway.
+    hang_up_while_the_upstream_works(
+        &gw,
+        &mock,
+        &key,
+        &[
+            ("x-mock-delay-ms", "3000"),
+            ("x-mock-prompt-tokens", "11"),
+            ("x-mock-completion-tokens", "7"),
+        ],
+    );
 
     let t = wait_traces(&gw, &key, 1, "the trace of the abandoned request");
     assert_eq!(t.len(), 1, "{t:?}");
     assert_eq!(t[0].status, 499, "{:?}", t[0]);
     assert_eq!(t[0].error_code.as_deref(), Some("client_closed"));
-    assert_charged_estimate(&t[0], "hang-up before the head");
+    assert!(!t[0].usage_estimated, "the answer's own usage: {:?}", t[0]);
+    assert_eq!((t[0].prompt_tokens, t[0].completion_tokens), (11, 7));
+    assert_eq!(t[0].cost_nanos, 11 * PROMPT_NANOS + 7 * COMPLETION_NANOS);
+    assert_eq!(
+        wait_spend(&gw, &key),
+        11 * PROMPT_NANOS + 7 * COMPLETION_NANOS
+    );
+    assert_eq!(
+        billed(&mock),
+        t[0].cost_nanos,
+        "charged what the provider billed"
+    );
+    assert_eq!(mock.requests().len(), 1, "sent once");
+}
+
+#[test]
+fn an_abandoned_answer_that_never_comes_is_charged_at_its_reservation() {
+    let mock = mock();
+    let gw = gateway(&mock).server("read_timeout_ms: 500").start();
+    let key = gw.create_key(&[]);
+    mock.clear();
+    hang_up_while_the_upstream_works(&gw, &mock, &key, &[("x-mock-delay-ms", "5000")]);
+
+    let t = wait_traces(&gw, &key, 1, "the trace of the abandoned request");
+    assert_eq!(t.len(), 1, "{t:?}");
+    assert_eq!(
+        t[0].error_code.as_deref(),
+        Some("upstream_timeout"),
+        "{:?}",
+        t[0]
+    );
+    assert_charged_estimate(&t[0], "abandoned, then timed out");
+    // The reservation: the output bound (max_output_tokens 1000) plus the prompt's bound
+    // (a token per byte of the body).
+    let body = user_body("gpt-4o-mini", json!({}));
+    assert_eq!(t[0].completion_tokens, 1000, "{:?}", t[0]);
+    assert!(t[0].prompt_tokens >= body.len() as i64, "{:?}", t[0]);
+    assert_eq!(
+        t[0].cost_nanos,
+        t[0].prompt_tokens * PROMPT_NANOS + 1000 * COMPLETION_NANOS
+    );
     assert_eq!(wait_spend(&gw, &key), t[0].cost_nanos);
 }
 
@@ -1046,8 +1106,16 @@ fn max_inflight_refuses_one_over_and_releases_slots_on_every_outcome() {
         assert_eq!(r.status, 500);
     }
     assert_eq!(gw.chat(&key, "no-such-model").status, 404);
-    // ...and so do clients that hang up, before the head and mid-stream.
-    for _ in 0..2 {
+    // ...and so do clients that hang up, before the head and mid-stream. A request whose
+    // client left before the head keeps its slot until its answer is read (the provider is
+    // still working on it), then frees it.
+    let client_closed = || {
+        gw.model_traces(&key.id)
+            .iter()
+            .filter(|t| t.error_code.as_deref() == Some("client_closed"))
+            .count()
+    };
+    for i in 0..2 {
         mock.clear();
         let s = send_request(
             gw.addr,
@@ -1061,6 +1129,9 @@ fn max_inflight_refuses_one_over_and_releases_slots_on_every_outcome() {
             (mock.requests().len() == 1).then_some(())
         });
         drop(s);
+        wait_for(Duration::from_secs(10), "the abandoned answer read", || {
+            (client_closed() > i).then_some(())
+        });
     }
     let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": []});
     let (status, _, mut reader) = gw.open_stream(

@@ -222,6 +222,11 @@ impl CounterSlot {
         CounterSlot(OnceLock::from(counters))
     }
 
+    /// The counters if the key has any yet (never makes them).
+    pub fn get(&self) -> Option<&Arc<KeyCounters>> {
+        self.0.get()
+    }
+
     /// The counters, to share with another entry of the same key (made now if unused).
     pub fn shared(&self) -> Arc<KeyCounters> {
         self.get_or_make().clone()

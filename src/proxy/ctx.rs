@@ -106,6 +106,47 @@ pub struct RequestCtx {
     pub(super) trace: Option<TraceContext>,
     /// `traceparent` naming the gateway's span, for the upstream and the agent (telemetry on).
     pub(super) traceparent: Option<http::HeaderValue>,
+    /// This process handed over to a new one (`serve --upgrade`): the request goes there as
+    /// the client sent it, and is decided, booked and traced there.
+    pub(super) relay: Option<Relay>,
+    /// The client hung up before the answer's head, which is read for its usage anyway.
+    pub(super) client_gone: bool,
+}
+
+/// Where a relayed request goes: the successor's relay socket.
+pub(super) struct Relay {
+    pub(super) path: std::path::PathBuf,
+    /// The body was read here already (it is sent from `body`); else Pingora streams it.
+    pub(super) preread: bool,
+}
+
+impl Relay {
+    pub(super) fn new(path: &std::path::Path, preread: bool) -> Relay {
+        Relay {
+            path: path.to_path_buf(),
+            preread,
+        }
+    }
+
+    /// The successor's relay socket, once it listens there (its listeners start right
+    /// after it received the sockets; until then the path is a placeholder file).
+    pub(super) async fn peer(
+        &self,
+    ) -> pingora_error::Result<Box<pingora_core::upstreams::peer::HttpPeer>> {
+        use std::os::unix::fs::FileTypeExt;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::metadata(&self.path).is_ok_and(|m| m.file_type().is_socket())
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let path = self.path.to_string_lossy();
+        Ok(Box::new(pingora_core::upstreams::peer::HttpPeer::new_uds(
+            &path,
+            false,
+            String::new(),
+        )?))
+    }
 }
 
 impl RequestCtx {
@@ -353,7 +394,10 @@ impl RequestCtx {
     /// Settles the reservation, books the cost and records the trace, exactly once, on
     /// every outcome: called by `logging`, or by `Drop` if the request never got there.
     pub(super) fn finish(&mut self) {
-        if std::mem::replace(&mut self.finished, true) || self.endpoint == Endpoint::Health {
+        if std::mem::replace(&mut self.finished, true)
+            || self.endpoint == Endpoint::Health
+            || self.relay.is_some()
+        {
             return;
         }
         if self.response_started && !self.response_complete && self.error_code.is_none() {

@@ -34,7 +34,7 @@ use crate::telemetry::context::TRACEPARENT;
 use crate::telemetry::TraceContext;
 
 pub use ctx::RequestCtx;
-use ctx::{AddressTry, CLIENT_CLOSED, STREAM_BROKEN};
+use ctx::{AddressTry, Relay, CLIENT_CLOSED, STREAM_BROKEN};
 use headers::*;
 use io::{read_body, send_json};
 use watchdog::{ReadTimeouts, UpstreamWatch};
@@ -420,6 +420,8 @@ impl ProxyHttp for GateProxy {
             upstream_watch: UpstreamWatch::default(),
             trace: None,
             traceparent: None,
+            relay: None,
+            client_gone: false,
         }
     }
 
@@ -473,6 +475,13 @@ impl ProxyHttp for GateProxy {
         }
         if endpoint == Endpoint::Health {
             return self.health(session, ctx).await;
+        }
+        // Started with `--upgrade`: nothing is decided before the old process handed over.
+        self.gate.handover.until_adopted().await;
+        // Handed over to a new process (`serve --upgrade`): it decides and books this one.
+        if let Some(path) = self.gate.handover.relay() {
+            ctx.relay = Some(Relay::new(path, false));
+            return Ok(false);
         }
         let authorization = header_bytes(session.req_header(), "authorization");
         let x_api_key = header_bytes(session.req_header(), "x-api-key");
@@ -546,6 +555,15 @@ impl ProxyHttp for GateProxy {
         )
         .then(|| header_bytes(session.req_header(), "content-type").map(<[u8]>::to_vec))
         .flatten();
+        // The old process of an upgrade stops admitting once it hands over; an admission
+        // under way finishes (and is journaled) before it does.
+        let _admitting = match self.gate.handover.begin_admission() {
+            Ok(guard) => guard,
+            Err(path) => {
+                ctx.relay = Some(Relay::new(path, true));
+                return Ok(false);
+            }
+        };
         match self.admit(ctx, &hash, content_type.as_deref()).await {
             Ok(()) if ctx.plan.is_some_and(providers::Plan::answered_locally) => {
                 self.count_tokens_estimate(session, ctx).await
@@ -561,6 +579,9 @@ impl ProxyHttp for GateProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        if let Some(relay) = &ctx.relay {
+            return relay.peer().await;
+        }
         let m = ctx
             .current_model()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no admitted model"))?;
@@ -647,6 +668,9 @@ impl ProxyHttp for GateProxy {
         req: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if ctx.relay.is_some() {
+            return Ok(()); // as the client sent it
+        }
         let (Some(m), Some(plan), Some(body)) = (ctx.current_model(), ctx.plan, &ctx.upstream_body)
         else {
             return Err(Error::explain(
@@ -672,19 +696,33 @@ impl ProxyHttp for GateProxy {
     /// Emits the rewritten body. The body was read whole in `request_filter`; the Pingora fork
     /// then calls this once with `end_of_stream` so the buffered body can be sent, whatever its
     /// size (upstream Pingora 0.9 would replay only 64 KiB: cloudflare/pingora#349, #575).
+    ///
+    /// Once a non-streamed request is on its way, a client that hangs up no longer aborts
+    /// it: the answer is read to its end (within the upstream timeouts) for its usage, and
+    /// that is what is charged (see `response_filter`).
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if ctx.admission.is_none() {
+        if let Some(relay) = &ctx.relay {
+            // Read here already: sent whole (else Pingora streams the client's body on).
+            if relay.preread {
+                *body = end_of_stream.then(|| ctx.body.clone());
+            }
             return Ok(());
         }
+        let Some(adm) = &ctx.admission else {
+            return Ok(());
+        };
         *body = if end_of_stream {
             let timeouts = ReadTimeouts::of(&ctx.snap.routes.config.tuning);
             ctx.upstream_watch.request_sent(timeouts);
+            if !adm.fields.stream {
+                session.set_abort_on_close(false);
+            }
             ctx.upstream_body.clone()
         } else {
             None
@@ -749,13 +787,16 @@ impl ProxyHttp for GateProxy {
     /// Response head to the client: rate-limit, budget and fallback headers; stream detection.
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.response_started = true;
         ctx.status = resp.status.as_u16();
         ctx.ttfb_ms = Some(ctx.started.elapsed().as_millis() as i64);
+        if ctx.relay.is_some() {
+            return Ok(());
+        }
         if let Some(tp) = &ctx.traceparent {
             resp.insert_header(TRACEPARENT.clone(), tp.clone())?;
         }
@@ -772,6 +813,13 @@ impl ProxyHttp for GateProxy {
             served.map(|m| &names[m]),
         )?;
         ctx.observe_response_head(resp);
+        // The client hung up while the upstream worked (a non-streamed request, which is
+        // not aborted then): the answer is read for its usage, not sent.
+        if session.as_http1().is_some_and(|s| s.is_half_closed()) {
+            ctx.client_gone = true;
+            ctx.status = 499;
+            ctx.error_code = Some(CLIENT_CLOSED);
+        }
         Ok(())
     }
 
@@ -787,6 +835,9 @@ impl ProxyHttp for GateProxy {
             return Ok(None);
         }
         ctx.filter_response_body(body, end_of_stream);
+        if ctx.client_gone {
+            *body = None;
+        }
         if end_of_stream {
             ctx.response_ended();
             if let Some(shared) = self.gate.limits.shared() {
@@ -806,6 +857,10 @@ impl ProxyHttp for GateProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        if let Some(relay) = &ctx.relay {
+            log::warn!("upgrade: cannot relay to {}: {e}", relay.path.display());
+            return e;
+        }
         // Nothing reached the provider: this attempt costs nothing.
         ctx.sent_upstream = false;
         ctx.end_upstream_attempt();

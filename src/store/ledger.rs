@@ -83,6 +83,22 @@ pub struct JournalRow {
     pub cost: Nanos,
 }
 
+/// A journal row of another process, as a successor (`serve --upgrade`) reads it: open
+/// (`settled` 0: its bound is held), or settled by its owner (1: booked with the charge in
+/// the row; 2: closed with nothing booked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandoverRow {
+    pub id: i64,
+    pub owner: i64,
+    pub ts: i64,
+    pub key_id: String,
+    pub served_model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost: Nanos,
+    pub settled: i64,
+}
+
 /// Trace error code of a request charged from the journal after a crash.
 pub const ORPHANED: &str = "orphaned";
 
@@ -134,6 +150,14 @@ fn spend_model(t: &TraceRow) -> Arc<str> {
         (Some(m), _) => m.clone(),
         (None, Some(m)) => m.clone(),
         (None, None) => Arc::from(""),
+    }
+}
+
+impl Settlement {
+    /// The model the charge is booked to (none: nothing booked) and its prompt tokens,
+    /// completion tokens and cost.
+    pub(in crate::store) fn charge(&self) -> (Option<&str>, [i64; 3]) {
+        (self.model.as_deref(), self.sums)
     }
 }
 

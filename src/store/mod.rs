@@ -30,7 +30,7 @@ pub use alerts::{ClaimedDelivery, DeliveryRow, DeliveryState, DeliveryUpdate};
 pub use audit::AuditEntry;
 pub use groups::{GroupPatch, GroupRecord};
 pub use keys::{KeyFilter, KeyPage, KeyPatch, KeyStatus};
-pub use ledger::{Batch, JournalRow, LedgerEntry, ModelSpend, TraceRow, ORPHANED};
+pub use ledger::{Batch, HandoverRow, JournalRow, LedgerEntry, ModelSpend, TraceRow, ORPHANED};
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// Where the store lives.
@@ -110,6 +110,9 @@ pub struct Store {
     owner: i64,
     /// With `alerts` configured: `write_batch` records the alerts a batch raises.
     alert_rules: Option<Arc<AlertRules>>,
+    /// This process handed its sockets to a successor: `write_batch` marks journal rows
+    /// settled instead of deleting them (SQLite; see `handover`).
+    handing_over: bool,
 }
 
 /// Runs the same call on whichever backend the store has (both expose the same methods).
@@ -147,6 +150,7 @@ impl Store {
             backend,
             owner: i64::from(std::process::id()),
             alert_rules: None,
+            handing_over: false,
         }
     }
 
@@ -382,7 +386,69 @@ impl Store {
     pub fn write_batch(&mut self, batch: &Batch) -> Result<()> {
         let owner = self.owner;
         let rules = self.alert_rules.clone();
-        on_backend!(&mut self.backend, b => b.write_batch(batch, owner, rules.as_deref()))
+        match &mut self.backend {
+            Backend::Sqlite(b) => b.write_batch(batch, owner, rules.as_deref(), self.handing_over),
+            Backend::Postgres(b) => b.write_batch(batch, owner, rules.as_deref()),
+        }
+    }
+
+    /// From now on `write_batch` leaves settled journal rows for a successor to follow
+    /// (SQLite: a binary upgrade; a cluster shares its limits through Redis instead).
+    pub fn set_handing_over(&mut self, on: bool) {
+        self.handing_over = on;
+    }
+
+    /// Journal rows of other processes, open and settled (SQLite; none for PostgreSQL).
+    pub fn foreign_journal(&self, own: i64) -> Result<Vec<HandoverRow>> {
+        match &self.backend {
+            Backend::Sqlite(b) => b.foreign_journal(own),
+            Backend::Postgres(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Deletes settled journal rows a successor has followed.
+    pub fn delete_settled(&mut self, ids: &[i64]) -> Result<()> {
+        match &mut self.backend {
+            Backend::Sqlite(b) => b.delete_settled(ids),
+            Backend::Postgres(_) => Ok(()),
+        }
+    }
+
+    /// Saves `owner`'s rolling minutes for its successor: (key id or `*group:<name>`, unix ms).
+    pub fn save_minutes(&mut self, owner: i64, rows: &[(Arc<str>, i64)]) -> Result<()> {
+        match &mut self.backend {
+            Backend::Sqlite(b) => b.save_minutes(owner, rows),
+            Backend::Postgres(_) => Ok(()),
+        }
+    }
+
+    /// Rolling minutes other processes saved when they handed over.
+    pub fn foreign_minutes(&self, own: i64) -> Result<Vec<(String, i64)>> {
+        match &self.backend {
+            Backend::Sqlite(b) => b.foreign_minutes(own),
+            Backend::Postgres(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Drops what stopped processes left for a successor (saved minutes, settled rows).
+    pub fn forget_handovers(&mut self, is_live: impl Fn(i64) -> bool) -> Result<()> {
+        match &mut self.backend {
+            Backend::Sqlite(b) => b.forget_handovers(is_live),
+            Backend::Postgres(_) => Ok(()),
+        }
+    }
+
+    /// Runs `f` on one consistent state of the store (a read transaction; SQLite).
+    pub fn read_consistent<T>(&self, f: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
+        let Backend::Sqlite(b) = &self.backend else {
+            return f(self);
+        };
+        b.begin_read()?;
+        let out = f(self);
+        let end = b.end_read();
+        let out = out?;
+        end?;
+        Ok(out)
     }
 
     /// Takes up to `limit` due deliveries (pending, next attempt reached, not leased) until
@@ -801,5 +867,64 @@ mod tests {
         assert!(traces
             .iter()
             .all(|t| t.usage_estimated && t.error_code.as_deref() == Some(ORPHANED)));
+    }
+
+    #[test]
+    fn a_process_handing_over_leaves_settled_rows_that_are_never_charged_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let ts = crate::clock::days_from_civil(2026, 11, 26) * crate::clock::MS_PER_DAY;
+        let row = |id| JournalRow {
+            id,
+            ts,
+            key_id: Arc::from("key_h"),
+            endpoint: "chat.completions",
+            requested_model: Arc::from("m"),
+            served_model: Arc::from("m"),
+            prompt_tokens: 100,
+            completion_tokens: 50,
+            cost: Nanos::new(7_000),
+        };
+        let mut batch = Batch::default();
+        batch.open(row(1));
+        batch.open(row(2));
+        s.write_batch(&batch).unwrap();
+        // The process hands over; request 1 then finishes at its real cost.
+        s.set_handing_over(true);
+        let done = LedgerEntry {
+            trace: TraceRow {
+                ts,
+                key_id: Some(Arc::from("key_h")),
+                served_model: Some(Arc::from("m")),
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                cost: Nanos::new(4_500),
+                ..TraceRow::default()
+            },
+            admitted: true,
+            counted: true,
+            journal_id: Some(1),
+            ..LedgerEntry::default()
+        };
+        s.write_batch(&Batch::of([done])).unwrap();
+        let rows = s.foreign_journal(0).unwrap();
+        assert_eq!(rows.len(), 2, "the settled row stays for the successor");
+        let settled = rows.iter().find(|r| r.id == 1).unwrap();
+        assert_eq!(settled.settled, 1);
+        assert_eq!(
+            (
+                settled.prompt_tokens,
+                settled.completion_tokens,
+                settled.cost
+            ),
+            (10, 5, Nanos::new(4_500))
+        );
+        // The owner is gone: only the open row is an orphan; the settled one was booked.
+        assert_eq!(s.charge_orphans(|_| false).unwrap(), 1);
+        let spend = &s.spend_by_key("2026-11").unwrap()["key_h"];
+        assert_eq!((spend[0].spent, spend[0].requests), (Nanos::new(11_500), 2));
+        assert_eq!(s.requests_by_key("2026-11-26").unwrap()["key_h"], 2);
+        s.forget_handovers(|_| false).unwrap();
+        assert!(s.foreign_journal(0).unwrap().is_empty());
     }
 }

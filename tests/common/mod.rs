@@ -192,6 +192,48 @@ pub fn send_request(
     Ok(stream)
 }
 
+/// A kept-alive client connection: one request after another on the same socket.
+pub struct KeptAlive {
+    addr: SocketAddr,
+    reader: BufReader<TcpStream>,
+}
+
+impl KeptAlive {
+    pub fn open(addr: SocketAddr) -> std::io::Result<KeptAlive> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        Ok(KeptAlive {
+            addr,
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// Sends one request (keep-alive) and reads its whole response.
+    pub fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Response> {
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.addr);
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+        let stream = self.reader.get_mut();
+        stream.write_all(head.as_bytes())?;
+        stream.write_all(body)?;
+        let (status, headers) = read_head(&mut self.reader)?;
+        let body = read_body(&mut self.reader, &headers)?;
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
 /// Status, headers and the reader positioned at the body.
 pub type StreamHead = (u16, Vec<(String, String)>, BufReader<TcpStream>);
 
@@ -426,6 +468,11 @@ impl GatewayBuilder {
         for l in &self.server {
             yaml.push_str(&format!("  {l}\n"));
         }
+        // Each gateway's own upgrade socket (`Gateway::upgrade`), not one under the cwd.
+        if !self.server.iter().any(|l| key_of(l) == "upgrade_sock") {
+            let sock = dir.path().join("upgrade.sock");
+            yaml.push_str(&format!("  upgrade_sock: \"{}\"\n", sock.display()));
+        }
         let config = dir.path().join("spidergate.yaml");
         std::fs::write(&config, yaml).expect("write config");
         let mut gw = Gateway {
@@ -505,6 +552,49 @@ impl Gateway {
                 http(admin, "GET", "/metrics", &[], b"").ok()
             });
         }
+    }
+
+    /// Pingora's zero-downtime upgrade: starts `serve --upgrade` on the same config, waits
+    /// until it announced its relay socket and waits for the listening sockets, then sends
+    /// SIGQUIT to the running gateway. The new process becomes this gateway; the old one is
+    /// returned (it finishes its requests and exits on its own: see [`wait_exit`]).
+    pub fn upgrade(&mut self) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let sock = self.dir.path().join("upgrade.sock");
+        let _ = std::fs::remove_file(&sock);
+        let new = Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("serve")
+            .arg("--upgrade")
+            .env("MOCK_PROVIDER_KEY", PROVIDER_KEY)
+            .env("MOCK_ANTHROPIC_KEY", ANTHROPIC_PROVIDER_KEY)
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn the new gateway");
+        let relay = self
+            .dir
+            .path()
+            .join(format!("upgrade.sock.relay.{}", new.id()));
+        wait_for(
+            Duration::from_secs(30),
+            "the new process to wait for the sockets",
+            || (relay.exists() && sock.exists()).then_some(()),
+        );
+        let old = self.child.replace(new).expect("running");
+        Command::new("kill")
+            .arg("-QUIT")
+            .arg(old.id().to_string())
+            .status()
+            .expect("kill");
+        old
     }
 
     /// True while the gateway process is still running.
@@ -812,6 +902,13 @@ impl Drop for Gateway {
             let _ = c.wait();
         }
     }
+}
+
+/// Waits for a gateway process to exit (after SIGQUIT: its grace period); returns its status.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    wait_for(timeout, "the gateway process to exit", || {
+        child.try_wait().ok().flatten()
+    })
 }
 
 /// The value of sample `name` (exact, labels included) in a Prometheus text page.

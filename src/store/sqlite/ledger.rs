@@ -12,7 +12,7 @@ use crate::alerts::AlertRules;
 use crate::clock::{day_index, day_label, month_index, month_label, now_ms};
 use crate::limits::ModelTally;
 use crate::money::Nanos;
-use crate::store::ledger::{parse_trace_id, Batch, ModelSpend, TraceRow, ORPHANED};
+use crate::store::ledger::{parse_trace_id, Batch, HandoverRow, ModelSpend, TraceRow, ORPHANED};
 use crate::store::Result;
 
 /// Rows per multi-row trace insert. A batch is cut into these sizes, largest first, so at
@@ -298,11 +298,33 @@ impl Sqlite {
         batch: &Batch,
         owner: i64,
         alerts: Option<&AlertRules>,
+        handing_over: bool,
     ) -> Result<()> {
         self.write(|tx| {
-            // Journal rows first, as in PostgreSQL: whoever deletes a row books it.
+            // Journal rows first, as in PostgreSQL: whoever deletes a row books it. A process
+            // handing over to a new one marks the row settled instead, with what it booked:
+            // the new process holds the same admission and follows the row (see `handover`).
             let mut booked = Batch::default();
-            {
+            if handing_over {
+                let mut close = tx.prepare_cached(
+                    "UPDATE inflight SET settled = 2 WHERE id = ?1 AND settled = 0",
+                )?;
+                for id in &batch.journal_closed {
+                    close.execute([id])?;
+                }
+                let mut settle = tx.prepare_cached(
+                    "UPDATE inflight SET settled = ?2, served_model = COALESCE(?3, served_model),
+                        prompt_tokens = ?4, completion_tokens = ?5, cost_nanos = ?6
+                     WHERE id = ?1 AND settled = 0",
+                )?;
+                for s in &batch.settlements {
+                    let (model, [p, c, cost]) = s.charge();
+                    let state = if model.is_some() { 1 } else { 2 };
+                    if settle.execute(params![s.journal_id, state, model, p, c, cost])? > 0 {
+                        booked.book_settled(s);
+                    }
+                }
+            } else {
                 let mut delete = tx.prepare_cached("DELETE FROM inflight WHERE id = ?1")?;
                 for id in &batch.journal_closed {
                     delete.execute([id])?;
@@ -374,7 +396,8 @@ impl Sqlite {
             let orphans: Vec<(TraceRow, i64)> = {
                 let mut stmt = tx.prepare(
                     "SELECT ts, key_id, endpoint, requested_model, served_model, prompt_tokens,
-                        completion_tokens, cost_nanos, id, owner FROM inflight ORDER BY id",
+                        completion_tokens, cost_nanos, id, owner FROM inflight
+                     WHERE settled = 0 ORDER BY id",
                 )?;
                 let rows = stmt.query_map([], |r| {
                     Ok((
@@ -423,6 +446,104 @@ impl Sqlite {
             }
             Ok(orphans.len())
         })
+    }
+
+    /// Journal rows of other processes (a predecessor handing over), settled ones included.
+    pub fn foreign_journal(&self, own: i64) -> Result<Vec<HandoverRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, owner, ts, key_id, served_model, prompt_tokens, completion_tokens,
+                cost_nanos, settled FROM inflight WHERE owner != ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map([own], |r| {
+            Ok(HandoverRow {
+                id: r.get(0)?,
+                owner: r.get(1)?,
+                ts: r.get(2)?,
+                key_id: r.get(3)?,
+                served_model: r.get(4)?,
+                prompt_tokens: r.get::<_, i64>(5)?.max(0) as u64,
+                completion_tokens: r.get::<_, i64>(6)?.max(0) as u64,
+                cost: Nanos::new(r.get(7)?),
+                settled: r.get(8)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Deletes settled journal rows (their charge is booked in the ledger and, by the
+    /// process that followed them, in its live counters).
+    pub fn delete_settled(&mut self, ids: &[i64]) -> Result<()> {
+        self.write(|tx| {
+            let mut delete =
+                tx.prepare_cached("DELETE FROM inflight WHERE id = ?1 AND settled != 0")?;
+            for id in ids {
+                delete.execute([id])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Replaces every saved rolling minute with `owner`'s `rows` (key id or
+    /// `*group:<name>`, unix ms of each admission): its windows include what it took over
+    /// from a predecessor, whose rows would count twice.
+    pub fn save_minutes(&mut self, owner: i64, rows: &[(Arc<str>, i64)]) -> Result<()> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM handover_minutes", [])?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO handover_minutes (owner, key_id, at) VALUES (?1, ?2, ?3)",
+            )?;
+            for (key, at) in rows {
+                insert.execute(params![owner, key.as_ref(), at])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Rolling minutes other processes saved when they handed over: (key, unix ms).
+    pub fn foreign_minutes(&self, own: i64) -> Result<Vec<(String, i64)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT key_id, at FROM handover_minutes WHERE owner != ?1 ORDER BY at",
+        )?;
+        let rows = stmt.query_map([own], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Forgets what processes that are gone left for a successor: saved minutes, and
+    /// settled journal rows (booked already).
+    pub fn forget_handovers(&mut self, is_live: impl Fn(i64) -> bool) -> Result<()> {
+        self.write(|tx| {
+            let owners: Vec<i64> = {
+                let mut stmt = tx.prepare(
+                    "SELECT owner FROM handover_minutes UNION
+                     SELECT owner FROM inflight WHERE settled != 0",
+                )?;
+                let rows = stmt.query_map([], |r| r.get(0))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            for owner in owners.into_iter().filter(|o| !is_live(*o)) {
+                tx.execute("DELETE FROM handover_minutes WHERE owner = ?1", [owner])?;
+                tx.execute(
+                    "DELETE FROM inflight WHERE owner = ?1 AND settled != 0",
+                    [owner],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Starts a read transaction: every read until [`Sqlite::end_read`] sees one state of
+    /// the file, whatever other processes commit meanwhile (WAL).
+    pub fn begin_read(&self) -> Result<()> {
+        self.conn.execute_batch("BEGIN DEFERRED")?;
+        // The snapshot starts at the first read.
+        self.conn
+            .query_row("SELECT COUNT(*) FROM meta", [], |r| r.get::<_, i64>(0))?;
+        Ok(())
+    }
+
+    pub fn end_read(&self) -> Result<()> {
+        self.conn.execute_batch("COMMIT")?;
+        Ok(())
     }
 
     /// Deletes traces older than `before_ms`; returns how many. Trace ids grow with time (up to

@@ -117,6 +117,15 @@ CREATE TABLE IF NOT EXISTS inflight (
     cost_nanos        INTEGER NOT NULL
 );
 
+-- A binary upgrade (`serve --upgrade`, then SIGQUIT): the admission times of the last
+-- minute that the old process (`owner`) counted, per key (or `*group:<name>`), written when
+-- it hands its sockets over, so the new process's rolling minutes start where they were.
+CREATE TABLE IF NOT EXISTS handover_minutes (
+    owner  INTEGER NOT NULL,
+    key_id TEXT NOT NULL,
+    at     INTEGER NOT NULL
+);
+
 -- Gateway nodes sharing this store and when each last said it was alive: a node's journal
 -- rows are charged as orphans once its heartbeat is older than the caller's TTL.
 CREATE TABLE IF NOT EXISTS nodes (owner INTEGER PRIMARY KEY, seen_at INTEGER NOT NULL);
@@ -191,7 +200,7 @@ CREATE INDEX IF NOT EXISTS alert_deliveries_due
 "#;
 
 /// Columns added after the first release, applied to older databases at open.
-const MIGRATIONS: [(&str, &str, &str); 12] = [
+const MIGRATIONS: [(&str, &str, &str); 13] = [
     // The process (pid) that journaled an admission: a live one still owns it.
     ("inflight", "owner", "INTEGER NOT NULL DEFAULT 0"),
     ("keys", "max_inflight", "INTEGER"),
@@ -210,6 +219,10 @@ const MIGRATIONS: [(&str, &str, &str); 12] = [
     // The unit a trace's cost was charged in, and how many (SPEC §4).
     ("traces", "unit", "TEXT"),
     ("traces", "units", "INTEGER"),
+    // A process handing over to `serve --upgrade` marks its journal rows settled (1: booked
+    // with the charge in the row; 2: closed, nothing booked) instead of deleting them, so
+    // the new process can release its copy of the hold and book the same charge.
+    ("inflight", "settled", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 pub(super) struct Sqlite {

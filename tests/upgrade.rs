@@ -1,0 +1,284 @@
+//! Binary upgrades on one node (SPEC §2, §5; issue 16): across `serve --upgrade` + SIGQUIT the
+//! old and the new process keep every limit and budget as one process would. The new process
+//! holds what the old one has open, books what the old one settles until it exits, and carries
+//! the rolling minute and the day's count on; afterwards its live figures are the ledger's.
+//!
+//! Prices: 0.15 / 0.60 USD per Mtok, so 150 nano-dollars per prompt token and 600 per
+//! completion token; the mock reports 10 prompt and 5 completion tokens unless told.
+
+mod common;
+
+use std::io::Read;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+const ADMIN_TOKEN: &str = "upgrade-admin-token";
+/// 10 prompt tokens x 150 + 5 completion tokens x 600 (the mock's default usage).
+const DEFAULT_CALL_NANOS: i64 = 10 * 150 + 5 * 600;
+
+fn gateway(mock: &MockProvider) -> Gateway {
+    GatewayBuilder::new(mock).admin(ADMIN_TOKEN).start()
+}
+
+/// The key's live standing, from the admin API (not `/v1/usage`, which its rpm limits too).
+fn live(gw: &Gateway, key: &Key) -> Value {
+    let r = gw.admin_call("GET", &format!("/admin/keys/{}/usage", key.id), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+fn nanos(usd: &Value) -> i64 {
+    (usd.as_f64().unwrap_or(0.0) * 1e9).round() as i64
+}
+
+/// The key's month spend and today's request count in the ledger.
+fn ledger(gw: &Gateway, key: &Key) -> (i64, i64) {
+    let spend: i64 = gw.spend_rows(&key.id).iter().map(|r| r.2).sum();
+    let today = gw.query_i64(
+        "SELECT COALESCE(SUM(requests), 0) FROM daily_requests WHERE key_id = ?1",
+        [&key.id],
+    );
+    (spend, today)
+}
+
+/// Waits for a line of the (shared) gateway log.
+fn wait_log(gw: &Gateway, line: &str) {
+    wait_for(Duration::from_secs(30), line, || {
+        gw.log_text().contains(line).then_some(())
+    });
+}
+
+fn held_stream_body() -> Value {
+    json!({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hello"}],
+        "stream": true,
+        "max_tokens": 1000,
+    })
+}
+
+#[test]
+fn a_burst_against_a_hard_cap_that_straddles_an_upgrade_never_bills_past_it() {
+    let mock = mock();
+    let mut gw = gateway(&mock);
+    let key = gw.create_key(&["--budget", "1", "--budget-mode", "hard"]);
+    let hold = [("x-mock-hold", "upgrade"), ("x-mock-chunks", "3")];
+
+    // One request held at the mock tells what one reservation is.
+    let (status, _, first) = gw.open_stream(&key, &held_stream_body(), &hold);
+    assert_eq!(status, 200);
+    let bound = nanos(&live(&gw, &key)["reserved_usd"]);
+    assert!(bound > 0, "a hard-budget key holds its reservation");
+    // A cap of exactly three reservations.
+    let cap = 3 * bound;
+    let cap_usd = format!("{}.{:09}", cap / 1_000_000_000, cap % 1_000_000_000);
+    gw.cli_json(&["keys", "update", &key.id, "--budget", &cap_usd, "--json"]);
+    wait_for(Duration::from_secs(10), "the new cap live", || {
+        (nanos(&live(&gw, &key)["budget_usd"]) == cap).then_some(())
+    });
+    let (status, _, second) = gw.open_stream(&key, &held_stream_body(), &hold);
+    assert_eq!(status, 200);
+    wait_for(Duration::from_secs(10), "two requests held", || {
+        (mock.held("upgrade") == 2).then_some(())
+    });
+    // A client connection kept alive across the upgrade: its next request reaches the old
+    // process, after the sockets went.
+    let mut kept = KeptAlive::open(gw.addr).expect("connect");
+    let bearer = key.bearer();
+    let r = kept
+        .send("GET", "/v1/models", &[("Authorization", &bearer)], b"")
+        .expect("a request before the upgrade");
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // The upgrade, with two reservations open in the old process.
+    let mut old = gw.upgrade();
+    wait_log(
+        &gw,
+        "upgrade: holding 2 requests the old process still has open",
+    );
+
+    // The new process decides from here: a third reservation fits the cap, a fourth does not.
+    let (status, _, third) = gw.open_stream(&key, &held_stream_body(), &hold);
+    assert_eq!(status, 200, "the third reservation fits the cap exactly");
+    let over = json!({"model": "gpt-4o-mini", "max_tokens": 1000,
+                      "messages": [{"role": "user", "content": "hello"}]})
+    .to_string();
+    let r = gw.post("/v1/chat/completions", &bearer, over.as_bytes(), &[]);
+    assert_eq!(r.status, 402, "{}", r.text());
+    assert_eq!(r.code(), "budget_exceeded");
+    // The old process no longer decides: what reaches it goes to the new one, which refuses
+    // it too (the old one's own counters would admit it: they lack the third hold).
+    let r = kept
+        .send(
+            "POST",
+            "/v1/chat/completions",
+            &[
+                ("Authorization", &bearer),
+                ("Content-Type", "application/json"),
+            ],
+            over.as_bytes(),
+        )
+        .expect("a request on the kept-alive connection");
+    assert_eq!(r.status, 402, "{}", r.text());
+    assert_eq!(r.code(), "budget_exceeded");
+    assert_eq!(
+        mock.requests().len(),
+        3,
+        "the refused requests reached nothing"
+    );
+
+    // Everything finishes; the old process books its two and exits.
+    wait_for(Duration::from_secs(10), "three requests held", || {
+        (mock.held("upgrade") == 3).then_some(())
+    });
+    mock.release("upgrade");
+    for mut s in [first, second, third] {
+        let mut rest = String::new();
+        s.read_to_string(&mut rest).expect("stream to its end");
+        assert!(rest.contains("[DONE]"), "{rest}");
+    }
+    let exit = wait_exit(&mut old, Duration::from_secs(60));
+    assert!(exit.success(), "the old process exits cleanly: {exit:?}");
+
+    // Right after, the live figures are the ledger's: three calls at the mock's usage.
+    gw.wait_ledger_quiescent();
+    let expected = 3 * DEFAULT_CALL_NANOS;
+    wait_for(Duration::from_secs(10), "live figures = the ledger", || {
+        let v = live(&gw, &key);
+        let (spend, today) = ledger(&gw, &key);
+        let agree = v["spend_nanodollars"] == spend
+            && v["requests_today"] == today
+            && nanos(&v["reserved_usd"]) == 0
+            && v["requests_in_flight"] == 0;
+        agree.then_some((spend, today))
+    });
+    assert_eq!(ledger(&gw, &key), (expected, 3));
+    let (p, c) = mock.served_usage();
+    assert_eq!((p, c), (30, 15), "what the provider billed");
+    assert!(p as i64 * 150 + c as i64 * 600 <= cap);
+    let traces = gw.model_traces(&key.id);
+    assert_eq!(
+        traces.len(),
+        5,
+        "one trace each, the relayed one once: {traces:?}"
+    );
+    assert!(traces.iter().all(|t| !t.usage_estimated), "{traces:?}");
+    assert!(
+        traces
+            .iter()
+            .all(|t| t.error_code.as_deref() != Some("orphaned")),
+        "{traces:?}"
+    );
+    assert_eq!(gw.query_i64("SELECT COUNT(*) FROM inflight", []), 0);
+}
+
+#[test]
+fn rpm_and_rpd_counts_carry_over_an_upgrade() {
+    let mock = mock();
+    let mut gw = gateway(&mock);
+    let per_minute = gw.create_key(&["--rpm", "3"]);
+    let per_day = gw.create_key(&["--rpd", "3"]);
+    for key in [&per_minute, &per_day] {
+        for _ in 0..2 {
+            let r = gw.chat(key, "gpt-4o-mini");
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+    }
+
+    let mut old = gw.upgrade();
+    wait_log(
+        &gw,
+        "upgrade: holding 0 requests the old process still has open",
+    );
+
+    let r = gw.chat(&per_minute, "gpt-4o-mini");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = gw.chat(&per_minute, "gpt-4o-mini");
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.code(), "rate_limit_exceeded");
+    let retry: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=60).contains(&retry), "{retry}");
+
+    let r = gw.chat(&per_day, "gpt-4o-mini");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = gw.chat(&per_day, "gpt-4o-mini");
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.code(), "daily_rate_limit_exceeded");
+    assert_eq!(mock.requests().len(), 6, "refused requests reached nothing");
+
+    let exit = wait_exit(&mut old, Duration::from_secs(60));
+    assert!(exit.success(), "{exit:?}");
+    gw.wait_ledger_quiescent();
+    for key in [&per_minute, &per_day] {
+        let v = live(&gw, key);
+        assert_eq!(v["requests_today"], 3, "{v}");
+        assert_eq!(ledger(&gw, key), (3 * DEFAULT_CALL_NANOS, 3));
+        assert_eq!(v["spend_nanodollars"], 3 * DEFAULT_CALL_NANOS);
+    }
+    assert_eq!(live(&gw, &per_minute)["requests_this_minute"], 3);
+}
+
+#[test]
+fn two_upgrades_in_a_row_keep_one_count() {
+    let mock = mock();
+    let mut gw = gateway(&mock);
+    let key = gw.create_key(&["--rpm", "3", "--budget", "1", "--budget-mode", "hard"]);
+    let hold = [("x-mock-hold", "chain"), ("x-mock-chunks", "3")];
+    let (status, _, first) = gw.open_stream(&key, &held_stream_body(), &hold);
+    assert_eq!(status, 200);
+    wait_for(Duration::from_secs(10), "one request held", || {
+        (mock.held("chain") == 1).then_some(())
+    });
+
+    // Old -> second, with the first request still open in the old process.
+    let mut first_process = gw.upgrade();
+    wait_log(
+        &gw,
+        "upgrade: holding 1 requests the old process still has open",
+    );
+    let r = gw.chat(&key, "gpt-4o-mini");
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Second -> third while the first process still finishes: the third holds its request too.
+    let mut second_process = gw.upgrade();
+    wait_for(
+        Duration::from_secs(30),
+        "the third process to decide",
+        || {
+            (gw.log_text()
+                .matches("upgrade: holding 1 requests the old process still has open")
+                .count()
+                == 2)
+                .then_some(())
+        },
+    );
+    let r = gw.chat(&key, "gpt-4o-mini");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = gw.chat(&key, "gpt-4o-mini");
+    assert_eq!(r.status, 429, "the minute counts all three: {}", r.text());
+    assert_eq!(r.code(), "rate_limit_exceeded");
+
+    mock.release("chain");
+    let mut rest = String::new();
+    let mut first = first;
+    first.read_to_string(&mut rest).expect("stream to its end");
+    for p in [&mut first_process, &mut second_process] {
+        let exit = wait_exit(p, Duration::from_secs(60));
+        assert!(exit.success(), "{exit:?}");
+    }
+    gw.wait_ledger_quiescent();
+    wait_for(Duration::from_secs(10), "live figures = the ledger", || {
+        let v = live(&gw, &key);
+        let (spend, today) = ledger(&gw, &key);
+        let agree = v["spend_nanodollars"] == spend
+            && v["requests_today"] == today
+            && nanos(&v["reserved_usd"]) == 0;
+        agree.then_some(())
+    });
+    assert_eq!(ledger(&gw, &key), (3 * DEFAULT_CALL_NANOS, 3));
+    assert_eq!(gw.query_i64("SELECT COUNT(*) FROM inflight", []), 0);
+}
