@@ -258,7 +258,7 @@ impl SpendLedger {
                     spans,
                     alerts,
                     handing_over,
-                    open: HashMap::new(),
+                    open: HashMap::default(),
                     batch: Batch::default(),
                     batch_entries: 0,
                     waiters: Vec::new(),
@@ -321,7 +321,7 @@ struct Writer {
     alerts: Arc<ArcSwapOption<Alerts>>,
     handing_over: Arc<AtomicBool>,
     /// Admissions not yet written to the journal table (most finish before they need to be).
-    open: HashMap<i64, JournalRow>,
+    open: HashMap<i64, JournalRow, foldhash::fast::RandomState>,
     batch: Batch,
     /// Ledger entries in `batch` (counted into `LedgerHealth::committed` once it commits).
     batch_entries: u64,

@@ -57,7 +57,9 @@ pub struct RequestCtx {
     pub(super) key: Option<Arc<KeyEntry>>,
     /// Rate-limit standing for the headers of any authenticated response.
     pub(super) standing: Option<Standing>,
-    pub(super) admission: Option<Admission>,
+    /// Boxed: this context lives inline in the request's future, which Pingora boxes and
+    /// moves whole per request; the admission is ~470 bytes.
+    pub(super) admission: Option<Box<Admission>>,
     /// The admission's journal row, closed by this request's ledger entry.
     pub(super) journal_id: Option<i64>,
     /// The request body as received.

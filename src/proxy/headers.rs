@@ -61,15 +61,13 @@ pub(super) fn strip_account_headers(resp: &mut ResponseHeader) {
 }
 pub(super) static UNLIMITED: HeaderValue = HeaderValue::from_static("unlimited");
 
-/// The rate-limit header names in the case they are sent, as static bytes: Pingora keeps a
-/// case map beside the header map, and a `HeaderName` would be title-cased into a fresh
-/// allocation on every insert.
+/// The names of the headers the gateway sets, in the case they are sent, as the case map's
+/// static bytes: Pingora keeps a case map beside the header map, and would otherwise
+/// title-case a `HeaderName` into a freshly allocated name on every insert.
 static LIMIT_REQUESTS_CASE: bytes::Bytes = bytes::Bytes::from_static(b"X-RateLimit-Limit-Requests");
 static REMAINING_REQUESTS_CASE: bytes::Bytes =
     bytes::Bytes::from_static(b"X-RateLimit-Remaining-Requests");
 static RATE_RESET_CASE: bytes::Bytes = bytes::Bytes::from_static(b"X-RateLimit-Reset");
-// The same for every other header the gateway sets on the request path: Pingora turns a
-// `HeaderName` it has no titled form for into a freshly allocated case name first.
 static BUDGET_WARNING_CASE: bytes::Bytes =
     bytes::Bytes::from_static(b"X-SpiderGate-Budget-Warning");
 static ERROR_CODE_CASE: bytes::Bytes = bytes::Bytes::from_static(b"X-SpiderGate-Error-Code");

@@ -153,7 +153,7 @@ impl GateProxy {
         ctx.standing = Some(adm.standing);
         ctx.plan = Some(adm.plan);
         ctx.upstream_body = Some(adm.upstream_body.clone());
-        ctx.admission = Some(adm);
+        ctx.admission = Some(Box::new(adm));
         Ok(())
     }
 
