@@ -475,6 +475,8 @@ fn postgres_outage_pauses_hard_budgets_and_recovers_without_a_restart() {
 /// heartbeat stalls; Redis is fine) has its open journal rows charged at their upper bound
 /// by another node. When its request then ends, its real cost must not be booked on top:
 /// charged exactly once, at the estimate, and never below what Redis shows.
+/// About 10 s: three nodes start, the request is held 4 s at the provider (it must outlive
+/// the 1 s TTL and another node's orphan sweep), then every node sweeps twice more.
 #[test]
 fn a_node_whose_ledger_heartbeat_stalls_is_not_charged_twice() {
     let Some(c) = Cluster::start("closed", 1_000) else {

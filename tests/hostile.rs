@@ -1270,6 +1270,8 @@ fn every_error_response_carries_its_code_in_a_header() {
     );
 }
 
+/// Over 10 s by design: the ledger's commits fail only once SQLite's busy timeout (10 s, the
+/// production setting under test) has passed on the held write lock.
 #[test]
 fn a_ledger_that_cannot_write_stops_hard_keys_only_and_loses_nothing() {
     let mock = mock();
