@@ -84,6 +84,8 @@ fn mint(c: &Cluster, node: usize, parent: &Key, body: serde_json::Value) -> Key 
     key
 }
 
+/// About 10 s on the shared 2-core box: Redis, PostgreSQL and three gateway nodes start, then
+/// five bursts of 24 requests across the nodes drive the group to its cap.
 #[test]
 fn a_group_cap_holds_across_three_nodes() {
     let Some(c) = Cluster::start("closed", 30_000) else {

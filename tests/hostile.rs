@@ -558,7 +558,7 @@ fn a_body_trickled_across_a_month_boundary_is_admitted_when_it_completes() {
 #[test]
 fn a_key_revoked_while_its_body_uploads_is_refused_when_the_body_completes() {
     let mock = mock();
-    let gw = gateway(&mock).start();
+    let gw = gateway(&mock).admin("hostile-admin-token").start();
     let doomed = gw.create_key(&[]);
     let body = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"revoked-during-upload"}]}"#;
     let len = body.len().to_string();
@@ -570,8 +570,11 @@ fn a_key_revoked_while_its_body_uploads_is_refused_when_the_body_completes() {
     ];
     let mut upload = send_request(gw.addr, "POST", "/v1/chat/completions", &head, &body[..10])
         .expect("open the upload");
-    std::thread::sleep(Duration::from_millis(300));
     upload.write_all(&body[10..40]).unwrap();
+    // The gateway has read the head (the request is in flight) before the key is revoked.
+    wait_for(Duration::from_secs(10), "the upload in flight", || {
+        (gw.metric("spidergate_requests_in_flight") == Some(1)).then_some(())
+    });
     // Revoked while the body is still uploading.
     gw.cli_json(&["keys", "revoke", &doomed.id, "--json"]);
     wait_for(Duration::from_secs(5), "the revocation to go live", || {
@@ -895,8 +898,11 @@ fn sigkill_with_requests_in_flight_charges_every_orphan_on_restart() {
         "5 requests at the upstream",
         || (mock.requests().len() == 5).then_some(()),
     );
-    // Admissions are journaled by the batched writer: give it a flush interval (100 ms).
-    std::thread::sleep(Duration::from_millis(1000));
+    // Admissions are journaled by the batched writer: wait until the journal (the `inflight`
+    // table) holds all five, as the crash must find them.
+    wait_for(Duration::from_secs(10), "5 admissions journaled", || {
+        (gw.query_i64("SELECT COUNT(*) FROM inflight", []) == 5).then_some(())
+    });
     gw.kill9();
     for t in threads {
         t.join().unwrap();
@@ -1335,6 +1341,8 @@ fn every_error_response_carries_its_code_in_a_header() {
     );
 }
 
+/// Over 10 s by design: the ledger's commits fail only once SQLite's busy timeout (10 s, the
+/// production setting under test) has passed on the held write lock.
 #[test]
 fn a_ledger_that_cannot_write_stops_hard_keys_only_and_loses_nothing() {
     let mock = mock();

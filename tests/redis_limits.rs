@@ -516,8 +516,7 @@ async fn a_hold_lost_with_redis_data_still_books_its_cost_into_a_reseeded_month(
     // A reaped hold, by contrast, is not charged again when its request ends late.
     let late = node(&r, 2, Duration::from_millis(100));
     admitted(&admit(&late, "k", &hard(10_000), 700, 1).await);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(l.reap().await.unwrap(), 1);
+    reaps(&l, 1).await;
     assert_eq!(
         late.settle("k", 1, month, charge(&model, 50))
             .await
@@ -571,7 +570,10 @@ async fn settle_after_data_loss_does_not_create_the_month() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_nodes_reservation_is_charged_at_its_estimate_and_a_live_one_is_kept() {
     let r = redis_or_skip!();
+    // The dead node's TTL is short; the live node's is longer than any pause a loaded machine
+    // puts between two of its heartbeats (every 50 ms), so only a missing heartbeat loses it.
     let ttl = Duration::from_millis(300);
+    let live_ttl = Duration::from_millis(800);
     let limits = Limits {
         max_inflight: Some(2),
         ..hard(10_000)
@@ -586,20 +588,21 @@ async fn a_dead_nodes_reservation_is_charged_at_its_estimate_and_a_live_one_is_k
     drop(dead);
 
     // Node 2 is alive: its heartbeat keeps a reservation open well past the TTL.
-    let live = node(&r, 2, ttl);
+    let live = node(&r, 2, live_ttl);
     admitted(&admit(&live, "k", &limits, 500, 1).await);
     let beating = {
         let live = live.clone();
         tokio::spawn(async move {
             loop {
                 live.heartbeat().await.unwrap();
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
     };
+    // Reap for two of the live node's TTLs: the dead reservation goes, the live one stays.
     let start = Instant::now();
     let mut reaped = 0;
-    while start.elapsed() < Duration::from_millis(1_200) {
+    while start.elapsed() < 2 * live_ttl {
         reaped += reaper.reap().await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -643,8 +646,7 @@ async fn a_dead_nodes_reservation_is_charged_at_its_estimate_and_a_live_one_is_k
     // and charges nothing more (the estimate, an upper bound, was charged).
     let late = node(&r, 4, Duration::from_millis(200));
     admitted(&admit(&late, "k", &limits, 300, 1).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(reaper.reap().await.unwrap(), 1);
+    reaps(&reaper, 1).await;
     assert_eq!(
         late.settle("k", 1, month_index(now_ms()), charge(&model, 100))
             .await
@@ -667,9 +669,25 @@ async fn admission_reaps_the_keys_own_expired_reservations_first() {
     let other = node(&r, 2, Duration::from_secs(30));
     let e = rejected(admit(&other, "k", &limits, 0, 1).await);
     assert_eq!(e.code(), "concurrency_limit_exceeded");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // No reap ran: the admission itself freed the dead node's slot. No budget, no charge.
-    admitted(&admit(&other, "k", &limits, 0, 2).await);
+    // No reap runs: once the dead node's TTL passes (on Redis' clock), the admission itself
+    // frees its slot. A refusal consumes nothing, so poll until then. No budget, no charge.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match admit(&other, "k", &limits, 0, 2).await {
+            a @ Admit::Admitted { .. } => {
+                admitted(&a);
+                break;
+            }
+            Admit::Rejected(e) if e.code() == "concurrency_limit_exceeded" => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the dead node's slot was never freed"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
     let v = view(&other, "k").await;
     assert_eq!((v.inflight, v.spent), (1, Nanos::ZERO));
     assert!(v.by_model.is_empty());
@@ -765,6 +783,19 @@ fn assert_unavailable<T: std::fmt::Debug>(r: Result<T, SharedError>) {
         e.to_string().starts_with("shared limits unavailable"),
         "{e}"
     );
+}
+
+/// Reaps on `l` until `n` reservations were reaped (their TTL passes on Redis' clock), and
+/// checks no more than `n` were: the wait ends when the event happens, not after a guess.
+async fn reaps(l: &RedisLimits, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut reaped = 0;
+    while reaped < n {
+        assert!(Instant::now() < deadline, "reaped {reaped} of {n} in 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        reaped += l.reap().await.unwrap();
+    }
+    assert_eq!(reaped, n);
 }
 
 /// Polls until the node answers again, without recreating it.
@@ -1006,8 +1037,7 @@ async fn the_hour_window_holds_bounds_settles_real_costs_and_reaps_dead_holds() 
     let dead = node(&r, 1, Duration::from_millis(200));
     admitted(&admit(&dead, "k", &limits, 500, 1).await);
     drop(dead);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(live.reap().await.unwrap(), 1);
+    reaps(&live, 1).await;
     admitted(&admit(&live, "k", &limits, 400, 5).await);
     rejected(admit(&live, "k", &limits, 1, 6).await);
     live.settle("k", 5, month_index(now_ms()), None)
@@ -1060,18 +1090,21 @@ async fn a_live_nodes_hold_on_a_capped_key_survives_its_ttl() {
         loop_limit: Some(5),
         ..Limits::default()
     };
-    let live = node(&r, 1, Duration::from_millis(300));
+    // A TTL longer than any pause a loaded machine puts between two heartbeats (every 50 ms).
+    let ttl = Duration::from_millis(600);
+    let live = node(&r, 1, ttl);
     admitted(&admit(&live, "k", &limits, 600, 1).await);
     let beating = {
         let live = live.clone();
         tokio::spawn(async move {
             loop {
                 live.heartbeat().await.unwrap();
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    // Time itself is the stimulus here: two TTLs pass (a lower bound, whatever the load).
+    tokio::time::sleep(2 * ttl).await;
     // Both the key's own sweep (inside admit) and the global reap leave it open.
     let other = node(&r, 2, Duration::from_secs(30));
     let e = rejected(admit(&other, "k", &limits, 500, 1).await);

@@ -635,6 +635,8 @@ fn late_settlement_contract(loc: &StoreLocation) {
     assert_eq!(node2.charge_orphans(|_| false).unwrap(), 0);
 }
 
+/// About 10 s: six contracts, each on SQLite and on its own PostgreSQL database, in one test
+/// so that one PostgreSQL server (initdb and start, the slow part) serves them all.
 #[test]
 fn the_store_contract_holds_on_sqlite_and_postgres() {
     let pg = PgServer::start();

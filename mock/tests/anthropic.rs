@@ -285,3 +285,31 @@ async fn knobs_cut_delay_and_silence_streams() {
     let resp = messages(&mut client, &headers, request(json!({}))).await;
     assert_eq!(resp.status, 200, "status-model names another model");
 }
+
+/// `x-mock-prompt-tokens: bytes` bills what the body does not show, as Anthropic documents:
+/// a request with `tools` pays the tool-use system prompt (346 tokens with `tool_choice`
+/// auto or none given, 313 with any/tool), on the wire and in `served_usage`.
+#[tokio::test]
+async fn bytes_mode_bills_the_tool_use_system_prompt_beyond_the_body() {
+    let mock = mock().await;
+    let mut client = Client::connect(&mock).await;
+    let headers = [KEY, ("x-mock-prompt-tokens", "bytes")];
+    let tools = json!([{"name": "get_weather", "input_schema": {"type": "object"}}]);
+    let cases = [
+        (request(json!({})), 0),
+        (request(json!({"tools": tools})), 346),
+        (
+            request(json!({"tools": tools, "tool_choice": {"type": "any"}})),
+            313,
+        ),
+    ];
+    let mut billed = 0;
+    for (body, hidden) in cases {
+        let len = body.to_string().len() as u64;
+        let resp = messages(&mut client, &headers, body.clone()).await;
+        assert_eq!(resp.status, 200, "{body}");
+        assert_eq!(resp.json()["usage"]["input_tokens"], len + hidden, "{body}");
+        billed += len + hidden;
+    }
+    assert_eq!(mock.served_usage().0, billed);
+}

@@ -156,3 +156,34 @@ async fn knobs_apply_to_responses() {
     assert_eq!(events.len(), 5);
     assert_eq!(mock.served_usage(), (10, 77));
 }
+
+/// `x-mock-prompt-tokens: bytes` bills stored context the body only names
+/// (`previous_response_id`: `x-mock-stored-tokens`) and server-side tools
+/// (`x-mock-server-tool-tokens` each), beyond the body's bytes.
+#[tokio::test]
+async fn bytes_mode_bills_stored_context_and_server_tools_beyond_the_body() {
+    let mock = mock().await;
+    let mut client = Client::connect(&mock).await;
+    let headers = [
+        ("x-mock-prompt-tokens", "bytes"),
+        ("x-mock-stored-tokens", "5000"),
+        ("x-mock-server-tool-tokens", "700"),
+    ];
+    let cases = [
+        (json!({"model": "m", "input": "hi"}), 0),
+        (
+            json!({"model": "m", "input": "go on", "previous_response_id": "resp_1"}),
+            5000,
+        ),
+        (
+            json!({"model": "m", "input": "news?", "tools": [{"type": "web_search"}]}),
+            700,
+        ),
+    ];
+    for (body, hidden) in cases {
+        let len = body.to_string().len() as u64;
+        let resp = responses(&mut client, &headers, body.clone()).await;
+        assert_eq!(resp.status, 200, "{body}");
+        assert_eq!(resp.json()["usage"]["input_tokens"], len + hidden, "{body}");
+    }
+}

@@ -268,6 +268,9 @@ mod tests {
     fn posts_and_reads_the_status_and_times_out_on_silence() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/hook", l.local_addr().unwrap());
+        // The silent connection stays open until the client has given up (an event, not a
+        // guess at how long the client takes on a loaded machine).
+        let (gave_up, client_done) = std::sync::mpsc::channel::<()>();
         let server = std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
             let mut got = Vec::new();
@@ -280,7 +283,7 @@ mod tests {
             let text = String::from_utf8(got).unwrap();
             // Silent: accepts and never answers.
             let (_silent, _) = l.accept().unwrap();
-            std::thread::sleep(Duration::from_millis(800));
+            let _ = client_done.recv();
             text
         });
         let t = Target::parse(&url).unwrap();
@@ -288,6 +291,7 @@ mod tests {
         assert_eq!(status, 204);
         let e = post(&t, &[], b"{}", Duration::from_millis(200)).unwrap_err();
         assert!(e.contains("timed out"), "{e}");
+        gave_up.send(()).unwrap();
         let text = server.join().unwrap();
         assert!(text.starts_with("POST /hook HTTP/1.1\r\n"), "{text}");
         assert!(text.contains("Content-Type: application/json\r\n"));

@@ -181,6 +181,24 @@ mod tests {
         assert_eq!(a.prefix, &a.secret[13..17]);
     }
 
+    fn hex(h: &TokenHash) -> String {
+        h.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Known answers, not the function against itself: FIPS 180-2's "abc" vector, and a
+    /// token's digest as coreutils' `sha256sum` prints it.
+    #[test]
+    fn the_stored_hash_is_plain_sha256_of_the_secret() {
+        assert_eq!(
+            hex(&hash_token("abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            hex(&hash_token("spideriq_pat_0a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d")),
+            "497530f2c0a10c3d49fde9230a7df19817b20b258df3862c0595ea4b3eaad278"
+        );
+    }
+
     #[test]
     fn malformed_tokens_are_rejected() {
         let ok = "spideriq_pat_0a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d";

@@ -44,8 +44,11 @@ impl Cluster {
         let pg = PgServer::start()?;
         let pg_url = pg.create_db(&format!("sg_{}", free_port()));
         let mock = mock();
+        // A Redis command may wait 2 s (the default 250 ms), so a loaded 2-core machine
+        // (Redis descheduled for a moment) does not turn into `on_error`: the tests that
+        // want Redis gone stop or pause it, and only wait longer for the refusal.
         let shared = format!(
-            "shared_state:\n  postgres_url_env: SG_TEST_PG\n  redis_url_env: SG_TEST_REDIS\n  on_error: {on_error}\n  reservation_ttl_ms: {reservation_ttl_ms}"
+            "shared_state:\n  postgres_url_env: SG_TEST_PG\n  redis_url_env: SG_TEST_REDIS\n  on_error: {on_error}\n  reservation_ttl_ms: {reservation_ttl_ms}\n  timeout_ms: 2000"
         );
         let nodes = (0..3)
             .map(|i| {
