@@ -415,23 +415,24 @@ fn parse_limit(field: &'static str, v: Option<&str>) -> Result<Option<Option<i64
 }
 
 fn parse_budget(v: Option<&str>) -> Result<Option<Option<f64>>, KeyError> {
-    match v {
-        None => Ok(None),
-        Some("none" | "unlimited") => Ok(Some(None)),
-        Some(s) => s
-            .trim_start_matches('$')
-            .parse()
-            .map(|usd| Some(Some(usd)))
-            .map_err(|_| {
-                KeyError::invalid(
-                    "monthly_budget_usd",
-                    format!("--budget must be a USD amount, got \"{s}\""),
-                )
-            }),
-    }
+    parse_usd(v, "monthly_budget_usd", "--budget must be a USD amount")
 }
 
 fn parse_usd_per_hour(v: Option<&str>) -> Result<Option<Option<f64>>, KeyError> {
+    parse_usd(
+        v,
+        "max_usd_per_hour",
+        "--max-usd-per-hour must be a USD amount or \"none\"",
+    )
+}
+
+/// A USD flag: absent (`None`), `none`/`unlimited` (`Some(None)`), or an amount, with an
+/// optional leading `$`. `expected` opens the message naming the flag.
+fn parse_usd(
+    v: Option<&str>,
+    field: &'static str,
+    expected: &str,
+) -> Result<Option<Option<f64>>, KeyError> {
     match v {
         None => Ok(None),
         Some("none" | "unlimited") => Ok(Some(None)),
@@ -439,12 +440,7 @@ fn parse_usd_per_hour(v: Option<&str>) -> Result<Option<Option<f64>>, KeyError> 
             .trim_start_matches('$')
             .parse()
             .map(|usd| Some(Some(usd)))
-            .map_err(|_| {
-                KeyError::invalid(
-                    "max_usd_per_hour",
-                    format!("--max-usd-per-hour must be a USD amount or \"none\", got \"{s}\""),
-                )
-            }),
+            .map_err(|_| KeyError::invalid(field, format!("{expected}, got \"{s}\""))),
     }
 }
 

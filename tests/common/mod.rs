@@ -514,24 +514,7 @@ pub struct Gateway {
 impl Gateway {
     /// Starts `spidergate serve` and waits for `/health`.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let child = Command::new(BIN)
-            .arg("--config")
-            .arg(&self.config)
-            .arg("serve")
-            .env("MOCK_PROVIDER_KEY", PROVIDER_KEY)
-            .env("MOCK_ANTHROPIC_KEY", ANTHROPIC_PROVIDER_KEY)
-            // The builder's `env("RUST_LOG", ..)` overrides this default.
-            .env("RUST_LOG", "info")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn gateway");
+        let child = self.start_serve(&[]);
         self.child = Some(child);
         let addr = self.addr;
         let log = self.log.clone();
@@ -554,31 +537,38 @@ impl Gateway {
         }
     }
 
-    /// Pingora's zero-downtime upgrade: starts `serve --upgrade` on the same config, waits
-    /// until it announced its relay socket and waits for the listening sockets, then sends
-    /// SIGQUIT to the running gateway. The new process becomes this gateway; the old one is
-    /// returned (it finishes its requests and exits on its own: see [`wait_exit`]).
-    pub fn upgrade(&mut self) -> Child {
+    /// `spidergate serve` (plus `extra` arguments) on this gateway's config, logging to its
+    /// log file, with the mock providers' keys.
+    fn start_serve(&self, extra: &[&str]) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let sock = self.dir.path().join("upgrade.sock");
-        let _ = std::fs::remove_file(&sock);
-        let new = Command::new(BIN)
+        Command::new(BIN)
             .arg("--config")
             .arg(&self.config)
             .arg("serve")
-            .arg("--upgrade")
+            .args(extra)
             .env("MOCK_PROVIDER_KEY", PROVIDER_KEY)
             .env("MOCK_ANTHROPIC_KEY", ANTHROPIC_PROVIDER_KEY)
+            // The builder's `env("RUST_LOG", ..)` overrides this default.
             .env("RUST_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()
-            .expect("spawn the new gateway");
+            .expect("spawn the gateway")
+    }
+
+    /// Pingora's zero-downtime upgrade: starts `serve --upgrade` on the same config, waits
+    /// until it announced its relay socket and waits for the listening sockets, then sends
+    /// SIGQUIT to the running gateway. The new process becomes this gateway; the old one is
+    /// returned (it finishes its requests and exits on its own: see [`wait_exit`]).
+    pub fn upgrade(&mut self) -> Child {
+        let sock = self.dir.path().join("upgrade.sock");
+        let _ = std::fs::remove_file(&sock);
+        let new = self.start_serve(&["--upgrade"]);
         let relay = self
             .dir
             .path()
