@@ -176,6 +176,9 @@ fn expired_and_revoked_keys_get_their_own_401_codes() {
     assert_eq!(r.code(), "token_expired");
 
     let key2 = gw.create_key(&[]);
+    // Used first: the worker remembers its token's digest (`TokenMemo`), which must not
+    // outlive the revocation.
+    assert_eq!(gw.chat(&key2, "gpt-4o-mini").status, 200);
     let out = gw.cli(&["keys", "revoke", &key2.id]);
     assert!(out.status.success());
     // Applied by the next reload poll (`server.reload_interval_ms`, at most 1000 by
