@@ -82,9 +82,15 @@ const MEDIA_TYPES: [&str; 7] = [
 /// are billed as text and images), documents, and references to stored items.
 const FILE_TYPES: [&str; 4] = ["input_file", "file", "document", "item_reference"];
 
-/// Words without which a body holds no media part (a `\u` escape could spell one), built
-/// once: a `memmem::find` per call would build its searcher on every request.
-static MEDIA_WORDS: std::sync::LazyLock<[memchr::memmem::Finder<'static>; 6]> =
+/// Words without which a body holds no media part, built once: a `memmem::find` per call
+/// would build its searcher on every request. A part is an object with a `type` key, so a
+/// body with neither a literal `"type"` nor a `\u` escape (which could spell one) has none,
+/// and one with `"type"` still needs a media word.
+static TYPE_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"type\""));
+static ESCAPE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\\u"));
+static MEDIA_WORDS: std::sync::LazyLock<[memchr::memmem::Finder<'static>; 5]> =
     std::sync::LazyLock::new(|| {
         [
             &b"image"[..],
@@ -92,7 +98,6 @@ static MEDIA_WORDS: std::sync::LazyLock<[memchr::memmem::Finder<'static>; 6]> =
             b"file",
             b"document",
             b"item_reference",
-            b"\\u",
         ]
         .map(memchr::memmem::Finder::new)
     });
@@ -117,7 +122,8 @@ pub fn count_media_parts(body: &[u8]) -> u64 {
 /// rest are walked with serde, which decodes escapes, so `"\u0074ype"` cannot hide a part.
 /// The walk builds no values.
 pub fn count_parts(body: &[u8]) -> Parts {
-    let maybe_media = MEDIA_WORDS.iter().any(|f| f.find(body).is_some());
+    let maybe_media = ESCAPE.find(body).is_some()
+        || (TYPE_KEY.find(body).is_some() && MEDIA_WORDS.iter().any(|f| f.find(body).is_some()));
     if !maybe_media {
         return Parts::default();
     }
@@ -261,7 +267,15 @@ fn span_of(body: &[u8], raw: &RawValue) -> Range<usize> {
 fn string_model(raw: Option<&RawValue>) -> Result<(&RawValue, Cow<'_, str>), GateError> {
     let raw =
         raw.ok_or_else(|| GateError::InvalidRequest("missing string field 'model'".into()))?;
-    let model = serde_json::from_str(raw.get())
+    let text = raw.get();
+    // The common case: serde has checked the value is JSON, so a string without escapes
+    // is exactly the text between its quotes.
+    if let Some(plain) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        if !plain.contains('\\') {
+            return Ok((raw, Cow::Borrowed(plain)));
+        }
+    }
+    let model = serde_json::from_str(text)
         .map_err(|_| GateError::InvalidRequest("'model' must be a string".into()))?;
     Ok((raw, model))
 }
@@ -458,6 +472,39 @@ impl CapField {
     }
 }
 
+/// One replacement in [`rewrite_body`].
+enum Edit<'a> {
+    Text(Cow<'a, str>),
+    /// A value written as a JSON string (quoted, escaped where needed).
+    JsonString(&'a str),
+}
+
+impl Edit<'_> {
+    /// An upper bound of the bytes [`Edit::write`] appends (escapes aside, which grow the
+    /// buffer once).
+    fn len(&self) -> usize {
+        match self {
+            Edit::Text(t) => t.len(),
+            Edit::JsonString(s) => s.len() + 2,
+        }
+    }
+
+    fn write(&self, out: &mut BytesMut) {
+        match self {
+            Edit::Text(t) => out.extend_from_slice(t.as_bytes()),
+            Edit::JsonString(s) if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) => {
+                out.extend_from_slice(b"\"");
+                out.extend_from_slice(s.as_bytes());
+                out.extend_from_slice(b"\"");
+            }
+            Edit::JsonString(s) => {
+                let quoted = serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+                out.extend_from_slice(quoted.as_bytes());
+            }
+        }
+    }
+}
+
 /// The body to send upstream: `model` replaced by `upstream_id`; for chat streams
 /// (`chat_stream_usage`) `stream_options.include_usage` forced on so the usage chunk always
 /// arrives; and with `cap`, every output field the route reads lowered to at most the cap
@@ -470,11 +517,11 @@ pub fn rewrite_body(
     chat_stream_usage: bool,
     cap: Option<(CapField, u64)>,
 ) -> Bytes {
-    // Edits as (range to replace, replacement), applied in body order.
-    let mut edits: Vec<(Range<usize>, Cow<'_, str>)> = Vec::with_capacity(4);
+    // Edits as (range to replace, replacement), applied in body order; at most five (the
+    // model, stream options, three output fields), so they live on the stack.
+    let mut edits: smallvec::SmallVec<[(Range<usize>, Edit<'_>); 5]> = smallvec::SmallVec::new();
     if upstream_id != &*fields.model {
-        let quoted = serde_json::to_string(upstream_id).unwrap_or_else(|_| "\"\"".into());
-        edits.push((fields.model_span.clone(), Cow::Owned(quoted)));
+        edits.push((fields.model_span.clone(), Edit::JsonString(upstream_id)));
     }
     // Insertions go before the object's closing brace (the last non-space byte).
     let end = body
@@ -484,10 +531,12 @@ pub fn rewrite_body(
     let need_usage = chat_stream_usage && fields.stream && !fields.client_wants_usage;
     if need_usage {
         match &fields.stream_options_span {
-            Some(span) => edits.push((span.clone(), Cow::Borrowed(r#"{"include_usage":true}"#))),
+            Some(span) => {
+                edits.push((span.clone(), Edit::Text(r#"{"include_usage":true}"#.into())))
+            }
             None => edits.push((
                 end..end,
-                Cow::Borrowed(r#","stream_options":{"include_usage":true}"#),
+                Edit::Text(r#","stream_options":{"include_usage":true}"#.into()),
             )),
         }
     }
@@ -497,14 +546,14 @@ pub fn rewrite_body(
             if let Some((span, value)) = &fields.output_spans[i] {
                 present = true;
                 if value.is_none_or(|v| v > cap) {
-                    edits.push((span.clone(), Cow::Owned(cap.to_string())));
+                    edits.push((span.clone(), Edit::Text(cap.to_string().into())));
                 }
             }
         }
         if !present {
             edits.push((
                 end..end,
-                Cow::Owned(format!(",\"{}\":{cap}", field.inserted())),
+                Edit::Text(format!(",\"{}\":{cap}", field.inserted()).into()),
             ));
         }
     }
@@ -512,12 +561,12 @@ pub fn rewrite_body(
         return body.clone();
     }
     edits.sort_by_key(|(r, _)| r.start);
-    let extra: usize = edits.iter().map(|(_, s)| s.len()).sum();
+    let extra: usize = edits.iter().map(|(_, e)| e.len()).sum();
     let mut out = BytesMut::with_capacity(body.len() + extra);
     let mut at = 0;
     for (range, with) in &edits {
         out.extend_from_slice(&body[at..range.start]);
-        out.extend_from_slice(with.as_bytes());
+        with.write(&mut out);
         at = range.end;
     }
     out.extend_from_slice(&body[at..]);

@@ -1,18 +1,22 @@
 //! Header work, built once: the gateway's own headers, what never goes upstream, and what
 //! never comes back from it.
 
-use http::{HeaderName, HeaderValue};
+use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CONTENT_LENGTH, HOST};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 
 use crate::limits::Standing;
 use crate::providers::ProviderKind;
 use crate::snapshot::ProviderHeaders;
+use crate::telemetry::context::TRACEPARENT;
 
 /// `X-SpiderGate-Error-Code` of an upstream's own error response passed through.
 pub(super) const UPSTREAM_STATUS: &str = "upstream_status";
 
-pub(super) fn header_bytes<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a [u8]> {
+/// A request header's value. The name is a `HeaderName` (a `&str` would be parsed again on
+/// every lookup).
+pub(super) fn header_bytes<'a>(req: &'a RequestHeader, name: &HeaderName) -> Option<&'a [u8]> {
     req.headers.get(name).map(|v| v.as_bytes())
 }
 
@@ -45,38 +49,54 @@ pub(super) fn is_account_header(name: &HeaderName) -> bool {
 }
 
 /// Drops the upstream's account headers (one pass; removal only when one is present).
-pub(super) fn strip_account_headers(resp: &mut ResponseHeader) {
-    if !resp.headers.keys().any(is_account_header) {
+fn strip_account_headers(h: &mut HeaderMap) {
+    if !h.keys().any(is_account_header) {
         return;
     }
-    let names: Vec<HeaderName> = resp
-        .headers
-        .keys()
-        .filter(|n| is_account_header(n))
-        .cloned()
-        .collect();
+    let names: Vec<HeaderName> = h.keys().filter(|n| is_account_header(n)).cloned().collect();
     for n in &names {
-        resp.remove_header(n);
+        h.remove(n);
     }
 }
+
+/// Edits a response head's header map directly, outside Pingora's case map.
+///
+/// Pingora keeps a second map beside the headers with each name's original case, and every
+/// insert through it parses the name again, allocates it and inserts into both maps (~1.8k
+/// instructions a header, counted by `benches/instr.py`). The head the agent gets is
+/// rewritten here as plain `http` parts instead: a static `HeaderName` clones for free and
+/// goes into one map. The price is the case of names on the wire: standard names are still
+/// title-cased by Pingora, every other name is sent lower-case (HTTP/1.1 names are
+/// case-insensitive, HTTP/2 sends them lower-case anyway).
+pub(super) fn edit_headers<T>(
+    resp: &mut ResponseHeader,
+    edit: impl FnOnce(&mut HeaderMap) -> Result<T>,
+) -> Result<T> {
+    // The reason phrase lives beside the parts; only a non-standard one needs keeping.
+    let reason = resp
+        .get_reason_phrase()
+        .filter(|r| Some(*r) != resp.status.canonical_reason())
+        .map(str::to_owned);
+    let empty = ResponseHeader::from(http::Response::new(()).into_parts().0);
+    let mut parts = http::response::Parts::from(std::mem::replace(resp, empty));
+    let edited = edit(&mut parts.headers);
+    *resp = ResponseHeader::from(parts);
+    if reason.is_some() {
+        resp.set_reason_phrase(reason.as_deref())?;
+    }
+    edited
+}
+
 pub(super) static UNLIMITED: HeaderValue = HeaderValue::from_static("unlimited");
 
-/// The names of the headers the gateway sets, in the case they are sent, as the case map's
-/// static bytes: Pingora keeps a case map beside the header map, and would otherwise
-/// title-case a `HeaderName` into a freshly allocated name on every insert.
-static LIMIT_REQUESTS_CASE: bytes::Bytes = bytes::Bytes::from_static(b"X-RateLimit-Limit-Requests");
-static REMAINING_REQUESTS_CASE: bytes::Bytes =
-    bytes::Bytes::from_static(b"X-RateLimit-Remaining-Requests");
-static RATE_RESET_CASE: bytes::Bytes = bytes::Bytes::from_static(b"X-RateLimit-Reset");
-static BUDGET_WARNING_CASE: bytes::Bytes =
-    bytes::Bytes::from_static(b"X-SpiderGate-Budget-Warning");
-static ERROR_CODE_CASE: bytes::Bytes = bytes::Bytes::from_static(b"X-SpiderGate-Error-Code");
-static FALLBACK_FROM_CASE: bytes::Bytes = bytes::Bytes::from_static(b"X-SpiderGate-Fallback-From");
-static SERVED_MODEL_CASE: bytes::Bytes = bytes::Bytes::from_static(b"X-SpiderGate-Model");
-static AUTHORIZATION_CASE: bytes::Bytes = bytes::Bytes::from_static(b"Authorization");
-static ACCEPT_ENCODING_CASE: bytes::Bytes = bytes::Bytes::from_static(b"Accept-Encoding");
-static X_API_KEY_CASE: bytes::Bytes = bytes::Bytes::from_static(b"x-api-key");
-static ANTHROPIC_VERSION_CASE: bytes::Bytes = bytes::Bytes::from_static(b"anthropic-version");
+/// The response headers the gateway sets (static names: a clone copies no bytes).
+static LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+static REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+static RATE_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+static BUDGET_WARNING: HeaderName = HeaderName::from_static("x-spidergate-budget-warning");
+static FALLBACK_FROM: HeaderName = HeaderName::from_static("x-spidergate-fallback-from");
+static SERVED_MODEL: HeaderName = HeaderName::from_static("x-spidergate-model");
+pub(super) static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// Header values of the numbers below this are formatted once and shared (a clone is a
 /// reference count), so the common case formats nothing per response.
@@ -92,28 +112,24 @@ pub(super) fn number_value(n: u64) -> HeaderValue {
     }
 }
 
-pub(super) fn add_standing_headers(resp: &mut ResponseHeader, s: &Standing) -> Result<()> {
+pub(super) fn add_standing_headers(h: &mut HeaderMap, s: &Standing) {
     match (s.rpm, s.remaining) {
         (Some(limit), Some(remaining)) => {
-            resp.insert_header(LIMIT_REQUESTS_CASE.clone(), number_value(limit.into()))?;
-            resp.insert_header(
-                REMAINING_REQUESTS_CASE.clone(),
-                number_value(remaining.into()),
-            )?;
+            h.insert(LIMIT_REQUESTS.clone(), number_value(limit.into()));
+            h.insert(REMAINING_REQUESTS.clone(), number_value(remaining.into()));
         }
         _ => {
-            resp.insert_header(LIMIT_REQUESTS_CASE.clone(), UNLIMITED.clone())?;
-            resp.insert_header(REMAINING_REQUESTS_CASE.clone(), UNLIMITED.clone())?;
+            h.insert(LIMIT_REQUESTS.clone(), UNLIMITED.clone());
+            h.insert(REMAINING_REQUESTS.clone(), UNLIMITED.clone());
         }
     }
-    resp.insert_header(RATE_RESET_CASE.clone(), number_value(s.reset_secs))?;
+    h.insert(RATE_RESET.clone(), number_value(s.reset_secs));
     if s.budget_warning {
-        resp.insert_header(
-            BUDGET_WARNING_CASE.clone(),
+        h.insert(
+            BUDGET_WARNING.clone(),
             HeaderValue::from_static("monthly budget reached (soft limit)"),
-        )?;
+        );
     }
-    Ok(())
 }
 
 /// The size of a request head as sent: request line and every header line.
@@ -132,58 +148,69 @@ static ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
 /// other credential are removed), its `Host`, the rewritten body's length, and no
 /// compression (usage is parsed from the response bytes). An OpenAI-kind provider gets the
 /// key as a bearer token; Anthropic as `x-api-key`, with `anthropic-version` (the client's,
-/// else the configured one) and the client's `anthropic-beta`.
+/// else the configured one) and the client's `anthropic-beta`. The provider's work is a
+/// child of the gateway's span: `traceparent`, when given, replaces the agent's.
+///
+/// Edited as plain `http` parts, like the response head (see [`edit_headers`]): the names
+/// reach the provider lower-case (or title-cased, the standard ones).
 pub(super) fn rewrite_upstream_request(
     req: &mut RequestHeader,
     provider: &ProviderHeaders,
     key: Option<&HeaderValue>,
     uri: &http::Uri,
     body_len: usize,
+    traceparent: Option<&HeaderValue>,
 ) -> Result<()> {
-    req.set_uri(uri.clone());
-    // One pass over the client's headers; removal (two maps in Pingora) only if needed.
-    if req.headers.keys().any(|k| STRIPPED_HEADERS.contains(k)) {
-        for h in &STRIPPED_HEADERS {
-            req.remove_header(h);
+    let end_stream = req.send_end_stream();
+    let empty = RequestHeader::from(http::Request::new(()).into_parts().0);
+    let mut parts = http::request::Parts::from(std::mem::replace(req, empty));
+    parts.uri = uri.clone();
+    let h = &mut parts.headers;
+    // One pass over the client's headers; removal only if needed.
+    if h.keys().any(|k| STRIPPED_HEADERS.contains(k)) {
+        for name in &STRIPPED_HEADERS {
+            h.remove(name);
         }
     }
     match provider.kind {
         ProviderKind::OpenAi => {
             match key {
-                Some(k) => req.insert_header(AUTHORIZATION_CASE.clone(), k.clone())?,
+                Some(k) => {
+                    h.insert(AUTHORIZATION, k.clone());
+                }
                 None => {
-                    req.remove_header(&http::header::AUTHORIZATION);
+                    h.remove(AUTHORIZATION);
                 }
             }
-            if req.headers.contains_key(&ANTHROPIC_VERSION)
-                || req.headers.contains_key(&ANTHROPIC_BETA)
-            {
-                req.remove_header(&ANTHROPIC_VERSION);
-                req.remove_header(&ANTHROPIC_BETA);
+            if h.contains_key(&ANTHROPIC_VERSION) || h.contains_key(&ANTHROPIC_BETA) {
+                h.remove(&ANTHROPIC_VERSION);
+                h.remove(&ANTHROPIC_BETA);
             }
         }
         ProviderKind::Anthropic => {
-            req.remove_header(&http::header::AUTHORIZATION);
+            h.remove(AUTHORIZATION);
             if let Some(k) = key {
-                req.insert_header(X_API_KEY_CASE.clone(), k.clone())?;
+                h.insert(X_API_KEY.clone(), k.clone());
             }
-            if !req.headers.contains_key(&ANTHROPIC_VERSION) {
-                req.insert_header(
-                    ANTHROPIC_VERSION_CASE.clone(),
+            if !h.contains_key(&ANTHROPIC_VERSION) {
+                h.insert(
+                    ANTHROPIC_VERSION.clone(),
                     provider.anthropic_version.clone(),
-                )?;
+                );
             }
+            drop_pricing_betas(h)?;
         }
     }
-    if provider.kind == ProviderKind::Anthropic {
-        drop_pricing_betas(req)?;
+    h.insert(HOST, provider.host.clone());
+    h.insert(CONTENT_LENGTH, number_value(body_len as u64));
+    h.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    if let Some(tp) = traceparent {
+        h.insert(TRACEPARENT.clone(), tp.clone());
     }
-    req.insert_header(http::header::HOST, provider.host.clone())?;
-    req.insert_header(http::header::CONTENT_LENGTH, number_value(body_len as u64))?;
-    req.insert_header(
-        ACCEPT_ENCODING_CASE.clone(),
-        HeaderValue::from_static("identity"),
-    )?;
+    *req = RequestHeader::from(parts);
+    if let Some(end_stream) = end_stream {
+        req.set_send_end_stream(end_stream);
+    }
     Ok(())
 }
 
@@ -197,8 +224,8 @@ fn is_pricing_beta(beta: &str) -> bool {
 }
 
 /// Removes the [`PRICING_BETAS`] from every `anthropic-beta` header (a comma-separated list).
-fn drop_pricing_betas(req: &mut RequestHeader) -> Result<()> {
-    let values: Vec<&HeaderValue> = req.headers.get_all(&ANTHROPIC_BETA).iter().collect();
+fn drop_pricing_betas(h: &mut HeaderMap) -> Result<()> {
+    let values: Vec<&HeaderValue> = h.get_all(&ANTHROPIC_BETA).iter().collect();
     let affected = values.iter().any(|v| {
         v.to_str()
             .map_or(true, |v| v.split(',').any(|b| is_pricing_beta(b.trim())))
@@ -214,12 +241,12 @@ fn drop_pricing_betas(req: &mut RequestHeader) -> Result<()> {
         .filter(|b| !b.is_empty() && !is_pricing_beta(b))
         .map(str::to_owned)
         .collect();
-    req.remove_header(&ANTHROPIC_BETA);
+    h.remove(&ANTHROPIC_BETA);
     if !kept.is_empty() {
         let joined = HeaderValue::from_str(&kept.join(",")).map_err(|_| {
             pingora_error::Error::explain(pingora_error::ErrorType::InternalError, "anthropic-beta")
         })?;
-        req.insert_header(ANTHROPIC_BETA.clone(), joined)?;
+        h.insert(ANTHROPIC_BETA.clone(), joined);
     }
     Ok(())
 }
@@ -232,22 +259,29 @@ pub(super) fn decorate_response(
     standing: &Standing,
     fallback_from: Option<&HeaderValue>,
     served: Option<&HeaderValue>,
+    traceparent: Option<&HeaderValue>,
 ) -> Result<()> {
-    strip_account_headers(resp);
-    add_standing_headers(resp, standing)?;
-    if resp.status.as_u16() >= 400 {
-        resp.insert_header(
-            ERROR_CODE_CASE.clone(),
-            HeaderValue::from_static(UPSTREAM_STATUS),
-        )?;
-    }
-    if let Some(from) = fallback_from {
-        resp.insert_header(FALLBACK_FROM_CASE.clone(), from.clone())?;
-    }
-    if let Some(model) = served {
-        resp.insert_header(SERVED_MODEL_CASE.clone(), model.clone())?;
-    }
-    Ok(())
+    let failed = resp.status.as_u16() >= 400;
+    edit_headers(resp, |h| {
+        strip_account_headers(h);
+        add_standing_headers(h, standing);
+        if failed {
+            h.insert(
+                ERROR_CODE.clone(),
+                HeaderValue::from_static(UPSTREAM_STATUS),
+            );
+        }
+        if let Some(from) = fallback_from {
+            h.insert(FALLBACK_FROM.clone(), from.clone());
+        }
+        if let Some(model) = served {
+            h.insert(SERVED_MODEL.clone(), model.clone());
+        }
+        if let Some(tp) = traceparent {
+            h.insert(TRACEPARENT.clone(), tp.clone());
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]
@@ -279,7 +313,7 @@ mod tests {
             resp.append_header(k, v).unwrap();
         }
         let served = HeaderValue::from_static("gpt-4o-mini");
-        decorate_response(&mut resp, &standing(), None, Some(&served)).unwrap();
+        decorate_response(&mut resp, &standing(), None, Some(&served), None).unwrap();
         let h = &resp.headers;
         for gone in [
             "openai-organization",
@@ -299,9 +333,35 @@ mod tests {
     }
 
     #[test]
+    fn the_edit_keeps_status_a_custom_reason_and_every_other_header() {
+        let mut resp = ResponseHeader::build(429, None).unwrap();
+        resp.set_reason_phrase(Some("Slow Down")).unwrap();
+        resp.append_header("X-Request-Id", "req_1").unwrap();
+        resp.append_header("vary", "a").unwrap();
+        resp.append_header("vary", "b").unwrap();
+        decorate_response(&mut resp, &standing(), None, None, None).unwrap();
+        assert_eq!(resp.status.as_u16(), 429);
+        assert_eq!(resp.get_reason_phrase(), Some("Slow Down"));
+        let vary: Vec<_> = resp.headers.get_all("vary").iter().collect();
+        assert_eq!(vary, vec!["a", "b"]);
+        let mut wire = Vec::new();
+        resp.header_to_h1_wire(&mut wire);
+        let wire = String::from_utf8(wire).unwrap();
+        assert!(wire.contains("x-request-id: req_1\r\n"), "{wire}");
+        assert!(
+            wire.contains("x-ratelimit-remaining-requests: 6\r\n"),
+            "{wire}"
+        );
+        assert!(
+            wire.contains("x-spidergate-error-code: upstream_status\r\n"),
+            "{wire}"
+        );
+    }
+
+    #[test]
     fn an_upstream_error_carries_the_error_code_header() {
         let mut resp = ResponseHeader::build(500, None).unwrap();
-        decorate_response(&mut resp, &standing(), None, None).unwrap();
+        decorate_response(&mut resp, &standing(), None, None, None).unwrap();
         assert_eq!(
             resp.headers.get("x-spidergate-error-code").unwrap(),
             UPSTREAM_STATUS
@@ -327,7 +387,7 @@ mod tests {
         };
         let key = HeaderValue::from_static("Bearer sk-up");
         let uri = http::Uri::from_static("/v1/chat/completions");
-        rewrite_upstream_request(&mut req, &provider, Some(&key), &uri, 42).unwrap();
+        rewrite_upstream_request(&mut req, &provider, Some(&key), &uri, 42, None).unwrap();
         let h = &req.headers;
         assert_eq!(h.get("authorization").unwrap(), "Bearer sk-up");
         assert_eq!(h.get("host").unwrap(), "api.example.com");
@@ -354,7 +414,7 @@ mod tests {
         };
         let key = HeaderValue::from_static("sk-ant-up");
         let uri = http::Uri::from_static("/v1/messages");
-        rewrite_upstream_request(&mut req, &provider, Some(&key), &uri, 7).unwrap();
+        rewrite_upstream_request(&mut req, &provider, Some(&key), &uri, 7, None).unwrap();
         let h = &req.headers;
         assert_eq!(
             h.get_all("x-api-key").iter().collect::<Vec<_>>(),

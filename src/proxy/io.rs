@@ -2,6 +2,7 @@
 //! gateway's own JSON answers.
 
 use bytes::{Bytes, BytesMut};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::HeaderValue;
 use pingora_error::Result;
 use pingora_http::ResponseHeader;
@@ -12,7 +13,7 @@ use crate::limits::Standing;
 use crate::providers::multipart::SPLICE_HEADROOM;
 use crate::telemetry::context::TRACEPARENT;
 
-use super::headers::{add_standing_headers, header_bytes, ERROR_CODE};
+use super::headers::{add_standing_headers, header_bytes, number_value, ERROR_CODE};
 
 /// Writes a complete JSON response (local answers and gateway errors).
 pub(super) async fn send_json(
@@ -23,22 +24,28 @@ pub(super) async fn send_json(
     error: Option<&GateError>,
     traceparent: Option<&HeaderValue>,
 ) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(7))?;
-    resp.insert_header("content-type", "application/json")?;
-    resp.insert_header("content-length", body.len().to_string())?;
+    // Built as plain parts: no case map to keep beside the headers (see `edit_headers`).
+    let (mut head, ()) = http::Response::new(()).into_parts();
+    head.status = http::StatusCode::from_u16(status).map_err(|_| {
+        pingora_error::Error::explain(pingora_error::ErrorType::InternalError, "status")
+    })?;
+    let h = &mut head.headers;
+    h.reserve(8);
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(CONTENT_LENGTH, number_value(body.len() as u64));
     if let Some(e) = error {
-        resp.insert_header(ERROR_CODE.clone(), HeaderValue::from_static(e.code()))?;
+        h.insert(ERROR_CODE.clone(), HeaderValue::from_static(e.code()));
+        if let Some(secs) = e.retry_after() {
+            h.insert(RETRY_AFTER, number_value(secs));
+        }
     }
-    let retry_after = error.and_then(GateError::retry_after);
     if let Some(s) = standing {
-        add_standing_headers(&mut resp, s)?;
-    }
-    if let Some(secs) = retry_after {
-        resp.insert_header("retry-after", secs.to_string())?;
+        add_standing_headers(h, s);
     }
     if let Some(tp) = traceparent {
-        resp.insert_header(TRACEPARENT.clone(), tp.clone())?;
+        h.insert(TRACEPARENT.clone(), tp.clone());
     }
+    let resp = ResponseHeader::from(head);
     session.write_response_header(Box::new(resp), false).await?;
     session
         .write_response_body(Some(Bytes::from(body)), true)
@@ -91,7 +98,7 @@ pub(super) async fn read_body(
     session: &mut Session,
     max: u64,
 ) -> Result<std::result::Result<Bytes, GateError>> {
-    let declared = header_bytes(session.req_header(), "content-length")
+    let declared = header_bytes(session.req_header(), &http::header::CONTENT_LENGTH)
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > max) {
@@ -99,7 +106,7 @@ pub(super) async fn read_body(
     }
     // A client that waits for `100 Continue` (curl does above 1 MiB) would otherwise stall
     // until its own timeout before sending the body.
-    let expects_continue = header_bytes(session.req_header(), "expect")
+    let expects_continue = header_bytes(session.req_header(), &http::header::EXPECT)
         .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
     if expects_continue {
         session

@@ -176,7 +176,7 @@ impl GateProxy {
             let served = ctx
                 .current_model()
                 .map(|m| &ctx.snap.routes.model_headers[m]);
-            decorate_response(&mut resp, &adm.standing, None, served)?;
+            decorate_response(&mut resp, &adm.standing, None, served, None)?;
         }
         session.write_response_header(Box::new(resp), false).await?;
         session.write_response_body(Some(body), true).await?;
@@ -382,11 +382,13 @@ impl GateProxy {
 
 #[async_trait]
 impl ProxyHttp for GateProxy {
-    type CTX = RequestCtx;
+    /// Boxed: Pingora keeps the context inline in the future it boxes and moves for every
+    /// request (copying a ~740-byte context more than once costs more than one allocation).
+    type CTX = Box<RequestCtx>;
 
-    fn new_ctx(&self) -> RequestCtx {
+    fn new_ctx(&self) -> Box<RequestCtx> {
         self.gate.request_started();
-        RequestCtx {
+        Box::new(RequestCtx {
             gate: self.gate.clone(),
             snap: self.gate.snapshot(),
             started: Instant::now(),
@@ -422,12 +424,16 @@ impl ProxyHttp for GateProxy {
             traceparent: None,
             relay: None,
             client_gone: false,
-        }
+        })
     }
 
     /// Request phase: route, authenticate, authorize, read + parse the body, admit.
     /// `Ok(true)`: the response (an answer or a rejection) is already written.
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut Box<RequestCtx>,
+    ) -> Result<bool> {
         let (endpoint, model_id) = {
             let (endpoint, id) = admission::route(session.req_header().uri.path());
             // Only `GET /v1/models/{id}` and `/v1/keys/{id}/revoke` need the rest of the path:
@@ -483,8 +489,8 @@ impl ProxyHttp for GateProxy {
             ctx.relay = Some(Relay::new(path, false));
             return Ok(false);
         }
-        let authorization = header_bytes(session.req_header(), "authorization");
-        let x_api_key = header_bytes(session.req_header(), "x-api-key");
+        let authorization = header_bytes(session.req_header(), &http::header::AUTHORIZATION);
+        let x_api_key = header_bytes(session.req_header(), &headers::X_API_KEY);
         let anonymous_catalog = ctx.snap.routes.config.public_catalog
             && authorization.is_none()
             && x_api_key.is_none()
@@ -553,7 +559,9 @@ impl ProxyHttp for GateProxy {
             endpoint,
             Endpoint::ImagesEdits | Endpoint::Transcriptions | Endpoint::Translations
         )
-        .then(|| header_bytes(session.req_header(), "content-type").map(<[u8]>::to_vec))
+        .then(|| {
+            header_bytes(session.req_header(), &http::header::CONTENT_TYPE).map(<[u8]>::to_vec)
+        })
         .flatten();
         // The old process of an upgrade stops admitting once it hands over; an admission
         // under way finishes (and is journaled) before it does.
@@ -577,7 +585,7 @@ impl ProxyHttp for GateProxy {
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<Box<HttpPeer>> {
         if let Some(relay) = &ctx.relay {
             return relay.peer().await;
@@ -650,7 +658,7 @@ impl ProxyHttp for GateProxy {
         peer: &HttpPeer,
         fd: std::os::unix::io::RawFd,
         _digest: Option<&Digest>,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
         if !reused {
             self.gate.metrics.upstream_connection();
@@ -666,7 +674,7 @@ impl ProxyHttp for GateProxy {
         &self,
         _session: &mut Session,
         req: &mut RequestHeader,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
         if ctx.relay.is_some() {
             return Ok(()); // as the client sent it
@@ -682,12 +690,15 @@ impl ProxyHttp for GateProxy {
         let p = routes.catalog.models()[m].provider;
         let key = ctx.pool_key.map(|k| &routes.provider_keys[p].get(k).header);
         let uri = routes.upstream_uri(p, plan.route());
-        rewrite_upstream_request(req, &routes.provider_headers[p], key, uri, body.len())?;
-        // The provider's work is a child of the gateway's span (replacing the agent's
-        // `traceparent`, which names the agent's span); `tracestate` passes as sent.
-        if let Some(tp) = &ctx.traceparent {
-            req.insert_header(TRACEPARENT.clone(), tp.clone())?;
-        }
+        // `tracestate` passes as sent.
+        rewrite_upstream_request(
+            req,
+            &routes.provider_headers[p],
+            key,
+            uri,
+            body.len(),
+            ctx.traceparent.as_ref(),
+        )?;
         // From here the request may reach the provider, which may then work on it.
         ctx.sent_upstream = true;
         Ok(())
@@ -705,7 +716,7 @@ impl ProxyHttp for GateProxy {
         session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
         if let Some(relay) = &ctx.relay {
             // Read here already: sent whole (else Pingora streams the client's body on).
@@ -735,7 +746,7 @@ impl ProxyHttp for GateProxy {
         &self,
         _session: &mut Session,
         resp: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
         let status = resp.status.as_u16();
         if status < 200 {
@@ -775,7 +786,7 @@ impl ProxyHttp for GateProxy {
         _session: &mut Session,
         _body: &mut Option<Bytes>,
         end_of_stream: bool,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<Option<std::time::Duration>> {
         let timeouts = ReadTimeouts::of(&ctx.snap.routes.config.tuning);
         ctx.upstream_watch
@@ -789,7 +800,7 @@ impl ProxyHttp for GateProxy {
         &self,
         session: &mut Session,
         resp: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
         ctx.response_started = true;
         ctx.status = resp.status.as_u16();
@@ -797,10 +808,11 @@ impl ProxyHttp for GateProxy {
         if ctx.relay.is_some() {
             return Ok(());
         }
-        if let Some(tp) = &ctx.traceparent {
-            resp.insert_header(TRACEPARENT.clone(), tp.clone())?;
-        }
+        let traceparent = ctx.traceparent.as_ref();
         let Some(adm) = &ctx.admission else {
+            if let Some(tp) = traceparent {
+                resp.insert_header(TRACEPARENT.clone(), tp.clone())?;
+            }
             return Ok(());
         };
         let names = &ctx.snap.routes.model_headers;
@@ -811,6 +823,7 @@ impl ProxyHttp for GateProxy {
             &adm.standing,
             fallback_from.map(|m| &names[m]),
             served.map(|m| &names[m]),
+            traceparent,
         )?;
         ctx.observe_response_head(resp);
         // The client hung up while the upstream worked (a non-streamed request, which is
@@ -829,7 +842,7 @@ impl ProxyHttp for GateProxy {
         _session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<Option<std::time::Duration>> {
         if ctx.admission.is_none() {
             return Ok(None);
@@ -854,7 +867,7 @@ impl ProxyHttp for GateProxy {
         &self,
         _session: &mut Session,
         peer: &HttpPeer,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
         mut e: Box<Error>,
     ) -> Box<Error> {
         if let Some(relay) = &ctx.relay {
@@ -903,7 +916,7 @@ impl ProxyHttp for GateProxy {
         peer: &HttpPeer,
         _session: &mut Session,
         e: Box<Error>,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer} (reused: {client_reused})"));
@@ -921,7 +934,7 @@ impl ProxyHttp for GateProxy {
         &self,
         session: &mut Session,
         e: &Error,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> FailToProxy {
         ctx.end_upstream_attempt();
         let gate_err = ctx
@@ -967,7 +980,7 @@ impl ProxyHttp for GateProxy {
     }
 
     /// Last phase, on every outcome: settle the reservation, record spend and the trace.
-    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut Box<RequestCtx>) {
         ctx.upstream_watch.end_attempt();
         if e.is_some() && ctx.error_code.is_none() && ctx.response_started {
             ctx.error_code = Some(STREAM_BROKEN);
