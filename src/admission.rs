@@ -506,7 +506,7 @@ pub async fn admit<L: LimitStore>(
     res_id: u64,
 ) -> Result<Admission, GateError> {
     let mut fields = parse_fields(endpoint, body, content_type)?;
-    let chain = catalog.resolve(&fields.model, key)?;
+    let chain = key.resolve(catalog, &fields.model)?;
     let chain = served_chain(catalog, &chain, endpoint, &fields.model)?;
     let first = chain
         .get(0)
@@ -704,7 +704,7 @@ mod tests {
             let body = Bytes::from(body.to_string());
             let fields = parse_request(&body).unwrap();
             let key = any_key(&c);
-            let chain = c.resolve("all", &key).unwrap();
+            let chain = key.resolve(&c, "all").unwrap();
             let overheads = Overheads { media_part_tokens, tool_prompt_tokens: 0, max_audio_ms: 0 };
             let bound = reservation_bound(&c, &chain, Endpoint::ChatCompletions, &fields, body.len(), overheads);
 

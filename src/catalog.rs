@@ -3,12 +3,12 @@
 use std::collections::HashMap;
 
 use crate::config::{Config, Model, Provider};
-use crate::error::GateError;
-use crate::keys::KeyEntry;
 use crate::money::Nanos;
 use crate::usage::Usage;
 
-enum Target {
+/// What a name in requests refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
     Model(usize),
     /// Index into `Catalog::aliases`.
     Alias(usize),
@@ -36,7 +36,7 @@ pub struct Chain {
 }
 
 impl Chain {
-    fn push(&mut self, m: usize) {
+    pub fn push(&mut self, m: usize) {
         if (self.len as usize) < MAX_CHAIN {
             self.models[self.len as usize] = m as u16;
             self.len += 1;
@@ -125,32 +125,14 @@ impl Catalog {
         &self.alias_names
     }
 
-    /// Resolves `name` for `key`: 404 if unknown, 403 if nothing in it is allowed. For an
-    /// alias, models the key may not use are dropped from the chain.
-    pub fn resolve(&self, name: &str, key: &KeyEntry) -> Result<Chain, GateError> {
-        let mut chain = Chain::default();
-        match self.by_name.get(name) {
-            None => return Err(GateError::ModelNotFound(name.to_string())),
-            Some(Target::Model(m)) => {
-                if key.may_use_model(*m, self) {
-                    chain.push(*m);
-                }
-            }
-            Some(Target::Alias(a)) => {
-                let models = &self.alias_chains[*a];
-                if key.may_use_alias(*a, models, self) {
-                    for &m in models {
-                        if key.may_use_model(m, self) {
-                            chain.push(m);
-                        }
-                    }
-                }
-            }
-        }
-        if chain.is_empty() {
-            return Err(GateError::ModelNotAllowed(name.to_string()));
-        }
-        Ok(chain)
+    /// The model or alias `name` names, if any.
+    pub fn target(&self, name: &str) -> Option<Target> {
+        self.by_name.get(name).copied()
+    }
+
+    /// The models of alias `a` (an index from [`Catalog::target`]), in fallback order.
+    pub fn alias_models(&self, a: usize) -> &[usize] {
+        &self.alias_chains[a]
     }
 
     /// The cost of `usage` on model `m` (saturating: never wraps). Each input token is
@@ -223,14 +205,11 @@ impl Catalog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::keys::{BudgetMode, KeyRecord};
-    use crate::limits::KeyCounters;
     use std::path::Path;
-    use std::sync::Arc;
 
-    fn catalog() -> Catalog {
+    pub(crate) fn catalog() -> Catalog {
         let yaml = r#"
 listen: "127.0.0.1:8080"
 database: "x.db"
@@ -243,81 +222,6 @@ aliases:
   fast: [free, paid]
 "#;
         Catalog::new(&Config::parse(yaml, Path::new("t.yaml")).unwrap())
-    }
-
-    fn key(c: &Catalog, allowed: &[&str], free_only: bool) -> KeyEntry {
-        let record = KeyRecord {
-            id: "key_1".into(),
-            name: "n".into(),
-            prefix: "0a1b".into(),
-            token_hash: [0; 32],
-            scopes: vec![],
-            rpm: None,
-            rpd: None,
-            budget: None,
-            max_inflight: None,
-            budget_mode: BudgetMode::Soft,
-            allowed_models: allowed.iter().map(|s| s.to_string()).collect(),
-            free_only,
-            client_id: None,
-            created_at: 0,
-            expires_at: i64::MAX,
-            revoked_at: None,
-            last_used_at: None,
-            previous_hash: None,
-            previous_valid_until: None,
-            rotated_at: None,
-            group: None,
-            parent_id: None,
-            max_usd_per_hour: None,
-            loop_limit: None,
-        };
-        KeyEntry::new(record, c, Arc::new(KeyCounters::default()))
-    }
-
-    fn codes(c: &Catalog, k: &KeyEntry, name: &str) -> Result<usize, &'static str> {
-        c.resolve(name, k).map(|ch| ch.len()).map_err(|e| e.code())
-    }
-
-    #[test]
-    fn empty_allow_list_allows_everything_known() {
-        let c = catalog();
-        let k = key(&c, &[], false);
-        assert_eq!(codes(&c, &k, "fast"), Ok(2));
-        assert_eq!(codes(&c, &k, "paid"), Ok(1));
-        assert_eq!(codes(&c, &k, "nope"), Err("model_not_found"));
-    }
-
-    #[test]
-    fn allow_list_works_through_aliases() {
-        let c = catalog();
-        let k = key(&c, &["fast"], false);
-        assert_eq!(codes(&c, &k, "fast"), Ok(2));
-        assert_eq!(
-            codes(&c, &k, "paid"),
-            Ok(1),
-            "reached through the allowed alias"
-        );
-        assert_eq!(codes(&c, &k, "other"), Err("model_not_allowed"));
-
-        let k = key(&c, &["paid"], false);
-        let chain = c.resolve("fast", &k).unwrap();
-        assert_eq!(
-            (chain.len(), chain.get(0)),
-            (1, Some(0)),
-            "chain keeps only allowed models"
-        );
-        assert_eq!(codes(&c, &k, "free"), Err("model_not_allowed"));
-    }
-
-    #[test]
-    fn free_only_admits_only_free_models() {
-        let c = catalog();
-        let k = key(&c, &[], true);
-        assert_eq!(codes(&c, &k, "paid"), Err("model_not_allowed"));
-        assert_eq!(codes(&c, &k, "free"), Ok(1));
-        let chain = c.resolve("fast", &k).unwrap();
-        assert_eq!((chain.len(), chain.get(0)), (1, Some(1)));
     }
 
     #[test]

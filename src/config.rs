@@ -2,6 +2,7 @@
 //! with errors that name the field path, e.g. `models[3].provider: no provider named "opnai"`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -257,7 +258,42 @@ fn default_token_env() -> String {
     "SPIDERGATE_ADMIN_TOKEN".into()
 }
 
-pub use crate::providers::ProviderKind;
+/// The wire format a provider speaks (`kind` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// OpenAI and every OpenAI-compatible API: chat completions, embeddings, responses.
+    OpenAi,
+    /// Anthropic's Messages API.
+    Anthropic,
+}
+
+impl ProviderKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::Anthropic => "anthropic",
+        }
+    }
+}
+
+/// Where the store lives.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A SQLite file (created with its directory if missing).
+    Sqlite(PathBuf),
+    /// A PostgreSQL connection URL (`postgres://user:pass@host:port/db`).
+    Postgres(String),
+}
+
+/// Hand-written so a password in a PostgreSQL URL never reaches a log line.
+impl fmt::Debug for StoreLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreLocation::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
+            StoreLocation::Postgres(_) => f.write_str("Postgres(<url>)"),
+        }
+    }
+}
 
 /// The `anthropic-version` header sent upstream when neither the client nor the provider's
 /// config names one.
@@ -690,14 +726,14 @@ pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
 impl Config {
     /// Where keys, ledger and traces live: PostgreSQL when `shared_state` names it, else the
     /// SQLite file `database`.
-    pub fn store_location(&self) -> crate::store::StoreLocation {
+    pub fn store_location(&self) -> StoreLocation {
         match self
             .shared_state
             .as_ref()
             .and_then(|s| s.postgres_url.clone())
         {
-            Some(url) => crate::store::StoreLocation::Postgres(url),
-            None => crate::store::StoreLocation::Sqlite(self.database.clone()),
+            Some(url) => StoreLocation::Postgres(url),
+            None => StoreLocation::Sqlite(self.database.clone()),
         }
     }
 
@@ -1346,10 +1382,7 @@ aliases:
         let s = c.shared_state.as_ref().unwrap();
         assert_eq!(s.on_error, OnError::Closed);
         assert_eq!(s.reservation_ttl, Duration::from_secs(30));
-        assert!(matches!(
-            c.store_location(),
-            crate::store::StoreLocation::Postgres(_)
-        ));
+        assert!(matches!(c.store_location(), StoreLocation::Postgres(_)));
         // The URL (a password) never shows in Debug output.
         assert!(!format!("{c:?}").contains("u:p@"));
 

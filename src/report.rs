@@ -37,7 +37,7 @@ fn visible_aliases<'a>(
 ) -> impl Iterator<Item = (&'a str, &'a [usize])> {
     catalog.alias_names().iter().filter_map(move |name| {
         let chain = catalog.alias_chain(name)?;
-        let ok = key.is_none_or(|k| catalog.resolve(name, k).is_ok());
+        let ok = key.is_none_or(|k| k.resolve(catalog, name).is_ok());
         ok.then_some((name.as_str(), chain))
     })
 }
@@ -70,7 +70,7 @@ pub fn model_object(catalog: &Catalog, key: Option<&KeyEntry>, id: &str) -> Opti
         return ok.then(|| model_json(catalog, m).to_string().into_bytes());
     }
     let chain = catalog.alias_chain(id)?;
-    let ok = key.is_none_or(|k| catalog.resolve(id, k).is_ok());
+    let ok = key.is_none_or(|k| k.resolve(catalog, id).is_ok());
     ok.then(|| alias_json(catalog, id, chain, key).to_string().into_bytes())
 }
 

@@ -8,7 +8,7 @@ pub use set::{KeySet, KeySetBuilder};
 use std::ops::Deref;
 use std::sync::{Arc, OnceLock};
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, Chain, Target};
 use crate::clock::now_ms;
 use crate::error::GateError;
 use crate::limits::{KeyCounters, Limits};
@@ -377,6 +377,34 @@ impl KeyEntry {
         chain.iter().any(|&m| self.may_use_model(m, catalog))
     }
 
+    /// Resolves `name` for this key: 404 if unknown, 403 if nothing in it is allowed. For an
+    /// alias, models the key may not use are dropped from the chain.
+    pub fn resolve(&self, catalog: &Catalog, name: &str) -> Result<Chain, GateError> {
+        let mut chain = Chain::default();
+        match catalog.target(name) {
+            None => return Err(GateError::ModelNotFound(name.to_string())),
+            Some(Target::Model(m)) => {
+                if self.may_use_model(m, catalog) {
+                    chain.push(m);
+                }
+            }
+            Some(Target::Alias(a)) => {
+                let models = catalog.alias_models(a);
+                if self.may_use_alias(a, models, catalog) {
+                    for &m in models {
+                        if self.may_use_model(m, catalog) {
+                            chain.push(m);
+                        }
+                    }
+                }
+            }
+        }
+        if chain.is_empty() {
+            return Err(GateError::ModelNotAllowed(name.to_string()));
+        }
+        Ok(chain)
+    }
+
     /// Checks expiry and revocation (SPEC §2: 401 with the exact code).
     pub fn check_alive(&self, now: i64) -> Result<(), GateError> {
         if self.revoked {
@@ -477,6 +505,82 @@ pub fn split_list(s: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::tests::catalog;
+
+    fn key(c: &Catalog, allowed: &[&str], free_only: bool) -> KeyEntry {
+        let record = KeyRecord {
+            id: "key_1".into(),
+            name: "n".into(),
+            prefix: "0a1b".into(),
+            token_hash: [0; 32],
+            scopes: vec![],
+            rpm: None,
+            rpd: None,
+            budget: None,
+            max_inflight: None,
+            budget_mode: BudgetMode::Soft,
+            allowed_models: allowed.iter().map(|s| s.to_string()).collect(),
+            free_only,
+            client_id: None,
+            created_at: 0,
+            expires_at: i64::MAX,
+            revoked_at: None,
+            last_used_at: None,
+            previous_hash: None,
+            previous_valid_until: None,
+            rotated_at: None,
+            group: None,
+            parent_id: None,
+            max_usd_per_hour: None,
+            loop_limit: None,
+        };
+        KeyEntry::new(record, c, Arc::new(KeyCounters::default()))
+    }
+
+    fn codes(c: &Catalog, k: &KeyEntry, name: &str) -> Result<usize, &'static str> {
+        k.resolve(c, name).map(|ch| ch.len()).map_err(|e| e.code())
+    }
+
+    #[test]
+    fn empty_allow_list_allows_everything_known() {
+        let c = catalog();
+        let k = key(&c, &[], false);
+        assert_eq!(codes(&c, &k, "fast"), Ok(2));
+        assert_eq!(codes(&c, &k, "paid"), Ok(1));
+        assert_eq!(codes(&c, &k, "nope"), Err("model_not_found"));
+    }
+
+    #[test]
+    fn allow_list_works_through_aliases() {
+        let c = catalog();
+        let k = key(&c, &["fast"], false);
+        assert_eq!(codes(&c, &k, "fast"), Ok(2));
+        assert_eq!(
+            codes(&c, &k, "paid"),
+            Ok(1),
+            "reached through the allowed alias"
+        );
+        assert_eq!(codes(&c, &k, "other"), Err("model_not_allowed"));
+
+        let k = key(&c, &["paid"], false);
+        let chain = k.resolve(&c, "fast").unwrap();
+        assert_eq!(
+            (chain.len(), chain.get(0)),
+            (1, Some(0)),
+            "chain keeps only allowed models"
+        );
+        assert_eq!(codes(&c, &k, "free"), Err("model_not_allowed"));
+    }
+
+    #[test]
+    fn free_only_admits_only_free_models() {
+        let c = catalog();
+        let k = key(&c, &[], true);
+        assert_eq!(codes(&c, &k, "paid"), Err("model_not_allowed"));
+        assert_eq!(codes(&c, &k, "free"), Ok(1));
+        let chain = k.resolve(&c, "fast").unwrap();
+        assert_eq!((chain.len(), chain.get(0)), (1, Some(1)));
+    }
 
     #[test]
     fn ttl_range_is_one_hour_to_ninety_days() {

@@ -26,23 +26,7 @@ use crate::admission::Endpoint;
 use crate::error::GateError;
 use openai::RequestFields;
 
-/// The wire format a provider speaks (`kind` in the config).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProviderKind {
-    /// OpenAI and every OpenAI-compatible API: chat completions, embeddings, responses.
-    OpenAi,
-    /// Anthropic's Messages API.
-    Anthropic,
-}
-
-impl ProviderKind {
-    pub fn label(self) -> &'static str {
-        match self {
-            ProviderKind::OpenAi => "openai",
-            ProviderKind::Anthropic => "anthropic",
-        }
-    }
-}
+pub use crate::config::ProviderKind;
 
 /// How one attempt reaches its provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,7 +16,7 @@ mod sqlite;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::alerts::AlertRules;
@@ -33,24 +33,7 @@ pub use keys::{KeyFilter, KeyPage, KeyPatch, KeyStatus};
 pub use ledger::{Batch, HandoverRow, JournalRow, LedgerEntry, ModelSpend, TraceRow, ORPHANED};
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// Where the store lives.
-#[derive(Clone, PartialEq, Eq)]
-pub enum StoreLocation {
-    /// A SQLite file (created with its directory if missing).
-    Sqlite(PathBuf),
-    /// A PostgreSQL connection URL (`postgres://user:pass@host:port/db`).
-    Postgres(String),
-}
-
-/// Hand-written so a password in a PostgreSQL URL never reaches a log line.
-impl fmt::Debug for StoreLocation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StoreLocation::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
-            StoreLocation::Postgres(_) => f.write_str("Postgres(<url>)"),
-        }
-    }
-}
+pub use crate::config::StoreLocation;
 
 /// Any failure of either backend.
 #[derive(Debug)]
