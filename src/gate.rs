@@ -70,7 +70,7 @@ pub struct Gate {
     /// start (the exporter is per process).
     pub trace_context: bool,
     /// A binary upgrade, this process on either side of it (`handover`).
-    pub handover: crate::handover::Handover,
+    pub handover: crate::handover::state::Handover,
 }
 
 impl Gate {
@@ -128,7 +128,7 @@ impl Gate {
         let mut store = gate.open_store().map_err(|e| format!("database: {e}"))?;
         // Before keys (and their month's spend) are loaded: a crash never makes a request free.
         let orphans = match node {
-            None => store.charge_orphans(process_is_live),
+            None => store.charge_orphans(crate::handover::state::process_is_live),
             // Other nodes' admissions are theirs while their heartbeat is fresh.
             Some(n) => store
                 .live_owners(now_ms() - n.ttl.as_millis() as i64)
@@ -142,7 +142,7 @@ impl Gate {
         }
         if node.is_none() {
             store
-                .forget_handovers(process_is_live)
+                .forget_handovers(crate::handover::state::process_is_live)
                 .map_err(|e| format!("database: {e}"))?;
         }
         gate.reload_from(&store)
@@ -517,15 +517,6 @@ fn random_owner() -> i64 {
         b = now_ms().to_le_bytes();
     }
     (i64::from_le_bytes(b) & i64::MAX).max(1)
-}
-
-/// Whether the process that journaled an admission still runs (another gateway that handed
-/// its sockets to this one with `--upgrade`, still finishing its requests). This process's
-/// own pid, left by an earlier process that crashed, counts as gone.
-pub fn process_is_live(pid: i64) -> bool {
-    pid > 0
-        && pid != i64::from(std::process::id())
-        && std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Counters for a key new to this process: this month's spend per model and today's count

@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod edge;
 pub mod egress;
+pub mod endpoint;
 pub mod error;
 pub mod fleet;
 pub mod gate;

@@ -88,19 +88,6 @@ pub struct ModelTally {
     pub spent: Nanos,
 }
 
-impl From<crate::store::ModelSpend> for ModelTally {
-    /// A month's ledger row of one model, as the live counters keep it.
-    fn from(r: crate::store::ModelSpend) -> ModelTally {
-        ModelTally {
-            model: Arc::from(r.model),
-            requests: r.requests,
-            prompt_tokens: r.prompt_tokens,
-            completion_tokens: r.completion_tokens,
-            spent: r.cost,
-        }
-    }
-}
-
 /// Requests in the rolling minute and the UTC day, checked against `rpm` and `rpd`.
 #[derive(Debug, Default)]
 struct RateWindow {

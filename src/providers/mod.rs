@@ -22,7 +22,7 @@ pub mod translate;
 
 use bytes::Bytes;
 
-use crate::admission::Endpoint;
+use crate::endpoint::Endpoint;
 use crate::error::GateError;
 use openai::RequestFields;
 

@@ -35,6 +35,20 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 
 pub use crate::config::StoreLocation;
 
+/// The ledger keeps one row per key, model and month; the live counters, this.
+impl From<ModelSpend> for ModelTally {
+    /// A month's ledger row of one model, as the live counters keep it.
+    fn from(r: ModelSpend) -> ModelTally {
+        ModelTally {
+            model: Arc::from(r.model),
+            requests: r.requests,
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            spent: r.cost,
+        }
+    }
+}
+
 /// Any failure of either backend.
 #[derive(Debug)]
 pub enum StoreError {

@@ -28,117 +28,22 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::Now;
-use crate::gate::{process_is_live, Gate};
-use crate::keys::KeyEntry;
-use crate::limits::{Charge, Reservation};
+use crate::gate::Gate;
+
+pub mod state;
+use crate::limits::Charge;
 use crate::store::{HandoverRow, Store, StoreError};
+use state::process_is_live;
+pub use state::{relay_path_for, AdmissionGuard, Handover};
+use state::{Adopted, HANDOVER_WAIT};
 
 /// How the change log and saved minutes name a group.
 const GROUP_MARK: &str = "*group:";
-
-/// A hold this process took for an open admission of its predecessor.
-struct Adopted {
-    key: Arc<KeyEntry>,
-    reservation: Reservation,
-    row: HandoverRow,
-}
-
-/// This process's part in an upgrade, either side.
-#[derive(Default)]
-pub struct Handover {
-    /// Set once this process handed its sockets over and relays instead of admitting.
-    relaying: AtomicBool,
-    /// Admissions between their relay check and their journal push.
-    admitting: AtomicUsize,
-    /// The successor's relay socket, once known.
-    successor: OnceLock<PathBuf>,
-    /// This process's own relay socket (started with `--upgrade`).
-    relay_path: OnceLock<PathBuf>,
-    /// Started with `--upgrade`: requests wait until the predecessor's state is adopted.
-    adopting: AtomicBool,
-    /// Holds for the predecessor's open admissions, by journal id.
-    adopted: Mutex<HashMap<i64, Adopted>>,
-}
-
-/// An admission under way: the old process waits for it before it journals and hands over.
-pub struct AdmissionGuard<'a>(&'a AtomicUsize);
-
-impl Drop for AdmissionGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// The relay socket a process started with `--upgrade` listens on.
-pub fn relay_path_for(upgrade_sock: &str, pid: u32) -> PathBuf {
-    PathBuf::from(format!("{upgrade_sock}.relay.{pid}"))
-}
-
-impl Handover {
-    /// Where requests go instead of being admitted here: the successor's relay socket once
-    /// this process handed over, else `None`.
-    pub fn relay(&self) -> Option<&Path> {
-        if self.relaying.load(Ordering::SeqCst) {
-            self.successor.get().map(PathBuf::as_path)
-        } else {
-            None
-        }
-    }
-
-    /// Starts an admission: `Err(relay socket)` when this process handed over meanwhile
-    /// (the request goes there), else a guard to hold until the admission is journaled.
-    pub fn begin_admission(&self) -> Result<AdmissionGuard<'_>, &Path> {
-        self.admitting.fetch_add(1, Ordering::SeqCst);
-        let guard = AdmissionGuard(&self.admitting);
-        match self.relay() {
-            Some(path) => Err(path),
-            None => Ok(guard),
-        }
-    }
-
-    /// This process was started with `--upgrade`: it listens on `path` for what its
-    /// predecessor relays. A placeholder file marks it at once (Pingora binds the socket
-    /// over it when the listeners start, after the predecessor sent its sockets).
-    pub fn announce_relay(&self, path: PathBuf) -> std::io::Result<()> {
-        if !path.exists() {
-            std::fs::write(&path, b"")?;
-        }
-        let _ = self.relay_path.set(path);
-        Ok(())
-    }
-
-    /// This process's relay socket, if it has one (removed at exit).
-    pub fn relay_path(&self) -> Option<&Path> {
-        self.relay_path.get().map(PathBuf::as_path)
-    }
-
-    /// The newest relay socket announced next to `upgrade_sock` by another live process.
-    fn find_successor(upgrade_sock: &str) -> Option<PathBuf> {
-        let sock = Path::new(upgrade_sock);
-        let dir = match sock.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let prefix = format!("{}.relay.", sock.file_name()?.to_string_lossy());
-        let own = std::process::id();
-        std::fs::read_dir(&dir)
-            .ok()?
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let pid: u32 = name.strip_prefix(&prefix)?.parse().ok()?;
-                let modified = e.metadata().ok()?.modified().ok()?;
-                (pid != own && process_is_live(i64::from(pid))).then_some((modified, e.path()))
-            })
-            .max()
-            .map(|(_, path)| path)
-    }
-}
 
 /// Marker files next to the successor's relay socket: the hand-over began, and is done.
 fn marker(relay: &Path, what: &str) -> PathBuf {
@@ -146,9 +51,6 @@ fn marker(relay: &Path, what: &str) -> PathBuf {
     name.push(format!(".{what}"));
     PathBuf::from(name)
 }
-
-/// How long either side waits for the other before going on alone.
-const HANDOVER_WAIT: Duration = Duration::from_secs(30);
 
 /// The old process's half, on SIGQUIT before its sockets go: marks the hand-over begun and
 /// leaves the rest to a task (see [`finish_hand_over`]), so the sockets go at once. Without
@@ -233,25 +135,6 @@ fn save_minutes(gate: &Gate, store: &mut Store) -> Result<(), StoreError> {
         );
     }
     store.save_minutes(i64::from(std::process::id()), &rows)
-}
-
-impl Handover {
-    /// Started with `--upgrade`, once the sockets arrived: requests wait (see
-    /// [`Handover::until_adopted`]) until [`adopt_when_handed_over`] has run.
-    pub fn expect_predecessor(&self) {
-        self.adopting.store(true, Ordering::Release);
-    }
-
-    /// Waits while the predecessor's state is not adopted yet (one atomic read otherwise).
-    pub async fn until_adopted(&self) {
-        if !self.adopting.load(Ordering::Acquire) {
-            return;
-        }
-        let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
-        while self.adopting.load(Ordering::Acquire) && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
 }
 
 /// The new process's half, once its listeners run: waits until the predecessor (if it marked
