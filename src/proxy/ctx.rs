@@ -164,7 +164,7 @@ impl RequestCtx {
         };
         let is_sse = resp
             .headers
-            .get("content-type")
+            .get(http::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         let (codec, resized) = ResponseCodec::for_head(
             plan,
