@@ -11,7 +11,7 @@ The dumps stay in OUT (default /tmp/sginstr) for callgrind_annotate.
 
 Needs valgrind (apt-get install valgrind) and nginx (the mock), and release builds of the
 gateway and the bare proxy (cargo build --release --bins --examples).
-Usage (from the project checkout): benches/instr.py [--n 3000] [--conns 8]
+Usage (from the project checkout): benches/instr.py [--n 3000] [--conns 8] [--stream] [--fleet]
 It ends with a per-phase table for G: the proxy hooks, the ledger writer thread and the
 allocator, inclusive instructions per request (callgrind_annotate --inclusive=yes), so a
 change can be steered phase by phase. Full detail: callgrind_annotate --inclusive=yes OUT/G.out.<pid>.1
@@ -42,17 +42,32 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--n", type=int, default=3000)
 ap.add_argument("--conns", type=int, default=8)
 ap.add_argument("--out", default="/tmp/sginstr")
+ap.add_argument("--stream", action="store_true",
+                help="streamed chat: the request asks for a stream, the mock answers with SSE chunks "
+                     "and a usage chunk (which the gateway asked for and strips, as for any client)")
 ap.add_argument("--fleet", action="store_true",
                 help="also measure F: the same gateway, the request made by a key 3 deep in a tree "
                      "of minted keys (hard budget at the root) inside a hard-budget group (SPEC §7)")
 args = ap.parse_args()
+CONTENT_TYPE = "application/json"
+if args.stream:
+    CHUNK = ('data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"up-paid-a",'
+             '"choices":[{"index":0,"delta":{"content":"ok "},"finish_reason":null}]}\\n\\n')
+    BODY = (CHUNK * 4
+            + 'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"up-paid-a",'
+              '"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\\n\\n'
+            + 'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"up-paid-a",'
+              '"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}\\n\\n'
+            + 'data: [DONE]\\n\\n')
+    REQ = REQ[:-1] + ',"stream":true}'
+    CONTENT_TYPE = "text/event-stream"
 work = tempfile.mkdtemp(prefix="sginstr-")
 os.makedirs(args.out, exist_ok=True)
 open(os.path.join(work, "mock.conf"), "w").write(f"""
 worker_processes 1; pid {work}/mock.pid; error_log {work}/mock.err warn; daemon off;
 events {{ worker_connections 4096; }}
 http {{ access_log off; keepalive_requests 10000000;
-  server {{ listen 127.0.0.1:{MOCK}; location / {{ default_type application/json; return 200 '{BODY}'; }} }} }}
+  server {{ listen 127.0.0.1:{MOCK}; location / {{ default_type {CONTENT_TYPE}; return 200 '{BODY}'; }} }} }}
 """)
 
 

@@ -1563,3 +1563,47 @@ fn traces_name_the_messages_and_responses_endpoints_and_the_serving_provider() {
     let nf = find("messages", 404);
     assert_eq!(nf["error_code"], "model_not_found");
 }
+
+/// An answer whose length the gateway changes (a translation here) goes out chunked, so the
+/// client's connection carries the next request: without a length or chunking it would be
+/// delimited by closing the connection (and every request would need a new one).
+#[test]
+fn a_translated_answer_is_chunked_and_its_connection_serves_the_next_request() {
+    use std::io::{BufReader, Write};
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    let body = chat_body("claude-test").to_string();
+    let stream = std::net::TcpStream::connect(gw.addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    for round in 0..2 {
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            key.bearer(),
+            body.len()
+        );
+        writer.write_all(head.as_bytes()).unwrap();
+        writer.write_all(body.as_bytes()).unwrap();
+        let (status, headers) = common::read_head(&mut reader).unwrap();
+        assert_eq!(status, 200, "round {round}");
+        let framing = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+        assert_eq!(
+            framing("transfer-encoding").as_deref(),
+            Some("chunked"),
+            "round {round}: {headers:?}"
+        );
+        assert_eq!(framing("content-length"), None, "round {round}");
+        let answer: Value =
+            serde_json::from_slice(&common::read_body(&mut reader, &headers).unwrap()).unwrap();
+        assert_eq!(answer["object"], "chat.completion", "round {round}");
+    }
+    assert_eq!(
+        mock.requests().len(),
+        2,
+        "both requests went up, on one client connection"
+    );
+}

@@ -174,11 +174,23 @@ impl RequestCtx {
             adm.fields.client_wants_usage,
         );
         if resized {
-            resp.remove_header("content-length");
+            resp.remove_header(&http::header::CONTENT_LENGTH);
+            // Pingora chose the framing before this hook (chunked only for an answer that
+            // came without a length): without a length or chunking, the answer would be
+            // delimited by closing the connection, and every request would need a new one.
+            if !matches!(resp.status.as_u16(), 100..=199 | 204 | 304) {
+                let _ = resp.insert_header(
+                    http::header::TRANSFER_ENCODING,
+                    http::HeaderValue::from_static("chunked"),
+                );
+            }
         }
         if plan.translates() && !is_sse {
             // Errors come back in the client's shape too, always as JSON.
-            let _ = resp.insert_header("content-type", "application/json");
+            let _ = resp.insert_header(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
         }
         self.codec = Some(codec);
     }
