@@ -295,6 +295,72 @@ impl fmt::Debug for StoreLocation {
     }
 }
 
+/// Where Redis is (`shared_state.redis_url_env`), by the form of its URL:
+/// - `redis://[:password@]host:port[/db]` (or `rediss://`, `redis+unix://`): one server;
+/// - `redis+sentinel://host:port[,host:port…]/<master name>`: the master that Sentinel names;
+/// - `redis+cluster://host:port[,host:port…]`: a Redis Cluster.
+///
+/// Plain data, checked here (so `check-config` reports a malformed URL); the limit store
+/// connects to it. Hosts are kept as `redis://host:port` URLs.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RedisUrl {
+    Single(String),
+    Sentinel { hosts: Vec<String>, master: String },
+    Cluster { hosts: Vec<String> },
+}
+
+impl RedisUrl {
+    pub fn parse(url: &str) -> std::result::Result<RedisUrl, String> {
+        let url = url.trim();
+        let hosts = |rest: &str| -> std::result::Result<Vec<String>, String> {
+            let hosts: Vec<String> = rest
+                .split(',')
+                .filter(|h| !h.is_empty())
+                .map(|h| format!("redis://{h}"))
+                .collect();
+            if hosts.is_empty() {
+                return Err("names no host".into());
+            }
+            for h in &hosts {
+                redis::IntoConnectionInfo::into_connection_info(h.as_str())
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(hosts)
+        };
+        if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+            let (list, master) = rest.split_once('/').ok_or(
+                "redis+sentinel:// needs the master name: redis+sentinel://host:26379/mymaster",
+            )?;
+            let master = master.trim_end_matches('/');
+            if master.is_empty() {
+                return Err("redis+sentinel:// needs the master name after the hosts".into());
+            }
+            return Ok(RedisUrl::Sentinel {
+                hosts: hosts(list)?,
+                master: master.to_string(),
+            });
+        }
+        if let Some(rest) = url.strip_prefix("redis+cluster://") {
+            return Ok(RedisUrl::Cluster {
+                hosts: hosts(rest.trim_end_matches('/'))?,
+            });
+        }
+        redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| e.to_string())?;
+        Ok(RedisUrl::Single(url.to_string()))
+    }
+}
+
+/// Hand-written so a password in the URL never reaches a log line.
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RedisUrl::Single(_) => "Single(<url>)",
+            RedisUrl::Sentinel { .. } => "Sentinel(<urls>)",
+            RedisUrl::Cluster { .. } => "Cluster(<urls>)",
+        })
+    }
+}
+
 /// The `anthropic-version` header sent upstream when neither the client nor the provider's
 /// config names one.
 pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
@@ -603,7 +669,7 @@ fn parse_shared_state(raw: RawSharedState) -> Result<SharedState, ConfigError> {
         }
     }
     if let Some(u) = &redis_url {
-        if crate::shared::redis::check_url(u).is_err() {
+        if RedisUrl::parse(u).is_err() {
             return err(
                 "shared_state.redis_url_env",
                 "is not a Redis URL (redis://host:6379, redis+sentinel://host:26379/master, redis+cluster://host:6379,host:6379)",

@@ -59,6 +59,7 @@ use redis::sentinel::Sentinel;
 use redis::{Cmd, ErrorKind, Pipeline, RedisFuture, Script, Value};
 
 use crate::clock::{month_start_ms, MS_PER_DAY};
+use crate::config::RedisUrl;
 use crate::error::GateError;
 use crate::limits::{Charge, CounterView, Level, Limits, ModelTally, Standing, Upline};
 use crate::money::Nanos;
@@ -183,45 +184,17 @@ enum Target {
 
 impl Target {
     fn parse(url: &str) -> Result<Target, SharedError> {
-        let url = url.trim();
-        let hosts = |rest: &str| -> Vec<String> {
-            rest.split(',')
-                .filter(|h| !h.is_empty())
-                .map(|h| format!("redis://{h}"))
-                .collect()
-        };
-        if let Some(rest) = url.strip_prefix("redis+sentinel://") {
-            let (list, master) = rest.split_once('/').ok_or_else(|| {
-                SharedError::Unavailable(
-                    "redis+sentinel:// needs the master name: redis+sentinel://host:26379/mymaster"
-                        .into(),
-                )
-            })?;
-            let master = master.trim_end_matches('/');
-            if master.is_empty() {
-                return Err(SharedError::Unavailable(
-                    "redis+sentinel:// needs the master name after the hosts".into(),
-                ));
-            }
-            let sentinel = Sentinel::build(hosts(list))?;
-            return Ok(Target::Sentinel {
-                sentinel: Box::new(sentinel),
-                master: master.to_string(),
-            });
-        }
-        if let Some(rest) = url.strip_prefix("redis+cluster://") {
-            return Ok(Target::Cluster(ClusterClient::new(hosts(
-                rest.trim_end_matches('/'),
-            ))?));
-        }
-        Ok(Target::Single(redis::Client::open(url)?))
+        Ok(
+            match RedisUrl::parse(url).map_err(SharedError::Unavailable)? {
+                RedisUrl::Single(url) => Target::Single(redis::Client::open(url)?),
+                RedisUrl::Sentinel { hosts, master } => Target::Sentinel {
+                    sentinel: Box::new(Sentinel::build(hosts)?),
+                    master,
+                },
+                RedisUrl::Cluster { hosts } => Target::Cluster(ClusterClient::new(hosts)?),
+            },
+        )
     }
-}
-
-/// Whether `url` names Redis in a form [`RedisLimits::new`] accepts (parsed only, no
-/// connection): for `check-config`.
-pub fn check_url(url: &str) -> Result<(), SharedError> {
-    Target::parse(url).map(|_| ())
 }
 
 /// A connection to whichever [`Target`] is configured; cheap to clone.
