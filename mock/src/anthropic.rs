@@ -8,10 +8,10 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::billing::Api;
-use crate::http::HeadFlags;
 use crate::json::id;
 use crate::knobs::{Knobs, OutputFields, Tokens};
 use crate::reply::{Reply, Sent, Shape, DEFAULT_MODEL, REPLY_TEXT, STREAM_TOKEN};
+use crate::wire::HeadFlags;
 use crate::Served;
 
 #[derive(Deserialize)]

@@ -4,11 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::json::{push_openai_error, push_u64};
+use crate::json::push_openai_error;
 use crate::knobs::{apply_knob, Knobs};
+use crate::numbers::{parse_chunk_size, parse_decimal, trim};
 use crate::reply::Reply;
+use crate::wire::{push_head, Head, HeadFlags, Io, Method};
 use crate::{RecordedRequest, Shared};
 
 /// Largest request body accepted (either framing); larger gets 413 and the connection closes.
@@ -22,12 +24,6 @@ const MAX_TRAILERS: usize = 64;
 /// Read buffers above this are shrunk back after the request that grew them.
 const KEEP_BUF_BYTES: usize = 1 << 20;
 const READ_RESERVE: usize = 16 << 10;
-/// Headers `x-mock-leak-headers` adds: what a real provider says about the operator's account.
-const LEAK_HEADERS: &[u8] = b"\r\nopenai-organization: org-leak\r\nopenai-project: proj_leak\r\nanthropic-organization-id: leak\r\nset-cookie: a=b\r\nx-ratelimit-limit-requests: 5000\r\nx-ratelimit-remaining-tokens: 99";
-
-/// A client connection: plain TCP, or TLS over it.
-pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 pub(crate) async fn serve_connection<S: Io>(mut stream: S, shared: Arc<Shared>, id: u64) {
     let mut conn = Conn {
@@ -63,29 +59,6 @@ enum Abort {
     Closed,
     /// Reply with this status and an error body, then close.
     Reject(u16),
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Method {
-    Get,
-    Post,
-    Other,
-}
-
-pub(crate) struct Head {
-    pub(crate) method: Method,
-    head_len: usize,
-    content_length: Option<usize>,
-    chunked: bool,
-    expect_continue: bool,
-    keep_alive: bool,
-    pub(crate) knobs: Knobs,
-    /// An `x-api-key` header or a bearer token arrived (Anthropic's SDKs send either).
-    pub(crate) has_credentials: bool,
-    /// `x-api-key`, else the bearer token; only while some key is rejected.
-    pub(crate) provider_key: Option<String>,
-    /// Method and headers, only when recording.
-    recorded: Option<(String, Vec<(String, String)>)>,
 }
 
 enum BodyAt {
@@ -341,49 +314,6 @@ fn parse_head(
     Ok(Some(head))
 }
 
-pub(crate) fn trim(mut s: &[u8]) -> &[u8] {
-    while let [b' ' | b'\t', rest @ ..] = s {
-        s = rest;
-    }
-    while let [rest @ .., b' ' | b'\t'] = s {
-        s = rest;
-    }
-    s
-}
-
-/// Strict unsigned decimal (no sign, no spaces inside), at most 18 digits.
-pub(crate) fn parse_decimal(s: &[u8]) -> Option<usize> {
-    if s.is_empty() || s.len() > 18 {
-        return None;
-    }
-    let mut n: usize = 0;
-    for &b in s {
-        if !b.is_ascii_digit() {
-            return None;
-        }
-        n = n.checked_mul(10)?.checked_add(usize::from(b - b'0'))?;
-    }
-    Some(n)
-}
-
-/// The size on a chunk-size line, ignoring chunk extensions.
-pub(crate) fn parse_chunk_size(line: &[u8]) -> Option<usize> {
-    let digits = match memchr::memchr(b';', line) {
-        Some(i) => &line[..i],
-        None => line,
-    };
-    let digits = trim(digits);
-    if digits.is_empty() || digits.len() > 15 {
-        return None;
-    }
-    let mut n: usize = 0;
-    for &b in digits {
-        let d = char::from(b).to_digit(16)?;
-        n = n.checked_mul(16)?.checked_add(d as usize)?;
-    }
-    Some(n)
-}
-
 /// Decode a chunked body that starts at `buf[pos]` into `body`, reading as needed. Consumed
 /// bytes are dropped from `buf` on the way, so a large body is never held twice; returns
 /// where the request ends in `buf`.
@@ -479,80 +409,4 @@ async fn reject(stream: &mut dyn Io, out: &mut Vec<u8>, status: u16) {
     out.extend_from_slice(&json);
     let _ = stream.write_all(out).await;
     let _ = stream.shutdown().await;
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        402 => "Payment Required",
-        403 => "Forbidden",
-        404 => "Not Found",
-        408 => "Request Timeout",
-        409 => "Conflict",
-        413 => "Payload Too Large",
-        422 => "Unprocessable Entity",
-        429 => "Too Many Requests",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Mock Status",
-    }
-}
-
-/// The response-head options beyond status, type and length.
-#[derive(Clone, Copy, Default)]
-pub(crate) struct HeadFlags {
-    /// Add `connection: close`.
-    pub(crate) close: bool,
-    /// `x-mock-leak-headers`: add [`LEAK_HEADERS`].
-    pub(crate) leak: bool,
-    /// Add `retry-after: N`.
-    pub(crate) retry_after: Option<u64>,
-    /// Add rate-limit headers saying the key has requests and tokens left.
-    pub(crate) capacity: bool,
-}
-
-/// A key with capacity left, as OpenAI and Anthropic report it on every response.
-const CAPACITY_HEADERS: &[u8] = b"\r\nx-ratelimit-limit-requests: 500\r\nx-ratelimit-remaining-requests: 499\r\nx-ratelimit-limit-tokens: 30000\r\nx-ratelimit-remaining-tokens: 30000\r\nanthropic-ratelimit-requests-remaining: 49\r\nanthropic-ratelimit-tokens-remaining: 30000";
-
-/// Status line and headers; `content_length: None` means a chunked body.
-pub(crate) fn push_head(
-    out: &mut Vec<u8>,
-    status: u16,
-    content_type: &[u8],
-    content_length: Option<usize>,
-    flags: HeadFlags,
-) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    push_u64(out, u64::from(status));
-    out.push(b' ');
-    out.extend_from_slice(reason(status).as_bytes());
-    out.extend_from_slice(b"\r\ncontent-type: ");
-    out.extend_from_slice(content_type);
-    match content_length {
-        Some(len) => {
-            out.extend_from_slice(b"\r\ncontent-length: ");
-            push_u64(out, len as u64);
-        }
-        None => out.extend_from_slice(b"\r\ncache-control: no-cache\r\ntransfer-encoding: chunked"),
-    }
-    if flags.close {
-        out.extend_from_slice(b"\r\nconnection: close");
-    }
-    if let Some(secs) = flags.retry_after {
-        out.extend_from_slice(b"\r\nretry-after: ");
-        push_u64(out, secs);
-    }
-    if flags.leak {
-        out.extend_from_slice(LEAK_HEADERS);
-    }
-    if flags.capacity {
-        out.extend_from_slice(CAPACITY_HEADERS);
-    }
-    out.extend_from_slice(b"\r\n\r\n");
 }

@@ -124,7 +124,7 @@ pub(crate) fn push_json_str(out: &mut Vec<u8>, s: &str) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::http::{parse_chunk_size, parse_decimal};
+    use crate::numbers::{parse_chunk_size, parse_decimal};
 
     #[test]
     fn json_strings_are_escaped() {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 
 use crate::billing::{hidden_input, Api, HiddenSizes};
-use crate::http::parse_decimal;
+use crate::numbers::parse_decimal;
 use crate::Served;
 
 const DEFAULT_PROMPT_TOKENS: u64 = 10;

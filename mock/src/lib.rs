@@ -52,9 +52,11 @@ mod http;
 mod json;
 mod knobs;
 mod media;
+mod numbers;
 mod openai_chat;
 mod openai_responses;
 mod reply;
+mod wire;
 
 pub use media::{speech_audio, AUDIO_BYTES_PER_SECOND, PNG_B64};
 

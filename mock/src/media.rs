@@ -5,10 +5,10 @@
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::http::{push_head, HeadFlags};
 use crate::json::{push_hex, unix_now};
 use crate::knobs::Knobs;
 use crate::reply::{Reply, Sent, Shape};
+use crate::wire::{push_head, HeadFlags};
 
 /// A 1x1 PNG, the image of every `b64_json` answer.
 pub const PNG_B64: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";

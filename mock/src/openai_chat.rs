@@ -8,10 +8,10 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use crate::billing::Api;
-use crate::http::HeadFlags;
 use crate::json::{push_id, push_json_str, push_u64, push_usage, unix_now};
 use crate::knobs::{Knobs, OutputFields, Tokens, TOOL_ARGUMENTS};
 use crate::reply::{Reply, Sent, Shape, DEFAULT_MODEL, REPLY_TEXT, STREAM_TOKEN};
+use crate::wire::HeadFlags;
 
 const EMBEDDING_DIMS: usize = 8;
 const CHAT_ID_PREFIX: &str = "chatcmpl-mock-";

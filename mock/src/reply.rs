@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use crate::http::Io;
+use crate::wire::Io;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
-use crate::http::{push_head, Head, HeadFlags, Method};
 use crate::json::{push_hex, push_model, push_openai_error};
+use crate::wire::{push_head, Head, HeadFlags, Method};
 use crate::{Served, Shared};
 
 pub(crate) const DEFAULT_MODEL: &str = "mock-model";
