@@ -1123,3 +1123,55 @@ fn a_large_image_edit_is_charged_its_n_and_an_n_after_the_files_stops_it() {
     assert!(mock.requests().is_empty());
     assert_eq!(spend(&gw, &key), 80_000_000);
 }
+
+/// A large form can still move to the next model of its chain while none of it went
+/// upstream (a refused connection); once its body flowed, the provider's answer is final.
+#[test]
+fn a_large_form_falls_back_before_its_body_flows_and_not_after() {
+    let mock = mock();
+    let models = format!(
+        "{MODELS_YAML}  - id: whisper-dead\n    provider: dead\n    endpoint: transcriptions\n    usd_per_minute: 0.006\naliases:\n  stt/failover: [whisper-dead, whisper]\n  stt/pair: [transcribe, whisper]\n"
+    );
+    let gw = GatewayBuilder::new(&mock)
+        .models(&models)
+        .server("max_audio_seconds: 600")
+        .start();
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let file = large_file();
+    let body = form(
+        &[
+            ("model", "stt/failover"),
+            ("response_format", "verbose_json"),
+        ],
+        &[("file", "speech.mp3", &file)],
+    );
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-spidergate-model"), Some("whisper"));
+    let want = form(
+        &[
+            ("model", "whisper-upstream-long-name"),
+            ("response_format", "verbose_json"),
+        ],
+        &[("file", "speech.mp3", &file)],
+    );
+    assert!(
+        mock.requests()[0].body == want,
+        "the fallback's form, whole"
+    );
+    assert_eq!(spend(&gw, &key), 18_750_000);
+    // A 429 read after the whole form went: not sent again to the next model.
+    mock.clear();
+    let body = form(&[("model", "stt/pair")], &[("file", "speech.mp3", &file)]);
+    let r = post_form_with(
+        &gw,
+        "/v1/audio/transcriptions",
+        &key,
+        &body,
+        &[("x-mock-status", "429")],
+    );
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(mock.requests().len(), 1, "one attempt");
+    assert_eq!(spend(&gw, &key), 18_750_000);
+}

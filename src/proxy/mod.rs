@@ -844,10 +844,12 @@ impl ProxyHttp for GateProxy {
             return Err(e);
         }
         let retryable = status == 429 || status >= 500;
+        // An upload whose body flowed cannot be sent again: its answer passes as it is.
         let has_next = ctx
             .admission
             .as_ref()
-            .is_some_and(|a| ctx.attempt + 1 < a.chain.len());
+            .is_some_and(|a| ctx.attempt + 1 < a.chain.len())
+            && ctx.upload.as_ref().is_none_or(|u| u.can_resend());
         if retryable && has_next && !ctx.response_started {
             ctx.fallback_status = Some(status);
             let mut e = Error::explain(
