@@ -592,8 +592,9 @@ impl ProxyHttp for GateProxy {
             {
                 Ok(()) => {}
                 Err(e) => {
-                    // A malformed opening: the rest is drained after the answer, as above;
-                    // a body too slow is not waited for again.
+                    // A malformed opening: Pingora drains the rest once the answer is sent
+                    // (the client, still sending, then reads it); a body too slow is not
+                    // waited for again.
                     if matches!(e, GateError::RequestTimeout) {
                         session.set_keepalive(None);
                     }
@@ -756,6 +757,9 @@ impl ProxyHttp for GateProxy {
     /// Emits the rewritten body. The body was read whole in `request_filter`; the Pingora fork
     /// then calls this once with `end_of_stream` so the buffered body can be sent, whatever its
     /// size (upstream Pingora 0.9 would replay only 64 KiB: cloudflare/pingora#349, #575).
+    /// An upload ([`upload`]) was read only to its opening: this is called for each later
+    /// piece, which is scanned, and sent after the rewritten opening for the first one; `Err`
+    /// for a piece that shows the form malformed (it is not sent).
     ///
     /// Once a non-streamed request is on its way, a client that hangs up no longer aborts
     /// it: the answer is read to its end (within the upstream timeouts) for its usage, and
