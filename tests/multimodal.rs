@@ -993,7 +993,20 @@ fn a_large_form_for_the_wrong_family_or_a_model_not_allowed_reaches_nothing() {
     let whisper = form(&[("model", "whisper")], &[("file", "a.mp3", &file)]);
     let r = post_form(&gw, "/v1/audio/transcriptions", &mini_only, &whisper);
     assert_eq!((r.status, r.code().as_str()), (403, "model_not_allowed"));
-    let r = post_form(&gw, "/v1/audio/transcriptions", &models_only, &whisper);
+    // Refused before any of the body is read: on a kept-alive connection, which Pingora
+    // drains after the answer (with `Connection: close` it would just close).
+    let bearer = models_only.bearer();
+    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
+    let r = KeptAlive::open(gw.addr)
+        .and_then(|mut c| {
+            c.send(
+                "POST",
+                "/v1/audio/transcriptions",
+                &[("Authorization", &bearer), ("Content-Type", &ct)],
+                &whisper,
+            )
+        })
+        .expect("POST");
     assert_eq!((r.status, r.code().as_str()), (403, "insufficient_scope"));
     assert!(mock.requests().is_empty());
     assert_eq!(mock.connections(), connections);
@@ -1029,6 +1042,24 @@ fn a_large_malformed_form_is_400_and_the_upstream_never_receives_a_whole_form() 
         );
     }
     assert_eq!(mock.connections(), connections, "nothing forwarded");
+    // Malformed in the middle (a part without a name after 2 MB of file): the part of the
+    // form before it went upstream, the rest never does; the client, still sending, gets
+    // the 400 (the rest of its body is read and dropped).
+    let mut middle = form(&[("model", "whisper")], &[("file", "a.mp3", &file)]);
+    let bad_part = format!("\r\n--{BOUNDARY}\r\nContent-Type: x\r\n\r\n");
+    middle.splice(2_000_000..2_000_000, bad_part.bytes());
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &middle);
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (400, "invalid_request"),
+        "{}",
+        r.text()
+    );
+    assert!(mock.connections() > connections, "it was on its way");
+    assert!(
+        mock.requests().is_empty(),
+        "the upstream never got a whole form"
+    );
     // Malformed at its very end (no closing delimiter): only known once most of it went.
     let whole = form(&[("model", "whisper")], &[("file", "a.mp3", &file)]);
     let cut = &whole[..whole.len() - 12];

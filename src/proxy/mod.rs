@@ -85,6 +85,24 @@ impl GateProxy {
         Ok(true)
     }
 
+    /// Refuses an upload read only to its opening: the answer, then the rest of the body
+    /// read and dropped, so a client that sends its whole body before reading (most do)
+    /// reads the answer instead of a reset, with `Connection: close` too (Pingora drains
+    /// only a connection it keeps). The client is authenticated; its body is within
+    /// `max_body_bytes`, and each read within Pingora's read timeout.
+    async fn reject_upload(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        err: GateError,
+    ) -> Result<bool> {
+        self.reject(session, ctx, err).await?;
+        if session.drain_request_body().await.is_err() {
+            session.set_keepalive(None);
+        }
+        Ok(true)
+    }
+
     async fn answer(
         &self,
         session: &mut Session,
@@ -591,15 +609,12 @@ impl ProxyHttp for GateProxy {
                 .await?
             {
                 Ok(()) => {}
-                Err(e) => {
-                    // A malformed opening: Pingora drains the rest once the answer is sent
-                    // (the client, still sending, then reads it); a body too slow is not
-                    // waited for again.
-                    if matches!(e, GateError::RequestTimeout) {
-                        session.set_keepalive(None);
-                    }
+                // A body too slow is not waited for again.
+                Err(e @ GateError::RequestTimeout) => {
+                    session.set_keepalive(None);
                     return self.reject(session, ctx, e).await;
                 }
+                Err(e) => return self.reject_upload(session, ctx, e).await,
             }
         } else {
             let read = with_deadline(deadline, read_body(session, max_body)).await;
@@ -627,8 +642,7 @@ impl ProxyHttp for GateProxy {
                 self.count_tokens_estimate(session, ctx).await
             }
             Ok(()) => Ok(false),
-            // The rest of an upload is unread: Pingora drains it once the answer is sent,
-            // so the client, still sending, reads the answer rather than a reset.
+            Err(e) if ctx.upload.is_some() => self.reject_upload(session, ctx, e).await,
             Err(e) => self.reject(session, ctx, e).await,
         }
     }
@@ -1058,6 +1072,11 @@ impl ProxyHttp for GateProxy {
             traceparent,
         )
         .await;
+        // An upload stopped as malformed: the rest of its body is read and dropped after
+        // the answer, so a client still sending reads the 400 instead of a reset.
+        if ctx.upload.as_ref().is_some_and(|u| u.malformed()) {
+            let _ = session.drain_request_body().await;
+        }
         FailToProxy {
             error_code: err.status(),
             can_reuse_downstream: false,

@@ -22,6 +22,8 @@ pub(super) struct Upload {
     started: bool,
     /// The body's last piece went to the upstream.
     complete: bool,
+    /// A piece showed the form malformed: the upload stopped there.
+    malformed: bool,
 }
 
 impl Upload {
@@ -33,6 +35,7 @@ impl Upload {
             admitted_n: None,
             started: false,
             complete: false,
+            malformed: false,
         }
     }
 
@@ -70,6 +73,15 @@ impl Upload {
     /// `Err` when the form turns out malformed: the piece must not go, so the upstream
     /// never receives a complete form.
     pub(super) fn pass(&mut self, piece: &[u8], end: bool) -> Result<bool, GateError> {
+        let checked = self.check(piece, end);
+        self.malformed = checked.is_err();
+        checked?;
+        let first = !std::mem::replace(&mut self.started, true);
+        self.complete = end;
+        Ok(first)
+    }
+
+    fn check(&mut self, piece: &[u8], end: bool) -> Result<(), GateError> {
         self.scanner.feed(piece)?;
         if end {
             self.scanner.finish()?;
@@ -79,9 +91,12 @@ impl Upload {
                 "a large form's 'n' must come before its files".into(),
             ));
         }
-        let first = !std::mem::replace(&mut self.started, true);
-        self.complete = end;
-        Ok(first)
+        Ok(())
+    }
+
+    /// The upload stopped at a piece that showed the form malformed.
+    pub(super) fn malformed(&self) -> bool {
+        self.malformed
     }
 
     /// The audio duration read from the whole file, once all of it passed.
