@@ -93,6 +93,7 @@ fn bench(c: &mut Criterion, catalog: &Catalog) {
                         Endpoint::ChatCompletions,
                         &mut body.clone(),
                         None,
+                        None,
                         Now::at(now),
                         Overheads {
                             media_part_tokens: 25_000,

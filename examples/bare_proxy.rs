@@ -78,6 +78,9 @@ impl ProxyHttp for Bare {
 }
 
 fn main() {
+    // Same memory policy as the gateway (no transparent huge pages), so the benchmarks
+    // compare proxy work, not page sizes.
+    spidergate::memory::no_huge_pages();
     // Same crypto provider set-up as the gateway (the fork's rustls has none by default).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();

@@ -309,17 +309,42 @@ pub fn parse_fields(
         Endpoint::Speech => parse_media_request(body, MediaKind::Speech),
         Endpoint::ImagesEdits | Endpoint::Transcriptions | Endpoint::Translations => {
             let form = multipart::parse(body, &multipart::boundary(content_type)?)?;
-            let units = match (endpoint, &form.n) {
-                (Endpoint::ImagesEdits, Some(n)) => images_n(n)?,
-                (Endpoint::ImagesEdits, None) => 1,
-                // The audio's duration where its header tells it (else 0: the configured
-                // bound, see `bound_units`).
-                _ => form.audio_ms.unwrap_or(0),
-            };
-            Ok(RequestFields::for_form(&form.model, form.model_span, units))
+            form_fields(endpoint, &form, form.audio_ms)
         }
         _ => parse_request(body),
     }
+}
+
+/// The fields of a form (whole, or the head of one forwarded as it arrives): its model,
+/// and its units: the images asked for, or the audio's duration where `audio_ms` bounds it
+/// (else 0: the configured bound, see `bound_units`).
+pub fn form_fields(
+    endpoint: Endpoint,
+    form: &multipart::Form,
+    audio_ms: Option<u64>,
+) -> Result<RequestFields, GateError> {
+    let units = match (endpoint, &form.n) {
+        (Endpoint::ImagesEdits, Some(n)) => images_n(n)?,
+        (Endpoint::ImagesEdits, None) => 1,
+        _ => audio_ms.unwrap_or(0),
+    };
+    Ok(RequestFields::for_form(
+        &form.model,
+        form.model_span.clone(),
+        units,
+    ))
+}
+
+/// The opening of a large form that is forwarded as it arrives (`proxy::upload`): what was
+/// read of it when the request is decided. `body` is then that opening.
+#[derive(Debug, Clone, Copy)]
+pub struct FormHead<'a> {
+    /// Its fields so far: the `model` part is among them.
+    pub form: &'a multipart::Form,
+    /// The whole body's length (its `Content-Length`).
+    pub body_len: usize,
+    /// A bound on the audio that holds whatever follows (a WAV header's), if any.
+    pub audio_ms: Option<u64>,
 }
 
 /// The models of `chain` that can serve `endpoint`: of its family (`models[].endpoint`), on
@@ -369,11 +394,17 @@ pub async fn admit<L: LimitStore>(
     endpoint: Endpoint,
     body: &mut Bytes,
     content_type: Option<&[u8]>,
+    head: Option<FormHead<'_>>,
     now: Now,
     overheads: Overheads,
     res_id: u64,
 ) -> Result<Admission, GateError> {
-    let mut fields = parse_fields(endpoint, body, content_type)?;
+    let mut fields = match head {
+        Some(h) => form_fields(endpoint, h.form, h.audio_ms)?,
+        None => parse_fields(endpoint, body, content_type)?,
+    };
+    // What the client sends in all: more than `body` for a form forwarded as it arrives.
+    let body_len = head.map_or(body.len(), |h| h.body_len);
     let chain = key.resolve(catalog, &fields.model)?;
     let chain = served_chain(catalog, &chain, endpoint, &fields.model)?;
     let first = chain
@@ -403,14 +434,14 @@ pub async fn admit<L: LimitStore>(
         (plan, Some(b))
     };
     let upstream_len = upstream.as_ref().map_or_else(
-        || body.len() - fields.model_span().len() + upstream_id.len(),
+        || body_len - fields.model_span().len() + upstream_id.len(),
         Bytes::len,
     );
     // The provider bills what it receives: the forwarded body can be longer than the
     // client's (an inserted output cap, a longer upstream model id, a translation), so the
     // prompt bound counts the longer of the two. A fallback model whose body would be longer
     // still is skipped for a hard-budget key (`proxy::try_fallback`).
-    let sent_len = body.len().max(upstream_len);
+    let sent_len = body_len.max(upstream_len);
     let bound = reservation_bound(catalog, &chain, endpoint, &fields, sent_len, overheads);
     // Only a key with a loop limit pays for hashing its body.
     let digest = key

@@ -179,6 +179,9 @@ struct RawServer {
     media_part_tokens: u32,
     /// The longest audio a transcription or translation may bill: its reservation's bound.
     max_audio_seconds: u32,
+    /// Multipart forms up to this many bytes are read whole before they are forwarded;
+    /// larger ones are forwarded as they arrive, once their opening is read and admitted.
+    multipart_hold_bytes: u64,
     /// Input tokens a provider adds to a request with tools (its tool-use system prompt),
     /// and again for each provider-defined client tool (bash, text editor, computer use).
     tool_prompt_tokens: u32,
@@ -220,6 +223,7 @@ impl Default for RawServer {
             default_max_output_tokens: DEFAULT_MAX_OUTPUT_TOKENS,
             media_part_tokens: DEFAULT_MEDIA_PART_TOKENS,
             max_audio_seconds: DEFAULT_MAX_AUDIO_SECONDS,
+            multipart_hold_bytes: DEFAULT_MULTIPART_HOLD_BYTES,
             tool_prompt_tokens: DEFAULT_TOOL_PROMPT_TOKENS,
             auth_failures_per_minute: 60,
             ledger_max_backlog: 100_000,
@@ -243,6 +247,8 @@ pub const DEFAULT_MAX_OUTPUT_TOKENS: u32 = 131_072;
 pub const DEFAULT_MEDIA_PART_TOKENS: u32 = 25_000;
 /// Two hours: past OpenAI's 25 MB upload at any bitrate its transcription models accept.
 pub const DEFAULT_MAX_AUDIO_SECONDS: u32 = 7_200;
+/// `server.multipart_hold_bytes`: a minute of 128 kbit/s MP3 is about 1 MB.
+pub const DEFAULT_MULTIPART_HOLD_BYTES: u64 = 1 << 20;
 /// Hidden input of a request with tools. Anthropic documents its tool-use system prompt at
 /// 313-530 tokens by model and `tool_choice`, and 245-735 tokens for each of its own client
 /// tools (bash, text editor, computer use); OpenAI's tool framing is smaller.
@@ -726,6 +732,8 @@ pub struct Tuning {
     pub media_part_tokens: u32,
     /// The duration bound of a transcription's audio (`server.max_audio_seconds`).
     pub max_audio_seconds: u32,
+    /// Larger multipart forms are forwarded as they arrive (`server.multipart_hold_bytes`).
+    pub multipart_hold_bytes: u64,
     pub tool_prompt_tokens: u32,
     pub auth_failures_per_minute: u32,
     pub ledger_max_backlog: usize,
@@ -1072,6 +1080,7 @@ impl Config {
                 ),
                 media_part_tokens: s.media_part_tokens,
                 max_audio_seconds: s.max_audio_seconds.max(1),
+                multipart_hold_bytes: s.multipart_hold_bytes,
                 tool_prompt_tokens: s.tool_prompt_tokens,
                 auth_failures_per_minute: s.auth_failures_per_minute,
                 ledger_max_backlog: s.ledger_max_backlog,

@@ -20,6 +20,7 @@ pub mod ledger;
 pub mod limits;
 pub mod listen_tls;
 pub mod manage;
+pub mod memory;
 pub mod metrics;
 pub mod money;
 pub mod prices;

@@ -327,6 +327,7 @@ impl log::Log for WireQuiet {
 }
 
 fn main() -> ExitCode {
+    spidergate::memory::no_huge_pages();
     init_logger();
     let cli = Cli::parse();
     let config_path = resolve_path(cli.config.as_deref());

@@ -730,7 +730,10 @@ fn a_streamed_transcription_passes_through_and_is_charged_from_its_final_usage()
     // The first delta is here while the mock holds the second one: nothing was buffered.
     let first = read_first_event(&mut reader);
     assert!(first.contains("\"transcript.text.delta\""), "{first}");
-    assert_eq!(mock.held("transcript"), 1);
+    // The mock registers its hold just after sending the first event: wait for it.
+    wait_for(std::time::Duration::from_secs(5), "the mock's hold", || {
+        (mock.held("transcript") == 1).then_some(())
+    });
     mock.release("transcript");
     let mut rest = Vec::new();
     std::io::Read::read_to_end(&mut reader, &mut rest).expect("rest");
@@ -829,4 +832,380 @@ fn a_streamed_transcription_cut_before_its_usage_is_charged_the_prompt_bound_and
     // The provider bills at most the body it received as input (`x-mock-prompt-tokens:
     // bytes`: every byte a token), and the 28 bytes of text it had sent as output.
     assert!(mock.requests()[0].body.len() as i64 <= prompt);
+}
+
+// ---- Large forms, forwarded as they arrive (SPEC §3, §4; `server.multipart_hold_bytes`,
+// 1 MiB by default: every form below is larger, and goes upstream while it is read).
+
+/// 3 MB that are not text and hold, again and again, every opening of the delimiter
+/// (`\r`, `\r\n`, `\r\n-`, ... `\r\n--sgBoundary7MA4YWx`) without ever completing it.
+fn large_file() -> Vec<u8> {
+    let delim = format!("\r\n--{BOUNDARY}");
+    let mut f = Vec::with_capacity(3_000_000);
+    let mut i = 0u32;
+    while f.len() < 3_000_000 {
+        let cut = 1 + (i as usize % (delim.len() - 1));
+        f.extend_from_slice(&delim.as_bytes()[..cut]);
+        f.push(0);
+        f.extend((0..97u32).map(|j| (i.wrapping_add(j).wrapping_mul(2_654_435_761) >> 13) as u8));
+        i += 1;
+    }
+    f.truncate(3_000_000);
+    f
+}
+
+/// Sends `body` with a declared length of `declared` bytes and returns the open connection.
+fn send_form(gw: &Gateway, key: &Key, declared: usize, body: &[u8]) -> std::net::TcpStream {
+    let bearer = key.bearer();
+    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
+    let len = declared.to_string();
+    send_request(
+        gw.addr,
+        "POST",
+        "/v1/audio/transcriptions",
+        &[
+            ("Authorization", bearer.as_str()),
+            ("Content-Type", ct.as_str()),
+            ("Content-Length", len.as_str()),
+        ],
+        body,
+    )
+    .expect("send")
+}
+
+#[test]
+fn a_large_form_streams_to_the_upstream_byte_for_byte_with_only_its_model_rewritten() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let file = large_file();
+    let body = form(
+        &[("model", "whisper"), ("response_format", "verbose_json")],
+        &[("file", "speech.mp3", &file)],
+    );
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["text"],
+        format!("sha256:{} bytes:3000000", sha256_hex(&file))
+    );
+    let sent = mock.requests();
+    let want = form(
+        &[
+            ("model", "whisper-upstream-long-name"),
+            ("response_format", "verbose_json"),
+        ],
+        &[("file", "speech.mp3", &file)],
+    );
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].header("content-length"),
+        Some(want.len().to_string().as_str())
+    );
+    assert!(
+        sent[0].body == want,
+        "the upstream body differs beyond its model part"
+    );
+    // The reported 187.5 s (3,000,000 bytes at 16,000 a second) at 0.006 USD a minute.
+    assert_eq!(spend(&gw, &key), 18_750_000);
+
+    // A large MP3 whose format reports no duration: charged the sum of its frames, read
+    // as the file went by. 3,000 frames x 1,152 / 44,100 s = 78,367.35 ms.
+    let mp3 = mp3(3_000);
+    let body = form(
+        &[("model", "whisper"), ("response_format", "text")],
+        &[("file", "speech.mp3", &mp3)],
+    );
+    let r = post_form(&gw, "/v1/audio/translations", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.text().trim_end(),
+        format!("sha256:{} bytes:{}", sha256_hex(&mp3), mp3.len())
+    );
+    assert_eq!(spend(&gw, &key), 18_750_000 + 7_836_800);
+    let t = traces_on(&gw, &key, "audio.translations", 1);
+    assert_eq!((t[0].unit.as_deref(), t[0].units), (Some("ms"), 78_368));
+}
+
+/// SPEC §4: the file of a form forwarded as it arrives cannot be walked before it goes,
+/// so a hard budget reserves `max_audio_seconds` for it (a WAV's header still bounds it);
+/// a key too poor for that is refused before any byte reaches the upstream. A small form
+/// with the same frames is held, walked, and admitted on its precise bound.
+#[test]
+fn a_large_form_on_a_hard_budget_reserves_max_audio_seconds_and_refuses_with_nothing_forwarded() {
+    let mock = mock();
+    let gw = start(&mock);
+    // 0.01 USD: below the 600 s bound (0.06 USD), above the 78.4 s of the MP3 below.
+    let key = gw.create_key(&["--budget", "0.01", "--budget-mode", "hard"]);
+    mock.clear();
+    let connections = mock.connections();
+    let body = form(
+        &[("model", "whisper"), ("response_format", "text")],
+        &[("file", "speech.mp3", &mp3(3_000))],
+    );
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (402, "budget_exceeded"),
+        "{}",
+        r.text()
+    );
+    assert!(mock.requests().is_empty());
+    assert_eq!(mock.connections(), connections, "not even a connection");
+    assert_eq!(spend(&gw, &key), 0);
+    // Under the hold threshold, the same frames are walked before forwarding.
+    let small = form(
+        &[("model", "whisper"), ("response_format", "text")],
+        &[("file", "speech.mp3", &mp3(200))],
+    );
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &small);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(spend(&gw, &key), 522_500);
+    // A large WAV: its header bounds it (62.5 s, 0.00625 USD) before it goes.
+    let big_wav = form(
+        &[("model", "whisper"), ("response_format", "text")],
+        &[("file", "speech.wav", &wav(2_000_000))],
+    );
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &big_wav);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(spend(&gw, &key), 522_500 + 6_250_000);
+}
+
+#[test]
+fn a_large_form_for_the_wrong_family_or_a_model_not_allowed_reaches_nothing() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    let models_only = gw.create_key(&["--scopes", "gate:models"]);
+    let mini_only = gw.create_key(&["--models", "gpt-4o-mini"]);
+    mock.clear();
+    let connections = mock.connections();
+    let file = large_file();
+    let wrong_family = form(&[("model", "img")], &[("file", "a.mp3", &file)]);
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &wrong_family);
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (400, "invalid_request"),
+        "{}",
+        r.text()
+    );
+    let whisper = form(&[("model", "whisper")], &[("file", "a.mp3", &file)]);
+    let r = post_form(&gw, "/v1/audio/transcriptions", &mini_only, &whisper);
+    assert_eq!((r.status, r.code().as_str()), (403, "model_not_allowed"));
+    // Refused before any of the body is read: on a kept-alive connection, which Pingora
+    // drains after the answer (with `Connection: close` it would just close).
+    let bearer = models_only.bearer();
+    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
+    let r = KeptAlive::open(gw.addr)
+        .and_then(|mut c| {
+            c.send(
+                "POST",
+                "/v1/audio/transcriptions",
+                &[("Authorization", &bearer), ("Content-Type", &ct)],
+                &whisper,
+            )
+        })
+        .expect("POST");
+    assert_eq!((r.status, r.code().as_str()), (403, "insufficient_scope"));
+    assert!(mock.requests().is_empty());
+    assert_eq!(mock.connections(), connections);
+    assert_eq!(spend(&gw, &key), 0);
+}
+
+/// SPEC §3: what can be judged before forwarding is 400 with nothing forwarded; a form
+/// found malformed only later is cut short upstream (the provider never receives a whole
+/// form), answered 400, and charged nothing.
+#[test]
+fn a_large_malformed_form_is_400_and_the_upstream_never_receives_a_whole_form() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let connections = mock.connections();
+    let file = large_file();
+    // No `model` part at all (read to the end to find out), and a part with no name early.
+    let no_model = form(&[("response_format", "text")], &[("file", "a.mp3", &file)]);
+    let mut nameless = form(&[("model", "whisper")], &[("file", "a.mp3", &file)]);
+    let at = nameless
+        .windows(10)
+        .position(|w| w == b"name=\"file")
+        .expect("file part");
+    nameless[at..at + 4].copy_from_slice(b"nope");
+    for body in [&no_model, &nameless] {
+        let r = post_form(&gw, "/v1/audio/transcriptions", &key, body);
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (400, "invalid_request"),
+            "{}",
+            r.text()
+        );
+    }
+    assert_eq!(mock.connections(), connections, "nothing forwarded");
+    // Malformed in the middle (a part without a name after 2 MB of file): the part of the
+    // form before it went upstream, the rest never does; the client, still sending, gets
+    // the 400 (the rest of its body is read and dropped).
+    let mut middle = form(&[("model", "whisper")], &[("file", "a.mp3", &file)]);
+    let bad_part = format!("\r\n--{BOUNDARY}\r\nContent-Type: x\r\n\r\n");
+    middle.splice(2_000_000..2_000_000, bad_part.bytes());
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &middle);
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (400, "invalid_request"),
+        "{}",
+        r.text()
+    );
+    assert!(mock.connections() > connections, "it was on its way");
+    assert!(
+        mock.requests().is_empty(),
+        "the upstream never got a whole form"
+    );
+    // Malformed at its very end (no closing delimiter): only known once most of it went.
+    let whole = form(&[("model", "whisper")], &[("file", "a.mp3", &file)]);
+    let cut = &whole[..whole.len() - 12];
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, cut);
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (400, "invalid_request"),
+        "{}",
+        r.text()
+    );
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("multipart"));
+    assert!(mock.connections() > connections, "it was on its way");
+    assert!(
+        mock.requests().is_empty(),
+        "the upstream never got a whole form"
+    );
+    let usage = gw.usage(&key);
+    assert_eq!(usage["spend_nanodollars"], 0);
+    assert_eq!(usage["reserved_usd"].as_f64(), Some(0.0));
+}
+
+#[test]
+fn a_client_that_hangs_up_mid_upload_leaves_no_hold_and_no_spend() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let connections = mock.connections();
+    let whole = form(&[("model", "whisper")], &[("file", "a.mp3", &large_file())]);
+    // Two thirds of the form, then the client is gone.
+    let stream = send_form(&gw, &key, whole.len(), &whole[..2_000_000]);
+    wait_for(
+        std::time::Duration::from_secs(10),
+        "the upload to start upstream",
+        || (mock.connections() > connections).then_some(()),
+    );
+    drop(stream);
+    let t = traces_on(&gw, &key, "audio.transcriptions", 1);
+    assert_eq!(t[0].status, 499);
+    assert_eq!(t[0].cost_nanos, 0);
+    assert!(mock.requests().is_empty());
+    let usage = gw.usage(&key);
+    assert_eq!(usage["spend_nanodollars"], 0);
+    assert_eq!(usage["reserved_usd"].as_f64(), Some(0.0));
+    assert_eq!(usage["requests_in_flight"], 0);
+}
+
+/// Image edits take the same path: a large form's `n` before its files is reserved and
+/// charged; one after them, which the reservation did not count, stops the upload.
+#[test]
+fn a_large_image_edit_is_charged_its_n_and_an_n_after_the_files_stops_it() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let image = large_file();
+    let body = form(
+        &[("model", "img"), ("prompt", "add a hat"), ("n", "2")],
+        &[("image[]", "a.png", &image)],
+    );
+    let r = post_form(&gw, "/v1/images/edits", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["data"].as_array().map(Vec::len), Some(2));
+    let want = form(
+        &[
+            ("model", "gpt-image-upstream"),
+            ("prompt", "add a hat"),
+            ("n", "2"),
+        ],
+        &[("image[]", "a.png", &image)],
+    );
+    assert!(
+        mock.requests()[0].body == want,
+        "only the model part differs"
+    );
+    assert_eq!(spend(&gw, &key), 80_000_000);
+    mock.clear();
+    let mut late_n = form(&[("model", "img")], &[("image[]", "a.png", &image)]);
+    let close = format!("--{BOUNDARY}--\r\n");
+    late_n.truncate(late_n.len() - close.len());
+    late_n.extend_from_slice(
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"n\"\r\n\r\n3\r\n{close}")
+            .as_bytes(),
+    );
+    let r = post_form(&gw, "/v1/images/edits", &key, &late_n);
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (400, "invalid_request"),
+        "{}",
+        r.text()
+    );
+    assert!(mock.requests().is_empty());
+    assert_eq!(spend(&gw, &key), 80_000_000);
+}
+
+/// A large form can still move to the next model of its chain while none of it went
+/// upstream (a refused connection); once its body flowed, the provider's answer is final.
+#[test]
+fn a_large_form_falls_back_before_its_body_flows_and_not_after() {
+    let mock = mock();
+    let models = format!(
+        "{MODELS_YAML}  - id: whisper-dead\n    provider: dead\n    endpoint: transcriptions\n    usd_per_minute: 0.006\naliases:\n  stt/failover: [whisper-dead, whisper]\n  stt/pair: [transcribe, whisper]\n"
+    );
+    let gw = GatewayBuilder::new(&mock)
+        .models(&models)
+        .server("max_audio_seconds: 600")
+        .start();
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let file = large_file();
+    let body = form(
+        &[
+            ("model", "stt/failover"),
+            ("response_format", "verbose_json"),
+        ],
+        &[("file", "speech.mp3", &file)],
+    );
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-spidergate-model"), Some("whisper"));
+    let want = form(
+        &[
+            ("model", "whisper-upstream-long-name"),
+            ("response_format", "verbose_json"),
+        ],
+        &[("file", "speech.mp3", &file)],
+    );
+    assert!(
+        mock.requests()[0].body == want,
+        "the fallback's form, whole"
+    );
+    assert_eq!(spend(&gw, &key), 18_750_000);
+    // A 429 read after the whole form went: not sent again to the next model.
+    mock.clear();
+    let body = form(&[("model", "stt/pair")], &[("file", "speech.mp3", &file)]);
+    let r = post_form_with(
+        &gw,
+        "/v1/audio/transcriptions",
+        &key,
+        &body,
+        &[("x-mock-status", "429")],
+    );
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(mock.requests().len(), 1, "one attempt");
+    assert_eq!(spend(&gw, &key), 18_750_000);
 }

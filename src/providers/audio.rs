@@ -17,10 +17,53 @@ pub fn duration_bound_ms(file: &[u8]) -> Option<u64> {
     wav_duration_ms(file).or_else(|| mp3_duration_ms(file))
 }
 
+/// Bytes of a file's opening kept for the WAV walk of [`AudioScan`]: a WAV whose `data`
+/// chunk starts later (64 KiB of metadata first) is unknown when it arrives in pieces.
+const HEAD_KEEP: usize = 64 * 1024;
+
+/// The same bound as [`duration_bound_ms`], computed as the file passes in pieces (a
+/// streamed upload): the MP3 frame walk jumps from header to header, keeping at most a
+/// frame head between pieces, and the WAV walk reads the file's first 64 KiB.
+#[derive(Debug, Clone, Default)]
+pub struct AudioScan {
+    head: Vec<u8>,
+    len: u64,
+    mp3: Mp3Walk,
+}
+
+impl AudioScan {
+    /// The file's next bytes.
+    pub fn feed(&mut self, piece: &[u8]) {
+        if self.head.len() < HEAD_KEEP {
+            let take = (HEAD_KEEP - self.head.len()).min(piece.len());
+            self.head.extend_from_slice(&piece[..take]);
+        }
+        self.mp3.feed(self.len, piece);
+        self.len += piece.len() as u64;
+    }
+
+    /// The bound, once the whole file passed.
+    pub fn finish(&self) -> Option<u64> {
+        wav_bound_ms(&self.head, self.len).or_else(|| self.mp3.finish(self.len))
+    }
+
+    /// A bound before the file's end, from a WAV header alone, for a file known to hold at
+    /// most `max_len` bytes: its `data` chunk can hold no more than that, nor more than it
+    /// claims. `None` for anything but a WAV whose header has arrived.
+    pub fn wav_bound_within(&self, max_len: u64) -> Option<u64> {
+        wav_bound_ms(&self.head, max_len.max(self.len))
+    }
+}
+
 /// Milliseconds of audio in a WAV file, rounded up: the `data` chunk's bytes (as many as
 /// the file really holds, whatever its header claims) over the `fmt ` chunk's byte rate.
 /// `None` for anything else, or a header that does not add up.
 pub fn wav_duration_ms(file: &[u8]) -> Option<u64> {
+    wav_bound_ms(file, file.len() as u64)
+}
+
+/// [`wav_duration_ms`] of a file of `len` bytes of which `file` is the opening.
+fn wav_bound_ms(file: &[u8], len: u64) -> Option<u64> {
     if file.len() < 12 || &file[0..4] != b"RIFF" || &file[8..12] != b"WAVE" {
         return None;
     }
@@ -38,7 +81,7 @@ pub fn wav_duration_ms(file: &[u8]) -> Option<u64> {
         match id {
             b"fmt " => byte_rate = u32_at(body + 8).filter(|&r| r > 0),
             b"data" => {
-                let present = file.len().saturating_sub(body).min(size) as u64;
+                let present = len.saturating_sub(body as u64).min(size as u64);
                 let rate = u64::from(byte_rate?);
                 return Some((present * 1000).div_ceil(rate));
             }
@@ -155,7 +198,6 @@ fn mpeg_header(h: &[u8]) -> MpegHeader {
 /// VBRI tag's frame count, where larger, bounds it instead (what a reader of the tag
 /// would report).
 pub fn mp3_duration_ms(file: &[u8]) -> Option<u64> {
-    const MAX_TAIL: usize = 4096;
     let mut at = skip_id3v2(file)?;
     let mut nanos: u128 = 0;
     let mut frames = 0u64;
@@ -194,6 +236,167 @@ pub fn mp3_duration_ms(file: &[u8]) -> Option<u64> {
     }
     let ms = nanos.max(claimed.unwrap_or(0)).div_ceil(1_000_000);
     Some(u64::try_from(ms).unwrap_or(u64::MAX))
+}
+
+/// Bytes after an MP3's last frame that count at [`MAX_MS_PER_BYTE`]; more make it unknown.
+const MAX_TAIL: usize = 4096;
+
+/// What [`Mp3Walk`] expects where it stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Mp3Phase {
+    /// ID3v2 tags, or the first frame.
+    #[default]
+    Tags,
+    Frames,
+    /// Something other than a frame, from this offset to the end.
+    Tail(u64),
+    Unknown,
+}
+
+/// [`mp3_duration_ms`] over a file that arrives in pieces: the same walk, from header to
+/// header, keeping only the bytes of a header (at most 54, a first frame's VBR tag) that a
+/// piece cuts in two.
+#[derive(Debug, Clone, Default)]
+struct Mp3Walk {
+    /// Where the next tag or frame starts, in the file.
+    at: u64,
+    /// The file's bytes from `at` on, while fewer than [`Mp3Walk::need`] have arrived.
+    pending: Vec<u8>,
+    phase: Mp3Phase,
+    nanos: u128,
+    frames: u64,
+    claimed: Option<u128>,
+    /// The last frame header read, its length and its duration (ns).
+    last: ([u8; 4], u64, u64),
+}
+
+impl Mp3Walk {
+    /// Bytes read where the walk stands: a tag head, a first frame up to its VBRI tag's
+    /// frame count, or a frame header.
+    fn need(&self) -> usize {
+        match self.phase {
+            Mp3Phase::Tags => 10,
+            Mp3Phase::Frames if self.frames == 0 => 54,
+            _ => 4,
+        }
+    }
+
+    /// The file's bytes from offset `off`, following the bytes fed before.
+    fn feed(&mut self, off: u64, piece: &[u8]) {
+        let end = off + piece.len() as u64;
+        while matches!(self.phase, Mp3Phase::Tags | Mp3Phase::Frames) {
+            let next = self.at + self.pending.len() as u64;
+            if next >= end {
+                return;
+            }
+            let from = next.saturating_sub(off) as usize;
+            let need = self.need();
+            if self.pending.is_empty() && piece.len() - from >= need {
+                self.step(&piece[from..]);
+                continue;
+            }
+            if self.pending.len() < need {
+                let take = (need - self.pending.len()).min(piece.len() - from);
+                self.pending.extend_from_slice(&piece[from..from + take]);
+                if self.pending.len() < need {
+                    return;
+                }
+            }
+            let h = std::mem::take(&mut self.pending);
+            let from = self.at;
+            self.step(&h);
+            // Still within these bytes (the tags ended where the frames begin): kept.
+            if let Some(rest) = h.get((self.at - from) as usize..) {
+                self.pending.extend_from_slice(rest);
+            }
+        }
+    }
+
+    /// Reads the tag or frame at `at`, whose bytes (at least `need`, or all that are left
+    /// of the file) start `h`.
+    fn step(&mut self, h: &[u8]) {
+        match self.phase {
+            Mp3Phase::Tags if h.get(..3) == Some(b"ID3") => {
+                let Some(h) = h.get(..10) else {
+                    self.phase = Mp3Phase::Unknown;
+                    return;
+                };
+                if h[6..10].iter().any(|b| b & 0x80 != 0) {
+                    self.phase = Mp3Phase::Unknown;
+                    return;
+                }
+                let size = h[6..10]
+                    .iter()
+                    .fold(0u64, |acc, &b| (acc << 7) | u64::from(b));
+                let footer = if h[5] & 0x10 != 0 { 10 } else { 0 };
+                self.at += 10 + size + footer;
+            }
+            Mp3Phase::Tags => self.phase = Mp3Phase::Frames,
+            // The same header as the frame before (a constant-bitrate file: all but the
+            // padding bit): the same length and duration, without decoding it again.
+            Mp3Phase::Frames if self.frames > 0 && h.get(..4) == Some(&self.last.0[..]) => {
+                self.nanos += u128::from(self.last.2);
+                self.frames += 1;
+                self.at += self.last.1;
+            }
+            Mp3Phase::Frames => match mpeg_header(h) {
+                MpegHeader::Frame {
+                    len,
+                    samples,
+                    rate,
+                    side_info,
+                } => {
+                    let nanos = (u64::from(samples) * 1_000_000_000).div_ceil(u64::from(rate));
+                    self.nanos += u128::from(nanos);
+                    if let Some(&[a, b, c, d]) = h.get(..4) {
+                        self.last = ([a, b, c, d], len.max(1) as u64, nanos);
+                    }
+                    if self.frames == 0 {
+                        self.claimed = vbr_tag_frames(h, side_info).map(|n| {
+                            (u128::from(n) * u128::from(samples) * 1_000_000_000)
+                                .div_ceil(u128::from(rate))
+                        });
+                    }
+                    self.frames += 1;
+                    self.at += len.max(1) as u64;
+                }
+                MpegHeader::FreeFormat => self.phase = Mp3Phase::Unknown,
+                MpegHeader::NotAFrame if self.frames == 0 => self.phase = Mp3Phase::Unknown,
+                MpegHeader::NotAFrame => self.phase = Mp3Phase::Tail(self.at),
+            },
+            Mp3Phase::Tail(_) | Mp3Phase::Unknown => {}
+        }
+    }
+
+    /// The bound of a file of `len` bytes, all of them fed.
+    fn finish(&self, len: u64) -> Option<u64> {
+        let mut w = self.clone();
+        // The bytes still pending are the file's last ones: read what starts in them.
+        let base = w.at;
+        let rest = std::mem::take(&mut w.pending);
+        while matches!(w.phase, Mp3Phase::Tags | Mp3Phase::Frames) && w.at < len {
+            let Some(h) = rest.get((w.at - base) as usize..) else {
+                break;
+            };
+            w.step(h);
+        }
+        match w.phase {
+            Mp3Phase::Tags | Mp3Phase::Unknown => return None,
+            Mp3Phase::Tail(start) => {
+                let tail = len.saturating_sub(start);
+                if tail > MAX_TAIL as u64 {
+                    return None;
+                }
+                w.nanos += u128::from(tail * MAX_MS_PER_BYTE) * 1_000_000;
+            }
+            Mp3Phase::Frames => {}
+        }
+        if w.frames == 0 {
+            return None;
+        }
+        let ms = w.nanos.max(w.claimed.unwrap_or(0)).div_ceil(1_000_000);
+        Some(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
 }
 
 /// Where the audio starts after the ID3v2 tags that open a file (none: 0); `None` for a tag
@@ -239,6 +442,27 @@ fn vbr_tag_frames(frame: &[u8], side_info: usize) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_cuts_give_the_bound_of_the_whole(
+            which in 0usize..25,
+            cuts in proptest::collection::vec(0usize..50_000, 0..8),
+        ) {
+            let all = fixtures();
+            let f = &all[which % all.len()];
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(f.len())).collect();
+            cuts.sort_unstable();
+            let mut scan = AudioScan::default();
+            let mut prev = 0;
+            for c in cuts.into_iter().chain([f.len()]) {
+                scan.feed(&f[prev..c]);
+                prev = c;
+            }
+            prop_assert_eq!(scan.finish(), duration_bound_ms(f));
+        }
+    }
 
     /// A PCM WAV header and `data_len` bytes of silence: 16 kHz mono 16-bit = 32,000 B/s.
     fn wav(data_len: u32, claimed: u32) -> Vec<u8> {
@@ -373,6 +597,99 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every file of these tests, and a few more cut at awkward places.
+    fn fixtures() -> Vec<Vec<u8>> {
+        let mut all = vec![
+            mp3(100),
+            mp3(1),
+            wav(64_000, 64_000),
+            wav(16_000, 3_200_000),
+            wav(0, 0)[..30].to_vec(),
+            b"ID3\x03not a wav".to_vec(),
+            Vec::new(),
+            b"ID3".to_vec(),
+            b"\xFF\xFB".to_vec(),
+        ];
+        let mut tagged = id3v2(20);
+        tagged.extend(id3v2(5));
+        tagged.extend(mp3(100));
+        tagged.extend_from_slice(b"TAG");
+        tagged.resize(tagged.len() + 125, b' ');
+        all.push(tagged);
+        let cut = mp3(10);
+        all.push(cut[..cut.len() - 100].to_vec());
+        let mut gap = mp3(10);
+        gap.extend(vec![0u8; 5000]);
+        gap.extend(mp3(10));
+        all.push(gap);
+        let mut tail = mp3(10);
+        tail.extend(vec![0u8; 4096]);
+        all.push(tail.clone());
+        tail.push(0);
+        all.push(tail);
+        let mut free = mp3(10);
+        free.extend_from_slice(&[0xFF, 0xFB, 0x00, 0x00]);
+        free.resize(free.len() + 400, 0);
+        all.push(free);
+        let mut late = vec![0u8; 3];
+        late.extend(mp3(10));
+        all.push(late);
+        let mut long_tag = id3v2(20);
+        long_tag[9] = 0x7F;
+        all.push(long_tag);
+        all.push(id3v2(20));
+        let mut xing = mp3(10);
+        xing[36..40].copy_from_slice(b"Xing");
+        xing[40..44].copy_from_slice(&1u32.to_be_bytes());
+        xing[44..48].copy_from_slice(&1_000u32.to_be_bytes());
+        all.push(xing);
+        let mut low = vec![0xFF, 0xF3, 0x18, 0xC0];
+        low.resize(36, 0);
+        all.push(low.repeat(10));
+        all.push(low[..20].to_vec());
+        all
+    }
+
+    fn in_pieces(file: &[u8], size: usize) -> Option<u64> {
+        let mut scan = AudioScan::default();
+        for piece in file.chunks(size.max(1)) {
+            scan.feed(piece);
+        }
+        scan.finish()
+    }
+
+    #[test]
+    fn a_file_in_pieces_has_the_bound_of_the_whole() {
+        for (i, f) in fixtures().iter().enumerate() {
+            let whole = duration_bound_ms(f);
+            for size in [
+                1,
+                2,
+                3,
+                4,
+                5,
+                9,
+                10,
+                11,
+                53,
+                54,
+                55,
+                416,
+                417,
+                418,
+                4096,
+                1 << 20,
+            ] {
+                assert_eq!(in_pieces(f, size), whole, "fixture {i}, pieces of {size}");
+            }
+        }
+        // A WAV's header bounds it before its end: no more than it claims nor than fits.
+        let mut scan = AudioScan::default();
+        scan.feed(&wav(64_000, 64_000)[..100]);
+        assert_eq!(scan.wav_bound_within(1_000_000), Some(2_000));
+        assert_eq!(scan.wav_bound_within(32_044), Some(1_000));
     }
 
     #[test]

@@ -10,6 +10,8 @@ use memchr::memmem;
 
 use crate::error::GateError;
 
+use super::audio::AudioScan;
+
 /// The parts of a form the gateway reads, as byte ranges of their values in the body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Form {
@@ -50,69 +52,298 @@ pub fn boundary(content_type: Option<&[u8]>) -> Result<Vec<u8>, GateError> {
 /// an empty line and a `Content-Disposition: form-data; name=...`, and the body must end
 /// with the closing delimiter. 400 `invalid_request` otherwise, or without a `model` part.
 pub fn parse(body: &[u8], boundary: &[u8]) -> Result<Form, GateError> {
-    let mut delim = Vec::with_capacity(boundary.len() + 4);
-    delim.extend_from_slice(b"\r\n--");
-    delim.extend_from_slice(boundary);
-    let finder = memmem::Finder::new(&delim);
-    // The first delimiter may open the body (no preamble CRLF before it).
-    let mut at = if body.starts_with(&delim[2..]) {
-        delim.len() - 2
-    } else {
-        finder.find(body).ok_or_else(|| bad("no boundary"))? + delim.len()
-    };
-    let mut form = Form {
-        model: String::new(),
-        model_span: 0..0,
-        n: None,
-        response_format: None,
-        audio_ms: None,
-    };
-    let mut has_model = false;
-    loop {
-        let rest = &body[at..];
-        if rest.starts_with(b"--") {
-            break; // closing delimiter; an epilogue may follow
+    let mut scan = FormScanner::new(boundary);
+    // In pieces, so nothing but a head or a text value is ever copied.
+    for piece in body.chunks(64 * 1024) {
+        scan.feed(piece)?;
+    }
+    scan.finish()?;
+    Ok(scan.form)
+}
+
+/// A part's head longer than this is refused (the whole head is kept until it ends).
+const MAX_HEAD: usize = 16 * 1024;
+/// A `model`, `n` or `response_format` value longer than this is refused.
+const MAX_TEXT: usize = 16 * 1024;
+
+/// Where a [`FormScanner`] stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// Before the first delimiter (a preamble may come first).
+    Start,
+    /// Just after a delimiter: `--` closes the form, CRLF opens a part's head.
+    Next,
+    Head,
+    /// A part's value, from body offset `start`.
+    Value {
+        part: Part,
+        start: usize,
+    },
+    /// After the closing delimiter: an epilogue, ignored.
+    Closed,
+}
+
+/// The parts the gateway reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Model,
+    N,
+    ResponseFormat,
+    File,
+    Other,
+}
+
+/// The checks and reads of [`parse`], over a body that arrives in pieces: what is kept
+/// between pieces is at most a part's head, one of the few text values read, or the last
+/// bytes of a file part that may begin a delimiter. File parts are scanned for the
+/// delimiter and, for `file`, walked for their audio duration ([`AudioScan`]); never held.
+#[derive(Debug, Clone)]
+pub struct FormScanner {
+    delim: Vec<u8>,
+    finder: memmem::Finder<'static>,
+    state: Scan,
+    /// Bytes not yet consumed, from body offset `buf_at`.
+    buf: Vec<u8>,
+    buf_at: usize,
+    form: Form,
+    has_model: bool,
+    audio: Option<AudioScan>,
+}
+
+impl FormScanner {
+    pub fn new(boundary: &[u8]) -> FormScanner {
+        let mut delim = Vec::with_capacity(boundary.len() + 4);
+        delim.extend_from_slice(b"\r\n--");
+        delim.extend_from_slice(boundary);
+        FormScanner {
+            finder: memmem::Finder::new(&delim).into_owned(),
+            delim,
+            state: Scan::Start,
+            buf: Vec::new(),
+            buf_at: 0,
+            form: Form {
+                model: String::new(),
+                model_span: 0..0,
+                n: None,
+                response_format: None,
+                audio_ms: None,
+            },
+            has_model: false,
+            audio: None,
         }
-        if !rest.starts_with(b"\r\n") {
-            return Err(bad("a boundary is not followed by CRLF"));
+    }
+
+    /// The form's next bytes. `Err` as soon as they show the form malformed.
+    pub fn feed(&mut self, piece: &[u8]) -> Result<(), GateError> {
+        if self.state == Scan::Closed {
+            return Ok(());
         }
-        let start = at + 2;
-        let head_len = memmem::find(&body[start..], b"\r\n\r\n")
-            .ok_or_else(|| bad("a part's headers do not end"))?;
-        let head = &body[start..start + head_len];
-        let value_start = start + head_len + 4;
-        let value_len = finder
-            .find(&body[value_start..])
-            .ok_or_else(|| bad("no closing boundary"))?;
-        let value = value_start..value_start + value_len;
-        let name = part_name(head).ok_or_else(|| bad("a part has no form-data name"))?;
-        let text = || {
-            std::str::from_utf8(&body[value.clone()])
-                .map(|s| s.trim().to_string())
-                .map_err(|_| bad("a text field is not UTF-8"))
-        };
-        match name {
-            b"model" => {
-                if has_model {
-                    return Err(GateError::InvalidRequest("'model' is given twice".into()));
+        if self.buf.is_empty() {
+            // Most pieces of a file part: scanned where they lie, nothing kept.
+            let used = self.scan(piece, false)?;
+            self.buf.extend_from_slice(&piece[used..]);
+            self.buf_at += used;
+        } else {
+            let mut buf = std::mem::take(&mut self.buf);
+            buf.extend_from_slice(piece);
+            let used = self.scan(&buf, false)?;
+            buf.drain(..used);
+            self.buf = buf;
+            self.buf_at += used;
+        }
+        Ok(())
+    }
+
+    /// The body ended: `Err` unless the form closed, with a `model`.
+    pub fn finish(&mut self) -> Result<(), GateError> {
+        if self.state != Scan::Closed {
+            let buf = std::mem::take(&mut self.buf);
+            let used = self.scan(&buf, true)?;
+            self.buf_at += used;
+        }
+        match self.state {
+            Scan::Closed => {}
+            Scan::Start => return Err(bad("no boundary")),
+            Scan::Next => return Err(bad("a boundary is not followed by CRLF")),
+            Scan::Head => return Err(bad("a part's headers do not end")),
+            Scan::Value { .. } => return Err(bad("no closing boundary")),
+        }
+        if !self.has_model || self.form.model.is_empty() {
+            return Err(GateError::InvalidRequest(
+                "missing string field 'model'".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The fields read so far (all of them after [`FormScanner::finish`]).
+    pub fn form(&self) -> &Form {
+        &self.form
+    }
+
+    /// Whether the bytes so far end inside a file or an unread part (or after the form):
+    /// not in a part's head nor in a text value that the gateway reads, so no field read
+    /// later can have begun already.
+    pub fn between_fields(&self) -> bool {
+        matches!(
+            self.state,
+            Scan::Value {
+                part: Part::File | Part::Other,
+                ..
+            } | Scan::Closed
+        )
+    }
+
+    /// Whether a non-empty `model` part has been read whole.
+    pub fn has_model(&self) -> bool {
+        self.has_model && !self.form.model.is_empty()
+    }
+
+    /// A bound on the audio of the `file` part before the body's end, for a body of at
+    /// most `body_len` bytes: the bound of a file part already whole, else what a WAV
+    /// header that has arrived allows (see [`AudioScan::wav_bound_within`]).
+    pub fn audio_bound_within(&self, body_len: usize) -> Option<u64> {
+        match (self.state, &self.audio) {
+            (
+                Scan::Value {
+                    part: Part::File,
+                    start,
+                },
+                Some(a),
+            ) => a.wav_bound_within(body_len.saturating_sub(start) as u64),
+            _ => self.form.audio_ms,
+        }
+    }
+
+    /// How many of the last bytes of `data` may begin a delimiter that the next bytes end.
+    fn partial_delim(&self, data: &[u8]) -> usize {
+        let from = data.len().saturating_sub(self.delim.len() - 1);
+        (from..data.len())
+            .find(|&i| data[i] == b'\r' && self.delim.starts_with(&data[i..]))
+            .map_or(0, |i| data.len() - i)
+    }
+
+    /// Scans `data` (the body from offset `buf_at`) as far as it can; returns the bytes
+    /// consumed. `last`: no more bytes follow.
+    fn scan(&mut self, data: &[u8], last: bool) -> Result<usize, GateError> {
+        let dl = self.delim.len();
+        let mut at = 0;
+        loop {
+            let rest = &data[at..];
+            match self.state {
+                Scan::Closed => return Ok(data.len()),
+                Scan::Start => {
+                    // The first delimiter may open the body (no preamble CRLF before it).
+                    let open = &self.delim[2..];
+                    let opening = self.buf_at + at == 0;
+                    if opening && rest.len() < open.len() && open.starts_with(rest) && !last {
+                        return Ok(at);
+                    }
+                    if opening && rest.starts_with(open) {
+                        at += open.len();
+                    } else if let Some(i) = self.finder.find(rest) {
+                        at += i + dl;
+                    } else if last {
+                        return Err(bad("no boundary"));
+                    } else {
+                        // The preamble is dropped but for what may begin a delimiter.
+                        return Ok(at + rest.len() - self.partial_delim(rest));
+                    }
+                    self.state = Scan::Next;
                 }
-                has_model = true;
-                form.model = text()?;
-                form.model_span = value.clone();
+                Scan::Next => {
+                    if rest.len() < 2 && !last {
+                        return Ok(at);
+                    }
+                    if rest.starts_with(b"--") {
+                        self.state = Scan::Closed;
+                        return Ok(data.len());
+                    }
+                    if !rest.starts_with(b"\r\n") {
+                        return Err(bad("a boundary is not followed by CRLF"));
+                    }
+                    at += 2;
+                    self.state = Scan::Head;
+                }
+                Scan::Head => {
+                    let Some(head_len) = memmem::find(rest, b"\r\n\r\n") else {
+                        if last {
+                            return Err(bad("a part's headers do not end"));
+                        }
+                        if rest.len() > MAX_HEAD {
+                            return Err(bad("a part's headers are too long"));
+                        }
+                        return Ok(at);
+                    };
+                    let head = &rest[..head_len];
+                    let part = match part_name(head) {
+                        None => return Err(bad("a part has no form-data name")),
+                        Some(b"model") => Part::Model,
+                        Some(b"n") => Part::N,
+                        Some(b"response_format") => Part::ResponseFormat,
+                        Some(b"file") => Part::File,
+                        Some(_) => Part::Other,
+                    };
+                    at += head_len + 4;
+                    if part == Part::File {
+                        self.audio = Some(AudioScan::default());
+                    }
+                    self.state = Scan::Value {
+                        part,
+                        start: self.buf_at + at,
+                    };
+                }
+                Scan::Value { part, start } => {
+                    let Some(end) = self.finder.find(rest) else {
+                        if last {
+                            return Err(bad("no closing boundary"));
+                        }
+                        if matches!(part, Part::File | Part::Other) {
+                            // All but what may begin a delimiter is value.
+                            let value = rest.len() - self.partial_delim(rest);
+                            if let (Part::File, Some(a)) = (part, &mut self.audio) {
+                                a.feed(&rest[..value]);
+                            }
+                            return Ok(at + value);
+                        }
+                        if rest.len() > MAX_TEXT {
+                            return Err(bad("a text field is too long"));
+                        }
+                        return Ok(at);
+                    };
+                    let value = &rest[..end];
+                    let text = || {
+                        std::str::from_utf8(value)
+                            .map(|s| s.trim().to_string())
+                            .map_err(|_| bad("a text field is not UTF-8"))
+                    };
+                    match part {
+                        Part::Model => {
+                            if self.has_model {
+                                return Err(GateError::InvalidRequest(
+                                    "'model' is given twice".into(),
+                                ));
+                            }
+                            self.has_model = true;
+                            self.form.model = text()?;
+                            self.form.model_span = start..start + end;
+                        }
+                        Part::N => self.form.n = Some(text()?),
+                        Part::ResponseFormat => self.form.response_format = Some(text()?),
+                        Part::File => {
+                            if let Some(a) = &mut self.audio {
+                                a.feed(value);
+                                self.form.audio_ms = a.finish();
+                            }
+                        }
+                        Part::Other => {}
+                    }
+                    at += end + dl;
+                    self.state = Scan::Next;
+                }
             }
-            b"n" => form.n = Some(text()?),
-            b"response_format" => form.response_format = Some(text()?),
-            b"file" => form.audio_ms = super::audio::duration_bound_ms(&body[value.clone()]),
-            _ => {}
         }
-        at = value.end + delim.len();
     }
-    if !has_model || form.model.is_empty() {
-        return Err(GateError::InvalidRequest(
-            "missing string field 'model'".into(),
-        ));
-    }
-    Ok(form)
 }
 
 /// The `name` of a part's `Content-Disposition: form-data` header.
@@ -257,6 +488,69 @@ mod tests {
             ("response_format", None, b"verbose_json"),
         ]);
         assert_eq!(&out[..], &want[..]);
+    }
+
+    /// `body` fed in pieces cut at `cuts`: the same form, or an error, as read whole.
+    fn in_pieces(body: &[u8], cuts: &[usize]) -> Result<Form, String> {
+        let mut scan = FormScanner::new(b"XyZ");
+        let mut prev = 0;
+        for &c in cuts.iter().chain([&body.len()]) {
+            let c = c.clamp(prev, body.len());
+            scan.feed(&body[prev..c]).map_err(|e| e.to_string())?;
+            prev = c;
+        }
+        scan.finish().map_err(|e| e.to_string())?;
+        Ok(scan.form().clone())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_form_in_pieces_reads_as_the_whole(
+            which in 0usize..8,
+            mut cuts in proptest::collection::vec(0usize..3000, 0..10),
+        ) {
+            let mut mp3 = vec![0xFF, 0xFB, 0x90, 0x00];
+            mp3.resize(417, 0x55);
+            let mp3 = mp3.repeat(5);
+            let audio: Vec<u8> = b"\r\n--XyZ".iter().copied().cycle().take(700).collect();
+            let good = form(&[
+                ("model", None, b"whisper-1"),
+                ("n", None, b"2"),
+                ("file", Some("a.mp3"), &mp3),
+                ("response_format", None, b"text"),
+            ]);
+            let bodies: Vec<Vec<u8>> = vec![
+                good.clone(),
+                [b"preamble\r\n".as_slice(), &good].concat(),
+                good[..good.len() - 9].to_vec(),
+                form(&[("file", Some("a"), &audio), ("model", None, b"m")]),
+                form(&[("model", None, b"m"), ("model", None, b"m")]),
+                form(&[("file", Some("a"), &audio)]),
+                b"--XyZ\r\nContent-Type: x\r\n\r\nv\r\n--XyZ--".to_vec(),
+                b"--XyZ--".to_vec(),
+            ];
+            let body = &bodies[which];
+            cuts.sort_unstable();
+            let whole = parse(body, b"XyZ").map_err(|e| e.to_string());
+            proptest::prop_assert_eq!(in_pieces(body, &cuts), whole);
+        }
+    }
+
+    #[test]
+    fn an_opening_that_ends_inside_a_read_field_is_not_between_fields() {
+        let body = form(&[
+            ("model", None, b"whisper-1"),
+            ("n", None, b"22"),
+            ("file", Some("a.mp3"), &[7u8; 100]),
+        ]);
+        let n_value = body.windows(6).position(|w| w == b"\r\n\r\n22").unwrap() + 5;
+        let file_value = body.windows(10).position(|w| w == b"audio/mpeg").unwrap() + 20;
+        for (cut, between) in [(n_value, false), (n_value - 20, false), (file_value, true)] {
+            let mut scan = FormScanner::new(b"XyZ");
+            scan.feed(&body[..cut]).unwrap();
+            assert_eq!(scan.between_fields(), between, "cut at {cut}");
+            assert!(scan.has_model());
+        }
     }
 
     #[test]

@@ -64,8 +64,10 @@ pub struct RequestCtx {
     pub(super) journal_id: Option<i64>,
     /// The request body as received.
     pub(super) body: Bytes,
-    /// The body for the current attempt (model rewritten).
+    /// The body for the current attempt (model rewritten); the opening of an upload.
     pub(super) upstream_body: Option<Bytes>,
+    /// A large form forwarded as it arrives (`body` is then its opening, as admitted).
+    pub(super) upload: Option<Box<super::upload::Upload>>,
     /// Index into the admission's chain of the model being tried.
     pub(super) attempt: usize,
     /// First model of the chain, once a fallback happened.
@@ -120,6 +122,8 @@ pub(super) struct Relay {
     pub(super) path: std::path::PathBuf,
     /// The body was read here already (it is sent from `body`); else Pingora streams it.
     pub(super) preread: bool,
+    /// The opening of an upload read here went to the successor ahead of the rest.
+    pub(super) opening_sent: bool,
 }
 
 impl Relay {
@@ -127,6 +131,7 @@ impl Relay {
         Relay {
             path: path.to_path_buf(),
             preread,
+            opening_sent: false,
         }
     }
 
@@ -257,7 +262,11 @@ impl RequestCtx {
         let upstream_ok = self
             .upstream_status
             .is_some_and(|s| (200..300).contains(&s));
-        let unanswered = self.sent_upstream && self.upstream_status.is_none();
+        // A form cut short (the client hung up, or it was malformed) never reached the
+        // upstream whole: without an answer, it did no work.
+        let unanswered = self.sent_upstream
+            && self.upstream_status.is_none()
+            && self.upload.as_ref().is_none_or(|u| u.complete());
         if !upstream_ok && !unanswered {
             return (Usage::default(), false);
         }
@@ -322,7 +331,11 @@ impl RequestCtx {
     /// with no reported duration (text, srt, vtt): the duration bound, estimated; a stream
     /// cut before its usage also the prompt bound and the text delivered (SPEC §4).
     fn media_usage(&self) -> Option<(Usage, bool)> {
-        let units = self.units_bound();
+        let mut units = self.units_bound();
+        // A form forwarded as it arrived: the duration its whole file showed, if it did.
+        if let Some(ms) = self.upload.as_ref().and_then(|u| u.audio_ms()) {
+            units = units.min(ms);
+        }
         let token_priced = self
             .current_model()
             .is_some_and(|m| self.snap.routes.catalog.has_token_price(m));
@@ -365,7 +378,7 @@ impl RequestCtx {
     /// The reservation's (prompt, completion) bound on the model that served.
     fn served_bound(&self) -> (u64, u64) {
         let (Some(adm), Some(m)) = (&self.admission, self.current_model()) else {
-            return ((self.body.len() as u64).max(1), 0);
+            return ((self.body_len() as u64).max(1), 0);
         };
         let routes = &self.snap.routes;
         let tuning = &routes.config.tuning;
@@ -376,10 +389,23 @@ impl RequestCtx {
             &only,
             self.endpoint,
             &adm.fields,
-            self.body.len(),
+            self.body_len(),
             overheads,
         );
         (b.prompt_tokens.max(1), b.completion_tokens)
+    }
+
+    /// The client's body length: more than `body` for a form forwarded as it arrives.
+    pub(super) fn body_len(&self) -> usize {
+        self.upload
+            .as_ref()
+            .map_or(self.body.len(), |u| u.body_len())
+    }
+
+    /// The current attempt's upstream body length.
+    pub(super) fn upstream_len(&self) -> Option<usize> {
+        let body = self.upstream_body.as_ref()?;
+        Some(body.len() + self.upload.as_ref().map_or(0, |u| u.rest_len()))
     }
 
     /// A complete response of a request a shared store (Redis) admitted: settles it now,

@@ -10,7 +10,7 @@ use pingora_proxy::Session;
 
 use crate::error::GateError;
 use crate::limits::Standing;
-use crate::providers::multipart::SPLICE_HEADROOM;
+use crate::providers::multipart::{FormScanner, SPLICE_HEADROOM};
 use crate::telemetry::context::TRACEPARENT;
 
 use super::headers::{add_standing_headers, header_bytes, number_value, ERROR_CODE};
@@ -92,20 +92,16 @@ pub(super) fn recycle_body(body: Bytes) {
     }
 }
 
-/// Reads the whole request body, enforcing `max_body_bytes` before and while reading.
-/// A body that arrives in one piece is kept without a copy.
-pub(super) async fn read_body(
-    session: &mut Session,
-    max: u64,
-) -> Result<std::result::Result<Bytes, GateError>> {
-    let declared = header_bytes(session.req_header(), &http::header::CONTENT_LENGTH)
+/// The request's `Content-Length`, if it has one.
+pub(super) fn declared_length(session: &Session) -> Option<u64> {
+    header_bytes(session.req_header(), &http::header::CONTENT_LENGTH)
         .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max) {
-        return Ok(Err(GateError::RequestTooLarge(max)));
-    }
-    // A client that waits for `100 Continue` (curl does above 1 MiB) would otherwise stall
-    // until its own timeout before sending the body.
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// A client that waits for `100 Continue` (curl does above 1 MiB) would otherwise stall
+/// until its own timeout before sending the body.
+async fn continue_if_expected(session: &mut Session) -> Result<()> {
     let expects_continue = header_bytes(session.req_header(), &http::header::EXPECT)
         .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
     if expects_continue {
@@ -114,6 +110,63 @@ pub(super) async fn read_body(
             .write_continue_response()
             .await?;
     }
+    Ok(())
+}
+
+/// The opening of a large form read before its decision ([`super::upload`]).
+pub(super) struct FormOpening {
+    /// The bytes read, with room to rewrite the `model` part in place.
+    pub(super) bytes: Bytes,
+    /// They are the whole body: it is held and decided as a small form is.
+    pub(super) whole: bool,
+}
+
+/// The least of a large form read before its decision: enough for the `model` part and the
+/// head of a file after it (a WAV header), in one or two pieces as Pingora reads them.
+pub(super) const OPENING_BYTES: usize = 64 << 10;
+
+/// Reads the opening of a form, scanning it as it arrives, until at least
+/// [`OPENING_BYTES`] and its `model` part have arrived, and it does not end inside a part's
+/// head or a field the gateway reads (else to its end). 400 as soon as
+/// the scan finds it malformed.
+pub(super) async fn read_form_opening(
+    session: &mut Session,
+    scanner: &mut FormScanner,
+) -> Result<std::result::Result<FormOpening, GateError>> {
+    continue_if_expected(session).await?;
+    // A piece read is at most 64 KiB.
+    let mut buf = BytesMut::with_capacity(OPENING_BYTES + (64 << 10) + SPLICE_HEADROOM);
+    while let Some(chunk) = session.read_request_body().await? {
+        if let Err(e) = scanner.feed(&chunk) {
+            return Ok(Err(e));
+        }
+        buf.extend_from_slice(&chunk);
+        // Not inside a field it reads: an `n` cut by the opening's end would be missed.
+        if buf.len() >= OPENING_BYTES && scanner.has_model() && scanner.between_fields() {
+            let whole = session.is_body_done();
+            return Ok(Ok(FormOpening {
+                bytes: buf.freeze(),
+                whole,
+            }));
+        }
+    }
+    Ok(Ok(FormOpening {
+        bytes: buf.freeze(),
+        whole: true,
+    }))
+}
+
+/// Reads the whole request body, enforcing `max_body_bytes` before and while reading.
+/// A body that arrives in one piece is kept without a copy.
+pub(super) async fn read_body(
+    session: &mut Session,
+    max: u64,
+) -> Result<std::result::Result<Bytes, GateError>> {
+    let declared = declared_length(session);
+    if declared.is_some_and(|n| n > max) {
+        return Ok(Err(GateError::RequestTooLarge(max)));
+    }
+    continue_if_expected(session).await?;
     let mut first: Option<Bytes> = None;
     let mut buf: Option<BytesMut> = None;
     let mut total: u64 = 0;

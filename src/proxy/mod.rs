@@ -5,6 +5,7 @@ mod ctx;
 mod headers;
 mod io;
 mod minting;
+mod upload;
 mod watchdog;
 
 use std::sync::Arc;
@@ -36,7 +37,8 @@ use crate::telemetry::TraceContext;
 pub use ctx::RequestCtx;
 use ctx::{AddressTry, Relay, CLIENT_CLOSED, STREAM_BROKEN};
 use headers::*;
-use io::{read_body, send_json};
+use io::{declared_length, read_body, read_form_opening, send_json};
+use upload::Upload;
 use watchdog::{ReadTimeouts, UpstreamWatch};
 
 /// Longest wait of `/v1/usage` for the caller's just-finished request to be booked.
@@ -83,6 +85,24 @@ impl GateProxy {
         Ok(true)
     }
 
+    /// Refuses an upload read only to its opening: the answer, then the rest of the body
+    /// read and dropped, so a client that sends its whole body before reading (most do)
+    /// reads the answer instead of a reset, with `Connection: close` too (Pingora drains
+    /// only a connection it keeps). The client is authenticated; its body is within
+    /// `max_body_bytes`, and each read within Pingora's read timeout.
+    async fn reject_upload(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        err: GateError,
+    ) -> Result<bool> {
+        self.reject(session, ctx, err).await?;
+        if session.drain_request_body().await.is_err() {
+            session.set_keepalive(None);
+        }
+        Ok(true)
+    }
+
     async fn answer(
         &self,
         session: &mut Session,
@@ -124,6 +144,11 @@ impl GateProxy {
         let tuning = &routes.config.tuning;
         let overheads = admission::Overheads::of(tuning);
         let journal_id = self.gate.ledger.journal_id();
+        let head = ctx.upload.as_ref().map(|u| admission::FormHead {
+            form: u.scanner().form(),
+            body_len: u.body_len(),
+            audio_ms: u.scanner().audio_bound_within(u.body_len()),
+        });
         let adm = admission::admit(
             &self.gate.limits,
             &routes.catalog,
@@ -132,6 +157,7 @@ impl GateProxy {
             ctx.endpoint,
             &mut ctx.body,
             content_type,
+            head,
             now,
             overheads,
             journal_id as u64,
@@ -154,6 +180,9 @@ impl GateProxy {
         ctx.plan = Some(adm.plan);
         ctx.upstream_body = Some(adm.upstream_body.clone());
         ctx.admission = Some(Box::new(adm));
+        if let Some(u) = &mut ctx.upload {
+            u.admitted();
+        }
         Ok(())
     }
 
@@ -291,6 +320,11 @@ impl GateProxy {
         if ctx.response_started {
             return false;
         }
+        // An upload whose body began to flow cannot be sent again.
+        if ctx.upload.as_ref().is_some_and(|u| !u.can_resend()) {
+            return false;
+        }
+        let rest_len = ctx.upload.as_ref().map_or(0, |u| u.rest_len());
         let catalog = &ctx.snap.routes.catalog;
         let hard_budget = adm.hard_budget;
         let next = (ctx.attempt + 1..adm.chain.len()).find_map(|i| {
@@ -299,7 +333,7 @@ impl GateProxy {
                 admission::upstream_body(catalog, ctx.endpoint, m, &ctx.body, &adm.fields).ok()?;
             // The reservation bounded the prompt by the bytes it knew of; a body that would
             // bill more than that is not sent on a hard budget.
-            if hard_budget && body.len() as u64 > adm.bound.prompt_tokens {
+            if hard_budget && (body.len() + rest_len) as u64 > adm.bound.prompt_tokens {
                 return None;
             }
             Some((i, plan, body))
@@ -323,6 +357,35 @@ impl GateProxy {
 }
 
 impl GateProxy {
+    /// Reads the opening of a form of `len` bytes under the body deadline, scanning it as
+    /// it arrives ([`upload`]). The whole form when its `model` came late: it is then held
+    /// as a small one is. `Err`: 400 or 408 to send.
+    async fn read_upload_opening(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        content_type: Option<&[u8]>,
+        len: u64,
+    ) -> Result<std::result::Result<(), GateError>> {
+        let boundary = match providers::multipart::boundary(content_type) {
+            Ok(b) => b,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut scanner = providers::multipart::FormScanner::new(&boundary);
+        let deadline = ctx.snap.routes.config.tuning.body_timeout;
+        let read = with_deadline(deadline, read_form_opening(session, &mut scanner)).await;
+        let opening = match read.unwrap_or(Ok(Err(GateError::RequestTimeout)))? {
+            Ok(o) => o,
+            Err(e) => return Ok(Err(e)),
+        };
+        if !opening.whole {
+            let len = usize::try_from(len).unwrap_or(usize::MAX);
+            ctx.upload = Some(Box::new(Upload::new(scanner, len, opening.bytes.len())));
+        }
+        ctx.body = opening.bytes;
+        Ok(Ok(()))
+    }
+
     /// Every key of the attempt's provider rests: the next model of the chain if one can
     /// take the request, else 429 with the time until the first key wakes.
     fn all_keys_resting(&self, ctx: &mut RequestCtx, resting: AllResting) -> Box<Error> {
@@ -372,6 +435,9 @@ impl GateProxy {
         if ctx.response_started || !pool.other_ready(k, now) {
             return false;
         }
+        if ctx.upload.as_ref().is_some_and(|u| !u.can_resend()) {
+            return false;
+        }
         ctx.retry_same_model = true;
         ctx.upstream_status = None;
         ctx.sent_upstream = false;
@@ -400,6 +466,7 @@ impl ProxyHttp for GateProxy {
             journal_id: None,
             body: Bytes::new(),
             upstream_body: None,
+            upload: None,
             attempt: 0,
             fallback_from: None,
             fallback_status: None,
@@ -529,40 +596,46 @@ impl ProxyHttp for GateProxy {
             return self.reject(session, ctx, GateError::MethodNotAllowed).await;
         }
         let max_body = ctx.snap.routes.config.max_body_bytes;
-        let deadline = ctx.snap.routes.config.tuning.body_timeout;
-        let read = {
-            // Most bodies arrive with their head: polled once, the read is then done and no
-            // timer is armed (registering one costs more than the rest of the read). Still
-            // pending, it goes on under the body deadline; a pending poll registered the
-            // task's own waker, so nothing is lost by polling it again inside the timeout.
-            let mut reading = std::pin::pin!(read_body(session, max_body));
-            let first = std::future::poll_fn(|cx| {
-                std::task::Poll::Ready(std::future::Future::poll(reading.as_mut(), cx))
-            })
-            .await;
-            match first {
-                std::task::Poll::Ready(done) => Ok(done),
-                std::task::Poll::Pending => tokio::time::timeout(deadline, reading).await,
-            }
-        };
-        let body = match read.unwrap_or(Ok(Err(GateError::RequestTimeout)))? {
-            Ok(b) => b,
-            Err(e) => {
-                // The rest of the body is unread: this connection cannot be reused.
-                session.set_keepalive(None);
-                return self.reject(session, ctx, e).await;
-            }
-        };
-        ctx.body = body;
-        // Multipart bodies need their boundary (copied only for those endpoints).
-        let content_type = matches!(
+        let tuning = &ctx.snap.routes.config.tuning;
+        let deadline = tuning.body_timeout;
+        let hold = tuning.multipart_hold_bytes;
+        let form = matches!(
             endpoint,
             Endpoint::ImagesEdits | Endpoint::Transcriptions | Endpoint::Translations
-        )
-        .then(|| {
-            header_bytes(session.req_header(), &http::header::CONTENT_TYPE).map(<[u8]>::to_vec)
-        })
-        .flatten();
+        );
+        // Multipart bodies need their boundary (copied only for those endpoints).
+        let content_type = form
+            .then(|| {
+                header_bytes(session.req_header(), &http::header::CONTENT_TYPE).map(<[u8]>::to_vec)
+            })
+            .flatten();
+        // A large form goes upstream as it arrives, once its opening is read and admitted.
+        let declared = declared_length(session).filter(|&n| form && n > hold && n <= max_body);
+        if let Some(len) = declared {
+            match self
+                .read_upload_opening(session, ctx, content_type.as_deref(), len)
+                .await?
+            {
+                Ok(()) => {}
+                // A body too slow is not waited for again.
+                Err(e @ GateError::RequestTimeout) => {
+                    session.set_keepalive(None);
+                    return self.reject(session, ctx, e).await;
+                }
+                Err(e) => return self.reject_upload(session, ctx, e).await,
+            }
+        } else {
+            let read = with_deadline(deadline, read_body(session, max_body)).await;
+            let body = match read.unwrap_or(Ok(Err(GateError::RequestTimeout)))? {
+                Ok(b) => b,
+                Err(e) => {
+                    // The rest of the body is unread: this connection cannot be reused.
+                    session.set_keepalive(None);
+                    return self.reject(session, ctx, e).await;
+                }
+            };
+            ctx.body = body;
+        }
         // The old process of an upgrade stops admitting once it hands over; an admission
         // under way finishes (and is journaled) before it does.
         let _admitting = match self.gate.handover.begin_admission() {
@@ -577,6 +650,7 @@ impl ProxyHttp for GateProxy {
                 self.count_tokens_estimate(session, ctx).await
             }
             Ok(()) => Ok(false),
+            Err(e) if ctx.upload.is_some() => self.reject_upload(session, ctx, e).await,
             Err(e) => self.reject(session, ctx, e).await,
         }
     }
@@ -679,7 +753,8 @@ impl ProxyHttp for GateProxy {
         if ctx.relay.is_some() {
             return Ok(()); // as the client sent it
         }
-        let (Some(m), Some(plan), Some(body)) = (ctx.current_model(), ctx.plan, &ctx.upstream_body)
+        let (Some(m), Some(plan), Some(body_len)) =
+            (ctx.current_model(), ctx.plan, ctx.upstream_len())
         else {
             return Err(Error::explain(
                 ErrorType::InternalError,
@@ -696,7 +771,7 @@ impl ProxyHttp for GateProxy {
             &routes.provider_headers[p],
             key,
             uri,
-            body.len(),
+            body_len,
             ctx.traceparent.as_ref(),
         )?;
         // From here the request may reach the provider, which may then work on it.
@@ -707,6 +782,9 @@ impl ProxyHttp for GateProxy {
     /// Emits the rewritten body. The body was read whole in `request_filter`; the Pingora fork
     /// then calls this once with `end_of_stream` so the buffered body can be sent, whatever its
     /// size (upstream Pingora 0.9 would replay only 64 KiB: cloudflare/pingora#349, #575).
+    /// An upload ([`upload`]) was read only to its opening: this is called for each later
+    /// piece, which is scanned, and sent after the rewritten opening for the first one; `Err`
+    /// for a piece that shows the form malformed (it is not sent).
     ///
     /// Once a non-streamed request is on its way, a client that hangs up no longer aborts
     /// it: the answer is read to its end (within the upstream timeouts) for its usage, and
@@ -718,16 +796,48 @@ impl ProxyHttp for GateProxy {
         end_of_stream: bool,
         ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
-        if let Some(relay) = &ctx.relay {
-            // Read here already: sent whole (else Pingora streams the client's body on).
-            if relay.preread {
+        if let Some(relay) = &mut ctx.relay {
+            // Read here already: sent whole (else Pingora streams the client's body on);
+            // the opening of an upload goes ahead of the rest, which streams on.
+            if relay.preread && ctx.upload.is_none() {
                 *body = end_of_stream.then(|| ctx.body.clone());
+            } else if relay.preread && !std::mem::replace(&mut relay.opening_sent, true) {
+                *body = Some(concat(&ctx.body, body.take()));
             }
             return Ok(());
         }
         let Some(adm) = &ctx.admission else {
             return Ok(());
         };
+        if let Some(upload) = &mut ctx.upload {
+            let piece = body.as_deref().unwrap_or_default();
+            match upload.pass(piece, end_of_stream) {
+                Ok(false) => {}
+                Ok(true) => {
+                    // The attempt's first piece: the rewritten opening goes ahead of it.
+                    let opening = ctx.upstream_body.clone().unwrap_or_default();
+                    *body = Some(concat(&opening, body.take()));
+                }
+                Err(e) => {
+                    // Not sent: the upstream holds a form cut short, and the connection
+                    // to it is closed. The client is told why.
+                    log::info!("upload cut short upstream: {e}");
+                    ctx.pending_error = Some(e);
+                    return Err(Error::explain(
+                        ErrorType::InvalidHTTPHeader,
+                        "malformed multipart body",
+                    ));
+                }
+            }
+            if end_of_stream {
+                let timeouts = ReadTimeouts::of(&ctx.snap.routes.config.tuning);
+                ctx.upstream_watch.request_sent(timeouts);
+                if !adm.fields.stream {
+                    session.set_abort_on_close(false);
+                }
+            }
+            return Ok(());
+        }
         *body = if end_of_stream {
             let timeouts = ReadTimeouts::of(&ctx.snap.routes.config.tuning);
             ctx.upstream_watch.request_sent(timeouts);
@@ -763,10 +873,12 @@ impl ProxyHttp for GateProxy {
             return Err(e);
         }
         let retryable = status == 429 || status >= 500;
+        // An upload whose body flowed cannot be sent again: its answer passes as it is.
         let has_next = ctx
             .admission
             .as_ref()
-            .is_some_and(|a| ctx.attempt + 1 < a.chain.len());
+            .is_some_and(|a| ctx.attempt + 1 < a.chain.len())
+            && ctx.upload.as_ref().is_none_or(|u| u.can_resend());
         if retryable && has_next && !ctx.response_started {
             ctx.fallback_status = Some(status);
             let mut e = Error::explain(
@@ -973,6 +1085,11 @@ impl ProxyHttp for GateProxy {
             traceparent,
         )
         .await;
+        // An upload stopped as malformed: the rest of its body is read and dropped after
+        // the answer, so a client still sending reads the 400 instead of a reset.
+        if ctx.upload.as_ref().is_some_and(|u| u.malformed()) {
+            let _ = session.drain_request_body().await;
+        }
         FailToProxy {
             error_code: err.status(),
             can_reuse_downstream: false,
@@ -986,6 +1103,38 @@ impl ProxyHttp for GateProxy {
             ctx.error_code = Some(STREAM_BROKEN);
         }
         ctx.finish();
+    }
+}
+
+/// `opening` followed by `piece` (one copy of both; none without a piece).
+fn concat(opening: &Bytes, piece: Option<Bytes>) -> Bytes {
+    match piece {
+        Some(piece) if !piece.is_empty() => {
+            let mut b = bytes::BytesMut::with_capacity(opening.len() + piece.len());
+            b.extend_from_slice(opening);
+            b.extend_from_slice(&piece);
+            b.freeze()
+        }
+        _ => opening.clone(),
+    }
+}
+
+/// Runs a body read under the body deadline. Most bodies arrive with their head: polled
+/// once, the read is then done and no timer is armed (registering one costs more than the
+/// rest of the read). Still pending, it goes on under the deadline; a pending poll
+/// registered the task's own waker, so nothing is lost by polling it again inside it.
+async fn with_deadline<F: std::future::Future>(
+    deadline: std::time::Duration,
+    read: F,
+) -> std::result::Result<F::Output, tokio::time::error::Elapsed> {
+    let mut reading = std::pin::pin!(read);
+    let first = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::future::Future::poll(reading.as_mut(), cx))
+    })
+    .await;
+    match first {
+        std::task::Poll::Ready(done) => Ok(done),
+        std::task::Poll::Pending => tokio::time::timeout(deadline, reading).await,
     }
 }
 

@@ -132,6 +132,20 @@ def test_audio_upload_reaches_the_mock_intact_and_is_charged_per_minute(gw: Gate
     gw.assert_spend(key["secret"], 1_250_000, model="whisper-1", requests=1)
 
 
+@pytest.mark.parametrize("kind", ["transcriptions", "translations"])
+def test_a_large_upload_streams_through_intact_and_is_charged_per_minute(gw: Gateway, kind: str):
+    """Above server.multipart_hold_bytes (1 MiB) the form goes upstream as it arrives."""
+    key = gw.create_key(f"stt-large-{kind}")
+    c = gw.openai(key["secret"])
+    audio = hashlib.shake_256(b"large upload").digest(4_000_000)
+    api = c.audio.transcriptions if kind == "transcriptions" else c.audio.translations
+    resp = api.create(model="whisper-1", file=("speech.mp3", audio, "audio/mpeg"),
+                      response_format="verbose_json")
+    assert resp.text == f"sha256:{hashlib.sha256(audio).hexdigest()} bytes:4000000"
+    # 4,000,000 bytes at 16,000 a second = 250 s at 0.006 USD a minute = 0.025 USD.
+    gw.assert_spend(key["secret"], 25_000_000, model="whisper-1", requests=1)
+
+
 def test_streamed_transcription_arrives_event_by_event_and_is_charged_its_final_usage(gw: Gateway):
     key = gw.create_key("stt-stream")
     c = gw.openai(key["secret"])

@@ -1,0 +1,108 @@
+//! Large multipart forms forwarded as they arrive (SPEC §3): forms whose `Content-Length`
+//! exceeds `server.multipart_hold_bytes`. `request_filter` reads the opening (64 KiB, and
+//! at least up to the end of the `model` part) and decides on it; `request_body_filter`
+//! sends the rewritten opening with the next piece and passes the rest on piece by piece,
+//! each scanned before it goes (a malformed form is cut short upstream, never completed).
+//! Smaller forms, and forms without a `Content-Length`, are read whole first, as every
+//! other body is.
+
+use crate::error::GateError;
+use crate::providers::multipart::FormScanner;
+
+/// A form being forwarded as it arrives.
+pub(super) struct Upload {
+    scanner: FormScanner,
+    /// The client's body length (its `Content-Length`).
+    body_len: usize,
+    /// Bytes of the body read before the decision (the opening as the client sent it).
+    opening_len: usize,
+    /// The `n` part admitted (image edits): a later one may not ask for more.
+    admitted_n: Option<String>,
+    /// The opening and later pieces went to the upstream in the current attempt.
+    started: bool,
+    /// The body's last piece went to the upstream.
+    complete: bool,
+    /// A piece showed the form malformed: the upload stopped there.
+    malformed: bool,
+}
+
+impl Upload {
+    pub(super) fn new(scanner: FormScanner, body_len: usize, opening_len: usize) -> Upload {
+        Upload {
+            scanner,
+            body_len,
+            opening_len,
+            admitted_n: None,
+            started: false,
+            complete: false,
+            malformed: false,
+        }
+    }
+
+    pub(super) fn scanner(&self) -> &FormScanner {
+        &self.scanner
+    }
+
+    pub(super) fn body_len(&self) -> usize {
+        self.body_len
+    }
+
+    /// Bytes of the client's body not read before the decision: they follow the opening.
+    pub(super) fn rest_len(&self) -> usize {
+        self.body_len.saturating_sub(self.opening_len)
+    }
+
+    /// Called once admitted: the `n` the reservation counted.
+    pub(super) fn admitted(&mut self) {
+        self.admitted_n = self.scanner.form().n.clone();
+    }
+
+    /// Whether the request can still be sent again (another key, another model): nothing
+    /// of the client's body past the opening was consumed yet.
+    pub(super) fn can_resend(&self) -> bool {
+        !self.started
+    }
+
+    /// The whole body reached the upstream: only then can it have worked on the request.
+    pub(super) fn complete(&self) -> bool {
+        self.complete
+    }
+
+    /// The next piece of the client's body, before it goes upstream; `end`: the last one.
+    /// `Ok(true)` when the opening must go ahead of it (the first piece of an attempt).
+    /// `Err` when the form turns out malformed: the piece must not go, so the upstream
+    /// never receives a complete form.
+    pub(super) fn pass(&mut self, piece: &[u8], end: bool) -> Result<bool, GateError> {
+        let checked = self.check(piece, end);
+        self.malformed = checked.is_err();
+        checked?;
+        let first = !std::mem::replace(&mut self.started, true);
+        self.complete = end;
+        Ok(first)
+    }
+
+    fn check(&mut self, piece: &[u8], end: bool) -> Result<(), GateError> {
+        self.scanner.feed(piece)?;
+        if end {
+            self.scanner.finish()?;
+        }
+        if self.scanner.form().n != self.admitted_n {
+            return Err(GateError::InvalidRequest(
+                "a large form's 'n' must come before its files".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The upload stopped at a piece that showed the form malformed.
+    pub(super) fn malformed(&self) -> bool {
+        self.malformed
+    }
+
+    /// The audio duration read from the whole file, once all of it passed.
+    pub(super) fn audio_ms(&self) -> Option<u64> {
+        self.complete
+            .then(|| self.scanner.form().audio_ms)
+            .flatten()
+    }
+}
