@@ -15,7 +15,9 @@ alternates by round). From /proc/<pid> of each proxy process it reads:
   - CPU: utime + stime (all threads, /proc/<pid>/stat) around the --uploads, per upload;
   - peak memory: VmHWM (/proc/<pid>/status) after them (the process's peak, warm-up
     included), and that peak minus the idle RSS before the first upload, over the body's
-    size: how many bodies' worth of memory the upload path took at its peak.
+    size: how many bodies' worth of memory the upload path took at its peak;
+  - the upload's memory: that peak minus the RSS after one small (4 KB) upload, which sets
+    up what any first request sets up once; what a large upload itself costs.
 
 It prints each round and the range (min-max) of every figure over the rounds, with the
 gateway / bare ratios; the goal is <= 1.2x for CPU and peak memory. Every upload is checked:
@@ -203,6 +205,9 @@ server:
         file = mp3_file(size) if args.file == "mp3" else noise_file(size)
         body = form("whisper-1", file)
         want = f"sha256:{hashlib.sha256(file).hexdigest()} bytes:{len(file)}"
+        small_file = mp3_file(4_170)
+        small = form("whisper-1", small_file)
+        small_want = f"sha256:{hashlib.sha256(small_file).hexdigest()} bytes:{len(small_file)}"
         print(f"{args.rounds} rounds x {args.uploads} uploads of a {len(body) / 1e6:.1f} MB form "
               f"({args.file} file, upstream_id {args.upstream_id}), fresh processes each round")
         rows = []
@@ -215,8 +220,14 @@ server:
             for name in order:
                 pid, port = targets[name]
                 conn = http.client.HTTPConnection("127.0.0.1", port)
-                # One warm-up upload (in the peak, not in the CPU): connection pools, the
-                # allocator's first large block, the key's first use.
+                # A small upload first: what any first request sets up once (connection
+                # pools, thread-local state, the key's first use, the ledger's first page)
+                # is in the "warm" idle RSS, so peak minus it is what a large upload costs.
+                upload(conn, small, secret, small_want)
+                time.sleep(0.3)
+                warm = status_kb(pid, "VmRSS")
+                # One warm-up upload of the real size (in the peak, not in the CPU): the
+                # allocator's first large block.
                 upload(conn, body, secret, want)
                 spent0 = spend(gw_port, secret) if name == "gateway" else 0
                 t0 = cpu_ticks(pid)
@@ -232,16 +243,20 @@ server:
                     "hwm_mb": hwm / 1024,
                     "idle_mb": idle[name] / 1024,
                     "copies": (hwm - idle[name]) * 1024 / len(body),
+                    "upload_mb": (hwm - warm) / 1024,
                 }
             stop_all()
             fig["cpu_ratio"] = fig["gateway"]["cpu_ms"] / max(fig["bare"]["cpu_ms"], 1e-9)
             fig["hwm_ratio"] = fig["gateway"]["hwm_mb"] / fig["bare"]["hwm_mb"]
+            fig["upload_ratio"] = fig["gateway"]["upload_mb"] / max(fig["bare"]["upload_mb"], 1e-9)
             rows.append(fig)
             g, b = fig["gateway"], fig["bare"]
             print(f"round {rnd + 1}: CPU per upload gateway {g['cpu_ms']:.2f} ms, bare {b['cpu_ms']:.2f} ms "
                   f"({fig['cpu_ratio']:.2f}x); peak (VmHWM) gateway {g['hwm_mb']:.1f} MB, bare {b['hwm_mb']:.1f} MB "
                   f"({fig['hwm_ratio']:.2f}x); peak over idle RSS: gateway {g['copies']:.2f} bodies "
-                  f"(idle {g['idle_mb']:.1f} MB), bare {b['copies']:.2f} (idle {b['idle_mb']:.1f} MB)")
+                  f"(idle {g['idle_mb']:.1f} MB), bare {b['copies']:.2f} (idle {b['idle_mb']:.1f} MB); "
+                  f"the upload's memory (peak over warm RSS): gateway {g['upload_mb']:.2f} MB, "
+                  f"bare {b['upload_mb']:.2f} MB ({fig['upload_ratio']:.2f}x)")
         v = lambda *k: [r[k[0]][k[1]] if len(k) == 2 else r[k[0]] for r in rows]
         print(f"\nrange over {args.rounds} rounds (min–max):")
         print(f"  CPU per upload (ms): gateway {rng(v('gateway', 'cpu_ms'))}, bare {rng(v('bare', 'cpu_ms'))}, "
@@ -249,8 +264,11 @@ server:
         print(f"  peak memory VmHWM (MB): gateway {rng(v('gateway', 'hwm_mb'), '{:.1f}')}, bare {rng(v('bare', 'hwm_mb'), '{:.1f}')}, "
               f"ratio {rng(v('hwm_ratio'))}x")
         print(f"  peak over idle RSS, in bodies: gateway {rng(v('gateway', 'copies'))}, bare {rng(v('bare', 'copies'))}")
+        print(f"  the upload's memory, peak over warm RSS (MB): gateway {rng(v('gateway', 'upload_mb'))}, "
+              f"bare {rng(v('bare', 'upload_mb'))}, ratio {rng(v('upload_ratio'))}x")
         ok = lambda x: "PASS" if x else "FAIL"
-        print(f"goal: CPU <= 1.2x: {ok(max(v('cpu_ratio')) <= 1.2)}; peak memory <= 1.2x: {ok(max(v('hwm_ratio')) <= 1.2)}")
+        print(f"goal: CPU <= 1.2x: {ok(max(v('cpu_ratio')) <= 1.2)}; the upload's memory <= 1.2x: "
+              f"{ok(max(v('upload_ratio')) <= 1.2)}; whole-process peak <= 1.2x: {ok(max(v('hwm_ratio')) <= 1.2)}")
     finally:
         stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
