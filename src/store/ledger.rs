@@ -341,6 +341,25 @@ impl Batch {
             .map(|t| (&t.key, month_index(t.day * MS_PER_DAY)))
     }
 
+    /// Empties the batch after its commit, keeping the room its traces and tallies took
+    /// (growing a vector of traces to a batch's size again cost as much as encoding them).
+    /// Room far beyond what the batch used is given back.
+    pub fn clear(&mut self) {
+        const KEEP: usize = 4096;
+        let used = self.traces.len();
+        self.traces.clear();
+        if self.traces.capacity() > KEEP.max(4 * used) {
+            self.traces.shrink_to(KEEP.max(used));
+        }
+        self.tally.clear();
+        self.tally_at.clear();
+        self.last = 0;
+        self.journal_open.clear();
+        self.journal_closed.clear();
+        self.settlements.clear();
+        self.dropped_traces = 0;
+    }
+
     /// Journals an admission still open at commit time.
     pub fn open(&mut self, row: JournalRow) {
         self.journal_open.insert(row.id, row);

@@ -162,11 +162,8 @@ pub(super) fn insert_traces<'t>(
         return Ok(());
     }
     let mut next: i64 = tx
-        .query_row(
-            "SELECT id + n FROM trace_page ORDER BY id DESC LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT id + n FROM trace_page ORDER BY id DESC LIMIT 1")?
+        .query_row([], |r| r.get(0))
         .optional()?
         .unwrap_or(1);
     let mut insert = tx.prepare_cached(
@@ -229,7 +226,7 @@ impl<'t> Page<'t> {
         }
     }
 
-    fn push(&mut self, encoder: &mut Encoder, t: &TraceRow) {
+    fn push(&mut self, encoder: &mut Encoder<'t>, t: &'t TraceRow) {
         if self.n > 0 {
             self.rows.push(',');
         }
@@ -263,26 +260,44 @@ impl<'t> Page<'t> {
 /// Encodes traces as JSON arrays of their [`ROW_FIELDS`], remembering for each string field the last text it found needing no
 /// escape: the names in consecutive traces are mostly the very same shared strings, so
 /// each is checked once per batch instead of byte by byte in every trace.
+/// The names of the trace encoded last (endpoint, requested and served model, provider)
+/// are kept as JSON too: a trace with the same names (mostly the very same shared strings;
+/// the requested model is the request's own copy) copies them in one piece.
 #[derive(Default)]
-struct Encoder {
-    plain: [(usize, usize); 7],
+struct Encoder<'t> {
+    plain: [Option<&'t str>; 7],
+    names: Option<[Option<&'t str>; 4]>,
+    names_json: String,
 }
 
-impl Encoder {
+impl<'t> Encoder<'t> {
     /// Appends `t`'s [`ROW_FIELDS`] to `out` as a JSON array.
-    fn encode(&mut self, t: &TraceRow, out: &mut String) {
+    fn encode(&mut self, t: &'t TraceRow, out: &mut String) {
         out.reserve(ROW_BYTES);
         out.push('[');
         number(out, t.ts);
-        out.push(',');
-        self.string(0, out, Some(&t.endpoint));
-        out.push(',');
-        self.string(1, out, t.requested_model.as_deref());
-        out.push(',');
-        self.string(2, out, t.served_model.as_deref());
-        out.push(',');
-        self.string(3, out, t.provider.as_deref());
-        out.push(',');
+        let names = [
+            Some(t.endpoint.as_ref()),
+            t.requested_model.as_deref(),
+            t.served_model.as_deref(),
+            t.provider.as_deref(),
+        ];
+        let same = self
+            .names
+            .is_some_and(|last| last.iter().zip(&names).all(|(a, b)| same_str(*a, *b)));
+        if same {
+            out.push_str(&self.names_json);
+        } else {
+            let start = out.len();
+            out.push(',');
+            for (slot, name) in names.into_iter().enumerate() {
+                self.string(slot, out, name);
+                out.push(',');
+            }
+            self.names_json.clear();
+            self.names_json.push_str(&out[start..]);
+            self.names = Some(names);
+        }
         number(out, i64::from(t.status));
         out.push(',');
         self.string(4, out, t.error_code.as_deref());
@@ -322,19 +337,19 @@ impl Encoder {
         out.push(']');
     }
 
-    /// Field `slot`'s string (or `null`).
-    fn string(&mut self, slot: usize, out: &mut String, s: Option<&str>) {
+    /// Field `slot`'s string (or `null`); the check for characters to escape is skipped for
+    /// the text that needed none the last time.
+    fn string(&mut self, slot: usize, out: &mut String, s: Option<&'t str>) {
         let Some(s) = s else {
             out.push_str("null");
             return;
         };
-        let at = (s.as_ptr() as usize, s.len());
-        if self.plain[slot] == at {
+        if same_str(self.plain[slot], Some(s)) {
             out.push('"');
             out.push_str(s);
             out.push('"');
         } else if string(out, s) {
-            self.plain[slot] = at;
+            self.plain[slot] = Some(s);
         }
     }
 }
@@ -449,16 +464,19 @@ mod tests {
             served_model: Some(m.clone()),
             ..TraceRow::default()
         };
+        // Equal texts in different strings too (a request's own copy of its model name).
+        let copy: Arc<str> = Arc::from("a\"b");
+        let traces: Vec<TraceRow> = [&plain, &weird, &copy, &plain, &weird]
+            .into_iter()
+            .map(trace)
+            .collect();
         let mut e = Encoder::default();
         let mut out = String::from("[");
-        for (i, m) in [&plain, &weird, &weird, &plain, &weird]
-            .into_iter()
-            .enumerate()
-        {
+        for (i, t) in traces.iter().enumerate() {
             if i > 0 {
                 out.push(',');
             }
-            e.encode(&trace(m), &mut out);
+            e.encode(t, &mut out);
         }
         out.push(']');
         let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
