@@ -787,6 +787,20 @@ mod tests {
             .unwrap();
         // key_a's 3 and 6 are not consecutive: two pages; key_b's 600 in 256 + 256 + 88.
         assert_eq!((n, anonymous, pages, log), (604, 1, 1 + 2 + 3 + 1, 0));
+        // `SELECT *` gives the old table's columns, in its order.
+        let columns: Vec<String> = db
+            .prepare("SELECT name FROM pragma_table_info('traces')")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            columns.join(","),
+            "id,ts,key_id,endpoint,requested_model,served_model,provider,status,error_code,\
+             latency_ms,ttfb_ms,prompt_tokens,completion_tokens,cost_nanos,usage_estimated,\
+             fallback_from,trace_id,unit,units"
+        );
         drop(db);
         let s = Store::open(&path).unwrap();
         assert_eq!(s.traces(None, 1_000, None).unwrap().len(), 604);

@@ -26,6 +26,27 @@ pub(super) const PAGE_ROWS: usize = 256;
 /// `key_id` (the page's), the view's column list.
 pub(super) const ROW_FIELDS: [&str; 17] = [
     "ts",
+    "status",
+    "latency_ms",
+    "ttfb_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_nanos",
+    "usage_estimated",
+    "units",
+    "trace_id",
+    // The names last, together: consecutive traces mostly repeat them all.
+    "endpoint",
+    "requested_model",
+    "served_model",
+    "provider",
+    "error_code",
+    "fallback_from",
+    "unit",
+];
+
+/// The fields of a `trace_log` row (before trace pages), in its order.
+const LOG_FIELDS: [&str; 16] = [
     "endpoint",
     "requested_model",
     "served_model",
@@ -68,18 +89,37 @@ pub(super) fn columns(cols: &str) -> String {
         .join(", ")
 }
 
+/// The columns of the old `traces` table, in its order: the view's.
+const VIEW_COLUMNS: [&str; 19] = [
+    "id",
+    "ts",
+    "key_id",
+    "endpoint",
+    "requested_model",
+    "served_model",
+    "provider",
+    "status",
+    "error_code",
+    "latency_ms",
+    "ttfb_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_nanos",
+    "usage_estimated",
+    "fallback_from",
+    "trace_id",
+    "unit",
+    "units",
+];
+
 /// `CREATE VIEW traces`: the columns of the old `traces` table, one row per trace.
 pub(super) fn view_sql() -> String {
-    let mut sql = String::from("CREATE VIEW IF NOT EXISTS traces AS SELECT ");
-    let _ = write!(sql, "{} AS id", column("id"));
-    for name in ROW_FIELDS {
-        let _ = write!(sql, ", {} AS {name}", column(name));
-        if name == "ts" {
-            sql.push_str(", p.key_id AS key_id");
-        }
-    }
-    let _ = write!(sql, " FROM {FROM_PAGES}");
-    sql
+    let columns = VIEW_COLUMNS
+        .iter()
+        .map(|name| format!("{} AS {name}", column(name)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("CREATE VIEW IF NOT EXISTS traces AS SELECT {columns} FROM {FROM_PAGES}")
 }
 
 /// Moves the traces of an older database into pages, in the same transaction as the
@@ -127,9 +167,17 @@ pub(super) fn convert_trace_log_sql() -> String {
         "{};
          DROP VIEW IF EXISTS traces;
          DROP TABLE trace_log;",
-        pages_from_sql(
-            "SELECT id, ts, key_id, '[' || ts || ',' || substr(row, 2) AS row FROM trace_log"
-        )
+        pages_from_sql(&format!(
+            "SELECT id, ts, key_id, json_array({}) AS row FROM trace_log",
+            ROW_FIELDS
+                .iter()
+                .map(|f| match LOG_FIELDS.iter().position(|l| l == f) {
+                    Some(i) => format!("json_extract(row, '$[{i}]')"),
+                    None => "ts".into(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
     )
 }
 
@@ -260,13 +308,13 @@ impl<'t> Page<'t> {
 /// Encodes traces as JSON arrays of their [`ROW_FIELDS`], remembering for each string field the last text it found needing no
 /// escape: the names in consecutive traces are mostly the very same shared strings, so
 /// each is checked once per batch instead of byte by byte in every trace.
-/// The names of the trace encoded last (endpoint, requested and served model, provider)
-/// are kept as JSON too: a trace with the same names (mostly the very same shared strings;
+/// The names of the trace encoded last (endpoint, models, provider, error code, fallback,
+/// unit) are kept as JSON too: a trace with the same names (mostly the very same shared strings;
 /// the requested model is the request's own copy) copies them in one piece.
 #[derive(Default)]
 struct Encoder<'t> {
     plain: [Option<&'t str>; 7],
-    names: Option<[Option<&'t str>; 4]>,
+    names: Option<[Option<&'t str>; 7]>,
     names_json: String,
 }
 
@@ -276,31 +324,8 @@ impl<'t> Encoder<'t> {
         out.reserve(ROW_BYTES);
         out.push('[');
         number(out, t.ts);
-        let names = [
-            Some(t.endpoint.as_ref()),
-            t.requested_model.as_deref(),
-            t.served_model.as_deref(),
-            t.provider.as_deref(),
-        ];
-        let same = self
-            .names
-            .is_some_and(|last| last.iter().zip(&names).all(|(a, b)| same_str(*a, *b)));
-        if same {
-            out.push_str(&self.names_json);
-        } else {
-            let start = out.len();
-            out.push(',');
-            for (slot, name) in names.into_iter().enumerate() {
-                self.string(slot, out, name);
-                out.push(',');
-            }
-            self.names_json.clear();
-            self.names_json.push_str(&out[start..]);
-            self.names = Some(names);
-        }
-        number(out, i64::from(t.status));
         out.push(',');
-        self.string(4, out, t.error_code.as_deref());
+        number(out, i64::from(t.status));
         out.push(',');
         number(out, t.latency_ms);
         out.push(',');
@@ -315,26 +340,46 @@ impl<'t> Encoder<'t> {
         out.push(',');
         number(out, t.cost.get());
         out.push_str(if t.usage_estimated { ",1," } else { ",0," });
-        self.string(5, out, t.fallback_from.as_deref());
-        out.push(',');
+        number(out, t.units as i64);
         match t.trace_id {
             // 32 lower-case hex digits, as in `traceparent`.
             Some(id) => {
                 const HEX: &[u8; 16] = b"0123456789abcdef";
-                let mut hex = [b'"'; 34];
+                let mut hex = [b'"'; 35];
+                hex[0] = b',';
                 for (i, b) in id.to_bytes().into_iter().enumerate() {
-                    hex[1 + 2 * i] = HEX[usize::from(b >> 4)];
-                    hex[2 + 2 * i] = HEX[usize::from(b & 15)];
+                    hex[2 + 2 * i] = HEX[usize::from(b >> 4)];
+                    hex[3 + 2 * i] = HEX[usize::from(b & 15)];
                 }
-                out.push_str(std::str::from_utf8(&hex).unwrap_or("null"));
+                out.push_str(std::str::from_utf8(&hex).unwrap_or(",null"));
             }
-            None => out.push_str("null"),
+            None => out.push_str(",null"),
         }
-        out.push(',');
-        self.string(6, out, t.unit.as_deref());
-        out.push(',');
-        number(out, t.units as i64);
-        out.push(']');
+        let names = [
+            Some(t.endpoint.as_ref()),
+            t.requested_model.as_deref(),
+            t.served_model.as_deref(),
+            t.provider.as_deref(),
+            t.error_code.as_deref(),
+            t.fallback_from.as_deref(),
+            t.unit.as_deref(),
+        ];
+        let same = self
+            .names
+            .is_some_and(|last| last.iter().zip(&names).all(|(a, b)| same_str(*a, *b)));
+        if same {
+            out.push_str(&self.names_json);
+        } else {
+            let start = out.len();
+            for (slot, name) in names.into_iter().enumerate() {
+                out.push(',');
+                self.string(slot, out, name);
+            }
+            out.push(']');
+            self.names_json.clear();
+            self.names_json.push_str(&out[start..]);
+            self.names = Some(names);
+        }
     }
 
     /// Field `slot`'s string (or `null`); the check for characters to escape is skipped for
@@ -421,14 +466,14 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&row).expect(&row);
         assert_eq!(v.as_array().unwrap().len(), ROW_FIELDS.len());
         assert_eq!(v[0], 1_700_000_000_123i64);
-        assert_eq!(v[2], "we\"ird\\mod\nel");
-        assert_eq!(v[14], "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(v[11], "we\"ird\\mod\nel");
+        assert_eq!(v[9], "0af7651916cd43dd8448eb211c80319c");
         let db = rusqlite::Connection::open_in_memory().unwrap();
         let got: (String, Option<String>, i64, i64, String, i64) = db
             .query_row(
-                "SELECT json_extract(?1, '$[2]'), json_extract(?1, '$[4]'),
-                        json_extract(?1, '$[11]'), json_extract(?1, '$[12]'),
-                        json_extract(?1, '$[13]'), json_extract(?1, '$[16]')",
+                "SELECT json_extract(?1, '$[11]'), json_extract(?1, '$[13]'),
+                        json_extract(?1, '$[6]'), json_extract(?1, '$[7]'),
+                        json_extract(?1, '$[15]'), json_extract(?1, '$[8]')",
                 [&row],
                 |r| {
                     Ok((
@@ -480,7 +525,7 @@ mod tests {
         }
         out.push(']');
         let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
-        let models: Vec<&str> = (0..5).map(|i| v[i][2].as_str().unwrap()).collect();
+        let models: Vec<&str> = (0..5).map(|i| v[i][11].as_str().unwrap()).collect();
         assert_eq!(models, ["gpt-4o", "a\"b", "a\"b", "gpt-4o", "a\"b"]);
     }
 }
