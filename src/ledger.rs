@@ -464,7 +464,8 @@ impl Writer {
                 self.health.failed_commits.fetch_add(1, Ordering::Relaxed);
                 return false;
             }
-            self.batch = Batch::default();
+            // Emptied, not replaced: its vectors and maps keep their room for the next one.
+            self.batch.clear();
             self.health.backlog.store(0, Ordering::Relaxed);
         }
         let entries = std::mem::take(&mut self.batch_entries);

@@ -101,8 +101,8 @@ impl AlertSubjects {
     pub(in crate::store) fn of(parts: &[&Batch]) -> AlertSubjects {
         let mut s = AlertSubjects::default();
         for b in parts {
-            for (key, month, _) in b.spend.keys() {
-                s.spend.insert((key.clone(), *month));
+            for (key, month) in b.spend_months() {
+                s.spend.insert((key.clone(), month));
             }
             for t in &b.traces {
                 let (Some(key), Some(code)) = (&t.key_id, &t.error_code) else {

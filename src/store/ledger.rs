@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::clock::{day_index, month_index};
+use crate::clock::{day_index, month_index, MS_PER_DAY};
 use crate::money::Nanos;
 
 /// One finished request, as the ledger writer commits it.
@@ -119,22 +119,25 @@ pub(in crate::store) struct Settlement {
 }
 
 /// One commit's worth of ledger work, aggregated as it arrives: spend, daily counts and last
-/// use are summed per key (bounded by keys x models, not by requests), traces are kept up
-/// to a cap. Requests whose admission was journaled are kept apart, one by one (see
-/// [`Settlement`]): only those still in the journal at commit are booked. A batch that
-/// fails to commit is kept whole and retried.
-/// A batch's maps, hashed with foldhash: every request adds to four of them on the writer
-/// thread, and their keys are the gateway's own key ids and model names, so SipHash's
-/// protection against chosen keys buys nothing here (still randomly seeded).
+/// use are tallied per key, model and UTC day (bounded by keys x models, not by requests),
+/// traces are kept up to a cap. Requests whose admission was journaled are kept apart, one
+/// by one (see [`Settlement`]): only those still in the journal at commit are booked. A
+/// batch that fails to commit is kept whole and retried.
+/// A batch's maps, hashed with foldhash: their keys are the gateway's own key ids and model
+/// names, so SipHash's protection against chosen keys buys nothing here (still randomly
+/// seeded).
 pub(in crate::store) type Sums<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 #[derive(Debug, Default)]
 pub struct Batch {
     pub(in crate::store) traces: Vec<TraceRow>,
-    pub(in crate::store) spend: Sums<(Arc<str>, i64, Arc<str>), [i64; 4]>,
-    pub(in crate::store) daily: Sums<(Arc<str>, i64), i64>,
-    pub(in crate::store) daily_spend: Sums<(Arc<str>, i64, Arc<str>), [i64; 2]>,
-    pub(in crate::store) last_used: Sums<Arc<str>, i64>,
+    /// What the batch books, one entry per key, model (none: counted only) and UTC day.
+    tally: Vec<Tally>,
+    /// Where each (key, model, day) is in `tally`.
+    tally_at: Sums<TallyKey, usize>,
+    /// The entry of `tally` booked last: a request of the same key and model on the same
+    /// day (the common case) adds to it with three comparisons, without hashing a name.
+    last: usize,
     pub(in crate::store) journal_open: Sums<i64, JournalRow>,
     /// Journal rows to delete that book nothing (no key, or nothing to count).
     pub(in crate::store) journal_closed: Vec<i64>,
@@ -144,12 +147,47 @@ pub struct Batch {
     pub dropped_traces: u64,
 }
 
+/// A key, a model (none: counted only) and a UTC day.
+type TallyKey = (Arc<str>, Option<Arc<str>>, i64);
+
+/// The sums of one key on one model (or none) on one UTC day, as a batch tallies them.
+#[derive(Debug)]
+struct Tally {
+    key: Arc<str>,
+    model: Option<Arc<str>>,
+    day: i64,
+    /// Requests, prompt tokens, completion tokens, cost; booked only with a model.
+    spend: [i64; 4],
+    /// Requests counted toward the day.
+    counted: i64,
+    /// The latest admission time of a counted request (last use), if any.
+    last_used: Option<i64>,
+}
+
+/// A batch's sums as the stores write them: spend per (key, month, model), requests per
+/// (key, day), spend per (key, day, model), and last use per key.
+#[derive(Debug, Default)]
+pub(in crate::store) struct BatchSums {
+    pub(in crate::store) spend: Sums<(Arc<str>, i64, Arc<str>), [i64; 4]>,
+    pub(in crate::store) daily: Sums<(Arc<str>, i64), i64>,
+    pub(in crate::store) daily_spend: Sums<(Arc<str>, i64, Arc<str>), [i64; 2]>,
+    pub(in crate::store) last_used: Sums<Arc<str>, i64>,
+}
+
 /// The model a trace's spend is booked to: the served one, else the requested one.
 fn spend_model(t: &TraceRow) -> Arc<str> {
     match (&t.served_model, &t.requested_model) {
         (Some(m), _) => m.clone(),
         (None, Some(m)) => m.clone(),
         (None, None) => Arc::from(""),
+    }
+}
+
+fn same_model(a: &Option<Arc<str>>, b: &Option<Arc<str>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
     }
 }
 
@@ -169,7 +207,7 @@ impl Batch {
         // `journal_open` was never written, so closing it is free and books as usual.
         let journaled = e
             .journal_id
-            .filter(|id| self.journal_open.remove(id).is_none());
+            .filter(|id| self.journal_open.is_empty() || self.journal_open.remove(id).is_none());
         if let Some(key_id) = t.key_id.as_ref() {
             let sums = [
                 t.prompt_tokens as i64,
@@ -178,21 +216,28 @@ impl Batch {
             ];
             let model = e.admitted.then(|| spend_model(t));
             match journaled {
-                Some(id) if e.admitted || e.counted => self.settlements.push(Settlement {
-                    journal_id: id,
-                    key_id: key_id.clone(),
-                    ts: t.ts,
-                    model,
-                    counted: e.counted,
-                    sums,
-                }),
+                Some(id) if e.admitted || e.counted => {
+                    self.settlements.push(Settlement {
+                        journal_id: id,
+                        key_id: key_id.clone(),
+                        ts: t.ts,
+                        model,
+                        counted: e.counted,
+                        sums,
+                    });
+                    // Last use is not a charge: kept whether or not the spend is booked.
+                    if e.counted {
+                        self.tally_for(key_id, day_index(t.ts), None).used_at(t.ts);
+                    }
+                }
                 Some(id) => self.journal_closed.push(id),
-                None => self.book(key_id, t.ts, model, e.counted, sums),
-            }
-            // Last use is not a charge: kept whether or not the spend is booked.
-            if e.counted {
-                let at = self.last_used.entry(key_id.clone()).or_insert(t.ts);
-                *at = (*at).max(t.ts);
+                None => {
+                    let tally = self.tally_for(key_id, day_index(t.ts), model);
+                    tally.book(e.counted, sums);
+                    if e.counted {
+                        tally.used_at(t.ts);
+                    }
+                }
             }
         } else if let Some(id) = journaled {
             self.journal_closed.push(id);
@@ -206,6 +251,32 @@ impl Batch {
         }
     }
 
+    /// The tally of `key` on `model` (none: counts only) on `day`, created if new.
+    fn tally_for(&mut self, key: &Arc<str>, day: i64, model: Option<Arc<str>>) -> &mut Tally {
+        let last = self.last;
+        let hit = self.tally.get(last).is_some_and(|t| {
+            t.day == day && Arc::ptr_eq(&t.key, key) && same_model(&t.model, &model)
+        });
+        if !hit {
+            let tally = &mut self.tally;
+            self.last = *self
+                .tally_at
+                .entry((key.clone(), model.clone(), day))
+                .or_insert_with(|| {
+                    tally.push(Tally {
+                        key: key.clone(),
+                        model,
+                        day,
+                        spend: [0; 4],
+                        counted: 0,
+                        last_used: None,
+                    });
+                    tally.len() - 1
+                });
+        }
+        &mut self.tally[self.last]
+    }
+
     /// Adds one request's sums: spend to `model` (if any) for the month and day of `ts`,
     /// and one to the day's count if `counted`. Last use is not touched.
     pub(in crate::store) fn book(
@@ -214,35 +285,79 @@ impl Batch {
         ts: i64,
         model: Option<Arc<str>>,
         counted: bool,
-        [prompt, completion, cost]: [i64; 3],
+        sums: [i64; 3],
     ) {
-        if let Some(model) = model {
-            let day = self
-                .daily_spend
-                .entry((key_id.clone(), day_index(ts), model.clone()))
-                .or_default();
-            day[0] += 1;
-            day[1] = day[1].saturating_add(cost);
-            let row = self
-                .spend
-                .entry((key_id.clone(), month_index(ts), model))
-                .or_default();
-            row[0] += 1;
-            row[1] = row[1].saturating_add(prompt);
-            row[2] = row[2].saturating_add(completion);
-            row[3] = row[3].saturating_add(cost);
-        }
-        if counted {
-            *self
-                .daily
-                .entry((key_id.clone(), day_index(ts)))
-                .or_default() += 1;
-        }
+        self.tally_for(key_id, day_index(ts), model)
+            .book(counted, sums);
     }
 
     /// Books a settlement whose journal row this commit deleted.
     pub(in crate::store) fn book_settled(&mut self, s: &Settlement) {
         self.book(&s.key_id, s.ts, s.model.clone(), s.counted, s.sums);
+    }
+
+    /// The batch's sums, per row of the ledger's tables (built at commit, from the
+    /// tallies).
+    pub(in crate::store) fn sums(&self) -> BatchSums {
+        let mut out = BatchSums::default();
+        for t in &self.tally {
+            if let (Some(model), [n, p, c, cost]) = (&t.model, t.spend) {
+                if n > 0 {
+                    let row = out
+                        .spend
+                        .entry((
+                            t.key.clone(),
+                            month_index(t.day * MS_PER_DAY),
+                            model.clone(),
+                        ))
+                        .or_default();
+                    for (sum, v) in row.iter_mut().zip([n, p, c, cost]) {
+                        *sum = sum.saturating_add(v);
+                    }
+                    let day = out
+                        .daily_spend
+                        .entry((t.key.clone(), t.day, model.clone()))
+                        .or_default();
+                    day[0] += n;
+                    day[1] = day[1].saturating_add(cost);
+                }
+            }
+            if t.counted > 0 {
+                *out.daily.entry((t.key.clone(), t.day)).or_default() += t.counted;
+            }
+            if let Some(at) = t.last_used {
+                let last = out.last_used.entry(t.key.clone()).or_insert(at);
+                *last = (*last).max(at);
+            }
+        }
+        out
+    }
+
+    /// (key, month) of every spend the batch books.
+    pub(in crate::store) fn spend_months(&self) -> impl Iterator<Item = (&Arc<str>, i64)> {
+        self.tally
+            .iter()
+            .filter(|t| t.model.is_some() && t.spend[0] > 0)
+            .map(|t| (&t.key, month_index(t.day * MS_PER_DAY)))
+    }
+
+    /// Empties the batch after its commit, keeping the room its traces and tallies took
+    /// (growing a vector of traces to a batch's size again cost as much as encoding them).
+    /// Room far beyond what the batch used is given back.
+    pub fn clear(&mut self) {
+        const KEEP: usize = 4096;
+        let used = self.traces.len();
+        self.traces.clear();
+        if self.traces.capacity() > KEEP.max(4 * used) {
+            self.traces.shrink_to(KEEP.max(used));
+        }
+        self.tally.clear();
+        self.tally_at.clear();
+        self.last = 0;
+        self.journal_open.clear();
+        self.journal_closed.clear();
+        self.settlements.clear();
+        self.dropped_traces = 0;
     }
 
     /// Journals an admission still open at commit time.
@@ -252,8 +367,7 @@ impl Batch {
 
     pub fn is_empty(&self) -> bool {
         self.traces.is_empty()
-            && self.spend.is_empty()
-            && self.daily.is_empty()
+            && self.tally.is_empty()
             && self.journal_open.is_empty()
             && self.journal_closed.is_empty()
             && self.settlements.is_empty()
@@ -270,6 +384,25 @@ impl Batch {
             b.add(e, usize::MAX);
         }
         b
+    }
+}
+
+impl Tally {
+    fn book(&mut self, counted: bool, [prompt, completion, cost]: [i64; 3]) {
+        if self.model.is_some() {
+            let s = &mut self.spend;
+            s[0] += 1;
+            s[1] = s[1].saturating_add(prompt);
+            s[2] = s[2].saturating_add(completion);
+            s[3] = s[3].saturating_add(cost);
+        }
+        if counted {
+            self.counted += 1;
+        }
+    }
+
+    fn used_at(&mut self, ts: i64) {
+        self.last_used = Some(self.last_used.map_or(ts, |at| at.max(ts)));
     }
 }
 

@@ -664,6 +664,219 @@ mod tests {
     }
 
     #[test]
+    fn a_file_with_trace_log_rows_is_moved_into_trace_pages_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        {
+            // `trace_log` and its view as the release before trace pages created them.
+            let db = rusqlite::Connection::open(&path).unwrap();
+            db.execute_batch(
+                "CREATE TABLE trace_log (id INTEGER PRIMARY KEY, ts INTEGER NOT NULL,
+                    key_id TEXT, row TEXT NOT NULL);
+                 CREATE INDEX trace_log_key ON trace_log (key_id, id);
+                 CREATE VIEW traces AS SELECT id, ts, key_id,
+                    json_extract(row, '$[0]') AS endpoint,
+                    json_extract(row, '$[1]') AS requested_model,
+                    json_extract(row, '$[2]') AS served_model,
+                    json_extract(row, '$[3]') AS provider,
+                    json_extract(row, '$[4]') AS status,
+                    json_extract(row, '$[5]') AS error_code,
+                    json_extract(row, '$[6]') AS latency_ms,
+                    json_extract(row, '$[7]') AS ttfb_ms,
+                    json_extract(row, '$[8]') AS prompt_tokens,
+                    json_extract(row, '$[9]') AS completion_tokens,
+                    json_extract(row, '$[10]') AS cost_nanos,
+                    json_extract(row, '$[11]') AS usage_estimated,
+                    json_extract(row, '$[12]') AS fallback_from,
+                    json_extract(row, '$[13]') AS trace_id,
+                    json_extract(row, '$[14]') AS unit,
+                    json_extract(row, '$[15]') AS units
+                 FROM trace_log;
+                 INSERT INTO trace_log VALUES (3, 1000, 'key_a',
+                    '[\"chat.completions\",\"m\",\"up-m\",\"p\",200,null,12,3,11,5,2500,0,null,\"0af7651916cd43dd8448eb211c80319c\",\"token\",0]');
+                 INSERT INTO trace_log VALUES (4, 1001, NULL,
+                    '[\"chat.completions\",null,null,null,401,\"invalid_api_key\",1,null,0,0,0,0,null,null,null,0]');
+                 INSERT INTO trace_log VALUES (6, 1002, 'key_a',
+                    '[\"messages\",\"m\",null,null,402,\"budget_exceeded\",1,null,0,0,0,1,\"x\",null,\"image\",2]');",
+            )
+            .unwrap();
+            // A run longer than a page, of another key.
+            let mut insert = db
+                .prepare("INSERT INTO trace_log VALUES (?1, ?2, 'key_b', ?3)")
+                .unwrap();
+            for id in 10..610i64 {
+                let row = format!(
+                    "[\"chat.completions\",\"m\",\"m\",\"p\",200,null,{id},1,1,1,{id},0,null,null,\"token\",0]"
+                );
+                insert
+                    .execute(rusqlite::params![id, 2000 + id, row])
+                    .unwrap();
+            }
+        }
+        let mut s = Store::open(&path).unwrap();
+        let a = s.traces(Some("key_a"), 10, None).unwrap();
+        assert_eq!(a.iter().map(|t| t.id).collect::<Vec<_>>(), vec![6, 3]);
+        let (new, old) = (&a[0], &a[1]);
+        assert_eq!(
+            (
+                old.ts,
+                old.status,
+                old.latency_ms,
+                old.ttfb_ms,
+                old.cost.get()
+            ),
+            (1000, 200, 12, Some(3), 2500)
+        );
+        assert_eq!(old.served_model.as_deref(), Some("up-m"));
+        assert_eq!(
+            old.trace_id.map(|t| t.to_string()).as_deref(),
+            Some("0af7651916cd43dd8448eb211c80319c")
+        );
+        assert_eq!((new.unit.as_deref(), new.units), (Some("image"), 2));
+        assert_eq!(new.error_code.as_deref(), Some("budget_exceeded"));
+        assert!(new.usage_estimated);
+        assert_eq!(new.fallback_from.as_deref(), Some("x"));
+        let b = s.traces(Some("key_b"), 1_000, None).unwrap();
+        assert_eq!(
+            b.iter().map(|t| t.id).collect::<Vec<_>>(),
+            (10..610).rev().collect::<Vec<_>>()
+        );
+        assert!(b
+            .iter()
+            .all(|t| t.latency_ms == t.id && t.ts == 2000 + t.id));
+        // Paging back from the middle of a page.
+        let page = s.traces(Some("key_b"), 3, Some(300)).unwrap();
+        assert_eq!(
+            page.iter().map(|t| t.id).collect::<Vec<_>>(),
+            vec![299, 298, 297]
+        );
+        // New traces follow the moved ones.
+        s.write_batch(&Batch::of([LedgerEntry {
+            trace: TraceRow {
+                ts: 5000,
+                key_id: Some("key_a".into()),
+                endpoint: "chat.completions".into(),
+                status: 200,
+                ..TraceRow::default()
+            },
+            keep_trace: true,
+            ..LedgerEntry::default()
+        }]))
+        .unwrap();
+        let ids: Vec<i64> = s
+            .traces(Some("key_a"), 10, None)
+            .unwrap()
+            .iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(ids, vec![610, 6, 3]);
+        drop(s);
+        let db = rusqlite::Connection::open(&path).unwrap();
+        let (n, anonymous, pages, log): (i64, i64, i64, i64) = db
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM traces),
+                        (SELECT COUNT(*) FROM traces WHERE key_id IS NULL AND id = 4),
+                        (SELECT COUNT(*) FROM trace_page),
+                        (SELECT COUNT(*) FROM sqlite_master WHERE name LIKE 'trace_log%')",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+        // key_a's 3 and 6 are not consecutive: two pages; key_b's 600 in 256 + 256 + 88.
+        assert_eq!((n, anonymous, pages, log), (604, 1, 1 + 2 + 3 + 1, 0));
+        // `SELECT *` gives the old table's columns, in its order.
+        let columns: Vec<String> = db
+            .prepare("SELECT name FROM pragma_table_info('traces')")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            columns.join(","),
+            "id,ts,key_id,endpoint,requested_model,served_model,provider,status,error_code,\
+             latency_ms,ttfb_ms,prompt_tokens,completion_tokens,cost_nanos,usage_estimated,\
+             fallback_from,trace_id,unit,units"
+        );
+        drop(db);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.traces(None, 1_000, None).unwrap().len(), 604);
+    }
+
+    #[test]
+    fn a_key_with_many_pages_reads_newest_first_and_prunes_inside_a_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let entry = |i: i64, key: &str| LedgerEntry {
+            trace: TraceRow {
+                ts: 10_000 + i,
+                key_id: Some(key.into()),
+                endpoint: "chat".into(),
+                served_model: Some("m".into()),
+                status: 200,
+                latency_ms: 1,
+                cost: Nanos::new(i + 1),
+                ..TraceRow::default()
+            },
+            admitted: true,
+            counted: true,
+            keep_trace: true,
+            journal_id: None,
+            span: None,
+        };
+        // Two keys interleaved, 600 traces each: three pages per key.
+        let batch =
+            Batch::of((0..1_200).map(|i| entry(i, if i % 2 == 0 { "key_a" } else { "key_b" })));
+        s.write_batch(&batch).unwrap();
+        let a = s.traces(Some("key_a"), 1_000, None).unwrap();
+        assert_eq!(a.len(), 600);
+        assert!(a.windows(2).all(|w| w[0].id > w[1].id && w[0].ts > w[1].ts));
+        // Paging back: each page of 100 starts below the last id of the one before.
+        let mut seen = Vec::new();
+        let mut before = None;
+        loop {
+            let page = s.traces(Some("key_a"), 100, before).unwrap();
+            let Some(last) = page.last() else { break };
+            before = Some(last.id);
+            seen.extend(page.iter().map(|t| t.ts));
+        }
+        assert_eq!(seen, a.iter().map(|t| t.ts).collect::<Vec<_>>());
+        // The hour window reads the newest charges only, across pages.
+        let charges = s.recent_charges("key_b", 10_000 + 1_000).unwrap();
+        assert_eq!(charges.len(), 101, "ends at 11000, 11002, ... 11200");
+        assert!(charges.iter().all(|(at, _)| *at >= 11_000));
+        assert_eq!(
+            s.spend_by_key(&crate::clock::month_label(crate::clock::month_index(
+                10_000
+            )))
+            .unwrap()["key_b"][0]
+                .spent,
+            Nanos::new((1..=1_200).filter(|c| c % 2 == 0).sum())
+        );
+        // key_a's first page (ts 10000..10510) is cut inside: its first 100 go.
+        assert_eq!(s.prune_traces(10_200).unwrap(), 100);
+        let a = s.traces(Some("key_a"), 1_000, None).unwrap();
+        assert_eq!(a.len(), 500);
+        assert_eq!(a.last().map(|t| t.ts), Some(10_200));
+        assert_eq!(s.traces(Some("key_b"), 1_000, None).unwrap().len(), 600);
+        let all = s.traces(None, 2_000, None).unwrap();
+        assert_eq!(all.len(), 1_100);
+        assert!(
+            all.windows(2).all(|w| w[0].ts > w[1].ts),
+            "all keys by time"
+        );
+        // Ids are kept: every trace still has the id it was listed with.
+        let a_ids: Vec<i64> = a.iter().map(|t| t.id).collect();
+        let again: Vec<i64> = all
+            .iter()
+            .filter(|t| t.key_id.as_deref() == Some("key_a"))
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(a_ids, again);
+        assert_eq!(s.integrity_check().unwrap(), "ok");
+    }
+
+    #[test]
     fn batches_aggregate_spend_and_daily_counts() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(&dir.path().join("x.db")).unwrap();

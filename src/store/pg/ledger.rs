@@ -13,7 +13,9 @@ use crate::alerts::AlertRules;
 use crate::clock::{day_label, month_label, now_ms};
 use crate::limits::ModelTally;
 use crate::money::Nanos;
-use crate::store::ledger::{parse_trace_id, trace_id_hex, Batch, ModelSpend, TraceRow, ORPHANED};
+use crate::store::ledger::{
+    parse_trace_id, trace_id_hex, Batch, BatchSums, ModelSpend, TraceRow, ORPHANED,
+};
 use crate::store::{Result, StoreError};
 
 type Cache = HashMap<&'static str, Statement>;
@@ -142,6 +144,7 @@ fn merged<K: Ord, V>(mut rows: Vec<(K, V)>, add: impl Fn(&mut V, &V)) -> Vec<(K,
 /// first: two nodes committing at once then lock shared rows in the same order and never
 /// deadlock.
 fn add_sums(tx: &mut Transaction<'_>, cache: &mut Cache, parts: &[&Batch]) -> Result<()> {
+    let parts: Vec<BatchSums> = parts.iter().map(|b| b.sums()).collect();
     let spend = merged(
         parts
             .iter()

@@ -7,31 +7,14 @@ use std::sync::Arc;
 
 use rusqlite::{params, OptionalExtension, Row};
 
-use super::{trace_log, Sqlite};
+use super::trace_page::{column, columns, insert_traces, FROM_PAGES, PAGE_ROWS};
+use super::Sqlite;
 use crate::alerts::AlertRules;
 use crate::clock::{day_index, day_label, month_index, month_label, now_ms};
 use crate::limits::ModelTally;
 use crate::money::Nanos;
 use crate::store::ledger::{parse_trace_id, Batch, HandoverRow, ModelSpend, TraceRow, ORPHANED};
 use crate::store::Result;
-
-/// Rows per multi-row trace insert. A batch is cut into these sizes, largest first, so at
-/// most seven statements are ever prepared (and stay in the statement cache); any other
-/// remainder would be a new statement to prepare at each flush. Parameters are anonymous
-/// (`?`), which keeps the SQL short: the cache hashes it on every lookup.
-const TRACE_CHUNKS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
-const TRACE_PARAMS: usize = 3;
-
-fn trace_insert_sql(rows: usize) -> String {
-    let mut sql = String::from("INSERT INTO trace_log (ts, key_id, row) VALUES ");
-    for r in 0..rows {
-        if r > 0 {
-            sql.push(',');
-        }
-        sql.push_str("(?,?,?)");
-    }
-    sql
-}
 
 fn add_spend(
     tx: &rusqlite::Transaction<'_>,
@@ -81,42 +64,48 @@ fn add_daily(tx: &rusqlite::Transaction<'_>, key_id: &str, day: i64, n: i64) -> 
     Ok(())
 }
 
-/// Inserts every trace of a batch in multi-row statements of [`TRACE_CHUNKS`] sizes: its
-/// time and key as columns, the rest as one JSON text ([`trace_log::encode`]), all rows
-/// written into one buffer.
-fn insert_traces(tx: &rusqlite::Transaction<'_>, batch: &[&TraceRow]) -> Result<()> {
-    static SQL: once_cell::sync::Lazy<[String; TRACE_CHUNKS.len()]> =
-        once_cell::sync::Lazy::new(|| TRACE_CHUNKS.map(trace_insert_sql));
-    let mut text = String::with_capacity(batch.len() * 160);
-    let mut ends = Vec::with_capacity(batch.len());
-    for t in batch {
-        trace_log::encode(t, &mut text);
-        ends.push(text.len());
-    }
-    let mut start = 0;
-    let mut rest = batch;
-    let mut row_ends = &ends[..];
-    while !rest.is_empty() {
-        let size = TRACE_CHUNKS
-            .iter()
-            .position(|&n| n <= rest.len())
-            .unwrap_or(TRACE_CHUNKS.len() - 1);
-        let n = TRACE_CHUNKS[size].min(rest.len());
-        let (chunk, tail) = rest.split_at(n);
-        let (chunk_ends, ends_tail) = row_ends.split_at(n);
-        rest = tail;
-        row_ends = ends_tail;
-        let mut stmt = tx.prepare_cached(&SQL[size])?;
-        for (r, (t, &end)) in chunk.iter().zip(chunk_ends).enumerate() {
-            let at = r * TRACE_PARAMS;
-            stmt.raw_bind_parameter(at + 1, t.ts)?;
-            stmt.raw_bind_parameter(at + 2, t.key_id.as_deref())?;
-            stmt.raw_bind_parameter(at + 3, &text[start..end])?;
-            start = end;
-        }
-        stmt.raw_execute()?;
-    }
-    Ok(())
+/// The columns [`trace_from_row`] reads.
+const TRACE_COLUMNS: &str = "ts, key_id, endpoint, requested_model, served_model, provider, \
+     status, error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, cost_nanos, \
+     usage_estimated, fallback_from, id, trace_id, unit, units";
+
+/// One key's pages newest first, below id `?2`: its index alone, in order (nothing sorted).
+const KEY_PAGES_SQL: &str =
+    "SELECT id FROM trace_page WHERE key_id = ?1 AND id < ?2 ORDER BY id DESC";
+
+/// One page's traces below id `?2`, newest first, `?3` of them (at most [`PAGE_ROWS`] to sort).
+fn page_traces_sql() -> String {
+    format!(
+        "SELECT {} FROM {FROM_PAGES} WHERE p.id = ?1 AND p.id + j.key < ?2
+         ORDER BY j.key DESC LIMIT ?3",
+        columns(TRACE_COLUMNS)
+    )
+}
+
+/// The newest trace id below `?1`: the last page's, through the primary key.
+const NEWEST_TRACE_SQL: &str = "SELECT MIN(id + n - 1, ?1 - 1) FROM trace_page WHERE id < ?1
+     ORDER BY id DESC LIMIT 1";
+
+/// Every key's traces with ids in (`?1`, `?3`), newest first by time, `?2` of them: a range
+/// of pages through the primary key (a page starts at most [`PAGE_ROWS`] before its traces).
+fn window_traces_sql() -> String {
+    format!(
+        "SELECT {} FROM {FROM_PAGES}
+         WHERE p.id < ?3 AND p.id > ?1 - {PAGE_ROWS}
+           AND p.id + j.key < ?3 AND p.id + j.key > ?1
+         ORDER BY 1 DESC, 16 DESC LIMIT ?2",
+        columns(TRACE_COLUMNS)
+    )
+}
+
+/// One page's traces' (end time, cost), newest first.
+fn page_charges_sql() -> String {
+    format!(
+        "SELECT {} + {}, {} FROM {FROM_PAGES} WHERE p.id = ?1 ORDER BY j.key DESC",
+        column("ts"),
+        column("latency_ms"),
+        column("cost_nanos"),
+    )
 }
 
 /// A row of (model, requests, prompt_tokens, completion_tokens, cost_nanos).
@@ -215,18 +204,21 @@ impl Sqlite {
     /// order by a request's duration), so it reads the last hour, not the key's history.
     pub fn recent_charges(&self, key_id: &str, since: i64) -> Result<Vec<(i64, Nanos)>> {
         const SLACK_MS: i64 = 600_000;
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT ts + latency_ms, cost_nanos FROM traces WHERE key_id = ?1 ORDER BY id DESC",
-        )?;
-        let mut rows = stmt.query([key_id])?;
+        // The key's pages newest first, each page's traces newest first.
+        let mut pages = self.conn.prepare_cached(KEY_PAGES_SQL)?;
+        let mut charges = self.conn.prepare_cached(&page_charges_sql())?;
+        let mut ids = pages.query(params![key_id, i64::MAX])?;
         let mut out = Vec::new();
-        while let Some(r) = rows.next()? {
-            let (at, cost): (i64, i64) = (r.get(0)?, r.get(1)?);
-            if at < since - SLACK_MS {
-                break;
-            }
-            if at >= since && cost > 0 {
-                out.push((at, Nanos::new(cost)));
+        while let Some(page) = ids.next()? {
+            let mut rows = charges.query([page.get::<_, i64>(0)?])?;
+            while let Some(r) = rows.next()? {
+                let (at, cost): (i64, i64) = (r.get(0)?, r.get(1)?);
+                if at < since - SLACK_MS {
+                    return Ok(out);
+                }
+                if at >= since && cost > 0 {
+                    out.push((at, Nanos::new(cost)));
+                }
             }
         }
         Ok(out)
@@ -241,29 +233,40 @@ impl Sqlite {
         limit: u32,
         before: Option<i64>,
     ) -> Result<Vec<TraceRow>> {
-        const COLUMNS: &str = "ts, key_id, endpoint, requested_model, served_model, provider, \
-             status, error_code, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, \
-             cost_nanos, usage_estimated, fallback_from, id, trace_id, unit, units";
         let before = before.unwrap_or(i64::MAX);
         let rows = match key_id {
             Some(key) => {
-                let mut stmt = self.conn.prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM traces WHERE key_id = ?1 AND id < ?3
-                     ORDER BY id DESC LIMIT ?2"
-                ))?;
-                let rows = stmt.query_map(params![key, limit, before], trace_from_row)?;
-                rows.collect::<rusqlite::Result<_>>()
+                // The key's pages newest first; the first `limit` traces end the walk.
+                let mut pages = self.conn.prepare_cached(KEY_PAGES_SQL)?;
+                let mut traces = self.conn.prepare_cached(&page_traces_sql())?;
+                let mut ids = pages.query(params![key, before])?;
+                let mut out = Vec::new();
+                while out.len() < limit as usize {
+                    let Some(page) = ids.next()? else { break };
+                    let left = limit as usize - out.len();
+                    let rows = traces.query_map(
+                        params![page.get::<_, i64>(0)?, before, left as i64],
+                        trace_from_row,
+                    )?;
+                    for row in rows {
+                        out.push(row?);
+                    }
+                }
+                Ok(out)
             }
             None => {
-                // Larger than any batch, so the window holds every row newer than its start.
+                // Larger than any batch, so the window holds every trace newer than its
+                // start: the traces with ids in (newest - window, before), sorted by time.
                 let window = limit as i64 + 200_000;
-                let mut stmt = self.conn.prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM traces
-                     WHERE id < ?3 AND id > (SELECT COALESCE(MAX(id), 0) FROM traces
-                                             WHERE id < ?3) - ?1
-                     ORDER BY ts DESC, id DESC LIMIT ?2"
-                ))?;
-                let rows = stmt.query_map(params![window, limit, before], trace_from_row)?;
+                let newest: i64 = self
+                    .conn
+                    .prepare_cached(NEWEST_TRACE_SQL)?
+                    .query_row([before], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(0);
+                let mut stmt = self.conn.prepare_cached(&window_traces_sql())?;
+                let rows =
+                    stmt.query_map(params![newest - window, limit, before], trace_from_row)?;
                 rows.collect::<rusqlite::Result<_>>()
             }
         };
@@ -335,13 +338,10 @@ impl Sqlite {
                     }
                 }
             }
-            // Grouped by key (stable, so each key's traces keep their order): the per-key
-            // index then takes one run of appends per key instead of a random insert per row,
-            // which makes the batch about 3x cheaper with many active keys.
-            let mut by_key: Vec<&TraceRow> = batch.traces.iter().collect();
-            by_key.sort_by(|a, b| a.key_id.cmp(&b.key_id));
-            insert_traces(tx, &by_key)?;
-            for sums in [batch, &booked] {
+            // One page per key (and per PAGE_ROWS traces), each key's traces in order.
+            insert_traces(tx, &batch.traces)?;
+            let batch_sums = batch.sums();
+            for sums in [&batch_sums, &booked.sums()] {
                 for ((key_id, month, model), [n, p, c, cost]) in &sums.spend {
                     add_spend(tx, key_id, *month, model, [*n, *p, *c, *cost])?;
                 }
@@ -356,7 +356,7 @@ impl Sqlite {
                 "INSERT INTO key_last_used (key_id, at) VALUES (?1, ?2)
                  ON CONFLICT (key_id) DO UPDATE SET at = MAX(at, excluded.at)",
             )?;
-            for (key_id, at) in &batch.last_used {
+            for (key_id, at) in &batch_sums.last_used {
                 stmt.execute(params![key_id.as_ref(), at])?;
             }
             let mut stmt = tx.prepare_cached(
@@ -426,7 +426,7 @@ impl Sqlite {
                     .collect()
             };
             let traces: Vec<&TraceRow> = orphans.iter().map(|(t, _)| t).collect();
-            insert_traces(tx, &traces)?;
+            insert_traces(tx, traces.iter().copied())?;
             for t in &traces {
                 let key_id = t.key_id.as_deref().unwrap_or("");
                 let model = t.served_model.as_deref().unwrap_or("");
@@ -550,15 +550,100 @@ impl Sqlite {
     /// the key grouping inside one batch), so the cut is the first id, walking from the oldest,
     /// whose trace is recent enough: nothing newer than `before_ms` is ever deleted, and a few
     /// older rows of the last batch before the cut wait for the next prune. No `ts` index is
-    /// maintained for this.
+    /// maintained for this: the walk reads each page's `ts_max`, and only the page holding
+    /// the cut is opened (its older traces are cut off its front, so its ids stay).
     pub fn prune_traces(&mut self, before_ms: i64) -> Result<usize> {
         self.write(|tx| {
-            Ok(tx.execute(
-                "DELETE FROM trace_log WHERE id < COALESCE(
-                    (SELECT id FROM trace_log WHERE ts >= ?1 ORDER BY id LIMIT 1),
-                    (SELECT MAX(id) + 1 FROM trace_log))",
-                [before_ms],
-            )?)
+            let cut: Option<(i64, i64)> = tx
+                .query_row(
+                    "SELECT id, n FROM trace_page WHERE ts_max >= ?1 ORDER BY id LIMIT 1",
+                    [before_ms],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((page, n)) = cut else {
+                let gone: i64 =
+                    tx.query_row("SELECT COALESCE(SUM(n), 0) FROM trace_page", [], |r| {
+                        r.get(0)
+                    })?;
+                tx.execute("DELETE FROM trace_page", [])?;
+                return Ok(gone as usize);
+            };
+            let gone: i64 = tx.query_row(
+                "SELECT COALESCE(SUM(n), 0) FROM trace_page WHERE id < ?1",
+                [page],
+                |r| r.get(0),
+            )?;
+            tx.execute("DELETE FROM trace_page WHERE id < ?1", [page])?;
+            // The page holding the cut: its traces before the first recent one go.
+            let first: i64 = tx.query_row(
+                "SELECT MIN(j.key) FROM trace_page AS p, json_each(p.rows) AS j
+                 WHERE p.id = ?1 AND json_extract(j.value, '$[0]') >= ?2",
+                params![page, before_ms],
+                |r| r.get(0),
+            )?;
+            if first > 0 {
+                tx.execute(
+                    "UPDATE trace_page SET id = id + ?2, n = n - ?2,
+                        ts_min = (SELECT MIN(json_extract(value, '$[0]')) FROM json_each(rows)
+                                  WHERE key >= ?2),
+                        rows = (SELECT json_group_array(json(value) ORDER BY key)
+                                FROM json_each(rows) WHERE key >= ?2)
+                     WHERE id = ?1 AND n = ?3",
+                    params![page, first, n],
+                )?;
+            }
+            Ok((gone + first) as usize)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plan SQLite chooses for `sql`, one line per step.
+    fn plan(s: &Sqlite, sql: &str) -> String {
+        let mut stmt = s
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap();
+        let nulls = vec![rusqlite::types::Null; stmt.parameter_count()];
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3))
+            .unwrap();
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .unwrap()
+            .join("\n")
+    }
+
+    #[test]
+    fn trace_reads_seek_pages_by_key_or_id_and_never_scan_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Sqlite::open(&dir.path().join("x.db")).unwrap();
+        let pages = plan(&s, KEY_PAGES_SQL);
+        // The index alone, in its order: nothing sorted, the walk stops when it has enough.
+        assert_eq!(
+            pages,
+            "SEARCH trace_page USING COVERING INDEX trace_page_key (key_id=? AND id<?)"
+        );
+        for sql in [page_traces_sql(), page_charges_sql()] {
+            let steps = plan(&s, &sql);
+            assert!(
+                steps.contains("SEARCH p USING INTEGER PRIMARY KEY (rowid=?)"),
+                "{steps}"
+            );
+            assert!(!steps.contains("SCAN p"), "{steps}");
+        }
+        let window = plan(&s, &window_traces_sql());
+        assert!(
+            window.contains("SEARCH p USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)"),
+            "{window}"
+        );
+        let newest = plan(&s, NEWEST_TRACE_SQL);
+        assert!(
+            newest.contains("SEARCH trace_page USING INTEGER PRIMARY KEY (rowid<?)"),
+            "{newest}"
+        );
     }
 }

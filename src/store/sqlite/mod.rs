@@ -10,7 +10,7 @@ mod audit;
 mod groups;
 mod keys;
 mod ledger;
-mod trace_log;
+mod trace_page;
 
 use std::path::Path;
 use std::time::Duration;
@@ -82,15 +82,18 @@ CREATE TABLE IF NOT EXISTS daily_requests (
     PRIMARY KEY (key_id, day)
 ) WITHOUT ROWID;
 
--- One row per request: the fields a listing filters on as columns, the rest as a compact
--- JSON array (see trace_log.rs); the `traces` view reads them back as columns.
-CREATE TABLE IF NOT EXISTS trace_log (
+-- Traces in pages: up to 256 traces of one key from one commit, `rows` a JSON array with
+-- one array per trace (see trace_page.rs); trace `id + i` is row `i`. The `traces` view
+-- reads them back one row per trace.
+CREATE TABLE IF NOT EXISTS trace_page (
     id     INTEGER PRIMARY KEY,
-    ts     INTEGER NOT NULL,
+    n      INTEGER NOT NULL,
     key_id TEXT,
-    row    TEXT NOT NULL
+    ts_min INTEGER NOT NULL,
+    ts_max INTEGER NOT NULL,
+    rows   TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS trace_log_key ON trace_log (key_id, id);
+CREATE INDEX IF NOT EXISTS trace_page_key ON trace_page (key_id, id);
 
 -- Spend per key, model and UTC day, for the dashboard's daily chart.
 CREATE TABLE IF NOT EXISTS daily_spend (
@@ -259,12 +262,14 @@ impl Sqlite {
         }
         let conn = Connection::open(path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
-        // The ledger's statements (seven trace-insert sizes, spend upserts, the journal) all
-        // stay prepared: re-preparing one costs more than the row it inserts.
+        // The ledger's statements (the trace page insert, spend upserts, the journal) all stay
+        // prepared: re-preparing one costs more than the rows it inserts.
         conn.set_prepared_statement_cache_capacity(64);
-        // Only takes effect when the file is created: fewer, larger pages for the append-heavy
-        // trace table (set before WAL, which fixes the page size).
-        conn.pragma_update(None, "page_size", 16_384)?;
+        // Only takes effect when the file is created (set before WAL, which fixes the page
+        // size). SQLite's default: a commit writes every page it touched whole to the WAL and
+        // checksums it, and with traces in pages most of a commit's pages are the few leaves
+        // of the sums and the journal; 16 KiB pages made each of those four times the work.
+        conn.pragma_update(None, "page_size", 4_096)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: every batch commit is durable; batches are few, so this costs little.
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -276,8 +281,9 @@ impl Sqlite {
         let mut store = Sqlite { conn };
         store.write(|tx| {
             tx.execute_batch(SCHEMA)?;
-            // `traces` is a view over `trace_log`; a file from before it has a table, given
-            // its newer columns below and then moved into `trace_log`.
+            // `traces` is a view over `trace_page`. A file from before it has a `traces`
+            // table (given its newer columns below), or a `trace_log` table with a view over
+            // it: either is moved into pages, ids kept.
             let traces: Option<String> = tx
                 .query_row(
                     "SELECT type FROM sqlite_master WHERE name = 'traces'",
@@ -285,8 +291,13 @@ impl Sqlite {
                     |r| r.get(0),
                 )
                 .optional()?;
+            let trace_log: bool = tx.query_row(
+                "SELECT COUNT(*) > 0 FROM sqlite_master WHERE name = 'trace_log' AND type = 'table'",
+                [],
+                |r| r.get(0),
+            )?;
             if traces.is_none() {
-                tx.execute_batch(&trace_log::view_sql())?;
+                tx.execute_batch(&trace_page::view_sql())?;
             }
             for (table, column, kind) in MIGRATIONS {
                 let exists: bool = tx.query_row(
@@ -299,9 +310,12 @@ impl Sqlite {
                 }
             }
             if traces.as_deref() == Some("table") {
-                tx.execute_batch(&trace_log::convert_table_sql())?;
-                tx.execute_batch(&trace_log::view_sql())?;
+                tx.execute_batch(&trace_page::convert_table_sql())?;
             }
+            if trace_log {
+                tx.execute_batch(&trace_page::convert_trace_log_sql())?;
+            }
+            tx.execute_batch(&trace_page::view_sql())?;
             // A group's spend (alerts, every commit that charges a member) is found through
             // its keys; after the columns, since older files gain `group_name` just above.
             tx.execute_batch(
