@@ -1,10 +1,13 @@
 //! Live per-key limits shared by a cluster of gateway nodes, in Redis (or Valkey).
 //!
 //! The same semantics as [`crate::limits::KeyCounters`], with the state in one Redis so every
-//! node sees it: each admission is ONE Lua script call (EVALSHA, one round trip) that checks
-//! budget, the runaway-agent brakes (`max_usd_per_hour`, `loop_limit`), rpm, rpd and in-flight
-//! and commits all of them or nothing; each settlement is one more. The scripts read Redis' own `TIME` for the minute, the day and the month, so nodes
-//! with skewed clocks agree.
+//! node sees it: each admission is one Lua script (`admit.lua`) that checks budget, the
+//! runaway-agent brakes (`max_usd_per_hour`, `loop_limit`), rpm, rpd and in-flight and
+//! commits all of them or nothing; each settlement is one more (`settle.lua`). Alone, each is
+//! one EVALSHA (one round trip); the admissions and settlements that wait while a call is in
+//! flight go together in the next one (`batch.lua`, see [`RedisLimits::submit`]), decided in
+//! order exactly as one by one. The scripts read Redis' own `TIME` for the minute, the day and
+//! the month, so nodes with skewed clocks agree.
 //!
 //! # Data model
 //!
@@ -158,8 +161,11 @@ impl Lua {
 
 struct Scripts {
     admit: Lua,
-    usage: Lua,
     settle: Lua,
+    /// Admissions and settlements, many per call (`batch.lua` around `admit.lua` and
+    /// `settle.lua`), when more than one is waiting.
+    batch: Lua,
+    usage: Lua,
     seed: Lua,
     view: Lua,
     heartbeat: Lua,
@@ -281,9 +287,73 @@ pub struct RedisLimits {
     /// Calls whose reply was lost, so whether Redis ran them is unknown; the next heartbeat
     /// settles them. Touched only on failures and by the heartbeat.
     unsure: std::sync::Mutex<Unsure>,
+    /// Admissions and settlements waiting for the next batch (group commit, see
+    /// [`RedisLimits::submit`]).
+    queue: std::sync::Mutex<Queue>,
+}
+
+/// Operations carried per batch at most; more wait for the next one.
+const MAX_BATCH: usize = 128;
+
+/// One admission or settlement for `batch.lua`: its kind, and its keys then arguments as
+/// `admit.lua` / `settle.lua` take them.
+struct Op {
+    kind: Kind,
+    /// The reservation it admits or settles.
+    res_id: u64,
+    keys: usize,
+    args: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Admit,
+    Settle,
+}
+
+/// What a waiting operation is told: its reply, or that it sends the next batch (its own
+/// operation handed back, to go first in it).
+enum Turn {
+    Done(Result<Value, Failed>),
+    Lead(Op),
+}
+
+struct Queued {
+    op: Op,
+    tx: tokio::sync::oneshot::Sender<Turn>,
+}
+
+/// Operations waiting, and whether a batch is on its way to Redis (then one of the waiting
+/// operations' callers sends the next one when it returns).
+#[derive(Default)]
+struct Queue {
+    ops: Vec<Queued>,
+    busy: bool,
+}
+
+/// The operations of a batch on its way to Redis. If the caller that sent it is dropped
+/// before Redis replied, each is answered as a lost reply (it may have run), and the lead
+/// passes on either way.
+struct InFlight<'a> {
+    limits: &'a RedisLimits,
+    waiting: Vec<(tokio::sync::oneshot::Sender<Turn>, Kind, u64)>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let lost = Failed {
+            error: SharedError::Unavailable("batch abandoned".into()),
+            maybe_ran: true,
+        };
+        for (tx, kind, res_id) in self.waiting.drain(..) {
+            self.limits.answer(tx, kind, res_id, Err(lost.clone()));
+        }
+        self.limits.pass_lead();
+    }
 }
 
 /// A failed call, and whether Redis may have run it anyway (it was sent, the answer lost).
+#[derive(Clone)]
 struct Failed {
     error: SharedError,
     maybe_ran: bool,
@@ -397,6 +467,15 @@ fn standing(limits: &Limits, remaining: i64, reset: i64, warning: i64) -> Standi
     }
 }
 
+/// Appends the arguments of `from` to `cmd`.
+fn append(cmd: &mut Cmd, from: &Cmd) {
+    for a in from.args_iter() {
+        if let redis::Arg::Simple(b) = a {
+            cmd.arg(b);
+        }
+    }
+}
+
 /// Token counts travel as i64 (what `HINCRBY` takes); nobody reaches the clamp.
 fn tokens(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -431,8 +510,17 @@ impl RedisLimits {
             cmd_timeout,
             scripts: Scripts {
                 admit: Lua::new(lua!("admit.lua")),
-                usage: Lua::new(lua!("usage.lua")),
                 settle: Lua::new(lua!("settle.lua")),
+                batch: Lua::new(concat!(
+                    include_str!("lua/common.lua"),
+                    "local function admit_one(KEYS, ARGV, now_ms)\n",
+                    include_str!("lua/admit.lua"),
+                    "\nend\nlocal function settle_one(KEYS, ARGV)\n",
+                    include_str!("lua/settle.lua"),
+                    "\nend\n",
+                    include_str!("lua/batch.lua")
+                )),
+                usage: Lua::new(lua!("usage.lua")),
                 seed: Lua::new(lua!("seed.lua")),
                 view: Lua::new(lua!("view.lua")),
                 heartbeat: Lua::new(lua!("heartbeat.lua")),
@@ -442,6 +530,7 @@ impl RedisLimits {
             timeouts: AtomicU32::new(0),
             usage_seq: AtomicU64::new(0),
             unsure: std::sync::Mutex::new(Unsure::default()),
+            queue: std::sync::Mutex::new(Queue::default()),
         })
     }
 
@@ -520,6 +609,162 @@ impl RedisLimits {
         })
     }
 
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // Poisoned only if a push panicked; the queue stays consistent.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs one admission or settlement in the next batch (group commit): the first caller
+    /// while no batch is in flight sends one at once; callers that come while it is in
+    /// flight wait, and when it returns one of them sends all of theirs in one call. One
+    /// request alone still costs one round trip; under load, many share one, and Redis runs
+    /// the script's set-up, `TIME` and the network work once for all of them.
+    async fn submit(&self, op: Op) -> Result<Value, Failed> {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let lead = {
+            let mut q = self.queue();
+            q.ops.push(Queued { op, tx });
+            !std::mem::replace(&mut q.busy, true)
+        };
+        if lead {
+            self.run_batch().await;
+        }
+        loop {
+            match (&mut rx).await {
+                Ok(Turn::Done(reply)) => return reply,
+                Ok(Turn::Lead(op)) => {
+                    let (tx, next) = tokio::sync::oneshot::channel();
+                    self.queue().ops.insert(0, Queued { op, tx });
+                    rx = next;
+                    self.run_batch().await;
+                }
+                // Never dropped unanswered (see `InFlight`); as a lost reply if it were.
+                Err(_) => {
+                    return Err(Failed {
+                        error: unavailable("batch"),
+                        maybe_ran: true,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Sends the waiting operations (up to [`MAX_BATCH`]) as one `batch.lua` call, answers
+    /// each, and passes the lead to the next waiting one.
+    async fn run_batch(&self) {
+        let ops: Vec<Queued> = {
+            let mut q = self.queue();
+            let n = q.ops.len().min(MAX_BATCH);
+            q.ops.drain(..n).collect()
+        };
+        // Its caller is gone before it was sent (its request ended): not sent at all.
+        let ops: Vec<Queued> = ops.into_iter().filter(|q| !q.tx.is_closed()).collect();
+        let mut waiting = Vec::with_capacity(ops.len());
+        let (lua, cmd) = match ops.as_slice() {
+            // Alone: the operation's own script, which is cheaper for one.
+            [one] => {
+                let lua = match one.op.kind {
+                    Kind::Admit => &self.scripts.admit,
+                    Kind::Settle => &self.scripts.settle,
+                };
+                let mut cmd = lua.call(one.op.keys);
+                append(&mut cmd, &one.op.args);
+                (lua, cmd)
+            }
+            _ => {
+                let lua = &self.scripts.batch;
+                let mut cmd = lua.call(1);
+                cmd.arg("{sg}:res");
+                for Queued { op, .. } in &ops {
+                    let n = op.args.args_iter().count();
+                    cmd.arg(match op.kind {
+                        Kind::Admit => "a",
+                        Kind::Settle => "s",
+                    })
+                    .arg(op.keys)
+                    .arg(n.saturating_sub(op.keys));
+                    append(&mut cmd, &op.args);
+                }
+                (lua, cmd)
+            }
+        };
+        for Queued { op, tx } in ops {
+            waiting.push((tx, op.kind, op.res_id));
+        }
+        let mut flight = InFlight {
+            limits: self,
+            waiting,
+        };
+        if flight.waiting.is_empty() {
+            return; // `flight` passes the lead on
+        }
+        let reply = self.eval(lua, &cmd).await;
+        let waiting = std::mem::take(&mut flight.waiting);
+        match reply {
+            Ok(r) if waiting.len() == 1 => {
+                if let Some((tx, kind, res_id)) = waiting.into_iter().next() {
+                    self.answer(tx, kind, res_id, Ok(r));
+                }
+            }
+            Ok(Value::Array(replies)) if replies.len() == waiting.len() => {
+                for ((tx, kind, res_id), r) in waiting.into_iter().zip(replies) {
+                    self.answer(tx, kind, res_id, Ok(r));
+                }
+            }
+            other => {
+                let f = match other {
+                    Err(f) => f,
+                    Ok(_) => Failed {
+                        error: unavailable("batch"),
+                        maybe_ran: true,
+                    },
+                };
+                for (tx, kind, res_id) in waiting {
+                    self.answer(tx, kind, res_id, Err(f.clone()));
+                }
+            }
+        }
+        // `flight` drops here: the lead passes on.
+    }
+
+    /// Gives an operation its reply. If its caller is gone, what it would have done with a
+    /// lost reply is done here: an admission that may have taken a hold is released by the
+    /// next heartbeat, a settlement that may not have run is left to expire.
+    fn answer(
+        &self,
+        tx: tokio::sync::oneshot::Sender<Turn>,
+        kind: Kind,
+        res_id: u64,
+        reply: Result<Value, Failed>,
+    ) {
+        let Err(Turn::Done(reply)) = tx.send(Turn::Done(reply)) else {
+            return;
+        };
+        match (kind, reply) {
+            (Kind::Admit, Err(f)) if f.maybe_ran => self.unsure().push_admit(res_id),
+            (Kind::Admit, Ok(Value::Array(a))) if a.first().and_then(int) == Some(1) => {
+                self.unsure().push_admit(res_id)
+            }
+            (Kind::Settle, Err(f)) if f.maybe_ran => self.unsure().push_settle(res_id),
+            _ => {}
+        }
+    }
+
+    /// Hands the next batch to the first waiting operation whose caller is still there, or
+    /// marks the queue idle.
+    fn pass_lead(&self) {
+        let mut q = self.queue();
+        while !q.ops.is_empty() {
+            let Queued { op, tx } = q.ops.remove(0);
+            match tx.send(Turn::Lead(op)) {
+                Ok(()) => return,
+                // Its caller is gone (and its request with it): nothing to send for it.
+                Err(_) => continue,
+            }
+        }
+        q.busy = false;
+    }
+
     /// Bounds a call by `cmd_timeout`, so a dead or hung Redis fails fast.
     async fn bounded<T>(
         &self,
@@ -544,8 +789,9 @@ impl RedisLimits {
         }
     }
 
-    /// Admits a model request (one round trip): checks the hard budget, the hour's spend
-    /// (`max_usd_per_hour`), the loop count of `digest` (`loop_limit`; given only for keys
+    /// Admits a model request (one round trip, or a share of one under load): checks the
+    /// hard budget, the hour's spend (`max_usd_per_hour`), the loop count of `digest`
+    /// (`loop_limit`; given only for keys
     /// with one), the rolling minute, the UTC day and the in-flight cap, and commits all of
     /// them only if all pass. Keys without the brakes send none of their arguments. Admitted
     /// requests hold `estimate` (hard-budget keys, and the hour of capped keys) and an
@@ -573,7 +819,7 @@ impl RedisLimits {
             .max();
         let held = largest.map_or(0, |c| estimate.get().clamp(0, c.saturating_add(1)));
         let cap = limits.budget.map_or(-1, Nanos::get);
-        let mut cmd = self.scripts.admit.call(1 + uplines.len());
+        let mut cmd = Cmd::new();
         cmd.arg(key_prefix(key_id));
         for u in uplines {
             cmd.arg(level_prefix(u));
@@ -616,7 +862,13 @@ impl RedisLimits {
             })
             .arg(opt(u.limits.rpm.filter(|_| u.level == Level::Group)));
         }
-        let reply = match self.eval(&self.scripts.admit, &cmd).await {
+        let op = Op {
+            kind: Kind::Admit,
+            res_id,
+            keys: 1 + uplines.len(),
+            args: cmd,
+        };
+        let reply = match self.submit(op).await {
             Ok(reply) => reply,
             Err(f) => {
                 // The script may still have run (only the reply was lost): the heartbeat
@@ -722,7 +974,8 @@ impl RedisLimits {
         })
     }
 
-    /// Settles reservation `res_id` of this node (one round trip): releases its hold and
+    /// Settles reservation `res_id` of this node (one round trip, or a share of one under
+    /// load): releases its hold and
     /// in-flight slot and books `charge` to the month it was admitted in (if that month is
     /// in Redis; never creating it). `Ok(false)`: the reservation was already reaped and its
     /// estimate charged, so nothing more is.
@@ -733,7 +986,7 @@ impl RedisLimits {
         month: i64,
         charge: Option<Charge<'_>>,
     ) -> Result<Settled, SharedError> {
-        let mut cmd = self.scripts.settle.call(1);
+        let mut cmd = Cmd::new();
         cmd.arg(key_prefix(key_id)).arg(self.node).arg(res_id);
         match charge {
             Some(c) => cmd
@@ -745,7 +998,13 @@ impl RedisLimits {
             None => cmd.arg(0).arg("").arg(0).arg(0).arg(0),
         };
         cmd.arg(month);
-        let reply = match self.eval(&self.scripts.settle, &cmd).await {
+        let op = Op {
+            kind: Kind::Settle,
+            res_id,
+            keys: 1,
+            args: cmd,
+        };
+        let reply = match self.submit(op).await {
             Ok(reply) => reply,
             Err(f) => {
                 // If it did not run, the reservation must not stay open forever on this
