@@ -1227,6 +1227,14 @@ async fn concurrent_admissions_share_round_trips_and_every_limit_stays_exact() {
     assert_eq!(more, 18);
 }
 
+/// One operation of a test batch: kind, key, arguments, the reservation an admission opens.
+type BatchOp = (
+    &'static str,
+    String,
+    Vec<String>,
+    Option<(i64, i64, &'static str)>,
+);
+
 /// `batch.lua` decides every operation exactly as `admit.lua` and `settle.lua` one by one
 /// would: the same replies and the same Redis contents, key for key, over random batches of
 /// admissions (some with brakes, some of an unseeded key) and settlements (some of reaped
@@ -1315,9 +1323,11 @@ async fn a_batch_decides_exactly_as_one_by_one() {
     let mut res_id = 1;
     let mut kinds = std::collections::BTreeMap::new();
     for _ in 0..250 {
-        // One batch: (kind, key, args).
-        let mut ops: Vec<(&str, String, Vec<String>, Option<(i64, i64, &str)>)> = Vec::new();
-        let mut settleable = open.clone();
+        // One batch of one node: (kind, key, args, the reservation an admission opens).
+        let node = 1 + next(2) as i64;
+        let ttl = if next(3) == 0 { 2_000 } else { 30_000 };
+        let mut ops: Vec<BatchOp> = Vec::new();
+        let mut settleable: Vec<_> = open.iter().filter(|o| o.0 == node).copied().collect();
         for _ in 0..1 + next(12) {
             let roll = next(100);
             if !settleable.is_empty() && roll < 45 {
@@ -1338,9 +1348,9 @@ async fn a_batch_decides_exactly_as_one_by_one() {
                 ops.push(("s", format!("{{sg}}:k:{k}"), args, None));
             } else if roll < 50 {
                 // A reservation Redis never had (lost with its data).
-                let args = ["1", "1000000", "1", "m1", "1", "1", "5"]
-                    .iter()
-                    .map(|s| s.to_string())
+                let args = [node.to_string(), "1000000".into()]
+                    .into_iter()
+                    .chain(["1", "m1", "1", "1", "5"].map(String::from))
                     .chain([month.to_string()])
                     .collect();
                 ops.push(("s", "{sg}:k:k1".into(), args, None));
@@ -1348,9 +1358,11 @@ async fn a_batch_decides_exactly_as_one_by_one() {
                 let k = ["k1", "k2", "k4", "k4", "k5", "k3"]
                     [next(if roll < 55 { 6 } else { 5 }) as usize];
                 let [rpm, rpd, cap, hard, mi] = limits(k);
-                let node = 1 + next(2) as i64;
-                let held = if hard == 1 { next(3_000) as i64 } else { 0 };
-                let ttl = if next(3) == 0 { 2_000 } else { 30_000 };
+                let mut held = if hard == 1 { next(3_000) as i64 } else { 0 };
+                if next(40) == 0 {
+                    // Too long for a double: decided one by one inside the batch.
+                    held += 10_000_000_000_000_000;
+                }
                 let mut args: Vec<String> = [rpm, rpd, cap, hard, mi, held, ttl, held]
                     .iter()
                     .map(|n| n.to_string())
@@ -1381,10 +1393,26 @@ async fn a_batch_decides_exactly_as_one_by_one() {
                 .unwrap();
             one_by_one.push(v);
         }
+        // The batch, as `RedisLimits` sends it: the node and ttl once, then each operation in
+        // its short form ('A': an admission without levels or brakes, mostly; 'S') or whole.
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(&batch_lua).arg(1).arg("{sg}:res");
+        cmd.arg(&batch_lua)
+            .arg(1)
+            .arg("{sg}:res")
+            .arg(node)
+            .arg(ttl);
         for (kind, key, args, _) in &ops {
-            cmd.arg(*kind).arg(1).arg(args.len()).arg(key).arg(args);
+            match (*kind, args.len()) {
+                ("a", 11) if next(5) != 0 => {
+                    cmd.arg("A").arg(&args[0]).arg(&args[2..9]).arg(&args[10]);
+                }
+                ("a", _) => {
+                    cmd.arg("a").arg(1).arg(args.len()).arg(key).arg(args);
+                }
+                _ => {
+                    cmd.arg("S").arg(key).arg(&args[1..]);
+                }
+            }
         }
         let together: Vec<redis::Value> = cmd.query_async(&mut b).await.unwrap();
         assert_eq!(one_by_one, together, "{ops:?}");

@@ -303,6 +303,9 @@ struct Op {
     res_id: u64,
     keys: usize,
     args: Cmd,
+    /// In a batch, sent in `batch.lua`'s short form ('A', 'S': without what every operation
+    /// of the batch shares); an admission with levels or brakes is sent whole ('a').
+    short: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -674,16 +677,27 @@ impl RedisLimits {
             _ => {
                 let lua = &self.scripts.batch;
                 let mut cmd = lua.call(1);
-                cmd.arg("{sg}:res");
+                cmd.arg("{sg}:res").arg(self.node).arg(self.ttl_ms);
                 for Queued { op, .. } in &ops {
-                    let n = op.args.args_iter().count();
-                    cmd.arg(match op.kind {
-                        Kind::Admit => "a",
-                        Kind::Settle => "s",
-                    })
-                    .arg(op.keys)
-                    .arg(n.saturating_sub(op.keys));
-                    append(&mut cmd, &op.args);
+                    // Which of the operation's keys and arguments its short form carries
+                    // (see `admit` and `settle` for their order): not the node nor the ttl,
+                    // which the batch gives once, nor an admission's key prefix.
+                    let (kind, keep): (&str, &[usize]) = match (op.kind, op.short) {
+                        (Kind::Admit, true) => ("A", &[1, 3, 4, 5, 6, 7, 8, 9, 11]),
+                        (Kind::Settle, _) => ("S", &[0, 2, 3, 4, 5, 6, 7, 8]),
+                        (Kind::Admit, false) => {
+                            let n = op.args.args_iter().count();
+                            cmd.arg("a").arg(op.keys).arg(n.saturating_sub(op.keys));
+                            append(&mut cmd, &op.args);
+                            continue;
+                        }
+                    };
+                    cmd.arg(kind);
+                    for (i, a) in op.args.args_iter().enumerate() {
+                        if let (true, redis::Arg::Simple(b)) = (keep.contains(&i), a) {
+                            cmd.arg(b);
+                        }
+                    }
                 }
                 (lua, cmd)
             }
@@ -867,6 +881,7 @@ impl RedisLimits {
             res_id,
             keys: 1 + uplines.len(),
             args: cmd,
+            short: uplines.is_empty() && !limits.has_brakes(),
         };
         let reply = match self.submit(op).await {
             Ok(reply) => reply,
@@ -1003,6 +1018,7 @@ impl RedisLimits {
             res_id,
             keys: 1,
             args: cmd,
+            short: true,
         };
         let reply = match self.submit(op).await {
             Ok(reply) => reply,

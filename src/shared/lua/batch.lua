@@ -1,9 +1,14 @@
--- Runs a batch of admissions and settlements (many requests, one round trip), in order,
--- each deciding exactly as admit.lua or settle.lua alone would, on one clock reading.
--- Redis runs one script at a time, so a batch is as atomic as each of its operations.
+-- Runs a batch of admissions and settlements of one node (many requests, one round trip),
+-- in order, each deciding exactly as admit.lua or settle.lua alone would, on one clock
+-- reading. Redis runs one script at a time, so a batch is as atomic as each of its operations.
 -- KEYS[1] `{sg}:res` (routes the call; every key is in the `{sg}` slot).
--- ARGV per operation: kind ('a' admit | 's' settle), its key count, its argument count,
--- then its keys and arguments (as admit.lua and settle.lua take them).
+-- ARGV node, ttl_ms, then per operation one of:
+--   'A' key_id res_id rpm rpd cap hard max_inflight held estimate: an admission of a key with
+--       no level above it and no brakes (admit.lua's arguments, with this node and ttl);
+--   'a' key count, argument count, keys, arguments: any admission, as admit.lua takes it;
+--   'S' key_prefix res_id has_charge model prompt_tokens completion_tokens cost month: a
+--       settlement of this node's reservation (settle.lua's key and arguments, with this
+--       node).
 -- Returns one reply per operation, in order, as admit.lua and settle.lua return them.
 --
 -- The common operations (a key with no level above it and no brakes; a settlement of such
@@ -166,15 +171,12 @@ local function own_spent(s)
   return s.own + (b and b.spent or 0)
 end
 
--- admit.lua for a key with no level above it and no brakes: its key is ARGV[o] and its
--- eleven arguments ARGV[o + 1 ..].
-local function admit_fast(o)
-  local p = ARGV[o]
-  local key_id, node, res_id = ARGV[o + 1], ARGV[o + 2], ARGV[o + 3]
-  local rpm, rpd, cap = opt(ARGV[o + 4]), opt(ARGV[o + 5]), opt(ARGV[o + 6])
-  local hard = ARGV[o + 7] == '1'
-  local max_inflight = opt(ARGV[o + 8])
-  local held = ARGV[o + 9]
+-- admit.lua for a key with no level above it and no brakes (its key prefix and arguments).
+local function admit_fast(p, key_id, node, res_id, rpm, rpd, cap, hard, max_inflight, held,
+    ttl, estimate)
+  rpm, rpd, cap = opt(rpm), opt(rpd), opt(cap)
+  hard = hard == '1'
+  max_inflight = opt(max_inflight)
   local s = load(p)
   if not s.seeded then return {0, month, day, 0} end
 
@@ -223,9 +225,9 @@ local function admit_fast(o)
   s.dadd = s.dadd + 1
   if held ~= '0' then s.dres = s.dres + tonumber(held) end
   s.dinf = s.dinf + 1
-  local exp = now + tonumber(ARGV[o + 10])
+  local exp = now + tonumber(ttl)
   resadd[#resadd + 1] = f
-  resadd[#resadd + 1] = held .. '|' .. ARGV[o + 11] .. rec_tail .. key_id .. rec_day
+  resadd[#resadd + 1] = held .. '|' .. estimate .. rec_tail .. key_id .. rec_day
   xadd[#xadd + 1] = exp
   xadd[#xadd + 1] = f
   s.rxadd[#s.rxadd + 1] = exp
@@ -253,16 +255,15 @@ local function small(x) return #x <= 15 end
 
 -- settle.lua for an open reservation with no level and no hour hold (a record as
 -- admit_fast writes it: `held|estimate|month|key_id||d<day>`); nil for any other (run as is by
--- the caller). Its arguments are ARGV[o ..].
-local function settle_fast(o)
-  local node = ARGV[o]
-  local f = node .. ':' .. ARGV[o + 1]
+-- the caller).
+local function settle_fast(node, res_id, charge, model, prompt, completion, cost)
+  local f = node .. ':' .. res_id
   local rec = redis.call('HGET', RES, f)
   if not rec then return nil end
   local held, mo, key_id = string.match(rec, '^(%d+)|%d+|(%-?%d+)|([^|]*)||d%d+$')
-  local charge = ARGV[o + 2] == '1'
+  charge = charge == '1'
   if not held or not small(held)
-    or (charge and not (small(ARGV[o + 4]) and small(ARGV[o + 5]) and small(ARGV[o + 6]))) then
+    or (charge and not (small(prompt) and small(completion) and small(cost))) then
     return nil
   end
   mo = tonumber(mo)
@@ -279,14 +280,13 @@ local function settle_fast(o)
   if charge then
     local b = s.books[mo]
     if not b then b = {spent = 0, models = {}} s.books[mo] = b end
-    local cost = tonumber(ARGV[o + 6])
+    cost = tonumber(cost)
     b.spent = b.spent + cost
-    local m = ARGV[o + 3]
-    local c = b.models[m]
-    if not c then c = {0, 0, 0, 0} b.models[m] = c end
+    local c = b.models[model]
+    if not c then c = {0, 0, 0, 0} b.models[model] = c end
     c[1] = c[1] + 1
-    c[2] = c[2] + tonumber(ARGV[o + 4])
-    c[3] = c[3] + tonumber(ARGV[o + 5])
+    c[2] = c[2] + tonumber(prompt)
+    c[3] = c[3] + tonumber(completion)
     c[4] = c[4] + cost
   end
   dirty = true
@@ -300,27 +300,39 @@ local function slice(from, count)
   return t
 end
 
-local out, i, n = {}, 1, #ARGV
+local node, ttl = ARGV[1], ARGV[2]
+local out, i, n = {}, 3, #ARGV
 while i <= n do
-  local kind, nk, na = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local o = i + 3
+  local kind = ARGV[i]
   local r
-  if kind == 'a' then
-    if nk == 1 and na == 11 and small(ARGV[o + 9]) then
-      r = admit_fast(o)
+  if kind == 'A' then
+    local key_id, held = ARGV[i + 1], ARGV[i + 8]
+    local p = '{sg}:k:' .. key_id
+    if small(held) then
+      r = admit_fast(p, key_id, node, ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5],
+        ARGV[i + 6], ARGV[i + 7], held, ttl, ARGV[i + 9])
     else
       settle_all()
-      r = admit_one(slice(o, nk), slice(o + nk, na), clock)
+      r = admit_one({p}, {key_id, node, ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5],
+        ARGV[i + 6], ARGV[i + 7], held, ttl, ARGV[i + 9]}, clock)
     end
-  else
-    r = settle_fast(o + nk)
+    i = i + 10
+  elseif kind == 'S' then
+    r = settle_fast(node, ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],
+      ARGV[i + 7])
     if r == nil then
       settle_all()
-      r = settle_one(slice(o, nk), slice(o + nk, na))
+      r = settle_one({ARGV[i + 1]}, {node, ARGV[i + 2], ARGV[i + 3], ARGV[i + 4],
+        ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8]})
     end
+    i = i + 9
+  else
+    local nk, na = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+    settle_all()
+    r = admit_one(slice(i + 3, nk), slice(i + 3 + nk, na), clock)
+    i = i + 3 + nk + na
   end
   out[#out + 1] = r
-  i = o + nk + na
 end
 flush_all()
 return out
