@@ -1494,3 +1494,57 @@ async fn a_batch_decides_exactly_as_one_by_one() {
     assert!(da.len() > 20, "{da:?}");
     assert_eq!(da, db);
 }
+
+/// The batches of a node are sent by their own task, so a caller that goes away (its request
+/// cancelled while it waits for Redis) fails no other caller's operation; an admission it
+/// left behind that Redis took is released by the next heartbeat (it was never forwarded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_caller_that_goes_away_fails_no_other_and_its_admission_is_released() {
+    let r = redis_or_skip!();
+    let l = node(&r, 1, Duration::from_secs(30));
+    seed_empty(&l, "k").await;
+    let limits = Limits {
+        max_inflight: Some(1_000),
+        ..hard(1_000_000)
+    };
+    let (mut kept, mut gone) = (Vec::new(), Vec::new());
+    for res in 0..120u64 {
+        let l = l.clone();
+        let t = tokio::spawn(async move {
+            l.admit("k", &limits, &[], Nanos::new(100), None, res)
+                .await
+                .unwrap()
+        });
+        if res % 2 == 0 {
+            gone.push(t);
+        } else {
+            kept.push(t);
+        }
+    }
+    for t in &gone {
+        t.abort();
+    }
+    for t in kept {
+        admitted(&t.await.unwrap());
+    }
+    // An aborted caller that had its answer before the abort holds its admission.
+    let mut finished = 0;
+    for t in gone {
+        if let Ok(a) = t.await {
+            admitted(&a);
+            finished += 1;
+        }
+    }
+    // Once a later call returns, every earlier batch was answered; then the heartbeat.
+    assert_eq!(
+        l.settle("k", 999_999, month_index(now_ms()), None)
+            .await
+            .unwrap(),
+        Settled::Lost
+    );
+    l.heartbeat().await.unwrap();
+    let v = view(&l, "k").await;
+    assert_eq!(v.inflight, 60 + finished);
+    assert_eq!(v.reserved, Nanos::new(100 * i64::from(60 + finished)));
+    assert_eq!(v.requests_today, 60 + finished);
+}

@@ -5,7 +5,7 @@
 //! runaway-agent brakes (`max_usd_per_hour`, `loop_limit`), rpm, rpd and in-flight and
 //! commits all of them or nothing; each settlement is one more (`settle.lua`). Alone, each is
 //! one EVALSHA (one round trip); the admissions and settlements that wait while a call is in
-//! flight go together in the next one (`batch.lua`, see [`RedisLimits::submit`]), decided in
+//! flight go together in the next one (`batch.lua`, see `Core::submit`), decided in
 //! order exactly as one by one. The scripts read Redis' own `TIME` for the minute, the day and
 //! the month, so nodes with skewed clocks agree.
 //!
@@ -268,7 +268,14 @@ impl ConnectionLike for Conn {
 }
 
 /// Live per-key limits of a cluster, in Redis. One per node; cheap to share behind an `Arc`.
+#[derive(Debug)]
 pub struct RedisLimits {
+    /// Shared with the task that sends batches (see `Core::submit`).
+    core: Arc<Core>,
+}
+
+/// What a node's calls to Redis share: the connection, the scripts, the batch queue.
+struct Core {
     /// Behind the connect lock: Sentinel lookups need `&mut`.
     target: tokio::sync::Mutex<Target>,
     config: ConnectionManagerConfig,
@@ -314,44 +321,143 @@ enum Kind {
     Settle,
 }
 
-/// What a waiting operation is told: its reply, or that it sends the next batch (its own
-/// operation handed back, to go first in it).
-enum Turn {
-    Done(Result<Value, Failed>),
-    Lead(Op),
-}
-
 struct Queued {
     op: Op,
-    tx: tokio::sync::oneshot::Sender<Turn>,
+    tx: Reply,
 }
 
-/// Operations waiting, and whether a batch is on its way to Redis (then one of the waiting
-/// operations' callers sends the next one when it returns).
+/// Where an operation's reply goes.
+type Reply = tokio::sync::oneshot::Sender<Result<Value, Failed>>;
+
+/// Operations waiting, and whether the task that sends them runs.
 #[derive(Default)]
 struct Queue {
     ops: Vec<Queued>,
     busy: bool,
 }
 
-/// The operations of a batch on its way to Redis. If the caller that sent it is dropped
-/// before Redis replied, each is answered as a lost reply (it may have run), and the lead
-/// passes on either way.
-struct InFlight<'a> {
-    limits: &'a RedisLimits,
-    waiting: Vec<(tokio::sync::oneshot::Sender<Turn>, Kind, u64)>,
+/// The task that sends batches. Should it be dropped (its runtime shutting down), the
+/// operations on their way are answered as lost replies (they may have run), those still
+/// waiting as failures, and the next caller starts a new task.
+struct Driver {
+    core: Arc<Core>,
+    waiting: Vec<(Reply, Kind, u64)>,
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for Driver {
     fn drop(&mut self) {
-        let lost = Failed {
+        let lost = |maybe_ran| Failed {
             error: SharedError::Unavailable("batch abandoned".into()),
-            maybe_ran: true,
+            maybe_ran,
         };
         for (tx, kind, res_id) in self.waiting.drain(..) {
-            self.limits.answer(tx, kind, res_id, Err(lost.clone()));
+            self.core.answer(tx, kind, res_id, Err(lost(true)));
         }
-        self.limits.pass_lead();
+        let queued = {
+            let mut q = self.core.queue();
+            q.busy = false;
+            std::mem::take(&mut q.ops)
+        };
+        for Queued { tx, .. } in queued {
+            let _ = tx.send(Err(lost(false)));
+        }
+    }
+}
+
+impl Driver {
+    /// Sends batches until no operation waits.
+    async fn run(mut self) {
+        loop {
+            let ops: Vec<Queued> = {
+                let mut q = self.core.queue();
+                if q.ops.is_empty() {
+                    q.busy = false;
+                    break;
+                }
+                let n = q.ops.len().min(MAX_BATCH);
+                q.ops.drain(..n).collect()
+            };
+            self.send(ops).await;
+        }
+        // Stopped with nothing on its way: `drop` has nothing to answer.
+    }
+
+    /// Sends `ops` (those whose caller is still there) as one call and answers each: alone,
+    /// its own script; together, `batch.lua`.
+    async fn send(&mut self, ops: Vec<Queued>) {
+        let core = self.core.clone();
+        // Its caller is gone before it was sent (its request ended): not sent at all.
+        let ops: Vec<Queued> = ops.into_iter().filter(|q| !q.tx.is_closed()).collect();
+        let (lua, cmd) = match ops.as_slice() {
+            [] => return,
+            // Alone: the operation's own script, which is cheaper for one.
+            [one] => {
+                let lua = match one.op.kind {
+                    Kind::Admit => &core.scripts.admit,
+                    Kind::Settle => &core.scripts.settle,
+                };
+                let mut cmd = lua.call(one.op.keys);
+                append(&mut cmd, &one.op.args);
+                (lua, cmd)
+            }
+            _ => {
+                let lua = &core.scripts.batch;
+                let mut cmd = lua.call(1);
+                cmd.arg("{sg}:res").arg(core.node).arg(core.ttl_ms);
+                for Queued { op, .. } in &ops {
+                    // Which of the operation's keys and arguments its short form carries
+                    // (see `admit` and `settle` for their order): not the node nor the ttl,
+                    // which the batch gives once, nor an admission's key prefix.
+                    let (kind, keep): (&str, &[usize]) = match (op.kind, op.short) {
+                        (Kind::Admit, true) => ("A", &[1, 3, 4, 5, 6, 7, 8, 9, 11]),
+                        (Kind::Settle, _) => ("S", &[0, 2, 3, 4, 5, 6, 7, 8]),
+                        (Kind::Admit, false) => {
+                            let n = op.args.args_iter().count();
+                            cmd.arg("a").arg(op.keys).arg(n.saturating_sub(op.keys));
+                            append(&mut cmd, &op.args);
+                            continue;
+                        }
+                    };
+                    cmd.arg(kind);
+                    for (i, a) in op.args.args_iter().enumerate() {
+                        if let (true, redis::Arg::Simple(b)) = (keep.contains(&i), a) {
+                            cmd.arg(b);
+                        }
+                    }
+                }
+                (lua, cmd)
+            }
+        };
+        self.waiting = ops
+            .into_iter()
+            .map(|Queued { op, tx }| (tx, op.kind, op.res_id))
+            .collect();
+        let reply = core.eval(lua, &cmd).await;
+        let waiting = std::mem::take(&mut self.waiting);
+        match reply {
+            Ok(r) if waiting.len() == 1 => {
+                if let Some((tx, kind, res_id)) = waiting.into_iter().next() {
+                    core.answer(tx, kind, res_id, Ok(r));
+                }
+            }
+            Ok(Value::Array(replies)) if replies.len() == waiting.len() => {
+                for ((tx, kind, res_id), r) in waiting.into_iter().zip(replies) {
+                    core.answer(tx, kind, res_id, Ok(r));
+                }
+            }
+            other => {
+                let f = match other {
+                    Err(f) => f,
+                    Ok(_) => Failed {
+                        error: unavailable("batch"),
+                        maybe_ran: true,
+                    },
+                };
+                for (tx, kind, res_id) in waiting {
+                    core.answer(tx, kind, res_id, Err(f.clone()));
+                }
+            }
+        }
     }
 }
 
@@ -395,7 +501,7 @@ impl Unsure {
     }
 }
 
-impl fmt::Debug for RedisLimits {
+impl fmt::Debug for Core {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisLimits")
             .field("node", &self.node)
@@ -484,7 +590,7 @@ fn tokens(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-impl RedisLimits {
+impl Core {
     /// Parses the URL only: no connection is made until the first command, so a gateway
     /// starts (and later recovers) while Redis is down. `node` must be unique in the cluster;
     /// `reservation_ttl` is how long a reservation outlives its node's last heartbeat;
@@ -503,7 +609,7 @@ impl RedisLimits {
             .set_number_of_retries(1)
             .set_factor(10)
             .set_max_delay(100);
-        Ok(RedisLimits {
+        Ok(Core {
             target: tokio::sync::Mutex::new(target),
             config,
             conn: ArcSwapOption::empty(),
@@ -617,141 +723,47 @@ impl RedisLimits {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs one admission or settlement in the next batch (group commit): the first caller
-    /// while no batch is in flight sends one at once; callers that come while it is in
-    /// flight wait, and when it returns one of them sends all of theirs in one call. One
-    /// request alone still costs one round trip; under load, many share one, and Redis runs
-    /// the script's set-up, `TIME` and the network work once for all of them.
-    async fn submit(&self, op: Op) -> Result<Value, Failed> {
-        let (tx, mut rx) = tokio::sync::oneshot::channel();
-        let lead = {
+    /// Runs one admission or settlement in the next batch (group commit). One task sends the
+    /// batches: it starts when an operation finds none running, sends what waits, and, while
+    /// that call is in flight, the operations that come meanwhile queue; when it returns it
+    /// sends all of them in one call, and stops when none waits. One request alone still
+    /// costs one round trip; under load, many share one, and Redis runs the script's set-up,
+    /// `TIME`, the key look-ups and the network work once for all of them. The call runs in
+    /// that task, not in a caller's future, so a caller that goes away (its request
+    /// cancelled) never fails the others' operations.
+    async fn submit(self: &Arc<Self>, op: Op) -> Result<Value, Failed> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
             let mut q = self.queue();
             q.ops.push(Queued { op, tx });
             !std::mem::replace(&mut q.busy, true)
         };
-        if lead {
-            self.run_batch().await;
-        }
-        loop {
-            match (&mut rx).await {
-                Ok(Turn::Done(reply)) => return reply,
-                Ok(Turn::Lead(op)) => {
-                    let (tx, next) = tokio::sync::oneshot::channel();
-                    self.queue().ops.insert(0, Queued { op, tx });
-                    rx = next;
-                    self.run_batch().await;
+        if start {
+            let driver = Driver {
+                core: self.clone(),
+                waiting: Vec::new(),
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(driver.run());
                 }
-                // Never dropped unanswered (see `InFlight`); as a lost reply if it were.
-                Err(_) => {
-                    return Err(Failed {
-                        error: unavailable("batch"),
-                        maybe_ran: true,
-                    })
-                }
+                // Polled outside a Tokio runtime: sent from here.
+                Err(_) => driver.run().await,
             }
         }
-    }
-
-    /// Sends the waiting operations (up to [`MAX_BATCH`]) as one `batch.lua` call, answers
-    /// each, and passes the lead to the next waiting one.
-    async fn run_batch(&self) {
-        let ops: Vec<Queued> = {
-            let mut q = self.queue();
-            let n = q.ops.len().min(MAX_BATCH);
-            q.ops.drain(..n).collect()
-        };
-        // Its caller is gone before it was sent (its request ended): not sent at all.
-        let ops: Vec<Queued> = ops.into_iter().filter(|q| !q.tx.is_closed()).collect();
-        let mut waiting = Vec::with_capacity(ops.len());
-        let (lua, cmd) = match ops.as_slice() {
-            // Alone: the operation's own script, which is cheaper for one.
-            [one] => {
-                let lua = match one.op.kind {
-                    Kind::Admit => &self.scripts.admit,
-                    Kind::Settle => &self.scripts.settle,
-                };
-                let mut cmd = lua.call(one.op.keys);
-                append(&mut cmd, &one.op.args);
-                (lua, cmd)
-            }
-            _ => {
-                let lua = &self.scripts.batch;
-                let mut cmd = lua.call(1);
-                cmd.arg("{sg}:res").arg(self.node).arg(self.ttl_ms);
-                for Queued { op, .. } in &ops {
-                    // Which of the operation's keys and arguments its short form carries
-                    // (see `admit` and `settle` for their order): not the node nor the ttl,
-                    // which the batch gives once, nor an admission's key prefix.
-                    let (kind, keep): (&str, &[usize]) = match (op.kind, op.short) {
-                        (Kind::Admit, true) => ("A", &[1, 3, 4, 5, 6, 7, 8, 9, 11]),
-                        (Kind::Settle, _) => ("S", &[0, 2, 3, 4, 5, 6, 7, 8]),
-                        (Kind::Admit, false) => {
-                            let n = op.args.args_iter().count();
-                            cmd.arg("a").arg(op.keys).arg(n.saturating_sub(op.keys));
-                            append(&mut cmd, &op.args);
-                            continue;
-                        }
-                    };
-                    cmd.arg(kind);
-                    for (i, a) in op.args.args_iter().enumerate() {
-                        if let (true, redis::Arg::Simple(b)) = (keep.contains(&i), a) {
-                            cmd.arg(b);
-                        }
-                    }
-                }
-                (lua, cmd)
-            }
-        };
-        for Queued { op, tx } in ops {
-            waiting.push((tx, op.kind, op.res_id));
-        }
-        let mut flight = InFlight {
-            limits: self,
-            waiting,
-        };
-        if flight.waiting.is_empty() {
-            return; // `flight` passes the lead on
-        }
-        let reply = self.eval(lua, &cmd).await;
-        let waiting = std::mem::take(&mut flight.waiting);
-        match reply {
-            Ok(r) if waiting.len() == 1 => {
-                if let Some((tx, kind, res_id)) = waiting.into_iter().next() {
-                    self.answer(tx, kind, res_id, Ok(r));
-                }
-            }
-            Ok(Value::Array(replies)) if replies.len() == waiting.len() => {
-                for ((tx, kind, res_id), r) in waiting.into_iter().zip(replies) {
-                    self.answer(tx, kind, res_id, Ok(r));
-                }
-            }
-            other => {
-                let f = match other {
-                    Err(f) => f,
-                    Ok(_) => Failed {
-                        error: unavailable("batch"),
-                        maybe_ran: true,
-                    },
-                };
-                for (tx, kind, res_id) in waiting {
-                    self.answer(tx, kind, res_id, Err(f.clone()));
-                }
-            }
-        }
-        // `flight` drops here: the lead passes on.
+        rx.await.unwrap_or_else(|_| {
+            Err(Failed {
+                error: unavailable("batch"),
+                maybe_ran: true,
+            })
+        })
     }
 
     /// Gives an operation its reply. If its caller is gone, what it would have done with a
     /// lost reply is done here: an admission that may have taken a hold is released by the
     /// next heartbeat, a settlement that may not have run is left to expire.
-    fn answer(
-        &self,
-        tx: tokio::sync::oneshot::Sender<Turn>,
-        kind: Kind,
-        res_id: u64,
-        reply: Result<Value, Failed>,
-    ) {
-        let Err(Turn::Done(reply)) = tx.send(Turn::Done(reply)) else {
+    fn answer(&self, tx: Reply, kind: Kind, res_id: u64, reply: Result<Value, Failed>) {
+        let Err(reply) = tx.send(reply) else {
             return;
         };
         match (kind, reply) {
@@ -762,21 +774,6 @@ impl RedisLimits {
             (Kind::Settle, Err(f)) if f.maybe_ran => self.unsure().push_settle(res_id),
             _ => {}
         }
-    }
-
-    /// Hands the next batch to the first waiting operation whose caller is still there, or
-    /// marks the queue idle.
-    fn pass_lead(&self) {
-        let mut q = self.queue();
-        while !q.ops.is_empty() {
-            let Queued { op, tx } = q.ops.remove(0);
-            match tx.send(Turn::Lead(op)) {
-                Ok(()) => return,
-                // Its caller is gone (and its request with it): nothing to send for it.
-                Err(_) => continue,
-            }
-        }
-        q.busy = false;
     }
 
     /// Bounds a call by `cmd_timeout`, so a dead or hung Redis fails fast.
@@ -815,7 +812,7 @@ impl RedisLimits {
     /// request must not be forwarded under this admission; if Redis ran it anyway (only the
     /// reply was lost), the next [`RedisLimits::heartbeat`] releases it.
     pub async fn admit(
-        &self,
+        self: &Arc<Self>,
         key_id: &str,
         limits: &Limits,
         uplines: &[Upline],
@@ -995,7 +992,7 @@ impl RedisLimits {
     /// in Redis; never creating it). `Ok(false)`: the reservation was already reaped and its
     /// estimate charged, so nothing more is.
     pub async fn settle(
-        &self,
+        self: &Arc<Self>,
         key_id: &str,
         res_id: u64,
         month: i64,
@@ -1200,6 +1197,134 @@ impl RedisLimits {
             redis::cmd("PING").exec_async(&mut con).await
         })
         .await
+    }
+}
+
+/// The node's door to Redis; each method is the one of the same name on the shared part
+/// (documented there, on `Core`).
+impl RedisLimits {
+    /// Parses the URL only: no connection is made until the first command, so a gateway
+    /// starts (and later recovers) while Redis is down. `node` must be unique in the cluster;
+    /// `reservation_ttl` is how long a reservation outlives its node's last heartbeat;
+    /// `cmd_timeout` bounds every call, connecting included.
+    pub fn new(
+        url: &str,
+        node: u64,
+        reservation_ttl: Duration,
+        cmd_timeout: Duration,
+    ) -> Result<Self, SharedError> {
+        Ok(RedisLimits {
+            core: Arc::new(Core::new(url, node, reservation_ttl, cmd_timeout)?),
+        })
+    }
+
+    /// Calls sent to Redis so far (each one round trip), for the benchmark.
+    pub fn round_trips(&self) -> u64 {
+        self.core.round_trips()
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> u64 {
+        self.core.node()
+    }
+
+    /// Drops the connection, so the next call connects anew (and asks Sentinel again).
+    pub fn reconnect(&self) {
+        self.core.reconnect()
+    }
+
+    /// Admits a model request: all checks and the hold in one step, or nothing (see
+    /// `Core::admit`). One round trip alone; a share of one under load.
+    pub async fn admit(
+        &self,
+        key_id: &str,
+        limits: &Limits,
+        uplines: &[Upline],
+        estimate: Nanos,
+        digest: Option<u128>,
+        res_id: u64,
+    ) -> Result<Admit, SharedError> {
+        self.core
+            .admit(key_id, limits, uplines, estimate, digest, res_id)
+            .await
+    }
+
+    /// Admits a `/v1/usage` call (one round trip): limited by the key's rpm and rpd, counted
+    /// apart.
+    pub async fn admit_usage_call(
+        &self,
+        key_id: &str,
+        limits: &Limits,
+    ) -> Result<Result<Standing, GateError>, SharedError> {
+        self.core.admit_usage_call(key_id, limits).await
+    }
+
+    /// Settles reservation `res_id` of this node: releases its hold and slot and books
+    /// `charge` to `month` (see `Core::settle`). One round trip alone; a share of one under
+    /// load.
+    pub async fn settle(
+        &self,
+        key_id: &str,
+        res_id: u64,
+        month: i64,
+        charge: Option<Charge<'_>>,
+    ) -> Result<Settled, SharedError> {
+        self.core.settle(key_id, res_id, month, charge).await
+    }
+
+    /// Seeds `month` of a key with no keys below it from the ledger, once (never additive).
+    pub async fn seed(
+        &self,
+        key_id: &str,
+        month: i64,
+        day: i64,
+        this_month: &[ModelTally],
+        requests_today: u32,
+    ) -> Result<(), SharedError> {
+        self.core
+            .seed(key_id, month, day, this_month, requests_today)
+            .await
+    }
+
+    /// Seeds `month` of a key or a level ([`level_prefix`]), once (never additive).
+    #[allow(clippy::too_many_arguments)] // the figures of one month, each its own
+    pub async fn seed_at(
+        &self,
+        prefix: &str,
+        month: i64,
+        day: i64,
+        this_month: &[ModelTally],
+        requests_today: u32,
+        tree: Nanos,
+    ) -> Result<(), SharedError> {
+        self.core
+            .seed_at(prefix, month, day, this_month, requests_today, tree)
+            .await
+    }
+
+    /// The key's counters for `/v1/usage` (one round trip); `None` while its month is not
+    /// seeded.
+    pub async fn view(
+        &self,
+        key_id: &str,
+        limits: &Limits,
+    ) -> Result<Option<CounterView>, SharedError> {
+        self.core.view(key_id, limits).await
+    }
+
+    /// Renews this node's holds and settles the calls whose reply was lost (one round trip).
+    pub async fn heartbeat(&self) -> Result<(), SharedError> {
+        self.core.heartbeat().await
+    }
+
+    /// Reaps every expired reservation of any node, charging each at its estimate.
+    pub async fn reap(&self) -> Result<u64, SharedError> {
+        self.core.reap().await
+    }
+
+    /// One PING, for health checks and start-up logs.
+    pub async fn ping(&self) -> Result<(), SharedError> {
+        self.core.ping().await
     }
 }
 
