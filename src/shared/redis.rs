@@ -342,10 +342,16 @@ struct Queue {
 struct Driver {
     core: Arc<Core>,
     waiting: Vec<(Reply, Kind, u64)>,
+    /// Stopped because nothing waited (the queue was marked idle then): nothing to answer,
+    /// and the queue may already be another task's.
+    finished: bool,
 }
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
         let lost = |maybe_ran| Failed {
             error: SharedError::Unavailable("batch abandoned".into()),
             maybe_ran,
@@ -372,6 +378,7 @@ impl Driver {
                 let mut q = self.core.queue();
                 if q.ops.is_empty() {
                     q.busy = false;
+                    self.finished = true;
                     break;
                 }
                 let n = q.ops.len().min(MAX_BATCH);
@@ -379,7 +386,6 @@ impl Driver {
             };
             self.send(ops).await;
         }
-        // Stopped with nothing on its way: `drop` has nothing to answer.
     }
 
     /// Sends `ops` (those whose caller is still there) as one call and answers each: alone,
@@ -742,6 +748,7 @@ impl Core {
             let driver = Driver {
                 core: self.clone(),
                 waiting: Vec::new(),
+                finished: false,
             };
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
