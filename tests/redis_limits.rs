@@ -1113,3 +1113,438 @@ async fn a_live_nodes_hold_on_a_capped_key_survives_its_ttl() {
     assert_eq!(view(&other, "k").await.inflight, 1);
     beating.abort();
 }
+
+/// Under load a node sends the admissions and settlements that wait for Redis together, in
+/// one script call (`batch.lua`). Many callers at once on one node, some of them on a key
+/// with a brake (run one by one inside the batch), some on a lone key with a hard budget, an
+/// rpm and an in-flight cap (decided from figures the batch reads once): every limit is
+/// still exact, and the calls were fewer than the operations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_admissions_share_round_trips_and_every_limit_stays_exact() {
+    let r = redis_or_skip!();
+    let l = node(&r, 1, Duration::from_secs(30));
+    seed_empty(&l, "lone").await;
+    seed_empty(&l, "braked").await;
+    // 30 holds of 100 fit the budget; the rpm (100) and the in-flight cap (35) do not bind
+    // before it.
+    let lone = Limits {
+        rpm: Some(100),
+        rpd: Some(1_000),
+        max_inflight: Some(35),
+        ..hard(3_000)
+    };
+    // The hour cap admits 12 bounds of 100.
+    let braked = Limits {
+        max_usd_per_hour: Some(Nanos::new(1_200)),
+        rpm: Some(1_000),
+        ..Limits::default()
+    };
+    let model: Arc<str> = Arc::from("m");
+    let before = l.round_trips();
+    let start = Arc::new(tokio::sync::Barrier::new(160));
+    let mut tasks = Vec::new();
+    for res in 0..160u64 {
+        let (l, start) = (l.clone(), start.clone());
+        let (key, limits) = if res % 4 == 0 {
+            ("braked", braked)
+        } else {
+            ("lone", lone)
+        };
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let a = l
+                .admit(key, &limits, &[], Nanos::new(100), None, res)
+                .await
+                .unwrap();
+            (key, res, a)
+        }));
+    }
+    let mut admitted_ids = Vec::new();
+    for t in tasks {
+        let (key, res, a) = t.await.unwrap();
+        match a {
+            Admit::Admitted { .. } => admitted_ids.push((key, res)),
+            Admit::Rejected(e) => assert_eq!(
+                e.code(),
+                if key == "lone" {
+                    "budget_exceeded"
+                } else {
+                    "spend_rate_exceeded"
+                }
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+    let count = |k: &str| admitted_ids.iter().filter(|(key, _)| *key == k).count();
+    assert_eq!((count("lone"), count("braked")), (30, 12));
+    let lone_view = view(&l, "lone").await;
+    assert_eq!(
+        (lone_view.reserved, lone_view.inflight),
+        (Nanos::new(3_000), 30)
+    );
+    // Settled all at once too: each books its real cost and gives its hold back.
+    let mut tasks = Vec::new();
+    for (key, res) in admitted_ids {
+        let (l, model) = (l.clone(), model.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = charge(&model, 40);
+            l.settle(key, res, month_index(now_ms()), c).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), Settled::Open);
+    }
+    let calls = l.round_trips() - before;
+    assert!(
+        calls < 160 + 42,
+        "{calls} calls for 202 operations: none shared a round trip"
+    );
+    for (key, n) in [("lone", 30), ("braked", 12)] {
+        let v = l.view(key, &lone).await.unwrap().unwrap();
+        assert_eq!(v.spent, Nanos::new(40 * n), "{key}");
+        assert_eq!((v.reserved, v.inflight), (Nanos::ZERO, 0), "{key}");
+        assert_eq!(
+            (v.requests_this_minute, v.requests_today),
+            (n as u32, n as u32)
+        );
+        let m = v.by_model.iter().find(|t| &*t.model == "m").unwrap();
+        assert_eq!((m.requests, m.prompt_tokens), (n as u64, 10 * n as u64));
+    }
+    // The budget freed by the settlements is there again, exactly: 3000 - 30 × 40 = 1800,
+    // so 18 holds of 100.
+    let mut more = 0;
+    for res in 1_000..1_040u64 {
+        match l
+            .admit("lone", &lone, &[], Nanos::new(100), None, res)
+            .await
+            .unwrap()
+        {
+            Admit::Admitted { .. } => more += 1,
+            Admit::Rejected(e) => assert_eq!(e.code(), "budget_exceeded"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(more, 18);
+}
+
+/// One operation of a test batch: kind, key, arguments, the reservation an admission opens.
+type BatchOp = (
+    &'static str,
+    String,
+    Vec<String>,
+    Option<(i64, i64, &'static str)>,
+);
+
+/// `batch.lua` decides every operation exactly as `admit.lua` and `settle.lua` one by one
+/// would: the same replies and the same Redis contents, key for key, over random batches of
+/// admissions (some with brakes, some of an unseeded key) and settlements (some of reaped
+/// or unknown reservations), on a clock both servers read from a key the test sets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_decides_exactly_as_one_by_one() {
+    let (Some(one), Some(batched)) = (RedisServer::start(), RedisServer::start()) else {
+        return;
+    };
+    let fake = |s: String| s.replace("redis.call('TIME')", "{redis.call('GET', 'clock'), '0'}");
+    let common = include_str!("../src/shared/lua/common.lua");
+    let admit_lua = fake(format!(
+        "{common}{}",
+        include_str!("../src/shared/lua/admit.lua")
+    ));
+    let settle_lua = fake(format!(
+        "{common}{}",
+        include_str!("../src/shared/lua/settle.lua")
+    ));
+    let seed_lua = fake(format!(
+        "{common}{}",
+        include_str!("../src/shared/lua/seed.lua")
+    ));
+    let batch_lua = fake(format!(
+        "{common}local function admit_one(KEYS, ARGV, now_ms)\n{}\nend\nlocal function settle_one(KEYS, ARGV)\n{}\nend\n{}",
+        include_str!("../src/shared/lua/admit.lua"),
+        include_str!("../src/shared/lua/settle.lua"),
+        include_str!("../src/shared/lua/batch.lua")
+    ));
+    let con = |r: &RedisServer| {
+        let url = r.url();
+        async move {
+            redis::Client::open(url)
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap()
+        }
+    };
+    let (mut a, mut b) = (con(&one).await, con(&batched).await);
+    let mut secs: i64 = 1_764_900_000;
+    let day = secs * 1_000 / MS_PER_DAY;
+    let month = month_index(secs * 1_000);
+    for c in [&mut a, &mut b] {
+        let _: () = redis::cmd("SET")
+            .arg("clock")
+            .arg(secs)
+            .query_async(c)
+            .await
+            .unwrap();
+        // "k3" is never seeded: its admissions answer NeedSeed.
+        for k in ["k1", "k2", "k4", "k5"] {
+            let _: i64 = redis::cmd("EVAL")
+                .arg(&seed_lua)
+                .arg(1)
+                .arg(format!("{{sg}}:k:{k}"))
+                .arg(month)
+                .arg(day)
+                .arg(2)
+                .arg(9_999_999_999_999i64)
+                .arg(1_000)
+                .arg(0)
+                .query_async(c)
+                .await
+                .unwrap();
+        }
+    }
+    // rpm, rpd, cap, hard, max_inflight per key.
+    let limits = |k: &str| -> [i64; 5] {
+        match k {
+            "k1" => [8, 400, 400_000, 1, 4],
+            "k2" => [-1, 150, 50_000, 0, -1],
+            "k3" => [5, 5, -1, 0, -1],
+            "k4" => [30, 700, 900_000, 1, 6],
+            _ => [-1, 60, 30_000, 1, -1],
+        }
+    };
+    let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let mut open: Vec<(i64, i64, &str)> = Vec::new();
+    let mut res_id = 1;
+    let mut kinds = std::collections::BTreeMap::new();
+    for _ in 0..250 {
+        // One batch of one node: (kind, key, args, the reservation an admission opens).
+        let node = 1 + next(2) as i64;
+        let ttl = if next(3) == 0 { 2_000 } else { 30_000 };
+        let mut ops: Vec<BatchOp> = Vec::new();
+        let mut settleable: Vec<_> = open.iter().filter(|o| o.0 == node).copied().collect();
+        for _ in 0..1 + next(12) {
+            let roll = next(100);
+            if !settleable.is_empty() && roll < 45 {
+                let (node, res, k) = settleable.remove(next(settleable.len() as u64) as usize);
+                open.retain(|o| *o != (node, res, k));
+                let charged = next(5) != 0;
+                let model = if next(2) == 0 { "m1" } else { "m2" };
+                let args = vec![
+                    node.to_string(),
+                    res.to_string(),
+                    i64::from(charged).to_string(),
+                    if charged { model } else { "" }.to_string(),
+                    next(100).to_string(),
+                    next(100).to_string(),
+                    if charged { next(900) } else { 0 }.to_string(),
+                    month.to_string(),
+                ];
+                ops.push(("s", format!("{{sg}}:k:{k}"), args, None));
+            } else if roll < 50 {
+                // A reservation Redis never had (lost with its data).
+                let args = [node.to_string(), "1000000".into()]
+                    .into_iter()
+                    .chain(["1", "m1", "1", "1", "5"].map(String::from))
+                    .chain([month.to_string()])
+                    .collect();
+                ops.push(("s", "{sg}:k:k1".into(), args, None));
+            } else {
+                let k = ["k1", "k2", "k4", "k4", "k5", "k3"]
+                    [next(if roll < 55 { 6 } else { 5 }) as usize];
+                let [rpm, rpd, cap, hard, mi] = limits(k);
+                let mut held = if hard == 1 { next(3_000) as i64 } else { 0 };
+                if next(40) == 0 {
+                    // Too long for a double: decided one by one inside the batch.
+                    held += 10_000_000_000_000_000;
+                }
+                let mut args: Vec<String> = [rpm, rpd, cap, hard, mi, held, ttl, held]
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect();
+                args.splice(0..0, [k.to_string(), node.to_string(), res_id.to_string()]);
+                if next(7) == 0 {
+                    // The brakes' placeholders: the one-by-one path inside the batch.
+                    args.extend(["-1", "0", "-1", ""].map(String::from));
+                }
+                ops.push(("a", format!("{{sg}}:k:{k}"), args, Some((node, res_id, k))));
+                res_id += 1;
+            }
+        }
+        let mut one_by_one = Vec::new();
+        for (kind, key, args, _) in &ops {
+            let code = if *kind == "a" {
+                &admit_lua
+            } else {
+                &settle_lua
+            };
+            let v: redis::Value = redis::cmd("EVAL")
+                .arg(code)
+                .arg(1)
+                .arg(key)
+                .arg(args)
+                .query_async(&mut a)
+                .await
+                .unwrap();
+            one_by_one.push(v);
+        }
+        // The batch, as `RedisLimits` sends it: the node and ttl once, then each operation in
+        // its short form ('A': an admission without levels or brakes, mostly; 'S') or whole.
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(&batch_lua)
+            .arg(1)
+            .arg("{sg}:res")
+            .arg(node)
+            .arg(ttl);
+        for (kind, key, args, _) in &ops {
+            match (*kind, args.len()) {
+                ("a", 11) if next(5) != 0 => {
+                    cmd.arg("A").arg(&args[0]).arg(&args[2..9]).arg(&args[10]);
+                }
+                ("a", _) => {
+                    cmd.arg("a").arg(1).arg(args.len()).arg(key).arg(args);
+                }
+                _ => {
+                    cmd.arg("S").arg(key).arg(&args[1..]);
+                }
+            }
+        }
+        let together: Vec<redis::Value> = cmd.query_async(&mut b).await.unwrap();
+        assert_eq!(one_by_one, together, "{ops:?}");
+        for ((kind, _, _, tag), v) in ops.iter().zip(&one_by_one) {
+            let first = match v {
+                redis::Value::Array(a) => redis::from_redis_value::<i64>(&a[0]).unwrap(),
+                v => 10 + redis::from_redis_value::<i64>(v).unwrap(),
+            };
+            *kinds.entry((*kind, first)).or_insert(0) += 1;
+            if let (Some(t), 1) = (tag, first) {
+                open.push(*t);
+            }
+        }
+        secs += [0, 0, 1, 3, 8, 20][next(6) as usize] + if next(30) == 0 { 61 } else { 0 };
+        for c in [&mut a, &mut b] {
+            let _: () = redis::cmd("SET")
+                .arg("clock")
+                .arg(secs)
+                .query_async(c)
+                .await
+                .unwrap();
+        }
+    }
+    // Every outcome came up: admitted, seed needed, budget, rpm, rpd, in-flight; settled
+    // open, reaped, lost.
+    for want in [
+        ("a", 1),
+        ("a", 0),
+        ("a", 2),
+        ("a", 3),
+        ("a", 4),
+        ("a", 5),
+        ("s", 11),
+        ("s", 10),
+        ("s", 12),
+    ] {
+        assert!(
+            kinds.contains_key(&want),
+            "{want:?} never happened: {kinds:?}"
+        );
+    }
+    // The same contents, key for key (expiry times aside).
+    async fn dump(c: &mut redis::aio::MultiplexedConnection) -> Vec<(String, String)> {
+        let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(c).await.unwrap();
+        keys.sort();
+        let mut out = Vec::new();
+        for k in keys {
+            let t: String = redis::cmd("TYPE").arg(&k).query_async(c).await.unwrap();
+            let v: redis::Value = match t.as_str() {
+                "string" => redis::cmd("GET").arg(&k).query_async(c).await.unwrap(),
+                "hash" => {
+                    let mut h: Vec<(String, String)> =
+                        redis::cmd("HGETALL").arg(&k).query_async(c).await.unwrap();
+                    h.sort();
+                    out.push((k, format!("{h:?}")));
+                    continue;
+                }
+                "zset" => redis::cmd("ZRANGE")
+                    .arg(&k)
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES")
+                    .query_async(c)
+                    .await
+                    .unwrap(),
+                _ => {
+                    let mut m: Vec<String> =
+                        redis::cmd("SMEMBERS").arg(&k).query_async(c).await.unwrap();
+                    m.sort();
+                    out.push((k, format!("{m:?}")));
+                    continue;
+                }
+            };
+            out.push((k, format!("{v:?}")));
+        }
+        out
+    }
+    let (da, db) = (dump(&mut a).await, dump(&mut b).await);
+    assert!(da.len() > 20, "{da:?}");
+    assert_eq!(da, db);
+}
+
+/// The batches of a node are sent by their own task, so a caller that goes away (its request
+/// cancelled while it waits for Redis) fails no other caller's operation; an admission it
+/// left behind that Redis took is released by the next heartbeat (it was never forwarded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_caller_that_goes_away_fails_no_other_and_its_admission_is_released() {
+    let r = redis_or_skip!();
+    let l = node(&r, 1, Duration::from_secs(30));
+    seed_empty(&l, "k").await;
+    let limits = Limits {
+        max_inflight: Some(1_000),
+        ..hard(1_000_000)
+    };
+    let (mut kept, mut gone) = (Vec::new(), Vec::new());
+    for res in 0..120u64 {
+        let l = l.clone();
+        let t = tokio::spawn(async move {
+            l.admit("k", &limits, &[], Nanos::new(100), None, res)
+                .await
+                .unwrap()
+        });
+        if res % 2 == 0 {
+            gone.push(t);
+        } else {
+            kept.push(t);
+        }
+    }
+    for t in &gone {
+        t.abort();
+    }
+    for t in kept {
+        admitted(&t.await.unwrap());
+    }
+    // An aborted caller that had its answer before the abort holds its admission.
+    let mut finished = 0;
+    for t in gone {
+        if let Ok(a) = t.await {
+            admitted(&a);
+            finished += 1;
+        }
+    }
+    // Once a later call returns, every earlier batch was answered; then the heartbeat.
+    assert_eq!(
+        l.settle("k", 999_999, month_index(now_ms()), None)
+            .await
+            .unwrap(),
+        Settled::Lost
+    );
+    l.heartbeat().await.unwrap();
+    let v = view(&l, "k").await;
+    assert_eq!(v.inflight, 60 + finished);
+    assert_eq!(v.reserved, Nanos::new(100 * i64::from(60 + finished)));
+    assert_eq!(v.requests_today, 60 + finished);
+}

@@ -1,10 +1,13 @@
 //! Live per-key limits shared by a cluster of gateway nodes, in Redis (or Valkey).
 //!
 //! The same semantics as [`crate::limits::KeyCounters`], with the state in one Redis so every
-//! node sees it: each admission is ONE Lua script call (EVALSHA, one round trip) that checks
-//! budget, the runaway-agent brakes (`max_usd_per_hour`, `loop_limit`), rpm, rpd and in-flight
-//! and commits all of them or nothing; each settlement is one more. The scripts read Redis' own `TIME` for the minute, the day and the month, so nodes
-//! with skewed clocks agree.
+//! node sees it: each admission is one Lua script (`admit.lua`) that checks budget, the
+//! runaway-agent brakes (`max_usd_per_hour`, `loop_limit`), rpm, rpd and in-flight and
+//! commits all of them or nothing; each settlement is one more (`settle.lua`). Alone, each is
+//! one EVALSHA (one round trip); the admissions and settlements that wait while a call is in
+//! flight go together in the next one (`batch.lua`, see `Core::submit`), decided in
+//! order exactly as one by one. The scripts read Redis' own `TIME` for the minute, the day and
+//! the month, so nodes with skewed clocks agree.
 //!
 //! # Data model
 //!
@@ -159,8 +162,11 @@ impl Lua {
 
 struct Scripts {
     admit: Lua,
-    usage: Lua,
     settle: Lua,
+    /// Admissions and settlements, many per call (`batch.lua` around `admit.lua` and
+    /// `settle.lua`), when more than one is waiting.
+    batch: Lua,
+    usage: Lua,
     seed: Lua,
     view: Lua,
     heartbeat: Lua,
@@ -235,7 +241,14 @@ impl ConnectionLike for Conn {
 }
 
 /// Live per-key limits of a cluster, in Redis. One per node; cheap to share behind an `Arc`.
+#[derive(Debug)]
 pub struct RedisLimits {
+    /// Shared with the task that sends batches (see `Core::submit`).
+    core: Arc<Core>,
+}
+
+/// What a node's calls to Redis share: the connection, the scripts, the batch queue.
+struct Core {
     /// Behind the connect lock: Sentinel lookups need `&mut`.
     target: tokio::sync::Mutex<Target>,
     config: ConnectionManagerConfig,
@@ -254,9 +267,181 @@ pub struct RedisLimits {
     /// Calls whose reply was lost, so whether Redis ran them is unknown; the next heartbeat
     /// settles them. Touched only on failures and by the heartbeat.
     unsure: std::sync::Mutex<Unsure>,
+    /// Admissions and settlements waiting for the next batch (group commit, see
+    /// [`RedisLimits::submit`]).
+    queue: std::sync::Mutex<Queue>,
+}
+
+/// Operations carried per batch at most; more wait for the next one.
+const MAX_BATCH: usize = 128;
+
+/// One admission or settlement for `batch.lua`: its kind, and its keys then arguments as
+/// `admit.lua` / `settle.lua` take them.
+struct Op {
+    kind: Kind,
+    /// The reservation it admits or settles.
+    res_id: u64,
+    keys: usize,
+    args: Cmd,
+    /// In a batch, sent in `batch.lua`'s short form ('A', 'S': without what every operation
+    /// of the batch shares); an admission with levels or brakes is sent whole ('a').
+    short: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Admit,
+    Settle,
+}
+
+struct Queued {
+    op: Op,
+    tx: Reply,
+}
+
+/// Where an operation's reply goes.
+type Reply = tokio::sync::oneshot::Sender<Result<Value, Failed>>;
+
+/// Operations waiting, and whether the task that sends them runs.
+#[derive(Default)]
+struct Queue {
+    ops: Vec<Queued>,
+    busy: bool,
+}
+
+/// The task that sends batches. Should it be dropped (its runtime shutting down), the
+/// operations on their way are answered as lost replies (they may have run), those still
+/// waiting as failures, and the next caller starts a new task.
+struct Driver {
+    core: Arc<Core>,
+    waiting: Vec<(Reply, Kind, u64)>,
+    /// Stopped because nothing waited (the queue was marked idle then): nothing to answer,
+    /// and the queue may already be another task's.
+    finished: bool,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let lost = |maybe_ran| Failed {
+            error: SharedError::Unavailable("batch abandoned".into()),
+            maybe_ran,
+        };
+        for (tx, kind, res_id) in self.waiting.drain(..) {
+            self.core.answer(tx, kind, res_id, Err(lost(true)));
+        }
+        let queued = {
+            let mut q = self.core.queue();
+            q.busy = false;
+            std::mem::take(&mut q.ops)
+        };
+        for Queued { tx, .. } in queued {
+            let _ = tx.send(Err(lost(false)));
+        }
+    }
+}
+
+impl Driver {
+    /// Sends batches until no operation waits.
+    async fn run(mut self) {
+        loop {
+            let ops: Vec<Queued> = {
+                let mut q = self.core.queue();
+                if q.ops.is_empty() {
+                    q.busy = false;
+                    self.finished = true;
+                    break;
+                }
+                let n = q.ops.len().min(MAX_BATCH);
+                q.ops.drain(..n).collect()
+            };
+            self.send(ops).await;
+        }
+    }
+
+    /// Sends `ops` (those whose caller is still there) as one call and answers each: alone,
+    /// its own script; together, `batch.lua`.
+    async fn send(&mut self, ops: Vec<Queued>) {
+        let core = self.core.clone();
+        // Its caller is gone before it was sent (its request ended): not sent at all.
+        let ops: Vec<Queued> = ops.into_iter().filter(|q| !q.tx.is_closed()).collect();
+        let (lua, cmd) = match ops.as_slice() {
+            [] => return,
+            // Alone: the operation's own script, which is cheaper for one.
+            [one] => {
+                let lua = match one.op.kind {
+                    Kind::Admit => &core.scripts.admit,
+                    Kind::Settle => &core.scripts.settle,
+                };
+                let mut cmd = lua.call(one.op.keys);
+                append(&mut cmd, &one.op.args);
+                (lua, cmd)
+            }
+            _ => {
+                let lua = &core.scripts.batch;
+                let mut cmd = lua.call(1);
+                cmd.arg("{sg}:res").arg(core.node).arg(core.ttl_ms);
+                for Queued { op, .. } in &ops {
+                    // Which of the operation's keys and arguments its short form carries
+                    // (see `admit` and `settle` for their order): not the node nor the ttl,
+                    // which the batch gives once, nor an admission's key prefix.
+                    let (kind, keep): (&str, &[usize]) = match (op.kind, op.short) {
+                        (Kind::Admit, true) => ("A", &[1, 3, 4, 5, 6, 7, 8, 9, 11]),
+                        (Kind::Settle, _) => ("S", &[0, 2, 3, 4, 5, 6, 7, 8]),
+                        (Kind::Admit, false) => {
+                            let n = op.args.args_iter().count();
+                            cmd.arg("a").arg(op.keys).arg(n.saturating_sub(op.keys));
+                            append(&mut cmd, &op.args);
+                            continue;
+                        }
+                    };
+                    cmd.arg(kind);
+                    for (i, a) in op.args.args_iter().enumerate() {
+                        if let (true, redis::Arg::Simple(b)) = (keep.contains(&i), a) {
+                            cmd.arg(b);
+                        }
+                    }
+                }
+                (lua, cmd)
+            }
+        };
+        self.waiting = ops
+            .into_iter()
+            .map(|Queued { op, tx }| (tx, op.kind, op.res_id))
+            .collect();
+        let reply = core.eval(lua, &cmd).await;
+        let waiting = std::mem::take(&mut self.waiting);
+        match reply {
+            Ok(r) if waiting.len() == 1 => {
+                if let Some((tx, kind, res_id)) = waiting.into_iter().next() {
+                    core.answer(tx, kind, res_id, Ok(r));
+                }
+            }
+            Ok(Value::Array(replies)) if replies.len() == waiting.len() => {
+                for ((tx, kind, res_id), r) in waiting.into_iter().zip(replies) {
+                    core.answer(tx, kind, res_id, Ok(r));
+                }
+            }
+            other => {
+                let f = match other {
+                    Err(f) => f,
+                    Ok(_) => Failed {
+                        error: unavailable("batch"),
+                        maybe_ran: true,
+                    },
+                };
+                for (tx, kind, res_id) in waiting {
+                    core.answer(tx, kind, res_id, Err(f.clone()));
+                }
+            }
+        }
+    }
 }
 
 /// A failed call, and whether Redis may have run it anyway (it was sent, the answer lost).
+#[derive(Clone)]
 struct Failed {
     error: SharedError,
     maybe_ran: bool,
@@ -295,7 +480,7 @@ impl Unsure {
     }
 }
 
-impl fmt::Debug for RedisLimits {
+impl fmt::Debug for Core {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisLimits")
             .field("node", &self.node)
@@ -370,12 +555,21 @@ fn standing(limits: &Limits, remaining: i64, reset: i64, warning: i64) -> Standi
     }
 }
 
+/// Appends the arguments of `from` to `cmd`.
+fn append(cmd: &mut Cmd, from: &Cmd) {
+    for a in from.args_iter() {
+        if let redis::Arg::Simple(b) = a {
+            cmd.arg(b);
+        }
+    }
+}
+
 /// Token counts travel as i64 (what `HINCRBY` takes); nobody reaches the clamp.
 fn tokens(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-impl RedisLimits {
+impl Core {
     /// Parses the URL only: no connection is made until the first command, so a gateway
     /// starts (and later recovers) while Redis is down. `node` must be unique in the cluster;
     /// `reservation_ttl` is how long a reservation outlives its node's last heartbeat;
@@ -394,7 +588,7 @@ impl RedisLimits {
             .set_number_of_retries(1)
             .set_factor(10)
             .set_max_delay(100);
-        Ok(RedisLimits {
+        Ok(Core {
             target: tokio::sync::Mutex::new(target),
             config,
             conn: ArcSwapOption::empty(),
@@ -404,8 +598,17 @@ impl RedisLimits {
             cmd_timeout,
             scripts: Scripts {
                 admit: Lua::new(lua!("admit.lua")),
-                usage: Lua::new(lua!("usage.lua")),
                 settle: Lua::new(lua!("settle.lua")),
+                batch: Lua::new(concat!(
+                    include_str!("lua/common.lua"),
+                    "local function admit_one(KEYS, ARGV, now_ms)\n",
+                    include_str!("lua/admit.lua"),
+                    "\nend\nlocal function settle_one(KEYS, ARGV)\n",
+                    include_str!("lua/settle.lua"),
+                    "\nend\n",
+                    include_str!("lua/batch.lua")
+                )),
+                usage: Lua::new(lua!("usage.lua")),
                 seed: Lua::new(lua!("seed.lua")),
                 view: Lua::new(lua!("view.lua")),
                 heartbeat: Lua::new(lua!("heartbeat.lua")),
@@ -415,6 +618,7 @@ impl RedisLimits {
             timeouts: AtomicU32::new(0),
             usage_seq: AtomicU64::new(0),
             unsure: std::sync::Mutex::new(Unsure::default()),
+            queue: std::sync::Mutex::new(Queue::default()),
         })
     }
 
@@ -493,6 +697,65 @@ impl RedisLimits {
         })
     }
 
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // Poisoned only if a push panicked; the queue stays consistent.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs one admission or settlement in the next batch (group commit). One task sends the
+    /// batches: it starts when an operation finds none running, sends what waits, and, while
+    /// that call is in flight, the operations that come meanwhile queue; when it returns it
+    /// sends all of them in one call, and stops when none waits. One request alone still
+    /// costs one round trip; under load, many share one, and Redis runs the script's set-up,
+    /// `TIME`, the key look-ups and the network work once for all of them. The call runs in
+    /// that task, not in a caller's future, so a caller that goes away (its request
+    /// cancelled) never fails the others' operations.
+    async fn submit(self: &Arc<Self>, op: Op) -> Result<Value, Failed> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut q = self.queue();
+            q.ops.push(Queued { op, tx });
+            !std::mem::replace(&mut q.busy, true)
+        };
+        if start {
+            let driver = Driver {
+                core: self.clone(),
+                waiting: Vec::new(),
+                finished: false,
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(driver.run());
+                }
+                // Polled outside a Tokio runtime: sent from here.
+                Err(_) => driver.run().await,
+            }
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(Failed {
+                error: unavailable("batch"),
+                maybe_ran: true,
+            })
+        })
+    }
+
+    /// Gives an operation its reply. If its caller is gone, what it would have done with a
+    /// lost reply is done here: an admission that may have taken a hold is released by the
+    /// next heartbeat, a settlement that may not have run is left to expire.
+    fn answer(&self, tx: Reply, kind: Kind, res_id: u64, reply: Result<Value, Failed>) {
+        let Err(reply) = tx.send(reply) else {
+            return;
+        };
+        match (kind, reply) {
+            (Kind::Admit, Err(f)) if f.maybe_ran => self.unsure().push_admit(res_id),
+            (Kind::Admit, Ok(Value::Array(a))) if a.first().and_then(int) == Some(1) => {
+                self.unsure().push_admit(res_id)
+            }
+            (Kind::Settle, Err(f)) if f.maybe_ran => self.unsure().push_settle(res_id),
+            _ => {}
+        }
+    }
+
     /// Bounds a call by `cmd_timeout`, so a dead or hung Redis fails fast.
     async fn bounded<T>(
         &self,
@@ -517,8 +780,9 @@ impl RedisLimits {
         }
     }
 
-    /// Admits a model request (one round trip): checks the hard budget, the hour's spend
-    /// (`max_usd_per_hour`), the loop count of `digest` (`loop_limit`; given only for keys
+    /// Admits a model request (one round trip, or a share of one under load): checks the
+    /// hard budget, the hour's spend (`max_usd_per_hour`), the loop count of `digest`
+    /// (`loop_limit`; given only for keys
     /// with one), the rolling minute, the UTC day and the in-flight cap, and commits all of
     /// them only if all pass. Keys without the brakes send none of their arguments. Admitted
     /// requests hold `estimate` (hard-budget keys, and the hour of capped keys) and an
@@ -528,7 +792,7 @@ impl RedisLimits {
     /// request must not be forwarded under this admission; if Redis ran it anyway (only the
     /// reply was lost), the next [`RedisLimits::heartbeat`] releases it.
     pub async fn admit(
-        &self,
+        self: &Arc<Self>,
         key_id: &str,
         limits: &Limits,
         uplines: &[Upline],
@@ -546,7 +810,7 @@ impl RedisLimits {
             .max();
         let held = largest.map_or(0, |c| estimate.get().clamp(0, c.saturating_add(1)));
         let cap = limits.budget.map_or(-1, Nanos::get);
-        let mut cmd = self.scripts.admit.call(1 + uplines.len());
+        let mut cmd = Cmd::new();
         cmd.arg(key_prefix(key_id));
         for u in uplines {
             cmd.arg(level_prefix(u));
@@ -589,7 +853,14 @@ impl RedisLimits {
             })
             .arg(opt(u.limits.rpm.filter(|_| u.level == Level::Group)));
         }
-        let reply = match self.eval(&self.scripts.admit, &cmd).await {
+        let op = Op {
+            kind: Kind::Admit,
+            res_id,
+            keys: 1 + uplines.len(),
+            args: cmd,
+            short: uplines.is_empty() && !limits.has_brakes(),
+        };
+        let reply = match self.submit(op).await {
             Ok(reply) => reply,
             Err(f) => {
                 // The script may still have run (only the reply was lost): the heartbeat
@@ -695,18 +966,19 @@ impl RedisLimits {
         })
     }
 
-    /// Settles reservation `res_id` of this node (one round trip): releases its hold and
+    /// Settles reservation `res_id` of this node (one round trip, or a share of one under
+    /// load): releases its hold and
     /// in-flight slot and books `charge` to the month it was admitted in (if that month is
     /// in Redis; never creating it). `Ok(false)`: the reservation was already reaped and its
     /// estimate charged, so nothing more is.
     pub async fn settle(
-        &self,
+        self: &Arc<Self>,
         key_id: &str,
         res_id: u64,
         month: i64,
         charge: Option<Charge<'_>>,
     ) -> Result<Settled, SharedError> {
-        let mut cmd = self.scripts.settle.call(1);
+        let mut cmd = Cmd::new();
         cmd.arg(key_prefix(key_id)).arg(self.node).arg(res_id);
         match charge {
             Some(c) => cmd
@@ -718,7 +990,14 @@ impl RedisLimits {
             None => cmd.arg(0).arg("").arg(0).arg(0).arg(0),
         };
         cmd.arg(month);
-        let reply = match self.eval(&self.scripts.settle, &cmd).await {
+        let op = Op {
+            kind: Kind::Settle,
+            res_id,
+            keys: 1,
+            args: cmd,
+            short: true,
+        };
+        let reply = match self.submit(op).await {
             Ok(reply) => reply,
             Err(f) => {
                 // If it did not run, the reservation must not stay open forever on this
@@ -898,6 +1177,134 @@ impl RedisLimits {
             redis::cmd("PING").exec_async(&mut con).await
         })
         .await
+    }
+}
+
+/// The node's door to Redis; each method is the one of the same name on the shared part
+/// (documented there, on `Core`).
+impl RedisLimits {
+    /// Parses the URL only: no connection is made until the first command, so a gateway
+    /// starts (and later recovers) while Redis is down. `node` must be unique in the cluster;
+    /// `reservation_ttl` is how long a reservation outlives its node's last heartbeat;
+    /// `cmd_timeout` bounds every call, connecting included.
+    pub fn new(
+        url: &str,
+        node: u64,
+        reservation_ttl: Duration,
+        cmd_timeout: Duration,
+    ) -> Result<Self, SharedError> {
+        Ok(RedisLimits {
+            core: Arc::new(Core::new(url, node, reservation_ttl, cmd_timeout)?),
+        })
+    }
+
+    /// Calls sent to Redis so far (each one round trip), for the benchmark.
+    pub fn round_trips(&self) -> u64 {
+        self.core.round_trips()
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> u64 {
+        self.core.node()
+    }
+
+    /// Drops the connection, so the next call connects anew (and asks Sentinel again).
+    pub fn reconnect(&self) {
+        self.core.reconnect()
+    }
+
+    /// Admits a model request: all checks and the hold in one step, or nothing (see
+    /// `Core::admit`). One round trip alone; a share of one under load.
+    pub async fn admit(
+        &self,
+        key_id: &str,
+        limits: &Limits,
+        uplines: &[Upline],
+        estimate: Nanos,
+        digest: Option<u128>,
+        res_id: u64,
+    ) -> Result<Admit, SharedError> {
+        self.core
+            .admit(key_id, limits, uplines, estimate, digest, res_id)
+            .await
+    }
+
+    /// Admits a `/v1/usage` call (one round trip): limited by the key's rpm and rpd, counted
+    /// apart.
+    pub async fn admit_usage_call(
+        &self,
+        key_id: &str,
+        limits: &Limits,
+    ) -> Result<Result<Standing, GateError>, SharedError> {
+        self.core.admit_usage_call(key_id, limits).await
+    }
+
+    /// Settles reservation `res_id` of this node: releases its hold and slot and books
+    /// `charge` to `month` (see `Core::settle`). One round trip alone; a share of one under
+    /// load.
+    pub async fn settle(
+        &self,
+        key_id: &str,
+        res_id: u64,
+        month: i64,
+        charge: Option<Charge<'_>>,
+    ) -> Result<Settled, SharedError> {
+        self.core.settle(key_id, res_id, month, charge).await
+    }
+
+    /// Seeds `month` of a key with no keys below it from the ledger, once (never additive).
+    pub async fn seed(
+        &self,
+        key_id: &str,
+        month: i64,
+        day: i64,
+        this_month: &[ModelTally],
+        requests_today: u32,
+    ) -> Result<(), SharedError> {
+        self.core
+            .seed(key_id, month, day, this_month, requests_today)
+            .await
+    }
+
+    /// Seeds `month` of a key or a level ([`level_prefix`]), once (never additive).
+    #[allow(clippy::too_many_arguments)] // the figures of one month, each its own
+    pub async fn seed_at(
+        &self,
+        prefix: &str,
+        month: i64,
+        day: i64,
+        this_month: &[ModelTally],
+        requests_today: u32,
+        tree: Nanos,
+    ) -> Result<(), SharedError> {
+        self.core
+            .seed_at(prefix, month, day, this_month, requests_today, tree)
+            .await
+    }
+
+    /// The key's counters for `/v1/usage` (one round trip); `None` while its month is not
+    /// seeded.
+    pub async fn view(
+        &self,
+        key_id: &str,
+        limits: &Limits,
+    ) -> Result<Option<CounterView>, SharedError> {
+        self.core.view(key_id, limits).await
+    }
+
+    /// Renews this node's holds and settles the calls whose reply was lost (one round trip).
+    pub async fn heartbeat(&self) -> Result<(), SharedError> {
+        self.core.heartbeat().await
+    }
+
+    /// Reaps every expired reservation of any node, charging each at its estimate.
+    pub async fn reap(&self) -> Result<u64, SharedError> {
+        self.core.reap().await
+    }
+
+    /// One PING, for health checks and start-up logs.
+    pub async fn ping(&self) -> Result<(), SharedError> {
+        self.core.ping().await
     }
 }
 

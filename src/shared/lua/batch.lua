@@ -1,0 +1,338 @@
+-- Runs a batch of admissions and settlements of one node (many requests, one round trip),
+-- in order, each deciding exactly as admit.lua or settle.lua alone would, on one clock
+-- reading. Redis runs one script at a time, so a batch is as atomic as each of its operations.
+-- KEYS[1] `{sg}:res` (routes the call; every key is in the `{sg}` slot).
+-- ARGV node, ttl_ms, then per operation one of:
+--   'A' key_id res_id rpm rpd cap hard max_inflight held estimate: an admission of a key with
+--       no level above it and no brakes (admit.lua's arguments, with this node and ttl);
+--   'a' key count, argument count, keys, arguments: any admission, as admit.lua takes it;
+--   'S' key_prefix res_id has_charge model prompt_tokens completion_tokens cost month: a
+--       settlement of this node's reservation (settle.lua's key and arguments, with this
+--       node).
+-- Returns one reply per operation, in order, as admit.lua and settle.lua return them.
+--
+-- The common operations (a key with no level above it and no brakes; a settlement of such
+-- a key's reservation) share their reads and writes: each key's figures are read once per
+-- batch and kept here, and every write is summed and sent once at the end (one HINCRBY for
+-- many holds, one ZADD for many window entries, one HSET for many records). Each decision
+-- still sees every operation before it, so the outcome is the one-by-one outcome. Any other
+-- operation first writes out everything pending and forgets what was read, then runs
+-- admit.lua or settle.lua as is.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function clock() return now end
+local day = math.floor(now / MS_DAY)
+local month = month_of_day(day)
+
+-- Integers for HINCRBY/INCRBY: Lua would write 1e+15 for a large double.
+local function int(n) return string.format('%.0f', n) end
+-- The parts of a fast admission's record around its key id (see parse_rec).
+local rec_tail = '|' .. month .. '|'
+local rec_day = '||d' .. day
+
+-- Per key prefix: what was read (once `loaded`) and what is pending.
+local S = {}
+-- Pending writes of records and indexes, for every key.
+local resadd, resdel, xadd, xdel, nadd, ndel = {}, {}, {}, {}, {}, {}
+-- Reservations settled in this batch, not yet removed from Redis.
+local gone = {}
+local dirty = false
+
+local function state(p)
+  local s = S[p]
+  if not s then
+    s = {p = p, min = p .. ':min', day = p .. ':day:' .. day, madd = {}, rmin = 0, dadd = 0,
+      dres = 0, dinf = 0, rxadd = {}, rxdel = {}, books = {}}
+    S[p] = s
+  end
+  return s
+end
+
+local function flush_minute(s)
+  if #s.madd > 0 then
+    redis.call('ZADD', s.min, unpack(s.madd))
+    redis.call('PEXPIRE', s.min, MS_MIN)
+    s.madd = {}
+  end
+end
+
+local function flush_key(s)
+  local p = s.p
+  flush_minute(s)
+  if s.rmin > 0 then
+    local rmin = p .. ':rmin:' .. math.floor(now / MS_MIN)
+    redis.call('INCRBY', rmin, s.rmin)
+    redis.call('PEXPIRE', rmin, 2 * MS_MIN)
+    s.rmin = 0
+  end
+  if s.dadd > 0 then
+    local n = redis.call('INCRBY', s.day, s.dadd)
+    if n == s.dadd then redis.call('PEXPIRE', s.day, 2 * MS_DAY) end
+    s.dn = n
+    s.dadd = 0
+  end
+  local live = p .. ':live'
+  if s.dres ~= 0 then
+    redis.call('HINCRBY', live, 'reserved', int(s.dres))
+    if s.loaded then s.res = s.res + s.dres end
+    s.dres = 0
+  end
+  if s.dinf ~= 0 then
+    local n = redis.call('HINCRBY', live, 'inflight', s.dinf)
+    -- As unlink does: no request of the key open, nothing held either; drop the hash.
+    if s.dinf < 0 and n <= 0 and tonumber(redis.call('HGET', live, 'treserved') or '0') == 0 then
+      redis.call('DEL', live)
+      n = 0
+      if s.loaded then s.res, s.tres = 0, 0 end
+    end
+    if s.loaded then s.inf = n end
+    s.dinf = 0
+  end
+  if #s.rxadd > 0 then
+    redis.call('ZADD', p .. ':rx', unpack(s.rxadd))
+    s.rxadd = {}
+  end
+  if #s.rxdel > 0 then
+    redis.call('ZREM', p .. ':rx', unpack(s.rxdel))
+    s.rxdel = {}
+  end
+  for mo, b in pairs(s.books) do
+    local mon = p .. ':mon:' .. mo
+    -- Never creates a month (see settle.lua).
+    if redis.call('EXISTS', mon) == 1 then
+      hincr(mon, 'spent', int(b.spent))
+      for m, c in pairs(b.models) do
+        hincr(mon, 'n:' .. m, int(c[1]))
+        hincr(mon, 'p:' .. m, int(c[2]))
+        hincr(mon, 'c:' .. m, int(c[3]))
+        hincr(mon, 's:' .. m, int(c[4]))
+      end
+      if s.loaded and mo == month then s.own = s.own + b.spent end
+    end
+  end
+  s.books = {}
+end
+
+local function flush_all()
+  if not dirty then return end
+  for _, s in pairs(S) do flush_key(s) end
+  if #resadd > 0 then redis.call('HSET', RES, unpack(resadd)) end
+  if #resdel > 0 then redis.call('HDEL', RES, unpack(resdel)) end
+  if #xadd > 0 then redis.call('ZADD', RESX, unpack(xadd)) end
+  if #xdel > 0 then redis.call('ZREM', RESX, unpack(xdel)) end
+  for node, fs in pairs(nadd) do redis.call('SADD', '{sg}:node:' .. node, unpack(fs)) end
+  for node, fs in pairs(ndel) do redis.call('SREM', '{sg}:node:' .. node, unpack(fs)) end
+  resadd, resdel, xadd, xdel, nadd, ndel = {}, {}, {}, {}, {}, {}
+  gone = {}
+  dirty = false
+end
+
+-- Writes everything out and forgets every key's figures (before an operation run as is).
+local function settle_all()
+  flush_all()
+  S = {}
+end
+
+-- A key's figures, read once per batch, after its expired reservations were reaped (as
+-- admit.lua does first). What is pending in this batch is not written first: the figures
+-- read here are taken with the key's pending sums added (`dres`, `dinf`, `dadd`, `madd`,
+-- `books`), and a reservation this batch settled is not reaped (it is gone). Only when
+-- something is reaped is everything written out first and every key's figures forgotten
+-- (a reaped hold books at the levels above its key, which may be keys read here).
+local function load(p)
+  local s = S[p]
+  if s and s.loaded then return s end
+  local reaped = false
+  for _, f in ipairs(redis.call('ZRANGEBYSCORE', p .. ':rx', '-inf', now, 'LIMIT', 0, 64)) do
+    if not gone[f] then
+      if not reaped then
+        flush_all()
+        reaped = true
+      end
+      reap_one(f)
+    end
+  end
+  if reaped then S = {} end
+  s = state(p)
+  local m = redis.call('HMGET', p .. ':mon:' .. month, 'seeded', 'spent', 'tree')
+  local l = redis.call('HMGET', p .. ':live', 'reserved', 'treserved', 'inflight')
+  s.seeded = m[1] and true or false
+  s.own, s.tree = tonumber(m[2] or '0'), tonumber(m[3] or '0')
+  s.tres = tonumber(l[2] or '0')
+  s.res = tonumber(l[1] or '0') + s.tres
+  s.inf = tonumber(l[3] or '0')
+  s.loaded = true
+  return s
+end
+
+-- This month's spend of a loaded key, bookings pending in this batch included.
+local function own_spent(s)
+  local b = s.books[month]
+  return s.own + (b and b.spent or 0)
+end
+
+-- admit.lua for a key with no level above it and no brakes (its key prefix and arguments).
+local function admit_fast(p, key_id, node, res_id, rpm, rpd, cap, hard, max_inflight, held,
+    ttl, estimate)
+  rpm, rpd, cap = opt(rpm), opt(rpd), opt(cap)
+  hard = hard == '1'
+  max_inflight = opt(max_inflight)
+  local s = load(p)
+  if not s.seeded then return {0, month, day, 0} end
+
+  local warning = 0
+  if cap then
+    if hard then
+      local spent = own_spent(s) + s.tree
+      local reserved = s.res + s.dres
+      if spent + reserved + tonumber(held) > cap then return {2, spent, reserved} end
+    elseif own_spent(s) >= cap then
+      warning = 1
+    end
+  end
+
+  local minute = s.min
+  local n = 0
+  if rpm then
+    if not s.n then
+      redis.call('ZREMRANGEBYSCORE', minute, '-inf', now - MS_MIN)
+      s.n = redis.call('ZCARD', minute) + #s.madd / 2
+    end
+    n = s.n
+    if n >= rpm then
+      flush_minute(s)
+      return {3, reset_secs(minute, n, rpm, now, 1)}
+    end
+  end
+  if rpd then
+    if not s.dn then s.dn = tonumber(redis.call('GET', s.day) or '0') end
+    if s.dn + s.dadd >= rpd then
+      return {4, math.max(1, math.ceil(((day + 1) * MS_DAY - now) / 1000))}
+    end
+  end
+  if max_inflight and s.inf + s.dinf >= max_inflight then return {5} end
+
+  -- Every check passed: the minute, the day, the hold and the slot, pending.
+  local f = node .. ':' .. res_id
+  if rpm then
+    local madd = s.madd
+    madd[#madd + 1] = now
+    madd[#madd + 1] = f
+    s.n = n + 1
+  else
+    s.rmin = s.rmin + 1
+  end
+  s.dadd = s.dadd + 1
+  if held ~= '0' then s.dres = s.dres + tonumber(held) end
+  s.dinf = s.dinf + 1
+  local exp = now + tonumber(ttl)
+  resadd[#resadd + 1] = f
+  resadd[#resadd + 1] = held .. '|' .. estimate .. rec_tail .. key_id .. rec_day
+  xadd[#xadd + 1] = exp
+  xadd[#xadd + 1] = f
+  s.rxadd[#s.rxadd + 1] = exp
+  s.rxadd[#s.rxadd + 1] = f
+  local na = nadd[node]
+  if not na then na = {} nadd[node] = na end
+  na[#na + 1] = f
+  dirty = true
+
+  local remaining, reset = -1, 0
+  if rpm then
+    remaining = rpm - n - 1
+    if remaining <= 0 then
+      remaining = 0
+      flush_minute(s)
+      reset = reset_secs(minute, n + 1, rpm, now, 0)
+    end
+  end
+  return {1, month, remaining, reset, warning, now}
+end
+
+-- Exact as a double: at most 15 digits (admit.lua and settle.lua compare the same way;
+-- longer figures take the one-by-one path, which adds them as strings).
+local function small(x) return #x <= 15 end
+
+-- settle.lua for an open reservation with no level and no hour hold (a record as
+-- admit_fast writes it: `held|estimate|month|key_id||d<day>`); nil for any other (run as is by
+-- the caller).
+local function settle_fast(node, res_id, charge, model, prompt, completion, cost)
+  local f = node .. ':' .. res_id
+  local rec = redis.call('HGET', RES, f)
+  if not rec then return nil end
+  local held, mo, key_id = string.match(rec, '^(%d+)|%d+|(%-?%d+)|([^|]*)||d%d+$')
+  charge = charge == '1'
+  if not held or not small(held)
+    or (charge and not (small(prompt) and small(completion) and small(cost))) then
+    return nil
+  end
+  mo = tonumber(mo)
+  local s = state('{sg}:k:' .. key_id)
+  resdel[#resdel + 1] = f
+  gone[f] = true
+  xdel[#xdel + 1] = f
+  s.rxdel[#s.rxdel + 1] = f
+  local nd = ndel[node]
+  if not nd then nd = {} ndel[node] = nd end
+  nd[#nd + 1] = f
+  if held ~= '0' then s.dres = s.dres - tonumber(held) end
+  s.dinf = s.dinf - 1
+  if charge then
+    local b = s.books[mo]
+    if not b then b = {spent = 0, models = {}} s.books[mo] = b end
+    cost = tonumber(cost)
+    b.spent = b.spent + cost
+    local c = b.models[model]
+    if not c then c = {0, 0, 0, 0} b.models[model] = c end
+    c[1] = c[1] + 1
+    c[2] = c[2] + tonumber(prompt)
+    c[3] = c[3] + tonumber(completion)
+    c[4] = c[4] + cost
+  end
+  dirty = true
+  return 1
+end
+
+-- Copies of one operation's keys and arguments, for admit.lua and settle.lua.
+local function slice(from, count)
+  local t = {}
+  for j = 1, count do t[j] = ARGV[from + j - 1] end
+  return t
+end
+
+local node, ttl = ARGV[1], ARGV[2]
+local out, i, n = {}, 3, #ARGV
+while i <= n do
+  local kind = ARGV[i]
+  local r
+  if kind == 'A' then
+    local key_id, held = ARGV[i + 1], ARGV[i + 8]
+    local p = '{sg}:k:' .. key_id
+    if small(held) then
+      r = admit_fast(p, key_id, node, ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5],
+        ARGV[i + 6], ARGV[i + 7], held, ttl, ARGV[i + 9])
+    else
+      settle_all()
+      r = admit_one({p}, {key_id, node, ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5],
+        ARGV[i + 6], ARGV[i + 7], held, ttl, ARGV[i + 9]}, clock)
+    end
+    i = i + 10
+  elseif kind == 'S' then
+    r = settle_fast(node, ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],
+      ARGV[i + 7])
+    if r == nil then
+      settle_all()
+      r = settle_one({ARGV[i + 1]}, {node, ARGV[i + 2], ARGV[i + 3], ARGV[i + 4],
+        ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8]})
+    end
+    i = i + 9
+  else
+    local nk, na = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+    settle_all()
+    r = admit_one(slice(i + 3, nk), slice(i + 3 + nk, na), clock)
+    i = i + 3 + nk + na
+  end
+  out[#out + 1] = r
+end
+flush_all()
+return out
