@@ -8,7 +8,8 @@ The tests run in file order and share one gateway and one browser tab, like an o
     pip install -r tests/e2e/requirements.txt
     SPIDERGATE_BIN=target/debug/spidergate python3 -m pytest -q tests/e2e/test_dashboard.py
 
-They write the screenshots under docs/ (window 1280x800). Chromium and chromedriver are found on
+They take screenshots (window 1280x800): into a temporary directory, or into docs/ (the ones the
+README shows) with SPIDERGATE_REFRESH_SCREENSHOTS=1. Chromium and chromedriver are found on
 PATH (`command -v`, as scripts/install-deps.sh does; CHROMIUM / CHROMEDRIVER override). When
 they are missing and cannot be installed the tests skip loudly, except under
 SPIDERGATE_REQUIRE_SERVICES=1 (scripts/test.sh), where they fail.
@@ -16,6 +17,7 @@ SPIDERGATE_REQUIRE_SERVICES=1 (scripts/test.sh), where they fail.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -25,6 +27,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,7 +38,12 @@ import openai
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DOCS = REPO_ROOT / "docs"
+# The screenshots in docs/ are refreshed only when asked (SPIDERGATE_REFRESH_SCREENSHOTS=1);
+# a plain test run writes its screenshots to a temporary directory and leaves the tree clean.
+DOCS = (REPO_ROOT / "docs" if os.environ.get("SPIDERGATE_REFRESH_SCREENSHOTS") == "1"
+        else Path(tempfile.mkdtemp(prefix="sg-dashboard-shots-")))
+if DOCS.name != "docs":
+    atexit.register(shutil.rmtree, DOCS, True)
 MOCK_API_KEY = "sk-mock"
 HEALTH_DEADLINE_S = 30.0
 UI_DEADLINE_S = 10.0  # the page polls every 2 s; SPEC: changes show within 5 s
