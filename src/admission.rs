@@ -527,30 +527,8 @@ mod tests {
 
     fn any_key(c: &Catalog) -> KeyEntry {
         let record = crate::keys::KeyRecord {
-            id: "key_p".into(),
-            name: "p".into(),
-            prefix: "0000".into(),
-            token_hash: [0; 32],
-            scopes: vec![],
-            rpm: None,
-            rpd: None,
-            budget: None,
             budget_mode: crate::keys::BudgetMode::Hard,
-            max_inflight: None,
-            allowed_models: vec![],
-            free_only: false,
-            client_id: None,
-            created_at: 0,
-            expires_at: i64::MAX,
-            revoked_at: None,
-            last_used_at: None,
-            previous_hash: None,
-            previous_valid_until: None,
-            rotated_at: None,
-            group: None,
-            parent_id: None,
-            max_usd_per_hour: None,
-            loop_limit: None,
+            ..crate::keys::KeyRecord::for_test("key_p")
         };
         KeyEntry::new(record, c, std::sync::Arc::default())
     }

@@ -110,6 +110,39 @@ pub struct KeyRecord {
     pub loop_limit: Option<u32>,
 }
 
+#[cfg(test)]
+impl KeyRecord {
+    /// A key for unit tests: no limits, scopes or allow-list, soft budget, never expiring.
+    pub(crate) fn for_test(id: &str) -> KeyRecord {
+        KeyRecord {
+            id: id.into(),
+            name: "n".into(),
+            prefix: "0000".into(),
+            token_hash: [0; 32],
+            scopes: vec![],
+            rpm: None,
+            rpd: None,
+            budget: None,
+            max_inflight: None,
+            budget_mode: BudgetMode::Soft,
+            allowed_models: vec![],
+            free_only: false,
+            client_id: None,
+            created_at: 0,
+            expires_at: i64::MAX,
+            revoked_at: None,
+            last_used_at: None,
+            previous_hash: None,
+            previous_valid_until: None,
+            rotated_at: None,
+            group: None,
+            parent_id: None,
+            max_usd_per_hour: None,
+            loop_limit: None,
+        }
+    }
+}
+
 impl KeyRecord {
     pub fn limits(&self) -> Limits {
         Limits {
@@ -509,30 +542,9 @@ mod tests {
 
     fn key(c: &Catalog, allowed: &[&str], free_only: bool) -> KeyEntry {
         let record = KeyRecord {
-            id: "key_1".into(),
-            name: "n".into(),
-            prefix: "0a1b".into(),
-            token_hash: [0; 32],
-            scopes: vec![],
-            rpm: None,
-            rpd: None,
-            budget: None,
-            max_inflight: None,
-            budget_mode: BudgetMode::Soft,
             allowed_models: allowed.iter().map(|s| s.to_string()).collect(),
             free_only,
-            client_id: None,
-            created_at: 0,
-            expires_at: i64::MAX,
-            revoked_at: None,
-            last_used_at: None,
-            previous_hash: None,
-            previous_valid_until: None,
-            rotated_at: None,
-            group: None,
-            parent_id: None,
-            max_usd_per_hour: None,
-            loop_limit: None,
+            ..KeyRecord::for_test("key_1")
         };
         KeyEntry::new(record, c, Arc::new(KeyCounters::default()))
     }

@@ -309,30 +309,10 @@ models: [{id: m, provider: p, input_usd_per_mtok: 1, output_usd_per_mtok: 1}]
 
     pub fn record(i: u32, secret: u8) -> KeyRecord {
         KeyRecord {
-            id: format!("key_{i}"),
-            name: "n".into(),
-            prefix: "0000".into(),
             token_hash: [secret; 32],
-            scopes: vec![],
             rpm: Some(i + 1),
-            rpd: None,
-            budget: None,
             budget_mode: BudgetMode::Hard,
-            max_inflight: None,
-            allowed_models: vec![],
-            free_only: false,
-            client_id: None,
-            created_at: 0,
-            expires_at: i64::MAX,
-            revoked_at: None,
-            last_used_at: None,
-            previous_hash: None,
-            previous_valid_until: None,
-            rotated_at: None,
-            group: None,
-            parent_id: None,
-            max_usd_per_hour: None,
-            loop_limit: None,
+            ..KeyRecord::for_test(&format!("key_{i}"))
         }
     }
 }
