@@ -625,30 +625,10 @@ models: [{id: m, provider: p, input_usd_per_mtok: 1, output_usd_per_mtok: 1}]
         let config = crate::config::Config::parse(yaml, std::path::Path::new("t.yaml")).unwrap();
         let catalog = Catalog::new(&config);
         let record = KeyRecord {
-            id: "key_1".into(),
-            name: "n".into(),
-            prefix: "0000".into(),
-            token_hash: [0; 32],
-            scopes: vec![],
-            rpm: None,
-            rpd: None,
-            budget: None,
-            max_inflight: None,
             budget_mode: BudgetMode::Hard,
-            allowed_models: vec![],
-            free_only: false,
-            client_id: None,
-            created_at: 0,
             expires_at,
             revoked_at,
-            last_used_at: None,
-            previous_hash: None,
-            previous_valid_until: None,
-            rotated_at: None,
-            group: None,
-            parent_id: None,
-            max_usd_per_hour: None,
-            loop_limit: None,
+            ..KeyRecord::for_test("key_1")
         };
         KeyEntry::new(record, &catalog, Arc::new(KeyCounters::default()))
     }

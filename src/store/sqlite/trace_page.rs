@@ -89,33 +89,12 @@ pub(super) fn columns(cols: &str) -> String {
         .join(", ")
 }
 
-/// The columns of the old `traces` table, in its order: the view's.
-const VIEW_COLUMNS: [&str; 19] = [
-    "id",
-    "ts",
-    "key_id",
-    "endpoint",
-    "requested_model",
-    "served_model",
-    "provider",
-    "status",
-    "error_code",
-    "latency_ms",
-    "ttfb_ms",
-    "prompt_tokens",
-    "completion_tokens",
-    "cost_nanos",
-    "usage_estimated",
-    "fallback_from",
-    "trace_id",
-    "unit",
-    "units",
-];
-
 /// `CREATE VIEW traces`: the columns of the old `traces` table, one row per trace.
 pub(super) fn view_sql() -> String {
-    let columns = VIEW_COLUMNS
+    // The old `traces` table's order: its three keys, then a `trace_log` row's fields.
+    let columns = ["id", "ts", "key_id"]
         .iter()
+        .chain(&LOG_FIELDS)
         .map(|name| format!("{} AS {name}", column(name)))
         .collect::<Vec<_>>()
         .join(", ");
