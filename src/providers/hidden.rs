@@ -4,7 +4,6 @@
 //! model's context window, a per-tool overhead) or refuses them for hard-budget keys.
 
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 /// Top-level fields that make the provider read input the body does not hold: OpenAI's
 /// stored responses, conversations and prompt templates (Responses API).
@@ -65,15 +64,15 @@ pub fn tool_kind(kind: Option<&str>) -> ToolKind {
 /// The raw top-level fields `parse_request` found, for [`Hidden::read`].
 #[derive(Default)]
 pub struct RawHidden<'a> {
-    pub tools: Option<&'a RawValue>,
+    pub tools: Option<&'a str>,
     /// `(name, value)` of the stored-context and server fields present.
-    pub named: Vec<(&'static str, &'a RawValue)>,
-    pub background: Option<&'a RawValue>,
+    pub named: Vec<(&'static str, &'a str)>,
+    pub background: Option<&'a str>,
 }
 
 impl<'a> RawHidden<'a> {
     /// Keeps `value` if `name` is one of the fields this module reads.
-    pub fn offer(&mut self, name: &str, value: &'a RawValue) {
+    pub fn offer(&mut self, name: &str, value: &'a str) {
         if let Some(n) = STORED_CONTEXT
             .iter()
             .chain(SERVER_FIELDS.iter())
@@ -84,8 +83,8 @@ impl<'a> RawHidden<'a> {
     }
 }
 
-fn present(v: &RawValue) -> bool {
-    !matches!(v.get(), "null" | "false")
+fn present(v: &str) -> bool {
+    !matches!(v, "null" | "false")
 }
 
 impl Hidden {
@@ -107,7 +106,7 @@ impl Hidden {
             h.unseen_input = Some("a file, document or stored item part".into());
         }
         if let Some(tools) = raw.tools {
-            let list: Vec<Tool<'_>> = serde_json::from_str(tools.get()).unwrap_or_default();
+            let list: Vec<Tool<'_>> = serde_json::from_str(tools).unwrap_or_default();
             h.tools = !list.is_empty();
             for (i, t) in list.iter().enumerate() {
                 match tool_kind(t.kind.as_deref()) {
@@ -121,7 +120,7 @@ impl Hidden {
                 }
             }
         }
-        h.background = raw.background.is_some_and(|v| v.get() == "true");
+        h.background = raw.background == Some("true");
         h
     }
 

@@ -10,6 +10,7 @@ pub mod anthropic;
 pub mod audio;
 pub mod codec;
 pub mod hidden;
+pub mod json_scan;
 pub mod mask;
 pub mod multipart;
 pub mod openai;

@@ -1,8 +1,9 @@
 //! OpenAI wire format: the request fields the gateway reads, and the body rewrite it forwards.
 //!
-//! Only `model`, `stream`, `stream_options`, `n`, `max_tokens` and `max_completion_tokens`
-//! are parsed; everything else is skipped by serde without building values (media parts are
-//! counted by a byte scan). The rewrite splices byte ranges of the original body, so
+//! Only the top-level fields the gateway needs are read (`model`, `stream`, `stream_options`,
+//! `n`, the output bounds, and the fields that bring hidden input); everything else is
+//! checked and skipped without building values, by [`json_scan`] (serde where the scanner
+//! gives up), and media parts are counted by a byte scan. The rewrite splices byte ranges of the original body, so
 //! messages are copied once and never re-serialized.
 
 use std::borrow::Cow;
@@ -15,7 +16,10 @@ use serde_json::value::RawValue;
 use crate::error::GateError;
 
 use super::hidden::{Hidden, RawHidden};
+use super::json_scan;
 
+/// The top-level fields a request is read for, as serde reads them: borrowed raw values,
+/// `null` read as absent (serde's `Option`), a field named twice refused.
 #[derive(Deserialize)]
 struct Fields<'a> {
     #[serde(borrow)]
@@ -37,7 +41,7 @@ struct Fields<'a> {
     tools: Option<&'a RawValue>,
     #[serde(borrow, default)]
     background: Option<&'a RawValue>,
-    // Stored context and server-side fields (see `hidden`).
+    // Stored context and server-side fields (see `hidden`), in `HIDDEN_FIELDS`' order.
     #[serde(borrow, default)]
     previous_response_id: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -52,13 +56,126 @@ struct Fields<'a> {
     web_search_options: Option<&'a RawValue>,
 }
 
+/// The stored-context and server-side fields `hidden` judges.
+const HIDDEN_FIELDS: [&str; 6] = [
+    "previous_response_id",
+    "conversation",
+    "prompt",
+    "mcp_servers",
+    "container",
+    "web_search_options",
+];
+
+/// [`Fields`] as text: each value's exact JSON text, however it was found.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Top<'a> {
+    model: Option<&'a str>,
+    stream: Option<bool>,
+    stream_options: Option<&'a str>,
+    max_tokens: Option<&'a str>,
+    max_completion_tokens: Option<&'a str>,
+    n: Option<&'a str>,
+    max_output_tokens: Option<&'a str>,
+    tools: Option<&'a str>,
+    background: Option<&'a str>,
+    hidden: [Option<&'a str>; 6],
+}
+
+impl<'a> From<Fields<'a>> for Top<'a> {
+    fn from(f: Fields<'a>) -> Top<'a> {
+        let get = |r: Option<&'a RawValue>| r.map(RawValue::get);
+        Top {
+            model: get(f.model),
+            stream: f.stream,
+            stream_options: get(f.stream_options),
+            max_tokens: get(f.max_tokens),
+            max_completion_tokens: get(f.max_completion_tokens),
+            n: get(f.n),
+            max_output_tokens: get(f.max_output_tokens),
+            tools: get(f.tools),
+            background: get(f.background),
+            hidden: [
+                f.previous_response_id,
+                f.conversation,
+                f.prompt,
+                f.mcp_servers,
+                f.container,
+                f.web_search_options,
+            ]
+            .map(get),
+        }
+    }
+}
+
+impl<'a> Top<'a> {
+    /// Serde's reading: the judge of every body, and its error message.
+    fn by_serde(body: &'a [u8]) -> Result<Top<'a>, GateError> {
+        let fields: Fields<'a> = serde_json::from_slice(body)
+            .map_err(|e| GateError::InvalidRequest(format!("body is not valid JSON: {e}")))?;
+        Ok(fields.into())
+    }
+
+    /// The same reading by [`json_scan`], several times cheaper; `None` for any body it
+    /// leaves to serde (see there), and for one whose fields serde would refuse: a field
+    /// named twice, a `stream` that is not a boolean.
+    fn by_scan(body: &'a [u8]) -> Option<Top<'a>> {
+        let text = std::str::from_utf8(body).ok()?;
+        let mut top = Top::default();
+        let mut seen = 0u16;
+        json_scan::members(text, |key, value| {
+            let (bit, slot) = match key {
+                "stream" => {
+                    if seen & 1 != 0 {
+                        return false;
+                    }
+                    seen |= 1;
+                    top.stream = match value {
+                        "true" => Some(true),
+                        "false" => Some(false),
+                        "null" => None,
+                        _ => return false,
+                    };
+                    return true;
+                }
+                "model" => (1, &mut top.model),
+                "stream_options" => (2, &mut top.stream_options),
+                "max_tokens" => (3, &mut top.max_tokens),
+                "max_completion_tokens" => (4, &mut top.max_completion_tokens),
+                "n" => (5, &mut top.n),
+                "max_output_tokens" => (6, &mut top.max_output_tokens),
+                "tools" => (7, &mut top.tools),
+                "background" => (8, &mut top.background),
+                _ => match HIDDEN_FIELDS.iter().position(|f| *f == key) {
+                    Some(i) => (9 + i, &mut top.hidden[i]),
+                    None => return true,
+                },
+            };
+            if seen & (1 << bit) != 0 {
+                return false;
+            }
+            seen |= 1 << bit;
+            *slot = (value != "null").then_some(value);
+            true
+        })?;
+        Some(top)
+    }
+
+    /// The scanner's reading where it gives one, else serde's.
+    fn read(body: &'a [u8]) -> Result<Top<'a>, GateError> {
+        match Top::by_scan(body) {
+            Some(top) => Ok(top),
+            None => Top::by_serde(body),
+        }
+    }
+}
+
 /// OpenAI's own ceiling for `n`.
 pub const MAX_CHOICES: u64 = 128;
 
 /// Reads an optional non-negative integer field; 400 for anything else (a float, a negative,
 /// a string, a number beyond u64), so no value can slip past the reservation unpriced.
-fn count_field(raw: Option<&RawValue>, name: &str) -> Result<Option<u64>, GateError> {
-    match raw.map(RawValue::get) {
+fn count_field(raw: Option<&str>, name: &str) -> Result<Option<u64>, GateError> {
+    match raw {
         None | Some("null") => Ok(None),
         Some(v) => v.parse::<u64>().map(Some).map_err(|_| {
             GateError::InvalidRequest(format!("'{name}' must be a non-negative integer"))
@@ -257,17 +374,18 @@ pub struct RequestFields {
     output_spans: [Option<(Range<usize>, Option<u64>)>; 3],
 }
 
-fn span_of(body: &[u8], raw: &RawValue) -> Range<usize> {
-    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
-    start..start + raw.get().len()
+/// Where `raw`, a slice of `body`, lies in it.
+fn span_of(body: &[u8], raw: &str) -> Range<usize> {
+    let start = raw.as_ptr() as usize - body.as_ptr() as usize;
+    start..start + raw.len()
 }
 
 /// The body's `model`, raw (for its span) and decoded: 400 `invalid_request` when it is
 /// missing or not a string.
-fn string_model(raw: Option<&RawValue>) -> Result<(&RawValue, Cow<'_, str>), GateError> {
+fn string_model(raw: Option<&str>) -> Result<(&str, Cow<'_, str>), GateError> {
     let raw =
         raw.ok_or_else(|| GateError::InvalidRequest("missing string field 'model'".into()))?;
-    let text = raw.get();
+    let text = raw;
     // The common case: serde has checked the value is JSON, so a string without escapes
     // is exactly the text between its quotes.
     if let Some(plain) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
@@ -283,13 +401,12 @@ fn string_model(raw: Option<&RawValue>) -> Result<(&RawValue, Cow<'_, str>), Gat
 /// Parses the fields the gateway needs. 400 `invalid_request` unless the body is a JSON
 /// object with a string `model`.
 pub fn parse_request(body: &[u8]) -> Result<RequestFields, GateError> {
-    let fields: Fields<'_> = serde_json::from_slice(body)
-        .map_err(|e| GateError::InvalidRequest(format!("body is not valid JSON: {e}")))?;
+    let fields = Top::read(body)?;
     let (raw_model, model) = string_model(fields.model)?;
     let stream = fields.stream.unwrap_or(false);
     let client_wants_usage = match fields.stream_options {
-        Some(raw) if raw.get() != "null" => {
-            let opts: StreamOptions = serde_json::from_str(raw.get()).map_err(|_| {
+        Some(raw) if raw != "null" => {
+            let opts: StreamOptions = serde_json::from_str(raw).map_err(|_| {
                 GateError::InvalidRequest("'stream_options' must be an object".into())
             })?;
             opts.include_usage.unwrap_or(false)
@@ -311,20 +428,12 @@ pub fn parse_request(body: &[u8]) -> Result<RequestFields, GateError> {
         background: fields.background,
         ..RawHidden::default()
     };
-    for (name, value) in [
-        ("previous_response_id", fields.previous_response_id),
-        ("conversation", fields.conversation),
-        ("prompt", fields.prompt),
-        ("mcp_servers", fields.mcp_servers),
-        ("container", fields.container),
-        ("web_search_options", fields.web_search_options),
-    ] {
+    for (name, value) in HIDDEN_FIELDS.iter().zip(fields.hidden) {
         if let Some(v) = value {
             raw.offer(name, v);
         }
     }
-    let spanned =
-        |raw: Option<&RawValue>, value: Option<u64>| raw.map(|r| (span_of(body, r), value));
+    let spanned = |raw: Option<&str>, value: Option<u64>| raw.map(|r| (span_of(body, r), value));
     Ok(RequestFields {
         output_spans: [
             spanned(fields.max_tokens, max_tokens),
@@ -399,7 +508,7 @@ pub enum MediaKind {
 pub fn parse_media_request(body: &[u8], kind: MediaKind) -> Result<RequestFields, GateError> {
     let fields: MediaFields<'_> = serde_json::from_slice(body)
         .map_err(|e| GateError::InvalidRequest(format!("body is not valid JSON: {e}")))?;
-    let (raw_model, model) = string_model(fields.model)?;
+    let (raw_model, model) = string_model(fields.model.map(RawValue::get))?;
     let units = match kind {
         MediaKind::Images => {
             let n = match fields.n.map(RawValue::get) {
@@ -576,6 +685,7 @@ pub fn rewrite_body(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn json(b: &Bytes) -> serde_json::Value {
         serde_json::from_slice(b).unwrap()
@@ -743,6 +853,151 @@ mod tests {
         assert_eq!(
             rewrite_body(&body, &f, "m", false, Some((CapField::Responses, 3))),
             body
+        );
+    }
+
+    /// Pieces of request bodies, the tricky ones among them: every field read, twice
+    /// sometimes, `null`s, escapes (in keys too), numbers in every JSON form and some not,
+    /// non-booleans for `stream`, nesting, non-ASCII and control bytes.
+    fn body_piece() -> impl Strategy<Value = String> {
+        prop::sample::select(vec![
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            " ",
+            "\n\t",
+            "\"model\"",
+            "\"stream\"",
+            "\"stream_options\"",
+            "\"max_tokens\"",
+            "\"max_completion_tokens\"",
+            "\"n\"",
+            "\"max_output_tokens\"",
+            "\"tools\"",
+            "\"background\"",
+            "\"prompt\"",
+            "\"conversation\"",
+            "\"messages\"",
+            "\"mod\\u0065l\"",
+            "\"gpt-4o\"",
+            "\"a\\\"b\\u00e9\\n\"",
+            "\"\u{e9}\"",
+            "\"\u{1}\"",
+            "\"\\x\"",
+            "null",
+            "true",
+            // Past the scanner's short-string loop, with an escape and a control byte.
+            "\"0123456789012345678901234567890123456789\\\"0123456789012345678901234567890123456789\"",
+            "\"0123456789012345678901234567890123456789\u{1f}\"",
+            "false",
+            "tru",
+            "0",
+            "7",
+            "-1",
+            "01",
+            "1.5",
+            "1e3",
+            "1.",
+            "-",
+            "18446744073709551616",
+            "{\"include_usage\":true}",
+            "[{\"type\":\"function\"}]",
+            "\u{0}",
+            "\u{ff}",
+        ])
+        .prop_map(str::to_string)
+    }
+
+    /// A member list of an object: `"key": value` pairs from the pieces.
+    fn member() -> impl Strategy<Value = String> {
+        // Mostly well-formed pairs (so the scanner reads many bodies whole), some mangled.
+        (
+            body_piece(),
+            body_piece(),
+            prop::option::weighted(0.15, body_piece()),
+        )
+            .prop_map(|(k, v, junk)| {
+                let key = if k.starts_with('"') {
+                    k
+                } else {
+                    format!("\"{k}\"")
+                };
+                format!("{key}:{v}{}", junk.unwrap_or_default())
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// Wherever the scanner reads a body, serde reads it too and finds the same fields;
+        /// so `parse_request`, which takes the scanner's reading when there is one, answers
+        /// every body exactly as serde alone would.
+        #[test]
+        fn the_scanner_reads_every_body_as_serde_does(
+            members in prop::collection::vec(member(), 0..6),
+            junk in prop::collection::vec(body_piece(), 0..3),
+            mangle in 0usize..4,
+        ) {
+            let mut body = format!("{{{}}}", members.join(","));
+            match mangle {
+                1 => body.push_str(&junk.concat()),
+                2 => body = format!("{}{}", junk.concat(), body),
+                _ => {}
+            }
+            let bytes = body.as_bytes();
+            if let Some(top) = Top::by_scan(bytes) {
+                let serde = Top::by_serde(bytes);
+                prop_assert!(serde.is_ok(), "scanner read {body:?}, serde refused it: {serde:?}");
+                prop_assert_eq!(top, serde.unwrap());
+            }
+        }
+
+        /// Valid bodies with the fields read in any order, values of every kind: the scanner
+        /// reads nearly all of them (the fast path is the common path) and as serde does.
+        #[test]
+        fn the_scanner_reads_valid_bodies(
+            fields in prop::collection::vec((0usize..10, 0usize..6), 0..8),
+            space in prop::sample::select(vec!["", " ", "\n  ", "\t"]),
+        ) {
+            const NAMES: [&str; 10] = ["model", "stream", "n", "max_tokens", "tools", "prompt",
+                "messages", "temperature", "stream_options", "metadata"];
+            const VALUES: [&str; 6] = ["\"m-1\"", "true", "3", "null",
+                "[{\"role\":\"user\",\"content\":\"hi \\\"there\\\"\"}]", "{\"include_usage\":false}"];
+            let mut seen = std::collections::HashSet::new();
+            let members: Vec<String> = fields
+                .into_iter()
+                .filter(|(k, _)| seen.insert(*k))
+                .map(|(k, v)| format!("\"{}\"{space}:{space}{}", NAMES[k], VALUES[v]))
+                .collect();
+            let body = format!("{space}{{{space}{}{space}}}{space}", members.join(&format!(",{space}")));
+            let serde = Top::by_serde(body.as_bytes());
+            let scan = Top::by_scan(body.as_bytes());
+            // Only a `stream` that is not a boolean is left to serde (which refuses it).
+            if serde.is_ok() {
+                prop_assert_eq!(scan, Some(serde.unwrap()));
+            } else {
+                prop_assert_eq!(scan, None);
+            }
+        }
+    }
+
+    #[test]
+    fn a_plain_chat_body_is_read_by_the_scanner() {
+        let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":10,"stream":true}"#;
+        let top = Top::by_scan(body).expect("the scanner reads a plain chat body");
+        assert_eq!(top.model, Some("\"gpt-4o\""));
+        assert_eq!(top.max_tokens, Some("10"));
+        assert_eq!(top.stream, Some(true));
+        // Twice-named fields and escaped keys are serde's to judge.
+        assert_eq!(Top::by_scan(br#"{"model":"a","model":"b"}"#), None);
+        assert!(Top::by_serde(br#"{"model":"a","model":"b"}"#).is_err());
+        assert_eq!(Top::by_scan(br#"{"mod\u0065l":"a"}"#), None);
+        assert_eq!(
+            Top::by_serde(br#"{"mod\u0065l":"a"}"#).unwrap().model,
+            Some("\"a\"")
         );
     }
 }
