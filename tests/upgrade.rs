@@ -282,3 +282,100 @@ fn two_upgrades_in_a_row_keep_one_count() {
     assert_eq!(ledger(&gw, &key), (3 * DEFAULT_CALL_NANOS, 3));
     assert_eq!(gw.query_i64("SELECT COUNT(*) FROM inflight", []), 0);
 }
+
+/// Issue 18: a large upload whose opening is still being read when the old process hands
+/// over. The old process no longer decides: once the opening is in, it relays the request,
+/// the part it read and the rest, to the new process, which admits, forwards and books it,
+/// once.
+#[test]
+fn an_upload_mid_opening_when_the_old_process_hands_over_is_decided_and_booked_by_the_new_one() {
+    const BOUNDARY: &str = "upgradeBoundary9QxZ";
+    let mock = mock();
+    let mut gw = GatewayBuilder::new(&mock)
+        .admin(ADMIN_TOKEN)
+        .models(
+            "models:\n  - id: whisper\n    provider: mock\n    upstream_id: whisper-upstream\n    \
+             endpoint: transcriptions\n    usd_per_minute: 0.006\n",
+        )
+        .server("max_audio_seconds: 600")
+        .start();
+    let key = gw.create_key(&[]);
+    mock.clear();
+    // 1.5 MB, above `server.multipart_hold_bytes`: forwarded as it arrives, once admitted.
+    let file: Vec<u8> = (0..1_500_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let part = |name: &str, extra: &str| {
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"{extra}\r\n\r\n")
+    };
+    let form = |model: &str| {
+        let mut b = Vec::new();
+        b.extend_from_slice(format!("{}{model}\r\n", part("model", "")).as_bytes());
+        b.extend_from_slice(format!("{}verbose_json\r\n", part("response_format", "")).as_bytes());
+        b.extend_from_slice(part("file", "; filename=\"a.wav\"").as_bytes());
+        b.extend_from_slice(&file);
+        b.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
+        b
+    };
+    let whole = form("whisper");
+    let bearer = key.bearer();
+    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
+    let len = whole.len().to_string();
+    // The head and 10 KB: the model part is in, the 64 KiB opening is not.
+    let mut conn = send_request(
+        gw.addr,
+        "POST",
+        "/v1/audio/transcriptions",
+        &[
+            ("Authorization", bearer.as_str()),
+            ("Content-Type", ct.as_str()),
+            ("Content-Length", len.as_str()),
+        ],
+        &whole[..10_000],
+    )
+    .expect("send the opening's first bytes");
+
+    let mut old = gw.upgrade();
+    wait_log(
+        &gw,
+        "upgrade: holding 0 requests the old process still has open",
+    );
+    assert!(mock.requests().is_empty(), "nothing went upstream yet");
+
+    std::io::Write::write_all(&mut conn, &whole[10_000..]).expect("send the rest");
+    let r = read_response(conn).expect("the answer");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["text"],
+        format!("sha256:{} bytes:1500000", sha256_hex(&file))
+    );
+    let sent = mock.requests();
+    assert_eq!(sent.len(), 1);
+    assert!(
+        sent[0].body == form("whisper-upstream"),
+        "the upstream got the form byte for byte but its model"
+    );
+
+    let exit = wait_exit(&mut old, Duration::from_secs(60));
+    assert!(exit.success(), "the old process exits cleanly: {exit:?}");
+    gw.wait_ledger_quiescent();
+    // The reported 93.75 s (1,500,000 bytes at 16,000 a second) at 0.006 USD a minute, once.
+    let expected = 9_375_000;
+    wait_for(Duration::from_secs(10), "live figures = the ledger", || {
+        let v = live(&gw, &key);
+        (v["spend_nanodollars"] == expected && nanos(&v["reserved_usd"]) == 0).then_some(())
+    });
+    assert_eq!(ledger(&gw, &key), (expected, 1));
+    let traces: Vec<_> = gw
+        .trace_rows(&key.id)
+        .into_iter()
+        .filter(|t| t.endpoint == "audio.transcriptions")
+        .collect();
+    assert_eq!(
+        traces.len(),
+        1,
+        "one trace, the relayed request's: {traces:?}"
+    );
+    assert_eq!((traces[0].status, traces[0].cost_nanos), (200, expected));
+    assert_eq!(gw.query_i64("SELECT COUNT(*) FROM inflight", []), 0);
+}

@@ -911,3 +911,12 @@ pub fn metric_value(text: &str, name: &str) -> Option<u64> {
 pub fn mock() -> MockProvider {
     MockProvider::start_background("127.0.0.1:0").expect("mock provider")
 }
+
+/// Lower-case hex SHA-256 of `bytes` (the mock names an uploaded file by it).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
