@@ -60,7 +60,7 @@ local function state(p)
   local s = S[p]
   if not s then
     s = {p = p, min = p .. ':min', day = p .. ':day:' .. day, madd = {}, rmin = 0, dadd = 0,
-      dres = 0, dinf = 0, rxadd = {}, rxdel = {}, books = {}}
+      dres = 0, dinf = 0, books = {}}
     S[p] = s
   end
   return s
@@ -106,14 +106,6 @@ local function flush_key(s)
     if s.loaded then s.inf = n end
     s.dinf = 0
   end
-  if #s.rxadd > 0 then
-    redis.call('ZADD', p .. ':rx', unpack(s.rxadd))
-    s.rxadd = {}
-  end
-  if #s.rxdel > 0 then
-    redis.call('ZREM', p .. ':rx', unpack(s.rxdel))
-    s.rxdel = {}
-  end
   for mo, b in pairs(s.books) do
     local mon = p .. ':mon:' .. mo
     -- Never creates a month (see settle.lua).
@@ -152,8 +144,8 @@ local function settle_all()
   pre = {}
 end
 
--- A key's figures, read once per batch, after its expired reservations were reaped (as
--- admit.lua does first). What is pending in this batch is not written first: the figures
+-- A key's figures, read once per batch, after the expired reservations (the first 64 due,
+-- of any key) were reaped (as admit.lua does first). What is pending in this batch is not written first: the figures
 -- read here are taken with the key's pending sums added (`dres`, `dinf`, `dadd`, `madd`,
 -- `books`), and a reservation this batch settled is not reaped (it is gone). Only when
 -- something is reaped is everything written out first and every key's figures forgotten
@@ -162,7 +154,7 @@ local function load(p)
   local s = S[p]
   if s and s.loaded then return s end
   local reaped = false
-  for _, f in ipairs(redis.call('ZRANGEBYSCORE', p .. ':rx', '-inf', now, 'LIMIT', 0, 64)) do
+  for _, f in ipairs(redis.call('ZRANGEBYSCORE', RESX, '-inf', now, 'LIMIT', 0, 64)) do
     if not gone[f] then
       if not reaped then
         flush_all()
@@ -253,8 +245,6 @@ local function admit_fast(p, key_id, node, res_id, rpm, rpd, cap, hard, max_infl
   resadd[#resadd + 1] = held .. '|' .. estimate .. rec_tail .. key_id .. rec_day
   xadd[#xadd + 1] = exp
   xadd[#xadd + 1] = f
-  s.rxadd[#s.rxadd + 1] = exp
-  s.rxadd[#s.rxadd + 1] = f
   local na = nadd[node]
   if not na then na = {} nadd[node] = na end
   na[#na + 1] = f
@@ -295,7 +285,6 @@ local function settle_fast(node, res_id, charge, model, prompt, completion, cost
   resdel[#resdel + 1] = f
   gone[f] = true
   xdel[#xdel + 1] = f
-  s.rxdel[#s.rxdel + 1] = f
   local nd = ndel[node]
   if not nd then nd = {} ndel[node] = nd end
   nd[#nd + 1] = f
