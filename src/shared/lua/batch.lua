@@ -60,7 +60,7 @@ local function state(p)
   local s = S[p]
   if not s then
     s = {p = p, min = p .. ':min', day = p .. ':day:' .. day, madd = {}, rmin = 0, dadd = 0,
-      dres = 0, dinf = 0, books = {}}
+      dres = 0, dinf = 0, rxdel = {}, books = {}}
     S[p] = s
   end
   return s
@@ -88,6 +88,11 @@ local function flush_key(s)
     if n == s.dadd then redis.call('PEXPIRE', s.day, 2 * MS_DAY) end
     s.dn = n
     s.dadd = 0
+  end
+  -- As unlink does: the per-key expiry set of older versions (see common.lua).
+  if #s.rxdel > 0 then
+    redis.call('ZREM', p .. ':rx', unpack(s.rxdel))
+    s.rxdel = {}
   end
   local live = p .. ':live'
   if s.dres ~= 0 then
@@ -285,6 +290,7 @@ local function settle_fast(node, res_id, charge, model, prompt, completion, cost
   resdel[#resdel + 1] = f
   gone[f] = true
   xdel[#xdel + 1] = f
+  s.rxdel[#s.rxdel + 1] = f
   local nd = ndel[node]
   if not nd then nd = {} ndel[node] = nd end
   nd[#nd + 1] = f
