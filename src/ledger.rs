@@ -84,7 +84,18 @@ pub struct LedgerHealth {
     committed: AtomicU64,
     /// Cluster upkeep rounds completed (heartbeat written and stopped nodes swept).
     sweeps: AtomicU64,
+    /// Commits that wrote something, and how long each took from the writer's wake-up
+    /// (draining the channel, then the transaction): a histogram over
+    /// [`COMMIT_BUCKETS_US`], its sum in µs, its count.
+    commit_buckets: [AtomicU64; COMMIT_BUCKETS_US.len()],
+    commit_us_sum: AtomicU64,
+    commits: AtomicU64,
 }
+
+/// Upper bounds (µs) of the commit-duration histogram (`spidergate_ledger_commit_seconds`).
+pub const COMMIT_BUCKETS_US: [u64; 9] = [
+    250, 500, 1_000, 2_000, 5_000, 10_000, 50_000, 250_000, 1_000_000,
+];
 
 impl LedgerHealth {
     pub fn failing(&self) -> bool {
@@ -113,6 +124,29 @@ impl LedgerHealth {
 
     pub fn sweeps(&self) -> u64 {
         self.sweeps.load(Ordering::Relaxed)
+    }
+
+    /// Commits that wrote something.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Their summed duration, µs.
+    pub fn commit_us_sum(&self) -> u64 {
+        self.commit_us_sum.load(Ordering::Relaxed)
+    }
+
+    /// Commits per bucket of [`COMMIT_BUCKETS_US`] (not cumulative; the rest took longer).
+    pub fn commit_buckets(&self) -> [u64; COMMIT_BUCKETS_US.len()] {
+        std::array::from_fn(|i| self.commit_buckets[i].load(Ordering::Relaxed))
+    }
+
+    fn record_commit(&self, us: u64) {
+        if let Some(i) = COMMIT_BUCKETS_US.iter().position(|&b| us <= b) {
+            self.commit_buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.commit_us_sum.fetch_add(us, Ordering::Relaxed);
+        self.commits.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -366,11 +400,12 @@ impl Writer {
                     break;
                 }
             }
+            let woke = Instant::now();
             let disconnected = self.drain();
             if !asked && !disconnected && !self.due(last_commit) {
                 continue;
             }
-            let committed = self.commit();
+            let committed = self.commit(woke);
             if committed {
                 last_commit = Instant::now();
             }
@@ -474,8 +509,8 @@ impl Writer {
     }
 
     /// Commits the pending batch, then answers flush requests; on failure keeps the batch
-    /// for the next round.
-    fn commit(&mut self) -> bool {
+    /// for the next round. `woke`: when this round's work began (for the commit's duration).
+    fn commit(&mut self, woke: Instant) -> bool {
         // Admissions still open now are journaled with this commit.
         for (_, row) in self.open.drain() {
             self.batch.open(row);
@@ -500,6 +535,21 @@ impl Writer {
             // Emptied, not replaced: its vectors and maps keep their room for the next one.
             self.batch.clear();
             self.health.backlog.store(0, Ordering::Relaxed);
+            let us = woke.elapsed().as_micros() as u64;
+            self.health.record_commit(us);
+            // One line per commit at debug (off by default: the level check is all it costs),
+            // with the wall clock to the µs, so a benchmark can line commits up with requests
+            // (benches/p99_timeline.py).
+            if log::log_enabled!(log::Level::Debug) {
+                log::debug!(
+                    "commit: {} requests, {traces} traces in {us} us, ended at unix_us {}",
+                    self.batch_entries,
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_micros()
+                );
+            }
         }
         let entries = std::mem::take(&mut self.batch_entries);
         self.health.committed.fetch_add(entries, Ordering::Release);

@@ -334,6 +334,27 @@ impl Metrics {
         for (name, kind, help, v) in ledger_rows {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         }
+        s.push_str("# HELP spidergate_ledger_commit_seconds Ledger commits that wrote something, by duration (draining the queue and the transaction, on the writer thread).\n");
+        s.push_str("# TYPE spidergate_ledger_commit_seconds histogram\n");
+        let mut cumulative = 0;
+        for (n, b) in ledger
+            .commit_buckets()
+            .iter()
+            .zip(crate::ledger::COMMIT_BUCKETS_US)
+        {
+            cumulative += n;
+            let _ = writeln!(
+                s,
+                "spidergate_ledger_commit_seconds_bucket{{le=\"{}\"}} {cumulative}",
+                b as f64 / 1e6
+            );
+        }
+        let commits = ledger.commits();
+        let _ = writeln!(
+            s,
+            "spidergate_ledger_commit_seconds_bucket{{le=\"+Inf\"}} {commits}\nspidergate_ledger_commit_seconds_sum {}\nspidergate_ledger_commit_seconds_count {commits}",
+            ledger.commit_us_sum() as f64 / 1e6
+        );
         let _ = writeln!(
             s,
             "# HELP spidergate_keys_loaded Keys in the live snapshot.\n# TYPE spidergate_keys_loaded gauge\nspidergate_keys_loaded {}",

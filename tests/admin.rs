@@ -176,6 +176,23 @@ fn admin_api_manages_keys_over_the_same_store() {
     );
     assert!(text.contains("spidergate_requests_total{outcome=\"rate_limit_exceeded\"} 1"));
     assert!(text.contains("spidergate_keys_loaded 1"));
+
+    // Every ledger commit that wrote something is counted, by duration: the requests above
+    // were committed (the usage calls asked for it), so at least one.
+    let text = wait_for(Duration::from_secs(5), "a ledger commit", || {
+        let text = call(admin, "GET", "/metrics", None).text();
+        (metric_value(&text, "spidergate_ledger_commit_seconds_count")? >= 1).then_some(text)
+    });
+    let commits = metric_value(&text, "spidergate_ledger_commit_seconds_count");
+    assert_eq!(
+        metric_value(
+            &text,
+            "spidergate_ledger_commit_seconds_bucket{le=\"+Inf\"}"
+        ),
+        commits,
+        "{text}"
+    );
+    assert!(text.contains("# TYPE spidergate_ledger_commit_seconds histogram"));
 }
 
 #[test]

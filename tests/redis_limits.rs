@@ -693,6 +693,46 @@ async fn admission_reaps_the_keys_own_expired_reservations_first() {
     assert!(v.by_model.is_empty());
 }
 
+/// The sweep at the start of an admission takes every key's expired holds (the first 64
+/// due), not only the admitted key's: a dead node's hold on one key is released and charged
+/// at its estimate by an admission of another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_reaps_other_keys_expired_reservations_too() {
+    let r = redis_or_skip!();
+    let limits = Limits {
+        max_inflight: Some(1),
+        ..Limits::default()
+    };
+    let dead = node(&r, 1, Duration::from_millis(200));
+    seed_empty(&dead, "a").await;
+    admitted(&admit(&dead, "a", &limits, 700, 1).await);
+    drop(dead);
+    let other = node(&r, 2, Duration::from_secs(30));
+    assert_eq!(view(&other, "a").await.inflight, 1);
+    // No reap runs: admissions of "b" only. Once the dead node's TTL passes on Redis' clock,
+    // one of them releases "a"'s hold and charges its estimate.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut res = 10;
+    while view(&other, "a").await.inflight != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the dead node's hold was never reaped"
+        );
+        admitted(&admit(&other, "b", &limits, 0, res).await);
+        assert_eq!(
+            Settled::Open,
+            other
+                .settle("b", res, month_index(now_ms()), None)
+                .await
+                .unwrap()
+        );
+        res += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let v = view(&other, "a").await;
+    assert_eq!(v.spent, Nanos::new(700));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_calls_are_limited_by_rpm_and_rpd_but_counted_apart() {
     let r = redis_or_skip!();

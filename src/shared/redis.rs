@@ -24,13 +24,12 @@
 //! | `P:mon:<month>` | HASH | `seeded`, `spent`, and per model `n:`/`p:`/`c:`/`s:<model>` (requests, prompt and completion tokens, spend); expires 40 days after the month |
 //! | `P:live` | HASH | `reserved` (open holds), `inflight` (open requests) |
 //! | `P:umin`, `P:uday:<day>` | ZSET, string | `/v1/usage` calls, counted apart |
-//! | `P:rx` | ZSET | this key's open reservations by expiry (ms), for the sweep inside `admit` |
 //! | `P:hr` | HASH | keys with `max_usd_per_hour` only: `r` (open hour holds) and per clock minute `<minute>` → settled spend; expires 2 h after its last write |
 //! | `P:lp:<digest>` | HASH | keys with `loop_limit` only: per clock second `<second>` → admissions of that request (32 hex digits of its digest); expires 62 s after its last admission |
 //! | `{sg}:res` | HASH | reservation `<node>:<res_id>` → `held|estimate|month|key_id|levels` (levels: `p<prefix>`/`g<prefix>` of the parents and group it was also held at, space-separated), plus `|h<hour hold>` for a key with `max_usd_per_hour` |
 //! | `P:mon:<month>` `tree`, `P:live` `treserved` | fields | the month's spend and the open holds of the keys below `P` in its tree of minted keys (SPEC §7) |
 //! | `{sg}:g:<group>:mon:<month>`, `:live`, `:min` | HASH, HASH, ZSET | a group's month (as a key's), holds, and rolling minute (SPEC §7) |
-//! | `{sg}:resx` | ZSET | reservation → expiry (ms), for [`RedisLimits::reap`] |
+//! | `{sg}:resx` | ZSET | reservation → expiry (ms), for [`RedisLimits::reap`] and the sweep at the start of every admission (the first 64 due, of any key) |
 //! | `{sg}:node:<node>` | SET | the node's open reservations, for [`RedisLimits::heartbeat`] |
 //!
 //! Day = `floor(ms / 86_400_000)`, month = `year * 12 + month - 1` ([`crate::clock`]).
@@ -40,7 +39,7 @@
 //! else ever creates it (a settlement after Redis lost its data only releases the hold).
 //!
 //! A reservation whose node stops heart-beating expires, and the next `reap` (any node) or
-//! `admit` of the same key charges its estimate, an upper bound, to its month under the
+//! `admit` (of any key) charges its estimate, an upper bound, to its month under the
 //! model `(orphaned)` (fields `n:(orphaned)`, `s:(orphaned)`) and frees its slot. Keys
 //! without a hard budget hold 0 but are charged the same estimate, as the ledger's journal
 //! charges them, so Redis' month figure and the ledger agree.

@@ -24,10 +24,10 @@ local now = now_ms()
 local day = math.floor(now / MS_DAY)
 local month = month_of_day(day)
 local mon = p .. ':mon:' .. month
--- This key's reservations whose node stopped heart-beating free their slots first
--- (and book their estimates, at every level, before any figure below is read).
-local rx = p .. ':rx'
-for _, f in ipairs(redis.call('ZRANGEBYSCORE', rx, '-inf', now, 'LIMIT', 0, 64)) do
+-- Reservations whose node stopped heart-beating free their slots first (the first 64 due,
+-- this key's and any other's), and book their estimates, at every level, before any figure
+-- below is read.
+for _, f in ipairs(redis.call('ZRANGEBYSCORE', RESX, '-inf', now, 'LIMIT', 0, 64)) do
   reap_one(f)
 end
 -- One read per hash: whether the month was seeded, its spend and its tree's (SPEC §7).
@@ -229,7 +229,6 @@ local rec = held .. '|' .. ARGV[11] .. '|' .. month .. '|' .. key_id .. '|'
 if hheld then rec = rec .. '|h' .. hheld end
 redis.call('HSET', RES, f, rec)
 redis.call('ZADD', RESX, exp, f)
-redis.call('ZADD', rx, exp, f)
 redis.call('SADD', '{sg}:node:' .. node, f)
 
 local remaining, reset = -1, 0

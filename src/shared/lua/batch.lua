@@ -29,6 +29,20 @@ local function int(n) return string.format('%.0f', n) end
 -- The parts of a fast admission's record around its key id (see parse_rec).
 local rec_tail = '|' .. month .. '|'
 local rec_day = '||d' .. day
+-- Per batch, not per operation: the clock and the expiry of this node's holds (every fast
+-- admission's), as the strings Redis gets, and each limit's number, parsed once per
+-- distinct string (Lua turns numbers into strings with sprintf and back with strtod).
+local now_s = int(now)
+local exp_s = int(now + tonumber(ARGV[2]))
+local opts = {}
+local function opt1(x)
+  local v = opts[x]
+  if v == nil then
+    v = opt(x) or false
+    opts[x] = v
+  end
+  return v or nil
+end
 
 -- Per key prefix: what was read (once `loaded`) and what is pending.
 local S = {}
@@ -36,13 +50,17 @@ local S = {}
 local resadd, resdel, xadd, xdel, nadd, ndel = {}, {}, {}, {}, {}, {}
 -- Reservations settled in this batch, not yet removed from Redis.
 local gone = {}
+-- The records of the reservations this batch settles, read in one HMGET before the first
+-- operation (false: none). Forgotten whenever something else may have changed a record: a
+-- reap, or an operation run as is.
+local pre = {}
 local dirty = false
 
 local function state(p)
   local s = S[p]
   if not s then
     s = {p = p, min = p .. ':min', day = p .. ':day:' .. day, madd = {}, rmin = 0, dadd = 0,
-      dres = 0, dinf = 0, rxadd = {}, rxdel = {}, books = {}}
+      dres = 0, dinf = 0, rxdel = {}, books = {}}
     S[p] = s
   end
   return s
@@ -71,6 +89,11 @@ local function flush_key(s)
     s.dn = n
     s.dadd = 0
   end
+  -- As unlink does: the per-key expiry set of older versions (see common.lua).
+  if #s.rxdel > 0 then
+    redis.call('ZREM', p .. ':rx', unpack(s.rxdel))
+    s.rxdel = {}
+  end
   local live = p .. ':live'
   if s.dres ~= 0 then
     redis.call('HINCRBY', live, 'reserved', int(s.dres))
@@ -87,14 +110,6 @@ local function flush_key(s)
     end
     if s.loaded then s.inf = n end
     s.dinf = 0
-  end
-  if #s.rxadd > 0 then
-    redis.call('ZADD', p .. ':rx', unpack(s.rxadd))
-    s.rxadd = {}
-  end
-  if #s.rxdel > 0 then
-    redis.call('ZREM', p .. ':rx', unpack(s.rxdel))
-    s.rxdel = {}
   end
   for mo, b in pairs(s.books) do
     local mon = p .. ':mon:' .. mo
@@ -131,10 +146,11 @@ end
 local function settle_all()
   flush_all()
   S = {}
+  pre = {}
 end
 
--- A key's figures, read once per batch, after its expired reservations were reaped (as
--- admit.lua does first). What is pending in this batch is not written first: the figures
+-- A key's figures, read once per batch, after the expired reservations (the first 64 due,
+-- of any key) were reaped (as admit.lua does first). What is pending in this batch is not written first: the figures
 -- read here are taken with the key's pending sums added (`dres`, `dinf`, `dadd`, `madd`,
 -- `books`), and a reservation this batch settled is not reaped (it is gone). Only when
 -- something is reaped is everything written out first and every key's figures forgotten
@@ -143,7 +159,7 @@ local function load(p)
   local s = S[p]
   if s and s.loaded then return s end
   local reaped = false
-  for _, f in ipairs(redis.call('ZRANGEBYSCORE', p .. ':rx', '-inf', now, 'LIMIT', 0, 64)) do
+  for _, f in ipairs(redis.call('ZRANGEBYSCORE', RESX, '-inf', now, 'LIMIT', 0, 64)) do
     if not gone[f] then
       if not reaped then
         flush_all()
@@ -152,7 +168,10 @@ local function load(p)
       reap_one(f)
     end
   end
-  if reaped then S = {} end
+  if reaped then
+    S = {}
+    pre = {}
+  end
   s = state(p)
   local m = redis.call('HMGET', p .. ':mon:' .. month, 'seeded', 'spent', 'tree')
   local l = redis.call('HMGET', p .. ':live', 'reserved', 'treserved', 'inflight')
@@ -174,9 +193,10 @@ end
 -- admit.lua for a key with no level above it and no brakes (its key prefix and arguments).
 local function admit_fast(p, key_id, node, res_id, rpm, rpd, cap, hard, max_inflight, held,
     ttl, estimate)
-  rpm, rpd, cap = opt(rpm), opt(rpd), opt(cap)
+  rpm, rpd, cap = opt1(rpm), opt1(rpd), opt1(cap)
   hard = hard == '1'
-  max_inflight = opt(max_inflight)
+  max_inflight = opt1(max_inflight)
+  local heldn = tonumber(held)
   local s = load(p)
   if not s.seeded then return {0, month, day, 0} end
 
@@ -185,7 +205,7 @@ local function admit_fast(p, key_id, node, res_id, rpm, rpd, cap, hard, max_infl
     if hard then
       local spent = own_spent(s) + s.tree
       local reserved = s.res + s.dres
-      if spent + reserved + tonumber(held) > cap then return {2, spent, reserved} end
+      if spent + reserved + heldn > cap then return {2, spent, reserved} end
     elseif own_spent(s) >= cap then
       warning = 1
     end
@@ -216,22 +236,20 @@ local function admit_fast(p, key_id, node, res_id, rpm, rpd, cap, hard, max_infl
   local f = node .. ':' .. res_id
   if rpm then
     local madd = s.madd
-    madd[#madd + 1] = now
+    madd[#madd + 1] = now_s
     madd[#madd + 1] = f
     s.n = n + 1
   else
     s.rmin = s.rmin + 1
   end
   s.dadd = s.dadd + 1
-  if held ~= '0' then s.dres = s.dres + tonumber(held) end
+  if held ~= '0' then s.dres = s.dres + heldn end
   s.dinf = s.dinf + 1
-  local exp = now + tonumber(ttl)
+  local exp = exp_s
   resadd[#resadd + 1] = f
   resadd[#resadd + 1] = held .. '|' .. estimate .. rec_tail .. key_id .. rec_day
   xadd[#xadd + 1] = exp
   xadd[#xadd + 1] = f
-  s.rxadd[#s.rxadd + 1] = exp
-  s.rxadd[#s.rxadd + 1] = f
   local na = nadd[node]
   if not na then na = {} nadd[node] = na end
   na[#na + 1] = f
@@ -258,7 +276,8 @@ local function small(x) return #x <= 15 end
 -- the caller).
 local function settle_fast(node, res_id, charge, model, prompt, completion, cost)
   local f = node .. ':' .. res_id
-  local rec = redis.call('HGET', RES, f)
+  local rec = pre[f]
+  if rec == nil then rec = redis.call('HGET', RES, f) end
   if not rec then return nil end
   local held, mo, key_id = string.match(rec, '^(%d+)|%d+|(%-?%d+)|([^|]*)||d%d+$')
   charge = charge == '1'
@@ -302,6 +321,25 @@ end
 
 local node, ttl = ARGV[1], ARGV[2]
 local out, i, n = {}, 3, #ARGV
+-- The settlements' records, in one read.
+do
+  local fs, j = {}, 3
+  while j <= n do
+    local kind = ARGV[j]
+    if kind == 'A' then
+      j = j + 10
+    elseif kind == 'S' then
+      fs[#fs + 1] = node .. ':' .. ARGV[j + 2]
+      j = j + 9
+    else
+      j = j + 3 + tonumber(ARGV[j + 1]) + tonumber(ARGV[j + 2])
+    end
+  end
+  if #fs > 0 then
+    local recs = redis.call('HMGET', RES, unpack(fs))
+    for k = 1, #fs do pre[fs[k]] = recs[k] or false end
+  end
+end
 while i <= n do
   local kind = ARGV[i]
   local r

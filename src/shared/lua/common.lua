@@ -171,6 +171,8 @@ local function unlink(f)
     -- Clamped: a hash that expired under a very long request must not go negative.
     if redis.call('HINCRBY', hr, 'r', '-' .. hheld) < 0 then redis.call('HSET', hr, 'r', 0) end
   end
+  -- The per-key expiry set of older versions (still filled by an older node in a rolling
+  -- upgrade, whose admissions sweep it): cleared, so it never holds settled reservations.
   redis.call('ZREM', p .. ':rx', f)
   local live = p .. ':live'
   if held ~= '0' then redis.call('HINCRBY', live, 'reserved', '-' .. held) end

@@ -15,11 +15,8 @@ for i = 4 + k, #ARGV do redis.call('SREM', KEYS[1], node .. ':' .. ARGV[i]) end
 local exp = now_ms() + tonumber(ARGV[1])
 local n = 0
 for _, f in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local rec = redis.call('HGET', RES, f)
-  if rec then
-    local _, _, _, key_id = parse_rec(rec)
+  if redis.call('HEXISTS', RES, f) == 1 then
     redis.call('ZADD', RESX, 'XX', exp, f)
-    redis.call('ZADD', '{sg}:k:' .. key_id .. ':rx', 'XX', exp, f)
     n = n + 1
   else
     -- Reaped by another node meanwhile (this node was silent too long).
