@@ -43,7 +43,11 @@ fn sighup_swaps_in_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
     assert_eq!(r.header("x-spidergate-model"), Some("gpt-4.1-nano"));
     assert_eq!(gw.chat(&key, "spideriq/nano").status, 200);
     assert_eq!(gw.usage(&key)["by_model"]["gpt-4o-mini"]["requests"], 1);
-    assert_eq!(metric(&gw, "spidergate_config_reloads_total"), 1);
+    // Counted once the reload (its audit record included) is done, a moment after the new
+    // snapshot serves.
+    wait_for(Duration::from_secs(10), "the reload to be counted", || {
+        (metric(&gw, "spidergate_config_reloads_total") == 1).then_some(())
+    });
 
     // A bad config: check-config refuses it with the field path, and so does SIGHUP; the
     // running config keeps serving.
