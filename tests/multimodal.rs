@@ -1055,7 +1055,11 @@ fn a_large_malformed_form_is_400_and_the_upstream_never_receives_a_whole_form() 
         "{}",
         r.text()
     );
-    assert!(mock.connections() > connections, "it was on its way");
+    // The mock counts a connection when its accept loop gets to it, which may be a moment
+    // after the gateway answered.
+    wait_for(std::time::Duration::from_secs(10), "it was on its way", || {
+        (mock.connections() > connections).then_some(())
+    });
     assert!(
         mock.requests().is_empty(),
         "the upstream never got a whole form"
@@ -1074,7 +1078,11 @@ fn a_large_malformed_form_is_400_and_the_upstream_never_receives_a_whole_form() 
         .as_str()
         .unwrap_or("")
         .contains("multipart"));
-    assert!(mock.connections() > connections, "it was on its way");
+    // The mock counts a connection when its accept loop gets to it, which may be a moment
+    // after the gateway answered.
+    wait_for(std::time::Duration::from_secs(10), "it was on its way", || {
+        (mock.connections() > connections).then_some(())
+    });
     assert!(
         mock.requests().is_empty(),
         "the upstream never got a whole form"
