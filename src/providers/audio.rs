@@ -21,6 +21,13 @@ pub fn duration_bound_ms(file: &[u8]) -> Option<u64> {
 /// chunk starts later (64 KiB of metadata first) is unknown when it arrives in pieces.
 const HEAD_KEEP: usize = 64 * 1024;
 
+/// A WAV file opens with `RIFF`, a length and `WAVE`.
+const WAV_MAGIC_LEN: usize = 12;
+
+fn is_wav_magic(h: &[u8]) -> bool {
+    h.len() >= WAV_MAGIC_LEN && &h[0..4] == b"RIFF" && &h[8..12] == b"WAVE"
+}
+
 /// The same bound as [`duration_bound_ms`], computed as the file passes in pieces (a
 /// streamed upload): the MP3 frame walk jumps from header to header, keeping at most a
 /// frame head between pieces, and the WAV walk reads the file's first 64 KiB.
@@ -34,12 +41,29 @@ pub struct AudioScan {
 impl AudioScan {
     /// The file's next bytes.
     pub fn feed(&mut self, piece: &[u8]) {
-        if self.head.len() < HEAD_KEEP {
-            let take = (HEAD_KEEP - self.head.len()).min(piece.len());
-            self.head.extend_from_slice(&piece[..take]);
+        // The first 12 bytes tell whether the file is a WAV; only then is more kept, in one
+        // allocation of the size kept (a doubling Vec took 128 KiB for 64).
+        let mut rest = piece;
+        while !rest.is_empty() && self.head.len() < self.head_keep() {
+            let keep = self.head_keep();
+            let take = (keep - self.head.len()).min(rest.len());
+            self.head.reserve_exact(keep - self.head.len());
+            self.head.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
         }
         self.mp3.feed(self.len, piece);
         self.len += piece.len() as u64;
+    }
+
+    /// How much of the file's opening the WAV walk may read: its first 64 KiB for a file
+    /// that opens as a WAV does, else its first 12 bytes (enough to tell that it does not:
+    /// the walk reads nothing more of it).
+    fn head_keep(&self) -> usize {
+        match self.head.get(..WAV_MAGIC_LEN) {
+            None => WAV_MAGIC_LEN,
+            Some(h) if is_wav_magic(h) => HEAD_KEEP,
+            Some(_) => WAV_MAGIC_LEN,
+        }
     }
 
     /// The bound, once the whole file passed.
@@ -64,7 +88,7 @@ pub fn wav_duration_ms(file: &[u8]) -> Option<u64> {
 
 /// [`wav_duration_ms`] of a file of `len` bytes of which `file` is the opening.
 fn wav_bound_ms(file: &[u8], len: u64) -> Option<u64> {
-    if file.len() < 12 || &file[0..4] != b"RIFF" || &file[8..12] != b"WAVE" {
+    if !file.get(..WAV_MAGIC_LEN).is_some_and(is_wav_magic) {
         return None;
     }
     let u32_at = |i: usize| -> Option<u32> {

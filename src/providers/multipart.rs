@@ -93,6 +93,10 @@ enum Part {
     Other,
 }
 
+/// How much of a piece is joined with the bytes kept from the last one before the rest
+/// is scanned where it lies: more than a delimiter (at most 74 bytes) and its CRLF.
+const JOIN_BYTES: usize = 4096;
+
 /// The checks and reads of [`parse`], over a body that arrives in pieces: what is kept
 /// between pieces is at most a part's head, one of the few text values read, or the last
 /// bytes of a file part that may begin a delimiter. File parts are scanned for the
@@ -143,14 +147,30 @@ impl FormScanner {
             let used = self.scan(piece, false)?;
             self.buf.extend_from_slice(&piece[used..]);
             self.buf_at += used;
-        } else {
-            let mut buf = std::mem::take(&mut self.buf);
-            buf.extend_from_slice(piece);
-            let used = self.scan(&buf, false)?;
-            buf.drain(..used);
-            self.buf = buf;
-            self.buf_at += used;
+            return Ok(());
         }
+        // Bytes kept from the last piece (often a lone CR that may begin a delimiter) are
+        // joined with the start of this one only: once they are consumed, the rest is
+        // scanned where it lies, not copied (a piece is 64 KiB; the kept bytes, a few).
+        let (head, tail) = piece.split_at(piece.len().min(JOIN_BYTES));
+        self.feed_kept(head)?;
+        if tail.is_empty() {
+            Ok(())
+        } else if self.buf.is_empty() {
+            self.feed(tail)
+        } else {
+            self.feed_kept(tail)
+        }
+    }
+
+    /// `piece` after the bytes kept in `buf`.
+    fn feed_kept(&mut self, piece: &[u8]) -> Result<(), GateError> {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.extend_from_slice(piece);
+        let used = self.scan(&buf, false)?;
+        buf.drain(..used);
+        self.buf = buf;
+        self.buf_at += used;
         Ok(())
     }
 
@@ -533,6 +553,34 @@ mod tests {
             cuts.sort_unstable();
             let whole = parse(body, b"XyZ").map_err(|e| e.to_string());
             proptest::prop_assert_eq!(in_pieces(body, &cuts), whole);
+        }
+    }
+
+    proptest::proptest! {
+        /// Pieces longer than the bytes joined with what the last one left (a file that
+        /// opens the delimiter again and again, cut anywhere): the same form as the whole.
+        #[test]
+        fn a_large_form_in_pieces_reads_as_the_whole(
+            mut cuts in proptest::collection::vec(0usize..40_000, 0..8),
+            truncate in proptest::bool::ANY,
+        ) {
+            let delim = b"\r\n--XyZ";
+            let mut file = Vec::new();
+            for i in 0..3000 {
+                file.extend_from_slice(&delim[..1 + i % (delim.len() - 1)]);
+                file.push(0);
+            }
+            let mut body = form(&[
+                ("model", None, b"whisper-1"),
+                ("file", Some("a.mp3"), &file),
+                ("response_format", None, b"text"),
+            ]);
+            if truncate {
+                body.truncate(body.len() - 9);
+            }
+            cuts.sort_unstable();
+            let whole = parse(&body, b"XyZ").map_err(|e| e.to_string());
+            proptest::prop_assert_eq!(in_pieces(&body, &cuts), whole);
         }
     }
 

@@ -402,6 +402,19 @@ impl RequestCtx {
             .map_or(self.body.len(), |u| u.body_len())
     }
 
+    /// The rewritten opening of an upload as its body starts to flow, with every other
+    /// reference to its buffer dropped (the client's opening and the admission's copy share
+    /// it): the opening goes upstream once, and its buffer carries the first piece too.
+    /// Nothing reads them after that: an upload whose body flowed is not sent again, so no
+    /// later attempt needs a body or its length.
+    pub(super) fn take_opening(&mut self) -> Bytes {
+        self.body = Bytes::new();
+        if let Some(adm) = &mut self.admission {
+            adm.upstream_body = Bytes::new();
+        }
+        self.upstream_body.take().unwrap_or_default()
+    }
+
     /// The current attempt's upstream body length.
     pub(super) fn upstream_len(&self) -> Option<usize> {
         let body = self.upstream_body.as_ref()?;

@@ -125,6 +125,9 @@ pub(super) struct FormOpening {
 /// head of a file after it (a WAV header), in one or two pieces as Pingora reads them.
 pub(super) const OPENING_BYTES: usize = 64 << 10;
 
+/// The most Pingora reads of a body at once (its body buffer over HTTP/1.1).
+const PIECE_BYTES: usize = 64 << 10;
+
 /// Reads the opening of a form, scanning it as it arrives, until at least
 /// [`OPENING_BYTES`] and its `model` part have arrived, and it does not end inside a part's
 /// head or a field the gateway reads (else to its end). 400 as soon as
@@ -134,8 +137,10 @@ pub(super) async fn read_form_opening(
     scanner: &mut FormScanner,
 ) -> Result<std::result::Result<FormOpening, GateError>> {
     continue_if_expected(session).await?;
-    // A piece read is at most 64 KiB.
-    let mut buf = BytesMut::with_capacity(OPENING_BYTES + (64 << 10) + SPLICE_HEADROOM);
+    // A piece read is at most 64 KiB; room for one more after the opening: the first piece
+    // after the decision goes upstream in the same buffer (`request_body_filter`). Room not
+    // written to is never touched, so it takes no memory.
+    let mut buf = BytesMut::with_capacity(OPENING_BYTES + 2 * PIECE_BYTES + SPLICE_HEADROOM);
     while let Some(chunk) = session.read_request_body().await? {
         if let Err(e) = scanner.feed(&chunk) {
             return Ok(Err(e));

@@ -806,7 +806,7 @@ impl ProxyHttp for GateProxy {
             }
             return Ok(());
         }
-        let Some(adm) = &ctx.admission else {
+        let Some(stream) = ctx.admission.as_ref().map(|a| a.fields.stream) else {
             return Ok(());
         };
         if let Some(upload) = &mut ctx.upload {
@@ -814,9 +814,11 @@ impl ProxyHttp for GateProxy {
             match upload.pass(piece, end_of_stream) {
                 Ok(false) => {}
                 Ok(true) => {
-                    // The attempt's first piece: the rewritten opening goes ahead of it.
-                    let opening = ctx.upstream_body.clone().unwrap_or_default();
-                    *body = Some(concat(&opening, body.take()));
+                    // The attempt's first piece: the rewritten opening goes ahead of it, and
+                    // is never sent again (`Upload::can_resend`), so nothing keeps it: the
+                    // piece is appended in the opening's own buffer, read with room for it.
+                    let opening = ctx.take_opening();
+                    *body = Some(append(opening, body.take()));
                 }
                 Err(e) => {
                     // Not sent: the upstream holds a form cut short, and the connection
@@ -832,7 +834,7 @@ impl ProxyHttp for GateProxy {
             if end_of_stream {
                 let timeouts = ReadTimeouts::of(&ctx.snap.routes.config.tuning);
                 ctx.upstream_watch.request_sent(timeouts);
-                if !adm.fields.stream {
+                if !stream {
                     session.set_abort_on_close(false);
                 }
             }
@@ -841,7 +843,7 @@ impl ProxyHttp for GateProxy {
         *body = if end_of_stream {
             let timeouts = ReadTimeouts::of(&ctx.snap.routes.config.tuning);
             ctx.upstream_watch.request_sent(timeouts);
-            if !adm.fields.stream {
+            if !stream {
                 session.set_abort_on_close(false);
             }
             ctx.upstream_body.clone()
@@ -1106,6 +1108,23 @@ impl ProxyHttp for GateProxy {
     }
 }
 
+/// `opening` with `piece` after it: in the opening's own buffer when nothing else holds it
+/// and it has room, else copied to a new one as [`concat`] does.
+fn append(opening: Bytes, piece: Option<Bytes>) -> Bytes {
+    let piece = match piece {
+        Some(p) if !p.is_empty() => p,
+        _ => return opening,
+    };
+    match opening.try_into_mut() {
+        Ok(mut b) if b.capacity() - b.len() >= piece.len() => {
+            b.extend_from_slice(&piece);
+            b.freeze()
+        }
+        Ok(b) => concat(&b.freeze(), Some(piece)),
+        Err(opening) => concat(&opening, Some(piece)),
+    }
+}
+
 /// `opening` followed by `piece` (one copy of both; none without a piece).
 fn concat(opening: &Bytes, piece: Option<Bytes>) -> Bytes {
     match piece {
@@ -1141,4 +1160,34 @@ async fn with_deadline<F: std::future::Future>(
 /// The error a hook returns when the attempt's watchdog fired first: a read timeout.
 fn watchdog_fired(_: watchdog::Fired) -> Box<Error> {
     Error::explain(ErrorType::ReadTimedout, "upstream watchdog fired").into_up()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opening(room: usize) -> Bytes {
+        let mut b = bytes::BytesMut::with_capacity(4 + room);
+        b.extend_from_slice(b"open");
+        b.freeze()
+    }
+
+    #[test]
+    fn an_uploads_first_piece_goes_in_the_openings_own_buffer_when_nothing_else_holds_it() {
+        let o = opening(16);
+        let at = o.as_ptr();
+        let sent = append(o, Some(Bytes::from_static(b"piece")));
+        assert_eq!(&sent[..], b"openpiece");
+        assert_eq!(sent.as_ptr(), at, "no copy");
+
+        // Held elsewhere, or without room for the piece: copied, the opening untouched.
+        let o = opening(16);
+        let kept = o.clone();
+        let sent = append(o, Some(Bytes::from_static(b"piece")));
+        assert_eq!((&sent[..], &kept[..]), (&b"openpiece"[..], &b"open"[..]));
+        let sent = append(opening(2), Some(Bytes::from_static(b"piece")));
+        assert_eq!(&sent[..], b"openpiece");
+        let sent = append(Bytes::from_static(b"open"), None);
+        assert_eq!(&sent[..], b"open");
+    }
 }

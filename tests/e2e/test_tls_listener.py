@@ -11,6 +11,7 @@ mock, and `spidergate serve` with `tls` and `admin.tls`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -111,6 +112,11 @@ models:
     input_usd_per_mtok: 1.00
     output_usd_per_mtok: 5.00
     max_output_tokens: 64000
+  - id: whisper-1
+    provider: mock-openai
+    upstream_id: whisper-upstream-renamed
+    endpoint: transcriptions
+    usd_per_minute: 0.006
 server:
   reload_interval_ms: 50
 """)
@@ -421,3 +427,28 @@ def test_a_bad_pair_is_refused_by_check_config_and_by_sighup_and_the_old_one_kep
                    json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200
     assert gw.served_serial() == before
+
+
+def test_an_h2_client_streams_a_large_transcription_upload(gw, tmp_path):
+    """SPEC §3: a form larger than `server.multipart_hold_bytes` (1 MiB) sent over HTTP/2
+    (many DATA frames, flow control) goes upstream as it arrives: whole, with only its
+    `model` rewritten, and charged the reported duration."""
+    secret = gw.create_key()
+    # 2.4 MB that are not text: bytes of every value, CRs and LFs among them.
+    audio = hashlib.shake_256(b"h2 upload").digest(2_400_000)
+    path = tmp_path / "speech.mp3"
+    path.write_bytes(audio)
+    r = _curl(gw, "--http2", "-o", str(tmp_path / "upload.json"), "-w", "%{http_version} %{http_code}",
+              "-H", f"Authorization: Bearer {secret}",
+              "-F", "model=whisper-1", "-F", "response_format=verbose_json",
+              "-F", f"file=@{path};filename=speech.mp3;type=audio/mpeg",
+              f"{gw.base_url}/audio/transcriptions")
+    assert r.stdout == "2 200", (r.stdout, r.stderr, (tmp_path / "upload.json").read_text()[:300])
+    # The mock names the SHA-256 and size of the file part it received.
+    body = json.loads((tmp_path / "upload.json").read_text())
+    assert body["text"] == f"sha256:{hashlib.sha256(audio).hexdigest()} bytes:{len(audio)}", body
+    # The mock reports 150 s (2,400,000 bytes at 16,000 a second): 2.5 min at 0.006 USD.
+    with gw.client() as c:
+        u = c.get(f"{gw.base_url}/usage", headers={"Authorization": f"Bearer {secret}"}).json()
+    assert u["spend_nanodollars"] == 15_000_000, u
+    assert u["by_model"]["whisper-1"]["requests"] == 1, u
