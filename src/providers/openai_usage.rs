@@ -811,8 +811,9 @@ impl SseUsageParser {
             self.done = true;
             return false;
         }
-        self.content_bytes = self.content_bytes.saturating_add(text_bytes(data));
-        if !has_usage_object(data) {
+        let (text, has_usage) = keys(data);
+        self.content_bytes = self.content_bytes.saturating_add(text);
+        if !has_usage {
             return false;
         }
         let Some((Some(raw), choices_empty)) = flat::chunk(data).or_else(|| serde_chunk(data))
@@ -844,6 +845,59 @@ fn skip_ws(data: &[u8], mut i: usize) -> usize {
 fn after_colon(data: &[u8], key_end: usize) -> Option<usize> {
     let i = skip_ws(data, key_end);
     (data.get(i) == Some(&b':')).then(|| skip_ws(data, i + 1))
+}
+
+/// The keys an event is searched for: `content"` (the tail of `"content"` and
+/// `"reasoning_content"`), `"arguments"` and `"usage"`. None where the CPU has no packed
+/// searcher (then each is searched for on its own).
+static KEYS: LazyLock<Option<aho_corasick::packed::Searcher>> = LazyLock::new(|| {
+    aho_corasick::packed::Config::new()
+        .builder()
+        .extend([&b"content\""[..], b"\"arguments\"", b"\"usage\""])
+        .build()
+});
+
+/// [`text_bytes`] and [`has_usage_object`] of one event, in one pass over it: every place
+/// one of the three keys starts is visited in order, and each search's own rules (a
+/// `content` value's bytes are not searched again; `find_iter` does not overlap matches)
+/// are kept, so the answer is theirs (the tests compare them).
+fn keys(data: &[u8]) -> (u64, bool) {
+    let Some(searcher) = KEYS.as_ref() else {
+        return (text_bytes(data), has_usage_object(data));
+    };
+    let mut text = 0u64;
+    let mut has_usage = false;
+    // Where the next match of each kind may start.
+    let (mut content_from, mut arguments_from, mut usage_from) = (0, 0, 0);
+    let mut from = 0;
+    while let Some(m) = searcher.find_in(data, aho_corasick::Span::from(from..data.len())) {
+        let at = m.start();
+        from = at + 1;
+        match m.pattern().as_usize() {
+            0 if at >= content_from => {
+                content_from = m.end();
+                let key = &data[..at];
+                if key.ends_with(b"\"") || key.ends_with(b"\"reasoning_") {
+                    if let Some((len, end)) = string_value(data, m.end()) {
+                        text += len as u64;
+                        content_from = end;
+                    }
+                }
+            }
+            1 if at >= arguments_from => {
+                arguments_from = m.end();
+                if let Some((len, _)) = string_value(data, m.end()) {
+                    text += len as u64;
+                }
+            }
+            2 if at >= usage_from => {
+                usage_from = m.end();
+                has_usage |= after_colon(data, m.end()).is_some_and(|i| data.get(i) == Some(&b'{'));
+            }
+            _ => {}
+        }
+    }
+    (text, has_usage)
 }
 
 /// Whether some `"usage"` key has an object value (OpenAI sends `"usage":null` on every
@@ -1418,6 +1472,46 @@ mod tests {
             if let Some(fast) = flat::chunk(&v) {
                 prop_assert_eq!(Some(fast), serde_chunk(&v), "{}", String::from_utf8_lossy(&v));
             }
+        }
+    }
+
+    #[test]
+    fn the_one_pass_key_search_reads_real_events_as_the_single_searches_do() {
+        let events: [&[u8]; 7] = [
+            br#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"up-paid-a","choices":[{"index":0,"delta":{"content":"ok "},"finish_reason":null}]}"#,
+            br#"{"id":"c","choices":[{"index":0,"delta":{"reasoning_content":"hm \"content\": \"x\"","content":null}}],"usage":null}"#,
+            br#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"name":"f","arguments":"{\"a\":1}"}}]}}]}"#,
+            br#"{"id":"c","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}"#,
+            b"{\"content\" :\n \"a\\\\\" , \"usage\" : {}}",
+            br#"{"content":"a","content":"bc","x":"content","arguments":"d"}"#,
+            br#"{"usage":null}"#,
+        ];
+        let want = [3, 21, 9, 0, 3, 4, 0];
+        for (e, n) in events.iter().zip(want) {
+            assert_eq!(
+                keys(e),
+                (text_bytes(e), has_usage_object(e)),
+                "{}",
+                String::from_utf8_lossy(e)
+            );
+            assert_eq!(keys(e).0, n, "{}", String::from_utf8_lossy(e));
+        }
+        assert!(keys(events[3]).1 && keys(events[4]).1 && !keys(events[6]).1);
+    }
+
+    proptest! {
+        /// Events made of the keys' pieces (overlapping keys, keys inside values, escapes,
+        /// spaces, short and long): one pass reads what the three searches read.
+        #[test]
+        fn the_one_pass_key_search_agrees_with_the_single_searches(
+            pieces in proptest::collection::vec(0usize..16, 0..40),
+        ) {
+            const PIECES: [&str; 16] = ["content\"", "\"reasoning_", "\"arguments\"", "\"usage\"",
+                ":", " ", "\"", "\\", "{", "x", "\"ab\"", "usage\"", "arguments\"", "\"content",
+                "\n", "\"\\\"q\\\"\""];
+            let text: String = pieces.iter().map(|&i| PIECES[i]).collect();
+            let e = text.as_bytes();
+            prop_assert_eq!(keys(e), (text_bytes(e), has_usage_object(e)), "{}", text);
         }
     }
 }
