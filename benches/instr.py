@@ -36,7 +36,10 @@ DEFAULT_PASS_CMD = "target/release/examples/bare_proxy --listen {listen} --upstr
 GATE_BIN = os.path.abspath(os.environ.get("SPIDERGATE_BIN", "target/release/spidergate"))
 BODY = '{"id":"chatcmpl-x","object":"chat.completion","created":1,"model":"up-paid-a","choices":[{"index":0,"message":{"role":"assistant","content":"ok ok ok ok ok "},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}'
 REQ = '{"model":"paid-a","messages":[{"role":"user","content":"hello there, how are you today?"}],"max_tokens":10}'
-MOCK, PPORT, GPORT = 18480, 18482, 18483
+# INSTR_PORT_BASE: another base port (mock, bare proxy, gateway and its admin listener at
+# base, base+2, base+3, base+4), so two checkouts can count at once.
+BASE = int(os.environ.get("INSTR_PORT_BASE", "18480"))
+MOCK, PPORT, GPORT, APORT = BASE, BASE + 2, BASE + 3, BASE + 4
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--n", type=int, default=3000)
@@ -190,7 +193,7 @@ try:
     open(cfg, "w").write(f"""listen: "127.0.0.1:{GPORT}"
 database: "{work}/gate.db"
 admin:
-  listen: "127.0.0.1:18484"
+  listen: "127.0.0.1:{APORT}"
   token_env: PERF_ADMIN
 providers:
   - name: mock

@@ -84,6 +84,13 @@ struct ChunkProbe {
     choices: Option<Vec<IgnoredAny>>,
 }
 
+/// A stream chunk as serde reads it: its `usage`, and whether its `choices` is empty (None
+/// when null or absent); None when it is not a JSON object of that shape.
+fn serde_chunk(data: &[u8]) -> Option<(Option<RawUsage>, Option<bool>)> {
+    let probe = serde_json::from_slice::<ChunkProbe>(data).ok()?;
+    Some((probe.usage, probe.choices.map(|c| c.is_empty())))
+}
+
 /// Usage from a complete (non-streamed) OpenAI JSON response body: chat completions
 /// (`usage.prompt_tokens`, `usage.completion_tokens`) and embeddings (`usage.prompt_tokens`,
 /// completion 0; `total_tokens` may be present). Returns None if absent/malformed, or if the
@@ -266,6 +273,167 @@ mod flat {
             None => false,
         })?;
         Some(Some(d))
+    }
+
+    /// A string's body (after its opening quote), as serde skips one: any bytes but control
+    /// characters, and the escapes JSON has (`\u` with four hex digits; the code point is not
+    /// checked, as serde does not check it in a value it ignores).
+    fn skip_string(c: &mut Cursor<'_>) -> bool {
+        loop {
+            let Some(i) = c.s[c.at..]
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+            else {
+                return false;
+            };
+            c.at += i + 1;
+            match c.s[c.at - 1] {
+                b'"' => return true,
+                b'\\' => match c.s.get(c.at) {
+                    Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => c.at += 1,
+                    Some(b'u') => {
+                        let hex = c.s.get(c.at + 1..c.at + 5);
+                        if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                            return false;
+                        }
+                        c.at += 5;
+                    }
+                    _ => return false,
+                },
+                _ => return false,
+            }
+        }
+    }
+
+    /// A number in JSON's grammar: `-`, then `0` or digits not starting with `0`, then an
+    /// optional fraction and exponent.
+    fn skip_number(c: &mut Cursor<'_>) -> bool {
+        let digits = |c: &mut Cursor<'_>| {
+            let n = c.s[c.at..]
+                .iter()
+                .take_while(|b| b.is_ascii_digit())
+                .count();
+            c.at += n;
+            n
+        };
+        if c.s.get(c.at) == Some(&b'-') {
+            c.at += 1;
+        }
+        match c.s.get(c.at) {
+            Some(b'0') => c.at += 1,
+            Some(b'1'..=b'9') => {
+                digits(c);
+            }
+            _ => return false,
+        }
+        if c.s.get(c.at) == Some(&b'.') {
+            c.at += 1;
+            if digits(c) == 0 {
+                return false;
+            }
+        }
+        if matches!(c.s.get(c.at), Some(b'e' | b'E')) {
+            c.at += 1;
+            if matches!(c.s.get(c.at), Some(b'+' | b'-')) {
+                c.at += 1;
+            }
+            if digits(c) == 0 {
+                return false;
+            }
+        }
+        c.end_of_value() || c.s.get(c.at) == Some(&b']')
+    }
+
+    /// Nesting deeper than this is left to serde.
+    const MAX_DEPTH: u32 = 32;
+
+    /// Any JSON value, read only to be skipped (as serde reads an ignored field).
+    fn skip_value(c: &mut Cursor<'_>, depth: u32) -> bool {
+        let Some(b) = c.peek() else {
+            return false;
+        };
+        let literal = |c: &mut Cursor<'_>, word: &[u8]| {
+            if !c.s[c.at..].starts_with(word) {
+                return false;
+            }
+            c.at += word.len();
+            c.end_of_value() || c.s.get(c.at) == Some(&b']')
+        };
+        match b {
+            b'"' => {
+                c.at += 1;
+                skip_string(c)
+            }
+            b'{' if depth < MAX_DEPTH => {
+                c.at += 1;
+                c.members(|c, _| skip_value(c, depth + 1)).is_some()
+            }
+            b'[' if depth < MAX_DEPTH => {
+                c.at += 1;
+                skip_elements(c, depth + 1).is_some()
+            }
+            b't' => literal(c, b"true"),
+            b'f' => literal(c, b"false"),
+            b'n' => literal(c, b"null"),
+            b'-' | b'0'..=b'9' => skip_number(c),
+            _ => false,
+        }
+    }
+
+    /// An array's elements and its `]` (the `[` consumed); whether it had any.
+    fn skip_elements(c: &mut Cursor<'_>, depth: u32) -> Option<bool> {
+        if c.peek()? == b']' {
+            c.at += 1;
+            return Some(false);
+        }
+        loop {
+            if !skip_value(c, depth) {
+                return None;
+            }
+            match c.next()? {
+                b',' => {}
+                b']' => return Some(true),
+                _ => return None,
+            }
+        }
+    }
+
+    /// What serde reads from one stream chunk as a `ChunkProbe`: its `usage` and whether its
+    /// `choices` is empty (`None` when it is null or absent). The whole chunk must be one JSON
+    /// object in the scanner's grammar (keys without escapes, nesting of at most
+    /// [`MAX_DEPTH`], `usage` as [`usage`] reads it, `choices` null or an array), else `None`
+    /// and serde reads it: what this accepts, serde reads the same (the tests compare them).
+    pub(super) fn chunk(s: &[u8]) -> Option<(Option<RawUsage>, Option<bool>)> {
+        let mut c = Cursor { s, at: 0 };
+        if c.next()? != b'{' {
+            return None;
+        }
+        let mut found = None;
+        let mut choices = None;
+        let mut seen = [false; 2];
+        c.members(|c, key| match key {
+            b"usage" => match usage(&c.s[c.at..]) {
+                Some((u, used)) if !std::mem::replace(&mut seen[0], true) => {
+                    c.at += used;
+                    found = u;
+                    true
+                }
+                _ => false,
+            },
+            b"choices" if !std::mem::replace(&mut seen[1], true) => match c.peek() {
+                Some(b'n') => skip_value(c, 1),
+                Some(b'[') => {
+                    c.at += 1;
+                    choices = skip_elements(c, 2).map(|any| !any);
+                    choices.is_some()
+                }
+                _ => false,
+            },
+            b"choices" => false,
+            _ => skip_value(c, 1),
+        })?;
+        c.ws();
+        (c.at == s.len()).then_some((found, choices))
     }
 
     /// The usage value at the start of `s` (`null` or an object) and the bytes it took.
@@ -643,20 +811,19 @@ impl SseUsageParser {
             self.done = true;
             return false;
         }
-        self.content_bytes = self.content_bytes.saturating_add(text_bytes(data));
-        if !has_usage_object(data) {
+        let (text, has_usage) = keys(data);
+        self.content_bytes = self.content_bytes.saturating_add(text);
+        if !has_usage {
             return false;
         }
-        let Ok(probe) = serde_json::from_slice::<ChunkProbe>(data) else {
-            return false;
-        };
-        let Some(raw) = probe.usage else {
+        let Some((Some(raw), choices_empty)) = flat::chunk(data).or_else(|| serde_chunk(data))
+        else {
             return false;
         };
         if let Some(usage) = raw.into_usage() {
             self.usage = Some(usage);
         }
-        probe.choices.is_some_and(|c| c.is_empty())
+        choices_empty == Some(true)
     }
 }
 
@@ -678,6 +845,59 @@ fn skip_ws(data: &[u8], mut i: usize) -> usize {
 fn after_colon(data: &[u8], key_end: usize) -> Option<usize> {
     let i = skip_ws(data, key_end);
     (data.get(i) == Some(&b':')).then(|| skip_ws(data, i + 1))
+}
+
+/// The keys an event is searched for: `content"` (the tail of `"content"` and
+/// `"reasoning_content"`), `"arguments"` and `"usage"`. None where the CPU has no packed
+/// searcher (then each is searched for on its own).
+static KEYS: LazyLock<Option<aho_corasick::packed::Searcher>> = LazyLock::new(|| {
+    aho_corasick::packed::Config::new()
+        .builder()
+        .extend([&b"content\""[..], b"\"arguments\"", b"\"usage\""])
+        .build()
+});
+
+/// [`text_bytes`] and [`has_usage_object`] of one event, in one pass over it: every place
+/// one of the three keys starts is visited in order, and each search's own rules (a
+/// `content` value's bytes are not searched again; `find_iter` does not overlap matches)
+/// are kept, so the answer is theirs (the tests compare them).
+fn keys(data: &[u8]) -> (u64, bool) {
+    let Some(searcher) = KEYS.as_ref() else {
+        return (text_bytes(data), has_usage_object(data));
+    };
+    let mut text = 0u64;
+    let mut has_usage = false;
+    // Where the next match of each kind may start.
+    let (mut content_from, mut arguments_from, mut usage_from) = (0, 0, 0);
+    let mut from = 0;
+    while let Some(m) = searcher.find_in(data, aho_corasick::Span::from(from..data.len())) {
+        let at = m.start();
+        from = at + 1;
+        match m.pattern().as_usize() {
+            0 if at >= content_from => {
+                content_from = m.end();
+                let key = &data[..at];
+                if key.ends_with(b"\"") || key.ends_with(b"\"reasoning_") {
+                    if let Some((len, end)) = string_value(data, m.end()) {
+                        text += len as u64;
+                        content_from = end;
+                    }
+                }
+            }
+            1 if at >= arguments_from => {
+                arguments_from = m.end();
+                if let Some((len, _)) = string_value(data, m.end()) {
+                    text += len as u64;
+                }
+            }
+            2 if at >= usage_from => {
+                usage_from = m.end();
+                has_usage |= after_colon(data, m.end()).is_some_and(|i| data.get(i) == Some(&b'{'));
+            }
+            _ => {}
+        }
+    }
+    (text, has_usage)
 }
 
 /// Whether some `"usage"` key has an object value (OpenAI sends `"usage":null` on every
@@ -1141,6 +1361,157 @@ mod tests {
             if let Some(fast) = flat::usage(v) {
                 prop_assert_eq!(Some(fast), serde_usage(v), "{}", text);
             }
+        }
+    }
+
+    #[test]
+    fn the_chunk_scanner_reads_real_chunks_as_serde_does() {
+        let taken: [&[u8]; 9] = [
+            br#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"up-paid-a","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}"#,
+            br#"{"id":"chatcmpl-B9","object":"chat.completion.chunk","created":1727000000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_f33640a400","choices":[],"usage":{"prompt_tokens":19,"completion_tokens":10,"total_tokens":29,"prompt_tokens_details":{"cached_tokens":3,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"obfuscation":"Xy3"}"#,
+            br#"{"usage":{"prompt_tokens":1,"completion_tokens":2},"choices":[{"index":0,"delta":{"content":"a \"usage\": {\"x\":1} \\n \u00e9 \/"},"logprobs":null,"finish_reason":null}]}"#,
+            br#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"t","type":"function","function":{"name":"f","arguments":"{\"a\":[1,2.5e-3,-0,true,false,null]}"}}]}}],"usage":null}"#,
+            b"{ \"choices\" :\n[ ] ,\t\"usage\"\r: { \"prompt_tokens\" : 3 } , \"n\" : -12.5E+2 }",
+            br#"{"choices":null,"usage":{"input_tokens":4,"output_tokens":1}}"#,
+            br#"{"id":"x","usage":{"prompt_tokens":2},"extra":{"a":{"b":[[],[{}],"\u0000"]}}}"#,
+            br#"{"id":"x","choices":[1]}"#,
+            br#"{}"#,
+        ];
+        for v in taken {
+            let fast = flat::chunk(v);
+            assert!(fast.is_some(), "not taken: {}", String::from_utf8_lossy(v));
+            assert_eq!(fast, serde_chunk(v), "{}", String::from_utf8_lossy(v));
+        }
+        assert_eq!(
+            flat::chunk(taken[0]),
+            Some((
+                Some(RawUsage {
+                    prompt_tokens: Some(12),
+                    completion_tokens: Some(5),
+                    total_tokens: Some(17),
+                    ..RawUsage::default()
+                }),
+                Some(true)
+            ))
+        );
+        // Given up on (serde decides, and refuses most of them).
+        let deep = format!("{{\"x\":{}1{}}}", "[".repeat(40), "]".repeat(40));
+        let refused: [&[u8]; 16] = [
+            br#"[{"prompt_tokens":1},[]]"#,
+            br#"{"usage":{"prompt_tokens":1},"usage":null}"#,
+            br#"{"choices":[],"choices":[]}"#,
+            br#"{"us\u0061ge":{"prompt_tokens":1},"choices":[]}"#,
+            br#"{"choices":"[]","usage":{"prompt_tokens":1}}"#,
+            br#"{"usage":{"prompt_tokens":1}} x"#,
+            br#"{"usage":{"prompt_tokens":1}"#,
+            b"{\"id\":\"a\x01b\",\"usage\":{\"prompt_tokens\":1}}",
+            br#"{"id":"a\qb","usage":{"prompt_tokens":1}}"#,
+            br#"{"id":"\u12G4","usage":{"prompt_tokens":1}}"#,
+            br#"{"n":01,"usage":{"prompt_tokens":1}}"#,
+            br#"{"n":1.,"usage":{"prompt_tokens":1}}"#,
+            br#"{"n":tru,"usage":{"prompt_tokens":1}}"#,
+            br#"{"a":[1,],"usage":{"prompt_tokens":1}}"#,
+            br#"{"usage":[1,2,3],"choices":[]}"#,
+            deep.as_bytes(),
+        ];
+        for v in refused {
+            assert_eq!(flat::chunk(v), None, "{}", String::from_utf8_lossy(v));
+        }
+    }
+
+    proptest! {
+        /// Chunk-shaped objects from a grammar with the tricky pieces (escaped strings and
+        /// keys, whitespace, nested objects and arrays, numbers, `usage` in any place, null or
+        /// repeated, `choices` null, empty or not, malformed values, trailing bytes): where the
+        /// chunk scanner reads one, serde reads the same.
+        #[test]
+        fn the_chunk_scanner_never_disagrees_with_serde(
+            members in proptest::collection::vec((0usize..8, 0usize..26, 0usize..4), 0..7),
+            tail in 0usize..5,
+        ) {
+            const KEYS: [&str; 8] = ["id", "usage", "choices", "model", "us\\u0061ge", "x y",
+                "\u{e9}", "obfuscation"];
+            const VALUES: [&str; 26] = ["null", "[]", "[1,2]", "[{}]", "[ {\"delta\":{\"content\":\"x\"}} ]",
+                "[1,]", "\"a\\\"b\"", "\"\\u00e9\\n\\/\"", "\"\\q\"", "\"a\u{1}b\"", "\"\\u12\"",
+                "{\"a\":[true,false,null]}", "-0.5e-7", "01", "1.", "tru", "0", "-", "1e5",
+                "{\"prompt_tokens\":12,\"completion_tokens\":5}", "{\"prompt_tokens\":1.5}",
+                "{\"input_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":1}}", "{}",
+                "{\"x\":{\"y\":{}}}", "\"\u{e9}\"", "[[],[[]]]"];
+            const SPACE: [&str; 4] = ["", " ", "\n\t", "\r"];
+            let body: Vec<String> = members
+                .iter()
+                .map(|&(k, v, w)| format!("{w}\"{}\"{w}:{w}{}{w}", KEYS[k], VALUES[v], w = SPACE[w]))
+                .collect();
+            let text = format!("{{{}}}{}", body.join(","), ["", " ", "}", ",", "x"][tail]);
+            let v = text.as_bytes();
+            if let Some(fast) = flat::chunk(v) {
+                prop_assert_eq!(Some(fast), serde_chunk(v), "{}", text);
+            }
+        }
+
+        /// A real usage chunk with one byte replaced, inserted or removed: where the chunk
+        /// scanner still reads it, serde reads the same.
+        #[test]
+        fn the_chunk_scanner_agrees_on_damaged_chunks(
+            at in 0usize..400,
+            op in 0usize..3,
+            byte in prop_oneof![Just(b'"'), Just(b'\\'), Just(b'{'), Just(b'}'), Just(b'['),
+                                Just(b']'), Just(b','), Just(b':'), Just(b' '), Just(b'0'),
+                                Just(b'n'), Just(b'u'), Just(b'e'), Just(b'.'), Just(b'-'), any::<u8>()],
+        ) {
+            let real = br#"{"id":"chatcmpl-B9","object":"chat.completion.chunk","created":1727000000,"model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":19,"completion_tokens":10,"total_tokens":29,"prompt_tokens_details":{"cached_tokens":3,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}},"obfuscation":"a\"b\u00e9"}"#;
+            let mut v = real.to_vec();
+            let at = at % v.len();
+            match op {
+                0 => v[at] = byte,
+                1 => v.insert(at, byte),
+                _ => {
+                    v.remove(at);
+                }
+            }
+            if let Some(fast) = flat::chunk(&v) {
+                prop_assert_eq!(Some(fast), serde_chunk(&v), "{}", String::from_utf8_lossy(&v));
+            }
+        }
+    }
+
+    #[test]
+    fn the_one_pass_key_search_reads_real_events_as_the_single_searches_do() {
+        let events: [&[u8]; 7] = [
+            br#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"up-paid-a","choices":[{"index":0,"delta":{"content":"ok "},"finish_reason":null}]}"#,
+            br#"{"id":"c","choices":[{"index":0,"delta":{"reasoning_content":"hm \"content\": \"x\"","content":null}}],"usage":null}"#,
+            br#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"name":"f","arguments":"{\"a\":1}"}}]}}]}"#,
+            br#"{"id":"c","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}"#,
+            b"{\"content\" :\n \"a\\\\\" , \"usage\" : {}}",
+            br#"{"content":"a","content":"bc","x":"content","arguments":"d"}"#,
+            br#"{"usage":null}"#,
+        ];
+        let want = [3, 21, 9, 0, 3, 4, 0];
+        for (e, n) in events.iter().zip(want) {
+            assert_eq!(
+                keys(e),
+                (text_bytes(e), has_usage_object(e)),
+                "{}",
+                String::from_utf8_lossy(e)
+            );
+            assert_eq!(keys(e).0, n, "{}", String::from_utf8_lossy(e));
+        }
+        assert!(keys(events[3]).1 && keys(events[4]).1 && !keys(events[6]).1);
+    }
+
+    proptest! {
+        /// Events made of the keys' pieces (overlapping keys, keys inside values, escapes,
+        /// spaces, short and long): one pass reads what the three searches read.
+        #[test]
+        fn the_one_pass_key_search_agrees_with_the_single_searches(
+            pieces in proptest::collection::vec(0usize..16, 0..40),
+        ) {
+            const PIECES: [&str; 16] = ["content\"", "\"reasoning_", "\"arguments\"", "\"usage\"",
+                ":", " ", "\"", "\\", "{", "x", "\"ab\"", "usage\"", "arguments\"", "\"content",
+                "\n", "\"\\\"q\\\"\""];
+            let text: String = pieces.iter().map(|&i| PIECES[i]).collect();
+            let e = text.as_bytes();
+            prop_assert_eq!(keys(e), (text_bytes(e), has_usage_object(e)), "{}", text);
         }
     }
 }
