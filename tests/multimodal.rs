@@ -1057,9 +1057,11 @@ fn a_large_malformed_form_is_400_and_the_upstream_never_receives_a_whole_form() 
     );
     // The mock counts a connection when its accept loop gets to it, which may be a moment
     // after the gateway answered.
-    wait_for(std::time::Duration::from_secs(10), "it was on its way", || {
-        (mock.connections() > connections).then_some(())
-    });
+    wait_for(
+        std::time::Duration::from_secs(10),
+        "it was on its way",
+        || (mock.connections() > connections).then_some(()),
+    );
     assert!(
         mock.requests().is_empty(),
         "the upstream never got a whole form"
@@ -1080,9 +1082,11 @@ fn a_large_malformed_form_is_400_and_the_upstream_never_receives_a_whole_form() 
         .contains("multipart"));
     // The mock counts a connection when its accept loop gets to it, which may be a moment
     // after the gateway answered.
-    wait_for(std::time::Duration::from_secs(10), "it was on its way", || {
-        (mock.connections() > connections).then_some(())
-    });
+    wait_for(
+        std::time::Duration::from_secs(10),
+        "it was on its way",
+        || (mock.connections() > connections).then_some(()),
+    );
     assert!(
         mock.requests().is_empty(),
         "the upstream never got a whole form"
