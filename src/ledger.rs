@@ -47,6 +47,26 @@ const CLUSTER_EVERY: Duration = Duration::from_secs(1);
 const SMALL_BATCH: u64 = 256;
 const SMALL_BATCH_WAIT: Duration = Duration::from_millis(500);
 
+/// Whether a writer whose interval just ended commits: a batch of [`SMALL_BATCH`] entries,
+/// or [`SMALL_BATCH_WAIT`] (or the interval, if longer) since the last commit, or an
+/// admission open for a whole interval (`opened`: the open admissions' start, wall ms),
+/// which a crash must find in the journal. So an admission still open is journaled within
+/// two intervals of its start whatever the traffic; one that settles sooner never needs a
+/// journal row.
+fn commit_due(
+    entries: u64,
+    since_commit: Duration,
+    interval: Duration,
+    now_ms: i64,
+    mut opened: impl Iterator<Item = i64>,
+) -> bool {
+    if entries >= SMALL_BATCH || since_commit >= SMALL_BATCH_WAIT.max(interval) {
+        return true;
+    }
+    let opened_before = now_ms - interval.as_millis() as i64;
+    opened.any(|ts| ts <= opened_before)
+}
+
 /// This gateway among the nodes sharing one PostgreSQL ledger.
 #[derive(Debug, Clone, Copy)]
 pub struct ClusterNode {
@@ -460,19 +480,15 @@ impl Writer {
         }
     }
 
-    /// Whether the interval that just ended commits: a batch of [`SMALL_BATCH`] entries, or
-    /// [`SMALL_BATCH_WAIT`] (or the interval, if longer) since the last commit, or an
-    /// admission open for a whole interval, which a crash must find in the journal. So an
-    /// admission still open is journaled within two intervals of its start whatever the
-    /// traffic; one that settles sooner never needs a journal row.
+    /// Whether the interval that just ended commits (see [`commit_due`]).
     fn due(&self, last_commit: Instant) -> bool {
-        if self.batch_entries >= SMALL_BATCH
-            || last_commit.elapsed() >= SMALL_BATCH_WAIT.max(self.flush_interval)
-        {
-            return true;
-        }
-        let opened_before = now_ms() - self.flush_interval.as_millis() as i64;
-        self.open.values().any(|row| row.ts <= opened_before)
+        commit_due(
+            self.batch_entries,
+            last_commit.elapsed(),
+            self.flush_interval,
+            now_ms(),
+            self.open.values().map(|row| row.ts),
+        )
     }
 
     /// Moves everything queued into the batch; true once every sender is gone.
@@ -560,5 +576,58 @@ impl Writer {
             let _ = w.try_send(());
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn a_small_batch_waits_unless_it_is_due() {
+        let interval = MS(50);
+        let now = 1_000_000;
+        let none = std::iter::empty;
+        // A trickle: 10 settled requests, 60 ms after the last commit, nothing open.
+        assert!(!commit_due(10, MS(60), interval, now, none()));
+        // A full batch commits at the interval, as under load.
+        assert!(commit_due(SMALL_BATCH, MS(50), interval, now, none()));
+        assert!(!commit_due(SMALL_BATCH - 1, MS(50), interval, now, none()));
+        // A small one commits once it waited SMALL_BATCH_WAIT, even empty of entries.
+        assert!(commit_due(1, SMALL_BATCH_WAIT, interval, now, none()));
+        assert!(!commit_due(
+            1,
+            SMALL_BATCH_WAIT - MS(1),
+            interval,
+            now,
+            none()
+        ));
+        // A longer interval than the wait is kept as is.
+        assert!(!commit_due(1, MS(900), MS(1000), now, none()));
+        assert!(commit_due(1, MS(1000), MS(1000), now, none()));
+    }
+
+    #[test]
+    fn an_admission_open_for_an_interval_commits_whatever_the_traffic() {
+        let interval = MS(50);
+        let now = 1_000_000;
+        // Opened 10 ms ago: it may settle before it needs a journal row.
+        assert!(!commit_due(
+            0,
+            MS(60),
+            interval,
+            now,
+            [now - 10].into_iter()
+        ));
+        // Opened a whole interval ago (one of several): journaled now.
+        assert!(commit_due(
+            0,
+            MS(60),
+            interval,
+            now,
+            [now - 10, now - 50, now - 5].into_iter()
+        ));
     }
 }
