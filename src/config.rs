@@ -215,7 +215,7 @@ impl Default for RawServer {
             read_timeout_ms: 300_000,
             first_byte_timeout_ms: None,
             idle_timeout_ms: None,
-            flush_interval_ms: 50,
+            flush_interval_ms: 500,
             reload_interval_ms: 250,
             trace_retention_days: 30,
             shutdown_grace_s: None,

@@ -38,21 +38,21 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// How often a cluster node writes its heartbeat and sweeps stopped nodes' journals.
 const CLUSTER_EVERY: Duration = Duration::from_secs(1);
 
-/// A batch smaller than this waits past `flush_interval` for more entries, up to
-/// [`SMALL_BATCH_WAIT`] since the last commit: a commit's cost (its pages and the fsync) is
-/// mostly fixed, so a trickle of requests committed every 50 ms would pay it for a handful
-/// of rows, 20 times a second. Under load a batch fills within the interval and commits as
-/// before, small bursts on the shared core (the p99). Open admissions never wait: see
-/// [`Writer::due`].
-const SMALL_BATCH: u64 = 256;
-const SMALL_BATCH_WAIT: Duration = Duration::from_millis(500);
+/// How often the writer looks at what it has (or `flush_interval`, when shorter).
+const COMMIT_TICK: Duration = Duration::from_millis(50);
 
-/// Whether a writer whose interval just ended commits: a batch of [`SMALL_BATCH`] entries,
-/// or [`SMALL_BATCH_WAIT`] (or the interval, if longer) since the last commit, or an
-/// admission open for a whole interval (`opened`: the open admissions' start, wall ms),
-/// which a crash must find in the journal. So an admission still open is journaled within
-/// two intervals of its start whatever the traffic; one that settles sooner never needs a
-/// journal row.
+/// A batch this large commits at the next tick: under load the writer commits every
+/// [`COMMIT_TICK`], small bursts of work on the core the requests share (the p99), while a
+/// trickle commits once per `flush_interval` (default 500 ms), because a commit's cost (its
+/// pages and the fsync) hardly depends on its size.
+const BURST: u64 = 256;
+
+/// Whether the writer commits at this tick: a batch of [`BURST`] entries; `flush_interval`
+/// since the last commit (so a finished request waits at most that long, which is what a
+/// crash can lose); or an admission open for a whole tick (`opened`: the open admissions'
+/// start, wall ms), which a crash must find in the journal. So an admission still open is
+/// journaled within two ticks of its start whatever the traffic; one that settles sooner
+/// never needs a journal row.
 fn commit_due(
     entries: u64,
     since_commit: Duration,
@@ -60,10 +60,10 @@ fn commit_due(
     now_ms: i64,
     mut opened: impl Iterator<Item = i64>,
 ) -> bool {
-    if entries >= SMALL_BATCH || since_commit >= SMALL_BATCH_WAIT.max(interval) {
+    if entries >= BURST || since_commit >= interval {
         return true;
     }
-    let opened_before = now_ms - interval.as_millis() as i64;
+    let opened_before = now_ms - COMMIT_TICK.min(interval).as_millis() as i64;
     opened.any(|ts| ts <= opened_before)
 }
 
@@ -403,7 +403,8 @@ impl Writer {
                     self.cluster_upkeep(node);
                 }
             }
-            let deadline = Instant::now() + self.flush_interval;
+            // The next tick, or the end of the interval since the last commit if sooner.
+            let deadline = (Instant::now() + COMMIT_TICK).min(last_commit + self.flush_interval);
             // Park until the interval ends; an unpark (flush request) ends it early.
             let mut asked = false;
             loop {
@@ -426,9 +427,8 @@ impl Writer {
                 continue;
             }
             let committed = self.commit(woke);
-            if committed {
-                last_commit = Instant::now();
-            }
+            // Failed or not: a failed commit is retried at the next due tick, not at once.
+            last_commit = Instant::now();
             if disconnected && committed {
                 return;
             }
@@ -586,32 +586,25 @@ mod tests {
     const MS: fn(u64) -> Duration = Duration::from_millis;
 
     #[test]
-    fn a_small_batch_waits_unless_it_is_due() {
-        let interval = MS(50);
+    fn a_trickle_commits_once_per_interval_and_a_burst_at_the_tick() {
+        let interval = MS(500);
         let now = 1_000_000;
         let none = std::iter::empty;
         // A trickle: 10 settled requests, 60 ms after the last commit, nothing open.
         assert!(!commit_due(10, MS(60), interval, now, none()));
-        // A full batch commits at the interval, as under load.
-        assert!(commit_due(SMALL_BATCH, MS(50), interval, now, none()));
-        assert!(!commit_due(SMALL_BATCH - 1, MS(50), interval, now, none()));
-        // A small one commits once it waited SMALL_BATCH_WAIT, even empty of entries.
-        assert!(commit_due(1, SMALL_BATCH_WAIT, interval, now, none()));
-        assert!(!commit_due(
-            1,
-            SMALL_BATCH_WAIT - MS(1),
-            interval,
-            now,
-            none()
-        ));
-        // A longer interval than the wait is kept as is.
-        assert!(!commit_due(1, MS(900), MS(1000), now, none()));
-        assert!(commit_due(1, MS(1000), MS(1000), now, none()));
+        // At the end of the interval they commit: a crash loses at most the interval.
+        assert!(commit_due(10, MS(500), interval, now, none()));
+        assert!(!commit_due(10, MS(499), interval, now, none()));
+        // A burst commits at the tick, as under load.
+        assert!(commit_due(BURST, MS(50), interval, now, none()));
+        assert!(!commit_due(BURST - 1, MS(50), interval, now, none()));
+        // A short interval is kept as is.
+        assert!(commit_due(1, MS(20), MS(20), now, none()));
     }
 
     #[test]
-    fn an_admission_open_for_an_interval_commits_whatever_the_traffic() {
-        let interval = MS(50);
+    fn an_admission_open_for_a_tick_commits_whatever_the_traffic() {
+        let interval = MS(500);
         let now = 1_000_000;
         // Opened 10 ms ago: it may settle before it needs a journal row.
         assert!(!commit_due(
@@ -621,7 +614,7 @@ mod tests {
             now,
             [now - 10].into_iter()
         ));
-        // Opened a whole interval ago (one of several): journaled now.
+        // Opened a whole tick ago (one of several): journaled now.
         assert!(commit_due(
             0,
             MS(60),
