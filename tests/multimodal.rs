@@ -681,14 +681,6 @@ fn sse_events(body: &[u8]) -> Vec<Value> {
         .collect()
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// SPEC §3, §4: a streamed transcription (`stream=true`) passes through as it arrives (the
 /// first delta reaches the client while the upstream holds the rest) and is charged from the
 /// usage of its `transcript.text.done` event: tokens at the model's token prices, or the
