@@ -309,6 +309,8 @@ impl SpendLedger {
                 if let Some(node) = cluster {
                     store.set_owner(node.owner);
                 }
+                let checkpoints = Arc::new(AtomicBool::new(true));
+                store.checkpoint_apart(&db, checkpoints.clone());
                 let _ = opened_tx.send(Ok(()));
                 Writer {
                     store,
@@ -326,7 +328,8 @@ impl SpendLedger {
                     batch_entries: 0,
                     waiters: Vec::new(),
                 }
-                .run()
+                .run();
+                checkpoints.store(false, Ordering::Relaxed);
             })?;
         opened_rx
             .recv()

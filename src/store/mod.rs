@@ -17,6 +17,7 @@ mod sqlite;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::alerts::AlertRules;
@@ -148,6 +149,21 @@ impl Store {
             owner: i64::from(std::process::id()),
             alert_rules: None,
             handing_over: false,
+        }
+    }
+
+    /// The ledger writer's store: its commits leave WAL checkpoints to a thread of their own
+    /// ([`sqlite::checkpoint`]) while `running`; PostgreSQL has nothing to do.
+    pub fn checkpoint_apart(&self, location: &StoreLocation, running: Arc<AtomicBool>) {
+        let (Backend::Sqlite(db), StoreLocation::Sqlite(path)) = (&self.backend, location) else {
+            return;
+        };
+        if let Err(e) = sqlite::checkpoint::spawn(path.clone(), running) {
+            log::warn!("WAL checkpoints stay in the ledger's commits: {e}");
+            return;
+        }
+        if let Err(e) = db.defer_checkpoints() {
+            log::warn!("WAL checkpoints stay in the ledger's commits too: {e}");
         }
     }
 

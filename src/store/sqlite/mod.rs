@@ -7,6 +7,7 @@
 
 mod alerts;
 mod audit;
+pub mod checkpoint;
 mod groups;
 mod keys;
 mod ledger;
@@ -236,6 +237,12 @@ pub(super) struct Sqlite {
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Sqlite {
+    /// Commits on this connection no longer checkpoint the WAL ([`checkpoint`] does).
+    pub fn defer_checkpoints(&self) -> Result<()> {
+        self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        Ok(())
+    }
+
     /// Opens (creating if needed) the database and applies the schema. Some steps of an
     /// open (the journal-mode pragma on a WAL file other connections are writing) can get
     /// `SQLITE_BUSY` without SQLite's busy handler being asked, so a busy open is retried for
