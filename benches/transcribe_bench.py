@@ -2,7 +2,7 @@
 """A 10 MB transcription upload through the gateway against the same upload through the bare
 Pingora proxy (examples/bare_proxy.rs), both in front of the same mock, in one run.
 
-    benches/transcribe_bench.py [--rounds 3] [--uploads 50] [--size-mb 10] [--no-build]
+    benches/transcribe_bench.py [--rounds 3] [--uploads 50] [--warm 200] [--size-mb 10] [--no-build]
                                 [--file mp3|noise] [--upstream-id same|renamed] [--profile release|debug]
 
 Each round starts a fresh mock, bare proxy and gateway (fresh database, one key), then
@@ -12,12 +12,18 @@ bound; `noise` is bytes no container claims) once to warm up and then --uploads 
 after the other on one keep-alive connection, to the bare proxy and to the gateway (the order
 alternates by round). From /proc/<pid> of each proxy process it reads:
 
-  - CPU: utime + stime (all threads, /proc/<pid>/stat) around the --uploads, per upload;
+  - CPU: time on CPU of all its threads (the first field of /proc/<pid>/task/*/schedstat,
+    in ns; utime + stime of /proc/<pid>/stat, in 10 ms ticks, where schedstat is missing)
+    around the --uploads, per upload;
   - peak memory: VmHWM (/proc/<pid>/status) after them (the process's peak, warm-up
     included), and that peak minus the idle RSS before the first upload, over the body's
     size: how many bodies' worth of memory the upload path took at its peak;
-  - the upload's memory: that peak minus the RSS after one small (4 KB) upload, which sets
-    up what any first request sets up once; what a large upload itself costs.
+  - the upload's memory: that peak minus the RSS after --warm small (4 KB) uploads: what a
+    large upload itself costs in a process that has served requests. A fresh gateway's
+    memory grows over its first few hundred requests whatever their size (SQLite's page
+    cache takes the ledger's pages, the trace tables' first leaves), which a warm one
+    already holds; so the figure after one small upload (also printed) counts that growth
+    as the upload's.
 
 It prints each round and the range (min-max) of every figure over the rounds, with the
 gateway / bare ratios; the goal is <= 1.2x for CPU and peak memory. Every upload is checked:
@@ -65,10 +71,20 @@ def wait_port(port: int, name: str, log: Path) -> None:
     sys.exit(f"nothing listens on {port} ({name}); log:\n{log.read_text()[-2000:]}")
 
 
-def cpu_ticks(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
-    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+def cpu_ns(pid: int) -> int:
+    """Time on CPU of all the process's threads, in ns."""
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # a thread that ended meanwhile
+        return total
+    except FileNotFoundError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // TICK  # utime, stime
 
 
 def status_kb(pid: int, field: str) -> int:
@@ -125,6 +141,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--uploads", type=int, default=50)
+    ap.add_argument("--warm", type=int, default=200,
+                    help="small uploads before the large ones (their RSS is the baseline)")
     ap.add_argument("--size-mb", type=float, default=10)
     ap.add_argument("--file", choices=["mp3", "noise"], default="mp3")
     ap.add_argument("--upstream-id", choices=["same", "renamed"], default="same")
@@ -225,30 +243,36 @@ server:
                 # is in the "warm" idle RSS, so peak minus it is what a large upload costs.
                 upload(conn, small, secret, small_want)
                 time.sleep(0.3)
+                fresh = status_kb(pid, "VmRSS")
+                for _ in range(args.warm):
+                    upload(conn, small, secret, small_want)
+                time.sleep(0.3)
                 warm = status_kb(pid, "VmRSS")
                 # One warm-up upload of the real size (in the peak, not in the CPU): the
                 # allocator's first large block.
                 upload(conn, body, secret, want)
                 spent0 = spend(gw_port, secret) if name == "gateway" else 0
-                t0 = cpu_ticks(pid)
+                t0 = cpu_ns(pid)
                 for _ in range(args.uploads):
                     upload(conn, body, secret, want)
-                t1 = cpu_ticks(pid)
+                t1 = cpu_ns(pid)
                 hwm = status_kb(pid, "VmHWM")
                 conn.close()
                 if name == "gateway" and spend(gw_port, secret) <= spent0:
                     sys.exit("the gateway's spend did not grow")
                 fig[name] = {
-                    "cpu_ms": (t1 - t0) * 1000 / TICK / args.uploads,
+                    "cpu_ms": (t1 - t0) / 1e6 / args.uploads,
                     "hwm_mb": hwm / 1024,
                     "idle_mb": idle[name] / 1024,
                     "copies": (hwm - idle[name]) * 1024 / len(body),
                     "upload_mb": (hwm - warm) / 1024,
+                    "fresh_mb": (hwm - fresh) / 1024,
                 }
             stop_all()
             fig["cpu_ratio"] = fig["gateway"]["cpu_ms"] / max(fig["bare"]["cpu_ms"], 1e-9)
             fig["hwm_ratio"] = fig["gateway"]["hwm_mb"] / fig["bare"]["hwm_mb"]
             fig["upload_ratio"] = fig["gateway"]["upload_mb"] / max(fig["bare"]["upload_mb"], 1e-9)
+            fig["fresh_ratio"] = fig["gateway"]["fresh_mb"] / max(fig["bare"]["fresh_mb"], 1e-9)
             rows.append(fig)
             g, b = fig["gateway"], fig["bare"]
             print(f"round {rnd + 1}: CPU per upload gateway {g['cpu_ms']:.2f} ms, bare {b['cpu_ms']:.2f} ms "
@@ -256,7 +280,8 @@ server:
                   f"({fig['hwm_ratio']:.2f}x); peak over idle RSS: gateway {g['copies']:.2f} bodies "
                   f"(idle {g['idle_mb']:.1f} MB), bare {b['copies']:.2f} (idle {b['idle_mb']:.1f} MB); "
                   f"the upload's memory (peak over warm RSS): gateway {g['upload_mb']:.2f} MB, "
-                  f"bare {b['upload_mb']:.2f} MB ({fig['upload_ratio']:.2f}x)")
+                  f"bare {b['upload_mb']:.2f} MB ({fig['upload_ratio']:.2f}x); over the RSS after one "
+                  f"small upload: {g['fresh_mb']:.2f} MB, {b['fresh_mb']:.2f} MB ({fig['fresh_ratio']:.2f}x)")
         v = lambda *k: [r[k[0]][k[1]] if len(k) == 2 else r[k[0]] for r in rows]
         print(f"\nrange over {args.rounds} rounds (min–max):")
         print(f"  CPU per upload (ms): gateway {rng(v('gateway', 'cpu_ms'))}, bare {rng(v('bare', 'cpu_ms'))}, "
@@ -266,6 +291,8 @@ server:
         print(f"  peak over idle RSS, in bodies: gateway {rng(v('gateway', 'copies'))}, bare {rng(v('bare', 'copies'))}")
         print(f"  the upload's memory, peak over warm RSS (MB): gateway {rng(v('gateway', 'upload_mb'))}, "
               f"bare {rng(v('bare', 'upload_mb'))}, ratio {rng(v('upload_ratio'))}x")
+        print(f"  peak over the RSS after one small upload (MB): gateway {rng(v('gateway', 'fresh_mb'))}, "
+              f"bare {rng(v('bare', 'fresh_mb'))}, ratio {rng(v('fresh_ratio'))}x")
         ok = lambda x: "PASS" if x else "FAIL"
         print(f"goal: CPU <= 1.2x: {ok(max(v('cpu_ratio')) <= 1.2)}; the upload's memory <= 1.2x: "
               f"{ok(max(v('upload_ratio')) <= 1.2)}; whole-process peak <= 1.2x: {ok(max(v('hwm_ratio')) <= 1.2)}")

@@ -964,6 +964,65 @@ fn a_large_form_on_a_hard_budget_reserves_max_audio_seconds_and_refuses_with_not
     assert_eq!(spend(&gw, &key), 522_500 + 6_250_000);
 }
 
+/// A large form's opening ends after its `model` part only once a file under way has shown
+/// its head: a WAV header that arrives in a later piece still bounds the reservation.
+#[test]
+fn a_large_wavs_header_in_a_later_piece_than_its_model_still_bounds_its_reservation() {
+    let mock = mock();
+    let gw = start(&mock);
+    // 0.01 USD: below the 600 s of `max_audio_seconds` (0.06 USD), above the WAV's 62.5 s.
+    let key = gw.create_key(&["--budget", "0.01", "--budget-mode", "hard"]);
+    mock.clear();
+    let body = form(
+        &[("model", "whisper"), ("response_format", "text")],
+        &[("file", "speech.wav", &wav(2_000_000))],
+    );
+    // Up to the file's fifth byte (`RIFF` and one more), then, a moment later, the rest.
+    let cut = body.windows(4).position(|w| w == b"RIFF").expect("the WAV") + 5;
+    let mut conn = send_form(&gw, &key, body.len(), &body[..cut]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(mock.requests().is_empty(), "not decided on the model alone");
+    std::io::Write::write_all(&mut conn, &body[cut..]).expect("send the rest");
+    let r = read_response(conn).expect("the answer");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(spend(&gw, &key), 6_250_000);
+}
+
+/// An opening longer than what Pingora keeps for a retry (64 KiB: here a 100 KB part
+/// before `model`) goes upstream in front of the first piece after it, byte for byte.
+#[test]
+fn a_large_form_whose_opening_outgrows_the_retry_buffer_reaches_the_upstream_whole() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let prompt: String = (0..100_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let file = large_file();
+    let fields = |model| {
+        [
+            ("prompt", prompt.as_str()),
+            ("model", model),
+            ("response_format", "verbose_json"),
+        ]
+    };
+    let body = form(&fields("whisper"), &[("file", "speech.mp3", &file)]);
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let want = form(
+        &fields("whisper-upstream-long-name"),
+        &[("file", "speech.mp3", &file)],
+    );
+    let sent = mock.requests();
+    assert_eq!(sent.len(), 1);
+    assert!(
+        sent[0].body == want,
+        "the upstream body differs beyond its model part"
+    );
+    assert_eq!(spend(&gw, &key), 18_750_000);
+}
+
 #[test]
 fn a_large_form_for_the_wrong_family_or_a_model_not_allowed_reaches_nothing() {
     let mock = mock();

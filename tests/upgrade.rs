@@ -321,7 +321,13 @@ fn an_upload_mid_opening_when_the_old_process_hands_over_is_decided_and_booked_b
     let bearer = key.bearer();
     let ct = format!("multipart/form-data; boundary={BOUNDARY}");
     let len = whole.len().to_string();
-    // The head and 10 KB: the model part is in, the 64 KiB opening is not.
+    // The head and the first bytes of the `model` value: the opening (up to the end of
+    // that part and the file's head) is not in.
+    let mid_model = whole
+        .windows(7)
+        .position(|w| w == b"whisper")
+        .expect("the model value")
+        + 3;
     let mut conn = send_request(
         gw.addr,
         "POST",
@@ -331,7 +337,7 @@ fn an_upload_mid_opening_when_the_old_process_hands_over_is_decided_and_booked_b
             ("Content-Type", ct.as_str()),
             ("Content-Length", len.as_str()),
         ],
-        &whole[..10_000],
+        &whole[..mid_model],
     )
     .expect("send the opening's first bytes");
 
@@ -342,7 +348,7 @@ fn an_upload_mid_opening_when_the_old_process_hands_over_is_decided_and_booked_b
     );
     assert!(mock.requests().is_empty(), "nothing went upstream yet");
 
-    std::io::Write::write_all(&mut conn, &whole[10_000..]).expect("send the rest");
+    std::io::Write::write_all(&mut conn, &whole[mid_model..]).expect("send the rest");
     let r = read_response(conn).expect("the answer");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(

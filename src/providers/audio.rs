@@ -66,6 +66,18 @@ impl AudioScan {
         }
     }
 
+    /// Whether the file's bytes so far hold everything its opening can tell a bound
+    /// before the end ([`AudioScan::wav_bound_within`]): its first 12 bytes show it is no
+    /// WAV, or its WAV header reached the `data` chunk, or the walk kept all it keeps. A
+    /// large form's opening ends no earlier (`proxy::io::read_form_opening`).
+    pub fn head_settled(&self) -> bool {
+        match self.head.get(..WAV_MAGIC_LEN) {
+            None => false,
+            Some(h) if !is_wav_magic(h) => true,
+            Some(_) => self.head.len() >= HEAD_KEEP || wav_bound_ms(&self.head, u64::MAX).is_some(),
+        }
+    }
+
     /// The bound, once the whole file passed.
     pub fn finish(&self) -> Option<u64> {
         wav_bound_ms(&self.head, self.len).or_else(|| self.mp3.finish(self.len))
@@ -682,6 +694,39 @@ mod tests {
             scan.feed(piece);
         }
         scan.finish()
+    }
+
+    #[test]
+    fn the_head_settles_once_it_can_tell_all_a_bound_before_the_end_can() {
+        let settled_after = |file: &[u8]| {
+            let mut scan = AudioScan::default();
+            for (i, b) in file.iter().enumerate() {
+                if scan.head_settled() {
+                    return Some(i);
+                }
+                scan.feed(std::slice::from_ref(b));
+            }
+            scan.head_settled().then_some(file.len())
+        };
+        // No WAV: its first 12 bytes say so.
+        assert_eq!(settled_after(&[0xFF; 100]), Some(WAV_MAGIC_LEN));
+        // A WAV: once its `data` chunk's header is in, and the bound it gives is the one
+        // the whole file's opening gives.
+        let w = wav(32_000, 32_000);
+        let data_at = w.windows(4).position(|x| x == b"data").unwrap();
+        assert_eq!(settled_after(&w), Some(data_at + 8));
+        let mut scan = AudioScan::default();
+        scan.feed(&w[..data_at + 8]);
+        assert_eq!(scan.wav_bound_within(w.len() as u64), Some(1_000));
+        // A WAV whose `data` chunk comes after more than the walk keeps: at what it keeps.
+        let mut padded = w[..12].to_vec();
+        padded.extend_from_slice(b"LIST");
+        padded.extend_from_slice(&(70_000u32).to_le_bytes());
+        padded.resize(padded.len() + 70_000, 0);
+        padded.extend_from_slice(&w[12..]);
+        assert_eq!(settled_after(&padded), Some(HEAD_KEEP));
+        // Cut short before either: never.
+        assert_eq!(settled_after(&w[..data_at + 7]), None);
     }
 
     #[test]

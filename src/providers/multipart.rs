@@ -219,6 +219,23 @@ impl FormScanner {
         self.has_model && !self.form.model.is_empty()
     }
 
+    /// Whether a large form's opening can end here: its `model` is read, no field the
+    /// gateway reads has begun ([`FormScanner::between_fields`]), and a `file` part under
+    /// way has shown what its head can bound ([`AudioScan::head_settled`]).
+    pub fn opening_complete(&self) -> bool {
+        self.has_model()
+            && self.between_fields()
+            && match (self.state, &self.audio) {
+                (
+                    Scan::Value {
+                        part: Part::File, ..
+                    },
+                    Some(a),
+                ) => a.head_settled(),
+                _ => true,
+            }
+    }
+
     /// A bound on the audio of the `file` part before the body's end, for a body of at
     /// most `body_len` bytes: the bound of a file part already whole, else what a WAV
     /// header that has arrived allows (see [`AudioScan::wav_bound_within`]).
@@ -488,6 +505,35 @@ mod tests {
         }
         b.extend_from_slice(b"--XyZ--\r\n");
         b
+    }
+
+    /// Where, fed byte by byte, a large form's opening may end: not before its `model` is
+    /// read, not inside a field the gateway reads, not before a file shows its head.
+    #[test]
+    fn the_opening_is_complete_after_the_model_and_the_head_of_a_file() {
+        let complete_at = |body: &[u8]| {
+            let mut scan = FormScanner::new(b"XyZ");
+            (1..=body.len()).find(|&i| {
+                scan.feed(&body[i - 1..i]).unwrap();
+                scan.opening_complete()
+            })
+        };
+        let mp3 = [0xFFu8; 40];
+        let body = form(&[
+            ("model", None, b"whisper-1"),
+            ("n", None, b"2"),
+            ("file", Some("a.mp3"), &mp3),
+        ]);
+        let file_at = body.windows(2).position(|w| w == [0xFF, 0xFF]).unwrap();
+        assert_eq!(complete_at(&body), Some(file_at + 12), "12 bytes: no WAV");
+        // Any other part after the model is no field the gateway reads: it may end there.
+        let body = form(&[("model", None, b"whisper-1"), ("prompt", None, b"hello")]);
+        let prompt_at = body.windows(5).position(|w| w == b"hello").unwrap();
+        assert_eq!(complete_at(&body), Some(prompt_at));
+        // A file before the model: held up to the model, and past its value.
+        let body = form(&[("file", Some("a.mp3"), &mp3), ("model", None, b"m")]);
+        let model_end = body.windows(3).position(|w| w == b"m\r\n").unwrap() + 1;
+        assert!(complete_at(&body).is_some_and(|i| i > model_end));
     }
 
     #[test]

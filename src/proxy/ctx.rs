@@ -404,9 +404,9 @@ impl RequestCtx {
 
     /// The rewritten opening of an upload as its body starts to flow, with every other
     /// reference to its buffer dropped (the client's opening and the admission's copy share
-    /// it): the opening goes upstream once, and its buffer carries the first piece too.
-    /// Nothing reads them after that: an upload whose body flowed is not sent again, so no
-    /// later attempt needs a body or its length.
+    /// it): it goes upstream in front of the first piece, or, replayed by Pingora already,
+    /// is let go. Nothing reads them after that: an upload whose body flowed is not sent
+    /// again, so no later attempt needs a body or its length.
     pub(super) fn take_opening(&mut self) -> Bytes {
         self.body = Bytes::new();
         if let Some(adm) = &mut self.admission {

@@ -115,49 +115,60 @@ async fn continue_if_expected(session: &mut Session) -> Result<()> {
 
 /// The opening of a large form read before its decision ([`super::upload`]).
 pub(super) struct FormOpening {
-    /// The bytes read, with room to rewrite the `model` part in place.
+    /// The bytes read (the piece Pingora read itself, when the opening is one piece).
     pub(super) bytes: Bytes,
     /// They are the whole body: it is held and decided as a small form is.
     pub(super) whole: bool,
+    /// Pingora kept the opening whole for a retry: it hands it to `request_body_filter`
+    /// again ahead of the rest at each attempt, so the opening goes upstream as a piece of
+    /// its own rather than copied in front of the next one.
+    pub(super) replayed: bool,
 }
 
-/// The least of a large form read before its decision: enough for the `model` part and the
-/// head of a file after it (a WAV header), in one or two pieces as Pingora reads them.
-pub(super) const OPENING_BYTES: usize = 64 << 10;
-
-/// The most Pingora reads of a body at once (its body buffer over HTTP/1.1).
-const PIECE_BYTES: usize = 64 << 10;
-
-/// Reads the opening of a form, scanning it as it arrives, until at least
-/// [`OPENING_BYTES`] and its `model` part have arrived, and it does not end inside a part's
-/// head or a field the gateway reads (else to its end). 400 as soon as
-/// the scan finds it malformed.
+/// Reads the opening of a form, scanning it as it arrives, until its `model` part has
+/// arrived, it does not end inside a part's head or a field the gateway reads, and a file
+/// under way has shown its head ([`FormScanner::opening_complete`]), else to its end. 400
+/// as soon as the scan finds it malformed.
+///
+/// The opening is kept as short as that: it is held until the first piece after it went,
+/// and Pingora's retry buffer (64 KiB) copies what it reads. An opening within that buffer
+/// is replayed by Pingora at each attempt, so it needs no buffer of its own with room for
+/// the next piece (the one allocation over 64 KiB the bare proxy never makes).
 pub(super) async fn read_form_opening(
     session: &mut Session,
     scanner: &mut FormScanner,
 ) -> Result<std::result::Result<FormOpening, GateError>> {
     continue_if_expected(session).await?;
-    // A piece read is at most 64 KiB; room for one more after the opening: the first piece
-    // after the decision goes upstream in the same buffer (`request_body_filter`). Room not
-    // written to is never touched, so it takes no memory.
-    let mut buf = BytesMut::with_capacity(OPENING_BYTES + 2 * PIECE_BYTES + SPLICE_HEADROOM);
+    session.enable_retry_buffering();
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut whole = true;
     while let Some(chunk) = session.read_request_body().await? {
         if let Err(e) = scanner.feed(&chunk) {
             return Ok(Err(e));
         }
-        buf.extend_from_slice(&chunk);
-        // Not inside a field it reads: an `n` cut by the opening's end would be missed.
-        if buf.len() >= OPENING_BYTES && scanner.has_model() && scanner.between_fields() {
-            let whole = session.is_body_done();
-            return Ok(Ok(FormOpening {
-                bytes: buf.freeze(),
-                whole,
-            }));
+        match (&mut joined, first.take()) {
+            (Some(b), _) => b.extend_from_slice(&chunk),
+            (None, None) => first = Some(chunk),
+            (None, Some(prev)) => {
+                let mut b = BytesMut::with_capacity(prev.len() + chunk.len());
+                b.extend_from_slice(&prev);
+                b.extend_from_slice(&chunk);
+                joined = Some(b);
+            }
+        }
+        if scanner.opening_complete() {
+            whole = session.is_body_done();
+            break;
         }
     }
+    let bytes = joined.map_or_else(|| first.unwrap_or_default(), BytesMut::freeze);
+    // The retry buffer holds exactly what was read here unless it overflowed.
+    let replayed = !whole && !bytes.is_empty() && !session.retry_buffer_truncated();
     Ok(Ok(FormOpening {
-        bytes: buf.freeze(),
-        whole: true,
+        bytes,
+        whole,
+        replayed,
     }))
 }
 

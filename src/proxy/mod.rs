@@ -380,7 +380,12 @@ impl GateProxy {
         };
         if !opening.whole {
             let len = usize::try_from(len).unwrap_or(usize::MAX);
-            ctx.upload = Some(Box::new(Upload::new(scanner, len, opening.bytes.len())));
+            ctx.upload = Some(Box::new(Upload::new(
+                scanner,
+                len,
+                opening.bytes.len(),
+                opening.replayed,
+            )));
         }
         ctx.body = opening.bytes;
         Ok(Ok(()))
@@ -750,6 +755,9 @@ impl ProxyHttp for GateProxy {
         req: &mut RequestHeader,
         ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
+        if let Some(upload) = &mut ctx.upload {
+            upload.attempt();
+        }
         if ctx.relay.is_some() {
             return Ok(()); // as the client sent it
         }
@@ -802,7 +810,11 @@ impl ProxyHttp for GateProxy {
             if relay.preread && ctx.upload.is_none() {
                 *body = end_of_stream.then(|| ctx.body.clone());
             } else if relay.preread && !std::mem::replace(&mut relay.opening_sent, true) {
-                *body = Some(concat(&ctx.body, body.take()));
+                // Replayed by Pingora (as the client sent it, which the successor needs),
+                // else it goes in front of the first piece.
+                if !ctx.upload.as_ref().is_some_and(|u| u.replayed()) {
+                    *body = Some(concat(&ctx.body, body.take()));
+                }
             }
             return Ok(());
         }
@@ -810,15 +822,23 @@ impl ProxyHttp for GateProxy {
             return Ok(());
         };
         if let Some(upload) = &mut ctx.upload {
+            if upload.is_replay() {
+                // Pingora's replay of the opening as read: the rewritten one goes instead.
+                *body = ctx.upstream_body.clone();
+                return Ok(());
+            }
+            let replayed = upload.replayed();
             let piece = body.as_deref().unwrap_or_default();
             match upload.pass(piece, end_of_stream) {
                 Ok(false) => {}
                 Ok(true) => {
-                    // The attempt's first piece: the rewritten opening goes ahead of it, and
-                    // is never sent again (`Upload::can_resend`), so nothing keeps it: the
-                    // piece is appended in the opening's own buffer, read with room for it.
+                    // The first piece after the opening: the opening is never sent again
+                    // (`Upload::can_resend`), so nothing keeps it. Unless Pingora replayed
+                    // it, it goes ahead of this piece.
                     let opening = ctx.take_opening();
-                    *body = Some(append(opening, body.take()));
+                    if !replayed {
+                        *body = Some(concat(&opening, body.take()));
+                    }
                 }
                 Err(e) => {
                     // Not sent: the upstream holds a form cut short, and the connection
@@ -1108,23 +1128,6 @@ impl ProxyHttp for GateProxy {
     }
 }
 
-/// `opening` with `piece` after it: in the opening's own buffer when nothing else holds it
-/// and it has room, else copied to a new one as [`concat`] does.
-fn append(opening: Bytes, piece: Option<Bytes>) -> Bytes {
-    let piece = match piece {
-        Some(p) if !p.is_empty() => p,
-        _ => return opening,
-    };
-    match opening.try_into_mut() {
-        Ok(mut b) if b.capacity() - b.len() >= piece.len() => {
-            b.extend_from_slice(&piece);
-            b.freeze()
-        }
-        Ok(b) => concat(&b.freeze(), Some(piece)),
-        Err(opening) => concat(&opening, Some(piece)),
-    }
-}
-
 /// `opening` followed by `piece` (one copy of both; none without a piece).
 fn concat(opening: &Bytes, piece: Option<Bytes>) -> Bytes {
     match piece {
@@ -1160,34 +1163,4 @@ async fn with_deadline<F: std::future::Future>(
 /// The error a hook returns when the attempt's watchdog fired first: a read timeout.
 fn watchdog_fired(_: watchdog::Fired) -> Box<Error> {
     Error::explain(ErrorType::ReadTimedout, "upstream watchdog fired").into_up()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn opening(room: usize) -> Bytes {
-        let mut b = bytes::BytesMut::with_capacity(4 + room);
-        b.extend_from_slice(b"open");
-        b.freeze()
-    }
-
-    #[test]
-    fn an_uploads_first_piece_goes_in_the_openings_own_buffer_when_nothing_else_holds_it() {
-        let o = opening(16);
-        let at = o.as_ptr();
-        let sent = append(o, Some(Bytes::from_static(b"piece")));
-        assert_eq!(&sent[..], b"openpiece");
-        assert_eq!(sent.as_ptr(), at, "no copy");
-
-        // Held elsewhere, or without room for the piece: copied, the opening untouched.
-        let o = opening(16);
-        let kept = o.clone();
-        let sent = append(o, Some(Bytes::from_static(b"piece")));
-        assert_eq!((&sent[..], &kept[..]), (&b"openpiece"[..], &b"open"[..]));
-        let sent = append(opening(2), Some(Bytes::from_static(b"piece")));
-        assert_eq!(&sent[..], b"openpiece");
-        let sent = append(Bytes::from_static(b"open"), None);
-        assert_eq!(&sent[..], b"open");
-    }
 }

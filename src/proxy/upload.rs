@@ -1,8 +1,9 @@
 //! Large multipart forms forwarded as they arrive (SPEC §3): forms whose `Content-Length`
-//! exceeds `server.multipart_hold_bytes`. `request_filter` reads the opening (64 KiB, and
-//! at least up to the end of the `model` part) and decides on it; `request_body_filter`
-//! sends the rewritten opening with the next piece and passes the rest on piece by piece,
-//! each scanned before it goes (a malformed form is cut short upstream, never completed).
+//! exceeds `server.multipart_hold_bytes`. `request_filter` reads the opening (up to the end
+//! of the `model` part and the head of a file after it) and decides on it;
+//! `request_body_filter` sends the rewritten opening first and passes the rest on piece by
+//! piece, each scanned before it goes (a malformed form is cut short upstream, never
+//! completed).
 //! Smaller forms, and forms without a `Content-Length`, are read whole first, as every
 //! other body is.
 
@@ -22,12 +23,22 @@ pub(super) struct Upload {
     started: bool,
     /// The body's last piece went to the upstream.
     complete: bool,
+    /// Pingora replays the opening ahead of the rest at each attempt
+    /// (`io::FormOpening::replayed`); else it goes in front of the first piece.
+    replayed: bool,
+    /// The current attempt sent the opening.
+    opening_sent: bool,
     /// A piece showed the form malformed: the upload stopped there.
     malformed: bool,
 }
 
 impl Upload {
-    pub(super) fn new(scanner: FormScanner, body_len: usize, opening_len: usize) -> Upload {
+    pub(super) fn new(
+        scanner: FormScanner,
+        body_len: usize,
+        opening_len: usize,
+        replayed: bool,
+    ) -> Upload {
         Upload {
             scanner,
             body_len,
@@ -35,8 +46,28 @@ impl Upload {
             admitted_n: None,
             started: false,
             complete: false,
+            replayed,
+            opening_sent: false,
             malformed: false,
         }
+    }
+
+    /// Whether Pingora hands the opening (as read) to `request_body_filter` ahead of the
+    /// rest at each attempt.
+    pub(super) fn replayed(&self) -> bool {
+        self.replayed
+    }
+
+    /// An attempt begins: its opening is yet to go.
+    pub(super) fn attempt(&mut self) {
+        self.opening_sent = false;
+    }
+
+    /// Whether the body piece at hand is Pingora's replay of the opening (the attempt's
+    /// first, when it replays one): the rewritten opening goes in its place, unscanned, as
+    /// it was scanned when read.
+    pub(super) fn is_replay(&mut self) -> bool {
+        self.replayed && !std::mem::replace(&mut self.opening_sent, true)
     }
 
     pub(super) fn scanner(&self) -> &FormScanner {
@@ -69,7 +100,8 @@ impl Upload {
     }
 
     /// The next piece of the client's body, before it goes upstream; `end`: the last one.
-    /// `Ok(true)` when the opening must go ahead of it (the first piece of an attempt).
+    /// `Ok(true)` for the first piece after the opening: nothing sends the opening again
+    /// after it, and unless it was replayed, the opening goes ahead of this piece.
     /// `Err` when the form turns out malformed: the piece must not go, so the upstream
     /// never receives a complete form.
     pub(super) fn pass(&mut self, piece: &[u8], end: bool) -> Result<bool, GateError> {
