@@ -321,6 +321,7 @@ impl Mp3Walk {
     fn feed(&mut self, off: u64, piece: &[u8]) {
         let end = off + piece.len() as u64;
         while matches!(self.phase, Mp3Phase::Tags | Mp3Phase::Frames) {
+            self.repeat_frames(off, piece);
             let next = self.at + self.pending.len() as u64;
             if next >= end {
                 return;
@@ -346,6 +347,28 @@ impl Mp3Walk {
                 self.pending.extend_from_slice(rest);
             }
         }
+    }
+
+    /// Walks the frames that repeat the last header read (all of a constant-bitrate file's
+    /// but the padded ones) in one tight loop over `piece` (the file's bytes from `off`):
+    /// what [`Mp3Walk::step`] does for each, with their durations summed once. A 10 MB
+    /// upload has about 24,000 of them.
+    fn repeat_frames(&mut self, off: u64, piece: &[u8]) {
+        if self.frames == 0 || !self.pending.is_empty() || self.phase != Mp3Phase::Frames {
+            return;
+        }
+        let (head, len, nanos) = self.last;
+        let Some(mut i) = self.at.checked_sub(off).map(|i| i as usize) else {
+            return;
+        };
+        let mut n = 0u64;
+        while piece.get(i..i + 4) == Some(&head[..]) {
+            i += len as usize;
+            n += 1;
+        }
+        self.at += n * len;
+        self.frames += n;
+        self.nanos += u128::from(nanos) * u128::from(n);
     }
 
     /// Reads the tag or frame at `at`, whose bytes (at least `need`, or all that are left
