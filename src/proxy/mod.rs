@@ -557,7 +557,11 @@ impl ProxyHttp for GateProxy {
             return Ok(false);
         }
         let authorization = header_bytes(session.req_header(), &http::header::AUTHORIZATION);
-        let x_api_key = header_bytes(session.req_header(), &headers::X_API_KEY);
+        // `x-api-key` counts only without `Authorization`: looked up only then.
+        let x_api_key = authorization
+            .is_none()
+            .then(|| header_bytes(session.req_header(), &headers::X_API_KEY))
+            .flatten();
         let anonymous_catalog = ctx.snap.routes.config.public_catalog
             && authorization.is_none()
             && x_api_key.is_none()
@@ -610,7 +614,10 @@ impl ProxyHttp for GateProxy {
             })
             .flatten();
         // A large form goes upstream as it arrives, once its opening is read and admitted.
-        let declared = declared_length(session).filter(|&n| form && n > hold && n <= max_body);
+        let declared = form
+            .then(|| declared_length(session))
+            .flatten()
+            .filter(|&n| n > hold && n <= max_body);
         if let Some(len) = declared {
             match self
                 .read_upload_opening(session, ctx, content_type.as_deref(), len)
