@@ -79,6 +79,10 @@ impl ClientHeaders {
 /// limits (SPEC §2): the gateway's own `X-RateLimit-*` are the only ones a client sees.
 pub(super) fn is_account_header(name: &HeaderName) -> bool {
     let n = name.as_str();
+    // Every such name starts with one of these letters; most headers are ruled out by it.
+    if !matches!(n.as_bytes().first(), Some(b'x' | b'a' | b'o' | b's')) {
+        return false;
+    }
     n.starts_with("x-ratelimit-")
         || n.starts_with("anthropic-ratelimit-")
         || n.starts_with("openai-organization")
@@ -524,6 +528,38 @@ mod tests {
         assert_eq!(h.get("content-length").unwrap(), "42");
         for gone in ["x-api-key", "cookie", "expect"] {
             assert!(h.get(gone).is_none(), "{gone} went upstream");
+        }
+    }
+
+    #[test]
+    fn account_headers_are_told_from_the_rest() {
+        for account in [
+            "x-ratelimit-limit-tokens",
+            "anthropic-ratelimit-requests-limit",
+            "openai-organization",
+            "openai-project",
+            "anthropic-organization-id",
+            "set-cookie",
+            "set-cookie2",
+        ] {
+            assert!(
+                is_account_header(&HeaderName::from_static(account)),
+                "{account}"
+            );
+        }
+        for other in [
+            "x-request-id",
+            "anthropic-version",
+            "openai-version",
+            "server",
+            "content-type",
+            "date",
+            "via",
+        ] {
+            assert!(
+                !is_account_header(&HeaderName::from_static(other)),
+                "{other}"
+            );
         }
     }
 

@@ -675,7 +675,9 @@ impl ProxyHttp for GateProxy {
             .current_model()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no admitted model"))?;
         let pidx = ctx.snap.routes.catalog.models()[m].provider;
-        match ctx.snap.routes.provider_keys[pidx].pick(now_ms()) {
+        // One clock reading for the key and the address picked together.
+        let now = now_ms();
+        match ctx.snap.routes.provider_keys[pidx].pick(now) {
             Ok(key) => ctx.pool_key = key,
             Err(resting) => return Err(self.all_keys_resting(ctx, resting)),
         }
@@ -690,7 +692,7 @@ impl ProxyHttp for GateProxy {
         let routes = &ctx.snap.routes;
         let provider = &routes.catalog.providers()[pidx];
         let link = &routes.provider_links[pidx];
-        let Some((i, addr)) = link.addrs.pick(start, ctx.address.tried, now_ms()) else {
+        let Some((i, addr)) = link.addrs.pick(start, ctx.address.tried, now) else {
             // The host does not resolve (yet): nothing to connect to; the next model if any.
             log::warn!(
                 "provider {}: {} resolves to no address",
