@@ -4,7 +4,7 @@
 use std::ops::Range;
 use std::sync::LazyLock;
 
-use memchr::memmem::{Finder, FinderRev};
+use memchr::memmem::Finder;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
@@ -112,7 +112,7 @@ pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
 /// it is only trusted when the key is structural (preceded by `{` or `,`, which a quote inside
 /// a string never is) and the usage value is followed by nothing but the closing `}`.
 fn trailing_usage(body: &[u8]) -> Option<Option<Usage>> {
-    let at = USAGE_KEY_REV.rfind(body)?;
+    let at = rfind_usage_key(body)?;
     let before = body[..at].iter().rev().find(|b| !b.is_ascii_whitespace())?;
     if !matches!(before, b'{' | b',') {
         return None;
@@ -136,6 +136,59 @@ fn trailing_usage(body: &[u8]) -> Option<Option<Usage>> {
     match (tail.next(), tail.next()) {
         (Some(b'}'), None) => Some(usage.and_then(RawUsage::into_usage)),
         _ => None,
+    }
+}
+
+/// Where the last `"usage"` in `body` starts. The usage sits near the end, so the `u`s are
+/// looked for from the end (a vectorised byte search) and each checked in place: a few
+/// dozen instructions where the general reverse substring search took ~450 a response.
+fn rfind_usage_key(body: &[u8]) -> Option<usize> {
+    const KEY: &[u8] = b"\"usage\"";
+    memchr::memrchr_iter(b'u', body)
+        .filter_map(|u| u.checked_sub(1))
+        .find(|&at| body[at..].starts_with(KEY))
+}
+
+#[cfg(test)]
+mod usage_key_tests {
+    use super::rfind_usage_key;
+    use memchr::memmem::FinderRev;
+    use proptest::prelude::*;
+
+    #[test]
+    fn the_last_usage_key_is_found() {
+        for (body, at) in [
+            (&b"{\"usage\":{}}"[..], Some(1)),
+            (b"{\"a\":\"usage\",\"usage\":null}", Some(13)),
+            (b"\"usage\"", Some(0)),
+            (b"usage\"", None),
+            (b"\"usag", None),
+            (b"", None),
+            (b"u", None),
+            (b"\"\"usage\"\"", Some(1)),
+        ] {
+            assert_eq!(
+                rfind_usage_key(body),
+                at,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn it_agrees_with_a_reverse_substring_search(
+            parts in proptest::collection::vec(
+                prop_oneof![Just(&b"\"usage\""[..]), Just(&b"u"[..]), Just(&b"\""[..]),
+                            Just(&b"usage"[..]), Just(&b"x"[..]), Just(&b"\"usag"[..])],
+                0..12,
+            )
+        ) {
+            let body = parts.concat();
+            let expected = FinderRev::new(b"\"usage\"").rfind(&body);
+            prop_assert_eq!(rfind_usage_key(&body), expected);
+        }
     }
 }
 
@@ -478,7 +531,6 @@ mod flat {
 pub const MAX_EVENT_BYTES: usize = 1 << 20;
 
 static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
-static USAGE_KEY_REV: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(b"\"usage\""));
 /// Matches the keys `content` and `reasoning_content` (checked by `is_text_key`).
 static CONTENT_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"content\""));
 static ARGUMENTS_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"arguments\""));

@@ -35,10 +35,54 @@ pub(super) static STRIPPED_HEADERS: [HeaderName; 8] = [
 ];
 pub(super) static ERROR_CODE: HeaderName = HeaderName::from_static("x-spidergate-error-code");
 
+/// Whether a client header is one of [`STRIPPED_HEADERS`]. A match on the name's text:
+/// comparing each client header with each of the eight `HeaderName`s cost ~1k instructions
+/// a request (`benches/instr.py`).
+fn is_stripped(name: &str) -> bool {
+    matches!(
+        name,
+        "x-api-key"
+            | "api-key"
+            | "openai-organization"
+            | "openai-project"
+            | "proxy-authorization"
+            | "cookie"
+            | "transfer-encoding"
+            | "expect"
+    )
+}
+
+/// What one pass over the client's header names found, so the rewrite removes or looks up
+/// only what is there (each `remove` or `contains_key` hashes the name again).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ClientHeaders {
+    stripped: bool,
+    anthropic_version: bool,
+    anthropic_beta: bool,
+}
+
+impl ClientHeaders {
+    fn scan(h: &HeaderMap) -> Self {
+        let mut found = ClientHeaders::default();
+        for name in h.keys() {
+            match name.as_str() {
+                "anthropic-version" => found.anthropic_version = true,
+                "anthropic-beta" => found.anthropic_beta = true,
+                other => found.stripped |= is_stripped(other),
+            }
+        }
+        found
+    }
+}
+
 /// Whether an upstream response header reveals the operator's provider account or its
 /// limits (SPEC §2): the gateway's own `X-RateLimit-*` are the only ones a client sees.
 pub(super) fn is_account_header(name: &HeaderName) -> bool {
     let n = name.as_str();
+    // Every such name starts with one of these letters; most headers are ruled out by it.
+    if !matches!(n.as_bytes().first(), Some(b'x' | b'a' | b'o' | b's')) {
+        return false;
+    }
     n.starts_with("x-ratelimit-")
         || n.starts_with("anthropic-ratelimit-")
         || n.starts_with("openai-organization")
@@ -108,14 +152,70 @@ pub(super) fn number_value(n: u64) -> HeaderValue {
         once_cell::sync::Lazy::new(|| (0..SHARED_NUMBERS).map(HeaderValue::from).collect());
     match SMALL.get(n as usize) {
         Some(v) => v.clone(),
-        None => HeaderValue::from(n),
+        None => formatted_value(n),
     }
+}
+
+/// Bytes of the per-thread buffer the larger numbers' values are cut from. A value keeps its
+/// buffer alive until it is dropped, so a long-lived response pins at most this much.
+const NUMBER_SLAB_BYTES: usize = 512;
+
+/// The most digits a u64 has.
+const U64_DIGITS: usize = 20;
+
+thread_local! {
+    static NUMBER_SLAB: std::cell::RefCell<bytes::BytesMut> =
+        std::cell::RefCell::new(bytes::BytesMut::new());
+}
+
+/// `n` formatted on the stack and copied into a per-thread buffer that the values share:
+/// one allocation per ~50 numbers. `HeaderValue::from(u64)` allocates one for each (a
+/// key's rpm of 100M and its remaining count are two a response).
+fn formatted_value(n: u64) -> HeaderValue {
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(n).as_bytes();
+    let bytes = NUMBER_SLAB.with(|slab| {
+        let mut slab = slab.borrow_mut();
+        if slab.capacity() < U64_DIGITS {
+            *slab = bytes::BytesMut::with_capacity(NUMBER_SLAB_BYTES);
+        }
+        slab.extend_from_slice(digits);
+        slab.split().freeze()
+    });
+    // Digits are always a valid value; the fallback only keeps this free of a panic path.
+    HeaderValue::from_maybe_shared(bytes).unwrap_or_else(|_| HeaderValue::from(n))
+}
+
+thread_local! {
+    /// The last rate limit given a value on this thread, and that value.
+    static LAST_LIMIT: std::cell::RefCell<Option<(u64, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A key's rate limit as a header value. The limit is the same on every response of a key,
+/// so the value of the last one is kept and shared (a clone is a reference count) rather
+/// than formatted again.
+fn limit_value(limit: u64) -> HeaderValue {
+    if limit < SHARED_NUMBERS {
+        return number_value(limit);
+    }
+    LAST_LIMIT.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((n, v)) if *n == limit => v.clone(),
+            _ => {
+                let v = number_value(limit);
+                *last = Some((limit, v.clone()));
+                v
+            }
+        }
+    })
 }
 
 pub(super) fn add_standing_headers(h: &mut HeaderMap, s: &Standing) {
     match (s.rpm, s.remaining) {
         (Some(limit), Some(remaining)) => {
-            h.insert(LIMIT_REQUESTS.clone(), number_value(limit.into()));
+            h.insert(LIMIT_REQUESTS.clone(), limit_value(limit.into()));
             h.insert(REMAINING_REQUESTS.clone(), number_value(remaining.into()));
         }
         _ => {
@@ -167,7 +267,8 @@ pub(super) fn rewrite_upstream_request(
     parts.uri = uri.clone();
     let h = &mut parts.headers;
     // One pass over the client's headers; removal only if needed.
-    if h.keys().any(|k| STRIPPED_HEADERS.contains(k)) {
+    let client = ClientHeaders::scan(h);
+    if client.stripped {
         for name in &STRIPPED_HEADERS {
             h.remove(name);
         }
@@ -182,7 +283,7 @@ pub(super) fn rewrite_upstream_request(
                     h.remove(AUTHORIZATION);
                 }
             }
-            if h.contains_key(&ANTHROPIC_VERSION) || h.contains_key(&ANTHROPIC_BETA) {
+            if client.anthropic_version || client.anthropic_beta {
                 h.remove(&ANTHROPIC_VERSION);
                 h.remove(&ANTHROPIC_BETA);
             }
@@ -192,13 +293,15 @@ pub(super) fn rewrite_upstream_request(
             if let Some(k) = key {
                 h.insert(X_API_KEY.clone(), k.clone());
             }
-            if !h.contains_key(&ANTHROPIC_VERSION) {
+            if !client.anthropic_version {
                 h.insert(
                     ANTHROPIC_VERSION.clone(),
                     provider.anthropic_version.clone(),
                 );
             }
-            drop_pricing_betas(h)?;
+            if client.anthropic_beta {
+                drop_pricing_betas(h)?;
+            }
         }
     }
     h.insert(HOST, provider.host.clone());
@@ -294,6 +397,37 @@ mod tests {
             remaining: Some(6),
             reset_secs: 0,
             budget_warning: false,
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_number_value_reads_as_the_number_formatted(n in proptest::prelude::any::<u64>()) {
+            let v = number_value(n);
+            proptest::prop_assert_eq!(v.to_str().unwrap(), n.to_string());
+            proptest::prop_assert_eq!(v, HeaderValue::from(n));
+        }
+
+        #[test]
+        fn a_limit_value_reads_as_the_limit_formatted(a in proptest::prelude::any::<u64>(), b in proptest::prelude::any::<u64>()) {
+            // The same limit twice (kept), then another (replaced), then the first again.
+            for n in [a, a, b, a] {
+                let v = limit_value(n);
+                proptest::prop_assert_eq!(v.to_str().unwrap(), n.to_string());
+            }
+        }
+    }
+
+    #[test]
+    fn number_values_stay_right_across_many_buffers() {
+        // Enough values to use up several per-thread buffers; each keeps its own digits.
+        let numbers: Vec<u64> = (0..2_000u64)
+            .map(|i| i * 7_919 + 4_096)
+            .chain([u64::MAX, 4_096, 4_095, 100_000_000, 99_999_999])
+            .collect();
+        let values: Vec<HeaderValue> = numbers.iter().map(|&n| number_value(n)).collect();
+        for (n, v) in numbers.iter().zip(&values) {
+            assert_eq!(v.to_str().unwrap(), n.to_string());
         }
     }
 
@@ -395,6 +529,124 @@ mod tests {
         for gone in ["x-api-key", "cookie", "expect"] {
             assert!(h.get(gone).is_none(), "{gone} went upstream");
         }
+    }
+
+    #[test]
+    fn account_headers_are_told_from_the_rest() {
+        for account in [
+            "x-ratelimit-limit-tokens",
+            "anthropic-ratelimit-requests-limit",
+            "openai-organization",
+            "openai-project",
+            "anthropic-organization-id",
+            "set-cookie",
+            "set-cookie2",
+        ] {
+            assert!(
+                is_account_header(&HeaderName::from_static(account)),
+                "{account}"
+            );
+        }
+        for other in [
+            "x-request-id",
+            "anthropic-version",
+            "openai-version",
+            "server",
+            "content-type",
+            "date",
+            "via",
+        ] {
+            assert!(
+                !is_account_header(&HeaderName::from_static(other)),
+                "{other}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_stripped_names_are_exactly_the_stripped_headers() {
+        for name in &STRIPPED_HEADERS {
+            assert!(is_stripped(name.as_str()), "{name}");
+        }
+        for other in [
+            "authorization",
+            "host",
+            "content-type",
+            "content-length",
+            "x-api-key2",
+            "api-keys",
+            "anthropic-version",
+            "anthropic-beta",
+            "x-request-id",
+        ] {
+            assert!(!is_stripped(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn one_pass_finds_what_the_rewrite_must_remove_or_keep() {
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        h.insert(HOST, HeaderValue::from_static("gw"));
+        assert_eq!(ClientHeaders::scan(&h), ClientHeaders::default());
+        h.insert(http::header::COOKIE, HeaderValue::from_static("c"));
+        h.insert(ANTHROPIC_BETA.clone(), HeaderValue::from_static("b"));
+        assert_eq!(
+            ClientHeaders::scan(&h),
+            ClientHeaders {
+                stripped: true,
+                anthropic_version: false,
+                anthropic_beta: true,
+            }
+        );
+        h.insert(ANTHROPIC_VERSION.clone(), HeaderValue::from_static("v"));
+        assert!(ClientHeaders::scan(&h).anthropic_version);
+    }
+
+    #[test]
+    fn an_openai_provider_never_gets_the_clients_anthropic_headers() {
+        let mut req = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+        for (k, v) in [
+            ("authorization", "Bearer spideriq_pat_x"),
+            ("anthropic-version", "2023-06-01"),
+            ("anthropic-beta", "tools-2024-04-04"),
+            ("x-request-id", "r1"),
+        ] {
+            req.append_header(k, v).unwrap();
+        }
+        let provider = ProviderHeaders {
+            kind: ProviderKind::OpenAi,
+            host: HeaderValue::from_static("api.example.com"),
+            anthropic_version: HeaderValue::from_static("2023-06-01"),
+        };
+        let uri = http::Uri::from_static("/v1/chat/completions");
+        rewrite_upstream_request(&mut req, &provider, None, &uri, 1, None).unwrap();
+        let h = &req.headers;
+        for gone in ["authorization", "anthropic-version", "anthropic-beta"] {
+            assert!(h.get(gone).is_none(), "{gone} went upstream");
+        }
+        assert_eq!(h.get("x-request-id").unwrap(), "r1");
+    }
+
+    #[test]
+    fn anthropic_pricing_betas_are_dropped_and_a_clients_version_kept() {
+        let mut req = RequestHeader::build("POST", b"/v1/messages", None).unwrap();
+        for (k, v) in [
+            ("anthropic-version", "2024-01-01"),
+            ("anthropic-beta", "context-1m-2025-08-07, tools-2024-04-04"),
+        ] {
+            req.append_header(k, v).unwrap();
+        }
+        let provider = ProviderHeaders {
+            kind: ProviderKind::Anthropic,
+            host: HeaderValue::from_static("api.anthropic.com"),
+            anthropic_version: HeaderValue::from_static("2023-06-01"),
+        };
+        let uri = http::Uri::from_static("/v1/messages");
+        rewrite_upstream_request(&mut req, &provider, None, &uri, 1, None).unwrap();
+        let h = &req.headers;
+        assert_eq!(h.get("anthropic-version").unwrap(), "2024-01-01");
+        assert_eq!(h.get("anthropic-beta").unwrap(), "tools-2024-04-04");
     }
 
     #[test]

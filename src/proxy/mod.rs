@@ -562,7 +562,11 @@ impl ProxyHttp for GateProxy {
             return Ok(false);
         }
         let authorization = header_bytes(session.req_header(), &http::header::AUTHORIZATION);
-        let x_api_key = header_bytes(session.req_header(), &headers::X_API_KEY);
+        // `x-api-key` counts only without `Authorization`: looked up only then.
+        let x_api_key = authorization
+            .is_none()
+            .then(|| header_bytes(session.req_header(), &headers::X_API_KEY))
+            .flatten();
         let anonymous_catalog = ctx.snap.routes.config.public_catalog
             && authorization.is_none()
             && x_api_key.is_none()
@@ -615,7 +619,10 @@ impl ProxyHttp for GateProxy {
             })
             .flatten();
         // A large form goes upstream as it arrives, once its opening is read and admitted.
-        let declared = declared_length(session).filter(|&n| form && n > hold && n <= max_body);
+        let declared = form
+            .then(|| declared_length(session))
+            .flatten()
+            .filter(|&n| n > hold && n <= max_body);
         if let Some(len) = declared {
             match self
                 .read_upload_opening(session, ctx, content_type.as_deref(), len)
@@ -673,7 +680,9 @@ impl ProxyHttp for GateProxy {
             .current_model()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no admitted model"))?;
         let pidx = ctx.snap.routes.catalog.models()[m].provider;
-        match ctx.snap.routes.provider_keys[pidx].pick(now_ms()) {
+        // One clock reading for the key and the address picked together.
+        let now = now_ms();
+        match ctx.snap.routes.provider_keys[pidx].pick(now) {
             Ok(key) => ctx.pool_key = key,
             Err(resting) => return Err(self.all_keys_resting(ctx, resting)),
         }
@@ -688,7 +697,7 @@ impl ProxyHttp for GateProxy {
         let routes = &ctx.snap.routes;
         let provider = &routes.catalog.providers()[pidx];
         let link = &routes.provider_links[pidx];
-        let Some((i, addr)) = link.addrs.pick(start, ctx.address.tried, now_ms()) else {
+        let Some((i, addr)) = link.addrs.pick(start, ctx.address.tried, now) else {
             // The host does not resolve (yet): nothing to connect to; the next model if any.
             log::warn!(
                 "provider {}: {} resolves to no address",
