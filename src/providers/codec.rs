@@ -3,9 +3,11 @@
 //! bytes pass unchanged, usage is read as they go) or translates (the bytes are rewritten
 //! into the client's format). Either way it yields the usage the provider reported.
 
+use std::ops::Range;
+
 use bytes::{Bytes, BytesMut};
 
-use crate::providers::openai_usage::{usage_from_json, Forward, SseUsageParser};
+use crate::providers::openai_usage::{usage_from_json, without, Forward, SseUsageParser};
 use crate::usage::Usage;
 
 use super::mask::mask_account_ids;
@@ -409,6 +411,21 @@ fn translate_whole(plan: Plan, status: u16, bytes: &[u8]) -> Vec<u8> {
     out
 }
 
+/// `chunk` without `hole`. The chunk Pingora hands over is this filter's alone, so the tail
+/// is moved over the hole in place (a few bytes: the usage event comes last but for
+/// `[DONE]`); a shared chunk is copied.
+fn cut_out(chunk: Bytes, hole: Range<usize>) -> Bytes {
+    match chunk.try_into_mut() {
+        Ok(mut bytes) => {
+            let len = bytes.len();
+            bytes.copy_within(hole.end.., hole.start);
+            bytes.truncate(len - hole.len());
+            bytes.freeze()
+        }
+        Err(chunk) => Bytes::from(without(&chunk, hole)),
+    }
+}
+
 /// The chat stream observer: forwards the chunk, or the parts of it that are not the usage
 /// event the gateway injected.
 fn filter_chat_sse(parser: &mut SseUsageParser, body: &mut Option<Bytes>, end_of_stream: bool) {
@@ -416,6 +433,7 @@ fn filter_chat_sse(parser: &mut SseUsageParser, body: &mut Option<Bytes>, end_of
         *body = match parser.feed(&chunk) {
             Forward::Unchanged => Some(chunk),
             Forward::Range(r) => Some(chunk.slice(r)),
+            Forward::Without(hole) => Some(cut_out(chunk, hole)),
             Forward::Owned(v) => Some(Bytes::from(v)),
             Forward::Nothing => None,
         };
@@ -438,6 +456,29 @@ fn filter_chat_sse(parser: &mut SseUsageParser, body: &mut Option<Bytes>, end_of
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_usage_event_is_cut_out_of_the_middle_of_a_chunk_owned_or_shared() {
+        let usage =
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":3}}\n\n";
+        let stream = format!("data: {{\"choices\":[]}}\n\n{usage}data: [DONE]\n\n");
+        let kept = b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n";
+        let owned = Bytes::from(stream.clone().into_bytes());
+        let shared = Bytes::from(stream.into_bytes());
+        let other_holder = shared.clone();
+        for chunk in [owned, shared] {
+            let (mut c, resized) = ResponseCodec::for_head(Plan::Chat, 200, true, true, false);
+            assert!(resized);
+            let mut body = Some(chunk);
+            c.filter(&mut body, true);
+            assert_eq!(body.as_deref(), Some(&kept[..]));
+            assert_eq!(c.usage(false), Some(Usage::new(2, 3)));
+        }
+        assert!(
+            other_holder.starts_with(b"data: {\"choices\":[]}\n\ndata: {"),
+            "a shared chunk is not edited"
+        );
+    }
 
     #[test]
     fn a_pass_through_chat_stream_keeps_its_length_unless_usage_is_stripped() {

@@ -1,6 +1,7 @@
 //! OpenAI-format usage: whole JSON bodies (chat completions, embeddings, the Responses API)
 //! and the chat completions SSE stream, parsed incrementally as it passes.
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::LazyLock;
 
@@ -543,8 +544,12 @@ pub enum Forward {
     Unchanged,
     /// Forward only `chunk[range]` of the fed chunk (caller slices, zero copy). Never empty.
     Range(Range<usize>),
+    /// Forward the fed chunk without `chunk[range]`: a usage event cut out of its middle. The
+    /// caller can close the hole in place (the tail is usually just `data: [DONE]`), where a
+    /// copy would allocate and copy the whole chunk. Neither side is empty.
+    Without(Range<usize>),
     /// Forward these bytes instead (held-back bytes from earlier chunks joined with this one,
-    /// or this chunk with a usage event cut out of its middle). Never empty.
+    /// or a chunk with more than one hole). Never empty.
     Owned(Vec<u8>),
     /// Forward nothing for now.
     Nothing,
@@ -553,20 +558,36 @@ pub enum Forward {
 impl Forward {
     /// The bytes to forward, given the chunk that was fed (`&[]` for `finish`).
     #[must_use]
-    pub fn bytes<'a>(&'a self, chunk: &'a [u8]) -> &'a [u8] {
+    pub fn bytes<'a>(&'a self, chunk: &'a [u8]) -> Cow<'a, [u8]> {
         match self {
-            Forward::Unchanged => chunk,
-            Forward::Range(r) => chunk.get(r.clone()).unwrap_or(&[]),
-            Forward::Owned(v) => v,
-            Forward::Nothing => &[],
+            Forward::Unchanged => Cow::Borrowed(chunk),
+            Forward::Range(r) => Cow::Borrowed(chunk.get(r.clone()).unwrap_or(&[])),
+            Forward::Without(hole) => Cow::Owned(without(chunk, hole.clone())),
+            Forward::Owned(v) => Cow::Borrowed(v),
+            Forward::Nothing => Cow::Borrowed(&[]),
         }
     }
+}
+
+/// `chunk` with `hole` cut out, copied.
+#[must_use]
+pub fn without(chunk: &[u8], hole: Range<usize>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(chunk.len() - hole.len());
+    v.extend_from_slice(&chunk[..hole.start]);
+    v.extend_from_slice(&chunk[hole.end..]);
+    v
 }
 
 /// Builds the `Forward` for one chunk while stripping.
 enum Out {
     Empty,
     Run(usize, usize),
+    /// `chunk[start..end]` without `hole`.
+    Cut {
+        start: usize,
+        hole: Range<usize>,
+        end: usize,
+    },
     Owned(Vec<u8>),
 }
 
@@ -584,10 +605,16 @@ impl Out {
         }
         match self {
             Out::Empty => *self = Out::Run(r.start, r.end),
-            Out::Run(_, end) if *end == r.start => *end = r.end,
+            Out::Run(_, end) | Out::Cut { end, .. } if *end == r.start => *end = r.end,
             Out::Run(start, end) => {
-                let mut v = Vec::with_capacity(*end - *start + r.len());
-                v.extend_from_slice(&chunk[*start..*end]);
+                *self = Out::Cut {
+                    start: *start,
+                    hole: *end..r.start,
+                    end: r.end,
+                }
+            }
+            Out::Cut { start, hole, end } => {
+                let mut v = cut_run(chunk, *start, hole.clone(), *end);
                 v.extend_from_slice(&chunk[r]);
                 *self = Out::Owned(v);
             }
@@ -595,15 +622,27 @@ impl Out {
         }
     }
 
-    fn into_forward(self, chunk_len: usize) -> Forward {
+    fn into_forward(self, chunk: &[u8]) -> Forward {
+        let chunk_len = chunk.len();
         match self {
             Out::Empty => Forward::Nothing,
             Out::Run(0, end) if end == chunk_len => Forward::Unchanged,
             Out::Run(start, end) => Forward::Range(start..end),
+            Out::Cut {
+                start: 0,
+                hole,
+                end,
+            } if end == chunk_len => Forward::Without(hole),
+            Out::Cut { start, hole, end } => Forward::Owned(cut_run(chunk, start, hole, end)),
             Out::Owned(v) if v.is_empty() => Forward::Nothing,
             Out::Owned(v) => Forward::Owned(v),
         }
     }
+}
+
+/// `chunk[start..end]` without `hole` (which lies inside it), copied.
+fn cut_run(chunk: &[u8], start: usize, hole: Range<usize>, end: usize) -> Vec<u8> {
+    without(&chunk[start..end], hole.start - start..hole.end - start)
 }
 
 /// Incremental parser for an OpenAI-format SSE response stream (`data: {...}\n\n` events,
@@ -627,8 +666,13 @@ pub struct SseUsageParser {
     /// The previous chunk ended in CR, so a leading LF in this chunk belongs to it.
     after_cr: bool,
 
-    /// Data fields of the current event, joined with `\n`.
+    /// Data fields of the current event, joined with `\n`, when they had to be copied: the
+    /// event has several `data:` lines, or it is still open when its chunk ends.
     data: Vec<u8>,
+    /// The current event's one data field so far, where it lies in the chunk being fed: most
+    /// events are one `data:` line inside one chunk, read in place without a copy. Only set
+    /// during `feed`, and then `data` is empty.
+    data_in_chunk: Option<Range<usize>>,
     has_data: bool,
     event_overflow: bool,
 
@@ -658,6 +702,7 @@ impl SseUsageParser {
             line: Vec::new(),
             after_cr: false,
             data: Vec::new(),
+            data_in_chunk: None,
             has_data: false,
             event_overflow: false,
             held: Vec::new(),
@@ -691,8 +736,7 @@ impl SseUsageParser {
                 block_start = 1;
             }
         }
-        while let Some(i) = memchr::memchr2(b'\n', b'\r', &chunk[pos..]) {
-            let eol = pos + i;
+        while let Some(eol) = line_end(chunk, pos) {
             let mut next = eol + 1;
             if chunk[eol] == b'\r' {
                 match chunk.get(next) {
@@ -702,14 +746,15 @@ impl SseUsageParser {
                 }
             }
             let ended = if self.line.is_empty() {
-                self.process_line(&chunk[pos..eol])
+                self.process_line(chunk, pos..eol)
             } else {
                 push_capped(&mut self.line, &chunk[pos..eol]);
                 let line = std::mem::take(&mut self.line);
-                let ended = self.process_line(&line);
+                // Not blank (it has bytes from an earlier chunk), so it ends no event.
+                self.process_carried_line(&line);
                 self.line = line;
                 self.line.clear();
-                ended
+                None
             };
             if let Some(is_usage_event) = ended {
                 if self.strip {
@@ -726,6 +771,8 @@ impl SseUsageParser {
         if pos < chunk.len() {
             push_capped(&mut self.line, &chunk[pos..]);
         }
+        // The chunk goes back to the caller: an event still open keeps its own copy.
+        self.copy_data_in_chunk(chunk);
         if !self.strip {
             return Forward::Unchanged;
         }
@@ -741,7 +788,7 @@ impl SseUsageParser {
                 self.held.extend_from_slice(&chunk[block_start..]);
             }
         }
-        out.into_forward(chunk.len())
+        out.into_forward(chunk)
     }
 
     /// Call at end of stream: returns any held-back bytes that must still be forwarded
@@ -751,13 +798,13 @@ impl SseUsageParser {
         if !self.line.is_empty() {
             let line = std::mem::take(&mut self.line);
             // A line cannot end a block here: it is non-empty.
-            self.process_line(&line);
+            self.process_carried_line(&line);
             self.line = line;
             self.line.clear();
         }
         self.after_cr = false;
         self.cr_ended_block = None;
-        let is_usage_event = self.dispatch();
+        let is_usage_event = self.dispatch(&[]);
         let held = std::mem::take(&mut self.held);
         let dropped = is_usage_event && !self.block_committed && self.block_len <= MAX_EVENT_BYTES;
         self.block_len = 0;
@@ -813,52 +860,94 @@ impl SseUsageParser {
         drop
     }
 
-    /// One complete line (without its terminator). Returns `Some(is_usage_event)` when the
-    /// line is blank, i.e. it ends an event.
-    fn process_line(&mut self, line: &[u8]) -> Option<bool> {
+    /// One complete line of `chunk` (without its terminator). Returns `Some(is_usage_event)`
+    /// when the line is blank, i.e. it ends an event.
+    fn process_line(&mut self, chunk: &[u8], line: Range<usize>) -> Option<bool> {
         if line.is_empty() {
-            return Some(self.dispatch());
+            return Some(self.dispatch(chunk));
         }
+        let value = self.data_value(&chunk[line.clone()])?;
+        if !self.has_data {
+            self.has_data = true;
+            self.data_in_chunk = Some(line.start + value.start..line.end);
+            return None;
+        }
+        self.copy_data_in_chunk(chunk);
+        self.push_data(&chunk[line][value]);
+        None
+    }
+
+    /// A line begun in an earlier chunk, so never blank; its data is copied.
+    fn process_carried_line(&mut self, line: &[u8]) {
+        if let Some(value) = self.data_value(line) {
+            self.push_data(&line[value]);
+        }
+    }
+
+    /// Where the value of a `data:` field of the current event lies in `line` (not blank), if
+    /// the line is one that counts: comments, other fields, lines past the cap and the lines
+    /// of an event that outgrew the cap are not.
+    fn data_value(&mut self, line: &[u8]) -> Option<Range<usize>> {
         if line.len() > MAX_EVENT_BYTES {
             self.event_overflow = true;
             return None;
         }
-        let (field, value) = match memchr::memchr(b':', line) {
-            Some(0) => return None, // comment
-            Some(i) => {
-                let v = &line[i + 1..];
-                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
-            }
-            None => (line, &[][..]),
-        };
+        let (field, value_start) = field_and_value(line)?;
         if field != b"data" || self.event_overflow {
             return None;
         }
+        let value_len = line.len() - value_start;
         let sep = usize::from(self.has_data);
-        if self.data.len() + sep + value.len() > MAX_EVENT_BYTES {
+        if self.data_len() + sep + value_len > MAX_EVENT_BYTES {
             self.event_overflow = true;
             return None;
         }
+        Some(value_start..line.len())
+    }
+
+    fn data_len(&self) -> usize {
+        self.data_in_chunk
+            .as_ref()
+            .map_or(self.data.len(), ExactSizeIterator::len)
+    }
+
+    /// Appends one data field's value (checked against the cap) to the copied data.
+    fn push_data(&mut self, value: &[u8]) {
         if self.has_data {
             self.data.push(b'\n');
         }
         self.data.extend_from_slice(value);
         self.has_data = true;
-        None
     }
 
-    /// Ends the current event: analyses its data and resets it. Returns whether it was a
-    /// usage-only event.
-    fn dispatch(&mut self) -> bool {
-        let is_usage_event = self.has_data && !self.event_overflow && self.analyze();
+    /// The current event's data, until now read in place in `chunk`, is copied: the event
+    /// goes on past a line or past the chunk.
+    fn copy_data_in_chunk(&mut self, chunk: &[u8]) {
+        if let Some(r) = self.data_in_chunk.take() {
+            self.data.extend_from_slice(&chunk[r]);
+        }
+    }
+
+    /// Ends the current event: analyses its data (in `chunk`, or copied) and resets it.
+    /// Returns whether it was a usage-only event.
+    fn dispatch(&mut self, chunk: &[u8]) -> bool {
+        let in_chunk = self.data_in_chunk.take();
+        let is_usage_event = self.has_data && !self.event_overflow && {
+            // Moved out for the call, so the analysis can update `self`.
+            let copied = std::mem::take(&mut self.data);
+            let data = in_chunk.map_or(&copied[..], |r| &chunk[r]);
+            let is_usage_event = self.analyze(data);
+            self.data = copied;
+            is_usage_event
+        };
         self.data.clear();
         self.has_data = false;
         self.event_overflow = false;
         is_usage_event
     }
 
-    fn analyze(&mut self) -> bool {
-        let data = self.data.trim_ascii();
+    fn analyze(&mut self, data: &[u8]) -> bool {
+        let data = data.trim_ascii();
         if data == b"[DONE]" {
             self.done = true;
             return false;
@@ -877,6 +966,31 @@ impl SseUsageParser {
         }
         choices_empty == Some(true)
     }
+}
+
+/// The end of the line that starts at `from` in `chunk`, if the chunk holds it. A blank line
+/// (half of every event) is seen without a search.
+fn line_end(chunk: &[u8], from: usize) -> Option<usize> {
+    match chunk.get(from)? {
+        b'\n' | b'\r' => Some(from),
+        _ => memchr::memchr2(b'\n', b'\r', &chunk[from + 1..]).map(|i| from + 1 + i),
+    }
+}
+
+/// A non-blank line's field name and where its value starts (after `:` and one space); None
+/// for a comment. `data:` lines, nearly all of a stream, are told without a search.
+fn field_and_value(line: &[u8]) -> Option<(&[u8], usize)> {
+    let colon = if line.starts_with(b"data:") {
+        4
+    } else {
+        match memchr::memchr(b':', line) {
+            Some(0) => return None,
+            Some(i) => i,
+            None => return Some((line, line.len())),
+        }
+    };
+    let value_start = colon + 1 + usize::from(line.get(colon + 1) == Some(&b' '));
+    Some((&line[..colon], value_start))
 }
 
 /// Appends to a carried-over line, keeping at most `MAX_EVENT_BYTES + 1` bytes so that
@@ -999,6 +1113,9 @@ fn string_value(data: &[u8], key_end: usize) -> Option<(usize, usize)> {
 }
 
 #[cfg(test)]
+mod reference;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -1007,9 +1124,9 @@ mod tests {
     fn run(parser: &mut SseUsageParser, chunks: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();
         for chunk in chunks {
-            out.extend_from_slice(parser.feed(chunk).bytes(chunk));
+            out.extend_from_slice(&parser.feed(chunk).bytes(chunk));
         }
-        out.extend_from_slice(parser.finish().bytes(&[]));
+        out.extend_from_slice(&parser.finish().bytes(&[]));
         out
     }
 
@@ -1192,8 +1309,16 @@ mod tests {
         let chunk = format!("data: 4\n\n{usage_block}data: [DONE]\n\n");
         assert_eq!(
             p.feed(chunk.as_bytes()),
-            Forward::Owned(b"data: 4\n\ndata: [DONE]\n\n".to_vec())
+            Forward::Without(9..9 + usage_block.len())
         );
+        let chunk = format!("data: 4\n\n{usage_block}data: 5\n\n{usage_block}data: [DONE]\n\n");
+        assert_eq!(
+            p.feed(chunk.as_bytes()),
+            Forward::Owned(b"data: 4\n\ndata: 5\n\ndata: [DONE]\n\n".to_vec())
+        );
+        let chunk = format!("data: 4\n\n{usage_block}data: 5");
+        assert_eq!(p.feed(chunk.as_bytes()), Forward::Range(0..9));
+        assert_eq!(p.feed(b"\n\n"), Forward::Owned(b"data: 5\n\n".to_vec()));
         assert_eq!(p.finish(), Forward::Nothing);
         assert_eq!(p.usage(), usage(12, 7));
 
@@ -1309,6 +1434,93 @@ mod tests {
                 if !strip {
                     prop_assert_eq!(&whole_out[..], input);
                 }
+            }
+        }
+    }
+
+    /// Feeds `input`, cut at `cuts`, to this parser and to the one it replaced: both forward
+    /// the same bytes and read the same usage, text bytes and `[DONE]`.
+    fn assert_reads_as_the_old_parser(
+        input: &[u8],
+        cuts: &[usize],
+        strip: bool,
+    ) -> Result<(), TestCaseError> {
+        let (new, new_out) = run_split(input, cuts, strip);
+        let mut old = reference::OldParser::new(strip);
+        let mut old_out = Vec::new();
+        let mut prev = 0;
+        for &c in cuts.iter().chain(std::iter::once(&input.len())) {
+            old_out.extend_from_slice(&old.feed(&input[prev..c]));
+            prev = c;
+        }
+        old_out.extend_from_slice(&old.finish());
+        prop_assert_eq!(
+            summary(&new),
+            (old.usage(), old.content_bytes(), old.done()),
+            "{:?} cut at {:?}",
+            String::from_utf8_lossy(input),
+            cuts
+        );
+        prop_assert_eq!(
+            new_out,
+            old_out,
+            "{:?} cut at {:?}",
+            String::from_utf8_lossy(input),
+            cuts
+        );
+        Ok(())
+    }
+
+    proptest! {
+        /// Streams of SSE pieces (several `data:` lines to an event, other fields, comments,
+        /// each line end, usage events, `[DONE]`), cut anywhere: read in place, they read as
+        /// the copying parser read them.
+        #[test]
+        fn reads_events_in_place_as_the_old_parser_did(
+            parts in prop::collection::vec(prop::sample::select(vec![
+                "data: ", "data:", "data", "\n", "\r", "\r\n", "\n\n", ":c", "id: 1", "event: e",
+                "{\"choices\":[]", ",\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":3}}",
+                "\"usage\":null", "[DONE]", "{\"content\":\"ab\\\"c\"}", "x", " ",
+                "{\"choices\":[],\"usage\":{\"prompt_tokens\":4}}",
+                "{\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}",
+            ]), 0..40),
+            raw in prop::collection::vec(any::<usize>(), 0..12),
+        ) {
+            let input = parts.concat();
+            let input = input.as_bytes();
+            let cuts = cuts_for(input.len(), raw);
+            for strip in [false, true] {
+                assert_reads_as_the_old_parser(input, &cuts, strip)?;
+                assert_reads_as_the_old_parser(input, &[], strip)?;
+            }
+        }
+
+        /// Bytes from SSE's alphabet and any other: the same reading as the old parser.
+        #[test]
+        fn reads_any_bytes_as_the_old_parser_did(
+            input in prop::collection::vec(
+                prop_oneof![Just(b'\n'), Just(b'\r'), Just(b':'), Just(b' '), Just(b'd'),
+                            Just(b'a'), Just(b't'), any::<u8>()],
+                0..200),
+            raw in prop::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let cuts = cuts_for(input.len(), raw);
+            for strip in [false, true] {
+                assert_reads_as_the_old_parser(&input, &cuts, strip)?;
+            }
+        }
+
+        /// The recorded stream with any line ends, cut anywhere.
+        #[test]
+        fn reads_a_recorded_stream_as_the_old_parser_did(
+            eol in prop::sample::select(vec!["\n", "\r\n", "\r"]),
+            raw in prop::collection::vec(any::<usize>(), 0..20),
+        ) {
+            let (input, _) = recorded_stream(eol);
+            let input = input.as_bytes();
+            let cuts = cuts_for(input.len(), raw);
+            for strip in [false, true] {
+                assert_reads_as_the_old_parser(input, &cuts, strip)?;
             }
         }
     }
