@@ -203,6 +203,11 @@ pub(super) async fn read_body(
                 buf = Some(b);
             }
         }
+        // Its framing says the body is whole: one more read would only say so, and Pingora
+        // wraps every body read in its read timeout.
+        if session.is_body_done() {
+            break;
+        }
     }
     Ok(Ok(match (buf, first) {
         (Some(b), _) => b.freeze(),
