@@ -15,7 +15,7 @@ pub use crate::config::Family;
 use crate::error::GateError;
 use crate::keys::token::{from_authorization, is_well_formed, TokenHash, TokenMemo};
 use crate::keys::{KeyEntry, KeySet, ScopeSet};
-use crate::limits::brakes::request_digest;
+use crate::limits::brakes::{request_digest, UPLOAD_LOOP_PREFIX};
 use crate::limits::store::LimitStore;
 use crate::limits::{Reservation, Standing};
 use crate::money::Nanos;
@@ -444,10 +444,19 @@ pub async fn admit<L: LimitStore>(
     let sent_len = body_len.max(upstream_len);
     let bound = reservation_bound(catalog, &chain, endpoint, &fields, sent_len, overheads);
     // Only a key with a loop limit pays for hashing its body.
-    let digest = key
-        .limits
-        .loop_limit
-        .map(|_| request_digest(endpoint.label(), &fields.model, body));
+    let digest = key.limits.loop_limit.map(|_| {
+        // A large form's opening: its first bytes, as many whatever the pieces it came in.
+        let hashed = match head {
+            Some(_) => &body[..body.len().min(UPLOAD_LOOP_PREFIX)],
+            None => &body[..],
+        };
+        request_digest(
+            endpoint.label(),
+            &fields.model,
+            hashed,
+            head.map(|h| h.body_len),
+        )
+    });
     let (standing, reservation) = limits
         .admit(key, &uplines, now, bound.cost, digest, res_id)
         .await?;

@@ -988,6 +988,36 @@ fn a_large_wavs_header_in_a_later_piece_than_its_model_still_bounds_its_reservat
     assert_eq!(spend(&gw, &key), 6_250_000);
 }
 
+/// Loop detection sees a large form by its opening and its length: the same upload again
+/// is a repeat, one that opens alike but is longer is another request.
+#[test]
+fn a_large_upload_repeated_is_a_loop_and_a_longer_one_that_opens_alike_is_not() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&["--loop-limit", "1"]);
+    let file = large_file();
+    let upload = |len: usize| {
+        let body = form(
+            &[("model", "whisper"), ("response_format", "verbose_json")],
+            &[("file", "speech.mp3", &file[..len])],
+        );
+        post_form(&gw, "/v1/audio/transcriptions", &key, &body)
+    };
+    assert_eq!(upload(2_000_000).status, 200);
+    assert_eq!(
+        upload(2_500_000).status,
+        200,
+        "same opening, another length"
+    );
+    let r = upload(2_000_000);
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (429, "loop_detected"),
+        "{}",
+        r.text()
+    );
+}
+
 /// An opening longer than what Pingora keeps for a retry (64 KiB: here a 100 KB part
 /// before `model`) goes upstream in front of the first piece after it, byte for byte.
 #[test]

@@ -32,16 +32,27 @@ const LOOP_SLOTS: usize = 64;
 /// 152 bytes an entry, this bounds a key's table at under 10 KiB.
 pub const LOOP_ENTRIES: usize = 64;
 
+/// How much of a large form's opening (a form decided as it arrives) its loop digest
+/// covers, with its length: a key with a `loop_limit` reads at least this much of it before
+/// the decision, so the same upload always hashes the same bytes, however they arrived.
+pub const UPLOAD_LOOP_PREFIX: usize = 64 * 1024;
+
 /// Digest of one request for loop detection: SipHash-1-3 (128 bits, fixed keys) over the
 /// endpoint, the requested model and the body bytes. Fixed keys and a specified algorithm,
 /// so every node of a cluster computes the same digest; the body itself is never kept.
-pub fn request_digest(endpoint: &str, model: &str, body: &[u8]) -> u128 {
+///
+/// `whole_len`: the whole body's length when `body` is only its opening (a large form
+/// decided as it arrives), so uploads that open alike but differ in length differ here.
+pub fn request_digest(endpoint: &str, model: &str, body: &[u8], whole_len: Option<usize>) -> u128 {
     let mut h = SipHasher13::new_with_keys(0x5370_6964_6572_4761, 0x7465_4c6f_6f70_4b31);
     // Lengths first, so no two (endpoint, model, body) splits hash the same bytes.
     h.write_u64(endpoint.len() as u64);
     h.write(endpoint.as_bytes());
     h.write_u64(model.len() as u64);
     h.write(model.as_bytes());
+    if let Some(len) = whole_len {
+        h.write_u64(len as u64);
+    }
     h.write(body);
     h.finish128().as_u128()
 }
@@ -334,8 +345,8 @@ mod tests {
     fn loops_count_per_digest_in_a_rolling_minute() {
         let mut t = LoopTable::default();
         let (a, b) = (
-            request_digest("x", "m", b"a"),
-            request_digest("x", "m", b"b"),
+            request_digest("x", "m", b"a", None),
+            request_digest("x", "m", b"b", None),
         );
         for i in 0..3 {
             assert!(t.check(T0 + i * 10_000, 3, a).is_ok());
@@ -357,10 +368,13 @@ mod tests {
     #[test]
     fn the_table_is_bounded_and_evicts_the_least_recently_seen() {
         let mut t = LoopTable::default();
-        let hot = request_digest("x", "m", b"hot");
+        let hot = request_digest("x", "m", b"hot", None);
         for i in 0..(LOOP_ENTRIES as i64 * 3) {
             t.count(T0 + i * 1000, hot);
-            t.count(T0 + i * 1000, request_digest("x", "m", &i.to_le_bytes()));
+            t.count(
+                T0 + i * 1000,
+                request_digest("x", "m", &i.to_le_bytes(), None),
+            );
         }
         assert_eq!(t.entries.len(), LOOP_ENTRIES);
         assert!(t.find(hot).is_some(), "a request that repeats is kept");
@@ -368,10 +382,24 @@ mod tests {
 
     #[test]
     fn digests_separate_endpoint_model_and_body() {
-        let d = request_digest("chat.completions", "m", b"{}");
-        assert_ne!(d, request_digest("embeddings", "m", b"{}"));
-        assert_ne!(d, request_digest("chat.completions", "n", b"{}"));
-        assert_ne!(d, request_digest("chat.completions", "m", b"{ }"));
-        assert_eq!(d, request_digest("chat.completions", "m", b"{}"));
+        let d = request_digest("chat.completions", "m", b"{}", None);
+        assert_ne!(d, request_digest("embeddings", "m", b"{}", None));
+        assert_ne!(d, request_digest("chat.completions", "n", b"{}", None));
+        assert_ne!(d, request_digest("chat.completions", "m", b"{ }", None));
+        assert_eq!(d, request_digest("chat.completions", "m", b"{}", None));
+        // An opening: its bytes in uploads of other lengths are other requests.
+        let opening = request_digest("audio.transcriptions", "w", b"--b", Some(2_000_000));
+        assert_ne!(
+            opening,
+            request_digest("audio.transcriptions", "w", b"--b", Some(3_000_000))
+        );
+        assert_ne!(
+            opening,
+            request_digest("audio.transcriptions", "w", b"--b", None)
+        );
+        assert_eq!(
+            opening,
+            request_digest("audio.transcriptions", "w", b"--b", Some(2_000_000))
+        );
     }
 }

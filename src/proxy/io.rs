@@ -127,8 +127,8 @@ pub(super) struct FormOpening {
 
 /// Reads the opening of a form, scanning it as it arrives, until its `model` part has
 /// arrived, it does not end inside a part's head or a field the gateway reads, and a file
-/// under way has shown its head ([`FormScanner::opening_complete`]), else to its end. 400
-/// as soon as the scan finds it malformed.
+/// under way has shown its head ([`FormScanner::opening_complete`]), and `at_least` bytes
+/// have arrived, else to its end. 400 as soon as the scan finds it malformed.
 ///
 /// The opening is kept as short as that: it is held until the first piece after it went,
 /// and Pingora's retry buffer (64 KiB) copies what it reads. An opening within that buffer
@@ -137,6 +137,7 @@ pub(super) struct FormOpening {
 pub(super) async fn read_form_opening(
     session: &mut Session,
     scanner: &mut FormScanner,
+    at_least: usize,
 ) -> Result<std::result::Result<FormOpening, GateError>> {
     continue_if_expected(session).await?;
     session.enable_retry_buffering();
@@ -157,7 +158,10 @@ pub(super) async fn read_form_opening(
                 joined = Some(b);
             }
         }
-        if scanner.opening_complete() {
+        let len = joined
+            .as_ref()
+            .map_or_else(|| first.as_ref().map_or(0, Bytes::len), BytesMut::len);
+        if len >= at_least && scanner.opening_complete() {
             whole = session.is_body_done();
             break;
         }

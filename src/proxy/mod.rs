@@ -373,7 +373,19 @@ impl GateProxy {
         };
         let mut scanner = providers::multipart::FormScanner::new(&boundary);
         let deadline = ctx.snap.routes.config.tuning.body_timeout;
-        let read = with_deadline(deadline, read_form_opening(session, &mut scanner)).await;
+        // A key with a loop limit hashes a fixed stretch of the opening (the same bytes
+        // however the body arrived), so the opening is read that far.
+        let loop_prefix = ctx
+            .key
+            .as_ref()
+            .is_some_and(|k| k.limits.loop_limit.is_some())
+            .then_some(crate::limits::brakes::UPLOAD_LOOP_PREFIX)
+            .unwrap_or(0);
+        let read = with_deadline(
+            deadline,
+            read_form_opening(session, &mut scanner, loop_prefix),
+        )
+        .await;
         let opening = match read.unwrap_or(Ok(Err(GateError::RequestTimeout)))? {
             Ok(o) => o,
             Err(e) => return Ok(Err(e)),
