@@ -375,12 +375,15 @@ impl GateProxy {
         let deadline = ctx.snap.routes.config.tuning.body_timeout;
         // A key with a loop limit hashes a fixed stretch of the opening (the same bytes
         // however the body arrived), so the opening is read that far.
-        let loop_prefix = ctx
+        let loop_prefix = if ctx
             .key
             .as_ref()
             .is_some_and(|k| k.limits.loop_limit.is_some())
-            .then_some(crate::limits::brakes::UPLOAD_LOOP_PREFIX)
-            .unwrap_or(0);
+        {
+            crate::limits::brakes::UPLOAD_LOOP_PREFIX
+        } else {
+            0
+        };
         let read = with_deadline(
             deadline,
             read_form_opening(session, &mut scanner, loop_prefix),
