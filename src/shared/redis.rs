@@ -301,6 +301,32 @@ struct Queued {
 /// Where an operation's reply goes.
 type Reply = tokio::sync::oneshot::Sender<Result<Value, Failed>>;
 
+/// A caller's wait for its reply. A caller that goes away while it waits (its request
+/// cancelled) drops this: a reply already delivered but not read would otherwise be lost
+/// with it, and with it an admission's hold, which the node's heartbeat keeps alive. So the
+/// drop closes the channel first (from then on the sender sees the caller gone, and
+/// [`Core::answer`] handles the reply), then takes what came before.
+struct Waiting<'a> {
+    core: &'a Core,
+    kind: Kind,
+    res_id: u64,
+    rx: tokio::sync::oneshot::Receiver<Result<Value, Failed>>,
+    /// The caller read the reply (or learnt the sender was gone).
+    taken: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.taken {
+            return;
+        }
+        self.rx.close();
+        if let Ok(reply) = self.rx.try_recv() {
+            self.core.unread(self.kind, self.res_id, reply);
+        }
+    }
+}
+
 /// Operations waiting, and whether the task that sends them runs.
 #[derive(Default)]
 struct Queue {
@@ -711,6 +737,13 @@ impl Core {
     /// cancelled) never fails the others' operations.
     async fn submit(self: &Arc<Self>, op: Op) -> Result<Value, Failed> {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut waiting = Waiting {
+            core: self,
+            kind: op.kind,
+            res_id: op.res_id,
+            rx,
+            taken: false,
+        };
         let start = {
             let mut q = self.queue();
             q.ops.push(Queued { op, tx });
@@ -730,7 +763,9 @@ impl Core {
                 Err(_) => driver.run().await,
             }
         }
-        rx.await.unwrap_or_else(|_| {
+        let reply = (&mut waiting.rx).await;
+        waiting.taken = true;
+        reply.unwrap_or_else(|_| {
             Err(Failed {
                 error: unavailable("batch"),
                 maybe_ran: true,
@@ -738,13 +773,18 @@ impl Core {
         })
     }
 
-    /// Gives an operation its reply. If its caller is gone, what it would have done with a
-    /// lost reply is done here: an admission that may have taken a hold is released by the
-    /// next heartbeat, a settlement that may not have run is left to expire.
+    /// Gives an operation its reply; see [`Core::unread`] if its caller is gone.
     fn answer(&self, tx: Reply, kind: Kind, res_id: u64, reply: Result<Value, Failed>) {
-        let Err(reply) = tx.send(reply) else {
-            return;
-        };
+        if let Err(reply) = tx.send(reply) {
+            self.unread(kind, res_id, reply);
+        }
+    }
+
+    /// A reply its caller never read (it went away before or after the reply came): what
+    /// the caller would have done with a lost reply is done here. An admission that may
+    /// have taken a hold is released by the next heartbeat; a settlement that may not have
+    /// run is left to expire.
+    fn unread(&self, kind: Kind, res_id: u64, reply: Result<Value, Failed>) {
         match (kind, reply) {
             (Kind::Admit, Err(f)) if f.maybe_ran => self.unsure().push_admit(res_id),
             (Kind::Admit, Ok(Value::Array(a))) if a.first().and_then(int) == Some(1) => {
