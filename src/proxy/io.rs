@@ -141,32 +141,19 @@ pub(super) async fn read_form_opening(
 ) -> Result<std::result::Result<FormOpening, GateError>> {
     continue_if_expected(session).await?;
     session.enable_retry_buffering();
-    let mut first: Option<Bytes> = None;
-    let mut joined: Option<BytesMut> = None;
+    let mut read = Gathered::default();
     let mut whole = true;
     while let Some(chunk) = session.read_request_body().await? {
         if let Err(e) = scanner.feed(&chunk) {
             return Ok(Err(e));
         }
-        match (&mut joined, first.take()) {
-            (Some(b), _) => b.extend_from_slice(&chunk),
-            (None, None) => first = Some(chunk),
-            (None, Some(prev)) => {
-                let mut b = BytesMut::with_capacity(prev.len() + chunk.len());
-                b.extend_from_slice(&prev);
-                b.extend_from_slice(&chunk);
-                joined = Some(b);
-            }
-        }
-        let len = joined
-            .as_ref()
-            .map_or_else(|| first.as_ref().map_or(0, Bytes::len), BytesMut::len);
-        if len >= at_least && scanner.opening_complete() {
+        read.push(chunk, BytesMut::with_capacity);
+        if read.len() >= at_least && scanner.opening_complete() {
             whole = session.is_body_done();
             break;
         }
     }
-    let bytes = joined.map_or_else(|| first.unwrap_or_default(), BytesMut::freeze);
+    let bytes = read.into_bytes();
     // The retry buffer holds exactly what was read here unless it overflowed.
     let replayed = !whole && !bytes.is_empty() && !session.retry_buffer_truncated();
     Ok(Ok(FormOpening {
@@ -187,37 +174,60 @@ pub(super) async fn read_body(
         return Ok(Err(GateError::RequestTooLarge(max)));
     }
     continue_if_expected(session).await?;
-    let mut first: Option<Bytes> = None;
-    let mut buf: Option<BytesMut> = None;
-    let mut total: u64 = 0;
+    let mut read = Gathered::default();
     while let Some(chunk) = session.read_request_body().await? {
-        total += chunk.len() as u64;
-        if total > max {
+        if (read.len() + chunk.len()) as u64 > max {
             return Ok(Err(GateError::RequestTooLarge(max)));
         }
-        match (&mut buf, first.take()) {
-            (Some(b), _) => b.extend_from_slice(&chunk),
-            (None, None) => first = Some(chunk),
-            (None, Some(prev)) => {
-                // Headroom: a form's `model` can be replaced by a longer upstream id in place.
-                let cap = declared.unwrap_or(0).max(total) as usize + SPLICE_HEADROOM;
-                let mut b = body_buffer(cap);
-                b.extend_from_slice(&prev);
-                b.extend_from_slice(&chunk);
-                buf = Some(b);
-            }
-        }
+        // Headroom: a form's `model` can be replaced by a longer upstream id in place.
+        read.push(chunk, |total| {
+            body_buffer(declared.unwrap_or(0).max(total as u64) as usize + SPLICE_HEADROOM)
+        });
         // Its framing says the body is whole: one more read would only say so, and Pingora
         // wraps every body read in its read timeout.
         if session.is_body_done() {
             break;
         }
     }
-    Ok(Ok(match (buf, first) {
-        (Some(b), _) => b.freeze(),
-        (None, Some(f)) => f,
-        (None, None) => Bytes::new(),
-    }))
+    Ok(Ok(read.into_bytes()))
+}
+
+/// A body read piece by piece: a body that comes in one piece is kept as Pingora read it;
+/// at the second piece both go into one buffer (`room`, given the bytes read so far), which
+/// takes the rest.
+#[derive(Default)]
+struct Gathered {
+    first: Option<Bytes>,
+    joined: Option<BytesMut>,
+    len: usize,
+}
+
+impl Gathered {
+    fn push(&mut self, chunk: Bytes, room: impl FnOnce(usize) -> BytesMut) {
+        self.len += chunk.len();
+        match (&mut self.joined, self.first.take()) {
+            (Some(b), _) => b.extend_from_slice(&chunk),
+            (None, None) => self.first = Some(chunk),
+            (None, Some(prev)) => {
+                let mut b = room(self.len);
+                b.extend_from_slice(&prev);
+                b.extend_from_slice(&chunk);
+                self.joined = Some(b);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match (self.joined, self.first) {
+            (Some(b), _) => b.freeze(),
+            (None, Some(f)) => f,
+            (None, None) => Bytes::new(),
+        }
+    }
 }
 
 #[cfg(test)]
