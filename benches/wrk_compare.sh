@@ -5,7 +5,10 @@
 #
 #   benches/wrk_compare.sh [--duration 10] [--connections 32] [--rounds 3]
 #                          [--no-nginx] [--no-stream] [--no-tls] [--no-build] [--no-pin]
-#                          [--fleet]
+#                          [--fleet] [--syscalls]
+#
+# Each row also gives the proxy's context switches per request (all threads, from /proc) and,
+# with --syscalls, its system calls per request (perf's raw_syscalls tracepoint).
 #
 # --fleet: the gateway's requests come from a key three deep in a tree of minted keys (the
 # bench key, a child, a grandchild through /v1/keys) inside a group with a hard budget and an
@@ -47,6 +50,7 @@ WITH_TLS=1
 FLEET=0
 BUILD=1
 PIN=1
+COUNT_SYSCALLS=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION="$2"; shift 2 ;;
@@ -58,7 +62,8 @@ while [ $# -gt 0 ]; do
     --fleet) FLEET=1; shift ;;
     --no-build) BUILD=0; shift ;;
     --no-pin) PIN=0; shift ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    --syscalls) COUNT_SYSCALLS=1; shift ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -332,6 +337,13 @@ fi
 
 # utime + stime of the whole process (all threads), in clock ticks.
 cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+# Context switches of the whole process (all threads, voluntary and not).
+ctx_switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s + 0 }'; }
+# With --syscalls: system calls of the whole process while a round runs, counted by perf (root
+# or a permissive perf_event_paranoid; the tracepoint costs a little per call, in every
+# proxy alike); else -1.
+PERF_SYSCALLS=0
+if [ "$COUNT_SYSCALLS" = 1 ] && command -v perf >/dev/null && perf stat -e raw_syscalls:sys_enter -p $$ -- true >/dev/null 2>&1; then PERF_SYSCALLS=1; fi
 
 RESULTS="$TMP/results.tsv"
 : >"$RESULTS"
@@ -354,10 +366,21 @@ run_round() {
       gateway) pid=$GW_TLSL_PID; port=$GW_TLSL_PORT ;;
     esac
   fi
-  before=$(cpu_ticks "$pid")
+  local cs_before cs_after perf_pid=""
+  before=$(cpu_ticks "$pid"); cs_before=$(ctx_switches "$pid")
+  if [ "$PERF_SYSCALLS" = 1 ]; then
+    perf stat -x, -e raw_syscalls:sys_enter -p "$pid" -o "$TMP/perf.$p" -- sleep "$dur" >/dev/null 2>&1 &
+    perf_pid=$!
+  fi
   out=$(SG_SECRET="$SECRET" SG_STREAM="$stream" SG_API="$api" SG_MODEL="$model" "${LOAD_PIN[@]}" wrk -t1 -c"$CONNECTIONS" -d"${dur}s" -s "$LUA" \
         "$scheme://127.0.0.1:$port" 2>&1)
-  after=$(cpu_ticks "$pid")
+  after=$(cpu_ticks "$pid"); cs_after=$(ctx_switches "$pid")
+  local syscalls=-1
+  if [ -n "$perf_pid" ]; then
+    wait "$perf_pid" 2>/dev/null || true
+    syscalls=$(awk -F, '/raw_syscalls:sys_enter/ { print $1 + 0 }' "$TMP/perf.$p" 2>/dev/null || echo -1)
+    [ -n "$syscalls" ] || syscalls=-1
+  fi
   [ "$round" = warmup ] && return 0
   line=$(printf '%s\n' "$out" | grep '^WRK_RESULT' || true)
   if [ -z "$line" ]; then echo "wrk produced no result for $p:" >&2; printf '%s\n' "$out" >&2; exit 1; fi
@@ -367,12 +390,14 @@ run_round() {
   if printf '%s\n' "$out" | grep -q 'Socket errors'; then
     echo "!!! warning: $p ($variant, round $round): $(printf '%s\n' "$out" | grep 'Socket errors')" >&2
   fi
-  # variant proxy round rps cpu_us_per_req p50_us p99_us non2xx requests
-  printf '%s\n' "$line" | awk -v v="$variant" -v p="$p" -v r="$round" -v d="$((after - before))" -v hz="$CLK_TCK" '{
+  # variant proxy round rps cpu_us_per_req p50_us p99_us non2xx requests cs_per_req syscalls_per_req
+  printf '%s\n' "$line" | awk -v v="$variant" -v p="$p" -v r="$round" -v d="$((after - before))" -v hz="$CLK_TCK" \
+      -v cs="$((cs_after - cs_before))" -v sc="$syscalls" '{
       for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
       rps = f["requests"] / (f["duration_us"] / 1e6)
       cpu = f["requests"] > 0 ? d * 1e6 / hz / f["requests"] : 0
-      printf "%s\t%s\t%s\t%.0f\t%.2f\t%d\t%d\t%d\t%d\n", v, p, r, rps, cpu, f["p50_us"], f["p99_us"], f["non2xx"], f["requests"]
+      n = f["requests"] > 0 ? f["requests"] : 1
+      printf "%s\t%s\t%s\t%.0f\t%.2f\t%d\t%d\t%d\t%d\t%.3f\t%.3f\n", v, p, r, rps, cpu, f["p50_us"], f["p99_us"], f["non2xx"], f["requests"], cs / n, (sc < 0 ? -1 : sc / n)
     }' >>"$RESULTS"
 }
 
@@ -412,11 +437,11 @@ for variant in "${VARIANTS[@]}"; do
     tls_listener) echo "== tls_listener chat (plain chat; wrk speaks HTTPS to the proxy, which terminates TLS) ==" ;;
     *) echo "== $variant chat ==" ;;
   esac
-  printf '%-8s %-7s %10s %12s %9s %9s %7s\n' proxy round rps "cpu_us/req" p50_ms p99_ms non2xx
+  printf '%-8s %-7s %10s %12s %9s %9s %7s %8s %9s\n' proxy round rps "cpu_us/req" p50_ms p99_ms non2xx "cs/req" "sysc/req"
   read -r -a VPROXIES <<<"$(proxies_for "$variant")"
   for p in "${VPROXIES[@]}"; do
     awk -F'\t' -v v="$variant" -v p="$p" '$1 == v && $2 == p {
-        printf "%-8s %-7s %10d %12.2f %9.2f %9.2f %7d\n", $2, $3, $4, $5, $6 / 1000, $7 / 1000, $8 }' "$RESULTS"
+        printf "%-8s %-7s %10d %12.2f %9.2f %9.2f %7d %8.3f %9.3f\n", $2, $3, $4, $5, $6 / 1000, $7 / 1000, $8, $10, $11 }' "$RESULTS"
     printf '%-8s %-7s %10.0f %12.2f\n' "$p" median "$(col "$variant" "$p" 4 | median)" "$(col "$variant" "$p" 5 | median)"
   done
   bare_rps=$(col "$variant" bare 4 | median); gw_rps=$(col "$variant" gateway 4 | median)
