@@ -1,8 +1,9 @@
 //! Spend and trace writer: request path -> channel -> one writer thread -> SQLite, batched.
 //!
-//! Recording is a lock-free channel push with no syscall: the writer never blocks on the
-//! channel (a blocked receiver would make every send wake it with a futex call); it parks
-//! for one flush interval, then drains whatever arrived and commits it in one transaction.
+//! Recording is a push onto a vector behind a mutex held for that push alone (see [`Queue`]):
+//! no syscall unless another thread holds it at that instant. The writer never waits on the
+//! queue (a waiting reader would make every push wake it with a futex call); it parks for
+//! one flush interval, then takes whatever arrived and commits it in one transaction.
 //! A failed commit keeps the batch and retries, so nothing is dropped before it is durable;
 //! meanwhile the batch stays bounded (spend is aggregated per key and model, traces are
 //! capped) and the ledger reports itself unhealthy, so hard-budget keys pause instead of
@@ -21,8 +22,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
@@ -84,6 +85,61 @@ enum Msg {
     Flush(mpsc::SyncSender<()>),
 }
 
+/// The request path's hand-off to the writer: a vector behind a mutex, which a push holds
+/// for one `Vec::push` and the writer for one swap with its own (empty) vector, so neither
+/// side allocates once both have grown to the traffic.
+///
+/// Not `std::sync::mpsc`: its unbounded channel cost ~550 instructions a send and ~150 a
+/// receive (`benches/instr.py`), two of each per request (the journal row, the entry); an
+/// uncontended lock and a push cost a fifth of that. The critical sections are a few dozen
+/// instructions, so even with many worker threads the lock is rarely contended.
+#[derive(Default)]
+struct Queue {
+    msgs: Mutex<Vec<Msg>>,
+    /// Set when the ledger handle is dropped: the writer commits what is left and stops
+    /// (what a channel's disconnection said).
+    closed: AtomicBool,
+    /// Set when the writer thread ends (its store did not open, or it stopped): nothing
+    /// would take a message any more, so pushes are refused instead of kept forever.
+    writer_gone: AtomicBool,
+}
+
+impl Queue {
+    /// Queues `msg`; false (and `msg` dropped) when no writer will take it.
+    #[must_use]
+    fn push(&self, msg: Msg) -> bool {
+        if self.writer_gone.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.msgs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(msg);
+        true
+    }
+
+    /// Swaps everything queued into `inbox` (which must be empty; its capacity becomes the
+    /// queue's). True once the handle was dropped: then nothing more can come.
+    fn take(&self, inbox: &mut Vec<Msg>) -> bool {
+        // Read first: a close seen here happened after the last push, which the swap sees.
+        let closed = self.closed.load(Ordering::Acquire);
+        std::mem::swap(
+            &mut *self.msgs.lock().unwrap_or_else(PoisonError::into_inner),
+            inbox,
+        );
+        closed
+    }
+}
+
+/// Marks the queue's writer gone when the writer thread ends, however it ends.
+struct WriterGone(Arc<Queue>);
+
+impl Drop for WriterGone {
+    fn drop(&mut self) {
+        self.0.writer_gone.store(true, Ordering::Relaxed);
+    }
+}
+
 /// What the writer reports to the request path and `/health`, as plain atomics.
 #[derive(Debug, Default)]
 pub struct LedgerHealth {
@@ -105,7 +161,7 @@ pub struct LedgerHealth {
     /// Cluster upkeep rounds completed (heartbeat written and stopped nodes swept).
     sweeps: AtomicU64,
     /// Commits that wrote something, and how long each took from the writer's wake-up
-    /// (draining the channel, then the transaction): a histogram over
+    /// (taking the queue, then the transaction): a histogram over
     /// [`COMMIT_BUCKETS_US`], its sum in µs, its count.
     commit_buckets: [AtomicU64; COMMIT_BUCKETS_US.len()],
     commit_us_sum: AtomicU64,
@@ -170,10 +226,12 @@ impl LedgerHealth {
     }
 }
 
-/// Handle to the writer. Cheap to share; `record` never blocks and makes no syscall.
+/// Handle to the writer. Cheap to share; `record` never waits on the writer and makes no
+/// syscall unless another thread holds the queue's lock at that instant.
 pub struct SpendLedger {
-    sender: Sender<Msg>,
-    rx: Mutex<Option<Receiver<Msg>>>,
+    queue: Arc<Queue>,
+    /// Whether [`SpendLedger::start`] ran (it spawns the writer once).
+    started: AtomicBool,
     writer: OnceLock<Thread>,
     db: StoreLocation,
     cluster: Option<ClusterNode>,
@@ -191,6 +249,16 @@ pub struct SpendLedger {
     handing_over: Arc<AtomicBool>,
 }
 
+impl Drop for SpendLedger {
+    /// The writer commits what is queued and stops (at once if it is parked).
+    fn drop(&mut self) {
+        self.queue.closed.store(true, Ordering::Release);
+        if let Some(writer) = self.writer.get() {
+            writer.unpark();
+        }
+    }
+}
+
 impl SpendLedger {
     /// Creates the ledger; entries queue until [`SpendLedger::start`] spawns the writer (which
     /// must happen after Pingora daemonizes, since a fork keeps no threads).
@@ -202,7 +270,6 @@ impl SpendLedger {
         max_backlog: usize,
         spans: Option<SpanQueue>,
     ) -> SpendLedger {
-        let (tx, rx) = mpsc::channel();
         // Unique across restarts: the start time in ms, shifted, plus a counter. In a
         // cluster the ids also name holds in Redis, so they are unique across nodes too:
         // the node's random owner id above 40 bits of counter.
@@ -211,8 +278,8 @@ impl SpendLedger {
             Some(n) => (n.owner & 0x7F_FFFF) << 40,
         };
         SpendLedger {
-            sender: tx,
-            rx: Mutex::new(Some(rx)),
+            queue: Arc::default(),
+            started: AtomicBool::new(false),
             writer: OnceLock::new(),
             db,
             cluster,
@@ -271,16 +338,17 @@ impl SpendLedger {
 
     /// Journals one admission. Never blocks, never touches SQLite.
     pub fn journal(&self, row: JournalRow) {
-        if self.sender.send(Msg::Admit(row)).is_err() {
+        if !self.queue.push(Msg::Admit(row)) {
             log::error!("ledger writer is gone; an admission was not journaled");
         }
     }
 
     /// Spawns the writer thread (once).
     pub fn start(&self) -> std::io::Result<()> {
-        let Some(rx) = self.rx.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        if self.started.swap(true, Ordering::SeqCst) {
             return Ok(());
-        };
+        }
+        let queue = self.queue.clone();
         // Opened on the writer's own thread: this may be called from an async task, where a
         // blocking PostgreSQL client must not run (it drives a runtime of its own).
         let db = self.db.clone();
@@ -299,6 +367,7 @@ impl SpendLedger {
         let handle = std::thread::Builder::new()
             .name("spidergate-ledger".into())
             .spawn(move || {
+                let _gone = WriterGone(queue.clone());
                 let mut store = match Store::open_at(&db) {
                     Ok(s) => s,
                     Err(e) => {
@@ -315,7 +384,8 @@ impl SpendLedger {
                 Writer {
                     store,
                     cluster,
-                    rx,
+                    queue,
+                    inbox: Vec::new(),
                     flush_interval,
                     retention_ms,
                     max_backlog,
@@ -342,7 +412,7 @@ impl SpendLedger {
     /// Queues one finished request. Never blocks, never touches SQLite.
     pub fn record(&self, entry: LedgerEntry) {
         self.health.finished.fetch_add(1, Ordering::Relaxed);
-        if self.sender.send(Msg::Entry(entry)).is_err() {
+        if !self.queue.push(Msg::Entry(entry)) {
             log::error!("ledger writer is gone; a ledger entry was not recorded");
         }
     }
@@ -354,7 +424,7 @@ impl SpendLedger {
             return false;
         };
         let (done_tx, done_rx) = mpsc::sync_channel(1);
-        if self.sender.send(Msg::Flush(done_tx)).is_err() {
+        if !self.queue.push(Msg::Flush(done_tx)) {
             return false;
         }
         writer.unpark();
@@ -378,7 +448,10 @@ impl SpendLedger {
 struct Writer {
     store: Store,
     cluster: Option<ClusterNode>,
-    rx: Receiver<Msg>,
+    queue: Arc<Queue>,
+    /// What the last [`Writer::drain`] took from the queue (empty between drains; kept for
+    /// its capacity).
+    inbox: Vec<Msg>,
     flush_interval: Duration,
     retention_ms: i64,
     max_backlog: usize,
@@ -494,11 +567,13 @@ impl Writer {
         )
     }
 
-    /// Moves everything queued into the batch; true once every sender is gone.
+    /// Moves everything queued into the batch; true once the ledger handle was dropped.
     fn drain(&mut self) -> bool {
-        loop {
-            match self.rx.try_recv() {
-                Ok(Msg::Entry(mut e)) => {
+        let mut inbox = std::mem::take(&mut self.inbox);
+        let closed = self.queue.take(&mut inbox);
+        for msg in inbox.drain(..) {
+            match msg {
+                Msg::Entry(mut e) => {
                     if let Some(seed) = e.span.take() {
                         if let Some(spans) = &self.spans {
                             spans.offer(span::build(&e.trace, *seed));
@@ -517,14 +592,14 @@ impl Writer {
                         self.health.dropped_traces.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                Ok(Msg::Admit(row)) => {
+                Msg::Admit(row) => {
                     self.open.insert(row.id, row);
                 }
-                Ok(Msg::Flush(done)) => self.waiters.push(done),
-                Err(TryRecvError::Empty) => return false,
-                Err(TryRecvError::Disconnected) => return true,
+                Msg::Flush(done) => self.waiters.push(done),
             }
         }
+        self.inbox = inbox;
+        closed
     }
 
     /// Commits the pending batch, then answers flush requests; on failure keeps the batch
@@ -587,6 +662,113 @@ mod tests {
     use super::*;
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    fn admit(id: i64) -> Msg {
+        Msg::Admit(JournalRow {
+            id,
+            ts: 0,
+            key_id: Arc::from("key_1"),
+            endpoint: "/v1/chat/completions",
+            requested_model: Arc::from("m"),
+            served_model: Arc::from("m"),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cost: crate::money::Nanos::ZERO,
+        })
+    }
+
+    fn ids(msgs: &[Msg]) -> Vec<i64> {
+        msgs.iter()
+            .map(|m| match m {
+                Msg::Admit(row) => row.id,
+                _ => -1,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_queue_hands_over_everything_once_in_order() {
+        let q = Queue::default();
+        for id in 1..=3 {
+            assert!(q.push(admit(id)));
+        }
+        let mut inbox = Vec::new();
+        assert!(!q.take(&mut inbox), "not closed");
+        assert_eq!(ids(&inbox), [1, 2, 3]);
+        inbox.clear();
+        assert!(q.push(admit(4)));
+        assert!(!q.take(&mut inbox));
+        assert_eq!(ids(&inbox), [4], "taken messages are not handed over again");
+        inbox.clear();
+        q.take(&mut inbox);
+        assert!(inbox.is_empty());
+    }
+
+    #[test]
+    fn pushes_from_many_threads_all_arrive_each_threads_in_its_order() {
+        const THREADS: i64 = 4;
+        const EACH: i64 = 5_000;
+        let q = Arc::new(Queue::default());
+        let pushers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let q = q.clone();
+                std::thread::spawn(move || {
+                    for i in 0..EACH {
+                        assert!(q.push(admit(t * EACH + i)));
+                    }
+                })
+            })
+            .collect();
+        // Taken while the pushes run, as the writer does.
+        let mut got = Vec::new();
+        let mut inbox = Vec::new();
+        while got.len() < (THREADS * EACH) as usize {
+            q.take(&mut inbox);
+            got.extend(ids(&inbox));
+            inbox.clear();
+            std::thread::yield_now();
+        }
+        for p in pushers {
+            p.join().unwrap();
+        }
+        q.take(&mut inbox);
+        assert!(inbox.is_empty(), "nothing arrived twice or late");
+        for t in 0..THREADS {
+            let mine: Vec<i64> = got.iter().copied().filter(|id| id / EACH == t).collect();
+            assert_eq!(mine, (t * EACH..(t + 1) * EACH).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_dropped_ledger_closes_its_queue_with_what_it_recorded_and_a_gone_writer_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = SpendLedger::new(
+            StoreLocation::Sqlite(dir.path().join("l.db")),
+            None,
+            MS(50),
+            90,
+            1_000,
+            None,
+        );
+        ledger.journal(match admit(7) {
+            Msg::Admit(row) => row,
+            _ => unreachable!(),
+        });
+        let q = ledger.queue.clone();
+        drop(ledger);
+        let mut inbox = Vec::new();
+        assert!(q.take(&mut inbox), "closed once the handle is gone");
+        assert_eq!(ids(&inbox), [7], "what was recorded before is still there");
+
+        drop(WriterGone(q.clone()));
+        assert!(
+            !q.push(admit(8)),
+            "nothing is kept for a writer that is gone"
+        );
+        inbox.clear();
+        q.take(&mut inbox);
+        assert!(inbox.is_empty());
+    }
 
     #[test]
     fn a_trickle_commits_once_per_interval_and_a_burst_at_the_tick() {
