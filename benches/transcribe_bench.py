@@ -2,7 +2,7 @@
 """A 10 MB transcription upload through the gateway against the same upload through the bare
 Pingora proxy (examples/bare_proxy.rs), both in front of the same mock, in one run.
 
-    benches/transcribe_bench.py [--rounds 3] [--uploads 50] [--warm 200] [--size-mb 10] [--no-build]
+    benches/transcribe_bench.py [--rounds 3] [--uploads 200] [--warm 200] [--size-mb 10] [--no-build]
                                 [--file mp3|noise] [--upstream-id same|renamed] [--profile release|debug]
 
 Each round starts a fresh mock, bare proxy and gateway (fresh database, one key), then
@@ -140,7 +140,8 @@ def rng(xs, fmt="{:.2f}") -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--uploads", type=int, default=50)
+    ap.add_argument("--uploads", type=int, default=200,
+                    help="large uploads timed per proxy and round (fewer: the CPU figure moves more)")
     ap.add_argument("--warm", type=int, default=200,
                     help="small uploads before the large ones (their RSS is the baseline)")
     ap.add_argument("--size-mb", type=float, default=10)

@@ -53,7 +53,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::ArcSwap;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
@@ -251,9 +251,16 @@ struct Core {
     /// Behind the connect lock: Sentinel lookups need `&mut`.
     target: tokio::sync::Mutex<Target>,
     config: ConnectionManagerConfig,
-    /// Set on first use, so the gateway starts while Redis is down; cleared when the
-    /// connection looks hung.
-    conn: ArcSwapOption<Conn>,
+    /// One connection per Tokio runtime that calls (`None`: called outside any), each made
+    /// on that runtime's first call, so the gateway starts while Redis is down; all dropped
+    /// when one looks hung. Per runtime because a connection's reader and writer run as a
+    /// task on the runtime that made it: the proxy's worker calling through a connection the
+    /// background upkeep made (its own runtime, its own thread) crossed threads twice a
+    /// round trip, and on a node pinned to one core each crossing is a context switch
+    /// (`benches/cluster_compare.sh`: the upkeep thread took 16% of the node's CPU under
+    /// load). So a node holds a connection for each runtime that calls: the proxy's workers,
+    /// the background upkeep, the admin listener.
+    conns: ArcSwap<Vec<(Option<tokio::runtime::Id>, Conn)>>,
     node: u64,
     node_key: String,
     ttl_ms: i64,
@@ -616,7 +623,7 @@ impl Core {
         Ok(Core {
             target: tokio::sync::Mutex::new(target),
             config,
-            conn: ArcSwapOption::empty(),
+            conns: ArcSwap::default(),
             node,
             node_key: format!("{{sg}}:node:{node}"),
             ttl_ms: i64::try_from(reservation_ttl.as_millis()).unwrap_or(i64::MAX),
@@ -665,13 +672,20 @@ impl Core {
     /// The shared connection, made on first use. The manager reconnects by itself after
     /// errors; cloning it is a few reference counts.
     async fn connection(&self) -> Result<Conn, redis::RedisError> {
-        if let Some(c) = self.conn.load().as_deref() {
-            return Ok(c.clone());
+        let runtime = tokio::runtime::Handle::try_current().ok().map(|h| h.id());
+        let this_runtimes = |conns: &[(Option<tokio::runtime::Id>, Conn)]| {
+            conns
+                .iter()
+                .find(|(rt, _)| *rt == runtime)
+                .map(|(_, c)| c.clone())
+        };
+        if let Some(c) = this_runtimes(&self.conns.load()) {
+            return Ok(c);
         }
         // One connection attempt at a time; the others wait for it (within their timeout).
         let mut target = self.target.lock().await;
-        if let Some(c) = self.conn.load().as_deref() {
-            return Ok(c.clone());
+        if let Some(c) = this_runtimes(&self.conns.load()) {
+            return Ok(c);
         }
         let c = match &mut *target {
             Target::Single(client) => Conn::Single(
@@ -684,13 +698,15 @@ impl Core {
             }
             Target::Cluster(cluster) => Conn::Cluster(cluster.get_async_connection().await?),
         };
-        self.conn.store(Some(Arc::new(c.clone())));
+        let mut conns = Vec::clone(&self.conns.load());
+        conns.push((runtime, c.clone()));
+        self.conns.store(Arc::new(conns));
         Ok(c)
     }
 
-    /// Drops the connection, so the next call connects anew (and asks Sentinel again).
+    /// Drops the connections, so the next call connects anew (and asks Sentinel again).
     pub fn reconnect(&self) {
-        self.conn.store(None);
+        self.conns.store(Arc::default());
     }
 
     /// Runs one script call within `cmd_timeout`: EVALSHA, and only if Redis lost its
@@ -809,7 +825,7 @@ impl Core {
             Err(_) => {
                 if self.timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= TIMEOUTS_BEFORE_RECONNECT {
                     self.timeouts.store(0, Ordering::Relaxed);
-                    self.conn.store(None);
+                    self.reconnect();
                 }
                 Err(SharedError::Unavailable(format!(
                     "no answer within {} ms",
