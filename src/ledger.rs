@@ -131,6 +131,20 @@ impl Queue {
     }
 }
 
+/// Messages' worth of room the writer keeps between drains; the queue gets this vector
+/// back at the next swap. ~5 MB: a 50 ms tick at ~300k requests a second.
+const KEEP_QUEUED: usize = 16_384;
+
+/// Readies a drained vector for the next swap: a burst's room (the queue grows while the
+/// writer is held up, in a slow commit or a stalled store) is given back instead of kept
+/// by both vectors for the life of the process.
+fn recycle(inbox: &mut Vec<Msg>) {
+    inbox.clear();
+    if inbox.capacity() > KEEP_QUEUED {
+        inbox.shrink_to(KEEP_QUEUED);
+    }
+}
+
 /// Marks the queue's writer gone when the writer thread ends, however it ends.
 struct WriterGone(Arc<Queue>);
 
@@ -598,6 +612,7 @@ impl Writer {
                 Msg::Flush(done) => self.waiters.push(done),
             }
         }
+        recycle(&mut inbox);
         self.inbox = inbox;
         closed
     }
@@ -702,6 +717,29 @@ mod tests {
         inbox.clear();
         q.take(&mut inbox);
         assert!(inbox.is_empty());
+    }
+
+    #[test]
+    fn a_bursts_room_is_given_back_after_the_drain() {
+        let q = Queue::default();
+        for id in 0..(3 * KEEP_QUEUED as i64) {
+            assert!(q.push(admit(id)));
+        }
+        let mut inbox = Vec::new();
+        q.take(&mut inbox);
+        assert_eq!(inbox.len(), 3 * KEEP_QUEUED);
+        recycle(&mut inbox);
+        assert!(inbox.is_empty());
+        assert!(inbox.capacity() <= KEEP_QUEUED, "{}", inbox.capacity());
+        // The queue gets the trimmed vector back at the next swap.
+        q.take(&mut inbox);
+        assert!(inbox.is_empty());
+        assert!(q.msgs.lock().unwrap().capacity() <= KEEP_QUEUED);
+        // A small drain keeps its room: steady traffic reallocates nothing.
+        let mut small = Vec::with_capacity(1_000);
+        small.push(admit(1));
+        recycle(&mut small);
+        assert_eq!(small.capacity(), 1_000);
     }
 
     #[test]
