@@ -96,20 +96,24 @@ fn lowest_priority() {
 mod tests {
     use super::*;
 
-    #[test]
-    fn commits_leave_the_wal_to_the_checkpoint_thread() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("ledger.db");
-        let writer = rusqlite::Connection::open(&path).expect("open");
+    /// A writer as the ledger's: WAL, no checkpoints of its own, `schema` created.
+    fn wal_writer(path: &std::path::Path, schema: &str) -> rusqlite::Connection {
+        let writer = rusqlite::Connection::open(path).expect("open");
         writer
             .pragma_update(None, "journal_mode", "WAL")
             .expect("wal");
         writer
             .pragma_update(None, "wal_autocheckpoint", 0)
             .expect("autocheckpoint off");
+        writer.execute_batch(schema).expect("schema");
         writer
-            .execute_batch("CREATE TABLE t (x BLOB)")
-            .expect("table");
+    }
+
+    #[test]
+    fn commits_leave_the_wal_to_the_checkpoint_thread() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ledger.db");
+        let writer = wal_writer(&path, "CREATE TABLE t (x BLOB)");
         // ~2,000 pages through the WAL, twice SQLite's default checkpoint threshold.
         for _ in 0..1_000 {
             writer
@@ -161,16 +165,7 @@ mod tests {
     fn a_checkpoint_copies_the_wal_back_without_reading_the_schema() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("ledger.db");
-        let writer = rusqlite::Connection::open(&path).expect("open");
-        writer
-            .pragma_update(None, "journal_mode", "WAL")
-            .expect("wal");
-        writer
-            .pragma_update(None, "wal_autocheckpoint", 0)
-            .expect("autocheckpoint off");
-        writer
-            .execute_batch("CREATE TABLE t (x BLOB); CREATE INDEX t_x ON t (x);")
-            .expect("schema");
+        let writer = wal_writer(&path, "CREATE TABLE t (x BLOB); CREATE INDEX t_x ON t (x);");
         let checkpoints = open(&path).expect("open");
         assert_eq!(schema_bytes(&checkpoints), 0, "opening parsed the schema");
         for round in 1..=3 {
