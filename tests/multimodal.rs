@@ -1077,21 +1077,7 @@ fn a_large_form_for_the_wrong_family_or_a_model_not_allowed_reaches_nothing() {
     // Refused before any of the body is read: answered at once, and the connection closed
     // with the body unread (Pingora keeps no connection whose request body it did not
     // read), so a client still sending may be cut off mid-body; the answer came first.
-    let bearer = models_only.bearer();
-    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
-    let len = whisper.len().to_string();
-    let mut conn = send_request(
-        gw.addr,
-        "POST",
-        "/v1/audio/transcriptions",
-        &[
-            ("Authorization", bearer.as_str()),
-            ("Content-Type", ct.as_str()),
-            ("Content-Length", len.as_str()),
-        ],
-        &[],
-    )
-    .expect("send the head");
+    let mut conn = send_form(&gw, &models_only, whisper.len(), &[]);
     if let Err(e) = std::io::Write::write_all(&mut conn, &whisper) {
         assert!(
             matches!(
