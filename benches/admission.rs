@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion};
-use spidergate::admission::{admit, authenticate, check_scope, Endpoint, Overheads};
+use spidergate::admission::{
+    admit, authenticate, check_scope, request_fields, Endpoint, Overheads,
+};
 use spidergate::catalog::Catalog;
 use spidergate::clock::now_ms;
 use spidergate::clock::Now;
@@ -84,6 +86,9 @@ fn bench(c: &mut Criterion, catalog: &Catalog) {
                 let (_, key) = authenticate(Some(header), None, &keys, now).expect("auth");
                 check_scope(&key, Endpoint::ChatCompletions).expect("scope");
                 // The in-process store is ready at once: block_on never parks.
+                let mut body = body.clone();
+                let fields =
+                    request_fields(Endpoint::ChatCompletions, &body, None, None).expect("fields");
                 let adm = rt
                     .block_on(admit(
                         &InProcess,
@@ -91,8 +96,8 @@ fn bench(c: &mut Criterion, catalog: &Catalog) {
                         &keys,
                         &key,
                         Endpoint::ChatCompletions,
-                        &mut body.clone(),
-                        None,
+                        &mut body,
+                        fields,
                         None,
                         Now::at(now),
                         Overheads {

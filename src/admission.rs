@@ -378,13 +378,29 @@ pub fn served_chain(
     Ok(served)
 }
 
-/// Body, model and per-key controls for an authenticated, in-scope model request. `now` and
-/// `key` must be read at the moment of decision (after the body arrived), so a body trickled
-/// across midnight or a key revoked during the upload is judged as things stand now.
-/// `limits` takes the key's quota and budget hold last, in one step, once everything that
-/// can refuse the request for free has passed; `res_id` names the hold. A multipart form
-/// admitted has its `model` value replaced in `body` itself, which is then also the
-/// upstream body: an upload is held once ([`multipart::splice_span`]).
+/// The fields of a model request: from the opening of a form forwarded as it arrives
+/// (`head`), else from the whole body. 400 when the body does not carry them.
+pub fn request_fields(
+    endpoint: Endpoint,
+    body: &Bytes,
+    content_type: Option<&[u8]>,
+    head: Option<FormHead<'_>>,
+) -> Result<RequestFields, GateError> {
+    match head {
+        Some(h) => form_fields(endpoint, h.form, h.audio_ms),
+        None => parse_fields(endpoint, body, content_type),
+    }
+}
+
+/// Model and per-key controls for an authenticated, in-scope model request whose `fields`
+/// were read from `body` ([`request_fields`]; the caller keeps the requested model for the
+/// trace of a refusal). `now` and `key` must be read at the moment of decision (after the
+/// body arrived), so a body trickled across midnight or a key revoked during the upload is
+/// judged as things stand now. `limits` takes the key's quota and budget hold last, in one
+/// step, once everything that can refuse the request for free has passed; `res_id` names
+/// the hold. A multipart form admitted has its `model` value replaced in `body` itself,
+/// which is then also the upstream body: an upload is held once
+/// ([`multipart::splice_span`]).
 #[allow(clippy::too_many_arguments)] // each is one fact of the decision; a struct would only rename them
 pub async fn admit<L: LimitStore>(
     limits: &L,
@@ -393,16 +409,12 @@ pub async fn admit<L: LimitStore>(
     key: &Arc<KeyEntry>,
     endpoint: Endpoint,
     body: &mut Bytes,
-    content_type: Option<&[u8]>,
+    mut fields: RequestFields,
     head: Option<FormHead<'_>>,
     now: Now,
     overheads: Overheads,
     res_id: u64,
 ) -> Result<Admission, GateError> {
-    let mut fields = match head {
-        Some(h) => form_fields(endpoint, h.form, h.audio_ms)?,
-        None => parse_fields(endpoint, body, content_type)?,
-    };
     // What the client sends in all: more than `body` for a form forwarded as it arrives.
     let body_len = head.map_or(body.len(), |h| h.body_len);
     let chain = key.resolve(catalog, &fields.model)?;

@@ -12,6 +12,11 @@ pub enum GateError {
     TokenRevoked,
     InsufficientScope(&'static str),
     InvalidRequest(String),
+    /// A request that names the field it is about in `error.param` (a child key's spec).
+    InvalidField {
+        field: &'static str,
+        message: String,
+    },
     RequestTooLarge(u64),
     /// The request head exceeds `server.max_header_bytes`.
     HeaderTooLarge(usize),
@@ -84,7 +89,7 @@ impl GateError {
             GateError::InsufficientScope(_)
             | GateError::BeyondParent(_)
             | GateError::ModelNotAllowed(_) => 403,
-            GateError::InvalidRequest(_) => 400,
+            GateError::InvalidRequest(_) | GateError::InvalidField { .. } => 400,
             GateError::RequestTooLarge(_) => 413,
             GateError::HeaderTooLarge(_) => 431,
             GateError::RequestTimeout => 408,
@@ -112,7 +117,7 @@ impl GateError {
             GateError::TokenExpired => "token_expired",
             GateError::TokenRevoked => "token_revoked",
             GateError::InsufficientScope(_) | GateError::BeyondParent(_) => "insufficient_scope",
-            GateError::InvalidRequest(_) => "invalid_request",
+            GateError::InvalidRequest(_) | GateError::InvalidField { .. } => "invalid_request",
             GateError::RequestTooLarge(_) => "request_too_large",
             GateError::HeaderTooLarge(_) => "request_header_too_large",
             GateError::RequestTimeout => "request_timeout",
@@ -146,6 +151,7 @@ impl GateError {
             | GateError::BeyondParent(_)
             | GateError::ModelNotAllowed(_) => "permission_error",
             GateError::InvalidRequest(_)
+            | GateError::InvalidField { .. }
             | GateError::RequestTooLarge(_)
             | GateError::HeaderTooLarge(_)
             | GateError::RequestTimeout
@@ -221,6 +227,14 @@ impl GateError {
         }
     }
 
+    /// The request field the error is about, for `error.param`.
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            GateError::InvalidField { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+
     /// The OpenAI-shaped error body. Never includes the caller's token.
     pub fn body(&self) -> Vec<u8> {
         let body = serde_json::json!({
@@ -228,7 +242,7 @@ impl GateError {
                 "message": self.to_string(),
                 "type": self.kind(),
                 "code": self.code(),
-                "param": null,
+                "param": self.param(),
             }
         });
         body.to_string().into_bytes()
@@ -243,6 +257,7 @@ impl fmt::Display for GateError {
             GateError::TokenRevoked => f.write_str("This agent key has been revoked."),
             GateError::InsufficientScope(scope) => write!(f, "This agent key lacks the '{scope}' scope required for this endpoint."),
             GateError::InvalidRequest(why) => write!(f, "Invalid request: {why}"),
+            GateError::InvalidField { field, message } => write!(f, "Invalid request: {field}: {message}"),
             GateError::RequestTooLarge(max) => write!(f, "Request body exceeds the limit of {max} bytes."),
             GateError::HeaderTooLarge(max) => write!(f, "Request headers exceed the limit of {max} bytes."),
             GateError::RequestTimeout => f.write_str("The request body did not arrive in time."),

@@ -243,6 +243,33 @@ impl ShutdownSignalWatch for DrainOnTerm {
     }
 }
 
+/// Creates the directory of `server.upgrade_sock` (the default, `data/...`, is relative to
+/// the working directory). A process started with `--upgrade` binds that socket to receive
+/// the old one's listeners, and Pingora panics where the directory is missing; so there it
+/// is an error, elsewhere a warning (a gateway that is never upgraded does not need it).
+fn ensure_upgrade_dir(upgrade_sock: &str, upgrading: bool) -> Result<(), String> {
+    let Some(dir) = std::path::Path::new(upgrade_sock)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    else {
+        return Ok(());
+    };
+    match std::fs::create_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if upgrading => Err(format!(
+            "server.upgrade_sock: cannot create {}: {e}",
+            dir.display()
+        )),
+        Err(e) => {
+            log::warn!(
+                "server.upgrade_sock: cannot create {} ({e}); `serve --upgrade` will need it",
+                dir.display()
+            );
+            Ok(())
+        }
+    }
+}
+
 /// Runs the gateway until SIGTERM/SIGINT; returns once every recorded request is committed.
 pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
     config.load_provider_keys();
@@ -269,6 +296,7 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
         fast_timeout_to_tokio_threshold_seconds: Some(0),
         ..ServerConf::default()
     };
+    ensure_upgrade_dir(&tuning.upgrade_sock, opt.upgrade)?;
     // Started with `--upgrade` on one node: a relay socket for what the old process receives
     // once it handed over, announced before the old one is told to (see `handover`).
     let relay = (opt.upgrade && gate.node.is_none())
@@ -367,4 +395,29 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
     }
     log::info!("spidergate stopped; ledger flushed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ensure_upgrade_dir;
+
+    #[test]
+    fn the_upgrade_socket_directory_is_made_and_a_blocked_one_fails_only_an_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("data/nested/spidergate-upgrade.sock");
+        ensure_upgrade_dir(sock.to_str().unwrap(), true).unwrap();
+        assert!(sock.parent().unwrap().is_dir());
+        // A file where the directory should be: an upgrade cannot bind there.
+        let blocked = dir.path().join("file");
+        std::fs::write(&blocked, b"x").unwrap();
+        let sock = blocked.join("spidergate-upgrade.sock");
+        let err = ensure_upgrade_dir(sock.to_str().unwrap(), true).unwrap_err();
+        assert!(
+            err.starts_with("server.upgrade_sock: cannot create"),
+            "{err}"
+        );
+        ensure_upgrade_dir(sock.to_str().unwrap(), false).unwrap();
+        // A bare file name: the working directory, nothing to make.
+        ensure_upgrade_dir("upgrade.sock", true).unwrap();
+    }
 }

@@ -60,6 +60,8 @@ fn admin_api_manages_keys_over_the_same_store() {
     )
     .unwrap();
     assert_eq!((r.status, r.code().as_str()), (401, "unauthorized"));
+    // Every error response names its code in the header too (SPEC §2), the admin API's too.
+    assert_eq!(r.header("x-spidergate-error-code"), Some("unauthorized"));
 
     // Create: the secret is shown once and works in the gateway at once.
     let r = call(
@@ -113,7 +115,15 @@ fn admin_api_manages_keys_over_the_same_store() {
         Some(json!({"allowed_models": ["gpt-9"]})),
     );
     assert_eq!(r.status, 400);
-    assert_eq!(call(admin, "GET", "/admin/keys/key_nope", None).status, 404);
+    assert_eq!(
+        r.header("x-spidergate-error-code"),
+        Some(r.code().as_str()),
+        "{}",
+        r.text()
+    );
+    let r = call(admin, "GET", "/admin/keys/key_nope", None);
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("x-spidergate-error-code"), Some(r.code().as_str()));
     // The test clock exists only under SPIDERGATE_TEST_CLOCK=1.
     let r = call(admin, "POST", "/admin/test/advance-clock?ms=60000", None);
     assert_eq!(r.status, 404, "{}", r.text());

@@ -334,11 +334,15 @@ fn an_agent_mints_lists_and_revokes_child_keys_within_its_own_rights() {
         } else if body.get("ttl").is_some() {
             assert_eq!(r.json()["expires_at"], parent_view["expires_at"]);
         }
+        // A 400 names its field in `error.param`, as the admin API's do.
         if body.get("ttl").is_some() && status == 400 {
-            assert!(r.text().contains("ttl"), "{}", r.text());
+            assert_eq!(r.json()["error"]["param"], "ttl", "{}", r.text());
         }
         if body.get("allowed_models").is_some() {
-            assert!(r.text().contains("allowed_models"), "{}", r.text());
+            assert_eq!(r.json()["error"]["param"], "allowed_models", "{}", r.text());
+        }
+        if body["name"] == "" {
+            assert_eq!(r.json()["error"]["param"], "name", "{}", r.text());
         }
     }
     // A child without gate:keys cannot mint; one with it asked and held can.

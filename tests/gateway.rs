@@ -394,6 +394,13 @@ fn unreachable_upstream_is_502_and_slow_upstream_504() {
     let r = gw.chat_with(&key, "gpt-4o-mini", &[("x-mock-status", "400")]);
     assert_eq!(r.status, 400);
     assert_eq!(r.code(), "mock_error");
+    assert_eq!(r.header("retry-after"), None);
+    // A 429 passed through carries `Retry-After` like the gateway's own (SPEC §2), though
+    // this upstream sent none.
+    let r = gw.chat_with(&key, "gpt-4o-mini", &[("x-mock-status", "429")]);
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.header("x-spidergate-error-code"), Some("upstream_status"));
 }
 
 #[test]

@@ -287,6 +287,13 @@ fn rejected_requests_leave_traces_too() {
         .collect();
     assert_eq!(codes, vec!["model_not_found", "model_not_allowed"]);
     assert!(t.iter().all(|t| t["cost_nanodollars"] == 0));
+    // Refused after the body was read: the trace still names the model asked for (SPEC §4).
+    let requested: Vec<&str> = t
+        .iter()
+        .map(|t| t["requested_model"].as_str().unwrap_or("(none)"))
+        .collect();
+    assert_eq!(requested, vec!["nope", "gpt-4o-mini"]);
+    assert!(t.iter().all(|t| t["served_model"].is_null()), "{t:?}");
     let all = gw.cli_json(&["traces", "--limit", "100", "--json"]);
     let anonymous = all
         .as_array()

@@ -43,6 +43,8 @@ struct Reply {
     /// A dashboard page or asset (served with the dashboard's security headers).
     page: bool,
     location: Option<&'static str>,
+    /// An error's code, also sent as `X-SpiderGate-Error-Code` (SPEC §2).
+    error_code: Option<String>,
 }
 
 impl Reply {
@@ -53,6 +55,7 @@ impl Reply {
             body: v.to_string().into_bytes(),
             page: false,
             location: None,
+            error_code: None,
         }
     }
 
@@ -67,10 +70,13 @@ impl Reply {
             404 | 400 | 405 | 409 | 413 => "invalid_request_error",
             _ => "api_error",
         };
-        Reply::json(
-            status,
-            json!({"error": {"message": message.into(), "type": kind, "code": code, "param": param}}),
-        )
+        Reply {
+            error_code: Some(code.to_owned()),
+            ..Reply::json(
+                status,
+                json!({"error": {"message": message.into(), "type": kind, "code": code, "param": param}}),
+            )
+        }
     }
 
     /// A key service refusal.
@@ -210,6 +216,7 @@ impl AdminApp {
                     body: a.body.to_vec(),
                     page: true,
                     location: a.location,
+                    error_code: None,
                 };
             }
         }
@@ -237,6 +244,7 @@ impl AdminApp {
                 },
                 page: false,
                 location: None,
+                error_code: None,
             };
         }
         let body = match read_body(session).await {
@@ -689,6 +697,9 @@ impl ServeHttp for AdminApp {
         }
         if let Some(location) = reply.location {
             builder = builder.header("location", location);
+        }
+        if let Some(code) = &reply.error_code {
+            builder = builder.header("x-spidergate-error-code", code.as_str());
         }
         builder
             .body(reply.body)

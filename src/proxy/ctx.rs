@@ -62,6 +62,9 @@ pub struct RequestCtx {
     pub(super) admission: Option<Box<Admission>>,
     /// The admission's journal row, closed by this request's ledger entry.
     pub(super) journal_id: Option<i64>,
+    /// The model the body named, once read: the trace of a request refused after that
+    /// (not allowed, over budget, rate-limited) still names it.
+    pub(super) requested_model: Option<Arc<str>>,
     /// The request body as received.
     pub(super) body: Bytes,
     /// The body for the current attempt (model rewritten); the opening of an upload.
@@ -466,7 +469,7 @@ impl RequestCtx {
         };
         let cost = served.map_or(Nanos::ZERO, |m| routes.catalog.cost(m, &usage));
         let admitted = self.admission.is_some();
-        let mut requested_model = None;
+        let mut requested_model = self.requested_model.take();
         let mut ts = self.started_ms;
         let mut reservation = None;
         if let Some(adm) = self.admission.take() {

@@ -364,7 +364,8 @@ pub(super) fn decorate_response(
     served: Option<&HeaderValue>,
     traceparent: Option<&HeaderValue>,
 ) -> Result<()> {
-    let failed = resp.status.as_u16() >= 400;
+    let status = resp.status.as_u16();
+    let failed = status >= 400;
     edit_headers(resp, |h| {
         strip_account_headers(h);
         add_standing_headers(h, standing);
@@ -373,6 +374,10 @@ pub(super) fn decorate_response(
                 ERROR_CODE.clone(),
                 HeaderValue::from_static(UPSTREAM_STATUS),
             );
+        }
+        // Every 429 carries `Retry-After` (SPEC §2): the provider's own where it sent one.
+        if status == 429 && !h.contains_key(http::header::RETRY_AFTER) {
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if let Some(from) = fallback_from {
             h.insert(FALLBACK_FROM.clone(), from.clone());

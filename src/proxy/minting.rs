@@ -24,9 +24,7 @@ const MAX_KEYS_BODY: u64 = 64 * 1024;
 /// The key service's refusal, as the agent API answers it.
 fn gate_error(e: KeyError) -> GateError {
     match e {
-        KeyError::Invalid { field, message } => {
-            GateError::InvalidRequest(format!("{field}: {message}"))
-        }
+        KeyError::Invalid { field, message } => GateError::InvalidField { field, message },
         KeyError::Forbidden(why) => GateError::BeyondParent(why),
         KeyError::NotFound(_) | KeyError::NotFoundWhat(_) => GateError::NotFound,
         KeyError::Conflict(why) => GateError::InvalidRequest(why),

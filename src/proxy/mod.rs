@@ -149,6 +149,9 @@ impl GateProxy {
             body_len: u.body_len(),
             audio_ms: u.scanner().audio_bound_within(u.body_len()),
         });
+        let fields = admission::request_fields(ctx.endpoint, &ctx.body, content_type, head)?;
+        // Named in the trace even when the request is refused from here on (SPEC §4).
+        ctx.requested_model = Some(fields.model.clone());
         let adm = admission::admit(
             &self.gate.limits,
             &routes.catalog,
@@ -156,7 +159,7 @@ impl GateProxy {
             &key,
             ctx.endpoint,
             &mut ctx.body,
-            content_type,
+            fields,
             head,
             now,
             overheads,
@@ -486,6 +489,7 @@ impl ProxyHttp for GateProxy {
             journal_id: None,
             body: Bytes::new(),
             upstream_body: None,
+            requested_model: None,
             upload: None,
             attempt: 0,
             fallback_from: None,
