@@ -170,12 +170,10 @@ impl Catalog {
         .any(|p| p != crate::money::Price::FREE)
     }
 
-    /// Whether model `m` serves `family`'s endpoints (a model with no `endpoint` set also
-    /// serves embeddings).
+    /// Whether model `m` serves `family`'s endpoints: only its own (SPEC §3; a model with no
+    /// `endpoint` set is a chat model).
     pub fn serves(&self, m: usize, family: crate::config::Family) -> bool {
-        let model = &self.models[m];
-        model.family == family
-            || (family == crate::config::Family::Embeddings && model.legacy_embeddings)
+        self.models[m].family == family
     }
 
     /// The most `prompt_tokens` and `completion_tokens` can cost on model `m`, however the

@@ -476,9 +476,6 @@ pub struct Model {
     pub free: bool,
     /// The endpoint family it serves (`endpoint`).
     pub family: Family,
-    /// `endpoint` unset: a chat model that also serves `/v1/embeddings`, as every model did
-    /// before `endpoint` existed (configs written then keep working).
-    pub legacy_embeddings: bool,
     /// The price per unit of what its family returns (an image, an input character, a
     /// millisecond of audio), when configured; charged on top of any token usage.
     pub unit_price: Option<UnitPrice>,
@@ -940,7 +937,6 @@ impl Config {
             };
             let unit_price = parse_unit_price(&at, family, &m)?;
             models.push(Model {
-                legacy_embeddings: m.endpoint.is_none(),
                 family,
                 unit_price,
                 upstream_id: m.upstream_id.unwrap_or_else(|| m.id.clone()),
@@ -1403,7 +1399,6 @@ aliases:
         );
         assert_eq!(price(4).cost(60_000), crate::money::Nanos::new(6_000_000));
         assert_eq!(c.models[2].input_price, Price::FREE);
-        assert!(c.models[0].legacy_embeddings && !c.models[5].legacy_embeddings);
 
         let bad = media.replace("endpoint: images", "endpoint: pictures");
         let e = parse(&bad).unwrap_err().to_string();

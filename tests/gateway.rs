@@ -84,13 +84,23 @@ fn streams_pass_through_chunk_by_chunk() {
 #[test]
 fn embeddings_and_the_api_gate_prefix_are_proxied() {
     let mock = mock();
-    let gw = GatewayBuilder::new(&mock).start();
+    let gw = GatewayBuilder::new(&mock)
+        .models(&models_with_embeddings())
+        .start();
     let key = gw.create_key(&[]);
+    // A chat model (no `endpoint` set) serves only the chat family (SPEC §3).
+    let r = gw.post(
+        "/v1/embeddings",
+        &key.bearer(),
+        br#"{"model":"gpt-4o","input":"hello"}"#,
+        &[],
+    );
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_request"));
     mock.clear();
     let r = gw.post(
         "/api/gate/v1/embeddings",
         &key.bearer(),
-        br#"{"model":"gpt-4o","input":"hello"}"#,
+        br#"{"model":"text-embedding-3-small","input":"hello"}"#,
         &[],
     );
     assert_eq!(r.status, 200, "{}", r.text());
@@ -106,7 +116,7 @@ fn embeddings_and_the_api_gate_prefix_are_proxied() {
     assert_eq!(paths, vec!["/v1/embeddings", "/v1/chat/completions"]);
     assert_eq!(
         mock.requests()[0].json().unwrap()["model"],
-        "gpt-4o-2024-08-06"
+        "text-embedding-3-small-upstream"
     );
 }
 

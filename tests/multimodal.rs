@@ -247,6 +247,11 @@ fn a_model_called_on_another_familys_endpoint_is_400_and_nothing_is_forwarded() 
             json!({"model": "tts", "messages": [{"role": "user", "content": "x"}]}),
         ),
         ("/v1/embeddings", json!({"model": "img", "input": "x"})),
+        // A model with no `endpoint` set is a chat model, nothing more.
+        (
+            "/v1/embeddings",
+            json!({"model": "gpt-4o-mini", "input": "x"}),
+        ),
     ];
     for (path, body) in cases {
         let r = post(&gw, path, &key, &body, &[]);

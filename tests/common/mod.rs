@@ -347,6 +347,23 @@ aliases:
   spideriq/failover: [dead-model, gpt-4o-mini]
 "#;
 
+/// [`MODELS`] with an embeddings model (`endpoint: embeddings`, gpt-4o-mini's input price,
+/// upstream id `text-embedding-3-small-upstream`): a chat model does not serve
+/// `/v1/embeddings` (SPEC §3).
+pub fn models_with_embeddings() -> String {
+    MODELS.replacen(
+        "aliases:",
+        "  - id: text-embedding-3-small
+    provider: mock
+    upstream_id: text-embedding-3-small-upstream
+    endpoint: embeddings
+    input_usd_per_mtok: 0.15
+    output_usd_per_mtok: 0
+aliases:",
+        1,
+    )
+}
+
 impl GatewayBuilder {
     pub fn new(mock: &MockProvider) -> Self {
         GatewayBuilder {

@@ -112,6 +112,11 @@ models:
     input_usd_per_mtok: 2.50
     output_usd_per_mtok: 10.00
     max_output_tokens: 16384
+  - id: text-embedding-3-small
+    provider: mock
+    endpoint: embeddings
+    input_usd_per_mtok: 0.02
+    output_usd_per_mtok: 0
 aliases:
   spideriq/fast: [llama-3.1-8b-instant, gpt-4o-mini]
 """
@@ -341,11 +346,15 @@ def test_api_gate_prefix(gw: Gateway, default_key: dict):
 # 5. Embeddings --------------------------------------------------------------------------
 
 def test_embeddings(client: openai.OpenAI):
-    resp = client.embeddings.create(model="gpt-4o-mini", input="hi")
+    resp = client.embeddings.create(model="text-embedding-3-small", input="hi")
     assert len(resp.data) == 1
     assert len(resp.data[0].embedding) > 0
     assert all(isinstance(x, float) for x in resp.data[0].embedding)
     assert resp.usage.prompt_tokens > 0
+    # A chat model serves the chat family only (SPEC §3).
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="gpt-4o-mini", input="hi")
+    assert e.value.code == "invalid_request", e.value.body
 
 
 # 6. Models ------------------------------------------------------------------------------
