@@ -140,13 +140,27 @@ impl Gate {
                 "charged {orphans} requests left open by an unclean stop at their upper-bound cost"
             );
         }
+        // The rolling minutes a process that stopped cleanly saved (SPEC §2: at most `rpm`
+        // in any rolling 60 s, across a restart too); a live predecessor's are taken at its
+        // hand-over instead (`handover::adopt`).
+        let mut left_minutes = Vec::new();
         if node.is_none() {
+            left_minutes = store
+                .left_minutes(crate::handover::state::process_is_live)
+                .map_err(|e| format!("database: {e}"))?;
             store
                 .forget_handovers(crate::handover::state::process_is_live)
                 .map_err(|e| format!("database: {e}"))?;
         }
         gate.reload_from(&store)
             .map_err(|e| format!("database: {e}"))?;
+        if !left_minutes.is_empty() {
+            log::info!(
+                "counting {} admissions of the last minute before the restart",
+                left_minutes.len()
+            );
+            crate::handover::seed_minutes(&gate.keys(), Now::read(), left_minutes);
+        }
         Ok(gate)
     }
 

@@ -387,6 +387,7 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
     }
     if gate.node.is_none() {
         crate::handover::finish(&gate);
+        crate::handover::save_minutes_at_exit(&gate);
     }
     // Pending deliveries stay in the outbox for the next start (or another node).
     gate.alerts.stop();

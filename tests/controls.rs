@@ -131,6 +131,44 @@ fn rpd_is_enforced_per_utc_day_and_survives_a_restart() {
 }
 
 #[test]
+fn the_rolling_minute_survives_a_restart() {
+    let mock = mock();
+    let mut gw = GatewayBuilder::new(&mock).start();
+    let key = gw.create_key(&["--rpm", "2"]);
+    let free = gw.create_key(&["--rpm", "5"]);
+    assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
+    assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
+    assert_eq!(gw.chat(&free, "gpt-4o-mini").status, 200);
+    let first = std::time::Instant::now();
+
+    // A clean stop and a plain start: the two admissions are still inside the minute.
+    gw.restart();
+    let r = gw.chat(&key, "gpt-4o-mini");
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (429, "rate_limit_exceeded"),
+        "{}",
+        r.text()
+    );
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    let left = 60 - first.elapsed().as_secs();
+    assert!(
+        (left.saturating_sub(2)..=left + 1).contains(&retry),
+        "Retry-After {retry} s, about {left} s left of the minute"
+    );
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
+    // Another key's minute came back as it was: four of its five left.
+    let r = gw.chat(&free, "gpt-4o-mini");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("3"));
+    // Counted once: a second restart finds the same minute, not twice it.
+    gw.restart();
+    let r = gw.chat(&free, "gpt-4o-mini");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("2"));
+}
+
+#[test]
 fn allow_list_is_checked_through_aliases() {
     let mock = mock();
     let gw = GatewayBuilder::new(&mock).start();

@@ -205,6 +205,13 @@ pub fn adopt(gate: &Gate) -> Result<usize, StoreError> {
             },
         );
     }
+    seed_minutes(&keys, now, minutes);
+    Ok(adopted.len())
+}
+
+/// Counts saved admissions (key or group, unix ms) into the rolling minutes of `keys`: a
+/// predecessor's at a hand-over, or at a start those a stopped process saved.
+pub fn seed_minutes(keys: &crate::keys::KeySet, now: Now, minutes: Vec<(String, i64)>) {
     let mut by_key: HashMap<String, Vec<i64>> = HashMap::new();
     for (key, at) in minutes {
         by_key.entry(key).or_default().push(at);
@@ -223,7 +230,21 @@ pub fn adopt(gate: &Gate) -> Result<usize, StoreError> {
             }
         }
     }
-    Ok(adopted.len())
+}
+
+/// A clean stop on one node (not a hand-over, whose successor took them already): saves the
+/// rolling minutes, so that the next start does not give every key a fresh minute (SPEC §2:
+/// at most `rpm` admitted in any rolling 60 s, across a restart too).
+pub fn save_minutes_at_exit(gate: &Gate) {
+    if gate.handover.relaying.load(Ordering::SeqCst) {
+        return;
+    }
+    let result = gate
+        .open_store()
+        .and_then(|mut store| save_minutes(gate, &mut store));
+    if let Err(e) = result {
+        log::warn!("cannot save the rolling minutes for the next start: {e}");
+    }
 }
 
 /// Each reload interval in the new process while it holds for its predecessor: books what

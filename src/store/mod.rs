@@ -443,6 +443,14 @@ impl Store {
         }
     }
 
+    /// Rolling minutes saved by processes that are gone (`is_live` false): (key, unix ms).
+    pub fn left_minutes(&self, is_live: impl Fn(i64) -> bool) -> Result<Vec<(String, i64)>> {
+        match &self.backend {
+            Backend::Sqlite(b) => b.left_minutes(is_live),
+            Backend::Postgres(_) => Ok(Vec::new()),
+        }
+    }
+
     /// Drops what stopped processes left for a successor (saved minutes, settled rows).
     pub fn forget_handovers(&mut self, is_live: impl Fn(i64) -> bool) -> Result<()> {
         match &mut self.backend {

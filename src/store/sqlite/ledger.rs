@@ -508,6 +508,24 @@ impl Sqlite {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// Rolling minutes saved by processes that are gone (`is_live` false): (key, unix ms).
+    pub fn left_minutes(&self, is_live: impl Fn(i64) -> bool) -> Result<Vec<(String, i64)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT owner, key_id, at FROM handover_minutes ORDER BY at")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get(2)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (owner, key, at) = row?;
+            if !is_live(owner) {
+                out.push((key, at));
+            }
+        }
+        Ok(out)
+    }
+
     /// Forgets what processes that are gone left for a successor: saved minutes, and
     /// settled journal rows (booked already).
     pub fn forget_handovers(&mut self, is_live: impl Fn(i64) -> bool) -> Result<()> {
