@@ -82,6 +82,10 @@ impl GateProxy {
             ctx.traceparent.as_ref(),
         )
         .await?;
+        // A body too slow is not waited for again.
+        if !matches!(err, GateError::RequestTimeout) {
+            drain_h2_rest(session).await;
+        }
         Ok(true)
     }
 
@@ -1136,9 +1140,12 @@ impl ProxyHttp for GateProxy {
         )
         .await;
         // An upload stopped as malformed: the rest of its body is read and dropped after
-        // the answer, so a client still sending reads the 400 instead of a reset.
+        // the answer, so a client still sending reads the 400 instead of a reset. Over
+        // HTTP/2 any other unread rest is too, within bounds (see `drain_h2_rest`).
         if ctx.upload.as_ref().is_some_and(|u| u.malformed()) {
             let _ = session.drain_request_body().await;
+        } else {
+            drain_h2_rest(session).await;
         }
         FailToProxy {
             error_code: err.status(),
@@ -1154,6 +1161,36 @@ impl ProxyHttp for GateProxy {
         }
         ctx.finish();
     }
+}
+
+/// Most bytes of a refused HTTP/2 request's unread body read and dropped after the answer.
+const H2_DRAIN_BYTES: usize = 4 << 20;
+/// Longest wait for them.
+const H2_DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// After an answer written before the request body was read whole, on an HTTP/2 stream:
+/// the rest of the body is read and dropped, up to `H2_DRAIN_BYTES` and `H2_DRAIN_TIME`.
+/// Pingora's h2 session, dropped with its request half still open, makes the h2 crate
+/// follow the answer with `RST_STREAM(NO_ERROR)`, and the unread body keeps the stream's
+/// flow-control window shut: a client that sends its whole body before reading (httpx)
+/// waits for window forever, and curl reports the reset as a framing error instead of
+/// the answer. Read to its end, the stream closes cleanly. HTTP/1.1 is left as it was
+/// (Pingora drains a kept-alive connection's body itself); a body already read whole
+/// costs one check.
+async fn drain_h2_rest(session: &mut Session) {
+    if !session.is_http2() || session.is_body_done() {
+        return;
+    }
+    let drain = async {
+        let mut left = H2_DRAIN_BYTES;
+        while let Ok(Some(chunk)) = session.read_request_body().await {
+            left = left.saturating_sub(chunk.len());
+            if left == 0 || session.is_body_done() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(H2_DRAIN_TIME, drain).await;
 }
 
 /// `opening` followed by `piece` (one copy of both; none without a piece).

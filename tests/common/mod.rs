@@ -318,6 +318,9 @@ pub struct GatewayBuilder {
     admin: Option<(u16, String)>,
     /// `tls_ca_file` of the two mock providers (`mock`, `mock-anthropic`).
     ca_file: Option<PathBuf>,
+    /// The agent listener speaks TLS (`tls`): `start` waits for it to accept, not for a
+    /// plain `/health`.
+    tls: bool,
 }
 
 pub const MODELS: &str = r#"
@@ -375,7 +378,20 @@ impl GatewayBuilder {
             providers: Vec::new(),
             admin: None,
             ca_file: None,
+            tls: false,
         }
+    }
+
+    /// The agent listener serves TLS (HTTP/1.1 or HTTP/2 by ALPN) with this certificate
+    /// chain and key (PEM files).
+    pub fn tls(mut self, cert_file: &std::path::Path, key_file: &std::path::Path) -> Self {
+        self.top.push(format!(
+            "tls:\n  cert_file: \"{}\"\n  key_file: \"{}\"",
+            cert_file.display(),
+            key_file.display()
+        ));
+        self.tls = true;
+        self
     }
 
     /// The mock serves TLS with a certificate from this CA (PEM file): the two mock
@@ -505,6 +521,7 @@ impl GatewayBuilder {
             config,
             db,
             child: None,
+            tls: self.tls,
         };
         gw.spawn();
         gw
@@ -526,15 +543,18 @@ pub struct Gateway {
     pub addr: SocketAddr,
     pub log: PathBuf,
     child: Option<Child>,
+    tls: bool,
 }
 
 impl Gateway {
-    /// Starts `spidergate serve` and waits for `/health`.
+    /// Starts `spidergate serve` and waits for `/health` (for a TLS listener, until it
+    /// accepts a connection).
     pub fn spawn(&mut self) {
         let child = self.start_serve(&[]);
         self.child = Some(child);
         let addr = self.addr;
         let log = self.log.clone();
+        let tls = self.tls;
         let child = self.child.as_mut().expect("child");
         wait_for(Duration::from_secs(30), "gateway /health", || {
             if let Ok(Some(status)) = child.try_wait() {
@@ -543,9 +563,13 @@ impl Gateway {
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
             }
+            if tls {
+                return TcpStream::connect(addr).ok().map(|_| ());
+            }
             http(addr, "GET", "/health", &[], b"")
                 .ok()
                 .filter(|r| r.status == 200)
+                .map(|_| ())
         });
         if let Some(admin) = self.admin_addr {
             wait_for(Duration::from_secs(10), "admin listener", || {
