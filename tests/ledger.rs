@@ -102,6 +102,9 @@ fn plain_responses_are_charged_exactly_what_the_upstream_reported() {
     let cli = gw.cli_json(&["usage", &key.id, "--json"]);
     assert_eq!(cli["spend_nanodollars"], expected);
     assert_eq!(cli["by_model"]["gpt-4o-mini"]["requests"], 4);
+    // The CLI and the API agree on the minute too (the CLI counts it from the traces).
+    assert_eq!(cli["requests_this_minute"], usage["requests_this_minute"]);
+    assert_eq!(cli["requests_today"], usage["requests_today"]);
     let t = traces(&gw, &key);
     assert_eq!(t.len(), 4);
     assert_eq!(

@@ -635,7 +635,31 @@ fn late_settlement_contract(loc: &StoreLocation) {
     assert_eq!(node2.charge_orphans(|_| false).unwrap(), 0);
 }
 
-/// About 10 s: six contracts, each on SQLite and on its own PostgreSQL database, in one test
+/// Model requests admitted since a time, from the traces (the CLI's rolling minute): a
+/// refusal (no served model) is not one.
+fn admitted_since_contract(loc: &StoreLocation) {
+    let mut s = Store::open_at(loc).unwrap();
+    let day = day_ms(2026, 11, 26);
+    let mut refused = entry(day + 25, "key_c", "m1", 0);
+    refused.trace.served_model = None;
+    refused.admitted = false;
+    let admitted = [
+        entry(day + 20, "key_c", "m1", 1),
+        entry(day + 30, "key_c", "m1", 1),
+    ];
+    s.write_batch(&Batch::of([
+        admitted[0].clone(),
+        refused,
+        admitted[1].clone(),
+    ]))
+    .unwrap();
+    assert_eq!(s.admitted_since("key_c", day + 21).unwrap(), 1);
+    assert_eq!(s.admitted_since("key_c", day).unwrap(), 2);
+    assert_eq!(s.admitted_since("key_c", day + 31).unwrap(), 0);
+    assert_eq!(s.admitted_since("key_nope", day).unwrap(), 0);
+}
+
+/// About 10 s: seven contracts, each on SQLite and on its own PostgreSQL database, in one test
 /// so that one PostgreSQL server (initdb and start, the slow part) serves them all.
 #[test]
 fn the_store_contract_holds_on_sqlite_and_postgres() {
@@ -648,6 +672,7 @@ fn the_store_contract_holds_on_sqlite_and_postgres() {
         ("big_batch", big_batch_contract),
         ("orphans", orphans_contract),
         ("late_settlement", late_settlement_contract),
+        ("admitted_since", admitted_since_contract),
     ] {
         for loc in locations(pg.as_ref(), name, &dir) {
             eprintln!("{name} on {loc:?}");

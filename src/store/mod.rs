@@ -347,6 +347,11 @@ impl Store {
         on_backend!(&self.backend, b => b.requests_on(key_id, day))
     }
 
+    /// How many model requests a key had admitted at or after `since`, from its traces.
+    pub fn admitted_since(&self, key_id: &str, since: i64) -> Result<u32> {
+        on_backend!(&self.backend, b => b.admitted_since(key_id, since))
+    }
+
     /// A key's charges (unix ms when each request ended, cost) since `since`, from its traces.
     pub fn recent_charges(&self, key_id: &str, since: i64) -> Result<Vec<(i64, Nanos)>> {
         on_backend!(&self.backend, b => b.recent_charges(key_id, since))

@@ -402,6 +402,22 @@ impl Postgres {
         Ok(out)
     }
 
+    /// Model requests the key had admitted at or after `since` (see the SQLite store), from
+    /// its newest 10,000 traces.
+    pub fn admitted_since(&self, key_id: &str, since: i64) -> Result<u32> {
+        let rows = self.query(
+            "SELECT count(*) FROM (SELECT ts, served_model FROM traces
+             WHERE key_id = $1 ORDER BY id DESC LIMIT 10000) AS t
+             WHERE ts >= $2 AND served_model IS NOT NULL",
+            &[&key_id, &since],
+        )?;
+        let n: i64 = match rows.first() {
+            Some(r) => r.try_get(0)?,
+            None => 0,
+        };
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
     pub fn traces(
         &self,
         key_id: Option<&str>,

@@ -108,6 +108,16 @@ fn page_charges_sql() -> String {
     )
 }
 
+/// One page's traces newest first: when each was admitted, and whether it was (a model
+/// served it: refusals name none).
+fn page_admissions_sql() -> String {
+    format!(
+        "SELECT {}, {} IS NOT NULL FROM {FROM_PAGES} WHERE p.id = ?1 ORDER BY j.key DESC",
+        column("ts"),
+        column("served_model"),
+    )
+}
+
 /// A row of (model, requests, prompt_tokens, completion_tokens, cost_nanos).
 pub(super) fn model_spend_from_row(r: &Row<'_>) -> rusqlite::Result<ModelSpend> {
     Ok(ModelSpend {
@@ -222,6 +232,30 @@ impl Sqlite {
             }
         }
         Ok(out)
+    }
+
+    /// How many model requests the key had admitted at or after `since` (unix ms), from its
+    /// traces: the CLI's `requests_this_minute`, which cannot see the running gateway's
+    /// counters. Walks the key's newest pages only (as [`Self::recent_charges`]).
+    pub fn admitted_since(&self, key_id: &str, since: i64) -> Result<u32> {
+        const SLACK_MS: i64 = 600_000;
+        let mut pages = self.conn.prepare_cached(KEY_PAGES_SQL)?;
+        let mut admissions = self.conn.prepare_cached(&page_admissions_sql())?;
+        let mut ids = pages.query(params![key_id, i64::MAX])?;
+        let mut n = 0;
+        while let Some(page) = ids.next()? {
+            let mut rows = admissions.query([page.get::<_, i64>(0)?])?;
+            while let Some(r) = rows.next()? {
+                let (at, admitted): (i64, bool) = (r.get(0)?, r.get(1)?);
+                if at < since - SLACK_MS {
+                    return Ok(n);
+                }
+                if at >= since && admitted {
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Newest traces first, for one key or all; `before` pages back (traces with a smaller
