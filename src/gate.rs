@@ -126,9 +126,14 @@ impl Gate {
             handover: Default::default(),
         };
         let mut store = gate.open_store().map_err(|e| format!("database: {e}"))?;
+        // Another process that is running (an upgrade's predecessor). Not this one: rows under
+        // this process id were left by an earlier process that had it (a container's gateway
+        // is pid 1 at every start), since this one has written nothing yet.
+        let own = i64::from(std::process::id());
+        let other_live = |o: i64| o != own && crate::handover::state::process_is_live(o);
         // Before keys (and their month's spend) are loaded: a crash never makes a request free.
         let orphans = match node {
-            None => store.charge_orphans(crate::handover::state::process_is_live),
+            None => store.charge_orphans(other_live),
             // Other nodes' admissions are theirs while their heartbeat is fresh.
             Some(n) => store
                 .live_owners(now_ms() - n.ttl.as_millis() as i64)
@@ -146,10 +151,10 @@ impl Gate {
         let mut left_minutes = Vec::new();
         if node.is_none() {
             left_minutes = store
-                .left_minutes(crate::handover::state::process_is_live)
+                .left_minutes(other_live)
                 .map_err(|e| format!("database: {e}"))?;
             store
-                .forget_handovers(crate::handover::state::process_is_live)
+                .forget_handovers(other_live)
                 .map_err(|e| format!("database: {e}"))?;
         }
         gate.reload_from(&store)
