@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion};
-use spidergate::admission::{
-    admit, authenticate, check_scope, request_fields, Endpoint, Overheads,
-};
+use spidergate::admission::{admit, authenticate, check_scope, Endpoint, Overheads};
 use spidergate::catalog::Catalog;
 use spidergate::clock::now_ms;
 use spidergate::clock::Now;
@@ -86,9 +84,7 @@ fn bench(c: &mut Criterion, catalog: &Catalog) {
                 let (_, key) = authenticate(Some(header), None, &keys, now).expect("auth");
                 check_scope(&key, Endpoint::ChatCompletions).expect("scope");
                 // The in-process store is ready at once: block_on never parks.
-                let mut body = body.clone();
-                let fields =
-                    request_fields(Endpoint::ChatCompletions, &body, None, None).expect("fields");
+                let mut requested = None;
                 let adm = rt
                     .block_on(admit(
                         &InProcess,
@@ -96,9 +92,10 @@ fn bench(c: &mut Criterion, catalog: &Catalog) {
                         &keys,
                         &key,
                         Endpoint::ChatCompletions,
-                        &mut body,
-                        fields,
+                        &mut body.clone(),
                         None,
+                        None,
+                        &mut requested,
                         Now::at(now),
                         Overheads {
                             media_part_tokens: 25_000,

@@ -392,14 +392,14 @@ pub fn request_fields(
     }
 }
 
-/// Model and per-key controls for an authenticated, in-scope model request whose `fields`
-/// were read from `body` ([`request_fields`]; the caller keeps the requested model for the
-/// trace of a refusal). `now` and `key` must be read at the moment of decision (after the
-/// body arrived), so a body trickled across midnight or a key revoked during the upload is
-/// judged as things stand now. `limits` takes the key's quota and budget hold last, in one
-/// step, once everything that can refuse the request for free has passed; `res_id` names
-/// the hold. A multipart form admitted has its `model` value replaced in `body` itself,
-/// which is then also the upstream body: an upload is held once
+/// Body, model and per-key controls for an authenticated, in-scope model request. Once the
+/// body's fields are read, `requested` names the model asked for (the trace of a refusal
+/// from then on names it). `now` and `key` must be read at the moment of decision (after
+/// the body arrived), so a body trickled across midnight or a key revoked during the upload
+/// is judged as things stand now. `limits` takes the key's quota and budget hold last, in
+/// one step, once everything that can refuse the request for free has passed; `res_id`
+/// names the hold. A multipart form admitted has its `model` value replaced in `body`
+/// itself, which is then also the upstream body: an upload is held once
 /// ([`multipart::splice_span`]).
 #[allow(clippy::too_many_arguments)] // each is one fact of the decision; a struct would only rename them
 pub async fn admit<L: LimitStore>(
@@ -409,12 +409,15 @@ pub async fn admit<L: LimitStore>(
     key: &Arc<KeyEntry>,
     endpoint: Endpoint,
     body: &mut Bytes,
-    mut fields: RequestFields,
+    content_type: Option<&[u8]>,
     head: Option<FormHead<'_>>,
+    requested: &mut Option<Arc<str>>,
     now: Now,
     overheads: Overheads,
     res_id: u64,
 ) -> Result<Admission, GateError> {
+    let mut fields = request_fields(endpoint, body, content_type, head)?;
+    *requested = Some(fields.model.clone());
     // What the client sends in all: more than `body` for a form forwarded as it arrives.
     let body_len = head.map_or(body.len(), |h| h.body_len);
     let chain = key.resolve(catalog, &fields.model)?;

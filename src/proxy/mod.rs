@@ -153,9 +153,7 @@ impl GateProxy {
             body_len: u.body_len(),
             audio_ms: u.scanner().audio_bound_within(u.body_len()),
         });
-        let fields = admission::request_fields(ctx.endpoint, &ctx.body, content_type, head)?;
-        // Named in the trace even when the request is refused from here on (SPEC §4).
-        ctx.requested_model = Some(fields.model.clone());
+        // `requested_model`: named in the trace even when the request is refused (SPEC §4).
         let adm = admission::admit(
             &self.gate.limits,
             &routes.catalog,
@@ -163,8 +161,9 @@ impl GateProxy {
             &key,
             ctx.endpoint,
             &mut ctx.body,
-            fields,
+            content_type,
             head,
+            &mut ctx.requested_model,
             now,
             overheads,
             journal_id as u64,
