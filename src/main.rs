@@ -757,6 +757,10 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             Ok(())
         }
         Command::Traces { key, limit, json } => {
+            // An unknown key is an error, as `GET /admin/traces?key=` answers 404.
+            if let Some(id) = key.as_deref() {
+                found(id, store.get_key(id))?;
+            }
             let rows = store
                 .traces(key.as_deref(), limit, None)
                 .map_err(|e| e.to_string())?;

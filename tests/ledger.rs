@@ -317,6 +317,13 @@ fn rejected_requests_leave_traces_too() {
             .len(),
         1
     );
+    // An unknown key is an error, as the admin API's 404 is.
+    let out = gw.cli(&["traces", "--key", "key_nope", "--json"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no key with id"),
+        "{out:?}"
+    );
     // Rejections cost nothing and count nothing.
     let usage = gw.usage(&key);
     assert_eq!(
