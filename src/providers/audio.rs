@@ -3,7 +3,12 @@
 //! reports no duration (`text`, `srt`, `vtt`), the bound is what is charged, and it bounds
 //! the reservation instead of `server.max_audio_seconds`.
 //!
-//! - WAV: the `data` bytes present over the `fmt ` byte rate ([`wav_duration_ms`]).
+//! - WAV (PCM and the other sample formats of fixed frame size): every byte from the first
+//!   `data` chunk to the end of the file over the rate its samples play at, the lower of the
+//!   `fmt ` chunk's byte rate and sample rate x block align ([`wav_duration_ms`]). Decoders
+//!   play samples at the sample rate whatever the byte-rate field says, and may read past a
+//!   `data` size that claims less, or a second `data` chunk; compressed formats inside a
+//!   WAV (ADPCM, MP3) have no such bound and fall back like the formats below.
 //! - MP3: the frames' own durations, walked header to header ([`mp3_duration_ms`]).
 //! - FLAC, M4A, OGG, WebM: none. Their headers state a length (STREAMINFO's total samples,
 //!   `mvhd`, granule positions) that decoders do not enforce: a FLAC whose STREAMINFO says
@@ -91,9 +96,11 @@ impl AudioScan {
     }
 }
 
-/// Milliseconds of audio in a WAV file, rounded up: the `data` chunk's bytes (as many as
-/// the file really holds, whatever its header claims) over the `fmt ` chunk's byte rate.
-/// `None` for anything else, or a header that does not add up.
+/// Milliseconds of audio in a WAV file, rounded up, at most: every byte from the first
+/// `data` chunk's start to the end of the file (whatever size the chunk claims; a trailing
+/// chunk counts as audio, a few ms too many rather than too few) over the slowest rate the
+/// header allows (see the module's notes). `None` for anything else: no WAV, a compressed
+/// sample format, or a header that does not add up.
 pub fn wav_duration_ms(file: &[u8]) -> Option<u64> {
     wav_bound_ms(file, file.len() as u64)
 }
@@ -107,19 +114,27 @@ fn wav_bound_ms(file: &[u8], len: u64) -> Option<u64> {
         file.get(i..i + 4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     };
+    let u16_at =
+        |i: usize| -> Option<u16> { file.get(i..i + 2).map(|b| u16::from_le_bytes([b[0], b[1]])) };
     let mut at = 12;
-    let mut byte_rate = None;
+    let mut rate = None;
     // A bounded walk: a well-formed file has a handful of chunks before its data.
     for _ in 0..64 {
         let id = file.get(at..at + 4)?;
         let size = u32_at(at + 4)? as usize;
         let body = at + 8;
         match id {
-            b"fmt " => byte_rate = u32_at(body + 8).filter(|&r| r > 0),
+            b"fmt " => {
+                rate = wav_bytes_per_second(
+                    u16_at(body)?,
+                    u32_at(body + 4)?,
+                    u32_at(body + 8)?,
+                    u16_at(body + 12)?,
+                )
+            }
             b"data" => {
-                let present = len.saturating_sub(body as u64).min(size as u64);
-                let rate = u64::from(byte_rate?);
-                return Some((present * 1000).div_ceil(rate));
+                let present = len.saturating_sub(body as u64);
+                return Some((present.saturating_mul(1000)).div_ceil(rate?));
             }
             _ => {}
         }
@@ -127,6 +142,26 @@ fn wav_bound_ms(file: &[u8], len: u64) -> Option<u64> {
         at = body.checked_add(size)?.checked_add(size & 1)?;
     }
     None
+}
+
+/// The rate a WAV's `data` bytes play at, for a sample format whose frames have a fixed
+/// size (`block_align` bytes per sample frame): integer PCM, IEEE float, A-law, mu-law, or
+/// the extensible tag (which carries one of these in practice). The lower of the header's
+/// byte rate and sample rate x block align, so a byte rate written larger than the samples
+/// play cannot shorten the bound. `None` for a compressed format or a zero field.
+fn wav_bytes_per_second(
+    tag: u16,
+    sample_rate: u32,
+    byte_rate: u32,
+    block_align: u16,
+) -> Option<u64> {
+    const FIXED_FRAME: [u16; 5] = [0x0001, 0x0003, 0x0006, 0x0007, 0xFFFE];
+    if !FIXED_FRAME.contains(&tag) {
+        return None;
+    }
+    let played = u64::from(sample_rate) * u64::from(block_align);
+    let rate = played.min(u64::from(byte_rate));
+    (rate > 0).then_some(rate)
 }
 
 /// The most audio any byte of a non-free-format MPEG audio frame carries: 8 kbit/s is
@@ -555,6 +590,38 @@ mod tests {
     }
 
     #[test]
+    fn a_lying_header_cannot_shorten_the_bound() {
+        // A byte rate 500 times what 16 kHz mono 16-bit plays: the samples' own rate counts.
+        let mut fast = wav(64_000, 64_000);
+        fast[28..32].copy_from_slice(&16_000_000u32.to_le_bytes());
+        assert_eq!(wav_duration_ms(&fast), Some(2_000));
+        // A block align doubled (as if stereo) while the byte rate says mono: the lower rate.
+        let mut wide = wav(64_000, 64_000);
+        wide[32..34].copy_from_slice(&4u16.to_le_bytes());
+        assert_eq!(wav_duration_ms(&wide), Some(2_000));
+        // A `data` chunk that claims less than follows it: every byte to the end counts.
+        assert_eq!(wav_duration_ms(&wav(64_000, 1_600)), Some(2_000));
+        // A second `data` chunk after a short first one: counted too (its 8-byte head with it).
+        let mut two = wav(1_600, 1_600);
+        two.extend_from_slice(b"data");
+        two.extend_from_slice(&62_400u32.to_le_bytes());
+        two.resize(two.len() + 62_400, 0);
+        assert_eq!(wav_duration_ms(&two), Some(2_001));
+        // Compressed samples (IMA ADPCM, MP3 in a WAV): no bound from the header.
+        for tag in [0x0011u16, 0x0055] {
+            let mut packed = wav(64_000, 64_000);
+            packed[20..22].copy_from_slice(&tag.to_le_bytes());
+            assert_eq!(wav_duration_ms(&packed), None, "{tag:#x}");
+        }
+        // Float and extensible are fixed-size frames like PCM.
+        for tag in [0x0003u16, 0xFFFE] {
+            let mut f = wav(64_000, 64_000);
+            f[20..22].copy_from_slice(&tag.to_le_bytes());
+            assert_eq!(wav_duration_ms(&f), Some(2_000), "{tag:#x}");
+        }
+    }
+
+    #[test]
     fn anything_else_is_unknown() {
         assert_eq!(wav_duration_ms(b"ID3\x03not a wav"), None);
         assert_eq!(wav_duration_ms(b""), None);
@@ -777,10 +844,11 @@ mod tests {
                 assert_eq!(in_pieces(f, size), whole, "fixture {i}, pieces of {size}");
             }
         }
-        // A WAV's header bounds it before its end: no more than it claims nor than fits.
+        // A WAV's header bounds it before its end: what fits in the bytes left (56 bytes of
+        // header), whatever its `data` chunk claims (a decoder may play past a short claim).
         let mut scan = AudioScan::default();
         scan.feed(&wav(64_000, 64_000)[..100]);
-        assert_eq!(scan.wav_bound_within(1_000_000), Some(2_000));
+        assert_eq!(scan.wav_bound_within(1_000_000), Some(31_249));
         assert_eq!(scan.wav_bound_within(32_044), Some(1_000));
     }
 
