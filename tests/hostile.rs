@@ -1712,3 +1712,34 @@ fn property_random_request_shapes_never_bill_past_a_hard_cap() {
         "{ok} served, {refused} refused: both must happen"
     );
 }
+
+#[test]
+fn a_client_that_hangs_up_mid_body_is_traced_as_client_closed_and_charged_nothing() {
+    let mock = mock();
+    let gw = gateway(&mock).start();
+    let key = gw.create_key(&[]);
+    let body = user_body("gpt-4o-mini", json!({}));
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    // Half of the body it announces, then gone.
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        key.bearer(),
+        body.len() * 2
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body.as_bytes()).unwrap();
+    drop(s);
+    let t = wait_for(Duration::from_secs(10), "the hang-up's trace", || {
+        Some(gw.model_traces(&key.id)).filter(|t| !t.is_empty())
+    });
+    assert_eq!(t.len(), 1, "{t:?}");
+    // The client's doing, not the upstream's: nothing reached it, nothing is charged.
+    assert_eq!(
+        (t[0].status, t[0].error_code.as_deref()),
+        (499, Some("client_closed")),
+        "{t:?}"
+    );
+    assert_eq!(t[0].cost_nanos, 0);
+    assert!(mock.requests().is_empty());
+}

@@ -113,6 +113,16 @@ async fn continue_if_expected(session: &mut Session) -> Result<()> {
     Ok(())
 }
 
+/// The client's next body piece. A failure is the client's (it hung up mid-body, or sent
+/// broken framing): marked so, the request is traced `client_closed`, not as an upstream
+/// error; nothing was sent upstream yet.
+async fn read_client_body(session: &mut Session) -> Result<Option<Bytes>> {
+    session
+        .read_request_body()
+        .await
+        .map_err(pingora_error::Error::into_down)
+}
+
 /// The opening of a large form read before its decision ([`super::upload`]).
 pub(super) struct FormOpening {
     /// The bytes read (the piece Pingora read itself, when the opening is one piece).
@@ -143,7 +153,7 @@ pub(super) async fn read_form_opening(
     session.enable_retry_buffering();
     let mut read = Gathered::default();
     let mut whole = true;
-    while let Some(chunk) = session.read_request_body().await? {
+    while let Some(chunk) = read_client_body(session).await? {
         if let Err(e) = scanner.feed(&chunk) {
             return Ok(Err(e));
         }
@@ -175,7 +185,7 @@ pub(super) async fn read_body(
     }
     continue_if_expected(session).await?;
     let mut read = Gathered::default();
-    while let Some(chunk) = session.read_request_body().await? {
+    while let Some(chunk) = read_client_body(session).await? {
         if (read.len() + chunk.len()) as u64 > max {
             return Ok(Err(GateError::RequestTooLarge(max)));
         }
