@@ -465,7 +465,12 @@ fn every_authenticated_response_carries_the_limit_headers() {
     );
     let unlimited = gw.create_key(&[]);
     let r = gw.chat(&unlimited, "gpt-4o-mini");
-    assert_eq!(r.header("x-ratelimit-limit-requests"), Some("unlimited"));
+    // No rpm: a number still (clients parse these), the largest u32.
+    assert_eq!(r.header("x-ratelimit-limit-requests"), Some("4294967295"));
+    assert_eq!(
+        r.header("x-ratelimit-remaining-requests"),
+        Some("4294967295")
+    );
 }
 
 #[test]

@@ -131,7 +131,10 @@ pub(super) fn edit_headers<T>(
     edited
 }
 
-pub(super) static UNLIMITED: HeaderValue = HeaderValue::from_static("unlimited");
+/// The limit and remaining count of a key without `rpm`: the largest `u32`, so clients that
+/// read these headers as numbers (OpenAI's always are) keep working; it was the word
+/// `unlimited`.
+pub(super) static UNLIMITED: HeaderValue = HeaderValue::from_static("4294967295");
 
 /// The response headers the gateway sets (static names: a clone copies no bytes).
 static LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
