@@ -19,23 +19,25 @@ use super::hidden::{Hidden, RawHidden};
 use super::json_scan;
 
 /// The top-level fields a request is read for, as serde reads them: borrowed raw values,
-/// `null` read as absent (serde's `Option`), a field named twice refused.
+/// `null` read as absent (serde's `Option`), a field named twice refused. The fields the
+/// gateway writes over (`stream_options` and the output caps) keep a `null` as its text, so
+/// the rewrite replaces it in place rather than adding the key a second time.
 #[derive(Deserialize)]
 struct Fields<'a> {
     #[serde(borrow)]
     model: Option<&'a RawValue>,
     #[serde(default)]
     stream: Option<bool>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "keep_null")]
     stream_options: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "keep_null")]
     max_tokens: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "keep_null")]
     max_completion_tokens: Option<&'a RawValue>,
     #[serde(borrow, default)]
     n: Option<&'a RawValue>,
     /// The Responses API's output bound.
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "keep_null")]
     max_output_tokens: Option<&'a RawValue>,
     #[serde(borrow, default)]
     tools: Option<&'a RawValue>,
@@ -54,6 +56,11 @@ struct Fields<'a> {
     container: Option<&'a RawValue>,
     #[serde(borrow, default)]
     web_search_options: Option<&'a RawValue>,
+}
+
+/// A present field's raw value, `null` included (see [`Fields`]).
+fn keep_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// The stored-context and server-side fields `hidden` judges.
@@ -154,7 +161,9 @@ impl<'a> Top<'a> {
                 return false;
             }
             seen |= 1 << bit;
-            *slot = (value != "null").then_some(value);
+            // The fields the rewrite writes over keep a `null` (as serde's reading does).
+            let written_over = matches!(bit, 2 | 3 | 4 | 6);
+            *slot = (written_over || value != "null").then_some(value);
             true
         })?;
         Some(top)
@@ -813,6 +822,41 @@ mod tests {
         let f = parse_request(&body).unwrap();
         assert!(f.client_wants_usage);
         assert_eq!(rewrite_body(&body, &f, "m", true, None), body);
+    }
+
+    /// How many times `"key":` occurs in a body (a key written twice counts twice).
+    fn key_count(b: &Bytes, key: &str) -> usize {
+        let pat = format!("\"{key}\":");
+        b.windows(pat.len())
+            .filter(|w| *w == pat.as_bytes())
+            .count()
+    }
+
+    #[test]
+    fn a_null_cap_or_stream_options_is_written_over_not_added_twice() {
+        // Through the scanner and through serde (a key with an escape sends a body to serde).
+        for tail in ["", r#","\u0078":1"#] {
+            for (field, cap_field, cap) in [
+                ("max_completion_tokens", CapField::Chat, 1000),
+                ("max_tokens", CapField::Messages, 1000),
+                ("max_output_tokens", CapField::Responses, 1000),
+            ] {
+                let text = format!(r#"{{"model":"m","{field}":null,"stream":true{tail}}}"#);
+                let body = Bytes::from(text);
+                let f = parse_request(&body).unwrap();
+                assert_eq!(f.max_output_tokens, None);
+                let out = rewrite_body(&body, &f, "m", false, Some((cap_field, cap)));
+                assert_eq!(key_count(&out, field), 1, "{out:?}");
+                assert_eq!(json(&out)[field], cap, "{out:?}");
+            }
+            let text = format!(r#"{{"model":"m","stream":true,"stream_options":null{tail}}}"#);
+            let body = Bytes::from(text);
+            let f = parse_request(&body).unwrap();
+            assert!(!f.client_wants_usage);
+            let out = rewrite_body(&body, &f, "m", true, None);
+            assert_eq!(key_count(&out, "stream_options"), 1, "{out:?}");
+            assert_eq!(json(&out)["stream_options"]["include_usage"], true);
+        }
     }
 
     #[test]
