@@ -272,6 +272,21 @@ fn an_upstream_that_breaks_mid_response_is_still_charged() {
     }
     let broken_stream = t.iter().find(|t| t["status"] == 200).expect("stream trace");
     assert_eq!(broken_stream["error_code"], "upstream_stream_broken");
+    // The prompt is estimated from what the provider received (a byte a token at most): the
+    // forwarded body, longer than the client's by the inserted cap and `stream_options`.
+    let mut by_id: Vec<&Value> = t.iter().collect();
+    by_id.sort_by_key(|t| t["id"].as_i64());
+    let received = mock.requests();
+    assert_eq!(received.len(), 2);
+    for (trace, (req, client)) in by_id.iter().zip(received.iter().zip([&body, &plain])) {
+        let sent = req.body.len();
+        assert!(sent > client.to_string().len(), "the gateway added fields");
+        let prompt = trace["prompt_tokens"].as_u64().unwrap();
+        assert!(
+            prompt >= sent as u64,
+            "prompt {prompt} < {sent} bytes forwarded: {trace}"
+        );
+    }
 }
 
 #[test]

@@ -378,10 +378,14 @@ impl RequestCtx {
         }
     }
 
-    /// The reservation's (prompt, completion) bound on the model that served.
+    /// The reservation's (prompt, completion) bound on the model that served, for the body
+    /// it was sent: the forwarded body where it is longer than the client's (an inserted
+    /// cap or `stream_options`, a longer upstream id, a translation), as the provider bills
+    /// what it receives.
     fn served_bound(&self) -> (u64, u64) {
+        let sent = self.body_len().max(self.upstream_len().unwrap_or(0));
         let (Some(adm), Some(m)) = (&self.admission, self.current_model()) else {
-            return ((self.body_len() as u64).max(1), 0);
+            return ((sent as u64).max(1), 0);
         };
         let routes = &self.snap.routes;
         let tuning = &routes.config.tuning;
@@ -392,7 +396,7 @@ impl RequestCtx {
             &only,
             self.endpoint,
             &adm.fields,
-            self.body_len(),
+            sent,
             overheads,
         );
         (b.prompt_tokens.max(1), b.completion_tokens)
