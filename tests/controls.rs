@@ -526,6 +526,48 @@ fn fallback_moves_down_the_alias_chain_before_any_byte_reaches_the_client() {
     assert!(usage["by_model"].get("llama-3.1-8b-instant").is_none());
 }
 
+#[test]
+fn an_upstream_error_that_no_model_can_take_over_passes_through() {
+    let mock = mock();
+    // gpt-4o's upstream id is longer than gpt-4o-mini's: its body is longer than the one a
+    // hard budget reserved for, so a hard-budget key does not fall back to it.
+    let models = MODELS.replacen(
+        "aliases:",
+        "aliases:\n  spideriq/longer: [gpt-4o-mini, gpt-4o]",
+        1,
+    );
+    let gw = GatewayBuilder::new(&mock).models(&models).start();
+    let hard = gw.create_key(&["--budget", "5", "--budget-mode", "hard"]);
+    mock.clear();
+    let r = gw.chat_with(
+        &hard,
+        "spideriq/longer",
+        &[
+            ("x-mock-status", "429"),
+            ("x-mock-status-model", "gpt-4o-mini"),
+        ],
+    );
+    // The provider's own 429 and body, not a 502 of the gateway's (SPEC §2).
+    assert_eq!(r.status, 429, "{}", r.text());
+    // The mock's own 429 body, passed through (its code, the gateway's header).
+    assert_eq!(r.code(), "rate_limit_exceeded", "{}", r.text());
+    assert_eq!(r.header("x-spidergate-error-code"), Some("upstream_status"));
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(mock.requests().len(), 1, "no fallback was sent");
+    // A key without a hard budget falls back as usual.
+    let soft = gw.create_key(&[]);
+    let r = gw.chat_with(
+        &soft,
+        "spideriq/longer",
+        &[
+            ("x-mock-status", "429"),
+            ("x-mock-status-model", "gpt-4o-mini"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-spidergate-fallback-from"), Some("gpt-4o-mini"));
+}
+
 /// Over 10 s on the shared 2-core box (about 15 s), by design: the promise is about a key set
 /// of 10,000, so 10,000 keys are minted and each makes one real request through the gateway.
 #[test]

@@ -926,13 +926,10 @@ impl ProxyHttp for GateProxy {
             return Err(e);
         }
         let retryable = status == 429 || status >= 500;
-        // An upload whose body flowed cannot be sent again: its answer passes as it is.
-        let has_next = ctx
-            .admission
-            .as_ref()
-            .is_some_and(|a| ctx.attempt + 1 < a.chain.len())
-            && ctx.upload.as_ref().is_none_or(|u| u.can_resend());
-        if retryable && has_next && !ctx.response_started {
+        // Moves to the next model of the chain that can take the request now; where none
+        // can (the chain's end, an upload whose body flowed, a model a hard budget did not
+        // reserve for), this answer passes as it is (SPEC §2: "after any fallback").
+        if retryable && !ctx.response_started && self.try_fallback(ctx) {
             ctx.fallback_status = Some(status);
             let mut e = Error::explain(
                 ErrorType::HTTPStatus(status),
@@ -1072,8 +1069,8 @@ impl ProxyHttp for GateProxy {
         e
     }
 
-    /// Error after connecting: a fallback status from `upstream_response_filter` moves to the
-    /// next model. Anything else is final: once a POST was written upstream it is never sent
+    /// Error after connecting: a fallback status from `upstream_response_filter` (which moved
+    /// the context to the next model already) retries there. Anything else is final: once a POST was written upstream it is never sent
     /// again to the same model (the provider may be generating it), and a timeout or a
     /// broken connection is not a fallback condition (SPEC §2); the attempt is charged.
     fn error_while_proxy(
@@ -1087,8 +1084,7 @@ impl ProxyHttp for GateProxy {
         let mut e = e.more_context(format!("Peer: {peer} (reused: {client_reused})"));
         ctx.end_upstream_attempt();
         let retry = !ctx.response_started
-            && (std::mem::take(&mut ctx.retry_same_model)
-                || (ctx.fallback_status.take().is_some() && self.try_fallback(ctx)));
+            && (std::mem::take(&mut ctx.retry_same_model) || ctx.fallback_status.take().is_some());
         e.set_retry(retry);
         e
     }
