@@ -454,9 +454,21 @@ pub async fn admit<L: LimitStore>(
     );
     // The provider bills what it receives: the forwarded body can be longer than the
     // client's (an inserted output cap, a longer upstream model id, a translation), so the
-    // prompt bound counts the longer of the two. A fallback model whose body would be longer
-    // still is skipped for a hard-budget key (`proxy::try_fallback`).
-    let sent_len = body_len.max(upstream_len);
+    // prompt bound counts the longer of the two. Under a hard budget it also covers every
+    // model the chain may fall back to, each with its own forwarded body (built here only
+    // for a hard-budget key's alias); a fallback whose body would be longer still is
+    // skipped (`proxy::try_fallback`): a form's later models, whose bodies are not built.
+    let fallback_len = if hard_budget && !form {
+        (1..chain.len())
+            .filter_map(|i| chain.get(i))
+            .filter_map(|m| upstream_body(catalog, endpoint, m, body, &fields).ok())
+            .map(|(_, b)| b.len())
+            .max()
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    let sent_len = body_len.max(upstream_len).max(fallback_len);
     let bound = reservation_bound(catalog, &chain, endpoint, &fields, sent_len, overheads);
     // Only a key with a loop limit pays for hashing its body.
     let digest = key.limits.loop_limit.map(|_| {

@@ -527,10 +527,10 @@ fn fallback_moves_down_the_alias_chain_before_any_byte_reaches_the_client() {
 }
 
 #[test]
-fn an_upstream_error_that_no_model_can_take_over_passes_through() {
+fn a_hard_budget_falls_back_to_a_longer_body_and_a_last_error_passes_through() {
     let mock = mock();
-    // gpt-4o's upstream id is longer than gpt-4o-mini's: its body is longer than the one a
-    // hard budget reserved for, so a hard-budget key does not fall back to it.
+    // gpt-4o's upstream id is longer than gpt-4o-mini's, so is the body it is sent: the
+    // reservation of a hard-budget key covers it too, and the key falls back to it.
     let models = MODELS.replacen(
         "aliases:",
         "aliases:\n  spideriq/longer: [gpt-4o-mini, gpt-4o]",
@@ -547,25 +547,26 @@ fn an_upstream_error_that_no_model_can_take_over_passes_through() {
             ("x-mock-status-model", "gpt-4o-mini"),
         ],
     );
-    // The provider's own 429 and body, not a 502 of the gateway's (SPEC §2).
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-spidergate-fallback-from"), Some("gpt-4o-mini"));
+    let sent: Vec<usize> = mock.requests().iter().map(|r| r.body.len()).collect();
+    assert_eq!(sent.len(), 2);
+    assert!(
+        sent[1] > sent[0],
+        "the fallback's body is the longer: {sent:?}"
+    );
+    let t = wait_for(Duration::from_secs(10), "the trace", || {
+        Some(gw.model_traces(&hard.id)).filter(|t| !t.is_empty())
+    });
+    assert_eq!(t[0].served_model.as_deref(), Some("gpt-4o"));
+    // Every model fails: the last one's own 429 and body pass through, not a 502.
+    mock.clear();
+    let r = gw.chat_with(&hard, "spideriq/longer", &[("x-mock-status", "429")]);
     assert_eq!(r.status, 429, "{}", r.text());
-    // The mock's own 429 body, passed through (its code, the gateway's header).
     assert_eq!(r.code(), "rate_limit_exceeded", "{}", r.text());
     assert_eq!(r.header("x-spidergate-error-code"), Some("upstream_status"));
     assert!(r.header("retry-after").is_some());
-    assert_eq!(mock.requests().len(), 1, "no fallback was sent");
-    // A key without a hard budget falls back as usual.
-    let soft = gw.create_key(&[]);
-    let r = gw.chat_with(
-        &soft,
-        "spideriq/longer",
-        &[
-            ("x-mock-status", "429"),
-            ("x-mock-status-model", "gpt-4o-mini"),
-        ],
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.header("x-spidergate-fallback-from"), Some("gpt-4o-mini"));
+    assert_eq!(mock.requests().len(), 2);
 }
 
 /// Over 10 s on the shared 2-core box (about 15 s), by design: the promise is about a key set
