@@ -208,53 +208,59 @@ impl Sqlite {
             .unwrap_or(0))
     }
 
-    /// The key's charges (unix ms when the request ended, cost) at or after `since`, for the
-    /// hour window of `max_usd_per_hour` after a restart. Walks the key's traces newest first
-    /// and stops ten minutes of request time before `since` (rows of one batch can be out of
-    /// order by a request's duration), so it reads the last hour, not the key's history.
-    pub fn recent_charges(&self, key_id: &str, since: i64) -> Result<Vec<(i64, Nanos)>> {
+    /// Visits the key's traces at or after `since`, by the time in the first column of
+    /// `page_sql` (one page's rows, newest first): walks the key's pages newest first and
+    /// stops ten minutes of request time before `since` (rows of one batch can be out of
+    /// order by a request's duration), so it reads the recent traces, not the key's history.
+    fn each_recent(
+        &self,
+        key_id: &str,
+        since: i64,
+        page_sql: &str,
+        mut visit: impl FnMut(i64, &Row<'_>) -> rusqlite::Result<()>,
+    ) -> Result<()> {
         const SLACK_MS: i64 = 600_000;
-        // The key's pages newest first, each page's traces newest first.
         let mut pages = self.conn.prepare_cached(KEY_PAGES_SQL)?;
-        let mut charges = self.conn.prepare_cached(&page_charges_sql())?;
+        let mut traces = self.conn.prepare_cached(page_sql)?;
         let mut ids = pages.query(params![key_id, i64::MAX])?;
-        let mut out = Vec::new();
         while let Some(page) = ids.next()? {
-            let mut rows = charges.query([page.get::<_, i64>(0)?])?;
+            let mut rows = traces.query([page.get::<_, i64>(0)?])?;
             while let Some(r) = rows.next()? {
-                let (at, cost): (i64, i64) = (r.get(0)?, r.get(1)?);
+                let at: i64 = r.get(0)?;
                 if at < since - SLACK_MS {
-                    return Ok(out);
+                    return Ok(());
                 }
-                if at >= since && cost > 0 {
-                    out.push((at, Nanos::new(cost)));
+                if at >= since {
+                    visit(at, r)?;
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The key's charges (unix ms when the request ended, cost) at or after `since`, for the
+    /// hour window of `max_usd_per_hour` after a restart: the last hour, not the key's history.
+    pub fn recent_charges(&self, key_id: &str, since: i64) -> Result<Vec<(i64, Nanos)>> {
+        let mut out = Vec::new();
+        self.each_recent(key_id, since, &page_charges_sql(), |at, r| {
+            let cost: i64 = r.get(1)?;
+            if cost > 0 {
+                out.push((at, Nanos::new(cost)));
+            }
+            Ok(())
+        })?;
         Ok(out)
     }
 
     /// How many model requests the key had admitted at or after `since` (unix ms), from its
     /// traces: the CLI's `requests_this_minute`, which cannot see the running gateway's
-    /// counters. Walks the key's newest pages only (as [`Self::recent_charges`]).
+    /// counters.
     pub fn admitted_since(&self, key_id: &str, since: i64) -> Result<u32> {
-        const SLACK_MS: i64 = 600_000;
-        let mut pages = self.conn.prepare_cached(KEY_PAGES_SQL)?;
-        let mut admissions = self.conn.prepare_cached(&page_admissions_sql())?;
-        let mut ids = pages.query(params![key_id, i64::MAX])?;
         let mut n = 0;
-        while let Some(page) = ids.next()? {
-            let mut rows = admissions.query([page.get::<_, i64>(0)?])?;
-            while let Some(r) = rows.next()? {
-                let (at, admitted): (i64, bool) = (r.get(0)?, r.get(1)?);
-                if at < since - SLACK_MS {
-                    return Ok(n);
-                }
-                if at >= since && admitted {
-                    n += 1;
-                }
-            }
-        }
+        self.each_recent(key_id, since, &page_admissions_sql(), |_, r| {
+            n += u32::from(r.get::<_, bool>(1)?);
+            Ok(())
+        })?;
         Ok(n)
     }
 
