@@ -309,29 +309,56 @@ pub fn parse_fields(
         Endpoint::Speech => parse_media_request(body, MediaKind::Speech),
         Endpoint::ImagesEdits | Endpoint::Transcriptions | Endpoint::Translations => {
             let form = multipart::parse(body, &multipart::boundary(content_type)?)?;
-            form_fields(endpoint, &form, form.audio_ms)
+            form_fields(endpoint, &form, form.audio_ms, true)
         }
         _ => parse_request(body),
     }
 }
 
-/// The fields of a form (whole, or the head of one forwarded as it arrives): its model,
+/// The most inputs an image edit takes: 16 images (OpenAI's limit for its image models)
+/// and a mask. A form with more is refused, so that one forwarded as it arrives, whose
+/// later parts are unknown when it is admitted, is bounded by this many.
+pub const MAX_EDIT_MEDIA_PARTS: u64 = 17;
+
+/// 400 for an image edit with more inputs than [`MAX_EDIT_MEDIA_PARTS`].
+pub fn check_edit_media_parts(form: &multipart::Form) -> Result<(), GateError> {
+    if form.media_parts > MAX_EDIT_MEDIA_PARTS {
+        return Err(GateError::InvalidRequest(
+            "an image edit takes at most 16 images and a mask".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The fields of a form (`whole`, or the head of one forwarded as it arrives): its model,
 /// and its units: the images asked for, or the audio's duration where `audio_ms` bounds it
-/// (else 0: the configured bound, see `bound_units`).
+/// (else 0: the configured bound, see `bound_units`). An image edit's inputs are media
+/// parts (each bounded by `media_part_tokens` for token-priced image models): those of a
+/// whole form, else as many as an edit may have.
 pub fn form_fields(
     endpoint: Endpoint,
     form: &multipart::Form,
     audio_ms: Option<u64>,
+    whole: bool,
 ) -> Result<RequestFields, GateError> {
-    let units = match (endpoint, &form.n) {
-        (Endpoint::ImagesEdits, Some(n)) => images_n(n)?,
-        (Endpoint::ImagesEdits, None) => 1,
-        _ => audio_ms.unwrap_or(0),
+    let (units, media_parts) = match endpoint {
+        Endpoint::ImagesEdits => {
+            check_edit_media_parts(form)?;
+            let n = form.n.as_deref().map_or(Ok(1), images_n)?;
+            let parts = if whole {
+                form.media_parts
+            } else {
+                MAX_EDIT_MEDIA_PARTS
+            };
+            (n, parts)
+        }
+        _ => (audio_ms.unwrap_or(0), 0),
     };
     Ok(RequestFields::for_form(
         &form.model,
         form.model_span.clone(),
         units,
+        media_parts,
     ))
 }
 
@@ -387,7 +414,7 @@ pub fn request_fields(
     head: Option<FormHead<'_>>,
 ) -> Result<RequestFields, GateError> {
     match head {
-        Some(h) => form_fields(endpoint, h.form, h.audio_ms),
+        Some(h) => form_fields(endpoint, h.form, h.audio_ms, false),
         None => parse_fields(endpoint, body, content_type),
     }
 }

@@ -585,6 +585,119 @@ fn image_edits_are_charged_per_image_with_n_as_a_form_string() {
     assert_eq!(spend(&gw, &key), 80_000_000);
 }
 
+/// An edit's input images say nothing about their tokens in their bytes (a 70-byte PNG is
+/// still an image): on a token-priced image model each one is reserved
+/// `media_part_tokens`, so a hard budget that holds one input cannot be spent on two.
+#[test]
+fn each_input_of_an_image_edit_is_reserved_its_media_part_tokens() {
+    let mock = mock();
+    let gw = start(&mock);
+    // One input: (body + 25,000) tokens at 5 USD/M plus 5,000 at 40 USD/M, about 0.33 USD.
+    // Two inputs: about 0.45 USD.
+    let key = gw.create_key(&["--budget", "0.40", "--budget-mode", "hard"]);
+    mock.clear();
+    let png = spidergate_mock::PNG_B64.as_bytes();
+    let two = form(
+        &[("model", "img-tokens"), ("prompt", "add a hat")],
+        &[("image[]", "a.png", png), ("image[]", "b.png", png)],
+    );
+    let r = post_form(&gw, "/v1/images/edits", &key, &two);
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (402, "budget_exceeded"),
+        "{}",
+        r.text()
+    );
+    assert!(mock.requests().is_empty());
+    // A mask is an input too; an image without a filename, named `image`, as well.
+    let mut masked = form(
+        &[("model", "img-tokens"), ("prompt", "add a hat")],
+        &[("mask", "m.png", png)],
+    );
+    let close = format!("--{BOUNDARY}--\r\n");
+    masked.truncate(masked.len() - close.len());
+    masked.extend_from_slice(
+        format!(
+            "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nxyz\r\n{close}"
+        )
+        .as_bytes(),
+    );
+    let r = post_form(&gw, "/v1/images/edits", &key, &masked);
+    assert_eq!((r.status, r.code().as_str()), (402, "budget_exceeded"));
+    assert!(mock.requests().is_empty());
+    let one = form(
+        &[("model", "img-tokens"), ("prompt", "add a hat")],
+        &[("image[]", "a.png", png)],
+    );
+    let reported = [
+        ("x-mock-image-usage", "1"),
+        ("x-mock-prompt-tokens", "100"),
+        ("x-mock-completion-tokens", "1000"),
+    ];
+    let r = post_form_with(&gw, "/v1/images/edits", &key, &one, &reported);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(mock.requests().len(), 1);
+    // 100 x 5 + 1,000 x 40 USD per million tokens.
+    assert_eq!(spend(&gw, &key), 500_000 + 40_000_000);
+    // Without its token usage the answer is charged its bound, never zero: every byte of
+    // the form and the input's tokens, and the output cap.
+    let r = post_form(&gw, "/v1/images/edits", &key, &one);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let bound = (one.len() as i64 + 25_000) * 5_000 + 5_000 * 40_000;
+    assert_eq!(spend(&gw, &key), 40_500_000 + bound);
+    let t = traces_on(&gw, &key, "images.edits", 2);
+    assert!(t
+        .iter()
+        .any(|t| t.usage_estimated && t.prompt_tokens == one.len() as i64 + 25_000));
+}
+
+/// An edit takes at most 16 images and a mask: more is refused before anything goes, held
+/// or forwarded as it arrives (where the 18th input stops the upload), so the reservation
+/// of a form whose later parts are not read yet can count 17.
+#[test]
+fn an_image_edit_with_more_than_sixteen_images_and_a_mask_is_refused() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let png = spidergate_mock::PNG_B64.as_bytes();
+    let inputs = |k: usize| -> Vec<(&str, &str, &[u8])> {
+        (0..k).map(|_| ("image[]", "a.png", png)).collect()
+    };
+    let fields = [("model", "img"), ("prompt", "add a hat")];
+    let r = post_form(&gw, "/v1/images/edits", &key, &form(&fields, &inputs(18)));
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (400, "invalid_request"),
+        "{}",
+        r.text()
+    );
+    assert!(mock.requests().is_empty());
+    let r = post_form(&gw, "/v1/images/edits", &key, &form(&fields, &inputs(17)));
+    assert_eq!(r.status, 200, "{}", r.text());
+    mock.clear();
+    // A large form: its opening is admitted before the later inputs arrive.
+    let image = large_file();
+    let mut files = vec![("image[]", "big.png", image.as_slice())];
+    files.extend(inputs(17));
+    let r = post_form(&gw, "/v1/images/edits", &key, &form(&fields, &files));
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (400, "invalid_request"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        mock.requests().is_empty(),
+        "the upstream never got a whole form"
+    );
+    assert_eq!(
+        spend(&gw, &key),
+        40_000_000,
+        "only the 17-input edit is charged"
+    );
+}
+
 #[test]
 fn a_malformed_multipart_body_is_400_and_reaches_nothing() {
     let mock = mock();

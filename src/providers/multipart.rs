@@ -23,6 +23,9 @@ pub struct Form {
     /// A bound on the `file` part's audio duration (ms), where its container gives one
     /// ([`crate::providers::audio`]).
     pub audio_ms: Option<u64>,
+    /// Parts that carry a file (a `filename` parameter) or are named `image`, `image[]` or
+    /// `mask`: an image edit's inputs, whose tokens their bytes do not bound.
+    pub media_parts: u64,
 }
 
 fn bad(why: &str) -> GateError {
@@ -131,6 +134,7 @@ impl FormScanner {
                 n: None,
                 response_format: None,
                 audio_ms: None,
+                media_parts: 0,
             },
             has_model: false,
             audio: None,
@@ -313,7 +317,8 @@ impl FormScanner {
                         return Ok(at);
                     };
                     let head = &rest[..head_len];
-                    let part = match part_name(head) {
+                    let name = part_name(head);
+                    let part = match name {
                         None => return Err(bad("a part has no form-data name")),
                         Some(b"model") => Part::Model,
                         Some(b"n") => Part::N,
@@ -321,6 +326,9 @@ impl FormScanner {
                         Some(b"file") => Part::File,
                         Some(_) => Part::Other,
                     };
+                    if is_media_part(name, head) {
+                        self.form.media_parts += 1;
+                    }
                     at += head_len + 4;
                     if part == Part::File {
                         self.audio = Some(AudioScan::default());
@@ -383,28 +391,38 @@ impl FormScanner {
     }
 }
 
+/// The value of a part's `Content-Disposition` header.
+fn disposition(head: &[u8]) -> Option<&[u8]> {
+    head.split(|&b| b == b'\n').find_map(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let colon = memchr::memchr(b':', line)?;
+        line[..colon]
+            .eq_ignore_ascii_case(b"content-disposition")
+            .then(|| &line[colon + 1..])
+    })
+}
+
 /// The `name` of a part's `Content-Disposition: form-data` header.
 fn part_name(head: &[u8]) -> Option<&[u8]> {
-    for line in head.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(colon) = memchr::memchr(b':', line) else {
-            continue;
-        };
-        if !line[..colon].eq_ignore_ascii_case(b"content-disposition") {
-            continue;
-        }
-        let value = &line[colon + 1..];
-        let i = memmem::find(value, b"name=\"")? + b"name=\"".len();
-        // `filename="..."` also ends in `name="`: take the first bare `name=`.
-        let before = value[..i - b"name=\"".len()].last();
-        if before.is_some_and(|b| b.is_ascii_alphabetic()) {
-            let rest = &value[i..];
-            return part_name_after(rest);
-        }
-        let end = memchr::memchr(b'"', &value[i..])?;
-        return Some(&value[i..i + end]);
+    let value = disposition(head)?;
+    let i = memmem::find(value, b"name=\"")? + b"name=\"".len();
+    // `filename="..."` also ends in `name="`: take the first bare `name=`.
+    let before = value[..i - b"name=\"".len()].last();
+    if before.is_some_and(|b| b.is_ascii_alphabetic()) {
+        return part_name_after(&value[i..]);
     }
-    None
+    let end = memchr::memchr(b'"', &value[i..])?;
+    Some(&value[i..i + end])
+}
+
+/// Whether a part's head shows a file: a `filename` parameter (`filename*` too), or the name
+/// of an image edit's input (`image`, `image[]`, `mask`; a client need not name the file).
+fn is_media_part(name: Option<&[u8]>, head: &[u8]) -> bool {
+    matches!(name, Some(b"image" | b"image[]" | b"mask"))
+        || disposition(head).is_some_and(|v| {
+            v.windows(b"filename".len())
+                .any(|w| w.eq_ignore_ascii_case(b"filename"))
+        })
 }
 
 /// `name="..."` after a `filename="...` match: the next bare one.

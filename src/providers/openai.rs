@@ -464,7 +464,12 @@ pub fn parse_request(body: &[u8]) -> Result<RequestFields, GateError> {
 
 impl RequestFields {
     /// The fields of a multipart form: its `model` (at `model_span`, unquoted) and units.
-    pub fn for_form(model: &str, model_span: Range<usize>, units: u64) -> RequestFields {
+    pub fn for_form(
+        model: &str,
+        model_span: Range<usize>,
+        units: u64,
+        media_parts: u64,
+    ) -> RequestFields {
         RequestFields {
             output_spans: [None, None, None],
             hidden: Hidden::default(),
@@ -475,7 +480,7 @@ impl RequestFields {
             client_wants_usage: false,
             max_output_tokens: None,
             choices: 1,
-            media_parts: 0,
+            media_parts,
             units,
         }
     }

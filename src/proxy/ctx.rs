@@ -248,18 +248,19 @@ impl RequestCtx {
         }
         let codec = self.codec.as_ref();
         let reported = codec.and_then(|c| c.usage(self.response_complete));
-        // A transcription priced per minute that reported no duration: its bound below.
-        let durationless = reported.is_some_and(|u| {
-            u.units == 0
-                && matches!(
-                    self.endpoint,
-                    Endpoint::Transcriptions | Endpoint::Translations
-                )
-                && !self
-                    .current_model()
-                    .is_some_and(|m| self.snap.routes.catalog.has_token_price(m))
+        let token_priced = self
+            .current_model()
+            .is_some_and(|m| self.snap.routes.catalog.has_token_price(m));
+        // A transcription priced per minute that reported no duration, or an image answer
+        // of a token-priced model without its token usage: their bounds below, never zero.
+        let unpriced = reported.is_some_and(|u| match self.endpoint {
+            Endpoint::Transcriptions | Endpoint::Translations => u.units == 0 && !token_priced,
+            Endpoint::ImagesGenerations | Endpoint::ImagesEdits => {
+                token_priced && u.prompt_tokens == 0 && u.completion_tokens == 0
+            }
+            _ => false,
         });
-        if let Some(u) = reported.filter(|_| !durationless) {
+        if let Some(u) = reported.filter(|_| !unpriced) {
             return (self.priced_units(u), false);
         }
         let upstream_ok = self

@@ -406,6 +406,7 @@ impl GateProxy {
                 len,
                 opening.bytes.len(),
                 opening.replayed,
+                ctx.endpoint == Endpoint::ImagesEdits,
             )));
         }
         ctx.body = opening.bytes;

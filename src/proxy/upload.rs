@@ -19,6 +19,8 @@ pub(super) struct Upload {
     opening_len: usize,
     /// The `n` part admitted (image edits): a later one may not ask for more.
     admitted_n: Option<String>,
+    /// An image edit: its inputs, admitted as the most an edit may have, may not exceed it.
+    edit: bool,
     /// The opening and later pieces went to the upstream in the current attempt.
     started: bool,
     /// The body's last piece went to the upstream.
@@ -38,12 +40,14 @@ impl Upload {
         body_len: usize,
         opening_len: usize,
         replayed: bool,
+        edit: bool,
     ) -> Upload {
         Upload {
             scanner,
             body_len,
             opening_len,
             admitted_n: None,
+            edit,
             started: false,
             complete: false,
             replayed,
@@ -122,6 +126,9 @@ impl Upload {
             return Err(GateError::InvalidRequest(
                 "a large form's 'n' must come before its files".into(),
             ));
+        }
+        if self.edit {
+            crate::admission::check_edit_media_parts(self.scanner.form())?;
         }
         Ok(())
     }
