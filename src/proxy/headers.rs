@@ -370,6 +370,10 @@ pub(super) fn decorate_response(
     let status = resp.status.as_u16();
     let failed = status >= 400;
     edit_headers(resp, |h| {
+        // Room for the headers below at once: the upstream's head is parsed into a map
+        // sized for its own headers, and growing it insert by insert cost more
+        // (`benches/instr.py`: this phase 3.78k -> 3.62k a request).
+        h.reserve(6);
         strip_account_headers(h);
         add_standing_headers(h, standing);
         if failed {
