@@ -248,15 +248,16 @@ impl RequestCtx {
         }
         let codec = self.codec.as_ref();
         let reported = codec.and_then(|c| c.usage(self.response_complete));
-        let token_priced = self
-            .current_model()
-            .is_some_and(|m| self.snap.routes.catalog.has_token_price(m));
+        let token_priced = || {
+            self.current_model()
+                .is_some_and(|m| self.snap.routes.catalog.has_token_price(m))
+        };
         // A transcription priced per minute that reported no duration, or an image answer
         // of a token-priced model without its token usage: their bounds below, never zero.
         let unpriced = reported.is_some_and(|u| match self.endpoint {
-            Endpoint::Transcriptions | Endpoint::Translations => u.units == 0 && !token_priced,
+            Endpoint::Transcriptions | Endpoint::Translations => u.units == 0 && !token_priced(),
             Endpoint::ImagesGenerations | Endpoint::ImagesEdits => {
-                token_priced && u.prompt_tokens == 0 && u.completion_tokens == 0
+                u.prompt_tokens == 0 && u.completion_tokens == 0 && token_priced()
             }
             _ => false,
         });
