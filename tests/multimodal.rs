@@ -645,7 +645,8 @@ fn each_input_of_an_image_edit_is_reserved_its_media_part_tokens() {
     assert_eq!(r.status, 200, "{}", r.text());
     let bound = (one.len() as i64 + 25_000) * 5_000 + 5_000 * 40_000;
     assert_eq!(spend(&gw, &key), 40_500_000 + bound);
-    let t = traces_on(&gw, &key, "images.edits", 2);
+    // Two refusals and two answers.
+    let t = traces_on(&gw, &key, "images.edits", 4);
     assert!(t
         .iter()
         .any(|t| t.usage_estimated && t.prompt_tokens == one.len() as i64 + 25_000));
