@@ -170,6 +170,12 @@ impl Catalog {
         .any(|p| p != crate::money::Price::FREE)
     }
 
+    /// Whether model `m` has a unit price (`usd_per_image`, `usd_per_mchar`,
+    /// `usd_per_minute`).
+    pub fn has_unit_price(&self, m: usize) -> bool {
+        self.models[m].unit_price.is_some()
+    }
+
     /// Whether model `m` serves `family`'s endpoints: only its own (SPEC §3; a model with no
     /// `endpoint` set is a chat model).
     pub fn serves(&self, m: usize, family: crate::config::Family) -> bool {

@@ -525,6 +525,128 @@ fn a_wav_transcription_without_a_reported_duration_is_charged_the_files_duration
     assert_eq!((r.status, r.code().as_str()), (402, "budget_exceeded"));
 }
 
+/// SPEC §4: the upstream's reported duration is what a transcription is charged, before
+/// the duration read from the file (the mock reports the file's bytes at 16,000 a second:
+/// 2.00275 s for this WAV of 1 s by its header).
+#[test]
+fn a_reported_duration_is_charged_as_reported_not_as_the_file_says() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    let file = wav(32_000);
+    let body = form(
+        &[("model", "whisper"), ("response_format", "verbose_json")],
+        &[("file", "speech.wav", &file)],
+    );
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let reported = r.json()["duration"].as_f64().expect("duration");
+    assert_eq!(reported, file.len() as f64 / 16_000.0);
+    let ms = (reported * 1000.0).ceil() as i64;
+    assert_eq!(ms, 2_003);
+    // 100 nano-USD a millisecond.
+    assert_eq!(spend(&gw, &key), ms * 100);
+    let t = traces_on(&gw, &key, "audio.transcriptions", 1);
+    assert_eq!(
+        (t[0].unit.as_deref(), t[0].units, t[0].usage_estimated),
+        (Some("ms"), ms, false)
+    );
+}
+
+/// SPEC §4: a model priced both ways is charged its unit price unless the upstream reports
+/// token usage: speech its characters, a transcription in a format without usage the
+/// duration read from its file; with token usage reported, the token prices.
+#[test]
+fn a_model_with_unit_and_token_prices_is_charged_units_without_token_usage() {
+    let mock = mock();
+    let models = format!(
+        "{MODELS_YAML}  - id: tts-both\n    provider: mock\n    endpoint: speech\n    usd_per_mchar: 15\n    input_usd_per_mtok: 1\n    output_usd_per_mtok: 1\n    max_output_tokens: 2000\n  - id: whisper-both\n    provider: mock\n    endpoint: transcriptions\n    usd_per_minute: 0.006\n    input_usd_per_mtok: 6\n    output_usd_per_mtok: 10\n    max_output_tokens: 2000\n"
+    );
+    let gw = GatewayBuilder::new(&mock)
+        .models(&models)
+        .server("max_audio_seconds: 600")
+        .start();
+    let key = gw.create_key(&[]);
+    let r = post(
+        &gw,
+        "/v1/audio/speech",
+        &key,
+        &json!({"model": "tts-both", "input": "abc", "voice": "alloy"}),
+        &[],
+    );
+    assert_eq!(r.status, 200);
+    // 3 characters at 15 USD a million.
+    assert_eq!(spend(&gw, &key), 45_000);
+    let body = form(
+        &[("model", "whisper-both"), ("response_format", "json")],
+        &[("file", "speech.wav", &wav(64_000))],
+    );
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // 2 s read from the WAV at 0.006 USD a minute.
+    assert_eq!(spend(&gw, &key), 45_000 + 200_000);
+    let r = post_form_with(
+        &gw,
+        "/v1/audio/transcriptions",
+        &key,
+        &body,
+        &[
+            ("x-mock-audio-usage", "tokens"),
+            ("x-mock-prompt-tokens", "100"),
+            ("x-mock-completion-tokens", "10"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // 100 x 6 + 10 x 10 USD per million tokens.
+    assert_eq!(spend(&gw, &key), 45_000 + 200_000 + 600_000 + 100_000);
+    // A model priced only in tokens whose answer reports none: its token bound, never
+    // zero (every byte of the form an input token, `max_output_tokens` out).
+    let spent = spend(&gw, &key);
+    let body = form(
+        &[("model", "transcribe"), ("response_format", "json")],
+        &[("file", "speech.wav", &wav(64_000))],
+    );
+    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let bound = body.len() as i64 * 6_000 + 2_000 * 10_000;
+    assert_eq!(spend(&gw, &key), spent + bound);
+    let t = traces_on(&gw, &key, "audio.transcriptions", 3);
+    assert!(t.iter().any(|t| t.usage_estimated && t.cost_nanos == bound));
+}
+
+/// SPEC §2: a speech answer the upstream cut is charged its characters (what the provider
+/// bills), and the trace says the charge was not reported.
+#[test]
+fn speech_cut_by_the_upstream_is_charged_its_characters_marked_estimated() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    let bearer = key.bearer();
+    let body = json!({"model": "tts", "input": "hello", "voice": "alloy"}).to_string();
+    let stream = send_request(
+        gw.addr,
+        "POST",
+        "/v1/audio/speech",
+        &[
+            ("Authorization", bearer.as_str()),
+            ("Content-Type", "application/json"),
+            ("x-mock-break-after", "1"),
+        ],
+        body.as_bytes(),
+    )
+    .expect("send");
+    let (status, _, mut reader) = read_stream_head(stream).expect("head");
+    assert_eq!(status, 200);
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut reader, &mut rest);
+    let t = traces_on(&gw, &key, "audio.speech", 1);
+    assert_eq!(t[0].error_code.as_deref(), Some("upstream_stream_broken"));
+    assert_eq!((t[0].unit.as_deref(), t[0].units), (Some("char"), 5));
+    assert!(t[0].usage_estimated);
+    // 5 characters at 15 USD a million.
+    assert_eq!(spend(&gw, &key), 75_000);
+}
+
 /// An MP3: MPEG-1 Layer III frames at 128 kbit/s and 44.1 kHz (417 bytes, 1,152 samples
 /// each), `frames` of them.
 fn mp3(frames: usize) -> Vec<u8> {
@@ -697,6 +819,58 @@ fn an_image_edit_with_more_than_sixteen_images_and_a_mask_is_refused() {
         40_000_000,
         "only the 17-input edit is charged"
     );
+}
+
+/// The parts whose values price a form are read once: a second `n`, `response_format` or
+/// `file` (the upstream may take either; the bound would be the other's) is refused
+/// before anything goes, and the first `n` of a form is not given a second chance.
+#[test]
+fn a_part_that_prices_a_form_given_twice_is_refused() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let png = spidergate_mock::PNG_B64.as_bytes();
+    let wav = wav(32_000);
+    let bodies = [
+        (
+            "/v1/images/edits",
+            form(
+                &[("model", "img"), ("n", "1"), ("n", "10")],
+                &[("image[]", "a.png", png)],
+            ),
+        ),
+        (
+            "/v1/audio/transcriptions",
+            form(
+                &[
+                    ("model", "whisper"),
+                    ("response_format", "text"),
+                    ("response_format", "json"),
+                ],
+                &[("file", "a.wav", &wav)],
+            ),
+        ),
+        (
+            "/v1/audio/translations",
+            form(
+                &[("model", "whisper")],
+                &[("file", "a.wav", &wav), ("file", "b.mp3", &mp3(200))],
+            ),
+        ),
+    ];
+    for (path, body) in &bodies {
+        let r = post_form(&gw, path, &key, body);
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (400, "invalid_request"),
+            "{path}: {}",
+            r.text()
+        );
+        assert!(r.text().contains("given twice"), "{}", r.text());
+    }
+    assert!(mock.requests().is_empty());
+    assert_eq!(spend(&gw, &key), 0);
 }
 
 #[test]
@@ -1323,12 +1497,13 @@ fn a_client_that_hangs_up_mid_upload_leaves_no_hold_and_no_spend() {
 }
 
 /// Image edits take the same path: a large form's `n` before its files is reserved and
-/// charged; one after them, which the reservation did not count, stops the upload.
+/// charged; under a hard budget one after them, which the reservation did not count, stops
+/// the upload. Without one, it is forwarded as sent and the images returned are charged.
 #[test]
 fn a_large_image_edit_is_charged_its_n_and_an_n_after_the_files_stops_it() {
     let mock = mock();
     let gw = start(&mock);
-    let key = gw.create_key(&[]);
+    let key = gw.create_key(&["--budget", "100", "--budget-mode", "hard"]);
     mock.clear();
     let image = large_file();
     let body = form(
@@ -1352,7 +1527,10 @@ fn a_large_image_edit_is_charged_its_n_and_an_n_after_the_files_stops_it() {
     );
     assert_eq!(spend(&gw, &key), 80_000_000);
     mock.clear();
-    let mut late_n = form(&[("model", "img")], &[("image[]", "a.png", &image)]);
+    let mut late_n = form(
+        &[("model", "img"), ("prompt", "add a hat")],
+        &[("image[]", "a.png", &image)],
+    );
     let close = format!("--{BOUNDARY}--\r\n");
     late_n.truncate(late_n.len() - close.len());
     late_n.extend_from_slice(
@@ -1368,6 +1546,28 @@ fn a_large_image_edit_is_charged_its_n_and_an_n_after_the_files_stops_it() {
     );
     assert!(mock.requests().is_empty());
     assert_eq!(spend(&gw, &key), 80_000_000);
+    let unbudgeted = gw.create_key(&[]);
+    let r = post_form(&gw, "/v1/images/edits", &unbudgeted, &late_n);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["data"].as_array().map(Vec::len), Some(3));
+    assert_eq!(spend(&gw, &unbudgeted), 120_000_000);
+    // A second `n`, in any form, is refused: the upstream might take either.
+    let mut two_n = form(
+        &[("model", "img"), ("n", "1")],
+        &[("image[]", "a.png", &image)],
+    );
+    two_n.truncate(two_n.len() - close.len());
+    two_n.extend_from_slice(
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"n\"\r\n\r\n9\r\n{close}")
+            .as_bytes(),
+    );
+    mock.clear();
+    let r = post_form(&gw, "/v1/images/edits", &unbudgeted, &two_n);
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_request"));
+    assert!(
+        mock.requests().is_empty(),
+        "the upstream never got a whole form"
+    );
 }
 
 /// A large form can still move to the next model of its chain while none of it went

@@ -34,8 +34,11 @@ pub(crate) struct Knobs {
     /// `x-mock-image-usage: 1`: images answers report token usage.
     pub(crate) image_usage: bool,
     /// `x-mock-audio-usage: duration`: a streamed transcription reports seconds of audio
-    /// instead of tokens.
+    /// instead of tokens, and a `json` one reports them too.
     pub(crate) audio_usage_duration: bool,
+    /// `x-mock-audio-usage: tokens`: a `json` transcription reports token usage, as
+    /// gpt-4o-transcribe does (a streamed one always does unless told `duration`).
+    pub(crate) audio_usage_tokens: bool,
     /// `x-mock-status` applies only to requests for this model (fallback tests); quoted.
     pub(crate) status_model: Option<Vec<u8>>,
     /// `x-mock-prompt-tokens: bytes`: report the body length as prompt tokens.
@@ -75,6 +78,7 @@ impl Default for Knobs {
             no_usage: false,
             image_usage: false,
             audio_usage_duration: false,
+            audio_usage_tokens: false,
             status_model: None,
             prompt_from_body: false,
             completion_from_max: false,
@@ -127,6 +131,7 @@ pub(crate) fn apply_knob(knobs: &mut Knobs, knob: &str, value: &[u8]) {
         knobs.image_usage = truthy(value);
     } else if knob.eq_ignore_ascii_case(b"audio-usage") {
         knobs.audio_usage_duration = value.eq_ignore_ascii_case(b"duration");
+        knobs.audio_usage_tokens = value.eq_ignore_ascii_case(b"tokens");
     } else if knob.eq_ignore_ascii_case(b"drop") {
         knobs.drop = truthy(value);
     } else if knob.eq_ignore_ascii_case(b"leak-headers") {

@@ -244,10 +244,13 @@ impl Reply<'_> {
         let format =
             field(b"response_format").map(|f| String::from_utf8_lossy(f).trim().to_string());
         let (content_type, reply): (&[u8], Vec<u8>) = match format.as_deref() {
-            None | Some("json") => (
-                b"application/json",
-                serde_json::json!({"text": text}).to_string().into_bytes(),
-            ),
+            None | Some("json") => {
+                let mut reply = serde_json::json!({"text": text});
+                if knobs.audio_usage_duration || knobs.audio_usage_tokens {
+                    reply["usage"] = self.transcription_usage(knobs, body, duration);
+                }
+                (b"application/json", reply.to_string().into_bytes())
+            }
             Some("verbose_json") => (
                 b"application/json",
                 serde_json::json!({
@@ -275,7 +278,6 @@ impl Reply<'_> {
                     .await
             }
         };
-        let _ = knobs;
         self.out.clear();
         push_head(self.out, 200, content_type, Some(reply.len()), flags);
         self.out.extend_from_slice(&reply);
@@ -311,29 +313,39 @@ impl Reply<'_> {
         }
         let mut done = serde_json::json!({"type": "transcript.text.done", "text": text});
         if !knobs.no_usage {
-            if knobs.audio_usage_duration {
-                done["usage"] =
-                    serde_json::json!({"type": "duration", "seconds": duration.ceil() as u64});
-            } else {
-                let tokens = knobs.tokens(body, None, crate::billing::Api::OpenAi);
-                let input = tokens.fresh_input;
-                done["usage"] = serde_json::json!({
-                    "type": "tokens",
-                    "input_tokens": input,
-                    "input_token_details": {"text_tokens": 0, "audio_tokens": input},
-                    "output_tokens": tokens.output,
-                    "total_tokens": input.saturating_add(tokens.output),
-                });
-                self.shared.add_usage(crate::Served {
-                    prompt: input,
-                    completion: tokens.output,
-                    cache_read: 0,
-                    cache_write: 0,
-                });
-            }
+            done["usage"] = self.transcription_usage(knobs, body, duration);
         }
         self.set_json(&done);
         self.send_event(None).await?;
         self.end_stream().await
+    }
+
+    /// A transcription's `usage`: the seconds of audio, rounded up, with
+    /// `x-mock-audio-usage: duration`, else tokens (`x-mock-prompt-tokens` audio tokens in,
+    /// `x-mock-completion-tokens` out), counted as served.
+    fn transcription_usage(
+        &mut self,
+        knobs: &Knobs,
+        body: &[u8],
+        duration: f64,
+    ) -> serde_json::Value {
+        if knobs.audio_usage_duration {
+            return serde_json::json!({"type": "duration", "seconds": duration.ceil() as u64});
+        }
+        let tokens = knobs.tokens(body, None, crate::billing::Api::OpenAi);
+        let input = tokens.fresh_input;
+        self.shared.add_usage(crate::Served {
+            prompt: input,
+            completion: tokens.output,
+            cache_read: 0,
+            cache_write: 0,
+        });
+        serde_json::json!({
+            "type": "tokens",
+            "input_tokens": input,
+            "input_token_details": {"text_tokens": 0, "audio_tokens": input},
+            "output_tokens": tokens.output,
+            "total_tokens": input.saturating_add(tokens.output),
+        })
     }
 }

@@ -28,6 +28,11 @@ pub struct Form {
     pub media_parts: u64,
 }
 
+/// 400 for a part the gateway reads given twice (which one the upstream takes is its own).
+fn given_twice(name: &str) -> GateError {
+    GateError::InvalidRequest(format!("'{name}' is given twice"))
+}
+
 fn bad(why: &str) -> GateError {
     GateError::InvalidRequest(format!("malformed multipart body: {why}"))
 }
@@ -331,6 +336,11 @@ impl FormScanner {
                     }
                     at += head_len + 4;
                     if part == Part::File {
+                        // The upstream transcribes one file; the duration bound is that
+                        // file's.
+                        if self.audio.is_some() {
+                            return Err(given_twice("file"));
+                        }
                         self.audio = Some(AudioScan::default());
                     }
                     self.state = Scan::Value {
@@ -365,15 +375,18 @@ impl FormScanner {
                     match part {
                         Part::Model => {
                             if self.has_model {
-                                return Err(GateError::InvalidRequest(
-                                    "'model' is given twice".into(),
-                                ));
+                                return Err(given_twice("model"));
                             }
                             self.has_model = true;
                             self.form.model = text()?;
                             self.form.model_span = start..start + end;
                         }
+                        // Read once: a second value could be the one the upstream takes.
+                        Part::N if self.form.n.is_some() => return Err(given_twice("n")),
                         Part::N => self.form.n = Some(text()?),
+                        Part::ResponseFormat if self.form.response_format.is_some() => {
+                            return Err(given_twice("response_format"))
+                        }
                         Part::ResponseFormat => self.form.response_format = Some(text()?),
                         Part::File => {
                             if let Some(a) = &mut self.audio {

@@ -248,18 +248,22 @@ impl RequestCtx {
         }
         let codec = self.codec.as_ref();
         let reported = codec.and_then(|c| c.usage(self.response_complete));
-        let token_priced = || {
-            self.current_model()
-                .is_some_and(|m| self.snap.routes.catalog.has_token_price(m))
-        };
-        // A transcription priced per minute that reported no duration, or an image answer
-        // of a token-priced model without its token usage: their bounds below, never zero.
-        let unpriced = reported.is_some_and(|u| match self.endpoint {
-            Endpoint::Transcriptions | Endpoint::Translations => u.units == 0 && !token_priced(),
-            Endpoint::ImagesGenerations | Endpoint::ImagesEdits => {
-                u.prompt_tokens == 0 && u.completion_tokens == 0 && token_priced()
-            }
-            _ => false,
+        // A media answer prices itself only with what its model is priced in: token usage
+        // on a token-priced model, or units (the images returned, a reported duration) on
+        // a unit-priced one. Else (a transcription in text, srt or vtt; a token-priced image
+        // model that reported no tokens) its bound below, never zero.
+        let unpriced = reported.is_some_and(|u| {
+            let units_reported = match self.endpoint {
+                Endpoint::Transcriptions | Endpoint::Translations => u.units > 0,
+                Endpoint::ImagesGenerations | Endpoint::ImagesEdits => true,
+                _ => return false,
+            };
+            let Some(m) = self.current_model() else {
+                return false;
+            };
+            let catalog = &self.snap.routes.catalog;
+            let tokens = u.prompt_tokens > 0 || u.completion_tokens > 0;
+            !(tokens && catalog.has_token_price(m) || units_reported && catalog.has_unit_price(m))
         });
         if let Some(u) = reported.filter(|_| !unpriced) {
             return (self.priced_units(u), false);
@@ -315,8 +319,8 @@ impl RequestCtx {
         if tokens && token_priced {
             usage.units = 0;
         }
-        // A reported duration past the reservation's bound is charged at the bound.
-        usage.units = usage.units.min(self.units_bound());
+        // What the upstream reports is charged (SPEC §4: the images returned, the reported
+        // duration), even past the reservation's bound.
         usage
     }
 
@@ -329,55 +333,56 @@ impl RequestCtx {
         crate::admission::bound_units(self.endpoint, &adm.fields, overheads)
     }
 
-    /// A multi-modal answer without reported usage that the upstream may have worked on.
-    /// Speech: its input's characters (what the provider bills), with the token bound for a
-    /// token-priced model (estimated). Images: the images asked for (and the token bound),
-    /// estimated: the answer was cut, or too large to read. Transcriptions and translations
-    /// with no reported duration (text, srt, vtt): the duration bound, estimated; a stream
-    /// cut before its usage also the prompt bound and the text delivered (SPEC §4).
+    /// A multi-modal answer without usage it prices itself with, that the upstream may have
+    /// worked on. A unit-priced model is charged units: speech its input's characters (what
+    /// the provider bills; estimated if the audio was cut), images the images asked for,
+    /// transcriptions the duration read from the file, else the duration bound (both
+    /// estimated). A model priced only in tokens is charged its token bound, estimated; a
+    /// transcription stream cut before its usage, the prompt bound and one token per byte of
+    /// text delivered so far (SPEC §4).
     fn media_usage(&self) -> Option<(Usage, bool)> {
+        if !matches!(
+            self.endpoint,
+            Endpoint::Speech
+                | Endpoint::ImagesGenerations
+                | Endpoint::ImagesEdits
+                | Endpoint::Transcriptions
+                | Endpoint::Translations
+        ) {
+            return None;
+        }
         let mut units = self.units_bound();
         // A form forwarded as it arrived: the duration its whole file showed, if it did.
         if let Some(ms) = self.upload.as_ref().and_then(|u| u.audio_ms()) {
             units = units.min(ms);
         }
-        let token_priced = self
+        let unit_priced = self
             .current_model()
-            .is_some_and(|m| self.snap.routes.catalog.has_token_price(m));
-        let (prompt, completion) = self.served_bound();
-        match self.endpoint {
-            Endpoint::Speech if !token_priced => Some((
-                Usage {
-                    units,
-                    ..Usage::default()
-                },
-                false,
-            )),
-            // A streamed transcription cut before its usage: the duration and prompt bounds,
-            // and one token per byte of text delivered so far, within the reservation.
-            Endpoint::Transcriptions | Endpoint::Translations => {
-                let delivered = self
-                    .codec
-                    .as_ref()
-                    .and_then(ResponseCodec::stream_text_bytes);
-                let completion = delivered.map_or(completion, |d| d.min(completion).max(1));
-                Some((
-                    Usage {
-                        units,
-                        ..Usage::new(prompt, completion)
-                    },
-                    true,
-                ))
-            }
-            Endpoint::Speech | Endpoint::ImagesGenerations | Endpoint::ImagesEdits => Some((
-                Usage {
-                    units,
-                    ..Usage::new(prompt, completion)
-                },
-                true,
-            )),
-            _ => None,
+            .is_some_and(|m| self.snap.routes.catalog.has_unit_price(m));
+        if unit_priced {
+            let estimated = self.endpoint != Endpoint::Speech || !self.response_complete;
+            let usage = Usage {
+                units,
+                ..Usage::default()
+            };
+            return Some((usage, estimated));
         }
+        let (prompt, mut completion) = self.served_bound();
+        if matches!(
+            self.endpoint,
+            Endpoint::Transcriptions | Endpoint::Translations
+        ) {
+            let delivered = self
+                .codec
+                .as_ref()
+                .and_then(ResponseCodec::stream_text_bytes);
+            completion = delivered.map_or(completion, |d| d.min(completion).max(1));
+        }
+        let usage = Usage {
+            units,
+            ..Usage::new(prompt, completion)
+        };
+        Some((usage, true))
     }
 
     /// The reservation's (prompt, completion) bound on the model that served, for the body

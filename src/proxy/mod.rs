@@ -185,9 +185,10 @@ impl GateProxy {
         ctx.standing = Some(adm.standing);
         ctx.plan = Some(adm.plan);
         ctx.upstream_body = Some(adm.upstream_body.clone());
+        let hard_budget = adm.hard_budget;
         ctx.admission = Some(Box::new(adm));
         if let Some(u) = &mut ctx.upload {
-            u.admitted();
+            u.admitted(hard_budget);
         }
         Ok(())
     }

@@ -17,8 +17,9 @@ pub(super) struct Upload {
     body_len: usize,
     /// Bytes of the body read before the decision (the opening as the client sent it).
     opening_len: usize,
-    /// The `n` part admitted (image edits): a later one may not ask for more.
-    admitted_n: Option<String>,
+    /// The `n` part admitted (image edits) under a hard budget, whose reservation counted
+    /// it: an `n` after the opening may not change it.
+    admitted_n: Option<Option<String>>,
     /// An image edit: its inputs, admitted as the most an edit may have, may not exceed it.
     edit: bool,
     /// The opening and later pieces went to the upstream in the current attempt.
@@ -87,9 +88,10 @@ impl Upload {
         self.body_len.saturating_sub(self.opening_len)
     }
 
-    /// Called once admitted: the `n` the reservation counted.
-    pub(super) fn admitted(&mut self) {
-        self.admitted_n = self.scanner.form().n.clone();
+    /// Called once admitted. Under a hard budget the reservation's `n` is final; otherwise
+    /// an `n` after the files is forwarded as sent (the images returned are charged).
+    pub(super) fn admitted(&mut self, hard_budget: bool) {
+        self.admitted_n = hard_budget.then(|| self.scanner.form().n.clone());
     }
 
     /// Whether the request can still be sent again (another key, another model): nothing
@@ -122,10 +124,12 @@ impl Upload {
         if end {
             self.scanner.finish()?;
         }
-        if self.scanner.form().n != self.admitted_n {
-            return Err(GateError::InvalidRequest(
-                "a large form's 'n' must come before its files".into(),
-            ));
+        if let Some(n) = &self.admitted_n {
+            if self.scanner.form().n != *n {
+                return Err(GateError::InvalidRequest(
+                    "under a hard budget, a large form's 'n' must come before its files".into(),
+                ));
+            }
         }
         if self.edit {
             crate::admission::check_edit_media_parts(self.scanner.form())?;
