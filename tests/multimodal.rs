@@ -526,31 +526,36 @@ fn a_wav_transcription_without_a_reported_duration_is_charged_the_files_duration
 }
 
 /// SPEC §4: the upstream's reported duration is what a transcription is charged, before
-/// the duration read from the file (the mock reports the file's bytes at 16,000 a second:
-/// 2.00275 s for this WAV of 1 s by its header).
+/// the duration read from the file and past the reservation's bound. The mock hears
+/// anything but a WAV at 16,000 bytes a second: 200 frames of a 128 kbit/s MP3 are 5.2125 s
+/// to it and 5.2245 s by their frames; 100 KB the gateway cannot read are 6.25 s, past a
+/// 5 s `max_audio_seconds`.
 #[test]
 fn a_reported_duration_is_charged_as_reported_not_as_the_file_says() {
     let mock = mock();
-    let gw = start(&mock);
+    let gw = GatewayBuilder::new(&mock)
+        .models(MODELS_YAML)
+        .server("max_audio_seconds: 5")
+        .start();
     let key = gw.create_key(&[]);
-    let file = wav(32_000);
-    let body = form(
-        &[("model", "whisper"), ("response_format", "verbose_json")],
-        &[("file", "speech.wav", &file)],
-    );
-    let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
-    assert_eq!(r.status, 200, "{}", r.text());
-    let reported = r.json()["duration"].as_f64().expect("duration");
-    assert_eq!(reported, file.len() as f64 / 16_000.0);
-    let ms = (reported * 1000.0).ceil() as i64;
-    assert_eq!(ms, 2_003);
-    // 100 nano-USD a millisecond.
-    assert_eq!(spend(&gw, &key), ms * 100);
-    let t = traces_on(&gw, &key, "audio.transcriptions", 1);
-    assert_eq!(
-        (t[0].unit.as_deref(), t[0].units, t[0].usage_estimated),
-        (Some("ms"), ms, false)
-    );
+    let mut spent = 0;
+    for (file, want_ms) in [(mp3(200), 5_213), (vec![0x42; 100_000], 6_250)] {
+        let body = form(
+            &[("model", "whisper"), ("response_format", "verbose_json")],
+            &[("file", "speech.mp3", &file)],
+        );
+        let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let reported = r.json()["duration"].as_f64().expect("duration");
+        assert_eq!((reported * 1000.0).ceil() as i64, want_ms);
+        // 100 nano-USD a millisecond.
+        spent += want_ms * 100;
+        assert_eq!(spend(&gw, &key), spent);
+    }
+    let t = traces_on(&gw, &key, "audio.transcriptions", 2);
+    let mut units: Vec<_> = t.iter().map(|t| (t.units, t.usage_estimated)).collect();
+    units.sort();
+    assert_eq!(units, [(5_213, false), (6_250, false)]);
 }
 
 /// SPEC §4: a model priced both ways is charged its unit price unless the upstream reports

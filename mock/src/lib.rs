@@ -28,7 +28,7 @@
 //! | `x-mock-break-after: N` | stream: close the connection after N content chunks; plain: close after the head and half the body |
 //! | `x-mock-no-usage: 1` | never report usage |
 //! | `x-mock-image-usage: 1` | images: also report token `usage` (`x-mock-prompt-tokens` in, `x-mock-completion-tokens` out), as token-priced image models do |
-//! | `x-mock-audio-usage: duration` | a streamed transcription (`stream=true`) reports `{"type":"duration","seconds":N}` (the file's seconds at 16,000 bytes a second, rounded up) instead of token usage (`x-mock-prompt-tokens` audio tokens in, `x-mock-completion-tokens` out); a `json` one reports it too |
+//! | `x-mock-audio-usage: duration` | a streamed transcription (`stream=true`) reports `{"type":"duration","seconds":N}` (the file's seconds, rounded up: a WAV's by its header, anything else at 16,000 bytes a second) instead of token usage (`x-mock-prompt-tokens` audio tokens in, `x-mock-completion-tokens` out); a `json` one reports it too |
 //! | `x-mock-audio-usage: tokens` | a `json` transcription reports token `usage`, as gpt-4o-transcribe does (a streamed one always does, unless told `duration`) |
 //! | `x-mock-drop: 1` | read the whole request (after `x-mock-delay-ms`), then close the connection without any response |
 //! | `x-mock-leak-headers: 1` | add provider-account headers to the response (plain, SSE and errors): `openai-organization: org-leak`, `openai-project: proj_leak`, `anthropic-organization-id: leak`, `set-cookie: a=b`, `x-ratelimit-limit-requests: 5000`, `x-ratelimit-remaining-tokens: 99` |
@@ -59,7 +59,7 @@ mod openai_responses;
 mod reply;
 mod wire;
 
-pub use media::{speech_audio, AUDIO_BYTES_PER_SECOND, PNG_B64};
+pub use media::{audio_seconds, speech_audio, AUDIO_BYTES_PER_SECOND, PNG_B64};
 
 use std::collections::HashMap;
 use std::io::Write as _;

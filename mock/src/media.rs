@@ -172,8 +172,42 @@ pub(crate) fn form_parts(body: &[u8]) -> Option<Vec<Part<'_>>> {
     }
 }
 
-/// Seconds of audio the mock hears in a file: 16,000 bytes a second (128 kbit/s MP3).
+/// Seconds of audio the mock hears in a file that is not a PCM WAV: 16,000 bytes a second
+/// (128 kbit/s MP3).
 pub const AUDIO_BYTES_PER_SECOND: f64 = 16_000.0;
+
+/// The seconds of audio in `file`, as a provider would report them: a WAV's `data` bytes
+/// over its `fmt ` byte rate, anything else at [`AUDIO_BYTES_PER_SECOND`].
+pub fn audio_seconds(file: &[u8]) -> f64 {
+    wav_seconds(file).unwrap_or(file.len() as f64 / AUDIO_BYTES_PER_SECOND)
+}
+
+/// A RIFF/WAVE file's duration: its first `data` chunk (as much of it as is there) over the
+/// byte rate of the `fmt ` chunk before it.
+fn wav_seconds(file: &[u8]) -> Option<f64> {
+    if file.get(..4)? != b"RIFF" || file.get(8..12)? != b"WAVE" {
+        return None;
+    }
+    let mut at = 12;
+    let mut byte_rate = None;
+    while let Some(head) = file.get(at..at + 8) {
+        let size = u32::from_le_bytes(head[4..8].try_into().ok()?) as usize;
+        let body = at + 8;
+        match &head[..4] {
+            b"fmt " => {
+                let rate = file.get(body + 8..body + 12)?;
+                byte_rate = Some(u32::from_le_bytes(rate.try_into().ok()?)).filter(|&r| r > 0);
+            }
+            b"data" => {
+                let len = size.min(file.len() - body);
+                return Some(len as f64 / f64::from(byte_rate?));
+            }
+            _ => {}
+        }
+        at = body.checked_add(size)?.checked_add(size & 1)?;
+    }
+    None
+}
 
 impl Reply<'_> {
     /// `/images/edits`: the form's `image` part(s) and `prompt` are required; answers like
@@ -206,7 +240,7 @@ impl Reply<'_> {
 
     /// `/audio/transcriptions` and `/audio/translations`: the text names the `file` part's
     /// SHA-256 and size (`sha256:<hex> bytes:<n>`); `response_format` json (default),
-    /// `verbose_json` (with `duration` = size / 16,000 bytes per second), text, srt or vtt;
+    /// `verbose_json` (with `duration`: [`audio_seconds`]), text, srt or vtt;
     /// with `stream=true`, server-sent events ([`Reply::transcription_stream`]).
     pub(crate) async fn transcription(
         &mut self,
@@ -233,7 +267,7 @@ impl Reply<'_> {
         let digest = Sha256::digest(file);
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         let text = format!("sha256:{hex} bytes:{}", file.len());
-        let duration = file.len() as f64 / AUDIO_BYTES_PER_SECOND;
+        let duration = audio_seconds(file);
         let streamed =
             field(b"stream").is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"true"));
         if streamed {
@@ -347,5 +381,40 @@ impl Reply<'_> {
             "output_tokens": tokens.output,
             "total_tokens": input.saturating_add(tokens.output),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A WAV: a `LIST` chunk of odd size (padded) before `fmt `, then `data_len` bytes
+    /// declared, `present` of them there.
+    fn wav(byte_rate: u32, data_len: u32, present: usize) -> Vec<u8> {
+        let mut f = b"RIFF\0\0\0\0WAVE".to_vec();
+        f.extend_from_slice(b"LIST");
+        f.extend_from_slice(&3u32.to_le_bytes());
+        f.extend_from_slice(b"abc\0");
+        f.extend_from_slice(b"fmt ");
+        f.extend_from_slice(&16u32.to_le_bytes());
+        f.extend_from_slice(&[1, 0, 1, 0]);
+        f.extend_from_slice(&16_000u32.to_le_bytes());
+        f.extend_from_slice(&byte_rate.to_le_bytes());
+        f.extend_from_slice(&[2, 0, 16, 0]);
+        f.extend_from_slice(b"data");
+        f.extend_from_slice(&data_len.to_le_bytes());
+        f.resize(f.len() + present, 0);
+        f
+    }
+
+    #[test]
+    fn a_wav_is_heard_for_its_data_at_its_byte_rate_anything_else_at_16k_bytes_a_second() {
+        assert_eq!(audio_seconds(&wav(32_000, 64_000, 64_000)), 2.0);
+        // A declared length past the file's end: what is there.
+        assert_eq!(audio_seconds(&wav(32_000, 64_000, 16_000)), 0.5);
+        // No byte rate: not a WAV the mock can hear, so its bytes.
+        let silent = wav(0, 64_000, 64_000);
+        assert_eq!(audio_seconds(&silent), silent.len() as f64 / 16_000.0);
+        assert_eq!(audio_seconds(&[0x55; 32_000]), 2.0);
     }
 }
