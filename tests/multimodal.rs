@@ -54,9 +54,15 @@ models:
 "#;
 
 fn start(mock: &spidergate_mock::MockProvider) -> Gateway {
+    start_with(mock, "")
+}
+
+/// [`start`] with more of the config's `models:` list (and what follows it) after
+/// [`MODELS_YAML`]'s.
+fn start_with(mock: &spidergate_mock::MockProvider, more: &str) -> Gateway {
     // A transcription reserves 600 s of audio: 0.06 USD on `whisper`.
     GatewayBuilder::new(mock)
-        .models(MODELS_YAML)
+        .models(&format!("{MODELS_YAML}{more}"))
         .server("max_audio_seconds: 600")
         .start()
 }
@@ -564,13 +570,10 @@ fn a_reported_duration_is_charged_as_reported_not_as_the_file_says() {
 #[test]
 fn a_model_with_unit_and_token_prices_is_charged_units_without_token_usage() {
     let mock = mock();
-    let models = format!(
-        "{MODELS_YAML}  - id: tts-both\n    provider: mock\n    endpoint: speech\n    usd_per_mchar: 15\n    input_usd_per_mtok: 1\n    output_usd_per_mtok: 1\n    max_output_tokens: 2000\n  - id: whisper-both\n    provider: mock\n    endpoint: transcriptions\n    usd_per_minute: 0.006\n    input_usd_per_mtok: 6\n    output_usd_per_mtok: 10\n    max_output_tokens: 2000\n"
+    let gw = start_with(
+        &mock,
+        "  - id: tts-both\n    provider: mock\n    endpoint: speech\n    usd_per_mchar: 15\n    input_usd_per_mtok: 1\n    output_usd_per_mtok: 1\n    max_output_tokens: 2000\n  - id: whisper-both\n    provider: mock\n    endpoint: transcriptions\n    usd_per_minute: 0.006\n    input_usd_per_mtok: 6\n    output_usd_per_mtok: 10\n    max_output_tokens: 2000\n",
     );
-    let gw = GatewayBuilder::new(&mock)
-        .models(&models)
-        .server("max_audio_seconds: 600")
-        .start();
     let key = gw.create_key(&[]);
     let r = post(
         &gw,
@@ -1580,13 +1583,10 @@ fn a_large_image_edit_is_charged_its_n_and_an_n_after_the_files_stops_it() {
 #[test]
 fn a_large_form_falls_back_before_its_body_flows_and_not_after() {
     let mock = mock();
-    let models = format!(
-        "{MODELS_YAML}  - id: whisper-dead\n    provider: dead\n    endpoint: transcriptions\n    usd_per_minute: 0.006\naliases:\n  stt/failover: [whisper-dead, whisper]\n  stt/pair: [transcribe, whisper]\n"
+    let gw = start_with(
+        &mock,
+        "  - id: whisper-dead\n    provider: dead\n    endpoint: transcriptions\n    usd_per_minute: 0.006\naliases:\n  stt/failover: [whisper-dead, whisper]\n  stt/pair: [transcribe, whisper]\n",
     );
-    let gw = GatewayBuilder::new(&mock)
-        .models(&models)
-        .server("max_audio_seconds: 600")
-        .start();
     let key = gw.create_key(&[]);
     mock.clear();
     let file = large_file();
