@@ -330,6 +330,9 @@ fn main() -> ExitCode {
     spidergate::memory::no_huge_pages();
     init_logger();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        restore_sigpipe();
+    }
     let config_path = resolve_path(cli.config.as_deref());
     let result = match cli.command {
         // Exactly what `serve` and SIGHUP check: the config, then the routes built from it.
@@ -394,6 +397,17 @@ fn found(
     looked_up
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("no key with id \"{id}\""))
+}
+
+/// A CLI command whose reader went away (`spidergate keys list --json | head`) ends quietly,
+/// as other Unix tools do, instead of panicking in `println!`: Rust ignores SIGPIPE, so
+/// every write would fail with `EPIPE` instead. The server keeps it ignored (a client that
+/// hangs up must not end it).
+fn restore_sigpipe() {
+    // SAFETY: setting a signal's disposition to its default, before any other thread runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 fn print_json(v: &serde_json::Value) {
