@@ -185,6 +185,14 @@ fn group_rpm_counts_the_sum_of_its_keys_and_refusals_cost_nothing() {
         .parse()
         .unwrap();
     assert!((1..=60).contains(&retry), "{retry}");
+    // The rate-limit headers describe the group's window that refused, not the key's own
+    // (which has no rpm): none left until the reset.
+    assert_eq!(r.header("x-ratelimit-limit-requests"), Some("3"));
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
+    assert_eq!(
+        r.header("x-ratelimit-reset"),
+        Some(retry.to_string().as_str())
+    );
     // The refusal took nothing from the key.
     assert_eq!(gw.usage(&b)["requests_today"], 1);
     // A key outside the group is not limited by it.

@@ -67,11 +67,25 @@ impl GateProxy {
     ) -> Result<bool> {
         ctx.status = err.status();
         ctx.error_code = Some(err.code());
-        let standing = match (&ctx.standing, &ctx.key) {
+        let mut standing = match (&ctx.standing, &ctx.key) {
             (Some(s), _) => Some(*s),
             (None, Some(k)) => Some(self.gate.limits.standing(k, Now::read())),
             (None, None) => None,
         };
+        // A per-minute refusal by another window than the key's own (its group's): the
+        // headers describe the window that refused, so none is left until it frees a slot.
+        if let (
+            Some(s),
+            GateError::RateLimited {
+                limit,
+                retry_after_secs,
+            },
+        ) = (&mut standing, &err)
+        {
+            s.rpm = Some(*limit);
+            s.remaining = Some(0);
+            s.reset_secs = *retry_after_secs;
+        }
         let body = providers::error_body(ctx.endpoint, &err);
         send_json(
             session,
