@@ -511,6 +511,27 @@ fn revoking_a_parent_reaches_its_grandchild_and_depth_is_bounded() {
         );
     }
     assert_eq!(gw.chat(&chain[0], "gpt-4o-mini").status, 200);
+    // Each key the revocation reached is a change in the audit log (SPEC §5), with its
+    // state before and after.
+    let log = gw.admin_call("GET", "/admin/audit?limit=100", None).json();
+    let revoked: Vec<&Value> = log["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter(|e| e["action"] == "key.revoke")
+        .collect();
+    let mut targets: Vec<&str> = revoked
+        .iter()
+        .filter_map(|e| e["target"].as_str())
+        .collect();
+    targets.sort_unstable();
+    let mut want: Vec<&str> = chain[1..].iter().map(|k| k.id.as_str()).collect();
+    want.sort_unstable();
+    assert_eq!(targets, want);
+    for e in revoked {
+        assert!(e["before"]["revoked_at"].is_null(), "{e}");
+        assert!(e["after"]["revoked_at"].is_string(), "{e}");
+    }
 }
 
 #[test]

@@ -288,6 +288,13 @@ impl<'a> KeyService<'a> {
     /// Revokes a key now (idempotent: the first revocation time is kept).
     pub fn revoke(&mut self, id: &str, now: i64) -> Result<KeyRecord, KeyError> {
         let before = self.store.get_key(id)?;
+        // The key's live descendants are revoked with it (SPEC §7): each is a change too.
+        let cascade: Vec<KeyRecord> = self
+            .store
+            .descendants(id)?
+            .into_iter()
+            .filter(|k| k.revoked_at.is_none())
+            .collect();
         let after = self
             .store
             .revoke_key(id, now)?
@@ -295,6 +302,13 @@ impl<'a> KeyService<'a> {
         // A repeated revocation changes nothing, and is not a change to record.
         if before.as_ref().is_none_or(|b| b.revoked_at.is_none()) {
             self.record("key.revoke", id, before.as_ref(), &after, now);
+        }
+        for child in cascade {
+            if let Some(revoked) = self.store.get_key(&child.id)? {
+                if revoked.revoked_at.is_some() {
+                    self.record("key.revoke", &child.id, Some(&child), &revoked, now);
+                }
+            }
         }
         Ok(after)
     }
