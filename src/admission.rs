@@ -165,6 +165,49 @@ pub fn check_scope(key: &KeyEntry, endpoint: Endpoint) -> Result<(), GateError> 
     }
 }
 
+/// [`check_scope`] for a key and every key above it: a child never holds more than its
+/// parent holds now (SPEC §7), also after the parent was narrowed.
+/// `now` is read only for a child key.
+pub fn check_tree_scope(
+    keys: &KeySet,
+    key: &KeyEntry,
+    endpoint: Endpoint,
+    now: impl FnOnce() -> i64,
+) -> Result<(), GateError> {
+    check_scope(key, endpoint)?;
+    if key.parent.is_none() {
+        return Ok(());
+    }
+    crate::fleet::ancestors(keys, key, now())?
+        .into_iter()
+        .try_for_each(|a| check_scope(a, endpoint))
+}
+
+/// `chain` (what `key` resolved `name` to) without the models a key above it may not use
+/// now: a child's allow-list never reaches past its parent's, also after the parent was
+/// narrowed. 403 `model_not_allowed` when nothing is left.
+fn within_ancestors(
+    catalog: &Catalog,
+    keys: &KeySet,
+    key: &KeyEntry,
+    chain: Chain,
+    name: &str,
+    now: i64,
+) -> Result<Chain, GateError> {
+    if key.parent.is_none() {
+        return Ok(chain);
+    }
+    let mut chain = chain;
+    for a in crate::fleet::ancestors(keys, key, now)? {
+        let theirs = a.resolve(catalog, name)?;
+        chain = chain.filtered(|m| theirs.contains(m));
+    }
+    if chain.is_empty() {
+        return Err(GateError::ModelNotAllowed(name.to_string()));
+    }
+    Ok(chain)
+}
+
 /// An admitted model request: what to forward and the budget it holds.
 #[derive(Debug)]
 pub struct Admission {
@@ -448,6 +491,7 @@ pub async fn admit<L: LimitStore>(
     // What the client sends in all: more than `body` for a form forwarded as it arrives.
     let body_len = head.map_or(body.len(), |h| h.body_len);
     let chain = key.resolve(catalog, &fields.model)?;
+    let chain = within_ancestors(catalog, keys, key, chain, &fields.model, now.wall)?;
     let chain = served_chain(catalog, &chain, endpoint, &fields.model)?;
     let first = chain
         .get(0)

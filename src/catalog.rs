@@ -55,6 +55,10 @@ impl Chain {
         self.len == 0
     }
 
+    pub fn contains(&self, m: usize) -> bool {
+        self.models[..self.len()].contains(&(m as u16))
+    }
+
     /// The chain without the models `keep` refuses, in the same order.
     pub fn filtered(&self, mut keep: impl FnMut(usize) -> bool) -> Chain {
         let mut out = Chain::default();

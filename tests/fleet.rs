@@ -567,3 +567,74 @@ fn a_soft_group_budget_warns_its_keys_once_reached_and_keeps_serving() {
     }
     assert_eq!(billed(&mock), 4 * DEFAULT_COST);
 }
+
+/// SPEC §7: a child never exceeds its parent, whatever door changes either. An operator's
+/// change that would widen a child past its parent is refused naming the field, and a
+/// parent narrowed after it minted narrows its children at the next request.
+#[test]
+fn a_child_stays_within_its_parent_when_either_is_changed() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).admin(ADMIN).start();
+    let parent = gw.create_key(&[
+        "--scopes",
+        "gate:chat,gate:keys",
+        "--models",
+        "gpt-4o-mini",
+        "--ttl",
+        "2h",
+    ]);
+    let child = minted(&gw, &parent, json!({"name": "child"}));
+    let path = format!("/admin/keys/{}", child.id);
+    for (body, status, param) in [
+        (
+            json!({"allowed_models": ["gpt-4o"]}),
+            400,
+            Some("allowed_models"),
+        ),
+        (json!({"allowed_models": []}), 400, Some("allowed_models")),
+        (json!({"ttl": "90d"}), 400, Some("ttl")),
+        (json!({"scopes": ["gate:chat", "gate:models"]}), 403, None),
+    ] {
+        let r = gw.admin_call("PATCH", &path, Some(&body));
+        assert_eq!(r.status, status, "{body}: {}", r.text());
+        if let Some(p) = param {
+            assert_eq!(r.json()["error"]["param"], p, "{body}");
+        }
+    }
+    let out = gw.cli(&["keys", "update", &child.id, "--models", "gpt-4o"]);
+    assert_eq!(out.status.code(), Some(1), "the CLI refuses it too");
+    // Nothing of it was applied: the child still cannot reach past its parent.
+    assert_eq!(gw.chat(&child, "gpt-4o-mini").status, 200);
+    let r = gw.chat(&child, "gpt-4o");
+    assert_eq!((r.status, r.code().as_str()), (403, "model_not_allowed"));
+    // Narrowing within the parent is fine.
+    let r = gw.admin_call("PATCH", &path, Some(&json!({"ttl": "1h"})));
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // A parent narrowed after minting: its child loses what the parent lost.
+    let wide = gw.create_key(&[
+        "--scopes",
+        "gate:chat,gate:models,gate:keys",
+        "--models",
+        "gpt-4o-mini,gpt-4o",
+    ]);
+    let kid = minted(&gw, &wide, json!({"name": "kid"}));
+    assert_eq!(gw.chat(&kid, "gpt-4o").status, 200);
+    assert_eq!(gw.get("/v1/models", &kid.bearer()).status, 200);
+    let r = gw.admin_call(
+        "PATCH",
+        &format!("/admin/keys/{}", wide.id),
+        Some(&json!({"allowed_models": ["gpt-4o-mini"], "scopes": ["gate:chat", "gate:keys"]})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_for(
+        Duration::from_secs(5),
+        "the narrowed parent to apply",
+        || (gw.chat(&kid, "gpt-4o").status == 403).then_some(()),
+    );
+    let r = gw.chat(&kid, "gpt-4o");
+    assert_eq!((r.status, r.code().as_str()), (403, "model_not_allowed"));
+    let r = gw.get("/v1/models", &kid.bearer());
+    assert_eq!((r.status, r.code().as_str()), (403, "insufficient_scope"));
+    assert_eq!(gw.chat(&kid, "gpt-4o-mini").status, 200);
+}

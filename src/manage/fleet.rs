@@ -295,6 +295,62 @@ impl KeyService<'_> {
         Ok((record, secret))
     }
 
+    /// A child key as an operator would leave it (`key`, the patch applied) stays within
+    /// its parent, as when it was minted (SPEC §7): scopes the parent holds (403
+    /// `insufficient_scope`), models within the parent's allow-list, an expiry no later
+    /// than the parent's (a moment later is clamped, as at mint), free-only if the parent
+    /// is (400 naming the field). A key without a parent passes.
+    pub(super) fn check_within_parent(&self, key: &mut KeyRecord) -> Result<(), KeyError> {
+        let Some(parent_id) = &key.parent_id else {
+            return Ok(());
+        };
+        let Some(parent) = self.store.get_key(parent_id)? else {
+            return Ok(());
+        };
+        if let Some(s) = key.scopes.iter().find(|s| !parent.scopes.contains(s)) {
+            return Err(KeyError::Forbidden(format!(
+                "scope \"{s}\" is not held by the parent key"
+            )));
+        }
+        if !parent.allowed_models.is_empty() {
+            if key.allowed_models.is_empty() {
+                return Err(KeyError::invalid(
+                    "allowed_models",
+                    "an empty allow-list (every model) reaches past the parent key's".to_string(),
+                ));
+            }
+            if let Some(m) = key
+                .allowed_models
+                .iter()
+                .find(|m| !self.parent_allows(&parent, m))
+            {
+                return Err(KeyError::invalid(
+                    "allowed_models",
+                    format!("\"{m}\" is not in the parent key's allow-list"),
+                ));
+            }
+        }
+        if key.expires_at > parent.expires_at {
+            if key.expires_at - parent.expires_at > TTL_SLACK_MS {
+                return Err(KeyError::invalid(
+                    "ttl",
+                    format!(
+                        "the key would outlive its parent, which expires at {}",
+                        crate::clock::rfc3339(parent.expires_at)
+                    ),
+                ));
+            }
+            key.expires_at = parent.expires_at;
+        }
+        if parent.free_only && !key.free_only {
+            return Err(KeyError::invalid(
+                "free_only",
+                "the parent key is free-only".to_string(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether `name` (a model or alias) is within the parent's allow-list: listed, or a
     /// model of an alias it lists.
     fn parent_allows(&self, parent: &KeyRecord, name: &str) -> bool {

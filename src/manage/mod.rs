@@ -209,7 +209,7 @@ impl<'a> KeyService<'a> {
         changes: KeyChanges,
         now: i64,
     ) -> Result<KeyRecord, KeyError> {
-        let patch = KeyPatch {
+        let mut patch = KeyPatch {
             name: changes.name.as_deref().map(check_name).transpose()?,
             scopes: changes.scopes.map(|s| check_scopes(s, false)).transpose()?,
             rpm: changes.rpm.map(|v| check_limit("rpm", v)).transpose()?,
@@ -247,6 +247,15 @@ impl<'a> KeyService<'a> {
             loop_limit: changes.loop_limit.map(check_loop_limit).transpose()?,
         };
         let before = self.store.get_key(id)?;
+        // A child stays within its parent whatever door changes it.
+        if let Some(b) = before.as_ref().filter(|b| b.parent_id.is_some()) {
+            let mut candidate = b.clone();
+            patch.apply(&mut candidate);
+            self.check_within_parent(&mut candidate)?;
+            if patch.expires_at.is_some() {
+                patch.expires_at = Some(candidate.expires_at);
+            }
+        }
         let after = self
             .store
             .update_key(id, &patch)?

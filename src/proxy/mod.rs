@@ -633,7 +633,8 @@ impl ProxyHttp for GateProxy {
         if endpoint.is_unknown() {
             return self.reject(session, ctx, GateError::NotFound).await;
         }
-        if let Err(e) = admission::check_scope(&key, endpoint) {
+        let scoped = admission::check_tree_scope(&ctx.snap.keys, &key, endpoint, now_ms);
+        if let Err(e) = scoped {
             return self.reject(session, ctx, e).await;
         }
         if !endpoint.is_model_call() {
