@@ -660,6 +660,52 @@ fn store_records_brake_alerts_once_per_key_and_hour_and_budget_thresholds_once()
     }
 }
 
+/// SPEC §7: a child's spend counts against its parent's budget, so it crosses the parent's
+/// thresholds (and its grandparent's) with the tree's spend in the payload; a key without
+/// a budget of its own raises none.
+#[test]
+fn a_childs_spend_crosses_its_ancestors_thresholds() {
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    for loc in locations(pg.as_ref(), "alerts_tree", &dir) {
+        let mut s = writer(&loc, &[500_000, 800_000]);
+        s.insert_key(&record("key_root", Some(2))).unwrap();
+        let mut parent = record("key_parent", Some(1));
+        parent.parent_id = Some("key_root".into());
+        s.insert_key(&parent).unwrap();
+        let mut child = record("key_child", None);
+        child.parent_id = Some("key_parent".into());
+        s.insert_key(&child).unwrap();
+        // The parent's own 0.20, then the child's 0.40: the tree is at 0.60 of the
+        // parent's $1 (50 %) and 0.60 of the root's $2 (nothing).
+        s.write_batch(&Batch::of([spent(at(5, 0), "key_parent", 20)]))
+            .unwrap();
+        s.write_batch(&Batch::of([spent(at(5, 1), "key_child", 40)]))
+            .unwrap();
+        let got = alerts_of(&s);
+        let subjects: Vec<(&str, i64)> = got.iter().map(|a| (a.1.as_str(), a.3)).collect();
+        assert_eq!(subjects, [("key_parent", 500_000)], "{loc:?}");
+        assert_eq!(got[0].4["spend_usd"], 0.6, "{loc:?}");
+        assert_eq!(got[0].4["budget_usd"], 1.0, "{loc:?}");
+        // The child's 0.60 more: the parent's 80 % (1.20 of $1), and the root's 50 % (1.20
+        // of $2).
+        s.write_batch(&Batch::of([spent(at(5, 2), "key_child", 60)]))
+            .unwrap();
+        let mut subjects: Vec<(String, i64)> =
+            alerts_of(&s).iter().map(|a| (a.1.clone(), a.3)).collect();
+        subjects.sort();
+        assert_eq!(
+            subjects,
+            [
+                ("key_parent".to_string(), 500_000),
+                ("key_parent".to_string(), 800_000),
+                ("key_root".to_string(), 500_000)
+            ],
+            "{loc:?}"
+        );
+    }
+}
+
 #[test]
 fn store_claims_hand_each_delivery_to_one_worker_at_a_time() {
     let pg = PgServer::start();

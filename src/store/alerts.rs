@@ -85,6 +85,9 @@ pub(in crate::store) struct KeyStanding {
     pub name: String,
     pub budget: Option<Nanos>,
     pub group: Option<String>,
+    /// The key that minted it: its spend counts against that key's budget too.
+    pub parent: Option<String>,
+    /// Month-to-date spend against its budget: its own and every key's below it (SPEC §7).
     pub spend: Nanos,
 }
 
@@ -143,10 +146,25 @@ pub(in crate::store) fn plan(
     let mut out = Vec::new();
     let mut groups: BTreeSet<(String, i64)> = BTreeSet::new();
     if !rules.thresholds_ppm.is_empty() {
-        for (key_id, month) in &subjects.spend {
-            let Some(k) = key(key_id, *month)? else {
+        // The keys that booked spend, and every key above them: a child's spend counts
+        // against its parent's budget (SPEC §7), so it can cross the parent's thresholds.
+        let mut pending: Vec<(String, i64)> = subjects
+            .spend
+            .iter()
+            .map(|(k, m)| (k.to_string(), *m))
+            .collect();
+        let mut seen: BTreeSet<(String, i64)> = BTreeSet::new();
+        while let Some((key_id, month)) = pending.pop() {
+            if !seen.insert((key_id.clone(), month)) {
+                continue;
+            }
+            let Some(k) = key(&key_id, month)? else {
                 continue;
             };
+            if let Some(parent) = &k.parent {
+                pending.push((parent.clone(), month));
+            }
+            let (key_id, month) = (&key_id, &month);
             if let Some(budget) = k.budget {
                 out.extend(alerts::budget_alerts(
                     rules,

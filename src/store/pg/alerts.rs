@@ -23,41 +23,59 @@ fn attempts(n: i64) -> u32 {
     u32::try_from(n.max(0)).unwrap_or(u32::MAX)
 }
 
-/// Every (key, month) standing the planner may ask for, in one statement.
+/// Every (key, month) standing the planner may ask for: those of `subjects`, in one
+/// statement, then the keys above them, a generation a statement. A key's spend is its own
+/// and every key's below it (SPEC §7: a child's spend counts against its parent's budget).
 fn standings(
     tx: &mut Transaction<'_>,
     cache: &mut Cache,
     subjects: &AlertSubjects,
 ) -> Result<HashMap<(Arc<str>, i64), KeyStanding>> {
-    let wanted: Vec<(Arc<str>, i64)> = subjects.key_months().into_iter().collect();
     let stmt = prepared(
         cache,
         tx,
-        "SELECT m.ord, k.name, k.budget_nanos, k.group_name,
-            COALESCE((SELECT SUM(s.cost_nanos) FROM spend s
-                      WHERE s.key_id = m.key_id AND s.month = m.month), 0)::BIGINT
+        "SELECT m.ord, k.name, k.budget_nanos, k.group_name, k.parent_id,
+            COALESCE((WITH RECURSIVE tree(id) AS (
+                          SELECT m.key_id
+                          UNION ALL SELECT c.id FROM keys c JOIN tree t ON c.parent_id = t.id)
+                      SELECT SUM(s.cost_nanos) FROM spend s JOIN tree t ON s.key_id = t.id
+                      WHERE s.month = m.month), 0)::BIGINT
          FROM UNNEST($1::TEXT[], $2::TEXT[]) WITH ORDINALITY AS m(key_id, month, ord)
          JOIN keys k ON k.id = m.key_id",
     )?;
-    let ids: Vec<&str> = wanted.iter().map(|(k, _)| k.as_ref()).collect();
-    let months: Vec<String> = wanted.iter().map(|(_, m)| month_label(*m)).collect();
-    let mut out = HashMap::with_capacity(wanted.len());
-    for r in tx.query(&stmt, &[&ids, &months])? {
-        let ord: i64 = r.try_get(0)?;
-        let Some(at) = usize::try_from(ord - 1).ok().and_then(|i| wanted.get(i)) else {
-            return Err(StoreError::Other(format!(
-                "standing row {ord} out of range"
-            )));
-        };
-        out.insert(
-            at.clone(),
-            KeyStanding {
+    let mut out: HashMap<(Arc<str>, i64), KeyStanding> = HashMap::new();
+    let mut wanted: Vec<(Arc<str>, i64)> = subjects.key_months().into_iter().collect();
+    // A tree is at most a few generations deep; the bound only guards a corrupt one.
+    for _ in 0..8 {
+        if wanted.is_empty() {
+            break;
+        }
+        let ids: Vec<&str> = wanted.iter().map(|(k, _)| k.as_ref()).collect();
+        let months: Vec<String> = wanted.iter().map(|(_, m)| month_label(*m)).collect();
+        let mut above = Vec::new();
+        for r in tx.query(&stmt, &[&ids, &months])? {
+            let ord: i64 = r.try_get(0)?;
+            let Some(at) = usize::try_from(ord - 1).ok().and_then(|i| wanted.get(i)) else {
+                return Err(StoreError::Other(format!(
+                    "standing row {ord} out of range"
+                )));
+            };
+            let standing = KeyStanding {
                 name: r.try_get(1)?,
                 budget: r.try_get::<_, Option<i64>>(2)?.map(Nanos::new),
                 group: r.try_get(3)?,
-                spend: Nanos::new(r.try_get(4)?),
-            },
-        );
+                parent: r.try_get(4)?,
+                spend: Nanos::new(r.try_get(5)?),
+            };
+            if let Some(p) = &standing.parent {
+                above.push((Arc::<str>::from(p.as_str()), at.1));
+            }
+            out.insert(at.clone(), standing);
+        }
+        above.retain(|k| !out.contains_key(k));
+        above.sort();
+        above.dedup();
+        wanted = above;
     }
     Ok(out)
 }

@@ -14,9 +14,13 @@ use crate::store::ledger::Batch;
 use crate::store::Result;
 
 fn key_standing(tx: &Transaction<'_>, key_id: &str, month: i64) -> Result<Option<KeyStanding>> {
+    // Its spend against its budget: its own and every key's below it.
     let mut stmt = tx.prepare_cached(
-        "SELECT name, budget_nanos, group_name,
-            (SELECT COALESCE(SUM(cost_nanos), 0) FROM spend WHERE key_id = ?1 AND month = ?2)
+        "WITH RECURSIVE tree(id) AS (
+            SELECT ?1 UNION ALL SELECT k.id FROM keys k JOIN tree t ON k.parent_id = t.id)
+         SELECT name, budget_nanos, group_name, parent_id,
+            (SELECT COALESCE(SUM(s.cost_nanos), 0) FROM spend s JOIN tree t ON s.key_id = t.id
+             WHERE s.month = ?2)
          FROM keys WHERE id = ?1",
     )?;
     Ok(stmt
@@ -25,7 +29,8 @@ fn key_standing(tx: &Transaction<'_>, key_id: &str, month: i64) -> Result<Option
                 name: r.get(0)?,
                 budget: r.get::<_, Option<i64>>(1)?.map(Nanos::new),
                 group: r.get(2)?,
-                spend: Nanos::new(r.get(3)?),
+                parent: r.get(3)?,
+                spend: Nanos::new(r.get(4)?),
             })
         })
         .optional()?)
