@@ -411,6 +411,13 @@ fn unreachable_upstream_is_502_and_slow_upstream_504() {
     assert_eq!(r.status, 429, "{}", r.text());
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(r.header("x-spidergate-error-code"), Some("upstream_status"));
+    // Its trace carries the same code (SPEC §4: every trace has its error code).
+    wait_for(Duration::from_secs(5), "the 429's trace", || {
+        gw.trace_rows(&key.id)
+            .iter()
+            .any(|t| t.status == 429 && t.error_code.as_deref() == Some("upstream_status"))
+            .then_some(())
+    });
 }
 
 #[test]

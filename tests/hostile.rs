@@ -1743,3 +1743,31 @@ fn a_client_that_hangs_up_mid_body_is_traced_as_client_closed_and_charged_nothin
     assert_eq!(t[0].cost_nanos, 0);
     assert!(mock.requests().is_empty());
 }
+
+/// SPEC §2: a body that is not JSON gets 400 `invalid_request`, and JSON is UTF-8: bytes
+/// that are not (read as they are by the field scanner) are refused on every surface
+/// before anything goes upstream.
+#[test]
+fn a_body_that_is_not_utf8_is_not_json_on_any_surface() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let mut chat = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":""#.to_vec();
+    chat.extend_from_slice(b"\xff\xfe\"}]}");
+    let mut responses = br#"{"model":"gpt-4o-mini","input":""#.to_vec();
+    responses.extend_from_slice(b"\xc0\xaf\"}");
+    for (path, body) in [
+        ("/v1/chat/completions", &chat),
+        ("/v1/responses", &responses),
+    ] {
+        let r = gw.post(path, &key.bearer(), body, &[]);
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (400, "invalid_request"),
+            "{path}: {}",
+            r.text()
+        );
+    }
+    assert!(mock.requests().is_empty());
+}

@@ -169,8 +169,14 @@ impl<'a> Top<'a> {
         Some(top)
     }
 
-    /// The scanner's reading where it gives one, else serde's.
+    /// The scanner's reading where it gives one, else serde's. JSON is UTF-8 (RFC 8259):
+    /// the scanner reads bytes, so a body that is not is refused first, as serde would.
     fn read(body: &'a [u8]) -> Result<Top<'a>, GateError> {
+        if std::str::from_utf8(body).is_err() {
+            return Err(GateError::InvalidRequest(
+                "the body is not JSON: it is not UTF-8".into(),
+            ));
+        }
         match Top::by_scan(body) {
             Some(top) => Ok(top),
             None => Top::by_serde(body),

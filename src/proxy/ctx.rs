@@ -489,11 +489,12 @@ impl RequestCtx {
             // `None` if settled already, at the end of the response.
             reservation = adm.reservation;
         }
-        let outcome = match self.error_code {
-            Some(code) => code,
-            None if self.status >= 400 => UPSTREAM_STATUS,
-            None => "ok",
-        };
+        // An upstream error passed through is traced with the code its response carried
+        // (`X-SpiderGate-Error-Code: upstream_status`).
+        let error_code = self
+            .error_code
+            .or((self.status >= 400).then_some(UPSTREAM_STATUS));
+        let outcome = error_code.unwrap_or("ok");
         gate.metrics.outcome(outcome);
         if admitted {
             gate.metrics.latency(latency_ms.max(0) as u64);
@@ -517,7 +518,7 @@ impl RequestCtx {
                 .filter(|_| admitted)
                 .map(|m| routes.provider_names[routes.catalog.models()[m].provider].clone()),
             status: self.status,
-            error_code: self.error_code.map(Cow::Borrowed),
+            error_code: error_code.map(Cow::Borrowed),
             latency_ms,
             ttfb_ms: self.ttfb_ms,
             prompt_tokens: usage.prompt_tokens,
