@@ -81,7 +81,7 @@ fn bench(c: &mut Criterion, catalog: &Catalog) {
                 i = (i + 1) % n;
                 now += 61;
                 let header = &headers[i * HEADER_LEN..(i + 1) * HEADER_LEN];
-                let (_, key) = authenticate(Some(header), None, &keys, now).expect("auth");
+                let (_, key) = authenticate(Some(header), || None, &keys, now).expect("auth");
                 check_scope(&key, Endpoint::ChatCompletions).expect("scope");
                 // The in-process store is ready at once: block_on never parks.
                 let mut requested = None;

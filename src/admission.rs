@@ -119,19 +119,21 @@ pub fn required_scope(endpoint: Endpoint) -> Option<(ScopeSet, &'static str)> {
 /// bare token in `x-api-key`. 401 for a missing, malformed or unknown token; never echoed.
 /// The digest of a token that authenticated before on this thread is not computed again
 /// ([`TokenMemo`]).
-pub fn authenticate(
-    authorization: Option<&[u8]>,
-    x_api_key: Option<&[u8]>,
+/// `x_api_key` is looked up only when `authorization` holds no agent key.
+pub fn authenticate<'a>(
+    authorization: Option<&'a [u8]>,
+    x_api_key: impl FnOnce() -> Option<&'a [u8]>,
     keys: &KeySet,
     now: i64,
 ) -> Result<(TokenHash, Arc<KeyEntry>), GateError> {
-    let token = match authorization {
-        Some(a) => from_authorization(a),
-        None => x_api_key
+    // The agent key as a bearer token, else as `x-api-key` (SPEC §3: either is accepted; a
+    // client that sends its key in one may send something else in the other).
+    let token = authorization.and_then(from_authorization).or_else(|| {
+        x_api_key()
             .and_then(|v| std::str::from_utf8(v).ok())
             .map(str::trim)
-            .filter(|t| is_well_formed(t)),
-    };
+            .filter(|t| is_well_formed(t))
+    });
     let (hash, fresh) = TokenMemo::digest(token.ok_or(GateError::InvalidApiKey)?);
     // Remembered only once it matched a key, so a flood of made-up tokens evicts nothing;
     // whether the key is alive is checked at every request, not remembered.

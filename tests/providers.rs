@@ -1607,3 +1607,33 @@ fn a_translated_answer_is_chunked_and_its_connection_serves_the_next_request() {
         "both requests went up, on one client connection"
     );
 }
+
+/// SPEC §3: the agent key is accepted as `x-api-key` or as a bearer token. A client that
+/// sends its key in one and something else in the other (a placeholder bearer, an SDK's
+/// default) is authenticated by the key; two headers without one are 401.
+#[test]
+fn the_agent_key_counts_in_either_header_whatever_the_other_holds() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    let body = messages_body("claude-test", false).to_string();
+    let bearer = key.bearer();
+    for (authorization, x_api_key, want) in [
+        ("Bearer junk", key.secret.as_str(), 200),
+        (bearer.as_str(), "junk", 200),
+        ("Bearer junk", "junk", 401),
+    ] {
+        let r = gw.post(
+            "/v1/messages",
+            authorization,
+            body.as_bytes(),
+            &[("x-api-key", x_api_key)],
+        );
+        assert_eq!(
+            r.status,
+            want,
+            "{authorization} / {x_api_key}: {}",
+            r.text()
+        );
+    }
+}

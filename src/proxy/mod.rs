@@ -599,24 +599,23 @@ impl ProxyHttp for GateProxy {
             ctx.relay = Some(Relay::new(path, false));
             return Ok(false);
         }
-        let authorization = header_bytes(session.req_header(), &http::header::AUTHORIZATION);
-        // `x-api-key` counts only without `Authorization`: looked up only then.
-        let x_api_key = authorization
-            .is_none()
-            .then(|| header_bytes(session.req_header(), &headers::X_API_KEY))
-            .flatten();
+        let req = session.req_header();
+        let authorization = header_bytes(req, &http::header::AUTHORIZATION);
+        // `x-api-key` is looked up only where `Authorization` holds no agent key.
+        let x_api_key = || header_bytes(req, &headers::X_API_KEY);
         let anonymous_catalog = ctx.snap.routes.config.public_catalog
             && authorization.is_none()
-            && x_api_key.is_none()
             && matches!(
                 endpoint,
                 Endpoint::Models | Endpoint::Model | Endpoint::Aliases
-            );
+            )
+            && x_api_key().is_none();
         if anonymous_catalog {
             return Box::pin(self.serve_local(session, ctx, model_id)).await;
         }
-        let hash = match admission::authenticate(authorization, x_api_key, &ctx.snap.keys, now_ms())
-        {
+        let authenticated =
+            admission::authenticate(authorization, x_api_key, &ctx.snap.keys, now_ms());
+        let hash = match authenticated {
             Ok((hash, key)) => {
                 ctx.key = Some(key);
                 hash
