@@ -126,14 +126,7 @@ pub fn authenticate<'a>(
     keys: &KeySet,
     now: i64,
 ) -> Result<(TokenHash, Arc<KeyEntry>), GateError> {
-    // The agent key as a bearer token, else as `x-api-key` (SPEC §3: either is accepted; a
-    // client that sends its key in one may send something else in the other).
-    let token = authorization.and_then(from_authorization).or_else(|| {
-        x_api_key()
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .map(str::trim)
-            .filter(|t| is_well_formed(t))
-    });
+    let token = agent_token(authorization, x_api_key);
     let (hash, fresh) = TokenMemo::digest(token.ok_or(GateError::InvalidApiKey)?);
     // Remembered only once it matched a key, so a flood of made-up tokens evicts nothing;
     // whether the key is alive is checked at every request, not remembered.
@@ -142,6 +135,31 @@ pub fn authenticate<'a>(
         TokenMemo::remember(tag, &hash);
     }
     Ok((hash, key))
+}
+
+/// The agent key as a bearer token, else as `x-api-key` (SPEC §3: either is accepted; a
+/// client that sends its key in one may send something else in the other).
+fn agent_token<'a>(
+    authorization: Option<&'a [u8]>,
+    x_api_key: impl FnOnce() -> Option<&'a [u8]>,
+) -> Option<&'a str> {
+    authorization.and_then(from_authorization).or_else(|| {
+        x_api_key()
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::trim)
+            .filter(|t| is_well_formed(t))
+    })
+}
+
+/// The key a token refused as revoked or expired belongs to, for the refusal's trace
+/// (SPEC §4: every trace names its key). Only on that path: it digests the token again.
+pub fn refused_key<'a>(
+    authorization: Option<&'a [u8]>,
+    x_api_key: impl FnOnce() -> Option<&'a [u8]>,
+    keys: &KeySet,
+) -> Option<Arc<KeyEntry>> {
+    let (hash, _) = TokenMemo::digest(agent_token(authorization, x_api_key)?);
+    keys.by_hash(&hash).map(|(k, _)| k.clone())
 }
 
 /// Token hash -> live key at `now`: 401 if unknown, expired or revoked. Called when the

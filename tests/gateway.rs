@@ -868,3 +868,22 @@ fn hostile_input_never_takes_the_gateway_down() {
     assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
     assert!(!gw.log_text().contains("panicked"), "a request panicked");
 }
+
+/// SPEC §4: every request leaves a trace naming its key; a revoked or expired token still
+/// belongs to one, so its refusals are in that key's traces.
+#[test]
+fn a_revoked_keys_refusals_are_in_its_own_traces() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    let key = gw.create_key(&[]);
+    gw.cli_json(&["keys", "revoke", &key.id, "--json"]);
+    wait_for(Duration::from_secs(5), "revocation live", || {
+        (gw.chat(&key, "gpt-4o-mini").status == 401).then_some(())
+    });
+    wait_for(Duration::from_secs(5), "the refusal's trace", || {
+        gw.trace_rows(&key.id)
+            .iter()
+            .any(|t| t.status == 401 && t.error_code.as_deref() == Some("token_revoked"))
+            .then_some(())
+    });
+}

@@ -55,6 +55,8 @@ pub struct RequestCtx {
     pub(super) started_ms: i64,
     pub(super) endpoint: Endpoint,
     pub(super) key: Option<Arc<KeyEntry>>,
+    /// The key of a token refused as revoked or expired: its trace names it.
+    pub(super) refused_key: Option<Arc<str>>,
     /// Rate-limit standing for the headers of any authenticated response.
     pub(super) standing: Option<Standing>,
     /// Boxed: this context lives inline in the request's future, which Pingora boxes and
@@ -505,12 +507,18 @@ impl RequestCtx {
                 estimated,
             );
         }
-        let keep_trace = self.key.is_some() || gate.unauthenticated_traces.allow(self.started_ms);
+        let keep_trace = self.key.is_some()
+            || self.refused_key.is_some()
+            || gate.unauthenticated_traces.allow(self.started_ms);
         let model = |m: usize| routes.model_names[m].clone();
         let trace = TraceRow {
             id: 0,
             ts,
-            key_id: self.key.as_ref().map(|k| k.id.clone()),
+            key_id: self
+                .key
+                .as_ref()
+                .map(|k| k.id.clone())
+                .or(self.refused_key.take()),
             endpoint: self.endpoint.label().into(),
             requested_model,
             served_model: served.filter(|_| admitted).map(model),

@@ -503,6 +503,7 @@ impl ProxyHttp for GateProxy {
             started_ms: now_ms(),
             endpoint: Endpoint::Unknown,
             key: None,
+            refused_key: None,
             standing: None,
             admission: None,
             journal_id: None,
@@ -621,6 +622,11 @@ impl ProxyHttp for GateProxy {
                 hash
             }
             Err(e) => {
+                if matches!(e, GateError::TokenRevoked | GateError::TokenExpired) {
+                    ctx.refused_key =
+                        admission::refused_key(authorization, x_api_key, &ctx.snap.keys)
+                            .map(|k| k.id.clone());
+                }
                 let e = self.shield(session, e);
                 return self.reject(session, ctx, e).await;
             }
