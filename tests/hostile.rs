@@ -1771,3 +1771,35 @@ fn a_body_that_is_not_utf8_is_not_json_on_any_surface() {
     }
     assert!(mock.requests().is_empty());
 }
+
+/// SPEC §2: money never overflows or wraps, and §4: it is kept in integers. An upstream
+/// reporting usage whose cost saturates, twice on one key and model, leaves the spend at
+/// the largest amount, still an integer the usage commands read.
+#[test]
+fn spend_saturates_in_the_store_and_stays_readable() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock)
+        .admin("admin-token-saturation-0123")
+        .start();
+    let key = gw.create_key(&[]);
+    // 2^53 output tokens at 0.60 USD a million: 5.4e18 nano-USD, twice past i64.
+    for _ in 0..2 {
+        let r = gw.chat_with(
+            &key,
+            "gpt-4o-mini",
+            &[("x-mock-completion-tokens", "9007199254740992")],
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        // Each in a commit of its own: the second adds to the stored row.
+        gw.wait_ledger_quiescent();
+    }
+    let out = gw.cli(&["usage", &key.id, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("usage json");
+    assert!(!v.to_string().contains("e+"), "no float amount: {v}");
+    assert_eq!(gw.usage(&key)["spend_nanodollars"], i64::MAX);
+}

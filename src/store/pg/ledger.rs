@@ -169,9 +169,20 @@ fn add_sums(tx: &mut Transaction<'_>, cache: &mut Cache, parts: &[&Batch]) -> Re
                                   $5::BIGINT[], $6::BIGINT[], $7::BIGINT[])
              ON CONFLICT (key_id, month, model) DO UPDATE SET
                 requests = spend.requests + excluded.requests,
-                prompt_tokens = spend.prompt_tokens + excluded.prompt_tokens,
-                completion_tokens = spend.completion_tokens + excluded.completion_tokens,
-                cost_nanos = spend.cost_nanos + excluded.cost_nanos",
+                -- Saturating, as `Nanos` is: a sum past BIGINT would fail the batch.
+                prompt_tokens = CASE
+                    WHEN excluded.prompt_tokens > 9223372036854775807 - spend.prompt_tokens
+                    THEN 9223372036854775807
+                    ELSE spend.prompt_tokens + excluded.prompt_tokens END,
+                completion_tokens = CASE
+                    WHEN excluded.completion_tokens
+                        > 9223372036854775807 - spend.completion_tokens
+                    THEN 9223372036854775807
+                    ELSE spend.completion_tokens + excluded.completion_tokens END,
+                cost_nanos = CASE
+                    WHEN excluded.cost_nanos > 9223372036854775807 - spend.cost_nanos
+                    THEN 9223372036854775807
+                    ELSE spend.cost_nanos + excluded.cost_nanos END",
         )?;
         tx.execute(
             &stmt,
@@ -233,7 +244,10 @@ fn add_sums(tx: &mut Transaction<'_>, cache: &mut Cache, parts: &[&Batch]) -> Re
                                   $5::BIGINT[])
              ON CONFLICT (key_id, day, model) DO UPDATE SET
                 requests = daily_spend.requests + excluded.requests,
-                cost_nanos = daily_spend.cost_nanos + excluded.cost_nanos",
+                cost_nanos = CASE
+                    WHEN excluded.cost_nanos > 9223372036854775807 - daily_spend.cost_nanos
+                    THEN 9223372036854775807
+                    ELSE daily_spend.cost_nanos + excluded.cost_nanos END",
         )?;
         tx.execute(
             &stmt,

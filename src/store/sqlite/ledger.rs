@@ -28,9 +28,14 @@ fn add_spend(
             completion_tokens, cost_nanos) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT (key_id, month, model) DO UPDATE SET
             requests = requests + excluded.requests,
-            prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-            completion_tokens = completion_tokens + excluded.completion_tokens,
-            cost_nanos = cost_nanos + excluded.cost_nanos",
+            -- Saturating, as `Nanos` is: a sum past i64 would turn the column into a REAL.
+            prompt_tokens = CASE WHEN excluded.prompt_tokens > 9223372036854775807 - prompt_tokens
+                THEN 9223372036854775807 ELSE prompt_tokens + excluded.prompt_tokens END,
+            completion_tokens = CASE WHEN excluded.completion_tokens
+                    > 9223372036854775807 - completion_tokens
+                THEN 9223372036854775807 ELSE completion_tokens + excluded.completion_tokens END,
+            cost_nanos = CASE WHEN excluded.cost_nanos > 9223372036854775807 - cost_nanos
+                THEN 9223372036854775807 ELSE cost_nanos + excluded.cost_nanos END",
     )?;
     stmt.execute(params![key_id, month_label(month), model, n, p, c, cost])?;
     Ok(())
@@ -49,7 +54,8 @@ fn add_daily_spend(
          VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (key_id, day, model) DO UPDATE SET
             requests = requests + excluded.requests,
-            cost_nanos = cost_nanos + excluded.cost_nanos",
+            cost_nanos = CASE WHEN excluded.cost_nanos > 9223372036854775807 - cost_nanos
+                THEN 9223372036854775807 ELSE cost_nanos + excluded.cost_nanos END",
     )?;
     stmt.execute(params![key_id, day_label(day), model, n, cost])?;
     Ok(())
