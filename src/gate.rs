@@ -164,7 +164,7 @@ impl Gate {
                 "counting {} admissions of the last minute before the restart",
                 left_minutes.len()
             );
-            crate::handover::seed_minutes(&gate.keys(), Now::read(), left_minutes);
+            crate::handover::state::seed_minutes(&gate.keys(), Now::read(), left_minutes);
         }
         Ok(gate)
     }

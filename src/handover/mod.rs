@@ -38,12 +38,9 @@ use crate::gate::Gate;
 pub mod state;
 use crate::limits::Charge;
 use crate::store::{HandoverRow, Store, StoreError};
-use state::process_is_live;
+use state::{process_is_live, seed_minutes, GROUP_MARK};
 pub use state::{relay_path_for, AdmissionGuard, Handover};
 use state::{Adopted, HANDOVER_WAIT};
-
-/// How the change log and saved minutes name a group.
-const GROUP_MARK: &str = "*group:";
 
 /// Marker files next to the successor's relay socket: the hand-over began, and is done.
 fn marker(relay: &Path, what: &str) -> PathBuf {
@@ -207,29 +204,6 @@ pub fn adopt(gate: &Gate) -> Result<usize, StoreError> {
     }
     seed_minutes(&keys, now, minutes);
     Ok(adopted.len())
-}
-
-/// Counts saved admissions (key or group, unix ms) into the rolling minutes of `keys`: a
-/// predecessor's at a hand-over, or at a start those a stopped process saved.
-pub fn seed_minutes(keys: &crate::keys::KeySet, now: Now, minutes: Vec<(String, i64)>) {
-    let mut by_key: HashMap<String, Vec<i64>> = HashMap::new();
-    for (key, at) in minutes {
-        by_key.entry(key).or_default().push(at);
-    }
-    for (key, walls) in by_key {
-        match key.strip_prefix(GROUP_MARK) {
-            Some(name) => {
-                if let Some(g) = keys.groups().get(name) {
-                    g.counters.seed_minute(now, &g.limits, &walls);
-                }
-            }
-            None => {
-                if let Some(k) = keys.by_id(&key) {
-                    k.counters.seed_minute(now, &k.limits, &walls);
-                }
-            }
-        }
-    }
 }
 
 /// A clean stop on one node (not a hand-over, whose successor took them already): saves the

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use crate::keys::KeyEntry;
+use crate::clock::Now;
+use crate::keys::{KeyEntry, KeySet};
 use crate::limits::Reservation;
 use crate::store::HandoverRow;
 
@@ -18,6 +19,9 @@ pub(super) struct Adopted {
     pub(super) reservation: Reservation,
     pub(super) row: HandoverRow,
 }
+
+/// How the change log and saved minutes name a group.
+pub(super) const GROUP_MARK: &str = "*group:";
 
 /// How long either side waits for the other before going on alone.
 pub(super) const HANDOVER_WAIT: Duration = Duration::from_secs(30);
@@ -140,4 +144,27 @@ pub fn process_is_live(pid: i64) -> bool {
     pid > 0
         && pid != i64::from(std::process::id())
         && std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Counts saved admissions (key or group, unix ms) into the rolling minutes of `keys`: a
+/// predecessor's at a hand-over, or at a start those a stopped process saved.
+pub fn seed_minutes(keys: &KeySet, now: Now, minutes: Vec<(String, i64)>) {
+    let mut by_key: HashMap<String, Vec<i64>> = HashMap::new();
+    for (key, at) in minutes {
+        by_key.entry(key).or_default().push(at);
+    }
+    for (key, walls) in by_key {
+        match key.strip_prefix(GROUP_MARK) {
+            Some(name) => {
+                if let Some(g) = keys.groups().get(name) {
+                    g.counters.seed_minute(now, &g.limits, &walls);
+                }
+            }
+            None => {
+                if let Some(k) = keys.by_id(&key) {
+                    k.counters.seed_minute(now, &k.limits, &walls);
+                }
+            }
+        }
+    }
 }

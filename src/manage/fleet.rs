@@ -9,7 +9,7 @@ use super::{
     KeyError, KeyService, KeySpec,
 };
 use crate::fleet::MAX_DEPTH;
-use crate::keys::{BudgetMode, KeyRecord, DEFAULT_SCOPES, DEFAULT_TTL_SECS, SCOPE_KEYS};
+use crate::keys::{BudgetMode, KeyRecord, DEFAULT_SCOPES, DEFAULT_TTL_SECS};
 use crate::money::Nanos;
 use crate::store::{GroupPatch, GroupRecord};
 
@@ -214,17 +214,10 @@ impl KeyService<'_> {
             }
             up = self.store.get_key(&id)?.and_then(|k| k.parent_id);
         }
-        // Scopes: the default ones the parent holds, or those asked for, each held.
+        // Scopes: those asked for, or the default ones the parent holds. What is asked is
+        // checked against the parent once the record is made (`within`, below).
         let scopes = match spec.scopes.take().filter(|s| !s.is_empty()) {
-            Some(asked) => {
-                let asked = check_scopes(asked, true)?;
-                if let Some(s) = asked.iter().find(|s| !parent.scopes.contains(s)) {
-                    return Err(KeyError::Forbidden(format!(
-                        "scope \"{s}\" is not held by the minting key"
-                    )));
-                }
-                asked
-            }
+            Some(asked) => check_scopes(asked, true)?,
             None => DEFAULT_SCOPES
                 .iter()
                 .filter(|s| parent.scopes.iter().any(|p| p == *s))
@@ -236,41 +229,14 @@ impl KeyService<'_> {
                 "the minting key holds none of the scopes a key needs".into(),
             ));
         }
-        // Models: within the parent's allow-list (an empty list allows everything).
-        let models = check_models(self.catalog, std::mem::take(&mut spec.allowed_models))?;
-        let models = if parent.allowed_models.is_empty() {
-            models
-        } else if models.is_empty() {
-            parent.allowed_models.clone()
-        } else {
-            if let Some(m) = models.iter().find(|m| !self.parent_allows(&parent, m)) {
-                return Err(KeyError::invalid(
-                    "allowed_models",
-                    format!("\"{m}\" is not in the minting key's allow-list"),
-                ));
-            }
-            models
-        };
-        // Expiry: within the parent's. Without a TTL, the default or the parent's end.
+        // Models: without a list, the parent's (an empty list allows everything).
+        let mut models = check_models(self.catalog, std::mem::take(&mut spec.allowed_models))?;
+        if models.is_empty() {
+            models = parent.allowed_models.clone();
+        }
+        // Expiry: without a TTL, the default or the parent's end, whichever comes first.
         let expires_at = match spec.ttl.as_deref() {
-            Some(t) => {
-                let at = now + check_ttl(t)? * 1000;
-                // The same TTL as the parent's, asked a moment after the parent was made,
-                // ends a little later than the parent: that is clamped, not refused.
-                if at <= parent.expires_at {
-                    at
-                } else if at - parent.expires_at <= TTL_SLACK_MS {
-                    parent.expires_at
-                } else {
-                    return Err(KeyError::invalid(
-                        "ttl",
-                        format!(
-                            "ttl \"{t}\" would outlive the minting key, which expires at {}",
-                            crate::clock::rfc3339(parent.expires_at)
-                        ),
-                    ));
-                }
-            }
+            Some(t) => now + check_ttl(t)? * 1000,
             None => (now + DEFAULT_TTL_SECS * 1000).min(parent.expires_at),
         };
         spec.scopes = Some(scopes);
@@ -283,23 +249,15 @@ impl KeyService<'_> {
         record.expires_at = expires_at;
         record.parent_id = Some(parent.id.clone());
         record.group = parent.group.clone();
-        if record.scopes.iter().any(|s| s == SCOPE_KEYS)
-            && !parent.scopes.iter().any(|s| s == SCOPE_KEYS)
-        {
-            return Err(KeyError::Forbidden(format!(
-                "scope \"{SCOPE_KEYS}\" is not held by the minting key"
-            )));
-        }
+        self.within(&parent, &mut record, "minting key")?;
         self.store.insert_key(&record)?;
         self.record("key.create", &record.id.clone(), None, &record, now);
         Ok((record, secret))
     }
 
     /// A child key as an operator would leave it (`key`, the patch applied) stays within
-    /// its parent, as when it was minted (SPEC §7): scopes the parent holds (403
-    /// `insufficient_scope`), models within the parent's allow-list, an expiry no later
-    /// than the parent's (a moment later is clamped, as at mint), free-only if the parent
-    /// is (400 naming the field). A key without a parent passes.
+    /// its parent, by the rules it was minted under (SPEC §7, [`Self::within`]). A key
+    /// without a parent passes.
     pub(super) fn check_within_parent(&self, key: &mut KeyRecord) -> Result<(), KeyError> {
         let Some(parent_id) = &key.parent_id else {
             return Ok(());
@@ -307,26 +265,39 @@ impl KeyService<'_> {
         let Some(parent) = self.store.get_key(parent_id)? else {
             return Ok(());
         };
+        self.within(&parent, key, "parent key")
+    }
+
+    /// The rules a child keeps against `parent`, at mint and at every later change: scopes
+    /// the parent holds (403 `insufficient_scope`), models within its allow-list, an expiry no later than its
+    /// (a moment later is clamped: the same TTL asked a moment after the parent was made),
+    /// free-only if it is (400 naming the field). `parent_is` names the parent in errors.
+    fn within(
+        &self,
+        parent: &KeyRecord,
+        key: &mut KeyRecord,
+        parent_is: &str,
+    ) -> Result<(), KeyError> {
         if let Some(s) = key.scopes.iter().find(|s| !parent.scopes.contains(s)) {
             return Err(KeyError::Forbidden(format!(
-                "scope \"{s}\" is not held by the parent key"
+                "scope \"{s}\" is not held by the {parent_is}"
             )));
         }
         if !parent.allowed_models.is_empty() {
             if key.allowed_models.is_empty() {
                 return Err(KeyError::invalid(
                     "allowed_models",
-                    "an empty allow-list (every model) reaches past the parent key's".to_string(),
+                    format!("an empty allow-list (every model) reaches past the {parent_is}'s"),
                 ));
             }
             if let Some(m) = key
                 .allowed_models
                 .iter()
-                .find(|m| !self.parent_allows(&parent, m))
+                .find(|m| !self.parent_allows(parent, m))
             {
                 return Err(KeyError::invalid(
                     "allowed_models",
-                    format!("\"{m}\" is not in the parent key's allow-list"),
+                    format!("\"{m}\" is not in the {parent_is}'s allow-list"),
                 ));
             }
         }
@@ -335,7 +306,7 @@ impl KeyService<'_> {
                 return Err(KeyError::invalid(
                     "ttl",
                     format!(
-                        "the key would outlive its parent, which expires at {}",
+                        "the key would outlive the {parent_is}, which expires at {}",
                         crate::clock::rfc3339(parent.expires_at)
                     ),
                 ));
@@ -345,7 +316,7 @@ impl KeyService<'_> {
         if parent.free_only && !key.free_only {
             return Err(KeyError::invalid(
                 "free_only",
-                "the parent key is free-only".to_string(),
+                format!("the {parent_is} is free-only"),
             ));
         }
         Ok(())
