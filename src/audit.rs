@@ -35,7 +35,7 @@ impl Actor {
     /// named by the first 12 hex digits of its SHA-256, enough to tell tokens apart across a
     /// rotation and useless for signing in.
     pub fn admin(bearer: &[u8], dashboard: bool) -> Actor {
-        let token = bearer.strip_prefix(b"Bearer ").unwrap_or(bearer);
+        let token = crate::keys::token::bearer(bearer).unwrap_or(bearer);
         let digest = Sha256::digest(token);
         let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
         Actor {

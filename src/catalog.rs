@@ -25,8 +25,8 @@ pub struct Catalog {
     alias_chains: Vec<Vec<usize>>,
 }
 
-/// Up to this many models in one chain are tried; longer chains are cut at validation time.
-pub const MAX_CHAIN: usize = 8;
+/// Up to this many models in one chain are tried; configuration refuses longer aliases.
+pub const MAX_CHAIN: usize = crate::config::MAX_ALIAS_MODELS;
 
 /// The models a request may be served by, best first.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

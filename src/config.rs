@@ -13,6 +13,9 @@ use crate::money::Price;
 
 pub const DEFAULT_CONFIG_PATH: &str = "conf/spidergate.yaml";
 
+/// The most models one alias may list (the fallback chain a request walks).
+pub const MAX_ALIAS_MODELS: usize = 8;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -832,6 +835,11 @@ impl Config {
             .as_ref()
             .is_some_and(|s| s.postgres_url.is_some());
         let database = match raw.database {
+            // Every door (gateway, CLI, dashboard) must open the same file: an empty name or
+            // `:memory:` would give each process a database of its own that vanishes with it.
+            Some(d) if d.trim().is_empty() || d.trim() == ":memory:" || d.starts_with("file:") => {
+                return err("database", format!("\"{d}\" is not a file path"));
+            }
             Some(d) => d,
             // Unused: keys, ledger and traces are in PostgreSQL.
             None if on_postgres => String::new(),
@@ -843,6 +851,12 @@ impl Config {
         let admin = match raw.admin {
             Some(a) => {
                 check_socket_addr("admin.listen", &a.listen)?;
+                if listeners_overlap(&listen, &a.listen) {
+                    return err(
+                        "admin.listen",
+                        format!("\"{}\" is the proxy's own listener (`listen`); the admin API needs its own", a.listen),
+                    );
+                }
                 if a.token_env.is_empty() {
                     return err("admin.token_env", "must name an environment variable");
                 }
@@ -865,6 +879,9 @@ impl Config {
         let mut provider_index = HashMap::new();
         for (i, p) in raw_providers.into_iter().enumerate() {
             let at = format!("providers[{i}]");
+            if p.name.trim().is_empty() {
+                return err(format!("{at}.name"), "must not be empty");
+            }
             if provider_index.insert(p.name.clone(), i).is_some() {
                 return err(
                     format!("{at}.name"),
@@ -889,6 +906,12 @@ impl Config {
             }
             if model_index.insert(m.id.clone(), i).is_some() {
                 return err(format!("{at}.id"), format!("duplicate model \"{}\"", m.id));
+            }
+            if m.upstream_id
+                .as_deref()
+                .is_some_and(|u| u.trim().is_empty())
+            {
+                return err(format!("{at}.upstream_id"), "must not be empty");
             }
             let Some(&provider) = provider_index.get(&m.provider) else {
                 return err(
@@ -962,6 +985,15 @@ impl Config {
             }
             if chain.is_empty() {
                 return err(&at, "must list at least one model");
+            }
+            if chain.len() > MAX_ALIAS_MODELS {
+                return err(
+                    &at,
+                    format!(
+                        "lists {} models; an alias chain holds at most {MAX_ALIAS_MODELS}",
+                        chain.len()
+                    ),
+                );
             }
             let mut resolved = Vec::with_capacity(chain.len());
             for (j, id) in chain.iter().enumerate() {
@@ -1107,6 +1139,18 @@ impl Config {
 
     pub fn model_index(&self, id: &str) -> Option<usize> {
         self.models.iter().position(|m| m.id == id)
+    }
+}
+
+/// Whether two listen addresses would take the same port: the same port on the same
+/// address, or on any address when one of them is the unspecified one (`0.0.0.0`, `::`).
+fn listeners_overlap(a: &str, b: &str) -> bool {
+    match (a.parse::<SocketAddr>(), b.parse::<SocketAddr>()) {
+        (Ok(a), Ok(b)) => {
+            a.port() == b.port()
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        }
+        _ => a == b,
     }
 }
 
@@ -1369,6 +1413,48 @@ aliases:
 
         let bad = BASE.replace("listen: \"127.0.0.1:8080\"\n", "");
         assert_eq!(parse(&bad).unwrap_err().to_string(), "listen: required");
+    }
+
+    #[test]
+    fn a_config_every_door_cannot_share_is_refused() {
+        for db in [
+            "\"\"",
+            "\":memory:\"",
+            "\"file::memory:?cache=shared\"",
+            "\"  \"",
+        ] {
+            let bad = BASE.replace("database: \"data/x.db\"", &format!("database: {db}"));
+            let e = parse(&bad).unwrap_err().to_string();
+            assert!(e.starts_with("database: "), "{db}: {e}");
+        }
+        for admin in ["127.0.0.1:8080", "0.0.0.0:8080", "[::]:8080"] {
+            let bad = format!("{BASE}admin: {{listen: \"{admin}\", token_env: T}}\n");
+            let e = parse(&bad).unwrap_err().to_string();
+            assert!(e.starts_with("admin.listen: "), "{admin}: {e}");
+        }
+        // Another port, or the same port on another address, is fine.
+        for admin in ["127.0.0.1:8081", "127.0.0.2:8080"] {
+            let ok = format!("{BASE}admin: {{listen: \"{admin}\", token_env: T}}\n");
+            assert!(parse(&ok).is_ok(), "{admin}");
+        }
+        let bad = BASE.replace("  - name: openai\n", "  - name: \"\"\n");
+        assert_eq!(
+            parse(&bad).unwrap_err().to_string(),
+            "providers[0].name: must not be empty"
+        );
+        let bad = BASE.replace("upstream_id: meta/llama", "upstream_id: \"\"");
+        assert_eq!(
+            parse(&bad).unwrap_err().to_string(),
+            "models[1].upstream_id: must not be empty"
+        );
+        let nine = ["llama"; MAX_ALIAS_MODELS + 1].join(", ");
+        let bad = BASE.replace("[llama, gpt-4o-mini]", &format!("[{nine}]"));
+        assert_eq!(
+            parse(&bad).unwrap_err().to_string(),
+            "aliases.spideriq/fast: lists 9 models; an alias chain holds at most 8"
+        );
+        let eight = ["llama"; MAX_ALIAS_MODELS].join(", ");
+        assert!(parse(&BASE.replace("[llama, gpt-4o-mini]", &format!("[{eight}]"))).is_ok());
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub enum GateError {
     InvalidRequest(String),
     /// A request that names the field it is about in `error.param` (a child key's spec).
     InvalidField {
-        field: &'static str,
+        field: std::borrow::Cow<'static, str>,
         message: String,
     },
     RequestTooLarge(u64),

@@ -126,6 +126,7 @@ struct LimitArgs {
     /// Lifetime from now, 1h..90d [default on create: 30d]
     #[arg(long)]
     ttl: Option<String>,
+    /// The agent's own label, shown with its traces ("none" or "" on update = clear it)
     #[arg(long)]
     client_id: Option<String>,
     /// Requests in flight at once ("none" = unlimited); one over gets 429
@@ -667,7 +668,10 @@ fn manage_command(config: Config, command: Command) -> CliResult {
                 allowed_models: limits.models.as_deref().map(split_list),
                 free_only,
                 ttl: limits.ttl,
-                client_id: limits.client_id.map(Some),
+                // "none" clears it, as for every other field here (an empty one does too).
+                client_id: limits
+                    .client_id
+                    .map(|c| (c != "none" && !c.is_empty()).then_some(c)),
                 group: limits
                     .group
                     .map(|g| (g != "none" && !g.is_empty()).then_some(g)),

@@ -62,6 +62,35 @@ fn admin_api_manages_keys_over_the_same_store() {
     assert_eq!((r.status, r.code().as_str()), (401, "unauthorized"));
     // Every error response names its code in the header too (SPEC §2), the admin API's too.
     assert_eq!(r.header("x-spidergate-error-code"), Some("unauthorized"));
+    // The scheme's name is case-insensitive (RFC 9110); the token is not.
+    for (value, status) in [
+        (format!("bearer {ADMIN_TOKEN}"), 200),
+        (format!("BEARER {ADMIN_TOKEN}"), 200),
+        (format!("Bearer {}", ADMIN_TOKEN.to_uppercase()), 401),
+        (format!("Basic {ADMIN_TOKEN}"), 401),
+    ] {
+        let r = http(
+            admin,
+            "GET",
+            "/admin/keys",
+            &[("Authorization", &value)],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(r.status, status, "{value}");
+    }
+
+    // A field the API does not have (a misspelt limit) makes no key: 400 naming it.
+    let r = call(
+        admin,
+        "POST",
+        "/admin/keys",
+        Some(json!({"name": "typo", "rmp": 2})),
+    );
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_request"));
+    assert_eq!(r.json()["error"]["param"], "rmp");
+    let listed = call(admin, "GET", "/admin/keys", None).json();
+    assert!(!listed.to_string().contains("\"typo\""), "{listed}");
 
     // Create: the secret is shown once and works in the gateway at once.
     let r = call(

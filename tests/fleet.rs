@@ -593,13 +593,23 @@ fn a_child_stays_within_its_parent_when_either_is_changed() {
         ),
         (json!({"allowed_models": []}), 400, Some("allowed_models")),
         (json!({"ttl": "90d"}), 400, Some("ttl")),
-        (json!({"scopes": ["gate:chat", "gate:models"]}), 403, None),
+        (
+            json!({"scopes": ["gate:chat", "gate:models"]}),
+            403,
+            Some("scopes"),
+        ),
     ] {
         let r = gw.admin_call("PATCH", &path, Some(&body));
         assert_eq!(r.status, status, "{body}: {}", r.text());
         if let Some(p) = param {
             assert_eq!(r.json()["error"]["param"], p, "{body}");
         }
+        let kind = if status == 403 {
+            "permission_error"
+        } else {
+            "invalid_request_error"
+        };
+        assert_eq!(r.json()["error"]["type"], kind, "{body}");
     }
     let out = gw.cli(&["keys", "update", &child.id, "--models", "gpt-4o"]);
     assert_eq!(out.status.code(), Some(1), "the CLI refuses it too");

@@ -105,8 +105,47 @@ fn boolean(v: &Value, field: &'static str) -> Result<Option<bool>, KeyError> {
     }
 }
 
+/// The fields of a key's body (create and update): SPEC §5's names.
+const KEY_FIELDS: [&str; 14] = [
+    "name",
+    "rpm",
+    "rpd",
+    "max_inflight",
+    "monthly_budget_usd",
+    "budget_mode",
+    "allowed_models",
+    "free_only",
+    "scopes",
+    "ttl",
+    "client_id",
+    "group",
+    "max_usd_per_hour",
+    "loop_limit",
+];
+
+const GROUP_FIELDS: [&str; 5] = [
+    "name",
+    "budget_usd",
+    "monthly_budget_usd",
+    "budget_mode",
+    "rpm",
+];
+
+/// A body with a field the API does not have is refused, naming it: a misspelt limit
+/// (`rmp`) must not make a key without that limit.
+fn only_known(v: &Value, known: &[&str]) -> Result<(), KeyError> {
+    let Some(object) = v.as_object() else {
+        return Ok(());
+    };
+    match object.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(unknown) => Err(KeyError::unknown_field(unknown, known)),
+        None => Ok(()),
+    }
+}
+
 /// `POST /admin/keys`.
 pub fn key_spec(v: &Value) -> Result<KeySpec, KeyError> {
+    only_known(v, &KEY_FIELDS)?;
     Ok(KeySpec {
         name: string(v, "name")?.unwrap_or_default(),
         rpm: limit(v, "rpm")?.flatten(),
@@ -127,6 +166,7 @@ pub fn key_spec(v: &Value) -> Result<KeySpec, KeyError> {
 
 /// `PATCH /admin/keys/{id}`.
 pub fn key_changes(v: &Value) -> Result<KeyChanges, KeyError> {
+    only_known(v, &KEY_FIELDS)?;
     Ok(KeyChanges {
         name: string(v, "name")?,
         rpm: limit(v, "rpm")?,
@@ -147,6 +187,7 @@ pub fn key_changes(v: &Value) -> Result<KeyChanges, KeyError> {
 
 /// `POST /admin/groups`. The budget is `budget_usd` (or `monthly_budget_usd`, as on keys).
 pub fn group_spec(v: &Value) -> Result<GroupSpec, KeyError> {
+    only_known(v, &GROUP_FIELDS)?;
     Ok(GroupSpec {
         name: string(v, "name")?.unwrap_or_default(),
         budget_usd: group_budget(v)?.flatten(),
@@ -157,6 +198,7 @@ pub fn group_spec(v: &Value) -> Result<GroupSpec, KeyError> {
 
 /// `PATCH /admin/groups/{name}`.
 pub fn group_changes(v: &Value) -> Result<GroupChanges, KeyError> {
+    only_known(v, &GROUP_FIELDS)?;
     Ok(GroupChanges {
         budget_usd: group_budget(v)?,
         budget_mode: string(v, "budget_mode")?,
@@ -173,6 +215,7 @@ fn group_budget(v: &Value) -> Result<Option<Option<f64>>, KeyError> {
 
 /// `POST /admin/keys/{id}/rotate`: `{"grace": "1h"}`, all optional.
 pub fn grace(v: &Value) -> Result<Option<String>, KeyError> {
+    only_known(v, &["grace"])?;
     string(v, "grace")
 }
 
@@ -191,5 +234,31 @@ mod tests {
         assert_eq!(e.unwrap(), Some(vec!["a".to_string()]));
         let c = key_changes(&json!({"rpm": null, "rpd": -5})).unwrap();
         assert_eq!((c.rpm, c.rpd), (Some(None), Some(Some(-5))));
+    }
+
+    #[test]
+    fn a_field_the_api_does_not_have_is_refused_by_its_name() {
+        let e = key_spec(&json!({"name": "a", "rmp": 10})).unwrap_err();
+        assert_eq!((e.status(), e.field()), (400, Some("rmp")));
+        assert!(e.to_string().contains("\"rmp\""), "{e}");
+        let e = key_changes(&json!({"monthly_budget": 5})).unwrap_err();
+        assert_eq!(e.field(), Some("monthly_budget"));
+        assert_eq!(
+            group_spec(&json!({"name": "g", "budget": 1}))
+                .unwrap_err()
+                .field(),
+            Some("budget")
+        );
+        assert_eq!(
+            grace(&json!({"grace_period": "1h"})).unwrap_err().field(),
+            Some("grace_period")
+        );
+        // Every field the API has passes.
+        let all: serde_json::Map<String, Value> = KEY_FIELDS
+            .iter()
+            .map(|f| (f.to_string(), Value::Null))
+            .collect();
+        assert!(key_changes(&Value::Object(all.clone())).is_ok());
+        assert!(key_spec(&Value::Object(all)).is_ok());
     }
 }

@@ -30,8 +30,9 @@ const MAX_KEY_PAGE: u32 = 1000;
 
 pub struct AdminApp {
     gate: Arc<Gate>,
-    /// `Bearer <token>`; `None` when the token variable is unset (every call is refused).
-    expected: Option<String>,
+    /// The admin token (sent as `Bearer <token>`); `None` when the token variable is unset
+    /// (every call is refused).
+    expected: Option<Vec<u8>>,
 }
 
 /// An admin API answer: status and JSON (or text) body.
@@ -67,6 +68,7 @@ impl Reply {
     fn error_on(status: u16, code: &str, message: impl Into<String>, param: Option<&str>) -> Reply {
         let kind = match status {
             401 => "authentication_error",
+            403 => "permission_error",
             404 | 400 | 405 | 409 | 413 => "invalid_request_error",
             _ => "api_error",
         };
@@ -182,7 +184,7 @@ impl AdminApp {
         let expected = std::env::var(token_env)
             .ok()
             .filter(|t| !t.is_empty())
-            .map(|t| format!("Bearer {t}"));
+            .map(|t| t.into_bytes());
         if expected.is_none() {
             log::warn!("${token_env} is not set: the admin API refuses every call");
         }
@@ -195,8 +197,8 @@ impl AdminApp {
             .headers
             .get("authorization")
             .map(|v| v.as_bytes());
-        match (&self.expected, given) {
-            (Some(expected), Some(given)) => same(expected.as_bytes(), given),
+        match (&self.expected, given.and_then(crate::keys::token::bearer)) {
+            (Some(expected), Some(given)) => same(expected, given),
             _ => false,
         }
     }

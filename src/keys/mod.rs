@@ -26,6 +26,15 @@ pub const MIN_TTL_SECS: i64 = 3_600;
 pub const MAX_TTL_SECS: i64 = 90 * 86_400;
 pub const DEFAULT_TTL_SECS: i64 = 30 * 86_400;
 
+/// When something given `secs` from `now_ms` ends: on a whole second, the one shown (RFC 3339
+/// has no milliseconds here), so a key never authenticates past the `expires_at` it shows.
+pub fn ends_after(now_ms: i64, secs: i64) -> i64 {
+    now_ms
+        .saturating_add(secs.saturating_mul(1000))
+        .div_euclid(1000)
+        .saturating_mul(1000)
+}
+
 /// The gate scopes as bits; other scopes are stored but grant nothing here.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ScopeSet(u8);

@@ -171,12 +171,16 @@ const LOWER_HEX: [bool; 256] = {
     t
 };
 
+/// The credentials of an `Authorization` header value in the `Bearer` scheme, whose name
+/// is case-insensitive (RFC 9110 §11.1): `Bearer`, `bearer` and `BEARER` all count.
+pub fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
+}
+
 /// Extracts a well-formed token from an `Authorization` header value.
 pub fn from_authorization(value: &[u8]) -> Option<&str> {
-    let rest = value
-        .strip_prefix(b"Bearer ")
-        .or_else(|| value.strip_prefix(b"bearer "))?;
-    let token = std::str::from_utf8(rest).ok()?.trim();
+    let token = std::str::from_utf8(bearer(value)?).ok()?.trim();
     is_well_formed(token).then_some(token)
 }
 
@@ -267,6 +271,14 @@ mod tests {
         );
         assert_eq!(from_authorization(ok.as_bytes()), None);
         assert_eq!(from_authorization(b"Bearer \xff\xfe"), None);
+        for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+            let value = format!("{scheme} {ok}");
+            assert_eq!(from_authorization(value.as_bytes()), Some(ok), "{scheme}");
+        }
+        for not in ["Basic", "Bearer_", "Bearerx"] {
+            let value = format!("{not} {ok}");
+            assert_eq!(from_authorization(value.as_bytes()), None, "{not}");
+        }
     }
 
     #[test]

@@ -9,7 +9,9 @@ use super::{
     KeyError, KeyService, KeySpec,
 };
 use crate::fleet::MAX_DEPTH;
-use crate::keys::{BudgetMode, KeyRecord, DEFAULT_SCOPES, DEFAULT_TTL_SECS};
+use crate::keys::{
+    ends_after, BudgetMode, KeyRecord, DEFAULT_SCOPES, DEFAULT_TTL_SECS, MIN_TTL_SECS,
+};
 use crate::money::Nanos;
 use crate::store::{GroupPatch, GroupRecord};
 
@@ -194,10 +196,13 @@ impl KeyService<'_> {
     ) -> Result<(KeyRecord, String), KeyError> {
         let parent = self.get(parent_id)?;
         if parent.status(now) != "active" {
-            return Err(KeyError::Forbidden(format!(
-                "key \"{parent_id}\" is {} and cannot mint keys",
-                parent.status(now)
-            )));
+            return Err(KeyError::forbidden(
+                None,
+                format!(
+                    "key \"{parent_id}\" is {} and cannot mint keys",
+                    parent.status(now)
+                ),
+            ));
         }
         // The new key's depth: the parent's ancestors, plus the parent, plus one.
         let mut depth = 1;
@@ -225,8 +230,9 @@ impl KeyService<'_> {
                 .collect(),
         };
         if scopes.is_empty() {
-            return Err(KeyError::Forbidden(
-                "the minting key holds none of the scopes a key needs".into(),
+            return Err(KeyError::forbidden(
+                Some("scopes"),
+                "the minting key holds none of the scopes a key needs",
             ));
         }
         // Models: without a list, the parent's (an empty list allows everything).
@@ -236,8 +242,8 @@ impl KeyService<'_> {
         }
         // Expiry: without a TTL, the default or the parent's end, whichever comes first.
         let expires_at = match spec.ttl.as_deref() {
-            Some(t) => now + check_ttl(t)? * 1000,
-            None => (now + DEFAULT_TTL_SECS * 1000).min(parent.expires_at),
+            Some(t) => ends_after(now, check_ttl(t)?),
+            None => ends_after(now, DEFAULT_TTL_SECS).min(parent.expires_at),
         };
         spec.scopes = Some(scopes);
         spec.allowed_models = models;
@@ -250,6 +256,17 @@ impl KeyService<'_> {
         record.parent_id = Some(parent.id.clone());
         record.group = parent.group.clone();
         self.within(&parent, &mut record, "minting key")?;
+        // A key lives at least an hour (SPEC §1); one cut short by its parent's end is not
+        // minted (a moment less is the same clamp as above: the same TTL as the parent's).
+        if record.expires_at - now < MIN_TTL_SECS * 1000 - TTL_SLACK_MS {
+            return Err(KeyError::invalid(
+                "ttl",
+                format!(
+                    "the minting key expires at {}, sooner than the shortest lifetime of a key (1h)",
+                    crate::clock::rfc3339(parent.expires_at)
+                ),
+            ));
+        }
         self.store.insert_key(&record)?;
         self.record("key.create", &record.id.clone(), None, &record, now);
         Ok((record, secret))
@@ -279,9 +296,10 @@ impl KeyService<'_> {
         parent_is: &str,
     ) -> Result<(), KeyError> {
         if let Some(s) = key.scopes.iter().find(|s| !parent.scopes.contains(s)) {
-            return Err(KeyError::Forbidden(format!(
-                "scope \"{s}\" is not held by the {parent_is}"
-            )));
+            return Err(KeyError::forbidden(
+                Some("scopes"),
+                format!("scope \"{s}\" is not held by the {parent_is}"),
+            ));
         }
         if !parent.allowed_models.is_empty() {
             if key.allowed_models.is_empty() {

@@ -8,14 +8,15 @@ mod fleet;
 
 pub use fleet::{GroupChanges, GroupSpec, MAX_MINTS_PER_MINUTE};
 
+use std::borrow::Cow;
 use std::fmt;
 
 use crate::audit::{self, key_view, Actor};
 use crate::catalog::Catalog;
 use crate::keys::token;
 use crate::keys::{
-    parse_duration, BudgetMode, KeyRecord, DEFAULT_SCOPES, DEFAULT_TTL_SECS, MAX_TTL_SECS,
-    MIN_TTL_SECS,
+    ends_after, parse_duration, BudgetMode, KeyRecord, DEFAULT_SCOPES, DEFAULT_TTL_SECS,
+    MAX_TTL_SECS, MIN_TTL_SECS,
 };
 use crate::money::Nanos;
 use crate::store::{KeyPatch, Store, StoreError, TraceRow};
@@ -75,16 +76,21 @@ pub struct KeyChanges {
 /// Why a key operation was refused.
 #[derive(Debug)]
 pub enum KeyError {
-    /// A field's value breaks a rule; `field` is the API name of the field.
+    /// A field's value breaks a rule; `field` is the API name of the field (or the name the
+    /// caller sent, for a field that does not exist).
     Invalid {
-        field: &'static str,
+        field: Cow<'static, str>,
         message: String,
     },
     NotFound(String),
     /// Something other than a key was not found (the message says what).
     NotFoundWhat(String),
-    /// Beyond what the caller holds (a child key asking for more than its parent has).
-    Forbidden(String),
+    /// Beyond what the caller holds (a child key asking for more than its parent has);
+    /// `field` names what reached too far, where one field did.
+    Forbidden {
+        field: Option<&'static str>,
+        message: String,
+    },
     /// The operation does not apply to the key as it is (rotating a revoked key).
     Conflict(String),
     Store(StoreError),
@@ -93,6 +99,26 @@ pub enum KeyError {
 impl KeyError {
     pub fn invalid(field: &'static str, message: impl Into<String>) -> KeyError {
         KeyError::Invalid {
+            field: Cow::Borrowed(field),
+            message: message.into(),
+        }
+    }
+
+    /// A body field the API does not have, named as sent (cut to a readable length).
+    pub fn unknown_field(name: &str, known: &[&str]) -> KeyError {
+        let name: String = name.chars().take(64).collect();
+        KeyError::Invalid {
+            message: format!(
+                "unknown field \"{name}\"; the fields are {}",
+                known.join(", ")
+            ),
+            field: Cow::Owned(name),
+        }
+    }
+
+    /// A refusal for reaching past what the caller (or a parent key) holds.
+    pub fn forbidden(field: Option<&'static str>, message: impl Into<String>) -> KeyError {
+        KeyError::Forbidden {
             field,
             message: message.into(),
         }
@@ -102,7 +128,7 @@ impl KeyError {
         match self {
             KeyError::Invalid { .. } => 400,
             KeyError::NotFound(_) | KeyError::NotFoundWhat(_) => 404,
-            KeyError::Forbidden(_) => 403,
+            KeyError::Forbidden { .. } => 403,
             KeyError::Conflict(_) => 409,
             KeyError::Store(_) => 500,
         }
@@ -112,19 +138,19 @@ impl KeyError {
         match self {
             KeyError::Invalid { .. } => "invalid_request",
             KeyError::NotFound(_) | KeyError::NotFoundWhat(_) => "not_found",
-            KeyError::Forbidden(_) => "insufficient_scope",
+            KeyError::Forbidden { .. } => "insufficient_scope",
             KeyError::Conflict(_) => "conflict",
             KeyError::Store(_) => "store_error",
         }
     }
 
     /// The field a refusal is about, for the dashboard to show the message beside it.
-    pub fn field(&self) -> Option<&'static str> {
+    pub fn field(&self) -> Option<&str> {
         match self {
             KeyError::Invalid { field, .. } => Some(field),
+            KeyError::Forbidden { field, .. } => field.as_deref(),
             KeyError::NotFound(_)
             | KeyError::NotFoundWhat(_)
-            | KeyError::Forbidden(_)
             | KeyError::Conflict(_)
             | KeyError::Store(_) => None,
         }
@@ -136,7 +162,9 @@ impl fmt::Display for KeyError {
         match self {
             KeyError::Invalid { message, .. } => f.write_str(message),
             KeyError::NotFound(id) => write!(f, "no key with id \"{id}\""),
-            KeyError::Forbidden(why) | KeyError::NotFoundWhat(why) => f.write_str(why),
+            KeyError::Forbidden { message: why, .. } | KeyError::NotFoundWhat(why) => {
+                f.write_str(why)
+            }
             KeyError::Conflict(why) => f.write_str(why),
             KeyError::Store(e) => write!(f, "database: {e}"),
         }
@@ -233,7 +261,7 @@ impl<'a> KeyService<'a> {
             expires_at: changes
                 .ttl
                 .as_deref()
-                .map(|t| check_ttl(t).map(|secs| now + secs * 1000))
+                .map(|t| check_ttl(t).map(|secs| ends_after(now, secs)))
                 .transpose()?,
             group: match changes.group {
                 Some(Some(g)) => Some(Some(self.check_group(&g)?)),
@@ -279,6 +307,19 @@ impl<'a> KeyService<'a> {
                 "key \"{id}\" is revoked; create a new key instead"
             )));
         }
+        // A key keeps one earlier secret. Another rotation with a grace would end the one
+        // still in its grace before the end it was promised; with no grace, every earlier
+        // secret ends now, which is what an operator replacing a leaked secret wants.
+        if let Some(until) = key
+            .previous_valid_until
+            .filter(|&u| u > now && grace_secs > 0)
+        {
+            return Err(KeyError::Conflict(format!(
+                "the secret replaced by the last rotation works until {}; rotate again after \
+                 that, or with a grace of 0s to end every earlier secret now",
+                crate::clock::rfc3339(until)
+            )));
+        }
         let minted = token::mint().map_err(random_source)?;
         let record = self
             .store
@@ -286,7 +327,7 @@ impl<'a> KeyService<'a> {
                 id,
                 &minted.hash,
                 &minted.prefix,
-                now + grace_secs * 1000,
+                ends_after(now, grace_secs),
                 now,
             )?
             .ok_or_else(|| KeyError::NotFound(id.to_string()))?;
@@ -409,8 +450,9 @@ pub fn mint(catalog: &Catalog, spec: KeySpec, now: i64) -> Result<(KeyRecord, St
         allowed_models,
         free_only: spec.free_only,
         client_id,
-        created_at: now,
-        expires_at: now + ttl * 1000,
+        // On the second, as the expiry: `expires_at - created_at` is the TTL asked for.
+        created_at: ends_after(now, 0),
+        expires_at: ends_after(now, ttl),
         revoked_at: None,
         last_used_at: None,
         previous_hash: None,
@@ -640,9 +682,9 @@ aliases: {fast: [m]}
         }
     }
 
-    fn refused_field(r: Result<(KeyRecord, String), KeyError>) -> &'static str {
+    fn refused_field(r: Result<(KeyRecord, String), KeyError>) -> String {
         match r {
-            Err(KeyError::Invalid { field, .. }) => field,
+            Err(KeyError::Invalid { field, .. }) => field.into_owned(),
             other => panic!("expected a refusal, got {other:?}"),
         }
     }
@@ -800,10 +842,52 @@ aliases: {fast: [m]}
             let k = svc.update(&k.id, ok, 5).unwrap();
             assert_eq!(
                 (k.rpm, k.rpd, k.expires_at),
-                (None, Some(10), 5 + 7_200_000)
+                // Two hours on, cut to the whole second that is shown.
+                (None, Some(10), 7_200_000)
             );
             let missing = svc.update("key_nope", KeyChanges::default(), 0);
             assert_eq!(missing.unwrap_err().status(), 404);
+        });
+    }
+
+    #[test]
+    fn an_expiry_falls_on_the_whole_second_it_shows() {
+        service_test(|svc| {
+            let ttl = KeySpec {
+                ttl: Some("1h".into()),
+                ..spec()
+            };
+            let (k, _) = svc.create(ttl, 1_234_567).unwrap();
+            assert_eq!(k.expires_at, 4_834_000);
+            let (r, _) = svc.rotate(&k.id, Some("30s"), 1_500_999).unwrap();
+            assert_eq!(r.previous_valid_until, Some(1_530_000));
+            let shown = crate::clock::rfc3339(k.expires_at);
+            assert_eq!(shown, "1970-01-01T01:20:34Z");
+        });
+    }
+
+    #[test]
+    fn a_child_cut_below_an_hour_by_its_parents_end_is_not_minted() {
+        service_test(|svc| {
+            let parent = KeySpec {
+                ttl: Some("1h".into()),
+                ..spec()
+            };
+            let (p, _) = svc.create(parent, 0).unwrap();
+            // The same hour asked half a minute later is clamped to the parent's end.
+            let (c, _) = svc.create_child(&p.id, spec(), 30_000).unwrap();
+            assert_eq!(c.expires_at, p.expires_at);
+            // Ten minutes before the parent ends, no key can live an hour.
+            let late = svc.create_child(&p.id, spec(), 3_000_000);
+            assert_eq!(refused_field(late), "ttl");
+            let late = KeySpec {
+                ttl: Some("1h".into()),
+                ..spec()
+            };
+            assert_eq!(
+                refused_field(svc.create_child(&p.id, late, 3_000_000)),
+                "ttl"
+            );
         });
     }
 
@@ -821,8 +905,18 @@ aliases: {fast: [m]}
             assert_eq!(r.token_hash, independent_sha256(&new));
             assert_eq!(r.previous_hash, Some(k.token_hash));
             assert_eq!(r.previous_valid_until, Some(31_000));
-            svc.revoke(&k.id, 2_000).unwrap();
-            assert_eq!(svc.rotate(&k.id, None, 3_000).unwrap_err().status(), 409);
+            // Another rotation within that grace would cut it short: refused, nothing changes.
+            let e = svc.rotate(&k.id, Some("1h"), 2_000).unwrap_err();
+            assert_eq!(e.status(), 409, "{e}");
+            assert_eq!(svc.get(&k.id).unwrap().token_hash, r.token_hash);
+            // After it, or with no grace (every earlier secret ends now), it is done.
+            let (r2, _) = svc.rotate(&k.id, Some("0s"), 2_000).unwrap();
+            assert_eq!(r2.previous_hash, Some(r.token_hash));
+            assert_eq!(r2.previous_valid_until, Some(2_000));
+            let (r3, _) = svc.rotate(&k.id, Some("1h"), 2_000).unwrap();
+            assert_eq!(r3.previous_hash, Some(r2.token_hash));
+            svc.revoke(&k.id, 3_000).unwrap();
+            assert_eq!(svc.rotate(&k.id, None, 4_000).unwrap_err().status(), 409);
         });
     }
 }

@@ -25,7 +25,7 @@ const MAX_KEYS_BODY: u64 = 64 * 1024;
 fn gate_error(e: KeyError) -> GateError {
     match e {
         KeyError::Invalid { field, message } => GateError::InvalidField { field, message },
-        KeyError::Forbidden(why) => GateError::BeyondParent(why),
+        KeyError::Forbidden { message, .. } => GateError::BeyondParent(message),
         KeyError::NotFound(_) | KeyError::NotFoundWhat(_) => GateError::NotFound,
         KeyError::Conflict(why) => GateError::InvalidRequest(why),
         KeyError::Store(e) => {

@@ -14,7 +14,7 @@
 //! | `tools[]` (custom) | `function` tools: `input_schema` -> `parameters`, `strict` kept |
 //! | `tool_choice` auto / any / tool / none | `auto` / `required` / `{"type":"function",...}` / `none` (auto and none dropped without tools) |
 //! | `tool_choice.disable_parallel_tool_use: true` | `parallel_tool_calls: false` |
-//! | `max_tokens` (required) | `max_completion_tokens`: OpenAI's current name, the only one its reasoning models take |
+//! | `max_tokens` (the model's cap when absent) | `max_completion_tokens`: OpenAI's current name, the only one its reasoning models take |
 //! | `temperature`, `top_p` | same names |
 //! | `stop_sequences` | `stop` (at most 4) |
 //! | `stream: true` | `stream` + `stream_options.include_usage` |
@@ -99,7 +99,11 @@ pub fn request(body: &[u8], upstream_model: &str, output_cap: u64) -> Result<Vec
             out.insert("max_completion_tokens".into(), n.into());
         }
         Some(_) => return Err(refuse("max_tokens: must be a positive integer")),
-        None => return Err(refuse("max_tokens: required")),
+        // Anthropic requires it; the gateway inserts the model's cap, as it does for an
+        // Anthropic model, so what goes upstream is what was reserved for (SPEC §2).
+        None => {
+            out.insert("max_completion_tokens".into(), output_cap.into());
+        }
     }
     for name in ["temperature", "top_p"] {
         match field(&mut top, name) {
