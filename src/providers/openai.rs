@@ -125,8 +125,7 @@ impl<'a> Top<'a> {
     /// The same reading by [`json_scan`], several times cheaper; `None` for any body it
     /// leaves to serde (see there), and for one whose fields serde would refuse: a field
     /// named twice, a `stream` that is not a boolean.
-    fn by_scan(body: &'a [u8]) -> Option<Top<'a>> {
-        let text = std::str::from_utf8(body).ok()?;
+    fn by_scan(text: &'a str) -> Option<Top<'a>> {
         let mut top = Top::default();
         let mut seen = 0u16;
         json_scan::members(text, |key, value| {
@@ -172,12 +171,12 @@ impl<'a> Top<'a> {
     /// The scanner's reading where it gives one, else serde's. JSON is UTF-8 (RFC 8259):
     /// the scanner reads bytes, so a body that is not is refused first, as serde would.
     fn read(body: &'a [u8]) -> Result<Top<'a>, GateError> {
-        if std::str::from_utf8(body).is_err() {
+        let Ok(text) = std::str::from_utf8(body) else {
             return Err(GateError::InvalidRequest(
                 "the body is not JSON: it is not UTF-8".into(),
             ));
-        }
-        match Top::by_scan(body) {
+        };
+        match Top::by_scan(text) {
             Some(top) => Ok(top),
             None => Top::by_serde(body),
         }
@@ -1003,7 +1002,7 @@ mod tests {
                 _ => {}
             }
             let bytes = body.as_bytes();
-            if let Some(top) = Top::by_scan(bytes) {
+            if let Some(top) = Top::by_scan(&body) {
                 let serde = Top::by_serde(bytes);
                 prop_assert!(serde.is_ok(), "scanner read {body:?}, serde refused it: {serde:?}");
                 prop_assert_eq!(top, serde.unwrap());
@@ -1029,7 +1028,7 @@ mod tests {
                 .collect();
             let body = format!("{space}{{{space}{}{space}}}{space}", members.join(&format!(",{space}")));
             let serde = Top::by_serde(body.as_bytes());
-            let scan = Top::by_scan(body.as_bytes());
+            let scan = Top::by_scan(&body);
             // Only a `stream` that is not a boolean is left to serde (which refuses it).
             if serde.is_ok() {
                 prop_assert_eq!(scan, Some(serde.unwrap()));
@@ -1041,15 +1040,15 @@ mod tests {
 
     #[test]
     fn a_plain_chat_body_is_read_by_the_scanner() {
-        let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":10,"stream":true}"#;
+        let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":10,"stream":true}"#;
         let top = Top::by_scan(body).expect("the scanner reads a plain chat body");
         assert_eq!(top.model, Some("\"gpt-4o\""));
         assert_eq!(top.max_tokens, Some("10"));
         assert_eq!(top.stream, Some(true));
         // Twice-named fields and escaped keys are serde's to judge.
-        assert_eq!(Top::by_scan(br#"{"model":"a","model":"b"}"#), None);
+        assert_eq!(Top::by_scan(r#"{"model":"a","model":"b"}"#), None);
         assert!(Top::by_serde(br#"{"model":"a","model":"b"}"#).is_err());
-        assert_eq!(Top::by_scan(br#"{"mod\u0065l":"a"}"#), None);
+        assert_eq!(Top::by_scan(r#"{"mod\u0065l":"a"}"#), None);
         assert_eq!(
             Top::by_serde(br#"{"mod\u0065l":"a"}"#).unwrap().model,
             Some("\"a\"")
