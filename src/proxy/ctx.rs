@@ -25,7 +25,7 @@ use crate::store::{LedgerEntry, TraceRow};
 use crate::telemetry::{SpanSeed, TraceContext};
 use crate::usage::Usage;
 
-use super::headers::UPSTREAM_STATUS;
+use super::headers::{Reframe, UPSTREAM_STATUS};
 use super::watchdog::UpstreamWatch;
 
 /// Error codes recorded in traces for outcomes that are not gateway rejections.
@@ -168,9 +168,9 @@ impl RequestCtx {
 
     /// The response head: picks the codec for the answer. A codec that changes the
     /// body's length (a stripped usage event, a translation) makes the answer chunked.
-    pub(super) fn observe_response_head(&mut self, resp: &mut ResponseHeader) {
+    pub(super) fn observe_response_head(&mut self, resp: &ResponseHeader) -> Reframe {
         let (Some(adm), Some(plan)) = (&self.admission, self.plan) else {
-            return;
+            return Reframe::default();
         };
         let is_sse = resp
             .headers
@@ -183,26 +183,12 @@ impl RequestCtx {
             adm.fields.stream,
             adm.fields.client_wants_usage,
         );
-        if resized {
-            resp.remove_header(&http::header::CONTENT_LENGTH);
-            // Pingora chose the framing before this hook (chunked only for an answer that
-            // came without a length): without a length or chunking, the answer would be
-            // delimited by closing the connection, and every request would need a new one.
-            if !matches!(resp.status.as_u16(), 100..=199 | 204 | 304) {
-                let _ = resp.insert_header(
-                    http::header::TRANSFER_ENCODING,
-                    http::HeaderValue::from_static("chunked"),
-                );
-            }
-        }
-        if plan.translates() && !is_sse {
-            // Errors come back in the client's shape too, always as JSON.
-            let _ = resp.insert_header(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
-            );
-        }
         self.codec = Some(codec);
+        Reframe {
+            resized,
+            // Errors come back in the client's shape too, always as JSON.
+            json: plan.translates() && !is_sse,
+        }
     }
 
     /// One chunk of the response on its way to the client: usage is read as it passes

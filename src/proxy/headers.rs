@@ -357,18 +357,35 @@ fn drop_pricing_betas(h: &mut HeaderMap) -> Result<()> {
     Ok(())
 }
 
+/// How the answer's framing changes when the gateway rewrites its body (see
+/// `RequestCtx::observe_response_head`); applied with the rest of the decoration, in the
+/// same edit of the header map.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Reframe {
+    /// The body's length changes (a stripped usage event, a translation): no
+    /// `Content-Length`, chunked instead. Pingora chose the framing before this hook
+    /// (chunked only for an answer that came without a length): without a length or
+    /// chunking, the answer would be delimited by closing the connection, and every request
+    /// would need a new one.
+    pub resized: bool,
+    /// The body is translated to the client's shape, errors too: always JSON.
+    pub json: bool,
+}
+
 /// The response head as the agent gets it: the upstream's account headers dropped, the
-/// gateway's rate-limit headers, the error code of an upstream error, and which model
-/// served (and which one failed first).
+/// gateway's rate-limit headers, the error code of an upstream error, which model served
+/// (and which one failed first), and the framing of a rewritten body.
 pub(super) fn decorate_response(
     resp: &mut ResponseHeader,
     standing: &Standing,
     fallback_from: Option<&HeaderValue>,
     served: Option<&HeaderValue>,
     traceparent: Option<&HeaderValue>,
+    reframe: Reframe,
 ) -> Result<()> {
     let status = resp.status.as_u16();
     let failed = status >= 400;
+    let chunked = reframe.resized && !matches!(status, 100..=199 | 204 | 304);
     // The headers added below: the three rate-limit ones and those that apply.
     let added = 3
         + usize::from(standing.budget_warning)
@@ -376,13 +393,29 @@ pub(super) fn decorate_response(
         + usize::from(status == 429)
         + usize::from(fallback_from.is_some())
         + usize::from(served.is_some())
-        + usize::from(traceparent.is_some());
+        + usize::from(traceparent.is_some())
+        + usize::from(chunked);
     edit_headers(resp, |h| {
         // Room for them at once: the upstream's head is parsed into a map sized for its
         // own headers, and growing it insert by insert cost more (`benches/instr.py`: this
         // phase 3.78k -> 3.62k a request).
         h.reserve(added);
         strip_account_headers(h);
+        if reframe.resized {
+            h.remove(http::header::CONTENT_LENGTH);
+        }
+        if chunked {
+            h.insert(
+                http::header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
+        if reframe.json {
+            h.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
         add_standing_headers(h, standing);
         if failed {
             h.insert(
@@ -467,7 +500,15 @@ mod tests {
             resp.append_header(k, v).unwrap();
         }
         let served = HeaderValue::from_static("gpt-4o-mini");
-        decorate_response(&mut resp, &standing(), None, Some(&served), None).unwrap();
+        decorate_response(
+            &mut resp,
+            &standing(),
+            None,
+            Some(&served),
+            None,
+            Reframe::default(),
+        )
+        .unwrap();
         let h = &resp.headers;
         for gone in [
             "openai-organization",
@@ -493,7 +534,7 @@ mod tests {
         resp.append_header("X-Request-Id", "req_1").unwrap();
         resp.append_header("vary", "a").unwrap();
         resp.append_header("vary", "b").unwrap();
-        decorate_response(&mut resp, &standing(), None, None, None).unwrap();
+        decorate_response(&mut resp, &standing(), None, None, None, Reframe::default()).unwrap();
         assert_eq!(resp.status.as_u16(), 429);
         assert_eq!(resp.get_reason_phrase(), Some("Slow Down"));
         let vary: Vec<_> = resp.headers.get_all("vary").iter().collect();
@@ -515,7 +556,7 @@ mod tests {
     #[test]
     fn an_upstream_error_carries_the_error_code_header() {
         let mut resp = ResponseHeader::build(500, None).unwrap();
-        decorate_response(&mut resp, &standing(), None, None, None).unwrap();
+        decorate_response(&mut resp, &standing(), None, None, None, Reframe::default()).unwrap();
         assert_eq!(
             resp.headers.get("x-spidergate-error-code").unwrap(),
             UPSTREAM_STATUS

@@ -226,7 +226,14 @@ impl GateProxy {
             let served = ctx
                 .current_model()
                 .map(|m| &ctx.snap.routes.model_headers[m]);
-            decorate_response(&mut resp, &adm.standing, None, served, None)?;
+            decorate_response(
+                &mut resp,
+                &adm.standing,
+                None,
+                served,
+                None,
+                Reframe::default(),
+            )?;
         }
         session.write_response_header(Box::new(resp), false).await?;
         session.write_response_body(Some(body), true).await?;
@@ -992,13 +999,18 @@ impl ProxyHttp for GateProxy {
         if ctx.relay.is_some() {
             return Ok(());
         }
-        let traceparent = ctx.traceparent.as_ref();
-        let Some(adm) = &ctx.admission else {
-            if let Some(tp) = traceparent {
+        if ctx.admission.is_none() {
+            if let Some(tp) = &ctx.traceparent {
                 resp.insert_header(TRACEPARENT.clone(), tp.clone())?;
             }
             return Ok(());
+        }
+        // The codec first: a body it rewrites changes the framing the decoration writes.
+        let reframe = ctx.observe_response_head(resp);
+        let Some(adm) = &ctx.admission else {
+            return Ok(());
         };
+        let traceparent = ctx.traceparent.as_ref();
         let names = &ctx.snap.routes.model_headers;
         let served = ctx.current_model();
         let fallback_from = ctx.fallback_from.filter(|&f| Some(f) != served);
@@ -1008,8 +1020,8 @@ impl ProxyHttp for GateProxy {
             fallback_from.map(|m| &names[m]),
             served.map(|m| &names[m]),
             traceparent,
+            reframe,
         )?;
-        ctx.observe_response_head(resp);
         // The client hung up while the upstream worked (a non-streamed request, which is
         // not aborted then): the answer is read for its usage, not sent.
         if session.as_http1().is_some_and(|s| s.is_half_closed()) {
