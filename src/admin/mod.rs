@@ -492,9 +492,7 @@ fn handle(
                     .traces(query.get("key").map(String::as_str), limit, before)
                     .map_err(Reply::key_error)?;
                 // A full page may have older rows behind it.
-                let next_before = (rows.len() == limit as usize)
-                    .then(|| rows.last().map(|t| t.id))
-                    .flatten();
+                let next_before = crate::store::next_before(&rows, limit);
                 let data: Vec<Value> = rows.iter().map(report::trace_json).collect();
                 Ok(Reply::json(
                     200,

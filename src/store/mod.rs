@@ -123,6 +123,14 @@ macro_rules! on_backend {
     };
 }
 
+/// Where the page after `rows` (a full page of [`Store::traces`]) begins: its smallest id,
+/// which on the all-keys page need not be the last row's.
+pub fn next_before(rows: &[TraceRow], limit: u32) -> Option<i64> {
+    (rows.len() == limit as usize)
+        .then(|| rows.iter().map(|t| t.id).min())
+        .flatten()
+}
+
 impl Store {
     /// Opens (creating if needed) a SQLite database and applies the schema.
     pub fn open(path: &Path) -> Result<Store> {
@@ -370,13 +378,21 @@ impl Store {
         on_backend!(&self.backend, b => b.audit(limit, before))
     }
 
+    /// Newest traces first, for one key or all: the `limit` with the largest ids below
+    /// `before`, so the smallest id among them pages back with no trace skipped or shown
+    /// twice ([`next_before`]). One key's ids follow time; across keys a committed batch
+    /// numbers each key's traces together, so the all-keys page is sorted by time here.
     pub fn traces(
         &self,
         key_id: Option<&str>,
         limit: u32,
         before: Option<i64>,
     ) -> Result<Vec<TraceRow>> {
-        on_backend!(&self.backend, b => b.traces(key_id, limit, before))
+        let mut rows = on_backend!(&self.backend, b => b.traces(key_id, limit, before))?;
+        if key_id.is_none() {
+            rows.sort_by(|a, b| b.ts.cmp(&a.ts).then(b.id.cmp(&a.id)));
+        }
+        Ok(rows)
     }
 
     /// Spend per UTC day and model in one month (`YYYY-MM`), for one key or summed over all:
@@ -903,6 +919,50 @@ mod tests {
             .collect();
         assert_eq!(a_ids, again);
         assert_eq!(s.integrity_check().unwrap(), "ok");
+    }
+
+    #[test]
+    fn paging_every_keys_traces_shows_each_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let entry = |i: i64| LedgerEntry {
+            trace: TraceRow {
+                ts: 10_000 + i,
+                key_id: Some(["key_a", "key_b", "key_c"][i as usize % 3].into()),
+                endpoint: "chat".into(),
+                status: 200,
+                ..TraceRow::default()
+            },
+            admitted: true,
+            counted: true,
+            keep_trace: true,
+            journal_id: None,
+            span: None,
+        };
+        // Three keys interleaved in time, in two commits: each commit numbers one key's
+        // traces together, so ids do not follow time across keys.
+        s.write_batch(&Batch::of((0..40).map(entry))).unwrap();
+        s.write_batch(&Batch::of((40..70).map(entry))).unwrap();
+        let mut seen = Vec::new();
+        let mut before = None;
+        for _ in 0..20 {
+            let page = s.traces(None, 7, before).unwrap();
+            assert!(
+                page.windows(2).all(|w| w[0].ts > w[1].ts),
+                "a page is by time"
+            );
+            seen.extend(page.iter().map(|t| t.ts));
+            match next_before(&page, 7) {
+                Some(b) => before = Some(b),
+                None => break,
+            }
+        }
+        seen.sort_unstable();
+        assert_eq!(
+            seen,
+            (10_000..10_070).collect::<Vec<_>>(),
+            "each trace once"
+        );
     }
 
     #[test]

@@ -459,7 +459,7 @@ impl Postgres {
                         " FROM traces
                          WHERE id < $3 AND id > (SELECT COALESCE(MAX(id), 0) FROM traces
                                                  WHERE id < $3) - $1
-                         ORDER BY ts DESC, id DESC LIMIT $2"
+                         ORDER BY id DESC LIMIT $2"
                     ),
                     &[&window, &limit, &before],
                 )?

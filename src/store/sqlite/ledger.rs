@@ -92,14 +92,14 @@ fn page_traces_sql() -> String {
 const NEWEST_TRACE_SQL: &str = "SELECT MIN(id + n - 1, ?1 - 1) FROM trace_page WHERE id < ?1
      ORDER BY id DESC LIMIT 1";
 
-/// Every key's traces with ids in (`?1`, `?3`), newest first by time, `?2` of them: a range
-/// of pages through the primary key (a page starts at most [`PAGE_ROWS`] before its traces).
+/// Every key's traces with ids in (`?1`, `?3`), the `?2` largest ids: a range of pages
+/// through the primary key (a page starts at most [`PAGE_ROWS`] before its traces).
 fn window_traces_sql() -> String {
     format!(
         "SELECT {} FROM {FROM_PAGES}
          WHERE p.id < ?3 AND p.id > ?1 - {PAGE_ROWS}
            AND p.id + j.key < ?3 AND p.id + j.key > ?1
-         ORDER BY 1 DESC, 16 DESC LIMIT ?2",
+         ORDER BY 16 DESC LIMIT ?2",
         columns(TRACE_COLUMNS)
     )
 }
@@ -270,9 +270,8 @@ impl Sqlite {
         Ok(n)
     }
 
-    /// Newest traces first, for one key or all; `before` pages back (traces with a smaller
-    /// id). Within a committed batch rows are grouped by key (see `write_batch`), so the
-    /// all-keys view sorts a recent window by time; one key's rows are always in order.
+    /// The `limit` traces with the largest ids below `before`, for one key (newest first) or
+    /// all (in id order; [`Store::traces`] sorts them by time).
     pub fn traces(
         &self,
         key_id: Option<&str>,
