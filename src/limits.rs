@@ -577,9 +577,29 @@ impl KeyCounters {
         Ok(())
     }
 
-    /// Remembers what the shared store answered at this key's last admission.
-    pub fn note_shared_standing(&self, standing: Standing) {
-        self.lock().shared_standing = Some(standing);
+    /// An admission the shared store (Redis) decided: remembers its standing, and counts it
+    /// in this node's own minute and day, the key's and its group's, as a local admission
+    /// would. Those counters decide only while Redis cannot be asked (`on_error`); counted
+    /// here, they start from what this node admitted, not from zero, so a node never admits
+    /// more than `rpm` in a rolling minute or `rpd` in a day on its own (N nodes: N times).
+    pub fn note_shared_admission(
+        &self,
+        now: Now,
+        limits: &Limits,
+        uplines: &[Upline],
+        standing: Standing,
+    ) {
+        {
+            let mut s = self.lock();
+            s.roll(now);
+            s.count_request(now, limits);
+            s.shared_standing = Some(standing);
+        }
+        for u in uplines.iter().filter(|u| u.level == Level::Group) {
+            let mut g = u.counters.lock();
+            g.roll(now);
+            g.count_request(now, &u.limits);
+        }
     }
 
     /// The last standing the shared store answered; a fresh one (nothing used) if none.

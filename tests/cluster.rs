@@ -337,6 +337,52 @@ fn redis_down_pauses_hard_budgets_when_closed_and_recovers_without_a_restart() {
     });
 }
 
+/// While Redis is down a node decides on its own counters. Those counted what the node
+/// admitted through Redis, so it never admits more than `rpm` in a rolling minute or `rpd`
+/// in a day on its own (N nodes: N times). A black-box audit found them starting from zero:
+/// a key at its limits got `rpm` more at once.
+#[test]
+fn a_node_that_loses_redis_keeps_counting_what_it_admitted() {
+    let Some(mut c) = Cluster::start("closed", 30_000) else {
+        return;
+    };
+    let minute = c.create_key(&["--rpm", "3"]);
+    let day = c.create_key(&["--rpd", "2"]);
+    let open = c.create_key(&[]);
+    for _ in 0..3 {
+        assert_eq!(c.nodes[0].chat(&minute, "gpt-4o-mini").status, 200);
+    }
+    assert_eq!(c.nodes[0].chat(&minute, "gpt-4o-mini").status, 429);
+    for _ in 0..2 {
+        assert_eq!(c.nodes[0].chat(&day, "gpt-4o-mini").status, 200);
+    }
+
+    c.redis.stop();
+    // The node is on its own counters: a key with no limits is served.
+    assert_eq!(c.nodes[0].chat(&open, "gpt-4o-mini").status, 200);
+    for _ in 0..3 {
+        let r = c.nodes[0].chat(&minute, "gpt-4o-mini");
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (429, "rate_limit_exceeded"),
+            "{}",
+            r.text()
+        );
+        let r = c.nodes[0].chat(&day, "gpt-4o-mini");
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (429, "daily_rate_limit_exceeded"),
+            "{}",
+            r.text()
+        );
+    }
+    let metrics = c.nodes[0].admin_call("GET", "/metrics", None).text();
+    assert!(
+        metrics.contains("spidergate_shared_limits_up 0"),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn local_fallback_serves_every_key_and_counts_the_fallbacks() {
     let Some(mut c) = Cluster::start("local", 30_000) else {

@@ -257,7 +257,7 @@ impl SharedLimits {
             return self.fallback(key, uplines, now, bound, digest);
         }
         match self
-            .admit_in_redis(key, uplines, bound, digest, res_id)
+            .admit_in_redis(key, uplines, now, bound, digest, res_id)
             .await
         {
             Ok(decision) => {
@@ -281,6 +281,7 @@ impl SharedLimits {
         &self,
         key: &Arc<KeyEntry>,
         uplines: &[Upline],
+        now: Now,
         bound: Nanos,
         digest: Option<u128>,
         res_id: u64,
@@ -300,7 +301,8 @@ impl SharedLimits {
                     month,
                     at_ms,
                 } => {
-                    key.counters.note_shared_standing(standing);
+                    key.counters
+                        .note_shared_admission(now, &key.limits, uplines, standing);
                     let hard = |l: &crate::limits::Limits| l.hard_budget && l.budget.is_some();
                     let held = if hard(&key.limits) || uplines.iter().any(|u| hard(&u.limits)) {
                         bound.max(Nanos::ZERO)
