@@ -750,14 +750,19 @@ fn manage_command(config: Config, command: Command) -> CliResult {
                 });
             } else {
                 for r in &reports {
+                    // "$2.000000 hard", or "none": the figure as the spend is shown.
+                    let budget = match r["budget_usd"].as_f64().and_then(Nanos::from_usd) {
+                        Some(cap) => {
+                            format!("${cap} {}", r["budget_mode"].as_str().unwrap_or(""))
+                        }
+                        None => "none".to_string(),
+                    };
                     println!(
-                        "{} ({}) {}: {} spent, budget {} {}",
+                        "{} ({}) {}: {} spent, budget {budget}",
                         r["key_id"].as_str().unwrap_or(""),
                         r["name"].as_str().unwrap_or(""),
                         r["month"].as_str().unwrap_or(""),
                         r["spend_display"].as_str().unwrap_or(""),
-                        r["budget_usd"],
-                        r["budget_mode"].as_str().unwrap_or("")
                     );
                     if let Some(models) = r["by_model"].as_object() {
                         for (m, v) in models {
@@ -789,22 +794,38 @@ fn manage_command(config: Config, command: Command) -> CliResult {
                     .collect::<Vec<_>>()));
             } else {
                 println!(
-                    "{:<20} {:<22} {:<17} {:<20} {:>6} {:<26} {:>7} {:>7} {:>7}  COST",
-                    "TIME", "KEY", "ENDPOINT", "MODEL", "STATUS", "ERROR", "MS", "IN", "OUT"
+                    "{:<20} {:<22} {:<17} {:<34} {:<12} {:>6} {:<26} {:>7} {:>7} {:>7} {:>7}  COST",
+                    "TIME",
+                    "KEY",
+                    "ENDPOINT",
+                    "MODEL (ASKED -> SERVED)",
+                    "PROVIDER",
+                    "STATUS",
+                    "ERROR",
+                    "MS",
+                    "TTFB",
+                    "IN",
+                    "OUT"
                 );
                 for t in &rows {
+                    // As the dashboard shows it: an alias and the model that served it.
+                    let model = match (t.requested_model.as_deref(), t.served_model.as_deref()) {
+                        (Some(asked), Some(served)) if asked != served => {
+                            format!("{asked} -> {served}")
+                        }
+                        (asked, served) => served.or(asked).unwrap_or("-").to_string(),
+                    };
                     println!(
-                        "{:<20} {:<22} {:<17} {:<20} {:>6} {:<26} {:>7} {:>7} {:>7}  ${}",
+                        "{:<20} {:<22} {:<17} {:<34} {:<12} {:>6} {:<26} {:>7} {:>7} {:>7} {:>7}  ${}",
                         rfc3339(t.ts),
                         t.key_id.as_deref().unwrap_or("-"),
                         t.endpoint,
-                        t.served_model
-                            .as_deref()
-                            .or(t.requested_model.as_deref())
-                            .unwrap_or("-"),
+                        model,
+                        t.provider.as_deref().unwrap_or("-"),
                         t.status,
                         t.error_code.as_deref().unwrap_or("-"),
                         t.latency_ms,
+                        t.ttfb_ms.map_or("-".to_string(), |ms| ms.to_string()),
                         t.prompt_tokens,
                         t.completion_tokens,
                         t.cost

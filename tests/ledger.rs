@@ -332,6 +332,21 @@ fn rejected_requests_leave_traces_too() {
             .len(),
         1
     );
+    // A model read names the id asked for too, found or not.
+    let reader = gw.create_key(&[]);
+    assert_eq!(gw.get("/v1/models/gpt-4o", &reader.bearer()).status, 200);
+    assert_eq!(gw.get("/v1/models/nope", &reader.bearer()).status, 404);
+    let reads: Vec<(Value, Value)> = traces(&gw, &reader)
+        .iter()
+        .map(|t| (t["requested_model"].clone(), t["error_code"].clone()))
+        .collect();
+    assert_eq!(
+        reads,
+        vec![
+            (json!("nope"), json!("model_not_found")),
+            (json!("gpt-4o"), Value::Null)
+        ]
+    );
     // An unknown key is an error, as the admin API's 404 is.
     let out = gw.cli(&["traces", "--key", "key_nope", "--json"]);
     assert!(!out.status.success());

@@ -307,13 +307,17 @@ impl GateProxy {
         let body = match ctx.endpoint {
             Endpoint::Models => report::models_list(catalog, key),
             Endpoint::Aliases => report::aliases_list(catalog, key),
-            Endpoint::Model => match report::model_object(catalog, key, model_id) {
-                Some(b) => b,
-                None => {
-                    let err = GateError::ModelNotFound(model_id.to_string());
-                    return self.reject(session, ctx, err).await;
+            Endpoint::Model => {
+                // The id asked for is the trace's requested model (SPEC §4), found or not.
+                ctx.requested_model = Some(Arc::from(model_id));
+                match report::model_object(catalog, key, model_id) {
+                    Some(b) => b,
+                    None => {
+                        let err = GateError::ModelNotFound(model_id.to_string());
+                        return self.reject(session, ctx, err).await;
+                    }
                 }
-            },
+            }
             Endpoint::Keys | Endpoint::KeyRevoke => {
                 return self.serve_keys(session, ctx, model_id).await;
             }
