@@ -1744,6 +1744,45 @@ fn a_client_that_hangs_up_mid_body_is_traced_as_client_closed_and_charged_nothin
     assert!(mock.requests().is_empty());
 }
 
+/// Broken chunked framing is the client's error, answered (400 `invalid_request`, traced
+/// so), not a hang-up: a black-box audit saw the connection closed unanswered and the trace
+/// say `client_closed` while the client waited.
+#[test]
+fn a_malformed_chunked_body_is_answered_400() {
+    let mock = mock();
+    let gw = gateway(&mock).start();
+    let key = gw.create_key(&[]);
+    let body = user_body("gpt-4o-mini", json!({}));
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n\
+         zz\r\n{body}\r\n0\r\n\r\n",
+        key.bearer(),
+    );
+    s.write_all(request.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("x-spidergate-error-code: invalid_request"),
+        "{answer}"
+    );
+    let t = wait_for(Duration::from_secs(10), "its trace", || {
+        Some(gw.model_traces(&key.id)).filter(|t| !t.is_empty())
+    });
+    assert_eq!(
+        (t.len(), t[0].status, t[0].error_code.as_deref()),
+        (1, 400, Some("invalid_request")),
+        "{t:?}"
+    );
+    assert!(mock.requests().is_empty());
+}
+
 /// SPEC §2: a body that is not JSON gets 400 `invalid_request`, and JSON is UTF-8: bytes
 /// that are not (read as they are by the field scanner) are refused on every surface
 /// before anything goes upstream.

@@ -113,14 +113,21 @@ async fn continue_if_expected(session: &mut Session) -> Result<()> {
     Ok(())
 }
 
-/// The client's next body piece. A failure is the client's (it hung up mid-body, or sent
-/// broken framing): marked so, the request is traced `client_closed`, not as an upstream
-/// error; nothing was sent upstream yet.
-async fn read_client_body(session: &mut Session) -> Result<Option<Bytes>> {
-    session
-        .read_request_body()
-        .await
-        .map_err(pingora_error::Error::into_down)
+/// The client's next body piece. Broken chunked framing (a chunk size that is not hex, an
+/// oversized chunk extension) is the client's error and answered: 400 `invalid_request`.
+/// Any other failure is the client hanging up mid-body: marked so, the request is traced
+/// `client_closed`, not as an upstream error; nothing was sent upstream yet.
+async fn read_client_body(
+    session: &mut Session,
+) -> Result<std::result::Result<Option<Bytes>, GateError>> {
+    match session.read_request_body().await {
+        Ok(piece) => Ok(Ok(piece)),
+        // Pingora's `v1::body::INVALID_CHUNK`, by name (its module path is not public).
+        Err(e) if e.etype().as_str() == "InvalidChunk" => Ok(Err(GateError::InvalidRequest(
+            "the request body's chunked framing is malformed".into(),
+        ))),
+        Err(e) => Err(e.into_down()),
+    }
 }
 
 /// The opening of a large form read before its decision ([`super::upload`]).
@@ -153,7 +160,12 @@ pub(super) async fn read_form_opening(
     session.enable_retry_buffering();
     let mut read = Gathered::default();
     let mut whole = true;
-    while let Some(chunk) = read_client_body(session).await? {
+    loop {
+        let chunk = match read_client_body(session).await? {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(e) => return Ok(Err(e)),
+        };
         if let Err(e) = scanner.feed(&chunk) {
             return Ok(Err(e));
         }
@@ -185,7 +197,12 @@ pub(super) async fn read_body(
     }
     continue_if_expected(session).await?;
     let mut read = Gathered::default();
-    while let Some(chunk) = read_client_body(session).await? {
+    loop {
+        let chunk = match read_client_body(session).await? {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(e) => return Ok(Err(e)),
+        };
         if (read.len() + chunk.len()) as u64 > max {
             return Ok(Err(GateError::RequestTooLarge(max)));
         }
