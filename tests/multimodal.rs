@@ -140,6 +140,34 @@ fn traces_on(gw: &Gateway, key: &Key, endpoint: &str, n: usize) -> Vec<TraceRec>
     })
 }
 
+/// JSON is UTF-8 (SPEC §2: a body that is not JSON is 400 `invalid_request`): bad bytes in a
+/// field the gateway does not read are refused on the media surfaces too, as on chat, and
+/// nothing goes upstream or is charged (a black-box audit saw them forwarded).
+#[test]
+fn a_media_body_that_is_not_utf8_is_refused() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let mut image = br#"{"model":"img","prompt":"a cat","size":""#.to_vec();
+    image.extend_from_slice(b"\xff\"}");
+    let mut speech = br#"{"model":"tts","input":"hello","voice":""#.to_vec();
+    speech.extend_from_slice(b"\xc0\xaf\"}");
+    for (path, body) in [
+        ("/v1/images/generations", &image),
+        ("/v1/audio/speech", &speech),
+    ] {
+        let r = gw.post(path, &key.bearer(), body, &[]);
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (400, "invalid_request"),
+            "{path}: {}",
+            r.text()
+        );
+    }
+    assert!(mock.requests().is_empty());
+}
+
 #[test]
 fn images_are_charged_per_image_returned_with_n_as_a_number_or_a_string() {
     let mock = mock();

@@ -525,7 +525,14 @@ pub enum MediaKind {
 /// Parses a multi-modal JSON body: a string `model`, and `n` (images, 1..=128) or a string
 /// `input` (speech). 400 `invalid_request` otherwise. Prompts are not stored context here.
 pub fn parse_media_request(body: &[u8], kind: MediaKind) -> Result<RequestFields, GateError> {
-    let fields: MediaFields<'_> = serde_json::from_slice(body)
+    // serde reads the bytes of a field it skips without checking them: JSON is UTF-8 (RFC
+    // 8259), so a body that is not is refused here as on chat.
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Err(GateError::InvalidRequest(
+            "the body is not JSON: it is not UTF-8".into(),
+        ));
+    };
+    let fields: MediaFields<'_> = serde_json::from_str(text)
         .map_err(|e| GateError::InvalidRequest(format!("body is not valid JSON: {e}")))?;
     let (raw_model, model) = string_model(fields.model.map(RawValue::get))?;
     let units = match kind {
