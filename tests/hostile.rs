@@ -1744,6 +1744,33 @@ fn a_client_that_hangs_up_mid_body_is_traced_as_client_closed_and_charged_nothin
     assert!(mock.requests().is_empty());
 }
 
+/// An upstream error whose body is empty (`Content-Length: 0`) has ended at its head: it
+/// is traced as the upstream's error (`upstream_status`), not as a client that hung up
+/// (a black-box audit saw `client_closed` while the client waited for it).
+#[test]
+fn an_empty_upstream_error_is_traced_as_the_upstreams() {
+    let mock = mock();
+    let gw = gateway(&mock).start();
+    let key = gw.create_key(&[]);
+    let r = gw.chat_with(
+        &key,
+        "gpt-4o-mini",
+        &[("x-mock-status", "429"), ("x-mock-empty-error", "1")],
+    );
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.header("x-spidergate-error-code"), Some("upstream_status"));
+    let t = wait_for(Duration::from_secs(10), "its trace", || {
+        Some(gw.model_traces(&key.id)).filter(|t| !t.is_empty())
+    });
+    assert_eq!(
+        (t.len(), t[0].status, t[0].error_code.as_deref()),
+        (1, 429, Some("upstream_status")),
+        "{t:?}"
+    );
+    // The upstream refused it: nothing is charged, as for an error with a body.
+    assert_eq!(t[0].cost_nanos, 0, "{t:?}");
+}
+
 /// Broken chunked framing is the client's error, answered (400 `invalid_request`, traced
 /// so), not a hang-up: a black-box audit saw the connection closed unanswered and the trace
 /// say `client_closed` while the client waited.

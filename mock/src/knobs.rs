@@ -47,6 +47,9 @@ pub(crate) struct Knobs {
     completion_from_max: bool,
     /// `x-mock-drop: 1`: close without answering.
     pub(crate) drop: bool,
+    /// `x-mock-empty-error: 1`: the `x-mock-status` reply has an empty body
+    /// (`Content-Length: 0`), as some proxies and providers send.
+    pub(crate) empty_error: bool,
     /// `x-mock-leak-headers: 1`: add provider-account headers to the response.
     pub(crate) leak_headers: bool,
     /// `x-mock-tool-call: NAME`: answer with a call of this tool.
@@ -83,6 +86,7 @@ impl Default for Knobs {
             prompt_from_body: false,
             completion_from_max: false,
             drop: false,
+            empty_error: false,
             leak_headers: false,
             tool_call: None,
             hidden: HiddenSizes::default(),
@@ -134,6 +138,8 @@ pub(crate) fn apply_knob(knobs: &mut Knobs, knob: &str, value: &[u8]) {
         knobs.audio_usage_tokens = value.eq_ignore_ascii_case(b"tokens");
     } else if knob.eq_ignore_ascii_case(b"drop") {
         knobs.drop = truthy(value);
+    } else if knob.eq_ignore_ascii_case(b"empty-error") {
+        knobs.empty_error = truthy(value);
     } else if knob.eq_ignore_ascii_case(b"leak-headers") {
         knobs.leak_headers = truthy(value);
     } else if knob.eq_ignore_ascii_case(b"stored-tokens") {

@@ -21,6 +21,7 @@
 //! | `x-mock-tool-call: NAME` | the reply is a call of tool NAME with arguments `{"city":"Paris"}` (chat `tool_calls`, Responses `function_call`, Anthropic `tool_use`; streamed in `x-mock-chunks` argument pieces) |
 //! | `x-mock-status: S` | reply S with an error body in the route's shape (OpenAI `code` is `rate_limit_exceeded` for 429, else `mock_error`; Anthropic `error.type` by status) |
 //! | `x-mock-status-model: M` | apply `x-mock-status` only to requests whose body names model `M` |
+//! | `x-mock-empty-error: 1` | the `x-mock-status` reply has an empty body (`Content-Length: 0`) |
 //! | `x-mock-delay-ms: N` | wait N ms before the response head |
 //! | `x-mock-chunks: N` | content chunks in a stream (default 3) |
 //! | `x-mock-chunk-delay-ms: N` | wait N ms before every stream chunk after the first content chunk |

@@ -182,6 +182,9 @@ impl Reply<'_> {
                 "mock_error"
             };
             self.error_body(shape, "mock error", "server_error", code, status);
+            if knobs.empty_error {
+                self.json.clear();
+            }
             return self.send_json(status, flags, knobs, None).await;
         }
         match route {

@@ -1011,6 +1011,16 @@ impl ProxyHttp for GateProxy {
         }
         // The codec first: a body it rewrites changes the framing the decoration writes.
         let reframe = ctx.observe_response_head(resp);
+        // An answer its head says is empty (`Content-Length: 0`, a 204 or 304) gets no body
+        // call: it has ended here, and is not traced as cut short by the client.
+        let empty = matches!(ctx.status, 204 | 304)
+            || resp
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() == b"0");
+        if empty {
+            ctx.response_ended();
+        }
         let Some(adm) = &ctx.admission else {
             return Ok(());
         };
