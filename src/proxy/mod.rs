@@ -586,6 +586,15 @@ impl ProxyHttp for GateProxy {
         let tuning = &ctx.snap.routes.config.tuning;
         if head_size(session.req_header()) > tuning.max_header_bytes {
             session.set_keepalive(None);
+            // Refused before authentication, but traced under the key its token names
+            // (SPEC §4), as a revoked token's refusal is.
+            let req = session.req_header();
+            ctx.refused_key = admission::refused_key(
+                header_bytes(req, &http::header::AUTHORIZATION),
+                || header_bytes(req, &headers::X_API_KEY),
+                &ctx.snap.keys,
+            )
+            .map(|k| k.id.clone());
             let err = GateError::HeaderTooLarge(tuning.max_header_bytes);
             return self.reject(session, ctx, err).await;
         }
