@@ -612,21 +612,36 @@ enum Edit<'a> {
     Text(Cow<'a, str>),
     /// A value written as a JSON string (quoted, escaped where needed).
     JsonString(&'a str),
+    /// A number, written in place (no `String` of its own).
+    Number(u64),
+    /// A member added at the object's end: `,"name":number`.
+    Member(&'static str, u64),
 }
 
 impl Edit<'_> {
     /// An upper bound of the bytes [`Edit::write`] appends (escapes aside, which grow the
     /// buffer once).
     fn len(&self) -> usize {
+        /// The most digits a u64 has.
+        const U64_DIGITS: usize = 20;
         match self {
             Edit::Text(t) => t.len(),
             Edit::JsonString(s) => s.len() + 2,
+            Edit::Number(_) => U64_DIGITS,
+            Edit::Member(name, _) => name.len() + 4 + U64_DIGITS,
         }
     }
 
     fn write(&self, out: &mut BytesMut) {
         match self {
             Edit::Text(t) => out.extend_from_slice(t.as_bytes()),
+            Edit::Number(n) => out.extend_from_slice(itoa::Buffer::new().format(*n).as_bytes()),
+            Edit::Member(name, n) => {
+                out.extend_from_slice(b",\"");
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(b"\":");
+                out.extend_from_slice(itoa::Buffer::new().format(*n).as_bytes());
+            }
             Edit::JsonString(s) if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) => {
                 out.extend_from_slice(b"\"");
                 out.extend_from_slice(s.as_bytes());
@@ -681,15 +696,12 @@ pub fn rewrite_body(
             if let Some((span, value)) = &fields.output_spans[i] {
                 present = true;
                 if value.is_none_or(|v| v > cap) {
-                    edits.push((span.clone(), Edit::Text(cap.to_string().into())));
+                    edits.push((span.clone(), Edit::Number(cap)));
                 }
             }
         }
         if !present {
-            edits.push((
-                end..end,
-                Edit::Text(format!(",\"{}\":{cap}", field.inserted()).into()),
-            ));
+            edits.push((end..end, Edit::Member(field.inserted(), cap)));
         }
     }
     if edits.is_empty() {

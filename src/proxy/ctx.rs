@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use pingora_http::ResponseHeader;
 
 use crate::admission::{reservation_bound, Admission, Endpoint, Overheads};
 use crate::egress::addrs::Tried;
@@ -168,14 +167,10 @@ impl RequestCtx {
 
     /// The response head: picks the codec for the answer. A codec that changes the
     /// body's length (a stripped usage event, a translation) makes the answer chunked.
-    pub(super) fn observe_response_head(&mut self, resp: &ResponseHeader) -> Reframe {
+    pub(super) fn observe_response_head(&mut self, is_sse: bool) -> Reframe {
         let (Some(adm), Some(plan)) = (&self.admission, self.plan) else {
             return Reframe::default();
         };
-        let is_sse = resp
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         let (codec, resized) = ResponseCodec::for_head(
             plan,
             self.status,

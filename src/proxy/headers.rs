@@ -75,6 +75,64 @@ impl ClientHeaders {
     }
 }
 
+/// The client headers the request path reads beside its credentials, found in one pass
+/// over the head. Each `HeaderMap::get` hashes the name it looks for (~200 instructions, a
+/// hit or a miss, counted by `benches/instr.py`), and these are usually absent. A name's
+/// first value is the one kept, as `get` returns it.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct ClientHead<'a> {
+    pub traceparent: Option<&'a HeaderValue>,
+    content_length: Option<&'a HeaderValue>,
+    expect: Option<&'a HeaderValue>,
+}
+
+impl<'a> ClientHead<'a> {
+    pub(super) fn scan(h: &'a HeaderMap) -> Self {
+        let mut found = ClientHead::default();
+        for (name, value) in h {
+            // `HeaderName` equality: a standard name compares as a number, no hashing.
+            let slot = if name == CONTENT_LENGTH {
+                &mut found.content_length
+            } else if name == http::header::EXPECT {
+                &mut found.expect
+            } else if *name == TRACEPARENT {
+                &mut found.traceparent
+            } else {
+                continue;
+            };
+            slot.get_or_insert(value);
+        }
+        found
+    }
+
+    /// What the body read needs to know before it starts.
+    pub(super) fn framing(&self) -> BodyFraming {
+        BodyFraming {
+            declared: self
+                .content_length
+                .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+                .and_then(|v| v.trim().parse::<u64>().ok()),
+            expects_continue: self
+                .expect
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue")),
+        }
+    }
+}
+
+/// The request's `Content-Length`, if it has one, and whether the client waits for `100
+/// Continue` before it sends the body.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct BodyFraming {
+    pub declared: Option<u64>,
+    pub expects_continue: bool,
+}
+
+impl BodyFraming {
+    pub(super) fn of(h: &HeaderMap) -> Self {
+        ClientHead::scan(h).framing()
+    }
+}
+
 /// Whether an upstream response header reveals the operator's provider account or its
 /// limits (SPEC §2): the gateway's own `X-RateLimit-*` are the only ones a client sees.
 pub(super) fn is_account_header(name: &HeaderName) -> bool {
@@ -92,11 +150,42 @@ pub(super) fn is_account_header(name: &HeaderName) -> bool {
         || n == "set-cookie2"
 }
 
-/// Drops the upstream's account headers (one pass; removal only when one is present).
-fn strip_account_headers(h: &mut HeaderMap) {
-    if !h.keys().any(is_account_header) {
-        return;
+/// What the response path reads from the upstream's head, found in one pass over it (each
+/// `HeaderMap::get` hashes the name it looks for).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct UpstreamHead {
+    /// `Content-Type: text/event-stream`.
+    pub sse: bool,
+    /// `Content-Length: 0`.
+    pub zero_length: bool,
+    /// An account header ([`is_account_header`]) is there to strip.
+    pub account_headers: bool,
+}
+
+impl UpstreamHead {
+    pub(super) fn scan(h: &HeaderMap) -> Self {
+        let mut found = UpstreamHead::default();
+        let (mut content_type, mut content_length) = (false, false);
+        for (name, value) in h {
+            // The first value of each, as `get` would give.
+            if name == http::header::CONTENT_TYPE {
+                if !std::mem::replace(&mut content_type, true) {
+                    found.sse = value.as_bytes().starts_with(b"text/event-stream");
+                }
+            } else if name == CONTENT_LENGTH {
+                if !std::mem::replace(&mut content_length, true) {
+                    found.zero_length = value.as_bytes() == b"0";
+                }
+            } else {
+                found.account_headers |= is_account_header(name);
+            }
+        }
+        found
     }
+}
+
+/// Drops the upstream's account headers (one pass, once [`UpstreamHead`] saw one).
+fn strip_account_headers(h: &mut HeaderMap) {
     let names: Vec<HeaderName> = h.keys().filter(|n| is_account_header(n)).cloned().collect();
     for n in &names {
         h.remove(n);
@@ -381,6 +470,7 @@ pub(super) fn decorate_response(
     fallback_from: Option<&HeaderValue>,
     served: Option<&HeaderValue>,
     traceparent: Option<&HeaderValue>,
+    account_headers: bool,
     reframe: Reframe,
 ) -> Result<()> {
     let status = resp.status.as_u16();
@@ -400,7 +490,9 @@ pub(super) fn decorate_response(
         // own headers, and growing it insert by insert cost more (`benches/instr.py`: this
         // phase 3.78k -> 3.62k a request).
         h.reserve(added);
-        strip_account_headers(h);
+        if account_headers {
+            strip_account_headers(h);
+        }
         if reframe.resized {
             h.remove(http::header::CONTENT_LENGTH);
         }
@@ -500,12 +592,15 @@ mod tests {
             resp.append_header(k, v).unwrap();
         }
         let served = HeaderValue::from_static("gpt-4o-mini");
+        let account_headers = UpstreamHead::scan(&resp.headers).account_headers;
+        assert!(account_headers);
         decorate_response(
             &mut resp,
             &standing(),
             None,
             Some(&served),
             None,
+            account_headers,
             Reframe::default(),
         )
         .unwrap();
@@ -534,7 +629,16 @@ mod tests {
         resp.append_header("X-Request-Id", "req_1").unwrap();
         resp.append_header("vary", "a").unwrap();
         resp.append_header("vary", "b").unwrap();
-        decorate_response(&mut resp, &standing(), None, None, None, Reframe::default()).unwrap();
+        decorate_response(
+            &mut resp,
+            &standing(),
+            None,
+            None,
+            None,
+            false,
+            Reframe::default(),
+        )
+        .unwrap();
         assert_eq!(resp.status.as_u16(), 429);
         assert_eq!(resp.get_reason_phrase(), Some("Slow Down"));
         let vary: Vec<_> = resp.headers.get_all("vary").iter().collect();
@@ -556,7 +660,16 @@ mod tests {
     #[test]
     fn an_upstream_error_carries_the_error_code_header() {
         let mut resp = ResponseHeader::build(500, None).unwrap();
-        decorate_response(&mut resp, &standing(), None, None, None, Reframe::default()).unwrap();
+        decorate_response(
+            &mut resp,
+            &standing(),
+            None,
+            None,
+            None,
+            false,
+            Reframe::default(),
+        )
+        .unwrap();
         assert_eq!(
             resp.headers.get("x-spidergate-error-code").unwrap(),
             UPSTREAM_STATUS
@@ -590,6 +703,64 @@ mod tests {
         for gone in ["x-api-key", "cookie", "expect"] {
             assert!(h.get(gone).is_none(), "{gone} went upstream");
         }
+    }
+
+    #[test]
+    fn one_pass_over_a_client_head_reads_what_lookups_would() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("Content-Length", " 120 "),
+            ("content-length", "999"),
+            ("Expect", "100-Continue"),
+            ("traceparent", "00-aa-bb-01"),
+            ("x-other", "1"),
+        ] {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_static(v),
+            );
+        }
+        let head = ClientHead::scan(&h);
+        assert_eq!(head.traceparent, h.get(&TRACEPARENT));
+        assert_eq!(
+            head.framing(),
+            BodyFraming {
+                declared: Some(120),
+                expects_continue: true
+            },
+            "the first Content-Length, as `get` gives it"
+        );
+        assert_eq!(BodyFraming::of(&HeaderMap::new()), BodyFraming::default());
+        let mut odd = HeaderMap::new();
+        odd.insert(CONTENT_LENGTH, HeaderValue::from_static("12a"));
+        odd.insert(http::header::EXPECT, HeaderValue::from_static("200-ok"));
+        assert_eq!(BodyFraming::of(&odd), BodyFraming::default());
+    }
+
+    #[test]
+    fn one_pass_over_an_upstream_head_finds_streams_empty_bodies_and_account_headers() {
+        let scan = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(*k, HeaderValue::from_static(v));
+            }
+            UpstreamHead::scan(&h)
+        };
+        assert_eq!(scan(&[]), UpstreamHead::default());
+        let head = scan(&[
+            ("content-type", "text/event-stream; charset=utf-8"),
+            ("content-type", "application/json"),
+            ("content-length", "0"),
+            ("x-request-id", "r"),
+        ]);
+        assert!(head.sse && head.zero_length && !head.account_headers);
+        let head = scan(&[
+            ("content-type", "application/json"),
+            ("content-length", "10"),
+            ("openai-organization", "org"),
+        ]);
+        assert!(!head.sse && !head.zero_length && head.account_headers);
+        assert!(scan(&[("set-cookie", "a=b")]).account_headers);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::limits::Standing;
 use crate::providers::multipart::{FormScanner, SPLICE_HEADROOM};
 use crate::telemetry::context::TRACEPARENT;
 
-use super::headers::{add_standing_headers, header_bytes, number_value, ERROR_CODE};
+use super::headers::{add_standing_headers, number_value, BodyFraming, ERROR_CODE};
 
 /// Writes a complete JSON response (local answers and gateway errors).
 pub(super) async fn send_json(
@@ -92,19 +92,10 @@ pub(super) fn recycle_body(body: Bytes) {
     }
 }
 
-/// The request's `Content-Length`, if it has one.
-pub(super) fn declared_length(session: &Session) -> Option<u64> {
-    header_bytes(session.req_header(), &http::header::CONTENT_LENGTH)
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-}
-
 /// A client that waits for `100 Continue` (curl does above 1 MiB) would otherwise stall
 /// until its own timeout before sending the body.
-async fn continue_if_expected(session: &mut Session) -> Result<()> {
-    let expects_continue = header_bytes(session.req_header(), &http::header::EXPECT)
-        .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
-    if expects_continue {
+async fn continue_if_expected(session: &mut Session, framing: BodyFraming) -> Result<()> {
+    if framing.expects_continue {
         session
             .as_downstream_mut()
             .write_continue_response()
@@ -153,10 +144,11 @@ pub(super) struct FormOpening {
 /// the next piece (the one allocation over 64 KiB the bare proxy never makes).
 pub(super) async fn read_form_opening(
     session: &mut Session,
+    framing: BodyFraming,
     scanner: &mut FormScanner,
     at_least: usize,
 ) -> Result<std::result::Result<FormOpening, GateError>> {
-    continue_if_expected(session).await?;
+    continue_if_expected(session, framing).await?;
     session.enable_retry_buffering();
     let mut read = Gathered::default();
     let mut whole = true;
@@ -186,16 +178,18 @@ pub(super) async fn read_form_opening(
 }
 
 /// Reads the whole request body, enforcing `max_body_bytes` before and while reading.
-/// A body that arrives in one piece is kept without a copy.
+/// A body that arrives in one piece is kept without a copy. `framing` is the request's
+/// ([`BodyFraming::of`] its headers).
 pub(super) async fn read_body(
     session: &mut Session,
+    framing: BodyFraming,
     max: u64,
 ) -> Result<std::result::Result<Bytes, GateError>> {
-    let declared = declared_length(session);
+    let declared = framing.declared;
     if declared.is_some_and(|n| n > max) {
         return Ok(Err(GateError::RequestTooLarge(max)));
     }
-    continue_if_expected(session).await?;
+    continue_if_expected(session, framing).await?;
     let mut read = Gathered::default();
     loop {
         let chunk = match read_client_body(session).await? {

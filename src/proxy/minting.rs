@@ -8,6 +8,7 @@ use pingora_proxy::Session;
 use serde_json::{json, Value};
 
 use super::ctx::RequestCtx;
+use super::headers::BodyFraming;
 use super::io::{read_body, send_json};
 use super::GateProxy;
 use crate::admission::Endpoint;
@@ -54,7 +55,8 @@ impl GateProxy {
             _ => return self.reject(session, ctx, GateError::MethodNotAllowed).await,
         };
         let body = if matches!(op, Op::Mint) {
-            match read_body(session, MAX_KEYS_BODY).await? {
+            let framing = BodyFraming::of(&session.req_header().headers);
+            match read_body(session, framing, MAX_KEYS_BODY).await? {
                 Ok(b) => b,
                 Err(e) => return self.reject(session, ctx, e).await,
             }

@@ -37,7 +37,7 @@ use crate::telemetry::TraceContext;
 pub use ctx::RequestCtx;
 use ctx::{AddressTry, Relay, CLIENT_CLOSED, STREAM_BROKEN};
 use headers::*;
-use io::{declared_length, read_body, read_form_opening, send_json};
+use io::{read_body, read_form_opening, send_json};
 use upload::Upload;
 use watchdog::{ReadTimeouts, UpstreamWatch};
 
@@ -232,6 +232,7 @@ impl GateProxy {
                 None,
                 served,
                 None,
+                false,
                 Reframe::default(),
             )?;
         }
@@ -396,6 +397,7 @@ impl GateProxy {
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
+        framing: BodyFraming,
         content_type: Option<&[u8]>,
         len: u64,
     ) -> Result<std::result::Result<(), GateError>> {
@@ -418,7 +420,7 @@ impl GateProxy {
         };
         let read = with_deadline(
             deadline,
-            read_form_opening(session, &mut scanner, loop_prefix),
+            read_form_opening(session, framing, &mut scanner, loop_prefix),
         )
         .await;
         let opening = match read.unwrap_or(Ok(Err(GateError::RequestTimeout)))? {
@@ -567,10 +569,14 @@ impl ProxyHttp for GateProxy {
         };
         let model_id = model_id.as_deref().unwrap_or("");
         ctx.endpoint = endpoint;
+        let mut framing = BodyFraming::default();
         if endpoint.is_model_call() {
-            // Off, this is one header lookup and no allocation (see `TraceContext`).
+            let headers = &session.req_header().headers;
+            let head = ClientHead::scan(headers);
+            framing = head.framing();
+            // Off, this allocates nothing (see `TraceContext`).
             ctx.trace =
-                TraceContext::for_request(&session.req_header().headers, self.gate.trace_context);
+                TraceContext::continuing(head.traceparent, headers, self.gate.trace_context);
             ctx.traceparent = ctx.trace.as_ref().and_then(TraceContext::traceparent);
         }
         if self
@@ -584,7 +590,7 @@ impl ProxyHttp for GateProxy {
             return self.reject(session, ctx, GateError::ShuttingDown).await;
         }
         let tuning = &ctx.snap.routes.config.tuning;
-        if head_size(session.req_header()) > tuning.max_header_bytes {
+        if client_head_size(session) > tuning.max_header_bytes {
             session.set_keepalive(None);
             // Refused before authentication, but traced under the key its token names
             // (SPEC §4), as a revoked token's refusal is.
@@ -683,13 +689,12 @@ impl ProxyHttp for GateProxy {
             })
             .flatten();
         // A large form goes upstream as it arrives, once its opening is read and admitted.
-        let declared = form
-            .then(|| declared_length(session))
-            .flatten()
-            .filter(|&n| n > hold && n <= max_body);
+        let declared = framing
+            .declared
+            .filter(|&n| form && n > hold && n <= max_body);
         if let Some(len) = declared {
             match self
-                .read_upload_opening(session, ctx, content_type.as_deref(), len)
+                .read_upload_opening(session, ctx, framing, content_type.as_deref(), len)
                 .await?
             {
                 Ok(()) => {}
@@ -701,7 +706,7 @@ impl ProxyHttp for GateProxy {
                 Err(e) => return self.reject_upload(session, ctx, e).await,
             }
         } else {
-            let read = with_deadline(deadline, read_body(session, max_body)).await;
+            let read = with_deadline(deadline, read_body(session, framing, max_body)).await;
             let body = match read.unwrap_or(Ok(Err(GateError::RequestTimeout)))? {
                 Ok(b) => b,
                 Err(e) => {
@@ -1018,16 +1023,12 @@ impl ProxyHttp for GateProxy {
             }
             return Ok(());
         }
+        let head = UpstreamHead::scan(&resp.headers);
         // The codec first: a body it rewrites changes the framing the decoration writes.
-        let reframe = ctx.observe_response_head(resp);
+        let reframe = ctx.observe_response_head(head.sse);
         // An answer its head says is empty (`Content-Length: 0`, a 204 or 304) gets no body
         // call: it has ended here, and is not traced as cut short by the client.
-        let empty = matches!(ctx.status, 204 | 304)
-            || resp
-                .headers
-                .get(http::header::CONTENT_LENGTH)
-                .is_some_and(|v| v.as_bytes() == b"0");
-        if empty {
+        if matches!(ctx.status, 204 | 304) || head.zero_length {
             ctx.response_ended();
         }
         let Some(adm) = &ctx.admission else {
@@ -1043,6 +1044,7 @@ impl ProxyHttp for GateProxy {
             fallback_from.map(|m| &names[m]),
             served.map(|m| &names[m]),
             traceparent,
+            head.account_headers,
             reframe,
         )?;
         // The client hung up while the upstream worked (a non-streamed request, which is
@@ -1274,6 +1276,15 @@ async fn with_deadline<F: std::future::Future>(
     match first {
         std::task::Poll::Ready(done) => Ok(done),
         std::task::Poll::Pending => tokio::time::timeout(deadline, reading).await,
+    }
+}
+
+/// The request head's size: as read, for HTTP/1 (Pingora keeps the head's bytes: no walk
+/// over the headers); as the headers add up, for HTTP/2.
+fn client_head_size(session: &Session) -> usize {
+    match session.as_downstream().as_http1() {
+        Some(h1) => h1.get_headers_raw_bytes().len(),
+        None => head_size(session.req_header()),
     }
 }
 

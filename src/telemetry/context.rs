@@ -80,9 +80,16 @@ impl TraceContext {
     /// valid `traceparent` from the agent is read, so its trace id lands in the trace row;
     /// that costs one header lookup and allocates nothing.
     pub fn for_request(headers: &HeaderMap, on: bool) -> Option<TraceContext> {
-        let incoming = headers
-            .get(&TRACEPARENT)
-            .and_then(|v| parse_traceparent(v.as_bytes()));
+        Self::continuing(headers.get(&TRACEPARENT), headers, on)
+    }
+
+    /// [`TraceContext::for_request`], given the request's `traceparent` already found.
+    pub fn continuing(
+        traceparent: Option<&HeaderValue>,
+        headers: &HeaderMap,
+        on: bool,
+    ) -> Option<TraceContext> {
+        let incoming = traceparent.and_then(|v| parse_traceparent(v.as_bytes()));
         if !on {
             return incoming.map(|t| TraceContext {
                 trace_id: t.trace_id,

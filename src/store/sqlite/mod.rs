@@ -370,9 +370,19 @@ impl Sqlite {
     /// Key ids changed after `seq` (each once) and the newest position, or `None` when the
     /// log no longer reaches back to `seq` (pruned): then only a full reload is exact.
     pub fn key_changes_since(&self, seq: i64) -> Result<Option<(i64, Vec<String>)>> {
-        let oldest: Option<i64> =
-            self.conn
-                .query_row("SELECT MIN(seq) FROM key_changes", [], |r| r.get(0))?;
+        // Polled every `reload_interval_ms` and nearly always unchanged: one cached read of
+        // the log's end answers that (`query_row` prepared its statement again each poll).
+        let newest: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT MAX(seq) FROM key_changes")?
+            .query_row([], |r| r.get(0))?;
+        if newest.is_none_or(|n| n <= seq) {
+            return Ok(Some((seq, Vec::new())));
+        }
+        let oldest: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT MIN(seq) FROM key_changes")?
+            .query_row([], |r| r.get(0))?;
         if oldest.is_some_and(|o| o > seq + 1) {
             return Ok(None);
         }
