@@ -5,10 +5,15 @@
 #
 #   benches/wrk_compare.sh [--duration 10] [--connections 32] [--rounds 3]
 #                          [--no-nginx] [--no-stream] [--no-tls] [--no-build] [--no-pin]
-#                          [--fleet] [--syscalls]
+#                          [--fleet] [--syscalls] [--profile DIR]
 #
-# Each row also gives the proxy's context switches per request (all threads, from /proc) and,
-# with --syscalls, its system calls per request (perf's raw_syscalls tracepoint).
+# Each row also gives the proxy's CPU per request split into user and kernel time, its
+# context switches per request (all threads, from /proc) and, with --syscalls, its system
+# calls per request (perf's raw_syscalls tracepoint). With --profile DIR, each round of each
+# proxy is sampled by `perf record` (cpu-clock, 4999 Hz, all threads) into
+# DIR/VARIANT.PROXY.ROUND.data: where the wall-clock time goes, to set beside the counted
+# instructions of benches/instr.py (a function's share of time above its share of
+# instructions stalls: cache misses, atomics, mispredictions).
 #
 # --fleet: the gateway's requests come from a key three deep in a tree of minted keys (the
 # bench key, a child, a grandchild through /v1/keys) inside a group with a hard budget and an
@@ -51,6 +56,7 @@ FLEET=0
 BUILD=1
 PIN=1
 COUNT_SYSCALLS=0
+PROFILE_DIR=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION="$2"; shift 2 ;;
@@ -63,6 +69,7 @@ while [ $# -gt 0 ]; do
     --no-build) BUILD=0; shift ;;
     --no-pin) PIN=0; shift ;;
     --syscalls) COUNT_SYSCALLS=1; shift ;;
+    --profile) PROFILE_DIR="$2"; shift 2 ;;
     -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
@@ -98,6 +105,7 @@ fi
 if [ ! -x "$BIN" ] || [ ! -x "$BARE" ] || [ ! -x "$MOCK" ]; then echo "missing $BIN, $BARE or $MOCK (build first)" >&2; exit 1; fi
 
 TMP="$(mktemp -d -t spidergate-bench.XXXXXX)"
+[ -z "$PROFILE_DIR" ] || mkdir -p "$PROFILE_DIR"
 PIDS=()
 cleanup() {
   # SIGINT is Pingora's fast shutdown (SIGTERM waits out the graceful period); nginx with
@@ -335,8 +343,8 @@ if [ "$WITH_TLS" = 1 ]; then
   done
 fi
 
-# utime + stime of the whole process (all threads), in clock ticks.
-cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+# utime and stime of the whole process (all threads), in clock ticks: "user system".
+cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12, $13 }' "/proc/$1/stat"; }
 # Context switches of the whole process (all threads, voluntary and not).
 ctx_switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s + 0 }'; }
 # With --syscalls: system calls of the whole process while a round runs, counted by perf (root
@@ -366,15 +374,20 @@ run_round() {
       gateway) pid=$GW_TLSL_PID; port=$GW_TLSL_PORT ;;
     esac
   fi
-  local cs_before cs_after perf_pid=""
+  local cs_before cs_after perf_pid="" record_pid=""
   before=$(cpu_ticks "$pid"); cs_before=$(ctx_switches "$pid")
   if [ "$PERF_SYSCALLS" = 1 ]; then
     perf stat -x, -e raw_syscalls:sys_enter -p "$pid" -o "$TMP/perf.$p" -- sleep "$dur" >/dev/null 2>&1 &
     perf_pid=$!
   fi
+  if [ -n "$PROFILE_DIR" ] && [ "$round" != warmup ]; then
+    perf record -q -e cpu-clock -F 4999 -p "$pid" -o "$PROFILE_DIR/$variant.$p.$round.data" -- sleep "$dur" >/dev/null 2>&1 &
+    record_pid=$!
+  fi
   out=$(SG_SECRET="$SECRET" SG_STREAM="$stream" SG_API="$api" SG_MODEL="$model" "${LOAD_PIN[@]}" wrk -t1 -c"$CONNECTIONS" -d"${dur}s" -s "$LUA" \
         "$scheme://127.0.0.1:$port" 2>&1)
   after=$(cpu_ticks "$pid"); cs_after=$(ctx_switches "$pid")
+  [ -z "$record_pid" ] || wait "$record_pid" 2>/dev/null || true
   local syscalls=-1
   if [ -n "$perf_pid" ]; then
     wait "$perf_pid" 2>/dev/null || true
@@ -390,14 +403,17 @@ run_round() {
   if printf '%s\n' "$out" | grep -q 'Socket errors'; then
     echo "!!! warning: $p ($variant, round $round): $(printf '%s\n' "$out" | grep 'Socket errors')" >&2
   fi
-  # variant proxy round rps cpu_us_per_req p50_us p99_us non2xx requests cs_per_req syscalls_per_req
-  printf '%s\n' "$line" | awk -v v="$variant" -v p="$p" -v r="$round" -v d="$((after - before))" -v hz="$CLK_TCK" \
+  # variant proxy round rps cpu_us_per_req p50_us p99_us non2xx requests cs_per_req
+  # syscalls_per_req user_us_per_req sys_us_per_req
+  local user sys
+  read -r user sys <<<"$(awk -v b="$before" -v a="$after" 'BEGIN { split(b, x, " "); split(a, y, " "); print y[1] - x[1], y[2] - x[2] }')"
+  printf '%s\n' "$line" | awk -v v="$variant" -v p="$p" -v r="$round" -v du="$user" -v ds="$sys" -v hz="$CLK_TCK" \
       -v cs="$((cs_after - cs_before))" -v sc="$syscalls" '{
       for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
       rps = f["requests"] / (f["duration_us"] / 1e6)
-      cpu = f["requests"] > 0 ? d * 1e6 / hz / f["requests"] : 0
       n = f["requests"] > 0 ? f["requests"] : 1
-      printf "%s\t%s\t%s\t%.0f\t%.2f\t%d\t%d\t%d\t%d\t%.3f\t%.3f\n", v, p, r, rps, cpu, f["p50_us"], f["p99_us"], f["non2xx"], f["requests"], cs / n, (sc < 0 ? -1 : sc / n)
+      per = f["requests"] > 0 ? 1e6 / hz / f["requests"] : 0
+      printf "%s\t%s\t%s\t%.0f\t%.2f\t%d\t%d\t%d\t%d\t%.3f\t%.3f\t%.2f\t%.2f\n", v, p, r, rps, (du + ds) * per, f["p50_us"], f["p99_us"], f["non2xx"], f["requests"], cs / n, (sc < 0 ? -1 : sc / n), du * per, ds * per
     }' >>"$RESULTS"
 }
 
@@ -437,12 +453,13 @@ for variant in "${VARIANTS[@]}"; do
     tls_listener) echo "== tls_listener chat (plain chat; wrk speaks HTTPS to the proxy, which terminates TLS) ==" ;;
     *) echo "== $variant chat ==" ;;
   esac
-  printf '%-8s %-7s %10s %12s %9s %9s %7s %8s %9s\n' proxy round rps "cpu_us/req" p50_ms p99_ms non2xx "cs/req" "sysc/req"
+  printf '%-8s %-7s %10s %12s %9s %9s %7s %8s %9s %8s %8s\n' proxy round rps "cpu_us/req" p50_ms p99_ms non2xx "cs/req" "sysc/req" "usr_us" "sys_us"
   read -r -a VPROXIES <<<"$(proxies_for "$variant")"
   for p in "${VPROXIES[@]}"; do
     awk -F'\t' -v v="$variant" -v p="$p" '$1 == v && $2 == p {
-        printf "%-8s %-7s %10d %12.2f %9.2f %9.2f %7d %8.3f %9.3f\n", $2, $3, $4, $5, $6 / 1000, $7 / 1000, $8, $10, $11 }' "$RESULTS"
-    printf '%-8s %-7s %10.0f %12.2f\n' "$p" median "$(col "$variant" "$p" 4 | median)" "$(col "$variant" "$p" 5 | median)"
+        printf "%-8s %-7s %10d %12.2f %9.2f %9.2f %7d %8.3f %9.3f %8.2f %8.2f\n", $2, $3, $4, $5, $6 / 1000, $7 / 1000, $8, $10, $11, $12, $13 }' "$RESULTS"
+    printf '%-8s %-7s %10.0f %12.2f %49s %8.2f %8.2f\n' "$p" median "$(col "$variant" "$p" 4 | median)" "$(col "$variant" "$p" 5 | median)" "" \
+      "$(col "$variant" "$p" 12 | median)" "$(col "$variant" "$p" 13 | median)"
   done
   bare_rps=$(col "$variant" bare 4 | median); gw_rps=$(col "$variant" gateway 4 | median)
   bare_cpu=$(col "$variant" bare 5 | median); gw_cpu=$(col "$variant" gateway 5 | median)

@@ -887,3 +887,45 @@ fn a_revoked_keys_refusals_are_in_its_own_traces() {
             .then_some(())
     });
 }
+
+/// A small request reaches the provider in one write (one TCP segment): its head is held
+/// for the body, read before the head goes (the vendored Pingora's opt-in,
+/// `vendor/README.md`). Two writes cost the gateway a system call and the provider a
+/// second wake-up. A body larger than a segment still arrives whole.
+#[test]
+fn a_small_request_reaches_the_provider_in_one_segment_and_a_large_one_whole() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    let key = gw.create_key(&[]);
+    mock.clear();
+    for _ in 0..3 {
+        let r = gw.chat(&key, "gpt-4o-mini");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let big = "x".repeat(300_000);
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": big}]});
+    let r = gw.post(
+        "/v1/chat/completions",
+        &key.bearer(),
+        body.to_string().as_bytes(),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let reqs = mock.requests();
+    assert_eq!(reqs.len(), 4);
+    for small in &reqs[..3] {
+        assert_eq!(
+            small.data_segments,
+            Some(1),
+            "head and body in one segment ({} body bytes)",
+            small.body.len()
+        );
+    }
+    let sent = reqs[3].json().expect("the large body arrived as JSON");
+    assert_eq!(
+        sent["messages"][0]["content"].as_str().map(str::len),
+        Some(300_000)
+    );
+    assert!(reqs[3].data_segments.is_some_and(|n| n > 1));
+}

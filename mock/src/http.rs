@@ -25,9 +25,19 @@ const MAX_TRAILERS: usize = 64;
 const KEEP_BUF_BYTES: usize = 1 << 20;
 const READ_RESERVE: usize = 16 << 10;
 
-pub(crate) async fn serve_connection<S: Io>(mut stream: S, shared: Arc<Shared>, id: u64) {
+/// Reads the connection's count of data segments received so far (plain TCP only).
+pub(crate) type SegmentCounter = Box<dyn Fn() -> Option<u64> + Send>;
+
+pub(crate) async fn serve_connection<S: Io>(
+    mut stream: S,
+    shared: Arc<Shared>,
+    id: u64,
+    segments: Option<SegmentCounter>,
+) {
     let mut conn = Conn {
         id,
+        segments,
+        segments_seen: Some(0),
         served: 0,
         buf: Vec::with_capacity(READ_RESERVE),
         body: Vec::new(),
@@ -41,6 +51,10 @@ pub(crate) async fn serve_connection<S: Io>(mut stream: S, shared: Arc<Shared>, 
 /// Per-connection state; every buffer is reused across the requests of the connection.
 struct Conn {
     id: u64,
+    segments: Option<SegmentCounter>,
+    /// The data segments counted when the last request was read; `None` when that request
+    /// was not recorded (and so not counted).
+    segments_seen: Option<u64>,
     served: u64,
     /// Raw bytes read from the socket and not yet consumed.
     buf: Vec<u8>,
@@ -87,6 +101,23 @@ impl Conn {
                 return false;
             }
         };
+        // Counted when the request is whole, only while recording (a system call): what
+        // came since the previous request carried this one (nothing else arrives between).
+        let data_segments = match (&self.segments, head.recorded.is_some()) {
+            (Some(count), true) => {
+                let now = count();
+                let carried = self
+                    .segments_seen
+                    .zip(now)
+                    .map(|(was, now)| now - was.min(now));
+                self.segments_seen = now;
+                carried
+            }
+            _ => {
+                self.segments_seen = None;
+                None
+            }
+        };
         let (body, consumed): (&[u8], usize) = match body_at {
             BodyAt::InBuf { start, end } => (&self.buf[start..end], end),
             BodyAt::Decoded { consumed } => (&self.body, consumed),
@@ -97,6 +128,7 @@ impl Conn {
                 path: self.path.clone(),
                 headers: headers.clone(),
                 body: body.to_vec(),
+                data_segments,
             });
         }
         if head.knobs.drop {

@@ -105,6 +105,10 @@ pub struct RecordedRequest {
     pub headers: Vec<(String, String)>,
     /// The body after de-chunking, byte for byte.
     pub body: Vec<u8>,
+    /// TCP segments with data that carried this request (the kernel's `tcpi_data_segs_in`
+    /// across it), on a plain-TCP connection; `None` over TLS. Tells a request written in
+    /// one piece from a head and a body written apart.
+    pub data_segments: Option<u64>,
 }
 
 impl RecordedRequest {
@@ -568,7 +572,14 @@ async fn accept_loop(
                 let shared = Arc::clone(&shared);
                 match &tls {
                     None => {
-                        connections.spawn(http::serve_connection(stream, shared, next_id));
+                        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+                        let segments = move || wire::data_segments_in(fd);
+                        connections.spawn(http::serve_connection(
+                            stream,
+                            shared,
+                            next_id,
+                            Some(Box::new(segments)),
+                        ));
                     }
                     Some(acceptor) => {
                         let accept = acceptor.accept(stream);
@@ -576,7 +587,7 @@ async fn accept_loop(
                             match accept.await {
                                 Ok(tls_stream) => {
                                     shared.tls_handshakes.fetch_add(1, Ordering::Relaxed);
-                                    http::serve_connection(tls_stream, shared, next_id).await;
+                                    http::serve_connection(tls_stream, shared, next_id, None).await;
                                 }
                                 Err(_) => {
                                     shared.tls_failures.fetch_add(1, Ordering::Relaxed);

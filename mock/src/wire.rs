@@ -10,6 +10,26 @@ use crate::knobs::Knobs;
 pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
+/// The TCP segments with data the socket `fd` has received (`TCP_INFO`'s
+/// `tcpi_data_segs_in`, Linux 4.6 and later); `None` where it cannot be read.
+pub(crate) fn data_segments_in(fd: std::os::fd::RawFd) -> Option<u64> {
+    // SAFETY: `tcp_info` is plain old data; getsockopt writes at most `len` bytes into it
+    // and reports how many it wrote, which is checked to cover the field read.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_data_segs_in) + 4;
+    (rc == 0 && len as usize >= needed).then_some(u64::from(info.tcpi_data_segs_in))
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Method {
     Get,

@@ -803,6 +803,9 @@ impl ProxyHttp for GateProxy {
         // have reached the provider), so do not keep connections long enough for most
         // providers' keep-alive to expire under us.
         peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
+        // The request's head and its body (already read, its length known) in one write:
+        // one segment and one wake-up of the provider instead of two (vendor/README.md).
+        peer.options.h1_coalesce_request_head = true;
         Ok(Box::new(peer))
     }
 
