@@ -640,8 +640,10 @@ impl ProxyHttp for GateProxy {
         if anonymous_catalog {
             return Box::pin(self.serve_local(session, ctx, model_id)).await;
         }
+        // Alive when the request arrived (its context's clock reading); the admission checks
+        // again at its own moment, after the body.
         let authenticated =
-            admission::authenticate(authorization, x_api_key, &ctx.snap.keys, now_ms());
+            admission::authenticate(authorization, x_api_key, &ctx.snap.keys, ctx.started_ms);
         let hash = match authenticated {
             Ok((hash, key)) => {
                 ctx.key = Some(key);
@@ -749,8 +751,12 @@ impl ProxyHttp for GateProxy {
             .current_model()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no admitted model"))?;
         let pidx = ctx.snap.routes.catalog.models()[m].provider;
-        // One clock reading for the key and the address picked together.
-        let now = now_ms();
+        // One clock reading for the key and the address picked together: the admission's for
+        // the first attempt (moments ago), a new one for a retry or a fallback.
+        let now = match &ctx.admission {
+            Some(adm) if ctx.attempt == 0 && ctx.address.start.is_none() => adm.admitted_at,
+            _ => now_ms(),
+        };
         match ctx.snap.routes.provider_keys[pidx].pick(now) {
             Ok(key) => ctx.pool_key = key,
             Err(resting) => return Err(self.all_keys_resting(ctx, resting)),

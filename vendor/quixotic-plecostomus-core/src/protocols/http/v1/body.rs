@@ -1350,11 +1350,12 @@ impl BodyWriter {
     }
 
     /// SpiderGate: [`BodyWriter::write_body`] of a content-length body's first bytes, with
-    /// `head` (the request head held back for them) written in front in one vectored write.
+    /// `head` (the request head held back for them) written in front in one write: copied
+    /// behind the head when small, else one vectored write of both.
     pub async fn write_body_after<S>(
         &mut self,
         stream: &mut S,
-        mut head: Bytes,
+        mut head: BytesMut,
         buf: &[u8],
     ) -> Result<Option<usize>>
     where
@@ -1371,11 +1372,16 @@ impl BodyWriter {
         if to_write < buf.len() {
             warn!("Trying to write data over content-length: {total}");
         }
-        let mut both = head.chain(&buf[..to_write]);
-        stream
-            .write_all_buf(&mut both)
-            .await
-            .or_err(WriteError, "while writing request header and body")?;
+        // Below this a copy costs less than a vectored write's set-up.
+        const COPY_MAX: usize = 16 * 1024;
+        let body = &buf[..to_write];
+        let sent = if body.len() <= COPY_MAX {
+            head.extend_from_slice(body);
+            stream.write_all(&head).await
+        } else {
+            stream.write_all_buf(&mut head.chain(body)).await
+        };
+        sent.or_err(WriteError, "while writing request header and body")?;
         self.body_mode = BM::ContentLength(total, written + to_write);
         if self.finished() {
             stream.flush().await.or_err(WriteError, "flushing body")?;

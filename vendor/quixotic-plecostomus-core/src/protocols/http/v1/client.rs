@@ -70,7 +70,7 @@ pub struct HttpSession {
     // SpiderGate: see `PeerOptions::h1_coalesce_request_head`.
     coalesce_request_head: bool,
     // SpiderGate: the request head held for the body's first write.
-    pending_head: Option<Bytes>,
+    pending_head: Option<BytesMut>,
 }
 
 /// HTTP 1.x client session
@@ -147,7 +147,7 @@ impl HttpSession {
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
         {
             let len = to_wire.len();
-            self.pending_head = Some(to_wire.freeze());
+            self.pending_head = Some(to_wire);
             self.request_written = Some(req);
             return Ok(len);
         }
