@@ -381,6 +381,8 @@ impl SpendLedger {
         let handle = std::thread::Builder::new()
             .name("spidergate-ledger".into())
             .spawn(move || {
+                // The proxy's worker preempts it, not the other way (`priority`'s note).
+                crate::priority::lower_this_thread(crate::priority::LEDGER_WRITER_NICE, "ledger");
                 let _gone = WriterGone(queue.clone());
                 let mut store = match Store::open_at(&db) {
                     Ok(s) => s,

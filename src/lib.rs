@@ -24,6 +24,7 @@ pub mod memory;
 pub mod metrics;
 pub mod money;
 pub mod prices;
+pub mod priority;
 pub mod providers;
 pub mod proxy;
 pub mod report;

@@ -22,7 +22,7 @@ pub fn spawn(path: PathBuf, running: Arc<AtomicBool>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("spidergate-checkpoint".into())
         .spawn(move || {
-            lowest_priority();
+            crate::priority::lower_this_thread(crate::priority::CHECKPOINT_NICE, "checkpoint");
             let conn = match open(&path) {
                 Ok(c) => c,
                 Err(e) => {
@@ -76,19 +76,6 @@ fn checkpoint_passive(conn: &rusqlite::Connection) -> Result<(i64, i64), String>
         Ok((i64::from(wal), i64::from(copied)))
     } else {
         Err(rusqlite::ffi::code_to_str(rc).to_owned())
-    }
-}
-
-/// Nice 19 for this thread only (on Linux a thread's nice value is its own).
-fn lowest_priority() {
-    // SAFETY: gettid and setpriority take and return plain integers; setpriority on this
-    // thread's id changes nothing but its scheduling weight.
-    let rc = unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 19)
-    };
-    if rc != 0 {
-        log::debug!("the checkpoint thread keeps the process's priority");
     }
 }
 
