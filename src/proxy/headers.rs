@@ -536,6 +536,21 @@ pub(super) fn decorate_response(
 mod tests {
     use super::*;
 
+    /// The decoration of an upstream answer without account headers, fallback, served
+    /// model or trace context.
+    fn decorate_plain(resp: &mut ResponseHeader) {
+        decorate_response(
+            resp,
+            &standing(),
+            None,
+            None,
+            None,
+            false,
+            Reframe::default(),
+        )
+        .unwrap();
+    }
+
     fn standing() -> Standing {
         Standing {
             rpm: Some(7),
@@ -629,16 +644,7 @@ mod tests {
         resp.append_header("X-Request-Id", "req_1").unwrap();
         resp.append_header("vary", "a").unwrap();
         resp.append_header("vary", "b").unwrap();
-        decorate_response(
-            &mut resp,
-            &standing(),
-            None,
-            None,
-            None,
-            false,
-            Reframe::default(),
-        )
-        .unwrap();
+        decorate_plain(&mut resp);
         assert_eq!(resp.status.as_u16(), 429);
         assert_eq!(resp.get_reason_phrase(), Some("Slow Down"));
         let vary: Vec<_> = resp.headers.get_all("vary").iter().collect();
@@ -660,16 +666,7 @@ mod tests {
     #[test]
     fn an_upstream_error_carries_the_error_code_header() {
         let mut resp = ResponseHeader::build(500, None).unwrap();
-        decorate_response(
-            &mut resp,
-            &standing(),
-            None,
-            None,
-            None,
-            false,
-            Reframe::default(),
-        )
-        .unwrap();
+        decorate_plain(&mut resp);
         assert_eq!(
             resp.headers.get("x-spidergate-error-code").unwrap(),
             UPSTREAM_STATUS
