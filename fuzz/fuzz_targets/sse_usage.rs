@@ -15,14 +15,18 @@ fn run(strip: bool, chunks: &[&[u8]]) -> (Vec<u8>, SseUsageParser) {
         match &fwd {
             Forward::Unchanged | Forward::Nothing => {}
             Forward::Range(r) => assert!(!r.is_empty() && r.end <= chunk.len(), "bad range"),
+            Forward::Without(hole) => assert!(
+                hole.start > 0 && hole.start < hole.end && hole.end < chunk.len(),
+                "a hole with an empty side"
+            ),
             Forward::Owned(v) => assert!(!v.is_empty(), "empty Owned"),
         }
         if !strip {
             assert_eq!(fwd, Forward::Unchanged, "not stripping must forward unchanged");
         }
-        out.extend_from_slice(fwd.bytes(chunk));
+        out.extend_from_slice(&fwd.bytes(chunk));
     }
-    out.extend_from_slice(parser.finish().bytes(&[]));
+    out.extend_from_slice(&parser.finish().bytes(&[]));
     (out, parser)
 }
 
