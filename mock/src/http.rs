@@ -25,18 +25,17 @@ const MAX_TRAILERS: usize = 64;
 const KEEP_BUF_BYTES: usize = 1 << 20;
 const READ_RESERVE: usize = 16 << 10;
 
-/// Reads the connection's count of data segments received so far (plain TCP only).
-pub(crate) type SegmentCounter = Box<dyn Fn() -> Option<u64> + Send>;
-
+/// `tcp_fd`: the connection's socket when it is plain TCP, whose count of data segments
+/// received tells how many carried each recorded request.
 pub(crate) async fn serve_connection<S: Io>(
     mut stream: S,
     shared: Arc<Shared>,
     id: u64,
-    segments: Option<SegmentCounter>,
+    tcp_fd: Option<std::os::fd::RawFd>,
 ) {
     let mut conn = Conn {
         id,
-        segments,
+        tcp_fd,
         segments_seen: Some(0),
         served: 0,
         buf: Vec::with_capacity(READ_RESERVE),
@@ -51,7 +50,7 @@ pub(crate) async fn serve_connection<S: Io>(
 /// Per-connection state; every buffer is reused across the requests of the connection.
 struct Conn {
     id: u64,
-    segments: Option<SegmentCounter>,
+    tcp_fd: Option<std::os::fd::RawFd>,
     /// The data segments counted when the last request was read; `None` when that request
     /// was not recorded (and so not counted).
     segments_seen: Option<u64>,
@@ -103,9 +102,9 @@ impl Conn {
         };
         // Counted when the request is whole, only while recording (a system call): what
         // came since the previous request carried this one (nothing else arrives between).
-        let data_segments = match (&self.segments, head.recorded.is_some()) {
-            (Some(count), true) => {
-                let now = count();
+        let data_segments = match (self.tcp_fd, head.recorded.is_some()) {
+            (Some(fd), true) => {
+                let now = crate::wire::data_segments_in(fd);
                 let carried = self
                     .segments_seen
                     .zip(now)

@@ -573,12 +573,11 @@ async fn accept_loop(
                 match &tls {
                     None => {
                         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
-                        let segments = move || wire::data_segments_in(fd);
                         connections.spawn(http::serve_connection(
                             stream,
                             shared,
                             next_id,
-                            Some(Box::new(segments)),
+                            Some(fd),
                         ));
                     }
                     Some(acceptor) => {
