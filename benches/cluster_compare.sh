@@ -7,12 +7,17 @@
 #
 #   benches/cluster_compare.sh [--duration 10] [--rounds 3] [--connections 32]
 #                              [--variants local-1,redis-1,...] [--no-c1] [--no-build] [--no-pin]
-#                              [--fleet]
+#                              [--fleet] [--profile DIR]
 #
 # --fleet: every variant's requests come from a grandchild minted through /v1/keys under the
 # bench key (whose hard budget then bounds the tree), in a group with a hard budget and an
 # rpm (SPEC §7): each admission also checks and holds two parents and a group, in Redis one
 # Lua call touching every level. Compare with a run without it.
+#
+# --profile DIR: every timed load round of a one-node variant, its node is sampled by `perf
+# record` (cpu-clock, 4999 Hz, all threads) into DIR/<variant>.<round>.data; compare two with
+# `perf report --no-children --sort symbol -i ...` (the profile costs the node some CPU:
+# read that round's figures as perturbed).
 #
 # GW_BIN=path/to/spidergate measures another build (the mock always comes from this tree), for
 # an A/B of two builds in separate runs, each against its own same-run baseline.
@@ -73,6 +78,7 @@ BUILD=1
 PIN=1
 C1=1
 FLEET=0
+PROFILE_DIR=""
 ALL_VARIANTS=(local-1 redis-1 pg-1 pg+redis-1 pg-3 pg+redis-3)
 VARIANTS=("${ALL_VARIANTS[@]}")
 while [ $# -gt 0 ]; do
@@ -86,6 +92,7 @@ while [ $# -gt 0 ]; do
     --no-build) BUILD=0; shift ;;
     --no-pin) PIN=0; shift ;;
     --fleet) FLEET=1; shift ;;
+    --profile) PROFILE_DIR="$2"; shift 2 ;;
     -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
@@ -545,10 +552,18 @@ run_round() {
   # shellcheck disable=SC2086 # the variant's pids, one word each
   g0=$(cpu_ticks ${NODE_PIDS[$v]})
   read -r lb0 lt0 <<<"$(cpu_jiffies "$LOAD_CPU")"; read -r pb0 pt0 <<<"$(cpu_jiffies "$PROXY_CPU")"
+  local record_pid=""
+  if [ -n "$PROFILE_DIR" ] && [ "$phase" = load ] && [ "$round" != warmup ] && [ "$(nodes_of "$v")" = 1 ]; then
+    mkdir -p "$PROFILE_DIR"
+    # shellcheck disable=SC2086 # one pid
+    perf record -q -e cpu-clock -F 4999 -p ${NODE_PIDS[$v]} -o "$PROFILE_DIR/$v.$round.data" -- sleep "$dur" >/dev/null 2>&1 &
+    record_pid=$!
+  fi
   t0=$(now_ns)
   out=$(SG_SECRET="${SECRET[$v]}" SG_STREAM=0 SG_API=chat "${LOAD_PIN[@]}" wrk -t1 -c"$conns" -d"${dur}s" --latency \
         -s "$LUA" "http://127.0.0.1:${ENTRY_PORT[$v]}" 2>&1 || true)
   t1=$(now_ns)
+  [ -z "$record_pid" ] || wait "$record_pid" 2>/dev/null || true
   read -r lb1 lt1 <<<"$(cpu_jiffies "$LOAD_CPU")"; read -r pb1 pt1 <<<"$(cpu_jiffies "$PROXY_CPU")"
   # shellcheck disable=SC2086
   g1=$(cpu_ticks ${NODE_PIDS[$v]})

@@ -11,7 +11,7 @@ The dumps stay in OUT (default /tmp/sginstr) for callgrind_annotate.
 
 Needs valgrind (apt-get install valgrind) and nginx (the mock), and release builds of the
 gateway and the bare proxy (cargo build --release --bins --examples).
-Usage (from the project checkout): benches/instr.py [--n 3000] [--conns 8] [--stream] [--fleet]
+Usage (from the project checkout): benches/instr.py [--n 3000] [--conns 8] [--stream] [--fleet] [--redis]
 It ends with a per-phase table for G: the proxy hooks, the ledger writer thread and the
 allocator, inclusive instructions per request (callgrind_annotate --inclusive=yes), so a
 change can be steered phase by phase. Full detail: callgrind_annotate --inclusive=yes OUT/G.out.<pid>.1
@@ -39,7 +39,7 @@ REQ = '{"model":"paid-a","messages":[{"role":"user","content":"hello there, how 
 # INSTR_PORT_BASE: another base port (mock, bare proxy, gateway and its admin listener at
 # base, base+2, base+3, base+4), so two checkouts can count at once.
 BASE = int(os.environ.get("INSTR_PORT_BASE", "18480"))
-MOCK, PPORT, GPORT, APORT = BASE, BASE + 2, BASE + 3, BASE + 4
+MOCK, PPORT, GPORT, APORT, RPORT = BASE, BASE + 2, BASE + 3, BASE + 4, BASE + 5
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--n", type=int, default=3000)
@@ -51,6 +51,11 @@ ap.add_argument("--stream", action="store_true",
 ap.add_argument("--fleet", action="store_true",
                 help="also measure F: the same gateway, the request made by a key 3 deep in a tree "
                      "of minted keys (hard budget at the root) inside a hard-budget group (SPEC §7)")
+ap.add_argument("--redis", action="store_true",
+                help="also measure R: the same gateway with its live limits in Redis (shared_state, "
+                     "a private redis-server on port base+5): what a cluster node's Redis client "
+                     "costs it. Redis' own work is not counted; batches are smaller than at full "
+                     "speed (the node runs slowly under callgrind), so R/G is an upper bound")
 args = ap.parse_args()
 CONTENT_TYPE = "application/json"
 if args.stream:
@@ -234,11 +239,26 @@ models:
                 secret = json.loads(r.read())["secret"]
             return secret
         res["F"] = measure("F", [GATE_BIN, "--config", cfg, "serve"], env, GPORT, None, prepare=mint_tree)
+    if args.redis:
+        procs.append(subprocess.Popen(["redis-server", "--port", str(RPORT), "--bind", "127.0.0.1",
+                                       "--save", "", "--appendonly", "no", "--dir", work],
+                                      stdout=subprocess.DEVNULL))
+        rcfg = os.path.join(work, "gate-redis.yaml")
+        open(rcfg, "w").write(open(cfg).read().replace(f'database: "{work}/gate.db"', f'database: "{work}/gate-r.db"')
+                              + "shared_state:\n  redis_url_env: PERF_REDIS\n  on_error: closed\n")
+        renv = dict(env, PERF_REDIS=f"redis://127.0.0.1:{RPORT}/0")
+        rk = json.loads(subprocess.run([GATE_BIN, "--config", rcfg, "keys", "create", "--name", "perf", "--rpm",
+                                        "100000000", "--rpd", "1000000000", "--budget", "1000000",
+                                        "--budget-mode", "hard", "--json"],
+                                       capture_output=True, text=True, env=renv).stdout)
+        res["R"] = measure("R", [GATE_BIN, "--config", rcfg, "serve"], renv, GPORT, rk["secret"])
     for t, (ir, ok, dt, dumps) in res.items():
         print(f"{t}: {ir:,.0f} Ir/request over {ok} requests ({dt:.0f} s under callgrind); dumps: {' '.join(dumps)}")
     print(f"G/P user-space instructions per request: {res['G'][0] / res['P'][0]:.3f}")
     if "F" in res:
         print(f"F/G (a 3-deep minted key in a group vs a lone key): {res['F'][0] / res['G'][0]:.3f}")
+    if "R" in res:
+        print(f"R/G (live limits in Redis vs in-process, the gateway's own instructions): {res['R'][0] / res['G'][0]:.3f}")
     print_phases(res["G"][3], res["G"][1])
 finally:
     for p in procs:

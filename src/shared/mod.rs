@@ -317,9 +317,11 @@ impl SharedLimits {
                 Admit::Rejected(e) => return Ok(Err(e)),
                 Admit::NeedSeed { month, day, level } if !seeded.contains(&level) => {
                     seeded.push(level);
+                    // Boxed: once a month per key, and a future of kilobytes (the ledger
+                    // read) that would otherwise be copied with every admission's.
                     match level.checked_sub(1).and_then(|i| uplines.get(i)) {
-                        None => self.seed(&key.id, month, day).await?,
-                        Some(u) => self.seed_level(u, month, day).await?,
+                        None => Box::pin(self.seed(&key.id, month, day)).await?,
+                        Some(u) => Box::pin(self.seed_level(u, month, day)).await?,
                     }
                 }
                 Admit::NeedSeed { .. } => break,

@@ -4,9 +4,9 @@
 //! node sees it: each admission is one Lua script (`admit.lua`) that checks budget, the
 //! runaway-agent brakes (`max_usd_per_hour`, `loop_limit`), rpm, rpd and in-flight and
 //! commits all of them or nothing; each settlement is one more (`settle.lua`). Alone, each is
-//! one EVALSHA (one round trip); the admissions and settlements that wait while a call is in
-//! flight go together in the next one (`batch.lua`, see `Core::submit`), decided in
-//! order exactly as one by one. The scripts read Redis' own `TIME` for the minute, the day and
+//! one EVALSHA (one round trip); the admissions and settlements that wait while calls are in
+//! flight (two at most) go together in the next one (`batch.lua`, see `Core::submit`),
+//! decided in order exactly as one by one. The scripts read Redis' own `TIME` for the minute, the day and
 //! the month, so nodes with skewed clocks agree.
 //!
 //! # Data model
@@ -334,12 +334,17 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// Operations waiting, and whether the task that sends them runs.
+/// Operations waiting, and how many tasks send them.
 #[derive(Default)]
 struct Queue {
     ops: Vec<Queued>,
-    busy: bool,
+    drivers: usize,
 }
+
+/// Batches in flight at once per node, each sent by its own task. Redis runs a connection's
+/// calls in the order they were sent, so a second call in flight changes no outcome; it
+/// only lets the operations that queue while one call is out leave before it returns.
+const MAX_DRIVERS: usize = 2;
 
 /// The task that sends batches. Should it be dropped (its runtime shutting down), the
 /// operations on their way are answered as lost replies (they may have run), those still
@@ -366,7 +371,11 @@ impl Drop for Driver {
         }
         let queued = {
             let mut q = self.core.queue();
-            q.busy = false;
+            q.drivers -= 1;
+            // Another task still sends what waits.
+            if q.drivers > 0 {
+                return;
+            }
             std::mem::take(&mut q.ops)
         };
         for Queued { tx, .. } in queued {
@@ -382,7 +391,7 @@ impl Driver {
             let ops: Vec<Queued> = {
                 let mut q = self.core.queue();
                 if q.ops.is_empty() {
-                    q.busy = false;
+                    q.drivers -= 1;
                     self.finished = true;
                     break;
                 }
@@ -672,19 +681,28 @@ impl Core {
     /// The shared connection, made on first use. The manager reconnects by itself after
     /// errors; cloning it is a few reference counts.
     async fn connection(&self) -> Result<Conn, redis::RedisError> {
-        let runtime = tokio::runtime::Handle::try_current().ok().map(|h| h.id());
-        let this_runtimes = |conns: &[(Option<tokio::runtime::Id>, Conn)]| {
-            conns
-                .iter()
-                .find(|(rt, _)| *rt == runtime)
-                .map(|(_, c)| c.clone())
-        };
-        if let Some(c) = this_runtimes(&self.conns.load()) {
-            return Ok(c);
+        match self.made_connection() {
+            Some(c) => Ok(c),
+            // Boxed: connecting (Sentinel, cluster discovery) is a future of kilobytes, and
+            // inlined it would be copied with every admission's and settlement's future.
+            None => Box::pin(self.connect()).await,
         }
+    }
+
+    /// This runtime's connection, if it was made.
+    fn made_connection(&self) -> Option<Conn> {
+        let runtime = tokio::runtime::Handle::try_current().ok().map(|h| h.id());
+        self.conns
+            .load()
+            .iter()
+            .find(|(rt, _)| *rt == runtime)
+            .map(|(_, c)| c.clone())
+    }
+
+    async fn connect(&self) -> Result<Conn, redis::RedisError> {
         // One connection attempt at a time; the others wait for it (within their timeout).
         let mut target = self.target.lock().await;
-        if let Some(c) = this_runtimes(&self.conns.load()) {
+        if let Some(c) = self.made_connection() {
             return Ok(c);
         }
         let c = match &mut *target {
@@ -698,6 +716,7 @@ impl Core {
             }
             Target::Cluster(cluster) => Conn::Cluster(cluster.get_async_connection().await?),
         };
+        let runtime = tokio::runtime::Handle::try_current().ok().map(|h| h.id());
         let mut conns = Vec::clone(&self.conns.load());
         conns.push((runtime, c.clone()));
         self.conns.store(Arc::new(conns));
@@ -743,10 +762,11 @@ impl Core {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs one admission or settlement in the next batch (group commit). One task sends the
-    /// batches: it starts when an operation finds none running, sends what waits, and, while
-    /// that call is in flight, the operations that come meanwhile queue; when it returns it
-    /// sends all of them in one call, and stops when none waits. One request alone still
+    /// Runs one admission or settlement in the next batch (group commit). Up to
+    /// [`MAX_DRIVERS`] tasks send the batches: one starts when an operation finds fewer
+    /// running, sends what waits, and, while the calls are in flight, the operations that
+    /// come meanwhile queue; the first task back sends all of them in one call, and a task
+    /// stops when none waits. One request alone still
     /// costs one round trip; under load, many share one, and Redis runs the script's set-up,
     /// `TIME`, the key look-ups and the network work once for all of them. The call runs in
     /// that task, not in a caller's future, so a caller that goes away (its request
@@ -763,7 +783,9 @@ impl Core {
         let start = {
             let mut q = self.queue();
             q.ops.push(Queued { op, tx });
-            !std::mem::replace(&mut q.busy, true)
+            let start = q.drivers < MAX_DRIVERS;
+            q.drivers += usize::from(start);
+            start
         };
         if start {
             let driver = Driver {
@@ -775,8 +797,9 @@ impl Core {
                 Ok(rt) => {
                     rt.spawn(driver.run());
                 }
-                // Polled outside a Tokio runtime: sent from here.
-                Err(_) => driver.run().await,
+                // Polled outside a Tokio runtime: sent from here (boxed: the driver's future
+                // is large, and inlined it would be copied with every caller's).
+                Err(_) => Box::pin(driver.run()).await,
             }
         }
         let reply = (&mut waiting.rx).await;
