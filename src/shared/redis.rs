@@ -153,8 +153,15 @@ impl Lua {
     /// `EVALSHA <sha> <numkeys>`; the caller appends keys and arguments. One `Cmd` buffer,
     /// no per-argument allocations (unlike `ScriptInvocation`).
     fn call(&self, keys: usize) -> Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash()).arg(keys);
+        self.call_sized(keys, 0)
+    }
+
+    /// [`Lua::call`] with room for `ops` operations' arguments (an admission's or
+    /// settlement's, [`OP_ARGS`] and [`OP_BYTES`] each), so appending them does not grow
+    /// the buffers again and again.
+    fn call_sized(&self, keys: usize, ops: usize) -> Cmd {
+        let mut cmd = Cmd::with_capacity(3 + ops * OP_ARGS, 64 + ops * OP_BYTES);
+        cmd.arg("EVALSHA").arg(self.script.get_hash()).arg(keys);
         cmd
     }
 }
@@ -278,6 +285,11 @@ struct Core {
     queue: std::sync::Mutex<Queue>,
 }
 
+/// Room made per operation in a command: the arguments of a lone key's admission (the
+/// longest common one) and their bytes, with margin.
+const OP_ARGS: usize = 14;
+const OP_BYTES: usize = 160;
+
 /// Operations carried per batch at most; more wait for the next one.
 const MAX_BATCH: usize = 128;
 
@@ -306,7 +318,7 @@ struct Queued {
 }
 
 /// Where an operation's reply goes.
-type Reply = tokio::sync::oneshot::Sender<Result<Value, Failed>>;
+type Reply = tokio::sync::oneshot::Sender<Result<Ints, Failed>>;
 
 /// A caller's wait for its reply. A caller that goes away while it waits (its request
 /// cancelled) drops this: a reply already delivered but not read would otherwise be lost
@@ -317,7 +329,7 @@ struct Waiting<'a> {
     core: &'a Core,
     kind: Kind,
     res_id: u64,
-    rx: tokio::sync::oneshot::Receiver<Result<Value, Failed>>,
+    rx: tokio::sync::oneshot::Receiver<Result<Ints, Failed>>,
     /// The caller read the reply (or learnt the sender was gone).
     taken: bool,
 }
@@ -416,13 +428,13 @@ impl Driver {
                     Kind::Admit => &core.scripts.admit,
                     Kind::Settle => &core.scripts.settle,
                 };
-                let mut cmd = lua.call(one.op.keys);
+                let mut cmd = lua.call_sized(one.op.keys, 1);
                 append(&mut cmd, &one.op.args);
                 (lua, cmd)
             }
             _ => {
                 let lua = &core.scripts.batch;
-                let mut cmd = lua.call(1);
+                let mut cmd = lua.call_sized(1, ops.len());
                 cmd.arg("{sg}:res").arg(core.node).arg(core.ttl_ms);
                 for Queued { op, .. } in &ops {
                     // Which of the operation's keys and arguments its short form carries
@@ -454,31 +466,97 @@ impl Driver {
             .collect();
         let reply = core.eval(lua, &cmd).await;
         let waiting = std::mem::take(&mut self.waiting);
-        match reply {
-            Ok(r) if waiting.len() == 1 => {
-                if let Some((tx, kind, res_id)) = waiting.into_iter().next() {
-                    core.answer(tx, kind, res_id, Ok(r));
-                }
-            }
-            Ok(Value::Array(replies)) if replies.len() == waiting.len() => {
+        let replies: Result<Vec<Ints>, Failed> = reply.and_then(|r| {
+            let parsed = if waiting.len() == 1 {
+                Ints::of(&r).map(|one| vec![one])
+            } else {
+                Ints::of_batch(&r, waiting.len())
+            };
+            parsed.ok_or(Failed {
+                error: unavailable("batch"),
+                maybe_ran: true,
+            })
+        });
+        match replies {
+            Ok(replies) => {
                 for ((tx, kind, res_id), r) in waiting.into_iter().zip(replies) {
                     core.answer(tx, kind, res_id, Ok(r));
                 }
             }
-            other => {
-                let f = match other {
-                    Err(f) => f,
-                    Ok(_) => Failed {
-                        error: unavailable("batch"),
-                        maybe_ran: true,
-                    },
-                };
+            Err(f) => {
                 for (tx, kind, res_id) in waiting {
                     core.answer(tx, kind, res_id, Err(f.clone()));
                 }
             }
         }
     }
+}
+
+/// One admission's or settlement's reply: its integers in order (a settlement's is one, an
+/// admission's at most six; see `admit.lua`). Plain integers, not `Value`s: a batch's replies
+/// arrive as one string (`batch.lua`), which is parsed here in one pass where the client's
+/// parser costs about a thousand instructions per integer of a nested array.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Ints {
+    len: u8,
+    v: [i64; 6],
+}
+
+impl Ints {
+    fn push(&mut self, n: i64) -> Option<()> {
+        *self.v.get_mut(usize::from(self.len))? = n;
+        self.len += 1;
+        Some(())
+    }
+
+    /// The `i`-th integer.
+    fn get(&self, i: usize) -> Option<i64> {
+        self.v[..usize::from(self.len)].get(i).copied()
+    }
+
+    /// A script's own reply (`admit.lua`, `settle.lua`): an integer or an array of them.
+    fn of(v: &Value) -> Option<Ints> {
+        let mut out = Ints::default();
+        match v {
+            Value::Array(a) if !a.is_empty() => {
+                for x in a {
+                    out.push(int(x)?)?;
+                }
+            }
+            Value::Array(_) => return None,
+            v => out.push(int(v)?)?,
+        }
+        Some(out)
+    }
+
+    /// `batch.lua`'s reply: one string, the operations' replies separated by `;`, each one's
+    /// integers by `,` (`1,24311,5,0,0,1765000000000;1;...`); exactly `n` of them.
+    fn of_batch(v: &Value, n: usize) -> Option<Vec<Ints>> {
+        let Value::BulkString(b) = v else {
+            return None;
+        };
+        let mut out = Vec::with_capacity(n);
+        for op in b.split(|&c| c == b';') {
+            let mut ints = Ints::default();
+            for x in op.split(|&c| c == b',') {
+                ints.push(lua_number(x)?)?;
+            }
+            out.push(ints);
+        }
+        (out.len() == n).then_some(out)
+    }
+}
+
+/// A Lua number as the script wrote it (`tostring`, or `%.0f` past 1e14): an integer, or
+/// otherwise truncated and saturated as Redis converts a Lua number to an integer reply.
+fn lua_number(s: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(s).ok()?;
+    if let Ok(n) = s.parse::<i64>() {
+        return Some(n);
+    }
+    let f: f64 = s.parse().ok()?;
+    // `as` truncates toward zero and saturates at the ends; NaN is not a number here.
+    (!f.is_nan()).then_some(f as i64)
 }
 
 /// A failed call, and whether Redis may have run it anyway (it was sent, the answer lost).
@@ -578,6 +656,11 @@ fn items<'a>(v: &'a Value, what: &str) -> Result<&'a [Value], SharedError> {
         Value::Array(a) if !a.is_empty() => Ok(a),
         _ => Err(unavailable(what)),
     }
+}
+
+/// The `i`-th integer of an admission's or settlement's reply.
+fn nth(a: &Ints, i: usize, what: &str) -> Result<i64, SharedError> {
+    a.get(i).ok_or_else(|| unavailable(what))
 }
 
 /// The `i`-th integer of a script's reply.
@@ -771,7 +854,7 @@ impl Core {
     /// `TIME`, the key look-ups and the network work once for all of them. The call runs in
     /// that task, not in a caller's future, so a caller that goes away (its request
     /// cancelled) never fails the others' operations.
-    async fn submit(self: &Arc<Self>, op: Op) -> Result<Value, Failed> {
+    async fn submit(self: &Arc<Self>, op: Op) -> Result<Ints, Failed> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut waiting = Waiting {
             core: self,
@@ -813,7 +896,7 @@ impl Core {
     }
 
     /// Gives an operation its reply; see [`Core::unread`] if its caller is gone.
-    fn answer(&self, tx: Reply, kind: Kind, res_id: u64, reply: Result<Value, Failed>) {
+    fn answer(&self, tx: Reply, kind: Kind, res_id: u64, reply: Result<Ints, Failed>) {
         if let Err(reply) = tx.send(reply) {
             self.unread(kind, res_id, reply);
         }
@@ -823,12 +906,10 @@ impl Core {
     /// the caller would have done with a lost reply is done here. An admission that may
     /// have taken a hold is released by the next heartbeat; a settlement that may not have
     /// run is left to expire.
-    fn unread(&self, kind: Kind, res_id: u64, reply: Result<Value, Failed>) {
+    fn unread(&self, kind: Kind, res_id: u64, reply: Result<Ints, Failed>) {
         match (kind, reply) {
             (Kind::Admit, Err(f)) if f.maybe_ran => self.unsure().push_admit(res_id),
-            (Kind::Admit, Ok(Value::Array(a))) if a.first().and_then(int) == Some(1) => {
-                self.unsure().push_admit(res_id)
-            }
+            (Kind::Admit, Ok(a)) if a.get(0) == Some(1) => self.unsure().push_admit(res_id),
             (Kind::Settle, Err(f)) if f.maybe_ran => self.unsure().push_settle(res_id),
             _ => {}
         }
@@ -888,7 +969,7 @@ impl Core {
             .max();
         let held = largest.map_or(0, |c| estimate.get().clamp(0, c.saturating_add(1)));
         let cap = limits.budget.map_or(-1, Nanos::get);
-        let mut cmd = Cmd::new();
+        let mut cmd = Cmd::with_capacity(OP_ARGS + 3 * uplines.len(), OP_BYTES);
         cmd.arg(key_prefix(key_id));
         for u in uplines {
             cmd.arg(level_prefix(u));
@@ -949,58 +1030,58 @@ impl Core {
                 return Err(f.error);
             }
         };
-        let a = items(&reply, "admit")?;
+        let a = &reply;
         let what = "admit";
-        Ok(match at(a, 0, what)? {
+        Ok(match nth(a, 0, what)? {
             0 => Admit::NeedSeed {
-                month: at(a, 1, what)?,
-                day: at(a, 2, what)?,
-                level: at(a, 3, what)?.max(0) as usize,
+                month: nth(a, 1, what)?,
+                day: nth(a, 2, what)?,
+                level: nth(a, 3, what)?.max(0) as usize,
             },
             1 => Admit::Admitted {
-                month: at(a, 1, what)?,
-                at_ms: at(a, 5, what)?,
-                standing: standing(limits, at(a, 2, what)?, at(a, 3, what)?, at(a, 4, what)?),
+                month: nth(a, 1, what)?,
+                at_ms: nth(a, 5, what)?,
+                standing: standing(limits, nth(a, 2, what)?, nth(a, 3, what)?, nth(a, 4, what)?),
             },
             2 => Admit::Rejected(GateError::BudgetExceeded {
-                spend: Nanos::new(at(a, 1, what)?) + Nanos::new(at(a, 2, what)?),
+                spend: Nanos::new(nth(a, 1, what)?) + Nanos::new(nth(a, 2, what)?),
                 cap: Nanos::new(cap),
             }),
             3 => Admit::Rejected(GateError::RateLimited {
                 limit: limits.rpm.unwrap_or(0),
-                retry_after_secs: at(a, 1, what)?.max(1) as u64,
+                retry_after_secs: nth(a, 1, what)?.max(1) as u64,
             }),
             4 => Admit::Rejected(GateError::DailyRateLimited {
                 limit: limits.rpd.unwrap_or(0),
-                retry_after_secs: at(a, 1, what)?.max(1) as u64,
+                retry_after_secs: nth(a, 1, what)?.max(1) as u64,
             }),
             5 => Admit::Rejected(GateError::ConcurrencyLimited {
                 limit: limits.max_inflight.unwrap_or(0),
             }),
             6 => Admit::Rejected(GateError::SpendRateExceeded {
-                spend: Nanos::new(at(a, 1, what)?),
+                spend: Nanos::new(nth(a, 1, what)?),
                 cap: limits.max_usd_per_hour.unwrap_or(Nanos::ZERO),
-                retry_after_secs: at(a, 2, what)?.max(1) as u64,
+                retry_after_secs: nth(a, 2, what)?.max(1) as u64,
             }),
             7 => Admit::Rejected(GateError::LoopDetected {
                 limit: limits.loop_limit.unwrap_or(0),
-                retry_after_secs: at(a, 1, what)?.max(1) as u64,
+                retry_after_secs: nth(a, 1, what)?.max(1) as u64,
             }),
             8 => {
-                let level = at(a, 2, what)?.max(1) as usize;
+                let level = nth(a, 2, what)?.max(1) as usize;
                 let u = uplines.get(level - 1).ok_or_else(|| unavailable(what))?;
                 Admit::Rejected(GateError::GroupBudgetExceeded {
                     owner: match u.level {
                         Level::Parent => format!("parent key '{}'", u.id),
                         Level::Group => format!("group '{}'", u.id),
                     },
-                    spend: Nanos::new(at(a, 1, what)?),
+                    spend: Nanos::new(nth(a, 1, what)?),
                     cap: u.limits.budget.unwrap_or(Nanos::ZERO),
                 })
             }
             9 => Admit::Rejected(GateError::RateLimited {
-                limit: at(a, 2, what)?.max(0) as u32,
-                retry_after_secs: at(a, 1, what)?.max(1) as u64,
+                limit: nth(a, 2, what)?.max(0) as u32,
+                retry_after_secs: nth(a, 1, what)?.max(1) as u64,
             }),
             _ => return Err(unavailable(what)),
         })
@@ -1056,7 +1137,7 @@ impl Core {
         month: i64,
         charge: Option<Charge<'_>>,
     ) -> Result<Settled, SharedError> {
-        let mut cmd = Cmd::new();
+        let mut cmd = Cmd::with_capacity(OP_ARGS, OP_BYTES);
         cmd.arg(key_prefix(key_id)).arg(self.node).arg(res_id);
         match charge {
             Some(c) => cmd
@@ -1086,7 +1167,7 @@ impl Core {
                 return Err(f.error);
             }
         };
-        Ok(match int(&reply).ok_or_else(|| unavailable("settle"))? {
+        Ok(match nth(&reply, 0, "settle")? {
             0 => Settled::Reaped,
             2 => Settled::Lost,
             _ => Settled::Open,
@@ -1407,5 +1488,46 @@ mod tests {
         assert!(Target::parse("redis+sentinel://10.0.0.1:26379").is_err());
         assert!(Target::parse("redis+sentinel://10.0.0.1:26379/").is_err());
         assert!(Target::parse("http://10.0.0.1").is_err());
+    }
+
+    #[test]
+    fn a_batch_reply_is_read_operation_by_operation_and_refused_if_it_does_not_fit() {
+        let batch = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let ints = |v: &[i64]| {
+            let mut i = Ints::default();
+            for n in v {
+                i.push(*n).unwrap();
+            }
+            i
+        };
+        assert_eq!(
+            Ints::of_batch(
+                &batch("1,24311,5,0,0,1765000000000;1;2,1000000000000000000,0"),
+                3
+            ),
+            Some(vec![
+                ints(&[1, 24311, 5, 0, 0, 1_765_000_000_000]),
+                ints(&[1]),
+                ints(&[2, 1_000_000_000_000_000_000, 0]),
+            ])
+        );
+        // As Redis converts a Lua number: truncated, saturated.
+        assert_eq!(lua_number(b"1e+18"), Some(1_000_000_000_000_000_000));
+        assert_eq!(lua_number(b"9223372036854775808"), Some(i64::MAX));
+        assert_eq!(lua_number(b"-2.5"), Some(-2));
+        assert_eq!(lua_number(b"nan"), None);
+        // Not the number of operations sent, seven integers, an empty figure, an array.
+        assert_eq!(Ints::of_batch(&batch("1;1"), 3), None);
+        assert_eq!(Ints::of_batch(&batch("1,2,3,4,5,6,7"), 1), None);
+        assert_eq!(Ints::of_batch(&batch("1,,2;1"), 2), None);
+        assert_eq!(Ints::of_batch(&Value::Array(vec![Value::Int(1)]), 1), None);
+        // A script's own reply, alone.
+        assert_eq!(Ints::of(&Value::Int(2)), Some(ints(&[2])));
+        assert_eq!(
+            Ints::of(&Value::Array(vec![Value::Int(3), Value::Int(12)])),
+            Some(ints(&[3, 12]))
+        );
+        assert_eq!(Ints::of(&Value::Array(vec![])), None);
+        assert_eq!(ints(&[5]).get(1), None);
     }
 }

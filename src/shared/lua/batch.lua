@@ -9,7 +9,8 @@
 --   'S' key_prefix res_id has_charge model prompt_tokens completion_tokens cost month: a
 --       settlement of this node's reservation (settle.lua's key and arguments, with this
 --       node).
--- Returns one reply per operation, in order, as admit.lua and settle.lua return them.
+-- Returns one reply per operation, in order, as admit.lua and settle.lua return them, as
+-- one string (see `enc`): `1,24311,5,0,0,1765000000000;1;...`.
 --
 -- The common operations (a key with no level above it and no brakes; a settlement of such
 -- a key's reservation) share their reads and writes: each key's figures are read once per
@@ -34,6 +35,10 @@ local rec_day = '||d' .. day
 -- distinct string (Lua turns numbers into strings with sprintf and back with strtod).
 local now_s = int(now)
 local exp_s = int(now + tonumber(ARGV[2]))
+-- An admitted fast admission's reply as text (see `enc`): what every one of the batch shares,
+-- turned into text once.
+local admitted_head = '1,' .. month .. ','
+local admitted_tail = ',' .. now_s
 local opts = {}
 local function opt1(x)
   local v = opts[x]
@@ -264,7 +269,10 @@ local function admit_fast(p, key_id, node, res_id, rpm, rpd, cap, hard, max_infl
       reset = reset_secs(minute, n + 1, rpm, now, 0)
     end
   end
-  return {1, month, remaining, reset, warning, now}
+  -- {1, month, remaining, reset, warning, now}, as `enc` would write it: only `remaining`
+  -- (and a rare `reset`) turned into text here, the rest shared by the batch.
+  return admitted_head .. remaining .. (reset == 0 and ',0' or ',' .. reset)
+    .. (warning == 1 and ',1' or ',0') .. admitted_tail
 end
 
 -- Exact as a double: at most 15 digits (admit.lua and settle.lua compare the same way;
@@ -309,7 +317,26 @@ local function settle_fast(node, res_id, charge, model, prompt, completion, cost
     c[4] = c[4] + cost
   end
   dirty = true
-  return 1
+  return '1'
+end
+
+-- One operation's reply as text, its integers separated by ',' (`1,24311,5,0,0,1765...`);
+-- the batch returns them separated by ';'. One string instead of an array of arrays: the
+-- node's client parses a string in one go, an array integer by integer at about a thousand
+-- instructions each. Plain `tostring` below 1e14 (exact: `%.14g`), `%.0f` above, so no
+-- figure is ever written with an exponent.
+local function num(x)
+  if type(x) == 'number' and (x >= 1e14 or x <= -1e14) then return int(x) end
+  return x
+end
+local function enc(r)
+  -- A string is a reply already written as text (admit_fast, settle_fast).
+  if type(r) ~= 'table' then return num(r) end
+  local n = #r
+  if n == 1 then return num(r[1]) end
+  local t = {}
+  for k = 1, n do t[k] = num(r[k]) end
+  return table.concat(t, ',')
 end
 
 -- Copies of one operation's keys and arguments, for admit.lua and settle.lua.
@@ -370,7 +397,7 @@ while i <= n do
     r = admit_one(slice(i + 3, nk), slice(i + 3 + nk, na), clock)
     i = i + 3 + nk + na
   end
-  out[#out + 1] = r
+  out[#out + 1] = enc(r)
 end
 flush_all()
-return out
+return table.concat(out, ';')
