@@ -240,6 +240,8 @@ models:
             return secret
         res["F"] = measure("F", [GATE_BIN, "--config", cfg, "serve"], env, GPORT, None, prepare=mint_tree)
     if args.redis:
+        if not shutil.which("redis-server"):
+            raise SystemExit("--redis needs redis-server (apt-get install redis-server)")
         procs.append(subprocess.Popen(["redis-server", "--port", str(RPORT), "--bind", "127.0.0.1",
                                        "--save", "", "--appendonly", "no", "--dir", work],
                                       stdout=subprocess.DEVNULL))
