@@ -10,14 +10,22 @@
 //! want the core), and a writer that falls behind is what `LedgerHealth` already reports.
 
 /// Lowers the calling thread's priority to `nice` (on Linux a thread's nice value is its
-/// own). `what` names the thread in the log line of a refusal, which changes nothing else.
+/// own); never raises it: a process started at a higher nice value (`nice -n 15 spidergate
+/// serve`) keeps it in every thread, even as root, who may raise it. `what` names the
+/// thread in the log line of a refusal, which changes nothing else.
 pub fn lower_this_thread(nice: i32, what: &str) {
     #[cfg(target_os = "linux")]
     {
-        // SAFETY: gettid and setpriority take and return plain integers; setpriority on
-        // this thread's id changes nothing but its scheduling weight.
+        // SAFETY: gettid, getpriority and setpriority take and return plain integers;
+        // setpriority on this thread's id changes nothing but its scheduling weight.
         let rc = unsafe {
             let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            // -1 is both a valid nice value and the error return: errno tells them apart.
+            *libc::__errno_location() = 0;
+            let current = libc::getpriority(libc::PRIO_PROCESS, tid);
+            if *libc::__errno_location() == 0 && current >= nice {
+                return;
+            }
             libc::setpriority(libc::PRIO_PROCESS, tid, nice)
         };
         if rc != 0 {
@@ -51,6 +59,8 @@ mod tests {
         })
         .join()
         .unwrap();
+        // Lowered to 7, or left where the process already was if that is lower (the
+        // test may run under `nice -n 10`, as root too).
         assert_eq!(lowered, 7.max(before));
         // SAFETY: as above.
         let after = unsafe {
