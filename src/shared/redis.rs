@@ -6,8 +6,8 @@
 //! commits all of them or nothing; each settlement is one more (`settle.lua`). Alone, each is
 //! one EVALSHA (one round trip); the admissions and settlements that wait while calls are in
 //! flight (two at most) go together in the next one (`batch.lua`, see `Core::submit`),
-//! decided in order exactly as one by one. The scripts read Redis' own `TIME` for the minute, the day and
-//! the month, so nodes with skewed clocks agree.
+//! decided in order exactly as one by one. The scripts read Redis' own `TIME` for the
+//! minute, the day and the month, so nodes with skewed clocks agree.
 //!
 //! # Data model
 //!

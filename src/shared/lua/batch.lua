@@ -332,10 +332,8 @@ end
 local function enc(r)
   -- A string is a reply already written as text (admit_fast, settle_fast).
   if type(r) ~= 'table' then return num(r) end
-  local n = #r
-  if n == 1 then return num(r[1]) end
   local t = {}
-  for k = 1, n do t[k] = num(r[k]) end
+  for k = 1, #r do t[k] = num(r[k]) end
   return table.concat(t, ',')
 end
 

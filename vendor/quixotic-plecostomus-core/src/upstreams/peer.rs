@@ -540,9 +540,9 @@ pub struct PeerOptions {
     /// It exists primarily for compatibility with legacy servers that send malformed headers.
     pub allow_h1_response_invalid_content_length: bool,
     /// SpiderGate: write an HTTP/1 request head together with its body when the body has a
-    /// known, non-zero length (and no `Expect: 100-continue`): the head is left in the
-    /// stream's write buffer instead of being flushed on its own, so a small request goes
-    /// out in one write (one segment, one wake-up of the upstream) instead of two.
+    /// known, non-zero length (and no `Expect: 100-continue`): the head is held back and
+    /// written with the body's first bytes, so a small request goes out in one write (one
+    /// segment, one wake-up of the upstream) instead of two.
     pub h1_coalesce_request_head: bool,
     /// Controls automatically forwarded request headers sent to HTTP upstreams.
     pub http_upstream_request_policy: HttpUpstreamRequestPolicy,
