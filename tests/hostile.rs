@@ -1238,6 +1238,86 @@ fn upstream_account_headers_never_reach_the_agent() {
     assert_no_account_headers(&r.headers, "upstream error");
 }
 
+/// Every value the response carries under `name`.
+fn values<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+/// The gateway's own headers go out once each, with the gateway's values, whatever the
+/// upstream's head holds: an HTTP/1 client gets them as lines written after the head's own
+/// (the vendored core's `set_response_head_extra`), which must never repeat a name the
+/// upstream sent (its rate limits, its `x-spidergate-*` when it is a SpiderGate itself, its
+/// `traceparent`) or land on the wrong response of a kept-alive connection.
+#[test]
+fn the_gateways_own_headers_go_out_once_with_its_values_whatever_the_upstream_sends() {
+    let mock = mock();
+    let gw = gateway(&mock)
+        .top("telemetry:\n  otlp_endpoint: \"http://127.0.0.1:9\"")
+        .start();
+    let key = gw.create_key(&["--rpm", "50"]);
+    let agent_tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let stream = json!({"model": "gpt-4o-mini", "stream": true, "messages": []}).to_string();
+    let mut remaining = Vec::new();
+    for upstream in [
+        &[][..],
+        &[("x-mock-leak-headers", "1")][..],
+        &[("x-mock-gateway-headers", "1")][..],
+        &[
+            ("x-mock-gateway-headers", "1"),
+            ("x-mock-leak-headers", "1"),
+        ][..],
+    ] {
+        for status in [None, Some("500"), Some("429")] {
+            for streamed in [false, true] {
+                let what = format!("upstream {upstream:?}, status {status:?}, stream {streamed}");
+                let mut extra = vec![("traceparent", agent_tp)];
+                extra.extend_from_slice(upstream);
+                if let Some(s) = status {
+                    extra.push(("x-mock-status", s));
+                }
+                let r = if streamed {
+                    send_chat(gw.addr, &key.bearer(), &stream, &extra).unwrap()
+                } else {
+                    gw.chat_with(&key, "gpt-4o-mini", &extra)
+                };
+                let h = &r.headers;
+                assert_eq!(r.status.to_string(), status.unwrap_or("200"), "{what}");
+                assert_eq!(values(h, "x-ratelimit-limit-requests"), ["50"], "{what}");
+                let left = values(h, "x-ratelimit-remaining-requests");
+                assert_eq!(left.len(), 1, "{what}: {h:?}");
+                remaining.push(left[0].parse::<u32>().unwrap());
+                assert_eq!(values(h, "x-ratelimit-reset").len(), 1, "{what}: {h:?}");
+                assert_eq!(values(h, "x-spidergate-model"), ["gpt-4o-mini"], "{what}");
+                let tp = values(h, "traceparent");
+                assert_eq!(tp.len(), 1, "{what}: {h:?}");
+                assert!(
+                    tp[0].starts_with("00-0af7651916cd43dd8448eb211c80319c-"),
+                    "{what}: the agent's trace, not the upstream's: {tp:?}"
+                );
+                let code = values(h, "x-spidergate-error-code");
+                match status {
+                    None => assert!(
+                        code.is_empty() || code == ["upstream-code"],
+                        "{what}: {code:?}"
+                    ),
+                    Some(_) => assert_eq!(code, ["upstream_status"], "{what}"),
+                }
+                if status == Some("429") {
+                    assert_eq!(values(h, "retry-after").len(), 1, "{what}: {h:?}");
+                }
+                assert_no_account_headers(h, &what);
+            }
+        }
+    }
+    // Each answer told the key's own count, one request fewer each time.
+    let expected: Vec<u32> = (0..remaining.len() as u32).map(|i| 49 - i).collect();
+    assert_eq!(remaining, expected);
+}
+
 #[test]
 fn every_error_response_carries_its_code_in_a_header() {
     let mock = mock();

@@ -52,6 +52,8 @@ pub(crate) struct Knobs {
     pub(crate) empty_error: bool,
     /// `x-mock-leak-headers: 1`: add provider-account headers to the response.
     pub(crate) leak_headers: bool,
+    /// `x-mock-gateway-headers: 1`: add headers named as the gateway's own.
+    pub(crate) gateway_headers: bool,
     /// `x-mock-tool-call: NAME`: answer with a call of this tool.
     pub(crate) tool_call: Option<String>,
     /// What the provider adds beyond the body in `bytes` mode.
@@ -88,6 +90,7 @@ impl Default for Knobs {
             drop: false,
             empty_error: false,
             leak_headers: false,
+            gateway_headers: false,
             tool_call: None,
             hidden: HiddenSizes::default(),
             context_window: None,
@@ -142,6 +145,8 @@ pub(crate) fn apply_knob(knobs: &mut Knobs, knob: &str, value: &[u8]) {
         knobs.empty_error = truthy(value);
     } else if knob.eq_ignore_ascii_case(b"leak-headers") {
         knobs.leak_headers = truthy(value);
+    } else if knob.eq_ignore_ascii_case(b"gateway-headers") {
+        knobs.gateway_headers = truthy(value);
     } else if knob.eq_ignore_ascii_case(b"stored-tokens") {
         knobs.hidden.stored = number.unwrap_or(knobs.hidden.stored);
     } else if knob.eq_ignore_ascii_case(b"server-tool-tokens") {

@@ -236,6 +236,7 @@ impl Reply<'_> {
         HeadFlags {
             close: self.close,
             leak: head.knobs.leak_headers,
+            gateway: head.knobs.gateway_headers,
             retry_after: None,
             capacity: false,
         }

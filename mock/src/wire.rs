@@ -56,6 +56,10 @@ pub(crate) struct Head {
 /// Headers `x-mock-leak-headers` adds: what a real provider says about the operator's account.
 const LEAK_HEADERS: &[u8] = b"\r\nopenai-organization: org-leak\r\nopenai-project: proj_leak\r\nanthropic-organization-id: leak\r\nset-cookie: a=b\r\nx-ratelimit-limit-requests: 5000\r\nx-ratelimit-remaining-tokens: 99";
 
+/// Headers `x-mock-gateway-headers` adds: names the gateway writes on its answers, as an
+/// upstream that is itself a SpiderGate (or a hostile one) would send them.
+const GATEWAY_HEADERS: &[u8] = b"\r\nx-spidergate-model: upstream-model\r\nx-spidergate-error-code: upstream-code\r\ntraceparent: 00-11111111111111111111111111111111-2222222222222222-01";
+
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
@@ -86,6 +90,8 @@ pub(crate) struct HeadFlags {
     pub(crate) close: bool,
     /// `x-mock-leak-headers`: add [`LEAK_HEADERS`].
     pub(crate) leak: bool,
+    /// `x-mock-gateway-headers`: add [`GATEWAY_HEADERS`].
+    pub(crate) gateway: bool,
     /// Add `retry-after: N`.
     pub(crate) retry_after: Option<u64>,
     /// Add rate-limit headers saying the key has requests and tokens left.
@@ -125,6 +131,9 @@ pub(crate) fn push_head(
     }
     if flags.leak {
         out.extend_from_slice(LEAK_HEADERS);
+    }
+    if flags.gateway {
+        out.extend_from_slice(GATEWAY_HEADERS);
     }
     if flags.capacity {
         out.extend_from_slice(CAPACITY_HEADERS);

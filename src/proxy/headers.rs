@@ -1,6 +1,7 @@
 //! Header work, built once: the gateway's own headers, what never goes upstream, and what
 //! never comes back from it.
 
+use bytes::Bytes;
 use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CONTENT_LENGTH, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use pingora_error::Result;
@@ -160,6 +161,10 @@ pub(super) struct UpstreamHead {
     pub zero_length: bool,
     /// An account header ([`is_account_header`]) is there to strip.
     pub account_headers: bool,
+    /// `Retry-After`.
+    pub retry_after: bool,
+    /// A name the gateway writes itself ([`is_gateway_name`]).
+    pub gateway_names: bool,
 }
 
 impl UpstreamHead {
@@ -176,11 +181,25 @@ impl UpstreamHead {
                 if !std::mem::replace(&mut content_length, true) {
                     found.zero_length = value.as_bytes() == b"0";
                 }
+            } else if name == http::header::RETRY_AFTER {
+                found.retry_after = true;
             } else {
                 found.account_headers |= is_account_header(name);
+                found.gateway_names |= is_gateway_name(name);
             }
         }
         found
+    }
+}
+
+/// Whether the gateway writes a header of this name on the answers it passes on.
+fn is_gateway_name(name: &HeaderName) -> bool {
+    let n = name.as_str().as_bytes();
+    // The first letter rules out most names without a comparison (one for every header).
+    match n.first() {
+        Some(b'x') => n.starts_with(b"x-spidergate-"),
+        Some(b't') => n == TRACEPARENT.as_str().as_bytes(),
+        _ => false,
     }
 }
 
@@ -304,23 +323,103 @@ fn limit_value(limit: u64) -> HeaderValue {
     })
 }
 
-pub(super) fn add_standing_headers(h: &mut HeaderMap, s: &Standing) {
+pub(super) fn add_standing_headers(sink: &mut impl HeaderSink, s: &Standing) {
     match (s.rpm, s.remaining) {
         (Some(limit), Some(remaining)) => {
-            h.insert(LIMIT_REQUESTS.clone(), limit_value(limit.into()));
-            h.insert(REMAINING_REQUESTS.clone(), number_value(remaining.into()));
+            sink.add_limit(&LIMIT_REQUESTS, limit.into());
+            sink.add_number(&REMAINING_REQUESTS, remaining.into());
         }
         _ => {
-            h.insert(LIMIT_REQUESTS.clone(), UNLIMITED.clone());
-            h.insert(REMAINING_REQUESTS.clone(), UNLIMITED.clone());
+            sink.add(&LIMIT_REQUESTS, UNLIMITED.clone());
+            sink.add(&REMAINING_REQUESTS, UNLIMITED.clone());
         }
     }
-    h.insert(RATE_RESET.clone(), number_value(s.reset_secs));
+    sink.add_number(&RATE_RESET, s.reset_secs);
     if s.budget_warning {
-        h.insert(
-            BUDGET_WARNING.clone(),
+        sink.add(
+            &BUDGET_WARNING,
             HeaderValue::from_static("monthly budget reached (soft limit)"),
         );
+    }
+}
+
+/// Where the gateway's own response headers go: a head's map, or [`HeadLines`].
+pub(super) trait HeaderSink {
+    /// Sets `name` (a map replaces a value it has; lines are only ever added to).
+    fn add(&mut self, name: &HeaderName, value: HeaderValue);
+
+    /// `n` as the value.
+    fn add_number(&mut self, name: &HeaderName, n: u64) {
+        self.add(name, number_value(n));
+    }
+
+    /// A rate limit as the value: the same on every response of a key.
+    fn add_limit(&mut self, name: &HeaderName, n: u64) {
+        self.add(name, limit_value(n));
+    }
+}
+
+impl HeaderSink for HeaderMap {
+    fn add(&mut self, name: &HeaderName, value: HeaderValue) {
+        self.insert(name.clone(), value);
+    }
+}
+
+/// Header lines (`name: value` CRLF, names lower-case) written after an HTTP/1 response's
+/// own (`SessionV1::set_response_head_extra` in the vendored core). Inserting into the
+/// head's map hashes each name (~250 instructions a header) and grows a map sized for the
+/// upstream's headers (~700); the lines are copied. They are cut from a per-thread buffer,
+/// like [`number_value`]'s digits: one allocation per many responses.
+pub(super) struct HeadLines(bytes::BytesMut);
+
+/// Bytes of the per-thread buffer [`HeadLines`] are cut from.
+const HEAD_LINES_SLAB_BYTES: usize = 4096;
+
+/// Room one response's lines need at most, but for long model names (which grow it).
+const HEAD_LINES_ROOM: usize = 512;
+
+thread_local! {
+    static HEAD_LINES_SLAB: std::cell::RefCell<bytes::BytesMut> =
+        std::cell::RefCell::new(bytes::BytesMut::new());
+}
+
+impl HeadLines {
+    pub(super) fn new() -> Self {
+        let mut buf = HEAD_LINES_SLAB.with(|slab| std::mem::take(&mut *slab.borrow_mut()));
+        if buf.capacity() < HEAD_LINES_ROOM {
+            buf = bytes::BytesMut::with_capacity(HEAD_LINES_SLAB_BYTES);
+        }
+        HeadLines(buf)
+    }
+
+    /// The lines, as one buffer; what is left of the slab goes back for the next response.
+    pub(super) fn finish(mut self) -> Bytes {
+        let lines = self.0.split().freeze();
+        HEAD_LINES_SLAB.with(|slab| *slab.borrow_mut() = self.0);
+        lines
+    }
+
+    fn line(&mut self, name: &HeaderName, value: &[u8]) {
+        let b = &mut self.0;
+        b.extend_from_slice(name.as_str().as_bytes());
+        b.extend_from_slice(b": ");
+        b.extend_from_slice(value);
+        b.extend_from_slice(b"\r\n");
+    }
+}
+
+impl HeaderSink for HeadLines {
+    fn add(&mut self, name: &HeaderName, value: HeaderValue) {
+        self.line(name, value.as_bytes());
+    }
+
+    fn add_number(&mut self, name: &HeaderName, n: u64) {
+        let mut digits = itoa::Buffer::new();
+        self.line(name, digits.format(n).as_bytes());
+    }
+
+    fn add_limit(&mut self, name: &HeaderName, n: u64) {
+        self.add_number(name, n);
     }
 }
 
@@ -461,75 +560,106 @@ pub(super) struct Reframe {
     pub json: bool,
 }
 
+/// What the gateway adds to an answer's head beside its framing.
+pub(super) struct Decoration<'a> {
+    pub standing: &'a Standing,
+    /// The model that failed first, when another one served.
+    pub fallback_from: Option<&'a HeaderValue>,
+    /// The model that served.
+    pub served: Option<&'a HeaderValue>,
+    pub traceparent: Option<&'a HeaderValue>,
+}
+
+impl Decoration<'_> {
+    /// How many headers [`Self::add_to`] adds at most.
+    fn count(&self, status: u16) -> usize {
+        3 + usize::from(self.standing.budget_warning)
+            + usize::from(status >= 400)
+            + usize::from(status == 429)
+            + usize::from(self.fallback_from.is_some())
+            + usize::from(self.served.is_some())
+            + usize::from(self.traceparent.is_some())
+    }
+
+    /// The rate-limit headers and those that apply: the error code of an upstream error,
+    /// `Retry-After` on a 429 that came without one (SPEC §2), which model served (and
+    /// which one failed first), the trace context.
+    fn add_to(&self, sink: &mut impl HeaderSink, status: u16, has_retry_after: bool) {
+        add_standing_headers(sink, self.standing);
+        if status >= 400 {
+            sink.add(&ERROR_CODE, HeaderValue::from_static(UPSTREAM_STATUS));
+        }
+        if status == 429 && !has_retry_after {
+            sink.add(&http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let Some(from) = self.fallback_from {
+            sink.add(&FALLBACK_FROM, from.clone());
+        }
+        if let Some(model) = self.served {
+            sink.add(&SERVED_MODEL, model.clone());
+        }
+        if let Some(tp) = self.traceparent {
+            sink.add(&TRACEPARENT, tp.clone());
+        }
+    }
+}
+
 /// The response head as the agent gets it: the upstream's account headers dropped, the
-/// gateway's rate-limit headers, the error code of an upstream error, which model served
-/// (and which one failed first), and the framing of a rewritten body.
+/// gateway's headers ([`Decoration`]) added, and the framing of a rewritten body.
+///
+/// `as_lines` (an HTTP/1 client): the gateway's headers are returned as header lines, to be
+/// written after the head's own ([`HeadLines`]), instead of going into its map; the map is
+/// then edited only where the framing changes or the upstream sent something to drop. Not
+/// when the upstream sent a name the gateway writes (`x-spidergate-*`, `traceparent`):
+/// those are replaced in the map, as an insert does, so no name goes out twice.
 pub(super) fn decorate_response(
     resp: &mut ResponseHeader,
-    standing: &Standing,
-    fallback_from: Option<&HeaderValue>,
-    served: Option<&HeaderValue>,
-    traceparent: Option<&HeaderValue>,
-    account_headers: bool,
+    decoration: &Decoration<'_>,
+    upstream: UpstreamHead,
     reframe: Reframe,
-) -> Result<()> {
+    as_lines: bool,
+) -> Result<Option<Bytes>> {
     let status = resp.status.as_u16();
-    let failed = status >= 400;
     let chunked = reframe.resized && !matches!(status, 100..=199 | 204 | 304);
-    // The headers added below: the three rate-limit ones and those that apply.
-    let added = 3
-        + usize::from(standing.budget_warning)
-        + usize::from(failed)
-        + usize::from(status == 429)
-        + usize::from(fallback_from.is_some())
-        + usize::from(served.is_some())
-        + usize::from(traceparent.is_some())
-        + usize::from(chunked);
-    edit_headers(resp, |h| {
-        // Room for them at once: the upstream's head is parsed into a map sized for its
-        // own headers, and growing it insert by insert cost more (`benches/instr.py`: this
-        // phase 3.78k -> 3.62k a request).
-        h.reserve(added);
-        if account_headers {
-            strip_account_headers(h);
-        }
-        if reframe.resized {
-            h.remove(http::header::CONTENT_LENGTH);
-        }
-        if chunked {
-            h.insert(
-                http::header::TRANSFER_ENCODING,
-                HeaderValue::from_static("chunked"),
-            );
-        }
-        if reframe.json {
-            h.insert(
-                http::header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-        }
-        add_standing_headers(h, standing);
-        if failed {
-            h.insert(
-                ERROR_CODE.clone(),
-                HeaderValue::from_static(UPSTREAM_STATUS),
-            );
-        }
-        // Every 429 carries `Retry-After` (SPEC §2): the provider's own where it sent one.
-        if status == 429 && !h.contains_key(http::header::RETRY_AFTER) {
-            h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        if let Some(from) = fallback_from {
-            h.insert(FALLBACK_FROM.clone(), from.clone());
-        }
-        if let Some(model) = served {
-            h.insert(SERVED_MODEL.clone(), model.clone());
-        }
-        if let Some(tp) = traceparent {
-            h.insert(TRACEPARENT.clone(), tp.clone());
-        }
-        Ok(())
-    })
+    let as_lines = as_lines && !upstream.gateway_names;
+    if !as_lines || upstream.account_headers || reframe.resized || reframe.json {
+        edit_headers(resp, |h| {
+            if !as_lines {
+                // Room for them at once: the upstream's head is parsed into a map sized for
+                // its own headers, and growing it insert by insert cost more
+                // (`benches/instr.py`: this phase 3.78k -> 3.62k a request).
+                h.reserve(decoration.count(status) + usize::from(chunked));
+            }
+            if upstream.account_headers {
+                strip_account_headers(h);
+            }
+            if reframe.resized {
+                h.remove(CONTENT_LENGTH);
+            }
+            if chunked {
+                h.insert(
+                    http::header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
+            }
+            if reframe.json {
+                h.insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+            }
+            if !as_lines {
+                decoration.add_to(h, status, upstream.retry_after);
+            }
+            Ok(())
+        })?;
+    }
+    if !as_lines {
+        return Ok(None);
+    }
+    let mut lines = HeadLines::new();
+    decoration.add_to(&mut lines, status, upstream.retry_after);
+    Ok(Some(lines.finish()))
 }
 
 #[cfg(test)]
@@ -539,16 +669,25 @@ mod tests {
     /// The decoration of an upstream answer without account headers, fallback, served
     /// model or trace context.
     fn decorate_plain(resp: &mut ResponseHeader) {
-        decorate_response(
+        let standing = standing();
+        let lines = decorate_response(
             resp,
-            &standing(),
-            None,
-            None,
-            None,
-            false,
+            &plain(&standing),
+            UpstreamHead::scan(&resp.headers),
             Reframe::default(),
+            false,
         )
         .unwrap();
+        assert!(lines.is_none(), "into the map");
+    }
+
+    fn plain(standing: &Standing) -> Decoration<'_> {
+        Decoration {
+            standing,
+            fallback_from: None,
+            served: None,
+            traceparent: None,
+        }
     }
 
     fn standing() -> Standing {
@@ -607,18 +746,14 @@ mod tests {
             resp.append_header(k, v).unwrap();
         }
         let served = HeaderValue::from_static("gpt-4o-mini");
-        let account_headers = UpstreamHead::scan(&resp.headers).account_headers;
-        assert!(account_headers);
-        decorate_response(
-            &mut resp,
-            &standing(),
-            None,
-            Some(&served),
-            None,
-            account_headers,
-            Reframe::default(),
-        )
-        .unwrap();
+        let upstream = UpstreamHead::scan(&resp.headers);
+        assert!(upstream.account_headers);
+        let standing = standing();
+        let decoration = Decoration {
+            served: Some(&served),
+            ..plain(&standing)
+        };
+        decorate_response(&mut resp, &decoration, upstream, Reframe::default(), false).unwrap();
         let h = &resp.headers;
         for gone in [
             "openai-organization",
@@ -661,6 +796,76 @@ mod tests {
             wire.contains("x-spidergate-error-code: upstream_status\r\n"),
             "{wire}"
         );
+    }
+
+    #[test]
+    fn for_an_http1_client_the_gateways_headers_are_lines_and_the_map_is_left_alone() {
+        let mut resp = ResponseHeader::build(429, None).unwrap();
+        resp.append_header("X-Request-Id", "req_1").unwrap();
+        let standing = Standing {
+            rpm: Some(100_000_000),
+            remaining: Some(99_999_999),
+            reset_secs: 42,
+            budget_warning: true,
+        };
+        let served = HeaderValue::from_static("gpt-4o-mini");
+        let tp = HeaderValue::from_static("00-aa-bb-01");
+        let decoration = Decoration {
+            served: Some(&served),
+            traceparent: Some(&tp),
+            ..plain(&standing)
+        };
+        let upstream = UpstreamHead::scan(&resp.headers);
+        let lines = decorate_response(&mut resp, &decoration, upstream, Reframe::default(), true)
+            .unwrap()
+            .expect("lines");
+        assert_eq!(
+            std::str::from_utf8(&lines).unwrap(),
+            "x-ratelimit-limit-requests: 100000000\r\n\
+             x-ratelimit-remaining-requests: 99999999\r\n\
+             x-ratelimit-reset: 42\r\n\
+             x-spidergate-budget-warning: monthly budget reached (soft limit)\r\n\
+             x-spidergate-error-code: upstream_status\r\n\
+             retry-after: 1\r\n\
+             x-spidergate-model: gpt-4o-mini\r\n\
+             traceparent: 00-aa-bb-01\r\n"
+        );
+        assert_eq!(resp.headers.len(), 1, "nothing added to the map");
+        assert!(
+            resp.has_case(),
+            "not rebuilt: the upstream's names keep their case"
+        );
+        // The framing changes and the upstream's account headers still go through the map;
+        // an upstream `Retry-After` is kept, not repeated.
+        resp.append_header("x-ratelimit-limit-requests", "5000")
+            .unwrap();
+        resp.append_header("retry-after", "7").unwrap();
+        resp.append_header("content-length", "10").unwrap();
+        let upstream = UpstreamHead::scan(&resp.headers);
+        let reframe = Reframe {
+            resized: true,
+            json: false,
+        };
+        let lines = decorate_response(&mut resp, &decoration, upstream, reframe, true)
+            .unwrap()
+            .expect("lines");
+        let lines = std::str::from_utf8(&lines).unwrap();
+        assert!(!lines.contains("retry-after"), "{lines}");
+        let h = &resp.headers;
+        assert!(h.get("x-ratelimit-limit-requests").is_none());
+        assert!(h.get("content-length").is_none());
+        assert_eq!(h.get("transfer-encoding").unwrap(), "chunked");
+        assert_eq!(h.get("retry-after").unwrap(), "7");
+        // An upstream that sends a name the gateway writes: into the map, replaced there.
+        resp.append_header("x-spidergate-model", "upstream")
+            .unwrap();
+        let upstream = UpstreamHead::scan(&resp.headers);
+        assert!(upstream.gateway_names);
+        let lines =
+            decorate_response(&mut resp, &decoration, upstream, Reframe::default(), true).unwrap();
+        assert!(lines.is_none());
+        let models: Vec<_> = resp.headers.get_all("x-spidergate-model").iter().collect();
+        assert_eq!(models, vec!["gpt-4o-mini"]);
     }
 
     #[test]

@@ -226,14 +226,18 @@ impl GateProxy {
             let served = ctx
                 .current_model()
                 .map(|m| &ctx.snap.routes.model_headers[m]);
+            let decoration = Decoration {
+                standing: &adm.standing,
+                fallback_from: None,
+                served,
+                traceparent: None,
+            };
             decorate_response(
                 &mut resp,
-                &adm.standing,
-                None,
-                served,
-                None,
-                false,
+                &decoration,
+                UpstreamHead::default(),
                 Reframe::default(),
+                false,
             )?;
         }
         session.write_response_header(Box::new(resp), false).await?;
@@ -1043,19 +1047,23 @@ impl ProxyHttp for GateProxy {
         let Some(adm) = &ctx.admission else {
             return Ok(());
         };
-        let traceparent = ctx.traceparent.as_ref();
         let names = &ctx.snap.routes.model_headers;
         let served = ctx.current_model();
-        let fallback_from = ctx.fallback_from.filter(|&f| Some(f) != served);
-        decorate_response(
-            resp,
-            &adm.standing,
-            fallback_from.map(|m| &names[m]),
-            served.map(|m| &names[m]),
-            traceparent,
-            head.account_headers,
-            reframe,
-        )?;
+        let decoration = Decoration {
+            standing: &adm.standing,
+            fallback_from: ctx
+                .fallback_from
+                .filter(|&f| Some(f) != served)
+                .map(|m| &names[m]),
+            served: served.map(|m| &names[m]),
+            traceparent: ctx.traceparent.as_ref(),
+        };
+        // An HTTP/1 client gets the gateway's headers as lines after the head's own.
+        let h1 = session.as_http1_mut();
+        let lines = decorate_response(resp, &decoration, head, reframe, h1.is_some())?;
+        if let (Some(h1), Some(lines)) = (h1, lines) {
+            h1.set_response_head_extra(lines);
+        }
         // The client hung up while the upstream worked (a non-streamed request, which is
         // not aborted then): the answer is read for its usage, not sent.
         if session.as_http1().is_some_and(|s| s.is_half_closed()) {

@@ -744,6 +744,17 @@ where
         }
     }
 
+    /// SpiderGate: the HTTP/1 session, to set what only it has
+    /// ([`SessionV1::set_response_head_extra`]).
+    pub fn as_http1_mut(&mut self) -> Option<&mut SessionV1> {
+        match self {
+            Self::H1(s) => Some(s),
+            Self::H2(_) => None,
+            Self::Subrequest(_) => None,
+            Self::Custom(_) => None,
+        }
+    }
+
     pub fn as_http2(&self) -> Option<&SessionV2> {
         match self {
             Self::H1(_) => None,

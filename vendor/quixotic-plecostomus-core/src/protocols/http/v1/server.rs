@@ -158,6 +158,9 @@ pub struct HttpSession {
     /// [`super::super::HttpPersistentSettings`] into the next session.
     /// Scoped narrowly so it cannot affect FIN / `abort_on_close` semantics.
     pipelined_idle_bytes_stashed: bool,
+    /// SpiderGate: header lines written as they are, after the response header's own, in the
+    /// next final (non-1xx) response head. See [`Self::set_response_head_extra`].
+    response_head_extra: Option<Bytes>,
 }
 
 impl HttpSession {
@@ -206,7 +209,22 @@ impl HttpSession {
             pipelining_enabled: false,
             pipelined_prefix: None,
             pipelined_idle_bytes_stashed: false,
+            response_head_extra: None,
         }
+    }
+
+    /// SpiderGate: `lines` (whole header lines, each ending in CRLF) are written as they are
+    /// after the header's own lines in the next final (non-1xx) response head this session
+    /// writes, and then forgotten. They are not added to the [`ResponseHeader`], so
+    /// [`Self::response_written`] does not show them and nothing reads them for framing:
+    /// they must not be framing headers (`Content-Length`, `Transfer-Encoding`,
+    /// `Connection`), nor name a header the response header also has.
+    ///
+    /// Why: adding a header through the [`ResponseHeader`] hashes its name into the header
+    /// map (and a case map), and a map sized for the upstream's own headers grows; a few
+    /// lines of a proxy's own cost more there than writing them.
+    pub fn set_response_head_extra(&mut self, lines: Bytes) {
+        self.response_head_extra = Some(lines);
     }
 
     async fn read_request_buf(
@@ -911,7 +929,12 @@ impl HttpSession {
 
         // Serialize header to bytes
         let mut write_buf = BytesMut::with_capacity(INIT_HEADER_BUF_SIZE);
-        http_resp_header_to_buf(header, &mut write_buf)
+        let extra = if header.status.is_informational() {
+            None
+        } else {
+            self.response_head_extra.take()
+        };
+        http_resp_header_to_buf(header, extra.as_deref(), &mut write_buf)
             .map_err(|_| Error::explain(WriteError, "serializing response header"))?;
 
         // Determine if we should flush
@@ -1825,6 +1848,7 @@ fn parse_req_buffer<'buf>(
 #[inline]
 fn http_resp_header_to_buf(
     resp: &ResponseHeader,
+    extra: Option<&[u8]>,
     buf: &mut BytesMut,
 ) -> std::result::Result<(), ()> {
     // Status-Line
@@ -1849,6 +1873,9 @@ fn http_resp_header_to_buf(
     // headers
     // TODO: style: make sure Server and Date headers are the first two
     resp.header_to_h1_wire(buf);
+    if let Some(extra) = extra {
+        buf.put_slice(extra);
+    }
 
     buf.put_slice(CRLF);
     Ok(())
@@ -3336,7 +3363,7 @@ mod test_sync {
         let mut new_response = ResponseHeader::build(StatusCode::OK, None).unwrap();
         new_response.append_header("Foo", "Bar").unwrap();
         let mut wire = BytesMut::with_capacity(INIT_HEADER_BUF_SIZE);
-        http_resp_header_to_buf(&new_response, &mut wire).unwrap();
+        http_resp_header_to_buf(&new_response, None, &mut wire).unwrap();
         debug!("{}", str::from_utf8(wire.as_ref()).unwrap());
         let mut headers = [httparse::EMPTY_HEADER; 128];
         let mut resp = httparse::Response::new(&mut headers);
