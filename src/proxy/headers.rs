@@ -159,6 +159,10 @@ pub(super) struct UpstreamHead {
     pub sse: bool,
     /// `Content-Length: 0`.
     pub zero_length: bool,
+    /// A `Content-Length`, of any value.
+    pub content_length: bool,
+    /// `Transfer-Encoding` ending in `chunked` (a provider's stream comes so).
+    pub chunked: bool,
     /// An account header ([`is_account_header`]) is there to strip.
     pub account_headers: bool,
     /// `Retry-After`.
@@ -181,6 +185,8 @@ impl UpstreamHead {
                 if !std::mem::replace(&mut content_length, true) {
                     found.zero_length = value.as_bytes() == b"0";
                 }
+            } else if name == http::header::TRANSFER_ENCODING {
+                found.chunked = value.as_bytes().ends_with(b"chunked");
             } else if name == http::header::RETRY_AFTER {
                 found.retry_after = true;
             } else {
@@ -188,6 +194,7 @@ impl UpstreamHead {
                 found.gateway_names |= is_gateway_name(name);
             }
         }
+        found.content_length = content_length;
         found
     }
 }
@@ -620,9 +627,12 @@ pub(super) fn decorate_response(
     as_lines: bool,
 ) -> Result<Option<Bytes>> {
     let status = resp.status.as_u16();
-    let chunked = reframe.resized && !matches!(status, 100..=199 | 204 | 304);
+    // A rewritten body's framing: no length, chunked. A provider's stream is framed so
+    // already, and its head is then left as it is.
+    let drop_length = reframe.resized && upstream.content_length;
+    let chunked = reframe.resized && !upstream.chunked && !matches!(status, 100..=199 | 204 | 304);
     let as_lines = as_lines && !upstream.gateway_names;
-    if !as_lines || upstream.account_headers || reframe.resized || reframe.json {
+    if !as_lines || upstream.account_headers || drop_length || chunked || reframe.json {
         edit_headers(resp, |h| {
             if !as_lines {
                 // Room for them at once: the upstream's head is parsed into a map sized for
@@ -633,7 +643,7 @@ pub(super) fn decorate_response(
             if upstream.account_headers {
                 strip_account_headers(h);
             }
-            if reframe.resized {
+            if drop_length {
                 h.remove(CONTENT_LENGTH);
             }
             if chunked {
@@ -856,6 +866,21 @@ mod tests {
         assert!(h.get("content-length").is_none());
         assert_eq!(h.get("transfer-encoding").unwrap(), "chunked");
         assert_eq!(h.get("retry-after").unwrap(), "7");
+        // A provider's stream, chunked and without a length, keeps its head as it came.
+        let mut stream = ResponseHeader::build(200, None).unwrap();
+        stream
+            .append_header("Content-Type", "text/event-stream")
+            .unwrap();
+        stream
+            .append_header("Transfer-Encoding", "chunked")
+            .unwrap();
+        let upstream = UpstreamHead::scan(&stream.headers);
+        assert!(upstream.chunked && !upstream.content_length);
+        let lines = decorate_response(&mut stream, &decoration, upstream, reframe, true).unwrap();
+        assert!(lines.is_some());
+        assert!(stream.has_case(), "not rebuilt");
+        let te: Vec<_> = stream.headers.get_all("transfer-encoding").iter().collect();
+        assert_eq!(te, vec!["chunked"]);
         // An upstream that sends a name the gateway writes: into the map, replaced there.
         resp.append_header("x-spidergate-model", "upstream")
             .unwrap();
