@@ -987,7 +987,27 @@ mod tests {
             ("openai-organization", "org"),
         ]);
         assert!(!head.sse && !head.zero_length && head.account_headers);
+        assert!(head.content_length && !head.chunked && !head.retry_after);
+        assert!(!head.gateway_names);
         assert!(scan(&[("set-cookie", "a=b")]).account_headers);
+        let head = scan(&[
+            ("transfer-encoding", "chunked"),
+            ("retry-after", "3"),
+            ("traceparent", "00-aa-bb-01"),
+        ]);
+        assert!(head.chunked && !head.content_length && head.retry_after);
+        assert!(head.gateway_names && !head.account_headers);
+        assert!(!scan(&[("transfer-encoding", "gzip")]).chunked);
+        for ours in [
+            "x-spidergate-model",
+            "x-spidergate-budget-warning",
+            "traceparent",
+        ] {
+            assert!(scan(&[(ours, "v")]).gateway_names, "{ours}");
+        }
+        for theirs in ["x-spidergate", "tracestate", "x-request-id", "server"] {
+            assert!(!scan(&[(theirs, "v")]).gateway_names, "{theirs}");
+        }
     }
 
     #[test]
