@@ -12,6 +12,7 @@ The dumps stay in OUT (default /tmp/sginstr) for callgrind_annotate.
 Needs valgrind (apt-get install valgrind) and nginx (the mock), and release builds of the
 gateway and the bare proxy (cargo build --release --bins --examples).
 Usage (from the project checkout): benches/instr.py [--n 3000] [--conns 8] [--stream] [--fleet] [--redis]
+                                                  [--redis-ir]
 It ends with a per-phase table for G: the proxy hooks, the ledger writer thread and the
 allocator, inclusive instructions per request (callgrind_annotate --inclusive=yes), so a
 change can be steered phase by phase. Full detail: callgrind_annotate --inclusive=yes OUT/G.out.<pid>.1
@@ -24,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -56,7 +58,14 @@ ap.add_argument("--redis", action="store_true",
                      "a private redis-server on port base+5): what a cluster node's Redis client "
                      "costs it. Redis' own work is not counted; batches are smaller than at full "
                      "speed (the node runs slowly under callgrind), so R/G is an upper bound")
+ap.add_argument("--redis-ir", action="store_true",
+                help="--redis, with redis-server under callgrind too: Redis' own instructions per "
+                     "request and per script call, counted over R's measured requests (A/B of a "
+                     "change to the Lua scripts without the load's noise). The node under "
+                     "callgrind batches less than at full speed, so per request this is an "
+                     "upper bound; per call it depends on the batch's size")
 args = ap.parse_args()
+args.redis = args.redis or args.redis_ir
 CONTENT_TYPE = "application/json"
 if args.stream:
     CHUNK = ('data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"up-paid-a",'
@@ -102,6 +111,13 @@ def load(port, n, token):
     return ok[0]
 
 
+def redis_evals():
+    """Script calls Redis has run so far (INFO commandstats: eval and evalsha)."""
+    out = subprocess.run(["redis-cli", "-p", str(RPORT), "INFO", "commandstats"],
+                         capture_output=True, text=True).stdout
+    return sum(int(m) for m in re.findall(r"^cmdstat_eval(?:sha)?:calls=(\d+)", out, re.M))
+
+
 def wait_port(port, secs=120):
     end = time.time() + secs
     while time.time() < end:
@@ -115,7 +131,9 @@ def wait_port(port, secs=120):
     return False
 
 
-def measure(name, cmd, env, port, token, prepare=None):
+def measure(name, cmd, env, port, token, prepare=None, beside=(), mark=None):
+    """`beside`: other processes under callgrind, zeroed and dumped with this one; `mark`
+    is called just before the measured requests and just after them."""
     prefix = os.path.join(args.out, f"{name}.out")
     for f in glob.glob(prefix + "*"):
         os.remove(f)
@@ -128,11 +146,17 @@ def measure(name, cmd, env, port, token, prepare=None):
         if prepare:
             token = prepare(port)
         load(port, 300, token)  # warm-up: pools, allocator, lazy statics
-        subprocess.run(["callgrind_control", "-z", str(p.pid)], capture_output=True)
+        for pid in [p.pid, *beside]:
+            subprocess.run(["callgrind_control", "-z", str(pid)], capture_output=True)
+        if mark:
+            mark()
         t0 = time.time()
         ok = load(port, args.n, token)
         dt = time.time() - t0
-        subprocess.run(["callgrind_control", "-d", f"{name}-measured", str(p.pid)], capture_output=True)
+        if mark:
+            mark()
+        for pid in [p.pid, *beside]:
+            subprocess.run(["callgrind_control", "-d", f"{name}-measured", str(pid)], capture_output=True)
         time.sleep(1)
     finally:
         p.send_signal(signal.SIGINT)
@@ -242,9 +266,22 @@ models:
     if args.redis:
         if not shutil.which("redis-server"):
             raise SystemExit("--redis needs redis-server (apt-get install redis-server)")
-        procs.append(subprocess.Popen(["redis-server", "--port", str(RPORT), "--bind", "127.0.0.1",
-                                       "--save", "", "--appendonly", "no", "--dir", work],
-                                      stdout=subprocess.DEVNULL))
+        rprefix = os.path.join(args.out, "redis.out")
+        for f in glob.glob(rprefix + "*"):
+            os.remove(f)
+        under = (["valgrind", "--tool=callgrind", f"--callgrind-out-file={rprefix}.%p", "--dump-instr=no"]
+                 if args.redis_ir else [])
+        redis = subprocess.Popen(under + ["redis-server", "--port", str(RPORT), "--bind", "127.0.0.1",
+                                          "--save", "", "--appendonly", "no", "--dir", work],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(redis)
+        wait_redis = time.time() + 60
+        while time.time() < wait_redis:
+            try:
+                socket.create_connection(("127.0.0.1", RPORT), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.3)
         rcfg = os.path.join(work, "gate-redis.yaml")
         open(rcfg, "w").write(open(cfg).read().replace(f'database: "{work}/gate.db"', f'database: "{work}/gate-r.db"')
                               + "shared_state:\n  redis_url_env: PERF_REDIS\n  on_error: closed\n")
@@ -253,7 +290,11 @@ models:
                                         "100000000", "--rpd", "1000000000", "--budget", "1000000",
                                         "--budget-mode", "hard", "--json"],
                                        capture_output=True, text=True, env=renv).stdout)
-        res["R"] = measure("R", [GATE_BIN, "--config", rcfg, "serve"], renv, GPORT, rk["secret"])
+        evals = []
+        res["R"] = measure("R", [GATE_BIN, "--config", rcfg, "serve"], renv, GPORT, rk["secret"],
+                           beside=[redis.pid] if args.redis_ir else (),
+                           mark=lambda: evals.append(redis_evals()))
+        calls = evals[-1] - evals[0]
     for t, (ir, ok, dt, dumps) in res.items():
         print(f"{t}: {ir:,.0f} Ir/request over {ok} requests ({dt:.0f} s under callgrind); dumps: {' '.join(dumps)}")
     print(f"G/P user-space instructions per request: {res['G'][0] / res['P'][0]:.3f}")
@@ -261,6 +302,16 @@ models:
         print(f"F/G (a 3-deep minted key in a group vs a lone key): {res['F'][0] / res['G'][0]:.3f}")
     if "R" in res:
         print(f"R/G (live limits in Redis vs in-process, the gateway's own instructions): {res['R'][0] / res['G'][0]:.3f}")
+    if args.redis_ir:
+        dumps = [f for f in glob.glob(rprefix + "*") if open(f, errors="replace").read(4000).find("measured") >= 0]
+        total = 0
+        for f in dumps:
+            m = re.search(r"^(?:summary|totals): (\d+)", open(f, errors="replace").read(), re.M)
+            total += int(m.group(1)) if m else 0
+        ok = max(res["R"][1], 1)
+        print(f"Redis: {total / ok:,.0f} Ir per request, {total / max(calls, 1):,.0f} per script call "
+              f"({calls / ok:.3f} calls per request, the node's background included); "
+              f"dumps: {' '.join(dumps)}")
     print_phases(res["G"][3], res["G"][1])
 finally:
     for p in procs:
