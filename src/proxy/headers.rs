@@ -137,7 +137,11 @@ impl BodyFraming {
 /// Whether an upstream response header reveals the operator's provider account or its
 /// limits (SPEC §2): the gateway's own `X-RateLimit-*` are the only ones a client sees.
 pub(super) fn is_account_header(name: &HeaderName) -> bool {
-    let n = name.as_str();
+    is_account_name(name.as_str())
+}
+
+#[inline]
+fn is_account_name(n: &str) -> bool {
     // Every such name starts with one of these letters; most headers are ruled out by it.
     if !matches!(n.as_bytes().first(), Some(b'x' | b'a' | b'o' | b's')) {
         return false;
@@ -190,8 +194,10 @@ impl UpstreamHead {
             } else if name == http::header::RETRY_AFTER {
                 found.retry_after = true;
             } else {
-                found.account_headers |= is_account_header(name);
-                found.gateway_names |= is_gateway_name(name);
+                // The name's text once (a standard name's is a lookup), both questions on it.
+                let n = name.as_str();
+                found.account_headers |= is_account_name(n);
+                found.gateway_names |= is_gateway_name(n);
             }
         }
         found.content_length = content_length;
@@ -200,8 +206,8 @@ impl UpstreamHead {
 }
 
 /// Whether the gateway writes a header of this name on the answers it passes on.
-fn is_gateway_name(name: &HeaderName) -> bool {
-    let n = name.as_str().as_bytes();
+fn is_gateway_name(name: &str) -> bool {
+    let n = name.as_bytes();
     // The first letter rules out most names without a comparison (one for every header).
     match n.first() {
         Some(b'x') => n.starts_with(b"x-spidergate-"),
@@ -377,7 +383,7 @@ impl HeaderSink for HeaderMap {
 /// head's map hashes each name (~250 instructions a header) and grows a map sized for the
 /// upstream's headers (~700); the lines are copied. They are cut from a per-thread buffer,
 /// like [`number_value`]'s digits: one allocation per many responses.
-pub(super) struct HeadLines(bytes::BytesMut);
+pub(super) struct HeadLines<'a>(&'a mut bytes::BytesMut);
 
 /// Bytes of the per-thread buffer [`HeadLines`] are cut from.
 const HEAD_LINES_SLAB_BYTES: usize = 4096;
@@ -390,24 +396,21 @@ thread_local! {
         std::cell::RefCell::new(bytes::BytesMut::new());
 }
 
-impl HeadLines {
-    pub(super) fn new() -> Self {
-        let mut buf = HEAD_LINES_SLAB.with(|slab| std::mem::take(&mut *slab.borrow_mut()));
-        if buf.capacity() < HEAD_LINES_ROOM {
-            buf = bytes::BytesMut::with_capacity(HEAD_LINES_SLAB_BYTES);
-        }
-        HeadLines(buf)
-    }
-
-    /// The lines, as one buffer; what is left of the slab goes back for the next response.
-    pub(super) fn finish(mut self) -> Bytes {
-        let lines = self.0.split().freeze();
-        HEAD_LINES_SLAB.with(|slab| *slab.borrow_mut() = self.0);
-        lines
+impl HeadLines<'_> {
+    /// The lines `write` adds, as one buffer cut from this thread's slab.
+    pub(super) fn write(write: impl FnOnce(&mut HeadLines<'_>)) -> Bytes {
+        HEAD_LINES_SLAB.with(|slab| {
+            let mut slab = slab.borrow_mut();
+            if slab.capacity() < HEAD_LINES_ROOM {
+                *slab = bytes::BytesMut::with_capacity(HEAD_LINES_SLAB_BYTES);
+            }
+            write(&mut HeadLines(&mut slab));
+            slab.split().freeze()
+        })
     }
 
     fn line(&mut self, name: &HeaderName, value: &[u8]) {
-        let b = &mut self.0;
+        let b = &mut *self.0;
         b.extend_from_slice(name.as_str().as_bytes());
         b.extend_from_slice(b": ");
         b.extend_from_slice(value);
@@ -415,7 +418,7 @@ impl HeadLines {
     }
 }
 
-impl HeaderSink for HeadLines {
+impl HeaderSink for HeadLines<'_> {
     fn add(&mut self, name: &HeaderName, value: HeaderValue) {
         self.line(name, value.as_bytes());
     }
@@ -667,9 +670,9 @@ pub(super) fn decorate_response(
     if !as_lines {
         return Ok(None);
     }
-    let mut lines = HeadLines::new();
-    decoration.add_to(&mut lines, status, upstream.retry_after);
-    Ok(Some(lines.finish()))
+    Ok(Some(HeadLines::write(|lines| {
+        decoration.add_to(lines, status, upstream.retry_after);
+    })))
 }
 
 #[cfg(test)]
