@@ -73,6 +73,18 @@ impl Chain {
 }
 
 impl Catalog {
+    /// No models: for the key operations that name none (revocation with a config that
+    /// does not load whole).
+    pub fn empty() -> Catalog {
+        Catalog {
+            models: Vec::new(),
+            providers: Vec::new(),
+            by_name: HashMap::new(),
+            alias_names: Vec::new(),
+            alias_chains: Vec::new(),
+        }
+    }
+
     pub fn new(config: &Config) -> Catalog {
         let mut by_name = HashMap::new();
         for (i, m) in config.models.iter().enumerate() {

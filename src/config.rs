@@ -651,17 +651,34 @@ impl std::fmt::Debug for SharedState {
     }
 }
 
-fn parse_shared_state(raw: RawSharedState) -> Result<SharedState, ConfigError> {
-    let url = |field: &str, env: Option<String>| -> Result<Option<String>, ConfigError> {
-        let Some(env) = env else { return Ok(None) };
-        match std::env::var(&env) {
-            Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
-            _ => err(
-                format!("shared_state.{field}"),
-                format!("environment variable {env} is not set"),
-            ),
+/// The URL in the environment variable `env` names (`field` for the error).
+fn url_from_env(field: &str, env: Option<String>) -> Result<Option<String>, ConfigError> {
+    let Some(env) = env else { return Ok(None) };
+    match std::env::var(&env) {
+        Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
+        _ => err(
+            format!("shared_state.{field}"),
+            format!("environment variable {env} is not set"),
+        ),
+    }
+}
+
+/// `database` as given: every door (gateway, CLI, dashboard) must open the same file, so an
+/// empty name or `:memory:` (a database of each process's own that vanishes with it) is
+/// refused. Not needed when the keys, ledger and traces are in PostgreSQL.
+fn database_path(database: Option<String>, on_postgres: bool) -> Result<String, ConfigError> {
+    match database {
+        Some(d) if d.trim().is_empty() || d.trim() == ":memory:" || d.starts_with("file:") => {
+            err("database", format!("\"{d}\" is not a file path"))
         }
-    };
+        Some(d) => Ok(d),
+        None if on_postgres => Ok(String::new()),
+        None => err("database", "required"),
+    }
+}
+
+fn parse_shared_state(raw: RawSharedState) -> Result<SharedState, ConfigError> {
+    let url = url_from_env;
     let postgres_url = url("postgres_url_env", raw.postgres_url_env)?;
     let redis_url = url("redis_url_env", raw.redis_url_env)?;
     // Parsed now, so check-config reports a malformed URL (never echoed: it may hold a
@@ -811,6 +828,34 @@ impl Config {
         }
     }
 
+    /// Where the store is, read from the config file alone, for when the file does not load
+    /// whole (a typo elsewhere must not keep an operator from revoking a key): `database`,
+    /// or PostgreSQL when `shared_state.postgres_url_env` names a set variable; every
+    /// other field is ignored, checked or not.
+    pub fn store_location_only(path: &Path) -> Result<StoreLocation, ConfigError> {
+        #[derive(Deserialize)]
+        struct StoreOnly {
+            database: Option<String>,
+            shared_state: Option<SharedStoreOnly>,
+        }
+        #[derive(Deserialize)]
+        struct SharedStoreOnly {
+            postgres_url_env: Option<String>,
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        let raw: StoreOnly = serde_yaml::from_str(&text)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        let env = raw.shared_state.and_then(|s| s.postgres_url_env);
+        if let Some(url) = url_from_env("postgres_url_env", env)? {
+            return Ok(StoreLocation::Postgres(url));
+        }
+        Ok(StoreLocation::Sqlite(PathBuf::from(database_path(
+            raw.database,
+            false,
+        )?)))
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
@@ -834,17 +879,7 @@ impl Config {
         let on_postgres = shared_state
             .as_ref()
             .is_some_and(|s| s.postgres_url.is_some());
-        let database = match raw.database {
-            // Every door (gateway, CLI, dashboard) must open the same file: an empty name or
-            // `:memory:` would give each process a database of its own that vanishes with it.
-            Some(d) if d.trim().is_empty() || d.trim() == ":memory:" || d.starts_with("file:") => {
-                return err("database", format!("\"{d}\" is not a file path"));
-            }
-            Some(d) => d,
-            // Unused: keys, ledger and traces are in PostgreSQL.
-            None if on_postgres => String::new(),
-            None => return err("database", "required"),
-        };
+        let database = database_path(raw.database, on_postgres)?;
         if raw.max_body_bytes == 0 {
             return err("max_body_bytes", "must be greater than 0");
         }
@@ -1396,6 +1431,37 @@ aliases:
             at(1_001).unwrap_err().to_string(),
             "server.reload_interval_ms: must be between 1 and 1000"
         );
+    }
+
+    #[test]
+    fn the_store_is_read_from_a_config_that_does_not_load_whole() {
+        let dir = std::env::temp_dir().join(format!("sg-store-only-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.yaml");
+        let at = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Config::store_location_only(&path).map_err(|e| e.to_string())
+        };
+        let broken = format!("{BASE}\nlisten_typo: 1\nmodels: 7\n");
+        assert!(Config::parse(&broken, &path).is_err());
+        match at(&broken).unwrap() {
+            StoreLocation::Sqlite(p) => assert_eq!(p, PathBuf::from("data/x.db")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            at("database: \":memory:\"\n").unwrap_err(),
+            "database: \":memory:\" is not a file path"
+        );
+        assert_eq!(at("listen: x\n").unwrap_err(), "database: required");
+        std::env::set_var("SG_STORE_ONLY_TEST_PG", "postgres://u@127.0.0.1/db");
+        let pg = at("shared_state:\n  postgres_url_env: SG_STORE_ONLY_TEST_PG\n  bogus: 1\n");
+        assert!(matches!(pg.unwrap(), StoreLocation::Postgres(u) if u.ends_with("/db")));
+        assert!(
+            at("shared_state:\n  postgres_url_env: SG_STORE_ONLY_TEST_UNSET\n")
+                .unwrap_err()
+                .contains("SG_STORE_ONLY_TEST_UNSET is not set")
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The `spidergate` binary: serve, check-config, keys, usage, traces.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// The gateway allocates small, short-lived objects on many threads (and frees some on the
@@ -368,6 +368,12 @@ fn main() -> ExitCode {
         Command::Serve(args) => Config::load(&config_path)
             .map_err(|e| e.to_string())
             .and_then(|c| spidergate::serve::run(c, args.pingora)),
+        // A revocation needs only the store: a config that does not load whole (a typo
+        // made while the gateway runs on the last good one) must not keep it from happening.
+        Command::Keys(KeysCommand::Revoke { id, json }) => match Config::load(&config_path) {
+            Ok(c) => manage_command(c, Command::Keys(KeysCommand::Revoke { id, json })),
+            Err(e) => revoke_with_store_only(&config_path, &e.to_string(), &id, json),
+        },
         command => Config::load(&config_path)
             .map_err(|e| e.to_string())
             .and_then(|c| manage_command(c, command)),
@@ -382,12 +388,45 @@ fn main() -> ExitCode {
 }
 
 fn open(config: &Config) -> Result<Store, String> {
-    let at = config.store_location();
+    open_at(config.store_location())
+}
+
+fn open_at(at: spidergate::store::StoreLocation) -> Result<Store, String> {
     Store::open_at(&at).map_err(|e| match at {
         spidergate::store::StoreLocation::Sqlite(p) => format!("database {}: {e}", p.display()),
         // The URL may carry a password: not printed.
         spidergate::store::StoreLocation::Postgres(_) => format!("database (PostgreSQL): {e}"),
     })
+}
+
+/// `keys revoke` when the config does not load: the store it names is found from its
+/// `database` (or `shared_state.postgres_url_env`) alone, and the key revoked there, with
+/// a warning that names the config's error. The running gateway sees the revocation as any
+/// other (it polls the store's changes).
+fn revoke_with_store_only(config_path: &Path, load_error: &str, id: &str, json: bool) -> CliResult {
+    let at = Config::store_location_only(config_path)
+        .map_err(|e| format!("{load_error} (and no store could be read from it: {e})"))?;
+    eprintln!("warning: {load_error}; revoking in the store the config names");
+    let mut store = open_at(at)?;
+    let now = now_ms();
+    let k = KeyService::new(&mut store, &Catalog::empty(), Actor::cli())
+        .revoke(id, now)
+        .map_err(cli_err)?;
+    print_revoked(&k, now, json);
+    Ok(())
+}
+
+fn print_revoked(k: &KeyRecord, now: i64, json: bool) {
+    if json {
+        print_json(&report::key_json(k, now));
+    } else {
+        println!(
+            "Revoked key {} ({}) at {}",
+            k.id,
+            k.name,
+            rfc3339(k.revoked_at.unwrap_or(now))
+        );
+    }
 }
 
 /// A key looked up by id, or the CLI's "no key" error.
@@ -713,16 +752,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             let k = KeyService::new(&mut store, &catalog, Actor::cli())
                 .revoke(&id, now)
                 .map_err(cli_err)?;
-            if json {
-                print_json(&report::key_json(&k, now));
-            } else {
-                println!(
-                    "Revoked key {} ({}) at {}",
-                    k.id,
-                    k.name,
-                    rfc3339(k.revoked_at.unwrap_or(now))
-                );
-            }
+            print_revoked(&k, now, json);
             Ok(())
         }
         Command::Groups(cmd) => groups_command(&mut store, &catalog, cmd, now),

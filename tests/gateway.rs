@@ -871,6 +871,47 @@ fn hostile_input_never_takes_the_gateway_down() {
 
 /// SPEC §4: every request leaves a trace naming its key; a revoked or expired token still
 /// belongs to one, so its refusals are in that key's traces.
+/// A typo in the config (made while the gateway runs on the last good one) must not keep
+/// an operator from revoking a key: `keys revoke` then finds the store from the file's
+/// `database` alone, warns, and the running gateway applies the revocation as any other.
+/// Every other command still refuses the broken config.
+#[test]
+fn a_key_is_revoked_from_the_cli_even_when_the_config_no_longer_loads() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    let key = gw.create_key(&[]);
+    assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
+    let good = std::fs::read_to_string(&gw.config).unwrap();
+    std::fs::write(&gw.config, format!("{good}\nbudget_alerts_typo: 1\n")).unwrap();
+
+    let out = gw.cli(&["keys", "create", "--name", "x"]);
+    assert!(!out.status.success(), "the broken config is still refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("budget_alerts_typo"));
+
+    let out = gw.cli(&["keys", "revoke", &key.id]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning:") && stderr.contains("budget_alerts_typo"),
+        "the warning names what is wrong: {stderr}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("Revoked key {}", key.id)));
+    let stored = gw.store().get_key(&key.id).unwrap().unwrap();
+    assert!(stored.revoked_at.is_some());
+    let r = wait_for(Duration::from_secs(10), "revocation", || {
+        Some(gw.chat(&key, "gpt-4o-mini")).filter(|r| r.status == 401)
+    });
+    assert_eq!(r.code(), "token_revoked");
+
+    // A file whose store cannot be read either says both.
+    std::fs::write(&gw.config, "database: [not a path\n").unwrap();
+    let out = gw.cli(&["keys", "revoke", &key.id]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no store could be read"), "{stderr}");
+    std::fs::write(&gw.config, good).unwrap();
+}
+
 #[test]
 fn a_revoked_keys_refusals_are_in_its_own_traces() {
     let mock = mock();
