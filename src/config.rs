@@ -678,9 +678,8 @@ fn database_path(database: Option<String>, on_postgres: bool) -> Result<String, 
 }
 
 fn parse_shared_state(raw: RawSharedState) -> Result<SharedState, ConfigError> {
-    let url = url_from_env;
-    let postgres_url = url("postgres_url_env", raw.postgres_url_env)?;
-    let redis_url = url("redis_url_env", raw.redis_url_env)?;
+    let postgres_url = url_from_env("postgres_url_env", raw.postgres_url_env)?;
+    let redis_url = url_from_env("redis_url_env", raw.redis_url_env)?;
     // Parsed now, so check-config reports a malformed URL (never echoed: it may hold a
     // password).
     if let Some(u) = &postgres_url {
