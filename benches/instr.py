@@ -276,11 +276,13 @@ models:
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(redis)
         wait_redis = time.time() + 60
-        while time.time() < wait_redis:
+        while True:
             try:
                 socket.create_connection(("127.0.0.1", RPORT), timeout=1).close()
                 break
             except OSError:
+                if time.time() > wait_redis or redis.poll() is not None:
+                    raise SystemExit(f"redis-server did not start on port {RPORT}")
                 time.sleep(0.3)
         rcfg = os.path.join(work, "gate-redis.yaml")
         open(rcfg, "w").write(open(cfg).read().replace(f'database: "{work}/gate.db"', f'database: "{work}/gate-r.db"')
@@ -293,8 +295,8 @@ models:
         evals = []
         res["R"] = measure("R", [GATE_BIN, "--config", rcfg, "serve"], renv, GPORT, rk["secret"],
                            beside=[redis.pid] if args.redis_ir else (),
-                           mark=lambda: evals.append(redis_evals()))
-        calls = evals[-1] - evals[0]
+                           mark=(lambda: evals.append(redis_evals())) if args.redis_ir else None)
+        calls = evals[-1] - evals[0] if evals else 0
     for t, (ir, ok, dt, dumps) in res.items():
         print(f"{t}: {ir:,.0f} Ir/request over {ok} requests ({dt:.0f} s under callgrind); dumps: {' '.join(dumps)}")
     print(f"G/P user-space instructions per request: {res['G'][0] / res['P'][0]:.3f}")

@@ -831,28 +831,40 @@ impl Config {
     /// whole (a typo elsewhere must not keep an operator from revoking a key): `database`,
     /// or PostgreSQL when `shared_state.postgres_url_env` names a set variable; every
     /// other field is ignored, checked or not.
+    ///
+    /// It guesses nothing: a `shared_state` block must read as in a whole load (a misspelt
+    /// `postgres_url_env` there would otherwise send the revocation to an unused SQLite
+    /// file while the gateway runs on PostgreSQL), a top-level name that looks like a
+    /// misplaced one (`shared-state`, `postgres_url_env`) is refused, and the SQLite file
+    /// must exist.
     pub fn store_location_only(path: &Path) -> Result<StoreLocation, ConfigError> {
         #[derive(Deserialize)]
         struct StoreOnly {
             database: Option<String>,
-            shared_state: Option<SharedStoreOnly>,
-        }
-        #[derive(Deserialize)]
-        struct SharedStoreOnly {
-            postgres_url_env: Option<String>,
+            shared_state: Option<RawSharedState>,
+            #[serde(flatten)]
+            rest: BTreeMap<String, serde_yaml::Value>,
         }
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
         let raw: StoreOnly = serde_yaml::from_str(&text)
             .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        if let Some(name) = raw
+            .rest
+            .keys()
+            .find(|k| k.contains("shared") || k.contains("postgres"))
+        {
+            return err(name, "is not a field; is it part of shared_state?");
+        }
         let env = raw.shared_state.and_then(|s| s.postgres_url_env);
         if let Some(url) = url_from_env("postgres_url_env", env)? {
             return Ok(StoreLocation::Postgres(url));
         }
-        Ok(StoreLocation::Sqlite(PathBuf::from(database_path(
-            raw.database,
-            false,
-        )?)))
+        let file = PathBuf::from(database_path(raw.database, false)?);
+        if !file.is_file() {
+            return err("database", format!("{} does not exist", file.display()));
+        }
+        Ok(StoreLocation::Sqlite(file))
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -1441,19 +1453,39 @@ aliases:
             std::fs::write(&path, text).unwrap();
             Config::store_location_only(&path).map_err(|e| e.to_string())
         };
-        let broken = format!("{BASE}\nlisten_typo: 1\nmodels: 7\n");
+        let db = dir.join("x.db");
+        let base = BASE.replace("data/x.db", &db.display().to_string());
+        let broken = format!("{base}\nlisten_typo: 1\nmodels: 7\n");
         assert!(Config::parse(&broken, &path).is_err());
+        assert_eq!(
+            at(&broken).unwrap_err(),
+            format!("database: {} does not exist", db.display()),
+            "never a new, empty database"
+        );
+        std::fs::write(&db, b"").unwrap();
         match at(&broken).unwrap() {
-            StoreLocation::Sqlite(p) => assert_eq!(p, PathBuf::from("data/x.db")),
+            StoreLocation::Sqlite(p) => assert_eq!(p, db),
             other => panic!("{other:?}"),
         }
+        // Nothing guessed about where PostgreSQL settings might have been meant to go.
+        let typo = at(&format!(
+            "{base}\nshared_state:\n  postgres_url_evn: SG_STORE_ONLY_TEST_PG\n"
+        ))
+        .unwrap_err();
+        assert!(typo.contains("postgres_url_evn"), "{typo}");
+        let misplaced = at(&format!(
+            "{base}\npostgres_url_env: SG_STORE_ONLY_TEST_PG\n"
+        ));
+        assert!(misplaced.unwrap_err().starts_with("postgres_url_env: "));
+        let dashed = at(&format!("{base}\nshared-state: {{}}\n"));
+        assert!(dashed.unwrap_err().starts_with("shared-state: "));
         assert_eq!(
             at("database: \":memory:\"\n").unwrap_err(),
             "database: \":memory:\" is not a file path"
         );
         assert_eq!(at("listen: x\n").unwrap_err(), "database: required");
         std::env::set_var("SG_STORE_ONLY_TEST_PG", "postgres://u@127.0.0.1/db");
-        let pg = at("shared_state:\n  postgres_url_env: SG_STORE_ONLY_TEST_PG\n  bogus: 1\n");
+        let pg = at("shared_state:\n  postgres_url_env: SG_STORE_ONLY_TEST_PG\nbogus: 1\n");
         assert!(matches!(pg.unwrap(), StoreLocation::Postgres(u) if u.ends_with("/db")));
         assert!(
             at("shared_state:\n  postgres_url_env: SG_STORE_ONLY_TEST_UNSET\n")

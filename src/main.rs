@@ -406,7 +406,11 @@ fn open_at(at: spidergate::store::StoreLocation) -> Result<Store, String> {
 fn revoke_with_store_only(config_path: &Path, load_error: &str, id: &str, json: bool) -> CliResult {
     let at = Config::store_location_only(config_path)
         .map_err(|e| format!("{load_error} (and no store could be read from it: {e})"))?;
-    eprintln!("warning: {load_error}; revoking in the store the config names");
+    let place = match &at {
+        spidergate::store::StoreLocation::Sqlite(p) => format!("database {}", p.display()),
+        spidergate::store::StoreLocation::Postgres(_) => "PostgreSQL".to_string(),
+    };
+    eprintln!("warning: {load_error}; revoking in {place}, named by the same file");
     let mut store = open_at(at)?;
     let now = now_ms();
     let k = KeyService::new(&mut store, &Catalog::empty(), Actor::cli())

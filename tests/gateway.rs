@@ -869,8 +869,6 @@ fn hostile_input_never_takes_the_gateway_down() {
     assert!(!gw.log_text().contains("panicked"), "a request panicked");
 }
 
-/// SPEC §4: every request leaves a trace naming its key; a revoked or expired token still
-/// belongs to one, so its refusals are in that key's traces.
 /// A typo in the config (made while the gateway runs on the last good one) must not keep
 /// an operator from revoking a key: `keys revoke` then finds the store from the file's
 /// `database` alone, warns, and the running gateway applies the revocation as any other.
@@ -895,6 +893,10 @@ fn a_key_is_revoked_from_the_cli_even_when_the_config_no_longer_loads() {
         stderr.contains("warning:") && stderr.contains("budget_alerts_typo"),
         "the warning names what is wrong: {stderr}"
     );
+    assert!(
+        stderr.contains(&format!("database {}", gw.db.display())),
+        "and where it revoked: {stderr}"
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("Revoked key {}", key.id)));
     let stored = gw.store().get_key(&key.id).unwrap().unwrap();
     assert!(stored.revoked_at.is_some());
@@ -912,6 +914,8 @@ fn a_key_is_revoked_from_the_cli_even_when_the_config_no_longer_loads() {
     std::fs::write(&gw.config, good).unwrap();
 }
 
+/// SPEC §4: every request leaves a trace naming its key; a revoked or expired token still
+/// belongs to one, so its refusals are in that key's traces.
 #[test]
 fn a_revoked_keys_refusals_are_in_its_own_traces() {
     let mock = mock();

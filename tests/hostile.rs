@@ -1251,7 +1251,7 @@ fn values<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
 /// upstream's head holds: an HTTP/1 client gets them as lines written after the head's own
 /// (the vendored core's `set_response_head_extra`), which must never repeat a name the
 /// upstream sent (its rate limits, its `x-spidergate-*` when it is a SpiderGate itself, its
-/// `traceparent`) or land on the wrong response of a kept-alive connection.
+/// `traceparent`).
 #[test]
 fn the_gateways_own_headers_go_out_once_with_its_values_whatever_the_upstream_sends() {
     let mock = mock();
@@ -1316,6 +1316,56 @@ fn the_gateways_own_headers_go_out_once_with_its_values_whatever_the_upstream_se
     // Each answer told the key's own count, one request fewer each time.
     let expected: Vec<u32> = (0..remaining.len() as u32).map(|i| 49 - i).collect();
     assert_eq!(remaining, expected);
+}
+
+/// An interim `103 Early Hints` head passes through undecorated, and the final head gets
+/// the gateway's headers once: lines set for the 103 would otherwise wait for the final
+/// head and go out beside its own (twice, when that head takes the map path because the
+/// upstream named one of the gateway's headers).
+#[test]
+fn an_early_hints_head_passes_undecorated_and_the_final_head_is_decorated_once() {
+    let mock = mock();
+    let gw = gateway(&mock).start();
+    let key = gw.create_key(&["--rpm", "50"]);
+    let body = user_body("gpt-4o-mini", json!({}));
+    let bearer = key.bearer();
+    for upstream in [&[][..], &[("x-mock-gateway-headers", "1")][..]] {
+        let mut extra = vec![
+            ("x-mock-early-hints", "1"),
+            ("content-type", "application/json"),
+        ];
+        extra.extend_from_slice(upstream);
+        extra.push(("authorization", &bearer));
+        let stream = send_request(
+            gw.addr,
+            "POST",
+            "/v1/chat/completions",
+            &extra,
+            body.as_bytes(),
+        )
+        .unwrap();
+        let mut r = std::io::BufReader::new(stream);
+        let (first, interim) = read_head(&mut r).unwrap();
+        assert_eq!(first, 103, "the early hints reach the client first");
+        assert!(
+            values(&interim, "link").len() == 1
+                && values(&interim, "x-ratelimit-limit-requests").is_empty()
+                && values(&interim, "x-spidergate-model").is_empty(),
+            "{interim:?}"
+        );
+        let (status, h) = read_head(&mut r).unwrap();
+        assert_eq!(status, 200, "{upstream:?}");
+        assert_eq!(values(&h, "x-ratelimit-limit-requests"), ["50"], "{h:?}");
+        assert_eq!(
+            values(&h, "x-ratelimit-remaining-requests").len(),
+            1,
+            "{h:?}"
+        );
+        assert_eq!(values(&h, "x-ratelimit-reset").len(), 1, "{h:?}");
+        assert_eq!(values(&h, "x-spidergate-model"), ["gpt-4o-mini"], "{h:?}");
+        let answer = read_body(&mut r, &h).unwrap();
+        assert!(String::from_utf8_lossy(&answer).contains("chat.completion"));
+    }
 }
 
 #[test]

@@ -54,6 +54,8 @@ pub(crate) struct Knobs {
     pub(crate) leak_headers: bool,
     /// `x-mock-gateway-headers: 1`: add headers named as the gateway's own.
     pub(crate) gateway_headers: bool,
+    /// `x-mock-early-hints: 1`: a `103 Early Hints` head before the answer's.
+    pub(crate) early_hints: bool,
     /// `x-mock-tool-call: NAME`: answer with a call of this tool.
     pub(crate) tool_call: Option<String>,
     /// What the provider adds beyond the body in `bytes` mode.
@@ -91,6 +93,7 @@ impl Default for Knobs {
             empty_error: false,
             leak_headers: false,
             gateway_headers: false,
+            early_hints: false,
             tool_call: None,
             hidden: HiddenSizes::default(),
             context_window: None,
@@ -147,6 +150,8 @@ pub(crate) fn apply_knob(knobs: &mut Knobs, knob: &str, value: &[u8]) {
         knobs.leak_headers = truthy(value);
     } else if knob.eq_ignore_ascii_case(b"gateway-headers") {
         knobs.gateway_headers = truthy(value);
+    } else if knob.eq_ignore_ascii_case(b"early-hints") {
+        knobs.early_hints = truthy(value);
     } else if knob.eq_ignore_ascii_case(b"stored-tokens") {
         knobs.hidden.stored = number.unwrap_or(knobs.hidden.stored);
     } else if knob.eq_ignore_ascii_case(b"server-tool-tokens") {

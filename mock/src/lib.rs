@@ -32,6 +32,7 @@
 //! | `x-mock-audio-usage: duration` | a streamed transcription (`stream=true`) reports `{"type":"duration","seconds":N}` (the file's seconds, rounded up: a WAV's by its header, anything else at 16,000 bytes a second) instead of token usage (`x-mock-prompt-tokens` audio tokens in, `x-mock-completion-tokens` out); a `json` one reports it too |
 //! | `x-mock-audio-usage: tokens` | a `json` transcription reports token `usage`, as gpt-4o-transcribe does (a streamed one always does, unless told `duration`) |
 //! | `x-mock-drop: 1` | read the whole request (after `x-mock-delay-ms`), then close the connection without any response |
+//! | `x-mock-early-hints: 1` | a `103 Early Hints` head (`link: </style.css>; rel=preload`) before the answer's |
 //! | `x-mock-gateway-headers: 1` | add headers named as the gateway's own (plain, SSE and errors): `x-spidergate-model: upstream-model`, `x-spidergate-error-code: upstream-code`, `traceparent: 00-1111…-2222…-01` |
 //! | `x-mock-leak-headers: 1` | add provider-account headers to the response (plain, SSE and errors): `openai-organization: org-leak`, `openai-project: proj_leak`, `anthropic-organization-id: leak`, `set-cookie: a=b`, `x-ratelimit-limit-requests: 5000`, `x-ratelimit-remaining-tokens: 99` |
 //!

@@ -237,6 +237,7 @@ impl Reply<'_> {
             close: self.close,
             leak: head.knobs.leak_headers,
             gateway: head.knobs.gateway_headers,
+            early_hints: head.knobs.early_hints,
             retry_after: None,
             capacity: false,
         }

@@ -92,6 +92,8 @@ pub(crate) struct HeadFlags {
     pub(crate) leak: bool,
     /// `x-mock-gateway-headers`: add [`GATEWAY_HEADERS`].
     pub(crate) gateway: bool,
+    /// `x-mock-early-hints`: a `103 Early Hints` head first.
+    pub(crate) early_hints: bool,
     /// Add `retry-after: N`.
     pub(crate) retry_after: Option<u64>,
     /// Add rate-limit headers saying the key has requests and tokens left.
@@ -109,6 +111,11 @@ pub(crate) fn push_head(
     content_length: Option<usize>,
     flags: HeadFlags,
 ) {
+    if flags.early_hints {
+        out.extend_from_slice(
+            b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n",
+        );
+    }
     out.extend_from_slice(b"HTTP/1.1 ");
     push_u64(out, u64::from(status));
     out.push(b' ');

@@ -1024,6 +1024,12 @@ impl ProxyHttp for GateProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
+        // An interim head (`103 Early Hints`) passes as it is: the answer has not started,
+        // and the decoration belongs on the final head (lines set here would wait for it
+        // beside the final head's own).
+        if resp.status.is_informational() {
+            return Ok(());
+        }
         ctx.response_started = true;
         ctx.status = resp.status.as_u16();
         ctx.ttfb_ms = Some(ctx.started.elapsed().as_millis() as i64);
