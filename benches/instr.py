@@ -208,6 +208,43 @@ def print_phases(dumps, n):
         print(f"  {label:<42} {best / n:>9,.0f}")
 
 
+# mimalloc's entry points: calls into them are allocations (and frees), whichever Rust
+# function the compiler inlined `__rust_alloc` into. Only the entry named with its binary
+# ("prim.h:mi_malloc_aligned [bin]"): the same function is listed again under its source file.
+ALLOC_ENTRIES = re.compile(r"\*\s+\S*:(mi_malloc_aligned|mi_zalloc_aligned|mi_realloc_aligned|mi_free) \[")
+
+
+def allocations(dump, n):
+    """Calls per request into each mimalloc entry point, and the allocating side's inclusive
+    instructions per request, for one dump."""
+    tree = subprocess.run(["callgrind_annotate", "--tree=caller", "--auto=no", "--threshold=100", dump],
+                          capture_output=True, text=True).stdout
+    calls = {}
+    for block in tree.split("\n\n"):
+        star = next((m for m in map(ALLOC_ENTRIES.search, block.splitlines()) if m), None)
+        if not star:
+            continue
+        for line in block.splitlines():
+            m = re.match(r"\s*[\d,]+\s+\([^)]*\)\s+<\s+.*\((\d[\d,]*)x\)", line)
+            if m:
+                calls[star.group(1)] = calls.get(star.group(1), 0) + int(m.group(1).replace(",", ""))
+    incl = subprocess.run(["callgrind_annotate", "--inclusive=yes", dump], capture_output=True, text=True).stdout
+    ir = max((int(m.group(1).replace(",", "")) for m in
+              re.finditer(r"^\s*([\d,]+) \([^)]*\)\s+\S*prim\.h:mi_malloc_aligned \[", incl, re.M)), default=0)
+    allocs = sum(v for k, v in calls.items() if k != "mi_free")
+    return allocs / n, calls.get("mi_free", 0) / n, ir / n
+
+
+def print_allocations(res):
+    rows = {t: allocations(r[3][0], r[1]) for t, r in res.items() if t in ("P", "G") and r[3] and r[1]}
+    if len(rows) < 2:
+        return
+    print("\nAllocations per request (calls into mimalloc; allocating side's inclusive Ir):")
+    for t, (a, f, ir) in rows.items():
+        print(f"  {t}: {a:6.2f} allocations, {f:6.2f} frees, {ir:7,.0f} Ir")
+    print(f"  G - P: {rows['G'][0] - rows['P'][0]:+.2f} allocations, {rows['G'][2] - rows['P'][2]:+,.0f} Ir")
+
+
 procs = [subprocess.Popen(["nginx", "-c", f"{work}/mock.conf"])]
 try:
     time.sleep(1)
@@ -315,6 +352,7 @@ models:
               f"({calls / ok:.3f} calls per request, the node's background included); "
               f"dumps: {' '.join(dumps)}")
     print_phases(res["G"][3], res["G"][1])
+    print_allocations(res)
 finally:
     for p in procs:
         p.send_signal(signal.SIGTERM)

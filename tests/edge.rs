@@ -110,6 +110,32 @@ fn a_slow_head_that_completes_within_the_deadline_is_served() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// The keep-alive wait for the next head is one of Pingora's timeouts (held in place by the
+/// vendored timeout crate, vendor/README.md): it fires, and the idle connection is closed.
+#[test]
+fn an_idle_kept_alive_connection_is_closed_when_its_keep_alive_wait_ends() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock)
+        .server("header_timeout_ms: 1000")
+        .start();
+    let mut s = TcpStream::connect(gw.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .unwrap();
+    let r = read_response(s.try_clone().unwrap()).expect("the response");
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Then nothing: the next read ends when the gateway closes the connection.
+    let idle_from = Instant::now();
+    let mut buf = [0u8; 256];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("{n} unexpected bytes on an idle connection"),
+        Err(e) => panic!("the idle connection was not closed: {e}"),
+    }
+    // Closed by the keep-alive wait (1 s), not at once.
+    assert!(idle_from.elapsed() >= Duration::from_millis(500));
+}
+
 #[test]
 fn kept_alive_requests_after_the_first_are_not_bound_by_the_first_head_deadline() {
     let mock = mock();
