@@ -739,7 +739,7 @@ if [ "$bg_nodes" -gt 0 ]; then
   redis-cli -h 127.0.0.1 -p "$REDIS_PORT" INFO commandstats | tr -d '\r' |
     awk -F'[:,=]' '/^cmdstat_/ { print substr($1, 9), $3, $5 }' | sort -k3,3nr | head -12 |
     awk -v n="$reqs" '{ printf "%-22s %10.3f %10.2f %10.2f\n", $1, $2 / n, $3 / $2, $3 / n }'
-  echo "(EVALSHA's time includes the commands its scripts run; Redis CPU per request above also"
+  echo "(EVALSHA's and FCALL's time includes the commands the scripts run; Redis CPU per request above also"
   echo " counts reading, parsing and answering the requests, which commandstats does not)"
 fi
 bad=$(awk -F'\t' '{ s += $8 } END { print s + 0 }' "$RESULTS")

@@ -112,10 +112,10 @@ def load(port, n, token):
 
 
 def redis_evals():
-    """Script calls Redis has run so far (INFO commandstats: eval and evalsha)."""
+    """Script calls Redis has run so far (INFO commandstats: eval, evalsha and fcall)."""
     out = subprocess.run(["redis-cli", "-p", str(RPORT), "INFO", "commandstats"],
                          capture_output=True, text=True).stdout
-    return sum(int(m) for m in re.findall(r"^cmdstat_eval(?:sha)?:calls=(\d+)", out, re.M))
+    return sum(int(m) for m in re.findall(r"^cmdstat_(?:eval(?:sha)?|fcall):calls=(\d+)", out, re.M))
 
 
 def wait_port(port, secs=120):

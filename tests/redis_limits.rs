@@ -1154,6 +1154,131 @@ async fn a_live_nodes_hold_on_a_capped_key_survives_its_ttl() {
     beating.abort();
 }
 
+/// Admits `n` requests of `key` at once (so they share batches), then settles them at once:
+/// every one admitted and settled, each booked its 40. The node's round trips it took.
+async fn burst(l: &Arc<RedisLimits>, key: &'static str, from: u64, n: u64) -> u64 {
+    let limits = Limits {
+        rpm: Some(10_000),
+        max_inflight: Some(1_000),
+        ..hard(1_000_000_000)
+    };
+    let before = l.round_trips();
+    let start = Arc::new(tokio::sync::Barrier::new(n as usize));
+    let mut tasks = Vec::new();
+    for res in from..from + n {
+        let (l, start) = (l.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            admitted(&admit(&l, key, &limits, 100, res).await);
+            let model: Arc<str> = Arc::from("m");
+            let c = charge(&model, 40);
+            l.settle(key, res, month_index(now_ms()), c).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), Settled::Open);
+    }
+    l.round_trips() - before
+}
+
+/// `INFO commandstats`' call count of `command` (lower case).
+async fn calls_of(r: &RedisServer, command: &str) -> u64 {
+    let info: String =
+        redis::from_redis_value(&raw(r, redis::cmd("INFO").arg("commandstats")).await).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// Batches run as a Redis function: `batch.lua` loaded once as a library, so a call does
+/// not define every one of its functions anew. A Redis that lost the library (flushed, or a
+/// failover to a server that never had it) gets it again from the next batch; a user whose
+/// ACL allows scripts but not functions, and a Redis without functions (before 7.0; here
+/// FCALL renamed away), run the same batches as a script. Every operation is decided and
+/// booked the same way on all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batches_run_as_a_function_where_redis_has_them_and_as_a_script_where_not() {
+    let r = redis_or_skip!();
+    let l = node(&r, 1, Duration::from_secs(30));
+    seed_empty(&l, "k").await;
+    let libraries = |r: &RedisServer| {
+        let url = r.url();
+        async move {
+            let client = redis::Client::open(url).unwrap();
+            let mut con = client.get_multiplexed_async_connection().await.unwrap();
+            let list: redis::Value = redis::cmd("FUNCTION")
+                .arg("LIST")
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            format!("{list:?}").matches("spidergate_").count()
+        }
+    };
+    let trips = burst(&l, "k", 0, 60).await;
+    assert!(
+        trips < 120,
+        "{trips} round trips for 120 operations: none batched"
+    );
+    let fcalls = calls_of(&r, "fcall").await;
+    assert!(fcalls > 0, "no batch ran as a function");
+    // One library, one function in it.
+    assert_eq!(libraries(&r).await, 2);
+
+    // Flushed: the next batch loads it again, and every operation still goes through.
+    raw(&r, redis::cmd("FUNCTION").arg("FLUSH")).await;
+    assert_eq!(libraries(&r).await, 0);
+    burst(&l, "k", 100, 60).await;
+    assert_eq!(libraries(&r).await, 2);
+    assert!(calls_of(&r, "fcall").await > fcalls);
+    let v = view(&l, "k").await;
+    assert_eq!(v.spent, Nanos::new(40 * 120));
+    assert_eq!((v.reserved, v.inflight), (Nanos::ZERO, 0));
+
+    // A user that may run scripts but not functions (ACL): batches as scripts.
+    raw(
+        &r,
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("scripts-only")
+            .arg("on")
+            .arg(">pw")
+            .arg("~*")
+            .arg("&*")
+            .arg("+@all")
+            .arg("-fcall")
+            .arg("-function"),
+    )
+    .await;
+    let url = r.url().replace("redis://", "redis://scripts-only:pw@");
+    let l = Arc::new(
+        RedisLimits::new(&url, 2, Duration::from_secs(30), Duration::from_secs(2)).unwrap(),
+    );
+    let (fcalls, evalshas) = (calls_of(&r, "fcall").await, calls_of(&r, "evalsha").await);
+    burst(&l, "k", 200, 60).await;
+    assert_eq!(calls_of(&r, "fcall").await, fcalls);
+    assert!(calls_of(&r, "evalsha").await > evalshas);
+    assert_eq!(view(&l, "k").await.spent, Nanos::new(40 * 180));
+
+    // A Redis without FCALL: batches as scripts, from the first.
+    let Some(old) = RedisServer::start_with(&["--rename-command", "FCALL", ""]) else {
+        return;
+    };
+    let l = node(&old, 1, Duration::from_secs(30));
+    seed_empty(&l, "k").await;
+    let trips = burst(&l, "k", 0, 60).await;
+    assert!(
+        trips < 120,
+        "{trips} round trips for 120 operations: none batched"
+    );
+    burst(&l, "k", 100, 60).await;
+    assert_eq!(calls_of(&old, "fcall").await, 0);
+    assert!(calls_of(&old, "evalsha").await > 0);
+    let v = view(&l, "k").await;
+    assert_eq!(v.spent, Nanos::new(40 * 120));
+    assert_eq!((v.reserved, v.inflight), (Nanos::ZERO, 0));
+}
+
 /// Under load a node sends the admissions and settlements that wait for Redis together, in
 /// one script call (`batch.lua`). Many callers at once on one node, some of them on a key
 /// with a brake (run one by one inside the batch), some on a lone key with a hard budget, an
@@ -1322,7 +1447,7 @@ async fn a_batch_decides_exactly_as_one_by_one() {
         include_str!("../src/shared/lua/seed.lua")
     ));
     let batch_lua = fake(format!(
-        "{common}local function admit_one(KEYS, ARGV, now_ms)\n{}\nend\nlocal function settle_one(KEYS, ARGV)\n{}\nend\n{}",
+        "{common}local function admit_one(KEYS, ARGV, now_ms)\n{}\nend\nlocal function settle_one(KEYS, ARGV)\n{}\nend\n{}\nreturn batch(ARGV)\n",
         include_str!("../src/shared/lua/admit.lua"),
         include_str!("../src/shared/lua/settle.lua"),
         include_str!("../src/shared/lua/batch.lua")

@@ -75,6 +75,23 @@ const REAP_BATCH: i64 = 256;
 /// only reconnects on errors it sees, and a timeout is none.
 const TIMEOUTS_BEFORE_RECONNECT: u32 = 3;
 
+/// `batch.lua` with what it calls (`admit.lua` and `settle.lua` as functions): it defines
+/// `batch` and runs nothing.
+macro_rules! batch_body {
+    () => {
+        concat!(
+            include_str!("lua/common.lua"),
+            "local function admit_one(KEYS, ARGV, now_ms)\n",
+            include_str!("lua/admit.lua"),
+            "\nend\nlocal function settle_one(KEYS, ARGV)\n",
+            include_str!("lua/settle.lua"),
+            "\nend\n",
+            include_str!("lua/batch.lua"),
+            "\n"
+        )
+    };
+}
+
 macro_rules! lua {
     ($file:literal) => {
         concat!(
@@ -136,10 +153,20 @@ pub enum Settled {
     Lost,
 }
 
-/// A Lua script: its SHA1 (computed once) and its source for the NOSCRIPT fallback.
+/// A Lua script: its SHA1 (computed once) and its source for the NOSCRIPT fallback; and,
+/// for `batch.lua`, the same code as a Redis function.
 struct Lua {
     script: Script,
     code: &'static str,
+    function: Option<Function>,
+}
+
+/// A script loaded as a Redis function library (`FUNCTION LOAD`, Redis 7): its top level
+/// runs once, at load, instead of at every call. Library and function are named after the
+/// code's hash, so nodes of two versions (a rolling upgrade) each call their own.
+struct Function {
+    name: String,
+    library: String,
 }
 
 impl Lua {
@@ -147,22 +174,88 @@ impl Lua {
         Lua {
             script: Script::new(code),
             code,
+            function: None,
+        }
+    }
+
+    /// `body` defines `entry` (a Lua function of the call's arguments) and returns nothing:
+    /// the script is `body` and a call of `entry` with ARGV; the library is `body` and
+    /// `entry` registered under the function's name. `code` is the script.
+    fn with_function(code: &'static str, body: &str, entry: &str) -> Self {
+        let script = Script::new(body);
+        let hash = &script.get_hash()[..16];
+        let name = format!("spidergate_{entry}_{hash}");
+        let library = format!(
+            "#!lua name=spidergate_{hash}\n{body}\n\
+             redis.register_function('{name}', function(_, args) return {entry}(args) end)\n"
+        );
+        Lua {
+            function: Some(Function { name, library }),
+            ..Lua::new(code)
         }
     }
 
     /// `EVALSHA <sha> <numkeys>`; the caller appends keys and arguments. One `Cmd` buffer,
     /// no per-argument allocations (unlike `ScriptInvocation`).
     fn call(&self, keys: usize) -> Cmd {
-        self.call_sized(keys, 0)
+        self.call_sized(keys, 0, false)
     }
 
     /// [`Lua::call`] with room for `ops` operations' arguments (an admission's or
     /// settlement's, [`OP_ARGS`] and [`OP_BYTES`] each), so appending them does not grow
-    /// the buffers again and again.
-    fn call_sized(&self, keys: usize, ops: usize) -> Cmd {
+    /// the buffers again and again. `FCALL <name> <numkeys>` instead when the script is a
+    /// function too and `functions` says Redis has them.
+    fn call_sized(&self, keys: usize, ops: usize, functions: bool) -> Cmd {
         let mut cmd = Cmd::with_capacity(3 + ops * OP_ARGS, 64 + ops * OP_BYTES);
-        cmd.arg("EVALSHA").arg(self.script.get_hash()).arg(keys);
+        match &self.function {
+            Some(f) if functions => cmd.arg("FCALL").arg(&f.name),
+            _ => cmd.arg("EVALSHA").arg(self.script.get_hash()),
+        };
+        cmd.arg(keys);
         cmd
+    }
+
+    /// `cmd` (an FCALL of this script's function) as an EVALSHA of its script.
+    fn as_script_call(&self, cmd: &Cmd) -> Cmd {
+        let mut out = Cmd::new();
+        out.arg("EVALSHA").arg(self.script.get_hash());
+        for a in cmd.args_iter().skip(2) {
+            if let redis::Arg::Simple(b) = a {
+                out.arg(b);
+            }
+        }
+        out
+    }
+}
+
+/// Why an FCALL failed, if a retry can mend it.
+#[derive(Debug, PartialEq, Eq)]
+enum FcallFailure {
+    /// Redis does not have the library (a fresh or flushed Redis, a failover to a replica
+    /// that never had it): load it and call again.
+    NotLoaded,
+    /// Redis has no functions at all (before 7.0), or this connection's user may not call or
+    /// load them: the script, from now on.
+    NoFunctions,
+}
+
+impl FcallFailure {
+    fn of(e: &redis::RedisError) -> Option<FcallFailure> {
+        // An ACL user allowed scripts but not FCALL or FUNCTION LOAD: scripts too.
+        if e.code() == Some("NOPERM") {
+            return Some(FcallFailure::NoFunctions);
+        }
+        if e.kind() != ErrorKind::ResponseError {
+            return None;
+        }
+        let text = e.to_string();
+        if text.contains("Function not found") {
+            Some(FcallFailure::NotLoaded)
+        } else if text.contains("unknown command") {
+            Some(FcallFailure::NoFunctions)
+        } else {
+            None
+        }
     }
 }
 
@@ -273,6 +366,10 @@ struct Core {
     ttl_ms: i64,
     cmd_timeout: Duration,
     scripts: Scripts,
+    /// Batches go as FCALLs of `batch.lua`'s function library ([`Function`]): set unless
+    /// the target is a Redis Cluster (redis-rs 0.27 routes an FCALL by the function's name,
+    /// not its key), cleared for good by a Redis without functions (before 7.0).
+    functions: AtomicBool,
     round_trips: AtomicU64,
     timeouts: AtomicU32,
     /// Makes each `/v1/usage` call's window member unique across the cluster.
@@ -428,13 +525,13 @@ impl Driver {
                     Kind::Admit => &core.scripts.admit,
                     Kind::Settle => &core.scripts.settle,
                 };
-                let mut cmd = lua.call_sized(one.op.keys, 1);
+                let mut cmd = lua.call_sized(one.op.keys, 1, false);
                 append(&mut cmd, &one.op.args);
                 (lua, cmd)
             }
             _ => {
                 let lua = &core.scripts.batch;
-                let mut cmd = lua.call_sized(1, ops.len());
+                let mut cmd = lua.call_sized(1, ops.len(), core.functions.load(Ordering::Relaxed));
                 cmd.arg("{sg}:res").arg(core.node).arg(core.ttl_ms);
                 for Queued { op, .. } in &ops {
                     // Which of the operation's keys and arguments its short form carries
@@ -705,6 +802,7 @@ impl Core {
         cmd_timeout: Duration,
     ) -> Result<Self, SharedError> {
         let target = Target::parse(url)?;
+        let functions = !matches!(target, Target::Cluster(_));
         // Fail fast and let the next command retry, rather than queue every request behind
         // a long reconnect back-off while Redis is down.
         let config = ConnectionManagerConfig::new()
@@ -723,21 +821,18 @@ impl Core {
             scripts: Scripts {
                 admit: Lua::new(lua!("admit.lua")),
                 settle: Lua::new(lua!("settle.lua")),
-                batch: Lua::new(concat!(
-                    include_str!("lua/common.lua"),
-                    "local function admit_one(KEYS, ARGV, now_ms)\n",
-                    include_str!("lua/admit.lua"),
-                    "\nend\nlocal function settle_one(KEYS, ARGV)\n",
-                    include_str!("lua/settle.lua"),
-                    "\nend\n",
-                    include_str!("lua/batch.lua")
-                )),
+                batch: Lua::with_function(
+                    concat!(batch_body!(), "return batch(ARGV)\n"),
+                    batch_body!(),
+                    "batch",
+                ),
                 usage: Lua::new(lua!("usage.lua")),
                 seed: Lua::new(lua!("seed.lua")),
                 view: Lua::new(lua!("view.lua")),
                 heartbeat: Lua::new(lua!("heartbeat.lua")),
                 reap: Lua::new(lua!("reap.lua")),
             },
+            functions: AtomicBool::new(functions),
             round_trips: AtomicU64::new(0),
             timeouts: AtomicU32::new(0),
             usage_seq: AtomicU64::new(0),
@@ -811,8 +906,10 @@ impl Core {
         self.conns.store(Arc::default());
     }
 
-    /// Runs one script call within `cmd_timeout`: EVALSHA, and only if Redis lost its
-    /// script cache (a restart, a failover), SCRIPT LOAD and EVALSHA again.
+    /// Runs one script call within `cmd_timeout`: EVALSHA (or FCALL), and only if Redis lost
+    /// its script cache or function library (a restart, a failover), SCRIPT LOAD (or
+    /// FUNCTION LOAD) and the call again. An FCALL that Redis does not know (before 7.0)
+    /// goes again as EVALSHA, and every batch after it.
     async fn eval(&self, lua: &Lua, cmd: &Cmd) -> Result<Value, Failed> {
         let sent = AtomicBool::new(false);
         let result = self
@@ -820,7 +917,55 @@ impl Core {
                 let mut con = self.connection().await?;
                 self.round_trips.fetch_add(1, Ordering::Relaxed);
                 sent.store(true, Ordering::Relaxed);
-                match cmd.query_async::<Value>(&mut con).await {
+                let first = cmd.query_async::<Value>(&mut con).await;
+                // What to do about a failed FCALL: load the library and call again, or
+                // call the script instead (and from now on).
+                let mut as_script = false;
+                let first = match (&lua.function, first) {
+                    (Some(f), Err(e)) => match FcallFailure::of(&e) {
+                        Some(FcallFailure::NotLoaded) => {
+                            self.round_trips.fetch_add(1, Ordering::Relaxed);
+                            let loaded = redis::cmd("FUNCTION")
+                                .arg("LOAD")
+                                .arg(&f.library)
+                                .exec_async(&mut con)
+                                .await;
+                            match loaded {
+                                // Another node may have loaded it in between: as good.
+                                Err(e) if e.to_string().contains("already exists") => {}
+                                Err(e) if FcallFailure::of(&e).is_some() => as_script = true,
+                                Err(e) => return Err(e),
+                                Ok(()) => {}
+                            }
+                            if as_script {
+                                Err(e)
+                            } else {
+                                self.round_trips.fetch_add(1, Ordering::Relaxed);
+                                cmd.query_async::<Value>(&mut con).await
+                            }
+                        }
+                        Some(FcallFailure::NoFunctions) => {
+                            as_script = true;
+                            Err(e)
+                        }
+                        None => Err(e),
+                    },
+                    (_, first) => first,
+                };
+                let fallback;
+                let (cmd, first) = if as_script {
+                    log::warn!(
+                        "Redis runs no functions here (before 7.0, or this user may not): \
+                         batches go as scripts"
+                    );
+                    self.functions.store(false, Ordering::Relaxed);
+                    self.round_trips.fetch_add(1, Ordering::Relaxed);
+                    fallback = lua.as_script_call(cmd);
+                    (&fallback, fallback.query_async::<Value>(&mut con).await)
+                } else {
+                    (cmd, first)
+                };
+                match first {
                     Err(e) if e.kind() == ErrorKind::NoScriptError => {
                         self.round_trips.fetch_add(2, Ordering::Relaxed);
                         redis::cmd("SCRIPT")

@@ -12,11 +12,18 @@ const BIN: &str = "/usr/bin/redis-server";
 pub struct RedisServer {
     port: u16,
     child: Option<Child>,
+    /// More `redis-server` arguments, for every start.
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts one, or returns `None` (loudly) if `redis-server` is not installed.
     pub fn start() -> Option<Self> {
+        Self::start_with(&[])
+    }
+
+    /// [`RedisServer::start`] with more `redis-server` arguments (`--rename-command FCALL ""`).
+    pub fn start_with(extra: &[&str]) -> Option<Self> {
         if !std::path::Path::new(BIN).exists() {
             eprintln!("SKIPPED: {BIN} is not installed; the shared-state tests did not run");
             super::services_required();
@@ -25,6 +32,7 @@ impl RedisServer {
         let mut server = RedisServer {
             port: super::free_port(),
             child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         server.restart();
         Some(server)
@@ -45,6 +53,7 @@ impl RedisServer {
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .args(["--dir", &std::env::temp_dir().to_string_lossy()])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
