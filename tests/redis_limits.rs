@@ -1195,8 +1195,9 @@ async fn calls_of(r: &RedisServer, command: &str) -> u64 {
 /// not define every one of its functions anew. A Redis that lost the library (flushed, or a
 /// failover to a server that never had it) gets it again from the next batch; a user whose
 /// ACL allows scripts but not functions, and a Redis without functions (before 7.0; here
-/// FCALL renamed away), run the same batches as a script. Every operation is decided and
-/// booked the same way on all of them.
+/// FCALL renamed away), run the same batches as a script, and so does a Redis out of memory
+/// (which refuses a function whole, but runs the settlements of a script). Every operation
+/// is decided and booked the same way on all of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batches_run_as_a_function_where_redis_has_them_and_as_a_script_where_not() {
     let r = redis_or_skip!();
@@ -1255,10 +1256,55 @@ async fn batches_run_as_a_function_where_redis_has_them_and_as_a_script_where_no
         RedisLimits::new(&url, 2, Duration::from_secs(30), Duration::from_secs(2)).unwrap(),
     );
     let (fcalls, evalshas) = (calls_of(&r, "fcall").await, calls_of(&r, "evalsha").await);
-    burst(&l, "k", 200, 60).await;
+    let trips = burst(&l, "k", 200, 60).await;
+    assert!(
+        trips < 120,
+        "{trips} round trips for 120 operations: none batched"
+    );
     assert_eq!(calls_of(&r, "fcall").await, fcalls);
     assert!(calls_of(&r, "evalsha").await > evalshas);
     assert_eq!(view(&l, "k").await.spent, Nanos::new(40 * 180));
+
+    // Out of memory: Redis refuses a function whole, but runs settlements as a script (they
+    // free memory), so the node sends those batches as the script.
+    let l = node(&r, 3, Duration::from_secs(30));
+    let limits = Limits {
+        max_inflight: Some(1_000),
+        ..hard(1_000_000_000)
+    };
+    for res in 300..340 {
+        admitted(&admit(&l, "k", &limits, 100, res).await);
+    }
+    raw(
+        &r,
+        redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1"),
+    )
+    .await;
+    let (fcalls, evalshas) = (calls_of(&r, "fcall").await, calls_of(&r, "evalsha").await);
+    let start = Arc::new(tokio::sync::Barrier::new(40));
+    let mut tasks = Vec::new();
+    for res in 300..340u64 {
+        let (l, start) = (l.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let model: Arc<str> = Arc::from("m");
+            l.settle("k", res, month_index(now_ms()), charge(&model, 40))
+                .await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), Ok(Settled::Open));
+    }
+    raw(
+        &r,
+        redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("0"),
+    )
+    .await;
+    assert_eq!(calls_of(&r, "fcall").await, fcalls);
+    assert!(calls_of(&r, "evalsha").await >= evalshas + 2);
+    let v = view(&l, "k").await;
+    assert_eq!(v.spent, Nanos::new(40 * 220));
+    assert_eq!((v.reserved, v.inflight), (Nanos::ZERO, 0));
 
     // A Redis without FCALL: batches as scripts, from the first.
     let Some(old) = RedisServer::start_with(&["--rename-command", "FCALL", ""]) else {

@@ -228,7 +228,7 @@ impl Lua {
     }
 }
 
-/// Why an FCALL failed, if a retry can mend it.
+/// Why Redis refused an FCALL (before running any of it), and what the node does about it.
 #[derive(Debug, PartialEq, Eq)]
 enum FcallFailure {
     /// Redis does not have the library (a fresh or flushed Redis, a failover to a replica
@@ -237,24 +237,25 @@ enum FcallFailure {
     /// Redis has no functions at all (before 7.0), or this connection's user may not call or
     /// load them: the script, from now on.
     NoFunctions,
+    /// Out of memory: a function without flags is refused whole, where the same code as a
+    /// script (compatibility mode) is refused only at a first write that takes memory, so
+    /// settlements, which free memory, still run. This batch as the script.
+    NotNow,
 }
 
 impl FcallFailure {
     fn of(e: &redis::RedisError) -> Option<FcallFailure> {
-        // An ACL user allowed scripts but not FCALL or FUNCTION LOAD: scripts too.
-        if e.code() == Some("NOPERM") {
-            return Some(FcallFailure::NoFunctions);
-        }
-        if e.kind() != ErrorKind::ResponseError {
-            return None;
-        }
         let text = e.to_string();
-        if text.contains("Function not found") {
-            Some(FcallFailure::NotLoaded)
-        } else if text.contains("unknown command") {
-            Some(FcallFailure::NoFunctions)
-        } else {
-            None
+        match e.code() {
+            // An ACL user allowed scripts but not FCALL or FUNCTION LOAD (never a command a
+            // script ran: those come back as ERR).
+            Some("NOPERM") if text.contains("'fcall'") || text.contains("'function") => {
+                Some(FcallFailure::NoFunctions)
+            }
+            Some("OOM") => Some(FcallFailure::NotNow),
+            Some("ERR") if text.contains("Function not found") => Some(FcallFailure::NotLoaded),
+            Some("ERR") if text.contains("unknown command") => Some(FcallFailure::NoFunctions),
+            _ => None,
         }
     }
 }
@@ -368,7 +369,8 @@ struct Core {
     scripts: Scripts,
     /// Batches go as FCALLs of `batch.lua`'s function library ([`Function`]): set unless
     /// the target is a Redis Cluster (redis-rs 0.27 routes an FCALL by the function's name,
-    /// not its key), cleared for good by a Redis without functions (before 7.0).
+    /// not its key), cleared for good when Redis will not run or load them for this node
+    /// (before 7.0, an ACL without them, a refused load).
     functions: AtomicBool,
     round_trips: AtomicU64,
     timeouts: AtomicU32,
@@ -918,11 +920,14 @@ impl Core {
                 self.round_trips.fetch_add(1, Ordering::Relaxed);
                 sent.store(true, Ordering::Relaxed);
                 let first = cmd.query_async::<Value>(&mut con).await;
-                // What to do about a failed FCALL: load the library and call again, or
-                // call the script instead (and from now on).
+                // An FCALL that Redis refused before running it: load the library and call
+                // again, or send the same batch as the script (from now on, where Redis
+                // will not run functions for this node). Only an FCALL: a script that failed
+                // may have run in part, and is never sent again.
+                let is_fcall = matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(b"FCALL")));
                 let mut as_script = false;
                 let first = match (&lua.function, first) {
-                    (Some(f), Err(e)) => match FcallFailure::of(&e) {
+                    (Some(f), Err(e)) if is_fcall => match FcallFailure::of(&e) {
                         Some(FcallFailure::NotLoaded) => {
                             self.round_trips.fetch_add(1, Ordering::Relaxed);
                             let loaded = redis::cmd("FUNCTION")
@@ -932,19 +937,25 @@ impl Core {
                                 .await;
                             match loaded {
                                 // Another node may have loaded it in between: as good.
-                                Err(e) if e.to_string().contains("already exists") => {}
-                                Err(e) if FcallFailure::of(&e).is_some() => as_script = true,
-                                Err(e) => return Err(e),
-                                Ok(()) => {}
-                            }
-                            if as_script {
-                                Err(e)
-                            } else {
-                                self.round_trips.fetch_add(1, Ordering::Relaxed);
-                                cmd.query_async::<Value>(&mut con).await
+                                Err(le) if !le.to_string().contains("already exists") => {
+                                    if FcallFailure::of(&le) != Some(FcallFailure::NotNow) {
+                                        self.no_functions(&le);
+                                    }
+                                    as_script = true;
+                                    Err(e)
+                                }
+                                _ => {
+                                    self.round_trips.fetch_add(1, Ordering::Relaxed);
+                                    cmd.query_async::<Value>(&mut con).await
+                                }
                             }
                         }
                         Some(FcallFailure::NoFunctions) => {
+                            self.no_functions(&e);
+                            as_script = true;
+                            Err(e)
+                        }
+                        Some(FcallFailure::NotNow) => {
                             as_script = true;
                             Err(e)
                         }
@@ -954,11 +965,6 @@ impl Core {
                 };
                 let fallback;
                 let (cmd, first) = if as_script {
-                    log::warn!(
-                        "Redis runs no functions here (before 7.0, or this user may not): \
-                         batches go as scripts"
-                    );
-                    self.functions.store(false, Ordering::Relaxed);
                     self.round_trips.fetch_add(1, Ordering::Relaxed);
                     fallback = lua.as_script_call(cmd);
                     (&fallback, fallback.query_async::<Value>(&mut con).await)
@@ -983,6 +989,13 @@ impl Core {
             error,
             maybe_ran: sent.load(Ordering::Relaxed),
         })
+    }
+
+    /// Batches go as scripts from now on (`why`: Redis' refusal of FCALL or FUNCTION LOAD).
+    fn no_functions(&self, why: &redis::RedisError) {
+        if self.functions.swap(false, Ordering::Relaxed) {
+            log::warn!("Redis does not run this node's functions ({why}): batches go as scripts");
+        }
     }
 
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {

@@ -420,5 +420,8 @@ local function batch(argv)
     out[#out + 1] = enc(r)
   end
   flush_all()
+  -- Nothing of this call is kept until the next (the library's locals outlive the call).
+  args, opts, S, gone, pre = nil, nil, nil, nil, nil
+  resadd, resdel, xadd, xdel, nadd, ndel = nil, nil, nil, nil, nil, nil
   return table.concat(out, ';')
 end
