@@ -1472,7 +1472,8 @@ fn batch_ints(s: &str) -> Vec<Vec<i64>> {
 /// `batch.lua` decides every operation exactly as `admit.lua` and `settle.lua` one by one
 /// would: the same replies and the same Redis contents, key for key, over random batches of
 /// admissions (some with brakes, some of an unseeded key) and settlements (some of reaped
-/// or unknown reservations), on a clock both servers read from a key the test sets.
+/// or unknown reservations), on a clock both servers read from a key the test sets; the
+/// batches sent as the script and as the function in turn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_decides_exactly_as_one_by_one() {
     let (Some(one), Some(batched)) = (RedisServer::start(), RedisServer::start()) else {
@@ -1492,12 +1493,20 @@ async fn a_batch_decides_exactly_as_one_by_one() {
         "{common}{}",
         include_str!("../src/shared/lua/seed.lua")
     ));
-    let batch_lua = fake(format!(
-        "{common}local function admit_one(KEYS, ARGV, now_ms)\n{}\nend\nlocal function settle_one(KEYS, ARGV)\n{}\nend\n{}\nreturn batch(ARGV)\n",
+    let batch_body = fake(format!(
+        "{common}local function admit_one(KEYS, ARGV, now_ms)\n{}\nend\nlocal function settle_one(KEYS, ARGV)\n{}\nend\n{}\n",
         include_str!("../src/shared/lua/admit.lua"),
         include_str!("../src/shared/lua/settle.lua"),
         include_str!("../src/shared/lua/batch.lua")
     ));
+    // The batch both ways a node sends it: as a script, and as a function of a library (whose
+    // locals outlive each call: the rounds alternate, so a value one call left behind would
+    // show in the next).
+    let batch_lua = format!("{batch_body}return batch(ARGV)\n");
+    let library = format!(
+        "#!lua name=sgtest\n{batch_body}\n\
+         redis.register_function('sgtest_batch', function(_, args) return batch(args) end)\n"
+    );
     let con = |r: &RedisServer| {
         let url = r.url();
         async move {
@@ -1509,6 +1518,12 @@ async fn a_batch_decides_exactly_as_one_by_one() {
         }
     };
     let (mut a, mut b) = (con(&one).await, con(&batched).await);
+    let _: String = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg(&library)
+        .query_async(&mut b)
+        .await
+        .unwrap();
     let mut secs: i64 = 1_764_900_000;
     let day = secs * 1_000 / MS_PER_DAY;
     let month = month_index(secs * 1_000);
@@ -1562,7 +1577,7 @@ async fn a_batch_decides_exactly_as_one_by_one() {
     let mut open: Vec<(i64, i64, &str)> = Vec::new();
     let mut res_id = 1;
     let mut kinds = std::collections::BTreeMap::new();
-    for _ in 0..250 {
+    for round in 0..250 {
         // One batch of one node: (kind, key, args, the reservation an admission opens).
         let node = 1 + next(2) as i64;
         let ttl = if next(3) == 0 { 2_000 } else { 30_000 };
@@ -1635,12 +1650,16 @@ async fn a_batch_decides_exactly_as_one_by_one() {
         }
         // The batch, as `RedisLimits` sends it: the node and ttl once, then each operation in
         // its short form ('A': an admission without levels or brakes, mostly; 'S') or whole.
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(&batch_lua)
-            .arg(1)
-            .arg("{sg}:res")
-            .arg(node)
-            .arg(ttl);
+        let mut cmd = if round % 2 == 0 {
+            let mut c = redis::cmd("EVAL");
+            c.arg(&batch_lua);
+            c
+        } else {
+            let mut c = redis::cmd("FCALL");
+            c.arg("sgtest_batch");
+            c
+        };
+        cmd.arg(1).arg("{sg}:res").arg(node).arg(ttl);
         for (kind, key, args, _) in &ops {
             match (*kind, args.len()) {
                 ("a", 11) if next(5) != 0 => {
