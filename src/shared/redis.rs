@@ -910,8 +910,9 @@ impl Core {
 
     /// Runs one script call within `cmd_timeout`: EVALSHA (or FCALL), and only if Redis lost
     /// its script cache or function library (a restart, a failover), SCRIPT LOAD (or
-    /// FUNCTION LOAD) and the call again. An FCALL that Redis does not know (before 7.0)
-    /// goes again as EVALSHA, and every batch after it.
+    /// FUNCTION LOAD) and the call again. An FCALL that Redis refused before running it for
+    /// good (before 7.0, an ACL without functions, a refused load) goes again as EVALSHA, and
+    /// every batch after it; one refused for lack of memory goes as EVALSHA this once.
     async fn eval(&self, lua: &Lua, cmd: &Cmd) -> Result<Value, Failed> {
         let sent = AtomicBool::new(false);
         let result = self
@@ -925,7 +926,7 @@ impl Core {
                 // will not run functions for this node). Only an FCALL: a script that failed
                 // may have run in part, and is never sent again.
                 let is_fcall = matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(b"FCALL")));
-                let mut as_script = false;
+                // `None`: send this batch as the script instead.
                 let first = match (&lua.function, first) {
                     (Some(f), Err(e)) if is_fcall => match FcallFailure::of(&e) {
                         Some(FcallFailure::NotLoaded) => {
@@ -941,35 +942,31 @@ impl Core {
                                     if FcallFailure::of(&le) != Some(FcallFailure::NotNow) {
                                         self.no_functions(&le);
                                     }
-                                    as_script = true;
-                                    Err(e)
+                                    None
                                 }
                                 _ => {
                                     self.round_trips.fetch_add(1, Ordering::Relaxed);
-                                    cmd.query_async::<Value>(&mut con).await
+                                    Some(cmd.query_async::<Value>(&mut con).await)
                                 }
                             }
                         }
                         Some(FcallFailure::NoFunctions) => {
                             self.no_functions(&e);
-                            as_script = true;
-                            Err(e)
+                            None
                         }
-                        Some(FcallFailure::NotNow) => {
-                            as_script = true;
-                            Err(e)
-                        }
-                        None => Err(e),
+                        Some(FcallFailure::NotNow) => None,
+                        None => Some(Err(e)),
                     },
-                    (_, first) => first,
+                    (_, first) => Some(first),
                 };
                 let fallback;
-                let (cmd, first) = if as_script {
-                    self.round_trips.fetch_add(1, Ordering::Relaxed);
-                    fallback = lua.as_script_call(cmd);
-                    (&fallback, fallback.query_async::<Value>(&mut con).await)
-                } else {
-                    (cmd, first)
+                let (cmd, first) = match first {
+                    Some(first) => (cmd, first),
+                    None => {
+                        self.round_trips.fetch_add(1, Ordering::Relaxed);
+                        fallback = lua.as_script_call(cmd);
+                        (&fallback, fallback.query_async::<Value>(&mut con).await)
+                    }
                 };
                 match first {
                     Err(e) if e.kind() == ErrorKind::NoScriptError => {
