@@ -151,6 +151,15 @@ fn agent_token<'a>(
     })
 }
 
+/// Whether the request carries a well-formed agent token: one a key made since the last
+/// snapshot could have (see `Gate::catch_up_keys`).
+pub fn has_agent_token<'a>(
+    authorization: Option<&'a [u8]>,
+    x_api_key: impl FnOnce() -> Option<&'a [u8]>,
+) -> bool {
+    agent_token(authorization, x_api_key).is_some()
+}
+
 /// The key a token refused as revoked or expired belongs to, for the refusal's trace
 /// (SPEC §4: every trace names its key). Only on that path: it digests the token again.
 pub fn refused_key<'a>(
@@ -455,14 +464,14 @@ pub fn served_chain(
             .map_or("another", |m| catalog.models()[m].family.label());
         return Err(GateError::InvalidRequest(format!(
             "'{requested}' serves the {serves} endpoints, not /v1/{}",
-            endpoint.label()
+            endpoint.label().replace('.', "/")
         )));
     }
     let served = of_family.filtered(|m| Plan::new(endpoint, catalog.provider_of(m).kind).is_some());
     if served.is_empty() {
         return Err(GateError::InvalidRequest(format!(
             "'{requested}' is not served through /v1/{}: embeddings, the Responses API, images and audio need an openai-kind model",
-            endpoint.label()
+            endpoint.label().replace('.', "/")
         )));
     }
     Ok(served)

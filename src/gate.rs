@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
@@ -71,7 +72,18 @@ pub struct Gate {
     pub trace_context: bool,
     /// A binary upgrade, this process on either side of it (`handover`).
     pub handover: crate::handover::state::Handover,
+    /// When the last on-demand key check began (see [`Gate::catch_up_keys`]); held while one
+    /// runs, so the requests that wait for it share it.
+    key_catch_up: tokio::sync::Mutex<Option<Instant>>,
+    /// The store handle those checks use, opened on the first.
+    catch_up_store: Mutex<Option<Store>>,
 }
+
+/// On-demand key checks begin at most this often, however many unknown tokens arrive (a
+/// check is one cached read of the change log's end, ~20 µs on a blocking thread). Short:
+/// the CLI makes a key in a few milliseconds, and a check that began before the key was
+/// made cannot have seen it.
+const KEY_CATCH_UP_GAP: Duration = Duration::from_millis(1);
 
 impl Gate {
     /// Builds the state and loads every key. Fails if the store or a provider address is bad.
@@ -124,6 +136,8 @@ impl Gate {
             handing_over: AtomicBool::new(false),
             trace_context,
             handover: Default::default(),
+            key_catch_up: tokio::sync::Mutex::new(None),
+            catch_up_store: Mutex::new(None),
         };
         let mut store = gate.open_store().map_err(|e| format!("database: {e}"))?;
         // Another process that is running (an upgrade's predecessor). Not this one: rows under
@@ -182,6 +196,58 @@ impl Gate {
     /// The current key set.
     pub fn keys(&self) -> Arc<KeySet> {
         self.snapshot.load().keys.clone()
+    }
+
+    /// A token no key in the snapshot has: applies the store's key changes now instead of at
+    /// the next poll, so a key made by another process (the CLI) works from its first
+    /// request. A check begins at most every [`KEY_CATCH_UP_GAP`]; the requests that arrive
+    /// while one runs wait for it. Returns whether a check ran since the caller arrived (then
+    /// the snapshot is as fresh as the store); a flood of made-up tokens costs the store at
+    /// most one read of its change log per gap.
+    pub async fn catch_up_keys(self: &Arc<Self>) -> bool {
+        let arrived = Instant::now();
+        let mut last = self.key_catch_up.lock().await;
+        match *last {
+            // Began after this caller arrived and is done (its lock is free).
+            Some(began) if began >= arrived => return true,
+            Some(began) if arrived.duration_since(began) < KEY_CATCH_UP_GAP => return false,
+            _ => {}
+        }
+        *last = Some(Instant::now());
+        let gate = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut slot = gate
+                .catch_up_store
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if slot.is_none() {
+                match gate.open_store() {
+                    Ok(s) => *slot = Some(s),
+                    Err(e) => {
+                        log::warn!("key check: cannot open the store: {e}");
+                        return false;
+                    }
+                }
+            }
+            let Some(store) = slot.as_ref() else {
+                return false;
+            };
+            match gate.reload_if_changed(store) {
+                Ok(n) => {
+                    if n > 0 {
+                        log::info!("keys: {n} changes applied on demand");
+                    }
+                    true
+                }
+                Err(e) => {
+                    log::warn!("key check failed, keeping the last snapshot: {e}");
+                    *slot = None;
+                    false
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
     }
 
     pub fn open_store(&self) -> Result<Store, StoreError> {

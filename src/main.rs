@@ -226,8 +226,9 @@ enum KeysCommand {
         name: Option<String>,
         #[command(flatten)]
         limits: LimitArgs,
-        /// true or false
-        #[arg(long)]
+        /// Only models marked free: `--free-only` (as on `create`) or `--free-only true`;
+        /// `--free-only false` lifts it
+        #[arg(long, num_args = 0..=1, default_missing_value = "true")]
         free_only: Option<bool>,
         #[arg(long)]
         json: bool,

@@ -231,6 +231,100 @@ fn hot_reload_applies_cli_changes_without_a_restart() {
     assert_eq!(gw.chat(&key, "gpt-4o").status, 200);
 }
 
+/// A key made by the CLI (another process, writing the store) works from its first request,
+/// not only after the gateway's next poll: a well-formed token no key in the snapshot has
+/// makes the gateway read the store's key changes at once. The poll here is the slowest
+/// allowed (1 s), so without that read the first request would nearly always be refused.
+#[test]
+fn a_key_made_by_the_cli_works_from_its_first_request() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock)
+        .server("reload_interval_ms: 1000")
+        .start();
+    for i in 0..3 {
+        let name = format!("first-{i}");
+        let v = gw.cli_json(&["keys", "create", "--name", &name, "--json"]);
+        let key = Key {
+            id: v["id"].as_str().unwrap().into(),
+            secret: v["secret"].as_str().unwrap().into(),
+        };
+        let r = gw.chat(&key, "gpt-4o-mini");
+        assert_eq!(r.status, 200, "key {i}'s first request: {}", r.text());
+    }
+    // A made-up token is still refused, however often it comes.
+    let fake = Key {
+        id: "key_fake".into(),
+        secret: format!("spideriq_pat_{}", "0".repeat(32)),
+    };
+    for _ in 0..20 {
+        let r = gw.chat(&fake, "gpt-4o-mini");
+        assert_eq!((r.status, r.code().as_str()), (401, "invalid_api_key"));
+    }
+}
+
+/// `keys update ID --free-only` takes the switch as `create` does; `--free-only false` lifts it.
+#[test]
+fn keys_update_takes_free_only_as_a_switch() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    let key = gw.create_key(&[]);
+    let out = gw.cli(&["keys", "update", &key.id, "--free-only"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = wait_for(Duration::from_secs(10), "free-only live", || {
+        Some(gw.chat(&key, "gpt-4o-mini")).filter(|r| r.status == 403)
+    });
+    assert_eq!(r.code(), "model_not_allowed");
+    let shown = gw.cli_json(&["keys", "show", &key.id, "--json"]);
+    assert_eq!(shown["free_only"], true, "{shown}");
+    let out = gw.cli(&["keys", "update", &key.id, "--free-only", "false"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(Duration::from_secs(10), "free-only lifted", || {
+        Some(()).filter(|_| gw.chat(&key, "gpt-4o-mini").status == 200)
+    });
+    assert_eq!(
+        gw.cli_json(&["keys", "show", &key.id, "--json"])["free_only"],
+        false
+    );
+}
+
+/// Each endpoint takes its own method: the catalog and usage are read with GET (a POST there
+/// is refused, as a GET of a model call is), with the error shape every refusal has.
+#[test]
+fn a_wrong_method_is_405_method_not_allowed() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    let key = gw.create_key(&[]);
+    for path in [
+        "/v1/models",
+        "/v1/models/gpt-4o-mini",
+        "/v1/aliases",
+        "/v1/usage",
+    ] {
+        let r = gw.post(path, &key.bearer(), b"{}", &[]);
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (405, "method_not_allowed"),
+            "POST {path}"
+        );
+        assert_eq!(
+            r.header("x-spidergate-error-code"),
+            Some("method_not_allowed")
+        );
+        assert_eq!(gw.get(path, &key.bearer()).status, 200, "GET {path}");
+    }
+    let r = gw.get("/v1/chat/completions", &key.bearer());
+    assert_eq!((r.status, r.code().as_str()), (405, "method_not_allowed"));
+    assert!(mock.requests().is_empty(), "nothing reached the upstream");
+}
+
 #[test]
 fn missing_scope_is_403_insufficient_scope() {
     let mock = mock();
@@ -472,6 +566,10 @@ fn catalog_shows_a_key_only_what_it_may_call() {
         r.json()["models"],
         json!(["llama-3.1-8b-instant", "gpt-4o-mini"])
     );
+    // SDKs escape the id's `/` (openai-node's path encoding): the same alias.
+    let r = gw.get("/v1/models/spideriq%2Ffast", &listed.bearer());
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["id"], "spideriq/fast");
     let r = gw.get("/v1/models/gpt-4o", &listed.bearer());
     assert_eq!((r.status, r.code().as_str()), (404, "model_not_found"));
 

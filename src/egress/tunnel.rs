@@ -93,7 +93,7 @@ impl EgressProxy {
             return Err("must name a host".into());
         }
         let authorization = userinfo.map(|u| {
-            let decoded = percent_decode(u);
+            let decoded = crate::percent::decode(u);
             format!(
                 "Basic {}",
                 base64::engine::general_purpose::STANDARD.encode(decoded)
@@ -153,25 +153,6 @@ impl EgressProxy {
             timeout,
         }
     }
-}
-
-/// `%XX` escapes in proxy credentials, as URLs carry them.
-fn percent_decode(s: &str) -> Vec<u8> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    out
 }
 
 /// Opens a TCP connection to the proxy (the peer's address) and a CONNECT tunnel through it

@@ -19,17 +19,19 @@ use std::hash::Hasher;
 use crate::money::Nanos;
 
 const MS_PER_MIN: i64 = 60_000;
-/// Minutes a settled minute's spend stays in the window after its own.
+/// The spend window: spend settled at `t` counts until `t` + 60 minutes.
 pub const HOUR_MINUTES: i64 = 60;
-/// Seconds an admission stays in the loop window after its own second.
+const HOUR_MS: i64 = HOUR_MINUTES * MS_PER_MIN;
+/// The loop window: an admission at `t` counts until `t` + 60 s.
 pub const LOOP_SECONDS: i64 = 60;
+const LOOP_MS: i64 = LOOP_SECONDS * 1000;
 /// Ring sizes: a power of two above the 61 buckets that can count at once.
 const SPEND_SLOTS: usize = 64;
 const LOOP_SLOTS: usize = 64;
 /// Distinct requests remembered per key. A loop repeats, so the least recently seen entry is
 /// the one evicted: a looping request is only forgotten if more than this many other
 /// distinct bodies arrive between two of its repeats, which is no longer a tight loop. At
-/// 152 bytes an entry, this bounds a key's table at under 10 KiB.
+/// 280 bytes an entry, this bounds a key's table at under 18 KiB.
 pub const LOOP_ENTRIES: usize = 64;
 
 /// How much of a large form's opening (a form decided as it arrives) its loop digest
@@ -84,12 +86,17 @@ pub struct Brakes {
     pub loops: LoopTable,
 }
 
-/// Settled spend per clock minute over the last hour, plus what open requests hold.
+/// Settled spend per clock minute over the last hour, plus what open requests hold. A
+/// minute's spend counts until an hour after the latest booking in it: never less than an
+/// hour for any of its bookings (so the cap holds over every rolling hour), and a refusal's
+/// `Retry-After` is never above 3600 s.
 #[derive(Debug)]
 pub struct SpendWindow {
     /// The minute each slot holds (slot = minute mod 64); a slot of another minute is empty.
     minutes: [i64; SPEND_SLOTS],
     spent: [Nanos; SPEND_SLOTS],
+    /// When the slot's minute was last booked (ms).
+    latest: [i64; SPEND_SLOTS],
     /// Upper-bound costs of admitted requests not settled yet.
     pub reserved: Nanos,
 }
@@ -99,26 +106,28 @@ impl Default for SpendWindow {
         SpendWindow {
             minutes: [i64::MIN; SPEND_SLOTS],
             spent: [Nanos::ZERO; SPEND_SLOTS],
+            latest: [i64::MIN; SPEND_SLOTS],
             reserved: Nanos::ZERO,
         }
     }
 }
 
 impl SpendWindow {
-    /// Settled spend of minute `m`, if it is still in the slot.
-    fn at(&self, m: i64) -> Nanos {
+    /// Settled spend of minute `m` still in the window at `now_ms`, and when it leaves.
+    fn at(&self, m: i64, now_ms: i64) -> Option<(Nanos, i64)> {
         let i = m.rem_euclid(SPEND_SLOTS as i64) as usize;
-        if self.minutes[i] == m {
-            self.spent[i]
-        } else {
-            Nanos::ZERO
-        }
+        let leaves = self.latest[i].saturating_add(HOUR_MS);
+        (self.minutes[i] == m && leaves > now_ms).then_some((self.spent[i], leaves))
     }
 
-    /// Settled spend still in the window at `now_ms`.
+    /// Settled spend still in the window at `now_ms`. A minute before the last 61 cannot be
+    /// (its latest booking was over an hour ago).
     pub fn settled(&self, now_ms: i64) -> Nanos {
         let cur = now_ms.div_euclid(MS_PER_MIN);
-        (cur - HOUR_MINUTES..=cur).map(|m| self.at(m)).sum()
+        (cur - HOUR_MINUTES..=cur)
+            .filter_map(|m| self.at(m, now_ms))
+            .map(|(spent, _)| spent)
+            .sum()
     }
 
     /// Whether `bound` more fits under `cap` at `now_ms`; else when it will (the minute whose
@@ -141,16 +150,12 @@ impl SpendWindow {
         let cur = now_ms.div_euclid(MS_PER_MIN);
         let mut left = committed;
         for m in cur - HOUR_MINUTES..=cur {
-            let s = self.at(m);
-            if s == Nanos::ZERO {
+            let Some((s, leaves)) = self.at(m, now_ms).filter(|(s, _)| *s != Nanos::ZERO) else {
                 continue;
-            }
+            };
             left -= s;
             if left + bound <= cap {
-                return Err(refuse(secs_until(
-                    now_ms,
-                    (m + HOUR_MINUTES + 1) * MS_PER_MIN,
-                )));
+                return Err(refuse(secs_until(now_ms, leaves)));
             }
         }
         Err(refuse(1))
@@ -163,12 +168,17 @@ impl SpendWindow {
         if self.minutes[i] != cur {
             self.minutes[i] = cur;
             self.spent[i] = Nanos::ZERO;
+            self.latest[i] = i64::MIN;
         }
         self.spent[i] += cost.max(Nanos::ZERO);
+        self.latest[i] = self.latest[i].max(now_ms);
     }
 }
 
-/// Admissions of one distinct request, per clock second of the last minute.
+/// Admissions of one distinct request, per clock second of the last minute. A second's
+/// admissions count until 60 s after the latest of them: never less than 60 s for any (so
+/// no more than the limit pass in any rolling minute), and a refusal's `Retry-After` is
+/// never above 60 s.
 #[derive(Debug, Clone)]
 struct LoopEntry {
     digest: u128,
@@ -176,30 +186,45 @@ struct LoopEntry {
     /// `(newest - 64, newest]`.
     newest: i64,
     counts: [u16; LOOP_SLOTS],
+    /// The millisecond, within its second, of each slot's latest admission.
+    latest: [u16; LOOP_SLOTS],
 }
 
 impl LoopEntry {
-    fn at(&self, s: i64) -> u32 {
+    /// Admissions of second `s` still in the window at `now_ms`, and when they leave.
+    fn at(&self, s: i64, now_ms: i64) -> Option<(u32, i64)> {
         if s > self.newest || s <= self.newest - LOOP_SLOTS as i64 {
-            return 0;
+            return None;
         }
-        u32::from(self.counts[s.rem_euclid(LOOP_SLOTS as i64) as usize])
+        let i = s.rem_euclid(LOOP_SLOTS as i64) as usize;
+        let leaves = s * 1000 + i64::from(self.latest[i]) + LOOP_MS;
+        (self.counts[i] > 0 && leaves > now_ms).then_some((u32::from(self.counts[i]), leaves))
     }
 
-    /// Admissions in the window at second `now_s` (any counted after it included: another
-    /// request may have read the clock later and been admitted first).
-    fn count(&self, now_s: i64) -> u32 {
-        (now_s - LOOP_SECONDS..=self.newest.max(now_s))
-            .map(|s| self.at(s))
+    /// The seconds that may hold admissions in the window at `now_ms` (any counted after it
+    /// included: another request may have read the clock later and been admitted first).
+    fn seconds(&self, now_ms: i64) -> std::ops::RangeInclusive<i64> {
+        let now_s = now_ms.div_euclid(1000);
+        now_s - LOOP_SECONDS..=self.newest.max(now_s)
+    }
+
+    /// Admissions in the window at `now_ms`.
+    fn count(&self, now_ms: i64) -> u32 {
+        self.seconds(now_ms)
+            .filter_map(|s| self.at(s, now_ms))
+            .map(|(n, _)| n)
             .sum()
     }
 
-    fn add(&mut self, now_s: i64) {
+    fn add(&mut self, now_ms: i64) {
+        let now_s = now_ms.div_euclid(1000);
         if now_s > self.newest {
             // Clear the seconds between the newest counted and now (at most the ring).
             let from = self.newest.max(now_s - LOOP_SLOTS as i64) + 1;
             for s in from..=now_s {
-                self.counts[s.rem_euclid(LOOP_SLOTS as i64) as usize] = 0;
+                let i = s.rem_euclid(LOOP_SLOTS as i64) as usize;
+                self.counts[i] = 0;
+                self.latest[i] = 0;
             }
             self.newest = now_s;
         }
@@ -208,6 +233,11 @@ impl LoopEntry {
         let s = now_s.max(self.newest - LOOP_SLOTS as i64 + 1);
         let i = s.rem_euclid(LOOP_SLOTS as i64) as usize;
         self.counts[i] = self.counts[i].saturating_add(1);
+        if s == now_s {
+            // 0..=999: fits.
+            let ms = now_ms.rem_euclid(1000) as u16;
+            self.latest[i] = self.latest[i].max(ms);
+        }
     }
 }
 
@@ -228,18 +258,17 @@ impl LoopTable {
         let Some(e) = self.find(digest).map(|i| &self.entries[i]) else {
             return Ok(());
         };
-        let now_s = now_ms.div_euclid(1000);
-        let n = e.count(now_s);
+        let n = e.count(now_ms);
         if n < limit {
             return Ok(());
         }
         let mut left = n;
-        for s in now_s - LOOP_SECONDS..=e.newest.max(now_s) {
-            left -= e.at(s);
+        for (count, leaves) in e.seconds(now_ms).filter_map(|s| e.at(s, now_ms)) {
+            left -= count;
             if left < limit {
                 return Err(Refusal::Loop {
                     limit,
-                    retry_after_secs: secs_until(now_ms, (s + LOOP_SECONDS + 1) * 1000),
+                    retry_after_secs: secs_until(now_ms, leaves),
                 });
             }
         }
@@ -252,15 +281,15 @@ impl LoopTable {
     /// Counts one admission of `digest`, reusing the entry of a request no longer in the
     /// window, else the least recently seen one, once the table is full.
     pub fn count(&mut self, now_ms: i64, digest: u128) {
-        let now_s = now_ms.div_euclid(1000);
         if let Some(i) = self.find(digest) {
-            self.entries[i].add(now_s);
+            self.entries[i].add(now_ms);
             return;
         }
         let fresh = LoopEntry {
             digest,
-            newest: now_s,
+            newest: now_ms.div_euclid(1000),
             counts: [0; LOOP_SLOTS],
+            latest: [0; LOOP_SLOTS],
         };
         let i = if self.entries.len() < LOOP_ENTRIES {
             self.entries.push(fresh);
@@ -275,7 +304,7 @@ impl LoopTable {
             self.entries[oldest] = fresh;
             oldest
         };
-        self.entries[i].add(now_s);
+        self.entries[i].add(now_ms);
     }
 }
 
@@ -286,10 +315,11 @@ mod tests {
     const T0: i64 = 1_000_000_000_000 / MS_PER_MIN * MS_PER_MIN;
 
     #[test]
-    fn spend_leaves_the_window_at_the_end_of_its_minute_plus_an_hour() {
+    fn spend_leaves_the_window_an_hour_after_its_minutes_latest_booking() {
         let mut w = SpendWindow::default();
         let cap = Nanos::new(1_000);
-        w.book(T0 + 30_000, Nanos::new(700));
+        w.book(T0 + 10_000, Nanos::new(300));
+        w.book(T0 + 30_000, Nanos::new(400));
         w.book(T0 + 5 * MS_PER_MIN, Nanos::new(200));
         assert!(w.check(T0 + 6 * MS_PER_MIN, cap, Nanos::new(100)).is_ok());
         let now = T0 + 10 * MS_PER_MIN + 500;
@@ -299,9 +329,11 @@ mod tests {
         else {
             panic!("over the cap")
         };
-        // The first minute's 700 leaves at T0 + 61 min.
-        let leaves = T0 + 61 * MS_PER_MIN;
+        // The first minute's 700 leaves an hour after its latest booking (T0 + 30 s): never
+        // before an hour for either booking, and never more than an hour after the refusal.
+        let leaves = T0 + 30_000 + HOUR_MS;
         assert_eq!(retry_after_secs, ((leaves - now) as u64).div_ceil(1000));
+        assert!(retry_after_secs <= 3600);
         assert!(w.check(leaves - 1, cap, Nanos::new(200)).is_err());
         assert!(w.check(leaves, cap, Nanos::new(200)).is_ok());
         // 1,000 would need the second minute gone too.
@@ -313,8 +345,31 @@ mod tests {
         };
         assert_eq!(
             retry_after_secs,
-            ((T0 + 66 * MS_PER_MIN - now) as u64).div_ceil(1000)
+            ((T0 + 5 * MS_PER_MIN + HOUR_MS - now) as u64).div_ceil(1000)
         );
+    }
+
+    /// Refused a moment after the spend that fills the cap, the retry is at most an hour away
+    /// and admitted then, wherever in its minute the spend fell.
+    #[test]
+    fn spend_rate_retry_after_is_at_most_an_hour_and_exact() {
+        for offset in [0, 1, 500, 59_998, 59_999] {
+            let mut w = SpendWindow::default();
+            let cap = Nanos::new(1_000);
+            let booked = T0 + offset;
+            w.book(booked, Nanos::new(1_000));
+            let now = booked + 1;
+            let Err(Refusal::SpendRate {
+                retry_after_secs, ..
+            }) = w.check(now, cap, Nanos::new(1))
+            else {
+                panic!("over the cap")
+            };
+            assert_eq!(retry_after_secs, 3600, "booked at +{offset} ms");
+            let retry = now + retry_after_secs as i64 * 1000;
+            assert!(w.check(retry, cap, Nanos::new(1)).is_ok());
+            assert!(w.check(booked + HOUR_MS - 1, cap, Nanos::new(1)).is_err());
+        }
     }
 
     #[test]
@@ -359,10 +414,38 @@ mod tests {
         else {
             panic!("fourth within the minute")
         };
-        // The first (second 0 of T0) leaves at T0 + 61 s.
-        assert_eq!(retry_after_secs, 36);
-        assert!(t.check(T0 + 60_999, 3, a).is_err());
-        assert!(t.check(T0 + 61_000, 3, a).is_ok());
+        // The first (at T0) leaves at T0 + 60 s.
+        assert_eq!(retry_after_secs, 35);
+        assert!(t.check(T0 + 59_999, 3, a).is_err());
+        assert!(t.check(T0 + 60_000, 3, a).is_ok());
+    }
+
+    /// Refused a moment after the admissions that filled the limit, the retry is at most 60 s
+    /// away and admitted then, wherever in its second the first admission fell; never earlier.
+    #[test]
+    fn loop_retry_after_is_at_most_a_minute_and_exact() {
+        let d = request_digest("x", "m", b"a", None);
+        for offset in [0, 1, 500, 998, 999] {
+            let mut t = LoopTable::default();
+            let first = T0 + offset;
+            t.count(first, d);
+            t.count(first + 1, d);
+            let now = first + 2;
+            let Err(Refusal::Loop {
+                retry_after_secs, ..
+            }) = t.check(now, 2, d)
+            else {
+                panic!("a third within the minute")
+            };
+            assert!(
+                retry_after_secs <= 60,
+                "{retry_after_secs} s at +{offset} ms"
+            );
+            let retry = now + retry_after_secs as i64 * 1000;
+            assert!(t.check(retry, 2, d).is_ok(), "at +{offset} ms");
+            // Never earlier: the first counts for a full 60 s.
+            assert!(t.check(first + LOOP_MS - 1, 2, d).is_err());
+        }
     }
 
     #[test]

@@ -306,6 +306,15 @@ impl GateProxy {
         ctx: &mut RequestCtx,
         model_id: &str,
     ) -> Result<bool> {
+        // The catalog and usage are read, never written: only GET (and HEAD) reach them.
+        let read_only = matches!(
+            ctx.endpoint,
+            Endpoint::Models | Endpoint::Model | Endpoint::Aliases | Endpoint::Usage
+        );
+        let method = &session.req_header().method;
+        if read_only && method != http::Method::GET && method != http::Method::HEAD {
+            return self.reject(session, ctx, GateError::MethodNotAllowed).await;
+        }
         let routes = ctx.snap.routes.clone();
         let catalog = &routes.catalog;
         let key = ctx.key.as_deref();
@@ -565,10 +574,11 @@ impl ProxyHttp for GateProxy {
         let (endpoint, model_id) = {
             let (endpoint, id) = admission::route(session.req_header().uri.path());
             // Only `GET /v1/models/{id}` and `/v1/keys/{id}/revoke` need the rest of the path:
-            // no copy otherwise.
+            // no copy otherwise. Decoded: SDKs escape an id's `/` (`spideriq%2Ffast`).
             (
                 endpoint,
-                matches!(endpoint, Endpoint::Model | Endpoint::KeyRevoke).then(|| id.to_string()),
+                matches!(endpoint, Endpoint::Model | Endpoint::KeyRevoke)
+                    .then(|| crate::percent::decode_segment(id).into_owned()),
             )
         };
         let model_id = model_id.as_deref().unwrap_or("");
@@ -646,8 +656,18 @@ impl ProxyHttp for GateProxy {
         }
         // Alive when the request arrived (its context's clock reading); the admission checks
         // again at its own moment, after the body.
-        let authenticated =
+        let mut authenticated =
             admission::authenticate(authorization, x_api_key, &ctx.snap.keys, ctx.started_ms);
+        // A well-formed token no key has: perhaps a key made a moment ago by another door (the
+        // CLI writes the store; the poll would see it within `reload_interval_ms`).
+        if matches!(authenticated, Err(GateError::InvalidApiKey))
+            && admission::has_agent_token(authorization, x_api_key)
+            && self.gate.catch_up_keys().await
+        {
+            ctx.snap = self.gate.snapshot();
+            authenticated =
+                admission::authenticate(authorization, x_api_key, &ctx.snap.keys, ctx.started_ms);
+        }
         let hash = match authenticated {
             Ok((hash, key)) => {
                 ctx.key = Some(key);

@@ -355,6 +355,8 @@ def test_embeddings(client: openai.OpenAI):
     with pytest.raises(openai.BadRequestError) as e:
         client.embeddings.create(model="gpt-4o-mini", input="hi")
     assert e.value.code == "invalid_request", e.value.body
+    # The message names the path the client called.
+    assert "not /v1/embeddings" in e.value.message, e.value.message
 
 
 # 6. Models ------------------------------------------------------------------------------
@@ -362,6 +364,17 @@ def test_embeddings(client: openai.OpenAI):
 def test_models_list(client: openai.OpenAI):
     ids = {m.id for m in client.models.list()}
     assert {"gpt-4o-mini", "gpt-4o", "llama-3.1-8b-instant"} <= ids, ids
+
+
+def test_model_retrieve_takes_an_alias_escaped_or_not(gw: Gateway):
+    # SDKs escape the id in the path (openai-node: `/models/spideriq%2Ffast`).
+    key = gw.create_key("e2e-alias-retrieve")
+    client = gw.client(key["secret"])
+    assert client.models.retrieve("spideriq/fast").id == "spideriq/fast"
+    r = httpx.get(f"{gw.base_url}/models/spideriq%2Ffast",
+                  headers={"Authorization": f"Bearer {key['secret']}"})
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == "spideriq/fast"
 
 
 def test_models_list_respects_allow_list(gw: Gateway):

@@ -89,24 +89,12 @@ local loop_limit = opt(ARGV[14] or '-1')
 local hr, hheld, lp
 if hour_cap then
   hr = p .. ':hr'
-  local cur = math.floor(now / MS_MIN)
-  local h = redis.call('HGETALL', hr)
-  local reserved, settled, mins, spent_in = 0, 0, {}, {}
+  local mins, h = window(hr, MS_MIN, HOUR_MINUTES * MS_MIN, now, 'r')
+  local reserved, settled = 0, 0
   for i = 1, #h, 2 do
-    local v = tonumber(h[i + 1])
-    if h[i] == 'r' then
-      reserved = math.max(v, 0)
-    else
-      local m = tonumber(h[i])
-      if m >= cur - HOUR_MINUTES then
-        settled = settled + v
-        mins[#mins + 1] = m
-        spent_in[m] = v
-      else
-        redis.call('HDEL', hr, h[i]) -- left the window
-      end
-    end
+    if h[i] == 'r' then reserved = math.max(tonumber(h[i + 1]), 0) end
   end
+  for _, b in ipairs(mins) do settled = settled + b[2] end
   local bound = tonumber(hour_bound)
   local committed = settled + reserved
   if committed + bound > hour_cap then
@@ -116,12 +104,11 @@ if hour_cap then
     if bound > hour_cap then
       retry = HOUR_MINUTES * 60
     else
-      table.sort(mins)
       local left = committed
-      for _, m in ipairs(mins) do
-        left = left - spent_in[m]
+      for _, b in ipairs(mins) do
+        left = left - b[2]
         if left + bound <= hour_cap then
-          retry = math.max(1, math.ceil(((m + HOUR_MINUTES + 1) * MS_MIN - now) / 1000))
+          retry = math.max(1, math.ceil((b[3] - now) / 1000))
           break
         end
       end
@@ -132,26 +119,15 @@ if hour_cap then
 end
 if loop_limit and (ARGV[15] or '') ~= '' then
   lp = p .. ':lp:' .. ARGV[15]
-  local sec = math.floor(now / 1000)
-  local h = redis.call('HGETALL', lp)
-  local seen, secs, count_in = 0, {}, {}
-  for i = 1, #h, 2 do
-    local s, c = tonumber(h[i]), tonumber(h[i + 1])
-    if s >= sec - LOOP_SECONDS then
-      seen = seen + c
-      secs[#secs + 1] = s
-      count_in[s] = c
-    else
-      redis.call('HDEL', lp, h[i])
-    end
-  end
+  local secs = window(lp, 1000, LOOP_SECONDS * 1000, now)
+  local seen = 0
+  for _, b in ipairs(secs) do seen = seen + b[2] end
   if seen >= loop_limit then
-    table.sort(secs)
     local left, retry = seen, 1
-    for _, s in ipairs(secs) do
-      left = left - count_in[s]
+    for _, b in ipairs(secs) do
+      left = left - b[2]
       if left < loop_limit then
-        retry = math.max(1, math.ceil(((s + LOOP_SECONDS + 1) * 1000 - now) / 1000))
+        retry = math.max(1, math.ceil((b[3] - now) / 1000))
         break
       end
     end
@@ -217,8 +193,10 @@ if hheld then
   redis.call('PEXPIRE', hr, HR_TTL)
 end
 if lp then
-  redis.call('HINCRBY', lp, math.floor(now / 1000), 1)
+  local sec = math.floor(now / 1000)
+  redis.call('HINCRBY', lp, sec, 1)
   redis.call('PEXPIRE', lp, LOOP_TTL)
+  touch(lp, sec, now, LOOP_TTL)
 end
 
 local exp = now + tonumber(ARGV[10])

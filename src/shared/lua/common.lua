@@ -8,12 +8,53 @@ local RESX = '{sg}:resx'
 local ORPHANED = '(orphaned)'
 local REAPED = '{sg}:reaped:'
 -- The runaway-agent brakes (limits::brakes, same buckets): spend settled in clock minute m
--- counts until the end of minute m + 60; an admission in clock second s until the end of
--- second s + 60.
+-- counts until an hour after the latest booking in m; an admission in clock second s until
+-- 60 s after the latest admission in s. The latest is kept in a companion hash (`<hash>:l`,
+-- bucket -> ms); a bucket without one (written by an older version) counts until the end
+-- of its minute + 60 or its second + 60, as it did then.
 local HOUR_MINUTES = 60
 local LOOP_SECONDS = 60
 local HR_TTL = 7200000
 local LOOP_TTL = 62000
+
+-- When bucket `b` (of `size` ms) leaves a window of `span` ms, given its latest entry
+-- (nil: unknown, the end of the bucket).
+local function leaves(b, latest, size, span)
+  return (latest or ((b + 1) * size - 1)) + span
+end
+
+-- A hash's buckets still in its window at `now`, oldest first: {bucket, value, leaves};
+-- buckets that left are deleted (with their latest). `skip`: a field that is not a bucket.
+local function window(hash, size, span, now, skip)
+  local lh = hash .. ':l'
+  local latest = {}
+  local l = redis.call('HGETALL', lh)
+  for i = 1, #l, 2 do latest[l[i]] = tonumber(l[i + 1]) end
+  local h = redis.call('HGETALL', hash)
+  local out = {}
+  for i = 1, #h, 2 do
+    if h[i] ~= skip then
+      local b = tonumber(h[i])
+      local at = leaves(b, latest[h[i]], size, span)
+      if at > now then
+        out[#out + 1] = {b, tonumber(h[i + 1]), at}
+      else
+        redis.call('HDEL', hash, h[i])
+        redis.call('HDEL', lh, h[i])
+      end
+    end
+  end
+  table.sort(out, function(x, y) return x[1] < y[1] end)
+  return out, h
+end
+
+-- Records `now` as bucket `b`'s latest entry (never moving it back).
+local function touch(hash, b, now, ttl)
+  local lh = hash .. ':l'
+  local prev = tonumber(redis.call('HGET', lh, b) or '-1')
+  if now > prev then redis.call('HSET', lh, b, now) end
+  redis.call('PEXPIRE', lh, ttl)
+end
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -76,8 +117,11 @@ end
 local function book_hour(p, cost)
   if cost == '0' or cost == 0 then return end
   local hr = p .. ':hr'
-  hincr(hr, tostring(math.floor(now_ms() / MS_MIN)), cost)
+  local now = now_ms()
+  local m = tostring(math.floor(now / MS_MIN))
+  hincr(hr, m, cost)
   redis.call('PEXPIRE', hr, HR_TTL)
+  touch(hr, m, now, HR_TTL)
 end
 
 -- A reservation record: held, estimate, month, key id, the levels above the key it counts
