@@ -40,7 +40,8 @@ pub struct Gate {
     /// Routes and keys, swapped whole (see `snapshot`).
     snapshot: ArcSwap<Snapshot>,
     /// Serializes reloads (key changes, admin changes, SIGHUP), so one never swaps back what
-    /// another just built. Never taken on the request path.
+    /// another just built. On the request path only behind an unknown token's key check
+    /// ([`Gate::catch_up_keys`]), whose wait is bounded.
     reload_lock: Mutex<()>,
     /// The config file, re-read on SIGHUP.
     config_path: PathBuf,
@@ -72,18 +73,22 @@ pub struct Gate {
     pub trace_context: bool,
     /// A binary upgrade, this process on either side of it (`handover`).
     pub handover: crate::handover::state::Handover,
-    /// When the last on-demand key check began (see [`Gate::catch_up_keys`]); held while one
-    /// runs, so the requests that wait for it share it.
-    key_catch_up: tokio::sync::Mutex<Option<Instant>>,
+    /// When the last on-demand key check began (see [`Gate::catch_up_keys`]); held by the
+    /// check's blocking task while it runs, so the requests that wait for it share it, and a
+    /// caller that stops waiting never lets a second check start beside it.
+    key_catch_up: Arc<tokio::sync::Mutex<Option<Instant>>>,
     /// The store handle those checks use, opened on the first.
     catch_up_store: Mutex<Option<Store>>,
 }
 
 /// On-demand key checks begin at most this often, however many unknown tokens arrive (a
-/// check is one cached read of the change log's end, ~20 µs on a blocking thread). Short:
-/// the CLI makes a key in a few milliseconds, and a check that began before the key was
-/// made cannot have seen it.
+/// check is one read of the change log's end: a cached statement on SQLite, a query on
+/// PostgreSQL). Short: the CLI makes a key in a few milliseconds, and a caller that arrives
+/// within it waits for the next check rather than be refused.
 const KEY_CATCH_UP_GAP: Duration = Duration::from_millis(1);
+/// The longest an unknown token's request waits for a key check (a store that is locked or
+/// unreachable); then it is answered as before, 401.
+pub const KEY_CATCH_UP_WAIT: Duration = Duration::from_millis(250);
 
 impl Gate {
     /// Builds the state and loads every key. Fails if the store or a provider address is bad.
@@ -136,7 +141,7 @@ impl Gate {
             handing_over: AtomicBool::new(false),
             trace_context,
             handover: Default::default(),
-            key_catch_up: tokio::sync::Mutex::new(None),
+            key_catch_up: Arc::new(tokio::sync::Mutex::new(None)),
             catch_up_store: Mutex::new(None),
         };
         let mut store = gate.open_store().map_err(|e| format!("database: {e}"))?;
@@ -200,54 +205,69 @@ impl Gate {
 
     /// A token no key in the snapshot has: applies the store's key changes now instead of at
     /// the next poll, so a key made by another process (the CLI) works from its first
-    /// request. A check begins at most every [`KEY_CATCH_UP_GAP`]; the requests that arrive
-    /// while one runs wait for it. Returns whether a check ran since the caller arrived (then
-    /// the snapshot is as fresh as the store); a flood of made-up tokens costs the store at
-    /// most one read of its change log per gap.
+    /// request. A check begins at most every [`KEY_CATCH_UP_GAP`] and one at a time; a caller
+    /// that arrives while one runs, or within the gap, waits for the next. Returns once a
+    /// check that began after the caller arrived has ended (the snapshot is then as fresh as
+    /// the store), false if it failed. Callers bound the wait ([`KEY_CATCH_UP_WAIT`]).
     pub async fn catch_up_keys(self: &Arc<Self>) -> bool {
         let arrived = Instant::now();
-        let mut last = self.key_catch_up.lock().await;
-        match *last {
-            // Began after this caller arrived and is done (its lock is free).
-            Some(began) if began >= arrived => return true,
-            Some(began) if arrived.duration_since(began) < KEY_CATCH_UP_GAP => return false,
-            _ => {}
+        loop {
+            let mut last = self.key_catch_up.clone().lock_owned().await;
+            match *last {
+                // Began after this caller arrived and is done (its lock is free).
+                Some(began) if began >= arrived => return true,
+                Some(began) if began.elapsed() < KEY_CATCH_UP_GAP => {
+                    drop(last);
+                    tokio::time::sleep_until((began + KEY_CATCH_UP_GAP).into()).await;
+                    continue;
+                }
+                _ => {}
+            }
+            *last = Some(Instant::now());
+            let gate = self.clone();
+            // The lock goes with the task: held until the check ends, even if this caller
+            // stops waiting.
+            return tokio::task::spawn_blocking(move || {
+                let _running = last;
+                gate.check_key_changes()
+            })
+            .await
+            .unwrap_or(false);
         }
-        *last = Some(Instant::now());
-        let gate = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut slot = gate
-                .catch_up_store
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if slot.is_none() {
-                match gate.open_store() {
-                    Ok(s) => *slot = Some(s),
-                    Err(e) => {
-                        log::warn!("key check: cannot open the store: {e}");
-                        return false;
-                    }
-                }
-            }
-            let Some(store) = slot.as_ref() else {
-                return false;
-            };
-            match gate.reload_if_changed(store) {
-                Ok(n) => {
-                    if n > 0 {
-                        log::info!("keys: {n} changes applied on demand");
-                    }
-                    true
-                }
+    }
+
+    /// One on-demand key check (see [`Gate::catch_up_keys`]), on a blocking thread.
+    fn check_key_changes(&self) -> bool {
+        let mut slot = self
+            .catch_up_store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            match self.open_store() {
+                Ok(s) => *slot = Some(s),
                 Err(e) => {
-                    log::warn!("key check failed, keeping the last snapshot: {e}");
-                    *slot = None;
-                    false
+                    log::debug!("key check: cannot open the store: {e}");
+                    return false;
                 }
             }
-        })
-        .await
-        .unwrap_or(false)
+        }
+        let Some(store) = slot.as_ref() else {
+            return false;
+        };
+        match self.reload_if_changed(store) {
+            Ok(n) => {
+                if n > 0 {
+                    log::info!("keys: {n} changes applied on demand");
+                }
+                true
+            }
+            Err(e) => {
+                // The poll logs the store's failures; this one is on every unknown token.
+                log::debug!("key check failed, keeping the last snapshot: {e}");
+                *slot = None;
+                false
+            }
+        }
     }
 
     pub fn open_store(&self) -> Result<Store, StoreError> {

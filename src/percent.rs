@@ -31,14 +31,16 @@ pub fn decode(s: &str) -> Cow<'_, [u8]> {
     Cow::Owned(out)
 }
 
-/// A path segment as text: [`decode`]d, or as it came if its escapes are not UTF-8.
+/// A path segment as text: [`decode`]d, or as it came if its escapes are not UTF-8 or make
+/// a control character (which an id never has, and which would reach the traces and the
+/// operator's terminal through `spidergate traces`).
 #[must_use]
 pub fn decode_segment(s: &str) -> Cow<'_, str> {
     match decode(s) {
         Cow::Borrowed(_) => Cow::Borrowed(s),
         Cow::Owned(v) => match String::from_utf8(v) {
-            Ok(text) => Cow::Owned(text),
-            Err(_) => Cow::Borrowed(s),
+            Ok(text) if !text.chars().any(char::is_control) => Cow::Owned(text),
+            _ => Cow::Borrowed(s),
         },
     }
 }
@@ -66,5 +68,8 @@ mod tests {
         assert_eq!(decode_segment("spideriq%2Ffast"), "spideriq/fast");
         assert_eq!(decode_segment("caf%C3%A9"), "café");
         assert_eq!(decode_segment("bad%FF"), "bad%FF");
+        assert_eq!(decode_segment("a%0Ab%1B[31m"), "a%0Ab%1B[31m");
+        assert_eq!(decode_segment("a%00b"), "a%00b");
+        assert_eq!(decode_segment("a%7Fb"), "a%7Fb");
     }
 }

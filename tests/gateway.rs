@@ -251,6 +251,26 @@ fn a_key_made_by_the_cli_works_from_its_first_request() {
         let r = gw.chat(&key, "gpt-4o-mini");
         assert_eq!(r.status, 200, "key {i}'s first request: {}", r.text());
     }
+    // An agent that opens with parallel calls: every one of them is admitted, those that
+    // arrive while the first check runs included.
+    for i in 0..3 {
+        let name = format!("parallel-{i}");
+        let v = gw.cli_json(&["keys", "create", "--name", &name, "--json"]);
+        let key = Key {
+            id: v["id"].as_str().unwrap().into(),
+            secret: v["secret"].as_str().unwrap().into(),
+        };
+        let statuses: Vec<u16> = std::thread::scope(|s| {
+            let calls: Vec<_> = (0..16)
+                .map(|_| s.spawn(|| gw.get("/v1/models", &key.bearer()).status))
+                .collect();
+            calls.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        assert!(
+            statuses.iter().all(|&st| st == 200),
+            "round {i}: {statuses:?}"
+        );
+    }
     // A made-up token is still refused, however often it comes.
     let fake = Key {
         id: "key_fake".into(),

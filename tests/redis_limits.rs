@@ -1120,6 +1120,72 @@ async fn loop_counts_are_per_digest_and_refusals_count_nothing() {
     assert_eq!(e.code(), "rate_limit_exceeded");
 }
 
+/// A loop bucket counts until 60 s after its latest admission, which this version records
+/// beside it with the bucket's value then. A bucket an older version added to (in a rolling
+/// upgrade; older versions record nothing) no longer matches its record: it counts until the
+/// end of its second plus 60 s, as older versions count it, so no admission of it leaves
+/// early. Set up behind the gateway's back: a bucket of the second a minute ago, its record
+/// at that second's start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loop_bucket_an_older_version_added_to_counts_until_its_second_ends() {
+    let r = redis_or_skip!();
+    let limits = Limits {
+        loop_limit: Some(2),
+        ..Limits::default()
+    };
+    let digest = 0xC0FFEE_u128;
+    let hash = format!("{{sg}}:k:k:lp:{digest:032x}");
+    let l = node(&r, 1, Duration::from_secs(30));
+    seed_empty(&l, "k").await;
+    // Redis' clock, early in a second (so the admission below lands in the same second).
+    let now_ms = loop {
+        let redis::Value::Array(t) = raw(&r, &mut redis::cmd("TIME")).await else {
+            panic!("TIME")
+        };
+        let int = |v: &redis::Value| match v {
+            redis::Value::BulkString(b) => std::str::from_utf8(b).unwrap().parse::<i64>().unwrap(),
+            other => panic!("{other:?}"),
+        };
+        let ms = int(&t[0]) * 1000 + int(&t[1]) / 1000;
+        if ms % 1000 < 700 {
+            break ms;
+        }
+        tokio::time::sleep(Duration::from_millis(350)).await;
+    };
+    let old_second = now_ms / 1000 - 60;
+    for (recorded, res, outcome) in [("2", 1, "admitted"), ("1", 2, "refused")] {
+        raw(&r, redis::cmd("DEL").arg(&hash).arg(format!("{hash}:l"))).await;
+        raw(&r, redis::cmd("HSET").arg(&hash).arg(old_second).arg(2)).await;
+        // Two admissions; recorded at the start of their second: by the record they left
+        // the window a moment ago.
+        raw(
+            &r,
+            redis::cmd("HSET")
+                .arg(format!("{hash}:l"))
+                .arg(old_second)
+                .arg(format!("{}:{recorded}", old_second * 1000)),
+        )
+        .await;
+        let a = l
+            .admit("k", &limits, &[], Nanos::ZERO, Some(digest), res)
+            .await
+            .unwrap();
+        match outcome {
+            // The record matches the bucket: both left 60 s after it.
+            "admitted" => {
+                admitted(&a);
+            }
+            // The bucket holds one more than its record (an older node's): counted until its
+            // second's end + 60 s, which is still ahead.
+            _ => {
+                let e = rejected(a);
+                assert_eq!(e.code(), "loop_detected");
+                assert_eq!(e.retry_after(), Some(1), "{e:?}");
+            }
+        }
+    }
+}
+
 /// The hour hold rides in the reservation's record; a live node's heartbeat must still find
 /// the key in it, so a long request of a capped key is never reaped while its node lives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

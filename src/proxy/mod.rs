@@ -247,15 +247,27 @@ impl GateProxy {
         Ok(true)
     }
 
+    /// The client's address as the flood shield counts it (behind a trusted proxy, the one
+    /// it forwarded for).
+    fn shield_addr(&self, session: &Session) -> Option<std::net::IpAddr> {
+        let trusted = &self.gate.routes().config.tuning.trusted_proxies;
+        session.client_addr().and_then(|a| a.as_inet()).map(|a| {
+            let forwarded = session.req_header().headers.get("x-forwarded-for");
+            crate::shield::client_ip(a.ip(), forwarded.map(|v| v.as_bytes()), trusted)
+        })
+    }
+
+    /// Whether the client's address is past its failed-authentication limit already.
+    fn over_shield_limit(&self, session: &Session) -> bool {
+        self.shield_addr(session)
+            .is_some_and(|ip| self.gate.auth_shield.over_limit(&ip))
+    }
+
     /// A failed authentication: counted per client address, and past the address's limit
     /// answered 429 instead of 401 (valid keys never get here).
     fn shield(&self, session: &Session, err: GateError) -> GateError {
         self.gate.metrics.auth_failure();
-        let trusted = &self.gate.routes().config.tuning.trusted_proxies;
-        let addr = session.client_addr().and_then(|a| a.as_inet()).map(|a| {
-            let forwarded = session.req_header().headers.get("x-forwarded-for");
-            crate::shield::client_ip(a.ip(), forwarded.map(|v| v.as_bytes()), trusted)
-        });
+        let addr = self.shield_addr(session);
         match addr {
             Some(ip) if self.gate.auth_shield.failed(&ip) => GateError::AuthFlood {
                 retry_after_secs: SHIELD_WINDOW.as_secs(),
@@ -659,14 +671,27 @@ impl ProxyHttp for GateProxy {
         let mut authenticated =
             admission::authenticate(authorization, x_api_key, &ctx.snap.keys, ctx.started_ms);
         // A well-formed token no key has: perhaps a key made a moment ago by another door (the
-        // CLI writes the store; the poll would see it within `reload_interval_ms`).
+        // CLI writes the store; the poll would see it within `reload_interval_ms`). Not for an
+        // address past its failed-authentication limit (SPEC §2: limited before any other
+        // work), and never waiting longer than `KEY_CATCH_UP_WAIT`.
         if matches!(authenticated, Err(GateError::InvalidApiKey))
             && admission::has_agent_token(authorization, x_api_key)
-            && self.gate.catch_up_keys().await
+            && !self.over_shield_limit(session)
         {
-            ctx.snap = self.gate.snapshot();
-            authenticated =
-                admission::authenticate(authorization, x_api_key, &ctx.snap.keys, ctx.started_ms);
+            let wait = crate::gate::KEY_CATCH_UP_WAIT;
+            let _ = tokio::time::timeout(wait, self.gate.catch_up_keys()).await;
+            // Whatever this caller's wait gave: a check that ended meanwhile may have brought
+            // the key.
+            let fresh = self.gate.snapshot();
+            if !Arc::ptr_eq(&fresh, &ctx.snap) {
+                ctx.snap = fresh;
+                authenticated = admission::authenticate(
+                    authorization,
+                    x_api_key,
+                    &ctx.snap.keys,
+                    ctx.started_ms,
+                );
+            }
         }
         let hash = match authenticated {
             Ok((hash, key)) => {

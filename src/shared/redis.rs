@@ -26,7 +26,7 @@
 //! | `P:umin`, `P:uday:<day>` | ZSET, string | `/v1/usage` calls, counted apart |
 //! | `P:hr` | HASH | keys with `max_usd_per_hour` only: `r` (open hour holds) and per clock minute `<minute>` → settled spend; expires 2 h after its last write |
 //! | `P:lp:<digest>` | HASH | keys with `loop_limit` only: per clock second `<second>` → admissions of that request (32 hex digits of its digest); expires 62 s after its last admission |
-//! | `P:hr:l`, `P:lp:<digest>:l` | HASH | beside each: per bucket, the ms of its latest entry (Redis' clock); a bucket counts until an hour (a minute) after it, so no `Retry-After` exceeds the window; a bucket without one (an older version's) counts until its end plus the window |
+//! | `P:hr:l`, `P:lp:<digest>:l` | HASH | beside each: per bucket, `<ms of its latest entry>:<its value then>` (Redis' clock); a bucket counts until an hour (a minute) after it, so no `Retry-After` exceeds the window; a bucket without one, or whose value moved since (an older version's write), counts until its end plus the window |
 //! | `{sg}:res` | HASH | reservation `<node>:<res_id>` → `held|estimate|month|key_id|levels` (levels: `p<prefix>`/`g<prefix>` of the parents and group it was also held at, space-separated), plus `|h<hour hold>` for a key with `max_usd_per_hour` |
 //! | `P:mon:<month>` `tree`, `P:live` `treserved` | fields | the month's spend and the open holds of the keys below `P` in its tree of minted keys (SPEC §7) |
 //! | `{sg}:g:<group>:mon:<month>`, `:live`, `:min` | HASH, HASH, ZSET | a group's month (as a key's), holds, and rolling minute (SPEC §7) |

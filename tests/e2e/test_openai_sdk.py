@@ -357,6 +357,11 @@ def test_embeddings(client: openai.OpenAI):
     assert e.value.code == "invalid_request", e.value.body
     # The message names the path the client called.
     assert "not /v1/embeddings" in e.value.message, e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="text-embedding-3-small",
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert e.value.code == "invalid_request", e.value.body
+    assert "not /v1/chat/completions" in e.value.message, e.value.message
 
 
 # 6. Models ------------------------------------------------------------------------------

@@ -9,33 +9,32 @@ local ORPHANED = '(orphaned)'
 local REAPED = '{sg}:reaped:'
 -- The runaway-agent brakes (limits::brakes, same buckets): spend settled in clock minute m
 -- counts until an hour after the latest booking in m; an admission in clock second s until
--- 60 s after the latest admission in s. The latest is kept in a companion hash (`<hash>:l`,
--- bucket -> ms); a bucket without one (written by an older version) counts until the end
--- of its minute + 60 or its second + 60, as it did then.
+-- 60 s after the latest admission in s. Beside each bucket hash, `<hash>:l` holds per
+-- bucket `<latest ms>:<the bucket's value then>`. A bucket whose value is not the one
+-- recorded there (an older version's node added to it in a rolling upgrade, and older
+-- versions do not record) or that has no record counts until the end of its minute + 60
+-- or its second + 60, as it did then: never less than any of its entries needs.
 local HOUR_MINUTES = 60
 local LOOP_SECONDS = 60
 local HR_TTL = 7200000
 local LOOP_TTL = 62000
 
--- When bucket `b` (of `size` ms) leaves a window of `span` ms, given its latest entry
--- (nil: unknown, the end of the bucket).
-local function leaves(b, latest, size, span)
-  return (latest or ((b + 1) * size - 1)) + span
-end
-
--- A hash's buckets still in its window at `now`, oldest first: {bucket, value, leaves};
--- buckets that left are deleted (with their latest). `skip`: a field that is not a bucket.
+-- A hash's buckets still in its window of `span` ms at `now`, oldest first: {bucket,
+-- value, leaves}; buckets that left are deleted (with their record). Buckets are `size` ms
+-- long; `skip` names a field that is not a bucket. Also returns the hash's fields.
 local function window(hash, size, span, now, skip)
   local lh = hash .. ':l'
-  local latest = {}
+  local rec = {}
   local l = redis.call('HGETALL', lh)
-  for i = 1, #l, 2 do latest[l[i]] = tonumber(l[i + 1]) end
+  for i = 1, #l, 2 do rec[l[i]] = l[i + 1] end
   local h = redis.call('HGETALL', hash)
   local out = {}
   for i = 1, #h, 2 do
     if h[i] ~= skip then
       local b = tonumber(h[i])
-      local at = leaves(b, latest[h[i]], size, span)
+      local at = (b + 1) * size - 1 + span
+      local ms, value = string.match(rec[h[i]] or '', '^(%d+):(.*)$')
+      if ms and value == h[i + 1] then at = tonumber(ms) + span end
       if at > now then
         out[#out + 1] = {b, tonumber(h[i + 1]), at}
       else
@@ -48,11 +47,13 @@ local function window(hash, size, span, now, skip)
   return out, h
 end
 
--- Records `now` as bucket `b`'s latest entry (never moving it back).
+-- Records bucket `b` of `hash`, just written at `now`: its latest entry (never moved back)
+-- and its value as it stands.
 local function touch(hash, b, now, ttl)
   local lh = hash .. ':l'
-  local prev = tonumber(redis.call('HGET', lh, b) or '-1')
-  if now > prev then redis.call('HSET', lh, b, now) end
+  local prev = tonumber(string.match(redis.call('HGET', lh, b) or '', '^(%d+):') or '-1')
+  if prev > now then now = prev end
+  redis.call('HSET', lh, b, string.format('%.0f', now) .. ':' .. redis.call('HGET', hash, b))
   redis.call('PEXPIRE', lh, ttl)
 end
 
