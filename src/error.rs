@@ -77,7 +77,10 @@ pub enum GateError {
     /// A key asked to mint a child with more than it holds itself (SPEC §7): the message
     /// says what.
     BeyondParent(String),
-    MethodNotAllowed,
+    /// `allow`: the methods the endpoint takes, for the `Allow` header (RFC 9110 §15.5.6).
+    MethodNotAllowed {
+        allow: &'static str,
+    },
     /// SIGTERM received: in-flight requests finish, new ones are refused.
     ShuttingDown,
 }
@@ -105,7 +108,7 @@ impl GateError {
             GateError::LedgerUnavailable | GateError::LimitsUnavailable => 503,
             GateError::UpstreamError(_) => 502,
             GateError::UpstreamTimeout => 504,
-            GateError::MethodNotAllowed => 405,
+            GateError::MethodNotAllowed { .. } => 405,
             GateError::ShuttingDown => 503,
         }
     }
@@ -136,7 +139,7 @@ impl GateError {
             GateError::UpstreamError(_) => "upstream_error",
             GateError::UpstreamTimeout => "upstream_timeout",
             GateError::NotFound => "not_found",
-            GateError::MethodNotAllowed => "method_not_allowed",
+            GateError::MethodNotAllowed { .. } => "method_not_allowed",
             GateError::ShuttingDown => "shutting_down",
         }
     }
@@ -157,7 +160,7 @@ impl GateError {
             | GateError::RequestTimeout
             | GateError::ModelNotFound(_)
             | GateError::NotFound
-            | GateError::MethodNotAllowed => "invalid_request_error",
+            | GateError::MethodNotAllowed { .. } => "invalid_request_error",
             GateError::BudgetExceeded { .. } | GateError::GroupBudgetExceeded { .. } => {
                 "insufficient_quota"
             }
@@ -284,7 +287,7 @@ impl fmt::Display for GateError {
             GateError::UpstreamError(why) => write!(f, "Upstream provider error: {why}"),
             GateError::UpstreamTimeout => f.write_str("Upstream provider timed out."),
             GateError::NotFound => f.write_str("Unknown endpoint."),
-            GateError::MethodNotAllowed => f.write_str("Method not allowed for this endpoint."),
+            GateError::MethodNotAllowed { .. } => f.write_str("Method not allowed for this endpoint."),
             GateError::ShuttingDown => f.write_str("The gateway is shutting down; retry on another instance."),
         }
     }

@@ -338,10 +338,12 @@ fn a_wrong_method_is_405_method_not_allowed() {
             r.header("x-spidergate-error-code"),
             Some("method_not_allowed")
         );
+        assert_eq!(r.header("allow"), Some("GET, HEAD"), "POST {path}");
         assert_eq!(gw.get(path, &key.bearer()).status, 200, "GET {path}");
     }
     let r = gw.get("/v1/chat/completions", &key.bearer());
     assert_eq!((r.status, r.code().as_str()), (405, "method_not_allowed"));
+    assert_eq!(r.header("allow"), Some("POST"));
     assert!(mock.requests().is_empty(), "nothing reached the upstream");
 }
 

@@ -35,6 +35,9 @@ pub(super) async fn send_json(
     h.insert(CONTENT_LENGTH, number_value(body.len() as u64));
     if let Some(e) = error {
         h.insert(ERROR_CODE.clone(), HeaderValue::from_static(e.code()));
+        if let GateError::MethodNotAllowed { allow } = e {
+            h.insert(http::header::ALLOW, HeaderValue::from_static(allow));
+        }
         if let Some(secs) = e.retry_after() {
             h.insert(RETRY_AFTER, number_value(secs));
         }

@@ -52,7 +52,15 @@ impl GateProxy {
             (Endpoint::Keys, &http::Method::GET) => Op::List,
             (Endpoint::Keys, &http::Method::POST) => Op::Mint,
             (Endpoint::KeyRevoke, &http::Method::POST) => Op::Revoke(target.to_string()),
-            _ => return self.reject(session, ctx, GateError::MethodNotAllowed).await,
+            (endpoint, _) => {
+                let allow = if endpoint == Endpoint::Keys {
+                    "GET, POST"
+                } else {
+                    "POST"
+                };
+                let err = GateError::MethodNotAllowed { allow };
+                return self.reject(session, ctx, err).await;
+            }
         };
         let body = if matches!(op, Op::Mint) {
             let framing = BodyFraming::of(&session.req_header().headers);

@@ -325,7 +325,8 @@ impl GateProxy {
         );
         let method = &session.req_header().method;
         if read_only && method != http::Method::GET && method != http::Method::HEAD {
-            return self.reject(session, ctx, GateError::MethodNotAllowed).await;
+            let err = GateError::MethodNotAllowed { allow: "GET, HEAD" };
+            return self.reject(session, ctx, err).await;
         }
         let routes = ctx.snap.routes.clone();
         let catalog = &routes.catalog;
@@ -723,7 +724,8 @@ impl ProxyHttp for GateProxy {
             return Box::pin(self.serve_local(session, ctx, model_id)).await;
         }
         if session.req_header().method != http::Method::POST {
-            return self.reject(session, ctx, GateError::MethodNotAllowed).await;
+            let err = GateError::MethodNotAllowed { allow: "POST" };
+            return self.reject(session, ctx, err).await;
         }
         let max_body = ctx.snap.routes.config.max_body_bytes;
         let tuning = &ctx.snap.routes.config.tuning;
