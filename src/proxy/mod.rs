@@ -679,8 +679,9 @@ impl ProxyHttp for GateProxy {
             && admission::has_agent_token(authorization, x_api_key)
             && !self.over_shield_limit(session)
         {
+            // Boxed: this path is rare, and inline its future would size every request's.
             let wait = crate::gate::KEY_CATCH_UP_WAIT;
-            let _ = tokio::time::timeout(wait, self.gate.catch_up_keys()).await;
+            let _ = Box::pin(tokio::time::timeout(wait, self.gate.catch_up_keys())).await;
             // Whatever this caller's wait gave: a check that ended meanwhile may have brought
             // the key.
             let fresh = self.gate.snapshot();
