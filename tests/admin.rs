@@ -190,6 +190,31 @@ fn admin_api_manages_keys_over_the_same_store() {
     let data = traces["data"].as_array().unwrap();
     assert_eq!(data.len(), 2);
     assert!(data.iter().all(|t| t["key_id"] == key.id.as_str()));
+    let one = call(admin, "GET", "/admin/traces?limit=1", None).json();
+    assert_eq!(one["data"].as_array().unwrap().len(), 1);
+    // A page size or cursor that is not one is 400 naming it, on every listing (as on keys).
+    for path in [
+        "/admin/traces?limit=abc",
+        "/admin/traces?limit=0",
+        "/admin/traces?limit=10001",
+        "/admin/traces?before=x",
+        "/admin/audit?limit=-1",
+        "/admin/alerts?limit=0",
+        "/admin/keys?limit=0",
+    ] {
+        let r = call(admin, "GET", path, None);
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (400, "invalid_request"),
+            "{path}"
+        );
+        let param = if path.contains("before") {
+            "before"
+        } else {
+            "limit"
+        };
+        assert_eq!(r.json()["error"]["param"], param, "{path}");
+    }
 
     // Revoke: immediate.
     let r = call(

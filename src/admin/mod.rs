@@ -354,7 +354,7 @@ fn handle(
         match (method, seg) {
             (&Method::GET, ["admin", "info"]) => Ok(Reply::json(200, info_json(gate))),
             (&Method::GET, ["admin", "audit"]) => {
-                let (limit, before) = page(query);
+                let (limit, before) = page(query)?;
                 let rows = keys.audit_log(limit, before).map_err(Reply::key_error)?;
                 let data: Vec<Value> = rows.iter().map(crate::audit::entry_json).collect();
                 let next = (rows.len() == limit as usize)
@@ -487,7 +487,7 @@ fn handle(
             }
             (&Method::GET, ["admin", "traces"]) => {
                 gate.ledger.flush_blocking();
-                let (limit, before) = page(query);
+                let (limit, before) = page(query)?;
                 let rows = keys
                     .traces(query.get("key").map(String::as_str), limit, before)
                     .map_err(Reply::key_error)?;
@@ -502,7 +502,7 @@ fn handle(
             (&Method::GET, ["admin", "alerts"]) => {
                 // Alerts raised by requests just finished are in the outbox once this returns.
                 gate.ledger.flush_blocking();
-                let (limit, before) = page(query);
+                let (limit, before) = page(query)?;
                 let rows = store
                     .alert_deliveries(limit, before)
                     .map_err(|e| Reply::key_error(KeyError::Store(e)))?;
@@ -572,17 +572,33 @@ fn group_report(
     Ok(report::group_json(g, month, &rows, reserved, &members))
 }
 
-/// `?limit=N&before=ID` of a listing: 50 by default, at most 10,000.
-fn page(query: &HashMap<String, String>) -> (u32, Option<i64>) {
-    let limit = query
-        .get("limit")
-        .and_then(|v| v.parse::<u32>().ok())
-        .unwrap_or(50)
-        .clamp(1, 10_000);
-    (
-        limit,
-        query.get("before").and_then(|v| v.parse::<i64>().ok()),
-    )
+/// `?limit=N&before=ID` of a listing: 50 by default, 1 to 10,000; anything else is 400
+/// naming the parameter, as the keys listing answers.
+fn page(query: &HashMap<String, String>) -> Result<(u32, Option<i64>), Reply> {
+    let bad = |param: &str, what: &str| {
+        Reply::error_on(
+            400,
+            "invalid_request",
+            format!("{param} must be {what}"),
+            Some(param),
+        )
+    };
+    let limit = match query.get("limit").filter(|v| !v.is_empty()) {
+        Some(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=10_000).contains(n))
+            .ok_or_else(|| bad("limit", "an integer from 1 to 10000"))?,
+        None => 50,
+    };
+    let before = match query.get("before").filter(|v| !v.is_empty()) {
+        Some(v) => Some(
+            v.parse::<i64>()
+                .map_err(|_| bad("before", "an integer (a row id)"))?,
+        ),
+        None => None,
+    };
+    Ok((limit, before))
 }
 
 fn month_param(query: &HashMap<String, String>, now: i64) -> Result<i64, Reply> {
