@@ -74,6 +74,9 @@ pub enum GateError {
     UpstreamError(String),
     UpstreamTimeout,
     NotFound,
+    /// A thing the caller named is not there (a key to revoke that is not its descendant):
+    /// 404 `not_found`, the message says what.
+    Missing(String),
     /// A key asked to mint a child with more than it holds itself (SPEC §7): the message
     /// says what.
     BeyondParent(String),
@@ -96,7 +99,7 @@ impl GateError {
             GateError::RequestTooLarge(_) => 413,
             GateError::HeaderTooLarge(_) => 431,
             GateError::RequestTimeout => 408,
-            GateError::ModelNotFound(_) | GateError::NotFound => 404,
+            GateError::ModelNotFound(_) | GateError::NotFound | GateError::Missing(_) => 404,
             GateError::BudgetExceeded { .. } | GateError::GroupBudgetExceeded { .. } => 402,
             GateError::SpendRateExceeded { .. }
             | GateError::LoopDetected { .. }
@@ -138,7 +141,7 @@ impl GateError {
             GateError::LimitsUnavailable => "limits_unavailable",
             GateError::UpstreamError(_) => "upstream_error",
             GateError::UpstreamTimeout => "upstream_timeout",
-            GateError::NotFound => "not_found",
+            GateError::NotFound | GateError::Missing(_) => "not_found",
             GateError::MethodNotAllowed { .. } => "method_not_allowed",
             GateError::ShuttingDown => "shutting_down",
         }
@@ -160,6 +163,7 @@ impl GateError {
             | GateError::RequestTimeout
             | GateError::ModelNotFound(_)
             | GateError::NotFound
+            | GateError::Missing(_)
             | GateError::MethodNotAllowed { .. } => "invalid_request_error",
             GateError::BudgetExceeded { .. } | GateError::GroupBudgetExceeded { .. } => {
                 "insufficient_quota"
@@ -287,6 +291,7 @@ impl fmt::Display for GateError {
             GateError::UpstreamError(why) => write!(f, "Upstream provider error: {why}"),
             GateError::UpstreamTimeout => f.write_str("Upstream provider timed out."),
             GateError::NotFound => f.write_str("Unknown endpoint."),
+            GateError::Missing(what) => f.write_str(what),
             GateError::MethodNotAllowed { .. } => f.write_str("Method not allowed for this endpoint."),
             GateError::ShuttingDown => f.write_str("The gateway is shutting down; retry on another instance."),
         }

@@ -379,6 +379,12 @@ fn an_agent_mints_lists_and_revokes_child_keys_within_its_own_rights() {
         &[],
     );
     assert_eq!(r.status, 404, "another key is not the parent's to revoke");
+    assert_eq!(r.code(), "not_found");
+    let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains(&plain.id) && message.contains("descendants"),
+        "{message}"
+    );
     assert_eq!(gw.chat(&plain, "gpt-4o-mini").status, 200);
     let r = gw.post(
         &format!("/v1/keys/{}/revoke", child.id),

@@ -27,7 +27,10 @@ fn gate_error(e: KeyError) -> GateError {
     match e {
         KeyError::Invalid { field, message } => GateError::InvalidField { field, message },
         KeyError::Forbidden { message, .. } => GateError::BeyondParent(message),
-        KeyError::NotFound(_) | KeyError::NotFoundWhat(_) => GateError::NotFound,
+        KeyError::NotFound(id) => {
+            GateError::Missing(format!("No key \"{id}\" among this key's descendants."))
+        }
+        KeyError::NotFoundWhat(what) => GateError::Missing(what),
         KeyError::Conflict(why) => GateError::InvalidRequest(why),
         KeyError::Store(e) => {
             log::warn!("/v1/keys: {e}");
