@@ -248,6 +248,21 @@ fn groups_through_cli_and_admin_api_and_keys_joining_them() {
     );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["rpm"], Value::Null);
+    // The name is the group's id: a rename is refused, naming the field; the same name is
+    // no change.
+    let r = gw.admin_call(
+        "PATCH",
+        "/admin/groups/ops",
+        Some(&json!({"name": "renamed"})),
+    );
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_request"));
+    assert_eq!(r.json()["error"]["param"], "name");
+    let r = gw.admin_call("PATCH", "/admin/groups/ops", Some(&json!({"name": "ops"})));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        gw.admin_call("GET", "/admin/groups/renamed", None).status,
+        404
+    );
     let list = gw.cli_json(&["groups", "list", "--json"]);
     assert_eq!(list.as_array().unwrap().len(), 1);
     // Leaving the group through the CLI; deleting it keeps its keys.

@@ -475,7 +475,17 @@ fn handle(
                 Ok(Reply::json(200, group_report(gate, &keys, &g, now)?))
             }
             (&Method::PATCH, ["admin", "groups", name]) => {
-                let changes = fields::group_changes(&body_json()?).map_err(Reply::key_error)?;
+                let body = body_json()?;
+                // The name is the group's id (keys name their group by it): not changed here.
+                if body.get("name").is_some_and(|n| n.as_str() != Some(*name)) {
+                    return Err(Reply::error_on(
+                        400,
+                        "invalid_request",
+                        "a group's name cannot be changed (create a group, move its keys)",
+                        Some("name"),
+                    ));
+                }
+                let changes = fields::group_changes(&body).map_err(Reply::key_error)?;
                 let g = keys
                     .update_group(name, changes, now)
                     .map_err(Reply::key_error)?;
