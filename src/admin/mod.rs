@@ -136,27 +136,11 @@ fn key_filter(query: &HashMap<String, String>) -> Result<Option<KeyFilter>, Repl
     if !PARAMS.iter().any(|p| query.contains_key(*p)) {
         return Ok(None);
     }
-    let bad = |param: &'static str, what: &str| {
-        Reply::error_on(
-            400,
-            "invalid_request",
-            format!("{param} must be {what}"),
-            Some(param),
-        )
-    };
-    let limit = match query.get("limit").filter(|v| !v.is_empty()) {
-        Some(v) => Some(
-            v.parse::<u32>()
-                .ok()
-                .filter(|n| (1..=MAX_KEY_PAGE).contains(n))
-                .ok_or_else(|| bad("limit", "an integer from 1 to 1000"))?,
-        ),
-        None => None,
-    };
+    let limit = limit_param(query, MAX_KEY_PAGE)?;
     let offset = match query.get("offset").filter(|v| !v.is_empty()) {
         Some(v) => v
             .parse::<u32>()
-            .map_err(|_| bad("offset", "a non-negative integer"))?,
+            .map_err(|_| bad_param("offset", "a non-negative integer"))?,
         None => 0,
     };
     let all = query.get("all").is_some_and(|v| v != "false");
@@ -165,7 +149,7 @@ fn key_filter(query: &HashMap<String, String>) -> Result<Option<KeyFilter>, Repl
         Some("all") => None,
         Some(s) => Some(
             KeyStatus::parse(s)
-                .ok_or_else(|| bad("status", "one of all, active, expired, revoked"))?,
+                .ok_or_else(|| bad_param("status", "one of all, active, expired, revoked"))?,
         ),
     };
     let text = |p: &str| query.get(p).filter(|v| !v.is_empty()).cloned();
@@ -582,29 +566,38 @@ fn group_report(
     Ok(report::group_json(g, month, &rows, reserved, &members))
 }
 
+/// 400 `invalid_request` naming a query parameter that is not what it must be.
+fn bad_param(param: &str, what: &str) -> Reply {
+    Reply::error_on(
+        400,
+        "invalid_request",
+        format!("{param} must be {what}"),
+        Some(param),
+    )
+}
+
+/// `?limit=N`, an integer from 1 to `max`; `None` when absent or empty.
+fn limit_param(query: &HashMap<String, String>, max: u32) -> Result<Option<u32>, Reply> {
+    query
+        .get("limit")
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            v.parse::<u32>()
+                .ok()
+                .filter(|n| (1..=max).contains(n))
+                .ok_or_else(|| bad_param("limit", &format!("an integer from 1 to {max}")))
+        })
+        .transpose()
+}
+
 /// `?limit=N&before=ID` of a listing: 50 by default, 1 to 10,000; anything else is 400
 /// naming the parameter, as the keys listing answers.
 fn page(query: &HashMap<String, String>) -> Result<(u32, Option<i64>), Reply> {
-    let bad = |param: &str, what: &str| {
-        Reply::error_on(
-            400,
-            "invalid_request",
-            format!("{param} must be {what}"),
-            Some(param),
-        )
-    };
-    let limit = match query.get("limit").filter(|v| !v.is_empty()) {
-        Some(v) => v
-            .parse::<u32>()
-            .ok()
-            .filter(|n| (1..=10_000).contains(n))
-            .ok_or_else(|| bad("limit", "an integer from 1 to 10000"))?,
-        None => 50,
-    };
+    let limit = limit_param(query, 10_000)?.unwrap_or(50);
     let before = match query.get("before").filter(|v| !v.is_empty()) {
         Some(v) => Some(
             v.parse::<i64>()
-                .map_err(|_| bad("before", "an integer (a row id)"))?,
+                .map_err(|_| bad_param("before", "an integer (a row id)"))?,
         ),
         None => None,
     };
