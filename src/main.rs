@@ -252,6 +252,30 @@ enum KeysCommand {
 
 type CliResult = Result<(), String>;
 
+/// `keys update`'s `--free-only` takes an optional value (`true`/`false`), and clap, seeing
+/// a value slot, would read whatever follows as that value: `keys update --free-only ID`
+/// would fail on the id. Here a bare `--free-only` there (last, or followed by anything but
+/// `true`/`false`) becomes `--free-only=true`, so the switch works in any position, as on
+/// `create`.
+fn bare_free_only(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let Some(at) = args
+        .windows(2)
+        .position(|w| w[0] == "keys" && w[1] == "update")
+    else {
+        return args;
+    };
+    for i in at + 2..args.len() {
+        if args[i] == "--" {
+            break;
+        }
+        let valued = args.get(i + 1).is_some_and(|v| v == "true" || v == "false");
+        if args[i] == "--free-only" && !valued {
+            args[i] = "--free-only=true".into();
+        }
+    }
+    args
+}
+
 /// Logs go to stderr, filtered by `RUST_LOG` (default `info`): the human format, or with
 /// `SPIDERGATE_LOG_FORMAT=json` one JSON object per line for journald and log shippers:
 /// `{"ts":"2026-11-27T06:07:15.123Z","level":"INFO","target":"spidergate::serve","msg":"..."}`
@@ -331,7 +355,7 @@ impl log::Log for WireQuiet {
 fn main() -> ExitCode {
     spidergate::memory::no_huge_pages();
     init_logger();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(bare_free_only(std::env::args_os().collect()));
     if !matches!(cli.command, Command::Serve(_)) {
         restore_sigpipe();
     }
@@ -994,6 +1018,48 @@ fn print_human(v: &serde_json::Value) {
                 other => other.to_string(),
             };
             println!("{k:>20}: {shown}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bare_free_only;
+
+    fn argv(s: &str) -> Vec<std::ffi::OsString> {
+        s.split(' ').map(Into::into).collect()
+    }
+
+    #[test]
+    fn a_bare_free_only_on_keys_update_is_a_switch_in_any_position() {
+        for (given, wanted) in [
+            (
+                "sg keys update ID --free-only",
+                "sg keys update ID --free-only=true",
+            ),
+            (
+                "sg keys update --free-only ID",
+                "sg keys update --free-only=true ID",
+            ),
+            (
+                "sg --config c.yaml keys update --free-only ID --rpm 5",
+                "sg --config c.yaml keys update --free-only=true ID --rpm 5",
+            ),
+            (
+                "sg keys update ID --free-only false",
+                "sg keys update ID --free-only false",
+            ),
+            (
+                "sg keys update --free-only true ID",
+                "sg keys update --free-only true ID",
+            ),
+            // Not `keys update`: `create` takes a plain switch, left as it is.
+            (
+                "sg keys create --free-only --name a",
+                "sg keys create --free-only --name a",
+            ),
+        ] {
+            assert_eq!(bare_free_only(argv(given)), argv(wanted), "{given}");
         }
     }
 }

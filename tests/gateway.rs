@@ -313,6 +313,17 @@ fn keys_update_takes_free_only_as_a_switch() {
         gw.cli_json(&["keys", "show", &key.id, "--json"])["free_only"],
         false
     );
+    // The switch before the id, as an operator types it too.
+    let out = gw.cli(&["keys", "update", "--free-only", &key.id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        gw.cli_json(&["keys", "show", &key.id, "--json"])["free_only"],
+        true
+    );
 }
 
 /// Each endpoint takes its own method: the catalog and usage are read with GET (a POST there
