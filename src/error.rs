@@ -79,7 +79,12 @@ pub enum GateError {
     Missing(String),
     /// A key asked to mint a child with more than it holds itself (SPEC §7): the message
     /// says what.
-    BeyondParent(String),
+    BeyondParent {
+        /// The request's field that reaches past the parent, as `param` (SPEC §7: "naming
+        /// the field").
+        field: Option<&'static str>,
+        message: String,
+    },
     /// `allow`: the methods the endpoint takes, for the `Allow` header (RFC 9110 §15.5.6).
     MethodNotAllowed {
         allow: &'static str,
@@ -93,7 +98,7 @@ impl GateError {
         match self {
             GateError::InvalidApiKey | GateError::TokenExpired | GateError::TokenRevoked => 401,
             GateError::InsufficientScope(_)
-            | GateError::BeyondParent(_)
+            | GateError::BeyondParent { .. }
             | GateError::ModelNotAllowed(_) => 403,
             GateError::InvalidRequest(_) | GateError::InvalidField { .. } => 400,
             GateError::RequestTooLarge(_) => 413,
@@ -122,7 +127,9 @@ impl GateError {
             GateError::InvalidApiKey => "invalid_api_key",
             GateError::TokenExpired => "token_expired",
             GateError::TokenRevoked => "token_revoked",
-            GateError::InsufficientScope(_) | GateError::BeyondParent(_) => "insufficient_scope",
+            GateError::InsufficientScope(_) | GateError::BeyondParent { .. } => {
+                "insufficient_scope"
+            }
             GateError::InvalidRequest(_) | GateError::InvalidField { .. } => "invalid_request",
             GateError::RequestTooLarge(_) => "request_too_large",
             GateError::HeaderTooLarge(_) => "request_header_too_large",
@@ -154,7 +161,7 @@ impl GateError {
                 "authentication_error"
             }
             GateError::InsufficientScope(_)
-            | GateError::BeyondParent(_)
+            | GateError::BeyondParent { .. }
             | GateError::ModelNotAllowed(_) => "permission_error",
             GateError::InvalidRequest(_)
             | GateError::InvalidField { .. }
@@ -238,6 +245,7 @@ impl GateError {
     pub fn param(&self) -> Option<&str> {
         match self {
             GateError::InvalidField { field, .. } => Some(field),
+            GateError::BeyondParent { field, .. } => *field,
             _ => None,
         }
     }
@@ -269,7 +277,7 @@ impl fmt::Display for GateError {
             GateError::HeaderTooLarge(max) => write!(f, "Request headers exceed the limit of {max} bytes."),
             GateError::RequestTimeout => f.write_str("The request body did not arrive in time."),
             GateError::ModelNotFound(model) => write!(f, "The model '{model}' does not exist."),
-            GateError::BeyondParent(why) => f.write_str(why),
+            GateError::BeyondParent { message, .. } => f.write_str(message),
             GateError::ModelNotAllowed(model) => write!(f, "This agent key may not use the model '{model}'."),
             GateError::BudgetExceeded { spend, cap } => write!(
                 f,

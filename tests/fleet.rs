@@ -668,4 +668,77 @@ fn a_child_stays_within_its_parent_when_either_is_changed() {
     let r = gw.get("/v1/models", &kid.bearer());
     assert_eq!((r.status, r.code().as_str()), (403, "insufficient_scope"));
     assert_eq!(gw.chat(&kid, "gpt-4o-mini").status, 200);
+    // ... and every door shows the child as it is enforced: narrowed in the store too.
+    let shown = gw.cli_json(&["keys", "show", &kid.id, "--json"]);
+    assert_eq!(shown["allowed_models"], json!(["gpt-4o-mini"]), "{shown}");
+    assert_eq!(shown["scopes"], json!(["gate:chat"]), "{shown}");
+
+    // Expiring a key expires its descendants (SPEC §7): a parent's expiry brought forward
+    // brings its child's and grandchild's with it, in the store and every view.
+    let elder = gw.create_key(&["--scopes", "gate:chat,gate:keys", "--ttl", "90d"]);
+    let son = minted(
+        &gw,
+        &elder,
+        json!({"name": "son", "scopes": ["gate:chat", "gate:keys"]}),
+    );
+    let grandson = minted(&gw, &son, json!({"name": "grandson"}));
+    let r = gw.admin_call(
+        "PATCH",
+        &format!("/admin/keys/{}", elder.id),
+        Some(&json!({"ttl": "1h", "free_only": true})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let elder_ends = r.json()["expires_at"].as_str().unwrap().to_string();
+    for k in [&son, &grandson] {
+        let v = gw
+            .admin_call("GET", &format!("/admin/keys/{}", k.id), None)
+            .json();
+        assert_eq!(v["expires_at"], elder_ends.as_str(), "{v}");
+        assert_eq!(v["free_only"], true, "{v}");
+    }
+
+    // A child stays in its parent's group: an operator cannot move it out (its spend would
+    // leave the group's budget), and moving the parent moves its tree.
+    let r = gw.admin_call(
+        "POST",
+        "/admin/groups",
+        Some(&json!({"name": "team", "budget_usd": 5, "budget_mode": "hard"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let lead = gw.create_key(&["--scopes", "gate:chat,gate:keys", "--group", "team"]);
+    let member = minted(&gw, &lead, json!({"name": "member"}));
+    let member_path = format!("/admin/keys/{}", member.id);
+    assert_eq!(
+        gw.admin_call("GET", &member_path, None).json()["group"],
+        "team"
+    );
+    let r = gw.admin_call("PATCH", &member_path, Some(&json!({"group": null})));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["param"], "group");
+    let out = gw.cli(&["keys", "update", &member.id, "--group", "none"]);
+    assert_eq!(out.status.code(), Some(1), "the CLI refuses it too");
+    let r = gw.admin_call(
+        "PATCH",
+        &format!("/admin/keys/{}", lead.id),
+        Some(&json!({"group": null})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        gw.admin_call("GET", &member_path, None).json()["group"],
+        Value::Null
+    );
+
+    // A mint that reaches past the parent names the field it asked for (SPEC §7).
+    for (body, param) in [
+        (json!({"name": "x", "scopes": ["gate:models"]}), "scopes"),
+        (json!({"name": "x", "group": "team"}), "group"),
+    ] {
+        let r = mint(&gw, &lead, body.clone());
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (403, "insufficient_scope"),
+            "{body}"
+        );
+        assert_eq!(r.json()["error"]["param"], param, "{body}");
+    }
 }

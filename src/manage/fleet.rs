@@ -13,7 +13,16 @@ use crate::keys::{
     ends_after, BudgetMode, KeyRecord, DEFAULT_SCOPES, DEFAULT_TTL_SECS, MIN_TTL_SECS,
 };
 use crate::money::Nanos;
-use crate::store::{GroupPatch, GroupRecord};
+use crate::store::{GroupPatch, GroupRecord, KeyPatch};
+
+/// Whether a narrowing (`KeyService::narrowing`) changes nothing.
+fn narrows_nothing(p: &KeyPatch) -> bool {
+    p.expires_at.is_none()
+        && p.free_only.is_none()
+        && p.scopes.is_none()
+        && p.allowed_models.is_none()
+        && p.group.is_none()
+}
 
 /// Keys one parent may mint per minute (per node): an agent in a loop cannot flood the
 /// store with keys.
@@ -337,7 +346,107 @@ impl KeyService<'_> {
                 format!("the {parent_is} is free-only"),
             ));
         }
+        // A group's budget bounds the spend of its keys' trees: a child moved out of its
+        // parent's group would spend outside it.
+        if key.group != parent.group {
+            return Err(KeyError::invalid(
+                "group",
+                match &parent.group {
+                    Some(g) => format!("a child key stays in the {parent_is}'s group \"{g}\""),
+                    None => format!("a child key stays out of groups, as the {parent_is} is"),
+                },
+            ));
+        }
         Ok(())
+    }
+
+    /// After `root` changed, every live key below it is brought back within its own parent,
+    /// as the rules above would have it minted (SPEC §7: a child never exceeds its parent,
+    /// and expiring a key expires its descendants): an expiry no later than its parent's,
+    /// free-only if the parent is, only the scopes and models the parent holds, and the
+    /// parent's group. What the stores and every view show then matches what the gateway
+    /// enforces at request time anyway. A key that would keep no scope or no model of its
+    /// own is left as it is: the request-time narrowing refuses it everything.
+    pub(super) fn narrow_descendants(
+        &mut self,
+        root: &KeyRecord,
+        now: i64,
+    ) -> Result<(), KeyError> {
+        let mut pending: Vec<KeyRecord> = self
+            .store
+            .descendants(&root.id)?
+            .into_iter()
+            .filter(|k| k.revoked_at.is_none())
+            .collect();
+        let mut parents = std::collections::HashMap::new();
+        parents.insert(root.id.clone(), root.clone());
+        // Parents before their children, whatever order the store listed them in.
+        while !pending.is_empty() {
+            let before = pending.len();
+            let mut later = Vec::new();
+            for key in pending {
+                let Some(parent) = key.parent_id.as_ref().and_then(|p| parents.get(p)) else {
+                    later.push(key);
+                    continue;
+                };
+                let patch = self.narrowing(parent, &key);
+                let after = if narrows_nothing(&patch) {
+                    key
+                } else {
+                    let after = self
+                        .store
+                        .update_key(&key.id, &patch)?
+                        .unwrap_or(key.clone());
+                    self.record("key.update", &key.id, Some(&key), &after, now);
+                    after
+                };
+                parents.insert(after.id.clone(), after);
+            }
+            if later.len() == before {
+                break;
+            }
+            pending = later;
+        }
+        Ok(())
+    }
+
+    /// What `key` must change to be within `parent` (see [`Self::narrow_descendants`]).
+    fn narrowing(&self, parent: &KeyRecord, key: &KeyRecord) -> KeyPatch {
+        let mut patch = KeyPatch::default();
+        if key.expires_at > parent.expires_at {
+            patch.expires_at = Some(parent.expires_at);
+        }
+        if parent.free_only && !key.free_only {
+            patch.free_only = Some(true);
+        }
+        let scopes: Vec<String> = key
+            .scopes
+            .iter()
+            .filter(|s| parent.scopes.contains(s))
+            .cloned()
+            .collect();
+        if !scopes.is_empty() && scopes.len() < key.scopes.len() {
+            patch.scopes = Some(scopes);
+        }
+        if !parent.allowed_models.is_empty() {
+            if key.allowed_models.is_empty() {
+                patch.allowed_models = Some(parent.allowed_models.clone());
+            } else {
+                let models: Vec<String> = key
+                    .allowed_models
+                    .iter()
+                    .filter(|m| self.parent_allows(parent, m))
+                    .cloned()
+                    .collect();
+                if !models.is_empty() && models.len() < key.allowed_models.len() {
+                    patch.allowed_models = Some(models);
+                }
+            }
+        }
+        if key.group != parent.group {
+            patch.group = Some(parent.group.clone());
+        }
+        patch
     }
 
     /// Whether `name` (a model or alias) is within the parent's allow-list: listed, or a

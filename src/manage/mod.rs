@@ -289,6 +289,7 @@ impl<'a> KeyService<'a> {
             .update_key(id, &patch)?
             .ok_or_else(|| KeyError::NotFound(id.to_string()))?;
         self.record("key.update", id, before.as_ref(), &after, now);
+        self.narrow_descendants(&after, now)?;
         Ok(after)
     }
 

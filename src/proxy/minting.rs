@@ -26,7 +26,7 @@ const MAX_KEYS_BODY: u64 = 64 * 1024;
 fn gate_error(e: KeyError) -> GateError {
     match e {
         KeyError::Invalid { field, message } => GateError::InvalidField { field, message },
-        KeyError::Forbidden { message, .. } => GateError::BeyondParent(message),
+        KeyError::Forbidden { field, message } => GateError::BeyondParent { field, message },
         KeyError::NotFound(id) => {
             GateError::Missing(format!("No key \"{id}\" among this key's descendants."))
         }
@@ -111,9 +111,11 @@ impl GateProxy {
                     }
                     let spec = crate::admin::fields::key_spec(&v).map_err(gate_error)?;
                     if spec.group.is_some() {
-                        return Err(GateError::BeyondParent(
-                            "a child key joins its parent's group; it cannot name one".into(),
-                        ));
+                        return Err(GateError::BeyondParent {
+                            field: Some("group"),
+                            message: "a child key joins its parent's group; it cannot name one"
+                                .into(),
+                        });
                     }
                     let (record, secret) = service
                         .create_child(&parent, spec, now)
