@@ -147,6 +147,10 @@ fn is_account_name(n: &str) -> bool {
         return false;
     }
     n.starts_with("x-ratelimit-")
+        // The gateway's own names: only the gateway speaks them to the agent (an upstream,
+        // or a gateway chained behind this one, must not say a call failed or a budget ran
+        // out).
+        || n.starts_with("x-spidergate-")
         || n.starts_with("anthropic-ratelimit-")
         || n.starts_with("openai-organization")
         || n.starts_with("openai-project")
@@ -171,6 +175,10 @@ pub(super) struct UpstreamHead {
     pub account_headers: bool,
     /// `Retry-After`.
     pub retry_after: bool,
+    /// A `Retry-After` that is not a whole number of seconds of at least 1 (`0`, `1.5`, an
+    /// HTTP-date, text): on a 429 it is rewritten ([`retry_after_secs`]), since SPEC §2
+    /// promises agents whole seconds, at least 1.
+    pub retry_after_odd: bool,
     /// A name the gateway writes itself ([`is_gateway_name`]).
     pub gateway_names: bool,
 }
@@ -193,6 +201,7 @@ impl UpstreamHead {
                 found.chunked = value.as_bytes().ends_with(b"chunked");
             } else if name == http::header::RETRY_AFTER {
                 found.retry_after = true;
+                found.retry_after_odd |= !is_whole_secs(value.as_bytes());
             } else {
                 // The name's text once (a standard name's is a lookup), both questions on it.
                 let n = name.as_str();
@@ -202,6 +211,37 @@ impl UpstreamHead {
         }
         found.content_length = content_length;
         found
+    }
+}
+
+/// Whole seconds, at least 1, as SPEC §2 has `Retry-After` (`1`, `30`; not `0`, `01`).
+fn is_whole_secs(v: &[u8]) -> bool {
+    matches!(v.first(), Some(b'1'..=b'9')) && v.len() <= 10 && v.iter().all(u8::is_ascii_digit)
+}
+
+/// An upstream's odd `Retry-After` as whole seconds, at least 1, and at most a day: a
+/// number is rounded up, an HTTP-date (RFC 9110) counted from `now_ms`, and anything
+/// unreadable is 1 (retry soon, as the gateway answers a 429 that came without one).
+fn retry_after_secs(v: &[u8], now_ms: i64) -> u64 {
+    const MAX: f64 = 86_400.0;
+    let Ok(text) = std::str::from_utf8(v).map(str::trim) else {
+        return 1;
+    };
+    if let Ok(n) = text.parse::<f64>() {
+        return if n.is_finite() {
+            n.ceil().clamp(1.0, MAX) as u64
+        } else {
+            1
+        };
+    }
+    match httpdate::parse_http_date(text) {
+        Ok(at) => {
+            let at_ms = at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            (((at_ms - now_ms) as f64 / 1000.0).ceil()).clamp(1.0, MAX) as u64
+        }
+        Err(_) => 1,
     }
 }
 
@@ -635,7 +675,14 @@ pub(super) fn decorate_response(
     let drop_length = reframe.resized && upstream.content_length;
     let chunked = reframe.resized && !upstream.chunked && !matches!(status, 100..=199 | 204 | 304);
     let as_lines = as_lines && !upstream.gateway_names;
-    if !as_lines || upstream.account_headers || drop_length || chunked || reframe.json {
+    let odd_retry_after = status == 429 && upstream.retry_after_odd;
+    if !as_lines
+        || upstream.account_headers
+        || drop_length
+        || chunked
+        || reframe.json
+        || odd_retry_after
+    {
         edit_headers(resp, |h| {
             if !as_lines {
                 // Room for them at once: the upstream's head is parsed into a map sized for
@@ -648,6 +695,12 @@ pub(super) fn decorate_response(
             }
             if drop_length {
                 h.remove(CONTENT_LENGTH);
+            }
+            if odd_retry_after {
+                let secs = h.get(http::header::RETRY_AFTER).map_or(1, |v| {
+                    retry_after_secs(v.as_bytes(), crate::clock::now_ms())
+                });
+                h.insert(http::header::RETRY_AFTER, number_value(secs));
             }
             if chunked {
                 h.insert(
@@ -740,6 +793,90 @@ mod tests {
         let values: Vec<HeaderValue> = numbers.iter().map(|&n| number_value(n)).collect();
         for (n, v) in numbers.iter().zip(&values) {
             assert_eq!(v.to_str().unwrap(), n.to_string());
+        }
+    }
+
+    /// SPEC §2: only the gateway says a call failed or a budget is reached; an upstream's
+    /// own `X-SpiderGate-*` never reaches the agent, on a success or an error, over the
+    /// map or the header lines.
+    #[test]
+    fn an_upstreams_gateway_headers_never_reach_the_agent() {
+        for (status, as_lines) in [(200, false), (200, true), (500, false), (500, true)] {
+            let mut resp = ResponseHeader::build(status, None).unwrap();
+            for (k, v) in [
+                ("x-spidergate-error-code", "spoofed"),
+                ("x-spidergate-budget-warning", "spoofed"),
+                ("X-SpiderGate-Whatever", "spoofed"),
+                ("x-request-id", "req_1"),
+            ] {
+                resp.append_header(k, v).unwrap();
+            }
+            let upstream = UpstreamHead::scan(&resp.headers);
+            let standing = standing();
+            let lines = decorate_response(
+                &mut resp,
+                &plain(&standing),
+                upstream,
+                Reframe::default(),
+                as_lines,
+            )
+            .unwrap()
+            .map(|b| String::from_utf8(b.to_vec()).unwrap())
+            .unwrap_or_default();
+            let h = &resp.headers;
+            assert!(h.get("x-spidergate-budget-warning").is_none(), "{status}");
+            assert!(h.get("x-spidergate-whatever").is_none(), "{status}");
+            assert!(!lines.contains("spoofed"), "{lines}");
+            let code: Vec<_> = h.get_all("x-spidergate-error-code").iter().collect();
+            if status == 200 {
+                assert!(code.is_empty(), "{code:?}");
+                assert!(!lines
+                    .to_ascii_lowercase()
+                    .contains("x-spidergate-error-code"));
+            } else {
+                assert!(code.iter().all(|v| *v != "spoofed"), "{code:?}");
+            }
+            assert_eq!(h.get("x-request-id").unwrap(), "req_1");
+        }
+    }
+
+    /// SPEC §2: a 429's `Retry-After` is whole seconds, at least 1, whatever the upstream
+    /// sent; a well-formed one passes as it is.
+    #[test]
+    fn an_upstream_429s_retry_after_is_whole_seconds_at_least_one() {
+        let now = crate::clock::now_ms();
+        let in_90s = httpdate::fmt_http_date(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis((now + 90_000) as u64),
+        );
+        for (sent, want, status) in [
+            ("7", "7", 429),
+            ("0", "1", 429),
+            ("1.5", "2", 429),
+            ("-3", "1", 429),
+            ("abc", "1", 429),
+            ("99999999999", "86400", 429),
+            (in_90s.as_str(), "90", 429),
+            ("0", "0", 503),
+        ] {
+            let mut resp = ResponseHeader::build(status, None).unwrap();
+            resp.append_header("retry-after", sent).unwrap();
+            let upstream = UpstreamHead::scan(&resp.headers);
+            let standing = standing();
+            for as_lines in [false, true] {
+                let mut r = resp.clone();
+                decorate_response(
+                    &mut r,
+                    &plain(&standing),
+                    upstream,
+                    Reframe::default(),
+                    as_lines,
+                )
+                .unwrap();
+                let got: Vec<_> = r.headers.get_all("retry-after").iter().collect();
+                // An HTTP-date is counted when the head is decorated: a second may pass.
+                let ok = got.len() == 1 && (got[0] == want || (want == "90" && got[0] == "89"));
+                assert!(ok, "{sent} ({status}): {got:?}");
+            }
         }
     }
 
@@ -999,7 +1136,9 @@ mod tests {
             ("traceparent", "00-aa-bb-01"),
         ]);
         assert!(head.chunked && !head.content_length && head.retry_after);
-        assert!(head.gateway_names && !head.account_headers);
+        assert!(head.gateway_names && !head.account_headers && !head.retry_after_odd);
+        assert!(scan(&[("retry-after", "0")]).retry_after_odd);
+        assert!(scan(&[("x-spidergate-model", "m")]).account_headers);
         assert!(!scan(&[("transfer-encoding", "gzip")]).chunked);
         for ours in [
             "x-spidergate-model",
