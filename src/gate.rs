@@ -438,6 +438,7 @@ impl Gate {
     fn reload_config_file(&self) -> Result<(), String> {
         let mut config = Config::load(&self.config_path).map_err(|e| e.to_string())?;
         config.load_provider_keys();
+        crate::providers::mask::know_provider_keys_of(&config);
         // Certificate files are re-read first and swapped in only if the whole reload holds.
         let certs = self.listener_certs.prepare(&config, now_ms() / 1000)?;
         let running = self.routes();

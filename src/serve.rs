@@ -273,6 +273,7 @@ fn ensure_upgrade_dir(upgrade_sock: &str, upgrading: bool) -> Result<(), String>
 /// Runs the gateway until SIGTERM/SIGINT; returns once every recorded request is committed.
 pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
     config.load_provider_keys();
+    crate::providers::mask::know_provider_keys_of(&config);
     // The fork's rustls has no crypto provider enabled by default; Pingora needs one for TLS.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let listen = config.listen.clone();

@@ -1637,3 +1637,43 @@ fn the_agent_key_counts_in_either_header_whatever_the_other_holds() {
         );
     }
 }
+
+/// SPEC §2: key identifiers in an upstream error body are masked. A provider key with no
+/// prefix the gateway knows (`gsk_`, `xai-`, `fw_`, none at all), echoed by its upstream in
+/// a 401, reaches the agent masked past its first bytes, in either API shape; the status,
+/// `type` and `code` stay.
+#[test]
+fn a_provider_key_echoed_in_an_upstream_error_is_masked_whatever_its_prefix() {
+    const ODD_KEY: &str = "gsk_9f8e7d6c5b4a3928171600aa";
+    let mock = mock();
+    arm_key_rejections(&mock);
+    let gw = GatewayBuilder::new(&mock)
+        .provider("- name: odd\n  kind: openai\n  base_url: \"{mock}/v1\"\n  api_key_env: SG_ODD_KEY")
+        .models("models:\n  - id: odd-model\n    provider: odd\n    input_usd_per_mtok: 1\n    output_usd_per_mtok: 2\n    max_output_tokens: 1000\n")
+        .env("SG_ODD_KEY", ODD_KEY)
+        .start();
+    let key = gw.create_key(&[]);
+    mock.reject_key(ODD_KEY, 401, None);
+    let messages = json!({"model": "odd-model", "max_tokens": 5,
+        "messages": [{"role": "user", "content": "hi"}]});
+    for path in ["/v1/chat/completions", "/v1/messages"] {
+        let r = post_json(&gw, path, &key, &messages, &[]);
+        assert_eq!(r.status, 401, "{path}: {}", r.text());
+        let text = r.text();
+        assert!(
+            text.contains("gsk_"),
+            "{path}: the key's start tells which: {text}"
+        );
+        assert!(
+            !text.contains(&ODD_KEY[4..]),
+            "{path}: the key leaked: {text}"
+        );
+        assert_eq!(
+            mock.requests()
+                .last()
+                .and_then(|q| q.provider_key().map(str::to_string)),
+            Some(ODD_KEY.to_string()),
+            "{path}: the upstream got the key (and echoed it)"
+        );
+    }
+}

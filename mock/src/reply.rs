@@ -135,12 +135,16 @@ impl Reply<'_> {
             .as_deref()
             .and_then(|key| self.shared.rejection_for(key));
         if let Some(rejection) = rejection {
+            // A 401 echoes the key it got, as some providers do: the gateway must mask it.
+            let echoed;
             let (message, kind, code) = match rejection.status {
-                401 => (
-                    "Incorrect API key provided (mock)",
-                    "invalid_request_error",
-                    "invalid_api_key",
-                ),
+                401 => {
+                    echoed = format!(
+                        "Incorrect API key provided: {} (mock)",
+                        head.provider_key.as_deref().unwrap_or_default()
+                    );
+                    (echoed.as_str(), "invalid_request_error", "invalid_api_key")
+                }
                 429 => (
                     "Rate limit reached for requests (mock)",
                     "requests",
