@@ -313,7 +313,9 @@ pub fn reservation_bound(
             Endpoint::ImagesGenerations | Endpoint::ImagesEdits => {
                 output_cap(catalog, m, fields).saturating_mul(fields.units)
             }
-            _ => output_cap(catalog, m, fields).saturating_mul(fields.choices),
+            _ => output_cap(catalog, m, fields)
+                .saturating_add(fields.prediction_tokens)
+                .saturating_mul(fields.choices),
         };
         // A token count is free; it still counts against rpm and rpd.
         let cost = match endpoint {
@@ -683,7 +685,8 @@ mod tests {
         /// SPEC §2: the reservation is a true upper bound. For any request shape the parser
         /// accepts and any usage a provider could bill for it (prompt within the body and
         /// its media parts, output within n choices of the honoured max-token field, capped
-        /// at the model's maximum), on any model of the chain: billed <= reserved.
+        /// at the model's maximum, plus the predicted tokens it rejects, which it bills as
+        /// output), on any model of the chain: billed <= reserved.
         #[test]
         fn billed_never_exceeds_the_reservation(
             prices in proptest::collection::vec((0u64..100_000_000, 0u64..200_000_000, 1u32..200_000), 3),
@@ -693,9 +696,12 @@ mod tests {
             images in 0usize..4,
             padding in 0usize..2_000,
             served in 0usize..3,
-            prompt_share in 0.0f64..=1.0,
-            output_share in 0.0f64..=1.0,
+            // The full bound often: where a missing term shows.
+            prompt_share in prop_oneof![Just(1.0f64), 0.0f64..=1.0],
+            output_share in prop_oneof![Just(1.0f64), 0.0f64..=1.0],
             media_part_tokens in 0u64..30_000,
+            predicted in prop_oneof![Just(0usize), 1usize..4_000],
+            rejected_share in prop_oneof![Just(1.0f64), 0.0f64..=1.0],
         ) {
             let c = catalog(&prices);
             let mut body = serde_json::json!({
@@ -708,6 +714,9 @@ mod tests {
             }
             if let Some(t) = max_completion {
                 body["max_completion_tokens"] = t.into();
+            }
+            if predicted > 0 {
+                body["prediction"] = serde_json::json!({"type": "content", "content": "x".repeat(predicted)});
             }
             for _ in 0..images {
                 body["messages"].as_array_mut().unwrap().push(serde_json::json!(
@@ -727,14 +736,16 @@ mod tests {
             let honoured = max_tokens.max(max_completion).map_or(model_max, |t| t.min(model_max));
             let prompt_ceiling = body.len() as u64 + images as u64 * media_part_tokens;
             let prompt = (prompt_ceiling as f64 * prompt_share) as u64;
-            let completion = (honoured as f64 * output_share) as u64 * n;
+            // A rejected predicted token is at least one byte of the prediction.
+            let rejected = (predicted as f64 * rejected_share) as u64;
+            let completion = ((honoured as f64 * output_share) as u64 + rejected) * n;
             // Billed from the literal prices, not the gateway's `cost`: x µUSD per Mtok is x
             // pico-dollars per token; each side rounded up to the nano-dollar (SPEC: a charge
             // is never rounded down), capped where the ledger's i64 saturates.
             let (input_pico, output_pico, _) = prices[m];
             let up = |tokens: u64, pico: u64| (u128::from(tokens) * u128::from(pico)).div_ceil(1000);
             let billed = (up(prompt.min(prompt_ceiling), input_pico)
-                + up(completion.min(honoured * n), output_pico))
+                + up(completion.min((honoured + predicted as u64) * n), output_pico))
                 .min(i64::MAX as u128);
             prop_assert!(
                 billed <= bound.cost.get() as u128,

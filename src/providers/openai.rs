@@ -43,6 +43,9 @@ struct Fields<'a> {
     tools: Option<&'a RawValue>,
     #[serde(borrow, default)]
     background: Option<&'a RawValue>,
+    /// Chat's Predicted Outputs (see [`RequestFields::prediction_tokens`]).
+    #[serde(borrow, default)]
+    prediction: Option<&'a RawValue>,
     // Stored context and server-side fields (see `hidden`), in `HIDDEN_FIELDS`' order.
     #[serde(borrow, default)]
     previous_response_id: Option<&'a RawValue>,
@@ -85,6 +88,7 @@ struct Top<'a> {
     max_output_tokens: Option<&'a str>,
     tools: Option<&'a str>,
     background: Option<&'a str>,
+    prediction: Option<&'a str>,
     hidden: [Option<&'a str>; 6],
 }
 
@@ -101,6 +105,7 @@ impl<'a> From<Fields<'a>> for Top<'a> {
             max_output_tokens: get(f.max_output_tokens),
             tools: get(f.tools),
             background: get(f.background),
+            prediction: get(f.prediction),
             hidden: [
                 f.previous_response_id,
                 f.conversation,
@@ -151,6 +156,7 @@ impl<'a> Top<'a> {
                 "max_output_tokens" => (6, &mut top.max_output_tokens),
                 "tools" => (7, &mut top.tools),
                 "background" => (8, &mut top.background),
+                "prediction" => (15, &mut top.prediction),
                 _ => match HIDDEN_FIELDS.iter().position(|f| *f == key) {
                     Some(i) => (9 + i, &mut top.hidden[i]),
                     None => return true,
@@ -372,6 +378,11 @@ pub struct RequestFields {
     pub max_output_tokens: Option<u64>,
     /// Choices requested (`n`), 1 when absent.
     pub choices: u64,
+    /// Chat's Predicted Outputs: the provider bills the predicted tokens it rejects as
+    /// completion tokens, and nothing says `max_completion_tokens` bounds them, so the
+    /// reservation adds the prediction's bytes (a token is at least a byte) to each choice's
+    /// output. 0 without a `prediction`.
+    pub prediction_tokens: u64,
     /// Upper bound of image, audio and file parts.
     pub media_parts: u64,
     /// What a multi-modal model charges by, as the request sets it: images asked for
@@ -462,6 +473,7 @@ pub fn parse_request(body: &[u8]) -> Result<RequestFields, GateError> {
         client_wants_usage,
         max_output_tokens: max_tokens.max(max_completion).max(max_output),
         choices,
+        prediction_tokens: fields.prediction.map_or(0, |p| p.len() as u64),
         media_parts: parts.media,
         units: 0,
     })
@@ -485,6 +497,7 @@ impl RequestFields {
             client_wants_usage: false,
             max_output_tokens: None,
             choices: 1,
+            prediction_tokens: 0,
             media_parts,
             units,
         }
@@ -560,6 +573,7 @@ pub fn parse_media_request(body: &[u8], kind: MediaKind) -> Result<RequestFields
         client_wants_usage: false,
         max_output_tokens: None,
         choices: 1,
+        prediction_tokens: 0,
         media_parts: 0,
         units,
     })
@@ -1036,7 +1050,7 @@ mod tests {
             space in prop::sample::select(vec!["", " ", "\n  ", "\t"]),
         ) {
             const NAMES: [&str; 10] = ["model", "stream", "n", "max_tokens", "tools", "prompt",
-                "messages", "temperature", "stream_options", "metadata"];
+                "messages", "prediction", "stream_options", "metadata"];
             const VALUES: [&str; 6] = ["\"m-1\"", "true", "3", "null",
                 "[{\"role\":\"user\",\"content\":\"hi \\\"there\\\"\"}]", "{\"include_usage\":false}"];
             let mut seen = std::collections::HashSet::new();
