@@ -363,7 +363,7 @@ fn the_dashboard_is_served_with_strict_security_headers_and_no_data() {
 #[test]
 fn invalid_fields_are_refused_with_the_field_named_and_no_key_made() {
     let mock = mock();
-    let (_gw, admin) = admin_gateway(&mock);
+    let (gw, admin) = admin_gateway(&mock);
     for (body, field) in [
         (json!({"name": "a", "rpm": -5}), "rpm"),
         (json!({"name": "a", "ttl": "100d"}), "ttl"),
@@ -377,13 +377,34 @@ fn invalid_fields_are_refused_with_the_field_named_and_no_key_made() {
             "monthly_budget_usd",
         ),
         (json!({"name": "a", "max_inflight": 0}), "max_inflight"),
+        // An empty lifetime is not one (SPEC §1: outside 1h..90d, no key), and an empty
+        // scope list is not "the defaults": leaving the field out is.
+        (json!({"name": "a", "ttl": ""}), "ttl"),
+        (json!({"name": "a", "ttl": "  "}), "ttl"),
+        (json!({"name": "a", "scopes": []}), "scopes"),
     ] {
-        let r = call(admin, "POST", "/admin/keys", Some(body));
-        assert_eq!(r.status, 400);
-        assert_eq!(r.json()["error"]["param"], field);
+        let r = call(admin, "POST", "/admin/keys", Some(body.clone()));
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        assert_eq!(r.json()["error"]["param"], field, "{body}");
     }
     let all = call(admin, "GET", "/admin/keys?all=true", None).json();
     assert_eq!(all["data"].as_array().unwrap().len(), 0);
+    // The same through the CLI, and on a change.
+    let out = gw.cli(&["keys", "create", "--name", "a", "--scopes", ""]);
+    assert_eq!(out.status.code(), Some(1), "--scopes \"\" makes no key");
+    let key = gw.create_key(&[]);
+    let r = call(
+        admin,
+        "PATCH",
+        &format!("/admin/keys/{}", key.id),
+        Some(json!({"ttl": ""})),
+    );
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("ttl"))
+    );
+    let all = call(admin, "GET", "/admin/keys?all=true", None).json();
+    assert_eq!(all["data"].as_array().unwrap().len(), 1);
 }
 
 /// SPEC §5: the keys view stays responsive with 10,000 keys because the admin API pages and

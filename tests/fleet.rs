@@ -741,4 +741,7 @@ fn a_child_stays_within_its_parent_when_either_is_changed() {
         );
         assert_eq!(r.json()["error"]["param"], param, "{body}");
     }
+    let r = mint(&gw, &lead, json!({"name": "x", "scopes": []}));
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_request"));
+    assert_eq!(r.json()["error"]["param"], "scopes");
 }

@@ -230,8 +230,8 @@ impl KeyService<'_> {
         }
         // Scopes: those asked for, or the default ones the parent holds. What is asked is
         // checked against the parent once the record is made (`within`, below).
-        let scopes = match spec.scopes.take().filter(|s| !s.is_empty()) {
-            Some(asked) => check_scopes(asked, true)?,
+        let scopes = match spec.scopes.take() {
+            Some(asked) => check_scopes(asked)?,
             None => DEFAULT_SCOPES
                 .iter()
                 .filter(|s| parent.scopes.iter().any(|p| p == *s))

@@ -239,7 +239,7 @@ impl<'a> KeyService<'a> {
     ) -> Result<KeyRecord, KeyError> {
         let mut patch = KeyPatch {
             name: changes.name.as_deref().map(check_name).transpose()?,
-            scopes: changes.scopes.map(|s| check_scopes(s, false)).transpose()?,
+            scopes: changes.scopes.map(check_scopes).transpose()?,
             rpm: changes.rpm.map(|v| check_limit("rpm", v)).transpose()?,
             rpd: changes.rpd.map(|v| check_limit("rpd", v)).transpose()?,
             max_inflight: changes
@@ -429,8 +429,10 @@ pub fn mint(catalog: &Catalog, spec: KeySpec, now: i64) -> Result<(KeyRecord, St
         Some(t) => check_ttl(t)?,
         None => DEFAULT_TTL_SECS,
     };
-    let scopes = match spec.scopes.filter(|s| !s.is_empty()) {
-        Some(s) => check_scopes(s, true)?,
+    // Without a list, the defaults; an empty list is a mistake, not "the defaults" (a key
+    // with no scope could do nothing).
+    let scopes = match spec.scopes {
+        Some(s) => check_scopes(s)?,
         None => DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect(),
     };
     let client_id = check_client_id(spec.client_id)?;
@@ -572,8 +574,8 @@ fn check_budget_mode(mode: &str) -> Result<BudgetMode, KeyError> {
 }
 
 /// Scopes are stored as given (unknown ones grant nothing); each is a short printable word.
-fn check_scopes(scopes: Vec<String>, creating: bool) -> Result<Vec<String>, KeyError> {
-    if scopes.is_empty() && !creating {
+fn check_scopes(scopes: Vec<String>) -> Result<Vec<String>, KeyError> {
+    if scopes.is_empty() {
         return Err(KeyError::invalid(
             "scopes",
             "a key needs at least one scope",
