@@ -1327,7 +1327,14 @@ fn an_early_hints_head_passes_undecorated_and_the_final_head_is_decorated_once()
     let key = gw.create_key(&["--rpm", "50"]);
     let body = user_body("gpt-4o-mini", json!({}));
     let bearer = key.bearer();
-    for upstream in [&[][..], &[("x-mock-gateway-headers", "1")][..]] {
+    for upstream in [
+        &[][..],
+        &[("x-mock-gateway-headers", "1")][..],
+        &[
+            ("x-mock-gateway-headers", "1"),
+            ("x-mock-leak-headers", "1"),
+        ][..],
+    ] {
         let mut extra = vec![
             ("x-mock-early-hints", "1"),
             ("content-type", "application/json"),
@@ -1351,6 +1358,14 @@ fn an_early_hints_head_passes_undecorated_and_the_final_head_is_decorated_once()
                 && values(&interim, "x-spidergate-model").is_empty(),
             "{interim:?}"
         );
+        // Nor the upstream's account headers or its own use of the gateway's names.
+        for name in LEAKED.iter().chain(&[
+            "x-ratelimit-limit-requests",
+            "x-spidergate-error-code",
+            "x-spidergate-model",
+        ]) {
+            assert!(values(&interim, name).is_empty(), "{name}: {interim:?}");
+        }
         let (status, h) = read_head(&mut r).unwrap();
         assert_eq!(status, 200, "{upstream:?}");
         assert_eq!(values(&h, "x-ratelimit-limit-requests"), ["50"], "{h:?}");

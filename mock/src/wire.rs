@@ -112,9 +112,15 @@ pub(crate) fn push_head(
     flags: HeadFlags,
 ) {
     if flags.early_hints {
-        out.extend_from_slice(
-            b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n",
-        );
+        out.extend_from_slice(b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload");
+        // The interim head carries them too: the gateway must drop them there as well.
+        if flags.leak {
+            out.extend_from_slice(LEAK_HEADERS);
+        }
+        if flags.gateway {
+            out.extend_from_slice(GATEWAY_HEADERS);
+        }
+        out.extend_from_slice(b"\r\n\r\n");
     }
     out.extend_from_slice(b"HTTP/1.1 ");
     push_u64(out, u64::from(status));

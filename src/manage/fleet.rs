@@ -284,13 +284,30 @@ impl KeyService<'_> {
     /// A child key as an operator would leave it (`key`, the patch applied) stays within
     /// its parent, by the rules it was minted under (SPEC §7, [`Self::within`]). A key
     /// without a parent passes.
-    pub(super) fn check_within_parent(&self, key: &mut KeyRecord) -> Result<(), KeyError> {
+    ///
+    /// `moves_group`: the change names a group. A child stays in its parent's (a group's
+    /// budget bounds its keys' trees: a child moved out would spend outside it). Checked
+    /// only then, so a child left elsewhere by an older release can still be edited.
+    pub(super) fn check_within_parent(
+        &self,
+        key: &mut KeyRecord,
+        moves_group: bool,
+    ) -> Result<(), KeyError> {
         let Some(parent_id) = &key.parent_id else {
             return Ok(());
         };
         let Some(parent) = self.store.get_key(parent_id)? else {
             return Ok(());
         };
+        if moves_group && key.group != parent.group {
+            return Err(KeyError::invalid(
+                "group",
+                match &parent.group {
+                    Some(g) => format!("a child key stays in its parent key's group \"{g}\""),
+                    None => "a child key stays out of groups, as its parent key is".to_string(),
+                },
+            ));
+        }
         self.within(&parent, key, "parent key")
     }
 
@@ -346,17 +363,6 @@ impl KeyService<'_> {
                 format!("the {parent_is} is free-only"),
             ));
         }
-        // A group's budget bounds the spend of its keys' trees: a child moved out of its
-        // parent's group would spend outside it.
-        if key.group != parent.group {
-            return Err(KeyError::invalid(
-                "group",
-                match &parent.group {
-                    Some(g) => format!("a child key stays in the {parent_is}'s group \"{g}\""),
-                    None => format!("a child key stays out of groups, as the {parent_is} is"),
-                },
-            ));
-        }
         Ok(())
     }
 
@@ -367,6 +373,12 @@ impl KeyService<'_> {
     /// parent's group. What the stores and every view show then matches what the gateway
     /// enforces at request time anyway. A key that would keep no scope or no model of its
     /// own is left as it is: the request-time narrowing refuses it everything.
+    ///
+    /// Each key is read again just before its change, so an edit made to it meanwhile is
+    /// narrowed, not undone. Not one transaction with the parent's change: should the store
+    /// fail half-way, or a key be minted under the old parent meanwhile, the keys left
+    /// unchanged are still held within their parents at every request, and the next change
+    /// of the parent narrows them.
     pub(super) fn narrow_descendants(
         &mut self,
         root: &KeyRecord,
@@ -387,6 +399,9 @@ impl KeyService<'_> {
             for key in pending {
                 let Some(parent) = key.parent_id.as_ref().and_then(|p| parents.get(p)) else {
                     later.push(key);
+                    continue;
+                };
+                let Some(key) = self.store.get_key(&key.id)? else {
                     continue;
                 };
                 let patch = self.narrowing(parent, &key);

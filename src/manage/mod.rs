@@ -230,7 +230,8 @@ impl<'a> KeyService<'a> {
         Ok((record, secret))
     }
 
-    /// Validates and applies changes in one transaction.
+    /// Validates and applies changes to the key in one transaction, then brings its
+    /// descendants within it ([`Self::narrow_descendants`]).
     pub fn update(
         &mut self,
         id: &str,
@@ -279,7 +280,7 @@ impl<'a> KeyService<'a> {
         if let Some(b) = before.as_ref().filter(|b| b.parent_id.is_some()) {
             let mut candidate = b.clone();
             patch.apply(&mut candidate);
-            self.check_within_parent(&mut candidate)?;
+            self.check_within_parent(&mut candidate, patch.group.is_some())?;
             if patch.expires_at.is_some() {
                 patch.expires_at = Some(candidate.expires_at);
             }

@@ -175,6 +175,11 @@ impl ResponseCodec {
                 ),
             };
         }
+        // An error is held and masked whatever its type: one sent as an event stream may
+        // echo a provider key too.
+        if !ok {
+            return (ResponseCodec::Error(Some(ResponseBody::default())), false);
+        }
         if is_sse {
             return match plan {
                 Plan::Messages => (
@@ -194,9 +199,6 @@ impl ResponseCodec {
                     (ResponseCodec::ChatSse(SseUsageParser::new(strip)), strip)
                 }
             };
-        }
-        if !ok {
-            return (ResponseCodec::Error(Some(ResponseBody::default())), false);
         }
         let format = match plan {
             Plan::Messages | Plan::CountTokens => JsonFormat::Anthropic,
@@ -478,6 +480,22 @@ mod tests {
             other_holder.starts_with(b"data: {\"choices\":[]}\n\ndata: {"),
             "a shared chunk is not edited"
         );
+    }
+
+    /// An error sent as an event stream is held and masked like any error: an upstream may
+    /// echo the operator's key in it whatever its type (SPEC §2).
+    #[test]
+    fn an_error_sent_as_an_event_stream_is_masked() {
+        let body = "data: {\"error\":{\"message\":\"Incorrect API key provided: sk-abcdef1234567890\"}}\n\n";
+        for plan in [Plan::Chat, Plan::Messages, Plan::Responses] {
+            let (mut c, _) = ResponseCodec::for_head(plan, 401, true, true, false);
+            let mut chunk = Some(Bytes::from(body));
+            c.filter(&mut chunk, true);
+            let out = String::from_utf8(chunk.unwrap().to_vec()).unwrap();
+            assert_eq!(out.len(), body.len());
+            assert!(!out.contains("abcdef1234567890"), "{plan:?}: {out}");
+            assert!(out.contains("sk-****************"), "{plan:?}: {out}");
+        }
     }
 
     #[test]

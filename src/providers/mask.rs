@@ -18,9 +18,10 @@ fn is_id_byte(b: u8) -> bool {
 /// many providers' keys have no prefix the scan above knows (`gsk_`, `xai-`, `fw_`, none):
 /// every one of these is masked wherever it appears, whatever it looks like.
 static PROVIDER_KEYS: LazyLock<ArcSwap<Vec<Box<[u8]>>>> = LazyLock::new(ArcSwap::default);
-/// A key this short could be an ordinary word of an error message: left alone (no real
-/// provider key is this short).
-const MIN_KEY_BYTES: usize = 8;
+/// A key this short could be a placeholder (`not-needed`, `dummy-key-1`, for a local model
+/// server) or an ordinary word of an error message: left alone. Real provider keys are
+/// longer (OpenAI's, Anthropic's, Groq's, xAI's: 40 to 100+ characters).
+const MIN_KEY_BYTES: usize = 16;
 /// How much of a masked provider key stays readable: enough to tell which key it was.
 const KEY_SHOWN_BYTES: usize = 4;
 
@@ -35,7 +36,9 @@ pub fn know_provider_keys<'a>(keys: impl IntoIterator<Item = &'a str>) {
     PROVIDER_KEYS.rcu(|known| {
         let mut all: Vec<Box<[u8]>> = known.iter().cloned().collect();
         all.extend(fresh.iter().map(|k| Box::<[u8]>::from(k.as_bytes())));
-        all.sort();
+        // Longest first: a key inside a longer one must not mask part of the longer one
+        // first, which would then no longer be found whole.
+        all.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
         all.dedup();
         all
     });
@@ -128,20 +131,21 @@ mod tests {
     fn a_configured_provider_key_is_masked_whatever_its_prefix() {
         know_provider_keys([
             "gsk_9f8e7d6c5b4a3928171600",
-            "short",
+            "not-needed",
             "xai-ABCDEFGHIJKLMNOP",
+            // A key inside a longer one: the longer is still masked whole.
+            "abcdefghijklmnop",
+            "abcdefghijklmnop0123456789",
         ]);
-        let body = r#"{"error":{"message":"Incorrect API key provided: Bearer gsk_9f8e7d6c5b4a3928171600 (xai-ABCDEFGHIJKLMNOP, again gsk_9f8e7d6c5b4a3928171600). short","code":"invalid_api_key"}}"#;
+        let body = r#"{"error":{"message":"Incorrect API key provided: Bearer gsk_9f8e7d6c5b4a3928171600 (xai-ABCDEFGHIJKLMNOP, again gsk_9f8e7d6c5b4a3928171600, abcdefghijklmnop0123456789). not-needed","code":"invalid_api_key"}}"#;
         let out = masked(body);
         assert_eq!(out.len(), body.len());
         assert!(!out.contains("9f8e7d6c5b4a"), "{out}");
         assert!(!out.contains("ABCDEFGHIJKLMNOP"), "{out}");
         assert!(out.contains("Bearer gsk_**********************"), "{out}");
         assert!(out.contains("xai-****************"), "{out}");
-        assert!(
-            out.contains("). short"),
-            "a word shorter than any key stays: {out}"
-        );
+        assert!(out.contains(" abcd**********************)"), "{out}");
+        assert!(out.contains("). not-needed"), "a placeholder stays: {out}");
         assert!(out.contains(r#""code":"invalid_api_key""#), "{out}");
     }
 }

@@ -214,24 +214,35 @@ impl UpstreamHead {
     }
 }
 
-/// Whole seconds, at least 1, as SPEC §2 has `Retry-After` (`1`, `30`; not `0`, `01`).
+/// The longest `Retry-After` passed on: a day. A longer one is cut to it, however written.
+const MAX_RETRY_AFTER_SECS: u64 = 86_400;
+
+/// Whole seconds, at least 1 and at most [`MAX_RETRY_AFTER_SECS`], as SPEC §2 has
+/// `Retry-After` (`1`, `30`; not `0`, `01`, `1.5`).
 fn is_whole_secs(v: &[u8]) -> bool {
-    matches!(v.first(), Some(b'1'..=b'9')) && v.len() <= 10 && v.iter().all(u8::is_ascii_digit)
+    matches!(v.first(), Some(b'1'..=b'9'))
+        && v.len() <= 5
+        && v.iter().all(u8::is_ascii_digit)
+        && std::str::from_utf8(v)
+            .ok()
+            .and_then(|t| t.parse::<u64>().ok())
+            .is_some_and(|n| n <= MAX_RETRY_AFTER_SECS)
 }
 
 /// An upstream's odd `Retry-After` as whole seconds, at least 1, and at most a day: a
 /// number is rounded up, an HTTP-date (RFC 9110) counted from `now_ms`, and anything
 /// unreadable is 1 (retry soon, as the gateway answers a 429 that came without one).
 fn retry_after_secs(v: &[u8], now_ms: i64) -> u64 {
-    const MAX: f64 = 86_400.0;
+    const MAX: f64 = MAX_RETRY_AFTER_SECS as f64;
     let Ok(text) = std::str::from_utf8(v).map(str::trim) else {
         return 1;
     };
     if let Ok(n) = text.parse::<f64>() {
-        return if n.is_finite() {
-            n.ceil().clamp(1.0, MAX) as u64
-        } else {
+        // `inf` (`1e400`) is a long wait, cut to the day; NaN says nothing.
+        return if n.is_nan() {
             1
+        } else {
+            n.ceil().clamp(1.0, MAX) as u64
         };
     }
     match httpdate::parse_http_date(text) {
@@ -254,6 +265,18 @@ fn is_gateway_name(name: &str) -> bool {
         Some(b't') => n == TRACEPARENT.as_str().as_bytes(),
         _ => false,
     }
+}
+
+/// An interim head (`103 Early Hints`) passes undecorated, but without the upstream's
+/// account headers and the gateway's names, as a final head would.
+pub(super) fn strip_interim_head(resp: &mut ResponseHeader) -> Result<()> {
+    if !UpstreamHead::scan(&resp.headers).account_headers {
+        return Ok(());
+    }
+    edit_headers(resp, |h| {
+        strip_account_headers(h);
+        Ok(())
+    })
 }
 
 /// Drops the upstream's account headers (one pass, once [`UpstreamHead`] saw one).
@@ -855,6 +878,10 @@ mod tests {
             ("-3", "1", 429),
             ("abc", "1", 429),
             ("99999999999", "86400", 429),
+            ("9999999999", "86400", 429),
+            ("86401", "86400", 429),
+            ("86400", "86400", 429),
+            ("1e400", "86400", 429),
             (in_90s.as_str(), "90", 429),
             ("0", "0", 503),
         ] {

@@ -1076,7 +1076,7 @@ impl ProxyHttp for GateProxy {
         // and the decoration belongs on the final head (lines set here would wait for it
         // beside the final head's own).
         if resp.status.is_informational() {
-            return Ok(());
+            return headers::strip_interim_head(resp);
         }
         ctx.response_started = true;
         ctx.status = resp.status.as_u16();
