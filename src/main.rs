@@ -417,6 +417,19 @@ fn open(config: &Config) -> Result<Store, String> {
 }
 
 fn open_at(at: spidergate::store::StoreLocation) -> Result<Store, String> {
+    // A relative `database` is read from the directory the command runs in: run from another
+    // one, the CLI would quietly make and use a new, empty store the gateway never reads.
+    if let spidergate::store::StoreLocation::Sqlite(p) = &at {
+        if p.is_relative() && !p.exists() {
+            let cwd = std::env::current_dir().unwrap_or_default();
+            eprintln!(
+                "warning: no database at {} yet; a new one is made there (the config's \
+                 relative `database` is read from the directory the command runs in; run it \
+                 from the gateway's directory, or give `database` an absolute path)",
+                cwd.join(p).display()
+            );
+        }
+    }
     Store::open_at(&at).map_err(|e| match at {
         spidergate::store::StoreLocation::Sqlite(p) => format!("database {}: {e}", p.display()),
         // The URL may carry a password: not printed.

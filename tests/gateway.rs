@@ -1105,3 +1105,40 @@ fn a_small_request_reaches_the_provider_in_one_segment_and_a_large_one_whole() {
     );
     assert!(reqs[3].data_segments.is_some_and(|n| n > 1));
 }
+
+/// A relative `database` is read from the directory a command runs in. Run from another one,
+/// the CLI makes a new, empty store the gateway never reads: it says so on stderr (and the
+/// command still runs); once that store exists, nothing is said.
+#[test]
+fn the_cli_warns_when_a_relative_database_is_made_anew() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("spidergate.yaml");
+    std::fs::write(
+        &config,
+        "listen: \"127.0.0.1:1\"\ndatabase: \"data/rel.db\"\nproviders: [{name: p, kind: openai, base_url: \"http://127.0.0.1:1/v1\"}]\nmodels: [{id: m, provider: p, input_usd_per_mtok: 1, output_usd_per_mtok: 1}]\n",
+    )
+    .unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir_all(elsewhere.join("data")).unwrap();
+    let list = || {
+        std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .args(["keys", "list", "--json"])
+            .current_dir(&elsewhere)
+            .output()
+            .unwrap()
+    };
+    let first = list();
+    assert!(first.status.success(), "{first:?}");
+    let said = String::from_utf8_lossy(&first.stderr).to_string();
+    assert!(said.contains("warning: no database at"), "{said}");
+    assert!(said.contains("elsewhere/data/rel.db"), "{said}");
+    let again = list();
+    assert!(again.status.success(), "{again:?}");
+    assert!(
+        again.stderr.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}
