@@ -1508,7 +1508,8 @@
       h('details', { class: 'advanced', open: mode === 'edit' && k && ((k.scopes || []).join(',') !== 'gate:chat,gate:models,gate:usage' || k.client_id) ? true : null },
         h('summary', { text: 'Advanced' }),
         h('div', { class: 'grid-2' },
-          field('scopes', 'Scopes', textInput({ placeholder: 'gate:chat, gate:models, gate:usage', value: k ? (k.scopes || []).join(', ') : '' }), 'Comma-separated; empty means the defaults.'),
+          field('scopes', 'Scopes', textInput({ placeholder: 'gate:chat, gate:models, gate:usage', value: k ? (k.scopes || []).join(', ') : '' }),
+            mode === 'edit' ? 'Comma-separated; empty leaves them unchanged.' : 'Comma-separated; empty means the defaults.'),
           field('client_id', 'Client id', textInput({ placeholder: 'optional', value: k ? v(k.client_id) : '' })))));
     return form;
   }
