@@ -411,7 +411,7 @@ impl KeyService<'_> {
                     let after = self
                         .store
                         .update_key(&key.id, &patch)?
-                        .unwrap_or(key.clone());
+                        .unwrap_or_else(|| key.clone());
                     self.record("key.update", &key.id, Some(&key), &after, now);
                     after
                 };

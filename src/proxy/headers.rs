@@ -220,13 +220,11 @@ const MAX_RETRY_AFTER_SECS: u64 = 86_400;
 /// Whole seconds, at least 1 and at most [`MAX_RETRY_AFTER_SECS`], as SPEC §2 has
 /// `Retry-After` (`1`, `30`; not `0`, `01`, `1.5`).
 fn is_whole_secs(v: &[u8]) -> bool {
+    // At most 5 digits (86,400 has 5), so the value cannot overflow while it is read.
     matches!(v.first(), Some(b'1'..=b'9'))
         && v.len() <= 5
         && v.iter().all(u8::is_ascii_digit)
-        && std::str::from_utf8(v)
-            .ok()
-            .and_then(|t| t.parse::<u64>().ok())
-            .is_some_and(|n| n <= MAX_RETRY_AFTER_SECS)
+        && v.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')) <= MAX_RETRY_AFTER_SECS
 }
 
 /// An upstream's odd `Retry-After` as whole seconds, at least 1, and at most a day: a
