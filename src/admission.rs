@@ -17,7 +17,7 @@ use crate::keys::token::{from_authorization, is_well_formed, TokenHash, TokenMem
 use crate::keys::{KeyEntry, KeySet, ScopeSet};
 use crate::limits::brakes::{request_digest, UPLOAD_LOOP_PREFIX};
 use crate::limits::store::LimitStore;
-use crate::limits::{Reservation, Standing};
+use crate::limits::{Reservation, Standing, SETTLE_WAIT};
 use crate::money::Nanos;
 use crate::providers::multipart;
 use crate::providers::openai::{
@@ -586,9 +586,23 @@ pub async fn admit<L: LimitStore>(
             head.map(|h| h.body_len),
         )
     });
-    let (standing, reservation) = limits
+    let (standing, reservation) = match limits
         .admit(key, &uplines, now, bound.cost, digest, res_id)
-        .await?;
+        .await
+    {
+        // The key's last response reached its client before that request's logging phase
+        // booked it, so a client that sends its next request at once can find the last
+        // one's hold or slot still taken. A refusal that could come from it waits for those
+        // bookings (microseconds; at most `SETTLE_WAIT`) and is decided once more. Only
+        // refusals pay for this; the refusal consumed nothing.
+        Err(e) if e.held_back() && key.counters.finishing() > 0 => {
+            key.counters.settled(SETTLE_WAIT).await;
+            limits
+                .admit(key, &uplines, now, bound.cost, digest, res_id)
+                .await?
+        }
+        admitted => admitted?,
+    };
     // A shared store decided by its own clock: the cost is booked at its time, so every node
     // books a request to the month and day the limits counted it in.
     let admitted_at = reservation.decided_at().unwrap_or(now.wall);

@@ -94,6 +94,18 @@ pub enum GateError {
 }
 
 impl GateError {
+    /// A refusal that the hold or in-flight slot of a request could cause: one of the key's
+    /// responses that ended but is not booked yet may be behind it.
+    pub fn held_back(&self) -> bool {
+        matches!(
+            self,
+            GateError::BudgetExceeded { .. }
+                | GateError::GroupBudgetExceeded { .. }
+                | GateError::SpendRateExceeded { .. }
+                | GateError::ConcurrencyLimited { .. }
+        )
+    }
+
     pub fn status(&self) -> u16 {
         match self {
             GateError::InvalidApiKey | GateError::TokenExpired | GateError::TokenRevoked => 401,

@@ -25,6 +25,10 @@ use brakes::{Brakes, Refusal};
 
 const WINDOW_MS: i64 = 60_000;
 
+/// Longest wait for a key's just-ended responses to be booked (see
+/// [`KeyCounters::settled`]): by `/v1/usage`, and by an admission refused while one is not.
+pub const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// The limits that apply to one admission, copied from the key record.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Limits {

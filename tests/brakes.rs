@@ -421,3 +421,31 @@ fn a_restart_does_not_forget_the_hour_of_spend() {
     advance(&gw, retry * 1000);
     assert_eq!(send(&gw, &key, &b, &[]).status, 200);
 }
+
+/// A client that sends one request after another, each on a new connection as soon as the
+/// last answer arrived, is never refused for a hold or a slot of a response that already
+/// ended (SPEC §2: holds are for requests in flight). The hour cap fits exactly `ROUNDS` of
+/// these requests and `max_inflight` is 1, so the previous request's hold or slot, still
+/// there when the next one is decided, would refuse it. (On a kept-alive connection the next
+/// request is read only after the last one's logging phase, so the race needs new ones.)
+#[test]
+fn a_sequential_client_is_never_refused_for_a_response_that_already_ended() {
+    const ROUNDS: i64 = 100;
+    let mock = mock();
+    let gw = brakes_gateway(&mock);
+    let b = body("one after another");
+    let key = gw.create_key(&[
+        "--max-usd-per-hour",
+        &usd(bound(&b) + (ROUNDS - 1) * DEFAULT_COST),
+        "--max-inflight",
+        "1",
+    ]);
+    let refused: Vec<_> = (0..ROUNDS)
+        .map(|i| (i, send(&gw, &key, &b, &[])))
+        .filter(|(_, r)| r.status != 200)
+        .map(|(i, r)| (i, r.status, r.code()))
+        .collect();
+    assert!(refused.is_empty(), "refused: {refused:?}");
+    // The cap is exact: the next one does not fit.
+    assert_eq!(send(&gw, &key, &b, &[]).code(), "spend_rate_exceeded");
+}

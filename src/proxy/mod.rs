@@ -41,8 +41,7 @@ use io::{read_body, read_form_opening, send_json};
 use upload::Upload;
 use watchdog::{ReadTimeouts, UpstreamWatch};
 
-/// Longest wait of `/v1/usage` for the caller's just-finished request to be booked.
-pub const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+pub use crate::limits::SETTLE_WAIT;
 
 /// How long an idle upstream connection stays in the pool.
 const UPSTREAM_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
