@@ -50,6 +50,11 @@ ap.add_argument("--out", default="/tmp/sginstr")
 ap.add_argument("--stream", action="store_true",
                 help="streamed chat: the request asks for a stream, the mock answers with SSE chunks "
                      "and a usage chunk (which the gateway asked for and strips, as for any client)")
+ap.add_argument("--stream-length", action="store_true",
+                help="--stream, with the mock sending the stream with a Content-Length (the count "
+                     "before 2026-12-06) instead of chunked, as providers stream: the bare proxy "
+                     "then forwards it without framing while the gateway, whose body changes, "
+                     "frames it in chunks")
 ap.add_argument("--fleet", action="store_true",
                 help="also measure F: the same gateway, the request made by a key 3 deep in a tree "
                      "of minted keys (hard budget at the root) inside a hard-budget group (SPEC §7)")
@@ -78,13 +83,17 @@ if args.stream:
             + 'data: [DONE]\\n\\n')
     REQ = REQ[:-1] + ',"stream":true}'
     CONTENT_TYPE = "text/event-stream"
+# A provider streams with Transfer-Encoding: chunked. nginx's `return` sends a Content-Length;
+# a sub_filter (which never matches) makes it send the same bytes chunked.
+CHUNKED = ("" if not args.stream or args.stream_length
+           else " sub_filter_types text/event-stream; sub_filter 'no-such-text' '';")
 work = tempfile.mkdtemp(prefix="sginstr-")
 os.makedirs(args.out, exist_ok=True)
 open(os.path.join(work, "mock.conf"), "w").write(f"""
 worker_processes 1; pid {work}/mock.pid; error_log {work}/mock.err warn; daemon off;
 events {{ worker_connections 4096; }}
 http {{ access_log off; keepalive_requests 10000000;
-  server {{ listen 127.0.0.1:{MOCK}; location / {{ default_type {CONTENT_TYPE}; return 200 '{BODY}'; }} }} }}
+  server {{ listen 127.0.0.1:{MOCK}; location / {{ default_type {CONTENT_TYPE};{CHUNKED} return 200 '{BODY}'; }} }} }}
 """)
 
 
