@@ -281,8 +281,16 @@ impl ListenerCerts {
                     pending.pairs.push((cert, files.clone(), pair));
                 }
                 (None, None) => {}
-                (Some(_), None) | (None, Some(_)) => pending.warnings.push(format!(
-                    "{field} was added or removed; that takes effect at the next restart"
+                // Checked as `check-config` checks it, though it serves only after a
+                // restart: a reload must not accept what the next start would refuse.
+                (None, Some(files)) => {
+                    load_pair(field, files, now)?;
+                    pending.warnings.push(format!(
+                        "{field} was added; that takes effect at the next restart"
+                    ));
+                }
+                (Some(_), None) => pending.warnings.push(format!(
+                    "{field} was removed; that takes effect at the next restart"
                 )),
             }
         }

@@ -696,6 +696,21 @@ fn a_child_stays_within_its_parent_when_either_is_changed() {
         assert_eq!(v["expires_at"], elder_ends.as_str(), "{v}");
         assert_eq!(v["free_only"], true, "{v}");
     }
+    // Minting under a free-only key: left out, `free_only` is the parent's; asked off, it
+    // is refused naming the field, as the same change to a child is (never silently on).
+    let r = mint(&gw, &son, json!({"name": "paid", "free_only": false}));
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_request"));
+    assert_eq!(r.json()["error"]["param"], "free_only", "{}", r.text());
+    let r = gw.admin_call(
+        "PATCH",
+        &format!("/admin/keys/{}", grandson.id),
+        Some(&json!({"free_only": false})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["param"], "free_only", "{}", r.text());
+    let r = mint(&gw, &son, json!({"name": "free"}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["free_only"], true, "{}", r.text());
 
     // A child stays in its parent's group: an operator cannot move it out (its spend would
     // leave the group's budget), and moving the parent moves its tree.

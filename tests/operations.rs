@@ -71,6 +71,30 @@ fn sighup_swaps_in_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
         "old config still serves"
     );
     assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
+
+    // A listener certificate added to a plain-HTTP gateway serves only after a restart, but
+    // SIGHUP checks it as `check-config` does: files it cannot read are refused now, not at
+    // the next start.
+    for tls in [
+        "tls:\n  cert_file: /nonexistent/cert.pem\n  key_file: /nonexistent/key.pem\n",
+        "admin:\n  tls:\n    cert_file: /nonexistent/cert.pem\n    key_file: /nonexistent/key.pem\n",
+    ] {
+        let failures = metric(&gw, "spidergate_config_reload_failures_total");
+        let with_tls = if tls.starts_with("admin:") {
+            added.replacen("admin:\n", tls, 1)
+        } else {
+            format!("{added}{tls}")
+        };
+        assert_ne!(with_tls, added, "the test config has an admin section");
+        std::fs::write(&gw.config, &with_tls).unwrap();
+        let out = gw.cli(&["check-config"]);
+        assert!(!out.status.success(), "check-config refuses {tls}");
+        gw.signal_hup();
+        wait_for(Duration::from_secs(10), "the refusal to be counted", || {
+            (metric(&gw, "spidergate_config_reload_failures_total") == failures + 1).then_some(())
+        });
+    }
+    assert_eq!(metric(&gw, "spidergate_config_reloads_total"), 1);
 }
 
 #[test]

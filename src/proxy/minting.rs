@@ -117,6 +117,16 @@ impl GateProxy {
                                 .into(),
                         });
                     }
+                    // Left out, `free_only` is the parent's; asked off under a free-only
+                    // parent, it is refused as a change to the child would be.
+                    if v.get("free_only") == Some(&Value::Bool(false))
+                        && service.get(&parent).map_err(gate_error)?.free_only
+                    {
+                        return Err(gate_error(crate::manage::KeyError::invalid(
+                            "free_only",
+                            "the minting key is free-only",
+                        )));
+                    }
                     let (record, secret) = service
                         .create_child(&parent, spec, now)
                         .map_err(gate_error)?;
