@@ -185,6 +185,12 @@ struct CounterState {
     /// (their rolling window is not kept, so it costs no memory).
     report_minute: i64,
     report_count: u32,
+    /// Admissions in the monotonic minute before `report_minute`, if it was the one just
+    /// before (else 0): with `report_count`, what seeds the rolling window of an `rpm` added.
+    report_prev_count: u32,
+    /// The rolling window (`requests.minute`) is kept: the limits it was last counted or
+    /// checked under had an `rpm`. See [`CounterState::keep_minute`].
+    minute_kept: bool,
     /// The last standing a shared store (Redis) answered for this key, for the rate-limit
     /// headers of answers that admit nothing (asking the store again would cost a round trip).
     shared_standing: Option<Standing>,
@@ -370,13 +376,54 @@ impl CounterState {
 
     /// Consumes one model request of the minute and the day.
     fn count_request(&mut self, now: Now, limits: &Limits) {
+        self.keep_minute(now, limits.rpm);
         self.requests.count(now, limits);
         let minute = now.mono.div_euclid(WINDOW_MS);
         if self.report_minute != minute {
+            self.report_prev_count = if self.report_minute == minute - 1 {
+                self.report_count
+            } else {
+                0
+            };
             self.report_minute = minute;
             self.report_count = 0;
         }
         self.report_count = self.report_count.saturating_add(1);
+    }
+
+    /// Keeps the rolling window in step with the limits' `rpm`. Without one no admission
+    /// times are kept (a busy key would hold thousands), only counts per monotonic minute;
+    /// so a key or group that gains an `rpm` has its window seeded from those counts, each
+    /// admission at the latest time it may have been made (the minute before's at that
+    /// minute's end, this minute's now). The new limit then never admits more than `rpm` in
+    /// any rolling 60 s; it may refuse a little longer than an exact window would, once.
+    fn keep_minute(&mut self, now: Now, rpm: Option<u32>) {
+        let Some(rpm) = rpm else {
+            if std::mem::replace(&mut self.minute_kept, false) {
+                // Counted in the report counts too: seeded again from them if an rpm returns.
+                self.requests.minute.clear();
+            }
+            return;
+        };
+        if std::mem::replace(&mut self.minute_kept, true) {
+            return;
+        }
+        let minute = now.mono.div_euclid(WINDOW_MS);
+        let (this, before) = match self.report_minute {
+            m if m == minute => (self.report_count, self.report_prev_count),
+            m if m == minute - 1 => (0, self.report_count),
+            _ => (0, 0),
+        };
+        let end_of_before = minute * WINDOW_MS - 1;
+        let seeds = std::iter::repeat_n(end_of_before, before as usize)
+            .chain(std::iter::repeat_n(now.mono, this as usize))
+            .filter(|&t| t > now.mono - WINDOW_MS);
+        let window = &mut self.requests.minute;
+        window.extend(seeds);
+        window.make_contiguous().sort_unstable();
+        while window.len() > rpm as usize {
+            window.pop_front();
+        }
     }
 }
 
@@ -489,6 +536,7 @@ impl KeyCounters {
                 }
             }
             if u.level == Level::Group {
+                g.keep_minute(now, u.limits.rpm);
                 g.requests.check(now, &u.limits)?;
             }
             above.push(g);
@@ -505,6 +553,7 @@ impl KeyCounters {
         } else {
             Nanos::ZERO
         };
+        s.keep_minute(now, limits.rpm);
         s.requests.check(now, limits)?;
         if let Some(max) = limits.max_inflight {
             if s.inflight >= max {
@@ -620,6 +669,7 @@ impl KeyCounters {
     pub fn standing(&self, now: Now, limits: &Limits) -> Standing {
         let mut s = self.lock();
         s.roll(now);
+        s.keep_minute(now, limits.rpm);
         s.standing(now, limits)
     }
 
@@ -711,6 +761,7 @@ impl KeyCounters {
     pub fn view(&self, now: Now, limits: &Limits) -> CounterView {
         let mut s = self.lock();
         s.roll(now);
+        s.keep_minute(now, limits.rpm);
         let this_minute = match limits.rpm {
             Some(_) => s.requests.minute.len() as u32,
             None if s.report_minute == now.mono.div_euclid(WINDOW_MS) => s.report_count,
@@ -807,6 +858,42 @@ mod tests {
         let (_, r) = c.admit(at(retry_at), &l, Nanos::ZERO).unwrap();
         c.settle(r, None);
         assert!(c.admit(at(retry_at), &l, Nanos::ZERO).is_err());
+    }
+
+    /// An rpm added to a key that had none: the admissions of the last minute (kept only as
+    /// counts per minute) still count, each at the latest time it may have been made.
+    #[test]
+    fn an_rpm_added_counts_the_minute_already_admitted() {
+        let m = t0(); // a minute's start
+        let c = fresh(m);
+        let none = Limits::default();
+        for t in [m + 50_000, m + 50_000, m + 65_000, m + 65_000] {
+            admit_ok(&c, at(t), &none, 0);
+        }
+        let l = rpm(3);
+        let err = c.admit(at(m + 70_000), &l, Nanos::ZERO).unwrap_err();
+        assert_eq!(err.code(), "rate_limit_exceeded");
+        // The two of the minute before are taken at its end (m + 59.999 s): out at m + 120 s.
+        assert_eq!(err.retry_after(), Some(50));
+        assert_eq!(c.view(at(m + 70_000), &l).requests_this_minute, 3);
+        assert!(c.admit(at(m + 119_998), &l, Nanos::ZERO).is_err());
+        admit_ok(&c, at(m + 120_000), &l, 0);
+        // Now exact again: the two of m + 65 s (taken at m + 70 s) and the new one.
+        assert!(c.admit(at(m + 129_999), &l, Nanos::ZERO).is_err());
+        admit_ok(&c, at(m + 130_000), &l, 0);
+
+        // Removed and added again: what was admitted meanwhile counts as well.
+        admit_ok(&c, at(m + 200_000), &none, 0);
+        admit_ok(&c, at(m + 201_000), &none, 0);
+        admit_ok(&c, at(m + 202_000), &none, 0);
+        assert!(c.admit(at(m + 203_000), &l, Nanos::ZERO).is_err());
+        // A key whose rpm was kept all along is not seeded twice.
+        let k = fresh(m);
+        for i in 0..2 {
+            admit_ok(&k, at(m + i * 1000), &l, 0);
+        }
+        assert_eq!(k.view(at(m + 2000), &l).requests_this_minute, 2);
+        admit_ok(&k, at(m + 2000), &l, 0);
     }
 
     #[test]

@@ -760,3 +760,43 @@ fn a_child_stays_within_its_parent_when_either_is_changed() {
     assert_eq!((r.status, r.code().as_str()), (400, "invalid_request"));
     assert_eq!(r.json()["error"]["param"], "scopes");
 }
+
+/// An rpm given to a key or a group that had none counts what it admitted in the minute
+/// before (SPEC §2: at most `rpm` in any rolling 60 s; such a key keeps no admission times,
+/// only counts per minute).
+#[test]
+fn an_rpm_added_to_a_key_or_group_counts_the_minute_already_admitted() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).admin(ADMIN).start();
+    let key = gw.create_key(&[]);
+    for _ in 0..4 {
+        assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
+    }
+    let r = gw.admin_call(
+        "PATCH",
+        &format!("/admin/keys/{}", key.id),
+        Some(&json!({"rpm": 2})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = wait_for(Duration::from_secs(5), "the rpm to apply", || {
+        let r = gw.chat(&key, "gpt-4o-mini");
+        (r.header("x-ratelimit-limit-requests") == Some("2")).then_some(r)
+    });
+    assert_eq!((r.status, r.code().as_str()), (429, "rate_limit_exceeded"));
+    assert!(r.header("retry-after").is_some());
+
+    let r = gw.admin_call("POST", "/admin/groups", Some(&json!({"name": "late"})));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let a = gw.create_key(&["--group", "late"]);
+    let b = gw.create_key(&["--group", "late"]);
+    for k in [&a, &b] {
+        assert_eq!(gw.chat(k, "gpt-4o-mini").status, 200);
+    }
+    let out = gw.cli(&["groups", "update", "late", "--rpm", "1"]);
+    assert!(out.status.success(), "{out:?}");
+    let r = wait_for(Duration::from_secs(5), "the group's rpm to apply", || {
+        let r = gw.chat(&a, "gpt-4o-mini");
+        (r.status != 200 || r.header("x-ratelimit-limit-requests") == Some("1")).then_some(r)
+    });
+    assert_eq!((r.status, r.code().as_str()), (429, "rate_limit_exceeded"));
+}

@@ -27,6 +27,7 @@ impl KeyCounters {
         };
         let mut s = self.lock();
         s.roll(now);
+        s.keep_minute(now, limits.rpm);
         for &wall in walls {
             let mono = now.mono - (now.wall - wall).max(0);
             if mono > now.mono - WINDOW_MS {
