@@ -19,7 +19,13 @@ fn upstream_gets_the_rewritten_model_and_the_provider_key_never_the_agent_token(
         "/v1/chat/completions",
         &key.bearer(),
         body.to_string().as_bytes(),
-        &[("X-Api-Key", &key.secret)],
+        &[
+            ("X-Api-Key", &key.secret),
+            // The key again in headers of the client's own: none of them goes upstream.
+            ("X-Goog-Api-Key", &key.secret),
+            ("X-Custom-Auth", &format!("token={}", key.secret)),
+            ("X-Request-Id", "r-1"),
+        ],
     );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["choices"][0]["message"]["role"], "assistant");
@@ -47,6 +53,9 @@ fn upstream_gets_the_rewritten_model_and_the_provider_key_never_the_agent_token(
     }
     assert!(!String::from_utf8_lossy(&up.body).contains(&key.secret));
     assert_eq!(up.header("x-api-key"), None);
+    assert_eq!(up.header("x-goog-api-key"), None);
+    assert_eq!(up.header("x-custom-auth"), None);
+    assert_eq!(up.header("x-request-id"), Some("r-1"), "other headers pass");
 }
 
 #[test]

@@ -7,6 +7,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 
+use crate::keys::token::{TOKEN_LEN, TOKEN_PREFIX};
 use crate::limits::Standing;
 use crate::providers::ProviderKind;
 use crate::snapshot::ProviderHeaders;
@@ -60,20 +61,34 @@ struct ClientHeaders {
     stripped: bool,
     anthropic_version: bool,
     anthropic_beta: bool,
+    /// A header other than the credentials above carries an agent token.
+    token_elsewhere: bool,
 }
 
 impl ClientHeaders {
     fn scan(h: &HeaderMap) -> Self {
         let mut found = ClientHeaders::default();
-        for name in h.keys() {
+        for (name, value) in h {
             match name.as_str() {
                 "anthropic-version" => found.anthropic_version = true,
                 "anthropic-beta" => found.anthropic_beta = true,
-                other => found.stripped |= is_stripped(other),
+                // Replaced or removed by the rewrite whatever it holds.
+                "authorization" => {}
+                other if is_stripped(other) => found.stripped = true,
+                _ => found.token_elsewhere |= holds_token(value),
             }
         }
         found
     }
+}
+
+/// A header value holding an agent token (`spideriq_pat_…`), whatever the header's name:
+/// an agent that sends its key in a header of its own (`x-goog-api-key`, a custom one) must
+/// not have it forwarded (SPEC §2: the upstream never sees the agent's token). Only values
+/// long enough to hold one are searched.
+fn holds_token(value: &HeaderValue) -> bool {
+    let v = value.as_bytes();
+    v.len() >= TOKEN_LEN && memchr::memmem::find(v, TOKEN_PREFIX.as_bytes()).is_some()
 }
 
 /// The client headers the request path reads beside its credentials, found in one pass
@@ -532,6 +547,16 @@ pub(super) fn rewrite_upstream_request(
     let client = ClientHeaders::scan(h);
     if client.stripped {
         for name in &STRIPPED_HEADERS {
+            h.remove(name);
+        }
+    }
+    if client.token_elsewhere {
+        let holding: Vec<HeaderName> = h
+            .iter()
+            .filter(|(name, value)| **name != AUTHORIZATION && holds_token(value))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in holding {
             h.remove(name);
         }
     }
@@ -1243,6 +1268,7 @@ mod tests {
                 stripped: true,
                 anthropic_version: false,
                 anthropic_beta: true,
+                token_elsewhere: false,
             }
         );
         h.insert(ANTHROPIC_VERSION.clone(), HeaderValue::from_static("v"));
