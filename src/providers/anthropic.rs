@@ -106,6 +106,33 @@ struct StreamEvent<'a> {
     usage: Option<AnthropicUsage>,
     #[serde(default, borrow)]
     delta: Option<Delta<'a>>,
+    #[serde(default, borrow)]
+    content_block: Option<StartBlock<'a>>,
+}
+
+/// A `content_block_start`'s block: what it already carries of the output (a tool's name,
+/// a redacted thinking block's data, any opening text).
+#[derive(Deserialize)]
+struct StartBlock<'a> {
+    #[serde(default, borrow)]
+    name: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    data: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    text: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    thinking: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl StartBlock<'_> {
+    /// Bytes of output the block opens with: a stream cut right after a tool's name, or a
+    /// redacted thinking block, is billed for it (SPEC §2: an estimate is never below).
+    fn output_bytes(&self) -> u64 {
+        [&self.name, &self.data, &self.text, &self.thinking]
+            .iter()
+            .filter_map(|s| s.as_ref().map(|s| s.len() as u64))
+            .sum()
+    }
 }
 
 #[derive(Deserialize)]
@@ -156,6 +183,11 @@ impl SseUsage {
                     self.final_usage = true;
                 }
             }
+            "content_block_start" => {
+                if let Some(b) = &ev.content_block {
+                    self.content_bytes = self.content_bytes.saturating_add(b.output_bytes());
+                }
+            }
             "content_block_delta" => {
                 if let Some(d) = &ev.delta {
                     let len = [&d.text, &d.partial_json, &d.thinking]
@@ -191,13 +223,14 @@ impl SseUsage {
     }
 }
 
-/// Only events that can matter are parsed: pings and block starts and stops are skipped by
-/// a byte check first.
+/// Only events that can matter are parsed: pings and block stops are skipped by a byte
+/// check first.
 fn parse_event(data: &[u8]) -> Option<StreamEvent<'_>> {
     let interesting = [
         &b"message_start"[..],
         b"message_delta",
         b"content_block_delta",
+        b"content_block_start",
     ];
     if !interesting
         .iter()
@@ -300,6 +333,24 @@ mod tests {
             })
         );
         assert_eq!((text, done), (6, true));
+    }
+
+    /// A stream cut after a block's start has output the provider bills in that start: a
+    /// tool's name, a redacted thinking block's data (SPEC §2: never below the bill).
+    #[test]
+    fn a_block_start_counts_the_output_it_carries() {
+        let start = STREAM.split("event: content_block_start").next().unwrap();
+        let tool = format!(
+            "{start}event: content_block_start\ndata: {}\n\n",
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"tool_use","id":"toolu_1","name":"get_current_weather_in_a_city","input":{}}}"#
+        );
+        let (usage, text, done) = observe(&[tool.as_bytes()]);
+        assert_eq!((usage, text, done), (None, 29, false));
+        let redacted = format!(
+            "{start}event: content_block_start\ndata: {}\n\n",
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"redacted_thinking","data":"EmwKAhgBEgy3va3pzix"}}"#
+        );
+        assert_eq!(observe(&[redacted.as_bytes()]).1, 19);
     }
 
     #[test]

@@ -54,6 +54,9 @@ struct StartBlock<'a> {
     text: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     thinking: Option<Cow<'a, str>>,
+    /// A `redacted_thinking` block's data (no OpenAI form, but billed).
+    #[serde(default, borrow)]
+    data: Option<Cow<'a, str>>,
 }
 
 /// A `content_block_delta`'s or a `message_delta`'s `delta`.
@@ -263,6 +266,8 @@ impl StreamTranslator {
                 });
                 let id = block.id.as_deref().unwrap_or("");
                 let name = block.name.as_deref().unwrap_or("");
+                // The name is output the provider bills: counted for a stream cut after it.
+                self.content_bytes = self.content_bytes.saturating_add(name.len() as u64);
                 self.delta_chunk(out, |out| {
                     out.extend_from_slice(br#""tool_calls":[{"index":"#);
                     push_json(out, &call);
@@ -273,8 +278,13 @@ impl StreamTranslator {
                     out.extend_from_slice(br#","arguments":""}}]"#);
                 });
             }
-            // redacted_thinking and server-tool blocks have no OpenAI form.
-            _ => {}
+            // redacted_thinking and server-tool blocks have no OpenAI form; what they carry
+            // is billed all the same.
+            _ => {
+                let data = block.data.as_deref().map_or(0, str::len) as u64;
+                let name = block.name.as_deref().map_or(0, str::len) as u64;
+                self.content_bytes = self.content_bytes.saturating_add(data + name);
+            }
         }
     }
 

@@ -261,6 +261,28 @@ fn stream_usage_is_normalized_and_text_is_counted() {
     assert_eq!(t.content_bytes(), 7);
 }
 
+/// A stream cut right after a tool's name, or after a redacted thinking block (no OpenAI
+/// form): both are output the provider bills, counted for the estimate.
+#[test]
+fn a_cut_stream_counts_a_tools_name_and_redacted_thinking() {
+    let start = concat!(
+        "event: message_start\n",
+        "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude\",\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n",
+    );
+    let tool = format!(
+        "{start}event: content_block_start\ndata: {}\n\n",
+        r#"{"type":"content_block_start","index":0,"content_block":{"type":"tool_use","id":"toolu_1","name":"get_current_weather_in_a_city","input":{}}}"#
+    );
+    let (_, t) = translate("cut_tool", &[tool.as_bytes()]);
+    assert_eq!((t.usage(), t.content_bytes()), (None, 29));
+    let redacted = format!(
+        "{start}event: content_block_start\ndata: {}\n\n",
+        r#"{"type":"content_block_start","index":0,"content_block":{"type":"redacted_thinking","data":"EmwKAhgBEgy3va3pzix"}}"#
+    );
+    let (_, t) = translate("cut_redacted", &[redacted.as_bytes()]);
+    assert_eq!(t.content_bytes(), 19);
+}
+
 #[test]
 fn an_empty_stream_ends_in_an_error_not_done() {
     let (out, t) = translate("empty", &[]);

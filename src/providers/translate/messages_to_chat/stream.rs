@@ -424,7 +424,8 @@ impl StreamTranslator {
         arguments: &str,
         out: &mut Vec<u8>,
     ) {
-        self.count(arguments.len());
+        // The name is output the provider bills, as the arguments are.
+        self.count(arguments.len() + name.map_or(0, str::len));
         // Some OpenAI-compatible servers give every call index 0; a new id is a new call.
         let known = self
             .tools
