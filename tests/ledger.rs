@@ -444,6 +444,19 @@ fn sigterm_flushes_everything_before_exit() {
     );
     assert_eq!(usage["requests_today"].as_u64(), Some(ok as u64));
     assert_eq!(gw.store().integrity_check().unwrap(), "ok");
+    // The refusal while draining left its trace under the key (SPEC §4), charged nothing.
+    let refused: Vec<Value> = traces(&gw, &key)
+        .into_iter()
+        .filter(|t| t["error_code"] == "shutting_down")
+        .collect();
+    // (The late request, and any of the burst that arrived after the drain began.)
+    assert!(!refused.is_empty());
+    for t in &refused {
+        assert_eq!(
+            (&t["status"], &t["cost_nanodollars"]),
+            (&json!(503), &json!(0))
+        );
+    }
 }
 
 #[test]

@@ -611,8 +611,15 @@ impl ProxyHttp for GateProxy {
             .load(std::sync::atomic::Ordering::Relaxed)
         {
             // SIGTERM: finish what is in flight, refuse the rest (health too, so load
-            // balancers stop sending).
+            // balancers stop sending). Traced under the key its token names (SPEC §4).
             session.set_keepalive(None);
+            let req = session.req_header();
+            ctx.refused_key = admission::refused_key(
+                header_bytes(req, &http::header::AUTHORIZATION),
+                || header_bytes(req, &headers::X_API_KEY),
+                &ctx.snap.keys,
+            )
+            .map(|k| k.id.clone());
             return self.reject(session, ctx, GateError::ShuttingDown).await;
         }
         let tuning = &ctx.snap.routes.config.tuning;
