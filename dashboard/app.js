@@ -547,6 +547,11 @@
     return k.usage ? Number(k.usage.spend_usd) || 0 : 0;
   }
 
+  // Spend of the keys below this one (its minted keys): its budget counts it too.
+  function treeSpendOf(k) {
+    return k.usage ? Number(k.usage.tree_spend_usd) || 0 : 0;
+  }
+
   function budgetOf(k) {
     if (k.usage && k.usage.budget_usd !== undefined) return k.usage.budget_usd;
     return k.monthly_budget_usd;
@@ -554,9 +559,12 @@
 
   function spendBlock(k) {
     const spend = spendOf(k);
+    const tree = treeSpendOf(k);
     const budget = budgetOf(k);
     const mode = (k.usage && k.usage.budget_mode) || k.budget_mode;
-    const frac = budget ? spend / budget : 0;
+    // What the budget is measured against: the key's own spend and its tree's.
+    const counted = spend + tree;
+    const frac = budget ? counted / budget : 0;
     const level = !budget ? 'none' : frac >= 1 ? 'over' : frac >= 0.8 ? 'warn' : 'ok';
     return h('div', { class: 'spend' },
       h('div', { class: 'spend-head' },
@@ -568,8 +576,12 @@
           ? h('span', { class: 'muted', 'data-testid': 'budget' }, 'of ', money(budget),
             h('span', { class: 'mode mode-' + mode, text: mode, title: mode === 'hard' ? 'Requests are refused once the budget is spent' : 'Over-budget requests are allowed and flagged' }))
           : h('span', { class: 'muted', 'data-testid': 'budget', text: 'no budget' })),
+      tree > 0
+        ? h('div', { class: 'muted small', 'data-testid': 'tree-spend',
+          text: `+ ${money(tree)} by its child keys, counted against its budget` })
+        : null,
       // Any spend at all shows a sliver, so a tiny amount is not mistaken for none.
-      bar(budget ? Math.max(frac, spend > 0 ? 0.012 : 0) : 0, 'spend-bar level-' + level,
+      bar(budget ? Math.max(frac, counted > 0 ? 0.012 : 0) : 0, 'spend-bar level-' + level,
         budget ? `${Math.round(frac * 100)}% of the monthly budget` : 'No budget'));
   }
 

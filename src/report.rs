@@ -121,6 +121,10 @@ pub fn usage_json(
         "spend_display": format!("${total}"),
         "reserved_usd": live.reserved.as_usd(),
         "by_model": by_model,
+        // This month's spend of the keys below this one (its minted keys and theirs): its
+        // budget counts it too (SPEC §7), so a 402 can come before `spend_usd` reaches it.
+        "tree_spend_usd": live.tree_spent.as_usd(),
+        "tree_spend_nanodollars": live.tree_spent.get(),
         "budget_usd": k.limits.budget.map(Nanos::as_usd),
         "budget_mode": k.budget_mode().as_str(),
         "requests_this_minute": live.requests_this_minute,
@@ -199,6 +203,7 @@ pub fn stored_usage(
     let live = CounterView {
         requests_today: store.requests_on(&k.id, &day_label(day_index(now)))?,
         requests_this_minute: store.admitted_since(&k.id, now - 60_000)?,
+        tree_spent: store.tree_spend(&k.id, &month_label(month))?,
         ..CounterView::default()
     };
     Ok(usage_json(&k.terms(), month, &rows, &live, now))

@@ -211,6 +211,13 @@ fn a_parent_cap_bounds_its_tree_across_nodes_and_revocation_reaches_every_node()
         matches!(held.trim(), "" | "0"),
         "the root still holds {held:?}"
     );
+    // Every node shows the root's spend as its budget counts it: its own and its tree's.
+    for n in &c.nodes {
+        let u = n.usage(&parent);
+        let own = u["spend_nanodollars"].as_i64().unwrap();
+        let below = u["tree_spend_nanodollars"].as_i64().unwrap();
+        assert_eq!(own + below, upstream, "{u}");
+    }
     // Revoked on node 0: the grandchild is refused on every node.
     let r = c.nodes[0].post(
         &format!("/v1/keys/{}/revoke", child.id),

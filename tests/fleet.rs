@@ -486,6 +486,31 @@ fn a_parents_hard_cap_bounds_its_whole_tree_under_concurrency() {
         "after a restart the tree billed {after} > cap {cap}"
     );
     assert!(after >= before);
+
+    // Every door shows the spend the parent's budget is measured against: its own and its
+    // tree's (the keys below it), which together are what the provider billed.
+    let own = |v: &Value| v["spend_nanodollars"].as_i64().unwrap();
+    let below = |v: &Value| v["tree_spend_nanodollars"].as_i64().unwrap();
+    gw.wait_ledger_quiescent();
+    let live = gw.usage(&tree[0]);
+    assert_eq!(own(&live) + below(&live), after, "{live}");
+    assert!(below(&live) > 0, "{live}");
+    let child_live = gw.usage(&tree[1]);
+    assert_eq!(below(&child_live), own(&gw.usage(&tree[2])), "{child_live}");
+    let admin = gw
+        .admin_call("GET", &format!("/admin/keys/{}/usage", parent.id), None)
+        .json();
+    assert_eq!(
+        (own(&admin), below(&admin)),
+        (own(&live), below(&live)),
+        "{admin}"
+    );
+    let cli = gw.cli_json(&["usage", &parent.id, "--json"]);
+    assert_eq!(
+        (own(&cli), below(&cli)),
+        (own(&live), below(&live)),
+        "{cli}"
+    );
 }
 
 #[test]

@@ -1419,6 +1419,10 @@ impl Core {
                 view.spent = Nanos::new(n);
                 continue;
             }
+            if field == "tree" {
+                view.tree_spent = Nanos::new(n);
+                continue;
+            }
             let Some((kind, model)) = field.split_once(':') else {
                 continue; // `seeded`
             };
