@@ -592,13 +592,15 @@ pub async fn admit<L: LimitStore>(
     {
         // The key's last response reached its client before that request's logging phase
         // booked it, so a client that sends its next request at once can find the last
-        // one's hold or slot still taken. A refusal that could come from it waits for those
-        // bookings (microseconds; at most `SETTLE_WAIT`) and is decided once more. Only
-        // refusals pay for this; the refusal consumed nothing.
+        // one's hold or slot still taken. A refusal that could come from it waits for the
+        // bookings running now (microseconds; at most `SETTLE_WAIT`) and is decided once
+        // more, at the clock of then. Only refusals pay for this; the refusal consumed
+        // nothing.
         Err(e) if e.held_back() && key.counters.finishing() > 0 => {
-            key.counters.settled(SETTLE_WAIT).await;
+            key.counters.settled_since(SETTLE_WAIT).await;
+            let then = Now::read();
             limits
-                .admit(key, &uplines, now, bound.cost, digest, res_id)
+                .admit(key, &uplines, then, bound.cost, digest, res_id)
                 .await?
         }
         admitted => admitted?,

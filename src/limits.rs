@@ -11,7 +11,7 @@
 //! clock reading is older than the key's state cannot reset this month's spend.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub mod brakes;
@@ -80,6 +80,9 @@ pub struct KeyCounters {
     /// Requests whose response has ended but whose settlement is still running, so a
     /// `/v1/usage` asked right after a response can wait for it (see `proxy`).
     finishing: AtomicU32,
+    /// How many such settlements ever ended: a wait for those that had begun by a moment
+    /// (see [`KeyCounters::settled_since`]) does not wait for later ones.
+    finishings_ended: AtomicU64,
 }
 
 /// Spend of one model in the key's current month.
@@ -414,16 +417,17 @@ impl CounterState {
             m if m == minute - 1 => (0, self.report_count),
             _ => (0, 0),
         };
+        // Only the latest `rpm` matter (the window never holds more); oldest first.
         let end_of_before = minute * WINDOW_MS - 1;
-        let seeds = std::iter::repeat_n(end_of_before, before as usize)
-            .chain(std::iter::repeat_n(now.mono, this as usize))
-            .filter(|&t| t > now.mono - WINDOW_MS);
+        let this = this.min(rpm);
+        let before = if end_of_before > now.mono - WINDOW_MS {
+            before.min(rpm - this)
+        } else {
+            0
+        };
         let window = &mut self.requests.minute;
-        window.extend(seeds);
-        window.make_contiguous().sort_unstable();
-        while window.len() > rpm as usize {
-            window.pop_front();
-        }
+        window.extend(std::iter::repeat_n(end_of_before, before as usize));
+        window.extend(std::iter::repeat_n(now.mono, this as usize));
     }
 }
 
@@ -449,6 +453,7 @@ impl KeyCounters {
                 ..CounterState::default()
             }),
             finishing: AtomicU32::new(0),
+            finishings_ended: AtomicU64::new(0),
         }
     }
 
@@ -738,6 +743,7 @@ impl KeyCounters {
     }
 
     pub fn finishing_ended(&self) {
+        self.finishings_ended.fetch_add(1, Ordering::AcqRel);
         self.finishing.fetch_sub(1, Ordering::AcqRel);
     }
 
@@ -752,6 +758,19 @@ impl KeyCounters {
     pub async fn settled(&self, max: std::time::Duration) {
         let deadline = tokio::time::Instant::now() + max;
         while self.finishing() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Waits, as [`KeyCounters::settled`] does, for as many settlements to end as were
+    /// running when called, not for responses that end meanwhile: a busy key whose
+    /// responses keep ending is not held for the whole `max`.
+    pub async fn settled_since(&self, max: std::time::Duration) {
+        let target = self.finishings_ended.load(Ordering::Acquire) + u64::from(self.finishing());
+        let deadline = tokio::time::Instant::now() + max;
+        while self.finishings_ended.load(Ordering::Acquire) < target
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
     }

@@ -284,7 +284,10 @@ impl ListenerCerts {
                 // Checked as `check-config` checks it, though it serves only after a
                 // restart: a reload must not accept what the next start would refuse.
                 (None, Some(files)) => {
-                    load_pair(field, files, now)?;
+                    let pair = load_pair(field, files, now)?;
+                    pending
+                        .warnings
+                        .extend(expiry_warning(field, &pair.info, now));
                     pending.warnings.push(format!(
                         "{field} was added; that takes effect at the next restart"
                     ));

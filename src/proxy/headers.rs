@@ -1,6 +1,8 @@
 //! Header work, built once: the gateway's own headers, what never goes upstream, and what
 //! never comes back from it.
 
+use std::sync::LazyLock;
+
 use bytes::Bytes;
 use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CONTENT_LENGTH, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -73,10 +75,14 @@ impl ClientHeaders {
                 "anthropic-version" => found.anthropic_version = true,
                 "anthropic-beta" => found.anthropic_beta = true,
                 // Replaced or removed by the rewrite whatever it holds.
-                "authorization" => {}
-                other if is_stripped(other) => found.stripped = true,
-                _ => found.token_elsewhere |= holds_token(value),
+                "authorization" => continue,
+                other if is_stripped(other) => {
+                    found.stripped = true;
+                    continue;
+                }
+                _ => {}
             }
+            found.token_elsewhere |= holds_token(value);
         }
         found
     }
@@ -87,8 +93,10 @@ impl ClientHeaders {
 /// not have it forwarded (SPEC §2: the upstream never sees the agent's token). Only values
 /// long enough to hold one are searched.
 fn holds_token(value: &HeaderValue) -> bool {
+    static FINDER: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(TOKEN_PREFIX.as_bytes()));
     let v = value.as_bytes();
-    v.len() >= TOKEN_LEN && memchr::memmem::find(v, TOKEN_PREFIX.as_bytes()).is_some()
+    v.len() >= TOKEN_LEN && FINDER.find(v).is_some()
 }
 
 /// The client headers the request path reads beside its credentials, found in one pass

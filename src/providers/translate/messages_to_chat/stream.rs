@@ -424,8 +424,7 @@ impl StreamTranslator {
         arguments: &str,
         out: &mut Vec<u8>,
     ) {
-        // The name is output the provider bills, as the arguments are.
-        self.count(arguments.len() + name.map_or(0, str::len));
+        self.count(arguments.len());
         // Some OpenAI-compatible servers give every call index 0; a new id is a new call.
         let known = self
             .tools
@@ -442,12 +441,19 @@ impl StreamTranslator {
                 if t.id.is_empty() {
                     t.id = id.unwrap_or_default().to_owned();
                 }
-                if t.name.is_empty() {
-                    t.name = name.unwrap_or_default().to_owned();
+                let late_name = t.name.is_empty().then_some(name).flatten();
+                if let Some(name) = late_name {
+                    t.name = name.to_owned();
+                    // Output the provider bills, as the arguments are; counted once (some
+                    // servers repeat the name on every delta).
+                    self.count(name.len());
                 }
                 tool
             }
-            None => self.new_tool_call(index, id, name, out),
+            None => {
+                self.count(name.map_or(0, str::len));
+                self.new_tool_call(index, id, name, out)
+            }
         };
         if arguments.is_empty() {
             return;
