@@ -43,6 +43,18 @@ use watchdog::{ReadTimeouts, UpstreamWatch};
 
 pub use crate::limits::SETTLE_WAIT;
 
+/// A request refused before authentication (draining, an oversized head) is still traced
+/// under the key its token names (SPEC §4), as a revoked token's refusal is.
+fn note_refused_key(session: &Session, ctx: &mut RequestCtx) {
+    let req = session.req_header();
+    ctx.refused_key = admission::refused_key(
+        header_bytes(req, &http::header::AUTHORIZATION),
+        || header_bytes(req, &headers::X_API_KEY),
+        &ctx.snap.keys,
+    )
+    .map(|k| k.id.clone());
+}
+
 /// How long an idle upstream connection stays in the pool.
 const UPSTREAM_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
@@ -611,30 +623,16 @@ impl ProxyHttp for GateProxy {
             .load(std::sync::atomic::Ordering::Relaxed)
         {
             // SIGTERM: finish what is in flight, refuse the rest (health too, so load
-            // balancers stop sending). Traced under the key its token names (SPEC §4).
+            // balancers stop sending).
             session.set_keepalive(None);
-            let req = session.req_header();
-            ctx.refused_key = admission::refused_key(
-                header_bytes(req, &http::header::AUTHORIZATION),
-                || header_bytes(req, &headers::X_API_KEY),
-                &ctx.snap.keys,
-            )
-            .map(|k| k.id.clone());
+            note_refused_key(session, ctx);
             return self.reject(session, ctx, GateError::ShuttingDown).await;
         }
         let tuning = &ctx.snap.routes.config.tuning;
         if client_head_size(session) > tuning.max_header_bytes {
             session.set_keepalive(None);
-            // Refused before authentication, but traced under the key its token names
-            // (SPEC §4), as a revoked token's refusal is.
-            let req = session.req_header();
-            ctx.refused_key = admission::refused_key(
-                header_bytes(req, &http::header::AUTHORIZATION),
-                || header_bytes(req, &headers::X_API_KEY),
-                &ctx.snap.keys,
-            )
-            .map(|k| k.id.clone());
             let err = GateError::HeaderTooLarge(tuning.max_header_bytes);
+            note_refused_key(session, ctx);
             return self.reject(session, ctx, err).await;
         }
         // How long a kept-alive connection may idle before its next request head; none once
