@@ -55,6 +55,10 @@ ap.add_argument("--stream-length", action="store_true",
                      "before 2026-12-06) instead of chunked, as providers stream: the bare proxy "
                      "then forwards it without framing while the gateway, whose body changes, "
                      "frames it in chunks")
+ap.add_argument("--stream-events", type=int, default=4, metavar="N",
+                help="--stream with N content events (default 4, at most 23) before the finish, usage "
+                     "and [DONE] events: a longer stream shows what each event costs (run with two N "
+                     "and divide the difference)")
 ap.add_argument("--fleet", action="store_true",
                 help="also measure F: the same gateway, the request made by a key 3 deep in a tree "
                      "of minted keys (hard budget at the root) inside a hard-budget group (SPEC §7)")
@@ -75,13 +79,17 @@ CONTENT_TYPE = "application/json"
 if args.stream:
     CHUNK = ('data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"up-paid-a",'
              '"choices":[{"index":0,"delta":{"content":"ok "},"finish_reason":null}]}\\n\\n')
-    BODY = (CHUNK * 4
+    BODY = (CHUNK * args.stream_events
             + 'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"up-paid-a",'
               '"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\\n\\n'
             + 'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"up-paid-a",'
               '"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}\\n\\n'
             + 'data: [DONE]\\n\\n')
     REQ = REQ[:-1] + ',"stream":true}'
+    if len(BODY) > 4000:
+        # nginx reads no configuration token longer than 4096 bytes (NGX_CONF_BUFFER).
+        ap.error(f"--stream-events {args.stream_events}: the stream does not fit in the mock's "
+                 f"configuration (at most {(4000 - len(BODY)) // len(CHUNK) + args.stream_events})")
     CONTENT_TYPE = "text/event-stream"
 # A provider streams with Transfer-Encoding: chunked. nginx's `return` sends a Content-Length;
 # a sub_filter (which never matches) makes it send the same bytes chunked.

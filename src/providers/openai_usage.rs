@@ -878,6 +878,8 @@ pub struct SseUsageParser {
     /// events are one `data:` line inside one chunk, read in place without a copy. Only set
     /// during `feed`, and then `data` is empty.
     data_in_chunk: Option<Range<usize>>,
+    /// Where the line of `data_in_chunk` starts.
+    data_line_start: usize,
     has_data: bool,
     event_overflow: bool,
 
@@ -890,6 +892,15 @@ pub struct SseUsageParser {
     /// Stripping only: the previous chunk ended with the CR of a blank line; `Some(true)` if
     /// that block was dropped (so a leading LF is dropped too).
     cr_ended_block: Option<bool>,
+
+    /// The last event read in full, to read the next ones like it at a glance.
+    shape: shape::EventShape,
+    /// Set by `analyze` for an event a shape can be learned from: where its counted value
+    /// lies in the data it was given (opening to closing quote), and its text bytes.
+    learned: Option<(Range<usize>, u64)>,
+    /// Events read by their shape (the tests check the shortcut is taken).
+    #[cfg(test)]
+    shaped: usize,
 }
 
 impl SseUsageParser {
@@ -908,12 +919,17 @@ impl SseUsageParser {
             after_cr: false,
             data: Vec::new(),
             data_in_chunk: None,
+            data_line_start: 0,
             has_data: false,
             event_overflow: false,
             held: Vec::new(),
             block_len: 0,
             block_committed: false,
             cr_ended_block: None,
+            shape: shape::EventShape::default(),
+            learned: None,
+            #[cfg(test)]
+            shaped: 0,
         }
     }
 
@@ -941,7 +957,26 @@ impl SseUsageParser {
                 block_start = 1;
             }
         }
-        while let Some(eol) = line_end(chunk, pos) {
+        loop {
+            // At an event's start: an event shaped like the last one is read at a glance.
+            if self.line.is_empty() && !self.has_data && !self.event_overflow {
+                if let Some((end, text)) = self.shape.read(chunk, pos) {
+                    self.content_bytes = self.content_bytes.saturating_add(text);
+                    #[cfg(test)]
+                    {
+                        self.shaped += 1;
+                    }
+                    if self.strip {
+                        self.end_block(chunk, block_start..end, false, &mut out);
+                    }
+                    block_start = end;
+                    pos = end;
+                    continue;
+                }
+            }
+            let Some(eol) = line_end(chunk, pos) else {
+                break;
+            };
             let mut next = eol + 1;
             if chunk[eol] == b'\r' {
                 match chunk.get(next) {
@@ -1069,17 +1104,51 @@ impl SseUsageParser {
     /// when the line is blank, i.e. it ends an event.
     fn process_line(&mut self, chunk: &[u8], line: Range<usize>) -> Option<bool> {
         if line.is_empty() {
-            return Some(self.dispatch(chunk));
+            let data = self.data_in_chunk.clone();
+            let is_usage_event = self.dispatch(chunk);
+            if let (Some(data), Some((value, text))) = (data, self.learned.take()) {
+                self.learn_shape(chunk, data, line.start, value, text);
+            }
+            return Some(is_usage_event);
         }
         let value = self.data_value(&chunk[line.clone()])?;
         if !self.has_data {
             self.has_data = true;
             self.data_in_chunk = Some(line.start + value.start..line.end);
+            self.data_line_start = line.start;
             return None;
         }
         self.copy_data_in_chunk(chunk);
         self.push_data(&chunk[line][value]);
         None
+    }
+
+    /// Learns the shape of an event read in place: its one data line (`data` its value) and
+    /// the blank line at `blank`, each ended by LF or CRLF (a CR alone could be the first half
+    /// of a CRLF split across chunks), `value` its counted value in `data`.
+    fn learn_shape(
+        &mut self,
+        chunk: &[u8],
+        data: Range<usize>,
+        blank: usize,
+        value: Range<usize>,
+        text: u64,
+    ) {
+        let ends = &chunk[data.end..];
+        let end = if blank == data.end + 1 && ends.starts_with(b"\n\n") {
+            data.end + 2
+        } else if blank == data.end + 2 && ends.starts_with(b"\r\n\r\n") {
+            data.end + 4
+        } else {
+            return;
+        };
+        let (open, close) = (data.start + value.start, data.start + value.end - 1);
+        let other_text = text - (close - open - 1) as u64;
+        self.shape.learn(
+            &chunk[self.data_line_start..=open],
+            &chunk[close..end],
+            other_text,
+        );
     }
 
     /// A line begun in an earlier chunk, so never blank; its data is copied.
@@ -1136,6 +1205,7 @@ impl SseUsageParser {
     /// Ends the current event: analyses its data (in `chunk`, or copied) and resets it.
     /// Returns whether it was a usage-only event.
     fn dispatch(&mut self, chunk: &[u8]) -> bool {
+        self.learned = None;
         let in_chunk = self.data_in_chunk.take();
         let is_usage_event = self.has_data && !self.event_overflow && {
             // Moved out for the call, so the analysis can update `self`.
@@ -1151,15 +1221,17 @@ impl SseUsageParser {
         is_usage_event
     }
 
-    fn analyze(&mut self, data: &[u8]) -> bool {
-        let data = data.trim_ascii();
+    fn analyze(&mut self, untrimmed: &[u8]) -> bool {
+        let data = untrimmed.trim_ascii();
         if data == b"[DONE]" {
             self.done = true;
             return false;
         }
-        let (text, has_usage) = keys(data);
+        let (text, has_usage, value) = keys_and_value(data);
         self.content_bytes = self.content_bytes.saturating_add(text);
         if !has_usage {
+            let lead = untrimmed.len() - untrimmed.trim_ascii_start().len();
+            self.learned = value.map(|v| (v.start + lead..v.end + lead, text));
             return false;
         }
         let Some((Some(raw), choices_empty)) = flat::chunk(data).or_else(|| serde_chunk(data))
@@ -1228,16 +1300,32 @@ static KEYS: LazyLock<Option<aho_corasick::packed::Searcher>> = LazyLock::new(||
         .build()
 });
 
+/// [`keys_and_value`] without the value: the reading the reference parser is held to.
+#[cfg(test)]
+fn keys(data: &[u8]) -> (u64, bool) {
+    let (text, has_usage, _) = keys_and_value(data);
+    (text, has_usage)
+}
+
 /// [`text_bytes`] and [`has_usage_object`] of one event, in one pass over it: every place
 /// one of the three keys starts is visited in order, and each search's own rules (a
 /// `content` value's bytes are not searched again; `find_iter` does not overlap matches)
-/// are kept, so the answer is theirs (the tests compare them).
-fn keys(data: &[u8]) -> (u64, bool) {
+/// are kept, so the answer is theirs (the tests compare them). Also the first counted
+/// string value that no colon follows: from its opening quote to the end of its closing one
+/// (what [`shape::EventShape`] learns from).
+fn keys_and_value(data: &[u8]) -> (u64, bool, Option<Range<usize>>) {
     let Some(searcher) = KEYS.as_ref() else {
-        return (text_bytes(data), has_usage_object(data));
+        return (text_bytes(data), has_usage_object(data), None);
     };
     let mut text = 0u64;
     let mut has_usage = false;
+    let mut value = None;
+    let counted = |len: usize, end: usize, value: &mut Option<Range<usize>>| {
+        if value.is_none() && after_colon(data, end).is_none() {
+            *value = Some(end - len - 2..end);
+        }
+        len as u64
+    };
     // Where the next match of each kind may start.
     let (mut content_from, mut arguments_from, mut usage_from) = (0, 0, 0);
     let mut from = 0;
@@ -1250,15 +1338,15 @@ fn keys(data: &[u8]) -> (u64, bool) {
                 let key = &data[..at];
                 if key.ends_with(b"\"") || key.ends_with(b"\"reasoning_") {
                     if let Some((len, end)) = string_value(data, m.end()) {
-                        text += len as u64;
+                        text += counted(len, end, &mut value);
                         content_from = end;
                     }
                 }
             }
             1 if at >= arguments_from => {
                 arguments_from = m.end();
-                if let Some((len, _)) = string_value(data, m.end()) {
-                    text += len as u64;
+                if let Some((len, end)) = string_value(data, m.end()) {
+                    text += counted(len, end, &mut value);
                 }
             }
             2 if at >= usage_from => {
@@ -1268,7 +1356,7 @@ fn keys(data: &[u8]) -> (u64, bool) {
             _ => {}
         }
     }
-    (text, has_usage)
+    (text, has_usage, value)
 }
 
 /// Whether some `"usage"` key has an object value (OpenAI sends `"usage":null` on every
@@ -1319,6 +1407,7 @@ fn string_value(data: &[u8], key_end: usize) -> Option<(usize, usize)> {
 
 #[cfg(test)]
 mod reference;
+mod shape;
 
 #[cfg(test)]
 mod tests {
@@ -2103,6 +2192,96 @@ mod tests {
             let text: String = pieces.iter().map(|&i| PIECES[i]).collect();
             let e = text.as_bytes();
             prop_assert_eq!(keys(e), (text_bytes(e), has_usage_object(e)), "{}", text);
+        }
+    }
+
+    /// One chat chunk event around `value` (the text as it is written in JSON).
+    fn shaped_event(key: &str, value: &str, after: &str, eol: &str) -> String {
+        format!(
+            "data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"{key}\":\"{value}\"{after}}}}}]}}{eol}{eol}"
+        )
+    }
+
+    #[test]
+    fn events_shaped_like_the_last_are_read_at_a_glance_and_read_the_same() {
+        for eol in ["\n", "\r\n"] {
+            let mut input = String::new();
+            for value in ["Hel", "lo", "", " \\\"x\\\"", "\\n", "wörld"] {
+                input += &shaped_event("content", value, "", eol);
+            }
+            for value in ["{\\\"a\\\":", "1}"] {
+                input += &shaped_event("arguments", value, "", eol);
+            }
+            input += &format!(
+                "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":3,\"completion_tokens\":4}}}}{eol}{eol}data: [DONE]{eol}{eol}"
+            );
+            let input = input.as_bytes();
+            // Text as written: 3 + 2 + 0 + 6 + 2 + 6 ("ö" is two bytes), then 7 + 2.
+            let expected = (usage(3, 4), 3 + 2 + 6 + 2 + 6 + 7 + 2, true);
+            for strip in [false, true] {
+                let (p, _) = run_split(input, &[], strip);
+                assert_eq!(summary(&p), expected, "{eol:?}");
+                // The first of each shape is read in full, the others by their shape.
+                assert_eq!(p.shaped, 6, "{eol:?}");
+                assert_reads_as_the_old_parser(input, &[], strip).unwrap();
+            }
+            let (_, out) = run_split(input, &[], true);
+            let kept = input.len() - format!("data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":3,\"completion_tokens\":4}}}}{eol}{eol}").len();
+            assert_eq!(out.len(), kept);
+        }
+    }
+
+    #[test]
+    fn a_value_that_could_change_the_reading_is_not_read_by_shape() {
+        let eol = "\n";
+        // A raw line end inside the value ends the line there; a value that reads as a key
+        // followed by a colon; a usage object after it.
+        let cases = [
+            shaped_event("content", "a", "", eol) + &shaped_event("content", "x\ny", "", eol),
+            shaped_event("content", "a", "", eol) + &shaped_event("content", "x\\\ry", "", eol),
+            shaped_event("content", "a", ",\"z\":1", eol)
+                + &shaped_event("content", "usage", ",\"z\":1", eol),
+            shaped_event("arguments", "a", "", eol)
+                + &shaped_event("arguments", "\\\"usage", "", eol),
+            // Read in full, the second counts a value for `"arguments"` (its colon follows).
+            shaped_event("content", "a", ":\"zz\"", eol)
+                + &shaped_event("content", "arguments", ":\"zz\"", eol),
+        ];
+        for input in &cases {
+            for strip in [false, true] {
+                assert_reads_as_the_old_parser(input.as_bytes(), &[], strip).unwrap();
+            }
+        }
+    }
+
+    proptest! {
+        /// Events alike but for one value, the value made of what could fool the shortcut
+        /// (escaped quotes, the keys' names, colons, braces, line ends), after shapes that
+        /// differ, cut anywhere: read as the old parser read them.
+        #[test]
+        fn events_read_by_shape_read_as_the_old_parser_did(
+            events in prop::collection::vec((
+                prop::sample::select(vec!["content", "reasoning_content", "arguments", "text"]),
+                prop::collection::vec(prop::sample::select(vec![
+                    "a", "\\\"", "\\\\", "usage", "\\\"usage", "arguments", "\\\"arguments", "content",
+                    ":", "{", "}", " ", "\n", "\r", "\\", "\"",
+                ]), 0..6),
+                prop::sample::select(vec!["", ",\"usage\":null", ",\"usage\":{\"prompt_tokens\":1}",
+                                          ":{", " :\"zz\"", ",\"content\":\"zz\""]),
+                prop::sample::select(vec!["\n", "\r\n", "\r"]),
+            ), 1..12),
+            raw in prop::collection::vec(any::<usize>(), 0..10),
+        ) {
+            let input: String = events
+                .iter()
+                .map(|(key, value, after, eol)| shaped_event(key, &value.concat(), after, eol))
+                .collect();
+            let input = input.as_bytes();
+            let cuts = cuts_for(input.len(), raw);
+            for strip in [false, true] {
+                assert_reads_as_the_old_parser(input, &cuts, strip)?;
+                assert_reads_as_the_old_parser(input, &[], strip)?;
+            }
         }
     }
 }

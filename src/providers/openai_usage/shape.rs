@@ -1,0 +1,82 @@
+//! The shape of the last event read: a stream's events are nearly all alike.
+//!
+//! A chat stream sends one event per token or few, and they differ only in one string's
+//! bytes: `data: {"id":"…","object":"chat.completion.chunk",…,"delta":{"content":"` + the
+//! text + `"},"finish_reason":null}]}` and the blank line. Reading each one in full (the
+//! line search, the key search over the whole event) cost about 1.2k instructions an event;
+//! when an event's bytes are the last event's with only that value changed, its reading is
+//! the last one's with that value's length changed, and checking this costs two compares
+//! and a walk over the value.
+//!
+//! Why the reading is the same. [`super::keys`] reads an event by where its three keys
+//! (`content"`, `"arguments"`, `"usage"`) occur. The bytes before the value (the head,
+//! ending with the value's opening quote) and after it (the tail, from its closing quote to
+//! the end of the blank line) are the last event's, so every occurrence inside them, and what
+//! is read after each, are the same. The value holds no raw quote but escaped ones, so an
+//! occurrence that touches it must start at its opening quote or at an escaped one and end
+//! at its closing quote (all three keys have their quotes only at their ends):
+//! - `content"` ending there is inside the value its key opened, which the search skips;
+//! - `"usage"` or `"arguments"` ending there would be read only if a colon followed the
+//!   closing quote, and a shape is learned only when none does.
+//!
+//! So only the counted length changes. The value may hold no raw line end (the line would
+//! end there). Nothing is learned from an event that could be a usage event.
+
+use super::MAX_EVENT_BYTES;
+
+/// One event's bytes around its counted value, and the text bytes of its other values.
+#[derive(Default)]
+pub(super) struct EventShape {
+    /// The head then the tail.
+    bytes: Vec<u8>,
+    /// 0 when nothing is learned.
+    head_len: usize,
+    /// Text bytes counted in the head and the tail.
+    other_text: u64,
+}
+
+impl EventShape {
+    /// Learns an event: `head` ends with its value's opening quote, `tail` starts with its
+    /// closing quote and ends with the blank line. The caller has checked that no colon
+    /// follows the closing quote and that the event is not a usage event.
+    pub(super) fn learn(&mut self, head: &[u8], tail: &[u8], other_text: u64) {
+        self.bytes.clear();
+        // One allocation for the stream's first shape; later shapes mostly fit in it.
+        self.bytes.reserve(head.len() + tail.len());
+        self.bytes.extend_from_slice(head);
+        self.bytes.extend_from_slice(tail);
+        self.head_len = head.len();
+        self.other_text = other_text;
+    }
+
+    /// If `chunk[at..]` starts with a whole event of this shape: where it ends in `chunk` and
+    /// the text bytes it holds.
+    pub(super) fn read(&self, chunk: &[u8], at: usize) -> Option<(usize, u64)> {
+        if self.head_len == 0 {
+            return None;
+        }
+        let rest = chunk.get(at..)?;
+        let (head, tail) = self.bytes.split_at(self.head_len);
+        if !rest.starts_with(head) {
+            return None;
+        }
+        // The value: short (a token or a few) nearly always, so a plain walk.
+        let mut i = head.len();
+        loop {
+            match *rest.get(i)? {
+                b'"' => break,
+                b'\\' => match *rest.get(i + 1)? {
+                    b'\n' | b'\r' => return None,
+                    _ => i += 2,
+                },
+                b'\n' | b'\r' => return None,
+                _ => i += 1,
+            }
+        }
+        let end = i + tail.len();
+        if end > MAX_EVENT_BYTES || !rest[i..].starts_with(tail) {
+            return None;
+        }
+        Some((at + end, self.other_text + (i - head.len()) as u64))
+    }
+}
