@@ -1870,3 +1870,72 @@ async fn a_caller_that_goes_away_fails_no_other_and_its_admission_is_released() 
     assert_eq!(v.reserved, Nanos::new(100 * i64::from(60 + finished)));
     assert_eq!(v.requests_today, 60 + finished);
 }
+
+/// The batches' lean connections (`shared::resp`) connect as the URL says, like the client's
+/// own: its user and password (the default user may only PING) and its database. A
+/// request alone and a concurrent burst (both go through the lean connections) are
+/// decided, and their keys are in database 3, not 0.
+#[tokio::test]
+async fn the_urls_user_password_and_database_hold_for_every_connection() {
+    let Some(r) = RedisServer::start_with(&[
+        "--user", "default", "on", "nopass", "+ping", "--user", "agent", "on", ">s3cret", "~*",
+        "&*", "+@all",
+    ]) else {
+        return;
+    };
+    let url = format!("redis://agent:s3cret@127.0.0.1:{}/3", r.port());
+    let l = Arc::new(
+        RedisLimits::new(&url, 1, Duration::from_secs(60), Duration::from_secs(2)).unwrap(),
+    );
+    let limits = Limits {
+        rpm: Some(1_000),
+        ..hard(1_000_000)
+    };
+    admitted(&admit(&l, "k-auth", &limits, 10, 1).await);
+    let model: Arc<str> = Arc::from("m");
+    l.settle("k-auth", 1, month_index(now_ms()), charge(&model, 7))
+        .await
+        .unwrap();
+    let burst: Vec<_> = (0..40u64)
+        .map(|i| {
+            let l = l.clone();
+            let model = model.clone();
+            tokio::spawn(async move {
+                let a = admit(&l, "k-auth", &limits, 10, 100 + i).await;
+                let Admit::Admitted { month, .. } = a else {
+                    panic!("expected admission, got {a:?}");
+                };
+                l.settle("k-auth", 100 + i, month, charge(&model, 7))
+                    .await
+                    .unwrap();
+            })
+        })
+        .collect();
+    for b in burst {
+        b.await.unwrap();
+    }
+    let v = view(&l, "k-auth").await;
+    assert_eq!(
+        (v.spent, v.reserved, v.inflight),
+        (Nanos::new(41 * 7), Nanos::ZERO, 0)
+    );
+    let dbsize = |db: &str| {
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &r.port().to_string(),
+                "--user",
+                "agent",
+                "--pass",
+                "s3cret",
+            ])
+            .args(["--no-auth-warning", "-n", db, "DBSIZE"])
+            .output()
+            .expect("redis-cli");
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        text.parse::<u64>()
+            .unwrap_or_else(|_| panic!("DBSIZE: {text:?}"))
+    };
+    assert!(dbsize("3") > 0, "the keys are in database 3");
+    assert_eq!(dbsize("0"), 0, "nothing in database 0");
+}

@@ -103,6 +103,9 @@ pub struct RequestCtx {
     /// `finishing_started` was called on the key's counters (see `KeyCounters::finishing`).
     pub(super) finishing: bool,
     pub(super) finished: bool,
+    /// The usage a cluster's settlement charged at the end of the response: the ledger
+    /// books the same figures, and they are read from the answer once.
+    pub(super) usage_at_end: Option<(Usage, bool)>,
     pub(super) ttfb_ms: Option<i64>,
     /// Reads (and where it translates, rewrites) the answer of the attempt that responded.
     pub(super) codec: Option<ResponseCodec>,
@@ -435,7 +438,8 @@ impl RequestCtx {
         };
         let routes = self.snap.routes.clone();
         let served = self.current_model();
-        let (usage, _) = self.final_usage();
+        let (usage, estimated) = self.final_usage();
+        self.usage_at_end = Some((usage, estimated));
         let cost = served.map_or(Nanos::ZERO, |m| routes.catalog.cost(m, &usage));
         let charge = charge_of(&routes, served, &usage, cost);
         shared.settle_now(&key, reservation, charge).await;
@@ -458,7 +462,10 @@ impl RequestCtx {
         let latency_ms = self.started.elapsed().as_millis() as i64;
         let served = self.current_model();
         let (usage, estimated) = match &self.admission {
-            Some(_) => self.final_usage(),
+            Some(_) => self
+                .usage_at_end
+                .take()
+                .unwrap_or_else(|| self.final_usage()),
             None => (Usage::default(), false),
         };
         let cost = served.map_or(Nanos::ZERO, |m| routes.catalog.cost(m, &usage));

@@ -577,6 +577,7 @@ impl ProxyHttp for GateProxy {
             response_complete: false,
             finishing: false,
             finished: false,
+            usage_at_end: None,
             ttfb_ms: None,
             codec: None,
             response_bytes: 0,

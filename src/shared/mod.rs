@@ -6,6 +6,7 @@
 //! `docs/cluster.md`.
 
 pub mod redis;
+mod resp;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

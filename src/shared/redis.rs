@@ -67,6 +67,8 @@ use crate::error::GateError;
 use crate::limits::{Charge, CounterView, Level, Limits, ModelTally, Standing, Upline};
 use crate::money::Nanos;
 
+use super::resp;
+
 /// A month hash outlives its month by this much, so late settlements still find it.
 const MONTH_GRACE_MS: i64 = 40 * MS_PER_DAY;
 /// Expired reservations reaped per script call, so one call never blocks Redis for long.
@@ -120,6 +122,12 @@ impl std::error::Error for SharedError {}
 
 impl From<redis::RedisError> for SharedError {
     fn from(e: redis::RedisError) -> Self {
+        SharedError::Unavailable(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for SharedError {
+    fn from(e: std::io::Error) -> Self {
         SharedError::Unavailable(e.to_string())
     }
 }
@@ -246,8 +254,12 @@ enum FcallFailure {
 
 impl FcallFailure {
     fn of(e: &redis::RedisError) -> Option<FcallFailure> {
-        let text = e.to_string();
-        match e.code() {
+        FcallFailure::of_reply(e.code(), &e.to_string())
+    }
+
+    /// From an error reply's code (its first word) and text.
+    fn of_reply(code: Option<&str>, text: &str) -> Option<FcallFailure> {
+        match code {
             // An ACL user allowed scripts but not FCALL or FUNCTION LOAD (never a command a
             // script ran: those come back as ERR).
             Some("NOPERM") if text.contains("'fcall'") || text.contains("'function") => {
@@ -363,6 +375,11 @@ struct Core {
     /// load). So a node holds a connection for each runtime that calls: the proxy's workers,
     /// the background upkeep, the admin listener.
     conns: ArcSwap<Vec<(Option<tokio::runtime::Id>, Conn)>>,
+    /// The batches' own connections ([`resp::Connection`]), where the target is one server
+    /// the lean connection can reach: a batch driver takes one (of its runtime, for the
+    /// reason above) for each call and gives it back after a whole reply.
+    lean: Option<resp::Address>,
+    lean_pool: std::sync::Mutex<Vec<(Option<tokio::runtime::Id>, resp::Connection)>>,
     node: u64,
     node_key: String,
     ttl_ms: i64,
@@ -453,9 +470,11 @@ struct Queue {
     drivers: usize,
 }
 
-/// Batches in flight at once per node, each sent by its own task. Redis runs a connection's
-/// calls in the order they were sent, so a second call in flight changes no outcome; it
-/// only lets the operations that queue while one call is out leave before it returns.
+/// Batches in flight at once per node, each sent by its own task over its own connection,
+/// so Redis may run two calls in either order. No outcome changes: an operation that depends
+/// on another (a settlement on its admission, a client's next request on its last one's
+/// settlement) is queued only after the other's reply came, so after Redis ran it. A second
+/// call lets the operations that queue while one call is out leave before it returns.
 const MAX_DRIVERS: usize = 2;
 
 /// The task that sends batches. Should it be dropped (its runtime shutting down), the
@@ -564,7 +583,7 @@ impl Driver {
             .into_iter()
             .map(|Queued { op, tx }| (tx, op.kind, op.res_id))
             .collect();
-        let reply = core.eval(lua, &cmd).await;
+        let reply = core.call(lua, &cmd).await;
         let waiting = std::mem::take(&mut self.waiting);
         let replies: Result<Vec<Ints>, Failed> = reply.and_then(|r| {
             let parsed = if waiting.len() == 1 {
@@ -650,10 +669,10 @@ impl Ints {
 /// A Lua number as the script wrote it (`tostring`, or `%.0f` past 1e14): an integer, or
 /// otherwise truncated and saturated as Redis converts a Lua number to an integer reply.
 fn lua_number(s: &[u8]) -> Option<i64> {
-    let s = std::str::from_utf8(s).ok()?;
-    if let Ok(n) = s.parse::<i64>() {
+    if let Some(n) = resp::decimal(s) {
         return Some(n);
     }
+    let s = std::str::from_utf8(s).ok()?;
     let f: f64 = s.parse().ok()?;
     // `as` truncates toward zero and saturates at the ends; NaN is not a number here.
     (!f.is_nan()).then_some(f as i64)
@@ -806,6 +825,10 @@ impl Core {
     ) -> Result<Self, SharedError> {
         let target = Target::parse(url)?;
         let functions = !matches!(target, Target::Cluster(_));
+        let lean = match &target {
+            Target::Single(client) => resp::Address::of(client.get_connection_info()),
+            _ => None,
+        };
         // Fail fast and let the next command retry, rather than queue every request behind
         // a long reconnect back-off while Redis is down.
         let config = ConnectionManagerConfig::new()
@@ -817,6 +840,8 @@ impl Core {
             target: tokio::sync::Mutex::new(target),
             config,
             conns: ArcSwap::default(),
+            lean,
+            lean_pool: std::sync::Mutex::default(),
             node,
             node_key: format!("{{sg}}:node:{node}"),
             ttl_ms: i64::try_from(reservation_ttl.as_millis()).unwrap_or(i64::MAX),
@@ -907,6 +932,82 @@ impl Core {
     /// Drops the connections, so the next call connects anew (and asks Sentinel again).
     pub fn reconnect(&self) {
         self.conns.store(Arc::default());
+        self.lean_pool().clear();
+    }
+
+    fn lean_pool(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Vec<(Option<tokio::runtime::Id>, resp::Connection)>> {
+        // Poisoned only if a push panicked; the pool is a plain list.
+        self.lean_pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A batch's call ([`Core::eval`]'s contract) over a lean connection where there is one
+    /// (see [`resp`]): one write, one reply read and parsed in place; a script Redis lost is
+    /// loaded and called again. An FCALL Redis refused before running it (its library
+    /// missing, functions refused) goes again through [`Core::eval`], which handles it.
+    async fn call(&self, lua: &Lua, cmd: &Cmd) -> Result<Value, Failed> {
+        let Some(address) = &self.lean else {
+            return self.eval(lua, cmd).await;
+        };
+        let runtime = tokio::runtime::Handle::try_current().ok().map(|h| h.id());
+        let pooled = {
+            let mut pool = self.lean_pool();
+            let i = pool.iter().position(|(rt, _)| *rt == runtime);
+            i.map(|i| pool.swap_remove(i).1)
+        };
+        let sent = AtomicBool::new(false);
+        let result = self
+            .bounded(async {
+                let mut conn = match pooled {
+                    Some(c) => c,
+                    None => resp::Connection::open(address).await?,
+                };
+                self.round_trips.fetch_add(1, Ordering::Relaxed);
+                sent.store(true, Ordering::Relaxed);
+                let n = cmd.args_iter().count();
+                let args = || {
+                    cmd.args_iter().map(|a| match a {
+                        redis::Arg::Simple(b) => b,
+                        redis::Arg::Cursor => b"0",
+                    })
+                };
+                let mut reply = conn.call(n, args()).await?;
+                // Redis lost its script cache (a restart, a failover, SCRIPT FLUSH): the
+                // script did not run; load it and call again, as `eval` does.
+                if matches!(&reply, resp::Reply::Error(e) if resp::Reply::error_code(e) == "NOSCRIPT")
+                {
+                    self.round_trips.fetch_add(2, Ordering::Relaxed);
+                    let load = [&b"SCRIPT"[..], b"LOAD", lua.code.as_bytes()];
+                    if let resp::Reply::Error(e) = conn.call(3, load.into_iter()).await? {
+                        return Err(std::io::Error::other(e));
+                    }
+                    reply = conn.call(n, args()).await?;
+                }
+                Ok::<_, std::io::Error>((conn, reply))
+            })
+            .await;
+        let (conn, reply) = result.map_err(|error| Failed {
+            error,
+            maybe_ran: sent.load(Ordering::Relaxed),
+        })?;
+        self.lean_pool().push((runtime, conn));
+        match reply {
+            resp::Reply::Value(v) => Ok(v),
+            resp::Reply::Error(text) => {
+                // An FCALL Redis refused before running it: `eval` loads the library or
+                // turns to the script (once per Redis that lost its library, or for good).
+                let code = resp::Reply::error_code(&text);
+                let is_fcall = matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(b"FCALL")));
+                if is_fcall && FcallFailure::of_reply(Some(code), &text).is_some() {
+                    return self.eval(lua, cmd).await;
+                }
+                Err(Failed {
+                    error: SharedError::Unavailable(text),
+                    maybe_ran: true,
+                })
+            }
+        }
     }
 
     /// Runs one script call within `cmd_timeout`: EVALSHA (or FCALL), and only if Redis lost
@@ -1072,10 +1173,13 @@ impl Core {
     }
 
     /// Bounds a call by `cmd_timeout`, so a dead or hung Redis fails fast.
-    async fn bounded<T>(
+    async fn bounded<T, E>(
         &self,
-        call: impl std::future::Future<Output = Result<T, redis::RedisError>>,
-    ) -> Result<T, SharedError> {
+        call: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, SharedError>
+    where
+        SharedError: From<E>,
+    {
         match tokio::time::timeout(self.cmd_timeout, call).await {
             Ok(Ok(v)) => {
                 self.timeouts.store(0, Ordering::Relaxed);

@@ -1,0 +1,389 @@
+//! A lean RESP2 connection for the request path's script calls (admissions and settlements,
+//! one at a time or batched), to a single Redis server over TCP or a Unix socket.
+//!
+//! Why not the client's own connection: counted under callgrind
+//! (`benches/instr.py --redis`), redis-rs' multiplexed connection spent about 11k
+//! instructions a request around each call: the command handed through a channel to the
+//! connection's task, a `Sink`/`Stream` pipeline, and a parser-combinator decode of the
+//! reply into `Value`s. A batch driver (`redis::Driver`) sends one call at a time and waits
+//! for its reply, so it needs none of that: it takes a connection of its own from a small
+//! pool, writes the command, reads the one reply into a buffer and parses it in place.
+//!
+//! Only what the scripts answer is read (integers, bulk strings, arrays of them, nil, status
+//! and error lines); anything else fails the call and closes the connection. A connection
+//! that failed or timed out in the middle of a call is never reused: its next reply would
+//! belong to the abandoned call.
+
+use std::io;
+
+use redis::{ConnectionAddr, ConnectionInfo, ProtocolVersion, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+
+/// Where and how to connect: the single server of a `redis://` or `redis+unix://` URL that
+/// speaks RESP2 (a TLS or RESP3 URL uses the client's own connection only).
+#[derive(Clone, Debug)]
+pub(super) struct Address {
+    addr: ConnectionAddr,
+    db: i64,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+impl Address {
+    pub(super) fn of(info: &ConnectionInfo) -> Option<Address> {
+        if !matches!(info.addr, ConnectionAddr::Tcp(..) | ConnectionAddr::Unix(_))
+            || info.redis.protocol != ProtocolVersion::RESP2
+        {
+            return None;
+        }
+        Some(Address {
+            addr: info.addr.clone(),
+            db: info.redis.db,
+            username: info.redis.username.clone(),
+            password: info.redis.password.clone(),
+        })
+    }
+}
+
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// What a call got back.
+pub(super) enum Reply {
+    Value(Value),
+    /// An error line: its code (the first word) and the whole text.
+    Error(String),
+}
+
+impl Reply {
+    pub(super) fn error_code(text: &str) -> &str {
+        text.split(' ').next().unwrap_or("")
+    }
+}
+
+/// One connection; its buffers are kept from call to call.
+pub(super) struct Connection {
+    stream: Stream,
+    out: Vec<u8>,
+    input: Vec<u8>,
+}
+
+/// A reply this large is not one of the scripts'.
+const MAX_REPLY: usize = 16 << 20;
+
+impl Connection {
+    /// Connects, then authenticates and selects the database as the URL says.
+    pub(super) async fn open(address: &Address) -> io::Result<Connection> {
+        let stream = match &address.addr {
+            ConnectionAddr::Tcp(host, port) => {
+                let s = TcpStream::connect((host.as_str(), *port)).await?;
+                s.set_nodelay(true)?;
+                Stream::Tcp(s)
+            }
+            ConnectionAddr::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
+            ConnectionAddr::TcpTls { .. } => return Err(io::ErrorKind::Unsupported.into()),
+        };
+        let mut c = Connection {
+            stream,
+            out: Vec::with_capacity(4096),
+            input: Vec::with_capacity(4096),
+        };
+        if let Some(password) = &address.password {
+            let mut auth: Vec<&[u8]> = vec![b"AUTH"];
+            if let Some(user) = &address.username {
+                auth.push(user.as_bytes());
+            }
+            auth.push(password.as_bytes());
+            c.expect_ok(&auth).await?;
+        }
+        if address.db != 0 {
+            let db = address.db.to_string();
+            c.expect_ok(&[b"SELECT", db.as_bytes()]).await?;
+        }
+        Ok(c)
+    }
+
+    async fn expect_ok(&mut self, args: &[&[u8]]) -> io::Result<()> {
+        match self.call(args.len(), args.iter().copied()).await? {
+            Reply::Value(Value::Okay) => Ok(()),
+            Reply::Error(e) => Err(io::Error::other(e)),
+            Reply::Value(v) => Err(io::Error::other(format!("unexpected reply {v:?}"))),
+        }
+    }
+
+    /// Sends one command (its `n` arguments in order) and reads its reply.
+    pub(super) async fn call<'a>(
+        &mut self,
+        n: usize,
+        args: impl Iterator<Item = &'a [u8]>,
+    ) -> io::Result<Reply> {
+        self.out.clear();
+        encode(&mut self.out, n, args);
+        match &mut self.stream {
+            Stream::Tcp(s) => s.write_all(&self.out).await?,
+            Stream::Unix(s) => s.write_all(&self.out).await?,
+        }
+        self.input.clear();
+        loop {
+            if let Some((reply, used)) = parse(&self.input)? {
+                // One call, one reply: anything after it is a protocol error.
+                if used != self.input.len() {
+                    return Err(bad("bytes after the reply"));
+                }
+                return Ok(reply);
+            }
+            if self.input.len() > MAX_REPLY {
+                return Err(bad("reply too large"));
+            }
+            self.input.reserve(4096);
+            let n = match &mut self.stream {
+                Stream::Tcp(s) => s.read_buf(&mut self.input).await?,
+                Stream::Unix(s) => s.read_buf(&mut self.input).await?,
+            };
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+}
+
+fn bad(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}
+
+/// A command of `count` arguments as RESP: an array of bulk strings.
+fn encode<'a>(out: &mut Vec<u8>, count: usize, args: impl Iterator<Item = &'a [u8]>) {
+    let mut n = itoa::Buffer::new();
+    out.push(b'*');
+    out.extend_from_slice(n.format(count).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for a in args {
+        out.push(b'$');
+        out.extend_from_slice(n.format(a.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Arrays nested deeper than this are not the scripts' replies.
+const MAX_DEPTH: u32 = 4;
+
+/// The reply at the start of `b` and the bytes it took, `None` if it is not complete yet.
+fn parse(b: &[u8]) -> io::Result<Option<(Reply, usize)>> {
+    let Some((v, used)) = value(b, 0, 0)? else {
+        return Ok(None);
+    };
+    Ok(Some((v, used)))
+}
+
+/// One line's content from `at` (after its type byte) and where the next starts.
+fn line(b: &[u8], at: usize) -> Option<(&[u8], usize)> {
+    let end = at + memchr::memchr(b'\n', b.get(at..)?)?;
+    if end == at || b[end - 1] != b'\r' {
+        return Some((&[], usize::MAX)); // malformed: caught by the caller's checks
+    }
+    Some((&b[at..end - 1], end + 1))
+}
+
+fn integer(text: &[u8]) -> io::Result<i64> {
+    decimal(text).ok_or_else(|| bad("not an integer"))
+}
+
+/// A decimal integer: an optional `-`, then digits, within i64 (a reply's few short numbers
+/// are read without `str::parse`'s UTF-8 check and set-up).
+pub(super) fn decimal(text: &[u8]) -> Option<i64> {
+    let (negative, digits) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, text),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    // Accumulated negative, so i64::MIN fits.
+    let mut n: i64 = 0;
+    for &d in digits {
+        let d = d.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_sub(i64::from(d))?;
+    }
+    if negative {
+        Some(n)
+    } else {
+        n.checked_neg()
+    }
+}
+
+fn value(b: &[u8], at: usize, depth: u32) -> io::Result<Option<(Reply, usize)>> {
+    let Some(&kind) = b.get(at) else {
+        return Ok(None);
+    };
+    let Some((text, next)) = line(b, at + 1) else {
+        return Ok(None);
+    };
+    if next == usize::MAX {
+        return Err(bad("a line not ended by CRLF"));
+    }
+    let v = match kind {
+        b':' => Value::Int(integer(text)?),
+        b'+' if text == b"OK" => Value::Okay,
+        b'+' => Value::SimpleString(String::from_utf8_lossy(text).into_owned()),
+        b'-' => {
+            return Ok(Some((
+                Reply::Error(String::from_utf8_lossy(text).into_owned()),
+                next,
+            )))
+        }
+        b'$' => {
+            let len = integer(text)?;
+            if len < 0 {
+                return Ok(Some((Reply::Value(Value::Nil), next)));
+            }
+            let len = usize::try_from(len).map_err(|_| bad("bulk length"))?;
+            if len > MAX_REPLY {
+                return Err(bad("bulk string too large"));
+            }
+            let end = next + len;
+            let Some(tail) = b.get(end..end + 2) else {
+                return Ok(None);
+            };
+            if tail != b"\r\n" {
+                return Err(bad("bulk string not ended by CRLF"));
+            }
+            return Ok(Some((
+                Reply::Value(Value::BulkString(b[next..end].to_vec())),
+                end + 2,
+            )));
+        }
+        b'*' => {
+            let n = integer(text)?;
+            if n < 0 {
+                return Ok(Some((Reply::Value(Value::Nil), next)));
+            }
+            if depth == MAX_DEPTH {
+                return Err(bad("arrays nested too deep"));
+            }
+            let mut items = Vec::with_capacity(usize::try_from(n).unwrap_or(0).min(64));
+            let mut at = next;
+            for _ in 0..n {
+                match value(b, at, depth + 1)? {
+                    None => return Ok(None),
+                    Some((Reply::Value(v), used)) => {
+                        items.push(v);
+                        at = used;
+                    }
+                    // An error inside an array (never from a script's reply): refused.
+                    Some((Reply::Error(e), _)) => return Err(io::Error::other(e)),
+                }
+            }
+            return Ok(Some((Reply::Value(Value::Array(items)), at)));
+        }
+        _ => return Err(bad("an unknown reply type")),
+    };
+    Ok(Some((Reply::Value(v), next)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn whole(b: &[u8]) -> Reply {
+        let (r, used) = parse(b).unwrap().expect("complete");
+        assert_eq!(used, b.len());
+        r
+    }
+
+    fn ok(b: &[u8]) -> Value {
+        match whole(b) {
+            Reply::Value(v) => v,
+            Reply::Error(e) => panic!("error {e}"),
+        }
+    }
+
+    #[test]
+    fn the_scripts_replies_are_read() {
+        assert_eq!(ok(b":-42\r\n"), Value::Int(-42));
+        assert_eq!(ok(b"+OK\r\n"), Value::Okay);
+        assert_eq!(ok(b"$-1\r\n"), Value::Nil);
+        assert_eq!(
+            ok(b"$10\r\n1,2;3\r\n4,5\r\n"),
+            Value::BulkString(b"1,2;3\r\n4,5".to_vec())
+        );
+        assert_eq!(
+            ok(b"*3\r\n:1\r\n$0\r\n\r\n*1\r\n:7\r\n"),
+            Value::Array(vec![
+                Value::Int(1),
+                Value::BulkString(vec![]),
+                Value::Array(vec![Value::Int(7)])
+            ])
+        );
+        match whole(b"-NOSCRIPT No matching script.\r\n") {
+            Reply::Error(e) => assert_eq!(Reply::error_code(&e), "NOSCRIPT"),
+            Reply::Value(v) => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn a_reply_cut_anywhere_is_incomplete_not_wrong() {
+        let full: &[u8] = b"*2\r\n:1\r\n$5\r\n1;2,3\r\n";
+        for cut in 0..full.len() {
+            assert!(parse(&full[..cut]).unwrap().is_none(), "cut at {cut}");
+        }
+        assert!(parse(full).unwrap().is_some());
+    }
+
+    #[test]
+    fn what_is_not_a_reply_is_an_error() {
+        for b in [
+            &b"?1\r\n"[..],
+            b":x\r\n",
+            b":1\n",
+            b"$3\r\nabcd\r\n",
+            b"*1\r\n-ERR no\r\n",
+            b"*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n:1\r\n",
+        ] {
+            assert!(parse(b).is_err(), "{:?}", String::from_utf8_lossy(b));
+        }
+    }
+
+    #[test]
+    fn decimals_read_as_str_parse_reads_them() {
+        for t in [
+            "0",
+            "-0",
+            "7",
+            "-42",
+            "1765000000000",
+            "9223372036854775807",
+            "-9223372036854775808",
+            "9223372036854775808",
+            "-9223372036854775809",
+            "",
+            "-",
+            "+1",
+            "1.5",
+            "1e3",
+            " 1",
+            "12a",
+            "٣",
+        ] {
+            assert_eq!(
+                decimal(t.as_bytes()),
+                t.parse::<i64>().ok().filter(|_| !t.starts_with('+')),
+                "{t:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_command_is_an_array_of_bulk_strings() {
+        let mut out = Vec::new();
+        encode(&mut out, 3, [&b"EVALSHA"[..], b"", b"12"].into_iter());
+        assert_eq!(out, b"*3\r\n$7\r\nEVALSHA\r\n$0\r\n\r\n$2\r\n12\r\n");
+    }
+}
