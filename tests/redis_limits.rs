@@ -1939,3 +1939,55 @@ async fn the_urls_user_password_and_database_hold_for_every_connection() {
     assert!(dbsize("3") > 0, "the keys are in database 3");
     assert_eq!(dbsize("0"), 0, "nothing in database 0");
 }
+
+/// Connections Redis has accepted so far (`INFO stats`), read with `redis-cli` (which is one).
+fn connections_received(r: &RedisServer) -> u64 {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &r.port().to_string(), "INFO", "stats"])
+        .output()
+        .expect("redis-cli");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("INFO stats: {text}"))
+}
+
+/// The batches' lean connections are kept: sequential admissions and settlements make no
+/// new connection. One left idle while Redis restarted is replaced before a call is lost on
+/// it (the first admission after the restart is decided, not failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lean_connections_are_kept_and_one_closed_while_idle_is_replaced() {
+    let mut r = redis_or_skip!();
+    let l = node(&r, 1, Duration::from_secs(30));
+    let limits = hard(1_000_000);
+    let model: Arc<str> = Arc::from("m");
+    admitted(&admit(&l, "k", &limits, 10, 1).await);
+    l.settle("k", 1, month_index(now_ms()), charge(&model, 1))
+        .await
+        .unwrap();
+    let before = connections_received(&r);
+    for res in 2..22 {
+        admitted(&admit(&l, "k", &limits, 10, res).await);
+        l.settle("k", res, month_index(now_ms()), charge(&model, 1))
+            .await
+            .unwrap();
+    }
+    // The second `redis-cli` is the one new connection.
+    assert_eq!(
+        connections_received(&r) - before,
+        1,
+        "a connection per call"
+    );
+
+    r.stop();
+    r.restart();
+    recovers(&l).await;
+    // The runtime sees the old connections' close.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after_restart = l.admit("k", &limits, &[], Nanos::new(10), None, 30).await;
+    assert!(
+        matches!(after_restart, Ok(Admit::NeedSeed { .. })),
+        "{after_restart:?}"
+    );
+}

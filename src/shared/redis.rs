@@ -955,6 +955,7 @@ impl Core {
             let mut pool = self.lean_pool();
             let i = pool.iter().position(|(rt, _)| *rt == runtime);
             i.map(|i| pool.swap_remove(i).1)
+                .filter(|c| !c.looks_closed())
         };
         let sent = AtomicBool::new(false);
         let result = self
@@ -987,9 +988,14 @@ impl Core {
                 Ok::<_, std::io::Error>((conn, reply))
             })
             .await;
-        let (conn, reply) = result.map_err(|error| Failed {
-            error,
-            maybe_ran: sent.load(Ordering::Relaxed),
+        let (conn, reply) = result.map_err(|error| {
+            // The others in the pool were most likely cut off the same way (Redis restarted,
+            // a failover): new ones for the next calls.
+            self.lean_pool().clear();
+            Failed {
+                error,
+                maybe_ran: sent.load(Ordering::Relaxed),
+            }
         })?;
         self.lean_pool().push((runtime, conn));
         match reply {

@@ -106,6 +106,23 @@ impl Connection {
         Ok(c)
     }
 
+    /// Whether the server closed this idle connection as far as the runtime has already
+    /// seen (its readiness, no system call): a connection left in the pool while Redis
+    /// restarted is then replaced before a call is lost on it. A close the runtime has not
+    /// seen yet still fails that call. (Plain readability says nothing here: it stays set
+    /// after a call's reply, which is read to its end, not until the socket would block.)
+    pub(super) fn looks_closed(&self) -> bool {
+        let ready = match &self.stream {
+            Stream::Tcp(s) => poll_once(s.ready(tokio::io::Interest::READABLE)),
+            Stream::Unix(s) => poll_once(s.ready(tokio::io::Interest::READABLE)),
+        };
+        match ready {
+            Some(Ok(r)) => r.is_read_closed() || r.is_error(),
+            Some(Err(_)) => true,
+            None => false,
+        }
+    }
+
     async fn expect_ok(&mut self, args: &[&[u8]]) -> io::Result<()> {
         match self.call(args.len(), args.iter().copied()).await? {
             Reply::Value(Value::Okay) => Ok(()),
@@ -147,6 +164,16 @@ impl Connection {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
         }
+    }
+}
+
+/// Polls `f` once with a waker that does nothing: its answer if it has one now.
+fn poll_once<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
     }
 }
 
