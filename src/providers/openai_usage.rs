@@ -1321,7 +1321,15 @@ fn keys_and_value(data: &[u8]) -> (u64, bool, Option<Range<usize>>) {
     let mut has_usage = false;
     let mut value = None;
     let counted = |len: usize, end: usize, value: &mut Option<Range<usize>>| {
-        if value.is_none() && after_colon(data, end).is_none() {
+        // Not a value a colon follows, nor one whose closing quote opens `"arguments"` or
+        // `"usage"` (a match of that key ending at the quote, inside a value, would hide it:
+        // matches of one key do not overlap). See `shape`.
+        let tail = &data[end - 1..];
+        if value.is_none()
+            && after_colon(data, end).is_none()
+            && !tail.starts_with(b"\"arguments\"")
+            && !tail.starts_with(b"\"usage\"")
+        {
             *value = Some(end - len - 2..end);
         }
         len as u64
@@ -2246,6 +2254,14 @@ mod tests {
             // Read in full, the second counts a value for `"arguments"` (its colon follows).
             shaped_event("content", "a", ":\"zz\"", eol)
                 + &shaped_event("content", "arguments", ":\"zz\"", eol),
+            // A match of `"arguments"` ending at the closing quote hides the tail's own
+            // (matches of one key do not overlap): counted in one event, not the other.
+            "data: {\"content\":\"arguments\"arguments\":\"xyz\"}\n\n\
+             data: {\"content\":\"b\"arguments\":\"xyz\"}\n\n"
+                .to_string(),
+            "data: {\"content\":\"\"arguments\":\"zz\"}\n\n\
+             data: {\"content\":\"arguments\"arguments\":\"zz\"}\n\n"
+                .to_string(),
         ];
         for input in &cases {
             for strip in [false, true] {
@@ -2267,7 +2283,8 @@ mod tests {
                     ":", "{", "}", " ", "\n", "\r", "\\", "\"",
                 ]), 0..6),
                 prop::sample::select(vec!["", ",\"usage\":null", ",\"usage\":{\"prompt_tokens\":1}",
-                                          ":{", " :\"zz\"", ",\"content\":\"zz\""]),
+                                          ":{", " :\"zz\"", ",\"content\":\"zz\"",
+                                          "arguments\":\"zz\"", "usage\":{}"]),
                 prop::sample::select(vec!["\n", "\r\n", "\r"]),
             ), 1..12),
             raw in prop::collection::vec(any::<usize>(), 0..10),

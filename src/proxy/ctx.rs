@@ -564,7 +564,14 @@ impl RequestCtx {
         match (reservation, &self.key) {
             (Some(r), Some(key)) => {
                 let charge = charge_of(&routes, served, &usage, cost);
-                gate.limits.settle(key, r, charge, self.finishing);
+                // A response that did not end whole is settled now, in a cluster by a task
+                // that may reach Redis after the client's next request: counted as
+                // finishing, so a refusal that its hold or slot could cause waits for it
+                // (`admission::admit`), as for a response that ended.
+                if !self.finishing {
+                    key.counters.finishing_started();
+                }
+                gate.limits.settle(key, r, charge, true);
             }
             (None, Some(key)) if self.finishing => key.counters.finishing_ended(),
             _ => {}

@@ -471,10 +471,13 @@ struct Queue {
 }
 
 /// Batches in flight at once per node, each sent by its own task over its own connection,
-/// so Redis may run two calls in either order. No outcome changes: an operation that depends
-/// on another (a settlement on its admission, a client's next request on its last one's
-/// settlement) is queued only after the other's reply came, so after Redis ran it. A second
-/// call lets the operations that queue while one call is out leave before it returns.
+/// so Redis may run two calls in either order. An operation that depends on another's reply
+/// (a settlement on its admission, a client's next request on its last response's
+/// settlement) is queued only after that reply came, so after Redis ran it. A settlement
+/// sent after a response that did not end whole can be overtaken by the client's retry: the
+/// retry then sees the hold still taken (a refusal, never an overshoot), and waits for it
+/// as finishing work (`admission::admit`). A second call lets the operations that queue
+/// while one call is out leave before it returns.
 const MAX_DRIVERS: usize = 2;
 
 /// The task that sends batches. Should it be dropped (its runtime shutting down), the

@@ -92,12 +92,20 @@ impl Connection {
             input: Vec::with_capacity(4096),
         };
         if let Some(password) = &address.password {
-            let mut auth: Vec<&[u8]> = vec![b"AUTH"];
-            if let Some(user) = &address.username {
-                auth.push(user.as_bytes());
+            let password = password.as_bytes();
+            match &address.username {
+                Some(user) => {
+                    let with_user = c.expect_ok(&[b"AUTH", user.as_bytes(), password]).await;
+                    // Before Redis 6 `AUTH` takes the password alone (redis-rs does the same).
+                    match with_user {
+                        Err(e) if e.to_string().contains("wrong number of arguments") => {
+                            c.expect_ok(&[b"AUTH", password]).await?;
+                        }
+                        other => other?,
+                    }
+                }
+                None => c.expect_ok(&[b"AUTH", password]).await?,
             }
-            auth.push(password.as_bytes());
-            c.expect_ok(&auth).await?;
         }
         if address.db != 0 {
             let db = address.db.to_string();
@@ -405,6 +413,56 @@ mod tests {
                 "{t:?}"
             );
         }
+    }
+
+    /// A server that answers `AUTH user password` as Redis 5 does, and OK to the rest; what
+    /// it was sent, command by command.
+    async fn redis_5(listener: tokio::net::TcpListener) -> Vec<String> {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let (mut seen, mut buf) = (Vec::new(), Vec::new());
+        loop {
+            let Some((Reply::Value(Value::Array(args)), used)) = parse(&buf).unwrap() else {
+                let mut b = [0u8; 512];
+                match s.read(&mut b).await.unwrap() {
+                    0 => return seen,
+                    n => buf.extend_from_slice(&b[..n]),
+                }
+                continue;
+            };
+            buf.drain(..used);
+            let args: Vec<String> = args
+                .into_iter()
+                .map(|v| match v {
+                    Value::BulkString(b) => String::from_utf8(b).unwrap(),
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            let reply: &[u8] = if args.len() == 3 && args[0] == "AUTH" {
+                b"-ERR wrong number of arguments for 'auth' command\r\n"
+            } else {
+                b"+OK\r\n"
+            };
+            seen.push(args.join(" "));
+            s.write_all(reply).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn before_redis_6_the_password_goes_alone_then_the_database_is_selected() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(redis_5(listener));
+        let info: ConnectionInfo = format!("redis://old:pw@127.0.0.1:{port}/2")
+            .parse()
+            .unwrap();
+        let c = Connection::open(&Address::of(&info).unwrap())
+            .await
+            .unwrap();
+        drop(c);
+        assert_eq!(
+            server.await.unwrap(),
+            ["AUTH old pw", "AUTH pw", "SELECT 2"]
+        );
     }
 
     #[test]

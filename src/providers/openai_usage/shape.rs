@@ -17,7 +17,10 @@
 //! at its closing quote (all three keys have their quotes only at their ends):
 //! - `content"` ending there is inside the value its key opened, which the search skips;
 //! - `"usage"` or `"arguments"` ending there would be read only if a colon followed the
-//!   closing quote, and a shape is learned only when none does.
+//!   closing quote, and a shape is learned only when none does;
+//! - and such a match, ending at the closing quote, would hide one of the same key starting
+//!   at it (matches of one key do not overlap), so a shape is not learned where the tail
+//!   starts with `"usage"` or `"arguments"`.
 //!
 //! So only the counted length changes. The value may hold no raw line end (the line would
 //! end there). Nothing is learned from an event that could be a usage event.
