@@ -732,6 +732,11 @@ impl fmt::Debug for Core {
 }
 
 /// `-1` for an absent limit (the scripts' "none").
+/// The Tokio runtime this runs on (`None`: outside any), which a connection belongs to.
+fn current_runtime() -> Option<tokio::runtime::Id> {
+    tokio::runtime::Handle::try_current().ok().map(|h| h.id())
+}
+
 fn opt(v: Option<u32>) -> i64 {
     v.map_or(-1, i64::from)
 }
@@ -900,7 +905,7 @@ impl Core {
 
     /// This runtime's connection, if it was made.
     fn made_connection(&self) -> Option<Conn> {
-        let runtime = tokio::runtime::Handle::try_current().ok().map(|h| h.id());
+        let runtime = current_runtime();
         self.conns
             .load()
             .iter()
@@ -925,7 +930,7 @@ impl Core {
             }
             Target::Cluster(cluster) => Conn::Cluster(cluster.get_async_connection().await?),
         };
-        let runtime = tokio::runtime::Handle::try_current().ok().map(|h| h.id());
+        let runtime = current_runtime();
         let mut conns = Vec::clone(&self.conns.load());
         conns.push((runtime, c.clone()));
         self.conns.store(Arc::new(conns));
@@ -953,7 +958,7 @@ impl Core {
         let Some(address) = &self.lean else {
             return self.eval(lua, cmd).await;
         };
-        let runtime = tokio::runtime::Handle::try_current().ok().map(|h| h.id());
+        let runtime = current_runtime();
         let pooled = {
             let mut pool = self.lean_pool();
             let i = pool.iter().position(|(rt, _)| *rt == runtime);

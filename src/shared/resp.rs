@@ -209,19 +209,20 @@ const MAX_DEPTH: u32 = 4;
 
 /// The reply at the start of `b` and the bytes it took, `None` if it is not complete yet.
 fn parse(b: &[u8]) -> io::Result<Option<(Reply, usize)>> {
-    let Some((v, used)) = value(b, 0, 0)? else {
-        return Ok(None);
-    };
-    Ok(Some((v, used)))
+    value(b, 0, 0)
 }
 
-/// One line's content from `at` (after its type byte) and where the next starts.
-fn line(b: &[u8], at: usize) -> Option<(&[u8], usize)> {
-    let end = at + memchr::memchr(b'\n', b.get(at..)?)?;
+/// One line's content from `at` (after its type byte) and where the next starts, `None` if
+/// the line is not complete yet.
+fn line(b: &[u8], at: usize) -> io::Result<Option<(&[u8], usize)>> {
+    let Some(end) = b.get(at..).and_then(|rest| memchr::memchr(b'\n', rest)) else {
+        return Ok(None);
+    };
+    let end = at + end;
     if end == at || b[end - 1] != b'\r' {
-        return Some((&[], usize::MAX)); // malformed: caught by the caller's checks
+        return Err(bad("a line not ended by CRLF"));
     }
-    Some((&b[at..end - 1], end + 1))
+    Ok(Some((&b[at..end - 1], end + 1)))
 }
 
 fn integer(text: &[u8]) -> io::Result<i64> {
@@ -258,12 +259,9 @@ fn value(b: &[u8], at: usize, depth: u32) -> io::Result<Option<(Reply, usize)>> 
     let Some(&kind) = b.get(at) else {
         return Ok(None);
     };
-    let Some((text, next)) = line(b, at + 1) else {
+    let Some((text, next)) = line(b, at + 1)? else {
         return Ok(None);
     };
-    if next == usize::MAX {
-        return Err(bad("a line not ended by CRLF"));
-    }
     let v = match kind {
         b':' => Value::Int(integer(text)?),
         b'+' if text == b"OK" => Value::Okay,
