@@ -23,11 +23,13 @@ local held = ARGV[9]
 local now = now_ms()
 local day = math.floor(now / MS_DAY)
 local month = month_of_day(day)
-local mon = p .. ':mon:' .. month
+-- Each turned into text once (see common.lua), for the keys, the record and Redis.
+local now_s, day_s, month_s = string.format('%.0f', now), tostring(day), tostring(month)
+local mon = p .. ':mon:' .. month_s
 -- Reservations whose node stopped heart-beating free their slots first (the first 64 due,
 -- this key's and any other's), and book their estimates, at every level, before any figure
 -- below is read.
-for _, f in ipairs(redis.call('ZRANGEBYSCORE', RESX, '-inf', now, 'LIMIT', 0, 64)) do
+for _, f in ipairs(redis.call('ZRANGEBYSCORE', RESX, '-inf', now_s, 'LIMIT', '0', '64')) do
   reap_one(f)
 end
 -- One read per hash: whether the month was seeded, its spend and its tree's (SPEC §7).
@@ -37,25 +39,25 @@ local ups = #KEYS - 1
 -- The levels' months, read once (seeded, spent, tree) before anything is taken.
 local umons = {}
 for i = 1, ups do
-  local um = redis.call('HMGET', KEYS[1 + i] .. ':mon:' .. month, 'seeded', 'spent', 'tree')
+  local um = redis.call('HMGET', KEYS[1 + i] .. ':mon:' .. month_s, 'seeded', 'spent', 'tree')
   if not um[1] then return {0, month, day, i} end
-  umons[i] = tonumber(um[2] or '0') + tonumber(um[3] or '0')
+  umons[i] = n0(um[2]) + n0(um[3])
 end
 
 
 local live = p .. ':live'
 local warning = 0
 if cap then
-  local spent = m[2] or '0'
+  local spent = n0(m[2])
   if hard then
     -- The key's own spend and holds, and those of the keys it minted (`tree`, `treserved`).
     local l = redis.call('HMGET', live, 'reserved', 'treserved')
-    local reserved = tonumber(l[1] or '0') + tonumber(l[2] or '0')
-    spent = tonumber(spent) + tonumber(m[3] or '0')
-    if spent + reserved + tonumber(held) > cap then
+    local reserved = n0(l[1]) + n0(l[2])
+    spent = spent + n0(m[3])
+    if spent + reserved + (held + 0) > cap then
       return {2, spent, reserved}
     end
-  elseif tonumber(spent) >= cap then
+  elseif spent >= cap then
     warning = 1
   end
 end
@@ -143,15 +145,15 @@ if rpm then
   if n >= rpm then return {3, reset_secs(minute, n, rpm, now, 1)} end
 end
 
-local daykey = p .. ':day:' .. day
+local daykey = p .. ':day:' .. day_s
 if rpd then
-  if tonumber(redis.call('GET', daykey) or '0') >= rpd then
+  if n0(redis.call('GET', daykey)) >= rpd then
     return {4, math.max(1, math.ceil(((day + 1) * MS_DAY - now) / 1000))}
   end
 end
 
 if max_inflight then
-  if tonumber(redis.call('HGET', live, 'inflight') or '0') >= max_inflight then
+  if n0(redis.call('HGET', live, 'inflight')) >= max_inflight then
     return {5}
   end
 end
@@ -177,17 +179,17 @@ for i = 1, ups do
   levels[#levels + 1] = kind .. up
 end
 if rpm then
-  redis.call('ZADD', minute, now, f)
-  redis.call('PEXPIRE', minute, MS_MIN)
+  redis.call('ZADD', minute, now_s, f)
+  redis.call('PEXPIRE', minute, MS_MIN_S)
 else
   -- Keys without an rpm keep no window, only this minute's count for the usage report.
   local rmin = p .. ':rmin:' .. math.floor(now / MS_MIN)
   redis.call('INCR', rmin)
   redis.call('PEXPIRE', rmin, 2 * MS_MIN)
 end
-if redis.call('INCR', daykey) == 1 then redis.call('PEXPIRE', daykey, 2 * MS_DAY) end
+if redis.call('INCR', daykey) == 1 then redis.call('PEXPIRE', daykey, MS_2DAY_S) end
 if held ~= '0' then redis.call('HINCRBY', live, 'reserved', held) end
-redis.call('HINCRBY', live, 'inflight', 1)
+redis.call('HINCRBY', live, 'inflight', '1')
 if hheld then
   if hheld ~= '0' then redis.call('HINCRBY', hr, 'r', hheld) end
   redis.call('PEXPIRE', hr, HR_TTL)
@@ -199,10 +201,10 @@ if lp then
   touch(lp, sec, now, LOOP_TTL)
 end
 
-local exp = now + tonumber(ARGV[10])
+local exp = now + ARGV[10]
 -- The day it was counted in: a lost reply's admission gives its minute and day back.
-local rec = held .. '|' .. ARGV[11] .. '|' .. month .. '|' .. key_id .. '|'
-  .. table.concat(levels, ' ') .. '|d' .. day
+local rec = held .. '|' .. ARGV[11] .. '|' .. month_s .. '|' .. key_id .. '|'
+  .. table.concat(levels, ' ') .. '|d' .. day_s
 -- The hour hold, and the mark that settling books the cost to the hour window.
 if hheld then rec = rec .. '|h' .. hheld end
 redis.call('HSET', RES, f, rec)

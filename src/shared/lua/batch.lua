@@ -25,16 +25,47 @@
 -- between calls, so a call no longer creates every function as a closure anew (an empty
 -- batch cost 14.6 µs of Redis CPU as a script, most of it that). So the per-batch values
 -- below are the library's locals, each set by `batch` at the start of a call; nothing read
--- in one call survives into the next.
+-- in one call survives into the next (only the memos of `num_of`, `txt` and `opt1`, which
+-- hold conversions, not data).
 
 -- The call's operations (ARGV, or the function's arguments).
 local args
--- Redis' clock for the whole batch, its UTC day and calendar month.
-local now, day, month
+-- Redis' clock for the whole batch, its UTC day and calendar month (and the two as text).
+local now, day, month, day_s, month_s
 local function clock() return now end
 
 -- Integers for HINCRBY/INCRBY: Lua would write 1e+15 for a large double.
 local function int(n) return string.format('%.0f', n) end
+
+-- Beyond what common.lua does against number conversions (`n0`, text arguments), the
+-- library remembers the figures that recur from call to call (limits, holds, token counts,
+-- costs, small counts, the month), each converted once: pure conversions, at most MEMO of
+-- each kind, then the memo starts over. (A script could not: it starts anew at every call.)
+local MEMO = 4096
+local nums, nums_n = {}, 0
+-- `tonumber(s)` of a recurring text.
+local function num_of(s)
+  local v = nums[s]
+  if v == nil then
+    v = tonumber(s) or false
+    if nums_n >= MEMO then nums, nums_n = {}, 0 end
+    nums[s] = v
+    nums_n = nums_n + 1
+  end
+  return v or nil
+end
+local texts, texts_n = {}, 0
+-- `int(n)` of a recurring integer.
+local function txt(n)
+  local s = texts[n]
+  if s == nil then
+    s = int(n)
+    if texts_n >= MEMO then texts, texts_n = {}, 0 end
+    texts[n] = s
+    texts_n = texts_n + 1
+  end
+  return s
+end
 -- The parts of a fast admission's record around its key id (see parse_rec).
 local rec_tail, rec_day
 -- Per batch, not per operation: the clock and the expiry of this node's holds (every fast
@@ -44,12 +75,14 @@ local now_s, exp_s
 -- An admitted fast admission's reply as text (see `enc`): what every one of the batch shares,
 -- turned into text once.
 local admitted_head, admitted_tail
-local opts
+local opts, opts_n = {}, 0
 local function opt1(x)
   local v = opts[x]
   if v == nil then
     v = opt(x) or false
+    if opts_n >= MEMO then opts, opts_n = {}, 0 end
     opts[x] = v
+    opts_n = opts_n + 1
   end
   return v or nil
 end
@@ -69,7 +102,7 @@ local dirty
 local function state(p)
   local s = S[p]
   if not s then
-    s = {p = p, min = p .. ':min', day = p .. ':day:' .. day, madd = {}, rmin = 0, dadd = 0,
+    s = {p = p, min = p .. ':min', day = p .. ':day:' .. day_s, madd = {}, rmin = 0, dadd = 0,
       dres = 0, dinf = 0, rxdel = {}, books = {}}
     S[p] = s
   end
@@ -79,7 +112,7 @@ end
 local function flush_minute(s)
   if #s.madd > 0 then
     redis.call('ZADD', s.min, unpack(s.madd))
-    redis.call('PEXPIRE', s.min, MS_MIN)
+    redis.call('PEXPIRE', s.min, MS_MIN_S)
     s.madd = {}
   end
 end
@@ -88,14 +121,14 @@ local function flush_key(s)
   local p = s.p
   flush_minute(s)
   if s.rmin > 0 then
-    local rmin = p .. ':rmin:' .. math.floor(now / MS_MIN)
-    redis.call('INCRBY', rmin, s.rmin)
-    redis.call('PEXPIRE', rmin, 2 * MS_MIN)
+    local rmin = p .. ':rmin:' .. txt(math.floor(now / MS_MIN))
+    redis.call('INCRBY', rmin, txt(s.rmin))
+    redis.call('PEXPIRE', rmin, MS_2MIN_S)
     s.rmin = 0
   end
   if s.dadd > 0 then
-    local n = redis.call('INCRBY', s.day, s.dadd)
-    if n == s.dadd then redis.call('PEXPIRE', s.day, 2 * MS_DAY) end
+    local n = redis.call('INCRBY', s.day, txt(s.dadd))
+    if n == s.dadd then redis.call('PEXPIRE', s.day, MS_2DAY_S) end
     s.dn = n
     s.dadd = 0
   end
@@ -106,14 +139,14 @@ local function flush_key(s)
   end
   local live = p .. ':live'
   if s.dres ~= 0 then
-    redis.call('HINCRBY', live, 'reserved', int(s.dres))
+    redis.call('HINCRBY', live, 'reserved', txt(s.dres))
     if s.loaded then s.res = s.res + s.dres end
     s.dres = 0
   end
   if s.dinf ~= 0 then
-    local n = redis.call('HINCRBY', live, 'inflight', s.dinf)
+    local n = redis.call('HINCRBY', live, 'inflight', txt(s.dinf))
     -- As unlink does: no request of the key open, nothing held either; drop the hash.
-    if s.dinf < 0 and n <= 0 and tonumber(redis.call('HGET', live, 'treserved') or '0') == 0 then
+    if s.dinf < 0 and n <= 0 and n0(redis.call('HGET', live, 'treserved')) == 0 then
       redis.call('DEL', live)
       n = 0
       if s.loaded then s.res, s.tres = 0, 0 end
@@ -121,18 +154,19 @@ local function flush_key(s)
     if s.loaded then s.inf = n end
     s.dinf = 0
   end
+  -- Keyed by the month as the record writes it (see settle_fast).
   for mo, b in pairs(s.books) do
     local mon = p .. ':mon:' .. mo
     -- Never creates a month (see settle.lua).
     if redis.call('EXISTS', mon) == 1 then
-      hincr(mon, 'spent', int(b.spent))
+      hincr(mon, 'spent', txt(b.spent))
       for m, c in pairs(b.models) do
-        hincr(mon, 'n:' .. m, int(c[1]))
-        hincr(mon, 'p:' .. m, int(c[2]))
-        hincr(mon, 'c:' .. m, int(c[3]))
-        hincr(mon, 's:' .. m, int(c[4]))
+        hincr(mon, 'n:' .. m, txt(c[1]))
+        hincr(mon, 'p:' .. m, txt(c[2]))
+        hincr(mon, 'c:' .. m, txt(c[3]))
+        hincr(mon, 's:' .. m, txt(c[4]))
       end
-      if s.loaded and mo == month then s.own = s.own + b.spent end
+      if s.loaded and mo == month_s then s.own = s.own + b.spent end
     end
   end
   s.books = {}
@@ -169,7 +203,7 @@ local function load(p)
   local s = S[p]
   if s and s.loaded then return s end
   local reaped = false
-  for _, f in ipairs(redis.call('ZRANGEBYSCORE', RESX, '-inf', now, 'LIMIT', 0, 64)) do
+  for _, f in ipairs(redis.call('ZRANGEBYSCORE', RESX, '-inf', now_s, 'LIMIT', '0', '64')) do
     if not gone[f] then
       if not reaped then
         flush_all()
@@ -183,20 +217,20 @@ local function load(p)
     pre = {}
   end
   s = state(p)
-  local m = redis.call('HMGET', p .. ':mon:' .. month, 'seeded', 'spent', 'tree')
+  local m = redis.call('HMGET', p .. ':mon:' .. month_s, 'seeded', 'spent', 'tree')
   local l = redis.call('HMGET', p .. ':live', 'reserved', 'treserved', 'inflight')
   s.seeded = m[1] and true or false
-  s.own, s.tree = tonumber(m[2] or '0'), tonumber(m[3] or '0')
-  s.tres = tonumber(l[2] or '0')
-  s.res = tonumber(l[1] or '0') + s.tres
-  s.inf = tonumber(l[3] or '0')
+  s.own, s.tree = n0(m[2]), n0(m[3])
+  s.tres = n0(l[2])
+  s.res = n0(l[1]) + s.tres
+  s.inf = n0(l[3])
   s.loaded = true
   return s
 end
 
 -- This month's spend of a loaded key, bookings pending in this batch included.
 local function own_spent(s)
-  local b = s.books[month]
+  local b = s.books[month_s]
   return s.own + (b and b.spent or 0)
 end
 
@@ -206,7 +240,7 @@ local function admit_fast(p, key_id, node, res_id, rpm, rpd, cap, hard, max_infl
   rpm, rpd, cap = opt1(rpm), opt1(rpd), opt1(cap)
   hard = hard == '1'
   max_inflight = opt1(max_inflight)
-  local heldn = tonumber(held)
+  local heldn = num_of(held)
   local s = load(p)
   if not s.seeded then return {0, month, day, 0} end
 
@@ -235,7 +269,7 @@ local function admit_fast(p, key_id, node, res_id, rpm, rpd, cap, hard, max_infl
     end
   end
   if rpd then
-    if not s.dn then s.dn = tonumber(redis.call('GET', s.day) or '0') end
+    if not s.dn then s.dn = n0(redis.call('GET', s.day)) end
     if s.dn + s.dadd >= rpd then
       return {4, math.max(1, math.ceil(((day + 1) * MS_DAY - now) / 1000))}
     end
@@ -276,7 +310,7 @@ local function admit_fast(p, key_id, node, res_id, rpm, rpd, cap, hard, max_infl
   end
   -- {1, month, remaining, reset, warning, now}, as `enc` would write it: only `remaining`
   -- (and a rare `reset`) turned into text here, the rest shared by the batch.
-  return admitted_head .. remaining .. (reset == 0 and ',0' or ',' .. reset)
+  return admitted_head .. txt(remaining) .. (reset == 0 and ',0' or ',' .. txt(reset))
     .. (warning == 1 and ',1' or ',0') .. admitted_tail
 end
 
@@ -298,7 +332,8 @@ local function settle_fast(node, res_id, charge, model, prompt, completion, cost
     or (charge and not (small(prompt) and small(completion) and small(cost))) then
     return nil
   end
-  mo = tonumber(mo)
+  -- `mo` stays text: the books are keyed by it as the month's hash is named (the record
+  -- writes the month as Lua writes an integer, as `month_s` is).
   local s = state('{sg}:k:' .. key_id)
   resdel[#resdel + 1] = f
   gone[f] = true
@@ -307,18 +342,18 @@ local function settle_fast(node, res_id, charge, model, prompt, completion, cost
   local nd = ndel[node]
   if not nd then nd = {} ndel[node] = nd end
   nd[#nd + 1] = f
-  if held ~= '0' then s.dres = s.dres - tonumber(held) end
+  if held ~= '0' then s.dres = s.dres - num_of(held) end
   s.dinf = s.dinf - 1
   if charge then
     local b = s.books[mo]
     if not b then b = {spent = 0, models = {}} s.books[mo] = b end
-    cost = tonumber(cost)
+    cost = num_of(cost)
     b.spent = b.spent + cost
     local c = b.models[model]
     if not c then c = {0, 0, 0, 0} b.models[model] = c end
     c[1] = c[1] + 1
-    c[2] = c[2] + tonumber(prompt)
-    c[3] = c[3] + tonumber(completion)
+    c[2] = c[2] + num_of(prompt)
+    c[3] = c[3] + num_of(completion)
     c[4] = c[4] + cost
   end
   dirty = true
@@ -354,16 +389,17 @@ local function batch(argv)
   args = argv
   local ARGV = argv
   local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  now = t[1] * 1000 + math.floor(t[2] / 1000)
   day = math.floor(now / MS_DAY)
   month = month_of_day(day)
-  rec_tail = '|' .. month .. '|'
-  rec_day = '||d' .. day
+  day_s, month_s = txt(day), txt(month)
+  rec_tail = '|' .. month_s .. '|'
+  rec_day = '||d' .. day_s
   now_s = int(now)
-  exp_s = int(now + tonumber(ARGV[2]))
-  admitted_head = '1,' .. month .. ','
+  exp_s = int(now + num_of(ARGV[2]))
+  admitted_head = '1,' .. month_s .. ','
   admitted_tail = ',' .. now_s
-  opts, S, gone, pre, dirty = {}, {}, {}, {}, false
+  S, gone, pre, dirty = {}, {}, {}, false
   resadd, resdel, xadd, xdel, nadd, ndel = {}, {}, {}, {}, {}, {}
 
   local node, ttl = ARGV[1], ARGV[2]
@@ -421,7 +457,7 @@ local function batch(argv)
   end
   flush_all()
   -- Nothing of this call is kept until the next (the library's locals outlive the call).
-  args, opts, S, gone, pre = nil, nil, nil, nil, nil
+  args, S, gone, pre = nil, nil, nil, nil
   resadd, resdel, xadd, xdel, nadd, ndel = nil, nil, nil, nil, nil, nil
   return table.concat(out, ';')
 end

@@ -59,7 +59,20 @@ end
 
 local function now_ms()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return t[1] * 1000 + math.floor(t[2] / 1000)
+end
+
+-- Turning numbers into text and back is much of what a script costs Redis 7.0: Lua writes
+-- a number with sprintf('%.14g'), Redis writes a number argument with snprintf('%.17g'),
+-- and `tonumber` reads text with strtod twice. So the scripts give Redis text where they
+-- can (the constants below, a figure turned into text once and used again), and read text
+-- that must be a number with `x + 0` (one strtod; an error, as arithmetic on nil would be,
+-- if it is not a number).
+local MS_MIN_S, MS_2MIN_S, MS_2DAY_S = '60000', '120000', '172800000'
+-- A figure read from Redis: text, or false where the field or key is missing (then 0).
+local function n0(x)
+  if x then return x + 0 end
+  return 0
 end
 
 -- clock::civil_from_days reduced to clock::month_index (year * 12 + month - 1). Floor
@@ -224,8 +237,8 @@ local function unlink(f)
   -- No request of the key is open any more, so nothing is held either: drop the hash
   -- (this also heals any drift instead of carrying it forever).
   -- (A parent's own hash also carries its tree's holds: only dropped when those are gone.)
-  if redis.call('HINCRBY', live, 'inflight', -1) <= 0
-    and tonumber(redis.call('HGET', live, 'treserved') or '0') == 0 then
+  if redis.call('HINCRBY', live, 'inflight', '-1') <= 0
+    and n0(redis.call('HGET', live, 'treserved')) == 0 then
     redis.call('DEL', live)
   end
   return held, month, p, est, hheld, levels

@@ -22,7 +22,7 @@ if ARGV[3] == '1' then
   if redis.call('EXISTS', mon) == 1 then
     local m = ARGV[4]
     hincr(mon, 'spent', ARGV[7])
-    hincr(mon, 'n:' .. m, 1)
+    hincr(mon, 'n:' .. m, '1')
     hincr(mon, 'p:' .. m, ARGV[5])
     hincr(mon, 'c:' .. m, ARGV[6])
     hincr(mon, 's:' .. m, ARGV[7])
