@@ -187,19 +187,13 @@ impl Lua {
         }
     }
 
-    /// `body` defines `entry` (a Lua function of the call's arguments) and returns nothing:
-    /// the script is `body` and a call of `entry` with ARGV; the library is `body` and
-    /// `entry` registered under the function's name. `code` is the script.
-    fn with_function(code: &'static str, body: &str, entry: &str) -> Self {
-        let script = Script::new(body);
-        let hash = &script.get_hash()[..16];
-        let name = format!("spidergate_{entry}_{hash}");
-        let library = format!(
-            "#!lua name=spidergate_{hash}\n{body}\n\
-             redis.register_function('{name}', function(_, args) return {entry}(args) end)\n"
-        );
+    /// `code` (the script) that is also the function `entry` of `library`.
+    fn in_library(code: &'static str, library: &Library, entry: &str) -> Self {
         Lua {
-            function: Some(Function { name, library }),
+            function: Some(Function {
+                name: library.function(entry),
+                library: library.text.clone(),
+            }),
             ..Lua::new(code)
         }
     }
@@ -234,6 +228,37 @@ impl Lua {
             }
         }
         out
+    }
+}
+
+/// A function library: `body` (which defines functions and runs nothing) with `entries`
+/// registered, each `(entry, call)` as the function `spidergate_<entry>_<hash>` that
+/// returns the Lua expression `call` of its `keys` and `args`. The library is named after
+/// the hash of all of it, so two versions' libraries never share a name.
+struct Library {
+    hash: String,
+    text: String,
+}
+
+impl Library {
+    fn new(body: &str, entries: &[(&str, &str)]) -> Self {
+        let registered: Vec<String> = entries
+            .iter()
+            .map(|(entry, call)| {
+                format!("redis.register_function('spidergate_{entry}_{{hash}}', function(keys, args) return {call} end)\n")
+            })
+            .collect();
+        let registered = registered.concat();
+        let hash = Script::new(&format!("{body}\n{registered}")).get_hash()[..16].to_owned();
+        let text = format!(
+            "#!lua name=spidergate_{hash}\n{body}\n{}",
+            registered.replace("{hash}", &hash)
+        );
+        Library { hash, text }
+    }
+
+    fn function(&self, entry: &str) -> String {
+        format!("spidergate_{entry}_{}", self.hash)
     }
 }
 
@@ -537,20 +562,22 @@ impl Driver {
     }
 
     /// Sends `ops` (those whose caller is still there) as one call and answers each: alone,
-    /// its own script; together, `batch.lua`.
+    /// `admit.lua` or `settle.lua`; together, `batch.lua`. Each as a function of the one
+    /// library where Redis runs functions, else as a script.
     async fn send(&mut self, ops: Vec<Queued>) {
         let core = self.core.clone();
         // Its caller is gone before it was sent (its request ended): not sent at all.
         let ops: Vec<Queued> = ops.into_iter().filter(|q| !q.tx.is_closed()).collect();
         let (lua, cmd) = match ops.as_slice() {
             [] => return,
-            // Alone: the operation's own script, which is cheaper for one.
+            // Alone: the operation's own code, which is cheaper for one than a batch.
             [one] => {
                 let lua = match one.op.kind {
                     Kind::Admit => &core.scripts.admit,
                     Kind::Settle => &core.scripts.settle,
                 };
-                let mut cmd = lua.call_sized(one.op.keys, 1, false);
+                let mut cmd =
+                    lua.call_sized(one.op.keys, 1, core.functions.load(Ordering::Relaxed));
                 append(&mut cmd, &one.op.args);
                 (lua, cmd)
             }
@@ -844,6 +871,16 @@ impl Core {
             .set_number_of_retries(1)
             .set_factor(10)
             .set_max_delay(100);
+        // One library: batches, and a decision sent alone (cheaper there than as its own
+        // script, which defines every helper of common.lua anew at each call).
+        let library = Library::new(
+            batch_body!(),
+            &[
+                ("batch", "batch(args)"),
+                ("admit", "admit_one(keys, args, now_ms)"),
+                ("settle", "settle_one(keys, args)"),
+            ],
+        );
         Ok(Core {
             target: tokio::sync::Mutex::new(target),
             config,
@@ -855,11 +892,11 @@ impl Core {
             ttl_ms: i64::try_from(reservation_ttl.as_millis()).unwrap_or(i64::MAX),
             cmd_timeout,
             scripts: Scripts {
-                admit: Lua::new(lua!("admit.lua")),
-                settle: Lua::new(lua!("settle.lua")),
-                batch: Lua::with_function(
+                admit: Lua::in_library(lua!("admit.lua"), &library, "admit"),
+                settle: Lua::in_library(lua!("settle.lua"), &library, "settle"),
+                batch: Lua::in_library(
                     concat!(batch_body!(), "return batch(ARGV)\n"),
-                    batch_body!(),
+                    &library,
                     "batch",
                 ),
                 usage: Lua::new(lua!("usage.lua")),
@@ -992,6 +1029,29 @@ impl Core {
                         return Err(std::io::Error::other(e));
                     }
                     reply = conn.call(n, args()).await?;
+                }
+                // Redis lost the function library (the same events, or FUNCTION FLUSH): the
+                // call did not run; load the library and call again, as `eval` does. A load
+                // refused for another reason than the library being there already (another
+                // node loaded it in between) leaves the refusal to `eval` below, which
+                // decides what this Redis can run.
+                if let (Some(f), resp::Reply::Error(e)) = (&lua.function, &reply) {
+                    let is_fcall = matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(b"FCALL")));
+                    let code = resp::Reply::error_code(e);
+                    if is_fcall
+                        && FcallFailure::of_reply(Some(code), e) == Some(FcallFailure::NotLoaded)
+                    {
+                        self.round_trips.fetch_add(1, Ordering::Relaxed);
+                        let load = [&b"FUNCTION"[..], b"LOAD", f.library.as_bytes()];
+                        let loaded = match conn.call(3, load.into_iter()).await? {
+                            resp::Reply::Value(_) => true,
+                            resp::Reply::Error(le) => le.contains("already exists"),
+                        };
+                        if loaded {
+                            self.round_trips.fetch_add(1, Ordering::Relaxed);
+                            reply = conn.call(n, args()).await?;
+                        }
+                    }
                 }
                 Ok::<_, std::io::Error>((conn, reply))
             })
