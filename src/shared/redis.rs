@@ -242,18 +242,15 @@ struct Library {
 
 impl Library {
     fn new(body: &str, entries: &[(&str, &str)]) -> Self {
-        let registered: Vec<String> = entries
-            .iter()
-            .map(|(entry, call)| {
-                format!("redis.register_function('spidergate_{entry}_{{hash}}', function(keys, args) return {call} end)\n")
-            })
-            .collect();
-        let registered = registered.concat();
-        let hash = Script::new(&format!("{body}\n{registered}")).get_hash()[..16].to_owned();
-        let text = format!(
-            "#!lua name=spidergate_{hash}\n{body}\n{}",
-            registered.replace("{hash}", &hash)
-        );
+        let calls: String = entries.iter().map(|(e, c)| format!("{e}: {c}\n")).collect();
+        let hash = Script::new(&format!("{body}\n{calls}")).get_hash()[..16].to_owned();
+        let mut text = format!("#!lua name=spidergate_{hash}\n{body}\n");
+        for (entry, call) in entries {
+            text += &format!(
+                "redis.register_function('spidergate_{entry}_{hash}', \
+                 function(keys, args) return {call} end)\n"
+            );
+        }
         Library { hash, text }
     }
 
@@ -758,12 +755,17 @@ impl fmt::Debug for Core {
     }
 }
 
-/// `-1` for an absent limit (the scripts' "none").
+/// Whether `cmd` calls a function (FCALL), not a script.
+fn is_fcall(cmd: &Cmd) -> bool {
+    matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(b"FCALL")))
+}
+
 /// The Tokio runtime this runs on (`None`: outside any), which a connection belongs to.
 fn current_runtime() -> Option<tokio::runtime::Id> {
     tokio::runtime::Handle::try_current().ok().map(|h| h.id())
 }
 
+/// `-1` for an absent limit (the scripts' "none").
 fn opt(v: Option<u32>) -> i64 {
     v.map_or(-1, i64::from)
 }
@@ -1036,9 +1038,8 @@ impl Core {
                 // node loaded it in between) leaves the refusal to `eval` below, which
                 // decides what this Redis can run.
                 if let (Some(f), resp::Reply::Error(e)) = (&lua.function, &reply) {
-                    let is_fcall = matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(b"FCALL")));
                     let code = resp::Reply::error_code(e);
-                    if is_fcall
+                    if is_fcall(cmd)
                         && FcallFailure::of_reply(Some(code), e) == Some(FcallFailure::NotLoaded)
                     {
                         self.round_trips.fetch_add(1, Ordering::Relaxed);
@@ -1072,8 +1073,7 @@ impl Core {
                 // An FCALL Redis refused before running it: `eval` loads the library or
                 // turns to the script (once per Redis that lost its library, or for good).
                 let code = resp::Reply::error_code(&text);
-                let is_fcall = matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(b"FCALL")));
-                if is_fcall && FcallFailure::of_reply(Some(code), &text).is_some() {
+                if is_fcall(cmd) && FcallFailure::of_reply(Some(code), &text).is_some() {
                     return self.eval(lua, cmd).await;
                 }
                 Err(Failed {
@@ -1101,10 +1101,9 @@ impl Core {
                 // again, or send the same batch as the script (from now on, where Redis
                 // will not run functions for this node). Only an FCALL: a script that failed
                 // may have run in part, and is never sent again.
-                let is_fcall = matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(b"FCALL")));
                 // `None`: send this batch as the script instead.
                 let first = match (&lua.function, first) {
-                    (Some(f), Err(e)) if is_fcall => match FcallFailure::of(&e) {
+                    (Some(f), Err(e)) if is_fcall(cmd) => match FcallFailure::of(&e) {
                         Some(FcallFailure::NotLoaded) => {
                             self.round_trips.fetch_add(1, Ordering::Relaxed);
                             let loaded = redis::cmd("FUNCTION")

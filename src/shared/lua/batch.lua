@@ -42,50 +42,34 @@ local function int(n) return string.format('%.0f', n) end
 -- costs, small counts, the month), each converted once: pure conversions, at most MEMO of
 -- each kind, then the memo starts over. (A script could not: it starts anew at every call.)
 local MEMO = 4096
-local nums, nums_n = {}, 0
--- `tonumber(s)` of a recurring text.
-local function num_of(s)
-  local v = nums[s]
-  if v == nil then
-    v = tonumber(s) or false
-    if nums_n >= MEMO then nums, nums_n = {}, 0 end
-    nums[s] = v
-    nums_n = nums_n + 1
+-- `convert`, remembered: its answer for each argument seen (nil kept as false).
+local function memo(convert)
+  local seen, n = {}, 0
+  return function(x)
+    local v = seen[x]
+    if v == nil then
+      v = convert(x) or false
+      if n >= MEMO then seen, n = {}, 0 end
+      seen[x] = v
+      n = n + 1
+    end
+    return v or nil
   end
-  return v or nil
 end
-local texts, texts_n = {}, 0
--- `int(n)` of a recurring integer.
-local function txt(n)
-  local s = texts[n]
-  if s == nil then
-    s = int(n)
-    if texts_n >= MEMO then texts, texts_n = {}, 0 end
-    texts[n] = s
-    texts_n = texts_n + 1
-  end
-  return s
-end
+-- `tonumber(s)` of a recurring text; `int(n)` of a recurring integer. (`tonumber` is
+-- reached at the call: a library's top level may not read Lua's globals while it loads.)
+local num_of = memo(function(s) return tonumber(s) end)
+local txt = memo(int)
 -- The parts of a fast admission's record around its key id (see parse_rec).
 local rec_tail, rec_day
 -- Per batch, not per operation: the clock and the expiry of this node's holds (every fast
--- admission's), as the strings Redis gets, and each limit's number, parsed once per
--- distinct string (Lua turns numbers into strings with sprintf and back with strtod).
+-- admission's), as the strings Redis gets.
 local now_s, exp_s
 -- An admitted fast admission's reply as text (see `enc`): what every one of the batch shares,
 -- turned into text once.
 local admitted_head, admitted_tail
-local opts, opts_n = {}, 0
-local function opt1(x)
-  local v = opts[x]
-  if v == nil then
-    v = opt(x) or false
-    if opts_n >= MEMO then opts, opts_n = {}, 0 end
-    opts[x] = v
-    opts_n = opts_n + 1
-  end
-  return v or nil
-end
+-- A limit's number (`opt`), parsed once per distinct text.
+local opt1 = memo(opt)
 
 -- Per key prefix: what was read (once `loaded`) and what is pending.
 local S
