@@ -347,7 +347,11 @@ impl Batch {
     pub fn clear(&mut self) {
         const KEEP: usize = 4096;
         let used = self.traces.len();
-        self.traces.clear();
+        // One at a time, with the writer's yield points: thousands of rows' strings.
+        for trace in self.traces.drain(..) {
+            crate::priority::turn_point();
+            drop(trace);
+        }
         if self.traces.capacity() > KEEP.max(4 * used) {
             self.traces.shrink_to(KEEP.max(used));
         }

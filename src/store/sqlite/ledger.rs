@@ -375,9 +375,11 @@ impl Sqlite {
             } else {
                 let mut delete = tx.prepare_cached("DELETE FROM inflight WHERE id = ?1")?;
                 for id in &batch.journal_closed {
+                    crate::priority::turn_point();
                     delete.execute([id])?;
                 }
                 for s in &batch.settlements {
+                    crate::priority::turn_point();
                     if delete.execute([s.journal_id])? > 0 {
                         booked.book_settled(s);
                     }

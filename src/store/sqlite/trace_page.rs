@@ -204,6 +204,7 @@ pub(super) fn insert_traces<'t>(
         .collect();
     let mut encoder = Encoder::default();
     for (g, t) in group {
+        crate::priority::turn_point();
         let page = &mut pages[g as usize];
         page.push(&mut encoder, t);
         if page.n == PAGE_ROWS {
