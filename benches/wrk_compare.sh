@@ -80,10 +80,11 @@ cd "$ROOT"
 LUA="$ROOT/benches/lua/chat.lua"
 BIN="$ROOT/target/release/spidergate"
 MOCK="$ROOT/target/release/spidergate-mock"
-# The gateway binary under test (default: this tree's release build); the mock, the CLI and
-# the bare proxy always come from this tree.
+# The gateway binary under test (default: this tree's release build) and the bare proxy's
+# (BARE_BIN, default this tree's `examples/bare_proxy`: compare builds of one profile, e.g.
+# both from an LTO build); the mock and the CLI always come from this tree.
 GW_BIN="${GW_BIN:-$BIN}"
-BARE="$ROOT/target/release/examples/bare_proxy"
+BARE="${BARE_BIN:-$ROOT/target/release/examples/bare_proxy}"
 CLK_TCK="$(getconf CLK_TCK)"
 
 need() { command -v "$1" >/dev/null 2>&1; }
