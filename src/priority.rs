@@ -58,10 +58,14 @@ struct Pace {
     calls: u32,
     /// The current turn's start and the last check.
     turn: Option<(Instant, Instant)>,
+    /// Turn points reached while paced (`turn_points`).
+    points: u64,
 }
 
 thread_local! {
-    static PACE: Cell<Pace> = const { Cell::new(Pace { on: false, calls: 0, turn: None }) };
+    static PACE: Cell<Pace> = const {
+        Cell::new(Pace { on: false, calls: 0, turn: None, points: 0 })
+    };
 }
 
 /// Turns pacing on or off for the calling thread (off in every thread until turned on).
@@ -90,6 +94,7 @@ pub fn turn_point() -> bool {
             return false;
         }
         p.calls += 1;
+        p.points += 1;
         if p.calls < CHECK_EVERY {
             cell.set(p);
             return false;
@@ -111,6 +116,11 @@ pub fn turn_point() -> bool {
         cell.set(p);
         done
     })
+}
+
+/// Turn points the calling thread has reached while paced.
+pub fn turn_points() -> u64 {
+    PACE.with(|p| p.get().points)
 }
 
 /// The ledger writer's nice value (see the module's note).

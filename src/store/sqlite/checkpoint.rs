@@ -23,6 +23,8 @@ pub fn spawn(path: PathBuf, running: Arc<AtomicBool>) -> std::io::Result<()> {
         .name("spidergate-checkpoint".into())
         .spawn(move || {
             crate::priority::lower_this_thread(crate::priority::CHECKPOINT_NICE, "checkpoint");
+            // Its copy of the WAL back into the file comes in turns (`paced_vfs`).
+            crate::priority::pace_this_thread(true);
             let conn = match open(&path) {
                 Ok(c) => c,
                 Err(e) => {
@@ -47,7 +49,7 @@ pub fn spawn(path: PathBuf, running: Arc<AtomicBool>) -> std::io::Result<()> {
 /// is in WAL mode (and finds the WAL) only when it first reads the file. `schema_version`
 /// is that read without parsing the schema.
 fn open(path: &std::path::Path) -> rusqlite::Result<rusqlite::Connection> {
-    let conn = rusqlite::Connection::open(path)?;
+    let conn = super::open_paced(path)?;
     conn.query_row("PRAGMA schema_version", [], |_| Ok(()))?;
     Ok(conn)
 }

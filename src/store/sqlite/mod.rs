@@ -11,6 +11,7 @@ pub mod checkpoint;
 mod groups;
 mod keys;
 mod ledger;
+pub mod paced_vfs;
 mod trace_page;
 
 use std::path::Path;
@@ -267,7 +268,7 @@ impl Sqlite {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             let _ = std::fs::create_dir_all(dir);
         }
-        let conn = Connection::open(path)?;
+        let conn = open_paced(path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         // The ledger's statements (the trace page insert, spend upserts, the journal) all stay
         // prepared: re-preparing one costs more than the rows it inserts.
@@ -436,5 +437,17 @@ impl Sqlite {
             .prepare_cached("SELECT owner FROM nodes WHERE seen_at >= ?1 ORDER BY owner")?;
         let rows = stmt.query_map([seen_since_ms], |r| r.get(0))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+/// A connection to `path` through the paced VFS ([`paced_vfs`]), or SQLite's default one
+/// if that could not be registered (nothing but the pacing differs).
+pub(crate) fn open_paced(path: &Path) -> rusqlite::Result<Connection> {
+    match paced_vfs::ensure() {
+        Ok(vfs) => Connection::open_with_flags_and_vfs(path, rusqlite::OpenFlags::default(), vfs),
+        Err(e) => {
+            log::warn!("{e}; SQLite files are written without pacing");
+            Connection::open(path)
+        }
     }
 }
