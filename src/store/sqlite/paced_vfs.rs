@@ -22,8 +22,9 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 
 use rusqlite::ffi;
 
-/// The VFS's name, for `Connection::open_with_flags_and_vfs`.
-pub(super) const NAME: &CStr = c"spidergate-paced";
+/// The VFS's name, for `Connection::open_with_flags_and_vfs`, and as SQLite keeps it.
+const NAME: &str = "spidergate-paced";
+const C_NAME: &CStr = c"spidergate-paced";
 
 /// Writes that went through the VFS (every store file's, paced thread or not): the tests'
 /// evidence that a file is the VFS's.
@@ -49,10 +50,7 @@ static TABLES: Mutex<Vec<&'static Paced>> = Mutex::new(Vec::new());
 /// Registers the VFS once; the name to open files with, or why it could not be.
 pub(super) fn ensure() -> Result<&'static str, String> {
     static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
-    REGISTERED
-        .get_or_init(register)
-        .clone()
-        .map(|()| NAME.to_str().expect("ASCII"))
+    REGISTERED.get_or_init(register).clone().map(|()| NAME)
 }
 
 fn register() -> Result<(), String> {
@@ -66,7 +64,7 @@ fn register() -> Result<(), String> {
         }
         let mut vfs: ffi::sqlite3_vfs = std::ptr::read(base);
         vfs.pNext = std::ptr::null_mut();
-        vfs.zName = NAME.as_ptr();
+        vfs.zName = C_NAME.as_ptr();
         vfs.pAppData = base.cast::<c_void>();
         vfs.xOpen = Some(x_open);
         let vfs = Box::leak(Box::new(vfs));
@@ -156,6 +154,11 @@ mod tests {
         let name = ensure().expect("the paced VFS registers");
         rusqlite::Connection::open_with_flags_and_vfs(path, rusqlite::OpenFlags::default(), name)
             .expect("open through the paced VFS")
+    }
+
+    #[test]
+    fn the_name_sqlite_keeps_is_the_one_connections_ask_for() {
+        assert_eq!(C_NAME.to_str(), Ok(NAME));
     }
 
     #[test]
