@@ -49,7 +49,7 @@ fn stop_flags(x: u64) -> u64 {
 
 /// Where the run of plain content starting at `j` ends (at a stop byte, or the end): eight
 /// bytes a step, then byte by byte.
-fn plain_run(b: &[u8], mut j: usize) -> usize {
+pub(crate) fn plain_run(b: &[u8], mut j: usize) -> usize {
     while let Some(word) = b.get(j..).and_then(|rest| rest.first_chunk::<8>()) {
         let flags = stop_flags(u64::from_le_bytes(*word));
         if flags != 0 {

@@ -2214,7 +2214,8 @@ mod tests {
     fn events_shaped_like_the_last_are_read_at_a_glance_and_read_the_same() {
         for eol in ["\n", "\r\n"] {
             let mut input = String::new();
-            for value in ["Hel", "lo", "", " \\\"x\\\"", "\\n", "wörld"] {
+            // A raw tab is no JSON, but the shape reads it as the full reading does.
+            for value in ["Hel", "lo", "", " \\\"x\\\"", "\\n", "wörld", "a\tb"] {
                 input += &shaped_event("content", value, "", eol);
             }
             for value in ["{\\\"a\\\":", "1}"] {
@@ -2224,13 +2225,13 @@ mod tests {
                 "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":3,\"completion_tokens\":4}}}}{eol}{eol}data: [DONE]{eol}{eol}"
             );
             let input = input.as_bytes();
-            // Text as written: 3 + 2 + 0 + 6 + 2 + 6 ("ö" is two bytes), then 7 + 2.
-            let expected = (usage(3, 4), 3 + 2 + 6 + 2 + 6 + 7 + 2, true);
+            // Text as written: 3 + 2 + 0 + 6 + 2 + 6 ("ö" is two bytes) + 3, then 7 + 2.
+            let expected = (usage(3, 4), 3 + 2 + 6 + 2 + 6 + 3 + 7 + 2, true);
             for strip in [false, true] {
                 let (p, _) = run_split(input, &[], strip);
                 assert_eq!(summary(&p), expected, "{eol:?}");
                 // The first of each shape is read in full, the others by their shape.
-                assert_eq!(p.shaped, 6, "{eol:?}");
+                assert_eq!(p.shaped, 7, "{eol:?}");
                 assert_reads_as_the_old_parser(input, &[], strip).unwrap();
             }
             let (_, out) = run_split(input, &[], true);
@@ -2272,7 +2273,8 @@ mod tests {
 
     proptest! {
         /// Events alike but for one value, the value made of what could fool the shortcut
-        /// (escaped quotes, the keys' names, colons, braces, line ends), after shapes that
+        /// (escaped quotes, the keys' names, colons, braces, line ends, other control and
+        /// non-ASCII bytes, which the eight-byte walk meets), after shapes that
         /// differ, cut anywhere: read as the old parser read them.
         #[test]
         fn events_read_by_shape_read_as_the_old_parser_did(
@@ -2280,7 +2282,7 @@ mod tests {
                 prop::sample::select(vec!["content", "reasoning_content", "arguments", "text"]),
                 prop::collection::vec(prop::sample::select(vec![
                     "a", "\\\"", "\\\\", "usage", "\\\"usage", "arguments", "\\\"arguments", "content",
-                    ":", "{", "}", " ", "\n", "\r", "\\", "\"",
+                    ":", "{", "}", " ", "\n", "\r", "\\", "\"", "\t", "\u{1}", "wörld",
                 ]), 0..6),
                 prop::sample::select(vec!["", ",\"usage\":null", ",\"usage\":{\"prompt_tokens\":1}",
                                           ":{", " :\"zz\"", ",\"content\":\"zz\"",

@@ -63,9 +63,10 @@ impl EventShape {
         if !rest.starts_with(head) {
             return None;
         }
-        // The value: short (a token or a few) nearly always, so a plain walk.
+        // The value, eight bytes a step to its next quote, backslash or control byte.
         let mut i = head.len();
         loop {
+            i = crate::providers::json_scan::plain_run(rest, i);
             match *rest.get(i)? {
                 b'"' => break,
                 b'\\' => match *rest.get(i + 1)? {
@@ -73,6 +74,7 @@ impl EventShape {
                     _ => i += 2,
                 },
                 b'\n' | b'\r' => return None,
+                // Another control byte: part of the value, as any byte but these.
                 _ => i += 1,
             }
         }
