@@ -53,6 +53,13 @@ const BURST: u64 = 256;
 /// at 30k requests a second, five commit ticks behind.
 const PACED_UP_TO: u64 = 8_192;
 
+/// Whether the writer paces itself with `waiting` entries in its batch and inbox: up to
+/// [`PACED_UP_TO`], and never past half the trace backlog it keeps (`max_backlog`, which
+/// may be set lower), so it catches up before the batch drops a trace.
+fn paced(waiting: u64, max_backlog: usize) -> bool {
+    waiting <= PACED_UP_TO.min(max_backlog as u64 / 2)
+}
+
 /// Whether the writer commits at this tick: a batch of [`BURST`] entries; `flush_interval`
 /// since the last commit (so a finished request waits at most that long, which is what a
 /// crash can lose); or an admission open for a whole tick (`opened`: the open admissions'
@@ -593,6 +600,10 @@ impl Writer {
     fn drain(&mut self) -> bool {
         let mut inbox = std::mem::take(&mut self.inbox);
         let closed = self.queue.take(&mut inbox);
+        // Behind (a slow store, or more traffic than its turns cover): whole turns until it
+        // has caught up. Decided before the drain, with what it is about to take.
+        let waiting = self.batch_entries + inbox.len() as u64;
+        crate::priority::pace_this_thread(paced(waiting, self.max_backlog));
         for msg in inbox.drain(..) {
             crate::priority::turn_point();
             match msg {
@@ -623,9 +634,6 @@ impl Writer {
         }
         recycle(&mut inbox);
         self.inbox = inbox;
-        // Behind (a slow store, or more traffic than its turns cover): whole turns until
-        // it has caught up.
-        crate::priority::pace_this_thread(self.batch_entries <= PACED_UP_TO);
         closed
     }
 
@@ -687,6 +695,16 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_writer_paces_itself_only_while_well_within_its_backlog() {
+        assert!(paced(0, 100_000));
+        assert!(paced(PACED_UP_TO, 100_000));
+        assert!(!paced(PACED_UP_TO + 1, 100_000));
+        // A small backlog setting: whole turns from half of it, before a trace is dropped.
+        assert!(paced(500, 1_000));
+        assert!(!paced(501, 1_000));
+    }
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
 

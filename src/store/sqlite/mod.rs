@@ -444,10 +444,7 @@ impl Sqlite {
 /// if that could not be registered (nothing but the pacing differs).
 pub(crate) fn open_paced(path: &Path) -> rusqlite::Result<Connection> {
     match paced_vfs::ensure() {
-        Ok(vfs) => Connection::open_with_flags_and_vfs(path, rusqlite::OpenFlags::default(), vfs),
-        Err(e) => {
-            log::warn!("{e}; SQLite files are written without pacing");
-            Connection::open(path)
-        }
+        Some(vfs) => Connection::open_with_flags_and_vfs(path, rusqlite::OpenFlags::default(), vfs),
+        None => Connection::open(path),
     }
 }
