@@ -78,7 +78,8 @@ pub fn pace_this_thread(on: bool) {
     PACE.with(|p| p.set(Pace { on, ..p.get() }));
 }
 
-/// A yield point in a paced thread's long loops (the ledger writer's drain and commit):
+/// A yield point in a paced thread's long loops (the ledger writer's drain and commit, and
+/// every SQLite file write, `store::sqlite::paced_vfs`):
 /// after [`TURN`] of work, the thread offers the core to whatever else wants it. Returns
 /// whether it did.
 ///

@@ -755,6 +755,12 @@ impl fmt::Debug for Core {
     }
 }
 
+/// Whether a refused `FUNCTION LOAD` only says the library is there already (another node
+/// loaded it in between): as good as loaded.
+fn already_loaded(refusal: &str) -> bool {
+    refusal.contains("already exists")
+}
+
 /// Whether `cmd` calls a function (FCALL), not a script.
 fn is_fcall(cmd: &Cmd) -> bool {
     matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(b"FCALL")))
@@ -1046,7 +1052,7 @@ impl Core {
                         let load = [&b"FUNCTION"[..], b"LOAD", f.library.as_bytes()];
                         let loaded = match conn.call(3, load.into_iter()).await? {
                             resp::Reply::Value(_) => true,
-                            resp::Reply::Error(le) => le.contains("already exists"),
+                            resp::Reply::Error(le) => already_loaded(&le),
                         };
                         if loaded {
                             self.round_trips.fetch_add(1, Ordering::Relaxed);
@@ -1113,7 +1119,7 @@ impl Core {
                                 .await;
                             match loaded {
                                 // Another node may have loaded it in between: as good.
-                                Err(le) if !le.to_string().contains("already exists") => {
+                                Err(le) if !already_loaded(&le.to_string()) => {
                                     if FcallFailure::of(&le) != Some(FcallFailure::NotNow) {
                                         self.no_functions(&le);
                                     }
