@@ -12,7 +12,7 @@ The dumps stay in OUT (default /tmp/sginstr) for callgrind_annotate.
 Needs valgrind (apt-get install valgrind) and nginx (the mock), and release builds of the
 gateway and the bare proxy (cargo build --release --bins --examples).
 Usage (from the project checkout): benches/instr.py [--n 3000] [--conns 8] [--stream] [--fleet] [--redis]
-                                                  [--redis-ir]
+                                                  [--redis-ir] [--atomics]
 It ends with a per-phase table for G: the proxy hooks, the ledger writer thread and the
 allocator, inclusive instructions per request (callgrind_annotate --inclusive=yes), so a
 change can be steered phase by phase. Full detail: callgrind_annotate --inclusive=yes OUT/G.out.<pid>.1
@@ -73,6 +73,11 @@ ap.add_argument("--redis-ir", action="store_true",
                      "change to the Lua scripts without the load's noise). The node under "
                      "callgrind batches less than at full speed, so per request this is an "
                      "upper bound; per call it depends on the batch's size")
+ap.add_argument("--atomics", action="store_true",
+                help="also count, for P and G, the atomic read-modify-write instructions (lock-prefixed, "
+                     "or xchg with memory) each proxy's own binary executes per request, and G's by "
+                     "function: callgrind counts one such instruction as one, where natively each costs "
+                     "~20 cycles and waits for the stores before it (callgrind runs with --dump-instr=yes)")
 args = ap.parse_args()
 args.redis = args.redis or args.redis_ir
 CONTENT_TYPE = "application/json"
@@ -155,7 +160,7 @@ def measure(name, cmd, env, port, token, prepare=None, beside=(), mark=None):
     for f in glob.glob(prefix + "*"):
         os.remove(f)
     p = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}.%p",
-                          "--dump-instr=no", "--collect-atstart=yes"] + cmd, env=env,
+                          f"--dump-instr={'yes' if args.atomics else 'no'}", "--collect-atstart=yes"] + cmd, env=env,
                          stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, f"{name}.err"), "w"))
     try:
         if not wait_port(port):
@@ -203,7 +208,10 @@ PHASES = [
     ("ledger writer thread", r"^\s*[\d,]+ \([^)]*\)\s+src/(ledger\.rs|store/[\w/]*\.rs):std::sys::backtrace::__rust_begin_short_backtrace"),
     ("allocator: alloc", r"__rustc::__rust_alloc \["),
     ("allocator: dealloc", r"__rustc::__rust_dealloc \["),
-    ("memcpy", r"__memcpy_avx_unaligned_erms \["),
+    # Callgrind counts a `rep movsb` once per byte, and glibc copies anything past a few KiB
+    # with one (both proxies copy a ~14 KB request future whole per request): natively a few
+    # hundred cycles, here ~14k "instructions", in both counts alike.
+    ("memcpy (a copy of a few KiB or more: its bytes)", r"__memcpy_avx_unaligned_erms \["),
 ]
 
 
@@ -250,6 +258,83 @@ def allocations(dump, n):
               re.finditer(r"^\s*([\d,]+) \([^)]*\)\s+\S*prim\.h:mi_malloc_aligned \[", incl, re.M)), default=0)
     allocs = sum(v for k, v in calls.items() if k != "mi_free")
     return allocs / n, calls.get("mi_free", 0) / n, ir / n
+
+
+def atomic_sites(binary):
+    """Addresses of the atomic read-modify-write instructions in `binary`: lock-prefixed
+    ones, and xchg with a memory operand (locked without the prefix)."""
+    dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", binary], capture_output=True, text=True).stdout
+    sites = set()
+    for line in dis.splitlines():
+        m = re.match(r"\s*([0-9a-f]+):\s+(lock\b|xchg\S*\s+.*\()", line)
+        if m:
+            sites.add(int(m.group(1), 16))
+    return sites
+
+
+def atomics(dump, binary, n):
+    """Executions per request of `binary`'s atomic instructions in a --dump-instr=yes dump,
+    in all and by function. Cost lines give an instruction address (absolute, or relative to
+    the line before: +N, -N, *), then a source line, then Ir; the line after `calls=` is a
+    call's inclusive cost, not an execution of its address."""
+    sites = atomic_sites(binary)
+    name = os.path.basename(binary)
+    names = {"ob": {}, "fn": {}}
+    by_fn = {}
+    ob = fn = None
+    addr = 0
+    call_cost = False
+
+    def named(kind, v):
+        m = re.match(r"\((\d+)\)(?: (.*))?", v)
+        if not m:
+            return v
+        if m.group(2):
+            names[kind][m.group(1)] = m.group(2)
+        return names[kind].get(m.group(1))
+
+    for line in open(dump, errors="replace"):
+        if line.startswith(("ob=", "cob=")):
+            v = named("ob", line.split("=", 1)[1].strip())
+            if line.startswith("ob="):
+                ob = v
+            continue
+        if line.startswith(("fn=", "cfn=")):
+            v = named("fn", line.split("=", 1)[1].strip())
+            if line.startswith("fn="):
+                fn = v
+            continue
+        if line.startswith("calls="):
+            call_cost = True
+            continue
+        if not line[:1] in ("0", "+", "-", "*"):
+            continue
+        parts = line.split()
+        pos = parts[0]
+        if pos.startswith("0x"):
+            addr = int(pos, 16)
+        elif pos[0] == "+":
+            addr += int(pos[1:])
+        elif pos[0] == "-":
+            addr -= int(pos[1:])
+        if call_cost:
+            call_cost = False
+            continue
+        if addr in sites and ob and ob.endswith(name) and len(parts) >= 3:
+            by_fn[fn] = by_fn.get(fn, 0) + int(parts[2])
+    return sum(by_fn.values()) / n, {f: c / n for f, c in by_fn.items()}
+
+
+def print_atomics(res, binaries):
+    rows = {t: atomics(res[t][3][0], binaries[t], res[t][1]) for t in ("P", "G") if res[t][3] and res[t][1]}
+    if len(rows) < 2:
+        return
+    print("\nAtomic read-modify-writes per request (each proxy's own binary; libc's not counted):")
+    for t, (total, _) in rows.items():
+        print(f"  {t}: {total:7.1f}")
+    print(f"  G - P: {rows['G'][0] - rows['P'][0]:+.1f}; G's by function, then P's count of the same:")
+    for f, c in sorted(rows["G"][1].items(), key=lambda kv: -kv[1])[:20]:
+        print(f"  {c:7.2f} {rows['P'][1].get(f, 0.0):7.2f}  {(f or '?')[:110]}")
 
 
 def print_allocations(res):
@@ -370,6 +455,8 @@ models:
               f"dumps: {' '.join(dumps)}")
     print_phases(res["G"][3], res["G"][1])
     print_allocations(res)
+    if args.atomics:
+        print_atomics(res, {"P": pcmd[0], "G": GATE_BIN})
 finally:
     for p in procs:
         p.send_signal(signal.SIGTERM)
