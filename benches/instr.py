@@ -263,12 +263,15 @@ def allocations(dump, n):
 def atomic_sites(binary):
     """Addresses of the atomic read-modify-write instructions in `binary`: lock-prefixed
     ones, and xchg with a memory operand (locked without the prefix)."""
-    dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", binary], capture_output=True, text=True).stdout
+    dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", binary], capture_output=True, text=True,
+                         check=True).stdout
     sites = set()
     for line in dis.splitlines():
         m = re.match(r"\s*([0-9a-f]+):\s+(lock\b|xchg\S*\s+.*\()", line)
         if m:
             sites.add(int(m.group(1), 16))
+    if not sites:
+        raise SystemExit(f"--atomics: objdump found no atomic instruction in {binary}")
     return sites
 
 
@@ -278,7 +281,7 @@ def atomics(dump, binary, n):
     the line before: +N, -N, *), then a source line, then Ir; the line after `calls=` is a
     call's inclusive cost, not an execution of its address."""
     sites = atomic_sites(binary)
-    name = os.path.basename(binary)
+    target = os.path.realpath(binary)
     names = {"ob": {}, "fn": {}}
     by_fn = {}
     ob = fn = None
@@ -309,6 +312,10 @@ def atomics(dump, binary, n):
             continue
         if not line[:1] in ("0", "+", "-", "*"):
             continue
+        if call_cost:
+            # Written relative to the last cost line, and not a base for the next one.
+            call_cost = False
+            continue
         parts = line.split()
         pos = parts[0]
         if pos.startswith("0x"):
@@ -317,11 +324,10 @@ def atomics(dump, binary, n):
             addr += int(pos[1:])
         elif pos[0] == "-":
             addr -= int(pos[1:])
-        if call_cost:
-            call_cost = False
-            continue
-        if addr in sites and ob and ob.endswith(name) and len(parts) >= 3:
+        if addr in sites and ob and os.path.realpath(ob) == target and len(parts) >= 3:
             by_fn[fn] = by_fn.get(fn, 0) + int(parts[2])
+    if not by_fn:
+        print(f"--atomics: no atomic instruction of {binary} ran in {dump} (another binary?)")
     return sum(by_fn.values()) / n, {f: c / n for f, c in by_fn.items()}
 
 

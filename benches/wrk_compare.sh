@@ -14,8 +14,8 @@
 # proxy is sampled by `perf record` (cpu-clock, 4999 Hz, all threads) into
 # DIR/VARIANT.PROXY.ROUND.data: where the wall-clock time goes, to set beside the counted
 # instructions of benches/instr.py (a function's share of time above its share of
-# instructions stalls: cache misses, atomics, mispredictions). PROFILE_EVENT=E samples
-# another event (raw_syscalls:sys_enter: which system calls, per thread); PROFILE_CALLGRAPH=fp
+# instructions stalls: cache misses, atomics, mispredictions). PROFILE_EVENT=E records
+# every hit of another event (raw_syscalls:sys_enter: which system calls, per thread); PROFILE_CALLGRAPH=fp
 # or dwarf,16384 records call graphs too (release builds keep no frame pointers: fp gives
 # whole kernel stacks only).
 #
@@ -350,22 +350,24 @@ fi
 
 # utime and stime of the whole process (all threads), in clock ticks: "user system".
 cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12, $13 }' "/proc/$1/stat"; }
-# CPU ticks (user + system) of each of the process's threads: "tid:ticks ...". A round's bg
-# figure is the ticks of all threads but the busiest, which is the request worker (both
-# proxies run one here): the gateway's ledger writer, checkpointer and background tasks,
-# Pingora's timer thread. A thread that ends mid-round is not counted.
-thread_ticks() {
-  for t in /proc/"$1"/task/*/stat; do cat "$t" 2>/dev/null; echo; done |
-    awk 'NF { tid = $1; rest = $0; sub(/.*\) /, "", rest); split(rest, f, " ")
-      printf "%s:%d ", tid, f[12] + f[13] } END { print "" }'
+# CPU time in ns (user + system) of each of the process's threads, from schedstat (clock
+# ticks would be 10 ms a thread): "tid:ns ...". A round's bg figure is the time of all
+# threads but the busiest, which is the request worker (both proxies run one here): the
+# gateway's ledger writer, checkpointer and background tasks, Pingora's timer thread. A
+# thread that ends mid-round is not counted.
+thread_ns() {
+  for t in /proc/"$1"/task/*; do
+    read -r ns _ 2>/dev/null <"$t/schedstat" && printf '%s:%s ' "${t##*/}" "$ns"
+  done
+  echo
 }
-# The bg ticks between two thread_ticks samples.
-bg_ticks() {
+# The bg nanoseconds between two thread_ns samples.
+bg_ns() {
   awk -v b="$1" -v a="$2" 'BEGIN {
     n = split(b, x, " "); for (i = 1; i <= n; i++) { split(x[i], kv, ":"); was[kv[1]] = kv[2] }
     n = split(a, y, " "); for (i = 1; i <= n; i++) { split(y[i], kv, ":"); d = kv[2] - was[kv[1]]
       s += d; if (d > m) m = d }
-    print s - m }'
+    printf "%.0f\n", s - m }'
 }
 # Context switches of the whole process (all threads, voluntary and not).
 ctx_switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s + 0 }'; }
@@ -398,18 +400,20 @@ run_round() {
   fi
   local cs_before cs_after perf_pid="" record_pid=""
   local bg_before bg_after
-  before=$(cpu_ticks "$pid"); cs_before=$(ctx_switches "$pid"); bg_before=$(thread_ticks "$pid")
+  before=$(cpu_ticks "$pid"); cs_before=$(ctx_switches "$pid"); bg_before=$(thread_ns "$pid")
   if [ "$PERF_SYSCALLS" = 1 ]; then
     perf stat -x, -e raw_syscalls:sys_enter -p "$pid" -o "$TMP/perf.$p" -- sleep "$dur" >/dev/null 2>&1 &
     perf_pid=$!
   fi
   if [ -n "$PROFILE_DIR" ] && [ "$round" != warmup ]; then
-    perf record -q -e "${PROFILE_EVENT:-cpu-clock}" -F 4999 ${PROFILE_CALLGRAPH:+--call-graph=$PROFILE_CALLGRAPH} -p "$pid" -o "$PROFILE_DIR/$variant.$p.$round.data" -- sleep "$dur" >/dev/null 2>&1 &
+    # cpu-clock sampled at 4999 Hz; another event (a tracepoint) recorded at every hit.
+    perf record -q -e "${PROFILE_EVENT:-cpu-clock}" $([ -n "${PROFILE_EVENT:-}" ] && echo -c 1 || echo -F 4999) \
+      ${PROFILE_CALLGRAPH:+--call-graph=$PROFILE_CALLGRAPH} -p "$pid" -o "$PROFILE_DIR/$variant.$p.$round.data" -- sleep "$dur" >/dev/null 2>&1 &
     record_pid=$!
   fi
   out=$(SG_SECRET="$SECRET" SG_STREAM="$stream" SG_API="$api" SG_MODEL="$model" "${LOAD_PIN[@]}" wrk -t1 -c"$CONNECTIONS" -d"${dur}s" -s "$LUA" \
         "$scheme://127.0.0.1:$port" 2>&1)
-  after=$(cpu_ticks "$pid"); cs_after=$(ctx_switches "$pid"); bg_after=$(thread_ticks "$pid")
+  after=$(cpu_ticks "$pid"); cs_after=$(ctx_switches "$pid"); bg_after=$(thread_ns "$pid")
   [ -z "$record_pid" ] || wait "$record_pid" 2>/dev/null || true
   local syscalls=-1
   if [ -n "$perf_pid" ]; then
@@ -431,12 +435,12 @@ run_round() {
   local user sys
   read -r user sys <<<"$(awk -v b="$before" -v a="$after" 'BEGIN { split(b, x, " "); split(a, y, " "); print y[1] - x[1], y[2] - x[2] }')"
   printf '%s\n' "$line" | awk -v v="$variant" -v p="$p" -v r="$round" -v du="$user" -v ds="$sys" -v hz="$CLK_TCK" \
-      -v cs="$((cs_after - cs_before))" -v sc="$syscalls" -v bg="$(bg_ticks "$bg_before" "$bg_after")" '{
+      -v cs="$((cs_after - cs_before))" -v sc="$syscalls" -v bg="$(bg_ns "$bg_before" "$bg_after")" '{
       for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
       rps = f["requests"] / (f["duration_us"] / 1e6)
       n = f["requests"] > 0 ? f["requests"] : 1
       per = f["requests"] > 0 ? 1e6 / hz / f["requests"] : 0
-      printf "%s\t%s\t%s\t%.0f\t%.2f\t%d\t%d\t%d\t%d\t%.3f\t%.3f\t%.2f\t%.2f\t%.2f\n", v, p, r, rps, (du + ds) * per, f["p50_us"], f["p99_us"], f["non2xx"], f["requests"], cs / n, (sc < 0 ? -1 : sc / n), du * per, ds * per, bg * per
+      printf "%s\t%s\t%s\t%.0f\t%.2f\t%d\t%d\t%d\t%d\t%.3f\t%.3f\t%.2f\t%.2f\t%.2f\n", v, p, r, rps, (du + ds) * per, f["p50_us"], f["p99_us"], f["non2xx"], f["requests"], cs / n, (sc < 0 ? -1 : sc / n), du * per, ds * per, bg / 1000 / n
     }' >>"$RESULTS"
 }
 
@@ -481,7 +485,7 @@ for variant in "${VARIANTS[@]}"; do
   for p in "${VPROXIES[@]}"; do
     awk -F'\t' -v v="$variant" -v p="$p" '$1 == v && $2 == p {
         printf "%-8s %-7s %10d %12.2f %9.2f %9.2f %7d %8.3f %9.3f %8.2f %8.2f %8.2f\n", $2, $3, $4, $5, $6 / 1000, $7 / 1000, $8, $10, $11, $12, $13, $14 }' "$RESULTS"
-    printf '%-8s %-7s %10.0f %12.2f %49s %8.2f %8.2f %8.2f\n' "$p" median "$(col "$variant" "$p" 4 | median)" "$(col "$variant" "$p" 5 | median)" "" \
+    printf '%-8s %-7s %10.0f %12.2f %46s %8.2f %8.2f %8.2f\n' "$p" median "$(col "$variant" "$p" 4 | median)" "$(col "$variant" "$p" 5 | median)" "" \
       "$(col "$variant" "$p" 12 | median)" "$(col "$variant" "$p" 13 | median)" "$(col "$variant" "$p" 14 | median)"
   done
   bare_rps=$(col "$variant" bare 4 | median); gw_rps=$(col "$variant" gateway 4 | median)

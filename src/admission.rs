@@ -247,7 +247,8 @@ pub struct Admission {
     /// How the first attempt reaches its provider.
     pub plan: Plan,
     /// The first attempt's body, as its provider gets it (built before anything is
-    /// reserved, so a request that cannot be translated costs nothing).
+    /// reserved, so a request that cannot be translated costs nothing). The proxy moves it
+    /// out into its request context at admission: empty after that.
     pub upstream_body: Bytes,
     pub standing: Standing,
     /// Taken when settled: at the end of the response (a shared store, so the next request

@@ -403,15 +403,12 @@ impl RequestCtx {
     }
 
     /// The rewritten opening of an upload as its body starts to flow, with every other
-    /// reference to its buffer dropped (the client's opening and the admission's copy share
-    /// it): it goes upstream in front of the first piece, or, replayed by Pingora already,
-    /// is let go. Nothing reads them after that: an upload whose body flowed is not sent
-    /// again, so no later attempt needs a body or its length.
+    /// reference to its buffer dropped (the client's opening may share it; the admission
+    /// handed its copy over at admission): it goes upstream in front of the first piece, or,
+    /// replayed by Pingora already, is let go. Nothing reads them after that: an upload
+    /// whose body flowed is not sent again, so no later attempt needs a body or its length.
     pub(super) fn take_opening(&mut self) -> Bytes {
         self.body = Bytes::new();
-        if let Some(adm) = &mut self.admission {
-            adm.upstream_body = Bytes::new();
-        }
         self.upstream_body.take().unwrap_or_default()
     }
 
@@ -457,8 +454,10 @@ impl RequestCtx {
         if self.response_started && !self.response_complete && self.error_code.is_none() {
             self.error_code = Some(CLIENT_CLOSED);
         }
-        let gate = self.gate.clone();
-        let routes = self.snap.routes.clone();
+        // Borrowed, not cloned (an `Arc` clone and its drop are two atomic read-modify-writes):
+        // the fields taken below are others.
+        let gate = &*self.gate;
+        let routes = &*self.snap.routes;
         let latency_ms = self.started.elapsed().as_millis() as i64;
         let served = self.current_model();
         let (usage, estimated) = match &self.admission {
@@ -563,7 +562,7 @@ impl RequestCtx {
         // (at once here, or after the round trip to a shared store).
         match (reservation, &self.key) {
             (Some(r), Some(key)) => {
-                let charge = charge_of(&routes, served, &usage, cost);
+                let charge = charge_of(routes, served, &usage, cost);
                 // A response that did not end whole is settled now, in a cluster by a task
                 // that may reach Redis after the client's next request: counted as
                 // finishing, so a refusal that its hold or slot could cause waits for it

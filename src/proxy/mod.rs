@@ -161,9 +161,12 @@ impl GateProxy {
         let now = Now::read();
         // The decision uses the snapshot of now; the rest of the request keeps it.
         ctx.snap = self.gate.snapshot();
-        let routes = ctx.snap.routes.clone();
-        let key = admission::lookup(&ctx.snap.keys, hash, now.wall)?;
-        ctx.key = Some(key.clone());
+        // Borrowed from the context, not cloned (each `Arc` clone and drop is two atomic
+        // read-modify-writes): what is set below are other fields.
+        let routes = &*ctx.snap.routes;
+        let key = &*ctx
+            .key
+            .insert(admission::lookup(&ctx.snap.keys, hash, now.wall)?);
         if key.limits.hard_budget
             && key.limits.budget.is_some()
             && self.gate.ledger.health().failing()
@@ -179,11 +182,11 @@ impl GateProxy {
             audio_ms: u.scanner().audio_bound_within(u.body_len()),
         });
         // `requested_model`: named in the trace even when the request is refused (SPEC §4).
-        let adm = admission::admit(
+        let mut adm = admission::admit(
             &self.gate.limits,
             &routes.catalog,
             &ctx.snap.keys,
-            &key,
+            key,
             ctx.endpoint,
             &mut ctx.body,
             content_type,
@@ -209,7 +212,9 @@ impl GateProxy {
         ctx.journal_id = Some(journal_id);
         ctx.standing = Some(adm.standing);
         ctx.plan = Some(adm.plan);
-        ctx.upstream_body = Some(adm.upstream_body.clone());
+        // Moved, not cloned: the admission's copy is read nowhere after this (a clone of a
+        // body built from a vector allocates a shared header and counts references).
+        ctx.upstream_body = Some(std::mem::take(&mut adm.upstream_body));
         let hard_budget = adm.hard_budget;
         ctx.admission = Some(Box::new(adm));
         if let Some(u) = &mut ctx.upload {

@@ -282,13 +282,13 @@ impl Sqlite {
         // FULL: every batch commit is durable; batches are few, so this costs little.
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        // The ledger appends to large B-trees: their hot pages (each tree's right edge, the
-        // sums, the journal) stay in an 8 MiB cache, and the rest is read through a 256 MiB
-        // memory map, not a syscall per page. Not larger: every page a commit appends enters
-        // the cache, so a 64 MiB cache kept growing through the first minutes of load, each
-        // new page a fresh allocation the kernel zeroes, on the core the requests share
-        // (`perf record` of the writer: `clear_page_erms` under `pcache1Alloc`).
-        conn.pragma_update(None, "cache_size", -8_192)?;
+        // The ledger appends to large B-trees: keep their hot pages in memory instead of
+        // re-reading them with a syscall per page (64 MiB cache, 256 MiB memory map). With
+        // thousands of active keys the writer touches a leaf or two of each key's trace
+        // index, spend and daily rows per commit: a smaller cache would evict them. (Until it
+        // is full, each new cache page is a fresh allocation the kernel zeroes: a warm-up
+        // cost of the first ~16k pages, which `perf record` of a short benchmark shows.)
+        conn.pragma_update(None, "cache_size", -65_536)?;
         conn.pragma_update(None, "mmap_size", 268_435_456)?;
         let mut store = Sqlite { conn };
         store.write(|tx| {
