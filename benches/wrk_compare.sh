@@ -9,14 +9,15 @@
 #
 # Each row also gives the proxy's CPU per request split into user and kernel time, the
 # part of it spent by threads other than the request worker (bg_us: the gateway's ledger
-# writer, checkpointer and background tasks), its context switches per request (all threads, from /proc) and, with --syscalls, its system
-# calls per request (perf's raw_syscalls tracepoint). With --profile DIR, each round of each
-# proxy is sampled by `perf record` (cpu-clock, 4999 Hz, all threads) into
-# DIR/VARIANT.PROXY.ROUND.data: where the wall-clock time goes, to set beside the counted
-# instructions of benches/instr.py (a function's share of time above its share of
-# instructions stalls: cache misses, atomics, mispredictions). PROFILE_EVENT=E records
-# every hit of another event (raw_syscalls:sys_enter: which system calls, per thread); PROFILE_CALLGRAPH=fp
-# or dwarf,16384 records call graphs too (release builds keep no frame pointers: fp gives
+# writer, checkpointer and background tasks), its context switches per request (all
+# threads, from /proc) and, with --syscalls, its system calls per request (perf's
+# raw_syscalls tracepoint). With --profile DIR, each round of each proxy is sampled by
+# `perf record` (cpu-clock, 4999 Hz, all threads) into DIR/VARIANT.PROXY.ROUND.data: where
+# the wall-clock time goes, to set beside the counted instructions of benches/instr.py (a
+# function's share of time above its share of instructions stalls: cache misses, atomics,
+# mispredictions). PROFILE_EVENT=E records every hit of another event instead
+# (raw_syscalls:sys_enter: which system calls, per thread); PROFILE_CALLGRAPH=fp or
+# dwarf,16384 records call graphs too (release builds keep no frame pointers: fp gives
 # whole kernel stacks only).
 #
 # --fleet: the gateway's requests come from a key three deep in a tree of minted keys (the
@@ -74,7 +75,7 @@ while [ $# -gt 0 ]; do
     --no-pin) PIN=0; shift ;;
     --syscalls) COUNT_SYSCALLS=1; shift ;;
     --profile) PROFILE_DIR="$2"; shift 2 ;;
-    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{ /^#/p }' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
