@@ -669,6 +669,26 @@ impl Edit<'_> {
     }
 }
 
+/// The client's `stream_options` (`raw`, its JSON text) with `include_usage` on: its other
+/// members (`include_obfuscation`, ...) go upstream as the client sent them. A `null` (or
+/// anything that is not an object) becomes `{"include_usage":true}`.
+fn usage_on(raw: &[u8]) -> String {
+    const ON: &str = r#"{"include_usage":true"#;
+    let Ok(members) = serde_json::from_slice::<std::collections::BTreeMap<String, &RawValue>>(raw)
+    else {
+        return format!("{ON}}}");
+    };
+    let mut out = String::from(ON);
+    for (name, value) in members.iter().filter(|(name, _)| *name != "include_usage") {
+        out.push(',');
+        out.push_str(&serde_json::to_string(name).unwrap_or_default());
+        out.push(':');
+        out.push_str(value.get());
+    }
+    out.push('}');
+    out
+}
+
 /// The body to send upstream: `model` replaced by `upstream_id`; for chat streams
 /// (`chat_stream_usage`) `stream_options.include_usage` forced on so the usage chunk always
 /// arrives; and with `cap`, every output field the route reads lowered to at most the cap
@@ -695,9 +715,10 @@ pub fn rewrite_body(
     let need_usage = chat_stream_usage && fields.stream && !fields.client_wants_usage;
     if need_usage {
         match &fields.stream_options_span {
-            Some(span) => {
-                edits.push((span.clone(), Edit::Text(r#"{"include_usage":true}"#.into())))
-            }
+            Some(span) => edits.push((
+                span.clone(),
+                Edit::Text(usage_on(&body[span.clone()]).into()),
+            )),
             None => edits.push((
                 end..end,
                 Edit::Text(r#","stream_options":{"include_usage":true}"#.into()),
@@ -858,6 +879,18 @@ mod tests {
         let v = json(&rewrite_body(&body, &f, "up", true, None));
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["model"], "up");
+
+        // The client's other options go upstream as sent.
+        let body = Bytes::from_static(
+            br#"{"model":"m","stream":true,"stream_options":{"include_obfuscation":false,"x\u0079":[1, {"a":null}]}}"#,
+        );
+        let f = parse_request(&body).unwrap();
+        assert!(!f.client_wants_usage);
+        let v = json(&rewrite_body(&body, &f, "m", true, None));
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"include_usage": true, "include_obfuscation": false, "xy": [1, {"a": null}]})
+        );
 
         let body = Bytes::from_static(
             br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#,
