@@ -468,7 +468,16 @@ impl Gate {
         config.listen = running.config.listen.clone();
         config.database = running.config.database.clone();
         config.shared_state = running.config.shared_state.clone();
+        // The admin listener stays where it is; its token is read at every call, so a new
+        // `token_env` applies to the next one.
+        let token_env = config.admin.as_ref().map(|a| a.token_env.clone());
         config.admin = running.config.admin.clone();
+        if let (Some(admin), Some(env)) = (config.admin.as_mut(), token_env) {
+            if admin.token_env != env && crate::admin::token_from_env(&env).is_none() {
+                log::warn!("config reload: ${env} is not set: the admin API refuses every call");
+            }
+            admin.token_env = env;
+        }
         config.tuning.threads = running.config.tuning.threads;
         // The exporter and the request path's trace-context switch are fixed at start.
         config.telemetry = running.config.telemetry.clone();

@@ -214,6 +214,19 @@ pub struct Standing {
     pub budget_warning: bool,
 }
 
+impl Standing {
+    /// The tighter of two rolling minutes (the key's and its group's): the rate-limit
+    /// headers describe the one that refuses first (SPEC §2: the slots left before a 429).
+    pub fn narrow_to(&mut self, other: &Standing) {
+        let left = |s: &Standing| s.remaining.unwrap_or(u32::MAX);
+        if other.rpm.is_some() && left(other) < left(self) {
+            self.rpm = other.rpm;
+            self.remaining = other.remaining;
+            self.reset_secs = other.reset_secs;
+        }
+    }
+}
+
 /// A hard-budget hold and an in-flight slot. Must go back to [`KeyCounters::settle`] on every
 /// outcome.
 #[must_use = "a reservation must be settled, or the budget and the in-flight slot stay held"]
@@ -572,12 +585,17 @@ impl KeyCounters {
         } else {
             Nanos::ZERO
         };
+        // A group's rolling minute, when it has an rpm: the headers name it if it refuses first.
+        let mut group_minute = None;
         for (u, g) in uplines.iter().zip(above.iter_mut()) {
             match u.level {
                 Level::Parent => g.tree_reserved += held,
                 Level::Group => {
                     g.reserved += held;
                     g.count_request(now, &u.limits);
+                    if u.limits.rpm.is_some() {
+                        group_minute = Some(g.standing(now, &u.limits));
+                    }
                 }
             }
         }
@@ -594,6 +612,9 @@ impl KeyCounters {
         s.inflight += 1;
         let mut standing = s.standing(now, limits);
         standing.budget_warning |= soft_reached;
+        if let Some(group) = &group_minute {
+            standing.narrow_to(group);
+        }
         Ok((
             standing,
             Reservation {

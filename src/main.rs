@@ -852,6 +852,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             Ok(())
         }
         Command::Traces { key, limit, json } => {
+            listing_limit(limit)?;
             // An unknown key is an error, as `GET /admin/traces?key=` answers 404.
             if let Some(id) = key.as_deref() {
                 found(id, store.get_key(id))?;
@@ -907,9 +908,8 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             Ok(())
         }
         Command::Audit { limit, json } => {
-            let rows = store
-                .audit(limit.clamp(1, 10_000), None)
-                .map_err(|e| e.to_string())?;
+            listing_limit(limit)?;
+            let rows = store.audit(limit, None).map_err(|e| e.to_string())?;
             if json {
                 print_json(&json!(rows
                     .iter()
@@ -1032,6 +1032,15 @@ fn print_human(v: &serde_json::Value) {
             };
             println!("{k:>20}: {shown}");
         }
+    }
+}
+
+/// `--limit` of a listing: 1 to 10,000 rows, as the admin API's `limit` takes.
+fn listing_limit(limit: u32) -> Result<(), String> {
+    if (1..=10_000).contains(&limit) {
+        Ok(())
+    } else {
+        Err(format!("--limit must be between 1 and 10000 (got {limit})"))
     }
 }
 

@@ -71,6 +71,18 @@ fn every_cli_change_is_recorded_with_its_user_before_and_after() {
         listing.contains("key.revoke") && !listing.contains("key.create"),
         "{listing}"
     );
+    // A limit outside 1..=10000 is an error naming the flag, as the admin API's is a 400;
+    // so is the traces listing's.
+    for args in [
+        ["audit", "--limit", "0"],
+        ["audit", "--limit", "10001"],
+        ["traces", "--limit", "0"],
+    ] {
+        let out = gw.cli(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--limit"), "{args:?}: {err}");
+    }
     // The same log through the admin API.
     assert_eq!(entries(&gw).len(), 4);
 }

@@ -150,13 +150,24 @@ fn a_group_rpm_counts_requests_on_every_node() {
     };
     c.nodes[1].cli_json(&["groups", "create", "slow", "--rpm", "4", "--json"]);
     let a = c.create_key(&["--group", "slow"]);
-    let b = c.create_key(&["--group", "slow"]);
+    // Its own rpm is looser than the group's.
+    let b = c.create_key(&["--group", "slow", "--rpm", "10"]);
     let mut ok = 0;
     for i in 0..12 {
         let key = if i % 2 == 0 { &a } else { &b };
         let r = c.any().chat(key, "gpt-4o-mini");
         match r.status {
-            200 => ok += 1,
+            200 => {
+                ok += 1;
+                // The group's window refuses first: the headers describe it (SPEC §2).
+                assert_eq!(r.header("x-ratelimit-limit-requests"), Some("4"), "{i}");
+                let left = (4 - ok).to_string();
+                assert_eq!(
+                    r.header("x-ratelimit-remaining-requests"),
+                    Some(left.as_str()),
+                    "{i}"
+                );
+            }
             429 => assert_eq!(r.code(), "rate_limit_exceeded"),
             s => panic!("unexpected {s}: {}", r.text()),
         }

@@ -172,10 +172,29 @@ fn group_rpm_counts_the_sum_of_its_keys_and_refusals_cost_nothing() {
     );
     assert_eq!(r.status, 201, "{}", r.text());
     let a = gw.create_key(&["--group", "burst"]);
-    let b = gw.create_key(&["--group", "burst"]);
+    // Its own rpm is looser than the group's.
+    let b = gw.create_key(&["--group", "burst", "--rpm", "10"]);
     let lone = gw.create_key(&[]);
-    for key in [&a, &b, &a] {
-        assert_eq!(gw.chat(key, "gpt-4o-mini").status, 200);
+    for (i, key) in [&a, &b, &a].into_iter().enumerate() {
+        let r = gw.chat(key, "gpt-4o-mini");
+        assert_eq!(r.status, 200);
+        // The group's window refuses first: the headers of every answer describe it
+        // (SPEC §2: the slots left before a 429), whatever the key's own rpm.
+        let left = (2 - i).to_string();
+        assert_eq!(r.header("x-ratelimit-limit-requests"), Some("3"), "{i}");
+        assert_eq!(
+            r.header("x-ratelimit-remaining-requests"),
+            Some(left.as_str())
+        );
+        let reset: u64 = r.header("x-ratelimit-reset").unwrap().parse().unwrap();
+        assert!(
+            if i < 2 {
+                reset == 0
+            } else {
+                (1..=60).contains(&reset)
+            },
+            "{i}: reset {reset}"
+        );
     }
     let r = gw.chat(&b, "gpt-4o-mini");
     assert_eq!((r.status, r.code().as_str()), (429, "rate_limit_exceeded"));

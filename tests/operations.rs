@@ -98,6 +98,45 @@ fn sighup_swaps_in_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
 }
 
 #[test]
+fn a_sighup_that_names_another_admin_token_env_takes_effect_for_the_next_call() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock)
+        .admin(TOKEN)
+        .env("SG_OTHER_ADMIN_TOKEN", "the-new-admin-token")
+        .start();
+    let addr = gw.admin_addr.unwrap();
+    let keys_with = |token: &str| {
+        http(
+            addr,
+            "GET",
+            "/admin/keys",
+            &[("Authorization", &format!("Bearer {token}"))],
+            b"",
+        )
+        .unwrap()
+        .status
+    };
+    assert_eq!(keys_with(TOKEN), 200);
+    assert_eq!(keys_with("the-new-admin-token"), 401);
+    let original = std::fs::read_to_string(&gw.config).unwrap();
+    let renamed = original.replace(
+        "token_env: SG_TEST_ADMIN_TOKEN",
+        "token_env: SG_OTHER_ADMIN_TOKEN",
+    );
+    assert_ne!(renamed, original);
+    std::fs::write(&gw.config, &renamed).unwrap();
+    gw.signal_hup();
+    wait_for(Duration::from_secs(10), "the new admin token", || {
+        (keys_with("the-new-admin-token") == 200).then_some(())
+    });
+    assert_eq!(
+        keys_with(TOKEN),
+        401,
+        "the old token no longer opens the admin API"
+    );
+}
+
+#[test]
 fn check_config_refuses_what_serve_would_refuse() {
     let mock = mock();
     let gw = GatewayBuilder::new(&mock).start();

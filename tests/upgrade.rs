@@ -224,6 +224,99 @@ fn rpm_and_rpd_counts_carry_over_an_upgrade() {
 }
 
 #[test]
+fn the_brakes_carry_over_an_upgrade() {
+    let mock = mock();
+    let mut gw = gateway(&mock);
+    // loop_limit 1: the same request a second time within 60 s is refused.
+    let looping = gw.create_key(&["--loop-limit", "1"]);
+    let same = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "again"}]})
+        .to_string();
+    let send_same = |gw: &Gateway| {
+        gw.post(
+            "/v1/chat/completions",
+            &looping.bearer(),
+            same.as_bytes(),
+            &[],
+        )
+    };
+    assert_eq!(send_same(&gw).status, 200);
+    let r = send_same(&gw);
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (429, "loop_detected"),
+        "{}",
+        r.text()
+    );
+    // max_usd_per_hour: a held request's reservation (1000 output tokens at 600 nano-USD,
+    // ~0.0006 USD) leaves no room for a second under 0.001 USD.
+    let hourly = gw.create_key(&["--max-usd-per-hour", "0.001"]);
+    let hold = [("x-mock-hold", "brakes"), ("x-mock-chunks", "3")];
+    let (status, _, held) = gw.open_stream(&hourly, &held_stream_body(), &hold);
+    assert_eq!(status, 200);
+    let second = json!({"model": "gpt-4o-mini", "max_tokens": 1000,
+                        "messages": [{"role": "user", "content": "hello"}]})
+    .to_string();
+    let send_second = |gw: &Gateway| {
+        gw.post(
+            "/v1/chat/completions",
+            &hourly.bearer(),
+            second.as_bytes(),
+            &[],
+        )
+    };
+    let r = send_second(&gw);
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (429, "spend_rate_exceeded"),
+        "{}",
+        r.text()
+    );
+
+    // The upgrade, with the hourly key's request open in the old process.
+    let mut old = gw.upgrade();
+    wait_log(
+        &gw,
+        "upgrade: holding 1 requests the old process still has open",
+    );
+    // The new process refuses both as one process would: the loop's admission and the open
+    // request's hour hold came over.
+    let r = send_same(&gw);
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (429, "loop_detected"),
+        "{}",
+        r.text()
+    );
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let r = send_second(&gw);
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (429, "spend_rate_exceeded"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        mock.requests().len(),
+        2,
+        "the refused requests reached nothing"
+    );
+
+    // Once the old process books the held request, its hold gives way to its cost (4,500
+    // nano-USD), and a second request fits the hour again.
+    mock.release("brakes");
+    let mut rest = String::new();
+    let mut held = held;
+    held.read_to_string(&mut rest).expect("stream to its end");
+    assert!(rest.contains("[DONE]"), "{rest}");
+    let exit = wait_exit(&mut old, Duration::from_secs(60));
+    assert!(exit.success(), "{exit:?}");
+    wait_for(Duration::from_secs(10), "the hour's hold released", || {
+        (send_second(&gw).status == 200).then_some(())
+    });
+}
+
+#[test]
 fn two_upgrades_in_a_row_keep_one_count() {
     let mock = mock();
     let mut gw = gateway(&mock);

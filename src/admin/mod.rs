@@ -30,9 +30,6 @@ const MAX_KEY_PAGE: u32 = 1000;
 
 pub struct AdminApp {
     gate: Arc<Gate>,
-    /// The admin token (sent as `Bearer <token>`); `None` when the token variable is unset
-    /// (every call is refused).
-    expected: Option<Vec<u8>>,
 }
 
 /// An admin API answer: status and JSON (or text) body.
@@ -163,26 +160,36 @@ fn key_filter(query: &HashMap<String, String>) -> Result<Option<KeyFilter>, Repl
     }))
 }
 
+/// The admin token: the value of environment variable `name`, unless unset or empty.
+pub fn token_from_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|t| !t.is_empty())
+}
+
 impl AdminApp {
     pub fn new(gate: Arc<Gate>, token_env: &str) -> AdminApp {
-        let expected = std::env::var(token_env)
-            .ok()
-            .filter(|t| !t.is_empty())
-            .map(|t| t.into_bytes());
-        if expected.is_none() {
+        if token_from_env(token_env).is_none() {
             log::warn!("${token_env} is not set: the admin API refuses every call");
         }
-        AdminApp { gate, expected }
+        AdminApp { gate }
     }
 
+    /// Whether the call carries the admin token: the value of the environment variable the
+    /// running config's `admin.token_env` names (read at each call, so a SIGHUP that names
+    /// another applies to the next one).
     fn authorized(&self, session: &ServerSession) -> bool {
+        let routes = self.gate.routes();
+        let expected = routes
+            .config
+            .admin
+            .as_ref()
+            .and_then(|a| token_from_env(&a.token_env));
         let given = session
             .req_header()
             .headers
             .get("authorization")
             .map(|v| v.as_bytes());
-        match (&self.expected, given.and_then(crate::keys::token::bearer)) {
-            (Some(expected), Some(given)) => same(expected, given),
+        match (expected, given.and_then(crate::keys::token::bearer)) {
+            (Some(expected), Some(given)) => same(expected.as_bytes(), given),
             _ => false,
         }
     }

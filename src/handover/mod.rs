@@ -38,7 +38,7 @@ use crate::gate::Gate;
 pub mod state;
 use crate::limits::Charge;
 use crate::store::{HandoverRow, Store, StoreError};
-use state::{process_is_live, seed_minutes, GROUP_MARK};
+use state::{process_is_live, seed_minutes, GROUP_MARK, LOOP_MARK};
 pub use state::{relay_path_for, AdmissionGuard, Handover};
 use state::{Adopted, HANDOVER_WAIT};
 
@@ -120,6 +120,24 @@ fn save_minutes(gate: &Gate, store: &mut Store) -> Result<(), StoreError> {
     for k in keys.iter().filter(|k| k.limits.rpm.is_some()) {
         if let Some(c) = k.counters.get() {
             rows.extend(c.minute_walls(now).into_iter().map(|w| (k.id.clone(), w)));
+        }
+    }
+    // Each key's loop table: its distinct requests' admissions of the last minute.
+    for k in keys.iter().filter(|k| k.limits.loop_limit.is_some()) {
+        if let Some(c) = k.counters.get() {
+            let mut last: Option<(u128, Arc<str>)> = None;
+            for (digest, wall) in c.loop_walls(now) {
+                let name = match &last {
+                    Some((d, name)) if *d == digest => name.clone(),
+                    _ => {
+                        let name: Arc<str> =
+                            Arc::from(format!("{LOOP_MARK}{digest:032x}:{}", k.id));
+                        last = Some((digest, name.clone()));
+                        name
+                    }
+                };
+                rows.push((name, wall));
+            }
         }
     }
     for g in keys.groups().iter().filter(|g| g.limits.rpm.is_some()) {

@@ -23,6 +23,10 @@ pub(super) struct Adopted {
 /// How the change log and saved minutes name a group.
 pub(super) const GROUP_MARK: &str = "*group:";
 
+/// How saved minutes name one distinct request of a key's loop table:
+/// `*loop:<digest, 32 hex digits>:<key id>`, each row one admission of it.
+pub(super) const LOOP_MARK: &str = "*loop:";
+
 /// How long either side waits for the other before going on alone.
 pub(super) const HANDOVER_WAIT: Duration = Duration::from_secs(30);
 
@@ -146,14 +150,26 @@ pub fn process_is_live(pid: i64) -> bool {
         && std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Counts saved admissions (key or group, unix ms) into the rolling minutes of `keys`: a
-/// predecessor's at a hand-over, or at a start those a stopped process saved.
+/// Counts saved admissions (key or group, unix ms) into the rolling minutes of `keys`, and
+/// those of a key's distinct requests into its loop table: a predecessor's at a hand-over,
+/// or at a start those a stopped process saved.
 pub fn seed_minutes(keys: &KeySet, now: Now, minutes: Vec<(String, i64)>) {
     let mut by_key: HashMap<String, Vec<i64>> = HashMap::new();
     for (key, at) in minutes {
         by_key.entry(key).or_default().push(at);
     }
-    for (key, walls) in by_key {
+    for (key, mut walls) in by_key {
+        if let Some(rest) = key.strip_prefix(LOOP_MARK) {
+            let parsed = rest
+                .split_once(':')
+                .and_then(|(hex, id)| Some((u128::from_str_radix(hex, 16).ok()?, id)));
+            if let Some((digest, id)) = parsed {
+                if let Some(k) = keys.by_id(id).filter(|k| k.limits.loop_limit.is_some()) {
+                    k.counters.seed_loops(now, digest, &mut walls);
+                }
+            }
+            continue;
+        }
         match key.strip_prefix(GROUP_MARK) {
             Some(name) => {
                 if let Some(g) = keys.groups().get(name) {

@@ -24,7 +24,7 @@ pub const HOUR_MINUTES: i64 = 60;
 const HOUR_MS: i64 = HOUR_MINUTES * MS_PER_MIN;
 /// The loop window: an admission at `t` counts until `t` + 60 s.
 pub const LOOP_SECONDS: i64 = 60;
-const LOOP_MS: i64 = LOOP_SECONDS * 1000;
+pub(super) const LOOP_MS: i64 = LOOP_SECONDS * 1000;
 /// Ring sizes: a power of two above the 61 buckets that can count at once.
 const SPEND_SLOTS: usize = 64;
 const LOOP_SLOTS: usize = 64;
@@ -276,6 +276,22 @@ impl LoopTable {
             limit,
             retry_after_secs: 1,
         })
+    }
+
+    /// Every admission still in the window at `now_ms`, as (digest, ms): each at the latest
+    /// admission of its second, the time the window counts it until (for a successor,
+    /// which counts them again with [`LoopTable::count`] in time order: the same figures).
+    pub fn admissions(&self, now_ms: i64) -> Vec<(u128, i64)> {
+        let mut out = Vec::new();
+        for e in &self.entries {
+            for (count, leaves) in e.seconds(now_ms).filter_map(|s| e.at(s, now_ms)) {
+                out.extend(std::iter::repeat_n(
+                    (e.digest, leaves - LOOP_MS),
+                    count as usize,
+                ));
+            }
+        }
+        out
     }
 
     /// Counts one admission of `digest`, reusing the entry of a request no longer in the

@@ -273,12 +273,6 @@ impl GateProxy {
         })
     }
 
-    /// Whether the client's address is past its failed-authentication limit already.
-    fn over_shield_limit(&self, session: &Session) -> bool {
-        self.shield_addr(session)
-            .is_some_and(|ip| self.gate.auth_shield.over_limit(&ip))
-    }
-
     /// A failed authentication: counted per client address, and past the address's limit
     /// answered 429 instead of 401 (valid keys never get here).
     fn shield(&self, session: &Session, err: GateError) -> GateError {
@@ -682,12 +676,14 @@ impl ProxyHttp for GateProxy {
         let mut authenticated =
             admission::authenticate(authorization, x_api_key, &ctx.snap.keys, ctx.started_ms);
         // A well-formed token no key has: perhaps a key made a moment ago by another door (the
-        // CLI writes the store; the poll would see it within `reload_interval_ms`). Not for an
-        // address past its failed-authentication limit (SPEC §2: limited before any other
-        // work), and never waiting longer than `KEY_CATCH_UP_WAIT`.
+        // CLI writes the store; the poll would see it within `reload_interval_ms`). Looked
+        // for even from an address past its failed-authentication limit: a valid key is never
+        // refused by that limit (SPEC §2), and a new one is valid from its first request. A
+        // flood costs the store nothing more for it: checks are shared, one at a time and at
+        // most one a `KEY_CATCH_UP_GAP`, whatever the number of callers; none waits longer
+        // than `KEY_CATCH_UP_WAIT`.
         if matches!(authenticated, Err(GateError::InvalidApiKey))
             && admission::has_agent_token(authorization, x_api_key)
-            && !self.over_shield_limit(session)
         {
             // Boxed: this path is rare, and inline its future would size every request's.
             let wait = crate::gate::KEY_CATCH_UP_WAIT;

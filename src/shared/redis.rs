@@ -645,7 +645,7 @@ impl Driver {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Ints {
     len: u8,
-    v: [i64; 6],
+    v: [i64; 7],
 }
 
 impl Ints {
@@ -1380,7 +1380,17 @@ impl Core {
             1 => Admit::Admitted {
                 month: nth(a, 1, what)?,
                 at_ms: nth(a, 5, what)?,
-                standing: standing(limits, nth(a, 2, what)?, nth(a, 3, what)?, nth(a, 4, what)?),
+                standing: {
+                    let mut s =
+                        standing(limits, nth(a, 2, what)?, nth(a, 3, what)?, nth(a, 4, what)?);
+                    // A group's rolling minute that refuses first (admit.lua's 7th figure).
+                    if let Some(group_rpm) = a.get(6) {
+                        s.rpm = Some(u32::try_from(group_rpm.max(0)).unwrap_or(u32::MAX));
+                        s.remaining =
+                            Some(u32::try_from(nth(a, 2, what)?.max(0)).unwrap_or(u32::MAX));
+                    }
+                    s
+                },
             },
             2 => Admit::Rejected(GateError::BudgetExceeded {
                 spend: Nanos::new(nth(a, 1, what)?) + Nanos::new(nth(a, 2, what)?),
@@ -1859,9 +1869,14 @@ mod tests {
         assert_eq!(lua_number(b"9223372036854775808"), Some(i64::MAX));
         assert_eq!(lua_number(b"-2.5"), Some(-2));
         assert_eq!(lua_number(b"nan"), None);
-        // Not the number of operations sent, seven integers, an empty figure, an array.
+        // Seven integers: an admission whose group's minute names the headers.
+        assert_eq!(
+            Ints::of_batch(&batch("1,24311,2,0,0,1765000000000,3"), 1),
+            Some(vec![ints(&[1, 24311, 2, 0, 0, 1_765_000_000_000, 3])])
+        );
+        // Not the number of operations sent, eight integers, an empty figure, an array.
         assert_eq!(Ints::of_batch(&batch("1;1"), 3), None);
-        assert_eq!(Ints::of_batch(&batch("1,2,3,4,5,6,7"), 1), None);
+        assert_eq!(Ints::of_batch(&batch("1,2,3,4,5,6,7,8"), 1), None);
         assert_eq!(Ints::of_batch(&batch("1,,2;1"), 2), None);
         assert_eq!(Ints::of_batch(&Value::Array(vec![Value::Int(1)]), 1), None);
         // A script's own reply, alone.

@@ -10,6 +10,7 @@
 -- Returns {0, month, day, level} need seed (level 0 the key, i the i-th level above) |
 -- {1, month, remaining, reset, warning} admitted |
 -- (…, now: Redis' clock, the time the request's cost is booked at) |
+-- (…, rpm: a group's, whose rolling minute `remaining` and `reset` then describe) |
 -- {2, spent, reserved} budget | {3, retry} rpm | {4, retry} rpd | {5} in-flight |
 -- {6, hour spend, retry} max_usd_per_hour | {7, retry} loop_limit |
 -- {8, spent, level} a level's hard cap | {9, retry, rpm} a group's rpm.
@@ -62,7 +63,9 @@ if cap then
   end
 end
 
--- The levels above: each hard cap (a parent's counts its whole tree), a group's rpm.
+-- The levels above: each hard cap (a parent's counts its whole tree), a group's rpm (its
+-- rolling minute kept for the reply's rate-limit figures).
+local gmin, gn, grpm
 for i = 1, ups do
   local up = KEYS[1 + i]
   local kind, ucap, urpm = ARGV[13 + 3 * i], opt(ARGV[14 + 3 * i]), opt(ARGV[15 + 3 * i])
@@ -81,6 +84,7 @@ for i = 1, ups do
     redis.call('ZREMRANGEBYSCORE', umin, '-inf', now - MS_MIN)
     local un = redis.call('ZCARD', umin)
     if un >= urpm then return {9, reset_secs(umin, un, urpm, now, 1), urpm} end
+    gmin, gn, grpm = umin, un, urpm
   end
 end
 
@@ -218,5 +222,15 @@ if rpm then
     remaining = 0
     reset = reset_secs(minute, n + 1, rpm, now, 0)
   end
+end
+-- A group's minute that refuses before the key's own: the rate-limit headers describe it,
+-- its rpm the reply's last figure.
+if grpm and (not rpm or grpm - gn - 1 < remaining) then
+  remaining, reset = grpm - gn - 1, 0
+  if remaining <= 0 then
+    remaining = 0
+    reset = reset_secs(gmin, gn + 1, grpm, now, 0)
+  end
+  return {1, month, remaining, reset, warning, now, grpm}
 end
 return {1, month, remaining, reset, warning, now}
