@@ -85,7 +85,12 @@ pub struct Gate {
 /// check is one read of the change log's end: a cached statement on SQLite, a query on
 /// PostgreSQL). Short: the CLI makes a key in a few milliseconds, and a caller that arrives
 /// within it waits for the next check rather than be refused.
-const KEY_CATCH_UP_GAP: Duration = Duration::from_millis(1);
+pub const KEY_CATCH_UP_GAP: Duration = Duration::from_millis(1);
+/// The gap for a caller from an address past its failed-authentication limit: it may share
+/// any check, but starts one at most this often, so a flood of made-up tokens costs the store
+/// at most 200 reads a second, and each of its requests waits a few milliseconds for its
+/// 429 (a new key from that address still works from its first request, a moment later).
+pub const FLOODED_CATCH_UP_GAP: Duration = Duration::from_millis(5);
 /// The longest an unknown token's request waits for a key check (a store that is locked or
 /// unreachable); then it is answered as before, 401.
 pub const KEY_CATCH_UP_WAIT: Duration = Duration::from_millis(250);
@@ -205,20 +210,21 @@ impl Gate {
 
     /// A token no key in the snapshot has: applies the store's key changes now instead of at
     /// the next poll, so a key made by another process (the CLI) works from its first
-    /// request. A check begins at most every [`KEY_CATCH_UP_GAP`] and one at a time; a caller
-    /// that arrives while one runs, or within the gap, waits for the next. Returns once a
-    /// check that began after the caller arrived has ended (the snapshot is then as fresh as
-    /// the store), false if it failed. Callers bound the wait ([`KEY_CATCH_UP_WAIT`]).
-    pub async fn catch_up_keys(self: &Arc<Self>) -> bool {
+    /// request. A check begins at most every `gap` ([`KEY_CATCH_UP_GAP`], or
+    /// [`FLOODED_CATCH_UP_GAP`]) after the last one and one at a time; a caller that arrives
+    /// while one runs, or within the gap, waits for the next. Returns once a check that began
+    /// after the caller arrived has ended (the snapshot is then as fresh as the store), false
+    /// if it failed. Callers bound the wait ([`KEY_CATCH_UP_WAIT`]).
+    pub async fn catch_up_keys(self: &Arc<Self>, gap: Duration) -> bool {
         let arrived = Instant::now();
         loop {
             let mut last = self.key_catch_up.clone().lock_owned().await;
             match *last {
                 // Began after this caller arrived and is done (its lock is free).
                 Some(began) if began >= arrived => return true,
-                Some(began) if began.elapsed() < KEY_CATCH_UP_GAP => {
+                Some(began) if began.elapsed() < gap => {
                     drop(last);
-                    tokio::time::sleep_until((began + KEY_CATCH_UP_GAP).into()).await;
+                    tokio::time::sleep_until((began + gap).into()).await;
                     continue;
                 }
                 _ => {}
@@ -472,9 +478,10 @@ impl Gate {
         // `token_env` applies to the next one.
         let token_env = config.admin.as_ref().map(|a| a.token_env.clone());
         config.admin = running.config.admin.clone();
+        let mut unset_token_env = None;
         if let (Some(admin), Some(env)) = (config.admin.as_mut(), token_env) {
             if admin.token_env != env && crate::admin::token_from_env(&env).is_none() {
-                log::warn!("config reload: ${env} is not set: the admin API refuses every call");
+                unset_token_env = Some(env.clone());
             }
             admin.token_env = env;
         }
@@ -491,6 +498,9 @@ impl Gate {
         self.swap_in(&store, routes, true)
             .map_err(|e| format!("database: {e}"))?;
         certs.apply();
+        if let Some(env) = unset_token_env {
+            log::warn!("config reload: ${env} is not set: the admin API refuses every call");
+        }
         // New thresholds and webhooks apply from the ledger's next commit and the delivery
         // worker's next round.
         self.ledger.set_alerts(alerts);

@@ -1,4 +1,4 @@
-//! Spend and trace writer: request path -> channel -> one writer thread -> SQLite, batched.
+//! Spend and trace writer: request path -> queue -> one writer thread -> SQLite, batched.
 //!
 //! Recording is a push onto a vector behind a mutex held for that push alone (see [`Queue`]):
 //! no syscall unless another thread holds it at that instant. The writer never waits on the
@@ -9,7 +9,7 @@
 //! capped) and the ledger reports itself unhealthy, so hard-budget keys pause instead of
 //! running unaccounted. `flush_blocking` unparks the writer for an immediate commit.
 //!
-//! Every admission is also journaled here (one more channel push): an admission still open
+//! Every admission is also journaled here (one more push, onto its own vector): an admission still open
 //! at a commit is written to the `inflight` table and deleted when its spend is booked, so
 //! after a crash the next start charges what was left open.
 //!
@@ -644,6 +644,7 @@ impl Writer {
         crate::priority::pace_this_thread(paced(waiting, self.max_backlog));
         // Admissions first: an entry's own is in this drain or an earlier one (`Inbox`).
         for row in inbox.admits.drain(..) {
+            crate::priority::turn_point();
             self.open.insert(row.id, row);
         }
         for mut e in inbox.entries.drain(..) {

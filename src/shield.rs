@@ -30,6 +30,11 @@ impl AuthShield {
     pub fn failed(&self, addr: &IpAddr) -> bool {
         self.failures.observe(addr, 1) > self.limit
     }
+
+    /// Whether `addr` is past its limit already, without counting anything.
+    pub fn over_limit(&self, addr: &IpAddr) -> bool {
+        self.failures.observe(addr, 0) > self.limit
+    }
 }
 
 /// Keeps at most `per_second` events a second, across all threads, without a lock: one

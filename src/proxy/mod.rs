@@ -273,6 +273,12 @@ impl GateProxy {
         })
     }
 
+    /// Whether the client's address is past its failed-authentication limit already.
+    fn over_shield_limit(&self, session: &Session) -> bool {
+        self.shield_addr(session)
+            .is_some_and(|ip| self.gate.auth_shield.over_limit(&ip))
+    }
+
     /// A failed authentication: counted per client address, and past the address's limit
     /// answered 429 instead of 401 (valid keys never get here).
     fn shield(&self, session: &Session, err: GateError) -> GateError {
@@ -676,18 +682,23 @@ impl ProxyHttp for GateProxy {
         let mut authenticated =
             admission::authenticate(authorization, x_api_key, &ctx.snap.keys, ctx.started_ms);
         // A well-formed token no key has: perhaps a key made a moment ago by another door (the
-        // CLI writes the store; the poll would see it within `reload_interval_ms`). Looked
-        // for even from an address past its failed-authentication limit: a valid key is never
-        // refused by that limit (SPEC §2), and a new one is valid from its first request. A
-        // flood costs the store nothing more for it: checks are shared, one at a time and at
-        // most one a `KEY_CATCH_UP_GAP`, whatever the number of callers; none waits longer
-        // than `KEY_CATCH_UP_WAIT`.
+        // CLI writes the store; the poll would see it within `reload_interval_ms`). Checks are
+        // shared, one at a time, whatever the number of callers; none waits longer than
+        // `KEY_CATCH_UP_WAIT`. Looked for even from an address past its failed-authentication
+        // limit, since a valid key is never refused by that limit (SPEC §2) and a new one is
+        // valid from its first request; but such an address starts a check at most every
+        // `FLOODED_CATCH_UP_GAP`, so its flood adds at most 200 store reads a second.
         if matches!(authenticated, Err(GateError::InvalidApiKey))
             && admission::has_agent_token(authorization, x_api_key)
         {
+            let gap = if self.over_shield_limit(session) {
+                crate::gate::FLOODED_CATCH_UP_GAP
+            } else {
+                crate::gate::KEY_CATCH_UP_GAP
+            };
             // Boxed: this path is rare, and inline its future would size every request's.
             let wait = crate::gate::KEY_CATCH_UP_WAIT;
-            let _ = Box::pin(tokio::time::timeout(wait, self.gate.catch_up_keys())).await;
+            let _ = Box::pin(tokio::time::timeout(wait, self.gate.catch_up_keys(gap))).await;
             // Whatever this caller's wait gave: a check that ended meanwhile may have brought
             // the key.
             let fresh = self.gate.snapshot();

@@ -639,7 +639,7 @@ impl Driver {
 }
 
 /// One admission's or settlement's reply: its integers in order (a settlement's is one, an
-/// admission's at most six; see `admit.lua`). Plain integers, not `Value`s: a batch's replies
+/// admission's at most seven; see `admit.lua`). Plain integers, not `Value`s: a batch's replies
 /// arrive as one string (`batch.lua`), which is parsed here in one pass where the client's
 /// parser costs about a thousand instructions per integer of a nested array.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
