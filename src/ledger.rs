@@ -9,7 +9,7 @@
 //! capped) and the ledger reports itself unhealthy, so hard-budget keys pause instead of
 //! running unaccounted. `flush_blocking` unparks the writer for an immediate commit.
 //!
-//! Every admission is also journaled here (one more push, onto its own vector): an admission still open
+//! Every admission is also journaled here (one more channel push): an admission still open
 //! at a commit is written to the `inflight` table and deleted when its spend is booked, so
 //! after a crash the next start charges what was left open.
 //!
@@ -90,43 +90,15 @@ pub struct ClusterNode {
     pub ttl: Duration,
 }
 
-/// What the request path hands the writer, by kind: a journal row is a third of a finished
-/// entry's size, and a push stores only its own kind's bytes (one vector of an enum of the
-/// two stored ~300 bytes for each, into memory last touched a tick ago).
-///
-/// Taken whole, the three at once, so the writer sees every admission of a drain before its
-/// entries: a request's journal row is pushed before its entry (the same task, in order), so
-/// it is in the same drain or an earlier one, never a later one.
-#[derive(Default)]
-struct Inbox {
-    admits: Vec<JournalRow>,
-    entries: Vec<LedgerEntry>,
+enum Msg {
+    Entry(LedgerEntry),
+    Admit(JournalRow),
     /// Commit everything queued so far, then answer.
-    flushes: Vec<mpsc::SyncSender<()>>,
+    Flush(mpsc::SyncSender<()>),
 }
 
-impl Inbox {
-    fn len(&self) -> usize {
-        self.admits.len() + self.entries.len() + self.flushes.len()
-    }
-
-    #[cfg(test)]
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Readies a drained inbox for the next swap: a burst's room (the queue grows while the
-    /// writer is held up, in a slow commit or a stalled store) is given back instead of kept
-    /// by both inboxes for the life of the process.
-    fn recycle(&mut self) {
-        recycle(&mut self.admits);
-        recycle(&mut self.entries);
-        self.flushes.clear();
-    }
-}
-
-/// The request path's hand-off to the writer: vectors behind a mutex, which a push holds
-/// for one `Vec::push` and the writer for one swap with its own (empty) ones, so neither
+/// The request path's hand-off to the writer: a vector behind a mutex, which a push holds
+/// for one `Vec::push` and the writer for one swap with its own (empty) vector, so neither
 /// side allocates once both have grown to the traffic.
 ///
 /// Not `std::sync::mpsc`: its unbounded channel cost ~550 instructions a send and ~150 a
@@ -135,7 +107,7 @@ impl Inbox {
 /// instructions, so even with many worker threads the lock is rarely contended.
 #[derive(Default)]
 struct Queue {
-    inbox: Mutex<Inbox>,
+    msgs: Mutex<Vec<Msg>>,
     /// Set when the ledger handle is dropped: the writer commits what is left and stops
     /// (what a channel's disconnection said).
     closed: AtomicBool,
@@ -145,53 +117,43 @@ struct Queue {
 }
 
 impl Queue {
-    /// Queues what `put` pushes; false (and nothing queued) when no writer will take it.
+    /// Queues `msg`; false (and `msg` dropped) when no writer will take it.
     #[must_use]
-    fn push(&self, put: impl FnOnce(&mut Inbox)) -> bool {
+    fn push(&self, msg: Msg) -> bool {
         if self.writer_gone.load(Ordering::Relaxed) {
             return false;
         }
-        put(&mut self.inbox.lock().unwrap_or_else(PoisonError::into_inner));
+        self.msgs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(msg);
         true
-    }
-
-    #[must_use]
-    fn admit(&self, row: JournalRow) -> bool {
-        self.push(|inbox| inbox.admits.push(row))
-    }
-
-    #[must_use]
-    fn entry(&self, entry: LedgerEntry) -> bool {
-        self.push(|inbox| inbox.entries.push(entry))
-    }
-
-    #[must_use]
-    fn flush(&self, done: mpsc::SyncSender<()>) -> bool {
-        self.push(|inbox| inbox.flushes.push(done))
     }
 
     /// Swaps everything queued into `inbox` (which must be empty; its capacity becomes the
     /// queue's). True once the handle was dropped: then nothing more can come.
-    fn take(&self, inbox: &mut Inbox) -> bool {
+    fn take(&self, inbox: &mut Vec<Msg>) -> bool {
         // Read first: a close seen here happened after the last push, which the swap sees.
         let closed = self.closed.load(Ordering::Acquire);
         std::mem::swap(
-            &mut *self.inbox.lock().unwrap_or_else(PoisonError::into_inner),
+            &mut *self.msgs.lock().unwrap_or_else(PoisonError::into_inner),
             inbox,
         );
         closed
     }
 }
 
-/// Messages' worth of room the writer keeps between drains, per kind; the queue gets these
-/// vectors back at the next swap. ~5 MB of entries: a 50 ms tick at ~300k requests a second.
+/// Messages' worth of room the writer keeps between drains; the queue gets this vector
+/// back at the next swap. ~5 MB: a 50 ms tick at ~300k requests a second.
 const KEEP_QUEUED: usize = 16_384;
 
-/// Empties a drained vector, giving back a burst's room beyond [`KEEP_QUEUED`].
-fn recycle<T>(drained: &mut Vec<T>) {
-    drained.clear();
-    if drained.capacity() > KEEP_QUEUED {
-        drained.shrink_to(KEEP_QUEUED);
+/// Readies a drained vector for the next swap: a burst's room (the queue grows while the
+/// writer is held up, in a slow commit or a stalled store) is given back instead of kept
+/// by both vectors for the life of the process.
+fn recycle(inbox: &mut Vec<Msg>) {
+    inbox.clear();
+    if inbox.capacity() > KEEP_QUEUED {
+        inbox.shrink_to(KEEP_QUEUED);
     }
 }
 
@@ -402,7 +364,7 @@ impl SpendLedger {
 
     /// Journals one admission. Never blocks, never touches SQLite.
     pub fn journal(&self, row: JournalRow) {
-        if !self.queue.admit(row) {
+        if !self.queue.push(Msg::Admit(row)) {
             log::error!("ledger writer is gone; an admission was not journaled");
         }
     }
@@ -452,7 +414,7 @@ impl SpendLedger {
                     store,
                     cluster,
                     queue,
-                    inbox: Inbox::default(),
+                    inbox: Vec::new(),
                     flush_interval,
                     retention_ms,
                     max_backlog,
@@ -479,7 +441,7 @@ impl SpendLedger {
     /// Queues one finished request. Never blocks, never touches SQLite.
     pub fn record(&self, entry: LedgerEntry) {
         self.health.finished.fetch_add(1, Ordering::Relaxed);
-        if !self.queue.entry(entry) {
+        if !self.queue.push(Msg::Entry(entry)) {
             log::error!("ledger writer is gone; a ledger entry was not recorded");
         }
     }
@@ -491,7 +453,7 @@ impl SpendLedger {
             return false;
         };
         let (done_tx, done_rx) = mpsc::sync_channel(1);
-        if !self.queue.flush(done_tx) {
+        if !self.queue.push(Msg::Flush(done_tx)) {
             return false;
         }
         writer.unpark();
@@ -518,7 +480,7 @@ struct Writer {
     queue: Arc<Queue>,
     /// What the last [`Writer::drain`] took from the queue (empty between drains; kept for
     /// its capacity).
-    inbox: Inbox,
+    inbox: Vec<Msg>,
     flush_interval: Duration,
     retention_ms: i64,
     max_backlog: usize,
@@ -642,33 +604,35 @@ impl Writer {
         // has caught up. Decided before the drain, with what it is about to take.
         let waiting = self.batch_entries + inbox.len() as u64;
         crate::priority::pace_this_thread(paced(waiting, self.max_backlog));
-        // Admissions first: an entry's own is in this drain or an earlier one (`Inbox`).
-        for row in inbox.admits.drain(..) {
+        for msg in inbox.drain(..) {
             crate::priority::turn_point();
-            self.open.insert(row.id, row);
-        }
-        for mut e in inbox.entries.drain(..) {
-            crate::priority::turn_point();
-            if let Some(seed) = e.span.take() {
-                if let Some(spans) = &self.spans {
-                    spans.offer(span::build(&e.trace, *seed));
+            match msg {
+                Msg::Entry(mut e) => {
+                    if let Some(seed) = e.span.take() {
+                        if let Some(spans) = &self.spans {
+                            spans.offer(span::build(&e.trace, *seed));
+                        }
+                    }
+                    // Finished before its admission was journaled: nothing to delete.
+                    if e.journal_id
+                        .is_some_and(|id| self.open.remove(&id).is_some())
+                    {
+                        e.journal_id = None;
+                    }
+                    let dropped = self.batch.dropped_traces;
+                    self.batch.add(e, self.max_backlog);
+                    self.batch_entries += 1;
+                    if self.batch.dropped_traces > dropped {
+                        self.health.dropped_traces.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-            }
-            // Finished before its admission was journaled: nothing to delete.
-            if e.journal_id
-                .is_some_and(|id| self.open.remove(&id).is_some())
-            {
-                e.journal_id = None;
-            }
-            let dropped = self.batch.dropped_traces;
-            self.batch.add(e, self.max_backlog);
-            self.batch_entries += 1;
-            if self.batch.dropped_traces > dropped {
-                self.health.dropped_traces.fetch_add(1, Ordering::Relaxed);
+                Msg::Admit(row) => {
+                    self.open.insert(row.id, row);
+                }
+                Msg::Flush(done) => self.waiters.push(done),
             }
         }
-        self.waiters.append(&mut inbox.flushes);
-        inbox.recycle();
+        recycle(&mut inbox);
         self.inbox = inbox;
         closed
     }
@@ -744,8 +708,8 @@ mod tests {
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
 
-    fn admit(id: i64) -> JournalRow {
-        JournalRow {
+    fn admit(id: i64) -> Msg {
+        Msg::Admit(JournalRow {
             id,
             ts: 0,
             key_id: Arc::from("key_1"),
@@ -755,27 +719,32 @@ mod tests {
             prompt_tokens: 0,
             completion_tokens: 0,
             cost: crate::money::Nanos::ZERO,
-        }
+        })
     }
 
-    fn ids(inbox: &Inbox) -> Vec<i64> {
-        inbox.admits.iter().map(|row| row.id).collect()
+    fn ids(msgs: &[Msg]) -> Vec<i64> {
+        msgs.iter()
+            .map(|m| match m {
+                Msg::Admit(row) => row.id,
+                _ => -1,
+            })
+            .collect()
     }
 
     #[test]
     fn the_queue_hands_over_everything_once_in_order() {
         let q = Queue::default();
         for id in 1..=3 {
-            assert!(q.admit(admit(id)));
+            assert!(q.push(admit(id)));
         }
-        let mut inbox = Inbox::default();
+        let mut inbox = Vec::new();
         assert!(!q.take(&mut inbox), "not closed");
         assert_eq!(ids(&inbox), [1, 2, 3]);
-        inbox.recycle();
-        assert!(q.admit(admit(4)));
+        inbox.clear();
+        assert!(q.push(admit(4)));
         assert!(!q.take(&mut inbox));
         assert_eq!(ids(&inbox), [4], "taken messages are not handed over again");
-        inbox.recycle();
+        inbox.clear();
         q.take(&mut inbox);
         assert!(inbox.is_empty());
     }
@@ -784,22 +753,18 @@ mod tests {
     fn a_bursts_room_is_given_back_after_the_drain() {
         let q = Queue::default();
         for id in 0..(3 * KEEP_QUEUED as i64) {
-            assert!(q.admit(admit(id)));
+            assert!(q.push(admit(id)));
         }
-        let mut inbox = Inbox::default();
+        let mut inbox = Vec::new();
         q.take(&mut inbox);
         assert_eq!(inbox.len(), 3 * KEEP_QUEUED);
-        inbox.recycle();
+        recycle(&mut inbox);
         assert!(inbox.is_empty());
-        assert!(
-            inbox.admits.capacity() <= KEEP_QUEUED,
-            "{}",
-            inbox.admits.capacity()
-        );
+        assert!(inbox.capacity() <= KEEP_QUEUED, "{}", inbox.capacity());
         // The queue gets the trimmed vector back at the next swap.
         q.take(&mut inbox);
         assert!(inbox.is_empty());
-        assert!(q.inbox.lock().unwrap().admits.capacity() <= KEEP_QUEUED);
+        assert!(q.msgs.lock().unwrap().capacity() <= KEEP_QUEUED);
         // A small drain keeps its room: steady traffic reallocates nothing.
         let mut small = Vec::with_capacity(1_000);
         small.push(admit(1));
@@ -817,18 +782,18 @@ mod tests {
                 let q = q.clone();
                 std::thread::spawn(move || {
                     for i in 0..EACH {
-                        assert!(q.admit(admit(t * EACH + i)));
+                        assert!(q.push(admit(t * EACH + i)));
                     }
                 })
             })
             .collect();
         // Taken while the pushes run, as the writer does.
         let mut got = Vec::new();
-        let mut inbox = Inbox::default();
+        let mut inbox = Vec::new();
         while got.len() < (THREADS * EACH) as usize {
             q.take(&mut inbox);
             got.extend(ids(&inbox));
-            inbox.recycle();
+            inbox.clear();
             std::thread::yield_now();
         }
         for p in pushers {
@@ -853,21 +818,31 @@ mod tests {
             1_000,
             None,
         );
-        ledger.journal(admit(7));
+        ledger.journal(match admit(7) {
+            Msg::Admit(row) => row,
+            _ => unreachable!(),
+        });
         let q = ledger.queue.clone();
         drop(ledger);
-        let mut inbox = Inbox::default();
+        let mut inbox = Vec::new();
         assert!(q.take(&mut inbox), "closed once the handle is gone");
         assert_eq!(ids(&inbox), [7], "what was recorded before is still there");
 
         drop(WriterGone(q.clone()));
         assert!(
-            !q.admit(admit(8)),
+            !q.push(admit(8)),
             "nothing is kept for a writer that is gone"
         );
-        inbox.recycle();
+        inbox.clear();
         q.take(&mut inbox);
         assert!(inbox.is_empty());
+    }
+
+    fn row(id: i64) -> JournalRow {
+        match admit(id) {
+            Msg::Admit(row) => row,
+            _ => unreachable!(),
+        }
     }
 
     /// The finished request that closes the admission `row` journaled.
@@ -916,7 +891,7 @@ mod tests {
             let rows: Vec<JournalRow> = (0..4)
                 .map(|_| JournalRow {
                     ts: now_ms(),
-                    ..admit(ledger.journal_id())
+                    ..row(ledger.journal_id())
                 })
                 .collect();
             for row in &rows {
