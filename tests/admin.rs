@@ -342,6 +342,18 @@ fn the_dashboard_is_served_with_strict_security_headers_and_no_data() {
         assert_eq!(r.header("x-frame-options"), Some("DENY"));
         assert_eq!(r.header("referrer-policy"), Some("no-referrer"));
         assert!(r.text().contains("/dashboard/assets/app.js"));
+        // HEAD: the same head, no body.
+        let stream = send_request(admin, "HEAD", path, &[], b"").unwrap();
+        let mut reader = std::io::BufReader::new(stream);
+        let (status, headers) = read_head(&mut reader).unwrap();
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(status, 200, "HEAD {path}");
+        assert_eq!(header("content-security-policy").as_deref(), Some(csp));
     }
     let r = http(admin, "GET", "/dashboard", &[], b"").unwrap();
     assert_eq!(

@@ -200,8 +200,9 @@ impl AdminApp {
         let path = session.req_header().uri.path().to_string();
         let query = query_map(session.req_header().uri.query());
         // The dashboard's pages are public (they hold no data); the API calls they make
-        // carry the admin token the user signs in with.
-        if method == http::Method::GET {
+        // carry the admin token the user signs in with. A HEAD gets a GET's head (Pingora
+        // sends no body for it).
+        if method == http::Method::GET || method == http::Method::HEAD {
             if let Some(a) = dashboard::asset(&path) {
                 return Reply {
                     status: a.status,
