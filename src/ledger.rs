@@ -708,8 +708,8 @@ mod tests {
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
 
-    fn admit(id: i64) -> Msg {
-        Msg::Admit(JournalRow {
+    fn row(id: i64) -> JournalRow {
+        JournalRow {
             id,
             ts: 0,
             key_id: Arc::from("key_1"),
@@ -719,7 +719,11 @@ mod tests {
             prompt_tokens: 0,
             completion_tokens: 0,
             cost: crate::money::Nanos::ZERO,
-        })
+        }
+    }
+
+    fn admit(id: i64) -> Msg {
+        Msg::Admit(row(id))
     }
 
     fn ids(msgs: &[Msg]) -> Vec<i64> {
@@ -818,10 +822,7 @@ mod tests {
             1_000,
             None,
         );
-        ledger.journal(match admit(7) {
-            Msg::Admit(row) => row,
-            _ => unreachable!(),
-        });
+        ledger.journal(row(7));
         let q = ledger.queue.clone();
         drop(ledger);
         let mut inbox = Vec::new();
@@ -836,13 +837,6 @@ mod tests {
         inbox.clear();
         q.take(&mut inbox);
         assert!(inbox.is_empty());
-    }
-
-    fn row(id: i64) -> JournalRow {
-        match admit(id) {
-            Msg::Admit(row) => row,
-            _ => unreachable!(),
-        }
     }
 
     /// The finished request that closes the admission `row` journaled.

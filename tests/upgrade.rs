@@ -223,6 +223,16 @@ fn rpm_and_rpd_counts_carry_over_an_upgrade() {
     assert_eq!(live(&gw, &per_minute)["requests_this_minute"], 3);
 }
 
+/// A chat request with `key` and the JSON text `body`.
+fn post_chat(gw: &Gateway, key: &Key, body: &str) -> Response {
+    gw.post("/v1/chat/completions", &key.bearer(), body.as_bytes(), &[])
+}
+
+/// A 429 with `code`.
+fn assert_refused(r: &Response, code: &str) {
+    assert_eq!((r.status, r.code().as_str()), (429, code), "{}", r.text());
+}
+
 #[test]
 fn the_brakes_carry_over_an_upgrade() {
     let mock = mock();
@@ -231,22 +241,10 @@ fn the_brakes_carry_over_an_upgrade() {
     let looping = gw.create_key(&["--loop-limit", "1"]);
     let same = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "again"}]})
         .to_string();
-    let send_same = |gw: &Gateway| {
-        gw.post(
-            "/v1/chat/completions",
-            &looping.bearer(),
-            same.as_bytes(),
-            &[],
-        )
-    };
+    let send_same = |gw: &Gateway| post_chat(gw, &looping, &same);
     assert_eq!(send_same(&gw).status, 200);
     let r = send_same(&gw);
-    assert_eq!(
-        (r.status, r.code().as_str()),
-        (429, "loop_detected"),
-        "{}",
-        r.text()
-    );
+    assert_refused(&r, "loop_detected");
     // max_usd_per_hour: a held request's reservation (1000 output tokens at 600 nano-USD,
     // ~0.0006 USD) leaves no room for a second under 0.001 USD.
     let hourly = gw.create_key(&["--max-usd-per-hour", "0.001"]);
@@ -256,21 +254,9 @@ fn the_brakes_carry_over_an_upgrade() {
     let second = json!({"model": "gpt-4o-mini", "max_tokens": 1000,
                         "messages": [{"role": "user", "content": "hello"}]})
     .to_string();
-    let send_second = |gw: &Gateway| {
-        gw.post(
-            "/v1/chat/completions",
-            &hourly.bearer(),
-            second.as_bytes(),
-            &[],
-        )
-    };
+    let send_second = |gw: &Gateway| post_chat(gw, &hourly, &second);
     let r = send_second(&gw);
-    assert_eq!(
-        (r.status, r.code().as_str()),
-        (429, "spend_rate_exceeded"),
-        "{}",
-        r.text()
-    );
+    assert_refused(&r, "spend_rate_exceeded");
 
     // The upgrade, with the hourly key's request open in the old process.
     let mut old = gw.upgrade();
@@ -281,21 +267,11 @@ fn the_brakes_carry_over_an_upgrade() {
     // The new process refuses both as one process would: the loop's admission and the open
     // request's hour hold came over.
     let r = send_same(&gw);
-    assert_eq!(
-        (r.status, r.code().as_str()),
-        (429, "loop_detected"),
-        "{}",
-        r.text()
-    );
+    assert_refused(&r, "loop_detected");
     let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry), "{retry}");
     let r = send_second(&gw);
-    assert_eq!(
-        (r.status, r.code().as_str()),
-        (429, "spend_rate_exceeded"),
-        "{}",
-        r.text()
-    );
+    assert_refused(&r, "spend_rate_exceeded");
     assert_eq!(
         mock.requests().len(),
         2,
