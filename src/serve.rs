@@ -290,13 +290,17 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
         graceful_shutdown_timeout_seconds: Some(1),
         upgrade_sock: tuning.upgrade_sock.clone(),
         // Pingora's timeouts of a second or more (upstream reads, the pooled connections' idle
-        // wait, the kept-alive wait for the next head) on Tokio's timer wheel, not the fork's
-        // "fast" timers: those cost more per request here (a lock and a BTreeMap per
-        // registration, ~2.3k instructions a request more by `benches/instr.py`) and start a
-        // clock thread that wakes every 10 ms on the proxy's core.
+        // wait, the kept-alive wait for the next head) leave the fork's "fast" timers: those
+        // cost more per request here (a lock and a BTreeMap per registration, ~2.3k
+        // instructions a request more by `benches/instr.py`) and start a clock thread that
+        // wakes every 10 ms on the proxy's core. They go to the coarse timer below.
         fast_timeout_to_tokio_threshold_seconds: Some(0),
         ..ServerConf::default()
     };
+    // Those timeouts are armed about 3.3 times a request and nearly always cancelled within
+    // microseconds: on the coarse timer (vendor/README.md) that costs a slot in a table, on
+    // Tokio's timer wheel ~1.6k instructions each. They fire up to 50 ms late.
+    pingora_timeout::fast_timeout::set_coarse_timer(true);
     ensure_upgrade_dir(&tuning.upgrade_sock, opt.upgrade)?;
     // Started with `--upgrade` on one node: a relay socket for what the old process receives
     // once it handed over, announced before the old one is told to (see `handover`).
