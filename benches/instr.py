@@ -78,6 +78,12 @@ ap.add_argument("--atomics", action="store_true",
                      "or xchg with memory) each proxy's own binary executes per request, and G's by "
                      "function: callgrind counts one such instruction as one, where natively each costs "
                      "~20 cycles and waits for the stores before it (callgrind runs with --dump-instr=yes)")
+ap.add_argument("--cache-sim", action="store_true",
+                help="also simulate the caches (callgrind --cache-sim=yes, the host's L1 and last-level "
+                     "sizes): L1 instruction and data misses per request for P and G, and the functions "
+                     "with the most extra L1 instruction misses. Instructions count what a request "
+                     "executes; the misses follow what it costs on the wall clock (a request's code and "
+                     "data leave the L1 before the next one)")
 args = ap.parse_args()
 args.redis = args.redis or args.redis_ir
 CONTENT_TYPE = "application/json"
@@ -160,7 +166,8 @@ def measure(name, cmd, env, port, token, prepare=None, beside=(), mark=None):
     for f in glob.glob(prefix + "*"):
         os.remove(f)
     p = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}.%p",
-                          f"--dump-instr={'yes' if args.atomics else 'no'}", "--collect-atstart=yes"] + cmd, env=env,
+                          f"--dump-instr={'yes' if args.atomics else 'no'}", "--collect-atstart=yes"]
+                         + (["--cache-sim=yes"] if args.cache_sim else []) + cmd, env=env,
                          stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, f"{name}.err"), "w"))
     try:
         if not wait_port(port):
@@ -218,7 +225,7 @@ PHASES = [
 def print_phases(dumps, n):
     if not dumps or not n:
         return
-    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", dumps[0]],
+    out = subprocess.run(["callgrind_annotate", "--show=Ir", "--inclusive=yes", dumps[0]],
                          capture_output=True, text=True).stdout
     print("\nG by phase (inclusive Ir per request; phases overlap where one calls another):")
     for label, pat in PHASES:
@@ -233,6 +240,58 @@ def print_phases(dumps, n):
         print(f"  {label:<42} {best / n:>9,.0f}")
 
 
+def event_totals(dumps):
+    """Every event's total over a proxy's measured dumps (callgrind's `events:` and
+    `summary:` lines)."""
+    totals = {}
+    for f in dumps:
+        text = open(f, errors="replace").read()
+        names = re.search(r"^events: (.+)$", text, re.M)
+        values = re.search(r"^(?:summary|totals): (.+)$", text, re.M)
+        if names and values:
+            for k, v in zip(names.group(1).split(), values.group(1).split()):
+                totals[k] = totals.get(k, 0) + int(v)
+    return totals
+
+
+def misses_by_function(dump, event):
+    """Exclusive count of one event per function (callgrind_annotate's flat list)."""
+    out = subprocess.run(["callgrind_annotate", f"--show={event}", "--sort=" + event, "--inclusive=no",
+                          "--threshold=100", "--auto=no", dump], capture_output=True, text=True).stdout
+    total = re.search(r"^\s*([\d,]+) \([^)]*\)\s+PROGRAM TOTALS", out, re.M)
+    total = int(total.group(1).replace(",", "")) if total else 0
+    counts = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*([\d,]+) \([^)]*\)\s+(\S.*)", line)
+        # The thread entry points come out with the whole program's count: not a function's own.
+        if m and "PROGRAM TOTALS" not in line and int(m.group(1).replace(",", "")) <= total // 2:
+            name = re.sub(r"\s+\[[^\]]*\]$", "", m.group(2))
+            name = name.split(":", 1)[1] if "/" in name.split(":", 1)[0] else name
+            counts[name] = counts.get(name, 0) + int(m.group(1).replace(",", ""))
+    return counts
+
+
+def print_cache_misses(res):
+    print("\nCache misses per request (callgrind's cache simulation):")
+    rows = [("I1mr", "L1 instruction misses"), ("D1mr", "L1 data read misses"),
+            ("D1mw", "L1 data write misses"), ("ILmr", "last-level instruction misses"),
+            ("DLmr", "last-level data read misses"), ("DLmw", "last-level data write misses")]
+    per = {t: event_totals(res[t][3]) for t in ("P", "G")}
+    for ev, label in rows:
+        p, g = (per[t].get(ev, 0) / max(res[t][1], 1) for t in ("P", "G"))
+        print(f"  {label:<32} P {p:>9,.0f}   G {g:>9,.0f}   G/P {g / p if p else 0:.2f}")
+    l1 = {t: sum(per[t].get(e, 0) for e in ("I1mr", "D1mr", "D1mw")) / max(res[t][1], 1) for t in ("P", "G")}
+    print(f"  {'all L1 misses':<32} P {l1['P']:>9,.0f}   G {l1['G']:>9,.0f}   G/P {l1['G'] / l1['P']:.2f}"
+          f"   (instructions: {res['G'][0] / res['P'][0]:.2f})")
+    if res["P"][3] and res["G"][3]:
+        p = misses_by_function(res["P"][3][0], "I1mr")
+        g = misses_by_function(res["G"][3][0], "I1mr")
+        extra = sorted(set(p) | set(g), key=lambda k: p.get(k, 0) - g.get(k, 0))[:15]
+        print("  most extra L1 instruction misses (G - P per request, by function):")
+        for k in extra:
+            print(f"    {(g.get(k, 0) - p.get(k, 0)) / res['G'][1]:>+7.1f}  {k[:110]}")
+
+
 # mimalloc's entry points: calls into them are allocations (and frees), whichever Rust
 # function the compiler inlined `__rust_alloc` into. Only the entry named with its binary
 # ("prim.h:mi_malloc_aligned [bin]"): the same function is listed again under its source file.
@@ -242,7 +301,7 @@ ALLOC_ENTRIES = re.compile(r"\*\s+\S*:(mi_malloc_aligned|mi_zalloc_aligned|mi_re
 def allocations(dump, n):
     """Calls per request into each mimalloc entry point, and the allocating side's inclusive
     instructions per request, for one dump."""
-    tree = subprocess.run(["callgrind_annotate", "--tree=caller", "--auto=no", "--threshold=100", dump],
+    tree = subprocess.run(["callgrind_annotate", "--show=Ir", "--tree=caller", "--auto=no", "--threshold=100", dump],
                           capture_output=True, text=True).stdout
     calls = {}
     for block in tree.split("\n\n"):
@@ -253,7 +312,8 @@ def allocations(dump, n):
             m = re.match(r"\s*[\d,]+\s+\([^)]*\)\s+<\s+.*\((\d[\d,]*)x\)", line)
             if m:
                 calls[star.group(1)] = calls.get(star.group(1), 0) + int(m.group(1).replace(",", ""))
-    incl = subprocess.run(["callgrind_annotate", "--inclusive=yes", dump], capture_output=True, text=True).stdout
+    incl = subprocess.run(["callgrind_annotate", "--show=Ir", "--inclusive=yes", dump], capture_output=True,
+                          text=True).stdout
     ir = max((int(m.group(1).replace(",", "")) for m in
               re.finditer(r"^\s*([\d,]+) \([^)]*\)\s+\S*prim\.h:mi_malloc_aligned \[", incl, re.M)), default=0)
     allocs = sum(v for k, v in calls.items() if k != "mi_free")
@@ -461,6 +521,8 @@ models:
               f"dumps: {' '.join(dumps)}")
     print_phases(res["G"][3], res["G"][1])
     print_allocations(res)
+    if args.cache_sim:
+        print_cache_misses(res)
     if args.atomics:
         print_atomics(res, {"P": pcmd[0], "G": GATE_BIN})
 finally:

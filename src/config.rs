@@ -595,6 +595,11 @@ pub struct AdminConfig {
     pub tls: Option<TlsFiles>,
 }
 
+/// The admin token: the value of environment variable `name`, unless unset or empty.
+pub fn admin_token_from_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|t| !t.is_empty())
+}
+
 /// A listener's certificate chain and private key (PEM files), re-read on SIGHUP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {

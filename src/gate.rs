@@ -480,7 +480,7 @@ impl Gate {
         config.admin = running.config.admin.clone();
         let mut unset_token_env = None;
         if let (Some(admin), Some(env)) = (config.admin.as_mut(), token_env) {
-            if admin.token_env != env && crate::admin::token_from_env(&env).is_none() {
+            if admin.token_env != env && crate::config::admin_token_from_env(&env).is_none() {
                 unset_token_env = Some(env.clone());
             }
             admin.token_env = env;

@@ -160,14 +160,9 @@ fn key_filter(query: &HashMap<String, String>) -> Result<Option<KeyFilter>, Repl
     }))
 }
 
-/// The admin token: the value of environment variable `name`, unless unset or empty.
-pub fn token_from_env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|t| !t.is_empty())
-}
-
 impl AdminApp {
     pub fn new(gate: Arc<Gate>, token_env: &str) -> AdminApp {
-        if token_from_env(token_env).is_none() {
+        if crate::config::admin_token_from_env(token_env).is_none() {
             log::warn!("${token_env} is not set: the admin API refuses every call");
         }
         AdminApp { gate }
@@ -182,7 +177,7 @@ impl AdminApp {
             .config
             .admin
             .as_ref()
-            .and_then(|a| token_from_env(&a.token_env));
+            .and_then(|a| crate::config::admin_token_from_env(&a.token_env));
         let given = session
             .req_header()
             .headers
@@ -270,7 +265,7 @@ impl AdminApp {
             // As `/v1/usage`: include a request whose response just ended.
             let live = gate.keys().by_id(id).cloned();
             if let Some(key) = live {
-                key.counters.settled(crate::proxy::SETTLE_WAIT).await;
+                key.counters.settled(crate::limits::SETTLE_WAIT).await;
             }
         }
         let joined = tokio::task::spawn_blocking(move || {

@@ -41,7 +41,7 @@ use io::{read_body, read_form_opening, send_json};
 use upload::Upload;
 use watchdog::{ReadTimeouts, UpstreamWatch};
 
-pub use crate::limits::SETTLE_WAIT;
+use crate::limits::SETTLE_WAIT;
 
 /// A request refused before authentication (draining, an oversized head) is still traced
 /// under the key its token names (SPEC §4), as a revoked token's refusal is.
