@@ -958,14 +958,15 @@ impl SseUsageParser {
             }
         }
         loop {
-            // At an event's start: an event shaped like the last one is read at a glance.
+            // At an event's start: the events shaped like the last one are read at a glance.
             if self.line.is_empty() && !self.has_data && !self.event_overflow {
-                if let Some((end, text)) = self.shape.read(chunk, pos) {
+                if let Some((end, text, _events)) = self.shape.read_run(chunk, pos) {
                     self.content_bytes = self.content_bytes.saturating_add(text);
                     #[cfg(test)]
                     {
-                        self.shaped += 1;
+                        self.shaped += _events;
                     }
+                    // Kept blocks side by side: closed as one.
                     if self.strip {
                         self.end_block(chunk, block_start..end, false, &mut out);
                     }

@@ -52,36 +52,51 @@ impl EventShape {
         self.other_text = other_text;
     }
 
-    /// If `chunk[at..]` starts with a whole event of this shape: where it ends in `chunk` and
-    /// the text bytes it holds.
-    pub(super) fn read(&self, chunk: &[u8], at: usize) -> Option<(usize, u64)> {
+    /// The run of whole events of this shape that starts at `chunk[at..]`, one after
+    /// another: where the last one ends in `chunk`, the text bytes they hold, and how many
+    /// there are (at least one, else `None`). Read in one call, the events of a chunk cost
+    /// their compares and not a call, the set-up and the caller's bookkeeping each.
+    pub(super) fn read_run(&self, chunk: &[u8], mut at: usize) -> Option<(usize, u64, usize)> {
         if self.head_len == 0 {
             return None;
         }
-        let rest = chunk.get(at..)?;
         let (head, tail) = self.bytes.split_at(self.head_len);
-        if !rest.starts_with(head) {
-            return None;
+        let (mut text, mut events) = (0u64, 0usize);
+        while let Some((end, value_len)) = read_one(head, tail, chunk, at) {
+            at = end;
+            text += self.other_text + value_len;
+            events += 1;
         }
-        // The value, eight bytes a step to its next quote, backslash or control byte.
-        let mut i = head.len();
-        loop {
-            i = crate::providers::json_scan::plain_run(rest, i);
-            match *rest.get(i)? {
-                b'"' => break,
-                b'\\' => match *rest.get(i + 1)? {
-                    b'\n' | b'\r' => return None,
-                    _ => i += 2,
-                },
-                b'\n' | b'\r' => return None,
-                // Another control byte: part of the value, as any byte but these.
-                _ => i += 1,
-            }
-        }
-        let end = i + tail.len();
-        if end > MAX_EVENT_BYTES || !rest[i..].starts_with(tail) {
-            return None;
-        }
-        Some((at + end, self.other_text + (i - head.len()) as u64))
+        (events > 0).then_some((at, text, events))
     }
+}
+
+/// If `chunk[at..]` starts with a whole event made of `head`, a value and `tail`: where it
+/// ends in `chunk` and the value's length.
+#[inline(always)]
+fn read_one(head: &[u8], tail: &[u8], chunk: &[u8], at: usize) -> Option<(usize, u64)> {
+    let rest = chunk.get(at..)?;
+    if !rest.starts_with(head) {
+        return None;
+    }
+    // The value, eight bytes a step to its next quote, backslash or control byte.
+    let mut i = head.len();
+    loop {
+        i = crate::providers::json_scan::plain_run(rest, i);
+        match *rest.get(i)? {
+            b'"' => break,
+            b'\\' => match *rest.get(i + 1)? {
+                b'\n' | b'\r' => return None,
+                _ => i += 2,
+            },
+            b'\n' | b'\r' => return None,
+            // Another control byte: part of the value, as any byte but these.
+            _ => i += 1,
+        }
+    }
+    let end = i + tail.len();
+    if end > MAX_EVENT_BYTES || !rest[i..].starts_with(tail) {
+        return None;
+    }
+    Some((at + end, (i - head.len()) as u64))
 }
