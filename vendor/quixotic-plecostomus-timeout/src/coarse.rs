@@ -153,25 +153,42 @@ impl Coarse {
         }
     }
 
-    /// Fires every timeout whose deadline is at or before `now`'s tick.
+    /// Fires every timeout whose deadline is at or before `now`'s tick. The table is walked
+    /// [`SWEEP_CHUNK`] slots at a time, each under the lock, so a registration waits at most
+    /// for one chunk's walk however many timeouts wait.
     fn sweep(&self, now: Instant, due: &mut Vec<Waker>) {
         let now = self.ticks(now, false);
-        {
-            let mut table = self.table.lock();
-            // Stored under the lock, so a wait that registers after this sweep sees it.
-            self.swept.store(now, Ordering::Release);
-            for index in 0..table.slots.len() {
-                let slot = &table.slots[index];
-                if slot.waker.is_some() && slot.deadline <= now {
-                    due.extend(table.free(index as u32));
+        let mut from = 0;
+        loop {
+            let more = {
+                let mut table = self.table.lock();
+                if from == 0 {
+                    // Stored under the lock before the walk: a wait that registers from here
+                    // on, in a slot walked or not, sees its deadline passed and does not wait.
+                    self.swept.store(now, Ordering::Release);
                 }
+                let to = table.slots.len().min(from + SWEEP_CHUNK);
+                for index in from..to {
+                    let slot = &table.slots[index];
+                    if slot.waker.is_some() && slot.deadline <= now {
+                        due.extend(table.free(index as u32));
+                    }
+                }
+                from = to;
+                to < table.slots.len()
+            };
+            for waker in due.drain(..) {
+                waker.wake();
             }
-        }
-        for waker in due.drain(..) {
-            waker.wake();
+            if !more {
+                return;
+            }
         }
     }
 }
+
+/// Slots a sweep walks under one hold of the lock.
+const SWEEP_CHUNK: usize = 1024;
 
 /// A wait on the coarse timer: ready once its deadline's tick has been swept. It takes its
 /// slot when first polled (that is when a waker is known) and frees it when dropped.
@@ -373,6 +390,31 @@ mod tests {
         let key = due_later.key.expect("registered");
         drop(due_later);
         assert!(c.table.lock().slot(key).is_none());
+    }
+
+    #[test]
+    fn a_sweep_fires_due_waits_in_every_chunk_of_the_table() {
+        let c = private();
+        let (count, w) = waker();
+        let mut waits: Vec<_> = (0..SWEEP_CHUNK * 2 + 3)
+            .map(|i| {
+                let after = if i % 2 == 0 { HOUR } else { HOUR * 3 };
+                Box::pin(CoarseWait::on(c, after))
+            })
+            .collect();
+        for wait in &mut waits {
+            assert!(wait
+                .as_mut()
+                .poll(&mut Context::from_waker(&w))
+                .is_pending());
+        }
+        let mut due = Vec::new();
+        c.sweep(Instant::now() + HOUR * 2, &mut due);
+        assert_eq!(woken(&count), SWEEP_CHUNK + 2);
+        for (i, wait) in waits.iter_mut().enumerate() {
+            let ready = wait.as_mut().poll(&mut Context::from_waker(&w)).is_ready();
+            assert_eq!(ready, i % 2 == 0, "wait {i}");
+        }
     }
 
     #[test]
