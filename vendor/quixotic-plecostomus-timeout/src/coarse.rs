@@ -5,29 +5,33 @@
 //! next request head, the wait for the upstream's answer, the pooled connection's idle wait.
 //! They last seconds and are cancelled microseconds later, when the bytes come. On Tokio's
 //! timer each one inserts an entry into the timer wheel, re-registers it when polled, removes
-//! it on drop and moves the driver's next wake-up: about 1.6k instructions a timeout and 3.3
-//! timeouts a request (`benches/instr.py` in SpiderGate), more than the gateway's whole
-//! admission. Pingora's own fast timer costs more still (a lock and a `BTreeMap` per
-//! registration) and wakes a clock thread every 10 ms.
+//! it on drop and moves the driver's next wake-up: about 550 instructions a timeout, 3.3
+//! timeouts a request (`benches/instr.py` in SpiderGate); here about 240. Pingora's own fast
+//! timer costs more still (a lock and a `BTreeMap` per registration) and wakes a clock thread
+//! every 10 ms.
 //!
 //! Here a waiting timeout takes a slot in one table under a mutex: its deadline, rounded up to
 //! the next [`TICK`], and its task's waker. Dropping it frees the slot. One thread sweeps the
 //! table every tick and wakes the tasks whose deadline has passed; the wait then sees the
 //! sweep's tick (an atomic) at or past its deadline. A timeout so fires between its duration
-//! and its duration plus about a tick, never before: right for timeouts of a second or more,
-//! which is what SpiderGate sends here (`set_coarse_timer`).
+//! and its duration plus about two ticks (the deadline's rounding, then the wait for the next
+//! sweep), never before: right for timeouts of a second or more, which is what SpiderGate
+//! sends here (`set_coarse_timer`).
 //!
 //! The costs: a clock read, a lock, a slot and a waker clone to arm; a lock and a slot to
-//! drop; an atomic load per poll. The sweep walks every slot each tick (a few thousand waiting
-//! timeouts are a few microseconds), holding the lock while it does. The thread is started
-//! by the first registration: a process that forks (Pingora's daemon mode) does so before it
-//! serves, so before any.
+//! drop; an atomic load per poll. One mutex serves every thread: uncontended on SpiderGate's
+//! few worker threads, a point to shard (one table per worker) on many cores. The sweep walks
+//! every slot each tick, [`SWEEP_CHUNK`] under one hold of the lock (a few thousand waiting
+//! timeouts are a few microseconds); the table keeps its largest size. The thread is started
+//! by the first registration (retried at the next one if it cannot be): a process that forks
+//! (Pingora's daemon mode) does so before it serves, so before any; one that registered and
+//! then forked would have no sweeper in the child.
 
 use parking_lot::Mutex;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Once, OnceLock};
+use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -47,6 +51,8 @@ struct Slot {
 struct Table {
     slots: Vec<Slot>,
     free: Vec<u32>,
+    /// The sweeper thread runs.
+    sweeping: bool,
 }
 
 impl Table {
@@ -98,7 +104,6 @@ struct Coarse {
     /// The tick of the last sweep: every deadline at or before it has fired.
     swept: AtomicU64,
     table: Mutex<Table>,
-    sweeper: Once,
 }
 
 fn coarse() -> &'static Coarse {
@@ -112,7 +117,6 @@ impl Coarse {
             base: Instant::now(),
             swept: AtomicU64::new(0),
             table: Mutex::new(Table::default()),
-            sweeper: Once::new(),
         }
     }
 
@@ -136,13 +140,16 @@ impl Coarse {
         self.swept.load(Ordering::Acquire) >= deadline
     }
 
-    fn start_sweeper(&'static self) {
-        self.sweeper.call_once(|| {
-            std::thread::Builder::new()
-                .name("Coarse timer".into())
-                .spawn(move || self.sweep_forever())
-                .expect("the coarse timer's thread starts");
-        });
+    /// Starts the sweeper thread unless it runs (the table's lock held): at the first
+    /// registration, and again at the next one if the system could not start it.
+    fn start_sweeper(&'static self, table: &mut Table) {
+        if table.sweeping {
+            return;
+        }
+        table.sweeping = std::thread::Builder::new()
+            .name("Coarse timer".into())
+            .spawn(move || self.sweep_forever())
+            .is_ok();
     }
 
     fn sweep_forever(&self) -> ! {
@@ -165,7 +172,7 @@ impl Coarse {
                 if from == 0 {
                     // Stored under the lock before the walk: a wait that registers from here
                     // on, in a slot walked or not, sees its deadline passed and does not wait.
-                    self.swept.store(now, Ordering::Release);
+                    self.swept.fetch_max(now, Ordering::Release);
                 }
                 let to = table.slots.len().min(from + SWEEP_CHUNK);
                 for index in from..to {
@@ -222,25 +229,30 @@ impl Future for CoarseWait {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let c = self.timer;
         if c.fired(self.deadline) {
+            // A sweep frees the slot of every wait it fires: the key is stale (dropped, so a
+            // slot reused 2^32 times could not match it).
+            self.key = None;
             return Poll::Ready(());
         }
         let stale = {
             let mut table = c.table.lock();
             // Checked again under the lock: a sweep stores its tick under it.
             if c.fired(self.deadline) {
+                self.key = None;
                 return Poll::Ready(());
             }
-            match self.key.and_then(|key| table.slot(key)) {
+            let stale = match self.key.and_then(|key| table.slot(key)) {
                 Some(slot) if slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) => None,
                 Some(slot) => slot.waker.replace(cx.waker().clone()),
                 None => {
                     self.key = Some(table.insert(self.deadline, cx.waker().clone()));
                     None
                 }
-            }
+            };
+            c.start_sweeper(&mut table);
+            stale
         };
         drop(stale);
-        c.start_sweeper();
         Poll::Pending
     }
 }
@@ -282,10 +294,12 @@ mod tests {
         count.0.load(Ordering::SeqCst)
     }
 
-    /// A timer of the test's own, swept by hand (its thread, started by a registration,
-    /// sweeps in real time, and the tests' deadlines are an hour or more away).
+    /// A timer of the test's own, swept by hand only (no thread), with deadlines an hour or
+    /// more away.
     fn private() -> &'static Coarse {
-        Box::leak(Box::new(Coarse::new()))
+        let c = Coarse::new();
+        c.table.lock().sweeping = true;
+        Box::leak(Box::new(c))
     }
 
     const HOUR: Duration = Duration::from_secs(3600);
@@ -380,6 +394,8 @@ mod tests {
             .as_mut()
             .poll(&mut Context::from_waker(&w2))
             .is_ready());
+        // Fired, its slot freed by the sweep: it keeps no key that a reused slot could match.
+        assert_eq!(due_soon.key, None);
         assert!(due_later
             .as_mut()
             .poll(&mut Context::from_waker(&w3))
