@@ -26,22 +26,35 @@ pub fn services_required() {
     }
 }
 
-/// A free loopback port, never one this process handed out before: the OS may offer a
-/// just-released port again, and a gateway whose proxy and admin listeners got the same
-/// one would answer proxy requests from the admin API.
+/// A free loopback port for a listener that a gateway binds later, never one this process
+/// handed out before (a gateway whose proxy and admin listeners got the same one would answer
+/// proxy requests from the admin API).
+///
+/// Taken below the kernel's ephemeral range (32768–60999 by default), where the port another
+/// test process just released (`bind(0)` hands those out again) and the source port of an
+/// outgoing connection never land: either could take the port before the gateway binds it,
+/// and the test would then talk to another process. Each test process walks the range from
+/// its own place (from its pid and the clock), checking each port free by binding it.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let seed = std::process::id().wrapping_mul(7_919) ^ nanos;
+    let _ = NEXT.compare_exchange(u32::MAX, seed % SPAN, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
         let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-        if !given.contains(&port) {
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
             given.push(port);
             return port;
         }
     }
+    panic!("no free loopback port in {LOW}..{}", LOW + SPAN);
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout`.
