@@ -271,6 +271,21 @@ impl Drop for CoarseWait {
     }
 }
 
+/// The timeout generated for [`CoarseWait`]s (see [`crate::fast_timeout::set_coarse_timer`]).
+pub struct CoarseTimeout(Duration);
+
+impl crate::ToTimeout for CoarseTimeout {
+    type Delay = CoarseWait;
+
+    fn timeout(&self) -> Self::Delay {
+        CoarseWait::new(self.0)
+    }
+
+    fn create(d: Duration) -> Self {
+        CoarseTimeout(d)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,20 +457,5 @@ mod tests {
         c.sweep(Instant::now() + HOUR * 2, &mut due);
         assert!(wait.as_mut().poll(&mut Context::from_waker(&w)).is_ready());
         assert_eq!((wait.key, woken(&count)), (None, 0));
-    }
-}
-
-/// The timeout generated for [`CoarseWait`]s (see [`crate::fast_timeout::set_coarse_timer`]).
-pub struct CoarseTimeout(Duration);
-
-impl crate::ToTimeout for CoarseTimeout {
-    type Delay = CoarseWait;
-
-    fn timeout(&self) -> Self::Delay {
-        CoarseWait::new(self.0)
-    }
-
-    fn create(d: Duration) -> Self {
-        CoarseTimeout(d)
     }
 }

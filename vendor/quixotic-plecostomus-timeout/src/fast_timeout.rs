@@ -171,7 +171,7 @@ impl ToTimeout for FastOrTokioTimeout {
                 sleep: TokioTimeout::create(self.duration).timeout(),
             },
             TimeoutKind::Coarse => FastOrTokioDelay::Coarse {
-                wait: crate::coarse::CoarseWait::new(self.duration),
+                wait: crate::coarse::CoarseTimeout::create(self.duration).timeout(),
             },
         }
     }
