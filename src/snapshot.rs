@@ -70,6 +70,19 @@ impl Routes {
         let mut provider_links = Vec::with_capacity(config.providers.len());
         let egress = EgressProxy::from_env()?;
         let mut warnings = Vec::new();
+        if config
+            .shared_state
+            .as_ref()
+            .is_some_and(|s| s.redis_url.is_none())
+        {
+            warnings.push(
+                "shared_state: PostgreSQL but no Redis (`redis_url_env`): keys, spend and traces \
+                 are shared, but each node counts rpm, rpd, max_inflight and budget holds on its \
+                 own, so N nodes admit up to N times a key's limits; name a Redis for limits \
+                 that hold across the cluster"
+                    .to_string(),
+            );
+        }
         let mut upstream_uris = Vec::with_capacity(config.providers.len());
         let mut provider_headers = Vec::with_capacity(config.providers.len());
         let mut provider_keys = Vec::with_capacity(config.providers.len());

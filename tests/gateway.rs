@@ -874,6 +874,40 @@ fn check_config_names_the_field_path() {
     assert!(!out.status.success());
 }
 
+/// PostgreSQL alone shares keys and spend, not the live limits: `check-config` (and `serve`,
+/// which logs the same warnings) says so, and is quiet once a Redis is named.
+#[test]
+fn shared_state_without_redis_is_accepted_with_a_warning_that_limits_are_per_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let good =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/spidergate.yaml"))
+            .unwrap();
+    let run = |shared: &str| {
+        let p = dir.path().join("c.yaml");
+        std::fs::write(&p, format!("{good}\nshared_state:\n{shared}")).unwrap();
+        std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&p)
+            .arg("check-config")
+            .env("SG_TEST_PG", "postgres://sg@127.0.0.1:1/sg")
+            .env("SG_TEST_REDIS", "redis://127.0.0.1:1/")
+            .output()
+            .unwrap()
+    };
+    let out = run("  postgres_url_env: SG_TEST_PG\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: shared_state: PostgreSQL but no Redis")
+            && stderr.contains("N times a key's limits"),
+        "{stderr}"
+    );
+    let out = run("  postgres_url_env: SG_TEST_PG\n  redis_url_env: SG_TEST_REDIS\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("shared_state"), "{stderr}");
+}
+
 #[test]
 fn clients_cannot_steer_the_upstream() {
     let mock = mock();

@@ -1509,8 +1509,24 @@ fn a_ledger_that_cannot_write_stops_hard_keys_only_and_loses_nothing() {
     let hard = gw.create_key(&["--budget", "1", "--budget-mode", "hard"]);
     let soft = gw.create_key(&["--budget", "1", "--budget-mode", "soft"]);
     let open = gw.create_key(&[]);
-    let mut served = [0i64; 3]; // hard, soft, open
-    for (i, key) in [&hard, &soft, &open].into_iter().enumerate() {
+    // No budget of its own, but a hard group budget binds it as its own would (SPEC §7).
+    let out = gw.cli(&[
+        "groups",
+        "create",
+        "capped",
+        "--budget",
+        "5",
+        "--budget-mode",
+        "hard",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let grouped = gw.create_key(&["--group", "capped"]);
+    let mut served = [0i64; 4]; // hard, soft, open, grouped
+    for (i, key) in [&hard, &soft, &open, &grouped].into_iter().enumerate() {
         assert_eq!(gw.chat(key, "gpt-4o-mini").status, 200);
         served[i] += 1;
     }
@@ -1542,14 +1558,16 @@ fn a_ledger_that_cannot_write_stops_hard_keys_only_and_loses_nothing() {
         "/health 503 names the ledger: {}",
         down.text()
     );
-    let r = gw.chat(&hard, "gpt-4o-mini");
-    assert_eq!(
-        (r.status, code_of(&r).as_str()),
-        (503, "ledger_unavailable"),
-        "{}",
-        r.text()
-    );
-    assert_error_code_header(&r, "ledger 503");
+    for key in [&hard, &grouped] {
+        let r = gw.chat(key, "gpt-4o-mini");
+        assert_eq!(
+            (r.status, code_of(&r).as_str()),
+            (503, "ledger_unavailable"),
+            "{}",
+            r.text()
+        );
+        assert_error_code_header(&r, "ledger 503");
+    }
     for (i, key) in [&soft, &open].into_iter().enumerate() {
         let r = gw.chat(key, "gpt-4o-mini");
         assert_eq!(r.status, 200, "served while the ledger is down");
@@ -1565,7 +1583,9 @@ fn a_ledger_that_cannot_write_stops_hard_keys_only_and_loses_nothing() {
         (gw.chat(&hard, "gpt-4o-mini").status == 200).then_some(())
     });
     served[0] += 1;
-    for (i, key) in [&hard, &soft, &open].into_iter().enumerate() {
+    assert_eq!(gw.chat(&grouped, "gpt-4o-mini").status, 200);
+    served[3] += 1;
+    for (i, key) in [&hard, &soft, &open, &grouped].into_iter().enumerate() {
         let booked = wait_for(Duration::from_secs(30), "every request booked", || {
             let n: i64 = gw.spend_rows(&key.id).iter().map(|r| r.1).sum();
             (n >= served[i]).then_some(n)

@@ -90,15 +90,17 @@ pub struct RetryPolicy {
 
 impl RetryPolicy {
     /// After `attempts` failed attempts (>= 1) of an alert recorded at `created_at`: when to
-    /// try again, or `None` when the next try would fall past the give-up time.
+    /// try again, or `None` once the give-up time has come. A try the back-off would put
+    /// past the give-up time is made at it, so a delivery is retried for the whole of
+    /// `give_up_ms` (SPEC §7: at least an hour), not until the back-off's last step before.
     pub fn next_attempt(&self, attempts: u32, created_at: i64, now: i64) -> Option<i64> {
         let doublings = attempts.saturating_sub(1).min(40);
         let delay = self
             .base_ms
             .saturating_mul(1_i64 << doublings)
             .min(self.max_ms);
-        let at = now.saturating_add(delay);
-        (at <= created_at.saturating_add(self.give_up_ms)).then_some(at)
+        let give_up = created_at.saturating_add(self.give_up_ms);
+        (now < give_up).then(|| now.saturating_add(delay).min(give_up))
     }
 }
 
@@ -284,12 +286,27 @@ mod tests {
         assert_eq!(p.next_attempt(2, 0, 0), Some(10_000));
         assert_eq!(p.next_attempt(8, 0, 0), Some(600_000), "capped");
         assert_eq!(p.next_attempt(60, 0, 0), Some(600_000), "no overflow");
-        // Retries keep coming for at least an hour, and stop by the give-up time.
+        // Retries keep coming until the give-up time, the last one at it, then stop.
         let (mut now, mut attempts) = (0, 1);
         while let Some(at) = p.next_attempt(attempts, 0, now) {
+            assert!(at > now && at <= 7_200_000, "{at} after {now}");
             now = at;
             attempts += 1;
         }
-        assert!((3_600_000..=7_200_000).contains(&now), "{now}");
+        assert_eq!(now, 7_200_000);
+        // The shortest allowed: an hour, whatever the back-off's steps.
+        let hour = RetryPolicy {
+            base_ms: 5_000,
+            max_ms: 600_000,
+            give_up_ms: 3_600_000,
+        };
+        let (mut now, mut attempts) = (0, 1);
+        while let Some(at) = hour.next_attempt(attempts, 0, now) {
+            now = at;
+            attempts += 1;
+        }
+        assert_eq!(now, 3_600_000, "the last try is an hour after the alert");
+        assert_eq!(hour.next_attempt(3, 0, 3_599_000), Some(3_600_000));
+        assert_eq!(hour.next_attempt(3, 0, 3_600_000), None);
     }
 }

@@ -167,9 +167,8 @@ impl GateProxy {
         let key = &*ctx
             .key
             .insert(admission::lookup(&ctx.snap.keys, hash, now.wall)?);
-        if key.limits.hard_budget
-            && key.limits.budget.is_some()
-            && self.gate.ledger.health().failing()
+        if self.gate.ledger.health().failing()
+            && crate::fleet::hard_capped(&ctx.snap.keys, key, now.wall)
         {
             return Err(GateError::LedgerUnavailable);
         }

@@ -201,15 +201,17 @@ impl Lua {
     /// `EVALSHA <sha> <numkeys>`; the caller appends keys and arguments. One `Cmd` buffer,
     /// no per-argument allocations (unlike `ScriptInvocation`).
     fn call(&self, keys: usize) -> Cmd {
-        self.call_sized(keys, 0, false)
+        let mut cmd = Cmd::with_capacity(3, 64);
+        cmd.arg("EVALSHA").arg(self.script.get_hash()).arg(keys);
+        cmd
     }
 
-    /// [`Lua::call`] with room for `ops` operations' arguments (an admission's or
-    /// settlement's, [`OP_ARGS`] and [`OP_BYTES`] each), so appending them does not grow
-    /// the buffers again and again. `FCALL <name> <numkeys>` instead when the script is a
-    /// function too and `functions` says Redis has them.
-    fn call_sized(&self, keys: usize, ops: usize, functions: bool) -> Cmd {
-        let mut cmd = Cmd::with_capacity(3 + ops * OP_ARGS, 64 + ops * OP_BYTES);
+    /// A batch driver's call: `FCALL <name> <numkeys>` when the script is a function too
+    /// and `functions` says Redis has them, else `EVALSHA <sha> <numkeys>`, with room for
+    /// `ops` operations' arguments ([`OP_BYTES`] each), so appending them does not grow the
+    /// buffer again and again.
+    fn head(&self, keys: usize, ops: usize, functions: bool) -> resp::Args {
+        let mut cmd = resp::Args::with_capacity(64 + ops * OP_BYTES);
         match &self.function {
             Some(f) if functions => cmd.arg("FCALL").arg(&f.name),
             _ => cmd.arg("EVALSHA").arg(self.script.get_hash()),
@@ -424,10 +426,9 @@ struct Core {
     queue: std::sync::Mutex<Queue>,
 }
 
-/// Room made per operation in a command: the arguments of a lone key's admission (the
-/// longest common one) and their bytes, with margin.
-const OP_ARGS: usize = 14;
-const OP_BYTES: usize = 160;
+/// Room made per operation in a command: the bytes of a lone key's admission (the longest
+/// common one) as RESP, with margin.
+const OP_BYTES: usize = 200;
 
 /// Operations carried per batch at most; more wait for the next one.
 const MAX_BATCH: usize = 128;
@@ -439,7 +440,8 @@ struct Op {
     /// The reservation it admits or settles.
     res_id: u64,
     keys: usize,
-    args: Cmd,
+    /// Its keys then arguments, as written for `admit.lua` / `settle.lua`.
+    args: resp::Args,
     /// In a batch, sent in `batch.lua`'s short form ('A', 'S': without what every operation
     /// of the batch shares); an admission with levels or brakes is sent whole ('a').
     short: bool,
@@ -565,6 +567,7 @@ impl Driver {
         let core = self.core.clone();
         // Its caller is gone before it was sent (its request ended): not sent at all.
         let ops: Vec<Queued> = ops.into_iter().filter(|q| !q.tx.is_closed()).collect();
+        let functions = core.functions.load(Ordering::Relaxed);
         let (lua, cmd) = match ops.as_slice() {
             [] => return,
             // Alone: the operation's own code, which is cheaper for one than a batch.
@@ -573,37 +576,12 @@ impl Driver {
                     Kind::Admit => &core.scripts.admit,
                     Kind::Settle => &core.scripts.settle,
                 };
-                let mut cmd =
-                    lua.call_sized(one.op.keys, 1, core.functions.load(Ordering::Relaxed));
-                append(&mut cmd, &one.op.args);
-                (lua, cmd)
+                (lua, alone_call(lua, &one.op, functions))
             }
             _ => {
                 let lua = &core.scripts.batch;
-                let mut cmd = lua.call_sized(1, ops.len(), core.functions.load(Ordering::Relaxed));
-                cmd.arg("{sg}:res").arg(core.node).arg(core.ttl_ms);
-                for Queued { op, .. } in &ops {
-                    // Which of the operation's keys and arguments its short form carries
-                    // (see `admit` and `settle` for their order): not the node nor the ttl,
-                    // which the batch gives once, nor an admission's key prefix.
-                    let (kind, keep): (&str, &[usize]) = match (op.kind, op.short) {
-                        (Kind::Admit, true) => ("A", &[1, 3, 4, 5, 6, 7, 8, 9, 11]),
-                        (Kind::Settle, _) => ("S", &[0, 2, 3, 4, 5, 6, 7, 8]),
-                        (Kind::Admit, false) => {
-                            let n = op.args.args_iter().count();
-                            cmd.arg("a").arg(op.keys).arg(n.saturating_sub(op.keys));
-                            append(&mut cmd, &op.args);
-                            continue;
-                        }
-                    };
-                    cmd.arg(kind);
-                    for (i, a) in op.args.args_iter().enumerate() {
-                        if let (true, redis::Arg::Simple(b)) = (keep.contains(&i), a) {
-                            cmd.arg(b);
-                        }
-                    }
-                }
-                (lua, cmd)
+                let ops = ops.iter().map(|q| &q.op);
+                (lua, batch_call(lua, ops, core.node, core.ttl_ms, functions))
             }
         };
         self.waiting = ops
@@ -636,6 +614,51 @@ impl Driver {
             }
         }
     }
+}
+
+/// One operation's call of its own script: its keys and arguments as they are.
+fn alone_call(lua: &Lua, op: &Op, functions: bool) -> resp::Args {
+    let mut cmd = lua.head(op.keys, 1, functions);
+    cmd.append_all(&op.args);
+    cmd
+}
+
+/// A call of `batch.lua` (`lua`) carrying `ops`, as its header describes: the node and the
+/// ttl once, then each operation in its short form where it has one (runs of its arguments
+/// copied as they were written: not the node nor the ttl, nor an admission's key prefix),
+/// else whole.
+fn batch_call<'a>(
+    lua: &Lua,
+    ops: impl ExactSizeIterator<Item = &'a Op>,
+    node: u64,
+    ttl_ms: i64,
+    functions: bool,
+) -> resp::Args {
+    let mut cmd = lua.head(1, ops.len(), functions);
+    cmd.arg("{sg}:res").arg(node).arg(ttl_ms);
+    for op in ops {
+        match (op.kind, op.short) {
+            // key_prefix key_id node res_id rpm rpd cap hard max_inflight held ttl estimate
+            (Kind::Admit, true) => {
+                cmd.arg("A");
+                cmd.append(&op.args, 1..2);
+                cmd.append(&op.args, 3..10);
+                cmd.append(&op.args, 11..12);
+            }
+            // key_prefix node res_id has_charge model prompt completion cost month
+            (Kind::Settle, _) => {
+                cmd.arg("S");
+                cmd.append(&op.args, 0..1);
+                cmd.append(&op.args, 2..9);
+            }
+            (Kind::Admit, false) => {
+                let n = op.args.len();
+                cmd.arg("a").arg(op.keys).arg(n.saturating_sub(op.keys));
+                cmd.append_all(&op.args);
+            }
+        }
+    }
+    cmd
 }
 
 /// One admission's or settlement's reply: its integers in order (a settlement's is one, an
@@ -766,6 +789,11 @@ fn is_fcall(cmd: &Cmd) -> bool {
     matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(b"FCALL")))
 }
 
+/// [`is_fcall`] of a batch driver's call.
+fn calls_function(cmd: &resp::Args) -> bool {
+    cmd.iter().next() == Some(b"FCALL")
+}
+
 /// The Tokio runtime this runs on (`None`: outside any), which a connection belongs to.
 fn current_runtime() -> Option<tokio::runtime::Id> {
     tokio::runtime::Handle::try_current().ok().map(|h| h.id())
@@ -838,15 +866,6 @@ fn standing(limits: &Limits, remaining: i64, reset: i64, warning: i64) -> Standi
             .map(|_| u32::try_from(remaining.max(0)).unwrap_or(u32::MAX)),
         reset_secs: reset.max(0) as u64,
         budget_warning: warning == 1,
-    }
-}
-
-/// Appends the arguments of `from` to `cmd`.
-fn append(cmd: &mut Cmd, from: &Cmd) {
-    for a in from.args_iter() {
-        if let redis::Arg::Simple(b) = a {
-            cmd.arg(b);
-        }
     }
 }
 
@@ -999,9 +1018,9 @@ impl Core {
     /// (see [`resp`]): one write, one reply read and parsed in place; a script Redis lost is
     /// loaded and called again. An FCALL Redis refused before running it (its library
     /// missing, functions refused) goes again through [`Core::eval`], which handles it.
-    async fn call(&self, lua: &Lua, cmd: &Cmd) -> Result<Value, Failed> {
+    async fn call(&self, lua: &Lua, cmd: &resp::Args) -> Result<Value, Failed> {
         let Some(address) = &self.lean else {
-            return self.eval(lua, cmd).await;
+            return self.eval(lua, &cmd.to_cmd()).await;
         };
         let runtime = current_runtime();
         let pooled = {
@@ -1019,14 +1038,7 @@ impl Core {
                 };
                 self.round_trips.fetch_add(1, Ordering::Relaxed);
                 sent.store(true, Ordering::Relaxed);
-                let n = cmd.args_iter().count();
-                let args = || {
-                    cmd.args_iter().map(|a| match a {
-                        redis::Arg::Simple(b) => b,
-                        redis::Arg::Cursor => b"0",
-                    })
-                };
-                let mut reply = conn.call(n, args()).await?;
+                let mut reply = conn.call_args(cmd).await?;
                 // Redis lost its script cache (a restart, a failover, SCRIPT FLUSH): the
                 // script did not run; load it and call again, as `eval` does.
                 if matches!(&reply, resp::Reply::Error(e) if resp::Reply::error_code(e) == "NOSCRIPT")
@@ -1036,7 +1048,7 @@ impl Core {
                     if let resp::Reply::Error(e) = conn.call(3, load.into_iter()).await? {
                         return Err(std::io::Error::other(e));
                     }
-                    reply = conn.call(n, args()).await?;
+                    reply = conn.call_args(cmd).await?;
                 }
                 // Redis lost the function library (the same events, or FUNCTION FLUSH): the
                 // call did not run; load the library and call again, as `eval` does. A load
@@ -1045,7 +1057,7 @@ impl Core {
                 // decides what this Redis can run.
                 if let (Some(f), resp::Reply::Error(e)) = (&lua.function, &reply) {
                     let code = resp::Reply::error_code(e);
-                    if is_fcall(cmd)
+                    if calls_function(cmd)
                         && FcallFailure::of_reply(Some(code), e) == Some(FcallFailure::NotLoaded)
                     {
                         self.round_trips.fetch_add(1, Ordering::Relaxed);
@@ -1056,7 +1068,7 @@ impl Core {
                         };
                         if loaded {
                             self.round_trips.fetch_add(1, Ordering::Relaxed);
-                            reply = conn.call(n, args()).await?;
+                            reply = conn.call_args(cmd).await?;
                         }
                     }
                 }
@@ -1079,8 +1091,8 @@ impl Core {
                 // An FCALL Redis refused before running it: `eval` loads the library or
                 // turns to the script (once per Redis that lost its library, or for good).
                 let code = resp::Reply::error_code(&text);
-                if is_fcall(cmd) && FcallFailure::of_reply(Some(code), &text).is_some() {
-                    return self.eval(lua, cmd).await;
+                if calls_function(cmd) && FcallFailure::of_reply(Some(code), &text).is_some() {
+                    return self.eval(lua, &cmd.to_cmd()).await;
                 }
                 Err(Failed {
                     error: SharedError::Unavailable(text),
@@ -1278,26 +1290,16 @@ impl Core {
         }
     }
 
-    /// Admits a model request (one round trip, or a share of one under load): checks the
-    /// hard budget, the hour's spend (`max_usd_per_hour`), the loop count of `digest`
-    /// (`loop_limit`; given only for keys
-    /// with one), the rolling minute, the UTC day and the in-flight cap, and commits all of
-    /// them only if all pass. Keys without the brakes send none of their arguments. Admitted
-    /// requests hold `estimate` (hard-budget keys, and the hour of capped keys) and an
-    /// in-flight slot under reservation
-    /// `res_id` (unique among this node's open reservations) until [`RedisLimits::settle`],
-    /// or until the reservation expires without a heartbeat and is reaped. On `Err` the
-    /// request must not be forwarded under this admission; if Redis ran it anyway (only the
-    /// reply was lost), the next [`RedisLimits::heartbeat`] releases it.
-    pub async fn admit(
-        self: &Arc<Self>,
+    /// An admission's operation: its keys and arguments as `admit.lua` takes them.
+    fn admit_op(
+        &self,
         key_id: &str,
         limits: &Limits,
         uplines: &[Upline],
         estimate: Nanos,
         digest: Option<u128>,
         res_id: u64,
-    ) -> Result<Admit, SharedError> {
+    ) -> Op {
         let hard_cap = |l: &Limits| l.budget.filter(|_| l.hard_budget).map(Nanos::get);
         // The hold: the bound wherever a hard cap may need it (the key's, or any level's).
         // An estimate above every cap is refused whatever it is: clamping it just past the
@@ -1308,7 +1310,7 @@ impl Core {
             .max();
         let held = largest.map_or(0, |c| estimate.get().clamp(0, c.saturating_add(1)));
         let cap = limits.budget.map_or(-1, Nanos::get);
-        let mut cmd = Cmd::with_capacity(OP_ARGS + 3 * uplines.len(), OP_BYTES);
+        let mut cmd = resp::Args::with_capacity(OP_BYTES + 64 * uplines.len());
         cmd.arg(key_prefix(key_id));
         for u in uplines {
             cmd.arg(level_prefix(u));
@@ -1351,13 +1353,37 @@ impl Core {
             })
             .arg(opt(u.limits.rpm.filter(|_| u.level == Level::Group)));
         }
-        let op = Op {
+        Op {
             kind: Kind::Admit,
             res_id,
             keys: 1 + uplines.len(),
             args: cmd,
             short: uplines.is_empty() && !limits.has_brakes(),
-        };
+        }
+    }
+
+    /// Admits a model request (one round trip, or a share of one under load): checks the
+    /// hard budget, the hour's spend (`max_usd_per_hour`), the loop count of `digest`
+    /// (`loop_limit`; given only for keys
+    /// with one), the rolling minute, the UTC day and the in-flight cap, and commits all of
+    /// them only if all pass. Keys without the brakes send none of their arguments. Admitted
+    /// requests hold `estimate` (hard-budget keys, and the hour of capped keys) and an
+    /// in-flight slot under reservation
+    /// `res_id` (unique among this node's open reservations) until [`RedisLimits::settle`],
+    /// or until the reservation expires without a heartbeat and is reaped. On `Err` the
+    /// request must not be forwarded under this admission; if Redis ran it anyway (only the
+    /// reply was lost), the next [`RedisLimits::heartbeat`] releases it.
+    pub async fn admit(
+        self: &Arc<Self>,
+        key_id: &str,
+        limits: &Limits,
+        uplines: &[Upline],
+        estimate: Nanos,
+        digest: Option<u128>,
+        res_id: u64,
+    ) -> Result<Admit, SharedError> {
+        let op = self.admit_op(key_id, limits, uplines, estimate, digest, res_id);
+        let cap = limits.budget.map_or(-1, Nanos::get);
         let reply = match self.submit(op).await {
             Ok(reply) => reply,
             Err(f) => {
@@ -1474,6 +1500,29 @@ impl Core {
         })
     }
 
+    /// A settlement's operation: its key and arguments as `settle.lua` takes them.
+    fn settle_op(&self, key_id: &str, res_id: u64, month: i64, charge: Option<Charge<'_>>) -> Op {
+        let mut cmd = resp::Args::with_capacity(OP_BYTES);
+        cmd.arg(key_prefix(key_id)).arg(self.node).arg(res_id);
+        match charge {
+            Some(c) => cmd
+                .arg(1)
+                .arg(&**c.model)
+                .arg(tokens(c.prompt_tokens))
+                .arg(tokens(c.completion_tokens))
+                .arg(c.cost.get()),
+            None => cmd.arg(0).arg("").arg(0).arg(0).arg(0),
+        };
+        cmd.arg(month);
+        Op {
+            kind: Kind::Settle,
+            res_id,
+            keys: 1,
+            args: cmd,
+            short: true,
+        }
+    }
+
     /// Settles reservation `res_id` of this node (one round trip, or a share of one under
     /// load): releases its hold and
     /// in-flight slot and books `charge` to the month it was admitted in (if that month is
@@ -1486,25 +1535,7 @@ impl Core {
         month: i64,
         charge: Option<Charge<'_>>,
     ) -> Result<Settled, SharedError> {
-        let mut cmd = Cmd::with_capacity(OP_ARGS, OP_BYTES);
-        cmd.arg(key_prefix(key_id)).arg(self.node).arg(res_id);
-        match charge {
-            Some(c) => cmd
-                .arg(1)
-                .arg(&**c.model)
-                .arg(tokens(c.prompt_tokens))
-                .arg(tokens(c.completion_tokens))
-                .arg(c.cost.get()),
-            None => cmd.arg(0).arg("").arg(0).arg(0).arg(0),
-        };
-        cmd.arg(month);
-        let op = Op {
-            kind: Kind::Settle,
-            res_id,
-            keys: 1,
-            args: cmd,
-            short: true,
-        };
+        let op = self.settle_op(key_id, res_id, month, charge);
         let reply = match self.submit(op).await {
             Ok(reply) => reply,
             Err(f) => {
@@ -1841,6 +1872,139 @@ mod tests {
         assert!(Target::parse("redis+sentinel://10.0.0.1:26379").is_err());
         assert!(Target::parse("redis+sentinel://10.0.0.1:26379/").is_err());
         assert!(Target::parse("http://10.0.0.1").is_err());
+    }
+
+    fn words(args: &resp::Args) -> Vec<String> {
+        args.iter()
+            .map(|a| String::from_utf8(a.to_vec()).unwrap())
+            .collect()
+    }
+
+    /// The calls a batch driver sends carry what `batch.lua`, `admit.lua` and `settle.lua`
+    /// read, in their order: each operation's short form picks runs of the arguments it was
+    /// built with, so a change to a builder's order shows here.
+    #[test]
+    fn batch_and_lone_calls_carry_each_operation_as_the_scripts_read_it() {
+        let core = Core::new(
+            "redis://127.0.0.1:1/0",
+            7,
+            Duration::from_secs(30),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let limits = Limits {
+            rpm: Some(60),
+            budget: Some(Nanos::new(5_000)),
+            hard_budget: true,
+            max_inflight: Some(4),
+            ..Limits::default()
+        };
+        let admit = core.admit_op("k1", &limits, &[], Nanos::new(1_200), None, 11);
+        let model: Arc<str> = Arc::from("gpt-x");
+        let charge = Charge {
+            model: &model,
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            cost: Nanos::new(900),
+        };
+        let settle = core.settle_op("k1", 11, 24311, Some(charge));
+        let group = Upline {
+            level: Level::Group,
+            id: Arc::from("team"),
+            limits: Limits {
+                rpm: Some(9),
+                budget: Some(Nanos::new(70_000)),
+                hard_budget: true,
+                ..Limits::default()
+            },
+            counters: Arc::default(),
+        };
+        let grouped = core.admit_op("k2", &limits, &[group], Nanos::new(1_200), None, 12);
+        let unsettled = core.settle_op("k2", 12, 24311, None);
+        assert!(admit.short && !grouped.short);
+
+        let batch = batch_call(
+            &core.scripts.batch,
+            [&admit, &settle, &grouped, &unsettled].into_iter(),
+            7,
+            30_000,
+            true,
+        );
+        let mut want = vec![
+            "FCALL",
+            core.scripts.batch.function.as_ref().unwrap().name.as_str(),
+        ];
+        want.extend(["1", "{sg}:res", "7", "30000"]);
+        // 'A' key_id res_id rpm rpd cap hard max_inflight held estimate
+        want.extend([
+            "A", "k1", "11", "60", "-1", "5000", "1", "4", "1200", "1200",
+        ]);
+        // 'S' key_prefix res_id has_charge model prompt completion cost month
+        want.extend([
+            "S",
+            "{sg}:k:k1",
+            "11",
+            "1",
+            "gpt-x",
+            "3",
+            "4",
+            "900",
+            "24311",
+        ]);
+        // 'a' key count, argument count, then admit.lua's keys and arguments, whole: the
+        // brakes' placeholders, then the group's kind, hard cap and rpm.
+        want.extend([
+            "a",
+            "2",
+            "18",
+            "{sg}:k:k2",
+            "{sg}:g:team",
+            "k2",
+            "7",
+            "12",
+            "60",
+            "-1",
+        ]);
+        want.extend([
+            "5000", "1", "4", "1200", "30000", "1200", "-1", "0", "-1", "", "g",
+        ]);
+        want.extend(["70000", "9"]);
+        want.extend(["S", "{sg}:k:k2", "12", "0", "", "0", "0", "0", "24311"]);
+        assert_eq!(words(&batch), want);
+        assert_eq!(batch.len(), want.len());
+        assert!(calls_function(&batch));
+
+        // Alone, as a script: admit.lua's keys and arguments as they were built.
+        let alone = alone_call(&core.scripts.admit, &admit, false);
+        let sha = core.scripts.admit.script.get_hash().to_string();
+        let mut want = vec![
+            "EVALSHA",
+            sha.as_str(),
+            "1",
+            "{sg}:k:k1",
+            "k1",
+            "7",
+            "11",
+            "60",
+        ];
+        want.extend(["-1", "5000", "1", "4", "1200", "30000", "1200"]);
+        assert_eq!(words(&alone), want);
+        assert!(!calls_function(&alone));
+        // The client's own connection gets the same command.
+        let cmd: Vec<Vec<u8>> = alone
+            .to_cmd()
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => b.to_vec(),
+                redis::Arg::Cursor => panic!("no cursor"),
+            })
+            .collect();
+        assert_eq!(
+            cmd,
+            want.iter()
+                .map(|w| w.as_bytes().to_vec())
+                .collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -147,6 +147,19 @@ impl Connection {
     ) -> io::Result<Reply> {
         self.out.clear();
         encode(&mut self.out, n, args);
+        self.exchange().await
+    }
+
+    /// [`Connection::call`] for arguments already written as RESP (a batch's).
+    pub(super) async fn call_args(&mut self, args: &Args) -> io::Result<Reply> {
+        self.out.clear();
+        array_head(&mut self.out, args.len());
+        self.out.extend_from_slice(&args.bytes);
+        self.exchange().await
+    }
+
+    /// Writes the command in `out` and reads its one reply.
+    async fn exchange(&mut self) -> io::Result<Reply> {
         match &mut self.stream {
             Stream::Tcp(s) => s.write_all(&self.out).await?,
             Stream::Unix(s) => s.write_all(&self.out).await?,
@@ -191,16 +204,139 @@ fn bad(what: &str) -> io::Error {
 
 /// A command of `count` arguments as RESP: an array of bulk strings.
 fn encode<'a>(out: &mut Vec<u8>, count: usize, args: impl Iterator<Item = &'a [u8]>) {
-    let mut n = itoa::Buffer::new();
-    out.push(b'*');
-    out.extend_from_slice(n.format(count).as_bytes());
-    out.extend_from_slice(b"\r\n");
+    array_head(out, count);
     for a in args {
-        out.push(b'$');
-        out.extend_from_slice(n.format(a.len()).as_bytes());
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
+        bulk(out, a);
+    }
+}
+
+/// `*<count>\r\n`: an array of `count` elements follows.
+fn array_head(out: &mut Vec<u8>, count: usize) {
+    out.push(b'*');
+    out.extend_from_slice(itoa::Buffer::new().format(count).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `$<len>\r\n<bytes>\r\n`: one bulk string. The scripts' arguments are short: their
+/// heads are written as one fixed-size store each, not through `itoa` and a copy.
+fn bulk(out: &mut Vec<u8>, a: &[u8]) {
+    out.reserve(a.len() + 8);
+    match a.len() {
+        n @ 0..10 => out.extend_from_slice(&[b'$', b'0' + n as u8, b'\r', b'\n']),
+        n @ 10..100 => {
+            let (tens, ones) = (b'0' + (n / 10) as u8, b'0' + (n % 10) as u8);
+            out.extend_from_slice(&[b'$', tens, ones, b'\r', b'\n']);
+        }
+        n => {
+            out.push(b'$');
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out.extend_from_slice(a);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The arguments of a command, each written as a RESP bulk string as it is added: what the
+/// request path's script calls are built of. Built with `arg` as a redis-rs `Cmd` is (it
+/// takes the same `ToRedisArgs`), but an argument is copied once, into the bytes that go
+/// out. With a `Cmd` an operation's arguments were copied into its own `Cmd`, then into
+/// the batch's, then by [`encode`] with their lengths (`benches/instr.py --redis`).
+#[derive(Clone, Debug, Default)]
+pub(super) struct Args {
+    count: usize,
+    bytes: Vec<u8>,
+    /// Where each of the first `marked` arguments starts in `bytes` (a `u32`: a command is
+    /// far below 4 GiB): a batch sends some of an operation's arguments by these.
+    starts: [u32; MARKED],
+    /// How many leading arguments `starts` gives: those added with `arg`, up to
+    /// [`MARKED`], and appended ones as far as their source had them.
+    marked: usize,
+}
+
+/// Arguments whose start [`Args`] keeps: more than an operation's short form spans.
+const MARKED: usize = 16;
+
+impl Args {
+    pub(super) fn with_capacity(bytes: usize) -> Args {
+        Args {
+            bytes: Vec::with_capacity(bytes),
+            ..Args::default()
+        }
+    }
+
+    /// Adds one value's arguments (one for a number or a string).
+    pub(super) fn arg<T: redis::ToRedisArgs>(&mut self, value: T) -> &mut Args {
+        value.write_redis_args(self);
+        self
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Appends arguments `which` of `from`: a run that starts and ends at marked
+    /// arguments or at its end (panics otherwise: a builder's mistake).
+    pub(super) fn append(&mut self, from: &Args, which: std::ops::Range<usize>) {
+        let at = |i: usize| {
+            if i == from.count {
+                from.bytes.len()
+            } else {
+                assert!(i < from.marked, "argument {i} is not marked");
+                from.starts[i] as usize
+            }
+        };
+        let (start, end) = (at(which.start), at(which.end));
+        for i in which.clone() {
+            let to = self.count + i - which.start;
+            if to >= MARKED || to != self.marked || i >= from.marked {
+                break;
+            }
+            self.starts[to] = (from.starts[i] as usize - start + self.bytes.len()) as u32;
+            self.marked += 1;
+        }
+        self.count += which.len();
+        self.bytes.extend_from_slice(&from.bytes[start..end]);
+    }
+
+    /// Appends all of `from`'s arguments.
+    pub(super) fn append_all(&mut self, from: &Args) {
+        self.append(from, 0..from.count);
+    }
+
+    /// Each argument's bytes, in order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let mut rest = &self.bytes[..];
+        std::iter::from_fn(move || {
+            // Written by `bulk`: `$`, the length, CRLF, the bytes, CRLF.
+            let digits = rest.get(1..)?;
+            let end = digits.iter().position(|&b| b == b'\r')?;
+            let len: usize = std::str::from_utf8(&digits[..end]).ok()?.parse().ok()?;
+            let body = 1 + end + 2;
+            let arg = &rest[body..body + len];
+            rest = &rest[body + len + 2..];
+            Some(arg)
+        })
+    }
+
+    /// The same command as a redis-rs `Cmd`, for the client's own connection.
+    pub(super) fn to_cmd(&self) -> redis::Cmd {
+        let mut cmd = redis::Cmd::with_capacity(self.count, self.bytes.len());
+        for a in self.iter() {
+            cmd.arg(a);
+        }
+        cmd
+    }
+}
+
+impl redis::RedisWrite for Args {
+    fn write_arg(&mut self, arg: &[u8]) {
+        if self.marked == self.count && self.count < MARKED {
+            self.starts[self.count] = self.bytes.len() as u32;
+            self.marked += 1;
+        }
+        self.count += 1;
+        bulk(&mut self.bytes, arg);
     }
 }
 
@@ -468,5 +604,104 @@ mod tests {
         let mut out = Vec::new();
         encode(&mut out, 3, [&b"EVALSHA"[..], b"", b"12"].into_iter());
         assert_eq!(out, b"*3\r\n$7\r\nEVALSHA\r\n$0\r\n\r\n$2\r\n12\r\n");
+    }
+
+    #[test]
+    fn a_bulk_string_of_any_length_says_its_length() {
+        for n in [0usize, 1, 9, 10, 11, 99, 100, 101, 999, 1000, 65_536] {
+            let a = vec![b'x'; n];
+            let mut out = Vec::new();
+            bulk(&mut out, &a);
+            let mut want = format!("${n}\r\n").into_bytes();
+            want.extend_from_slice(&a);
+            want.extend_from_slice(b"\r\n");
+            assert_eq!(out, want, "length {n}");
+        }
+    }
+
+    /// `args` as `Args` and as a `Cmd`, added the same way.
+    fn both(args: &[Vec<u8>]) -> (Args, redis::Cmd) {
+        let (mut a, mut c) = (Args::default(), redis::Cmd::new());
+        for x in args {
+            a.arg(&x[..]);
+            c.arg(&x[..]);
+        }
+        (a, c)
+    }
+
+    fn cmd_args(c: &redis::Cmd) -> Vec<Vec<u8>> {
+        c.args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => b.to_vec(),
+                redis::Arg::Cursor => panic!("no cursor"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn args_go_out_as_encode_writes_them_and_numbers_as_a_cmd_writes_them() {
+        let mut a = Args::default();
+        a.arg("FCALL")
+            .arg(-1i64)
+            .arg(7u8)
+            .arg(u64::MAX)
+            .arg("")
+            .arg(format!("{:032x}", 5u128));
+        let mut c = redis::Cmd::new();
+        c.arg("FCALL")
+            .arg(-1i64)
+            .arg(7u8)
+            .arg(u64::MAX)
+            .arg("")
+            .arg(format!("{:032x}", 5u128));
+        let mut want = Vec::new();
+        encode(&mut want, 6, cmd_args(&c).iter().map(|v| &v[..]));
+        let mut got = Vec::new();
+        array_head(&mut got, a.len());
+        got.extend_from_slice(&a.bytes);
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            String::from_utf8(want).unwrap()
+        );
+        assert_eq!(cmd_args(&a.to_cmd()), cmd_args(&c));
+    }
+
+    proptest::proptest! {
+        /// Any run of arguments appended (a whole command, or a short form's run) is those
+        /// arguments, read back or appended again from the copy.
+        #[test]
+        fn appended_runs_are_those_arguments(
+            args in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..40), 1..20),
+            head in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..9), 0..4),
+            cut in proptest::num::usize::ANY,
+            len in proptest::num::usize::ANY,
+        ) {
+            let (from, cmd) = both(&args);
+            proptest::prop_assert_eq!(from.iter().map(<[u8]>::to_vec).collect::<Vec<_>>(), cmd_args(&cmd));
+            // A run that ends at a marked argument's start, or at the end.
+            let last_mark = if args.len() <= MARKED { args.len() } else { MARKED - 1 };
+            let start = cut % last_mark;
+            let end = if len % 2 == 0 {
+                args.len()
+            } else {
+                start + len / 2 % (last_mark - start + 1)
+            };
+            let (mut to, _) = both(&head);
+            to.append(&from, start..end);
+            let mut want: Vec<Vec<u8>> = head.clone();
+            want.extend(args[start..end].iter().cloned());
+            proptest::prop_assert_eq!(to.len(), want.len());
+            proptest::prop_assert_eq!(to.iter().map(<[u8]>::to_vec).collect::<Vec<_>>(), want.clone());
+            // The copy's marks are right too: appended again, its marked ones read the same.
+            // (It has them all, up to MARKED, where the run came from marked ones.)
+            if end < args.len().min(MARKED) || args.len() <= MARKED {
+                proptest::prop_assert_eq!(to.marked, want.len().min(MARKED));
+            }
+            // A run ends where a marked argument starts, or at the end.
+            let k = if to.marked == to.len() { to.len() } else { to.marked.saturating_sub(1) };
+            let mut again = Args::default();
+            again.append(&to, 0..k);
+            proptest::prop_assert_eq!(again.iter().map(<[u8]>::to_vec).collect::<Vec<_>>(), want[..k].to_vec());
+        }
     }
 }
