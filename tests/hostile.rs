@@ -1525,8 +1525,32 @@ fn a_ledger_that_cannot_write_stops_hard_keys_only_and_loses_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     let grouped = gw.create_key(&["--group", "capped"]);
-    let mut served = [0i64; 4]; // hard, soft, open, grouped
-    for (i, key) in [&hard, &soft, &open, &grouped].into_iter().enumerate() {
+    // Minted by a hard-budget key, with no budget of its own: the parent's binds it.
+    let parent = gw.create_key(&[
+        "--scopes",
+        "gate:chat,gate:keys",
+        "--budget",
+        "5",
+        "--budget-mode",
+        "hard",
+    ]);
+    let r = gw.post(
+        "/v1/keys",
+        &parent.bearer(),
+        br#"{"name":"sub-agent"}"#,
+        &[],
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert!(r.json()["budget_usd"].is_null(), "{}", r.text());
+    let child = Key {
+        id: r.json()["id"].as_str().unwrap().into(),
+        secret: r.json()["secret"].as_str().unwrap().into(),
+    };
+    let mut served = [0i64; 5]; // hard, soft, open, grouped, child
+    for (i, key) in [&hard, &soft, &open, &grouped, &child]
+        .into_iter()
+        .enumerate()
+    {
         assert_eq!(gw.chat(key, "gpt-4o-mini").status, 200);
         served[i] += 1;
     }
@@ -1558,7 +1582,7 @@ fn a_ledger_that_cannot_write_stops_hard_keys_only_and_loses_nothing() {
         "/health 503 names the ledger: {}",
         down.text()
     );
-    for key in [&hard, &grouped] {
+    for key in [&hard, &grouped, &child] {
         let r = gw.chat(key, "gpt-4o-mini");
         assert_eq!(
             (r.status, code_of(&r).as_str()),
@@ -1583,9 +1607,14 @@ fn a_ledger_that_cannot_write_stops_hard_keys_only_and_loses_nothing() {
         (gw.chat(&hard, "gpt-4o-mini").status == 200).then_some(())
     });
     served[0] += 1;
-    assert_eq!(gw.chat(&grouped, "gpt-4o-mini").status, 200);
-    served[3] += 1;
-    for (i, key) in [&hard, &soft, &open, &grouped].into_iter().enumerate() {
+    for (i, key) in [(3, &grouped), (4, &child)] {
+        assert_eq!(gw.chat(key, "gpt-4o-mini").status, 200);
+        served[i] += 1;
+    }
+    for (i, key) in [&hard, &soft, &open, &grouped, &child]
+        .into_iter()
+        .enumerate()
+    {
         let booked = wait_for(Duration::from_secs(30), "every request booked", || {
             let n: i64 = gw.spend_rows(&key.id).iter().map(|r| r.1).sum();
             (n >= served[i]).then_some(n)
