@@ -530,10 +530,7 @@ pub async fn admit<L: LimitStore>(
         .ok_or(GateError::InvalidRequest(String::new()))?;
     let uplines = crate::fleet::uplines(keys, key, now.wall)?;
     // A hard cap anywhere above the key bounds this request as the key's own would.
-    let hard_budget = key.limits.hard_budget && key.limits.budget.is_some()
-        || uplines
-            .iter()
-            .any(|u| u.limits.hard_budget && u.limits.budget.is_some());
+    let hard_budget = crate::limits::hard_capped(&key.limits, &uplines);
     check_hidden_input(catalog, &chain, &fields, hard_budget)?;
     let upstream_id = &catalog.models()[first].upstream_id;
     let form = matches!(

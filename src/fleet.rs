@@ -148,14 +148,13 @@ pub fn uplines(keys: &KeySet, key: &KeyEntry, now: i64) -> Result<Vec<Upline>, G
     Ok(out)
 }
 
-/// Whether a hard budget bounds `key`'s spend: its own, or one of a level above it (a
-/// parent's, its group's), which binds it as its own would (SPEC §7). Such a key pauses
-/// while spend cannot be recorded (SPEC §2, `ledger_unavailable`). A key whose levels cannot
-/// be read is left to admission, which refuses it for that.
+/// [`crate::limits::hard_capped`] of `key` and its levels as the key set has them now. Such a
+/// key pauses while spend cannot be recorded (SPEC §2, `ledger_unavailable`). A key whose
+/// levels cannot be read is left to admission, which refuses it for that.
 pub fn hard_capped(keys: &KeySet, key: &KeyEntry, now: i64) -> bool {
-    let hard = |l: &Limits| l.hard_budget && l.budget.is_some();
-    hard(&key.limits)
-        || uplines(keys, key, now).is_ok_and(|levels| levels.iter().any(|u| hard(&u.limits)))
+    key.limits.has_hard_budget()
+        || uplines(keys, key, now)
+            .is_ok_and(|levels| crate::limits::hard_capped(&key.limits, &levels))
 }
 
 /// This month's spend of every key below `id`, from the ledger's per-key rows (`parents`:

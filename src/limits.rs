@@ -48,6 +48,18 @@ impl Limits {
     pub fn has_brakes(&self) -> bool {
         self.max_usd_per_hour.is_some() || self.loop_limit.is_some()
     }
+
+    /// Whether this is a hard monthly budget: admission holds an upper bound against it.
+    pub fn has_hard_budget(&self) -> bool {
+        self.hard_budget && self.budget.is_some()
+    }
+}
+
+/// Whether a hard budget bounds a key's spend: its own (`limits`), or one of a level above
+/// it, which binds the key as its own would (SPEC §7): its requests hold their upper bound,
+/// and pause while spend cannot be recorded.
+pub fn hard_capped(limits: &Limits, uplines: &[Upline]) -> bool {
+    limits.has_hard_budget() || uplines.iter().any(|u| u.limits.has_hard_budget())
 }
 
 impl From<Refusal> for GateError {
@@ -519,7 +531,7 @@ impl KeyCounters {
         let bound = bound.max(Nanos::ZERO);
         let mut s = self.lock();
         s.roll(now);
-        let hard_here = limits.hard_budget && limits.budget.is_some();
+        let hard_here = limits.has_hard_budget();
         if let (Some(cap), true) = (limits.budget, hard_here) {
             let committed = s.committed();
             if committed + bound > cap {

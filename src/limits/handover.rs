@@ -81,8 +81,7 @@ impl KeyCounters {
         uplines: &[Upline],
         admitted_at: i64,
     ) -> Reservation {
-        let hard = |l: &Limits| l.hard_budget && l.budget.is_some();
-        let held = if hard(limits) || uplines.iter().any(|u| hard(&u.limits)) {
+        let held = if super::hard_capped(limits, uplines) {
             bound.max(Nanos::ZERO)
         } else {
             Nanos::ZERO

@@ -231,11 +231,7 @@ impl SharedLimits {
         bound: Nanos,
         digest: Option<u128>,
     ) -> Result<(Standing, Reservation), GateError> {
-        let hard = key.limits.hard_budget && key.limits.budget.is_some()
-            || uplines
-                .iter()
-                .any(|u| u.limits.hard_budget && u.limits.budget.is_some());
-        if self.on_error == OnError::Closed && hard {
+        if self.on_error == OnError::Closed && crate::limits::hard_capped(&key.limits, uplines) {
             self.health.refused.fetch_add(1, Ordering::Relaxed);
             return Err(GateError::LimitsUnavailable);
         }
@@ -304,8 +300,7 @@ impl SharedLimits {
                 } => {
                     key.counters
                         .note_shared_admission(now, &key.limits, uplines, standing);
-                    let hard = |l: &crate::limits::Limits| l.hard_budget && l.budget.is_some();
-                    let held = if hard(&key.limits) || uplines.iter().any(|u| hard(&u.limits)) {
+                    let held = if crate::limits::hard_capped(&key.limits, uplines) {
                         bound.max(Nanos::ZERO)
                     } else {
                         Nanos::ZERO
