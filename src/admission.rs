@@ -5,6 +5,7 @@
 //! (429 `spend_rate_exceeded`, `loop_detected`) and rate limits (429). A caller
 //! without a valid key learns nothing beyond 401, and the first failing check decides.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -13,7 +14,9 @@ use crate::catalog::{Catalog, Chain};
 use crate::clock::Now;
 pub use crate::config::Family;
 use crate::error::GateError;
-use crate::keys::token::{from_authorization, is_well_formed, TokenHash, TokenMemo};
+use crate::keys::token::{
+    from_authorization, is_well_formed, redact_secrets, TokenHash, TokenMemo,
+};
 use crate::keys::{KeyEntry, KeySet, ScopeSet};
 use crate::limits::brakes::{request_digest, UPLOAD_LOOP_PREFIX};
 use crate::limits::store::LimitStore;
@@ -21,7 +24,7 @@ use crate::limits::{Reservation, Standing, SETTLE_WAIT};
 use crate::money::Nanos;
 use crate::providers::multipart;
 use crate::providers::openai::{
-    images_n, parse_media_request, parse_request, MediaKind, RequestFields,
+    images_n, named_model, parse_media_request, parse_request, MediaKind, RequestFields,
 };
 use crate::providers::Plan;
 
@@ -382,7 +385,7 @@ pub fn parse_fields(
     match endpoint {
         Endpoint::ImagesGenerations => parse_media_request(body, MediaKind::Images),
         Endpoint::Speech => parse_media_request(body, MediaKind::Speech),
-        Endpoint::ImagesEdits | Endpoint::Transcriptions | Endpoint::Translations => {
+        _ if endpoint.takes_form() => {
             let form = multipart::parse(body, &multipart::boundary(content_type)?)?;
             form_fields(endpoint, &form, form.audio_ms, true)
         }
@@ -488,10 +491,16 @@ pub fn request_fields(
     content_type: Option<&[u8]>,
     head: Option<FormHead<'_>>,
 ) -> Result<RequestFields, GateError> {
-    match head {
+    let mut fields = match head {
         Some(h) => form_fields(endpoint, h.form, h.audio_ms, false),
         None => parse_fields(endpoint, body, content_type),
+    }?;
+    // A secret sent as the model names no model (404), and is not repeated in the refusal,
+    // the trace or a span.
+    if let Cow::Owned(redacted) = redact_secrets(&fields.model) {
+        fields.model = Arc::from(redacted);
     }
+    Ok(fields)
 }
 
 /// Body, model and per-key controls for an authenticated, in-scope model request. Once the
@@ -518,7 +527,16 @@ pub async fn admit<L: LimitStore>(
     overheads: Overheads,
     res_id: u64,
 ) -> Result<Admission, GateError> {
-    let mut fields = request_fields(endpoint, body, content_type, head)?;
+    let mut fields = match request_fields(endpoint, body, content_type, head) {
+        Ok(fields) => fields,
+        Err(e) => {
+            // A JSON body refused for another field still names its model in the trace.
+            if head.is_none() && !endpoint.takes_form() {
+                *requested = named_model(body).map(|m| Arc::from(redact_secrets(&m).as_ref()));
+            }
+            return Err(e);
+        }
+    };
     *requested = Some(fields.model.clone());
     // What the client sends in all: more than `body` for a form forwarded as it arrives.
     let body_len = head.map_or(body.len(), |h| h.body_len);
@@ -533,10 +551,7 @@ pub async fn admit<L: LimitStore>(
     let hard_budget = crate::limits::hard_capped(&key.limits, &uplines);
     check_hidden_input(catalog, &chain, &fields, hard_budget)?;
     let upstream_id = &catalog.models()[first].upstream_id;
-    let form = matches!(
-        endpoint,
-        Endpoint::ImagesEdits | Endpoint::Transcriptions | Endpoint::Translations
-    );
+    let form = endpoint.takes_form();
     // A form is rewritten in place once admitted (below); only its length is needed now.
     let (plan, upstream) = if form {
         let plan = Plan::new(endpoint, catalog.provider_of(first).kind).ok_or_else(|| {

@@ -91,6 +91,14 @@ impl Endpoint {
         self.family().is_some()
     }
 
+    /// Whether requests here carry a multipart form, not a JSON body.
+    pub fn takes_form(self) -> bool {
+        matches!(
+            self,
+            Endpoint::ImagesEdits | Endpoint::Transcriptions | Endpoint::Translations
+        )
+    }
+
     /// Whether the path is unknown (404 after authentication).
     pub fn is_unknown(self) -> bool {
         matches!(self, Endpoint::Unknown | Endpoint::MessagesOther)

@@ -371,7 +371,61 @@ fn a_hanging_webhook_never_delays_requests() {
     let list = alerts_list(&gw);
     assert_eq!(list.len(), 5, "every threshold recorded: {list:?}");
     assert!(list.iter().all(|d| d["state"] == "pending"), "{list:?}");
-    assert_eq!(receiver.got().len(), 1, "the worker waits on the hung POST");
+    // Attempts run side by side, four at most to one webhook: the fifth waits.
+    wait_for(WAIT, "four attempts held by the webhook", || {
+        (receiver.got().len() == 4).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        receiver.got().len(),
+        4,
+        "no fifth attempt to the hung webhook"
+    );
+}
+
+#[test]
+fn a_hanging_webhook_holds_up_no_delivery_to_another() {
+    let hung = Receiver::start();
+    hung.set(|s| s.hanging = true);
+    let healthy = Receiver::start();
+    let m = mock();
+    let hook = |r: &Receiver| {
+        format!(
+            "    - url: \"{}\"\n      secret_env: SG_TEST_WEBHOOK_SECRET\n",
+            r.url()
+        )
+    };
+    let alerts = format!(
+        "alerts:\n  webhooks:\n{}{}  budget_thresholds: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]\n  retry_base_ms: 100\n  poll_ms: 50\n  timeout_ms: 60000",
+        hook(&hung),
+        hook(&healthy)
+    );
+    let gw = GatewayBuilder::new(&m)
+        .models(MODELS)
+        .admin(ADMIN)
+        .env("SG_TEST_WEBHOOK_SECRET", SECRET)
+        .top(&alerts)
+        .start();
+    let key = gw.create_key(&["--budget", "1", "--budget-mode", "soft"]);
+    // 0.6 USD at once: six thresholds, each to both webhooks.
+    spend(&gw, &key, 600, 0);
+    // The hung webhook holds four attempts for a minute; the other gets all six meanwhile.
+    let got = wait_for(WAIT, "six deliveries to the healthy webhook", || {
+        let got = healthy.accepted();
+        (got.len() == 6).then_some(got)
+    });
+    let mut thresholds: Vec<f64> = got.iter().map(threshold_of).collect();
+    thresholds.sort_by(f64::total_cmp);
+    assert_eq!(thresholds, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]);
+    wait_for(WAIT, "four attempts held by the hung webhook", || {
+        (hung.got().len() == 4).then_some(())
+    });
+    let list = alerts_list(&gw);
+    assert_eq!(list.len(), 12, "{list:?}");
+    let delivered = list.iter().filter(|d| d["state"] == "delivered").count();
+    assert_eq!(delivered, 6, "{list:?}");
+    drop(gw);
+    std::mem::forget(m);
 }
 
 #[test]
@@ -724,18 +778,31 @@ fn store_claims_hand_each_delivery_to_one_worker_at_a_time() {
         let now = spidergate::clock::now_ms() + 1_000;
         let mut a = Store::open_at(&loc).unwrap();
         let mut b = Store::open_at(&loc).unwrap();
-        let first = a.claim_deliveries(now, 6, now + 60_000).unwrap();
-        let second = b.claim_deliveries(now, 6, now + 60_000).unwrap();
+        let first = a.claim_deliveries(now, 6, now + 60_000, &[]).unwrap();
+        let second = b.claim_deliveries(now, 6, now + 60_000, &[]).unwrap();
         assert_eq!((first.len(), second.len()), (6, 4), "{loc:?}");
         assert!(first.iter().all(|d| second.iter().all(|e| e.id != d.id)));
         assert!(
-            b.claim_deliveries(now, 6, now + 60_000).unwrap().is_empty(),
+            b.claim_deliveries(now, 6, now + 60_000, &[])
+                .unwrap()
+                .is_empty(),
             "leased"
         );
-        // A lease that ran out (its worker died) is taken again.
+        // A lease that ran out (its worker died) is taken again; a webhook skipped (its
+        // attempts in flight are at the limit) is not.
         let later = now + 60_001;
+        let hooks: std::collections::BTreeSet<String> =
+            first.iter().map(|d| d.webhook.clone()).collect();
+        let skipped = hooks.first().unwrap().as_str();
+        let others = b
+            .claim_deliveries(later, 20, later + 1000, &[skipped])
+            .unwrap();
+        assert!(!others.is_empty() && others.iter().all(|d| d.webhook != skipped));
         assert_eq!(
-            b.claim_deliveries(later, 20, later + 1000).unwrap().len(),
+            others.len()
+                + b.claim_deliveries(later, 20, later + 1000, &[])
+                    .unwrap()
+                    .len(),
             10
         );
     }

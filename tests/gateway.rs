@@ -424,6 +424,64 @@ fn bad_bodies_are_400_invalid_request_and_unknown_models_404() {
     assert_eq!(gw.usage(&key)["requests_today"], 0);
 }
 
+/// SPEC §1: the secret never appears in an error body or the database, and §4: every
+/// trace names the model requested. A client that puts its secret where a model belongs
+/// (the body's `model`, the path of `/v1/models/{id}`) gets 404 without it echoed, and the
+/// trace names it redacted; a body refused for another field still names its model.
+#[test]
+fn a_secret_sent_as_the_model_is_never_repeated_and_refusals_name_the_model() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    let key = gw.create_key(&[]);
+    mock.clear();
+    let redacted = "spideriq_pat_[redacted]";
+    let body = format!(r#"{{"model":"{}","messages":[]}}"#, key.secret);
+    for path in ["/v1/chat/completions", "/v1/messages"] {
+        let r = gw.post(path, &key.bearer(), body.as_bytes(), &[]);
+        assert_eq!(r.status, 404, "{path}: {}", r.text());
+        assert_eq!(r.header("x-spidergate-error-code"), Some("model_not_found"));
+        assert!(!r.text().contains(&key.secret), "{path}: {}", r.text());
+        assert!(r.text().contains(redacted), "{path}: {}", r.text());
+    }
+    let r = gw.get(&format!("/v1/models/{}", key.secret), &key.bearer());
+    assert_eq!((r.status, r.code().as_str()), (404, "model_not_found"));
+    assert!(!r.text().contains(&key.secret), "{}", r.text());
+    // Refused for a field after the model: the trace still names the model.
+    for bad in [
+        r#"{"model":"gpt-4o-mini","max_tokens":-1,"messages":[]}"#,
+        r#"{"model":"gpt-4o-mini","n":0,"messages":[]}"#,
+    ] {
+        let r = gw.post("/v1/chat/completions", &key.bearer(), bad.as_bytes(), &[]);
+        assert_eq!((r.status, r.code().as_str()), (400, "invalid_request"));
+    }
+    assert!(mock.requests().is_empty());
+    let traces = wait_for(Duration::from_secs(5), "five traces", || {
+        let mut t = gw.trace_rows(&key.id);
+        t.retain(|t| t.endpoint != "usage");
+        (t.len() >= 5).then_some(t)
+    });
+    let requested: Vec<Option<&str>> = traces
+        .iter()
+        .map(|t| t.requested_model.as_deref())
+        .collect();
+    assert_eq!(
+        requested,
+        [
+            Some(redacted),
+            Some(redacted),
+            Some(redacted),
+            Some("gpt-4o-mini"),
+            Some("gpt-4o-mini")
+        ],
+        "{traces:?}"
+    );
+    let leaked = gw.query_i64(
+        "SELECT COUNT(*) FROM traces WHERE requested_model LIKE '%' || ?1 || '%'",
+        [&key.secret[13..]],
+    );
+    assert_eq!(leaked, 0);
+}
+
 #[test]
 fn bodies_over_max_body_bytes_are_413_declared_or_chunked() {
     let mock = mock();

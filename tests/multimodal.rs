@@ -140,6 +140,46 @@ fn traces_on(gw: &Gateway, key: &Key, endpoint: &str, n: usize) -> Vec<TraceRec>
     })
 }
 
+/// SPEC §2: a body that is not a JSON object with a string `model` is 400 `invalid_request`.
+/// An array is JSON, and serde's derived reading of a struct takes one field by field: a
+/// black-box audit saw `["gpt-4o-mini"]` admitted as naming its model, charged, and sent
+/// upstream as broken JSON, on every JSON surface. Nothing is forwarded or counted now.
+#[test]
+fn a_json_body_that_is_not_an_object_is_400_on_every_surface_and_reaches_nothing() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&[]);
+    mock.clear();
+    for (path, body) in [
+        ("/v1/chat/completions", r#"["gpt-4o-mini"]"#),
+        (
+            "/v1/chat/completions",
+            " \n[\"gpt-4o-mini\", false, null, \"10\"]",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o-mini","messages":[],"stream":true,"stream_options":[true]}"#,
+        ),
+        ("/v1/responses", r#"["gpt-4o-mini"]"#),
+        ("/v1/messages", r#"["claude"]"#),
+        ("/v1/messages/count_tokens", r#"["claude"]"#),
+        ("/v1/images/generations", r#"["img", null, null]"#),
+        ("/v1/audio/speech", r#"["tts", "hello"]"#),
+    ] {
+        let r = gw.post(path, &key.bearer(), body.as_bytes(), &[]);
+        assert_eq!(r.status, 400, "{path} {body}: {}", r.text());
+        assert_eq!(
+            r.header("x-spidergate-error-code"),
+            Some("invalid_request"),
+            "{path} {body}"
+        );
+    }
+    assert!(mock.requests().is_empty(), "{:?}", mock.requests());
+    let usage = gw.usage(&key);
+    assert_eq!(usage["requests_today"], 0);
+    assert_eq!(usage["spend_nanodollars"], 0);
+}
+
 /// JSON is UTF-8 (SPEC §2: a body that is not JSON is 400 `invalid_request`): bad bytes in a
 /// field the gateway does not read are refused on the media surfaces too, as on chat, and
 /// nothing goes upstream or is charged (a black-box audit saw them forwarded).

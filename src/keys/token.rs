@@ -1,10 +1,40 @@
 //! Agent key secrets: minting from the OS CSPRNG, strict format checks, SHA-256 digests.
 
+use std::borrow::Cow;
+
 use sha2::{Digest, Sha256};
 
 pub const TOKEN_PREFIX: &str = "spideriq_pat_";
 const HEX_LEN: usize = 32;
 pub const TOKEN_LEN: usize = TOKEN_PREFIX.len() + HEX_LEN;
+
+/// `text` with the hex digits after each `spideriq_pat_` in it replaced by `[redacted]`: for
+/// what a client wrote where a name belongs (a request's `model`, a path's model id), which
+/// an error body, a trace and the logs repeat. SPEC §1: the secret never appears there,
+/// however the client misplaced it. A cut-off secret is still most of one, so any digits
+/// go. Text without the prefix comes back as it is, without a copy.
+pub fn redact_secrets(text: &str) -> Cow<'_, str> {
+    const REDACTED: &str = "[redacted]";
+    if text.len() < TOKEN_PREFIX.len() || !text.contains(TOKEN_PREFIX) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(TOKEN_PREFIX) {
+        let after = at + TOKEN_PREFIX.len();
+        out.push_str(&rest[..after]);
+        let digits = rest[after..]
+            .bytes()
+            .take_while(u8::is_ascii_hexdigit)
+            .count();
+        if digits > 0 {
+            out.push_str(REDACTED);
+        }
+        rest = &rest[after + digits..];
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
+}
 
 /// SHA-256 of a whole secret; the only form in which a secret is ever stored.
 pub type TokenHash = [u8; 32];
@@ -196,6 +226,35 @@ mod tests {
         assert_ne!(a.secret, b.secret);
         assert_eq!(a.hash, hash_token(&a.secret));
         assert_eq!(a.prefix, &a.secret[13..17]);
+    }
+
+    #[test]
+    fn secrets_written_as_names_are_redacted_and_other_text_is_not_copied() {
+        let s = "spideriq_pat_0a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d";
+        assert_eq!(redact_secrets(s), "spideriq_pat_[redacted]");
+        assert_eq!(
+            redact_secrets(&format!("x/{s}:{s}!")),
+            "x/spideriq_pat_[redacted]:spideriq_pat_[redacted]!"
+        );
+        // A cut-off secret, and the prefix with nothing after it.
+        assert_eq!(
+            redact_secrets("spideriq_pat_0a1b2c3d4e5"),
+            "spideriq_pat_[redacted]"
+        );
+        assert_eq!(redact_secrets("spideriq_pat_"), "spideriq_pat_");
+        for plain in [
+            "gpt-4o-mini",
+            "",
+            "spideriq_pa",
+            "claude-sonnet-4-5-20250929",
+        ] {
+            assert!(matches!(redact_secrets(plain), Cow::Borrowed(t) if t == plain));
+        }
+        // Multi-byte text around it stays whole.
+        assert_eq!(
+            redact_secrets(&format!("é{s}ü")),
+            "éspideriq_pat_[redacted]ü"
+        );
     }
 
     fn hex(h: &TokenHash) -> String {

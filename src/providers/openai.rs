@@ -122,6 +122,7 @@ impl<'a> From<Fields<'a>> for Top<'a> {
 impl<'a> Top<'a> {
     /// Serde's reading: the judge of every body, and its error message.
     fn by_serde(body: &'a [u8]) -> Result<Top<'a>, GateError> {
+        json_object(body)?;
         let fields: Fields<'a> = serde_json::from_slice(body)
             .map_err(|e| GateError::InvalidRequest(format!("body is not valid JSON: {e}")))?;
         Ok(fields.into())
@@ -186,6 +187,21 @@ impl<'a> Top<'a> {
             Some(top) => Ok(top),
             None => Top::by_serde(body),
         }
+    }
+}
+
+/// 400 `invalid_request` unless `json` (a body, or a value in one) is a JSON object. serde's
+/// derived reading of a struct also takes an array, field by field in order: `["gpt-4o"]`
+/// would name a model, and go upstream as a body the reading never judged.
+fn json_object(json: &[u8]) -> Result<(), GateError> {
+    match json
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+    {
+        Some(b'{') => Ok(()),
+        _ => Err(GateError::InvalidRequest(
+            "the request body must be a JSON object".into(),
+        )),
     }
 }
 
@@ -423,6 +439,13 @@ fn string_model(raw: Option<&str>) -> Result<(&str, Cow<'_, str>), GateError> {
     Ok((raw, model))
 }
 
+/// The string `model` a JSON body names, if it names one: for the trace of a body refused
+/// for one of its other fields (SPEC §4: a trace names the model requested).
+pub fn named_model(body: &[u8]) -> Option<String> {
+    let top = Top::read(body).ok()?;
+    string_model(top.model).ok().map(|(_, m)| m.into_owned())
+}
+
 /// Parses the fields the gateway needs. 400 `invalid_request` unless the body is a JSON
 /// object with a string `model`.
 pub fn parse_request(body: &[u8]) -> Result<RequestFields, GateError> {
@@ -431,9 +454,10 @@ pub fn parse_request(body: &[u8]) -> Result<RequestFields, GateError> {
     let stream = fields.stream.unwrap_or(false);
     let client_wants_usage = match fields.stream_options {
         Some(raw) if raw != "null" => {
-            let opts: StreamOptions = serde_json::from_str(raw).map_err(|_| {
-                GateError::InvalidRequest("'stream_options' must be an object".into())
-            })?;
+            let not_object =
+                || GateError::InvalidRequest("'stream_options' must be an object".into());
+            json_object(raw.as_bytes()).map_err(|_| not_object())?;
+            let opts: StreamOptions = serde_json::from_str(raw).map_err(|_| not_object())?;
             opts.include_usage.unwrap_or(false)
         }
         _ => false,
@@ -545,6 +569,7 @@ pub fn parse_media_request(body: &[u8], kind: MediaKind) -> Result<RequestFields
             "the body is not JSON: it is not UTF-8".into(),
         ));
     };
+    json_object(body)?;
     let fields: MediaFields<'_> = serde_json::from_str(text)
         .map_err(|e| GateError::InvalidRequest(format!("body is not valid JSON: {e}")))?;
     let (raw_model, model) = string_model(fields.model.map(RawValue::get))?;

@@ -24,7 +24,7 @@ use crate::clock::{now_ms, Now};
 use crate::egress::ConnectFailure;
 use crate::error::GateError;
 use crate::gate::Gate;
-use crate::keys::token::TokenHash;
+use crate::keys::token::{redact_secrets, TokenHash};
 use crate::limits::store::LimitStore;
 use crate::providers;
 use crate::providers::pool::{key_has_capacity, retry_after_ms, AllResting};
@@ -350,12 +350,14 @@ impl GateProxy {
             Endpoint::Models => report::models_list(catalog, key),
             Endpoint::Aliases => report::aliases_list(catalog, key),
             Endpoint::Model => {
-                // The id asked for is the trace's requested model (SPEC §4), found or not.
-                ctx.requested_model = Some(Arc::from(model_id));
-                match report::model_object(catalog, key, model_id) {
+                // The id asked for is the trace's requested model (SPEC §4), found or not;
+                // a secret in its place is not repeated (SPEC §1).
+                let asked = redact_secrets(model_id);
+                ctx.requested_model = Some(Arc::from(asked.as_ref()));
+                match report::model_object(catalog, key, &asked) {
                     Some(b) => b,
                     None => {
-                        let err = GateError::ModelNotFound(model_id.to_string());
+                        let err = GateError::ModelNotFound(asked.into_owned());
                         return self.reject(session, ctx, err).await;
                     }
                 }
@@ -748,10 +750,7 @@ impl ProxyHttp for GateProxy {
         let tuning = &ctx.snap.routes.config.tuning;
         let deadline = tuning.body_timeout;
         let hold = tuning.multipart_hold_bytes;
-        let form = matches!(
-            endpoint,
-            Endpoint::ImagesEdits | Endpoint::Transcriptions | Endpoint::Translations
-        );
+        let form = endpoint.takes_form();
         // Multipart bodies need their boundary (copied only for those endpoints).
         let content_type = form
             .then(|| {

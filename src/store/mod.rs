@@ -494,14 +494,16 @@ impl Store {
     }
 
     /// Takes up to `limit` due deliveries (pending, next attempt reached, not leased) until
-    /// `lease_until`: no other worker, on any node, takes them before the lease ends.
+    /// `lease_until`, none to a webhook in `skip`: no other worker, on any node, takes them
+    /// before the lease ends.
     pub fn claim_deliveries(
         &mut self,
         now: i64,
         limit: u32,
         lease_until: i64,
+        skip: &[&str],
     ) -> Result<Vec<ClaimedDelivery>> {
-        on_backend!(&mut self.backend, b => b.claim_deliveries(now, limit, lease_until))
+        on_backend!(&mut self.backend, b => b.claim_deliveries(now, limit, lease_until, skip))
     }
 
     /// Writes one attempt's outcome and ends its lease.

@@ -281,6 +281,7 @@ pub struct TraceRec {
     pub cost_nanos: i64,
     pub usage_estimated: bool,
     pub fallback_from: Option<String>,
+    pub requested_model: Option<String>,
     pub served_model: Option<String>,
     /// The unit charged (`token`, `image`, `char`, `ms`) and how many.
     pub unit: Option<String>,
@@ -729,7 +730,7 @@ impl Gateway {
             .prepare(
                 "SELECT ts, endpoint, status, error_code, prompt_tokens, completion_tokens,
                         cost_nanos, usage_estimated, fallback_from, served_model, unit,
-                        COALESCE(units, 0)
+                        COALESCE(units, 0), requested_model
                  FROM traces WHERE key_id = ?1 ORDER BY id",
             )
             .expect("prepare traces");
@@ -748,6 +749,7 @@ impl Gateway {
                     served_model: r.get(9)?,
                     unit: r.get(10)?,
                     units: r.get(11)?,
+                    requested_model: r.get(12)?,
                 })
             })
             .expect("query traces");

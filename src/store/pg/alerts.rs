@@ -205,8 +205,10 @@ impl Postgres {
         now: i64,
         limit: u32,
         lease_until: i64,
+        skip: &[&str],
     ) -> Result<Vec<ClaimedDelivery>> {
         let limit = i64::from(limit);
+        let skip: Vec<&str> = skip.to_vec();
         self.write(|tx, cache| {
             let stmt = prepared(
                 cache,
@@ -214,6 +216,7 @@ impl Postgres {
                 "WITH due AS (
                     SELECT id FROM alert_deliveries
                     WHERE state = 'pending' AND next_attempt_at <= $1 AND lease_until <= $1
+                      AND NOT (webhook = ANY($4::TEXT[]))
                     ORDER BY next_attempt_at, id LIMIT $2
                     FOR UPDATE SKIP LOCKED)
                  UPDATE alert_deliveries d SET lease_until = $3
@@ -222,7 +225,7 @@ impl Postgres {
                  RETURNING d.id, d.alert_id, d.webhook, d.attempts, a.created_at, a.payload",
             )?;
             let mut out = tx
-                .query(&stmt, &[&now, &limit, &lease_until])?
+                .query(&stmt, &[&now, &limit, &lease_until, &skip])?
                 .iter()
                 .map(claimed_from_row)
                 .collect::<Result<Vec<_>>>()?;

@@ -107,22 +107,26 @@ pub(super) fn record_alerts(
 
 impl Sqlite {
     /// Takes up to `limit` due deliveries (pending, next attempt reached, lease expired)
-    /// until `lease_until`.
+    /// until `lease_until`, none to a webhook in `skip`.
     pub fn claim_deliveries(
         &mut self,
         now: i64,
         limit: u32,
         lease_until: i64,
+        skip: &[&str],
     ) -> Result<Vec<ClaimedDelivery>> {
+        // The webhooks to skip, as a JSON array `json_each` reads (one statement to cache).
+        let skip = serde_json::to_string(skip).unwrap_or_else(|_| "[]".into());
         // A plain read first: an empty outbox (the usual case) costs no write lock, which
         // the ledger writer would otherwise wait on every poll.
         let due: Option<i64> = self
             .conn
             .prepare_cached(
                 "SELECT id FROM alert_deliveries WHERE state = 'pending'
-                    AND next_attempt_at <= ?1 AND lease_until <= ?1 LIMIT 1",
+                    AND next_attempt_at <= ?1 AND lease_until <= ?1
+                    AND webhook NOT IN (SELECT value FROM json_each(?2)) LIMIT 1",
             )?
-            .query_row([now], |r| r.get(0))
+            .query_row(params![now, skip], |r| r.get(0))
             .optional()?;
         if due.is_none() {
             return Ok(Vec::new());
@@ -133,12 +137,13 @@ impl Sqlite {
                  WHERE id IN (SELECT id FROM alert_deliveries
                               WHERE state = 'pending' AND next_attempt_at <= ?1
                                 AND lease_until <= ?1
+                                AND webhook NOT IN (SELECT value FROM json_each(?4))
                               ORDER BY next_attempt_at, id LIMIT ?2)
                  RETURNING id, alert_id, webhook, attempts,
                     (SELECT created_at FROM alerts a WHERE a.id = alert_id),
                     (SELECT payload FROM alerts a WHERE a.id = alert_id)",
             )?;
-            let rows = stmt.query_map(params![now, limit, lease_until], |r| {
+            let rows = stmt.query_map(params![now, limit, lease_until, skip], |r| {
                 Ok(ClaimedDelivery {
                     id: r.get(0)?,
                     alert_id: r.get(1)?,
@@ -173,7 +178,7 @@ impl Sqlite {
         })
     }
 
-    /// Ends the lease of deliveries taken but not attempted (the worker is stopping).
+    /// Ends the lease of deliveries taken but not attempted.
     pub fn release_deliveries(&mut self, ids: &[i64]) -> Result<()> {
         self.write(|tx| {
             let mut stmt =
