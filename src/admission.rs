@@ -15,7 +15,7 @@ use crate::clock::Now;
 pub use crate::config::Family;
 use crate::error::GateError;
 use crate::keys::token::{
-    from_authorization, is_well_formed, redact_secrets, TokenHash, TokenMemo,
+    from_authorization, is_well_formed, redact_secrets, TokenHash, TokenMemo, TOKEN_PREFIX,
 };
 use crate::keys::{KeyEntry, KeySet, ScopeSet};
 use crate::limits::brakes::{request_digest, UPLOAD_LOOP_PREFIX};
@@ -491,16 +491,10 @@ pub fn request_fields(
     content_type: Option<&[u8]>,
     head: Option<FormHead<'_>>,
 ) -> Result<RequestFields, GateError> {
-    let mut fields = match head {
+    match head {
         Some(h) => form_fields(endpoint, h.form, h.audio_ms, false),
         None => parse_fields(endpoint, body, content_type),
-    }?;
-    // A secret sent as the model names no model (404), and is not repeated in the refusal,
-    // the trace or a span.
-    if let Cow::Owned(redacted) = redact_secrets(&fields.model) {
-        fields.model = Arc::from(redacted);
     }
-    Ok(fields)
 }
 
 /// Body, model and per-key controls for an authenticated, in-scope model request. Once the
@@ -537,6 +531,13 @@ pub async fn admit<L: LimitStore>(
             return Err(e);
         }
     };
+    // A secret sent as the model names no model (404), and is not repeated in the refusal,
+    // the trace or a span. (Model names are mostly shorter than the prefix.)
+    if fields.model.len() >= TOKEN_PREFIX.len() {
+        if let Cow::Owned(redacted) = redact_secrets(&fields.model) {
+            fields.model = Arc::from(redacted);
+        }
+    }
     *requested = Some(fields.model.clone());
     // What the client sends in all: more than `body` for a form forwarded as it arrives.
     let body_len = head.map_or(body.len(), |h| h.body_len);

@@ -987,6 +987,57 @@ fn a_malformed_multipart_body_is_400_and_reaches_nothing() {
     assert_eq!(spend(&gw, &key), 0);
 }
 
+/// SPEC §2 and §4: the reservation bounds the form the upstream reads, so a form that reads
+/// two ways is refused. A black-box audit got ten images (and a model off the allow-list)
+/// past a hard cap with a second `boundary` (the gateway read the first, Starlette the
+/// last) and with a part named twice (`name="x"; name="n"`: n=10 to Starlette).
+#[test]
+fn a_form_that_reads_two_ways_is_400_and_reaches_nothing() {
+    let mock = mock();
+    let gw = start(&mock);
+    let key = gw.create_key(&["--budget", "0.05", "--budget-mode", "hard"]);
+    mock.clear();
+    let bearer = key.bearer();
+    let plain = form(
+        &[("model", "img"), ("prompt", "x")],
+        &[("image", "a.png", b"png")],
+    );
+    let named_twice = {
+        let mut b = plain.clone();
+        b.truncate(b.len() - format!("--{BOUNDARY}--\r\n").len());
+        b.extend_from_slice(
+            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"x\"; name=\"n\"\r\n\r\n10\r\n--{BOUNDARY}--\r\n")
+                .as_bytes(),
+        );
+        b
+    };
+    let one = format!("multipart/form-data; boundary={BOUNDARY}");
+    let two = format!("multipart/form-data; boundary={BOUNDARY}; boundary=Other");
+    for (content_types, body) in [
+        (vec![one.as_str()], &named_twice),
+        (vec![two.as_str()], &plain),
+        (
+            vec![one.as_str(), "multipart/form-data; boundary=Other"],
+            &plain,
+        ),
+    ] {
+        let mut headers = vec![("Authorization", bearer.as_str())];
+        headers.extend(content_types.iter().map(|ct| ("Content-Type", *ct)));
+        let r = http(gw.addr, "POST", "/v1/images/edits", &headers, body).expect("POST");
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (400, "invalid_request"),
+            "{content_types:?}: {}",
+            r.text()
+        );
+    }
+    assert!(mock.requests().is_empty());
+    assert_eq!(spend(&gw, &key), 0);
+    // The same form without the second name or boundary is served.
+    let r = post_form(&gw, "/v1/images/edits", &key, &plain);
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 #[test]
 fn a_hard_budget_reserves_the_audio_duration_bound() {
     let mock = mock();

@@ -179,6 +179,62 @@ fn stored_context_is_bounded_by_the_context_window_and_refused_without_one() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// OpenAI's schema makes an item reference's `type` optional: `{"id": "msg_…"}` loads a
+/// stored item as `{"type": "item_reference", …}` does, and so does a reasoning item passed
+/// back by id without its `encrypted_content`. A black-box audit billed $4 against a $2 cap
+/// with the untyped form. Each is stored context: bounded by the context window, refused
+/// without one; items whose content is in the body are not.
+#[test]
+fn untyped_and_reasoning_item_references_are_stored_context() {
+    let mock = mock();
+    let gw = gateway(&mock).start();
+    let hard = gw.create_key(&["--budget", "0.05", "--budget-mode", "hard"]);
+    mock.clear();
+    for item in [
+        json!({"id": "msg_1"}),
+        json!({"type": null, "id": "msg_1"}),
+        json!({"type": "reasoning", "id": "rs_1", "summary": []}),
+        json!({"type": "item_reference", "id": "msg_1"}),
+    ] {
+        let body = json!({"model": "resp-open", "input": [
+            {"role": "user", "content": "go on"}, item]});
+        let r = post(gw.addr, "/v1/responses", &hard.bearer(), &body, &[]);
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (400, "invalid_request"),
+            "{body}: {}",
+            r.text()
+        );
+        // With a context window it is reserved: 60,000 tokens at $0.15/Mtok fit $0.05.
+        let body = json!({"model": "resp-bounded", "input": [item]});
+        // (STORED without its delay, which the concurrent test needs.)
+        let r = post(
+            gw.addr,
+            "/v1/responses",
+            &hard.bearer(),
+            &body,
+            &STORED[..4],
+        );
+        assert_eq!(r.status, 200, "{body}: {}", r.text());
+    }
+    assert_eq!(
+        mock.requests().len(),
+        4,
+        "only the bounded ones reached the provider"
+    );
+    // Items that carry their content: no stored context.
+    mock.clear();
+    let body = json!({"model": "resp-open", "input": [
+        {"type": "message", "id": "msg_1", "role": "assistant",
+         "content": [{"type": "output_text", "text": "hi"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAAA"},
+        {"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "ok"}]});
+    let r = post(gw.addr, "/v1/responses", &hard.bearer(), &body, &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(mock.requests().len(), 1);
+}
+
 #[test]
 fn server_side_tools_are_refused_for_hard_budget_keys_on_both_apis() {
     let mock = mock();

@@ -37,7 +37,9 @@ fn bad(why: &str) -> GateError {
     GateError::InvalidRequest(format!("malformed multipart body: {why}"))
 }
 
-/// The boundary of a `multipart/form-data` content type; 400 for any other type.
+/// The boundary of a `multipart/form-data` content type; 400 for any other type, and for a
+/// type that names its boundary twice: the gateway and the upstream must read one form, and
+/// parsers differ on which of two they take (Starlette takes the last).
 pub fn boundary(content_type: Option<&[u8]>) -> Result<Vec<u8>, GateError> {
     let ct = content_type
         .and_then(|v| std::str::from_utf8(v).ok())
@@ -47,12 +49,17 @@ pub fn boundary(content_type: Option<&[u8]>) -> Result<Vec<u8>, GateError> {
     if !mime.eq_ignore_ascii_case("multipart/form-data") {
         return Err(bad("Content-Type must be multipart/form-data"));
     }
-    let b = params
+    let mut boundaries = params
         .filter_map(|p| p.split_once('='))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("boundary"))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case("boundary"));
+    let b = boundaries
+        .next()
         .map(|(_, v)| v.trim().trim_matches('"'))
         .filter(|b| !b.is_empty() && b.len() <= 70)
         .ok_or_else(|| bad("no boundary"))?;
+    if boundaries.next().is_some() {
+        return Err(bad("the boundary is given twice"));
+    }
     Ok(b.as_bytes().to_vec())
 }
 
@@ -322,16 +329,15 @@ impl FormScanner {
                         return Ok(at);
                     };
                     let head = &rest[..head_len];
-                    let name = part_name(head);
-                    let part = match name {
-                        None => return Err(bad("a part has no form-data name")),
-                        Some(b"model") => Part::Model,
-                        Some(b"n") => Part::N,
-                        Some(b"response_format") => Part::ResponseFormat,
-                        Some(b"file") => Part::File,
-                        Some(_) => Part::Other,
+                    let d = disposition(head)?;
+                    let part = match d.name {
+                        b"model" => Part::Model,
+                        b"n" => Part::N,
+                        b"response_format" => Part::ResponseFormat,
+                        b"file" => Part::File,
+                        _ => Part::Other,
                     };
-                    if is_media_part(name, head) {
+                    if is_media_part(&d) {
                         self.form.media_parts += 1;
                     }
                     at += head_len + 4;
@@ -404,54 +410,127 @@ impl FormScanner {
     }
 }
 
-/// The value of a part's `Content-Disposition` header.
-fn disposition(head: &[u8]) -> Option<&[u8]> {
-    head.split(|&b| b == b'\n').find_map(|line| {
+/// What a part's `Content-Disposition: form-data` header says.
+#[derive(Debug, PartialEq, Eq)]
+struct Disposition<'a> {
+    name: &'a [u8],
+    /// A `filename` (or `filename*`) parameter: the part carries a file.
+    filename: bool,
+}
+
+/// A byte of an HTTP token (RFC 9110 `tchar`).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn skip_ows(v: &[u8], mut i: usize) -> usize {
+    while matches!(v.get(i), Some(b' ' | b'\t')) {
+        i += 1;
+    }
+    i
+}
+
+/// Reads a part's `Content-Disposition` strictly: one such header, of type `form-data`,
+/// whose parameters are tokens or quoted strings, none given twice, and a `name` in plain
+/// form. Anything a parser could read two ways is 400: the gateway bounds and allow-lists
+/// the form it reads, so the upstream must read that same form (RFC 7578 forbids `name*`;
+/// Werkzeug and Starlette take the last of two `name`s, the gateway would take one).
+/// A quoted string ends at its first unescaped quote; a backslash escapes the next byte
+/// (as python-multipart and Go read it), and is refused in a `name`, which never needs one.
+fn disposition(head: &[u8]) -> Result<Disposition<'_>, GateError> {
+    let mut found = None;
+    for line in head.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let colon = memchr::memchr(b':', line)?;
-        line[..colon]
-            .eq_ignore_ascii_case(b"content-disposition")
-            .then(|| &line[colon + 1..])
-    })
-}
-
-/// The `name` of a part's `Content-Disposition: form-data` header.
-fn part_name(head: &[u8]) -> Option<&[u8]> {
-    let value = disposition(head)?;
-    let i = memmem::find(value, b"name=\"")? + b"name=\"".len();
-    // `filename="..."` also ends in `name="`: take the first bare `name=`.
-    let before = value[..i - b"name=\"".len()].last();
-    if before.is_some_and(|b| b.is_ascii_alphabetic()) {
-        return part_name_after(&value[i..]);
-    }
-    let end = memchr::memchr(b'"', &value[i..])?;
-    Some(&value[i..i + end])
-}
-
-/// Whether a part's head shows a file: a `filename` parameter (`filename*` too), or the name
-/// of an image edit's input (`image`, `image[]`, `mask`; a client need not name the file).
-fn is_media_part(name: Option<&[u8]>, head: &[u8]) -> bool {
-    matches!(name, Some(b"image" | b"image[]" | b"mask"))
-        || disposition(head).is_some_and(|v| {
-            v.windows(b"filename".len())
-                .any(|w| w.eq_ignore_ascii_case(b"filename"))
-        })
-}
-
-/// `name="..."` after a `filename="...` match: the next bare one.
-fn part_name_after(rest: &[u8]) -> Option<&[u8]> {
-    let mut from = 0;
-    while let Some(j) = memmem::find(&rest[from..], b"name=\"") {
-        let k = from + j;
-        let bare = k == 0 || !rest[k - 1].is_ascii_alphabetic();
-        let s = k + b"name=\"".len();
-        if bare {
-            let end = memchr::memchr(b'"', &rest[s..])?;
-            return Some(&rest[s..s + end]);
+        // A folded line (RFC 9112 obsoletes it) or one that is no header: parsers differ.
+        let Some(colon) = memchr::memchr(b':', line).filter(|_| !line.starts_with(b" ")) else {
+            return Err(bad("a part has a header line that is not `name: value`"));
+        };
+        if line.starts_with(b"\t") {
+            return Err(bad("a part has a header line that is not `name: value`"));
         }
-        from = s;
+        if line[..colon]
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"content-disposition")
+        {
+            if found.is_some() {
+                return Err(bad("a part has two Content-Disposition headers"));
+            }
+            found = Some(&line[colon + 1..]);
+        }
     }
-    None
+    let v = found.ok_or_else(|| bad("a part has no form-data name"))?;
+    let unclear = || bad("a part's Content-Disposition cannot be read one way only");
+    let mut i = skip_ows(v, 0);
+    let kind_end = i + v[i..].iter().take_while(|b| is_tchar(**b)).count();
+    if !v[i..kind_end].eq_ignore_ascii_case(b"form-data") {
+        return Err(bad("a part's Content-Disposition is not form-data"));
+    }
+    i = kind_end;
+    let mut seen: Vec<&[u8]> = Vec::new();
+    let (mut name, mut filename) = (None, false);
+    loop {
+        i = skip_ows(v, i);
+        match v.get(i) {
+            None => break,
+            Some(b';') => i = skip_ows(v, i + 1),
+            Some(_) => return Err(unclear()),
+        }
+        if i == v.len() {
+            break;
+        }
+        let key_end = i + v[i..].iter().take_while(|b| is_tchar(**b)).count();
+        let key = &v[i..key_end];
+        i = skip_ows(v, key_end);
+        if key.is_empty() || v.get(i) != Some(&b'=') {
+            return Err(unclear());
+        }
+        i = skip_ows(v, i + 1);
+        let (value, escaped) = if v.get(i) == Some(&b'"') {
+            let start = i + 1;
+            let mut j = start;
+            let mut escaped = false;
+            loop {
+                match v.get(j) {
+                    None => return Err(unclear()),
+                    Some(b'"') => break,
+                    Some(b'\\') => {
+                        escaped = true;
+                        j += 2;
+                    }
+                    Some(_) => j += 1,
+                }
+            }
+            i = j + 1;
+            (&v[start..j], escaped)
+        } else {
+            let end = i + v[i..].iter().take_while(|b| is_tchar(**b)).count();
+            let value = &v[i..end];
+            i = end;
+            (value, false)
+        };
+        if seen.iter().any(|k| k.eq_ignore_ascii_case(key)) {
+            return Err(bad("a Content-Disposition parameter is given twice"));
+        }
+        seen.push(key);
+        if key.eq_ignore_ascii_case(b"name") {
+            if escaped || value.is_empty() {
+                return Err(unclear());
+            }
+            name = Some(value);
+        } else if key.eq_ignore_ascii_case(b"name*") {
+            return Err(unclear());
+        } else if key.eq_ignore_ascii_case(b"filename") || key.eq_ignore_ascii_case(b"filename*") {
+            filename = true;
+        }
+    }
+    let name = name.ok_or_else(|| bad("a part has no form-data name"))?;
+    Ok(Disposition { name, filename })
+}
+
+/// Whether a part carries a file: a `filename` parameter (`filename*` too), or the name of
+/// an image edit's input (`image`, `image[]`, `mask`; a client need not name the file).
+fn is_media_part(d: &Disposition<'_>) -> bool {
+    d.filename || matches!(d.name, b"image" | b"image[]" | b"mask")
 }
 
 /// The body with the `model` value replaced by `upstream_id`; every other byte as sent.
@@ -536,6 +615,76 @@ mod tests {
         }
         b.extend_from_slice(b"--XyZ--\r\n");
         b
+    }
+
+    /// A form with a part headed `head` (and a model part first).
+    fn headed(head: &str) -> Vec<u8> {
+        let mut b = form(&[("model", None, b"m")]);
+        b.truncate(b.len() - b"--XyZ--\r\n".len());
+        b.extend_from_slice(format!("--XyZ\r\n{head}\r\n\r\n10\r\n--XyZ--\r\n").as_bytes());
+        b
+    }
+
+    /// What the gateway reads of a form, the upstream must read too: a part whose head a
+    /// parser could read another way (a second `name`, a `name*`, two dispositions, a
+    /// folded or nameless line, an unclosed quote) is 400, as is a Content-Type with two
+    /// boundaries (a black-box audit smuggled `n=10` and another model past the bound).
+    #[test]
+    fn a_part_head_or_boundary_that_reads_two_ways_is_refused() {
+        let refused = [
+            r#"Content-Disposition: form-data; name="x"; name="n""#,
+            r#"Content-Disposition: form-data; name="x"; NAME="n""#,
+            r#"Content-Disposition: form-data; name*=UTF-8''n"#,
+            r#"Content-Disposition: form-data; name="x"; name*=UTF-8''n"#,
+            "Content-Disposition: form-data; name=\"x\"\r\nContent-Disposition: form-data; name=\"n\"",
+            "Content-Disposition: form-data; name=\"x\";\r\n name=\"n\"",
+            "Content-Disposition: form-data; name=\"x\";\r\n\tname=\"n\"",
+            "Content-Disposition: form-data; name=\"x\"\r\nname=\"n\"",
+            r#"Content-Disposition: form-data; name="n\"x""#,
+            r#"Content-Disposition: form-data; name="n"#,
+            r#"Content-Disposition: form-data; name="x" name="n""#,
+            r#"Content-Disposition: attachment; name="n""#,
+            r#"Content-Disposition: form-data; filename="a.wav"; filename="b.wav"; name="f""#,
+            r#"Content-Disposition: form-data"#,
+        ];
+        for head in refused {
+            let r = parse(&headed(head), b"XyZ");
+            assert!(
+                matches!(r, Err(GateError::InvalidRequest(_))),
+                "{head:?}: {r:?}"
+            );
+        }
+        // The plain forms still read, unquoted tokens and escaped filenames included.
+        for (head, n) in [
+            (r#"Content-Disposition: form-data; name="n""#, Some("10")),
+            ("Content-Disposition: form-data; name=n", Some("10")),
+            ("content-disposition:form-data;name=\"n\" ; ", Some("10")),
+            (
+                r#"Content-Disposition: form-data; name="x"; filename="a\"; name=\"n""#,
+                None,
+            ),
+            (
+                r#"Content-Disposition: form-data; name="x"; filename*=UTF-8''a.png"#,
+                None,
+            ),
+        ] {
+            let f = parse(&headed(head), b"XyZ").unwrap_or_else(|e| panic!("{head:?}: {e:?}"));
+            assert_eq!(f.n.as_deref(), n, "{head:?}");
+        }
+        for ct in [
+            &b"multipart/form-data; boundary=XyZ; boundary=Other"[..],
+            b"multipart/form-data; boundary=XyZ; BOUNDARY=\"Other\"",
+        ] {
+            assert!(
+                boundary(Some(ct)).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(ct)
+            );
+        }
+        assert_eq!(
+            boundary(Some(b"multipart/form-data; boundary=\"XyZ\"")).unwrap(),
+            b"XyZ"
+        );
     }
 
     /// Where, fed byte by byte, a large form's opening may end: not before its `model` is

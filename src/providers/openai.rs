@@ -46,6 +46,9 @@ struct Fields<'a> {
     /// Chat's Predicted Outputs (see [`RequestFields::prediction_tokens`]).
     #[serde(borrow, default)]
     prediction: Option<&'a RawValue>,
+    /// The Responses API's input items (see [`stored_item_refs`]).
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
     // Stored context and server-side fields (see `hidden`), in `HIDDEN_FIELDS`' order.
     #[serde(borrow, default)]
     previous_response_id: Option<&'a RawValue>,
@@ -89,6 +92,7 @@ struct Top<'a> {
     tools: Option<&'a str>,
     background: Option<&'a str>,
     prediction: Option<&'a str>,
+    input: Option<&'a str>,
     hidden: [Option<&'a str>; 6],
 }
 
@@ -106,6 +110,7 @@ impl<'a> From<Fields<'a>> for Top<'a> {
             tools: get(f.tools),
             background: get(f.background),
             prediction: get(f.prediction),
+            input: get(f.input),
             hidden: [
                 f.previous_response_id,
                 f.conversation,
@@ -131,9 +136,10 @@ impl<'a> Top<'a> {
     /// The same reading by [`json_scan`], several times cheaper; `None` for any body it
     /// leaves to serde (see there), and for one whose fields serde would refuse: a field
     /// named twice, a `stream` that is not a boolean.
+    #[inline(always)]
     fn by_scan(text: &'a str) -> Option<Top<'a>> {
         let mut top = Top::default();
-        let mut seen = 0u16;
+        let mut seen = 0u32;
         json_scan::members(text, |key, value| {
             let (bit, slot) = match key {
                 "stream" => {
@@ -158,6 +164,7 @@ impl<'a> Top<'a> {
                 "tools" => (7, &mut top.tools),
                 "background" => (8, &mut top.background),
                 "prediction" => (15, &mut top.prediction),
+                "input" => (16, &mut top.input),
                 _ => match HIDDEN_FIELDS.iter().position(|f| *f == key) {
                     Some(i) => (9 + i, &mut top.hidden[i]),
                     None => return true,
@@ -177,6 +184,7 @@ impl<'a> Top<'a> {
 
     /// The scanner's reading where it gives one, else serde's. JSON is UTF-8 (RFC 8259):
     /// the scanner reads bytes, so a body that is not is refused first, as serde would.
+    #[inline(always)]
     fn read(body: &'a [u8]) -> Result<Top<'a>, GateError> {
         let Ok(text) = std::str::from_utf8(body) else {
             return Err(GateError::InvalidRequest(
@@ -254,6 +262,47 @@ static MEDIA_WORDS: std::sync::LazyLock<[memchr::memmem::Finder<'static>; 5]> =
         ]
         .map(memchr::memmem::Finder::new)
     });
+
+/// Items of a Responses `input` that the provider loads from storage by their id, beyond the
+/// typed `item_reference` (a file type, counted with the parts): OpenAI's schema makes an item
+/// reference's `type` optional, so `{"id": "msg_…"}` (or a `null` type) is one too, and a
+/// reasoning item passed back by id without its `encrypted_content` is read from storage.
+/// Inputs that mention no `"id"` (nor a `\u` escape, which could spell one) have none.
+fn stored_item_refs(input: &str) -> u64 {
+    #[derive(Deserialize)]
+    struct Item<'a> {
+        #[serde(borrow, default, rename = "type")]
+        kind: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        id: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        encrypted_content: Option<&'a RawValue>,
+    }
+    static ID_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"id\""));
+    let bytes = input.as_bytes();
+    if !input.starts_with('[') || (ID_KEY.find(bytes).is_none() && ESCAPE.find(bytes).is_none()) {
+        return 0;
+    }
+    let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(input) else {
+        return 0;
+    };
+    let stored = |raw: &&&RawValue| {
+        // An object only: serde's derived reading would take an array field by field.
+        if !raw.get().starts_with('{') {
+            return false;
+        }
+        let Ok(item) = serde_json::from_str::<Item<'_>>(raw.get()) else {
+            return false;
+        };
+        match (item.id, item.kind.map(RawValue::get)) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(_), Some(kind)) => kind == "\"reasoning\"" && item.encrypted_content.is_none(),
+        }
+    };
+    items.iter().filter(stored).count() as u64
+}
 
 /// Image, audio and file parts of a body.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -472,6 +521,7 @@ pub fn parse_request(body: &[u8]) -> Result<RequestFields, GateError> {
         )));
     }
     let parts = count_parts(body);
+    let stored_items = fields.input.map_or(0, stored_item_refs);
     let mut raw = RawHidden {
         tools: fields.tools,
         background: fields.background,
@@ -489,7 +539,7 @@ pub fn parse_request(body: &[u8]) -> Result<RequestFields, GateError> {
             spanned(fields.max_completion_tokens, max_completion),
             spanned(fields.max_output_tokens, max_output),
         ],
-        hidden: Hidden::read(&raw, parts.files),
+        hidden: Hidden::read(&raw, parts.files + stored_items),
         model_span: span_of(body, raw_model),
         stream_options_span: fields.stream_options.map(|r| span_of(body, r)),
         model: std::sync::Arc::from(model.as_ref()),

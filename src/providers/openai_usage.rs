@@ -1067,8 +1067,9 @@ impl SseUsageParser {
     }
 
     /// Raw JSON-string bytes of generated text seen so far: `content` and
-    /// `reasoning_content` values and tool-call `arguments` (escapes counted as written).
-    /// For estimating completion tokens when the stream breaks before usage arrives.
+    /// `reasoning_content` values and tool-call `arguments` (escapes counted as written),
+    /// and in an event without those, the values of [`OTHER_KEYS`]. For estimating
+    /// completion tokens when the stream breaks before usage arrives.
     #[must_use]
     pub fn content_bytes(&self) -> u64 {
         self.content_bytes
@@ -1228,7 +1229,14 @@ impl SseUsageParser {
             self.done = true;
             return false;
         }
-        let (text, has_usage, value) = keys_and_value(data);
+        let (mut text, has_usage, mut value) = keys_and_value(data);
+        if text == 0 && !has_usage {
+            let other = other_text(data);
+            if other > 0 {
+                // Read in full every time: a shape counts only the keys' values.
+                (text, value) = (other, None);
+            }
+        }
         self.content_bytes = self.content_bytes.saturating_add(text);
         if !has_usage {
             let lead = untrimmed.len() - untrimmed.trim_ascii_start().len();
@@ -1366,6 +1374,35 @@ fn keys_and_value(data: &[u8]) -> (u64, bool, Option<Range<usize>>) {
         }
     }
     (text, has_usage, value)
+}
+
+/// Keys of generated output that [`keys_and_value`] does not read: a `refusal`, a
+/// `reasoning` (OpenRouter's), an audio reply's `transcript` and `data`, and content sent as
+/// parts (`text`). A stream cut before its usage is charged for them too (SPEC §2: never
+/// below what the provider bills). Looked for only in an event where those keys counted
+/// nothing and that is no usage event: nearly every stream has two, its first and its last.
+static OTHER_KEYS: LazyLock<[Finder<'static>; 5]> = LazyLock::new(|| {
+    [
+        &b"\"refusal\""[..],
+        b"\"reasoning\"",
+        b"\"transcript\"",
+        b"\"data\"",
+        b"\"text\"",
+    ]
+    .map(Finder::new)
+});
+
+/// The raw lengths of the string values of [`OTHER_KEYS`] in one event.
+fn other_text(data: &[u8]) -> u64 {
+    let mut total = 0u64;
+    for key in OTHER_KEYS.iter() {
+        for at in key.find_iter(data) {
+            if let Some((len, _)) = string_value(data, at + key.needle().len()) {
+                total += len as u64;
+            }
+        }
+    }
+    total
 }
 
 /// Whether some `"usage"` key has an object value (OpenAI sends `"usage":null` on every
@@ -1591,6 +1628,39 @@ mod tests {
 "#;
         let (p, _) = run_split(input, &[], false);
         assert_eq!(p.content_bytes(), 4 + 9);
+    }
+
+    /// A cut stream is charged the output delivered in any form a chat stream carries it: a
+    /// refusal, OpenRouter's `reasoning`, an audio reply (transcript and data) and content
+    /// as parts count as content does (a black-box audit saw 500 bytes of each charged as
+    /// one token). However the stream is split, and however many events repeat.
+    #[test]
+    fn refusals_audio_reasoning_and_content_parts_count_as_text() {
+        let role = chunk_event(r#"{"role":"assistant","content":""}"#, "null");
+        let cases: [(&str, u64); 5] = [
+            (r#"{"content":null,"refusal":"I can't"}"#, 7),
+            (r#"{"reasoning":"think"}"#, 5),
+            (
+                r#"{"audio":{"id":"a1","data":"UklGRg==","transcript":"hi"}}"#,
+                8 + 2,
+            ),
+            (r#"{"content":[{"type":"text","text":"abc"}]}"#, 3),
+            // With content in the same event, the other keys are not read again.
+            (r#"{"content":"ab","refusal":"xyz"}"#, 2),
+        ];
+        for (delta, bytes) in cases {
+            let event = chunk_event(delta, "null");
+            let input = format!("{role}\n\n{event}\n\n{event}\n\n{event}\n\n");
+            for cut in [0, 40, 200, 333] {
+                let cuts: Vec<usize> = (cut > 0 && cut < input.len())
+                    .then_some(cut)
+                    .into_iter()
+                    .collect();
+                let (p, out) = run_split(input.as_bytes(), &cuts, true);
+                assert_eq!(p.content_bytes(), 3 * bytes, "{delta} cut at {cut}");
+                assert_eq!(out, input.as_bytes());
+            }
+        }
     }
 
     #[test]

@@ -751,6 +751,22 @@ impl ProxyHttp for GateProxy {
         let deadline = tuning.body_timeout;
         let hold = tuning.multipart_hold_bytes;
         let form = endpoint.takes_form();
+        // Two Content-Types name two boundaries, and which one the upstream reads is its
+        // own: the form it reads must be the one admitted.
+        if form
+            && session
+                .req_header()
+                .headers
+                .get_all(http::header::CONTENT_TYPE)
+                .iter()
+                .nth(1)
+                .is_some()
+        {
+            let err = GateError::InvalidRequest(
+                "malformed multipart body: Content-Type is given twice".into(),
+            );
+            return self.reject(session, ctx, err).await;
+        }
         // Multipart bodies need their boundary (copied only for those endpoints).
         let content_type = form
             .then(|| {

@@ -250,6 +250,11 @@ impl OldParser {
             return false;
         }
         let (text, has_usage) = keys(data);
+        let text = if text == 0 && !has_usage {
+            super::other_text(data)
+        } else {
+            text
+        };
         self.content_bytes = self.content_bytes.saturating_add(text);
         if !has_usage {
             return false;
