@@ -52,6 +52,9 @@ pub(crate) struct Knobs {
     pub(crate) empty_error: bool,
     /// `x-mock-leak-headers: 1`: add provider-account headers to the response.
     pub(crate) leak_headers: bool,
+    /// `x-mock-gzip: 1`: a JSON answer is gzip-compressed (`content-encoding: gzip`), though
+    /// the gateway asked for `identity` (as a proxy in front of a provider may do).
+    pub(crate) gzip: bool,
     /// `x-mock-gateway-headers: 1`: add headers named as the gateway's own.
     pub(crate) gateway_headers: bool,
     /// `x-mock-early-hints: 1`: a `103 Early Hints` head before the answer's.
@@ -92,6 +95,7 @@ impl Default for Knobs {
             drop: false,
             empty_error: false,
             leak_headers: false,
+            gzip: false,
             gateway_headers: false,
             early_hints: false,
             tool_call: None,
@@ -148,6 +152,8 @@ pub(crate) fn apply_knob(knobs: &mut Knobs, knob: &str, value: &[u8]) {
         knobs.empty_error = truthy(value);
     } else if knob.eq_ignore_ascii_case(b"leak-headers") {
         knobs.leak_headers = truthy(value);
+    } else if knob.eq_ignore_ascii_case(b"gzip") {
+        knobs.gzip = truthy(value);
     } else if knob.eq_ignore_ascii_case(b"gateway-headers") {
         knobs.gateway_headers = truthy(value);
     } else if knob.eq_ignore_ascii_case(b"early-hints") {

@@ -34,6 +34,7 @@
 //! | `x-mock-drop: 1` | read the whole request (after `x-mock-delay-ms`), then close the connection without any response |
 //! | `x-mock-early-hints: 1` | a `103 Early Hints` head (`link: </style.css>; rel=preload`) before the answer's |
 //! | `x-mock-gateway-headers: 1` | add headers named as the gateway's own (plain, SSE and errors): `x-spidergate-model: upstream-model`, `x-spidergate-error-code: upstream-code`, `traceparent: 00-1111…-2222…-01` |
+//! | `x-mock-gzip: 1` | a JSON answer comes gzip-compressed (`content-encoding: gzip`), against the gateway's `accept-encoding: identity` |
 //! | `x-mock-leak-headers: 1` | add provider-account headers to the response (plain, SSE and errors): `openai-organization: org-leak`, `openai-project: proj_leak`, `anthropic-organization-id: leak`, `set-cookie: a=b`, `x-ratelimit-limit-requests: 5000`, `x-ratelimit-remaining-tokens: 99` |
 //!
 //! Like the real API, `/v1/messages` answers 401 `authentication_error` without credentials

@@ -324,6 +324,28 @@ impl Reply<'_> {
         if let Some(served) = usage {
             self.shared.add_usage(served);
         }
+        if knobs.gzip {
+            use std::io::Write as _;
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            let body = gz
+                .write_all(self.json)
+                .and_then(|()| gz.finish())
+                .unwrap_or_default();
+            self.out.clear();
+            push_head(
+                self.out,
+                status,
+                b"application/json",
+                Some(body.len()),
+                flags,
+            );
+            // Before the blank line that ends the head.
+            let end = self.out.len() - 2;
+            self.out
+                .splice(end..end, b"content-encoding: gzip\r\n".iter().copied());
+            self.out.extend_from_slice(&body);
+            return self.write_out().await;
+        }
         self.write_json(status, flags).await
     }
 

@@ -4,8 +4,8 @@
 //! the reservation instead of `server.max_audio_seconds`.
 //!
 //! - WAV (PCM and the other sample formats of fixed frame size): every byte from the first
-//!   `data` chunk to the end of the file over the rate its samples play at, the lower of the
-//!   `fmt ` chunk's byte rate and sample rate x block align ([`wav_duration_ms`]). Decoders
+//!   `data` chunk to the end of the file over the rate its samples play at, the lowest the
+//!   `fmt ` chunks allow ([`wav_duration_ms`], [`wav_bytes_per_second`]). Decoders
 //!   play samples at the sample rate whatever the byte-rate field says, and may read past a
 //!   `data` size that claims less, or a second `data` chunk; compressed formats inside a
 //!   WAV (ADPCM, MP3) have no such bound and fall back like the formats below.
@@ -125,12 +125,17 @@ fn wav_bound_ms(file: &[u8], len: u64) -> Option<u64> {
         let body = at + 8;
         match id {
             b"fmt " => {
-                rate = wav_bytes_per_second(
+                let this = wav_bytes_per_second(
                     u16_at(body)?,
+                    u16_at(body + 2)?,
                     u32_at(body + 4)?,
                     u32_at(body + 8)?,
                     u16_at(body + 12)?,
-                )
+                    u16_at(body + 14)?,
+                )?;
+                // Decoders differ on which of two `fmt ` chunks they read (FFmpeg: the
+                // first): the slower rate bounds either reading.
+                rate = Some(rate.map_or(this, |r: u64| r.min(this)));
             }
             b"data" => {
                 let present = len.saturating_sub(body as u64);
@@ -145,22 +150,28 @@ fn wav_bound_ms(file: &[u8], len: u64) -> Option<u64> {
 }
 
 /// The rate a WAV's `data` bytes play at, for a sample format whose frames have a fixed
-/// size (`block_align` bytes per sample frame): integer PCM, IEEE float, A-law, mu-law, or
-/// the extensible tag (which carries one of these in practice). The lower of the header's
-/// byte rate and sample rate x block align, so a byte rate written larger than the samples
-/// play cannot shorten the bound. `None` for a compressed format or a zero field.
+/// size: integer PCM, IEEE float, A-law, mu-law, or the extensible tag (which carries one
+/// of these in practice). The lowest of the header's byte rate, sample rate x block align,
+/// and sample rate x channels x whole bytes per sample (what FFmpeg's PCM decoder plays,
+/// whatever `block_align` says), so no field written larger than the samples play can
+/// shorten the bound. `None` for a compressed format or a zero field.
 fn wav_bytes_per_second(
     tag: u16,
+    channels: u16,
     sample_rate: u32,
     byte_rate: u32,
     block_align: u16,
+    bits_per_sample: u16,
 ) -> Option<u64> {
     const FIXED_FRAME: [u16; 5] = [0x0001, 0x0003, 0x0006, 0x0007, 0xFFFE];
     if !FIXED_FRAME.contains(&tag) {
         return None;
     }
-    let played = u64::from(sample_rate) * u64::from(block_align);
-    let rate = played.min(u64::from(byte_rate));
+    let rate = u64::from(sample_rate);
+    let sample_bytes = u64::from(bits_per_sample).div_ceil(8);
+    let rate = (rate * u64::from(block_align))
+        .min(u64::from(byte_rate))
+        .min(rate * u64::from(channels) * sample_bytes);
     (rate > 0).then_some(rate)
 }
 
@@ -579,6 +590,52 @@ mod tests {
         f.extend_from_slice(&claimed.to_le_bytes());
         f.resize(f.len() + data_len as usize, 0);
         f
+    }
+
+    /// A `fmt ` chunk of PCM: (channels, sample rate, byte rate, block align, bits).
+    fn fmt_chunk(channels: u16, rate: u32, byte_rate: u32, align: u16, bits: u16) -> Vec<u8> {
+        let mut f = b"fmt ".to_vec();
+        f.extend_from_slice(&16u32.to_le_bytes());
+        f.extend_from_slice(&1u16.to_le_bytes());
+        f.extend_from_slice(&channels.to_le_bytes());
+        f.extend_from_slice(&rate.to_le_bytes());
+        f.extend_from_slice(&byte_rate.to_le_bytes());
+        f.extend_from_slice(&align.to_le_bytes());
+        f.extend_from_slice(&bits.to_le_bytes());
+        f
+    }
+
+    fn wav_of(fmts: &[Vec<u8>], data_len: usize) -> Vec<u8> {
+        let mut f = b"RIFF\0\0\0\0WAVE".to_vec();
+        for fmt in fmts {
+            f.extend_from_slice(fmt);
+        }
+        f.extend_from_slice(b"data");
+        f.extend_from_slice(&(data_len as u32).to_le_bytes());
+        f.resize(f.len() + data_len, 0);
+        f
+    }
+
+    /// FFmpeg plays PCM at sample rate x channels x bytes per sample, whatever the byte
+    /// rate and block align say, and reads the first of two `fmt ` chunks: a black-box
+    /// audit shrank 12.5 s of 8-bit mono 8 kHz to a 13 ms bound with a large block align and
+    /// byte rate, and to 17 ms with a fast second `fmt `. The bound is the slowest reading.
+    #[test]
+    fn no_header_field_or_second_fmt_shortens_the_bound() {
+        let honest = fmt_chunk(1, 8_000, 8_000, 1, 8);
+        assert_eq!(
+            wav_duration_ms(&wav_of(std::slice::from_ref(&honest), 100_000)),
+            Some(12_500)
+        );
+        let inflated = fmt_chunk(1, 8_000, 8_000_000, 1000, 8);
+        assert_eq!(wav_duration_ms(&wav_of(&[inflated], 100_000)), Some(12_500));
+        let fast = fmt_chunk(8, 192_000, 24_576_000, 32, 32);
+        for order in [[honest.clone(), fast.clone()], [fast, honest]] {
+            assert_eq!(wav_duration_ms(&wav_of(&order, 100_000)), Some(12_500));
+        }
+        // 24-bit samples in 4-byte frames: FFmpeg reads 3-byte samples, the longer playing.
+        let padded = fmt_chunk(2, 48_000, 384_000, 8, 24);
+        assert_eq!(wav_duration_ms(&wav_of(&[padded], 288_000)), Some(1_000));
     }
 
     #[test]

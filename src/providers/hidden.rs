@@ -105,8 +105,16 @@ impl Hidden {
         if files > 0 && h.unseen_input.is_none() {
             h.unseen_input = Some("a file, document or stored item part".into());
         }
-        if let Some(tools) = raw.tools {
-            let list: Vec<Tool<'_>> = serde_json::from_str(tools).unwrap_or_default();
+        if let Some(tools) = raw.tools.filter(|t| *t != "null") {
+            // A list serde cannot read (a key given twice, a `type` that is not a string) is
+            // one the gateway cannot judge, and a provider may read another way: treated as
+            // a server-side tool, refused for a hard-budget key.
+            let Ok(list) = serde_json::from_str::<Vec<Tool<'_>>>(tools) else {
+                h.tools = true;
+                h.server_tool = Some("tools (a list that cannot be read one way only)".into());
+                h.background = raw.background == Some("true");
+                return h;
+            };
             h.tools = !list.is_empty();
             for (i, t) in list.iter().enumerate() {
                 match tool_kind(t.kind.as_deref()) {

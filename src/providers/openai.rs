@@ -229,7 +229,7 @@ fn count_field(raw: Option<&str>, name: &str) -> Result<Option<u64>, GateError> 
 
 /// The `type` of an image, audio or file part in OpenAI's chat and Responses shapes and in
 /// Anthropic's. Every such part carries its `type` (the APIs require it).
-const MEDIA_TYPES: [&str; 7] = [
+const MEDIA_TYPES: [&str; 8] = [
     "image_url",
     "input_image",
     "input_audio",
@@ -237,6 +237,8 @@ const MEDIA_TYPES: [&str; 7] = [
     "file",
     "image",
     "document",
+    // A computer-use call's output: a screenshot, by URL or file id.
+    "computer_screenshot",
 ];
 
 /// Parts whose input the body does not show: files (by id, URL or inline PDF, whose pages
@@ -249,6 +251,8 @@ const FILE_TYPES: [&str; 4] = ["input_file", "file", "document", "item_reference
 /// and one with `"type"` still needs a media word.
 static TYPE_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"type\""));
+static AUDIO_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"audio\""));
 static ESCAPE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\\u"));
 static MEDIA_WORDS: std::sync::LazyLock<[memchr::memmem::Finder<'static>; 5]> =
@@ -284,8 +288,10 @@ fn stored_item_refs(input: &str) -> u64 {
     if !input.starts_with('[') || (ID_KEY.find(bytes).is_none() && ESCAPE.find(bytes).is_none()) {
         return 0;
     }
+    // An input serde cannot read as items (a key given twice, say) is read one item: a
+    // provider may read it another way, and one reference is bounded like many.
     let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(input) else {
-        return 0;
+        return 1;
     };
     let stored = |raw: &&&RawValue| {
         // An object only: serde's derived reading would take an array field by field.
@@ -293,7 +299,7 @@ fn stored_item_refs(input: &str) -> u64 {
             return false;
         }
         let Ok(item) = serde_json::from_str::<Item<'_>>(raw.get()) else {
-            return false;
+            return true;
         };
         match (item.id, item.kind.map(RawValue::get)) {
             (None, _) => false,
@@ -313,28 +319,37 @@ pub struct Parts {
     pub files: u64,
 }
 
-/// The number of image, audio and file parts anywhere in a body.
+/// The number of image, audio and file parts anywhere in a body (0 for one the walk cannot
+/// read, which `parse_request` refuses).
 pub fn count_media_parts(body: &[u8]) -> u64 {
-    count_parts(body).media
+    count_parts(body).map_or(0, |p| p.media)
 }
 
 /// The image, audio and file parts anywhere in a body: objects whose `type` is one of
-/// [`MEDIA_TYPES`] or [`FILE_TYPES`], at any depth (tool results may hold images too). Most
-/// bodies mention no media word and use no `\u` escape, and are answered by a byte scan; the
-/// rest are walked with serde, which decodes escapes, so `"\u0074ype"` cannot hide a part.
-/// The walk builds no values.
-pub fn count_parts(body: &[u8]) -> Parts {
+/// [`MEDIA_TYPES`] or [`FILE_TYPES`], at any depth (tool results may hold images too), and a
+/// chat message's earlier audio reply by `id` (`"audio": {"id": …}`, fed back as audio
+/// tokens). Most bodies mention no media word and use no `\u` escape, and are answered by a
+/// byte scan; the rest are walked with serde, which decodes escapes, so `"\u0074ype"` cannot
+/// hide a part. The walk builds no values. It is stricter than the scan that accepted the
+/// body: a lone surrogate escape or a number past f64 stops it, and a stopped walk would have
+/// missed every part after that value, so such a body is 400.
+pub fn count_parts(body: &[u8]) -> Result<Parts, GateError> {
     let maybe_media = ESCAPE.find(body).is_some()
+        || AUDIO_KEY.find(body).is_some()
         || (TYPE_KEY.find(body).is_some() && MEDIA_WORDS.iter().any(|f| f.find(body).is_some()));
     if !maybe_media {
-        return Parts::default();
+        return Ok(Parts::default());
     }
     let mut parts = Parts::default();
     let mut de = serde_json::Deserializer::from_slice(body);
-    // A body serde cannot walk was already refused by `parse_request`'s own parse.
-    let _ = serde::de::DeserializeSeed::deserialize(MediaWalk(&mut parts), &mut de);
-    parts
+    serde::de::DeserializeSeed::deserialize(MediaWalk(&mut parts), &mut de).map_err(|e| {
+        GateError::InvalidRequest(format!("the body holds a value that cannot be read: {e}"))
+    })?;
+    Ok(parts)
 }
+
+/// What [`MediaWalk`] yields for an object with an `id` key (strings yield [`names`]).
+const ID_OBJECT: u8 = 4;
 
 /// What a string value names, as a `type`: bit 0 a media type, bit 1 a file type.
 fn names(v: &str) -> u8 {
@@ -389,38 +404,55 @@ impl<'de> serde::de::Visitor<'de> for MediaWalk<'_> {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<u8, A::Error> {
-        let mut kind = 0;
-        while let Some(is_type) = map.next_key_seed(TypeKey)? {
+        let (mut kind, mut has_id) = (0, false);
+        while let Some(key) = map.next_key_seed(WalkKey)? {
             let named = map.next_value_seed(MediaWalk(&mut *self.0))?;
-            if is_type {
-                kind |= named;
+            match key {
+                Some(Key::Type) => kind |= named & 3,
+                // A chat message's earlier audio reply, by id: audio the body does not hold.
+                Some(Key::Audio) if named & ID_OBJECT != 0 => self.0.files += 1,
+                Some(Key::Id) => has_id = true,
+                _ => {}
             }
         }
         self.0.media += u64::from(kind & 1);
         self.0.files += u64::from(kind >> 1);
-        Ok(0)
+        Ok(if has_id { ID_OBJECT } else { 0 })
     }
 }
 
-/// An object key: whether it is `type` (escapes decoded).
-struct TypeKey;
+/// The object keys the walk reads.
+#[derive(Clone, Copy)]
+enum Key {
+    Type,
+    Audio,
+    Id,
+}
 
-impl<'de> serde::de::DeserializeSeed<'de> for TypeKey {
-    type Value = bool;
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+/// An object key, escapes decoded: one of [`Key`], else `None`.
+struct WalkKey;
+
+impl<'de> serde::de::DeserializeSeed<'de> for WalkKey {
+    type Value = Option<Key>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<Key>, D::Error> {
         d.deserialize_str(self)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for TypeKey {
-    type Value = bool;
+impl<'de> serde::de::Visitor<'de> for WalkKey {
+    type Value = Option<Key>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("an object key")
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<bool, E> {
-        Ok(v == "type")
+    fn visit_str<E>(self, v: &str) -> Result<Option<Key>, E> {
+        Ok(match v {
+            "type" => Some(Key::Type),
+            "audio" => Some(Key::Audio),
+            "id" => Some(Key::Id),
+            _ => None,
+        })
     }
 }
 
@@ -520,7 +552,7 @@ pub fn parse_request(body: &[u8]) -> Result<RequestFields, GateError> {
             "'n' must be between 1 and {MAX_CHOICES}"
         )));
     }
-    let parts = count_parts(body);
+    let parts = count_parts(body)?;
     let stored_items = fields.input.map_or(0, stored_item_refs);
     let mut raw = RawHidden {
         tools: fields.tools,
@@ -880,6 +912,59 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    /// A second black-box attack round: values a lenient reading takes and a strict one
+    /// does not (a lone surrogate, a number past f64, a key given twice) hid every part
+    /// after them, a server tool, or a stored item; a chat message's audio by id and a
+    /// computer-use screenshot were not seen at all. Each is now 400 or bounded.
+    #[test]
+    fn input_the_body_does_not_show_cannot_hide_behind_a_value_serde_refuses() {
+        let read = |body: &str| parse_request(body.as_bytes());
+        for body in [
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"\ud800"},{"type":"file","file":{"file_id":"f"}}]}]}"#,
+            r#"{"model":"m","tools":[{"type":"function","parameters":{"maximum":1e400}}],"input":[{"type":"input_file","file_id":"f"}]}"#,
+        ] {
+            assert!(
+                matches!(read(body), Err(GateError::InvalidRequest(_))),
+                "{body}"
+            );
+        }
+        // The same body without the bad value: read, the part seen.
+        let f = read(r#"{"model":"m","tools":[{"type":"function","parameters":{"maximum":1e300}}],"input":[{"type":"input_file","file_id":"f"}]}"#).unwrap();
+        assert!(f.hidden.unseen_input.is_some());
+        for (body, unseen, server) in [
+            // A tool whose `type` is given twice: a server tool to a last-wins parser.
+            (
+                r#"{"model":"m","tools":[{"type":"custom","type":"web_search_20250305"}]}"#,
+                false,
+                true,
+            ),
+            (r#"{"model":"m","tools":null}"#, false, false),
+            // An input item whose `id` is given twice.
+            (
+                r#"{"model":"m","input":[{"id":"msg_1","id":"msg_1"}]}"#,
+                true,
+                false,
+            ),
+            // A chat message's earlier audio reply, by id.
+            (
+                r#"{"model":"m","messages":[{"role":"assistant","audio":{"id":"audio_1"}}]}"#,
+                true,
+                false,
+            ),
+            (
+                r#"{"model":"m","audio":{"voice":"alloy","format":"wav"},"messages":[]}"#,
+                false,
+                false,
+            ),
+        ] {
+            let f = read(body).unwrap_or_else(|e| panic!("{body}: {e:?}"));
+            assert_eq!(f.hidden.unseen_input.is_some(), unseen, "{body}");
+            assert_eq!(f.hidden.server_tool.is_some(), server, "{body}");
+        }
+        let f = read(r#"{"model":"m","input":[{"type":"computer_call_output","call_id":"c","output":{"type":"computer_screenshot","file_id":"f"}}]}"#).unwrap();
+        assert_eq!(f.media_parts, 1);
     }
 
     #[test]

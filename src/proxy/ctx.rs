@@ -97,6 +97,10 @@ pub struct RequestCtx {
     pub(super) status: u16,
     /// Upstream's own status, when it answered.
     pub(super) upstream_status: Option<u16>,
+    /// The upstream's body came compressed though `identity` was asked for (a proxy in
+    /// front of the provider, say): its usage cannot be read, so it is charged at the
+    /// reservation (SPEC §2: an estimate is never below what the provider bills).
+    pub(super) encoded_body: bool,
     pub(super) error_code: Option<&'static str>,
     pub(super) response_started: bool,
     pub(super) response_complete: bool,
@@ -223,8 +227,9 @@ impl RequestCtx {
     /// Final usage of an admitted request and whether it is an estimate (SPEC §4: never
     /// below what the provider bills). Reported usage where it arrived. Else, whenever the
     /// upstream may have worked: a request sent with no response head back (a client
-    /// hang-up, a timeout, a break), a whole body cut short, or a `background` run that
-    /// returned before its work, is charged at its reservation on the model that served; a
+    /// hang-up, a timeout, a break), a whole body cut short, a body compressed against the
+    /// gateway's `identity`, or a `background` run that returned before its work, is
+    /// charged at its reservation on the model that served; a
     /// stream cut before its final usage event is charged for the prompt (as reported, else
     /// its bound) and one token per byte of output delivered so far, within the reservation.
     /// Else zero (the upstream refused it with an error status, or was never reached).
@@ -274,7 +279,7 @@ impl RequestCtx {
             .as_ref()
             .is_some_and(|a| a.fields.hidden.background);
         let cut_body = codec.is_some_and(ResponseCodec::is_whole_body) && !self.response_complete;
-        if unanswered || background || cut_body {
+        if unanswered || background || cut_body || self.encoded_body {
             return (Usage::new(prompt_bound, completion_bound), true);
         }
         let partial = codec.and_then(ResponseCodec::partial_usage);

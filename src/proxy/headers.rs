@@ -204,6 +204,9 @@ pub(super) struct UpstreamHead {
     pub retry_after_odd: bool,
     /// A name the gateway writes itself ([`is_gateway_name`]).
     pub gateway_names: bool,
+    /// A `Content-Encoding` other than `identity`, though the gateway asked for it: the
+    /// usage in such a body cannot be read as it passes.
+    pub encoded: bool,
 }
 
 impl UpstreamHead {
@@ -225,6 +228,11 @@ impl UpstreamHead {
             } else if name == http::header::RETRY_AFTER {
                 found.retry_after = true;
                 found.retry_after_odd |= !is_whole_secs(value.as_bytes());
+            } else if name == http::header::CONTENT_ENCODING {
+                found.encoded |= !value
+                    .as_bytes()
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"identity");
             } else {
                 // The name's text once (a standard name's is a lookup), both questions on it.
                 let n = name.as_str();

@@ -578,6 +578,7 @@ impl ProxyHttp for GateProxy {
             sent_upstream: false,
             status: 0,
             upstream_status: None,
+            encoded_body: false,
             error_code: None,
             response_started: false,
             response_complete: false,
@@ -1122,6 +1123,7 @@ impl ProxyHttp for GateProxy {
             return Ok(());
         }
         let head = UpstreamHead::scan(&resp.headers);
+        ctx.encoded_body = head.encoded;
         // The codec first: a body it rewrites changes the framing the decoration writes.
         let reframe = ctx.observe_response_head(head.sse);
         // An answer its head says is empty (`Content-Length: 0`, a 204 or 304) gets no body
@@ -1286,6 +1288,9 @@ impl ProxyHttp for GateProxy {
         let standing = ctx.standing;
         let body = providers::error_body(ctx.endpoint, &err);
         let traceparent = ctx.traceparent.as_ref();
+        // The connection is not reused after this answer (below): it says so, so that a
+        // client does not send its next request into a closing socket.
+        session.set_keepalive(None);
         let _ = send_json(
             session,
             err.status(),

@@ -262,11 +262,23 @@ impl StreamTranslator {
     }
 
     /// End of the upstream stream: appends whatever is still owed (`message_stop`). A
-    /// stream that never began gets nothing; one cut short is closed as if it had ended.
+    /// stream that never began gets nothing. One whose choice was still streaming (no
+    /// `finish_reason`, no `[DONE]`) was cut short: it ends with Anthropic's `error` event,
+    /// as the other direction ends a cut stream with an error, not with a stop that makes
+    /// it look whole (a tool call cut mid-arguments would read as a call with `{}`).
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         let mut framer = std::mem::take(&mut self.framer);
         framer.finish(&mut |e: SseEvent<'_>| self.event(e.data, out));
         self.framer = framer;
+        if self.phase == Phase::Streaming {
+            let error = ErrorBody {
+                kind: "api_error",
+                message: "The upstream stream ended before the message was complete.",
+            };
+            emit(out, &Event::Error { error });
+            self.phase = Phase::Ended;
+            return;
+        }
         self.end(out);
     }
 
