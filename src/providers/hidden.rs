@@ -109,14 +109,14 @@ impl Hidden {
             // A list serde cannot read (a key given twice, a `type` that is not a string) is
             // one the gateway cannot judge, and a provider may read another way: treated as
             // a server-side tool, refused for a hard-budget key.
-            let Ok(list) = serde_json::from_str::<Vec<Tool<'_>>>(tools) else {
-                h.tools = true;
-                h.server_tool = Some("tools (a list that cannot be read one way only)".into());
-                h.background = raw.background == Some("true");
-                return h;
-            };
-            h.tools = !list.is_empty();
-            for (i, t) in list.iter().enumerate() {
+            let list = serde_json::from_str::<Vec<Tool<'_>>>(tools);
+            h.tools = list.as_ref().map_or(true, |l| !l.is_empty());
+            if list.is_err() {
+                h.server_tool.get_or_insert_with(|| {
+                    "tools (a list that cannot be read one way only)".into()
+                });
+            }
+            for (i, t) in list.iter().flatten().enumerate() {
                 match tool_kind(t.kind.as_deref()) {
                     ToolKind::Client => {}
                     ToolKind::ProviderDefined => h.provider_tools += 1,
