@@ -33,7 +33,7 @@ struct RawConfig {
     tls: Option<RawTls>,
     providers: Option<Vec<RawProvider>>,
     models: Option<Vec<RawModel>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     aliases: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     server: RawServer,
@@ -256,6 +256,36 @@ pub const DEFAULT_MULTIPART_HOLD_BYTES: u64 = 1 << 20;
 /// 313-530 tokens by model and `tool_choice`, and 245-735 tokens for each of its own client
 /// tools (bash, text editor, computer use); OpenAI's tool framing is smaller.
 pub const DEFAULT_TOOL_PROMPT_TOKENS: u32 = 1_000;
+
+/// A mapping whose every key is new: YAML lets a key appear twice and serde's map keeps the
+/// last, so an alias written twice would silently lose its first chain (repeated struct fields
+/// are refused already, as serde's duplicate field).
+fn unique_keys<'de, D>(d: D) -> Result<BTreeMap<String, Vec<String>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Unique;
+    impl<'de> serde::de::Visitor<'de> for Unique {
+        type Value = BTreeMap<String, Vec<String>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a mapping of alias names to lists of model ids")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut m: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((k, v)) = m.next_entry::<String, Vec<String>>()? {
+                if out.contains_key(&k) {
+                    return Err(serde::de::Error::custom(format!("duplicate alias \"{k}\"")));
+                }
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Unique)
+}
 
 fn default_max_body() -> u64 {
     32 * 1024 * 1024
@@ -1498,6 +1528,15 @@ aliases:
                 .contains("SG_STORE_ONLY_TEST_UNSET is not set")
         );
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn an_alias_written_twice_is_refused_not_overwritten() {
+        let twice = format!("{BASE}  spideriq/fast: [gpt-4o-mini]\n");
+        let e = parse(&twice).unwrap_err().to_string();
+        assert!(e.contains("duplicate alias \"spideriq/fast\""), "{e}");
+        let two = format!("{BASE}  spideriq/other: [gpt-4o-mini]\n");
+        assert_eq!(parse(&two).unwrap().aliases.len(), 2);
     }
 
     #[test]

@@ -153,8 +153,8 @@ impl Gate {
         // Another process that is running (an upgrade's predecessor). Not this one: rows under
         // this process id were left by an earlier process that had it (a container's gateway
         // is pid 1 at every start), since this one has written nothing yet.
-        let own = i64::from(std::process::id());
-        let other_live = |o: i64| o != own && crate::handover::state::process_is_live(o);
+        let own = crate::owner::own();
+        let other_live = |o: i64| o != own && crate::owner::is_live(o);
         // Before keys (and their month's spend) are loaded: a crash never makes a request free.
         let orphans = match node {
             None => store.charge_orphans(other_live),

@@ -23,6 +23,7 @@ pub mod manage;
 pub mod memory;
 pub mod metrics;
 pub mod money;
+pub mod owner;
 pub mod percent;
 pub mod prices;
 pub mod priority;

@@ -990,6 +990,68 @@ fn sigkill_with_requests_in_flight_charges_every_orphan_on_restart() {
     }
 }
 
+/// After a crash or a reboot the dead gateway's pid may name another process (a container's
+/// gateway is pid 1 at every start; on a host, pid 2 is `kthreadd`). Its open admissions
+/// must still be charged at the next start, not taken for a live predecessor's and left
+/// free: the journal's owner says which process, not only which pid.
+#[test]
+fn a_crashed_gateways_pid_taken_by_another_process_does_not_make_its_requests_free() {
+    let mock = mock();
+    let mut gw = gateway(&mock).start();
+    let key = gw.create_key(&["--budget", "10", "--budget-mode", "hard"]);
+    let body = user_body("gpt-4o-mini", json!({}));
+    mock.clear();
+    let (addr, bearer) = (gw.addr, key.bearer());
+    let threads: Vec<_> = (0..3)
+        .map(|_| {
+            let (body, bearer) = (body.clone(), bearer.clone());
+            std::thread::spawn(move || {
+                let _ = send_chat(addr, &bearer, &body, &[("x-mock-delay-ms", "10000")]);
+            })
+        })
+        .collect();
+    wait_for(Duration::from_secs(10), "3 admissions journaled", || {
+        (gw.query_i64("SELECT COUNT(*) FROM inflight", []) == 3).then_some(())
+    });
+    gw.kill9();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // The dead gateway's pid now names another process: its rows keep what identified the
+    // writer (whatever the owner holds above the pid) and get the live process's pid.
+    let mut other = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let conn = rusqlite::Connection::open(&gw.db).unwrap();
+    let pid_bits = (1i64 << 22) - 1;
+    conn.execute(
+        "UPDATE inflight SET owner = (owner & ~?1) | ?2",
+        rusqlite::params![pid_bits, i64::from(other.id())],
+    )
+    .unwrap();
+    drop(conn);
+    gw.spawn();
+    let t = wait_for(Duration::from_secs(20), "orphans charged", || {
+        let t = gw.model_traces(&key.id);
+        (t.len() >= 3).then_some(t)
+    });
+    let _ = other.kill();
+    let _ = other.wait();
+    assert_eq!(t.len(), 3, "one trace per orphan: {t:?}");
+    for trace in &t {
+        assert_eq!(trace.error_code.as_deref(), Some("orphaned"), "{trace:?}");
+        assert_charged_estimate(trace, "orphan");
+    }
+    let sum: i64 = t.iter().map(|t| t.cost_nanos).sum();
+    assert_eq!(
+        gw.usage(&key)["spend_nanodollars"],
+        sum,
+        "month spend = the orphans"
+    );
+    assert_eq!(gw.query_i64("SELECT COUNT(*) FROM inflight", []), 0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. A flood of bad tokens.
 // ---------------------------------------------------------------------------------------------

@@ -38,8 +38,8 @@ use crate::gate::Gate;
 pub mod state;
 use crate::limits::Charge;
 use crate::store::{HandoverRow, Store, StoreError};
-use state::{process_is_live, seed_minutes, GROUP_MARK, LOOP_MARK};
 pub use state::{relay_path_for, AdmissionGuard, Handover};
+use state::{seed_minutes, GROUP_MARK, LOOP_MARK};
 use state::{Adopted, HANDOVER_WAIT};
 
 /// Marker files next to the successor's relay socket: the hand-over began, and is done.
@@ -149,7 +149,7 @@ fn save_minutes(gate: &Gate, store: &mut Store) -> Result<(), StoreError> {
                 .map(|w| (name.clone(), w)),
         );
     }
-    store.save_minutes(i64::from(std::process::id()), &rows)
+    store.save_minutes(crate::owner::own(), &rows)
 }
 
 /// The new process's half, once its listeners run: waits until the predecessor (if it marked
@@ -182,9 +182,9 @@ pub async fn adopt_when_handed_over(gate: Arc<Gate>) {
 /// committed by then).
 pub fn adopt(gate: &Gate) -> Result<usize, StoreError> {
     let mut store = gate.open_store()?;
-    let own = i64::from(std::process::id());
+    let own = crate::owner::own();
     // What earlier, gone processes left (their minutes would count twice).
-    store.forget_handovers(process_is_live)?;
+    store.forget_handovers(crate::owner::is_live)?;
     let (rows, minutes) = store.read_consistent(|s| {
         gate.reload_fresh(s)?;
         Ok((s.foreign_journal(own)?, s.foreign_minutes(own)?))
@@ -255,7 +255,7 @@ pub fn follow(gate: &Gate, store: &mut Store) -> Result<(), StoreError> {
     if adopted.is_empty() {
         return Ok(());
     }
-    let own = i64::from(std::process::id());
+    let own = crate::owner::own();
     let rows: HashMap<i64, HandoverRow> = store
         .foreign_journal(own)?
         .into_iter()
@@ -289,17 +289,19 @@ pub fn follow(gate: &Gate, store: &mut Store) -> Result<(), StoreError> {
         a.key.counters.settle(a.reservation, charge);
     }
     store.delete_settled(&settled)?;
-    let predecessor_gone = adopted.values().all(|a| !process_is_live(a.row.owner));
+    let predecessor_gone = adopted
+        .values()
+        .all(|a| !crate::owner::is_live(a.row.owner));
     if !adopted.is_empty() && predecessor_gone {
         // Rows it settled in its last commit were read above; what is still open is charged
         // now and released at the next round.
-        let n = store.charge_orphans(process_is_live)?;
+        let n = store.charge_orphans(crate::owner::is_live)?;
         if n > 0 {
             log::warn!("upgrade: the old process left {n} requests open; charged at their bound");
         }
     }
     if adopted.is_empty() {
-        store.forget_handovers(process_is_live)?;
+        store.forget_handovers(crate::owner::is_live)?;
         log::info!("upgrade: the old process's requests are all booked");
     }
     Ok(())
@@ -312,10 +314,10 @@ pub fn finish(gate: &Gate) {
     if gate.handover.relaying.load(Ordering::SeqCst) {
         return; // the successor follows what is left
     }
-    let own = i64::from(std::process::id());
+    let own = crate::owner::own();
     let result = gate.open_store().and_then(|mut store| {
         follow(gate, &mut store)?;
-        store.forget_handovers(|o| o == own || process_is_live(o))
+        store.forget_handovers(|o| o == own || crate::owner::is_live(o))
     });
     if let Err(e) = result {
         log::warn!("upgrade: clearing the old process's journal rows failed: {e}");

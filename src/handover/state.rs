@@ -115,7 +115,8 @@ impl Handover {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let pid: u32 = name.strip_prefix(&prefix)?.parse().ok()?;
                 let modified = e.metadata().ok()?.modified().ok()?;
-                (pid != own && process_is_live(i64::from(pid))).then_some((modified, e.path()))
+                (pid != own && crate::owner::pid_is_live(i64::from(pid)))
+                    .then_some((modified, e.path()))
             })
             .max()
             .map(|(_, path)| path)
@@ -139,15 +140,6 @@ impl Handover {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
-}
-
-/// Whether the process that journaled an admission still runs (another gateway that handed
-/// its sockets to this one with `--upgrade`, still finishing its requests). This process's
-/// own pid, left by an earlier process that crashed, counts as gone.
-pub fn process_is_live(pid: i64) -> bool {
-    pid > 0
-        && pid != i64::from(std::process::id())
-        && std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Counts saved admissions (key or group, unix ms) into the rolling minutes of `keys`, and

@@ -337,14 +337,13 @@ mod flat {
     /// checked, as serde does not check it in a value it ignores).
     fn skip_string(c: &mut Cursor<'_>) -> bool {
         loop {
-            let Some(i) = c.s[c.at..]
-                .iter()
-                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-            else {
+            // Eight bytes a step to the next quote, backslash or control byte.
+            c.at = crate::providers::json_scan::plain_run(c.s, c.at);
+            let Some(&stop) = c.s.get(c.at) else {
                 return false;
             };
-            c.at += i + 1;
-            match c.s[c.at - 1] {
+            c.at += 1;
+            match stop {
                 b'"' => return true,
                 b'\\' => match c.s.get(c.at) {
                     Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => c.at += 1,

@@ -154,7 +154,7 @@ impl Store {
     fn with_backend(backend: Backend) -> Store {
         Store {
             backend,
-            owner: i64::from(std::process::id()),
+            owner: crate::owner::own(),
             alert_rules: None,
             handing_over: false,
         }
@@ -176,7 +176,8 @@ impl Store {
     }
 
     /// Sets the owner written with journal rows by `write_batch` (default: this process's
-    /// pid). Nodes sharing one PostgreSQL need owners unique across the cluster.
+    /// id, [`crate::owner::own`]). Nodes sharing one PostgreSQL need owners unique across
+    /// the cluster.
     pub fn set_owner(&mut self, owner: i64) {
         self.owner = owner;
     }
