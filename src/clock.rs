@@ -20,13 +20,26 @@ fn offset_ms() -> i64 {
     })
 }
 
-/// Wall-clock now in unix milliseconds (plus the configured test offset, if any).
+/// No wall-clock reading is earlier than this (unix ms; 0 until raised).
+static WALL_FLOOR: AtomicI64 = AtomicI64::new(0);
+
+/// Wall-clock now in unix milliseconds (plus the configured test offset, if any), never
+/// earlier than [`raise_wall_floor`] set.
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
         .saturating_add(offset_ms())
+        .max(WALL_FLOOR.load(Ordering::Relaxed))
+}
+
+/// Holds [`now_ms`] at `ms` or later. A gateway started with its clock set back (a step of
+/// NTP, a wrong hardware clock after a reboot) would otherwise count a day or a month that
+/// already ended again, from zero (SPEC §2: counters never roll backwards): it starts from
+/// the newest time its store recorded, and the clock takes over once it passes it.
+pub fn raise_wall_floor(ms: i64) {
+    WALL_FLOOR.fetch_max(ms, Ordering::Relaxed);
 }
 
 /// Environment variable that lets a test move the monotonic clock forward through the admin

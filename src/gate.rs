@@ -150,6 +150,21 @@ impl Gate {
             catch_up_store: Mutex::new(None),
         };
         let mut store = gate.open_store().map_err(|e| format!("database: {e}"))?;
+        // Days and months count from no earlier than the last trace recorded (a clock set
+        // back must not start a day or a month that ended again, from zero).
+        let latest = store
+            .latest_trace_ms()
+            .map_err(|e| format!("database: {e}"))?
+            .unwrap_or(0);
+        if latest > now_ms() + 1_000 {
+            log::warn!(
+                "the wall clock reads {}, before the last trace recorded ({}): days and months \
+                 count from that until the clock passes it",
+                crate::clock::rfc3339(now_ms()),
+                crate::clock::rfc3339(latest)
+            );
+        }
+        crate::clock::raise_wall_floor(latest);
         // Another process that is running (an upgrade's predecessor). Not this one: rows under
         // this process id were left by an earlier process that had it (a container's gateway
         // is pid 1 at every start), since this one has written nothing yet.

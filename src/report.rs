@@ -22,30 +22,47 @@ fn model_json(catalog: &Catalog, m: usize) -> Value {
     })
 }
 
-fn alias_json(catalog: &Catalog, name: &str, chain: &[usize], key: Option<&KeyEntry>) -> Value {
+/// Who asks for a catalog view: the key and every key above it (SPEC §7: a child never
+/// exceeds its parent, so it sees only what its whole line may call, as admission narrows
+/// it), or nobody (an anonymous, public catalog).
+pub type Lineage<'a> = [&'a KeyEntry];
+
+/// Whether every key of `lineage` may be served by model `m`.
+fn may_use(lineage: &Lineage<'_>, m: usize, catalog: &Catalog) -> bool {
+    lineage.iter().all(|k| k.may_use_model(m, catalog))
+}
+
+fn alias_json(catalog: &Catalog, name: &str, chain: &[usize], lineage: &Lineage<'_>) -> Value {
     let models: Vec<&str> = chain
         .iter()
-        .filter(|&&m| key.is_none_or(|k| k.may_use_model(m, catalog)))
+        .filter(|&&m| may_use(lineage, m, catalog))
         .map(|&m| catalog.models()[m].id.as_str())
         .collect();
     json!({ "id": name, "object": "model", "created": 0, "owned_by": "spidergate", "models": models })
 }
 
+/// Whether the alias `name` (its models `chain`) is one `lineage` may call: each key may,
+/// and some model of the chain is left for all of them.
+fn alias_visible(catalog: &Catalog, lineage: &Lineage<'_>, name: &str, chain: &[usize]) -> bool {
+    lineage.is_empty()
+        || (lineage.iter().all(|k| k.resolve(catalog, name).is_ok())
+            && chain.iter().any(|&m| may_use(lineage, m, catalog)))
+}
+
 fn visible_aliases<'a>(
     catalog: &'a Catalog,
-    key: Option<&'a KeyEntry>,
+    lineage: &'a Lineage<'a>,
 ) -> impl Iterator<Item = (&'a str, &'a [usize])> {
     catalog.alias_names().iter().filter_map(move |name| {
         let chain = catalog.alias_chain(name)?;
-        let ok = key.is_none_or(|k| k.resolve(catalog, name).is_ok());
-        ok.then_some((name.as_str(), chain))
+        alias_visible(catalog, lineage, name, chain).then_some((name.as_str(), chain))
     })
 }
 
 /// `GET /v1/models`: the models this key may call (all of them when anonymous).
-pub fn models_list(catalog: &Catalog, key: Option<&KeyEntry>) -> Vec<u8> {
+pub fn models_list(catalog: &Catalog, lineage: &Lineage<'_>) -> Vec<u8> {
     let data: Vec<Value> = (0..catalog.models().len())
-        .filter(|&m| key.is_none_or(|k| k.may_use_model(m, catalog)))
+        .filter(|&m| may_use(lineage, m, catalog))
         .map(|m| model_json(catalog, m))
         .collect();
     json!({ "object": "list", "data": data })
@@ -54,9 +71,9 @@ pub fn models_list(catalog: &Catalog, key: Option<&KeyEntry>) -> Vec<u8> {
 }
 
 /// `GET /v1/aliases`: the aliases this key may call, each with its usable chain.
-pub fn aliases_list(catalog: &Catalog, key: Option<&KeyEntry>) -> Vec<u8> {
-    let data: Vec<Value> = visible_aliases(catalog, key)
-        .map(|(name, chain)| alias_json(catalog, name, chain, key))
+pub fn aliases_list(catalog: &Catalog, lineage: &Lineage<'_>) -> Vec<u8> {
+    let data: Vec<Value> = visible_aliases(catalog, lineage)
+        .map(|(name, chain)| alias_json(catalog, name, chain, lineage))
         .collect();
     json!({ "object": "list", "data": data })
         .to_string()
@@ -64,14 +81,18 @@ pub fn aliases_list(catalog: &Catalog, key: Option<&KeyEntry>) -> Vec<u8> {
 }
 
 /// `GET /v1/models/{id}`: a model or alias this key may call; `None` means 404.
-pub fn model_object(catalog: &Catalog, key: Option<&KeyEntry>, id: &str) -> Option<Vec<u8>> {
+pub fn model_object(catalog: &Catalog, lineage: &Lineage<'_>, id: &str) -> Option<Vec<u8>> {
     if let Some(m) = catalog.model_index(id) {
-        let ok = key.is_none_or(|k| k.may_use_model(m, catalog));
+        let ok = may_use(lineage, m, catalog);
         return ok.then(|| model_json(catalog, m).to_string().into_bytes());
     }
     let chain = catalog.alias_chain(id)?;
-    let ok = key.is_none_or(|k| k.resolve(catalog, id).is_ok());
-    ok.then(|| alias_json(catalog, id, chain, key).to_string().into_bytes())
+    let ok = alias_visible(catalog, lineage, id, chain);
+    ok.then(|| {
+        alias_json(catalog, id, chain, lineage)
+            .to_string()
+            .into_bytes()
+    })
 }
 
 /// A key as management views show it. Never includes the secret or its hash.

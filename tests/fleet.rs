@@ -844,3 +844,142 @@ fn an_rpm_added_to_a_key_or_group_counts_the_minute_already_admitted() {
     });
     assert_eq!((r.status, r.code().as_str()), (429, "rate_limit_exceeded"));
 }
+
+/// Mints racing a change to their parent (SPEC §7: a child joins its parent's group, and
+/// revoking a key revokes its descendants). A change's own pass over the parent's keys
+/// lists them before a mint in flight has stored its key, so each mint reads its parent
+/// again once stored: every child handed out ends in the group its parent joined, and none
+/// stays active under a revoked parent, in the store and every view.
+#[test]
+fn keys_minted_while_their_parent_changes_end_within_it() {
+    let mock = mock();
+    let gw = Arc::new(GatewayBuilder::new(&mock).admin(ADMIN).start());
+    let r = gw.admin_call(
+        "POST",
+        "/admin/groups",
+        Some(&json!({"name": "capped", "budget_usd": 0.000001, "budget_mode": "hard"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    // Rounds of 40 mints with the parent's change in the middle of them; the race shows in
+    // most rounds without the second read, so three give it every chance.
+    for round in 0..3 {
+        let parent = Arc::new(gw.create_key(&["--scopes", "gate:chat,gate:keys"]));
+        let spawn_mints = |tag: &'static str| -> Vec<std::thread::JoinHandle<Option<String>>> {
+            (0..40)
+                .map(|i| {
+                    let (gw, parent) = (gw.clone(), parent.clone());
+                    std::thread::spawn(move || {
+                        let r = mint(&gw, &parent, json!({"name": format!("{tag}{round}-{i}")}));
+                        (r.status == 201).then(|| r.json()["id"].as_str().unwrap().to_string())
+                    })
+                })
+                .collect()
+        };
+        let mints = spawn_mints("g");
+        std::thread::sleep(Duration::from_millis(15));
+        let r = gw.admin_call(
+            "PATCH",
+            &format!("/admin/keys/{}", parent.id),
+            Some(&json!({"group": "capped"})),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let children: Vec<String> = mints
+            .into_iter()
+            .filter_map(|t| t.join().unwrap())
+            .collect();
+        for id in &children {
+            let v = gw
+                .admin_call("GET", &format!("/admin/keys/{id}"), None)
+                .json();
+            assert_eq!(
+                v["group"], "capped",
+                "round {round}: a child outside the group: {v}"
+            );
+        }
+
+        let mints = spawn_mints("r");
+        std::thread::sleep(Duration::from_millis(15));
+        let r = gw.admin_call("POST", &format!("/admin/keys/{}/revoke", parent.id), None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let revoked_children: Vec<String> = mints
+            .into_iter()
+            .filter_map(|t| t.join().unwrap())
+            .collect();
+        for id in &revoked_children {
+            let v = gw
+                .admin_call("GET", &format!("/admin/keys/{id}"), None)
+                .json();
+            assert_eq!(
+                v["status"], "revoked",
+                "round {round}: active under a revoked parent: {v}"
+            );
+        }
+    }
+}
+
+/// The catalog a child sees is what its whole line may call (SPEC §3: a key sees only what
+/// it may call; §7: a child never exceeds its parent): a parent narrowed after minting, past
+/// everything its child's own list names (the store then leaves the child's list as it is),
+/// takes those models out of the child's `/v1/models`, `/v1/models/{id}` and `/v1/aliases`
+/// too, as admission refuses them.
+#[test]
+fn a_childs_catalog_is_narrowed_by_every_key_above_it() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).admin(ADMIN).start();
+    let parent = gw.create_key(&[
+        "--scopes",
+        "gate:chat,gate:models,gate:keys",
+        "--models",
+        "gpt-4o-mini,gpt-4o",
+    ]);
+    let child = minted(
+        &gw,
+        &parent,
+        json!({"name": "kid", "allowed_models": ["gpt-4o-mini"], "scopes": ["gate:chat", "gate:models", "gate:keys"]}),
+    );
+    let grandchild = minted(&gw, &child, json!({"name": "grandkid"}));
+    let ids = |k: &Key, path: &str| -> Vec<String> {
+        let r = gw.get(path, &k.bearer());
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    for k in [&child, &grandchild] {
+        assert_eq!(ids(k, "/v1/models"), ["gpt-4o-mini"]);
+        assert_eq!(
+            ids(k, "/v1/aliases"),
+            ["spideriq/failover", "spideriq/fast"]
+        );
+    }
+    let r = gw.admin_call(
+        "PATCH",
+        &format!("/admin/keys/{}", parent.id),
+        Some(&json!({"allowed_models": ["gpt-4o"]})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_for(
+        Duration::from_secs(5),
+        "the narrowed parent to apply",
+        || (gw.chat(&child, "gpt-4o-mini").status == 403).then_some(()),
+    );
+    for k in [&child, &grandchild] {
+        let r = gw.chat(k, "gpt-4o-mini");
+        assert_eq!((r.status, r.code().as_str()), (403, "model_not_allowed"));
+        assert!(ids(k, "/v1/models").is_empty());
+        assert!(ids(k, "/v1/aliases").is_empty());
+        for path in ["/v1/models/gpt-4o-mini", "/v1/models/spideriq/fast"] {
+            let r = gw.get(path, &k.bearer());
+            assert_eq!(
+                (r.status, r.code().as_str()),
+                (404, "model_not_found"),
+                "{path}"
+            );
+        }
+    }
+    // The parent itself sees what it may call.
+    assert_eq!(ids(&parent, "/v1/models"), ["gpt-4o"]);
+}

@@ -469,6 +469,64 @@ fn sleep_until(ms: i64) {
     }
 }
 
+/// A gateway started again with its clock set back across a month's (and a day's) first
+/// moment: the month and the day it already counted must not start over from zero (SPEC
+/// §2: counters never roll backwards). Days and months count from the last trace recorded
+/// until the clock passes it.
+#[test]
+fn a_clock_set_back_across_a_restart_rolls_no_day_or_month_back() {
+    let mock = mock();
+    let real = now_ms();
+    let next = month_index(real) + 1;
+    // The gateway's clock reads 20 s into the next month.
+    let ahead = month_start_ms(next) + 20_000 - real;
+    let mut gw = gateway(&mock)
+        .env("SPIDERGATE_CLOCK_OFFSET_MS", &ahead.to_string())
+        .start();
+    let key = gw.create_key(&["--budget", "1", "--budget-mode", "hard", "--rpd", "3"]);
+    for _ in 0..3 {
+        assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
+    }
+    let r = gw.chat(&key, "gpt-4o-mini");
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (429, "daily_rate_limit_exceeded")
+    );
+    let before = gw.usage(&key);
+    assert_eq!(before["month"], month_label(next), "{before}");
+    assert!(gw.terminate().success());
+    // Set back a minute: the clock now reads 40 s before that month (and day) began.
+    gw.set_env("SPIDERGATE_CLOCK_OFFSET_MS", &(ahead - 60_000).to_string());
+    gw.spawn();
+    let r = gw.chat(&key, "gpt-4o-mini");
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (429, "daily_rate_limit_exceeded"),
+        "the day's count started over: {}",
+        r.text()
+    );
+    let after = gw.usage(&key);
+    assert_eq!(after["month"], month_label(next), "{after}");
+    assert_eq!(after["requests_today"], before["requests_today"], "{after}");
+    assert_eq!(
+        after["spend_nanodollars"], before["spend_nanodollars"],
+        "{after}"
+    );
+    let months: Vec<String> = gw
+        .db()
+        .prepare("SELECT DISTINCT month FROM spend WHERE key_id = ?1")
+        .unwrap()
+        .query_map([&key.id], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        months,
+        [month_label(next)],
+        "no spend booked in a month that had ended"
+    );
+}
+
 #[test]
 fn a_body_trickled_across_a_month_boundary_is_admitted_when_it_completes() {
     // Fake the clock so the gateway's next month starts 3 s (real) after it is started; a

@@ -278,7 +278,46 @@ impl KeyService<'_> {
         }
         self.store.insert_key(&record)?;
         self.record("key.create", &record.id.clone(), None, &record, now);
+        let record = self.settle_minted(parent_id, record, now)?;
         Ok((record, secret))
+    }
+
+    /// A change to the parent may have committed between the read above and the insert: the
+    /// change's own pass over the parent's descendants ([`Self::narrow_descendants`], or the
+    /// revocation's cascade) listed them before this key existed, so it missed this key, which
+    /// would then stay outside a group its parent joined, or active under a revoked parent.
+    /// The parent is read again now that the key is stored: a change committed before this
+    /// read is seen here and applied to the key; one committed after it finds the key in its
+    /// own pass. A key whose parent was revoked meanwhile is revoked and not handed out.
+    fn settle_minted(
+        &mut self,
+        parent_id: &str,
+        record: KeyRecord,
+        now: i64,
+    ) -> Result<KeyRecord, KeyError> {
+        let parent = self.get(parent_id)?;
+        if parent.status(now) != "active" {
+            if let Some(revoked) = self.store.revoke_key(&record.id, now)? {
+                self.record("key.revoke", &record.id, Some(&record), &revoked, now);
+            }
+            return Err(KeyError::forbidden(
+                None,
+                format!(
+                    "key \"{parent_id}\" is {} and cannot mint keys",
+                    parent.status(now)
+                ),
+            ));
+        }
+        let patch = self.narrowing(&parent, &record);
+        if narrows_nothing(&patch) {
+            return Ok(record);
+        }
+        let after = self
+            .store
+            .update_key(&record.id, &patch)?
+            .unwrap_or_else(|| record.clone());
+        self.record("key.update", &record.id, Some(&record), &after, now);
+        Ok(after)
     }
 
     /// A child key as an operator would leave it (`key`, the patch applied) stays within

@@ -25,6 +25,7 @@ use crate::egress::ConnectFailure;
 use crate::error::GateError;
 use crate::gate::Gate;
 use crate::keys::token::{redact_secrets, TokenHash};
+use crate::keys::KeyEntry;
 use crate::limits::store::LimitStore;
 use crate::providers;
 use crate::providers::pool::{key_has_capacity, retry_after_ms, AllResting};
@@ -345,16 +346,27 @@ impl GateProxy {
         }
         let routes = ctx.snap.routes.clone();
         let catalog = &routes.catalog;
-        let key = ctx.key.as_deref();
+        let keys = ctx.snap.keys.clone();
+        // The key and the keys above it: a child sees what its whole line may call. A line
+        // broken above it (refused at authentication anyway) sees nothing.
+        let lineage: Vec<&KeyEntry> = match ctx.key.as_deref() {
+            None => Vec::new(),
+            Some(k) => match crate::fleet::ancestors(&keys, k, Now::read().wall) {
+                Ok(up) => std::iter::once(k)
+                    .chain(up.into_iter().map(|a| &**a))
+                    .collect(),
+                Err(_) => return self.reject(session, ctx, GateError::TokenRevoked).await,
+            },
+        };
         let body = match ctx.endpoint {
-            Endpoint::Models => report::models_list(catalog, key),
-            Endpoint::Aliases => report::aliases_list(catalog, key),
+            Endpoint::Models => report::models_list(catalog, &lineage),
+            Endpoint::Aliases => report::aliases_list(catalog, &lineage),
             Endpoint::Model => {
                 // The id asked for is the trace's requested model (SPEC §4), found or not;
                 // a secret in its place is not repeated (SPEC §1).
                 let asked = redact_secrets(model_id);
                 ctx.requested_model = Some(Arc::from(asked.as_ref()));
-                match report::model_object(catalog, key, &asked) {
+                match report::model_object(catalog, &lineage, &asked) {
                     Some(b) => b,
                     None => {
                         let err = GateError::ModelNotFound(asked.into_owned());

@@ -224,6 +224,12 @@ impl Store {
         on_backend!(&mut self.backend, b => b.prune_key_changes(keep))
     }
 
+    /// The newest time a recent trace was written at (unix ms), if any: a gateway started
+    /// with its clock set back counts days and months from no earlier than this.
+    pub fn latest_trace_ms(&self) -> Result<Option<i64>> {
+        on_backend!(&self.backend, b => b.latest_trace_ms())
+    }
+
     /// SQLite's `PRAGMA integrity_check`; PostgreSQL has none, and answers `ok` once a
     /// round trip succeeds.
     pub fn integrity_check(&self) -> Result<String> {

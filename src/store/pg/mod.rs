@@ -363,6 +363,15 @@ impl Postgres {
         Ok(n as usize)
     }
 
+    /// The newest `ts` among the newest traces (by id: the clock may have gone back while
+    /// they were written, so a few are read, never the whole table).
+    pub fn latest_trace_ms(&self) -> Result<Option<i64>> {
+        self.scalar(
+            "SELECT MAX(ts) FROM (SELECT ts FROM traces ORDER BY id DESC LIMIT 256) t",
+            &[],
+        )
+    }
+
     pub fn integrity_check(&self) -> Result<String> {
         // PostgreSQL checks its own pages; a round trip proves the store answers.
         self.scalar::<i32>("SELECT 1", &[])?;

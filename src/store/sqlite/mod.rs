@@ -416,6 +416,16 @@ impl Sqlite {
         })
     }
 
+    /// The newest `ts_max` among the newest trace pages (by id: the clock may have gone back
+    /// while they were written, so a few are read, never the whole table).
+    pub fn latest_trace_ms(&self) -> Result<Option<i64>> {
+        Ok(self.conn.query_row(
+            "SELECT MAX(ts_max) FROM (SELECT ts_max FROM trace_page ORDER BY id DESC LIMIT 64)",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
     pub fn integrity_check(&self) -> Result<String> {
         Ok(self
             .conn
