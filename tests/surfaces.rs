@@ -429,6 +429,81 @@ fn the_reserved_output_cap_is_written_upstream_on_every_route_and_translation() 
 // Cut streams.
 // ---------------------------------------------------------------------------------------------
 
+/// A stream the upstream breaks off mid-body ends for the client with an error in its own
+/// API's shape, on a cleanly ended body, whatever the surface or translation: not a
+/// connection cut mid-body, which SDKs report as a transport failure. Nothing that reads as a
+/// whole answer (`[DONE]`, `message_stop`, `response.completed`) is made up.
+#[test]
+fn a_stream_the_upstream_breaks_off_ends_with_an_error_in_the_clients_shape() {
+    let mock = mock();
+    let gw = gateway(&mock).start();
+    let key = gw.create_key(&[]);
+    let user = json!([{"role": "user", "content": "hi"}]);
+    let chat_error = "data: {\"error\":";
+    let messages_error =
+        "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\"";
+    for (path, body, error, whole) in [
+        (
+            "/v1/chat/completions",
+            json!({"model": "resp-open", "stream": true, "messages": user}),
+            chat_error,
+            "[DONE]",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "claude", "max_tokens": 60, "stream": true, "messages": user}),
+            chat_error,
+            "[DONE]",
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "claude", "max_tokens": 60, "stream": true, "messages": user}),
+            messages_error,
+            "message_stop",
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "resp-open", "max_tokens": 60, "stream": true, "messages": user}),
+            messages_error,
+            "message_stop",
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "resp-open", "stream": true, "input": "hi"}),
+            "event: error\ndata: {\"type\":\"error\",\"code\":\"upstream_stream_broken\"",
+            "response.completed",
+        ),
+    ] {
+        let bearer = key.bearer();
+        let headers = [
+            ("Authorization", bearer.as_str()),
+            ("x-mock-chunks", "10"),
+            ("x-mock-break-after", "3"),
+        ];
+        let stream = send_request(gw.addr, "POST", path, &headers, body.to_string().as_bytes())
+            .expect("send");
+        let r = read_response(stream)
+            .unwrap_or_else(|e| panic!("{path} {body}: the body was cut, not ended: {e}"));
+        assert_eq!(r.status, 200, "{path} {body}");
+        let text = r.text();
+        assert!(
+            text.contains(error),
+            "{path} {body}: no error event: {text}"
+        );
+        assert!(!text.contains(whole), "{path} {body}: made whole: {text}");
+        assert_eq!(text.matches(error).count(), 1, "{path} {body}: {text}");
+    }
+    let t = wait_traces(&gw, &key, 5);
+    for trace in &t {
+        assert_eq!(
+            trace.error_code.as_deref(),
+            Some("upstream_stream_broken"),
+            "{trace:?}"
+        );
+        assert!(trace.usage_estimated, "{trace:?}");
+    }
+}
+
 #[test]
 fn a_messages_stream_cut_before_its_usage_is_charged_its_prompt_and_delivered_output() {
     let mock = mock();

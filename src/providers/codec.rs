@@ -301,6 +301,31 @@ impl ResponseCodec {
         )
     }
 
+    /// The end of an event stream the upstream broke off mid-body (a reset, a read timeout),
+    /// for the client to read in its own API's shape instead of a connection cut mid-body,
+    /// which SDKs report as a transport failure: what a translation still owes (its error
+    /// event when the message was not complete), or the client API's error event. `None` for
+    /// a stream that had ended, and for bodies that are not event streams. A native stream's
+    /// tail starts with a blank line, which ends an event the upstream left half-sent (SSE
+    /// ignores blank lines between events).
+    pub fn cut_tail(&mut self) -> Option<Vec<u8>> {
+        let tail: &[u8] = match self {
+            ResponseCodec::ChatFromMessagesSse(t, out) => {
+                t.finish(out);
+                return (!out.is_empty()).then(|| std::mem::take(out));
+            }
+            ResponseCodec::MessagesFromChatSse(t, out) => {
+                t.finish(out);
+                return (!out.is_empty()).then(|| std::mem::take(out));
+            }
+            ResponseCodec::ChatSse(p) if !p.done() => CUT_CHAT_TAIL,
+            ResponseCodec::AnthropicSse(p) if !p.done() => CUT_MESSAGES_TAIL,
+            ResponseCodec::ResponsesSse(p) if !p.done() => CUT_RESPONSES_TAIL,
+            _ => return None,
+        };
+        Some(tail.to_vec())
+    }
+
     /// For a stream, the bytes of generated text seen so far (an estimate's basis when it
     /// breaks before its usage); None for whole bodies.
     pub fn stream_text_bytes(&self) -> Option<u64> {
@@ -315,6 +340,14 @@ impl ResponseCodec {
         }
     }
 }
+
+/// [`ResponseCodec::cut_tail`] of a chat stream: OpenAI's mid-stream error chunk (the SDKs
+/// raise `APIError` on a chunk with an `error`).
+const CUT_CHAT_TAIL: &[u8] = b"\n\ndata: {\"error\":{\"message\":\"The upstream stream broke before the answer was complete.\",\"type\":\"api_error\",\"code\":\"upstream_stream_broken\",\"param\":null}}\n\n";
+/// Of a Messages stream: Anthropic's `error` event (the SDK raises on it).
+const CUT_MESSAGES_TAIL: &[u8] = b"\n\nevent: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"The upstream stream broke before the message was complete.\"}}\n\n";
+/// Of a Responses stream: its `error` event.
+const CUT_RESPONSES_TAIL: &[u8] = b"\n\nevent: error\ndata: {\"type\":\"error\",\"code\":\"upstream_stream_broken\",\"message\":\"The upstream stream broke before the response was complete.\",\"param\":null}\n\n";
 
 /// An upstream error body: held whole, then passed on with account identifiers masked (its
 /// length unchanged). One too large to hold goes on chunk by chunk, masked likewise.

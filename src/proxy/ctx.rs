@@ -103,6 +103,9 @@ pub struct RequestCtx {
     pub(super) encoded_body: bool,
     pub(super) error_code: Option<&'static str>,
     pub(super) response_started: bool,
+    /// The answer's body goes to the client without a fixed length (chunked, or to the
+    /// connection's end): bytes may be added to it, a cut stream's error event.
+    pub(super) open_ended_body: bool,
     pub(super) response_complete: bool,
     /// `finishing_started` was called on the key's counters (see `KeyCounters::finishing`).
     pub(super) finishing: bool,

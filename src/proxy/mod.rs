@@ -593,6 +593,7 @@ impl ProxyHttp for GateProxy {
             encoded_body: false,
             error_code: None,
             response_started: false,
+            open_ended_body: false,
             response_complete: false,
             finishing: false,
             finished: false,
@@ -1138,6 +1139,7 @@ impl ProxyHttp for GateProxy {
         ctx.encoded_body = head.encoded;
         // The codec first: a body it rewrites changes the framing the decoration writes.
         let reframe = ctx.observe_response_head(head.sse);
+        ctx.open_ended_body = reframe.resized || !head.content_length;
         // An answer its head says is empty (`Content-Length: 0`, a 204 or 304) gets no body
         // call: it has ended here, and is not traced as cut short by the client.
         if matches!(ctx.status, 204 | 304) || head.zero_length {
@@ -1278,10 +1280,24 @@ impl ProxyHttp for GateProxy {
             .take()
             .or_else(|| GateError::from_proxy(e));
         if ctx.response_started {
-            ctx.error_code = Some(match e.esource() {
-                ErrorSource::Downstream => CLIENT_CLOSED,
-                _ => STREAM_BROKEN,
+            let upstream_broke = !matches!(e.esource(), ErrorSource::Downstream);
+            ctx.error_code = Some(if upstream_broke {
+                STREAM_BROKEN
+            } else {
+                CLIENT_CLOSED
             });
+            // A stream the upstream broke off ends for the client with an error in its API's
+            // shape, not a connection cut mid-body (which SDKs report as a transport failure,
+            // and which reads like a network fault rather than the provider's).
+            let tail = upstream_broke && !ctx.client_gone && ctx.open_ended_body;
+            if let Some(tail) = ctx
+                .codec
+                .as_mut()
+                .filter(|_| tail)
+                .and_then(|c| c.cut_tail())
+            {
+                let _ = session.write_response_body(Some(tail.into()), true).await;
+            }
             return FailToProxy {
                 error_code: 0,
                 can_reuse_downstream: false,

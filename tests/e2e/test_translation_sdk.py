@@ -321,3 +321,36 @@ def test_alias_without_failure_serves_anthropic(gw: Gateway):
     assert "x-spidergate-fallback-from" not in raw.headers
     assert raw.parse().choices[0].message.content == MOCK_REPLY_TEXT
     gw.assert_spend(key["secret"], _claude_cost(), model=CLAUDE, requests=1)
+
+
+# A stream the upstream breaks off: each SDK raises its own API error, not a transport one.
+
+CUT = {"x-mock-chunks": "10", "x-mock-break-after": "3"}
+
+
+@pytest.mark.parametrize("model", [GPT, CLAUDE])
+def test_chat_stream_broken_upstream_raises_api_error(gw: Gateway, model: str):
+    key = gw.create_key(f"tr-cut-chat-{model}")
+    c = gw.openai(key["secret"])
+    texts = []
+    with pytest.raises(openai.APIError) as raised:
+        for ch in c.chat.completions.create(model=model, messages=MESSAGES, stream=True,
+                                            extra_headers=CUT):
+            if ch.choices:
+                texts.append(ch.choices[0].delta.content or "")
+    # An error event of the API, not a cut connection (httpx's RemoteProtocolError).
+    assert not isinstance(raised.value, openai.APIConnectionError), raised.value
+    assert "upstream stream" in str(raised.value), raised.value
+    assert "".join(texts) == MOCK_STREAM_TOKEN * 3
+
+
+@pytest.mark.parametrize("model", [CLAUDE, GPT])
+def test_messages_stream_broken_upstream_raises_api_error(gw: Gateway, model: str):
+    key = gw.create_key(f"tr-cut-msg-{model}")
+    c = gw.anthropic(key["secret"])
+    with pytest.raises(anthropic.APIStatusError) as raised:
+        with c.messages.stream(model=model, max_tokens=64, messages=MESSAGES,
+                               extra_headers=CUT) as stream:
+            for _ in stream.text_stream:
+                pass
+    assert raised.value.body["error"]["type"] == "api_error", raised.value.body
