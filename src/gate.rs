@@ -198,6 +198,11 @@ impl Gate {
         }
         gate.reload_from(&store)
             .map_err(|e| format!("database: {e}"))?;
+        // Known to CLI changes from the start: one made before this process's first poll
+        // waits for that poll (`key_sync`), not for nobody.
+        store
+            .note_keys_applied(crate::owner::own(), gate.loaded_change())
+            .map_err(|e| format!("database: {e}"))?;
         if !left_minutes.is_empty() {
             log::info!(
                 "counting {} admissions of the last minute before the restart",
@@ -324,6 +329,11 @@ impl Gate {
     /// Applies the keys changed in the store since the last load: N changes cost O(N) (the
     /// change log names them; see `keys::set`). Falls back to a full reload when the log
     /// was pruned past what this process has. Returns how many keys changed.
+    /// The key-change position the live snapshot has applied (-1 before the first load).
+    pub fn loaded_change(&self) -> i64 {
+        self.loaded_change.load(Ordering::Acquire)
+    }
+
     pub fn reload_if_changed(&self, store: &Store) -> Result<usize, StoreError> {
         let _guard = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let loaded = self.loaded_change.load(Ordering::Acquire);

@@ -454,8 +454,46 @@ fn revoke_with_store_only(config_path: &Path, load_error: &str, id: &str, json: 
     let k = KeyService::new(&mut store, &Catalog::empty(), Actor::cli())
         .revoke(id, now)
         .map_err(cli_err)?;
+    await_running_gateways(&store);
     print_revoked(&k, now, json);
     Ok(())
+}
+
+/// Longest wait of a CLI change for the gateways running on its store.
+const GATEWAY_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Waits until every gateway running on this store (SQLite: processes on this machine) has
+/// applied the change just committed, so that a key revoked, rotated or narrowed from the
+/// CLI is refused from the moment the command returns (SPEC §1: revocation is immediate), as
+/// through the admin API. A gateway takes changes at its next poll (`reload_interval_ms`,
+/// 250 ms by default); one that has not within [`GATEWAY_SYNC_WAIT`] is named in a warning
+/// and takes it at a later poll. PostgreSQL's nodes are not waited for.
+fn await_running_gateways(store: &Store) {
+    let Ok(target) = store.last_key_change() else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + GATEWAY_SYNC_WAIT;
+    loop {
+        let Ok(rows) = store.keys_applied() else {
+            return;
+        };
+        let behind: Vec<i64> = rows
+            .into_iter()
+            .filter(|&(owner, seq)| seq < target && spidergate::owner::is_live(owner))
+            .map(|(owner, _)| spidergate::owner::pid_of(owner))
+            .collect();
+        if behind.is_empty() {
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            eprintln!(
+                "warning: the gateway running as pid {behind:?} has not applied the change yet; \
+                 it takes it at its next poll of the store"
+            );
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 fn print_revoked(k: &KeyRecord, now: i64, json: bool) {
@@ -764,6 +802,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             let k = KeyService::new(&mut store, &catalog, Actor::cli())
                 .update(&id, changes, now)
                 .map_err(cli_err)?;
+            await_running_gateways(&store);
             let v = report::key_json(&k, now);
             if json {
                 print_json(&v);
@@ -777,6 +816,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             let (k, secret) = KeyService::new(&mut store, &catalog, Actor::cli())
                 .rotate(&id, Some(&grace), now)
                 .map_err(cli_err)?;
+            await_running_gateways(&store);
             if json {
                 let mut v = report::key_json(&k, now);
                 v["secret"] = json!(secret);
@@ -794,6 +834,7 @@ fn manage_command(config: Config, command: Command) -> CliResult {
             let k = KeyService::new(&mut store, &catalog, Actor::cli())
                 .revoke(&id, now)
                 .map_err(cli_err)?;
+            await_running_gateways(&store);
             print_revoked(&k, now, json);
             Ok(())
         }

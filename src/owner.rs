@@ -46,6 +46,12 @@ pub fn is_live(owner: i64) -> bool {
     identity(pid) == Some(owner)
 }
 
+/// The pid an owner id holds.
+#[must_use]
+pub fn pid_of(owner: i64) -> i64 {
+    owner & PID_MASK
+}
+
 /// Whether `pid` names a running process other than this one (not a zombie).
 #[must_use]
 pub fn pid_is_live(pid: i64) -> bool {

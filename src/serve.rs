@@ -45,6 +45,9 @@ impl BackgroundService for Maintenance {
         tokio::spawn(crate::handover::adopt_when_handed_over(self.gate.clone()));
         tokio::spawn(follow_provider_dns(self.gate.clone(), shutdown.clone()));
         let mut store = None;
+        // The key-change position last recorded for CLI changes to wait on (`key_sync`;
+        // the first at start-up, by `Gate::new`).
+        let mut noted: Option<i64> = Some(self.gate.loaded_change());
         let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         {
             Ok(s) => Some(s),
@@ -56,7 +59,16 @@ impl BackgroundService for Maintenance {
         loop {
             let interval = self.gate.routes().config.tuning.reload_interval;
             tokio::select! {
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => {
+                    // Stopping: a CLI change no longer waits for this process.
+                    let gate = self.gate.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        let mut s = store.map_or_else(|| gate.open_store(), Ok)?;
+                        s.forget_keys_applied(crate::owner::own())
+                    })
+                    .await;
+                    return;
+                }
                 Some(()) = async {
                     match hangup.as_mut() {
                         Some(h) => h.recv().await,
@@ -82,12 +94,22 @@ impl BackgroundService for Maintenance {
                         }
                     },
                 };
+                let mut noted = noted;
                 match gate.reload_if_changed(&s) {
                     Ok(0) => {}
                     Ok(n) => {
                         log::info!("keys: {n} changes applied, {} keys live", gate.keys().len())
                     }
                     Err(e) => log::warn!("key reload failed, keeping the last snapshot: {e}"),
+                }
+                // A CLI change waits until every running gateway has it (SPEC §1: revocation
+                // is immediate): this one says how far it is, when that moved.
+                let applied = gate.loaded_change();
+                if noted != Some(applied) {
+                    match s.note_keys_applied(crate::owner::own(), applied) {
+                        Ok(()) => noted = Some(applied),
+                        Err(e) => log::warn!("key reload: cannot record the position: {e}"),
+                    }
                 }
                 // After an upgrade: what the old process settled since the last round.
                 if let Err(e) = crate::handover::follow(&gate, &mut s) {
@@ -100,10 +122,13 @@ impl BackgroundService for Maintenance {
                         log::warn!("key change log prune failed: {e}");
                     }
                 }
-                Some(s)
+                Some((s, noted))
             })
             .await;
-            store = joined.ok().flatten();
+            (store, noted) = match joined {
+                Ok(Some((s, n))) => (Some(s), n),
+                _ => (None, noted),
+            };
         }
     }
 }

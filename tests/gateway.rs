@@ -208,6 +208,37 @@ fn expired_and_revoked_keys_get_their_own_401_codes() {
     assert_eq!(r.code(), "token_revoked");
 }
 
+/// SPEC §1: revocation is immediate, from the CLI too: once `keys revoke` (or a rotation
+/// with no grace) returns, the running gateway refuses the key, with no wait. The command waits for the gateway's next poll of the
+/// store instead of the agent getting served until it.
+#[test]
+fn a_key_revoked_from_the_cli_is_refused_as_soon_as_the_command_returns() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    for round in 0..4 {
+        let key = gw.create_key(&[]);
+        assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
+        let (verb, args): (&str, Vec<&str>) = if round % 2 == 0 {
+            ("revoke", vec!["keys", "revoke", &key.id])
+        } else {
+            ("rotate", vec!["keys", "rotate", &key.id, "--grace", "0s"])
+        };
+        let out = gw.cli(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r = gw.chat(&key, "gpt-4o-mini");
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (401, "token_revoked"),
+            "round {round}: served after `keys {verb}` returned: {}",
+            r.text()
+        );
+    }
+}
+
 /// SPEC: CLI changes apply within 1 s, no restart. The bound is the reload poll's period
 /// (`server.reload_interval_ms`, refused above 1000 by `Config` validation, see
 /// `reload_interval_above_one_second_is_refused`); here the change must arrive without a

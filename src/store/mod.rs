@@ -224,6 +224,32 @@ impl Store {
         on_backend!(&mut self.backend, b => b.prune_key_changes(keep))
     }
 
+    /// Records that gateway `owner` applied the key changes up to `seq` (SQLite: a CLI
+    /// change waits for it; PostgreSQL's nodes are waited for by no one, and take changes
+    /// within their poll).
+    pub fn note_keys_applied(&mut self, owner: i64, seq: i64) -> Result<()> {
+        match &mut self.backend {
+            Backend::Sqlite(b) => b.note_keys_applied(owner, seq),
+            Backend::Postgres(_) => Ok(()),
+        }
+    }
+
+    /// A gateway stopping: no CLI change waits for it any more.
+    pub fn forget_keys_applied(&mut self, owner: i64) -> Result<()> {
+        match &mut self.backend {
+            Backend::Sqlite(b) => b.forget_keys_applied(owner),
+            Backend::Postgres(_) => Ok(()),
+        }
+    }
+
+    /// Every gateway's (owner, applied key-change position) on this store (SQLite only).
+    pub fn keys_applied(&self) -> Result<Vec<(i64, i64)>> {
+        match &self.backend {
+            Backend::Sqlite(b) => b.keys_applied(),
+            Backend::Postgres(_) => Ok(Vec::new()),
+        }
+    }
+
     /// The newest time a recent trace was written at (unix ms), if any: a gateway started
     /// with its clock set back counts days and months from no earlier than this.
     pub fn latest_trace_ms(&self) -> Result<Option<i64>> {

@@ -135,6 +135,11 @@ CREATE TABLE IF NOT EXISTS handover_minutes (
 -- rows are charged as orphans once its heartbeat is older than the caller's TTL.
 CREATE TABLE IF NOT EXISTS nodes (owner INTEGER PRIMARY KEY, seen_at INTEGER NOT NULL);
 
+-- Each running gateway's position in `key_changes`, once it applied the changes up to it:
+-- a CLI change waits until every live gateway on this file has it (SPEC §1: revocation is
+-- immediate), so the key is refused from the moment the command returns.
+CREATE TABLE IF NOT EXISTS key_sync (owner INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
+
 -- Groups of keys with a budget and rpm over the sum of their keys (SPEC §7). A change logs
 -- '*group:<name>' in key_changes, which tells a running gateway to rebuild its snapshot.
 CREATE TABLE IF NOT EXISTS groups (
@@ -414,6 +419,35 @@ impl Sqlite {
                 [keep],
             )?)
         })
+    }
+
+    /// Records that gateway `owner` applied the key changes up to `seq`.
+    pub fn note_keys_applied(&mut self, owner: i64, seq: i64) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO key_sync (owner, seq) VALUES (?1, ?2)
+                 ON CONFLICT (owner) DO UPDATE SET seq = excluded.seq",
+                params![owner, seq],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// A gateway stopping: no one is to wait for it.
+    pub fn forget_keys_applied(&mut self, owner: i64) -> Result<()> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM key_sync WHERE owner = ?1", [owner])?;
+            Ok(())
+        })
+    }
+
+    /// Every gateway's (owner, position) recorded, live or not.
+    pub fn keys_applied(&self) -> Result<Vec<(i64, i64)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT owner, seq FROM key_sync ORDER BY owner")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
     }
 
     /// The newest `ts_max` among the newest trace pages (by id: the clock may have gone back
