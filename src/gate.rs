@@ -26,9 +26,15 @@ use crate::store::{Store, StoreError};
 use crate::telemetry::SpanQueue;
 use std::collections::HashMap;
 
-/// Unauthenticated requests traced per second, across the gateway (a flood of bad tokens
-/// is counted in metrics, and cannot grow the database faster than this).
-pub const UNAUTHENTICATED_TRACES_PER_SEC: u64 = 10;
+/// Unauthenticated requests traced per second, across the gateway, from addresses within
+/// their failed-authentication limit (each adds at most `auth_failures_per_minute` of them a
+/// minute): every one of them is traced (SPEC §4) unless bad tokens come from many
+/// addresses at once faster than this.
+pub const UNAUTHENTICATED_TRACES_PER_SEC: u64 = 200;
+
+/// Refusals of addresses past their failed-authentication limit traced per second (a flood
+/// of bad tokens is counted in metrics, and cannot grow the database faster than this).
+pub const FLOOD_TRACES_PER_SEC: u64 = 10;
 
 /// Above this many changed keys, one full read of the keys is cheaper than a lookup each.
 const BULK_CHANGE: usize = 1_000;
@@ -66,6 +72,8 @@ pub struct Gate {
     pub auth_shield: AuthShield,
     /// Traces of unauthenticated requests kept per second; the rest are only counted.
     pub unauthenticated_traces: Sampler,
+    /// Samples the refusals of a flood of bad tokens ([`FLOOD_TRACES_PER_SEC`]).
+    pub flood_traces: Sampler,
     /// The certificates the listeners serve (`tls`, `admin.tls`), swapped by SIGHUP.
     pub listener_certs: ListenerCerts,
     /// `telemetry` is set: model calls get a span of the gateway's in a W3C trace. Fixed at
@@ -128,6 +136,7 @@ impl Gate {
         let gate = Gate {
             auth_shield: AuthShield::new(config.tuning.auth_failures_per_minute),
             unauthenticated_traces: Sampler::new(UNAUTHENTICATED_TRACES_PER_SEC),
+            flood_traces: Sampler::new(FLOOD_TRACES_PER_SEC),
             listener_certs,
             snapshot: ArcSwap::from_pointee(Snapshot {
                 routes: Arc::new(routes),

@@ -1114,6 +1114,30 @@ fn a_crashed_gateways_pid_taken_by_another_process_does_not_make_its_requests_fr
 // 8. A flood of bad tokens.
 // ---------------------------------------------------------------------------------------------
 
+/// SPEC §4: every request leaves a trace, a bad token's too. A burst of them from an address
+/// within its failed-authentication limit is traced one each; only a flood's refusals are
+/// sampled.
+#[test]
+fn bad_tokens_below_the_flood_limit_each_leave_a_trace() {
+    let mock = mock();
+    let gw = gateway(&mock).start();
+    let before = gw.query_i64("SELECT COUNT(*) FROM traces WHERE key_id IS NULL", []);
+    let body = user_body("gpt-4o-mini", json!({}));
+    for i in 0..40 {
+        let bearer = format!("Bearer spideriq_pat_{:032x}", 0xbad0_0000_u64 + i);
+        let r = send_chat(gw.addr, &bearer, &body, &[]).unwrap();
+        assert_eq!((r.status, r.code().as_str()), (401, "invalid_api_key"));
+    }
+    // A valid key's request after them: the ledger has written theirs by the time it has this.
+    let key = gw.create_key(&[]);
+    assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
+    wait_for(Duration::from_secs(20), "the ledger to catch up", || {
+        (!gw.model_traces(&key.id).is_empty()).then_some(())
+    });
+    let after = gw.query_i64("SELECT COUNT(*) FROM traces WHERE key_id IS NULL", []);
+    assert_eq!(after - before, 40, "one trace per bad token");
+}
+
 #[test]
 fn ten_thousand_bad_tokens_from_one_address_are_shed_and_valid_keys_still_work() {
     let mock = mock();
@@ -1222,7 +1246,8 @@ fn ten_thousand_bad_tokens_from_one_address_are_shed_and_valid_keys_still_work()
         (gw.model_traces(&valid.id).len() >= 2).then_some(())
     });
     let anonymous = gw.query_i64("SELECT COUNT(*) FROM traces WHERE key_id IS NULL", []);
-    // Sampled at about 10 per second: generous slack, still far below one per bad token.
+    // The address's first `auth_failures_per_minute` 401s, then its 429s sampled at about
+    // 10 per second: generous slack, still far below one per bad token.
     let bound = 500 + 20 * flood_secs as i64;
     assert!(
         anonymous < bound.min(TOTAL as i64 / 5),

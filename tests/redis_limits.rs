@@ -1065,9 +1065,13 @@ async fn the_hour_window_holds_bounds_settles_real_costs_and_reaps_dead_holds() 
             .unwrap()
     );
     admitted(&admit(&live, "k", &limits, 900, 3).await);
+    // 100 settled and 900 held: the hold may settle, for less, at any moment.
     let e = rejected(admit(&live, "k", &limits, 1, 4).await);
+    assert_eq!(e.retry_after(), Some(1), "only the open hold is in the way");
+    // A bound the settled 100 alone keeps out: it leaves the window an hour after it was
+    // booked, never later.
+    let e = rejected(admit(&live, "k", &limits, 950, 5).await);
     let retry = e.retry_after().unwrap();
-    // The 100 leaves the window an hour after it was booked, never later.
     assert!((3599..=3600).contains(&retry), "Retry-After {retry}");
     assert_eq!(
         Settled::Open,

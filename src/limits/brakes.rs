@@ -147,8 +147,14 @@ impl SpendWindow {
         if bound > cap {
             return Err(refuse(secs_until(0, HOUR_MINUTES * MS_PER_MIN)));
         }
+        // The earliest a retry can be admitted: open holds may settle (for less) at any
+        // moment, so they are not waited out; settled spend leaves the window on its clock.
+        // Holds alone in the way: a second.
+        if settled + bound <= cap {
+            return Err(refuse(1));
+        }
         let cur = now_ms.div_euclid(MS_PER_MIN);
-        let mut left = committed;
+        let mut left = settled;
         for m in cur - HOUR_MINUTES..=cur {
             let Some((s, leaves)) = self.at(m, now_ms).filter(|(s, _)| *s != Nanos::ZERO) else {
                 continue;
@@ -386,6 +392,37 @@ mod tests {
             assert!(w.check(retry, cap, Nanos::new(1)).is_ok());
             assert!(w.check(booked + HOUR_MS - 1, cap, Nanos::new(1)).is_err());
         }
+    }
+
+    /// Settled spend and open holds both in the way: the retry is when it could be admitted,
+    /// not an hour on (the holds settle, for less than they held, as their requests end).
+    #[test]
+    fn a_retry_after_waits_out_settled_spend_and_not_open_holds() {
+        let mut w = SpendWindow::default();
+        let cap = Nanos::new(1_000);
+        w.book(T0, Nanos::new(200));
+        w.reserved = Nanos::new(700);
+        let now = T0 + 5_000;
+        // The holds alone are in the way: retry in a second.
+        let Err(Refusal::SpendRate {
+            retry_after_secs, ..
+        }) = w.check(now, cap, Nanos::new(200))
+        else {
+            panic!("over the cap with the holds")
+        };
+        assert_eq!(retry_after_secs, 1);
+        // Settled spend in the way too: when it leaves, whatever the holds.
+        let Err(Refusal::SpendRate {
+            retry_after_secs, ..
+        }) = w.check(now, cap, Nanos::new(900))
+        else {
+            panic!("over the cap")
+        };
+        assert_eq!(retry_after_secs, (HOUR_MS - 5_000) as u64 / 1000);
+        w.reserved = Nanos::ZERO;
+        assert!(w
+            .check(now + retry_after_secs as i64 * 1000, cap, Nanos::new(900))
+            .is_ok());
     }
 
     #[test]

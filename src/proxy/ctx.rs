@@ -502,9 +502,16 @@ impl RequestCtx {
                 estimated,
             );
         }
+        // Unauthenticated: an address past its failed-authentication limit is refused as a
+        // flood (429 `rate_limit_exceeded` with no key), whose traces are sampled; the rest
+        // are all kept up to a gateway-wide rate.
         let keep_trace = self.key.is_some()
             || self.refused_key.is_some()
-            || gate.unauthenticated_traces.allow(self.started_ms);
+            || if self.error_code == Some("rate_limit_exceeded") {
+                gate.flood_traces.allow(self.started_ms)
+            } else {
+                gate.unauthenticated_traces.allow(self.started_ms)
+            };
         let model = |m: usize| routes.model_names[m].clone();
         let trace = TraceRow {
             id: 0,

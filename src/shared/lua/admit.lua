@@ -104,13 +104,14 @@ if hour_cap then
   local bound = tonumber(hour_bound)
   local committed = settled + reserved
   if committed + bound > hour_cap then
-    -- When enough settled spend leaves for this bound to fit; 1 s when only open holds are
-    -- in the way; an hour when the bound alone is above the cap.
+    -- The earliest a retry can be admitted: when enough settled spend leaves for this bound
+    -- to fit (open holds may settle, for less, at any moment, so they are not waited out);
+    -- 1 s when only open holds are in the way; an hour when the bound alone is above the cap.
     local retry = 1
     if bound > hour_cap then
       retry = HOUR_MINUTES * 60
-    else
-      local left = committed
+    elseif settled + bound > hour_cap then
+      local left = settled
       for _, b in ipairs(mins) do
         left = left - b[2]
         if left + bound <= hour_cap then
