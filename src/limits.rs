@@ -755,6 +755,16 @@ impl KeyCounters {
         s.book(&c);
     }
 
+    /// Books a cost settled in the shared store (Redis) into this node's own figures for the
+    /// month the request was admitted in (nothing held here to release), so that a fallback
+    /// to them while Redis is down starts from what this node admitted through it too.
+    pub fn book_settled_elsewhere(&self, month: i64, charge: &Charge<'_>) {
+        let mut s = self.lock();
+        if s.month == month {
+            s.book(charge);
+        }
+    }
+
     /// This month's spend of the keys below this one, restored from the ledger.
     pub fn with_tree_spent(self, spent: Nanos) -> Self {
         self.lock().tree_spent = spent;

@@ -383,6 +383,70 @@ fn a_node_that_loses_redis_keeps_counting_what_it_admitted() {
     );
 }
 
+/// `on_error: local` and a hard budget across a Redis outage (a black-box audit billed 160%
+/// of the cap through one node). The node's fallback decides from what it admitted through
+/// Redis too, not from its start-up figures; and what it admitted on its own is booked into
+/// Redis' month once Redis answers, so the cluster's next decisions and `/v1/usage` count it.
+#[test]
+fn an_outage_under_local_fallback_never_overshoots_a_hard_budget() {
+    let Some(c) = Cluster::start("local", 30_000) else {
+        return;
+    };
+    let (body, bound) = brake_body("an outage");
+    // Billed exactly its bound: the worst case a reservation allows.
+    let prompt = (body.len() as i64).to_string();
+    let billed = [
+        ("x-mock-prompt-tokens", prompt.as_str()),
+        ("x-mock-completion-tokens", "20"),
+    ];
+    let cap = bound * 11 / 2;
+    let budget = format!("{}", cap as f64 / 1e9);
+    let key = c.create_key(&["--budget", &budget, "--budget-mode", "hard"]);
+    let send = |n: usize| c.nodes[n].post("/v1/chat/completions", &key.bearer(), &body, &billed);
+    for _ in 0..3 {
+        let r = send(0);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    wait_for(Duration::from_secs(10), "the ledger", || {
+        (c.ledger_spend(&key) == 3 * bound).then_some(())
+    });
+
+    c.redis.pause();
+    // On its own counters, node 0 knows the 3 it admitted through Redis: 2 more fit in 5.5.
+    let outage: Vec<u16> = (0..3).map(|_| send(0).status).collect();
+    c.redis.resume();
+    assert_eq!(
+        outage,
+        [200, 200, 402],
+        "fallback admissions on a 5.5-request cap"
+    );
+
+    // Back: Redis' month gets the outage's 2 (node 0 books them within its upkeep tick), so
+    // every node refuses the next one and reports the spend the ledger has.
+    let spent = wait_for(
+        Duration::from_secs(10),
+        "the outage's spend in Redis",
+        || {
+            let u = c.usage_on(1, &key);
+            (nanos(&u) == 5 * bound).then_some(u)
+        },
+    );
+    assert_eq!(spent["by_model"]["gpt-4o-mini"]["requests"], 5, "{spent}");
+    for n in 0..3 {
+        let r = send(n);
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (402, "budget_exceeded"),
+            "node {n}: {}",
+            r.text()
+        );
+    }
+    wait_for(Duration::from_secs(10), "the ledger", || {
+        (c.ledger_spend(&key) == 5 * bound).then_some(())
+    });
+    assert!(c.ledger_spend(&key) <= cap);
+}
+
 #[test]
 fn local_fallback_serves_every_key_and_counts_the_fallbacks() {
     let Some(mut c) = Cluster::start("local", 30_000) else {

@@ -81,7 +81,12 @@ impl LimitStore for Limiter {
     ) {
         match (self, reservation.shared_id()) {
             (Limiter::Shared(s), Some(id)) => s.settle(key, &reservation, id, charge, finishing),
-            // Taken by this node's counters (one node, or a fallback): released there.
+            (Limiter::Shared(s), None) => {
+                // A fallback admission (Redis was down): its cost goes to Redis' month too.
+                s.book_fallback(key, reservation.month(), charge.as_ref());
+                InProcess::settle_now(key, reservation, charge, finishing);
+            }
+            // Taken by this node's counters (one node): released there.
             _ => InProcess::settle_now(key, reservation, charge, finishing),
         }
     }
@@ -102,6 +107,9 @@ struct Unsettled {
     /// The admission's month (Redis' clock), where the cost belongs.
     month: i64,
     charge: Option<OwnedCharge>,
+    /// The cost of an admission this node decided on its own counters while Redis was
+    /// down ([`SharedLimits::book_fallback`]): no hold of it is in Redis.
+    fallback: bool,
 }
 
 #[derive(Clone)]
@@ -169,7 +177,13 @@ pub struct SharedLimits {
     store: StoreLocation,
     pub health: SharedHealth,
     unsettled: Mutex<Vec<Unsettled>>,
+    /// Ids for fallback costs booked into Redis (high bit set: never a journal id, so never
+    /// an open hold's).
+    fallback_ids: AtomicU64,
 }
+
+/// The first id of [`SharedLimits::fallback_ids`].
+const FALLBACK_IDS: u64 = 1 << 63;
 
 impl SharedLimits {
     pub fn new(cfg: &SharedState, node: u64, store: StoreLocation) -> Result<SharedLimits, String> {
@@ -188,6 +202,7 @@ impl SharedLimits {
             store,
             health,
             unsettled: Mutex::new(Vec::new()),
+            fallback_ids: AtomicU64::new(FALLBACK_IDS),
         })
     }
 
@@ -408,11 +423,17 @@ impl SharedLimits {
         charge: Option<Charge<'_>>,
         finishing: bool,
     ) {
+        // This node's own figures count what it admitted through Redis too: should Redis
+        // go down, its fallback decides from them, not from what it admitted on its own.
+        if let Some(c) = &charge {
+            key.counters.book_settled_elsewhere(reservation.month(), c);
+        }
         let job = Unsettled {
             key_id: key.id.clone(),
             res_id,
             month: reservation.month(),
             charge: charge.as_ref().map(OwnedCharge::of),
+            fallback: false,
         };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             // Outside the runtime (shutdown): the heartbeat stops with the process, so the
@@ -435,6 +456,26 @@ impl SharedLimits {
         });
     }
 
+    /// The cost of an admission decided on this node's counters while Redis was down, queued
+    /// for Redis' month: the settlement script books a charge whose hold it never had into
+    /// the month as it is (it never creates one). Without it, once Redis answers again, its
+    /// figures would miss the outage's spend: a hard budget overshot by what the outage
+    /// admitted, `/v1/usage` and the soft-budget warning short of the ledger. Only the key's
+    /// own month: the levels above it (group, parents) are re-seeded from the ledger when
+    /// their month is.
+    fn book_fallback(&self, key: &KeyEntry, month: i64, charge: Option<&Charge<'_>>) {
+        let Some(charge) = charge.filter(|c| c.cost > Nanos::ZERO) else {
+            return;
+        };
+        self.queue_unsettled(Unsettled {
+            key_id: key.id.clone(),
+            res_id: self.fallback_ids.fetch_add(1, Ordering::Relaxed),
+            month,
+            charge: Some(OwnedCharge::of(charge)),
+            fallback: true,
+        });
+    }
+
     /// Settles now, waiting for Redis' answer (one round trip): at the end of a response,
     /// before its last bytes go out, so the next request of the client, on any node, finds
     /// this one settled (its in-flight slot free, its cost in `/v1/usage`).
@@ -445,15 +486,21 @@ impl SharedLimits {
         charge: Option<Charge<'_>>,
     ) {
         let Some(res_id) = reservation.shared_id() else {
-            // Taken by this node's counters (a fallback): released there.
+            // Taken by this node's counters (a fallback): released there, its cost queued
+            // for Redis.
+            self.book_fallback(key, reservation.month(), charge.as_ref());
             InProcess::settle_now(key, reservation, charge, false);
             return;
         };
+        if let Some(c) = &charge {
+            key.counters.book_settled_elsewhere(reservation.month(), c);
+        }
         self.settle_job(Unsettled {
             key_id: key.id.clone(),
             res_id,
             month: reservation.month(),
             charge: charge.as_ref().map(OwnedCharge::of),
+            fallback: false,
         })
         .await;
     }
@@ -470,6 +517,10 @@ impl SharedLimits {
             .await
         {
             Ok(Settled::Open) => self.mark(true, "settlement", None),
+            Ok(Settled::Lost) if job.fallback => {
+                self.mark(true, "settlement", None);
+                log::debug!("key {}: a fallback admission's cost booked", job.key_id);
+            }
             Ok(Settled::Lost) => {
                 self.mark(true, "settlement", None);
                 log::warn!(
