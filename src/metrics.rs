@@ -9,7 +9,7 @@ use crate::money::Nanos;
 
 /// Every `error.code` the gateway emits, plus `ok` and `upstream_status` (an upstream's own
 /// error response passed through).
-pub const OUTCOMES: [&str; 24] = [
+pub const OUTCOMES: [&str; 30] = [
     "ok",
     "upstream_status",
     "invalid_api_key",
@@ -34,6 +34,12 @@ pub const OUTCOMES: [&str; 24] = [
     "upstream_stream_broken",
     "interrupted",
     "upstream_rate_limited",
+    "request_header_too_large",
+    "request_timeout",
+    "group_budget_exceeded",
+    "spend_rate_exceeded",
+    "loop_detected",
+    "limits_unavailable",
 ];
 
 const LATENCY_BUCKETS_MS: [u64; 10] = [5, 10, 25, 50, 100, 250, 500, 1_000, 5_000, 30_000];
@@ -531,5 +537,113 @@ pub fn render_alerts(s: &mut String, stats: &crate::alerts::deliver::AlertStats)
         ),
     ] {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+}
+
+#[cfg(test)]
+mod outcome_tests {
+    use super::OUTCOMES;
+    use crate::error::GateError;
+    use crate::money::Nanos;
+
+    /// `/metrics` counts each `error.code` under its own label (none falls into `other`):
+    /// one error of every kind, its code among the outcomes. The match keeps this list whole:
+    /// a new kind of error does not compile here until it is added.
+    #[test]
+    fn every_error_code_has_its_own_outcome() {
+        let n = Nanos::ZERO;
+        let all = [
+            GateError::InvalidApiKey,
+            GateError::TokenExpired,
+            GateError::TokenRevoked,
+            GateError::InsufficientScope("s"),
+            GateError::InvalidRequest(String::new()),
+            GateError::InvalidField {
+                field: "f".into(),
+                message: String::new(),
+            },
+            GateError::RequestTooLarge(1),
+            GateError::HeaderTooLarge(1),
+            GateError::RequestTimeout,
+            GateError::ModelNotFound(String::new()),
+            GateError::ModelNotAllowed(String::new()),
+            GateError::BudgetExceeded { spend: n, cap: n },
+            GateError::GroupBudgetExceeded {
+                owner: String::new(),
+                spend: n,
+                cap: n,
+            },
+            GateError::SpendRateExceeded {
+                spend: n,
+                cap: n,
+                retry_after_secs: 1,
+            },
+            GateError::LoopDetected {
+                limit: 1,
+                retry_after_secs: 1,
+            },
+            GateError::RateLimited {
+                limit: 1,
+                retry_after_secs: 1,
+            },
+            GateError::DailyRateLimited {
+                limit: 1,
+                retry_after_secs: 1,
+            },
+            GateError::ConcurrencyLimited { limit: 1 },
+            GateError::AuthFlood {
+                retry_after_secs: 1,
+            },
+            GateError::LedgerUnavailable,
+            GateError::LimitsUnavailable,
+            GateError::ProviderKeysResting {
+                retry_after_secs: 1,
+            },
+            GateError::UpstreamError(String::new()),
+            GateError::UpstreamTimeout,
+            GateError::NotFound,
+            GateError::Missing(String::new()),
+            GateError::BeyondParent {
+                field: None,
+                message: String::new(),
+            },
+            GateError::MethodNotAllowed { allow: "GET" },
+            GateError::ShuttingDown,
+        ];
+        for e in &all {
+            // Exhaustive: a variant missing from `all` above fails to compile here.
+            match e {
+                GateError::InvalidApiKey
+                | GateError::TokenExpired
+                | GateError::TokenRevoked
+                | GateError::InsufficientScope(_)
+                | GateError::InvalidRequest(_)
+                | GateError::InvalidField { .. }
+                | GateError::RequestTooLarge(_)
+                | GateError::HeaderTooLarge(_)
+                | GateError::RequestTimeout
+                | GateError::ModelNotFound(_)
+                | GateError::ModelNotAllowed(_)
+                | GateError::BudgetExceeded { .. }
+                | GateError::GroupBudgetExceeded { .. }
+                | GateError::SpendRateExceeded { .. }
+                | GateError::LoopDetected { .. }
+                | GateError::RateLimited { .. }
+                | GateError::DailyRateLimited { .. }
+                | GateError::ConcurrencyLimited { .. }
+                | GateError::AuthFlood { .. }
+                | GateError::LedgerUnavailable
+                | GateError::LimitsUnavailable
+                | GateError::ProviderKeysResting { .. }
+                | GateError::UpstreamError(_)
+                | GateError::UpstreamTimeout
+                | GateError::NotFound
+                | GateError::Missing(_)
+                | GateError::BeyondParent { .. }
+                | GateError::MethodNotAllowed { .. }
+                | GateError::ShuttingDown => {}
+            }
+            assert!(OUTCOMES.contains(&e.code()), "{} counts as other", e.code());
+        }
     }
 }
