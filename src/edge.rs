@@ -6,8 +6,11 @@
 //! `EdgeStream`, which fails reads once `server.header_timeout_ms` has passed since accept
 //! without a complete first request head. Pingora applies its own read timeout to each read
 //! of a head, so a client trickling a byte now and then would otherwise hold a connection for
-//! ever (slowloris). After the first head the wrapper only forwards; the keep-alive wait
-//! before later heads is `session.set_keepalive` in the proxy.
+//! ever (slowloris). After the first head the wrapper only forwards (it cannot tell a later
+//! head from a body): the keep-alive wait before later heads is `session.set_keepalive` in
+//! the proxy, and the vendored core's `WHOLE_HEAD_WITHIN_TIMEOUT` (set at start-up) bounds
+//! each later head as a whole by it. `HeadDeadlineApp` puts the same first-head deadline on
+//! the admin listener, without the cap.
 
 use std::future::Future;
 use std::io;
@@ -101,8 +104,11 @@ impl ServerApp for EdgeApp {
             self.refuse(stream).await;
             return None;
         };
-        let mut next: Option<Stream> =
-            Some(Box::new(EdgeStream::new(stream, header_timeout, slot)));
+        let mut next: Option<Stream> = Some(Box::new(EdgeStream::new(
+            stream,
+            header_timeout,
+            Some(slot),
+        )));
         while let Some(stream) = next {
             next = self.inner.process_new(stream, shutdown).await;
         }
@@ -111,6 +117,44 @@ impl ServerApp for EdgeApp {
 
     /// After the service stops listening: Pingora wakes keep-alive connections parked on
     /// their next request head so they close.
+    async fn cleanup(&self) {
+        self.inner.cleanup().await;
+    }
+}
+
+/// The admin listener's `ServerApp`: the same first-head deadline around its HTTP app (no
+/// connection cap: `server.max_connections` counts the agents' listener only), so an admin
+/// port reachable by others cannot be held open by trickled heads either.
+pub struct HeadDeadlineApp<A> {
+    inner: Arc<A>,
+    gate: Arc<Gate>,
+}
+
+impl<A> HeadDeadlineApp<A> {
+    pub fn new(inner: A, gate: Arc<Gate>) -> Self {
+        HeadDeadlineApp {
+            inner: Arc::new(inner),
+            gate,
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadDeadlineApp<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let header_timeout = self.gate.routes().config.tuning.header_timeout;
+        let mut next: Option<Stream> =
+            Some(Box::new(EdgeStream::new(stream, header_timeout, None)));
+        while let Some(stream) = next {
+            next = self.inner.process_new(stream, shutdown).await;
+        }
+        None
+    }
+
     async fn cleanup(&self) {
         self.inner.cleanup().await;
     }
@@ -301,11 +345,12 @@ struct HeadDeadline {
 pub struct EdgeStream {
     inner: Stream,
     head: Option<HeadDeadline>,
-    _slot: Slot,
+    /// The agent listener's connections are counted; the admin listener's are not.
+    _slot: Option<Slot>,
 }
 
 impl EdgeStream {
-    fn new(inner: Stream, header_timeout: Duration, slot: Slot) -> Self {
+    fn new(inner: Stream, header_timeout: Duration, slot: Option<Slot>) -> Self {
         // TLS is done by now: ALPN says which protocol the bytes will speak.
         let scan = match inner.selected_alpn_proto() {
             Some(ALPN::H2) => Scan::H2(H2Scan::new()),

@@ -326,6 +326,11 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
     // microseconds: on the coarse timer (vendor/README.md) that costs a slot in a table, ~240
     // instructions each, against ~550 on Tokio's timer wheel. They fire up to ~100 ms late.
     pingora_timeout::fast_timeout::set_coarse_timer(true);
+    // Every later head of a kept-alive connection whole within the keep-alive wait (the
+    // proxy sets it to `header_timeout_ms`), not only each of its bytes: the first head's
+    // deadline is the listener's stream's (`edge`), later ones are the session's.
+    pingora_core::protocols::http::v1::server::WHOLE_HEAD_WITHIN_TIMEOUT
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     ensure_upgrade_dir(&tuning.upgrade_sock, opt.upgrade)?;
     // Started with `--upgrade` on one node: a relay socket for what the old process receives
     // once it handed over, announced before the old one is told to (see `handover`).
@@ -367,7 +372,10 @@ pub fn run(mut config: Config, opt: Opt) -> Result<(), String> {
     if let Some(admin) = &gate.routes().config.admin {
         let mut service = pingora_core::services::listening::Service::new(
             "spidergate admin".to_string(),
-            AdminApp::new(gate.clone(), &admin.token_env),
+            crate::edge::HeadDeadlineApp::new(
+                AdminApp::new(gate.clone(), &admin.token_env),
+                gate.clone(),
+            ),
         );
         let scheme = match &gate.listener_certs.admin {
             Some(cert) => {

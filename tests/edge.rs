@@ -33,8 +33,16 @@ enum Ended {
 /// Sends `prefix`, then one more byte of a never-ending header every 200 ms, until the
 /// gateway closes the connection (or `give_up` passes).
 fn trickle(gw: &Gateway, prefix: &[u8], give_up: Duration) -> Ended {
+    trickle_on(
+        TcpStream::connect(gw.addr).expect("connect"),
+        prefix,
+        give_up,
+    )
+}
+
+/// [`trickle`] on a connection already open (after requests answered on it, say).
+fn trickle_on(mut s: TcpStream, prefix: &[u8], give_up: Duration) -> Ended {
     let started = Instant::now();
-    let mut s = TcpStream::connect(gw.addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     if s.write_all(prefix).is_err() {
@@ -90,6 +98,36 @@ fn a_trickled_first_head_is_cut_at_header_timeout_in_total() {
 
     // The gateway serves on: a normal request right after.
     assert_eq!(gw.get("/health", "").status, 200);
+}
+
+/// Every head must be whole within `header_timeout_ms`, not only a connection's first (an
+/// audit held a kept-alive connection open for minutes, one byte of its second head every
+/// second after a first request), and on the admin listener too.
+#[test]
+fn a_trickled_later_head_on_a_kept_alive_connection_and_an_admin_head_are_cut_too() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock)
+        .admin(TOKEN)
+        .server("header_timeout_ms: 1000")
+        .start();
+    let deadline = Duration::from_millis(1000);
+    let head = b"GET /health HTTP/1.1\r\nHost: gw\r\nX-Slow: ";
+    let mut s = TcpStream::connect(gw.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for _ in 0..2 {
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n")
+            .unwrap();
+        let r = read_response(s.try_clone().unwrap()).expect("a kept-alive answer");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_cut_near(trickle_on(s, head, Duration::from_secs(15)), deadline);
+
+    let admin = gw.admin_addr.expect("admin listener");
+    let s = TcpStream::connect(admin).expect("connect to admin");
+    assert_cut_near(trickle_on(s, head, Duration::from_secs(15)), deadline);
+    // Both serve on.
+    assert_eq!(gw.get("/health", "").status, 200);
+    assert_eq!(gw.admin_call("GET", "/metrics", None).status, 200);
 }
 
 #[test]

@@ -29,6 +29,7 @@ use pingora_timeout::timeout;
 use regex::bytes::Regex;
 use std::any::Any;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -102,6 +103,9 @@ pub struct HttpSession {
     /// timeouts:
     keepalive_timeout: KeepaliveStatus,
     read_timeout: Option<Duration>,
+    /// When the request head being read must be whole ([`WHOLE_HEAD_WITHIN_TIMEOUT`]): set
+    /// once a read leaves it partial.
+    head_deadline: Option<tokio::time::Instant>,
     write_timeout: Option<Duration>,
     /// How long to wait to make downstream session reusable, if body needs to be drained.
     total_drain_timeout: Option<Duration>,
@@ -163,6 +167,14 @@ pub struct HttpSession {
     response_head_extra: Option<Bytes>,
 }
 
+/// Opt-in (off by default, as Pingora has it): a request head must arrive whole within the
+/// session's timeout for it (the keep-alive timeout on a kept-alive connection, else the read
+/// timeout), counted from the read that left it partial, instead of each read only within
+/// that timeout of the last. Without it a client that trickles a byte now and then holds a
+/// connection for ever (slowloris); the application owns the first head's deadline on a new
+/// connection, which its stream can enforce, but not the later heads of a kept-alive one.
+pub static WHOLE_HEAD_WITHIN_TIMEOUT: AtomicBool = AtomicBool::new(false);
+
 impl HttpSession {
     /// Create a new http server session from an established (TCP or TLS) [`Stream`].
     /// The created session needs to call [`Self::read_request()`] first before performing
@@ -190,6 +202,7 @@ impl HttpSession {
             response_written: None,
             request_header: None,
             read_timeout: Some(Duration::from_secs(60)),
+            head_deadline: None,
             write_timeout: None,
             total_drain_timeout: None,
             body_bytes_sent: 0,
@@ -234,28 +247,40 @@ impl HttpSession {
     ) -> Result<Option<usize>> {
         let read_result = {
             let read_event = self.underlying_stream.read_buf(buf);
-            match self.keepalive_timeout {
-                KeepaliveStatus::Timeout(d) => match timeout(d, read_event).await {
+            if let Some(deadline) = self.head_deadline {
+                match tokio::time::timeout_at(deadline, read_event).await {
                     Ok(res) => res,
-                    Err(e) => {
-                        debug!("keepalive timeout {d:?} reached, {e}");
-                        return Ok(None);
+                    Err(_) => {
+                        return Error::e_explain(
+                            ReadTimedout,
+                            "the request head did not arrive whole within its timeout",
+                        );
                     }
-                },
-                KeepaliveStatus::Infinite => {
-                    // FIXME: this should only apply to reads between requests
-                    read_event.await
                 }
-                KeepaliveStatus::Off => match self.read_timeout {
-                    Some(t) => match timeout(t, read_event).await {
+            } else {
+                match self.keepalive_timeout {
+                    KeepaliveStatus::Timeout(d) => match timeout(d, read_event).await {
                         Ok(res) => res,
                         Err(e) => {
-                            debug!("read timeout {t:?} reached, {e}");
-                            return Error::e_explain(ReadTimedout, format!("timeout: {t:?}"));
+                            debug!("keepalive timeout {d:?} reached, {e}");
+                            return Ok(None);
                         }
                     },
-                    None => read_event.await,
-                },
+                    KeepaliveStatus::Infinite => {
+                        // FIXME: this should only apply to reads between requests
+                        read_event.await
+                    }
+                    KeepaliveStatus::Off => match self.read_timeout {
+                        Some(t) => match timeout(t, read_event).await {
+                            Ok(res) => res,
+                            Err(e) => {
+                                debug!("read timeout {t:?} reached, {e}");
+                                return Error::e_explain(ReadTimedout, format!("timeout: {t:?}"));
+                            }
+                        },
+                        None => read_event.await,
+                    },
+                }
             }
         };
 
@@ -297,6 +322,7 @@ impl HttpSession {
         const MAX_ERR_BUF_LEN: usize = 2048;
 
         self.buf.clear();
+        self.head_deadline = None;
         // Account parsing a fully buffered request against Tokio's cooperative task budget. Do
         // this before taking the prefix so cancellation cannot discard bytes between sessions.
         if self
@@ -449,6 +475,19 @@ impl HttpSession {
                         return Ok(Some(s));
                     }
                     HeaderParseState::Partial => {
+                        // Opt-in: the rest of the head within one timeout from here, not
+                        // only within one timeout of each byte. Set on the first partial
+                        // read only, so a head that arrives whole reads no clock.
+                        if self.head_deadline.is_none()
+                            && WHOLE_HEAD_WITHIN_TIMEOUT.load(Ordering::Relaxed)
+                        {
+                            let limit = match self.keepalive_timeout {
+                                KeepaliveStatus::Timeout(d) => Some(d),
+                                KeepaliveStatus::Infinite => None,
+                                KeepaliveStatus::Off => self.read_timeout,
+                            };
+                            self.head_deadline = limit.map(|d| tokio::time::Instant::now() + d);
+                        }
                         break; /* continue the read loop */
                     }
                     HeaderParseState::Invalid(e) => match e {
