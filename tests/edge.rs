@@ -125,6 +125,15 @@ fn a_trickled_later_head_on_a_kept_alive_connection_and_an_admin_head_are_cut_to
     let admin = gw.admin_addr.expect("admin listener");
     let s = TcpStream::connect(admin).expect("connect to admin");
     assert_cut_near(trickle_on(s, head, Duration::from_secs(15)), deadline);
+    // And an admin connection's later head (Pingora's own wait there is 60 s).
+    let mut s = TcpStream::connect(admin).expect("connect to admin");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let request =
+        format!("GET /metrics HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TOKEN}\r\n\r\n");
+    s.write_all(request.as_bytes()).unwrap();
+    let r = read_response(s.try_clone().unwrap()).expect("a kept-alive admin answer");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_cut_near(trickle_on(s, head, Duration::from_secs(15)), deadline);
     // Both serve on.
     assert_eq!(gw.get("/health", "").status, 200);
     assert_eq!(gw.admin_call("GET", "/metrics", None).status, 200);

@@ -705,6 +705,13 @@ fn daily_json(month: i64, rows: &[(String, String, crate::money::Nanos)]) -> Val
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // The next head of a kept-alive admin connection: awaited, and once begun read whole,
+        // within `header_timeout_ms` as on the agents' listener (Pingora's default is 60 s;
+        // none while shutting down is left as it is).
+        if session.get_keepalive().is_some() {
+            let wait = self.gate.routes().config.tuning.header_timeout;
+            session.set_keepalive(Some(wait.as_secs().max(1)));
+        }
         let reply = self.route(session).await;
         let mut builder = Response::builder()
             .status(reply.status)
