@@ -335,14 +335,14 @@ impl Gate {
         self.inflight.load(Ordering::Acquire)
     }
 
-    /// Applies the keys changed in the store since the last load: N changes cost O(N) (the
-    /// change log names them; see `keys::set`). Falls back to a full reload when the log
-    /// was pruned past what this process has. Returns how many keys changed.
     /// The key-change position the live snapshot has applied (-1 before the first load).
     pub fn loaded_change(&self) -> i64 {
         self.loaded_change.load(Ordering::Acquire)
     }
 
+    /// Applies the keys changed in the store since the last load: N changes cost O(N) (the
+    /// change log names them; see `keys::set`). Falls back to a full reload when the log
+    /// was pruned past what this process has. Returns how many keys changed.
     pub fn reload_if_changed(&self, store: &Store) -> Result<usize, StoreError> {
         let _guard = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let loaded = self.loaded_change.load(Ordering::Acquire);

@@ -461,8 +461,7 @@ impl SharedLimits {
     /// the month as it is (it never creates one). Without it, once Redis answers again, its
     /// figures would miss the outage's spend: a hard budget overshot by what the outage
     /// admitted, `/v1/usage` and the soft-budget warning short of the ledger. Only the key's
-    /// own month: the levels above it (group, parents) are re-seeded from the ledger when
-    /// their month is.
+    /// own month: the levels above it (group, parents) do not get it (README: not covered).
     fn book_fallback(&self, key: &KeyEntry, month: i64, charge: Option<&Charge<'_>>) {
         let Some(charge) = charge.filter(|c| c.cost > Nanos::ZERO) else {
             return;
