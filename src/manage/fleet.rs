@@ -24,6 +24,14 @@ fn narrows_nothing(p: &KeyPatch) -> bool {
         && p.group.is_none()
 }
 
+/// The refusal of a mint under a key that is not active (expired or revoked).
+fn cannot_mint(parent_id: &str, status: &str) -> KeyError {
+    KeyError::forbidden(
+        None,
+        format!("key \"{parent_id}\" is {status} and cannot mint keys"),
+    )
+}
+
 /// Keys one parent may mint per minute (per node): an agent in a loop cannot flood the
 /// store with keys.
 pub const MAX_MINTS_PER_MINUTE: u32 = 60;
@@ -205,13 +213,7 @@ impl KeyService<'_> {
     ) -> Result<(KeyRecord, String), KeyError> {
         let parent = self.get(parent_id)?;
         if parent.status(now) != "active" {
-            return Err(KeyError::forbidden(
-                None,
-                format!(
-                    "key \"{parent_id}\" is {} and cannot mint keys",
-                    parent.status(now)
-                ),
-            ));
+            return Err(cannot_mint(parent_id, parent.status(now)));
         }
         // The new key's depth: the parent's ancestors, plus the parent, plus one.
         let mut depth = 1;
@@ -300,13 +302,7 @@ impl KeyService<'_> {
             if let Some(revoked) = self.store.revoke_key(&record.id, now)? {
                 self.record("key.revoke", &record.id, Some(&record), &revoked, now);
             }
-            return Err(KeyError::forbidden(
-                None,
-                format!(
-                    "key \"{parent_id}\" is {} and cannot mint keys",
-                    parent.status(now)
-                ),
-            ));
+            return Err(cannot_mint(parent_id, parent.status(now)));
         }
         let patch = self.narrowing(&parent, &record);
         if narrows_nothing(&patch) {

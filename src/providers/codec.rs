@@ -308,22 +308,21 @@ impl ResponseCodec {
     /// a stream that had ended, and for bodies that are not event streams. A native stream's
     /// tail starts with a blank line, which ends an event the upstream left half-sent (SSE
     /// ignores blank lines between events).
-    pub fn cut_tail(&mut self) -> Option<Vec<u8>> {
-        let tail: &[u8] = match self {
-            ResponseCodec::ChatFromMessagesSse(t, out) => {
-                t.finish(out);
-                return (!out.is_empty()).then(|| std::mem::take(out));
-            }
-            ResponseCodec::MessagesFromChatSse(t, out) => {
-                t.finish(out);
-                return (!out.is_empty()).then(|| std::mem::take(out));
-            }
+    pub fn cut_tail(&mut self) -> Option<Bytes> {
+        /// What a translation still owes at the end of its upstream stream.
+        fn owed(t: &mut impl StreamTranslate, out: &mut Vec<u8>) -> Option<Bytes> {
+            t.finish(out);
+            (!out.is_empty()).then(|| Bytes::from(std::mem::take(out)))
+        }
+        let tail = match self {
+            ResponseCodec::ChatFromMessagesSse(t, out) => return owed(&mut **t, out),
+            ResponseCodec::MessagesFromChatSse(t, out) => return owed(&mut **t, out),
             ResponseCodec::ChatSse(p) if !p.done() => CUT_CHAT_TAIL,
             ResponseCodec::AnthropicSse(p) if !p.done() => CUT_MESSAGES_TAIL,
             ResponseCodec::ResponsesSse(p) if !p.done() => CUT_RESPONSES_TAIL,
             _ => return None,
         };
-        Some(tail.to_vec())
+        Some(Bytes::from_static(tail))
     }
 
     /// For a stream, the bytes of generated text seen so far (an estimate's basis when it

@@ -348,7 +348,7 @@ impl GateProxy {
         let catalog = &routes.catalog;
         let keys = ctx.snap.keys.clone();
         // The key and the keys above it: a child sees what its whole line may call. A line
-        // broken above it (refused at authentication anyway) sees nothing.
+        // broken above it since authentication (which refuses it) is refused as there.
         let lineage: Vec<&KeyEntry> = match ctx.key.as_deref() {
             None => Vec::new(),
             Some(k) => match crate::fleet::ancestors(&keys, k, Now::read().wall) {
@@ -1296,7 +1296,7 @@ impl ProxyHttp for GateProxy {
                 .filter(|_| tail)
                 .and_then(|c| c.cut_tail())
             {
-                let _ = session.write_response_body(Some(tail.into()), true).await;
+                let _ = session.write_response_body(Some(tail), true).await;
             }
             return FailToProxy {
                 error_code: 0,
