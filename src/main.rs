@@ -354,6 +354,10 @@ impl log::Log for WireQuiet {
 
 fn main() -> ExitCode {
     spidergate::memory::no_huge_pages();
+    // Before any command opens the database.
+    if !spidergate::memory::sqlite_on_mimalloc() {
+        eprintln!("spidergate: SQLite keeps glibc malloc (it initialized first)");
+    }
     init_logger();
     let cli = Cli::parse_from(bare_free_only(std::env::args_os().collect()));
     if !matches!(cli.command, Command::Serve(_)) {
