@@ -426,6 +426,7 @@ impl SpendLedger {
                     batch: Batch::default(),
                     batch_entries: 0,
                     waiters: Vec::new(),
+                    behind: false,
                 }
                 .run();
                 checkpoints.store(false, Ordering::Relaxed);
@@ -494,6 +495,9 @@ struct Writer {
     /// Ledger entries in `batch` (counted into `LedgerHealth::committed` once it commits).
     batch_entries: u64,
     waiters: Vec<mpsc::SyncSender<()>>,
+    /// The last commit took longer than a [`COMMIT_TICK`], from its wake-up: the writer is
+    /// not getting the core often enough to keep up (`priority::long_turns`).
+    behind: bool,
 }
 
 impl Writer {
@@ -534,6 +538,11 @@ impl Writer {
             let committed = self.commit(woke);
             // Failed or not: a failed commit is retried at the next due tick, not at once.
             last_commit = Instant::now();
+            let behind = last_commit.duration_since(woke) > COMMIT_TICK;
+            if behind != self.behind {
+                self.behind = behind;
+                crate::priority::long_turns(behind);
+            }
             if disconnected && committed {
                 return;
             }

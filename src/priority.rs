@@ -42,6 +42,10 @@ pub fn lower_this_thread(nice: i32, what: &str) {
 /// How long a paced thread works before it offers the core back (see [`turn_point`]).
 const TURN: Duration = Duration::from_micros(200);
 
+/// A paced thread's turn while it is behind ([`long_turns`]): three times the core's share
+/// (~15 % of a tick against ~5 %), for a wait of 0.6 ms instead of 0.2 ms each.
+const LONG_TURN: Duration = Duration::from_micros(600);
+
 /// Checks of the clock are this many turn points apart (a point is a row or a message,
 /// a microsecond or two of work), so the check costs next to nothing.
 const CHECK_EVERY: u32 = 16;
@@ -59,6 +63,8 @@ const PAUSE: Duration = Duration::from_millis(1);
 #[derive(Clone, Copy)]
 struct Pace {
     on: bool,
+    /// Turns of [`LONG_TURN`] instead of [`TURN`].
+    long: bool,
     /// Turn points since the last clock check.
     calls: u32,
     /// The current turn's start and the last check.
@@ -69,13 +75,26 @@ struct Pace {
 
 thread_local! {
     static PACE: Cell<Pace> = const {
-        Cell::new(Pace { on: false, calls: 0, turn: None, points: 0 })
+        Cell::new(Pace { on: false, long: false, calls: 0, turn: None, points: 0 })
     };
 }
 
 /// Turns pacing on or off for the calling thread (off in every thread until turned on).
 pub fn pace_this_thread(on: bool) {
     PACE.with(|p| p.set(Pace { on, ..p.get() }));
+}
+
+/// Lengthens (or shortens back) the calling thread's turns while it is paced.
+///
+/// Why: a turn a tick is the writer's share of a busy core (the worker keeps the core until
+/// the next tick once the writer yields), so 0.2 ms turns give it ~5 % of the core. On
+/// this shared VM, on a slow day (the bare proxy at 28k requests a second, not 40k), the
+/// writer needed ~9 %: its commits fell behind, up to 0.3–0.8 s each (`benches/p99_timeline.py`),
+/// so a crash would lose more than a flush interval and each batch, colder and larger,
+/// cost more a request. The ledger writer asks for long turns while its last commit took
+/// longer than a commit tick, and short ones again once a commit keeps up.
+pub fn long_turns(long: bool) {
+    PACE.with(|p| p.set(Pace { long, ..p.get() }));
 }
 
 /// A yield point in a paced thread's long loops (the ledger writer's drain and commit, and
@@ -111,7 +130,7 @@ pub fn turn_point() -> bool {
             Some((start, last)) if now.duration_since(last) < PAUSE => start,
             _ => now,
         };
-        let done = now.duration_since(start) >= TURN;
+        let done = now.duration_since(start) >= if p.long { LONG_TURN } else { TURN };
         if done {
             std::thread::yield_now();
             let after = Instant::now();
@@ -188,6 +207,43 @@ mod pacing_tests {
             assert!(apart + Duration::from_micros(5) >= TURN, "{apart:?} apart");
         }
         assert!(after_off.is_empty(), "{} yields once off", after_off.len());
+    }
+
+    #[test]
+    fn a_thread_behind_yields_after_long_turns_and_short_ones_again_once_caught_up() {
+        /// Yields from work until `n` of them, in at most 5 s; consecutive ones' gaps.
+        fn gaps(n: usize) -> Vec<Duration> {
+            let until = Instant::now() + Duration::from_secs(5);
+            let mut yields = Vec::new();
+            while yields.len() < n && Instant::now() < until {
+                // Each batch of work starts a new turn (its first yield follows a pause).
+                yields.push(work(Duration::from_millis(4)));
+                std::thread::sleep(PAUSE * 2);
+            }
+            yields
+                .iter()
+                .flat_map(|y| y.windows(2).map(|w| w[1] - w[0]))
+                .collect()
+        }
+        let (long, short) = std::thread::spawn(|| {
+            pace_this_thread(true);
+            long_turns(true);
+            let long = gaps(5);
+            long_turns(false);
+            (long, gaps(5))
+        })
+        .join()
+        .unwrap();
+        assert!(!long.is_empty() && !short.is_empty(), "{long:?} {short:?}");
+        for apart in &long {
+            assert!(
+                *apart + Duration::from_micros(5) >= LONG_TURN,
+                "{apart:?} apart"
+            );
+        }
+        // Short turns again: under LONG_TURN apart whenever the machine let the thread run
+        // (a preemption of 1 ms or more restarts the turn, so it cannot stretch one).
+        assert!(short.iter().any(|a| *a < LONG_TURN), "{short:?}");
     }
 
     #[test]
