@@ -263,6 +263,8 @@ pub struct Admission {
     pub admitted_at: i64,
     /// Whether a hard budget (the key's, a parent's or its group's) bounds this request.
     pub hard_budget: bool,
+    /// Whether a cap holds this request to its reservation (`limits::reservation_binds`).
+    pub reservation_binds: bool,
 }
 
 /// The most a request can cost on any model of its chain, and the token counts behind it.
@@ -643,6 +645,7 @@ pub async fn admit<L: LimitStore>(
         bound,
         admitted_at,
         hard_budget,
+        reservation_binds: crate::limits::reservation_binds(&key.limits, &uplines),
     })
 }
 

@@ -91,6 +91,19 @@ impl Endpoint {
         self.family().is_some()
     }
 
+    /// Whether the endpoint answers with media or about media (images, speech, audio
+    /// text), priced per unit or in tokens.
+    pub fn is_media(self) -> bool {
+        matches!(
+            self,
+            Endpoint::ImagesGenerations
+                | Endpoint::ImagesEdits
+                | Endpoint::Speech
+                | Endpoint::Transcriptions
+                | Endpoint::Translations
+        )
+    }
+
     /// Whether requests here carry a multipart form, not a JSON body.
     pub fn takes_form(self) -> bool {
         matches!(

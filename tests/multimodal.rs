@@ -632,6 +632,83 @@ fn a_reported_duration_is_charged_as_reported_not_as_the_file_says() {
     assert_eq!(units, [(5_213, false), (6_250, false)]);
 }
 
+/// SPEC §2: a hard budget is never overshot, and a `max_usd_per_hour` counts reservations
+/// (§7). A file whose length the gateway cannot read is reserved `max_audio_seconds`; under
+/// either cap it is charged at most that, however long the upstream says it was (a key
+/// without one is charged as reported: the test above).
+#[test]
+fn a_capped_keys_transcription_is_charged_at_most_its_reservation() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock)
+        .models(MODELS_YAML)
+        .server("max_audio_seconds: 5")
+        .start();
+    // 6.25 s to the mock (16,000 bytes a second), past the 5 s bound.
+    let unreadable = vec![0x42; 100_000];
+    let caps: [&[&str]; 2] = [
+        &["--budget", "0.001", "--budget-mode", "hard"],
+        &["--max-usd-per-hour", "0.001"],
+    ];
+    for cap in caps {
+        let key = gw.create_key(cap);
+        let body = form(
+            &[("model", "whisper"), ("response_format", "verbose_json")],
+            &[("file", "speech.ogg", &unreadable)],
+        );
+        let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+        assert_eq!(r.status, 200, "{cap:?}: {}", r.text());
+        assert_eq!(r.json()["duration"].as_f64(), Some(6.25));
+        // 5 s at 100 nano-USD a millisecond, not 6.25 s.
+        assert_eq!(spend(&gw, &key), 500_000, "{cap:?}");
+        let t = traces_on(&gw, &key, "audio.transcriptions", 1);
+        assert_eq!((t[0].unit.as_deref(), t[0].units), (Some("ms"), 5_000));
+    }
+}
+
+/// SPEC §4: images at `usd_per_image`, token prices only "where the upstream reports token
+/// usage instead (token-priced image models)". gpt-image-1's `stream: true` answer reports
+/// tokens and counts no images: on a model priced per image it is charged its `n` images,
+/// never the $0 its missing token prices would give.
+#[test]
+fn a_streamed_image_reporting_only_tokens_is_charged_per_image_on_a_unit_priced_model() {
+    let events = concat!(
+        "event: image_generation.partial_image\n",
+        "data: {\"type\":\"image_generation.partial_image\",\"b64_json\":\"AAAA\",\"partial_image_index\":0}\n\n",
+        "event: image_generation.completed\n",
+        "data: {\"type\":\"image_generation.completed\",\"b64_json\":\"AAAA\",",
+        "\"usage\":{\"input_tokens\":100,\"output_tokens\":4272,\"total_tokens\":4372}}\n\n",
+    );
+    let reply = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {}\r\n\r\n{events}",
+        events.len()
+    );
+    let upstream = canned_upstream(reply.into_bytes());
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock)
+        .provider(&format!(
+            "  - name: canned\n    kind: openai\n    base_url: \"http://{upstream}/v1\"\n"
+        ))
+        .models(&MODELS_YAML.replacen(
+            "models:\n",
+            "models:\n  - id: simg\n    provider: canned\n    upstream_id: gpt-image-1\n    endpoint: images\n    usd_per_image: 0.04\n",
+            1,
+        ))
+        .start();
+    let key = gw.create_key(&["--budget", "1", "--budget-mode", "hard"]);
+    let r = post(
+        &gw,
+        "/v1/images/generations",
+        &key,
+        &json!({"model": "simg", "prompt": "a cat", "n": 2, "stream": true}),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("image_generation.completed"));
+    assert_eq!(spend(&gw, &key), 80_000_000);
+    let t = traces_on(&gw, &key, "images.generations", 1);
+    assert_eq!((t[0].unit.as_deref(), t[0].units), (Some("image"), 2));
+}
+
 /// SPEC §4: a model priced both ways is charged its unit price unless the upstream reports
 /// token usage: speech its characters, a transcription in a format without usage the
 /// duration read from its file; with token usage reported, the token prices.
@@ -1673,6 +1750,17 @@ fn a_large_image_edit_is_charged_its_n_and_an_n_after_the_files_stops_it() {
     );
     assert!(mock.requests().is_empty());
     assert_eq!(spend(&gw, &key), 80_000_000);
+    // A `max_usd_per_hour` counts reservations too (SPEC §7): the same.
+    let braked = gw.create_key(&["--max-usd-per-hour", "100"]);
+    let r = post_form(&gw, "/v1/images/edits", &braked, &late_n);
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (400, "invalid_request"),
+        "{}",
+        r.text()
+    );
+    assert!(mock.requests().is_empty());
+    assert_eq!(spend(&gw, &braked), 0);
     let unbudgeted = gw.create_key(&[]);
     let r = post_form(&gw, "/v1/images/edits", &unbudgeted, &late_n);
     assert_eq!(r.status, 200, "{}", r.text());

@@ -1677,3 +1677,167 @@ fn a_provider_key_echoed_in_an_upstream_error_is_masked_whatever_its_prefix() {
         );
     }
 }
+
+/// SPEC §2: "An estimate is never below what the provider bills." A non-streamed answer
+/// whose usage cannot be read (bytes after its JSON; an empty body) is charged its
+/// reservation, estimated: its bytes bound nothing of what a reasoning model bills (900
+/// tokens for "hello" here). The same answer without the stray byte is charged as reported.
+#[test]
+fn a_whole_answer_whose_usage_cannot_be_read_is_charged_its_reservation() {
+    let json = r#"{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":20,"completion_tokens":900,"total_tokens":920}}"#;
+    let reply = |body: &str| {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    let upstreams = [
+        ("clean", canned_upstream(reply(json))),
+        ("trailing", canned_upstream(reply(&format!("{json}x")))),
+        ("empty", canned_upstream(reply(""))),
+    ];
+    let mock = mock();
+    let mut builder = GatewayBuilder::new(&mock);
+    let mut models = String::from("models:\n");
+    for (name, addr) in &upstreams {
+        builder = builder.provider(&format!(
+            "  - name: {name}\n    kind: openai\n    base_url: \"http://{addr}/v1\"\n"
+        ));
+        // 1 and 2 USD a million tokens: 1,000 and 2,000 nano-USD a token.
+        models.push_str(&format!(
+            "  - id: {name}\n    provider: {name}\n    input_usd_per_mtok: 1\n    output_usd_per_mtok: 2\n    max_output_tokens: 4000\n"
+        ));
+    }
+    let gw = builder.models(&models).start();
+    for (name, _) in &upstreams {
+        let key = gw.create_key(&[]);
+        let body = json!({"model": name, "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]});
+        let r = gw.post(
+            "/v1/chat/completions",
+            &key.bearer(),
+            body.to_string().as_bytes(),
+            &[],
+        );
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+        let t = wait_for(Duration::from_secs(5), "trace", || {
+            gw.trace_rows(&key.id)
+                .into_iter()
+                .find(|t| t.endpoint == "chat.completions")
+        });
+        if *name == "clean" {
+            assert_eq!(
+                (
+                    t.prompt_tokens,
+                    t.completion_tokens,
+                    t.cost_nanos,
+                    t.usage_estimated
+                ),
+                (20, 900, 20 * 1_000 + 900 * 2_000, false)
+            );
+        } else {
+            // The reservation: the prompt's bound and the 1,000 tokens of `max_tokens`.
+            assert_eq!(t.completion_tokens, 1_000, "{name}");
+            assert!(t.usage_estimated, "{name}");
+            assert_eq!(
+                t.cost_nanos,
+                t.prompt_tokens * 1_000 + 1_000 * 2_000,
+                "{name}"
+            );
+            assert!(t.cost_nanos > 20 * 1_000 + 900 * 2_000, "{name}");
+        }
+        assert_eq!(gw.usage(&key)["spend_nanodollars"], t.cost_nanos);
+    }
+}
+
+/// SPEC §3: `/v1/messages` on an `openai` model is translated, streams included; §2: a
+/// stream cut before its usage is charged for the output delivered so far, "whatever the
+/// API shape or translation". Some OpenAI-compatible servers (Mistral's) stream `content`
+/// as a list of parts: their text reaches the client, and counts when the stream is cut.
+#[test]
+fn a_chat_stream_with_content_as_parts_is_translated_and_counted_when_cut() {
+    let chunk = |delta: &str| {
+        format!(
+            "data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"finish_reason\":null}}]}}\n\n"
+        )
+    };
+    let part = "p".repeat(200);
+    let parts = [
+        chunk(r#"{"role":"assistant","content":""}"#),
+        chunk(&format!(
+            r#"{{"content":[{{"type":"text","text":"{part}"}}]}}"#
+        )),
+        chunk(&format!(
+            r#"{{"content":[{{"type":"thinking","thinking":[{{"type":"text","text":"{part}"}}]}},{{"type":"text","text":"{part}"}}]}}"#
+        )),
+    ]
+    .concat();
+    let whole = format!(
+        "{parts}data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\ndata: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[],\"usage\":{{\"prompt_tokens\":7,\"completion_tokens\":450,\"total_tokens\":457}}}}\n\ndata: [DONE]\n\n"
+    );
+    let sse = |body: &str, close: bool| {
+        if close {
+            format!("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n{body}")
+        } else {
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        }
+        .into_bytes()
+    };
+    let upstreams = [
+        ("whole", canned_upstream(sse(&whole, false))),
+        ("cut", canned_upstream(sse(&parts, true))),
+    ];
+    let mock = mock();
+    let mut builder = GatewayBuilder::new(&mock);
+    let mut models = String::from("models:\n");
+    for (name, addr) in &upstreams {
+        builder = builder.provider(&format!(
+            "  - name: {name}\n    kind: openai\n    base_url: \"http://{addr}/v1\"\n"
+        ));
+        models.push_str(&format!(
+            "  - id: {name}\n    provider: {name}\n    input_usd_per_mtok: 1\n    output_usd_per_mtok: 2\n    max_output_tokens: 4000\n"
+        ));
+    }
+    let gw = builder.models(&models).start();
+    for (name, _) in &upstreams {
+        let key = gw.create_key(&[]);
+        let body = json!({"model": name, "max_tokens": 1000, "stream": true,
+                          "messages": [{"role": "user", "content": "hi"}]});
+        let bearer = key.bearer();
+        let stream = send_request(
+            gw.addr,
+            "POST",
+            "/v1/messages",
+            &[("Authorization", bearer.as_str())],
+            body.to_string().as_bytes(),
+        )
+        .expect("send");
+        let r = read_response(stream).expect("a whole body");
+        assert_eq!(r.status, 200, "{name}");
+        let text = r.text();
+        // Both text parts, not the thinking.
+        assert_eq!(
+            text.matches(&format!("\"text_delta\",\"text\":\"{part}\""))
+                .count(),
+            2,
+            "{name}: {text}"
+        );
+        let t = wait_for(Duration::from_secs(5), "trace", || {
+            gw.trace_rows(&key.id)
+                .into_iter()
+                .find(|t| t.endpoint == "messages")
+        });
+        if *name == "whole" {
+            assert!(text.contains("message_stop"), "{text}");
+            assert_eq!((t.completion_tokens, t.usage_estimated), (450, false));
+        } else {
+            assert!(text.contains("event: error"), "{text}");
+            // One token a byte of what was delivered: two text parts and the thinking.
+            assert!(t.completion_tokens >= 600, "{t:?}");
+            assert!(t.usage_estimated, "{t:?}");
+        }
+    }
+}

@@ -474,26 +474,30 @@ fn a_stream_the_upstream_breaks_off_ends_with_an_error_in_the_clients_shape() {
             "response.completed",
         ),
     ] {
-        let bearer = key.bearer();
-        let headers = [
-            ("Authorization", bearer.as_str()),
-            ("x-mock-chunks", "10"),
-            ("x-mock-break-after", "3"),
-        ];
-        let stream = send_request(gw.addr, "POST", path, &headers, body.to_string().as_bytes())
-            .expect("send");
-        let r = read_response(stream)
-            .unwrap_or_else(|e| panic!("{path} {body}: the body was cut, not ended: {e}"));
-        assert_eq!(r.status, 200, "{path} {body}");
-        let text = r.text();
-        assert!(
-            text.contains(error),
-            "{path} {body}: no error event: {text}"
-        );
-        assert!(!text.contains(whole), "{path} {body}: made whole: {text}");
-        assert_eq!(text.matches(error).count(), 1, "{path} {body}: {text}");
+        // Mid-stream, and before its first event (the client has its 200 head already).
+        for after in ["3", "0"] {
+            let bearer = key.bearer();
+            let headers = [
+                ("Authorization", bearer.as_str()),
+                ("x-mock-chunks", "10"),
+                ("x-mock-break-after", after),
+            ];
+            let stream = send_request(gw.addr, "POST", path, &headers, body.to_string().as_bytes())
+                .expect("send");
+            let r = read_response(stream).unwrap_or_else(|e| {
+                panic!("{path} {body} after {after}: the body was cut, not ended: {e}")
+            });
+            assert_eq!(r.status, 200, "{path} {body}");
+            let text = r.text();
+            assert!(
+                text.contains(error),
+                "{path} {body} after {after}: no error event: {text}"
+            );
+            assert!(!text.contains(whole), "{path} {body}: made whole: {text}");
+            assert_eq!(text.matches(error).count(), 1, "{path} {body}: {text}");
+        }
     }
-    let t = wait_traces(&gw, &key, 5);
+    let t = wait_traces(&gw, &key, 10);
     for trace in &t {
         assert_eq!(
             trace.error_code.as_deref(),

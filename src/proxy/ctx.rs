@@ -231,8 +231,9 @@ impl RequestCtx {
     /// below what the provider bills). Reported usage where it arrived. Else, whenever the
     /// upstream may have worked: a request sent with no response head back (a client
     /// hang-up, a timeout, a break), a whole body cut short, a body compressed against the
-    /// gateway's `identity`, or a `background` run that returned before its work, is
-    /// charged at its reservation on the model that served; a
+    /// gateway's `identity`, a `background` run that returned before its work, or a whole
+    /// body whose usage could not be read, is charged at its reservation on the model that
+    /// served; a
     /// stream cut before its final usage event is charged for the prompt (as reported, else
     /// its bound) and one token per byte of output delivered so far, within the reservation.
     /// Else zero (the upstream refused it with an error status, or was never reached).
@@ -244,20 +245,20 @@ impl RequestCtx {
         let reported = codec.and_then(|c| c.usage(self.response_complete));
         // A media answer prices itself only with what its model is priced in: token usage
         // on a token-priced model, or units (the images returned, a reported duration) on
-        // a unit-priced one. Else (a transcription in text, srt or vtt; a token-priced image
-        // model that reported no tokens) its bound below, never zero.
+        // a unit-priced one. Else its bound below, never zero: a transcription in text, srt
+        // or vtt; a token-priced image model that reported no tokens; a unit-priced image or
+        // speech model whose stream reported tokens only (gpt-image-1's and
+        // gpt-4o-mini-tts's `stream: true` events count no images or characters).
         let unpriced = reported.is_some_and(|u| {
-            let units_reported = match self.endpoint {
-                Endpoint::Transcriptions | Endpoint::Translations => u.units > 0,
-                Endpoint::ImagesGenerations | Endpoint::ImagesEdits => true,
-                _ => return false,
-            };
+            if !self.endpoint.is_media() {
+                return false;
+            }
             let Some(m) = self.current_model() else {
                 return false;
             };
             let catalog = &self.snap.routes.catalog;
             let tokens = u.prompt_tokens > 0 || u.completion_tokens > 0;
-            !(tokens && catalog.has_token_price(m) || units_reported && catalog.has_unit_price(m))
+            !(tokens && catalog.has_token_price(m) || u.units > 0 && catalog.has_unit_price(m))
         });
         if let Some(u) = reported.filter(|_| !unpriced) {
             return (self.priced_units(u), false);
@@ -281,8 +282,11 @@ impl RequestCtx {
             .admission
             .as_ref()
             .is_some_and(|a| a.fields.hidden.background);
-        let cut_body = codec.is_some_and(ResponseCodec::is_whole_body) && !self.response_complete;
-        if unanswered || background || cut_body || self.encoded_body {
+        // A whole body (not an event stream) without usage it could read, cut short or whole
+        // (trailing bytes after the JSON, no `usage`, an empty body): its bytes bound nothing
+        // of what was billed (a reasoning model's hidden tokens), so its reservation.
+        let whole_body = codec.is_some_and(ResponseCodec::is_whole_body);
+        if unanswered || background || whole_body || self.encoded_body {
             return (Usage::new(prompt_bound, completion_bound), true);
         }
         let partial = codec.and_then(ResponseCodec::partial_usage);
@@ -314,7 +318,23 @@ impl RequestCtx {
             usage.units = 0;
         }
         // What the upstream reports is charged (SPEC §4: the images returned, the reported
-        // duration), even past the reservation's bound.
+        // duration); past the reservation's bound only where no cap holds the request to it.
+        // Under a hard budget or a `max_usd_per_hour` the bound is what the cap was checked
+        // against (SPEC §2: never overshot): a file whose length the gateway cannot read
+        // (FLAC, M4A, OGG, WebM) was reserved `server.max_audio_seconds`, and an upstream
+        // that returns more images than `n` was reserved `n`.
+        if usage.units > 0 && self.endpoint.is_media() {
+            let binds = self.admission.as_ref().is_some_and(|a| a.reservation_binds);
+            let bound = self.units_bound();
+            if binds && usage.units > bound {
+                log::warn!(
+                    "{}: the upstream reported {} units past the {bound} reserved; a capped key is charged the reservation",
+                    self.endpoint.label(),
+                    usage.units
+                );
+                usage.units = bound;
+            }
+        }
         usage
     }
 
@@ -335,14 +355,7 @@ impl RequestCtx {
     /// transcription stream cut before its usage, the prompt bound and one token per byte of
     /// text delivered so far (SPEC §4).
     fn media_usage(&self) -> Option<(Usage, bool)> {
-        if !matches!(
-            self.endpoint,
-            Endpoint::Speech
-                | Endpoint::ImagesGenerations
-                | Endpoint::ImagesEdits
-                | Endpoint::Transcriptions
-                | Endpoint::Translations
-        ) {
+        if !self.endpoint.is_media() {
             return None;
         }
         let mut units = self.units_bound();

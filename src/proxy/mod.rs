@@ -215,10 +215,10 @@ impl GateProxy {
         // Moved, not cloned: the admission's copy is read nowhere after this (a clone of a
         // body built from a vector allocates a shared header and counts references).
         ctx.upstream_body = Some(std::mem::take(&mut adm.upstream_body));
-        let hard_budget = adm.hard_budget;
+        let binds = adm.reservation_binds;
         ctx.admission = Some(Box::new(adm));
         if let Some(u) = &mut ctx.upload {
-            u.admitted(hard_budget);
+            u.admitted(binds);
         }
         Ok(())
     }

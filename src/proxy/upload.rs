@@ -88,10 +88,11 @@ impl Upload {
         self.body_len.saturating_sub(self.opening_len)
     }
 
-    /// Called once admitted. Under a hard budget the reservation's `n` is final; otherwise
-    /// an `n` after the files is forwarded as sent (the images returned are charged).
-    pub(super) fn admitted(&mut self, hard_budget: bool) {
-        self.admitted_n = hard_budget.then(|| self.scanner.form().n.clone());
+    /// Called once admitted. Under a cap that holds the request to its reservation (a hard
+    /// budget, a `max_usd_per_hour`) the reservation's `n` is final; otherwise an `n` after
+    /// the files is forwarded as sent (the images returned are charged).
+    pub(super) fn admitted(&mut self, reservation_binds: bool) {
+        self.admitted_n = reservation_binds.then(|| self.scanner.form().n.clone());
     }
 
     /// Whether the request can still be sent again (another key, another model): nothing
@@ -127,7 +128,8 @@ impl Upload {
         if let Some(n) = &self.admitted_n {
             if self.scanner.form().n != *n {
                 return Err(GateError::InvalidRequest(
-                    "under a hard budget, a large form's 'n' must come before its files".into(),
+                    "under a hard budget or max_usd_per_hour, a large form's 'n' must come before its files"
+                        .into(),
                 ));
             }
         }

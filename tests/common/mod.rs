@@ -157,6 +157,57 @@ pub fn read_body(r: &mut impl BufRead, headers: &[(String, String)]) -> std::io:
     Ok(body)
 }
 
+/// An upstream that answers every request with `reply` (a whole HTTP/1.1 response, head and
+/// body, as bytes), after reading the request's head and body; connections are kept, unless
+/// the reply's head says `Connection: close` (then its body ends where the connection does).
+/// For answers the mock does not give (a body with bytes after its JSON, another API's
+/// stream).
+pub fn canned_upstream(reply: Vec<u8>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind canned upstream");
+    let addr = listener.local_addr().expect("addr");
+    let closes = reply
+        .windows(b"\r\nConnection: close\r\n".len())
+        .any(|w| w == b"\r\nConnection: close\r\n");
+    let reply = std::sync::Arc::new(reply);
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let reply = reply.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                let mut conn = conn;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut headers = Vec::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let l = line.trim_end();
+                        if l.is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = l.split_once(':') {
+                            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+                        }
+                    }
+                    if read_body(&mut reader, &headers).is_err() || conn.write_all(&reply).is_err()
+                    {
+                        return;
+                    }
+                    if closes {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// Sends one HTTP/1.1 request on a fresh connection and reads the whole response.
 pub fn http(
     addr: SocketAddr,

@@ -47,10 +47,25 @@ struct ChunkChoice<'a> {
     finish_reason: Option<Cow<'a, str>>,
 }
 
+/// A JSON string, borrowed from the chunk unless it has escapes.
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// A part of a delta's `content` given as a list (Mistral's and other OpenAI-compatible
+/// servers'): its `text` is the answer's text; its `thinking` counts as output only.
+#[derive(Deserialize)]
+struct ContentPart<'a> {
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    thinking: Option<&'a RawValue>,
+}
+
 #[derive(Deserialize)]
 struct ChunkDelta<'a> {
+    /// A string, or a list of [`ContentPart`]s (read in `delta`).
     #[serde(default, borrow)]
-    content: Option<Cow<'a, str>>,
+    content: Option<&'a RawValue>,
     #[serde(default, borrow)]
     refusal: Option<Cow<'a, str>>,
     /// Reasoning text of some OpenAI-compatible servers: not returned (thinking was not
@@ -270,7 +285,9 @@ impl StreamTranslator {
         let mut framer = std::mem::take(&mut self.framer);
         framer.finish(&mut |e: SseEvent<'_>| self.event(e.data, out));
         self.framer = framer;
-        if self.phase == Phase::Streaming {
+        // Cut before its end, or before its first chunk (a client that got its 200 head
+        // still gets an answer its SDK raises on, not a connection cut mid-body).
+        if matches!(self.phase, Phase::Streaming | Phase::Waiting) {
             let error = ErrorBody {
                 kind: "api_error",
                 message: "The upstream stream ended before the message was complete.",
@@ -356,8 +373,26 @@ impl StreamTranslator {
         if self.phase != Phase::Streaming {
             return; // after the choice finished nothing more belongs to the message
         }
-        for text in [&delta.content, &delta.refusal].into_iter().flatten() {
-            self.text(text, out);
+        if let Some(content) = delta.content {
+            let raw = content.get();
+            if raw.starts_with('"') {
+                // Borrowed unless escaped: no allocation a chunk.
+                if let Ok(Text(text)) = serde_json::from_str::<Text<'_>>(raw) {
+                    self.text(&text, out);
+                }
+            } else if raw.starts_with('[') {
+                for part in serde_json::from_str::<Vec<ContentPart<'_>>>(raw).unwrap_or_default() {
+                    if let Some(text) = &part.text {
+                        self.text(text, out);
+                    }
+                    if let Some(thinking) = part.thinking {
+                        self.count(thinking.get().len());
+                    }
+                }
+            }
+        }
+        if let Some(refusal) = &delta.refusal {
+            self.text(refusal, out);
         }
         for (pos, call) in delta.tool_calls.iter().flatten().enumerate() {
             let index = call

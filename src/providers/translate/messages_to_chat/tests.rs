@@ -212,9 +212,16 @@ fn calls_that_share_an_index_but_not_an_id_are_separate_blocks() {
     );
 }
 
+/// A stream that ended before its first chunk: the client, which has its 200 head, gets
+/// Anthropic's error event (its SDK raises on it), not a body that ends with nothing. One
+/// that said `[DONE]` at once answered nothing, and gets nothing.
 #[test]
-fn an_empty_upstream_stream_gets_nothing() {
-    assert!(translate_stream(&[b""]).0.is_empty());
+fn an_upstream_stream_cut_before_its_first_chunk_gets_an_error_event() {
+    let (out, _) = translate_stream(&[b""]);
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.starts_with("event: error\n"), "{text}");
+    assert_eq!(text.matches("event: ").count(), 1, "{text}");
+    assert!(text.contains(r#""type":"api_error""#), "{text}");
     assert!(translate_stream(&[b"data: [DONE]\n\n"]).0.is_empty());
 }
 
