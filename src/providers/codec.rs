@@ -432,17 +432,54 @@ fn translate_stream(
 /// error shape. A success that is not what the provider documents is passed on as it came.
 fn translate_whole(plan: Plan, status: u16, bytes: &[u8]) -> Vec<u8> {
     let ok = (200..300).contains(&status);
-    let translated = match (plan, ok) {
+    let translate = |bytes: &[u8]| match (plan, ok) {
         (Plan::ChatViaMessages, true) => chat_to_messages::response_json(bytes),
         (Plan::ChatViaMessages, false) => Some(chat_to_messages::error_json(status, bytes)),
         (_, true) => messages_to_chat::response_json(bytes),
         (_, false) => Some(messages_to_chat::error_json(status, bytes)),
     };
+    // An answer JSON parsers refuse for a provider's slip (a lone surrogate escape, a
+    // byte-order mark) is translated with U+FFFD in their place, not passed on in the other
+    // API's shape, which the client's SDK would read as an empty answer.
+    let translated = translate(bytes).or_else(|| mend_json(bytes).and_then(|m| translate(&m)));
     let mut out = translated.unwrap_or_else(|| bytes.to_vec());
     if !ok {
         mask_account_ids(&mut out);
     }
     out
+}
+
+/// `body` without a leading byte-order mark and with every lone surrogate escape (`\\ud83d`
+/// not followed by its low half, or a low half alone) replaced by `\\ufffd`; `None` when
+/// there was neither.
+fn mend_json(body: &[u8]) -> Option<Vec<u8>> {
+    const BOM: &[u8] = b"\xEF\xBB\xBF";
+    fn escape_at(b: &[u8], i: usize) -> Option<u16> {
+        let hex = b.get(i..i + 6).filter(|h| h.starts_with(b"\\u"))?;
+        u16::from_str_radix(std::str::from_utf8(&hex[2..]).ok()?, 16).ok()
+    }
+    let mut out = body.strip_prefix(BOM).unwrap_or(body).to_vec();
+    let mut mended = out.len() != body.len();
+    let mut i = 0;
+    while let Some(at) = out.get(i..).and_then(|rest| memchr::memchr(b'\\', rest)) {
+        i += at;
+        match escape_at(&out, i) {
+            Some(0xD800..=0xDBFF)
+                if escape_at(&out, i + 6).is_some_and(|lo| (0xDC00..=0xDFFF).contains(&lo)) =>
+            {
+                i += 12;
+            }
+            Some(0xD800..=0xDFFF) => {
+                out[i..i + 6].copy_from_slice(b"\\ufffd");
+                mended = true;
+                i += 6;
+            }
+            Some(_) => i += 6,
+            // Any other escape is two bytes (`\\\\` among them, so its second is no start).
+            None => i += 2,
+        }
+    }
+    mended.then_some(out)
 }
 
 /// `chunk` without `hole`. The chunk Pingora hands over is this filter's alone, so the tail
@@ -490,6 +527,39 @@ fn filter_chat_sse(parser: &mut SseUsageParser, body: &mut Option<Bytes>, end_of
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lone_surrogates_and_a_byte_order_mark_are_mended_and_nothing_else_is_touched() {
+        let mend = |b: &[u8]| mend_json(b).map(|v| String::from_utf8(v).unwrap());
+        assert_eq!(
+            mend(br#"{"a":"x\ud83d"}"#).as_deref(),
+            Some(r#"{"a":"x\ufffd"}"#)
+        );
+        assert_eq!(
+            mend(br#"{"a":"\udc00y"}"#).as_deref(),
+            Some(r#"{"a":"\ufffdy"}"#)
+        );
+        assert_eq!(
+            mend(b"\xEF\xBB\xBF{\"a\":1}").as_deref(),
+            Some(r#"{"a":1}"#)
+        );
+        // A whole pair, an escaped backslash before `ud83d`, and other escapes stay.
+        for whole in [
+            &br#"{"a":"\ud83d\ude00"}"#[..],
+            br#"{"a":"\\ud83d"}"#,
+            br#"{"a":"\n\"\u0041"}"#,
+            br#"{"a":"ends with \\"}"#,
+            b"\\",
+        ] {
+            assert_eq!(mend(whole), None, "{}", String::from_utf8_lossy(whole));
+        }
+        // A translated answer with a lone surrogate reads as a Messages answer.
+        let chat = br#"{"id":"x","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ab\ud83d"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
+        let out: serde_json::Value =
+            serde_json::from_slice(&translate_whole(Plan::MessagesViaChat, 200, chat)).unwrap();
+        assert_eq!(out["type"], "message");
+        assert_eq!(out["content"][0]["text"], "ab\u{fffd}");
+    }
 
     #[test]
     fn a_usage_event_is_cut_out_of_the_middle_of_a_chunk_owned_or_shared() {
