@@ -367,6 +367,25 @@ fn refusals_and_fallbacks_are_spans_with_their_outcome() {
         span.status.as_ref().map(|s| s.code),
         Some(StatusCode::Error as i32)
     );
+    assert_eq!(
+        attr(&span, "gen_ai.provider.name"),
+        None,
+        "no model, no provider"
+    );
+
+    // A known model refused (402): its span names the provider it would have gone to.
+    let key = gw.create_key(&["--budget", "0.000001", "--budget-mode", "hard"]);
+    let r = gw.chat(&key, "gpt-4o-mini");
+    assert_eq!(r.status, 402, "{}", r.text());
+    let (_, span) = collector.span_of(&key.id);
+    assert_eq!(
+        attr(&span, "spidergate.error_code").as_deref(),
+        Some("budget_exceeded")
+    );
+    assert_eq!(
+        attr(&span, "gen_ai.provider.name").as_deref(),
+        Some("openai")
+    );
 
     // A fallback: the dead model first, then gpt-4o-mini.
     let key = gw.create_key(&[]);

@@ -569,8 +569,20 @@ impl RequestCtx {
                         | Endpoint::Translations => "generate_content",
                         _ => "chat",
                     },
+                    // A refused call names the provider its model would have gone to (the
+                    // GenAI conventions require `gen_ai.provider.name`); one naming no known
+                    // model or alias names none.
                     provider_kind: served
                         .filter(|_| admitted)
+                        .or_else(|| {
+                            let named = trace.requested_model.as_deref()?;
+                            match routes.catalog.target(named)? {
+                                crate::catalog::Target::Model(m) => Some(m),
+                                crate::catalog::Target::Alias(a) => {
+                                    routes.catalog.alias_models(a).first().copied()
+                                }
+                            }
+                        })
                         .map(|m| routes.catalog.provider_of(m).kind),
                     body: self.body.clone(),
                 }))
