@@ -251,6 +251,24 @@ fn a_call_is_one_genai_span_in_the_agents_trace_and_the_upstream_is_its_child() 
     assert_eq!(up_parent, gateway_span);
     assert_eq!(up.header("tracestate"), Some("agent=1"));
 
+    // An invalid `traceparent` starts the gateway's own trace, and its `tracestate` is
+    // discarded with it (W3C Trace Context), not sent upstream under the new trace.
+    let other = gw.create_key(&[]);
+    let r = gw.post(
+        "/v1/chat/completions",
+        &other.bearer(),
+        &chat_body("gpt-4o-mini"),
+        &[
+            ("traceparent", "00-not-a-trace-01"),
+            ("tracestate", "agent=2"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let up = m.requests().into_iter().last().expect("upstream request");
+    let (new_trace, _, _) = traceparent(up.header("traceparent").expect("upstream tp"));
+    assert_ne!(new_trace, AGENT_TRACE);
+    assert_eq!(up.header("tracestate"), None);
+
     // The exported span: agent → gateway ids, GenAI attributes, SpiderGate's own.
     let (service, span) = collector.span_of(&key.id);
     assert_eq!(service, "sg-test");

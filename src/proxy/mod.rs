@@ -957,7 +957,8 @@ impl ProxyHttp for GateProxy {
         let p = routes.catalog.models()[m].provider;
         let key = ctx.pool_key.map(|k| &routes.provider_keys[p].get(k).header);
         let uri = routes.upstream_uri(p, plan.route());
-        // `tracestate` passes as sent.
+        // `tracestate` passes as sent, but for a trace the gateway started in place of an
+        // invalid `traceparent`: W3C Trace Context discards its state with it.
         rewrite_upstream_request(
             req,
             &routes.provider_headers[p],
@@ -966,6 +967,13 @@ impl ProxyHttp for GateProxy {
             body_len,
             ctx.traceparent.as_ref(),
         )?;
+        if ctx
+            .trace
+            .as_ref()
+            .is_some_and(|t| t.has_span() && t.state.is_none())
+        {
+            req.remove_header(&crate::telemetry::context::TRACESTATE);
+        }
         // From here the request may reach the provider, which may then work on it.
         ctx.sent_upstream = true;
         Ok(())
