@@ -627,3 +627,42 @@ fn ten_thousand_keys_each_under_its_limit_see_no_429() {
     );
     assert_eq!(r.status, 429);
 }
+
+/// A refusal no retry can turn (401, 402, 403) says so with `x-should-retry: false`, which
+/// the OpenAI and Anthropic SDKs and Claude Code honour (Claude Code retries a 401 seven
+/// times otherwise); one that time lifts (429) leaves the retry to `Retry-After`.
+#[test]
+fn refusals_a_retry_cannot_turn_say_so_and_rate_limits_do_not() {
+    let mock = mock();
+    let gw = GatewayBuilder::new(&mock).start();
+    let should_retry = |r: &Response| r.header("x-should-retry").map(str::to_owned);
+    let r = gw.post(
+        "/v1/chat/completions",
+        "spideriq_pat_00000000000000000000000000000000",
+        br#"{"model":"gpt-4o-mini","messages":[]}"#,
+        &[],
+    );
+    assert_eq!(
+        (r.status, should_retry(&r).as_deref()),
+        (401, Some("false"))
+    );
+    let broke = gw.create_key(&["--budget", "0.000001", "--budget-mode", "hard"]);
+    let r = gw.chat(&broke, "gpt-4o-mini");
+    assert_eq!(
+        (r.status, should_retry(&r).as_deref()),
+        (402, Some("false"))
+    );
+    let narrow = gw.create_key(&["--models", "gpt-4o"]);
+    let r = gw.chat(&narrow, "gpt-4o-mini");
+    assert_eq!(
+        (r.status, should_retry(&r).as_deref()),
+        (403, Some("false"))
+    );
+    let limited = gw.create_key(&["--rpm", "1"]);
+    assert_eq!(gw.chat(&limited, "gpt-4o-mini").status, 200);
+    let r = gw.chat(&limited, "gpt-4o-mini");
+    assert_eq!((r.status, should_retry(&r)), (429, None));
+    assert!(r.header("retry-after").is_some());
+    let ok = gw.chat(&narrow, "gpt-4o");
+    assert_eq!((ok.status, should_retry(&ok)), (200, None));
+}

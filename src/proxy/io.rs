@@ -33,6 +33,12 @@ pub(super) async fn send_json(
     h.reserve(8);
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(CONTENT_LENGTH, number_value(body.len() as u64));
+    // A refusal that no retry can turn (a key refused, over its budget, not allowed):
+    // `x-should-retry: false` tells the OpenAI and Anthropic SDKs, and Claude Code, which
+    // retries a 401 seven times otherwise, to stop at once.
+    if matches!(status, 401..=403) {
+        h.insert(SHOULD_RETRY.clone(), HeaderValue::from_static("false"));
+    }
     if let Some(e) = error {
         h.insert(ERROR_CODE.clone(), HeaderValue::from_static(e.code()));
         if let GateError::MethodNotAllowed { allow } = e {
@@ -54,6 +60,9 @@ pub(super) async fn send_json(
         .write_response_body(Some(Bytes::from(body)), true)
         .await
 }
+
+/// The SDKs' retry hint (`x-should-retry`), sent on refusals a retry cannot turn.
+static SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");
 
 thread_local! {
     /// The buffer of the last large request body read on this thread, handed to the next

@@ -257,6 +257,48 @@ fn not_a_chat_completion_is_not_translated() {
     assert_eq!(response_json(br#"{"object":"list","data":[]}"#), None);
 }
 
+/// What Claude Code sends (2.1.x, `claude -p` against a custom base URL): adaptive thinking,
+/// `output_config.effort`, `context_management` and a mid-conversation `system` message.
+/// An OpenAI-compatible model takes it: the system text where it stands, the rest dropped.
+#[test]
+fn claude_codes_request_is_translated() {
+    let got = translate_request(
+        br#"{"model":"m","max_tokens":32000,"stream":true,
+             "thinking":{"type":"adaptive"},"output_config":{"effort":"high"},
+             "context_management":{"edits":[{"type":"clear_thinking_20251015","keep":"all"}]},
+             "system":[{"type":"text","text":"You are Claude Code."}],
+             "messages":[{"role":"user","content":[{"type":"text","text":"say hi"}]},
+                         {"role":"system","content":"Today is Monday."}]}"#,
+    );
+    assert_eq!(
+        got["messages"],
+        json!([
+            {"role": "system", "content": "You are Claude Code."},
+            {"role": "user", "content": "say hi"},
+            {"role": "system", "content": "Today is Monday."},
+        ]),
+        "{}",
+        pretty(&got)
+    );
+    for dropped in [
+        "thinking",
+        "output_config",
+        "context_management",
+        "reasoning_effort",
+    ] {
+        assert!(got.get(dropped).is_none(), "{dropped}: {}", pretty(&got));
+    }
+    // Still refused: thinking it asks for, and an output format.
+    for refused in [
+        br#"{"max_tokens":1,"thinking":{"type":"enabled","budget_tokens":1024},"messages":[{"role":"user","content":"x"}]}"#.as_slice(),
+        br#"{"max_tokens":1,"output_config":{"format":{"type":"json_schema"}},"messages":[{"role":"user","content":"x"}]}"#,
+        br#"{"max_tokens":1,"messages":[{"role":"user","content":"x"},{"role":"system","content":[{"type":"image"}]}]}"#,
+    ] {
+        let got = translate_request(refused);
+        assert!(got.get("refused").is_some(), "{}", pretty(&got));
+    }
+}
+
 #[test]
 fn refusals_are_400_invalid_request() {
     let err = request(

@@ -19,9 +19,13 @@
 //! | `stop_sequences` | `stop` (at most 4) |
 //! | `stream: true` | `stream` + `stream_options.include_usage` |
 //! | `metadata.user_id` | `user` |
-//! | `thinking: {"type":"disabled"}` | nothing |
+//! | `thinking: {"type":"disabled"}` or `{"type":"adaptive"}` | nothing: adaptive thinking lets the model decide whether to think, and one that answers without thinking is one of its answers |
+//! | `messages[]` with `role: "system"` (Claude Code's mid-conversation system beta) | a `system` message at that place; text blocks joined with a blank line |
+//! | `output_config.effort` | dropped: how hard to think, a hint that changes no format (Claude Code always sends it) |
+//! | `context_management` | dropped: Anthropic's server-side clearing of old tool results when a context grows long; the model gets the whole conversation, which is what is sent, reserved and billed |
 //!
-//! Refused: `top_k`, extended thinking, server tools (`web_search_*`, `bash_*`, `computer_*`,
+//! Refused: `top_k`, extended thinking (`{"type":"enabled"}`), `output_config` other than
+//! `effort` (a `format`), server tools (`web_search_*`, `bash_*`, `computer_*`,
 //! ...), `document` blocks (PDFs), images inside a `tool_result`, `file` image sources, more
 //! than 4 stop sequences, a final assistant message (prefill: OpenAI answers it with a new
 //! message instead of continuing it), and any field not in the table.
@@ -47,6 +51,8 @@ const TOP_LEVEL: &[&str] = &[
     "tools",
     "tool_choice",
     "thinking",
+    "output_config",
+    "context_management",
 ];
 
 /// OpenAI rejects a `stop` list longer than this.
@@ -138,13 +144,28 @@ pub fn request(body: &[u8], upstream_model: &str, output_cap: u64) -> Result<Vec
         }
     }
     if let Some(thinking) = field(&mut top, "thinking") {
-        if thinking.get("type").and_then(Value::as_str) != Some("disabled") {
+        if !matches!(
+            thinking.get("type").and_then(Value::as_str),
+            Some("disabled" | "adaptive")
+        ) {
             return Err(refuse(
                 "thinking: extended thinking is not available on an OpenAI-compatible model; \
-                 omit it or set {\"type\":\"disabled\"}",
+                 omit it or set {\"type\":\"disabled\"} or {\"type\":\"adaptive\"}",
             ));
         }
     }
+    if let Some(config) = field(&mut top, "output_config") {
+        let Value::Object(config) = config else {
+            return Err(refuse("output_config: must be an object"));
+        };
+        if let Some(key) = config.keys().find(|k| k.as_str() != "effort") {
+            return Err(refuse(format!(
+                "output_config.{key}: not supported when the model behind is OpenAI-compatible"
+            )));
+        }
+    }
+    // Dropped (the module's table): what the model is sent is the whole conversation.
+    field(&mut top, "context_management");
     let has_tools = match field(&mut top, "tools") {
         Some(tools) => push_tools(tools, &mut out)?,
         None => false,
@@ -236,9 +257,21 @@ fn push_turn(turn: Value, i: usize, out: &mut Vec<Value>) -> Result<(), GateErro
     let path = format!("messages[{i}]");
     let mut turn = block(turn, &["role", "content"], &path)?;
     let role = string(&mut turn, "role", &path)?;
+    if role == "system" {
+        // Mid-conversation system text: a system message where it stands.
+        let content = turn.remove("content").unwrap_or(Value::Null);
+        if let Some(text) = system_text(content).map_err(|_| {
+            refuse(format!(
+                "{path}.content: must be a string or an array of text blocks"
+            ))
+        })? {
+            out.push(message("system", Value::String(text)));
+        }
+        return Ok(());
+    }
     if role != "user" && role != "assistant" {
         return Err(refuse(format!(
-            "{path}.role: must be \"user\" or \"assistant\""
+            "{path}.role: must be \"user\", \"assistant\" or \"system\""
         )));
     }
     let blocks = match turn.remove("content") {
