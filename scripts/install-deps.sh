@@ -18,8 +18,17 @@ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 # through a real HTTP CONNECT proxy.
 [ -s /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 command -v tinyproxy >/dev/null || [ -x /usr/bin/tinyproxy ] || need+=(tinyproxy)
+# The Claude Code end-to-end test (tests/e2e/test_claude_code.py) drives the real CLI.
+command -v npm >/dev/null || need+=(npm)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq || true
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
+fi
+# Claude Code, pinned, into the build directory (rebuilt from the npm registry when absent).
+CLAUDE_CODE_VERSION=2.1.197
+if ! [ -x target/e2e-node/node_modules/.bin/claude ] \
+  || [ "$(target/e2e-node/node_modules/.bin/claude --version 2>/dev/null | cut -d' ' -f1)" != "$CLAUDE_CODE_VERSION" ]; then
+  npm install --prefix target/e2e-node --no-audit --no-fund --loglevel=error \
+    "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION" >/dev/null
 fi
