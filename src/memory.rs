@@ -92,9 +92,31 @@ mod tests {
         fn mi_is_in_heap_region(p: *const std::os::raw::c_void) -> bool;
     }
 
-    /// Each test runs in its own process under nextest, so SQLite is not yet initialized.
+    /// Set in the process this test starts to run itself alone.
+    const PROBE: &str = "SPIDERGATE_TEST_SQLITE_MALLOC_PROBE";
+
+    /// SQLite takes its allocator once per process, before it initializes: the test runs
+    /// itself in a process of its own (this binary, this test alone), whatever runs the
+    /// tests (nextest gives each its own process; `cargo test` runs them as threads of one,
+    /// where other tests open SQLite first).
     #[test]
     fn sqlite_allocates_from_mimalloc_once_routed_and_still_works() {
+        const NAME: &str =
+            "memory::tests::sqlite_allocates_from_mimalloc_once_routed_and_still_works";
+        if std::env::var_os(PROBE).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+                .env(PROBE, "1")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("1 passed"),
+                "{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
         assert!(
             super::sqlite_on_mimalloc(),
             "SQLite was already initialized"

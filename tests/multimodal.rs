@@ -662,6 +662,7 @@ fn a_capped_keys_transcription_is_charged_at_most_its_reservation() {
         assert_eq!(spend(&gw, &key), 500_000, "{cap:?}");
         let t = traces_on(&gw, &key, "audio.transcriptions", 1);
         assert_eq!((t[0].unit.as_deref(), t[0].units), (Some("ms"), 5_000));
+        assert!(t[0].usage_estimated, "the bound, not what was reported");
     }
 }
 
@@ -683,17 +684,39 @@ fn a_streamed_image_reporting_only_tokens_is_charged_per_image_on_a_unit_priced_
         events.len()
     );
     let upstream = canned_upstream(reply.into_bytes());
+    // A JSON answer that returned no image: none charged (per image returned).
+    let none = r#"{"created":1,"data":[]}"#;
+    let empty = canned_upstream(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{none}",
+            none.len()
+        )
+        .into_bytes(),
+    );
     let mock = mock();
     let gw = GatewayBuilder::new(&mock)
         .provider(&format!(
             "  - name: canned\n    kind: openai\n    base_url: \"http://{upstream}/v1\"\n"
         ))
+        .provider(&format!(
+            "  - name: empty\n    kind: openai\n    base_url: \"http://{empty}/v1\"\n"
+        ))
         .models(&MODELS_YAML.replacen(
             "models:\n",
-            "models:\n  - id: simg\n    provider: canned\n    upstream_id: gpt-image-1\n    endpoint: images\n    usd_per_image: 0.04\n",
+            "models:\n  - id: simg\n    provider: canned\n    upstream_id: gpt-image-1\n    endpoint: images\n    usd_per_image: 0.04\n  - id: nimg\n    provider: empty\n    endpoint: images\n    usd_per_image: 0.04\n",
             1,
         ))
         .start();
+    let key = gw.create_key(&[]);
+    let r = post(
+        &gw,
+        "/v1/images/generations",
+        &key,
+        &json!({"model": "nimg", "prompt": "a cat", "n": 2}),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(spend(&gw, &key), 0);
     let key = gw.create_key(&["--budget", "1", "--budget-mode", "hard"]);
     let r = post(
         &gw,

@@ -262,7 +262,12 @@ impl ResponseCodec {
             ResponseCodec::Error(_) | ResponseCodec::Passthrough => None,
             ResponseCodec::Json(kept, format) => {
                 kept.as_ref().filter(|_| complete)?;
-                format.usage(kept.as_ref()?.bytes())
+                let bytes = kept.as_ref()?.bytes();
+                // Read as the client reads it: a byte-order mark or a lone surrogate escape
+                // mended (`mend_json`), only when the plain read failed.
+                format
+                    .usage(bytes)
+                    .or_else(|| format.usage(&mend_json(bytes)?))
             }
             ResponseCodec::ChatSse(p) => p.usage(),
             ResponseCodec::AnthropicSse(p) => p.usage(),
@@ -273,10 +278,11 @@ impl ResponseCodec {
                     return None;
                 }
                 let bytes = body.as_ref()?.bytes();
-                match plan {
-                    Plan::ChatViaMessages => anthropic::usage_from_json(bytes),
-                    _ => usage_from_json(bytes),
-                }
+                let read = |b: &[u8]| match plan {
+                    Plan::ChatViaMessages => anthropic::usage_from_json(b),
+                    _ => usage_from_json(b),
+                };
+                read(bytes).or_else(|| read(&mend_json(bytes)?))
             }
             ResponseCodec::ChatFromMessagesSse(t, _) => t.usage(),
             ResponseCodec::MessagesFromChatSse(t, _) => t.usage(),

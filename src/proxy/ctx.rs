@@ -258,10 +258,17 @@ impl RequestCtx {
             };
             let catalog = &self.snap.routes.catalog;
             let tokens = u.prompt_tokens > 0 || u.completion_tokens > 0;
-            !(tokens && catalog.has_token_price(m) || u.units > 0 && catalog.has_unit_price(m))
+            // A JSON images answer counts what it returned, none included (SPEC §4: per
+            // image returned); a stream's count is only what it reported.
+            let images_json = matches!(
+                self.endpoint,
+                Endpoint::ImagesGenerations | Endpoint::ImagesEdits
+            ) && codec.is_some_and(ResponseCodec::is_whole_body);
+            let units = u.units > 0 || images_json;
+            !(tokens && catalog.has_token_price(m) || units && catalog.has_unit_price(m))
         });
         if let Some(u) = reported.filter(|_| !unpriced) {
-            return (self.priced_units(u), false);
+            return self.priced_units(u);
         }
         let upstream_ok = self
             .upstream_status
@@ -307,9 +314,10 @@ impl RequestCtx {
         (usage, true)
     }
 
-    /// Reported usage as charged: where a model reports tokens and has token prices, the
-    /// token prices apply instead of its unit price (SPEC §4).
-    fn priced_units(&self, mut usage: Usage) -> Usage {
+    /// Reported usage as charged, and whether that is an estimate: where a model reports
+    /// tokens and has token prices, the token prices apply instead of its unit price (SPEC
+    /// §4); units held to the reservation's bound (below) are marked estimated.
+    fn priced_units(&self, mut usage: Usage) -> (Usage, bool) {
         let tokens = usage.prompt_tokens > 0 || usage.completion_tokens > 0;
         let token_priced = self
             .current_model()
@@ -333,9 +341,10 @@ impl RequestCtx {
                     usage.units
                 );
                 usage.units = bound;
+                return (usage, true);
             }
         }
-        usage
+        (usage, false)
     }
 
     /// The most units the reservation allowed (`admission::bound_units`).

@@ -414,14 +414,15 @@ impl GateProxy {
         }
         let rest_len = ctx.upload.as_ref().map_or(0, |u| u.rest_len());
         let catalog = &ctx.snap.routes.catalog;
-        let hard_budget = adm.hard_budget;
+        let binds = adm.reservation_binds;
         let next = (ctx.attempt + 1..adm.chain.len()).find_map(|i| {
             let m = adm.chain.get(i)?;
             let (plan, body) =
                 admission::upstream_body(catalog, ctx.endpoint, m, &ctx.body, &adm.fields).ok()?;
             // The reservation bounded the prompt by the bytes it knew of; a body that would
-            // bill more than that is not sent on a hard budget.
-            if hard_budget && (body.len() + rest_len) as u64 > adm.bound.prompt_tokens {
+            // bill more than that is not sent under a cap that holds it (a hard budget, the
+            // key's `max_usd_per_hour`).
+            if binds && (body.len() + rest_len) as u64 > adm.bound.prompt_tokens {
                 return None;
             }
             Some((i, plan, body))

@@ -277,7 +277,8 @@ impl StreamTranslator {
     }
 
     /// End of the upstream stream: appends whatever is still owed (`message_stop`). A
-    /// stream that never began gets nothing. One whose choice was still streaming (no
+    /// stream that ended with `[DONE]` before any chunk gets nothing more; one that ended
+    /// before its first chunk, or whose choice was still streaming (no
     /// `finish_reason`, no `[DONE]`) was cut short: it ends with Anthropic's `error` event,
     /// as the other direction ends a cut stream with an error, not with a stop that makes
     /// it look whole (a tool call cut mid-arguments would read as a call with `{}`).
