@@ -1808,15 +1808,39 @@ fn a_large_image_edit_is_charged_its_n_and_an_n_after_the_files_stops_it() {
     );
 }
 
-/// A large form can still move to the next model of its chain while none of it went
-/// upstream (a refused connection); once its body flowed, the provider's answer is final.
+/// SPEC §2: a model that fails (a refused connection, a 429 or 5xx) before any byte
+/// reached the client falls back to the next of its alias. A large form naming an alias of
+/// more than one model is held whole, as a small one is, so it can be sent again.
 #[test]
-fn a_large_form_falls_back_before_its_body_flows_and_not_after() {
+fn a_large_form_naming_an_alias_falls_back_on_a_refused_connection_a_429_or_a_5xx() {
     let mock = mock();
-    let gw = start_with(
-        &mock,
-        "  - id: whisper-dead\n    provider: dead\n    endpoint: transcriptions\n    usd_per_minute: 0.006\naliases:\n  stt/failover: [whisper-dead, whisper]\n  stt/pair: [transcribe, whisper]\n",
+    // Upstreams that refuse every request, after reading it whole.
+    let refusing = |status: &str| {
+        let body = r#"{"error":{"message":"no","type":"server_error","code":null}}"#;
+        canned_upstream(
+            format!(
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    };
+    let (five, busy) = (
+        refusing("500 Internal Server Error"),
+        refusing("429 Too Many Requests"),
     );
+    let gw = GatewayBuilder::new(&mock)
+        .provider(&format!(
+            "  - name: five\n    kind: openai\n    base_url: \"http://{five}/v1\"\n"
+        ))
+        .provider(&format!(
+            "  - name: busy\n    kind: openai\n    base_url: \"http://{busy}/v1\"\n"
+        ))
+        .models(&format!(
+            "{MODELS_YAML}  - id: whisper-dead\n    provider: dead\n    endpoint: transcriptions\n    usd_per_minute: 0.006\n  - id: whisper-500\n    provider: five\n    endpoint: transcriptions\n    usd_per_minute: 0.006\n  - id: whisper-429\n    provider: busy\n    endpoint: transcriptions\n    usd_per_minute: 0.006\naliases:\n  stt/failover: [whisper-dead, whisper]\n  stt/500: [whisper-500, whisper]\n  stt/429: [whisper-429, whisper]\n"
+        ))
+        .server("max_audio_seconds: 600")
+        .start();
     let key = gw.create_key(&[]);
     mock.clear();
     let file = large_file();
@@ -1842,17 +1866,31 @@ fn a_large_form_falls_back_before_its_body_flows_and_not_after() {
         "the fallback's form, whole"
     );
     assert_eq!(spend(&gw, &key), 18_750_000);
-    // A 429 read after the whole form went: not sent again to the next model.
-    mock.clear();
-    let body = form(&[("model", "stt/pair")], &[("file", "speech.mp3", &file)]);
-    let r = post_form_with(
-        &gw,
-        "/v1/audio/transcriptions",
-        &key,
-        &body,
-        &[("x-mock-status", "429")],
-    );
-    assert_eq!(r.status, 429, "{}", r.text());
-    assert_eq!(mock.requests().len(), 1, "one attempt");
-    assert_eq!(spend(&gw, &key), 18_750_000);
+    // A 500 or a 429 from the first model, after its whole form went: sent again to the
+    // next, whole.
+    for first in ["whisper-500", "whisper-429"] {
+        mock.clear();
+        let alias = first.replace("whisper-", "stt/");
+        let body = form(
+            &[("model", &alias), ("response_format", "verbose_json")],
+            &[("file", "speech.mp3", &file)],
+        );
+        let r = post_form(&gw, "/v1/audio/transcriptions", &key, &body);
+        assert_eq!(r.status, 200, "{first}: {}", r.text());
+        assert_eq!(r.header("x-spidergate-fallback-from"), Some(first));
+        let want = form(
+            &[
+                ("model", "whisper-upstream-long-name"),
+                ("response_format", "verbose_json"),
+            ],
+            &[("file", "speech.mp3", &file)],
+        );
+        let seen = mock.requests();
+        assert!(
+            seen.len() == 1 && seen[0].body == want,
+            "{first}: the fallback's form, whole"
+        );
+    }
+    // The refused attempts cost nothing; the two that served, 187.5 s each.
+    assert_eq!(spend(&gw, &key), 3 * 18_750_000);
 }

@@ -148,7 +148,8 @@ pub(super) struct FormOpening {
 /// Reads the opening of a form, scanning it as it arrives, until its `model` part has
 /// arrived, it does not end inside a part's head or a field the gateway reads, and a file
 /// under way has shown its head ([`FormScanner::opening_complete`]), and `at_least` bytes
-/// have arrived, else to its end. 400 as soon as the scan finds it malformed.
+/// have arrived, else to its end; to its end too when `hold_whole` says so of its
+/// `model` (a model that may fall back). 400 as soon as the scan finds it malformed.
 ///
 /// The opening is kept as short as that: it is held until the first piece after it went,
 /// and Pingora's retry buffer (64 KiB) copies what it reads. An opening within that buffer
@@ -159,11 +160,13 @@ pub(super) async fn read_form_opening(
     framing: BodyFraming,
     scanner: &mut FormScanner,
     at_least: usize,
+    hold_whole: impl Fn(&str) -> bool,
 ) -> Result<std::result::Result<FormOpening, GateError>> {
     continue_if_expected(session, framing).await?;
     session.enable_retry_buffering();
     let mut read = Gathered::default();
     let mut whole = true;
+    let mut holding = false;
     loop {
         let chunk = match read_client_body(session).await? {
             Ok(Some(chunk)) => chunk,
@@ -174,9 +177,14 @@ pub(super) async fn read_form_opening(
             return Ok(Err(e));
         }
         read.push(chunk, BytesMut::with_capacity);
-        if read.len() >= at_least && scanner.opening_complete() {
-            whole = session.is_body_done();
-            break;
+        if !holding && read.len() >= at_least && scanner.opening_complete() {
+            // A form for a model that may fall back is read whole (`hold_whole`), so it
+            // can be sent again to the next model.
+            holding = hold_whole(&scanner.form().model);
+            if !holding {
+                whole = session.is_body_done();
+                break;
+            }
         }
     }
     let bytes = read.into_bytes();

@@ -447,8 +447,9 @@ impl GateProxy {
 
 impl GateProxy {
     /// Reads the opening of a form of `len` bytes under the body deadline, scanning it as
-    /// it arrives ([`upload`]). The whole form when its `model` came late: it is then held
-    /// as a small one is. `Err`: 400 or 408 to send.
+    /// it arrives ([`upload`]). The whole form when its `model` came late, or names an
+    /// alias that may fall back: it is then held as a small one is. `Err`: 400 or 408 to
+    /// send.
     async fn read_upload_opening(
         &self,
         session: &mut Session,
@@ -474,9 +475,19 @@ impl GateProxy {
         } else {
             0
         };
+        // SPEC §2: a model that fails before any byte reached the client falls back to the
+        // next of its alias; a form streamed upstream could not be sent again, so a form
+        // naming an alias of more than one model is held whole, as a small one is.
+        let routes = ctx.snap.routes.clone();
+        let may_fall_back = |model: &str| {
+            routes
+                .catalog
+                .alias_chain(model)
+                .is_some_and(|c| c.len() > 1)
+        };
         let read = with_deadline(
             deadline,
-            read_form_opening(session, framing, &mut scanner, loop_prefix),
+            read_form_opening(session, framing, &mut scanner, loop_prefix, may_fall_back),
         )
         .await;
         let opening = match read.unwrap_or(Ok(Err(GateError::RequestTimeout)))? {
