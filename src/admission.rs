@@ -645,7 +645,7 @@ pub async fn admit<L: LimitStore>(
         bound,
         admitted_at,
         hard_budget,
-        reservation_binds: crate::limits::reservation_binds(&key.limits, &uplines),
+        reservation_binds: crate::limits::reservation_binds(&key.limits, hard_budget),
     })
 }
 

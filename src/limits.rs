@@ -62,12 +62,13 @@ pub fn hard_capped(limits: &Limits, uplines: &[Upline]) -> bool {
     limits.has_hard_budget() || uplines.iter().any(|u| u.limits.has_hard_budget())
 }
 
-/// Whether a cap holds a request to its reservation: a hard budget ([`hard_capped`]) or the
-/// key's own `max_usd_per_hour`, which counts reservations too (SPEC §7; a brake is the key's
-/// alone: admission holds no level's). Under either, what the reservation bounded is what is
-/// sent and charged (a form's late `n`, a fallback's body, a reported duration).
-pub fn reservation_binds(limits: &Limits, uplines: &[Upline]) -> bool {
-    hard_capped(limits, uplines) || limits.max_usd_per_hour.is_some()
+/// Whether a cap holds a request to its reservation: a hard budget (`hard_capped`, already
+/// worked out by the caller) or the key's own `max_usd_per_hour`, which counts reservations
+/// too (SPEC §7; a brake is the key's alone: admission holds no level's). Under either, what
+/// the reservation bounded is what is sent and charged (a form's late `n`, a fallback's
+/// body, a reported duration).
+pub fn reservation_binds(limits: &Limits, hard_capped: bool) -> bool {
+    hard_capped || limits.max_usd_per_hour.is_some()
 }
 
 impl From<Refusal> for GateError {

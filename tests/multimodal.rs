@@ -679,20 +679,10 @@ fn a_streamed_image_reporting_only_tokens_is_charged_per_image_on_a_unit_priced_
         "data: {\"type\":\"image_generation.completed\",\"b64_json\":\"AAAA\",",
         "\"usage\":{\"input_tokens\":100,\"output_tokens\":4272,\"total_tokens\":4372}}\n\n",
     );
-    let reply = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {}\r\n\r\n{events}",
-        events.len()
-    );
-    let upstream = canned_upstream(reply.into_bytes());
+    let upstream = canned_upstream(http_reply("200 OK", "text/event-stream", events));
     // A JSON answer that returned no image: none charged (per image returned).
     let none = r#"{"created":1,"data":[]}"#;
-    let empty = canned_upstream(
-        format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{none}",
-            none.len()
-        )
-        .into_bytes(),
-    );
+    let empty = canned_upstream(http_reply("200 OK", "application/json", none));
     let mock = mock();
     let gw = GatewayBuilder::new(&mock)
         .provider(&format!(
@@ -1817,13 +1807,7 @@ fn a_large_form_naming_an_alias_falls_back_on_a_refused_connection_a_429_or_a_5x
     // Upstreams that refuse every request, after reading it whole.
     let refusing = |status: &str| {
         let body = r#"{"error":{"message":"no","type":"server_error","code":null}}"#;
-        canned_upstream(
-            format!(
-                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .into_bytes(),
-        )
+        canned_upstream(http_reply(status, "application/json", body))
     };
     let (five, busy) = (
         refusing("500 Internal Server Error"),

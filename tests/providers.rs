@@ -1685,13 +1685,7 @@ fn a_provider_key_echoed_in_an_upstream_error_is_masked_whatever_its_prefix() {
 #[test]
 fn a_whole_answer_whose_usage_cannot_be_read_is_charged_its_reservation() {
     let json = r#"{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":20,"completion_tokens":900,"total_tokens":920}}"#;
-    let reply = |body: &str| {
-        format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .into_bytes()
-    };
+    let reply = |body: &str| http_reply("200 OK", "application/json", body);
     let upstreams = [
         ("clean", canned_upstream(reply(json))),
         // A byte-order mark: read as the client reads it, so charged as reported.
@@ -1700,18 +1694,7 @@ fn a_whole_answer_whose_usage_cannot_be_read_is_charged_its_reservation() {
         ("empty", canned_upstream(reply(""))),
     ];
     let mock = mock();
-    let mut builder = GatewayBuilder::new(&mock);
-    let mut models = String::from("models:\n");
-    for (name, addr) in &upstreams {
-        builder = builder.provider(&format!(
-            "  - name: {name}\n    kind: openai\n    base_url: \"http://{addr}/v1\"\n"
-        ));
-        // 1 and 2 USD a million tokens: 1,000 and 2,000 nano-USD a token.
-        models.push_str(&format!(
-            "  - id: {name}\n    provider: {name}\n    input_usd_per_mtok: 1\n    output_usd_per_mtok: 2\n    max_output_tokens: 4000\n"
-        ));
-    }
-    let gw = builder.models(&models).start();
+    let gw = gateway_on_canned(&mock, &upstreams);
     for (name, _) in &upstreams {
         let key = gw.create_key(&[]);
         let body = json!({"model": name, "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]});
@@ -1781,30 +1764,17 @@ fn a_chat_stream_with_content_as_parts_is_translated_and_counted_when_cut() {
     let sse = |body: &str, close: bool| {
         if close {
             format!("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n{body}")
+                .into_bytes()
         } else {
-            format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
+            http_reply("200 OK", "text/event-stream", body)
         }
-        .into_bytes()
     };
     let upstreams = [
         ("whole", canned_upstream(sse(&whole, false))),
         ("cut", canned_upstream(sse(&parts, true))),
     ];
     let mock = mock();
-    let mut builder = GatewayBuilder::new(&mock);
-    let mut models = String::from("models:\n");
-    for (name, addr) in &upstreams {
-        builder = builder.provider(&format!(
-            "  - name: {name}\n    kind: openai\n    base_url: \"http://{addr}/v1\"\n"
-        ));
-        models.push_str(&format!(
-            "  - id: {name}\n    provider: {name}\n    input_usd_per_mtok: 1\n    output_usd_per_mtok: 2\n    max_output_tokens: 4000\n"
-        ));
-    }
-    let gw = builder.models(&models).start();
+    let gw = gateway_on_canned(&mock, &upstreams);
     for (name, _) in &upstreams {
         let key = gw.create_key(&[]);
         let body = json!({"model": name, "max_tokens": 1000, "stream": true,
@@ -1843,4 +1813,20 @@ fn a_chat_stream_with_content_as_parts_is_translated_and_counted_when_cut() {
             assert!(t.usage_estimated, "{t:?}");
         }
     }
+}
+
+/// A gateway whose models are the canned upstreams, each an `openai` provider and a model of
+/// its name at 1 and 2 USD a million tokens (1,000 and 2,000 nano-USD a token).
+fn gateway_on_canned(mock: &MockProvider, upstreams: &[(&str, std::net::SocketAddr)]) -> Gateway {
+    let mut builder = GatewayBuilder::new(mock);
+    let mut models = String::from("models:\n");
+    for (name, addr) in upstreams {
+        builder = builder.provider(&format!(
+            "  - name: {name}\n    kind: openai\n    base_url: \"http://{addr}/v1\"\n"
+        ));
+        models.push_str(&format!(
+            "  - id: {name}\n    provider: {name}\n    input_usd_per_mtok: 1\n    output_usd_per_mtok: 2\n    max_output_tokens: 4000\n"
+        ));
+    }
+    builder.models(&models).start()
 }

@@ -157,6 +157,16 @@ pub fn read_body(r: &mut impl BufRead, headers: &[(String, String)]) -> std::io:
     Ok(body)
 }
 
+/// A whole HTTP/1.1 response for [`canned_upstream`]: `status` (with its reason, "200 OK"),
+/// `content_type` and `body`, framed by `Content-Length`.
+pub fn http_reply(status: &str, content_type: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
 /// An upstream that answers every request with `reply` (a whole HTTP/1.1 response, head and
 /// body, as bytes), after reading the request's head and body; connections are kept, unless
 /// the reply's head says `Connection: close` (then its body ends where the connection does).
