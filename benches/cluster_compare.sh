@@ -55,7 +55,9 @@
 # (ns) and are net of their idle rate (every variant's nodes keep polling them).
 # Also printed: the idle rates, Redis' CPU per PING and per `EVAL "return 1"` from one client
 # (redis-benchmark: this machine's floor, for scale) and INFO commandstats over the run.
-# Reported: every round, then ranges (min–max, median) and per-round paired ratios. Never
+# Reported: every round, then ranges (min–max, median) and per-round paired ratios, and each
+# pair's node capacity: rps per busy share of the gateway CPU (Redis runs on the load CPU, so
+# a Redis variant can fill that CPU first; its rps ratio then measures the load CPU). Never
 # timed assertions: it exits 0 unless the set-up fails; non-2xx responses, fallbacks to local
 # limits and refusals are flagged loudly.
 #
@@ -705,6 +707,21 @@ for phase in "${PHASES[@]}"; do
         '{ x = $1 + (ra ? $2 : 0); y = $3 + (rb ? $4 : 0); if (y > 0) print x / y }' | range %.3f)
     printf '%-24s %-22s %-22s %-22s %-22s %-22s\n' "$a / $b" "$(paired "$phase" "$a" "$b" 4 | range %.3f)" \
       "$(paired "$phase" "$a" "$b" 5 | range %.3f)" "$tot" "$(paired "$phase" "$a" "$b" 6 | range %.3f)" "$(paired "$phase" "$a" "$b" 7 | range %.3f)"
+  done
+  # With Redis on the load CPU (two cores: the gateway's and everything else's), a Redis
+  # variant can saturate the load CPU before the gateway's: its rps ratio then measures the
+  # load CPU. The node's own capacity is its rps per busy share of the gateway CPU.
+  echo
+  echo "-- node capacity, paired per round: rps / gateway-CPU busy share, min–max (median) --"
+  echo "(what the node would serve with its core full; the rps ratio above is bound by the load CPU"
+  echo " when that is near 100 % busy, cpu0 in the table of every round)"
+  printf '%-24s %-22s %-22s\n' "variant / baseline" "capacity" "load CPU busy %"
+  for pair in "redis-1 local-1" "pg+redis-1 pg-1" "pg+redis-1 local-1" "pg-1 local-1" "pg+redis-3 pg-3"; do
+    read -r a b <<<"$pair"
+    if ! has "$a" || ! has "$b"; then continue; fi
+    cap=$(paste <(col "$phase" "$a" 4) <(col "$phase" "$a" 18) <(col "$phase" "$b" 4) <(col "$phase" "$b" 18) |
+      awk '$2 > 0 && $3 > 0 && $4 > 0 { print ($1 / $2) / ($3 / $4) }' | range %.3f)
+    printf '%-24s %-22s %-22s\n' "$a / $b" "$cap" "$(col "$phase" "$a" 17 | range %.0f) / $(col "$phase" "$b" 17 | range %.0f)"
   done
   if [ "$phase" = c1 ]; then
     echo

@@ -95,6 +95,8 @@ enum Msg {
     Admit(JournalRow),
     /// Commit everything queued so far, then answer.
     Flush(mpsc::SyncSender<()>),
+    /// What the writer leaves in its inbox where it took a message out whole.
+    Taken,
 }
 
 /// The request path's hand-off to the writer: a vector behind a mutex, which a push holds
@@ -613,10 +615,12 @@ impl Writer {
         // has caught up. Decided before the drain, with what it is about to take.
         let waiting = self.batch_entries + inbox.len() as u64;
         crate::priority::pace_this_thread(paced(waiting, self.max_backlog));
-        for msg in inbox.drain(..) {
+        // Read in place, in order (an admission comes before its entry): an entry's trace is
+        // moved once, into the batch, not first out of the inbox (a copy of ~300 bytes).
+        for msg in inbox.iter_mut() {
             crate::priority::turn_point();
             match msg {
-                Msg::Entry(mut e) => {
+                Msg::Entry(e) => {
                     if let Some(seed) = e.span.take() {
                         if let Some(spans) = &self.spans {
                             spans.offer(span::build(&e.trace, *seed));
@@ -635,10 +639,14 @@ impl Writer {
                         self.health.dropped_traces.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                Msg::Admit(row) => {
-                    self.open.insert(row.id, row);
-                }
-                Msg::Flush(done) => self.waiters.push(done),
+                Msg::Admit(_) | Msg::Flush(_) => match std::mem::replace(msg, Msg::Taken) {
+                    Msg::Admit(row) => {
+                        self.open.insert(row.id, row);
+                    }
+                    Msg::Flush(done) => self.waiters.push(done),
+                    Msg::Entry(_) | Msg::Taken => {}
+                },
+                Msg::Taken => {}
             }
         }
         recycle(&mut inbox);

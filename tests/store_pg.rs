@@ -629,7 +629,7 @@ fn late_settlement_contract(loc: &StoreLocation) {
     // it books as usual.
     let mut b = Batch::default();
     b.open(row(4));
-    b.add(finished(4, 10_000), usize::MAX);
+    b.add(&mut finished(4, 10_000), usize::MAX);
     node1.write_batch(&b).unwrap();
     assert_eq!(spend(&node1), vec![(5, 442_100)]);
     assert_eq!(node2.charge_orphans(|_| false).unwrap(), 0);

@@ -705,7 +705,7 @@ mod tests {
         // New rows follow the moved ones; the view answers plain SQL as the table did.
         let mut b = Batch::default();
         b.add(
-            LedgerEntry {
+            &mut LedgerEntry {
                 trace: TraceRow {
                     ts: 3000,
                     key_id: Some("key_a".into()),
