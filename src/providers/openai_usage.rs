@@ -1228,13 +1228,15 @@ impl SseUsageParser {
             self.done = true;
             return false;
         }
-        let (mut text, has_usage, mut value) = keys_and_value(data);
-        if text == 0 && !has_usage {
-            let other = other_text(data);
-            if other > 0 {
-                // Read in full every time: a shape counts only the keys' values.
-                (text, value) = (other, None);
-            }
+        let KeysRead {
+            mut text,
+            has_usage,
+            mut value,
+            other,
+        } = keys_and_value(data);
+        if text == 0 && !has_usage && other > 0 {
+            // Read in full every time: a shape counts only the keys' values.
+            (text, value) = (other, None);
         }
         self.content_bytes = self.content_bytes.saturating_add(text);
         if !has_usage {
@@ -1299,20 +1301,35 @@ fn after_colon(data: &[u8], key_end: usize) -> Option<usize> {
 }
 
 /// The keys an event is searched for: `content"` (the tail of `"content"` and
-/// `"reasoning_content"`), `"arguments"` and `"usage"`. None where the CPU has no packed
-/// searcher (then each is searched for on its own).
+/// `"reasoning_content"`), `"arguments"` and `"usage"`, then [`OTHER_KEY_NAMES`]. None
+/// where the CPU has no packed searcher (then each is searched for on its own). No two of
+/// them can match at the same place (each differs from every other within its first four
+/// bytes), so visiting every place where one starts visits every match of each.
 static KEYS: LazyLock<Option<aho_corasick::packed::Searcher>> = LazyLock::new(|| {
     aho_corasick::packed::Config::new()
         .builder()
         .extend([&b"content\""[..], b"\"arguments\"", b"\"usage\""])
+        .extend(OTHER_KEY_NAMES)
         .build()
 });
 
 /// [`keys_and_value`] without the value: the reading the reference parser is held to.
 #[cfg(test)]
 fn keys(data: &[u8]) -> (u64, bool) {
-    let (text, has_usage, _) = keys_and_value(data);
-    (text, has_usage)
+    let read = keys_and_value(data);
+    (read.text, read.has_usage)
+}
+
+/// What one pass over an event reads: see [`keys_and_value`].
+struct KeysRead {
+    /// [`text_bytes`].
+    text: u64,
+    /// [`has_usage_object`].
+    has_usage: bool,
+    /// The first counted string value no colon follows (what a shape learns from).
+    value: Option<Range<usize>>,
+    /// [`other_text`], found in the same pass.
+    other: u64,
 }
 
 /// [`text_bytes`] and [`has_usage_object`] of one event, in one pass over it: every place
@@ -1321,10 +1338,18 @@ fn keys(data: &[u8]) -> (u64, bool) {
 /// are kept, so the answer is theirs (the tests compare them). Also the first counted
 /// string value that no colon follows: from its opening quote to the end of its closing one
 /// (what [`shape::EventShape`] learns from).
-fn keys_and_value(data: &[u8]) -> (u64, bool, Option<Range<usize>>) {
+fn keys_and_value(data: &[u8]) -> KeysRead {
     let Some(searcher) = KEYS.as_ref() else {
-        return (text_bytes(data), has_usage_object(data), None);
+        return KeysRead {
+            text: text_bytes(data),
+            has_usage: has_usage_object(data),
+            value: None,
+            other: other_text(data),
+        };
     };
+    let mut other = 0u64;
+    // Where the next match of each of the other keys may start (`find_iter` per key).
+    let mut other_from = [0usize; OTHER_KEY_NAMES.len()];
     let mut text = 0u64;
     let mut has_usage = false;
     let mut value = None;
@@ -1369,29 +1394,42 @@ fn keys_and_value(data: &[u8]) -> (u64, bool, Option<Range<usize>>) {
                 usage_from = m.end();
                 has_usage |= after_colon(data, m.end()).is_some_and(|i| data.get(i) == Some(&b'{'));
             }
+            k @ 3.. if at >= other_from[k - 3] => {
+                other_from[k - 3] = m.end();
+                if let Some((len, _)) = string_value(data, m.end()) {
+                    other += len as u64;
+                }
+            }
             _ => {}
         }
     }
-    (text, has_usage, value)
+    KeysRead {
+        text,
+        has_usage,
+        value,
+        other,
+    }
 }
 
-/// Keys of generated output that [`keys_and_value`] does not read: a `refusal`, a
+/// Keys of generated output that [`keys_and_value`] counts apart: a `refusal`, a
 /// `reasoning` (OpenRouter's), an audio reply's `transcript` and `data`, and content sent as
 /// parts (`text`). A stream cut before its usage is charged for them too (SPEC §2: never
-/// below what the provider bills). Looked for only in an event where those keys counted
+/// below what the provider bills). Counted only in an event where those keys counted
 /// nothing and that is no usage event: nearly every stream has two, its first and its last.
-static OTHER_KEYS: LazyLock<[Finder<'static>; 5]> = LazyLock::new(|| {
-    [
-        &b"\"refusal\""[..],
-        b"\"reasoning\"",
-        b"\"transcript\"",
-        b"\"data\"",
-        b"\"text\"",
-    ]
-    .map(Finder::new)
-});
+const OTHER_KEY_NAMES: [&[u8]; 5] = [
+    b"\"refusal\"",
+    b"\"reasoning\"",
+    b"\"transcript\"",
+    b"\"data\"",
+    b"\"text\"",
+];
 
-/// The raw lengths of the string values of [`OTHER_KEYS`] in one event.
+/// [`OTHER_KEY_NAMES`], each searched for on its own (where the CPU has no packed searcher,
+/// and the reading the one pass is held to).
+static OTHER_KEYS: LazyLock<[Finder<'static>; 5]> =
+    LazyLock::new(|| OTHER_KEY_NAMES.map(Finder::new));
+
+/// The raw lengths of the string values of [`OTHER_KEY_NAMES`] in one event.
 fn other_text(data: &[u8]) -> u64 {
     let mut total = 0u64;
     for key in OTHER_KEYS.iter() {
@@ -2253,8 +2291,41 @@ mod tests {
                 String::from_utf8_lossy(e)
             );
             assert_eq!(keys(e).0, n, "{}", String::from_utf8_lossy(e));
+            assert_eq!(keys_and_value(e).other, 0, "{}", String::from_utf8_lossy(e));
         }
         assert!(keys(events[3]).1 && keys(events[4]).1 && !keys(events[6]).1);
+    }
+
+    #[test]
+    fn the_one_pass_key_search_counts_the_other_keys_as_their_own_searches_do() {
+        let events: [(&[u8], u64); 6] = [
+            (br#"{"choices":[{"delta":{"refusal":"no"}}]}"#, 2),
+            (
+                br#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#,
+                0,
+            ),
+            (
+                br#"{"delta":{"reasoning":"hm","reasoning_content":null}}"#,
+                2,
+            ),
+            (
+                br#"{"audio":{"transcript":"hi \"you\"","data":"AAAA"}}"#,
+                14,
+            ),
+            (
+                br#"{"content":[{"type":"text","text":"a"},{"type":"text","text":"bc"}]}"#,
+                3,
+            ),
+            (
+                br#"{"text":"x","text":"yz","x":"text","refusal""text":"q"}"#,
+                4,
+            ),
+        ];
+        for (e, n) in events {
+            let read = keys_and_value(e);
+            assert_eq!(read.other, other_text(e), "{}", String::from_utf8_lossy(e));
+            assert_eq!(read.other, n, "{}", String::from_utf8_lossy(e));
+        }
     }
 
     proptest! {
@@ -2262,14 +2333,15 @@ mod tests {
         /// spaces, short and long): one pass reads what the three searches read.
         #[test]
         fn the_one_pass_key_search_agrees_with_the_single_searches(
-            pieces in proptest::collection::vec(0usize..16, 0..40),
+            pieces in proptest::collection::vec(0usize..21, 0..40),
         ) {
-            const PIECES: [&str; 16] = ["content\"", "\"reasoning_", "\"arguments\"", "\"usage\"",
+            const PIECES: [&str; 21] = ["content\"", "\"reasoning_", "\"arguments\"", "\"usage\"",
                 ":", " ", "\"", "\\", "{", "x", "\"ab\"", "usage\"", "arguments\"", "\"content",
-                "\n", "\"\\\"q\\\"\""];
+                "\n", "\"\\\"q\\\"\"", "\"refusal\"", "\"text\"", "\"reasoning\"", "\"te", "xt\""];
             let text: String = pieces.iter().map(|&i| PIECES[i]).collect();
             let e = text.as_bytes();
             prop_assert_eq!(keys(e), (text_bytes(e), has_usage_object(e)), "{}", text);
+            prop_assert_eq!(keys_and_value(e).other, other_text(e), "{}", text);
         }
     }
 
