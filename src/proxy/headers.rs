@@ -27,6 +27,23 @@ pub(super) fn header_bytes<'a>(req: &'a RequestHeader, name: &HeaderName) -> Opt
 /// Client headers that never go upstream: credentials of any kind (the provider's own key
 /// replaces the agent's token) and framing the gateway handles itself (the body is already
 /// read, so an upstream `100 Continue` would only reach the client a second time).
+/// A response header the gateway writes: its name, and the start of its line as
+/// [`HeadLines`] writes it (`name: `), so a line costs one copy for both.
+pub(super) struct OwnHeader {
+    pub(super) name: HeaderName,
+    line: &'static [u8],
+}
+
+/// An [`OwnHeader`] from its (lower-case) name.
+macro_rules! own_header {
+    ($name:literal) => {
+        OwnHeader {
+            name: HeaderName::from_static($name),
+            line: concat!($name, ": ").as_bytes(),
+        }
+    };
+}
+
 pub(super) static STRIPPED_HEADERS: [HeaderName; 8] = [
     HeaderName::from_static("x-api-key"),
     HeaderName::from_static("api-key"),
@@ -37,7 +54,7 @@ pub(super) static STRIPPED_HEADERS: [HeaderName; 8] = [
     http::header::TRANSFER_ENCODING,
     http::header::EXPECT,
 ];
-pub(super) static ERROR_CODE: HeaderName = HeaderName::from_static("x-spidergate-error-code");
+pub(super) static ERROR_CODE: OwnHeader = own_header!("x-spidergate-error-code");
 
 /// Whether a client header is one of [`STRIPPED_HEADERS`]. A match on the name's text:
 /// comparing each client header with each of the eight `HeaderName`s cost ~1k instructions
@@ -350,12 +367,15 @@ pub(super) fn edit_headers<T>(
 pub(super) static UNLIMITED: HeaderValue = HeaderValue::from_static("4294967295");
 
 /// The response headers the gateway sets (static names: a clone copies no bytes).
-static LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
-static REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
-static RATE_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
-static BUDGET_WARNING: HeaderName = HeaderName::from_static("x-spidergate-budget-warning");
-static FALLBACK_FROM: HeaderName = HeaderName::from_static("x-spidergate-fallback-from");
-static SERVED_MODEL: HeaderName = HeaderName::from_static("x-spidergate-model");
+static LIMIT_REQUESTS: OwnHeader = own_header!("x-ratelimit-limit-requests");
+static REMAINING_REQUESTS: OwnHeader = own_header!("x-ratelimit-remaining-requests");
+static RATE_RESET: OwnHeader = own_header!("x-ratelimit-reset");
+static BUDGET_WARNING: OwnHeader = own_header!("x-spidergate-budget-warning");
+static FALLBACK_FROM: OwnHeader = own_header!("x-spidergate-fallback-from");
+static SERVED_MODEL: OwnHeader = own_header!("x-spidergate-model");
+static RETRY_AFTER: OwnHeader = own_header!("retry-after");
+/// `telemetry::context::TRACEPARENT` as a response header (the tests hold the two equal).
+static TRACEPARENT_OUT: OwnHeader = own_header!("traceparent");
 pub(super) static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// Header values of the numbers below this are formatted once and shared (a clone is a
@@ -435,15 +455,15 @@ pub(super) fn add_standing_headers(sink: &mut impl HeaderSink, s: &Standing) {
             sink.add_number(&REMAINING_REQUESTS, remaining.into());
         }
         _ => {
-            sink.add(&LIMIT_REQUESTS, UNLIMITED.clone());
-            sink.add(&REMAINING_REQUESTS, UNLIMITED.clone());
+            sink.add(&LIMIT_REQUESTS, &UNLIMITED);
+            sink.add(&REMAINING_REQUESTS, &UNLIMITED);
         }
     }
     sink.add_number(&RATE_RESET, s.reset_secs);
     if s.budget_warning {
         sink.add(
             &BUDGET_WARNING,
-            HeaderValue::from_static("monthly budget reached (soft limit)"),
+            &HeaderValue::from_static("monthly budget reached (soft limit)"),
         );
     }
 }
@@ -451,22 +471,22 @@ pub(super) fn add_standing_headers(sink: &mut impl HeaderSink, s: &Standing) {
 /// Where the gateway's own response headers go: a head's map, or [`HeadLines`].
 pub(super) trait HeaderSink {
     /// Sets `name` (a map replaces a value it has; lines are only ever added to).
-    fn add(&mut self, name: &HeaderName, value: HeaderValue);
+    fn add(&mut self, name: &OwnHeader, value: &HeaderValue);
 
     /// `n` as the value.
-    fn add_number(&mut self, name: &HeaderName, n: u64) {
-        self.add(name, number_value(n));
+    fn add_number(&mut self, name: &OwnHeader, n: u64) {
+        self.add(name, &number_value(n));
     }
 
     /// A rate limit as the value: the same on every response of a key.
-    fn add_limit(&mut self, name: &HeaderName, n: u64) {
-        self.add(name, limit_value(n));
+    fn add_limit(&mut self, name: &OwnHeader, n: u64) {
+        self.add(name, &limit_value(n));
     }
 }
 
 impl HeaderSink for HeaderMap {
-    fn add(&mut self, name: &HeaderName, value: HeaderValue) {
-        self.insert(name.clone(), value);
+    fn add(&mut self, name: &OwnHeader, value: &HeaderValue) {
+        self.insert(name.name.clone(), value.clone());
     }
 }
 
@@ -501,26 +521,25 @@ impl HeadLines<'_> {
         })
     }
 
-    fn line(&mut self, name: &HeaderName, value: &[u8]) {
+    fn line(&mut self, name: &OwnHeader, value: &[u8]) {
         let b = &mut *self.0;
-        b.extend_from_slice(name.as_str().as_bytes());
-        b.extend_from_slice(b": ");
+        b.extend_from_slice(name.line);
         b.extend_from_slice(value);
         b.extend_from_slice(b"\r\n");
     }
 }
 
 impl HeaderSink for HeadLines<'_> {
-    fn add(&mut self, name: &HeaderName, value: HeaderValue) {
+    fn add(&mut self, name: &OwnHeader, value: &HeaderValue) {
         self.line(name, value.as_bytes());
     }
 
-    fn add_number(&mut self, name: &HeaderName, n: u64) {
+    fn add_number(&mut self, name: &OwnHeader, n: u64) {
         let mut digits = itoa::Buffer::new();
         self.line(name, digits.format(n).as_bytes());
     }
 
-    fn add_limit(&mut self, name: &HeaderName, n: u64) {
+    fn add_limit(&mut self, name: &OwnHeader, n: u64) {
         self.add_number(name, n);
     }
 }
@@ -699,19 +718,19 @@ impl Decoration<'_> {
     fn add_to(&self, sink: &mut impl HeaderSink, status: u16, has_retry_after: bool) {
         add_standing_headers(sink, self.standing);
         if status >= 400 {
-            sink.add(&ERROR_CODE, HeaderValue::from_static(UPSTREAM_STATUS));
+            sink.add(&ERROR_CODE, &HeaderValue::from_static(UPSTREAM_STATUS));
         }
         if status == 429 && !has_retry_after {
-            sink.add(&http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            sink.add(&RETRY_AFTER, &HeaderValue::from_static("1"));
         }
         if let Some(from) = self.fallback_from {
-            sink.add(&FALLBACK_FROM, from.clone());
+            sink.add(&FALLBACK_FROM, from);
         }
         if let Some(model) = self.served {
-            sink.add(&SERVED_MODEL, model.clone());
+            sink.add(&SERVED_MODEL, model);
         }
         if let Some(tp) = self.traceparent {
-            sink.add(&TRACEPARENT, tp.clone());
+            sink.add(&TRACEPARENT_OUT, tp);
         }
     }
 }
@@ -793,6 +812,33 @@ pub(super) fn decorate_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_own_header_line_starts_with_its_name() {
+        for h in [
+            &ERROR_CODE,
+            &LIMIT_REQUESTS,
+            &REMAINING_REQUESTS,
+            &RATE_RESET,
+            &BUDGET_WARNING,
+            &FALLBACK_FROM,
+            &SERVED_MODEL,
+            &RETRY_AFTER,
+            &TRACEPARENT_OUT,
+        ] {
+            assert_eq!(h.line, format!("{}: ", h.name).as_bytes());
+        }
+        assert_eq!(TRACEPARENT_OUT.name, TRACEPARENT);
+        assert_eq!(RETRY_AFTER.name, http::header::RETRY_AFTER);
+        let lines = HeadLines::write(|l| {
+            l.add_number(&RATE_RESET, 7);
+            l.add(&SERVED_MODEL, &HeaderValue::from_static("m-1"));
+        });
+        assert_eq!(
+            &lines[..],
+            b"x-ratelimit-reset: 7\r\nx-spidergate-model: m-1\r\n"
+        );
+    }
 
     /// The decoration of an upstream answer without account headers, fallback, served
     /// model or trace context.

@@ -40,7 +40,7 @@ pub(super) async fn send_json(
         h.insert(SHOULD_RETRY.clone(), HeaderValue::from_static("false"));
     }
     if let Some(e) = error {
-        h.insert(ERROR_CODE.clone(), HeaderValue::from_static(e.code()));
+        h.insert(ERROR_CODE.name.clone(), HeaderValue::from_static(e.code()));
         if let GateError::MethodNotAllowed { allow } = e {
             h.insert(http::header::ALLOW, HeaderValue::from_static(allow));
         }
