@@ -46,6 +46,13 @@ MOCK, PPORT, GPORT, APORT, RPORT = BASE, BASE + 2, BASE + 3, BASE + 4, BASE + 5
 ap = argparse.ArgumentParser()
 ap.add_argument("--n", type=int, default=3000)
 ap.add_argument("--conns", type=int, default=8)
+ap.add_argument("--settle", type=float, default=0.5, metavar="S",
+                help="seconds to wait after the warm-up before zeroing the counters, and after the "
+                     "measured requests before dumping them (default 0.5): the ledger writer commits "
+                     "what it holds, so the window counts each measured request's rows once and no "
+                     "warm-up row (without it the ledger thread's figure moved by a commit's worth "
+                     "of rows between runs); the proxies' idle background in that wait is counted "
+                     "too. 0: the counts as before 2026-12-08")
 ap.add_argument("--out", default="/tmp/sginstr")
 ap.add_argument("--stream", action="store_true",
                 help="streamed chat: the request asks for a stream, the mock answers with SSE chunks "
@@ -175,6 +182,7 @@ def measure(name, cmd, env, port, token, prepare=None, beside=(), mark=None):
         if prepare:
             token = prepare(port)
         load(port, 300, token)  # warm-up: pools, allocator, lazy statics
+        time.sleep(args.settle)
         for pid in [p.pid, *beside]:
             subprocess.run(["callgrind_control", "-z", str(pid)], capture_output=True)
         if mark:
@@ -184,6 +192,7 @@ def measure(name, cmd, env, port, token, prepare=None, beside=(), mark=None):
         dt = time.time() - t0
         if mark:
             mark()
+        time.sleep(args.settle)
         for pid in [p.pid, *beside]:
             subprocess.run(["callgrind_control", "-d", f"{name}-measured", str(pid)], capture_output=True)
         time.sleep(1)

@@ -618,9 +618,10 @@ impl Writer {
         // Read in place, in order (an admission comes before its entry): an entry's trace is
         // moved once, into the batch, not first out of the inbox (a copy of ~300 bytes).
         for msg in inbox.iter_mut() {
-            crate::priority::turn_point();
             match msg {
                 Msg::Entry(e) => {
+                    // A yield point an entry: an admission's row is only moved into a map.
+                    crate::priority::turn_point();
                     if let Some(seed) = e.span.take() {
                         if let Some(spans) = &self.spans {
                             spans.offer(span::build(&e.trace, *seed));
