@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
@@ -82,22 +81,10 @@ fn serve(conn: TcpStream, got: &Mutex<Received>, hang: bool) {
             return;
         }
         let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-        let mut headers = HashMap::new();
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-            }
-        }
-        let len: usize = headers
-            .get("content-length")
+        let Ok(headers) = read_header_lines(&mut reader) else {
+            return;
+        };
+        let len: usize = header_of(&headers, "content-length")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let mut body = vec![0; len];
@@ -113,8 +100,11 @@ fn serve(conn: TcpStream, got: &Mutex<Received>, hang: bool) {
         {
             let mut g = got.lock().unwrap();
             g.paths.push(path);
-            g.content_types
-                .push(headers.get("content-type").cloned().unwrap_or_default());
+            g.content_types.push(
+                header_of(&headers, "content-type")
+                    .unwrap_or_default()
+                    .to_string(),
+            );
             g.raw.push(body);
             for rs in req.resource_spans {
                 let service = rs

@@ -115,10 +115,19 @@ pub fn read_head(r: &mut impl BufRead) -> std::io::Result<(u16, Vec<(String, Str
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    Ok((status, read_header_lines(r)?))
+}
+
+/// Reads a head's header lines, after its first line, through the blank line that ends
+/// them; names lower-cased. A stream that ends before that blank line is an error.
+pub fn read_header_lines(r: &mut impl BufRead) -> std::io::Result<Vec<(String, String)>> {
+    let mut line = String::new();
     let mut headers = Vec::new();
     loop {
         line.clear();
-        r.read_line(&mut line)?;
+        if r.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
         let l = line.trim_end();
         if l.is_empty() {
             break;
@@ -127,11 +136,19 @@ pub fn read_head(r: &mut impl BufRead) -> std::io::Result<(u16, Vec<(String, Str
             headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
         }
     }
-    Ok((status, headers))
+    Ok(headers)
+}
+
+/// The value of header `name` (lower-case) in headers read by [`read_header_lines`].
+pub fn header_of<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 pub fn read_body(r: &mut impl BufRead, headers: &[(String, String)]) -> std::io::Result<Vec<u8>> {
-    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let get = |n: &str| header_of(headers, n);
     let mut body = Vec::new();
     if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
         loop {
@@ -190,20 +207,9 @@ pub fn canned_upstream(reply: Vec<u8>) -> SocketAddr {
                     if reader.read_line(&mut line).unwrap_or(0) == 0 {
                         return;
                     }
-                    let mut headers = Vec::new();
-                    loop {
-                        line.clear();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let l = line.trim_end();
-                        if l.is_empty() {
-                            break;
-                        }
-                        if let Some((k, v)) = l.split_once(':') {
-                            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-                        }
-                    }
+                    let Ok(headers) = read_header_lines(&mut reader) else {
+                        return;
+                    };
                     if read_body(&mut reader, &headers).is_err() || conn.write_all(&reply).is_err()
                     {
                         return;
