@@ -11,8 +11,7 @@
 //! are rare (the admin API, the dashboard, a restart) and reach a key's pages, newest first,
 //! through the `(key_id, id)` index; they pay for the JSON instead.
 
-use std::fmt::Write as _;
-
+use rusqlite::types::{ToSql, ToSqlOutput, ValueRef};
 use rusqlite::{params, CachedStatement, OptionalExtension, Transaction};
 
 use crate::store::ledger::{Sums, TraceRow};
@@ -219,6 +218,15 @@ pub(super) fn insert_traces<'t>(
     Ok(())
 }
 
+/// Text known to be UTF-8, bound as TEXT as it is (a `String` would check it again).
+struct Utf8<'a>(&'a [u8]);
+
+impl ToSql for Utf8<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(ValueRef::Text(self.0)))
+    }
+}
+
 /// The same string: the same bytes in memory (shared names), else equal text.
 fn same_str(a: Option<&str>, b: Option<&str>) -> bool {
     match (a, b) {
@@ -231,7 +239,8 @@ fn same_str(a: Option<&str>, b: Option<&str>) -> bool {
 /// One page being filled: its key and its rows' JSON, opened with `[`.
 struct Page<'t> {
     key: Option<&'t str>,
-    rows: String,
+    /// UTF-8: ASCII and the names' own text (see [`Encoder`]).
+    rows: Vec<u8>,
     n: usize,
     ts_min: i64,
     ts_max: i64,
@@ -243,8 +252,8 @@ const ROW_BYTES: usize = 160;
 impl<'t> Page<'t> {
     /// A page for `key`'s next `rows` traces.
     fn new(key: Option<&'t str>, rows: usize) -> Page<'t> {
-        let mut buf = String::with_capacity(rows * ROW_BYTES + 2);
-        buf.push('[');
+        let mut buf = Vec::with_capacity(rows * ROW_BYTES + 2);
+        buf.push(b'[');
         Page {
             key,
             rows: buf,
@@ -256,7 +265,7 @@ impl<'t> Page<'t> {
 
     fn push(&mut self, encoder: &mut Encoder<'t>, t: &'t TraceRow) {
         if self.n > 0 {
-            self.rows.push(',');
+            self.rows.push(b',');
         }
         encoder.encode(t, &mut self.rows);
         self.n += 1;
@@ -266,18 +275,18 @@ impl<'t> Page<'t> {
 
     /// Inserts the page at id `next` (then moves `next` past it) and empties it.
     fn write(&mut self, insert: &mut CachedStatement<'_>, next: &mut i64) -> Result<()> {
-        self.rows.push(']');
+        self.rows.push(b']');
         insert.execute(params![
             *next,
             self.n as i64,
             self.key,
             self.ts_min,
             self.ts_max,
-            self.rows
+            Utf8(&self.rows)
         ])?;
         *next += self.n as i64;
         self.rows.clear();
-        self.rows.push('[');
+        self.rows.push(b'[');
         self.n = 0;
         self.ts_min = i64::MAX;
         self.ts_max = i64::MIN;
@@ -295,46 +304,46 @@ impl<'t> Page<'t> {
 struct Encoder<'t> {
     plain: [Option<&'t str>; 7],
     names: Option<[Option<&'t str>; 7]>,
-    names_json: String,
+    names_json: Vec<u8>,
 }
 
 impl<'t> Encoder<'t> {
     /// Appends `t`'s [`ROW_FIELDS`] to `out` as a JSON array.
-    fn encode(&mut self, t: &'t TraceRow, out: &mut String) {
-        out.reserve(ROW_BYTES);
-        out.push('[');
-        number(out, t.ts);
-        out.push(',');
-        number(out, i64::from(t.status));
-        out.push(',');
-        number(out, t.latency_ms);
-        out.push(',');
-        match t.ttfb_ms {
-            Some(ms) => number(out, ms),
-            None => out.push_str("null"),
-        }
-        out.push(',');
-        number(out, t.prompt_tokens as i64);
-        out.push(',');
-        number(out, t.completion_tokens as i64);
-        out.push(',');
-        number(out, t.cost.get());
-        out.push_str(if t.usage_estimated { ",1," } else { ",0," });
-        number(out, t.units as i64);
+    fn encode(&mut self, t: &'t TraceRow, out: &mut Vec<u8>) {
+        // The numbers, flag and trace id are written on the stack, last first (a number is
+        // written from its last digit), then go to `out` in one copy: pushed piece by piece
+        // they were most of what a trace cost the ledger writer.
+        let mut row = Figures::default();
         match t.trace_id {
             // 32 lower-case hex digits, as in `traceparent`.
             Some(id) => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                let mut hex = [b'"'; 35];
-                hex[0] = b',';
-                for (i, b) in id.to_bytes().into_iter().enumerate() {
-                    hex[2 + 2 * i] = HEX[usize::from(b >> 4)];
-                    hex[3 + 2 * i] = HEX[usize::from(b & 15)];
-                }
-                out.push_str(std::str::from_utf8(&hex).unwrap_or(",null"));
+                row.text(b"\"");
+                row.text(&hex32(u128::from_be_bytes(id.to_bytes())));
+                row.text(b",\"");
             }
-            None => out.push_str(",null"),
+            None => row.text(b",null"),
         }
+        row.uint(t.units);
+        row.text(if t.usage_estimated { b",1," } else { b",0," });
+        row.int(t.cost.get());
+        row.text(b",");
+        row.uint(t.completion_tokens);
+        row.text(b",");
+        row.uint(t.prompt_tokens);
+        row.text(b",");
+        match t.ttfb_ms {
+            Some(ms) => row.int(ms),
+            None => row.text(b"null"),
+        }
+        row.text(b",");
+        row.int(t.latency_ms);
+        row.text(b",");
+        row.uint(u64::from(t.status));
+        row.text(b",");
+        row.int(t.ts);
+        row.text(b"[");
+        out.reserve(FIGURES_MAX + self.names_json.len());
+        out.extend_from_slice(row.written());
         let names = [
             Some(t.endpoint.as_ref()),
             t.requested_model.as_deref(),
@@ -348,64 +357,152 @@ impl<'t> Encoder<'t> {
             .names
             .is_some_and(|last| last.iter().zip(&names).all(|(a, b)| same_str(*a, *b)));
         if same {
-            out.push_str(&self.names_json);
+            out.extend_from_slice(&self.names_json);
         } else {
             let start = out.len();
             for (slot, name) in names.into_iter().enumerate() {
-                out.push(',');
+                out.push(b',');
                 self.string(slot, out, name);
             }
-            out.push(']');
+            out.push(b']');
             self.names_json.clear();
-            self.names_json.push_str(&out[start..]);
+            self.names_json.extend_from_slice(&out[start..]);
             self.names = Some(names);
         }
     }
 
     /// Field `slot`'s string (or `null`); the check for characters to escape is skipped for
     /// the text that needed none the last time.
-    fn string(&mut self, slot: usize, out: &mut String, s: Option<&'t str>) {
+    fn string(&mut self, slot: usize, out: &mut Vec<u8>, s: Option<&'t str>) {
         let Some(s) = s else {
-            out.push_str("null");
+            out.extend_from_slice(b"null");
             return;
         };
         if same_str(self.plain[slot], Some(s)) {
-            out.push('"');
-            out.push_str(s);
-            out.push('"');
+            out.push(b'"');
+            out.extend_from_slice(s.as_bytes());
+            out.push(b'"');
         } else if string(out, s) {
             self.plain[slot] = Some(s);
         }
     }
 }
 
-fn number(out: &mut String, n: i64) {
-    out.push_str(itoa::Buffer::new().format(n));
+/// Room for a trace's figures: nine integers of at most 20 characters, the trace id's 35,
+/// the brackets and commas.
+const FIGURES_MAX: usize = 9 * 20 + 35 + 16;
+
+/// A trace's figures as ASCII text, written in place with no allocation, from the end of
+/// the buffer back: `buf[start..]` is what was written.
+struct Figures {
+    buf: [u8; FIGURES_MAX],
+    start: usize,
+}
+
+impl Default for Figures {
+    fn default() -> Figures {
+        Figures {
+            buf: [0; FIGURES_MAX],
+            start: FIGURES_MAX,
+        }
+    }
+}
+
+/// `00`, `01`, ... `99`: two digits a division.
+const DIGIT_PAIRS: &[u8; 200] = b"\
+    0001020304050607080910111213141516171819\
+    2021222324252627282930313233343536373839\
+    4041424344454647484950515253545556575859\
+    6061626364656667686970717273747576777879\
+    8081828384858687888990919293949596979899";
+
+impl Figures {
+    /// Puts `t` before what was written.
+    fn text(&mut self, t: &[u8]) {
+        self.start -= t.len();
+        self.buf[self.start..self.start + t.len()].copy_from_slice(t);
+    }
+
+    fn int(&mut self, n: i64) {
+        self.uint(n.unsigned_abs());
+        if n < 0 {
+            self.text(b"-");
+        }
+    }
+
+    /// Puts `n` in decimal before what was written: its last two digits first.
+    #[inline(always)]
+    fn uint(&mut self, mut n: u64) {
+        while n >= 100 {
+            self.pair(n % 100);
+            n /= 100;
+        }
+        if n >= 10 {
+            self.pair(n);
+        } else {
+            self.text(&[b'0' + n as u8]);
+        }
+    }
+
+    /// Puts `n` (below 100) as two digits before what was written.
+    fn pair(&mut self, n: u64) {
+        let at = n as usize * 2;
+        self.text(&DIGIT_PAIRS[at..at + 2]);
+    }
+
+    fn written(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+/// `v` as 32 lower-case hex digits, most significant first, computed on whole words: each
+/// half's nibbles spread one to a byte, then turned into digits all at once.
+fn hex32(v: u128) -> [u8; 32] {
+    let mut out = [0; 32];
+    out[..16].copy_from_slice(&hex16((v >> 64) as u64));
+    out[16..].copy_from_slice(&hex16(v as u64));
+    out
+}
+
+fn hex16(x: u64) -> [u8; 16] {
+    const ONES: u128 = 0x0101_0101_0101_0101_0101_0101_0101_0101;
+    // Nibble k of `x` (k = 0 the least significant) to byte k of `y`, halving the pieces.
+    let mut y = u128::from(x);
+    y = (y | (y << 32)) & 0x0000_0000_FFFF_FFFF_0000_0000_FFFF_FFFF;
+    y = (y | (y << 16)) & 0x0000_FFFF_0000_FFFF_0000_FFFF_0000_FFFF;
+    y = (y | (y << 8)) & 0x00FF_00FF_00FF_00FF_00FF_00FF_00FF_00FF;
+    y = (y | (y << 4)) & 0x0F0F_0F0F_0F0F_0F0F_0F0F_0F0F_0F0F_0F0F;
+    // A nibble of 10 or more gets `a` - `0` - 10 = 39 more: its byte + 6 reaches 16.
+    let letters = ((y + ONES * 6) >> 4) & ONES;
+    (y + ONES * b'0' as u128 + letters * 39).to_be_bytes()
 }
 
 /// `s` as a JSON string; true if it needed no escape. Only `"`, `\\` and control characters
 /// need escaping, and the names written here (endpoints, models, providers, codes) almost
 /// never have any.
-fn string(out: &mut String, s: &str) -> bool {
+fn string(out: &mut Vec<u8>, s: &str) -> bool {
     let plain = !s.bytes().fold(false, |bad, b| {
         bad | (b < 0x20) | (b == b'"') | (b == b'\\')
     });
-    out.push('"');
+    out.push(b'"');
     if plain {
-        out.push_str(s);
+        out.extend_from_slice(s.as_bytes());
     } else {
-        for c in s.chars() {
-            match c {
-                '"' => out.push_str("\\\""),
-                '\\' => out.push_str("\\\\"),
-                c if (c as u32) < 0x20 => {
-                    let _ = write!(out, "\\u{:04x}", c as u32);
+        // Byte by byte: a multi-byte character's bytes are all 0x80 or more, copied as is.
+        for &b in s.as_bytes() {
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                b if b < 0x20 => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    out.extend_from_slice(b"\\u00");
+                    out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
                 }
-                c => out.push(c),
+                b => out.push(b),
             }
         }
     }
-    out.push('"');
+    out.push(b'"');
     plain
 }
 
@@ -440,8 +537,9 @@ mod tests {
             ts: 1_700_000_000_123,
             ..TraceRow::default()
         };
-        let mut row = String::new();
+        let mut row = Vec::new();
         Encoder::default().encode(&t, &mut row);
+        let row = String::from_utf8(row).unwrap();
         // Independent reader: serde_json, then SQLite's own json_extract.
         let v: serde_json::Value = serde_json::from_str(&row).expect(&row);
         assert_eq!(v.as_array().unwrap().len(), ROW_FIELDS.len());
@@ -481,6 +579,74 @@ mod tests {
     }
 
     #[test]
+    fn figures_and_trace_ids_read_as_the_standard_formatting_writes_them() {
+        let mut ints = vec![
+            0i64, 1, 9, 10, 99, 100, 101, 999, 1000, 12_345, -1, -10, -99, -100,
+        ];
+        for p in 1..19 {
+            let t = 10i64.pow(p);
+            ints.extend([t - 1, t, t + 1, -t, -(t - 1), -(t + 1)]);
+        }
+        ints.extend([i64::MAX, i64::MIN, i64::MIN + 1]);
+        for n in ints {
+            let mut f = Figures::default();
+            f.int(n);
+            assert_eq!(f.written(), n.to_string().as_bytes());
+        }
+        for n in [
+            u64::MAX,
+            u64::MAX - 1,
+            10_000_000_000_000_000_000,
+            9_999_999_999_999_999_999,
+        ] {
+            let mut f = Figures::default();
+            f.uint(n);
+            assert_eq!(f.written(), n.to_string().as_bytes());
+        }
+        // Every nibble value at every position, and patterns across the halves.
+        let mut ids = vec![0u128, u128::MAX, 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210];
+        for shift in 0..32 {
+            for nibble in 0..16u128 {
+                ids.push(nibble << (4 * shift));
+                ids.push(!(nibble << (4 * shift)));
+            }
+        }
+        let mut x = 0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c834u128;
+        for _ in 0..1000 {
+            x = x
+                .wrapping_mul(0x2545_f491_4f6c_dd1d_9e37_79b9_7f4a_7c15)
+                .wrapping_add(1);
+            ids.push(x);
+        }
+        for id in ids {
+            assert_eq!(
+                std::str::from_utf8(&hex32(id)).unwrap(),
+                format!("{id:032x}")
+            );
+        }
+        // The longest figures fit.
+        let t = TraceRow {
+            ts: i64::MIN,
+            latency_ms: i64::MIN,
+            ttfb_ms: Some(i64::MIN),
+            prompt_tokens: u64::MAX,
+            completion_tokens: u64::MAX,
+            cost: Nanos::new(i64::MIN),
+            units: u64::MAX,
+            status: u16::MAX,
+            trace_id: Some(opentelemetry::trace::TraceId::from_bytes([0xff; 16])),
+            ..TraceRow::default()
+        };
+        let mut row = Vec::new();
+        Encoder::default().encode(&t, &mut row);
+        let row = String::from_utf8(row).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&row).expect(&row);
+        assert_eq!(v[0], i64::MIN);
+        assert_eq!(v[5], u64::MAX);
+        assert_eq!(v[9], "ffffffffffffffffffffffffffffffff");
+    }
+
+    #[test]
     fn an_encoder_escapes_every_string_that_needs_it_whatever_came_before() {
         let plain: Arc<str> = Arc::from("gpt-4o");
         let weird: Arc<str> = Arc::from("a\"b");
@@ -496,14 +662,15 @@ mod tests {
             .map(trace)
             .collect();
         let mut e = Encoder::default();
-        let mut out = String::from("[");
+        let mut out = b"[".to_vec();
         for (i, t) in traces.iter().enumerate() {
             if i > 0 {
-                out.push(',');
+                out.push(b',');
             }
             e.encode(t, &mut out);
         }
-        out.push(']');
+        out.push(b']');
+        let out = String::from_utf8(out).unwrap();
         let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
         let models: Vec<&str> = (0..5).map(|i| v[i][11].as_str().unwrap()).collect();
         assert_eq!(models, ["gpt-4o", "a\"b", "a\"b", "gpt-4o", "a\"b"]);
