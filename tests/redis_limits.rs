@@ -656,6 +656,68 @@ async fn a_dead_nodes_reservation_is_charged_at_its_estimate_and_a_live_one_is_k
     assert_eq!(view(&reaper, "k").await.spent, Nanos::new(1_200));
 }
 
+/// What Redis answers to `cmd`, as text (a string, or an integer written out).
+async fn text(r: &RedisServer, cmd: &mut redis::Cmd) -> String {
+    redis::from_redis_value(&raw(r, cmd).await).unwrap()
+}
+
+/// How Redis stores the reservations' hash and expiry index.
+async fn encodings(r: &RedisServer) -> (String, String) {
+    let of = |key: &str| redis::cmd("OBJECT").arg("ENCODING").arg(key).to_owned();
+    (
+        text(r, &mut of("{sg}:res")).await,
+        text(r, &mut of("{sg}:resx")).await,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reservations_stay_in_hash_tables_and_their_pad_is_never_reaped_nor_charged() {
+    let r = redis_or_skip!();
+    let ttl = Duration::from_millis(200);
+    let l = node(&r, 1, ttl);
+    let model: Arc<str> = Arc::from("m");
+    // The seed puts the pad in: with a few reservations open, Redis would otherwise keep
+    // both as listpacks, walked entry by entry on every access.
+    seed_empty(&l, "k").await;
+    for res in 1..=3 {
+        admitted(&admit(&l, "k", &hard(10_000), 100, res).await);
+    }
+    let want = ("hashtable".to_string(), "skiplist".to_string());
+    assert_eq!(encodings(&r).await, want);
+    for res in 1..=3 {
+        assert_eq!(
+            l.settle("k", res, month_index(now_ms()), charge(&model, 40))
+                .await
+                .unwrap(),
+            Settled::Open
+        );
+    }
+    // Every reservation settled: the pad alone is left, so the hash never empties (an
+    // empty hash is deleted, and a new one would start as a listpack again).
+    let fields: Vec<String> =
+        redis::from_redis_value(&raw(&r, redis::cmd("HKEYS").arg("{sg}:res")).await).unwrap();
+    assert_eq!(fields.len(), 1, "{fields:?}");
+    assert!(fields[0].starts_with('~'), "{fields:?}");
+    // Lost with the data (a FLUSHALL, a key deleted by hand): the next heartbeat puts it back.
+    raw(&r, redis::cmd("DEL").arg("{sg}:res").arg("{sg}:resx")).await;
+    l.heartbeat().await.unwrap();
+    assert_eq!(encodings(&r).await, want);
+    // Never due (its score is +inf) and no reservation: long past every TTL, nothing is
+    // reaped and nothing but the three settlements is charged.
+    tokio::time::sleep(3 * ttl).await;
+    let reaper = node(&r, 2, Duration::from_secs(30));
+    assert_eq!(reaper.reap().await.unwrap(), 0);
+    admitted(&admit(&reaper, "k", &hard(10_000), 100, 1).await);
+    let v = view(&reaper, "k").await;
+    assert_eq!(v.spent, Nanos::new(120));
+    assert!(
+        v.by_model.iter().all(|t| &*t.model != "(orphaned)"),
+        "{:?}",
+        v.by_model
+    );
+    assert_eq!((v.reserved, v.inflight), (Nanos::new(100), 1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admission_reaps_the_keys_own_expired_reservations_first() {
     let r = redis_or_skip!();

@@ -27,10 +27,10 @@
 //! | `P:hr` | HASH | keys with `max_usd_per_hour` only: `r` (open hour holds) and per clock minute `<minute>` → settled spend; expires 2 h after its last write |
 //! | `P:lp:<digest>` | HASH | keys with `loop_limit` only: per clock second `<second>` → admissions of that request (32 hex digits of its digest); expires 62 s after its last admission |
 //! | `P:hr:l`, `P:lp:<digest>:l` | HASH | beside each: per bucket, `<ms of its latest entry>:<its value then>` (Redis' clock); a bucket counts until an hour (a minute) after it, so no `Retry-After` exceeds the window; a bucket without one, or whose value moved since (an older version's write), counts until its end plus the window |
-//! | `{sg}:res` | HASH | reservation `<node>:<res_id>` → `held|estimate|month|key_id|levels` (levels: `p<prefix>`/`g<prefix>` of the parents and group it was also held at, space-separated), plus `|h<hour hold>` for a key with `max_usd_per_hour` |
+//! | `{sg}:res` | HASH | reservation `<node>:<res_id>` → `held|estimate|month|key_id|levels` (levels: `p<prefix>`/`g<prefix>` of the parents and group it was also held at, space-separated), plus `|h<hour hold>` for a key with `max_usd_per_hour`; and one field `~pad: ...` that is no reservation (see `PAD` in `lua/common.lua`) |
 //! | `P:mon:<month>` `tree`, `P:live` `treserved` | fields | the month's spend and the open holds of the keys below `P` in its tree of minted keys (SPEC §7) |
 //! | `{sg}:g:<group>:mon:<month>`, `:live`, `:min` | HASH, HASH, ZSET | a group's month (as a key's), holds, and rolling minute (SPEC §7) |
-//! | `{sg}:resx` | ZSET | reservation → expiry (ms), for [`RedisLimits::reap`] and the sweep at the start of every admission (the first 64 due, of any key) |
+//! | `{sg}:resx` | ZSET | reservation → expiry (ms), for [`RedisLimits::reap`] and the sweep at the start of every admission (the first 64 due, of any key); and the pad, at +inf |
 //! | `{sg}:node:<node>` | SET | the node's open reservations, for [`RedisLimits::heartbeat`] |
 //!
 //! Day = `floor(ms / 86_400_000)`, month = `year * 12 + month - 1` ([`crate::clock`]).

@@ -6,6 +6,14 @@ local MS_DAY = 86400000
 local RES = '{sg}:res'
 local RESX = '{sg}:resx'
 local ORPHANED = '(orphaned)'
+-- A field of RES and a member of RESX that is no reservation (no node id starts with `~`),
+-- longer than Redis' default `hash-max-listpack-value` and `zset-max-listpack-value` (64):
+-- it keeps both in Redis' hash-table and skip-list encodings. Without it, while fewer than
+-- 128 reservations are open (as at 32 connections a node), Redis keeps them as listpacks,
+-- where every HSET, HMGET, HDEL, ZADD and ZREM of a reservation walks the entries one by
+-- one. A hash table's never goes back to a listpack, and RES never empties with it in.
+-- Nothing reads it: RES is read by field and RESX by score, and its score is +inf.
+local PAD = '~pad: keeps this hash and sorted set out of the listpack encoding (see common.lua)'
 local REAPED = '{sg}:reaped:'
 -- The runaway-agent brakes (limits::brakes, same buckets): spend settled in clock minute m
 -- counts until an hour after the latest booking in m; an admission in clock second s until
@@ -55,6 +63,13 @@ local function touch(hash, b, now, ttl)
   if prev > now then now = prev end
   redis.call('HSET', lh, b, string.format('%.0f', now) .. ':' .. redis.call('HGET', hash, b))
   redis.call('PEXPIRE', lh, ttl)
+end
+
+-- Puts PAD back, should RES or RESX have lost it (a FLUSHALL, a key deleted by hand). Run
+-- by the heartbeat and the seed, not on the request path.
+local function keep_tables()
+  redis.call('HSETNX', RES, PAD, '1')
+  redis.call('ZADD', RESX, 'NX', 'inf', PAD)
 end
 
 local function now_ms()

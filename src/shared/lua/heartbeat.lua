@@ -4,6 +4,7 @@
 -- (released, nothing charged: the request was not forwarded), then res ids whose settlement
 -- failed (no longer extended: they expire and are reaped at their estimate, an upper bound).
 -- Returns how many were extended.
+keep_tables()
 local node, k = ARGV[2], tonumber(ARGV[3])
 for i = 4, 3 + k do
   local f = node .. ':' .. ARGV[i]

@@ -7,6 +7,7 @@
 local p = KEYS[1]
 local mon = p .. ':mon:' .. ARGV[1]
 if redis.call('EXISTS', mon) == 1 then return 0 end
+keep_tables()
 redis.call('HSET', mon, 'seeded', '1', 'spent', ARGV[5], 'tree', ARGV[6])
 for i = 7, #ARGV, 5 do
   local m = ARGV[i]
