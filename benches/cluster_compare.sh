@@ -7,12 +7,16 @@
 #
 #   benches/cluster_compare.sh [--duration 10] [--rounds 3] [--connections 32]
 #                              [--variants local-1,redis-1,...] [--no-c1] [--no-build] [--no-pin]
-#                              [--fleet] [--profile DIR]
+#                              [--fleet] [--keys N] [--profile DIR]
 #
 # --fleet: every variant's requests come from a grandchild minted through /v1/keys under the
 # bench key (whose hard budget then bounds the tree), in a group with a hard budget and an
 # rpm (SPEC §7): each admission also checks and holds two parents and a group, in Redis one
 # Lua call touching every level. Compare with a run without it.
+#
+# --keys N: N keys like the bench key (a fleet of agents, one key each); wrk's requests take
+# them in turn, so a batch of admissions and settlements spans several keys, each read and
+# written in Redis on its own.
 #
 # --profile DIR: every timed load round of a one-node variant, its node is sampled by `perf
 # record` (cpu-clock, 4999 Hz, all threads) into DIR/<variant>.<round>.data; compare two with
@@ -80,6 +84,7 @@ BUILD=1
 PIN=1
 C1=1
 FLEET=0
+KEYS=1
 PROFILE_DIR=""
 ALL_VARIANTS=(local-1 redis-1 pg-1 pg+redis-1 pg-3 pg+redis-3)
 VARIANTS=("${ALL_VARIANTS[@]}")
@@ -94,6 +99,7 @@ while [ $# -gt 0 ]; do
     --no-build) BUILD=0; shift ;;
     --no-pin) PIN=0; shift ;;
     --fleet) FLEET=1; shift ;;
+    --keys) KEYS="$2"; shift 2 ;;
     --profile) PROFILE_DIR="$2"; shift 2 ;;
     -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
@@ -103,6 +109,8 @@ for v in "${VARIANTS[@]}"; do
   case " ${ALL_VARIANTS[*]} " in *" $v "*) ;; *) echo "unknown variant: $v (one of ${ALL_VARIANTS[*]})" >&2; exit 2 ;; esac
 done
 [ "$ROUNDS" -ge 1 ] || { echo "--rounds must be >= 1" >&2; exit 2; }
+[[ "$KEYS" =~ ^[1-9][0-9]*$ ]] || { echo "--keys must be a positive number" >&2; exit 2; }
+[ "$KEYS" = 1 ] || [ "$FLEET" = 0 ] || { echo "--keys and --fleet do not go together" >&2; exit 2; }
 [ "$ROUNDS" -ge 3 ] || echo "warning: fewer than 3 rounds; the ranges mean little" >&2
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -271,7 +279,7 @@ fi
 export SPIDERGATE_BENCH_MOCK_KEY="sk-bench"
 SPIDERGATE_BENCH_ADMIN_TOKEN="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 export SPIDERGATE_BENCH_ADMIN_TOKEN
-declare -A NODE_PIDS ADMIN_PORTS ENTRY_PORT SECRET
+declare -A NODE_PIDS ADMIN_PORTS ENTRY_PORT SECRET SECRETS
 idx=0
 for v in "${VARIANTS[@]}"; do
   idx=$((idx + 1))
@@ -328,6 +336,15 @@ YAML
         --rpm 100000000 --rpd 1000000000 --budget 1000000 --budget-mode hard --max-inflight 100000 \
         | tr -d '\n' | sed -n 's/.*"secret"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p')"
       [ -n "${SECRET[$v]}" ] || { echo "$v: could not read the key's secret from keys create --json" >&2; exit 1; }
+      # --keys N: N-1 more keys like it; wrk's requests take all N in turn.
+      SECRETS[$v]="${SECRET[$v]}"
+      for ((k = 2; k <= KEYS; k++)); do
+        s="$("$BIN" --config "$cfg" keys create --name "bench-$k" --json \
+          --rpm 100000000 --rpd 1000000000 --budget 1000000 --budget-mode hard --max-inflight 100000 \
+          | tr -d '\n' | sed -n 's/.*"secret"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p')"
+        [ -n "$s" ] || { echo "$v: could not mint key $k" >&2; exit 1; }
+        SECRETS[$v]+=" $s"
+      done
       ENTRY_PORT[$v]=$port
     fi
     RUST_LOG=warn "${PROXY_PIN[@]}" "$BIN" --config "$cfg" serve >"$TMP/v$idx-n$i.log" 2>&1 &
@@ -562,7 +579,7 @@ run_round() {
     record_pid=$!
   fi
   t0=$(now_ns)
-  out=$(SG_SECRET="${SECRET[$v]}" SG_STREAM=0 SG_API=chat "${LOAD_PIN[@]}" wrk -t1 -c"$conns" -d"${dur}s" --latency \
+  out=$(SG_SECRET="${SECRET[$v]}" SG_SECRETS="$([ "$KEYS" -gt 1 ] && echo "${SECRETS[$v]}")" SG_STREAM=0 SG_API=chat "${LOAD_PIN[@]}" wrk -t1 -c"$conns" -d"${dur}s" --latency \
         -s "$LUA" "http://127.0.0.1:${ENTRY_PORT[$v]}" 2>&1 || true)
   t1=$(now_ns)
   [ -z "$record_pid" ] || wait "$record_pid" 2>/dev/null || true

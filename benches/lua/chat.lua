@@ -23,6 +23,24 @@ else
   wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user","content":"hi"}]}'
 end
 
+-- SG_SECRETS: several secrets, space-separated (a fleet of agents, one key each): the
+-- requests take them in turn. Each key's request is formatted once here, so a request
+-- costs wrk no more than with one key.
+local secrets = {}
+for s in string.gmatch(os.getenv("SG_SECRETS") or "", "%S+") do secrets[#secrets + 1] = s end
+if #secrets > 0 then
+  local formatted = {}
+  for i, s in ipairs(secrets) do
+    if messages then wrk.headers["x-api-key"] = s else wrk.headers["Authorization"] = "Bearer " .. s end
+    formatted[i] = wrk.format()
+  end
+  local last = 0
+  function request()
+    last = last % #formatted + 1
+    return formatted[last]
+  end
+end
+
 -- One machine-readable line for benches/wrk_compare.sh.
 function done(summary, latency, requests)
   local e = summary.errors

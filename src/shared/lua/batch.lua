@@ -82,6 +82,11 @@ local gone
 -- reap, or an operation run as is.
 local pre
 local dirty
+-- This batch has swept the expired reservations, and fewer than the 64 a sweep takes were
+-- due: every one left due is one this batch settled (`gone`). Its clock stands still and
+-- what it admits expires after it, so no other comes due before the batch ends: the next
+-- key it reads need not sweep again (a fleet's batch reads many keys).
+local swept
 
 local function state(p)
   local s = S[p]
@@ -129,11 +134,11 @@ local function flush_key(s)
   end
   if s.dinf ~= 0 then
     local n = redis.call('HINCRBY', live, 'inflight', txt(s.dinf))
-    -- As unlink does: no request of the key open, nothing held either; drop the hash.
-    if s.dinf < 0 and n <= 0 and n0(redis.call('HGET', live, 'treserved')) == 0 then
-      redis.call('DEL', live)
+    -- As unlink does: no request of the key open, so nothing of its own held either.
+    if s.dinf < 0 and n <= 0 then
+      redis.call('HDEL', live, 'reserved', 'inflight')
       n = 0
-      if s.loaded then s.res, s.tres = 0, 0 end
+      if s.loaded then s.res = s.tres end
     end
     if s.loaded then s.inf = n end
     s.dinf = 0
@@ -187,14 +192,18 @@ local function load(p)
   local s = S[p]
   if s and s.loaded then return s end
   local reaped = false
-  for _, f in ipairs(redis.call('ZRANGEBYSCORE', RESX, '-inf', now_s, 'LIMIT', '0', '64')) do
-    if not gone[f] then
-      if not reaped then
-        flush_all()
-        reaped = true
+  if not swept then
+    local due = redis.call('ZRANGEBYSCORE', RESX, '-inf', now_s, 'LIMIT', '0', '64')
+    for _, f in ipairs(due) do
+      if not gone[f] then
+        if not reaped then
+          flush_all()
+          reaped = true
+        end
+        reap_one(f)
       end
-      reap_one(f)
     end
+    swept = #due < 64
   end
   if reaped then
     S = {}
@@ -383,7 +392,7 @@ local function batch(argv)
   exp_s = int(now + num_of(ARGV[2]))
   admitted_head = '1,' .. month_s .. ','
   admitted_tail = ',' .. now_s
-  S, gone, pre, dirty = {}, {}, {}, false
+  S, gone, pre, dirty, swept = {}, {}, {}, false, false
   resadd, resdel, xadd, xdel, nadd, ndel = {}, {}, {}, {}, {}, {}
 
   local node, ttl = ARGV[1], ARGV[2]

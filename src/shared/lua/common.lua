@@ -249,12 +249,11 @@ local function unlink(f)
   redis.call('ZREM', p .. ':rx', f)
   local live = p .. ':live'
   if held ~= '0' then redis.call('HINCRBY', live, 'reserved', '-' .. held) end
-  -- No request of the key is open any more, so nothing is held either: drop the hash
-  -- (this also heals any drift instead of carrying it forever).
-  -- (A parent's own hash also carries its tree's holds: only dropped when those are gone.)
-  if redis.call('HINCRBY', live, 'inflight', '-1') <= 0
-    and n0(redis.call('HGET', live, 'treserved')) == 0 then
-    redis.call('DEL', live)
+  -- No request of the key is open any more, so nothing of its own is held either: its
+  -- own fields go (this also heals any drift instead of carrying it forever), and the
+  -- hash with them unless it also carries its tree's holds (`treserved`, a parent's).
+  if redis.call('HINCRBY', live, 'inflight', '-1') <= 0 then
+    redis.call('HDEL', live, 'reserved', 'inflight')
   end
   return held, month, p, est, hheld, levels
 end
