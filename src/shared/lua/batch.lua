@@ -127,22 +127,25 @@ local function flush_key(s)
     s.rxdel = {}
   end
   local live = p .. ':live'
-  if s.dres ~= 0 then
-    redis.call('HINCRBY', live, 'reserved', txt(s.dres))
-    if s.loaded then s.res = s.res + s.dres end
-    s.dres = 0
-  end
+  local idle = false
   if s.dinf ~= 0 then
     local n = redis.call('HINCRBY', live, 'inflight', txt(s.dinf))
-    -- As unlink does: no request of the key open, so nothing of its own held either.
+    -- As unlink does: no request of the key open, so nothing of its own held either (its
+    -- holds need no decrement: they go).
     if s.dinf < 0 and n <= 0 then
       redis.call('HDEL', live, 'reserved', 'inflight')
       n = 0
+      idle = true
       if s.loaded then s.res = s.tres end
     end
     if s.loaded then s.inf = n end
     s.dinf = 0
   end
+  if s.dres ~= 0 and not idle then
+    redis.call('HINCRBY', live, 'reserved', txt(s.dres))
+    if s.loaded then s.res = s.res + s.dres end
+  end
+  s.dres = 0
   -- Keyed by the month as the record writes it (see settle_fast).
   for mo, b in pairs(s.books) do
     local mon = p .. ':mon:' .. mo

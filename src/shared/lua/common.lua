@@ -248,12 +248,14 @@ local function unlink(f)
   -- upgrade, whose admissions sweep it): cleared, so it never holds settled reservations.
   redis.call('ZREM', p .. ':rx', f)
   local live = p .. ':live'
-  if held ~= '0' then redis.call('HINCRBY', live, 'reserved', '-' .. held) end
   -- No request of the key is open any more, so nothing of its own is held either: its
   -- own fields go (this also heals any drift instead of carrying it forever), and the
   -- hash with them unless it also carries its tree's holds (`treserved`, a parent's).
+  -- Else its hold is given back.
   if redis.call('HINCRBY', live, 'inflight', '-1') <= 0 then
     redis.call('HDEL', live, 'reserved', 'inflight')
+  elseif held ~= '0' then
+    redis.call('HINCRBY', live, 'reserved', '-' .. held)
   end
   return held, month, p, est, hheld, levels
 end
