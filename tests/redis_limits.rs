@@ -656,6 +656,54 @@ async fn a_dead_nodes_reservation_is_charged_at_its_estimate_and_a_live_one_is_k
     assert_eq!(view(&reaper, "k").await.spent, Nanos::new(1_200));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn settlements_book_exact_sums_past_what_a_lua_number_holds_and_saturate_at_the_top() {
+    let r = redis_or_skip!();
+    let l = node(&r, 1, Duration::from_secs(30));
+    let open = Limits::default();
+    // Forty settlements of an odd cost at once, in batches, from just below 2^53 to past
+    // it, where a Lua number holds only even integers: the batch sums them as Lua numbers
+    // but books them with Redis' integers, so every one is booked exactly.
+    let near = (1i64 << 53) - 50;
+    seed_with(&l, "k", &[tally("m", 1, near)], 0).await;
+    let before = l.round_trips();
+    let start = Arc::new(tokio::sync::Barrier::new(40));
+    let mut tasks = Vec::new();
+    for res in 1..=40u64 {
+        let (l, start, open) = (l.clone(), start.clone(), open);
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            admitted(&admit(&l, "k", &open, 100, res).await);
+            let model: Arc<str> = Arc::from("m");
+            l.settle("k", res, month_index(now_ms()), charge(&model, 7))
+                .await
+                .unwrap()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), Settled::Open);
+    }
+    assert!(
+        l.round_trips() - before < 80,
+        "the operations shared batches"
+    );
+    let v = view(&l, "k").await;
+    assert_eq!(v.spent, Nanos::new(near + 280));
+    let m = v.by_model.iter().find(|t| &*t.model == "m").unwrap();
+    assert_eq!(
+        (m.requests, m.prompt_tokens, m.completion_tokens, m.spent),
+        (41, 410, 820, Nanos::new(near + 280))
+    );
+    // At the top, it saturates as `Nanos` does, never wraps.
+    seed_with(&l, "top", &[tally("m", 1, i64::MAX - 5)], 0).await;
+    let model: Arc<str> = Arc::from("m");
+    admitted(&admit(&l, "top", &open, 100, 41).await);
+    l.settle("top", 41, month_index(now_ms()), charge(&model, 100))
+        .await
+        .unwrap();
+    assert_eq!(view(&l, "top").await.spent, Nanos::new(i64::MAX));
+}
+
 /// What Redis answers to `cmd`, as text (a string, or an integer written out).
 async fn text(r: &RedisServer, cmd: &mut redis::Cmd) -> String {
     redis::from_redis_value(&raw(r, cmd).await).unwrap()
