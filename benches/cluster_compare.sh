@@ -280,6 +280,13 @@ export SPIDERGATE_BENCH_MOCK_KEY="sk-bench"
 SPIDERGATE_BENCH_ADMIN_TOKEN="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 export SPIDERGATE_BENCH_ADMIN_TOKEN
 declare -A NODE_PIDS ADMIN_PORTS ENTRY_PORT SECRET SECRETS
+# Mints the bench key (rpm, rpd, hard budget, max_inflight) as NAME with config $1; prints
+# its secret (empty if it could not).
+mint_key() {
+  "$BIN" --config "$1" keys create --name "$2" --json \
+    --rpm 100000000 --rpd 1000000000 --budget 1000000 --budget-mode hard --max-inflight 100000 \
+    | tr -d '\n' | sed -n 's/.*"secret"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p'
+}
 idx=0
 for v in "${VARIANTS[@]}"; do
   idx=$((idx + 1))
@@ -332,16 +339,12 @@ YAML
       "$BIN" --config "$cfg" check-config >/dev/null
       # The key is minted before any node starts (it also creates the schema); the other
       # nodes of a 3-node variant read it from PostgreSQL.
-      SECRET[$v]="$("$BIN" --config "$cfg" keys create --name bench --json \
-        --rpm 100000000 --rpd 1000000000 --budget 1000000 --budget-mode hard --max-inflight 100000 \
-        | tr -d '\n' | sed -n 's/.*"secret"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p')"
+      SECRET[$v]="$(mint_key "$cfg" bench)"
       [ -n "${SECRET[$v]}" ] || { echo "$v: could not read the key's secret from keys create --json" >&2; exit 1; }
       # --keys N: N-1 more keys like it; wrk's requests take all N in turn.
       SECRETS[$v]="${SECRET[$v]}"
       for ((k = 2; k <= KEYS; k++)); do
-        s="$("$BIN" --config "$cfg" keys create --name "bench-$k" --json \
-          --rpm 100000000 --rpd 1000000000 --budget 1000000 --budget-mode hard --max-inflight 100000 \
-          | tr -d '\n' | sed -n 's/.*"secret"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p')"
+        s="$(mint_key "$cfg" "bench-$k")"
         [ -n "$s" ] || { echo "$v: could not mint key $k" >&2; exit 1; }
         SECRETS[$v]+=" $s"
       done

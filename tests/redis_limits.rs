@@ -666,27 +666,8 @@ async fn settlements_book_exact_sums_past_what_a_lua_number_holds_and_saturate_a
     // but books them with Redis' integers, so every one is booked exactly.
     let near = (1i64 << 53) - 50;
     seed_with(&l, "k", &[tally("m", 1, near)], 0).await;
-    let before = l.round_trips();
-    let start = Arc::new(tokio::sync::Barrier::new(40));
-    let mut tasks = Vec::new();
-    for res in 1..=40u64 {
-        let (l, start, open) = (l.clone(), start.clone(), open);
-        tasks.push(tokio::spawn(async move {
-            start.wait().await;
-            admitted(&admit(&l, "k", &open, 100, res).await);
-            let model: Arc<str> = Arc::from("m");
-            l.settle("k", res, month_index(now_ms()), charge(&model, 7))
-                .await
-                .unwrap()
-        }));
-    }
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), Settled::Open);
-    }
-    assert!(
-        l.round_trips() - before < 80,
-        "the operations shared batches"
-    );
+    let trips = burst_of(&l, "k", 1, 40, open, 7).await;
+    assert!(trips < 80, "the operations shared batches");
     let v = view(&l, "k").await;
     assert_eq!(v.spent, Nanos::new(near + 280));
     let m = v.by_model.iter().find(|t| &*t.model == "m").unwrap();
@@ -1345,6 +1326,18 @@ async fn burst(l: &Arc<RedisLimits>, key: &'static str, from: u64, n: u64) -> u6
         max_inflight: Some(1_000),
         ..hard(1_000_000_000)
     };
+    burst_of(l, key, from, n, limits, 40).await
+}
+
+/// [`burst`] with the key's `limits` and each request's `cost`.
+async fn burst_of(
+    l: &Arc<RedisLimits>,
+    key: &'static str,
+    from: u64,
+    n: u64,
+    limits: Limits,
+    cost: i64,
+) -> u64 {
     let before = l.round_trips();
     let start = Arc::new(tokio::sync::Barrier::new(n as usize));
     let mut tasks = Vec::new();
@@ -1354,7 +1347,7 @@ async fn burst(l: &Arc<RedisLimits>, key: &'static str, from: u64, n: u64) -> u6
             start.wait().await;
             admitted(&admit(&l, key, &limits, 100, res).await);
             let model: Arc<str> = Arc::from("m");
-            let c = charge(&model, 40);
+            let c = charge(&model, cost);
             l.settle(key, res, month_index(now_ms()), c).await.unwrap()
         }));
     }
